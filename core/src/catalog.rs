@@ -1,0 +1,414 @@
+//! The plan catalog: model pricing, plans, and the feature rules each plan grants.
+//!
+//! The JSON format is DESIGN.md's "Wire contract"; validation errors name the offending path
+//! (`plans[1].features.api.limit`).
+
+use crate::error::{Error, Result};
+use crate::period::Period;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::{BTreeMap, HashSet};
+
+/// Price of one AI model, in micro-units of currency per million tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelPrice {
+    /// Price per million input tokens.
+    pub input_micros_per_mtok: u64,
+    /// Price per million output tokens.
+    pub output_micros_per_mtok: u64,
+}
+
+impl ModelPrice {
+    /// Cost of a call in micros, rounded up.
+    pub fn cost_micros(&self, input_tokens: u64, output_tokens: u64) -> u64 {
+        let total = u128::from(input_tokens) * u128::from(self.input_micros_per_mtok)
+            + u128::from(output_tokens) * u128::from(self.output_micros_per_mtok);
+        u64::try_from(total.div_ceil(1_000_000)).unwrap_or(u64::MAX)
+    }
+}
+
+/// Whether going over a limit denies (`hard`) or records and flags (`soft`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Enforcement {
+    /// Deny and record nothing.
+    #[default]
+    Hard,
+    /// Record and answer `over_limit_soft`.
+    Soft,
+}
+
+/// What a plan grants for one feature key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum Rule {
+    /// On or off.
+    Flag {
+        /// Whether the feature is available.
+        enabled: bool,
+    },
+    /// Counted uses per period; `limit: None` is unlimited.
+    Metered {
+        /// Maximum per window, `None` = unlimited.
+        limit: Option<u64>,
+        /// The window kind.
+        period: Period,
+        /// Hard or soft.
+        #[serde(default)]
+        enforcement: Enforcement,
+    },
+    /// Each unit draws `cost` credits from the user's balance.
+    Credits {
+        /// Credits per unit.
+        cost: u64,
+    },
+    /// A request rate limit, per device, never synced.
+    Rate {
+        /// Requests per window.
+        limit: u64,
+        /// Window length in seconds.
+        window_secs: u64,
+    },
+    /// Caps summed AI cost (micros) per period.
+    Budget {
+        /// Maximum micros per window.
+        limit_micros: u64,
+        /// The window kind.
+        period: Period,
+        /// Hard or soft.
+        #[serde(default)]
+        enforcement: Enforcement,
+    },
+}
+
+impl Rule {
+    /// The period whose windows this rule counts in, if any.
+    pub fn period(&self) -> Option<Period> {
+        match self {
+            Rule::Metered { period, .. } | Rule::Budget { period, .. } => Some(*period),
+            _ => None,
+        }
+    }
+    /// The limit of a counted rule (`None` = unlimited or not counted).
+    pub fn limit(&self) -> Option<u64> {
+        match self {
+            Rule::Metered { limit, .. } => *limit,
+            Rule::Budget { limit_micros, .. } => Some(*limit_micros),
+            Rule::Rate { limit, .. } => Some(*limit),
+            _ => None,
+        }
+    }
+}
+
+/// Credits granted each billing period by a plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IncludedCredits {
+    /// Credits per period.
+    pub amount: u64,
+    /// Whether unspent credits carry over to the next period.
+    #[serde(default)]
+    pub rollover: bool,
+}
+
+/// A plan: an id and its feature rules.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    /// Plan id (`free`, `pro`, …).
+    pub id: String,
+    /// Credits granted each billing period.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub included_credits: Option<IncludedCredits>,
+    /// Feature key → rule.
+    #[serde(default)]
+    pub features: BTreeMap<String, Rule>,
+}
+
+/// Model pricing and plans.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Catalog {
+    /// Model id → price.
+    #[serde(default)]
+    pub models: BTreeMap<String, ModelPrice>,
+    /// The plans, in declaration order.
+    #[serde(default)]
+    pub plans: Vec<Plan>,
+}
+
+/// Id of the plan everyone falls back to.
+pub const FREE_PLAN: &str = "free";
+
+impl Catalog {
+    /// Parses and validates a catalog; adds an empty `free` plan when none is declared.
+    pub fn from_json(text: &str) -> Result<Catalog> {
+        let v: Value = serde_json::from_str(text).map_err(|e| Error::catalog("$", format!("malformed JSON: {e}")))?;
+        Catalog::from_value(&v)
+    }
+
+    /// Validates a catalog given as a JSON value.
+    pub fn from_value(v: &Value) -> Result<Catalog> {
+        let obj = v.as_object().ok_or_else(|| Error::catalog("$", "expected an object with `models` and `plans`"))?;
+        for k in obj.keys() {
+            if k != "models" && k != "plans" {
+                return Err(Error::catalog(k.as_str(), "unknown field (expected `models` or `plans`)"));
+            }
+        }
+        let mut models = BTreeMap::new();
+        if let Some(m) = obj.get("models").filter(|m| !m.is_null()) {
+            let m = m.as_object().ok_or_else(|| Error::catalog("models", "expected an object of model prices"))?;
+            for (name, price) in m {
+                let path = format!("models.{name}");
+                if name.is_empty() {
+                    return Err(Error::catalog(path, "model id must not be empty"));
+                }
+                let p = price.as_object().ok_or_else(|| Error::catalog(&path, "expected an object"))?;
+                known_fields(&path, p, &["input_micros_per_mtok", "output_micros_per_mtok"])?;
+                models.insert(
+                    name.clone(),
+                    ModelPrice {
+                        input_micros_per_mtok: uint(&path, p, "input_micros_per_mtok")?,
+                        output_micros_per_mtok: uint(&path, p, "output_micros_per_mtok")?,
+                    },
+                );
+            }
+        }
+        let mut plans = Vec::new();
+        let mut seen = HashSet::new();
+        if let Some(ps) = obj.get("plans").filter(|p| !p.is_null()) {
+            let ps = ps.as_array().ok_or_else(|| Error::catalog("plans", "expected an array of plans"))?;
+            for (i, p) in ps.iter().enumerate() {
+                let plan = Plan::validate(&format!("plans[{i}]"), p)?;
+                if !seen.insert(plan.id.clone()) {
+                    return Err(Error::catalog(format!("plans[{i}].id"), format!("duplicate plan id {:?}", plan.id)));
+                }
+                plans.push(plan);
+            }
+        }
+        let mut c = Catalog { models, plans };
+        c.ensure_free();
+        Ok(c)
+    }
+
+    /// The catalog used when an app gives none: a `free` plan without features.
+    pub fn builtin() -> Catalog {
+        let mut c = Catalog::default();
+        c.ensure_free();
+        c
+    }
+
+    fn ensure_free(&mut self) {
+        if !self.plans.iter().any(|p| p.id == FREE_PLAN) {
+            self.plans.push(Plan { id: FREE_PLAN.into(), included_credits: None, features: BTreeMap::new() });
+        }
+    }
+
+    /// The plan with this id.
+    pub fn plan(&self, id: &str) -> Option<&Plan> {
+        self.plans.iter().find(|p| p.id == id)
+    }
+
+    /// The free plan (always present).
+    pub fn free(&self) -> &Plan {
+        static EMPTY: std::sync::OnceLock<Plan> = std::sync::OnceLock::new();
+        self.plan(FREE_PLAN).unwrap_or_else(|| {
+            EMPTY.get_or_init(|| Plan { id: FREE_PLAN.into(), included_credits: None, features: BTreeMap::new() })
+        })
+    }
+
+    /// Inserts or replaces one plan (validated with [`Plan::from_json`] first).
+    pub fn upsert(&mut self, plan: Plan) {
+        match self.plans.iter_mut().find(|p| p.id == plan.id) {
+            Some(p) => *p = plan,
+            None => self.plans.push(plan),
+        }
+    }
+
+    /// The catalog as JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+impl Plan {
+    /// Parses and validates one plan (the body of `PUT /v1/admin/plans/{id}`).
+    pub fn from_json(text: &str) -> Result<Plan> {
+        let v: Value = serde_json::from_str(text).map_err(|e| Error::catalog("$", format!("malformed JSON: {e}")))?;
+        Plan::validate("$", &v)
+    }
+
+    /// Validates one plan value found at `path`.
+    pub fn validate(path: &str, v: &Value) -> Result<Plan> {
+        let o = v.as_object().ok_or_else(|| Error::catalog(path, "expected a plan object"))?;
+        known_fields(path, o, &["id", "included_credits", "features"])?;
+        let id = o
+            .get("id")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty() && s.len() <= 64)
+            .ok_or_else(|| Error::catalog(format!("{path}.id"), "expected a non-empty string of at most 64 bytes"))?
+            .to_string();
+        let included_credits = match o.get("included_credits").filter(|c| !c.is_null()) {
+            None => None,
+            Some(c) => {
+                let cp = format!("{path}.included_credits");
+                let co = c.as_object().ok_or_else(|| Error::catalog(&cp, "expected {amount, rollover}"))?;
+                known_fields(&cp, co, &["amount", "rollover"])?;
+                let rollover = match co.get("rollover") {
+                    None | Some(Value::Null) => false,
+                    Some(Value::Bool(b)) => *b,
+                    Some(_) => return Err(Error::catalog(format!("{cp}.rollover"), "expected a boolean")),
+                };
+                Some(IncludedCredits { amount: uint(&cp, co, "amount")?, rollover })
+            }
+        };
+        let mut features = BTreeMap::new();
+        if let Some(f) = o.get("features").filter(|f| !f.is_null()) {
+            let fp = format!("{path}.features");
+            let f = f.as_object().ok_or_else(|| Error::catalog(&fp, "expected an object of feature rules"))?;
+            for (key, rule) in f {
+                let rp = format!("{fp}.{key}");
+                if key.is_empty() || key.len() > 128 {
+                    return Err(Error::catalog(rp, "feature key must be 1 to 128 bytes"));
+                }
+                features.insert(key.clone(), validate_rule(&rp, rule)?);
+            }
+        }
+        Ok(Plan { id, included_credits, features })
+    }
+}
+
+fn validate_rule(path: &str, v: &Value) -> Result<Rule> {
+    let o = v.as_object().ok_or_else(|| Error::catalog(path, "expected a rule object with a `type`"))?;
+    let ty = o.get("type").and_then(Value::as_str).ok_or_else(|| Error::catalog(format!("{path}.type"), "missing rule type"))?;
+    let rule = match ty {
+        "flag" => {
+            known_fields(path, o, &["type", "enabled"])?;
+            let enabled = o
+                .get("enabled")
+                .and_then(Value::as_bool)
+                .ok_or_else(|| Error::catalog(format!("{path}.enabled"), "expected a boolean"))?;
+            Rule::Flag { enabled }
+        }
+        "metered" => {
+            known_fields(path, o, &["type", "limit", "period", "enforcement"])?;
+            let limit = match o.get("limit") {
+                None => return Err(Error::catalog(format!("{path}.limit"), "missing limit (use null for unlimited)")),
+                Some(Value::Null) => None,
+                Some(_) => Some(uint(path, o, "limit")?),
+            };
+            Rule::Metered { limit, period: period(path, o)?, enforcement: enforcement(path, o)? }
+        }
+        "credits" => {
+            known_fields(path, o, &["type", "cost"])?;
+            Rule::Credits { cost: uint(path, o, "cost")? }
+        }
+        "rate" => {
+            known_fields(path, o, &["type", "limit", "window_secs"])?;
+            let window_secs = uint(path, o, "window_secs")?;
+            if window_secs == 0 {
+                return Err(Error::catalog(format!("{path}.window_secs"), "must be at least 1"));
+            }
+            Rule::Rate { limit: uint(path, o, "limit")?, window_secs }
+        }
+        "budget" => {
+            known_fields(path, o, &["type", "limit_micros", "period", "enforcement"])?;
+            Rule::Budget { limit_micros: uint(path, o, "limit_micros")?, period: period(path, o)?, enforcement: enforcement(path, o)? }
+        }
+        other => {
+            return Err(Error::catalog(
+                format!("{path}.type"),
+                format!("unknown rule type {other:?} (expected flag, metered, credits, rate or budget)"),
+            ));
+        }
+    };
+    Ok(rule)
+}
+
+fn known_fields(path: &str, o: &serde_json::Map<String, Value>, allowed: &[&str]) -> Result<()> {
+    match o.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(k) => Err(Error::catalog(format!("{path}.{k}"), format!("unknown field (expected one of {})", allowed.join(", ")))),
+        None => Ok(()),
+    }
+}
+
+fn uint(path: &str, o: &serde_json::Map<String, Value>, key: &str) -> Result<u64> {
+    let p = format!("{path}.{key}");
+    match o.get(key) {
+        None => Err(Error::catalog(p, "missing")),
+        Some(v) => match v.as_u64() {
+            Some(n) if n <= i64::MAX as u64 => Ok(n),
+            _ if v.as_i64().is_some_and(|n| n < 0) => Err(Error::catalog(p, "must not be negative")),
+            _ => Err(Error::catalog(p, "expected a non-negative integer")),
+        },
+    }
+}
+
+fn period(path: &str, o: &serde_json::Map<String, Value>) -> Result<Period> {
+    let p = format!("{path}.period");
+    o.get("period").and_then(Value::as_str).ok_or_else(|| Error::catalog(&p, "missing period"))?.parse().map_err(|e| Error::catalog(p, e))
+}
+
+fn enforcement(path: &str, o: &serde_json::Map<String, Value>) -> Result<Enforcement> {
+    let p = format!("{path}.enforcement");
+    match o.get("enforcement") {
+        None | Some(Value::Null) => Ok(Enforcement::Hard),
+        Some(Value::String(s)) if s == "hard" => Ok(Enforcement::Hard),
+        Some(Value::String(s)) if s == "soft" => Ok(Enforcement::Soft),
+        Some(other) => Err(Error::catalog(p, format!("unknown enforcement {other} (expected hard or soft)"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) const EXAMPLE: &str = r#"{"models": {"gpt-4o": {"input_micros_per_mtok": 2500000, "output_micros_per_mtok": 10000000}},
+ "plans": [{"id": "free", "included_credits": {"amount": 100, "rollover": false}, "features": {
+  "ai_chat":  {"type": "metered", "limit": 5, "period": "month", "enforcement": "hard"},
+  "export":   {"type": "flag", "enabled": false},
+  "images":   {"type": "credits", "cost": 10},
+  "api":      {"type": "rate", "limit": 100, "window_secs": 60},
+  "ai_spend": {"type": "budget", "limit_micros": 2000000, "period": "day", "enforcement": "hard"}}}]}"#;
+
+    #[test]
+    fn parses_the_wire_contract_example() {
+        let c = Catalog::from_json(EXAMPLE).unwrap();
+        let free = c.free();
+        assert_eq!(free.features.len(), 5);
+        assert_eq!(free.features["ai_chat"], Rule::Metered { limit: Some(5), period: Period::Month, enforcement: Enforcement::Hard });
+        assert_eq!(free.included_credits, Some(IncludedCredits { amount: 100, rollover: false }));
+        assert_eq!(c.models["gpt-4o"].cost_micros(1000, 500), 2500 + 5000);
+        // Round trip through serde gives the same catalog.
+        assert_eq!(Catalog::from_json(&c.to_json()).unwrap(), c);
+    }
+
+    #[test]
+    fn errors_name_the_path() {
+        let cases = [
+            (r#"{"plans":[{"id":"free"},{"id":"pro","features":{"api":{"type":"rate","limit":-1,"window_secs":60}}}]}"#, "plans[1].features.api.limit"),
+            (r#"{"plans":[{"id":"free","features":{"x":{"type":"meterd"}}}]}"#, "plans[0].features.x.type"),
+            (r#"{"plans":[{"id":"free","features":{"x":{"type":"metered","limit":1,"period":"fortnight"}}}]}"#, "plans[0].features.x.period"),
+            (r#"{"plans":[{"id":"free","features":{"x":{"type":"metered","limit":1,"period":"day","enforcement":"maybe"}}}]}"#, "plans[0].features.x.enforcement"),
+            (r#"{"plans":[{"id":"a"},{"id":"a"}]}"#, "plans[1].id"),
+            (r#"{"plans":[{"id":""}]}"#, "plans[0].id"),
+            (r#"{"plans":[{"id":"a","features":{"x":{"type":"metered","period":"day"}}}]}"#, "plans[0].features.x.limit"),
+            (r#"{"models":{"m":{"input_micros_per_mtok":1}}}"#, "models.m.output_micros_per_mtok"),
+            (r#"{"plans":[], "extra": 1}"#, "extra"),
+            (r#"[1]"#, "$"),
+            (r#"{"plans": [ "#, "$"),
+        ];
+        for (json, want) in cases {
+            match Catalog::from_json(json) {
+                Err(Error::InvalidCatalog { path, .. }) => assert_eq!(path, want, "{json}"),
+                other => panic!("{json}: expected a catalog error, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn unlimited_and_builtin_free() {
+        let c = Catalog::from_json(r#"{"plans":[{"id":"pro","features":{"x":{"type":"metered","limit":null,"period":"lifetime"}}}]}"#).unwrap();
+        assert_eq!(c.plan("pro").unwrap().features["x"].limit(), None);
+        assert!(c.plan("free").is_some());
+        assert_eq!(Catalog::builtin().plans.len(), 1);
+        assert!(Plan::from_json(r#"{"id":"team","features":{}}"#).is_ok());
+    }
+}

@@ -1,0 +1,301 @@
+//! Entitlements: the resolved access state of one user, shared by the device and the server
+//! (the server signs it as JWT claims; the device verifies and enforces it offline).
+
+use crate::catalog::{Catalog, ModelPrice, Rule, FREE_PLAN};
+use chrono::{DateTime, Duration, Utc};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Subscription status, as the payment provider reports it (mapped).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SubscriptionStatus {
+    /// Paid and current.
+    Active,
+    /// In a trial.
+    Trialing,
+    /// Payment failed; access kept during the grace period.
+    PastDue,
+    /// Ended.
+    Canceled,
+    /// No subscription.
+    #[default]
+    None,
+}
+
+impl SubscriptionStatus {
+    /// Wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SubscriptionStatus::Active => "active",
+            SubscriptionStatus::Trialing => "trialing",
+            SubscriptionStatus::PastDue => "past_due",
+            SubscriptionStatus::Canceled => "canceled",
+            SubscriptionStatus::None => "none",
+        }
+    }
+    /// Parses a wire name.
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Active, Self::Trialing, Self::PastDue, Self::Canceled, Self::None].into_iter().find(|v| v.as_str() == s)
+    }
+}
+
+/// Access to a plan granted by an admin or a promotion, until a date (or forever).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessGrant {
+    /// Plan granted.
+    pub plan: String,
+    /// End of the grant (`None` = no end).
+    pub until: Option<DateTime<Utc>>,
+    /// Who granted it.
+    pub granted_by: String,
+    /// Why (shows up as `access_reason = granted:<reason>`).
+    pub reason: String,
+}
+
+/// A grant of credits with its remaining balance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreditGrant {
+    /// Grant id (stable across devices).
+    pub id: String,
+    /// Credits left in this grant.
+    pub remaining: i64,
+    /// When the grant expires (`None` = never).
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Where it came from (`plan`, `admin`, `purchase`, …).
+    #[serde(default)]
+    pub source: String,
+}
+
+/// Why the user has the access they have.
+pub mod access_reason {
+    /// The user is an admin.
+    pub const ADMIN: &str = "admin";
+    /// An active (or past-due in grace) subscription.
+    pub const SUBSCRIPTION: &str = "subscription";
+    /// A trialing subscription.
+    pub const TRIAL: &str = "trial";
+    /// The free plan.
+    pub const FREE: &str = "free";
+    /// Prefix of an access grant's reason: `granted:<reason>`.
+    pub const GRANTED_PREFIX: &str = "granted:";
+}
+
+/// The entitlements of one user: the raw state (subscription, grants, admin flag, credit grants)
+/// and, once [`Entitlements::resolve`]d, the plan in effect, `access_reason` and its rules.
+///
+/// This is the body of `GET /v1/entitlements` (without `token`) and the claims of the signed
+/// entitlements token (with the JWT fields of [`EntitlementClaims`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entitlements {
+    /// The plan in effect once resolved; before resolution, the subscribed plan.
+    pub plan: String,
+    /// Subscription status.
+    #[serde(default)]
+    pub status: SubscriptionStatus,
+    /// Why the user has this access (`admin`, `subscription`, `trial`, `granted:<reason>`, `free`).
+    #[serde(default)]
+    pub access_reason: String,
+    /// Current billing period start (anchors `billing` windows).
+    #[serde(default)]
+    pub period_start: Option<DateTime<Utc>>,
+    /// Current billing period end.
+    #[serde(default)]
+    pub period_end: Option<DateTime<Utc>>,
+    /// End of the access grant in effect, when access comes from a grant.
+    #[serde(default)]
+    pub granted_until: Option<DateTime<Utc>>,
+    /// Whether the user is an admin (full access).
+    #[serde(default)]
+    pub is_admin: bool,
+    /// Sum of the unexpired credit grants' remaining credits.
+    #[serde(default)]
+    pub credit_balance: i64,
+    /// Effective feature rules.
+    #[serde(default)]
+    pub features: BTreeMap<String, Rule>,
+    /// Entitlement version (bumped on every change on the server).
+    #[serde(default)]
+    pub ver: u64,
+    /// When the subscription became past due (grace is counted from here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub past_due_since: Option<DateTime<Utc>>,
+    /// Access grants (admin or promotional).
+    #[serde(default)]
+    pub grants: Vec<AccessGrant>,
+    /// Credit grants with their remaining balances.
+    #[serde(default)]
+    pub credit_grants: Vec<CreditGrant>,
+    /// The user's timezone (IANA), as the server knows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tz: Option<String>,
+    /// Model pricing in effect.
+    #[serde(default)]
+    pub models: BTreeMap<String, ModelPrice>,
+    /// The free plan's rules, applied when the token is no longer trusted.
+    #[serde(default)]
+    pub free_features: BTreeMap<String, Rule>,
+}
+
+impl Default for Entitlements {
+    fn default() -> Self {
+        Entitlements::free()
+    }
+}
+
+impl Entitlements {
+    /// No subscription, no grants: the free plan.
+    pub fn free() -> Self {
+        Entitlements {
+            plan: FREE_PLAN.into(),
+            status: SubscriptionStatus::None,
+            access_reason: access_reason::FREE.into(),
+            period_start: None,
+            period_end: None,
+            granted_until: None,
+            is_admin: false,
+            credit_balance: 0,
+            features: BTreeMap::new(),
+            ver: 0,
+            past_due_since: None,
+            grants: Vec::new(),
+            credit_grants: Vec::new(),
+            tz: None,
+            models: BTreeMap::new(),
+            free_features: BTreeMap::new(),
+        }
+    }
+
+    /// Resolves the raw state at `now`: admin → active/trialing subscription (and past-due within
+    /// `past_due_grace`) → the unexpired access grant lasting longest → free. Fills `plan`,
+    /// `access_reason`, `granted_until`, `features`, `free_features`, `models` and
+    /// `credit_balance` from `catalog`. `self.plan` is read as the subscribed plan.
+    pub fn resolve(&self, catalog: &Catalog, now: DateTime<Utc>, past_due_grace: Duration) -> Entitlements {
+        let mut r = self.clone();
+        let subscribed = catalog.plan(&self.plan).map(|p| p.id.clone());
+        let in_grace = self.status == SubscriptionStatus::PastDue
+            && self.past_due_since.is_none_or(|since| now < since + past_due_grace);
+        let grant = self
+            .grants
+            .iter()
+            .filter(|g| g.until.is_none_or(|u| u > now) && catalog.plan(&g.plan).is_some())
+            .max_by_key(|g| g.until.map_or(i64::MAX, |u| u.timestamp()));
+        let (plan, reason, until) = if self.is_admin {
+            (best_plan(catalog, subscribed.as_deref()), access_reason::ADMIN.to_string(), None)
+        } else if let (Some(p), SubscriptionStatus::Active) = (&subscribed, self.status) {
+            (p.clone(), access_reason::SUBSCRIPTION.into(), None)
+        } else if let (Some(p), SubscriptionStatus::Trialing) = (&subscribed, self.status) {
+            (p.clone(), access_reason::TRIAL.into(), None)
+        } else if let (Some(p), true) = (&subscribed, in_grace) {
+            (p.clone(), access_reason::SUBSCRIPTION.into(), None)
+        } else if let Some(g) = grant {
+            (g.plan.clone(), format!("{}{}", access_reason::GRANTED_PREFIX, g.reason), g.until)
+        } else {
+            (FREE_PLAN.to_string(), access_reason::FREE.into(), None)
+        };
+        let plan_def = catalog.plan(&plan).unwrap_or_else(|| catalog.free());
+        r.plan = plan_def.id.clone();
+        r.access_reason = reason;
+        r.granted_until = until;
+        r.features = plan_def.features.clone();
+        if self.is_admin {
+            // Admins get every feature of every plan, the most generous rule winning.
+            for p in &catalog.plans {
+                for (k, rule) in &p.features {
+                    r.features.entry(k.clone()).or_insert_with(|| rule.clone());
+                }
+            }
+        }
+        r.free_features = catalog.free().features.clone();
+        r.models = catalog.models.clone();
+        r.credit_balance = self
+            .credit_grants
+            .iter()
+            .filter(|g| g.expires_at.is_none_or(|e| e > now))
+            .map(|g| g.remaining)
+            .sum();
+        r
+    }
+}
+
+/// For admins: the subscribed plan if any, else the plan with the most features.
+fn best_plan(catalog: &Catalog, subscribed: Option<&str>) -> String {
+    subscribed
+        .map(str::to_string)
+        .or_else(|| catalog.plans.iter().max_by_key(|p| p.features.len()).map(|p| p.id.clone()))
+        .unwrap_or_else(|| FREE_PLAN.into())
+}
+
+/// Claims of the entitlements token: the entitlements plus the JWT registered claims.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntitlementClaims {
+    /// The entitlements (flattened into the claims object).
+    #[serde(flatten)]
+    pub entitlements: Entitlements,
+    /// The identity provider's subject (the user's `external_id`).
+    pub sub: String,
+    /// The server's user id.
+    pub uid: String,
+    /// Issuer.
+    pub iss: String,
+    /// Audience.
+    pub aud: String,
+    /// Issued at (Unix seconds).
+    pub iat: i64,
+    /// Expires at (Unix seconds).
+    pub exp: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn catalog() -> Catalog {
+        Catalog::from_json(
+            r#"{"plans":[{"id":"free","features":{"chat":{"type":"metered","limit":5,"period":"month"}}},
+            {"id":"pro","features":{"chat":{"type":"metered","limit":500,"period":"month"},"export":{"type":"flag","enabled":true}}}]}"#,
+        )
+        .unwrap()
+    }
+
+    fn at(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    #[test]
+    fn resolution_order() {
+        let c = catalog();
+        let now = at("2026-11-25T12:00:00Z");
+        let grace = Duration::days(3);
+        let mut e = Entitlements { plan: "pro".into(), status: SubscriptionStatus::Active, ..Entitlements::free() };
+        let r = e.resolve(&c, now, grace);
+        assert_eq!((r.plan.as_str(), r.access_reason.as_str()), ("pro", "subscription"));
+        assert_eq!(r.features["chat"].limit(), Some(500));
+        e.status = SubscriptionStatus::Trialing;
+        assert_eq!(e.resolve(&c, now, grace).access_reason, "trial");
+        e.status = SubscriptionStatus::PastDue;
+        e.past_due_since = Some(now - Duration::days(1));
+        assert_eq!(e.resolve(&c, now, grace).access_reason, "subscription");
+        e.past_due_since = Some(now - Duration::days(4));
+        assert_eq!(e.resolve(&c, now, grace).plan, "free");
+        e.grants.push(AccessGrant { plan: "pro".into(), until: Some(now + Duration::days(1)), granted_by: "ops".into(), reason: "beta".into() });
+        let r = e.resolve(&c, now, grace);
+        assert_eq!((r.plan.as_str(), r.access_reason.as_str(), r.granted_until), ("pro", "granted:beta", Some(now + Duration::days(1))));
+        assert_eq!(e.resolve(&c, now + Duration::days(2), grace).access_reason, "free");
+        e.is_admin = true;
+        assert_eq!(e.resolve(&c, now, grace).access_reason, "admin");
+        assert_eq!(r.free_features["chat"].limit(), Some(5));
+    }
+
+    #[test]
+    fn credit_balance_ignores_expired_grants() {
+        let c = catalog();
+        let now = at("2026-11-25T12:00:00Z");
+        let mut e = Entitlements::free();
+        e.credit_grants = vec![
+            CreditGrant { id: "a".into(), remaining: 10, expires_at: Some(now - Duration::seconds(1)), source: "plan".into() },
+            CreditGrant { id: "b".into(), remaining: 7, expires_at: None, source: "admin".into() },
+        ];
+        assert_eq!(e.resolve(&c, now, Duration::zero()).credit_balance, 7);
+    }
+}

@@ -1,0 +1,175 @@
+//! The sync protocol's JSON bodies (DESIGN.md "Offline and sync" and "Wire contract"), shared by
+//! the device's sync client and the server. Readers ignore unknown fields.
+
+use crate::period::Period;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+/// The protocol version this build speaks.
+pub const PROTOCOL: u32 = 1;
+
+/// One ledger event as sent to the server (`/v1/sync` `events[]`, `POST /v1/usage`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireEvent {
+    /// Event id (the idempotency key).
+    pub id: Uuid,
+    /// Feature key.
+    pub feature: String,
+    /// Units used (> 0).
+    pub amount: u64,
+    /// When it happened (device time, never before the device's highest seen time).
+    pub occurred_at: DateTime<Utc>,
+    /// Per-device sequence number (diagnostics and ordering only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_seq: Option<u64>,
+    /// AI model used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// AI input tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_tokens: Option<u64>,
+    /// AI output tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_tokens: Option<u64>,
+    /// Small JSON metadata (≤ 4 KiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Value>,
+}
+
+/// One setting change, last-writer-wins by hybrid logical clock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SettingChange {
+    /// Setting key.
+    pub key: String,
+    /// New value (`null` for a delete).
+    #[serde(default)]
+    pub value: Value,
+    /// Whether this is a tombstone.
+    #[serde(default)]
+    pub deleted: bool,
+    /// `<wall_ms, 15 digits>-<counter, 5 digits>-<node>`.
+    pub hlc: String,
+}
+
+/// Profile edits made on the device, sent with the next sync (the server owns them).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProfilePatch {
+    /// New IANA timezone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
+    /// New display name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
+    /// New avatar URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub avatar_url: Option<String>,
+}
+
+/// `POST /v1/sync` request body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncRequest {
+    /// Protocol version ([`PROTOCOL`]).
+    pub protocol: u32,
+    /// The sending device.
+    pub device_id: String,
+    /// Opaque settings change cursor from the previous response.
+    #[serde(default)]
+    pub cursor: Option<String>,
+    /// Unacknowledged ledger events.
+    #[serde(default)]
+    pub events: Vec<WireEvent>,
+    /// Dirty settings.
+    #[serde(default)]
+    pub settings_changes: Vec<SettingChange>,
+    /// Pending profile edits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<ProfilePatch>,
+    /// Always return a fresh entitlements token ("restore purchases").
+    #[serde(default)]
+    pub force_entitlements: bool,
+}
+
+/// An event the server refused, with the reason (`conflict`, `too_large`, `invalid_amount`, …).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rejected {
+    /// The event id as sent.
+    pub id: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// The server's total for one (feature, period window).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Total {
+    /// Feature key.
+    pub feature: String,
+    /// Period kind.
+    pub period: Period,
+    /// Window start (UTC instant).
+    pub period_start: DateTime<Utc>,
+    /// Window end (`None` for lifetime).
+    pub period_end: Option<DateTime<Utc>>,
+    /// Summed amount (micros for budgets).
+    pub used: u64,
+    /// Limit (`None` = unlimited).
+    pub limit: Option<u64>,
+    /// `limit - used`, floored at 0 (`None` = unlimited).
+    pub remaining: Option<u64>,
+    /// `max(0, used - limit)`.
+    pub over_limit_by: u64,
+}
+
+/// Request bounds the server accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Most events per request.
+    pub max_batch_events: u32,
+    /// Largest request body.
+    pub max_body_bytes: u64,
+}
+
+/// `POST /v1/sync` response body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncResponse {
+    /// Ids inserted by this request.
+    #[serde(default)]
+    pub accepted: Vec<Uuid>,
+    /// Ids the server already had with the same body.
+    #[serde(default)]
+    pub duplicates: Vec<Uuid>,
+    /// Ids refused, with reasons.
+    #[serde(default)]
+    pub rejected: Vec<Rejected>,
+    /// Totals of every window the batch touched plus the current ones.
+    #[serde(default)]
+    pub totals: Vec<Total>,
+    /// Signed entitlements (JWT, EdDSA).
+    #[serde(default)]
+    pub entitlements_token: Option<String>,
+    /// Settings changed since the request's cursor.
+    #[serde(default)]
+    pub settings_changes: Vec<SettingChange>,
+    /// New cursor.
+    #[serde(default)]
+    pub cursor: Option<String>,
+    /// Request bounds.
+    pub limits: Limits,
+}
+
+/// Error body of every non-2xx answer: `{"error": {"code", "message"}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// Code and message of an error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    /// Machine-readable code (`unauthorized`, `account_deleted`, `upgrade_required`, …).
+    pub code: String,
+    /// Human-readable message.
+    pub message: String,
+}
