@@ -4,6 +4,7 @@
 
 pub mod catalog;
 pub mod clock;
+pub mod decision;
 pub mod entitlements;
 pub mod error;
 pub mod hlc;
@@ -11,6 +12,7 @@ pub mod period;
 pub mod wire;
 
 pub use catalog::{Catalog, Enforcement, ModelPrice, Plan, Rule};
+pub use decision::{Decision, Reason};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use entitlements::{AccessGrant, CreditGrant, EntitlementClaims, Entitlements, SubscriptionStatus};
 pub use error::{Error, Result};
