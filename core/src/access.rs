@@ -1,0 +1,131 @@
+//! Resolving what a user may do right now: their entitlements (from a verified server token,
+//! or the state the app set locally), timezone and billing anchor. Cached per user.
+
+use crate::catalog::Catalog;
+use crate::entitlements::{EntitlementClaims, Entitlements, SubscriptionStatus};
+use crate::error::{Error, Result};
+use crate::{from_ms, Inner, Tally};
+use chrono::{DateTime, Duration, Utc};
+use chrono_tz::Tz;
+use rusqlite::OptionalExtension;
+use std::sync::Arc;
+
+/// Everything a decision needs to know about a user.
+#[derive(Debug)]
+pub(crate) struct Access {
+    /// The user's external id (subject), if signed in.
+    pub external_id: Option<String>,
+    /// Resolved entitlements.
+    pub ent: Entitlements,
+    /// Zone of calendar windows.
+    pub tz: Tz,
+    /// Anchor of billing windows.
+    pub anchor: DateTime<Utc>,
+    /// Recompute at or after this instant (a grant or grace period ends).
+    pub valid_until: DateTime<Utc>,
+}
+
+/// Parses an IANA zone name.
+pub(crate) fn parse_tz(name: &str) -> Result<Tz> {
+    name.parse::<Tz>().map_err(|_| Error::invalid(format!("unknown timezone {name:?} (expected an IANA name such as Europe/Paris)")))
+}
+
+impl Tally {
+    /// The cached access of `user_id` at `now`, resolving it when stale.
+    pub(crate) fn access(&self, inner: &mut Inner, user_id: &str, now: DateTime<Utc>) -> Result<Arc<Access>> {
+        if let Some(a) = inner.access.get(user_id)
+            && now < a.valid_until
+        {
+            return Ok(a.clone());
+        }
+        let a = Arc::new(self.resolve_access(inner, user_id, now)?);
+        inner.access.insert(user_id.to_string(), a.clone());
+        Ok(a)
+    }
+
+    fn resolve_access(&self, inner: &Inner, user_id: &str, now: DateTime<Utc>) -> Result<Access> {
+        type Row = (Option<String>, String, i64, bool, Option<String>, Option<String>);
+        let row: Option<Row> = inner
+            .conn
+            .prepare_cached("SELECT external_id, timezone, created_at, is_admin, entitlements, entitlements_token FROM users WHERE id = ?1")?
+            .query_row([user_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))
+            .optional()?;
+        let (external_id, tz_name, created_at, is_admin, raw, token) = row.ok_or_else(|| Error::NotFound(format!("user {user_id}")))?;
+        let catalog = self.catalog();
+        let mut valid_until = now + Duration::seconds(60);
+        let mut ent = None;
+        if let (Some(token), Some(sub)) = (token.as_deref(), external_id.as_deref()) {
+            ent = self.token_entitlements(token, sub, now, &mut valid_until);
+        }
+        let ent = match ent {
+            Some(e) => e,
+            None => {
+                let mut state: Entitlements = match raw {
+                    Some(j) => serde_json::from_str(&j)?,
+                    None => Entitlements::free(),
+                };
+                state.is_admin |= is_admin;
+                let grants = self.credit_grants(&inner.conn, user_id)?;
+                if !grants.is_empty() {
+                    state.credit_grants = grants;
+                }
+                for t in local_boundaries(&state, self.config.past_due_grace) {
+                    if t > now {
+                        valid_until = valid_until.min(t);
+                    }
+                }
+                state.resolve(&catalog, now, self.config.past_due_grace)
+            }
+        };
+        let tz = crate::access::parse_tz(ent.tz.as_deref().unwrap_or(&tz_name)).or_else(|_| parse_tz(&tz_name))?;
+        let anchor = match (ent.status, ent.period_start) {
+            (s, Some(p)) if s != SubscriptionStatus::None => p,
+            _ => from_ms(created_at),
+        };
+        Ok(Access { external_id, ent, tz, anchor, valid_until })
+    }
+
+    /// Entitlements from a stored server token, when it verifies for subject `sub`: the token's
+    /// own while within `exp + grace`, the free rules it carries after that. `None` when the
+    /// token does not verify (tampered, foreign key, wrong subject): the local state applies.
+    fn token_entitlements(&self, token: &str, sub: &str, now: DateTime<Utc>, valid_until: &mut DateTime<Utc>) -> Option<Entitlements> {
+        let claims: EntitlementClaims = crate::token::verify(token, self.config.server_keys.as_deref()?, sub).ok()?;
+        let expires = DateTime::from_timestamp(claims.exp, 0)? + self.config.token_grace;
+        if now < expires {
+            *valid_until = (*valid_until).min(expires);
+            let mut e = claims.entitlements;
+            e.credit_balance = 0;
+            Some(e)
+        } else {
+            let mut free = Entitlements::free();
+            free.features = claims.entitlements.free_features.clone();
+            free.free_features = claims.entitlements.free_features;
+            free.models = claims.entitlements.models;
+            free.tz = claims.entitlements.tz;
+            Some(free)
+        }
+    }
+
+    /// Drops cached access of `user_id` (after a change to the user or their entitlements).
+    pub(crate) fn forget_access(inner: &mut Inner, user_id: &str) {
+        inner.access.remove(user_id);
+        inner.verified.retain(|(u, _)| u != user_id);
+    }
+
+    /// The catalog used for a user's "unknown feature" test: the local catalog plus the token's.
+    pub(crate) fn feature_known(catalog: &Catalog, ent: &Entitlements, feature: &str) -> bool {
+        ent.features.contains_key(feature)
+            || ent.free_features.contains_key(feature)
+            || catalog.plans.iter().any(|p| p.features.contains_key(feature))
+    }
+}
+
+/// Instants at which a locally set state resolves differently.
+fn local_boundaries(state: &Entitlements, past_due_grace: Duration) -> Vec<DateTime<Utc>> {
+    let mut v: Vec<DateTime<Utc>> = state.grants.iter().filter_map(|g| g.until).collect();
+    v.extend(state.credit_grants.iter().filter_map(|g| g.expires_at));
+    if let Some(p) = state.past_due_since {
+        v.push(p + past_due_grace);
+    }
+    v
+}
