@@ -13,8 +13,6 @@ use std::sync::Arc;
 /// Everything a decision needs to know about a user.
 #[derive(Debug)]
 pub(crate) struct Access {
-    /// The user's external id (subject), if signed in.
-    pub external_id: Option<String>,
     /// Resolved entitlements.
     pub ent: Entitlements,
     /// Zone of calendar windows.
@@ -82,7 +80,7 @@ impl Tally {
             (s, Some(p)) if s != SubscriptionStatus::None => p,
             _ => from_ms(created_at),
         };
-        Ok(Access { external_id, ent, tz, anchor, valid_until })
+        Ok(Access { ent, tz, anchor, valid_until })
     }
 
     /// Entitlements from a stored server token, when it verifies for subject `sub`: the token's

@@ -28,6 +28,7 @@ pub mod ledger;
 pub mod period;
 pub mod report;
 pub mod settings;
+pub mod sync;
 pub mod token;
 pub mod users;
 pub mod wire;
@@ -43,6 +44,7 @@ pub use error::{Error, Result};
 pub use ledger::{ConsumeItem, EventStatus, Usage, UsageMeta};
 pub use period::{Period, Window};
 pub use report::{GroupBy, ReportRow};
+pub use sync::{RetryPolicy, SyncOptions, SyncReport, TokenProvider};
 pub use users::{Profile, User, UserUpdate};
 
 use chrono::{DateTime, Duration, Utc};
