@@ -1,1 +1,271 @@
+//! # tally-ffi
+//!
+//! The UniFFI surface of [`tally_core`] for Swift and Kotlin: one [`Tally`] object, records and
+//! enums mirroring the core's public types, one error enum ([`TallyError`]), a foreign clock
+//! ([`TallyClock`]) and a change listener ([`ChangeListener`]).
+//!
+//! This crate converts, it never decides: every method is a thin call into the core.
+//! Conventions of the foreign API:
+//! - timestamps are `i64` Unix **milliseconds** (UTC), fields suffixed `_ms`;
+//! - JSON values (settings, metadata, catalogs) cross as strings, parsed here; a malformed
+//!   one is `TallyError::InvalidInput` and changes nothing;
+//! - no panic crosses the boundary: a panic becomes `TallyError::Internal`.
+
+mod error;
+mod types;
+
+pub use error::{guard, TallyError};
+pub use types::*;
+
+use error::core as call;
+use std::sync::Arc;
+
 uniffi::setup_scaffolding!();
+
+/// The device library: one SQLite database holding several users. Thread-safe: share one
+/// instance across the app.
+#[derive(uniffi::Object)]
+pub struct Tally {
+    inner: Arc<tally_core::Tally>,
+}
+
+impl std::fmt::Debug for Tally {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.inner.fmt(f)
+    }
+}
+
+impl Tally {
+    /// The wrapped core instance (for Rust code embedding both).
+    pub fn core(&self) -> &Arc<tally_core::Tally> {
+        &self.inner
+    }
+}
+
+#[uniffi::export]
+impl Tally {
+    /// Opens (or creates) the database file at `path`.
+    #[uniffi::constructor]
+    pub fn open(path: String, config: TallyConfig) -> Result<Arc<Self>, TallyError> {
+        guard(|| {
+            let config = tally_core::Config::try_from(config)?;
+            let inner = tally_core::Tally::open(&path, config)?;
+            Ok(Arc::new(Tally { inner: Arc::new(inner) }))
+        })
+    }
+
+    /// Opens a private in-memory database (tests, previews).
+    #[uniffi::constructor]
+    pub fn open_in_memory(config: TallyConfig) -> Result<Arc<Self>, TallyError> {
+        guard(|| {
+            let config = tally_core::Config::try_from(config)?;
+            let inner = tally_core::Tally::open_in_memory(config)?;
+            Ok(Arc::new(Tally { inner: Arc::new(inner) }))
+        })
+    }
+
+    /// This device's id.
+    pub fn device_id(&self) -> Result<String, TallyError> {
+        guard(|| Ok(self.inner.device_id()))
+    }
+
+    /// The highest wall time this device has seen (Unix ms; never goes backwards).
+    pub fn highest_seen_time_ms(&self) -> Result<i64, TallyError> {
+        guard(|| Ok(types::to_ms(self.inner.highest_seen_time())))
+    }
+
+    // ---- listener -------------------------------------------------------------------------
+
+    /// Registers the observer told about changes (replacing any previous one).
+    pub fn set_listener(&self, listener: Arc<dyn ChangeListener>) -> Result<(), TallyError> {
+        guard(|| {
+            self.inner.set_listener(Arc::new(types::ForeignListener(listener)));
+            Ok(())
+        })
+    }
+
+    /// Removes the observer.
+    pub fn clear_listener(&self) -> Result<(), TallyError> {
+        guard(|| {
+            self.inner.clear_listener();
+            Ok(())
+        })
+    }
+
+    // ---- users ----------------------------------------------------------------------------
+
+    /// Creates a user who has not signed in.
+    #[uniffi::method(default(display_name = None))]
+    pub fn create_local_user(&self, display_name: Option<String>) -> Result<User, TallyError> {
+        call(|| self.inner.create_local_user(display_name.as_deref())).map(Into::into)
+    }
+
+    /// Signs a user in (upserts the account of `profile.external_id`). With `attach_local`, the
+    /// named local user's data moves to that account (none lost, none counted twice).
+    #[uniffi::method(default(attach_local = None))]
+    pub fn sign_in(&self, profile: Profile, attach_local: Option<String>) -> Result<User, TallyError> {
+        call(|| self.inner.sign_in(profile.into(), attach_local.as_deref())).map(Into::into)
+    }
+
+    /// Ends the user's session; unsynced events are kept.
+    pub fn sign_out(&self, user_id: String) -> Result<(), TallyError> {
+        call(|| self.inner.sign_out(&user_id))
+    }
+
+    /// One user.
+    pub fn user(&self, user_id: String) -> Result<User, TallyError> {
+        call(|| self.inner.user(&user_id)).map(Into::into)
+    }
+
+    /// All users on this device, oldest first.
+    pub fn users(&self) -> Result<Vec<User>, TallyError> {
+        call(|| self.inner.users()).map(|v| v.into_iter().map(Into::into).collect())
+    }
+
+    /// Changes a user's profile (a timezone change takes effect at once).
+    pub fn update_user(&self, user_id: String, update: UserUpdate) -> Result<User, TallyError> {
+        call(|| self.inner.update_user(&user_id, update.into())).map(Into::into)
+    }
+
+    /// Deletes a user and all their data; refuses while unsynced events exist unless `force`.
+    #[uniffi::method(default(force = false))]
+    pub fn delete_user(&self, user_id: String, force: bool) -> Result<(), TallyError> {
+        call(|| self.inner.delete_user(&user_id, force))
+    }
+
+    // ---- settings (JSON strings) ----------------------------------------------------------
+
+    /// All settings of a user (defaults overlaid with stored values), as a JSON object.
+    pub fn settings(&self, user_id: String) -> Result<String, TallyError> {
+        call(|| self.inner.settings(&user_id)).map(|m| types::to_json(&m))
+    }
+
+    /// One setting as JSON (absent when unset and without default).
+    pub fn setting(&self, user_id: String, key: String) -> Result<Option<String>, TallyError> {
+        call(|| self.inner.setting(&user_id, &key)).map(|v| v.as_ref().map(types::to_json))
+    }
+
+    /// Sets one setting to a JSON value (`"null"` deletes it).
+    pub fn set_setting(&self, user_id: String, key: String, value_json: String) -> Result<(), TallyError> {
+        guard(|| {
+            let value = types::parse_json(&value_json, &format!("value of setting {key:?}"))?;
+            Ok(self.inner.set_setting(&user_id, &key, value)?)
+        })
+    }
+
+    /// Deletes one setting (back to its default, if any).
+    pub fn remove_setting(&self, user_id: String, key: String) -> Result<(), TallyError> {
+        call(|| self.inner.set_setting(&user_id, &key, serde_json::Value::Null))
+    }
+
+    /// Merges a JSON object into the settings (`null` values delete keys).
+    pub fn patch_settings(&self, user_id: String, changes_json: String) -> Result<(), TallyError> {
+        guard(|| {
+            let changes = types::parse_json_object(&changes_json, "settings patch")?;
+            Ok(self.inner.patch_settings(&user_id, changes)?)
+        })
+    }
+
+    /// Replaces all settings with a JSON object (keys not named are deleted).
+    pub fn replace_settings(&self, user_id: String, values_json: String) -> Result<(), TallyError> {
+        guard(|| {
+            let values = types::parse_json_object(&values_json, "settings")?;
+            Ok(self.inner.replace_settings(&user_id, values)?)
+        })
+    }
+
+    // ---- catalog and entitlements ---------------------------------------------------------
+
+    /// Replaces the plan catalog (validated; an invalid one changes nothing).
+    pub fn set_catalog(&self, catalog_json: String) -> Result<(), TallyError> {
+        call(|| {
+            let catalog = tally_core::Catalog::from_json(&catalog_json)?;
+            self.inner.set_catalog(catalog);
+            Ok(())
+        })
+    }
+
+    /// The plan catalog in use, as JSON.
+    pub fn catalog_json(&self) -> Result<String, TallyError> {
+        guard(|| Ok(self.inner.catalog().to_json()))
+    }
+
+    /// The user's resolved entitlements.
+    pub fn entitlements(&self, user_id: String) -> Result<Entitlements, TallyError> {
+        call(|| self.inner.entitlements(&user_id)).map(Into::into)
+    }
+
+    /// Sets a user's entitlement state locally (apps without a server).
+    pub fn set_entitlements(&self, user_id: String, state: Entitlements) -> Result<(), TallyError> {
+        guard(|| {
+            let state = tally_core::Entitlements::try_from(state)?;
+            Ok(self.inner.set_entitlements(&user_id, state)?)
+        })
+    }
+
+    /// The user's credit balance (negative when overspent).
+    pub fn credit_balance(&self, user_id: String) -> Result<i64, TallyError> {
+        call(|| self.inner.credit_balance(&user_id))
+    }
+
+    // ---- quota and ledger -----------------------------------------------------------------
+
+    /// Would using `amount` of `feature` be allowed? Records nothing.
+    #[uniffi::method(default(amount = 1))]
+    pub fn check(&self, user_id: String, feature: String, amount: u64) -> Result<Decision, TallyError> {
+        call(|| self.inner.check(&user_id, &feature, amount)).map(Into::into)
+    }
+
+    /// Atomic check-and-record of a use. A denied use records nothing.
+    #[uniffi::method(default(amount = 1, meta = None))]
+    pub fn consume(&self, user_id: String, feature: String, amount: u64, meta: Option<UsageMeta>) -> Result<Decision, TallyError> {
+        guard(|| {
+            let meta = meta.map(tally_core::UsageMeta::try_from).transpose()?.unwrap_or_default();
+            Ok(self.inner.consume(&user_id, &feature, amount, meta)?.into())
+        })
+    }
+
+    /// Several uses at once, in one transaction; one decision per item.
+    pub fn consume_many(&self, user_id: String, items: Vec<ConsumeItem>) -> Result<Vec<Decision>, TallyError> {
+        guard(|| {
+            let items = items.into_iter().map(tally_core::ConsumeItem::try_from).collect::<Result<Vec<_>, _>>()?;
+            Ok(self.inner.consume_many(&user_id, &items)?.into_iter().map(Into::into).collect())
+        })
+    }
+
+    /// A user's usage of `feature` in its current window.
+    pub fn usage(&self, user_id: String, feature: String) -> Result<Usage, TallyError> {
+        call(|| self.inner.usage(&user_id, &feature)).map(Into::into)
+    }
+
+    /// Usage with events in `[from_ms, to_ms)`, grouped, sorted by key.
+    pub fn report(&self, user_id: String, from_ms: i64, to_ms: i64, group_by: GroupBy) -> Result<Vec<ReportRow>, TallyError> {
+        guard(|| {
+            let from = types::from_ms(from_ms, "from_ms")?;
+            let to = types::from_ms(to_ms, "to_ms")?;
+            Ok(self.inner.report(&user_id, from, to, group_by.into())?.into_iter().map(Into::into).collect())
+        })
+    }
+
+    /// Number of events not yet acknowledged by a server.
+    pub fn pending_events(&self, user_id: String) -> Result<u64, TallyError> {
+        call(|| self.inner.pending_events(&user_id))
+    }
+
+    /// Whether the server has taken event `id` (an event id or idempotency key).
+    pub fn event_status(&self, user_id: String, id: String) -> Result<EventStatus, TallyError> {
+        call(|| self.inner.event_status(&user_id, &id)).map(Into::into)
+    }
+}
+
+/// The event id an idempotency key maps to (a UUID is itself; anything else UUIDv5).
+#[uniffi::export]
+pub fn event_id_for_key(key: String) -> String {
+    tally_core::ledger::event_id_for_key(&key).to_string()
+}
+
+/// Validates a plan catalog JSON without using it (`InvalidCatalog` names the offending path).
+#[uniffi::export]
+pub fn validate_catalog(catalog_json: String) -> Result<(), TallyError> {
+    call(|| tally_core::Catalog::from_json(&catalog_json).map(|_| ()))
+}
