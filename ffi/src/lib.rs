@@ -12,9 +12,11 @@
 //! - no panic crosses the boundary: a panic becomes `TallyError::Internal`.
 
 mod error;
+mod sync;
 mod types;
 
 pub use error::{guard, TallyError};
+pub use sync::{RejectedEvent, SyncOptions, SyncReport, TokenProvider};
 pub use types::*;
 
 use error::core as call;

@@ -1,0 +1,182 @@
+//! `sync` for the foreign side: async (Swift `async throws`, Kotlin `suspend`), run on a tokio
+//! runtime so the calling thread is never blocked.
+
+use crate::error::{panic_text, TallyError};
+use crate::Tally;
+use std::sync::Arc;
+use std::time::Duration;
+use tally_core as core;
+
+/// Supplies a fresh sign-in token (the identity provider's JWT) before each request.
+#[uniffi::export(with_foreign)]
+pub trait TokenProvider: Send + Sync {
+    /// The current token, or absent when the user must sign in again.
+    fn token(&self) -> Option<String>;
+}
+
+struct ForeignTokenProvider(Arc<dyn TokenProvider>);
+
+impl core::TokenProvider for ForeignTokenProvider {
+    fn token(&self) -> Option<String> {
+        // A provider that throws is treated as "no fresh token": the fixed token is used.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.0.token())).ok().flatten()
+    }
+}
+
+/// How to reach the server. Absent fields take the core's defaults (500 events and 512 KiB
+/// per request, 6 attempts with backoff from 200 ms to 10 s, 30 s per request).
+#[derive(uniffi::Record)]
+pub struct SyncOptions {
+    /// Base URL of the Tally server (`https://tally.example.com`).
+    pub server_url: String,
+    /// The sign-in token (used when `token_provider` is absent or returns nothing).
+    pub token: String,
+    /// Asked for a fresh token before every request.
+    #[uniffi(default = None)]
+    pub token_provider: Option<Arc<dyn TokenProvider>>,
+    /// Most events per request.
+    #[uniffi(default = None)]
+    pub max_batch_events: Option<u32>,
+    /// Largest request body in bytes.
+    #[uniffi(default = None)]
+    pub max_batch_bytes: Option<u64>,
+    /// Attempts per request (including the first).
+    #[uniffi(default = None)]
+    pub max_attempts: Option<u32>,
+    /// First retry backoff in ms (doubled each attempt, with jitter).
+    #[uniffi(default = None)]
+    pub initial_backoff_ms: Option<u64>,
+    /// Longest single retry wait in ms.
+    #[uniffi(default = None)]
+    pub max_backoff_ms: Option<u64>,
+    /// Per-request timeout in ms.
+    #[uniffi(default = None)]
+    pub timeout_ms: Option<u64>,
+    /// Ask for a freshly signed entitlements token ("restore purchases").
+    #[uniffi(default = false)]
+    pub force_entitlements: bool,
+}
+
+impl From<SyncOptions> for core::SyncOptions {
+    fn from(o: SyncOptions) -> Self {
+        let mut out = core::SyncOptions::new(o.server_url, o.token);
+        out.token_provider = o.token_provider.map(|p| Arc::new(ForeignTokenProvider(p)) as Arc<dyn core::TokenProvider>);
+        if let Some(v) = o.max_batch_events {
+            out.max_batch_events = v as usize;
+        }
+        if let Some(v) = o.max_batch_bytes {
+            out.max_batch_bytes = usize::try_from(v).unwrap_or(usize::MAX);
+        }
+        if let Some(v) = o.max_attempts {
+            out.retry.max_attempts = v;
+        }
+        if let Some(v) = o.initial_backoff_ms {
+            out.retry.initial_backoff = Duration::from_millis(v);
+        }
+        if let Some(v) = o.max_backoff_ms {
+            out.retry.max_backoff = Duration::from_millis(v);
+        }
+        if let Some(v) = o.timeout_ms {
+            out.timeout = Duration::from_millis(v);
+        }
+        out.force_entitlements = o.force_entitlements;
+        out
+    }
+}
+
+/// An event the server refused (quarantined locally: kept, never resent, not counted).
+#[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
+pub struct RejectedEvent {
+    /// Event id.
+    pub id: String,
+    /// Why (`conflict`, `too_large`, …).
+    pub reason: String,
+}
+
+impl From<core::wire::Rejected> for RejectedEvent {
+    fn from(r: core::wire::Rejected) -> Self {
+        RejectedEvent { id: r.id, reason: r.reason }
+    }
+}
+
+impl From<RejectedEvent> for core::wire::Rejected {
+    fn from(r: RejectedEvent) -> Self {
+        core::wire::Rejected { id: r.id, reason: r.reason }
+    }
+}
+
+/// What a sync did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, uniffi::Record)]
+pub struct SyncReport {
+    /// Events sent (counting re-sends after a retry once).
+    pub events_sent: u64,
+    /// Events the server took (new or already known).
+    pub events_acked: u64,
+    /// Of those, the ones the server already had.
+    pub duplicates: u64,
+    /// Events refused.
+    pub rejected: Vec<RejectedEvent>,
+    /// Settings changes sent.
+    pub settings_sent: u64,
+    /// Settings changes received and applied.
+    pub settings_received: u64,
+    /// Requests made.
+    pub rounds: u64,
+    /// Whether a new entitlements token was accepted.
+    pub entitlements_updated: bool,
+}
+
+impl From<core::SyncReport> for SyncReport {
+    fn from(r: core::SyncReport) -> Self {
+        SyncReport {
+            events_sent: r.events_sent,
+            events_acked: r.events_acked,
+            duplicates: r.duplicates,
+            rejected: r.rejected.into_iter().map(Into::into).collect(),
+            settings_sent: r.settings_sent,
+            settings_received: r.settings_received,
+            rounds: r.rounds,
+            entitlements_updated: r.entitlements_updated,
+        }
+    }
+}
+
+impl From<SyncReport> for core::SyncReport {
+    fn from(r: SyncReport) -> Self {
+        core::SyncReport {
+            events_sent: r.events_sent,
+            events_acked: r.events_acked,
+            duplicates: r.duplicates,
+            rejected: r.rejected.into_iter().map(Into::into).collect(),
+            settings_sent: r.settings_sent,
+            settings_received: r.settings_received,
+            rounds: r.rounds,
+            entitlements_updated: r.entitlements_updated,
+        }
+    }
+}
+
+#[uniffi::export(async_runtime = "tokio")]
+impl Tally {
+    /// Synchronises `user_id` with the server until nothing is pending. Never blocks the
+    /// calling thread; safe to cancel or retry (the server deduplicates by event id).
+    pub async fn sync(&self, user_id: String, options: SyncOptions) -> Result<SyncReport, TallyError> {
+        let inner = self.inner.clone();
+        let options = core::SyncOptions::from(options);
+        // A spawned task turns a panic into a JoinError instead of unwinding across the FFI.
+        let task = tokio::spawn(async move { inner.sync(&user_id, options).await });
+        match task.await {
+            Ok(r) => Ok(r?.into()),
+            Err(e) if e.is_panic() => Err(TallyError::Internal { message: format!("internal error: {}", panic_text(e.into_panic().as_ref())) }),
+            Err(e) => Err(TallyError::Internal { message: format!("sync task failed: {e}") }),
+        }
+    }
+}
+
+#[uniffi::export]
+impl Tally {
+    /// When this user last completed a sync round (Unix ms; absent = never).
+    pub fn last_synced_at_ms(&self, user_id: String) -> Result<Option<i64>, TallyError> {
+        crate::error::core(|| self.inner.last_synced_at(&user_id)).map(crate::types::opt_ms)
+    }
+}
