@@ -1,0 +1,272 @@
+//! Accounts: users created on first sign-in (or claimed from a pending admin-created user),
+//! `GET|PATCH|DELETE /v1/me` and `GET /v1/me/export`.
+
+use crate::auth::{AuthUser, IdClaims};
+use crate::error::{ApiError, ApiResult};
+use crate::extract::JsonBody;
+use crate::AppState;
+use axum::Json;
+use axum::extract::State;
+use chrono::{DateTime, Utc};
+use deadpool_postgres::GenericClient;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tally_core::wire::ProfilePatch;
+use uuid::Uuid;
+
+/// A server-side user.
+#[derive(Debug, Clone, Serialize)]
+pub struct User {
+    /// Server user id.
+    #[serde(rename = "id")]
+    pub user_id: Uuid,
+    /// Identity provider subject (`None` for a pending user).
+    pub external_id: Option<String>,
+    /// Email.
+    pub email: Option<String>,
+    /// Display name.
+    pub display_name: Option<String>,
+    /// Avatar URL.
+    pub avatar_url: Option<String>,
+    /// IANA timezone.
+    pub timezone: String,
+    /// Admin (flag in the database or subject listed in TALLY_ADMIN_SUBJECTS).
+    pub is_admin: bool,
+    /// Entitlement version of the user row.
+    #[serde(skip)]
+    pub ver: i64,
+    /// Creation time (billing anchor without a subscription).
+    pub created_at: DateTime<Utc>,
+    /// Last profile change.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Columns read into a [`User`], in order.
+pub const USER_COLUMNS: &str = "user_id, external_id, email, display_name, avatar_url, timezone, is_admin, ver, created_at, updated_at";
+
+impl User {
+    /// Reads a row selected with [`USER_COLUMNS`]; `admins` are the configured admin subjects.
+    pub fn from_row(r: &tokio_postgres::Row, admins: &[String]) -> User {
+        let external_id: Option<String> = r.get(1);
+        let listed = external_id.as_ref().is_some_and(|s| admins.iter().any(|a| a == s));
+        User {
+            user_id: r.get(0),
+            external_id,
+            email: r.get(2),
+            display_name: r.get(3),
+            avatar_url: r.get(4),
+            timezone: r.get(5),
+            is_admin: r.get::<_, bool>(6) || listed,
+            ver: r.get(7),
+            created_at: r.get(8),
+            updated_at: r.get(9),
+        }
+    }
+
+    /// The user's timezone (UTC when the stored name is unknown).
+    pub fn tz(&self) -> chrono_tz::Tz {
+        self.timezone.parse().unwrap_or(chrono_tz::UTC)
+    }
+}
+
+/// Hash of a subject, kept in account tombstones.
+pub fn sub_hash(sub: &str) -> String {
+    hex::encode(Sha256::digest(sub.as_bytes()))
+}
+
+/// Finds the user of a verified identity token: refuses subjects deleted after the token was
+/// issued (410), claims a pending user with the same verified email, or creates a new user on
+/// the free plan. Race-safe: concurrent first requests make one user.
+pub async fn resolve(state: &AppState, claims: &IdClaims) -> ApiResult<User> {
+    let client = state.pool.get().await?;
+    let admins = &state.config.admin_subjects;
+    if let Some(r) = client.query_opt("SELECT deleted_at FROM account_tombstones WHERE sub_hash = $1", &[&sub_hash(&claims.sub)]).await? {
+        let deleted: DateTime<Utc> = r.get(0);
+        if claims.iat.is_none_or(|iat| iat <= deleted.timestamp()) {
+            return Err(ApiError::AccountDeleted);
+        }
+    }
+    let select = format!("SELECT {USER_COLUMNS} FROM users WHERE external_id = $1");
+    if let Some(r) = client.query_opt(&select, &[&claims.sub]).await? {
+        return Ok(User::from_row(&r, admins));
+    }
+    if let (Some(email), Some(true)) = (&claims.email, claims.email_verified) {
+        let claim = format!(
+            "UPDATE users SET external_id = $1, updated_at = now(), display_name = coalesce(display_name, $3) \
+             WHERE lower(email) = lower($2) AND external_id IS NULL RETURNING {USER_COLUMNS}"
+        );
+        match client.query_opt(&claim, &[&claims.sub, email, &claims.name]).await {
+            Ok(Some(r)) => return Ok(User::from_row(&r, admins)),
+            Ok(None) => {}
+            // Another request claimed it for the same subject meanwhile: read it below.
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    client
+        .execute(
+            "INSERT INTO users (user_id, external_id, email, display_name) VALUES ($1, $2, $3, $4) ON CONFLICT (external_id) DO NOTHING",
+            &[&Uuid::now_v7(), &claims.sub, &claims.email, &claims.name],
+        )
+        .await?;
+    let r = client.query_one(&select, &[&claims.sub]).await?;
+    Ok(User::from_row(&r, admins))
+}
+
+/// Finds a user by external id, creating it when absent (backends recording usage by subject).
+pub async fn find_or_create_by_subject(state: &AppState, subject: &str) -> ApiResult<User> {
+    if subject.is_empty() || subject.len() > 255 {
+        return Err(ApiError::invalid("subject must be 1 to 255 bytes"));
+    }
+    let claims = IdClaims { sub: subject.into(), email: None, email_verified: None, iat: Some(Utc::now().timestamp() + 1), name: None };
+    let client = state.pool.get().await?;
+    if client.query_opt("SELECT 1 FROM account_tombstones WHERE sub_hash = $1", &[&sub_hash(subject)]).await?.is_some()
+        && client.query_opt("SELECT 1 FROM users WHERE external_id = $1", &[&subject]).await?.is_none()
+    {
+        return Err(ApiError::AccountDeleted);
+    }
+    drop(client);
+    resolve(state, &claims).await
+}
+
+/// Re-reads a user by id, locking the row for the rest of the transaction.
+pub async fn lock(tx: &impl GenericClient, user_id: Uuid, admins: &[String]) -> ApiResult<User> {
+    let q = format!("SELECT {USER_COLUMNS} FROM users WHERE user_id = $1 FOR NO KEY UPDATE");
+    let r = tx.query_opt(&q, &[&user_id]).await?.ok_or(ApiError::AccountDeleted)?;
+    Ok(User::from_row(&r, admins))
+}
+
+/// Validates a profile patch (timezone names, lengths) before anything is written.
+pub fn validate_profile(p: &ProfilePatch) -> ApiResult<()> {
+    if let Some(tz) = &p.timezone {
+        tz.parse::<chrono_tz::Tz>().map_err(|_| ApiError::Invalid("invalid_timezone", format!("unknown IANA timezone {tz:?}")))?;
+    }
+    if p.display_name.as_ref().is_some_and(|n| n.chars().count() > 200) {
+        return Err(ApiError::invalid("display_name must be at most 200 characters"));
+    }
+    if p.avatar_url.as_ref().is_some_and(|u| u.len() > 2048) {
+        return Err(ApiError::invalid("avatar_url must be at most 2048 bytes"));
+    }
+    Ok(())
+}
+
+/// Applies a validated profile patch to a locked user. A timezone change bumps the entitlement
+/// version (the token carries `tz`) and makes the counters rebuild in the new zone.
+pub async fn apply_profile(tx: &impl GenericClient, user: &mut User, p: &ProfilePatch) -> ApiResult<()> {
+    let tz_changed = p.timezone.as_ref().is_some_and(|t| *t != user.timezone);
+    if p.timezone.is_none() && p.display_name.is_none() && p.avatar_url.is_none() {
+        return Ok(());
+    }
+    let r = tx
+        .query_one(
+            "UPDATE users SET timezone = coalesce($2, timezone), display_name = coalesce($3, display_name), \
+             avatar_url = coalesce($4, avatar_url), ver = ver + $5, updated_at = now() WHERE user_id = $1 \
+             RETURNING timezone, display_name, avatar_url, ver, updated_at",
+            &[&user.user_id, &p.timezone, &p.display_name, &p.avatar_url, &i64::from(tz_changed)],
+        )
+        .await?;
+    user.timezone = r.get(0);
+    user.display_name = r.get(1);
+    user.avatar_url = r.get(2);
+    user.ver = r.get(3);
+    user.updated_at = r.get(4);
+    Ok(())
+}
+
+/// `GET /v1/me`: the caller's profile.
+pub async fn get_me(AuthUser(user): AuthUser) -> Json<User> {
+    Json(user)
+}
+
+/// Body of `PATCH /v1/me`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MePatch {
+    /// New display name.
+    pub display_name: Option<String>,
+    /// New avatar URL.
+    pub avatar_url: Option<String>,
+    /// New IANA timezone.
+    pub timezone: Option<String>,
+}
+
+/// `PATCH /v1/me`: display name, avatar, timezone (the current windows follow at once).
+pub async fn patch_me(State(state): State<AppState>, AuthUser(user): AuthUser, JsonBody(body): JsonBody<MePatch>) -> ApiResult<Json<User>> {
+    let patch = ProfilePatch { timezone: body.timezone, display_name: body.display_name, avatar_url: body.avatar_url };
+    validate_profile(&patch)?;
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    let mut locked = lock(&tx, user.user_id, &state.config.admin_subjects).await?;
+    apply_profile(&tx, &mut locked, &patch).await?;
+    tx.commit().await?;
+    Ok(Json(locked))
+}
+
+/// `DELETE /v1/me`: removes every row of the account and leaves a tombstone of its subject.
+pub async fn delete_me(State(state): State<AppState>, AuthUser(user): AuthUser) -> ApiResult<axum::http::StatusCode> {
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    lock(&tx, user.user_id, &state.config.admin_subjects).await?;
+    let paid = tx
+        .query_opt("SELECT status FROM subscriptions WHERE user_id = $1 AND status IN ('active', 'trialing', 'past_due') AND provider IS NOT NULL", &[&user.user_id])
+        .await?;
+    if paid.is_some() {
+        return Err(ApiError::Conflict("subscription_active", "cancel the active subscription before deleting the account".into()));
+    }
+    for table in ["events", "counters", "settings", "subscriptions", "access_grants", "users"] {
+        tx.execute(&format!("DELETE FROM {table} WHERE user_id = $1"), &[&user.user_id]).await?;
+    }
+    if let Some(sub) = &user.external_id {
+        tx.execute(
+            "INSERT INTO account_tombstones (sub_hash, deleted_at) VALUES ($1, now()) ON CONFLICT (sub_hash) DO UPDATE SET deleted_at = excluded.deleted_at",
+            &[&sub_hash(sub)],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    state.tokens.forget(user.user_id);
+    Ok(axum::http::StatusCode::NO_CONTENT)
+}
+
+/// `GET /v1/me/export`: all of the caller's data as JSON.
+pub async fn export_me(State(state): State<AppState>, AuthUser(user): AuthUser) -> ApiResult<Json<Value>> {
+    let client = state.pool.get().await?;
+    let uid = user.user_id;
+    let events = client
+        .query(
+            "SELECT id, feature, amount, occurred_at, effective_at, clamped, received_at, device_id, device_seq, model, input_tokens, output_tokens, cost_micros, metadata, source \
+             FROM events WHERE user_id = $1 ORDER BY effective_at, id",
+            &[&uid],
+        )
+        .await?
+        .iter()
+        .map(|r| {
+            json!({"id": r.get::<_, Uuid>(0), "feature": r.get::<_, String>(1), "amount": r.get::<_, i64>(2),
+                "occurred_at": r.get::<_, DateTime<Utc>>(3), "effective_at": r.get::<_, DateTime<Utc>>(4), "clamped": r.get::<_, bool>(5),
+                "received_at": r.get::<_, DateTime<Utc>>(6), "device_id": r.get::<_, Option<String>>(7), "device_seq": r.get::<_, Option<i64>>(8),
+                "model": r.get::<_, Option<String>>(9), "input_tokens": r.get::<_, Option<i64>>(10), "output_tokens": r.get::<_, Option<i64>>(11),
+                "cost_micros": r.get::<_, i64>(12), "metadata": r.get::<_, Option<Value>>(13), "source": r.get::<_, String>(14)})
+        })
+        .collect::<Vec<_>>();
+    let settings = client
+        .query("SELECT key, value, deleted, hlc FROM settings WHERE user_id = $1 ORDER BY key", &[&uid])
+        .await?
+        .iter()
+        .map(|r| json!({"key": r.get::<_, String>(0), "value": r.get::<_, Option<Value>>(1), "deleted": r.get::<_, bool>(2), "hlc": r.get::<_, String>(3)}))
+        .collect::<Vec<_>>();
+    let grants = client
+        .query("SELECT plan, until, granted_by, reason, created_at, revoked_at FROM access_grants WHERE user_id = $1 ORDER BY created_at", &[&uid])
+        .await?
+        .iter()
+        .map(|r| {
+            json!({"plan": r.get::<_, String>(0), "until": r.get::<_, Option<DateTime<Utc>>>(1), "granted_by": r.get::<_, String>(2),
+                "reason": r.get::<_, String>(3), "created_at": r.get::<_, DateTime<Utc>>(4), "revoked_at": r.get::<_, Option<DateTime<Utc>>>(5)})
+        })
+        .collect::<Vec<_>>();
+    let subscription = client
+        .query_opt("SELECT plan, status, period_start, period_end FROM subscriptions WHERE user_id = $1", &[&uid])
+        .await?
+        .map(|r| json!({"plan": r.get::<_, String>(0), "status": r.get::<_, String>(1), "period_start": r.get::<_, Option<DateTime<Utc>>>(2), "period_end": r.get::<_, Option<DateTime<Utc>>>(3)}));
+    Ok(Json(json!({"user": user, "events": events, "settings": settings, "access_grants": grants, "subscription": subscription})))
+}

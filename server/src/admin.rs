@@ -1,0 +1,218 @@
+//! Admin endpoints (admin users or `admin`-scoped API keys; anyone else gets 404): pending
+//! users, access grants and their revocation, plans, a user's usage, API keys.
+
+use crate::accounts::{self, USER_COLUMNS, User};
+use crate::api_keys::{self, ApiKey};
+use crate::auth::Admin;
+use crate::error::{ApiError, ApiResult};
+use crate::extract::JsonBody;
+use crate::{AppState, plans, usage};
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use chrono::{DateTime, Duration, Utc};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tally_core::Plan;
+use uuid::Uuid;
+
+/// Body of `POST /v1/admin/users`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewUser {
+    /// Email the user will sign in with (verified).
+    pub email: String,
+    /// Display name.
+    #[serde(default)]
+    pub display_name: Option<String>,
+    /// IANA timezone.
+    #[serde(default)]
+    pub timezone: Option<String>,
+}
+
+/// `POST /v1/admin/users`: a pending user, claimed by the first verified sign-in with its email.
+pub async fn create_user(State(state): State<AppState>, _a: Admin, JsonBody(b): JsonBody<NewUser>) -> ApiResult<(StatusCode, Json<User>)> {
+    let email = b.email.trim();
+    if email.len() < 3 || email.len() > 320 || !email.contains('@') {
+        return Err(ApiError::Invalid("invalid_email", "expected an email address".into()));
+    }
+    accounts::validate_profile(&tally_core::wire::ProfilePatch { timezone: b.timezone.clone(), display_name: b.display_name.clone(), avatar_url: None })?;
+    let client = state.pool.get().await?;
+    let taken = client.query_opt("SELECT 1 FROM users WHERE lower(email) = lower($1)", &[&email]).await?;
+    if taken.is_some() {
+        return Err(ApiError::Conflict("user_exists", "a user with this email already exists".into()));
+    }
+    let q = format!(
+        "INSERT INTO users (user_id, email, display_name, timezone) VALUES ($1, $2, $3, coalesce($4, 'UTC')) ON CONFLICT DO NOTHING RETURNING {USER_COLUMNS}"
+    );
+    let r = client
+        .query_opt(&q, &[&Uuid::now_v7(), &email, &b.display_name, &b.timezone])
+        .await?
+        .ok_or_else(|| ApiError::Conflict("user_exists", "a user with this email already exists".into()))?;
+    Ok((StatusCode::CREATED, Json(User::from_row(&r, &state.config.admin_subjects))))
+}
+
+/// Body of `POST /v1/admin/grants`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewGrant {
+    /// The user's identity subject.
+    pub subject: String,
+    /// Plan granted.
+    pub plan: String,
+    /// End of the grant (absent: no end).
+    #[serde(default)]
+    pub until: Option<DateTime<Utc>>,
+    /// Who granted it (default: the caller).
+    #[serde(default)]
+    pub granted_by: Option<String>,
+    /// Why (`access_reason` becomes `granted:<reason>`).
+    pub reason: String,
+}
+
+/// `POST /v1/admin/grants`: grants a plan until a date; bumps the user's entitlement version.
+pub async fn create_grant(State(state): State<AppState>, admin: Admin, JsonBody(g): JsonBody<NewGrant>) -> ApiResult<(StatusCode, Json<Value>)> {
+    if g.reason.is_empty() || g.reason.len() > 200 {
+        return Err(ApiError::invalid("reason must be 1 to 200 bytes"));
+    }
+    if g.until.is_some_and(|u| u <= Utc::now()) {
+        return Err(ApiError::invalid("until must be in the future"));
+    }
+    let mut client = state.pool.get().await?;
+    let (_, catalog) = state.catalog.current(&client).await?;
+    if catalog.plan(&g.plan).is_none() {
+        return Err(ApiError::Invalid("unknown_plan", format!("no plan {:?} in the catalog", g.plan)));
+    }
+    drop(client);
+    let user = accounts::find_or_create_by_subject(&state, &g.subject).await?;
+    client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    accounts::lock(&tx, user.user_id, &state.config.admin_subjects).await?;
+    let id = Uuid::now_v7();
+    let by = g.granted_by.clone().unwrap_or_else(|| admin.actor());
+    tx.execute(
+        "INSERT INTO access_grants (user_id, grant_id, plan, until, granted_by, reason) VALUES ($1, $2, $3, $4, $5, $6)",
+        &[&user.user_id, &id, &g.plan, &g.until, &by, &g.reason],
+    )
+    .await?;
+    tx.execute("UPDATE users SET ver = ver + 1 WHERE user_id = $1", &[&user.user_id]).await?;
+    tx.commit().await?;
+    Ok((StatusCode::CREATED, Json(json!({"id": id, "subject": g.subject, "plan": g.plan, "until": g.until, "granted_by": by, "reason": g.reason}))))
+}
+
+/// Body of `POST /v1/admin/grants/revoke`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeGrant {
+    /// The user's identity subject.
+    pub subject: String,
+    /// One grant to revoke (absent: every active grant of the user).
+    #[serde(default)]
+    pub grant_id: Option<Uuid>,
+}
+
+/// `POST /v1/admin/grants/revoke`: revokes grants; bumps the entitlement version.
+pub async fn revoke_grant(State(state): State<AppState>, _a: Admin, JsonBody(r): JsonBody<RevokeGrant>) -> ApiResult<Json<Value>> {
+    let mut client = state.pool.get().await?;
+    let row = client.query_opt("SELECT user_id FROM users WHERE external_id = $1", &[&r.subject]).await?.ok_or_else(|| ApiError::not_found("user"))?;
+    let uid: Uuid = row.get(0);
+    let tx = client.transaction().await?;
+    accounts::lock(&tx, uid, &state.config.admin_subjects).await?;
+    let n = tx
+        .execute(
+            "UPDATE access_grants SET revoked_at = now() WHERE user_id = $1 AND revoked_at IS NULL AND ($2::uuid IS NULL OR grant_id = $2)",
+            &[&uid, &r.grant_id],
+        )
+        .await?;
+    if n == 0 {
+        return Err(ApiError::not_found("grant"));
+    }
+    tx.execute("UPDATE users SET ver = ver + 1 WHERE user_id = $1", &[&uid]).await?;
+    tx.commit().await?;
+    Ok(Json(json!({"revoked": n})))
+}
+
+/// `PUT /v1/admin/plans/{id}`: inserts or replaces one plan, validated like the catalog.
+pub async fn put_plan(State(state): State<AppState>, _a: Admin, Path(id): Path<String>, JsonBody(mut body): JsonBody<Value>) -> ApiResult<Json<Value>> {
+    if let Some(o) = body.as_object_mut() {
+        match o.get("id") {
+            None => {
+                o.insert("id".into(), Value::String(id.clone()));
+            }
+            Some(Value::String(s)) if *s == id => {}
+            Some(_) => return Err(ApiError::Invalid("invalid_plan", "$.id: must equal the id in the path".into())),
+        }
+    }
+    let plan = Plan::validate("$", &body).map_err(|e| ApiError::Invalid("invalid_plan", e.to_string()))?;
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock(7461)", &[]).await?;
+    let (_, mut catalog) = plans::load(&tx).await?;
+    catalog.upsert(plan.clone());
+    let version = plans::store(&tx, &catalog).await?;
+    tx.commit().await?;
+    Ok(Json(json!({"plan": plan, "catalog_version": version})))
+}
+
+/// `GET /v1/admin/plans`: the catalog in effect.
+pub async fn get_plans(State(state): State<AppState>, _a: Admin) -> ApiResult<Json<Value>> {
+    let client = state.pool.get().await?;
+    let (version, catalog) = plans::load(&client).await?;
+    Ok(Json(json!({"version": version, "catalog": catalog})))
+}
+
+/// Query of `GET /v1/admin/users/{id}/usage`.
+#[derive(Debug, Deserialize)]
+pub struct UsageQuery {
+    /// Start (RFC 3339).
+    pub from: Option<DateTime<Utc>>,
+    /// End (RFC 3339).
+    pub to: Option<DateTime<Utc>>,
+    /// `day`, `feature` (default) or `model`.
+    pub group_by: Option<String>,
+}
+
+/// `GET /v1/admin/users/{id}/usage`: a user's usage report (id = server user id).
+pub async fn user_usage(State(state): State<AppState>, _a: Admin, Path(id): Path<String>, Query(q): Query<UsageQuery>) -> ApiResult<Json<Value>> {
+    let uid = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("user"))?;
+    let client = state.pool.get().await?;
+    let r = client.query_opt(&format!("SELECT {USER_COLUMNS} FROM users WHERE user_id = $1"), &[&uid]).await?.ok_or_else(|| ApiError::not_found("user"))?;
+    let user = User::from_row(&r, &state.config.admin_subjects);
+    let now = Utc::now();
+    let from = q.from.unwrap_or(now - Duration::days(30));
+    let to = q.to.unwrap_or(now + Duration::minutes(10));
+    let group_by = q.group_by.as_deref().unwrap_or("feature");
+    let rows = usage::report_rows(&client, uid, &user.timezone, from, to, group_by).await?;
+    Ok(Json(json!({"user": user, "from": from, "to": to, "group_by": group_by, "rows": rows})))
+}
+
+/// Body of `POST /v1/admin/api-keys`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewKey {
+    /// A name to recognize the key by.
+    pub name: String,
+    /// Scopes: `usage:write`, `admin`.
+    pub scopes: Vec<String>,
+}
+
+/// `POST /v1/admin/api-keys`: creates a key; the secret is in this answer only.
+pub async fn create_api_key(State(state): State<AppState>, _a: Admin, JsonBody(k): JsonBody<NewKey>) -> ApiResult<(StatusCode, Json<Value>)> {
+    let client = state.pool.get().await?;
+    let (key, secret) = api_keys::create(&client, &k.name, &k.scopes).await?;
+    Ok((StatusCode::CREATED, Json(json!({"key": key, "secret": secret}))))
+}
+
+/// `GET /v1/admin/api-keys`: the keys, without secrets.
+pub async fn list_api_keys(State(state): State<AppState>, _a: Admin) -> ApiResult<Json<Vec<ApiKey>>> {
+    let client = state.pool.get().await?;
+    Ok(Json(api_keys::list(&client).await?))
+}
+
+/// `DELETE /v1/admin/api-keys/{id}`: revokes a key.
+pub async fn revoke_api_key(State(state): State<AppState>, _a: Admin, Path(id): Path<String>) -> ApiResult<StatusCode> {
+    let id = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("api key"))?;
+    let client = state.pool.get().await?;
+    api_keys::revoke(&client, id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

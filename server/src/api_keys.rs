@@ -1,0 +1,96 @@
+//! API keys for backends (`Authorization: Bearer tk_…`): shown once, stored as SHA-256 hashes,
+//! scoped (`usage:write`, `admin`), revocable.
+
+use crate::error::{ApiError, ApiResult};
+use crate::AppState;
+use chrono::{DateTime, Utc};
+use deadpool_postgres::GenericClient;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+/// Prefix of every API key.
+pub const PREFIX: &str = "tk_";
+/// Scope: record usage (`POST /v1/usage`) and check quotas for any subject.
+pub const SCOPE_USAGE_WRITE: &str = "usage:write";
+/// Scope: the admin endpoints.
+pub const SCOPE_ADMIN: &str = "admin";
+/// Every known scope.
+pub const SCOPES: [&str; 2] = [SCOPE_USAGE_WRITE, SCOPE_ADMIN];
+
+/// A stored API key (never the secret itself).
+#[derive(Debug, Clone, Serialize)]
+pub struct ApiKey {
+    /// Key id.
+    #[serde(rename = "id")]
+    pub key_id: Uuid,
+    /// Human name.
+    pub name: String,
+    /// Granted scopes.
+    pub scopes: Vec<String>,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// Revocation time, if revoked.
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+impl ApiKey {
+    /// Whether the key has `scope`.
+    pub fn has_scope(&self, scope: &str) -> bool {
+        self.scopes.iter().any(|s| s == scope)
+    }
+    fn from_row(r: &tokio_postgres::Row) -> ApiKey {
+        ApiKey { key_id: r.get(0), name: r.get(1), scopes: r.get(2), created_at: r.get(3), revoked_at: r.get(4) }
+    }
+}
+
+fn hash(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+/// Creates a key; returns it with its secret, which is never shown again.
+pub async fn create(client: &impl GenericClient, name: &str, scopes: &[String]) -> ApiResult<(ApiKey, String)> {
+    if name.is_empty() || name.len() > 100 {
+        return Err(ApiError::invalid("name must be 1 to 100 bytes"));
+    }
+    if scopes.is_empty() {
+        return Err(ApiError::invalid(format!("give at least one scope ({})", SCOPES.join(", "))));
+    }
+    if let Some(bad) = scopes.iter().find(|s| !SCOPES.contains(&s.as_str())) {
+        return Err(ApiError::Invalid("invalid_scope", format!("unknown scope {bad:?} (expected {})", SCOPES.join(", "))));
+    }
+    let secret = format!("{PREFIX}{}", hex::encode(rand::random::<[u8; 24]>()));
+    let r = client
+        .query_one(
+            "INSERT INTO api_keys (key_id, key_hash, name, scopes) VALUES ($1, $2, $3, $4) RETURNING key_id, name, scopes, created_at, revoked_at",
+            &[&Uuid::now_v7(), &hash(&secret), &name, &scopes],
+        )
+        .await?;
+    Ok((ApiKey::from_row(&r), secret))
+}
+
+/// Lists keys (without secrets).
+pub async fn list(client: &impl GenericClient) -> ApiResult<Vec<ApiKey>> {
+    let rows = client.query("SELECT key_id, name, scopes, created_at, revoked_at FROM api_keys ORDER BY created_at", &[]).await?;
+    Ok(rows.iter().map(ApiKey::from_row).collect())
+}
+
+/// Revokes a key; 404 when unknown or already revoked.
+pub async fn revoke(client: &impl GenericClient, key_id: Uuid) -> ApiResult<()> {
+    let n = client.execute("UPDATE api_keys SET revoked_at = now() WHERE key_id = $1 AND revoked_at IS NULL", &[&key_id]).await?;
+    if n == 0 { Err(ApiError::not_found("api key")) } else { Ok(()) }
+}
+
+/// Checks a presented secret.
+pub async fn authenticate(state: &AppState, secret: &str) -> ApiResult<ApiKey> {
+    let client = state.pool.get().await?;
+    let r = client
+        .query_opt("SELECT key_id, name, scopes, created_at, revoked_at FROM api_keys WHERE key_hash = $1", &[&hash(secret)])
+        .await?
+        .ok_or_else(|| ApiError::Unauthorized("invalid_api_key", "unknown API key".into()))?;
+    let key = ApiKey::from_row(&r);
+    if key.revoked_at.is_some() {
+        return Err(ApiError::Unauthorized("api_key_revoked", "this API key was revoked".into()));
+    }
+    Ok(key)
+}

@@ -1,0 +1,243 @@
+//! Authentication: identity-provider JWTs (HS256 shared secret, or RS256/ES256/EdDSA keys from a
+//! JWKS URL) and `tk_…` API keys, as axum extractors.
+
+use crate::accounts::{self, User};
+use crate::api_keys::{self, ApiKey};
+use crate::error::ApiError;
+use crate::AppState;
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use base64::Engine;
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+use std::time::{Duration, Instant};
+use tokio::sync::RwLock;
+
+/// Claims read from an identity token.
+#[derive(Debug, Clone, Deserialize)]
+pub struct IdClaims {
+    /// Subject (the user's external id).
+    pub sub: String,
+    /// Email address.
+    #[serde(default)]
+    pub email: Option<String>,
+    /// Whether the identity provider verified the email.
+    #[serde(default)]
+    pub email_verified: Option<bool>,
+    /// Issued at (Unix seconds).
+    #[serde(default)]
+    pub iat: Option<i64>,
+    /// Display name.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+fn unauthorized(code: &'static str, msg: impl Into<String>) -> ApiError {
+    ApiError::Unauthorized(code, msg.into())
+}
+
+/// Verifies identity tokens against the configured secret or JWKS.
+pub struct Verifier {
+    secret: Option<DecodingKey>,
+    jwks_url: Option<String>,
+    jwks: RwLock<Option<(JwkSet, Instant)>>,
+    issuer: Option<String>,
+    audience: Option<String>,
+    leeway: u64,
+    http: reqwest::Client,
+}
+
+impl Verifier {
+    /// A verifier for `config`'s `jwt_secret` / `jwks_url`, issuer, audience and leeway.
+    pub fn new(config: &crate::Config) -> Result<Verifier, String> {
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().map_err(|e| e.to_string())?;
+        Ok(Verifier {
+            secret: config.jwt_secret.as_ref().filter(|s| !s.is_empty()).map(|s| DecodingKey::from_secret(s.as_bytes())),
+            jwks_url: config.jwks_url.clone().filter(|s| !s.is_empty()),
+            jwks: RwLock::new(None),
+            issuer: config.jwt_issuer.clone().filter(|s| !s.is_empty()),
+            audience: config.jwt_audience.clone().filter(|s| !s.is_empty()),
+            leeway: config.jwt_leeway_secs,
+            http,
+        })
+    }
+
+    async fn fetch_jwks(&self, url: &str) -> Result<JwkSet, ApiError> {
+        let resp = self.http.get(url).send().await.map_err(|e| ApiError::Unavailable(format!("fetching the JWKS: {e}")))?;
+        resp.json::<JwkSet>().await.map_err(|e| ApiError::Unavailable(format!("reading the JWKS: {e}")))
+    }
+
+    /// The JWKS key with `kid`, refetching the set (at most every 10 s) when it is unknown.
+    async fn jwk_key(&self, url: &str, kid: Option<&str>) -> Result<DecodingKey, ApiError> {
+        let find = |set: &JwkSet| -> Option<DecodingKey> {
+            let jwk = match kid {
+                Some(k) => set.find(k)?,
+                None if set.keys.len() == 1 => set.keys.first()?,
+                None => return None,
+            };
+            DecodingKey::from_jwk(jwk).ok()
+        };
+        {
+            let cached = self.jwks.read().await;
+            if let Some((set, at)) = cached.as_ref() {
+                if let Some(k) = find(set) {
+                    return Ok(k);
+                }
+                if at.elapsed() < Duration::from_secs(10) {
+                    return Err(unauthorized("unknown_key", "no identity-provider key matches the token's kid"));
+                }
+            }
+        }
+        let set = self.fetch_jwks(url).await?;
+        let key = find(&set);
+        *self.jwks.write().await = Some((set, Instant::now()));
+        key.ok_or_else(|| unauthorized("unknown_key", "no identity-provider key matches the token's kid"))
+    }
+
+    /// Verifies `token` and returns its claims; every failure is a 401 with a specific code.
+    pub async fn verify(&self, token: &str) -> Result<IdClaims, ApiError> {
+        let header_alg = raw_alg(token).ok_or_else(|| unauthorized("invalid_token", "the token is not a well-formed JWT"))?;
+        if header_alg.eq_ignore_ascii_case("none") {
+            return Err(unauthorized("unsupported_algorithm", "unsigned tokens (alg none) are refused"));
+        }
+        let header = jsonwebtoken::decode_header(token).map_err(|_| unauthorized("unsupported_algorithm", format!("algorithm {header_alg} is not accepted")))?;
+        let key = match header.alg {
+            Algorithm::HS256 => match &self.secret {
+                Some(k) => k.clone(),
+                None => return Err(unauthorized("unsupported_algorithm", "HS256 tokens are not accepted by this server")),
+            },
+            Algorithm::RS256 | Algorithm::ES256 | Algorithm::EdDSA => match &self.jwks_url {
+                Some(url) => self.jwk_key(url, header.kid.as_deref()).await?,
+                None => return Err(unauthorized("unsupported_algorithm", format!("{header_alg} tokens need TALLY_JWKS_URL"))),
+            },
+            _ => return Err(unauthorized("unsupported_algorithm", format!("algorithm {header_alg} is not accepted"))),
+        };
+        let mut v = Validation::new(header.alg);
+        v.leeway = self.leeway;
+        v.validate_nbf = true;
+        v.set_required_spec_claims(&["exp", "sub"]);
+        match &self.issuer {
+            Some(iss) => {
+                v.set_issuer(&[iss]);
+                v.required_spec_claims.insert("iss".into());
+            }
+            None => v.iss = None,
+        }
+        match &self.audience {
+            Some(aud) => {
+                v.set_audience(&[aud]);
+                v.required_spec_claims.insert("aud".into());
+            }
+            None => v.validate_aud = false,
+        }
+        use jsonwebtoken::errors::ErrorKind as K;
+        let data = jsonwebtoken::decode::<IdClaims>(token, &key, &v).map_err(|e| match e.kind() {
+            K::ExpiredSignature => unauthorized("token_expired", "the token has expired"),
+            K::ImmatureSignature => unauthorized("token_not_yet_valid", "the token is not valid yet (nbf)"),
+            K::InvalidIssuer => unauthorized("invalid_issuer", "the token's issuer is not accepted"),
+            K::InvalidAudience => unauthorized("invalid_audience", "the token's audience is not accepted"),
+            K::InvalidSignature => unauthorized("invalid_signature", "the token's signature does not verify"),
+            K::InvalidAlgorithm | K::InvalidKeyFormat => unauthorized("unsupported_algorithm", "the token's algorithm does not match its key"),
+            K::MissingRequiredClaim(c) => unauthorized("invalid_token", format!("the token lacks the `{c}` claim")),
+            _ => unauthorized("invalid_token", "the token could not be verified"),
+        })?;
+        if data.claims.sub.is_empty() || data.claims.sub.len() > 255 {
+            return Err(unauthorized("invalid_token", "the token's subject must be 1 to 255 bytes"));
+        }
+        Ok(data.claims)
+    }
+}
+
+/// The `alg` of a token's header, read without trusting anything.
+fn raw_alg(token: &str) -> Option<String> {
+    let head = token.split('.').next()?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(head.trim_end_matches('=')).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    if token.split('.').count() != 3 {
+        return None;
+    }
+    v.get("alg")?.as_str().map(str::to_string)
+}
+
+/// Who is calling: a signed-in user, or a backend with an API key.
+#[derive(Debug, Clone)]
+pub enum Principal {
+    /// A user authenticated by an identity token.
+    User(User),
+    /// A backend authenticated by an API key.
+    Key(ApiKey),
+}
+
+fn bearer(parts: &Parts) -> Result<&str, ApiError> {
+    let h = parts
+        .headers
+        .get(axum::http::header::AUTHORIZATION)
+        .ok_or_else(|| unauthorized("missing_token", "send Authorization: Bearer <token>"))?;
+    let s = h.to_str().map_err(|_| unauthorized("invalid_token", "the Authorization header is not ASCII"))?;
+    s.strip_prefix("Bearer ")
+        .or_else(|| s.strip_prefix("bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| unauthorized("missing_token", "send Authorization: Bearer <token>"))
+}
+
+impl FromRequestParts<AppState> for Principal {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        if let Some(p) = parts.extensions.get::<Principal>() {
+            return Ok(p.clone());
+        }
+        let token = bearer(parts)?;
+        let principal = if token.starts_with(api_keys::PREFIX) {
+            let key = api_keys::authenticate(state, token).await?;
+            state.limiter.check(&format!("k:{}", key.key_id))?;
+            Principal::Key(key)
+        } else {
+            let claims = state.verifier.verify(token).await?;
+            let user = accounts::resolve(state, &claims).await?;
+            state.limiter.check(&format!("u:{}", user.user_id))?;
+            Principal::User(user)
+        };
+        parts.extensions.insert(principal.clone());
+        Ok(principal)
+    }
+}
+
+/// A signed-in user (identity token required; API keys are refused).
+pub struct AuthUser(pub User);
+
+impl FromRequestParts<AppState> for AuthUser {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        match Principal::from_request_parts(parts, state).await? {
+            Principal::User(u) => Ok(AuthUser(u)),
+            Principal::Key(_) => Err(unauthorized("user_token_required", "this route needs a user's identity token, not an API key")),
+        }
+    }
+}
+
+/// An admin: a user with `is_admin`, or an API key with the `admin` scope. Anyone else gets 404.
+pub struct Admin(pub Principal);
+
+impl Admin {
+    /// Who acted, for audit fields (`granted_by`).
+    pub fn actor(&self) -> String {
+        match &self.0 {
+            Principal::User(u) => u.external_id.clone().unwrap_or_else(|| u.user_id.to_string()),
+            Principal::Key(k) => format!("key:{}", k.name),
+        }
+    }
+}
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let p = Principal::from_request_parts(parts, state).await?;
+        let ok = match &p {
+            Principal::User(u) => u.is_admin,
+            Principal::Key(k) => k.has_scope(api_keys::SCOPE_ADMIN),
+        };
+        if ok { Ok(Admin(p)) } else { Err(ApiError::NotFound("no such route".into())) }
+    }
+}

@@ -1,0 +1,360 @@
+//! The `tally-server` command line: `serve | migrate | keygen | token | grant | plans import |
+//! report | api-key`.
+
+use crate::pg_cluster::{Cluster, ClusterOptions};
+use crate::{AppState, Config, api_keys, db, plans, signing};
+use chrono::{DateTime, Utc};
+use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
+
+/// Tally sync server: reconciles device usage ledgers on Postgres and signs entitlements.
+///
+/// Every option can be given as a flag, as the TALLY_* environment variable shown, or as the
+/// same key in lower case (without TALLY_) in the TOML file named by --config.
+#[derive(Debug, Parser)]
+#[command(name = "tally-server", version)]
+pub struct Cli {
+    /// TOML configuration file (keys: database_url, listen, jwt_secret, …).
+    #[arg(long, global = true, env = "TALLY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP server (with an embedded Postgres when no database URL is set).
+    Serve(Box<Config>),
+    /// Apply the database migrations and exit.
+    Migrate(Box<Config>),
+    /// Write a new Ed25519 token-signing key into DATA_DIR/keys (it becomes the signing key;
+    /// older keys stay published for verification).
+    Keygen {
+        /// Data directory.
+        #[arg(long, env = "TALLY_DATA_DIR", default_value = "./.tally")]
+        data_dir: PathBuf,
+    },
+    /// Mint a development identity token (HS256) to try the API with curl.
+    Token {
+        /// Subject (the user's identity).
+        #[arg(long)]
+        sub: String,
+        /// HS256 secret (the server's TALLY_JWT_SECRET).
+        #[arg(long, env = "TALLY_JWT_SECRET", hide_env_values = true)]
+        secret: String,
+        /// Email claim (marked verified).
+        #[arg(long)]
+        email: Option<String>,
+        /// Issuer claim.
+        #[arg(long, env = "TALLY_JWT_ISSUER")]
+        issuer: Option<String>,
+        /// Audience claim.
+        #[arg(long, env = "TALLY_JWT_AUDIENCE")]
+        audience: Option<String>,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl_secs: i64,
+    },
+    /// Grant a plan to a user until a date.
+    Grant {
+        /// The user's identity subject.
+        #[arg(long)]
+        subject: String,
+        /// Plan id.
+        #[arg(long)]
+        plan: String,
+        /// End of the grant (RFC 3339); absent: no end.
+        #[arg(long)]
+        until: Option<DateTime<Utc>>,
+        /// Why (access_reason becomes granted:<reason>).
+        #[arg(long, default_value = "manual")]
+        reason: String,
+        /// Who grants it.
+        #[arg(long, default_value = "cli")]
+        granted_by: String,
+        /// Server configuration.
+        #[command(flatten)]
+        config: Box<Config>,
+    },
+    /// Manage the plan catalog.
+    Plans {
+        /// What to do with the plans.
+        #[command(subcommand)]
+        command: PlansCommand,
+    },
+    /// Print usage per user and feature.
+    Report {
+        /// Server configuration.
+        #[command(flatten)]
+        config: Box<Config>,
+    },
+    /// Manage API keys for backends.
+    ApiKey {
+        /// What to do with API keys.
+        #[command(subcommand)]
+        command: ApiKeyCommand,
+    },
+}
+
+/// `plans` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum PlansCommand {
+    /// Validate a catalog file (DESIGN.md "Wire contract") and store it.
+    Import {
+        /// The JSON catalog.
+        file: PathBuf,
+        /// Server configuration.
+        #[command(flatten)]
+        config: Box<Config>,
+    },
+}
+
+/// `api-key` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ApiKeyCommand {
+    /// Create a key and print its secret (shown once).
+    Create {
+        /// Name.
+        #[arg(long)]
+        name: String,
+        /// Scopes: usage:write, admin (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "usage:write")]
+        scopes: Vec<String>,
+        /// Server configuration.
+        #[command(flatten)]
+        config: Box<Config>,
+    },
+    /// Revoke a key by id.
+    Revoke {
+        /// Key id.
+        id: uuid::Uuid,
+        /// Server configuration.
+        #[command(flatten)]
+        config: Box<Config>,
+    },
+    /// List keys.
+    List {
+        /// Server configuration.
+        #[command(flatten)]
+        config: Box<Config>,
+    },
+}
+
+/// File in the data dir holding the URL of a running embedded cluster.
+const EMBEDDED_URL_FILE: &str = "embedded-database-url";
+
+/// Starts the embedded cluster of `data_dir` and returns it with the URL of its `tally` database.
+pub async fn start_embedded(data_dir: &Path) -> Result<(Cluster, String), String> {
+    let dir = data_dir.join("postgres");
+    eprintln!("tally-server: no TALLY_DATABASE_URL; starting the embedded PostgreSQL under {}", dir.display());
+    let cluster = tokio::task::spawn_blocking(move || Cluster::start(&dir, ClusterOptions::default()))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let url = cluster.create_database("tally").await.map_err(|e| e.to_string())?;
+    Ok((cluster, url))
+}
+
+/// The database of a command other than `serve`: the configured URL, the running embedded
+/// cluster's, or a temporarily started embedded cluster.
+async fn database(config: &mut Config) -> Result<Option<Cluster>, String> {
+    if config.database_url.is_some() {
+        return Ok(None);
+    }
+    if let Ok(url) = std::fs::read_to_string(config.data_dir.join(EMBEDDED_URL_FILE)) {
+        let url = url.trim().to_string();
+        if tokio_postgres::connect(&url, tokio_postgres::NoTls).await.is_ok() {
+            config.database_url = Some(url);
+            return Ok(None);
+        }
+    }
+    let (cluster, url) = start_embedded(&config.data_dir).await?;
+    config.database_url = Some(url);
+    Ok(Some(cluster))
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down: finishing in-flight requests");
+}
+
+async fn serve(mut config: Config) -> Result<(), String> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| format!("creating {}: {e}", config.data_dir.display()))?;
+    let mut cluster = None;
+    if config.database_url.is_none() {
+        let (c, url) = start_embedded(&config.data_dir).await?;
+        config.database_url = Some(url.clone());
+        let _ = std::fs::write(config.data_dir.join(EMBEDDED_URL_FILE), url);
+        cluster = Some(c);
+    }
+    let listen = config.listen.clone();
+    let data_dir = config.data_dir.clone();
+    let result = async {
+        let state = AppState::new(config).await.map_err(|e| e.to_string())?;
+        let listener = tokio::net::TcpListener::bind(&listen).await.map_err(|e| format!("listening on {listen}: {e}"))?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        println!("tally-server listening on http://{addr}");
+        tracing::info!(%addr, "listening");
+        axum::serve(listener, crate::app(state)).with_graceful_shutdown(shutdown_signal()).await.map_err(|e| e.to_string())
+    }
+    .await;
+    if let Some(mut c) = cluster {
+        let _ = std::fs::remove_file(data_dir.join(EMBEDDED_URL_FILE));
+        let _ = tokio::task::spawn_blocking(move || c.stop()).await;
+    }
+    result
+}
+
+async fn with_db<F, Fut>(mut config: Config, f: F) -> Result<(), String>
+where
+    F: FnOnce(deadpool_postgres::Object) -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let cluster = database(&mut config).await?;
+    let url = config.database_url.clone().unwrap_or_default();
+    let result = async {
+        db::migrate(&url).await.map_err(|e| e.to_string())?;
+        let pool = db::pool(&url, 2).map_err(|e| e.to_string())?;
+        let client = pool.get().await.map_err(|e| e.to_string())?;
+        f(client).await
+    }
+    .await;
+    if let Some(mut c) = cluster {
+        let _ = tokio::task::spawn_blocking(move || c.stop()).await;
+    }
+    result
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> Result<(), String> {
+    match cli.command {
+        Command::Serve(config) => serve(*config).await,
+        Command::Migrate(config) => {
+            with_db(*config, |_| async {
+                println!("database at schema version {}", db::latest_version());
+                Ok(())
+            })
+            .await
+        }
+        Command::Keygen { data_dir } => {
+            let kid = signing::keygen(&data_dir.join("keys"))?;
+            println!("wrote signing key {kid} to {}", data_dir.join("keys").join(format!("{kid}.pem")).display());
+            Ok(())
+        }
+        Command::Token { sub, secret, email, issuer, audience, ttl_secs } => {
+            let now = Utc::now().timestamp();
+            let mut claims = serde_json::json!({"sub": sub, "iat": now, "exp": now + ttl_secs});
+            if let Some(e) = email {
+                claims["email"] = e.into();
+                claims["email_verified"] = true.into();
+            }
+            if let Some(i) = issuer {
+                claims["iss"] = i.into();
+            }
+            if let Some(a) = audience {
+                claims["aud"] = a.into();
+            }
+            let t = jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()))
+                .map_err(|e| e.to_string())?;
+            println!("{t}");
+            Ok(())
+        }
+        Command::Grant { subject, plan, until, reason, granted_by, config } => {
+            with_db(*config, |client| async move {
+                let (_, catalog) = plans::load(&client).await.map_err(|e| e.to_string())?;
+                if catalog.plan(&plan).is_none() {
+                    return Err(format!("no plan {plan:?} in the catalog"));
+                }
+                client
+                    .execute(
+                        "INSERT INTO users (user_id, external_id) VALUES ($1, $2) ON CONFLICT (external_id) DO NOTHING",
+                        &[&uuid::Uuid::now_v7(), &subject],
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let uid: uuid::Uuid =
+                    client.query_one("SELECT user_id FROM users WHERE external_id = $1", &[&subject]).await.map_err(|e| e.to_string())?.get(0);
+                client
+                    .execute(
+                        "INSERT INTO access_grants (user_id, grant_id, plan, until, granted_by, reason) VALUES ($1, $2, $3, $4, $5, $6)",
+                        &[&uid, &uuid::Uuid::now_v7(), &plan, &until, &granted_by, &reason],
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+                client.execute("UPDATE users SET ver = ver + 1 WHERE user_id = $1", &[&uid]).await.map_err(|e| e.to_string())?;
+                println!("granted {plan} to {subject}{}", until.map(|u| format!(" until {u}")).unwrap_or_default());
+                Ok(())
+            })
+            .await
+        }
+        Command::Plans { command: PlansCommand::Import { file, config } } => {
+            let text = std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+            let catalog = tally_core::Catalog::from_json(&text).map_err(|e| e.to_string())?;
+            with_db(*config, |client| async move {
+                let v = plans::import_if_changed(&client, &catalog).await.map_err(|e| e.to_string())?;
+                println!("imported {} plans (catalog version {v})", catalog.plans.len());
+                Ok(())
+            })
+            .await
+        }
+        Command::Report { config } => {
+            with_db(*config, |client| async move {
+                let rows = client
+                    .query(
+                        "SELECT coalesce(u.external_id, u.user_id::text), e.feature, count(*)::bigint, sum(e.amount)::bigint, sum(e.cost_micros)::bigint \
+                         FROM events e JOIN users u ON u.user_id = e.user_id GROUP BY 1, 2 ORDER BY 1, 2",
+                        &[],
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+                println!("{:<40} {:<24} {:>10} {:>14} {:>14}", "user", "feature", "events", "amount", "cost_micros");
+                for r in rows {
+                    println!("{:<40} {:<24} {:>10} {:>14} {:>14}", r.get::<_, String>(0), r.get::<_, String>(1), r.get::<_, i64>(2), r.get::<_, i64>(3), r.get::<_, i64>(4));
+                }
+                Ok(())
+            })
+            .await
+        }
+        Command::ApiKey { command } => match command {
+            ApiKeyCommand::Create { name, scopes, config } => {
+                with_db(*config, |client| async move {
+                    let (key, secret) = api_keys::create(&client, &name, &scopes).await.map_err(|e| e.to_string())?;
+                    println!("{secret}");
+                    eprintln!("created API key {} ({}) with scopes {}; the secret above is shown only once", key.key_id, key.name, key.scopes.join(","));
+                    Ok(())
+                })
+                .await
+            }
+            ApiKeyCommand::Revoke { id, config } => {
+                with_db(*config, |client| async move {
+                    api_keys::revoke(&client, id).await.map_err(|e| e.to_string())?;
+                    println!("revoked {id}");
+                    Ok(())
+                })
+                .await
+            }
+            ApiKeyCommand::List { config } => {
+                with_db(*config, |client| async move {
+                    for k in api_keys::list(&client).await.map_err(|e| e.to_string())? {
+                        println!("{}  {:<24} {:<20} {}", k.key_id, k.name, k.scopes.join(","), if k.revoked_at.is_some() { "revoked" } else { "active" });
+                    }
+                    Ok(())
+                })
+                .await
+            }
+        },
+    }
+}

@@ -1,0 +1,145 @@
+//! Server configuration: `TALLY_*` environment variables, command-line flags, and an optional
+//! TOML file whose keys are the variable names in lower case without the prefix
+//! (`database_url = "postgres://…"`).
+
+use clap::Args;
+use std::path::PathBuf;
+
+/// Every setting of the server. Each flag can also be given as the `TALLY_*` variable shown.
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Postgres connection URL; absent: run an embedded cluster under DATA_DIR/postgres.
+    #[arg(long, env = "TALLY_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, env = "TALLY_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: String,
+    /// Directory for the embedded database and the token-signing keys.
+    #[arg(long, env = "TALLY_DATA_DIR", default_value = "./.tally")]
+    pub data_dir: PathBuf,
+    /// Shared secret of the identity provider's HS256 tokens.
+    #[arg(long, env = "TALLY_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// JWKS URL of the identity provider (RS256, ES256, EdDSA tokens).
+    #[arg(long, env = "TALLY_JWKS_URL")]
+    pub jwks_url: Option<String>,
+    /// Required `iss` of identity tokens.
+    #[arg(long, env = "TALLY_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` of identity tokens.
+    #[arg(long, env = "TALLY_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Clock leeway for `exp`/`nbf` of identity tokens, in seconds.
+    #[arg(long, env = "TALLY_JWT_LEEWAY_SECS", default_value_t = 60)]
+    pub jwt_leeway_secs: u64,
+    /// Comma-separated identity subjects that are admins.
+    #[arg(long, env = "TALLY_ADMIN_SUBJECTS", value_delimiter = ',')]
+    pub admin_subjects: Vec<String>,
+    /// Plan catalog (JSON) imported at start.
+    #[arg(long, env = "TALLY_PLANS_FILE")]
+    pub plans_file: Option<PathBuf>,
+    /// Lifetime of entitlements tokens, in seconds.
+    #[arg(long, env = "TALLY_TOKEN_TTL_SECS", default_value_t = 86_400)]
+    pub token_ttl_secs: u64,
+    /// Most events in one sync request (more: 413).
+    #[arg(long, env = "TALLY_MAX_BATCH_EVENTS", default_value_t = 1000)]
+    pub max_batch_events: u32,
+    /// Largest request body in bytes (more: 413).
+    #[arg(long, env = "TALLY_MAX_BODY_BYTES", default_value_t = 1_048_576)]
+    pub max_body_bytes: u64,
+    /// How long a past-due subscription keeps its plan, in seconds.
+    #[arg(long, env = "TALLY_PAST_DUE_GRACE_SECS", default_value_t = 259_200)]
+    pub past_due_grace_secs: u64,
+    /// Lowest sync protocol accepted (older clients get 426).
+    #[arg(long, env = "TALLY_MIN_PROTOCOL", default_value_t = 1)]
+    pub min_protocol: u32,
+    /// Sustained requests per second allowed per user or API key.
+    #[arg(long, env = "TALLY_RATE_LIMIT_PER_SEC", default_value_t = 50)]
+    pub rate_limit_per_sec: u32,
+    /// Burst of requests allowed per user or API key.
+    #[arg(long, env = "TALLY_RATE_LIMIT_BURST", default_value_t = 200)]
+    pub rate_limit_burst: u32,
+    /// Database connection pool size.
+    #[arg(long, env = "TALLY_DB_POOL_SIZE", default_value_t = 16)]
+    pub db_pool_size: usize,
+    /// Stripe webhook signing secret (billing; reserved).
+    #[arg(long, env = "TALLY_STRIPE_WEBHOOK_SECRET", hide_env_values = true)]
+    pub stripe_webhook_secret: Option<String>,
+    /// Stripe secret API key (billing; reserved).
+    #[arg(long, env = "TALLY_STRIPE_SECRET_KEY", hide_env_values = true)]
+    pub stripe_secret_key: Option<String>,
+    /// Pinned Stripe API version (billing; reserved).
+    #[arg(long, env = "TALLY_STRIPE_API_VERSION")]
+    pub stripe_api_version: Option<String>,
+    /// Stripe price id → plan id, e.g. `price_123=pro,price_456=team` (billing; reserved).
+    #[arg(long, env = "TALLY_STRIPE_PRICES")]
+    pub stripe_prices: Option<String>,
+}
+
+impl Config {
+    /// A configuration with every default, for tests and embedding.
+    pub fn for_database(url: &str) -> Config {
+        Config {
+            database_url: Some(url.to_string()),
+            listen: "127.0.0.1:0".into(),
+            data_dir: PathBuf::from("./.tally"),
+            jwt_secret: None,
+            jwks_url: None,
+            jwt_issuer: None,
+            jwt_audience: None,
+            jwt_leeway_secs: 60,
+            admin_subjects: Vec::new(),
+            plans_file: None,
+            token_ttl_secs: 86_400,
+            max_batch_events: 1000,
+            max_body_bytes: 1_048_576,
+            past_due_grace_secs: 259_200,
+            min_protocol: 1,
+            rate_limit_per_sec: 50,
+            rate_limit_burst: 200,
+            db_pool_size: 16,
+            stripe_webhook_secret: None,
+            stripe_secret_key: None,
+            stripe_api_version: None,
+            stripe_prices: None,
+        }
+    }
+}
+
+/// Reads the TOML file named by `--config FILE` / `--config=FILE` in `args` (or `TALLY_CONFIG`)
+/// and exports each key as `TALLY_<KEY>` unless that variable is already set, so that flags
+/// beat the environment, which beats the file. Must run before any thread is started.
+pub fn apply_config_file(args: &[String]) -> Result<(), String> {
+    let mut path = std::env::var("TALLY_CONFIG").ok();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--config" {
+            path = it.next().cloned();
+        } else if let Some(p) = a.strip_prefix("--config=") {
+            path = Some(p.to_string());
+        }
+    }
+    let Some(path) = path else { return Ok(()) };
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("reading config file {path}: {e}"))?;
+    let table: toml::Table = toml::from_str(&text).map_err(|e| format!("config file {path}: {e}"))?;
+    for (k, v) in table {
+        let var = format!("TALLY_{}", k.to_ascii_uppercase());
+        let value = match v {
+            toml::Value::String(s) => s,
+            toml::Value::Array(items) => items
+                .iter()
+                .map(|i| match i {
+                    toml::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join(","),
+            other => other.to_string(),
+        };
+        if std::env::var_os(&var).is_none() {
+            // SAFETY: called from `main` before the runtime or any other thread exists.
+            unsafe { std::env::set_var(&var, value) };
+        }
+    }
+    Ok(())
+}

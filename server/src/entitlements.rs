@@ -1,0 +1,138 @@
+//! Entitlements: the user's resolved access (subscription, grants, admin, catalog), the signed
+//! entitlements token (cached per user and version), `GET /v1/entitlements` and `GET /v1/keys`.
+
+use crate::accounts::User;
+use crate::auth::AuthUser;
+use crate::error::{ApiError, ApiResult};
+use crate::AppState;
+use axum::Json;
+use axum::extract::State;
+use chrono::{DateTime, Duration, Utc};
+use deadpool_postgres::GenericClient;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use tally_core::entitlements::AccessGrant;
+use tally_core::{Catalog, EntitlementClaims, Entitlements, SubscriptionStatus};
+use uuid::Uuid;
+
+/// Issuer and audience of entitlements tokens.
+pub const TOKEN_ISSUER: &str = "tally";
+
+/// A user's entitlements with what their windows are computed from.
+pub struct Loaded {
+    /// Resolved entitlements (`ver` and `tz` set).
+    pub ents: Entitlements,
+    /// Billing anchor: the subscription's period start, else the user's creation time.
+    pub anchor: DateTime<Utc>,
+    /// The catalog in effect.
+    pub catalog: Arc<Catalog>,
+    /// Its version.
+    pub catalog_version: i64,
+}
+
+/// Loads and resolves `user`'s entitlements at `now`.
+pub async fn load(state: &AppState, client: &impl GenericClient, user: &User, now: DateTime<Utc>) -> ApiResult<Loaded> {
+    let (catalog_version, catalog) = state.catalog.current(client).await?;
+    let mut raw = Entitlements::free();
+    let mut anchor = user.created_at;
+    if let Some(s) = client
+        .query_opt("SELECT plan, status, period_start, period_end, past_due_since FROM subscriptions WHERE user_id = $1", &[&user.user_id])
+        .await?
+    {
+        raw.plan = s.get(0);
+        raw.status = SubscriptionStatus::parse(s.get(1)).unwrap_or_default();
+        raw.period_start = s.get(2);
+        raw.period_end = s.get(3);
+        raw.past_due_since = s.get(4);
+        if raw.status != SubscriptionStatus::None {
+            anchor = raw.period_start.unwrap_or(anchor);
+        }
+    }
+    raw.grants = client
+        .query(
+            "SELECT plan, until, granted_by, reason FROM access_grants WHERE user_id = $1 AND revoked_at IS NULL AND (until IS NULL OR until > $2)",
+            &[&user.user_id, &now],
+        )
+        .await?
+        .iter()
+        .map(|r| AccessGrant { plan: r.get(0), until: r.get(1), granted_by: r.get(2), reason: r.get(3) })
+        .collect();
+    raw.is_admin = user.is_admin;
+    raw.tz = Some(user.timezone.clone());
+    raw.ver = u64::try_from(user.ver.saturating_add(catalog_version)).unwrap_or(0);
+    let grace = Duration::seconds(i64::try_from(state.config.past_due_grace_secs).unwrap_or(i64::MAX / 2_000));
+    let ents = raw.resolve(&catalog, now, grace);
+    Ok(Loaded { ents, anchor, catalog, catalog_version })
+}
+
+struct Cached {
+    ver: u64,
+    token: String,
+    reuse_until: DateTime<Utc>,
+}
+
+/// Signed tokens per user, reused while the entitlement version is unchanged and the token is
+/// fresh (younger than half its lifetime, and no grant in it has ended).
+#[derive(Default)]
+pub struct TokenCache {
+    m: Mutex<HashMap<Uuid, Cached>>,
+}
+
+impl TokenCache {
+    /// Drops the user's token (account deleted).
+    pub fn forget(&self, user_id: Uuid) {
+        if let Ok(mut m) = self.m.lock() {
+            m.remove(&user_id);
+        }
+    }
+}
+
+/// The signed entitlements token of `user` (from the cache when still valid).
+pub fn token(state: &AppState, user: &User, ents: &Entitlements, now: DateTime<Utc>) -> ApiResult<String> {
+    if let Ok(m) = state.tokens.m.lock() {
+        if let Some(c) = m.get(&user.user_id) {
+            if c.ver == ents.ver && now < c.reuse_until {
+                return Ok(c.token.clone());
+            }
+        }
+    }
+    let ttl = i64::try_from(state.config.token_ttl_secs).unwrap_or(86_400).max(1);
+    let iat = now.timestamp();
+    let claims = EntitlementClaims {
+        entitlements: ents.clone(),
+        sub: user.external_id.clone().unwrap_or_else(|| user.user_id.to_string()),
+        uid: user.user_id.to_string(),
+        iss: TOKEN_ISSUER.into(),
+        aud: TOKEN_ISSUER.into(),
+        iat,
+        exp: iat + ttl,
+    };
+    let token = state.signer.sign(&claims).map_err(ApiError::internal)?;
+    let mut reuse_until = now + Duration::seconds(ttl / 2);
+    if let Some(u) = ents.granted_until {
+        reuse_until = reuse_until.min(u);
+    }
+    if let Ok(mut m) = state.tokens.m.lock() {
+        m.insert(user.user_id, Cached { ver: ents.ver, token: token.clone(), reuse_until });
+    }
+    Ok(token)
+}
+
+/// `GET /v1/entitlements`: the resolved entitlements and the signed token.
+pub async fn get_entitlements(State(state): State<AppState>, AuthUser(user): AuthUser) -> ApiResult<Json<Value>> {
+    let client = state.pool.get().await?;
+    let now = Utc::now();
+    let loaded = load(&state, &client, &user, now).await?;
+    let token = token(&state, &user, &loaded.ents, now)?;
+    let mut body = serde_json::to_value(&loaded.ents).map_err(ApiError::internal)?;
+    if let Some(o) = body.as_object_mut() {
+        o.insert("token".into(), Value::String(token));
+    }
+    Ok(Json(body))
+}
+
+/// `GET /v1/keys`: the JWKS of the entitlements-signing keys.
+pub async fn get_keys(State(state): State<AppState>) -> Json<Value> {
+    Json(state.signer.jwks())
+}

@@ -1,0 +1,148 @@
+//! # tally-server
+//!
+//! The Tally sync server: reconciles device ledgers on Postgres, merges settings, and signs
+//! entitlements. [`app`] builds the router over an [`AppState`]; the binary (`tally-server`)
+//! adds configuration, the embedded Postgres default and graceful shutdown.
+
+pub mod accounts;
+pub mod admin;
+pub mod api_keys;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod entitlements;
+pub mod error;
+pub mod extract;
+pub mod ledger;
+pub mod metrics;
+pub mod pg_cluster;
+pub mod plans;
+pub mod ratelimit;
+pub mod settings;
+pub mod signing;
+pub mod sync;
+pub mod usage;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post, put};
+use std::sync::Arc;
+use std::time::Duration;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+pub use config::Config;
+pub use error::{ApiError, ApiResult};
+
+/// Everything a request handler needs; cheap to clone.
+#[derive(Clone)]
+pub struct AppState(Arc<Shared>);
+
+/// The shared parts of [`AppState`].
+pub struct Shared {
+    /// The configuration in effect.
+    pub config: Config,
+    /// Postgres connection pool.
+    pub pool: deadpool_postgres::Pool,
+    /// Identity token verification.
+    pub verifier: auth::Verifier,
+    /// Entitlements token signing keys.
+    pub signer: signing::Signer,
+    /// The plan catalog, cached per version.
+    pub catalog: plans::CatalogCache,
+    /// Per-user and per-key request limits.
+    pub limiter: ratelimit::Limiter,
+    /// Signed entitlements tokens per (user, version).
+    pub tokens: entitlements::TokenCache,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Database connection or migrations.
+    #[error(transparent)]
+    Db(#[from] db::DbError),
+    /// Signing keys.
+    #[error("signing keys: {0}")]
+    Keys(String),
+    /// Plan catalog import.
+    #[error("plans: {0}")]
+    Plans(String),
+    /// Anything else in the configuration.
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+impl AppState {
+    /// Connects to `config.database_url`, applies migrations, loads (or creates) the signing
+    /// keys under `config.data_dir`, and imports `config.plans_file` when given.
+    pub async fn new(config: Config) -> Result<AppState, StartError> {
+        let url = config.database_url.clone().ok_or_else(|| StartError::Config("no database URL".into()))?;
+        db::migrate(&url).await?;
+        let pool = db::pool(&url, config.db_pool_size)?;
+        let signer = signing::Signer::load_or_create(&config.data_dir.join("keys")).map_err(StartError::Keys)?;
+        let catalog = plans::CatalogCache::default();
+        if let Some(file) = &config.plans_file {
+            let text = std::fs::read_to_string(file).map_err(|e| StartError::Plans(format!("{}: {e}", file.display())))?;
+            let parsed = tally_core::Catalog::from_json(&text).map_err(|e| StartError::Plans(e.to_string()))?;
+            let client = pool.get().await.map_err(|e| StartError::Plans(e.to_string()))?;
+            plans::import_if_changed(&client, &parsed).await.map_err(|e| StartError::Plans(e.to_string()))?;
+        }
+        let verifier = auth::Verifier::new(&config).map_err(StartError::Config)?;
+        let limiter = ratelimit::Limiter::new(config.rate_limit_per_sec, config.rate_limit_burst);
+        Ok(AppState(Arc::new(Shared { config, pool, verifier, signer, catalog, limiter, tokens: entitlements::TokenCache::default() })))
+    }
+
+    /// The request bounds advertised in every sync response.
+    pub fn limits(&self) -> tally_core::wire::Limits {
+        tally_core::wire::Limits { max_batch_events: self.config.max_batch_events, max_body_bytes: self.config.max_body_bytes }
+    }
+}
+
+/// The HTTP API over `state`: every route of DESIGN.md "Server" but billing.
+pub fn app(state: AppState) -> Router {
+    let body_limit = usize::try_from(state.config.max_body_bytes).unwrap_or(usize::MAX);
+    let api = Router::new()
+        .route("/v1/me", get(accounts::get_me).patch(accounts::patch_me).delete(accounts::delete_me))
+        .route("/v1/me/export", get(accounts::export_me))
+        .route("/v1/sync", post(sync::sync))
+        .route("/v1/settings", get(settings::get_settings).put(settings::put_settings).patch(settings::patch_settings))
+        .route("/v1/entitlements", get(entitlements::get_entitlements))
+        .route("/v1/keys", get(entitlements::get_keys))
+        .route("/v1/check", post(usage::check))
+        .route("/v1/usage", post(usage::record).get(usage::report))
+        .route("/v1/admin/users", post(admin::create_user))
+        .route("/v1/admin/users/{id}/usage", get(admin::user_usage))
+        .route("/v1/admin/grants", post(admin::create_grant))
+        .route("/v1/admin/grants/revoke", post(admin::revoke_grant))
+        .route("/v1/admin/plans/{id}", put(admin::put_plan))
+        .route("/v1/admin/plans", get(admin::get_plans))
+        .route("/v1/admin/api-keys", post(admin::create_api_key).get(admin::list_api_keys))
+        .route("/v1/admin/api-keys/{id}", axum::routing::delete(admin::revoke_api_key))
+        .layer(DefaultBodyLimit::max(body_limit));
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(metrics::readyz))
+        .route("/metrics", get(metrics::render))
+        .merge(api)
+        .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .layer(axum::middleware::from_fn(metrics::track))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
+                let rid = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-");
+                tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %rid)
+            }),
+        )
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(axum::http::StatusCode::REQUEST_TIMEOUT, Duration::from_secs(60)))
+        .with_state(state)
+}

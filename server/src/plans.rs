@@ -1,0 +1,67 @@
+//! The plan catalog, stored in Postgres (one versioned row) and cached per version, so every
+//! replica sees an admin's change on its next request.
+
+use crate::error::{ApiError, ApiResult};
+use deadpool_postgres::GenericClient;
+use std::sync::{Arc, RwLock};
+use tally_core::Catalog;
+
+/// The catalog in effect and its version (0 = the built-in catalog, nothing stored).
+#[derive(Default)]
+pub struct CatalogCache {
+    cached: RwLock<Option<(i64, Arc<Catalog>)>>,
+}
+
+impl CatalogCache {
+    /// The current catalog: one cheap version read, the body only when it changed.
+    pub async fn current(&self, client: &impl GenericClient) -> ApiResult<(i64, Arc<Catalog>)> {
+        let version: i64 = client.query_opt("SELECT version FROM catalog WHERE singleton = 1", &[]).await?.map_or(0, |r| r.get(0));
+        if let Ok(guard) = self.cached.read() {
+            if let Some((v, c)) = guard.as_ref() {
+                if *v == version {
+                    return Ok((version, c.clone()));
+                }
+            }
+        }
+        let catalog = load(client).await?;
+        let loaded = (catalog.0, Arc::new(catalog.1));
+        if let Ok(mut guard) = self.cached.write() {
+            *guard = Some(loaded.clone());
+        }
+        Ok(loaded)
+    }
+}
+
+/// Reads the stored catalog (the built-in one when none is stored).
+pub async fn load(client: &impl GenericClient) -> ApiResult<(i64, Catalog)> {
+    match client.query_opt("SELECT version, body FROM catalog WHERE singleton = 1", &[]).await? {
+        None => Ok((0, Catalog::builtin())),
+        Some(r) => {
+            let body: serde_json::Value = r.get(1);
+            let c = Catalog::from_value(&body).map_err(|e| ApiError::internal(format!("stored catalog is invalid: {e}")))?;
+            Ok((r.get(0), c))
+        }
+    }
+}
+
+/// Stores `catalog` as the new version; returns that version.
+pub async fn store(client: &impl GenericClient, catalog: &Catalog) -> ApiResult<i64> {
+    let body = serde_json::to_value(catalog).map_err(ApiError::internal)?;
+    let r = client
+        .query_one(
+            "INSERT INTO catalog (singleton, version, body) VALUES (1, 1, $1) \
+             ON CONFLICT (singleton) DO UPDATE SET version = catalog.version + 1, body = excluded.body, updated_at = now() RETURNING version",
+            &[&body],
+        )
+        .await?;
+    Ok(r.get(0))
+}
+
+/// Stores `catalog` unless the stored one is identical (a restart does not bump the version).
+pub async fn import_if_changed(client: &impl GenericClient, catalog: &Catalog) -> ApiResult<i64> {
+    let (v, current) = load(client).await?;
+    if v > 0 && current == *catalog {
+        return Ok(v);
+    }
+    store(client, catalog).await
+}

@@ -1,0 +1,101 @@
+//! Ed25519 keys that sign entitlements tokens (EdDSA JWTs with a `kid` header).
+//!
+//! Keys live as PKCS#8 PEM files `<kid>.pem` in `<data dir>/keys/`; the newest signs, all are
+//! published in `GET /v1/keys`, so a key can be rotated without invalidating devices' tokens.
+
+use base64::Engine;
+use ed25519_dalek::SigningKey;
+use ed25519_dalek::pkcs8::{DecodePrivateKey, EncodePrivateKey};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde::Serialize;
+use serde_json::{Value, json};
+use std::path::Path;
+
+struct Key {
+    kid: String,
+    encoding: EncodingKey,
+    public: [u8; 32],
+}
+
+/// The signing keys: the newest signs, every one verifies.
+pub struct Signer {
+    keys: Vec<Key>,
+}
+
+/// Writes a new key pair into `dir`; returns its kid. It becomes the signing key.
+pub fn keygen(dir: &Path) -> Result<String, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let key = SigningKey::from_bytes(&rand::random::<[u8; 32]>());
+    let pem = key.to_pkcs8_pem(Default::default()).map_err(|e| e.to_string())?;
+    let kid = format!("{}-{}", chrono::Utc::now().format("%Y%m%d%H%M%S"), hex::encode(&key.verifying_key().as_bytes()[..4]));
+    let path = dir.join(format!("{kid}.pem"));
+    write_private(&path, pem.as_bytes()).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    Ok(kid)
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+impl Signer {
+    /// Loads every key of `dir`, generating one when there is none.
+    pub fn load_or_create(dir: &Path) -> Result<Signer, String> {
+        let mut s = Signer::load(dir)?;
+        if s.keys.is_empty() {
+            keygen(dir)?;
+            s = Signer::load(dir)?;
+        }
+        Ok(s)
+    }
+
+    /// Loads the keys of `dir` (none when it does not exist).
+    pub fn load(dir: &Path) -> Result<Signer, String> {
+        let mut names: Vec<_> = match std::fs::read_dir(dir) {
+            Ok(rd) => rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "pem")).collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(format!("reading {}: {e}", dir.display())),
+        };
+        names.sort();
+        let mut keys = Vec::new();
+        for p in names {
+            let pem = std::fs::read_to_string(&p).map_err(|e| format!("reading {}: {e}", p.display()))?;
+            let sk = SigningKey::from_pkcs8_pem(&pem).map_err(|e| format!("{}: not an Ed25519 PKCS#8 key: {e}", p.display()))?;
+            let encoding = EncodingKey::from_ed_pem(pem.as_bytes()).map_err(|e| format!("{}: {e}", p.display()))?;
+            let kid = p.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+            keys.push(Key { kid, encoding, public: sk.verifying_key().to_bytes() });
+        }
+        Ok(Signer { keys })
+    }
+
+    /// The kid of the signing key.
+    pub fn kid(&self) -> Option<&str> {
+        self.keys.last().map(|k| k.kid.as_str())
+    }
+
+    /// Signs `claims` with the newest key.
+    pub fn sign<T: Serialize>(&self, claims: &T) -> Result<String, String> {
+        let key = self.keys.last().ok_or("no signing key")?;
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some(key.kid.clone());
+        header.typ = Some("JWT".into());
+        jsonwebtoken::encode(&header, claims, &key.encoding).map_err(|e| e.to_string())
+    }
+
+    /// The public keys as a JWKS (`{"keys": [{kty: OKP, crv: Ed25519, x, kid, alg: EdDSA, use: sig}]}`).
+    pub fn jwks(&self) -> Value {
+        let keys: Vec<Value> = self
+            .keys
+            .iter()
+            .rev()
+            .map(|k| {
+                json!({"kty": "OKP", "crv": "Ed25519", "x": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(k.public),
+                       "kid": k.kid, "alg": "EdDSA", "use": "sig"})
+            })
+            .collect();
+        json!({ "keys": keys })
+    }
+}

@@ -1,0 +1,116 @@
+//! `POST /v1/sync`: one request inserts a batch of ledger events, merges settings and profile
+//! edits, and answers acks by id, totals, settings changes since the cursor, and a fresh
+//! entitlements token — all read and written in one Postgres transaction.
+
+use crate::accounts::{self, User};
+use crate::auth::AuthUser;
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{body_bytes, parse_json};
+use crate::ledger::{self, Ctx};
+use crate::{AppState, entitlements, settings};
+use axum::Json;
+use axum::extract::{FromRequest, Request, State};
+use chrono::Utc;
+use serde::Deserialize;
+use serde_json::Value;
+use tally_core::wire::{ProfilePatch, SettingChange, SyncResponse};
+
+/// The request as parsed by the server: `events` stay raw JSON so one bad event is rejected on
+/// its own while the rest of the batch is accepted. Unknown fields are ignored.
+#[derive(Debug, Deserialize)]
+pub struct RawSyncRequest {
+    /// Protocol version.
+    pub protocol: u32,
+    /// The sending device.
+    pub device_id: String,
+    /// Settings cursor of the previous response.
+    #[serde(default)]
+    pub cursor: Option<String>,
+    /// Events, validated one by one.
+    #[serde(default)]
+    pub events: Vec<Value>,
+    /// Settings changes.
+    #[serde(default)]
+    pub settings_changes: Vec<SettingChange>,
+    /// Profile edits.
+    #[serde(default)]
+    pub profile: Option<ProfilePatch>,
+}
+
+/// Extracts a [`RawSyncRequest`], enforcing the body and batch limits (413) and the minimum
+/// protocol (426).
+pub struct SyncBody(pub RawSyncRequest);
+
+impl FromRequest<AppState> for SyncBody {
+    type Rejection = ApiError;
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+        let bytes = body_bytes(req, state).await?;
+        let v: Value = parse_json(&bytes)?;
+        if let Some(p) = v.get("protocol").and_then(Value::as_u64) {
+            if p < u64::from(state.config.min_protocol) {
+                return Err(ApiError::UpgradeRequired(format!("protocol {p} is no longer supported; the minimum is {}", state.config.min_protocol)));
+            }
+        }
+        if let Some(n) = v.get("events").and_then(Value::as_array).map(Vec::len) {
+            if n > state.config.max_batch_events as usize {
+                return Err(ApiError::TooLarge(format!("{n} events in one request; the maximum is {}", state.config.max_batch_events)));
+            }
+        }
+        let req: RawSyncRequest = serde_json::from_value(v).map_err(|e| ApiError::Invalid("invalid_body", e.to_string()))?;
+        if req.device_id.is_empty() || req.device_id.len() > 128 {
+            return Err(ApiError::Invalid("invalid_body", "device_id must be 1 to 128 bytes".into()));
+        }
+        Ok(SyncBody(req))
+    }
+}
+
+/// `POST /v1/sync`.
+pub async fn sync(State(state): State<AppState>, AuthUser(user): AuthUser, SyncBody(req): SyncBody) -> ApiResult<Json<SyncResponse>> {
+    if let Some(p) = &req.profile {
+        accounts::validate_profile(p)?;
+    }
+    settings::validate(&req.settings_changes)?;
+    let mut rejected = Vec::new();
+    let mut events = Vec::with_capacity(req.events.len());
+    for v in &req.events {
+        match ledger::validate(v, None) {
+            Ok(e) => events.push(e),
+            Err(r) => rejected.push(r),
+        }
+    }
+    let resp = run(&state, user, req, events, rejected).await?;
+    metrics::counter!("tally_events_ingested_total").increment(resp.accepted.len() as u64);
+    metrics::counter!("tally_events_duplicate_total").increment(resp.duplicates.len() as u64);
+    metrics::counter!("tally_events_rejected_total").increment(resp.rejected.len() as u64);
+    Ok(Json(resp))
+}
+
+async fn run(state: &AppState, user: User, req: RawSyncRequest, events: Vec<ledger::NewEvent>, mut rejected: Vec<tally_core::wire::Rejected>) -> ApiResult<SyncResponse> {
+    let now = Utc::now();
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    let mut user = accounts::lock(&tx, user.user_id, &state.config.admin_subjects).await?;
+    if let Some(p) = &req.profile {
+        accounts::apply_profile(&tx, &mut user, p).await?;
+    }
+    let loaded = entitlements::load(state, &tx, &user, now).await?;
+    let ctx = Ctx { user_id: user.user_id, tz: user.tz(), anchor: loaded.anchor, catalog: &loaded.catalog, catalog_version: loaded.catalog_version, now };
+    ledger::ensure_counters(&tx, &ctx).await?;
+    let out = ledger::ingest(&tx, &ctx, events, Some(&req.device_id), "sync").await?;
+    settings::merge(&tx, user.user_id, &req.settings_changes, now).await?;
+    let (settings_changes, cursor) = settings::changes_since(&tx, user.user_id, settings::parse_cursor(req.cursor.as_deref())).await?;
+    let totals = ledger::totals(&tx, &ctx, &loaded.ents.features, &out.touched).await?;
+    tx.commit().await?;
+    let token = entitlements::token(state, &user, &loaded.ents, now)?;
+    rejected.extend(out.rejected);
+    Ok(SyncResponse {
+        accepted: out.accepted,
+        duplicates: out.duplicates,
+        rejected,
+        totals,
+        entitlements_token: Some(token),
+        settings_changes,
+        cursor: Some(cursor),
+        limits: state.limits(),
+    })
+}

@@ -1,0 +1,224 @@
+//! Usage from backends and web clients: `POST /v1/usage` (idempotent record), `POST /v1/check`
+//! (a server-side Decision) and `GET /v1/usage` (a report with AI tokens and cost).
+
+use crate::accounts::{self, User};
+use crate::api_keys::SCOPE_USAGE_WRITE;
+use crate::auth::Principal;
+use crate::error::{ApiError, ApiResult};
+use crate::extract::JsonBody;
+use crate::ledger::{self, Ctx};
+use crate::{AppState, entitlements};
+use axum::Json;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use chrono::{DateTime, Duration, Utc};
+use deadpool_postgres::GenericClient;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tally_core::Rule;
+use tally_core::decision::{Counted, Decision, Reason, decide_counted};
+use tally_core::wire::Total;
+use uuid::Uuid;
+
+/// The user a request acts for: the caller, or the `subject` named by an API key.
+async fn target(state: &AppState, p: &Principal, subject: Option<&str>) -> ApiResult<User> {
+    match (p, subject) {
+        (Principal::User(u), None) => Ok(u.clone()),
+        (Principal::User(u), Some(s)) if u.external_id.as_deref() == Some(s) => Ok(u.clone()),
+        (Principal::User(_), Some(_)) => Err(ApiError::not_found("user")),
+        (Principal::Key(k), Some(s)) if k.has_scope(SCOPE_USAGE_WRITE) => accounts::find_or_create_by_subject(state, s).await,
+        (Principal::Key(_), Some(_)) => Err(ApiError::not_found("route")),
+        (Principal::Key(_), None) => Err(ApiError::invalid("an API key must name the user with \"subject\"")),
+    }
+}
+
+/// Answer of `POST /v1/usage`.
+#[derive(Debug, Serialize)]
+pub struct RecordResponse {
+    /// The event id (from `id`, or derived from the `Idempotency-Key`).
+    pub id: Uuid,
+    /// Whether it was already recorded.
+    pub duplicate: bool,
+    /// Totals of the event's windows and the current ones.
+    pub totals: Vec<Total>,
+}
+
+/// `POST /v1/usage`: records one event unconditionally and idempotently.
+pub async fn record(State(state): State<AppState>, p: Principal, headers: HeaderMap, JsonBody(body): JsonBody<Value>) -> ApiResult<(StatusCode, Json<RecordResponse>)> {
+    let subject = body.get("subject").and_then(Value::as_str).map(str::to_string);
+    if body.get("subject").is_some_and(|s| !s.is_string() && !s.is_null()) {
+        return Err(ApiError::invalid("subject must be a string"));
+    }
+    let key = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => {
+            let k = v.to_str().ok().filter(|k| !k.is_empty() && k.len() <= 256).ok_or_else(|| ApiError::invalid("Idempotency-Key must be 1 to 256 visible ASCII characters"))?;
+            Some(tally_core::ledger::event_id_for_key(k))
+        }
+    };
+    if body.get("id").is_none_or(Value::is_null) && key.is_none() {
+        return Err(ApiError::Invalid("missing_id", "give the event an \"id\" or send an Idempotency-Key header".into()));
+    }
+    let event = ledger::validate(&body, key).map_err(|r| ApiError::Invalid(static_reason(&r.reason), format!("invalid event: {}", r.reason)))?;
+    let user = target(&state, &p, subject.as_deref()).await?;
+    let now = Utc::now();
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    let user = accounts::lock(&tx, user.user_id, &state.config.admin_subjects).await?;
+    let loaded = entitlements::load(&state, &tx, &user, now).await?;
+    let ctx = Ctx { user_id: user.user_id, tz: user.tz(), anchor: loaded.anchor, catalog: &loaded.catalog, catalog_version: loaded.catalog_version, now };
+    ledger::ensure_counters(&tx, &ctx).await?;
+    let id = event.id;
+    let out = ledger::ingest(&tx, &ctx, vec![event], None, "api").await?;
+    if !out.rejected.is_empty() {
+        return Err(ApiError::Conflict("conflict", format!("event {id} was already recorded with a different body")));
+    }
+    let totals = ledger::totals(&tx, &ctx, &loaded.ents.features, &out.touched).await?;
+    tx.commit().await?;
+    let duplicate = out.accepted.is_empty();
+    ::metrics::counter!(if duplicate { "tally_events_duplicate_total" } else { "tally_events_ingested_total" }).increment(1);
+    Ok((if duplicate { StatusCode::OK } else { StatusCode::CREATED }, Json(RecordResponse { id, duplicate, totals })))
+}
+
+fn static_reason(r: &str) -> &'static str {
+    match r {
+        "invalid_id" => "invalid_id",
+        "invalid_amount" => "invalid_amount",
+        "metadata_too_large" => "metadata_too_large",
+        _ => "invalid_event",
+    }
+}
+
+/// Body of `POST /v1/check`.
+#[derive(Debug, Deserialize)]
+pub struct CheckRequest {
+    /// Feature key.
+    pub feature: String,
+    /// Units (micros for budgets).
+    #[serde(default = "one")]
+    pub amount: u64,
+    /// The user, when an API key calls.
+    #[serde(default)]
+    pub subject: Option<String>,
+}
+
+fn one() -> u64 {
+    1
+}
+
+/// `POST /v1/check`: what a `check(feature, amount)` would decide on the server.
+pub async fn check(State(state): State<AppState>, p: Principal, JsonBody(req): JsonBody<CheckRequest>) -> ApiResult<Json<Decision>> {
+    if req.amount > ledger::MAX_AMOUNT {
+        return Err(ApiError::Invalid("invalid_amount", format!("amount must be at most {}", ledger::MAX_AMOUNT)));
+    }
+    let user = target(&state, &p, req.subject.as_deref()).await?;
+    let now = Utc::now();
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    let user = accounts::lock(&tx, user.user_id, &state.config.admin_subjects).await?;
+    let loaded = entitlements::load(&state, &tx, &user, now).await?;
+    let ctx = Ctx { user_id: user.user_id, tz: user.tz(), anchor: loaded.anchor, catalog: &loaded.catalog, catalog_version: loaded.catalog_version, now };
+    ledger::ensure_counters(&tx, &ctx).await?;
+    let ar = loaded.ents.access_reason.as_str();
+    let decision = match loaded.ents.features.get(&req.feature) {
+        None if loaded.catalog.plans.iter().any(|pl| pl.features.contains_key(&req.feature)) => Decision::simple(false, Reason::NotInPlan, ar),
+        None => Decision::simple(false, Reason::UnknownFeature, ar),
+        Some(Rule::Flag { enabled }) => Decision::simple(*enabled, if *enabled { Reason::Ok } else { Reason::NotInPlan }, ar),
+        Some(Rule::Rate { .. }) => Decision::simple(true, Reason::Ok, ar),
+        Some(Rule::Credits { cost }) => {
+            let need = i64::try_from(cost.saturating_mul(req.amount)).unwrap_or(i64::MAX);
+            let balance = loaded.ents.credit_balance;
+            let ok = balance >= need;
+            Decision {
+                used: 0,
+                limit: None,
+                remaining: Some(u64::try_from(balance.max(0)).unwrap_or(0)),
+                over_limit_by: u64::try_from((-balance).max(0)).unwrap_or(0),
+                ..Decision::simple(ok, if ok { Reason::Ok } else { Reason::InsufficientCredits }, ar)
+            }
+        }
+        Some(rule @ (Rule::Metered { .. } | Rule::Budget { .. })) => {
+            let (enforcement, budget) = match rule {
+                Rule::Metered { enforcement, .. } => (*enforcement, false),
+                Rule::Budget { enforcement, .. } => (*enforcement, true),
+                _ => (tally_core::Enforcement::Hard, false),
+            };
+            let feats = std::iter::once((req.feature.clone(), rule.clone())).collect();
+            let t = ledger::totals(&tx, &ctx, &feats, &[]).await?;
+            let (used, resets_at) = t.first().map_or((0, None), |t| (t.used, t.period_end));
+            let c = Counted {
+                limit: rule.limit(),
+                enforcement,
+                deny_reason: if budget { Reason::BudgetExceeded } else { Reason::LimitReached },
+                always_record: budget,
+            };
+            decide_counted(c, used, req.amount, resets_at, ar, false).0
+        }
+    };
+    tx.commit().await?;
+    Ok(Json(decision))
+}
+
+/// Query of `GET /v1/usage`.
+#[derive(Debug, Deserialize)]
+pub struct ReportQuery {
+    /// Start (RFC 3339, inclusive); default 30 days ago.
+    pub from: Option<String>,
+    /// End (RFC 3339, exclusive); default now.
+    pub to: Option<String>,
+    /// `day`, `feature` (default) or `model`.
+    pub group_by: Option<String>,
+    /// The user, when an API key calls.
+    pub subject: Option<String>,
+}
+
+fn parse_time(name: &str, s: Option<&str>, default: DateTime<Utc>) -> ApiResult<DateTime<Utc>> {
+    match s {
+        None => Ok(default),
+        Some(s) => DateTime::parse_from_rfc3339(s).map(|t| t.with_timezone(&Utc)).map_err(|_| ApiError::invalid(format!("{name} must be an RFC 3339 time"))),
+    }
+}
+
+/// Usage rows of `user_id` in `[from, to)`, grouped by `group_by` (`day` in `tz`).
+pub async fn report_rows(client: &impl GenericClient, user_id: Uuid, tz: &str, from: DateTime<Utc>, to: DateTime<Utc>, group_by: &str) -> ApiResult<Vec<Value>> {
+    let key = match group_by {
+        "day" => "to_char(effective_at AT TIME ZONE $4, 'YYYY-MM-DD')",
+        "feature" => "feature",
+        "model" => "coalesce(model, '')",
+        other => return Err(ApiError::invalid(format!("group_by must be day, feature or model, not {other:?}"))),
+    };
+    let sql = format!(
+        "SELECT {key} AS k, count(*)::bigint, sum(amount)::bigint, coalesce(sum(input_tokens), 0)::bigint, coalesce(sum(output_tokens), 0)::bigint, \
+         sum(cost_micros)::bigint FROM events WHERE user_id = $1 AND effective_at >= $2 AND effective_at < $3 AND $4::text IS NOT NULL GROUP BY k ORDER BY k"
+    );
+    let rows = client.query(&sql, &[&user_id, &from, &to, &tz]).await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            json!({group_by: r.get::<_, String>(0), "events": r.get::<_, i64>(1), "amount": r.get::<_, i64>(2),
+                   "input_tokens": r.get::<_, i64>(3), "output_tokens": r.get::<_, i64>(4), "cost_micros": r.get::<_, i64>(5)})
+        })
+        .collect())
+}
+
+/// `GET /v1/usage?from&to&group_by=day|feature|model`.
+pub async fn report(State(state): State<AppState>, p: Principal, Query(q): Query<ReportQuery>) -> ApiResult<Json<Value>> {
+    let now = Utc::now();
+    let from = parse_time("from", q.from.as_deref(), now - Duration::days(30))?;
+    let to = parse_time("to", q.to.as_deref(), now + Duration::minutes(10))?;
+    let group_by = q.group_by.as_deref().unwrap_or("feature");
+    if !["day", "feature", "model"].contains(&group_by) {
+        return Err(ApiError::invalid(format!("group_by must be day, feature or model, not {group_by:?}")));
+    }
+    let user = match (&p, q.subject.as_deref()) {
+        (Principal::Key(_), Some(s)) => {
+            let client = state.pool.get().await?;
+            let r = client.query_opt(&format!("SELECT {} FROM users WHERE external_id = $1", accounts::USER_COLUMNS), &[&s]).await?;
+            r.map(|r| User::from_row(&r, &state.config.admin_subjects)).ok_or_else(|| ApiError::not_found("user"))?
+        }
+        _ => target(&state, &p, q.subject.as_deref()).await?,
+    };
+    let client = state.pool.get().await?;
+    let rows = report_rows(&client, user.user_id, &user.timezone, from, to, group_by).await?;
+    Ok(Json(json!({"from": from, "to": to, "group_by": group_by, "rows": rows})))
+}
