@@ -1,0 +1,345 @@
+//! End-to-end: several device databases, real `tally-server` processes, a real Postgres.
+//! Each scenario checks that the server counts every distinct event once and that every
+//! device's `usage()` equals the server's total after it syncs.
+
+use chrono::{Duration, Utc};
+use rand::seq::SliceRandom;
+use std::sync::OnceLock;
+use tally_core::{ConsumeItem, Error, Profile, Reason, SyncOptions, UsageMeta, User};
+use tally_e2e::*;
+use tally_server::pg_cluster::Cluster;
+
+/// One Postgres cluster for the whole test binary; each test gets its own database.
+fn cluster() -> Option<&'static Cluster> {
+    static PG: OnceLock<Option<(Cluster, tempfile::TempDir)>> = OnceLock::new();
+    PG.get_or_init(|| {
+        let dir = tempfile::Builder::new().prefix("tally-e2e-").tempdir_in("/tmp").expect("tempdir");
+        postgres(dir.path()).map(|c| (c, dir))
+    })
+    .as_ref()
+    .map(|(c, _)| c)
+}
+
+struct Env {
+    dir: tempfile::TempDir,
+    db_url: String,
+    server: Server,
+    rt: tokio::runtime::Runtime,
+}
+
+fn env(name: &str, extra: &[(&str, &str)]) -> Option<Env> {
+    let pg = cluster()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let db_url = rt.block_on(pg.create_database(name)).expect("create database");
+    let dir = tempfile::Builder::new().prefix("tally-e2e-").tempdir_in("/tmp").expect("tempdir");
+    let server = Server::start(&db_url, &dir.path().join("server"), extra);
+    Some(Env { dir, db_url, server, rt })
+}
+
+impl Env {
+    fn device(&self, name: &str) -> Device {
+        device(&self.dir.path().join(format!("{name}.db")), name, &self.server.keys(), Utc::now())
+    }
+    fn sync(&self, d: &Device, user: &User) -> Result<tally_core::SyncReport, Error> {
+        let sub = user.external_id.clone().expect("signed in");
+        self.rt.block_on(d.tally.sync(&user.id, opts(&self.server.url, &sub)))
+    }
+    /// The server's total of `feature` in the current window, from `POST /v1/check`.
+    fn server_used(&self, sub: &str, feature: &str) -> u64 {
+        let (status, body) = raw_request("POST", &format!("{}/v1/check", self.server.url), Some(&id_token(sub)), Some(&format!(r#"{{"feature":"{feature}","amount":1}}"#))).expect("check");
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("decision");
+        v["used"].as_u64().expect("used")
+    }
+}
+
+fn opts(url: &str, sub: &str) -> SyncOptions {
+    let mut o = SyncOptions::new(url, id_token(sub));
+    o.retry.initial_backoff = std::time::Duration::from_millis(50);
+    o.retry.max_backoff = std::time::Duration::from_millis(500);
+    o.retry.max_attempts = 20;
+    o
+}
+
+fn sign_in(d: &Device, sub: &str) -> User {
+    d.tally.sign_in(Profile { external_id: sub.into(), email: Some(format!("{sub}@example.com")), ..Profile::default() }, None).expect("sign in")
+}
+
+fn consume_n(d: &Device, user: &User, feature: &str, n: usize) {
+    for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
+        let items: Vec<ConsumeItem> = chunk.iter().map(|_| ConsumeItem { feature: feature.into(), amount: 1, meta: UsageMeta::default() }).collect();
+        let ds = d.tally.consume_many(&user.id, &items).expect("consume");
+        assert!(ds.iter().all(|d| d.allowed), "{:?}", ds.iter().find(|d| !d.allowed));
+    }
+}
+
+#[test]
+fn three_offline_devices_sync_in_any_order_and_count_once() {
+    let Some(e) = env("three_devices", &[]) else { return };
+    let devices: Vec<Device> = ["phone", "tablet", "laptop"].iter().map(|n| e.device(n)).collect();
+    let users: Vec<User> = devices.iter().map(|d| sign_in(d, "alice")).collect();
+    // Offline: 1,000 uses yesterday and 1,500 today on each device (across a day boundary).
+    for (d, u) in devices.iter().zip(&users) {
+        d.clock.advance(-Duration::days(1));
+        consume_n(d, u, "notes", 1000);
+        d.clock.advance(Duration::days(1));
+        consume_n(d, u, "notes", 1500);
+        assert_eq!(d.tally.usage(&u.id, "notes").unwrap().used, 1500);
+    }
+    let mut order: Vec<usize> = vec![0, 1, 2, 0, 2];
+    order.shuffle(&mut rand::rng());
+    for i in order {
+        e.sync(&devices[i], &users[i]).expect("sync");
+    }
+    for (d, u) in devices.iter().zip(&users) {
+        e.sync(d, u).expect("final sync");
+        assert_eq!(d.tally.pending_events(&u.id).unwrap(), 0);
+        assert_eq!(d.tally.usage(&u.id, "notes").unwrap().used, 4500, "device usage equals the server's total");
+    }
+    assert_eq!(e.server_used("alice", "notes"), 4500);
+}
+
+#[test]
+fn server_killed_mid_sync_loses_and_doubles_nothing() {
+    let Some(mut e) = env("server_kill", &[]) else { return };
+    let d = e.device("phone");
+    let u = sign_in(&d, "bob");
+    consume_n(&d, &u, "notes", 20_000);
+    for round in 0..3 {
+        let mut o = opts(&e.server.url, "bob");
+        o.max_batch_events = 200;
+        o.retry.max_attempts = 2;
+        let sync = std::thread::scope(|s| {
+            let h = s.spawn(|| e.rt.block_on(d.tally.sync(&u.id, o)));
+            std::thread::sleep(std::time::Duration::from_millis(150 + 100 * round));
+            e.server.kill9();
+            h.join().expect("sync thread")
+        });
+        e.server.restart();
+        let pending = d.tally.pending_events(&u.id).unwrap();
+        eprintln!("round {round}: sync {:?}, pending after kill {pending}", sync.as_ref().map(|r| r.events_acked));
+    }
+    e.sync(&d, &u).expect("final sync");
+    assert_eq!(d.tally.pending_events(&u.id).unwrap(), 0);
+    assert_eq!(e.server_used("bob", "notes"), 20_000);
+    assert_eq!(d.tally.usage(&u.id, "notes").unwrap().used, 20_000);
+}
+
+#[test]
+fn dropped_answers_are_retried_without_double_counting() {
+    let Some(e) = env("cut_proxy", &[]) else { return };
+    let proxy = CuttingProxy::start(&e.server.url, 3);
+    let d = e.device("phone");
+    let u = sign_in(&d, "carol");
+    consume_n(&d, &u, "notes", 1000);
+    let mut o = opts(&proxy.url, "carol");
+    o.max_batch_events = 100;
+    let report = e.rt.block_on(d.tally.sync(&u.id, o)).expect("sync through the cutting proxy");
+    assert_eq!(proxy.cut.load(std::sync::atomic::Ordering::SeqCst), 3);
+    assert!(report.duplicates > 0, "the re-sent batch was recognised as duplicates: {report:?}");
+    assert_eq!(e.server_used("carol", "notes"), 1000);
+    assert_eq!(d.tally.usage(&u.id, "notes").unwrap().used, 1000);
+}
+
+/// Child mode of `device_killed_mid_sync`: sync the database named in the environment.
+#[test]
+fn child_sync_process() {
+    let (Ok(path), Ok(url), Ok(keys)) = (std::env::var("E2E_CHILD_DB"), std::env::var("E2E_CHILD_URL"), std::env::var("E2E_CHILD_KEYS")) else { return };
+    let d = device(std::path::Path::new(&path), "phone", &keys, Utc::now());
+    let u = d.tally.users().unwrap().into_iter().next().expect("user");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut o = opts(&url, "dave");
+    o.max_batch_events = 100;
+    let _ = rt.block_on(d.tally.sync(&u.id, o));
+}
+
+#[test]
+fn device_killed_mid_sync_converges_after_reopening() {
+    let Some(e) = env("device_kill", &[]) else { return };
+    let path = e.dir.path().join("phone.db");
+    let keys = e.server.keys();
+    {
+        let d = device(&path, "phone", &keys, Utc::now());
+        let u = sign_in(&d, "dave");
+        consume_n(&d, &u, "notes", 10_000);
+    }
+    for i in 0..3 {
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "child_sync_process", "--nocapture", "--test-threads=1"])
+            .env("E2E_CHILD_DB", &path)
+            .env("E2E_CHILD_URL", &e.server.url)
+            .env("E2E_CHILD_KEYS", &keys)
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(300 + 150 * i));
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGKILL);
+        let _ = child.wait();
+    }
+    let d = device(&path, "phone", &keys, Utc::now());
+    let u = d.tally.users().unwrap().remove(0);
+    e.sync(&d, &u).expect("sync after reopening");
+    assert_eq!(d.tally.pending_events(&u.id).unwrap(), 0);
+    assert_eq!(e.server_used("dave", "notes"), 10_000);
+    assert_eq!(d.tally.usage(&u.id, "notes").unwrap().used, 10_000);
+}
+
+#[test]
+fn two_devices_overshoot_a_hard_limit_offline_then_both_deny() {
+    let Some(e) = env("overshoot", &[]) else { return };
+    let (a, b) = (e.device("a"), e.device("b"));
+    let (ua, ub) = (sign_in(&a, "erin"), sign_in(&b, "erin"));
+    for (d, u) in [(&a, &ua), (&b, &ub)] {
+        for _ in 0..4 {
+            assert!(d.tally.consume(&u.id, "ai_chat", 1, UsageMeta::default()).unwrap().allowed);
+        }
+    }
+    e.sync(&a, &ua).unwrap();
+    e.sync(&b, &ub).unwrap();
+    e.sync(&a, &ua).unwrap();
+    assert_eq!(e.server_used("erin", "ai_chat"), 8);
+    for (d, u) in [(&a, &ua), (&b, &ub)] {
+        let usage = d.tally.usage(&u.id, "ai_chat").unwrap();
+        assert_eq!((usage.used, usage.remaining, usage.over_limit_by), (8, Some(0), 3));
+        let c = d.tally.check(&u.id, "ai_chat", 1).unwrap();
+        assert!(!c.allowed && c.reason == Reason::LimitReached && c.remaining == Some(0));
+    }
+}
+
+#[test]
+fn settings_edited_offline_on_two_devices_converge() {
+    let Some(e) = env("settings", &[]) else { return };
+    let (a, b) = (e.device("a"), e.device("b"));
+    let (ua, ub) = (sign_in(&a, "frank"), sign_in(&b, "frank"));
+    a.tally.set_setting(&ua.id, "lang", "fr".into()).unwrap();
+    a.tally.set_setting(&ua.id, "theme", "dark".into()).unwrap();
+    a.tally.set_setting(&ua.id, "font", 12.into()).unwrap();
+    b.clock.advance(Duration::seconds(5));
+    b.tally.set_setting(&ub.id, "lang", "de".into()).unwrap();
+    b.tally.set_setting(&ub.id, "theme", "light".into()).unwrap();
+    b.tally.set_setting(&ub.id, "font", serde_json::Value::Null).unwrap();
+    for (d, u) in [(&a, &ua), (&b, &ub), (&a, &ua)] {
+        e.sync(d, u).unwrap();
+    }
+    let (sa, sb) = (a.tally.settings(&ua.id).unwrap(), b.tally.settings(&ub.id).unwrap());
+    assert_eq!(sa["lang"], "de");
+    assert_eq!(sb["lang"], "de");
+    assert!(!sa.contains_key("font") && !sb.contains_key("font"), "the later delete wins everywhere");
+    assert_eq!((sa["theme"].as_str(), sb["theme"].as_str()), (Some("dark"), Some("light")), "local-only keys stay local");
+}
+
+#[test]
+fn users_are_isolated_on_the_device_and_the_server() {
+    let Some(e) = env("isolation", &[]) else { return };
+    let d = e.device("shared");
+    let (g, h) = (sign_in(&d, "gina"), sign_in(&d, "hank"));
+    consume_n(&d, &g, "notes", 30);
+    consume_n(&d, &h, "notes", 7);
+    d.tally.set_setting(&g.id, "lang", "it".into()).unwrap();
+    e.sync(&d, &g).unwrap();
+    e.sync(&d, &h).unwrap();
+    assert_eq!((e.server_used("gina", "notes"), e.server_used("hank", "notes")), (30, 7));
+    assert_eq!((d.tally.usage(&g.id, "notes").unwrap().used, d.tally.usage(&h.id, "notes").unwrap().used), (30, 7));
+    assert!(d.tally.setting(&h.id, "lang").unwrap().is_none());
+}
+
+#[test]
+fn local_user_attached_at_sign_in_syncs_once() {
+    let Some(e) = env("attach", &[]) else { return };
+    let d = e.device("phone");
+    let local = d.tally.create_local_user(Some("guest")).unwrap();
+    consume_n(&d, &local, "notes", 12);
+    let u = d.tally.sign_in(Profile { external_id: "ivy".into(), ..Profile::default() }, Some(&local.id)).unwrap();
+    e.sync(&d, &u).unwrap();
+    e.sync(&d, &u).unwrap();
+    assert_eq!(e.server_used("ivy", "notes"), 12);
+    assert_eq!(d.tally.usage(&u.id, "notes").unwrap().used, 12);
+}
+
+#[test]
+fn expired_sign_in_and_deleted_account() {
+    let Some(e) = env("auth", &[]) else { return };
+    let d = e.device("phone");
+    let u = sign_in(&d, "jack");
+    consume_n(&d, &u, "notes", 3);
+    // A bad sign-in token: Unauthorized once, nothing lost, no retry loop.
+    let bad = SyncOptions::new(&e.server.url, "not-a-jwt");
+    assert!(matches!(e.rt.block_on(d.tally.sync(&u.id, bad)), Err(Error::Unauthorized(_))));
+    assert_eq!(d.tally.pending_events(&u.id).unwrap(), 3);
+    assert!(d.tally.consume(&u.id, "notes", 1, UsageMeta::default()).unwrap().allowed, "local decisions go on");
+    e.sync(&d, &u).unwrap();
+    assert_eq!(e.server_used("jack", "notes"), 4);
+    // Deleted elsewhere: the next sync answers 410 and the user's local data goes.
+    let old_token = id_token("jack");
+    let (status, body) = raw_request("DELETE", &format!("{}/v1/me", e.server.url), Some(&old_token), None).unwrap();
+    assert!(status == 200 || status == 204, "{status} {body}");
+    let o = SyncOptions::new(&e.server.url, old_token);
+    assert!(matches!(e.rt.block_on(d.tally.sync(&u.id, o)), Err(Error::AccountDeleted)));
+    assert!(matches!(d.tally.user(&u.id), Err(Error::NotFound(_))));
+}
+
+#[test]
+fn entitlements_from_the_server_expire_offline_and_return_on_sync() {
+    let Some(mut e) = env("grace", &[("TALLY_ADMIN_SUBJECTS", "admin")]) else { return };
+    let d = e.device("phone");
+    let u = sign_in(&d, "kate");
+    e.sync(&d, &u).unwrap(); // creates kate on the server
+    let until = (Utc::now() + Duration::days(60)).to_rfc3339();
+    let grant = format!(r#"{{"subject":"kate","plan":"pro","until":"{until}","granted_by":"admin","reason":"beta"}}"#);
+    let (status, body) = raw_request("POST", &format!("{}/v1/admin/grants", e.server.url), Some(&id_token("admin")), Some(&grant)).unwrap();
+    assert!(status < 300, "{status} {body}");
+    let r = e.sync(&d, &u).unwrap();
+    assert!(r.entitlements_updated);
+    let ent = d.tally.entitlements(&u.id).unwrap();
+    assert_eq!((ent.plan.as_str(), ent.access_reason.as_str()), ("pro", "granted:beta"));
+    assert_eq!(d.tally.usage(&u.id, "ai_chat").unwrap().limit, Some(1000));
+    // Offline past exp (24 h) + grace (3 days): the free plan the token carries.
+    d.clock.advance(Duration::days(4) + Duration::hours(1));
+    assert_eq!(d.tally.entitlements(&u.id).unwrap().plan, "free");
+    assert_eq!(d.tally.check(&u.id, "ai_chat", 6).unwrap().reason, Reason::LimitReached);
+    // Moving the clock back does not bring the plan back.
+    d.clock.advance(-Duration::days(4));
+    assert_eq!(d.tally.entitlements(&u.id).unwrap().plan, "free");
+    // The next sync (against a server whose tokens last long enough for the device's clock)
+    // brings it back.
+    e.server.kill9();
+    let mut long = Server::start(&e.db_url, &e.dir.path().join("server"), &[("TALLY_TOKEN_TTL_SECS", "2592000")]);
+    std::mem::swap(&mut e.server, &mut long);
+    drop(long);
+    e.sync(&d, &u).unwrap();
+    assert_eq!(d.tally.entitlements(&u.id).unwrap().plan, "pro");
+    // A token edited in the database file is rejected on open: the local (free) state applies.
+    let path = d.path.clone();
+    drop(d);
+    rusqlite_edit(&path);
+    let d = device(&path, "phone", &e.server.keys(), Utc::now());
+    assert_eq!(d.tally.entitlements(&u.id).unwrap().plan, "free", "a tampered token grants nothing");
+}
+
+/// Flips one character of the stored entitlements token's payload.
+fn rusqlite_edit(path: &std::path::Path) {
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3,sys\nc=sqlite3.connect(sys.argv[1])\nt=c.execute('select entitlements_token from users').fetchone()[0]\nh,p,s=t.split('.')\np=p[:10]+('A' if p[10]!='A' else 'B')+p[11:]\nc.execute('update users set entitlements_token=?',(h+'.'+p+'.'+s,))\nc.commit()",
+            path.to_str().unwrap(),
+        ])
+        .output()
+        .expect("python3");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn backlog_of_100k_offline_events_drains_in_bounded_batches() {
+    let Some(e) = env("backlog", &[]) else { return };
+    let d = e.device("phone");
+    let u = sign_in(&d, "liam");
+    consume_n(&d, &u, "notes", 100_000);
+    let t = std::time::Instant::now();
+    let r = e.sync(&d, &u).expect("drain");
+    let took = t.elapsed();
+    eprintln!("BACKLOG 100000 events drained in {:?} over {} rounds ({} acked)", took, r.rounds, r.events_acked);
+    assert_eq!(r.events_acked, 100_000);
+    assert!(r.rounds >= 200, "batches of at most 500 events: {} rounds", r.rounds);
+    assert_eq!(e.server_used("liam", "notes"), 100_000);
+    assert_eq!(d.tally.usage(&u.id, "notes").unwrap().used, 100_000);
+}
