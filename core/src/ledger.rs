@@ -191,6 +191,21 @@ fn rule_key(period: Period, a: &Access) -> (String, i64) {
 }
 
 impl Tally {
+    /// The current decision time (never before the highest time seen), remembered as the new
+    /// highest time seen: in memory at once, in the file when it moved on by a second or more.
+    /// A check or a usage read at a later time must keep a clock moved backwards afterwards from
+    /// reopening a past window, like a consume does.
+    pub(crate) fn observe_now(&self, inner: &mut Inner) -> DateTime<Utc> {
+        let now = self.now(inner);
+        let t = ms(now);
+        if t >= inner.highest_seen_ms.saturating_add(1000) {
+            // Best effort: the consume transaction persists it too.
+            let _ = inner.conn.prepare_cached("UPDATE device SET highest_seen_ms = MAX(highest_seen_ms, ?1) WHERE singleton = 1").and_then(|mut st| st.execute([t]));
+        }
+        inner.highest_seen_ms = inner.highest_seen_ms.max(t);
+        now
+    }
+
     /// Makes sure the counters of `feature` are kept for `period` in the user's current zone and
     /// anchor; rebuilds them from the unacknowledged events when not (a rule, timezone or
     /// billing change). The only ledger scan, off the hot path.
@@ -299,7 +314,7 @@ impl Tally {
         let meta = UsageMeta::default();
         let u = validate(feature, amount, &meta)?;
         let mut g = self.lock();
-        let now = self.now(&g);
+        let now = self.observe_now(&mut g);
         let a = self.access(&mut g, user_id, now)?;
         if let Some(p) = a.ent.features.get(feature).and_then(Rule::period) {
             Tally::ensure_counters(&mut g, user_id, feature, p, &a)?;
@@ -321,7 +336,7 @@ impl Tally {
     pub fn consume_many(&self, user_id: &str, items: &[ConsumeItem]) -> Result<Vec<Decision>> {
         let uses = items.iter().map(|i| validate(&i.feature, i.amount, &i.meta)).collect::<Result<Vec<_>>>()?;
         let mut g = self.lock();
-        let now = self.now(&g);
+        let now = self.observe_now(&mut g);
         let a = self.access(&mut g, user_id, now)?;
         // Rebuilds (if any) happen before the transaction of the batch.
         for u in &uses {
@@ -466,7 +481,7 @@ impl Tally {
     /// A user's usage of `feature` in its current window.
     pub fn usage(&self, user_id: &str, feature: &str) -> Result<Usage> {
         let mut g = self.lock();
-        let now = self.now(&g);
+        let now = self.observe_now(&mut g);
         let a = self.access(&mut g, user_id, now)?;
         let rule = a.ent.features.get(feature).cloned().ok_or_else(|| Error::NotFound(format!("feature {feature:?} in the plan of user {user_id}")))?;
         let mut usage = Usage { feature: feature.into(), period: rule.period(), used: 0, limit: rule.limit(), remaining: None, over_limit_by: 0, period_start: None, resets_at: None };

@@ -1,0 +1,287 @@
+//! Quota behaviour through the public API: hard and soft limits, budgets with model pricing,
+//! credits, rate limits, flags, idempotent replays, batches, and a clock moved backwards.
+
+mod common;
+use chrono::Duration;
+use common::*;
+use tally_core::{ConsumeItem, CreditGrant, Entitlements, Error, Reason, SubscriptionStatus, UsageMeta};
+
+fn pro() -> Entitlements {
+    Entitlements { plan: "pro".into(), status: SubscriptionStatus::Active, ..Entitlements::free() }
+}
+
+fn events(e: &Env, user: &str) -> i64 {
+    count(&e.raw(), "SELECT COUNT(*) FROM events WHERE user_id = ?1", user)
+}
+
+#[test]
+fn hard_limit_denies_and_records_nothing() {
+    let e = Env::new();
+    let u = e.tally.create_local_user(None).unwrap().id;
+    for i in 1..=5u64 {
+        let d = e.tally.consume(&u, "ai_chat", 1, UsageMeta::default()).unwrap();
+        assert!(d.allowed);
+        assert_eq!((d.reason, d.used, d.limit, d.remaining), (Reason::Ok, i, Some(5), Some(5 - i)));
+        assert_eq!(d.resets_at, Some(t("2026-02-01T00:00:00Z")));
+        assert_eq!(d.access_reason, "free");
+    }
+    let d = e.tally.consume(&u, "ai_chat", 1, UsageMeta::default()).unwrap();
+    assert!(!d.allowed);
+    assert_eq!((d.reason, d.used, d.remaining, d.over_limit_by), (Reason::LimitReached, 5, Some(0), 0));
+    let c = e.tally.check(&u, "ai_chat", 1).unwrap();
+    assert_eq!((c.allowed, c.reason), (false, Reason::LimitReached));
+    assert_eq!(events(&e, &u), 5);
+    let usage = e.tally.usage(&u, "ai_chat").unwrap();
+    assert_eq!((usage.used, usage.limit, usage.remaining, usage.over_limit_by), (5, Some(5), Some(0), 0));
+    assert_eq!(usage.period_start, Some(t("2026-01-01T00:00:00Z")));
+    // An amount that would cross the limit is denied as a whole.
+    let v = e.tally.create_local_user(None).unwrap().id;
+    e.tally.consume(&v, "ai_chat", 3, UsageMeta::default()).unwrap();
+    let d = e.tally.consume(&v, "ai_chat", 3, UsageMeta::default()).unwrap();
+    assert_eq!((d.allowed, d.reason, d.used), (false, Reason::LimitReached, 3));
+    assert!(e.tally.check(&v, "ai_chat", 2).unwrap().allowed);
+    // check changes nothing.
+    assert_eq!(e.tally.usage(&v, "ai_chat").unwrap().used, 3);
+}
+
+#[test]
+fn soft_limit_records_and_flags() {
+    let e = Env::new();
+    let u = e.tally.create_local_user(None).unwrap().id;
+    for _ in 0..3 {
+        assert_eq!(e.tally.consume(&u, "notes", 1, UsageMeta::default()).unwrap().reason, Reason::Ok);
+    }
+    let d = e.tally.consume(&u, "notes", 2, UsageMeta::default()).unwrap();
+    assert!(d.allowed);
+    assert_eq!((d.reason, d.used, d.remaining, d.over_limit_by), (Reason::OverLimitSoft, 5, Some(0), 2));
+    let usage = e.tally.usage(&u, "notes").unwrap();
+    assert_eq!((usage.used, usage.over_limit_by, usage.remaining), (5, 2, Some(0)));
+    assert_eq!(events(&e, &u), 4);
+    let c = e.tally.check(&u, "notes", 1).unwrap();
+    assert_eq!((c.allowed, c.reason), (true, Reason::OverLimitSoft));
+}
+
+#[test]
+fn budget_prices_models_records_over_and_denies_next_check() {
+    let e = Env::new();
+    let u = e.tally.create_local_user(None).unwrap().id;
+    // 100 input tokens at 2.5 micros + 50 output at 10 micros = 750 micros of a 1000 budget.
+    assert_eq!(e.tally.check(&u, "ai_spend", 800).unwrap().reason, Reason::Ok);
+    let d = e.tally.consume(&u, "ai_spend", 1, ai("gpt-4o", 100, 50)).unwrap();
+    assert_eq!((d.allowed, d.reason, d.used, d.remaining), (true, Reason::Ok, 750, Some(250)));
+    let cost: i64 = e.raw().query_row("SELECT cost_micros FROM events WHERE user_id = ?1", [&u], |r| r.get(0)).unwrap();
+    assert_eq!(cost, 750);
+    // check takes the estimated micros.
+    assert!(e.tally.check(&u, "ai_spend", 250).unwrap().allowed);
+    let c = e.tally.check(&u, "ai_spend", 251).unwrap();
+    assert_eq!((c.allowed, c.reason, c.used), (false, Reason::BudgetExceeded, 750));
+    // consume always records (the tokens were spent) and answers budget_exceeded once over.
+    let d = e.tally.consume(&u, "ai_spend", 1, ai("gpt-4o", 100, 50)).unwrap();
+    assert_eq!((d.reason, d.used, d.over_limit_by, d.remaining), (Reason::BudgetExceeded, 1500, 500, Some(0)));
+    assert_eq!(events(&e, &u), 2);
+    let c = e.tally.check(&u, "ai_spend", 1).unwrap();
+    assert_eq!((c.allowed, c.reason), (false, Reason::BudgetExceeded));
+    let usage = e.tally.usage(&u, "ai_spend").unwrap();
+    assert_eq!((usage.used, usage.over_limit_by, usage.limit), (1500, 500, Some(1000)));
+    // Still over: recorded again.
+    let d = e.tally.consume(&u, "ai_spend", 1, ai("gpt-4o", 10, 0)).unwrap();
+    assert_eq!((d.reason, d.used), (Reason::BudgetExceeded, 1525));
+    // An unpriced model is refused and recorded nothing.
+    let d = e.tally.consume(&u, "ai_spend", 1, ai("gpt-9", 10, 10)).unwrap();
+    assert_eq!((d.allowed, d.reason), (false, Reason::UnknownModel));
+    assert_eq!(events(&e, &u), 3);
+    // The daily budget resets at midnight.
+    e.clock.set(t("2026-01-16T00:00:00Z"));
+    let c = e.tally.check(&u, "ai_spend", 1000).unwrap();
+    assert_eq!((c.allowed, c.used), (true, 0));
+    // Without a model, the amount is micros.
+    let d = e.tally.consume(&u, "ai_spend", 400, UsageMeta::default()).unwrap();
+    assert_eq!(d.used, 400);
+    // Report sums tokens and cost by model.
+    let rows = e.tally.report(&u, t("2026-01-01T00:00:00Z"), t("2026-02-01T00:00:00Z"), tally_core::GroupBy::Model).unwrap();
+    let gpt = rows.iter().find(|r| r.key == "gpt-4o").unwrap();
+    assert_eq!((gpt.events, gpt.input_tokens, gpt.output_tokens, gpt.cost_micros), (3, 210, 100, 1525));
+}
+
+#[test]
+fn credits_draw_fifo_by_expiry_and_refuse_when_short() {
+    let e = Env::new();
+    let u = e.tally.create_local_user(None).unwrap().id;
+    let now = tally_core::Clock::now(&*e.clock);
+    let ent = Entitlements {
+        credit_grants: vec![
+            CreditGrant { id: "a".into(), remaining: 30, expires_at: Some(now + Duration::days(10)), source: "promo".into() },
+            CreditGrant { id: "b".into(), remaining: 50, expires_at: Some(now + Duration::days(5)), source: "plan".into() },
+            CreditGrant { id: "c".into(), remaining: 100, expires_at: None, source: "purchase".into() },
+        ],
+        ..Entitlements::free()
+    };
+    e.tally.set_entitlements(&u, ent).unwrap();
+    assert_eq!(e.tally.credit_balance(&u).unwrap(), 180);
+    let d = e.tally.consume(&u, "images", 2, UsageMeta::default()).unwrap(); // 20 credits
+    assert_eq!((d.allowed, d.reason, d.used, d.remaining), (true, Reason::Ok, 20, Some(160)));
+    e.tally.consume(&u, "images", 4, UsageMeta::default()).unwrap(); // 40: b 30 -> 0, a 30 -> 20
+    let grants = e.tally.entitlements(&u).unwrap().credit_grants;
+    let rem = |id: &str| grants.iter().find(|g| g.id == id).unwrap().remaining;
+    assert_eq!((rem("a"), rem("b"), rem("c")), (20, 0, 100));
+    assert_eq!(e.tally.credit_balance(&u).unwrap(), 120);
+    assert_eq!(e.tally.entitlements(&u).unwrap().credit_balance, 120);
+    let d = e.tally.consume(&u, "images", 13, UsageMeta::default()).unwrap();
+    assert_eq!((d.allowed, d.reason), (false, Reason::InsufficientCredits));
+    assert_eq!(e.tally.check(&u, "images", 12).unwrap().reason, Reason::Ok);
+    assert_eq!(events(&e, &u), 2);
+    let usage = e.tally.usage(&u, "images").unwrap();
+    assert_eq!(usage.remaining, Some(120));
+    // Grant a expires: its 20 are gone.
+    e.clock.advance(Duration::days(11));
+    assert_eq!(e.tally.credit_balance(&u).unwrap(), 100);
+    assert_eq!(e.tally.check(&u, "images", 11).unwrap().reason, Reason::InsufficientCredits);
+    assert!(e.tally.consume(&u, "images", 10, UsageMeta::default()).unwrap().allowed);
+    assert_eq!(e.tally.credit_balance(&u).unwrap(), 0);
+}
+
+#[test]
+fn rate_limit_and_a_clock_moved_backwards() {
+    let e = Env::at("2026-01-15T12:00:10Z");
+    let u = e.tally.create_local_user(None).unwrap().id;
+    for _ in 0..3 {
+        assert!(e.tally.consume(&u, "api", 1, UsageMeta::default()).unwrap().allowed);
+    }
+    let d = e.tally.consume(&u, "api", 1, UsageMeta::default()).unwrap();
+    assert_eq!((d.allowed, d.reason, d.resets_at), (false, Reason::RateLimited, Some(t("2026-01-15T12:01:00Z"))));
+    // Moving the clock back does not open a fresh window.
+    e.clock.set(t("2026-01-15T11:00:00Z"));
+    assert_eq!(e.tally.consume(&u, "api", 1, UsageMeta::default()).unwrap().reason, Reason::RateLimited);
+    assert_eq!(e.tally.check(&u, "api", 1).unwrap().reason, Reason::RateLimited);
+    // Real time passing does.
+    e.clock.set(t("2026-01-15T12:01:00Z"));
+    assert!(e.tally.consume(&u, "api", 3, UsageMeta::default()).unwrap().allowed);
+    assert_eq!(e.tally.consume(&u, "api", 1, UsageMeta::default()).unwrap().reason, Reason::RateLimited);
+}
+
+#[test]
+fn a_clock_moved_backwards_never_reopens_a_past_period() {
+    let e = Env::at("2026-01-31T23:00:00Z");
+    let u = e.tally.create_local_user(None).unwrap().id;
+    e.tally.consume(&u, "ai_chat", 5, UsageMeta::default()).unwrap();
+    assert_eq!(e.tally.check(&u, "ai_chat", 1).unwrap().reason, Reason::LimitReached);
+    e.clock.set(t("2026-02-01T00:30:00Z"));
+    let d = e.tally.consume(&u, "ai_chat", 2, UsageMeta::default()).unwrap();
+    assert_eq!((d.allowed, d.used), (true, 2));
+    // Back to January: the device stays in February.
+    e.clock.set(t("2026-01-20T00:00:00Z"));
+    let usage = e.tally.usage(&u, "ai_chat").unwrap();
+    assert_eq!((usage.used, usage.period_start), (2, Some(t("2026-02-01T00:00:00Z"))));
+    let d = e.tally.consume(&u, "ai_chat", 1, UsageMeta::default()).unwrap();
+    assert_eq!(d.used, 3);
+    let at: i64 = e.raw().query_row("SELECT MAX(occurred_at) FROM events WHERE user_id = ?1", [&u], |r| r.get(0)).unwrap();
+    assert!(at >= t("2026-02-01T00:30:00Z").timestamp_millis(), "occurred_at is never before the highest time seen");
+    assert_eq!(e.tally.highest_seen_time(), t("2026-02-01T00:30:00Z"));
+    // The highest time seen survives a reopen.
+    let again = e.reopen();
+    assert_eq!(again.usage(&u, "ai_chat").unwrap().period_start, Some(t("2026-02-01T00:00:00Z")));
+}
+
+#[test]
+fn a_check_at_a_later_time_is_also_remembered() {
+    // Only a check (no consume) saw February: going back must not reopen January.
+    let e = Env::at("2026-01-31T23:00:00Z");
+    let u = e.tally.create_local_user(None).unwrap().id;
+    e.tally.consume(&u, "ai_chat", 5, UsageMeta::default()).unwrap();
+    e.clock.set(t("2026-02-01T00:30:00Z"));
+    assert!(e.tally.check(&u, "ai_chat", 1).unwrap().allowed);
+    e.clock.set(t("2026-01-31T23:30:00Z"));
+    let c = e.tally.check(&u, "ai_chat", 1).unwrap();
+    assert_eq!((c.allowed, c.used, c.resets_at), (true, 0, Some(t("2026-03-01T00:00:00Z"))));
+    e.clock.set(t("2026-01-31T23:40:00Z"));
+    let again = e.reopen();
+    let c = again.check(&u, "ai_chat", 1).unwrap();
+    assert_eq!((c.allowed, c.used), (true, 0), "the highest time seen is persisted");
+}
+
+#[test]
+fn flags() {
+    let e = Env::new();
+    let u = e.tally.create_local_user(None).unwrap().id;
+    let d = e.tally.check(&u, "export", 1).unwrap();
+    assert_eq!((d.allowed, d.reason), (false, Reason::NotInPlan));
+    e.tally.set_entitlements(&u, pro()).unwrap();
+    let d = e.tally.check(&u, "export", 1).unwrap();
+    assert_eq!((d.allowed, d.reason, d.access_reason.as_str()), (true, Reason::Ok, "subscription"));
+    assert!(e.tally.consume(&u, "pro_only", 1, UsageMeta::default()).unwrap().allowed);
+}
+
+#[test]
+fn idempotent_replay_returns_the_same_decision_and_records_nothing() {
+    let e = Env::new();
+    let u = e.tally.create_local_user(None).unwrap().id;
+    let first = e.tally.consume(&u, "ai_chat", 2, key("req-1")).unwrap();
+    e.tally.consume(&u, "ai_chat", 1, UsageMeta::default()).unwrap();
+    let replay = e.tally.consume(&u, "ai_chat", 2, key("req-1")).unwrap();
+    assert_eq!(replay, first, "the original decision, used = 2 at the time");
+    assert_eq!(events(&e, &u), 2);
+    assert_eq!(e.tally.usage(&u, "ai_chat").unwrap().used, 3);
+    // The id of a non-UUID key is UUIDv5; a UUID key is the id itself.
+    let id = tally_core::ledger::event_id_for_key("req-1").to_string();
+    assert_eq!(count(&e.raw(), &format!("SELECT COUNT(*) FROM events WHERE user_id = ?1 AND id = '{id}'"), &u), 1);
+    let uuid = "01936f1e-7c2b-7000-8000-000000000001";
+    e.tally.consume(&u, "daily", 1, key(uuid)).unwrap();
+    assert_eq!(count(&e.raw(), &format!("SELECT COUNT(*) FROM events WHERE user_id = ?1 AND id = '{uuid}'"), &u), 1);
+    assert_eq!(e.tally.event_status(&u, uuid).unwrap(), tally_core::EventStatus::Pending);
+    assert_eq!(e.tally.event_status(&u, "req-1").unwrap(), tally_core::EventStatus::Pending);
+    // Same key, other body: conflict.
+    match e.tally.consume(&u, "ai_chat", 1, key("req-1")) {
+        Err(Error::IdempotencyConflict(i)) => assert_eq!(i, id),
+        other => panic!("{other:?}"),
+    }
+    // Another user may use the same key: identity is (user, id).
+    let v = e.tally.create_local_user(None).unwrap().id;
+    let d = e.tally.consume(&v, "ai_chat", 1, key("req-1")).unwrap();
+    assert_eq!(d.used, 1);
+    assert_eq!(e.tally.usage(&u, "ai_chat").unwrap().used, 3);
+    assert!(matches!(e.tally.event_status(&v, uuid), Err(Error::NotFound(_))));
+}
+
+#[test]
+fn a_denied_consume_is_decided_afresh_on_replay() {
+    let e = Env::new();
+    let u = e.tally.create_local_user(None).unwrap().id;
+    e.tally.consume(&u, "ai_chat", 5, UsageMeta::default()).unwrap();
+    let denied = e.tally.consume(&u, "ai_chat", 1, key("late")).unwrap();
+    assert_eq!(denied.reason, Reason::LimitReached);
+    assert!(matches!(e.tally.event_status(&u, "late"), Err(Error::NotFound(_))));
+    e.tally.set_entitlements(&u, pro()).unwrap();
+    let d = e.tally.consume(&u, "ai_chat", 1, key("late")).unwrap();
+    assert_eq!((d.allowed, d.reason, d.used, d.limit, d.access_reason.as_str()), (true, Reason::Ok, 6, Some(100), "subscription"));
+    assert_eq!(e.tally.consume(&u, "ai_chat", 1, key("late")).unwrap(), d);
+    assert_eq!(events(&e, &u), 2);
+}
+
+#[test]
+fn consume_many_decides_in_order_in_one_transaction() {
+    let e = Env::new();
+    let u = e.tally.create_local_user(None).unwrap().id;
+    let item = |f: &str, n: u64, k: Option<&str>| ConsumeItem { feature: f.into(), amount: n, meta: k.map(key).unwrap_or_default() };
+    let ds = e
+        .tally
+        .consume_many(&u, &[item("ai_chat", 2, Some("a")), item("ai_chat", 2, None), item("ai_chat", 2, None), item("ai_chat", 1, None), item("ai_chat", 2, Some("a")), item("teleport", 1, None), item("notes", 4, None)])
+        .unwrap();
+    let got: Vec<_> = ds.iter().map(|d| (d.allowed, d.reason, d.used)).collect();
+    assert_eq!(
+        got,
+        vec![
+            (true, Reason::Ok, 2),
+            (true, Reason::Ok, 4),
+            (false, Reason::LimitReached, 4),
+            (true, Reason::Ok, 5),
+            (true, Reason::Ok, 2), // replay of "a" inside the batch
+            (false, Reason::UnknownFeature, 0),
+            (true, Reason::OverLimitSoft, 4),
+        ]
+    );
+    assert_eq!(events(&e, &u), 4);
+    assert_eq!(e.tally.usage(&u, "ai_chat").unwrap().used, 5);
+    let seqs: Vec<i64> = e.raw().prepare("SELECT device_seq FROM events ORDER BY device_seq").unwrap().query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4]);
+    assert!(e.tally.consume_many(&u, &[]).unwrap().is_empty());
+}
