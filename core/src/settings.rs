@@ -41,9 +41,8 @@ impl Tally {
                 (false, Some(v)) => {
                     out.insert(k, serde_json::from_str(&v)?);
                 }
-                _ => {
-                    out.remove(&k);
-                }
+                // A tombstone is "no stored value": the default (if any) shows through again.
+                _ => {}
             }
         }
         Ok(out)

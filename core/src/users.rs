@@ -148,7 +148,12 @@ impl Tally {
             }
             Ok(id)
         })?;
-        g.access.clear();
+        // Drop the cached access *and* the verified-counters marks of both users, so the
+        // target's counters are rebuilt from its ledger, moved events included.
+        Tally::forget_access(&mut g, &id);
+        if let Some(local) = attach_local {
+            Tally::forget_access(&mut g, local);
+        }
         let user = get_user(&g.conn, &id)?;
         drop(g);
         let all = Change { usage: true, entitlements: true, settings: true };
