@@ -1,0 +1,177 @@
+//! Shared test support: one throwaway PostgreSQL cluster per test binary (fsync off, removed
+//! when the binary exits), a fresh database per test, and helpers to call the real router.
+#![allow(dead_code)]
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use chrono::Utc;
+use serde_json::{Value, json};
+use std::sync::OnceLock;
+use tally_server::pg_cluster::{Cluster, ClusterOptions};
+use tally_server::{AppState, Config};
+use tower::ServiceExt;
+
+/// The identity-token secret of every test server.
+pub const SECRET: &str = "test-secret-0123456789";
+
+/// The catalog of every test server.
+pub const CATALOG: &str = r#"{"models": {"gpt-4o": {"input_micros_per_mtok": 2500000, "output_micros_per_mtok": 10000000}},
+ "plans": [{"id": "free", "features": {
+  "ai_chat":  {"type": "metered", "limit": 5, "period": "month", "enforcement": "hard"},
+  "export":   {"type": "flag", "enabled": false},
+  "images":   {"type": "credits", "cost": 10},
+  "api":      {"type": "rate", "limit": 100, "window_secs": 60},
+  "ai_spend": {"type": "budget", "limit_micros": 2000000, "period": "day", "enforcement": "hard"},
+  "notes":    {"type": "metered", "limit": null, "period": "lifetime"}}},
+  {"id": "pro", "features": {"ai_chat": {"type": "metered", "limit": 500, "period": "month"}, "export": {"type": "flag", "enabled": true}}}]}"#;
+
+static CLUSTER: OnceLock<Option<Cluster>> = OnceLock::new();
+
+/// The cluster of this test binary, or `None` (with a loud message) when PostgreSQL is absent.
+pub fn cluster() -> Option<&'static Cluster> {
+    CLUSTER
+        .get_or_init(|| {
+            let dir = std::env::temp_dir().join(format!("tally-server-test-pg-{}", std::process::id()));
+            match Cluster::start(&dir, ClusterOptions { fast_unsafe: true, ephemeral: true, port: None }) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    eprintln!("\n\n!!!!!!!! SKIPPING POSTGRES TESTS: {e} !!!!!!!!\n\n");
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
+
+/// A fresh database in the test cluster.
+pub async fn fresh_db() -> Option<String> {
+    let c = tokio::task::spawn_blocking(cluster).await.ok()??;
+    let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+    Some(c.create_database(&name).await.expect("create database"))
+}
+
+/// A test server over its own database.
+pub struct TestApp {
+    /// The state.
+    pub state: AppState,
+    /// The router.
+    pub router: Router,
+    /// Database URL.
+    pub url: String,
+    /// Data dir (keys, plans file).
+    pub dir: tempfile::TempDir,
+}
+
+/// The test configuration for `url` with data under `dir`.
+pub fn test_config(url: &str, dir: &std::path::Path) -> Config {
+    let plans = dir.join("plans.json");
+    std::fs::write(&plans, CATALOG).expect("write plans");
+    let mut c = Config::for_database(url);
+    c.jwt_secret = Some(SECRET.into());
+    c.data_dir = dir.to_path_buf();
+    c.plans_file = Some(plans);
+    c.admin_subjects = vec!["root-admin".into()];
+    c.rate_limit_per_sec = 10_000;
+    c.rate_limit_burst = 10_000;
+    c.db_pool_size = 8;
+    c
+}
+
+/// A test app, configured further by `f`; `None` when PostgreSQL is not installed.
+pub async fn app_with(f: impl FnOnce(&mut Config)) -> Option<TestApp> {
+    let url = fresh_db().await?;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = test_config(&url, dir.path());
+    f(&mut config);
+    let state = AppState::new(config).await.expect("state");
+    let router = tally_server::app(state.clone());
+    Some(TestApp { state, router, url, dir })
+}
+
+/// A test app with the default test configuration.
+pub async fn app() -> Option<TestApp> {
+    app_with(|_| {}).await
+}
+
+/// Skips the test (returning) when PostgreSQL is absent.
+#[macro_export]
+macro_rules! app_or_skip {
+    ($e:expr) => {
+        match $e {
+            Some(a) => a,
+            None => return,
+        }
+    };
+}
+
+/// An HS256 identity token for `sub` with extra claims.
+pub fn token_with(sub: &str, extra: Value) -> String {
+    let now = Utc::now().timestamp();
+    let mut claims = json!({"sub": sub, "iat": now, "exp": now + 3600});
+    if let (Some(o), Some(e)) = (claims.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            o.insert(k.clone(), v.clone());
+        }
+    }
+    jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes())).expect("sign")
+}
+
+/// An HS256 identity token for `sub`.
+pub fn token(sub: &str) -> String {
+    token_with(sub, json!({}))
+}
+
+impl TestApp {
+    /// Sends a request with a raw body; returns status and JSON body (`Null` when empty or not JSON).
+    pub async fn raw(&self, method: &str, path: &str, bearer: Option<&str>, body: Vec<u8>, headers: &[(&str, &str)]) -> (StatusCode, Value, axum::http::HeaderMap) {
+        let mut b = Request::builder().method(method).uri(path).header("content-type", "application/json");
+        if let Some(t) = bearer {
+            b = b.header("authorization", format!("Bearer {t}"));
+        }
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let resp = self.router.clone().oneshot(b.body(Body::from(body)).expect("request")).await.expect("response");
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX).await.expect("body");
+        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null), headers)
+    }
+
+    /// Sends JSON (or nothing) and returns status and JSON body.
+    pub async fn call(&self, method: &str, path: &str, bearer: Option<&str>, body: Option<Value>) -> (StatusCode, Value) {
+        let bytes = body.map(|b| serde_json::to_vec(&b).expect("json")).unwrap_or_default();
+        let (s, v, _) = self.raw(method, path, bearer, bytes, &[]).await;
+        (s, v)
+    }
+
+    /// `POST /v1/sync` with the given events and settings changes.
+    pub async fn sync(&self, bearer: &str, device: &str, events: Vec<Value>) -> (StatusCode, Value) {
+        self.call("POST", "/v1/sync", Some(bearer), Some(json!({"protocol": 1, "device_id": device, "events": events}))).await
+    }
+
+    /// Counts rows of `table` (all users).
+    pub async fn count(&self, table: &str) -> i64 {
+        let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls).await.expect("connect");
+        tokio::spawn(conn);
+        client.query_one(&format!("SELECT count(*) FROM {table}"), &[]).await.expect("count").get(0)
+    }
+
+    /// Runs a query returning one i64.
+    pub async fn scalar(&self, sql: &str) -> i64 {
+        let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls).await.expect("connect");
+        tokio::spawn(conn);
+        client.query_one(sql, &[]).await.expect("scalar").get(0)
+    }
+}
+
+/// A wire event.
+pub fn event(id: uuid::Uuid, feature: &str, amount: u64) -> Value {
+    json!({"id": id, "feature": feature, "amount": amount, "occurred_at": Utc::now().to_rfc3339()})
+}
+
+/// The `used` of the total of (feature, period) in a sync response's current window.
+pub fn used(resp: &Value, feature: &str) -> Option<u64> {
+    resp["totals"].as_array()?.iter().filter(|t| t["feature"] == feature).filter_map(|t| t["used"].as_u64()).max()
+}
