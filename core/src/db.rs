@@ -34,6 +34,11 @@ pub fn open(path: Option<&Path>, durability: Durability, busy_timeout: Duration)
     conn.busy_timeout(busy_timeout)?;
     // Touch the file: a corrupt or foreign file fails here with a clear error.
     let _: i64 = conn.query_row("PRAGMA schema_version", [], |r| r.get(0))?;
+    // Refuse a newer database before changing anything in the file (its journal mode included).
+    let (found, supported) = (current_version(&conn)?, latest_version());
+    if found > supported {
+        return Err(Error::SchemaTooNew { found, supported });
+    }
     if path.is_some() {
         let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
