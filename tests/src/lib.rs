@@ -19,10 +19,12 @@ pub const PLANS: &str = r#"{"models": {"gpt-4o": {"input_micros_per_mtok": 25000
   {"id": "free", "features": {
     "ai_chat":  {"type": "metered", "limit": 5, "period": "month", "enforcement": "hard"},
     "notes":    {"type": "metered", "limit": null, "period": "day", "enforcement": "hard"},
+    "lifetime_notes": {"type": "metered", "limit": null, "period": "lifetime", "enforcement": "hard"},
     "export":   {"type": "flag", "enabled": false}}},
   {"id": "pro", "features": {
     "ai_chat":  {"type": "metered", "limit": 1000, "period": "month", "enforcement": "hard"},
     "notes":    {"type": "metered", "limit": null, "period": "day", "enforcement": "hard"},
+    "lifetime_notes": {"type": "metered", "limit": null, "period": "lifetime", "enforcement": "hard"},
     "export":   {"type": "flag", "enabled": true}}}]}"#;
 
 /// A throwaway Postgres cluster and database, or `None` (with a loud message) when the

@@ -240,6 +240,12 @@ fn users_are_isolated_on_the_device_and_the_server() {
     assert_eq!((e.server_used("gina", "notes"), e.server_used("hank", "notes")), (30, 7));
     assert_eq!((d.tally.usage(&g.id, "notes").unwrap().used, d.tally.usage(&h.id, "notes").unwrap().used), (30, 7));
     assert!(d.tally.setting(&h.id, "lang").unwrap().is_none());
+    // A profile edit made on the device reaches the server with the next sync.
+    d.tally.update_user(&g.id, tally_core::UserUpdate { timezone: Some("Asia/Tokyo".into()), ..Default::default() }).unwrap();
+    e.sync(&d, &g).unwrap();
+    let me: serde_json::Value = serde_json::from_str(&http_get_text(&format!("{}/v1/me", e.server.url), Some(&id_token("gina")))).unwrap();
+    assert_eq!(me["timezone"], "Asia/Tokyo", "{me}");
+    assert_eq!(d.tally.user(&h.id).unwrap().timezone, "UTC", "the other user is untouched");
 }
 
 #[test]
@@ -313,6 +319,13 @@ fn entitlements_from_the_server_expire_offline_and_return_on_sync() {
     rusqlite_edit(&path);
     let d = device(&path, "phone", &e.server.keys(), Utc::now());
     assert_eq!(d.tally.entitlements(&u.id).unwrap().plan, "free", "a tampered token grants nothing");
+    // A token signed by another server's key (a device trusting other keys) grants nothing.
+    let foreign = Server::start(&e.db_url, &e.dir.path().join("other-server"), &[]);
+    let stranger = device(&e.dir.path().join("stranger.db"), "stranger", &foreign.keys(), Utc::now());
+    let su = sign_in(&stranger, "kate");
+    let r = e.rt.block_on(stranger.tally.sync(&su.id, opts(&e.server.url, "kate"))).unwrap();
+    assert!(!r.entitlements_updated, "a token that does not verify is not taken");
+    assert_eq!(stranger.tally.entitlements(&su.id).unwrap().plan, "free");
 }
 
 /// Flips one character of the stored entitlements token's payload.
@@ -342,4 +355,105 @@ fn backlog_of_100k_offline_events_drains_in_bounded_batches() {
     assert!(r.rounds >= 200, "batches of at most 500 events: {} rounds", r.rounds);
     assert_eq!(e.server_used("liam", "notes"), 100_000);
     assert_eq!(d.tally.usage(&u.id, "notes").unwrap().used, 100_000);
+}
+
+#[test]
+fn two_server_replicas_and_skewed_clocks_count_once() {
+    let Some(e) = env("replicas", &[]) else { return };
+    let second = Server::start(&e.db_url, &e.dir.path().join("server"), &[]);
+    let devices: Vec<Device> = ["ahead", "behind", "exact"].iter().map(|n| e.device(n)).collect();
+    let users: Vec<User> = devices.iter().map(|d| sign_in(d, "mia")).collect();
+    devices[0].clock.advance(Duration::hours(3));
+    for (d, u) in devices.iter().zip(&users) {
+        consume_n(d, u, "lifetime_notes", 700);
+    }
+    // One device's clock is moved back after use: its next events are not stamped earlier.
+    devices[1].clock.advance(-Duration::hours(2));
+    consume_n(&devices[1], &users[1], "lifetime_notes", 300);
+    let mut order: Vec<(usize, bool)> = (0..3).flat_map(|i| [(i, false), (i, true)]).collect();
+    order.shuffle(&mut rand::rng());
+    for (i, on_second) in order {
+        let url = if on_second { &second.url } else { &e.server.url };
+        e.rt.block_on(devices[i].tally.sync(&users[i].id, opts(url, "mia"))).expect("sync");
+    }
+    for (d, u) in devices.iter().zip(&users) {
+        e.sync(d, u).unwrap();
+        assert_eq!(d.tally.usage(&u.id, "lifetime_notes").unwrap().used, 2400);
+        assert!(d.tally.last_synced_at(&u.id).unwrap().is_some());
+    }
+    assert_eq!(e.server_used("mia", "lifetime_notes"), 2400);
+}
+
+#[test]
+fn oversized_batches_are_halved_and_oversized_events_quarantined() {
+    let Some(e) = env("bounds", &[("TALLY_MAX_BATCH_EVENTS", "60")]) else { return };
+    let d = e.device("phone");
+    let u = sign_in(&d, "noah");
+    consume_n(&d, &u, "notes", 400);
+    let big = UsageMeta { metadata: Some(serde_json::json!({"blob": "x".repeat(3000)})), idempotency_key: Some("big-one".into()), ..UsageMeta::default() };
+    assert!(d.tally.consume(&u.id, "notes", 1, big).unwrap().allowed);
+    let mut o = opts(&e.server.url, "noah");
+    o.max_batch_bytes = 2048;
+    let r = e.rt.block_on(d.tally.sync(&u.id, o)).expect("sync");
+    assert_eq!(r.events_acked, 400, "{r:?}");
+    assert_eq!(r.rejected.len(), 1);
+    assert_eq!(r.rejected[0].reason, "too_large");
+    assert_eq!(d.tally.event_status(&u.id, "big-one").unwrap(), tally_core::EventStatus::Rejected("too_large".into()));
+    assert_eq!(d.tally.pending_events(&u.id).unwrap(), 0, "a quarantined event is never resent");
+    assert_eq!(d.tally.usage(&u.id, "notes").unwrap().used, 400);
+    assert_eq!(e.server_used("noah", "notes"), 400);
+    // The server's 413 (batch above its 60-event maximum) halves the batch until it fits.
+    consume_n(&d, &u, "notes", 500);
+    let r = e.sync(&d, &u).expect("sync with halving");
+    assert_eq!((r.events_acked, r.events_sent), (500, 500), "{r:?}");
+    assert!(r.rounds >= 9, "batches of at most 60 events after halving: {r:?}");
+    let metrics = http_get_text(&format!("{}/metrics", e.server.url), None);
+    assert!(metrics.lines().any(|l| l.starts_with("tally_http_requests_total") && l.contains("status=\"413\"")), "the server answered 413 first");
+    assert_eq!(e.server_used("noah", "notes"), 900);
+}
+
+#[test]
+fn a_conflicting_resend_is_quarantined_not_counted() {
+    let Some(e) = env("conflict", &[]) else { return };
+    let (a, b) = (e.device("a"), e.device("b"));
+    let (ua, ub) = (sign_in(&a, "olga"), sign_in(&b, "olga"));
+    let key = |k: &str| UsageMeta { idempotency_key: Some(k.into()), ..UsageMeta::default() };
+    a.tally.consume(&ua.id, "notes", 2, key("order-17")).unwrap();
+    b.tally.consume(&ub.id, "notes", 5, key("order-17")).unwrap();
+    b.tally.consume(&ub.id, "notes", 1, key("order-18")).unwrap();
+    e.sync(&a, &ua).unwrap();
+    let r = e.sync(&b, &ub).unwrap();
+    assert_eq!(r.rejected.iter().map(|x| x.reason.as_str()).collect::<Vec<_>>(), vec!["conflict"]);
+    assert_eq!(b.tally.event_status(&ub.id, "order-17").unwrap(), tally_core::EventStatus::Rejected("conflict".into()));
+    assert_eq!(b.tally.event_status(&ub.id, "order-18").unwrap(), tally_core::EventStatus::Settled);
+    assert_eq!(e.server_used("olga", "notes"), 3);
+    assert_eq!(b.tally.usage(&ub.id, "notes").unwrap().used, 3);
+}
+
+#[test]
+fn rate_limited_sync_honours_retry_after_and_gives_up_clearly() {
+    let Some(e) = env("ratelimit", &[]) else { return };
+    // A separate server process with a tight per-user limit.
+    let tight = Server::start(&e.db_url, &e.dir.path().join("server"), &[("TALLY_RATE_LIMIT_PER_SEC", "1"), ("TALLY_RATE_LIMIT_BURST", "2")]);
+    let d = e.device("phone");
+    let u = sign_in(&d, "paul");
+    consume_n(&d, &u, "notes", 50);
+    let mut o = opts(&tight.url, "paul");
+    o.max_batch_events = 10;
+    o.retry.max_backoff = std::time::Duration::from_secs(3);
+    let r = e.rt.block_on(d.tally.sync(&u.id, o)).expect("sync through 429s");
+    assert_eq!(r.events_acked, 50);
+    let metrics = http_get_text(&format!("{}/metrics", tight.url), None);
+    let limited: f64 = metrics.lines().find(|l| l.starts_with("tally_rate_limited_total")).and_then(|l| l.split_whitespace().last()?.parse().ok()).unwrap_or(0.0);
+    assert!(limited >= 1.0, "the server answered 429 at least once and the device waited it out");
+    assert_eq!(e.server_used("paul", "notes"), 50);
+    // Nobody listening: a clear network error after the configured attempts.
+    let mut o = opts(&format!("http://127.0.0.1:{}", free_port()), "paul");
+    o.retry.max_attempts = 2;
+    consume_n(&d, &u, "notes", 1);
+    match e.rt.block_on(d.tally.sync(&u.id, o)) {
+        Err(Error::Network(m)) => assert!(m.contains("gave up after 2 attempts"), "{m}"),
+        other => panic!("expected a network error, got {other:?}"),
+    }
+    assert_eq!(d.tally.pending_events(&u.id).unwrap(), 1);
 }
