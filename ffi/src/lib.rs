@@ -155,7 +155,7 @@ impl Tally {
         })
     }
 
-    /// Deletes one setting (back to its default, if any).
+    /// Deletes one setting (back to its default, if any; same as `set_setting(key, "null")`).
     pub fn remove_setting(&self, user_id: String, key: String) -> Result<(), TallyError> {
         call(|| self.inner.set_setting(&user_id, &key, serde_json::Value::Null))
     }
