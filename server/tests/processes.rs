@@ -1,0 +1,304 @@
+//! Tests with the real `tally-server` binary: two replicas on one database (exactly-once under
+//! shuffled, duplicated, re-batched concurrent syncs, driven by proptest), `kill -9` mid-sync,
+//! concurrent migrations, a newer database refused, and the embedded-Postgres default.
+
+mod common;
+
+use common::*;
+use proptest::prelude::*;
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use uuid::Uuid;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tally-server");
+
+/// A running `tally-server serve`.
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Server {
+    fn start(url: Option<&str>, dir: &Path) -> Server {
+        std::fs::create_dir_all(dir).unwrap();
+        let plans = dir.join("plans.json");
+        std::fs::write(&plans, CATALOG).unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve")
+            .env_remove("TALLY_DATABASE_URL")
+            .env("TALLY_LISTEN", "127.0.0.1:0")
+            .env("TALLY_JWT_SECRET", SECRET)
+            .env("TALLY_DATA_DIR", dir)
+            .env("TALLY_PLANS_FILE", &plans)
+            .env("TALLY_RATE_LIMIT_PER_SEC", "100000")
+            .env("TALLY_RATE_LIMIT_BURST", "100000")
+            .env("TALLY_DB_POOL_SIZE", "8")
+            .env("TALLY_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if let Some(u) = url {
+            cmd.env("TALLY_DATABASE_URL", u);
+        }
+        let mut child = cmd.spawn().expect("spawn tally-server");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).expect("read listening line");
+        let base = line.trim().strip_prefix("tally-server listening on ").unwrap_or_else(|| panic!("unexpected output {line:?}")).to_string();
+        Server { child, base }
+    }
+
+    fn kill9(&mut self) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+async fn post_sync(http: &reqwest::Client, base: &str, token: &str, device: &str, events: &[Value]) -> Result<Value, String> {
+    let resp = http
+        .post(format!("{base}/v1/sync"))
+        .bearer_auth(token)
+        .json(&json!({"protocol": 1, "device_id": device, "events": events}))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if !resp.status().is_success() {
+        return Err(format!("status {}", resp.status()));
+    }
+    resp.json::<Value>().await.map_err(|e| e.to_string())
+}
+
+fn total(resp: &Value, feature: &str, period: &str) -> u64 {
+    resp["totals"].as_array().unwrap().iter().filter(|t| t["feature"] == feature && t["period"] == period).filter_map(|t| t["used"].as_u64()).max().unwrap_or(0)
+}
+
+/// One proptest case: events spread over devices, each device sending its events shuffled,
+/// with duplicates, in random batches, through alternating replicas, all devices concurrently.
+#[derive(Debug, Clone)]
+struct Plan {
+    events: Vec<(u8, u64)>,
+    devices: Vec<Vec<(usize, bool)>>,
+    batch: usize,
+}
+
+fn plan() -> impl Strategy<Value = Plan> {
+    (prop::collection::vec((0u8..2, 1u64..5), 5..40), 1usize..8).prop_flat_map(|(events, batch)| {
+        let n = events.len();
+        // Each event is sent by 1..3 devices (its owner plus re-sends), in shuffled orders.
+        let per_device = prop::collection::vec((0..n, any::<bool>()), n..n * 2).prop_shuffle();
+        (Just(events), prop::collection::vec(per_device, 3), Just(batch)).prop_map(|(events, devices, batch)| Plan { events, devices, batch })
+    })
+}
+
+fn cluster_or_skip() -> bool {
+    cluster().is_some()
+}
+
+#[test]
+fn two_replicas_exactly_once_proptest() {
+    if !cluster_or_skip() {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let url = rt.block_on(fresh_db()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let a = Server::start(Some(&url), dir.path());
+    let b = Server::start(Some(&url), dir.path());
+    let bases = [a.base.clone(), b.base.clone()];
+    let http = reqwest::Client::new();
+    let now = chrono::Utc::now();
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig { cases: 6, ..ProptestConfig::default() });
+    runner
+        .run(&plan(), |p| {
+            let sub = format!("prop-{}", Uuid::new_v4().simple());
+            let token = token(&sub);
+            let ids: Vec<Uuid> = p.events.iter().map(|_| Uuid::now_v7()).collect();
+            let wire: Vec<Value> = p
+                .events
+                .iter()
+                .zip(&ids)
+                .map(|((f, amt), id)| json!({"id": id, "feature": if *f == 0 { "ai_chat" } else { "notes" }, "amount": amt, "occurred_at": now}))
+                .collect();
+            // Every event is sent at least once (by device 0, at the end, if nobody else did).
+            let mut expected: BTreeMap<&str, u64> = BTreeMap::new();
+            for (f, amt) in &p.events {
+                *expected.entry(if *f == 0 { "ai_chat" } else { "notes" }).or_default() += amt;
+            }
+            rt.block_on(async {
+                let mut tasks = Vec::new();
+                for (d, sends) in p.devices.iter().enumerate() {
+                    let mut list: Vec<Value> = Vec::new();
+                    for (i, dup) in sends {
+                        list.push(wire[*i].clone());
+                        if *dup {
+                            list.push(wire[*i].clone());
+                        }
+                    }
+                    if d == 0 {
+                        list.extend(wire.iter().cloned());
+                    }
+                    let (http, token, bases, batch) = (http.clone(), token.clone(), bases.clone(), p.batch);
+                    tasks.push(tokio::spawn(async move {
+                        for (k, chunk) in list.chunks(batch).enumerate() {
+                            let r = post_sync(&http, &bases[(k + d) % 2], &token, &format!("dev{d}"), chunk).await.expect("sync");
+                            let acked: BTreeSet<String> =
+                                r["accepted"].as_array().unwrap().iter().chain(r["duplicates"].as_array().unwrap()).map(|v| v.as_str().unwrap().to_string()).collect();
+                            for e in chunk {
+                                assert!(acked.contains(e["id"].as_str().unwrap()), "every valid event is acked");
+                            }
+                            assert!(r["rejected"].as_array().unwrap().is_empty(), "{r}");
+                        }
+                    }));
+                }
+                for t in tasks {
+                    t.await.expect("device task");
+                }
+                let r = post_sync(&http, &bases[0], &token, "check", &[]).await.unwrap();
+                assert_eq!(total(&r, "ai_chat", "month"), expected.get("ai_chat").copied().unwrap_or(0), "{r}");
+                assert_eq!(total(&r, "notes", "lifetime"), expected.get("notes").copied().unwrap_or(0));
+                let r2 = post_sync(&http, &bases[1], &token, "check", &[]).await.unwrap();
+                assert_eq!(r["totals"], r2["totals"], "both replicas agree");
+            });
+            Ok(())
+        })
+        .unwrap();
+    // Counters equal the ledger for every user.
+    let (client, conn) = rt.block_on(tokio_postgres::connect(&url, tokio_postgres::NoTls)).unwrap();
+    rt.spawn(conn);
+    let bad: i64 = rt
+        .block_on(client.query_one(
+            "SELECT count(*) FROM (SELECT user_id, feature, sum(amount) s FROM events GROUP BY 1, 2) e \
+             LEFT JOIN counters c ON c.user_id = e.user_id AND c.feature = e.feature AND c.period = 'lifetime' \
+             WHERE e.feature = 'notes' AND c.used IS DISTINCT FROM e.s",
+            &[],
+        ))
+        .unwrap()
+        .get(0);
+    assert_eq!(bad, 0);
+}
+
+#[test]
+fn kill9_mid_sync_loses_nothing_acknowledged() {
+    if !cluster_or_skip() {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let url = rt.block_on(fresh_db()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(Some(&url), dir.path());
+    let http = reqwest::Client::new();
+    let token = token("killer");
+    let now = chrono::Utc::now();
+    let batches: Vec<Vec<Value>> = (0..12)
+        .map(|_| (0..100).map(|i| json!({"id": Uuid::now_v7(), "feature": "notes", "amount": 1 + i % 3, "occurred_at": now})).collect())
+        .collect();
+    let expected: u64 = batches.iter().flatten().map(|e| e["amount"].as_u64().unwrap()).sum();
+    let mut acked: BTreeSet<String> = BTreeSet::new();
+    let mut kills = 0;
+    for (i, batch) in batches.iter().enumerate() {
+        let r = if i % 2 == 1 {
+            // Kill the server while this request is in flight.
+            let handle = rt.spawn({
+                let (http, token, base, batch) = (http.clone(), token.clone(), server.base.clone(), batch.clone());
+                async move { post_sync(&http, &base, &token, "dev", &batch).await }
+            });
+            std::thread::sleep(Duration::from_millis(5 + 7 * i as u64));
+            server.kill9();
+            kills += 1;
+            let r = rt.block_on(handle).unwrap();
+            server = Server::start(Some(&url), dir.path());
+            r
+        } else {
+            rt.block_on(post_sync(&http, &server.base, &token, "dev", batch))
+        };
+        if let Ok(r) = r {
+            for id in r["accepted"].as_array().unwrap().iter().chain(r["duplicates"].as_array().unwrap()) {
+                acked.insert(id.as_str().unwrap().to_string());
+            }
+        }
+    }
+    assert!(kills >= 5);
+    let (client, conn) = rt.block_on(tokio_postgres::connect(&url, tokio_postgres::NoTls)).unwrap();
+    rt.spawn(conn);
+    let acked_ids: Vec<Uuid> = acked.iter().map(|s| Uuid::parse_str(s).unwrap()).collect();
+    let present: i64 = rt.block_on(client.query_one("SELECT count(*) FROM events WHERE id = ANY($1)", &[&acked_ids])).unwrap().get(0);
+    assert_eq!(present as usize, acked_ids.len(), "every acknowledged event is stored");
+    // Re-sending everything converges to the clean total.
+    let mut last = Value::Null;
+    for batch in &batches {
+        last = rt.block_on(post_sync(&http, &server.base, &token, "dev", batch)).unwrap();
+        assert!(last["rejected"].as_array().unwrap().is_empty());
+    }
+    assert_eq!(total(&last, "notes", "lifetime"), expected);
+}
+
+#[test]
+fn concurrent_migrations_apply_once_and_newer_db_is_refused() {
+    if !cluster_or_skip() {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let url = rt.block_on(fresh_db()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spawn = || {
+        Command::new(BIN)
+            .arg("migrate")
+            .env("TALLY_DATABASE_URL", &url)
+            .env("TALLY_DATA_DIR", dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (p1, p2, p3) = (spawn(), spawn(), spawn());
+    for p in [p1, p2, p3] {
+        let out = p.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let (client, conn) = rt.block_on(tokio_postgres::connect(&url, tokio_postgres::NoTls)).unwrap();
+    rt.spawn(conn);
+    let n: i64 = rt.block_on(client.query_one("SELECT count(*) FROM refinery_schema_history", &[])).unwrap().get(0);
+    assert_eq!(n, tally_server::db::latest_version());
+    rt.block_on(client.execute("INSERT INTO refinery_schema_history (version, name, applied_on, checksum) VALUES (9999, 'future', 'now', '0')", &[])).unwrap();
+    let out = spawn().wait_with_output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("newer than this tally-server supports"), "{}", String::from_utf8_lossy(&out.stderr));
+    let err = rt.block_on(tally_server::AppState::new(test_config(&url, dir.path()))).err().expect("refused");
+    assert!(err.to_string().contains("newer"));
+}
+
+#[test]
+fn embedded_default_starts_its_own_postgres_and_stops_it() {
+    if !cluster_or_skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // Reachable by the postgres user (as root the cluster runs as postgres).
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let data = dir.path().join("tally-data");
+    let mut server = Server::start(None, &data);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let http = reqwest::Client::new();
+    let ready = rt.block_on(http.get(format!("{}/readyz", server.base)).send()).unwrap();
+    assert!(ready.status().is_success());
+    let r = rt.block_on(post_sync(&http, &server.base, &token("emb"), "d", &[json!({"id": Uuid::now_v7(), "feature": "notes", "amount": 2, "occurred_at": chrono::Utc::now()})])).unwrap();
+    assert_eq!(total(&r, "notes", "lifetime"), 2);
+    assert!(std::fs::read_dir(data.join("keys")).unwrap().count() >= 1, "signing key generated on first start");
+    let pidfile = data.join("postgres").join("postmaster.pid");
+    assert!(pidfile.exists(), "cluster under DATA_DIR/postgres");
+    let db_url = std::fs::read_to_string(data.join("embedded-database-url")).unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(server.child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = server.child.wait().unwrap();
+    assert!(status.success(), "graceful shutdown");
+    assert!(!pidfile.exists(), "embedded cluster stopped");
+    assert!(rt.block_on(tokio_postgres::connect(db_url.trim(), tokio_postgres::NoTls)).is_err());
+}
