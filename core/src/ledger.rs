@@ -532,9 +532,9 @@ impl Tally {
 
     /// The user's credit balance (unexpired grants minus consumption; negative when overspent).
     pub fn credit_balance(&self, user_id: &str) -> Result<i64> {
-        let g = self.lock();
+        let mut g = self.lock();
         crate::users::get_user(&g.conn, user_id)?;
-        let now = self.now(&g);
+        let now = self.observe_now(&mut g);
         credit_balance_at(&g.conn, user_id, now)
     }
 
@@ -555,7 +555,7 @@ impl Tally {
             return Err(Error::invalid("period_end must be after period_start"));
         }
         let mut g = self.lock();
-        let now = self.now(&g);
+        let now = self.observe_now(&mut g);
         write_tx(&mut g.conn, |tx| {
             let n = tx.execute(
                 "UPDATE users SET entitlements = ?2, is_admin = ?3, updated_at = ?4 WHERE id = ?1",
@@ -577,7 +577,7 @@ impl Tally {
     /// and balance.
     pub fn entitlements(&self, user_id: &str) -> Result<Entitlements> {
         let mut g = self.lock();
-        let now = self.now(&g);
+        let now = self.observe_now(&mut g);
         let a = self.access(&mut g, user_id, now)?;
         let mut e = a.ent.clone();
         e.credit_grants = self.credit_grants(&g.conn, user_id)?;

@@ -78,7 +78,7 @@ impl Tally {
             encoded.push((k.clone(), if v.is_null() { None } else { Some(encode(k, v)?) }));
         }
         let mut g = self.lock();
-        let now = ms(self.now(&g)) as u64;
+        let now = ms(self.observe_now(&mut g)) as u64;
         let node = g.device_id.clone();
         let local_only = &self.config.local_only_settings;
         write_tx(&mut g.conn, |tx| {

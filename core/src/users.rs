@@ -99,8 +99,8 @@ impl Tally {
     pub fn create_local_user(&self, display_name: Option<&str>) -> Result<User> {
         let name = display_name.map(str::to_string);
         check_text("display_name", &name, 256)?;
-        let g = self.lock();
-        let now = ms(self.now(&g));
+        let mut g = self.lock();
+        let now = ms(self.observe_now(&mut g));
         let id = uuid::Uuid::now_v7().to_string();
         g.conn.execute(
             "INSERT INTO users (id, display_name, created_at, updated_at) VALUES (?1, ?2, ?3, ?3)",
@@ -120,7 +120,7 @@ impl Tally {
         check_text("display_name", &profile.display_name, 256)?;
         check_text("avatar_url", &profile.avatar_url, 2048)?;
         let mut g = self.lock();
-        let now = ms(self.now(&g));
+        let now = ms(self.observe_now(&mut g));
         let id = write_tx(&mut g.conn, |tx| {
             let existing: Option<String> =
                 tx.query_row("SELECT id FROM users WHERE external_id = ?1", [&profile.external_id], |r| r.get(0)).optional()?;
@@ -200,7 +200,7 @@ impl Tally {
             parse_tz(tz)?;
         }
         let mut g = self.lock();
-        let now = ms(self.now(&g));
+        let now = ms(self.observe_now(&mut g));
         write_tx(&mut g.conn, |tx| {
             let patch: Option<Option<String>> =
                 tx.query_row("SELECT profile_patch FROM users WHERE id = ?1", [user_id], |r| r.get(0)).optional()?;

@@ -28,6 +28,7 @@ pub const CATALOG: &str = r#"{
     "daily":    {"type": "metered", "limit": 30, "period": "day", "enforcement": "hard"},
     "notes":    {"type": "metered", "limit": 30, "period": "day", "enforcement": "soft"},
     "hourly":   {"type": "metered", "limit": 40, "period": "hour", "enforcement": "hard"},
+    "weekly":   {"type": "metered", "limit": 500, "period": "week", "enforcement": "hard"},
     "uploads":  {"type": "metered", "limit": 100, "period": "billing", "enforcement": "hard"},
     "stars":    {"type": "metered", "limit": null, "period": "lifetime", "enforcement": "hard"},
     "export":   {"type": "flag", "enabled": true},
