@@ -1,0 +1,205 @@
+package dev.tally
+
+import java.io.File
+import java.net.HttpURLConnection
+import java.net.ServerSocket
+import java.net.URI
+import java.nio.file.Files
+import java.nio.file.Path
+import java.nio.file.attribute.PosixFilePermissions
+import java.util.Base64
+import java.util.UUID
+import java.util.concurrent.TimeUnit
+import javax.crypto.Mac
+import javax.crypto.spec.SecretKeySpec
+import kotlinx.coroutines.Dispatchers
+import kotlinx.coroutines.async
+import kotlinx.coroutines.delay
+import kotlinx.coroutines.flow.filter
+import kotlinx.coroutines.flow.first
+import kotlinx.coroutines.runBlocking
+import kotlinx.coroutines.withTimeout
+import org.junit.jupiter.api.AfterAll
+import org.junit.jupiter.api.Assertions.assertEquals
+import org.junit.jupiter.api.Assertions.assertNotNull
+import org.junit.jupiter.api.Assertions.assertThrows
+import org.junit.jupiter.api.Assertions.assertTrue
+import org.junit.jupiter.api.Assumptions.assumeTrue
+import org.junit.jupiter.api.BeforeAll
+import org.junit.jupiter.api.Test
+import org.junit.jupiter.api.io.TempDir
+
+/**
+ * `sync` against a real `tally-server` process (embedded PostgreSQL in a temporary data dir),
+ * started once for this class. Skipped, loudly, when the server binary is not built
+ * (`cargo build -p tally-server`) or PostgreSQL is not installed.
+ */
+class SyncTest {
+    companion object {
+        private const val SECRET = "kotlin-test-identity-secret"
+        private lateinit var dataDir: Path
+        private var server: Process? = null
+        private var baseUrl = ""
+        private var keys = ""
+
+        @BeforeAll
+        @JvmStatic
+        fun startServer() {
+            val bin = File(System.getProperty("tally.server.bin").orEmpty().ifEmpty { "../../target/debug/tally-server" })
+            if (!bin.canExecute()) System.err.println("\n!!!!! SKIPPING SyncTest: ${bin.absolutePath} not built (cargo build -p tally-server) !!!!!\n")
+            assumeTrue(bin.canExecute(), "tally-server binary not built")
+            dataDir = Files.createTempDirectory("tally-kotlin-sync")
+            // The embedded PostgreSQL runs as the `postgres` user when we are root: let it in.
+            Files.setPosixFilePermissions(dataDir, PosixFilePermissions.fromString("rwxr-xr-x"))
+            val plans = dataDir.resolve("plans.json").also { Files.writeString(it, CATALOG) }
+            val port = ServerSocket(0).use { it.localPort }
+            baseUrl = "http://127.0.0.1:$port"
+            val log = dataDir.resolve("server.log").toFile()
+            val pb = ProcessBuilder(bin.absolutePath, "serve").redirectErrorStream(true).redirectOutput(log)
+            pb.environment().apply {
+                remove("TALLY_DATABASE_URL")
+                put("TALLY_LISTEN", "127.0.0.1:$port")
+                put("TALLY_DATA_DIR", dataDir.resolve("data").toString())
+                put("TALLY_JWT_SECRET", SECRET)
+                put("TALLY_PLANS_FILE", plans.toString())
+            }
+            val p = pb.start()
+            server = p
+            val deadline = System.nanoTime() + TimeUnit.SECONDS.toNanos(120)
+            while (System.nanoTime() < deadline) {
+                if (!p.isAlive) {
+                    val out = log.readText()
+                    if (out.contains("initdb", ignoreCase = true) && out.contains("not found", ignoreCase = true)) {
+                        System.err.println("\n!!!!! SKIPPING SyncTest: PostgreSQL binaries not installed !!!!!\n$out")
+                        assumeTrue(false, "PostgreSQL not installed")
+                    }
+                    throw IllegalStateException("tally-server exited with ${p.exitValue()}:\n$out")
+                }
+                if (runCatching { get("/healthz") }.isSuccess) break
+                Thread.sleep(200)
+            }
+            check(runCatching { get("/healthz") }.isSuccess) { "tally-server did not come up:\n${log.readText()}" }
+            keys = get("/v1/keys")
+        }
+
+        @AfterAll
+        @JvmStatic
+        fun stopServer() {
+            server?.let { p ->
+                p.destroy() // SIGTERM: the server stops its embedded PostgreSQL
+                if (!p.waitFor(60, TimeUnit.SECONDS)) p.destroyForcibly().waitFor()
+            }
+            if (::dataDir.isInitialized) dataDir.toFile().deleteRecursively()
+        }
+
+        private fun get(path: String): String {
+            val c = URI("$baseUrl$path").toURL().openConnection() as HttpURLConnection
+            c.connectTimeout = 2000
+            c.readTimeout = 5000
+            try {
+                check(c.responseCode == 200) { "GET $path: ${c.responseCode}" }
+                return c.inputStream.readBytes().decodeToString()
+            } finally {
+                c.disconnect()
+            }
+        }
+
+        /** An HS256 identity token from the test identity provider. */
+        fun idToken(sub: String, secret: String = SECRET): String {
+            val b64 = Base64.getUrlEncoder().withoutPadding()
+            val now = System.currentTimeMillis() / 1000
+            val header = b64.encodeToString("""{"alg":"HS256","typ":"JWT"}""".toByteArray())
+            val claims = b64.encodeToString(
+                """{"sub":"$sub","iat":$now,"exp":${now + 3600},"email":"$sub@example.com","email_verified":true}""".toByteArray(),
+            )
+            val mac = Mac.getInstance("HmacSHA256").apply { init(SecretKeySpec(secret.toByteArray(), "HmacSHA256")) }
+            val sig = b64.encodeToString(mac.doFinal("$header.$claims".toByteArray()))
+            return "$header.$claims.$sig"
+        }
+    }
+
+    @TempDir
+    lateinit var dir: Path
+
+    private fun device(name: String): Tally = Tally.open(
+        dir.resolve("$name.db").toString(),
+        TallyConfig(deviceId = name, catalogJson = CATALOG, serverKeys = keys, localOnlySettings = listOf("theme")),
+    )
+
+    private fun options(sub: String) = SyncOptions(serverUrl = baseUrl, token = idToken(sub))
+
+    @Test
+    fun `two devices sync through a real server and converge`() = runBlocking {
+        val sub = "kotlin-${UUID.randomUUID()}"
+        device("phone").use { a ->
+            device("laptop").use { b ->
+                val ua = a.signIn(Profile(externalId = sub)).id
+                val ub = b.signIn(Profile(externalId = sub)).id
+                a.consume(ua, "ai_chat", 1uL, UsageMeta(idempotencyKey = "a-1"))
+                a.consume(ua, "ai_chat", 1uL, UsageMeta(idempotencyKey = "a-2"))
+                a.setSetting(ua, "fontSize", "18")
+                a.setSetting(ua, "theme", "\"dark\"") // local-only: never synced
+
+                val r1 = a.sync(ua, options(sub))
+                assertEquals(2uL, r1.eventsSent)
+                assertEquals(2uL, r1.eventsAcked)
+                assertEquals(0uL, r1.duplicates)
+                assertTrue(r1.rejected.isEmpty())
+                assertEquals(1uL, r1.settingsSent)
+                assertTrue(r1.rounds >= 1uL)
+                assertTrue(r1.entitlementsUpdated, "the device got a signed entitlements token")
+                assertEquals(0uL, a.pendingEvents(ua))
+                assertEquals(EventStatus.Settled, a.eventStatus(ua, "a-1"))
+                assertNotNull(a.lastSyncedAtMs(ua))
+
+                b.consume(ub, "ai_chat")
+                val r2 = b.sync(ub, options(sub))
+                assertEquals(1uL, r2.eventsAcked)
+                assertEquals(1uL, r2.settingsReceived)
+                assertEquals(3uL, b.usage(ub, "ai_chat").used, "server total includes the other device")
+                assertEquals("18", b.setting(ub, "fontSize"))
+                assertEquals(null, b.setting(ub, "theme"))
+
+                a.sync(ua, options(sub))
+                assertEquals(3uL, a.usage(ua, "ai_chat").used)
+                assertEquals(Reason.LIMIT_REACHED, a.check(ua, "ai_chat").reason)
+
+                val again = a.sync(ua, options(sub))
+                assertEquals(0uL, again.eventsSent, "nothing left to send")
+                assertEquals(3uL, a.usage(ua, "ai_chat").used)
+            }
+        }
+    }
+
+    @Test
+    fun `the changes Flow reports a sync`() = runBlocking {
+        val sub = "kotlin-${UUID.randomUUID()}"
+        device("tablet").use { t ->
+            val u = t.signIn(Profile(externalId = sub)).id
+            t.consume(u, "notes", 3uL)
+            val change = async(Dispatchers.Default) { withTimeout(30_000) { t.changes(u).filter { it.change.usage }.first() } }
+            withTimeout(10_000) { while (t.changeCollectors() == 0) delay(5) }
+            t.sync(u, options(sub))
+            assertEquals(u, change.await().userId)
+        }
+    }
+
+    @Test
+    fun `sync errors arrive as TallyException variants and keep the events`() = runBlocking {
+        val sub = "kotlin-${UUID.randomUUID()}"
+        device("watch").use { w ->
+            val u = w.signIn(Profile(externalId = sub)).id
+            w.consume(u, "notes")
+            assertThrows(TallyException.Unauthorized::class.java) {
+                runBlocking { w.sync(u, SyncOptions(serverUrl = baseUrl, token = idToken(sub, secret = "not-the-secret"))) }
+            }
+            val closedPort = ServerSocket(0).use { it.localPort }
+            assertThrows(TallyException.Network::class.java) {
+                runBlocking { w.sync(u, SyncOptions(serverUrl = "http://127.0.0.1:$closedPort", token = idToken(sub), maxAttempts = 1u, timeoutMs = 2000uL)) }
+            }
+            assertEquals(1uL, w.pendingEvents(u), "a failed sync loses nothing")
+            assertEquals(1uL, w.sync(u, options(sub)).eventsAcked)
+            assertEquals(0uL, w.pendingEvents(u))
+        }
+    }
+}
