@@ -37,12 +37,9 @@ impl Tally {
         let rows = st.query_map([user_id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?, r.get::<_, bool>(2)?)))?;
         for row in rows {
             let (k, v, deleted) = row?;
-            match (deleted, v) {
-                (false, Some(v)) => {
-                    out.insert(k, serde_json::from_str(&v)?);
-                }
-                // A tombstone is "no stored value": the default (if any) shows through again.
-                _ => {}
+            // A tombstone is "no stored value": the default (if any) shows through again.
+            if let (false, Some(v)) = (deleted, v) {
+                out.insert(k, serde_json::from_str(&v)?);
             }
         }
         Ok(out)

@@ -163,7 +163,8 @@ fn entitlements_resolution_order() {
     assert_eq!(r.features["ai_chat"].limit(), Some(5));
     let grant = AccessGrant { plan: "team".into(), until: Some(now + Duration::hours(1)), granted_by: "ops".into(), reason: "beta".into() };
     let mut state = Entitlements { plan: "pro".into(), status: SubscriptionStatus::Active, is_admin: true, grants: vec![grant], ..Entitlements::free() };
-    let cases: Vec<(Box<dyn Fn(&mut Entitlements)>, &str, &str)> = vec![
+    type Step = Box<dyn Fn(&mut Entitlements)>;
+    let cases: Vec<(Step, &str, &str)> = vec![
         (Box::new(|_| {}), "admin", "pro"),
         (Box::new(|s| s.is_admin = false), "subscription", "pro"),
         (Box::new(|s| s.status = SubscriptionStatus::Trialing), "trial", "pro"),

@@ -57,12 +57,17 @@ fn meta(key: Option<u8>, feature: usize, tokens: Option<u64>) -> UsageMeta {
     m
 }
 
+/// (feature, amount, input tokens, first decision) of a recorded keyed consume.
+type Keyed = (usize, u64, Option<u64>, Decision);
+/// (user, feature, amount, key, tokens) of an issued consume.
+type Issued = (usize, usize, u64, Option<u8>, Option<u64>);
+
 struct Model {
     users: Vec<(String, chrono_tz::Tz, DateTime<Utc>)>,
     /// (user, key) -> (feature, amount, tokens, first decision) of recorded keyed consumes.
-    keyed: HashMap<(usize, u8), (usize, u64, Option<u64>, Decision)>,
+    keyed: HashMap<(usize, u8), Keyed>,
     /// Consumes issued so far (for replays).
-    issued: Vec<(usize, usize, u64, Option<u8>, Option<u64>)>,
+    issued: Vec<Issued>,
     events: [i64; 3],
     highest: DateTime<Utc>,
 }

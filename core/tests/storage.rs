@@ -294,10 +294,10 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
         let reader = std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                if let Some(k) = line.strip_prefix("ACK ") {
-                    if tx.send(k.to_string()).is_err() {
-                        break;
-                    }
+                if let Some(k) = line.strip_prefix("ACK ")
+                    && tx.send(k.to_string()).is_err()
+                {
+                    break;
                 }
             }
         });
