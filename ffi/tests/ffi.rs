@@ -1,0 +1,430 @@
+//! Tests of the FFI surface itself, called as the foreign side would call it: conversions both
+//! ways, error mapping, JSON validation, the panic guard, foreign callbacks, and concurrent
+//! calls on one `Tally`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use tally_ffi::*;
+
+const CATALOG: &str = r#"{"models": {"gpt-4o": {"input_micros_per_mtok": 2500000, "output_micros_per_mtok": 10000000}},
+ "plans": [{"id": "free", "features": {
+   "ai_chat": {"type": "metered", "limit": 3, "period": "month", "enforcement": "hard"},
+   "export":  {"type": "flag", "enabled": false},
+   "images":  {"type": "credits", "cost": 10},
+   "api":     {"type": "rate", "limit": 100, "window_secs": 60},
+   "spend":   {"type": "budget", "limit_micros": 2000000, "period": "day", "enforcement": "soft"}}},
+  {"id": "pro", "features": {
+   "ai_chat": {"type": "metered", "limit": null, "period": "month", "enforcement": "hard"}}}]}"#;
+
+/// 2025-03-10T12:00:00Z
+const T0: i64 = 1_741_608_000_000;
+
+#[derive(Debug)]
+struct FixedClock(AtomicI64);
+
+impl TallyClock for FixedClock {
+    fn now_ms(&self) -> i64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+fn config(clock: Option<Arc<FixedClock>>) -> TallyConfig {
+    TallyConfig {
+        device_id: Some("dev-1".into()),
+        durability: Some(Durability::Normal),
+        default_settings_json: Some(r#"{"theme": "light"}"#.into()),
+        local_only_settings: vec!["theme".into()],
+        catalog_json: Some(CATALOG.into()),
+        past_due_grace_secs: Some(3600),
+        token_grace_secs: Some(3600),
+        busy_timeout_ms: Some(5000),
+        server_keys: None,
+        clock: clock.map(|c| c as Arc<dyn TallyClock>),
+    }
+}
+
+fn open() -> (Arc<Tally>, Arc<FixedClock>) {
+    let clock = Arc::new(FixedClock(AtomicI64::new(T0)));
+    (Tally::open_in_memory(config(Some(clock.clone()))).expect("open"), clock)
+}
+
+fn is_invalid<T: std::fmt::Debug>(r: Result<T, TallyError>) -> bool {
+    matches!(r, Err(TallyError::InvalidInput { .. }))
+}
+
+#[test]
+fn config_converts_and_validates() {
+    let core = tally_core::Config::try_from(config(None)).expect("config");
+    assert_eq!(core.device_id.as_deref(), Some("dev-1"));
+    assert_eq!(core.default_settings.get("theme"), Some(&serde_json::json!("light")));
+    assert_eq!(core.past_due_grace, chrono::Duration::hours(1));
+    assert_eq!(core.busy_timeout, std::time::Duration::from_secs(5));
+    assert_eq!(core.catalog.plans.len(), 2);
+
+    let bad_json = TallyConfig { default_settings_json: Some("{oops".into()), ..config(None) };
+    assert!(matches!(Tally::open_in_memory(bad_json), Err(TallyError::InvalidInput { message }) if message.contains("default_settings_json")));
+    let not_object = TallyConfig { default_settings_json: Some("[1]".into()), ..config(None) };
+    assert!(matches!(Tally::open_in_memory(not_object), Err(TallyError::InvalidInput { message }) if message.contains("must be a JSON object")));
+    let bad_catalog = TallyConfig { catalog_json: Some(r#"{"plans":[{"id":"free","features":{"x":{"type":"metered","limit":-1,"period":"day"}}}]}"#.into()), ..config(None) };
+    assert!(matches!(Tally::open_in_memory(bad_catalog), Err(TallyError::InvalidCatalog { message }) if message.contains("plans[0].features.x.limit")));
+    let huge = TallyConfig { token_grace_secs: Some(u64::MAX), ..config(None) };
+    assert!(is_invalid(Tally::open_in_memory(huge)));
+}
+
+#[test]
+fn foreign_clock_drives_time() {
+    let (t, clock) = open();
+    let u = t.create_local_user(Some("Ada".into())).unwrap();
+    assert_eq!(u.created_at_ms, T0);
+    let d = t.consume(u.id.clone(), "ai_chat".into(), 1, None).unwrap();
+    assert_eq!(d.resets_at_ms, Some(1_743_465_600_000)); // 2025-04-01T00:00:00Z
+    clock.0.store(1_743_465_600_000 + 1000, Ordering::SeqCst);
+    assert_eq!(t.usage(u.id.clone(), "ai_chat".into()).unwrap().used, 0, "next month");
+    // Moving the clock back does not go below the highest time seen.
+    clock.0.store(T0 - 86_400_000, Ordering::SeqCst);
+    assert!(t.highest_seen_time_ms().unwrap() >= T0);
+}
+
+#[test]
+fn records_convert_both_ways() {
+    let now = chrono::DateTime::from_timestamp_millis(T0).unwrap();
+    let user = tally_core::User {
+        id: "u1".into(),
+        external_id: Some("sub".into()),
+        email: None,
+        display_name: Some("Ada".into()),
+        avatar_url: None,
+        timezone: "Europe/Paris".into(),
+        is_admin: true,
+        signed_in: true,
+        created_at: now,
+        updated_at: now,
+    };
+    let ffi = User::from(user.clone());
+    assert_eq!(ffi.created_at_ms, T0);
+    assert_eq!(tally_core::User::try_from(ffi).unwrap(), user);
+
+    let decision = tally_core::Decision {
+        allowed: false,
+        reason: tally_core::Reason::LimitReached,
+        used: 5,
+        limit: Some(5),
+        remaining: Some(0),
+        resets_at: Some(now),
+        access_reason: "free".into(),
+        over_limit_by: 0,
+    };
+    let ffi = Decision::from(decision.clone());
+    assert_eq!(ffi.reason, Reason::LimitReached);
+    assert_eq!(tally_core::Decision::try_from(ffi).unwrap(), decision);
+
+    for r in [
+        tally_core::Reason::Ok,
+        tally_core::Reason::LimitReached,
+        tally_core::Reason::BudgetExceeded,
+        tally_core::Reason::NotInPlan,
+        tally_core::Reason::RateLimited,
+        tally_core::Reason::InsufficientCredits,
+        tally_core::Reason::UnknownFeature,
+        tally_core::Reason::UnknownModel,
+        tally_core::Reason::OverLimitSoft,
+    ] {
+        assert_eq!(tally_core::Reason::from(Reason::from(r)), r);
+    }
+    for p in tally_core::Period::ALL {
+        assert_eq!(tally_core::Period::from(Period::from(p)), p);
+    }
+
+    let catalog = tally_core::Catalog::from_json(CATALOG).unwrap();
+    let mut ent = tally_core::Entitlements::free();
+    ent.plan = "pro".into();
+    ent.status = tally_core::SubscriptionStatus::PastDue;
+    ent.past_due_since = Some(now);
+    ent.period_start = Some(now);
+    ent.period_end = Some(now + chrono::Duration::days(30));
+    ent.features = catalog.plans[0].features.clone();
+    ent.free_features = catalog.plans[0].features.clone();
+    ent.models = catalog.models.clone();
+    ent.grants = vec![tally_core::AccessGrant { plan: "pro".into(), until: Some(now), granted_by: "admin".into(), reason: "beta".into() }];
+    ent.credit_grants = vec![tally_core::CreditGrant { id: "g1".into(), remaining: 50, expires_at: None, source: "plan".into() }];
+    ent.tz = Some("Asia/Tokyo".into());
+    ent.ver = 7;
+    let ffi = Entitlements::from(ent.clone());
+    assert_eq!(ffi.features.len(), 5);
+    assert_eq!(ffi.features["spend"], Rule::Budget { limit_micros: 2_000_000, period: Period::Day, enforcement: Enforcement::Soft });
+    assert_eq!(ffi.models["gpt-4o"].output_micros_per_mtok, 10_000_000);
+    assert_eq!(tally_core::Entitlements::try_from(ffi).unwrap(), ent);
+
+    let meta = UsageMeta { idempotency_key: Some("k".into()), model: Some("gpt-4o".into()), input_tokens: Some(1), output_tokens: Some(2), metadata_json: Some(r#"{"a":1}"#.into()) };
+    let core_meta = tally_core::UsageMeta::try_from(meta.clone()).unwrap();
+    assert_eq!(core_meta.metadata, Some(serde_json::json!({"a": 1})));
+    assert_eq!(UsageMeta::from(core_meta), meta);
+
+    let status = tally_core::EventStatus::Rejected("conflict".into());
+    assert_eq!(EventStatus::from(status.clone()), EventStatus::Rejected { reason: "conflict".into() });
+    assert_eq!(tally_core::EventStatus::from(EventStatus::from(status.clone())), status);
+
+    let report = SyncReport { events_sent: 3, events_acked: 2, duplicates: 1, rejected: vec![RejectedEvent { id: "e".into(), reason: "conflict".into() }], settings_sent: 1, settings_received: 2, rounds: 1, entitlements_updated: true };
+    assert_eq!(SyncReport::from(tally_core::SyncReport::from(report.clone())), report);
+
+    let change = tally_core::Change { usage: true, entitlements: false, settings: true };
+    assert_eq!(tally_core::Change::from(Change::from(change)), change);
+
+    // Out-of-range timestamps from the foreign side are rejected, not wrapped.
+    let bad = Entitlements { period_start_ms: Some(i64::MAX), ..Entitlements::from(tally_core::Entitlements::free()) };
+    assert!(matches!(tally_core::Entitlements::try_from(bad), Err(TallyError::InvalidInput { message }) if message.contains("period_start_ms")));
+}
+
+#[test]
+fn core_errors_map_to_variants() {
+    use tally_core::Error as E;
+    type Check = fn(&TallyError) -> bool;
+    let cases: Vec<(E, Check)> = vec![
+        (E::NotFound("user x".into()), |e| matches!(e, TallyError::NotFound { .. })),
+        (E::invalid("bad"), |e| matches!(e, TallyError::InvalidInput { .. })),
+        (E::catalog("plans[0]", "bad"), |e| matches!(e, TallyError::InvalidCatalog { message } if message.contains("plans[0]"))),
+        (E::IdempotencyConflict("id".into()), |e| matches!(e, TallyError::IdempotencyConflict { .. })),
+        (E::UnsyncedEvents(4), |e| matches!(e, TallyError::UnsyncedEvents { message } if message.contains('4'))),
+        (E::SchemaTooNew { found: 9, supported: 1 }, |e| matches!(e, TallyError::SchemaTooNew { .. })),
+        (E::Storage(rusqlite_error()), |e| matches!(e, TallyError::Storage { .. })),
+        (E::Migration("m".into()), |e| matches!(e, TallyError::Storage { .. })),
+        (E::Unauthorized("expired".into()), |e| matches!(e, TallyError::Unauthorized { .. })),
+        (E::AccountDeleted, |e| matches!(e, TallyError::AccountDeleted { .. })),
+        (E::Network("refused".into()), |e| matches!(e, TallyError::Network { .. })),
+        (E::Server { status: 500, code: "internal".into(), message: "boom".into() }, |e| matches!(e, TallyError::Server { message } if message.contains("500"))),
+        (E::InvalidToken("sig".into()), |e| matches!(e, TallyError::InvalidToken { .. })),
+    ];
+    for (core, check) in cases {
+        let text = core.to_string();
+        let e = TallyError::from(core);
+        assert!(check(&e), "{text} mapped to {e:?}");
+        assert_eq!(e.to_string(), text, "the message is the core's");
+    }
+}
+
+fn rusqlite_error() -> rusqlite::Error {
+    rusqlite::Error::InvalidQuery
+}
+
+#[test]
+fn storage_errors_reach_the_foreign_side() {
+    let dir = tempfile::tempdir().unwrap();
+    // A directory is not a database file.
+    let r = Tally::open(dir.path().to_string_lossy().into_owned(), config(None));
+    assert!(matches!(r, Err(TallyError::Storage { .. })), "{r:?}");
+}
+
+#[test]
+fn panics_become_internal_errors() {
+    let r: Result<u32, TallyError> = guard(|| panic!("boom at the boundary"));
+    assert_eq!(r, Err(TallyError::Internal { message: "internal error: boom at the boundary".into() }));
+    let r: Result<u32, TallyError> = guard(|| {
+        let v: Vec<u32> = Vec::new();
+        #[allow(clippy::useless_vec)]
+        Ok(v[3])
+    });
+    assert!(matches!(r, Err(TallyError::Internal { message }) if message.contains("index out of bounds")));
+    assert_eq!(guard(|| Ok(7)), Ok(7));
+}
+
+#[derive(Debug)]
+struct ThrowingClock;
+impl TallyClock for ThrowingClock {
+    fn now_ms(&self) -> i64 {
+        panic!("the foreign clock threw")
+    }
+}
+
+struct ThrowingListener;
+impl ChangeListener for ThrowingListener {
+    fn on_change(&self, _: String, _: Change) {
+        panic!("the foreign listener threw")
+    }
+}
+
+#[test]
+fn failing_foreign_callbacks_do_not_break_calls() {
+    let t = Tally::open_in_memory(TallyConfig { clock: Some(Arc::new(ThrowingClock)), ..config(None) }).unwrap();
+    t.set_listener(Arc::new(ThrowingListener)).unwrap();
+    let u = t.create_local_user(None).unwrap().id;
+    let d = t.consume(u.clone(), "ai_chat".into(), 1, None).expect("the consume committed and answers");
+    assert!(d.allowed);
+    assert_eq!(t.usage(u, "ai_chat".into()).unwrap().used, 1);
+}
+
+#[derive(Default)]
+struct Recorder(Mutex<Vec<(String, Change)>>);
+impl ChangeListener for Recorder {
+    fn on_change(&self, user_id: String, change: Change) {
+        self.0.lock().unwrap().push((user_id, change));
+    }
+}
+
+#[test]
+fn listener_is_told_about_changes() {
+    let (t, _) = open();
+    let rec = Arc::new(Recorder::default());
+    t.set_listener(rec.clone()).unwrap();
+    let u = t.create_local_user(None).unwrap().id;
+    t.consume(u.clone(), "ai_chat".into(), 1, None).unwrap();
+    t.set_setting(u.clone(), "k".into(), "1".into()).unwrap();
+    let seen = rec.0.lock().unwrap().clone();
+    assert!(seen.iter().any(|(id, c)| id == &u && c.usage), "{seen:?}");
+    assert!(seen.iter().any(|(id, c)| id == &u && c.settings), "{seen:?}");
+    t.clear_listener().unwrap();
+    let before = rec.0.lock().unwrap().len();
+    t.consume(u, "ai_chat".into(), 1, None).unwrap();
+    assert_eq!(rec.0.lock().unwrap().len(), before);
+}
+
+#[test]
+fn json_values_cross_as_strings_and_are_validated() {
+    let (t, _) = open();
+    let u = t.create_local_user(None).unwrap().id;
+    assert_eq!(t.setting(u.clone(), "theme".into()).unwrap().as_deref(), Some("\"light\""));
+    t.set_setting(u.clone(), "layout".into(), r#"{"cols": 2, "tags": ["a", "b"], "ratio": 0.5}"#.into()).unwrap();
+    assert_eq!(t.setting(u.clone(), "layout".into()).unwrap().as_deref(), Some(r#"{"cols":2,"ratio":0.5,"tags":["a","b"]}"#));
+    let all: serde_json::Value = serde_json::from_str(&t.settings(u.clone()).unwrap()).unwrap();
+    assert_eq!(all["layout"]["cols"], 2);
+    assert_eq!(all["theme"], "light");
+
+    for bad in ["", "{", "{'a': 1}", "undefined", "[1,]", "01"] {
+        let r = t.set_setting(u.clone(), "layout".into(), bad.into());
+        assert!(matches!(&r, Err(TallyError::InvalidInput { message }) if message.contains("not valid JSON")), "{bad:?}: {r:?}");
+    }
+    for bad in ["[1, 2]", "\"x\"", "3", "null"] {
+        assert!(is_invalid(t.patch_settings(u.clone(), bad.into())), "{bad:?}");
+        assert!(is_invalid(t.replace_settings(u.clone(), bad.into())), "{bad:?}");
+    }
+    assert!(is_invalid(t.consume(u.clone(), "ai_chat".into(), 1, Some(UsageMeta { metadata_json: Some("{x".into()), ..Default::default() }))));
+    // Nothing changed.
+    let after: serde_json::Value = serde_json::from_str(&t.settings(u.clone()).unwrap()).unwrap();
+    assert_eq!(after, all);
+    assert_eq!(t.pending_events(u).unwrap(), 0);
+
+    t.patch_settings(t.users().unwrap()[0].id.clone(), r#"{"layout": null, "n": 1}"#.into()).unwrap();
+}
+
+#[test]
+fn bad_input_gets_the_right_variant_and_changes_nothing() {
+    let (t, _) = open();
+    let u = t.create_local_user(Some("Ada".into())).unwrap();
+    t.consume(u.id.clone(), "ai_chat".into(), 1, Some(UsageMeta { idempotency_key: Some("k1".into()), ..Default::default() })).unwrap();
+    let snapshot = (t.users().unwrap(), t.settings(u.id.clone()).unwrap(), t.usage(u.id.clone(), "ai_chat".into()).unwrap(), t.pending_events(u.id.clone()).unwrap());
+
+    // Unknown user.
+    assert!(matches!(t.consume("nobody".into(), "ai_chat".into(), 1, None), Err(TallyError::NotFound { .. })));
+    assert!(matches!(t.set_setting("nobody".into(), "a".into(), "1".into()), Err(TallyError::NotFound { .. })));
+    assert!(matches!(t.update_user("nobody".into(), UserUpdate::default()), Err(TallyError::NotFound { .. })));
+    assert!(matches!(t.event_status(u.id.clone(), "no-such-event".into()), Err(TallyError::NotFound { .. })));
+    // Negative (as the foreign side's signed value reinterpreted), zero and overflowing amounts.
+    assert!(is_invalid(t.consume(u.id.clone(), "ai_chat".into(), (-1i64) as u64, None)));
+    assert!(is_invalid(t.consume(u.id.clone(), "ai_chat".into(), 0, None)));
+    assert!(is_invalid(t.consume_many(u.id.clone(), vec![ConsumeItem { feature: "ai_chat".into(), amount: 1, meta: None }, ConsumeItem { feature: "ai_chat".into(), amount: u64::MAX, meta: None }])));
+    // Invalid timezone.
+    assert!(matches!(t.update_user(u.id.clone(), UserUpdate { timezone: Some("Not/AZone".into()), display_name: Some("Bob".into()), ..Default::default() }), Err(TallyError::InvalidInput { message }) if message.contains("timezone")));
+    // Idempotency conflict.
+    assert!(matches!(t.consume(u.id.clone(), "ai_chat".into(), 2, Some(UsageMeta { idempotency_key: Some("k1".into()), ..Default::default() })), Err(TallyError::IdempotencyConflict { .. })));
+    // Bad catalog, bad time range, bad entitlements.
+    assert!(matches!(t.set_catalog("{\"plans\": 3}".into()), Err(TallyError::InvalidCatalog { .. })));
+    assert!(is_invalid(t.report(u.id.clone(), T0, T0 - 1, GroupBy::Day)));
+    assert!(is_invalid(t.report(u.id.clone(), i64::MIN, T0, GroupBy::Day)));
+    let unknown_plan = Entitlements { plan: "platinum".into(), status: SubscriptionStatus::Active, ..Entitlements::from(tally_core::Entitlements::free()) };
+    assert!(is_invalid(t.set_entitlements(u.id.clone(), unknown_plan)));
+
+    let now = (t.users().unwrap(), t.settings(u.id.clone()).unwrap(), t.usage(u.id.clone(), "ai_chat".into()).unwrap(), t.pending_events(u.id.clone()).unwrap());
+    assert_eq!(now, snapshot, "bad input changed nothing");
+    assert_eq!(t.check(u.id, "ai_chat".into(), 1).unwrap().limit, Some(3), "the catalog was kept");
+}
+
+#[test]
+fn quota_calls_through_the_ffi() {
+    let (t, _) = open();
+    let u = t.create_local_user(None).unwrap().id;
+    for i in 1..=3u64 {
+        let d = t.consume(u.clone(), "ai_chat".into(), 1, None).unwrap();
+        assert!(d.allowed && d.used == i);
+    }
+    let d = t.consume(u.clone(), "ai_chat".into(), 1, None).unwrap();
+    assert_eq!((d.allowed, d.reason, d.remaining), (false, Reason::LimitReached, Some(0)));
+    assert_eq!(t.check(u.clone(), "export".into(), 1).unwrap().reason, Reason::NotInPlan);
+    assert_eq!(t.check(u.clone(), "nope".into(), 1).unwrap().reason, Reason::UnknownFeature);
+    let d = t.consume(u.clone(), "spend".into(), 1, Some(UsageMeta { model: Some("gpt-4o".into()), input_tokens: Some(1_000_000), output_tokens: Some(0), ..Default::default() })).unwrap();
+    assert_eq!(d.reason, Reason::BudgetExceeded, "a budget always records and flags");
+
+    t.set_entitlements(u.clone(), Entitlements { plan: "pro".into(), status: SubscriptionStatus::Active, credit_grants: vec![CreditGrant { id: "g".into(), remaining: 25, expires_at_ms: None, source: "purchase".into() }], ..Entitlements::from(tally_core::Entitlements::free()) }).unwrap();
+    let e = t.entitlements(u.clone()).unwrap();
+    assert_eq!((e.plan.as_str(), e.access_reason.as_str(), e.credit_balance), ("pro", "subscription", 25));
+    assert_eq!(e.features.get("ai_chat"), Some(&Rule::Metered { limit: None, period: Period::Month, enforcement: Enforcement::Hard }));
+    assert_eq!(t.credit_balance(u.clone()).unwrap(), 25);
+    assert_eq!(t.consume(u.clone(), "ai_chat".into(), 1, None).unwrap().limit, None);
+
+    let rows = t.report(u.clone(), T0 - 1, T0 + 1, GroupBy::Feature).unwrap();
+    assert_eq!(rows.iter().map(|r| (r.key.as_str(), r.events)).collect::<Vec<_>>(), vec![("ai_chat", 4), ("spend", 1)]);
+    assert_eq!(rows[1].cost_micros, 2_500_000);
+    let ids: HashMap<String, u64> = t.report(u.clone(), T0 - 1, T0 + 1, GroupBy::Model).unwrap().into_iter().map(|r| (r.key, r.amount)).collect();
+    assert_eq!(ids.get("gpt-4o"), Some(&1));
+    assert_eq!(t.pending_events(u.clone()).unwrap(), 5);
+    assert_eq!(t.last_synced_at_ms(u).unwrap(), None);
+    assert_eq!(event_id_for_key("abc".into()), event_id_for_key("abc".into()));
+    assert!(validate_catalog(CATALOG.into()).is_ok());
+}
+
+#[test]
+fn concurrent_calls_from_several_threads_on_one_tally() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Tally::open(dir.path().join("t.db").to_string_lossy().into_owned(), TallyConfig { catalog_json: Some(CATALOG.into()), ..config(None) }).unwrap();
+    let users: Vec<String> = (0..4).map(|_| t.create_local_user(None).unwrap().id).collect();
+    for u in &users {
+        t.set_entitlements(u.clone(), Entitlements { plan: "pro".into(), status: SubscriptionStatus::Active, ..Entitlements::from(tally_core::Entitlements::free()) }).unwrap();
+    }
+    std::thread::scope(|s| {
+        for th in 0..8 {
+            let t = t.clone();
+            let users = users.clone();
+            s.spawn(move || {
+                for i in 0..50 {
+                    let u = users[(th + i) % users.len()].clone();
+                    // Keys repeat across threads: each key counts once.
+                    let key = format!("{u}-{}", i % 25);
+                    let d = t.consume(u.clone(), "ai_chat".into(), 1, Some(UsageMeta { idempotency_key: Some(key), ..Default::default() })).unwrap();
+                    assert!(d.allowed);
+                    t.set_setting(u.clone(), format!("t{th}"), i.to_string()).unwrap();
+                    t.usage(u.clone(), "ai_chat".into()).unwrap();
+                    t.entitlements(u).unwrap();
+                }
+            });
+        }
+    });
+    for u in &users {
+        assert_eq!(t.usage(u.clone(), "ai_chat".into()).unwrap().used, t.pending_events(u.clone()).unwrap());
+        let settings: serde_json::Value = serde_json::from_str(&t.settings(u.clone()).unwrap()).unwrap();
+        assert_eq!(settings.as_object().unwrap().len(), 9, "8 thread keys + the default theme");
+    }
+    let total: u64 = users.iter().map(|u| t.usage(u.clone(), "ai_chat".into()).unwrap().used).sum();
+    assert_eq!(total, 4 * 25, "distinct (user, key) pairs");
+}
+
+#[tokio::test]
+async fn sync_is_async_and_maps_network_errors() {
+    let (t, _) = open();
+    let u = t.sign_in(Profile { external_id: "sub-1".into(), email: None, display_name: None, avatar_url: None }, None).unwrap().id;
+    t.consume(u.clone(), "ai_chat".into(), 1, None).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let options = SyncOptions {
+        server_url: format!("http://127.0.0.1:{port}"),
+        token: "t".into(),
+        token_provider: None,
+        max_batch_events: None,
+        max_batch_bytes: None,
+        max_attempts: Some(1),
+        initial_backoff_ms: Some(1),
+        max_backoff_ms: Some(1),
+        timeout_ms: Some(2000),
+        force_entitlements: false,
+    };
+    let r = t.sync(u.clone(), options).await;
+    assert!(matches!(r, Err(TallyError::Network { .. })), "{r:?}");
+    assert_eq!(t.pending_events(u).unwrap(), 1, "nothing lost");
+}
