@@ -7,7 +7,7 @@ use tokio_postgres::NoTls;
 refinery::embed_migrations!("../migrations/postgres");
 
 /// Advisory lock key held while migrating ("tally" in ASCII).
-const MIGRATION_LOCK: i64 = 0x7461_6c6c_79;
+const MIGRATION_LOCK: i64 = 0x0074_616c_6c79;
 
 /// Errors while connecting or migrating.
 #[derive(Debug, thiserror::Error)]

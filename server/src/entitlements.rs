@@ -90,13 +90,11 @@ impl TokenCache {
 
 /// The signed entitlements token of `user` (from the cache when still valid).
 pub fn token(state: &AppState, user: &User, ents: &Entitlements, now: DateTime<Utc>) -> ApiResult<String> {
-    if let Ok(m) = state.tokens.m.lock() {
-        if let Some(c) = m.get(&user.user_id) {
-            if c.ver == ents.ver && now < c.reuse_until {
+    if let Ok(m) = state.tokens.m.lock()
+        && let Some(c) = m.get(&user.user_id)
+            && c.ver == ents.ver && now < c.reuse_until {
                 return Ok(c.token.clone());
             }
-        }
-    }
     let ttl = i64::try_from(state.config.token_ttl_secs).unwrap_or(86_400).max(1);
     let iat = now.timestamp();
     let claims = EntitlementClaims {

@@ -46,16 +46,14 @@ impl FromRequest<AppState> for SyncBody {
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
         let bytes = body_bytes(req, state).await?;
         let v: Value = parse_json(&bytes)?;
-        if let Some(p) = v.get("protocol").and_then(Value::as_u64) {
-            if p < u64::from(state.config.min_protocol) {
+        if let Some(p) = v.get("protocol").and_then(Value::as_u64)
+            && p < u64::from(state.config.min_protocol) {
                 return Err(ApiError::UpgradeRequired(format!("protocol {p} is no longer supported; the minimum is {}", state.config.min_protocol)));
             }
-        }
-        if let Some(n) = v.get("events").and_then(Value::as_array).map(Vec::len) {
-            if n > state.config.max_batch_events as usize {
+        if let Some(n) = v.get("events").and_then(Value::as_array).map(Vec::len)
+            && n > state.config.max_batch_events as usize {
                 return Err(ApiError::TooLarge(format!("{n} events in one request; the maximum is {}", state.config.max_batch_events)));
             }
-        }
         let req: RawSyncRequest = serde_json::from_value(v).map_err(|e| ApiError::Invalid("invalid_body", e.to_string()))?;
         if req.device_id.is_empty() || req.device_id.len() > 128 {
             return Err(ApiError::Invalid("invalid_body", "device_id must be 1 to 128 bytes".into()));
