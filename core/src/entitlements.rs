@@ -117,7 +117,8 @@ pub struct Entitlements {
     /// Entitlement version (bumped on every change on the server).
     #[serde(default)]
     pub ver: u64,
-    /// When the subscription became past due (grace is counted from here).
+    /// When the subscription became past due (grace is counted from here, or from
+    /// `period_end` when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub past_due_since: Option<DateTime<Utc>>,
     /// Access grants (admin or promotional).
@@ -173,8 +174,10 @@ impl Entitlements {
     pub fn resolve(&self, catalog: &Catalog, now: DateTime<Utc>, past_due_grace: Duration) -> Entitlements {
         let mut r = self.clone();
         let subscribed = catalog.plan(&self.plan).map(|p| p.id.clone());
+        // Grace runs from when the payment failed; without that date, from the end of the
+        // period that was not paid; with neither, there is no grace.
         let in_grace = self.status == SubscriptionStatus::PastDue
-            && self.past_due_since.is_none_or(|since| now < since + past_due_grace);
+            && self.past_due_since.or(self.period_end).is_some_and(|since| now < since + past_due_grace);
         let grant = self
             .grants
             .iter()
@@ -285,6 +288,19 @@ mod tests {
         e.is_admin = true;
         assert_eq!(e.resolve(&c, now, grace).access_reason, "admin");
         assert_eq!(r.free_features["chat"].limit(), Some(5));
+    }
+
+    #[test]
+    fn past_due_grace_without_a_failure_date_counts_from_period_end() {
+        let c = catalog();
+        let now = at("2026-11-25T12:00:00Z");
+        let grace = Duration::days(3);
+        let mut e = Entitlements { plan: "pro".into(), status: SubscriptionStatus::PastDue, ..Entitlements::free() };
+        assert_eq!(e.resolve(&c, now, grace).plan, "free", "no date at all: no grace");
+        e.period_end = Some(now - Duration::days(1));
+        assert_eq!(e.resolve(&c, now, grace).plan, "pro");
+        e.period_end = Some(now - Duration::days(5));
+        assert_eq!(e.resolve(&c, now, grace).plan, "free");
     }
 
     #[test]
