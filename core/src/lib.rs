@@ -224,7 +224,7 @@ impl Tally {
     /// Locks the connection; refreshes caches when another process wrote to the file.
     pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if let Ok(v) = g.conn.query_row("PRAGMA data_version", [], |r| r.get::<_, i64>(0))
+        if let Ok(v) = g.conn.prepare_cached("PRAGMA data_version").and_then(|mut st| st.query_row([], |r| r.get::<_, i64>(0)))
             && v != g.data_version
         {
             g.data_version = v;

@@ -1,0 +1,575 @@
+//! The server benchmarks: ingest through `POST /v1/sync` against straight `UNNEST` inserts,
+//! duplicates, a 10,000,000-row table, entitlements against `/healthz`, online checks, and
+//! device drains.
+
+use crate::arg;
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tally_core::{Catalog, Config, ConsumeItem, Profile, SyncOptions, Tally, UsageMeta};
+use tally_server::pg_cluster::{Cluster, ClusterOptions};
+use uuid::Uuid;
+
+const JWT_SECRET: &str = "bench-secret-of-the-identity-provider";
+const PLANS: &str = r#"{"plans": [
+  {"id": "free", "features": {
+    "ai_chat": {"type": "metered", "limit": 5, "period": "month", "enforcement": "hard"},
+    "notes":   {"type": "metered", "limit": null, "period": "day", "enforcement": "hard"}}}]}"#;
+const BATCH: usize = 500;
+const DEVICES: usize = 16;
+
+type Res<T> = Result<T, String>;
+
+fn hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000_000, 3).expect("histogram bounds")
+}
+
+fn pct(h: &Histogram<u64>) -> Value {
+    let us = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    json!({"p50_us": us(0.5), "p90_us": us(0.9), "p99_us": us(0.99), "p999_us": us(0.999), "max_us": h.max() as f64 / 1000.0, "count": h.len()})
+}
+
+struct Sink {
+    path: PathBuf,
+    lines: Vec<Value>,
+}
+
+impl Sink {
+    fn push(&mut self, v: Value) {
+        self.lines.push(v);
+        // Rewritten after every figure, so a failure later keeps what was measured.
+        if let Ok(mut f) = std::fs::File::create(&self.path) {
+            for l in &self.lines {
+                let _ = writeln!(f, "{l}");
+            }
+        }
+    }
+
+    fn measurement(&mut self, name: &str, value: f64, unit: &str, h: Option<&Histogram<u64>>) {
+        eprintln!("  {name:<34} {value:>14.1} {unit}{}", h.map(|h| format!("   p50 {:.0} µs  p99 {:.0} µs", h.value_at_quantile(0.5) as f64 / 1e3, h.value_at_quantile(0.99) as f64 / 1e3)).unwrap_or_default());
+        let mut v = json!({"kind": "measurement", "name": name, "value": value, "unit": unit});
+        if let Some(h) = h {
+            v["percentiles"] = pct(h);
+        }
+        self.push(v);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn result(&mut self, name: &str, value: f64, unit: &str, baseline: Option<(&str, f64)>, target: &str, met: Option<bool>, h: Option<&Histogram<u64>>, extra: Value) {
+        let ratio = baseline.map(|(_, b)| if b > 0.0 { value / b } else { f64::NAN });
+        eprintln!(
+            "  {name:<34} {value:>14.1} {unit:<10} baseline {:<34} {:>12.1}  ratio {:>7.3}  target: {target}  {}",
+            baseline.map_or("—", |b| b.0),
+            baseline.map_or(f64::NAN, |b| b.1),
+            ratio.unwrap_or(f64::NAN),
+            match met {
+                Some(true) => "MET",
+                Some(false) => "MISSED",
+                None => "",
+            }
+        );
+        let mut v = json!({
+            "kind": "result", "name": name, "value": value, "unit": unit,
+            "baseline_name": baseline.map(|b| b.0), "baseline_value": baseline.map(|b| b.1),
+            "ratio": ratio, "target": target, "met": met,
+        });
+        if let Some(h) = h {
+            v["percentiles"] = pct(h);
+        }
+        if let Value::Object(m) = extra {
+            for (k, x) in m {
+                v[k] = x;
+            }
+        }
+        self.push(v);
+    }
+}
+
+fn id_token(sub: &str) -> String {
+    let now = chrono::Utc::now().timestamp();
+    let claims = json!({"sub": sub, "iat": now, "exp": now + 6 * 3600, "email": format!("{sub}@example.com"), "email_verified": true});
+    jsonwebtoken::encode(&jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256), &claims, &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()))
+        .expect("sign identity token")
+}
+
+/// A `POST /v1/sync` body of `n` new events (UUID v7 ids) from `device`.
+fn sync_body(device: &str, seq: &mut u64, n: usize) -> String {
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let mut s = String::with_capacity(64 + n * 140);
+    s.push_str(&format!("{{\"protocol\":1,\"device_id\":\"{device}\",\"events\":["));
+    for i in 0..n {
+        *seq += 1;
+        if i > 0 {
+            s.push(',');
+        }
+        s.push_str(&format!("{{\"id\":\"{}\",\"feature\":\"notes\",\"amount\":1,\"occurred_at\":\"{now}\",\"device_seq\":{seq}}}", Uuid::now_v7()));
+    }
+    s.push_str("]}");
+    s
+}
+
+struct ServerProc {
+    child: Child,
+    url: String,
+}
+
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
+}
+
+fn start_server(bin: &Path, database_url: &str, dir: &Path) -> Res<ServerProc> {
+    let plans = dir.join("plans.json");
+    std::fs::write(&plans, PLANS).map_err(|e| e.to_string())?;
+    let port = free_port();
+    let log = std::fs::File::create(dir.join("server.log")).map_err(|e| e.to_string())?;
+    let child = Command::new(bin)
+        .arg("serve")
+        .env("TALLY_DATABASE_URL", database_url)
+        .env("TALLY_LISTEN", format!("127.0.0.1:{port}"))
+        .env("TALLY_DATA_DIR", dir.join("data"))
+        .env("TALLY_JWT_SECRET", JWT_SECRET)
+        .env("TALLY_PLANS_FILE", &plans)
+        .env("TALLY_RATE_LIMIT_PER_SEC", "10000000")
+        .env("TALLY_RATE_LIMIT_BURST", "10000000")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("spawning {}: {e}", bin.display()))?;
+    let s = ServerProc { child, url: format!("http://127.0.0.1:{port}") };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(s);
+        }
+        if Instant::now() > deadline {
+            return Err("tally-server did not start (see server.log)".into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn main(args: &[String]) -> i32 {
+    let quick = args.iter().any(|a| a == "--quick");
+    let Some(bin) = arg(args, "--server-bin") else {
+        eprintln!("--server-bin is required");
+        return 2;
+    };
+    let out = PathBuf::from(arg(args, "--out").unwrap_or_else(|| "target/bench-server.jsonl".into()));
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    match rt.block_on(run(PathBuf::from(bin), out, quick)) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("tally-loadgen: {e}");
+            1
+        }
+    }
+}
+
+struct Env {
+    client: reqwest::Client,
+    url: String,
+    pg: tokio_postgres::Client,
+    cluster_url: String,
+}
+
+async fn pg_connect(url: &str) -> Res<tokio_postgres::Client> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+async fn run(bin: PathBuf, out: PathBuf, quick: bool) -> Res<()> {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
+    let mut sink = Sink { path: out.clone(), lines: Vec::new() };
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    eprintln!("server benchmarks ({} mode) in {}", if quick { "quick" } else { "full" }, dir.path().display());
+    let cluster = Cluster::start(&dir.path().join("pg"), ClusterOptions { fast_unsafe: true, ephemeral: true, port: None }).map_err(|e| e.to_string())?;
+    let cluster_url = cluster.url();
+    let server = start_server(&bin, &cluster_url, dir.path())?;
+    let client = reqwest::Client::builder().pool_max_idle_per_host(512).build().map_err(|e| e.to_string())?;
+    let env = Env { client, url: server.url.clone(), pg: pg_connect(&cluster_url).await?, cluster_url };
+
+    // Users: 16 for the spread load, one for the hot-user load.
+    let subs: Vec<String> = (0..DEVICES).map(|i| format!("bench-user-{i}")).collect();
+    let tokens: Vec<String> = subs.iter().map(|s| id_token(s)).collect();
+    let hot_token = id_token("bench-hot-user");
+    for t in tokens.iter().chain(std::iter::once(&hot_token)) {
+        let r = env.client.get(format!("{}/v1/me", env.url)).bearer_auth(t).send().await.map_err(|e| e.to_string())?;
+        if !r.status().is_success() {
+            return Err(format!("GET /v1/me: {}", r.status()));
+        }
+    }
+    let user_ids: Vec<Uuid> = {
+        let rows = env.pg.query("SELECT external_id, user_id FROM users WHERE external_id = ANY($1)", &[&subs]).await.map_err(|e| e.to_string())?;
+        let m: std::collections::HashMap<String, Uuid> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        subs.iter().map(|s| m.get(s).copied().ok_or("user missing")).collect::<Result<_, _>>()?
+    };
+
+    // ------------------------------------------------------------ sync drains (empty server)
+    eprintln!("sync drains");
+    let keys = env.client.get(format!("{}/v1/keys", env.url)).send().await.map_err(|e| e.to_string())?.text().await.map_err(|e| e.to_string())?;
+    let mut drains10 = Vec::new();
+    for i in 0..3 {
+        drains10.push(drain(&env, dir.path(), &keys, &format!("drain10k-{i}"), 10_000).await?);
+    }
+    drains10.sort_by(f64::total_cmp);
+    let d10 = drains10[1];
+    sink.result("sync.drain_10k_ms", d10, "ms", None, "≤ 1,000 ms", Some(d10 <= 1000.0), None, json!({"runs_ms": drains10, "events_per_s": 10_000.0 / (d10 / 1e3)}));
+    if !quick {
+        let d100 = drain(&env, dir.path(), &keys, "drain100k", 100_000).await?;
+        sink.result("sync.drain_100k_ms", d100, "ms", Some(("sync.drain_10k_ms × 10", d10 * 10.0)), "ratio ≤ 1.2 (linear)", Some(d100 / (d10 * 10.0) <= 1.2), None, json!({"events_per_s": 100_000.0 / (d100 / 1e3)}));
+    }
+
+    // ------------------------------------------------------------ ingest
+    let per_device = if quick { 12 } else { 40 };
+    eprintln!("ingest: {DEVICES} devices × {per_device} batches × {BATCH} events");
+    let base_rows = (0..DEVICES * per_device).map(|i| raw_rows(user_ids[i % DEVICES], &format!("raw-{}", i % DEVICES), BATCH)).collect::<Vec<_>>();
+    let (base_eps, h_base) = raw_insert(&env.pg, &base_rows).await?;
+    drop(base_rows);
+    sink.measurement("pg.unnest_insert_eps", base_eps, "events/s", Some(&h_base));
+
+    let spread = make_work(&tokens, per_device, "spread");
+    let (eps, h) = ingest(&env, &spread, Expect::New).await?;
+    sink.result(
+        "server.ingest_eps",
+        eps,
+        "events/s",
+        Some(("pg.unnest_insert_eps", base_eps)),
+        "≥ 100,000 events/s and ratio ≥ 0.5",
+        Some(eps >= 100_000.0 && eps / base_eps >= 0.5),
+        Some(&h),
+        json!({"per_core": eps / cores, "devices": DEVICES, "users": DEVICES, "batch": BATCH}),
+    );
+    let hot = make_work(&vec![hot_token.clone(); DEVICES], per_device, "hot");
+    let (hot_eps, h_hot) = ingest(&env, &hot, Expect::New).await?;
+    sink.result(
+        "server.ingest_one_user_eps",
+        hot_eps,
+        "events/s",
+        Some(("server.ingest_eps", eps)),
+        "report (one user's counter rows serialize)",
+        None,
+        Some(&h_hot),
+        json!({"per_core": hot_eps / cores, "devices": DEVICES, "users": 1, "batch": BATCH}),
+    );
+    let (dup_eps, h_dup) = ingest(&env, &spread, Expect::Duplicates).await?;
+    sink.result("server.ingest_dup_eps", dup_eps, "events/s", Some(("server.ingest_eps", eps)), "ratio ≥ 1.0", Some(dup_eps / eps >= 1.0), Some(&h_dup), json!({"per_core": dup_eps / cores}));
+    drop(spread);
+    drop(hot);
+
+    // ------------------------------------------------------------ request rates
+    let secs = if quick { 3 } else { 6 };
+    eprintln!("request rates: 64 connections, {secs} s each");
+    let dur = Duration::from_secs(secs);
+    let (health_rps, h_health) = hammer(&env, 64, dur, Arc::new(|c: &reqwest::Client, url: &str, _i: usize| c.get(format!("{url}/healthz")))).await?;
+    sink.measurement("server.healthz_rps", health_rps, "req/s", Some(&h_health));
+    let toks = Arc::new(tokens.clone());
+    let t2 = toks.clone();
+    let (ent_rps, h_ent) =
+        hammer(&env, 64, dur, Arc::new(move |c: &reqwest::Client, url: &str, i: usize| c.get(format!("{url}/v1/entitlements")).bearer_auth(&t2[i % t2.len()]))).await?;
+    let p99_ms = h_ent.value_at_quantile(0.99) as f64 / 1e6;
+    sink.result(
+        "server.entitlements_rps",
+        ent_rps,
+        "req/s",
+        Some(("server.healthz_rps", health_rps)),
+        "≥ 40,000 req/s, p99 < 3 ms, ratio ≥ 0.4",
+        Some(ent_rps >= 40_000.0 && p99_ms < 3.0 && ent_rps / health_rps >= 0.4),
+        Some(&h_ent),
+        json!({"per_core": ent_rps / cores, "p99_ms": p99_ms, "connections": 64}),
+    );
+    let t3 = toks.clone();
+    let (online_rps, h_online) = hammer(
+        &env,
+        16,
+        dur,
+        Arc::new(move |c: &reqwest::Client, url: &str, i: usize| {
+            let body = format!("{{\"id\":\"{}\",\"feature\":\"notes\",\"amount\":1,\"occurred_at\":\"{}\"}}", Uuid::now_v7(), chrono::Utc::now().to_rfc3339());
+            c.post(format!("{url}/v1/usage")).bearer_auth(&t3[i % t3.len()]).header("content-type", "application/json").body(body)
+        }),
+    )
+    .await?;
+    // Its baseline (core.check_p50 as decisions/s) comes from the core's run: `report` fills it in.
+    sink.result(
+        "server.online_check_rps",
+        online_rps,
+        "decisions/s",
+        None,
+        "report the ratio (speed-up of deciding on the device)",
+        None,
+        Some(&h_online),
+        json!({"per_core": online_rps / cores, "connections": 16, "baseline_from_core": "core.check_p50"}),
+    );
+
+    // ------------------------------------------------------------ 10,000,000 rows
+    if !quick {
+        let target_rows: i64 = 10_000_000;
+        let have: i64 = env.pg.query_one("SELECT count(*) FROM events", &[]).await.map_err(|e| e.to_string())?.get(0);
+        let n = (target_rows - have).max(0);
+        eprintln!("10M fixture: inserting {n} rows with INSERT … SELECT generate_series (2 connections)");
+        let t = Instant::now();
+        fixture(&env, &user_ids, n).await?;
+        env.pg.batch_execute("ANALYZE events").await.map_err(|e| e.to_string())?;
+        let build_s = t.elapsed().as_secs_f64();
+        let rows: i64 = env.pg.query_one("SELECT count(*) FROM events", &[]).await.map_err(|e| e.to_string())?.get(0);
+        sink.measurement("fixture.pg_10m_build_s", build_s, "s", None);
+        sink.measurement("fixture.pg_events_rows", rows as f64, "rows", None);
+        let work = make_work(&tokens, per_device, "after10m");
+        let (eps10, h10) = ingest(&env, &work, Expect::New).await?;
+        sink.result(
+            "server.ingest_10m_eps",
+            eps10,
+            "events/s",
+            Some(("server.ingest_eps", eps)),
+            "ratio ≥ 0.7",
+            Some(eps10 / eps >= 0.7),
+            Some(&h10),
+            json!({"per_core": eps10 / cores, "table_rows": rows}),
+        );
+    }
+    drop(server);
+    drop(cluster);
+    eprintln!("server results written to {}", out.display());
+    Ok(())
+}
+
+/// A device with `n` offline events syncs them all; returns the wall time in ms.
+async fn drain(env: &Env, dir: &Path, keys: &str, name: &str, n: usize) -> Res<f64> {
+    let config = Config {
+        device_id: Some(name.into()),
+        catalog: Catalog::from_json(PLANS).map_err(|e| e.to_string())?,
+        server_keys: Some(keys.into()),
+        ..Config::default()
+    };
+    let tally = Tally::open(dir.join(format!("{name}.db")), config).map_err(|e| e.to_string())?;
+    let sub = format!("bench-{name}");
+    let user = tally.sign_in(Profile { external_id: sub.clone(), email: Some(format!("{sub}@example.com")), ..Profile::default() }, None).map_err(|e| e.to_string())?;
+    let items: Vec<ConsumeItem> = (0..10_000.min(n)).map(|_| ConsumeItem { feature: "notes".into(), amount: 1, meta: UsageMeta::default() }).collect();
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(items.len());
+        tally.consume_many(&user.id, &items[..k]).map_err(|e| e.to_string())?;
+        left -= k;
+    }
+    let t = Instant::now();
+    let report = tally.sync(&user.id, SyncOptions::new(env.url.clone(), id_token(&sub))).await.map_err(|e| e.to_string())?;
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    if report.events_acked != n as u64 {
+        return Err(format!("drain {name}: {} of {n} events acked ({report:?})", report.events_acked));
+    }
+    eprintln!("  {name}: {n} events in {ms:.0} ms ({} rounds)", report.rounds);
+    Ok(ms)
+}
+
+struct Rows {
+    user: Uuid,
+    device: String,
+    ids: Vec<Uuid>,
+    feature: Vec<String>,
+    amount: Vec<i64>,
+    at: Vec<chrono::DateTime<chrono::Utc>>,
+    clamped: Vec<bool>,
+    seq: Vec<Option<i64>>,
+    model: Vec<Option<String>>,
+    tokens: Vec<Option<i64>>,
+    cost: Vec<i64>,
+    metadata: Vec<Option<Value>>,
+}
+
+fn raw_rows(user: Uuid, device: &str, n: usize) -> Rows {
+    let now = chrono::Utc::now();
+    Rows {
+        user,
+        device: device.into(),
+        ids: (0..n).map(|_| Uuid::now_v7()).collect(),
+        feature: vec!["notes".into(); n],
+        amount: vec![1; n],
+        at: vec![now; n],
+        clamped: vec![false; n],
+        seq: (0..n as i64).map(Some).collect(),
+        model: vec![None; n],
+        tokens: vec![None; n],
+        cost: vec![0; n],
+        metadata: vec![None; n],
+    }
+}
+
+/// The baseline: the same rows straight into Postgres, one `INSERT … SELECT FROM unnest … ON
+/// CONFLICT DO NOTHING` per batch, from one connection.
+async fn raw_insert(pg: &tokio_postgres::Client, batches: &[Rows]) -> Res<(f64, Histogram<u64>)> {
+    let st = pg
+        .prepare(
+            "INSERT INTO events (user_id, id, feature, amount, occurred_at, effective_at, clamped, received_at, device_id, device_seq, \
+               model, input_tokens, output_tokens, cost_micros, metadata, source) \
+             SELECT $1, t.id, t.feature, t.amount, t.occurred_at, t.effective_at, t.clamped, $2, $3, t.device_seq, \
+               t.model, t.input_tokens, t.output_tokens, t.cost_micros, t.metadata, 'sync' \
+             FROM unnest($4::uuid[], $5::text[], $6::int8[], $7::timestamptz[], $8::timestamptz[], $9::bool[], $10::int8[], \
+               $11::text[], $12::int8[], $13::int8[], $14::int8[], $15::jsonb[]) \
+               AS t(id, feature, amount, occurred_at, effective_at, clamped, device_seq, model, input_tokens, output_tokens, cost_micros, metadata) \
+             ON CONFLICT (user_id, id) DO NOTHING",
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut h = hist();
+    let now = chrono::Utc::now();
+    let t0 = Instant::now();
+    let mut n = 0u64;
+    for b in batches {
+        let t = Instant::now();
+        n += pg
+            .execute(&st, &[&b.user, &now, &b.device, &b.ids, &b.feature, &b.amount, &b.at, &b.at, &b.clamped, &b.seq, &b.model, &b.tokens, &b.tokens, &b.cost, &b.metadata])
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = h.record(t.elapsed().as_nanos().max(1) as u64);
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    Ok((n as f64 / secs, h))
+}
+
+/// Per device: its token and its pre-serialized request bodies.
+type Work = Vec<(String, Vec<String>)>;
+
+fn make_work(tokens: &[String], per_device: usize, tag: &str) -> Work {
+    tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let device = format!("{tag}-device-{i}");
+            let mut seq = 0;
+            (t.clone(), (0..per_device).map(|_| sync_body(&device, &mut seq, BATCH)).collect())
+        })
+        .collect()
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Expect {
+    New,
+    Duplicates,
+}
+
+/// Every device sends its batches one after another, all devices at once. Returns events/s and
+/// the per-request latency.
+async fn ingest(env: &Env, work: &Work, expect: Expect) -> Res<(f64, Histogram<u64>)> {
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for (token, bodies) in work.iter().cloned() {
+        let client = env.client.clone();
+        let url = format!("{}/v1/sync", env.url);
+        tasks.push(tokio::spawn(async move {
+            let mut h = hist();
+            let mut events = 0u64;
+            for body in bodies {
+                let t = Instant::now();
+                let r = client.post(&url).bearer_auth(&token).header("content-type", "application/json").body(body).send().await.map_err(|e| e.to_string())?;
+                let status = r.status();
+                let bytes = r.bytes().await.map_err(|e| e.to_string())?;
+                let _ = h.record(t.elapsed().as_nanos().max(1) as u64);
+                if !status.is_success() {
+                    return Err(format!("POST /v1/sync: {status}: {}", String::from_utf8_lossy(&bytes[..bytes.len().min(300)])));
+                }
+                let v: Value = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+                let key = if expect == Expect::New { "accepted" } else { "duplicates" };
+                let k = v[key].as_array().map_or(0, Vec::len);
+                if k != BATCH {
+                    return Err(format!("POST /v1/sync: {k} of {BATCH} events {key}"));
+                }
+                events += k as u64;
+            }
+            Ok::<_, String>((events, h))
+        }));
+    }
+    let mut h = hist();
+    let mut events = 0;
+    for t in tasks {
+        let (e, th) = t.await.map_err(|e| e.to_string())??;
+        events += e;
+        h.add(th).map_err(|e| e.to_string())?;
+    }
+    Ok((events as f64 / t0.elapsed().as_secs_f64(), h))
+}
+
+type MakeReq = Arc<dyn Fn(&reqwest::Client, &str, usize) -> reqwest::RequestBuilder + Send + Sync>;
+
+/// `conns` loops sending requests for `dur`; returns requests/s and the latency histogram.
+async fn hammer(env: &Env, conns: usize, dur: Duration, make: MakeReq) -> Res<(f64, Histogram<u64>)> {
+    let t0 = Instant::now();
+    let deadline = t0 + dur;
+    let mut tasks = Vec::new();
+    for i in 0..conns {
+        let client = env.client.clone();
+        let url = env.url.clone();
+        let make = make.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut h = hist();
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                let r = make(&client, &url, i).send().await.map_err(|e| e.to_string())?;
+                let status = r.status();
+                let body = r.bytes().await.map_err(|e| e.to_string())?;
+                let _ = h.record(t.elapsed().as_nanos().max(1) as u64);
+                if !status.is_success() {
+                    return Err(format!("{status}: {}", String::from_utf8_lossy(&body[..body.len().min(300)])));
+                }
+                n += 1;
+            }
+            Ok::<_, String>((n, h))
+        }));
+    }
+    let mut h = hist();
+    let mut n = 0;
+    for t in tasks {
+        let (k, th) = t.await.map_err(|e| e.to_string())??;
+        n += k;
+        h.add(th).map_err(|e| e.to_string())?;
+    }
+    Ok((n as f64 / t0.elapsed().as_secs_f64(), h))
+}
+
+/// `n` events spread over `users` with `INSERT … SELECT generate_series` (UUID v7-shaped ids in
+/// the past, each user's ids in time order), on two connections at once.
+async fn fixture(env: &Env, users: &[Uuid], n: i64) -> Res<()> {
+    let base_ms = chrono::Utc::now().timestamp_millis() - 30 * 86_400_000 - n;
+    let halves: Vec<Vec<Uuid>> = users.chunks(users.len().div_ceil(2)).map(<[Uuid]>::to_vec).collect();
+    let parts = halves.len() as i64;
+    let mut tasks = Vec::new();
+    for (k, us) in halves.into_iter().enumerate() {
+        let url = env.cluster_url.clone();
+        let rows = n / parts + if (k as i64) < n % parts { 1 } else { 0 };
+        let per_user = (rows / us.len() as i64).max(1) + 1;
+        let base = base_ms + k as i64 * (n / parts + 1);
+        tasks.push(tokio::spawn(async move {
+            let pg = pg_connect(&url).await?;
+            pg.batch_execute("SET maintenance_work_mem = '256MB'; SET work_mem = '64MB'").await.map_err(|e| e.to_string())?;
+            pg.execute(
+                "INSERT INTO events (user_id, id, feature, amount, occurred_at, effective_at, clamped, received_at, device_id, device_seq, cost_micros, source) \
+                 SELECT ($1::uuid[])[1 + (g / $2::int8)::int], \
+                        (lpad(to_hex($3::int8 + g), 12, '0') || '7' || substr(md5(g::text), 1, 19))::uuid, \
+                        'notes', 1, x.t, x.t, false, x.t, 'fixture', g, 0, 'sync' \
+                 FROM generate_series(0::int8, $4::int8 - 1) g, LATERAL (SELECT to_timestamp(($3::int8 + g) / 1000.0) AS t) x",
+                &[&us, &per_user, &base, &rows],
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            Ok::<_, String>(())
+        }));
+    }
+    for t in tasks {
+        t.await.map_err(|e| e.to_string())??;
+    }
+    Ok(())
+}
