@@ -93,7 +93,7 @@ pub async fn resolve(state: &AppState, claims: &IdClaims) -> ApiResult<User> {
     }
     if let (Some(email), Some(true)) = (&claims.email, claims.email_verified) {
         let claim = format!(
-            "UPDATE users SET external_id = $1, updated_at = now(), display_name = coalesce(display_name, $3) \
+            "UPDATE users SET external_id = $1, updated_at = now(), display_name = coalesce(display_name, $3), email_verified = true \
              WHERE lower(email) = lower($2) AND external_id IS NULL RETURNING {USER_COLUMNS}"
         );
         match client.query_opt(&claim, &[&claims.sub, email, &claims.name]).await {
@@ -106,8 +106,8 @@ pub async fn resolve(state: &AppState, claims: &IdClaims) -> ApiResult<User> {
     }
     client
         .execute(
-            "INSERT INTO users (user_id, external_id, email, display_name) VALUES ($1, $2, $3, $4) ON CONFLICT (external_id) DO NOTHING",
-            &[&Uuid::now_v7(), &claims.sub, &claims.email, &claims.name],
+            "INSERT INTO users (user_id, external_id, email, display_name, email_verified) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (external_id) DO NOTHING",
+            &[&Uuid::now_v7(), &claims.sub, &claims.email, &claims.name, &(claims.email.is_some() && claims.email_verified == Some(true))],
         )
         .await?;
     let r = client.query_one(&select, &[&claims.sub]).await?;
@@ -205,6 +205,8 @@ pub async fn patch_me(State(state): State<AppState>, AuthUser(user): AuthUser, J
 
 /// `DELETE /v1/me`: removes every row of the account and leaves a tombstone of its subject.
 pub async fn delete_me(State(state): State<AppState>, AuthUser(user): AuthUser) -> ApiResult<axum::http::StatusCode> {
+    // Stop the Stripe subscription first: a failure there keeps the account (409).
+    crate::billing::cancel_before_deletion(&state, &user).await?;
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
     lock(&tx, user.user_id, &state.config.admin_subjects).await?;
@@ -214,7 +216,7 @@ pub async fn delete_me(State(state): State<AppState>, AuthUser(user): AuthUser) 
     if paid.is_some() {
         return Err(ApiError::Conflict("subscription_active", "cancel the active subscription before deleting the account".into()));
     }
-    for table in ["events", "counters", "settings", "subscriptions", "access_grants", "users"] {
+    for table in crate::billing::USER_TABLES.iter().copied().chain(["events", "counters", "settings", "subscriptions", "access_grants", "users"]) {
         tx.execute(&format!("DELETE FROM {table} WHERE user_id = $1"), &[&user.user_id]).await?;
     }
     if let Some(sub) = &user.external_id {

@@ -58,10 +58,14 @@ pub async fn create_user(State(state): State<AppState>, _a: Admin, JsonBody(b): 
 pub struct NewGrant {
     /// The user's identity subject.
     pub subject: String,
-    /// Plan granted.
-    pub plan: String,
-    /// End of the grant (absent: no end).
+    /// Plan granted (an access grant; give either `plan` or `credits`).
     #[serde(default)]
+    pub plan: Option<String>,
+    /// Credits granted (a credit grant).
+    #[serde(default)]
+    pub credits: Option<i64>,
+    /// End of the grant (absent: no end); for credits, their expiry.
+    #[serde(default, alias = "expires_at")]
     pub until: Option<DateTime<Utc>>,
     /// Who granted it (default: the caller).
     #[serde(default)]
@@ -70,7 +74,8 @@ pub struct NewGrant {
     pub reason: String,
 }
 
-/// `POST /v1/admin/grants`: grants a plan until a date; bumps the user's entitlement version.
+/// `POST /v1/admin/grants`: grants a plan until a date, or `credits` expiring at `until`
+/// (alias `expires_at`); bumps the user's entitlement version.
 pub async fn create_grant(State(state): State<AppState>, admin: Admin, JsonBody(g): JsonBody<NewGrant>) -> ApiResult<(StatusCode, Json<Value>)> {
     if g.reason.is_empty() || g.reason.len() > 200 {
         return Err(ApiError::invalid("reason must be 1 to 200 bytes"));
@@ -78,10 +83,22 @@ pub async fn create_grant(State(state): State<AppState>, admin: Admin, JsonBody(
     if g.until.is_some_and(|u| u <= Utc::now()) {
         return Err(ApiError::invalid("until must be in the future"));
     }
+    let plan = match (g.plan.clone(), g.credits) {
+        (Some(p), None) => p,
+        (None, Some(credits)) => {
+            let user = accounts::find_or_create_by_subject(&state, &g.subject).await?;
+            let by = g.granted_by.clone().unwrap_or_else(|| admin.actor());
+            let req = crate::billing::CreditGrantRequest { user_id: user.user_id, credits, expires_at: g.until, reason: &g.reason, granted_by: &by };
+            let id = crate::billing::grant_credits(&state, req).await?;
+            return Ok((StatusCode::CREATED, Json(json!({"id": id, "subject": g.subject, "credits": credits, "expires_at": g.until, "granted_by": by, "reason": g.reason}))));
+        }
+        _ => return Err(ApiError::invalid("give either plan (an access grant) or credits (a credit grant)")),
+    };
+    let g_plan = plan;
     let mut client = state.pool.get().await?;
     let (_, catalog) = state.catalog.current(&client).await?;
-    if catalog.plan(&g.plan).is_none() {
-        return Err(ApiError::Invalid("unknown_plan", format!("no plan {:?} in the catalog", g.plan)));
+    if catalog.plan(&g_plan).is_none() {
+        return Err(ApiError::Invalid("unknown_plan", format!("no plan {:?} in the catalog", g_plan)));
     }
     drop(client);
     let user = accounts::find_or_create_by_subject(&state, &g.subject).await?;
@@ -92,12 +109,12 @@ pub async fn create_grant(State(state): State<AppState>, admin: Admin, JsonBody(
     let by = g.granted_by.clone().unwrap_or_else(|| admin.actor());
     tx.execute(
         "INSERT INTO access_grants (user_id, grant_id, plan, until, granted_by, reason) VALUES ($1, $2, $3, $4, $5, $6)",
-        &[&user.user_id, &id, &g.plan, &g.until, &by, &g.reason],
+        &[&user.user_id, &id, &g_plan, &g.until, &by, &g.reason],
     )
     .await?;
     tx.execute("UPDATE users SET ver = ver + 1 WHERE user_id = $1", &[&user.user_id]).await?;
     tx.commit().await?;
-    Ok((StatusCode::CREATED, Json(json!({"id": id, "subject": g.subject, "plan": g.plan, "until": g.until, "granted_by": by, "reason": g.reason}))))
+    Ok((StatusCode::CREATED, Json(json!({"id": id, "subject": g.subject, "plan": g_plan, "until": g.until, "granted_by": by, "reason": g.reason}))))
 }
 
 /// Body of `POST /v1/admin/grants/revoke`.
@@ -106,9 +123,13 @@ pub async fn create_grant(State(state): State<AppState>, admin: Admin, JsonBody(
 pub struct RevokeGrant {
     /// The user's identity subject.
     pub subject: String,
-    /// One grant to revoke (absent: every active grant of the user).
+    /// One grant to revoke (absent: every active access grant of the user). A credit grant's
+    /// id (`adm:…`, `inv:…`) revokes that credit grant.
     #[serde(default)]
-    pub grant_id: Option<Uuid>,
+    pub grant_id: Option<String>,
+    /// Revoke every credit grant of the user (with no `grant_id`).
+    #[serde(default)]
+    pub credits: bool,
 }
 
 /// `POST /v1/admin/grants/revoke`: revokes grants; bumps the entitlement version.
@@ -116,12 +137,24 @@ pub async fn revoke_grant(State(state): State<AppState>, _a: Admin, JsonBody(r):
     let mut client = state.pool.get().await?;
     let row = client.query_opt("SELECT user_id FROM users WHERE external_id = $1", &[&r.subject]).await?.ok_or_else(|| ApiError::not_found("user"))?;
     let uid: Uuid = row.get(0);
+    let access_id = match r.grant_id.as_deref().map(Uuid::parse_str) {
+        Some(Ok(id)) => Some(id),
+        Some(Err(_)) | None if r.credits || r.grant_id.is_some() => {
+            drop(client);
+            let n = crate::billing::revoke_credits(&state, uid, r.grant_id.as_deref()).await?;
+            if n == 0 {
+                return Err(ApiError::not_found("grant"));
+            }
+            return Ok(Json(json!({"revoked": n})));
+        }
+        _ => None,
+    };
     let tx = client.transaction().await?;
     accounts::lock(&tx, uid, &state.config.admin_subjects).await?;
     let n = tx
         .execute(
             "UPDATE access_grants SET revoked_at = now() WHERE user_id = $1 AND revoked_at IS NULL AND ($2::uuid IS NULL OR grant_id = $2)",
-            &[&uid, &r.grant_id],
+            &[&uid, &access_id],
         )
         .await?;
     if n == 0 {

@@ -62,18 +62,24 @@ pub struct Config {
     /// Database connection pool size.
     #[arg(long, env = "TALLY_DB_POOL_SIZE", default_value_t = 16)]
     pub db_pool_size: usize,
-    /// Stripe webhook signing secret (billing; reserved).
+    /// Stripe webhook signing secret(s) (`whsec_…`; several comma-separated while rotating).
     #[arg(long, env = "TALLY_STRIPE_WEBHOOK_SECRET", hide_env_values = true)]
     pub stripe_webhook_secret: Option<String>,
-    /// Stripe secret API key (billing; reserved).
+    /// How old (or how far ahead) a webhook's signed timestamp may be, in seconds.
+    #[arg(long, env = "TALLY_STRIPE_WEBHOOK_TOLERANCE_SECS", default_value_t = 300)]
+    pub stripe_webhook_tolerance_secs: u64,
+    /// Stripe secret API key (`sk_…`), for Checkout, the Billing Portal and cancellations.
     #[arg(long, env = "TALLY_STRIPE_SECRET_KEY", hide_env_values = true)]
     pub stripe_secret_key: Option<String>,
-    /// Pinned Stripe API version (billing; reserved).
-    #[arg(long, env = "TALLY_STRIPE_API_VERSION")]
+    /// Pinned Stripe API version, sent as `Stripe-Version` (webhook endpoint must use the same).
+    #[arg(long, env = "TALLY_STRIPE_API_VERSION", default_value = crate::billing::DEFAULT_API_VERSION)]
     pub stripe_api_version: Option<String>,
-    /// Stripe price id → plan id, e.g. `price_123=pro,price_456=team` (billing; reserved).
+    /// Stripe price id → plan id, e.g. `price_123=pro,price_456=team`.
     #[arg(long, env = "TALLY_STRIPE_PRICES")]
     pub stripe_prices: Option<String>,
+    /// Base URL of Stripe's API (tests point it at a local fake).
+    #[arg(long, env = "TALLY_STRIPE_API_BASE", default_value = "https://api.stripe.com")]
+    pub stripe_api_base: String,
 }
 
 impl Config {
@@ -99,9 +105,11 @@ impl Config {
             rate_limit_burst: 200,
             db_pool_size: 16,
             stripe_webhook_secret: None,
+            stripe_webhook_tolerance_secs: 300,
             stripe_secret_key: None,
-            stripe_api_version: None,
+            stripe_api_version: Some(crate::billing::DEFAULT_API_VERSION.into()),
             stripe_prices: None,
+            stripe_api_base: "https://api.stripe.com".into(),
         }
     }
 }

@@ -62,12 +62,15 @@ pub async fn load(state: &AppState, client: &impl GenericClient, user: &User, no
     raw.tz = Some(user.timezone.clone());
     raw.ver = u64::try_from(user.ver.saturating_add(catalog_version)).unwrap_or(0);
     let grace = Duration::seconds(i64::try_from(state.config.past_due_grace_secs).unwrap_or(i64::MAX / 2_000));
-    let ents = raw.resolve(&catalog, now, grace);
+    let mut ents = raw.resolve(&catalog, now, grace);
+    ents.credit_grants = crate::billing::credits::current(client, user.user_id, &ents.features, &catalog, now).await?;
+    ents.credit_balance = ents.credit_grants.iter().map(|g| g.remaining).sum();
     Ok(Loaded { ents, anchor, catalog, catalog_version })
 }
 
 struct Cached {
     ver: u64,
+    credits: Vec<tally_core::CreditGrant>,
     token: String,
     reuse_until: DateTime<Utc>,
 }
@@ -90,9 +93,16 @@ impl TokenCache {
 
 /// The signed entitlements token of `user` (from the cache when still valid).
 pub fn token(state: &AppState, user: &User, ents: &Entitlements, now: DateTime<Utc>) -> ApiResult<String> {
+    token_fresh(state, user, ents, now, false)
+}
+
+/// Like [`token`]; `force` signs a new token even when the cached one is still valid
+/// (`force_entitlements` of a sync: "restore purchases").
+pub fn token_fresh(state: &AppState, user: &User, ents: &Entitlements, now: DateTime<Utc>, force: bool) -> ApiResult<String> {
     if let Ok(m) = state.tokens.m.lock()
+        && !force
         && let Some(c) = m.get(&user.user_id)
-            && c.ver == ents.ver && now < c.reuse_until {
+            && c.ver == ents.ver && c.credits == ents.credit_grants && now < c.reuse_until {
                 return Ok(c.token.clone());
             }
     let ttl = i64::try_from(state.config.token_ttl_secs).unwrap_or(86_400).max(1);
@@ -112,7 +122,7 @@ pub fn token(state: &AppState, user: &User, ents: &Entitlements, now: DateTime<U
         reuse_until = reuse_until.min(u);
     }
     if let Ok(mut m) = state.tokens.m.lock() {
-        m.insert(user.user_id, Cached { ver: ents.ver, token: token.clone(), reuse_until });
+        m.insert(user.user_id, Cached { ver: ents.ver, credits: ents.credit_grants.clone(), token: token.clone(), reuse_until });
     }
     Ok(token)
 }

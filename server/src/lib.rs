@@ -8,6 +8,7 @@ pub mod accounts;
 pub mod admin;
 pub mod api_keys;
 pub mod auth;
+pub mod billing;
 pub mod cli;
 pub mod config;
 pub mod db;
@@ -107,7 +108,7 @@ impl AppState {
     }
 }
 
-/// The HTTP API over `state`: every route of DESIGN.md "Server" but billing.
+/// The HTTP API over `state`: every route of DESIGN.md "Server".
 pub fn app(state: AppState) -> Router {
     let body_limit = usize::try_from(state.config.max_body_bytes).unwrap_or(usize::MAX);
     let api = Router::new()
@@ -119,6 +120,10 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/keys", get(entitlements::get_keys))
         .route("/v1/check", post(usage::check))
         .route("/v1/usage", post(usage::record).get(usage::report))
+        .route("/v1/webhooks/stripe", post(billing::webhook))
+        .route("/v1/billing", get(billing::get_billing))
+        .route("/v1/billing/checkout", post(billing::checkout))
+        .route("/v1/billing/portal", post(billing::portal))
         .route("/v1/admin/users", post(admin::create_user))
         .route("/v1/admin/users/{id}/usage", get(admin::user_usage))
         .route("/v1/admin/grants", post(admin::create_grant))

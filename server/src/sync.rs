@@ -35,6 +35,9 @@ pub struct RawSyncRequest {
     /// Profile edits.
     #[serde(default)]
     pub profile: Option<ProfilePatch>,
+    /// Sign a new entitlements token even when the cached one is current ("restore purchases").
+    #[serde(default)]
+    pub force_entitlements: bool,
 }
 
 /// Extracts a [`RawSyncRequest`], enforcing the body and batch limits (413) and the minimum
@@ -98,8 +101,10 @@ async fn run(state: &AppState, user: User, req: RawSyncRequest, events: Vec<ledg
     settings::merge(&tx, user.user_id, &req.settings_changes, now).await?;
     let (settings_changes, cursor) = settings::changes_since(&tx, user.user_id, settings::parse_cursor(req.cursor.as_deref())).await?;
     let totals = ledger::totals(&tx, &ctx, &loaded.ents.features, &out.touched).await?;
+    let mut ents = loaded.ents;
+    crate::billing::credits::after_ingest(&tx, user.user_id, &mut ents, &loaded.catalog, &out.touched, now).await?;
     tx.commit().await?;
-    let token = entitlements::token(state, &user, &loaded.ents, now)?;
+    let token = entitlements::token_fresh(state, &user, &ents, now, req.force_entitlements)?;
     rejected.extend(out.rejected);
     Ok(SyncResponse {
         accepted: out.accepted,

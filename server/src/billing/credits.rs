@@ -1,0 +1,227 @@
+//! Credits on the server, computed the way the device spends them: every unrevoked grant and
+//! every use (a ledger event of a feature whose rule is `credits {cost}`, `cost × amount`) in
+//! event-time order; a use draws from the unexpired grants with credits left, the one expiring
+//! first first; what they cannot cover becomes a debt, paid from the next grant. The token
+//! carries the unexpired grants with what remains of them (and the debt as a negative grant
+//! `debt`), so the device goes on spending offline from where the server stands.
+
+use crate::error::{ApiError, ApiResult};
+use chrono::{DateTime, Utc};
+use deadpool_postgres::GenericClient;
+use std::collections::BTreeMap;
+use tally_core::{Catalog, CreditGrant, Rule};
+use uuid::Uuid;
+
+/// Id of the negative grant that carries an unpaid debt in the token.
+pub const DEBT_ID: &str = "debt";
+
+/// A stored grant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// Grant id.
+    pub id: String,
+    /// Credits granted.
+    pub amount: i64,
+    /// Uses from this instant draw from it.
+    pub valid_from: DateTime<Utc>,
+    /// Expiry (`None`: never).
+    pub expires_at: Option<DateTime<Utc>>,
+    /// `plan` or `admin`.
+    pub source: String,
+}
+
+/// One use of credits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Use {
+    /// Effective time of the event.
+    pub at: DateTime<Utc>,
+    /// Credits drawn (`cost × amount`).
+    pub credits: i64,
+}
+
+struct Live {
+    g: Grant,
+    remaining: i64,
+}
+
+fn expire(live: &mut Vec<Live>, at: DateTime<Utc>) {
+    live.retain(|l| l.g.expires_at.is_none_or(|e| e > at));
+}
+
+/// The unexpired grants at `now` with what remains of each (plus the debt, if any, as a
+/// negative grant), replaying `grants` and `uses` in time order (grants first on ties).
+pub fn replay(grants: &[Grant], uses: &[Use], now: DateTime<Utc>) -> Vec<CreditGrant> {
+    enum Step<'a> {
+        Grant(&'a Grant),
+        Use(&'a Use),
+    }
+    let mut steps: Vec<(DateTime<Utc>, u8, Step<'_>)> = grants.iter().map(|g| (g.valid_from, 0, Step::Grant(g))).collect();
+    steps.extend(uses.iter().filter(|u| u.at <= now).map(|u| (u.at, 1, Step::Use(u))));
+    steps.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+    let mut live: Vec<Live> = Vec::new();
+    let mut debt: i64 = 0;
+    for (at, _, step) in steps {
+        expire(&mut live, at);
+        match step {
+            Step::Grant(g) => {
+                if g.expires_at.is_some_and(|e| e <= at) {
+                    continue;
+                }
+                let pay = debt.min(g.amount);
+                debt -= pay;
+                live.push(Live { g: g.clone(), remaining: g.amount - pay });
+            }
+            Step::Use(u) => {
+                live.sort_by(|a, b| (a.g.expires_at.is_none(), a.g.expires_at, &a.g.id).cmp(&(b.g.expires_at.is_none(), b.g.expires_at, &b.g.id)));
+                let mut need = u.credits;
+                for l in live.iter_mut().filter(|l| l.remaining > 0) {
+                    if need == 0 {
+                        break;
+                    }
+                    let take = l.remaining.min(need);
+                    l.remaining -= take;
+                    need -= take;
+                }
+                debt = debt.saturating_add(need);
+            }
+        }
+    }
+    expire(&mut live, now);
+    live.sort_by(|a, b| (a.g.expires_at.is_none(), a.g.expires_at, &a.g.id).cmp(&(b.g.expires_at.is_none(), b.g.expires_at, &b.g.id)));
+    let mut out: Vec<CreditGrant> = live.into_iter().map(|l| CreditGrant { id: l.g.id, remaining: l.remaining, expires_at: l.g.expires_at, source: l.g.source }).collect();
+    if debt > 0 {
+        out.push(CreditGrant { id: DEBT_ID.into(), remaining: -debt, expires_at: None, source: "debt".into() });
+    }
+    out
+}
+
+/// Credits per unit of each feature drawing credits: the rule in effect for the user, else the
+/// first plan of the catalog that makes it a credits feature (so past uses keep counting when
+/// the plan changes).
+pub fn costs(features: &BTreeMap<String, Rule>, catalog: &Catalog) -> BTreeMap<String, i64> {
+    let mut m = BTreeMap::new();
+    for p in &catalog.plans {
+        for (f, r) in &p.features {
+            if let Rule::Credits { cost } = r {
+                m.entry(f.clone()).or_insert(i64::try_from(*cost).unwrap_or(i64::MAX));
+            }
+        }
+    }
+    for (f, r) in features {
+        if let Rule::Credits { cost } = r {
+            m.insert(f.clone(), i64::try_from(*cost).unwrap_or(i64::MAX));
+        }
+    }
+    m
+}
+
+/// The user's credit grants at `now`, after every use the server knows of.
+pub async fn current(client: &impl GenericClient, user_id: Uuid, features: &BTreeMap<String, Rule>, catalog: &Catalog, now: DateTime<Utc>) -> ApiResult<Vec<CreditGrant>> {
+    let grants: Vec<Grant> = client
+        .query("SELECT grant_id, amount, valid_from, expires_at, source FROM credit_grants WHERE user_id = $1 AND revoked_at IS NULL", &[&user_id])
+        .await?
+        .iter()
+        .map(|r| Grant { id: r.get(0), amount: r.get(1), valid_from: r.get(2), expires_at: r.get(3), source: r.get(4) })
+        .collect();
+    let costs = costs(features, catalog);
+    let mut uses = Vec::new();
+    if !costs.is_empty() {
+        let names: Vec<&str> = costs.keys().map(String::as_str).collect();
+        for r in client.query("SELECT feature, amount, effective_at FROM events WHERE user_id = $1 AND feature = ANY($2)", &[&user_id, &names]).await? {
+            let f: &str = r.get(0);
+            let amount: i64 = r.get(1);
+            uses.push(Use { at: r.get(2), credits: costs.get(f).copied().unwrap_or(0).saturating_mul(amount) });
+        }
+    }
+    if grants.is_empty() && uses.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(replay(&grants, &uses, now))
+}
+
+/// After a batch was ingested: when it touched a credits feature, the grants again (so the
+/// token the sync answers with already counts the batch).
+pub async fn after_ingest(
+    tx: &impl GenericClient,
+    user_id: Uuid,
+    ents: &mut tally_core::Entitlements,
+    catalog: &Catalog,
+    touched: &[(String, DateTime<Utc>)],
+    now: DateTime<Utc>,
+) -> ApiResult<()> {
+    let costs = costs(&ents.features, catalog);
+    if touched.iter().any(|(f, _)| costs.contains_key(f)) {
+        ents.credit_grants = current(tx, user_id, &ents.features, catalog, now).await?;
+        ents.credit_balance = ents.credit_grants.iter().map(|g| g.remaining).sum();
+    }
+    Ok(())
+}
+
+/// Adds a grant; `false` when a grant with this id already exists (e.g. the invoice's).
+#[allow(clippy::too_many_arguments)]
+pub async fn insert(
+    tx: &impl GenericClient,
+    user_id: Uuid,
+    grant_id: &str,
+    amount: i64,
+    source: &str,
+    reason: Option<&str>,
+    granted_by: Option<&str>,
+    invoice_id: Option<&str>,
+    valid_from: DateTime<Utc>,
+    expires_at: Option<DateTime<Utc>>,
+) -> ApiResult<bool> {
+    if amount <= 0 {
+        return Err(ApiError::invalid("credits must be positive"));
+    }
+    let n = tx
+        .execute(
+            "INSERT INTO credit_grants (user_id, grant_id, amount, source, reason, granted_by, invoice_id, valid_from, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (user_id, grant_id) DO NOTHING",
+            &[&user_id, &grant_id, &amount, &source, &reason, &granted_by, &invoice_id, &valid_from, &expires_at],
+        )
+        .await?;
+    Ok(n == 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_750_000_000 + s, 0).unwrap()
+    }
+    fn g(id: &str, amount: i64, from: i64, exp: Option<i64>) -> Grant {
+        Grant { id: id.into(), amount, valid_from: at(from), expires_at: exp.map(at), source: "plan".into() }
+    }
+    fn u(t: i64, c: i64) -> Use {
+        Use { at: at(t), credits: c }
+    }
+    fn rem(v: &[CreditGrant]) -> Vec<(String, i64)> {
+        v.iter().map(|g| (g.id.clone(), g.remaining)).collect()
+    }
+
+    #[test]
+    fn fifo_by_expiry_then_expired_credits_are_lost() {
+        let grants = [g("late", 100, 0, Some(1000)), g("early", 50, 0, Some(500)), g("never", 10, 0, None)];
+        let r = replay(&grants, &[u(10, 60)], at(20));
+        assert_eq!(rem(&r), vec![("early".into(), 0), ("late".into(), 90), ("never".into(), 10)]);
+        let r = replay(&grants, &[u(10, 20)], at(600));
+        assert_eq!(rem(&r), vec![("late".into(), 100), ("never".into(), 10)], "30 left in `early` expired with it");
+    }
+
+    #[test]
+    fn debt_is_paid_from_the_next_grant() {
+        let r = replay(&[g("a", 10, 0, None)], &[u(5, 25)], at(6));
+        assert_eq!(rem(&r), vec![("a".into(), 0), (DEBT_ID.into(), -15)]);
+        assert_eq!(r.iter().map(|g| g.remaining).sum::<i64>(), -15, "over_limit_by 15");
+        let r = replay(&[g("a", 10, 0, None), g("b", 100, 7, Some(99))], &[u(5, 25)], at(8));
+        assert_eq!(rem(&r), vec![("b".into(), 85), ("a".into(), 0)]);
+    }
+
+    #[test]
+    fn uses_before_a_grant_do_not_draw_from_it_but_become_debt_it_pays() {
+        let r = replay(&[g("a", 100, 10, None)], &[u(5, 30), u(20, 5)], at(30));
+        assert_eq!(rem(&r), vec![("a".into(), 65)]);
+    }
+}

@@ -1,0 +1,297 @@
+//! Billing with Stripe: webhooks (signature, exactly-once application, out-of-order rules),
+//! Checkout and Billing Portal sessions, payment history, credit grants, and the cancellation
+//! that precedes an account deletion.
+//!
+//! The Stripe API version is pinned ([`DEFAULT_API_VERSION`], or `TALLY_STRIPE_API_VERSION`);
+//! payloads are read at that version with fallbacks to the fields of earlier versions
+//! (`items.data[0].current_period_*` else the subscription's, `invoice.parent.…subscription`
+//! else `invoice.subscription`, `line.pricing.price_details.price` else `line.price`).
+
+pub mod credits;
+pub mod signature;
+pub mod state;
+pub mod stripe_api;
+pub mod webhook;
+
+use crate::accounts::User;
+use crate::auth::AuthUser;
+use crate::error::{ApiError, ApiResult};
+use crate::extract::JsonBody;
+use crate::{AppState, Config, entitlements};
+use axum::Json;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use chrono::{DateTime, Utc};
+use deadpool_postgres::GenericClient;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use stripe_api::{Stripe, pair};
+use tally_core::SubscriptionStatus;
+use uuid::Uuid;
+
+pub use webhook::receive as webhook;
+
+/// The Stripe API version this server reads and sends by default.
+pub const DEFAULT_API_VERSION: &str = "2025-03-31.basil";
+
+/// `TALLY_STRIPE_PRICES` as a map price id → plan id.
+pub fn prices(config: &Config) -> HashMap<String, String> {
+    config
+        .stripe_prices
+        .as_deref()
+        .unwrap_or("")
+        .split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .filter(|(k, v)| !k.is_empty() && !v.is_empty())
+        .collect()
+}
+
+fn stripe(state: &AppState) -> ApiResult<Stripe> {
+    let s = Stripe::new(&state.config).map_err(ApiError::internal)?;
+    if !s.configured() {
+        return Err(stripe_api::StripeError::NotConfigured.into());
+    }
+    Ok(s)
+}
+
+/// An idempotency key for one Stripe request: derived from the client's `Idempotency-Key`
+/// header when it sent one (so its retries create one session), else random.
+fn idempotency_key(headers: &HeaderMap, user: &User, what: &str) -> String {
+    match headers.get("idempotency-key").and_then(|v| v.to_str().ok()).filter(|k| !k.is_empty() && k.len() <= 200) {
+        Some(k) => Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("tally:{what}:{}:{k}", user.user_id).as_bytes()).to_string(),
+        None => Uuid::new_v4().to_string(),
+    }
+}
+
+fn check_url(name: &str, u: &str) -> ApiResult<()> {
+    let ok = (u.starts_with("https://") || u.starts_with("http://")) && u.len() <= 2048;
+    if ok { Ok(()) } else { Err(ApiError::Invalid("invalid_url", format!("{name} must be an http(s) URL of at most 2048 bytes"))) }
+}
+
+async fn customer_of(client: &impl GenericClient, user: Uuid) -> ApiResult<Option<String>> {
+    Ok(client.query_opt("SELECT customer_id FROM stripe_customers WHERE user_id = $1 ORDER BY linked_at DESC LIMIT 1", &[&user]).await?.map(|r| r.get(0)))
+}
+
+/// Body of `POST /v1/billing/checkout`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckoutBody {
+    /// A price listed in `TALLY_STRIPE_PRICES`.
+    pub price_id: String,
+    /// Where Stripe sends the customer after paying.
+    pub success_url: String,
+    /// Where Stripe sends the customer after giving up.
+    pub cancel_url: String,
+}
+
+/// `POST /v1/billing/checkout`: a Stripe Checkout Session (mode `subscription`) for the caller;
+/// answers `{id, url}`. `client_reference_id` is the caller's user id, so the
+/// `checkout.session.completed` webhook links the customer to them.
+pub async fn checkout(State(state): State<AppState>, AuthUser(user): AuthUser, headers: HeaderMap, JsonBody(b): JsonBody<CheckoutBody>) -> ApiResult<Json<Value>> {
+    if !prices(&state.config).contains_key(&b.price_id) {
+        return Err(ApiError::Invalid("unknown_price", format!("price {:?} is not in TALLY_STRIPE_PRICES", b.price_id)));
+    }
+    check_url("success_url", &b.success_url)?;
+    check_url("cancel_url", &b.cancel_url)?;
+    let stripe = stripe(&state)?;
+    let client = state.pool.get().await?;
+    let customer = customer_of(&client, user.user_id).await?;
+    drop(client);
+    let uid = user.user_id.to_string();
+    let mut form = vec![
+        pair("mode", "subscription"),
+        pair("line_items[0][price]", b.price_id.clone()),
+        pair("line_items[0][quantity]", "1"),
+        pair("success_url", b.success_url.clone()),
+        pair("cancel_url", b.cancel_url.clone()),
+        pair("client_reference_id", uid.clone()),
+        pair("metadata[tally_user_id]", uid.clone()),
+        pair("subscription_data[metadata][tally_user_id]", uid),
+    ];
+    match (&customer, &user.email) {
+        (Some(c), _) => form.push(pair("customer", c.clone())),
+        (None, Some(e)) => form.push(pair("customer_email", e.clone())),
+        (None, None) => {}
+    }
+    let s = stripe.call(reqwest::Method::POST, "/v1/checkout/sessions", &form, &idempotency_key(&headers, &user, "checkout")).await?;
+    Ok(Json(json!({"id": s["id"], "url": s["url"]})))
+}
+
+/// Body of `POST /v1/billing/portal`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortalBody {
+    /// Where the portal's "return" link goes.
+    pub return_url: String,
+}
+
+/// `POST /v1/billing/portal`: a Stripe Billing Portal session for the caller's customer;
+/// answers `{id, url}` (404 when the caller has no Stripe customer yet).
+pub async fn portal(State(state): State<AppState>, AuthUser(user): AuthUser, headers: HeaderMap, JsonBody(b): JsonBody<PortalBody>) -> ApiResult<Json<Value>> {
+    check_url("return_url", &b.return_url)?;
+    let stripe = stripe(&state)?;
+    let client = state.pool.get().await?;
+    let customer = customer_of(&client, user.user_id).await?.ok_or_else(|| ApiError::not_found("Stripe customer"))?;
+    drop(client);
+    let form = vec![pair("customer", customer), pair("return_url", b.return_url)];
+    let s = stripe.call(reqwest::Method::POST, "/v1/billing_portal/sessions", &form, &idempotency_key(&headers, &user, "portal")).await?;
+    Ok(Json(json!({"id": s["id"], "url": s["url"]})))
+}
+
+fn refund_status(amount: i64, refunded: i64, full: bool) -> &'static str {
+    if full || (amount > 0 && refunded >= amount) { "refunded" } else { "partially_refunded" }
+}
+
+/// `GET /v1/billing`: plan, status, period, cancel_at_period_end, credits and payment history.
+pub async fn get_billing(State(state): State<AppState>, AuthUser(user): AuthUser) -> ApiResult<Json<Value>> {
+    let client = state.pool.get().await?;
+    let now = Utc::now();
+    let loaded = entitlements::load(&state, &client, &user, now).await?;
+    let e = &loaded.ents;
+    let subs = webhook::effective_subs(&client, user.user_id).await?;
+    let chosen = state::choose(&subs);
+    let refunds: Vec<(String, Option<String>, Option<String>, i64, bool, String, DateTime<Utc>)> = client
+        .query("SELECT charge_id, payment_intent, invoice_id, amount_refunded, fully_refunded, currency, created FROM stripe_refunds WHERE user_id = $1", &[&user.user_id])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5), r.get(6)))
+        .collect();
+    let mut matched = vec![false; refunds.len()];
+    let mut payments = Vec::new();
+    for r in client
+        .query(
+            "SELECT invoice_id, subscription_id, amount, currency, status, paid_at, first_failed_at, created, period_start, period_end, payment_intent, charge_id \
+             FROM stripe_payments WHERE user_id = $1 ORDER BY coalesce(paid_at, first_failed_at, created) DESC, invoice_id",
+            &[&user.user_id],
+        )
+        .await?
+    {
+        let invoice: String = r.get(0);
+        let amount: i64 = r.get(2);
+        let pi: Option<String> = r.get(10);
+        let charge: Option<String> = r.get(11);
+        let mut status: String = r.get(4);
+        let mut refunded = 0;
+        for (i, f) in refunds.iter().enumerate() {
+            let hit = f.2.as_deref() == Some(invoice.as_str()) || (pi.is_some() && f.1 == pi) || charge.as_deref() == Some(f.0.as_str());
+            if hit {
+                matched[i] = true;
+                refunded += f.3;
+                status = refund_status(amount, refunded, f.4).into();
+            }
+        }
+        let date: Option<DateTime<Utc>> = r.get::<_, Option<DateTime<Utc>>>(5).or(r.get(6)).or(Some(r.get(7)));
+        payments.push(json!({"invoice_id": invoice, "subscription_id": r.get::<_, Option<String>>(1), "amount": amount, "currency": r.get::<_, String>(3),
+            "status": status, "amount_refunded": refunded, "date": date, "period_start": r.get::<_, Option<DateTime<Utc>>>(8), "period_end": r.get::<_, Option<DateTime<Utc>>>(9)}));
+    }
+    for (i, f) in refunds.iter().enumerate().filter(|(i, _)| !matched[*i]) {
+        let _ = i;
+        payments.push(json!({"invoice_id": f.2, "charge_id": f.0, "amount": f.3, "currency": f.5, "status": refund_status(f.3, f.3, f.4), "amount_refunded": f.3, "date": f.6}));
+    }
+    let balance = e.credit_balance;
+    Ok(Json(json!({
+        "plan": e.plan,
+        "access_reason": e.access_reason,
+        "status": chosen.map_or(e.status, |c| c.1),
+        "subscription_id": chosen.map(|c| c.0.subscription_id.clone()),
+        "subscribed_plan": chosen.and_then(|c| c.0.plan.clone()),
+        "period_start": chosen.and_then(|c| c.0.period_start),
+        "period_end": chosen.and_then(|c| c.0.period_end),
+        "cancel_at_period_end": chosen.is_some_and(|c| c.0.cancel_at_period_end),
+        "past_due_since": chosen.and_then(|c| c.2),
+        "customer_linked": customer_of(&client, user.user_id).await?.is_some(),
+        "credit_balance": balance,
+        "credit_over_limit_by": (-balance).max(0),
+        "credit_grants": e.credit_grants,
+        "payments": payments,
+    })))
+}
+
+/// Before `DELETE /v1/me`: cancels (immediately) every Stripe subscription of the user that is
+/// not canceled yet, and records it as canceled. Any failure is a 409 and nothing is deleted.
+pub async fn cancel_before_deletion(state: &AppState, user: &User) -> ApiResult<()> {
+    let mut client = state.pool.get().await?;
+    let live: Vec<String> = client
+        .query("SELECT subscription_id FROM stripe_subscriptions WHERE user_id = $1 AND status <> 'canceled'", &[&user.user_id])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if live.is_empty() {
+        return Ok(());
+    }
+    let conflict = |e: String| ApiError::Conflict("subscription_cancel_failed", format!("could not cancel the Stripe subscription, so the account was kept: {e}"));
+    let stripe = Stripe::new(&state.config).map_err(ApiError::internal)?;
+    for sub in &live {
+        let key = format!("tally-delete-{}-{sub}", user.user_id);
+        let path = format!("/v1/subscriptions/{sub}");
+        match stripe.call(reqwest::Method::DELETE, &path, &[], &key).await {
+            Ok(_) => {}
+            // Already canceled at Stripe: nothing left to stop.
+            Err(stripe_api::StripeError::Refused(404, _)) => {}
+            Err(e) => return Err(conflict(e.to_string())),
+        }
+    }
+    let tx = client.transaction().await?;
+    crate::accounts::lock(&tx, user.user_id, &state.config.admin_subjects).await?;
+    tx.execute(
+        "UPDATE stripe_subscriptions SET status = 'canceled', stripe_status = 'canceled', canceled_at = now(), updated_at = now() WHERE user_id = $1",
+        &[&user.user_id],
+    )
+    .await?;
+    tx.execute("UPDATE subscriptions SET status = $2, updated_at = now() WHERE user_id = $1", &[&user.user_id, &SubscriptionStatus::Canceled.as_str()]).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// The billing tables holding the user's rows, deleted with the account.
+pub const USER_TABLES: &[&str] = &["credit_grants", "stripe_refunds", "stripe_payments", "stripe_subscriptions", "stripe_customers"];
+
+/// Body fields of a credit grant (`POST /v1/admin/grants` with `credits`).
+pub struct CreditGrantRequest<'a> {
+    /// The user.
+    pub user_id: Uuid,
+    /// Credits.
+    pub credits: i64,
+    /// Expiry (`None`: never).
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Why.
+    pub reason: &'a str,
+    /// Who.
+    pub granted_by: &'a str,
+}
+
+/// Adds an admin credit grant (bumps the entitlement version); returns its id.
+pub async fn grant_credits(state: &AppState, r: CreditGrantRequest<'_>) -> ApiResult<String> {
+    if r.credits <= 0 || r.credits > 1_000_000_000_000 {
+        return Err(ApiError::Invalid("invalid_credits", "credits must be 1 to 10^12".into()));
+    }
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    crate::accounts::lock(&tx, r.user_id, &state.config.admin_subjects).await?;
+    let id = format!("adm:{}", Uuid::now_v7());
+    credits::insert(&tx, r.user_id, &id, r.credits, "admin", Some(r.reason), Some(r.granted_by), None, Utc::now(), r.expires_at).await?;
+    tx.execute("UPDATE users SET ver = ver + 1 WHERE user_id = $1", &[&r.user_id]).await?;
+    tx.commit().await?;
+    Ok(id)
+}
+
+/// Revokes credit grants of a user (one by id, or every one); bumps the version. Returns how many.
+pub async fn revoke_credits(state: &AppState, user_id: Uuid, grant_id: Option<&str>) -> ApiResult<u64> {
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    crate::accounts::lock(&tx, user_id, &state.config.admin_subjects).await?;
+    let n = tx
+        .execute(
+            "UPDATE credit_grants SET revoked_at = now() WHERE user_id = $1 AND revoked_at IS NULL AND ($2::text IS NULL OR grant_id = $2)",
+            &[&user_id, &grant_id],
+        )
+        .await?;
+    if n > 0 {
+        tx.execute("UPDATE users SET ver = ver + 1 WHERE user_id = $1", &[&user_id]).await?;
+    }
+    tx.commit().await?;
+    Ok(n)
+}
