@@ -159,12 +159,19 @@ mod http {
     }
 
     pub(crate) fn send(method: &str, url: &str, bearer: Option<&str>, body: Option<&str>) -> std::io::Result<(u16, String)> {
+        send_with(method, url, bearer, body, &[])
+    }
+
+    pub(crate) fn send_with(method: &str, url: &str, bearer: Option<&str>, body: Option<&str>, headers: &[(&str, &str)]) -> std::io::Result<(u16, String)> {
         let rest = url.strip_prefix("http://").unwrap_or(url);
         let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
         let mut s = TcpStream::connect(host)?;
         s.set_read_timeout(Some(Duration::from_secs(30)))?;
         let body = body.unwrap_or("");
-        let auth = bearer.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+        let mut auth = bearer.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+        for (k, v) in headers {
+            auth.push_str(&format!("{k}: {v}\r\n"));
+        }
         write!(
             s,
             "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
@@ -192,6 +199,16 @@ mod http {
         out
     }
 }
+
+/// POSTs a Stripe event to `server`'s webhook endpoint, signed as Stripe signs it
+/// (`Stripe-Signature: t=…,v1=HMAC-SHA256(secret, "{t}.{body}")`).
+pub fn post_stripe_event(server: &Server, secret: &str, event: &serde_json::Value) -> (u16, String) {
+    let body = event.to_string();
+    let t = Utc::now().timestamp();
+    let sig = format!("t={t},v1={}", tally_server::billing::signature::sign(secret, t, body.as_bytes()));
+    http::send_with("POST", &format!("{}/v1/webhooks/stripe", server.url), None, Some(&body), &[("Stripe-Signature", &sig)]).expect("POST webhook")
+}
+
 
 /// Sends a request; returns (status, body).
 pub fn raw_request(method: &str, url: &str, bearer: Option<&str>, body: Option<&str>) -> std::io::Result<(u16, String)> {
