@@ -7,6 +7,7 @@
 //! `stripe-mock` is not used: it is a Go program fetched from GitHub, and this environment
 //! installs nothing from the network; the fake below checks the form-encoded requests as
 //! Stripe's API reference documents them.
+#![allow(clippy::type_complexity, clippy::too_many_arguments)]
 
 mod common;
 

@@ -57,7 +57,7 @@ pub fn replay(grants: &[Grant], uses: &[Use], now: DateTime<Utc>) -> Vec<CreditG
     }
     let mut steps: Vec<(DateTime<Utc>, u8, Step<'_>)> = grants.iter().map(|g| (g.valid_from, 0, Step::Grant(g))).collect();
     steps.extend(uses.iter().filter(|u| u.at <= now).map(|u| (u.at, 1, Step::Use(u))));
-    steps.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+    steps.sort_by_key(|s| (s.0, s.1));
     let mut live: Vec<Live> = Vec::new();
     let mut debt: i64 = 0;
     for (at, _, step) in steps {

@@ -152,7 +152,8 @@ pub async fn get_billing(State(state): State<AppState>, AuthUser(user): AuthUser
     let e = &loaded.ents;
     let subs = webhook::effective_subs(&client, user.user_id).await?;
     let chosen = state::choose(&subs);
-    let refunds: Vec<(String, Option<String>, Option<String>, i64, bool, String, DateTime<Utc>)> = client
+    type Refund = (String, Option<String>, Option<String>, i64, bool, String, DateTime<Utc>);
+    let refunds: Vec<Refund> = client
         .query("SELECT charge_id, payment_intent, invoice_id, amount_refunded, fully_refunded, currency, created FROM stripe_refunds WHERE user_id = $1", &[&user.user_id])
         .await?
         .iter()

@@ -139,9 +139,12 @@ pub fn effective(s: &SubState, earliest_unpaid_failure: Option<DateTime<Utc>>) -
     }
 }
 
+/// A subscription state with its effective status and past-due start.
+pub type Effective = (SubState, SubscriptionStatus, Option<DateTime<Utc>>);
+
 /// The subscription that gives the user access: the best effective status, then the latest
 /// period end, then the latest state. `subs` holds (state, effective status, past_due_since).
-pub fn choose<'a>(subs: &'a [(SubState, SubscriptionStatus, Option<DateTime<Utc>>)]) -> Option<&'a (SubState, SubscriptionStatus, Option<DateTime<Utc>>)> {
+pub fn choose(subs: &[Effective]) -> Option<&Effective> {
     subs.iter().max_by(|a, b| {
         (access_rank(a.1), a.0.period_end, a.0.created, &a.0.subscription_id).cmp(&(access_rank(b.1), b.0.period_end, b.0.created, &b.0.subscription_id))
     })

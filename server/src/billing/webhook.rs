@@ -161,10 +161,10 @@ async fn link(state: &AppState, tx: &deadpool_postgres::Transaction<'_>, ev: &Ev
         }
     }
     let Some(user) = user else { return Ok(("ignored:no_matching_user".into(), None)) };
-    if let Some(existing) = user_of_customer(tx, customer).await? {
-        if existing != user {
-            return Ok(("ignored:customer_linked_to_another_user".into(), None));
-        }
+    if let Some(existing) = user_of_customer(tx, customer).await?
+        && existing != user
+    {
+        return Ok(("ignored:customer_linked_to_another_user".into(), None));
     }
     accounts::lock(tx, user, &state.config.admin_subjects).await?;
     tx.execute(
@@ -370,7 +370,7 @@ pub async fn store_sub(tx: &impl GenericClient, user: Uuid, s: &SubState) -> Api
 }
 
 /// The user's subscriptions with their effective status and past-due start.
-pub async fn effective_subs(tx: &impl GenericClient, user: Uuid) -> ApiResult<Vec<(SubState, SubscriptionStatus, Option<DateTime<Utc>>)>> {
+pub async fn effective_subs(tx: &impl GenericClient, user: Uuid) -> ApiResult<Vec<state::Effective>> {
     let rows = tx
         .query(
             "SELECT subscription_id, customer_id, price_id, plan, stripe_status, status, period_start, period_end, cancel_at_period_end, canceled_at, \
