@@ -81,14 +81,14 @@ pub fn sub_hash(sub: &str) -> String {
 pub async fn resolve(state: &AppState, claims: &IdClaims) -> ApiResult<User> {
     let client = state.pool.get().await?;
     let admins = &state.config.admin_subjects;
-    if let Some(r) = client.query_opt("SELECT deleted_at FROM account_tombstones WHERE sub_hash = $1", &[&sub_hash(&claims.sub)]).await? {
+    if let Some(r) = client.query_opt(&client.prepare_cached("SELECT deleted_at FROM account_tombstones WHERE sub_hash = $1").await?, &[&sub_hash(&claims.sub)]).await? {
         let deleted: DateTime<Utc> = r.get(0);
         if claims.iat.is_none_or(|iat| iat <= deleted.timestamp()) {
             return Err(ApiError::AccountDeleted);
         }
     }
     let select = format!("SELECT {USER_COLUMNS} FROM users WHERE external_id = $1");
-    if let Some(r) = client.query_opt(&select, &[&claims.sub]).await? {
+    if let Some(r) = client.query_opt(&client.prepare_cached(&select).await?, &[&claims.sub]).await? {
         return Ok(User::from_row(&r, admins));
     }
     if let (Some(email), Some(true)) = (&claims.email, claims.email_verified) {

@@ -37,7 +37,7 @@ pub async fn load(state: &AppState, client: &impl GenericClient, user: &User, no
     let mut raw = Entitlements::free();
     let mut anchor = user.created_at;
     if let Some(s) = client
-        .query_opt("SELECT plan, status, period_start, period_end, past_due_since FROM subscriptions WHERE user_id = $1", &[&user.user_id])
+        .query_opt(&client.prepare_cached("SELECT plan, status, period_start, period_end, past_due_since FROM subscriptions WHERE user_id = $1").await?, &[&user.user_id])
         .await?
     {
         raw.plan = s.get(0);
@@ -51,7 +51,9 @@ pub async fn load(state: &AppState, client: &impl GenericClient, user: &User, no
     }
     raw.grants = client
         .query(
-            "SELECT plan, until, granted_by, reason FROM access_grants WHERE user_id = $1 AND revoked_at IS NULL AND (until IS NULL OR until > $2)",
+            &client
+                .prepare_cached("SELECT plan, until, granted_by, reason FROM access_grants WHERE user_id = $1 AND revoked_at IS NULL AND (until IS NULL OR until > $2)")
+                .await?,
             &[&user.user_id, &now],
         )
         .await?

@@ -118,7 +118,7 @@ pub fn costs(features: &BTreeMap<String, Rule>, catalog: &Catalog) -> BTreeMap<S
 /// The user's credit grants at `now`, after every use the server knows of.
 pub async fn current(client: &impl GenericClient, user_id: Uuid, features: &BTreeMap<String, Rule>, catalog: &Catalog, now: DateTime<Utc>) -> ApiResult<Vec<CreditGrant>> {
     let grants: Vec<Grant> = client
-        .query("SELECT grant_id, amount, valid_from, expires_at, source FROM credit_grants WHERE user_id = $1 AND revoked_at IS NULL", &[&user_id])
+        .query(&client.prepare_cached("SELECT grant_id, amount, valid_from, expires_at, source FROM credit_grants WHERE user_id = $1 AND revoked_at IS NULL").await?, &[&user_id])
         .await?
         .iter()
         .map(|r| Grant { id: r.get(0), amount: r.get(1), valid_from: r.get(2), expires_at: r.get(3), source: r.get(4) })
@@ -127,7 +127,7 @@ pub async fn current(client: &impl GenericClient, user_id: Uuid, features: &BTre
     let mut uses = Vec::new();
     if !costs.is_empty() {
         let names: Vec<&str> = costs.keys().map(String::as_str).collect();
-        for r in client.query("SELECT feature, amount, effective_at FROM events WHERE user_id = $1 AND feature = ANY($2)", &[&user_id, &names]).await? {
+        for r in client.query(&client.prepare_cached("SELECT feature, amount, effective_at FROM events WHERE user_id = $1 AND feature = ANY($2)").await?, &[&user_id, &names]).await? {
             let f: &str = r.get(0);
             let amount: i64 = r.get(1);
             uses.push(Use { at: r.get(2), credits: costs.get(f).copied().unwrap_or(0).saturating_mul(amount) });
