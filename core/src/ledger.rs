@@ -177,6 +177,56 @@ fn read_counter(conn: &Connection, user: &str, feature: &str, period: &str, star
         .unwrap_or((0, 0, 0)))
 }
 
+/// The counter rows a batch reads and changes: each row is read once and written once, so a
+/// `consume_many` of N uses of one feature costs one counter read and one upsert, not N of each.
+#[derive(Default)]
+struct Batch {
+    rows: std::collections::HashMap<(String, String, i64), CounterRow>,
+}
+
+#[derive(Clone, Copy)]
+struct CounterRow {
+    pending: u64,
+    pending_cost: u64,
+    server: u64,
+    add_amount: u64,
+    add_cost: u64,
+}
+
+impl Batch {
+    /// (pending, pending_cost, server_used) of a row, including what this batch added.
+    fn read(&mut self, conn: &Connection, user: &str, feature: &str, period: &str, start: i64) -> Result<(u64, u64, u64)> {
+        let key = (feature.to_string(), period.to_string(), start);
+        let row = match self.rows.get(&key) {
+            Some(r) => *r,
+            None => {
+                let (pending, pending_cost, server) = read_counter(conn, user, feature, period, start)?;
+                let r = CounterRow { pending, pending_cost, server, add_amount: 0, add_cost: 0 };
+                self.rows.insert(key, r);
+                r
+            }
+        };
+        Ok((row.pending + row.add_amount, row.pending_cost + row.add_cost, row.server))
+    }
+
+    fn add(&mut self, feature: &str, period: &str, start: i64, amount: u64, cost: u64) {
+        let key = (feature.to_string(), period.to_string(), start);
+        let r = self.rows.entry(key).or_insert(CounterRow { pending: 0, pending_cost: 0, server: 0, add_amount: 0, add_cost: 0 });
+        r.add_amount += amount;
+        r.add_cost += cost;
+    }
+
+    /// Writes what the batch added.
+    fn flush(self, conn: &Connection, user: &str) -> Result<()> {
+        for ((feature, period, start), r) in self.rows {
+            if r.add_amount > 0 || r.add_cost > 0 {
+                add_counter(conn, user, &feature, &period, start, r.add_amount as i64, r.add_cost as i64)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 fn add_counter(conn: &Connection, user: &str, feature: &str, period: &str, start: i64, amount: i64, cost: i64) -> Result<()> {
     conn.prepare_cached(
         "INSERT INTO counters (user_id, feature, period, period_start, pending, pending_cost) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
@@ -253,7 +303,7 @@ impl Tally {
     /// Decides a use without changing anything. Returns the decision and, when it is allowed,
     /// what recording it changes.
     /// Counters of the feature must have been ensured ([`Tally::ensure_counters`]).
-    fn decide(&self, conn: &Connection, a: &Access, user: &str, u: &Use<'_>, now: DateTime<Utc>, record: bool) -> Result<(Decision, Option<Effect>)> {
+    fn decide(&self, conn: &Connection, batch: &mut Batch, a: &Access, user: &str, u: &Use<'_>, now: DateTime<Utc>, record: bool) -> Result<(Decision, Option<Effect>)> {
         let reason = a.ent.access_reason.as_str();
         let Some(rule) = a.ent.features.get(u.feature) else {
             let r = if Tally::feature_known(&self.catalog(), &a.ent, u.feature) { Reason::NotInPlan } else { Reason::UnknownFeature };
@@ -306,7 +356,7 @@ impl Tally {
                 };
                 let (pkey, w) = counter_window(rule, a, now).unwrap_or_else(|| (String::new(), Window { start: now, end: None }));
                 let start = ms(w.start);
-                let (pending, pending_cost, server) = read_counter(conn, user, u.feature, &pkey, start)?;
+                let (pending, pending_cost, server) = batch.read(conn, user, u.feature, &pkey, start)?;
                 let used = server + if matches!(rule, Rule::Budget { .. }) { pending_cost } else { pending };
                 let (d, rec) = decide_counted(counted, used, measured, w.end, reason, record);
                 let effect = rec.then_some(Effect::Count { period: pkey, start, amount: u.amount, cost: effect_cost });
@@ -329,7 +379,7 @@ impl Tally {
         if let Some(p) = a.ent.features.get(feature).and_then(Rule::period) {
             Tally::ensure_counters(&mut g, user_id, feature, p, &a)?;
         }
-        Ok(self.decide(&g.conn, &a, user_id, &u, now, false)?.0)
+        Ok(self.decide(&g.conn, &mut Batch::default(), &a, user_id, &u, now, false)?.0)
     }
 
     /// The common `check`: access cached, counters verified, no clock write due. Reads the
@@ -352,7 +402,7 @@ impl Tally {
             if a.ent.features.get(u.feature).and_then(Rule::period).is_some() && !inner.verified.contains(&(user_id.to_string(), u.feature.to_string())) {
                 return Ok(None);
             }
-            let d = self.decide(&tx, &a, user_id, u, now, false)?.0;
+            let d = self.decide(&tx, &mut Batch::default(), &a, user_id, u, now, false)?.0;
             tx.commit()?;
             (d, now)
         };
@@ -389,6 +439,7 @@ impl Tally {
         // Device sequence numbers are handed out in memory and stored once per batch.
         let base_seq: i64 = tx.prepare_cached("SELECT seq FROM device WHERE singleton = 1")?.query_row([], |r| r.get(0))?;
         let mut seq = base_seq;
+        let mut batch = Batch::default();
         for (u, item) in uses.iter().zip(items) {
             // Only a caller-supplied key can name a recorded event: a fresh UUID v7 cannot.
             if item.meta.idempotency_key.is_some()
@@ -397,14 +448,15 @@ impl Tally {
                 decisions.push(d);
                 continue;
             }
-            let (d, effect) = self.decide(&tx, &a, user_id, u, now, true)?;
+            let (d, effect) = self.decide(&tx, &mut batch, &a, user_id, u, now, true)?;
             if let Some(effect) = effect {
                 seq += 1;
-                record(&tx, user_id, &inner.device_id, u, &d, &effect, now, &a.ent, seq)?;
+                record(&tx, &mut batch, user_id, &inner.device_id, u, &d, &effect, now, &a.ent, seq)?;
                 recorded = true;
             }
             decisions.push(d);
         }
+        batch.flush(&tx, user_id)?;
         if seq != base_seq {
             tx.prepare_cached("UPDATE device SET seq = ?1, highest_seen_ms = MAX(highest_seen_ms, ?2) WHERE singleton = 1")?.execute(params![seq, ms(now)])?;
         }
@@ -441,7 +493,7 @@ fn replay(conn: &Connection, user: &str, u: &Use<'_>) -> Result<Option<Decision>
 }
 
 #[allow(clippy::too_many_arguments)]
-fn record(tx: &Connection, user: &str, device: &str, u: &Use<'_>, d: &Decision, effect: &Effect, now: DateTime<Utc>, ent: &Entitlements, seq: i64) -> Result<()> {
+fn record(tx: &Connection, batch: &mut Batch, user: &str, device: &str, u: &Use<'_>, d: &Decision, effect: &Effect, now: DateTime<Utc>, ent: &Entitlements, seq: i64) -> Result<()> {
     let cost = u.model.and_then(|m| ent.models.get(m)).map(|p| p.cost_micros(u.input_tokens.unwrap_or(0), u.output_tokens.unwrap_or(0)) as i64);
     let cost = match effect {
         Effect::Count { cost, .. } if *cost > 0 => Some(*cost as i64),
@@ -467,7 +519,7 @@ fn record(tx: &Connection, user: &str, device: &str, u: &Use<'_>, d: &Decision, 
         serde_json::to_string(d)?,
     ])?;
     match effect {
-        Effect::Count { period, start, amount, cost } => add_counter(tx, user, u.feature, period, *start, *amount as i64, *cost as i64)?,
+        Effect::Count { period, start, amount, cost } => batch.add(u.feature, period, *start, *amount, *cost),
         Effect::Credits(need) => draw_credits(tx, user, *need, now)?,
         Effect::None => {}
     }
