@@ -92,7 +92,7 @@ impl Default for Config {
             default_settings: Map::new(),
             local_only_settings: Vec::new(),
             catalog: Catalog::builtin(),
-            past_due_grace: Duration::days(7),
+            past_due_grace: Duration::days(3),
             token_grace: Duration::days(3),
             busy_timeout: std::time::Duration::from_secs(10),
             server_keys: None,

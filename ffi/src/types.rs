@@ -129,7 +129,7 @@ pub struct TallyConfig {
     /// The plan catalog JSON (DESIGN.md "Wire contract"); absent: the built-in free plan.
     #[uniffi(default = None)]
     pub catalog_json: Option<String>,
-    /// How long a past-due subscription keeps access, in seconds (default 7 days).
+    /// How long a past-due subscription keeps access, in seconds (default 3 days).
     #[uniffi(default = None)]
     pub past_due_grace_secs: Option<u64>,
     /// How long an expired entitlements token is honoured offline, in seconds (default 3 days).

@@ -3246,7 +3246,7 @@ public struct TallyConfig {
      */
     public var catalogJson: String?
     /**
-     * How long a past-due subscription keeps access, in seconds (default 7 days).
+     * How long a past-due subscription keeps access, in seconds (default 3 days).
      */
     public var pastDueGraceSecs: UInt64?
     /**
@@ -3285,7 +3285,7 @@ public struct TallyConfig {
          * The plan catalog JSON (DESIGN.md "Wire contract"); absent: the built-in free plan.
          */catalogJson: String? = nil, 
         /**
-         * How long a past-due subscription keeps access, in seconds (default 7 days).
+         * How long a past-due subscription keeps access, in seconds (default 3 days).
          */pastDueGraceSecs: UInt64? = nil, 
         /**
          * How long an expired entitlements token is honoured offline, in seconds (default 3 days).

@@ -4519,7 +4519,7 @@ data class TallyConfig (
     var `catalogJson`: kotlin.String? = null 
     , 
     /**
-     * How long a past-due subscription keeps access, in seconds (default 7 days).
+     * How long a past-due subscription keeps access, in seconds (default 3 days).
      */
     var `pastDueGraceSecs`: kotlin.ULong? = null 
     , 
