@@ -81,14 +81,20 @@ pub fn sub_hash(sub: &str) -> String {
 pub async fn resolve(state: &AppState, claims: &IdClaims) -> ApiResult<User> {
     let client = state.pool.get().await?;
     let admins = &state.config.admin_subjects;
-    if let Some(r) = client.query_opt(&client.prepare_cached("SELECT deleted_at FROM account_tombstones WHERE sub_hash = $1").await?, &[&sub_hash(&claims.sub)]).await? {
+    let select = format!("SELECT {USER_COLUMNS} FROM users WHERE external_id = $1");
+    let tomb_st = client.prepare_cached("SELECT deleted_at FROM account_tombstones WHERE sub_hash = $1").await?;
+    let user_st = client.prepare_cached(&select).await?;
+    // Both reads pipelined on the connection: one round trip of waiting.
+    let hash = sub_hash(&claims.sub);
+    let (tomb_args, user_args): ([&(dyn tokio_postgres::types::ToSql + Sync); 1], [&(dyn tokio_postgres::types::ToSql + Sync); 1]) = ([&hash], [&claims.sub]);
+    let (tomb, found) = futures::try_join!(client.query_opt(&tomb_st, &tomb_args), client.query_opt(&user_st, &user_args))?;
+    if let Some(r) = tomb {
         let deleted: DateTime<Utc> = r.get(0);
         if claims.iat.is_none_or(|iat| iat <= deleted.timestamp()) {
             return Err(ApiError::AccountDeleted);
         }
     }
-    let select = format!("SELECT {USER_COLUMNS} FROM users WHERE external_id = $1");
-    if let Some(r) = client.query_opt(&client.prepare_cached(&select).await?, &[&claims.sub]).await? {
+    if let Some(r) = found {
         return Ok(User::from_row(&r, admins));
     }
     if let (Some(email), Some(true)) = (&claims.email, claims.email_verified) {

@@ -33,13 +33,20 @@ pub struct Loaded {
 
 /// Loads and resolves `user`'s entitlements at `now`.
 pub async fn load(state: &AppState, client: &impl GenericClient, user: &User, now: DateTime<Utc>) -> ApiResult<Loaded> {
-    let (catalog_version, catalog) = state.catalog.current(client).await?;
+    // Independent reads, pipelined on the one connection (one round trip of waiting, not three).
+    let sub_st = client.prepare_cached("SELECT plan, status, period_start, period_end, past_due_since FROM subscriptions WHERE user_id = $1").await?;
+    let grants_st = client
+        .prepare_cached("SELECT plan, until, granted_by, reason FROM access_grants WHERE user_id = $1 AND revoked_at IS NULL AND (until IS NULL OR until > $2)")
+        .await?;
+    let (catalog_now, sub, grants) = futures::try_join!(
+        state.catalog.current(client),
+        async { client.query_opt(&sub_st, &[&user.user_id]).await.map_err(ApiError::from) },
+        async { client.query(&grants_st, &[&user.user_id, &now]).await.map_err(ApiError::from) },
+    )?;
+    let (catalog_version, catalog) = catalog_now;
     let mut raw = Entitlements::free();
     let mut anchor = user.created_at;
-    if let Some(s) = client
-        .query_opt(&client.prepare_cached("SELECT plan, status, period_start, period_end, past_due_since FROM subscriptions WHERE user_id = $1").await?, &[&user.user_id])
-        .await?
-    {
+    if let Some(s) = sub {
         raw.plan = s.get(0);
         raw.status = SubscriptionStatus::parse(s.get(1)).unwrap_or_default();
         raw.period_start = s.get(2);
@@ -49,14 +56,7 @@ pub async fn load(state: &AppState, client: &impl GenericClient, user: &User, no
             anchor = raw.period_start.unwrap_or(anchor);
         }
     }
-    raw.grants = client
-        .query(
-            &client
-                .prepare_cached("SELECT plan, until, granted_by, reason FROM access_grants WHERE user_id = $1 AND revoked_at IS NULL AND (until IS NULL OR until > $2)")
-                .await?,
-            &[&user.user_id, &now],
-        )
-        .await?
+    raw.grants = grants
         .iter()
         .map(|r| AccessGrant { plan: r.get(0), until: r.get(1), granted_by: r.get(2), reason: r.get(3) })
         .collect();

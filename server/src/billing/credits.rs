@@ -117,22 +117,27 @@ pub fn costs(features: &BTreeMap<String, Rule>, catalog: &Catalog) -> BTreeMap<S
 
 /// The user's credit grants at `now`, after every use the server knows of.
 pub async fn current(client: &impl GenericClient, user_id: Uuid, features: &BTreeMap<String, Rule>, catalog: &Catalog, now: DateTime<Utc>) -> ApiResult<Vec<CreditGrant>> {
-    let grants: Vec<Grant> = client
-        .query(&client.prepare_cached("SELECT grant_id, amount, valid_from, expires_at, source FROM credit_grants WHERE user_id = $1 AND revoked_at IS NULL").await?, &[&user_id])
-        .await?
+    let costs = costs(features, catalog);
+    let names: Vec<&str> = costs.keys().map(String::as_str).collect();
+    let grants_st = client.prepare_cached("SELECT grant_id, amount, valid_from, expires_at, source FROM credit_grants WHERE user_id = $1 AND revoked_at IS NULL").await?;
+    let uses_st = client.prepare_cached("SELECT feature, amount, effective_at FROM events WHERE user_id = $1 AND feature = ANY($2)").await?;
+    // Both reads pipelined on the connection; the uses only when some rule draws credits.
+    let (grant_rows, use_rows) = futures::try_join!(
+        async { client.query(&grants_st, &[&user_id]).await },
+        async { if names.is_empty() { Ok(Vec::new()) } else { client.query(&uses_st, &[&user_id, &names]).await } },
+    )?;
+    let grants: Vec<Grant> = grant_rows
         .iter()
         .map(|r| Grant { id: r.get(0), amount: r.get(1), valid_from: r.get(2), expires_at: r.get(3), source: r.get(4) })
         .collect();
-    let costs = costs(features, catalog);
-    let mut uses = Vec::new();
-    if !costs.is_empty() {
-        let names: Vec<&str> = costs.keys().map(String::as_str).collect();
-        for r in client.query(&client.prepare_cached("SELECT feature, amount, effective_at FROM events WHERE user_id = $1 AND feature = ANY($2)").await?, &[&user_id, &names]).await? {
+    let uses: Vec<Use> = use_rows
+        .iter()
+        .map(|r| {
             let f: &str = r.get(0);
             let amount: i64 = r.get(1);
-            uses.push(Use { at: r.get(2), credits: costs.get(f).copied().unwrap_or(0).saturating_mul(amount) });
-        }
-    }
+            Use { at: r.get(2), credits: costs.get(f).copied().unwrap_or(0).saturating_mul(amount) }
+        })
+        .collect();
     if grants.is_empty() && uses.is_empty() {
         return Ok(Vec::new());
     }
