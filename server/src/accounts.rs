@@ -139,7 +139,7 @@ pub async fn find_or_create_by_subject(state: &AppState, subject: &str) -> ApiRe
 /// Re-reads a user by id, locking the row for the rest of the transaction.
 pub async fn lock(tx: &impl GenericClient, user_id: Uuid, admins: &[String]) -> ApiResult<User> {
     let q = format!("SELECT {USER_COLUMNS} FROM users WHERE user_id = $1 FOR NO KEY UPDATE");
-    let r = tx.query_opt(&q, &[&user_id]).await?.ok_or(ApiError::AccountDeleted)?;
+    let r = tx.query_opt(&tx.prepare_cached(&q).await?, &[&user_id]).await?.ok_or(ApiError::AccountDeleted)?;
     Ok(User::from_row(&r, admins))
 }
 

@@ -214,11 +214,10 @@ async fn upsert_counters(tx: &impl GenericClient, user_id: Uuid, acc: BTreeMap<C
         u.push(inc.used);
         c.push(inc.cost);
     }
-    tx.execute(
-        "INSERT INTO counters (user_id, feature, period, period_start, period_end, used, cost_micros) \
+    tx.execute(&tx.prepare_cached("INSERT INTO counters (user_id, feature, period, period_start, period_end, used, cost_micros) \
          SELECT $1, * FROM unnest($2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[], $6::int8[], $7::int8[]) \
          ON CONFLICT (user_id, feature, period, period_start) DO UPDATE \
-         SET used = counters.used + excluded.used, cost_micros = counters.cost_micros + excluded.cost_micros",
+         SET used = counters.used + excluded.used, cost_micros = counters.cost_micros + excluded.cost_micros").await?,
         &[&user_id, &f, &p, &s, &e, &u, &c],
     )
     .await?;
@@ -229,21 +228,21 @@ async fn upsert_counters(tx: &impl GenericClient, user_id: Uuid, acc: BTreeMap<C
 /// changed since they were built. Call with the user row locked.
 pub async fn ensure_counters(tx: &impl GenericClient, ctx: &Ctx<'_>) -> ApiResult<()> {
     let key = ctx.counters_key();
-    let current: String = tx.query_one("SELECT counters_key FROM users WHERE user_id = $1", &[&ctx.user_id]).await?.get(0);
+    let current: String = tx.query_one(&tx.prepare_cached("SELECT counters_key FROM users WHERE user_id = $1").await?, &[&ctx.user_id]).await?.get(0);
     if current == key {
         return Ok(());
     }
-    tx.execute("DELETE FROM counters WHERE user_id = $1", &[&ctx.user_id]).await?;
+    tx.execute(&tx.prepare_cached("DELETE FROM counters WHERE user_id = $1").await?, &[&ctx.user_id]).await?;
     let tracked = tracked_periods(ctx.catalog);
     let mut acc = BTreeMap::new();
-    let rows = tx.query("SELECT feature, amount, effective_at, model, input_tokens, output_tokens FROM events WHERE user_id = $1", &[&ctx.user_id]).await?;
+    let rows = tx.query(&tx.prepare_cached("SELECT feature, amount, effective_at, model, input_tokens, output_tokens FROM events WHERE user_id = $1").await?, &[&ctx.user_id]).await?;
     for r in rows {
         let feature: String = r.get(0);
         let cost = ctx.cost(r.get::<_, Option<&str>>(3), r.get(4), r.get(5));
         add_increments(ctx, &tracked, &mut acc, &feature, r.get(2), r.get(1), cost);
     }
     upsert_counters(tx, ctx.user_id, acc).await?;
-    tx.execute("UPDATE users SET counters_key = $2 WHERE user_id = $1", &[&ctx.user_id, &key]).await?;
+    tx.execute(&tx.prepare_cached("UPDATE users SET counters_key = $2 WHERE user_id = $1").await?, &[&ctx.user_id, &key]).await?;
     Ok(())
 }
 

@@ -52,7 +52,7 @@ pub async fn merge(tx: &impl GenericClient, user_id: Uuid, changes: &[SettingCha
     }
     let now_ms = now_ms(now);
     let n = i64::try_from(changes.len()).unwrap_or(i64::MAX);
-    let top: i64 = tx.query_one("UPDATE users SET settings_seq = settings_seq + $2 WHERE user_id = $1 RETURNING settings_seq", &[&user_id, &n]).await?.get(0);
+    let top: i64 = tx.query_one(&tx.prepare_cached("UPDATE users SET settings_seq = settings_seq + $2 WHERE user_id = $1 RETURNING settings_seq").await?, &[&user_id, &n]).await?.get(0);
     let (mut keys, mut values, mut deleted, mut hlcs, mut seqs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     // Later changes of one key in the same request win over earlier ones only by HLC too.
     let mut best: std::collections::BTreeMap<&str, (String, &SettingChange)> = Default::default();
@@ -76,11 +76,10 @@ pub async fn merge(tx: &impl GenericClient, user_id: Uuid, changes: &[SettingCha
         hlcs.push(hlc);
         seqs.push(top - n + 1 + i64::try_from(i).unwrap_or(0));
     }
-    tx.execute(
-        "INSERT INTO settings (user_id, key, value, deleted, hlc, seq) \
+    tx.execute(&tx.prepare_cached("INSERT INTO settings (user_id, key, value, deleted, hlc, seq) \
          SELECT $1, * FROM unnest($2::text[], $3::jsonb[], $4::bool[], $5::text[], $6::int8[]) \
          ON CONFLICT (user_id, key) DO UPDATE SET value = excluded.value, deleted = excluded.deleted, hlc = excluded.hlc, seq = excluded.seq \
-         WHERE settings.hlc < excluded.hlc",
+         WHERE settings.hlc < excluded.hlc").await?,
         &[&user_id, &keys, &values, &deleted, &hlcs, &seqs],
     )
     .await?;
@@ -94,8 +93,8 @@ pub fn parse_cursor(c: Option<&str>) -> i64 {
 
 /// Changes after `cursor`, and the new cursor.
 pub async fn changes_since(tx: &impl GenericClient, user_id: Uuid, cursor: i64) -> ApiResult<(Vec<SettingChange>, String)> {
-    let rows = tx.query("SELECT key, value, deleted, hlc, seq FROM settings WHERE user_id = $1 AND seq > $2 ORDER BY seq", &[&user_id, &cursor]).await?;
-    let top: i64 = tx.query_one("SELECT settings_seq FROM users WHERE user_id = $1", &[&user_id]).await?.get(0);
+    let rows = tx.query(&tx.prepare_cached("SELECT key, value, deleted, hlc, seq FROM settings WHERE user_id = $1 AND seq > $2 ORDER BY seq").await?, &[&user_id, &cursor]).await?;
+    let top: i64 = tx.query_one(&tx.prepare_cached("SELECT settings_seq FROM users WHERE user_id = $1").await?, &[&user_id]).await?.get(0);
     let changes = rows
         .iter()
         .map(|r| SettingChange { key: r.get(0), value: r.get::<_, Option<Value>>(1).unwrap_or(Value::Null), deleted: r.get(2), hlc: r.get(3) })
@@ -104,12 +103,12 @@ pub async fn changes_since(tx: &impl GenericClient, user_id: Uuid, cursor: i64) 
 }
 
 async fn current(client: &impl GenericClient, user_id: Uuid) -> ApiResult<Value> {
-    let rows = client.query("SELECT key, value FROM settings WHERE user_id = $1 AND NOT deleted ORDER BY key", &[&user_id]).await?;
+    let rows = client.query(&client.prepare_cached("SELECT key, value FROM settings WHERE user_id = $1 AND NOT deleted ORDER BY key").await?, &[&user_id]).await?;
     let mut m = Map::new();
     for r in rows {
         m.insert(r.get(0), r.get::<_, Option<Value>>(1).unwrap_or(Value::Null));
     }
-    let seq: i64 = client.query_one("SELECT settings_seq FROM users WHERE user_id = $1", &[&user_id]).await?.get(0);
+    let seq: i64 = client.query_one(&client.prepare_cached("SELECT settings_seq FROM users WHERE user_id = $1").await?, &[&user_id]).await?.get(0);
     Ok(json!({"settings": m, "cursor": seq.to_string()}))
 }
 
@@ -129,7 +128,7 @@ async fn web_write(state: &AppState, user: &User, body: Value, replace: bool) ->
     let tx = client.transaction().await?;
     accounts::lock(&tx, user.user_id, &state.config.admin_subjects).await?;
     let now = Utc::now();
-    let stored = tx.query("SELECT key, hlc, deleted FROM settings WHERE user_id = $1", &[&user.user_id]).await?;
+    let stored = tx.query(&tx.prepare_cached("SELECT key, hlc, deleted FROM settings WHERE user_id = $1").await?, &[&user.user_id]).await?;
     let stored: std::collections::HashMap<String, (String, bool)> = stored.iter().map(|r| (r.get(0), (r.get(1), r.get(2)))).collect();
     let stamp = |key: &str| Hlc::tick(stored.get(key).and_then(|(h, _)| Hlc::parse(h)).as_ref(), now_ms(now), "server").to_string();
     let mut changes: Vec<SettingChange> =
