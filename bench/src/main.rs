@@ -25,7 +25,9 @@ fn main() {
         Some("run") => run::main(rest),
         Some("report") => report::main(rest),
         _ => {
-            eprintln!("usage: tally-loadgen run --server-bin PATH --out FILE [--quick]\n       tally-loadgen report --core FILE --server FILE --json FILE --svg FILE --md FILE");
+            eprintln!(
+                "usage: tally-loadgen run --server-bin PATH --out FILE [--quick]\n       tally-loadgen report --core FILE --server FILE --json FILE --svg FILE --md FILE"
+            );
             2
         }
     };

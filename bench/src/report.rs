@@ -18,7 +18,11 @@ fn machine() -> Value {
         .ok()
         .and_then(|s| s.lines().next().and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<f64>().ok()))
         .map(|kb| (kb / 1024.0 / 1024.0).round());
-    let pg = std::process::Command::new("pg_config").arg("--version").output().ok().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    let pg = std::process::Command::new("pg_config")
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
     json!({
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "cpu": cpu,
@@ -112,7 +116,13 @@ pub fn main(args: &[String]) -> i32 {
         let _ = std::fs::write(&p, &md);
     }
     if let Some(p) = arg(args, "--svg") {
-        let rows: Vec<Value> = doc["results"].as_array().into_iter().flatten().chain(doc["baselines_and_fixtures"].as_array().into_iter().flatten()).cloned().collect();
+        let rows: Vec<Value> = doc["results"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .chain(doc["baselines_and_fixtures"].as_array().into_iter().flatten())
+            .cloned()
+            .collect();
         let _ = std::fs::write(&p, svg(&rows, &doc));
     }
     0
@@ -134,7 +144,10 @@ fn markdown(doc: &Value) -> String {
     let _ = writeln!(s, "| name | value | unit | p99 | baseline | baseline value | ratio | target | met |");
     let _ = writeln!(s, "|---|---:|---|---:|---|---:|---:|---|---|");
     for r in doc["results"].as_array().into_iter().flatten() {
-        let p99 = r["percentiles"]["p99_us"].as_f64().map(|v| if v >= 1000.0 { format!("{} ms", fmt_num(v / 1000.0)) } else { format!("{} µs", fmt_num(v)) }).unwrap_or_else(|| "—".into());
+        let p99 = r["percentiles"]["p99_us"]
+            .as_f64()
+            .map(|v| if v >= 1000.0 { format!("{} ms", fmt_num(v / 1000.0)) } else { format!("{} µs", fmt_num(v)) })
+            .unwrap_or_else(|| "—".into());
         let _ = writeln!(
             s,
             "| `{}` | {} | {} | {} | {} | {} | {} | {} | {} |",
@@ -157,7 +170,11 @@ fn markdown(doc: &Value) -> String {
         .as_array()
         .into_iter()
         .flatten()
-        .filter_map(|r| r["per_core"].as_f64().map(|p| format!("`{}` {} {}/core", r["name"].as_str().unwrap_or(""), fmt_num(p), r["unit"].as_str().unwrap_or(""))))
+        .filter_map(|r| {
+            r["per_core"]
+                .as_f64()
+                .map(|p| format!("`{}` {} {}/core", r["name"].as_str().unwrap_or(""), fmt_num(p), r["unit"].as_str().unwrap_or("")))
+        })
         .collect();
     if !per_core.is_empty() {
         let _ = writeln!(s, "\nPer core: {}.", per_core.join("; "));
@@ -167,7 +184,14 @@ fn markdown(doc: &Value) -> String {
         .into_iter()
         .flatten()
         .filter(|b| b["name"].as_str().is_some_and(|n| n.starts_with("fixture.")))
-        .map(|b| format!("`{}` {} {}", b["name"].as_str().unwrap_or(""), fmt_num(b["value"].as_f64().unwrap_or(f64::NAN)), b["unit"].as_str().unwrap_or("")))
+        .map(|b| {
+            format!(
+                "`{}` {} {}",
+                b["name"].as_str().unwrap_or(""),
+                fmt_num(b["value"].as_f64().unwrap_or(f64::NAN)),
+                b["unit"].as_str().unwrap_or("")
+            )
+        })
         .collect();
     if !fixtures.is_empty() {
         let _ = writeln!(s, "Fixtures: {}.", fixtures.join("; "));
@@ -195,7 +219,10 @@ fn svg(rows: &[Value], doc: &Value) -> String {
     let hi = all.iter().copied().fold(0.0, f64::max).max(1.0).log10().ceil().max(lo + 1.0);
     let x = |us: f64| left + (us.max(10f64.powf(lo)).log10() - lo) / (hi - lo) * plot_w;
     let mut s = String::new();
-    let _ = writeln!(s, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">"#);
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">"#
+    );
     let _ = writeln!(s, r##"<rect width="100%" height="100%" fill="#ffffff"/>"##);
     let _ = writeln!(
         s,
@@ -213,25 +240,48 @@ fn svg(rows: &[Value], doc: &Value) -> String {
     while d <= hi {
         let v = 10f64.powf(d);
         let xx = x(v);
-        let label = if v >= 1e6 { format!("{} s", v / 1e6) } else if v >= 1e3 { format!("{} ms", v / 1e3) } else { format!("{v} µs") };
-        let _ = writeln!(s, r##"<line x1="{xx:.1}" y1="{}" x2="{xx:.1}" y2="{}" stroke="#ddd"/>"##, top - 8.0, top + row_h * rows.len() as f64);
-        let _ = writeln!(s, r##"<text x="{xx:.1}" y="{}" text-anchor="middle" fill="#555">{label}</text>"##, top + row_h * rows.len() as f64 + 16.0);
+        let label = if v >= 1e6 {
+            format!("{} s", v / 1e6)
+        } else if v >= 1e3 {
+            format!("{} ms", v / 1e3)
+        } else {
+            format!("{v} µs")
+        };
+        let _ =
+            writeln!(s, r##"<line x1="{xx:.1}" y1="{}" x2="{xx:.1}" y2="{}" stroke="#ddd"/>"##, top - 8.0, top + row_h * rows.len() as f64);
+        let _ = writeln!(
+            s,
+            r##"<text x="{xx:.1}" y="{}" text-anchor="middle" fill="#555">{label}</text>"##,
+            top + row_h * rows.len() as f64 + 16.0
+        );
         d += 1.0;
     }
-    let colors = [("p50_us", "#1f77b4", "p50"), ("p90_us", "#2ca02c", "p90"), ("p99_us", "#ff7f0e", "p99"), ("p999_us", "#d62728", "p99.9")];
+    let colors =
+        [("p50_us", "#1f77b4", "p50"), ("p90_us", "#2ca02c", "p90"), ("p99_us", "#ff7f0e", "p99"), ("p999_us", "#d62728", "p99.9")];
     for (i, r) in rows.iter().enumerate() {
         let y = top + row_h * i as f64 + row_h / 2.0;
         let p = &r["percentiles"];
         if i % 2 == 0 {
             let _ = writeln!(s, r##"<rect x="0" y="{:.1}" width="{width}" height="{row_h}" fill="#f6f8fa"/>"##, y - row_h / 2.0);
         }
-        let _ = writeln!(s, r#"<text x="{}" y="{:.1}" text-anchor="end">{}</text>"#, left - 10.0, y + 4.0, esc(r["name"].as_str().unwrap_or("")));
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{:.1}" text-anchor="end">{}</text>"#,
+            left - 10.0,
+            y + 4.0,
+            esc(r["name"].as_str().unwrap_or(""))
+        );
         if let (Some(a), Some(b)) = (p["p50_us"].as_f64(), p["p999_us"].as_f64()) {
             let _ = writeln!(s, r##"<line x1="{:.1}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#999" stroke-width="2"/>"##, x(a), x(b));
         }
         for (k, c, _) in colors {
             if let Some(v) = p[k].as_f64() {
-                let _ = writeln!(s, r#"<circle cx="{:.1}" cy="{y:.1}" r="5" fill="{c}"><title>{} {k}: {v:.1} µs</title></circle>"#, x(v), esc(r["name"].as_str().unwrap_or("")));
+                let _ = writeln!(
+                    s,
+                    r#"<circle cx="{:.1}" cy="{y:.1}" r="5" fill="{c}"><title>{} {k}: {v:.1} µs</title></circle>"#,
+                    x(v),
+                    esc(r["name"].as_str().unwrap_or(""))
+                );
             }
         }
     }

@@ -50,7 +50,15 @@ impl Sink {
     }
 
     fn measurement(&mut self, name: &str, value: f64, unit: &str, h: Option<&Histogram<u64>>) {
-        eprintln!("  {name:<34} {value:>14.1} {unit}{}", h.map(|h| format!("   p50 {:.0} µs  p99 {:.0} µs", h.value_at_quantile(0.5) as f64 / 1e3, h.value_at_quantile(0.99) as f64 / 1e3)).unwrap_or_default());
+        eprintln!(
+            "  {name:<34} {value:>14.1} {unit}{}",
+            h.map(|h| format!(
+                "   p50 {:.0} µs  p99 {:.0} µs",
+                h.value_at_quantile(0.5) as f64 / 1e3,
+                h.value_at_quantile(0.99) as f64 / 1e3
+            ))
+            .unwrap_or_default()
+        );
         let mut v = json!({"kind": "measurement", "name": name, "value": value, "unit": unit});
         if let Some(h) = h {
             v["percentiles"] = pct(h);
@@ -59,7 +67,17 @@ impl Sink {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn result(&mut self, name: &str, value: f64, unit: &str, baseline: Option<(&str, f64)>, target: &str, met: Option<bool>, h: Option<&Histogram<u64>>, extra: Value) {
+    fn result(
+        &mut self,
+        name: &str,
+        value: f64,
+        unit: &str,
+        baseline: Option<(&str, f64)>,
+        target: &str,
+        met: Option<bool>,
+        h: Option<&Histogram<u64>>,
+        extra: Value,
+    ) {
         let ratio = baseline.map(|(_, b)| if b > 0.0 { value / b } else { f64::NAN });
         eprintln!(
             "  {name:<34} {value:>14.1} {unit:<10} baseline {:<34} {:>12.1}  ratio {:>7.3}  target: {target}  {}",
@@ -92,8 +110,12 @@ impl Sink {
 fn id_token(sub: &str) -> String {
     let now = chrono::Utc::now().timestamp();
     let claims = json!({"sub": sub, "iat": now, "exp": now + 6 * 3600, "email": format!("{sub}@example.com"), "email_verified": true});
-    jsonwebtoken::encode(&jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256), &claims, &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()))
-        .expect("sign identity token")
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .expect("sign identity token")
 }
 
 /// A `POST /v1/sync` body of `n` new events (UUID v7 ids) from `device`.
@@ -106,7 +128,10 @@ fn sync_body(device: &str, seq: &mut u64, n: usize) -> String {
         if i > 0 {
             s.push(',');
         }
-        s.push_str(&format!("{{\"id\":\"{}\",\"feature\":\"notes\",\"amount\":1,\"occurred_at\":\"{now}\",\"device_seq\":{seq}}}", Uuid::now_v7()));
+        s.push_str(&format!(
+            "{{\"id\":\"{}\",\"feature\":\"notes\",\"amount\":1,\"occurred_at\":\"{now}\",\"device_seq\":{seq}}}",
+            Uuid::now_v7()
+        ));
     }
     s.push_str("]}");
     s
@@ -197,7 +222,8 @@ async fn run(bin: PathBuf, out: PathBuf, quick: bool) -> Res<()> {
     let mut sink = Sink { path: out.clone(), lines: Vec::new() };
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     eprintln!("server benchmarks ({} mode) in {}", if quick { "quick" } else { "full" }, dir.path().display());
-    let cluster = Cluster::start(&dir.path().join("pg"), ClusterOptions { fast_unsafe: true, ephemeral: true, port: None }).map_err(|e| e.to_string())?;
+    let cluster = Cluster::start(&dir.path().join("pg"), ClusterOptions { fast_unsafe: true, ephemeral: true, port: None })
+        .map_err(|e| e.to_string())?;
     let cluster_url = cluster.url();
     let server = start_server(&bin, &cluster_url, dir.path())?;
     let client = reqwest::Client::builder().pool_max_idle_per_host(512).build().map_err(|e| e.to_string())?;
@@ -214,30 +240,54 @@ async fn run(bin: PathBuf, out: PathBuf, quick: bool) -> Res<()> {
         }
     }
     let user_ids: Vec<Uuid> = {
-        let rows = env.pg.query("SELECT external_id, user_id FROM users WHERE external_id = ANY($1)", &[&subs]).await.map_err(|e| e.to_string())?;
+        let rows = env
+            .pg
+            .query("SELECT external_id, user_id FROM users WHERE external_id = ANY($1)", &[&subs])
+            .await
+            .map_err(|e| e.to_string())?;
         let m: std::collections::HashMap<String, Uuid> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
         subs.iter().map(|s| m.get(s).copied().ok_or("user missing")).collect::<Result<_, _>>()?
     };
 
     // ------------------------------------------------------------ sync drains (empty server)
     eprintln!("sync drains");
-    let keys = env.client.get(format!("{}/v1/keys", env.url)).send().await.map_err(|e| e.to_string())?.text().await.map_err(|e| e.to_string())?;
+    let keys =
+        env.client.get(format!("{}/v1/keys", env.url)).send().await.map_err(|e| e.to_string())?.text().await.map_err(|e| e.to_string())?;
     let mut drains10 = Vec::new();
     for i in 0..3 {
         drains10.push(drain(&env, dir.path(), &keys, &format!("drain10k-{i}"), 10_000).await?);
     }
     drains10.sort_by(f64::total_cmp);
     let d10 = drains10[1];
-    sink.result("sync.drain_10k_ms", d10, "ms", None, "≤ 1,000 ms", Some(d10 <= 1000.0), None, json!({"runs_ms": drains10, "events_per_s": 10_000.0 / (d10 / 1e3)}));
+    sink.result(
+        "sync.drain_10k_ms",
+        d10,
+        "ms",
+        None,
+        "≤ 1,000 ms",
+        Some(d10 <= 1000.0),
+        None,
+        json!({"runs_ms": drains10, "events_per_s": 10_000.0 / (d10 / 1e3)}),
+    );
     if !quick {
         let d100 = drain(&env, dir.path(), &keys, "drain100k", 100_000).await?;
-        sink.result("sync.drain_100k_ms", d100, "ms", Some(("sync.drain_10k_ms × 10", d10 * 10.0)), "ratio ≤ 1.2 (linear)", Some(d100 / (d10 * 10.0) <= 1.2), None, json!({"events_per_s": 100_000.0 / (d100 / 1e3)}));
+        sink.result(
+            "sync.drain_100k_ms",
+            d100,
+            "ms",
+            Some(("sync.drain_10k_ms × 10", d10 * 10.0)),
+            "ratio ≤ 1.2 (linear)",
+            Some(d100 / (d10 * 10.0) <= 1.2),
+            None,
+            json!({"events_per_s": 100_000.0 / (d100 / 1e3)}),
+        );
     }
 
     // ------------------------------------------------------------ ingest
     let per_device = if quick { 12 } else { 40 };
     eprintln!("ingest: {DEVICES} devices × {per_device} batches × {BATCH} events");
-    let base_rows = (0..DEVICES * per_device).map(|i| raw_rows(user_ids[i % DEVICES], &format!("raw-{}", i % DEVICES), BATCH)).collect::<Vec<_>>();
+    let base_rows =
+        (0..DEVICES * per_device).map(|i| raw_rows(user_ids[i % DEVICES], &format!("raw-{}", i % DEVICES), BATCH)).collect::<Vec<_>>();
     let (base_eps, h_base) = raw_insert(&env.pg, &base_rows).await?;
     drop(base_rows);
     sink.measurement("pg.unnest_insert_eps", base_eps, "events/s", Some(&h_base));
@@ -267,7 +317,16 @@ async fn run(bin: PathBuf, out: PathBuf, quick: bool) -> Res<()> {
         json!({"per_core": hot_eps / cores, "devices": DEVICES, "users": 1, "batch": BATCH}),
     );
     let (dup_eps, h_dup) = ingest(&env, &spread, Expect::Duplicates).await?;
-    sink.result("server.ingest_dup_eps", dup_eps, "events/s", Some(("server.ingest_eps", eps)), "ratio ≥ 1.0", Some(dup_eps / eps >= 1.0), Some(&h_dup), json!({"per_core": dup_eps / cores}));
+    sink.result(
+        "server.ingest_dup_eps",
+        dup_eps,
+        "events/s",
+        Some(("server.ingest_eps", eps)),
+        "ratio ≥ 1.0",
+        Some(dup_eps / eps >= 1.0),
+        Some(&h_dup),
+        json!({"per_core": dup_eps / cores}),
+    );
     drop(spread);
     drop(hot);
 
@@ -275,12 +334,18 @@ async fn run(bin: PathBuf, out: PathBuf, quick: bool) -> Res<()> {
     let secs = if quick { 3 } else { 6 };
     eprintln!("request rates: 64 connections, {secs} s each");
     let dur = Duration::from_secs(secs);
-    let (health_rps, h_health) = hammer(&env, 64, dur, Arc::new(|c: &reqwest::Client, url: &str, _i: usize| c.get(format!("{url}/healthz")))).await?;
+    let (health_rps, h_health) =
+        hammer(&env, 64, dur, Arc::new(|c: &reqwest::Client, url: &str, _i: usize| c.get(format!("{url}/healthz")))).await?;
     sink.measurement("server.healthz_rps", health_rps, "req/s", Some(&h_health));
     let toks = Arc::new(tokens.clone());
     let t2 = toks.clone();
-    let (ent_rps, h_ent) =
-        hammer(&env, 64, dur, Arc::new(move |c: &reqwest::Client, url: &str, i: usize| c.get(format!("{url}/v1/entitlements")).bearer_auth(&t2[i % t2.len()]))).await?;
+    let (ent_rps, h_ent) = hammer(
+        &env,
+        64,
+        dur,
+        Arc::new(move |c: &reqwest::Client, url: &str, i: usize| c.get(format!("{url}/v1/entitlements")).bearer_auth(&t2[i % t2.len()])),
+    )
+    .await?;
     let p99_ms = h_ent.value_at_quantile(0.99) as f64 / 1e6;
     sink.result(
         "server.entitlements_rps",
@@ -298,7 +363,11 @@ async fn run(bin: PathBuf, out: PathBuf, quick: bool) -> Res<()> {
         16,
         dur,
         Arc::new(move |c: &reqwest::Client, url: &str, i: usize| {
-            let body = format!("{{\"id\":\"{}\",\"feature\":\"notes\",\"amount\":1,\"occurred_at\":\"{}\"}}", Uuid::now_v7(), chrono::Utc::now().to_rfc3339());
+            let body = format!(
+                "{{\"id\":\"{}\",\"feature\":\"notes\",\"amount\":1,\"occurred_at\":\"{}\"}}",
+                Uuid::now_v7(),
+                chrono::Utc::now().to_rfc3339()
+            );
             c.post(format!("{url}/v1/usage")).bearer_auth(&t3[i % t3.len()]).header("content-type", "application/json").body(body)
         }),
     )
@@ -357,8 +426,11 @@ async fn drain(env: &Env, dir: &Path, keys: &str, name: &str, n: usize) -> Res<f
     };
     let tally = Tally::open(dir.join(format!("{name}.db")), config).map_err(|e| e.to_string())?;
     let sub = format!("bench-{name}");
-    let user = tally.sign_in(Profile { external_id: sub.clone(), email: Some(format!("{sub}@example.com")), ..Profile::default() }, None).map_err(|e| e.to_string())?;
-    let items: Vec<ConsumeItem> = (0..10_000.min(n)).map(|_| ConsumeItem { feature: "notes".into(), amount: 1, meta: UsageMeta::default() }).collect();
+    let user = tally
+        .sign_in(Profile { external_id: sub.clone(), email: Some(format!("{sub}@example.com")), ..Profile::default() }, None)
+        .map_err(|e| e.to_string())?;
+    let items: Vec<ConsumeItem> =
+        (0..10_000.min(n)).map(|_| ConsumeItem { feature: "notes".into(), amount: 1, meta: UsageMeta::default() }).collect();
     let mut left = n;
     while left > 0 {
         let k = left.min(items.len());
@@ -431,7 +503,26 @@ async fn raw_insert(pg: &tokio_postgres::Client, batches: &[Rows]) -> Res<(f64, 
     for b in batches {
         let t = Instant::now();
         n += pg
-            .execute(&st, &[&b.user, &now, &b.device, &b.ids, &b.feature, &b.amount, &b.at, &b.at, &b.clamped, &b.seq, &b.model, &b.tokens, &b.tokens, &b.cost, &b.metadata])
+            .execute(
+                &st,
+                &[
+                    &b.user,
+                    &now,
+                    &b.device,
+                    &b.ids,
+                    &b.feature,
+                    &b.amount,
+                    &b.at,
+                    &b.at,
+                    &b.clamped,
+                    &b.seq,
+                    &b.model,
+                    &b.tokens,
+                    &b.tokens,
+                    &b.cost,
+                    &b.metadata,
+                ],
+            )
             .await
             .map_err(|e| e.to_string())?;
         let _ = h.record(t.elapsed().as_nanos().max(1) as u64);
@@ -474,7 +565,14 @@ async fn ingest(env: &Env, work: &Work, expect: Expect) -> Res<(f64, Histogram<u
             let mut events = 0u64;
             for body in bodies {
                 let t = Instant::now();
-                let r = client.post(&url).bearer_auth(&token).header("content-type", "application/json").body(body).send().await.map_err(|e| e.to_string())?;
+                let r = client
+                    .post(&url)
+                    .bearer_auth(&token)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?;
                 let status = r.status();
                 let bytes = r.bytes().await.map_err(|e| e.to_string())?;
                 let _ = h.record(t.elapsed().as_nanos().max(1) as u64);

@@ -12,8 +12,8 @@
 
 use criterion::Criterion;
 use hdrhistogram::Histogram;
-use rusqlite::{params, Connection};
-use serde_json::{json, Value};
+use rusqlite::{Connection, params};
+use serde_json::{Value, json};
 use std::hint::black_box;
 use std::io::Write;
 use std::path::Path;
@@ -81,7 +81,16 @@ impl Run {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn result(&mut self, name: &str, value: f64, unit: &str, baseline: Option<(&str, f64)>, target: &str, met: Option<bool>, h: Option<&Histogram<u64>>) {
+    fn result(
+        &mut self,
+        name: &str,
+        value: f64,
+        unit: &str,
+        baseline: Option<(&str, f64)>,
+        target: &str,
+        met: Option<bool>,
+        h: Option<&Histogram<u64>>,
+    ) {
         let ratio = baseline.map(|(_, b)| if b > 0.0 { value / b } else { f64::NAN });
         let mut v = json!({
             "kind": "result", "name": name, "value": value, "unit": unit,
@@ -124,7 +133,16 @@ fn raw_insert_one(c: &mut Connection, user: &str, seq: &mut i64) {
     let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).expect("begin");
     tx.prepare_cached(RAW_INSERT)
         .expect("prepare")
-        .execute(params![user, uuid::Uuid::now_v7().to_string(), "chat", 1i64, chrono::Utc::now().timestamp_millis(), "bench-device", *seq, DECISION_JSON])
+        .execute(params![
+            user,
+            uuid::Uuid::now_v7().to_string(),
+            "chat",
+            1i64,
+            chrono::Utc::now().timestamp_millis(),
+            "bench-device",
+            *seq,
+            DECISION_JSON
+        ])
         .expect("insert");
     tx.commit().expect("commit");
 }
@@ -136,7 +154,8 @@ fn raw_insert_many(c: &mut Connection, user: &str, seq: &mut i64, n: usize) {
         let now = chrono::Utc::now().timestamp_millis();
         for _ in 0..n {
             *seq += 1;
-            st.execute(params![user, uuid::Uuid::now_v7().to_string(), "chat", 1i64, now, "bench-device", *seq, DECISION_JSON]).expect("insert");
+            st.execute(params![user, uuid::Uuid::now_v7().to_string(), "chat", 1i64, now, "bench-device", *seq, DECISION_JSON])
+                .expect("insert");
         }
     }
     tx.commit().expect("commit");
@@ -149,7 +168,8 @@ fn items(n: usize) -> Vec<ConsumeItem> {
 fn main() {
     let quick = std::env::var("TALLY_BENCH_QUICK").is_ok_and(|v| v == "1");
     let use_criterion = !std::env::var("TALLY_BENCH_NO_CRITERION").is_ok_and(|v| v == "1");
-    let out_path = std::env::var("TALLY_BENCH_OUT").unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../target/bench-core.jsonl").to_string());
+    let out_path =
+        std::env::var("TALLY_BENCH_OUT").unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../target/bench-core.jsonl").to_string());
     let mut run = Run { quick, lines: Vec::new() };
     let mut crit = Criterion::default()
         .configure_from_args()
@@ -168,7 +188,9 @@ fn main() {
     tally.consume_many(&user, &items(100)).expect("seed");
     let raw_read = Connection::open(&path).expect("open raw reader");
     let (period_start,): (i64,) = raw_read
-        .query_row("SELECT period_start FROM counters WHERE user_id = ?1 AND feature = 'chat' AND period = 'month'", [&user], |r| Ok((r.get(0)?,)))
+        .query_row("SELECT period_start FROM counters WHERE user_id = ?1 AND feature = 'chat' AND period = 'month'", [&user], |r| {
+            Ok((r.get(0)?,))
+        })
         .expect("counter row");
     let raw_select = |c: &Connection| -> (i64, i64, i64) {
         c.prepare_cached("SELECT pending, pending_cost, server_used FROM counters WHERE user_id = ?1 AND feature = ?2 AND period = ?3 AND period_start = ?4")
@@ -176,15 +198,28 @@ fn main() {
             .query_row(params![user, "chat", "month", period_start], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .expect("select")
     };
-    let (h_check, h_sel) = interleaved(5 * k, 40_000, || {
-        black_box(tally.check(&user, "chat", 1).expect("check"));
-    }, || {
-        black_box(raw_select(&raw_read));
-    });
+    let (h_check, h_sel) = interleaved(
+        5 * k,
+        40_000,
+        || {
+            black_box(tally.check(&user, "chat", 1).expect("check"));
+        },
+        || {
+            black_box(raw_select(&raw_read));
+        },
+    );
     let check_p50 = h_check.value_at_quantile(0.5) as f64 / 1000.0;
     let sel_p50 = h_sel.value_at_quantile(0.5) as f64 / 1000.0;
     run.measurement("raw.sqlite_select_pk_p50", sel_p50, "µs", Some(&h_sel));
-    run.result("core.check_p50", check_p50, "µs", Some(("raw.sqlite_select_pk_p50", sel_p50)), "p50 ≤ 5 µs and ratio ≤ 2.0", Some(check_p50 <= 5.0 && check_p50 / sel_p50 <= 2.0), Some(&h_check));
+    run.result(
+        "core.check_p50",
+        check_p50,
+        "µs",
+        Some(("raw.sqlite_select_pk_p50", sel_p50)),
+        "p50 ≤ 5 µs and ratio ≤ 2.0",
+        Some(check_p50 <= 5.0 && check_p50 / sel_p50 <= 2.0),
+        Some(&h_check),
+    );
     if use_criterion {
         let mut g = crit.benchmark_group("core.check");
         g.bench_function("tally_check", |b| b.iter(|| tally.check(&user, "chat", 1).expect("check")));
@@ -196,12 +231,25 @@ fn main() {
     let raw_path = dir.path().join("raw-normal.db");
     let mut raw = raw_conn(&raw_path, "NORMAL");
     let mut seq = 0i64;
-    let (h_consume, h_ins) = interleaved(5 * k, if quick { 1_000 } else { 3_000 }, || {
-        black_box(tally.consume(&user, "chat", 1, UsageMeta::default()).expect("consume"));
-    }, || raw_insert_one(&mut raw, &user, &mut seq));
+    let (h_consume, h_ins) = interleaved(
+        5 * k,
+        if quick { 1_000 } else { 3_000 },
+        || {
+            black_box(tally.consume(&user, "chat", 1, UsageMeta::default()).expect("consume"));
+        },
+        || raw_insert_one(&mut raw, &user, &mut seq),
+    );
     let (c50, i50) = (h_consume.value_at_quantile(0.5) as f64 / 1000.0, h_ins.value_at_quantile(0.5) as f64 / 1000.0);
     run.measurement("raw.sqlite_insert_normal_p50", i50, "µs", Some(&h_ins));
-    run.result("core.consume_p50", c50, "µs", Some(("raw.sqlite_insert_normal_p50", i50)), "ratio ≤ 1.5", Some(c50 / i50 <= 1.5), Some(&h_consume));
+    run.result(
+        "core.consume_p50",
+        c50,
+        "µs",
+        Some(("raw.sqlite_insert_normal_p50", i50)),
+        "ratio ≤ 1.5",
+        Some(c50 / i50 <= 1.5),
+        Some(&h_consume),
+    );
     if use_criterion {
         let mut g = crit.benchmark_group("core.consume");
         g.bench_function("tally_consume_normal", |b| b.iter(|| tally.consume(&user, "chat", 1, UsageMeta::default()).expect("consume")));
@@ -212,13 +260,26 @@ fn main() {
     // ---------------------------------------------------------------- consume_many (Normal)
     let batch = items(1000);
     let (rounds, per) = if quick { (2, 5) } else { (4, 10) };
-    let (h_many, h_bulk) = interleaved(rounds, per, || {
-        black_box(tally.consume_many(&user, &batch).expect("consume_many"));
-    }, || raw_insert_many(&mut raw, &user, &mut seq, 1000));
+    let (h_many, h_bulk) = interleaved(
+        rounds,
+        per,
+        || {
+            black_box(tally.consume_many(&user, &batch).expect("consume_many"));
+        },
+        || raw_insert_many(&mut raw, &user, &mut seq, 1000),
+    );
     let eps = |h: &Histogram<u64>| 1000.0 / (h.mean() / 1e9);
     let (m_eps, b_eps) = (eps(&h_many), eps(&h_bulk));
     run.measurement("raw.sqlite_bulk_insert_eps", b_eps, "events/s", Some(&h_bulk));
-    run.result("core.consume_many_eps", m_eps, "events/s", Some(("raw.sqlite_bulk_insert_eps", b_eps)), "≥ 300,000 events/s and ratio ≥ 0.5", Some(m_eps >= 300_000.0 && m_eps / b_eps >= 0.5), Some(&h_many));
+    run.result(
+        "core.consume_many_eps",
+        m_eps,
+        "events/s",
+        Some(("raw.sqlite_bulk_insert_eps", b_eps)),
+        "≥ 300,000 events/s and ratio ≥ 0.5",
+        Some(m_eps >= 300_000.0 && m_eps / b_eps >= 0.5),
+        Some(&h_many),
+    );
     drop(raw);
     drop(tally);
 
@@ -227,12 +288,25 @@ fn main() {
     let tally_full = Tally::open(&full_path, config(Durability::Full)).expect("open full");
     let user_full = tally_full.create_local_user(Some("bench-full")).expect("user").id;
     let mut raw_full = raw_conn(&dir.path().join("raw-full.db"), "FULL");
-    let (h_cf, h_if) = interleaved(3 * k, if quick { 100 } else { 200 }, || {
-        black_box(tally_full.consume(&user_full, "chat", 1, UsageMeta::default()).expect("consume"));
-    }, || raw_insert_one(&mut raw_full, &user_full, &mut seq));
+    let (h_cf, h_if) = interleaved(
+        3 * k,
+        if quick { 100 } else { 200 },
+        || {
+            black_box(tally_full.consume(&user_full, "chat", 1, UsageMeta::default()).expect("consume"));
+        },
+        || raw_insert_one(&mut raw_full, &user_full, &mut seq),
+    );
     let (cf50, if50) = (h_cf.value_at_quantile(0.5) as f64 / 1000.0, h_if.value_at_quantile(0.5) as f64 / 1000.0);
     run.measurement("raw.sqlite_insert_full_p50", if50, "µs", Some(&h_if));
-    run.result("core.consume_full_p50", cf50, "µs", Some(("raw.sqlite_insert_full_p50", if50)), "ratio ≤ 1.3", Some(cf50 / if50 <= 1.3), Some(&h_cf));
+    run.result(
+        "core.consume_full_p50",
+        cf50,
+        "µs",
+        Some(("raw.sqlite_insert_full_p50", if50)),
+        "ratio ≤ 1.3",
+        Some(cf50 / if50 <= 1.3),
+        Some(&h_cf),
+    );
     drop(tally_full);
     drop(raw_full);
 
@@ -272,13 +346,26 @@ fn main() {
 
         let tb = last.expect("instance");
         let small = Tally::open(&path, config(Durability::Normal)).expect("reopen small");
-        let (h_big, h_small) = interleaved(5, 40_000, || {
-            black_box(tb.check(&big_user, "chat", 1).expect("check 1m"));
-        }, || {
-            black_box(small.check(&user, "chat", 1).expect("check"));
-        });
+        let (h_big, h_small) = interleaved(
+            5,
+            40_000,
+            || {
+                black_box(tb.check(&big_user, "chat", 1).expect("check 1m"));
+            },
+            || {
+                black_box(small.check(&user, "chat", 1).expect("check"));
+            },
+        );
         let (b50, s50) = (h_big.value_at_quantile(0.5) as f64 / 1000.0, h_small.value_at_quantile(0.5) as f64 / 1000.0);
-        run.result("core.check_1m_ledger_p50", b50, "µs", Some(("core.check_p50", s50)), "ratio ≤ 1.2", Some(b50 / s50 <= 1.2), Some(&h_big));
+        run.result(
+            "core.check_1m_ledger_p50",
+            b50,
+            "µs",
+            Some(("core.check_p50", s50)),
+            "ratio ≤ 1.2",
+            Some(b50 / s50 <= 1.2),
+            Some(&h_big),
+        );
         if use_criterion {
             let mut g = crit.benchmark_group("core.check_1m_ledger");
             g.bench_function("tally_check_1m", |b| b.iter(|| tb.check(&big_user, "chat", 1).expect("check")));

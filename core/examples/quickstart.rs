@@ -38,7 +38,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // Consume ai_chat until the free plan's hard limit says no.
     for i in 1.. {
-        let meta = UsageMeta { idempotency_key: Some(format!("chat-{i}")), model: Some("gpt-4o".into()), input_tokens: Some(1200), output_tokens: Some(300), ..UsageMeta::default() };
+        let meta = UsageMeta {
+            idempotency_key: Some(format!("chat-{i}")),
+            model: Some("gpt-4o".into()),
+            input_tokens: Some(1200),
+            output_tokens: Some(300),
+            ..UsageMeta::default()
+        };
         let d = tally.consume(&user.id, "ai_chat", 1, meta)?;
         println!(
             "consume ai_chat #{i}: allowed={} reason={} used={} limit={:?} remaining={:?} resets_at={:?} access={}",
@@ -55,8 +61,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     // Retrying the same request never counts twice.
-    let again = tally.consume(&user.id, "ai_chat", 1, UsageMeta { idempotency_key: Some("chat-1".into()), model: Some("gpt-4o".into()), input_tokens: Some(1200), output_tokens: Some(300), ..UsageMeta::default() })?;
-    println!("replay of chat-1: the original decision again (used={}), nothing recorded; pending={}", again.used, tally.pending_events(&user.id)?);
+    let again = tally.consume(
+        &user.id,
+        "ai_chat",
+        1,
+        UsageMeta {
+            idempotency_key: Some("chat-1".into()),
+            model: Some("gpt-4o".into()),
+            input_tokens: Some(1200),
+            output_tokens: Some(300),
+            ..UsageMeta::default()
+        },
+    )?;
+    println!(
+        "replay of chat-1: the original decision again (used={}), nothing recorded; pending={}",
+        again.used,
+        tally.pending_events(&user.id)?
+    );
 
     let export = tally.check(&user.id, "export", 1)?;
     println!("check export: allowed={} reason={}", export.allowed, export.reason.as_str());
@@ -70,7 +91,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             status: SubscriptionStatus::Active,
             period_start: Some(now),
             period_end: Some(now + Duration::days(30)),
-            credit_grants: vec![tally_core::CreditGrant { id: "pro-1".into(), remaining: 1000, expires_at: Some(now + Duration::days(30)), source: "plan".into() }],
+            credit_grants: vec![tally_core::CreditGrant {
+                id: "pro-1".into(),
+                remaining: 1000,
+                expires_at: Some(now + Duration::days(30)),
+                source: "plan".into(),
+            }],
             ..Entitlements::free()
         },
     )?;
@@ -80,7 +106,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("images x4: allowed={} credit balance={}", d.allowed, tally.credit_balance(&user.id)?);
 
     let usage = tally.usage(&user.id, "ai_chat")?;
-    println!("usage ai_chat: used={} limit={:?} remaining={:?} period_start={:?}", usage.used, usage.limit, usage.remaining, usage.period_start.map(|t| t.to_rfc3339()));
+    println!(
+        "usage ai_chat: used={} limit={:?} remaining={:?} period_start={:?}",
+        usage.used,
+        usage.limit,
+        usage.remaining,
+        usage.period_start.map(|t| t.to_rfc3339())
+    );
 
     println!("report by feature (today):");
     for row in tally.report(&user.id, now - Duration::days(1), now + Duration::days(1), GroupBy::Feature)? {

@@ -4,7 +4,7 @@
 use crate::catalog::Catalog;
 use crate::entitlements::{EntitlementClaims, Entitlements, SubscriptionStatus};
 use crate::error::{Error, Result};
-use crate::{from_ms, Inner, Tally};
+use crate::{Inner, Tally, from_ms};
 use chrono::{DateTime, Duration, Utc};
 use chrono_tz::Tz;
 use rusqlite::OptionalExtension;
@@ -45,7 +45,9 @@ impl Tally {
         type Row = (Option<String>, String, i64, bool, Option<String>, Option<String>);
         let row: Option<Row> = inner
             .conn
-            .prepare_cached("SELECT external_id, timezone, created_at, is_admin, entitlements, entitlements_token FROM users WHERE id = ?1")?
+            .prepare_cached(
+                "SELECT external_id, timezone, created_at, is_admin, entitlements, entitlements_token FROM users WHERE id = ?1",
+            )?
             .query_row([user_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))
             .optional()?;
         let (external_id, tz_name, created_at, is_admin, raw, token) = row.ok_or_else(|| Error::NotFound(format!("user {user_id}")))?;

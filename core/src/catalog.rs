@@ -209,9 +209,8 @@ impl Catalog {
     /// The free plan (always present).
     pub fn free(&self) -> &Plan {
         static EMPTY: std::sync::OnceLock<Plan> = std::sync::OnceLock::new();
-        self.plan(FREE_PLAN).unwrap_or_else(|| {
-            EMPTY.get_or_init(|| Plan { id: FREE_PLAN.into(), included_credits: None, features: BTreeMap::new() })
-        })
+        self.plan(FREE_PLAN)
+            .unwrap_or_else(|| EMPTY.get_or_init(|| Plan { id: FREE_PLAN.into(), included_credits: None, features: BTreeMap::new() }))
     }
 
     /// Inserts or replaces one plan (validated with [`Plan::from_json`] first).
@@ -281,10 +280,8 @@ fn validate_rule(path: &str, v: &Value) -> Result<Rule> {
     let rule = match ty {
         "flag" => {
             known_fields(path, o, &["type", "enabled"])?;
-            let enabled = o
-                .get("enabled")
-                .and_then(Value::as_bool)
-                .ok_or_else(|| Error::catalog(format!("{path}.enabled"), "expected a boolean"))?;
+            let enabled =
+                o.get("enabled").and_then(Value::as_bool).ok_or_else(|| Error::catalog(format!("{path}.enabled"), "expected a boolean"))?;
             Rule::Flag { enabled }
         }
         "metered" => {
@@ -383,10 +380,19 @@ mod tests {
     #[test]
     fn errors_name_the_path() {
         let cases = [
-            (r#"{"plans":[{"id":"free"},{"id":"pro","features":{"api":{"type":"rate","limit":-1,"window_secs":60}}}]}"#, "plans[1].features.api.limit"),
+            (
+                r#"{"plans":[{"id":"free"},{"id":"pro","features":{"api":{"type":"rate","limit":-1,"window_secs":60}}}]}"#,
+                "plans[1].features.api.limit",
+            ),
             (r#"{"plans":[{"id":"free","features":{"x":{"type":"meterd"}}}]}"#, "plans[0].features.x.type"),
-            (r#"{"plans":[{"id":"free","features":{"x":{"type":"metered","limit":1,"period":"fortnight"}}}]}"#, "plans[0].features.x.period"),
-            (r#"{"plans":[{"id":"free","features":{"x":{"type":"metered","limit":1,"period":"day","enforcement":"maybe"}}}]}"#, "plans[0].features.x.enforcement"),
+            (
+                r#"{"plans":[{"id":"free","features":{"x":{"type":"metered","limit":1,"period":"fortnight"}}}]}"#,
+                "plans[0].features.x.period",
+            ),
+            (
+                r#"{"plans":[{"id":"free","features":{"x":{"type":"metered","limit":1,"period":"day","enforcement":"maybe"}}}]}"#,
+                "plans[0].features.x.enforcement",
+            ),
             (r#"{"plans":[{"id":"a"},{"id":"a"}]}"#, "plans[1].id"),
             (r#"{"plans":[{"id":""}]}"#, "plans[0].id"),
             (r#"{"plans":[{"id":"a","features":{"x":{"type":"metered","period":"day"}}}]}"#, "plans[0].features.x.limit"),
@@ -405,7 +411,8 @@ mod tests {
 
     #[test]
     fn unlimited_and_builtin_free() {
-        let c = Catalog::from_json(r#"{"plans":[{"id":"pro","features":{"x":{"type":"metered","limit":null,"period":"lifetime"}}}]}"#).unwrap();
+        let c =
+            Catalog::from_json(r#"{"plans":[{"id":"pro","features":{"x":{"type":"metered","limit":null,"period":"lifetime"}}}]}"#).unwrap();
         assert_eq!(c.plan("pro").unwrap().features["x"].limit(), None);
         assert!(c.plan("free").is_some());
         assert_eq!(Catalog::builtin().plans.len(), 1);

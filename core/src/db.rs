@@ -28,7 +28,10 @@ pub fn latest_version() -> i64 {
 /// Never deletes or recreates an existing file: a corrupt file is an error.
 pub fn open(path: Option<&Path>, durability: Durability, busy_timeout: Duration) -> Result<Connection> {
     let mut conn = match path {
-        Some(p) => Connection::open_with_flags(p, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX)?,
+        Some(p) => Connection::open_with_flags(
+            p,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?,
         None => Connection::open_in_memory()?,
     };
     conn.busy_timeout(busy_timeout)?;
@@ -65,11 +68,7 @@ pub fn migrate(conn: &mut Connection) -> Result<()> {
     if found == supported {
         return Ok(());
     }
-    let run = embedded::migrations::runner()
-        .set_grouped(true)
-        .set_abort_divergent(true)
-        .set_abort_missing(true)
-        .run(conn);
+    let run = embedded::migrations::runner().set_grouped(true).set_abort_divergent(true).set_abort_missing(true).run(conn);
     match run {
         Ok(_) => Ok(()),
         // Several processes may open a fresh file at once: if another one migrated it meanwhile,
@@ -81,11 +80,10 @@ pub fn migrate(conn: &mut Connection) -> Result<()> {
 
 /// The schema version recorded in the file (0 for a new database).
 pub fn current_version(conn: &Connection) -> Result<i64> {
-    let has: bool = conn.query_row(
-        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'refinery_schema_history')",
-        [],
-        |r| r.get(0),
-    )?;
+    let has: bool =
+        conn.query_row("SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'refinery_schema_history')", [], |r| {
+            r.get(0)
+        })?;
     if !has {
         return Ok(0);
     }

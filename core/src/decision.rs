@@ -72,7 +72,16 @@ pub struct Decision {
 impl Decision {
     /// A decision without counters (flags, unknown features, …).
     pub fn simple(allowed: bool, reason: Reason, access_reason: &str) -> Decision {
-        Decision { allowed, reason, used: 0, limit: None, remaining: None, resets_at: None, access_reason: access_reason.into(), over_limit_by: 0 }
+        Decision {
+            allowed,
+            reason,
+            used: 0,
+            limit: None,
+            remaining: None,
+            resets_at: None,
+            access_reason: access_reason.into(),
+            over_limit_by: 0,
+        }
     }
 }
 
@@ -92,7 +101,14 @@ pub struct Counted {
 /// Decides a use of `amount` against a counter at `used`. Returns the decision and whether the
 /// use should be recorded (for `consume`). `used`/`remaining` in the decision are after the use
 /// when it is recorded, else the current ones.
-pub fn decide_counted(c: Counted, used: u64, amount: u64, resets_at: Option<DateTime<Utc>>, access_reason: &str, record: bool) -> (Decision, bool) {
+pub fn decide_counted(
+    c: Counted,
+    used: u64,
+    amount: u64,
+    resets_at: Option<DateTime<Utc>>,
+    access_reason: &str,
+    record: bool,
+) -> (Decision, bool) {
     let after = used.saturating_add(amount);
     let mk = |allowed, reason, shown: u64| Decision {
         allowed,
@@ -118,7 +134,8 @@ pub fn decide_counted(c: Counted, used: u64, amount: u64, resets_at: Option<Date
 mod tests {
     use super::*;
 
-    const HARD: Counted = Counted { limit: Some(5), enforcement: Enforcement::Hard, deny_reason: Reason::LimitReached, always_record: false };
+    const HARD: Counted =
+        Counted { limit: Some(5), enforcement: Enforcement::Hard, deny_reason: Reason::LimitReached, always_record: false };
 
     #[test]
     fn hard_soft_budget() {

@@ -1,7 +1,7 @@
 //! Entitlements: the resolved access state of one user, shared by the device and the server
 //! (the server signs it as JWT claims; the device verifies and enforces it offline).
 
-use crate::catalog::{Catalog, ModelPrice, Rule, FREE_PLAN};
+use crate::catalog::{Catalog, FREE_PLAN, ModelPrice, Rule};
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -211,12 +211,7 @@ impl Entitlements {
         }
         r.free_features = catalog.free().features.clone();
         r.models = catalog.models.clone();
-        r.credit_balance = self
-            .credit_grants
-            .iter()
-            .filter(|g| g.expires_at.is_none_or(|e| e > now))
-            .map(|g| g.remaining)
-            .sum();
+        r.credit_balance = self.credit_grants.iter().filter(|g| g.expires_at.is_none_or(|e| e > now)).map(|g| g.remaining).sum();
         r
     }
 }
@@ -281,7 +276,12 @@ mod tests {
         assert_eq!(e.resolve(&c, now, grace).access_reason, "subscription");
         e.past_due_since = Some(now - Duration::days(4));
         assert_eq!(e.resolve(&c, now, grace).plan, "free");
-        e.grants.push(AccessGrant { plan: "pro".into(), until: Some(now + Duration::days(1)), granted_by: "ops".into(), reason: "beta".into() });
+        e.grants.push(AccessGrant {
+            plan: "pro".into(),
+            until: Some(now + Duration::days(1)),
+            granted_by: "ops".into(),
+            reason: "beta".into(),
+        });
         let r = e.resolve(&c, now, grace);
         assert_eq!((r.plan.as_str(), r.access_reason.as_str(), r.granted_until), ("pro", "granted:beta", Some(now + Duration::days(1))));
         assert_eq!(e.resolve(&c, now + Duration::days(2), grace).access_reason, "free");

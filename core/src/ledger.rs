@@ -8,13 +8,13 @@
 
 use crate::access::Access;
 use crate::catalog::{Enforcement, Rule};
-use crate::decision::{decide_counted, Counted, Decision, Reason};
+use crate::decision::{Counted, Decision, Reason, decide_counted};
 use crate::entitlements::{CreditGrant, Entitlements};
 use crate::error::{Error, Result};
-use crate::period::{window, Period, Window};
-use crate::{from_ms, ms, write_tx, Change, Inner, Tally};
+use crate::period::{Period, Window, window};
+use crate::{Change, Inner, Tally, from_ms, ms, write_tx};
 use chrono::{DateTime, Utc};
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
@@ -136,7 +136,15 @@ fn validate_with_id<'a>(feature: &'a str, amount: u64, meta: &'a UsageMeta, need
         Some(k) if k.len() > 256 => return Err(Error::invalid("idempotency_key must be at most 256 bytes")),
         Some(k) => Uuid::parse_str(k).unwrap_or_else(|_| Uuid::new_v5(&KEY_NAMESPACE, k.as_bytes())),
     };
-    Ok(Use { id, feature, amount, model: meta.model.as_deref(), input_tokens: meta.input_tokens, output_tokens: meta.output_tokens, metadata })
+    Ok(Use {
+        id,
+        feature,
+        amount,
+        model: meta.model.as_deref(),
+        input_tokens: meta.input_tokens,
+        output_tokens: meta.output_tokens,
+        metadata,
+    })
 }
 
 /// The event id a given idempotency key maps to.
@@ -157,7 +165,9 @@ enum Effect {
 /// The counter key of a counted rule: (period column, window) at `now`.
 fn counter_window(rule: &Rule, a: &Access, now: DateTime<Utc>) -> Option<(String, Window)> {
     match rule {
-        Rule::Metered { period, .. } | Rule::Budget { period, .. } => Some((period.as_str().to_string(), window(*period, now, a.tz, a.anchor))),
+        Rule::Metered { period, .. } | Rule::Budget { period, .. } => {
+            Some((period.as_str().to_string(), window(*period, now, a.tz, a.anchor)))
+        }
         Rule::Rate { window_secs, .. } => {
             let secs = i64::try_from(*window_secs).unwrap_or(i64::MAX).max(1);
             let start = now.timestamp().div_euclid(secs) * secs;
@@ -257,7 +267,10 @@ impl Tally {
         let t = ms(now);
         if t >= inner.highest_seen_ms.saturating_add(1000) {
             // Best effort: the consume transaction persists it too.
-            let _ = inner.conn.prepare_cached("UPDATE device SET highest_seen_ms = MAX(highest_seen_ms, ?1) WHERE singleton = 1").and_then(|mut st| st.execute([t]));
+            let _ = inner
+                .conn
+                .prepare_cached("UPDATE device SET highest_seen_ms = MAX(highest_seen_ms, ?1) WHERE singleton = 1")
+                .and_then(|mut st| st.execute([t]));
         }
         inner.highest_seen_ms = inner.highest_seen_ms.max(t);
         now
@@ -279,7 +292,10 @@ impl Tally {
             .optional()?;
         if current.as_ref() != Some(&(period.as_str().to_string(), tz.clone(), anchor)) {
             write_tx(&mut inner.conn, |tx| {
-                tx.execute("UPDATE counters SET pending = 0, pending_cost = 0 WHERE user_id = ?1 AND feature = ?2 AND period NOT LIKE 'rate:%'", [user, feature])?;
+                tx.execute(
+                    "UPDATE counters SET pending = 0, pending_cost = 0 WHERE user_id = ?1 AND feature = ?2 AND period NOT LIKE 'rate:%'",
+                    [user, feature],
+                )?;
                 let events: Vec<(i64, i64, i64)> = tx
                     .prepare("SELECT occurred_at, amount, COALESCE(cost_micros, 0) FROM events WHERE user_id = ?1 AND feature = ?2 AND status = 0")?
                     .query_map([user, feature], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
@@ -303,7 +319,16 @@ impl Tally {
     /// Decides a use without changing anything. Returns the decision and, when it is allowed,
     /// what recording it changes.
     /// Counters of the feature must have been ensured ([`Tally::ensure_counters`]).
-    fn decide(&self, conn: &Connection, batch: &mut Batch, a: &Access, user: &str, u: &Use<'_>, now: DateTime<Utc>, record: bool) -> Result<(Decision, Option<Effect>)> {
+    fn decide(
+        &self,
+        conn: &Connection,
+        batch: &mut Batch,
+        a: &Access,
+        user: &str,
+        u: &Use<'_>,
+        now: DateTime<Utc>,
+        record: bool,
+    ) -> Result<(Decision, Option<Effect>)> {
         let reason = a.ent.access_reason.as_str();
         let Some(rule) = a.ent.features.get(u.feature) else {
             let r = if Tally::feature_known(&self.catalog(), &a.ent, u.feature) { Reason::NotInPlan } else { Reason::UnknownFeature };
@@ -338,20 +363,38 @@ impl Tally {
             }
             Rule::Metered { .. } | Rule::Budget { .. } | Rule::Rate { .. } => {
                 let (counted, measured, effect_cost) = match rule {
-                    Rule::Metered { limit, enforcement, .. } => {
-                        (Counted { limit: *limit, enforcement: *enforcement, deny_reason: Reason::LimitReached, always_record: false }, u.amount, cost.unwrap_or(0))
-                    }
+                    Rule::Metered { limit, enforcement, .. } => (
+                        Counted { limit: *limit, enforcement: *enforcement, deny_reason: Reason::LimitReached, always_record: false },
+                        u.amount,
+                        cost.unwrap_or(0),
+                    ),
                     Rule::Budget { limit_micros, enforcement, .. } => {
                         if price == Some(None) {
                             return Ok((Decision::simple(false, Reason::UnknownModel, reason), None));
                         }
                         // With a model, the cost comes from its price; without, `amount` is micros.
                         let c = if record { cost.unwrap_or(u.amount) } else { u.amount };
-                        (Counted { limit: Some(*limit_micros), enforcement: *enforcement, deny_reason: Reason::BudgetExceeded, always_record: true }, c, c)
+                        (
+                            Counted {
+                                limit: Some(*limit_micros),
+                                enforcement: *enforcement,
+                                deny_reason: Reason::BudgetExceeded,
+                                always_record: true,
+                            },
+                            c,
+                            c,
+                        )
                     }
-                    Rule::Rate { limit, .. } => {
-                        (Counted { limit: Some(*limit), enforcement: Enforcement::Hard, deny_reason: Reason::RateLimited, always_record: false }, u.amount, cost.unwrap_or(0))
-                    }
+                    Rule::Rate { limit, .. } => (
+                        Counted {
+                            limit: Some(*limit),
+                            enforcement: Enforcement::Hard,
+                            deny_reason: Reason::RateLimited,
+                            always_record: false,
+                        },
+                        u.amount,
+                        cost.unwrap_or(0),
+                    ),
                     _ => unreachable!("guarded above"),
                 };
                 let (pkey, w) = counter_window(rule, a, now).unwrap_or_else(|| (String::new(), Window { start: now, end: None }));
@@ -399,7 +442,9 @@ impl Tally {
                 return Ok(None);
             }
             let Some(a) = inner.access.get(user_id).filter(|a| now < a.valid_until).cloned() else { return Ok(None) };
-            if a.ent.features.get(u.feature).and_then(Rule::period).is_some() && !inner.verified.contains(&(user_id.to_string(), u.feature.to_string())) {
+            if a.ent.features.get(u.feature).and_then(Rule::period).is_some()
+                && !inner.verified.contains(&(user_id.to_string(), u.feature.to_string()))
+            {
                 return Ok(None);
             }
             let d = self.decide(&tx, &mut Batch::default(), &a, user_id, u, now, false)?.0;
@@ -458,7 +503,8 @@ impl Tally {
         }
         batch.flush(&tx, user_id)?;
         if seq != base_seq {
-            tx.prepare_cached("UPDATE device SET seq = ?1, highest_seen_ms = MAX(highest_seen_ms, ?2) WHERE singleton = 1")?.execute(params![seq, ms(now)])?;
+            tx.prepare_cached("UPDATE device SET seq = ?1, highest_seen_ms = MAX(highest_seen_ms, ?2) WHERE singleton = 1")?
+                .execute(params![seq, ms(now)])?;
         }
         tx.commit()?;
         if recorded {
@@ -476,7 +522,9 @@ impl Tally {
 fn replay(conn: &Connection, user: &str, u: &Use<'_>) -> Result<Option<Decision>> {
     type Row = (String, i64, Option<String>, Option<i64>, Option<i64>, Option<String>, String);
     let row: Option<Row> = conn
-        .prepare_cached("SELECT feature, amount, model, input_tokens, output_tokens, metadata, decision FROM events WHERE user_id = ?1 AND id = ?2")?
+        .prepare_cached(
+            "SELECT feature, amount, model, input_tokens, output_tokens, metadata, decision FROM events WHERE user_id = ?1 AND id = ?2",
+        )?
         .query_row(params![user, u.id.to_string()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)))
         .optional()?;
     let Some((feature, amount, model, inp, out, metadata, decision)) = row else { return Ok(None) };
@@ -493,8 +541,20 @@ fn replay(conn: &Connection, user: &str, u: &Use<'_>) -> Result<Option<Decision>
 }
 
 #[allow(clippy::too_many_arguments)]
-fn record(tx: &Connection, batch: &mut Batch, user: &str, device: &str, u: &Use<'_>, d: &Decision, effect: &Effect, now: DateTime<Utc>, ent: &Entitlements, seq: i64) -> Result<()> {
-    let cost = u.model.and_then(|m| ent.models.get(m)).map(|p| p.cost_micros(u.input_tokens.unwrap_or(0), u.output_tokens.unwrap_or(0)) as i64);
+fn record(
+    tx: &Connection,
+    batch: &mut Batch,
+    user: &str,
+    device: &str,
+    u: &Use<'_>,
+    d: &Decision,
+    effect: &Effect,
+    now: DateTime<Utc>,
+    ent: &Entitlements,
+    seq: i64,
+) -> Result<()> {
+    let cost =
+        u.model.and_then(|m| ent.models.get(m)).map(|p| p.cost_micros(u.input_tokens.unwrap_or(0), u.output_tokens.unwrap_or(0)) as i64);
     let cost = match effect {
         Effect::Count { cost, .. } if *cost > 0 => Some(*cost as i64),
         _ => cost,
@@ -529,7 +589,9 @@ fn record(tx: &Connection, batch: &mut Batch, user: &str, device: &str, u: &Use<
 /// Sum of unexpired credit grants at `at` (may be negative when overspent).
 pub(crate) fn credit_balance_at(conn: &Connection, user: &str, at: DateTime<Utc>) -> Result<i64> {
     Ok(conn
-        .prepare_cached("SELECT COALESCE(SUM(remaining), 0) FROM credit_grants WHERE user_id = ?1 AND (expires_at IS NULL OR expires_at > ?2)")?
+        .prepare_cached(
+            "SELECT COALESCE(SUM(remaining), 0) FROM credit_grants WHERE user_id = ?1 AND (expires_at IS NULL OR expires_at > ?2)",
+        )?
         .query_row(params![user, ms(at)], |r| r.get(0))?)
 }
 
@@ -564,9 +626,8 @@ pub(crate) fn draw_credits(conn: &Connection, user: &str, need: u64, at: DateTim
 
 /// Pays a debt from the grants just stored (the next grant pays a negative balance).
 pub(crate) fn settle_debt(conn: &Connection, user: &str, at: DateTime<Utc>) -> Result<()> {
-    let debt: Option<i64> = conn
-        .query_row("SELECT remaining FROM credit_grants WHERE user_id = ?1 AND id = '_debt'", [user], |r| r.get(0))
-        .optional()?;
+    let debt: Option<i64> =
+        conn.query_row("SELECT remaining FROM credit_grants WHERE user_id = ?1 AND id = '_debt'", [user], |r| r.get(0)).optional()?;
     if let Some(d) = debt.filter(|d| *d < 0) {
         conn.execute("DELETE FROM credit_grants WHERE user_id = ?1 AND id = '_debt'", [user])?;
         draw_credits(conn, user, d.unsigned_abs(), at)?;
@@ -580,8 +641,22 @@ impl Tally {
         let mut g = self.lock();
         let now = self.observe_now(&mut g);
         let a = self.access(&mut g, user_id, now)?;
-        let rule = a.ent.features.get(feature).cloned().ok_or_else(|| Error::NotFound(format!("feature {feature:?} in the plan of user {user_id}")))?;
-        let mut usage = Usage { feature: feature.into(), period: rule.period(), used: 0, limit: rule.limit(), remaining: None, over_limit_by: 0, period_start: None, resets_at: None };
+        let rule = a
+            .ent
+            .features
+            .get(feature)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("feature {feature:?} in the plan of user {user_id}")))?;
+        let mut usage = Usage {
+            feature: feature.into(),
+            period: rule.period(),
+            used: 0,
+            limit: rule.limit(),
+            remaining: None,
+            over_limit_by: 0,
+            period_start: None,
+            resets_at: None,
+        };
         if let Some(p) = rule.period() {
             Tally::ensure_counters(&mut g, user_id, feature, p, &a)?;
         }
@@ -617,7 +692,11 @@ impl Tally {
         let g = self.lock();
         let row: Option<(i64, Option<String>)> = g
             .conn
-            .query_row("SELECT status, reject_reason FROM events WHERE user_id = ?1 AND id = ?2", params![user_id, event_id_for_key(id).to_string()], |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_row(
+                "SELECT status, reject_reason FROM events WHERE user_id = ?1 AND id = ?2",
+                params![user_id, event_id_for_key(id).to_string()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
             .optional()?;
         match row {
             None => Err(Error::NotFound(format!("event {id}"))),
@@ -683,7 +762,9 @@ impl Tally {
     }
 
     pub(crate) fn credit_grants(&self, conn: &Connection, user_id: &str) -> Result<Vec<CreditGrant>> {
-        let mut st = conn.prepare_cached("SELECT id, remaining, expires_at, source FROM credit_grants WHERE user_id = ?1 ORDER BY expires_at IS NULL, expires_at, id")?;
+        let mut st = conn.prepare_cached(
+            "SELECT id, remaining, expires_at, source FROM credit_grants WHERE user_id = ?1 ORDER BY expires_at IS NULL, expires_at, id",
+        )?;
         let rows = st.query_map([user_id], |r| {
             Ok(CreditGrant { id: r.get(0)?, remaining: r.get(1)?, expires_at: r.get::<_, Option<i64>>(2)?.map(from_ms), source: r.get(3)? })
         })?;
@@ -693,8 +774,8 @@ impl Tally {
 
 /// Replaces a user's credit grants, then pays any debt from them.
 pub(crate) fn store_credit_grants(conn: &Connection, user: &str, grants: &[CreditGrant], now: DateTime<Utc>) -> Result<()> {
-    let debt: i64 = conn
-        .query_row("SELECT COALESCE(SUM(remaining), 0) FROM credit_grants WHERE user_id = ?1 AND id = '_debt'", [user], |r| r.get(0))?;
+    let debt: i64 =
+        conn.query_row("SELECT COALESCE(SUM(remaining), 0) FROM credit_grants WHERE user_id = ?1 AND id = '_debt'", [user], |r| r.get(0))?;
     conn.execute("DELETE FROM credit_grants WHERE user_id = ?1", [user])?;
     for g in grants {
         if g.id.is_empty() || g.id == "_debt" {
@@ -711,4 +792,3 @@ pub(crate) fn store_credit_grants(conn: &Connection, user: &str, grants: &[Credi
     }
     Ok(())
 }
-

@@ -173,7 +173,14 @@ impl Tally {
         let device_id = config.device_id.clone().unwrap_or(device_id);
         let data_version = conn.query_row("PRAGMA data_version", [], |r| r.get(0))?;
         let tally = Tally {
-            inner: Mutex::new(Inner { conn, device_id, highest_seen_ms, access: HashMap::new(), verified: Default::default(), data_version }),
+            inner: Mutex::new(Inner {
+                conn,
+                device_id,
+                highest_seen_ms,
+                access: HashMap::new(),
+                verified: Default::default(),
+                data_version,
+            }),
             catalog: RwLock::new(Arc::new(config.catalog.clone())),
             config,
             listener: RwLock::new(None),

@@ -34,16 +34,8 @@ pub enum Period {
 
 impl Period {
     /// All periods, in order.
-    pub const ALL: [Period; 8] = [
-        Period::Minute,
-        Period::Hour,
-        Period::Day,
-        Period::Week,
-        Period::Month,
-        Period::Year,
-        Period::Billing,
-        Period::Lifetime,
-    ];
+    pub const ALL: [Period; 8] =
+        [Period::Minute, Period::Hour, Period::Day, Period::Week, Period::Month, Period::Year, Period::Billing, Period::Lifetime];
 
     /// The wire name (`"day"`, …).
     pub fn as_str(self) -> &'static str {

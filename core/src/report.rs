@@ -2,7 +2,7 @@
 //! or model.
 
 use crate::error::{Error, Result};
-use crate::{ms, Tally};
+use crate::{Tally, ms};
 use chrono::{DateTime, Utc};
 use rusqlite::params;
 use serde::{Deserialize, Serialize};
@@ -51,7 +51,15 @@ impl Tally {
              FROM events WHERE user_id = ?1 AND occurred_at >= ?2 AND occurred_at < ?3 AND status != 2",
         )?;
         let rows = st.query_map(params![user_id, ms(from), ms(to)], |r| {
-            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?, r.get::<_, i64>(4)?, r.get::<_, i64>(5)?, r.get::<_, i64>(6)?))
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, i64>(5)?,
+                r.get::<_, i64>(6)?,
+            ))
         })?;
         let mut groups: std::collections::BTreeMap<String, ReportRow> = Default::default();
         for row in rows {
@@ -61,7 +69,14 @@ impl Tally {
                 GroupBy::Feature => feature,
                 GroupBy::Model => model,
             };
-            let e = groups.entry(key.clone()).or_insert(ReportRow { key, events: 0, amount: 0, input_tokens: 0, output_tokens: 0, cost_micros: 0 });
+            let e = groups.entry(key.clone()).or_insert(ReportRow {
+                key,
+                events: 0,
+                amount: 0,
+                input_tokens: 0,
+                output_tokens: 0,
+                cost_micros: 0,
+            });
             e.events += 1;
             e.amount = e.amount.saturating_add(amount as u64);
             e.input_tokens = e.input_tokens.saturating_add(inp as u64);

@@ -3,8 +3,8 @@
 use crate::error::{Error, Result};
 use crate::hlc::Hlc;
 use crate::wire::SettingChange;
-use crate::{ms, write_tx, Change, Tally};
-use rusqlite::{params, OptionalExtension, Transaction};
+use crate::{Change, Tally, ms, write_tx};
+use rusqlite::{OptionalExtension, Transaction, params};
 use serde_json::{Map, Value};
 
 /// Longest setting key, in bytes.
@@ -110,7 +110,9 @@ impl Tally {
     /// Settings changed locally and not yet sent (local-only keys never appear).
     pub(crate) fn dirty_settings(conn: &rusqlite::Connection, user_id: &str) -> Result<Vec<SettingChange>> {
         let mut st = conn.prepare_cached("SELECT key, value, deleted, hlc FROM settings WHERE user_id = ?1 AND dirty = 1 ORDER BY key")?;
-        let rows = st.query_map([user_id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?, r.get::<_, bool>(2)?, r.get::<_, String>(3)?)))?;
+        let rows = st.query_map([user_id], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?, r.get::<_, bool>(2)?, r.get::<_, String>(3)?))
+        })?;
         let mut out = Vec::new();
         for row in rows {
             let (key, value, deleted, hlc) = row?;
@@ -150,9 +152,7 @@ impl Tally {
 
 fn last_hlc(tx: &Transaction<'_>, user_id: &str) -> Result<Option<Hlc>> {
     // The clock must pass every HLC this user has seen, not only this key's.
-    let max: Option<String> = tx
-        .query_row("SELECT MAX(hlc) FROM settings WHERE user_id = ?1", [user_id], |r| r.get(0))
-        .optional()?
-        .flatten();
+    let max: Option<String> =
+        tx.query_row("SELECT MAX(hlc) FROM settings WHERE user_id = ?1", [user_id], |r| r.get(0)).optional()?.flatten();
     Ok(max.as_deref().and_then(Hlc::parse))
 }

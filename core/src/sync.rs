@@ -7,11 +7,11 @@
 //! or double counting.
 
 use crate::error::{Error, Result};
-use crate::period::{window, Period};
-use crate::wire::{ErrorBody, ProfilePatch, Rejected, SettingChange, SyncRequest, SyncResponse, Total, WireEvent, PROTOCOL};
-use crate::{from_ms, ms, write_tx, Change, Tally};
+use crate::period::{Period, window};
+use crate::wire::{ErrorBody, PROTOCOL, ProfilePatch, Rejected, SettingChange, SyncRequest, SyncResponse, Total, WireEvent};
+use crate::{Change, Tally, from_ms, ms, write_tx};
 use chrono::{DateTime, Utc};
-use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -64,7 +64,10 @@ pub struct SyncOptions {
 
 impl std::fmt::Debug for SyncOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SyncOptions").field("server_url", &self.server_url).field("max_batch_events", &self.max_batch_events).finish_non_exhaustive()
+        f.debug_struct("SyncOptions")
+            .field("server_url", &self.server_url)
+            .field("max_batch_events", &self.max_batch_events)
+            .finish_non_exhaustive()
     }
 }
 
@@ -161,7 +164,13 @@ impl Tally {
                     report.rejected.push(Rejected { id: sent_ids[0].to_string(), reason: TOO_LARGE.into() });
                     continue;
                 }
-                Err(PostError::TooLarge) => return Err(Error::Server { status: 413, code: "payload_too_large".into(), message: "settings or profile too large".into() }),
+                Err(PostError::TooLarge) => {
+                    return Err(Error::Server {
+                        status: 413,
+                        code: "payload_too_large".into(),
+                        message: "settings or profile too large".into(),
+                    });
+                }
                 Err(PostError::AccountDeleted) => {
                     self.delete_user(user_id, true)?;
                     return Err(Error::AccountDeleted);
@@ -197,7 +206,8 @@ impl Tally {
     fn outbox(&self, user_id: &str, max_events: usize, max_bytes: usize, report: &mut SyncReport) -> Result<Outbox> {
         let mut g = self.lock();
         let user = crate::users::get_user(&g.conn, user_id)?;
-        let external_id = user.external_id.ok_or_else(|| Error::invalid(format!("user {user_id} is not signed in; sign_in before syncing")))?;
+        let external_id =
+            user.external_id.ok_or_else(|| Error::invalid(format!("user {user_id} is not signed in; sign_in before syncing")))?;
         let (cursor, patch): (Option<String>, Option<String>) =
             g.conn.query_row("SELECT sync_cursor, profile_patch FROM users WHERE id = ?1", [user_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
         let profile: Option<ProfilePatch> = patch.as_deref().map(serde_json::from_str).transpose()?;
@@ -233,7 +243,14 @@ impl Tally {
     }
 
     /// Sends one request, retrying network errors, 5xx and 429 with exponential backoff.
-    async fn post(&self, client: &reqwest::Client, url: &str, token: &str, body: &SyncRequest, retry: &RetryPolicy) -> std::result::Result<SyncResponse, PostError> {
+    async fn post(
+        &self,
+        client: &reqwest::Client,
+        url: &str,
+        token: &str,
+        body: &SyncRequest,
+        retry: &RetryPolicy,
+    ) -> std::result::Result<SyncResponse, PostError> {
         let json = serde_json::to_vec(body).map_err(|e| PostError::Other(e.into()))?;
         let mut last = String::new();
         let mut backoff = retry.initial_backoff;
@@ -274,8 +291,13 @@ impl Tally {
                     };
                     match status {
                         200..=299 => {
-                            return serde_json::from_slice(&text)
-                                .map_err(|e| PostError::Other(Error::Server { status, code: "bad_response".into(), message: format!("unreadable sync answer: {e}") }));
+                            return serde_json::from_slice(&text).map_err(|e| {
+                                PostError::Other(Error::Server {
+                                    status,
+                                    code: "bad_response".into(),
+                                    message: format!("unreadable sync answer: {e}"),
+                                })
+                            });
                         }
                         401 | 403 => return Err(PostError::Other(Error::Unauthorized(format!("{code}: {message}")))),
                         410 => return Err(PostError::AccountDeleted),
@@ -307,7 +329,15 @@ impl Tally {
     }
 
     /// Applies one answer in one transaction.
-    fn apply(&self, user_id: &str, subject: &str, sent: &[Uuid], request: &SyncRequest, resp: SyncResponse, report: &mut SyncReport) -> Result<()> {
+    fn apply(
+        &self,
+        user_id: &str,
+        subject: &str,
+        sent: &[Uuid],
+        request: &SyncRequest,
+        resp: SyncResponse,
+        report: &mut SyncReport,
+    ) -> Result<()> {
         let sent: HashSet<Uuid> = sent.iter().copied().collect();
         let claims = match (&resp.entitlements_token, self.config.server_keys.as_deref()) {
             (Some(t), Some(keys)) => crate::token::verify(t, keys, subject).ok().map(|c| (t.clone(), c)),
@@ -346,11 +376,17 @@ impl Tally {
                 params![user_id, resp.cursor, ms(now)],
             )?;
             if let Some((token, c)) = &claims {
-                tx.execute("UPDATE users SET entitlements_token = ?2, is_admin = ?3 WHERE id = ?1", params![user_id, token, c.entitlements.is_admin])?;
+                tx.execute(
+                    "UPDATE users SET entitlements_token = ?2, is_admin = ?3 WHERE id = ?1",
+                    params![user_id, token, c.entitlements.is_admin],
+                )?;
                 if let Some(tz) = c.entitlements.tz.as_deref().filter(|tz| crate::access::parse_tz(tz).is_ok()) {
                     tx.execute("UPDATE users SET timezone = ?2 WHERE id = ?1", params![user_id, tz])?;
                 }
-                tx.execute("UPDATE device SET highest_seen_ms = MAX(highest_seen_ms, ?1) WHERE singleton = 1", [c.iat.saturating_mul(1000)])?;
+                tx.execute(
+                    "UPDATE device SET highest_seen_ms = MAX(highest_seen_ms, ?1) WHERE singleton = 1",
+                    [c.iat.saturating_mul(1000)],
+                )?;
                 // The server's grants already count every acknowledged use; local draws (and any
                 // local debt) are replaced, then the still-pending uses are drawn again.
                 tx.execute("DELETE FROM credit_grants WHERE user_id = ?1", [user_id])?;
@@ -372,7 +408,8 @@ impl Tally {
     /// When this user last completed a sync round.
     pub fn last_synced_at(&self, user_id: &str) -> Result<Option<DateTime<Utc>>> {
         let g = self.lock();
-        let v: Option<Option<i64>> = g.conn.query_row("SELECT last_synced_at FROM users WHERE id = ?1", [user_id], |r| r.get(0)).optional()?;
+        let v: Option<Option<i64>> =
+            g.conn.query_row("SELECT last_synced_at FROM users WHERE id = ?1", [user_id], |r| r.get(0)).optional()?;
         Ok(v.ok_or_else(|| Error::NotFound(format!("user {user_id}")))?.map(from_ms))
     }
 }
@@ -423,7 +460,9 @@ fn pending_events(conn: &Connection, user_id: &str, limit: usize) -> Result<Vec<
 /// Marks a pending event settled (1) or rejected (2) and takes it out of the pending counters.
 fn settle(tx: &Transaction<'_>, user_id: &str, id: &Uuid, status: i64, reason: Option<&str>) -> Result<()> {
     let row: Option<(String, i64, i64, i64)> = tx
-        .prepare_cached("SELECT feature, amount, occurred_at, COALESCE(cost_micros, 0) FROM events WHERE user_id = ?1 AND id = ?2 AND status = 0")?
+        .prepare_cached(
+            "SELECT feature, amount, occurred_at, COALESCE(cost_micros, 0) FROM events WHERE user_id = ?1 AND id = ?2 AND status = 0",
+        )?
         .query_row(params![user_id, id.to_string()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
         .optional()?;
     let Some((feature, amount, at, cost)) = row else { return Ok(()) };
@@ -442,8 +481,12 @@ fn settle(tx: &Transaction<'_>, user_id: &str, id: &Uuid, status: i64, reason: O
         )?
         .execute(params![user_id, feature, period, ms(w.start), amount, cost])?;
     }
-    tx.prepare_cached("UPDATE events SET status = ?3, reject_reason = ?4 WHERE user_id = ?1 AND id = ?2")?
-        .execute(params![user_id, id.to_string(), status, reason])?;
+    tx.prepare_cached("UPDATE events SET status = ?3, reject_reason = ?4 WHERE user_id = ?1 AND id = ?2")?.execute(params![
+        user_id,
+        id.to_string(),
+        status,
+        reason
+    ])?;
     Ok(())
 }
 
@@ -464,7 +507,12 @@ fn store_total(tx: &Transaction<'_>, user_id: &str, t: &Total) -> Result<()> {
 
 /// After credit grants were replaced by the server's, spend again what this device consumed
 /// and the server has not yet counted.
-fn redraw_pending_credits(tx: &Transaction<'_>, user_id: &str, features: &std::collections::BTreeMap<String, crate::Rule>, now: DateTime<Utc>) -> Result<()> {
+fn redraw_pending_credits(
+    tx: &Transaction<'_>,
+    user_id: &str,
+    features: &std::collections::BTreeMap<String, crate::Rule>,
+    now: DateTime<Utc>,
+) -> Result<()> {
     // Without a credits rule nothing is drawn: skip the scan of every pending event, which ran
     // on each sync round and made draining N events O(N²).
     if !features.values().any(|r| matches!(r, crate::Rule::Credits { .. })) {

@@ -3,7 +3,7 @@
 use crate::entitlements::EntitlementClaims;
 use crate::error::{Error, Result};
 use jsonwebtoken::jwk::JwkSet;
-use jsonwebtoken::{decode, decode_header, Algorithm, DecodingKey, Validation};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
 
 /// Issuer and audience of entitlements tokens.
 pub const TOKEN_ISSUER: &str = "tally";

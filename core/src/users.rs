@@ -2,9 +2,9 @@
 
 use crate::access::parse_tz;
 use crate::error::{Error, Result};
-use crate::{from_ms, ms, write_tx, Change, Tally, UserId};
+use crate::{Change, Tally, UserId, from_ms, ms, write_tx};
 use chrono::{DateTime, Utc};
-use rusqlite::{params, OptionalExtension, Row};
+use rusqlite::{OptionalExtension, Row, params};
 use serde::{Deserialize, Serialize};
 
 /// A user of the app on this device.
@@ -238,7 +238,8 @@ impl Tally {
         let mut g = self.lock();
         write_tx(&mut g.conn, |tx| {
             get_user(tx, user_id)?;
-            let pending = tx.query_row("SELECT COUNT(*) FROM events WHERE user_id = ?1 AND status = 0", [user_id], |r| r.get::<_, i64>(0))? as u64;
+            let pending =
+                tx.query_row("SELECT COUNT(*) FROM events WHERE user_id = ?1 AND status = 0", [user_id], |r| r.get::<_, i64>(0))? as u64;
             if pending > 0 && !force {
                 return Err(Error::UnsyncedEvents(pending));
             }
@@ -257,7 +258,9 @@ fn attach(tx: &rusqlite::Transaction<'_>, local: &str, target: &str) -> Result<(
     let ext: Option<Option<String>> = tx.query_row("SELECT external_id FROM users WHERE id = ?1", [local], |r| r.get(0)).optional()?;
     match ext {
         None => return Err(Error::NotFound(format!("user {local}"))),
-        Some(Some(_)) => return Err(Error::invalid(format!("attach_local must name a local user (without external_id); {local} is signed in"))),
+        Some(Some(_)) => {
+            return Err(Error::invalid(format!("attach_local must name a local user (without external_id); {local} is signed in")));
+        }
         Some(None) if local == target => return Err(Error::invalid("cannot attach a user to itself")),
         Some(None) => {}
     }

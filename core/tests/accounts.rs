@@ -4,7 +4,7 @@
 mod common;
 use chrono::Duration;
 use common::*;
-use serde_json::{json, Map};
+use serde_json::{Map, json};
 use std::sync::Arc;
 use tally_core::{AccessGrant, Change, Entitlements, Error, GroupBy, Profile, Reason, SubscriptionStatus, UsageMeta, UserUpdate};
 
@@ -125,7 +125,10 @@ fn billing_anchored_on_the_31st() {
     e.tally.set_entitlements(&u, ent).unwrap();
     e.tally.consume(&u, "uploads", 40, one()).unwrap();
     let w = e.tally.usage(&u, "uploads").unwrap();
-    assert_eq!((w.used, w.limit, w.period_start, w.resets_at), (40, Some(100), Some(t("2027-01-31T10:00:00Z")), Some(t("2027-02-28T10:00:00Z"))));
+    assert_eq!(
+        (w.used, w.limit, w.period_start, w.resets_at),
+        (40, Some(100), Some(t("2027-01-31T10:00:00Z")), Some(t("2027-02-28T10:00:00Z")))
+    );
     e.clock.set(t("2027-02-28T10:00:00Z"));
     let w = e.tally.usage(&u, "uploads").unwrap();
     assert_eq!((w.used, w.period_start, w.resets_at), (0, Some(t("2027-02-28T10:00:00Z")), Some(t("2027-03-31T10:00:00Z"))));
@@ -162,16 +165,26 @@ fn entitlements_resolution_order() {
     assert_eq!((r.plan.as_str(), r.access_reason.as_str()), ("free", "free"));
     assert_eq!(r.features["ai_chat"].limit(), Some(5));
     let grant = AccessGrant { plan: "team".into(), until: Some(now + Duration::hours(1)), granted_by: "ops".into(), reason: "beta".into() };
-    let mut state = Entitlements { plan: "pro".into(), status: SubscriptionStatus::Active, is_admin: true, grants: vec![grant], ..Entitlements::free() };
+    let mut state = Entitlements {
+        plan: "pro".into(),
+        status: SubscriptionStatus::Active,
+        is_admin: true,
+        grants: vec![grant],
+        ..Entitlements::free()
+    };
     type Step = Box<dyn Fn(&mut Entitlements)>;
     let cases: Vec<(Step, &str, &str)> = vec![
         (Box::new(|_| {}), "admin", "pro"),
         (Box::new(|s| s.is_admin = false), "subscription", "pro"),
         (Box::new(|s| s.status = SubscriptionStatus::Trialing), "trial", "pro"),
-        (Box::new(move |s| {
-            s.status = SubscriptionStatus::PastDue;
-            s.past_due_since = Some(now - Duration::days(2));
-        }), "subscription", "pro"),
+        (
+            Box::new(move |s| {
+                s.status = SubscriptionStatus::PastDue;
+                s.past_due_since = Some(now - Duration::days(2));
+            }),
+            "subscription",
+            "pro",
+        ),
         (Box::new(move |s| s.past_due_since = Some(now - Duration::days(8))), "granted:beta", "team"),
         (Box::new(|s| s.status = SubscriptionStatus::Canceled), "granted:beta", "team"),
         (Box::new(|s| s.grants.clear()), "free", "free"),
@@ -235,9 +248,20 @@ fn create_sign_in_upsert_update_and_list() {
     assert_eq!(users.iter().map(|u| u.id.as_str()).collect::<Vec<_>>(), vec![a.id.as_str(), b.id.as_str()]);
     let upd = e
         .tally
-        .update_user(&b.id, UserUpdate { display_name: Some("Robert".into()), avatar_url: Some("https://x.io/a.png".into()), timezone: Some("Europe/Paris".into()), email: Some(String::new()) })
+        .update_user(
+            &b.id,
+            UserUpdate {
+                display_name: Some("Robert".into()),
+                avatar_url: Some("https://x.io/a.png".into()),
+                timezone: Some("Europe/Paris".into()),
+                email: Some(String::new()),
+            },
+        )
         .unwrap();
-    assert_eq!((upd.display_name.as_deref(), upd.avatar_url.as_deref(), upd.timezone.as_str(), upd.email.clone()), (Some("Robert"), Some("https://x.io/a.png"), "Europe/Paris", None));
+    assert_eq!(
+        (upd.display_name.as_deref(), upd.avatar_url.as_deref(), upd.timezone.as_str(), upd.email.clone()),
+        (Some("Robert"), Some("https://x.io/a.png"), "Europe/Paris", None)
+    );
     assert_eq!(e.tally.user(&b.id).unwrap(), upd);
     // sign_out keeps the user and their unsynced events.
     e.tally.consume(&b.id, "ai_chat", 2, one()).unwrap();
@@ -256,7 +280,9 @@ fn sign_in_attaches_a_local_user_without_losing_or_double_counting() {
     let e = Env::at("2026-01-15T03:00:00Z");
     let target = e.tally.sign_in(Profile { external_id: "sub-t".into(), ..Profile::default() }, None).unwrap().id;
     tz(&e, &target, "America/New_York"); // 03:00Z is Jan 14 22:00 in New York
-    e.tally.set_entitlements(&target, Entitlements { plan: "pro".into(), status: SubscriptionStatus::Active, ..Entitlements::free() }).unwrap();
+    e.tally
+        .set_entitlements(&target, Entitlements { plan: "pro".into(), status: SubscriptionStatus::Active, ..Entitlements::free() })
+        .unwrap();
     e.tally.consume(&target, "ai_chat", 4, one()).unwrap();
     e.tally.consume(&target, "daily", 1, one()).unwrap();
     e.tally.set_setting(&target, "shared", json!("target")).unwrap();
@@ -361,11 +387,19 @@ fn settings_defaults_patch_replace_delete_and_local_only() {
     e.tally.replace_settings(&u, all).unwrap();
     let s = e.tally.settings(&u).unwrap();
     assert_eq!(s.get("new"), None);
-    assert_eq!((s["only"].clone(), s["volume"].clone(), s["theme"].clone(), s["lang"].clone()), (json!(true), json!(9), json!("light"), json!("en")));
+    assert_eq!(
+        (s["only"].clone(), s["volume"].clone(), s["theme"].clone(), s["lang"].clone()),
+        (json!(true), json!(9), json!("light"), json!("en"))
+    );
     // Every stored key has an HLC; local-only keys are never dirty (never synced).
     let raw = e.raw();
-    let rows: Vec<(String, String, bool)> =
-        raw.prepare("SELECT key, hlc, dirty FROM settings WHERE user_id = ?1").unwrap().query_map([&u], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap().map(Result::unwrap).collect();
+    let rows: Vec<(String, String, bool)> = raw
+        .prepare("SELECT key, hlc, dirty FROM settings WHERE user_id = ?1")
+        .unwrap()
+        .query_map([&u], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
     for (k, hlc, dirty) in &rows {
         assert!(tally_core::hlc::Hlc::parse(hlc).is_some(), "{k}: {hlc}");
         assert_eq!(*dirty, k != "theme", "{k}");

@@ -3,10 +3,8 @@
 
 mod common;
 use common::*;
-use serde_json::{json, Map, Value};
-use tally_core::{
-    Catalog, ConsumeItem, Entitlements, Error, GroupBy, Profile, Reason, SubscriptionStatus, UsageMeta, UserUpdate,
-};
+use serde_json::{Map, Value, json};
+use tally_core::{Catalog, ConsumeItem, Entitlements, Error, GroupBy, Profile, Reason, SubscriptionStatus, UsageMeta, UserUpdate};
 
 const GHOST: &str = "01900000-0000-7000-8000-000000000000";
 
@@ -22,7 +20,8 @@ macro_rules! assert_err {
 fn seeded() -> (Env, String, String) {
     let e = Env::new();
     let local = e.tally.create_local_user(Some("Ada")).unwrap();
-    let signed = e.tally.sign_in(Profile { external_id: "sub-1".into(), email: Some("b@example.com".into()), ..Profile::default() }, None).unwrap();
+    let signed =
+        e.tally.sign_in(Profile { external_id: "sub-1".into(), email: Some("b@example.com".into()), ..Profile::default() }, None).unwrap();
     e.tally.consume(&local.id, "ai_chat", 2, key("seed-1")).unwrap();
     e.tally.consume(&signed.id, "daily", 1, UsageMeta::default()).unwrap();
     e.tally.set_setting(&local.id, "color", json!("red")).unwrap();
@@ -38,7 +37,10 @@ fn unknown_user_is_not_found_everywhere_and_changes_nothing() {
     assert_err!(tl.user(GHOST), Error::NotFound(_));
     assert_err!(tl.check(GHOST, "ai_chat", 1), Error::NotFound(_));
     assert_err!(tl.consume(GHOST, "ai_chat", 1, UsageMeta::default()), Error::NotFound(_));
-    assert_err!(tl.consume_many(GHOST, &[ConsumeItem { feature: "ai_chat".into(), amount: 1, meta: UsageMeta::default() }]), Error::NotFound(_));
+    assert_err!(
+        tl.consume_many(GHOST, &[ConsumeItem { feature: "ai_chat".into(), amount: 1, meta: UsageMeta::default() }]),
+        Error::NotFound(_)
+    );
     assert_err!(tl.usage(GHOST, "ai_chat"), Error::NotFound(_));
     assert_err!(tl.credit_balance(GHOST), Error::NotFound(_));
     assert_err!(tl.pending_events(GHOST), Error::NotFound(_));
@@ -90,10 +92,19 @@ fn bad_amounts_metadata_and_keys_are_rejected_without_change() {
         assert_err!(tl.consume(&local, "images", amount, UsageMeta::default()), Error::InvalidInput(_));
     }
     let big = json!({"blob": "x".repeat(4097)});
-    assert_err!(tl.consume(&local, "ai_chat", 1, UsageMeta { metadata: Some(big.clone()), ..UsageMeta::default() }), Error::InvalidInput(_));
+    assert_err!(
+        tl.consume(&local, "ai_chat", 1, UsageMeta { metadata: Some(big.clone()), ..UsageMeta::default() }),
+        Error::InvalidInput(_)
+    );
     // Exactly at the limit is fine (checked on another instance below, after the snapshot).
-    assert_err!(tl.consume(&local, "ai_chat", 1, UsageMeta { idempotency_key: Some(String::new()), ..UsageMeta::default() }), Error::InvalidInput(_));
-    assert_err!(tl.consume(&local, "ai_chat", 1, UsageMeta { input_tokens: Some(u64::MAX), model: Some("gpt-4o".into()), ..UsageMeta::default() }), Error::InvalidInput(_));
+    assert_err!(
+        tl.consume(&local, "ai_chat", 1, UsageMeta { idempotency_key: Some(String::new()), ..UsageMeta::default() }),
+        Error::InvalidInput(_)
+    );
+    assert_err!(
+        tl.consume(&local, "ai_chat", 1, UsageMeta { input_tokens: Some(u64::MAX), model: Some("gpt-4o".into()), ..UsageMeta::default() }),
+        Error::InvalidInput(_)
+    );
     assert_err!(tl.consume(&local, "", 1, UsageMeta::default()), Error::InvalidInput(_));
     assert_err!(tl.check(&local, &"f".repeat(129), 1), Error::InvalidInput(_));
     // One bad item fails the whole batch, the good items before it included.
@@ -110,7 +121,10 @@ fn bad_amounts_metadata_and_keys_are_rejected_without_change() {
     // The same key with another body is a conflict, in a batch too.
     assert_err!(tl.consume(&local, "ai_chat", 3, key("seed-1")), Error::IdempotencyConflict(_));
     assert_err!(tl.consume(&local, "daily", 2, key("seed-1")), Error::IdempotencyConflict(_));
-    assert_err!(tl.consume(&local, "ai_chat", 2, UsageMeta { metadata: Some(json!({"a": 1})), ..key("seed-1") }), Error::IdempotencyConflict(_));
+    assert_err!(
+        tl.consume(&local, "ai_chat", 2, UsageMeta { metadata: Some(json!({"a": 1})), ..key("seed-1") }),
+        Error::IdempotencyConflict(_)
+    );
     let items = vec![
         ConsumeItem { feature: "ai_chat".into(), amount: 1, meta: key("fresh") },
         ConsumeItem { feature: "ai_chat".into(), amount: 1, meta: key("seed-1") },
@@ -144,9 +158,18 @@ fn bad_settings_and_profiles_are_rejected_without_change() {
     let mut m = Map::new();
     m.insert(long_key.clone(), json!(1));
     assert_err!(tl.replace_settings(&local, m), Error::InvalidInput(_));
-    assert_err!(tl.update_user(&local, UserUpdate { timezone: Some("Mars/Olympus_Mons".into()), ..UserUpdate::default() }), Error::InvalidInput(_));
-    assert_err!(tl.update_user(&local, UserUpdate { timezone: Some(String::new()), display_name: Some("changed".into()), ..UserUpdate::default() }), Error::InvalidInput(_));
-    assert_err!(tl.update_user(&local, UserUpdate { display_name: Some("a\u{0}b".into()), ..UserUpdate::default() }), Error::InvalidInput(_));
+    assert_err!(
+        tl.update_user(&local, UserUpdate { timezone: Some("Mars/Olympus_Mons".into()), ..UserUpdate::default() }),
+        Error::InvalidInput(_)
+    );
+    assert_err!(
+        tl.update_user(&local, UserUpdate { timezone: Some(String::new()), display_name: Some("changed".into()), ..UserUpdate::default() }),
+        Error::InvalidInput(_)
+    );
+    assert_err!(
+        tl.update_user(&local, UserUpdate { display_name: Some("a\u{0}b".into()), ..UserUpdate::default() }),
+        Error::InvalidInput(_)
+    );
     assert_err!(tl.sign_in(Profile::default(), None), Error::InvalidInput(_));
     assert_err!(tl.create_local_user(Some(&"n".repeat(300))), Error::InvalidInput(_));
     assert_eq!(e.snapshot(), before);

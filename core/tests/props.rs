@@ -9,7 +9,7 @@ use chrono::{DateTime, Duration, Utc};
 use common::*;
 use proptest::prelude::*;
 use std::collections::HashMap;
-use tally_core::period::{window, Period};
+use tally_core::period::{Period, window};
 use tally_core::{Decision, Entitlements, Error, Reason, SubscriptionStatus, UsageMeta, UserUpdate};
 
 /// (feature, period, budget?)
@@ -106,7 +106,9 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
         let u = e.tally.create_local_user(None).unwrap();
         e.tally.update_user(&u.id, UserUpdate { timezone: Some((*zone).into()), ..UserUpdate::default() }).unwrap();
         if i == 2 {
-            e.tally.set_entitlements(&u.id, Entitlements { plan: "pro".into(), status: SubscriptionStatus::Active, ..Entitlements::free() }).unwrap();
+            e.tally
+                .set_entitlements(&u.id, Entitlements { plan: "pro".into(), status: SubscriptionStatus::Active, ..Entitlements::free() })
+                .unwrap();
         }
         users.push((u.id, zone.parse().unwrap(), u.created_at));
     }

@@ -264,7 +264,18 @@ fn consume_many_decides_in_order_in_one_transaction() {
     let item = |f: &str, n: u64, k: Option<&str>| ConsumeItem { feature: f.into(), amount: n, meta: k.map(key).unwrap_or_default() };
     let ds = e
         .tally
-        .consume_many(&u, &[item("ai_chat", 2, Some("a")), item("ai_chat", 2, None), item("ai_chat", 2, None), item("ai_chat", 1, None), item("ai_chat", 2, Some("a")), item("teleport", 1, None), item("notes", 4, None)])
+        .consume_many(
+            &u,
+            &[
+                item("ai_chat", 2, Some("a")),
+                item("ai_chat", 2, None),
+                item("ai_chat", 2, None),
+                item("ai_chat", 1, None),
+                item("ai_chat", 2, Some("a")),
+                item("teleport", 1, None),
+                item("notes", 4, None),
+            ],
+        )
         .unwrap();
     let got: Vec<_> = ds.iter().map(|d| (d.allowed, d.reason, d.used)).collect();
     assert_eq!(
@@ -281,7 +292,14 @@ fn consume_many_decides_in_order_in_one_transaction() {
     );
     assert_eq!(events(&e, &u), 4);
     assert_eq!(e.tally.usage(&u, "ai_chat").unwrap().used, 5);
-    let seqs: Vec<i64> = e.raw().prepare("SELECT device_seq FROM events ORDER BY device_seq").unwrap().query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect();
+    let seqs: Vec<i64> = e
+        .raw()
+        .prepare("SELECT device_seq FROM events ORDER BY device_seq")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
     assert_eq!(seqs, vec![1, 2, 3, 4]);
     assert!(e.tally.consume_many(&u, &[]).unwrap().is_empty());
 }

@@ -4,12 +4,12 @@
 
 mod common;
 use common::*;
-use rusqlite::{params, Connection};
+use rusqlite::{Connection, params};
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use tally_core::{Catalog, ConsumeItem, Config, Decision, Error, EventStatus, ManualClock, Reason, Tally, UsageMeta};
+use tally_core::{Catalog, Config, ConsumeItem, Decision, Error, EventStatus, ManualClock, Reason, Tally, UsageMeta};
 
 const PROC_CATALOG: &str = r#"{"plans": [{"id": "free", "features": {
   "stars":  {"type": "metered", "limit": null, "period": "lifetime", "enforcement": "hard"},
@@ -64,7 +64,8 @@ fn a_version_1_database_with_data_opens_without_loss() {
             .unwrap();
         }
         c.execute("INSERT INTO settings (user_id, key, value, deleted, hlc, dirty) VALUES (?1, 'lang', '\"fr\"', 0, '000001768039200000-00000-old-device', 1)", [user]).unwrap();
-        c.execute("INSERT INTO credit_grants (user_id, id, remaining, expires_at, source) VALUES (?1, 'g1', 70, NULL, 'purchase')", [user]).unwrap();
+        c.execute("INSERT INTO credit_grants (user_id, id, remaining, expires_at, source) VALUES (?1, 'g1', 70, NULL, 'purchase')", [user])
+            .unwrap();
     }
     let clock = Arc::new(ManualClock::new(t("2026-01-20T00:00:00Z")));
     let tally = Tally::open(&path, Config { clock: clock.clone(), catalog: catalog(), ..Config::default() }).unwrap();
@@ -198,7 +199,11 @@ fn child_entry() {
                 let k = format!("{tag}-{i}");
                 if i % 3 == 2 {
                     let items: Vec<_> = (0..3)
-                        .map(|j| ConsumeItem { feature: if j == 1 { "chat".into() } else { "stars".into() }, amount: j + 1, meta: key(&format!("{k}-{j}")) })
+                        .map(|j| ConsumeItem {
+                            feature: if j == 1 { "chat".into() } else { "stars".into() },
+                            amount: j + 1,
+                            meta: key(&format!("{k}-{j}")),
+                        })
                         .collect();
                     tally.consume_many(&user, &items).unwrap();
                     let mut o = out.lock();
@@ -236,12 +241,19 @@ fn child(mode: &str, path: &Path, user: &str, tag: &str, n: u64) -> std::process
 /// Counters equal the ledger sums of the current windows.
 fn assert_counters_match_ledger(tally: &Tally, path: &Path, user: &str) {
     let c = Connection::open(path).unwrap();
-    let sum = |f: &str| -> i64 { c.query_row("SELECT COALESCE(SUM(amount), 0) FROM events WHERE user_id = ?1 AND feature = ?2", params![user, f], |r| r.get(0)).unwrap() };
+    let sum = |f: &str| -> i64 {
+        c.query_row("SELECT COALESCE(SUM(amount), 0) FROM events WHERE user_id = ?1 AND feature = ?2", params![user, f], |r| r.get(0))
+            .unwrap()
+    };
     assert_eq!(tally.usage(user, "stars").unwrap().used as i64, sum("stars"));
     let chat = tally.usage(user, "chat").unwrap();
     let start = chat.period_start.unwrap().timestamp_millis();
     let in_month: i64 = c
-        .query_row("SELECT COALESCE(SUM(amount), 0) FROM events WHERE user_id = ?1 AND feature = 'chat' AND occurred_at >= ?2", params![user, start], |r| r.get(0))
+        .query_row(
+            "SELECT COALESCE(SUM(amount), 0) FROM events WHERE user_id = ?1 AND feature = 'chat' AND occurred_at >= ?2",
+            params![user, start],
+            |r| r.get(0),
+        )
         .unwrap();
     assert_eq!(chat.used as i64, in_month);
     let ok: String = c.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();

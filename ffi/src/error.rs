@@ -1,6 +1,6 @@
 //! The one error type of the foreign API, and the panic guard.
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 
 /// Every failure of the Tally API, as seen from Swift (`TallyError`) and Kotlin
 /// (`TallyException`). Each variant carries a readable `message`.

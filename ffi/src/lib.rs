@@ -15,7 +15,7 @@ mod error;
 mod sync;
 mod types;
 
-pub use error::{guard, TallyError};
+pub use error::{TallyError, guard};
 pub use sync::{RejectedEvent, SyncOptions, SyncReport, TokenProvider};
 pub use types::*;
 

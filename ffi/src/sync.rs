@@ -1,8 +1,8 @@
 //! `sync` for the foreign side: async (Swift `async throws`, Kotlin `suspend`), run on a tokio
 //! runtime so the calling thread is never blocked.
 
-use crate::error::{panic_text, TallyError};
 use crate::Tally;
+use crate::error::{TallyError, panic_text};
 use std::sync::Arc;
 use std::time::Duration;
 use tally_core as core;
@@ -167,7 +167,9 @@ impl Tally {
         let task = tokio::spawn(async move { inner.sync(&user_id, options).await });
         match task.await {
             Ok(r) => Ok(r?.into()),
-            Err(e) if e.is_panic() => Err(TallyError::Internal { message: format!("internal error: {}", panic_text(e.into_panic().as_ref())) }),
+            Err(e) if e.is_panic() => {
+                Err(TallyError::Internal { message: format!("internal error: {}", panic_text(e.into_panic().as_ref())) })
+            }
             Err(e) => Err(TallyError::Internal { message: format!("sync task failed: {e}") }),
         }
     }

@@ -166,16 +166,18 @@ impl core::Clock for ForeignClock {
 }
 
 fn secs(v: u64, name: &str) -> Result<chrono::Duration, TallyError> {
-    i64::try_from(v)
-        .ok()
-        .and_then(chrono::Duration::try_seconds)
-        .ok_or_else(|| TallyError::invalid(format!("{name} is too large: {v}")))
+    i64::try_from(v).ok().and_then(chrono::Duration::try_seconds).ok_or_else(|| TallyError::invalid(format!("{name} is too large: {v}")))
 }
 
 impl TryFrom<TallyConfig> for core::Config {
     type Error = TallyError;
     fn try_from(c: TallyConfig) -> Result<Self, TallyError> {
-        let mut out = core::Config { device_id: c.device_id, local_only_settings: c.local_only_settings, server_keys: c.server_keys, ..core::Config::default() };
+        let mut out = core::Config {
+            device_id: c.device_id,
+            local_only_settings: c.local_only_settings,
+            server_keys: c.server_keys,
+            ..core::Config::default()
+        };
         if let Some(d) = c.durability {
             out.durability = d.into();
         }
@@ -405,7 +407,11 @@ macro_rules! mirror_enum {
     };
 }
 
-mirror_enum!(Reason, core::Reason, [Ok, LimitReached, BudgetExceeded, NotInPlan, RateLimited, InsufficientCredits, UnknownFeature, UnknownModel, OverLimitSoft]);
+mirror_enum!(
+    Reason,
+    core::Reason,
+    [Ok, LimitReached, BudgetExceeded, NotInPlan, RateLimited, InsufficientCredits, UnknownFeature, UnknownModel, OverLimitSoft]
+);
 
 /// The answer to `check` / `consume`.
 #[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
@@ -667,13 +673,27 @@ pub struct ReportRow {
 
 impl From<core::ReportRow> for ReportRow {
     fn from(r: core::ReportRow) -> Self {
-        ReportRow { key: r.key, events: r.events, amount: r.amount, input_tokens: r.input_tokens, output_tokens: r.output_tokens, cost_micros: r.cost_micros }
+        ReportRow {
+            key: r.key,
+            events: r.events,
+            amount: r.amount,
+            input_tokens: r.input_tokens,
+            output_tokens: r.output_tokens,
+            cost_micros: r.cost_micros,
+        }
     }
 }
 
 impl From<ReportRow> for core::ReportRow {
     fn from(r: ReportRow) -> Self {
-        core::ReportRow { key: r.key, events: r.events, amount: r.amount, input_tokens: r.input_tokens, output_tokens: r.output_tokens, cost_micros: r.cost_micros }
+        core::ReportRow {
+            key: r.key,
+            events: r.events,
+            amount: r.amount,
+            input_tokens: r.input_tokens,
+            output_tokens: r.output_tokens,
+            cost_micros: r.cost_micros,
+        }
     }
 }
 
@@ -710,10 +730,14 @@ impl From<core::Rule> for Rule {
     fn from(r: core::Rule) -> Self {
         match r {
             core::Rule::Flag { enabled } => Rule::Flag { enabled },
-            core::Rule::Metered { limit, period, enforcement } => Rule::Metered { limit, period: period.into(), enforcement: enforcement.into() },
+            core::Rule::Metered { limit, period, enforcement } => {
+                Rule::Metered { limit, period: period.into(), enforcement: enforcement.into() }
+            }
             core::Rule::Credits { cost } => Rule::Credits { cost },
             core::Rule::Rate { limit, window_secs } => Rule::Rate { limit, window_secs },
-            core::Rule::Budget { limit_micros, period, enforcement } => Rule::Budget { limit_micros, period: period.into(), enforcement: enforcement.into() },
+            core::Rule::Budget { limit_micros, period, enforcement } => {
+                Rule::Budget { limit_micros, period: period.into(), enforcement: enforcement.into() }
+            }
         }
     }
 }
@@ -722,10 +746,14 @@ impl From<Rule> for core::Rule {
     fn from(r: Rule) -> Self {
         match r {
             Rule::Flag { enabled } => core::Rule::Flag { enabled },
-            Rule::Metered { limit, period, enforcement } => core::Rule::Metered { limit, period: period.into(), enforcement: enforcement.into() },
+            Rule::Metered { limit, period, enforcement } => {
+                core::Rule::Metered { limit, period: period.into(), enforcement: enforcement.into() }
+            }
             Rule::Credits { cost } => core::Rule::Credits { cost },
             Rule::Rate { limit, window_secs } => core::Rule::Rate { limit, window_secs },
-            Rule::Budget { limit_micros, period, enforcement } => core::Rule::Budget { limit_micros, period: period.into(), enforcement: enforcement.into() },
+            Rule::Budget { limit_micros, period, enforcement } => {
+                core::Rule::Budget { limit_micros, period: period.into(), enforcement: enforcement.into() }
+            }
         }
     }
 }
@@ -790,7 +818,12 @@ impl From<core::AccessGrant> for AccessGrant {
 impl TryFrom<AccessGrant> for core::AccessGrant {
     type Error = TallyError;
     fn try_from(g: AccessGrant) -> Result<Self, TallyError> {
-        Ok(core::AccessGrant { plan: g.plan, until: from_opt_ms(g.until_ms, "grants.until_ms")?, granted_by: g.granted_by, reason: g.reason })
+        Ok(core::AccessGrant {
+            plan: g.plan,
+            until: from_opt_ms(g.until_ms, "grants.until_ms")?,
+            granted_by: g.granted_by,
+            reason: g.reason,
+        })
     }
 }
 
@@ -816,7 +849,12 @@ impl From<core::CreditGrant> for CreditGrant {
 impl TryFrom<CreditGrant> for core::CreditGrant {
     type Error = TallyError;
     fn try_from(g: CreditGrant) -> Result<Self, TallyError> {
-        Ok(core::CreditGrant { id: g.id, remaining: g.remaining, expires_at: from_opt_ms(g.expires_at_ms, "credit_grants.expires_at_ms")?, source: g.source })
+        Ok(core::CreditGrant {
+            id: g.id,
+            remaining: g.remaining,
+            expires_at: from_opt_ms(g.expires_at_ms, "credit_grants.expires_at_ms")?,
+            source: g.source,
+        })
     }
 }
 

@@ -63,11 +63,20 @@ fn config_converts_and_validates() {
     assert_eq!(core.catalog.plans.len(), 2);
 
     let bad_json = TallyConfig { default_settings_json: Some("{oops".into()), ..config(None) };
-    assert!(matches!(Tally::open_in_memory(bad_json), Err(TallyError::InvalidInput { message }) if message.contains("default_settings_json")));
+    assert!(
+        matches!(Tally::open_in_memory(bad_json), Err(TallyError::InvalidInput { message }) if message.contains("default_settings_json"))
+    );
     let not_object = TallyConfig { default_settings_json: Some("[1]".into()), ..config(None) };
-    assert!(matches!(Tally::open_in_memory(not_object), Err(TallyError::InvalidInput { message }) if message.contains("must be a JSON object")));
-    let bad_catalog = TallyConfig { catalog_json: Some(r#"{"plans":[{"id":"free","features":{"x":{"type":"metered","limit":-1,"period":"day"}}}]}"#.into()), ..config(None) };
-    assert!(matches!(Tally::open_in_memory(bad_catalog), Err(TallyError::InvalidCatalog { message }) if message.contains("plans[0].features.x.limit")));
+    assert!(
+        matches!(Tally::open_in_memory(not_object), Err(TallyError::InvalidInput { message }) if message.contains("must be a JSON object"))
+    );
+    let bad_catalog = TallyConfig {
+        catalog_json: Some(r#"{"plans":[{"id":"free","features":{"x":{"type":"metered","limit":-1,"period":"day"}}}]}"#.into()),
+        ..config(None)
+    };
+    assert!(
+        matches!(Tally::open_in_memory(bad_catalog), Err(TallyError::InvalidCatalog { message }) if message.contains("plans[0].features.x.limit"))
+    );
     let huge = TallyConfig { token_grace_secs: Some(u64::MAX), ..config(None) };
     assert!(is_invalid(Tally::open_in_memory(huge)));
 }
@@ -156,7 +165,13 @@ fn records_convert_both_ways() {
     assert_eq!(ffi.models["gpt-4o"].output_micros_per_mtok, 10_000_000);
     assert_eq!(tally_core::Entitlements::try_from(ffi).unwrap(), ent);
 
-    let meta = UsageMeta { idempotency_key: Some("k".into()), model: Some("gpt-4o".into()), input_tokens: Some(1), output_tokens: Some(2), metadata_json: Some(r#"{"a":1}"#.into()) };
+    let meta = UsageMeta {
+        idempotency_key: Some("k".into()),
+        model: Some("gpt-4o".into()),
+        input_tokens: Some(1),
+        output_tokens: Some(2),
+        metadata_json: Some(r#"{"a":1}"#.into()),
+    };
     let core_meta = tally_core::UsageMeta::try_from(meta.clone()).unwrap();
     assert_eq!(core_meta.metadata, Some(serde_json::json!({"a": 1})));
     assert_eq!(UsageMeta::from(core_meta), meta);
@@ -165,7 +180,16 @@ fn records_convert_both_ways() {
     assert_eq!(EventStatus::from(status.clone()), EventStatus::Rejected { reason: "conflict".into() });
     assert_eq!(tally_core::EventStatus::from(EventStatus::from(status.clone())), status);
 
-    let report = SyncReport { events_sent: 3, events_acked: 2, duplicates: 1, rejected: vec![RejectedEvent { id: "e".into(), reason: "conflict".into() }], settings_sent: 1, settings_received: 2, rounds: 1, entitlements_updated: true };
+    let report = SyncReport {
+        events_sent: 3,
+        events_acked: 2,
+        duplicates: 1,
+        rejected: vec![RejectedEvent { id: "e".into(), reason: "conflict".into() }],
+        settings_sent: 1,
+        settings_received: 2,
+        rounds: 1,
+        entitlements_updated: true,
+    };
     assert_eq!(SyncReport::from(tally_core::SyncReport::from(report.clone())), report);
 
     let change = tally_core::Change { usage: true, entitlements: false, settings: true };
@@ -173,7 +197,9 @@ fn records_convert_both_ways() {
 
     // Out-of-range timestamps from the foreign side are rejected, not wrapped.
     let bad = Entitlements { period_start_ms: Some(i64::MAX), ..Entitlements::from(tally_core::Entitlements::free()) };
-    assert!(matches!(tally_core::Entitlements::try_from(bad), Err(TallyError::InvalidInput { message }) if message.contains("period_start_ms")));
+    assert!(
+        matches!(tally_core::Entitlements::try_from(bad), Err(TallyError::InvalidInput { message }) if message.contains("period_start_ms"))
+    );
 }
 
 #[test]
@@ -192,7 +218,10 @@ fn core_errors_map_to_variants() {
         (E::Unauthorized("expired".into()), |e| matches!(e, TallyError::Unauthorized { .. })),
         (E::AccountDeleted, |e| matches!(e, TallyError::AccountDeleted { .. })),
         (E::Network("refused".into()), |e| matches!(e, TallyError::Network { .. })),
-        (E::Server { status: 500, code: "internal".into(), message: "boom".into() }, |e| matches!(e, TallyError::Server { message } if message.contains("500"))),
+        (
+            E::Server { status: 500, code: "internal".into(), message: "boom".into() },
+            |e| matches!(e, TallyError::Server { message } if message.contains("500")),
+        ),
         (E::InvalidToken("sig".into()), |e| matches!(e, TallyError::InvalidToken { .. })),
     ];
     for (core, check) in cases {
@@ -297,7 +326,12 @@ fn json_values_cross_as_strings_and_are_validated() {
         assert!(is_invalid(t.patch_settings(u.clone(), bad.into())), "{bad:?}");
         assert!(is_invalid(t.replace_settings(u.clone(), bad.into())), "{bad:?}");
     }
-    assert!(is_invalid(t.consume(u.clone(), "ai_chat".into(), 1, Some(UsageMeta { metadata_json: Some("{x".into()), ..Default::default() }))));
+    assert!(is_invalid(t.consume(
+        u.clone(),
+        "ai_chat".into(),
+        1,
+        Some(UsageMeta { metadata_json: Some("{x".into()), ..Default::default() })
+    )));
     // Nothing changed.
     let after: serde_json::Value = serde_json::from_str(&t.settings(u.clone()).unwrap()).unwrap();
     assert_eq!(after, all);
@@ -311,7 +345,12 @@ fn bad_input_gets_the_right_variant_and_changes_nothing() {
     let (t, _) = open();
     let u = t.create_local_user(Some("Ada".into())).unwrap();
     t.consume(u.id.clone(), "ai_chat".into(), 1, Some(UsageMeta { idempotency_key: Some("k1".into()), ..Default::default() })).unwrap();
-    let snapshot = (t.users().unwrap(), t.settings(u.id.clone()).unwrap(), t.usage(u.id.clone(), "ai_chat".into()).unwrap(), t.pending_events(u.id.clone()).unwrap());
+    let snapshot = (
+        t.users().unwrap(),
+        t.settings(u.id.clone()).unwrap(),
+        t.usage(u.id.clone(), "ai_chat".into()).unwrap(),
+        t.pending_events(u.id.clone()).unwrap(),
+    );
 
     // Unknown user.
     assert!(matches!(t.consume("nobody".into(), "ai_chat".into(), 1, None), Err(TallyError::NotFound { .. })));
@@ -321,19 +360,39 @@ fn bad_input_gets_the_right_variant_and_changes_nothing() {
     // Negative (as the foreign side's signed value reinterpreted), zero and overflowing amounts.
     assert!(is_invalid(t.consume(u.id.clone(), "ai_chat".into(), (-1i64) as u64, None)));
     assert!(is_invalid(t.consume(u.id.clone(), "ai_chat".into(), 0, None)));
-    assert!(is_invalid(t.consume_many(u.id.clone(), vec![ConsumeItem { feature: "ai_chat".into(), amount: 1, meta: None }, ConsumeItem { feature: "ai_chat".into(), amount: u64::MAX, meta: None }])));
+    assert!(is_invalid(t.consume_many(
+        u.id.clone(),
+        vec![
+            ConsumeItem { feature: "ai_chat".into(), amount: 1, meta: None },
+            ConsumeItem { feature: "ai_chat".into(), amount: u64::MAX, meta: None }
+        ]
+    )));
     // Invalid timezone.
-    assert!(matches!(t.update_user(u.id.clone(), UserUpdate { timezone: Some("Not/AZone".into()), display_name: Some("Bob".into()), ..Default::default() }), Err(TallyError::InvalidInput { message }) if message.contains("timezone")));
+    assert!(
+        matches!(t.update_user(u.id.clone(), UserUpdate { timezone: Some("Not/AZone".into()), display_name: Some("Bob".into()), ..Default::default() }), Err(TallyError::InvalidInput { message }) if message.contains("timezone"))
+    );
     // Idempotency conflict.
-    assert!(matches!(t.consume(u.id.clone(), "ai_chat".into(), 2, Some(UsageMeta { idempotency_key: Some("k1".into()), ..Default::default() })), Err(TallyError::IdempotencyConflict { .. })));
+    assert!(matches!(
+        t.consume(u.id.clone(), "ai_chat".into(), 2, Some(UsageMeta { idempotency_key: Some("k1".into()), ..Default::default() })),
+        Err(TallyError::IdempotencyConflict { .. })
+    ));
     // Bad catalog, bad time range, bad entitlements.
     assert!(matches!(t.set_catalog("{\"plans\": 3}".into()), Err(TallyError::InvalidCatalog { .. })));
     assert!(is_invalid(t.report(u.id.clone(), T0, T0 - 1, GroupBy::Day)));
     assert!(is_invalid(t.report(u.id.clone(), i64::MIN, T0, GroupBy::Day)));
-    let unknown_plan = Entitlements { plan: "platinum".into(), status: SubscriptionStatus::Active, ..Entitlements::from(tally_core::Entitlements::free()) };
+    let unknown_plan = Entitlements {
+        plan: "platinum".into(),
+        status: SubscriptionStatus::Active,
+        ..Entitlements::from(tally_core::Entitlements::free())
+    };
     assert!(is_invalid(t.set_entitlements(u.id.clone(), unknown_plan)));
 
-    let now = (t.users().unwrap(), t.settings(u.id.clone()).unwrap(), t.usage(u.id.clone(), "ai_chat".into()).unwrap(), t.pending_events(u.id.clone()).unwrap());
+    let now = (
+        t.users().unwrap(),
+        t.settings(u.id.clone()).unwrap(),
+        t.usage(u.id.clone(), "ai_chat".into()).unwrap(),
+        t.pending_events(u.id.clone()).unwrap(),
+    );
     assert_eq!(now, snapshot, "bad input changed nothing");
     assert_eq!(t.check(u.id, "ai_chat".into(), 1).unwrap().limit, Some(3), "the catalog was kept");
 }
@@ -350,10 +409,26 @@ fn quota_calls_through_the_ffi() {
     assert_eq!((d.allowed, d.reason, d.remaining), (false, Reason::LimitReached, Some(0)));
     assert_eq!(t.check(u.clone(), "export".into(), 1).unwrap().reason, Reason::NotInPlan);
     assert_eq!(t.check(u.clone(), "nope".into(), 1).unwrap().reason, Reason::UnknownFeature);
-    let d = t.consume(u.clone(), "spend".into(), 1, Some(UsageMeta { model: Some("gpt-4o".into()), input_tokens: Some(1_000_000), output_tokens: Some(0), ..Default::default() })).unwrap();
+    let d = t
+        .consume(
+            u.clone(),
+            "spend".into(),
+            1,
+            Some(UsageMeta { model: Some("gpt-4o".into()), input_tokens: Some(1_000_000), output_tokens: Some(0), ..Default::default() }),
+        )
+        .unwrap();
     assert_eq!(d.reason, Reason::BudgetExceeded, "a budget always records and flags");
 
-    t.set_entitlements(u.clone(), Entitlements { plan: "pro".into(), status: SubscriptionStatus::Active, credit_grants: vec![CreditGrant { id: "g".into(), remaining: 25, expires_at_ms: None, source: "purchase".into() }], ..Entitlements::from(tally_core::Entitlements::free()) }).unwrap();
+    t.set_entitlements(
+        u.clone(),
+        Entitlements {
+            plan: "pro".into(),
+            status: SubscriptionStatus::Active,
+            credit_grants: vec![CreditGrant { id: "g".into(), remaining: 25, expires_at_ms: None, source: "purchase".into() }],
+            ..Entitlements::from(tally_core::Entitlements::free())
+        },
+    )
+    .unwrap();
     let e = t.entitlements(u.clone()).unwrap();
     assert_eq!((e.plan.as_str(), e.access_reason.as_str(), e.credit_balance), ("pro", "subscription", 25));
     assert_eq!(e.features.get("ai_chat"), Some(&Rule::Metered { limit: None, period: Period::Month, enforcement: Enforcement::Hard }));
@@ -363,7 +438,8 @@ fn quota_calls_through_the_ffi() {
     let rows = t.report(u.clone(), T0 - 1, T0 + 1, GroupBy::Feature).unwrap();
     assert_eq!(rows.iter().map(|r| (r.key.as_str(), r.events)).collect::<Vec<_>>(), vec![("ai_chat", 4), ("spend", 1)]);
     assert_eq!(rows[1].cost_micros, 2_500_000);
-    let ids: HashMap<String, u64> = t.report(u.clone(), T0 - 1, T0 + 1, GroupBy::Model).unwrap().into_iter().map(|r| (r.key, r.amount)).collect();
+    let ids: HashMap<String, u64> =
+        t.report(u.clone(), T0 - 1, T0 + 1, GroupBy::Model).unwrap().into_iter().map(|r| (r.key, r.amount)).collect();
     assert_eq!(ids.get("gpt-4o"), Some(&1));
     assert_eq!(t.pending_events(u.clone()).unwrap(), 5);
     assert_eq!(t.last_synced_at_ms(u).unwrap(), None);
@@ -374,10 +450,18 @@ fn quota_calls_through_the_ffi() {
 #[test]
 fn concurrent_calls_from_several_threads_on_one_tally() {
     let dir = tempfile::tempdir().unwrap();
-    let t = Tally::open(dir.path().join("t.db").to_string_lossy().into_owned(), TallyConfig { catalog_json: Some(CATALOG.into()), ..config(None) }).unwrap();
+    let t = Tally::open(
+        dir.path().join("t.db").to_string_lossy().into_owned(),
+        TallyConfig { catalog_json: Some(CATALOG.into()), ..config(None) },
+    )
+    .unwrap();
     let users: Vec<String> = (0..4).map(|_| t.create_local_user(None).unwrap().id).collect();
     for u in &users {
-        t.set_entitlements(u.clone(), Entitlements { plan: "pro".into(), status: SubscriptionStatus::Active, ..Entitlements::from(tally_core::Entitlements::free()) }).unwrap();
+        t.set_entitlements(
+            u.clone(),
+            Entitlements { plan: "pro".into(), status: SubscriptionStatus::Active, ..Entitlements::from(tally_core::Entitlements::free()) },
+        )
+        .unwrap();
     }
     std::thread::scope(|s| {
         for th in 0..8 {
@@ -388,7 +472,9 @@ fn concurrent_calls_from_several_threads_on_one_tally() {
                     let u = users[(th + i) % users.len()].clone();
                     // Keys repeat across threads: each key counts once.
                     let key = format!("{u}-{}", i % 25);
-                    let d = t.consume(u.clone(), "ai_chat".into(), 1, Some(UsageMeta { idempotency_key: Some(key), ..Default::default() })).unwrap();
+                    let d = t
+                        .consume(u.clone(), "ai_chat".into(), 1, Some(UsageMeta { idempotency_key: Some(key), ..Default::default() }))
+                        .unwrap();
                     assert!(d.allowed);
                     t.set_setting(u.clone(), format!("t{th}"), i.to_string()).unwrap();
                     t.usage(u.clone(), "ai_chat".into()).unwrap();

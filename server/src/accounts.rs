@@ -1,10 +1,10 @@
 //! Accounts: users created on first sign-in (or claimed from a pending admin-created user),
 //! `GET|PATCH|DELETE /v1/me` and `GET /v1/me/export`.
 
+use crate::AppState;
 use crate::auth::{AuthUser, IdClaims};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::JsonBody;
-use crate::AppState;
 use axum::Json;
 use axum::extract::State;
 use chrono::{DateTime, Utc};
@@ -86,7 +86,8 @@ pub async fn resolve(state: &AppState, claims: &IdClaims) -> ApiResult<User> {
     let user_st = client.prepare_cached(&select).await?;
     // Both reads pipelined on the connection: one round trip of waiting.
     let hash = sub_hash(&claims.sub);
-    let (tomb_args, user_args): ([&(dyn tokio_postgres::types::ToSql + Sync); 1], [&(dyn tokio_postgres::types::ToSql + Sync); 1]) = ([&hash], [&claims.sub]);
+    let (tomb_args, user_args): ([&(dyn tokio_postgres::types::ToSql + Sync); 1], [&(dyn tokio_postgres::types::ToSql + Sync); 1]) =
+        ([&hash], [&claims.sub]);
     let (tomb, found) = futures::try_join!(client.query_opt(&tomb_st, &tomb_args), client.query_opt(&user_st, &user_args))?;
     if let Some(r) = tomb {
         let deleted: DateTime<Utc> = r.get(0);
@@ -217,12 +218,17 @@ pub async fn delete_me(State(state): State<AppState>, AuthUser(user): AuthUser) 
     let tx = client.transaction().await?;
     lock(&tx, user.user_id, &state.config.admin_subjects).await?;
     let paid = tx
-        .query_opt("SELECT status FROM subscriptions WHERE user_id = $1 AND status IN ('active', 'trialing', 'past_due') AND provider IS NOT NULL", &[&user.user_id])
+        .query_opt(
+            "SELECT status FROM subscriptions WHERE user_id = $1 AND status IN ('active', 'trialing', 'past_due') AND provider IS NOT NULL",
+            &[&user.user_id],
+        )
         .await?;
     if paid.is_some() {
         return Err(ApiError::Conflict("subscription_active", "cancel the active subscription before deleting the account".into()));
     }
-    for table in crate::billing::USER_TABLES.iter().copied().chain(["events", "counters", "settings", "subscriptions", "access_grants", "users"]) {
+    for table in
+        crate::billing::USER_TABLES.iter().copied().chain(["events", "counters", "settings", "subscriptions", "access_grants", "users"])
+    {
         tx.execute(&format!("DELETE FROM {table} WHERE user_id = $1"), &[&user.user_id]).await?;
     }
     if let Some(sub) = &user.external_id {

@@ -36,7 +36,11 @@ pub async fn create_user(State(state): State<AppState>, _a: Admin, JsonBody(b): 
     if email.len() < 3 || email.len() > 320 || !email.contains('@') {
         return Err(ApiError::Invalid("invalid_email", "expected an email address".into()));
     }
-    accounts::validate_profile(&tally_core::wire::ProfilePatch { timezone: b.timezone.clone(), display_name: b.display_name.clone(), avatar_url: None })?;
+    accounts::validate_profile(&tally_core::wire::ProfilePatch {
+        timezone: b.timezone.clone(),
+        display_name: b.display_name.clone(),
+        avatar_url: None,
+    })?;
     let client = state.pool.get().await?;
     let taken = client.query_opt("SELECT 1 FROM users WHERE lower(email) = lower($1)", &[&email]).await?;
     if taken.is_some() {
@@ -76,7 +80,11 @@ pub struct NewGrant {
 
 /// `POST /v1/admin/grants`: grants a plan until a date, or `credits` expiring at `until`
 /// (alias `expires_at`); bumps the user's entitlement version.
-pub async fn create_grant(State(state): State<AppState>, admin: Admin, JsonBody(g): JsonBody<NewGrant>) -> ApiResult<(StatusCode, Json<Value>)> {
+pub async fn create_grant(
+    State(state): State<AppState>,
+    admin: Admin,
+    JsonBody(g): JsonBody<NewGrant>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
     if g.reason.is_empty() || g.reason.len() > 200 {
         return Err(ApiError::invalid("reason must be 1 to 200 bytes"));
     }
@@ -88,9 +96,20 @@ pub async fn create_grant(State(state): State<AppState>, admin: Admin, JsonBody(
         (None, Some(credits)) => {
             let user = accounts::find_or_create_by_subject(&state, &g.subject).await?;
             let by = g.granted_by.clone().unwrap_or_else(|| admin.actor());
-            let req = crate::billing::CreditGrantRequest { user_id: user.user_id, credits, expires_at: g.until, reason: &g.reason, granted_by: &by };
+            let req = crate::billing::CreditGrantRequest {
+                user_id: user.user_id,
+                credits,
+                expires_at: g.until,
+                reason: &g.reason,
+                granted_by: &by,
+            };
             let id = crate::billing::grant_credits(&state, req).await?;
-            return Ok((StatusCode::CREATED, Json(json!({"id": id, "subject": g.subject, "credits": credits, "expires_at": g.until, "granted_by": by, "reason": g.reason}))));
+            return Ok((
+                StatusCode::CREATED,
+                Json(
+                    json!({"id": id, "subject": g.subject, "credits": credits, "expires_at": g.until, "granted_by": by, "reason": g.reason}),
+                ),
+            ));
         }
         _ => return Err(ApiError::invalid("give either plan (an access grant) or credits (a credit grant)")),
     };
@@ -114,7 +133,10 @@ pub async fn create_grant(State(state): State<AppState>, admin: Admin, JsonBody(
     .await?;
     tx.execute("UPDATE users SET ver = ver + 1 WHERE user_id = $1", &[&user.user_id]).await?;
     tx.commit().await?;
-    Ok((StatusCode::CREATED, Json(json!({"id": id, "subject": g.subject, "plan": g_plan, "until": g.until, "granted_by": by, "reason": g.reason}))))
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"id": id, "subject": g.subject, "plan": g_plan, "until": g.until, "granted_by": by, "reason": g.reason})),
+    ))
 }
 
 /// Body of `POST /v1/admin/grants/revoke`.
@@ -135,7 +157,10 @@ pub struct RevokeGrant {
 /// `POST /v1/admin/grants/revoke`: revokes grants; bumps the entitlement version.
 pub async fn revoke_grant(State(state): State<AppState>, _a: Admin, JsonBody(r): JsonBody<RevokeGrant>) -> ApiResult<Json<Value>> {
     let mut client = state.pool.get().await?;
-    let row = client.query_opt("SELECT user_id FROM users WHERE external_id = $1", &[&r.subject]).await?.ok_or_else(|| ApiError::not_found("user"))?;
+    let row = client
+        .query_opt("SELECT user_id FROM users WHERE external_id = $1", &[&r.subject])
+        .await?
+        .ok_or_else(|| ApiError::not_found("user"))?;
     let uid: Uuid = row.get(0);
     let access_id = match r.grant_id.as_deref().map(Uuid::parse_str) {
         Some(Ok(id)) => Some(id),
@@ -166,7 +191,12 @@ pub async fn revoke_grant(State(state): State<AppState>, _a: Admin, JsonBody(r):
 }
 
 /// `PUT /v1/admin/plans/{id}`: inserts or replaces one plan, validated like the catalog.
-pub async fn put_plan(State(state): State<AppState>, _a: Admin, Path(id): Path<String>, JsonBody(mut body): JsonBody<Value>) -> ApiResult<Json<Value>> {
+pub async fn put_plan(
+    State(state): State<AppState>,
+    _a: Admin,
+    Path(id): Path<String>,
+    JsonBody(mut body): JsonBody<Value>,
+) -> ApiResult<Json<Value>> {
     if let Some(o) = body.as_object_mut() {
         match o.get("id") {
             None => {
@@ -206,10 +236,18 @@ pub struct UsageQuery {
 }
 
 /// `GET /v1/admin/users/{id}/usage`: a user's usage report (id = server user id).
-pub async fn user_usage(State(state): State<AppState>, _a: Admin, Path(id): Path<String>, Query(q): Query<UsageQuery>) -> ApiResult<Json<Value>> {
+pub async fn user_usage(
+    State(state): State<AppState>,
+    _a: Admin,
+    Path(id): Path<String>,
+    Query(q): Query<UsageQuery>,
+) -> ApiResult<Json<Value>> {
     let uid = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("user"))?;
     let client = state.pool.get().await?;
-    let r = client.query_opt(&format!("SELECT {USER_COLUMNS} FROM users WHERE user_id = $1"), &[&uid]).await?.ok_or_else(|| ApiError::not_found("user"))?;
+    let r = client
+        .query_opt(&format!("SELECT {USER_COLUMNS} FROM users WHERE user_id = $1"), &[&uid])
+        .await?
+        .ok_or_else(|| ApiError::not_found("user"))?;
     let user = User::from_row(&r, &state.config.admin_subjects);
     let now = Utc::now();
     let from = q.from.unwrap_or(now - Duration::days(30));
@@ -230,7 +268,11 @@ pub struct NewKey {
 }
 
 /// `POST /v1/admin/api-keys`: creates a key; the secret is in this answer only.
-pub async fn create_api_key(State(state): State<AppState>, _a: Admin, JsonBody(k): JsonBody<NewKey>) -> ApiResult<(StatusCode, Json<Value>)> {
+pub async fn create_api_key(
+    State(state): State<AppState>,
+    _a: Admin,
+    JsonBody(k): JsonBody<NewKey>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
     let client = state.pool.get().await?;
     let (key, secret) = api_keys::create(&client, &k.name, &k.scopes).await?;
     Ok((StatusCode::CREATED, Json(json!({"key": key, "secret": secret}))))

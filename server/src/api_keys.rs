@@ -1,8 +1,8 @@
 //! API keys for backends (`Authorization: Bearer tk_…`): shown once, stored as SHA-256 hashes,
 //! scoped (`usage:write`, `admin`), revocable.
 
-use crate::error::{ApiError, ApiResult};
 use crate::AppState;
+use crate::error::{ApiError, ApiResult};
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
 use serde::Serialize;

@@ -1,10 +1,10 @@
 //! Authentication: identity-provider JWTs (HS256 shared secret, or RS256/ES256/EdDSA keys from a
 //! JWKS URL) and `tk_…` API keys, as axum extractors.
 
+use crate::AppState;
 use crate::accounts::{self, User};
 use crate::api_keys::{self, ApiKey};
 use crate::error::ApiError;
-use crate::AppState;
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use base64::Engine;
@@ -101,7 +101,8 @@ impl Verifier {
         if header_alg.eq_ignore_ascii_case("none") {
             return Err(unauthorized("unsupported_algorithm", "unsigned tokens (alg none) are refused"));
         }
-        let header = jsonwebtoken::decode_header(token).map_err(|_| unauthorized("unsupported_algorithm", format!("algorithm {header_alg} is not accepted")))?;
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| unauthorized("unsupported_algorithm", format!("algorithm {header_alg} is not accepted")))?;
         let key = match header.alg {
             Algorithm::HS256 => match &self.secret {
                 Some(k) => k.clone(),
@@ -138,7 +139,9 @@ impl Verifier {
             K::InvalidIssuer => unauthorized("invalid_issuer", "the token's issuer is not accepted"),
             K::InvalidAudience => unauthorized("invalid_audience", "the token's audience is not accepted"),
             K::InvalidSignature => unauthorized("invalid_signature", "the token's signature does not verify"),
-            K::InvalidAlgorithm | K::InvalidKeyFormat => unauthorized("unsupported_algorithm", "the token's algorithm does not match its key"),
+            K::InvalidAlgorithm | K::InvalidKeyFormat => {
+                unauthorized("unsupported_algorithm", "the token's algorithm does not match its key")
+            }
             K::MissingRequiredClaim(c) => unauthorized("invalid_token", format!("the token lacks the `{c}` claim")),
             _ => unauthorized("invalid_token", "the token could not be verified"),
         })?;

@@ -52,7 +52,10 @@ pub async fn migrate(url: &str) -> Result<Vec<i64>, DbError> {
 async fn migrate_locked(client: &mut tokio_postgres::Client) -> Result<Vec<i64>, DbError> {
     let supported = latest_version();
     let has_history = client
-        .query_opt("SELECT 1 FROM information_schema.tables WHERE table_schema = current_schema() AND table_name = 'refinery_schema_history'", &[])
+        .query_opt(
+            "SELECT 1 FROM information_schema.tables WHERE table_schema = current_schema() AND table_name = 'refinery_schema_history'",
+            &[],
+        )
         .await?
         .is_some();
     if has_history {

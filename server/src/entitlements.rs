@@ -1,10 +1,10 @@
 //! Entitlements: the user's resolved access (subscription, grants, admin, catalog), the signed
 //! entitlements token (cached per user and version), `GET /v1/entitlements` and `GET /v1/keys`.
 
+use crate::AppState;
 use crate::accounts::User;
 use crate::auth::AuthUser;
 use crate::error::{ApiError, ApiResult};
-use crate::AppState;
 use axum::Json;
 use axum::extract::State;
 use chrono::{DateTime, Duration, Utc};
@@ -34,7 +34,9 @@ pub struct Loaded {
 /// Loads and resolves `user`'s entitlements at `now`.
 pub async fn load(state: &AppState, client: &impl GenericClient, user: &User, now: DateTime<Utc>) -> ApiResult<Loaded> {
     // Independent reads, pipelined on the one connection (one round trip of waiting, not three).
-    let sub_st = client.prepare_cached("SELECT plan, status, period_start, period_end, past_due_since FROM subscriptions WHERE user_id = $1").await?;
+    let sub_st = client
+        .prepare_cached("SELECT plan, status, period_start, period_end, past_due_since FROM subscriptions WHERE user_id = $1")
+        .await?;
     let grants_st = client
         .prepare_cached("SELECT plan, until, granted_by, reason FROM access_grants WHERE user_id = $1 AND revoked_at IS NULL AND (until IS NULL OR until > $2)")
         .await?;
@@ -56,10 +58,7 @@ pub async fn load(state: &AppState, client: &impl GenericClient, user: &User, no
             anchor = raw.period_start.unwrap_or(anchor);
         }
     }
-    raw.grants = grants
-        .iter()
-        .map(|r| AccessGrant { plan: r.get(0), until: r.get(1), granted_by: r.get(2), reason: r.get(3) })
-        .collect();
+    raw.grants = grants.iter().map(|r| AccessGrant { plan: r.get(0), until: r.get(1), granted_by: r.get(2), reason: r.get(3) }).collect();
     raw.is_admin = user.is_admin;
     raw.tz = Some(user.timezone.clone());
     raw.ver = u64::try_from(user.ver.saturating_add(catalog_version)).unwrap_or(0);
@@ -104,9 +103,12 @@ pub fn token_fresh(state: &AppState, user: &User, ents: &Entitlements, now: Date
     if let Ok(m) = state.tokens.m.lock()
         && !force
         && let Some(c) = m.get(&user.user_id)
-            && c.ver == ents.ver && c.credits == ents.credit_grants && now < c.reuse_until {
-                return Ok(c.token.clone());
-            }
+        && c.ver == ents.ver
+        && c.credits == ents.credit_grants
+        && now < c.reuse_until
+    {
+        return Ok(c.token.clone());
+    }
     let ttl = i64::try_from(state.config.token_ttl_secs).unwrap_or(86_400).max(1);
     let iat = now.timestamp();
     let claims = EntitlementClaims {

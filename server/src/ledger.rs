@@ -187,7 +187,15 @@ struct Inc {
     cost: i64,
 }
 
-fn add_increments(ctx: &Ctx<'_>, tracked: &BTreeMap<String, BTreeSet<Period>>, acc: &mut BTreeMap<CounterKey, Inc>, feature: &str, at: DateTime<Utc>, amount: i64, cost: i64) {
+fn add_increments(
+    ctx: &Ctx<'_>,
+    tracked: &BTreeMap<String, BTreeSet<Period>>,
+    acc: &mut BTreeMap<CounterKey, Inc>,
+    feature: &str,
+    at: DateTime<Utc>,
+    amount: i64,
+    cost: i64,
+) {
     if let Some(periods) = tracked.get(feature) {
         for p in periods {
             let w = window(*p, at, ctx.tz, ctx.anchor);
@@ -204,8 +212,14 @@ async fn upsert_counters(tx: &impl GenericClient, user_id: Uuid, acc: BTreeMap<C
         return Ok(());
     }
     let n = acc.len();
-    let (mut f, mut p, mut s, mut e, mut u, mut c) =
-        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut f, mut p, mut s, mut e, mut u, mut c) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
     for ((feature, period, start), inc) in acc {
         f.push(feature);
         p.push(period.as_str().to_string());
@@ -214,10 +228,14 @@ async fn upsert_counters(tx: &impl GenericClient, user_id: Uuid, acc: BTreeMap<C
         u.push(inc.used);
         c.push(inc.cost);
     }
-    tx.execute(&tx.prepare_cached("INSERT INTO counters (user_id, feature, period, period_start, period_end, used, cost_micros) \
+    tx.execute(
+        &tx.prepare_cached(
+            "INSERT INTO counters (user_id, feature, period, period_start, period_end, used, cost_micros) \
          SELECT $1, * FROM unnest($2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[], $6::int8[], $7::int8[]) \
          ON CONFLICT (user_id, feature, period, period_start) DO UPDATE \
-         SET used = counters.used + excluded.used, cost_micros = counters.cost_micros + excluded.cost_micros").await?,
+         SET used = counters.used + excluded.used, cost_micros = counters.cost_micros + excluded.cost_micros",
+        )
+        .await?,
         &[&user_id, &f, &p, &s, &e, &u, &c],
     )
     .await?;
@@ -228,14 +246,21 @@ async fn upsert_counters(tx: &impl GenericClient, user_id: Uuid, acc: BTreeMap<C
 /// changed since they were built. Call with the user row locked.
 pub async fn ensure_counters(tx: &impl GenericClient, ctx: &Ctx<'_>) -> ApiResult<()> {
     let key = ctx.counters_key();
-    let current: String = tx.query_one(&tx.prepare_cached("SELECT counters_key FROM users WHERE user_id = $1").await?, &[&ctx.user_id]).await?.get(0);
+    let current: String =
+        tx.query_one(&tx.prepare_cached("SELECT counters_key FROM users WHERE user_id = $1").await?, &[&ctx.user_id]).await?.get(0);
     if current == key {
         return Ok(());
     }
     tx.execute(&tx.prepare_cached("DELETE FROM counters WHERE user_id = $1").await?, &[&ctx.user_id]).await?;
     let tracked = tracked_periods(ctx.catalog);
     let mut acc = BTreeMap::new();
-    let rows = tx.query(&tx.prepare_cached("SELECT feature, amount, effective_at, model, input_tokens, output_tokens FROM events WHERE user_id = $1").await?, &[&ctx.user_id]).await?;
+    let rows = tx
+        .query(
+            &tx.prepare_cached("SELECT feature, amount, effective_at, model, input_tokens, output_tokens FROM events WHERE user_id = $1")
+                .await?,
+            &[&ctx.user_id],
+        )
+        .await?;
     for r in rows {
         let feature: String = r.get(0);
         let cost = ctx.cost(r.get::<_, Option<&str>>(3), r.get(4), r.get(5));
@@ -261,7 +286,13 @@ pub struct Outcome {
 
 /// Inserts `events` for the (locked) user in one statement, detects duplicates and conflicts
 /// against the stored bodies, and adds the inserted ones to the counters.
-pub async fn ingest(tx: &impl GenericClient, ctx: &Ctx<'_>, events: Vec<NewEvent>, device_id: Option<&str>, source: &str) -> ApiResult<Outcome> {
+pub async fn ingest(
+    tx: &impl GenericClient,
+    ctx: &Ctx<'_>,
+    events: Vec<NewEvent>,
+    device_id: Option<&str>,
+    source: &str,
+) -> ApiResult<Outcome> {
     let mut out = Outcome::default();
     // Repeats inside the batch: same body → duplicate of the first, other body → conflict.
     let mut first: HashMap<Uuid, Body> = HashMap::new();
@@ -355,7 +386,14 @@ pub async fn ingest(tx: &impl GenericClient, ctx: &Ctx<'_>, events: Vec<NewEvent
         let stored: HashMap<Uuid, (Body, DateTime<Utc>)> = stored
             .iter()
             .map(|r| {
-                let b = Body { feature: r.get(1), amount: r.get(2), occurred_at: r.get(3), model: r.get(4), input_tokens: r.get(5), output_tokens: r.get(6) };
+                let b = Body {
+                    feature: r.get(1),
+                    amount: r.get(2),
+                    occurred_at: r.get(3),
+                    model: r.get(4),
+                    input_tokens: r.get(5),
+                    output_tokens: r.get(6),
+                };
                 (r.get(0), (b, r.get(7)))
             })
             .collect();
@@ -399,7 +437,12 @@ fn total_for(rule: &Rule, feature: &str, period: Period, start: DateTime<Utc>, e
 
 /// Totals of the current window of every metered/budget rule in `features`, plus every window
 /// of those rules that `touched` events fall in.
-pub async fn totals(tx: &impl GenericClient, ctx: &Ctx<'_>, features: &BTreeMap<String, Rule>, touched: &[(String, DateTime<Utc>)]) -> ApiResult<Vec<Total>> {
+pub async fn totals(
+    tx: &impl GenericClient,
+    ctx: &Ctx<'_>,
+    features: &BTreeMap<String, Rule>,
+    touched: &[(String, DateTime<Utc>)],
+) -> ApiResult<Vec<Total>> {
     let mut wanted: BTreeMap<CounterKey, Option<DateTime<Utc>>> = BTreeMap::new();
     for (f, rule) in features {
         let Some(p) = rule.period() else { continue };

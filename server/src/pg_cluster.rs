@@ -74,9 +74,7 @@ pub fn find_bindir() -> Result<PathBuf, ClusterError> {
     let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
         .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).filter(|d| has(d)).collect())
         .unwrap_or_default();
-    found.sort_by_key(|p| {
-        p.parent().and_then(|v| v.file_name()).and_then(|v| v.to_str()).and_then(|v| v.parse::<u32>().ok()).unwrap_or(0)
-    });
+    found.sort_by_key(|p| p.parent().and_then(|v| v.file_name()).and_then(|v| v.to_str()).and_then(|v| v.parse::<u32>().ok()).unwrap_or(0));
     found.pop().ok_or(ClusterError::BinariesNotFound)
 }
 
@@ -99,10 +97,10 @@ fn postgres_can_use(dir: &Path) -> bool {
 }
 
 fn chown_postgres(dir: &Path) -> Result<(), ClusterError> {
-    let user = nix::unistd::User::from_name("postgres")
-        .ok()
-        .flatten()
-        .ok_or_else(|| ClusterError::Command { what: "looking up the postgres user".into(), detail: "no `postgres` system user (install the postgresql package)".into() })?;
+    let user = nix::unistd::User::from_name("postgres").ok().flatten().ok_or_else(|| ClusterError::Command {
+        what: "looking up the postgres user".into(),
+        detail: "no `postgres` system user (install the postgresql package)".into(),
+    })?;
     nix::unistd::chown(dir, Some(user.uid), Some(user.gid))
         .map_err(|e| ClusterError::Io(format!("chown {}", dir.display()), std::io::Error::from(e)))
 }
@@ -137,7 +135,8 @@ impl Cluster {
             }
         }
         let pwfile = data.join("tally-password");
-        let mut cluster = Cluster { bindir, data: data.clone(), port: 0, password: String::new(), as_postgres, ephemeral: opts.ephemeral, stopped: true };
+        let mut cluster =
+            Cluster { bindir, data: data.clone(), port: 0, password: String::new(), as_postgres, ephemeral: opts.ephemeral, stopped: true };
         if !data.join("PG_VERSION").exists() {
             let password = hex::encode(rand::random::<[u8; 16]>());
             let tmp_pw = std::env::temp_dir().join(format!("tally-pw-{}", hex::encode(rand::random::<[u8; 8]>())));
@@ -147,14 +146,26 @@ impl Cluster {
             }
             let r = cluster.run(
                 "initdb",
-                &["-D", &data.to_string_lossy(), "-U", "postgres", "--auth=scram-sha-256", "-E", "UTF8", "--no-locale", "--pwfile", &tmp_pw.to_string_lossy()],
+                &[
+                    "-D",
+                    &data.to_string_lossy(),
+                    "-U",
+                    "postgres",
+                    "--auth=scram-sha-256",
+                    "-E",
+                    "UTF8",
+                    "--no-locale",
+                    "--pwfile",
+                    &tmp_pw.to_string_lossy(),
+                ],
             );
             let _ = std::fs::remove_file(&tmp_pw);
             r?;
             // Kept next to the cluster (readable by its owner only) so a restart can connect.
             std::fs::write(&pwfile, &password).map_err(|e| ClusterError::Io("writing the password file".into(), e))?;
         }
-        cluster.password = std::fs::read_to_string(&pwfile).map_err(|e| ClusterError::Io(format!("reading {}", pwfile.display()), e))?.trim().to_string();
+        cluster.password =
+            std::fs::read_to_string(&pwfile).map_err(|e| ClusterError::Io(format!("reading {}", pwfile.display()), e))?.trim().to_string();
         let mut last_err = None;
         for _ in 0..3 {
             let port = match opts.port {
@@ -166,7 +177,8 @@ impl Cluster {
                 o.push_str(" -c fsync=off -c synchronous_commit=off -c full_page_writes=off");
             }
             let log = data.join("server.log");
-            match cluster.run("pg_ctl", &["-D", &data.to_string_lossy(), "-l", &log.to_string_lossy(), "-o", &o, "-w", "-t", "60", "start"]) {
+            match cluster.run("pg_ctl", &["-D", &data.to_string_lossy(), "-l", &log.to_string_lossy(), "-o", &o, "-w", "-t", "60", "start"])
+            {
                 Ok(()) => {
                     cluster.port = port;
                     cluster.stopped = false;

@@ -15,12 +15,16 @@ pub struct CatalogCache {
 impl CatalogCache {
     /// The current catalog: one cheap version read, the body only when it changed.
     pub async fn current(&self, client: &impl GenericClient) -> ApiResult<(i64, Arc<Catalog>)> {
-        let version: i64 = client.query_opt(&client.prepare_cached("SELECT version FROM catalog WHERE singleton = 1").await?, &[]).await?.map_or(0, |r| r.get(0));
+        let version: i64 = client
+            .query_opt(&client.prepare_cached("SELECT version FROM catalog WHERE singleton = 1").await?, &[])
+            .await?
+            .map_or(0, |r| r.get(0));
         if let Ok(guard) = self.cached.read()
             && let Some((v, c)) = guard.as_ref()
-                && *v == version {
-                    return Ok((version, c.clone()));
-                }
+            && *v == version
+        {
+            return Ok((version, c.clone()));
+        }
         let catalog = load(client).await?;
         let loaded = (catalog.0, Arc::new(catalog.1));
         if let Ok(mut guard) = self.cached.write() {

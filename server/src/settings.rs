@@ -3,11 +3,11 @@
 //! and a per-user change sequence as the sync cursor. `GET|PUT|PATCH /v1/settings` for web
 //! clients write with node `server`.
 
+use crate::AppState;
 use crate::accounts::{self, User};
 use crate::auth::AuthUser;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::JsonBody;
-use crate::AppState;
 use axum::Json;
 use axum::extract::State;
 use chrono::{DateTime, Utc};
@@ -52,7 +52,13 @@ pub async fn merge(tx: &impl GenericClient, user_id: Uuid, changes: &[SettingCha
     }
     let now_ms = now_ms(now);
     let n = i64::try_from(changes.len()).unwrap_or(i64::MAX);
-    let top: i64 = tx.query_one(&tx.prepare_cached("UPDATE users SET settings_seq = settings_seq + $2 WHERE user_id = $1 RETURNING settings_seq").await?, &[&user_id, &n]).await?.get(0);
+    let top: i64 = tx
+        .query_one(
+            &tx.prepare_cached("UPDATE users SET settings_seq = settings_seq + $2 WHERE user_id = $1 RETURNING settings_seq").await?,
+            &[&user_id, &n],
+        )
+        .await?
+        .get(0);
     let (mut keys, mut values, mut deleted, mut hlcs, mut seqs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     // Later changes of one key in the same request win over earlier ones only by HLC too.
     let mut best: std::collections::BTreeMap<&str, (String, &SettingChange)> = Default::default();
@@ -93,22 +99,38 @@ pub fn parse_cursor(c: Option<&str>) -> i64 {
 
 /// Changes after `cursor`, and the new cursor.
 pub async fn changes_since(tx: &impl GenericClient, user_id: Uuid, cursor: i64) -> ApiResult<(Vec<SettingChange>, String)> {
-    let rows = tx.query(&tx.prepare_cached("SELECT key, value, deleted, hlc, seq FROM settings WHERE user_id = $1 AND seq > $2 ORDER BY seq").await?, &[&user_id, &cursor]).await?;
+    let rows = tx
+        .query(
+            &tx.prepare_cached("SELECT key, value, deleted, hlc, seq FROM settings WHERE user_id = $1 AND seq > $2 ORDER BY seq").await?,
+            &[&user_id, &cursor],
+        )
+        .await?;
     let top: i64 = tx.query_one(&tx.prepare_cached("SELECT settings_seq FROM users WHERE user_id = $1").await?, &[&user_id]).await?.get(0);
     let changes = rows
         .iter()
-        .map(|r| SettingChange { key: r.get(0), value: r.get::<_, Option<Value>>(1).unwrap_or(Value::Null), deleted: r.get(2), hlc: r.get(3) })
+        .map(|r| SettingChange {
+            key: r.get(0),
+            value: r.get::<_, Option<Value>>(1).unwrap_or(Value::Null),
+            deleted: r.get(2),
+            hlc: r.get(3),
+        })
         .collect();
     Ok((changes, top.max(cursor).to_string()))
 }
 
 async fn current(client: &impl GenericClient, user_id: Uuid) -> ApiResult<Value> {
-    let rows = client.query(&client.prepare_cached("SELECT key, value FROM settings WHERE user_id = $1 AND NOT deleted ORDER BY key").await?, &[&user_id]).await?;
+    let rows = client
+        .query(
+            &client.prepare_cached("SELECT key, value FROM settings WHERE user_id = $1 AND NOT deleted ORDER BY key").await?,
+            &[&user_id],
+        )
+        .await?;
     let mut m = Map::new();
     for r in rows {
         m.insert(r.get(0), r.get::<_, Option<Value>>(1).unwrap_or(Value::Null));
     }
-    let seq: i64 = client.query_one(&client.prepare_cached("SELECT settings_seq FROM users WHERE user_id = $1").await?, &[&user_id]).await?.get(0);
+    let seq: i64 =
+        client.query_one(&client.prepare_cached("SELECT settings_seq FROM users WHERE user_id = $1").await?, &[&user_id]).await?.get(0);
     Ok(json!({"settings": m, "cursor": seq.to_string()}))
 }
 
@@ -148,11 +170,19 @@ async fn web_write(state: &AppState, user: &User, body: Value, replace: bool) ->
 }
 
 /// `PUT /v1/settings`: replaces all settings with the given object.
-pub async fn put_settings(State(state): State<AppState>, AuthUser(user): AuthUser, JsonBody(body): JsonBody<Value>) -> ApiResult<Json<Value>> {
+pub async fn put_settings(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    JsonBody(body): JsonBody<Value>,
+) -> ApiResult<Json<Value>> {
     web_write(&state, &user, body, true).await
 }
 
 /// `PATCH /v1/settings`: merges the given keys; `null` deletes a key.
-pub async fn patch_settings(State(state): State<AppState>, AuthUser(user): AuthUser, JsonBody(body): JsonBody<Value>) -> ApiResult<Json<Value>> {
+pub async fn patch_settings(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    JsonBody(body): JsonBody<Value>,
+) -> ApiResult<Json<Value>> {
     web_write(&state, &user, body, false).await
 }

@@ -50,13 +50,18 @@ impl FromRequest<AppState> for SyncBody {
         let bytes = body_bytes(req, state).await?;
         let v: Value = parse_json(&bytes)?;
         if let Some(p) = v.get("protocol").and_then(Value::as_u64)
-            && p < u64::from(state.config.min_protocol) {
-                return Err(ApiError::UpgradeRequired(format!("protocol {p} is no longer supported; the minimum is {}", state.config.min_protocol)));
-            }
+            && p < u64::from(state.config.min_protocol)
+        {
+            return Err(ApiError::UpgradeRequired(format!(
+                "protocol {p} is no longer supported; the minimum is {}",
+                state.config.min_protocol
+            )));
+        }
         if let Some(n) = v.get("events").and_then(Value::as_array).map(Vec::len)
-            && n > state.config.max_batch_events as usize {
-                return Err(ApiError::TooLarge(format!("{n} events in one request; the maximum is {}", state.config.max_batch_events)));
-            }
+            && n > state.config.max_batch_events as usize
+        {
+            return Err(ApiError::TooLarge(format!("{n} events in one request; the maximum is {}", state.config.max_batch_events)));
+        }
         let req: RawSyncRequest = serde_json::from_value(v).map_err(|e| ApiError::Invalid("invalid_body", e.to_string()))?;
         if req.device_id.is_empty() || req.device_id.len() > 128 {
             return Err(ApiError::Invalid("invalid_body", "device_id must be 1 to 128 bytes".into()));
@@ -86,7 +91,13 @@ pub async fn sync(State(state): State<AppState>, AuthUser(user): AuthUser, SyncB
     Ok(Json(resp))
 }
 
-async fn run(state: &AppState, user: User, req: RawSyncRequest, events: Vec<ledger::NewEvent>, mut rejected: Vec<tally_core::wire::Rejected>) -> ApiResult<SyncResponse> {
+async fn run(
+    state: &AppState,
+    user: User,
+    req: RawSyncRequest,
+    events: Vec<ledger::NewEvent>,
+    mut rejected: Vec<tally_core::wire::Rejected>,
+) -> ApiResult<SyncResponse> {
     let now = Utc::now();
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
@@ -95,7 +106,14 @@ async fn run(state: &AppState, user: User, req: RawSyncRequest, events: Vec<ledg
         accounts::apply_profile(&tx, &mut user, p).await?;
     }
     let loaded = entitlements::load(state, &tx, &user, now).await?;
-    let ctx = Ctx { user_id: user.user_id, tz: user.tz(), anchor: loaded.anchor, catalog: &loaded.catalog, catalog_version: loaded.catalog_version, now };
+    let ctx = Ctx {
+        user_id: user.user_id,
+        tz: user.tz(),
+        anchor: loaded.anchor,
+        catalog: &loaded.catalog,
+        catalog_version: loaded.catalog_version,
+        now,
+    };
     ledger::ensure_counters(&tx, &ctx).await?;
     let out = ledger::ingest(&tx, &ctx, events, Some(&req.device_id), "sync").await?;
     settings::merge(&tx, user.user_id, &req.settings_changes, now).await?;

@@ -44,7 +44,12 @@ pub struct RecordResponse {
 }
 
 /// `POST /v1/usage`: records one event unconditionally and idempotently.
-pub async fn record(State(state): State<AppState>, p: Principal, headers: HeaderMap, JsonBody(body): JsonBody<Value>) -> ApiResult<(StatusCode, Json<RecordResponse>)> {
+pub async fn record(
+    State(state): State<AppState>,
+    p: Principal,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<Value>,
+) -> ApiResult<(StatusCode, Json<RecordResponse>)> {
     let subject = body.get("subject").and_then(Value::as_str).map(str::to_string);
     if body.get("subject").is_some_and(|s| !s.is_string() && !s.is_null()) {
         return Err(ApiError::invalid("subject must be a string"));
@@ -52,21 +57,33 @@ pub async fn record(State(state): State<AppState>, p: Principal, headers: Header
     let key = match headers.get("idempotency-key") {
         None => None,
         Some(v) => {
-            let k = v.to_str().ok().filter(|k| !k.is_empty() && k.len() <= 256).ok_or_else(|| ApiError::invalid("Idempotency-Key must be 1 to 256 visible ASCII characters"))?;
+            let k = v
+                .to_str()
+                .ok()
+                .filter(|k| !k.is_empty() && k.len() <= 256)
+                .ok_or_else(|| ApiError::invalid("Idempotency-Key must be 1 to 256 visible ASCII characters"))?;
             Some(tally_core::ledger::event_id_for_key(k))
         }
     };
     if body.get("id").is_none_or(Value::is_null) && key.is_none() {
         return Err(ApiError::Invalid("missing_id", "give the event an \"id\" or send an Idempotency-Key header".into()));
     }
-    let event = ledger::validate(&body, key).map_err(|r| ApiError::Invalid(static_reason(&r.reason), format!("invalid event: {}", r.reason)))?;
+    let event =
+        ledger::validate(&body, key).map_err(|r| ApiError::Invalid(static_reason(&r.reason), format!("invalid event: {}", r.reason)))?;
     let user = target(&state, &p, subject.as_deref()).await?;
     let now = Utc::now();
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
     let user = accounts::lock(&tx, user.user_id, &state.config.admin_subjects).await?;
     let loaded = entitlements::load(&state, &tx, &user, now).await?;
-    let ctx = Ctx { user_id: user.user_id, tz: user.tz(), anchor: loaded.anchor, catalog: &loaded.catalog, catalog_version: loaded.catalog_version, now };
+    let ctx = Ctx {
+        user_id: user.user_id,
+        tz: user.tz(),
+        anchor: loaded.anchor,
+        catalog: &loaded.catalog,
+        catalog_version: loaded.catalog_version,
+        now,
+    };
     ledger::ensure_counters(&tx, &ctx).await?;
     let id = event.id;
     let out = ledger::ingest(&tx, &ctx, vec![event], None, "api").await?;
@@ -117,11 +134,20 @@ pub async fn check(State(state): State<AppState>, p: Principal, JsonBody(req): J
     let tx = client.transaction().await?;
     let user = accounts::lock(&tx, user.user_id, &state.config.admin_subjects).await?;
     let loaded = entitlements::load(&state, &tx, &user, now).await?;
-    let ctx = Ctx { user_id: user.user_id, tz: user.tz(), anchor: loaded.anchor, catalog: &loaded.catalog, catalog_version: loaded.catalog_version, now };
+    let ctx = Ctx {
+        user_id: user.user_id,
+        tz: user.tz(),
+        anchor: loaded.anchor,
+        catalog: &loaded.catalog,
+        catalog_version: loaded.catalog_version,
+        now,
+    };
     ledger::ensure_counters(&tx, &ctx).await?;
     let ar = loaded.ents.access_reason.as_str();
     let decision = match loaded.ents.features.get(&req.feature) {
-        None if loaded.catalog.plans.iter().any(|pl| pl.features.contains_key(&req.feature)) => Decision::simple(false, Reason::NotInPlan, ar),
+        None if loaded.catalog.plans.iter().any(|pl| pl.features.contains_key(&req.feature)) => {
+            Decision::simple(false, Reason::NotInPlan, ar)
+        }
         None => Decision::simple(false, Reason::UnknownFeature, ar),
         Some(Rule::Flag { enabled }) => Decision::simple(*enabled, if *enabled { Reason::Ok } else { Reason::NotInPlan }, ar),
         Some(Rule::Rate { .. }) => Decision::simple(true, Reason::Ok, ar),
@@ -175,12 +201,21 @@ pub struct ReportQuery {
 fn parse_time(name: &str, s: Option<&str>, default: DateTime<Utc>) -> ApiResult<DateTime<Utc>> {
     match s {
         None => Ok(default),
-        Some(s) => DateTime::parse_from_rfc3339(s).map(|t| t.with_timezone(&Utc)).map_err(|_| ApiError::invalid(format!("{name} must be an RFC 3339 time"))),
+        Some(s) => DateTime::parse_from_rfc3339(s)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|_| ApiError::invalid(format!("{name} must be an RFC 3339 time"))),
     }
 }
 
 /// Usage rows of `user_id` in `[from, to)`, grouped by `group_by` (`day` in `tz`).
-pub async fn report_rows(client: &impl GenericClient, user_id: Uuid, tz: &str, from: DateTime<Utc>, to: DateTime<Utc>, group_by: &str) -> ApiResult<Vec<Value>> {
+pub async fn report_rows(
+    client: &impl GenericClient,
+    user_id: Uuid,
+    tz: &str,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    group_by: &str,
+) -> ApiResult<Vec<Value>> {
     let key = match group_by {
         "day" => "to_char(effective_at AT TIME ZONE $4, 'YYYY-MM-DD')",
         "feature" => "feature",

@@ -38,7 +38,10 @@ async fn me_get_patch_and_timezone_validation() {
     let t = token_with("alice", json!({"email": "alice@example.com", "name": "Alice"}));
     let (s, me) = a.call("GET", "/v1/me", Some(&t), None).await;
     assert_eq!(s, StatusCode::OK);
-    assert_eq!((me["external_id"].as_str(), me["timezone"].as_str(), me["display_name"].as_str()), (Some("alice"), Some("UTC"), Some("Alice")));
+    assert_eq!(
+        (me["external_id"].as_str(), me["timezone"].as_str(), me["display_name"].as_str()),
+        (Some("alice"), Some("UTC"), Some("Alice"))
+    );
     let (s, me2) = a.call("PATCH", "/v1/me", Some(&t), Some(json!({"timezone": "Europe/Paris", "display_name": "Al"}))).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!((me2["timezone"].as_str(), me2["display_name"].as_str(), &me2["id"]), (Some("Europe/Paris"), Some("Al"), &me["id"]));
@@ -78,7 +81,8 @@ async fn sync_accepts_dedups_rejects_and_totals() {
     assert_eq!(r["limits"], json!({"max_batch_events": 1000, "max_body_bytes": 1048576}));
     assert!(r["entitlements_token"].is_string());
     // Every current window of the plan's counted features is reported.
-    let feats: std::collections::BTreeSet<_> = r["totals"].as_array().unwrap().iter().map(|t| t["feature"].as_str().unwrap().to_string()).collect();
+    let feats: std::collections::BTreeSet<_> =
+        r["totals"].as_array().unwrap().iter().map(|t| t["feature"].as_str().unwrap().to_string()).collect();
     assert_eq!(feats, ["ai_chat", "ai_spend", "notes"].iter().map(|s| s.to_string()).collect());
     // Re-send: duplicates, nothing counted twice.
     let (_, r2) = a.sync(&t, "d1", evs.clone()).await;
@@ -109,7 +113,17 @@ async fn sync_accepts_dedups_rejects_and_totals() {
     sorted.sort();
     assert_eq!(
         sorted,
-        vec!["conflict", "invalid_amount", "invalid_amount", "invalid_amount", "invalid_amount", "invalid_event", "invalid_event", "invalid_id", "metadata_too_large"]
+        vec![
+            "conflict",
+            "invalid_amount",
+            "invalid_amount",
+            "invalid_amount",
+            "invalid_amount",
+            "invalid_event",
+            "invalid_event",
+            "invalid_id",
+            "metadata_too_large"
+        ]
     );
     assert_eq!(used(&r3, "ai_chat"), Some(4));
     assert_eq!(a.count("events").await, 4);
@@ -117,16 +131,21 @@ async fn sync_accepts_dedups_rejects_and_totals() {
     let more: Vec<Value> = (0..3).map(|_| event(Uuid::now_v7(), "ai_chat", 1)).collect();
     let (_, r4) = a.sync(&t, "d2", more).await;
     let tot = r4["totals"].as_array().unwrap().iter().find(|t| t["feature"] == "ai_chat").unwrap().clone();
-    assert_eq!((tot["used"].as_u64(), tot["limit"].as_u64(), tot["remaining"].as_u64(), tot["over_limit_by"].as_u64()), (Some(7), Some(5), Some(0), Some(2)));
+    assert_eq!(
+        (tot["used"].as_u64(), tot["limit"].as_u64(), tot["remaining"].as_u64(), tot["over_limit_by"].as_u64()),
+        (Some(7), Some(5), Some(0), Some(2))
+    );
 }
 
 #[tokio::test]
 async fn sync_limits_protocol_and_malformed_bodies() {
-    let a = app_or_skip!(app_with(|c| {
-        c.max_batch_events = 5;
-        c.max_body_bytes = 4096;
-    })
-    .await);
+    let a = app_or_skip!(
+        app_with(|c| {
+            c.max_batch_events = 5;
+            c.max_body_bytes = 4096;
+        })
+        .await
+    );
     let t = token("carol");
     let six: Vec<Value> = (0..6).map(|_| event(Uuid::now_v7(), "ai_chat", 1)).collect();
     let (s, v) = a.sync(&t, "d", six).await;
@@ -140,7 +159,8 @@ async fn sync_limits_protocol_and_malformed_bodies() {
     assert_eq!(s, StatusCode::BAD_REQUEST);
     let (s, _) = a.call("POST", "/v1/sync", Some(&t), Some(json!({"protocol": 1}))).await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "device_id is required");
-    let (s, _) = a.call("POST", "/v1/sync", Some(&t), Some(json!({"protocol": 1, "device_id": "d", "profile": {"timezone": "Nowhere/Land"}}))).await;
+    let (s, _) =
+        a.call("POST", "/v1/sync", Some(&t), Some(json!({"protocol": 1, "device_id": "d", "profile": {"timezone": "Nowhere/Land"}}))).await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
     // Unknown fields are ignored.
     let (s, _) = a.call("POST", "/v1/sync", Some(&t), Some(json!({"protocol": 1, "device_id": "d", "future_field": {"a": 1}}))).await;
@@ -161,10 +181,16 @@ async fn windows_follow_timezone_changes_and_clamp_future_events() {
     let (_, r) = a.sync(&t, "d", vec![future]).await;
     assert_eq!(used(&r, "ai_spend"), Some(12_500), "cost recomputed from the catalog: 2.5 + 10 micros per token");
     assert_eq!(a.scalar("SELECT count(*) FROM events WHERE clamped").await, 1);
-    let (_, r) = a.call("POST", "/v1/sync", Some(&t), Some(json!({"protocol": 1, "device_id": "d", "profile": {"timezone": "Pacific/Kiritimati"}}))).await;
+    let (_, r) = a
+        .call("POST", "/v1/sync", Some(&t), Some(json!({"protocol": 1, "device_id": "d", "profile": {"timezone": "Pacific/Kiritimati"}})))
+        .await;
     let day = r["totals"].as_array().unwrap().iter().find(|x| x["feature"] == "ai_spend" && x["period"] == "day").unwrap().clone();
     let start = chrono::DateTime::parse_from_rfc3339(day["period_start"].as_str().unwrap()).unwrap();
-    assert_eq!(start.with_timezone(&chrono_tz::Pacific::Kiritimati).format("%H:%M").to_string(), "00:00", "windows recomputed in the new zone");
+    assert_eq!(
+        start.with_timezone(&chrono_tz::Pacific::Kiritimati).format("%H:%M").to_string(),
+        "00:00",
+        "windows recomputed in the new zone"
+    );
 }
 
 #[tokio::test]
@@ -173,13 +199,20 @@ async fn settings_merge_by_hlc_and_far_future_does_not_win_forever() {
     let t = token("set");
     let now_ms = Utc::now().timestamp_millis();
     let hlc = |ms: i64, node: &str| format!("{ms:015}-00000-{node}");
-    let send = |changes: Value, cursor: Option<&str>| {
-        json!({"protocol": 1, "device_id": "d1", "cursor": cursor, "settings_changes": changes})
-    };
-    let (_, r) = a.call("POST", "/v1/sync", Some(&t), Some(send(json!([{"key": "lang", "value": "fr", "hlc": hlc(now_ms, "d1")}]), None))).await;
+    let send =
+        |changes: Value, cursor: Option<&str>| json!({"protocol": 1, "device_id": "d1", "cursor": cursor, "settings_changes": changes});
+    let (_, r) =
+        a.call("POST", "/v1/sync", Some(&t), Some(send(json!([{"key": "lang", "value": "fr", "hlc": hlc(now_ms, "d1")}]), None))).await;
     let cursor = r["cursor"].as_str().unwrap().to_string();
     // An older write loses.
-    let (_, r) = a.call("POST", "/v1/sync", Some(&t), Some(send(json!([{"key": "lang", "value": "de", "hlc": hlc(now_ms - 1000, "d2")}]), Some(&cursor)))).await;
+    let (_, r) = a
+        .call(
+            "POST",
+            "/v1/sync",
+            Some(&t),
+            Some(send(json!([{"key": "lang", "value": "de", "hlc": hlc(now_ms - 1000, "d2")}]), Some(&cursor))),
+        )
+        .await;
     let (_, s) = a.call("GET", "/v1/settings", Some(&t), None).await;
     assert_eq!(s["settings"]["lang"], "fr", "{r}");
     // A write a year ahead is re-stamped to the server's time: a later normal write still wins.
@@ -192,7 +225,14 @@ async fn settings_merge_by_hlc_and_far_future_does_not_win_forever() {
     let (_, s) = a.call("GET", "/v1/settings", Some(&t), None).await;
     assert_eq!(s["settings"]["lang"], "en");
     // Tombstones; changes since a cursor; web PATCH/PUT.
-    let (_, r) = a.call("POST", "/v1/sync", Some(&t), Some(send(json!([{"key": "lang", "deleted": true, "hlc": hlc(later + 1, "d1")}]), Some(&cursor)))).await;
+    let (_, r) = a
+        .call(
+            "POST",
+            "/v1/sync",
+            Some(&t),
+            Some(send(json!([{"key": "lang", "deleted": true, "hlc": hlc(later + 1, "d1")}]), Some(&cursor))),
+        )
+        .await;
     let ch = r["settings_changes"].as_array().unwrap();
     assert!(ch.iter().any(|c| c["key"] == "lang" && c["deleted"] == true), "{r}");
     let (s, v) = a.call("PATCH", "/v1/settings", Some(&t), Some(json!({"theme": "dark", "size": 3}))).await;
@@ -202,7 +242,9 @@ async fn settings_merge_by_hlc_and_far_future_does_not_win_forever() {
     let (_, v) = a.call("PUT", "/v1/settings", Some(&t), Some(json!({"font": "mono"}))).await;
     assert_eq!(v["settings"], json!({"font": "mono"}));
     let (_, r) = a.call("POST", "/v1/sync", Some(&t), Some(send(json!([]), Some(&cursor)))).await;
-    assert!(r["settings_changes"].as_array().unwrap().iter().any(|c| c["key"] == "font" && c["hlc"].as_str().unwrap().ends_with("-server")));
+    assert!(
+        r["settings_changes"].as_array().unwrap().iter().any(|c| c["key"] == "font" && c["hlc"].as_str().unwrap().ends_with("-server"))
+    );
     let (s, _) = a.call("POST", "/v1/sync", Some(&t), Some(send(json!([{"key": "k", "value": 1, "hlc": "garbage"}]), None))).await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
     let (s, _) = a.call("PUT", "/v1/settings", Some(&t), Some(json!([1, 2]))).await;
@@ -238,7 +280,14 @@ async fn entitlements_token_verifies_against_published_keys() {
     // An admin grant bumps the version and changes the plan.
     let admin = token("root-admin");
     let until = (Utc::now() + Duration::days(7)).to_rfc3339();
-    let (s, g) = a.call("POST", "/v1/admin/grants", Some(&admin), Some(json!({"subject": "ent", "plan": "pro", "until": until, "granted_by": "ops", "reason": "beta"}))).await;
+    let (s, g) = a
+        .call(
+            "POST",
+            "/v1/admin/grants",
+            Some(&admin),
+            Some(json!({"subject": "ent", "plan": "pro", "until": until, "granted_by": "ops", "reason": "beta"})),
+        )
+        .await;
     assert_eq!(s, StatusCode::CREATED, "{g}");
     let (_, e3) = a.call("GET", "/v1/entitlements", Some(&t), None).await;
     assert_eq!((e3["plan"].as_str(), e3["access_reason"].as_str()), (Some("pro"), Some("granted:beta")));
@@ -268,7 +317,9 @@ async fn check_usage_and_reports() {
     let (s, _) = a.call("POST", "/v1/check", Some(&t), Some(json!({"feature": "ai_chat", "amount": -1}))).await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
     // POST /v1/usage with an Idempotency-Key, twice.
-    let body = serde_json::to_vec(&json!({"feature": "ai_chat", "amount": 2, "occurred_at": Utc::now(), "model": "gpt-4o", "input_tokens": 10})).unwrap();
+    let body =
+        serde_json::to_vec(&json!({"feature": "ai_chat", "amount": 2, "occurred_at": Utc::now(), "model": "gpt-4o", "input_tokens": 10}))
+            .unwrap();
     let (s, r, _) = a.raw("POST", "/v1/usage", Some(&t), body.clone(), &[("idempotency-key", "order-42")]).await;
     assert_eq!((s, r["duplicate"].as_bool()), (StatusCode::CREATED, Some(false)), "{r}");
     assert_eq!(r["id"].as_str().unwrap(), tally_core::ledger::event_id_for_key("order-42").to_string());
@@ -280,7 +331,14 @@ async fn check_usage_and_reports() {
     assert_eq!(s, StatusCode::CONFLICT);
     let (s, v) = a.call("POST", "/v1/usage", Some(&t), Some(json!({"feature": "ai_chat", "amount": 1, "occurred_at": Utc::now()}))).await;
     assert_eq!((s, v["error"]["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("missing_id")));
-    let (s, _) = a.call("POST", "/v1/usage", Some(&t), Some(json!({"id": Uuid::now_v7(), "feature": "ai_chat", "amount": 1, "occurred_at": Utc::now(), "subject": "someone-else"}))).await;
+    let (s, _) = a
+        .call(
+            "POST",
+            "/v1/usage",
+            Some(&t),
+            Some(json!({"id": Uuid::now_v7(), "feature": "ai_chat", "amount": 1, "occurred_at": Utc::now(), "subject": "someone-else"})),
+        )
+        .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     for g in ["day", "feature", "model"] {
         let (s, rep) = a.call("GET", &format!("/v1/usage?group_by={g}"), Some(&t), None).await;
@@ -308,19 +366,38 @@ async fn api_keys_admin_and_pending_users() {
     assert!(secret.starts_with("tk_"));
     let (s, _) = a.call("POST", "/v1/admin/api-keys", Some(&admin), Some(json!({"name": "bad", "scopes": ["root"]}))).await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
-    let (s, r) = a.call("POST", "/v1/usage", Some(&secret), Some(json!({"id": Uuid::now_v7(), "subject": "frank", "feature": "ai_chat", "amount": 1, "occurred_at": Utc::now()}))).await;
+    let (s, r) = a
+        .call(
+            "POST",
+            "/v1/usage",
+            Some(&secret),
+            Some(json!({"id": Uuid::now_v7(), "subject": "frank", "feature": "ai_chat", "amount": 1, "occurred_at": Utc::now()})),
+        )
+        .await;
     assert_eq!(s, StatusCode::CREATED, "{r}");
     assert_eq!(a.call("GET", "/v1/me", Some(&secret), None).await.0, StatusCode::UNAUTHORIZED, "keys are not users");
-    assert_eq!(a.call("POST", "/v1/admin/users", Some(&secret), Some(json!({"email": "a@b.c"}))).await.0, StatusCode::NOT_FOUND, "usage key is not admin");
+    assert_eq!(
+        a.call("POST", "/v1/admin/users", Some(&secret), Some(json!({"email": "a@b.c"}))).await.0,
+        StatusCode::NOT_FOUND,
+        "usage key is not admin"
+    );
     let (_, list) = a.call("GET", "/v1/admin/api-keys", Some(&admin), None).await;
     assert!(list.to_string().find("tk_").is_none(), "secrets never listed");
     let id = k["key"]["id"].as_str().unwrap();
     assert_eq!(a.call("DELETE", &format!("/v1/admin/api-keys/{id}"), Some(&admin), None).await.0, StatusCode::NO_CONTENT);
-    let (s, v) = a.call("POST", "/v1/usage", Some(&secret), Some(json!({"id": Uuid::now_v7(), "subject": "frank", "feature": "ai_chat", "amount": 1, "occurred_at": Utc::now()}))).await;
+    let (s, v) = a
+        .call(
+            "POST",
+            "/v1/usage",
+            Some(&secret),
+            Some(json!({"id": Uuid::now_v7(), "subject": "frank", "feature": "ai_chat", "amount": 1, "occurred_at": Utc::now()})),
+        )
+        .await;
     assert_eq!((s, v["error"]["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("api_key_revoked")));
     assert_eq!(a.call("GET", "/v1/me", Some("tk_nope"), None).await.0, StatusCode::UNAUTHORIZED);
     // Pending user claimed by a verified sign-in with the same email.
-    let (s, p) = a.call("POST", "/v1/admin/users", Some(&admin), Some(json!({"email": "Gina@Example.com", "timezone": "Asia/Tokyo"}))).await;
+    let (s, p) =
+        a.call("POST", "/v1/admin/users", Some(&admin), Some(json!({"email": "Gina@Example.com", "timezone": "Asia/Tokyo"}))).await;
     assert_eq!(s, StatusCode::CREATED);
     assert_eq!(a.call("POST", "/v1/admin/users", Some(&admin), Some(json!({"email": "gina@example.com"}))).await.0, StatusCode::CONFLICT);
     assert_eq!(a.call("POST", "/v1/admin/users", Some(&admin), Some(json!({"email": "nope"}))).await.0, StatusCode::UNPROCESSABLE_ENTITY);
@@ -331,10 +408,24 @@ async fn api_keys_admin_and_pending_users() {
     let (_, g) = a.call("GET", "/v1/me", Some(&gina), None).await;
     assert_eq!((&g["id"], g["timezone"].as_str()), (&p["id"], Some("Asia/Tokyo")));
     // Plans: validated with paths; admin usage report by user id.
-    let (s, v) = a.call("PUT", "/v1/admin/plans/team", Some(&admin), Some(json!({"features": {"api": {"type": "rate", "limit": -1, "window_secs": 60}}}))).await;
+    let (s, v) = a
+        .call(
+            "PUT",
+            "/v1/admin/plans/team",
+            Some(&admin),
+            Some(json!({"features": {"api": {"type": "rate", "limit": -1, "window_secs": 60}}})),
+        )
+        .await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(v["error"]["message"].as_str().unwrap().contains("$.features.api.limit"), "{v}");
-    let (s, _) = a.call("PUT", "/v1/admin/plans/team", Some(&admin), Some(json!({"features": {"ai_chat": {"type": "metered", "limit": 1000, "period": "day"}}}))).await;
+    let (s, _) = a
+        .call(
+            "PUT",
+            "/v1/admin/plans/team",
+            Some(&admin),
+            Some(json!({"features": {"ai_chat": {"type": "metered", "limit": 1000, "period": "day"}}})),
+        )
+        .await;
     assert_eq!(s, StatusCode::OK);
     let (_, plans) = a.call("GET", "/v1/admin/plans", Some(&admin), None).await;
     assert!(plans["catalog"]["plans"].as_array().unwrap().iter().any(|p| p["id"] == "team"));
@@ -362,8 +453,18 @@ async fn isolation_between_users() {
     assert_eq!(a.scalar("SELECT count(*) FROM events").await, 2);
     assert_eq!(before + 5, a.scalar("SELECT coalesce(sum(amount), 0)::bigint FROM events").await);
     // A cannot read B's data by any route: foreign ids are "not found".
-    assert_eq!(a.call("GET", &format!("/v1/admin/users/{}/usage", b_me["id"].as_str().unwrap()), Some(&ta), None).await.0, StatusCode::NOT_FOUND);
-    let (s, _) = a.call("POST", "/v1/usage", Some(&ta), Some(json!({"id": Uuid::now_v7(), "subject": "user-b", "feature": "ai_chat", "amount": 1, "occurred_at": Utc::now()}))).await;
+    assert_eq!(
+        a.call("GET", &format!("/v1/admin/users/{}/usage", b_me["id"].as_str().unwrap()), Some(&ta), None).await.0,
+        StatusCode::NOT_FOUND
+    );
+    let (s, _) = a
+        .call(
+            "POST",
+            "/v1/usage",
+            Some(&ta),
+            Some(json!({"id": Uuid::now_v7(), "subject": "user-b", "feature": "ai_chat", "amount": 1, "occurred_at": Utc::now()})),
+        )
+        .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     let (_, sa) = a.call("GET", "/v1/settings", Some(&ta), None).await;
     assert_eq!(sa["settings"], json!({}));
@@ -420,14 +521,18 @@ fn raw_token(header: Value, claims: Value, sig: &str) -> String {
 
 #[tokio::test]
 async fn jwt_failure_modes_are_401_with_clear_codes() {
-    let a = app_or_skip!(app_with(|c| {
-        c.jwt_issuer = Some("https://idp.test".into());
-        c.jwt_audience = Some("tally-app".into());
-    })
-    .await);
+    let a = app_or_skip!(
+        app_with(|c| {
+            c.jwt_issuer = Some("https://idp.test".into());
+            c.jwt_audience = Some("tally-app".into());
+        })
+        .await
+    );
     let now = Utc::now().timestamp();
     let good = json!({"sub": "jw", "iat": now, "exp": now + 600, "iss": "https://idp.test", "aud": "tally-app"});
-    let sign = |c: &Value, key: &[u8]| jsonwebtoken::encode(&jsonwebtoken::Header::default(), c, &jsonwebtoken::EncodingKey::from_secret(key)).unwrap();
+    let sign = |c: &Value, key: &[u8]| {
+        jsonwebtoken::encode(&jsonwebtoken::Header::default(), c, &jsonwebtoken::EncodingKey::from_secret(key)).unwrap()
+    };
     assert_eq!(a.call("GET", "/v1/me", Some(&sign(&good, SECRET.as_bytes())), None).await.0, StatusCode::OK);
     let mut cases: Vec<(String, &str)> = vec![
         (raw_token(json!({"alg": "none", "typ": "JWT"}), good.clone(), ""), "unsupported_algorithm"),
@@ -435,18 +540,41 @@ async fn jwt_failure_modes_are_401_with_clear_codes() {
         (sign(&good, b"another-secret"), "invalid_signature"),
         ("not.a.jwt".into(), "invalid_token"),
         ("garbage".into(), "invalid_token"),
-        (sign(&json!({"sub": "jw", "iat": now, "exp": now + 600, "iss": "https://evil.test", "aud": "tally-app"}), SECRET.as_bytes()), "invalid_issuer"),
-        (sign(&json!({"sub": "jw", "iat": now, "exp": now + 600, "iss": "https://idp.test", "aud": "other"}), SECRET.as_bytes()), "invalid_audience"),
-        (sign(&json!({"sub": "jw", "iat": now - 7200, "exp": now - 3600, "iss": "https://idp.test", "aud": "tally-app"}), SECRET.as_bytes()), "token_expired"),
-        (sign(&json!({"sub": "jw", "iat": now, "nbf": now + 3600, "exp": now + 7200, "iss": "https://idp.test", "aud": "tally-app"}), SECRET.as_bytes()), "token_not_yet_valid"),
+        (
+            sign(&json!({"sub": "jw", "iat": now, "exp": now + 600, "iss": "https://evil.test", "aud": "tally-app"}), SECRET.as_bytes()),
+            "invalid_issuer",
+        ),
+        (
+            sign(&json!({"sub": "jw", "iat": now, "exp": now + 600, "iss": "https://idp.test", "aud": "other"}), SECRET.as_bytes()),
+            "invalid_audience",
+        ),
+        (
+            sign(
+                &json!({"sub": "jw", "iat": now - 7200, "exp": now - 3600, "iss": "https://idp.test", "aud": "tally-app"}),
+                SECRET.as_bytes(),
+            ),
+            "token_expired",
+        ),
+        (
+            sign(
+                &json!({"sub": "jw", "iat": now, "nbf": now + 3600, "exp": now + 7200, "iss": "https://idp.test", "aud": "tally-app"}),
+                SECRET.as_bytes(),
+            ),
+            "token_not_yet_valid",
+        ),
         (sign(&json!({"sub": "jw", "iat": now, "iss": "https://idp.test", "aud": "tally-app"}), SECRET.as_bytes()), "invalid_token"),
     ];
     // RS256/EdDSA tokens without a configured JWKS: refused, not tried against the secret.
     let ed = jsonwebtoken::EncodingKey::from_ed_pem(
-        ed25519_dalek::pkcs8::EncodePrivateKey::to_pkcs8_pem(&ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]), Default::default()).unwrap().as_bytes(),
+        ed25519_dalek::pkcs8::EncodePrivateKey::to_pkcs8_pem(&ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]), Default::default())
+            .unwrap()
+            .as_bytes(),
     )
     .unwrap();
-    cases.push((jsonwebtoken::encode(&jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA), &good, &ed).unwrap(), "unsupported_algorithm"));
+    cases.push((
+        jsonwebtoken::encode(&jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA), &good, &ed).unwrap(),
+        "unsupported_algorithm",
+    ));
     for (t, code) in cases {
         let (s, v) = a.call("GET", "/v1/me", Some(&t), None).await;
         assert_eq!((s, v["error"]["code"].as_str()), (StatusCode::UNAUTHORIZED, Some(code)), "{t}");
@@ -463,18 +591,29 @@ async fn jwks_tokens_and_algorithm_confusion() {
     let x = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sk.verifying_key().as_bytes());
     let jwks = json!({"keys": [{"kty": "OKP", "crv": "Ed25519", "x": x, "kid": "idp-1", "alg": "EdDSA", "use": "sig"}]});
     let pub_pem = format!("-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n", x);
-    let idp = axum::Router::new().route("/jwks", axum::routing::get(move || { let j = jwks.clone(); async move { axum::Json(j) } }));
+    let idp = axum::Router::new().route(
+        "/jwks",
+        axum::routing::get(move || {
+            let j = jwks.clone();
+            async move { axum::Json(j) }
+        }),
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, idp).await });
-    let a = app_or_skip!(app_with(|c| {
-        c.jwt_secret = None;
-        c.jwks_url = Some(format!("http://{addr}/jwks"));
-    })
-    .await);
+    let a = app_or_skip!(
+        app_with(|c| {
+            c.jwt_secret = None;
+            c.jwks_url = Some(format!("http://{addr}/jwks"));
+        })
+        .await
+    );
     let now = Utc::now().timestamp();
     let claims = json!({"sub": "jk", "iat": now, "exp": now + 600});
-    let enc = jsonwebtoken::EncodingKey::from_ed_pem(ed25519_dalek::pkcs8::EncodePrivateKey::to_pkcs8_pem(&sk, Default::default()).unwrap().as_bytes()).unwrap();
+    let enc = jsonwebtoken::EncodingKey::from_ed_pem(
+        ed25519_dalek::pkcs8::EncodePrivateKey::to_pkcs8_pem(&sk, Default::default()).unwrap().as_bytes(),
+    )
+    .unwrap();
     let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
     h.kid = Some("idp-1".into());
     let good = jsonwebtoken::encode(&h, &claims, &enc).unwrap();
@@ -487,7 +626,10 @@ async fn jwks_tokens_and_algorithm_confusion() {
     }
     // Unknown kid, foreign key.
     let other = ed25519_dalek::SigningKey::from_bytes(&[10u8; 32]);
-    let enc2 = jsonwebtoken::EncodingKey::from_ed_pem(ed25519_dalek::pkcs8::EncodePrivateKey::to_pkcs8_pem(&other, Default::default()).unwrap().as_bytes()).unwrap();
+    let enc2 = jsonwebtoken::EncodingKey::from_ed_pem(
+        ed25519_dalek::pkcs8::EncodePrivateKey::to_pkcs8_pem(&other, Default::default()).unwrap().as_bytes(),
+    )
+    .unwrap();
     let mut h2 = h.clone();
     h2.kid = Some("idp-2".into());
     let (s, v) = a.call("GET", "/v1/me", Some(&jsonwebtoken::encode(&h2, &claims, &enc2).unwrap()), None).await;
@@ -498,11 +640,13 @@ async fn jwks_tokens_and_algorithm_confusion() {
 
 #[tokio::test]
 async fn rate_limits_answer_429_with_retry_after() {
-    let a = app_or_skip!(app_with(|c| {
-        c.rate_limit_per_sec = 1;
-        c.rate_limit_burst = 3;
-    })
-    .await);
+    let a = app_or_skip!(
+        app_with(|c| {
+            c.rate_limit_per_sec = 1;
+            c.rate_limit_burst = 3;
+        })
+        .await
+    );
     let t = token("speedy");
     let mut last = None;
     for _ in 0..6 {

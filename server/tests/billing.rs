@@ -91,7 +91,17 @@ impl World {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn subscription(&self, kind: &str, id: &str, sub: &str, status: &str, at: DateTime<Utc>, start: DateTime<Utc>, end: DateTime<Utc>, price: &str) -> Value {
+    fn subscription(
+        &self,
+        kind: &str,
+        id: &str,
+        sub: &str,
+        status: &str,
+        at: DateTime<Utc>,
+        start: DateTime<Utc>,
+        end: DateTime<Utc>,
+        price: &str,
+    ) -> Value {
         let mut e = fixture("customer.subscription.created");
         e["id"] = json!(self.evt(id));
         e["type"] = json!(format!("customer.subscription.{kind}"));
@@ -180,7 +190,11 @@ async fn bad_signatures_stale_timestamps_and_malformed_bodies_are_400_and_change
         (vec![("stripe-signature", format!("t={},v1={}", now - 301, sign(WHSEC, now - 301, &body)))], body.clone(), "stale_signature"),
         (vec![("stripe-signature", format!("t={},v1={}", now + 301, sign(WHSEC, now + 301, &body)))], body.clone(), "stale_signature"),
         (vec![("stripe-signature", format!("t={now},v1={}", sign(WHSEC, now, b"{not json")))], b"{not json".to_vec(), "malformed_json"),
-        (vec![("stripe-signature", format!("t={now},v1={}", sign(WHSEC, now, br#"{"id":"evt_x"}"#)))], br#"{"id":"evt_x"}"#.to_vec(), "invalid_event"),
+        (
+            vec![("stripe-signature", format!("t={now},v1={}", sign(WHSEC, now, br#"{"id":"evt_x"}"#)))],
+            br#"{"id":"evt_x"}"#.to_vec(),
+            "invalid_event",
+        ),
     ];
     for (headers, b, code) in cases {
         let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -223,7 +237,10 @@ async fn checkout_and_subscription_make_pro_replays_change_nothing_and_cancellat
     let v = a.ok(&created).await;
     assert_eq!((v["outcome"].as_str(), v["duplicate"].as_bool()), (Some("applied"), Some(false)));
     let e = a.ents(&t).await;
-    assert_eq!((e["plan"].as_str(), e["status"].as_str(), e["access_reason"].as_str()), (Some("pro"), Some("active"), Some("subscription")));
+    assert_eq!(
+        (e["plan"].as_str(), e["status"].as_str(), e["access_reason"].as_str()),
+        (Some("pro"), Some("active"), Some("subscription"))
+    );
     assert_eq!(e["period_end"].as_str().map(|s| s.parse::<DateTime<Utc>>().unwrap().timestamp()), Some(end.timestamp()));
     // Replay: 200, marked duplicate, nothing changes (not even the version).
     let ver = a.ver(&uid).await;
@@ -247,7 +264,17 @@ async fn checkout_and_subscription_make_pro_replays_change_nothing_and_cancellat
     assert_eq!(v["outcome"], "ignored:stale", "canceled is terminal for a subscription id");
     assert_eq!(a.ents(&t).await["plan"], "free");
     // A new subscription id starts a new life.
-    a.ok(&w.subscription("created", "s6", "b", "trialing", now + Duration::seconds(30), now, now + Duration::days(14), "price_team_yearly")).await;
+    a.ok(&w.subscription(
+        "created",
+        "s6",
+        "b",
+        "trialing",
+        now + Duration::seconds(30),
+        now,
+        now + Duration::days(14),
+        "price_team_yearly",
+    ))
+    .await;
     let e = a.ents(&t).await;
     assert_eq!((e["plan"].as_str(), e["access_reason"].as_str()), (Some("team"), Some("trial")));
     // Unknown types are stored and answered 200.
@@ -255,7 +282,11 @@ async fn checkout_and_subscription_make_pro_replays_change_nothing_and_cancellat
     unk["id"] = json!(w.evt("unknown"));
     let v = a.ok(&unk).await;
     assert_eq!(v["outcome"], "unhandled_type");
-    assert_eq!(a.scalar(&format!("SELECT count(*) FROM stripe_events WHERE event_id = '{}' AND type = 'customer.created'", w.evt("unknown"))).await, 1);
+    assert_eq!(
+        a.scalar(&format!("SELECT count(*) FROM stripe_events WHERE event_id = '{}' AND type = 'customer.created'", w.evt("unknown")))
+            .await,
+        1
+    );
 }
 
 #[tokio::test]
@@ -310,16 +341,25 @@ async fn invoices_record_payments_grant_credits_once_and_failures_are_past_due_w
     let claims = decode_claims(resp["entitlements_token"].as_str().unwrap());
     assert_eq!(claims["credit_grants"][0]["remaining"], 70, "{claims}");
     assert_eq!(claims["credit_grants"][0]["id"], format!("inv:{}", w.inv("1")));
-    assert_eq!(claims["credit_grants"][0]["expires_at"].as_str().map(|s| s.parse::<DateTime<Utc>>().unwrap().timestamp()), Some(end.timestamp()));
+    assert_eq!(
+        claims["credit_grants"][0]["expires_at"].as_str().map(|s| s.parse::<DateTime<Utc>>().unwrap().timestamp()),
+        Some(end.timestamp())
+    );
     // Payment history.
     let b = a.billing(&t).await;
     assert_eq!(b["payments"][0]["invoice_id"], w.inv("1"));
-    assert_eq!((b["payments"][0]["amount"].as_i64(), b["payments"][0]["currency"].as_str(), b["payments"][0]["status"].as_str()), (Some(1200), Some("usd"), Some("paid")));
+    assert_eq!(
+        (b["payments"][0]["amount"].as_i64(), b["payments"][0]["currency"].as_str(), b["payments"][0]["status"].as_str()),
+        (Some(1200), Some("usd"), Some("paid"))
+    );
     // The renewal fails: past_due, still pro during the grace period.
     let failed = w.invoice(false, "f2", "2", "a", now + Duration::seconds(5), end, end + Duration::days(30));
     assert_eq!(a.ok(&failed).await["outcome"], "applied:past_due");
     let e = a.ents(&t).await;
-    assert_eq!((e["status"].as_str(), e["plan"].as_str(), e["access_reason"].as_str()), (Some("past_due"), Some("pro"), Some("subscription")));
+    assert_eq!(
+        (e["status"].as_str(), e["plan"].as_str(), e["access_reason"].as_str()),
+        (Some("past_due"), Some("pro"), Some("subscription"))
+    );
     let b = a.billing(&t).await;
     assert_eq!(b["payments"].as_array().unwrap().len(), 2);
     assert!(b["past_due_since"].is_string());
@@ -504,20 +544,35 @@ async fn admin_credit_grants_fifo_overspend_and_revocation() {
     let t = token("spender");
     a.user_id(&t).await;
     let until = Utc::now() + Duration::days(7);
-    let (s, g) = a.call("POST", "/v1/admin/grants", Some(&admin), Some(json!({"subject": "spender", "credits": 15, "until": until, "reason": "promo"}))).await;
+    let (s, g) = a
+        .call(
+            "POST",
+            "/v1/admin/grants",
+            Some(&admin),
+            Some(json!({"subject": "spender", "credits": 15, "until": until, "reason": "promo"})),
+        )
+        .await;
     assert_eq!(s, StatusCode::CREATED, "{g}");
     let gid = g["id"].as_str().unwrap().to_string();
-    let (s, g2) = a.call("POST", "/v1/admin/grants", Some(&admin), Some(json!({"subject": "spender", "credits": 5, "reason": "forever"}))).await;
+    let (s, g2) =
+        a.call("POST", "/v1/admin/grants", Some(&admin), Some(json!({"subject": "spender", "credits": 5, "reason": "forever"}))).await;
     assert_eq!(s, StatusCode::CREATED, "{g2}");
     assert_eq!(a.ents(&t).await["credit_balance"], 20);
-    let (s, _) = a.call("POST", "/v1/admin/grants", Some(&admin), Some(json!({"subject": "spender", "credits": 5, "plan": "pro", "reason": "x"}))).await;
+    let (s, _) = a
+        .call("POST", "/v1/admin/grants", Some(&admin), Some(json!({"subject": "spender", "credits": 5, "plan": "pro", "reason": "x"})))
+        .await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
     let (s, _) = a.call("POST", "/v1/admin/grants", Some(&admin), Some(json!({"subject": "spender", "credits": 0, "reason": "x"}))).await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
     // Spend 1 image (10): drawn from the grant expiring first.
     a.sync(&t, "d1", vec![event(Uuid::now_v7(), "images", 1)]).await;
     let e = a.ents(&t).await;
-    let grants: Vec<(String, i64)> = e["credit_grants"].as_array().unwrap().iter().map(|g| (g["id"].as_str().unwrap().into(), g["remaining"].as_i64().unwrap())).collect();
+    let grants: Vec<(String, i64)> = e["credit_grants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| (g["id"].as_str().unwrap().into(), g["remaining"].as_i64().unwrap()))
+        .collect();
     assert_eq!(grants, vec![(gid.clone(), 5), (g2["id"].as_str().unwrap().into(), 5)]);
     // Offline overspend (two devices): the balance goes negative, reported as over_limit_by.
     a.sync(&t, "d2", vec![event(Uuid::now_v7(), "images", 2)]).await;
@@ -525,7 +580,10 @@ async fn admin_credit_grants_fifo_overspend_and_revocation() {
     assert_eq!(e["credit_balance"], -10);
     let (s, d) = a.call("POST", "/v1/check", Some(&t), Some(json!({"feature": "images", "amount": 1}))).await;
     assert_eq!(s, StatusCode::OK);
-    assert_eq!((d["allowed"].as_bool(), d["reason"].as_str(), d["over_limit_by"].as_u64()), (Some(false), Some("insufficient_credits"), Some(10)));
+    assert_eq!(
+        (d["allowed"].as_bool(), d["reason"].as_str(), d["over_limit_by"].as_u64()),
+        (Some(false), Some("insufficient_credits"), Some(10))
+    );
     assert_eq!(a.billing(&t).await["credit_over_limit_by"], 10);
     // The next grant pays the debt.
     a.call("POST", "/v1/admin/grants", Some(&admin), Some(json!({"subject": "spender", "credits": 25, "reason": "topup"}))).await;
@@ -594,7 +652,10 @@ async fn fake_stripe() -> FakeStripe {
     use axum::response::IntoResponse;
     let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
     let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    async fn handle(S((seen, fail)): S<(Arc<Mutex<Vec<Seen>>>, Arc<std::sync::atomic::AtomicBool>)>, req: axum::extract::Request) -> axum::response::Response {
+    async fn handle(
+        S((seen, fail)): S<(Arc<Mutex<Vec<Seen>>>, Arc<std::sync::atomic::AtomicBool>)>,
+        req: axum::extract::Request,
+    ) -> axum::response::Response {
         let (parts, body) = req.into_parts();
         let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap();
         let form: Vec<(String, String)> = url_decode_form(&bytes);
@@ -602,19 +663,35 @@ async fn fake_stripe() -> FakeStripe {
         seen.lock().unwrap().push(Seen { method: parts.method.to_string(), path: path.clone(), headers: parts.headers.clone(), form });
         let authed = parts.headers.get("authorization").and_then(|v| v.to_str().ok()) == Some("Bearer sk_test_fake");
         if !authed {
-            return (StatusCode::UNAUTHORIZED, axum::Json(json!({"error": {"type": "invalid_request_error", "message": "Invalid API Key provided"}}))).into_response();
+            return (
+                StatusCode::UNAUTHORIZED,
+                axum::Json(json!({"error": {"type": "invalid_request_error", "message": "Invalid API Key provided"}})),
+            )
+                .into_response();
         }
         match (parts.method.as_str(), path.as_str()) {
-            ("POST", "/v1/checkout/sessions") => axum::Json(json!({"id": "cs_test_fake123", "object": "checkout.session", "url": "https://checkout.stripe.com/c/pay/cs_test_fake123"})).into_response(),
-            ("POST", "/v1/billing_portal/sessions") => axum::Json(json!({"id": "bps_fake123", "object": "billing_portal.session", "url": "https://billing.stripe.com/p/session/test_fake"})).into_response(),
+            ("POST", "/v1/checkout/sessions") => axum::Json(
+                json!({"id": "cs_test_fake123", "object": "checkout.session", "url": "https://checkout.stripe.com/c/pay/cs_test_fake123"}),
+            )
+            .into_response(),
+            ("POST", "/v1/billing_portal/sessions") => axum::Json(
+                json!({"id": "bps_fake123", "object": "billing_portal.session", "url": "https://billing.stripe.com/p/session/test_fake"}),
+            )
+            .into_response(),
             ("DELETE", p) if p.starts_with("/v1/subscriptions/") => {
                 if fail.load(std::sync::atomic::Ordering::SeqCst) {
-                    (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(json!({"error": {"type": "api_error", "message": "boom"}}))).into_response()
+                    (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(json!({"error": {"type": "api_error", "message": "boom"}})))
+                        .into_response()
                 } else {
-                    axum::Json(json!({"id": p.trim_start_matches("/v1/subscriptions/"), "object": "subscription", "status": "canceled"})).into_response()
+                    axum::Json(json!({"id": p.trim_start_matches("/v1/subscriptions/"), "object": "subscription", "status": "canceled"}))
+                        .into_response()
                 }
             }
-            _ => (StatusCode::NOT_FOUND, axum::Json(json!({"error": {"type": "invalid_request_error", "message": "Unrecognized request URL"}}))).into_response(),
+            _ => (
+                StatusCode::NOT_FOUND,
+                axum::Json(json!({"error": {"type": "invalid_request_error", "message": "Unrecognized request URL"}})),
+            )
+                .into_response(),
         }
     }
     let router = axum::Router::new().fallback(handle).with_state((seen.clone(), fail.clone()));
@@ -643,18 +720,23 @@ fn url_decode_form(b: &[u8]) -> Vec<(String, String)> {
         String::from_utf8(out).unwrap()
     }
     let s = std::str::from_utf8(b).unwrap();
-    s.split('&').filter(|p| !p.is_empty()).map(|p| p.split_once('=').map(|(k, v)| (dec(k), dec(v))).unwrap_or((dec(p), String::new()))).collect()
+    s.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| p.split_once('=').map(|(k, v)| (dec(k), dec(v))).unwrap_or((dec(p), String::new())))
+        .collect()
 }
 
 #[tokio::test]
 async fn checkout_and_portal_call_stripe_form_encoded_with_version_and_idempotency_keys() {
     let fake = fake_stripe().await;
     let base = fake.url.clone();
-    let a = app_or_skip!(billing_app(move |c| {
-        c.stripe_secret_key = Some("sk_test_fake".into());
-        c.stripe_api_base = base;
-    })
-    .await);
+    let a = app_or_skip!(
+        billing_app(move |c| {
+            c.stripe_secret_key = Some("sk_test_fake".into());
+            c.stripe_api_base = base;
+        })
+        .await
+    );
     let t = token_with("shopper", json!({"email": "shopper@example.com", "email_verified": true}));
     let uid = a.user_id(&t).await;
     let body = json!({"price_id": PRICE, "success_url": "https://app.example.com/ok?session={CHECKOUT_SESSION_ID}", "cancel_url": "https://app.example.com/no"});
@@ -693,9 +775,23 @@ async fn checkout_and_portal_call_stripe_form_encoded_with_version_and_idempoten
     assert_ne!(keys[2], keys[1]);
     // Unknown price, bad URL: 422 before calling Stripe.
     let n = fake.seen.lock().unwrap().len();
-    let (s, v) = a.call("POST", "/v1/billing/checkout", Some(&t), Some(json!({"price_id": "price_nope", "success_url": "https://a/", "cancel_url": "https://a/"}))).await;
+    let (s, v) = a
+        .call(
+            "POST",
+            "/v1/billing/checkout",
+            Some(&t),
+            Some(json!({"price_id": "price_nope", "success_url": "https://a/", "cancel_url": "https://a/"})),
+        )
+        .await;
     assert_eq!((s, v["error"]["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("unknown_price")));
-    let (s, _) = a.call("POST", "/v1/billing/checkout", Some(&t), Some(json!({"price_id": PRICE, "success_url": "javascript:x", "cancel_url": "https://a/"}))).await;
+    let (s, _) = a
+        .call(
+            "POST",
+            "/v1/billing/checkout",
+            Some(&t),
+            Some(json!({"price_id": PRICE, "success_url": "javascript:x", "cancel_url": "https://a/"})),
+        )
+        .await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(fake.seen.lock().unwrap().len(), n);
     // Portal: no customer yet → 404; once linked, a session for the customer.
@@ -707,7 +803,10 @@ async fn checkout_and_portal_call_stripe_form_encoded_with_version_and_idempoten
     assert_eq!((s, v["url"].as_str()), (StatusCode::OK, Some("https://billing.stripe.com/p/session/test_fake")), "{v}");
     let req = fake.seen.lock().unwrap().last().unwrap().clone();
     assert_eq!(req.path, "/v1/billing_portal/sessions");
-    assert_eq!(req.form, vec![("customer".to_string(), w.customer.clone()), ("return_url".to_string(), "https://app.example.com/account".to_string())]);
+    assert_eq!(
+        req.form,
+        vec![("customer".to_string(), w.customer.clone()), ("return_url".to_string(), "https://app.example.com/account".to_string())]
+    );
     assert!(req.headers.contains_key("idempotency-key") && req.headers["stripe-version"] == "2025-03-31.basil");
     // Checkout for a linked user names the customer instead of the email.
     a.call("POST", "/v1/billing/checkout", Some(&t), Some(body)).await;
@@ -719,11 +818,13 @@ async fn checkout_and_portal_call_stripe_form_encoded_with_version_and_idempoten
 async fn delete_me_cancels_the_stripe_subscription_first_and_409_when_it_cannot() {
     let fake = fake_stripe().await;
     let base = fake.url.clone();
-    let a = app_or_skip!(billing_app(move |c| {
-        c.stripe_secret_key = Some("sk_test_fake".into());
-        c.stripe_api_base = base;
-    })
-    .await);
+    let a = app_or_skip!(
+        billing_app(move |c| {
+            c.stripe_secret_key = Some("sk_test_fake".into());
+            c.stripe_api_base = base;
+        })
+        .await
+    );
     let t = token("leaver");
     let uid = a.user_id(&t).await;
     let w = World::new();
@@ -815,7 +916,8 @@ fn two_replicas_receiving_the_same_events_at_once_apply_each_once() {
                 let bytes = bytes.clone();
                 let sig = sig.clone();
                 async move {
-                    let r = http.post(format!("{base}/v1/webhooks/stripe")).header("stripe-signature", sig).body(bytes).send().await.unwrap();
+                    let r =
+                        http.post(format!("{base}/v1/webhooks/stripe")).header("stripe-signature", sig).body(bytes).send().await.unwrap();
                     assert_eq!(r.status(), 200);
                     r.json::<Value>().await.unwrap()
                 }

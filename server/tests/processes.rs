@@ -47,7 +47,8 @@ impl Server {
         let stdout = child.stdout.take().unwrap();
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line).expect("read listening line");
-        let base = line.trim().strip_prefix("tally-server listening on ").unwrap_or_else(|| panic!("unexpected output {line:?}")).to_string();
+        let base =
+            line.trim().strip_prefix("tally-server listening on ").unwrap_or_else(|| panic!("unexpected output {line:?}")).to_string();
         Server { child, base }
     }
 
@@ -78,7 +79,14 @@ async fn post_sync(http: &reqwest::Client, base: &str, token: &str, device: &str
 }
 
 fn total(resp: &Value, feature: &str, period: &str) -> u64 {
-    resp["totals"].as_array().unwrap().iter().filter(|t| t["feature"] == feature && t["period"] == period).filter_map(|t| t["used"].as_u64()).max().unwrap_or(0)
+    resp["totals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["feature"] == feature && t["period"] == period)
+        .filter_map(|t| t["used"].as_u64())
+        .max()
+        .unwrap_or(0)
 }
 
 /// One proptest case: events spread over devices, each device sending its events shuffled,
@@ -95,7 +103,11 @@ fn plan() -> impl Strategy<Value = Plan> {
         let n = events.len();
         // Each event is sent by 1..3 devices (its owner plus re-sends), in shuffled orders.
         let per_device = prop::collection::vec((0..n, any::<bool>()), n..n * 2).prop_shuffle();
-        (Just(events), prop::collection::vec(per_device, 3), Just(batch)).prop_map(|(events, devices, batch)| Plan { events, devices, batch })
+        (Just(events), prop::collection::vec(per_device, 3), Just(batch)).prop_map(|(events, devices, batch)| Plan {
+            events,
+            devices,
+            batch,
+        })
     })
 }
 
@@ -268,10 +280,18 @@ fn concurrent_migrations_apply_once_and_newer_db_is_refused() {
     rt.spawn(conn);
     let n: i64 = rt.block_on(client.query_one("SELECT count(*) FROM refinery_schema_history", &[])).unwrap().get(0);
     assert_eq!(n, tally_server::db::latest_version());
-    rt.block_on(client.execute("INSERT INTO refinery_schema_history (version, name, applied_on, checksum) VALUES (9999, 'future', 'now', '0')", &[])).unwrap();
+    rt.block_on(
+        client
+            .execute("INSERT INTO refinery_schema_history (version, name, applied_on, checksum) VALUES (9999, 'future', 'now', '0')", &[]),
+    )
+    .unwrap();
     let out = spawn().wait_with_output().unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("newer than this tally-server supports"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("newer than this tally-server supports"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let err = rt.block_on(tally_server::AppState::new(test_config(&url, dir.path()))).err().expect("refused");
     assert!(err.to_string().contains("newer"));
 }
@@ -290,7 +310,15 @@ fn embedded_default_starts_its_own_postgres_and_stops_it() {
     let http = reqwest::Client::new();
     let ready = rt.block_on(http.get(format!("{}/readyz", server.base)).send()).unwrap();
     assert!(ready.status().is_success());
-    let r = rt.block_on(post_sync(&http, &server.base, &token("emb"), "d", &[json!({"id": Uuid::now_v7(), "feature": "notes", "amount": 2, "occurred_at": chrono::Utc::now()})])).unwrap();
+    let r = rt
+        .block_on(post_sync(
+            &http,
+            &server.base,
+            &token("emb"),
+            "d",
+            &[json!({"id": Uuid::now_v7(), "feature": "notes", "amount": 2, "occurred_at": chrono::Utc::now()})],
+        ))
+        .unwrap();
     assert_eq!(total(&r, "notes", "lifetime"), 2);
     assert!(std::fs::read_dir(data.join("keys")).unwrap().count() >= 1, "signing key generated on first start");
     let pidfile = data.join("postgres").join("postmaster.pid");

@@ -42,9 +42,8 @@ pub fn postgres(dir: &Path) -> Option<Cluster> {
 
 /// The `tally-server` binary built by cargo (built on demand).
 pub fn server_binary() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
     let bin = target.join("debug/tally-server");
     if !bin.is_file() {
         let ok = Command::new(env!("CARGO")).args(["build", "-p", "tally-server"]).status().map(|s| s.success()).unwrap_or(false);
@@ -162,7 +161,13 @@ mod http {
         send_with(method, url, bearer, body, &[])
     }
 
-    pub(crate) fn send_with(method: &str, url: &str, bearer: Option<&str>, body: Option<&str>, headers: &[(&str, &str)]) -> std::io::Result<(u16, String)> {
+    pub(crate) fn send_with(
+        method: &str,
+        url: &str,
+        bearer: Option<&str>,
+        body: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> std::io::Result<(u16, String)> {
         let rest = url.strip_prefix("http://").unwrap_or(url);
         let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
         let mut s = TcpStream::connect(host)?;
@@ -206,9 +211,9 @@ pub fn post_stripe_event(server: &Server, secret: &str, event: &serde_json::Valu
     let body = event.to_string();
     let t = Utc::now().timestamp();
     let sig = format!("t={t},v1={}", tally_server::billing::signature::sign(secret, t, body.as_bytes()));
-    http::send_with("POST", &format!("{}/v1/webhooks/stripe", server.url), None, Some(&body), &[("Stripe-Signature", &sig)]).expect("POST webhook")
+    http::send_with("POST", &format!("{}/v1/webhooks/stripe", server.url), None, Some(&body), &[("Stripe-Signature", &sig)])
+        .expect("POST webhook")
 }
-
 
 /// Sends a request; returns (status, body).
 pub fn raw_request(method: &str, url: &str, bearer: Option<&str>, body: Option<&str>) -> std::io::Result<(u16, String)> {
@@ -225,9 +230,14 @@ pub fn http_get_text(url: &str, bearer: Option<&str>) -> String {
 /// An identity token for `sub`, valid for an hour from the real clock.
 pub fn id_token(sub: &str) -> String {
     let now = Utc::now().timestamp();
-    let claims = serde_json::json!({"sub": sub, "iat": now, "exp": now + 3600, "email": format!("{sub}@example.com"), "email_verified": true});
-    jsonwebtoken::encode(&jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256), &claims, &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()))
-        .expect("sign identity token")
+    let claims =
+        serde_json::json!({"sub": sub, "iat": now, "exp": now + 3600, "email": format!("{sub}@example.com"), "email_verified": true});
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .expect("sign identity token")
 }
 
 /// A device: its own SQLite file, device id and clock.
@@ -256,12 +266,13 @@ pub fn device(path: &Path, name: &str, keys: &str, at: DateTime<Utc>) -> Device 
 
 /// Sum of a feature's events of one user on the server, as the server's own report says.
 pub fn server_usage(server: &Server, sub: &str, feature: &str) -> u64 {
-    let body = http_get_text(&format!("{}/v1/usage?group_by=feature&from=2000-01-01T00:00:00Z&to=2100-01-01T00:00:00Z", server.url), Some(&id_token(sub)));
+    let body = http_get_text(
+        &format!("{}/v1/usage?group_by=feature&from=2000-01-01T00:00:00Z&to=2100-01-01T00:00:00Z", server.url),
+        Some(&id_token(sub)),
+    );
     let v: serde_json::Value = serde_json::from_str(&body).expect("usage json");
     let rows = v.get("rows").cloned().unwrap_or(v);
-    rows.as_array()
-        .map(|a| a.iter().filter(|r| r["key"] == feature).map(|r| r["amount"].as_u64().unwrap_or(0)).sum())
-        .unwrap_or(0)
+    rows.as_array().map(|a| a.iter().filter(|r| r["key"] == feature).map(|r| r["amount"].as_u64().unwrap_or(0)).sum()).unwrap_or(0)
 }
 
 /// A loopback TCP proxy that forwards requests to `upstream` but, for the first `cut` requests,

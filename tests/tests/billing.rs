@@ -35,10 +35,17 @@ fn purchase_reaches_the_device_on_its_next_sync_and_cancellation_returns_it_to_f
     let Some(pg) = postgres(dir.path()) else { return };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let db_url = rt.block_on(pg.create_database("billing_e2e")).expect("database");
-    let server = Server::start(&db_url, &dir.path().join("server"), &[("TALLY_STRIPE_WEBHOOK_SECRET", WHSEC), ("TALLY_STRIPE_PRICES", "price_pro_monthly=pro")]);
+    let server = Server::start(
+        &db_url,
+        &dir.path().join("server"),
+        &[("TALLY_STRIPE_WEBHOOK_SECRET", WHSEC), ("TALLY_STRIPE_PRICES", "price_pro_monthly=pro")],
+    );
     let d = device(&dir.path().join("phone.db"), "phone", &server.keys(), Utc::now());
     let sub = "buyer-e2e";
-    let user = d.tally.sign_in(Profile { external_id: sub.into(), email: Some(format!("{sub}@example.com")), ..Profile::default() }, None).expect("sign in");
+    let user = d
+        .tally
+        .sign_in(Profile { external_id: sub.into(), email: Some(format!("{sub}@example.com")), ..Profile::default() }, None)
+        .expect("sign in");
     let sync = |force: bool| {
         let mut o = SyncOptions::new(&server.url, id_token(sub));
         o.force_entitlements = force;
@@ -81,14 +88,17 @@ fn purchase_reaches_the_device_on_its_next_sync_and_cancellation_returns_it_to_f
     assert_eq!(d.tally.entitlements(&user.id).expect("entitlements").plan, "pro");
 
     // Canceled: the next sync ("restore purchases" asks for a fresh token) brings it back to free.
-    let (status, body) = post_stripe_event(&server, WHSEC, &subscription("deleted", "evt_e2e_deleted", "canceled", now + Duration::seconds(5)));
+    let (status, body) =
+        post_stripe_event(&server, WHSEC, &subscription("deleted", "evt_e2e_deleted", "canceled", now + Duration::seconds(5)));
     assert_eq!(status, 200, "{body}");
     sync(true);
     let e = d.tally.entitlements(&user.id).expect("entitlements");
     assert_eq!((e.plan.as_str(), e.access_reason.as_str()), ("free", "free"));
     let again = d.tally.consume(&user.id, "ai_chat", 1, UsageMeta::default()).expect("consume");
     assert_eq!((again.allowed, again.reason), (false, Reason::LimitReached));
-    let (status, body) = raw_request("POST", &format!("{}/v1/check", server.url), Some(&id_token(sub)), Some(r#"{"feature":"ai_chat","amount":1}"#)).expect("check");
+    let (status, body) =
+        raw_request("POST", &format!("{}/v1/check", server.url), Some(&id_token(sub)), Some(r#"{"feature":"ai_chat","amount":1}"#))
+            .expect("check");
     assert_eq!(status, 200, "{body}");
     let v: Value = serde_json::from_str(&body).expect("decision");
     assert_eq!((v["used"].as_u64(), v["allowed"].as_bool()), (Some(6), Some(false)), "5 free + 1 pro, each counted once: {body}");

@@ -49,7 +49,13 @@ impl Env {
     }
     /// The server's total of `feature` in the current window, from `POST /v1/check`.
     fn server_used(&self, sub: &str, feature: &str) -> u64 {
-        let (status, body) = raw_request("POST", &format!("{}/v1/check", self.server.url), Some(&id_token(sub)), Some(&format!(r#"{{"feature":"{feature}","amount":1}}"#))).expect("check");
+        let (status, body) = raw_request(
+            "POST",
+            &format!("{}/v1/check", self.server.url),
+            Some(&id_token(sub)),
+            Some(&format!(r#"{{"feature":"{feature}","amount":1}}"#)),
+        )
+        .expect("check");
         assert_eq!(status, 200, "{body}");
         let v: serde_json::Value = serde_json::from_str(&body).expect("decision");
         v["used"].as_u64().expect("used")
@@ -65,12 +71,15 @@ fn opts(url: &str, sub: &str) -> SyncOptions {
 }
 
 fn sign_in(d: &Device, sub: &str) -> User {
-    d.tally.sign_in(Profile { external_id: sub.into(), email: Some(format!("{sub}@example.com")), ..Profile::default() }, None).expect("sign in")
+    d.tally
+        .sign_in(Profile { external_id: sub.into(), email: Some(format!("{sub}@example.com")), ..Profile::default() }, None)
+        .expect("sign in")
 }
 
 fn consume_n(d: &Device, user: &User, feature: &str, n: usize) {
     for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
-        let items: Vec<ConsumeItem> = chunk.iter().map(|_| ConsumeItem { feature: feature.into(), amount: 1, meta: UsageMeta::default() }).collect();
+        let items: Vec<ConsumeItem> =
+            chunk.iter().map(|_| ConsumeItem { feature: feature.into(), amount: 1, meta: UsageMeta::default() }).collect();
         let ds = d.tally.consume_many(&user.id, &items).expect("consume");
         assert!(ds.iter().all(|d| d.allowed), "{:?}", ds.iter().find(|d| !d.allowed));
     }
@@ -146,7 +155,10 @@ fn dropped_answers_are_retried_without_double_counting() {
 /// Child mode of `device_killed_mid_sync`: sync the database named in the environment.
 #[test]
 fn child_sync_process() {
-    let (Ok(path), Ok(url), Ok(keys)) = (std::env::var("E2E_CHILD_DB"), std::env::var("E2E_CHILD_URL"), std::env::var("E2E_CHILD_KEYS")) else { return };
+    let (Ok(path), Ok(url), Ok(keys)) = (std::env::var("E2E_CHILD_DB"), std::env::var("E2E_CHILD_URL"), std::env::var("E2E_CHILD_KEYS"))
+    else {
+        return;
+    };
     let d = device(std::path::Path::new(&path), "phone", &keys, Utc::now());
     let u = d.tally.users().unwrap().into_iter().next().expect("user");
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -392,7 +404,11 @@ fn oversized_batches_are_halved_and_oversized_events_quarantined() {
     let d = e.device("phone");
     let u = sign_in(&d, "noah");
     consume_n(&d, &u, "notes", 400);
-    let big = UsageMeta { metadata: Some(serde_json::json!({"blob": "x".repeat(3000)})), idempotency_key: Some("big-one".into()), ..UsageMeta::default() };
+    let big = UsageMeta {
+        metadata: Some(serde_json::json!({"blob": "x".repeat(3000)})),
+        idempotency_key: Some("big-one".into()),
+        ..UsageMeta::default()
+    };
     assert!(d.tally.consume(&u.id, "notes", 1, big).unwrap().allowed);
     let mut o = opts(&e.server.url, "noah");
     o.max_batch_bytes = 2048;
@@ -410,7 +426,10 @@ fn oversized_batches_are_halved_and_oversized_events_quarantined() {
     assert_eq!((r.events_acked, r.events_sent), (500, 500), "{r:?}");
     assert!(r.rounds >= 9, "batches of at most 60 events after halving: {r:?}");
     let metrics = http_get_text(&format!("{}/metrics", e.server.url), None);
-    assert!(metrics.lines().any(|l| l.starts_with("tally_http_requests_total") && l.contains("status=\"413\"")), "the server answered 413 first");
+    assert!(
+        metrics.lines().any(|l| l.starts_with("tally_http_requests_total") && l.contains("status=\"413\"")),
+        "the server answered 413 first"
+    );
     assert_eq!(e.server_used("noah", "notes"), 900);
 }
 
@@ -436,7 +455,8 @@ fn a_conflicting_resend_is_quarantined_not_counted() {
 fn rate_limited_sync_honours_retry_after_and_gives_up_clearly() {
     let Some(e) = env("ratelimit", &[]) else { return };
     // A separate server process with a tight per-user limit.
-    let tight = Server::start(&e.db_url, &e.dir.path().join("server"), &[("TALLY_RATE_LIMIT_PER_SEC", "1"), ("TALLY_RATE_LIMIT_BURST", "2")]);
+    let tight =
+        Server::start(&e.db_url, &e.dir.path().join("server"), &[("TALLY_RATE_LIMIT_PER_SEC", "1"), ("TALLY_RATE_LIMIT_BURST", "2")]);
     let d = e.device("phone");
     let u = sign_in(&d, "paul");
     consume_n(&d, &u, "notes", 50);
@@ -446,7 +466,11 @@ fn rate_limited_sync_honours_retry_after_and_gives_up_clearly() {
     let r = e.rt.block_on(d.tally.sync(&u.id, o)).expect("sync through 429s");
     assert_eq!(r.events_acked, 50);
     let metrics = http_get_text(&format!("{}/metrics", tight.url), None);
-    let limited: f64 = metrics.lines().find(|l| l.starts_with("tally_rate_limited_total")).and_then(|l| l.split_whitespace().last()?.parse().ok()).unwrap_or(0.0);
+    let limited: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("tally_rate_limited_total"))
+        .and_then(|l| l.split_whitespace().last()?.parse().ok())
+        .unwrap_or(0.0);
     assert!(limited >= 1.0, "the server answered 429 at least once and the device waited it out");
     assert_eq!(e.server_used("paul", "notes"), 50);
     // Nobody listening: a clear network error after the configured attempts.

@@ -72,7 +72,9 @@ pub fn replay(grants: &[Grant], uses: &[Use], now: DateTime<Utc>) -> Vec<CreditG
                 live.push(Live { g: g.clone(), remaining: g.amount - pay });
             }
             Step::Use(u) => {
-                live.sort_by(|a, b| (a.g.expires_at.is_none(), a.g.expires_at, &a.g.id).cmp(&(b.g.expires_at.is_none(), b.g.expires_at, &b.g.id)));
+                live.sort_by(|a, b| {
+                    (a.g.expires_at.is_none(), a.g.expires_at, &a.g.id).cmp(&(b.g.expires_at.is_none(), b.g.expires_at, &b.g.id))
+                });
                 let mut need = u.credits;
                 for l in live.iter_mut().filter(|l| l.remaining > 0) {
                     if need == 0 {
@@ -88,7 +90,10 @@ pub fn replay(grants: &[Grant], uses: &[Use], now: DateTime<Utc>) -> Vec<CreditG
     }
     expire(&mut live, now);
     live.sort_by(|a, b| (a.g.expires_at.is_none(), a.g.expires_at, &a.g.id).cmp(&(b.g.expires_at.is_none(), b.g.expires_at, &b.g.id)));
-    let mut out: Vec<CreditGrant> = live.into_iter().map(|l| CreditGrant { id: l.g.id, remaining: l.remaining, expires_at: l.g.expires_at, source: l.g.source }).collect();
+    let mut out: Vec<CreditGrant> = live
+        .into_iter()
+        .map(|l| CreditGrant { id: l.g.id, remaining: l.remaining, expires_at: l.g.expires_at, source: l.g.source })
+        .collect();
     if debt > 0 {
         out.push(CreditGrant { id: DEBT_ID.into(), remaining: -debt, expires_at: None, source: "debt".into() });
     }
@@ -116,16 +121,26 @@ pub fn costs(features: &BTreeMap<String, Rule>, catalog: &Catalog) -> BTreeMap<S
 }
 
 /// The user's credit grants at `now`, after every use the server knows of.
-pub async fn current(client: &impl GenericClient, user_id: Uuid, features: &BTreeMap<String, Rule>, catalog: &Catalog, now: DateTime<Utc>) -> ApiResult<Vec<CreditGrant>> {
+pub async fn current(
+    client: &impl GenericClient,
+    user_id: Uuid,
+    features: &BTreeMap<String, Rule>,
+    catalog: &Catalog,
+    now: DateTime<Utc>,
+) -> ApiResult<Vec<CreditGrant>> {
     let costs = costs(features, catalog);
     let names: Vec<&str> = costs.keys().map(String::as_str).collect();
-    let grants_st = client.prepare_cached("SELECT grant_id, amount, valid_from, expires_at, source FROM credit_grants WHERE user_id = $1 AND revoked_at IS NULL").await?;
-    let uses_st = client.prepare_cached("SELECT feature, amount, effective_at FROM events WHERE user_id = $1 AND feature = ANY($2)").await?;
+    let grants_st = client
+        .prepare_cached(
+            "SELECT grant_id, amount, valid_from, expires_at, source FROM credit_grants WHERE user_id = $1 AND revoked_at IS NULL",
+        )
+        .await?;
+    let uses_st =
+        client.prepare_cached("SELECT feature, amount, effective_at FROM events WHERE user_id = $1 AND feature = ANY($2)").await?;
     // Both reads pipelined on the connection; the uses only when some rule draws credits.
-    let (grant_rows, use_rows) = futures::try_join!(
-        async { client.query(&grants_st, &[&user_id]).await },
-        async { if names.is_empty() { Ok(Vec::new()) } else { client.query(&uses_st, &[&user_id, &names]).await } },
-    )?;
+    let (grant_rows, use_rows) = futures::try_join!(async { client.query(&grants_st, &[&user_id]).await }, async {
+        if names.is_empty() { Ok(Vec::new()) } else { client.query(&uses_st, &[&user_id, &names]).await }
+    },)?;
     let grants: Vec<Grant> = grant_rows
         .iter()
         .map(|r| Grant { id: r.get(0), amount: r.get(1), valid_from: r.get(2), expires_at: r.get(3), source: r.get(4) })

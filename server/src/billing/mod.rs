@@ -71,7 +71,10 @@ fn check_url(name: &str, u: &str) -> ApiResult<()> {
 }
 
 async fn customer_of(client: &impl GenericClient, user: Uuid) -> ApiResult<Option<String>> {
-    Ok(client.query_opt("SELECT customer_id FROM stripe_customers WHERE user_id = $1 ORDER BY linked_at DESC LIMIT 1", &[&user]).await?.map(|r| r.get(0)))
+    Ok(client
+        .query_opt("SELECT customer_id FROM stripe_customers WHERE user_id = $1 ORDER BY linked_at DESC LIMIT 1", &[&user])
+        .await?
+        .map(|r| r.get(0)))
 }
 
 /// Body of `POST /v1/billing/checkout`.
@@ -89,7 +92,12 @@ pub struct CheckoutBody {
 /// `POST /v1/billing/checkout`: a Stripe Checkout Session (mode `subscription`) for the caller;
 /// answers `{id, url}`. `client_reference_id` is the caller's user id, so the
 /// `checkout.session.completed` webhook links the customer to them.
-pub async fn checkout(State(state): State<AppState>, AuthUser(user): AuthUser, headers: HeaderMap, JsonBody(b): JsonBody<CheckoutBody>) -> ApiResult<Json<Value>> {
+pub async fn checkout(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    headers: HeaderMap,
+    JsonBody(b): JsonBody<CheckoutBody>,
+) -> ApiResult<Json<Value>> {
     if !prices(&state.config).contains_key(&b.price_id) {
         return Err(ApiError::Invalid("unknown_price", format!("price {:?} is not in TALLY_STRIPE_PRICES", b.price_id)));
     }
@@ -129,7 +137,12 @@ pub struct PortalBody {
 
 /// `POST /v1/billing/portal`: a Stripe Billing Portal session for the caller's customer;
 /// answers `{id, url}` (404 when the caller has no Stripe customer yet).
-pub async fn portal(State(state): State<AppState>, AuthUser(user): AuthUser, headers: HeaderMap, JsonBody(b): JsonBody<PortalBody>) -> ApiResult<Json<Value>> {
+pub async fn portal(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    headers: HeaderMap,
+    JsonBody(b): JsonBody<PortalBody>,
+) -> ApiResult<Json<Value>> {
     check_url("return_url", &b.return_url)?;
     let stripe = stripe(&state)?;
     let client = state.pool.get().await?;
@@ -223,7 +236,9 @@ pub async fn cancel_before_deletion(state: &AppState, user: &User) -> ApiResult<
     if live.is_empty() {
         return Ok(());
     }
-    let conflict = |e: String| ApiError::Conflict("subscription_cancel_failed", format!("could not cancel the Stripe subscription, so the account was kept: {e}"));
+    let conflict = |e: String| {
+        ApiError::Conflict("subscription_cancel_failed", format!("could not cancel the Stripe subscription, so the account was kept: {e}"))
+    };
     let stripe = Stripe::new(&state.config).map_err(ApiError::internal)?;
     for sub in &live {
         let key = format!("tally-delete-{}-{sub}", user.user_id);
@@ -242,7 +257,11 @@ pub async fn cancel_before_deletion(state: &AppState, user: &User) -> ApiResult<
         &[&user.user_id],
     )
     .await?;
-    tx.execute("UPDATE subscriptions SET status = $2, updated_at = now() WHERE user_id = $1", &[&user.user_id, &SubscriptionStatus::Canceled.as_str()]).await?;
+    tx.execute(
+        "UPDATE subscriptions SET status = $2, updated_at = now() WHERE user_id = $1",
+        &[&user.user_id, &SubscriptionStatus::Canceled.as_str()],
+    )
+    .await?;
     tx.commit().await?;
     Ok(())
 }

@@ -69,7 +69,8 @@ pub fn verify(header: Option<&[u8]>, payload: &[u8], secrets: &[String], now: i6
     if v1.is_empty() {
         return Err(SignatureError::Malformed("no v1= signature"));
     }
-    let matches = secrets.iter().filter(|s| !s.is_empty()).any(|secret| v1.iter().any(|sig| mac(secret, t, payload).verify_slice(sig).is_ok()));
+    let matches =
+        secrets.iter().filter(|s| !s.is_empty()).any(|secret| v1.iter().any(|sig| mac(secret, t, payload).verify_slice(sig).is_ok()));
     if !matches {
         return Err(SignatureError::Mismatch);
     }
@@ -90,7 +91,10 @@ mod tests {
     fn stripe_reference_vector() {
         // The signing scheme checked against an independent HMAC-SHA256 computation
         // (`printf '%s' '1492774577.{"id":"evt_test"}' | openssl dgst -sha256 -hmac whsec_test_secret`).
-        assert_eq!(sign(SECRET, 1_492_774_577, br#"{"id":"evt_test"}"#), "22f7d74836ddad3284a2b80853dd2fe731655c1bfddcff3c3666a500cf3abd80");
+        assert_eq!(
+            sign(SECRET, 1_492_774_577, br#"{"id":"evt_test"}"#),
+            "22f7d74836ddad3284a2b80853dd2fe731655c1bfddcff3c3666a500cf3abd80"
+        );
     }
 
     #[test]
@@ -108,7 +112,11 @@ mod tests {
         let h = format!("t={now},v1={good}");
         assert_eq!(verify(Some(h.as_bytes()), br#"{"id":"evt_2"}"#, &secrets, now, 300), Err(SignatureError::Mismatch));
         assert_eq!(verify(Some(h.as_bytes()), body, &["whsec_other".into()], now, 300), Err(SignatureError::Mismatch));
-        assert_eq!(verify(Some(h.as_bytes()), body, &["whsec_other".into(), SECRET.into()], now, 300), Ok(now), "rotation: any configured secret");
+        assert_eq!(
+            verify(Some(h.as_bytes()), body, &["whsec_other".into(), SECRET.into()], now, 300),
+            Ok(now),
+            "rotation: any configured secret"
+        );
         assert_eq!(verify(Some(h.as_bytes()), body, &secrets, now + 301, 300).unwrap_err().code(), "stale_signature");
         assert_eq!(verify(Some(h.as_bytes()), body, &secrets, now - 301, 300).unwrap_err().code(), "stale_signature");
         assert_eq!(verify(Some(h.as_bytes()), body, &secrets, now + 300, 300), Ok(now));

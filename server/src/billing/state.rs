@@ -99,7 +99,12 @@ pub fn id_of(v: &Value) -> Option<String> {
 }
 
 /// Reads a subscription object (`data.object` of `customer.subscription.*`).
-pub fn parse_subscription(obj: &Value, created: DateTime<Utc>, event_id: &str, prices: &HashMap<String, String>) -> Result<SubState, String> {
+pub fn parse_subscription(
+    obj: &Value,
+    created: DateTime<Utc>,
+    event_id: &str,
+    prices: &HashMap<String, String>,
+) -> Result<SubState, String> {
     let subscription_id = obj.get("id").and_then(Value::as_str).filter(|s| !s.is_empty()).ok_or("subscription without id")?.to_string();
     let customer_id = obj.get("customer").and_then(id_of).ok_or("subscription without customer")?;
     let stripe_status = obj.get("status").and_then(Value::as_str).ok_or("subscription without status")?.to_string();
@@ -146,7 +151,12 @@ pub type Effective = (SubState, SubscriptionStatus, Option<DateTime<Utc>>);
 /// period end, then the latest state. `subs` holds (state, effective status, past_due_since).
 pub fn choose(subs: &[Effective]) -> Option<&Effective> {
     subs.iter().max_by(|a, b| {
-        (access_rank(a.1), a.0.period_end, a.0.created, &a.0.subscription_id).cmp(&(access_rank(b.1), b.0.period_end, b.0.created, &b.0.subscription_id))
+        (access_rank(a.1), a.0.period_end, a.0.created, &a.0.subscription_id).cmp(&(
+            access_rank(b.1),
+            b.0.period_end,
+            b.0.created,
+            &b.0.subscription_id,
+        ))
     })
 }
 

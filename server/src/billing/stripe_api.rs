@@ -58,7 +58,13 @@ impl Stripe {
     }
 
     /// Sends `method path` with `form` and `idempotency_key`; returns Stripe's JSON object.
-    pub async fn call(&self, method: reqwest::Method, path: &str, form: &[(String, String)], idempotency_key: &str) -> Result<Value, StripeError> {
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        form: &[(String, String)],
+        idempotency_key: &str,
+    ) -> Result<Value, StripeError> {
         let key = self.key.as_ref().ok_or(StripeError::NotConfigured)?;
         let mut req = self.http.request(method, format!("{}{path}", self.base)).bearer_auth(key).header("Idempotency-Key", idempotency_key);
         if let Some(v) = &self.version {
@@ -74,7 +80,11 @@ impl Stripe {
             return Ok(body);
         }
         let msg = body["error"]["message"].as_str().unwrap_or("no message").to_string();
-        if status.is_client_error() { Err(StripeError::Refused(status.as_u16(), msg)) } else { Err(StripeError::Unavailable(format!("HTTP {status}: {msg}"))) }
+        if status.is_client_error() {
+            Err(StripeError::Refused(status.as_u16(), msg))
+        } else {
+            Err(StripeError::Unavailable(format!("HTTP {status}: {msg}")))
+        }
     }
 }
 

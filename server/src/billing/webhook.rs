@@ -3,10 +3,10 @@
 
 use super::state::{self, SubState, id_of};
 use super::{credits, prices};
+use crate::AppState;
 use crate::accounts;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::body_bytes;
-use crate::AppState;
 use axum::Json;
 use axum::extract::{FromRequest, Request, State};
 use chrono::{DateTime, Utc};
@@ -48,9 +48,16 @@ impl Event {
         let bad = |what: &str| ApiError::BadRequest("invalid_event", format!("not a Stripe event: {what}"));
         let id = v.get("id").and_then(Value::as_str).filter(|s| !s.is_empty() && s.len() <= 255).ok_or_else(|| bad("no id"))?;
         let kind = v.get("type").and_then(Value::as_str).filter(|s| !s.is_empty() && s.len() <= 255).ok_or_else(|| bad("no type"))?;
-        let created = v.get("created").and_then(Value::as_i64).and_then(|t| DateTime::from_timestamp(t, 0)).ok_or_else(|| bad("no created"))?;
+        let created =
+            v.get("created").and_then(Value::as_i64).and_then(|t| DateTime::from_timestamp(t, 0)).ok_or_else(|| bad("no created"))?;
         let object = v.get("data").and_then(|d| d.get("object")).filter(|o| o.is_object()).ok_or_else(|| bad("no data.object"))?;
-        Ok(Event { id: id.into(), kind: kind.into(), created, livemode: v.get("livemode").and_then(Value::as_bool).unwrap_or(false), object: object.clone() })
+        Ok(Event {
+            id: id.into(),
+            kind: kind.into(),
+            created,
+            livemode: v.get("livemode").and_then(Value::as_bool).unwrap_or(false),
+            object: object.clone(),
+        })
     }
 
     /// The Stripe customer the event is about.
@@ -65,8 +72,15 @@ pub struct Verified(pub Value);
 impl FromRequest<AppState> for Verified {
     type Rejection = ApiError;
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
-        let secrets: Vec<String> =
-            state.config.stripe_webhook_secret.as_deref().unwrap_or("").split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+        let secrets: Vec<String> = state
+            .config
+            .stripe_webhook_secret
+            .as_deref()
+            .unwrap_or("")
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
         if secrets.is_empty() {
             return Err(ApiError::NotFound("Stripe webhooks are not configured on this server (TALLY_STRIPE_WEBHOOK_SECRET)".into()));
         }
@@ -74,7 +88,8 @@ impl FromRequest<AppState> for Verified {
         let bytes = body_bytes(req, state).await?;
         super::signature::verify(header.as_deref(), &bytes, &secrets, Utc::now().timestamp(), state.config.stripe_webhook_tolerance_secs)
             .map_err(|e| ApiError::BadRequest(e.code(), e.to_string()))?;
-        let v: Value = serde_json::from_slice(&bytes).map_err(|e| ApiError::BadRequest("malformed_json", format!("malformed JSON: {e}")))?;
+        let v: Value =
+            serde_json::from_slice(&bytes).map_err(|e| ApiError::BadRequest("malformed_json", format!("malformed JSON: {e}")))?;
         Ok(Verified(v))
     }
 }
@@ -94,12 +109,18 @@ pub async fn receive(State(state): State<AppState>, Verified(v): Verified) -> Ap
         .await?;
     if fresh == 0 {
         drop(tx);
-        let outcome: Option<String> = client.query_opt("SELECT outcome FROM stripe_events WHERE event_id = $1", &[&ev.id]).await?.map(|r| r.get(0));
+        let outcome: Option<String> =
+            client.query_opt("SELECT outcome FROM stripe_events WHERE event_id = $1", &[&ev.id]).await?.map(|r| r.get(0));
         metrics::counter!("tally_stripe_events_total", "outcome" => "duplicate").increment(1);
         return Ok(Json(json!({"received": true, "id": ev.id, "duplicate": true, "outcome": outcome})));
     }
-    let (outcome, user) = if HANDLED.contains(&ev.kind.as_str()) { dispatch(&state, &tx, &ev, customer.as_deref()).await? } else { ("unhandled_type".to_string(), None) };
-    tx.execute("UPDATE stripe_events SET outcome = $2, user_id = $3, applied_at = now() WHERE event_id = $1", &[&ev.id, &outcome, &user]).await?;
+    let (outcome, user) = if HANDLED.contains(&ev.kind.as_str()) {
+        dispatch(&state, &tx, &ev, customer.as_deref()).await?
+    } else {
+        ("unhandled_type".to_string(), None)
+    };
+    tx.execute("UPDATE stripe_events SET outcome = $2, user_id = $3, applied_at = now() WHERE event_id = $1", &[&ev.id, &outcome, &user])
+        .await?;
     tx.commit().await?;
     if let Some(u) = user {
         state.tokens.forget(u);
@@ -120,15 +141,23 @@ async fn user_of_customer(tx: &impl GenericClient, customer: &str) -> ApiResult<
     Ok(tx.query_opt("SELECT user_id FROM stripe_customers WHERE customer_id = $1", &[&customer]).await?.map(|r| r.get(0)))
 }
 
-async fn dispatch(state: &AppState, tx: &deadpool_postgres::Transaction<'_>, ev: &Event, customer: Option<&str>) -> ApiResult<(String, Option<Uuid>)> {
+async fn dispatch(
+    state: &AppState,
+    tx: &deadpool_postgres::Transaction<'_>,
+    ev: &Event,
+    customer: Option<&str>,
+) -> ApiResult<(String, Option<Uuid>)> {
     let Some(customer) = customer else { return Ok(("ignored:no_customer".into(), None)) };
     lock_customer(tx, customer).await?;
     if ev.kind == "checkout.session.completed" {
         return link(state, tx, ev, customer).await;
     }
     let Some(user) = user_of_customer(tx, customer).await? else {
-        tx.execute("INSERT INTO stripe_pending_events (customer_id, event_id, created) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING", &[&customer, &ev.id, &ev.created])
-            .await?;
+        tx.execute(
+            "INSERT INTO stripe_pending_events (customer_id, event_id, created) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+            &[&customer, &ev.id, &ev.created],
+        )
+        .await?;
         return Ok(("pending_customer".into(), None));
     };
     accounts::lock(tx, user, &state.config.admin_subjects).await?;
@@ -187,8 +216,11 @@ async fn link(state: &AppState, tx: &deadpool_postgres::Transaction<'_>, ev: &Ev
             Ok(pev) => apply(state, tx, user, &pev, customer).await?,
             Err(_) => "ignored:invalid_event".into(),
         };
-        tx.execute("UPDATE stripe_events SET outcome = $2, user_id = $3, applied_at = now() WHERE event_id = $1", &[&id, &format!("{outcome} (after link)"), &user])
-            .await?;
+        tx.execute(
+            "UPDATE stripe_events SET outcome = $2, user_id = $3, applied_at = now() WHERE event_id = $1",
+            &[&id, &format!("{outcome} (after link)"), &user],
+        )
+        .await?;
         applied += 1;
     }
     tx.execute("DELETE FROM stripe_pending_events WHERE customer_id = $1", &[&customer]).await?;
@@ -260,7 +292,14 @@ fn invoice_price(o: &Value) -> Option<String> {
     id_of(&line["pricing"]["price_details"]["price"]).or_else(|| id_of(&line["price"])).or_else(|| id_of(&line["plan"]))
 }
 
-async fn invoice(state: &AppState, tx: &impl GenericClient, user: Uuid, ev: &Event, customer: &str, prices: &HashMap<String, String>) -> ApiResult<String> {
+async fn invoice(
+    state: &AppState,
+    tx: &impl GenericClient,
+    user: Uuid,
+    ev: &Event,
+    customer: &str,
+    prices: &HashMap<String, String>,
+) -> ApiResult<String> {
     let o = &ev.object;
     let Some(invoice_id) = o.get("id").and_then(Value::as_str) else { return Ok("ignored:no_invoice_id".into()) };
     let paid = ev.kind == "invoice.payment_succeeded";
@@ -307,7 +346,19 @@ async fn invoice(state: &AppState, tx: &impl GenericClient, user: Uuid, ev: &Eve
     let amount = i64::try_from(inc.amount).unwrap_or(i64::MAX);
     let valid_from = period_start.unwrap_or(ev.created).min(ev.created);
     let expires = if inc.rollover { None } else { period_end.filter(|e| *e > valid_from) };
-    let granted = credits::insert(tx, user, &format!("inv:{invoice_id}"), amount, "plan", plan.as_deref(), Some("stripe"), Some(invoice_id), valid_from, expires).await?;
+    let granted = credits::insert(
+        tx,
+        user,
+        &format!("inv:{invoice_id}"),
+        amount,
+        "plan",
+        plan.as_deref(),
+        Some("stripe"),
+        Some(invoice_id),
+        valid_from,
+        expires,
+    )
+    .await?;
     Ok(if granted { format!("applied:credits_granted:{amount}") } else { "applied".into() })
 }
 

@@ -114,7 +114,8 @@ pub fn token_with(sub: &str, extra: Value) -> String {
             o.insert(k.clone(), v.clone());
         }
     }
-    jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes())).expect("sign")
+    jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()))
+        .expect("sign")
 }
 
 /// An HS256 identity token for `sub`.
@@ -124,7 +125,14 @@ pub fn token(sub: &str) -> String {
 
 impl TestApp {
     /// Sends a request with a raw body; returns status and JSON body (`Null` when empty or not JSON).
-    pub async fn raw(&self, method: &str, path: &str, bearer: Option<&str>, body: Vec<u8>, headers: &[(&str, &str)]) -> (StatusCode, Value, axum::http::HeaderMap) {
+    pub async fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        bearer: Option<&str>,
+        body: Vec<u8>,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, Value, axum::http::HeaderMap) {
         let mut b = Request::builder().method(method).uri(path).header("content-type", "application/json");
         if let Some(t) = bearer {
             b = b.header("authorization", format!("Bearer {t}"));
