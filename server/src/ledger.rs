@@ -347,14 +347,14 @@ pub async fn ingest(
     }
     let rows = tx
         .query(
-            "INSERT INTO events (user_id, id, feature, amount, occurred_at, effective_at, clamped, received_at, device_id, device_seq, \
+            &tx.prepare_cached("INSERT INTO events (user_id, id, feature, amount, occurred_at, effective_at, clamped, received_at, device_id, device_seq, \
                model, input_tokens, output_tokens, cost_micros, metadata, source) \
              SELECT $1, t.id, t.feature, t.amount, t.occurred_at, t.effective_at, t.clamped, $2, $3, t.device_seq, \
                t.model, t.input_tokens, t.output_tokens, t.cost_micros, t.metadata, $4 \
              FROM unnest($5::uuid[], $6::text[], $7::int8[], $8::timestamptz[], $9::timestamptz[], $10::bool[], $11::int8[], \
                $12::text[], $13::int8[], $14::int8[], $15::int8[], $16::jsonb[]) \
                AS t(id, feature, amount, occurred_at, effective_at, clamped, device_seq, model, input_tokens, output_tokens, cost_micros, metadata) \
-             ON CONFLICT (user_id, id) DO NOTHING RETURNING id",
+             ON CONFLICT (user_id, id) DO NOTHING RETURNING id").await?,
             &[
                 &ctx.user_id, &ctx.now, &device_id, &source, &cols.0, &cols.1, &cols.2, &cols.3, &cols.4, &cols.5, &cols.6, &cols.7, &cols.8, &cols.9, &cols.10,
                 &cols.11,
@@ -379,7 +379,7 @@ pub async fn ingest(
     if !again.is_empty() {
         let stored = tx
             .query(
-                "SELECT id, feature, amount, occurred_at, model, input_tokens, output_tokens, effective_at FROM events WHERE user_id = $1 AND id = ANY($2)",
+                &tx.prepare_cached("SELECT id, feature, amount, occurred_at, model, input_tokens, output_tokens, effective_at FROM events WHERE user_id = $1 AND id = ANY($2)").await?,
                 &[&ctx.user_id, &again],
             )
             .await?;
@@ -463,10 +463,13 @@ pub async fn totals(
     let ss: Vec<DateTime<Utc>> = wanted.keys().map(|k| k.2).collect();
     let rows = tx
         .query(
-            "SELECT c.feature, c.period, c.period_start, c.used, c.cost_micros FROM counters c \
+            &tx.prepare_cached(
+                "SELECT c.feature, c.period, c.period_start, c.used, c.cost_micros FROM counters c \
              JOIN unnest($2::text[], $3::text[], $4::timestamptz[]) AS w(feature, period, period_start) \
                ON c.feature = w.feature AND c.period = w.period AND c.period_start = w.period_start \
              WHERE c.user_id = $1",
+            )
+            .await?,
             &[&ctx.user_id, &fs, &ps, &ss],
         )
         .await?;
