@@ -126,18 +126,84 @@ pub fn token_fresh(state: &AppState, user: &User, ents: &Entitlements, now: Date
         reuse_until = reuse_until.min(u);
     }
     if let Ok(mut m) = state.tokens.m.lock() {
+        if m.len() >= MAX_CACHED_USERS {
+            m.retain(|_, c| c.reuse_until > now);
+            if m.len() >= MAX_CACHED_USERS {
+                m.clear();
+            }
+        }
         m.insert(user.user_id, Cached { ver: ents.ver, credits: ents.credit_grants.clone(), token: token.clone(), reuse_until });
     }
     Ok(token)
+}
+
+/// Most users whose snapshot or token a server process keeps in memory.
+const MAX_CACHED_USERS: usize = 100_000;
+
+/// Resolved entitlements of `GET /v1/entitlements` per user, reused while the user's version,
+/// timezone and admin flag and the catalog version are unchanged, until the next instant at which
+/// the resolution changes by itself (a grant or a grace period ending) and for at most a minute.
+/// Users with credits are always read afresh: their balance moves with every sync.
+#[derive(Default)]
+pub struct Snapshots {
+    m: Mutex<HashMap<Uuid, Snapshot>>,
+}
+
+struct Snapshot {
+    key: (i64, i64, String, bool),
+    ents: Entitlements,
+    until: DateTime<Utc>,
+}
+
+impl Snapshots {
+    fn key(user: &User, catalog_version: i64) -> (i64, i64, String, bool) {
+        (user.ver, catalog_version, user.timezone.clone(), user.is_admin)
+    }
+
+    fn get(&self, user: &User, catalog_version: i64, now: DateTime<Utc>) -> Option<Entitlements> {
+        let m = self.m.lock().ok()?;
+        let s = m.get(&user.user_id)?;
+        (s.key == Snapshots::key(user, catalog_version) && now < s.until).then(|| s.ents.clone())
+    }
+
+    fn put(&self, user: &User, catalog_version: i64, ents: &Entitlements, now: DateTime<Utc>, grace: Duration) {
+        let credits = !ents.credit_grants.is_empty() || ents.features.values().any(|r| matches!(r, tally_core::Rule::Credits { .. }));
+        if credits {
+            return;
+        }
+        let mut until = now + Duration::seconds(60);
+        let ends = ents.grants.iter().filter_map(|g| g.until).chain(ents.past_due_since.or(ents.period_end).map(|t| t + grace));
+        for t in ends.filter(|t| *t > now) {
+            until = until.min(t);
+        }
+        if let Ok(mut m) = self.m.lock() {
+            if m.len() >= MAX_CACHED_USERS {
+                m.retain(|_, s| s.until > now);
+                if m.len() >= MAX_CACHED_USERS {
+                    m.clear();
+                }
+            }
+            m.insert(user.user_id, Snapshot { key: Snapshots::key(user, catalog_version), ents: ents.clone(), until });
+        }
+    }
 }
 
 /// `GET /v1/entitlements`: the resolved entitlements and the signed token.
 pub async fn get_entitlements(State(state): State<AppState>, AuthUser(user): AuthUser) -> ApiResult<Json<Value>> {
     let client = state.pool.get().await?;
     let now = Utc::now();
-    let loaded = load(&state, &client, &user, now).await?;
-    let token = token(&state, &user, &loaded.ents, now)?;
-    let mut body = serde_json::to_value(&loaded.ents).map_err(ApiError::internal)?;
+    let catalog_version = state.catalog.recent_version(&client, std::time::Duration::from_secs(1)).await?;
+    let ents = match state.snapshots.get(&user, catalog_version, now) {
+        Some(e) => e,
+        None => {
+            let loaded = load(&state, &client, &user, now).await?;
+            let grace = Duration::seconds(i64::try_from(state.config.past_due_grace_secs).unwrap_or(i64::MAX / 2_000));
+            state.snapshots.put(&user, loaded.catalog_version, &loaded.ents, now, grace);
+            loaded.ents
+        }
+    };
+    let token = token(&state, &user, &ents, now)?;
+    let mut body = serde_json::to_value(&ents).map_err(ApiError::internal)?;
     if let Some(o) = body.as_object_mut() {
         o.insert("token".into(), Value::String(token));
     }
@@ -147,4 +213,62 @@ pub async fn get_entitlements(State(state): State<AppState>, AuthUser(user): Aut
 /// `GET /v1/keys`: the JWKS of the entitlements-signing keys.
 pub async fn get_keys(State(state): State<AppState>) -> Json<Value> {
     Json(state.signer.jwks())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tally_core::{AccessGrant, Catalog, Rule};
+
+    fn user(ver: i64) -> User {
+        let t = Utc::now();
+        User {
+            user_id: Uuid::nil(),
+            external_id: Some("sub".into()),
+            email: None,
+            display_name: None,
+            avatar_url: None,
+            timezone: "UTC".into(),
+            is_admin: false,
+            ver,
+            created_at: t,
+            updated_at: t,
+        }
+    }
+
+    #[test]
+    fn snapshots_follow_the_version_the_catalog_and_time_boundaries() {
+        let cache = Snapshots::default();
+        let now = Utc::now();
+        let grace = Duration::days(3);
+        let mut ents = Entitlements::free();
+        ents.grants.push(AccessGrant {
+            plan: "pro".into(),
+            until: Some(now + Duration::seconds(30)),
+            granted_by: "ops".into(),
+            reason: "beta".into(),
+        });
+        cache.put(&user(1), 7, &ents, now, grace);
+        assert!(cache.get(&user(1), 7, now + Duration::seconds(29)).is_some());
+        assert!(cache.get(&user(1), 7, now + Duration::seconds(30)).is_none(), "the grant's end re-resolves");
+        assert!(cache.get(&user(2), 7, now).is_none(), "a new entitlement version re-resolves");
+        assert!(cache.get(&user(1), 8, now).is_none(), "a new catalog re-resolves");
+        let mut other_tz = user(1);
+        other_tz.timezone = "Asia/Tokyo".into();
+        assert!(cache.get(&other_tz, 7, now).is_none());
+        // Without any boundary, at most a minute.
+        cache.put(&user(1), 7, &Entitlements::free(), now, grace);
+        assert!(cache.get(&user(1), 7, now + Duration::seconds(61)).is_none());
+    }
+
+    #[test]
+    fn users_with_credits_are_never_cached() {
+        let cache = Snapshots::default();
+        let now = Utc::now();
+        let catalog = Catalog::from_json(r#"{"plans":[{"id":"free","features":{"img":{"type":"credits","cost":2}}}]}"#).unwrap();
+        let ents = Entitlements::free().resolve(&catalog, now, Duration::zero());
+        assert!(matches!(ents.features.get("img"), Some(Rule::Credits { .. })));
+        cache.put(&user(1), 1, &ents, now, Duration::zero());
+        assert!(cache.get(&user(1), 1, now).is_none());
+    }
 }

@@ -56,6 +56,8 @@ pub struct Shared {
     pub limiter: ratelimit::Limiter,
     /// Signed entitlements tokens per (user, version).
     pub tokens: entitlements::TokenCache,
+    /// Resolved entitlements of `GET /v1/entitlements` per user.
+    pub snapshots: entitlements::Snapshots,
 }
 
 impl std::ops::Deref for AppState {
@@ -99,7 +101,16 @@ impl AppState {
         }
         let verifier = auth::Verifier::new(&config).map_err(StartError::Config)?;
         let limiter = ratelimit::Limiter::new(config.rate_limit_per_sec, config.rate_limit_burst);
-        Ok(AppState(Arc::new(Shared { config, pool, verifier, signer, catalog, limiter, tokens: entitlements::TokenCache::default() })))
+        Ok(AppState(Arc::new(Shared {
+            config,
+            pool,
+            verifier,
+            signer,
+            catalog,
+            limiter,
+            tokens: entitlements::TokenCache::default(),
+            snapshots: Default::default(),
+        })))
     }
 
     /// The request bounds advertised in every sync response.

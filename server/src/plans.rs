@@ -10,15 +10,14 @@ use tally_core::Catalog;
 #[derive(Default)]
 pub struct CatalogCache {
     cached: RwLock<Option<(i64, Arc<Catalog>)>>,
+    /// When the version was last read from the database, and what it was.
+    checked: std::sync::Mutex<Option<(std::time::Instant, i64)>>,
 }
 
 impl CatalogCache {
     /// The current catalog: one cheap version read, the body only when it changed.
     pub async fn current(&self, client: &impl GenericClient) -> ApiResult<(i64, Arc<Catalog>)> {
-        let version: i64 = client
-            .query_opt(&client.prepare_cached("SELECT version FROM catalog WHERE singleton = 1").await?, &[])
-            .await?
-            .map_or(0, |r| r.get(0));
+        let version = self.read_version(client).await?;
         if let Ok(guard) = self.cached.read()
             && let Some((v, c)) = guard.as_ref()
             && *v == version
@@ -31,6 +30,29 @@ impl CatalogCache {
             *guard = Some(loaded.clone());
         }
         Ok(loaded)
+    }
+
+    /// The catalog version, read from the database at most once per `max_age`: a change made
+    /// through another replica is seen within that time.
+    pub async fn recent_version(&self, client: &impl GenericClient, max_age: std::time::Duration) -> ApiResult<i64> {
+        if let Ok(g) = self.checked.lock()
+            && let Some((at, v)) = *g
+            && at.elapsed() < max_age
+        {
+            return Ok(v);
+        }
+        self.read_version(client).await
+    }
+
+    async fn read_version(&self, client: &impl GenericClient) -> ApiResult<i64> {
+        let version: i64 = client
+            .query_opt(&client.prepare_cached("SELECT version FROM catalog WHERE singleton = 1").await?, &[])
+            .await?
+            .map_or(0, |r| r.get(0));
+        if let Ok(mut g) = self.checked.lock() {
+            *g = Some((std::time::Instant::now(), version));
+        }
+        Ok(version)
     }
 }
 
