@@ -81,23 +81,22 @@ pub fn sub_hash(sub: &str) -> String {
 pub async fn resolve(state: &AppState, claims: &IdClaims) -> ApiResult<User> {
     let client = state.pool.get().await?;
     let admins = &state.config.admin_subjects;
-    let select = format!("SELECT {USER_COLUMNS} FROM users WHERE external_id = $1");
-    let tomb_st = client.prepare_cached("SELECT deleted_at FROM account_tombstones WHERE sub_hash = $1").await?;
-    let user_st = client.prepare_cached(&select).await?;
-    // Both reads pipelined on the connection: one round trip of waiting.
-    let hash = sub_hash(&claims.sub);
-    let (tomb_args, user_args): ([&(dyn tokio_postgres::types::ToSql + Sync); 1], [&(dyn tokio_postgres::types::ToSql + Sync); 1]) =
-        ([&hash], [&claims.sub]);
-    let (tomb, found) = futures::try_join!(client.query_opt(&tomb_st, &tomb_args), client.query_opt(&user_st, &user_args))?;
-    if let Some(r) = tomb {
-        let deleted: DateTime<Utc> = r.get(0);
-        if claims.iat.is_none_or(|iat| iat <= deleted.timestamp()) {
-            return Err(ApiError::AccountDeleted);
-        }
+    // The user and the subject's tombstone in one statement.
+    let both = format!(
+        "SELECT {USER_COLUMNS}, deleted_at FROM (SELECT 1) AS one \
+         LEFT JOIN users ON external_id = $1 LEFT JOIN account_tombstones ON sub_hash = $2"
+    );
+    let r = client.query_one(&client.prepare_cached(&both).await?, &[&claims.sub, &sub_hash(&claims.sub)]).await?;
+    let deleted_at = USER_COLUMNS.split(',').count();
+    if let Some(deleted) = r.get::<_, Option<DateTime<Utc>>>(deleted_at)
+        && claims.iat.is_none_or(|iat| iat <= deleted.timestamp())
+    {
+        return Err(ApiError::AccountDeleted);
     }
-    if let Some(r) = found {
+    if r.get::<_, Option<Uuid>>(0).is_some() {
         return Ok(User::from_row(&r, admins));
     }
+    let select = format!("SELECT {USER_COLUMNS} FROM users WHERE external_id = $1");
     if let (Some(email), Some(true)) = (&claims.email, claims.email_verified) {
         let claim = format!(
             "UPDATE users SET external_id = $1, updated_at = now(), display_name = coalesce(display_name, $3), email_verified = true \
