@@ -96,6 +96,9 @@ struct Use<'a> {
     input_tokens: Option<u64>,
     output_tokens: Option<u64>,
     metadata: Option<String>,
+    /// Whether the caller chose the id: only then can the use be replayed, so only then is its
+    /// decision stored.
+    keyed: bool,
 }
 
 fn validate<'a>(feature: &'a str, amount: u64, meta: &'a UsageMeta) -> Result<Use<'a>> {
@@ -144,6 +147,7 @@ fn validate_with_id<'a>(feature: &'a str, amount: u64, meta: &'a UsageMeta, need
         input_tokens: meta.input_tokens,
         output_tokens: meta.output_tokens,
         metadata,
+        keyed: meta.idempotency_key.is_some(),
     })
 }
 
@@ -537,6 +541,10 @@ fn replay(conn: &Connection, user: &str, u: &Use<'_>) -> Result<Option<Decision>
     if !same {
         return Err(Error::IdempotencyConflict(u.id.to_string()));
     }
+    if decision.is_empty() {
+        // Recorded without a key (its decision was not kept): a key naming it cannot replay it.
+        return Err(Error::IdempotencyConflict(u.id.to_string()));
+    }
     Ok(Some(serde_json::from_str(&decision)?))
 }
 
@@ -576,7 +584,7 @@ fn record(
         u.output_tokens.map(|v| v as i64),
         cost,
         u.metadata,
-        serde_json::to_string(d)?,
+        if u.keyed { serde_json::to_string(d)? } else { String::new() },
     ])?;
     match effect {
         Effect::Count { period, start, amount, cost } => batch.add(u.feature, period, *start, *amount, *cost),
