@@ -154,7 +154,19 @@ pub struct Ctx<'a> {
     pub now: DateTime<Utc>,
 }
 
-impl Ctx<'_> {
+impl<'a> Ctx<'a> {
+    /// The context of `user`'s windows at `now`, from their loaded entitlements.
+    pub fn new(user: &crate::accounts::User, loaded: &'a crate::entitlements::Loaded, now: DateTime<Utc>) -> Ctx<'a> {
+        Ctx {
+            user_id: user.user_id,
+            tz: user.tz(),
+            anchor: loaded.anchor,
+            catalog: &loaded.catalog,
+            catalog_version: loaded.catalog_version,
+            now,
+        }
+    }
+
     fn counters_key(&self) -> String {
         format!("{}|{}|{}", self.tz.name(), self.anchor.timestamp_micros(), self.catalog_version)
     }

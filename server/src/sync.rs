@@ -106,14 +106,7 @@ async fn run(
         accounts::apply_profile(&tx, &mut user, p).await?;
     }
     let loaded = entitlements::load(state, &tx, &user, now).await?;
-    let ctx = Ctx {
-        user_id: user.user_id,
-        tz: user.tz(),
-        anchor: loaded.anchor,
-        catalog: &loaded.catalog,
-        catalog_version: loaded.catalog_version,
-        now,
-    };
+    let ctx = Ctx::new(&user, &loaded, now);
     ledger::ensure_counters(&tx, &ctx).await?;
     let out = ledger::ingest(&tx, &ctx, events, Some(&req.device_id), "sync").await?;
     settings::merge(&tx, user.user_id, &req.settings_changes, now).await?;

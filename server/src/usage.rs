@@ -76,14 +76,7 @@ pub async fn record(
     let tx = client.transaction().await?;
     let user = accounts::lock(&tx, user.user_id, &state.config.admin_subjects).await?;
     let loaded = entitlements::load(&state, &tx, &user, now).await?;
-    let ctx = Ctx {
-        user_id: user.user_id,
-        tz: user.tz(),
-        anchor: loaded.anchor,
-        catalog: &loaded.catalog,
-        catalog_version: loaded.catalog_version,
-        now,
-    };
+    let ctx = Ctx::new(&user, &loaded, now);
     ledger::ensure_counters(&tx, &ctx).await?;
     let id = event.id;
     let out = ledger::ingest(&tx, &ctx, vec![event], None, "api").await?;
@@ -134,14 +127,7 @@ pub async fn check(State(state): State<AppState>, p: Principal, JsonBody(req): J
     let tx = client.transaction().await?;
     let user = accounts::lock(&tx, user.user_id, &state.config.admin_subjects).await?;
     let loaded = entitlements::load(&state, &tx, &user, now).await?;
-    let ctx = Ctx {
-        user_id: user.user_id,
-        tz: user.tz(),
-        anchor: loaded.anchor,
-        catalog: &loaded.catalog,
-        catalog_version: loaded.catalog_version,
-        now,
-    };
+    let ctx = Ctx::new(&user, &loaded, now);
     ledger::ensure_counters(&tx, &ctx).await?;
     let ar = loaded.ents.access_reason.as_str();
     let decision = match loaded.ents.features.get(&req.feature) {
