@@ -21,6 +21,10 @@ pub(crate) struct Access {
     pub anchor: DateTime<Utc>,
     /// Recompute at or after this instant (a grant or grace period ends).
     pub valid_until: DateTime<Utc>,
+    /// Whether the entitlements come from a verified server token (else: the local state).
+    pub from_token: bool,
+    /// When the user was created (rolled-over plan credits count from here).
+    pub created_at: DateTime<Utc>,
 }
 
 /// Parses an IANA zone name.
@@ -57,6 +61,7 @@ impl Tally {
         if let (Some(token), Some(sub)) = (token.as_deref(), external_id.as_deref()) {
             ent = self.token_entitlements(token, sub, now, &mut valid_until);
         }
+        let from_token = ent.is_some();
         let ent = match ent {
             Some(e) => e,
             None => {
@@ -82,7 +87,11 @@ impl Tally {
             (s, Some(p)) if s != SubscriptionStatus::None => p,
             _ => from_ms(created_at),
         };
-        Ok(Access { ent, tz, anchor, valid_until })
+        // A new billing window brings the plan's included credits.
+        if let Some(end) = crate::period::window(crate::Period::Billing, now, chrono_tz::UTC, anchor).end {
+            valid_until = valid_until.min(end);
+        }
+        Ok(Access { ent, tz, anchor, valid_until, from_token, created_at: from_ms(created_at) })
     }
 
     /// Entitlements from a stored server token, when it verifies for subject `sub`: the token's
@@ -110,6 +119,7 @@ impl Tally {
     pub(crate) fn forget_access(inner: &mut Inner, user_id: &str) {
         inner.access.remove(user_id);
         inner.verified.retain(|(u, _)| u != user_id);
+        inner.plan_credits.retain(|(u, _)| u != user_id);
     }
 
     /// The catalog used for a user's "unknown feature" test: the local catalog plus the token's.

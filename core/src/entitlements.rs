@@ -224,6 +224,42 @@ fn best_plan(catalog: &Catalog, subscribed: Option<&str>) -> String {
         .unwrap_or_else(|| FREE_PLAN.into())
 }
 
+/// Whether a user's plan credits come from paid invoices (the billing provider grants them once
+/// per invoice) rather than from the plan itself each billing window.
+pub fn credits_from_invoices(access_reason: &str) -> bool {
+    access_reason == access_reason::SUBSCRIPTION || access_reason == access_reason::TRIAL
+}
+
+/// The credits `plan` includes, as grants for the billing windows up to `now`: the current
+/// window's (`included:<plan>:<window start ms>`, expiring at the window's end), and, when the
+/// credits roll over, those of the earlier windows since `since` (at most 36), never expiring.
+pub fn included_credit_grants(
+    plan: &crate::Plan,
+    since: DateTime<Utc>,
+    anchor: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Vec<(DateTime<Utc>, CreditGrant)> {
+    let Some(ic) = plan.included_credits.filter(|c| c.amount > 0) else { return Vec::new() };
+    let mut out = Vec::new();
+    let mut w = crate::period::window(crate::Period::Billing, now, chrono_tz::UTC, anchor);
+    for _ in 0..36 {
+        out.push((
+            w.start,
+            CreditGrant {
+                id: format!("included:{}:{}", plan.id, w.start.timestamp_millis()),
+                remaining: i64::try_from(ic.amount).unwrap_or(i64::MAX),
+                expires_at: if ic.rollover { None } else { w.end },
+                source: "plan".into(),
+            },
+        ));
+        if !ic.rollover || w.start <= since {
+            break;
+        }
+        w = crate::period::window(crate::Period::Billing, w.start - Duration::milliseconds(1), chrono_tz::UTC, anchor);
+    }
+    out
+}
+
 /// Claims of the entitlements token: the entitlements plus the JWT registered claims.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EntitlementClaims {
@@ -301,6 +337,25 @@ mod tests {
         assert_eq!(e.resolve(&c, now, grace).plan, "pro");
         e.period_end = Some(now - Duration::days(5));
         assert_eq!(e.resolve(&c, now, grace).plan, "free");
+    }
+
+    #[test]
+    fn included_credits_per_billing_window() {
+        let c = Catalog::from_json(
+            r#"{"plans":[{"id":"free","included_credits":{"amount":100,"rollover":false}},
+                         {"id":"pro","included_credits":{"amount":50,"rollover":true}}]}"#,
+        )
+        .unwrap();
+        let anchor = at("2026-01-31T10:00:00Z");
+        let now = at("2026-03-05T00:00:00Z");
+        let free = included_credit_grants(c.plan("free").unwrap(), anchor, anchor, now);
+        assert_eq!(free.len(), 1);
+        assert_eq!(free[0].1.id, format!("included:free:{}", at("2026-02-28T10:00:00Z").timestamp_millis()));
+        assert_eq!((free[0].1.remaining, free[0].1.expires_at), (100, Some(at("2026-03-31T10:00:00Z"))));
+        let pro = included_credit_grants(c.plan("pro").unwrap(), anchor, anchor, now);
+        assert_eq!(pro.len(), 2, "rolled-over credits of every window since the start");
+        assert!(pro.iter().all(|(_, g)| g.expires_at.is_none()));
+        assert!(credits_from_invoices("subscription") && !credits_from_invoices("free") && !credits_from_invoices("granted:beta"));
     }
 
     #[test]

@@ -320,6 +320,35 @@ impl Tally {
         Ok(())
     }
 
+    /// Stores the credits the user's plan includes for the current billing window (and, when
+    /// they roll over, the earlier ones) — for entitlements set locally only: subscribers get
+    /// theirs from paid invoices, and a server's token carries the server's grants.
+    fn ensure_plan_credits(&self, inner: &mut Inner, user: &str, a: &Access, now: DateTime<Utc>) -> Result<()> {
+        if a.from_token || crate::entitlements::credits_from_invoices(&a.ent.access_reason) {
+            return Ok(());
+        }
+        let catalog = self.catalog();
+        let Some(plan) = catalog.plan(&a.ent.plan) else { return Ok(()) };
+        for (_, g) in crate::entitlements::included_credit_grants(plan, a.created_at, a.anchor, now) {
+            let key = (user.to_string(), g.id.clone());
+            if inner.plan_credits.contains(&key) {
+                continue;
+            }
+            write_tx(&mut inner.conn, |tx| {
+                let added = tx.execute(
+                    "INSERT OR IGNORE INTO credit_grants (user_id, id, remaining, expires_at, source) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![user, g.id, g.remaining, g.expires_at.map(ms), g.source],
+                )?;
+                if added > 0 {
+                    settle_debt(tx, user, now)?;
+                }
+                Ok(())
+            })?;
+            inner.plan_credits.insert(key);
+        }
+        Ok(())
+    }
+
     /// Decides a use without changing anything. Returns the decision and, when it is allowed,
     /// what recording it changes.
     /// Counters of the feature must have been ensured ([`Tally::ensure_counters`]).
@@ -426,6 +455,9 @@ impl Tally {
         if let Some(p) = a.ent.features.get(feature).and_then(Rule::period) {
             Tally::ensure_counters(&mut g, user_id, feature, p, &a)?;
         }
+        if matches!(a.ent.features.get(feature), Some(Rule::Credits { .. })) {
+            self.ensure_plan_credits(&mut g, user_id, &a, now)?;
+        }
         Ok(self.decide(&g.conn, &mut Batch::default(), &a, user_id, &u, now, false)?.0)
     }
 
@@ -451,6 +483,9 @@ impl Tally {
             {
                 return Ok(None);
             }
+            if matches!(a.ent.features.get(u.feature), Some(Rule::Credits { .. })) {
+                return Ok(None); // plan credits may be due: the full path stores them
+            }
             let d = self.decide(&tx, &mut Batch::default(), &a, user_id, u, now, false)?.0;
             tx.commit()?;
             (d, now)
@@ -475,11 +510,14 @@ impl Tally {
         let mut g = self.lock();
         let now = self.observe_now(&mut g);
         let a = self.access(&mut g, user_id, now)?;
-        // Rebuilds (if any) happen before the transaction of the batch.
+        // Rebuilds and plan credits (if any) happen before the transaction of the batch.
         for u in &uses {
             if let Some(p) = a.ent.features.get(u.feature).and_then(Rule::period) {
                 Tally::ensure_counters(&mut g, user_id, u.feature, p, &a)?;
             }
+        }
+        if uses.iter().any(|u| matches!(a.ent.features.get(u.feature), Some(Rule::Credits { .. }))) {
+            self.ensure_plan_credits(&mut g, user_id, &a, now)?;
         }
         let inner = &mut *g;
         let tx = inner.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -676,6 +714,7 @@ impl Tally {
                 usage.resets_at = w.end;
             }
             None if matches!(rule, Rule::Credits { .. }) => {
+                self.ensure_plan_credits(&mut g, user_id, &a, now)?;
                 let balance = credit_balance_at(&g.conn, user_id, now)?;
                 usage.remaining = Some(balance.max(0) as u64);
                 usage.over_limit_by = if balance < 0 { balance.unsigned_abs() } else { 0 };
@@ -717,8 +756,9 @@ impl Tally {
     /// The user's credit balance (unexpired grants minus consumption; negative when overspent).
     pub fn credit_balance(&self, user_id: &str) -> Result<i64> {
         let mut g = self.lock();
-        crate::users::get_user(&g.conn, user_id)?;
         let now = self.observe_now(&mut g);
+        let a = self.access(&mut g, user_id, now)?;
+        self.ensure_plan_credits(&mut g, user_id, &a, now)?;
         credit_balance_at(&g.conn, user_id, now)
     }
 
@@ -763,6 +803,7 @@ impl Tally {
         let mut g = self.lock();
         let now = self.observe_now(&mut g);
         let a = self.access(&mut g, user_id, now)?;
+        self.ensure_plan_credits(&mut g, user_id, &a, now)?;
         let mut e = a.ent.clone();
         e.credit_grants = self.credit_grants(&g.conn, user_id)?;
         e.credit_balance = credit_balance_at(&g.conn, user_id, now)?;
@@ -784,13 +825,14 @@ impl Tally {
 pub(crate) fn store_credit_grants(conn: &Connection, user: &str, grants: &[CreditGrant], now: DateTime<Utc>) -> Result<()> {
     let debt: i64 =
         conn.query_row("SELECT COALESCE(SUM(remaining), 0) FROM credit_grants WHERE user_id = ?1 AND id = '_debt'", [user], |r| r.get(0))?;
-    conn.execute("DELETE FROM credit_grants WHERE user_id = ?1", [user])?;
+    // Plan credits are the plan's, not the caller's: they keep what was spent of them.
+    conn.execute("DELETE FROM credit_grants WHERE user_id = ?1 AND id NOT LIKE 'included:%'", [user])?;
     for g in grants {
         if g.id.is_empty() || g.id == "_debt" {
             return Err(Error::invalid(format!("invalid credit grant id {:?}", g.id)));
         }
         conn.execute(
-            "INSERT INTO credit_grants (user_id, id, remaining, expires_at, source) VALUES (?1, ?2, ?3, ?4, ?5)",
+            "INSERT OR REPLACE INTO credit_grants (user_id, id, remaining, expires_at, source) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![user, g.id, g.remaining, g.expires_at.map(ms), g.source],
         )?;
     }

@@ -140,6 +140,8 @@ pub(crate) struct Inner {
     pub(crate) access: HashMap<String, Arc<access::Access>>,
     /// (user, feature) pairs whose counters were checked against their rule.
     pub(crate) verified: std::collections::HashSet<(String, String)>,
+    /// (user, grant id) of plan credits known to be stored.
+    pub(crate) plan_credits: std::collections::HashSet<(String, String)>,
     /// `PRAGMA data_version` when the caches were filled (another process may write).
     pub(crate) data_version: i64,
 }
@@ -179,6 +181,7 @@ impl Tally {
                 highest_seen_ms,
                 access: HashMap::new(),
                 verified: Default::default(),
+                plan_credits: Default::default(),
                 data_version,
             }),
             catalog: RwLock::new(Arc::new(config.catalog.clone())),
@@ -209,6 +212,7 @@ impl Tally {
         let mut g = self.lock();
         g.access.clear();
         g.verified.clear();
+        g.plan_credits.clear();
     }
 
     /// Registers the observer told about changes (replacing any previous one).
@@ -237,6 +241,7 @@ impl Tally {
             g.data_version = v;
             g.access.clear();
             g.verified.clear();
+            g.plan_credits.clear();
             if let Ok(h) = g.conn.query_row("SELECT highest_seen_ms FROM device WHERE singleton = 1", [], |r| r.get::<_, i64>(0)) {
                 g.highest_seen_ms = g.highest_seen_ms.max(h);
             }

@@ -117,26 +117,29 @@ fn credits_draw_fifo_by_expiry_and_refuse_when_short() {
         ..Entitlements::free()
     };
     e.tally.set_entitlements(&u, ent).unwrap();
-    assert_eq!(e.tally.credit_balance(&u).unwrap(), 180);
+    // The free plan also includes 100 credits this billing window (expiring at its end, after
+    // grants a and b, before the never-expiring c).
+    assert_eq!(e.tally.credit_balance(&u).unwrap(), 280);
     let d = e.tally.consume(&u, "images", 2, UsageMeta::default()).unwrap(); // 20 credits
-    assert_eq!((d.allowed, d.reason, d.used, d.remaining), (true, Reason::Ok, 20, Some(160)));
+    assert_eq!((d.allowed, d.reason, d.used, d.remaining), (true, Reason::Ok, 20, Some(260)));
     e.tally.consume(&u, "images", 4, UsageMeta::default()).unwrap(); // 40: b 30 -> 0, a 30 -> 20
     let grants = e.tally.entitlements(&u).unwrap().credit_grants;
     let rem = |id: &str| grants.iter().find(|g| g.id == id).unwrap().remaining;
     assert_eq!((rem("a"), rem("b"), rem("c")), (20, 0, 100));
-    assert_eq!(e.tally.credit_balance(&u).unwrap(), 120);
-    assert_eq!(e.tally.entitlements(&u).unwrap().credit_balance, 120);
-    let d = e.tally.consume(&u, "images", 13, UsageMeta::default()).unwrap();
+    assert_eq!(grants.iter().filter(|g| g.id.starts_with("included:free:")).map(|g| g.remaining).sum::<i64>(), 100);
+    assert_eq!(e.tally.credit_balance(&u).unwrap(), 220);
+    assert_eq!(e.tally.entitlements(&u).unwrap().credit_balance, 220);
+    let d = e.tally.consume(&u, "images", 23, UsageMeta::default()).unwrap();
     assert_eq!((d.allowed, d.reason), (false, Reason::InsufficientCredits));
-    assert_eq!(e.tally.check(&u, "images", 12).unwrap().reason, Reason::Ok);
+    assert_eq!(e.tally.check(&u, "images", 22).unwrap().reason, Reason::Ok);
     assert_eq!(events(&e, &u), 2);
     let usage = e.tally.usage(&u, "images").unwrap();
-    assert_eq!(usage.remaining, Some(120));
-    // Grant a expires: its 20 are gone.
+    assert_eq!(usage.remaining, Some(220));
+    // Grant a expires: its 20 are gone; the plan's 100 and c's 100 remain.
     e.clock.advance(Duration::days(11));
-    assert_eq!(e.tally.credit_balance(&u).unwrap(), 100);
-    assert_eq!(e.tally.check(&u, "images", 11).unwrap().reason, Reason::InsufficientCredits);
-    assert!(e.tally.consume(&u, "images", 10, UsageMeta::default()).unwrap().allowed);
+    assert_eq!(e.tally.credit_balance(&u).unwrap(), 200);
+    assert_eq!(e.tally.check(&u, "images", 21).unwrap().reason, Reason::InsufficientCredits);
+    assert!(e.tally.consume(&u, "images", 20, UsageMeta::default()).unwrap().allowed);
     assert_eq!(e.tally.credit_balance(&u).unwrap(), 0);
 }
 

@@ -76,7 +76,9 @@ fn a_version_1_database_with_data_opens_without_loss() {
     assert_eq!(tally.usage(other, "ai_chat").unwrap().used, 4);
     assert_eq!(tally.pending_events(user).unwrap(), 2);
     assert_eq!(tally.setting(user, "lang").unwrap(), Some(serde_json::json!("fr")));
-    assert_eq!(tally.credit_balance(user).unwrap(), 70);
+    // The stored grant kept its 70; the free plan adds its 100 for the current billing window.
+    assert_eq!(tally.credit_balance(user).unwrap(), 170);
+    assert_eq!(tally.entitlements(user).unwrap().credit_grants.iter().find(|g| g.id == "g1").map(|g| g.remaining), Some(70));
     assert_eq!(tally.event_status(user, "0193aaaa-0000-7000-8000-000000000100").unwrap(), EventStatus::Pending);
     // Consuming continues the device's sequence.
     tally.consume(user, "ai_chat", 1, UsageMeta::default()).unwrap();

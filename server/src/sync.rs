@@ -113,7 +113,16 @@ async fn run(
     let (settings_changes, cursor) = settings::changes_since(&tx, user.user_id, settings::parse_cursor(req.cursor.as_deref())).await?;
     let totals = ledger::totals(&tx, &ctx, &loaded.ents.features, &out.touched).await?;
     let mut ents = loaded.ents;
-    crate::billing::credits::after_ingest(&tx, user.user_id, &mut ents, &loaded.catalog, &out.touched, now).await?;
+    crate::billing::credits::after_ingest(
+        &tx,
+        user.user_id,
+        &mut ents,
+        &loaded.catalog,
+        &out.touched,
+        (user.created_at, loaded.anchor),
+        now,
+    )
+    .await?;
     tx.commit().await?;
     let token = entitlements::token_fresh(state, &user, &ents, now, req.force_entitlements)?;
     rejected.extend(out.rejected);

@@ -938,3 +938,27 @@ fn two_replicas_receiving_the_same_events_at_once_apply_each_once() {
         assert_eq!(st, "past_due");
     });
 }
+
+#[tokio::test]
+async fn plan_credits_come_each_billing_window_to_users_without_a_subscription() {
+    let a = app_or_skip!(billing_app(|_| {}).await);
+    let admin = token("root-admin");
+    let t = token("granted-user");
+    a.user_id(&t).await;
+    assert_eq!(a.ents(&t).await["credit_balance"], 0, "the free plan of this catalog includes no credits");
+    let until = Utc::now() + Duration::days(60);
+    let (s, g) = a
+        .call(
+            "POST",
+            "/v1/admin/grants",
+            Some(&admin),
+            Some(json!({"subject": "granted-user", "plan": "pro", "until": until, "granted_by": "ops", "reason": "beta"})),
+        )
+        .await;
+    assert!(s.is_success(), "{g}");
+    let e = a.ents(&t).await;
+    assert_eq!(e["access_reason"], "granted:beta");
+    assert_eq!(e["credit_balance"], 100, "pro includes 100 credits a billing window: {e}");
+    let grants = e["credit_grants"].as_array().unwrap();
+    assert!(grants.iter().any(|g| g["id"].as_str().unwrap().starts_with("included:pro:") && !g["expires_at"].is_null()), "{e}");
+}

@@ -127,6 +127,7 @@ pub async fn current(
     features: &BTreeMap<String, Rule>,
     catalog: &Catalog,
     now: DateTime<Utc>,
+    plan_grants: Vec<Grant>,
 ) -> ApiResult<Vec<CreditGrant>> {
     let costs = costs(features, catalog);
     let names: Vec<&str> = costs.keys().map(String::as_str).collect();
@@ -141,10 +142,11 @@ pub async fn current(
     let (grant_rows, use_rows) = futures::try_join!(async { client.query(&grants_st, &[&user_id]).await }, async {
         if names.is_empty() { Ok(Vec::new()) } else { client.query(&uses_st, &[&user_id, &names]).await }
     },)?;
-    let grants: Vec<Grant> = grant_rows
+    let mut grants: Vec<Grant> = grant_rows
         .iter()
         .map(|r| Grant { id: r.get(0), amount: r.get(1), valid_from: r.get(2), expires_at: r.get(3), source: r.get(4) })
         .collect();
+    grants.extend(plan_grants);
     let uses: Vec<Use> = use_rows
         .iter()
         .map(|r| {
@@ -159,6 +161,26 @@ pub async fn current(
     Ok(replay(&grants, &uses, now))
 }
 
+/// The credits the user's plan includes each billing window (`included_credits`), as grants —
+/// except for subscribers, whose paid invoices grant them. Rolled-over credits count from
+/// `since` (the user's creation).
+pub fn plan_grants(
+    ents: &tally_core::Entitlements,
+    catalog: &Catalog,
+    since: DateTime<Utc>,
+    anchor: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Vec<Grant> {
+    if tally_core::entitlements::credits_from_invoices(&ents.access_reason) {
+        return Vec::new();
+    }
+    let Some(plan) = catalog.plan(&ents.plan) else { return Vec::new() };
+    tally_core::entitlements::included_credit_grants(plan, since, anchor, now)
+        .into_iter()
+        .map(|(from, g)| Grant { id: g.id, amount: g.remaining, valid_from: from, expires_at: g.expires_at, source: g.source })
+        .collect()
+}
+
 /// After a batch was ingested: when it touched a credits feature, the grants again (so the
 /// token the sync answers with already counts the batch).
 pub async fn after_ingest(
@@ -167,11 +189,13 @@ pub async fn after_ingest(
     ents: &mut tally_core::Entitlements,
     catalog: &Catalog,
     touched: &[(String, DateTime<Utc>)],
+    (since, anchor): (DateTime<Utc>, DateTime<Utc>),
     now: DateTime<Utc>,
 ) -> ApiResult<()> {
     let costs = costs(&ents.features, catalog);
     if touched.iter().any(|(f, _)| costs.contains_key(f)) {
-        ents.credit_grants = current(tx, user_id, &ents.features, catalog, now).await?;
+        let included = plan_grants(ents, catalog, since, anchor, now);
+        ents.credit_grants = current(tx, user_id, &ents.features, catalog, now, included).await?;
         ents.credit_balance = ents.credit_grants.iter().map(|g| g.remaining).sum();
     }
     Ok(())
