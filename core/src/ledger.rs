@@ -137,7 +137,7 @@ fn validate_with_id<'a>(feature: &'a str, amount: u64, meta: &'a UsageMeta, need
         None => Uuid::now_v7(),
         Some("") => return Err(Error::invalid("idempotency_key must not be empty")),
         Some(k) if k.len() > 256 => return Err(Error::invalid("idempotency_key must be at most 256 bytes")),
-        Some(k) => Uuid::parse_str(k).unwrap_or_else(|_| Uuid::new_v5(&KEY_NAMESPACE, k.as_bytes())),
+        Some(k) => event_id_for_key(k),
     };
     Ok(Use {
         id,

@@ -147,61 +147,42 @@ impl Drop for Server {
 }
 
 mod http {
-    //! A tiny blocking HTTP/1.1 client for the harness (no runtime needed).
-    use std::io::{Read, Write};
-    use std::net::TcpStream;
+    //! Blocking HTTP for the harness (reqwest's blocking client; call it outside async code).
+    use std::sync::OnceLock;
     use std::time::Duration;
 
+    fn client() -> &'static reqwest::blocking::Client {
+        static C: OnceLock<reqwest::blocking::Client> = OnceLock::new();
+        C.get_or_init(|| reqwest::blocking::Client::builder().timeout(Duration::from_secs(30)).build().expect("HTTP client"))
+    }
+
     /// Whether GET `url` answered 200.
-    pub fn blocking_get(url: &str) -> std::io::Result<bool> {
-        Ok(super::raw_request("GET", url, None, None)?.0 == 200)
+    pub fn blocking_get(url: &str) -> reqwest::Result<bool> {
+        Ok(client().get(url).send()?.status() == reqwest::StatusCode::OK)
     }
 
-    pub(crate) fn send(method: &str, url: &str, bearer: Option<&str>, body: Option<&str>) -> std::io::Result<(u16, String)> {
-        send_with(method, url, bearer, body, &[])
-    }
-
+    /// Sends a JSON request with optional bearer token and extra headers; (status, body).
     pub(crate) fn send_with(
         method: &str,
         url: &str,
         bearer: Option<&str>,
         body: Option<&str>,
         headers: &[(&str, &str)],
-    ) -> std::io::Result<(u16, String)> {
-        let rest = url.strip_prefix("http://").unwrap_or(url);
-        let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
-        let mut s = TcpStream::connect(host)?;
-        s.set_read_timeout(Some(Duration::from_secs(30)))?;
-        let body = body.unwrap_or("");
-        let mut auth = bearer.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    ) -> reqwest::Result<(u16, String)> {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap_or(reqwest::Method::GET);
+        let mut req = client().request(method, url).header(reqwest::header::CONTENT_TYPE, "application/json");
+        if let Some(t) = bearer {
+            req = req.bearer_auth(t);
+        }
         for (k, v) in headers {
-            auth.push_str(&format!("{k}: {v}\r\n"));
+            req = req.header(*k, *v);
         }
-        write!(
-            s,
-            "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )?;
-        let mut out = Vec::new();
-        s.read_to_end(&mut out)?;
-        let text = String::from_utf8_lossy(&out).to_string();
-        let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_string() };
-        Ok((status, body))
-    }
-
-    fn dechunk(mut s: &str) -> String {
-        let mut out = String::new();
-        while let Some((len, rest)) = s.split_once("\r\n") {
-            let n = usize::from_str_radix(len.trim(), 16).unwrap_or(0);
-            if n == 0 || rest.len() < n {
-                break;
-            }
-            out.push_str(&rest[..n]);
-            s = rest[n..].trim_start_matches("\r\n");
+        if let Some(b) = body {
+            req = req.body(b.to_string());
         }
-        out
+        let resp = req.send()?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.text()?))
     }
 }
 
@@ -216,8 +197,8 @@ pub fn post_stripe_event(server: &Server, secret: &str, event: &serde_json::Valu
 }
 
 /// Sends a request; returns (status, body).
-pub fn raw_request(method: &str, url: &str, bearer: Option<&str>, body: Option<&str>) -> std::io::Result<(u16, String)> {
-    http::send(method, url, bearer, body)
+pub fn raw_request(method: &str, url: &str, bearer: Option<&str>, body: Option<&str>) -> reqwest::Result<(u16, String)> {
+    http::send_with(method, url, bearer, body, &[])
 }
 
 /// GET `url` and return the body (panics unless 200).
