@@ -281,7 +281,7 @@ impl Tally {
                         Err(e) => {
                             // The server may have committed; re-sending is safe (dedup by id).
                             last = format!("reading the answer failed: {e}");
-                            self.backoff_sleep(&mut backoff, retry, None, attempt).await;
+                            self.backoff_sleep(&mut backoff, retry, None).await;
                             continue;
                         }
                     };
@@ -315,13 +315,13 @@ impl Tally {
                 }
             };
             if attempt < retry.max_attempts {
-                self.backoff_sleep(&mut backoff, retry, wait, attempt).await;
+                self.backoff_sleep(&mut backoff, retry, wait).await;
             }
         }
         Err(PostError::Other(Error::Network(format!("gave up after {} attempts: {last}", retry.max_attempts.max(1)))))
     }
 
-    async fn backoff_sleep(&self, backoff: &mut Duration, retry: &RetryPolicy, wait: Option<Duration>, _attempt: u32) {
+    async fn backoff_sleep(&self, backoff: &mut Duration, retry: &RetryPolicy, wait: Option<Duration>) {
         let jittered = backoff.mul_f64(0.5 + rand::random::<f64>());
         let d = wait.unwrap_or(jittered).min(retry.max_backoff);
         tokio::time::sleep(d).await;
