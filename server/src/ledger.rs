@@ -172,7 +172,7 @@ impl<'a> Ctx<'a> {
     }
     fn cost(&self, model: Option<&str>, input: Option<i64>, output: Option<i64>) -> i64 {
         let Some(price) = model.and_then(|m| self.catalog.models.get(m)) else { return 0 };
-        let c = price.cost_micros(input.unwrap_or(0).max(0) as u64, output.unwrap_or(0).max(0) as u64);
+        let c = price.cost_micros(input.unwrap_or(0).max(0) as u64, output.unwrap_or(0).max(0) as u64).unwrap_or(i64::MAX as u64);
         i64::try_from(c).unwrap_or(i64::MAX)
     }
 }

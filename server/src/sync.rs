@@ -133,6 +133,9 @@ async fn run(
         totals,
         entitlements_token: Some(token),
         settings_changes,
+        settings_rejected: Vec::new(),
+        profile_rejected: Vec::new(),
+        unknown_features: Vec::new(),
         cursor: Some(cursor),
         limits: state.limits(),
     })
