@@ -128,7 +128,7 @@ impl Tally {
     pub(crate) fn feature_known(catalog: &Catalog, ent: &Entitlements, feature: &str) -> bool {
         ent.features.contains_key(feature)
             || ent.free_features.contains_key(feature)
-            || catalog.plans.iter().any(|p| p.features.contains_key(feature))
+            || catalog.knows_feature(feature)
     }
 }
 

@@ -205,6 +205,11 @@ impl Catalog {
         }
     }
 
+    /// Whether some plan of the catalog knows `feature` (a device's catalog may be ahead).
+    pub fn knows_feature(&self, feature: &str) -> bool {
+        self.plans.iter().any(|p| p.features.contains_key(feature))
+    }
+
     /// The plan with this id.
     pub fn plan(&self, id: &str) -> Option<&Plan> {
         self.plans.iter().find(|p| p.id == id)

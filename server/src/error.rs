@@ -17,6 +17,9 @@ pub enum ApiError {
     /// 404: no such thing (also for other users' things).
     #[error("{0}")]
     NotFound(String),
+    /// 404 with a specific code (`unknown_subject`, …).
+    #[error("{1}")]
+    Unknown(&'static str, String),
     /// 409: conflicts with the current state.
     #[error("{1}")]
     Conflict(&'static str, String),
@@ -43,6 +46,12 @@ pub enum ApiError {
     Internal(String),
 }
 
+impl From<tally_core::contract::Violation> for ApiError {
+    fn from(v: tally_core::contract::Violation) -> Self {
+        ApiError::Invalid(v.code, v.message)
+    }
+}
+
 impl ApiError {
     /// Shorthand for a 422 with code `invalid_request`.
     pub fn invalid(msg: impl Into<String>) -> Self {
@@ -62,6 +71,7 @@ impl ApiError {
             ApiError::BadRequest(c, _) => (StatusCode::BAD_REQUEST, c),
             ApiError::Unauthorized(c, _) => (StatusCode::UNAUTHORIZED, c),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::Unknown(c, _) => (StatusCode::NOT_FOUND, c),
             ApiError::Conflict(c, _) => (StatusCode::CONFLICT, c),
             ApiError::AccountDeleted => (StatusCode::GONE, "account_deleted"),
             ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
@@ -90,6 +100,12 @@ impl IntoResponse for ApiError {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
         }
         resp
+    }
+}
+
+impl From<serde_json::Error> for ApiError {
+    fn from(e: serde_json::Error) -> Self {
+        ApiError::Internal(format!("json: {e}"))
     }
 }
 

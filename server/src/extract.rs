@@ -21,10 +21,21 @@ pub async fn body_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes
     })
 }
 
+/// A shape error's message naming the field, without serde's own wording.
+pub fn field_message(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    let field = text.split('`').nth(1).filter(|f| !f.is_empty() && f.len() <= 64);
+    match field {
+        Some(f) if text.starts_with("missing field") => format!("{f} is missing"),
+        Some(f) if text.starts_with("unknown field") => format!("{f} is not a field of this request"),
+        _ => "the body does not have the expected fields and types".into(),
+    }
+}
+
 /// Parses `bytes` as JSON into `T`: syntax errors are 400 `malformed_json`, shape errors 422.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(bytes).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => ApiError::Invalid("invalid_body", e.to_string()),
+        serde_json::error::Category::Data => ApiError::Invalid("invalid_body", field_message(&e)),
         _ => ApiError::BadRequest("malformed_json", format!("malformed JSON: {e}")),
     })
 }
@@ -36,6 +47,11 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
         if bytes.is_empty() {
             return Err(ApiError::BadRequest("malformed_json", "expected a JSON body".into()));
         }
-        parse_json(&bytes).map(JsonBody)
+        // Text that Postgres cannot store (U+0000) is refused here, naming nothing else.
+        let v: serde_json::Value = parse_json(&bytes)?;
+        if tally_core::contract::json_has_nul(&v) {
+            return Err(ApiError::Invalid("invalid_text", "text must not contain U+0000".into()));
+        }
+        serde_json::from_value(v).map(JsonBody).map_err(|e| ApiError::Invalid("invalid_body", field_message(&e)))
     }
 }
