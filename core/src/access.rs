@@ -126,9 +126,7 @@ impl Tally {
 
     /// The catalog used for a user's "unknown feature" test: the local catalog plus the token's.
     pub(crate) fn feature_known(catalog: &Catalog, ent: &Entitlements, feature: &str) -> bool {
-        ent.features.contains_key(feature)
-            || ent.free_features.contains_key(feature)
-            || catalog.knows_feature(feature)
+        ent.features.contains_key(feature) || ent.free_features.contains_key(feature) || catalog.knows_feature(feature)
     }
 }
 

@@ -61,9 +61,7 @@ pub async fn create_user(State(state): State<AppState>, _a: Admin, JsonBody(b): 
         avatar_url: None,
     })?;
     let client = state.pool.get().await?;
-    let taken = client
-        .query_opt("SELECT 1 FROM users WHERE lower(email) = lower($1) OR external_id = $2", &[&email, &b.subject])
-        .await?;
+    let taken = client.query_opt("SELECT 1 FROM users WHERE lower(email) = lower($1) OR external_id = $2", &[&email, &b.subject]).await?;
     if taken.is_some() {
         return Err(ApiError::Conflict("user_exists", "a user with this email or subject already exists".into()));
     }

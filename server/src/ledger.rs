@@ -6,11 +6,11 @@ use crate::error::ApiResult;
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use deadpool_postgres::GenericClient;
+use serde::Deserialize;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use tally_core::period::{Period, window};
-use serde::Deserialize;
 use tally_core::contract;
+use tally_core::period::{Period, window};
 use tally_core::wire::{Rejected, Total, WireEvent};
 use tally_core::{Catalog, Rule};
 use uuid::Uuid;
@@ -450,7 +450,8 @@ pub async fn ingest(
         touched.push((e.feature.clone(), *eff));
     }
     if !overflowed.is_empty() {
-        tx.execute(&tx.prepare_cached("DELETE FROM events WHERE user_id = $1 AND id = ANY($2)").await?, &[&ctx.user_id, &overflowed]).await?;
+        tx.execute(&tx.prepare_cached("DELETE FROM events WHERE user_id = $1 AND id = ANY($2)").await?, &[&ctx.user_id, &overflowed])
+            .await?;
         out.rejected.extend(overflowed.iter().map(|id| reject(&id.to_string(), "invalid_amount")));
     }
     if !again.is_empty() {

@@ -13,8 +13,8 @@ use axum::extract::State;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
 use serde_json::{Map, Value, json};
-use tally_core::hlc::Hlc;
 use tally_core::contract;
+use tally_core::hlc::Hlc;
 use tally_core::wire::{SettingChange, SettingRejected};
 use uuid::Uuid;
 
@@ -22,7 +22,11 @@ use uuid::Uuid;
 pub fn check(c: &SettingChange) -> Result<(), contract::Violation> {
     contract::setting_key(&c.key)?;
     if Hlc::parse(&c.hlc).is_none() {
-        return Err(contract::Violation::new(format!("settings.{}", c.key), "invalid_setting", format!("setting {:?}: malformed hlc", c.key)));
+        return Err(contract::Violation::new(
+            format!("settings.{}", c.key),
+            "invalid_setting",
+            format!("setting {:?}: malformed hlc", c.key),
+        ));
     }
     if !c.deleted {
         contract::setting_value(&c.key, &c.value)?;
