@@ -16,7 +16,6 @@ use tally_core::entitlements::AccessGrant;
 use tally_core::{Catalog, EntitlementClaims, Entitlements, SubscriptionStatus};
 use uuid::Uuid;
 
-
 /// A user's entitlements with what their windows are computed from.
 pub struct Loaded {
     /// Resolved entitlements (`ver` and `tz` set).
