@@ -105,12 +105,6 @@ pub async fn create_grant(
     admin: Admin,
     JsonBody(g): JsonBody<NewGrant>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    if g.reason.is_empty() || g.reason.len() > 200 {
-        return Err(ApiError::invalid("reason must be 1 to 200 bytes"));
-    }
-    if g.until.is_some_and(|u| u <= Utc::now()) {
-        return Err(ApiError::invalid("until must be in the future"));
-    }
     let plan = match (g.plan.clone(), g.credits) {
         (Some(p), None) => p,
         (None, Some(credits)) => {
@@ -133,29 +127,16 @@ pub async fn create_grant(
         }
         _ => return Err(ApiError::invalid("give either plan (an access grant) or credits (a credit grant)")),
     };
-    let g_plan = plan;
+    let by = g.granted_by.clone().unwrap_or_else(|| admin.actor());
+    let req = crate::grants::AccessGrantRequest { subject: &g.subject, plan: &plan, until: g.until, granted_by: &by, reason: &g.reason };
     let mut client = state.pool.get().await?;
     let (_, catalog) = state.catalog.current(&client).await?;
-    if catalog.plan(&g_plan).is_none() {
-        return Err(ApiError::Invalid("unknown_plan", format!("no plan {:?} in the catalog", g_plan)));
-    }
-    drop(client);
-    let user = accounts::find_or_create_by_subject(&state, &g.subject).await?;
-    client = state.pool.get().await?;
     let tx = client.transaction().await?;
-    accounts::lock(&tx, user.user_id, &state.config.admin_subjects).await?;
-    let id = Uuid::now_v7();
-    let by = g.granted_by.clone().unwrap_or_else(|| admin.actor());
-    tx.execute(
-        "INSERT INTO access_grants (user_id, grant_id, plan, until, granted_by, reason) VALUES ($1, $2, $3, $4, $5, $6)",
-        &[&user.user_id, &id, &g_plan, &g.until, &by, &g.reason],
-    )
-    .await?;
-    tx.execute("UPDATE users SET ver = ver + 1 WHERE user_id = $1", &[&user.user_id]).await?;
+    let (_, id) = crate::grants::grant_access(&tx, &catalog, &req, Utc::now()).await?;
     tx.commit().await?;
     Ok((
         StatusCode::CREATED,
-        Json(json!({"id": id, "subject": g.subject, "plan": g_plan, "until": g.until, "granted_by": by, "reason": g.reason})),
+        Json(json!({"id": id, "subject": g.subject, "plan": plan, "until": g.until, "granted_by": by, "reason": g.reason})),
     ))
 }
 

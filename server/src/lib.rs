@@ -15,6 +15,7 @@ pub mod db;
 pub mod entitlements;
 pub mod error;
 pub mod extract;
+pub mod grants;
 pub mod ledger;
 pub mod metrics;
 pub mod pg_cluster;
