@@ -48,6 +48,7 @@ pub use ledger::{ConsumeItem, EventStatus, UsageMeta};
 pub use period::{Period, Window};
 pub use quota::Usage;
 pub use report::{GroupBy, ReportRow};
+pub use settings::SettingStatus;
 pub use sync::{RetryPolicy, SyncOptions, SyncReport, TokenProvider};
 pub use users::{Profile, User, UserUpdate};
 
