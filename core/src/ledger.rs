@@ -129,7 +129,9 @@ impl FromSql for RejectReason {
         let s = value.as_str()?;
         Ok(match s {
             RejectReason::TOO_LARGE => RejectReason::TooLarge,
-            _ => contract::CODES.iter().find(|c| **c == s).map_or_else(|| RejectReason::Server(s.to_string()), |c| RejectReason::Contract(c)),
+            _ => {
+                contract::CODES.iter().find(|c| **c == s).map_or_else(|| RejectReason::Server(s.to_string()), |c| RejectReason::Contract(c))
+            }
         })
     }
 }
@@ -249,9 +251,11 @@ impl Tally {
     pub fn pending_events(&self, user_id: &str) -> Result<u64> {
         let g = self.lock();
         crate::users::get_user(&g.conn, user_id)?;
-        Ok(g.conn.query_row("SELECT COUNT(*) FROM events WHERE user_id = ?1 AND status = ?2", params![user_id, EventState::Pending], |r| {
-            r.get::<_, i64>(0)
-        })? as u64)
+        Ok(g.conn.query_row(
+            "SELECT COUNT(*) FROM events WHERE user_id = ?1 AND status = ?2",
+            params![user_id, EventState::Pending],
+            |r| r.get::<_, i64>(0),
+        )? as u64)
     }
 
     /// Whether the server has taken event `id` (an id or idempotency key) of `user_id`.

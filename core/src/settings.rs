@@ -151,7 +151,10 @@ impl Tally {
     /// Settings changed locally and not yet sent, in key order (local-only keys never appear).
     /// A stored row that cannot be sent as it is (a value that no longer parses, written by an
     /// older version) comes back as `Err((key, code))` for the caller to quarantine.
-    pub(crate) fn dirty_settings(conn: &rusqlite::Connection, user_id: &str) -> Result<Vec<std::result::Result<SettingChange, (String, &'static str)>>> {
+    pub(crate) fn dirty_settings(
+        conn: &rusqlite::Connection,
+        user_id: &str,
+    ) -> Result<Vec<std::result::Result<SettingChange, (String, &'static str)>>> {
         let mut st = conn.prepare_cached("SELECT key, value, deleted, hlc FROM settings WHERE user_id = ?1 AND dirty = 1 ORDER BY key")?;
         let rows = st.query_map([user_id], |r| {
             Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?, r.get::<_, bool>(2)?, r.get::<_, String>(3)?))

@@ -243,7 +243,11 @@ impl Tally {
             write_tx(&mut g.conn, |tx| drop_profile_patch(tx, user_id, p))?;
             report.profile_rejected.push(ProfileRejected { field: "profile".into(), reason: too_large.as_str().into() });
         } else {
-            return Err(Error::Server { status: 413, code: "payload_too_large".into(), message: "an empty sync request was refused as too large".into() });
+            return Err(Error::Server {
+                status: 413,
+                code: "payload_too_large".into(),
+                message: "an empty sync request was refused as too large".into(),
+            });
         }
         Ok(())
     }
@@ -488,8 +492,7 @@ impl Tally {
     fn apply(&self, user_id: &str, subject: &str, request: &SyncRequest, resp: SyncResponse, report: &mut SyncReport) -> Result<u64> {
         let sent: HashSet<Uuid> = request.events.iter().map(|e| e.id).collect();
         // Key → HLC of the settings this request sent; the rejected ones are not adopted.
-        let mut sent_settings: BTreeMap<String, String> =
-            request.settings_changes.iter().map(|c| (c.key.clone(), c.hlc.clone())).collect();
+        let mut sent_settings: BTreeMap<String, String> = request.settings_changes.iter().map(|c| (c.key.clone(), c.hlc.clone())).collect();
         let claims = match (&resp.entitlements_token, self.config.server_keys.as_deref()) {
             (Some(t), Some(keys)) => crate::token::verify(t, keys, subject).ok().map(|c| (t.clone(), c)),
             _ => None,
@@ -602,7 +605,10 @@ fn check_server_keys(keys: Option<&str>) -> Result<()> {
 
 /// Drops the pending profile edit when it is still the one sent (`sent`).
 fn drop_profile_patch(tx: &Transaction<'_>, user_id: &str, sent: &ProfilePatch) -> Result<()> {
-    tx.execute("UPDATE users SET profile_patch = NULL WHERE id = ?1 AND profile_patch = ?2", params![user_id, serde_json::to_string(sent)?])?;
+    tx.execute(
+        "UPDATE users SET profile_patch = NULL WHERE id = ?1 AND profile_patch = ?2",
+        params![user_id, serde_json::to_string(sent)?],
+    )?;
     Ok(())
 }
 

@@ -228,10 +228,11 @@ impl Tally {
         let mut g = self.lock();
         write_tx(&mut g.conn, |tx| {
             get_user(tx, user_id)?;
-            let pending =
-                tx.query_row("SELECT COUNT(*) FROM events WHERE user_id = ?1 AND status = ?2", params![user_id, EventState::Pending], |r| {
-                    r.get::<_, i64>(0)
-                })? as u64;
+            let pending = tx.query_row(
+                "SELECT COUNT(*) FROM events WHERE user_id = ?1 AND status = ?2",
+                params![user_id, EventState::Pending],
+                |r| r.get::<_, i64>(0),
+            )? as u64;
             if pending > 0 && !force {
                 return Err(Error::UnsyncedEvents(pending));
             }
