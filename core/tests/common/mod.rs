@@ -83,6 +83,12 @@ impl Env {
         Tally::open(&self.path, config).expect("reopen")
     }
 
+    /// A second Tally on the same file with another catalog.
+    pub fn reopen_with(&self, catalog: Catalog) -> Tally {
+        let config = Config { device_id: Some("dev-test".into()), clock: self.clock.clone(), catalog, ..Config::default() };
+        Tally::open(&self.path, config).expect("reopen")
+    }
+
     pub fn raw(&self) -> Connection {
         Connection::open(&self.path).expect("raw connection")
     }
