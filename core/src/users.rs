@@ -246,12 +246,12 @@ impl Tally {
     }
 }
 
+/// The stored body of an event: feature, amount, model, input and output tokens, metadata.
+type EventBody = (String, i64, Option<String>, Option<i64>, Option<i64>, Option<String>);
+
 /// Whether two stored event bodies (feature, amount, model, tokens, metadata) are the same use.
 /// Metadata is compared as JSON, so a different key order is the same body.
-fn same_body(
-    a: &(String, i64, Option<String>, Option<i64>, Option<i64>, Option<String>),
-    b: &(String, i64, Option<String>, Option<i64>, Option<i64>, Option<String>),
-) -> bool {
+fn same_body(a: &EventBody, b: &EventBody) -> bool {
     let meta = |m: &Option<String>| m.as_deref().map(|s| serde_json::from_str::<serde_json::Value>(s).ok());
     a.0 == b.0 && a.1 == b.1 && a.2 == b.2 && a.3 == b.3 && a.4 == b.4 && meta(&a.5) == meta(&b.5)
 }
@@ -271,8 +271,7 @@ fn attach(tx: &rusqlite::Transaction<'_>, local: &str, target: &str) -> Result<(
     // account already holds with the same body is the same use recorded twice (a retry, or a
     // key reused on purpose): the account's copy stays and the local copy goes. The same id with
     // another body is a conflict, and nothing moves.
-    type Body = (String, i64, Option<String>, Option<i64>, Option<i64>, Option<String>);
-    let clashes: Vec<(String, Body, Body)> = tx
+    let clashes: Vec<(String, EventBody, EventBody)> = tx
         .prepare(
             "SELECT l.id, l.feature, l.amount, l.model, l.input_tokens, l.output_tokens, l.metadata,
                     t.feature, t.amount, t.model, t.input_tokens, t.output_tokens, t.metadata
