@@ -277,3 +277,26 @@ impl Tally {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_states_and_reasons_round_trip_through_sqlite() {
+        let c = Connection::open_in_memory().unwrap();
+        for s in [EventState::Pending, EventState::Settled, EventState::Rejected] {
+            let back: EventState = c.query_row("SELECT ?1", [s], |r| r.get(0)).unwrap();
+            assert_eq!(back, s);
+        }
+        let stored: i64 = c.query_row("SELECT ?1", [EventState::Rejected], |r| r.get(0)).unwrap();
+        assert_eq!(stored, 2, "the stored codes do not change");
+        assert!(c.query_row("SELECT 7", [], |r| r.get::<_, EventState>(0)).is_err(), "an unknown state is an error, not a guess");
+        for r in [RejectReason::TooLarge, RejectReason::Contract("invalid_text"), RejectReason::Server("conflict".into())] {
+            let back: RejectReason = c.query_row("SELECT ?1", [&r], |row| row.get(0)).unwrap();
+            assert_eq!(back, r);
+        }
+        let wire: String = c.query_row("SELECT ?1", [RejectReason::TooLarge], |r| r.get(0)).unwrap();
+        assert_eq!(wire, "too_large");
+    }
+}
