@@ -99,13 +99,19 @@ impl Tally {
                 stale.sort();
                 encoded.extend(stale.into_iter().map(|k| (k, None)));
             }
+            let (keys_before, bytes_before) = (view.len(), view.values().sum::<usize>());
             for (k, v) in &encoded {
                 match v {
                     Some(v) => view.insert(k.clone(), contract::setting_bytes(k, v)),
                     None => view.remove(k),
                 };
             }
-            contract::settings_quota(view.len(), view.values().sum())?;
+            // A write that grows the stored settings must fit the caps; one that shrinks them
+            // (a delete) is always allowed, even when older data is already over.
+            let (keys, bytes) = (view.len(), view.values().sum::<usize>());
+            if keys > keys_before || bytes > bytes_before {
+                contract::settings_quota(keys, bytes)?;
+            }
             for (k, v) in &encoded {
                 let last = last_hlc(tx, user_id)?;
                 let hlc = Hlc::tick(last.as_ref(), now, &node);

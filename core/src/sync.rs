@@ -1,6 +1,14 @@
-//! The device side of `POST /v1/sync`: drains the unacknowledged ledger in bounded batches,
-//! sends dirty settings and profile edits, and applies the answer (acks by id, server totals,
-//! settings by HLC, cursor, signed entitlements) in one SQLite transaction per round.
+//! The device side of `POST /v1/sync`: drains the unacknowledged ledger in bounded rounds and
+//! applies each answer (acks by id, server totals, settings by HLC, cursor, signed
+//! entitlements) in one SQLite transaction.
+//!
+//! A round is either a batch of events (no settings, no profile) or a chunk of dirty settings
+//! with the pending profile edit (no events), each bounded by count and by bytes (the smaller of
+//! the client's option and the server's announced `limits`). On 413 a batch or chunk halves; an
+//! event or a setting too large alone is quarantined `too_large`, alone. A setting the server
+//! refuses (`settings_rejected`) is quarantined alone and shown by [`Tally::setting_status`];
+//! stored values that break the contract are quarantined before sending. So a setting never
+//! takes an event down with it, and no stored value can make a sync fail.
 //!
 //! Every round is safe to interrupt: events stay pending until an answer naming their id is
 //! committed, and the server deduplicates re-sent ids, so the next sync converges without loss
@@ -339,7 +347,8 @@ impl Tally {
                 match v.field.as_str() {
                     "display_name" => p.display_name = None,
                     "avatar_url" => p.avatar_url = None,
-                    _ => p.timezone = None,
+                    "timezone" => p.timezone = None,
+                    _ => *p = ProfilePatch::default(),
                 }
             }
         }

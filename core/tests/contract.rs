@@ -112,6 +112,19 @@ fn the_settings_caps_hold_on_the_devices_own_view() {
     assert_eq!(e.snapshot(), before);
     // Overwriting a key counts its new size, not both.
     e.tally.set_setting(&user, "b00", value).unwrap();
+    // An older version's 64 KiB value puts the user over the cap: deletes still go through,
+    // growth does not.
+    let legacy = json!("v".repeat(64 * 1024)).to_string();
+    e.raw()
+        .execute(
+            "INSERT INTO settings (user_id, key, value, deleted, hlc, dirty) VALUES (?1, 'legacy', ?2, 0, '000000000000001-00000-old', 0)",
+            [&user, &legacy],
+        )
+        .unwrap();
+    assert_err!(e.tally.set_setting(&user, "x", json!(1)), Error::InvalidInput(_));
+    e.tally.set_setting(&user, "b01", Value::Null).unwrap();
+    e.tally.set_setting(&user, "legacy", Value::Null).unwrap();
+    e.tally.set_setting(&user, "x", json!(1)).unwrap();
 }
 
 /// A catalog whose prices and costs can overflow 64 bits.

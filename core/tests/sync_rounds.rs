@@ -307,3 +307,24 @@ async fn unknown_features_of_the_answers_are_reported() {
     assert_eq!(report.unknown_features, ["notes"]);
     assert_eq!(report.events_acked, 1);
 }
+
+#[tokio::test]
+async fn a_413_halves_an_event_batch_and_quarantines_only_the_event_too_large_alone() {
+    let (e, user) = signed_in_env();
+    for i in 0..3 {
+        e.tally.consume(&user, "notes", 1, UsageMeta::default()).unwrap();
+        if i == 1 {
+            let big = UsageMeta { metadata: Some(json!({"blob": "b".repeat(4000)})), ..UsageMeta::default() };
+            e.tally.consume(&user, "notes", 1, big).unwrap();
+        }
+    }
+    e.tally.set_setting(&user, "small", json!(1)).unwrap();
+    let server = strict_server(2_000, 4 * 1024 * 1024);
+    let report = e.tally.sync(&user, server.options()).await.unwrap();
+    assert_eq!(report.rejected.len(), 1);
+    assert_eq!(report.rejected[0].reason, "too_large");
+    assert_eq!(report.events_acked, 3);
+    assert!(report.settings_rejected.is_empty());
+    assert_eq!(e.tally.setting_status(&user, "small").unwrap(), SettingStatus::Synced);
+    assert_eq!(e.tally.usage(&user, "notes").unwrap().used, 3, "the quarantined use no longer counts");
+}
