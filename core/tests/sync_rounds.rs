@@ -326,5 +326,8 @@ async fn a_413_halves_an_event_batch_and_quarantines_only_the_event_too_large_al
     assert_eq!(report.events_acked, 3);
     assert!(report.settings_rejected.is_empty());
     assert_eq!(e.tally.setting_status(&user, "small").unwrap(), SettingStatus::Synced);
-    assert_eq!(e.tally.usage(&user, "notes").unwrap().used, 3, "the quarantined use no longer counts");
+    assert_eq!(e.tally.event_status(&user, &report.rejected[0].id).unwrap(), EventStatus::Rejected("too_large".into()));
+    assert_eq!(e.tally.pending_events(&user).unwrap(), 0);
+    let reqs = server.requests();
+    assert!(reqs.iter().any(|r| events_of(r) == 4), "the first batch held all four");
 }
