@@ -1,11 +1,11 @@
 //! Admin endpoints (admin users or `admin`-scoped API keys; anyone else gets 404): pending
 //! users, access grants and their revocation, plans, a user's usage, API keys.
 
-use crate::accounts::{self, USER_COLUMNS, User};
 use crate::api_keys::{self, ApiKey};
 use crate::auth::Admin;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::JsonBody;
+use crate::users::{self, USER_COLUMNS, User};
 use crate::{AppState, plans, usage};
 use axum::Json;
 use axum::extract::{Path, Query, State};
@@ -55,7 +55,7 @@ pub async fn create_user(State(state): State<AppState>, _a: Admin, JsonBody(b): 
     if email.is_none() && b.subject.is_none() {
         return Err(ApiError::invalid("name the user with \"email\", \"subject\" or both"));
     }
-    accounts::validate_profile(&tally_core::wire::ProfilePatch {
+    users::validate_profile(&tally_core::wire::ProfilePatch {
         timezone: b.timezone.clone(),
         display_name: b.display_name.clone(),
         avatar_url: None,
@@ -108,16 +108,16 @@ pub async fn create_grant(
     let plan = match (g.plan.clone(), g.credits) {
         (Some(p), None) => p,
         (None, Some(credits)) => {
-            let user = accounts::find_or_create_by_subject(&state, &g.subject).await?;
+            let user = users::find_or_create_by_subject(&state, &g.subject).await?;
             let by = g.granted_by.clone().unwrap_or_else(|| admin.actor());
-            let req = crate::billing::CreditGrantRequest {
+            let req = crate::credits::CreditGrantRequest {
                 user_id: user.user_id,
                 credits,
                 expires_at: g.until,
                 reason: &g.reason,
                 granted_by: &by,
             };
-            let id = crate::billing::grant_credits(&state, req).await?;
+            let id = crate::credits::grant_credits(&state, req).await?;
             return Ok((
                 StatusCode::CREATED,
                 Json(
@@ -167,7 +167,7 @@ pub async fn revoke_grant(State(state): State<AppState>, _a: Admin, JsonBody(r):
         Some(Ok(id)) => Some(id),
         Some(Err(_)) | None if r.credits || r.grant_id.is_some() => {
             drop(client);
-            let n = crate::billing::revoke_credits(&state, uid, r.grant_id.as_deref()).await?;
+            let n = crate::credits::revoke_credits(&state, uid, r.grant_id.as_deref()).await?;
             if n == 0 {
                 return Err(ApiError::not_found("grant"));
             }
@@ -176,7 +176,7 @@ pub async fn revoke_grant(State(state): State<AppState>, _a: Admin, JsonBody(r):
         _ => None,
     };
     let tx = client.transaction().await?;
-    accounts::lock(&tx, uid, &state.config.admin_subjects).await?;
+    users::lock(&tx, uid, &state.config.admin_subjects).await?;
     let n = tx
         .execute(
             "UPDATE access_grants SET revoked_at = now() WHERE user_id = $1 AND revoked_at IS NULL AND ($2::uuid IS NULL OR grant_id = $2)",

@@ -2,8 +2,8 @@
 //! `POST /v1/admin/grants` or the `tally-server grant` command — one service for both, validated
 //! before anything is created, applied in one transaction.
 
-use crate::accounts::sub_hash;
 use crate::error::{ApiError, ApiResult};
+use crate::users::sub_hash;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
 use tally_core::{Catalog, contract};

@@ -11,6 +11,7 @@ pub mod auth;
 pub mod billing;
 pub mod cli;
 pub mod config;
+pub mod credits;
 pub mod db;
 pub mod entitlements;
 pub mod error;
@@ -25,6 +26,7 @@ pub mod settings;
 pub mod signing;
 pub mod sync;
 pub mod usage;
+pub mod users;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
