@@ -125,7 +125,7 @@ pub async fn find_or_create_by_subject(state: &AppState, subject: &str) -> ApiRe
     if subject.is_empty() || subject.len() > 255 {
         return Err(ApiError::invalid("subject must be 1 to 255 bytes"));
     }
-    let claims = IdClaims { sub: subject.into(), email: None, email_verified: None, iat: Some(Utc::now().timestamp() + 1), name: None };
+    let claims = IdClaims { sub: subject.into(), email: None, email_verified: None, iat: Some(state.now().timestamp() + 1), name: None };
     let client = state.pool.get().await?;
     if client.query_opt("SELECT 1 FROM account_tombstones WHERE sub_hash = $1", &[&sub_hash(subject)]).await?.is_some()
         && client.query_opt("SELECT 1 FROM users WHERE external_id = $1", &[&subject]).await?.is_none()
@@ -225,6 +225,19 @@ pub async fn delete_me(State(state): State<AppState>, AuthUser(user): AuthUser) 
     if paid.is_some() {
         return Err(ApiError::Conflict("subscription_active", "cancel the active subscription before deleting the account".into()));
     }
+    // The Stripe event log is a global look-up (keyed by Stripe's ids): its rows about this
+    // user — applied to them, of their customers, or naming their email — are kept (so a
+    // replayed event is still recognised and not applied again) but scrubbed of every detail.
+    let customers: Vec<String> =
+        tx.query("SELECT customer_id FROM stripe_customers WHERE user_id = $1", &[&user.user_id]).await?.iter().map(|r| r.get(0)).collect();
+    tx.execute(
+        "UPDATE stripe_events SET user_id = NULL, customer_id = NULL, outcome = 'scrubbed:account_deleted', \
+         payload = jsonb_build_object('id', event_id, 'type', type, 'scrubbed', true) \
+         WHERE user_id = $1 OR customer_id = ANY($2) OR ($3::text IS NOT NULL AND strpos(lower(payload::text), lower($3)) > 0)",
+        &[&user.user_id, &customers, &user.email],
+    )
+    .await?;
+    tx.execute("DELETE FROM stripe_pending_events WHERE customer_id = ANY($1)", &[&customers]).await?;
     for table in
         crate::billing::USER_TABLES.iter().copied().chain(["events", "counters", "settings", "subscriptions", "access_grants", "users"])
     {
@@ -232,8 +245,8 @@ pub async fn delete_me(State(state): State<AppState>, AuthUser(user): AuthUser) 
     }
     if let Some(sub) = &user.external_id {
         tx.execute(
-            "INSERT INTO account_tombstones (sub_hash, deleted_at) VALUES ($1, now()) ON CONFLICT (sub_hash) DO UPDATE SET deleted_at = excluded.deleted_at",
-            &[&sub_hash(sub)],
+            "INSERT INTO account_tombstones (sub_hash, deleted_at) VALUES ($1, $2) ON CONFLICT (sub_hash) DO UPDATE SET deleted_at = excluded.deleted_at",
+            &[&sub_hash(sub), &state.now()],
         )
         .await?;
     }

@@ -5,10 +5,10 @@ use crate::accounts::{self, USER_COLUMNS, User};
 use crate::api_keys::{self, ApiKey};
 use crate::auth::Admin;
 use crate::error::{ApiError, ApiResult};
-use crate::extract::JsonBody;
+use crate::extract::{JsonBody, QueryParams};
 use crate::{AppState, plans, usage};
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use chrono::{DateTime, Duration, Utc};
 use serde::Deserialize;
@@ -88,7 +88,7 @@ pub async fn create_grant(
     if g.reason.is_empty() || g.reason.len() > 200 {
         return Err(ApiError::invalid("reason must be 1 to 200 bytes"));
     }
-    if g.until.is_some_and(|u| u <= Utc::now()) {
+    if g.until.is_some_and(|u| u <= state.now()) {
         return Err(ApiError::invalid("until must be in the future"));
     }
     let plan = match (g.plan.clone(), g.credits) {
@@ -240,7 +240,7 @@ pub async fn user_usage(
     State(state): State<AppState>,
     _a: Admin,
     Path(id): Path<String>,
-    Query(q): Query<UsageQuery>,
+    QueryParams(q): QueryParams<UsageQuery>,
 ) -> ApiResult<Json<Value>> {
     let uid = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("user"))?;
     let client = state.pool.get().await?;
@@ -249,7 +249,7 @@ pub async fn user_usage(
         .await?
         .ok_or_else(|| ApiError::not_found("user"))?;
     let user = User::from_row(&r, &state.config.admin_subjects);
-    let now = Utc::now();
+    let now = state.now();
     let from = q.from.unwrap_or(now - Duration::days(30));
     let to = q.to.unwrap_or(now + Duration::minutes(10));
     let group_by = q.group_by.as_deref().unwrap_or("feature");

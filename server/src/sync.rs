@@ -10,7 +10,6 @@ use crate::ledger::{self, Ctx};
 use crate::{AppState, entitlements, settings};
 use axum::Json;
 use axum::extract::{FromRequest, Request, State};
-use chrono::Utc;
 use serde::Deserialize;
 use serde_json::Value;
 use tally_core::wire::{ProfilePatch, SettingChange, SyncResponse};
@@ -98,7 +97,7 @@ async fn run(
     events: Vec<ledger::NewEvent>,
     mut rejected: Vec<tally_core::wire::Rejected>,
 ) -> ApiResult<SyncResponse> {
-    let now = Utc::now();
+    let now = state.now();
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
     let mut user = accounts::lock(&tx, user.user_id, &state.config.admin_subjects).await?;

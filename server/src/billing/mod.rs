@@ -160,7 +160,7 @@ fn refund_status(amount: i64, refunded: i64, full: bool) -> &'static str {
 /// `GET /v1/billing`: plan, status, period, cancel_at_period_end, credits and payment history.
 pub async fn get_billing(State(state): State<AppState>, AuthUser(user): AuthUser) -> ApiResult<Json<Value>> {
     let client = state.pool.get().await?;
-    let now = Utc::now();
+    let now = state.now();
     let loaded = entitlements::load(&state, &client, &user, now).await?;
     let e = &loaded.ents;
     let subs = webhook::effective_subs(&client, user.user_id).await?;
@@ -292,7 +292,7 @@ pub async fn grant_credits(state: &AppState, r: CreditGrantRequest<'_>) -> ApiRe
     let tx = client.transaction().await?;
     crate::accounts::lock(&tx, r.user_id, &state.config.admin_subjects).await?;
     let id = format!("adm:{}", Uuid::now_v7());
-    credits::insert(&tx, r.user_id, &id, r.credits, "admin", Some(r.reason), Some(r.granted_by), None, Utc::now(), r.expires_at).await?;
+    credits::insert(&tx, r.user_id, &id, r.credits, "admin", Some(r.reason), Some(r.granted_by), None, state.now(), r.expires_at).await?;
     tx.execute("UPDATE users SET ver = ver + 1 WHERE user_id = $1", &[&r.user_id]).await?;
     tx.commit().await?;
     Ok(id)
