@@ -615,7 +615,8 @@ async fn force_entitlements_signs_a_fresh_token_and_changes_reach_the_next_sync(
         }
     };
     let t1 = sync(false).await;
-    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    // The next token's `iat` (whole seconds) is later: move the server's clock, don't sleep.
+    a.clock.advance(Duration::seconds(2));
     assert_eq!(sync(false).await, t1, "unchanged entitlements: the cached token");
     let t3 = sync(true).await;
     assert_ne!(t3, t1, "force_entitlements: a newly signed token");

@@ -215,20 +215,51 @@ fn kill9_mid_sync_loses_nothing_acknowledged() {
         .collect();
     let expected: u64 = batches.iter().flatten().map(|e| e["amount"].as_u64().unwrap()).sum();
     let mut acked: BTreeSet<String> = BTreeSet::new();
-    let mut kills = 0;
+    // A kill counts only when it lands while a sync is in flight (its request fails); the
+    // delay adapts until five kills have landed so.
+    let (mut landed, mut attempts, mut delay_ms) = (0, 0, 20u64);
     for (i, batch) in batches.iter().enumerate() {
         let r = if i % 2 == 1 {
-            // Kill the server while this request is in flight.
-            let handle = rt.spawn({
-                let (http, token, base, batch) = (http.clone(), token.clone(), server.base.clone(), batch.clone());
-                async move { post_sync(&http, &base, &token, "dev", &batch).await }
-            });
-            std::thread::sleep(Duration::from_millis(5 + 7 * i as u64));
-            server.kill9();
-            kills += 1;
-            let r = rt.block_on(handle).unwrap();
-            server = Server::start(Some(&url), dir.path());
-            r
+            loop {
+                attempts += 1;
+                assert!(attempts <= 40, "no kill landed mid-sync in {attempts} attempts");
+                let handle = rt.spawn({
+                    let (http, token, base, batch) = (http.clone(), token.clone(), server.base.clone(), batch.clone());
+                    async move {
+                        let body = json!({"protocol": 1, "device_id": "dev", "events": batch});
+                        match http.post(format!("{base}/v1/sync")).bearer_auth(&token).json(&body).send().await {
+                            Ok(resp) if resp.status().is_success() => resp.json::<Value>().await.map_err(|e| (false, e.to_string())),
+                            Ok(resp) => Err((false, format!("status {}", resp.status()))),
+                            // Connected, then cut: the server had the request when it died.
+                            Err(e) => Err((!e.is_connect(), e.to_string())),
+                        }
+                    }
+                });
+                std::thread::sleep(Duration::from_millis(delay_ms));
+                server.kill9();
+                let r = rt.block_on(handle).unwrap();
+                server = Server::start(Some(&url), dir.path());
+                match &r {
+                    Err((true, _)) => {
+                        landed += 1;
+                        break r.map_err(|(_, e)| e);
+                    }
+                    Err((false, e)) if e.contains("status") => panic!("a sync failed without a kill: {e}"),
+                    // Not connected yet: kill later next time.
+                    Err((false, _)) => {
+                        delay_ms += 5;
+                        continue;
+                    }
+                    Ok(_) => {}
+                }
+                // The sync finished before the kill: kill sooner next time, and re-send.
+                delay_ms = (delay_ms / 2).max(1);
+                if let Ok(r) = &r {
+                    for id in r["accepted"].as_array().unwrap().iter().chain(r["duplicates"].as_array().unwrap()) {
+                        acked.insert(id.as_str().unwrap().to_string());
+                    }
+                }
+            }
         } else {
             rt.block_on(post_sync(&http, &server.base, &token, "dev", batch))
         };
@@ -238,7 +269,7 @@ fn kill9_mid_sync_loses_nothing_acknowledged() {
             }
         }
     }
-    assert!(kills >= 5);
+    assert!(landed >= 5, "kills that landed mid-sync: {landed}");
     let (client, conn) = rt.block_on(tokio_postgres::connect(&url, tokio_postgres::NoTls)).unwrap();
     rt.spawn(conn);
     let acked_ids: Vec<Uuid> = acked.iter().map(|s| Uuid::parse_str(s).unwrap()).collect();
