@@ -321,6 +321,39 @@ impl Cluster {
         Ok(self.url_for(name))
     }
 
+    /// The postmaster's pid, from `postmaster.pid` (None when the cluster is not running).
+    pub fn postmaster_pid(&self) -> Option<i32> {
+        let text = std::fs::read_to_string(self.data.join("postmaster.pid")).ok()?;
+        text.lines().next()?.trim().parse().ok()
+    }
+
+    /// The postmaster and every process it started (backends, checkpointer, …), for fault
+    /// tests that stall the whole server with SIGSTOP.
+    pub fn processes(&self) -> Vec<i32> {
+        let Some(master) = self.postmaster_pid() else { return Vec::new() };
+        let mut pids = vec![master];
+        if let Ok(rd) = std::fs::read_dir("/proc") {
+            for e in rd.filter_map(Result::ok) {
+                let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+                // Field 4 of /proc/PID/stat is the parent pid (after the parenthesised name).
+                let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+                let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)).and_then(|p| p.parse::<i32>().ok());
+                if ppid == Some(master) {
+                    pids.push(pid);
+                }
+            }
+        }
+        pids
+    }
+
+    /// Restarts the cluster on the same port and options (`immediate`: like a crash, then
+    /// recovery from the WAL; otherwise a fast shutdown).
+    pub fn restart(&self, immediate: bool) -> Result<(), ClusterError> {
+        let mode = if immediate { "immediate" } else { "fast" };
+        let log = self.data.join("server.log");
+        self.run("pg_ctl", &["-D", &self.data.to_string_lossy(), "-l", &log.to_string_lossy(), "restart", "-m", mode, "-w", "-t", "60"])
+    }
+
     /// Stops the cluster (fast shutdown); removes its data when ephemeral.
     pub fn stop(&mut self) -> Result<(), ClusterError> {
         if self.stopped {

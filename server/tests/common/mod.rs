@@ -215,3 +215,76 @@ pub fn event(id: uuid::Uuid, feature: &str, amount: u64) -> Value {
 pub fn used(resp: &Value, feature: &str) -> Option<u64> {
     resp["totals"].as_array()?.iter().filter(|t| t["feature"] == feature).filter_map(|t| t["used"].as_u64()).max()
 }
+
+/// A running `tally-server serve` process (the binary cargo built for this test), killed
+/// with SIGKILL on drop.
+pub struct Server {
+    /// The process.
+    pub child: std::process::Child,
+    /// Base URL (`http://127.0.0.1:port`).
+    pub base: String,
+}
+
+impl Server {
+    /// Starts `serve` on `url` (None: the embedded default) with data under `dir`.
+    pub fn start(url: Option<&str>, dir: &std::path::Path) -> Server {
+        Server::start_with(url, dir, &[])
+    }
+
+    /// [`Server::start`] with extra environment variables.
+    pub fn start_with(url: Option<&str>, dir: &std::path::Path, env: &[(&str, &str)]) -> Server {
+        use std::io::BufRead;
+        let mut child = Server::command(url, dir, env).stdout(std::process::Stdio::piped()).spawn().expect("spawn tally-server");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        std::io::BufReader::new(stdout).read_line(&mut line).expect("read listening line");
+        let base =
+            line.trim().strip_prefix("tally-server listening on ").unwrap_or_else(|| panic!("unexpected output {line:?}")).to_string();
+        Server { child, base }
+    }
+
+    /// The `serve` command of [`Server::start_with`], not spawned yet.
+    pub fn command(url: Option<&str>, dir: &std::path::Path, env: &[(&str, &str)]) -> std::process::Command {
+        std::fs::create_dir_all(dir).unwrap();
+        let plans = dir.join("plans.json");
+        std::fs::write(&plans, CATALOG).unwrap();
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tally-server"));
+        cmd.arg("serve")
+            .env_remove("TALLY_DATABASE_URL")
+            .env("TALLY_LISTEN", "127.0.0.1:0")
+            .env("TALLY_JWT_SECRET", SECRET)
+            .env("TALLY_DATA_DIR", dir)
+            .env("TALLY_PLANS_FILE", &plans)
+            .env("TALLY_RATE_LIMIT_PER_SEC", "100000")
+            .env("TALLY_RATE_LIMIT_BURST", "100000")
+            .env("TALLY_DB_POOL_SIZE", "8")
+            .env("TALLY_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit());
+        if let Some(u) = url {
+            cmd.env("TALLY_DATABASE_URL", u);
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill9(&mut self) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM (graceful shutdown, which stops an embedded cluster), then reap.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        self.child.wait().expect("wait")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
