@@ -181,6 +181,9 @@ pub async fn json_errors(req: Request, next: Next) -> Response {
         }
         StatusCode::TOO_MANY_REQUESTS => ApiError::RateLimited(1),
         s if s.is_server_error() => ApiError::Internal(format!("{s} without a body from {method} {path}")),
+        StatusCode::BAD_REQUEST => {
+            ApiError::BadRequest("bad_request", "the request could not be read (a malformed path parameter, query or header)".into())
+        }
         s => ApiError::Status(s, "bad_request", format!("the request was refused ({})", s.canonical_reason().unwrap_or("client error"))),
     };
     let mut out = err.into_response();

@@ -37,6 +37,14 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     Ok(value)
 }
 
+/// Converts a parsed JSON value into `T`; a shape error is a 422 `invalid_body` naming the field.
+pub fn from_value<T: DeserializeOwned>(v: serde_json::Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize::<_, T>(v).map_err(|e| {
+        let path = e.path().to_string();
+        ApiError::Invalid("invalid_body", describe(&path, &e.into_inner().to_string()))
+    })
+}
+
 fn malformed(e: &serde_json::Error) -> ApiError {
     let what = match e.classify() {
         serde_json::error::Category::Eof => "the JSON ends too early",

@@ -5,7 +5,7 @@
 use crate::accounts::{self, User};
 use crate::auth::AuthUser;
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{body_bytes, parse_json};
+use crate::extract::{body_bytes, from_value, parse_json};
 use crate::ledger::{self, Ctx};
 use crate::{AppState, entitlements, settings};
 use axum::Json;
@@ -61,7 +61,7 @@ impl FromRequest<AppState> for SyncBody {
         {
             return Err(ApiError::TooLarge(format!("{n} events in one request; the maximum is {}", state.config.max_batch_events)));
         }
-        let req: RawSyncRequest = serde_json::from_value(v).map_err(|e| ApiError::Invalid("invalid_body", e.to_string()))?;
+        let req: RawSyncRequest = from_value(v)?;
         if req.device_id.is_empty() || req.device_id.len() > 128 {
             return Err(ApiError::Invalid("invalid_body", "device_id must be 1 to 128 bytes".into()));
         }
