@@ -2,12 +2,14 @@
 //! or the state the app set locally), timezone and billing anchor. Cached per user.
 
 use crate::catalog::Catalog;
+use crate::credits::{credit_balance_at, store_credit_grants};
 use crate::entitlements::{EntitlementClaims, Entitlements, SubscriptionStatus};
 use crate::error::{Error, Result};
-use crate::{Inner, Tally, from_ms};
+use crate::{Change, Inner, Tally, from_ms, ms, write_tx};
 use chrono::{DateTime, Duration, Utc};
 use chrono_tz::Tz;
 use rusqlite::OptionalExtension;
+use rusqlite::params;
 use std::sync::Arc;
 
 /// Everything a decision needs to know about a user.
@@ -124,9 +126,7 @@ impl Tally {
 
     /// The catalog used for a user's "unknown feature" test: the local catalog plus the token's.
     pub(crate) fn feature_known(catalog: &Catalog, ent: &Entitlements, feature: &str) -> bool {
-        ent.features.contains_key(feature)
-            || ent.free_features.contains_key(feature)
-            || catalog.plans.iter().any(|p| p.features.contains_key(feature))
+        ent.features.contains_key(feature) || ent.free_features.contains_key(feature) || catalog.knows_feature(feature)
     }
 }
 
@@ -138,4 +138,54 @@ fn local_boundaries(state: &Entitlements, past_due_grace: Duration) -> Vec<DateT
         v.push(p + past_due_grace);
     }
     v
+}
+
+impl Tally {
+    /// Sets a user's entitlement state locally (apps without a server): plan, status, period,
+    /// access grants, admin flag and credit grants (which replace the stored ones).
+    pub fn set_entitlements(&self, user_id: &str, state: Entitlements) -> Result<()> {
+        for (i, g) in state.grants.iter().enumerate() {
+            if self.catalog().plan(&g.plan).is_none() {
+                return Err(Error::invalid(format!("grants[{i}].plan: unknown plan {:?}", g.plan)));
+            }
+        }
+        if state.status != crate::SubscriptionStatus::None && self.catalog().plan(&state.plan).is_none() {
+            return Err(Error::invalid(format!("plan: unknown plan {:?}", state.plan)));
+        }
+        if let (Some(s), Some(e)) = (state.period_start, state.period_end)
+            && e <= s
+        {
+            return Err(Error::invalid("period_end must be after period_start"));
+        }
+        let mut g = self.lock();
+        let now = self.observe_now(&mut g);
+        write_tx(&mut g.conn, |tx| {
+            let n = tx.execute(
+                "UPDATE users SET entitlements = ?2, is_admin = ?3, updated_at = ?4 WHERE id = ?1",
+                params![user_id, serde_json::to_string(&state)?, state.is_admin, ms(now)],
+            )?;
+            if n == 0 {
+                return Err(Error::NotFound(format!("user {user_id}")));
+            }
+            store_credit_grants(tx, user_id, &state.credit_grants, now)?;
+            Ok(())
+        })?;
+        Tally::forget_access(&mut g, user_id);
+        drop(g);
+        self.notify(user_id, Change { entitlements: true, usage: true, ..Change::default() });
+        Ok(())
+    }
+
+    /// The user's resolved entitlements: plan in effect, `access_reason`, rules, credit grants
+    /// and balance.
+    pub fn entitlements(&self, user_id: &str) -> Result<Entitlements> {
+        let mut g = self.lock();
+        let now = self.observe_now(&mut g);
+        let a = self.access(&mut g, user_id, now)?;
+        self.ensure_plan_credits(&mut g, user_id, &a, now)?;
+        let mut e = a.ent.clone();
+        e.credit_grants = self.credit_grants(&g.conn, user_id)?;
+        e.credit_balance = credit_balance_at(&g.conn, user_id, now)?;
+        Ok(e)
+    }
 }

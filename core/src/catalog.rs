@@ -19,11 +19,15 @@ pub struct ModelPrice {
 }
 
 impl ModelPrice {
-    /// Cost of a call in micros, rounded up.
-    pub fn cost_micros(&self, input_tokens: u64, output_tokens: u64) -> u64 {
+    /// Cost of a call in micros, rounded up; a cost past the contract's counter range is a
+    /// violation (`invalid_amount`), never a wrapped or saturated number.
+    pub fn cost_micros(&self, input_tokens: u64, output_tokens: u64) -> crate::contract::Checked<u64> {
         let total = u128::from(input_tokens) * u128::from(self.input_micros_per_mtok)
             + u128::from(output_tokens) * u128::from(self.output_micros_per_mtok);
-        u64::try_from(total.div_ceil(1_000_000)).unwrap_or(u64::MAX)
+        u64::try_from(total.div_ceil(1_000_000))
+            .ok()
+            .filter(|c| *c <= crate::contract::MAX_COUNTER)
+            .ok_or_else(|| crate::contract::Violation::new("cost_micros", "invalid_amount", "the cost of this call is too large to record"))
     }
 }
 
@@ -201,6 +205,11 @@ impl Catalog {
         }
     }
 
+    /// Whether some plan of the catalog knows `feature` (a device's catalog may be ahead).
+    pub fn knows_feature(&self, feature: &str) -> bool {
+        self.plans.iter().any(|p| p.features.contains_key(feature))
+    }
+
     /// The plan with this id.
     pub fn plan(&self, id: &str) -> Option<&Plan> {
         self.plans.iter().find(|p| p.id == id)
@@ -372,7 +381,7 @@ mod tests {
         assert_eq!(free.features.len(), 5);
         assert_eq!(free.features["ai_chat"], Rule::Metered { limit: Some(5), period: Period::Month, enforcement: Enforcement::Hard });
         assert_eq!(free.included_credits, Some(IncludedCredits { amount: 100, rollover: false }));
-        assert_eq!(c.models["gpt-4o"].cost_micros(1000, 500), 2500 + 5000);
+        assert_eq!(c.models["gpt-4o"].cost_micros(1000, 500), Ok(2500 + 5000));
         // Round trip through serde gives the same catalog.
         assert_eq!(Catalog::from_json(&c.to_json()).unwrap(), c);
     }

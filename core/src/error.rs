@@ -61,9 +61,22 @@ pub enum Error {
         /// Human readable message.
         message: String,
     },
+    /// The server's credentials name another subject than the signed-in user's `external_id`:
+    /// nothing was recorded. Sign the user in again with matching credentials.
+    #[error("subject mismatch: the credentials are for another account than user {0}")]
+    SubjectMismatch(String),
+    /// The library is not configured for this call (e.g. `sync` without `Config.server_keys`).
+    #[error("configuration error: {0}")]
+    Configuration(String),
     /// The entitlements token could not be verified.
     #[error("invalid entitlements token: {0}")]
     InvalidToken(String),
+}
+
+impl From<crate::contract::Violation> for Error {
+    fn from(v: crate::contract::Violation) -> Self {
+        Error::InvalidInput(v.message)
+    }
 }
 
 /// Result alias of the core.

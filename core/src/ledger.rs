@@ -1,28 +1,15 @@
-//! The quota engine and the usage ledger: `check`, `consume` (one immutable event and its
-//! counters in one transaction), usage per window, credits and entitlements.
-//!
-//! Counters hold, per (user, feature, period, window start), the amount of this device's
-//! unacknowledged events (`pending`, `pending_cost`) and the server's last total
-//! (`server_used`): `used = server_used + pending`. Decisions read one counter row; the ledger is
-//! only scanned when a feature's rule, the user's timezone or billing anchor changes.
+//! The usage ledger: validated uses, immutable events (one row per use, identity
+//! `(user_id, id)`), replays of keyed uses, and the events' sync status.
 
-use crate::access::Access;
-use crate::catalog::{Enforcement, Rule};
-use crate::decision::{Counted, Decision, Reason, decide_counted};
-use crate::entitlements::{CreditGrant, Entitlements};
+use crate::decision::Decision;
 use crate::error::{Error, Result};
-use crate::period::{Period, Window, window};
-use crate::{Change, Inner, Tally, from_ms, ms, write_tx};
+use crate::{Tally, contract, ms};
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-/// Largest metadata (serialized JSON) on an event, in bytes.
-pub const MAX_METADATA_BYTES: usize = 4096;
-/// Longest feature key, in bytes.
-pub const MAX_FEATURE_BYTES: usize = 128;
 /// Namespace of UUIDv5 ids made from non-UUID idempotency keys.
 pub const KEY_NAMESPACE: Uuid = Uuid::from_u128(0x7a11_7a11_0000_4000_8000_0000_7a11_7a11);
 
@@ -54,27 +41,6 @@ pub struct ConsumeItem {
     pub meta: UsageMeta,
 }
 
-/// A user's usage of one feature in its current window.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Usage {
-    /// Feature key.
-    pub feature: String,
-    /// Period of the rule (`None` for flags and credits).
-    pub period: Option<Period>,
-    /// Used in the window (micros for budgets, credits spent for credit rules).
-    pub used: u64,
-    /// Limit (`None` = unlimited).
-    pub limit: Option<u64>,
-    /// What is left (`None` = unlimited).
-    pub remaining: Option<u64>,
-    /// `max(0, used - limit)`.
-    pub over_limit_by: u64,
-    /// Window start.
-    pub period_start: Option<DateTime<Utc>>,
-    /// Window end (`None` = never resets).
-    pub resets_at: Option<DateTime<Utc>>,
-}
-
 /// Whether the server has taken an event.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "status", content = "reason")]
@@ -88,56 +54,34 @@ pub enum EventStatus {
 }
 
 /// A validated use, ready to decide and record.
-struct Use<'a> {
-    id: Uuid,
-    feature: &'a str,
-    amount: u64,
-    model: Option<&'a str>,
-    input_tokens: Option<u64>,
-    output_tokens: Option<u64>,
-    metadata: Option<String>,
+pub(crate) struct Use<'a> {
+    pub(crate) id: Uuid,
+    pub(crate) feature: &'a str,
+    pub(crate) amount: u64,
+    pub(crate) model: Option<&'a str>,
+    pub(crate) input_tokens: Option<u64>,
+    pub(crate) output_tokens: Option<u64>,
+    pub(crate) metadata: Option<String>,
     /// Whether the caller chose the id: only then can the use be replayed, so only then is its
     /// decision stored.
-    keyed: bool,
+    pub(crate) keyed: bool,
 }
 
-fn validate<'a>(feature: &'a str, amount: u64, meta: &'a UsageMeta) -> Result<Use<'a>> {
+pub(crate) fn validate<'a>(feature: &'a str, amount: u64, meta: &'a UsageMeta) -> Result<Use<'a>> {
     validate_with_id(feature, amount, meta, true)
 }
 
 /// `validate`, without minting an event id when `need_id` is false (a `check` records nothing,
 /// and a fresh UUID v7 costs a clock read and a `getrandom` syscall).
-fn validate_with_id<'a>(feature: &'a str, amount: u64, meta: &'a UsageMeta, need_id: bool) -> Result<Use<'a>> {
-    if feature.is_empty() || feature.len() > MAX_FEATURE_BYTES {
-        return Err(Error::invalid(format!("feature key must be 1 to {MAX_FEATURE_BYTES} bytes")));
-    }
-    if amount == 0 || amount > i64::MAX as u64 {
-        return Err(Error::invalid(format!("amount must be between 1 and {}, got {amount}", i64::MAX)));
-    }
-    for (name, v) in [("input_tokens", meta.input_tokens), ("output_tokens", meta.output_tokens)] {
-        if v.is_some_and(|v| v > i64::MAX as u64) {
-            return Err(Error::invalid(format!("{name} is larger than {}", i64::MAX)));
-        }
-    }
-    if meta.model.as_deref().is_some_and(|m| m.is_empty() || m.len() > 128) {
-        return Err(Error::invalid("model must be 1 to 128 bytes"));
-    }
-    let metadata = match &meta.metadata {
-        None | Some(Value::Null) => None,
-        Some(v) => {
-            let s = serde_json::to_string(v)?;
-            if s.len() > MAX_METADATA_BYTES {
-                return Err(Error::invalid(format!("metadata is {} bytes; the limit is {MAX_METADATA_BYTES}", s.len())));
-            }
-            Some(s)
-        }
-    };
+pub(crate) fn validate_with_id<'a>(feature: &'a str, amount: u64, meta: &'a UsageMeta, need_id: bool) -> Result<Use<'a>> {
+    let metadata = contract::usage(feature, amount, meta.model.as_deref(), meta.input_tokens, meta.output_tokens, meta.metadata.as_ref())?;
     let id = match meta.idempotency_key.as_deref() {
         None if !need_id => Uuid::nil(),
         None => Uuid::now_v7(),
-        Some("") => return Err(Error::invalid("idempotency_key must not be empty")),
-        Some(k) if k.len() > 256 => return Err(Error::invalid("idempotency_key must be at most 256 bytes")),
-        Some(k) => event_id_for_key(k),
+        Some(k) => {
+            contract::idempotency_key(k)?;
+            event_id_for_key(k)
+        }
     };
     Ok(Use {
         id,
@@ -156,412 +100,8 @@ pub fn event_id_for_key(key: &str) -> Uuid {
     Uuid::parse_str(key).unwrap_or_else(|_| Uuid::new_v5(&KEY_NAMESPACE, key.as_bytes()))
 }
 
-/// How a decided use changes storage.
-enum Effect {
-    /// Add to a counter row.
-    Count { period: String, start: i64, amount: u64, cost: u64 },
-    /// Draw credits.
-    Credits(u64),
-    /// Nothing but the event.
-    None,
-}
-
-/// The counter key of a counted rule: (period column, window) at `now`.
-fn counter_window(rule: &Rule, a: &Access, now: DateTime<Utc>) -> Option<(String, Window)> {
-    match rule {
-        Rule::Metered { period, .. } | Rule::Budget { period, .. } => {
-            Some((period.as_str().to_string(), window(*period, now, a.tz, a.anchor)))
-        }
-        Rule::Rate { window_secs, .. } => {
-            let secs = i64::try_from(*window_secs).unwrap_or(i64::MAX).max(1);
-            let start = now.timestamp().div_euclid(secs) * secs;
-            let s = DateTime::from_timestamp(start, 0).unwrap_or(now);
-            Some((format!("rate:{secs}"), Window { start: s, end: DateTime::from_timestamp(start.saturating_add(secs), 0) }))
-        }
-        _ => None,
-    }
-}
-
-/// (pending, pending_cost, server_used) of a counter row.
-fn read_counter(conn: &Connection, user: &str, feature: &str, period: &str, start: i64) -> Result<(u64, u64, u64)> {
-    Ok(conn
-        .prepare_cached("SELECT pending, pending_cost, server_used FROM counters WHERE user_id = ?1 AND feature = ?2 AND period = ?3 AND period_start = ?4")?
-        .query_row(params![user, feature, period, start], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64)))
-        .optional()?
-        .unwrap_or((0, 0, 0)))
-}
-
-/// The counter rows a batch reads and changes: each row is read once and written once, so a
-/// `consume_many` of N uses of one feature costs one counter read and one upsert, not N of each.
-#[derive(Default)]
-struct Batch {
-    rows: std::collections::HashMap<(String, String, i64), CounterRow>,
-}
-
-#[derive(Clone, Copy)]
-struct CounterRow {
-    pending: u64,
-    pending_cost: u64,
-    server: u64,
-    add_amount: u64,
-    add_cost: u64,
-}
-
-impl Batch {
-    /// (pending, pending_cost, server_used) of a row, including what this batch added.
-    fn read(&mut self, conn: &Connection, user: &str, feature: &str, period: &str, start: i64) -> Result<(u64, u64, u64)> {
-        let key = (feature.to_string(), period.to_string(), start);
-        let row = match self.rows.get(&key) {
-            Some(r) => *r,
-            None => {
-                let (pending, pending_cost, server) = read_counter(conn, user, feature, period, start)?;
-                let r = CounterRow { pending, pending_cost, server, add_amount: 0, add_cost: 0 };
-                self.rows.insert(key, r);
-                r
-            }
-        };
-        Ok((row.pending + row.add_amount, row.pending_cost + row.add_cost, row.server))
-    }
-
-    fn add(&mut self, feature: &str, period: &str, start: i64, amount: u64, cost: u64) {
-        let key = (feature.to_string(), period.to_string(), start);
-        let r = self.rows.entry(key).or_insert(CounterRow { pending: 0, pending_cost: 0, server: 0, add_amount: 0, add_cost: 0 });
-        r.add_amount += amount;
-        r.add_cost += cost;
-    }
-
-    /// Writes what the batch added.
-    fn flush(self, conn: &Connection, user: &str) -> Result<()> {
-        for ((feature, period, start), r) in self.rows {
-            if r.add_amount > 0 || r.add_cost > 0 {
-                add_counter(conn, user, &feature, &period, start, r.add_amount as i64, r.add_cost as i64)?;
-            }
-        }
-        Ok(())
-    }
-}
-
-fn add_counter(conn: &Connection, user: &str, feature: &str, period: &str, start: i64, amount: i64, cost: i64) -> Result<()> {
-    conn.prepare_cached(
-        "INSERT INTO counters (user_id, feature, period, period_start, pending, pending_cost) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-         ON CONFLICT (user_id, feature, period, period_start) DO UPDATE SET pending = pending + excluded.pending,
-           pending_cost = pending_cost + excluded.pending_cost",
-    )?
-    .execute(params![user, feature, period, start, amount, cost])?;
-    Ok(())
-}
-
-/// The (tz, anchor) a period's windows depend on, normalised so that irrelevant changes do not
-/// trigger rebuilds.
-fn rule_key(period: Period, a: &Access) -> (String, i64) {
-    match period {
-        Period::Day | Period::Week | Period::Month | Period::Year => (a.tz.name().to_string(), 0),
-        Period::Billing => (String::new(), ms(a.anchor)),
-        _ => (String::new(), 0),
-    }
-}
-
-impl Tally {
-    /// The current decision time (never before the highest time seen), remembered as the new
-    /// highest time seen: in memory at once, in the file when it moved on by a second or more.
-    /// A check or a usage read at a later time must keep a clock moved backwards afterwards from
-    /// reopening a past window, like a consume does.
-    pub(crate) fn observe_now(&self, inner: &mut Inner) -> DateTime<Utc> {
-        let now = self.now(inner);
-        let t = ms(now);
-        if t >= inner.highest_seen_ms.saturating_add(1000) {
-            // Best effort: the consume transaction persists it too.
-            let _ = inner
-                .conn
-                .prepare_cached("UPDATE device SET highest_seen_ms = MAX(highest_seen_ms, ?1) WHERE singleton = 1")
-                .and_then(|mut st| st.execute([t]));
-        }
-        inner.highest_seen_ms = inner.highest_seen_ms.max(t);
-        now
-    }
-
-    /// Makes sure the counters of `feature` are kept for `period` in the user's current zone and
-    /// anchor; rebuilds them from the unacknowledged events when not (a rule, timezone or
-    /// billing change). The only ledger scan, off the hot path.
-    fn ensure_counters(inner: &mut Inner, user: &str, feature: &str, period: Period, a: &Access) -> Result<()> {
-        let key = (user.to_string(), feature.to_string());
-        if inner.verified.contains(&key) {
-            return Ok(());
-        }
-        let (tz, anchor) = rule_key(period, a);
-        let current: Option<(String, String, i64)> = inner
-            .conn
-            .prepare_cached("SELECT period, tz, anchor FROM counter_rules WHERE user_id = ?1 AND feature = ?2")?
-            .query_row([user, feature], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .optional()?;
-        if current.as_ref() != Some(&(period.as_str().to_string(), tz.clone(), anchor)) {
-            write_tx(&mut inner.conn, |tx| {
-                tx.execute(
-                    "UPDATE counters SET pending = 0, pending_cost = 0 WHERE user_id = ?1 AND feature = ?2 AND period NOT LIKE 'rate:%'",
-                    [user, feature],
-                )?;
-                let events: Vec<(i64, i64, i64)> = tx
-                    .prepare("SELECT occurred_at, amount, COALESCE(cost_micros, 0) FROM events WHERE user_id = ?1 AND feature = ?2 AND status = 0")?
-                    .query_map([user, feature], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-                    .collect::<rusqlite::Result<_>>()?;
-                for (at, amount, cost) in events {
-                    let w = window(period, from_ms(at), a.tz, a.anchor);
-                    add_counter(tx, user, feature, period.as_str(), ms(w.start), amount, cost)?;
-                }
-                tx.execute(
-                    "INSERT INTO counter_rules (user_id, feature, period, tz, anchor) VALUES (?1, ?2, ?3, ?4, ?5)
-                     ON CONFLICT (user_id, feature) DO UPDATE SET period = excluded.period, tz = excluded.tz, anchor = excluded.anchor",
-                    params![user, feature, period.as_str(), tz, anchor],
-                )?;
-                Ok(())
-            })?;
-        }
-        inner.verified.insert(key);
-        Ok(())
-    }
-
-    /// Stores the credits the user's plan includes for the current billing window (and, when
-    /// they roll over, the earlier ones) — for entitlements set locally only: subscribers get
-    /// theirs from paid invoices, and a server's token carries the server's grants.
-    fn ensure_plan_credits(&self, inner: &mut Inner, user: &str, a: &Access, now: DateTime<Utc>) -> Result<()> {
-        if a.from_token || crate::entitlements::credits_from_invoices(&a.ent.access_reason) {
-            return Ok(());
-        }
-        let catalog = self.catalog();
-        let Some(plan) = catalog.plan(&a.ent.plan) else { return Ok(()) };
-        for (_, g) in crate::entitlements::included_credit_grants(plan, a.created_at, a.anchor, now) {
-            let key = (user.to_string(), g.id.clone());
-            if inner.plan_credits.contains(&key) {
-                continue;
-            }
-            write_tx(&mut inner.conn, |tx| {
-                let added = tx.execute(
-                    "INSERT OR IGNORE INTO credit_grants (user_id, id, remaining, expires_at, source) VALUES (?1, ?2, ?3, ?4, ?5)",
-                    params![user, g.id, g.remaining, g.expires_at.map(ms), g.source],
-                )?;
-                if added > 0 {
-                    settle_debt(tx, user, now)?;
-                }
-                Ok(())
-            })?;
-            inner.plan_credits.insert(key);
-        }
-        Ok(())
-    }
-
-    /// Decides a use without changing anything. Returns the decision and, when it is allowed,
-    /// what recording it changes.
-    /// Counters of the feature must have been ensured ([`Tally::ensure_counters`]).
-    fn decide(
-        &self,
-        conn: &Connection,
-        batch: &mut Batch,
-        a: &Access,
-        user: &str,
-        u: &Use<'_>,
-        now: DateTime<Utc>,
-        record: bool,
-    ) -> Result<(Decision, Option<Effect>)> {
-        let reason = a.ent.access_reason.as_str();
-        let Some(rule) = a.ent.features.get(u.feature) else {
-            let r = if Tally::feature_known(&self.catalog(), &a.ent, u.feature) { Reason::NotInPlan } else { Reason::UnknownFeature };
-            return Ok((Decision::simple(false, r, reason), None));
-        };
-        let price = u.model.map(|m| a.ent.models.get(m).copied());
-        let cost = match price {
-            Some(Some(p)) => Some(p.cost_micros(u.input_tokens.unwrap_or(0), u.output_tokens.unwrap_or(0))),
-            _ => None,
-        };
-        match rule {
-            Rule::Flag { enabled } => {
-                let r = if *enabled { Reason::Ok } else { Reason::NotInPlan };
-                Ok((Decision::simple(*enabled, r, reason), enabled.then_some(Effect::None)))
-            }
-            Rule::Credits { cost: per_unit } => {
-                let need = per_unit.saturating_mul(u.amount);
-                let balance = credit_balance_at(conn, user, now)?;
-                let ok = balance >= 0 && (balance as u64) >= need;
-                let shown = if ok && record { balance - need as i64 } else { balance };
-                let d = Decision {
-                    allowed: ok,
-                    reason: if ok { Reason::Ok } else { Reason::InsufficientCredits },
-                    used: need,
-                    limit: None,
-                    remaining: Some(shown.max(0) as u64),
-                    resets_at: None,
-                    access_reason: reason.into(),
-                    over_limit_by: if shown < 0 { shown.unsigned_abs() } else { 0 },
-                };
-                Ok((d, ok.then_some(Effect::Credits(need))))
-            }
-            Rule::Metered { .. } | Rule::Budget { .. } | Rule::Rate { .. } => {
-                let (counted, measured, effect_cost) = match rule {
-                    Rule::Metered { limit, enforcement, .. } => (
-                        Counted { limit: *limit, enforcement: *enforcement, deny_reason: Reason::LimitReached, always_record: false },
-                        u.amount,
-                        cost.unwrap_or(0),
-                    ),
-                    Rule::Budget { limit_micros, enforcement, .. } => {
-                        if price == Some(None) {
-                            return Ok((Decision::simple(false, Reason::UnknownModel, reason), None));
-                        }
-                        // With a model, the cost comes from its price; without, `amount` is micros.
-                        let c = if record { cost.unwrap_or(u.amount) } else { u.amount };
-                        (
-                            Counted {
-                                limit: Some(*limit_micros),
-                                enforcement: *enforcement,
-                                deny_reason: Reason::BudgetExceeded,
-                                always_record: true,
-                            },
-                            c,
-                            c,
-                        )
-                    }
-                    Rule::Rate { limit, .. } => (
-                        Counted {
-                            limit: Some(*limit),
-                            enforcement: Enforcement::Hard,
-                            deny_reason: Reason::RateLimited,
-                            always_record: false,
-                        },
-                        u.amount,
-                        cost.unwrap_or(0),
-                    ),
-                    _ => unreachable!("guarded above"),
-                };
-                let (pkey, w) = counter_window(rule, a, now).unwrap_or_else(|| (String::new(), Window { start: now, end: None }));
-                let start = ms(w.start);
-                let (pending, pending_cost, server) = batch.read(conn, user, u.feature, &pkey, start)?;
-                let used = server + if matches!(rule, Rule::Budget { .. }) { pending_cost } else { pending };
-                let (d, rec) = decide_counted(counted, used, measured, w.end, reason, record);
-                let effect = rec.then_some(Effect::Count { period: pkey, start, amount: u.amount, cost: effect_cost });
-                Ok((d, effect))
-            }
-        }
-    }
-
-    /// Asks whether `amount` units of `feature` may be used now, changing nothing. For budget
-    /// rules, `amount` is the estimated cost in micros.
-    pub fn check(&self, user_id: &str, feature: &str, amount: u64) -> Result<Decision> {
-        let meta = UsageMeta::default();
-        let u = validate_with_id(feature, amount, &meta, false)?;
-        if let Some(d) = self.check_fast(user_id, &u)? {
-            return Ok(d);
-        }
-        let mut g = self.lock();
-        let now = self.observe_now(&mut g);
-        let a = self.access(&mut g, user_id, now)?;
-        if let Some(p) = a.ent.features.get(feature).and_then(Rule::period) {
-            Tally::ensure_counters(&mut g, user_id, feature, p, &a)?;
-        }
-        if matches!(a.ent.features.get(feature), Some(Rule::Credits { .. })) {
-            self.ensure_plan_credits(&mut g, user_id, &a, now)?;
-        }
-        Ok(self.decide(&g.conn, &mut Batch::default(), &a, user_id, &u, now, false)?.0)
-    }
-
-    /// The common `check`: access cached, counters verified, no clock write due. Reads the
-    /// change counter (`PRAGMA data_version`) and the counter row in **one** read transaction
-    /// (one WAL read lock instead of two). `None`: take the full path.
-    fn check_fast(&self, user_id: &str, u: &Use<'_>) -> Result<Option<Decision>> {
-        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let (d, now) = {
-            let inner = &*g;
-            let tx = inner.conn.unchecked_transaction()?;
-            let v: i64 = tx.prepare_cached("PRAGMA data_version")?.query_row([], |r| r.get(0))?;
-            if v != inner.data_version {
-                return Ok(None);
-            }
-            let now = self.now(inner);
-            if ms(now) >= inner.highest_seen_ms.saturating_add(1000) {
-                return Ok(None);
-            }
-            let Some(a) = inner.access.get(user_id).filter(|a| now < a.valid_until).cloned() else { return Ok(None) };
-            if a.ent.features.get(u.feature).and_then(Rule::period).is_some()
-                && !inner.verified.contains(&(user_id.to_string(), u.feature.to_string()))
-            {
-                return Ok(None);
-            }
-            if matches!(a.ent.features.get(u.feature), Some(Rule::Credits { .. })) {
-                return Ok(None); // plan credits may be due: the full path stores them
-            }
-            let d = self.decide(&tx, &mut Batch::default(), &a, user_id, u, now, false)?.0;
-            tx.commit()?;
-            (d, now)
-        };
-        g.highest_seen_ms = g.highest_seen_ms.max(ms(now));
-        Ok(Some(d))
-    }
-
-    /// Atomically checks and records a use: one ledger event and its counters in one
-    /// transaction, or nothing when denied. Replaying the same idempotency key returns the
-    /// original decision; the same key with another body is [`Error::IdempotencyConflict`].
-    pub fn consume(&self, user_id: &str, feature: &str, amount: u64, meta: UsageMeta) -> Result<Decision> {
-        let item = ConsumeItem { feature: feature.to_string(), amount, meta };
-        let mut out = self.consume_many(user_id, std::slice::from_ref(&item))?;
-        Ok(out.pop().unwrap_or_else(|| Decision::simple(false, Reason::UnknownFeature, "free")))
-    }
-
-    /// Decides and records several uses in one transaction (group commit), each decided in
-    /// order after the previous ones. Any invalid item fails the whole batch, recording nothing.
-    pub fn consume_many(&self, user_id: &str, items: &[ConsumeItem]) -> Result<Vec<Decision>> {
-        let uses = items.iter().map(|i| validate(&i.feature, i.amount, &i.meta)).collect::<Result<Vec<_>>>()?;
-        let mut g = self.lock();
-        let now = self.observe_now(&mut g);
-        let a = self.access(&mut g, user_id, now)?;
-        // Rebuilds and plan credits (if any) happen before the transaction of the batch.
-        for u in &uses {
-            if let Some(p) = a.ent.features.get(u.feature).and_then(Rule::period) {
-                Tally::ensure_counters(&mut g, user_id, u.feature, p, &a)?;
-            }
-        }
-        if uses.iter().any(|u| matches!(a.ent.features.get(u.feature), Some(Rule::Credits { .. }))) {
-            self.ensure_plan_credits(&mut g, user_id, &a, now)?;
-        }
-        let inner = &mut *g;
-        let tx = inner.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let mut decisions = Vec::with_capacity(uses.len());
-        let mut recorded = false;
-        // Device sequence numbers are handed out in memory and stored once per batch.
-        let base_seq: i64 = tx.prepare_cached("SELECT seq FROM device WHERE singleton = 1")?.query_row([], |r| r.get(0))?;
-        let mut seq = base_seq;
-        let mut batch = Batch::default();
-        for (u, item) in uses.iter().zip(items) {
-            // Only a caller-supplied key can name a recorded event: a fresh UUID v7 cannot.
-            if item.meta.idempotency_key.is_some()
-                && let Some(d) = replay(&tx, user_id, u)?
-            {
-                decisions.push(d);
-                continue;
-            }
-            let (d, effect) = self.decide(&tx, &mut batch, &a, user_id, u, now, true)?;
-            if let Some(effect) = effect {
-                seq += 1;
-                record(&tx, &mut batch, user_id, &inner.device_id, u, &d, &effect, now, &a.ent, seq)?;
-                recorded = true;
-            }
-            decisions.push(d);
-        }
-        batch.flush(&tx, user_id)?;
-        if seq != base_seq {
-            tx.prepare_cached("UPDATE device SET seq = ?1, highest_seen_ms = MAX(highest_seen_ms, ?2) WHERE singleton = 1")?
-                .execute(params![seq, ms(now)])?;
-        }
-        tx.commit()?;
-        if recorded {
-            inner.highest_seen_ms = inner.highest_seen_ms.max(ms(now));
-        }
-        drop(g);
-        if recorded {
-            self.notify(user_id, Change { usage: true, ..Change::default() });
-        }
-        Ok(decisions)
-    }
-}
-
 /// The stored decision when `u.id` was already recorded with the same body.
-fn replay(conn: &Connection, user: &str, u: &Use<'_>) -> Result<Option<Decision>> {
+pub(crate) fn replay(conn: &Connection, user: &str, u: &Use<'_>) -> Result<Option<Decision>> {
     type Row = (String, i64, Option<String>, Option<i64>, Option<i64>, Option<String>, String);
     let row: Option<Row> = conn
         .prepare_cached(
@@ -586,25 +126,20 @@ fn replay(conn: &Connection, user: &str, u: &Use<'_>) -> Result<Option<Decision>
     Ok(Some(serde_json::from_str(&decision)?))
 }
 
+/// Inserts the event of a decided use, with its cost (micros) and, for a keyed use, its
+/// decision (so a replay answers it again).
 #[allow(clippy::too_many_arguments)]
-fn record(
+pub(crate) fn insert_event(
     tx: &Connection,
-    batch: &mut Batch,
     user: &str,
     device: &str,
     u: &Use<'_>,
     d: &Decision,
-    effect: &Effect,
+    cost: Option<u64>,
     now: DateTime<Utc>,
-    ent: &Entitlements,
     seq: i64,
 ) -> Result<()> {
-    let cost =
-        u.model.and_then(|m| ent.models.get(m)).map(|p| p.cost_micros(u.input_tokens.unwrap_or(0), u.output_tokens.unwrap_or(0)) as i64);
-    let cost = match effect {
-        Effect::Count { cost, .. } if *cost > 0 => Some(*cost as i64),
-        _ => cost,
-    };
+    let to_sql = |v: u64| i64::try_from(v).map_err(|_| Error::invalid("value out of range"));
     tx.prepare_cached(
         "INSERT INTO events (user_id, id, feature, amount, occurred_at, device_id, device_seq, model, input_tokens, output_tokens, cost_micros, metadata, decision)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
@@ -613,120 +148,21 @@ fn record(
         user,
         u.id.to_string(),
         u.feature,
-        u.amount as i64,
+        to_sql(u.amount)?,
         ms(now),
         device,
         seq,
         u.model,
-        u.input_tokens.map(|v| v as i64),
-        u.output_tokens.map(|v| v as i64),
-        cost,
+        u.input_tokens.map(to_sql).transpose()?,
+        u.output_tokens.map(to_sql).transpose()?,
+        cost.map(to_sql).transpose()?,
         u.metadata,
         if u.keyed { serde_json::to_string(d)? } else { String::new() },
     ])?;
-    match effect {
-        Effect::Count { period, start, amount, cost } => batch.add(u.feature, period, *start, *amount, *cost),
-        Effect::Credits(need) => draw_credits(tx, user, *need, now)?,
-        Effect::None => {}
-    }
-    Ok(())
-}
-
-/// Sum of unexpired credit grants at `at` (may be negative when overspent).
-pub(crate) fn credit_balance_at(conn: &Connection, user: &str, at: DateTime<Utc>) -> Result<i64> {
-    Ok(conn
-        .prepare_cached(
-            "SELECT COALESCE(SUM(remaining), 0) FROM credit_grants WHERE user_id = ?1 AND (expires_at IS NULL OR expires_at > ?2)",
-        )?
-        .query_row(params![user, ms(at)], |r| r.get(0))?)
-}
-
-/// Draws `need` credits from the unexpired grants, the one expiring first first. What cannot be
-/// covered is kept as a debt (a negative grant) that the next grant pays.
-pub(crate) fn draw_credits(conn: &Connection, user: &str, need: u64, at: DateTime<Utc>) -> Result<()> {
-    let grants: Vec<(String, i64)> = conn
-        .prepare_cached(
-            "SELECT id, remaining FROM credit_grants WHERE user_id = ?1 AND remaining > 0 AND (expires_at IS NULL OR expires_at > ?2)
-             ORDER BY expires_at IS NULL, expires_at, id",
-        )?
-        .query_map(params![user, ms(at)], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<rusqlite::Result<_>>()?;
-    let mut left = need as i64;
-    for (id, remaining) in grants {
-        if left == 0 {
-            break;
-        }
-        let take = remaining.min(left);
-        conn.execute("UPDATE credit_grants SET remaining = remaining - ?3 WHERE user_id = ?1 AND id = ?2", params![user, id, take])?;
-        left -= take;
-    }
-    if left > 0 {
-        conn.execute(
-            "INSERT INTO credit_grants (user_id, id, remaining, expires_at, source) VALUES (?1, '_debt', ?2, NULL, 'debt')
-             ON CONFLICT (user_id, id) DO UPDATE SET remaining = remaining + excluded.remaining",
-            params![user, -left],
-        )?;
-    }
-    Ok(())
-}
-
-/// Pays a debt from the grants just stored (the next grant pays a negative balance).
-pub(crate) fn settle_debt(conn: &Connection, user: &str, at: DateTime<Utc>) -> Result<()> {
-    let debt: Option<i64> =
-        conn.query_row("SELECT remaining FROM credit_grants WHERE user_id = ?1 AND id = '_debt'", [user], |r| r.get(0)).optional()?;
-    if let Some(d) = debt.filter(|d| *d < 0) {
-        conn.execute("DELETE FROM credit_grants WHERE user_id = ?1 AND id = '_debt'", [user])?;
-        draw_credits(conn, user, d.unsigned_abs(), at)?;
-    }
     Ok(())
 }
 
 impl Tally {
-    /// A user's usage of `feature` in its current window.
-    pub fn usage(&self, user_id: &str, feature: &str) -> Result<Usage> {
-        let mut g = self.lock();
-        let now = self.observe_now(&mut g);
-        let a = self.access(&mut g, user_id, now)?;
-        let rule = a
-            .ent
-            .features
-            .get(feature)
-            .cloned()
-            .ok_or_else(|| Error::NotFound(format!("feature {feature:?} in the plan of user {user_id}")))?;
-        let mut usage = Usage {
-            feature: feature.into(),
-            period: rule.period(),
-            used: 0,
-            limit: rule.limit(),
-            remaining: None,
-            over_limit_by: 0,
-            period_start: None,
-            resets_at: None,
-        };
-        if let Some(p) = rule.period() {
-            Tally::ensure_counters(&mut g, user_id, feature, p, &a)?;
-        }
-        match counter_window(&rule, &a, now) {
-            Some((pkey, w)) => {
-                let (pending, pending_cost, server) = read_counter(&g.conn, user_id, feature, &pkey, ms(w.start))?;
-                usage.used = server + if matches!(rule, Rule::Budget { .. }) { pending_cost } else { pending };
-                usage.period_start = Some(w.start);
-                usage.resets_at = w.end;
-            }
-            None if matches!(rule, Rule::Credits { .. }) => {
-                self.ensure_plan_credits(&mut g, user_id, &a, now)?;
-                let balance = credit_balance_at(&g.conn, user_id, now)?;
-                usage.remaining = Some(balance.max(0) as u64);
-                usage.over_limit_by = if balance < 0 { balance.unsigned_abs() } else { 0 };
-                return Ok(usage);
-            }
-            None => {}
-        }
-        usage.remaining = usage.limit.map(|l| l.saturating_sub(usage.used));
-        usage.over_limit_by = usage.limit.map_or(0, |l| usage.used.saturating_sub(l));
-        Ok(usage)
-    }
-
     /// Number of events not yet acknowledged by a server.
     pub fn pending_events(&self, user_id: &str) -> Result<u64> {
         let g = self.lock();
@@ -752,93 +188,4 @@ impl Tally {
             Some((_, r)) => Ok(EventStatus::Rejected(r.unwrap_or_default())),
         }
     }
-
-    /// The user's credit balance (unexpired grants minus consumption; negative when overspent).
-    pub fn credit_balance(&self, user_id: &str) -> Result<i64> {
-        let mut g = self.lock();
-        let now = self.observe_now(&mut g);
-        let a = self.access(&mut g, user_id, now)?;
-        self.ensure_plan_credits(&mut g, user_id, &a, now)?;
-        credit_balance_at(&g.conn, user_id, now)
-    }
-
-    /// Sets a user's entitlement state locally (apps without a server): plan, status, period,
-    /// access grants, admin flag and credit grants (which replace the stored ones).
-    pub fn set_entitlements(&self, user_id: &str, state: Entitlements) -> Result<()> {
-        for (i, g) in state.grants.iter().enumerate() {
-            if self.catalog().plan(&g.plan).is_none() {
-                return Err(Error::invalid(format!("grants[{i}].plan: unknown plan {:?}", g.plan)));
-            }
-        }
-        if state.status != crate::SubscriptionStatus::None && self.catalog().plan(&state.plan).is_none() {
-            return Err(Error::invalid(format!("plan: unknown plan {:?}", state.plan)));
-        }
-        if let (Some(s), Some(e)) = (state.period_start, state.period_end)
-            && e <= s
-        {
-            return Err(Error::invalid("period_end must be after period_start"));
-        }
-        let mut g = self.lock();
-        let now = self.observe_now(&mut g);
-        write_tx(&mut g.conn, |tx| {
-            let n = tx.execute(
-                "UPDATE users SET entitlements = ?2, is_admin = ?3, updated_at = ?4 WHERE id = ?1",
-                params![user_id, serde_json::to_string(&state)?, state.is_admin, ms(now)],
-            )?;
-            if n == 0 {
-                return Err(Error::NotFound(format!("user {user_id}")));
-            }
-            store_credit_grants(tx, user_id, &state.credit_grants, now)?;
-            Ok(())
-        })?;
-        Tally::forget_access(&mut g, user_id);
-        drop(g);
-        self.notify(user_id, Change { entitlements: true, usage: true, ..Change::default() });
-        Ok(())
-    }
-
-    /// The user's resolved entitlements: plan in effect, `access_reason`, rules, credit grants
-    /// and balance.
-    pub fn entitlements(&self, user_id: &str) -> Result<Entitlements> {
-        let mut g = self.lock();
-        let now = self.observe_now(&mut g);
-        let a = self.access(&mut g, user_id, now)?;
-        self.ensure_plan_credits(&mut g, user_id, &a, now)?;
-        let mut e = a.ent.clone();
-        e.credit_grants = self.credit_grants(&g.conn, user_id)?;
-        e.credit_balance = credit_balance_at(&g.conn, user_id, now)?;
-        Ok(e)
-    }
-
-    pub(crate) fn credit_grants(&self, conn: &Connection, user_id: &str) -> Result<Vec<CreditGrant>> {
-        let mut st = conn.prepare_cached(
-            "SELECT id, remaining, expires_at, source FROM credit_grants WHERE user_id = ?1 ORDER BY expires_at IS NULL, expires_at, id",
-        )?;
-        let rows = st.query_map([user_id], |r| {
-            Ok(CreditGrant { id: r.get(0)?, remaining: r.get(1)?, expires_at: r.get::<_, Option<i64>>(2)?.map(from_ms), source: r.get(3)? })
-        })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
-    }
-}
-
-/// Replaces a user's credit grants, then pays any debt from them.
-pub(crate) fn store_credit_grants(conn: &Connection, user: &str, grants: &[CreditGrant], now: DateTime<Utc>) -> Result<()> {
-    let debt: i64 =
-        conn.query_row("SELECT COALESCE(SUM(remaining), 0) FROM credit_grants WHERE user_id = ?1 AND id = '_debt'", [user], |r| r.get(0))?;
-    // Plan credits are the plan's, not the caller's: they keep what was spent of them.
-    conn.execute("DELETE FROM credit_grants WHERE user_id = ?1 AND id NOT LIKE 'included:%'", [user])?;
-    for g in grants {
-        if g.id.is_empty() || g.id == "_debt" {
-            return Err(Error::invalid(format!("invalid credit grant id {:?}", g.id)));
-        }
-        conn.execute(
-            "INSERT OR REPLACE INTO credit_grants (user_id, id, remaining, expires_at, source) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![user, g.id, g.remaining, g.expires_at.map(ms), g.source],
-        )?;
-    }
-    if debt < 0 {
-        conn.execute("INSERT INTO credit_grants (user_id, id, remaining, source) VALUES (?1, '_debt', ?2, 'debt')", params![user, debt])?;
-        settle_debt(conn, user, now)?;
-    }
-    Ok(())
 }

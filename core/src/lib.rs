@@ -19,6 +19,8 @@
 
 pub mod catalog;
 pub mod clock;
+pub mod contract;
+pub mod credits;
 pub mod db;
 pub mod decision;
 pub mod entitlements;
@@ -26,6 +28,7 @@ pub mod error;
 pub mod hlc;
 pub mod ledger;
 pub mod period;
+pub mod quota;
 pub mod report;
 pub mod settings;
 pub mod sync;
@@ -41,8 +44,9 @@ pub use db::Durability;
 pub use decision::{Decision, Reason};
 pub use entitlements::{AccessGrant, CreditGrant, EntitlementClaims, Entitlements, SubscriptionStatus};
 pub use error::{Error, Result};
-pub use ledger::{ConsumeItem, EventStatus, Usage, UsageMeta};
+pub use ledger::{ConsumeItem, EventStatus, UsageMeta};
 pub use period::{Period, Window};
+pub use quota::Usage;
 pub use report::{GroupBy, ReportRow};
 pub use sync::{RetryPolicy, SyncOptions, SyncReport, TokenProvider};
 pub use users::{Profile, User, UserUpdate};
@@ -161,9 +165,7 @@ impl Tally {
 
     fn with_connection(conn: Connection, config: Config) -> Result<Tally> {
         let generated = config.device_id.clone().unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-        if generated.is_empty() || generated.len() > 128 {
-            return Err(Error::invalid("device_id must be 1 to 128 bytes"));
-        }
+        contract::device_id(&generated)?;
         conn.execute("INSERT INTO device (singleton, device_id) VALUES (1, ?1) ON CONFLICT DO NOTHING", [&generated])?;
         let (device_id, highest_seen_ms): (String, i64) =
             conn.query_row("SELECT device_id, highest_seen_ms FROM device WHERE singleton = 1", [], |r| Ok((r.get(0)?, r.get(1)?)))?;

@@ -143,6 +143,7 @@ impl Tally {
             let request = SyncRequest {
                 protocol: PROTOCOL,
                 device_id: self.device_id(),
+                external_id: Some(outbox.external_id.clone()),
                 cursor: outbox.cursor.clone(),
                 events: outbox.events,
                 settings_changes: outbox.settings,
@@ -390,7 +391,7 @@ impl Tally {
                 // The server's grants already count every acknowledged use; local draws (and any
                 // local debt) are replaced, then the still-pending uses are drawn again.
                 tx.execute("DELETE FROM credit_grants WHERE user_id = ?1", [user_id])?;
-                crate::ledger::store_credit_grants(tx, user_id, &c.entitlements.credit_grants, now)?;
+                crate::credits::store_credit_grants(tx, user_id, &c.entitlements.credit_grants, now)?;
                 redraw_pending_credits(tx, user_id, &c.entitlements.features, now)?;
             }
             Ok(received)
@@ -524,7 +525,7 @@ fn redraw_pending_credits(
         .collect::<rusqlite::Result<_>>()?;
     for (feature, amount) in pending {
         if let Some(crate::Rule::Credits { cost }) = features.get(&feature) {
-            crate::ledger::draw_credits(tx, user_id, cost.saturating_mul(amount as u64), now)?;
+            crate::credits::draw_credits(tx, user_id, cost.saturating_mul(amount as u64), now)?;
         }
     }
     Ok(())

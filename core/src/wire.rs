@@ -13,7 +13,9 @@ pub const PROTOCOL: u32 = 1;
 /// One ledger event as sent to the server (`/v1/sync` `events[]`, `POST /v1/usage`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WireEvent {
-    /// Event id (the idempotency key).
+    /// Event id (the idempotency key). Nil when absent (`POST /v1/usage` may name it with an
+    /// `Idempotency-Key` header instead); the contract refuses a nil id.
+    #[serde(default)]
     pub id: Uuid,
     /// Feature key.
     pub feature: String,
@@ -74,6 +76,10 @@ pub struct SyncRequest {
     pub protocol: u32,
     /// The sending device.
     pub device_id: String,
+    /// The subject (`external_id`) the device believes it syncs for; the server answers 409
+    /// `subject_mismatch` and records nothing when the credentials name another subject.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_id: Option<String>,
     /// Opaque settings change cursor from the previous response.
     #[serde(default)]
     pub cursor: Option<String>,
@@ -96,6 +102,26 @@ pub struct SyncRequest {
 pub struct Rejected {
     /// The event id as sent.
     pub id: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// A setting the server refused, with the reason (`invalid_setting`, `value_too_large`,
+/// `invalid_text`, `quota_exceeded`). The device quarantines that setting alone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SettingRejected {
+    /// The setting key as sent.
+    pub key: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// A profile field the server refused (`display_name`, `avatar_url`, `timezone`), with the
+/// reason. The rest of the profile edit is applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProfileRejected {
+    /// The field.
+    pub field: String,
     /// Why.
     pub reason: String,
 }
@@ -148,9 +174,20 @@ pub struct SyncResponse {
     /// Signed entitlements (JWT, EdDSA).
     #[serde(default)]
     pub entitlements_token: Option<String>,
-    /// Settings changed since the request's cursor.
+    /// Settings changed since the request's cursor (the stored rows of this request's settings
+    /// among them, with the HLC the server stored).
     #[serde(default)]
     pub settings_changes: Vec<SettingChange>,
+    /// Settings of this request the server refused; the others were merged.
+    #[serde(default)]
+    pub settings_rejected: Vec<SettingRejected>,
+    /// Profile fields of this request the server refused; the others were applied.
+    #[serde(default)]
+    pub profile_rejected: Vec<ProfileRejected>,
+    /// Features of this request's events that no plan of the server's catalog knows: the events
+    /// are stored and acknowledged, and count in no total until the catalog knows the feature.
+    #[serde(default)]
+    pub unknown_features: Vec<String>,
     /// New cursor.
     #[serde(default)]
     pub cursor: Option<String>,

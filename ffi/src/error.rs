@@ -43,6 +43,13 @@ pub enum TallyError {
     /// The entitlements token could not be verified.
     #[error("{message}")]
     InvalidToken { message: String },
+    /// The sync credentials are for another account than the signed-in user; nothing was
+    /// recorded. Sign the user in again with matching credentials.
+    #[error("{message}")]
+    SubjectMismatch { message: String },
+    /// The library is not configured for this call (e.g. sync without the server's keys).
+    #[error("{message}")]
+    Configuration { message: String },
     /// A bug inside the library (a caught panic); the call had no effect that was not committed.
     #[error("{message}")]
     Internal { message: String },
@@ -72,6 +79,8 @@ impl From<tally_core::Error> for TallyError {
             E::Network(_) => TallyError::Network { message },
             E::Server { .. } => TallyError::Server { message },
             E::InvalidToken(_) => TallyError::InvalidToken { message },
+            E::SubjectMismatch(_) => TallyError::SubjectMismatch { message },
+            E::Configuration(_) => TallyError::Configuration { message },
         }
     }
 }

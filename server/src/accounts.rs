@@ -12,7 +12,7 @@ use deadpool_postgres::GenericClient;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use tally_core::wire::ProfilePatch;
+use tally_core::wire::{ProfilePatch, ProfileRejected};
 use uuid::Uuid;
 
 /// A server-side user.
@@ -136,6 +136,27 @@ pub async fn find_or_create_by_subject(state: &AppState, subject: &str) -> ApiRe
     resolve(state, &claims).await
 }
 
+/// The user a backend names by `subject` (external id) or server `user_id`: 404
+/// `unknown_subject` when no such user exists (an admin creates one ahead with
+/// `POST /v1/admin/users {subject}`).
+pub async fn find_named(state: &AppState, subject: Option<&str>, user_id: Option<&str>) -> ApiResult<User> {
+    let client = state.pool.get().await?;
+    let row = match (subject, user_id) {
+        (Some(s), None) => {
+            tally_core::contract::subject(s)?;
+            client.query_opt(&format!("SELECT {USER_COLUMNS} FROM users WHERE external_id = $1"), &[&s]).await?
+        }
+        (None, Some(id)) => match Uuid::parse_str(id) {
+            Ok(id) => client.query_opt(&format!("SELECT {USER_COLUMNS} FROM users WHERE user_id = $1"), &[&id]).await?,
+            Err(_) => return Err(ApiError::Invalid("invalid_user_id", "user_id must be a UUID".into())),
+        },
+        (Some(_), Some(_)) => return Err(ApiError::invalid("name the user with \"subject\" or \"user_id\", not both")),
+        (None, None) => return Err(ApiError::invalid("an API key must name the user with \"subject\" or \"user_id\"")),
+    };
+    row.map(|r| User::from_row(&r, &state.config.admin_subjects))
+        .ok_or_else(|| ApiError::Unknown("unknown_subject", "no user has this subject; create it first with POST /v1/admin/users".into()))
+}
+
 /// Re-reads a user by id, locking the row for the rest of the transaction.
 pub async fn lock(tx: &impl GenericClient, user_id: Uuid, admins: &[String]) -> ApiResult<User> {
     let q = format!("SELECT {USER_COLUMNS} FROM users WHERE user_id = $1 FOR NO KEY UPDATE");
@@ -143,18 +164,38 @@ pub async fn lock(tx: &impl GenericClient, user_id: Uuid, admins: &[String]) -> 
     Ok(User::from_row(&r, admins))
 }
 
-/// Validates a profile patch (timezone names, lengths) before anything is written.
+/// Validates a profile edit with the contract the device checks too (whole edit: 422 naming
+/// the field).
 pub fn validate_profile(p: &ProfilePatch) -> ApiResult<()> {
-    if let Some(tz) = &p.timezone {
-        tz.parse::<chrono_tz::Tz>().map_err(|_| ApiError::Invalid("invalid_timezone", format!("unknown IANA timezone {tz:?}")))?;
-    }
-    if p.display_name.as_ref().is_some_and(|n| n.chars().count() > 200) {
-        return Err(ApiError::invalid("display_name must be at most 200 characters"));
-    }
-    if p.avatar_url.as_ref().is_some_and(|u| u.len() > 2048) {
-        return Err(ApiError::invalid("avatar_url must be at most 2048 bytes"));
-    }
+    tally_core::contract::profile(p)?;
     Ok(())
+}
+
+/// Splits a device's profile edit into the fields that pass the contract and the refused
+/// ones, so that one bad field never blocks a sync.
+pub fn split_profile(p: &ProfilePatch) -> (ProfilePatch, Vec<ProfileRejected>) {
+    use tally_core::contract;
+    let mut ok = ProfilePatch::default();
+    let mut rejected = Vec::new();
+    let mut take = |field: &str, r: Result<(), contract::Violation>| match r {
+        Ok(()) => true,
+        Err(v) => {
+            rejected.push(ProfileRejected { field: field.into(), reason: v.code.into() });
+            false
+        }
+    };
+    if take("display_name", contract::display_name(p.display_name.as_deref())) {
+        ok.display_name.clone_from(&p.display_name);
+    }
+    if take("avatar_url", contract::avatar_url(p.avatar_url.as_deref())) {
+        ok.avatar_url.clone_from(&p.avatar_url);
+    }
+    if let Some(tz) = &p.timezone
+        && take("timezone", contract::timezone(tz).map(|_| ()))
+    {
+        ok.timezone = Some(tz.clone());
+    }
+    (ok, rejected)
 }
 
 /// Applies a validated profile patch to a locked user. A timezone change bumps the entitlement

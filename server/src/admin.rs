@@ -20,8 +20,14 @@ use uuid::Uuid;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NewUser {
-    /// Email the user will sign in with (verified).
-    pub email: String,
+    /// Email the user will sign in with (verified): a pending user, claimed by the first
+    /// verified sign-in with this email.
+    #[serde(default)]
+    pub email: Option<String>,
+    /// The identity provider's subject: the user exists at once under it (backends can then
+    /// record usage for it before its first sign-in).
+    #[serde(default)]
+    pub subject: Option<String>,
     /// Display name.
     #[serde(default)]
     pub display_name: Option<String>,
@@ -30,11 +36,24 @@ pub struct NewUser {
     pub timezone: Option<String>,
 }
 
-/// `POST /v1/admin/users`: a pending user, claimed by the first verified sign-in with its email.
+/// `POST /v1/admin/users`: a user ahead of its first sign-in, by `email` (pending), by
+/// `subject`, or both.
 pub async fn create_user(State(state): State<AppState>, _a: Admin, JsonBody(b): JsonBody<NewUser>) -> ApiResult<(StatusCode, Json<User>)> {
-    let email = b.email.trim();
-    if email.len() < 3 || email.len() > 320 || !email.contains('@') {
-        return Err(ApiError::Invalid("invalid_email", "expected an email address".into()));
+    let email = b.email.as_deref().map(str::trim);
+    if let Some(email) = email {
+        tally_core::contract::email(Some(email))?;
+        if email.len() < 3 || !email.contains('@') {
+            return Err(ApiError::Invalid("invalid_email", "email must be an email address".into()));
+        }
+    }
+    if let Some(s) = &b.subject {
+        tally_core::contract::subject(s)?;
+        if s.starts_with("tally|") {
+            return Err(ApiError::invalid("subjects starting with \"tally|\" are reserved"));
+        }
+    }
+    if email.is_none() && b.subject.is_none() {
+        return Err(ApiError::invalid("name the user with \"email\", \"subject\" or both"));
     }
     accounts::validate_profile(&tally_core::wire::ProfilePatch {
         timezone: b.timezone.clone(),
@@ -42,17 +61,18 @@ pub async fn create_user(State(state): State<AppState>, _a: Admin, JsonBody(b): 
         avatar_url: None,
     })?;
     let client = state.pool.get().await?;
-    let taken = client.query_opt("SELECT 1 FROM users WHERE lower(email) = lower($1)", &[&email]).await?;
+    let taken = client.query_opt("SELECT 1 FROM users WHERE lower(email) = lower($1) OR external_id = $2", &[&email, &b.subject]).await?;
     if taken.is_some() {
-        return Err(ApiError::Conflict("user_exists", "a user with this email already exists".into()));
+        return Err(ApiError::Conflict("user_exists", "a user with this email or subject already exists".into()));
     }
     let q = format!(
-        "INSERT INTO users (user_id, email, display_name, timezone) VALUES ($1, $2, $3, coalesce($4, 'UTC')) ON CONFLICT DO NOTHING RETURNING {USER_COLUMNS}"
+        "INSERT INTO users (user_id, email, external_id, display_name, timezone) VALUES ($1, $2, $3, $4, coalesce($5, 'UTC')) \
+         ON CONFLICT DO NOTHING RETURNING {USER_COLUMNS}"
     );
     let r = client
-        .query_opt(&q, &[&Uuid::now_v7(), &email, &b.display_name, &b.timezone])
+        .query_opt(&q, &[&Uuid::now_v7(), &email, &b.subject, &b.display_name, &b.timezone])
         .await?
-        .ok_or_else(|| ApiError::Conflict("user_exists", "a user with this email already exists".into()))?;
+        .ok_or_else(|| ApiError::Conflict("user_exists", "a user with this email or subject already exists".into()))?;
     Ok((StatusCode::CREATED, Json(User::from_row(&r, &state.config.admin_subjects))))
 }
 

@@ -145,8 +145,8 @@ impl Verifier {
             K::MissingRequiredClaim(c) => unauthorized("invalid_token", format!("the token lacks the `{c}` claim")),
             _ => unauthorized("invalid_token", "the token could not be verified"),
         })?;
-        if data.claims.sub.is_empty() || data.claims.sub.len() > 255 {
-            return Err(unauthorized("invalid_token", "the token's subject must be 1 to 255 bytes"));
+        if let Err(v) = tally_core::contract::subject(&data.claims.sub) {
+            return Err(unauthorized("invalid_token", format!("the token's subject: {v}")));
         }
         Ok(data.claims)
     }

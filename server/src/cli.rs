@@ -36,6 +36,12 @@ pub enum Command {
         #[arg(long, env = "TALLY_DATA_DIR", default_value = "./.tally")]
         data_dir: PathBuf,
     },
+    /// The token-signing keys apps ship with.
+    Keys {
+        /// What to do with the keys.
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
     /// Mint a development identity token (HS256) to try the API with curl.
     Token {
         /// Subject (the user's identity).
@@ -98,10 +104,22 @@ pub enum Command {
     },
 }
 
+/// `keys` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Print the public token-signing keys as the JWKS JSON that the device library's
+    /// `Config.server_keys` takes (ship it with the app; never fetch it at run time).
+    Export {
+        /// Data directory.
+        #[arg(long, env = "TALLY_DATA_DIR", default_value = "./.tally")]
+        data_dir: PathBuf,
+    },
+}
+
 /// `plans` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum PlansCommand {
-    /// Validate a catalog file (DESIGN.md "Wire contract") and store it.
+    /// Validate a catalog file (the plan catalog JSON format of the README) and store it.
     Import {
         /// The JSON catalog.
         file: PathBuf,
@@ -306,6 +324,15 @@ pub async fn run(cli: Cli) -> Result<(), String> {
         Command::Keygen { data_dir } => {
             let kid = signing::keygen(&data_dir.join("keys"))?;
             println!("wrote signing key {kid} to {}", data_dir.join("keys").join(format!("{kid}.pem")).display());
+            Ok(())
+        }
+        Command::Keys { command: KeysCommand::Export { data_dir } } => {
+            let dir = data_dir.join("keys");
+            let signer = signing::Signer::load(&dir)?;
+            if signer.kid().is_none() {
+                return Err(format!("no token-signing key under {}; run `tally-server keygen` or `serve` first", dir.display()));
+            }
+            println!("{}", serde_json::to_string_pretty(&signer.jwks()).map_err(|e| e.to_string())?);
             Ok(())
         }
         Command::Token { sub, secret, email, issuer, audience, ttl_secs } => {

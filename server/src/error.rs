@@ -28,6 +28,9 @@ pub enum ApiError {
     /// Any other 4xx/5xx status, with its code.
     #[error("{2}")]
     Status(StatusCode, &'static str, String),
+    /// 404 with a specific code (`unknown_subject`, …).
+    #[error("{1}")]
+    Unknown(&'static str, String),
     /// 409: conflicts with the current state.
     #[error("{1}")]
     Conflict(&'static str, String),
@@ -55,6 +58,12 @@ pub enum ApiError {
     Internal(String),
 }
 
+impl From<tally_core::contract::Violation> for ApiError {
+    fn from(v: tally_core::contract::Violation) -> Self {
+        ApiError::Invalid(v.code, v.message)
+    }
+}
+
 impl ApiError {
     /// Shorthand for a 422 with code `invalid_request`.
     pub fn invalid(msg: impl Into<String>) -> Self {
@@ -76,6 +85,7 @@ impl ApiError {
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::Status(s, c, _) => (*s, c),
+            ApiError::Unknown(c, _) => (StatusCode::NOT_FOUND, c),
             ApiError::Conflict(c, _) => (StatusCode::CONFLICT, c),
             ApiError::AccountDeleted => (StatusCode::GONE, "account_deleted"),
             ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
@@ -110,6 +120,12 @@ impl IntoResponse for ApiError {
             _ => {}
         }
         resp
+    }
+}
+
+impl From<serde_json::Error> for ApiError {
+    fn from(e: serde_json::Error) -> Self {
+        ApiError::Internal(format!("json: {e}"))
     }
 }
 

@@ -37,6 +37,11 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     Ok(value)
 }
 
+/// A shape error's message naming the field (without its path), without serde's own wording.
+pub fn field_message(e: &serde_json::Error) -> String {
+    describe("", &e.to_string())
+}
+
 /// Converts a parsed JSON value into `T`; a shape error is a 422 `invalid_body` naming the field.
 pub fn from_value<T: DeserializeOwned>(v: serde_json::Value) -> Result<T, ApiError> {
     serde_path_to_error::deserialize::<_, T>(v).map_err(|e| {
@@ -133,6 +138,11 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
         if bytes.is_empty() {
             return Err(ApiError::BadRequest("malformed_json", "expected a JSON body".into()));
         }
-        parse_json(&bytes).map(JsonBody)
+        // Text that Postgres cannot store (U+0000) is refused here, naming nothing else.
+        let v: serde_json::Value = parse_json(&bytes)?;
+        if tally_core::contract::json_has_nul(&v) {
+            return Err(ApiError::Invalid("invalid_text", "text must not contain U+0000".into()));
+        }
+        from_value(v).map(JsonBody)
     }
 }

@@ -3,24 +3,17 @@
 //! updated in the same transaction, and totals computed with the server's own rules.
 
 use crate::error::ApiResult;
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use deadpool_postgres::GenericClient;
+use serde::Deserialize;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use tally_core::contract;
 use tally_core::period::{Period, window};
-use tally_core::wire::{Rejected, Total};
+use tally_core::wire::{Rejected, Total, WireEvent};
 use tally_core::{Catalog, Rule};
 use uuid::Uuid;
-
-/// Largest amount of one event.
-pub const MAX_AMOUNT: u64 = 1_000_000_000_000;
-/// Largest token count of one event.
-pub const MAX_TOKENS: u64 = 1_000_000_000_000;
-/// Largest serialized `metadata`.
-pub const MAX_METADATA_BYTES: usize = 4096;
-/// How far ahead of the server's clock an event's time may count.
-pub const MAX_FUTURE: Duration = Duration::minutes(5);
 
 /// A validated event, ready to insert.
 #[derive(Debug, Clone, PartialEq)]
@@ -54,6 +47,7 @@ struct Body {
     model: Option<String>,
     input_tokens: Option<i64>,
     output_tokens: Option<i64>,
+    metadata: Option<Value>,
 }
 
 impl NewEvent {
@@ -65,6 +59,7 @@ impl NewEvent {
             model: self.model.clone(),
             input_tokens: self.input_tokens,
             output_tokens: self.output_tokens,
+            metadata: self.metadata.clone(),
         }
     }
 }
@@ -73,69 +68,86 @@ fn reject(id: &str, reason: &str) -> Rejected {
     Rejected { id: id.to_string(), reason: reason.to_string() }
 }
 
-fn opt_uint(o: &serde_json::Map<String, Value>, key: &str, max: u64) -> Result<Option<i64>, ()> {
-    match o.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => v.as_u64().filter(|n| *n <= max).and_then(|n| i64::try_from(n).ok()).map(Some).ok_or(()),
+/// An event of a request that breaks the contract: the id as sent and the violation.
+#[derive(Debug)]
+pub struct Invalid {
+    /// The id as sent (empty when absent).
+    pub id: String,
+    /// What is wrong.
+    pub violation: contract::Violation,
+}
+
+impl Invalid {
+    /// The rejection listed in a sync answer.
+    pub fn rejected(&self) -> Rejected {
+        reject(&self.id, self.violation.code)
     }
 }
 
-/// Validates one event of a request. `id_override` stands in for a missing `id`
-/// (the `Idempotency-Key` of `POST /v1/usage`). Errors carry the id as sent and a reason:
-/// `invalid_event`, `invalid_id`, `invalid_amount`, `metadata_too_large`.
-pub fn validate(v: &Value, id_override: Option<Uuid>) -> Result<NewEvent, Rejected> {
-    let Some(o) = v.as_object() else { return Err(reject("", "invalid_event")) };
+/// Validates one event of a request with the contract the device checks too. `id_override`
+/// stands in for a missing `id` (the `Idempotency-Key` of `POST /v1/usage`). A violation's code
+/// is `invalid_event`, `invalid_id`, `invalid_amount`, `invalid_text` or `metadata_too_large`.
+pub fn validate(v: &Value, id_override: Option<Uuid>) -> Result<NewEvent, Invalid> {
+    let bad = |id: &str, field: &str, code: &'static str, message: String| Invalid {
+        id: id.to_string(),
+        violation: contract::Violation::new(field, code, message),
+    };
+    let Some(o) = v.as_object() else { return Err(bad("", "event", "invalid_event", "an event must be a JSON object".into())) };
     let id_sent = match o.get("id") {
         Some(Value::String(s)) => s.clone(),
         Some(Value::Null) | None => id_override.map(|u| u.to_string()).unwrap_or_default(),
         Some(other) => other.to_string(),
     };
     let id = match (o.get("id"), id_override) {
-        (Some(Value::String(s)), _) => Uuid::parse_str(s).map_err(|_| reject(&id_sent, "invalid_id"))?,
-        (None | Some(Value::Null), Some(u)) => u,
-        _ => return Err(reject(&id_sent, "invalid_id")),
-    };
-    if id.is_nil() {
-        return Err(reject(&id_sent, "invalid_id"));
-    }
-    let feature = o
-        .get("feature")
-        .and_then(Value::as_str)
-        .filter(|f| !f.is_empty() && f.len() <= 128)
-        .ok_or_else(|| reject(&id_sent, "invalid_event"))?
-        .to_string();
-    let amount = o
-        .get("amount")
-        .and_then(Value::as_u64)
-        .filter(|a| *a > 0 && *a <= MAX_AMOUNT)
-        .and_then(|a| i64::try_from(a).ok())
-        .ok_or_else(|| reject(&id_sent, "invalid_amount"))?;
-    let occurred_at = o
-        .get("occurred_at")
-        .and_then(Value::as_str)
-        .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
-        .and_then(|t| DateTime::from_timestamp_micros(t.timestamp_micros()))
-        .filter(|t| t.timestamp() >= 0 && t.timestamp() < 253_402_300_800)
-        .ok_or_else(|| reject(&id_sent, "invalid_event"))?;
-    let bad = |_| reject(&id_sent, "invalid_event");
-    let device_seq = opt_uint(o, "device_seq", i64::MAX as u64).map_err(bad)?;
-    let input_tokens = opt_uint(o, "input_tokens", MAX_TOKENS).map_err(bad)?;
-    let output_tokens = opt_uint(o, "output_tokens", MAX_TOKENS).map_err(bad)?;
-    let model = match o.get("model") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(m)) if !m.is_empty() && m.len() <= 128 => Some(m.clone()),
-        Some(_) => return Err(reject(&id_sent, "invalid_event")),
-    };
-    let metadata = match o.get("metadata") {
-        None | Some(Value::Null) => None,
-        Some(m) => {
-            if m.to_string().len() > MAX_METADATA_BYTES {
-                return Err(reject(&id_sent, "metadata_too_large"));
-            }
-            Some(m.clone())
+        (Some(Value::String(s)), _) => {
+            Uuid::parse_str(s).map_err(|_| bad(&id_sent, "id", "invalid_id", format!("id must be a UUID, got {s:?}")))?
         }
+        (None | Some(Value::Null), Some(u)) => u,
+        (None | Some(Value::Null), None) => return Err(bad(&id_sent, "id", "invalid_id", "id is missing".into())),
+        _ => return Err(bad(&id_sent, "id", "invalid_id", "id must be a UUID string".into())),
     };
-    Ok(NewEvent { id, feature, amount, occurred_at, device_seq, model, input_tokens, output_tokens, metadata })
+    for field in ["feature", "amount", "occurred_at"] {
+        if o.get(field).is_none_or(Value::is_null) {
+            let code = if field == "amount" { "invalid_amount" } else { "invalid_event" };
+            return Err(bad(&id_sent, field, code, format!("{field} is missing")));
+        }
+    }
+    if o.get("amount").and_then(Value::as_u64).is_none() {
+        return Err(bad(&id_sent, "amount", "invalid_amount", "amount must be a whole number > 0".into()));
+    }
+    let mut e = WireEvent::deserialize(v).map_err(|err| {
+        // Name the field serde could not read, never echo serde's own wording.
+        let field = ["occurred_at", "feature", "device_seq", "model", "input_tokens", "output_tokens"]
+            .into_iter()
+            .find(|f| err.to_string().contains(f) || o.get(*f).is_some_and(|v| !field_shape_ok(f, v)))
+            .unwrap_or("event");
+        bad(&id_sent, field, "invalid_event", format!("{field} has the wrong type or format"))
+    })?;
+    e.id = id;
+    contract::event(&e).map_err(|violation| Invalid { id: id_sent.clone(), violation })?;
+    let occurred_at = DateTime::from_timestamp_micros(e.occurred_at.timestamp_micros()).unwrap_or(e.occurred_at);
+    let int = |n: u64| i64::try_from(n).map_err(|_| bad(&id_sent, "amount", "invalid_amount", "value out of range".into()));
+    Ok(NewEvent {
+        id,
+        amount: int(e.amount)?,
+        occurred_at,
+        device_seq: e.device_seq.map(int).transpose()?,
+        input_tokens: e.input_tokens.map(int).transpose()?,
+        output_tokens: e.output_tokens.map(int).transpose()?,
+        feature: e.feature,
+        model: e.model,
+        metadata: e.metadata.filter(|m| !m.is_null()),
+    })
+}
+
+/// Whether a present field has the JSON type the wire event expects.
+fn field_shape_ok(field: &str, v: &Value) -> bool {
+    match field {
+        "occurred_at" => v.as_str().is_some_and(|s| DateTime::parse_from_rfc3339(s).is_ok()),
+        "feature" => v.is_string(),
+        "model" => v.is_string() || v.is_null(),
+        _ => v.is_u64() || v.is_null(),
+    }
 }
 
 /// Where a user's windows are computed: timezone, billing anchor, catalog.
@@ -170,10 +182,12 @@ impl<'a> Ctx<'a> {
     fn counters_key(&self) -> String {
         format!("{}|{}|{}", self.tz.name(), self.anchor.timestamp_micros(), self.catalog_version)
     }
-    fn cost(&self, model: Option<&str>, input: Option<i64>, output: Option<i64>) -> i64 {
-        let Some(price) = model.and_then(|m| self.catalog.models.get(m)) else { return 0 };
-        let c = price.cost_micros(input.unwrap_or(0).max(0) as u64, output.unwrap_or(0).max(0) as u64);
-        i64::try_from(c).unwrap_or(i64::MAX)
+    /// The priced cost of a use in micros (0 without a priced model); `None` when it is past
+    /// the contract's counter range.
+    fn cost(&self, model: Option<&str>, input: Option<i64>, output: Option<i64>) -> Option<i64> {
+        let Some(price) = model.and_then(|m| self.catalog.models.get(m)) else { return Some(0) };
+        let tokens = |n: Option<i64>| u64::try_from(n.unwrap_or(0)).unwrap_or(0);
+        price.cost_micros(tokens(input), tokens(output)).ok().and_then(|c| i64::try_from(c).ok())
     }
 }
 
@@ -275,7 +289,7 @@ pub async fn ensure_counters(tx: &impl GenericClient, ctx: &Ctx<'_>) -> ApiResul
         .await?;
     for r in rows {
         let feature: String = r.get(0);
-        let cost = ctx.cost(r.get::<_, Option<&str>>(3), r.get(4), r.get(5));
+        let cost = ctx.cost(r.get::<_, Option<&str>>(3), r.get(4), r.get(5)).unwrap_or(i64::MAX);
         add_increments(ctx, &tracked, &mut acc, &feature, r.get(2), r.get(1), cost);
     }
     upsert_counters(tx, ctx.user_id, acc).await?;
@@ -290,17 +304,73 @@ pub struct Outcome {
     pub accepted: Vec<Uuid>,
     /// Already stored with the same body.
     pub duplicates: Vec<Uuid>,
-    /// Refused (`conflict` for a known id with another body).
+    /// Refused (`conflict` for a known id with another body, `invalid_amount` for a use that
+    /// would overflow a counter or whose cost cannot be recorded).
     pub rejected: Vec<Rejected>,
+    /// Features of accepted or duplicate events that no plan of the catalog knows (stored,
+    /// counted in no total until the catalog knows them).
+    pub unknown_features: Vec<String>,
+    /// Totals of every window the batch touched plus the current ones.
+    pub totals: Vec<Total>,
     /// (feature, effective time) of every accepted or duplicate event.
     pub touched: Vec<(String, DateTime<Utc>)>,
 }
 
+/// The stored (used, cost_micros) of counter rows, read with the user row locked.
+type Counters = HashMap<CounterKey, (i64, i64)>;
+
+async fn read_counters(tx: &impl GenericClient, user_id: Uuid, keys: &BTreeSet<CounterKey>, into: &mut Counters) -> ApiResult<()> {
+    let keys: Vec<&CounterKey> = keys.iter().filter(|k| !into.contains_key(*k)).collect();
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let fs: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
+    let ps: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
+    let ss: Vec<DateTime<Utc>> = keys.iter().map(|k| k.2).collect();
+    let rows = tx
+        .query(
+            &tx.prepare_cached(
+                "SELECT c.feature, c.period, c.period_start, c.used, c.cost_micros FROM counters c \
+             JOIN unnest($2::text[], $3::text[], $4::timestamptz[]) AS w(feature, period, period_start) \
+               ON c.feature = w.feature AND c.period = w.period AND c.period_start = w.period_start \
+             WHERE c.user_id = $1",
+            )
+            .await?,
+            &[&user_id, &fs, &ps, &ss],
+        )
+        .await?;
+    for k in keys {
+        into.insert(k.clone(), (0, 0));
+    }
+    for r in rows {
+        let period: String = r.get(1);
+        if let Ok(p) = period.parse::<Period>() {
+            into.insert((r.get(0), p, r.get(2)), (r.get(3), r.get(4)));
+        }
+    }
+    Ok(())
+}
+
+/// The windows of the current time of every counted rule in `features`.
+fn current_windows(ctx: &Ctx<'_>, features: &BTreeMap<String, Rule>) -> BTreeMap<CounterKey, Option<DateTime<Utc>>> {
+    let mut wanted = BTreeMap::new();
+    for (f, rule) in features {
+        if let Some(p) = rule.period() {
+            let w = window(p, ctx.now, ctx.tz, ctx.anchor);
+            wanted.insert((f.clone(), p, w.start), w.end);
+        }
+    }
+    wanted
+}
+
 /// Inserts `events` for the (locked) user in one statement, detects duplicates and conflicts
-/// against the stored bodies, and adds the inserted ones to the counters.
+/// against the stored bodies, adds the inserted ones to the counters (refusing, and removing
+/// again, any use that would overflow one) and computes the totals of `features` for every
+/// window the batch touched plus the current ones.
 pub async fn ingest(
     tx: &impl GenericClient,
     ctx: &Ctx<'_>,
+    features: &BTreeMap<String, Rule>,
     events: Vec<NewEvent>,
     device_id: Option<&str>,
     source: &str,
@@ -310,21 +380,166 @@ pub async fn ingest(
     let mut first: HashMap<Uuid, Body> = HashMap::new();
     let mut unique = Vec::with_capacity(events.len());
     let mut repeats = Vec::new();
+    let limit = ctx.now + contract::MAX_CLOCK_AHEAD;
     for e in events {
         match first.get(&e.id) {
             Some(b) if *b == e.body() => repeats.push(e.id),
             Some(_) => out.rejected.push(reject(&e.id.to_string(), "conflict")),
             None => {
                 first.insert(e.id, e.body());
-                unique.push(e);
+                match ctx.cost(e.model.as_deref(), e.input_tokens, e.output_tokens) {
+                    Some(cost) => unique.push((e.occurred_at.min(limit), cost, e)),
+                    None => out.rejected.push(reject(&e.id.to_string(), "invalid_amount")),
+                }
             }
         }
     }
-    if unique.is_empty() {
-        return Ok(out);
+    let tracked = tracked_periods(ctx.catalog);
+    let mut wanted = current_windows(ctx, features);
+    let mut keys: BTreeSet<CounterKey> = wanted.keys().cloned().collect();
+    for (eff, _, e) in &unique {
+        for p in tracked.get(&e.feature).into_iter().flatten() {
+            let w = window(*p, *eff, ctx.tz, ctx.anchor);
+            keys.insert((e.feature.clone(), *p, w.start));
+        }
     }
-    let limit = ctx.now + MAX_FUTURE;
-    let n = unique.len();
+    let mut stored = Counters::new();
+    read_counters(tx, ctx.user_id, &keys, &mut stored).await?;
+    let inserted = insert_events(tx, ctx, &unique, device_id, source).await?;
+
+    // Counter increments of the inserted events, in order; a use that would push a counter past
+    // the contract's range is refused and its row removed again.
+    let mut acc: BTreeMap<CounterKey, Inc> = BTreeMap::new();
+    let mut overflowed = Vec::new();
+    let mut touched: Vec<(String, DateTime<Utc>)> = Vec::new();
+    let mut again = Vec::new();
+    for (eff, cost, e) in &unique {
+        if !inserted.contains(&e.id) {
+            again.push(e.id);
+            continue;
+        }
+        let mut incs = Vec::new();
+        let mut fits = true;
+        for p in tracked.get(&e.feature).into_iter().flatten() {
+            let w = window(*p, *eff, ctx.tz, ctx.anchor);
+            let key = (e.feature.clone(), *p, w.start);
+            let (used, spent) = stored.get(&key).copied().unwrap_or((0, 0));
+            let inc = acc.get(&key);
+            let (iu, ic) = inc.map_or((0, 0), |i| (i.used, i.cost));
+            let sum = |a: i64, b: i64, c: i64| {
+                let base = u64::try_from(a.saturating_add(b)).unwrap_or(0);
+                contract::checked_sum(&e.feature, base, u64::try_from(c).unwrap_or(0)).is_ok()
+            };
+            if !sum(used, iu, e.amount) || !sum(spent, ic, *cost) {
+                fits = false;
+                break;
+            }
+            incs.push((key, w.end));
+        }
+        if !fits {
+            overflowed.push(e.id);
+            continue;
+        }
+        for (key, end) in incs {
+            let i = acc.entry(key).or_default();
+            i.end = end;
+            i.used += e.amount;
+            i.cost += cost;
+        }
+        out.accepted.push(e.id);
+        touched.push((e.feature.clone(), *eff));
+    }
+    if !overflowed.is_empty() {
+        tx.execute(&tx.prepare_cached("DELETE FROM events WHERE user_id = $1 AND id = ANY($2)").await?, &[&ctx.user_id, &overflowed])
+            .await?;
+        out.rejected.extend(overflowed.iter().map(|id| reject(&id.to_string(), "invalid_amount")));
+    }
+    if !again.is_empty() {
+        let rows = tx
+            .query(
+                &tx.prepare_cached(
+                    "SELECT id, feature, amount, occurred_at, model, input_tokens, output_tokens, metadata, effective_at \
+                     FROM events WHERE user_id = $1 AND id = ANY($2)",
+                )
+                .await?,
+                &[&ctx.user_id, &again],
+            )
+            .await?;
+        let known: HashMap<Uuid, (Body, DateTime<Utc>)> = rows
+            .iter()
+            .map(|r| {
+                let b = Body {
+                    feature: r.get(1),
+                    amount: r.get(2),
+                    occurred_at: r.get(3),
+                    model: r.get(4),
+                    input_tokens: r.get(5),
+                    output_tokens: r.get(6),
+                    metadata: r.get(7),
+                };
+                (r.get(0), (b, r.get(8)))
+            })
+            .collect();
+        for id in again {
+            match (known.get(&id), first.get(&id)) {
+                (Some((b, eff)), Some(sent)) if b == sent => {
+                    out.duplicates.push(id);
+                    touched.push((b.feature.clone(), *eff));
+                }
+                _ => out.rejected.push(reject(&id.to_string(), "conflict")),
+            }
+        }
+    }
+    let ok: BTreeSet<Uuid> = out.accepted.iter().chain(out.duplicates.iter()).copied().collect();
+    for id in repeats {
+        if ok.contains(&id) {
+            out.duplicates.push(id);
+        } else {
+            out.rejected.push(reject(&id.to_string(), "conflict"));
+        }
+    }
+    let mut unknown = BTreeSet::new();
+    for (f, at) in &touched {
+        if !ctx.catalog.knows_feature(f) {
+            unknown.insert(f.clone());
+        }
+        if let Some(p) = features.get(f).and_then(Rule::period) {
+            let w = window(p, *at, ctx.tz, ctx.anchor);
+            wanted.insert((f.clone(), p, w.start), w.end);
+        }
+    }
+    out.unknown_features = unknown.into_iter().collect();
+    out.touched = touched;
+    // Duplicates may name windows not read yet (their stored effective time).
+    read_counters(tx, ctx.user_id, &wanted.keys().cloned().collect(), &mut stored).await?;
+    let mut after = stored;
+    for (key, inc) in &acc {
+        let v = after.entry(key.clone()).or_insert((0, 0));
+        *v = (v.0 + inc.used, v.1 + inc.cost);
+    }
+    upsert_counters(tx, ctx.user_id, acc).await?;
+    out.totals = wanted
+        .into_iter()
+        .filter_map(|((f, p, start), end)| {
+            let (used, cost) = after.get(&(f.clone(), p, start)).copied().unwrap_or((0, 0));
+            features.get(&f).map(|rule| total_for(rule, &f, p, start, end, used, cost))
+        })
+        .collect();
+    Ok(out)
+}
+
+/// Inserts the events that are new (`ON CONFLICT DO NOTHING`); returns the ids inserted.
+async fn insert_events(
+    tx: &impl GenericClient,
+    ctx: &Ctx<'_>,
+    events: &[(DateTime<Utc>, i64, NewEvent)],
+    device_id: Option<&str>,
+    source: &str,
+) -> ApiResult<BTreeSet<Uuid>> {
+    if events.is_empty() {
+        return Ok(BTreeSet::new());
+    }
+    let n = events.len();
     let mut cols = (
         Vec::with_capacity(n),
         Vec::with_capacity(n),
@@ -339,23 +554,19 @@ pub async fn ingest(
         Vec::with_capacity(n),
         Vec::with_capacity(n),
     );
-    let mut costs = HashMap::with_capacity(n);
-    for e in &unique {
-        let effective = e.occurred_at.min(limit);
-        let cost = ctx.cost(e.model.as_deref(), e.input_tokens, e.output_tokens);
-        costs.insert(e.id, (effective, cost));
+    for (effective, cost, e) in events {
         cols.0.push(e.id);
-        cols.1.push(e.feature.clone());
+        cols.1.push(e.feature.as_str());
         cols.2.push(e.amount);
         cols.3.push(e.occurred_at);
-        cols.4.push(effective);
-        cols.5.push(effective != e.occurred_at);
+        cols.4.push(*effective);
+        cols.5.push(*effective != e.occurred_at);
         cols.6.push(e.device_seq);
-        cols.7.push(e.model.clone());
+        cols.7.push(e.model.as_deref());
         cols.8.push(e.input_tokens);
         cols.9.push(e.output_tokens);
-        cols.10.push(cost);
-        cols.11.push(e.metadata.clone());
+        cols.10.push(*cost);
+        cols.11.push(e.metadata.as_ref());
     }
     let rows = tx
         .query(
@@ -373,61 +584,7 @@ pub async fn ingest(
             ],
         )
         .await?;
-    let inserted: BTreeSet<Uuid> = rows.iter().map(|r| r.get(0)).collect();
-    let tracked = tracked_periods(ctx.catalog);
-    let mut acc = BTreeMap::new();
-    let mut again = Vec::new();
-    for e in &unique {
-        if inserted.contains(&e.id) {
-            let (eff, cost) = costs[&e.id];
-            add_increments(ctx, &tracked, &mut acc, &e.feature, eff, e.amount, cost);
-            out.accepted.push(e.id);
-            out.touched.push((e.feature.clone(), eff));
-        } else {
-            again.push(e.id);
-        }
-    }
-    upsert_counters(tx, ctx.user_id, acc).await?;
-    if !again.is_empty() {
-        let stored = tx
-            .query(
-                &tx.prepare_cached("SELECT id, feature, amount, occurred_at, model, input_tokens, output_tokens, effective_at FROM events WHERE user_id = $1 AND id = ANY($2)").await?,
-                &[&ctx.user_id, &again],
-            )
-            .await?;
-        let stored: HashMap<Uuid, (Body, DateTime<Utc>)> = stored
-            .iter()
-            .map(|r| {
-                let b = Body {
-                    feature: r.get(1),
-                    amount: r.get(2),
-                    occurred_at: r.get(3),
-                    model: r.get(4),
-                    input_tokens: r.get(5),
-                    output_tokens: r.get(6),
-                };
-                (r.get(0), (b, r.get(7)))
-            })
-            .collect();
-        for id in again {
-            match (stored.get(&id), first.get(&id)) {
-                (Some((b, eff)), Some(sent)) if b == sent => {
-                    out.duplicates.push(id);
-                    out.touched.push((b.feature.clone(), *eff));
-                }
-                _ => out.rejected.push(reject(&id.to_string(), "conflict")),
-            }
-        }
-    }
-    let ok: BTreeSet<Uuid> = out.accepted.iter().chain(out.duplicates.iter()).copied().collect();
-    for id in repeats {
-        if ok.contains(&id) {
-            out.duplicates.push(id);
-        } else {
-            out.rejected.push(reject(&id.to_string(), "conflict"));
-        }
-    }
-    Ok(out)
+    Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
 /// The counted rule of `feature`'s window containing `at`.
@@ -447,54 +604,16 @@ fn total_for(rule: &Rule, feature: &str, period: Period, start: DateTime<Utc>, e
     }
 }
 
-/// Totals of the current window of every metered/budget rule in `features`, plus every window
-/// of those rules that `touched` events fall in.
-pub async fn totals(
-    tx: &impl GenericClient,
-    ctx: &Ctx<'_>,
-    features: &BTreeMap<String, Rule>,
-    touched: &[(String, DateTime<Utc>)],
-) -> ApiResult<Vec<Total>> {
-    let mut wanted: BTreeMap<CounterKey, Option<DateTime<Utc>>> = BTreeMap::new();
-    for (f, rule) in features {
-        let Some(p) = rule.period() else { continue };
-        let w = window(p, ctx.now, ctx.tz, ctx.anchor);
-        wanted.insert((f.clone(), p, w.start), w.end);
-    }
-    for (f, at) in touched {
-        if let Some(p) = features.get(f).and_then(Rule::period) {
-            let w = window(p, *at, ctx.tz, ctx.anchor);
-            wanted.insert((f.clone(), p, w.start), w.end);
-        }
-    }
-    if wanted.is_empty() {
-        return Ok(Vec::new());
-    }
-    let fs: Vec<&str> = wanted.keys().map(|k| k.0.as_str()).collect();
-    let ps: Vec<&str> = wanted.keys().map(|k| k.1.as_str()).collect();
-    let ss: Vec<DateTime<Utc>> = wanted.keys().map(|k| k.2).collect();
-    let rows = tx
-        .query(
-            &tx.prepare_cached(
-                "SELECT c.feature, c.period, c.period_start, c.used, c.cost_micros FROM counters c \
-             JOIN unnest($2::text[], $3::text[], $4::timestamptz[]) AS w(feature, period, period_start) \
-               ON c.feature = w.feature AND c.period = w.period AND c.period_start = w.period_start \
-             WHERE c.user_id = $1",
-            )
-            .await?,
-            &[&ctx.user_id, &fs, &ps, &ss],
-        )
-        .await?;
-    let mut found: HashMap<(String, String, DateTime<Utc>), (i64, i64)> = HashMap::new();
-    for r in rows {
-        found.insert((r.get(0), r.get(1), r.get(2)), (r.get(3), r.get(4)));
-    }
-    let mut out = Vec::with_capacity(wanted.len());
-    for ((f, p, start), end) in wanted {
-        let (used, cost) = found.get(&(f.clone(), p.as_str().to_string(), start)).copied().unwrap_or((0, 0));
-        if let Some(rule) = features.get(&f) {
-            out.push(total_for(rule, &f, p, start, end, used, cost));
-        }
-    }
-    Ok(out)
+/// Totals of the current window of every counted rule in `features` (reads only).
+pub async fn totals(tx: &impl GenericClient, ctx: &Ctx<'_>, features: &BTreeMap<String, Rule>) -> ApiResult<Vec<Total>> {
+    let wanted = current_windows(ctx, features);
+    let mut stored = Counters::new();
+    read_counters(tx, ctx.user_id, &wanted.keys().cloned().collect(), &mut stored).await?;
+    Ok(wanted
+        .into_iter()
+        .filter_map(|((f, p, start), end)| {
+            let (used, cost) = stored.get(&(f.clone(), p, start)).copied().unwrap_or((0, 0));
+            features.get(&f).map(|rule| total_for(rule, &f, p, start, end, used, cost))
+        })
+        .collect())
 }

@@ -13,29 +13,23 @@ use axum::extract::State;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
 use serde_json::{Map, Value, json};
+use tally_core::contract;
 use tally_core::hlc::Hlc;
-use tally_core::wire::SettingChange;
+use tally_core::wire::{SettingChange, SettingRejected};
 use uuid::Uuid;
 
-/// How far ahead of the server's clock an HLC may be before it is re-stamped.
-pub const MAX_HLC_AHEAD_MS: u64 = 5 * 60 * 1000;
-/// Largest setting key.
-pub const MAX_KEY_BYTES: usize = 256;
-/// Largest serialized setting value.
-pub const MAX_VALUE_BYTES: usize = 16 * 1024;
-
-/// Validates changes (keys, sizes, HLC form) before anything is written.
-pub fn validate(changes: &[SettingChange]) -> ApiResult<()> {
-    for c in changes {
-        if c.key.is_empty() || c.key.len() > MAX_KEY_BYTES {
-            return Err(ApiError::Invalid("invalid_setting", format!("setting keys must be 1 to {MAX_KEY_BYTES} bytes")));
-        }
-        if Hlc::parse(&c.hlc).is_none() {
-            return Err(ApiError::Invalid("invalid_setting", format!("setting {:?}: malformed hlc {:?}", c.key, c.hlc)));
-        }
-        if c.value.to_string().len() > MAX_VALUE_BYTES {
-            return Err(ApiError::Invalid("invalid_setting", format!("setting {:?}: value larger than {MAX_VALUE_BYTES} bytes", c.key)));
-        }
+/// Checks one change against the contract (key, value size and text, HLC form).
+pub fn check(c: &SettingChange) -> Result<(), contract::Violation> {
+    contract::setting_key(&c.key)?;
+    if Hlc::parse(&c.hlc).is_none() {
+        return Err(contract::Violation::new(
+            format!("settings.{}", c.key),
+            "invalid_setting",
+            format!("setting {:?}: malformed hlc", c.key),
+        ));
+    }
+    if !c.deleted {
+        contract::setting_value(&c.key, &c.value)?;
     }
     Ok(())
 }
@@ -44,27 +38,37 @@ fn now_ms(now: DateTime<Utc>) -> u64 {
     u64::try_from(now.timestamp_millis()).unwrap_or(0)
 }
 
-/// Merges validated changes into the (locked) user's settings: a change wins when its HLC is
-/// greater than the stored one. HLCs too far ahead are re-stamped to the server's time first.
-pub async fn merge(tx: &impl GenericClient, user_id: Uuid, changes: &[SettingChange], now: DateTime<Utc>) -> ApiResult<()> {
+/// A stored row as merging sees it.
+struct StoredSetting {
+    hlc: String,
+    /// Contract size when not deleted.
+    bytes: Option<usize>,
+}
+
+/// Merges changes into the (locked) user's settings, last writer wins by HLC (HLCs more than
+/// [`contract::MAX_HLC_AHEAD_MS`] ahead of the server are re-stamped to its time first).
+/// Returns the changes refused: those that break the contract, and winners that would take the
+/// user past the per-user caps of keys and bytes (`quota_exceeded`); the rest are stored.
+pub async fn merge(
+    tx: &impl GenericClient,
+    user_id: Uuid,
+    changes: &[SettingChange],
+    now: DateTime<Utc>,
+) -> ApiResult<Vec<SettingRejected>> {
     if changes.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let now_ms = now_ms(now);
-    let n = i64::try_from(changes.len()).unwrap_or(i64::MAX);
-    let top: i64 = tx
-        .query_one(
-            &tx.prepare_cached("UPDATE users SET settings_seq = settings_seq + $2 WHERE user_id = $1 RETURNING settings_seq").await?,
-            &[&user_id, &n],
-        )
-        .await?
-        .get(0);
-    let (mut keys, mut values, mut deleted, mut hlcs, mut seqs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut rejected = Vec::new();
     // Later changes of one key in the same request win over earlier ones only by HLC too.
     let mut best: std::collections::BTreeMap<&str, (String, &SettingChange)> = Default::default();
     for c in changes {
-        let mut h = Hlc::parse(&c.hlc).ok_or_else(|| ApiError::Invalid("invalid_setting", "malformed hlc".into()))?;
-        if h.wall_ms > now_ms.saturating_add(MAX_HLC_AHEAD_MS) {
+        if let Err(v) = check(c) {
+            rejected.push(SettingRejected { key: c.key.clone(), reason: v.code.to_string() });
+            continue;
+        }
+        let Some(mut h) = Hlc::parse(&c.hlc) else { continue };
+        if h.wall_ms > now_ms.saturating_add(contract::MAX_HLC_AHEAD_MS) {
             h.wall_ms = now_ms;
         }
         let s = h.to_string();
@@ -75,8 +79,55 @@ pub async fn merge(tx: &impl GenericClient, user_id: Uuid, changes: &[SettingCha
             }
         }
     }
-    for (i, (key, (hlc, c))) in best.into_iter().enumerate() {
-        keys.push(key.to_string());
+    let rows = tx.query(&tx.prepare_cached("SELECT key, value, deleted, hlc FROM settings WHERE user_id = $1").await?, &[&user_id]).await?;
+    let mut stored: std::collections::HashMap<String, StoredSetting> = rows
+        .iter()
+        .map(|r| {
+            let key: String = r.get(0);
+            let bytes = (!r.get::<_, bool>(2)).then(|| {
+                let v = r.get::<_, Option<Value>>(1).unwrap_or(Value::Null);
+                contract::setting_bytes(&key, &serde_json::to_string(&v).unwrap_or_default())
+            });
+            (key, StoredSetting { hlc: r.get(3), bytes })
+        })
+        .collect();
+    let mut keys = stored.values().filter(|s| s.bytes.is_some()).count();
+    let mut bytes: usize = stored.values().filter_map(|s| s.bytes).sum();
+    let mut winners = Vec::new();
+    for (key, (hlc, c)) in best {
+        let old = stored.get(key);
+        if old.is_some_and(|o| o.hlc >= hlc) {
+            continue; // loses: the stored row comes back to the device with the answer
+        }
+        let new_bytes = if c.deleted { None } else { Some(contract::setting_bytes(key, &serde_json::to_string(&c.value)?)) };
+        let old_bytes = old.and_then(|o| o.bytes);
+        let (k, b) = (
+            keys + usize::from(new_bytes.is_some()) - usize::from(old_bytes.is_some()),
+            bytes + new_bytes.unwrap_or(0) - old_bytes.unwrap_or(0),
+        );
+        let grows = new_bytes.unwrap_or(0) > old_bytes.unwrap_or(0) || (new_bytes.is_some() && old_bytes.is_none());
+        if grows && contract::settings_quota(k, b).is_err() {
+            rejected.push(SettingRejected { key: key.to_string(), reason: "quota_exceeded".into() });
+            continue;
+        }
+        (keys, bytes) = (k, b);
+        stored.insert(key.to_string(), StoredSetting { hlc: hlc.clone(), bytes: new_bytes });
+        winners.push((key, hlc, c));
+    }
+    if winners.is_empty() {
+        return Ok(rejected);
+    }
+    let n = i64::try_from(winners.len()).unwrap_or(i64::MAX);
+    let top: i64 = tx
+        .query_one(
+            &tx.prepare_cached("UPDATE users SET settings_seq = settings_seq + $2 WHERE user_id = $1 RETURNING settings_seq").await?,
+            &[&user_id, &n],
+        )
+        .await?
+        .get(0);
+    let (mut ks, mut values, mut deleted, mut hlcs, mut seqs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (i, (key, hlc, c)) in winners.into_iter().enumerate() {
+        ks.push(key.to_string());
         values.push(if c.deleted { None } else { Some(c.value.clone()) });
         deleted.push(c.deleted);
         hlcs.push(hlc);
@@ -86,10 +137,10 @@ pub async fn merge(tx: &impl GenericClient, user_id: Uuid, changes: &[SettingCha
          SELECT $1, * FROM unnest($2::text[], $3::jsonb[], $4::bool[], $5::text[], $6::int8[]) \
          ON CONFLICT (user_id, key) DO UPDATE SET value = excluded.value, deleted = excluded.deleted, hlc = excluded.hlc, seq = excluded.seq \
          WHERE settings.hlc < excluded.hlc").await?,
-        &[&user_id, &keys, &values, &deleted, &hlcs, &seqs],
+        &[&user_id, &ks, &values, &deleted, &hlcs, &seqs],
     )
     .await?;
-    Ok(())
+    Ok(rejected)
 }
 
 /// Parses a cursor (an opaque decimal sequence; anything else means "from the start").
@@ -162,11 +213,26 @@ async fn web_write(state: &AppState, user: &User, body: Value, replace: bool) ->
             }
         }
     }
-    validate(&changes)?;
-    merge(&tx, user.user_id, &changes, now).await?;
+    if let Some(r) = merge(&tx, user.user_id, &changes, now).await?.into_iter().next() {
+        // Nothing is written: the transaction is dropped.
+        let message = match changes.iter().find(|c| c.key == r.key).map(check) {
+            Some(Err(v)) => v.message,
+            _ => format!("setting {:?}: {}", r.key, r.reason),
+        };
+        return Err(ApiError::Invalid(static_code(&r.reason), message));
+    }
     let out = current(&tx, user.user_id).await?;
     tx.commit().await?;
     Ok(Json(out))
+}
+
+fn static_code(reason: &str) -> &'static str {
+    match reason {
+        "quota_exceeded" => "quota_exceeded",
+        "value_too_large" => "value_too_large",
+        "invalid_text" => "invalid_text",
+        _ => "invalid_setting",
+    }
 }
 
 /// `PUT /v1/settings`: replaces all settings with the given object.

@@ -12,6 +12,7 @@ use axum::Json;
 use axum::extract::{FromRequest, Request, State};
 use serde::Deserialize;
 use serde_json::Value;
+use tally_core::contract;
 use tally_core::wire::{ProfilePatch, SettingChange, SyncResponse};
 
 /// The request as parsed by the server: `events` stay raw JSON so one bad event is rejected on
@@ -22,6 +23,9 @@ pub struct RawSyncRequest {
     pub protocol: u32,
     /// The sending device.
     pub device_id: String,
+    /// The subject the device syncs for (absent from older clients).
+    #[serde(default)]
+    pub external_id: Option<String>,
     /// Settings cursor of the previous response.
     #[serde(default)]
     pub cursor: Option<String>,
@@ -62,25 +66,28 @@ impl FromRequest<AppState> for SyncBody {
             return Err(ApiError::TooLarge(format!("{n} events in one request; the maximum is {}", state.config.max_batch_events)));
         }
         let req: RawSyncRequest = from_value(v)?;
-        if req.device_id.is_empty() || req.device_id.len() > 128 {
-            return Err(ApiError::Invalid("invalid_body", "device_id must be 1 to 128 bytes".into()));
-        }
+        contract::device_id(&req.device_id)?;
         Ok(SyncBody(req))
     }
 }
 
 /// `POST /v1/sync`.
 pub async fn sync(State(state): State<AppState>, AuthUser(user): AuthUser, SyncBody(req): SyncBody) -> ApiResult<Json<SyncResponse>> {
-    if let Some(p) = &req.profile {
-        accounts::validate_profile(p)?;
+    // Every use lands in the right account: credentials of another subject record nothing.
+    if let Some(sent) = &req.external_id
+        && user.external_id.as_deref() != Some(sent.as_str())
+    {
+        return Err(ApiError::Conflict(
+            "subject_mismatch",
+            "the credentials are for another account than the device's signed-in user; nothing was recorded".into(),
+        ));
     }
-    settings::validate(&req.settings_changes)?;
     let mut rejected = Vec::new();
     let mut events = Vec::with_capacity(req.events.len());
     for v in &req.events {
         match ledger::validate(v, None) {
             Ok(e) => events.push(e),
-            Err(r) => rejected.push(r),
+            Err(invalid) => rejected.push(invalid.rejected()),
         }
     }
     let resp = run(&state, user, req, events, rejected).await?;
@@ -98,19 +105,25 @@ async fn run(
     mut rejected: Vec<tally_core::wire::Rejected>,
 ) -> ApiResult<SyncResponse> {
     let now = state.now();
+    let (profile, profile_rejected) = match &req.profile {
+        Some(p) => {
+            let (ok, refused) = accounts::split_profile(p);
+            (Some(ok), refused)
+        }
+        None => (None, Vec::new()),
+    };
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
     let mut user = accounts::lock(&tx, user.user_id, &state.config.admin_subjects).await?;
-    if let Some(p) = &req.profile {
+    if let Some(p) = &profile {
         accounts::apply_profile(&tx, &mut user, p).await?;
     }
     let loaded = entitlements::load(state, &tx, &user, now).await?;
     let ctx = Ctx::new(&user, &loaded, now);
     ledger::ensure_counters(&tx, &ctx).await?;
-    let out = ledger::ingest(&tx, &ctx, events, Some(&req.device_id), "sync").await?;
-    settings::merge(&tx, user.user_id, &req.settings_changes, now).await?;
+    let out = ledger::ingest(&tx, &ctx, &loaded.ents.features, events, Some(&req.device_id), "sync").await?;
+    let settings_rejected = settings::merge(&tx, user.user_id, &req.settings_changes, now).await?;
     let (settings_changes, cursor) = settings::changes_since(&tx, user.user_id, settings::parse_cursor(req.cursor.as_deref())).await?;
-    let totals = ledger::totals(&tx, &ctx, &loaded.ents.features, &out.touched).await?;
     let mut ents = loaded.ents;
     crate::billing::credits::after_ingest(
         &tx,
@@ -129,9 +142,12 @@ async fn run(
         accepted: out.accepted,
         duplicates: out.duplicates,
         rejected,
-        totals,
+        totals: out.totals,
         entitlements_token: Some(token),
         settings_changes,
+        settings_rejected,
+        profile_rejected,
+        unknown_features: out.unknown_features,
         cursor: Some(cursor),
         limits: state.limits(),
     })

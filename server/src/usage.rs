@@ -20,15 +20,27 @@ use tally_core::decision::{Counted, Decision, Reason, decide_counted};
 use tally_core::wire::Total;
 use uuid::Uuid;
 
-/// The user a request acts for: the caller, or the `subject` named by an API key.
-async fn target(state: &AppState, p: &Principal, subject: Option<&str>) -> ApiResult<User> {
-    match (p, subject) {
-        (Principal::User(u), None) => Ok(u.clone()),
-        (Principal::User(u), Some(s)) if u.external_id.as_deref() == Some(s) => Ok(u.clone()),
-        (Principal::User(_), Some(_)) => Err(ApiError::not_found("user")),
-        (Principal::Key(k), Some(s)) if k.has_scope(SCOPE_USAGE_WRITE) => accounts::find_or_create_by_subject(state, s).await,
-        (Principal::Key(_), Some(_)) => Err(ApiError::not_found("route")),
-        (Principal::Key(_), None) => Err(ApiError::invalid("an API key must name the user with \"subject\"")),
+/// The user a request acts for: the caller, or the user an API key names by `subject` or
+/// `user_id` (which must exist: 404 `unknown_subject`).
+async fn target(state: &AppState, p: &Principal, subject: Option<&str>, user_id: Option<&str>) -> ApiResult<User> {
+    match p {
+        Principal::User(u) => match (subject, user_id) {
+            (None, None) => Ok(u.clone()),
+            (Some(s), None) if u.external_id.as_deref() == Some(s) => Ok(u.clone()),
+            (None, Some(id)) if id == u.user_id.to_string() => Ok(u.clone()),
+            _ => Err(ApiError::not_found("user")),
+        },
+        Principal::Key(k) if k.has_scope(SCOPE_USAGE_WRITE) => accounts::find_named(state, subject, user_id).await,
+        Principal::Key(_) => Err(ApiError::not_found("route")),
+    }
+}
+
+/// A string field of a JSON body: absent, null or a string.
+fn opt_str<'a>(body: &'a Value, field: &str) -> ApiResult<Option<&'a str>> {
+    match body.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(ApiError::invalid(format!("{field} must be a string"))),
     }
 }
 
@@ -50,53 +62,45 @@ pub async fn record(
     headers: HeaderMap,
     JsonBody(body): JsonBody<Value>,
 ) -> ApiResult<(StatusCode, Json<RecordResponse>)> {
-    let subject = body.get("subject").and_then(Value::as_str).map(str::to_string);
-    if body.get("subject").is_some_and(|s| !s.is_string() && !s.is_null()) {
-        return Err(ApiError::invalid("subject must be a string"));
-    }
+    let subject = opt_str(&body, "subject")?;
+    let user_id = opt_str(&body, "user_id")?;
     let key = match headers.get("idempotency-key") {
         None => None,
         Some(v) => {
-            let k = v
-                .to_str()
-                .ok()
-                .filter(|k| !k.is_empty() && k.len() <= 256)
-                .ok_or_else(|| ApiError::invalid("Idempotency-Key must be 1 to 256 visible ASCII characters"))?;
+            let k = v.to_str().map_err(|_| ApiError::invalid("Idempotency-Key must be visible ASCII characters"))?;
+            tally_core::contract::idempotency_key(k)?;
             Some(tally_core::ledger::event_id_for_key(k))
         }
     };
     if body.get("id").is_none_or(Value::is_null) && key.is_none() {
         return Err(ApiError::Invalid("missing_id", "give the event an \"id\" or send an Idempotency-Key header".into()));
     }
-    let event =
-        ledger::validate(&body, key).map_err(|r| ApiError::Invalid(static_reason(&r.reason), format!("invalid event: {}", r.reason)))?;
-    let user = target(&state, &p, subject.as_deref()).await?;
+    let event = ledger::validate(&body, key).map_err(|invalid| ApiError::from(invalid.violation))?;
+    let user = target(&state, &p, subject, user_id).await?;
     let now = state.now();
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
     let user = accounts::lock(&tx, user.user_id, &state.config.admin_subjects).await?;
     let loaded = entitlements::load(&state, &tx, &user, now).await?;
     let ctx = Ctx::new(&user, &loaded, now);
+    if !loaded.catalog.knows_feature(&event.feature) {
+        return Err(ApiError::Invalid("unknown_feature", format!("no plan of the catalog knows the feature {:?}", event.feature)));
+    }
     ledger::ensure_counters(&tx, &ctx).await?;
     let id = event.id;
-    let out = ledger::ingest(&tx, &ctx, vec![event], None, "api").await?;
-    if !out.rejected.is_empty() {
-        return Err(ApiError::Conflict("conflict", format!("event {id} was already recorded with a different body")));
+    let out = ledger::ingest(&tx, &ctx, &loaded.ents.features, vec![event], None, "api").await?;
+    match out.rejected.first().map(|r| r.reason.as_str()) {
+        None => {}
+        Some("conflict") => return Err(ApiError::Conflict("conflict", format!("event {id} was already recorded with a different body"))),
+        Some(_) => {
+            return Err(ApiError::Invalid("invalid_amount", "this use would take a counter past its range; nothing was recorded".into()));
+        }
     }
-    let totals = ledger::totals(&tx, &ctx, &loaded.ents.features, &out.touched).await?;
+    let totals = out.totals;
     tx.commit().await?;
     let duplicate = out.accepted.is_empty();
     ::metrics::counter!(if duplicate { "tally_events_duplicate_total" } else { "tally_events_ingested_total" }).increment(1);
     Ok((if duplicate { StatusCode::OK } else { StatusCode::CREATED }, Json(RecordResponse { id, duplicate, totals })))
-}
-
-fn static_reason(r: &str) -> &'static str {
-    match r {
-        "invalid_id" => "invalid_id",
-        "invalid_amount" => "invalid_amount",
-        "metadata_too_large" => "metadata_too_large",
-        _ => "invalid_event",
-    }
 }
 
 /// Body of `POST /v1/check`.
@@ -110,6 +114,9 @@ pub struct CheckRequest {
     /// The user, when an API key calls.
     #[serde(default)]
     pub subject: Option<String>,
+    /// The user by server id, when an API key calls.
+    #[serde(default)]
+    pub user_id: Option<String>,
 }
 
 fn one() -> u64 {
@@ -118,10 +125,9 @@ fn one() -> u64 {
 
 /// `POST /v1/check`: what a `check(feature, amount)` would decide on the server.
 pub async fn check(State(state): State<AppState>, p: Principal, JsonBody(req): JsonBody<CheckRequest>) -> ApiResult<Json<Decision>> {
-    if req.amount > ledger::MAX_AMOUNT {
-        return Err(ApiError::Invalid("invalid_amount", format!("amount must be at most {}", ledger::MAX_AMOUNT)));
-    }
-    let user = target(&state, &p, req.subject.as_deref()).await?;
+    tally_core::contract::feature(&req.feature)?;
+    tally_core::contract::amount(req.amount)?;
+    let user = target(&state, &p, req.subject.as_deref(), req.user_id.as_deref()).await?;
     let now = state.now();
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
@@ -156,7 +162,7 @@ pub async fn check(State(state): State<AppState>, p: Principal, JsonBody(req): J
                 _ => (tally_core::Enforcement::Hard, false),
             };
             let feats = std::iter::once((req.feature.clone(), rule.clone())).collect();
-            let t = ledger::totals(&tx, &ctx, &feats, &[]).await?;
+            let t = ledger::totals(&tx, &ctx, &feats).await?;
             let (used, resets_at) = t.first().map_or((0, None), |t| (t.used, t.period_end));
             let c = Counted {
                 limit: rule.limit(),
@@ -241,7 +247,7 @@ pub async fn report(State(state): State<AppState>, p: Principal, QueryParams(q):
             let r = client.query_opt(&format!("SELECT {} FROM users WHERE external_id = $1", accounts::USER_COLUMNS), &[&s]).await?;
             r.map(|r| User::from_row(&r, &state.config.admin_subjects)).ok_or_else(|| ApiError::not_found("user"))?
         }
-        _ => target(&state, &p, q.subject.as_deref()).await?,
+        _ => target(&state, &p, q.subject.as_deref(), None).await?,
     };
     let client = state.pool.get().await?;
     let rows = report_rows(&client, user.user_id, &user.timezone, from, to, group_by).await?;

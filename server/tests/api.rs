@@ -159,9 +159,11 @@ async fn sync_limits_protocol_and_malformed_bodies() {
     assert_eq!(s, StatusCode::BAD_REQUEST);
     let (s, _) = a.call("POST", "/v1/sync", Some(&t), Some(json!({"protocol": 1}))).await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "device_id is required");
-    let (s, _) =
+    // A refused profile field comes back alone; the sync itself succeeds.
+    let (s, v) =
         a.call("POST", "/v1/sync", Some(&t), Some(json!({"protocol": 1, "device_id": "d", "profile": {"timezone": "Nowhere/Land"}}))).await;
-    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["profile_rejected"], json!([{"field": "timezone", "reason": "invalid_timezone"}]));
     // Unknown fields are ignored.
     let (s, _) = a.call("POST", "/v1/sync", Some(&t), Some(json!({"protocol": 1, "device_id": "d", "future_field": {"a": 1}}))).await;
     assert_eq!(s, StatusCode::OK);
@@ -245,8 +247,8 @@ async fn settings_merge_by_hlc_and_far_future_does_not_win_forever() {
     assert!(
         r["settings_changes"].as_array().unwrap().iter().any(|c| c["key"] == "font" && c["hlc"].as_str().unwrap().ends_with("-server"))
     );
-    let (s, _) = a.call("POST", "/v1/sync", Some(&t), Some(send(json!([{"key": "k", "value": 1, "hlc": "garbage"}]), None))).await;
-    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    let (s, v) = a.call("POST", "/v1/sync", Some(&t), Some(send(json!([{"key": "k", "value": 1, "hlc": "garbage"}]), None))).await;
+    assert_eq!((s, &v["settings_rejected"]), (StatusCode::OK, &json!([{"key": "k", "reason": "invalid_setting"}])));
     let (s, _) = a.call("PUT", "/v1/settings", Some(&t), Some(json!([1, 2]))).await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
 }
@@ -366,15 +368,17 @@ async fn api_keys_admin_and_pending_users() {
     assert!(secret.starts_with("tk_"));
     let (s, _) = a.call("POST", "/v1/admin/api-keys", Some(&admin), Some(json!({"name": "bad", "scopes": ["root"]}))).await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
-    let (s, r) = a
-        .call(
-            "POST",
-            "/v1/usage",
-            Some(&secret),
-            Some(json!({"id": Uuid::now_v7(), "subject": "frank", "feature": "ai_chat", "amount": 1, "occurred_at": Utc::now()})),
-        )
-        .await;
+    let frank = json!({"id": Uuid::now_v7(), "subject": "frank", "feature": "ai_chat", "amount": 1, "occurred_at": Utc::now()});
+    let (s, r) = a.call("POST", "/v1/usage", Some(&secret), Some(frank.clone())).await;
+    assert_eq!((s, r["error"]["code"].as_str()), (StatusCode::NOT_FOUND, Some("unknown_subject")), "an unknown subject is not created");
+    assert_eq!(a.scalar("SELECT count(*) FROM users WHERE external_id = 'frank'").await, 0);
+    let (s, u) = a.call("POST", "/v1/admin/users", Some(&admin), Some(json!({"subject": "frank"}))).await;
+    assert_eq!(s, StatusCode::CREATED, "{u}");
+    let (s, r) = a.call("POST", "/v1/usage", Some(&secret), Some(frank)).await;
     assert_eq!(s, StatusCode::CREATED, "{r}");
+    let by_id = json!({"id": Uuid::now_v7(), "user_id": u["id"], "feature": "ai_chat", "amount": 1, "occurred_at": Utc::now()});
+    let (s, r) = a.call("POST", "/v1/usage", Some(&secret), Some(by_id)).await;
+    assert_eq!(s, StatusCode::CREATED, "an API key may name user_id: {r}");
     assert_eq!(a.call("GET", "/v1/me", Some(&secret), None).await.0, StatusCode::UNAUTHORIZED, "keys are not users");
     assert_eq!(
         a.call("POST", "/v1/admin/users", Some(&secret), Some(json!({"email": "a@b.c"}))).await.0,
@@ -431,7 +435,7 @@ async fn api_keys_admin_and_pending_users() {
     assert!(plans["catalog"]["plans"].as_array().unwrap().iter().any(|p| p["id"] == "team"));
     let (_, me) = a.call("GET", "/v1/me", Some(&token("frank")), None).await;
     let (s, rep) = a.call("GET", &format!("/v1/admin/users/{}/usage", me["id"].as_str().unwrap()), Some(&admin), None).await;
-    assert_eq!((s, rep["rows"][0]["amount"].as_i64()), (StatusCode::OK, Some(1)));
+    assert_eq!((s, rep["rows"][0]["amount"].as_i64()), (StatusCode::OK, Some(2)), "the use by subject and the one by user_id");
     assert_eq!(a.call("GET", "/v1/admin/users/not-a-uuid/usage", Some(&admin), None).await.0, StatusCode::NOT_FOUND);
     assert_eq!(a.call("GET", &format!("/v1/admin/users/{}/usage", Uuid::now_v7()), Some(&admin), None).await.0, StatusCode::NOT_FOUND);
 }

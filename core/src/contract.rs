@@ -1,0 +1,333 @@
+//! The contract between device and server: every limit and format that both sides check, written
+//! once. The core validates with these functions before it stores anything; the server validates
+//! what it receives with the same functions. Whatever one side accepts, the other accepts.
+//!
+//! A failed check is a [`Violation`]: the field, a machine-readable code (the server's error or
+//! rejection code) and a message naming the field.
+
+use crate::wire::{ProfilePatch, WireEvent};
+use chrono::{DateTime, Duration, Utc};
+use serde_json::Value;
+use std::fmt;
+
+/// Longest feature key, in bytes.
+pub const MAX_FEATURE_BYTES: usize = 128;
+/// Largest amount of one use.
+pub const MAX_AMOUNT: u64 = 1_000_000_000_000;
+/// Largest input or output token count of one use.
+pub const MAX_TOKENS: u64 = 1_000_000_000_000;
+/// Largest `metadata`, serialized as JSON, in bytes.
+pub const MAX_METADATA_BYTES: usize = 4096;
+/// Longest model name, in bytes.
+pub const MAX_MODEL_BYTES: usize = 128;
+/// Longest idempotency key, in bytes.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
+/// Longest device id, in bytes.
+pub const MAX_DEVICE_ID_BYTES: usize = 128;
+/// Longest setting key, in bytes.
+pub const MAX_SETTING_KEY_BYTES: usize = 128;
+/// Largest setting value, serialized as JSON, in bytes.
+pub const MAX_SETTING_VALUE_BYTES: usize = 16 * 1024;
+/// Most stored (not deleted) setting keys of one user.
+pub const MAX_SETTINGS_KEYS: usize = 1000;
+/// Most bytes (keys plus serialized values) of one user's stored settings.
+pub const MAX_SETTINGS_BYTES: usize = 1024 * 1024;
+/// Longest display name, in bytes.
+pub const MAX_DISPLAY_NAME_BYTES: usize = 256;
+/// Longest avatar URL, in bytes.
+pub const MAX_AVATAR_URL_BYTES: usize = 2048;
+/// Longest email address, in bytes.
+pub const MAX_EMAIL_BYTES: usize = 320;
+/// Longest identity-provider subject (`external_id`), in bytes.
+pub const MAX_SUBJECT_BYTES: usize = 256;
+/// Largest value a counter, a cost or a credit balance may reach (stored as a signed 64-bit
+/// integer on both sides).
+pub const MAX_COUNTER: u64 = i64::MAX as u64;
+/// How far ahead of the receiver's clock an event's time may count (later times are clamped).
+pub const MAX_CLOCK_AHEAD: Duration = Duration::minutes(5);
+/// How far ahead of the server's clock a setting's HLC may be before the server re-stamps it.
+pub const MAX_HLC_AHEAD_MS: u64 = 5 * 60 * 1000;
+/// Earliest and latest accepted `occurred_at` (1970-01-01 to the end of 9999), in seconds.
+const TIME_RANGE_SECS: std::ops::Range<i64> = 0..253_402_300_800;
+
+/// A value that breaks the contract.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    /// The offending field (`amount`, `metadata`, `settings.theme`, …).
+    pub field: String,
+    /// Machine-readable code: `invalid_amount`, `invalid_text`, `metadata_too_large`,
+    /// `invalid_event`, `invalid_setting`, `value_too_large`, `quota_exceeded`, `invalid_profile`.
+    pub code: &'static str,
+    /// What is wrong, naming the field.
+    pub message: String,
+}
+
+impl Violation {
+    /// A violation of `field` with `code`.
+    pub fn new(field: impl Into<String>, code: &'static str, message: impl Into<String>) -> Violation {
+        Violation { field: field.into(), code, message: message.into() }
+    }
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Violation {}
+
+/// Result of a contract check.
+pub type Checked<T = ()> = std::result::Result<T, Violation>;
+
+/// Text of at most `max` bytes without U+0000 (which Postgres cannot store). `min` is 0 or 1.
+pub fn text(field: &str, value: &str, min: usize, max: usize) -> Checked {
+    if value.len() < min || value.len() > max {
+        let range = if min == 0 { format!("at most {max} bytes") } else { format!("{min} to {max} bytes") };
+        return Err(Violation::new(field, "invalid_text", format!("{field} must be {range}, got {}", value.len())));
+    }
+    if value.contains('\0') {
+        return Err(Violation::new(field, "invalid_text", format!("{field} must not contain U+0000")));
+    }
+    Ok(())
+}
+
+/// Optional text (see [`text`]).
+pub fn opt_text(field: &str, value: Option<&str>, max: usize) -> Checked {
+    value.map_or(Ok(()), |v| text(field, v, 0, max))
+}
+
+/// Whether a JSON value holds U+0000 in any string or object key.
+pub fn json_has_nul(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(a) => a.iter().any(json_has_nul),
+        Value::Object(o) => o.iter().any(|(k, v)| k.contains('\0') || json_has_nul(v)),
+        _ => false,
+    }
+}
+
+/// A JSON value that fits in `max` serialized bytes and holds no U+0000; returns its
+/// serialization. `code` is the code of a size violation.
+fn json_value(field: &str, v: &Value, max: usize, code: &'static str) -> Checked<String> {
+    if json_has_nul(v) {
+        return Err(Violation::new(field, "invalid_text", format!("{field} must not contain U+0000")));
+    }
+    let s = serde_json::to_string(v).map_err(|e| Violation::new(field, "invalid_text", format!("{field}: {e}")))?;
+    if s.len() > max {
+        return Err(Violation::new(field, code, format!("{field} is {} bytes; the limit is {max}", s.len())));
+    }
+    Ok(s)
+}
+
+/// A feature key: 1 to [`MAX_FEATURE_BYTES`] bytes, no U+0000, not starting with `$`
+/// (reserved for pools such as `$credits`).
+pub fn feature(key: &str) -> Checked {
+    text("feature", key, 1, MAX_FEATURE_BYTES)?;
+    if key.starts_with('$') {
+        return Err(Violation::new("feature", "invalid_text", "feature keys must not start with '$'"));
+    }
+    Ok(())
+}
+
+/// The amount of one use: 1 to [`MAX_AMOUNT`].
+pub fn amount(a: u64) -> Checked {
+    if a == 0 || a > MAX_AMOUNT {
+        return Err(Violation::new("amount", "invalid_amount", format!("amount must be between 1 and {MAX_AMOUNT}, got {a}")));
+    }
+    Ok(())
+}
+
+/// A token count: at most [`MAX_TOKENS`].
+pub fn tokens(field: &str, n: Option<u64>) -> Checked {
+    match n {
+        Some(n) if n > MAX_TOKENS => Err(Violation::new(field, "invalid_amount", format!("{field} must be at most {MAX_TOKENS}, got {n}"))),
+        _ => Ok(()),
+    }
+}
+
+/// A model name: 1 to [`MAX_MODEL_BYTES`] bytes.
+pub fn model(m: Option<&str>) -> Checked {
+    m.map_or(Ok(()), |m| text("model", m, 1, MAX_MODEL_BYTES))
+}
+
+/// Event metadata: at most [`MAX_METADATA_BYTES`] serialized, no U+0000. `null` is no metadata.
+/// Returns the serialization.
+pub fn metadata(v: Option<&Value>) -> Checked<Option<String>> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => json_value("metadata", v, MAX_METADATA_BYTES, "metadata_too_large").map(Some),
+    }
+}
+
+/// An idempotency key: 1 to [`MAX_IDEMPOTENCY_KEY_BYTES`] bytes, no U+0000.
+pub fn idempotency_key(k: &str) -> Checked {
+    text("idempotency_key", k, 1, MAX_IDEMPOTENCY_KEY_BYTES)
+}
+
+/// A device id: 1 to [`MAX_DEVICE_ID_BYTES`] bytes, no U+0000.
+pub fn device_id(d: &str) -> Checked {
+    text("device_id", d, 1, MAX_DEVICE_ID_BYTES)
+}
+
+/// An identity-provider subject: 1 to [`MAX_SUBJECT_BYTES`] bytes, no U+0000.
+pub fn subject(s: &str) -> Checked {
+    text("external_id", s, 1, MAX_SUBJECT_BYTES)
+}
+
+/// An event time: between 1970 and the end of year 9999.
+pub fn occurred_at(t: DateTime<Utc>) -> Checked {
+    if !TIME_RANGE_SECS.contains(&t.timestamp()) {
+        return Err(Violation::new("occurred_at", "invalid_event", "occurred_at must be between 1970 and 9999"));
+    }
+    Ok(())
+}
+
+/// The parts of a use that both sides check (feature, amount, AI fields, metadata); returns the
+/// serialized metadata.
+pub fn usage(
+    feature_key: &str,
+    amount_units: u64,
+    model_name: Option<&str>,
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    meta: Option<&Value>,
+) -> Checked<Option<String>> {
+    feature(feature_key)?;
+    amount(amount_units)?;
+    tokens("input_tokens", input_tokens)?;
+    tokens("output_tokens", output_tokens)?;
+    model(model_name)?;
+    metadata(meta)
+}
+
+/// A whole ledger event as sent on the wire.
+pub fn event(e: &WireEvent) -> Checked {
+    if e.id.is_nil() {
+        return Err(Violation::new("id", "invalid_id", "id must not be the nil UUID"));
+    }
+    usage(&e.feature, e.amount, e.model.as_deref(), e.input_tokens, e.output_tokens, e.metadata.as_ref())?;
+    occurred_at(e.occurred_at)?;
+    if e.device_seq.is_some_and(|s| s > MAX_COUNTER) {
+        return Err(Violation::new("device_seq", "invalid_event", format!("device_seq must be at most {MAX_COUNTER}")));
+    }
+    Ok(())
+}
+
+/// A setting key: 1 to [`MAX_SETTING_KEY_BYTES`] bytes, no U+0000.
+pub fn setting_key(key: &str) -> Checked {
+    text("setting key", key, 1, MAX_SETTING_KEY_BYTES).map_err(|v| Violation { code: "invalid_setting", ..v })
+}
+
+/// A setting value: at most [`MAX_SETTING_VALUE_BYTES`] serialized, no U+0000. Returns the
+/// serialization.
+pub fn setting_value(key: &str, value: &Value) -> Checked<String> {
+    json_value(&format!("settings.{key}"), value, MAX_SETTING_VALUE_BYTES, "value_too_large")
+}
+
+/// The stored size of one setting towards [`MAX_SETTINGS_BYTES`].
+pub fn setting_bytes(key: &str, serialized_value: &str) -> usize {
+    key.len() + serialized_value.len()
+}
+
+/// Whether a user whose stored settings would be `keys` keys of `bytes` bytes stays within the
+/// per-user caps.
+pub fn settings_quota(keys: usize, bytes: usize) -> Checked {
+    if keys > MAX_SETTINGS_KEYS {
+        return Err(Violation::new("settings", "quota_exceeded", format!("at most {MAX_SETTINGS_KEYS} settings per user")));
+    }
+    if bytes > MAX_SETTINGS_BYTES {
+        return Err(Violation::new("settings", "quota_exceeded", format!("at most {MAX_SETTINGS_BYTES} bytes of settings per user")));
+    }
+    Ok(())
+}
+
+/// An IANA timezone name known to both sides (chrono-tz's database).
+pub fn timezone(tz: &str) -> Checked<chrono_tz::Tz> {
+    text("timezone", tz, 1, 64)?;
+    tz.parse::<chrono_tz::Tz>().map_err(|_| Violation::new("timezone", "invalid_timezone", format!("unknown IANA timezone {tz:?}")))
+}
+
+/// A display name: at most [`MAX_DISPLAY_NAME_BYTES`] bytes, no control characters.
+pub fn display_name(v: Option<&str>) -> Checked {
+    opt_text("display_name", v, MAX_DISPLAY_NAME_BYTES)?;
+    no_control("display_name", v)
+}
+
+/// An avatar URL: at most [`MAX_AVATAR_URL_BYTES`] bytes, no control characters.
+pub fn avatar_url(v: Option<&str>) -> Checked {
+    opt_text("avatar_url", v, MAX_AVATAR_URL_BYTES)?;
+    no_control("avatar_url", v)
+}
+
+/// An email address: at most [`MAX_EMAIL_BYTES`] bytes, no control characters.
+pub fn email(v: Option<&str>) -> Checked {
+    opt_text("email", v, MAX_EMAIL_BYTES)?;
+    no_control("email", v)
+}
+
+fn no_control(field: &str, v: Option<&str>) -> Checked {
+    if v.is_some_and(|s| s.chars().any(char::is_control)) {
+        return Err(Violation::new(field, "invalid_text", format!("{field} must not contain control characters")));
+    }
+    Ok(())
+}
+
+/// A profile edit (display name, avatar, timezone).
+pub fn profile(p: &ProfilePatch) -> Checked {
+    display_name(p.display_name.as_deref())?;
+    avatar_url(p.avatar_url.as_deref())?;
+    if let Some(tz) = &p.timezone {
+        timezone(tz)?;
+    }
+    Ok(())
+}
+
+/// `a + b` for a counter, a cost or a balance: an overflow past [`MAX_COUNTER`] is a violation
+/// (`invalid_amount`), never a wrap or a saturation.
+pub fn checked_sum(field: &str, a: u64, b: u64) -> Checked<u64> {
+    a.checked_add(b).filter(|s| *s <= MAX_COUNTER).ok_or_else(|| {
+        Violation::new(field, "invalid_amount", format!("{field} would exceed {MAX_COUNTER}; the use is refused and nothing is recorded"))
+    })
+}
+
+/// `a × b` for a credit cost or a price (see [`checked_sum`]).
+pub fn checked_product(field: &str, a: u64, b: u64) -> Checked<u64> {
+    a.checked_mul(b).filter(|s| *s <= MAX_COUNTER).ok_or_else(|| {
+        Violation::new(field, "invalid_amount", format!("{field} would exceed {MAX_COUNTER}; the use is refused and nothing is recorded"))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn limits_are_inclusive_and_nul_is_refused() {
+        assert!(feature(&"f".repeat(MAX_FEATURE_BYTES)).is_ok());
+        assert!(feature(&"f".repeat(MAX_FEATURE_BYTES + 1)).is_err());
+        assert!(feature("").is_err() && feature("a\0b").is_err() && feature("$credits").is_err());
+        assert!(amount(MAX_AMOUNT).is_ok() && amount(MAX_AMOUNT + 1).is_err() && amount(0).is_err());
+        assert_eq!(amount(0).unwrap_err().code, "invalid_amount");
+        let meta = json!({"k": "x".repeat(MAX_METADATA_BYTES - 8)});
+        assert_eq!(serde_json::to_string(&meta).unwrap().len(), MAX_METADATA_BYTES);
+        assert!(metadata(Some(&meta)).is_ok());
+        assert_eq!(metadata(Some(&json!({"k": "x".repeat(MAX_METADATA_BYTES)}))).unwrap_err().code, "metadata_too_large");
+        assert_eq!(metadata(Some(&json!({"a\0": 1}))).unwrap_err().code, "invalid_text");
+        assert_eq!(setting_value("k", &json!(["\0"])).unwrap_err().field, "settings.k");
+        assert!(display_name(Some(&"é".repeat(MAX_DISPLAY_NAME_BYTES / 2))).is_ok());
+        assert!(display_name(Some(&"é".repeat(MAX_DISPLAY_NAME_BYTES / 2 + 1))).is_err());
+        assert!(timezone("Europe/Paris").is_ok() && timezone("Mars/Olympus").is_err());
+    }
+
+    #[test]
+    fn sums_never_wrap() {
+        assert_eq!(checked_sum("used", MAX_COUNTER - 1, 1), Ok(MAX_COUNTER));
+        assert!(checked_sum("used", MAX_COUNTER, 1).is_err());
+        assert!(checked_sum("used", u64::MAX, 1).is_err());
+        assert!(checked_product("cost", MAX_COUNTER, 2).is_err());
+        assert!(settings_quota(MAX_SETTINGS_KEYS, MAX_SETTINGS_BYTES).is_ok());
+        assert!(settings_quota(MAX_SETTINGS_KEYS + 1, 0).is_err());
+    }
+}

@@ -1,0 +1,130 @@
+//! Credits: grants (FIFO by expiry, then id), draws, the debt a draw cannot cover and its
+//! payment from the next grant, and plan-included credits.
+
+use crate::access::Access;
+use crate::entitlements::CreditGrant;
+use crate::error::{Error, Result};
+use crate::{Inner, Tally, from_ms, ms, write_tx};
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OptionalExtension, params};
+
+/// Sum of unexpired credit grants at `at` (may be negative when overspent).
+pub(crate) fn credit_balance_at(conn: &Connection, user: &str, at: DateTime<Utc>) -> Result<i64> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT COALESCE(SUM(remaining), 0) FROM credit_grants WHERE user_id = ?1 AND (expires_at IS NULL OR expires_at > ?2)",
+        )?
+        .query_row(params![user, ms(at)], |r| r.get(0))?)
+}
+
+/// Draws `need` credits from the unexpired grants, the one expiring first first. What cannot be
+/// covered is kept as a debt (a negative grant) that the next grant pays.
+pub(crate) fn draw_credits(conn: &Connection, user: &str, need: u64, at: DateTime<Utc>) -> Result<()> {
+    let grants: Vec<(String, i64)> = conn
+        .prepare_cached(
+            "SELECT id, remaining FROM credit_grants WHERE user_id = ?1 AND remaining > 0 AND (expires_at IS NULL OR expires_at > ?2)
+             ORDER BY expires_at IS NULL, expires_at, id",
+        )?
+        .query_map(params![user, ms(at)], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut left = need as i64;
+    for (id, remaining) in grants {
+        if left == 0 {
+            break;
+        }
+        let take = remaining.min(left);
+        conn.execute("UPDATE credit_grants SET remaining = remaining - ?3 WHERE user_id = ?1 AND id = ?2", params![user, id, take])?;
+        left -= take;
+    }
+    if left > 0 {
+        conn.execute(
+            "INSERT INTO credit_grants (user_id, id, remaining, expires_at, source) VALUES (?1, '_debt', ?2, NULL, 'debt')
+             ON CONFLICT (user_id, id) DO UPDATE SET remaining = remaining + excluded.remaining",
+            params![user, -left],
+        )?;
+    }
+    Ok(())
+}
+
+/// Pays a debt from the grants just stored (the next grant pays a negative balance).
+pub(crate) fn settle_debt(conn: &Connection, user: &str, at: DateTime<Utc>) -> Result<()> {
+    let debt: Option<i64> =
+        conn.query_row("SELECT remaining FROM credit_grants WHERE user_id = ?1 AND id = '_debt'", [user], |r| r.get(0)).optional()?;
+    if let Some(d) = debt.filter(|d| *d < 0) {
+        conn.execute("DELETE FROM credit_grants WHERE user_id = ?1 AND id = '_debt'", [user])?;
+        draw_credits(conn, user, d.unsigned_abs(), at)?;
+    }
+    Ok(())
+}
+
+/// Replaces a user's credit grants, then pays any debt from them.
+pub(crate) fn store_credit_grants(conn: &Connection, user: &str, grants: &[CreditGrant], now: DateTime<Utc>) -> Result<()> {
+    let debt: i64 =
+        conn.query_row("SELECT COALESCE(SUM(remaining), 0) FROM credit_grants WHERE user_id = ?1 AND id = '_debt'", [user], |r| r.get(0))?;
+    // Plan credits are the plan's, not the caller's: they keep what was spent of them.
+    conn.execute("DELETE FROM credit_grants WHERE user_id = ?1 AND id NOT LIKE 'included:%'", [user])?;
+    for g in grants {
+        if g.id.is_empty() || g.id == "_debt" {
+            return Err(Error::invalid(format!("invalid credit grant id {:?}", g.id)));
+        }
+        conn.execute(
+            "INSERT OR REPLACE INTO credit_grants (user_id, id, remaining, expires_at, source) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![user, g.id, g.remaining, g.expires_at.map(ms), g.source],
+        )?;
+    }
+    if debt < 0 {
+        conn.execute("INSERT INTO credit_grants (user_id, id, remaining, source) VALUES (?1, '_debt', ?2, 'debt')", params![user, debt])?;
+        settle_debt(conn, user, now)?;
+    }
+    Ok(())
+}
+
+impl Tally {
+    /// Stores the credits the user's plan includes for the current billing window (and, when
+    /// they roll over, the earlier ones) — for entitlements set locally only: subscribers get
+    /// theirs from paid invoices, and a server's token carries the server's grants.
+    pub(crate) fn ensure_plan_credits(&self, inner: &mut Inner, user: &str, a: &Access, now: DateTime<Utc>) -> Result<()> {
+        if a.from_token || crate::entitlements::credits_from_invoices(&a.ent.access_reason) {
+            return Ok(());
+        }
+        let catalog = self.catalog();
+        let Some(plan) = catalog.plan(&a.ent.plan) else { return Ok(()) };
+        for (_, g) in crate::entitlements::included_credit_grants(plan, a.created_at, a.anchor, now) {
+            let key = (user.to_string(), g.id.clone());
+            if inner.plan_credits.contains(&key) {
+                continue;
+            }
+            write_tx(&mut inner.conn, |tx| {
+                let added = tx.execute(
+                    "INSERT OR IGNORE INTO credit_grants (user_id, id, remaining, expires_at, source) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![user, g.id, g.remaining, g.expires_at.map(ms), g.source],
+                )?;
+                if added > 0 {
+                    settle_debt(tx, user, now)?;
+                }
+                Ok(())
+            })?;
+            inner.plan_credits.insert(key);
+        }
+        Ok(())
+    }
+
+    /// The user's credit balance (unexpired grants minus consumption; negative when overspent).
+    pub fn credit_balance(&self, user_id: &str) -> Result<i64> {
+        let mut g = self.lock();
+        let now = self.observe_now(&mut g);
+        let a = self.access(&mut g, user_id, now)?;
+        self.ensure_plan_credits(&mut g, user_id, &a, now)?;
+        credit_balance_at(&g.conn, user_id, now)
+    }
+
+    pub(crate) fn credit_grants(&self, conn: &Connection, user_id: &str) -> Result<Vec<CreditGrant>> {
+        let mut st = conn.prepare_cached(
+            "SELECT id, remaining, expires_at, source FROM credit_grants WHERE user_id = ?1 ORDER BY expires_at IS NULL, expires_at, id",
+        )?;
+        let rows = st.query_map([user_id], |r| {
+            Ok(CreditGrant { id: r.get(0)?, remaining: r.get(1)?, expires_at: r.get::<_, Option<i64>>(2)?.map(from_ms), source: r.get(3)? })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+}

@@ -1,0 +1,499 @@
+//! The quota engine: `check`, `consume` (one immutable event and its counters in one
+//! transaction) and usage per window.
+//!
+//! Counters hold, per (user, feature, period, window start), the amount of this device's
+//! unacknowledged events (`pending`, `pending_cost`) and the server's last total
+//! (`server_used`): `used = server_used + pending`. Decisions read one counter row; the ledger is
+//! only scanned when a feature's rule, the user's timezone or billing anchor changes.
+
+use crate::access::Access;
+use crate::catalog::{Enforcement, Rule};
+use crate::credits::{credit_balance_at, draw_credits};
+use crate::decision::{Counted, Decision, Reason, decide_counted};
+use crate::entitlements::Entitlements;
+use crate::error::{Error, Result};
+use crate::ledger::{ConsumeItem, UsageMeta, Use, insert_event, replay, validate, validate_with_id};
+use crate::period::{Period, Window, window};
+use crate::{Change, Inner, Tally, from_ms, ms, write_tx};
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+
+/// A user's usage of one feature in its current window.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Feature key.
+    pub feature: String,
+    /// Period of the rule (`None` for flags and credits).
+    pub period: Option<Period>,
+    /// Used in the window (micros for budgets, credits spent for credit rules).
+    pub used: u64,
+    /// Limit (`None` = unlimited).
+    pub limit: Option<u64>,
+    /// What is left (`None` = unlimited).
+    pub remaining: Option<u64>,
+    /// `max(0, used - limit)`.
+    pub over_limit_by: u64,
+    /// Window start.
+    pub period_start: Option<DateTime<Utc>>,
+    /// Window end (`None` = never resets).
+    pub resets_at: Option<DateTime<Utc>>,
+}
+
+/// How a decided use changes storage.
+enum Effect {
+    /// Add to a counter row.
+    Count { period: String, start: i64, amount: u64, cost: u64 },
+    /// Draw credits.
+    Credits(u64),
+    /// Nothing but the event.
+    None,
+}
+
+/// The counter key of a counted rule: (period column, window) at `now`.
+fn counter_window(rule: &Rule, a: &Access, now: DateTime<Utc>) -> Option<(String, Window)> {
+    match rule {
+        Rule::Metered { period, .. } | Rule::Budget { period, .. } => {
+            Some((period.as_str().to_string(), window(*period, now, a.tz, a.anchor)))
+        }
+        Rule::Rate { window_secs, .. } => {
+            let secs = i64::try_from(*window_secs).unwrap_or(i64::MAX).max(1);
+            let start = now.timestamp().div_euclid(secs) * secs;
+            let s = DateTime::from_timestamp(start, 0).unwrap_or(now);
+            Some((format!("rate:{secs}"), Window { start: s, end: DateTime::from_timestamp(start.saturating_add(secs), 0) }))
+        }
+        _ => None,
+    }
+}
+
+/// (pending, pending_cost, server_used) of a counter row.
+fn read_counter(conn: &Connection, user: &str, feature: &str, period: &str, start: i64) -> Result<(u64, u64, u64)> {
+    Ok(conn
+        .prepare_cached("SELECT pending, pending_cost, server_used FROM counters WHERE user_id = ?1 AND feature = ?2 AND period = ?3 AND period_start = ?4")?
+        .query_row(params![user, feature, period, start], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64)))
+        .optional()?
+        .unwrap_or((0, 0, 0)))
+}
+
+/// The counter rows a batch reads and changes: each row is read once and written once, so a
+/// `consume_many` of N uses of one feature costs one counter read and one upsert, not N of each.
+#[derive(Default)]
+struct Batch {
+    rows: std::collections::HashMap<(String, String, i64), CounterRow>,
+}
+
+#[derive(Clone, Copy)]
+struct CounterRow {
+    pending: u64,
+    pending_cost: u64,
+    server: u64,
+    add_amount: u64,
+    add_cost: u64,
+}
+
+impl Batch {
+    /// (pending, pending_cost, server_used) of a row, including what this batch added.
+    fn read(&mut self, conn: &Connection, user: &str, feature: &str, period: &str, start: i64) -> Result<(u64, u64, u64)> {
+        let key = (feature.to_string(), period.to_string(), start);
+        let row = match self.rows.get(&key) {
+            Some(r) => *r,
+            None => {
+                let (pending, pending_cost, server) = read_counter(conn, user, feature, period, start)?;
+                let r = CounterRow { pending, pending_cost, server, add_amount: 0, add_cost: 0 };
+                self.rows.insert(key, r);
+                r
+            }
+        };
+        Ok((row.pending + row.add_amount, row.pending_cost + row.add_cost, row.server))
+    }
+
+    fn add(&mut self, feature: &str, period: &str, start: i64, amount: u64, cost: u64) {
+        let key = (feature.to_string(), period.to_string(), start);
+        let r = self.rows.entry(key).or_insert(CounterRow { pending: 0, pending_cost: 0, server: 0, add_amount: 0, add_cost: 0 });
+        r.add_amount += amount;
+        r.add_cost += cost;
+    }
+
+    /// Writes what the batch added.
+    fn flush(self, conn: &Connection, user: &str) -> Result<()> {
+        for ((feature, period, start), r) in self.rows {
+            if r.add_amount > 0 || r.add_cost > 0 {
+                add_counter(conn, user, &feature, &period, start, r.add_amount as i64, r.add_cost as i64)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn add_counter(conn: &Connection, user: &str, feature: &str, period: &str, start: i64, amount: i64, cost: i64) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO counters (user_id, feature, period, period_start, pending, pending_cost) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (user_id, feature, period, period_start) DO UPDATE SET pending = pending + excluded.pending,
+           pending_cost = pending_cost + excluded.pending_cost",
+    )?
+    .execute(params![user, feature, period, start, amount, cost])?;
+    Ok(())
+}
+
+/// The (tz, anchor) a period's windows depend on, normalised so that irrelevant changes do not
+/// trigger rebuilds.
+fn rule_key(period: Period, a: &Access) -> (String, i64) {
+    match period {
+        Period::Day | Period::Week | Period::Month | Period::Year => (a.tz.name().to_string(), 0),
+        Period::Billing => (String::new(), ms(a.anchor)),
+        _ => (String::new(), 0),
+    }
+}
+
+impl Tally {
+    /// The current decision time (never before the highest time seen), remembered as the new
+    /// highest time seen: in memory at once, in the file when it moved on by a second or more.
+    /// A check or a usage read at a later time must keep a clock moved backwards afterwards from
+    /// reopening a past window, like a consume does.
+    pub(crate) fn observe_now(&self, inner: &mut Inner) -> DateTime<Utc> {
+        let now = self.now(inner);
+        let t = ms(now);
+        if t >= inner.highest_seen_ms.saturating_add(1000) {
+            // Best effort: the consume transaction persists it too.
+            let _ = inner
+                .conn
+                .prepare_cached("UPDATE device SET highest_seen_ms = MAX(highest_seen_ms, ?1) WHERE singleton = 1")
+                .and_then(|mut st| st.execute([t]));
+        }
+        inner.highest_seen_ms = inner.highest_seen_ms.max(t);
+        now
+    }
+
+    /// Makes sure the counters of `feature` are kept for `period` in the user's current zone and
+    /// anchor; rebuilds them from the unacknowledged events when not (a rule, timezone or
+    /// billing change). The only ledger scan, off the hot path.
+    fn ensure_counters(inner: &mut Inner, user: &str, feature: &str, period: Period, a: &Access) -> Result<()> {
+        let key = (user.to_string(), feature.to_string());
+        if inner.verified.contains(&key) {
+            return Ok(());
+        }
+        let (tz, anchor) = rule_key(period, a);
+        let current: Option<(String, String, i64)> = inner
+            .conn
+            .prepare_cached("SELECT period, tz, anchor FROM counter_rules WHERE user_id = ?1 AND feature = ?2")?
+            .query_row([user, feature], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .optional()?;
+        if current.as_ref() != Some(&(period.as_str().to_string(), tz.clone(), anchor)) {
+            write_tx(&mut inner.conn, |tx| {
+                tx.execute(
+                    "UPDATE counters SET pending = 0, pending_cost = 0 WHERE user_id = ?1 AND feature = ?2 AND period NOT LIKE 'rate:%'",
+                    [user, feature],
+                )?;
+                let events: Vec<(i64, i64, i64)> = tx
+                    .prepare("SELECT occurred_at, amount, COALESCE(cost_micros, 0) FROM events WHERE user_id = ?1 AND feature = ?2 AND status = 0")?
+                    .query_map([user, feature], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                    .collect::<rusqlite::Result<_>>()?;
+                for (at, amount, cost) in events {
+                    let w = window(period, from_ms(at), a.tz, a.anchor);
+                    add_counter(tx, user, feature, period.as_str(), ms(w.start), amount, cost)?;
+                }
+                tx.execute(
+                    "INSERT INTO counter_rules (user_id, feature, period, tz, anchor) VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT (user_id, feature) DO UPDATE SET period = excluded.period, tz = excluded.tz, anchor = excluded.anchor",
+                    params![user, feature, period.as_str(), tz, anchor],
+                )?;
+                Ok(())
+            })?;
+        }
+        inner.verified.insert(key);
+        Ok(())
+    }
+    /// Decides a use without changing anything. Returns the decision and, when it is allowed,
+    /// what recording it changes.
+    /// Counters of the feature must have been ensured ([`Tally::ensure_counters`]).
+    fn decide(
+        &self,
+        conn: &Connection,
+        batch: &mut Batch,
+        a: &Access,
+        user: &str,
+        u: &Use<'_>,
+        now: DateTime<Utc>,
+        record: bool,
+    ) -> Result<(Decision, Option<Effect>)> {
+        let reason = a.ent.access_reason.as_str();
+        let Some(rule) = a.ent.features.get(u.feature) else {
+            let r = if Tally::feature_known(&self.catalog(), &a.ent, u.feature) { Reason::NotInPlan } else { Reason::UnknownFeature };
+            return Ok((Decision::simple(false, r, reason), None));
+        };
+        let price = u.model.map(|m| a.ent.models.get(m).copied());
+        let cost = match price {
+            Some(Some(p)) => Some(p.cost_micros(u.input_tokens.unwrap_or(0), u.output_tokens.unwrap_or(0))?),
+            _ => None,
+        };
+        match rule {
+            Rule::Flag { enabled } => {
+                let r = if *enabled { Reason::Ok } else { Reason::NotInPlan };
+                Ok((Decision::simple(*enabled, r, reason), enabled.then_some(Effect::None)))
+            }
+            Rule::Credits { cost: per_unit } => {
+                let need = crate::contract::checked_product("credits", *per_unit, u.amount)?;
+                let balance = credit_balance_at(conn, user, now)?;
+                let ok = balance >= 0 && (balance as u64) >= need;
+                let shown = if ok && record { balance - need as i64 } else { balance };
+                let d = Decision {
+                    allowed: ok,
+                    reason: if ok { Reason::Ok } else { Reason::InsufficientCredits },
+                    used: need,
+                    limit: None,
+                    remaining: Some(shown.max(0) as u64),
+                    resets_at: None,
+                    access_reason: reason.into(),
+                    over_limit_by: if shown < 0 { shown.unsigned_abs() } else { 0 },
+                };
+                Ok((d, ok.then_some(Effect::Credits(need))))
+            }
+            Rule::Metered { .. } | Rule::Budget { .. } | Rule::Rate { .. } => {
+                let (counted, measured, effect_cost) = match rule {
+                    Rule::Metered { limit, enforcement, .. } => (
+                        Counted { limit: *limit, enforcement: *enforcement, deny_reason: Reason::LimitReached, always_record: false },
+                        u.amount,
+                        cost.unwrap_or(0),
+                    ),
+                    Rule::Budget { limit_micros, enforcement, .. } => {
+                        if price == Some(None) {
+                            return Ok((Decision::simple(false, Reason::UnknownModel, reason), None));
+                        }
+                        // With a model, the cost comes from its price; without, `amount` is micros.
+                        let c = if record { cost.unwrap_or(u.amount) } else { u.amount };
+                        (
+                            Counted {
+                                limit: Some(*limit_micros),
+                                enforcement: *enforcement,
+                                deny_reason: Reason::BudgetExceeded,
+                                always_record: true,
+                            },
+                            c,
+                            c,
+                        )
+                    }
+                    Rule::Rate { limit, .. } => (
+                        Counted {
+                            limit: Some(*limit),
+                            enforcement: Enforcement::Hard,
+                            deny_reason: Reason::RateLimited,
+                            always_record: false,
+                        },
+                        u.amount,
+                        cost.unwrap_or(0),
+                    ),
+                    _ => unreachable!("guarded above"),
+                };
+                let (pkey, w) = counter_window(rule, a, now).unwrap_or_else(|| (String::new(), Window { start: now, end: None }));
+                let start = ms(w.start);
+                let (pending, pending_cost, server) = batch.read(conn, user, u.feature, &pkey, start)?;
+                let used = server + if matches!(rule, Rule::Budget { .. }) { pending_cost } else { pending };
+                if record {
+                    // A use that would overflow a counter is refused before anything is stored.
+                    crate::contract::checked_sum(u.feature, used, measured)?;
+                    crate::contract::checked_sum(u.feature, server.saturating_add(pending), u.amount)?;
+                    crate::contract::checked_sum(u.feature, server.saturating_add(pending_cost), effect_cost)?;
+                }
+                let (d, rec) = decide_counted(counted, used, measured, w.end, reason, record);
+                let effect = rec.then_some(Effect::Count { period: pkey, start, amount: u.amount, cost: effect_cost });
+                Ok((d, effect))
+            }
+        }
+    }
+
+    /// Asks whether `amount` units of `feature` may be used now, changing nothing. For budget
+    /// rules, `amount` is the estimated cost in micros.
+    pub fn check(&self, user_id: &str, feature: &str, amount: u64) -> Result<Decision> {
+        let meta = UsageMeta::default();
+        let u = validate_with_id(feature, amount, &meta, false)?;
+        if let Some(d) = self.check_fast(user_id, &u)? {
+            return Ok(d);
+        }
+        let mut g = self.lock();
+        let now = self.observe_now(&mut g);
+        let a = self.access(&mut g, user_id, now)?;
+        if let Some(p) = a.ent.features.get(feature).and_then(Rule::period) {
+            Tally::ensure_counters(&mut g, user_id, feature, p, &a)?;
+        }
+        if matches!(a.ent.features.get(feature), Some(Rule::Credits { .. })) {
+            self.ensure_plan_credits(&mut g, user_id, &a, now)?;
+        }
+        Ok(self.decide(&g.conn, &mut Batch::default(), &a, user_id, &u, now, false)?.0)
+    }
+
+    /// The common `check`: access cached, counters verified, no clock write due. Reads the
+    /// change counter (`PRAGMA data_version`) and the counter row in **one** read transaction
+    /// (one WAL read lock instead of two). `None`: take the full path.
+    fn check_fast(&self, user_id: &str, u: &Use<'_>) -> Result<Option<Decision>> {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let (d, now) = {
+            let inner = &*g;
+            let tx = inner.conn.unchecked_transaction()?;
+            let v: i64 = tx.prepare_cached("PRAGMA data_version")?.query_row([], |r| r.get(0))?;
+            if v != inner.data_version {
+                return Ok(None);
+            }
+            let now = self.now(inner);
+            if ms(now) >= inner.highest_seen_ms.saturating_add(1000) {
+                return Ok(None);
+            }
+            let Some(a) = inner.access.get(user_id).filter(|a| now < a.valid_until).cloned() else { return Ok(None) };
+            if a.ent.features.get(u.feature).and_then(Rule::period).is_some()
+                && !inner.verified.contains(&(user_id.to_string(), u.feature.to_string()))
+            {
+                return Ok(None);
+            }
+            if matches!(a.ent.features.get(u.feature), Some(Rule::Credits { .. })) {
+                return Ok(None); // plan credits may be due: the full path stores them
+            }
+            let d = self.decide(&tx, &mut Batch::default(), &a, user_id, u, now, false)?.0;
+            tx.commit()?;
+            (d, now)
+        };
+        g.highest_seen_ms = g.highest_seen_ms.max(ms(now));
+        Ok(Some(d))
+    }
+
+    /// Atomically checks and records a use: one ledger event and its counters in one
+    /// transaction, or nothing when denied. Replaying the same idempotency key returns the
+    /// original decision; the same key with another body is [`Error::IdempotencyConflict`].
+    pub fn consume(&self, user_id: &str, feature: &str, amount: u64, meta: UsageMeta) -> Result<Decision> {
+        let item = ConsumeItem { feature: feature.to_string(), amount, meta };
+        let mut out = self.consume_many(user_id, std::slice::from_ref(&item))?;
+        Ok(out.pop().unwrap_or_else(|| Decision::simple(false, Reason::UnknownFeature, "free")))
+    }
+
+    /// Decides and records several uses in one transaction (group commit), each decided in
+    /// order after the previous ones. Any invalid item fails the whole batch, recording nothing.
+    pub fn consume_many(&self, user_id: &str, items: &[ConsumeItem]) -> Result<Vec<Decision>> {
+        let uses = items.iter().map(|i| validate(&i.feature, i.amount, &i.meta)).collect::<Result<Vec<_>>>()?;
+        let mut g = self.lock();
+        let now = self.observe_now(&mut g);
+        let a = self.access(&mut g, user_id, now)?;
+        // Rebuilds and plan credits (if any) happen before the transaction of the batch.
+        for u in &uses {
+            if let Some(p) = a.ent.features.get(u.feature).and_then(Rule::period) {
+                Tally::ensure_counters(&mut g, user_id, u.feature, p, &a)?;
+            }
+        }
+        if uses.iter().any(|u| matches!(a.ent.features.get(u.feature), Some(Rule::Credits { .. }))) {
+            self.ensure_plan_credits(&mut g, user_id, &a, now)?;
+        }
+        let inner = &mut *g;
+        let tx = inner.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut decisions = Vec::with_capacity(uses.len());
+        let mut recorded = false;
+        // Device sequence numbers are handed out in memory and stored once per batch.
+        let base_seq: i64 = tx.prepare_cached("SELECT seq FROM device WHERE singleton = 1")?.query_row([], |r| r.get(0))?;
+        let mut seq = base_seq;
+        let mut batch = Batch::default();
+        for (u, item) in uses.iter().zip(items) {
+            // Only a caller-supplied key can name a recorded event: a fresh UUID v7 cannot.
+            if item.meta.idempotency_key.is_some()
+                && let Some(d) = replay(&tx, user_id, u)?
+            {
+                decisions.push(d);
+                continue;
+            }
+            let (d, effect) = self.decide(&tx, &mut batch, &a, user_id, u, now, true)?;
+            if let Some(effect) = effect {
+                seq += 1;
+                record(&tx, &mut batch, user_id, &inner.device_id, u, &d, &effect, now, &a.ent, seq)?;
+                recorded = true;
+            }
+            decisions.push(d);
+        }
+        batch.flush(&tx, user_id)?;
+        if seq != base_seq {
+            tx.prepare_cached("UPDATE device SET seq = ?1, highest_seen_ms = MAX(highest_seen_ms, ?2) WHERE singleton = 1")?
+                .execute(params![seq, ms(now)])?;
+        }
+        tx.commit()?;
+        if recorded {
+            inner.highest_seen_ms = inner.highest_seen_ms.max(ms(now));
+        }
+        drop(g);
+        if recorded {
+            self.notify(user_id, Change { usage: true, ..Change::default() });
+        }
+        Ok(decisions)
+    }
+}
+
+impl Tally {
+    /// A user's usage of `feature` in its current window.
+    pub fn usage(&self, user_id: &str, feature: &str) -> Result<Usage> {
+        let mut g = self.lock();
+        let now = self.observe_now(&mut g);
+        let a = self.access(&mut g, user_id, now)?;
+        let rule = a
+            .ent
+            .features
+            .get(feature)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("feature {feature:?} in the plan of user {user_id}")))?;
+        let mut usage = Usage {
+            feature: feature.into(),
+            period: rule.period(),
+            used: 0,
+            limit: rule.limit(),
+            remaining: None,
+            over_limit_by: 0,
+            period_start: None,
+            resets_at: None,
+        };
+        if let Some(p) = rule.period() {
+            Tally::ensure_counters(&mut g, user_id, feature, p, &a)?;
+        }
+        match counter_window(&rule, &a, now) {
+            Some((pkey, w)) => {
+                let (pending, pending_cost, server) = read_counter(&g.conn, user_id, feature, &pkey, ms(w.start))?;
+                usage.used = server + if matches!(rule, Rule::Budget { .. }) { pending_cost } else { pending };
+                usage.period_start = Some(w.start);
+                usage.resets_at = w.end;
+            }
+            None if matches!(rule, Rule::Credits { .. }) => {
+                self.ensure_plan_credits(&mut g, user_id, &a, now)?;
+                let balance = credit_balance_at(&g.conn, user_id, now)?;
+                usage.remaining = Some(balance.max(0) as u64);
+                usage.over_limit_by = if balance < 0 { balance.unsigned_abs() } else { 0 };
+                return Ok(usage);
+            }
+            None => {}
+        }
+        usage.remaining = usage.limit.map(|l| l.saturating_sub(usage.used));
+        usage.over_limit_by = usage.limit.map_or(0, |l| usage.used.saturating_sub(l));
+        Ok(usage)
+    }
+}
+
+/// Records a decided use: its event, then what it changes (a counter, a credit draw).
+#[allow(clippy::too_many_arguments)]
+fn record(
+    tx: &Connection,
+    batch: &mut Batch,
+    user: &str,
+    device: &str,
+    u: &Use<'_>,
+    d: &Decision,
+    effect: &Effect,
+    now: DateTime<Utc>,
+    ent: &Entitlements,
+    seq: i64,
+) -> Result<()> {
+    let cost = match effect {
+        Effect::Count { cost, .. } if *cost > 0 => Some(*cost),
+        _ => u
+            .model
+            .and_then(|m| ent.models.get(m))
+            .map(|p| p.cost_micros(u.input_tokens.unwrap_or(0), u.output_tokens.unwrap_or(0)))
+            .transpose()?,
+    };
+    insert_event(tx, user, device, u, d, cost, now, seq)?;
+    match effect {
+        Effect::Count { period, start, amount, cost } => batch.add(u.feature, period, *start, *amount, *cost),
+        Effect::Credits(need) => draw_credits(tx, user, *need, now)?,
+        Effect::None => {}
+    }
+    Ok(())
+}
