@@ -732,8 +732,10 @@ async fn usage_write_keys_record_only_and_reading_usage_needs_usage_read() {
     };
     let (writer, reader, both) =
         (key(json!(["usage:write"])).await, key(json!(["usage:read"])).await, key(json!(["usage:write", "usage:read"])).await);
+    assert_eq!(a.call("GET", "/v1/me", Some(&token("subj")), None).await.0, StatusCode::OK);
     let rec = json!({"id": Uuid::now_v7(), "subject": "subj", "feature": "ai_chat", "amount": 2, "occurred_at": Utc::now()});
-    assert_eq!(a.call("POST", "/v1/usage", Some(&writer), Some(rec.clone())).await.0, StatusCode::CREATED);
+    let (s, v) = a.call("POST", "/v1/usage", Some(&writer), Some(rec.clone())).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
     let (s, v) = a.call("GET", "/v1/usage?subject=subj", Some(&writer), None).await;
     assert_eq!((s, v["error"]["code"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")), "a write key cannot read: {v}");
     for k in [&reader, &both] {
