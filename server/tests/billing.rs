@@ -392,6 +392,25 @@ async fn past_due_beyond_grace_is_free() {
 }
 
 #[tokio::test]
+async fn past_due_grace_ends_on_the_server_clock_without_sleeping() {
+    let a = app_or_skip!(billing_app(|c| c.past_due_grace_secs = 3600).await);
+    let t = token("grace");
+    let uid = a.user_id(&t).await;
+    let w = World::new();
+    let now = Utc::now();
+    a.ok(&w.checkout("c", Some(&uid), "g@example.com", now)).await;
+    a.ok(&w.subscription("created", "s1", "a", "active", now - Duration::seconds(10), now, now + Duration::days(30), PRICE)).await;
+    a.ok(&w.invoice(false, "f1", "1", "a", now - Duration::seconds(5), now, now + Duration::days(30))).await;
+    let e = a.ents(&t).await;
+    assert_eq!((e["status"].as_str(), e["plan"].as_str()), (Some("past_due"), Some("pro")), "within the grace: {e}");
+    a.clock.advance(Duration::seconds(3590));
+    assert_eq!(a.ents(&t).await["plan"], "pro", "10 s before the end of the grace");
+    a.clock.advance(Duration::seconds(20));
+    let e = a.ents(&t).await;
+    assert_eq!((e["status"].as_str(), e["plan"].as_str(), e["access_reason"].as_str()), (Some("past_due"), Some("free"), Some("free")));
+}
+
+#[tokio::test]
 async fn events_for_unknown_customers_wait_for_the_link_and_email_links_only_when_verified() {
     let a = app_or_skip!(billing_app(|_| {}).await);
     let t = token_with("early", json!({"email": "early@example.com", "email_verified": true}));
