@@ -76,10 +76,8 @@ impl Tally {
                 if !grants.is_empty() {
                     state.credit_grants = grants;
                 }
-                for t in local_boundaries(&state, self.config.past_due_grace) {
-                    if t > now {
-                        valid_until = valid_until.min(t);
-                    }
+                if let Some(t) = state.next_boundary(now, self.config.past_due_grace) {
+                    valid_until = valid_until.min(t);
                 }
                 state.resolve(&catalog, now, self.config.past_due_grace)
             }
@@ -128,16 +126,6 @@ impl Tally {
     pub(crate) fn feature_known(catalog: &Catalog, ent: &Entitlements, feature: &str) -> bool {
         ent.features.contains_key(feature) || ent.free_features.contains_key(feature) || catalog.knows_feature(feature)
     }
-}
-
-/// Instants at which a locally set state resolves differently.
-fn local_boundaries(state: &Entitlements, past_due_grace: Duration) -> Vec<DateTime<Utc>> {
-    let mut v: Vec<DateTime<Utc>> = state.grants.iter().filter_map(|g| g.until).collect();
-    v.extend(state.credit_grants.iter().filter_map(|g| g.expires_at));
-    if let Some(p) = state.past_due_since {
-        v.push(p + past_due_grace);
-    }
-    v
 }
 
 impl Tally {

@@ -130,6 +130,124 @@ pub fn decide_counted(
     }
 }
 
+/// What a rule is decided against, read by the caller from its own storage: the counter of the
+/// rule's current window (metered, budget, rate) and the user's credit balance (credits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RuleState {
+    /// Used in the window (micros for budgets).
+    pub used: u64,
+    /// Credit balance (negative when in debt).
+    pub balance: i64,
+    /// When the window resets.
+    pub resets_at: Option<DateTime<Utc>>,
+}
+
+/// What recording an allowed use changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuleEffect {
+    /// Add `amount` units and `cost` micros to the rule's window counter.
+    Count {
+        /// Units.
+        amount: u64,
+        /// Micros.
+        cost: u64,
+    },
+    /// Draw this many credits.
+    Credits(u64),
+    /// Nothing but the event (flags).
+    None,
+}
+
+/// The priced cost of a use: no model, a model the catalog prices, or a model it does not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Priced {
+    /// No model given.
+    NoModel,
+    /// The model's cost in micros.
+    Cost(u64),
+    /// The catalog has no price for the model.
+    UnknownModel,
+}
+
+/// Decides a use of `amount` of a feature under `rule` — the one evaluation of every rule kind,
+/// used by the device's `check`/`consume` and the server's decisions. For a budget, the
+/// measured amount is the priced cost when a model is given and `record` is set, else `amount`
+/// (micros). Returns the decision and, when the use may be recorded, what recording changes.
+/// A use whose credits or counter would overflow is a violation (`invalid_amount`).
+pub fn decide_rule(
+    rule: &crate::Rule,
+    amount: u64,
+    priced: Priced,
+    state: RuleState,
+    access_reason: &str,
+    record: bool,
+) -> Result<(Decision, Option<RuleEffect>), crate::contract::Violation> {
+    use crate::Rule;
+    use crate::contract::checked_product;
+    let cost = match priced {
+        Priced::Cost(c) => Some(c),
+        _ => None,
+    };
+    match rule {
+        Rule::Flag { enabled } => {
+            let r = if *enabled { Reason::Ok } else { Reason::NotInPlan };
+            Ok((Decision::simple(*enabled, r, access_reason), enabled.then_some(RuleEffect::None)))
+        }
+        Rule::Credits { cost: per_unit } => {
+            let need = checked_product("credits", *per_unit, amount)?;
+            let balance = state.balance;
+            let ok = u64::try_from(balance).is_ok_and(|b| b >= need);
+            let shown = if ok && record { balance - i64::try_from(need).unwrap_or(i64::MAX) } else { balance };
+            let d = Decision {
+                allowed: ok,
+                reason: if ok { Reason::Ok } else { Reason::InsufficientCredits },
+                used: need,
+                limit: None,
+                remaining: Some(u64::try_from(shown.max(0)).unwrap_or(0)),
+                resets_at: None,
+                access_reason: access_reason.into(),
+                over_limit_by: if shown < 0 { shown.unsigned_abs() } else { 0 },
+            };
+            Ok((d, ok.then_some(RuleEffect::Credits(need))))
+        }
+        Rule::Metered { limit, enforcement, .. } => {
+            let c = Counted { limit: *limit, enforcement: *enforcement, deny_reason: Reason::LimitReached, always_record: false };
+            counted(c, state, amount, amount, cost.unwrap_or(0), access_reason, record)
+        }
+        Rule::Budget { limit_micros, enforcement, .. } => {
+            if priced == Priced::UnknownModel {
+                return Ok((Decision::simple(false, Reason::UnknownModel, access_reason), None));
+            }
+            // With a model, the cost comes from its price; without, `amount` is micros.
+            let c = if record { cost.unwrap_or(amount) } else { amount };
+            let counted_rule =
+                Counted { limit: Some(*limit_micros), enforcement: *enforcement, deny_reason: Reason::BudgetExceeded, always_record: true };
+            counted(counted_rule, state, amount, c, c, access_reason, record)
+        }
+        Rule::Rate { limit, .. } => {
+            let c = Counted { limit: Some(*limit), enforcement: Enforcement::Hard, deny_reason: Reason::RateLimited, always_record: false };
+            counted(c, state, amount, amount, cost.unwrap_or(0), access_reason, record)
+        }
+    }
+}
+
+fn counted(
+    c: Counted,
+    state: RuleState,
+    amount: u64,
+    measured: u64,
+    effect_cost: u64,
+    access_reason: &str,
+    record: bool,
+) -> Result<(Decision, Option<RuleEffect>), crate::contract::Violation> {
+    if record {
+        // A recorded use must fit the counter's range.
+        crate::contract::checked_sum("used", state.used, measured)?;
+    }
+    let (d, rec) = decide_counted(c, state.used, measured, state.resets_at, access_reason, record);
+    Ok((d, rec.then_some(RuleEffect::Count { amount, cost: effect_cost })))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

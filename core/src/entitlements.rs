@@ -167,6 +167,23 @@ impl Entitlements {
         }
     }
 
+    /// The first instant after `now` at which [`Entitlements::resolve`] of this raw state may
+    /// answer differently (a grant ends, a past-due grace ends, a credit grant expires); `None`
+    /// when nothing in it ends. Caches of resolved entitlements (device and server) live at
+    /// most until then.
+    pub fn next_boundary(&self, now: DateTime<Utc>, past_due_grace: Duration) -> Option<DateTime<Utc>> {
+        let grace_end = (self.status == SubscriptionStatus::PastDue)
+            .then(|| self.past_due_since.or(self.period_end).map(|t| t + past_due_grace))
+            .flatten();
+        self.grants
+            .iter()
+            .filter_map(|g| g.until)
+            .chain(self.credit_grants.iter().filter_map(|g| g.expires_at))
+            .chain(grace_end)
+            .filter(|t| *t > now)
+            .min()
+    }
+
     /// Resolves the raw state at `now`: admin → active/trialing subscription (and past-due within
     /// `past_due_grace`) → the unexpired access grant lasting longest → free. Fills `plan`,
     /// `access_reason`, `granted_until`, `features`, `free_features`, `models` and

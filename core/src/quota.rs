@@ -7,9 +7,9 @@
 //! only scanned when a feature's rule, the user's timezone or billing anchor changes.
 
 use crate::access::Access;
-use crate::catalog::{Enforcement, Rule};
+use crate::catalog::Rule;
 use crate::credits::{credit_balance_at, draw_credits};
-use crate::decision::{Counted, Decision, Reason, decide_counted};
+use crate::decision::{Decision, Priced, Reason, RuleEffect, RuleState, decide_rule};
 use crate::entitlements::Entitlements;
 use crate::error::{Error, Result};
 use crate::ledger::{ConsumeItem, UsageMeta, Use, insert_event, replay, validate, validate_with_id};
@@ -221,84 +221,38 @@ impl Tally {
             let r = if Tally::feature_known(&self.catalog(), &a.ent, u.feature) { Reason::NotInPlan } else { Reason::UnknownFeature };
             return Ok((Decision::simple(false, r, reason), None));
         };
-        let price = u.model.map(|m| a.ent.models.get(m).copied());
-        let cost = match price {
-            Some(Some(p)) => Some(p.cost_micros(u.input_tokens.unwrap_or(0), u.output_tokens.unwrap_or(0))?),
-            _ => None,
+        let priced = match u.model.map(|m| a.ent.models.get(m)) {
+            None => Priced::NoModel,
+            Some(None) => Priced::UnknownModel,
+            Some(Some(p)) => Priced::Cost(p.cost_micros(u.input_tokens.unwrap_or(0), u.output_tokens.unwrap_or(0))?),
         };
+        let mut state = RuleState::default();
+        let mut counter = None;
         match rule {
-            Rule::Flag { enabled } => {
-                let r = if *enabled { Reason::Ok } else { Reason::NotInPlan };
-                Ok((Decision::simple(*enabled, r, reason), enabled.then_some(Effect::None)))
-            }
-            Rule::Credits { cost: per_unit } => {
-                let need = crate::contract::checked_product("credits", *per_unit, u.amount)?;
-                let balance = credit_balance_at(conn, user, now)?;
-                let ok = balance >= 0 && (balance as u64) >= need;
-                let shown = if ok && record { balance - need as i64 } else { balance };
-                let d = Decision {
-                    allowed: ok,
-                    reason: if ok { Reason::Ok } else { Reason::InsufficientCredits },
-                    used: need,
-                    limit: None,
-                    remaining: Some(shown.max(0) as u64),
-                    resets_at: None,
-                    access_reason: reason.into(),
-                    over_limit_by: if shown < 0 { shown.unsigned_abs() } else { 0 },
-                };
-                Ok((d, ok.then_some(Effect::Credits(need))))
-            }
+            Rule::Credits { .. } => state.balance = credit_balance_at(conn, user, now)?,
             Rule::Metered { .. } | Rule::Budget { .. } | Rule::Rate { .. } => {
-                let (counted, measured, effect_cost) = match rule {
-                    Rule::Metered { limit, enforcement, .. } => (
-                        Counted { limit: *limit, enforcement: *enforcement, deny_reason: Reason::LimitReached, always_record: false },
-                        u.amount,
-                        cost.unwrap_or(0),
-                    ),
-                    Rule::Budget { limit_micros, enforcement, .. } => {
-                        if price == Some(None) {
-                            return Ok((Decision::simple(false, Reason::UnknownModel, reason), None));
-                        }
-                        // With a model, the cost comes from its price; without, `amount` is micros.
-                        let c = if record { cost.unwrap_or(u.amount) } else { u.amount };
-                        (
-                            Counted {
-                                limit: Some(*limit_micros),
-                                enforcement: *enforcement,
-                                deny_reason: Reason::BudgetExceeded,
-                                always_record: true,
-                            },
-                            c,
-                            c,
-                        )
-                    }
-                    Rule::Rate { limit, .. } => (
-                        Counted {
-                            limit: Some(*limit),
-                            enforcement: Enforcement::Hard,
-                            deny_reason: Reason::RateLimited,
-                            always_record: false,
-                        },
-                        u.amount,
-                        cost.unwrap_or(0),
-                    ),
-                    _ => unreachable!("guarded above"),
-                };
                 let (pkey, w) = counter_window(rule, a, now).unwrap_or_else(|| (String::new(), Window { start: now, end: None }));
                 let start = ms(w.start);
                 let (pending, pending_cost, server) = batch.read(conn, user, u.feature, &pkey, start)?;
-                let used = server + if matches!(rule, Rule::Budget { .. }) { pending_cost } else { pending };
-                if record {
-                    // A use that would overflow a counter is refused before anything is stored.
-                    crate::contract::checked_sum(u.feature, used, measured)?;
-                    crate::contract::checked_sum(u.feature, server.saturating_add(pending), u.amount)?;
-                    crate::contract::checked_sum(u.feature, server.saturating_add(pending_cost), effect_cost)?;
-                }
-                let (d, rec) = decide_counted(counted, used, measured, w.end, reason, record);
-                let effect = rec.then_some(Effect::Count { period: pkey, start, amount: u.amount, cost: effect_cost });
-                Ok((d, effect))
+                state.used = server + if matches!(rule, Rule::Budget { .. }) { pending_cost } else { pending };
+                state.resets_at = w.end;
+                counter = Some((pkey, start, server.saturating_add(pending), server.saturating_add(pending_cost)));
             }
+            Rule::Flag { .. } => {}
         }
+        let (d, effect) = decide_rule(rule, u.amount, priced, state, reason, record)?;
+        let effect = match (effect, counter) {
+            (Some(RuleEffect::Count { amount, cost }), Some((period, start, units, micros))) => {
+                // The row keeps both columns: each must stay in range.
+                crate::contract::checked_sum(u.feature, units, amount)?;
+                crate::contract::checked_sum(u.feature, micros, cost)?;
+                Some(Effect::Count { period, start, amount, cost })
+            }
+            (Some(RuleEffect::Credits(need)), _) => Some(Effect::Credits(need)),
+            (Some(RuleEffect::None), _) => Some(Effect::None),
+            _ => None,
+        };
+        Ok((d, effect))
     }
 
     /// Asks whether `amount` units of `feature` may be used now, changing nothing. For budget

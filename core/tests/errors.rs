@@ -235,7 +235,12 @@ fn malformed_catalogs_and_entitlements_are_clear_errors() {
     };
     assert_err!(tl.set_entitlements(&local, backwards), Error::InvalidInput(_));
     let bad_grant = Entitlements {
-        credit_grants: vec![tally_core::CreditGrant { id: "_debt".into(), remaining: 5, expires_at: None, source: String::new() }],
+        credit_grants: vec![tally_core::CreditGrant {
+            id: tally_core::credits::DEBT_GRANT_ID.into(),
+            remaining: 5,
+            expires_at: None,
+            source: String::new(),
+        }],
         ..Entitlements::free()
     };
     assert_err!(tl.set_entitlements(&local, bad_grant), Error::InvalidInput(_));

@@ -16,9 +16,6 @@ use tally_core::entitlements::AccessGrant;
 use tally_core::{Catalog, EntitlementClaims, Entitlements, SubscriptionStatus};
 use uuid::Uuid;
 
-/// Issuer and audience of entitlements tokens.
-pub const TOKEN_ISSUER: &str = "tally";
-
 /// A user's entitlements with what their windows are computed from.
 pub struct Loaded {
     /// Resolved entitlements (`ver` and `tz` set).
@@ -116,8 +113,8 @@ pub fn token_fresh(state: &AppState, user: &User, ents: &Entitlements, now: Date
         entitlements: ents.clone(),
         sub: user.external_id.clone().unwrap_or_else(|| user.user_id.to_string()),
         uid: user.user_id.to_string(),
-        iss: TOKEN_ISSUER.into(),
-        aud: TOKEN_ISSUER.into(),
+        iss: tally_core::token::TOKEN_ISSUER.into(),
+        aud: tally_core::token::TOKEN_AUDIENCE.into(),
         iat,
         exp: iat + ttl,
     };
@@ -172,11 +169,7 @@ impl Snapshots {
         if credits {
             return;
         }
-        let mut until = now + Duration::seconds(60);
-        let ends = ents.grants.iter().filter_map(|g| g.until).chain(ents.past_due_since.or(ents.period_end).map(|t| t + grace));
-        for t in ends.filter(|t| *t > now) {
-            until = until.min(t);
-        }
+        let until = ents.next_boundary(now, grace).map_or(now + Duration::seconds(60), |t| t.min(now + Duration::seconds(60)));
         if let Ok(mut m) = self.m.lock() {
             if m.len() >= MAX_CACHED_USERS {
                 m.retain(|_, s| s.until > now);

@@ -15,8 +15,7 @@ use chrono::{DateTime, Duration, Utc};
 use deadpool_postgres::GenericClient;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use tally_core::Rule;
-use tally_core::decision::{Counted, Decision, Reason, decide_counted};
+use tally_core::decision::{Decision, Priced, Reason, RuleState, decide_rule};
 use tally_core::wire::Total;
 use uuid::Uuid;
 
@@ -137,40 +136,19 @@ pub async fn check(State(state): State<AppState>, p: Principal, JsonBody(req): J
     ledger::ensure_counters(&tx, &ctx).await?;
     let ar = loaded.ents.access_reason.as_str();
     let decision = match loaded.ents.features.get(&req.feature) {
-        None if loaded.catalog.plans.iter().any(|pl| pl.features.contains_key(&req.feature)) => {
-            Decision::simple(false, Reason::NotInPlan, ar)
-        }
+        None if loaded.catalog.knows_feature(&req.feature) => Decision::simple(false, Reason::NotInPlan, ar),
         None => Decision::simple(false, Reason::UnknownFeature, ar),
-        Some(Rule::Flag { enabled }) => Decision::simple(*enabled, if *enabled { Reason::Ok } else { Reason::NotInPlan }, ar),
-        Some(Rule::Rate { .. }) => Decision::simple(true, Reason::Ok, ar),
-        Some(Rule::Credits { cost }) => {
-            let need = i64::try_from(cost.saturating_mul(req.amount)).unwrap_or(i64::MAX);
-            let balance = loaded.ents.credit_balance;
-            let ok = balance >= need;
-            Decision {
-                used: 0,
-                limit: None,
-                remaining: Some(u64::try_from(balance.max(0)).unwrap_or(0)),
-                over_limit_by: u64::try_from((-balance).max(0)).unwrap_or(0),
-                ..Decision::simple(ok, if ok { Reason::Ok } else { Reason::InsufficientCredits }, ar)
+        Some(rule) => {
+            // Rate rules count per device and are never synced: the server holds no window of
+            // them, so only the amount itself is checked against the limit.
+            let mut rule_state = RuleState { balance: loaded.ents.credit_balance, ..RuleState::default() };
+            if rule.period().is_some() {
+                let feats = std::iter::once((req.feature.clone(), rule.clone())).collect();
+                if let Some(t) = ledger::totals(&tx, &ctx, &feats).await?.first() {
+                    (rule_state.used, rule_state.resets_at) = (t.used, t.period_end);
+                }
             }
-        }
-        Some(rule @ (Rule::Metered { .. } | Rule::Budget { .. })) => {
-            let (enforcement, budget) = match rule {
-                Rule::Metered { enforcement, .. } => (*enforcement, false),
-                Rule::Budget { enforcement, .. } => (*enforcement, true),
-                _ => (tally_core::Enforcement::Hard, false),
-            };
-            let feats = std::iter::once((req.feature.clone(), rule.clone())).collect();
-            let t = ledger::totals(&tx, &ctx, &feats).await?;
-            let (used, resets_at) = t.first().map_or((0, None), |t| (t.used, t.period_end));
-            let c = Counted {
-                limit: rule.limit(),
-                enforcement,
-                deny_reason: if budget { Reason::BudgetExceeded } else { Reason::LimitReached },
-                always_record: budget,
-            };
-            decide_counted(c, used, req.amount, resets_at, ar, false).0
+            decide_rule(rule, req.amount, Priced::NoModel, rule_state, ar, false)?.0
         }
     };
     tx.commit().await?;

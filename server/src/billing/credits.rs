@@ -12,8 +12,7 @@ use std::collections::BTreeMap;
 use tally_core::{Catalog, CreditGrant, Rule};
 use uuid::Uuid;
 
-/// Id of the negative grant that carries an unpaid debt in the token.
-pub const DEBT_ID: &str = "debt";
+pub use tally_core::credits::DEBT_GRANT_ID as DEBT_ID;
 
 /// A stored grant.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,17 +38,9 @@ pub struct Use {
     pub credits: i64,
 }
 
-struct Live {
-    g: Grant,
-    remaining: i64,
-}
-
-fn expire(live: &mut Vec<Live>, at: DateTime<Utc>) {
-    live.retain(|l| l.g.expires_at.is_none_or(|e| e > at));
-}
-
 /// The unexpired grants at `now` with what remains of each (plus the debt, if any, as a
-/// negative grant), replaying `grants` and `uses` in time order (grants first on ties).
+/// negative grant), replaying `grants` and `uses` in time order (grants first on ties). Each use
+/// draws with the device's own rule ([`tally_core::credits::draw`]).
 pub fn replay(grants: &[Grant], uses: &[Use], now: DateTime<Utc>) -> Vec<CreditGrant> {
     enum Step<'a> {
         Grant(&'a Grant),
@@ -58,7 +49,8 @@ pub fn replay(grants: &[Grant], uses: &[Use], now: DateTime<Utc>) -> Vec<CreditG
     let mut steps: Vec<(DateTime<Utc>, u8, Step<'_>)> = grants.iter().map(|g| (g.valid_from, 0, Step::Grant(g))).collect();
     steps.extend(uses.iter().filter(|u| u.at <= now).map(|u| (u.at, 1, Step::Use(u))));
     steps.sort_by_key(|s| (s.0, s.1));
-    let mut live: Vec<Live> = Vec::new();
+    let expire = |live: &mut Vec<CreditGrant>, at: DateTime<Utc>| live.retain(|g| g.expires_at.is_none_or(|e| e > at));
+    let mut live: Vec<CreditGrant> = Vec::new();
     let mut debt: i64 = 0;
     for (at, _, step) in steps {
         expire(&mut live, at);
@@ -69,35 +61,17 @@ pub fn replay(grants: &[Grant], uses: &[Use], now: DateTime<Utc>) -> Vec<CreditG
                 }
                 let pay = debt.min(g.amount);
                 debt -= pay;
-                live.push(Live { g: g.clone(), remaining: g.amount - pay });
+                live.push(CreditGrant { id: g.id.clone(), remaining: g.amount - pay, expires_at: g.expires_at, source: g.source.clone() });
             }
-            Step::Use(u) => {
-                live.sort_by(|a, b| {
-                    (a.g.expires_at.is_none(), a.g.expires_at, &a.g.id).cmp(&(b.g.expires_at.is_none(), b.g.expires_at, &b.g.id))
-                });
-                let mut need = u.credits;
-                for l in live.iter_mut().filter(|l| l.remaining > 0) {
-                    if need == 0 {
-                        break;
-                    }
-                    let take = l.remaining.min(need);
-                    l.remaining -= take;
-                    need -= take;
-                }
-                debt = debt.saturating_add(need);
-            }
+            Step::Use(u) => debt = debt.saturating_add(tally_core::credits::draw(&mut live, u.credits)),
         }
     }
     expire(&mut live, now);
-    live.sort_by(|a, b| (a.g.expires_at.is_none(), a.g.expires_at, &a.g.id).cmp(&(b.g.expires_at.is_none(), b.g.expires_at, &b.g.id)));
-    let mut out: Vec<CreditGrant> = live
-        .into_iter()
-        .map(|l| CreditGrant { id: l.g.id, remaining: l.remaining, expires_at: l.g.expires_at, source: l.g.source })
-        .collect();
+    live.sort_by(|a, b| tally_core::credits::fifo_key(a).cmp(&tally_core::credits::fifo_key(b)));
     if debt > 0 {
-        out.push(CreditGrant { id: DEBT_ID.into(), remaining: -debt, expires_at: None, source: "debt".into() });
+        live.push(CreditGrant { id: DEBT_ID.into(), remaining: -debt, expires_at: None, source: tally_core::credits::DEBT_SOURCE.into() });
     }
-    out
+    live
 }
 
 /// Credits per unit of each feature drawing credits: the rule in effect for the user, else the
