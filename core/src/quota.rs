@@ -206,6 +206,7 @@ impl Tally {
     /// Decides a use without changing anything. Returns the decision and, when it is allowed,
     /// what recording it changes.
     /// Counters of the feature must have been ensured ([`Tally::ensure_counters`]).
+    #[allow(clippy::too_many_arguments)]
     fn decide(
         &self,
         conn: &Connection,
