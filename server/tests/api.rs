@@ -791,7 +791,37 @@ async fn request_connections_have_the_statement_timeout_and_maintenance_has_none
     let maint = tally_server::db::pool(&a.url, 1).unwrap();
     let st: String = maint.get().await.unwrap().query_one("SHOW statement_timeout", &[]).await.unwrap().get(0);
     assert_eq!(st, "0");
-    let sep = if a.url.contains('?') { '&' } else { '?' };
-    let strict = format!("{}{sep}options=-c%20statement_timeout%3D1", a.url);
+    // A fresh database migrated through a URL that asks for a 1 ms statement timeout.
+    let fresh = fresh_db().await.unwrap();
+    let sep = if fresh.contains('?') { '&' } else { '?' };
+    let strict = format!("{fresh}{sep}options=-c%20statement_timeout%3D1");
     tally_server::db::migrate(&strict).await.expect("migrations ignore a request timeout");
+}
+
+#[tokio::test]
+async fn a_request_over_the_request_timeout_answers_503_json_not_an_empty_408() {
+    // No statement timeout: only the request timeout (1 s) bounds a sync stuck on a row lock.
+    let a = app_or_skip!(
+        app_with(|c| {
+            c.db_statement_timeout_secs = 0;
+            c.request_timeout_secs = 1;
+        })
+        .await
+    );
+    let t = token("stuck");
+    assert_eq!(a.call("GET", "/v1/me", Some(&t), None).await.0, StatusCode::OK);
+    let (mut locker, conn) = tokio_postgres::connect(&a.url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let tx = locker.transaction().await.unwrap();
+    tx.execute("SELECT 1 FROM users WHERE external_id = 'stuck' FOR UPDATE", &[]).await.unwrap();
+    let started = std::time::Instant::now();
+    let body = json!({"protocol": 1, "device_id": "d", "events": [event(Uuid::now_v7(), "ai_chat", 1)]});
+    let (s, v, h) = a.raw("POST", "/v1/sync", Some(&t), serde_json::to_vec(&body).unwrap(), &[]).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("unavailable")), "{v}");
+    assert_eq!(h["retry-after"], "2");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    tx.rollback().await.unwrap();
+    assert_eq!(a.count("events").await, 0, "the cut request recorded nothing");
+    let (s, _) = a.sync(&t, "d", vec![event(Uuid::now_v7(), "ai_chat", 1)]).await;
+    assert_eq!(s, StatusCode::OK, "the pool recovered its connection");
 }
