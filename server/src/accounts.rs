@@ -58,6 +58,19 @@ pub async fn delete_me(State(state): State<AppState>, AuthUser(user): AuthUser) 
     if paid.is_some() {
         return Err(ApiError::Conflict("subscription_active", "cancel the active subscription before deleting the account".into()));
     }
+    // The Stripe event log is a global look-up (keyed by Stripe's ids): its rows about this
+    // user — applied to them, of their customers, or naming their email — are kept (so a
+    // replayed event is still recognised and not applied again) but scrubbed of every detail.
+    let customers: Vec<String> =
+        tx.query("SELECT customer_id FROM stripe_customers WHERE user_id = $1", &[&user.user_id]).await?.iter().map(|r| r.get(0)).collect();
+    tx.execute(
+        "UPDATE stripe_events SET user_id = NULL, customer_id = NULL, outcome = 'scrubbed:account_deleted', \
+         payload = jsonb_build_object('id', event_id, 'type', type, 'scrubbed', true) \
+         WHERE user_id = $1 OR customer_id = ANY($2) OR ($3::text IS NOT NULL AND strpos(lower(payload::text), lower($3)) > 0)",
+        &[&user.user_id, &customers, &user.email],
+    )
+    .await?;
+    tx.execute("DELETE FROM stripe_pending_events WHERE customer_id = ANY($1)", &[&customers]).await?;
     for table in
         crate::billing::USER_TABLES.iter().copied().chain(["events", "counters", "settings", "subscriptions", "access_grants", "users"])
     {
@@ -65,8 +78,8 @@ pub async fn delete_me(State(state): State<AppState>, AuthUser(user): AuthUser) 
     }
     if let Some(sub) = &user.external_id {
         tx.execute(
-            "INSERT INTO account_tombstones (sub_hash, deleted_at) VALUES ($1, now()) ON CONFLICT (sub_hash) DO UPDATE SET deleted_at = excluded.deleted_at",
-            &[&sub_hash(sub)],
+            "INSERT INTO account_tombstones (sub_hash, deleted_at) VALUES ($1, $2) ON CONFLICT (sub_hash) DO UPDATE SET deleted_at = excluded.deleted_at",
+            &[&sub_hash(sub), &state.now()],
         )
         .await?;
     }

@@ -4,11 +4,11 @@
 use crate::api_keys::{self, ApiKey};
 use crate::auth::Admin;
 use crate::error::{ApiError, ApiResult};
-use crate::extract::JsonBody;
+use crate::extract::{JsonBody, QueryParams};
 use crate::users::{self, USER_COLUMNS, User};
 use crate::{AppState, plans, usage};
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use chrono::{DateTime, Duration, Utc};
 use serde::Deserialize;
@@ -108,6 +108,10 @@ pub async fn create_grant(
     let plan = match (g.plan.clone(), g.credits) {
         (Some(p), None) => p,
         (None, Some(credits)) => {
+            tally_core::contract::text("reason", &g.reason, 1, crate::grants::MAX_REASON_BYTES)?;
+            if g.until.is_some_and(|u| u <= state.now()) {
+                return Err(ApiError::invalid("until must be in the future"));
+            }
             let user = users::find_or_create_by_subject(&state, &g.subject).await?;
             let by = g.granted_by.clone().unwrap_or_else(|| admin.actor());
             let req = crate::credits::CreditGrantRequest {
@@ -132,7 +136,7 @@ pub async fn create_grant(
     let mut client = state.pool.get().await?;
     let (_, catalog) = state.catalog.current(&client).await?;
     let tx = client.transaction().await?;
-    let (_, id) = crate::grants::grant_access(&tx, &catalog, &req, Utc::now()).await?;
+    let (_, id) = crate::grants::grant_access(&tx, &catalog, &req, state.now()).await?;
     tx.commit().await?;
     Ok((
         StatusCode::CREATED,
@@ -241,7 +245,7 @@ pub async fn user_usage(
     State(state): State<AppState>,
     _a: Admin,
     Path(id): Path<String>,
-    Query(q): Query<UsageQuery>,
+    QueryParams(q): QueryParams<UsageQuery>,
 ) -> ApiResult<Json<Value>> {
     let uid = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("user"))?;
     let client = state.pool.get().await?;
@@ -250,7 +254,7 @@ pub async fn user_usage(
         .await?
         .ok_or_else(|| ApiError::not_found("user"))?;
     let user = User::from_row(&r, &state.config.admin_subjects);
-    let now = Utc::now();
+    let now = state.now();
     let from = q.from.unwrap_or(now - Duration::days(30));
     let to = q.to.unwrap_or(now + Duration::minutes(10));
     let group_by = q.group_by.as_deref().unwrap_or("feature");

@@ -1,5 +1,5 @@
 //! API keys for backends (`Authorization: Bearer tk_…`): shown once, stored as SHA-256 hashes,
-//! scoped (`usage:write`, `admin`), revocable.
+//! scoped (`usage:write` records, `usage:read` reads usage, `admin`), revocable.
 
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
@@ -11,12 +11,15 @@ use uuid::Uuid;
 
 /// Prefix of every API key.
 pub const PREFIX: &str = "tk_";
-/// Scope: record usage (`POST /v1/usage`) and check quotas for any subject.
+/// Scope: record usage (`POST /v1/usage`) and check quotas (`POST /v1/check`) for any
+/// subject; not reading usage reports.
 pub const SCOPE_USAGE_WRITE: &str = "usage:write";
+/// Scope: read any subject's usage (`GET /v1/usage?subject=`).
+pub const SCOPE_USAGE_READ: &str = "usage:read";
 /// Scope: the admin endpoints.
 pub const SCOPE_ADMIN: &str = "admin";
 /// Every known scope.
-pub const SCOPES: [&str; 2] = [SCOPE_USAGE_WRITE, SCOPE_ADMIN];
+pub const SCOPES: [&str; 3] = [SCOPE_USAGE_WRITE, SCOPE_USAGE_READ, SCOPE_ADMIN];
 
 /// A stored API key (never the secret itself).
 #[derive(Debug, Clone, Serialize)]
@@ -44,7 +47,8 @@ impl ApiKey {
     }
 }
 
-fn hash(secret: &str) -> String {
+/// The stored form of a key's secret (SHA-256, hex).
+pub fn hash(secret: &str) -> String {
     hex::encode(Sha256::digest(secret.as_bytes()))
 }
 

@@ -174,12 +174,26 @@ impl FromRequestParts<AppState> for Principal {
             return Ok(p.clone());
         }
         let token = bearer(parts)?;
+        let slot = parts.extensions.get::<crate::concurrency::TurnSlot>().cloned();
+        // The caller's turn is taken before any database work: keyed by the verified subject,
+        // or by the hash of the API key (only its holder can name that lane).
+        let take_turn = |key: String| async move {
+            match slot {
+                Some(slot) if !slot.is_held() => {
+                    slot.hold(state.user_limits.acquire(&key).await?);
+                    Ok::<(), ApiError>(())
+                }
+                _ => Ok(()),
+            }
+        };
         let principal = if token.starts_with(api_keys::PREFIX) {
+            take_turn(format!("k:{}", api_keys::hash(token))).await?;
             let key = api_keys::authenticate(state, token).await?;
             state.limiter.check(&format!("k:{}", key.key_id))?;
             Principal::Key(key)
         } else {
             let claims = state.verifier.verify(token).await?;
+            take_turn(format!("s:{}", claims.sub)).await?;
             let user = users::resolve(state, &claims).await?;
             state.limiter.check(&format!("u:{}", user.user_id))?;
             Principal::User(user)

@@ -137,7 +137,7 @@ pub enum ApiKeyCommand {
         /// Name.
         #[arg(long)]
         name: String,
-        /// Scopes: usage:write, admin (comma-separated).
+        /// Scopes: usage:write, usage:read, admin (comma-separated).
         #[arg(long, value_delimiter = ',', default_value = "usage:write")]
         scopes: Vec<String>,
         /// Server configuration.
@@ -163,6 +163,50 @@ pub enum ApiKeyCommand {
 /// File in the data dir holding the URL of a running embedded cluster.
 const EMBEDDED_URL_FILE: &str = "embedded-database-url";
 
+/// File in the data dir locked (`flock`) by the process owning the embedded cluster; it holds
+/// that process's pid. The lock dies with the process, so a crash never leaves it behind.
+const LOCK_FILE: &str = "tally-server.lock";
+
+/// The exclusive ownership of a data directory's embedded cluster, held while it lives.
+#[derive(Debug)]
+pub struct DataDirLock {
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+/// Takes the ownership of `data_dir`'s embedded cluster; a live owner makes it fail at once
+/// with "already running (pid N)".
+pub fn lock_data_dir(data_dir: &Path) -> Result<DataDirLock, String> {
+    use std::io::{Read, Seek, Write};
+    std::fs::create_dir_all(data_dir).map_err(|e| format!("creating {}: {e}", data_dir.display()))?;
+    let path = data_dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| format!("opening {}: {e}", path.display()))?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(mut lock) => {
+            let _ = lock.set_len(0);
+            let _ = lock.rewind();
+            let _ = write!(lock, "{}", std::process::id());
+            let _ = lock.flush();
+            Ok(DataDirLock { _lock: lock })
+        }
+        Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            Err(format!(
+                "tally-server is already running on the data directory {} (pid {}); stop it first, or give this one another TALLY_DATA_DIR",
+                data_dir.display(),
+                pid.trim()
+            ))
+        }
+        Err((_, e)) => Err(format!("locking {}: {e}", path.display())),
+    }
+}
+
 /// Starts the embedded cluster of `data_dir` and returns it with the URL of its `tally` database.
 pub async fn start_embedded(data_dir: &Path) -> Result<(Cluster, String), String> {
     let dir = data_dir.join("postgres");
@@ -177,7 +221,7 @@ pub async fn start_embedded(data_dir: &Path) -> Result<(Cluster, String), String
 
 /// The database of a command other than `serve`: the configured URL, the running embedded
 /// cluster's, or a temporarily started embedded cluster.
-async fn database(config: &mut Config) -> Result<Option<Cluster>, String> {
+async fn database(config: &mut Config) -> Result<Option<(Cluster, DataDirLock)>, String> {
     if config.database_url.is_some() {
         return Ok(None);
     }
@@ -188,9 +232,10 @@ async fn database(config: &mut Config) -> Result<Option<Cluster>, String> {
             return Ok(None);
         }
     }
+    let lock = lock_data_dir(&config.data_dir)?;
     let (cluster, url) = start_embedded(&config.data_dir).await?;
     config.database_url = Some(url);
-    Ok(Some(cluster))
+    Ok(Some((cluster, lock)))
 }
 
 async fn shutdown_signal() {
@@ -206,13 +251,15 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {},
         _ = term => {},
     }
-    tracing::info!("shutting down: finishing in-flight requests");
 }
 
 async fn serve(mut config: Config) -> Result<(), String> {
     std::fs::create_dir_all(&config.data_dir).map_err(|e| format!("creating {}: {e}", config.data_dir.display()))?;
     let mut cluster = None;
+    let mut lock = None;
     if config.database_url.is_none() {
+        // One owner per embedded cluster; a crashed owner's cluster is recovered on start.
+        lock = Some(lock_data_dir(&config.data_dir)?);
         let (c, url) = start_embedded(&config.data_dir).await?;
         config.database_url = Some(url.clone());
         let _ = std::fs::write(config.data_dir.join(EMBEDDED_URL_FILE), url);
@@ -226,13 +273,17 @@ async fn serve(mut config: Config) -> Result<(), String> {
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
         println!("tally-server listening on http://{addr}");
         tracing::info!(%addr, "listening");
-        axum::serve(listener, crate::app(state)).with_graceful_shutdown(shutdown_signal()).await.map_err(|e| e.to_string())
+        let limits = crate::http::HttpLimits::from_config(&state.config);
+        let drain = std::time::Duration::from_secs(state.config.request_timeout_secs.max(1));
+        crate::http::serve(listener, crate::app(state), limits, shutdown_signal(), drain).await;
+        Ok::<(), String>(())
     }
     .await;
     if let Some(mut c) = cluster {
         let _ = std::fs::remove_file(data_dir.join(EMBEDDED_URL_FILE));
         let _ = tokio::task::spawn_blocking(move || c.stop()).await;
     }
+    drop(lock);
     result
 }
 
@@ -247,11 +298,14 @@ where
         db::migrate(&url).await.map_err(|e| e.to_string())?;
         let pool = db::pool(&url, 2).map_err(|e| e.to_string())?;
         let client = pool.get().await.map_err(|e| e.to_string())?;
+        // Maintenance is never cut short by a request timeout set in the URL or the server.
+        client.batch_execute("SET statement_timeout = 0").await.map_err(|e| e.to_string())?;
         f(client).await
     }
     .await;
-    if let Some(mut c) = cluster {
+    if let Some((mut c, lock)) = cluster {
         let _ = tokio::task::spawn_blocking(move || c.stop()).await;
+        drop(lock);
     }
     result
 }

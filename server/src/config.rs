@@ -62,6 +62,33 @@ pub struct Config {
     /// Database connection pool size.
     #[arg(long, env = "TALLY_DB_POOL_SIZE", default_value_t = 16)]
     pub db_pool_size: usize,
+    /// Longest wait for a pooled database connection, in seconds (then 503 `unavailable`).
+    #[arg(long, env = "TALLY_DB_POOL_TIMEOUT_SECS", default_value_t = 5)]
+    pub db_pool_timeout_secs: u64,
+    /// Longest time to open a database connection, in seconds.
+    #[arg(long, env = "TALLY_DB_CONNECT_TIMEOUT_SECS", default_value_t = 5)]
+    pub db_connect_timeout_secs: u64,
+    /// Postgres `statement_timeout` of request connections, in seconds (0: none). Migrations
+    /// and the maintenance commands run without it.
+    #[arg(long, env = "TALLY_DB_STATEMENT_TIMEOUT_SECS", default_value_t = 5)]
+    pub db_statement_timeout_secs: u64,
+    /// Database operations one user (or API key) may run at once; more wait in a queue.
+    #[arg(long, env = "TALLY_USER_CONCURRENCY", default_value_t = 4)]
+    pub user_concurrency: usize,
+    /// Requests of one user (or API key) that may wait for a turn; more answer 503.
+    #[arg(long, env = "TALLY_USER_QUEUE", default_value_t = 32)]
+    pub user_queue: usize,
+    /// Longest time a whole request may take, in seconds (then 503 `unavailable`).
+    #[arg(long, env = "TALLY_REQUEST_TIMEOUT_SECS", default_value_t = 15)]
+    pub request_timeout_secs: u64,
+    /// Longest time a client may take to send a request's headers, and to stay idle between
+    /// requests on a kept-alive connection, in seconds (then the connection is closed).
+    #[arg(long, env = "TALLY_HTTP_HEADER_TIMEOUT_SECS", default_value_t = 10)]
+    pub http_header_timeout_secs: u64,
+    /// Most open client connections (further clients wait to be accepted); also kept below
+    /// the process's open-file limit.
+    #[arg(long, env = "TALLY_HTTP_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub http_max_connections: usize,
     /// Stripe webhook signing secret(s) (`whsec_…`; several comma-separated while rotating).
     #[arg(long, env = "TALLY_STRIPE_WEBHOOK_SECRET", hide_env_values = true)]
     pub stripe_webhook_secret: Option<String>,
@@ -104,6 +131,14 @@ impl Config {
             rate_limit_per_sec: 50,
             rate_limit_burst: 200,
             db_pool_size: 16,
+            db_pool_timeout_secs: 5,
+            db_connect_timeout_secs: 5,
+            db_statement_timeout_secs: 5,
+            user_concurrency: 4,
+            user_queue: 32,
+            request_timeout_secs: 15,
+            http_header_timeout_secs: 10,
+            http_max_connections: 10_000,
             stripe_webhook_secret: None,
             stripe_webhook_tolerance_secs: 300,
             stripe_secret_key: None,

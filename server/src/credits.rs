@@ -226,7 +226,7 @@ pub async fn grant_credits(state: &AppState, r: CreditGrantRequest<'_>) -> ApiRe
     let tx = client.transaction().await?;
     crate::users::lock(&tx, r.user_id, &state.config.admin_subjects).await?;
     let id = format!("adm:{}", Uuid::now_v7());
-    insert(&tx, r.user_id, &id, r.credits, "admin", Some(r.reason), Some(r.granted_by), None, Utc::now(), r.expires_at).await?;
+    insert(&tx, r.user_id, &id, r.credits, "admin", Some(r.reason), Some(r.granted_by), None, state.now(), r.expires_at).await?;
     tx.execute("UPDATE users SET ver = ver + 1 WHERE user_id = $1", &[&r.user_id]).await?;
     tx.commit().await?;
     Ok(id)

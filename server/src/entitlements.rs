@@ -185,7 +185,7 @@ impl Snapshots {
 /// `GET /v1/entitlements`: the resolved entitlements and the signed token.
 pub async fn get_entitlements(State(state): State<AppState>, AuthUser(user): AuthUser) -> ApiResult<Json<Value>> {
     let client = state.pool.get().await?;
-    let now = Utc::now();
+    let now = state.now();
     let catalog_version = state.catalog.recent_version(&client, std::time::Duration::from_secs(1)).await?;
     let ents = match state.snapshots.get(&user, catalog_version, now) {
         Some(e) => e,

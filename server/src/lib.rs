@@ -10,6 +10,7 @@ pub mod api_keys;
 pub mod auth;
 pub mod billing;
 pub mod cli;
+pub mod concurrency;
 pub mod config;
 pub mod credits;
 pub mod db;
@@ -17,6 +18,7 @@ pub mod entitlements;
 pub mod error;
 pub mod extract;
 pub mod grants;
+pub mod http;
 pub mod ledger;
 pub mod metrics;
 pub mod pg_cluster;
@@ -47,8 +49,12 @@ pub struct AppState(Arc<Shared>);
 pub struct Shared {
     /// The configuration in effect.
     pub config: Config,
-    /// Postgres connection pool.
-    pub pool: deadpool_postgres::Pool,
+    /// Postgres connection pool (time-bounded: see [`db::Db::get`]).
+    pub pool: db::Db,
+    /// The time source of every decision (a manual clock in tests).
+    pub clock: Arc<dyn tally_core::Clock>,
+    /// Per-user limit on concurrent database work.
+    pub user_limits: concurrency::UserLimits,
     /// Identity token verification.
     pub verifier: auth::Verifier,
     /// Entitlements token signing keys.
@@ -91,9 +97,16 @@ impl AppState {
     /// Connects to `config.database_url`, applies migrations, loads (or creates) the signing
     /// keys under `config.data_dir`, and imports `config.plans_file` when given.
     pub async fn new(config: Config) -> Result<AppState, StartError> {
+        AppState::with_clock(config, Arc::new(tally_core::SystemClock)).await
+    }
+
+    /// [`AppState::new`] with the time read from `clock`.
+    pub async fn with_clock(config: Config, clock: Arc<dyn tally_core::Clock>) -> Result<AppState, StartError> {
         let url = config.database_url.clone().ok_or_else(|| StartError::Config("no database URL".into()))?;
         db::migrate(&url).await?;
-        let pool = db::pool(&url, config.db_pool_size)?;
+        let limits = db::Limits::from_config(&config);
+        let pool = db::pool_with(&url, config.db_pool_size, limits)?;
+        let user_limits = concurrency::UserLimits::new(config.user_concurrency, config.user_queue, limits.wait);
         let signer = signing::Signer::load_or_create(&config.data_dir.join("keys")).map_err(StartError::Keys)?;
         let catalog = plans::CatalogCache::default();
         if let Some(file) = &config.plans_file {
@@ -107,6 +120,8 @@ impl AppState {
         Ok(AppState(Arc::new(Shared {
             config,
             pool,
+            clock,
+            user_limits,
             verifier,
             signer,
             catalog,
@@ -114,6 +129,11 @@ impl AppState {
             tokens: entitlements::TokenCache::default(),
             snapshots: Default::default(),
         })))
+    }
+
+    /// The current time of the server's clock.
+    pub fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        self.clock.now()
     }
 
     /// The request bounds advertised in every sync response.
@@ -125,6 +145,7 @@ impl AppState {
 /// The HTTP API over `state`: every route of DESIGN.md "Server".
 pub fn app(state: AppState) -> Router {
     let body_limit = usize::try_from(state.config.max_body_bytes).unwrap_or(usize::MAX);
+    let request_timeout = Duration::from_secs(state.config.request_timeout_secs.max(1));
     let api = Router::new()
         .route("/v1/me", get(accounts::get_me).patch(accounts::patch_me).delete(accounts::delete_me))
         .route("/v1/me/export", get(accounts::export_me))
@@ -153,6 +174,12 @@ pub fn app(state: AppState) -> Router {
         .route("/metrics", get(metrics::render))
         .merge(api)
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .method_not_allowed_fallback(|method: axum::http::Method, uri: axum::http::Uri| async move {
+            ApiError::MethodNotAllowed(format!("{method} is not allowed on {}", uri.path()))
+        })
+        .layer(axum::middleware::from_fn(concurrency::hold_turns))
+        .layer(axum::middleware::from_fn_with_state(request_timeout, http::request_timeout))
+        .layer(axum::middleware::from_fn(error::json_errors))
         .layer(axum::middleware::from_fn(metrics::track))
         .layer(TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
             let rid = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-");
@@ -160,6 +187,5 @@ pub fn app(state: AppState) -> Router {
         }))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-        .layer(tower_http::timeout::TimeoutLayer::with_status_code(axum::http::StatusCode::REQUEST_TIMEOUT, Duration::from_secs(60)))
         .with_state(state)
 }

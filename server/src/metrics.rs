@@ -40,8 +40,18 @@ pub async fn render(State(state): State<AppState>) -> String {
 }
 
 /// `GET /readyz`: 200 when the database answers.
+/// 503 `unavailable` (with `Retry-After`) within the pool wait timeout when it does not.
 pub async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError> {
-    let client = state.pool.get().await?;
-    client.query_one("SELECT 1", &[]).await.map_err(|e| ApiError::Unavailable(e.to_string()))?;
-    Ok("ready")
+    let check = async {
+        let client = state.pool.get().await?;
+        client.query_one("SELECT 1", &[]).await?;
+        Ok::<_, ApiError>(())
+    };
+    let limit = std::time::Duration::from_secs(state.config.db_pool_timeout_secs.max(1));
+    match tokio::time::timeout(limit, check).await {
+        Ok(Ok(())) => Ok("ready"),
+        Ok(Err(ApiError::Unavailable(m))) => Err(ApiError::Unavailable(m)),
+        Ok(Err(e)) => Err(ApiError::Unavailable(format!("the database is unavailable ({e})"))),
+        Err(_) => Err(ApiError::Unavailable("the database did not answer within the timeout".into())),
+    }
 }

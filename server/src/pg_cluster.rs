@@ -164,6 +164,7 @@ impl Cluster {
             // Kept next to the cluster (readable by its owner only) so a restart can connect.
             std::fs::write(&pwfile, &password).map_err(|e| ClusterError::Io("writing the password file".into(), e))?;
         }
+        cluster.recover_stale()?;
         cluster.password =
             std::fs::read_to_string(&pwfile).map_err(|e| ClusterError::Io(format!("reading {}", pwfile.display()), e))?.trim().to_string();
         let mut last_err = None;
@@ -192,6 +193,9 @@ impl Cluster {
                     if opts.port.is_some() {
                         break;
                     }
+                    // The processes of a crashed cluster may take a moment to go.
+                    std::thread::sleep(Duration::from_millis(500));
+                    cluster.recover_stale()?;
                 }
             }
         }
@@ -202,6 +206,37 @@ impl Cluster {
             cluster.spawn_watchdog();
         }
         Ok(cluster)
+    }
+
+    /// Makes a cluster left behind by a crashed owner startable again: a `postmaster.pid`
+    /// whose process is gone (or is no PostgreSQL) is removed, and a postmaster still running
+    /// on this data directory is stopped cleanly (the caller owns the directory: see
+    /// `tally-server serve`'s lock), so the next `pg_ctl start` succeeds.
+    fn recover_stale(&self) -> Result<(), ClusterError> {
+        let pidfile = self.data.join("postmaster.pid");
+        let Ok(text) = std::fs::read_to_string(&pidfile) else { return Ok(()) };
+        let mut lines = text.lines();
+        let pid = lines.next().and_then(|l| l.trim().parse::<i32>().ok()).unwrap_or(0);
+        let dir = lines.next().map(str::trim).unwrap_or("");
+        let alive = pid > 0 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+        let is_postgres = alive
+            && std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim().starts_with("postgres") || c.trim() == "postmaster");
+        if alive && is_postgres && Path::new(dir) == self.data {
+            tracing::warn!(pid, data = %self.data.display(), "a PostgreSQL of a previous run is still running on this data directory; stopping it");
+            eprintln!(
+                "tally-server: stopping the PostgreSQL (pid {pid}) left running by a previous tally-server on {}",
+                self.data.display()
+            );
+            let d = self.data.to_string_lossy().to_string();
+            if self.run("pg_ctl", &["-D", &d, "stop", "-m", "fast", "-w", "-t", "30"]).is_err() {
+                self.run("pg_ctl", &["-D", &d, "stop", "-m", "immediate", "-w", "-t", "30"])?;
+            }
+        } else {
+            tracing::warn!(pid, "removing the stale postmaster.pid of a cluster that is not running");
+            std::fs::remove_file(&pidfile).map_err(|e| ClusterError::Io(format!("removing {}", pidfile.display()), e))?;
+        }
+        Ok(())
     }
 
     fn command(&self, bin: &str) -> Command {
@@ -284,6 +319,39 @@ impl Cluster {
         drop(client);
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
         Ok(self.url_for(name))
+    }
+
+    /// The postmaster's pid, from `postmaster.pid` (None when the cluster is not running).
+    pub fn postmaster_pid(&self) -> Option<i32> {
+        let text = std::fs::read_to_string(self.data.join("postmaster.pid")).ok()?;
+        text.lines().next()?.trim().parse().ok()
+    }
+
+    /// The postmaster and every process it started (backends, checkpointer, …), for fault
+    /// tests that stall the whole server with SIGSTOP.
+    pub fn processes(&self) -> Vec<i32> {
+        let Some(master) = self.postmaster_pid() else { return Vec::new() };
+        let mut pids = vec![master];
+        if let Ok(rd) = std::fs::read_dir("/proc") {
+            for e in rd.filter_map(Result::ok) {
+                let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+                // Field 4 of /proc/PID/stat is the parent pid (after the parenthesised name).
+                let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+                let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)).and_then(|p| p.parse::<i32>().ok());
+                if ppid == Some(master) {
+                    pids.push(pid);
+                }
+            }
+        }
+        pids
+    }
+
+    /// Restarts the cluster on the same port and options (`immediate`: like a crash, then
+    /// recovery from the WAL; otherwise a fast shutdown).
+    pub fn restart(&self, immediate: bool) -> Result<(), ClusterError> {
+        let mode = if immediate { "immediate" } else { "fast" };
+        let log = self.data.join("server.log");
+        self.run("pg_ctl", &["-D", &self.data.to_string_lossy(), "-l", &log.to_string_lossy(), "restart", "-m", mode, "-w", "-t", "60"])
     }
 
     /// Stops the cluster (fast shutdown); removes its data when ephemeral.

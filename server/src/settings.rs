@@ -200,7 +200,7 @@ async fn web_write(state: &AppState, user: &User, body: Value, replace: bool) ->
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
     users::lock(&tx, user.user_id, &state.config.admin_subjects).await?;
-    let now = Utc::now();
+    let now = state.now();
     let stored = tx.query(&tx.prepare_cached("SELECT key, hlc, deleted FROM settings WHERE user_id = $1").await?, &[&user.user_id]).await?;
     let stored: std::collections::HashMap<String, (String, bool)> = stored.iter().map(|r| (r.get(0), (r.get(1), r.get(2)))).collect();
     let stamp = |key: &str| Hlc::tick(stored.get(key).and_then(|(h, _)| Hlc::parse(h)).as_ref(), now_ms(now), "server").to_string();

@@ -4,13 +4,12 @@
 
 use crate::auth::AuthUser;
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{body_bytes, parse_json};
+use crate::extract::{body_bytes, from_value, parse_json};
 use crate::ledger::{self, Ctx};
 use crate::users::{self, User};
 use crate::{AppState, entitlements, settings};
 use axum::Json;
 use axum::extract::{FromRequest, Request, State};
-use chrono::Utc;
 use serde::Deserialize;
 use serde_json::Value;
 use tally_core::contract;
@@ -66,13 +65,7 @@ impl FromRequest<AppState> for SyncBody {
         {
             return Err(ApiError::TooLarge(format!("{n} events in one request; the maximum is {}", state.config.max_batch_events)));
         }
-        let req: RawSyncRequest = serde_json::from_value(v).map_err(|e| {
-            let field = ["protocol", "device_id", "external_id", "cursor", "events", "settings_changes", "profile"]
-                .into_iter()
-                .find(|f| e.to_string().contains(&format!("`{f}`")))
-                .unwrap_or("body");
-            ApiError::Invalid("invalid_body", format!("{field} is missing or has the wrong type"))
-        })?;
+        let req: RawSyncRequest = from_value(v)?;
         contract::device_id(&req.device_id)?;
         Ok(SyncBody(req))
     }
@@ -111,7 +104,7 @@ async fn run(
     events: Vec<ledger::NewEvent>,
     mut rejected: Vec<tally_core::wire::Rejected>,
 ) -> ApiResult<SyncResponse> {
-    let now = Utc::now();
+    let now = state.now();
     let (profile, profile_rejected) = match &req.profile {
         Some(p) => {
             let (ok, refused) = users::split_profile(p);

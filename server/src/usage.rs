@@ -1,15 +1,15 @@
 //! Usage from backends and web clients: `POST /v1/usage` (idempotent record), `POST /v1/check`
 //! (a server-side Decision) and `GET /v1/usage` (a report with AI tokens and cost).
 
-use crate::api_keys::SCOPE_USAGE_WRITE;
+use crate::api_keys::{SCOPE_ADMIN, SCOPE_USAGE_READ, SCOPE_USAGE_WRITE};
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult};
-use crate::extract::JsonBody;
+use crate::extract::{JsonBody, QueryParams};
 use crate::ledger::{self, Ctx};
 use crate::users::{self, User};
 use crate::{AppState, entitlements};
 use axum::Json;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use chrono::{DateTime, Duration, Utc};
 use deadpool_postgres::GenericClient;
@@ -76,7 +76,7 @@ pub async fn record(
     }
     let event = ledger::validate(&body, key).map_err(|invalid| ApiError::from(invalid.violation))?;
     let user = target(&state, &p, subject, user_id).await?;
-    let now = Utc::now();
+    let now = state.now();
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
     let user = users::lock(&tx, user.user_id, &state.config.admin_subjects).await?;
@@ -127,7 +127,7 @@ pub async fn check(State(state): State<AppState>, p: Principal, JsonBody(req): J
     tally_core::contract::feature(&req.feature)?;
     tally_core::contract::amount(req.amount)?;
     let user = target(&state, &p, req.subject.as_deref(), req.user_id.as_deref()).await?;
-    let now = Utc::now();
+    let now = state.now();
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
     let user = users::lock(&tx, user.user_id, &state.config.admin_subjects).await?;
@@ -207,8 +207,8 @@ pub async fn report_rows(
 }
 
 /// `GET /v1/usage?from&to&group_by=day|feature|model`.
-pub async fn report(State(state): State<AppState>, p: Principal, Query(q): Query<ReportQuery>) -> ApiResult<Json<Value>> {
-    let now = Utc::now();
+pub async fn report(State(state): State<AppState>, p: Principal, QueryParams(q): QueryParams<ReportQuery>) -> ApiResult<Json<Value>> {
+    let now = state.now();
     let from = parse_time("from", q.from.as_deref(), now - Duration::days(30))?;
     let to = parse_time("to", q.to.as_deref(), now + Duration::minutes(10))?;
     let group_by = q.group_by.as_deref().unwrap_or("feature");
@@ -216,6 +216,10 @@ pub async fn report(State(state): State<AppState>, p: Principal, Query(q): Query
         return Err(ApiError::invalid(format!("group_by must be day, feature or model, not {group_by:?}")));
     }
     let user = match (&p, q.subject.as_deref()) {
+        // Reading usage is not recording it: a `usage:write` key alone gets 404.
+        (Principal::Key(k), Some(_)) if !(k.has_scope(SCOPE_USAGE_READ) || k.has_scope(SCOPE_ADMIN)) => {
+            return Err(ApiError::not_found("route"));
+        }
         (Principal::Key(_), Some(s)) => {
             let client = state.pool.get().await?;
             let r = client.query_opt(&format!("SELECT {} FROM users WHERE external_id = $1", users::USER_COLUMNS), &[&s]).await?;

@@ -141,7 +141,7 @@ pub async fn find_or_create_by_subject(state: &AppState, subject: &str) -> ApiRe
     if subject.is_empty() || subject.len() > 255 {
         return Err(ApiError::invalid("subject must be 1 to 255 bytes"));
     }
-    let claims = IdClaims { sub: subject.into(), email: None, email_verified: None, iat: Some(Utc::now().timestamp() + 1), name: None };
+    let claims = IdClaims { sub: subject.into(), email: None, email_verified: None, iat: Some(state.now().timestamp() + 1), name: None };
     let client = state.pool.get().await?;
     if client.query_opt("SELECT 1 FROM account_tombstones WHERE sub_hash = $1", &[&sub_hash(subject)]).await?.is_some()
         && client.query_opt("SELECT 1 FROM users WHERE external_id = $1", &[&subject]).await?.is_none()

@@ -666,3 +666,162 @@ async fn rate_limits_answer_429_with_retry_after() {
     // Another user is not affected.
     assert_eq!(a.call("GET", "/v1/me", Some(&token("calm")), None).await.0, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn every_error_has_the_json_body_and_names_the_field() {
+    let a = app_or_skip!(app().await);
+    let t = token("errs");
+    let admin = token("root-admin");
+    let check = |s: StatusCode, v: &Value, status: StatusCode, code: &str| {
+        assert_eq!((s, v["error"]["code"].as_str()), (status, Some(code)), "{v}");
+        assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    };
+    // The router's own answers: unknown route, wrong method (with Allow), bad path parameter.
+    let (s, v, h) = a.raw("DELETE", "/v1/sync", Some(&t), vec![], &[]).await;
+    check(s, &v, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed");
+    assert!(h.get("allow").is_some_and(|v| v.to_str().unwrap().contains("POST")), "{h:?}");
+    let (s, v) = a.call("PUT", "/healthz", None, None).await;
+    check(s, &v, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed");
+    let (s, v) = a.call("GET", "/v1/nope/deeper", Some(&t), None).await;
+    check(s, &v, StatusCode::NOT_FOUND, "not_found");
+    let (s, v) = a.call("PUT", "/v1/admin/plans/%FF%FE", Some(&admin), Some(json!({"features": {}}))).await;
+    check(s, &v, StatusCode::BAD_REQUEST, "bad_request");
+    // Body shape errors name the field, in plain words.
+    let cases = [
+        ("POST", "/v1/check", json!({"amount": 1}), "feature is missing"),
+        ("POST", "/v1/check", json!({"feature": "ai_chat", "amount": -1}), "amount must be a non-negative integer"),
+        ("POST", "/v1/check", json!({"feature": 5}), "feature must be a string"),
+        ("PATCH", "/v1/me", json!({"nickname": "x"}), "nickname is not a known field"),
+        ("POST", "/v1/sync", json!({"protocol": 1}), "device_id is missing"),
+        ("POST", "/v1/sync", json!({"protocol": 1, "device_id": "d", "events": 5}), "events must be"),
+        ("POST", "/v1/sync", json!({"protocol": "one", "device_id": "d"}), "protocol must be a non-negative integer"),
+    ];
+    for (m, p, body, want) in cases {
+        let (s, v) = a.call(m, p, Some(&t), Some(body.clone())).await;
+        check(s, &v, StatusCode::UNPROCESSABLE_ENTITY, v["error"]["code"].as_str().unwrap_or("?"));
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.starts_with(want), "{m} {p} {body}: {msg:?} should start with {want:?}");
+        assert!(!msg.contains("line 1 column") && !msg.contains("invalid type:") && !msg.contains('`'), "no raw serde text: {msg:?}");
+    }
+    // Query parameters too.
+    let (s, v) = a.call("GET", "/v1/usage?from=a&from=b", Some(&t), None).await;
+    check(s, &v, StatusCode::UNPROCESSABLE_ENTITY, "invalid_query");
+    assert_eq!(v["error"]["message"], "from is given twice");
+    let (s, v) = a.call("GET", "/v1/usage?from=yesterday", Some(&t), None).await;
+    check(s, &v, StatusCode::UNPROCESSABLE_ENTITY, "invalid_request");
+    assert!(v["error"]["message"].as_str().unwrap().starts_with("from "), "{v}");
+    // Malformed JSON: where, not serde's words.
+    let (s, v, _) = a.raw("POST", "/v1/check", Some(&t), b"{\"feature\": ".to_vec(), &[]).await;
+    check(s, &v, StatusCode::BAD_REQUEST, "malformed_json");
+    // Nothing was changed by any of it.
+    assert_eq!(a.count("events").await, 0);
+}
+
+#[tokio::test]
+async fn usage_write_keys_record_only_and_reading_usage_needs_usage_read() {
+    let a = app_or_skip!(app().await);
+    let admin = token("root-admin");
+    let key = |scopes: Value| {
+        let a = &a;
+        let admin = admin.clone();
+        async move {
+            let (s, k) = a.call("POST", "/v1/admin/api-keys", Some(&admin), Some(json!({"name": "k", "scopes": scopes}))).await;
+            assert_eq!(s, StatusCode::CREATED, "{k}");
+            k["secret"].as_str().unwrap().to_string()
+        }
+    };
+    let (writer, reader, both) =
+        (key(json!(["usage:write"])).await, key(json!(["usage:read"])).await, key(json!(["usage:write", "usage:read"])).await);
+    assert_eq!(a.call("GET", "/v1/me", Some(&token("subj")), None).await.0, StatusCode::OK);
+    let rec = json!({"id": Uuid::now_v7(), "subject": "subj", "feature": "ai_chat", "amount": 2, "occurred_at": Utc::now()});
+    let (s, v) = a.call("POST", "/v1/usage", Some(&writer), Some(rec.clone())).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (s, v) = a.call("GET", "/v1/usage?subject=subj", Some(&writer), None).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")), "a write key cannot read: {v}");
+    for k in [&reader, &both] {
+        let (s, v) = a.call("GET", "/v1/usage?subject=subj", Some(k), None).await;
+        assert_eq!((s, v["rows"][0]["amount"].as_i64()), (StatusCode::OK, Some(2)), "{v}");
+    }
+    let rec2 = json!({"id": Uuid::now_v7(), "subject": "subj", "feature": "ai_chat", "amount": 1, "occurred_at": Utc::now()});
+    assert_eq!(a.call("POST", "/v1/usage", Some(&reader), Some(rec2)).await.0, StatusCode::NOT_FOUND, "a read key cannot record");
+    assert_eq!(a.scalar("SELECT coalesce(sum(amount), 0)::bigint FROM events").await, 2);
+    let (s, _) = a.call("POST", "/v1/admin/api-keys", Some(&admin), Some(json!({"name": "k", "scopes": ["usage:rw"]}))).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+}
+
+#[tokio::test]
+async fn one_callers_turns_are_bounded_and_overflow_is_503_never_429() {
+    use tally_server::concurrency::UserLimits;
+    let limits = UserLimits::new(2, 1, Some(std::time::Duration::from_millis(300)));
+    let t1 = limits.acquire("s:hog").await.unwrap();
+    let _t2 = limits.acquire("s:hog").await.unwrap();
+    // The third waits in the queue; the fourth finds the queue full: 503 at once.
+    let waiting = limits.acquire("s:hog");
+    let overflow = async {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        limits.acquire("s:hog").await
+    };
+    let other = limits.acquire("s:other").await;
+    assert!(other.is_ok(), "another caller is not affected");
+    let (w, o) = tokio::join!(waiting, async {
+        let r = overflow.await;
+        drop(t1);
+        r
+    });
+    assert!(w.is_ok(), "the waiting request got the freed turn");
+    let resp = axum::response::IntoResponse::into_response(o.err().expect("overflow refused"));
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(resp.headers()["retry-after"], "2");
+    // A wait that times out is a 503 too.
+    let again = limits.acquire("s:hog").await;
+    assert!(matches!(again, Err(tally_server::ApiError::Unavailable(_))));
+}
+
+#[tokio::test]
+async fn request_connections_have_the_statement_timeout_and_maintenance_has_none() {
+    let a = app_or_skip!(app_with(|c| c.db_statement_timeout_secs = 1).await);
+    let client = a.state.pool.get().await.unwrap();
+    let st: String = client.query_one("SHOW statement_timeout", &[]).await.unwrap().get(0);
+    assert_eq!(st, "1s");
+    // A statement over the timeout is a 503 `unavailable`, not a 500.
+    let err = client.query_one("SELECT pg_sleep(2)", &[]).await.unwrap_err();
+    let resp = axum::response::IntoResponse::into_response(tally_server::ApiError::from(err));
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // Maintenance pools and migrations run without it, even when the URL asks for one.
+    let maint = tally_server::db::pool(&a.url, 1).unwrap();
+    let st: String = maint.get().await.unwrap().query_one("SHOW statement_timeout", &[]).await.unwrap().get(0);
+    assert_eq!(st, "0");
+    // A fresh database migrated through a URL that asks for a 1 ms statement timeout.
+    let fresh = fresh_db().await.unwrap();
+    let sep = if fresh.contains('?') { '&' } else { '?' };
+    let strict = format!("{fresh}{sep}options=-c%20statement_timeout%3D1");
+    tally_server::db::migrate(&strict).await.expect("migrations ignore a request timeout");
+}
+
+#[tokio::test]
+async fn a_request_over_the_request_timeout_answers_503_json_not_an_empty_408() {
+    // No statement timeout: only the request timeout (1 s) bounds a sync stuck on a row lock.
+    let a = app_or_skip!(
+        app_with(|c| {
+            c.db_statement_timeout_secs = 0;
+            c.request_timeout_secs = 1;
+        })
+        .await
+    );
+    let t = token("stuck");
+    assert_eq!(a.call("GET", "/v1/me", Some(&t), None).await.0, StatusCode::OK);
+    let (mut locker, conn) = tokio_postgres::connect(&a.url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let tx = locker.transaction().await.unwrap();
+    tx.execute("SELECT 1 FROM users WHERE external_id = 'stuck' FOR UPDATE", &[]).await.unwrap();
+    let started = std::time::Instant::now();
+    let body = json!({"protocol": 1, "device_id": "d", "events": [event(Uuid::now_v7(), "ai_chat", 1)]});
+    let (s, v, h) = a.raw("POST", "/v1/sync", Some(&t), serde_json::to_vec(&body).unwrap(), &[]).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("unavailable")), "{v}");
+    assert_eq!(h["retry-after"], "2");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    tx.rollback().await.unwrap();
+    assert_eq!(a.count("events").await, 0, "the cut request recorded nothing");
+    let (s, _) = a.sync(&t, "d", vec![event(Uuid::now_v7(), "ai_chat", 1)]).await;
+    assert_eq!(s, StatusCode::OK, "the pool recovered its connection");
+}

@@ -392,6 +392,25 @@ async fn past_due_beyond_grace_is_free() {
 }
 
 #[tokio::test]
+async fn past_due_grace_ends_on_the_server_clock_without_sleeping() {
+    let a = app_or_skip!(billing_app(|c| c.past_due_grace_secs = 3600).await);
+    let t = token("grace");
+    let uid = a.user_id(&t).await;
+    let w = World::new();
+    let now = Utc::now();
+    a.ok(&w.checkout("c", Some(&uid), "g@example.com", now)).await;
+    a.ok(&w.subscription("created", "s1", "a", "active", now - Duration::seconds(10), now, now + Duration::days(30), PRICE)).await;
+    a.ok(&w.invoice(false, "f1", "1", "a", now - Duration::seconds(5), now, now + Duration::days(30))).await;
+    let e = a.ents(&t).await;
+    assert_eq!((e["status"].as_str(), e["plan"].as_str()), (Some("past_due"), Some("pro")), "within the grace: {e}");
+    a.clock.advance(Duration::seconds(3590));
+    assert_eq!(a.ents(&t).await["plan"], "pro", "10 s before the end of the grace");
+    a.clock.advance(Duration::seconds(20));
+    let e = a.ents(&t).await;
+    assert_eq!((e["status"].as_str(), e["plan"].as_str(), e["access_reason"].as_str()), (Some("past_due"), Some("free"), Some("free")));
+}
+
+#[tokio::test]
 async fn events_for_unknown_customers_wait_for_the_link_and_email_links_only_when_verified() {
     let a = app_or_skip!(billing_app(|_| {}).await);
     let t = token_with("early", json!({"email": "early@example.com", "email_verified": true}));
@@ -615,7 +634,8 @@ async fn force_entitlements_signs_a_fresh_token_and_changes_reach_the_next_sync(
         }
     };
     let t1 = sync(false).await;
-    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    // The next token's `iat` (whole seconds) is later: move the server's clock, don't sleep.
+    a.clock.advance(Duration::seconds(2));
     assert_eq!(sync(false).await, t1, "unchanged entitlements: the cached token");
     let t3 = sync(true).await;
     assert_ne!(t3, t1, "force_entitlements: a newly signed token");
@@ -961,4 +981,93 @@ async fn plan_credits_come_each_billing_window_to_users_without_a_subscription()
     assert_eq!(e["credit_balance"], 100, "pro includes 100 credits a billing window: {e}");
     let grants = e["credit_grants"].as_array().unwrap();
     assert!(grants.iter().any(|g| g["id"].as_str().unwrap().starts_with("included:pro:") && !g["expires_at"].is_null()), "{e}");
+}
+
+#[tokio::test]
+async fn webhook_tolerance_follows_the_server_clock_without_sleeping() {
+    let a = app_or_skip!(billing_app(|c| c.stripe_webhook_tolerance_secs = 300).await);
+    let w = World::new();
+    let signed_at = Utc::now().timestamp();
+    // Signed now, delivered (by the server's clock) 299 s later: accepted.
+    a.clock.advance(Duration::seconds(299));
+    let (s, v) = a.webhook_at(&w.checkout("early", None, "x@example.com", Utc::now()), signed_at).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // 302 s later: stale, and nothing stored.
+    a.clock.advance(Duration::seconds(3));
+    let (s, v) = a.webhook_at(&w.checkout("late", None, "x@example.com", Utc::now()), signed_at).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("stale_signature")));
+    assert_eq!(a.count("stripe_events").await, 1);
+}
+
+/// Rows of every table of the schema whose text contains `needle` (case-insensitive).
+async fn tables_naming(a: &TestApp, needle: &str) -> Vec<String> {
+    let (client, conn) = tokio_postgres::connect(&a.url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let tables: Vec<String> = client
+        .query(
+            "SELECT table_name::text FROM information_schema.tables WHERE table_schema = current_schema() AND table_type = 'BASE TABLE'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(tables.len() >= 15, "every table is inspected: {tables:?}");
+    let mut hits = Vec::new();
+    for t in tables {
+        let rows =
+            client.query(&format!("SELECT t::text FROM \"{t}\" t WHERE strpos(lower(t::text), lower($1)) > 0"), &[&needle]).await.unwrap();
+        hits.extend(rows.iter().map(|r| format!("{t}: {}", r.get::<_, String>(0))));
+    }
+    hits
+}
+
+#[tokio::test]
+async fn deleting_an_account_leaves_no_row_naming_the_user_or_their_email_in_any_table() {
+    let a = app_or_skip!(billing_app(|_| {}).await);
+    let email = "Leaver.Person@Example.com";
+    let t = token_with("leaver-sub", json!({"email": email, "email_verified": true}));
+    let uid = a.user_id(&t).await;
+    let admin = token("root-admin");
+    // Data everywhere: events, counters, settings, a grant, credits, Stripe customer,
+    // subscription, payment, and events of the Stripe log naming the user and the email.
+    a.sync(&t, "d", vec![event(Uuid::now_v7(), "ai_chat", 1)]).await;
+    a.call("PATCH", "/v1/settings", Some(&t), Some(json!({"k": email}))).await;
+    let (s, v) =
+        a.call("POST", "/v1/admin/grants", Some(&admin), Some(json!({"subject": "leaver-sub", "plan": "pro", "reason": "vip"}))).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (s, v) =
+        a.call("POST", "/v1/admin/grants", Some(&admin), Some(json!({"subject": "leaver-sub", "credits": 5, "reason": "gift"}))).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let w = World::new();
+    let now = Utc::now();
+    a.ok(&w.checkout("c", Some(&uid), email, now)).await;
+    a.ok(&w.subscription("created", "s1", "a", "active", now, now, now + Duration::days(30), PRICE)).await;
+    a.ok(&w.invoice(true, "i1", "1", "a", now, now, now + Duration::days(30))).await;
+    a.ok(&w.subscription("deleted", "s2", "a", "canceled", now + Duration::seconds(5), now, now + Duration::days(30), PRICE)).await;
+    // An event of another customer that only mentions the email (never linked to the user).
+    let stranger = World::new();
+    a.ok(&stranger.checkout("c", None, &email.to_lowercase(), now)).await;
+    // Someone else's data stays.
+    let other = token_with("stayer", json!({"email": "stayer@example.com", "email_verified": true}));
+    a.sync(&other, "d", vec![event(Uuid::now_v7(), "ai_chat", 1)]).await;
+    let before = (a.count("stripe_events").await, a.count("events").await);
+    for needle in [uid.as_str(), email, "leaver-sub"] {
+        assert!(!tables_naming(&a, needle).await.is_empty(), "the test data names {needle}");
+    }
+
+    let (s, v) = a.call("DELETE", "/v1/me", Some(&t), None).await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+    for needle in [uid.as_str(), email, "leaver-sub"] {
+        let hits = tables_naming(&a, needle).await;
+        assert!(hits.is_empty(), "rows still naming {needle}: {hits:#?}");
+    }
+    // The Stripe log keeps (scrubbed) event ids, so a replay is still recognised and changes nothing.
+    assert_eq!(a.count("stripe_events").await, before.0);
+    assert_eq!(a.count("events").await, before.1 - 1, "the other user's events stay");
+    let (s, _) = a.webhook(&w.invoice(true, "i1", "1", "a", now, now, now + Duration::days(30))).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(tables_naming(&a, &uid).await.is_empty(), "a replayed event does not bring the user back");
+    assert_eq!(a.call("GET", "/v1/me", Some(&other), None).await.0, StatusCode::OK);
 }

@@ -8,61 +8,11 @@ use common::*;
 use proptest::prelude::*;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 use uuid::Uuid;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tally-server");
-
-/// A running `tally-server serve`.
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Server {
-    fn start(url: Option<&str>, dir: &Path) -> Server {
-        std::fs::create_dir_all(dir).unwrap();
-        let plans = dir.join("plans.json");
-        std::fs::write(&plans, CATALOG).unwrap();
-        let mut cmd = Command::new(BIN);
-        cmd.arg("serve")
-            .env_remove("TALLY_DATABASE_URL")
-            .env("TALLY_LISTEN", "127.0.0.1:0")
-            .env("TALLY_JWT_SECRET", SECRET)
-            .env("TALLY_DATA_DIR", dir)
-            .env("TALLY_PLANS_FILE", &plans)
-            .env("TALLY_RATE_LIMIT_PER_SEC", "100000")
-            .env("TALLY_RATE_LIMIT_BURST", "100000")
-            .env("TALLY_DB_POOL_SIZE", "8")
-            .env("TALLY_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        if let Some(u) = url {
-            cmd.env("TALLY_DATABASE_URL", u);
-        }
-        let mut child = cmd.spawn().expect("spawn tally-server");
-        let stdout = child.stdout.take().unwrap();
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("read listening line");
-        let base =
-            line.trim().strip_prefix("tally-server listening on ").unwrap_or_else(|| panic!("unexpected output {line:?}")).to_string();
-        Server { child, base }
-    }
-
-    fn kill9(&mut self) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGKILL);
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
 
 async fn post_sync(http: &reqwest::Client, base: &str, token: &str, device: &str, events: &[Value]) -> Result<Value, String> {
     let resp = http
@@ -215,20 +165,51 @@ fn kill9_mid_sync_loses_nothing_acknowledged() {
         .collect();
     let expected: u64 = batches.iter().flatten().map(|e| e["amount"].as_u64().unwrap()).sum();
     let mut acked: BTreeSet<String> = BTreeSet::new();
-    let mut kills = 0;
+    // A kill counts only when it lands while a sync is in flight (its request fails); the
+    // delay adapts until five kills have landed so.
+    let (mut landed, mut attempts, mut delay_ms) = (0, 0, 20u64);
     for (i, batch) in batches.iter().enumerate() {
         let r = if i % 2 == 1 {
-            // Kill the server while this request is in flight.
-            let handle = rt.spawn({
-                let (http, token, base, batch) = (http.clone(), token.clone(), server.base.clone(), batch.clone());
-                async move { post_sync(&http, &base, &token, "dev", &batch).await }
-            });
-            std::thread::sleep(Duration::from_millis(5 + 7 * i as u64));
-            server.kill9();
-            kills += 1;
-            let r = rt.block_on(handle).unwrap();
-            server = Server::start(Some(&url), dir.path());
-            r
+            loop {
+                attempts += 1;
+                assert!(attempts <= 40, "no kill landed mid-sync in {attempts} attempts");
+                let handle = rt.spawn({
+                    let (http, token, base, batch) = (http.clone(), token.clone(), server.base.clone(), batch.clone());
+                    async move {
+                        let body = json!({"protocol": 1, "device_id": "dev", "events": batch});
+                        match http.post(format!("{base}/v1/sync")).bearer_auth(&token).json(&body).send().await {
+                            Ok(resp) if resp.status().is_success() => resp.json::<Value>().await.map_err(|e| (false, e.to_string())),
+                            Ok(resp) => Err((false, format!("status {}", resp.status()))),
+                            // Connected, then cut: the server had the request when it died.
+                            Err(e) => Err((!e.is_connect(), e.to_string())),
+                        }
+                    }
+                });
+                std::thread::sleep(Duration::from_millis(delay_ms));
+                server.kill9();
+                let r = rt.block_on(handle).unwrap();
+                server = Server::start(Some(&url), dir.path());
+                match &r {
+                    Err((true, _)) => {
+                        landed += 1;
+                        break r.map_err(|(_, e)| e);
+                    }
+                    Err((false, e)) if e.contains("status") => panic!("a sync failed without a kill: {e}"),
+                    // Not connected yet: kill later next time.
+                    Err((false, _)) => {
+                        delay_ms += 5;
+                        continue;
+                    }
+                    Ok(_) => {}
+                }
+                // The sync finished before the kill: kill sooner next time, and re-send.
+                delay_ms = (delay_ms / 2).max(1);
+                if let Ok(r) = &r {
+                    for id in r["accepted"].as_array().unwrap().iter().chain(r["duplicates"].as_array().unwrap()) {
+                        acked.insert(id.as_str().unwrap().to_string());
+                    }
+                }
+            }
         } else {
             rt.block_on(post_sync(&http, &server.base, &token, "dev", batch))
         };
@@ -238,7 +219,7 @@ fn kill9_mid_sync_loses_nothing_acknowledged() {
             }
         }
     }
-    assert!(kills >= 5);
+    assert!(landed >= 5, "kills that landed mid-sync: {landed}");
     let (client, conn) = rt.block_on(tokio_postgres::connect(&url, tokio_postgres::NoTls)).unwrap();
     rt.spawn(conn);
     let acked_ids: Vec<Uuid> = acked.iter().map(|s| Uuid::parse_str(s).unwrap()).collect();
@@ -329,4 +310,52 @@ fn embedded_default_starts_its_own_postgres_and_stops_it() {
     assert!(status.success(), "graceful shutdown");
     assert!(!pidfile.exists(), "embedded cluster stopped");
     assert!(rt.block_on(tokio_postgres::connect(db_url.trim(), tokio_postgres::NoTls)).is_err());
+}
+
+#[test]
+fn crashed_embedded_serve_restarts_with_one_command_and_a_second_serve_says_already_running() {
+    if !cluster_or_skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let data = dir.path().join("tally-data");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let http = reqwest::Client::new();
+    let note = || json!({"id": Uuid::now_v7(), "feature": "notes", "amount": 1, "occurred_at": chrono::Utc::now()});
+    let mut server = Server::start(None, &data);
+    rt.block_on(post_sync(&http, &server.base, &token("crash"), "d", &[note()])).unwrap();
+
+    // A second serve on the same data directory exits at once and says why.
+    let started = std::time::Instant::now();
+    let out = Server::command(None, &data, &[]).stdout(Stdio::null()).stderr(Stdio::piped()).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains(&format!("already running on the data directory {} (pid {})", data.display(), server.child.id())), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5), "refused at once");
+    assert!(!err.contains('\u{1b}'), "plain logs when stderr is not a terminal: {err:?}");
+
+    // kill -9 of serve leaves its PostgreSQL running; the next serve recovers it.
+    let pidfile = data.join("postgres").join("postmaster.pid");
+    let pg_pid: i32 = std::fs::read_to_string(&pidfile).unwrap().lines().next().unwrap().trim().parse().unwrap();
+    server.kill9();
+    assert!(nix::sys::signal::kill(nix::unistd::Pid::from_raw(pg_pid), None).is_ok(), "the crashed serve's Postgres is still up");
+    let mut server = Server::start(None, &data);
+    let r = rt.block_on(post_sync(&http, &server.base, &token("crash"), "d", &[note()])).unwrap();
+    assert_eq!(total(&r, "notes", "lifetime"), 2, "the data survived");
+
+    // A postmaster.pid whose process is gone (serve and Postgres both killed) is recovered too.
+    let pg_pid: i32 = std::fs::read_to_string(&pidfile).unwrap().lines().next().unwrap().trim().parse().unwrap();
+    server.kill9();
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pg_pid), nix::sys::signal::Signal::SIGKILL);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while nix::sys::signal::kill(nix::unistd::Pid::from_raw(pg_pid), None).is_ok() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(pidfile.exists(), "a stale postmaster.pid is left behind");
+    let mut server = Server::start(None, &data);
+    let r = rt.block_on(post_sync(&http, &server.base, &token("crash"), "d", &[note()])).unwrap();
+    assert_eq!(total(&r, "notes", "lifetime"), 3);
+    assert!(server.terminate().success(), "graceful shutdown");
+    assert!(!pidfile.exists(), "embedded cluster stopped");
 }

@@ -27,11 +27,21 @@ pub const PLANS: &str = r#"{"models": {"gpt-4o": {"input_micros_per_mtok": 25000
     "lifetime_notes": {"type": "metered", "limit": null, "period": "lifetime", "enforcement": "hard"},
     "export":   {"type": "flag", "enabled": true}}}]}"#;
 
+/// Whether the end-to-end tests must run: under `CI=true` or `TALLY_REQUIRE_PG=1` a Postgres
+/// that cannot start fails the test instead of skipping it.
+pub fn pg_required() -> bool {
+    let set = |k: &str| std::env::var(k).is_ok_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes"));
+    set("CI") || set("TALLY_REQUIRE_PG")
+}
+
 /// A throwaway Postgres cluster and database, or `None` (with a loud message) when the
-/// PostgreSQL binaries are not installed.
+/// PostgreSQL binaries are not installed and Postgres is not required ([`pg_required`]).
 pub fn postgres(dir: &Path) -> Option<Cluster> {
     match Cluster::start(&dir.join("pg"), ClusterOptions { fast_unsafe: true, ephemeral: true, port: None }) {
         Ok(c) => Some(c),
+        Err(e @ tally_server::pg_cluster::ClusterError::BinariesNotFound) if pg_required() => {
+            panic!("PostgreSQL is required here (CI=true / TALLY_REQUIRE_PG=1) but cannot start: {e}")
+        }
         Err(tally_server::pg_cluster::ClusterError::BinariesNotFound) => {
             eprintln!("\n!!!!! SKIPPING end-to-end test: PostgreSQL binaries not installed (apt-get install -y postgresql) !!!!!\n");
             None
@@ -107,10 +117,8 @@ impl Server {
         self.child = Some(cmd.spawn().expect("spawn tally-server"));
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Ok(resp) = http::blocking_get(&format!("{}/healthz", self.url)) {
-                if resp {
-                    return;
-                }
+            if let Ok(true) = http::blocking_get(&format!("{}/healthz", self.url)) {
+                return;
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
                 panic!("tally-server exited at start: {status}");

@@ -116,24 +116,45 @@ fn server_killed_mid_sync_loses_and_doubles_nothing() {
     let d = e.device("phone");
     let u = sign_in(&d, "bob");
     consume_n(&d, &u, "notes", 20_000);
-    for round in 0..3 {
+    // A kill counts when it lands mid-sync: the sync fails, some batches were acknowledged
+    // before it and events are still pending. The delay adapts until three kills landed so.
+    let (mut landed, mut attempts, mut delay_ms, mut total) = (0, 0, 150u64, 20_000u64);
+    while landed < 3 {
+        attempts += 1;
+        assert!(attempts <= 15, "no kill landed mid-sync in {attempts} attempts (landed {landed})");
+        let before = d.tally.pending_events(&u.id).unwrap();
+        assert!(before > 0, "events left to sync");
         let mut o = opts(&e.server.url, "bob");
         o.max_batch_events = 200;
         o.retry.max_attempts = 2;
         let sync = std::thread::scope(|s| {
             let h = s.spawn(|| e.rt.block_on(d.tally.sync(&u.id, o)));
-            std::thread::sleep(std::time::Duration::from_millis(150 + 100 * round));
+            std::thread::sleep(std::time::Duration::from_millis(delay_ms));
             e.server.kill9();
             h.join().expect("sync thread")
         });
         e.server.restart();
         let pending = d.tally.pending_events(&u.id).unwrap();
-        eprintln!("round {round}: sync {:?}, pending after kill {pending}", sync.as_ref().map(|r| r.events_acked));
+        eprintln!("attempt {attempts}: sync {:?}, pending {before} -> {pending}", sync.as_ref().map(|r| r.events_acked));
+        if sync.is_ok() || pending == 0 {
+            // Finished before the kill: more work, and kill sooner.
+            delay_ms = (delay_ms / 2).max(10);
+            if pending == 0 {
+                consume_n(&d, &u, "notes", 20_000);
+                total += 20_000;
+            }
+        } else if pending == before {
+            delay_ms = delay_ms * 3 / 2;
+        } else {
+            landed += 1;
+            // Leave work for the next kill.
+            delay_ms = (delay_ms * 2 / 3).max(20);
+        }
     }
     e.sync(&d, &u).expect("final sync");
     assert_eq!(d.tally.pending_events(&u.id).unwrap(), 0);
-    assert_eq!(e.server_used("bob", "notes"), 20_000);
-    assert_eq!(d.tally.usage(&u.id, "notes").unwrap().used, 20_000);
+    assert_eq!(e.server_used("bob", "notes"), total);
+    assert_eq!(d.tally.usage(&u.id, "notes").unwrap().used, total);
 }
 
 #[test]
@@ -177,7 +198,18 @@ fn device_killed_mid_sync_converges_after_reopening() {
         let u = sign_in(&d, "dave");
         consume_n(&d, &u, "notes", 10_000);
     }
-    for i in 0..3 {
+    // A kill counts when it lands mid-sync: after it, some events were acknowledged and some
+    // are still pending. The delay adapts until three kills landed so.
+    let pending_now = || {
+        let d = device(&path, "phone", &keys, Utc::now());
+        let u = d.tally.users().unwrap().remove(0);
+        d.tally.pending_events(&u.id).unwrap()
+    };
+    let (mut landed, mut attempts, mut delay_ms, mut total) = (0, 0, 300u64, 10_000u64);
+    while landed < 3 {
+        attempts += 1;
+        assert!(attempts <= 15, "no kill landed mid-sync in {attempts} attempts (landed {landed})");
+        let before = pending_now();
         let mut child = std::process::Command::new(std::env::current_exe().unwrap())
             .args(["--exact", "child_sync_process", "--nocapture", "--test-threads=1"])
             .env("E2E_CHILD_DB", &path)
@@ -185,16 +217,31 @@ fn device_killed_mid_sync_converges_after_reopening() {
             .env("E2E_CHILD_KEYS", &keys)
             .spawn()
             .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(300 + 150 * i));
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGKILL);
-        let _ = child.wait();
+        let status = child.wait().unwrap();
+        let after = pending_now();
+        eprintln!("attempt {attempts}: {status}, pending {before} -> {after}");
+        if status.success() || after == 0 {
+            delay_ms = (delay_ms / 2).max(20);
+            if after == 0 {
+                let d = device(&path, "phone", &keys, Utc::now());
+                let u = d.tally.users().unwrap().remove(0);
+                consume_n(&d, &u, "notes", 10_000);
+                total += 10_000;
+            }
+        } else if after == before {
+            delay_ms = delay_ms * 3 / 2;
+        } else {
+            landed += 1;
+        }
     }
     let d = device(&path, "phone", &keys, Utc::now());
     let u = d.tally.users().unwrap().remove(0);
     e.sync(&d, &u).expect("sync after reopening");
     assert_eq!(d.tally.pending_events(&u.id).unwrap(), 0);
-    assert_eq!(e.server_used("dave", "notes"), 10_000);
-    assert_eq!(d.tally.usage(&u.id, "notes").unwrap().used, 10_000);
+    assert_eq!(e.server_used("dave", "notes"), total);
+    assert_eq!(d.tally.usage(&u.id, "notes").unwrap().used, total);
 }
 
 #[test]

@@ -159,7 +159,7 @@ fn refund_status(amount: i64, refunded: i64, full: bool) -> &'static str {
 /// `GET /v1/billing`: plan, status, period, cancel_at_period_end, credits and payment history.
 pub async fn get_billing(State(state): State<AppState>, AuthUser(user): AuthUser) -> ApiResult<Json<Value>> {
     let client = state.pool.get().await?;
-    let now = Utc::now();
+    let now = state.now();
     let loaded = entitlements::load(&state, &client, &user, now).await?;
     let e = &loaded.ents;
     let subs = webhook::effective_subs(&client, user.user_id).await?;

@@ -87,7 +87,7 @@ impl FromRequest<AppState> for Verified {
         }
         let header = req.headers().get("stripe-signature").map(|h| h.as_bytes().to_vec());
         let bytes = body_bytes(req, state).await?;
-        super::signature::verify(header.as_deref(), &bytes, &secrets, Utc::now().timestamp(), state.config.stripe_webhook_tolerance_secs)
+        super::signature::verify(header.as_deref(), &bytes, &secrets, state.now().timestamp(), state.config.stripe_webhook_tolerance_secs)
             .map_err(|e| ApiError::BadRequest(e.code(), e.to_string()))?;
         let v: Value =
             serde_json::from_slice(&bytes).map_err(|e| ApiError::BadRequest("malformed_json", format!("malformed JSON: {e}")))?;

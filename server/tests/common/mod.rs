@@ -28,25 +28,53 @@ pub const CATALOG: &str = r#"{"models": {"gpt-4o": {"input_micros_per_mtok": 250
 
 static CLUSTER: OnceLock<Option<Cluster>> = OnceLock::new();
 
-/// The cluster of this test binary, or `None` (with a loud message) when PostgreSQL is absent.
+/// Whether the Postgres tests must run: under `CI=true` or `TALLY_REQUIRE_PG=1` a cluster that
+/// cannot start fails the test instead of skipping it.
+pub fn pg_required() -> bool {
+    let set = |k: &str| std::env::var(k).is_ok_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes"));
+    set("CI") || set("TALLY_REQUIRE_PG")
+}
+
+/// The cluster of this test binary. `None` (with a loud message) only when the PostgreSQL
+/// binaries are not installed and Postgres is not required; any other failure panics.
 pub fn cluster() -> Option<&'static Cluster> {
     CLUSTER
         .get_or_init(|| {
             let dir = std::env::temp_dir().join(format!("tally-server-test-pg-{}", std::process::id()));
             match Cluster::start(&dir, ClusterOptions { fast_unsafe: true, ephemeral: true, port: None }) {
                 Ok(c) => Some(c),
-                Err(e) => {
+                Err(e @ tally_server::pg_cluster::ClusterError::BinariesNotFound) if !pg_required() => {
                     eprintln!("\n\n!!!!!!!! SKIPPING POSTGRES TESTS: {e} !!!!!!!!\n\n");
                     None
                 }
+                Err(e) => panic!("cannot start the test PostgreSQL (required under CI=true / TALLY_REQUIRE_PG=1): {e}"),
             }
         })
         .as_ref()
 }
 
+/// A clock that follows the system clock plus an offset the test moves, so a test can jump
+/// past a boundary (a second, a grace period) without sleeping.
+#[derive(Debug, Default)]
+pub struct TestClock(std::sync::Mutex<chrono::Duration>);
+
+impl TestClock {
+    /// Moves the clock forwards (or backwards) by `by`.
+    pub fn advance(&self, by: chrono::Duration) {
+        *self.0.lock().unwrap() += by;
+    }
+}
+
+impl tally_core::Clock for TestClock {
+    fn now(&self) -> chrono::DateTime<Utc> {
+        Utc::now() + *self.0.lock().unwrap()
+    }
+}
+
 /// A fresh database in the test cluster.
 pub async fn fresh_db() -> Option<String> {
-    let c = tokio::task::spawn_blocking(cluster).await.ok()??;
+    // A panic starting the cluster (Postgres required) must fail the test, not skip it.
+    let c = tokio::task::spawn_blocking(cluster).await.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
     let name = format!("t_{}", uuid::Uuid::new_v4().simple());
     Some(c.create_database(&name).await.expect("create database"))
 }
@@ -61,6 +89,8 @@ pub struct TestApp {
     pub url: String,
     /// Data dir (keys, plans file).
     pub dir: tempfile::TempDir,
+    /// The server's clock.
+    pub clock: std::sync::Arc<TestClock>,
 }
 
 /// The test configuration for `url` with data under `dir`.
@@ -84,9 +114,10 @@ pub async fn app_with(f: impl FnOnce(&mut Config)) -> Option<TestApp> {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = test_config(&url, dir.path());
     f(&mut config);
-    let state = AppState::new(config).await.expect("state");
+    let clock = std::sync::Arc::new(TestClock::default());
+    let state = AppState::with_clock(config, clock.clone()).await.expect("state");
     let router = tally_server::app(state.clone());
-    Some(TestApp { state, router, url, dir })
+    Some(TestApp { state, router, url, dir, clock })
 }
 
 /// A test app with the default test configuration.
@@ -94,7 +125,8 @@ pub async fn app() -> Option<TestApp> {
     app_with(|_| {}).await
 }
 
-/// Skips the test (returning) when PostgreSQL is absent.
+/// Skips the test (returning) when PostgreSQL is not installed and not required; under
+/// `CI=true` / `TALLY_REQUIRE_PG=1` the missing cluster has already failed the test.
 #[macro_export]
 macro_rules! app_or_skip {
     ($e:expr) => {
@@ -182,4 +214,77 @@ pub fn event(id: uuid::Uuid, feature: &str, amount: u64) -> Value {
 /// The `used` of the total of (feature, period) in a sync response's current window.
 pub fn used(resp: &Value, feature: &str) -> Option<u64> {
     resp["totals"].as_array()?.iter().filter(|t| t["feature"] == feature).filter_map(|t| t["used"].as_u64()).max()
+}
+
+/// A running `tally-server serve` process (the binary cargo built for this test), killed
+/// with SIGKILL on drop.
+pub struct Server {
+    /// The process.
+    pub child: std::process::Child,
+    /// Base URL (`http://127.0.0.1:port`).
+    pub base: String,
+}
+
+impl Server {
+    /// Starts `serve` on `url` (None: the embedded default) with data under `dir`.
+    pub fn start(url: Option<&str>, dir: &std::path::Path) -> Server {
+        Server::start_with(url, dir, &[])
+    }
+
+    /// [`Server::start`] with extra environment variables.
+    pub fn start_with(url: Option<&str>, dir: &std::path::Path, env: &[(&str, &str)]) -> Server {
+        use std::io::BufRead;
+        let mut child = Server::command(url, dir, env).stdout(std::process::Stdio::piped()).spawn().expect("spawn tally-server");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        std::io::BufReader::new(stdout).read_line(&mut line).expect("read listening line");
+        let base =
+            line.trim().strip_prefix("tally-server listening on ").unwrap_or_else(|| panic!("unexpected output {line:?}")).to_string();
+        Server { child, base }
+    }
+
+    /// The `serve` command of [`Server::start_with`], not spawned yet.
+    pub fn command(url: Option<&str>, dir: &std::path::Path, env: &[(&str, &str)]) -> std::process::Command {
+        std::fs::create_dir_all(dir).unwrap();
+        let plans = dir.join("plans.json");
+        std::fs::write(&plans, CATALOG).unwrap();
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tally-server"));
+        cmd.arg("serve")
+            .env_remove("TALLY_DATABASE_URL")
+            .env("TALLY_LISTEN", "127.0.0.1:0")
+            .env("TALLY_JWT_SECRET", SECRET)
+            .env("TALLY_DATA_DIR", dir)
+            .env("TALLY_PLANS_FILE", &plans)
+            .env("TALLY_RATE_LIMIT_PER_SEC", "100000")
+            .env("TALLY_RATE_LIMIT_BURST", "100000")
+            .env("TALLY_DB_POOL_SIZE", "8")
+            .env("TALLY_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit());
+        if let Some(u) = url {
+            cmd.env("TALLY_DATABASE_URL", u);
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill9(&mut self) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM (graceful shutdown, which stops an embedded cluster), then reap.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        self.child.wait().expect("wait")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
 }
