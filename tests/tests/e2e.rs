@@ -656,3 +656,103 @@ fn attaching_a_local_user_who_repeated_a_keyed_use_counts_it_once() {
     assert_eq!(e.server_used("attacher", "notes"), 1, "counted once");
     assert_eq!(d.tally.usage(&u.id, "notes").unwrap().used, 1);
 }
+
+/// Every limit of the contract, one by one: a value at the limit recorded by the device is taken
+/// by the server; one past it is refused by the device before anything is stored.
+#[test]
+fn every_contract_limit_holds_on_both_sides() {
+    use tally_core::contract as c;
+    let Some(e) = env("every_limit", &[]) else { return };
+    let long_feature = "f".repeat(c::MAX_FEATURE_BYTES);
+    let path = e.dir.path().join("limits.db");
+    let device_id = "d".repeat(c::MAX_DEVICE_ID_BYTES);
+    let d = device(&path, &device_id, &e.server.keys(), Utc::now());
+    assert!(
+        tally_core::Tally::open(
+            e.dir.path().join("x.db"),
+            tally_core::Config { device_id: Some("d".repeat(c::MAX_DEVICE_ID_BYTES + 1)), ..Default::default() }
+        )
+        .is_err()
+    );
+    let mut catalog: serde_json::Value = serde_json::from_str(PLANS).unwrap();
+    catalog["plans"][0]["features"][&long_feature] = serde_json::json!({"type": "metered", "limit": null, "period": "lifetime"});
+    d.tally.set_catalog(tally_core::Catalog::from_value(&catalog).unwrap());
+    let sub = "s".repeat(c::MAX_SUBJECT_BYTES);
+    let u = sign_in(&d, &sub);
+    assert!(d.tally.sign_in(Profile { external_id: "s".repeat(c::MAX_SUBJECT_BYTES + 1), ..Profile::default() }, None).is_err());
+    let meta = |f: fn(&mut UsageMeta)| {
+        let mut m = UsageMeta::default();
+        f(&mut m);
+        m
+    };
+    type Case<'a> = (&'static str, Box<dyn Fn(usize) -> Result<(), Error> + 'a>);
+    let t = &d.tally;
+    let uid = u.id.clone();
+    let cases: Vec<Case<'_>> = vec![
+        ("feature", Box::new(|n| t.consume(&uid, &"f".repeat(n), 1, UsageMeta::default()).map(|_| ()))),
+        ("amount", Box::new(|n| t.consume(&uid, "lifetime_notes", c::MAX_AMOUNT + n as u64 - 1, UsageMeta::default()).map(|_| ()))),
+        (
+            "tokens",
+            Box::new(|n| {
+                let mut m = meta(|m| m.model = Some("gpt-4o".into()));
+                (m.input_tokens, m.output_tokens) = (Some(c::MAX_TOKENS + n as u64 - 1), Some(c::MAX_TOKENS));
+                t.consume(&uid, "notes", 1, m).map(|_| ())
+            }),
+        ),
+        (
+            "metadata",
+            Box::new(|n| {
+                let m = UsageMeta {
+                    metadata: Some(serde_json::json!({"k": "x".repeat(c::MAX_METADATA_BYTES - 9 + n)})),
+                    ..UsageMeta::default()
+                };
+                t.consume(&uid, "notes", 1, m).map(|_| ())
+            }),
+        ),
+        ("model", Box::new(|n| t.consume(&uid, "notes", 1, UsageMeta { model: Some("m".repeat(n)), ..UsageMeta::default() }).map(|_| ()))),
+        (
+            "idempotency_key",
+            Box::new(|n| {
+                t.consume(&uid, "notes", 1, UsageMeta { idempotency_key: Some("k".repeat(n)), ..UsageMeta::default() }).map(|_| ())
+            }),
+        ),
+        ("setting key", Box::new(|n| t.set_setting(&uid, &"k".repeat(n), serde_json::json!(1)))),
+        ("setting value", Box::new(|n| t.set_setting(&uid, "value", serde_json::json!("v".repeat(n - 2))))),
+        (
+            "display_name",
+            Box::new(|n| {
+                t.update_user(&uid, tally_core::UserUpdate { display_name: Some("n".repeat(n)), ..Default::default() }).map(|_| ())
+            }),
+        ),
+        (
+            "avatar_url",
+            Box::new(|n| t.update_user(&uid, tally_core::UserUpdate { avatar_url: Some("a".repeat(n)), ..Default::default() }).map(|_| ())),
+        ),
+    ];
+    let limits = [
+        c::MAX_FEATURE_BYTES,
+        1,
+        1,
+        1,
+        c::MAX_MODEL_BYTES,
+        c::MAX_IDEMPOTENCY_KEY_BYTES,
+        c::MAX_SETTING_KEY_BYTES,
+        c::MAX_SETTING_VALUE_BYTES,
+        c::MAX_DISPLAY_NAME_BYTES,
+        c::MAX_AVATAR_URL_BYTES,
+    ];
+    for ((name, act), limit) in cases.iter().zip(limits) {
+        let before = (t.pending_events(&uid).unwrap(), t.settings(&uid).unwrap(), t.user(&uid).unwrap());
+        let err = act(limit + 1).expect_err(name);
+        assert!(matches!(err, Error::InvalidInput(_)), "{name}: {err:?}");
+        assert_eq!((t.pending_events(&uid).unwrap(), t.settings(&uid).unwrap(), t.user(&uid).unwrap()), before, "{name}: nothing changed");
+        act(limit).unwrap_or_else(|err| panic!("{name} at its limit: {err:?}"));
+    }
+    let r = e.sync(&d, &u).expect("sync");
+    assert!(r.rejected.is_empty() && r.settings_rejected.is_empty() && r.profile_rejected.is_empty(), "{r:?}");
+    assert_eq!(d.tally.pending_events(&u.id).unwrap(), 0, "the server took every value at its limit");
+    assert_eq!(server_usage(&e.server, &sub, "lifetime_notes"), c::MAX_AMOUNT);
+    assert_eq!(settings_of(&e, &sub)["value"].as_str().map(str::len), Some(c::MAX_SETTING_VALUE_BYTES - 2));
+    let me: serde_json::Value = serde_json::from_str(&http_get_text(&format!("{}/v1/me", e.server.url), Some(&id_token(&sub)))).unwrap();
+    assert_eq!(me["avatar_url"].as_str().map(str::len), Some(c::MAX_AVATAR_URL_BYTES));
+}
