@@ -331,3 +331,18 @@ async fn a_413_halves_an_event_batch_and_quarantines_only_the_event_too_large_al
     let reqs = server.requests();
     assert!(reqs.iter().any(|r| events_of(r) == 4), "the first batch held all four");
 }
+
+#[tokio::test]
+async fn settings_chunks_hold_at_most_200_keys_and_the_profile_edit_rides_with_them() {
+    let (e, user) = signed_in_env();
+    let patch: serde_json::Map<String, Value> = (0..450).map(|i| (format!("k{i:03}"), json!(i))).collect();
+    e.tally.patch_settings(&user, patch).unwrap();
+    e.tally.update_user(&user, UserUpdate { timezone: Some("Europe/Paris".into()), ..UserUpdate::default() }).unwrap();
+    let server = FakeServer::start(|_, req| (200, accept_all(req)));
+    let report = e.tally.sync(&user, server.options()).await.unwrap();
+    assert_eq!(report.settings_sent, 450);
+    let chunks: Vec<usize> = server.requests().iter().map(settings_of).collect();
+    assert_eq!(chunks, [200, 200, 50]);
+    assert_eq!(server.requests().iter().filter(|r| r.get("profile").is_some()).count(), 1, "the profile edit is sent once");
+    assert_eq!(e.tally.setting_status(&user, "k449").unwrap(), SettingStatus::Synced);
+}

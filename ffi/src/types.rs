@@ -138,7 +138,8 @@ pub struct TallyConfig {
     /// How long to wait for another process holding the database lock, in ms (default 10 s).
     #[uniffi(default = None)]
     pub busy_timeout_ms: Option<u64>,
-    /// The sync server's token-signing keys (its `GET /v1/keys` JWKS JSON).
+    /// The sync server's token-signing keys (its `GET /v1/keys` JWKS JSON, shipped with the
+    /// app). Without them `sync` fails with `Configuration` before any request.
     #[uniffi(default = None)]
     pub server_keys: Option<String>,
     /// Time source; absent: the system clock.

@@ -3450,7 +3450,8 @@ public struct TallyConfig {
      */
     public var busyTimeoutMs: UInt64?
     /**
-     * The sync server's token-signing keys (its `GET /v1/keys` JWKS JSON).
+     * The sync server's token-signing keys (its `GET /v1/keys` JWKS JSON, shipped with the
+     * app). Without them `sync` fails with `Configuration` before any request.
      */
     public var serverKeys: String?
     /**
@@ -3486,7 +3487,8 @@ public struct TallyConfig {
          * How long to wait for another process holding the database lock, in ms (default 10 s).
          */busyTimeoutMs: UInt64? = nil, 
         /**
-         * The sync server's token-signing keys (its `GET /v1/keys` JWKS JSON).
+         * The sync server's token-signing keys (its `GET /v1/keys` JWKS JSON, shipped with the
+         * app). Without them `sync` fails with `Configuration` before any request.
          */serverKeys: String? = nil, 
         /**
          * Time source; absent: the system clock.

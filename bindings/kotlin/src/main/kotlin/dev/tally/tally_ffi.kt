@@ -4687,7 +4687,8 @@ data class TallyConfig (
     var `busyTimeoutMs`: kotlin.ULong? = null 
     , 
     /**
-     * The sync server's token-signing keys (its `GET /v1/keys` JWKS JSON).
+     * The sync server's token-signing keys (its `GET /v1/keys` JWKS JSON, shipped with the
+     * app). Without them `sync` fails with `Configuration` before any request.
      */
     var `serverKeys`: kotlin.String? = null 
     , 
