@@ -417,3 +417,25 @@ fn a_thousand_idle_and_slow_sockets_do_not_lock_out_a_new_client() {
         reaped.as_millis()
     );
 }
+
+#[test]
+fn at_the_connection_cap_new_clients_wait_at_most_the_header_timeout() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let Some(url) = rt.block_on(fresh_db()) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("TALLY_HTTP_HEADER_TIMEOUT_SECS", "1"), ("TALLY_HTTP_MAX_CONNECTIONS", "20")];
+    let server = Server::start_with(Some(&url), dir.path(), &env);
+    let addr = server.base.trim_start_matches("http://").to_string();
+    // 30 silent sockets: 20 take every slot, 10 wait in the listen backlog.
+    let socks: Vec<_> = (0..30).map(|_| std::net::TcpStream::connect(&addr).expect("connect")).collect();
+    let started = Instant::now();
+    let r = rt.block_on(send(client().get(format!("{}/healthz", server.base)))).expect("served once slots free up");
+    let waited = started.elapsed();
+    assert_eq!(r.0, 200);
+    assert!(waited < Duration::from_secs(4), "a new client waited {waited:?} (header timeout 1 s)");
+    drop(socks);
+    eprintln!(
+        "FIGURE 30 silent sockets against a cap of 20 connections: a new client served after {} ms (header timeout 1 s)",
+        waited.as_millis()
+    );
+}
