@@ -29,11 +29,6 @@ pub(crate) struct Access {
     pub created_at: DateTime<Utc>,
 }
 
-/// Parses an IANA zone name.
-pub(crate) fn parse_tz(name: &str) -> Result<Tz> {
-    name.parse::<Tz>().map_err(|_| Error::invalid(format!("unknown timezone {name:?} (expected an IANA name such as Europe/Paris)")))
-}
-
 impl Tally {
     /// The cached access of `user_id` at `now`, resolving it when stale.
     pub(crate) fn access(&self, inner: &mut Inner, user_id: &str, now: DateTime<Utc>) -> Result<Arc<Access>> {
@@ -82,7 +77,7 @@ impl Tally {
                 state.resolve(&catalog, now, self.config.past_due_grace)
             }
         };
-        let tz = crate::access::parse_tz(ent.tz.as_deref().unwrap_or(&tz_name)).or_else(|_| parse_tz(&tz_name))?;
+        let tz = crate::contract::timezone(ent.tz.as_deref().unwrap_or(&tz_name)).or_else(|_| crate::contract::timezone(&tz_name))?;
         let anchor = match (ent.status, ent.period_start) {
             (s, Some(p)) if s != SubscriptionStatus::None => p,
             _ => from_ms(created_at),

@@ -50,6 +50,20 @@ pub const MAX_HLC_AHEAD_MS: u64 = 5 * 60 * 1000;
 /// Earliest and latest accepted `occurred_at` (1970-01-01 to the end of 9999), in seconds.
 const TIME_RANGE_SECS: std::ops::Range<i64> = 0..253_402_300_800;
 
+/// Every [`Violation::code`] a check of this module returns.
+pub const CODES: &[&str] = &[
+    "invalid_amount",
+    "invalid_text",
+    "metadata_too_large",
+    "invalid_event",
+    "invalid_id",
+    "invalid_setting",
+    "value_too_large",
+    "quota_exceeded",
+    "invalid_profile",
+    "invalid_timezone",
+];
+
 /// A value that breaks the contract.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Violation {

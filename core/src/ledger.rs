@@ -5,6 +5,7 @@ use crate::decision::Decision;
 use crate::error::{Error, Result};
 use crate::{Tally, contract, ms};
 use chrono::{DateTime, Utc};
+use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSql, ToSqlOutput, ValueRef};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -51,6 +52,88 @@ pub enum EventStatus {
     Settled,
     /// Refused by the server (kept, never resent, not counted).
     Rejected(String),
+}
+
+/// The stored sync state of an event (column `events.status`), bound as a parameter in every
+/// query: 0 pending, 1 settled, 2 rejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum EventState {
+    /// Recorded here, not yet acknowledged.
+    Pending,
+    /// Acknowledged by the server.
+    Settled,
+    /// Quarantined: kept, never resent, not counted.
+    Rejected,
+}
+
+impl EventState {
+    fn code(self) -> i64 {
+        match self {
+            EventState::Pending => 0,
+            EventState::Settled => 1,
+            EventState::Rejected => 2,
+        }
+    }
+}
+
+impl ToSql for EventState {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::from(self.code()))
+    }
+}
+
+impl FromSql for EventState {
+    fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
+        match value.as_i64()? {
+            0 => Ok(EventState::Pending),
+            1 => Ok(EventState::Settled),
+            2 => Ok(EventState::Rejected),
+            n => Err(FromSqlError::OutOfRange(n)),
+        }
+    }
+}
+
+/// Why an event was quarantined (column `events.reject_reason`, stored as its wire string).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum RejectReason {
+    /// Too large to send on its own (`too_large`).
+    TooLarge,
+    /// Broke the contract when checked before sending (the violation's code).
+    Contract(&'static str),
+    /// Refused by the server, with its reason (`conflict`, …).
+    Server(String),
+}
+
+impl RejectReason {
+    /// The wire string of [`RejectReason::TooLarge`].
+    pub(crate) const TOO_LARGE: &'static str = "too_large";
+
+    /// The wire string.
+    pub(crate) fn as_str(&self) -> &str {
+        match self {
+            RejectReason::TooLarge => Self::TOO_LARGE,
+            RejectReason::Contract(code) => code,
+            RejectReason::Server(r) => r,
+        }
+    }
+}
+
+impl ToSql for RejectReason {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::from(self.as_str()))
+    }
+}
+
+impl FromSql for RejectReason {
+    fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
+        let s = value.as_str()?;
+        Ok(match s {
+            RejectReason::TOO_LARGE => RejectReason::TooLarge,
+            _ => {
+                contract::CODES.iter().find(|c| **c == s).map_or_else(|| RejectReason::Server(s.to_string()), |c| RejectReason::Contract(c))
+            }
+        })
+    }
 }
 
 /// A validated use, ready to decide and record.
@@ -141,8 +224,8 @@ pub(crate) fn insert_event(
 ) -> Result<()> {
     let to_sql = |v: u64| i64::try_from(v).map_err(|_| Error::invalid("value out of range"));
     tx.prepare_cached(
-        "INSERT INTO events (user_id, id, feature, amount, occurred_at, device_id, device_seq, model, input_tokens, output_tokens, cost_micros, metadata, decision)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+        "INSERT INTO events (user_id, id, feature, amount, occurred_at, device_id, device_seq, model, input_tokens, output_tokens, cost_micros, metadata, decision, status)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
     )?
     .execute(params![
         user,
@@ -158,6 +241,7 @@ pub(crate) fn insert_event(
         cost.map(to_sql).transpose()?,
         u.metadata,
         if u.keyed { serde_json::to_string(d)? } else { String::new() },
+        EventState::Pending,
     ])?;
     Ok(())
 }
@@ -167,13 +251,17 @@ impl Tally {
     pub fn pending_events(&self, user_id: &str) -> Result<u64> {
         let g = self.lock();
         crate::users::get_user(&g.conn, user_id)?;
-        Ok(g.conn.query_row("SELECT COUNT(*) FROM events WHERE user_id = ?1 AND status = 0", [user_id], |r| r.get::<_, i64>(0))? as u64)
+        Ok(g.conn.query_row(
+            "SELECT COUNT(*) FROM events WHERE user_id = ?1 AND status = ?2",
+            params![user_id, EventState::Pending],
+            |r| r.get::<_, i64>(0),
+        )? as u64)
     }
 
     /// Whether the server has taken event `id` (an id or idempotency key) of `user_id`.
     pub fn event_status(&self, user_id: &str, id: &str) -> Result<EventStatus> {
         let g = self.lock();
-        let row: Option<(i64, Option<String>)> = g
+        let row: Option<(EventState, Option<RejectReason>)> = g
             .conn
             .query_row(
                 "SELECT status, reject_reason FROM events WHERE user_id = ?1 AND id = ?2",
@@ -183,9 +271,32 @@ impl Tally {
             .optional()?;
         match row {
             None => Err(Error::NotFound(format!("event {id}"))),
-            Some((0, _)) => Ok(EventStatus::Pending),
-            Some((1, _)) => Ok(EventStatus::Settled),
-            Some((_, r)) => Ok(EventStatus::Rejected(r.unwrap_or_default())),
+            Some((EventState::Pending, _)) => Ok(EventStatus::Pending),
+            Some((EventState::Settled, _)) => Ok(EventStatus::Settled),
+            Some((EventState::Rejected, r)) => Ok(EventStatus::Rejected(r.map(|r| r.as_str().to_string()).unwrap_or_default())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_states_and_reasons_round_trip_through_sqlite() {
+        let c = Connection::open_in_memory().unwrap();
+        for s in [EventState::Pending, EventState::Settled, EventState::Rejected] {
+            let back: EventState = c.query_row("SELECT ?1", [s], |r| r.get(0)).unwrap();
+            assert_eq!(back, s);
+        }
+        let stored: i64 = c.query_row("SELECT ?1", [EventState::Rejected], |r| r.get(0)).unwrap();
+        assert_eq!(stored, 2, "the stored codes do not change");
+        assert!(c.query_row("SELECT 7", [], |r| r.get::<_, EventState>(0)).is_err(), "an unknown state is an error, not a guess");
+        for r in [RejectReason::TooLarge, RejectReason::Contract("invalid_text"), RejectReason::Server("conflict".into())] {
+            let back: RejectReason = c.query_row("SELECT ?1", [&r], |row| row.get(0)).unwrap();
+            assert_eq!(back, r);
+        }
+        let wire: String = c.query_row("SELECT ?1", [RejectReason::TooLarge], |r| r.get(0)).unwrap();
+        assert_eq!(wire, "too_large");
     }
 }

@@ -48,6 +48,7 @@ pub use ledger::{ConsumeItem, EventStatus, UsageMeta};
 pub use period::{Period, Window};
 pub use quota::Usage;
 pub use report::{GroupBy, ReportRow};
+pub use settings::SettingStatus;
 pub use sync::{RetryPolicy, SyncOptions, SyncReport, TokenProvider};
 pub use users::{Profile, User, UserUpdate};
 
@@ -82,8 +83,9 @@ pub struct Config {
     pub token_grace: Duration,
     /// How long to wait for another process holding the database lock.
     pub busy_timeout: std::time::Duration,
-    /// The sync server's token-signing keys (its `GET /v1/keys` JWKS JSON). Without them, no
-    /// entitlements token is trusted.
+    /// The sync server's token-signing keys (its `GET /v1/keys` JWKS JSON, shipped with the
+    /// app). Without them no entitlements token is trusted and `sync` is
+    /// [`Error::Configuration`].
     pub server_keys: Option<String>,
 }
 

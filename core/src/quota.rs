@@ -12,7 +12,7 @@ use crate::credits::{credit_balance_at, draw_credits};
 use crate::decision::{Decision, Priced, Reason, RuleEffect, RuleState, decide_rule};
 use crate::entitlements::Entitlements;
 use crate::error::{Error, Result};
-use crate::ledger::{ConsumeItem, UsageMeta, Use, insert_event, replay, validate, validate_with_id};
+use crate::ledger::{ConsumeItem, EventState, UsageMeta, Use, insert_event, replay, validate, validate_with_id};
 use crate::period::{Period, Window, window};
 use crate::{Change, Inner, Tally, from_ms, ms, write_tx};
 use chrono::{DateTime, Utc};
@@ -185,8 +185,8 @@ impl Tally {
                     [user, feature],
                 )?;
                 let events: Vec<(i64, i64, i64)> = tx
-                    .prepare("SELECT occurred_at, amount, COALESCE(cost_micros, 0) FROM events WHERE user_id = ?1 AND feature = ?2 AND status = 0")?
-                    .query_map([user, feature], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                    .prepare("SELECT occurred_at, amount, COALESCE(cost_micros, 0) FROM events WHERE user_id = ?1 AND feature = ?2 AND status = ?3")?
+                    .query_map(params![user, feature, EventState::Pending], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
                     .collect::<rusqlite::Result<_>>()?;
                 for (at, amount, cost) in events {
                     let w = window(period, from_ms(at), a.tz, a.anchor);

@@ -45,12 +45,12 @@ impl Tally {
         }
         let g = self.lock();
         let user = crate::users::get_user(&g.conn, user_id)?;
-        let tz = crate::access::parse_tz(&user.timezone)?;
+        let tz = crate::contract::timezone(&user.timezone)?;
         let mut st = g.conn.prepare_cached(
             "SELECT occurred_at, feature, COALESCE(model, ''), amount, COALESCE(input_tokens, 0), COALESCE(output_tokens, 0), COALESCE(cost_micros, 0)
-             FROM events WHERE user_id = ?1 AND occurred_at >= ?2 AND occurred_at < ?3 AND status != 2",
+             FROM events WHERE user_id = ?1 AND occurred_at >= ?2 AND occurred_at < ?3 AND status != ?4",
         )?;
-        let rows = st.query_map(params![user_id, ms(from), ms(to)], |r| {
+        let rows = st.query_map(params![user_id, ms(from), ms(to), crate::ledger::EventState::Rejected], |r| {
             Ok((
                 r.get::<_, i64>(0)?,
                 r.get::<_, String>(1)?,

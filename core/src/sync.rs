@@ -1,19 +1,32 @@
-//! The device side of `POST /v1/sync`: drains the unacknowledged ledger in bounded batches,
-//! sends dirty settings and profile edits, and applies the answer (acks by id, server totals,
-//! settings by HLC, cursor, signed entitlements) in one SQLite transaction per round.
+//! The device side of `POST /v1/sync`: drains the unacknowledged ledger in bounded rounds and
+//! applies each answer (acks by id, server totals, settings by HLC, cursor, signed
+//! entitlements) in one SQLite transaction.
+//!
+//! A round is either a batch of events (no settings, no profile) or a chunk of dirty settings
+//! with the pending profile edit (no events), each bounded by count and by bytes (the smaller of
+//! the client's option and the server's announced `limits`). On 413 a batch or chunk halves; an
+//! event or a setting too large alone is quarantined `too_large`, alone. A setting the server
+//! refuses (`settings_rejected`) is quarantined alone and shown by [`Tally::setting_status`];
+//! stored values that break the contract are quarantined before sending. So a setting never
+//! takes an event down with it, and no stored value can make a sync fail.
 //!
 //! Every round is safe to interrupt: events stay pending until an answer naming their id is
 //! committed, and the server deduplicates re-sent ids, so the next sync converges without loss
 //! or double counting.
 
 use crate::error::{Error, Result};
+use crate::hlc::Hlc;
+use crate::ledger::{EventState, RejectReason};
 use crate::period::{Period, window};
-use crate::wire::{ErrorBody, PROTOCOL, ProfilePatch, Rejected, SettingChange, SyncRequest, SyncResponse, Total, WireEvent};
-use crate::{Change, Tally, from_ms, ms, write_tx};
+use crate::wire::{
+    ErrorBody, PROTOCOL, ProfilePatch, ProfileRejected, Rejected, SettingChange, SettingRejected, SyncRequest, SyncResponse, Total,
+    WireEvent,
+};
+use crate::{Change, Tally, contract, from_ms, ms, write_tx};
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use serde::{Deserialize, Serialize};
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use uuid::Uuid;
@@ -106,48 +119,78 @@ pub struct SyncReport {
     pub rounds: u64,
     /// Whether a new entitlements token was accepted.
     pub entitlements_updated: bool,
+    /// Settings refused (by the server, or by the contract before sending), each quarantined
+    /// alone: kept and visible ([`Tally::setting_status`]), never resent until written again.
+    #[serde(default)]
+    pub settings_rejected: Vec<SettingRejected>,
+    /// Profile fields refused; the pending profile edit was dropped.
+    #[serde(default)]
+    pub profile_rejected: Vec<ProfileRejected>,
+    /// Features of sent events that the server's catalog does not know (stored there, counted
+    /// in no total until the catalog knows them).
+    #[serde(default)]
+    pub unknown_features: Vec<String>,
+}
+
+/// Most settings in one settings round (the byte bound applies as well).
+pub const MAX_SETTINGS_PER_ROUND: usize = 200;
+
+/// What one round sends: events alone, or settings and the profile edit alone, or nothing (a
+/// first round that only pulls the server's state).
+enum Round {
+    Events(Vec<WireEvent>),
+    Settings(Vec<SettingChange>, Option<ProfilePatch>),
+    Pull,
 }
 
 /// Pending state read for one round.
 struct Outbox {
     external_id: String,
-    events: Vec<WireEvent>,
-    settings: Vec<SettingChange>,
-    profile: Option<ProfilePatch>,
     cursor: Option<String>,
-    more_events: bool,
+    round: Round,
 }
 
-/// Events quarantined before sending because they are too large on their own.
-const TOO_LARGE: &str = "too_large";
+/// Bounds of the next round.
+struct Bounds {
+    events: usize,
+    settings: usize,
+    bytes: usize,
+}
 
 impl Tally {
     /// Synchronises `user_id` with the server until nothing is pending. See the module docs.
+    ///
+    /// Needs `Config.server_keys` (the server's token-signing keys, shipped with the app):
+    /// without them it is [`Error::Configuration`] before any request is made. A server that
+    /// finds the credentials name another subject than the user's `external_id` answers 409
+    /// `subject_mismatch`: [`Error::SubjectMismatch`], nothing changed.
     pub async fn sync(&self, user_id: &str, options: SyncOptions) -> Result<SyncReport> {
+        check_server_keys(self.config.server_keys.as_deref())?;
         let client = reqwest::Client::builder()
             .timeout(options.timeout)
             .build()
             .map_err(|e| Error::Network(format!("cannot build HTTP client: {e}")))?;
         let url = format!("{}/v1/sync", options.server_url.trim_end_matches('/'));
         let mut report = SyncReport::default();
-        let mut max_events = options.max_batch_events.max(1);
-        let mut max_bytes = options.max_batch_bytes.max(1024);
+        let mut bounds =
+            Bounds { events: options.max_batch_events.max(1), settings: MAX_SETTINGS_PER_ROUND, bytes: options.max_batch_bytes.max(1024) };
         let mut first = true;
         loop {
-            let outbox = self.outbox(user_id, max_events, max_bytes, &mut report)?;
-            let nothing = outbox.events.is_empty() && outbox.settings.is_empty() && outbox.profile.is_none();
-            if nothing && !first {
-                break;
-            }
-            let sent_ids: Vec<Uuid> = outbox.events.iter().map(|e| e.id).collect();
+            let outbox = self.outbox(user_id, &bounds, &mut report)?;
+            let (events, settings, profile) = match outbox.round {
+                Round::Events(e) => (e, Vec::new(), None),
+                Round::Settings(s, p) => (Vec::new(), s, p),
+                Round::Pull if first => (Vec::new(), Vec::new(), None),
+                Round::Pull => break,
+            };
             let request = SyncRequest {
                 protocol: PROTOCOL,
                 device_id: self.device_id(),
                 external_id: Some(outbox.external_id.clone()),
-                cursor: outbox.cursor.clone(),
-                events: outbox.events,
-                settings_changes: outbox.settings,
-                profile: outbox.profile,
+                cursor: outbox.cursor,
+                events,
+                settings_changes: settings,
+                profile,
                 force_entitlements: options.force_entitlements && first,
             };
             first = false;
@@ -155,92 +198,215 @@ impl Tally {
             let token = options.token_provider.as_ref().and_then(|p| p.token()).unwrap_or_else(|| options.token.clone());
             let response = match self.post(&client, &url, &token, &request, &options.retry).await {
                 Ok(r) => r,
-                Err(PostError::TooLarge) if sent_ids.len() > 1 => {
-                    max_events = (sent_ids.len() / 2).max(1);
-                    continue;
-                }
-                Err(PostError::TooLarge) if sent_ids.len() == 1 => {
-                    let mut g = self.lock();
-                    write_tx(&mut g.conn, |tx| quarantine(tx, user_id, &sent_ids[0], TOO_LARGE))?;
-                    report.rejected.push(Rejected { id: sent_ids[0].to_string(), reason: TOO_LARGE.into() });
-                    continue;
-                }
                 Err(PostError::TooLarge) => {
-                    return Err(Error::Server {
-                        status: 413,
-                        code: "payload_too_large".into(),
-                        message: "settings or profile too large".into(),
-                    });
+                    self.too_large(user_id, &request, &mut bounds, &mut report)?;
+                    continue;
                 }
                 Err(PostError::AccountDeleted) => {
                     self.delete_user(user_id, true)?;
                     return Err(Error::AccountDeleted);
                 }
+                Err(PostError::SubjectMismatch) => return Err(Error::SubjectMismatch(user_id.to_string())),
                 Err(PostError::Other(e)) => return Err(e),
             };
-            report.events_sent += sent_ids.len() as u64;
+            report.events_sent += request.events.len() as u64;
             report.settings_sent += request.settings_changes.len() as u64;
-            max_events = max_events.min(response.limits.max_batch_events.max(1) as usize);
-            max_bytes = max_bytes.min(usize::try_from(response.limits.max_body_bytes).unwrap_or(usize::MAX).max(1024));
-            self.apply(user_id, &outbox.external_id, &sent_ids, &request, response, &mut report)?;
-            if !outbox.more_events && request.events.len() == sent_ids.len() && self.nothing_pending(user_id)? {
-                break;
+            bounds.events = bounds.events.min(response.limits.max_batch_events.max(1) as usize);
+            bounds.bytes = bounds.bytes.min(usize::try_from(response.limits.max_body_bytes).unwrap_or(usize::MAX).max(1024));
+            let answered = self.apply(user_id, &outbox.external_id, &request, response, &mut report)?;
+            if !request.events.is_empty() && answered == 0 {
+                // Re-sending would get the same answer: stop instead of looping.
+                return Err(Error::Server {
+                    status: 200,
+                    code: "bad_response".into(),
+                    message: "the server answered none of the events sent (neither accepted nor rejected)".into(),
+                });
             }
         }
         self.notify(user_id, Change { usage: true, entitlements: report.entitlements_updated, settings: report.settings_received > 0 });
         Ok(report)
     }
 
-    fn nothing_pending(&self, user_id: &str) -> Result<bool> {
-        let g = self.lock();
-        let n: i64 = g.conn.query_row(
-            "SELECT (SELECT COUNT(*) FROM events WHERE user_id = ?1 AND status = 0)
-                  + (SELECT COUNT(*) FROM settings WHERE user_id = ?1 AND dirty = 1)
-                  + (SELECT COUNT(*) FROM users WHERE id = ?1 AND profile_patch IS NOT NULL)",
-            [user_id],
-            |r| r.get(0),
-        )?;
-        Ok(n == 0)
+    /// A 413: halves the events (or settings) of the next round, and quarantines the one event
+    /// (or setting, or the profile edit) that was too large alone.
+    fn too_large(&self, user_id: &str, request: &SyncRequest, bounds: &mut Bounds, report: &mut SyncReport) -> Result<()> {
+        let too_large = RejectReason::TooLarge;
+        if request.events.len() > 1 {
+            bounds.events = (request.events.len() / 2).max(1);
+            return Ok(());
+        }
+        if request.settings_changes.len() > 1 {
+            bounds.settings = (request.settings_changes.len() / 2).max(1);
+            return Ok(());
+        }
+        let mut g = self.lock();
+        if let Some(e) = request.events.first() {
+            let id = e.id.to_string();
+            write_tx(&mut g.conn, |tx| quarantine(tx, user_id, &id, &too_large))?;
+            report.rejected.push(Rejected { id, reason: too_large.as_str().into() });
+        } else if let Some(c) = request.settings_changes.first() {
+            write_tx(&mut g.conn, |tx| Tally::reject_setting(tx, user_id, &c.key, Some(&c.hlc), too_large.as_str()))?;
+            report.settings_rejected.push(SettingRejected { key: c.key.clone(), reason: too_large.as_str().into() });
+        } else if let Some(p) = &request.profile {
+            write_tx(&mut g.conn, |tx| drop_profile_patch(tx, user_id, p))?;
+            report.profile_rejected.push(ProfileRejected { field: "profile".into(), reason: too_large.as_str().into() });
+        } else {
+            return Err(Error::Server {
+                status: 413,
+                code: "payload_too_large".into(),
+                message: "an empty sync request was refused as too large".into(),
+            });
+        }
+        Ok(())
     }
 
-    /// Reads what to send in one round, quarantining events too large to send alone.
-    fn outbox(&self, user_id: &str, max_events: usize, max_bytes: usize, report: &mut SyncReport) -> Result<Outbox> {
+    /// Reads what to send in one round: pending events first (a batch without settings), then
+    /// dirty settings and the profile edit (a chunk without events). What cannot be sent — an
+    /// event or a setting too large alone for the byte bound, or a stored value that breaks the
+    /// contract (written by an older version) — is quarantined here, never sent, so that no
+    /// stored value can make a sync fail.
+    fn outbox(&self, user_id: &str, bounds: &Bounds, report: &mut SyncReport) -> Result<Outbox> {
         let mut g = self.lock();
         let user = crate::users::get_user(&g.conn, user_id)?;
         let external_id =
             user.external_id.ok_or_else(|| Error::invalid(format!("user {user_id} is not signed in; sign_in before syncing")))?;
         let (cursor, patch): (Option<String>, Option<String>) =
             g.conn.query_row("SELECT sync_cursor, profile_patch FROM users WHERE id = ?1", [user_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        let profile: Option<ProfilePatch> = patch.as_deref().map(serde_json::from_str).transpose()?;
-        let settings = Tally::dirty_settings(&g.conn, user_id)?;
-        let overhead = serde_json::to_vec(&settings)?.len() + serde_json::to_vec(&profile)?.len() + 512;
-        let candidates = pending_events(&g.conn, user_id, max_events + 1)?;
-        let more_events = candidates.len() > max_events;
-        let mut events = Vec::new();
-        let mut bytes = overhead;
-        let mut too_large = Vec::new();
-        for e in candidates.into_iter().take(max_events) {
-            let size = serde_json::to_vec(&e)?.len() + 1;
-            if size + 512 > max_bytes {
-                too_large.push(e.id);
+        let envelope = SyncRequest {
+            protocol: PROTOCOL,
+            device_id: g.device_id.clone(),
+            external_id: Some(external_id.clone()),
+            cursor: cursor.clone(),
+            events: Vec::new(),
+            settings_changes: Vec::new(),
+            profile: None,
+            force_entitlements: true,
+        };
+        let envelope = serde_json::to_vec(&envelope)?.len() + 16;
+
+        // Events.
+        loop {
+            let mut events = Vec::new();
+            let mut bytes = envelope;
+            let mut quarantined: Vec<(String, RejectReason)> = Vec::new();
+            let candidates = pending_events(&g.conn, user_id, bounds.events)?;
+            if candidates.is_empty() {
+                break;
+            }
+            for c in candidates {
+                let checked = c.and_then(|e| match contract::event(&e) {
+                    Ok(()) => Ok(e),
+                    Err(v) => Err((e.id.to_string(), v.code)),
+                });
+                let e = match checked {
+                    Ok(e) => e,
+                    Err((id, code)) => {
+                        quarantined.push((id, RejectReason::Contract(code)));
+                        continue;
+                    }
+                };
+                let size = serde_json::to_vec(&e)?.len() + 1;
+                if envelope + size > bounds.bytes {
+                    quarantined.push((e.id.to_string(), RejectReason::TooLarge));
+                    continue;
+                }
+                if bytes + size > bounds.bytes {
+                    break;
+                }
+                bytes += size;
+                events.push(e);
+            }
+            if !quarantined.is_empty() {
+                write_tx(&mut g.conn, |tx| {
+                    for (id, reason) in &quarantined {
+                        quarantine(tx, user_id, id, reason)?;
+                    }
+                    Ok(())
+                })?;
+                report.rejected.extend(quarantined.iter().map(|(id, r)| Rejected { id: id.clone(), reason: r.as_str().into() }));
+            }
+            if !events.is_empty() {
+                return Ok(Outbox { external_id, cursor, round: Round::Events(events) });
+            }
+            if quarantined.is_empty() {
+                break;
+            }
+        }
+
+        // The profile edit: a field that breaks the contract is dropped from it and reported.
+        let mut profile: Option<ProfilePatch> = match patch.as_deref().map(serde_json::from_str::<ProfilePatch>).transpose() {
+            Ok(p) => p,
+            Err(_) => {
+                report.profile_rejected.push(ProfileRejected { field: "profile".into(), reason: "invalid_profile".into() });
+                None
+            }
+        };
+        if let Some(p) = profile.as_mut() {
+            while let Err(v) = contract::profile(p) {
+                report.profile_rejected.push(ProfileRejected { field: v.field.clone(), reason: v.code.into() });
+                match v.field.as_str() {
+                    "display_name" => p.display_name = None,
+                    "avatar_url" => p.avatar_url = None,
+                    "timezone" => p.timezone = None,
+                    _ => *p = ProfilePatch::default(),
+                }
+            }
+        }
+        let profile = profile.filter(|p| p != &ProfilePatch::default());
+        let cleaned = profile.as_ref().map(serde_json::to_string).transpose()?;
+        if cleaned != patch {
+            g.conn.execute("UPDATE users SET profile_patch = ?2 WHERE id = ?1", params![user_id, cleaned])?;
+        }
+
+        // Settings.
+        let profile_bytes = serde_json::to_vec(&profile)?.len() + 16;
+        let mut chunk = Vec::new();
+        let mut bytes = envelope + profile_bytes;
+        let mut refused: Vec<(String, Option<String>, &'static str)> = Vec::new();
+        for row in Tally::dirty_settings(&g.conn, user_id)? {
+            let c = match row {
+                Ok(c) => c,
+                Err((key, code)) => {
+                    refused.push((key, None, code));
+                    continue;
+                }
+            };
+            if self.config.local_only_settings.contains(&c.key) {
                 continue;
             }
-            if bytes + size > max_bytes {
+            let valid = contract::setting_key(&c.key)
+                .and_then(|()| if c.deleted { Ok(String::new()) } else { contract::setting_value(&c.key, &c.value) })
+                .and_then(|_| {
+                    Hlc::parse(&c.hlc).map(|_| ()).ok_or_else(|| contract::Violation::new("hlc", "invalid_setting", "malformed HLC"))
+                });
+            if let Err(v) = valid {
+                refused.push((c.key, Some(c.hlc), v.code));
+                continue;
+            }
+            let size = serde_json::to_vec(&c)?.len() + 1;
+            if envelope + profile_bytes + size > bounds.bytes {
+                refused.push((c.key, Some(c.hlc), RejectReason::TOO_LARGE));
+                continue;
+            }
+            if chunk.len() >= bounds.settings || bytes + size > bounds.bytes {
                 break;
             }
             bytes += size;
-            events.push(e);
+            chunk.push(c);
         }
-        if !too_large.is_empty() {
+        if !refused.is_empty() {
             write_tx(&mut g.conn, |tx| {
-                for id in &too_large {
-                    quarantine(tx, user_id, id, TOO_LARGE)?;
+                for (key, hlc, code) in &refused {
+                    Tally::reject_setting(tx, user_id, key, hlc.as_deref(), code)?;
                 }
                 Ok(())
             })?;
-            report.rejected.extend(too_large.iter().map(|id| Rejected { id: id.to_string(), reason: TOO_LARGE.into() }));
+            report.settings_rejected.extend(refused.into_iter().map(|(key, _, code)| SettingRejected { key, reason: code.into() }));
         }
-        Ok(Outbox { external_id, events, settings, profile, cursor, more_events })
+        if !chunk.is_empty() || profile.is_some() {
+            return Ok(Outbox { external_id, cursor, round: Round::Settings(chunk, profile) });
+        }
+        Ok(Outbox { external_id, cursor, round: Round::Pull })
     }
 
     /// Sends one request, retrying network errors, 5xx and 429 with exponential backoff.
@@ -303,6 +469,7 @@ impl Tally {
                         401 | 403 => return Err(PostError::Other(Error::Unauthorized(format!("{code}: {message}")))),
                         410 => return Err(PostError::AccountDeleted),
                         413 => return Err(PostError::TooLarge),
+                        409 if code == "subject_mismatch" => return Err(PostError::SubjectMismatch),
                         429 => {
                             last = format!("429 {code}: {message}");
                             Some(retry_after.unwrap_or(backoff))
@@ -329,17 +496,12 @@ impl Tally {
         *backoff = (*backoff * 2).min(retry.max_backoff);
     }
 
-    /// Applies one answer in one transaction.
-    fn apply(
-        &self,
-        user_id: &str,
-        subject: &str,
-        sent: &[Uuid],
-        request: &SyncRequest,
-        resp: SyncResponse,
-        report: &mut SyncReport,
-    ) -> Result<()> {
-        let sent: HashSet<Uuid> = sent.iter().copied().collect();
+    /// Applies one answer in one transaction. Returns how many of the sent events it settled
+    /// or quarantined.
+    fn apply(&self, user_id: &str, subject: &str, request: &SyncRequest, resp: SyncResponse, report: &mut SyncReport) -> Result<u64> {
+        let sent: HashSet<Uuid> = request.events.iter().map(|e| e.id).collect();
+        // Key → HLC of the settings this request sent; the rejected ones are not adopted.
+        let mut sent_settings: BTreeMap<String, String> = request.settings_changes.iter().map(|c| (c.key.clone(), c.hlc.clone())).collect();
         let claims = match (&resp.entitlements_token, self.config.server_keys.as_deref()) {
             (Some(t), Some(keys)) => crate::token::verify(t, keys, subject).ok().map(|c| (t.clone(), c)),
             _ => None,
@@ -347,30 +509,42 @@ impl Tally {
         let mut g = self.lock();
         let now = self.now(&g);
         let local_only = self.config.local_only_settings.clone();
+        let mut answered = 0;
         let received = write_tx(&mut g.conn, |tx| {
             for id in resp.accepted.iter().chain(&resp.duplicates).filter(|id| sent.contains(id)) {
-                settle(tx, user_id, id, 1, None)?;
+                settle(tx, user_id, &id.to_string(), EventState::Settled, None)?;
                 report.events_acked += 1;
+                answered += 1;
             }
             report.duplicates += resp.duplicates.iter().filter(|id| sent.contains(id)).count() as u64;
             for r in &resp.rejected {
                 if let Ok(id) = Uuid::parse_str(&r.id)
                     && sent.contains(&id)
                 {
-                    quarantine(tx, user_id, &id, &r.reason)?;
+                    quarantine(tx, user_id, &id.to_string(), &RejectReason::Server(r.reason.clone()))?;
                     report.rejected.push(r.clone());
+                    answered += 1;
                 }
             }
             for t in &resp.totals {
                 store_total(tx, user_id, t)?;
             }
+            for r in &resp.settings_rejected {
+                if let Some(hlc) = sent_settings.remove(&r.key) {
+                    Tally::reject_setting(tx, user_id, &r.key, Some(&hlc), &r.reason)?;
+                    report.settings_rejected.push(r.clone());
+                }
+            }
             Tally::settings_sent(tx, user_id, &request.settings_changes)?;
-            let received = Tally::merge_settings(tx, user_id, &local_only, &resp.settings_changes)?;
+            let received = Tally::merge_settings(tx, user_id, &local_only, &resp.settings_changes, &sent_settings)?;
             if let Some(p) = &request.profile {
-                tx.execute(
-                    "UPDATE users SET profile_patch = NULL WHERE id = ?1 AND profile_patch = ?2",
-                    params![user_id, serde_json::to_string(p)?],
-                )?;
+                drop_profile_patch(tx, user_id, p)?;
+                report.profile_rejected.extend(resp.profile_rejected.iter().cloned());
+            }
+            for f in &resp.unknown_features {
+                if !report.unknown_features.contains(f) {
+                    report.unknown_features.push(f.clone());
+                }
             }
             tx.execute(
                 "UPDATE users SET sync_cursor = COALESCE(?2, sync_cursor), last_synced_at = ?3 WHERE id = ?1",
@@ -381,7 +555,7 @@ impl Tally {
                     "UPDATE users SET entitlements_token = ?2, is_admin = ?3 WHERE id = ?1",
                     params![user_id, token, c.entitlements.is_admin],
                 )?;
-                if let Some(tz) = c.entitlements.tz.as_deref().filter(|tz| crate::access::parse_tz(tz).is_ok()) {
+                if let Some(tz) = c.entitlements.tz.as_deref().filter(|tz| contract::timezone(tz).is_ok()) {
                     tx.execute("UPDATE users SET timezone = ?2 WHERE id = ?1", params![user_id, tz])?;
                 }
                 tx.execute(
@@ -403,7 +577,7 @@ impl Tally {
         }
         // Totals, tz and plan may all have changed.
         Tally::forget_access(&mut g, user_id);
-        Ok(())
+        Ok(answered)
     }
 
     /// When this user last completed a sync round.
@@ -418,16 +592,46 @@ impl Tally {
 enum PostError {
     TooLarge,
     AccountDeleted,
+    SubjectMismatch,
     Other(Error),
 }
 
-/// Unacknowledged events in device order.
-fn pending_events(conn: &Connection, user_id: &str, limit: usize) -> Result<Vec<WireEvent>> {
+/// `Config.server_keys` must hold a JSON Web Key Set with at least one key: the keys ship with
+/// the app, never fetched at run time (whoever answered that fetch could sign any plan).
+fn check_server_keys(keys: Option<&str>) -> Result<()> {
+    let keys = keys.ok_or_else(|| {
+        Error::Configuration(
+            "sync needs Config.server_keys: the server's token-signing keys (`tally-server keys export`), shipped with the app".into(),
+        )
+    })?;
+    let set: jsonwebtoken::jwk::JwkSet =
+        serde_json::from_str(keys).map_err(|e| Error::Configuration(format!("Config.server_keys is not a JSON Web Key Set: {e}")))?;
+    if set.keys.is_empty() {
+        return Err(Error::Configuration("Config.server_keys holds no key".into()));
+    }
+    Ok(())
+}
+
+/// Drops the pending profile edit when it is still the one sent (`sent`).
+fn drop_profile_patch(tx: &Transaction<'_>, user_id: &str, sent: &ProfilePatch) -> Result<()> {
+    tx.execute(
+        "UPDATE users SET profile_patch = NULL WHERE id = ?1 AND profile_patch = ?2",
+        params![user_id, serde_json::to_string(sent)?],
+    )?;
+    Ok(())
+}
+
+/// A stored event that cannot be sent as it is: its id and the contract code.
+type Unsendable = (String, &'static str);
+
+/// Unacknowledged events in device order. A row that no longer reads as a valid event (written
+/// by an older version) comes back as `Err` for the caller to quarantine.
+fn pending_events(conn: &Connection, user_id: &str, limit: usize) -> Result<Vec<std::result::Result<WireEvent, Unsendable>>> {
     let mut st = conn.prepare_cached(
         "SELECT id, feature, amount, occurred_at, device_seq, model, input_tokens, output_tokens, metadata
-         FROM events WHERE user_id = ?1 AND status = 0 ORDER BY device_seq LIMIT ?2",
+         FROM events WHERE user_id = ?1 AND status = ?2 ORDER BY device_seq LIMIT ?3",
     )?;
-    let rows = st.query_map(params![user_id, limit as i64], |r| {
+    let rows = st.query_map(params![user_id, EventState::Pending, i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
         Ok((
             r.get::<_, String>(0)?,
             r.get::<_, String>(1)?,
@@ -440,31 +644,35 @@ fn pending_events(conn: &Connection, user_id: &str, limit: usize) -> Result<Vec<
             r.get::<_, Option<String>>(8)?,
         ))
     })?;
+    let unsigned = |v: i64| u64::try_from(v).map_err(|_| "invalid_amount");
     let mut out = Vec::new();
     for row in rows {
         let (id, feature, amount, at, seq, model, inp, outp, meta) = row?;
-        out.push(WireEvent {
-            id: Uuid::parse_str(&id).map_err(|e| Error::invalid(format!("stored event id {id:?}: {e}")))?,
-            feature,
-            amount: amount as u64,
-            occurred_at: from_ms(at),
-            device_seq: Some(seq as u64),
-            model,
-            input_tokens: inp.map(|v| v as u64),
-            output_tokens: outp.map(|v| v as u64),
-            metadata: meta.as_deref().map(serde_json::from_str).transpose()?,
-        });
+        let event = (|| -> std::result::Result<WireEvent, &'static str> {
+            Ok(WireEvent {
+                id: Uuid::parse_str(&id).map_err(|_| "invalid_id")?,
+                feature,
+                amount: unsigned(amount)?,
+                occurred_at: DateTime::from_timestamp_millis(at).ok_or("invalid_event")?,
+                device_seq: Some(u64::try_from(seq).map_err(|_| "invalid_event")?),
+                model,
+                input_tokens: inp.map(unsigned).transpose()?,
+                output_tokens: outp.map(unsigned).transpose()?,
+                metadata: meta.as_deref().map(serde_json::from_str).transpose().map_err(|_| "invalid_event")?,
+            })
+        })();
+        out.push(event.map_err(|code| (id, code)));
     }
     Ok(out)
 }
 
-/// Marks a pending event settled (1) or rejected (2) and takes it out of the pending counters.
-fn settle(tx: &Transaction<'_>, user_id: &str, id: &Uuid, status: i64, reason: Option<&str>) -> Result<()> {
+/// Marks a pending event settled or rejected and takes it out of the pending counters.
+fn settle(tx: &Transaction<'_>, user_id: &str, id: &str, state: EventState, reason: Option<&RejectReason>) -> Result<()> {
     let row: Option<(String, i64, i64, i64)> = tx
         .prepare_cached(
-            "SELECT feature, amount, occurred_at, COALESCE(cost_micros, 0) FROM events WHERE user_id = ?1 AND id = ?2 AND status = 0",
+            "SELECT feature, amount, occurred_at, COALESCE(cost_micros, 0) FROM events WHERE user_id = ?1 AND id = ?2 AND status = ?3",
         )?
-        .query_row(params![user_id, id.to_string()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .query_row(params![user_id, id, EventState::Pending], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
         .optional()?;
     let Some((feature, amount, at, cost)) = row else { return Ok(()) };
     let rule: Option<(String, String, i64)> = tx
@@ -474,7 +682,7 @@ fn settle(tx: &Transaction<'_>, user_id: &str, id: &Uuid, status: i64, reason: O
     if let Some((period, tz, anchor)) = rule
         && let Ok(p) = period.parse::<Period>()
     {
-        let tz = if tz.is_empty() { chrono_tz::UTC } else { crate::access::parse_tz(&tz)? };
+        let tz = if tz.is_empty() { chrono_tz::UTC } else { contract::timezone(&tz)? };
         let w = window(p, from_ms(at), tz, from_ms(anchor));
         tx.prepare_cached(
             "UPDATE counters SET pending = pending - ?5, pending_cost = pending_cost - ?6
@@ -482,18 +690,14 @@ fn settle(tx: &Transaction<'_>, user_id: &str, id: &Uuid, status: i64, reason: O
         )?
         .execute(params![user_id, feature, period, ms(w.start), amount, cost])?;
     }
-    tx.prepare_cached("UPDATE events SET status = ?3, reject_reason = ?4 WHERE user_id = ?1 AND id = ?2")?.execute(params![
-        user_id,
-        id.to_string(),
-        status,
-        reason
-    ])?;
+    tx.prepare_cached("UPDATE events SET status = ?3, reject_reason = ?4 WHERE user_id = ?1 AND id = ?2")?
+        .execute(params![user_id, id, state, reason])?;
     Ok(())
 }
 
 /// Quarantines an event: kept and visible, never resent, no longer counted.
-fn quarantine(tx: &Transaction<'_>, user_id: &str, id: &Uuid, reason: &str) -> Result<()> {
-    settle(tx, user_id, id, 2, Some(reason))
+fn quarantine(tx: &Transaction<'_>, user_id: &str, id: &str, reason: &RejectReason) -> Result<()> {
+    settle(tx, user_id, id, EventState::Rejected, Some(reason))
 }
 
 /// Stores the server's total of one window.
@@ -520,8 +724,8 @@ fn redraw_pending_credits(
         return Ok(());
     }
     let pending: Vec<(String, i64)> = tx
-        .prepare("SELECT feature, amount FROM events WHERE user_id = ?1 AND status = 0")?
-        .query_map([user_id], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .prepare("SELECT feature, amount FROM events WHERE user_id = ?1 AND status = ?2")?
+        .query_map(params![user_id, EventState::Pending], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<rusqlite::Result<_>>()?;
     for (feature, amount) in pending {
         if let Some(crate::Rule::Credits { cost }) = features.get(&feature) {

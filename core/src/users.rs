@@ -1,8 +1,8 @@
 //! Users on this device: local (not signed in) and signed-in accounts.
 
-use crate::access::parse_tz;
 use crate::error::{Error, Result};
-use crate::{Change, Tally, UserId, from_ms, ms, write_tx};
+use crate::ledger::EventState;
+use crate::{Change, Tally, UserId, contract, from_ms, ms, write_tx};
 use chrono::{DateTime, Utc};
 use rusqlite::{OptionalExtension, Row, params};
 use serde::{Deserialize, Serialize};
@@ -75,14 +75,6 @@ fn user_row(r: &Row<'_>) -> rusqlite::Result<User> {
     })
 }
 
-fn check_text(name: &str, v: &Option<String>, max: usize) -> Result<()> {
-    match v {
-        Some(s) if s.len() > max => Err(Error::invalid(format!("{name} is longer than {max} bytes"))),
-        Some(s) if s.chars().any(char::is_control) => Err(Error::invalid(format!("{name} contains control characters"))),
-        _ => Ok(()),
-    }
-}
-
 fn blank_to_none(v: Option<String>) -> Option<String> {
     v.filter(|s| !s.is_empty())
 }
@@ -97,8 +89,8 @@ pub(crate) fn get_user(conn: &rusqlite::Connection, id: &str) -> Result<User> {
 impl Tally {
     /// Creates a user who has not signed in (no external id).
     pub fn create_local_user(&self, display_name: Option<&str>) -> Result<User> {
+        contract::display_name(display_name)?;
         let name = display_name.map(str::to_string);
-        check_text("display_name", &name, 256)?;
         let mut g = self.lock();
         let now = ms(self.observe_now(&mut g));
         let id = uuid::Uuid::now_v7().to_string();
@@ -113,12 +105,10 @@ impl Tally {
     /// named local user's events, settings and credit grants move to that account in one
     /// transaction (none lost, none counted twice) and the local user disappears.
     pub fn sign_in(&self, profile: Profile, attach_local: Option<&str>) -> Result<User> {
-        if profile.external_id.is_empty() || profile.external_id.len() > 256 {
-            return Err(Error::invalid("external_id must be 1 to 256 bytes"));
-        }
-        check_text("email", &profile.email, 320)?;
-        check_text("display_name", &profile.display_name, 256)?;
-        check_text("avatar_url", &profile.avatar_url, 2048)?;
+        contract::subject(&profile.external_id)?;
+        contract::email(profile.email.as_deref())?;
+        contract::display_name(profile.display_name.as_deref())?;
+        contract::avatar_url(profile.avatar_url.as_deref())?;
         let mut g = self.lock();
         let now = ms(self.observe_now(&mut g));
         let id = write_tx(&mut g.conn, |tx| {
@@ -193,11 +183,11 @@ impl Tally {
     /// Changes a user's profile. A timezone change takes effect at once (current windows are
     /// recomputed in the new zone) and is sent to the server with the next sync.
     pub fn update_user(&self, user_id: &str, update: UserUpdate) -> Result<User> {
-        check_text("display_name", &update.display_name, 256)?;
-        check_text("avatar_url", &update.avatar_url, 2048)?;
-        check_text("email", &update.email, 320)?;
+        contract::display_name(update.display_name.as_deref())?;
+        contract::avatar_url(update.avatar_url.as_deref())?;
+        contract::email(update.email.as_deref())?;
         if let Some(tz) = &update.timezone {
-            parse_tz(tz)?;
+            contract::timezone(tz)?;
         }
         let mut g = self.lock();
         let now = ms(self.observe_now(&mut g));
@@ -238,8 +228,11 @@ impl Tally {
         let mut g = self.lock();
         write_tx(&mut g.conn, |tx| {
             get_user(tx, user_id)?;
-            let pending =
-                tx.query_row("SELECT COUNT(*) FROM events WHERE user_id = ?1 AND status = 0", [user_id], |r| r.get::<_, i64>(0))? as u64;
+            let pending = tx.query_row(
+                "SELECT COUNT(*) FROM events WHERE user_id = ?1 AND status = ?2",
+                params![user_id, EventState::Pending],
+                |r| r.get::<_, i64>(0),
+            )? as u64;
             if pending > 0 && !force {
                 return Err(Error::UnsyncedEvents(pending));
             }
@@ -253,6 +246,16 @@ impl Tally {
     }
 }
 
+/// The stored body of an event: feature, amount, model, input and output tokens, metadata.
+type EventBody = (String, i64, Option<String>, Option<i64>, Option<i64>, Option<String>);
+
+/// Whether two stored event bodies (feature, amount, model, tokens, metadata) are the same use.
+/// Metadata is compared as JSON, so a different key order is the same body.
+fn same_body(a: &EventBody, b: &EventBody) -> bool {
+    let meta = |m: &Option<String>| m.as_deref().map(|s| serde_json::from_str::<serde_json::Value>(s).ok());
+    a.0 == b.0 && a.1 == b.1 && a.2 == b.2 && a.3 == b.3 && a.4 == b.4 && meta(&a.5) == meta(&b.5)
+}
+
 /// Moves a local user's data to `target` inside the caller's transaction.
 fn attach(tx: &rusqlite::Transaction<'_>, local: &str, target: &str) -> Result<()> {
     let ext: Option<Option<String>> = tx.query_row("SELECT external_id FROM users WHERE id = ?1", [local], |r| r.get(0)).optional()?;
@@ -264,22 +267,37 @@ fn attach(tx: &rusqlite::Transaction<'_>, local: &str, target: &str) -> Result<(
         Some(None) if local == target => return Err(Error::invalid("cannot attach a user to itself")),
         Some(None) => {}
     }
-    // Events keep their ids: they will sync once, under the signed-in account.
-    let clash: i64 = tx.query_row(
-        "SELECT COUNT(*) FROM events l JOIN events t ON t.user_id = ?2 AND t.id = l.id WHERE l.user_id = ?1",
-        [local, target],
-        |r| r.get(0),
-    )?;
-    if clash > 0 {
-        return Err(Error::invalid(format!("{clash} events of the local user already exist under the signed-in account")));
+    // Events keep their ids: they will sync once, under the signed-in account. An id the
+    // account already holds with the same body is the same use recorded twice (a retry, or a
+    // key reused on purpose): the account's copy stays and the local copy goes. The same id with
+    // another body is a conflict, and nothing moves.
+    let clashes: Vec<(String, EventBody, EventBody)> = tx
+        .prepare(
+            "SELECT l.id, l.feature, l.amount, l.model, l.input_tokens, l.output_tokens, l.metadata,
+                    t.feature, t.amount, t.model, t.input_tokens, t.output_tokens, t.metadata
+             FROM events l JOIN events t ON t.user_id = ?2 AND t.id = l.id WHERE l.user_id = ?1 ORDER BY l.id",
+        )?
+        .query_map([local, target], |r| {
+            Ok((
+                r.get(0)?,
+                (r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?),
+                (r.get(7)?, r.get(8)?, r.get(9)?, r.get(10)?, r.get(11)?, r.get(12)?),
+            ))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    if let Some((id, _, _)) = clashes.iter().find(|(_, l, t)| !same_body(l, t)) {
+        return Err(Error::IdempotencyConflict(id.clone()));
+    }
+    for (id, _, _) in &clashes {
+        tx.execute("DELETE FROM events WHERE user_id = ?1 AND id = ?2", [local, id])?;
     }
     tx.execute("UPDATE events SET user_id = ?2 WHERE user_id = ?1", [local, target])?;
     // Settings: the later HLC wins per key.
     tx.execute(
-        "INSERT INTO settings (user_id, key, value, deleted, hlc, dirty)
-         SELECT ?2, key, value, deleted, hlc, dirty FROM settings WHERE user_id = ?1
+        "INSERT INTO settings (user_id, key, value, deleted, hlc, dirty, rejected)
+         SELECT ?2, key, value, deleted, hlc, dirty, rejected FROM settings WHERE user_id = ?1
          ON CONFLICT (user_id, key) DO UPDATE SET value = excluded.value, deleted = excluded.deleted,
-           hlc = excluded.hlc, dirty = excluded.dirty WHERE excluded.hlc > settings.hlc",
+           hlc = excluded.hlc, dirty = excluded.dirty, rejected = excluded.rejected WHERE excluded.hlc > settings.hlc",
         [local, target],
     )?;
     tx.execute(

@@ -145,7 +145,7 @@ fn bad_settings_and_profiles_are_rejected_without_change() {
     let before = e.snapshot();
     let tl = &e.tally;
     let long_key = "k".repeat(129);
-    let huge = Value::String("v".repeat(64 * 1024));
+    let huge = Value::String("v".repeat(16 * 1024 - 1)); // 16 KiB + 1 serialized
     assert_err!(tl.set_setting(&local, "", json!(1)), Error::InvalidInput(_));
     assert_err!(tl.set_setting(&local, &long_key, json!(1)), Error::InvalidInput(_));
     assert_err!(tl.set_setting(&local, "big", huge.clone()), Error::InvalidInput(_));
@@ -173,9 +173,9 @@ fn bad_settings_and_profiles_are_rejected_without_change() {
     assert_err!(tl.sign_in(Profile::default(), None), Error::InvalidInput(_));
     assert_err!(tl.create_local_user(Some(&"n".repeat(300))), Error::InvalidInput(_));
     assert_eq!(e.snapshot(), before);
-    // 128-byte keys and values just under 64 KiB are fine.
+    // 128-byte keys and values of exactly 16 KiB serialized are fine.
     let k128 = "k".repeat(128);
-    tl.set_setting(&local, &k128, Value::String("v".repeat(64 * 1024 - 2))).unwrap();
+    tl.set_setting(&local, &k128, Value::String("v".repeat(16 * 1024 - 2))).unwrap();
     assert!(tl.setting(&local, &k128).unwrap().is_some());
 }
 

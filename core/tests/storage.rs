@@ -76,6 +76,8 @@ fn a_version_1_database_with_data_opens_without_loss() {
     assert_eq!(tally.usage(other, "ai_chat").unwrap().used, 4);
     assert_eq!(tally.pending_events(user).unwrap(), 2);
     assert_eq!(tally.setting(user, "lang").unwrap(), Some(serde_json::json!("fr")));
+    // Version 3 added the settings' rejection column: the old dirty row is pending, not rejected.
+    assert_eq!(tally.setting_status(user, "lang").unwrap(), tally_core::SettingStatus::Pending);
     // The stored grant kept its 70; the free plan adds its 100 for the current billing window.
     assert_eq!(tally.credit_balance(user).unwrap(), 170);
     assert_eq!(tally.entitlements(user).unwrap().credit_grants.iter().find(|g| g.id == "g1").map(|g| g.remaining), Some(70));

@@ -5,7 +5,9 @@ use tally_core::{Catalog, Config, Error, Profile, SyncOptions, Tally, UsageMeta}
 fn tally(dir: &tempfile::TempDir) -> Tally {
     let catalog =
         Catalog::from_json(r#"{"plans":[{"id":"free","features":{"notes":{"type":"metered","limit":null,"period":"day"}}}]}"#).unwrap();
-    Tally::open(dir.path().join("t.db"), Config { catalog, ..Config::default() }).unwrap()
+    let server_keys =
+        Some(r#"{"keys":[{"kty":"OKP","crv":"Ed25519","x":"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo","kid":"k"}]}"#.into());
+    Tally::open(dir.path().join("t.db"), Config { catalog, server_keys, ..Config::default() }).unwrap()
 }
 
 fn unreachable() -> SyncOptions {

@@ -16,7 +16,7 @@ mod sync;
 mod types;
 
 pub use error::{TallyError, guard};
-pub use sync::{RejectedEvent, SyncOptions, SyncReport, TokenProvider};
+pub use sync::{RejectedEvent, RejectedProfileField, RejectedSetting, SyncOptions, SyncReport, TokenProvider};
 pub use types::*;
 
 use error::core as call;
@@ -145,6 +145,12 @@ impl Tally {
     /// One setting as JSON (absent when unset and without default).
     pub fn setting(&self, user_id: String, key: String) -> Result<Option<String>, TallyError> {
         call(|| self.inner.setting(&user_id, &key)).map(|v| v.as_ref().map(types::to_json))
+    }
+
+    /// Where `key` stands with the server: not set, local-only, pending, synced, or rejected
+    /// (with the reason; kept on the device, never resent until written again).
+    pub fn setting_status(&self, user_id: String, key: String) -> Result<SettingStatus, TallyError> {
+        call(|| self.inner.setting_status(&user_id, &key)).map(Into::into)
     }
 
     /// Sets one setting to a JSON value (`"null"` deletes it).

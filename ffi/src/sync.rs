@@ -105,6 +105,49 @@ impl From<RejectedEvent> for core::wire::Rejected {
     }
 }
 
+/// A setting the server (or the contract, before sending) refused: quarantined alone, kept on
+/// the device, never resent until written again.
+#[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
+pub struct RejectedSetting {
+    /// Setting key.
+    pub key: String,
+    /// Why (`value_too_large`, `quota_exceeded`, `too_large`, …).
+    pub reason: String,
+}
+
+impl From<core::wire::SettingRejected> for RejectedSetting {
+    fn from(r: core::wire::SettingRejected) -> Self {
+        RejectedSetting { key: r.key, reason: r.reason }
+    }
+}
+
+impl From<RejectedSetting> for core::wire::SettingRejected {
+    fn from(r: RejectedSetting) -> Self {
+        core::wire::SettingRejected { key: r.key, reason: r.reason }
+    }
+}
+
+/// A profile field that was refused; the pending profile edit was dropped.
+#[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
+pub struct RejectedProfileField {
+    /// The field (`display_name`, `avatar_url`, `timezone`, or `profile` for the whole edit).
+    pub field: String,
+    /// Why.
+    pub reason: String,
+}
+
+impl From<core::wire::ProfileRejected> for RejectedProfileField {
+    fn from(r: core::wire::ProfileRejected) -> Self {
+        RejectedProfileField { field: r.field, reason: r.reason }
+    }
+}
+
+impl From<RejectedProfileField> for core::wire::ProfileRejected {
+    fn from(r: RejectedProfileField) -> Self {
+        core::wire::ProfileRejected { field: r.field, reason: r.reason }
+    }
+}
+
 /// What a sync did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, uniffi::Record)]
 pub struct SyncReport {
@@ -124,6 +167,13 @@ pub struct SyncReport {
     pub rounds: u64,
     /// Whether a new entitlements token was accepted.
     pub entitlements_updated: bool,
+    /// Settings refused, each quarantined alone.
+    pub settings_rejected: Vec<RejectedSetting>,
+    /// Profile fields refused (the pending profile edit was dropped).
+    pub profile_rejected: Vec<RejectedProfileField>,
+    /// Features of sent events the server's catalog does not know (stored there, counted in
+    /// no total until it knows them).
+    pub unknown_features: Vec<String>,
 }
 
 impl From<core::SyncReport> for SyncReport {
@@ -137,6 +187,9 @@ impl From<core::SyncReport> for SyncReport {
             settings_received: r.settings_received,
             rounds: r.rounds,
             entitlements_updated: r.entitlements_updated,
+            settings_rejected: r.settings_rejected.into_iter().map(Into::into).collect(),
+            profile_rejected: r.profile_rejected.into_iter().map(Into::into).collect(),
+            unknown_features: r.unknown_features,
         }
     }
 }
@@ -152,6 +205,9 @@ impl From<SyncReport> for core::SyncReport {
             settings_received: r.settings_received,
             rounds: r.rounds,
             entitlements_updated: r.entitlements_updated,
+            settings_rejected: r.settings_rejected.into_iter().map(Into::into).collect(),
+            profile_rejected: r.profile_rejected.into_iter().map(Into::into).collect(),
+            unknown_features: r.unknown_features,
         }
     }
 }

@@ -641,6 +641,33 @@ impl From<EventStatus> for core::EventStatus {
     }
 }
 
+/// Where one setting stands with the server.
+#[derive(Debug, Clone, PartialEq, Eq, uniffi::Enum)]
+pub enum SettingStatus {
+    /// No value is stored for the key (a configured default may still show through).
+    NotSet,
+    /// The key is local-only: it never leaves the device.
+    LocalOnly,
+    /// The last write has not reached the server yet.
+    Pending,
+    /// The stored value is the one the server has.
+    Synced,
+    /// The last write was refused and is kept here, never resent until written again.
+    Rejected { reason: String },
+}
+
+impl From<core::SettingStatus> for SettingStatus {
+    fn from(s: core::SettingStatus) -> Self {
+        match s {
+            core::SettingStatus::NotSet => SettingStatus::NotSet,
+            core::SettingStatus::LocalOnly => SettingStatus::LocalOnly,
+            core::SettingStatus::Pending => SettingStatus::Pending,
+            core::SettingStatus::Synced => SettingStatus::Synced,
+            core::SettingStatus::Rejected { reason } => SettingStatus::Rejected { reason },
+        }
+    }
+}
+
 /// How report rows are grouped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, uniffi::Enum)]
 pub enum GroupBy {

@@ -189,6 +189,9 @@ fn records_convert_both_ways() {
         settings_received: 2,
         rounds: 1,
         entitlements_updated: true,
+        settings_rejected: vec![RejectedSetting { key: "k".into(), reason: "quota_exceeded".into() }],
+        profile_rejected: vec![RejectedProfileField { field: "display_name".into(), reason: "invalid_text".into() }],
+        unknown_features: vec!["new_feature".into()],
     };
     assert_eq!(SyncReport::from(tally_core::SyncReport::from(report.clone())), report);
 
@@ -314,9 +317,14 @@ fn json_values_cross_as_strings_and_are_validated() {
     assert_eq!(t.setting(u.clone(), "theme".into()).unwrap().as_deref(), Some("\"light\""));
     t.set_setting(u.clone(), "layout".into(), r#"{"cols": 2, "tags": ["a", "b"], "ratio": 0.5}"#.into()).unwrap();
     assert_eq!(t.setting(u.clone(), "layout".into()).unwrap().as_deref(), Some(r#"{"cols":2,"ratio":0.5,"tags":["a","b"]}"#));
+    assert_eq!(t.setting_status(u.clone(), "layout".into()).unwrap(), SettingStatus::Pending);
+    assert_eq!(t.setting_status(u.clone(), "theme".into()).unwrap(), SettingStatus::NotSet, "a default is not stored");
+    t.set_setting(u.clone(), "theme".into(), "\"dark\"".into()).unwrap();
+    assert_eq!(t.setting_status(u.clone(), "theme".into()).unwrap(), SettingStatus::LocalOnly);
+    assert!(is_invalid(t.setting_status(u.clone(), "".into())));
     let all: serde_json::Value = serde_json::from_str(&t.settings(u.clone()).unwrap()).unwrap();
     assert_eq!(all["layout"]["cols"], 2);
-    assert_eq!(all["theme"], "light");
+    assert_eq!(all["theme"], "dark");
 
     for bad in ["", "{", "{'a': 1}", "undefined", "[1,]", "01"] {
         let r = t.set_setting(u.clone(), "layout".into(), bad.into());
@@ -494,11 +502,15 @@ fn concurrent_calls_from_several_threads_on_one_tally() {
 
 #[tokio::test]
 async fn sync_is_async_and_maps_network_errors() {
-    let (t, _) = open();
+    let keys = r#"{"keys":[{"kty":"OKP","crv":"Ed25519","x":"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo","kid":"k"}]}"#;
+    let t = Tally::open_in_memory(TallyConfig { server_keys: Some(keys.into()), ..config(None) }).expect("open");
+    let unconfigured = Tally::open_in_memory(config(None)).expect("open");
+    let v =
+        unconfigured.sign_in(Profile { external_id: "sub-1".into(), email: None, display_name: None, avatar_url: None }, None).unwrap().id;
     let u = t.sign_in(Profile { external_id: "sub-1".into(), email: None, display_name: None, avatar_url: None }, None).unwrap().id;
     t.consume(u.clone(), "ai_chat".into(), 1, None).unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let options = SyncOptions {
+    let options = || SyncOptions {
         server_url: format!("http://127.0.0.1:{port}"),
         token: "t".into(),
         token_provider: None,
@@ -510,7 +522,9 @@ async fn sync_is_async_and_maps_network_errors() {
         timeout_ms: Some(2000),
         force_entitlements: false,
     };
-    let r = t.sync(u.clone(), options).await;
+    let r = unconfigured.sync(v, options()).await;
+    assert!(matches!(r, Err(TallyError::Configuration { .. })), "sync without server_keys: {r:?}");
+    let r = t.sync(u.clone(), options()).await;
     assert!(matches!(r, Err(TallyError::Network { .. })), "{r:?}");
     assert_eq!(t.pending_events(u).unwrap(), 1, "nothing lost");
 }

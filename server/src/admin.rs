@@ -1,11 +1,11 @@
 //! Admin endpoints (admin users or `admin`-scoped API keys; anyone else gets 404): pending
 //! users, access grants and their revocation, plans, a user's usage, API keys.
 
-use crate::accounts::{self, USER_COLUMNS, User};
 use crate::api_keys::{self, ApiKey};
 use crate::auth::Admin;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{JsonBody, QueryParams};
+use crate::users::{self, USER_COLUMNS, User};
 use crate::{AppState, plans, usage};
 use axum::Json;
 use axum::extract::{Path, State};
@@ -55,7 +55,7 @@ pub async fn create_user(State(state): State<AppState>, _a: Admin, JsonBody(b): 
     if email.is_none() && b.subject.is_none() {
         return Err(ApiError::invalid("name the user with \"email\", \"subject\" or both"));
     }
-    accounts::validate_profile(&tally_core::wire::ProfilePatch {
+    users::validate_profile(&tally_core::wire::ProfilePatch {
         timezone: b.timezone.clone(),
         display_name: b.display_name.clone(),
         avatar_url: None,
@@ -105,25 +105,23 @@ pub async fn create_grant(
     admin: Admin,
     JsonBody(g): JsonBody<NewGrant>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    if g.reason.is_empty() || g.reason.len() > 200 {
-        return Err(ApiError::invalid("reason must be 1 to 200 bytes"));
-    }
-    if g.until.is_some_and(|u| u <= state.now()) {
-        return Err(ApiError::invalid("until must be in the future"));
-    }
     let plan = match (g.plan.clone(), g.credits) {
         (Some(p), None) => p,
         (None, Some(credits)) => {
-            let user = accounts::find_or_create_by_subject(&state, &g.subject).await?;
+            tally_core::contract::text("reason", &g.reason, 1, crate::grants::MAX_REASON_BYTES)?;
+            if g.until.is_some_and(|u| u <= state.now()) {
+                return Err(ApiError::invalid("until must be in the future"));
+            }
+            let user = users::find_or_create_by_subject(&state, &g.subject).await?;
             let by = g.granted_by.clone().unwrap_or_else(|| admin.actor());
-            let req = crate::billing::CreditGrantRequest {
+            let req = crate::credits::CreditGrantRequest {
                 user_id: user.user_id,
                 credits,
                 expires_at: g.until,
                 reason: &g.reason,
                 granted_by: &by,
             };
-            let id = crate::billing::grant_credits(&state, req).await?;
+            let id = crate::credits::grant_credits(&state, req).await?;
             return Ok((
                 StatusCode::CREATED,
                 Json(
@@ -133,29 +131,16 @@ pub async fn create_grant(
         }
         _ => return Err(ApiError::invalid("give either plan (an access grant) or credits (a credit grant)")),
     };
-    let g_plan = plan;
+    let by = g.granted_by.clone().unwrap_or_else(|| admin.actor());
+    let req = crate::grants::AccessGrantRequest { subject: &g.subject, plan: &plan, until: g.until, granted_by: &by, reason: &g.reason };
     let mut client = state.pool.get().await?;
     let (_, catalog) = state.catalog.current(&client).await?;
-    if catalog.plan(&g_plan).is_none() {
-        return Err(ApiError::Invalid("unknown_plan", format!("no plan {:?} in the catalog", g_plan)));
-    }
-    drop(client);
-    let user = accounts::find_or_create_by_subject(&state, &g.subject).await?;
-    client = state.pool.get().await?;
     let tx = client.transaction().await?;
-    accounts::lock(&tx, user.user_id, &state.config.admin_subjects).await?;
-    let id = Uuid::now_v7();
-    let by = g.granted_by.clone().unwrap_or_else(|| admin.actor());
-    tx.execute(
-        "INSERT INTO access_grants (user_id, grant_id, plan, until, granted_by, reason) VALUES ($1, $2, $3, $4, $5, $6)",
-        &[&user.user_id, &id, &g_plan, &g.until, &by, &g.reason],
-    )
-    .await?;
-    tx.execute("UPDATE users SET ver = ver + 1 WHERE user_id = $1", &[&user.user_id]).await?;
+    let (_, id) = crate::grants::grant_access(&tx, &catalog, &req, state.now()).await?;
     tx.commit().await?;
     Ok((
         StatusCode::CREATED,
-        Json(json!({"id": id, "subject": g.subject, "plan": g_plan, "until": g.until, "granted_by": by, "reason": g.reason})),
+        Json(json!({"id": id, "subject": g.subject, "plan": plan, "until": g.until, "granted_by": by, "reason": g.reason})),
     ))
 }
 
@@ -186,7 +171,7 @@ pub async fn revoke_grant(State(state): State<AppState>, _a: Admin, JsonBody(r):
         Some(Ok(id)) => Some(id),
         Some(Err(_)) | None if r.credits || r.grant_id.is_some() => {
             drop(client);
-            let n = crate::billing::revoke_credits(&state, uid, r.grant_id.as_deref()).await?;
+            let n = crate::credits::revoke_credits(&state, uid, r.grant_id.as_deref()).await?;
             if n == 0 {
                 return Err(ApiError::not_found("grant"));
             }
@@ -195,7 +180,7 @@ pub async fn revoke_grant(State(state): State<AppState>, _a: Admin, JsonBody(r):
         _ => None,
     };
     let tx = client.transaction().await?;
-    accounts::lock(&tx, uid, &state.config.admin_subjects).await?;
+    users::lock(&tx, uid, &state.config.admin_subjects).await?;
     let n = tx
         .execute(
             "UPDATE access_grants SET revoked_at = now() WHERE user_id = $1 AND revoked_at IS NULL AND ($2::uuid IS NULL OR grant_id = $2)",

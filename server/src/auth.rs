@@ -2,36 +2,18 @@
 //! JWKS URL) and `tk_…` API keys, as axum extractors.
 
 use crate::AppState;
-use crate::accounts::{self, User};
 use crate::api_keys::{self, ApiKey};
 use crate::error::ApiError;
+use crate::users::{self, User};
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use base64::Engine;
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use serde::Deserialize;
 use std::time::{Duration, Instant};
 use tokio::sync::RwLock;
 
-/// Claims read from an identity token.
-#[derive(Debug, Clone, Deserialize)]
-pub struct IdClaims {
-    /// Subject (the user's external id).
-    pub sub: String,
-    /// Email address.
-    #[serde(default)]
-    pub email: Option<String>,
-    /// Whether the identity provider verified the email.
-    #[serde(default)]
-    pub email_verified: Option<bool>,
-    /// Issued at (Unix seconds).
-    #[serde(default)]
-    pub iat: Option<i64>,
-    /// Display name.
-    #[serde(default)]
-    pub name: Option<String>,
-}
+pub use crate::users::IdClaims;
 
 fn unauthorized(code: &'static str, msg: impl Into<String>) -> ApiError {
     ApiError::Unauthorized(code, msg.into())
@@ -212,7 +194,7 @@ impl FromRequestParts<AppState> for Principal {
         } else {
             let claims = state.verifier.verify(token).await?;
             take_turn(format!("s:{}", claims.sub)).await?;
-            let user = accounts::resolve(state, &claims).await?;
+            let user = users::resolve(state, &claims).await?;
             state.limiter.check(&format!("u:{}", user.user_id))?;
             Principal::User(user)
         };

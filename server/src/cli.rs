@@ -354,28 +354,12 @@ pub async fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         Command::Grant { subject, plan, until, reason, granted_by, config } => {
-            with_db(*config, |client| async move {
+            with_db(*config, |mut client| async move {
                 let (_, catalog) = plans::load(&client).await.map_err(|e| e.to_string())?;
-                if catalog.plan(&plan).is_none() {
-                    return Err(format!("no plan {plan:?} in the catalog"));
-                }
-                client
-                    .execute(
-                        "INSERT INTO users (user_id, external_id) VALUES ($1, $2) ON CONFLICT (external_id) DO NOTHING",
-                        &[&uuid::Uuid::now_v7(), &subject],
-                    )
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let uid: uuid::Uuid =
-                    client.query_one("SELECT user_id FROM users WHERE external_id = $1", &[&subject]).await.map_err(|e| e.to_string())?.get(0);
-                client
-                    .execute(
-                        "INSERT INTO access_grants (user_id, grant_id, plan, until, granted_by, reason) VALUES ($1, $2, $3, $4, $5, $6)",
-                        &[&uid, &uuid::Uuid::now_v7(), &plan, &until, &granted_by, &reason],
-                    )
-                    .await
-                    .map_err(|e| e.to_string())?;
-                client.execute("UPDATE users SET ver = ver + 1 WHERE user_id = $1", &[&uid]).await.map_err(|e| e.to_string())?;
+                let req = crate::grants::AccessGrantRequest { subject: &subject, plan: &plan, until, granted_by: &granted_by, reason: &reason };
+                let tx = client.transaction().await.map_err(|e| e.to_string())?;
+                crate::grants::grant_access(&tx, &catalog, &req, Utc::now()).await.map_err(|e| e.to_string())?;
+                tx.commit().await.map_err(|e| e.to_string())?;
                 println!("granted {plan} to {subject}{}", until.map(|u| format!(" until {u}")).unwrap_or_default());
                 Ok(())
             })

@@ -2,9 +2,9 @@
 //! entitlements token (cached per user and version), `GET /v1/entitlements` and `GET /v1/keys`.
 
 use crate::AppState;
-use crate::accounts::User;
 use crate::auth::AuthUser;
 use crate::error::{ApiError, ApiResult};
+use crate::users::User;
 use axum::Json;
 use axum::extract::State;
 use chrono::{DateTime, Duration, Utc};
@@ -61,8 +61,8 @@ pub async fn load(state: &AppState, client: &impl GenericClient, user: &User, no
     raw.ver = u64::try_from(user.ver.saturating_add(catalog_version)).unwrap_or(0);
     let grace = Duration::seconds(i64::try_from(state.config.past_due_grace_secs).unwrap_or(i64::MAX / 2_000));
     let mut ents = raw.resolve(&catalog, now, grace);
-    let included = crate::billing::credits::plan_grants(&ents, &catalog, user.created_at, anchor, now);
-    ents.credit_grants = crate::billing::credits::current(client, user.user_id, &ents.features, &catalog, now, included).await?;
+    let included = crate::credits::plan_grants(&ents, &catalog, user.created_at, anchor, now);
+    ents.credit_grants = crate::credits::current(client, user.user_id, &ents.features, &catalog, now, included).await?;
     ents.credit_balance = ents.credit_grants.iter().map(|g| g.remaining).sum();
     Ok(Loaded { ents, anchor, catalog, catalog_version })
 }

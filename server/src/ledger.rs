@@ -168,7 +168,7 @@ pub struct Ctx<'a> {
 
 impl<'a> Ctx<'a> {
     /// The context of `user`'s windows at `now`, from their loaded entitlements.
-    pub fn new(user: &crate::accounts::User, loaded: &'a crate::entitlements::Loaded, now: DateTime<Utc>) -> Ctx<'a> {
+    pub fn new(user: &crate::users::User, loaded: &'a crate::entitlements::Loaded, now: DateTime<Utc>) -> Ctx<'a> {
         Ctx {
             user_id: user.user_id,
             tz: user.tz(),

@@ -4,10 +4,10 @@
 //! clients write with node `server`.
 
 use crate::AppState;
-use crate::accounts::{self, User};
 use crate::auth::AuthUser;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::JsonBody;
+use crate::users::{self, User};
 use axum::Json;
 use axum::extract::State;
 use chrono::{DateTime, Utc};
@@ -199,7 +199,7 @@ async fn web_write(state: &AppState, user: &User, body: Value, replace: bool) ->
     };
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
-    accounts::lock(&tx, user.user_id, &state.config.admin_subjects).await?;
+    users::lock(&tx, user.user_id, &state.config.admin_subjects).await?;
     let now = state.now();
     let stored = tx.query(&tx.prepare_cached("SELECT key, hlc, deleted FROM settings WHERE user_id = $1").await?, &[&user.user_id]).await?;
     let stored: std::collections::HashMap<String, (String, bool)> = stored.iter().map(|r| (r.get(0), (r.get(1), r.get(2)))).collect();

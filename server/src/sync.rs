@@ -2,11 +2,11 @@
 //! edits, and answers acks by id, totals, settings changes since the cursor, and a fresh
 //! entitlements token — all read and written in one Postgres transaction.
 
-use crate::accounts::{self, User};
 use crate::auth::AuthUser;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{body_bytes, from_value, parse_json};
 use crate::ledger::{self, Ctx};
+use crate::users::{self, User};
 use crate::{AppState, entitlements, settings};
 use axum::Json;
 use axum::extract::{FromRequest, Request, State};
@@ -107,16 +107,16 @@ async fn run(
     let now = state.now();
     let (profile, profile_rejected) = match &req.profile {
         Some(p) => {
-            let (ok, refused) = accounts::split_profile(p);
+            let (ok, refused) = users::split_profile(p);
             (Some(ok), refused)
         }
         None => (None, Vec::new()),
     };
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
-    let mut user = accounts::lock(&tx, user.user_id, &state.config.admin_subjects).await?;
+    let mut user = users::lock(&tx, user.user_id, &state.config.admin_subjects).await?;
     if let Some(p) = &profile {
-        accounts::apply_profile(&tx, &mut user, p).await?;
+        users::apply_profile(&tx, &mut user, p).await?;
     }
     let loaded = entitlements::load(state, &tx, &user, now).await?;
     let ctx = Ctx::new(&user, &loaded, now);
@@ -125,16 +125,8 @@ async fn run(
     let settings_rejected = settings::merge(&tx, user.user_id, &req.settings_changes, now).await?;
     let (settings_changes, cursor) = settings::changes_since(&tx, user.user_id, settings::parse_cursor(req.cursor.as_deref())).await?;
     let mut ents = loaded.ents;
-    crate::billing::credits::after_ingest(
-        &tx,
-        user.user_id,
-        &mut ents,
-        &loaded.catalog,
-        &out.touched,
-        (user.created_at, loaded.anchor),
-        now,
-    )
-    .await?;
+    crate::credits::after_ingest(&tx, user.user_id, &mut ents, &loaded.catalog, &out.touched, (user.created_at, loaded.anchor), now)
+        .await?;
     tx.commit().await?;
     let token = entitlements::token_fresh(state, &user, &ents, now, req.force_entitlements)?;
     rejected.extend(out.rejected);

@@ -1,12 +1,12 @@
 //! Usage from backends and web clients: `POST /v1/usage` (idempotent record), `POST /v1/check`
 //! (a server-side Decision) and `GET /v1/usage` (a report with AI tokens and cost).
 
-use crate::accounts::{self, User};
 use crate::api_keys::{SCOPE_ADMIN, SCOPE_USAGE_READ, SCOPE_USAGE_WRITE};
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{JsonBody, QueryParams};
 use crate::ledger::{self, Ctx};
+use crate::users::{self, User};
 use crate::{AppState, entitlements};
 use axum::Json;
 use axum::extract::State;
@@ -29,7 +29,7 @@ async fn target(state: &AppState, p: &Principal, subject: Option<&str>, user_id:
             (None, Some(id)) if id == u.user_id.to_string() => Ok(u.clone()),
             _ => Err(ApiError::not_found("user")),
         },
-        Principal::Key(k) if k.has_scope(SCOPE_USAGE_WRITE) => accounts::find_named(state, subject, user_id).await,
+        Principal::Key(k) if k.has_scope(SCOPE_USAGE_WRITE) => users::find_named(state, subject, user_id).await,
         Principal::Key(_) => Err(ApiError::not_found("route")),
     }
 }
@@ -79,7 +79,7 @@ pub async fn record(
     let now = state.now();
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
-    let user = accounts::lock(&tx, user.user_id, &state.config.admin_subjects).await?;
+    let user = users::lock(&tx, user.user_id, &state.config.admin_subjects).await?;
     let loaded = entitlements::load(&state, &tx, &user, now).await?;
     let ctx = Ctx::new(&user, &loaded, now);
     if !loaded.catalog.knows_feature(&event.feature) {
@@ -130,7 +130,7 @@ pub async fn check(State(state): State<AppState>, p: Principal, JsonBody(req): J
     let now = state.now();
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
-    let user = accounts::lock(&tx, user.user_id, &state.config.admin_subjects).await?;
+    let user = users::lock(&tx, user.user_id, &state.config.admin_subjects).await?;
     let loaded = entitlements::load(&state, &tx, &user, now).await?;
     let ctx = Ctx::new(&user, &loaded, now);
     ledger::ensure_counters(&tx, &ctx).await?;
@@ -222,7 +222,7 @@ pub async fn report(State(state): State<AppState>, p: Principal, QueryParams(q):
         }
         (Principal::Key(_), Some(s)) => {
             let client = state.pool.get().await?;
-            let r = client.query_opt(&format!("SELECT {} FROM users WHERE external_id = $1", accounts::USER_COLUMNS), &[&s]).await?;
+            let r = client.query_opt(&format!("SELECT {} FROM users WHERE external_id = $1", users::USER_COLUMNS), &[&s]).await?;
             r.map(|r| User::from_row(&r, &state.config.admin_subjects)).ok_or_else(|| ApiError::not_found("user"))?
         }
         _ => target(&state, &p, q.subject.as_deref(), None).await?,

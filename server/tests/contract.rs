@@ -219,3 +219,27 @@ async fn the_device_gets_back_its_restamped_row() {
     assert_eq!(back["value"], "dark");
     assert!(back["hlc"].as_str().unwrap() < hlc.as_str(), "re-stamped to the server's time: {back}");
 }
+
+#[tokio::test]
+async fn a_grant_is_validated_before_anything_is_created() {
+    let a = app_or_skip!(app().await);
+    let admin = token("root-admin");
+    assert_eq!(a.call("GET", "/v1/me", Some(&admin), None).await.0, StatusCode::OK);
+    let users = a.count("users").await;
+    for bad in [
+        json!({"subject": "newbie", "plan": "nope", "reason": "beta"}),
+        json!({"subject": "newbie", "plan": "pro", "reason": ""}),
+        json!({"subject": "newbie", "plan": "pro", "reason": "beta", "until": "2001-01-01T00:00:00Z"}),
+        json!({"subject": "", "plan": "pro", "reason": "beta"}),
+    ] {
+        let (s, v) = a.call("POST", "/v1/admin/grants", Some(&admin), Some(bad.clone())).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{bad} → {v}");
+    }
+    assert_eq!(a.count("users").await, users, "no user was created by a refused grant");
+    assert_eq!(a.count("access_grants").await, 0);
+    let (s, v) =
+        a.call("POST", "/v1/admin/grants", Some(&admin), Some(json!({"subject": "newbie", "plan": "pro", "reason": "beta"}))).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (_, e) = a.call("GET", "/v1/entitlements", Some(&token("newbie")), None).await;
+    assert_eq!((e["plan"].as_str(), e["access_reason"].as_str()), (Some("pro"), Some("granted:beta")));
+}

@@ -261,7 +261,7 @@ pub fn server_usage(server: &Server, sub: &str, feature: &str) -> u64 {
     );
     let v: serde_json::Value = serde_json::from_str(&body).expect("usage json");
     let rows = v.get("rows").cloned().unwrap_or(v);
-    rows.as_array().map(|a| a.iter().filter(|r| r["key"] == feature).map(|r| r["amount"].as_u64().unwrap_or(0)).sum()).unwrap_or(0)
+    rows.as_array().map(|a| a.iter().filter(|r| r["feature"] == feature).map(|r| r["amount"].as_u64().unwrap_or(0)).sum()).unwrap_or(0)
 }
 
 /// A loopback TCP proxy that forwards requests to `upstream` but, for the first `cut` requests,

@@ -530,3 +530,129 @@ fn rate_limited_sync_honours_retry_after_and_gives_up_clearly() {
     }
     assert_eq!(d.tally.pending_events(&u.id).unwrap(), 1);
 }
+
+// ---- One contract: whatever the device records, the server takes; no stored value blocks a
+// ---- sync; every use lands in the right account.
+
+fn settings_of(e: &Env, sub: &str) -> serde_json::Value {
+    let body = http_get_text(&format!("{}/v1/settings", e.server.url), Some(&id_token(sub)));
+    serde_json::from_str::<serde_json::Value>(&body).expect("settings json")["settings"].clone()
+}
+
+#[test]
+fn big_settings_never_take_events_down() {
+    // 20 settings of 15 KB with a 256 KiB request cap: round 1 quarantined every pending event.
+    let Some(e) = env("big_settings", &[("TALLY_MAX_BODY_BYTES", "262144")]) else { return };
+    let d = e.device("phone");
+    let u = sign_in(&d, "settler");
+    for i in 0..20 {
+        d.tally.set_setting(&u.id, &format!("doc{i}"), serde_json::json!("x".repeat(15_000))).expect("legal setting");
+    }
+    consume_n(&d, &u, "notes", 50);
+    let r = e.sync(&d, &u).expect("sync completes");
+    assert!(r.rejected.is_empty() && r.settings_rejected.is_empty(), "{r:?}");
+    assert_eq!(d.tally.pending_events(&u.id).unwrap(), 0);
+    assert_eq!(e.server_used("settler", "notes"), 50);
+    assert_eq!(settings_of(&e, "settler").as_object().map(|o| o.len()), Some(20));
+    assert_eq!(d.tally.setting_status(&u.id, "doc7").unwrap(), tally_core::settings::SettingStatus::Synced);
+}
+
+#[test]
+fn values_at_the_contract_limits_sync_and_a_stored_bad_value_blocks_nothing() {
+    let Some(e) = env("limits", &[]) else { return };
+    let d = e.device("phone");
+    let u = sign_in(&d, "limit-user");
+    let c = tally_core::contract::MAX_SETTING_VALUE_BYTES;
+    d.tally.set_setting(&u.id, "big", serde_json::json!("v".repeat(c - 2))).expect("at the limit");
+    assert!(d.tally.set_setting(&u.id, "bigger", serde_json::json!("v".repeat(c - 1))).is_err(), "past it: refused on the device");
+    let name = "n".repeat(tally_core::contract::MAX_DISPLAY_NAME_BYTES);
+    d.tally.update_user(&u.id, tally_core::UserUpdate { display_name: Some(name.clone()), ..Default::default() }).expect("name");
+    let meta = UsageMeta {
+        metadata: Some(serde_json::json!({"k": "x".repeat(tally_core::contract::MAX_METADATA_BYTES - 8)})),
+        ..UsageMeta::default()
+    };
+    assert!(d.tally.consume(&u.id, "notes", tally_core::contract::MAX_AMOUNT, meta).unwrap().allowed);
+    // A value an older version stored with U+0000 (refused by Postgres) and an over-limit one.
+    let raw = rusqlite::Connection::open(&d.path).expect("raw");
+    raw.execute(
+        "INSERT INTO settings (user_id, key, value, deleted, hlc, dirty) VALUES (?1, 'legacy', '\"a\\u0000b\"', 0, '001700000000000-00000-phone', 1)",
+        [&u.id],
+    )
+    .expect("legacy row");
+    drop(raw);
+    let r = e.sync(&d, &u).expect("sync completes");
+    assert!(r.rejected.is_empty(), "{r:?}");
+    assert_eq!(d.tally.pending_events(&u.id).unwrap(), 0);
+    assert_eq!(e.server_used("limit-user", "notes"), tally_core::contract::MAX_AMOUNT);
+    assert!(matches!(d.tally.setting_status(&u.id, "legacy").unwrap(), tally_core::settings::SettingStatus::Rejected { .. }));
+    assert_eq!(settings_of(&e, "limit-user")["big"].as_str().map(str::len), Some(c - 2));
+    let me: serde_json::Value =
+        serde_json::from_str(&http_get_text(&format!("{}/v1/me", e.server.url), Some(&id_token("limit-user")))).unwrap();
+    assert_eq!(me["display_name"].as_str(), Some(name.as_str()));
+    // Nothing is left that would make the next sync fail.
+    assert!(e.sync(&d, &u).is_ok());
+}
+
+#[test]
+fn credentials_of_another_subject_are_refused_and_record_nothing() {
+    let Some(e) = env("subject", &[]) else { return };
+    let d = e.device("phone");
+    let u = sign_in(&d, "rust-user");
+    consume_n(&d, &u, "notes", 1);
+    let err = e.rt.block_on(d.tally.sync(&u.id, opts(&e.server.url, "someone-else"))).expect_err("another account's token");
+    assert!(matches!(err, Error::SubjectMismatch(_)), "{err:?}");
+    assert_eq!(d.tally.pending_events(&u.id).unwrap(), 1, "still pending on the device");
+    assert_eq!(e.server_used("someone-else", "notes"), 0, "nothing counted under the other subject");
+    e.sync(&d, &u).expect("the right credentials");
+    assert_eq!(e.server_used("rust-user", "notes"), 1);
+}
+
+#[test]
+fn a_fast_device_clock_never_wins_a_setting_forever() {
+    let Some(e) = env("fast_clock", &[]) else { return };
+    let d = e.device_at("phone", Utc::now() + Duration::hours(1));
+    let u = sign_in(&d, "fast");
+    d.tally.set_setting(&u.id, "lang", serde_json::json!("fr")).unwrap();
+    e.sync(&d, &u).expect("sync");
+    let (s, body) = raw_request("PATCH", &format!("{}/v1/settings", e.server.url), Some(&id_token("fast")), Some(r#"{"lang": "de"}"#))
+        .expect("web write");
+    assert_eq!(s, 200, "{body}");
+    e.sync(&d, &u).expect("sync");
+    assert_eq!(d.tally.setting(&u.id, "lang").unwrap(), Some(serde_json::json!("de")), "the later web write wins on the device");
+}
+
+#[test]
+fn a_device_catalog_ahead_of_the_server_keeps_its_events() {
+    let Some(e) = env("ahead", &[]) else { return };
+    let path = e.dir.path().join("ahead.db");
+    let d = device(&path, "phone", &e.server.keys(), Utc::now());
+    let mut catalog: serde_json::Value = serde_json::from_str(PLANS).unwrap();
+    catalog["plans"][0]["features"]["video"] = serde_json::json!({"type": "metered", "limit": 10, "period": "day", "enforcement": "hard"});
+    d.tally.set_catalog(tally_core::Catalog::from_value(&catalog).unwrap());
+    let u = sign_in(&d, "early");
+    assert!(d.tally.consume(&u.id, "video", 2, UsageMeta::default()).unwrap().allowed);
+    let r = e.sync(&d, &u).expect("sync");
+    assert_eq!((r.events_acked, r.unknown_features.clone()), (1, vec!["video".to_string()]), "{r:?}");
+    assert_eq!(d.tally.pending_events(&u.id).unwrap(), 0, "stored and acknowledged, not stuck");
+    assert_eq!(server_usage(&e.server, "early", "video"), 2, "kept on the server for history");
+}
+
+#[test]
+fn attaching_a_local_user_who_repeated_a_keyed_use_counts_it_once() {
+    let Some(e) = env("attach_dup", &[]) else { return };
+    let d = e.device("phone");
+    let u = sign_in(&d, "attacher");
+    let keyed = UsageMeta { idempotency_key: Some("req-1".into()), ..UsageMeta::default() };
+    assert!(d.tally.consume(&u.id, "notes", 1, keyed.clone()).unwrap().allowed);
+    e.sync(&d, &u).expect("sync");
+    // Signed out, the same request was replayed under a local user, then the user signs in again.
+    let local = d.tally.create_local_user(None).unwrap();
+    assert!(d.tally.consume(&local.id, "notes", 1, keyed).unwrap().allowed);
+    let u = d
+        .tally
+        .sign_in(Profile { external_id: "attacher".into(), ..Profile::default() }, Some(&local.id))
+        .expect("attach merges the same-body duplicate");
+    e.sync(&d, &u).expect("sync");
+    assert_eq!(e.server_used("attacher", "notes"), 1, "counted once");
+    assert_eq!(d.tally.usage(&u.id, "notes").unwrap().used, 1);
+}

@@ -421,6 +421,11 @@ void uniffi_tally_ffi_fn_method_tally_set_setting(uint64_t ptr, RustBuffer user_
 RustBuffer uniffi_tally_ffi_fn_method_tally_setting(uint64_t ptr, RustBuffer user_id, RustBuffer key, RustCallStatus *_Nonnull out_status
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_SETTING_STATUS
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_SETTING_STATUS
+RustBuffer uniffi_tally_ffi_fn_method_tally_setting_status(uint64_t ptr, RustBuffer user_id, RustBuffer key, RustCallStatus *_Nonnull out_status
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_SETTINGS
 #define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_SETTINGS
 RustBuffer uniffi_tally_ffi_fn_method_tally_settings(uint64_t ptr, RustBuffer user_id, RustCallStatus *_Nonnull out_status
@@ -937,6 +942,12 @@ uint16_t uniffi_tally_ffi_checksum_method_tally_set_setting(void
 #ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_SETTING
 #define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_SETTING
 uint16_t uniffi_tally_ffi_checksum_method_tally_setting(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_SETTING_STATUS
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_SETTING_STATUS
+uint16_t uniffi_tally_ffi_checksum_method_tally_setting_status(void
     
 );
 #endif

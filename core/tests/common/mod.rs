@@ -83,6 +83,12 @@ impl Env {
         Tally::open(&self.path, config).expect("reopen")
     }
 
+    /// A second Tally on the same file with another catalog.
+    pub fn reopen_with(&self, catalog: Catalog) -> Tally {
+        let config = Config { device_id: Some("dev-test".into()), clock: self.clock.clone(), catalog, ..Config::default() };
+        Tally::open(&self.path, config).expect("reopen")
+    }
+
     pub fn raw(&self) -> Connection {
         Connection::open(&self.path).expect("raw connection")
     }
@@ -145,4 +151,97 @@ impl Recorder {
     pub fn take(&self) -> Vec<(String, Change)> {
         std::mem::take(&mut *self.0.lock().unwrap())
     }
+}
+
+/// A JSON Web Key Set with one Ed25519 key (RFC 8037's example): enough for `sync` to run
+/// against a fake server that never returns an entitlements token.
+pub const SERVER_KEYS: &str =
+    r#"{"keys":[{"kty":"OKP","crv":"Ed25519","x":"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo","kid":"test","alg":"EdDSA","use":"sig"}]}"#;
+
+/// What the fake server answers to one request: HTTP status and JSON body.
+pub type Answer = (u16, serde_json::Value);
+
+/// A loopback HTTP/1.1 responder standing in for the sync server at the network boundary: every
+/// request body is recorded and answered by `handler` (request number from 0, body).
+pub struct FakeServer {
+    pub url: String,
+    pub requests: Arc<Mutex<Vec<serde_json::Value>>>,
+}
+
+impl FakeServer {
+    pub fn start(handler: impl Fn(usize, &serde_json::Value) -> Answer + Send + Sync + 'static) -> FakeServer {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let requests: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
+        let log = requests.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+                let mut len = 0usize;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        break;
+                    }
+                    let l = line.trim_end().to_ascii_lowercase();
+                    if l.is_empty() {
+                        break;
+                    }
+                    if let Some(v) = l.strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                }
+                let mut body = vec![0u8; len];
+                if reader.read_exact(&mut body).is_err() {
+                    continue;
+                }
+                let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+                let n = {
+                    let mut log = log.lock().unwrap();
+                    log.push(body.clone());
+                    log.len() - 1
+                };
+                let (status, answer) = handler(n, &body);
+                let text = answer.to_string();
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+                    text.len()
+                );
+            }
+        });
+        FakeServer { url, requests }
+    }
+
+    pub fn options(&self) -> tally_core::SyncOptions {
+        let mut o = tally_core::SyncOptions::new(&self.url, "token");
+        o.retry.max_attempts = 1;
+        o
+    }
+
+    pub fn requests(&self) -> Vec<serde_json::Value> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+/// The answer of a server that takes everything: every event accepted, every setting stored
+/// with the HLC sent (returned in `settings_changes`, as the server returns the rows a request
+/// changed), generous limits.
+pub fn accept_all(req: &serde_json::Value) -> serde_json::Value {
+    let ids: Vec<serde_json::Value> = req["events"].as_array().into_iter().flatten().map(|e| e["id"].clone()).collect();
+    serde_json::json!({
+        "accepted": ids,
+        "settings_changes": req["settings_changes"].clone(),
+        "cursor": "c1",
+        "limits": {"max_batch_events": 500, "max_body_bytes": 4 * 1024 * 1024},
+    })
+}
+
+/// An `Env` whose config trusts [`SERVER_KEYS`], with a signed-in user `sub-1`; returns the user id.
+pub fn signed_in_env() -> (Env, String) {
+    let e = Env::with(|c| c.server_keys = Some(SERVER_KEYS.into()));
+    let u = e.tally.sign_in(tally_core::Profile { external_id: "sub-1".into(), ..Default::default() }, None).expect("sign in");
+    (e, u.id)
 }

@@ -1,12 +1,13 @@
 //! `POST /v1/webhooks/stripe`: signature check over the raw bytes, then each event id applied
 //! once, in one transaction with its effects (replays answer 200 and change nothing).
 
+use super::prices;
 use super::state::{self, SubState, id_of};
-use super::{credits, prices};
 use crate::AppState;
-use crate::accounts;
+use crate::credits;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::body_bytes;
+use crate::users;
 use axum::Json;
 use axum::extract::{FromRequest, Request, State};
 use chrono::{DateTime, Utc};
@@ -160,7 +161,7 @@ async fn dispatch(
         .await?;
         return Ok(("pending_customer".into(), None));
     };
-    accounts::lock(tx, user, &state.config.admin_subjects).await?;
+    users::lock(tx, user, &state.config.admin_subjects).await?;
     let outcome = apply(state, tx, user, ev, customer).await?;
     refresh_user(tx, user).await?;
     Ok((outcome, Some(user)))
@@ -195,7 +196,7 @@ async fn link(state: &AppState, tx: &deadpool_postgres::Transaction<'_>, ev: &Ev
     {
         return Ok(("ignored:customer_linked_to_another_user".into(), None));
     }
-    accounts::lock(tx, user, &state.config.admin_subjects).await?;
+    users::lock(tx, user, &state.config.admin_subjects).await?;
     tx.execute(
         "INSERT INTO stripe_customers (user_id, customer_id, email, linked_by) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
         &[&user, &customer, &email, &by],

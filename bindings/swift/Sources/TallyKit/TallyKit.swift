@@ -921,6 +921,12 @@ public protocol TallyProtocol: AnyObject, Sendable {
     func setting(userId: String, key: String) throws  -> String?
     
     /**
+     * Where `key` stands with the server: not set, local-only, pending, synced, or rejected
+     * (with the reason; kept on the device, never resent until written again).
+     */
+    func settingStatus(userId: String, key: String) throws  -> SettingStatus
+    
+    /**
      * All settings of a user (defaults overlaid with stored values), as a JSON object.
      */
     func settings(userId: String) throws  -> String
@@ -1334,6 +1340,21 @@ open func setting(userId: String, key: String)throws  -> String?  {
     return try  FfiConverterOptionString.lift(try rustCallWithError(FfiConverterTypeTallyError_lift) {
         uniffiCallStatus in
     uniffi_tally_ffi_fn_method_tally_setting(
+            self.uniffiCloneHandle(),
+        FfiConverterString.lower(userId),
+        FfiConverterString.lower(key),uniffiCallStatus
+    )
+})
+}
+    
+    /**
+     * Where `key` stands with the server: not set, local-only, pending, synced, or rejected
+     * (with the reason; kept on the device, never resent until written again).
+     */
+open func settingStatus(userId: String, key: String)throws  -> SettingStatus  {
+    return try  FfiConverterTypeSettingStatus_lift(try rustCallWithError(FfiConverterTypeTallyError_lift) {
+        uniffiCallStatus in
+    uniffi_tally_ffi_fn_method_tally_setting_status(
             self.uniffiCloneHandle(),
         FfiConverterString.lower(userId),
         FfiConverterString.lower(key),uniffiCallStatus
@@ -2834,6 +2855,145 @@ public func FfiConverterTypeRejectedEvent_lower(_ value: RejectedEvent) -> RustB
 
 
 /**
+ * A profile field that was refused; the pending profile edit was dropped.
+ */
+public struct RejectedProfileField: Equatable, Hashable {
+    /**
+     * The field (`display_name`, `avatar_url`, `timezone`, or `profile` for the whole edit).
+     */
+    public var field: String
+    /**
+     * Why.
+     */
+    public var reason: String
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * The field (`display_name`, `avatar_url`, `timezone`, or `profile` for the whole edit).
+         */field: String, 
+        /**
+         * Why.
+         */reason: String) {
+        self.field = field
+        self.reason = reason
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension RejectedProfileField: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeRejectedProfileField: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> RejectedProfileField {
+        return
+            try RejectedProfileField(
+                field: FfiConverterString.read(from: &buf), 
+                reason: FfiConverterString.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: RejectedProfileField, into buf: inout [UInt8]) {
+        FfiConverterString.write(value.field, into: &buf)
+        FfiConverterString.write(value.reason, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeRejectedProfileField_lift(_ buf: RustBuffer) throws -> RejectedProfileField {
+    return try FfiConverterTypeRejectedProfileField.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeRejectedProfileField_lower(_ value: RejectedProfileField) -> RustBuffer {
+    return FfiConverterTypeRejectedProfileField.lower(value)
+}
+
+
+/**
+ * A setting the server (or the contract, before sending) refused: quarantined alone, kept on
+ * the device, never resent until written again.
+ */
+public struct RejectedSetting: Equatable, Hashable {
+    /**
+     * Setting key.
+     */
+    public var key: String
+    /**
+     * Why (`value_too_large`, `quota_exceeded`, `too_large`, …).
+     */
+    public var reason: String
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * Setting key.
+         */key: String, 
+        /**
+         * Why (`value_too_large`, `quota_exceeded`, `too_large`, …).
+         */reason: String) {
+        self.key = key
+        self.reason = reason
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension RejectedSetting: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeRejectedSetting: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> RejectedSetting {
+        return
+            try RejectedSetting(
+                key: FfiConverterString.read(from: &buf), 
+                reason: FfiConverterString.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: RejectedSetting, into buf: inout [UInt8]) {
+        FfiConverterString.write(value.key, into: &buf)
+        FfiConverterString.write(value.reason, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeRejectedSetting_lift(_ buf: RustBuffer) throws -> RejectedSetting {
+    return try FfiConverterTypeRejectedSetting.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeRejectedSetting_lower(_ value: RejectedSetting) -> RustBuffer {
+    return FfiConverterTypeRejectedSetting.lower(value)
+}
+
+
+/**
  * One row of a usage report.
  */
 public struct ReportRow: Equatable, Hashable {
@@ -3128,6 +3288,19 @@ public struct SyncReport: Equatable, Hashable {
      * Whether a new entitlements token was accepted.
      */
     public var entitlementsUpdated: Bool
+    /**
+     * Settings refused, each quarantined alone.
+     */
+    public var settingsRejected: [RejectedSetting]
+    /**
+     * Profile fields refused (the pending profile edit was dropped).
+     */
+    public var profileRejected: [RejectedProfileField]
+    /**
+     * Features of sent events the server's catalog does not know (stored there, counted in
+     * no total until it knows them).
+     */
+    public var unknownFeatures: [String]
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
@@ -3155,7 +3328,17 @@ public struct SyncReport: Equatable, Hashable {
          */rounds: UInt64, 
         /**
          * Whether a new entitlements token was accepted.
-         */entitlementsUpdated: Bool) {
+         */entitlementsUpdated: Bool, 
+        /**
+         * Settings refused, each quarantined alone.
+         */settingsRejected: [RejectedSetting], 
+        /**
+         * Profile fields refused (the pending profile edit was dropped).
+         */profileRejected: [RejectedProfileField], 
+        /**
+         * Features of sent events the server's catalog does not know (stored there, counted in
+         * no total until it knows them).
+         */unknownFeatures: [String]) {
         self.eventsSent = eventsSent
         self.eventsAcked = eventsAcked
         self.duplicates = duplicates
@@ -3164,6 +3347,9 @@ public struct SyncReport: Equatable, Hashable {
         self.settingsReceived = settingsReceived
         self.rounds = rounds
         self.entitlementsUpdated = entitlementsUpdated
+        self.settingsRejected = settingsRejected
+        self.profileRejected = profileRejected
+        self.unknownFeatures = unknownFeatures
     }
 
     
@@ -3189,7 +3375,10 @@ public struct FfiConverterTypeSyncReport: FfiConverterRustBuffer {
                 settingsSent: FfiConverterUInt64.read(from: &buf), 
                 settingsReceived: FfiConverterUInt64.read(from: &buf), 
                 rounds: FfiConverterUInt64.read(from: &buf), 
-                entitlementsUpdated: FfiConverterBool.read(from: &buf)
+                entitlementsUpdated: FfiConverterBool.read(from: &buf), 
+                settingsRejected: FfiConverterSequenceTypeRejectedSetting.read(from: &buf), 
+                profileRejected: FfiConverterSequenceTypeRejectedProfileField.read(from: &buf), 
+                unknownFeatures: FfiConverterSequenceString.read(from: &buf)
         )
     }
 
@@ -3202,6 +3391,9 @@ public struct FfiConverterTypeSyncReport: FfiConverterRustBuffer {
         FfiConverterUInt64.write(value.settingsReceived, into: &buf)
         FfiConverterUInt64.write(value.rounds, into: &buf)
         FfiConverterBool.write(value.entitlementsUpdated, into: &buf)
+        FfiConverterSequenceTypeRejectedSetting.write(value.settingsRejected, into: &buf)
+        FfiConverterSequenceTypeRejectedProfileField.write(value.profileRejected, into: &buf)
+        FfiConverterSequenceString.write(value.unknownFeatures, into: &buf)
     }
 }
 
@@ -4565,6 +4757,114 @@ public func FfiConverterTypeRule_lower(_ value: Rule) -> RustBuffer {
 
 
 /**
+ * Where one setting stands with the server.
+ */
+
+public enum SettingStatus: Equatable, Hashable {
+    
+    /**
+     * No value is stored for the key (a configured default may still show through).
+     */
+    case notSet
+    /**
+     * The key is local-only: it never leaves the device.
+     */
+    case localOnly
+    /**
+     * The last write has not reached the server yet.
+     */
+    case pending
+    /**
+     * The stored value is the one the server has.
+     */
+    case synced
+    /**
+     * The last write was refused and is kept here, never resent until written again.
+     */
+    case rejected(reason: String
+    )
+
+
+
+
+
+}
+
+#if compiler(>=6)
+extension SettingStatus: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeSettingStatus: FfiConverterRustBuffer {
+    typealias SwiftType = SettingStatus
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SettingStatus {
+        let variant: Int32 = try readInt(&buf)
+        switch variant {
+        
+        case 1: return .notSet
+        
+        case 2: return .localOnly
+        
+        case 3: return .pending
+        
+        case 4: return .synced
+        
+        case 5: return .rejected(reason: try FfiConverterString.read(from: &buf)
+        )
+        
+        default: throw UniffiInternalError.unexpectedEnumCase
+        }
+    }
+
+    public static func write(_ value: SettingStatus, into buf: inout [UInt8]) {
+        switch value {
+        
+        
+        case .notSet:
+            writeInt(&buf, Int32(1))
+        
+        
+        case .localOnly:
+            writeInt(&buf, Int32(2))
+        
+        
+        case .pending:
+            writeInt(&buf, Int32(3))
+        
+        
+        case .synced:
+            writeInt(&buf, Int32(4))
+        
+        
+        case let .rejected(reason):
+            writeInt(&buf, Int32(5))
+            FfiConverterString.write(reason, into: &buf)
+            
+        }
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeSettingStatus_lift(_ buf: RustBuffer) throws -> SettingStatus {
+    return try FfiConverterTypeSettingStatus.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeSettingStatus_lower(_ value: SettingStatus) -> RustBuffer {
+    return FfiConverterTypeSettingStatus.lower(value)
+}
+
+
+
+/**
  * Subscription status, as the payment provider reports it (mapped).
  */
 
@@ -4739,6 +5039,17 @@ enum TallyError: Swift.Error, Equatable, Hashable, Foundation.LocalizedError {
     case InvalidToken(message: String)
     
     /**
+     * The sync credentials are for another account than the signed-in user; nothing was
+     * recorded. Sign the user in again with matching credentials.
+     */
+    case SubjectMismatch(message: String)
+    
+    /**
+     * The library is not configured for this call (e.g. sync without the server's keys).
+     */
+    case Configuration(message: String)
+    
+    /**
      * A bug inside the library (a caught panic); the call had no effect that was not committed.
      */
     case Internal(message: String)
@@ -4820,7 +5131,15 @@ public struct FfiConverterTypeTallyError: FfiConverterRustBuffer {
             message: try FfiConverterString.read(from: &buf)
         )
         
-        case 13: return .Internal(
+        case 13: return .SubjectMismatch(
+            message: try FfiConverterString.read(from: &buf)
+        )
+        
+        case 14: return .Configuration(
+            message: try FfiConverterString.read(from: &buf)
+        )
+        
+        case 15: return .Internal(
             message: try FfiConverterString.read(from: &buf)
         )
         
@@ -4859,8 +5178,12 @@ public struct FfiConverterTypeTallyError: FfiConverterRustBuffer {
             writeInt(&buf, Int32(11))
         case .InvalidToken(_ /* message is ignored*/):
             writeInt(&buf, Int32(12))
-        case .Internal(_ /* message is ignored*/):
+        case .SubjectMismatch(_ /* message is ignored*/):
             writeInt(&buf, Int32(13))
+        case .Configuration(_ /* message is ignored*/):
+            writeInt(&buf, Int32(14))
+        case .Internal(_ /* message is ignored*/):
+            writeInt(&buf, Int32(15))
 
         
         }
@@ -5251,6 +5574,56 @@ fileprivate struct FfiConverterSequenceTypeRejectedEvent: FfiConverterRustBuffer
 #if swift(>=5.8)
 @_documentation(visibility: private)
 #endif
+fileprivate struct FfiConverterSequenceTypeRejectedProfileField: FfiConverterRustBuffer {
+    typealias SwiftType = [RejectedProfileField]
+
+    public static func write(_ value: [RejectedProfileField], into buf: inout [UInt8]) {
+        let len = Int32(value.count)
+        writeInt(&buf, len)
+        for item in value {
+            FfiConverterTypeRejectedProfileField.write(item, into: &buf)
+        }
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> [RejectedProfileField] {
+        let len: Int32 = try readInt(&buf)
+        var seq = [RejectedProfileField]()
+        seq.reserveCapacity(Int(len))
+        for _ in 0 ..< len {
+            seq.append(try FfiConverterTypeRejectedProfileField.read(from: &buf))
+        }
+        return seq
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterSequenceTypeRejectedSetting: FfiConverterRustBuffer {
+    typealias SwiftType = [RejectedSetting]
+
+    public static func write(_ value: [RejectedSetting], into buf: inout [UInt8]) {
+        let len = Int32(value.count)
+        writeInt(&buf, len)
+        for item in value {
+            FfiConverterTypeRejectedSetting.write(item, into: &buf)
+        }
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> [RejectedSetting] {
+        let len: Int32 = try readInt(&buf)
+        var seq = [RejectedSetting]()
+        seq.reserveCapacity(Int(len))
+        for _ in 0 ..< len {
+            seq.append(try FfiConverterTypeRejectedSetting.read(from: &buf))
+        }
+        return seq
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
 fileprivate struct FfiConverterSequenceTypeReportRow: FfiConverterRustBuffer {
     typealias SwiftType = [ReportRow]
 
@@ -5504,6 +5877,9 @@ private let initializationResult: InitializationResult = {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_tally_ffi_checksum_method_tally_setting() != 47751) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tally_ffi_checksum_method_tally_setting_status() != 15572) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_tally_ffi_checksum_method_tally_settings() != 33348) {

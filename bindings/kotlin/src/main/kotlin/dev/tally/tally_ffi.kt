@@ -796,6 +796,8 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_tally_ffi_checksum_method_tally_setting(
     ): Int
+    external fun uniffi_tally_ffi_checksum_method_tally_setting_status(
+    ): Int
     external fun uniffi_tally_ffi_checksum_method_tally_settings(
     ): Int
     external fun uniffi_tally_ffi_checksum_method_tally_sign_in(
@@ -898,6 +900,8 @@ internal object UniffiLib {
     external fun uniffi_tally_ffi_fn_method_tally_set_setting(`ptr`: Long,`userId`: RustBuffer.ByValue,`key`: RustBuffer.ByValue,`valueJson`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): Unit
     external fun uniffi_tally_ffi_fn_method_tally_setting(`ptr`: Long,`userId`: RustBuffer.ByValue,`key`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
+    external fun uniffi_tally_ffi_fn_method_tally_setting_status(`ptr`: Long,`userId`: RustBuffer.ByValue,`key`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
     external fun uniffi_tally_ffi_fn_method_tally_settings(`ptr`: Long,`userId`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
@@ -1134,6 +1138,9 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_tally_ffi_checksum_method_tally_setting() and 0xFFFF) != 47751) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tally_ffi_checksum_method_tally_setting_status() and 0xFFFF) != 15572) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_tally_ffi_checksum_method_tally_settings() and 0xFFFF) != 33348) {
@@ -2095,6 +2102,12 @@ public interface TallyInterface {
     fun `setting`(`userId`: kotlin.String, `key`: kotlin.String): kotlin.String?
     
     /**
+     * Where `key` stands with the server: not set, local-only, pending, synced, or rejected
+     * (with the reason; kept on the device, never resent until written again).
+     */
+    fun `settingStatus`(`userId`: kotlin.String, `key`: kotlin.String): SettingStatus
+    
+    /**
      * All settings of a user (defaults overlaid with stored values), as a JSON object.
      */
     fun `settings`(`userId`: kotlin.String): kotlin.String
@@ -2640,6 +2653,26 @@ open class Tally: Disposable, AutoCloseable, TallyInterface
     callWithHandle {
     uniffiRustCallWithError(TallyException) { _status ->
     UniffiLib.uniffi_tally_ffi_fn_method_tally_setting(
+        it,
+        
+        FfiConverterString.lower(`userId`),
+        FfiConverterString.lower(`key`),_status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
+     * Where `key` stands with the server: not set, local-only, pending, synced, or rejected
+     * (with the reason; kept on the device, never resent until written again).
+     */
+    @Throws(TallyException::class)override fun `settingStatus`(`userId`: kotlin.String, `key`: kotlin.String): SettingStatus {
+            return FfiConverterTypeSettingStatus.lift(
+    callWithHandle {
+    uniffiRustCallWithError(TallyException) { _status ->
+    UniffiLib.uniffi_tally_ffi_fn_method_tally_setting_status(
         it,
         
         FfiConverterString.lower(`userId`),
@@ -4187,6 +4220,101 @@ public object FfiConverterTypeRejectedEvent: FfiConverterRustBuffer<RejectedEven
 
 
 /**
+ * A profile field that was refused; the pending profile edit was dropped.
+ */
+data class RejectedProfileField (
+    /**
+     * The field (`display_name`, `avatar_url`, `timezone`, or `profile` for the whole edit).
+     */
+    var `field`: kotlin.String
+    , 
+    /**
+     * Why.
+     */
+    var `reason`: kotlin.String
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeRejectedProfileField: FfiConverterRustBuffer<RejectedProfileField> {
+    override fun read(buf: ByteBuffer): RejectedProfileField {
+        return RejectedProfileField(
+            FfiConverterString.read(buf),
+            FfiConverterString.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: RejectedProfileField) = (
+            FfiConverterString.allocationSize(value.`field`) +
+            FfiConverterString.allocationSize(value.`reason`)
+    )
+
+    override fun write(value: RejectedProfileField, buf: ByteBuffer) {
+            FfiConverterString.write(value.`field`, buf)
+            FfiConverterString.write(value.`reason`, buf)
+    }
+}
+
+
+
+/**
+ * A setting the server (or the contract, before sending) refused: quarantined alone, kept on
+ * the device, never resent until written again.
+ */
+data class RejectedSetting (
+    /**
+     * Setting key.
+     */
+    var `key`: kotlin.String
+    , 
+    /**
+     * Why (`value_too_large`, `quota_exceeded`, `too_large`, …).
+     */
+    var `reason`: kotlin.String
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeRejectedSetting: FfiConverterRustBuffer<RejectedSetting> {
+    override fun read(buf: ByteBuffer): RejectedSetting {
+        return RejectedSetting(
+            FfiConverterString.read(buf),
+            FfiConverterString.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: RejectedSetting) = (
+            FfiConverterString.allocationSize(value.`key`) +
+            FfiConverterString.allocationSize(value.`reason`)
+    )
+
+    override fun write(value: RejectedSetting, buf: ByteBuffer) {
+            FfiConverterString.write(value.`key`, buf)
+            FfiConverterString.write(value.`reason`, buf)
+    }
+}
+
+
+
+/**
  * One row of a usage report.
  */
 data class ReportRow (
@@ -4437,6 +4565,22 @@ data class SyncReport (
      * Whether a new entitlements token was accepted.
      */
     var `entitlementsUpdated`: kotlin.Boolean
+    , 
+    /**
+     * Settings refused, each quarantined alone.
+     */
+    var `settingsRejected`: List<RejectedSetting>
+    , 
+    /**
+     * Profile fields refused (the pending profile edit was dropped).
+     */
+    var `profileRejected`: List<RejectedProfileField>
+    , 
+    /**
+     * Features of sent events the server's catalog does not know (stored there, counted in
+     * no total until it knows them).
+     */
+    var `unknownFeatures`: List<kotlin.String>
     
 ){
     
@@ -4461,6 +4605,9 @@ public object FfiConverterTypeSyncReport: FfiConverterRustBuffer<SyncReport> {
             FfiConverterULong.read(buf),
             FfiConverterULong.read(buf),
             FfiConverterBoolean.read(buf),
+            FfiConverterSequenceTypeRejectedSetting.read(buf),
+            FfiConverterSequenceTypeRejectedProfileField.read(buf),
+            FfiConverterSequenceString.read(buf),
         )
     }
 
@@ -4472,7 +4619,10 @@ public object FfiConverterTypeSyncReport: FfiConverterRustBuffer<SyncReport> {
             FfiConverterULong.allocationSize(value.`settingsSent`) +
             FfiConverterULong.allocationSize(value.`settingsReceived`) +
             FfiConverterULong.allocationSize(value.`rounds`) +
-            FfiConverterBoolean.allocationSize(value.`entitlementsUpdated`)
+            FfiConverterBoolean.allocationSize(value.`entitlementsUpdated`) +
+            FfiConverterSequenceTypeRejectedSetting.allocationSize(value.`settingsRejected`) +
+            FfiConverterSequenceTypeRejectedProfileField.allocationSize(value.`profileRejected`) +
+            FfiConverterSequenceString.allocationSize(value.`unknownFeatures`)
     )
 
     override fun write(value: SyncReport, buf: ByteBuffer) {
@@ -4484,6 +4634,9 @@ public object FfiConverterTypeSyncReport: FfiConverterRustBuffer<SyncReport> {
             FfiConverterULong.write(value.`settingsReceived`, buf)
             FfiConverterULong.write(value.`rounds`, buf)
             FfiConverterBoolean.write(value.`entitlementsUpdated`, buf)
+            FfiConverterSequenceTypeRejectedSetting.write(value.`settingsRejected`, buf)
+            FfiConverterSequenceTypeRejectedProfileField.write(value.`profileRejected`, buf)
+            FfiConverterSequenceString.write(value.`unknownFeatures`, buf)
     }
 }
 
@@ -5521,6 +5674,139 @@ public object FfiConverterTypeRule : FfiConverterRustBuffer<Rule>{
 
 
 /**
+ * Where one setting stands with the server.
+ */
+sealed class SettingStatus {
+    
+    /**
+     * No value is stored for the key (a configured default may still show through).
+     */
+    object NotSet : SettingStatus()
+    
+    
+    /**
+     * The key is local-only: it never leaves the device.
+     */
+    object LocalOnly : SettingStatus()
+    
+    
+    /**
+     * The last write has not reached the server yet.
+     */
+    object Pending : SettingStatus()
+    
+    
+    /**
+     * The stored value is the one the server has.
+     */
+    object Synced : SettingStatus()
+    
+    
+    /**
+     * The last write was refused and is kept here, never resent until written again.
+     */
+    data class Rejected(
+        val `reason`: kotlin.String) : SettingStatus()
+        
+    {
+        
+
+        companion object
+    }
+    
+
+    
+
+    
+    
+
+
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeSettingStatus : FfiConverterRustBuffer<SettingStatus>{
+    override fun read(buf: ByteBuffer): SettingStatus {
+        return when(buf.getInt()) {
+            1 -> SettingStatus.NotSet
+            2 -> SettingStatus.LocalOnly
+            3 -> SettingStatus.Pending
+            4 -> SettingStatus.Synced
+            5 -> SettingStatus.Rejected(
+                FfiConverterString.read(buf),
+                )
+            else -> throw RuntimeException("invalid enum value, something is very wrong!!")
+        }
+    }
+
+    override fun allocationSize(value: SettingStatus): ULong = when(value) {
+        is SettingStatus.NotSet -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+            )
+        }
+        is SettingStatus.LocalOnly -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+            )
+        }
+        is SettingStatus.Pending -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+            )
+        }
+        is SettingStatus.Synced -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+            )
+        }
+        is SettingStatus.Rejected -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterString.allocationSize(value.`reason`)
+            )
+        }
+    }
+
+    override fun write(value: SettingStatus, buf: ByteBuffer) {
+        when(value) {
+            is SettingStatus.NotSet -> {
+                buf.putInt(1)
+                Unit
+            }
+            is SettingStatus.LocalOnly -> {
+                buf.putInt(2)
+                Unit
+            }
+            is SettingStatus.Pending -> {
+                buf.putInt(3)
+                Unit
+            }
+            is SettingStatus.Synced -> {
+                buf.putInt(4)
+                Unit
+            }
+            is SettingStatus.Rejected -> {
+                buf.putInt(5)
+                FfiConverterString.write(value.`reason`, buf)
+                Unit
+            }
+        }.let { /* this makes the `when` an expression, which ensures it is exhaustive */ }
+    }
+}
+
+
+
+
+
+/**
  * Subscription status, as the payment provider reports it (mapped).
  */
 
@@ -5644,6 +5930,17 @@ sealed class TallyException(message: String): kotlin.Exception(message) {
         class InvalidToken(message: String) : TallyException(message)
         
     /**
+     * The sync credentials are for another account than the signed-in user; nothing was
+     * recorded. Sign the user in again with matching credentials.
+     */
+        class SubjectMismatch(message: String) : TallyException(message)
+        
+    /**
+     * The library is not configured for this call (e.g. sync without the server's keys).
+     */
+        class Configuration(message: String) : TallyException(message)
+        
+    /**
      * A bug inside the library (a caught panic); the call had no effect that was not committed.
      */
         class Internal(message: String) : TallyException(message)
@@ -5673,7 +5970,9 @@ public object FfiConverterTypeTallyError : FfiConverterRustBuffer<TallyException
             10 -> TallyException.AccountDeleted(FfiConverterString.read(buf))
             11 -> TallyException.Server(FfiConverterString.read(buf))
             12 -> TallyException.InvalidToken(FfiConverterString.read(buf))
-            13 -> TallyException.Internal(FfiConverterString.read(buf))
+            13 -> TallyException.SubjectMismatch(FfiConverterString.read(buf))
+            14 -> TallyException.Configuration(FfiConverterString.read(buf))
+            15 -> TallyException.Internal(FfiConverterString.read(buf))
             else -> throw RuntimeException("invalid error enum value, something is very wrong!!")
         }
         
@@ -5733,8 +6032,16 @@ public object FfiConverterTypeTallyError : FfiConverterRustBuffer<TallyException
                 buf.putInt(12)
                 Unit
             }
-            is TallyException.Internal -> {
+            is TallyException.SubjectMismatch -> {
                 buf.putInt(13)
+                Unit
+            }
+            is TallyException.Configuration -> {
+                buf.putInt(14)
+                Unit
+            }
+            is TallyException.Internal -> {
+                buf.putInt(15)
                 Unit
             }
         }.let { /* this makes the `when` an expression, which ensures it is exhaustive */ }
@@ -6194,6 +6501,62 @@ public object FfiConverterSequenceTypeRejectedEvent: FfiConverterRustBuffer<List
         buf.putInt(value.size)
         value.iterator().forEach {
             FfiConverterTypeRejectedEvent.write(it, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterSequenceTypeRejectedProfileField: FfiConverterRustBuffer<List<RejectedProfileField>> {
+    override fun read(buf: ByteBuffer): List<RejectedProfileField> {
+        val len = buf.getInt()
+        return List<RejectedProfileField>(len) {
+            FfiConverterTypeRejectedProfileField.read(buf)
+        }
+    }
+
+    override fun allocationSize(value: List<RejectedProfileField>): ULong {
+        val sizeForLength = 4UL
+        val sizeForItems = value.map { FfiConverterTypeRejectedProfileField.allocationSize(it) }.sum()
+        return sizeForLength + sizeForItems
+    }
+
+    override fun write(value: List<RejectedProfileField>, buf: ByteBuffer) {
+        buf.putInt(value.size)
+        value.iterator().forEach {
+            FfiConverterTypeRejectedProfileField.write(it, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterSequenceTypeRejectedSetting: FfiConverterRustBuffer<List<RejectedSetting>> {
+    override fun read(buf: ByteBuffer): List<RejectedSetting> {
+        val len = buf.getInt()
+        return List<RejectedSetting>(len) {
+            FfiConverterTypeRejectedSetting.read(buf)
+        }
+    }
+
+    override fun allocationSize(value: List<RejectedSetting>): ULong {
+        val sizeForLength = 4UL
+        val sizeForItems = value.map { FfiConverterTypeRejectedSetting.allocationSize(it) }.sum()
+        return sizeForLength + sizeForItems
+    }
+
+    override fun write(value: List<RejectedSetting>, buf: ByteBuffer) {
+        buf.putInt(value.size)
+        value.iterator().forEach {
+            FfiConverterTypeRejectedSetting.write(it, buf)
         }
     }
 }

@@ -138,6 +138,11 @@ class TallyTest {
         tally.removeSetting(u, "theme")
         assertEquals("\"light\"", tally.setting(u, "theme"), "a deleted setting falls back to its default")
 
+        assertEquals(SettingStatus.NotSet, tally.settingStatus(u, "never"))
+        assertEquals(SettingStatus.Pending, tally.settingStatus(u, "fontSize"), "written, not yet synced")
+        assertEquals(SettingStatus.LocalOnly, tally.settingStatus(u, "theme"))
+        assertThrows(TallyException.InvalidInput::class.java) { tally.settingStatus(u, "") }
+
         tally.replaceSettings(u, """{"a": [1, 2, 3]}""")
         assertEquals("[1,2,3]", tally.setting(u, "a"))
         assertEquals("""{"a":[1,2,3],"fontSize":12,"theme":"light"}""", tally.settings(u), "replace deletes the keys it does not name")

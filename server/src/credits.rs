@@ -5,6 +5,7 @@
 //! carries the unexpired grants with what remains of them (and the debt as a negative grant
 //! `debt`), so the device goes on spending offline from where the server stands.
 
+use crate::AppState;
 use crate::error::{ApiError, ApiResult};
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
@@ -200,6 +201,53 @@ pub async fn insert(
         )
         .await?;
     Ok(n == 1)
+}
+
+/// Body fields of a credit grant (`POST /v1/admin/grants` with `credits`).
+pub struct CreditGrantRequest<'a> {
+    /// The user.
+    pub user_id: Uuid,
+    /// Credits.
+    pub credits: i64,
+    /// Expiry (`None`: never).
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Why.
+    pub reason: &'a str,
+    /// Who.
+    pub granted_by: &'a str,
+}
+
+/// Adds an admin credit grant (bumps the entitlement version); returns its id.
+pub async fn grant_credits(state: &AppState, r: CreditGrantRequest<'_>) -> ApiResult<String> {
+    if r.credits <= 0 || r.credits > 1_000_000_000_000 {
+        return Err(ApiError::Invalid("invalid_credits", "credits must be 1 to 10^12".into()));
+    }
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    crate::users::lock(&tx, r.user_id, &state.config.admin_subjects).await?;
+    let id = format!("adm:{}", Uuid::now_v7());
+    insert(&tx, r.user_id, &id, r.credits, "admin", Some(r.reason), Some(r.granted_by), None, state.now(), r.expires_at).await?;
+    tx.execute("UPDATE users SET ver = ver + 1 WHERE user_id = $1", &[&r.user_id]).await?;
+    tx.commit().await?;
+    Ok(id)
+}
+
+/// Revokes credit grants of a user (one by id, or every one); bumps the version. Returns how many.
+pub async fn revoke_credits(state: &AppState, user_id: Uuid, grant_id: Option<&str>) -> ApiResult<u64> {
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    crate::users::lock(&tx, user_id, &state.config.admin_subjects).await?;
+    let n = tx
+        .execute(
+            "UPDATE credit_grants SET revoked_at = now() WHERE user_id = $1 AND revoked_at IS NULL AND ($2::text IS NULL OR grant_id = $2)",
+            &[&user_id, &grant_id],
+        )
+        .await?;
+    if n > 0 {
+        tx.execute("UPDATE users SET ver = ver + 1 WHERE user_id = $1", &[&user_id]).await?;
+    }
+    tx.commit().await?;
+    Ok(n)
 }
 
 #[cfg(test)]
