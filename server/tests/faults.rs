@@ -18,6 +18,13 @@ use std::time::{Duration, Instant};
 use tally_server::pg_cluster::{Cluster, ClusterOptions};
 use uuid::Uuid;
 
+/// One fault test at a time: each measures latencies, which a neighbour's load would blur.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Short bounds, so every fault shows within seconds.
 const BOUNDS: &[(&str, &str)] = &[
     ("TALLY_DB_POOL_TIMEOUT_SECS", "2"),
@@ -74,6 +81,7 @@ fn assert_unavailable(what: &str, r: &(u16, Option<String>, Value)) {
 
 #[test]
 fn stalled_postgres_answers_503_within_the_timeout_and_recovers() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let Some(pg) = own_cluster(dir.path()) else { return };
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -131,6 +139,7 @@ fn stalled_postgres_answers_503_within_the_timeout_and_recovers() {
 
 #[test]
 fn postgres_restarted_during_ingest_answers_503_never_500_and_loses_nothing_acknowledged() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let Some(pg) = own_cluster(dir.path()) else { return };
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -264,6 +273,7 @@ fn summary(mut v: Vec<Duration>) -> (usize, Duration, Duration) {
 
 #[test]
 fn one_users_row_lock_and_burst_do_not_slow_another_users_requests() {
+    let _serial = serial();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let Some(url) = rt.block_on(fresh_db()) else { return };
     let dir = tempfile::tempdir().unwrap();
@@ -354,6 +364,7 @@ fn one_users_row_lock_and_burst_do_not_slow_another_users_requests() {
 
 #[test]
 fn a_thousand_idle_and_slow_sockets_do_not_lock_out_a_new_client() {
+    let _serial = serial();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let Some(url) = rt.block_on(fresh_db()) else { return };
     // Room for 1,000 sockets in this process too.
@@ -420,6 +431,7 @@ fn a_thousand_idle_and_slow_sockets_do_not_lock_out_a_new_client() {
 
 #[test]
 fn at_the_connection_cap_new_clients_wait_at_most_the_header_timeout() {
+    let _serial = serial();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let Some(url) = rt.block_on(fresh_db()) else { return };
     let dir = tempfile::tempdir().unwrap();
