@@ -18,6 +18,13 @@ use std::time::{Duration, Instant};
 use tally_server::pg_cluster::{Cluster, ClusterOptions};
 use uuid::Uuid;
 
+/// One fault test at a time: each measures latencies, which a neighbour's load would blur.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Short bounds, so every fault shows within seconds.
 const BOUNDS: &[(&str, &str)] = &[
     ("TALLY_DB_POOL_TIMEOUT_SECS", "2"),
@@ -74,6 +81,7 @@ fn assert_unavailable(what: &str, r: &(u16, Option<String>, Value)) {
 
 #[test]
 fn stalled_postgres_answers_503_within_the_timeout_and_recovers() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let Some(pg) = own_cluster(dir.path()) else { return };
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -131,6 +139,7 @@ fn stalled_postgres_answers_503_within_the_timeout_and_recovers() {
 
 #[test]
 fn postgres_restarted_during_ingest_answers_503_never_500_and_loses_nothing_acknowledged() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let Some(pg) = own_cluster(dir.path()) else { return };
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -264,6 +273,7 @@ fn summary(mut v: Vec<Duration>) -> (usize, Duration, Duration) {
 
 #[test]
 fn one_users_row_lock_and_burst_do_not_slow_another_users_requests() {
+    let _serial = serial();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let Some(url) = rt.block_on(fresh_db()) else { return };
     let dir = tempfile::tempdir().unwrap();
@@ -354,6 +364,7 @@ fn one_users_row_lock_and_burst_do_not_slow_another_users_requests() {
 
 #[test]
 fn a_thousand_idle_and_slow_sockets_do_not_lock_out_a_new_client() {
+    let _serial = serial();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let Some(url) = rt.block_on(fresh_db()) else { return };
     // Room for 1,000 sockets in this process too.
@@ -415,5 +426,28 @@ fn a_thousand_idle_and_slow_sockets_do_not_lock_out_a_new_client() {
         "FIGURE 1,000 idle/slowloris sockets open: GET /healthz from a new client in {} ms; all 1,000 closed by the server within {} ms (header timeout 2 s)",
         latency.as_millis(),
         reaped.as_millis()
+    );
+}
+
+#[test]
+fn at_the_connection_cap_new_clients_wait_at_most_the_header_timeout() {
+    let _serial = serial();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let Some(url) = rt.block_on(fresh_db()) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("TALLY_HTTP_HEADER_TIMEOUT_SECS", "1"), ("TALLY_HTTP_MAX_CONNECTIONS", "20")];
+    let server = Server::start_with(Some(&url), dir.path(), &env);
+    let addr = server.base.trim_start_matches("http://").to_string();
+    // 30 silent sockets: 20 take every slot, 10 wait in the listen backlog.
+    let socks: Vec<_> = (0..30).map(|_| std::net::TcpStream::connect(&addr).expect("connect")).collect();
+    let started = Instant::now();
+    let r = rt.block_on(send(client().get(format!("{}/healthz", server.base)))).expect("served once slots free up");
+    let waited = started.elapsed();
+    assert_eq!(r.0, 200);
+    assert!(waited < Duration::from_secs(4), "a new client waited {waited:?} (header timeout 1 s)");
+    drop(socks);
+    eprintln!(
+        "FIGURE 30 silent sockets against a cap of 20 connections: a new client served after {} ms (header timeout 1 s)",
+        waited.as_millis()
     );
 }

@@ -333,14 +333,19 @@ fn crashed_embedded_serve_restarts_with_one_command_and_a_second_serve_says_alre
     assert!(!out.status.success());
     assert!(err.contains(&format!("already running on the data directory {} (pid {})", data.display(), server.child.id())), "{err}");
     assert!(started.elapsed() < Duration::from_secs(5), "refused at once");
-    assert!(!err.contains('\u{1b}'), "plain logs when stderr is not a terminal: {err:?}");
 
     // kill -9 of serve leaves its PostgreSQL running; the next serve recovers it.
     let pidfile = data.join("postgres").join("postmaster.pid");
     let pg_pid: i32 = std::fs::read_to_string(&pidfile).unwrap().lines().next().unwrap().trim().parse().unwrap();
     server.kill9();
     assert!(nix::sys::signal::kill(nix::unistd::Pid::from_raw(pg_pid), None).is_ok(), "the crashed serve's Postgres is still up");
-    let mut server = Server::start(None, &data);
+    let log = dir.path().join("serve.log");
+    let mut cmd = Server::command(None, &data, &[]);
+    cmd.stderr(std::fs::File::create(&log).unwrap());
+    let mut server = Server::spawn(cmd);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("left running by a previous tally-server"), "{text}");
+    assert!(text.contains("WARN") && !text.contains('\u{1b}'), "plain logs when stderr is not a terminal: {text:?}");
     let r = rt.block_on(post_sync(&http, &server.base, &token("crash"), "d", &[note()])).unwrap();
     assert_eq!(total(&r, "notes", "lifetime"), 2, "the data survived");
 

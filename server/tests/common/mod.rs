@@ -233,8 +233,13 @@ impl Server {
 
     /// [`Server::start`] with extra environment variables.
     pub fn start_with(url: Option<&str>, dir: &std::path::Path, env: &[(&str, &str)]) -> Server {
+        Server::spawn(Server::command(url, dir, env))
+    }
+
+    /// Spawns `cmd` (from [`Server::command`]) and waits for its listening line.
+    pub fn spawn(mut cmd: std::process::Command) -> Server {
         use std::io::BufRead;
-        let mut child = Server::command(url, dir, env).stdout(std::process::Stdio::piped()).spawn().expect("spawn tally-server");
+        let mut child = cmd.stdout(std::process::Stdio::piped()).spawn().expect("spawn tally-server");
         let stdout = child.stdout.take().expect("stdout");
         let mut line = String::new();
         std::io::BufReader::new(stdout).read_line(&mut line).expect("read listening line");
