@@ -14,7 +14,7 @@
 //!    rejection), and settings converged: the server's `GET /v1/settings` and every device's
 //!    `settings()` (local-only keys aside) hold the last value written.
 //!
-//! Environment: `TALLY_LOOP_CASES` (default 8), `TALLY_LOOP_SEED` (replays a run; printed at
+//! Environment: `TALLY_LOOP_CASES` (default 20), `TALLY_LOOP_SEED` (replays a run; printed at
 //! start and on failure), `TALLY_LOOP_SHRINK_SECS` (default 120: time spent looking for a
 //! smaller failing case; 0: none). Needs PostgreSQL: fails, never skips, without it.
 
@@ -49,6 +49,8 @@ const MIN_BODY_CAP: usize = 64 * 1024;
 const FEATURES: [&str; 3] = ["notes", "lifetime_notes", "ai_chat"];
 /// The harness devices' local-only setting key.
 const LOCAL_KEY: &str = "theme";
+/// The nil UUID, a legal idempotency key that is a UUID (so it is the event id itself).
+const NIL: &str = "00000000-0000-0000-0000-000000000000";
 /// Setting keys that several devices write (so last-writer-wins has work to do).
 const SHARED_KEYS: [&str; 5] = ["lang", "font.size", "layout/sidebar", "über-ключ-設定", "k"];
 
@@ -193,6 +195,18 @@ impl ValueGen {
     }
 }
 
+/// Event metadata: always an object (`{"m": value}` around a non-object value).
+fn metadata(g: &ValueGen) -> Option<Value> {
+    match g {
+        ValueGen::Object(_) => g.value(MAX_METADATA_BYTES),
+        _ => {
+            let wrap = |v: Value| json!({ "m": v });
+            let over = serde_json::to_string(&wrap(Value::Null)).map_or(0, |s| s.len()) - "null".len();
+            g.value(MAX_METADATA_BYTES - over).map(wrap)
+        }
+    }
+}
+
 fn value_gen(max: usize) -> impl Strategy<Value = ValueGen> {
     prop_oneof![
         1 => Just(ValueGen::Delete),
@@ -262,7 +276,8 @@ struct ProfileEdit {
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Action {
     Consume(Use),
-    Set(SettingKey, ValueGen),
+    /// One `patch_settings` of one or more keys.
+    Set(Vec<(SettingKey, ValueGen)>),
     Profile(ProfileEdit),
     /// A sync through the faulty proxy (errors allowed while faults are on).
     Sync,
@@ -295,7 +310,7 @@ fn tokens() -> impl Strategy<Value = Option<u64>> {
 }
 
 fn use_gen() -> impl Strategy<Value = Use> {
-    let key = prop_oneof![1 => Just(None), 1 => Just(Some(IdKey::Uuid)), 1 => Just(Some(IdKey::Nil)), 3 => text(1, MAX_IDEMPOTENCY_KEY_BYTES).prop_map(|t| Some(IdKey::Text(t)))];
+    let key = prop_oneof![3 => Just(None), 3 => Just(Some(IdKey::Uuid)), 1 => Just(Some(IdKey::Nil)), 10 => text(1, MAX_IDEMPOTENCY_KEY_BYTES).prop_map(|t| Some(IdKey::Text(t)))];
     let ai = proptest::option::of(
         (proptest::option::of(text(1, MAX_MODEL_BYTES)), tokens(), tokens()).prop_map(|(model, input_tokens, output_tokens)| Ai {
             model,
@@ -324,9 +339,9 @@ fn profile_edit() -> impl Strategy<Value = ProfileEdit> {
 fn op() -> impl Strategy<Value = Op> {
     let action = prop_oneof![
         5 => use_gen().prop_map(Action::Consume),
-        4 => (setting_key(), value_gen(MAX_SETTING_VALUE_BYTES)).prop_map(|(k, v)| Action::Set(k, v)),
+        5 => prop_oneof![4 => proptest::collection::vec((setting_key(), value_gen(MAX_SETTING_VALUE_BYTES)), 1..=1), 1 => proptest::collection::vec((setting_key(), value_gen(MAX_SETTING_VALUE_BYTES)), 2..=12)].prop_map(Action::Set),
         1 => profile_edit().prop_map(Action::Profile),
-        2 => Just(Action::Sync),
+        1 => Just(Action::Sync),
     ];
     (0..3usize, 0..3usize, action).prop_map(|(user, device, action)| Op { user, device, action })
 }
@@ -343,7 +358,7 @@ fn faults() -> impl Strategy<Value = Faults> {
 fn case() -> impl Strategy<Value = Case> {
     let cap = prop_oneof![Just(MIN_BODY_CAP), MIN_BODY_CAP..=4 * MIN_BODY_CAP, MIN_BODY_CAP..=(1 << 20)];
     let batch = prop_oneof![Just(500usize), Just(64), 1..=8usize];
-    (1..=3usize, 2..=3usize, proptest::collection::vec(op(), 1..=40), cap, faults(), any::<u64>(), batch).prop_map(
+    (1..=3usize, 2..=3usize, proptest::collection::vec(op(), 1..=48), cap, faults(), any::<u64>(), batch).prop_map(
         |(users, devices, ops, body_cap, faults, proxy_seed, max_batch_events)| Case {
             users,
             devices,
@@ -482,7 +497,7 @@ fn run_case(w: &World, case: &Case) -> Result<(), TestCaseError> {
                     None => None,
                     Some(IdKey::Nil) if !expect[u].used_nil => {
                         expect[u].used_nil = true;
-                        Some(uuid::Uuid::nil().to_string())
+                        Some(NIL.to_string())
                     }
                     Some(IdKey::Uuid | IdKey::Nil) => {
                         Some(uuid::Uuid::from_u128((run as u128) << 64 | (i as u128) << 8 | u as u128).to_string())
@@ -504,11 +519,14 @@ fn run_case(w: &World, case: &Case) -> Result<(), TestCaseError> {
                         .filter(|m| !m.is_empty()),
                     input_tokens: c.ai.as_ref().and_then(|a| a.input_tokens),
                     output_tokens: c.ai.as_ref().and_then(|a| a.output_tokens),
-                    metadata: c.metadata.as_ref().and_then(|m| m.value(MAX_METADATA_BYTES)),
+                    metadata: c.metadata.as_ref().and_then(metadata),
                 };
                 let size = meta.metadata.as_ref().map_or(0, |m| m.to_string().len());
                 assert!(size <= MAX_METADATA_BYTES, "harness: metadata of {size} bytes");
                 match dev.tally.consume(uid, feature, amount, meta.clone()) {
+                    // The nil UUID may be refused up front (then nothing is recorded, and the
+                    // server is never asked); everything else generated here is legal.
+                    Err(tally_core::Error::InvalidInput(_)) if key.as_deref() == Some(NIL) => {}
                     Err(e) => f.add("legal", format!("op {i}: the core refused a legal use of {feature} ×{amount}: {e}")),
                     Ok(dec) if dec.allowed => {
                         *expect[u].totals.entry(feature).or_default() += amount;
@@ -525,25 +543,39 @@ fn run_case(w: &World, case: &Case) -> Result<(), TestCaseError> {
                     Ok(_) => {} // a hard limit denied it: nothing recorded
                 }
             }
-            Action::Set(k, v) => {
-                let key = k.key();
-                let value = v.value(MAX_SETTING_VALUE_BYTES);
-                let size = value.as_ref().map_or(4, |v| v.to_string().len());
-                assert!(size <= MAX_SETTING_VALUE_BYTES && key.len() <= MAX_SETTING_KEY_BYTES, "harness: setting of {size} bytes");
-                // Stay far inside the per-user cap on settings, whatever the other devices wrote.
-                if key != LOCAL_KEY {
-                    if expect[u].settings_bytes + key.len() + size > MAX_SETTINGS_BYTES_PER_USER * 3 / 4 {
-                        continue;
+            Action::Set(writes) => {
+                // One patch of several keys: an app that saves a whole preferences screen.
+                let mut patch = Map::new();
+                let mut applied = Vec::new();
+                for (k, v) in writes {
+                    let key = k.key();
+                    let value = v.value(MAX_SETTING_VALUE_BYTES);
+                    let size = value.as_ref().map_or(4, |v| v.to_string().len());
+                    assert!(size <= MAX_SETTING_VALUE_BYTES && key.len() <= MAX_SETTING_KEY_BYTES, "harness: setting of {size} bytes");
+                    // Stay far inside the per-user cap on settings, whatever the other devices wrote.
+                    if key != LOCAL_KEY {
+                        if expect[u].settings_bytes + key.len() + size > MAX_SETTINGS_BYTES_PER_USER * 3 / 4 {
+                            continue;
+                        }
+                        expect[u].settings_bytes += key.len() + size;
                     }
-                    expect[u].settings_bytes += key.len() + size;
+                    patch.insert(key.clone(), value.clone().unwrap_or(Value::Null));
+                    applied.push((key, value));
                 }
-                match dev.tally.set_setting(uid, &key, value.clone().unwrap_or(Value::Null)) {
-                    Err(e) => f.add("legal", format!("op {i}: the core refused a legal setting {key:?} of {size} bytes: {e}")),
-                    Ok(()) if key == LOCAL_KEY => {
-                        expect[u].local.insert(d, value);
-                    }
+                if patch.is_empty() {
+                    continue;
+                }
+                let sizes: Vec<usize> = patch.values().map(|v| v.to_string().len()).collect();
+                match dev.tally.patch_settings(uid, patch) {
+                    Err(e) => f.add("legal", format!("op {i}: the core refused legal settings of {sizes:?} bytes: {e}")),
                     Ok(()) => {
-                        expect[u].settings.insert(key, value);
+                        for (key, value) in applied {
+                            if key == LOCAL_KEY {
+                                expect[u].local.insert(d, value);
+                            } else {
+                                expect[u].settings.insert(key, value);
+                            }
+                        }
                     }
                 }
             }
@@ -724,7 +756,7 @@ fn env_u64(name: &str) -> Option<u64> {
 
 #[test]
 fn random_legal_device_states_always_sync_to_the_same_totals() {
-    let cases = env_u64("TALLY_LOOP_CASES").unwrap_or(8) as u32;
+    let cases = env_u64("TALLY_LOOP_CASES").unwrap_or(20) as u32;
     let seed = env_u64("TALLY_LOOP_SEED").unwrap_or_else(|| rand::rng().random());
     let shrink_secs = env_u64("TALLY_LOOP_SHRINK_SECS").unwrap_or(120) as u32;
     eprintln!("whole_loop: {cases} cases, seed {seed} (replay with TALLY_LOOP_SEED={seed})");
