@@ -109,10 +109,8 @@ impl Server {
         self.child = Some(cmd.spawn().expect("spawn tally-server"));
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Ok(resp) = http::blocking_get(&format!("{}/healthz", self.url)) {
-                if resp {
-                    return;
-                }
+            if let Ok(true) = http::blocking_get(&format!("{}/healthz", self.url)) {
+                return;
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
                 panic!("tally-server exited at start: {status}");
