@@ -15,7 +15,7 @@
 //!    `settings()` (local-only keys aside) hold the last value written.
 //!
 //! Environment: `TALLY_LOOP_CASES` (default 20), `TALLY_LOOP_SEED` (replays a run; printed at
-//! start and on failure), `TALLY_LOOP_SHRINK_SECS` (default 120: time spent looking for a
+//! start and on failure), `TALLY_LOOP_SHRINK_SECS` (default 90: time spent looking for a
 //! smaller failing case; 0: none). Needs PostgreSQL: fails, never skips, without it.
 
 use chrono::{DateTime, Utc};
@@ -758,7 +758,7 @@ fn env_u64(name: &str) -> Option<u64> {
 fn random_legal_device_states_always_sync_to_the_same_totals() {
     let cases = env_u64("TALLY_LOOP_CASES").unwrap_or(20) as u32;
     let seed = env_u64("TALLY_LOOP_SEED").unwrap_or_else(|| rand::rng().random());
-    let shrink_secs = env_u64("TALLY_LOOP_SHRINK_SECS").unwrap_or(120) as u32;
+    let shrink_secs = env_u64("TALLY_LOOP_SHRINK_SECS").unwrap_or(90) as u32;
     eprintln!("whole_loop: {cases} cases, seed {seed} (replay with TALLY_LOOP_SEED={seed})");
     let w = world();
     let config = RunnerConfig {
