@@ -69,15 +69,15 @@ pub fn main(args: &[String]) -> i32 {
         match v["kind"].as_str() {
             Some("result") => {
                 let mut r = v.clone();
-                if let Some(src) = v["baseline_from_core"].as_str() {
-                    if let Some(b) = find(src).and_then(|b| b["value"].as_f64()).filter(|b| *b > 0.0) {
-                        let dps = 1e6 / b;
-                        let value = v["value"].as_f64().unwrap_or(f64::NAN);
-                        r["baseline_name"] = json!(format!("{src} as decisions/s (1 thread)"));
-                        r["baseline_value"] = json!(dps);
-                        r["ratio"] = json!(value / dps);
-                        r["speedup_on_device"] = json!(dps / value);
-                    }
+                if let Some(src) = v["baseline_from_core"].as_str()
+                    && let Some(b) = find(src).and_then(|b| b["value"].as_f64()).filter(|b| *b > 0.0)
+                {
+                    let dps = 1e6 / b;
+                    let value = v["value"].as_f64().unwrap_or(f64::NAN);
+                    r["baseline_name"] = json!(format!("{src} as decisions/s (1 thread)"));
+                    r["baseline_value"] = json!(dps);
+                    r["ratio"] = json!(value / dps);
+                    r["speedup_on_device"] = json!(dps / value);
                 }
                 if let Some(o) = r.as_object_mut() {
                     o.remove("kind");
@@ -104,11 +104,11 @@ pub fn main(args: &[String]) -> i32 {
         "results": results,
         "baselines_and_fixtures": baselines,
     });
-    if let Some(p) = arg(args, "--json") {
-        if let Err(e) = std::fs::write(&p, serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n") {
-            eprintln!("writing {p}: {e}");
-            return 1;
-        }
+    if let Some(p) = arg(args, "--json")
+        && let Err(e) = std::fs::write(&p, serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n")
+    {
+        eprintln!("writing {p}: {e}");
+        return 1;
     }
     let md = markdown(&doc);
     println!("{md}");

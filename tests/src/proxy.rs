@@ -326,3 +326,53 @@ fn respond(client: &mut TcpStream, status: u16, reason: &str, body: &str) {
 fn respond_raw(client: &mut TcpStream, status: u16, reason: &str) -> std::io::Result<()> {
     client.write_all(format!("HTTP/1.1 {status} {reason}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").as_bytes())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tiny upstream that answers every request `200 ok` and counts them.
+    fn upstream() -> (String, Arc<AtomicU64>) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let hits = Arc::new(AtomicU64::new(0));
+        let h = hits.clone();
+        std::thread::spawn(move || {
+            for mut conn in listener.incoming().flatten() {
+                if read_request(&mut conn).is_some() {
+                    h.fetch_add(1, Ordering::SeqCst);
+                    let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
+                }
+            }
+        });
+        (url, hits)
+    }
+
+    fn post(url: &str, body: Vec<u8>) -> Result<(u16, String), reqwest::Error> {
+        let resp = reqwest::blocking::Client::new().post(url).body(body).send()?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.text()?))
+    }
+
+    #[test]
+    fn forwards_refuses_fails_and_cuts_as_told() {
+        let (url, hits) = upstream();
+        let proxy = FaultProxy::start(&url, 1000, 1);
+        assert_eq!(post(&proxy.url, vec![b'x'; 1000]).expect("clean").0, 200);
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
+        assert_eq!(post(&proxy.url, vec![b'x'; 1001]).expect("too large").0, 413);
+        assert_eq!(hits.load(Ordering::SeqCst), 1, "a body over the cap is not forwarded");
+        proxy.set_faults(Faults { fail_pct: 100, ..Faults::CLEAN });
+        assert!(post(&proxy.url, vec![b'x'; 10]).expect("5xx").0 >= 500);
+        assert_eq!(hits.load(Ordering::SeqCst), 1, "a failed request is not forwarded");
+        proxy.set_faults(Faults { cut_pct: 100, ..Faults::CLEAN });
+        for _ in 0..4 {
+            assert!(post(&proxy.url, vec![b'x'; 10]).is_err(), "the answer is lost");
+        }
+        assert_eq!(hits.load(Ordering::SeqCst), 5, "a cut request reached the server");
+        proxy.set_faults(Faults { delay_pct: 100, max_delay_ms: 20, ..Faults::CLEAN });
+        assert_eq!(post(&proxy.url, vec![]).expect("delayed").1, "ok");
+        let s = proxy.stats();
+        assert_eq!((s.requests, s.forwarded, s.too_large, s.failed, s.cut, s.delayed), (8, 2, 1, 1, 4, 1), "{s:?}");
+    }
+}
