@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use tally_core::{Catalog, Config, ManualClock, Tally};
 use tally_server::pg_cluster::{Cluster, ClusterOptions};
 
+pub mod proxy;
+
 /// Shared secret of the test identity provider (HS256).
 pub const JWT_SECRET: &str = "e2e-test-secret-of-the-identity-provider";
 
