@@ -180,7 +180,8 @@ pub(crate) fn validate_with_id<'a>(feature: &'a str, amount: u64, meta: &'a Usag
 
 /// The event id a given idempotency key maps to.
 pub fn event_id_for_key(key: &str) -> Uuid {
-    Uuid::parse_str(key).unwrap_or_else(|_| Uuid::new_v5(&KEY_NAMESPACE, key.as_bytes()))
+    // The nil UUID is no event id (the wire refuses it): it is a key like any other text.
+    Uuid::parse_str(key).ok().filter(|u| !u.is_nil()).unwrap_or_else(|| Uuid::new_v5(&KEY_NAMESPACE, key.as_bytes()))
 }
 
 /// The stored decision when `u.id` was already recorded with the same body.
@@ -298,5 +299,22 @@ mod tests {
         }
         let wire: String = c.query_row("SELECT ?1", [RejectReason::TooLarge], |r| r.get(0)).unwrap();
         assert_eq!(wire, "too_large");
+    }
+
+    #[test]
+    fn keys_map_to_ids_and_the_contract_guards_every_use() {
+        let u = Uuid::now_v7();
+        assert_eq!(event_id_for_key(&u.to_string()), u, "a UUID key is the id");
+        assert_eq!(event_id_for_key("req-1"), Uuid::new_v5(&KEY_NAMESPACE, b"req-1"), "others map to UUIDv5, stably");
+        let keyed = UsageMeta { idempotency_key: Some("req-1".into()), ..UsageMeta::default() };
+        let used = validate("ai_chat", 3, &keyed).unwrap();
+        assert!(used.keyed && used.id == event_id_for_key("req-1"));
+        assert!(validate("ai\0chat", 1, &UsageMeta::default()).is_err());
+        assert!(validate("ai_chat", crate::contract::MAX_AMOUNT + 1, &UsageMeta::default()).is_err());
+        let nul_key = UsageMeta { idempotency_key: Some("a\0".into()), ..UsageMeta::default() };
+        assert!(validate("ai_chat", 1, &nul_key).is_err());
+        assert_eq!(validate_with_id("ai_chat", 1, &UsageMeta::default(), false).unwrap().id, Uuid::nil(), "a check mints no id");
+        let nil = Uuid::nil().to_string();
+        assert_eq!(event_id_for_key(&nil), Uuid::new_v5(&KEY_NAMESPACE, nil.as_bytes()), "the nil UUID is a key, not an id");
     }
 }

@@ -56,14 +56,18 @@ fn counter_window(rule: &Rule, a: &Access, now: DateTime<Utc>) -> Option<(String
         Rule::Metered { period, .. } | Rule::Budget { period, .. } => {
             Some((period.as_str().to_string(), window(*period, now, a.tz, a.anchor)))
         }
-        Rule::Rate { window_secs, .. } => {
-            let secs = i64::try_from(*window_secs).unwrap_or(i64::MAX).max(1);
-            let start = now.timestamp().div_euclid(secs) * secs;
-            let s = DateTime::from_timestamp(start, 0).unwrap_or(now);
-            Some((format!("rate:{secs}"), Window { start: s, end: DateTime::from_timestamp(start.saturating_add(secs), 0) }))
-        }
+        Rule::Rate { window_secs, .. } => Some(rate_window(*window_secs, now)),
         _ => None,
     }
+}
+
+/// The counter key and window of a rate rule at `now`: fixed windows of `window_secs` aligned
+/// to the Unix epoch (per device, never synced).
+fn rate_window(window_secs: u64, now: DateTime<Utc>) -> (String, Window) {
+    let secs = i64::try_from(window_secs).unwrap_or(i64::MAX).max(1);
+    let start = now.timestamp().div_euclid(secs) * secs;
+    let s = DateTime::from_timestamp(start, 0).unwrap_or(now);
+    (format!("rate:{secs}"), Window { start: s, end: DateTime::from_timestamp(start.saturating_add(secs), 0) })
 }
 
 /// (pending, pending_cost, server_used) of a counter row.
@@ -244,9 +248,11 @@ impl Tally {
         let (d, effect) = decide_rule(rule, u.amount, priced, state, reason, record)?;
         let effect = match (effect, counter) {
             (Some(RuleEffect::Count { amount, cost }), Some((period, start, units, micros))) => {
-                // The row keeps both columns: each must stay in range.
-                crate::contract::checked_sum(u.feature, units, amount)?;
-                crate::contract::checked_sum(u.feature, micros, cost)?;
+                if record {
+                    // The row keeps both columns: each must stay in range.
+                    crate::contract::checked_sum(u.feature, units, amount)?;
+                    crate::contract::checked_sum(u.feature, micros, cost)?;
+                }
                 Some(Effect::Count { period, start, amount, cost })
             }
             (Some(RuleEffect::Credits(need)), _) => Some(Effect::Credits(need)),
@@ -451,4 +457,19 @@ fn record(
         Effect::None => {}
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_windows_are_epoch_aligned_and_never_empty() {
+        let at = DateTime::from_timestamp(1_700_000_059, 0).unwrap();
+        let (key, w) = rate_window(60, at);
+        assert_eq!(key, "rate:60");
+        assert_eq!((w.start.timestamp(), w.end.map(|e| e.timestamp())), (1_700_000_040, Some(1_700_000_100)));
+        let (key, w) = rate_window(0, at);
+        assert_eq!((key.as_str(), w.start, w.end.map(|e| e.timestamp())), ("rate:1", at, Some(1_700_000_060)), "0 s means 1 s");
+    }
 }

@@ -181,7 +181,8 @@ fn uses_summing_past_the_largest_counter_are_refused_and_nothing_is_recorded() {
     assert!(e.tally.consume(&user, "stars", 6, UsageMeta::default()).unwrap().allowed);
     assert_eq!(e.tally.usage(&user, "stars").unwrap().used, MAX_COUNTER);
     assert_err!(e.tally.consume(&user, "stars", 1, UsageMeta::default()), Error::InvalidInput(_));
-    assert!(e.tally.check(&user, "stars", 1).is_ok(), "a check still answers");
+    let checked = e.tally.check(&user, "stars", 1);
+    assert!(checked.is_ok(), "a check still answers: {checked:?}");
     let kind: String =
         e.raw().query_row("SELECT typeof(pending) FROM counters WHERE user_id = ?1 AND feature = 'stars'", [&user], |r| r.get(0)).unwrap();
     assert_eq!(kind, "integer", "the counter never turned into a REAL");

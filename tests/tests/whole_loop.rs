@@ -32,24 +32,19 @@ use tally_e2e::proxy::{FaultProxy, Faults};
 use tally_e2e::*;
 
 // The contract's limits (what both sides must accept). Every generated value stays within them.
-const MAX_AMOUNT: u64 = 1_000_000_000_000;
-const MAX_TOKENS: u64 = 1_000_000_000_000;
-const MAX_METADATA_BYTES: usize = 4096;
-const MAX_MODEL_BYTES: usize = 128;
-const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
-const MAX_SETTING_KEY_BYTES: usize = 128;
-const MAX_SETTING_VALUE_BYTES: usize = 16384;
-const MAX_SETTINGS_BYTES_PER_USER: usize = 1 << 20;
-const MAX_DISPLAY_NAME_BYTES: usize = 256;
-const MAX_AVATAR_URL_BYTES: usize = 2048;
-/// The proxy's body cap is never below this, so one legal event or setting always fits.
+use tally_core::contract::{
+    MAX_AMOUNT, MAX_AVATAR_URL_BYTES, MAX_DISPLAY_NAME_BYTES, MAX_IDEMPOTENCY_KEY_BYTES, MAX_METADATA_BYTES, MAX_MODEL_BYTES,
+    MAX_SETTING_KEY_BYTES, MAX_SETTING_VALUE_BYTES, MAX_SETTINGS_BYTES as MAX_SETTINGS_BYTES_PER_USER, MAX_TOKENS,
+};
+
+/// The smallest body cap the proxy draws (any single legal event or setting fits under it).
 const MIN_BODY_CAP: usize = 64 * 1024;
 
 /// Features of the harness catalog: unlimited per day, unlimited lifetime, hard 5 a month.
 const FEATURES: [&str; 3] = ["notes", "lifetime_notes", "ai_chat"];
 /// The harness devices' local-only setting key.
 const LOCAL_KEY: &str = "theme";
-/// The nil UUID, a legal idempotency key that is a UUID (so it is the event id itself).
+/// The nil UUID, a legal idempotency key (no event id: it maps to a UUIDv5 like any other text).
 const NIL: &str = "00000000-0000-0000-0000-000000000000";
 /// Setting keys that several devices write (so last-writer-wins has work to do).
 const SHARED_KEYS: [&str; 5] = ["lang", "font.size", "layout/sidebar", "über-ключ-設定", "k"];
