@@ -1,4 +1,4 @@
-//! The sync protocol's JSON bodies (DESIGN.md "Offline and sync" and "Wire contract"), shared by
+//! The sync protocol's JSON bodies (the README's "Sync" and API sections), shared by
 //! the device's sync client and the server. Readers ignore unknown fields.
 
 use crate::period::Period;

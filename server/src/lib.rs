@@ -142,7 +142,7 @@ impl AppState {
     }
 }
 
-/// The HTTP API over `state`: every route of DESIGN.md "Server".
+/// The HTTP API over `state`: every route of the README's API table.
 pub fn app(state: AppState) -> Router {
     let body_limit = usize::try_from(state.config.max_body_bytes).unwrap_or(usize::MAX);
     let request_timeout = Duration::from_secs(state.config.request_timeout_secs.max(1));

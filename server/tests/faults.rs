@@ -302,17 +302,24 @@ fn one_users_row_lock_and_burst_do_not_slow_another_users_requests() {
         tx.rollback().await.unwrap();
         let mut statuses = Vec::new();
         for s in syncs {
-            let r = s.await.unwrap().expect("hog sync");
-            if r.0 == 503 {
-                assert_unavailable("the hog's overflow", &r);
+            // An overflowed request may be answered 503 before its body was read: the server
+            // then closes the connection, and a client still uploading may see the reset instead
+            // of the answer (0 here). Either way the hog is refused and retries.
+            match s.await.unwrap() {
+                Ok(r) => {
+                    if r.0 == 503 {
+                        assert_unavailable("the hog's overflow", &r);
+                    }
+                    statuses.push(r.0);
+                }
+                Err(_) => statuses.push(0),
             }
-            statuses.push(r.0);
         }
         stop.store(true, Ordering::SeqCst);
         (statuses, probe.await.unwrap())
     });
     let (statuses, lat) = lock_phase;
-    assert!(statuses.iter().all(|s| *s == 200 || *s == 503), "the hog gets 200 or 503, never 429 or 500: {statuses:?}");
+    assert!(statuses.iter().all(|s| [0, 200, 503].contains(s)), "the hog gets 200 or 503, never 429 or 500: {statuses:?}");
     assert!(statuses.contains(&503), "the hog's blocked syncs answered 503: {statuses:?}");
     let (n, p50, max) = summary(lat);
     assert!(n >= 10, "the other user kept being served ({n} requests)");
@@ -339,17 +346,25 @@ fn one_users_row_lock_and_burst_do_not_slow_another_users_requests() {
             .collect();
         let mut statuses = Vec::new();
         for s in syncs {
-            let r = s.await.unwrap().expect("hog sync");
-            if r.0 == 503 {
-                assert_unavailable("the hog's overflow", &r);
+            // An overflowed request may be answered 503 before its body was read: the server
+            // then closes the connection, and a client still uploading may see the reset instead
+            // of the answer (0 here). Either way the hog is refused and retries.
+            match s.await.unwrap() {
+                Ok(r) => {
+                    if r.0 == 503 {
+                        assert_unavailable("the hog's overflow", &r);
+                    }
+                    statuses.push(r.0);
+                }
+                Err(_) => statuses.push(0),
             }
-            statuses.push(r.0);
         }
         let took = started.elapsed();
         stop.store(true, Ordering::SeqCst);
         (statuses, probe.await.unwrap(), took)
     });
-    assert!(statuses.iter().all(|s| *s == 200 || *s == 503), "{statuses:?}");
+    assert!(statuses.iter().all(|s| [0, 200, 503].contains(s)), "the hog gets 200 or 503, never 429 or 500: {statuses:?}");
+    assert!(statuses.contains(&200), "the hog is still served within its turns: {statuses:?}");
     let (n, p50, max) = summary(lat);
     assert!(max < Duration::from_secs(2), "another user's GET /v1/me took {max:?} during the burst (statement timeout 2 s)");
     eprintln!(

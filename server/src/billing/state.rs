@@ -37,7 +37,7 @@ pub struct SubState {
     pub event_id: String,
 }
 
-/// Maps a Stripe subscription status (DESIGN.md): `incomplete*` → none, `unpaid` → past_due,
+/// Maps a Stripe subscription status: `incomplete*` → none, `unpaid` → past_due,
 /// `paused` → canceled; unknown values → none.
 pub fn map_status(s: &str) -> SubscriptionStatus {
     match s {

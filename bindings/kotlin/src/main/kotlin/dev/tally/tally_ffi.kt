@@ -4667,7 +4667,7 @@ data class TallyConfig (
     var `localOnlySettings`: List<kotlin.String> = listOf() 
     , 
     /**
-     * The plan catalog JSON (DESIGN.md "Wire contract"); absent: the built-in free plan.
+     * The plan catalog JSON (the catalog format of the README); absent: the built-in free plan.
      */
     var `catalogJson`: kotlin.String? = null 
     , 
