@@ -4805,6 +4805,12 @@ data class Usage (
     var `overLimitBy`: kotlin.ULong
     , 
     /**
+     * The sorted causes of the overage the server reported for this window (`usage_report`,
+     * `cost_over_estimate`, `hold_expired`, …); empty when none.
+     */
+    var `overLimitCauses`: List<kotlin.String>
+    , 
+    /**
      * Window start (Unix ms).
      */
     var `periodStartMs`: kotlin.Long?
@@ -4835,6 +4841,7 @@ public object FfiConverterTypeUsage: FfiConverterRustBuffer<Usage> {
             FfiConverterOptionalULong.read(buf),
             FfiConverterOptionalULong.read(buf),
             FfiConverterULong.read(buf),
+            FfiConverterSequenceString.read(buf),
             FfiConverterOptionalLong.read(buf),
             FfiConverterOptionalLong.read(buf),
         )
@@ -4847,6 +4854,7 @@ public object FfiConverterTypeUsage: FfiConverterRustBuffer<Usage> {
             FfiConverterOptionalULong.allocationSize(value.`limit`) +
             FfiConverterOptionalULong.allocationSize(value.`remaining`) +
             FfiConverterULong.allocationSize(value.`overLimitBy`) +
+            FfiConverterSequenceString.allocationSize(value.`overLimitCauses`) +
             FfiConverterOptionalLong.allocationSize(value.`periodStartMs`) +
             FfiConverterOptionalLong.allocationSize(value.`resetsAtMs`)
     )
@@ -4858,6 +4866,7 @@ public object FfiConverterTypeUsage: FfiConverterRustBuffer<Usage> {
             FfiConverterOptionalULong.write(value.`limit`, buf)
             FfiConverterOptionalULong.write(value.`remaining`, buf)
             FfiConverterULong.write(value.`overLimitBy`, buf)
+            FfiConverterSequenceString.write(value.`overLimitCauses`, buf)
             FfiConverterOptionalLong.write(value.`periodStartMs`, buf)
             FfiConverterOptionalLong.write(value.`resetsAtMs`, buf)
     }
