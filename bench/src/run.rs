@@ -715,7 +715,8 @@ async fn hold_commit(env: &Env, tokens: &[String], dur: Duration) -> Res<(f64, H
     let t0 = Instant::now();
     let deadline = t0 + dur;
     let mut tasks = Vec::new();
-    for token in tokens.iter().take(16).cloned() {
+    for token in tokens.iter().take(16) {
+        let token = token.to_string();
         let client = env.client.clone();
         let url = env.url.clone();
         tasks.push(tokio::spawn(async move {
