@@ -500,3 +500,30 @@ async fn a_credit_balance_spent_by_consumes_and_holds_from_two_replicas_never_go
     assert_eq!(post(&b, &t, "/v1/consume", json!({"feature": "images"})).await.0, StatusCode::PAYMENT_REQUIRED);
     assert_eq!(a.scalar("SELECT count(*) FROM events WHERE feature = 'images'").await, 10);
 }
+
+#[tokio::test]
+async fn a_usage_write_key_consumes_holds_and_voids_for_a_named_subject_only() {
+    let a = app_or_skip!(primary().await);
+    let admin = token("root-admin");
+    let (s, k) = post(&a, &admin, "/v1/admin/api-keys", json!({"name": "backend", "scopes": ["usage:write"]})).await;
+    assert_eq!(s, StatusCode::CREATED, "{k}");
+    let key = k["secret"].as_str().unwrap().to_string();
+    let (_, me) = a.call("GET", "/v1/me", Some(&token("gina")), None).await;
+    let before = snapshot(&a).await;
+    let (s, v) = post(&a, &key, "/v1/consume", json!({"subject": "nobody", "feature": "gen"})).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (StatusCode::NOT_FOUND, Some("unknown_subject")), "{v}");
+    let (s, v) = post(&a, &key, "/v1/holds", json!({"subject": "nobody", "feature": "gen", "amount": 1})).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (StatusCode::NOT_FOUND, Some("unknown_subject")), "{v}");
+    assert_eq!(snapshot(&a).await, before);
+    let (s, v) = post(&a, &key, "/v1/consume", json!({"subject": "gina", "feature": "gen", "id": "k-1"})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v) = post(&a, &key, "/v1/consume", json!({"user_id": me["id"], "feature": "gen", "amount": 2})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, h) = post(&a, &key, "/v1/holds", json!({"subject": "gina", "feature": "gen", "amount": 4})).await;
+    assert_eq!(s, StatusCode::CREATED, "{h}");
+    let id = h["hold"]["id"].as_str().unwrap().to_string();
+    assert_eq!(a.call("DELETE", &format!("/v1/holds/{id}?subject=gina"), Some(&key), None).await.0, StatusCode::NO_CONTENT);
+    let (s, v) = post(&a, &key, "/v1/usage/k-1/void", json!({"subject": "gina"})).await;
+    assert_eq!((s, v["duplicate"].as_bool()), (StatusCode::OK, Some(false)), "{v}");
+    assert_eq!(total(&a, &token("gina"), "gen").await["used"], 2);
+}
