@@ -18,7 +18,8 @@ const JWT_SECRET: &str = "bench-secret-of-the-identity-provider";
 const PLANS: &str = r#"{"plans": [
   {"id": "free", "features": {
     "ai_chat": {"type": "metered", "limit": 5, "period": "month", "enforcement": "hard"},
-    "notes":   {"type": "metered", "limit": null, "period": "day", "enforcement": "hard"}}}]}"#;
+    "notes":   {"type": "metered", "limit": null, "period": "day", "enforcement": "hard"},
+    "calls":   {"type": "metered", "limit": 1000000000000, "period": "month", "enforcement": "hard"}}}]}"#;
 const BATCH: usize = 500;
 const DEVICES: usize = 16;
 
@@ -384,6 +385,45 @@ async fn run(bin: PathBuf, out: PathBuf, quick: bool) -> Res<()> {
         json!({"per_core": online_rps / cores, "connections": 16, "baseline_from_core": "core.check_p50"}),
     );
 
+    // ------------------------------------------------------------ deciding on the server
+    eprintln!("consume and holds: 16 connections (one user each), {secs} s each");
+    let (raw_rps, h_raw) = raw_consume(&env, &user_ids, dur).await?;
+    sink.measurement("pg.lock_check_insert_update_rps", raw_rps, "tx/s", Some(&h_raw));
+    let t4 = toks.clone();
+    let (consume_rps, h_consume) = hammer(
+        &env,
+        16,
+        dur,
+        Arc::new(move |c: &reqwest::Client, url: &str, i: usize| {
+            c.post(format!("{url}/v1/consume"))
+                .bearer_auth(&t4[i % t4.len()])
+                .header("content-type", "application/json")
+                .body(r#"{"feature":"calls","amount":1}"#)
+        }),
+    )
+    .await?;
+    sink.result(
+        "server.consume_rps",
+        consume_rps,
+        "req/s",
+        Some(("pg.lock_check_insert_update_rps", raw_rps)),
+        "ratio ≥ 0.5",
+        Some(consume_rps / raw_rps >= 0.5),
+        Some(&h_consume),
+        json!({"per_core": consume_rps / cores, "connections": 16}),
+    );
+    let (hold_rps, h_hold) = hold_commit(&env, &tokens, dur).await?;
+    sink.result(
+        "server.hold_commit_rps",
+        hold_rps,
+        "holds/s",
+        Some(("server.consume_rps", consume_rps)),
+        "report the ratio (a hold and its commit are two requests)",
+        None,
+        Some(&h_hold),
+        json!({"per_core": hold_rps / cores, "connections": 16, "requests_per_hold": 2}),
+    );
+
     // ------------------------------------------------------------ 10,000,000 rows
     if !quick {
         let target_rows: i64 = 10_000_000;
@@ -601,6 +641,130 @@ async fn ingest(env: &Env, work: &Work, expect: Expect) -> Res<(f64, Histogram<u
 }
 
 type MakeReq = Arc<dyn Fn(&reqwest::Client, &str, usize) -> reqwest::RequestBuilder + Send + Sync>;
+
+/// The baseline of `server.consume_rps`: the same decision straight on Postgres, one
+/// transaction per use — lock the user row, lock and check the pool row, insert the event,
+/// update the pool — on 16 connections (one user each) for `dur`; returns transactions/s.
+async fn raw_consume(env: &Env, users: &[Uuid], dur: Duration) -> Res<(f64, Histogram<u64>)> {
+    let t0 = Instant::now();
+    let deadline = t0 + dur;
+    let start = chrono::DateTime::<chrono::Utc>::UNIX_EPOCH;
+    let mut tasks = Vec::new();
+    for (i, user) in users.iter().copied().enumerate().take(16) {
+        let url = env.cluster_url.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut pg = pg_connect(&url).await?;
+            let device = format!("raw-consume-{i}");
+            pg.execute(
+                "INSERT INTO counters (user_id, feature, period, period_start) VALUES ($1, 'raw_calls', 'month', $2) ON CONFLICT DO NOTHING",
+                &[&user, &start],
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            let mut h = hist();
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                let tx = pg.transaction().await.map_err(|e| e.to_string())?;
+                tx.query_one("SELECT 1 FROM users WHERE user_id = $1 FOR NO KEY UPDATE", &[&user]).await.map_err(|e| e.to_string())?;
+                let used: i64 = tx
+                    .query_one(
+                        "SELECT used + held FROM counters WHERE user_id = $1 AND feature = 'raw_calls' AND period = 'month' AND period_start = $2 FOR UPDATE",
+                        &[&user, &start],
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .get(0);
+                if used + 1 > 1_000_000_000_000 {
+                    return Err("raw baseline: limit reached".into());
+                }
+                let now = chrono::Utc::now();
+                tx.execute(
+                    "INSERT INTO events (user_id, id, feature, amount, occurred_at, effective_at, clamped, received_at, device_id, cost_micros, source) \
+                     VALUES ($1, $2, 'raw_calls', 1, $3, $3, false, $3, $4, 0, 'raw') ON CONFLICT DO NOTHING",
+                    &[&user, &Uuid::now_v7(), &now, &device],
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+                tx.execute(
+                    "UPDATE counters SET used = used + 1 WHERE user_id = $1 AND feature = 'raw_calls' AND period = 'month' AND period_start = $2",
+                    &[&user, &start],
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+                tx.commit().await.map_err(|e| e.to_string())?;
+                let _ = h.record(t.elapsed().as_nanos().max(1) as u64);
+                n += 1;
+            }
+            Ok::<_, String>((n, h))
+        }));
+    }
+    let mut h = hist();
+    let mut n = 0;
+    for t in tasks {
+        let (k, th) = t.await.map_err(|e| e.to_string())??;
+        n += k;
+        h.add(th).map_err(|e| e.to_string())?;
+    }
+    Ok((n as f64 / t0.elapsed().as_secs_f64(), h))
+}
+
+/// 16 loops (one user each) creating a hold and committing it, for `dur`; returns committed
+/// holds/s and the latency histogram of the pair.
+async fn hold_commit(env: &Env, tokens: &[String], dur: Duration) -> Res<(f64, Histogram<u64>)> {
+    let t0 = Instant::now();
+    let deadline = t0 + dur;
+    let mut tasks = Vec::new();
+    for token in tokens.iter().take(16) {
+        let token = token.to_string();
+        let client = env.client.clone();
+        let url = env.url.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut h = hist();
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                let r = client
+                    .post(format!("{url}/v1/holds"))
+                    .bearer_auth(&token)
+                    .header("content-type", "application/json")
+                    .body(r#"{"feature":"calls","amount":2}"#)
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let status = r.status();
+                let v: Value = r.json().await.map_err(|e| e.to_string())?;
+                if status != reqwest::StatusCode::CREATED {
+                    return Err(format!("POST /v1/holds: {status} {v}"));
+                }
+                let id = v["hold"]["id"].as_str().ok_or("hold without id")?.to_string();
+                let r = client
+                    .post(format!("{url}/v1/holds/{id}/commit"))
+                    .bearer_auth(&token)
+                    .header("content-type", "application/json")
+                    .body(r#"{"amount":1}"#)
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if !r.status().is_success() {
+                    return Err(format!("commit: {}", r.status()));
+                }
+                let _ = r.bytes().await;
+                let _ = h.record(t.elapsed().as_nanos().max(1) as u64);
+                n += 1;
+            }
+            Ok::<_, String>((n, h))
+        }));
+    }
+    let mut h = hist();
+    let mut n = 0;
+    for t in tasks {
+        let (k, th) = t.await.map_err(|e| e.to_string())??;
+        n += k;
+        h.add(th).map_err(|e| e.to_string())?;
+    }
+    Ok((n as f64 / t0.elapsed().as_secs_f64(), h))
+}
 
 /// `conns` loops sending requests for `dur`; returns requests/s and the latency histogram.
 async fn hammer(env: &Env, conns: usize, dur: Duration, make: MakeReq) -> Res<(f64, Histogram<u64>)> {

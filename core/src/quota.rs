@@ -34,6 +34,10 @@ pub struct Usage {
     pub remaining: Option<u64>,
     /// `max(0, used - limit)`.
     pub over_limit_by: u64,
+    /// The sorted causes of the overage the server reported for this window (its total's
+    /// `over_limit_causes`, as of the last sync); empty when none.
+    #[serde(default)]
+    pub over_limit_causes: Vec<String>,
     /// Window start.
     pub period_start: Option<DateTime<Utc>>,
     /// Window end (`None` = never resets).
@@ -77,6 +81,15 @@ fn read_counter(conn: &Connection, user: &str, feature: &str, period: &str, star
         .query_row(params![user, feature, period, start], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64)))
         .optional()?
         .unwrap_or((0, 0, 0)))
+}
+
+/// The server's causes of overage stored for one window (sorted, as the server sent them).
+fn read_causes(conn: &Connection, user: &str, feature: &str, period: &str, start: i64) -> Result<Vec<String>> {
+    let text: Option<String> = conn
+        .prepare_cached("SELECT server_causes FROM counters WHERE user_id = ?1 AND feature = ?2 AND period = ?3 AND period_start = ?4")?
+        .query_row(params![user, feature, period, start], |r| r.get(0))
+        .optional()?;
+    Ok(text.unwrap_or_default().split(',').filter(|c| !c.is_empty()).map(str::to_string).collect())
 }
 
 /// The counter rows a batch reads and changes: each row is read once and written once, so a
@@ -400,6 +413,7 @@ impl Tally {
             limit: rule.limit(),
             remaining: None,
             over_limit_by: 0,
+            over_limit_causes: Vec::new(),
             period_start: None,
             resets_at: None,
         };
@@ -410,6 +424,7 @@ impl Tally {
             Some((pkey, w)) => {
                 let (pending, pending_cost, server) = read_counter(&g.conn, user_id, feature, &pkey, ms(w.start))?;
                 usage.used = server + if matches!(rule, Rule::Budget { .. }) { pending_cost } else { pending };
+                usage.over_limit_causes = read_causes(&g.conn, user_id, feature, &pkey, ms(w.start))?;
                 usage.period_start = Some(w.start);
                 usage.resets_at = w.end;
             }

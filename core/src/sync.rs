@@ -703,10 +703,19 @@ fn quarantine(tx: &Transaction<'_>, user_id: &str, id: &str, reason: &RejectReas
 /// Stores the server's total of one window.
 fn store_total(tx: &Transaction<'_>, user_id: &str, t: &Total) -> Result<()> {
     tx.prepare_cached(
-        "INSERT INTO counters (user_id, feature, period, period_start, server_used, server_over) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-         ON CONFLICT (user_id, feature, period, period_start) DO UPDATE SET server_used = excluded.server_used, server_over = excluded.server_over",
+        "INSERT INTO counters (user_id, feature, period, period_start, server_used, server_over, server_causes) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+         ON CONFLICT (user_id, feature, period, period_start) DO UPDATE SET server_used = excluded.server_used, server_over = excluded.server_over,
+           server_causes = excluded.server_causes",
     )?
-    .execute(params![user_id, t.feature, t.period.as_str(), ms(t.period_start), t.used.min(i64::MAX as u64) as i64, t.over_limit_by.min(i64::MAX as u64) as i64])?;
+    .execute(params![
+        user_id,
+        t.feature,
+        t.period.as_str(),
+        ms(t.period_start),
+        t.used.min(i64::MAX as u64) as i64,
+        t.over_limit_by.min(i64::MAX as u64) as i64,
+        t.over_limit_causes.join(",")
+    ])?;
     Ok(())
 }
 

@@ -145,6 +145,10 @@ pub struct Total {
     pub remaining: Option<u64>,
     /// `max(0, used - limit)`.
     pub over_limit_by: u64,
+    /// The sorted causes of the overage recorded in this window (`cost_over_estimate`,
+    /// `hold_expired`, `usage_report`, …); empty when none.
+    #[serde(default)]
+    pub over_limit_causes: Vec<String>,
 }
 
 /// Request bounds the server accepts.

@@ -574,6 +574,9 @@ pub struct Usage {
     pub remaining: Option<u64>,
     /// `max(0, used - limit)`.
     pub over_limit_by: u64,
+    /// The sorted causes of the overage the server reported for this window (`usage_report`,
+    /// `cost_over_estimate`, `hold_expired`, …); empty when none.
+    pub over_limit_causes: Vec<String>,
     /// Window start (Unix ms).
     pub period_start_ms: Option<i64>,
     /// Window end (Unix ms; absent = never resets).
@@ -589,6 +592,7 @@ impl From<core::Usage> for Usage {
             limit: u.limit,
             remaining: u.remaining,
             over_limit_by: u.over_limit_by,
+            over_limit_causes: u.over_limit_causes,
             period_start_ms: opt_ms(u.period_start),
             resets_at_ms: opt_ms(u.resets_at),
         }
@@ -605,6 +609,7 @@ impl TryFrom<Usage> for core::Usage {
             limit: u.limit,
             remaining: u.remaining,
             over_limit_by: u.over_limit_by,
+            over_limit_causes: u.over_limit_causes,
             period_start: from_opt_ms(u.period_start_ms, "period_start_ms")?,
             resets_at: from_opt_ms(u.resets_at_ms, "resets_at_ms")?,
         })

@@ -111,8 +111,9 @@ pub async fn current(
             "SELECT grant_id, amount, valid_from, expires_at, source FROM credit_grants WHERE user_id = $1 AND revoked_at IS NULL",
         )
         .await?;
-    let uses_st =
-        client.prepare_cached("SELECT feature, amount, effective_at FROM events WHERE user_id = $1 AND feature = ANY($2)").await?;
+    let uses_st = client
+        .prepare_cached("SELECT feature, amount, effective_at FROM events WHERE user_id = $1 AND feature = ANY($2) AND voided_at IS NULL")
+        .await?;
     // Both reads pipelined on the connection; the uses only when some rule draws credits.
     let (grant_rows, use_rows) = futures::try_join!(async { client.query(&grants_st, &[&user_id]).await }, async {
         if names.is_empty() { Ok(Vec::new()) } else { client.query(&uses_st, &[&user_id, &names]).await }

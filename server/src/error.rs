@@ -53,9 +53,28 @@ pub enum ApiError {
     /// [`RETRY_AFTER_SECS`].
     #[error("{0}")]
     Unavailable(String),
+    /// A denied decision (`/v1/consume`, holds): its status, code and message, with the
+    /// decision in the body.
+    #[error("{}", .0.message)]
+    Denied(Box<Denied>),
     /// 500: our fault; details are logged, not returned.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// A denied decision: answered with `{"error": {"code", "message"}, "decision"}`.
+#[derive(Debug)]
+pub struct Denied {
+    /// 402, 403, 422 or 429.
+    pub status: StatusCode,
+    /// `limit_reached`, `insufficient_credits`, `not_in_plan`, `rate_limited`, …
+    pub code: &'static str,
+    /// What happened, for people.
+    pub message: String,
+    /// The decision.
+    pub decision: tally_core::Decision,
+    /// `Retry-After` in seconds (rate limits).
+    pub retry_after: Option<u64>,
 }
 
 impl From<tally_core::contract::Violation> for ApiError {
@@ -93,6 +112,7 @@ impl ApiError {
             ApiError::UpgradeRequired(_) => (StatusCode::UPGRADE_REQUIRED, "upgrade_required"),
             ApiError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Denied(d) => (d.status, d.code),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -100,6 +120,14 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        if let ApiError::Denied(d) = self {
+            let body = serde_json::json!({"error": {"code": d.code, "message": d.message}, "decision": d.decision});
+            let mut resp = (d.status, axum::Json(body)).into_response();
+            if let Some(secs) = d.retry_after {
+                resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+            }
+            return resp;
+        }
         let (status, code) = self.parts();
         let message = match &self {
             ApiError::Internal(detail) => {

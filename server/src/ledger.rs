@@ -282,17 +282,37 @@ pub async fn ensure_counters(tx: &impl GenericClient, ctx: &Ctx<'_>) -> ApiResul
     let mut acc = BTreeMap::new();
     let rows = tx
         .query(
-            &tx.prepare_cached("SELECT feature, amount, effective_at, model, input_tokens, output_tokens FROM events WHERE user_id = $1")
-                .await?,
+            &tx.prepare_cached(
+                "SELECT feature, amount, effective_at, model, input_tokens, output_tokens, cause FROM events \
+                 WHERE user_id = $1 AND voided_at IS NULL",
+            )
+            .await?,
             &[&ctx.user_id],
         )
         .await?;
+    let mut causes: BTreeMap<CounterKey, BTreeSet<String>> = BTreeMap::new();
     for r in rows {
         let feature: String = r.get(0);
         let cost = ctx.cost(r.get::<_, Option<&str>>(3), r.get(4), r.get(5)).unwrap_or(i64::MAX);
         add_increments(ctx, &tracked, &mut acc, &feature, r.get(2), r.get(1), cost);
+        if let Some(cause) = r.get::<_, Option<String>>(6) {
+            for p in tracked.get(&feature).into_iter().flatten() {
+                let w = window(*p, r.get(2), ctx.tz, ctx.anchor);
+                causes.entry((feature.clone(), *p, w.start)).or_default().insert(cause.clone());
+            }
+        }
     }
     upsert_counters(tx, ctx.user_id, acc).await?;
+    for ((f, p, start), set) in causes {
+        let list: Vec<String> = set.into_iter().collect();
+        tx.execute(
+            &tx.prepare_cached("UPDATE counters SET causes = $5 WHERE user_id = $1 AND feature = $2 AND period = $3 AND period_start = $4")
+                .await?,
+            &[&ctx.user_id, &f, &p.as_str(), &start, &list],
+        )
+        .await?;
+    }
+    crate::pools::rebuild_held(tx, ctx.user_id).await?;
     tx.execute(&tx.prepare_cached("UPDATE users SET counters_key = $2 WHERE user_id = $1").await?, &[&ctx.user_id, &key]).await?;
     Ok(())
 }
@@ -316,8 +336,16 @@ pub struct Outcome {
     pub touched: Vec<(String, DateTime<Utc>)>,
 }
 
-/// The stored (used, cost_micros) of counter rows, read with the user row locked.
-type Counters = HashMap<CounterKey, (i64, i64)>;
+/// What a counter row holds: units, micros and the causes of overage in its window.
+#[derive(Debug, Clone, Default)]
+struct Stored {
+    used: i64,
+    cost: i64,
+    causes: Vec<String>,
+}
+
+/// The stored counter rows, read with the user row locked.
+type Counters = HashMap<CounterKey, Stored>;
 
 async fn read_counters(tx: &impl GenericClient, user_id: Uuid, keys: &BTreeSet<CounterKey>, into: &mut Counters) -> ApiResult<()> {
     let keys: Vec<&CounterKey> = keys.iter().filter(|k| !into.contains_key(*k)).collect();
@@ -330,7 +358,7 @@ async fn read_counters(tx: &impl GenericClient, user_id: Uuid, keys: &BTreeSet<C
     let rows = tx
         .query(
             &tx.prepare_cached(
-                "SELECT c.feature, c.period, c.period_start, c.used, c.cost_micros FROM counters c \
+                "SELECT c.feature, c.period, c.period_start, c.used, c.cost_micros, c.causes FROM counters c \
              JOIN unnest($2::text[], $3::text[], $4::timestamptz[]) AS w(feature, period, period_start) \
                ON c.feature = w.feature AND c.period = w.period AND c.period_start = w.period_start \
              WHERE c.user_id = $1",
@@ -340,12 +368,12 @@ async fn read_counters(tx: &impl GenericClient, user_id: Uuid, keys: &BTreeSet<C
         )
         .await?;
     for k in keys {
-        into.insert(k.clone(), (0, 0));
+        into.insert(k.clone(), Stored::default());
     }
     for r in rows {
         let period: String = r.get(1);
         if let Ok(p) = period.parse::<Period>() {
-            into.insert((r.get(0), p, r.get(2)), (r.get(3), r.get(4)));
+            into.insert((r.get(0), p, r.get(2)), Stored { used: r.get(3), cost: r.get(4), causes: r.get(5) });
         }
     }
     Ok(())
@@ -366,7 +394,10 @@ fn current_windows(ctx: &Ctx<'_>, features: &BTreeMap<String, Rule>) -> BTreeMap
 /// Inserts `events` for the (locked) user in one statement, detects duplicates and conflicts
 /// against the stored bodies, adds the inserted ones to the counters (refusing, and removing
 /// again, any use that would overflow one) and computes the totals of `features` for every
-/// window the batch touched plus the current ones.
+/// window the batch touched plus the current ones. With `over_cause`, an accepted event that
+/// leaves the window of its hard rule over the limit is stored with that cause, and the cause
+/// joins the window's `over_limit_causes`.
+#[allow(clippy::too_many_arguments)]
 pub async fn ingest(
     tx: &impl GenericClient,
     ctx: &Ctx<'_>,
@@ -374,6 +405,7 @@ pub async fn ingest(
     events: Vec<NewEvent>,
     device_id: Option<&str>,
     source: &str,
+    over_cause: Option<&str>,
 ) -> ApiResult<Outcome> {
     let mut out = Outcome::default();
     // Repeats inside the batch: same body → duplicate of the first, other body → conflict.
@@ -423,7 +455,7 @@ pub async fn ingest(
         for p in tracked.get(&e.feature).into_iter().flatten() {
             let w = window(*p, *eff, ctx.tz, ctx.anchor);
             let key = (e.feature.clone(), *p, w.start);
-            let (used, spent) = stored.get(&key).copied().unwrap_or((0, 0));
+            let (used, spent) = stored.get(&key).map_or((0, 0), |s| (s.used, s.cost));
             let inc = acc.get(&key);
             let (iu, ic) = inc.map_or((0, 0), |i| (i.used, i.cost));
             let sum = |a: i64, b: i64, c: i64| {
@@ -514,15 +546,19 @@ pub async fn ingest(
     read_counters(tx, ctx.user_id, &wanted.keys().cloned().collect(), &mut stored).await?;
     let mut after = stored;
     for (key, inc) in &acc {
-        let v = after.entry(key.clone()).or_insert((0, 0));
-        *v = (v.0 + inc.used, v.1 + inc.cost);
+        let v = after.entry(key.clone()).or_default();
+        v.used += inc.used;
+        v.cost += inc.cost;
     }
     upsert_counters(tx, ctx.user_id, acc).await?;
+    if let Some(cause) = over_cause {
+        mark_overage(tx, ctx, features, &unique, &out.accepted, &mut after, cause).await?;
+    }
     out.totals = wanted
         .into_iter()
         .filter_map(|((f, p, start), end)| {
-            let (used, cost) = after.get(&(f.clone(), p, start)).copied().unwrap_or((0, 0));
-            features.get(&f).map(|rule| total_for(rule, &f, p, start, end, used, cost))
+            let s = after.get(&(f.clone(), p, start)).cloned().unwrap_or_default();
+            features.get(&f).map(|rule| total_for(rule, &f, p, start, end, &s))
         })
         .collect();
     Ok(out)
@@ -587,9 +623,58 @@ async fn insert_events(
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
+/// Stores `cause` on every accepted event whose hard rule's window is over its limit after the
+/// batch, and adds it (sorted, once) to that window's causes.
+async fn mark_overage(
+    tx: &impl GenericClient,
+    ctx: &Ctx<'_>,
+    features: &BTreeMap<String, Rule>,
+    events: &[(DateTime<Utc>, i64, NewEvent)],
+    accepted: &[Uuid],
+    after: &mut Counters,
+    cause: &str,
+) -> ApiResult<()> {
+    let accepted: BTreeSet<Uuid> = accepted.iter().copied().collect();
+    let mut over_ids = Vec::new();
+    for (eff, _, e) in events.iter().filter(|(_, _, e)| accepted.contains(&e.id)) {
+        let Some(rule) = features.get(&e.feature) else { continue };
+        let (Some(period), Some(limit)) = (rule.period(), rule.limit()) else { continue };
+        if !crate::pools::is_hard(rule) {
+            continue;
+        }
+        let key = (e.feature.clone(), period, window(period, *eff, ctx.tz, ctx.anchor).start);
+        let Some(s) = after.get_mut(&key) else { continue };
+        let used = if matches!(rule, Rule::Budget { .. }) { s.cost } else { s.used };
+        if u64::try_from(used).unwrap_or(0) <= limit {
+            continue;
+        }
+        over_ids.push(e.id);
+        if !s.causes.iter().any(|c| c == cause) {
+            s.causes.push(cause.to_string());
+            s.causes.sort();
+            tx.execute(
+                &tx.prepare_cached(
+                    "UPDATE counters SET causes = $5 WHERE user_id = $1 AND feature = $2 AND period = $3 AND period_start = $4",
+                )
+                .await?,
+                &[&ctx.user_id, &key.0, &key.1.as_str(), &key.2, &s.causes],
+            )
+            .await?;
+        }
+    }
+    if !over_ids.is_empty() {
+        tx.execute(
+            &tx.prepare_cached("UPDATE events SET cause = $3 WHERE user_id = $1 AND id = ANY($2)").await?,
+            &[&ctx.user_id, &over_ids, &cause],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
 /// The counted rule of `feature`'s window containing `at`.
-fn total_for(rule: &Rule, feature: &str, period: Period, start: DateTime<Utc>, end: Option<DateTime<Utc>>, used: i64, cost: i64) -> Total {
-    let used = if matches!(rule, Rule::Budget { .. }) { cost } else { used };
+fn total_for(rule: &Rule, feature: &str, period: Period, start: DateTime<Utc>, end: Option<DateTime<Utc>>, s: &Stored) -> Total {
+    let used = if matches!(rule, Rule::Budget { .. }) { s.cost } else { s.used };
     let used = u64::try_from(used).unwrap_or(0);
     let limit = rule.limit();
     Total {
@@ -601,6 +686,7 @@ fn total_for(rule: &Rule, feature: &str, period: Period, start: DateTime<Utc>, e
         limit,
         remaining: limit.map(|l| l.saturating_sub(used)),
         over_limit_by: limit.map_or(0, |l| used.saturating_sub(l)),
+        over_limit_causes: s.causes.clone(),
     }
 }
 
@@ -612,8 +698,40 @@ pub async fn totals(tx: &impl GenericClient, ctx: &Ctx<'_>, features: &BTreeMap<
     Ok(wanted
         .into_iter()
         .filter_map(|((f, p, start), end)| {
-            let (used, cost) = stored.get(&(f.clone(), p, start)).copied().unwrap_or((0, 0));
-            features.get(&f).map(|rule| total_for(rule, &f, p, start, end, used, cost))
+            let s = stored.get(&(f.clone(), p, start)).cloned().unwrap_or_default();
+            features.get(&f).map(|rule| total_for(rule, &f, p, start, end, &s))
         })
         .collect())
+}
+
+/// Voids the (locked) user's event `id`: it stays in the ledger, marked, and stops counting in
+/// the windows of its own effective time (credits it drew return, since the balance replays
+/// only unvoided uses). `None`: no such event of this user; `Some(true)`: it was voided before.
+pub async fn void(tx: &impl GenericClient, ctx: &Ctx<'_>, id: Uuid, reason: Option<&str>) -> ApiResult<Option<bool>> {
+    let row = tx
+        .query_opt(
+            &tx.prepare_cached(
+                "SELECT feature, amount, effective_at, model, input_tokens, output_tokens, voided_at FROM events \
+                 WHERE user_id = $1 AND id = $2 FOR UPDATE",
+            )
+            .await?,
+            &[&ctx.user_id, &id],
+        )
+        .await?;
+    let Some(r) = row else { return Ok(None) };
+    if r.get::<_, Option<DateTime<Utc>>>(6).is_some() {
+        return Ok(Some(true));
+    }
+    let feature: String = r.get(0);
+    let amount: i64 = r.get(1);
+    let cost = ctx.cost(r.get::<_, Option<&str>>(3), r.get(4), r.get(5)).unwrap_or(0);
+    tx.execute(
+        &tx.prepare_cached("UPDATE events SET voided_at = $3, void_reason = $4 WHERE user_id = $1 AND id = $2").await?,
+        &[&ctx.user_id, &id, &ctx.now, &reason],
+    )
+    .await?;
+    let mut acc = BTreeMap::new();
+    add_increments(ctx, &tracked_periods(ctx.catalog), &mut acc, &feature, r.get(2), -amount, -cost);
+    upsert_counters(tx, ctx.user_id, acc).await?;
+    Ok(Some(false))
 }

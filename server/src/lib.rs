@@ -12,23 +12,27 @@ pub mod billing;
 pub mod cli;
 pub mod concurrency;
 pub mod config;
+pub mod consume;
 pub mod credits;
 pub mod db;
 pub mod entitlements;
 pub mod error;
 pub mod extract;
 pub mod grants;
+pub mod holds;
 pub mod http;
 pub mod ledger;
 pub mod metrics;
 pub mod pg_cluster;
 pub mod plans;
+pub mod pools;
 pub mod ratelimit;
 pub mod settings;
 pub mod signing;
 pub mod sync;
 pub mod usage;
 pub mod users;
+pub mod voids;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -117,7 +121,7 @@ impl AppState {
         }
         let verifier = auth::Verifier::new(&config).map_err(StartError::Config)?;
         let limiter = ratelimit::Limiter::new(config.rate_limit_per_sec, config.rate_limit_burst);
-        Ok(AppState(Arc::new(Shared {
+        let shared = Arc::new(Shared {
             config,
             pool,
             clock,
@@ -128,7 +132,9 @@ impl AppState {
             limiter,
             tokens: entitlements::TokenCache::default(),
             snapshots: Default::default(),
-        })))
+        });
+        holds::spawn_sweeper(Arc::downgrade(&shared), holds::SWEEP_EVERY);
+        Ok(AppState(shared))
     }
 
     /// The current time of the server's clock.
@@ -155,6 +161,11 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/keys", get(entitlements::get_keys))
         .route("/v1/check", post(usage::check))
         .route("/v1/usage", post(usage::record).get(usage::report))
+        .route("/v1/usage/{id}/void", post(voids::void))
+        .route("/v1/consume", post(consume::consume))
+        .route("/v1/holds", post(holds::create))
+        .route("/v1/holds/{id}/commit", post(holds::commit))
+        .route("/v1/holds/{id}", axum::routing::delete(holds::release))
         .route("/v1/webhooks/stripe", post(billing::webhook))
         .route("/v1/billing", get(billing::get_billing))
         .route("/v1/billing/checkout", post(billing::checkout))

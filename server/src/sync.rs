@@ -121,7 +121,7 @@ async fn run(
     let loaded = entitlements::load(state, &tx, &user, now).await?;
     let ctx = Ctx::new(&user, &loaded, now);
     ledger::ensure_counters(&tx, &ctx).await?;
-    let out = ledger::ingest(&tx, &ctx, &loaded.ents.features, events, Some(&req.device_id), "sync").await?;
+    let out = ledger::ingest(&tx, &ctx, &loaded.ents.features, events, Some(&req.device_id), "sync", None).await?;
     let settings_rejected = settings::merge(&tx, user.user_id, &req.settings_changes, now).await?;
     let (settings_changes, cursor) = settings::changes_since(&tx, user.user_id, settings::parse_cursor(req.cursor.as_deref())).await?;
     let mut ents = loaded.ents;

@@ -15,13 +15,13 @@ use chrono::{DateTime, Duration, Utc};
 use deadpool_postgres::GenericClient;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use tally_core::decision::{Decision, Priced, Reason, RuleState, decide_rule};
+use tally_core::decision::{Decision, Priced};
 use tally_core::wire::Total;
 use uuid::Uuid;
 
 /// The user a request acts for: the caller, or the user an API key names by `subject` or
 /// `user_id` (which must exist: 404 `unknown_subject`).
-async fn target(state: &AppState, p: &Principal, subject: Option<&str>, user_id: Option<&str>) -> ApiResult<User> {
+pub(crate) async fn target(state: &AppState, p: &Principal, subject: Option<&str>, user_id: Option<&str>) -> ApiResult<User> {
     match p {
         Principal::User(u) => match (subject, user_id) {
             (None, None) => Ok(u.clone()),
@@ -35,7 +35,7 @@ async fn target(state: &AppState, p: &Principal, subject: Option<&str>, user_id:
 }
 
 /// A string field of a JSON body: absent, null or a string.
-fn opt_str<'a>(body: &'a Value, field: &str) -> ApiResult<Option<&'a str>> {
+pub(crate) fn opt_str<'a>(body: &'a Value, field: &str) -> ApiResult<Option<&'a str>> {
     match body.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
@@ -87,7 +87,7 @@ pub async fn record(
     }
     ledger::ensure_counters(&tx, &ctx).await?;
     let id = event.id;
-    let out = ledger::ingest(&tx, &ctx, &loaded.ents.features, vec![event], None, "api").await?;
+    let out = ledger::ingest(&tx, &ctx, &loaded.ents.features, vec![event], None, "api", Some("usage_report")).await?;
     match out.rejected.first().map(|r| r.reason.as_str()) {
         None => {}
         Some("conflict") => return Err(ApiError::Conflict("conflict", format!("event {id} was already recorded with a different body"))),
@@ -122,35 +122,21 @@ fn one() -> u64 {
     1
 }
 
-/// `POST /v1/check`: what a `check(feature, amount)` would decide on the server.
+/// `POST /v1/check`: what a `check(feature, amount)` would decide on the server, against the
+/// pool's free room.
 pub async fn check(State(state): State<AppState>, p: Principal, JsonBody(req): JsonBody<CheckRequest>) -> ApiResult<Json<Decision>> {
     tally_core::contract::feature(&req.feature)?;
     tally_core::contract::amount(req.amount)?;
     let user = target(&state, &p, req.subject.as_deref(), req.user_id.as_deref()).await?;
-    let now = state.now();
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
     let user = users::lock(&tx, user.user_id, &state.config.admin_subjects).await?;
+    let now = crate::pools::now_locked(&state);
     let loaded = entitlements::load(&state, &tx, &user, now).await?;
     let ctx = Ctx::new(&user, &loaded, now);
     ledger::ensure_counters(&tx, &ctx).await?;
-    let ar = loaded.ents.access_reason.as_str();
-    let decision = match loaded.ents.features.get(&req.feature) {
-        None if loaded.catalog.knows_feature(&req.feature) => Decision::simple(false, Reason::NotInPlan, ar),
-        None => Decision::simple(false, Reason::UnknownFeature, ar),
-        Some(rule) => {
-            // Rate rules count per device and are never synced: the server holds no window of
-            // them, so only the amount itself is checked against the limit.
-            let mut rule_state = RuleState { balance: loaded.ents.credit_balance, ..RuleState::default() };
-            if rule.period().is_some() {
-                let feats = std::iter::once((req.feature.clone(), rule.clone())).collect();
-                if let Some(t) = ledger::totals(&tx, &ctx, &feats).await?.first() {
-                    (rule_state.used, rule_state.resets_at) = (t.used, t.period_end);
-                }
-            }
-            decide_rule(rule, req.amount, Priced::NoModel, rule_state, ar, false)?.0
-        }
-    };
+    // Decided against the free room (holds and device allowances taken out); records nothing.
+    let decision = crate::pools::decide(&tx, &ctx, &loaded, &req.feature, req.amount, Priced::NoModel, false).await?.decision;
     tx.commit().await?;
     Ok(Json(decision))
 }
@@ -194,7 +180,7 @@ pub async fn report_rows(
     };
     let sql = format!(
         "SELECT {key} AS k, count(*)::bigint, sum(amount)::bigint, coalesce(sum(input_tokens), 0)::bigint, coalesce(sum(output_tokens), 0)::bigint, \
-         sum(cost_micros)::bigint FROM events WHERE user_id = $1 AND effective_at >= $2 AND effective_at < $3 AND $4::text IS NOT NULL GROUP BY k ORDER BY k"
+         sum(cost_micros)::bigint FROM events WHERE user_id = $1 AND effective_at >= $2 AND effective_at < $3 AND voided_at IS NULL AND $4::text IS NOT NULL GROUP BY k ORDER BY k"
     );
     let rows = client.query(&sql, &[&user_id, &from, &to, &tz]).await?;
     Ok(rows

@@ -756,3 +756,31 @@ fn every_contract_limit_holds_on_both_sides() {
     let me: serde_json::Value = serde_json::from_str(&http_get_text(&format!("{}/v1/me", e.server.url), Some(&id_token(&sub)))).unwrap();
     assert_eq!(me["avatar_url"].as_str().map(str::len), Some(c::MAX_AVATAR_URL_BYTES));
 }
+
+#[test]
+fn a_backend_report_over_a_hard_limit_reaches_the_device_with_its_cause() {
+    let Some(e) = env("over_limit_causes", &[]) else { return };
+    let d = e.device("phone");
+    let u = sign_in(&d, "erin");
+    consume_n(&d, &u, "ai_chat", 3);
+    e.sync(&d, &u).expect("sync");
+    assert!(d.tally.usage(&u.id, "ai_chat").unwrap().over_limit_causes.is_empty());
+    // A backend reports three uses that already happened: the limit of 5 is overrun by 1.
+    for i in 0..3 {
+        let body =
+            format!(r#"{{"id":"{}","feature":"ai_chat","amount":1,"occurred_at":"{}"}}"#, uuid::Uuid::now_v7(), Utc::now().to_rfc3339());
+        let (status, text) =
+            raw_request("POST", &format!("{}/v1/usage", e.server.url), Some(&id_token("erin")), Some(&body)).expect("usage");
+        assert_eq!(status, 201, "{i}: {text}");
+    }
+    // And a backend consume is denied: the window is full.
+    let (status, text) =
+        raw_request("POST", &format!("{}/v1/consume", e.server.url), Some(&id_token("erin")), Some(r#"{"feature":"ai_chat"}"#))
+            .expect("consume");
+    assert_eq!(status, 402, "{text}");
+    e.sync(&d, &u).expect("sync");
+    let usage = d.tally.usage(&u.id, "ai_chat").unwrap();
+    assert_eq!((usage.used, usage.over_limit_by), (6, 1));
+    assert_eq!(usage.over_limit_causes, vec!["usage_report".to_string()]);
+    assert_eq!(e.server_used("erin", "ai_chat"), 6);
+}

@@ -3593,6 +3593,11 @@ public struct Usage: Equatable, Hashable {
      */
     public var overLimitBy: UInt64
     /**
+     * The sorted causes of the overage the server reported for this window (`usage_report`,
+     * `cost_over_estimate`, `hold_expired`, …); empty when none.
+     */
+    public var overLimitCauses: [String]
+    /**
      * Window start (Unix ms).
      */
     public var periodStartMs: Int64?
@@ -3623,6 +3628,10 @@ public struct Usage: Equatable, Hashable {
          * `max(0, used - limit)`.
          */overLimitBy: UInt64, 
         /**
+         * The sorted causes of the overage the server reported for this window (`usage_report`,
+         * `cost_over_estimate`, `hold_expired`, …); empty when none.
+         */overLimitCauses: [String], 
+        /**
          * Window start (Unix ms).
          */periodStartMs: Int64?, 
         /**
@@ -3634,6 +3643,7 @@ public struct Usage: Equatable, Hashable {
         self.limit = limit
         self.remaining = remaining
         self.overLimitBy = overLimitBy
+        self.overLimitCauses = overLimitCauses
         self.periodStartMs = periodStartMs
         self.resetsAtMs = resetsAtMs
     }
@@ -3660,6 +3670,7 @@ public struct FfiConverterTypeUsage: FfiConverterRustBuffer {
                 limit: FfiConverterOptionUInt64.read(from: &buf), 
                 remaining: FfiConverterOptionUInt64.read(from: &buf), 
                 overLimitBy: FfiConverterUInt64.read(from: &buf), 
+                overLimitCauses: FfiConverterSequenceString.read(from: &buf), 
                 periodStartMs: FfiConverterOptionInt64.read(from: &buf), 
                 resetsAtMs: FfiConverterOptionInt64.read(from: &buf)
         )
@@ -3672,6 +3683,7 @@ public struct FfiConverterTypeUsage: FfiConverterRustBuffer {
         FfiConverterOptionUInt64.write(value.limit, into: &buf)
         FfiConverterOptionUInt64.write(value.remaining, into: &buf)
         FfiConverterUInt64.write(value.overLimitBy, into: &buf)
+        FfiConverterSequenceString.write(value.overLimitCauses, into: &buf)
         FfiConverterOptionInt64.write(value.periodStartMs, into: &buf)
         FfiConverterOptionInt64.write(value.resetsAtMs, into: &buf)
     }

@@ -4806,6 +4806,12 @@ data class Usage (
     var `overLimitBy`: kotlin.ULong
     , 
     /**
+     * The sorted causes of the overage the server reported for this window (`usage_report`,
+     * `cost_over_estimate`, `hold_expired`, …); empty when none.
+     */
+    var `overLimitCauses`: List<kotlin.String>
+    , 
+    /**
      * Window start (Unix ms).
      */
     var `periodStartMs`: kotlin.Long?
@@ -4836,6 +4842,7 @@ public object FfiConverterTypeUsage: FfiConverterRustBuffer<Usage> {
             FfiConverterOptionalULong.read(buf),
             FfiConverterOptionalULong.read(buf),
             FfiConverterULong.read(buf),
+            FfiConverterSequenceString.read(buf),
             FfiConverterOptionalLong.read(buf),
             FfiConverterOptionalLong.read(buf),
         )
@@ -4848,6 +4855,7 @@ public object FfiConverterTypeUsage: FfiConverterRustBuffer<Usage> {
             FfiConverterOptionalULong.allocationSize(value.`limit`) +
             FfiConverterOptionalULong.allocationSize(value.`remaining`) +
             FfiConverterULong.allocationSize(value.`overLimitBy`) +
+            FfiConverterSequenceString.allocationSize(value.`overLimitCauses`) +
             FfiConverterOptionalLong.allocationSize(value.`periodStartMs`) +
             FfiConverterOptionalLong.allocationSize(value.`resetsAtMs`)
     )
@@ -4859,6 +4867,7 @@ public object FfiConverterTypeUsage: FfiConverterRustBuffer<Usage> {
             FfiConverterOptionalULong.write(value.`limit`, buf)
             FfiConverterOptionalULong.write(value.`remaining`, buf)
             FfiConverterULong.write(value.`overLimitBy`, buf)
+            FfiConverterSequenceString.write(value.`overLimitCauses`, buf)
             FfiConverterOptionalLong.write(value.`periodStartMs`, buf)
             FfiConverterOptionalLong.write(value.`resetsAtMs`, buf)
     }
