@@ -283,7 +283,7 @@ pub async fn ensure_counters(tx: &impl GenericClient, ctx: &Ctx<'_>) -> ApiResul
     let rows = tx
         .query(
             &tx.prepare_cached(
-                "SELECT feature, amount, effective_at, model, input_tokens, output_tokens, cause FROM events \
+                "SELECT feature, amount, effective_at, COALESCE(cost_micros, 0), cause FROM events \
                  WHERE user_id = $1 AND voided_at IS NULL",
             )
             .await?,
@@ -293,9 +293,10 @@ pub async fn ensure_counters(tx: &impl GenericClient, ctx: &Ctx<'_>) -> ApiResul
     let mut causes: BTreeMap<CounterKey, BTreeSet<String>> = BTreeMap::new();
     for r in rows {
         let feature: String = r.get(0);
-        let cost = ctx.cost(r.get::<_, Option<&str>>(3), r.get(4), r.get(5)).unwrap_or(i64::MAX);
+        // The cost stored when the use was recorded (priced then, or a budget's micros).
+        let cost: i64 = r.get(3);
         add_increments(ctx, &tracked, &mut acc, &feature, r.get(2), r.get(1), cost);
-        if let Some(cause) = r.get::<_, Option<String>>(6) {
+        if let Some(cause) = r.get::<_, Option<String>>(4) {
             for p in tracked.get(&feature).into_iter().flatten() {
                 let w = window(*p, r.get(2), ctx.tz, ctx.anchor);
                 causes.entry((feature.clone(), *p, w.start)).or_default().insert(cause.clone());
@@ -419,7 +420,12 @@ pub async fn ingest(
             Some(_) => out.rejected.push(reject(&e.id.to_string(), "conflict")),
             None => {
                 first.insert(e.id, e.body());
-                match ctx.cost(e.model.as_deref(), e.input_tokens, e.output_tokens) {
+                // As on the device: a budget use without a model is `amount` micros.
+                let cost = match (&e.model, features.get(&e.feature)) {
+                    (None, Some(Rule::Budget { .. })) => Some(e.amount),
+                    _ => ctx.cost(e.model.as_deref(), e.input_tokens, e.output_tokens),
+                };
+                match cost {
                     Some(cost) => unique.push((e.occurred_at.min(limit), cost, e)),
                     None => out.rejected.push(reject(&e.id.to_string(), "invalid_amount")),
                 }
@@ -711,7 +717,7 @@ pub async fn void(tx: &impl GenericClient, ctx: &Ctx<'_>, id: Uuid, reason: Opti
     let row = tx
         .query_opt(
             &tx.prepare_cached(
-                "SELECT feature, amount, effective_at, model, input_tokens, output_tokens, voided_at FROM events \
+                "SELECT feature, amount, effective_at, COALESCE(cost_micros, 0), voided_at FROM events \
                  WHERE user_id = $1 AND id = $2 FOR UPDATE",
             )
             .await?,
@@ -719,12 +725,12 @@ pub async fn void(tx: &impl GenericClient, ctx: &Ctx<'_>, id: Uuid, reason: Opti
         )
         .await?;
     let Some(r) = row else { return Ok(None) };
-    if r.get::<_, Option<DateTime<Utc>>>(6).is_some() {
+    if r.get::<_, Option<DateTime<Utc>>>(4).is_some() {
         return Ok(Some(true));
     }
     let feature: String = r.get(0);
     let amount: i64 = r.get(1);
-    let cost = ctx.cost(r.get::<_, Option<&str>>(3), r.get(4), r.get(5)).unwrap_or(0);
+    let cost: i64 = r.get(3);
     tx.execute(
         &tx.prepare_cached("UPDATE events SET voided_at = $3, void_reason = $4 WHERE user_id = $1 AND id = $2").await?,
         &[&ctx.user_id, &id, &ctx.now, &reason],

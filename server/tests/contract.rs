@@ -243,3 +243,19 @@ async fn a_grant_is_validated_before_anything_is_created() {
     let (_, e) = a.call("GET", "/v1/entitlements", Some(&token("newbie")), None).await;
     assert_eq!((e["plan"].as_str(), e["access_reason"].as_str()), (Some("pro"), Some("granted:beta")));
 }
+
+#[tokio::test]
+async fn a_budget_use_without_a_model_counts_its_amount_as_micros_like_the_device() {
+    let a = app_or_skip!(app().await);
+    let t = token("budget");
+    let (s, v) = a.sync(&t, "d", vec![event(Uuid::now_v7(), "ai_spend", 300)]).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let spend = v["totals"].as_array().unwrap().iter().find(|t| t["feature"] == "ai_spend").cloned().expect("ai_spend total");
+    assert_eq!(spend["used"], 300, "{spend}");
+    // A priced call counts its priced cost: 1,000 input tokens of gpt-4o = 2,500 micros.
+    let mut priced = event(Uuid::now_v7(), "ai_spend", 1);
+    (priced["model"], priced["input_tokens"]) = (json!("gpt-4o"), json!(1000));
+    let (_, v) = a.sync(&t, "d", vec![priced]).await;
+    let spend = v["totals"].as_array().unwrap().iter().find(|t| t["feature"] == "ai_spend").cloned().expect("ai_spend total");
+    assert_eq!(spend["used"], 2800, "{spend}");
+}
