@@ -25,6 +25,22 @@ const DEVICES: usize = 16;
 
 type Res<T> = Result<T, String>;
 
+/// One load loop: how many operations it did, and their latencies.
+type LoopResult<N> = Res<(N, Histogram<u64>)>;
+
+/// Waits for load loops that each return (count, latency histogram): the summed count and the
+/// merged histogram.
+async fn join_counts<N: std::ops::AddAssign + Default>(tasks: Vec<tokio::task::JoinHandle<LoopResult<N>>>) -> LoopResult<N> {
+    let mut h = hist();
+    let mut total = N::default();
+    for t in tasks {
+        let (k, th) = t.await.map_err(|e| e.to_string())??;
+        total += k;
+        h.add(th).map_err(|e| e.to_string())?;
+    }
+    Ok((total, h))
+}
+
 fn hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 600_000_000_000, 3).expect("histogram bounds")
 }
@@ -630,13 +646,7 @@ async fn ingest(env: &Env, work: &Work, expect: Expect) -> Res<(f64, Histogram<u
             Ok::<_, String>((events, h))
         }));
     }
-    let mut h = hist();
-    let mut events = 0;
-    for t in tasks {
-        let (e, th) = t.await.map_err(|e| e.to_string())??;
-        events += e;
-        h.add(th).map_err(|e| e.to_string())?;
-    }
+    let (events, h) = join_counts(tasks).await?;
     Ok((events as f64 / t0.elapsed().as_secs_f64(), h))
 }
 
@@ -699,13 +709,7 @@ async fn raw_consume(env: &Env, users: &[Uuid], dur: Duration) -> Res<(f64, Hist
             Ok::<_, String>((n, h))
         }));
     }
-    let mut h = hist();
-    let mut n = 0;
-    for t in tasks {
-        let (k, th) = t.await.map_err(|e| e.to_string())??;
-        n += k;
-        h.add(th).map_err(|e| e.to_string())?;
-    }
+    let (n, h) = join_counts(tasks).await?;
     Ok((n as f64 / t0.elapsed().as_secs_f64(), h))
 }
 
@@ -756,13 +760,7 @@ async fn hold_commit(env: &Env, tokens: &[String], dur: Duration) -> Res<(f64, H
             Ok::<_, String>((n, h))
         }));
     }
-    let mut h = hist();
-    let mut n = 0;
-    for t in tasks {
-        let (k, th) = t.await.map_err(|e| e.to_string())??;
-        n += k;
-        h.add(th).map_err(|e| e.to_string())?;
-    }
+    let (n, h) = join_counts(tasks).await?;
     Ok((n as f64 / t0.elapsed().as_secs_f64(), h))
 }
 
@@ -792,13 +790,7 @@ async fn hammer(env: &Env, conns: usize, dur: Duration, make: MakeReq) -> Res<(f
             Ok::<_, String>((n, h))
         }));
     }
-    let mut h = hist();
-    let mut n = 0;
-    for t in tasks {
-        let (k, th) = t.await.map_err(|e| e.to_string())??;
-        n += k;
-        h.add(th).map_err(|e| e.to_string())?;
-    }
+    let (n, h) = join_counts(tasks).await?;
     Ok((n as f64 / t0.elapsed().as_secs_f64(), h))
 }
 
