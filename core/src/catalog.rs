@@ -4,6 +4,7 @@
 //! (`plans[1].features.api.limit`).
 
 use crate::error::{Error, Result};
+use crate::lease::Share;
 use crate::period::Period;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -60,6 +61,11 @@ pub enum Rule {
         /// Hard or soft.
         #[serde(default)]
         enforcement: Enforcement,
+        /// The fraction of each window's limit devices may hold between them as leases
+        /// (protocol 2); the rest stays with the server. Default 1; 0 for a feature only a
+        /// backend consumes.
+        #[serde(default, skip_serializing_if = "Share::is_one")]
+        offline_share: Share,
     },
     /// Each unit draws `cost` credits from the user's balance.
     Credits {
@@ -82,6 +88,9 @@ pub enum Rule {
         /// Hard or soft.
         #[serde(default)]
         enforcement: Enforcement,
+        /// As for metered rules.
+        #[serde(default, skip_serializing_if = "Share::is_one")]
+        offline_share: Share,
     },
 }
 
@@ -91,6 +100,13 @@ impl Rule {
         match self {
             Rule::Metered { period, .. } | Rule::Budget { period, .. } => Some(*period),
             _ => None,
+        }
+    }
+    /// The fraction of a window's limit devices may hold as leases (1 for rules without one).
+    pub fn offline_share(&self) -> Share {
+        match self {
+            Rule::Metered { offline_share, .. } | Rule::Budget { offline_share, .. } => *offline_share,
+            _ => Share::ONE,
         }
     }
     /// The limit of a counted rule (`None` = unlimited or not counted).
@@ -136,6 +152,9 @@ pub struct Catalog {
     /// The plans, in declaration order.
     #[serde(default)]
     pub plans: Vec<Plan>,
+    /// The fraction of the credit balance devices may hold as leases (protocol 2; default 1).
+    #[serde(default, skip_serializing_if = "Share::is_one")]
+    pub credits_offline_share: Share,
 }
 
 /// Id of the plan everyone falls back to.
@@ -152,8 +171,8 @@ impl Catalog {
     pub fn from_value(v: &Value) -> Result<Catalog> {
         let obj = v.as_object().ok_or_else(|| Error::catalog("$", "expected an object with `models` and `plans`"))?;
         for k in obj.keys() {
-            if k != "models" && k != "plans" {
-                return Err(Error::catalog(k.as_str(), "unknown field (expected `models` or `plans`)"));
+            if k != "models" && k != "plans" && k != "credits_offline_share" {
+                return Err(Error::catalog(k.as_str(), "unknown field (expected `models`, `plans` or `credits_offline_share`)"));
             }
         }
         let mut models = BTreeMap::new();
@@ -187,7 +206,8 @@ impl Catalog {
                 plans.push(plan);
             }
         }
-        let mut c = Catalog { models, plans };
+        let credits_offline_share = share("", obj)?;
+        let mut c = Catalog { models, plans, credits_offline_share };
         c.ensure_free();
         Ok(c)
     }
@@ -276,6 +296,9 @@ impl Plan {
                 if key.is_empty() || key.len() > 128 {
                     return Err(Error::catalog(rp, "feature key must be 1 to 128 bytes"));
                 }
+                if key.starts_with('$') {
+                    return Err(Error::catalog(rp, "feature keys may not start with `$` (reserved for pools such as `$credits`)"));
+                }
                 features.insert(key.clone(), validate_rule(&rp, rule)?);
             }
         }
@@ -294,13 +317,13 @@ fn validate_rule(path: &str, v: &Value) -> Result<Rule> {
             Rule::Flag { enabled }
         }
         "metered" => {
-            known_fields(path, o, &["type", "limit", "period", "enforcement"])?;
+            known_fields(path, o, &["type", "limit", "period", "enforcement", "offline_share"])?;
             let limit = match o.get("limit") {
                 None => return Err(Error::catalog(format!("{path}.limit"), "missing limit (use null for unlimited)")),
                 Some(Value::Null) => None,
                 Some(_) => Some(uint(path, o, "limit")?),
             };
-            Rule::Metered { limit, period: period(path, o)?, enforcement: enforcement(path, o)? }
+            Rule::Metered { limit, period: period(path, o)?, enforcement: enforcement(path, o)?, offline_share: share(path, o)? }
         }
         "credits" => {
             known_fields(path, o, &["type", "cost"])?;
@@ -315,8 +338,13 @@ fn validate_rule(path: &str, v: &Value) -> Result<Rule> {
             Rule::Rate { limit: uint(path, o, "limit")?, window_secs }
         }
         "budget" => {
-            known_fields(path, o, &["type", "limit_micros", "period", "enforcement"])?;
-            Rule::Budget { limit_micros: uint(path, o, "limit_micros")?, period: period(path, o)?, enforcement: enforcement(path, o)? }
+            known_fields(path, o, &["type", "limit_micros", "period", "enforcement", "offline_share"])?;
+            Rule::Budget {
+                limit_micros: uint(path, o, "limit_micros")?,
+                period: period(path, o)?,
+                enforcement: enforcement(path, o)?,
+                offline_share: share(path, o)?,
+            }
         }
         other => {
             return Err(Error::catalog(
@@ -326,6 +354,17 @@ fn validate_rule(path: &str, v: &Value) -> Result<Rule> {
         }
     };
     Ok(rule)
+}
+
+/// The `offline_share` (or, at the top level, `credits_offline_share`) of an object: a number
+/// from 0 to 1, default 1.
+fn share(path: &str, o: &serde_json::Map<String, Value>) -> Result<Share> {
+    let key = if path.is_empty() { "credits_offline_share" } else { "offline_share" };
+    let p = if path.is_empty() { key.to_string() } else { format!("{path}.{key}") };
+    match o.get(key) {
+        None | Some(Value::Null) => Ok(Share::ONE),
+        Some(v) => v.as_f64().and_then(Share::from_f64).ok_or_else(|| Error::catalog(p, "expected a number from 0 to 1")),
+    }
 }
 
 fn known_fields(path: &str, o: &serde_json::Map<String, Value>, allowed: &[&str]) -> Result<()> {
@@ -379,7 +418,10 @@ mod tests {
         let c = Catalog::from_json(EXAMPLE).unwrap();
         let free = c.free();
         assert_eq!(free.features.len(), 5);
-        assert_eq!(free.features["ai_chat"], Rule::Metered { limit: Some(5), period: Period::Month, enforcement: Enforcement::Hard });
+        assert_eq!(
+            free.features["ai_chat"],
+            Rule::Metered { limit: Some(5), period: Period::Month, enforcement: Enforcement::Hard, offline_share: Share::ONE }
+        );
         assert_eq!(free.included_credits, Some(IncludedCredits { amount: 100, rollover: false }));
         assert_eq!(c.models["gpt-4o"].cost_micros(1000, 500), Ok(2500 + 5000));
         // Round trip through serde gives the same catalog.

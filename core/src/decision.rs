@@ -27,6 +27,9 @@ pub enum Reason {
     UnknownModel,
     /// Over a soft limit: recorded and flagged.
     OverLimitSoft,
+    /// Protocol 2: this device's lease of a hard pool is spent while the account still has
+    /// room; nothing recorded. Sync (online) to get more.
+    LeaseExhausted,
 }
 
 impl Reason {
@@ -42,6 +45,7 @@ impl Reason {
             Reason::UnknownFeature => "unknown_feature",
             Reason::UnknownModel => "unknown_model",
             Reason::OverLimitSoft => "over_limit_soft",
+            Reason::LeaseExhausted => "lease_exhausted",
         }
     }
 }
@@ -67,6 +71,14 @@ pub struct Decision {
     /// `max(0, used - limit)`; for credits, the negative balance.
     #[serde(default)]
     pub over_limit_by: u64,
+    /// Protocol 2, on a device: what this device's lease has left for the pool (beside the
+    /// account's `remaining`); `None` without a lease.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_remaining: Option<u64>,
+    /// On the server: units of the pool held by devices' leases when that room is what a use
+    /// lacked (the server recalls them; retry after `Retry-After`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_offline: Option<u64>,
 }
 
 impl Decision {
@@ -81,6 +93,8 @@ impl Decision {
             resets_at: None,
             access_reason: access_reason.into(),
             over_limit_by: 0,
+            device_remaining: None,
+            held_offline: None,
         }
     }
 }
@@ -119,6 +133,8 @@ pub fn decide_counted(
         resets_at,
         access_reason: access_reason.into(),
         over_limit_by: c.limit.map_or(0, |l| shown.saturating_sub(l)),
+        device_remaining: None,
+        held_offline: None,
     };
     let shown_if_recorded = if record { after } else { used };
     match c.limit {
@@ -207,6 +223,8 @@ pub fn decide_rule(
                 resets_at: None,
                 access_reason: access_reason.into(),
                 over_limit_by: if shown < 0 { shown.unsigned_abs() } else { 0 },
+                device_remaining: None,
+                held_offline: None,
             };
             Ok((d, ok.then_some(RuleEffect::Credits(need))))
         }

@@ -295,6 +295,19 @@ pub struct EntitlementClaims {
     pub iat: i64,
     /// Expires at (Unix seconds).
     pub exp: i64,
+    /// Protocol 2 device tokens: the device the token was issued to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub did: Option<String>,
+    /// Protocol 2: grows with every lease change of that device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_ver: Option<u64>,
+    /// Protocol 2: when the leases end (Unix seconds, `exp` + the server's grace); after it the
+    /// server reclaims what the device had not reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_until: Option<i64>,
+    /// Protocol 2: this device's slices of its hard pools.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub leases: Vec<crate::lease::Lease>,
 }
 
 #[cfg(test)]

@@ -26,6 +26,7 @@ pub mod decision;
 pub mod entitlements;
 pub mod error;
 pub mod hlc;
+pub mod lease;
 pub mod ledger;
 pub mod period;
 pub mod quota;

@@ -192,6 +192,9 @@ impl Tally {
                 settings_changes: settings,
                 profile,
                 force_entitlements: options.force_entitlements && first,
+                want: Vec::new(),
+                release: Vec::new(),
+                lease_ver: None,
             };
             first = false;
             report.rounds += 1;
@@ -281,6 +284,9 @@ impl Tally {
             settings_changes: Vec::new(),
             profile: None,
             force_entitlements: true,
+            want: Vec::new(),
+            release: Vec::new(),
+            lease_ver: None,
         };
         let envelope = serde_json::to_vec(&envelope)?.len() + 16;
 
@@ -659,6 +665,8 @@ fn pending_events(conn: &Connection, user_id: &str, limit: usize) -> Result<Vec<
                 input_tokens: inp.map(unsigned).transpose()?,
                 output_tokens: outp.map(unsigned).transpose()?,
                 metadata: meta.as_deref().map(serde_json::from_str).transpose().map_err(|_| "invalid_event")?,
+                lease_ver: None,
+                voids: None,
             })
         })();
         out.push(event.map_err(|code| (id, code)));

@@ -9,6 +9,21 @@ use uuid::Uuid;
 
 /// The protocol version this build speaks.
 pub const PROTOCOL: u32 = 1;
+/// The first protocol with leases (`want`, `release`, `lease_ver`, `recall`, device tokens).
+pub const PROTOCOL_LEASES: u32 = 2;
+
+/// Units of one pool asked for (`want`), given back (`release`, cumulative per window) or asked
+/// back (`recall`). `feature` is a feature key or `$credits` (then `period_start` is `null`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseAmount {
+    /// Feature key, or [`crate::lease::CREDITS`].
+    pub feature: String,
+    /// Window start (`None` for the credit balance).
+    #[serde(default)]
+    pub period_start: Option<DateTime<Utc>>,
+    /// Units (micros for a budget, credits for `$credits`).
+    pub units: u64,
+}
 
 /// One ledger event as sent to the server (`/v1/sync` `events[]`, `POST /v1/usage`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -17,9 +32,11 @@ pub struct WireEvent {
     /// `Idempotency-Key` header instead); the contract refuses a nil id.
     #[serde(default)]
     pub id: Uuid,
-    /// Feature key.
+    /// Feature key (empty on a void event).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub feature: String,
-    /// Units used (> 0).
+    /// Units used (> 0; 0 on a void event).
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub amount: u64,
     /// When it happened (device time, never before the device's highest seen time).
     pub occurred_at: DateTime<Utc>,
@@ -38,6 +55,17 @@ pub struct WireEvent {
     /// Small JSON metadata (≤ 4 KiB).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<Value>,
+    /// The `lease_ver` of the device token this use was decided under (protocol 2): it counts
+    /// in the window of its `occurred_at` and in the device's `consumed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_ver: Option<u64>,
+    /// A void event: the id of the use it cancels (`feature` and `amount` are then absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub voids: Option<Uuid>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// One setting change, last-writer-wins by hybrid logical clock.
@@ -95,6 +123,15 @@ pub struct SyncRequest {
     /// Always return a fresh entitlements token ("restore purchases").
     #[serde(default)]
     pub force_entitlements: bool,
+    /// Protocol 2: pools the device asks units of (0 units: its fair share).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub want: Vec<LeaseAmount>,
+    /// Protocol 2: units given back, cumulative per window (written before sending).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub release: Vec<LeaseAmount>,
+    /// Protocol 2: the `lease_ver` of the device token the device holds (its acknowledgement).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_ver: Option<u64>,
 }
 
 /// An event the server refused, with the reason (`conflict`, `too_large`, `invalid_amount`, …).
@@ -197,6 +234,10 @@ pub struct SyncResponse {
     pub cursor: Option<String>,
     /// Request bounds.
     pub limits: Limits,
+    /// Protocol 2: units the server asks back (the device releases up to that many of what it
+    /// has not used, on its next sync).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recall: Vec<LeaseAmount>,
 }
 
 /// Error body of every non-2xx answer: `{"error": {"code", "message"}}`.

@@ -389,6 +389,9 @@ pub enum Reason {
     UnknownModel,
     /// Over a soft limit: recorded and flagged.
     OverLimitSoft,
+    /// This device's lease of a hard pool is spent while the account still has room; nothing
+    /// recorded. Sync (online) to get more.
+    LeaseExhausted,
 }
 
 macro_rules! mirror_enum {
@@ -411,7 +414,18 @@ macro_rules! mirror_enum {
 mirror_enum!(
     Reason,
     core::Reason,
-    [Ok, LimitReached, BudgetExceeded, NotInPlan, RateLimited, InsufficientCredits, UnknownFeature, UnknownModel, OverLimitSoft]
+    [
+        Ok,
+        LimitReached,
+        BudgetExceeded,
+        NotInPlan,
+        RateLimited,
+        InsufficientCredits,
+        UnknownFeature,
+        UnknownModel,
+        OverLimitSoft,
+        LeaseExhausted
+    ]
 );
 
 /// The answer to `check` / `consume`.
@@ -433,6 +447,10 @@ pub struct Decision {
     pub access_reason: String,
     /// `max(0, used - limit)`; for credits, the negative balance.
     pub over_limit_by: u64,
+    /// What this device's lease has left for the pool (absent without a lease).
+    pub device_remaining: Option<u64>,
+    /// Units held by devices' leases when that room is what a use lacked (server answers).
+    pub held_offline: Option<u64>,
 }
 
 impl From<core::Decision> for Decision {
@@ -446,6 +464,8 @@ impl From<core::Decision> for Decision {
             resets_at_ms: opt_ms(d.resets_at),
             access_reason: d.access_reason,
             over_limit_by: d.over_limit_by,
+            device_remaining: d.device_remaining,
+            held_offline: d.held_offline,
         }
     }
 }
@@ -462,6 +482,8 @@ impl TryFrom<Decision> for core::Decision {
             resets_at: from_opt_ms(d.resets_at_ms, "resets_at_ms")?,
             access_reason: d.access_reason,
             over_limit_by: d.over_limit_by,
+            device_remaining: d.device_remaining,
+            held_offline: d.held_offline,
         })
     }
 }
@@ -745,31 +767,32 @@ pub enum Enforcement {
 mirror_enum!(Enforcement, core::Enforcement, [Hard, Soft]);
 
 /// What a plan grants for one feature key.
-#[derive(Debug, Clone, PartialEq, Eq, uniffi::Enum)]
+#[derive(Debug, Clone, PartialEq, uniffi::Enum)]
 pub enum Rule {
     /// On or off.
     Flag { enabled: bool },
     /// Counted uses per period; `limit` absent = unlimited.
-    Metered { limit: Option<u64>, period: Period, enforcement: Enforcement },
+    /// `offline_share`: the fraction of each window's limit devices may hold as leases (0..1).
+    Metered { limit: Option<u64>, period: Period, enforcement: Enforcement, offline_share: f64 },
     /// Each unit draws `cost` credits from the user's balance.
     Credits { cost: u64 },
     /// A request rate limit, per device, never synced.
     Rate { limit: u64, window_secs: u64 },
     /// Caps summed AI cost (micros) per period.
-    Budget { limit_micros: u64, period: Period, enforcement: Enforcement },
+    Budget { limit_micros: u64, period: Period, enforcement: Enforcement, offline_share: f64 },
 }
 
 impl From<core::Rule> for Rule {
     fn from(r: core::Rule) -> Self {
         match r {
             core::Rule::Flag { enabled } => Rule::Flag { enabled },
-            core::Rule::Metered { limit, period, enforcement } => {
-                Rule::Metered { limit, period: period.into(), enforcement: enforcement.into() }
+            core::Rule::Metered { limit, period, enforcement, offline_share } => {
+                Rule::Metered { limit, period: period.into(), enforcement: enforcement.into(), offline_share: offline_share.as_f64() }
             }
             core::Rule::Credits { cost } => Rule::Credits { cost },
             core::Rule::Rate { limit, window_secs } => Rule::Rate { limit, window_secs },
-            core::Rule::Budget { limit_micros, period, enforcement } => {
-                Rule::Budget { limit_micros, period: period.into(), enforcement: enforcement.into() }
+            core::Rule::Budget { limit_micros, period, enforcement, offline_share } => {
+                Rule::Budget { limit_micros, period: period.into(), enforcement: enforcement.into(), offline_share: offline_share.as_f64() }
             }
         }
     }
@@ -779,14 +802,20 @@ impl From<Rule> for core::Rule {
     fn from(r: Rule) -> Self {
         match r {
             Rule::Flag { enabled } => core::Rule::Flag { enabled },
-            Rule::Metered { limit, period, enforcement } => {
-                core::Rule::Metered { limit, period: period.into(), enforcement: enforcement.into() }
-            }
+            Rule::Metered { limit, period, enforcement, offline_share } => core::Rule::Metered {
+                limit,
+                period: period.into(),
+                enforcement: enforcement.into(),
+                offline_share: tally_core::lease::Share::from_f64(offline_share.clamp(0.0, 1.0)).unwrap_or_default(),
+            },
             Rule::Credits { cost } => core::Rule::Credits { cost },
             Rule::Rate { limit, window_secs } => core::Rule::Rate { limit, window_secs },
-            Rule::Budget { limit_micros, period, enforcement } => {
-                core::Rule::Budget { limit_micros, period: period.into(), enforcement: enforcement.into() }
-            }
+            Rule::Budget { limit_micros, period, enforcement, offline_share } => core::Rule::Budget {
+                limit_micros,
+                period: period.into(),
+                enforcement: enforcement.into(),
+                offline_share: tally_core::lease::Share::from_f64(offline_share.clamp(0.0, 1.0)).unwrap_or_default(),
+            },
         }
     }
 }
@@ -893,7 +922,7 @@ impl TryFrom<CreditGrant> for core::CreditGrant {
 
 /// The entitlements of one user: the raw state and, as returned by `entitlements()`, the
 /// resolved plan, `access_reason` and rules.
-#[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
+#[derive(Debug, Clone, PartialEq, uniffi::Record)]
 pub struct Entitlements {
     /// The plan in effect once resolved; when setting, the subscribed plan.
     pub plan: String,

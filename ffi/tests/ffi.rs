@@ -123,6 +123,8 @@ fn records_convert_both_ways() {
         resets_at: Some(now),
         access_reason: "free".into(),
         over_limit_by: 0,
+        device_remaining: Some(2),
+        held_offline: None,
     };
     let ffi = Decision::from(decision.clone());
     assert_eq!(ffi.reason, Reason::LimitReached);
@@ -161,7 +163,10 @@ fn records_convert_both_ways() {
     ent.ver = 7;
     let ffi = Entitlements::from(ent.clone());
     assert_eq!(ffi.features.len(), 5);
-    assert_eq!(ffi.features["spend"], Rule::Budget { limit_micros: 2_000_000, period: Period::Day, enforcement: Enforcement::Soft });
+    assert_eq!(
+        ffi.features["spend"],
+        Rule::Budget { limit_micros: 2_000_000, period: Period::Day, enforcement: Enforcement::Soft, offline_share: 1.0 }
+    );
     assert_eq!(ffi.models["gpt-4o"].output_micros_per_mtok, 10_000_000);
     assert_eq!(tally_core::Entitlements::try_from(ffi).unwrap(), ent);
 
@@ -439,7 +444,10 @@ fn quota_calls_through_the_ffi() {
     .unwrap();
     let e = t.entitlements(u.clone()).unwrap();
     assert_eq!((e.plan.as_str(), e.access_reason.as_str(), e.credit_balance), ("pro", "subscription", 25));
-    assert_eq!(e.features.get("ai_chat"), Some(&Rule::Metered { limit: None, period: Period::Month, enforcement: Enforcement::Hard }));
+    assert_eq!(
+        e.features.get("ai_chat"),
+        Some(&Rule::Metered { limit: None, period: Period::Month, enforcement: Enforcement::Hard, offline_share: 1.0 })
+    );
     assert_eq!(t.credit_balance(u.clone()).unwrap(), 25);
     assert_eq!(t.consume(u.clone(), "ai_chat".into(), 1, None).unwrap().limit, None);
 

@@ -117,6 +117,10 @@ pub fn token_fresh(state: &AppState, user: &User, ents: &Entitlements, now: Date
         aud: tally_core::token::TOKEN_AUDIENCE.into(),
         iat,
         exp: iat + ttl,
+        did: None,
+        lease_ver: None,
+        lease_until: None,
+        leases: Vec::new(),
     };
     let token = state.signer.sign(&claims).map_err(ApiError::internal)?;
     let mut reuse_until = now + Duration::seconds(ttl / 2);

@@ -324,6 +324,8 @@ fn after_decision(loaded: &entitlements::Loaded, feature: &str, totals: &[tally_
                 resets_at: t.period_end,
                 access_reason: ar.into(),
                 over_limit_by: t.over_limit_by,
+                device_remaining: None,
+                held_offline: None,
             }
         }
         (Some(Rule::Credits { .. }), None) => {

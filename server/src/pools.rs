@@ -18,10 +18,7 @@ use tally_core::period::window;
 use tally_core::{Catalog, Enforcement, Rule};
 use uuid::Uuid;
 
-/// The feature key of the credit-balance pool (feature keys never start with `$`).
-pub const CREDITS: &str = "$credits";
-/// The period of the credit-balance pool.
-pub const CREDITS_PERIOD: &str = "lifetime";
+pub use tally_core::lease::{CREDITS, CREDITS_PERIOD};
 
 /// The window start of the credit-balance pool (it has no window).
 pub fn credits_start() -> DateTime<Utc> {

@@ -142,5 +142,6 @@ async fn run(
         unknown_features: out.unknown_features,
         cursor: Some(cursor),
         limits: state.limits(),
+        recall: Vec::new(),
     })
 }

@@ -519,6 +519,22 @@ fileprivate struct FfiConverterInt64: FfiConverterPrimitive {
 #if swift(>=5.8)
 @_documentation(visibility: private)
 #endif
+fileprivate struct FfiConverterDouble: FfiConverterPrimitive {
+    typealias FfiType = Double
+    typealias SwiftType = Double
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> Double {
+        return try lift(readDouble(&buf))
+    }
+
+    public static func write(_ value: Double, into buf: inout [UInt8]) {
+        writeDouble(&buf, lower(value))
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
 fileprivate struct FfiConverterBool : FfiConverter {
     typealias FfiType = Int8
     typealias SwiftType = Bool
@@ -2324,6 +2340,14 @@ public struct Decision: Equatable, Hashable {
      * `max(0, used - limit)`; for credits, the negative balance.
      */
     public var overLimitBy: UInt64
+    /**
+     * What this device's lease has left for the pool (absent without a lease).
+     */
+    public var deviceRemaining: UInt64?
+    /**
+     * Units held by devices' leases when that room is what a use lacked (server answers).
+     */
+    public var heldOffline: UInt64?
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
@@ -2351,7 +2375,13 @@ public struct Decision: Equatable, Hashable {
          */accessReason: String, 
         /**
          * `max(0, used - limit)`; for credits, the negative balance.
-         */overLimitBy: UInt64) {
+         */overLimitBy: UInt64, 
+        /**
+         * What this device's lease has left for the pool (absent without a lease).
+         */deviceRemaining: UInt64?, 
+        /**
+         * Units held by devices' leases when that room is what a use lacked (server answers).
+         */heldOffline: UInt64?) {
         self.allowed = allowed
         self.reason = reason
         self.used = used
@@ -2360,6 +2390,8 @@ public struct Decision: Equatable, Hashable {
         self.resetsAtMs = resetsAtMs
         self.accessReason = accessReason
         self.overLimitBy = overLimitBy
+        self.deviceRemaining = deviceRemaining
+        self.heldOffline = heldOffline
     }
 
     
@@ -2385,7 +2417,9 @@ public struct FfiConverterTypeDecision: FfiConverterRustBuffer {
                 remaining: FfiConverterOptionUInt64.read(from: &buf), 
                 resetsAtMs: FfiConverterOptionInt64.read(from: &buf), 
                 accessReason: FfiConverterString.read(from: &buf), 
-                overLimitBy: FfiConverterUInt64.read(from: &buf)
+                overLimitBy: FfiConverterUInt64.read(from: &buf), 
+                deviceRemaining: FfiConverterOptionUInt64.read(from: &buf), 
+                heldOffline: FfiConverterOptionUInt64.read(from: &buf)
         )
     }
 
@@ -2398,6 +2432,8 @@ public struct FfiConverterTypeDecision: FfiConverterRustBuffer {
         FfiConverterOptionInt64.write(value.resetsAtMs, into: &buf)
         FfiConverterString.write(value.accessReason, into: &buf)
         FfiConverterUInt64.write(value.overLimitBy, into: &buf)
+        FfiConverterOptionUInt64.write(value.deviceRemaining, into: &buf)
+        FfiConverterOptionUInt64.write(value.heldOffline, into: &buf)
     }
 }
 
@@ -4542,6 +4578,11 @@ public enum Reason: Equatable, Hashable {
      * Over a soft limit: recorded and flagged.
      */
     case overLimitSoft
+    /**
+     * This device's lease of a hard pool is spent while the account still has room; nothing
+     * recorded. Sync (online) to get more.
+     */
+    case leaseExhausted
 
 
 
@@ -4580,6 +4621,8 @@ public struct FfiConverterTypeReason: FfiConverterRustBuffer {
         case 8: return .unknownModel
         
         case 9: return .overLimitSoft
+        
+        case 10: return .leaseExhausted
         
         default: throw UniffiInternalError.unexpectedEnumCase
         }
@@ -4624,6 +4667,10 @@ public struct FfiConverterTypeReason: FfiConverterRustBuffer {
         case .overLimitSoft:
             writeInt(&buf, Int32(9))
         
+        
+        case .leaseExhausted:
+            writeInt(&buf, Int32(10))
+        
         }
     }
 }
@@ -4658,8 +4705,9 @@ public enum Rule: Equatable, Hashable {
     )
     /**
      * Counted uses per period; `limit` absent = unlimited.
+     * `offline_share`: the fraction of each window's limit devices may hold as leases (0..1).
      */
-    case metered(limit: UInt64?, period: Period, enforcement: Enforcement
+    case metered(limit: UInt64?, period: Period, enforcement: Enforcement, offlineShare: Double
     )
     /**
      * Each unit draws `cost` credits from the user's balance.
@@ -4674,7 +4722,7 @@ public enum Rule: Equatable, Hashable {
     /**
      * Caps summed AI cost (micros) per period.
      */
-    case budget(limitMicros: UInt64, period: Period, enforcement: Enforcement
+    case budget(limitMicros: UInt64, period: Period, enforcement: Enforcement, offlineShare: Double
     )
 
 
@@ -4700,7 +4748,7 @@ public struct FfiConverterTypeRule: FfiConverterRustBuffer {
         case 1: return .flag(enabled: try FfiConverterBool.read(from: &buf)
         )
         
-        case 2: return .metered(limit: try FfiConverterOptionUInt64.read(from: &buf), period: try FfiConverterTypePeriod.read(from: &buf), enforcement: try FfiConverterTypeEnforcement.read(from: &buf)
+        case 2: return .metered(limit: try FfiConverterOptionUInt64.read(from: &buf), period: try FfiConverterTypePeriod.read(from: &buf), enforcement: try FfiConverterTypeEnforcement.read(from: &buf), offlineShare: try FfiConverterDouble.read(from: &buf)
         )
         
         case 3: return .credits(cost: try FfiConverterUInt64.read(from: &buf)
@@ -4709,7 +4757,7 @@ public struct FfiConverterTypeRule: FfiConverterRustBuffer {
         case 4: return .rate(limit: try FfiConverterUInt64.read(from: &buf), windowSecs: try FfiConverterUInt64.read(from: &buf)
         )
         
-        case 5: return .budget(limitMicros: try FfiConverterUInt64.read(from: &buf), period: try FfiConverterTypePeriod.read(from: &buf), enforcement: try FfiConverterTypeEnforcement.read(from: &buf)
+        case 5: return .budget(limitMicros: try FfiConverterUInt64.read(from: &buf), period: try FfiConverterTypePeriod.read(from: &buf), enforcement: try FfiConverterTypeEnforcement.read(from: &buf), offlineShare: try FfiConverterDouble.read(from: &buf)
         )
         
         default: throw UniffiInternalError.unexpectedEnumCase
@@ -4725,11 +4773,12 @@ public struct FfiConverterTypeRule: FfiConverterRustBuffer {
             FfiConverterBool.write(enabled, into: &buf)
             
         
-        case let .metered(limit,period,enforcement):
+        case let .metered(limit,period,enforcement,offlineShare):
             writeInt(&buf, Int32(2))
             FfiConverterOptionUInt64.write(limit, into: &buf)
             FfiConverterTypePeriod.write(period, into: &buf)
             FfiConverterTypeEnforcement.write(enforcement, into: &buf)
+            FfiConverterDouble.write(offlineShare, into: &buf)
             
         
         case let .credits(cost):
@@ -4743,11 +4792,12 @@ public struct FfiConverterTypeRule: FfiConverterRustBuffer {
             FfiConverterUInt64.write(windowSecs, into: &buf)
             
         
-        case let .budget(limitMicros,period,enforcement):
+        case let .budget(limitMicros,period,enforcement,offlineShare):
             writeInt(&buf, Int32(5))
             FfiConverterUInt64.write(limitMicros, into: &buf)
             FfiConverterTypePeriod.write(period, into: &buf)
             FfiConverterTypeEnforcement.write(enforcement, into: &buf)
+            FfiConverterDouble.write(offlineShare, into: &buf)
             
         }
     }

@@ -1485,6 +1485,29 @@ public object FfiConverterLong: FfiConverter<Long, Long> {
 /**
  * @suppress
  */
+public object FfiConverterDouble: FfiConverter<Double, Double> {
+    override fun lift(value: Double): Double {
+        return value
+    }
+
+    override fun read(buf: ByteBuffer): Double {
+        return buf.getDouble()
+    }
+
+    override fun lower(value: Double): Double {
+        return value
+    }
+
+    override fun allocationSize(value: Double) = 8UL
+
+    override fun write(value: Double, buf: ByteBuffer) {
+        buf.putDouble(value)
+    }
+}
+
+/**
+ * @suppress
+ */
 public object FfiConverterBoolean: FfiConverter<Boolean, Byte> {
     override fun lift(value: Byte): Boolean {
         return value.toInt() != 0
@@ -3850,6 +3873,16 @@ data class Decision (
      * `max(0, used - limit)`; for credits, the negative balance.
      */
     var `overLimitBy`: kotlin.ULong
+    , 
+    /**
+     * What this device's lease has left for the pool (absent without a lease).
+     */
+    var `deviceRemaining`: kotlin.ULong?
+    , 
+    /**
+     * Units held by devices' leases when that room is what a use lacked (server answers).
+     */
+    var `heldOffline`: kotlin.ULong?
     
 ){
     
@@ -3874,6 +3907,8 @@ public object FfiConverterTypeDecision: FfiConverterRustBuffer<Decision> {
             FfiConverterOptionalLong.read(buf),
             FfiConverterString.read(buf),
             FfiConverterULong.read(buf),
+            FfiConverterOptionalULong.read(buf),
+            FfiConverterOptionalULong.read(buf),
         )
     }
 
@@ -3885,7 +3920,9 @@ public object FfiConverterTypeDecision: FfiConverterRustBuffer<Decision> {
             FfiConverterOptionalULong.allocationSize(value.`remaining`) +
             FfiConverterOptionalLong.allocationSize(value.`resetsAtMs`) +
             FfiConverterString.allocationSize(value.`accessReason`) +
-            FfiConverterULong.allocationSize(value.`overLimitBy`)
+            FfiConverterULong.allocationSize(value.`overLimitBy`) +
+            FfiConverterOptionalULong.allocationSize(value.`deviceRemaining`) +
+            FfiConverterOptionalULong.allocationSize(value.`heldOffline`)
     )
 
     override fun write(value: Decision, buf: ByteBuffer) {
@@ -3897,6 +3934,8 @@ public object FfiConverterTypeDecision: FfiConverterRustBuffer<Decision> {
             FfiConverterOptionalLong.write(value.`resetsAtMs`, buf)
             FfiConverterString.write(value.`accessReason`, buf)
             FfiConverterULong.write(value.`overLimitBy`, buf)
+            FfiConverterOptionalULong.write(value.`deviceRemaining`, buf)
+            FfiConverterOptionalULong.write(value.`heldOffline`, buf)
     }
 }
 
@@ -5460,7 +5499,12 @@ enum class Reason {
     /**
      * Over a soft limit: recorded and flagged.
      */
-    OVER_LIMIT_SOFT;
+    OVER_LIMIT_SOFT,
+    /**
+     * This device's lease of a hard pool is spent while the account still has room; nothing
+     * recorded. Sync (online) to get more.
+     */
+    LEASE_EXHAUSTED;
 
     
 
@@ -5509,11 +5553,13 @@ sealed class Rule {
     
     /**
      * Counted uses per period; `limit` absent = unlimited.
+     * `offline_share`: the fraction of each window's limit devices may hold as leases (0..1).
      */
     data class Metered(
         val `limit`: kotlin.ULong?, 
         val `period`: dev.tally.Period, 
-        val `enforcement`: dev.tally.Enforcement) : Rule()
+        val `enforcement`: dev.tally.Enforcement, 
+        val `offlineShare`: kotlin.Double) : Rule()
         
     {
         
@@ -5552,7 +5598,8 @@ sealed class Rule {
     data class Budget(
         val `limitMicros`: kotlin.ULong, 
         val `period`: dev.tally.Period, 
-        val `enforcement`: dev.tally.Enforcement) : Rule()
+        val `enforcement`: dev.tally.Enforcement, 
+        val `offlineShare`: kotlin.Double) : Rule()
         
     {
         
@@ -5583,6 +5630,7 @@ public object FfiConverterTypeRule : FfiConverterRustBuffer<Rule>{
                 FfiConverterOptionalULong.read(buf),
                 FfiConverterTypePeriod.read(buf),
                 FfiConverterTypeEnforcement.read(buf),
+                FfiConverterDouble.read(buf),
                 )
             3 -> Rule.Credits(
                 FfiConverterULong.read(buf),
@@ -5595,6 +5643,7 @@ public object FfiConverterTypeRule : FfiConverterRustBuffer<Rule>{
                 FfiConverterULong.read(buf),
                 FfiConverterTypePeriod.read(buf),
                 FfiConverterTypeEnforcement.read(buf),
+                FfiConverterDouble.read(buf),
                 )
             else -> throw RuntimeException("invalid enum value, something is very wrong!!")
         }
@@ -5615,6 +5664,7 @@ public object FfiConverterTypeRule : FfiConverterRustBuffer<Rule>{
                 + FfiConverterOptionalULong.allocationSize(value.`limit`)
                 + FfiConverterTypePeriod.allocationSize(value.`period`)
                 + FfiConverterTypeEnforcement.allocationSize(value.`enforcement`)
+                + FfiConverterDouble.allocationSize(value.`offlineShare`)
             )
         }
         is Rule.Credits -> {
@@ -5639,6 +5689,7 @@ public object FfiConverterTypeRule : FfiConverterRustBuffer<Rule>{
                 + FfiConverterULong.allocationSize(value.`limitMicros`)
                 + FfiConverterTypePeriod.allocationSize(value.`period`)
                 + FfiConverterTypeEnforcement.allocationSize(value.`enforcement`)
+                + FfiConverterDouble.allocationSize(value.`offlineShare`)
             )
         }
     }
@@ -5655,6 +5706,7 @@ public object FfiConverterTypeRule : FfiConverterRustBuffer<Rule>{
                 FfiConverterOptionalULong.write(value.`limit`, buf)
                 FfiConverterTypePeriod.write(value.`period`, buf)
                 FfiConverterTypeEnforcement.write(value.`enforcement`, buf)
+                FfiConverterDouble.write(value.`offlineShare`, buf)
                 Unit
             }
             is Rule.Credits -> {
@@ -5673,6 +5725,7 @@ public object FfiConverterTypeRule : FfiConverterRustBuffer<Rule>{
                 FfiConverterULong.write(value.`limitMicros`, buf)
                 FfiConverterTypePeriod.write(value.`period`, buf)
                 FfiConverterTypeEnforcement.write(value.`enforcement`, buf)
+                FfiConverterDouble.write(value.`offlineShare`, buf)
                 Unit
             }
         }.let { /* this makes the `when` an expression, which ensures it is exhaustive */ }

@@ -191,7 +191,7 @@ class TallyTest {
         assertEquals("pro", e.plan)
         assertEquals("subscription", e.accessReason)
         assertEquals(Rule.Flag(enabled = true), e.features["export"])
-        assertEquals(Rule.Metered(limit = 100uL, period = Period.MONTH, enforcement = Enforcement.HARD), e.features["ai_chat"])
+        assertEquals(Rule.Metered(limit = 100uL, period = Period.MONTH, enforcement = Enforcement.HARD, offlineShare = 1.0), e.features["ai_chat"])
         assertTrue(tally.check(u, "export").allowed)
         assertEquals(100uL, tally.check(u, "ai_chat").limit)
 
