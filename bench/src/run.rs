@@ -286,6 +286,69 @@ async fn run(bin: PathBuf, out: PathBuf, quick: bool) -> Res<()> {
         None,
         json!({"runs_ms": drains10, "events_per_s": 10_000.0 / (d10 / 1e3)}),
     );
+    // Leases: the same drain of uses decided under a lease (a hard pool: they carry lease_ver
+    // and count in the device's `consumed`), and the device's decisions with a lease against
+    // the same decisions for a local user of the same database (no lease, round-1 rules).
+    let mut leased_runs = Vec::new();
+    let mut leased_device = None;
+    for i in 0..3 {
+        let (ms, tally, user) = drain_device(&env, dir.path(), &keys, &format!("drain10k-leased-{i}"), 10_000, "calls", true).await?;
+        leased_runs.push(ms);
+        leased_device = Some((tally, user));
+    }
+    leased_runs.sort_by(f64::total_cmp);
+    let dl = leased_runs[1];
+    sink.result(
+        "sync.drain_10k_leased_ms",
+        dl,
+        "ms",
+        Some(("sync.drain_10k_ms", d10)),
+        "ratio ≤ 1.2",
+        Some(dl / d10 <= 1.2),
+        None,
+        json!({"runs_ms": leased_runs, "events_per_s": 10_000.0 / (dl / 1e3)}),
+    );
+    if let Some((tally, leased_user)) = leased_device {
+        // One more sync: the lease is topped up again after the drain.
+        let sub = tally.user(&leased_user).map_err(|e| e.to_string())?.external_id.unwrap_or_default();
+        tally.sync(&leased_user, SyncOptions::new(env.url.clone(), id_token(&sub))).await.map_err(|e| e.to_string())?;
+        let local = tally.create_local_user(Some("no lease")).map_err(|e| e.to_string())?.id;
+        let check = |u: &str| -> Res<()> {
+            let d = tally.check(u, "calls", 1).map_err(|e| e.to_string())?;
+            if d.allowed { Ok(()) } else { Err(format!("check denied: {d:?}")) }
+        };
+        let (n, rounds) = if quick { (5_000, 4) } else { (20_000, 6) };
+        let (h_lc, h_c) = interleaved_p50(rounds, n, || check(&leased_user), || check(&local))?;
+        let p50 = |h: &Histogram<u64>| h.value_at_quantile(0.5) as f64 / 1e3;
+        sink.measurement("device.check_no_lease_p50", p50(&h_c), "µs", Some(&h_c));
+        sink.result(
+            "device.check_leased_p50",
+            p50(&h_lc),
+            "µs",
+            Some(("device.check_no_lease_p50", p50(&h_c))),
+            "ratio ≤ 1.1",
+            Some(p50(&h_lc) / p50(&h_c) <= 1.1),
+            Some(&h_lc),
+            json!({}),
+        );
+        let consume = |u: &str| -> Res<()> {
+            let d = tally.consume(u, "calls", 1, UsageMeta::default()).map_err(|e| e.to_string())?;
+            if d.allowed { Ok(()) } else { Err(format!("consume denied: {d:?}")) }
+        };
+        let (n, rounds) = if quick { (500, 4) } else { (2_000, 6) };
+        let (h_lu, h_u) = interleaved_p50(rounds, n, || consume(&leased_user), || consume(&local))?;
+        sink.measurement("device.consume_no_lease_p50", p50(&h_u), "µs", Some(&h_u));
+        sink.result(
+            "device.consume_leased_p50",
+            p50(&h_lu),
+            "µs",
+            Some(("device.consume_no_lease_p50", p50(&h_u))),
+            "ratio ≤ 1.1",
+            Some(p50(&h_lu) / p50(&h_u) <= 1.1),
+            Some(&h_lu),
+            json!({}),
+        );
+    }
     if !quick {
         let d100 = drain(&env, dir.path(), &keys, "drain100k", 100_000).await?;
         sink.result(
@@ -474,6 +537,13 @@ async fn run(bin: PathBuf, out: PathBuf, quick: bool) -> Res<()> {
 
 /// A device with `n` offline events syncs them all; returns the wall time in ms.
 async fn drain(env: &Env, dir: &Path, keys: &str, name: &str, n: usize) -> Res<f64> {
+    Ok(drain_device(env, dir, keys, name, n, "notes", false).await?.0)
+}
+
+/// A device that records `n` uses of `feature` offline, then syncs them all: the wall time of
+/// that drain in ms, and the device (with its user). With `leased`, the device syncs once
+/// first, so its uses of a hard pool are decided under a lease and carry `lease_ver`.
+async fn drain_device(env: &Env, dir: &Path, keys: &str, name: &str, n: usize, feature: &str, leased: bool) -> Res<(f64, Tally, String)> {
     let config = Config {
         device_id: Some(name.into()),
         catalog: Catalog::from_json(PLANS).map_err(|e| e.to_string())?,
@@ -485,22 +555,50 @@ async fn drain(env: &Env, dir: &Path, keys: &str, name: &str, n: usize) -> Res<f
     let user = tally
         .sign_in(Profile { external_id: sub.clone(), email: Some(format!("{sub}@example.com")), ..Profile::default() }, None)
         .map_err(|e| e.to_string())?;
+    let options = SyncOptions::new(env.url.clone(), id_token(&sub));
+    if leased {
+        tally.sync(&user.id, options.clone()).await.map_err(|e| e.to_string())?;
+    }
     let items: Vec<ConsumeItem> =
-        (0..10_000.min(n)).map(|_| ConsumeItem { feature: "notes".into(), amount: 1, meta: UsageMeta::default() }).collect();
+        (0..10_000.min(n)).map(|_| ConsumeItem { feature: feature.into(), amount: 1, meta: UsageMeta::default() }).collect();
     let mut left = n;
     while left > 0 {
         let k = left.min(items.len());
-        tally.consume_many(&user.id, &items[..k]).map_err(|e| e.to_string())?;
+        let ds = tally.consume_many(&user.id, &items[..k]).map_err(|e| e.to_string())?;
+        if let Some(d) = ds.iter().find(|d| !d.allowed) {
+            return Err(format!("drain {name}: a use of {feature} was denied: {d:?}"));
+        }
         left -= k;
     }
     let t = Instant::now();
-    let report = tally.sync(&user.id, SyncOptions::new(env.url.clone(), id_token(&sub))).await.map_err(|e| e.to_string())?;
+    let report = tally.sync(&user.id, options).await.map_err(|e| e.to_string())?;
     let ms = t.elapsed().as_secs_f64() * 1e3;
     if report.events_acked != n as u64 {
         return Err(format!("drain {name}: {} of {n} events acked ({report:?})", report.events_acked));
     }
     eprintln!("  {name}: {n} events in {ms:.0} ms ({} rounds)", report.rounds);
-    Ok(ms)
+    Ok((ms, tally, user.id))
+}
+
+/// p50 (µs) of `rounds × n` calls of `ours` and of `base`, interleaved in rounds so that drift
+/// hits both alike.
+fn interleaved_p50(
+    rounds: usize,
+    n: usize,
+    mut ours: impl FnMut() -> Res<()>,
+    mut base: impl FnMut() -> Res<()>,
+) -> Res<(Histogram<u64>, Histogram<u64>)> {
+    let (mut ho, mut hb) = (hist(), hist());
+    for _ in 0..rounds {
+        for (f, h) in [(&mut ours as &mut dyn FnMut() -> Res<()>, &mut ho), (&mut base, &mut hb)] {
+            for _ in 0..n {
+                let t = Instant::now();
+                f()?;
+                h.record(t.elapsed().as_nanos().max(1) as u64).map_err(|e| e.to_string())?;
+            }
+        }
+    }
+    Ok((ho, hb))
 }
 
 struct Rows {

@@ -322,3 +322,60 @@ impl CuttingProxy {
         CuttingProxy { url, cut: counter }
     }
 }
+
+/// A `tally-server` replica running inside the test process: its own state (pool, caches,
+/// per-user turns) over a shared database, on a loopback port, with the time of a clock the
+/// test moves. [`Replica::crash`] drops it mid-flight (in-flight requests are cut, nothing is
+/// drained) and [`Replica::start_again`] brings it back on the same port.
+pub struct Replica {
+    /// Base URL.
+    pub url: String,
+    port: u16,
+    config: tally_server::Config,
+    clock: Arc<dyn tally_core::Clock>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Replica {
+    /// Starts a replica with `config` (database, data dir, plans…) and `clock`.
+    pub async fn start(config: tally_server::Config, clock: Arc<dyn tally_core::Clock>) -> Replica {
+        let port = free_port();
+        let mut r = Replica { url: format!("http://127.0.0.1:{port}"), port, config, clock, task: None };
+        r.start_again().await;
+        r
+    }
+
+    /// Starts the replica (again) on its port.
+    pub async fn start_again(&mut self) {
+        let state = tally_server::AppState::with_clock(self.config.clone(), self.clock.clone()).await.expect("replica state");
+        let app = tally_server::app(state);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let listener = loop {
+            match tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await {
+                Ok(l) => break l,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "cannot bind the replica's port again: {e}");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        let limits = tally_server::http::HttpLimits::from_config(&self.config);
+        self.task = Some(tokio::spawn(tally_server::http::serve(listener, app, limits, std::future::pending(), Duration::ZERO)));
+    }
+
+    /// Drops the replica at once, like `kill -9`: connections are cut, nothing is drained.
+    pub async fn crash(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
