@@ -312,14 +312,20 @@ pub fn current_pools(ctx: &Ctx<'_>, ents: &Entitlements) -> Vec<CurrentPool> {
 pub fn check_amounts(ctx: &Ctx<'_>, field: &str, list: &[LeaseAmount]) -> ApiResult<()> {
     for (i, a) in list.iter().enumerate() {
         if a.units > tally_core::contract::MAX_COUNTER {
-            return Err(ApiError::Invalid("invalid_amount", format!("{field}[{i}].units must be at most {}", tally_core::contract::MAX_COUNTER)));
+            return Err(ApiError::Invalid(
+                "invalid_amount",
+                format!("{field}[{i}].units must be at most {}", tally_core::contract::MAX_COUNTER),
+            ));
         }
         if a.feature == CREDITS {
             if a.period_start.is_some() {
                 return Err(ApiError::Invalid("invalid_request", format!("{field}[{i}].period_start must be null for {CREDITS}")));
             }
         } else if !ctx.catalog.knows_feature(&a.feature) {
-            return Err(ApiError::Invalid("unknown_feature", format!("{field}[{i}]: no plan of the catalog knows the feature {:?}", a.feature)));
+            return Err(ApiError::Invalid(
+                "unknown_feature",
+                format!("{field}[{i}]: no plan of the catalog knows the feature {:?}", a.feature),
+            ));
         } else if a.period_start.is_none() && field == "release" {
             return Err(ApiError::Invalid("invalid_request", format!("{field}[{i}].period_start is required for a feature's window")));
         }
@@ -634,7 +640,11 @@ pub async fn list_devices(State(state): State<AppState>, AuthUser(user): AuthUse
 /// `DELETE /v1/me/devices/{device_id}`: 204; the device's allowances are released (allowance =
 /// consumed), it is removed and its leases end now (its late uses count with cause
 /// `reclaimed`). 404 `unknown_device` for an id the caller has no device with.
-pub async fn delete_device(State(state): State<AppState>, AuthUser(user): AuthUser, Path(device_id): Path<String>) -> ApiResult<StatusCode> {
+pub async fn delete_device(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    Path(device_id): Path<String>,
+) -> ApiResult<StatusCode> {
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
     users::lock(&tx, user.user_id, &state.config.admin_subjects).await?;

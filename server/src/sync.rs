@@ -10,9 +10,9 @@ use crate::users::{self, User};
 use crate::{AppState, entitlements, leases, settings};
 use axum::Json;
 use axum::extract::{FromRequest, Request, State};
+use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::Value;
-use chrono::{DateTime, Utc};
 use tally_core::contract;
 use tally_core::wire::{LeaseAmount, PROTOCOL_LEASES, ProfilePatch, Rejected, SettingChange, SyncResponse};
 use uuid::Uuid;
@@ -183,7 +183,8 @@ async fn run(
     if let Some(p) = &profile {
         users::apply_profile(&tx, &mut user, p).await?;
     }
-    let loaded = if profile.as_ref().is_some_and(|p| p.timezone.is_some()) { entitlements::load(state, &tx, &user, now).await? } else { loaded };
+    let loaded =
+        if profile.as_ref().is_some_and(|p| p.timezone.is_some()) { entitlements::load(state, &tx, &user, now).await? } else { loaded };
     let ctx = Ctx::new(&user, &loaded, now);
     ledger::ensure_counters(&tx, &ctx).await?;
     let dev = leases::register(&tx, user.user_id, &req.device_id, req.protocol, now).await?;
@@ -220,7 +221,10 @@ async fn run(
         } else {
             "downgrade"
         });
-        if in_lease && let Some(rule) = features.get(&e.feature) && let Some(key) = leased_key(&ctx, &e.feature, rule, e.occurred_at) {
+        if in_lease
+            && let Some(rule) = features.get(&e.feature)
+            && let Some(key) = leased_key(&ctx, &e.feature, rule, e.occurred_at)
+        {
             leases::materialize(&tx, user.user_id, &key).await?;
         }
     }
@@ -252,7 +256,10 @@ async fn run(
             Some(_) => rejected.push(Rejected { id: v.id.to_string(), reason: "conflict".into() }),
             None => {
                 let feature = tx
-                    .query_opt(&tx.prepare_cached("SELECT feature FROM events WHERE user_id = $1 AND id = $2").await?, &[&user.user_id, &v.voids])
+                    .query_opt(
+                        &tx.prepare_cached("SELECT feature FROM events WHERE user_id = $1 AND id = $2").await?,
+                        &[&user.user_id, &v.voids],
+                    )
                     .await?
                     .map(|r| r.get::<_, String>(0));
                 match (feature, ledger::void(&tx, &ctx, v.voids, Some("voided by the device")).await?) {
