@@ -82,8 +82,11 @@ struct Cached {
 #[derive(Default)]
 pub struct TokenCache {
     m: Mutex<HashMap<Uuid, Cached>>,
-    d: Mutex<HashMap<(Uuid, String), (u64, i64, Cached)>>,
+    d: Mutex<HashMap<(Uuid, String), DeviceCached>>,
 }
+
+/// A cached device token: its `lease_ver`, `lease_until` (Unix seconds) and the token.
+type DeviceCached = (u64, i64, Cached);
 
 impl TokenCache {
     /// Drops the user's tokens (account deleted).
