@@ -267,6 +267,25 @@ pub async fn count_consumed(
     Ok(())
 }
 
+/// Credits were revoked or refunded: when active devices hold part of the balance as leases, the
+/// credit pool's overage (they may spend credits that are gone) has the cause `refund`.
+pub async fn mark_refund(tx: &impl GenericClient, user_id: Uuid, now: DateTime<Utc>) -> ApiResult<bool> {
+    let n = tx
+        .execute(
+            &tx.prepare_cached(
+                "UPDATE counters c SET causes = ARRAY(SELECT DISTINCT x FROM unnest(c.causes || ARRAY['refund']) AS x ORDER BY x) \
+                 WHERE c.user_id = $1 AND c.feature = $2 AND c.period = $3 AND c.period_start = $4 AND EXISTS ( \
+                   SELECT 1 FROM pool_devices p JOIN devices d ON d.user_id = p.user_id AND d.device_id = p.device_id \
+                   WHERE p.user_id = c.user_id AND p.feature = c.feature AND p.period = c.period AND p.period_start = c.period_start \
+                   AND p.allowance > p.consumed AND d.removed_at IS NULL AND d.lease_until > $5)",
+            )
+            .await?,
+            &[&user_id, &CREDITS, &CREDITS_PERIOD, &credits_start(), &now],
+        )
+        .await?;
+    Ok(n > 0)
+}
+
 /// A hard pool of the user's current entitlements, in its current window, or the credit balance.
 pub struct CurrentPool {
     /// The pool.

@@ -344,6 +344,23 @@ async fn overage_causes_name_the_protocol_and_the_lease() {
 }
 
 #[tokio::test]
+async fn credits_revoked_while_devices_hold_them_are_caused_by_refund() {
+    let l = app_or_skip!(lapp("2027-03-10T12:00:00Z").await);
+    let t = token("refunded");
+    let admin = token("root-admin");
+    let (s, v) =
+        l.a.call("POST", "/v1/admin/grants", Some(&admin), Some(json!({"subject": "refunded", "credits": 40, "reason": "gift"}))).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let c = l.claims("refunded", &l.sync2(&t, "phone", json!({})).await).await;
+    assert_eq!(lease(&c, "$credits").allowance, 70, "half of 140");
+    let causes = "SELECT array_to_string(causes, ',') FROM counters WHERE feature = '$credits'";
+    assert_eq!(l.rows(causes).await, vec![""]);
+    let (s, v) = l.a.call("POST", "/v1/admin/grants/revoke", Some(&admin), Some(json!({"subject": "refunded", "credits": true}))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(l.rows(causes).await, vec!["refund"]);
+}
+
+#[tokio::test]
 async fn void_events_from_devices() {
     let l = app_or_skip!(lapp("2027-03-10T12:00:00Z").await);
     let t = token("voider");
