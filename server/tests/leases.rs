@@ -492,3 +492,41 @@ async fn the_total_never_exceeds_the_limit_whatever_devices_and_backends_do() {
         assert!(used <= 10, "the total went over the limit: {used}");
     }
 }
+
+#[tokio::test]
+async fn device_tokens_are_per_device_and_renewed_by_lease_changes() {
+    let l = app_or_skip!(lapp("2027-03-10T12:00:00Z").await);
+    let t = token("cache");
+    let r1 = l.sync2(&t, "a", json!({})).await;
+    let r2 = l.sync2(&t, "a", json!({})).await;
+    assert_eq!(r1["entitlements_token"], r2["entitlements_token"], "nothing changed: the cached token");
+    let rb = l.sync2(&t, "b", json!({})).await;
+    assert_eq!(l.claims("cache", &rb).await.did.as_deref(), Some("b"), "never another device's token");
+    let c2 = l.claims("cache", &r2).await;
+    let r3 = l.sync2(&t, "a", json!({"release": [{"feature": "gen", "period_start": "2027-03-01T00:00:00Z", "units": 1}]})).await;
+    let c3 = l.claims("cache", &r3).await;
+    assert!(c3.lease_ver > c2.lease_ver, "a lease change signs a new lease_ver");
+    assert_eq!((c3.did.as_deref(), lease(&c3, "gen").released), (Some("a"), 1));
+}
+
+#[tokio::test]
+async fn leased_credit_uses_count_in_the_devices_credits_and_holds_and_checks_see_held_room() {
+    let l = app_or_skip!(lapp("2027-03-10T12:00:00Z").await);
+    let t = token("spender");
+    let c = l.claims("spender", &l.sync2(&t, "phone", json!({})).await).await;
+    let r = l.sync2(&t, "phone", json!({"events": [ev("images", 5, at("2027-03-10T11:00:00Z"), c.lease_ver, 1)]})).await;
+    let c2 = l.claims("spender", &r).await;
+    assert_eq!(c2.entitlements.credit_balance, 95);
+    let cr = lease(&c2, "$credits");
+    assert_eq!((cr.allowance, cr.consumed), (52, 5), "topped up to half of the balance of 95: {cr:?}");
+    // 95 − 47 held by the device: a 60-credit hold is denied for held room, with a recall.
+    let (s, v, h) =
+        l.a.raw("POST", "/v1/holds", Some(&t), serde_json::to_vec(&json!({"feature": "images", "amount": 60})).unwrap(), &[]).await;
+    assert_eq!((s, &v["decision"]["held_offline"]), (StatusCode::PAYMENT_REQUIRED, &json!(47)), "{v}");
+    assert_eq!(h.get("retry-after").and_then(|x| x.to_str().ok()), Some("30"));
+    assert_eq!(l.a.count("holds").await, 0);
+    let (s, v) = l.a.call("POST", "/v1/check", Some(&t), Some(json!({"feature": "gen", "amount": 1}))).await;
+    assert_eq!((s, &v["allowed"], &v["held_offline"]), (StatusCode::OK, &json!(false), &json!(10)), "{v}");
+    let r = l.sync2(&t, "phone", json!({"lease_ver": c2.lease_ver})).await;
+    assert_eq!((recall_of(&r, "$credits"), recall_of(&r, "gen")), (json!(12), json!(1)), "{r}");
+}
