@@ -388,6 +388,13 @@ async fn void_events_from_devices() {
     let v3 = json!({"id": Uuid::now_v7(), "voids": e["id"], "occurred_at": now});
     let r = l.sync2(&other, "x", json!({"events": [v3.clone()]})).await;
     assert_eq!(r["rejected"][0]["reason"], "unknown_event");
+    // Malformed void events are refused alone.
+    let bad1 = json!({"id": Uuid::now_v7(), "voids": "not-a-uuid", "occurred_at": now});
+    let bad2 = json!({"id": Uuid::now_v7(), "voids": e["id"], "feature": "gen", "amount": 1, "occurred_at": now});
+    let bad3 = json!({"id": Uuid::now_v7(), "voids": e["id"]});
+    let r = l.sync2(&t, "phone", json!({"events": [bad1, bad2, bad3]})).await;
+    let reasons: Vec<&str> = r["rejected"].as_array().unwrap().iter().map(|x| x["reason"].as_str().unwrap()).collect();
+    assert_eq!(reasons, vec!["invalid_event"; 3], "{r}");
     // Protocol 1 knows no void events.
     let (_, r) = l.a.call("POST", "/v1/sync", Some(&t), Some(json!({"protocol": 1, "device_id": "phone", "events": [v3]}))).await;
     assert_eq!(r["rejected"][0]["reason"], "invalid_event", "{r}");
@@ -411,6 +418,12 @@ async fn protocol_one_answers_the_per_user_token_and_holds_no_lease() {
     let c = l.claims("classic", &r).await;
     assert!(c.did.is_none() && c.leases.is_empty());
     assert!(r.get("recall").is_none());
+    // Protocol-2 fields mean nothing to protocol 1.
+    let (s, r) =
+        l.a.call("POST", "/v1/sync", Some(&t), Some(json!({"protocol": 1, "device_id": "d", "want": [{"feature": "gen", "units": 5}]})))
+            .await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(l.claims("classic", &r).await.leases.is_empty());
     assert_eq!(l.consume(&t, "gen", 10).await.0, StatusCode::OK, "a protocol-1 device holds nothing");
 }
 
