@@ -195,6 +195,7 @@ impl Tally {
                 want: Vec::new(),
                 release: Vec::new(),
                 lease_ver: None,
+                final_sync: false,
             };
             first = false;
             report.rounds += 1;
@@ -287,6 +288,7 @@ impl Tally {
             want: Vec::new(),
             release: Vec::new(),
             lease_ver: None,
+            final_sync: false,
         };
         let envelope = serde_json::to_vec(&envelope)?.len() + 16;
 

@@ -132,6 +132,10 @@ pub struct SyncRequest {
     /// Protocol 2: the `lease_ver` of the device token the device holds (its acknowledgement).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_ver: Option<u64>,
+    /// Protocol 2: the device is signing out; after this request's events and releases the
+    /// server forgets its leases (it stops counting among the user's devices).
+    #[serde(default, rename = "final", skip_serializing_if = "std::ops::Not::not")]
+    pub final_sync: bool,
 }
 
 /// An event the server refused, with the reason (`conflict`, `too_large`, `invalid_amount`, …).

@@ -71,9 +71,19 @@ pub async fn delete_me(State(state): State<AppState>, AuthUser(user): AuthUser) 
     )
     .await?;
     tx.execute("DELETE FROM stripe_pending_events WHERE customer_id = ANY($1)", &[&customers]).await?;
-    for table in
-        crate::billing::USER_TABLES.iter().copied().chain(["events", "counters", "settings", "subscriptions", "access_grants", "users"])
-    {
+    for table in crate::billing::USER_TABLES.iter().copied().chain([
+        "events",
+        "void_events",
+        "counters",
+        "holds",
+        "pool_devices",
+        "device_shares",
+        "devices",
+        "settings",
+        "subscriptions",
+        "access_grants",
+        "users",
+    ]) {
         tx.execute(&format!("DELETE FROM {table} WHERE user_id = $1"), &[&user.user_id]).await?;
     }
     if let Some(sub) = &user.external_id {
@@ -127,5 +137,19 @@ pub async fn export_me(State(state): State<AppState>, AuthUser(user): AuthUser) 
         .query_opt("SELECT plan, status, period_start, period_end FROM subscriptions WHERE user_id = $1", &[&uid])
         .await?
         .map(|r| json!({"plan": r.get::<_, String>(0), "status": r.get::<_, String>(1), "period_start": r.get::<_, Option<DateTime<Utc>>>(2), "period_end": r.get::<_, Option<DateTime<Utc>>>(3)}));
-    Ok(Json(json!({"user": user, "events": events, "settings": settings, "access_grants": grants, "subscription": subscription})))
+    let devices = client
+        .query(
+            "SELECT device_id, first_seen_at, last_sync_at, protocol, cloned, removed_at FROM devices WHERE user_id = $1 ORDER BY first_seen_at, device_id",
+            &[&uid],
+        )
+        .await?
+        .iter()
+        .map(|r| {
+            json!({"device_id": r.get::<_, String>(0), "first_seen_at": r.get::<_, DateTime<Utc>>(1), "last_sync_at": r.get::<_, DateTime<Utc>>(2),
+                "protocol": r.get::<_, i32>(3), "cloned": r.get::<_, bool>(4), "removed_at": r.get::<_, Option<DateTime<Utc>>>(5)})
+        })
+        .collect::<Vec<_>>();
+    Ok(Json(
+        json!({"user": user, "events": events, "settings": settings, "access_grants": grants, "subscription": subscription, "devices": devices}),
+    ))
 }

@@ -53,6 +53,10 @@ pub struct Config {
     /// Lowest sync protocol accepted (older clients get 426).
     #[arg(long, env = "TALLY_MIN_PROTOCOL", default_value_t = 1)]
     pub min_protocol: u32,
+    /// How long after a device token's `exp` its leases stay the device's (`lease_until`), in
+    /// seconds; then the server reclaims what the device had not reported.
+    #[arg(long, env = "TALLY_LEASE_ACTIVE_SECS", default_value_t = 259_200)]
+    pub lease_active_secs: u64,
     /// Sustained requests per second allowed per user or API key.
     #[arg(long, env = "TALLY_RATE_LIMIT_PER_SEC", default_value_t = 50)]
     pub rate_limit_per_sec: u32,
@@ -128,6 +132,7 @@ impl Config {
             max_body_bytes: 1_048_576,
             past_due_grace_secs: 259_200,
             min_protocol: 1,
+            lease_active_secs: 259_200,
             rate_limit_per_sec: 50,
             rate_limit_burst: 200,
             db_pool_size: 16,

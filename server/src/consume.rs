@@ -165,7 +165,11 @@ pub async fn consume(
     };
     let decided = pools::decide(&tx, &ctx, &loaded, &event.feature, amount, priced, true).await?;
     if !decided.decision.allowed {
-        // Nothing recorded: the transaction is dropped (rolled back) with the pool rows it made.
+        // Nothing recorded. A denial for room devices hold keeps the recalls it set (and the
+        // slices it reserved); any other is dropped (rolled back) with the pool rows it made.
+        if decided.decision.held_offline.is_some() {
+            tx.commit().await?;
+        }
         return Err(pools::denial(&event.feature, rule, decided.decision));
     }
     // A budget always records (the tokens were spent); past its limit the overage is its real

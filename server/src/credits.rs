@@ -246,6 +246,7 @@ pub async fn revoke_credits(state: &AppState, user_id: Uuid, grant_id: Option<&s
         .await?;
     if n > 0 {
         tx.execute("UPDATE users SET ver = ver + 1 WHERE user_id = $1", &[&user_id]).await?;
+        crate::leases::mark_refund(&tx, user_id, state.now()).await?;
     }
     tx.commit().await?;
     Ok(n)

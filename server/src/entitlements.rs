@@ -76,18 +76,99 @@ struct Cached {
 
 /// Signed tokens per user, reused while the entitlement version is unchanged and the token is
 /// fresh (younger than half its lifetime, and no grant in it has ended).
+/// Device tokens (protocol 2) are cached per (user, device) and reused only for the same
+/// entitlement version and `lease_ver`: a device token is never served to another device, and a
+/// lease change signs a new one.
 #[derive(Default)]
 pub struct TokenCache {
     m: Mutex<HashMap<Uuid, Cached>>,
+    d: Mutex<HashMap<(Uuid, String), DeviceCached>>,
 }
 
+/// A cached device token: its `lease_ver`, `lease_until` (Unix seconds) and the token.
+type DeviceCached = (u64, i64, Cached);
+
 impl TokenCache {
-    /// Drops the user's token (account deleted).
+    /// Drops the user's tokens (account deleted).
     pub fn forget(&self, user_id: Uuid) {
         if let Ok(mut m) = self.m.lock() {
             m.remove(&user_id);
         }
+        if let Ok(mut d) = self.d.lock() {
+            d.retain(|(u, _), _| *u != user_id);
+        }
     }
+}
+
+/// The lease part of a device token.
+pub struct DeviceLeases {
+    /// The device (`did`).
+    pub device_id: String,
+    /// Its `lease_ver`.
+    pub lease_ver: u64,
+    /// Its lease entries.
+    pub leases: Vec<tally_core::lease::Lease>,
+}
+
+/// The device token of `dev` (protocol 2): the entitlements token with `did`, `lease_ver`,
+/// `lease_until` (= `exp` + `TALLY_LEASE_ACTIVE_SECS`) and `leases`, from the cache when the
+/// same device holds one of the same version and `lease_ver` that is still fresh. Returns the
+/// token and its `lease_until`.
+pub fn device_token(
+    state: &AppState,
+    user: &User,
+    ents: &Entitlements,
+    now: DateTime<Utc>,
+    force: bool,
+    dev: DeviceLeases,
+) -> ApiResult<(String, DateTime<Utc>)> {
+    let key = (user.user_id, dev.device_id.clone());
+    if let Ok(d) = state.tokens.d.lock()
+        && !force
+        && let Some((lease_ver, lease_until, c)) = d.get(&key)
+        && *lease_ver == dev.lease_ver
+        && c.ver == ents.ver
+        && c.credits == ents.credit_grants
+        && now < c.reuse_until
+        && let Some(until) = DateTime::from_timestamp(*lease_until, 0)
+    {
+        return Ok((c.token.clone(), until));
+    }
+    let ttl = i64::try_from(state.config.token_ttl_secs).unwrap_or(86_400).max(1);
+    let active = i64::try_from(state.config.lease_active_secs).unwrap_or(259_200);
+    let iat = now.timestamp();
+    let exp = iat + ttl;
+    let lease_until = exp.saturating_add(active);
+    let claims = EntitlementClaims {
+        entitlements: ents.clone(),
+        sub: user.external_id.clone().unwrap_or_else(|| user.user_id.to_string()),
+        uid: user.user_id.to_string(),
+        iss: tally_core::token::TOKEN_ISSUER.into(),
+        aud: tally_core::token::TOKEN_AUDIENCE.into(),
+        iat,
+        exp,
+        did: Some(dev.device_id),
+        lease_ver: Some(dev.lease_ver),
+        lease_until: Some(lease_until),
+        leases: dev.leases,
+    };
+    let token = state.signer.sign(&claims).map_err(ApiError::internal)?;
+    let mut reuse_until = now + Duration::seconds(ttl / 2);
+    if let Some(u) = ents.granted_until {
+        reuse_until = reuse_until.min(u);
+    }
+    if let Ok(mut d) = state.tokens.d.lock() {
+        if d.len() >= MAX_CACHED_USERS {
+            d.retain(|_, (_, _, c)| c.reuse_until > now);
+            if d.len() >= MAX_CACHED_USERS {
+                d.clear();
+            }
+        }
+        let cached = Cached { ver: ents.ver, credits: ents.credit_grants.clone(), token: token.clone(), reuse_until };
+        d.insert(key, (dev.lease_ver, lease_until, cached));
+    }
+    let until = DateTime::from_timestamp(lease_until, 0).ok_or_else(|| ApiError::internal("lease_until out of range"))?;
+    Ok((token, until))
 }
 
 /// The signed entitlements token of `user` (from the cache when still valid).

@@ -116,6 +116,10 @@ pub async fn create(
     }
     let decided = pools::decide(&tx, &ctx, &loaded, &event.feature, amount, Priced::NoModel, false).await?;
     let (Some((key, _)), true) = (decided.pool.clone(), decided.decision.allowed) else {
+        if decided.decision.held_offline.is_some() {
+            // Nothing held; the recalls set for the devices' room stay.
+            tx.commit().await?;
+        }
         return Err(pools::denial(&event.feature, rule, decided.decision));
     };
     let held = i64::try_from(decided.need).map_err(|_| ApiError::Invalid("invalid_amount", "amount is too large to hold".into()))?;

@@ -36,6 +36,12 @@ pub struct NewEvent {
     pub output_tokens: Option<i64>,
     /// Small JSON metadata.
     pub metadata: Option<Value>,
+    /// Protocol 2: the `lease_ver` of the device token the use was decided under.
+    pub lease_ver: Option<i64>,
+    /// Counts at its `occurred_at` (a leased use), without the clamp to the server's time.
+    pub unclamped: bool,
+    /// The cause stored when it leaves its hard window over the limit (beats the batch's).
+    pub cause: Option<&'static str>,
 }
 
 /// The part of an event compared when its id is sent again.
@@ -135,8 +141,11 @@ pub fn validate(v: &Value, id_override: Option<Uuid>) -> Result<NewEvent, Invali
         input_tokens: e.input_tokens.map(int).transpose()?,
         output_tokens: e.output_tokens.map(int).transpose()?,
         feature: e.feature,
+        lease_ver: e.lease_ver.map(int).transpose()?,
         model: e.model,
         metadata: e.metadata.filter(|m| !m.is_null()),
+        unclamped: false,
+        cause: None,
     })
 }
 
@@ -426,7 +435,7 @@ pub async fn ingest(
                     _ => ctx.cost(e.model.as_deref(), e.input_tokens, e.output_tokens),
                 };
                 match cost {
-                    Some(cost) => unique.push((e.occurred_at.min(limit), cost, e)),
+                    Some(cost) => unique.push((if e.unclamped { e.occurred_at } else { e.occurred_at.min(limit) }, cost, e)),
                     None => out.rejected.push(reject(&e.id.to_string(), "invalid_amount")),
                 }
             }
@@ -557,9 +566,7 @@ pub async fn ingest(
         v.cost += inc.cost;
     }
     upsert_counters(tx, ctx.user_id, acc).await?;
-    if let Some(cause) = over_cause {
-        mark_overage(tx, ctx, features, &unique, &out.accepted, &mut after, cause).await?;
-    }
+    mark_overage(tx, ctx, features, &unique, &out.accepted, &mut after, over_cause).await?;
     out.totals = wanted
         .into_iter()
         .filter_map(|((f, p, start), end)| {
@@ -595,6 +602,7 @@ async fn insert_events(
         Vec::with_capacity(n),
         Vec::with_capacity(n),
         Vec::with_capacity(n),
+        Vec::with_capacity(n),
     );
     for (effective, cost, e) in events {
         cols.0.push(e.id);
@@ -609,28 +617,30 @@ async fn insert_events(
         cols.9.push(e.output_tokens);
         cols.10.push(*cost);
         cols.11.push(e.metadata.as_ref());
+        cols.12.push(e.lease_ver);
     }
     let rows = tx
         .query(
             &tx.prepare_cached("INSERT INTO events (user_id, id, feature, amount, occurred_at, effective_at, clamped, received_at, device_id, device_seq, \
-               model, input_tokens, output_tokens, cost_micros, metadata, source) \
+               model, input_tokens, output_tokens, cost_micros, metadata, source, lease_ver) \
              SELECT $1, t.id, t.feature, t.amount, t.occurred_at, t.effective_at, t.clamped, $2, $3, t.device_seq, \
-               t.model, t.input_tokens, t.output_tokens, t.cost_micros, t.metadata, $4 \
+               t.model, t.input_tokens, t.output_tokens, t.cost_micros, t.metadata, $4, t.lease_ver \
              FROM unnest($5::uuid[], $6::text[], $7::int8[], $8::timestamptz[], $9::timestamptz[], $10::bool[], $11::int8[], \
-               $12::text[], $13::int8[], $14::int8[], $15::int8[], $16::jsonb[]) \
-               AS t(id, feature, amount, occurred_at, effective_at, clamped, device_seq, model, input_tokens, output_tokens, cost_micros, metadata) \
+               $12::text[], $13::int8[], $14::int8[], $15::int8[], $16::jsonb[], $17::int8[]) \
+               AS t(id, feature, amount, occurred_at, effective_at, clamped, device_seq, model, input_tokens, output_tokens, cost_micros, metadata, lease_ver) \
              ON CONFLICT (user_id, id) DO NOTHING RETURNING id").await?,
             &[
                 &ctx.user_id, &ctx.now, &device_id, &source, &cols.0, &cols.1, &cols.2, &cols.3, &cols.4, &cols.5, &cols.6, &cols.7, &cols.8, &cols.9, &cols.10,
-                &cols.11,
+                &cols.11, &cols.12,
             ],
         )
         .await?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-/// Stores `cause` on every accepted event whose hard rule's window is over its limit after the
-/// batch, and adds it (sorted, once) to that window's causes.
+/// Stores its cause (the event's own, else `batch_cause`) on every accepted event whose hard
+/// rule's window is over its limit after the batch, and adds it (sorted, once) to that window's
+/// causes.
 async fn mark_overage(
     tx: &impl GenericClient,
     ctx: &Ctx<'_>,
@@ -638,11 +648,12 @@ async fn mark_overage(
     events: &[(DateTime<Utc>, i64, NewEvent)],
     accepted: &[Uuid],
     after: &mut Counters,
-    cause: &str,
+    batch_cause: Option<&str>,
 ) -> ApiResult<()> {
     let accepted: BTreeSet<Uuid> = accepted.iter().copied().collect();
-    let mut over_ids = Vec::new();
+    let mut over_ids: BTreeMap<&str, Vec<Uuid>> = BTreeMap::new();
     for (eff, _, e) in events.iter().filter(|(_, _, e)| accepted.contains(&e.id)) {
+        let Some(cause) = e.cause.or(batch_cause) else { continue };
         let Some(rule) = features.get(&e.feature) else { continue };
         let (Some(period), Some(limit)) = (rule.period(), rule.limit()) else { continue };
         if !crate::pools::is_hard(rule) {
@@ -654,7 +665,7 @@ async fn mark_overage(
         if u64::try_from(used).unwrap_or(0) <= limit {
             continue;
         }
-        over_ids.push(e.id);
+        over_ids.entry(cause).or_default().push(e.id);
         if !s.causes.iter().any(|c| c == cause) {
             s.causes.push(cause.to_string());
             s.causes.sort();
@@ -668,10 +679,10 @@ async fn mark_overage(
             .await?;
         }
     }
-    if !over_ids.is_empty() {
+    for (cause, ids) in over_ids {
         tx.execute(
             &tx.prepare_cached("UPDATE events SET cause = $3 WHERE user_id = $1 AND id = ANY($2)").await?,
-            &[&ctx.user_id, &over_ids, &cause],
+            &[&ctx.user_id, &ids, &cause],
         )
         .await?;
     }
@@ -717,7 +728,7 @@ pub async fn void(tx: &impl GenericClient, ctx: &Ctx<'_>, id: Uuid, reason: Opti
     let row = tx
         .query_opt(
             &tx.prepare_cached(
-                "SELECT feature, amount, effective_at, COALESCE(cost_micros, 0), voided_at FROM events \
+                "SELECT feature, amount, effective_at, COALESCE(cost_micros, 0), voided_at, lease_counted, device_id FROM events \
                  WHERE user_id = $1 AND id = $2 FOR UPDATE",
             )
             .await?,
@@ -739,5 +750,11 @@ pub async fn void(tx: &impl GenericClient, ctx: &Ctx<'_>, id: Uuid, reason: Opti
     let mut acc = BTreeMap::new();
     add_increments(ctx, &tracked_periods(ctx.catalog), &mut acc, &feature, r.get(2), -amount, -cost);
     upsert_counters(tx, ctx.user_id, acc).await?;
+    if r.get::<_, bool>(5)
+        && let Some(device) = r.get::<_, Option<String>>(6)
+    {
+        // A use counted in its device's lease gives the device its units back.
+        crate::leases::count_consumed(tx, ctx, &device, &feature, r.get(2), amount, cost, -1).await?;
+    }
     Ok(Some(false))
 }

@@ -21,6 +21,7 @@ pub mod extract;
 pub mod grants;
 pub mod holds;
 pub mod http;
+pub mod leases;
 pub mod ledger;
 pub mod metrics;
 pub mod pg_cluster;
@@ -155,6 +156,8 @@ pub fn app(state: AppState) -> Router {
     let api = Router::new()
         .route("/v1/me", get(accounts::get_me).patch(accounts::patch_me).delete(accounts::delete_me))
         .route("/v1/me/export", get(accounts::export_me))
+        .route("/v1/me/devices", get(leases::list_devices))
+        .route("/v1/me/devices/{device_id}", axum::routing::delete(leases::delete_device))
         .route("/v1/sync", post(sync::sync))
         .route("/v1/settings", get(settings::get_settings).put(settings::put_settings).patch(settings::patch_settings))
         .route("/v1/entitlements", get(entitlements::get_entitlements))

@@ -88,8 +88,11 @@ impl PoolState {
     }
 }
 
-/// Locks `key`'s pool row of the (locked) user, creating it when absent, and reads it.
-pub async fn lock(tx: &impl GenericClient, user_id: Uuid, key: &PoolKey, budget: bool) -> ApiResult<PoolState> {
+/// Locks `key`'s pool row of the (locked) user, creating it when absent, reserves the slices of
+/// devices that entered its window offline ([`crate::leases::materialize`]), and reads it; the
+/// leased units are those of the devices whose leases count at `now`.
+pub async fn lock(tx: &impl GenericClient, user_id: Uuid, key: &PoolKey, budget: bool, now: DateTime<Utc>) -> ApiResult<PoolState> {
+    crate::leases::materialize(tx, user_id, key).await?;
     tx.execute(
         &tx.prepare_cached(
             "INSERT INTO counters (user_id, feature, period, period_start, period_end) VALUES ($1, $2, $3, $4, $5) \
@@ -104,11 +107,13 @@ pub async fn lock(tx: &impl GenericClient, user_id: Uuid, key: &PoolKey, budget:
             &tx.prepare_cached(
                 "SELECT c.used, c.cost_micros, c.held, \
                    (SELECT coalesce(sum(greatest(0, d.allowance - d.consumed)), 0)::int8 FROM pool_devices d \
-                     WHERE d.user_id = c.user_id AND d.feature = c.feature AND d.period = c.period AND d.period_start = c.period_start) \
+                     WHERE d.user_id = c.user_id AND d.feature = c.feature AND d.period = c.period AND d.period_start = c.period_start \
+                     AND EXISTS (SELECT 1 FROM devices v WHERE v.user_id = d.user_id AND v.device_id = d.device_id \
+                       AND v.removed_at IS NULL AND v.lease_until > $5)) \
                  FROM counters c WHERE c.user_id = $1 AND c.feature = $2 AND c.period = $3 AND c.period_start = $4 FOR UPDATE OF c",
             )
             .await?,
-            &[&user_id, &key.feature, &key.period, &key.period_start],
+            &[&user_id, &key.feature, &key.period, &key.period_start, &now],
         )
         .await?;
     let n = |v: i64| u64::try_from(v).unwrap_or(0);
@@ -193,9 +198,11 @@ pub async fn decide(
     let key = PoolKey::of(ctx, feature, rule);
     let mut pool = None;
     if let Some(key) = key {
-        let p = lock(tx, ctx.user_id, &key, matches!(rule, Rule::Budget { .. })).await?;
+        let p = lock(tx, ctx.user_id, &key, matches!(rule, Rule::Budget { .. }), ctx.now).await?;
         match rule {
-            Rule::Credits { .. } => state.balance = state.balance.saturating_sub(i64::try_from(p.held).unwrap_or(i64::MAX)),
+            Rule::Credits { .. } => {
+                state.balance = state.balance.saturating_sub(i64::try_from(p.held.saturating_add(p.leased)).unwrap_or(i64::MAX))
+            }
             _ => (state.used, state.resets_at) = (p.taken(), key.period_end),
         }
         pool = Some((key, p));
@@ -208,6 +215,22 @@ pub async fn decide(
         (Rule::Budget { .. }, Priced::Cost(c)) if record => c,
         _ => amount,
     };
+    if let Some((key, p)) = &pool
+        && !decision.allowed
+        && p.leased > 0
+        && matches!(decision.reason, Reason::LimitReached | Reason::BudgetExceeded | Reason::InsufficientCredits)
+    {
+        // Would the use fit if the devices gave back what they hold? Then ask them to.
+        let room = match rule {
+            Rule::Credits { .. } => u64::try_from(loaded.ents.credit_balance.max(0)).unwrap_or(0).saturating_sub(p.held),
+            _ => rule.limit().unwrap_or(0).saturating_sub(p.used.saturating_add(p.held)),
+        };
+        if need <= room {
+            let free = room.saturating_sub(p.leased);
+            crate::leases::recall(tx, ctx.user_id, key, need.saturating_sub(free), ctx.now).await?;
+            decision.held_offline = Some(p.leased);
+        }
+    }
     if let (Some((_, p)), false) = (&pool, matches!(rule, Rule::Credits { .. })) {
         // Show the settled use: what holds and leases keep is not used.
         decision.used = decision.used.saturating_sub(p.held.saturating_add(p.leased));
@@ -237,7 +260,8 @@ async fn rate_used(tx: &impl GenericClient, ctx: &Ctx<'_>, feature: &str, window
 /// `unknown_feature` / `unknown_model`; the body carries the decision.
 pub fn denial(feature: &str, rule: Option<&Rule>, decision: Decision) -> ApiError {
     use axum::http::StatusCode;
-    let (status, code, message, retry) = match decision.reason {
+    let recall = decision.held_offline.map(|_| crate::leases::RECALL_RETRY_SECS);
+    let (status, code, message, mut retry) = match decision.reason {
         Reason::NotInPlan => (StatusCode::FORBIDDEN, "not_in_plan", format!("the plan does not include {feature:?}"), None),
         Reason::UnknownFeature => {
             (StatusCode::UNPROCESSABLE_ENTITY, "unknown_feature", format!("no plan of the catalog knows the feature {feature:?}"), None)
@@ -258,5 +282,6 @@ pub fn denial(feature: &str, rule: Option<&Rule>, decision: Decision) -> ApiErro
         }
         _ => (StatusCode::PAYMENT_REQUIRED, "limit_reached", format!("the limit of {feature:?} has no room for this use"), None),
     };
+    retry = retry.or(recall);
     ApiError::Denied(Box::new(crate::error::Denied { status, code, message, decision, retry_after: retry }))
 }

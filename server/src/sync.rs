@@ -7,13 +7,15 @@ use crate::error::{ApiError, ApiResult};
 use crate::extract::{body_bytes, from_value, parse_json};
 use crate::ledger::{self, Ctx};
 use crate::users::{self, User};
-use crate::{AppState, entitlements, settings};
+use crate::{AppState, entitlements, leases, settings};
 use axum::Json;
 use axum::extract::{FromRequest, Request, State};
+use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::Value;
 use tally_core::contract;
-use tally_core::wire::{ProfilePatch, SettingChange, SyncResponse};
+use tally_core::wire::{LeaseAmount, PROTOCOL_LEASES, ProfilePatch, Rejected, SettingChange, SyncResponse};
+use uuid::Uuid;
 
 /// The request as parsed by the server: `events` stay raw JSON so one bad event is rejected on
 /// its own while the rest of the batch is accepted. Unknown fields are ignored.
@@ -41,6 +43,48 @@ pub struct RawSyncRequest {
     /// Sign a new entitlements token even when the cached one is current ("restore purchases").
     #[serde(default)]
     pub force_entitlements: bool,
+    /// Protocol 2: pools the device asks units of.
+    #[serde(default)]
+    pub want: Vec<LeaseAmount>,
+    /// Protocol 2: units given back, cumulative per window.
+    #[serde(default)]
+    pub release: Vec<LeaseAmount>,
+    /// Protocol 2: the `lease_ver` of the device token the device holds.
+    #[serde(default)]
+    pub lease_ver: Option<u64>,
+    /// Protocol 2: the device is signing out.
+    #[serde(default, rename = "final")]
+    pub final_sync: bool,
+}
+
+/// A void event of a protocol-2 batch: cancels the user's event `voids`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VoidEvent {
+    /// The void event's own id (acknowledged like any event's).
+    pub id: Uuid,
+    /// The event it cancels.
+    pub voids: Uuid,
+    /// When the device voided it.
+    pub occurred_at: DateTime<Utc>,
+}
+
+/// Reads a void event (`{id, voids, occurred_at, device_seq?, metadata?}`, no feature or
+/// amount); `None` when `v` is not one (no `voids`); a rejection `invalid_event` when malformed.
+fn void_event(v: &Value) -> Option<Result<VoidEvent, Rejected>> {
+    let o = v.as_object()?;
+    let target = o.get("voids").filter(|t| !t.is_null())?;
+    let id_sent = o.get("id").and_then(Value::as_str).unwrap_or_default().to_string();
+    let bad = || Rejected { id: id_sent.clone(), reason: "invalid_event".into() };
+    let Some(id) = o.get("id").and_then(Value::as_str).and_then(|s| Uuid::parse_str(s).ok()).filter(|u| !u.is_nil()) else {
+        return Some(Err(Rejected { id: id_sent.clone(), reason: "invalid_id".into() }));
+    };
+    let voids = target.as_str().and_then(|s| Uuid::parse_str(s).ok());
+    let at = o.get("occurred_at").and_then(Value::as_str).and_then(|s| DateTime::parse_from_rfc3339(s).ok());
+    let extra = o.get("feature").is_some_and(|f| !f.is_null()) || o.get("amount").is_some_and(|a| !a.is_null() && a != 0);
+    match (voids, at, extra) {
+        (Some(voids), Some(at), false) => Some(Ok(VoidEvent { id, voids, occurred_at: at.with_timezone(&Utc) })),
+        _ => Some(Err(bad())),
+    }
 }
 
 /// Extracts a [`RawSyncRequest`], enforcing the body and batch limits (413) and the minimum
@@ -84,13 +128,23 @@ pub async fn sync(State(state): State<AppState>, AuthUser(user): AuthUser, SyncB
     }
     let mut rejected = Vec::new();
     let mut events = Vec::with_capacity(req.events.len());
+    let mut voids = Vec::new();
+    let leases = req.protocol >= PROTOCOL_LEASES;
     for v in &req.events {
+        // Void events are protocol 2; a protocol-1 batch refuses them as any malformed event.
+        if leases && let Some(void) = void_event(v) {
+            match void {
+                Ok(vd) => voids.push(vd),
+                Err(r) => rejected.push(r),
+            }
+            continue;
+        }
         match ledger::validate(v, None) {
             Ok(e) => events.push(e),
             Err(invalid) => rejected.push(invalid.rejected()),
         }
     }
-    let resp = run(&state, user, req, events, rejected).await?;
+    let resp = run(&state, user, req, events, voids, rejected).await?;
     metrics::counter!("tally_events_ingested_total").increment(resp.accepted.len() as u64);
     metrics::counter!("tally_events_duplicate_total").increment(resp.duplicates.len() as u64);
     metrics::counter!("tally_events_rejected_total").increment(resp.rejected.len() as u64);
@@ -101,10 +155,12 @@ async fn run(
     state: &AppState,
     user: User,
     req: RawSyncRequest,
-    events: Vec<ledger::NewEvent>,
-    mut rejected: Vec<tally_core::wire::Rejected>,
+    mut events: Vec<ledger::NewEvent>,
+    voids: Vec<VoidEvent>,
+    mut rejected: Vec<Rejected>,
 ) -> ApiResult<SyncResponse> {
     let now = state.now();
+    let leased = req.protocol >= PROTOCOL_LEASES;
     let (profile, profile_rejected) = match &req.profile {
         Some(p) => {
             let (ok, refused) = users::split_profile(p);
@@ -115,20 +171,150 @@ async fn run(
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
     let mut user = users::lock(&tx, user.user_id, &state.config.admin_subjects).await?;
+    let loaded = entitlements::load(state, &tx, &user, now).await?;
+    {
+        let ctx = Ctx::new(&user, &loaded, now);
+        if leased {
+            // Bad want/release entries refuse the whole request before anything changes.
+            leases::check_amounts(&ctx, "want", &req.want)?;
+            leases::check_amounts(&ctx, "release", &req.release)?;
+        }
+    }
     if let Some(p) = &profile {
         users::apply_profile(&tx, &mut user, p).await?;
     }
-    let loaded = entitlements::load(state, &tx, &user, now).await?;
+    let loaded =
+        if profile.as_ref().is_some_and(|p| p.timezone.is_some()) { entitlements::load(state, &tx, &user, now).await? } else { loaded };
     let ctx = Ctx::new(&user, &loaded, now);
     ledger::ensure_counters(&tx, &ctx).await?;
-    let out = ledger::ingest(&tx, &ctx, &loaded.ents.features, events, Some(&req.device_id), "sync", None).await?;
+    let dev = leases::register(&tx, user.user_id, &req.device_id, req.protocol, now).await?;
+    if leased && let Some(v) = req.lease_ver {
+        leases::acknowledge(&tx, user.user_id, &dev, v).await?;
+    }
+    let seqs: Vec<(Uuid, i64)> = events.iter().filter_map(|e| e.device_seq.map(|s| (e.id, s))).collect();
+    let cloned = leases::detect_clone(&tx, user.user_id, &dev, &seqs).await?;
+    // Where each use counts and why it may be over its limit.
+    let features = &loaded.ents.features;
+    let mut counted = std::collections::BTreeSet::new();
+    for e in &mut events {
+        if !leased {
+            e.cause = Some("protocol1");
+            continue;
+        }
+        let Some(until) = dev.lease_until.filter(|_| e.lease_ver.is_some()) else {
+            e.cause = Some("before_lease");
+            continue;
+        };
+        let start = match features.get(&e.feature).and_then(tally_core::Rule::period) {
+            Some(p) => tally_core::period::window(p, e.occurred_at, ctx.tz, ctx.anchor).start,
+            None => e.occurred_at,
+        };
+        let in_lease = start < until;
+        e.unclamped = in_lease;
+        if in_lease {
+            counted.insert(e.id);
+        }
+        e.cause = Some(if cloned {
+            "cloned_device"
+        } else if dev.removed_at.is_some() || until <= now || !in_lease {
+            "reclaimed"
+        } else {
+            "downgrade"
+        });
+        if in_lease
+            && let Some(rule) = features.get(&e.feature)
+            && let Some(key) = leased_key(&ctx, &e.feature, rule, e.occurred_at)
+        {
+            leases::materialize(&tx, user.user_id, &key).await?;
+        }
+    }
+    let mut out = ledger::ingest(&tx, &ctx, features, events, Some(&req.device_id), "sync", None).await?;
+    let counted: Vec<Uuid> = out.accepted.iter().filter(|id| counted.contains(*id)).copied().collect();
+    if !counted.is_empty() {
+        let rows = tx
+            .query(
+                &tx.prepare_cached(
+                    "UPDATE events SET lease_counted = true WHERE user_id = $1 AND id = ANY($2) \
+                     RETURNING feature, amount, cost_micros, effective_at",
+                )
+                .await?,
+                &[&user.user_id, &counted],
+            )
+            .await?;
+        for r in rows {
+            let feature: String = r.get(0);
+            leases::count_consumed(&tx, &ctx, &req.device_id, &feature, r.get(3), r.get(1), r.get(2), 1).await?;
+        }
+    }
+    // Voids apply after the batch's inserts (an event and its void may come together).
+    for v in &voids {
+        let stored = tx
+            .query_opt(&tx.prepare_cached("SELECT target FROM void_events WHERE user_id = $1 AND id = $2").await?, &[&user.user_id, &v.id])
+            .await?;
+        match stored.map(|r| r.get::<_, Uuid>(0)) {
+            Some(t) if t == v.voids => out.duplicates.push(v.id),
+            Some(_) => rejected.push(Rejected { id: v.id.to_string(), reason: "conflict".into() }),
+            None => {
+                let feature = tx
+                    .query_opt(
+                        &tx.prepare_cached("SELECT feature FROM events WHERE user_id = $1 AND id = $2").await?,
+                        &[&user.user_id, &v.voids],
+                    )
+                    .await?
+                    .map(|r| r.get::<_, String>(0));
+                match (feature, ledger::void(&tx, &ctx, v.voids, Some("voided by the device")).await?) {
+                    (Some(f), Some(_)) => {
+                        tx.execute(
+                            &tx.prepare_cached(
+                                "INSERT INTO void_events (user_id, id, target, device_id, occurred_at, received_at) VALUES ($1, $2, $3, $4, $5, $6)",
+                            )
+                            .await?,
+                            &[&user.user_id, &v.id, &v.voids, &req.device_id, &v.occurred_at, &now],
+                        )
+                        .await?;
+                        out.accepted.push(v.id);
+                        out.touched.push((f, now));
+                    }
+                    _ => rejected.push(Rejected { id: v.id.to_string(), reason: "unknown_event".into() }),
+                }
+            }
+        }
+    }
+    if !voids.is_empty() {
+        // Totals after the voids.
+        out.totals = ledger::totals(&tx, &ctx, features).await?;
+    }
     let settings_rejected = settings::merge(&tx, user.user_id, &req.settings_changes, now).await?;
     let (settings_changes, cursor) = settings::changes_since(&tx, user.user_id, settings::parse_cursor(req.cursor.as_deref())).await?;
-    let mut ents = loaded.ents;
+    let mut ents = loaded.ents.clone();
     crate::credits::after_ingest(&tx, user.user_id, &mut ents, &loaded.catalog, &out.touched, (user.created_at, loaded.anchor), now)
         .await?;
+    let mut recall = Vec::new();
+    let token = if leased {
+        let released = leases::release(&tx, user.user_id, &req.device_id, &req.release).await?;
+        if !dev.active(now) {
+            // Its earlier lease ended (or it was removed): what it had not used went back.
+            leases::reclaim(&tx, user.user_id, &req.device_id).await?;
+        }
+        if req.final_sync {
+            leases::remove(&tx, user.user_id, &req.device_id, now).await?;
+            entitlements::token_fresh(state, &user, &ents, now, req.force_entitlements)?
+        } else {
+            let n = leases::active_devices(&tx, user.user_id, &req.device_id, now).await?;
+            let ctx = Ctx::new(&user, &loaded, now);
+            let list = leases::grant(&tx, &ctx, &ents, &req.device_id, n, &req.want, &released).await?;
+            let pools = leases::current_pools(&ctx, &ents);
+            let lease_ver = leases::issue(&tx, user.user_id, &dev, &list, &pools).await?;
+            let dl = entitlements::DeviceLeases { device_id: req.device_id.clone(), lease_ver, leases: list };
+            let (token, until) = entitlements::device_token(state, &user, &ents, now, req.force_entitlements, dl)?;
+            leases::set_lease_until(&tx, user.user_id, &req.device_id, until).await?;
+            recall = leases::recalls(&tx, user.user_id, &req.device_id).await?;
+            token
+        }
+    } else {
+        entitlements::token_fresh(state, &user, &ents, now, req.force_entitlements)?
+    };
     tx.commit().await?;
-    let token = entitlements::token_fresh(state, &user, &ents, now, req.force_entitlements)?;
     rejected.extend(out.rejected);
     Ok(SyncResponse {
         accepted: out.accepted,
@@ -142,6 +328,16 @@ async fn run(
         unknown_features: out.unknown_features,
         cursor: Some(cursor),
         limits: state.limits(),
-        recall: Vec::new(),
+        recall,
     })
+}
+
+/// The hard pool a leased use of `feature` occurring at `at` counts in.
+fn leased_key(ctx: &Ctx<'_>, feature: &str, rule: &tally_core::Rule, at: DateTime<Utc>) -> Option<crate::pools::PoolKey> {
+    if !crate::pools::is_hard(rule) {
+        return None;
+    }
+    let p = rule.period()?;
+    let w = tally_core::period::window(p, at, ctx.tz, ctx.anchor);
+    Some(crate::pools::PoolKey { feature: feature.into(), period: p.as_str().into(), period_start: w.start, period_end: w.end })
 }
