@@ -27,6 +27,8 @@ pub(crate) struct Access {
     pub from_token: bool,
     /// When the user was created (rolled-over plan credits count from here).
     pub created_at: DateTime<Utc>,
+    /// Protocol 2: the stored device token's lease state, once this user held one.
+    pub lease: Option<crate::leases::LeaseState>,
 }
 
 impl Tally {
@@ -43,15 +45,21 @@ impl Tally {
     }
 
     fn resolve_access(&self, inner: &Inner, user_id: &str, now: DateTime<Utc>) -> Result<Access> {
-        type Row = (Option<String>, String, i64, bool, Option<String>, Option<String>);
+        type Row = (Option<String>, String, i64, bool, Option<String>, Option<String>, Option<crate::leases::LeaseState>);
         let row: Option<Row> = inner
             .conn
             .prepare_cached(
-                "SELECT external_id, timezone, created_at, is_admin, entitlements, entitlements_token FROM users WHERE id = ?1",
+                "SELECT external_id, timezone, created_at, is_admin, entitlements, entitlements_token,
+                        leases_held, lease_ver, lease_until, lease_exp FROM users WHERE id = ?1",
             )?
-            .query_row([user_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))
+            .query_row([user_id], |r| {
+                let lease = r.get::<_, bool>(6)?.then(|| -> rusqlite::Result<_> {
+                    Ok(crate::leases::LeaseState { ver: r.get(7)?, until_ms: r.get(8)?, exp_ms: r.get(9)? })
+                });
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, lease.transpose()?))
+            })
             .optional()?;
-        let (external_id, tz_name, created_at, is_admin, raw, token) = row.ok_or_else(|| Error::NotFound(format!("user {user_id}")))?;
+        let (external_id, tz_name, created_at, is_admin, raw, token, lease) = row.ok_or_else(|| Error::NotFound(format!("user {user_id}")))?;
         let catalog = self.catalog();
         let mut valid_until = now + Duration::seconds(60);
         let mut ent = None;
@@ -86,7 +94,7 @@ impl Tally {
         if let Some(end) = crate::period::window(crate::Period::Billing, now, chrono_tz::UTC, anchor).end {
             valid_until = valid_until.min(end);
         }
-        Ok(Access { ent, tz, anchor, valid_until, from_token, created_at: from_ms(created_at) })
+        Ok(Access { ent, tz, anchor, valid_until, from_token, created_at: from_ms(created_at), lease })
     }
 
     /// Entitlements from a stored server token, when it verifies for subject `sub`: the token's

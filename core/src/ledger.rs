@@ -220,13 +220,15 @@ pub(crate) fn insert_event(
     u: &Use<'_>,
     d: &Decision,
     cost: Option<u64>,
+    lease: Option<&crate::leases::LeaseUse>,
     now: DateTime<Utc>,
     seq: i64,
 ) -> Result<()> {
     let to_sql = |v: u64| i64::try_from(v).map_err(|_| Error::invalid("value out of range"));
     tx.prepare_cached(
-        "INSERT INTO events (user_id, id, feature, amount, occurred_at, device_id, device_seq, model, input_tokens, output_tokens, cost_micros, metadata, decision, status)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+        "INSERT INTO events (user_id, id, feature, amount, occurred_at, device_id, device_seq, model, input_tokens, output_tokens, cost_micros, metadata, decision, status,
+                             lease_ver, lease_pool, lease_period, lease_start, lease_units)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
     )?
     .execute(params![
         user,
@@ -243,6 +245,11 @@ pub(crate) fn insert_event(
         u.metadata,
         if u.keyed { serde_json::to_string(d)? } else { String::new() },
         EventState::Pending,
+        lease.map(|l| l.ver.unwrap_or(0)),
+        lease.map(|l| l.pool.feature.as_str()),
+        lease.map(|l| l.pool.period.as_str()),
+        lease.map(|l| l.pool.counter_start()),
+        lease.map_or(Ok(0), |l| to_sql(l.units))?,
     ])?;
     Ok(())
 }

@@ -27,6 +27,7 @@ pub mod entitlements;
 pub mod error;
 pub mod hlc;
 pub mod lease;
+pub mod leases;
 pub mod ledger;
 pub mod period;
 pub mod quota;
@@ -35,6 +36,7 @@ pub mod settings;
 pub mod sync;
 pub mod token;
 pub mod users;
+pub mod void;
 pub mod wire;
 
 mod access;
@@ -45,6 +47,7 @@ pub use db::Durability;
 pub use decision::{Decision, Reason};
 pub use entitlements::{AccessGrant, CreditGrant, EntitlementClaims, Entitlements, SubscriptionStatus};
 pub use error::{Error, Result};
+pub use leases::{LeaseRequest, LeaseStatus};
 pub use ledger::{ConsumeItem, EventStatus, UsageMeta};
 pub use period::{Period, Window};
 pub use quota::Usage;
@@ -88,6 +91,9 @@ pub struct Config {
     /// app). Without them no entitlements token is trusted and `sync` is
     /// [`Error::Configuration`].
     pub server_keys: Option<String>,
+    /// Protocol 2: features whose leases every sync asks for (at this device's fair share),
+    /// used or not, so that they work offline.
+    pub offline_features: Vec<String>,
 }
 
 impl Default for Config {
@@ -103,6 +109,7 @@ impl Default for Config {
             token_grace: Duration::days(3),
             busy_timeout: std::time::Duration::from_secs(10),
             server_keys: None,
+            offline_features: Vec::new(),
         }
     }
 }
@@ -175,7 +182,14 @@ impl Tally {
         if let Some(wanted) = &config.device_id
             && wanted != &device_id
         {
+            // The leases were the old id's: the server reclaims them at their `lease_until`. This
+            // device starts over (allowance 0 until its next sync brings a token of its new id).
+            conn.execute_batch(
+                "BEGIN IMMEDIATE; DELETE FROM leases; DELETE FROM lease_releases;
+                 UPDATE users SET lease_ver = NULL, lease_until = NULL, lease_exp = NULL;",
+            )?;
             conn.execute("UPDATE device SET device_id = ?1 WHERE singleton = 1", [wanted])?;
+            conn.execute_batch("COMMIT")?;
         }
         let device_id = config.device_id.clone().unwrap_or(device_id);
         let data_version = conn.query_row("PRAGMA data_version", [], |r| r.get(0))?;

@@ -12,6 +12,7 @@ use crate::credits::{credit_balance_at, draw_credits};
 use crate::decision::{Decision, Priced, Reason, RuleEffect, RuleState, decide_rule};
 use crate::entitlements::Entitlements;
 use crate::error::{Error, Result};
+use crate::leases::LeaseUse;
 use crate::ledger::{ConsumeItem, EventState, UsageMeta, Use, insert_event, replay, validate, validate_with_id};
 use crate::period::{Period, Window, window};
 use crate::{Change, Inner, Tally, from_ms, ms, write_tx};
@@ -42,6 +43,14 @@ pub struct Usage {
     pub period_start: Option<DateTime<Utc>>,
     /// Window end (`None` = never resets).
     pub resets_at: Option<DateTime<Utc>>,
+    /// Protocol 2: what this device's lease allows in the window (after its own releases);
+    /// `None` without a lease (not a hard pool, or the user never held a device token).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_allowance: Option<u64>,
+    /// Protocol 2: what this device's lease has left ("3 left on this phone" beside the
+    /// account's `remaining`); `None` without a lease.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_remaining: Option<u64>,
 }
 
 /// How a decided use changes storage.
@@ -74,13 +83,38 @@ fn rate_window(window_secs: u64, now: DateTime<Utc>) -> (String, Window) {
     (format!("rate:{secs}"), Window { start: s, end: DateTime::from_timestamp(start.saturating_add(secs), 0) })
 }
 
-/// (pending, pending_cost, server_used) of a counter row.
-fn read_counter(conn: &Connection, user: &str, feature: &str, period: &str, start: i64) -> Result<(u64, u64, u64)> {
+/// What a counter row holds, as used by a decision: units and micros used in the window
+/// (server total + this device's unacknowledged events, never below 0: a pending void of an
+/// acknowledged use takes units back) and this device's unacknowledged leased units.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Seen {
+    /// `server_used + pending`.
+    pub(crate) units: u64,
+    /// `server_used + pending_cost`.
+    pub(crate) micros: u64,
+    /// `pending_leased`.
+    pub(crate) leased: u64,
+}
+
+/// (pending, pending_cost, server_used, pending_leased) of a counter row.
+fn read_counter_raw(conn: &Connection, user: &str, feature: &str, period: &str, start: i64) -> Result<(i64, i64, i64, i64)> {
     Ok(conn
-        .prepare_cached("SELECT pending, pending_cost, server_used FROM counters WHERE user_id = ?1 AND feature = ?2 AND period = ?3 AND period_start = ?4")?
-        .query_row(params![user, feature, period, start], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64)))
+        .prepare_cached(
+            "SELECT pending, pending_cost, server_used, pending_leased FROM counters WHERE user_id = ?1 AND feature = ?2 AND period = ?3 AND period_start = ?4",
+        )?
+        .query_row(params![user, feature, period, start], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
         .optional()?
-        .unwrap_or((0, 0, 0)))
+        .unwrap_or((0, 0, 0, 0)))
+}
+
+fn signed_sum(a: i64, b: i64) -> u64 {
+    u64::try_from((i128::from(a) + i128::from(b)).max(0)).unwrap_or(u64::MAX)
+}
+
+/// The [`Seen`] of a counter row (zeros when absent).
+pub(crate) fn read_counter(conn: &Connection, user: &str, feature: &str, period: &str, start: i64) -> Result<Seen> {
+    let (pending, pending_cost, server, leased) = read_counter_raw(conn, user, feature, period, start)?;
+    Ok(Seen { units: signed_sum(server, pending), micros: signed_sum(server, pending_cost), leased: signed_sum(leased, 0) })
 }
 
 /// The server's causes of overage stored for one window (sorted, as the server sent them).
@@ -95,40 +129,51 @@ fn read_causes(conn: &Connection, user: &str, feature: &str, period: &str, start
 /// The counter rows a batch reads and changes: each row is read once and written once, so a
 /// `consume_many` of N uses of one feature costs one counter read and one upsert, not N of each.
 #[derive(Default)]
-struct Batch {
+pub(crate) struct Batch {
     rows: std::collections::HashMap<(String, String, i64), CounterRow>,
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 struct CounterRow {
-    pending: u64,
-    pending_cost: u64,
-    server: u64,
+    seen: Seen,
     add_amount: u64,
     add_cost: u64,
+    add_leased: u64,
 }
 
 impl Batch {
-    /// (pending, pending_cost, server_used) of a row, including what this batch added.
-    fn read(&mut self, conn: &Connection, user: &str, feature: &str, period: &str, start: i64) -> Result<(u64, u64, u64)> {
+    fn row(&mut self, conn: &Connection, user: &str, feature: &str, period: &str, start: i64) -> Result<CounterRow> {
         let key = (feature.to_string(), period.to_string(), start);
-        let row = match self.rows.get(&key) {
+        Ok(match self.rows.get(&key) {
             Some(r) => *r,
             None => {
-                let (pending, pending_cost, server) = read_counter(conn, user, feature, period, start)?;
-                let r = CounterRow { pending, pending_cost, server, add_amount: 0, add_cost: 0 };
+                let r = CounterRow { seen: read_counter(conn, user, feature, period, start)?, ..CounterRow::default() };
                 self.rows.insert(key, r);
                 r
             }
-        };
-        Ok((row.pending + row.add_amount, row.pending_cost + row.add_cost, row.server))
+        })
+    }
+
+    /// The [`Seen`] of a row, including what this batch added.
+    pub(crate) fn read(&mut self, conn: &Connection, user: &str, feature: &str, period: &str, start: i64) -> Result<Seen> {
+        let r = self.row(conn, user, feature, period, start)?;
+        Ok(Seen {
+            units: r.seen.units.saturating_add(r.add_amount),
+            micros: r.seen.micros.saturating_add(r.add_cost),
+            leased: r.seen.leased.saturating_add(r.add_leased),
+        })
     }
 
     fn add(&mut self, feature: &str, period: &str, start: i64, amount: u64, cost: u64) {
         let key = (feature.to_string(), period.to_string(), start);
-        let r = self.rows.entry(key).or_insert(CounterRow { pending: 0, pending_cost: 0, server: 0, add_amount: 0, add_cost: 0 });
+        let r = self.rows.entry(key).or_default();
         r.add_amount += amount;
         r.add_cost += cost;
+    }
+
+    fn add_leased(&mut self, feature: &str, period: &str, start: i64, units: u64) {
+        let r = self.rows.entry((feature.to_string(), period.to_string(), start)).or_default();
+        r.add_leased += units;
     }
 
     /// Writes what the batch added.
@@ -137,12 +182,25 @@ impl Batch {
             if r.add_amount > 0 || r.add_cost > 0 {
                 add_counter(conn, user, &feature, &period, start, r.add_amount as i64, r.add_cost as i64)?;
             }
+            if r.add_leased > 0 {
+                add_leased(conn, user, &feature, &period, start, r.add_leased as i64)?;
+            }
         }
         Ok(())
     }
 }
 
-fn add_counter(conn: &Connection, user: &str, feature: &str, period: &str, start: i64, amount: i64, cost: i64) -> Result<()> {
+/// Adds `units` (negative: takes back) to a row's `pending_leased`.
+pub(crate) fn add_leased(conn: &Connection, user: &str, feature: &str, period: &str, start: i64, units: i64) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO counters (user_id, feature, period, period_start, pending_leased) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (user_id, feature, period, period_start) DO UPDATE SET pending_leased = pending_leased + excluded.pending_leased",
+    )?
+    .execute(params![user, feature, period, start, units])?;
+    Ok(())
+}
+
+pub(crate) fn add_counter(conn: &Connection, user: &str, feature: &str, period: &str, start: i64, amount: i64, cost: i64) -> Result<()> {
     conn.prepare_cached(
         "INSERT INTO counters (user_id, feature, period, period_start, pending, pending_cost) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
          ON CONFLICT (user_id, feature, period, period_start) DO UPDATE SET pending = pending + excluded.pending,
@@ -150,6 +208,19 @@ fn add_counter(conn: &Connection, user: &str, feature: &str, period: &str, start
     )?
     .execute(params![user, feature, period, start, amount, cost])?;
     Ok(())
+}
+
+/// The counter key (period, window start ms) an event of `feature` at `at` (ms) counts under,
+/// from the rule the counters are kept for; `None` when the feature has no counters.
+pub(crate) fn event_window(conn: &Connection, user: &str, feature: &str, at: i64) -> Result<Option<(String, i64)>> {
+    let rule: Option<(String, String, i64)> = conn
+        .prepare_cached("SELECT period, tz, anchor FROM counter_rules WHERE user_id = ?1 AND feature = ?2")?
+        .query_row([user, feature], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
+    let Some((period, tz, anchor)) = rule else { return Ok(None) };
+    let Ok(p) = period.parse::<Period>() else { return Ok(None) };
+    let tz = if tz.is_empty() { chrono_tz::UTC } else { crate::contract::timezone(&tz)? };
+    Ok(Some((period, ms(window(p, from_ms(at), tz, from_ms(anchor)).start))))
 }
 
 /// The (tz, anchor) a period's windows depend on, normalised so that irrelevant changes do not
@@ -202,7 +273,11 @@ impl Tally {
                     [user, feature],
                 )?;
                 let events: Vec<(i64, i64, i64)> = tx
-                    .prepare("SELECT occurred_at, amount, COALESCE(cost_micros, 0) FROM events WHERE user_id = ?1 AND feature = ?2 AND status = ?3")?
+                    .prepare(
+                        "SELECT COALESCE(target_at, occurred_at), CASE WHEN voids IS NULL THEN amount ELSE -amount END,
+                                CASE WHEN voids IS NULL THEN COALESCE(cost_micros, 0) ELSE -COALESCE(cost_micros, 0) END
+                         FROM events WHERE user_id = ?1 AND feature = ?2 AND status = ?3 AND voided = 0",
+                    )?
                     .query_map(params![user, feature, EventState::Pending], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
                     .collect::<rusqlite::Result<_>>()?;
                 for (at, amount, cost) in events {
@@ -233,11 +308,11 @@ impl Tally {
         u: &Use<'_>,
         now: DateTime<Utc>,
         record: bool,
-    ) -> Result<(Decision, Option<Effect>)> {
+    ) -> Result<(Decision, Option<Effect>, Option<LeaseUse>)> {
         let reason = a.ent.access_reason.as_str();
         let Some(rule) = a.ent.features.get(u.feature) else {
             let r = if Tally::feature_known(&self.catalog(), &a.ent, u.feature) { Reason::NotInPlan } else { Reason::UnknownFeature };
-            return Ok((Decision::simple(false, r, reason), None));
+            return Ok((Decision::simple(false, r, reason), None, None));
         };
         let priced = match u.model.map(|m| a.ent.models.get(m)) {
             None => Priced::NoModel,
@@ -251,15 +326,15 @@ impl Tally {
             Rule::Metered { .. } | Rule::Budget { .. } | Rule::Rate { .. } => {
                 let (pkey, w) = counter_window(rule, a, now).unwrap_or_else(|| (String::new(), Window { start: now, end: None }));
                 let start = ms(w.start);
-                let (pending, pending_cost, server) = batch.read(conn, user, u.feature, &pkey, start)?;
-                state.used = server + if matches!(rule, Rule::Budget { .. }) { pending_cost } else { pending };
+                let seen = batch.read(conn, user, u.feature, &pkey, start)?;
+                state.used = if matches!(rule, Rule::Budget { .. }) { seen.micros } else { seen.units };
                 state.resets_at = w.end;
-                counter = Some((pkey, start, server.saturating_add(pending), server.saturating_add(pending_cost)));
+                counter = Some((pkey, start, seen.units, seen.micros));
             }
             Rule::Flag { .. } => {}
         }
-        let (d, effect) = decide_rule(rule, u.amount, priced, state, reason, record)?;
-        let effect = match (effect, counter) {
+        let (mut d, effect) = decide_rule(rule, u.amount, priced, state, reason, record)?;
+        let mut effect = match (effect, counter) {
             (Some(RuleEffect::Count { amount, cost }), Some((period, start, units, micros))) => {
                 if record {
                     // The row keeps both columns: each must stay in range.
@@ -272,7 +347,32 @@ impl Tally {
             (Some(RuleEffect::None), _) => Some(Effect::None),
             _ => None,
         };
-        Ok((d, effect))
+        // Protocol 2: a hard pool also needs room in this device's lease.
+        let mut lease_use = None;
+        if let Some(view) = self.lease_view(conn, batch, a, user, u.feature, rule, now)? {
+            let measured = match (&effect, rule) {
+                (Some(Effect::Count { cost, .. }), Rule::Budget { .. }) => Some(*cost),
+                (Some(Effect::Count { amount, .. }), _) => Some(*amount),
+                (Some(Effect::Credits(need)), _) => Some(*need),
+                _ => None,
+            };
+            match measured {
+                Some(units) if d.reason == Reason::Ok && !crate::lease::fits(view.allowance, view.units, units) => {
+                    // The account has room, the lease has not: nothing recorded.
+                    let (shown, _) = decide_rule(rule, u.amount, priced, state, reason, false)?;
+                    d = Decision { allowed: false, reason: Reason::LeaseExhausted, ..shown };
+                    d.device_remaining = Some(view.allowance.saturating_sub(view.units));
+                    effect = None;
+                }
+                Some(units) if d.reason == Reason::Ok => {
+                    let after = if record { view.units.saturating_add(units) } else { view.units };
+                    d.device_remaining = Some(view.allowance.saturating_sub(after));
+                    lease_use = Some(LeaseUse { ver: view.ver, pool: view.pool, units });
+                }
+                _ => d.device_remaining = Some(view.allowance.saturating_sub(view.units)),
+            }
+        }
+        Ok((d, effect, lease_use))
     }
 
     /// Asks whether `amount` units of `feature` may be used now, changing nothing. For budget
@@ -369,10 +469,10 @@ impl Tally {
                 decisions.push(d);
                 continue;
             }
-            let (d, effect) = self.decide(&tx, &mut batch, &a, user_id, u, now, true)?;
+            let (d, effect, lease_use) = self.decide(&tx, &mut batch, &a, user_id, u, now, true)?;
             if let Some(effect) = effect {
                 seq += 1;
-                record(&tx, &mut batch, user_id, &inner.device_id, u, &d, &effect, now, &a.ent, seq)?;
+                record(&tx, &mut batch, user_id, &inner.device_id, u, &d, &effect, lease_use.as_ref(), now, &a.ent, seq)?;
                 recorded = true;
             }
             decisions.push(d);
@@ -416,14 +516,20 @@ impl Tally {
             over_limit_causes: Vec::new(),
             period_start: None,
             resets_at: None,
+            device_allowance: None,
+            device_remaining: None,
         };
+        if let Some(view) = self.lease_view(&g.conn, &mut Batch::default(), &a, user_id, feature, &rule, now)? {
+            usage.device_allowance = Some(view.allowance);
+            usage.device_remaining = Some(view.allowance.saturating_sub(view.units));
+        }
         if let Some(p) = rule.period() {
             Tally::ensure_counters(&mut g, user_id, feature, p, &a)?;
         }
         match counter_window(&rule, &a, now) {
             Some((pkey, w)) => {
-                let (pending, pending_cost, server) = read_counter(&g.conn, user_id, feature, &pkey, ms(w.start))?;
-                usage.used = server + if matches!(rule, Rule::Budget { .. }) { pending_cost } else { pending };
+                let seen = read_counter(&g.conn, user_id, feature, &pkey, ms(w.start))?;
+                usage.used = if matches!(rule, Rule::Budget { .. }) { seen.micros } else { seen.units };
                 usage.over_limit_causes = read_causes(&g.conn, user_id, feature, &pkey, ms(w.start))?;
                 usage.period_start = Some(w.start);
                 usage.resets_at = w.end;
@@ -453,6 +559,7 @@ fn record(
     u: &Use<'_>,
     d: &Decision,
     effect: &Effect,
+    lease: Option<&LeaseUse>,
     now: DateTime<Utc>,
     ent: &Entitlements,
     seq: i64,
@@ -465,7 +572,10 @@ fn record(
             .map(|p| p.cost_micros(u.input_tokens.unwrap_or(0), u.output_tokens.unwrap_or(0)))
             .transpose()?,
     };
-    insert_event(tx, user, device, u, d, cost, now, seq)?;
+    insert_event(tx, user, device, u, d, cost, lease, now, seq)?;
+    if let Some(l) = lease {
+        batch.add_leased(&l.pool.feature, &l.pool.period, l.pool.start.unwrap_or(0), l.units);
+    }
     match effect {
         Effect::Count { period, start, amount, cost } => batch.add(u.feature, period, *start, *amount, *cost),
         Effect::Credits(need) => draw_credits(tx, user, *need, now)?,

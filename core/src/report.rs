@@ -48,7 +48,7 @@ impl Tally {
         let tz = crate::contract::timezone(&user.timezone)?;
         let mut st = g.conn.prepare_cached(
             "SELECT occurred_at, feature, COALESCE(model, ''), amount, COALESCE(input_tokens, 0), COALESCE(output_tokens, 0), COALESCE(cost_micros, 0)
-             FROM events WHERE user_id = ?1 AND occurred_at >= ?2 AND occurred_at < ?3 AND status != ?4",
+             FROM events WHERE user_id = ?1 AND occurred_at >= ?2 AND occurred_at < ?3 AND status != ?4 AND voids IS NULL AND voided = 0",
         )?;
         let rows = st.query_map(params![user_id, ms(from), ms(to), crate::ledger::EventState::Rejected], |r| {
             Ok((

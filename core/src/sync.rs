@@ -17,7 +17,6 @@
 use crate::error::{Error, Result};
 use crate::hlc::Hlc;
 use crate::ledger::{EventState, RejectReason};
-use crate::period::{Period, window};
 use crate::wire::{
     ErrorBody, PROTOCOL, ProfilePatch, ProfileRejected, Rejected, SettingChange, SettingRejected, SyncRequest, SyncResponse, Total,
     WireEvent,
@@ -165,6 +164,24 @@ impl Tally {
     /// finds the credentials name another subject than the user's `external_id` answers 409
     /// `subject_mismatch`: [`Error::SubjectMismatch`], nothing changed.
     pub async fn sync(&self, user_id: &str, options: SyncOptions) -> Result<SyncReport> {
+        self.sync_rounds(user_id, options, false).await
+    }
+
+    /// Gives back every lease of `user_id` on this device and syncs with `"final": true`, so
+    /// the account gets the room at once. Apps call it before [`Tally::sign_out`] /
+    /// [`Tally::delete_user`] when online (those drop the lease rows locally either way).
+    /// Afterwards this device's hard pools allow only what it already used, until a sync
+    /// brings new leases.
+    pub async fn release_leases(&self, user_id: &str, options: SyncOptions) -> Result<SyncReport> {
+        {
+            let mut g = self.lock();
+            crate::users::get_user(&g.conn, user_id)?;
+            write_tx(&mut g.conn, |tx| crate::leases::release_all(tx, user_id))?;
+        }
+        self.sync_rounds(user_id, options, true).await
+    }
+
+    async fn sync_rounds(&self, user_id: &str, options: SyncOptions, final_sync: bool) -> Result<SyncReport> {
         check_server_keys(self.config.server_keys.as_deref())?;
         let client = reqwest::Client::builder()
             .timeout(options.timeout)
@@ -175,14 +192,22 @@ impl Tally {
         let mut bounds =
             Bounds { events: options.max_batch_events.max(1), settings: MAX_SETTINGS_PER_ROUND, bytes: options.max_batch_bytes.max(1024) };
         let mut first = true;
+        let mut release_rounds = 0;
         loop {
             let outbox = self.outbox(user_id, &bounds, &mut report)?;
             let (events, settings, profile) = match outbox.round {
                 Round::Events(e) => (e, Vec::new(), None),
                 Round::Settings(s, p) => (Vec::new(), s, p),
                 Round::Pull if first => (Vec::new(), Vec::new(), None),
+                // Releases written during this sync (a recall) go out at once, so the room they
+                // free is on the server now (bounded: a release round frees what is unused).
+                Round::Pull if release_rounds < 3 && crate::leases::unsent_releases(&self.lock().conn, user_id)? => {
+                    release_rounds += 1;
+                    (Vec::new(), Vec::new(), None)
+                }
                 Round::Pull => break,
             };
+            let lease = self.lease_request(user_id)?;
             let request = SyncRequest {
                 protocol: PROTOCOL,
                 device_id: self.device_id(),
@@ -192,10 +217,10 @@ impl Tally {
                 settings_changes: settings,
                 profile,
                 force_entitlements: options.force_entitlements && first,
-                want: Vec::new(),
-                release: Vec::new(),
-                lease_ver: None,
-                final_sync: false,
+                want: if final_sync { Vec::new() } else { lease.want },
+                release: lease.release,
+                lease_ver: lease.lease_ver,
+                final_sync,
             };
             first = false;
             report.rounds += 1;
@@ -302,7 +327,7 @@ impl Tally {
                 break;
             }
             for c in candidates {
-                let checked = c.and_then(|e| match contract::event(&e) {
+                let checked = c.and_then(|e| match if e.voids.is_some() { contract::occurred_at(e.occurred_at) } else { contract::event(&e) } {
                     Ok(()) => Ok(e),
                     Err(v) => Err((e.id.to_string(), v.code)),
                 });
@@ -517,7 +542,9 @@ impl Tally {
         let mut g = self.lock();
         let now = self.now(&g);
         let local_only = self.config.local_only_settings.clone();
+        let device_id = g.device_id.clone();
         let mut answered = 0;
+        let mut accepted_token = false;
         let received = write_tx(&mut g.conn, |tx| {
             for id in resp.accepted.iter().chain(&resp.duplicates).filter(|id| sent.contains(id)) {
                 settle(tx, user_id, &id.to_string(), EventState::Settled, None)?;
@@ -558,7 +585,14 @@ impl Tally {
                 "UPDATE users SET sync_cursor = COALESCE(?2, sync_cursor), last_synced_at = ?3 WHERE id = ?1",
                 params![user_id, resp.cursor, ms(now)],
             )?;
-            if let Some((token, c)) = &claims {
+            // A device token of another device, or older than the stored one, is not stored.
+            let claims = match &claims {
+                Some((t, c)) if crate::leases::token_acceptable(tx, user_id, c, &device_id)? => Some((t, c)),
+                _ => None,
+            };
+            crate::leases::releases_acked(tx, user_id, &request.release)?;
+            if let Some((token, c)) = claims {
+                accepted_token = true;
                 tx.execute(
                     "UPDATE users SET entitlements_token = ?2, is_admin = ?3 WHERE id = ?1",
                     params![user_id, token, c.entitlements.is_admin],
@@ -575,11 +609,13 @@ impl Tally {
                 tx.execute("DELETE FROM credit_grants WHERE user_id = ?1", [user_id])?;
                 crate::credits::store_credit_grants(tx, user_id, &c.entitlements.credit_grants, now)?;
                 redraw_pending_credits(tx, user_id, &c.entitlements.features, now)?;
+                crate::leases::store_leases(tx, user_id, c)?;
             }
+            crate::leases::apply_recall(tx, user_id, &resp.recall)?;
             Ok(received)
         })?;
         report.settings_received += received as u64;
-        if let Some((_, c)) = &claims {
+        if let Some((_, c)) = claims.as_ref().filter(|_| accepted_token) {
             report.entitlements_updated = true;
             g.highest_seen_ms = g.highest_seen_ms.max(c.iat.saturating_mul(1000));
         }
@@ -636,7 +672,7 @@ type Unsendable = (String, &'static str);
 /// by an older version) comes back as `Err` for the caller to quarantine.
 fn pending_events(conn: &Connection, user_id: &str, limit: usize) -> Result<Vec<std::result::Result<WireEvent, Unsendable>>> {
     let mut st = conn.prepare_cached(
-        "SELECT id, feature, amount, occurred_at, device_seq, model, input_tokens, output_tokens, metadata
+        "SELECT id, feature, amount, occurred_at, device_seq, model, input_tokens, output_tokens, metadata, lease_ver, voids
          FROM events WHERE user_id = ?1 AND status = ?2 ORDER BY device_seq LIMIT ?3",
     )?;
     let rows = st.query_map(params![user_id, EventState::Pending, i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
@@ -650,13 +686,31 @@ fn pending_events(conn: &Connection, user_id: &str, limit: usize) -> Result<Vec<
             r.get::<_, Option<i64>>(6)?,
             r.get::<_, Option<i64>>(7)?,
             r.get::<_, Option<String>>(8)?,
+            r.get::<_, Option<i64>>(9)?,
+            r.get::<_, Option<String>>(10)?,
         ))
     })?;
     let unsigned = |v: i64| u64::try_from(v).map_err(|_| "invalid_amount");
     let mut out = Vec::new();
     for row in rows {
-        let (id, feature, amount, at, seq, model, inp, outp, meta) = row?;
+        let (id, feature, amount, at, seq, model, inp, outp, meta, lease_ver, voids) = row?;
         let event = (|| -> std::result::Result<WireEvent, &'static str> {
+            if let Some(target) = voids {
+                // `{"id", "voids", "occurred_at", "device_seq", "metadata"?}`.
+                return Ok(WireEvent {
+                    id: Uuid::parse_str(&id).map_err(|_| "invalid_id")?,
+                    feature: String::new(),
+                    amount: 0,
+                    occurred_at: DateTime::from_timestamp_millis(at).ok_or("invalid_event")?,
+                    device_seq: Some(u64::try_from(seq).map_err(|_| "invalid_event")?),
+                    model: None,
+                    input_tokens: None,
+                    output_tokens: None,
+                    metadata: meta.as_deref().map(serde_json::from_str).transpose().map_err(|_| "invalid_event")?,
+                    lease_ver: None,
+                    voids: Some(Uuid::parse_str(&target).map_err(|_| "invalid_event")?),
+                });
+            }
             Ok(WireEvent {
                 id: Uuid::parse_str(&id).map_err(|_| "invalid_id")?,
                 feature,
@@ -667,7 +721,7 @@ fn pending_events(conn: &Connection, user_id: &str, limit: usize) -> Result<Vec<
                 input_tokens: inp.map(unsigned).transpose()?,
                 output_tokens: outp.map(unsigned).transpose()?,
                 metadata: meta.as_deref().map(serde_json::from_str).transpose().map_err(|_| "invalid_event")?,
-                lease_ver: None,
+                lease_ver: lease_ver.map(unsigned).transpose()?,
                 voids: None,
             })
         })();
@@ -676,29 +730,35 @@ fn pending_events(conn: &Connection, user_id: &str, limit: usize) -> Result<Vec<
     Ok(out)
 }
 
-/// Marks a pending event settled or rejected and takes it out of the pending counters.
+/// Marks a pending event settled or rejected and takes it out of the pending counters (a
+/// voided use was taken out when voided; a void event gives back what it took out).
 fn settle(tx: &Transaction<'_>, user_id: &str, id: &str, state: EventState, reason: Option<&RejectReason>) -> Result<()> {
-    let row: Option<(String, i64, i64, i64)> = tx
+    type Row = (String, i64, i64, i64, bool, bool, Option<String>, Option<String>, Option<i64>, i64);
+    let row: Option<Row> = tx
         .prepare_cached(
-            "SELECT feature, amount, occurred_at, COALESCE(cost_micros, 0) FROM events WHERE user_id = ?1 AND id = ?2 AND status = ?3",
+            "SELECT feature, amount, COALESCE(target_at, occurred_at), COALESCE(cost_micros, 0), voids IS NOT NULL, voided,
+                    lease_pool, lease_period, lease_start, lease_units
+             FROM events WHERE user_id = ?1 AND id = ?2 AND status = ?3",
         )?
-        .query_row(params![user_id, id, EventState::Pending], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .query_row(params![user_id, id, EventState::Pending], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?, r.get(9)?))
+        })
         .optional()?;
-    let Some((feature, amount, at, cost)) = row else { return Ok(()) };
-    let rule: Option<(String, String, i64)> = tx
-        .prepare_cached("SELECT period, tz, anchor FROM counter_rules WHERE user_id = ?1 AND feature = ?2")?
-        .query_row([user_id, &feature], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .optional()?;
-    if let Some((period, tz, anchor)) = rule
-        && let Ok(p) = period.parse::<Period>()
-    {
-        let tz = if tz.is_empty() { chrono_tz::UTC } else { contract::timezone(&tz)? };
-        let w = window(p, from_ms(at), tz, from_ms(anchor));
-        tx.prepare_cached(
-            "UPDATE counters SET pending = pending - ?5, pending_cost = pending_cost - ?6
-             WHERE user_id = ?1 AND feature = ?2 AND period = ?3 AND period_start = ?4",
-        )?
-        .execute(params![user_id, feature, period, ms(w.start), amount, cost])?;
+    let Some((feature, amount, at, cost, is_void, voided, pool, pool_period, pool_start, lease_units)) = row else { return Ok(()) };
+    if !voided {
+        let sign = if is_void { -1 } else { 1 };
+        if let Some((period, start)) = crate::quota::event_window(tx, user_id, &feature, at)? {
+            tx.prepare_cached(
+                "UPDATE counters SET pending = pending - ?5, pending_cost = pending_cost - ?6
+                 WHERE user_id = ?1 AND feature = ?2 AND period = ?3 AND period_start = ?4",
+            )?
+            .execute(params![user_id, feature, period, start, sign * amount, sign * cost])?;
+        }
+        if let (Some(pool), Some(period)) = (pool, pool_period)
+            && lease_units != 0
+        {
+            crate::quota::add_leased(tx, user_id, &pool, &period, pool_start.unwrap_or(0), -sign * lease_units)?;
+        }
     }
     tx.prepare_cached("UPDATE events SET status = ?3, reject_reason = ?4 WHERE user_id = ?1 AND id = ?2")?
         .execute(params![user_id, id, state, reason])?;
@@ -742,13 +802,18 @@ fn redraw_pending_credits(
     if !features.values().any(|r| matches!(r, crate::Rule::Credits { .. })) {
         return Ok(());
     }
-    let pending: Vec<(String, i64)> = tx
-        .prepare("SELECT feature, amount FROM events WHERE user_id = ?1 AND status = ?2")?
-        .query_map(params![user_id, EventState::Pending], |r| Ok((r.get(0)?, r.get(1)?)))?
+    let pending: Vec<(String, String, i64, Option<String>)> = tx
+        .prepare("SELECT id, feature, amount, voids FROM events WHERE user_id = ?1 AND status = ?2 AND voided = 0")?
+        .query_map(params![user_id, EventState::Pending], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
         .collect::<rusqlite::Result<_>>()?;
-    for (feature, amount) in pending {
+    for (id, feature, amount, voids) in pending {
         if let Some(crate::Rule::Credits { cost }) = features.get(&feature) {
-            crate::credits::draw_credits(tx, user_id, cost.saturating_mul(amount as u64), now)?;
+            let credits = cost.saturating_mul(amount as u64);
+            match voids {
+                // A void of an acknowledged use: its credits come back until the server counts it.
+                Some(_) => crate::void::refund_credits(tx, user_id, &id, credits, now)?,
+                None => crate::credits::draw_credits(tx, user_id, credits, now)?,
+            }
         }
     }
     Ok(())

@@ -154,13 +154,20 @@ impl Tally {
         Ok(user)
     }
 
-    /// Ends the user's session: the stored token is forgotten, unsynced events are kept.
+    /// Ends the user's session: the stored token is forgotten, unsynced events are kept, and
+    /// this device's leases are dropped (hard pools allow 0 until a sync brings new ones). When
+    /// online, call [`Tally::release_leases`] first so the account gets their room back at once.
     pub fn sign_out(&self, user_id: &str) -> Result<()> {
         let mut g = self.lock();
-        let n = g.conn.execute("UPDATE users SET signed_in = 0, entitlements_token = NULL WHERE id = ?1", [user_id])?;
-        if n == 0 {
-            return Err(Error::NotFound(format!("user {user_id}")));
-        }
+        write_tx(&mut g.conn, |tx| {
+            let n = tx.execute("UPDATE users SET signed_in = 0, entitlements_token = NULL WHERE id = ?1", [user_id])?;
+            if n == 0 {
+                return Err(Error::NotFound(format!("user {user_id}")));
+            }
+            // Leases end here (allowance 0 afterwards); call `release_leases` first when online.
+            tx.execute("DELETE FROM leases WHERE user_id = ?1", [user_id])?;
+            Ok(())
+        })?;
         Tally::forget_access(&mut g, user_id);
         drop(g);
         self.notify(user_id, Change { entitlements: true, ..Change::default() });
@@ -222,8 +229,8 @@ impl Tally {
         Ok(user)
     }
 
-    /// Deletes a user and everything of theirs. Refuses while unsynced events exist, unless
-    /// `force`.
+    /// Deletes a user and everything of theirs (their leases included). Refuses while unsynced
+    /// events exist, unless `force`. When online, call [`Tally::release_leases`] first.
     pub fn delete_user(&self, user_id: &str, force: bool) -> Result<()> {
         let mut g = self.lock();
         write_tx(&mut g.conn, |tx| {

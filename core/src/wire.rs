@@ -8,7 +8,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 /// The protocol version this build speaks.
-pub const PROTOCOL: u32 = 1;
+pub const PROTOCOL: u32 = 2;
 /// The first protocol with leases (`want`, `release`, `lease_ver`, `recall`, device tokens).
 pub const PROTOCOL_LEASES: u32 = 2;
 
@@ -132,9 +132,9 @@ pub struct SyncRequest {
     /// Protocol 2: the `lease_ver` of the device token the device holds (its acknowledgement).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_ver: Option<u64>,
-    /// Protocol 2: the device is signing out; after this request's events and releases the
-    /// server forgets its leases (it stops counting among the user's devices).
-    #[serde(default, rename = "final", skip_serializing_if = "std::ops::Not::not")]
+    /// Protocol 2: the device leaves (sign-out, uninstall): it releases every allowance and the
+    /// server ends its leases.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not", rename = "final")]
     pub final_sync: bool,
 }
 

@@ -1,0 +1,484 @@
+//! Protocol-2 leases on the device: the stored entries of the device token, deciding a hard
+//! pool against this device's slice of it, what the next sync asks for (`want`) and gives back
+//! (`release`), and recalls. The arithmetic is [`crate::lease`]'s; this module only stores and
+//! reads.
+//!
+//! Storage: `leases` (the entries of the last accepted device token, replaced as a whole),
+//! `users.{lease_ver, lease_until, lease_exp, leases_held}`, `lease_releases` (this device's
+//! cumulative release per window, written before it is sent, never lowered), `lease_wants`
+//! (what the app asked with [`Tally::prepare_offline`]) and `counters.pending_leased` (this
+//! device's unacknowledged leased units per window). A decision reads one counter row, one
+//! entry, one release row and at most one more entry (the share of a window entered offline):
+//! never the ledger.
+
+use crate::access::Access;
+use crate::catalog::{Enforcement, Rule};
+use crate::entitlements::EntitlementClaims;
+use crate::error::{Error, Result};
+use crate::lease::{CREDITS, CREDITS_PERIOD, Share, effective_allowance, offline_allowance};
+use crate::period::window;
+use crate::quota::{Batch, read_counter};
+use crate::wire::LeaseAmount;
+use crate::{Tally, from_ms, ms, write_tx};
+use chrono::{DateTime, Duration, Utc};
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// The lease state of a user's stored device token (once they held one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LeaseState {
+    /// `lease_ver` of the stored token.
+    pub(crate) ver: Option<i64>,
+    /// `lease_until` (ms).
+    pub(crate) until_ms: Option<i64>,
+    /// The token's `exp` (ms).
+    pub(crate) exp_ms: Option<i64>,
+}
+
+impl LeaseState {
+    /// Whether the leases may still be used at `now`: before the earlier of `lease_until` and
+    /// the token's own grace end (`exp + token_grace`).
+    pub(crate) fn active(&self, now: DateTime<Utc>, grace: Duration) -> bool {
+        let grace_end = self.exp_ms.map(|e| e.saturating_add(grace.num_milliseconds()));
+        let end = [self.until_ms, grace_end].into_iter().flatten().min();
+        end.is_some_and(|end| ms(now) < end)
+    }
+}
+
+/// One pool: (feature key or `$credits`, period, window start ms or `None` for credits).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Pool {
+    pub(crate) feature: String,
+    pub(crate) period: String,
+    pub(crate) start: Option<i64>,
+}
+
+impl Pool {
+    /// The counter row keeping the pool's `pending_leased` (credits: `($credits, lifetime, 0)`).
+    pub(crate) fn counter_start(&self) -> i64 {
+        self.start.unwrap_or(0)
+    }
+}
+
+/// A recorded use's lease: the token version it was decided under, its pool and units.
+#[derive(Debug, Clone)]
+pub(crate) struct LeaseUse {
+    pub(crate) ver: Option<i64>,
+    pub(crate) pool: Pool,
+    pub(crate) units: u64,
+}
+
+/// What a decision sees of a pool's lease.
+#[derive(Debug, Clone)]
+pub(crate) struct LeaseView {
+    pub(crate) ver: Option<i64>,
+    pub(crate) pool: Pool,
+    /// Effective allowance (0 when the lease ended or there is no entry).
+    pub(crate) allowance: u64,
+    /// `consumed` + this device's unacknowledged leased units.
+    pub(crate) units: u64,
+}
+
+/// The hard pool a rule decides in at `now`, with its limit: hard metered with a limit and hard
+/// budgets (this window), credits rules (`$credits`). `None` for every other rule.
+pub(crate) fn hard_pool(rule: &Rule, feature: &str, a: &Access, now: DateTime<Utc>) -> Option<(Pool, u64)> {
+    let windowed = |period: crate::Period, limit: u64| {
+        let w = window(period, now, a.tz, a.anchor);
+        Some((Pool { feature: feature.to_string(), period: period.as_str().to_string(), start: Some(ms(w.start)) }, limit))
+    };
+    match rule {
+        Rule::Metered { limit: Some(l), period, enforcement: Enforcement::Hard, .. } => windowed(*period, *l),
+        Rule::Budget { limit_micros, period, enforcement: Enforcement::Hard, .. } => windowed(*period, *limit_micros),
+        Rule::Credits { .. } => Some((Pool { feature: CREDITS.into(), period: CREDITS_PERIOD.into(), start: None }, 0)),
+        _ => None,
+    }
+}
+
+/// One stored entry.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    allowance: u64,
+    released: u64,
+    consumed: u64,
+    expires_at: Option<i64>,
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn entry(conn: &Connection, user: &str, feature: &str, start: Option<i64>) -> Result<Option<Entry>> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT allowance, released, consumed, expires_at FROM leases
+             WHERE user_id = ?1 AND feature = ?2 AND period_start IS ?3 LIMIT 1",
+        )?
+        .query_row(params![user, feature, start], |r| {
+            Ok(Entry {
+                allowance: to_u64(r.get(0)?),
+                released: to_u64(r.get(1)?),
+                consumed: to_u64(r.get(2)?),
+                expires_at: r.get(3)?,
+            })
+        })
+        .optional()?)
+}
+
+/// The share of the latest stored entry of `feature` (for a window entered offline).
+fn latest_share(conn: &Connection, user: &str, feature: &str) -> Result<Option<Share>> {
+    Ok(conn
+        .prepare_cached("SELECT share FROM leases WHERE user_id = ?1 AND feature = ?2 ORDER BY period_start DESC LIMIT 1")?
+        .query_row(params![user, feature], |r| r.get::<_, i64>(0))
+        .optional()?
+        .map(|m| Share::from_millionths(u32::try_from(m).unwrap_or(0))))
+}
+
+/// This device's cumulative release of one window.
+fn local_released(conn: &Connection, user: &str, feature: &str, start: Option<i64>) -> Result<u64> {
+    Ok(conn
+        .prepare_cached("SELECT units FROM lease_releases WHERE user_id = ?1 AND feature = ?2 AND period_start IS ?3")?
+        .query_row(params![user, feature, start], |r| r.get::<_, i64>(0))
+        .optional()?
+        .map_or(0, to_u64))
+}
+
+/// Raises this device's cumulative release of one window to `units` (never lowers it).
+fn raise_released(conn: &Connection, user: &str, feature: &str, start: Option<i64>, units: u64) -> Result<()> {
+    let n = conn
+        .prepare_cached("UPDATE lease_releases SET units = MAX(units, ?4) WHERE user_id = ?1 AND feature = ?2 AND period_start IS ?3")?
+        .execute(params![user, feature, start, to_i64(units)])?;
+    if n == 0 {
+        conn.prepare_cached("INSERT INTO lease_releases (user_id, feature, period_start, units) VALUES (?1, ?2, ?3, ?4)")?
+            .execute(params![user, feature, start, to_i64(units)])?;
+    }
+    Ok(())
+}
+
+/// Effective allowance and units in the window of `pool`, from storage (`pending` leased units
+/// given by the caller).
+fn pool_state(
+    conn: &Connection,
+    user: &str,
+    pool: &Pool,
+    limit: u64,
+    pending: u64,
+    active: bool,
+    now: DateTime<Utc>,
+) -> Result<(u64, u64)> {
+    if !active {
+        return Ok((0, pending));
+    }
+    let local = local_released(conn, user, &pool.feature, pool.start)?;
+    Ok(match entry(conn, user, &pool.feature, pool.start)? {
+        Some(e) if e.expires_at.is_some_and(|x| x <= ms(now)) => (0, e.consumed.saturating_add(pending)),
+        Some(e) => (effective_allowance(e.allowance, e.released, local), e.consumed.saturating_add(pending)),
+        // A window entered offline: this device's share of the limit it resolves to now.
+        None if pool.start.is_some() => match latest_share(conn, user, &pool.feature)? {
+            Some(share) => (effective_allowance(offline_allowance(0, limit, share), 0, local), pending),
+            None => (0, pending),
+        },
+        None => (0, pending),
+    })
+}
+
+impl Tally {
+    /// The lease a decision of `feature` under `rule` must fit, when the user held a device
+    /// token and the rule is a hard pool; `None` otherwise (round-1 decisions).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn lease_view(
+        &self,
+        conn: &Connection,
+        batch: &mut Batch,
+        a: &Access,
+        user: &str,
+        feature: &str,
+        rule: &Rule,
+        now: DateTime<Utc>,
+    ) -> Result<Option<LeaseView>> {
+        let Some(ls) = &a.lease else { return Ok(None) };
+        let Some((pool, limit)) = hard_pool(rule, feature, a, now) else { return Ok(None) };
+        let pending = batch.read(conn, user, &pool.feature, &pool.period, pool.counter_start())?.leased;
+        let (allowance, units) = pool_state(conn, user, &pool, limit, pending, ls.active(now, self.config.token_grace), now)?;
+        Ok(Some(LeaseView { ver: ls.ver, pool, allowance, units }))
+    }
+
+    /// This device's leases of `user_id`: one row per entry of the stored device token, with
+    /// what is used and left on this device (empty for a user that never held one).
+    pub fn leases(&self, user_id: &str) -> Result<Vec<LeaseStatus>> {
+        let mut g = self.lock();
+        let now = self.observe_now(&mut g);
+        let a = self.access(&mut g, user_id, now)?;
+        let Some(ls) = a.lease else { return Ok(Vec::new()) };
+        let active = ls.active(now, self.config.token_grace);
+        type Row = (String, String, Option<i64>, i64, i64);
+        let rows: Vec<Row> = g
+            .conn
+            .prepare("SELECT feature, period, period_start, share, expires_at FROM leases WHERE user_id = ?1 ORDER BY feature, period_start")?
+            .query_map([user_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get::<_, Option<i64>>(4)?.unwrap_or(i64::MIN))))?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (feature, period, start, share, expires) in rows {
+            let pool = Pool { feature: feature.clone(), period: period.clone(), start };
+            let pending = read_counter(&g.conn, user_id, &feature, &period, pool.counter_start())?.leased;
+            let (allowance, used) = pool_state(&g.conn, user_id, &pool, 0, pending, active, now)?;
+            out.push(LeaseStatus {
+                feature,
+                period,
+                period_start: start.map(from_ms),
+                allowance,
+                used,
+                remaining: allowance.saturating_sub(used),
+                share: Share::from_millionths(u32::try_from(share).unwrap_or(0)).as_f64(),
+                expires_at: (expires != i64::MIN).then(|| from_ms(expires)),
+                lease_until: ls.until_ms.map(from_ms),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Asks for `units` of `feature` to use offline: stored, and sent with the next sync as
+    /// `want` for the feature's current window (for a credits rule: of the credit balance),
+    /// until a device token grants that much. `feature` must be a hard pool of the user's plan
+    /// (hard metered with a limit, hard budget, or credits); `units` must be 1 or more.
+    /// A bad argument is [`Error::InvalidInput`] (unknown user: [`Error::NotFound`]) and stores
+    /// nothing.
+    pub fn prepare_offline(&self, user_id: &str, feature: &str, units: u64) -> Result<()> {
+        crate::contract::feature(feature)?;
+        if units == 0 || units > crate::contract::MAX_AMOUNT {
+            return Err(Error::invalid(format!("units must be between 1 and {}, got {units}", crate::contract::MAX_AMOUNT)));
+        }
+        let mut g = self.lock();
+        let now = self.observe_now(&mut g);
+        let a = self.access(&mut g, user_id, now)?;
+        let rule = a.ent.features.get(feature).ok_or_else(|| Error::invalid(format!("feature {feature:?} is not in the plan of user {user_id}")))?;
+        if hard_pool(rule, feature, &a, now).is_none() {
+            return Err(Error::invalid(format!(
+                "feature {feature:?} is not a hard pool (hard metered with a limit, hard budget or credits): it needs no lease"
+            )));
+        }
+        write_tx(&mut g.conn, |tx| {
+            tx.execute(
+                "INSERT INTO lease_wants (user_id, feature, units) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (user_id, feature) DO UPDATE SET units = excluded.units",
+                params![user_id, feature, to_i64(units)],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// The lease part of the next sync request of `user_id` (protocol 2): the stored token's
+    /// `lease_ver`, `want` (every hard pool used in this or the previous window, every
+    /// `Config.offline_features` feature, each at 0 = fair share, and what
+    /// [`Tally::prepare_offline`] asked), and `release` (the cumulative releases no server has
+    /// acknowledged yet).
+    pub fn lease_request(&self, user_id: &str) -> Result<LeaseRequest> {
+        let mut g = self.lock();
+        let now = self.observe_now(&mut g);
+        let a = self.access(&mut g, user_id, now)?;
+        let conn = &g.conn;
+        let ver: Option<i64> = conn.query_row("SELECT lease_ver FROM users WHERE id = ?1", [user_id], |r| r.get(0))?;
+        let mut want: BTreeMap<(String, Option<i64>), u64> = BTreeMap::new();
+        let mut add = |pool: &Pool, units: u64| {
+            let w = want.entry((pool.feature.clone(), pool.start)).or_insert(0);
+            *w = (*w).max(units);
+        };
+        for (feature, rule) in &a.ent.features {
+            let Some((pool, _)) = hard_pool(rule, feature, &a, now) else { continue };
+            let used = match (rule.period(), pool.start) {
+                (Some(p), Some(start)) => {
+                    let prev = window(p, from_ms(start) - Duration::milliseconds(1), a.tz, a.anchor);
+                    let budget = matches!(rule, Rule::Budget { .. });
+                    [start, ms(prev.start)].into_iter().try_fold(false, |acc, s| -> Result<bool> {
+                        let seen = read_counter(conn, user_id, feature, &pool.period, s)?;
+                        Ok(acc || (if budget { seen.micros } else { seen.units }) > 0 || seen.leased > 0)
+                    })?
+                }
+                // Credits: used when the pool has an entry or unacknowledged leased units.
+                _ => entry(conn, user_id, CREDITS, None)?.is_some() || read_counter(conn, user_id, CREDITS, CREDITS_PERIOD, 0)?.leased > 0,
+            };
+            if used || self.config.offline_features.iter().any(|f| f == feature) {
+                add(&pool, 0);
+            }
+        }
+        let asked: Vec<(String, i64)> = conn
+            .prepare("SELECT feature, units FROM lease_wants WHERE user_id = ?1 ORDER BY feature")?
+            .query_map([user_id], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        for (feature, units) in asked {
+            if let Some((pool, _)) = a.ent.features.get(&feature).and_then(|r| hard_pool(r, &feature, &a, now)) {
+                add(&pool, to_u64(units));
+            }
+        }
+        let release = conn
+            .prepare("SELECT feature, period_start, units FROM lease_releases WHERE user_id = ?1 AND units > acked ORDER BY feature, period_start")?
+            .query_map([user_id], |r| {
+                Ok(LeaseAmount { feature: r.get(0)?, period_start: r.get::<_, Option<i64>>(1)?.map(from_ms), units: to_u64(r.get(2)?) })
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        let want = want.into_iter().map(|((feature, start), units)| LeaseAmount { feature, period_start: start.map(from_ms), units }).collect();
+        Ok(LeaseRequest { lease_ver: ver.map(to_u64), want, release })
+    }
+}
+
+/// This device's lease of one pool, as [`Tally::leases`] shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeaseStatus {
+    /// Feature key, or `$credits`.
+    pub feature: String,
+    /// The rule's period (`lifetime` for credits).
+    pub period: String,
+    /// Window start (`None` for credits).
+    pub period_start: Option<DateTime<Utc>>,
+    /// What this device may record in the window, after its own releases (0 once the lease
+    /// ended or, for credits, after `expires_at`).
+    pub allowance: u64,
+    /// Units recorded under the lease in the window: the server's count plus this device's
+    /// unacknowledged ones.
+    pub used: u64,
+    /// `allowance - used`, floored at 0.
+    pub remaining: u64,
+    /// This device's share of the limit (0..=1), for windows it enters offline.
+    pub share: f64,
+    /// For credits: when the allowance ends.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// When all leases of the token end.
+    pub lease_until: Option<DateTime<Utc>>,
+}
+
+/// The lease fields of the next sync request ([`Tally::lease_request`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRequest {
+    /// `lease_ver` of the stored device token.
+    pub lease_ver: Option<u64>,
+    /// Pools asked for.
+    pub want: Vec<LeaseAmount>,
+    /// Cumulative releases not yet acknowledged.
+    pub release: Vec<LeaseAmount>,
+}
+
+/// Whether a verified token may be stored for `user`: a device token must name this device
+/// and carry a `lease_ver` at least the stored one (a token without `did` is a protocol-1
+/// token: always).
+pub(crate) fn token_acceptable(conn: &Connection, user: &str, claims: &EntitlementClaims, device_id: &str) -> Result<bool> {
+    let Some(did) = &claims.did else { return Ok(true) };
+    if did != device_id {
+        return Ok(false);
+    }
+    let stored: Option<i64> = conn.query_row("SELECT lease_ver FROM users WHERE id = ?1", [user], |r| r.get(0))?;
+    Ok(stored.is_none_or(|s| claims.lease_ver.map_or(0, to_i64) >= s))
+}
+
+/// Stores the leases of an accepted device token (replacing the previous ones), and clears the
+/// `prepare_offline` wants it grants.
+pub(crate) fn store_leases(conn: &Connection, user: &str, claims: &EntitlementClaims) -> Result<()> {
+    if claims.did.is_none() {
+        return Ok(());
+    }
+    conn.execute("DELETE FROM leases WHERE user_id = ?1", [user])?;
+    for l in &claims.leases {
+        conn.prepare_cached(
+            "INSERT INTO leases (user_id, feature, period, period_start, allowance, released, consumed, share, expires_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )?
+        .execute(params![
+            user,
+            l.feature,
+            l.period.as_str(),
+            l.period_start.map(ms),
+            to_i64(l.allowance),
+            to_i64(l.released),
+            to_i64(l.consumed),
+            i64::from(l.share.millionths()),
+            l.expires_at.map(ms),
+        ])?;
+    }
+    conn.execute(
+        "UPDATE users SET lease_ver = ?2, lease_until = ?3, lease_exp = ?4, leases_held = 1 WHERE id = ?1",
+        params![
+            user,
+            claims.lease_ver.map(to_i64),
+            claims.lease_until.map(|s| s.saturating_mul(1000)),
+            claims.exp.saturating_mul(1000)
+        ],
+    )?;
+    // A want is granted once the latest entry of its pool has that much unused room.
+    let wants: Vec<(String, i64)> = conn
+        .prepare("SELECT feature, units FROM lease_wants WHERE user_id = ?1")?
+        .query_map([user], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    for (feature, units) in wants {
+        let pool = match claims.entitlements.features.get(&feature) {
+            Some(Rule::Credits { .. }) => CREDITS,
+            _ => feature.as_str(),
+        };
+        let granted = claims
+            .leases
+            .iter()
+            .filter(|l| l.feature == pool)
+            .max_by_key(|l| l.period_start)
+            .is_some_and(|l| l.allowance.saturating_sub(l.consumed) >= to_u64(units));
+        if granted {
+            conn.execute("DELETE FROM lease_wants WHERE user_id = ?1 AND feature = ?2", params![user, feature])?;
+        }
+    }
+    Ok(())
+}
+
+/// Gives back up to `units` of what this device has not used of one stored entry (raising its
+/// cumulative release). Returns the units released.
+pub(crate) fn release_unused(conn: &Connection, user: &str, feature: &str, start: Option<i64>, units: u64) -> Result<u64> {
+    let Some(e) = entry(conn, user, feature, start)? else { return Ok(0) };
+    let period: String = conn.query_row(
+        "SELECT period FROM leases WHERE user_id = ?1 AND feature = ?2 AND period_start IS ?3 LIMIT 1",
+        params![user, feature, start],
+        |r| r.get(0),
+    )?;
+    let local = local_released(conn, user, feature, start)?;
+    let pending = read_counter(conn, user, feature, &period, start.unwrap_or(0))?.leased;
+    let eff = effective_allowance(e.allowance, e.released, local);
+    let unused = eff.saturating_sub(e.consumed.saturating_add(pending));
+    let give = units.min(unused);
+    if give > 0 {
+        raise_released(conn, user, feature, start, local.max(e.released).saturating_add(give))?;
+    }
+    Ok(give)
+}
+
+/// Applies a server's `recall` (inside the apply transaction).
+pub(crate) fn apply_recall(conn: &Connection, user: &str, recall: &[LeaseAmount]) -> Result<()> {
+    for r in recall {
+        release_unused(conn, user, &r.feature, r.period_start.map(ms), r.units)?;
+    }
+    Ok(())
+}
+
+/// Records that a server answered the request carrying `release`.
+pub(crate) fn releases_acked(conn: &Connection, user: &str, release: &[LeaseAmount]) -> Result<()> {
+    for r in release {
+        conn.prepare_cached("UPDATE lease_releases SET acked = MAX(acked, ?4) WHERE user_id = ?1 AND feature = ?2 AND period_start IS ?3")?
+            .execute(params![user, r.feature, r.period_start.map(ms), to_i64(r.units)])?;
+    }
+    Ok(())
+}
+
+/// Whether some cumulative release was written and not yet acknowledged.
+pub(crate) fn unsent_releases(conn: &Connection, user: &str) -> Result<bool> {
+    Ok(conn.query_row("SELECT EXISTS (SELECT 1 FROM lease_releases WHERE user_id = ?1 AND units > acked)", [user], |r| r.get(0))?)
+}
+
+/// Releases everything this device has not used of every stored entry.
+pub(crate) fn release_all(conn: &Connection, user: &str) -> Result<()> {
+    let pools: Vec<(String, Option<i64>)> = conn
+        .prepare("SELECT feature, period_start FROM leases WHERE user_id = ?1")?
+        .query_map([user], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    for (feature, start) in pools {
+        release_unused(conn, user, &feature, start, u64::MAX)?;
+    }
+    Ok(())
+}
