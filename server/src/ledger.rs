@@ -721,6 +721,30 @@ pub async fn totals(tx: &impl GenericClient, ctx: &Ctx<'_>, features: &BTreeMap<
         .collect())
 }
 
+/// Re-reads `totals` (and the current windows of `features`) after later changes in the same
+/// transaction (a sync's voids), keeping every window they named.
+pub async fn refresh_totals(
+    tx: &impl GenericClient,
+    ctx: &Ctx<'_>,
+    features: &BTreeMap<String, Rule>,
+    totals: &mut Vec<Total>,
+) -> ApiResult<()> {
+    let mut wanted = current_windows(ctx, features);
+    for t in totals.iter() {
+        wanted.insert((t.feature.clone(), t.period, t.period_start), t.period_end);
+    }
+    let mut stored = Counters::new();
+    read_counters(tx, ctx.user_id, &wanted.keys().cloned().collect(), &mut stored).await?;
+    *totals = wanted
+        .into_iter()
+        .filter_map(|((f, p, start), end)| {
+            let s = stored.get(&(f.clone(), p, start)).cloned().unwrap_or_default();
+            features.get(&f).map(|rule| total_for(rule, &f, p, start, end, &s))
+        })
+        .collect();
+    Ok(())
+}
+
 /// Voids the (locked) user's event `id`: it stays in the ledger, marked, and stops counting in
 /// the windows of its own effective time (credits it drew return, since the balance replays
 /// only unvoided uses). `None`: no such event of this user; `Some(true)`: it was voided before.

@@ -282,7 +282,7 @@ async fn run(
     }
     if !voids.is_empty() {
         // Totals after the voids.
-        out.totals = ledger::totals(&tx, &ctx, features).await?;
+        ledger::refresh_totals(&tx, &ctx, features, &mut out.totals).await?;
     }
     let settings_rejected = settings::merge(&tx, user.user_id, &req.settings_changes, now).await?;
     let (settings_changes, cursor) = settings::changes_since(&tx, user.user_id, settings::parse_cursor(req.cursor.as_deref())).await?;
