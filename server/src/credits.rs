@@ -48,7 +48,9 @@ pub fn replay(grants: &[Grant], uses: &[Use], now: DateTime<Utc>) -> Vec<CreditG
         Use(&'a Use),
     }
     let mut steps: Vec<(DateTime<Utc>, u8, Step<'_>)> = grants.iter().map(|g| (g.valid_from, 0, Step::Grant(g))).collect();
-    steps.extend(uses.iter().filter(|u| u.at <= now).map(|u| (u.at, 1, Step::Use(u))));
+    // A use stamped after `now` (a device clock a little ahead, a leased use counted at its own
+    // time) has been spent all the same: it draws now.
+    steps.extend(uses.iter().map(|u| (u.at.min(now), 1, Step::Use(u))));
     steps.sort_by_key(|s| (s.0, s.1));
     let expire = |live: &mut Vec<CreditGrant>, at: DateTime<Utc>| live.retain(|g| g.expires_at.is_none_or(|e| e > at));
     let mut live: Vec<CreditGrant> = Vec::new();
@@ -291,5 +293,12 @@ mod tests {
     fn uses_before_a_grant_do_not_draw_from_it_but_become_debt_it_pays() {
         let r = replay(&[g("a", 100, 10, None)], &[u(5, 30), u(20, 5)], at(30));
         assert_eq!(rem(&r), vec![("a".into(), 65)]);
+    }
+
+    #[test]
+    fn a_use_stamped_after_now_draws_now() {
+        // A device clock a little ahead: its use has been spent all the same.
+        let r = replay(&[g("a", 100, 0, None)], &[u(50, 7)], at(20));
+        assert_eq!(rem(&r), vec![("a".into(), 93)]);
     }
 }
