@@ -166,17 +166,19 @@ fn pool_state(
     user: &str,
     pool: &Pool,
     limit: u64,
-    pending: u64,
+    pending: i64,
     active: bool,
     now: DateTime<Utc>,
 ) -> Result<(u64, u64)> {
+    let with = |consumed: u64| u64::try_from((i128::from(consumed) + i128::from(pending)).max(0)).unwrap_or(u64::MAX);
+    let pending = with(0);
     if !active {
         return Ok((0, pending));
     }
     let local = local_released(conn, user, &pool.feature, pool.start)?;
     Ok(match entry(conn, user, &pool.feature, pool.start)? {
-        Some(e) if e.expires_at.is_some_and(|x| x <= ms(now)) => (0, e.consumed.saturating_add(pending)),
-        Some(e) => (effective_allowance(e.allowance, e.released, local), e.consumed.saturating_add(pending)),
+        Some(e) if e.expires_at.is_some_and(|x| x <= ms(now)) => (0, with(e.consumed)),
+        Some(e) => (effective_allowance(e.allowance, e.released, local), with(e.consumed)),
         // A window entered offline: this device's share of the limit it resolves to now.
         None if pool.start.is_some() => match latest_share(conn, user, &pool.feature)? {
             Some(share) => (effective_allowance(offline_allowance(0, limit, share), 0, local), pending),
@@ -295,7 +297,7 @@ impl Tally {
                     let budget = matches!(rule, Rule::Budget { .. });
                     [start, ms(prev.start)].into_iter().try_fold(false, |acc, s| -> Result<bool> {
                         let seen = read_counter(conn, user_id, feature, &pool.period, s)?;
-                        Ok(acc || (if budget { seen.micros } else { seen.units }) > 0 || seen.leased > 0)
+                        Ok(acc || (if budget { seen.micros } else { seen.units }) > 0 || seen.leased != 0)
                     })?
                 }
                 // Credits: used when the pool has an entry or unacknowledged leased units.
@@ -441,7 +443,8 @@ pub(crate) fn release_unused(conn: &Connection, user: &str, feature: &str, start
     let local = local_released(conn, user, feature, start)?;
     let pending = read_counter(conn, user, feature, &period, start.unwrap_or(0))?.leased;
     let eff = effective_allowance(e.allowance, e.released, local);
-    let unused = eff.saturating_sub(e.consumed.saturating_add(pending));
+    let in_window = u64::try_from((i128::from(e.consumed) + i128::from(pending)).max(0)).unwrap_or(u64::MAX);
+    let unused = eff.saturating_sub(in_window);
     let give = units.min(unused);
     if give > 0 {
         raise_released(conn, user, feature, start, local.max(e.released).saturating_add(give))?;
@@ -480,5 +483,14 @@ pub(crate) fn release_all(conn: &Connection, user: &str) -> Result<()> {
     for (feature, start) in pools {
         release_unused(conn, user, &feature, start, u64::MAX)?;
     }
+    Ok(())
+}
+
+/// An acknowledged leased use (`units` < 0: a void) moves from `pending_leased` into the
+/// stored entry's `consumed`, where the server counts it, until the next token replaces it.
+pub(crate) fn settled_leased(conn: &Connection, user: &str, feature: &str, start: Option<i64>, units: i64) -> Result<()> {
+    let start = if feature == CREDITS { None } else { start };
+    conn.prepare_cached("UPDATE leases SET consumed = MAX(0, consumed + ?4) WHERE user_id = ?1 AND feature = ?2 AND period_start IS ?3")?
+        .execute(params![user, feature, start, units])?;
     Ok(())
 }

@@ -758,6 +758,10 @@ fn settle(tx: &Transaction<'_>, user_id: &str, id: &str, state: EventState, reas
             && lease_units != 0
         {
             crate::quota::add_leased(tx, user_id, &pool, &period, pool_start.unwrap_or(0), -sign * lease_units)?;
+            if state == EventState::Settled {
+                // The server counts it now: in the entry's `consumed` until the next token.
+                crate::leases::settled_leased(tx, user_id, &pool, pool_start, sign * lease_units)?;
+            }
         }
     }
     tx.prepare_cached("UPDATE events SET status = ?3, reject_reason = ?4 WHERE user_id = ?1 AND id = ?2")?
