@@ -119,12 +119,7 @@ fn entry(conn: &Connection, user: &str, feature: &str, start: Option<i64>) -> Re
              WHERE user_id = ?1 AND feature = ?2 AND period_start IS ?3 LIMIT 1",
         )?
         .query_row(params![user, feature, start], |r| {
-            Ok(Entry {
-                allowance: to_u64(r.get(0)?),
-                released: to_u64(r.get(1)?),
-                consumed: to_u64(r.get(2)?),
-                expires_at: r.get(3)?,
-            })
+            Ok(Entry { allowance: to_u64(r.get(0)?), released: to_u64(r.get(1)?), consumed: to_u64(r.get(2)?), expires_at: r.get(3)? })
         })
         .optional()?)
 }
@@ -220,7 +215,9 @@ impl Tally {
         type Row = (String, String, Option<i64>, i64, i64);
         let rows: Vec<Row> = g
             .conn
-            .prepare("SELECT feature, period, period_start, share, expires_at FROM leases WHERE user_id = ?1 ORDER BY feature, period_start")?
+            .prepare(
+                "SELECT feature, period, period_start, share, expires_at FROM leases WHERE user_id = ?1 ORDER BY feature, period_start",
+            )?
             .query_map([user_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get::<_, Option<i64>>(4)?.unwrap_or(i64::MIN))))?
             .collect::<rusqlite::Result<_>>()?;
         let mut out = Vec::with_capacity(rows.len());
@@ -257,7 +254,11 @@ impl Tally {
         let mut g = self.lock();
         let now = self.observe_now(&mut g);
         let a = self.access(&mut g, user_id, now)?;
-        let rule = a.ent.features.get(feature).ok_or_else(|| Error::invalid(format!("feature {feature:?} is not in the plan of user {user_id}")))?;
+        let rule = a
+            .ent
+            .features
+            .get(feature)
+            .ok_or_else(|| Error::invalid(format!("feature {feature:?} is not in the plan of user {user_id}")))?;
         if hard_pool(rule, feature, &a, now).is_none() {
             return Err(Error::invalid(format!(
                 "feature {feature:?} is not a hard pool (hard metered with a limit, hard budget or credits): it needs no lease"
@@ -322,7 +323,8 @@ impl Tally {
                 Ok(LeaseAmount { feature: r.get(0)?, period_start: r.get::<_, Option<i64>>(1)?.map(from_ms), units: to_u64(r.get(2)?) })
             })?
             .collect::<rusqlite::Result<_>>()?;
-        let want = want.into_iter().map(|((feature, start), units)| LeaseAmount { feature, period_start: start.map(from_ms), units }).collect();
+        let want =
+            want.into_iter().map(|((feature, start), units)| LeaseAmount { feature, period_start: start.map(from_ms), units }).collect();
         Ok(LeaseRequest { lease_ver: ver.map(to_u64), want, release })
     }
 }
@@ -401,12 +403,7 @@ pub(crate) fn store_leases(conn: &Connection, user: &str, claims: &EntitlementCl
     }
     conn.execute(
         "UPDATE users SET lease_ver = ?2, lease_until = ?3, lease_exp = ?4, leases_held = 1 WHERE id = ?1",
-        params![
-            user,
-            claims.lease_ver.map(to_i64),
-            claims.lease_until.map(|s| s.saturating_mul(1000)),
-            claims.exp.saturating_mul(1000)
-        ],
+        params![user, claims.lease_ver.map(to_i64), claims.lease_until.map(|s| s.saturating_mul(1000)), claims.exp.saturating_mul(1000)],
     )?;
     // A want is granted once the latest entry of its pool has that much unused room.
     let wants: Vec<(String, i64)> = conn

@@ -327,10 +327,11 @@ impl Tally {
                 break;
             }
             for c in candidates {
-                let checked = c.and_then(|e| match if e.voids.is_some() { contract::occurred_at(e.occurred_at) } else { contract::event(&e) } {
-                    Ok(()) => Ok(e),
-                    Err(v) => Err((e.id.to_string(), v.code)),
-                });
+                let checked =
+                    c.and_then(|e| match if e.voids.is_some() { contract::occurred_at(e.occurred_at) } else { contract::event(&e) } {
+                        Ok(()) => Ok(e),
+                        Err(v) => Err((e.id.to_string(), v.code)),
+                    });
                 let e = match checked {
                     Ok(e) => e,
                     Err((id, code)) => {

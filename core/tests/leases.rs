@@ -185,7 +185,14 @@ async fn no_entry_means_zero_and_a_new_window_gets_share_times_limit() {
 async fn leases_end_at_lease_until_or_the_token_grace() {
     let (e, u) = env();
     let s = server();
-    sync_with(&e, &u, &s, token("dev-test", 1, vec![chat(3, 0), lease("weekly", Period::Week, Some("2026-01-12T00:00:00Z"), 10, 0)]), json!({})).await;
+    sync_with(
+        &e,
+        &u,
+        &s,
+        token("dev-test", 1, vec![chat(3, 0), lease("weekly", Period::Week, Some("2026-01-12T00:00:00Z"), 10, 0)]),
+        json!({}),
+    )
+    .await;
     assert!(one(&e, &u, "weekly").allowed);
     // exp = +1 h, grace 3 days, lease_until = +2 days: the lease ends first.
     e.clock.set(t(NOW) + Duration::days(2));
@@ -329,7 +336,8 @@ async fn void_takes_a_use_out_of_its_window_and_gives_the_lease_back() {
     e.tally.void(&u, "b", None).unwrap();
     let usage = e.tally.usage(&u, "ai_chat").unwrap();
     assert_eq!((usage.device_remaining, usage.used), (Some(2), 0));
-    let void_id: String = e.raw().query_row("SELECT id FROM events WHERE user_id = ?1 AND voids IS NOT NULL AND status = 0", [&u], |r| r.get(0)).unwrap();
+    let void_id: String =
+        e.raw().query_row("SELECT id FROM events WHERE user_id = ?1 AND voids IS NOT NULL AND status = 0", [&u], |r| r.get(0)).unwrap();
     s.answer(json!({"rejected": [{"id": void_id, "reason": "unknown_event"}], "accepted": []}));
     e.tally.sync(&u, s.fake.options()).await.unwrap();
     assert_eq!(e.tally.event_status(&u, &void_id).unwrap(), EventStatus::Rejected("unknown_event".into()));
@@ -368,8 +376,16 @@ fn decisions_read_counters_not_the_ledger() {
         (0..10_000).map(|_| tally_core::ConsumeItem { feature: "stars".into(), amount: 1, meta: UsageMeta::default() }).collect();
     e.tally.consume_many(&u, &items).unwrap();
     let c = e.raw();
-    c.execute("UPDATE users SET leases_held = 1, lease_ver = 1, lease_exp = ?2, lease_until = ?2 WHERE id = ?1", rusqlite::params![u, (t(NOW) + Duration::days(1)).timestamp_millis()]).unwrap();
-    c.execute("INSERT INTO leases (user_id, feature, period, period_start, allowance, share) VALUES (?1, 'ai_chat', 'month', ?2, 2, 500000)", rusqlite::params![u, t("2026-01-01T00:00:00Z").timestamp_millis()]).unwrap();
+    c.execute(
+        "UPDATE users SET leases_held = 1, lease_ver = 1, lease_exp = ?2, lease_until = ?2 WHERE id = ?1",
+        rusqlite::params![u, (t(NOW) + Duration::days(1)).timestamp_millis()],
+    )
+    .unwrap();
+    c.execute(
+        "INSERT INTO leases (user_id, feature, period, period_start, allowance, share) VALUES (?1, 'ai_chat', 'month', ?2, 2, 500000)",
+        rusqlite::params![u, t("2026-01-01T00:00:00Z").timestamp_millis()],
+    )
+    .unwrap();
     let reopened = e.reopen();
     let start = std::time::Instant::now();
     for _ in 0..200 {
@@ -397,7 +413,8 @@ fn a_v5_database_migrates_without_losing_rows() {
         }
     }
     let clock = Arc::new(tally_core::ManualClock::new(t(NOW)));
-    let tl = Tally::open(&path, tally_core::Config { device_id: Some("dev-test".into()), clock, catalog: catalog(), ..Default::default() }).unwrap();
+    let tl = Tally::open(&path, tally_core::Config { device_id: Some("dev-test".into()), clock, catalog: catalog(), ..Default::default() })
+        .unwrap();
     assert_eq!(tl.pending_events("u1").unwrap(), 1);
     assert_eq!(tl.event_status("u1", "0193aaaa-0000-7000-8000-000000000002").unwrap(), EventStatus::Settled);
     assert_eq!(tl.usage("u1", "ai_chat").unwrap().used, 2, "counters rebuilt from the moved rows");
