@@ -442,3 +442,20 @@ async fn a_changed_device_id_drops_the_old_ids_leases() {
     assert_eq!(tl.lease_request(&u).unwrap().lease_ver, None, "a new id starts at any lease_ver");
     let _: DateTime<Utc> = t(NOW);
 }
+
+#[tokio::test]
+async fn a_batch_counts_its_own_leased_units_and_bad_voids_change_nothing() {
+    let (e, u) = env();
+    let s = server();
+    sync_with(&e, &u, &s, token("dev-test", 1, vec![chat(2, 0)]), json!({})).await;
+    let items: Vec<tally_core::ConsumeItem> =
+        (0..3).map(|_| tally_core::ConsumeItem { feature: "ai_chat".into(), amount: 1, meta: UsageMeta::default() }).collect();
+    let reasons: Vec<Reason> = e.tally.consume_many(&u, &items).unwrap().into_iter().map(|d| d.reason).collect();
+    assert_eq!(reasons, [Reason::Ok, Reason::Ok, Reason::LeaseExhausted]);
+    let snap = e.snapshot();
+    let id: String = e.raw().query_row("SELECT id FROM events WHERE user_id = ?1 LIMIT 1", [&u], |r| r.get(0)).unwrap();
+    let huge = "x".repeat(5000);
+    assert!(matches!(e.tally.void(&u, &id, Some(&huge)), Err(Error::InvalidInput(_))), "metadata over 4 KiB");
+    assert!(matches!(e.tally.void(&u, &id, Some("a\0b")), Err(Error::InvalidInput(_))));
+    assert_eq!(e.snapshot(), snap);
+}
