@@ -59,7 +59,8 @@ impl Tally {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, lease.transpose()?))
             })
             .optional()?;
-        let (external_id, tz_name, created_at, is_admin, raw, token, lease) = row.ok_or_else(|| Error::NotFound(format!("user {user_id}")))?;
+        let (external_id, tz_name, created_at, is_admin, raw, token, lease) =
+            row.ok_or_else(|| Error::NotFound(format!("user {user_id}")))?;
         let catalog = self.catalog();
         let mut valid_until = now + Duration::seconds(60);
         let mut ent = None;

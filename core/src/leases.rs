@@ -119,12 +119,7 @@ fn entry(conn: &Connection, user: &str, feature: &str, start: Option<i64>) -> Re
              WHERE user_id = ?1 AND feature = ?2 AND period_start IS ?3 LIMIT 1",
         )?
         .query_row(params![user, feature, start], |r| {
-            Ok(Entry {
-                allowance: to_u64(r.get(0)?),
-                released: to_u64(r.get(1)?),
-                consumed: to_u64(r.get(2)?),
-                expires_at: r.get(3)?,
-            })
+            Ok(Entry { allowance: to_u64(r.get(0)?), released: to_u64(r.get(1)?), consumed: to_u64(r.get(2)?), expires_at: r.get(3)? })
         })
         .optional()?)
 }
@@ -166,17 +161,19 @@ fn pool_state(
     user: &str,
     pool: &Pool,
     limit: u64,
-    pending: u64,
+    pending: i64,
     active: bool,
     now: DateTime<Utc>,
 ) -> Result<(u64, u64)> {
+    let with = |consumed: u64| u64::try_from((i128::from(consumed) + i128::from(pending)).max(0)).unwrap_or(u64::MAX);
+    let pending = with(0);
     if !active {
         return Ok((0, pending));
     }
     let local = local_released(conn, user, &pool.feature, pool.start)?;
     Ok(match entry(conn, user, &pool.feature, pool.start)? {
-        Some(e) if e.expires_at.is_some_and(|x| x <= ms(now)) => (0, e.consumed.saturating_add(pending)),
-        Some(e) => (effective_allowance(e.allowance, e.released, local), e.consumed.saturating_add(pending)),
+        Some(e) if e.expires_at.is_some_and(|x| x <= ms(now)) => (0, with(e.consumed)),
+        Some(e) => (effective_allowance(e.allowance, e.released, local), with(e.consumed)),
         // A window entered offline: this device's share of the limit it resolves to now.
         None if pool.start.is_some() => match latest_share(conn, user, &pool.feature)? {
             Some(share) => (effective_allowance(offline_allowance(0, limit, share), 0, local), pending),
@@ -218,7 +215,9 @@ impl Tally {
         type Row = (String, String, Option<i64>, i64, i64);
         let rows: Vec<Row> = g
             .conn
-            .prepare("SELECT feature, period, period_start, share, expires_at FROM leases WHERE user_id = ?1 ORDER BY feature, period_start")?
+            .prepare(
+                "SELECT feature, period, period_start, share, expires_at FROM leases WHERE user_id = ?1 ORDER BY feature, period_start",
+            )?
             .query_map([user_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get::<_, Option<i64>>(4)?.unwrap_or(i64::MIN))))?
             .collect::<rusqlite::Result<_>>()?;
         let mut out = Vec::with_capacity(rows.len());
@@ -255,7 +254,11 @@ impl Tally {
         let mut g = self.lock();
         let now = self.observe_now(&mut g);
         let a = self.access(&mut g, user_id, now)?;
-        let rule = a.ent.features.get(feature).ok_or_else(|| Error::invalid(format!("feature {feature:?} is not in the plan of user {user_id}")))?;
+        let rule = a
+            .ent
+            .features
+            .get(feature)
+            .ok_or_else(|| Error::invalid(format!("feature {feature:?} is not in the plan of user {user_id}")))?;
         if hard_pool(rule, feature, &a, now).is_none() {
             return Err(Error::invalid(format!(
                 "feature {feature:?} is not a hard pool (hard metered with a limit, hard budget or credits): it needs no lease"
@@ -295,7 +298,7 @@ impl Tally {
                     let budget = matches!(rule, Rule::Budget { .. });
                     [start, ms(prev.start)].into_iter().try_fold(false, |acc, s| -> Result<bool> {
                         let seen = read_counter(conn, user_id, feature, &pool.period, s)?;
-                        Ok(acc || (if budget { seen.micros } else { seen.units }) > 0 || seen.leased > 0)
+                        Ok(acc || (if budget { seen.micros } else { seen.units }) > 0 || seen.leased != 0)
                     })?
                 }
                 // Credits: used when the pool has an entry or unacknowledged leased units.
@@ -320,7 +323,8 @@ impl Tally {
                 Ok(LeaseAmount { feature: r.get(0)?, period_start: r.get::<_, Option<i64>>(1)?.map(from_ms), units: to_u64(r.get(2)?) })
             })?
             .collect::<rusqlite::Result<_>>()?;
-        let want = want.into_iter().map(|((feature, start), units)| LeaseAmount { feature, period_start: start.map(from_ms), units }).collect();
+        let want =
+            want.into_iter().map(|((feature, start), units)| LeaseAmount { feature, period_start: start.map(from_ms), units }).collect();
         Ok(LeaseRequest { lease_ver: ver.map(to_u64), want, release })
     }
 }
@@ -399,12 +403,7 @@ pub(crate) fn store_leases(conn: &Connection, user: &str, claims: &EntitlementCl
     }
     conn.execute(
         "UPDATE users SET lease_ver = ?2, lease_until = ?3, lease_exp = ?4, leases_held = 1 WHERE id = ?1",
-        params![
-            user,
-            claims.lease_ver.map(to_i64),
-            claims.lease_until.map(|s| s.saturating_mul(1000)),
-            claims.exp.saturating_mul(1000)
-        ],
+        params![user, claims.lease_ver.map(to_i64), claims.lease_until.map(|s| s.saturating_mul(1000)), claims.exp.saturating_mul(1000)],
     )?;
     // A want is granted once the latest entry of its pool has that much unused room.
     let wants: Vec<(String, i64)> = conn
@@ -441,7 +440,8 @@ pub(crate) fn release_unused(conn: &Connection, user: &str, feature: &str, start
     let local = local_released(conn, user, feature, start)?;
     let pending = read_counter(conn, user, feature, &period, start.unwrap_or(0))?.leased;
     let eff = effective_allowance(e.allowance, e.released, local);
-    let unused = eff.saturating_sub(e.consumed.saturating_add(pending));
+    let in_window = u64::try_from((i128::from(e.consumed) + i128::from(pending)).max(0)).unwrap_or(u64::MAX);
+    let unused = eff.saturating_sub(in_window);
     let give = units.min(unused);
     if give > 0 {
         raise_released(conn, user, feature, start, local.max(e.released).saturating_add(give))?;
@@ -480,5 +480,14 @@ pub(crate) fn release_all(conn: &Connection, user: &str) -> Result<()> {
     for (feature, start) in pools {
         release_unused(conn, user, &feature, start, u64::MAX)?;
     }
+    Ok(())
+}
+
+/// An acknowledged leased use (`units` < 0: a void) moves from `pending_leased` into the
+/// stored entry's `consumed`, where the server counts it, until the next token replaces it.
+pub(crate) fn settled_leased(conn: &Connection, user: &str, feature: &str, start: Option<i64>, units: i64) -> Result<()> {
+    let start = if feature == CREDITS { None } else { start };
+    conn.prepare_cached("UPDATE leases SET consumed = MAX(0, consumed + ?4) WHERE user_id = ?1 AND feature = ?2 AND period_start IS ?3")?
+        .execute(params![user, feature, start, units])?;
     Ok(())
 }

@@ -92,8 +92,8 @@ pub(crate) struct Seen {
     pub(crate) units: u64,
     /// `server_used + pending_cost`.
     pub(crate) micros: u64,
-    /// `pending_leased`.
-    pub(crate) leased: u64,
+    /// `pending_leased` (negative while a void of an acknowledged leased use is pending).
+    pub(crate) leased: i64,
 }
 
 /// (pending, pending_cost, server_used, pending_leased) of a counter row.
@@ -114,7 +114,7 @@ fn signed_sum(a: i64, b: i64) -> u64 {
 /// The [`Seen`] of a counter row (zeros when absent).
 pub(crate) fn read_counter(conn: &Connection, user: &str, feature: &str, period: &str, start: i64) -> Result<Seen> {
     let (pending, pending_cost, server, leased) = read_counter_raw(conn, user, feature, period, start)?;
-    Ok(Seen { units: signed_sum(server, pending), micros: signed_sum(server, pending_cost), leased: signed_sum(leased, 0) })
+    Ok(Seen { units: signed_sum(server, pending), micros: signed_sum(server, pending_cost), leased })
 }
 
 /// The server's causes of overage stored for one window (sorted, as the server sent them).
@@ -160,7 +160,7 @@ impl Batch {
         Ok(Seen {
             units: r.seen.units.saturating_add(r.add_amount),
             micros: r.seen.micros.saturating_add(r.add_cost),
-            leased: r.seen.leased.saturating_add(r.add_leased),
+            leased: r.seen.leased.saturating_add(i64::try_from(r.add_leased).unwrap_or(i64::MAX)),
         })
     }
 

@@ -327,10 +327,11 @@ impl Tally {
                 break;
             }
             for c in candidates {
-                let checked = c.and_then(|e| match if e.voids.is_some() { contract::occurred_at(e.occurred_at) } else { contract::event(&e) } {
-                    Ok(()) => Ok(e),
-                    Err(v) => Err((e.id.to_string(), v.code)),
-                });
+                let checked =
+                    c.and_then(|e| match if e.voids.is_some() { contract::occurred_at(e.occurred_at) } else { contract::event(&e) } {
+                        Ok(()) => Ok(e),
+                        Err(v) => Err((e.id.to_string(), v.code)),
+                    });
                 let e = match checked {
                     Ok(e) => e,
                     Err((id, code)) => {
@@ -758,6 +759,10 @@ fn settle(tx: &Transaction<'_>, user_id: &str, id: &str, state: EventState, reas
             && lease_units != 0
         {
             crate::quota::add_leased(tx, user_id, &pool, &period, pool_start.unwrap_or(0), -sign * lease_units)?;
+            if state == EventState::Settled {
+                // The server counts it now: in the entry's `consumed` until the next token.
+                crate::leases::settled_leased(tx, user_id, &pool, pool_start, sign * lease_units)?;
+            }
         }
     }
     tx.prepare_cached("UPDATE events SET status = ?3, reject_reason = ?4 WHERE user_id = ?1 AND id = ?2")?

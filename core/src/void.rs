@@ -73,10 +73,14 @@ impl Tally {
                 return Err(Error::invalid(format!("event {event_id} is a void event: it cannot be voided")));
             }
             if status == EventState::Rejected {
-                return Err(Error::invalid(format!("event {event_id} was refused (quarantined): it counts nowhere, there is nothing to void")));
+                return Err(Error::invalid(format!(
+                    "event {event_id} was refused (quarantined): it counts nowhere, there is nothing to void"
+                )));
             }
             let already: bool =
-                tx.query_row("SELECT EXISTS (SELECT 1 FROM events WHERE user_id = ?1 AND voids = ?2)", params![user_id, target_id], |r| r.get(0))?;
+                tx.query_row("SELECT EXISTS (SELECT 1 FROM events WHERE user_id = ?1 AND voids = ?2)", params![user_id, target_id], |r| {
+                    r.get(0)
+                })?;
             if already {
                 return Ok(false);
             }

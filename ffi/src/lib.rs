@@ -12,10 +12,12 @@
 //! - no panic crosses the boundary: a panic becomes `TallyError::Internal`.
 
 mod error;
+mod leases;
 mod sync;
 mod types;
 
 pub use error::{TallyError, guard};
+pub use leases::LeaseStatus;
 pub use sync::{RejectedEvent, RejectedProfileField, RejectedSetting, SyncOptions, SyncReport, TokenProvider};
 pub use types::*;
 

@@ -231,6 +231,24 @@ impl Tally {
     }
 }
 
+#[uniffi::export(async_runtime = "tokio")]
+impl Tally {
+    /// Protocol 2: gives back every lease of this device and syncs with `"final": true`. Call it
+    /// before `sign_out` / `delete_user` when online.
+    pub async fn release_leases(&self, user_id: String, options: SyncOptions) -> Result<SyncReport, TallyError> {
+        let inner = self.inner.clone();
+        let options = core::SyncOptions::from(options);
+        let task = tokio::spawn(async move { inner.release_leases(&user_id, options).await });
+        match task.await {
+            Ok(r) => Ok(r?.into()),
+            Err(e) if e.is_panic() => {
+                Err(TallyError::Internal { message: format!("internal error: {}", panic_text(e.into_panic().as_ref())) })
+            }
+            Err(e) => Err(TallyError::Internal { message: format!("release task failed: {e}") }),
+        }
+    }
+}
+
 #[uniffi::export]
 impl Tally {
     /// When this user last completed a sync round (Unix ms; absent = never).

@@ -142,6 +142,10 @@ pub struct TallyConfig {
     /// app). Without them `sync` fails with `Configuration` before any request.
     #[uniffi(default = None)]
     pub server_keys: Option<String>,
+    /// Protocol 2: features whose leases every sync asks for (at this device's fair share), so
+    /// that they work offline.
+    #[uniffi(default = [])]
+    pub offline_features: Vec<String>,
     /// Time source; absent: the system clock.
     #[uniffi(default = None)]
     pub clock: Option<std::sync::Arc<dyn TallyClock>>,
@@ -177,6 +181,7 @@ impl TryFrom<TallyConfig> for core::Config {
             device_id: c.device_id,
             local_only_settings: c.local_only_settings,
             server_keys: c.server_keys,
+            offline_features: c.offline_features,
             ..core::Config::default()
         };
         if let Some(d) = c.durability {
@@ -603,6 +608,13 @@ pub struct Usage {
     pub period_start_ms: Option<i64>,
     /// Window end (Unix ms; absent = never resets).
     pub resets_at_ms: Option<i64>,
+    /// Protocol 2: what this device's lease allows in the window (absent without a lease).
+    #[uniffi(default = None)]
+    pub device_allowance: Option<u64>,
+    /// Protocol 2: what this device's lease has left ("3 left on this phone"; absent without
+    /// a lease).
+    #[uniffi(default = None)]
+    pub device_remaining: Option<u64>,
 }
 
 impl From<core::Usage> for Usage {
@@ -617,6 +629,8 @@ impl From<core::Usage> for Usage {
             over_limit_causes: u.over_limit_causes,
             period_start_ms: opt_ms(u.period_start),
             resets_at_ms: opt_ms(u.resets_at),
+            device_allowance: u.device_allowance,
+            device_remaining: u.device_remaining,
         }
     }
 }
@@ -634,6 +648,8 @@ impl TryFrom<Usage> for core::Usage {
             over_limit_causes: u.over_limit_causes,
             period_start: from_opt_ms(u.period_start_ms, "period_start_ms")?,
             resets_at: from_opt_ms(u.resets_at_ms, "resets_at_ms")?,
+            device_allowance: u.device_allowance,
+            device_remaining: u.device_remaining,
         })
     }
 }

@@ -40,6 +40,7 @@ fn config(clock: Option<Arc<FixedClock>>) -> TallyConfig {
         token_grace_secs: Some(3600),
         busy_timeout_ms: Some(5000),
         server_keys: None,
+        offline_features: vec!["ai_chat".into()],
         clock: clock.map(|c| c as Arc<dyn TallyClock>),
     }
 }
@@ -535,4 +536,24 @@ async fn sync_is_async_and_maps_network_errors() {
     let r = t.sync(u.clone(), options()).await;
     assert!(matches!(r, Err(TallyError::Network { .. })), "{r:?}");
     assert_eq!(t.pending_events(u).unwrap(), 1, "nothing lost");
+}
+
+#[test]
+fn leases_and_voids_cross_the_boundary() {
+    let (t, _) = open();
+    let u = t.create_local_user(None).unwrap().id;
+    assert!(is_invalid(t.prepare_offline(u.clone(), "ai_chat".into(), 0)), "0 units");
+    assert!(is_invalid(t.prepare_offline(u.clone(), "export".into(), 1)), "a flag is no pool");
+    assert!(is_invalid(t.prepare_offline(u.clone(), "spend".into(), 1)), "a soft budget is no pool");
+    t.prepare_offline(u.clone(), "ai_chat".into(), 2).unwrap();
+    assert!(t.leases(u.clone()).unwrap().is_empty(), "no device token yet");
+    let meta = UsageMeta { idempotency_key: Some("k1".into()), ..UsageMeta::default() };
+    assert!(t.consume(u.clone(), "ai_chat".into(), 2, Some(meta)).unwrap().allowed);
+    let usage = t.usage(u.clone(), "ai_chat".into()).unwrap();
+    assert_eq!((usage.used, usage.device_allowance, usage.device_remaining), (2, None, None));
+    t.void(u.clone(), "k1".into(), Some("refund".into())).unwrap();
+    t.void(u.clone(), "k1".into(), None).unwrap();
+    assert_eq!(t.usage(u.clone(), "ai_chat".into()).unwrap().used, 0);
+    assert_eq!(t.pending_events(u.clone()).unwrap(), 2, "the use and one void");
+    assert!(matches!(t.void(u, "nope".into(), None), Err(TallyError::NotFound { .. })));
 }

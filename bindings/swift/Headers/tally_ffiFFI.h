@@ -461,9 +461,29 @@ RustBuffer uniffi_tally_ffi_fn_method_tally_user(uint64_t ptr, RustBuffer user_i
 RustBuffer uniffi_tally_ffi_fn_method_tally_users(uint64_t ptr, RustCallStatus *_Nonnull out_status
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_LEASES
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_LEASES
+RustBuffer uniffi_tally_ffi_fn_method_tally_leases(uint64_t ptr, RustBuffer user_id, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_PREPARE_OFFLINE
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_PREPARE_OFFLINE
+void uniffi_tally_ffi_fn_method_tally_prepare_offline(uint64_t ptr, RustBuffer user_id, RustBuffer feature, uint64_t units, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_VOID
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_VOID
+void uniffi_tally_ffi_fn_method_tally_void(uint64_t ptr, RustBuffer user_id, RustBuffer event_id, RustBuffer reason, RustCallStatus *_Nonnull out_status
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_LAST_SYNCED_AT_MS
 #define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_LAST_SYNCED_AT_MS
 RustBuffer uniffi_tally_ffi_fn_method_tally_last_synced_at_ms(uint64_t ptr, RustBuffer user_id, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_RELEASE_LEASES
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_RELEASE_LEASES
+uint64_t uniffi_tally_ffi_fn_method_tally_release_leases(uint64_t ptr, RustBuffer user_id, RustBuffer options
 );
 #endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_SYNC
@@ -993,9 +1013,33 @@ uint16_t uniffi_tally_ffi_checksum_method_tally_users(void
     
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_LEASES
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_LEASES
+uint16_t uniffi_tally_ffi_checksum_method_tally_leases(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_PREPARE_OFFLINE
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_PREPARE_OFFLINE
+uint16_t uniffi_tally_ffi_checksum_method_tally_prepare_offline(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_VOID
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_VOID
+uint16_t uniffi_tally_ffi_checksum_method_tally_void(void
+    
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_LAST_SYNCED_AT_MS
 #define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_LAST_SYNCED_AT_MS
 uint16_t uniffi_tally_ffi_checksum_method_tally_last_synced_at_ms(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_RELEASE_LEASES
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_RELEASE_LEASES
+uint16_t uniffi_tally_ffi_checksum_method_tally_release_leases(void
     
 );
 #endif

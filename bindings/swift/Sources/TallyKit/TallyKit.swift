@@ -979,9 +979,30 @@ public protocol TallyProtocol: AnyObject, Sendable {
     func users() throws  -> [User]
     
     /**
+     * This device's leases of the user (empty before a protocol-2 token).
+     */
+    func leases(userId: String) throws  -> [LeaseStatus]
+    
+    /**
+     * Asks for `units` of a hard pool `feature` to use offline; sent with the next sync.
+     */
+    func prepareOffline(userId: String, feature: String, units: UInt64) throws 
+    
+    /**
+     * Cancels a recorded use (id or idempotency key); voiding twice is a no-op.
+     */
+    func void(userId: String, eventId: String, reason: String?) throws 
+    
+    /**
      * When this user last completed a sync round (Unix ms; absent = never).
      */
     func lastSyncedAtMs(userId: String) throws  -> Int64?
+    
+    /**
+     * Protocol 2: gives back every lease of this device and syncs with `"final": true`. Call it
+     * before `sign_out` / `delete_user` when online.
+     */
+    func releaseLeases(userId: String, options: SyncOptions) async throws  -> SyncReport
     
     /**
      * Synchronises `user_id` with the server until nothing is pending. Never blocks the
@@ -1472,6 +1493,47 @@ open func users()throws  -> [User]  {
 }
     
     /**
+     * This device's leases of the user (empty before a protocol-2 token).
+     */
+open func leases(userId: String)throws  -> [LeaseStatus]  {
+    return try  FfiConverterSequenceTypeLeaseStatus.lift(try rustCallWithError(FfiConverterTypeTallyError_lift) {
+        uniffiCallStatus in
+    uniffi_tally_ffi_fn_method_tally_leases(
+            self.uniffiCloneHandle(),
+        FfiConverterString.lower(userId),uniffiCallStatus
+    )
+})
+}
+    
+    /**
+     * Asks for `units` of a hard pool `feature` to use offline; sent with the next sync.
+     */
+open func prepareOffline(userId: String, feature: String, units: UInt64)throws   {try rustCallWithError(FfiConverterTypeTallyError_lift) {
+        uniffiCallStatus in
+    uniffi_tally_ffi_fn_method_tally_prepare_offline(
+            self.uniffiCloneHandle(),
+        FfiConverterString.lower(userId),
+        FfiConverterString.lower(feature),
+        FfiConverterUInt64.lower(units),uniffiCallStatus
+    )
+}
+}
+    
+    /**
+     * Cancels a recorded use (id or idempotency key); voiding twice is a no-op.
+     */
+open func void(userId: String, eventId: String, reason: String? = nil)throws   {try rustCallWithError(FfiConverterTypeTallyError_lift) {
+        uniffiCallStatus in
+    uniffi_tally_ffi_fn_method_tally_void(
+            self.uniffiCloneHandle(),
+        FfiConverterString.lower(userId),
+        FfiConverterString.lower(eventId),
+        FfiConverterOptionString.lower(reason),uniffiCallStatus
+    )
+}
+}
+    
+    /**
      * When this user last completed a sync round (Unix ms; absent = never).
      */
 open func lastSyncedAtMs(userId: String)throws  -> Int64?  {
@@ -1482,6 +1544,26 @@ open func lastSyncedAtMs(userId: String)throws  -> Int64?  {
         FfiConverterString.lower(userId),uniffiCallStatus
     )
 })
+}
+    
+    /**
+     * Protocol 2: gives back every lease of this device and syncs with `"final": true`. Call it
+     * before `sign_out` / `delete_user` when online.
+     */
+open func releaseLeases(userId: String, options: SyncOptions)async throws  -> SyncReport  {
+    return
+        try  await uniffiRustCallAsync(
+            rustFutureFunc: {
+                uniffi_tally_ffi_fn_method_tally_release_leases(
+                        self.uniffiCloneHandle(),FfiConverterString.lower(userId),FfiConverterTypeSyncOptions_lower(options)
+                )
+            },
+            pollFunc: ffi_tally_ffi_rust_future_poll_rust_buffer,
+            completeFunc: ffi_tally_ffi_rust_future_complete_rust_buffer,
+            freeFunc: ffi_tally_ffi_rust_future_free_rust_buffer,
+            liftFunc: FfiConverterTypeSyncReport_lift,
+            errorHandler: FfiConverterTypeTallyError_lift
+        )
 }
     
     /**
@@ -2664,6 +2746,145 @@ public func FfiConverterTypeEntitlements_lower(_ value: Entitlements) -> RustBuf
 
 
 /**
+ * This device's lease of one pool ("3 left on this phone").
+ */
+public struct LeaseStatus: Equatable, Hashable {
+    /**
+     * Feature key, or `$credits`.
+     */
+    public var feature: String
+    /**
+     * The rule's period (`lifetime` for credits).
+     */
+    public var period: String
+    /**
+     * Window start (Unix ms; absent for credits).
+     */
+    public var periodStartMs: Int64?
+    /**
+     * What this device may record in the window, after its own releases.
+     */
+    public var allowance: UInt64
+    /**
+     * Units recorded under the lease in the window (server count + unacknowledged here).
+     */
+    public var used: UInt64
+    /**
+     * `allowance - used`, floored at 0.
+     */
+    public var remaining: UInt64
+    /**
+     * This device's share of the limit (0..=1), for windows it enters offline.
+     */
+    public var share: Double
+    /**
+     * For credits: when the allowance ends (Unix ms).
+     */
+    public var expiresAtMs: Int64?
+    /**
+     * When all leases of the token end (Unix ms).
+     */
+    public var leaseUntilMs: Int64?
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * Feature key, or `$credits`.
+         */feature: String, 
+        /**
+         * The rule's period (`lifetime` for credits).
+         */period: String, 
+        /**
+         * Window start (Unix ms; absent for credits).
+         */periodStartMs: Int64?, 
+        /**
+         * What this device may record in the window, after its own releases.
+         */allowance: UInt64, 
+        /**
+         * Units recorded under the lease in the window (server count + unacknowledged here).
+         */used: UInt64, 
+        /**
+         * `allowance - used`, floored at 0.
+         */remaining: UInt64, 
+        /**
+         * This device's share of the limit (0..=1), for windows it enters offline.
+         */share: Double, 
+        /**
+         * For credits: when the allowance ends (Unix ms).
+         */expiresAtMs: Int64?, 
+        /**
+         * When all leases of the token end (Unix ms).
+         */leaseUntilMs: Int64?) {
+        self.feature = feature
+        self.period = period
+        self.periodStartMs = periodStartMs
+        self.allowance = allowance
+        self.used = used
+        self.remaining = remaining
+        self.share = share
+        self.expiresAtMs = expiresAtMs
+        self.leaseUntilMs = leaseUntilMs
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension LeaseStatus: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeLeaseStatus: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> LeaseStatus {
+        return
+            try LeaseStatus(
+                feature: FfiConverterString.read(from: &buf), 
+                period: FfiConverterString.read(from: &buf), 
+                periodStartMs: FfiConverterOptionInt64.read(from: &buf), 
+                allowance: FfiConverterUInt64.read(from: &buf), 
+                used: FfiConverterUInt64.read(from: &buf), 
+                remaining: FfiConverterUInt64.read(from: &buf), 
+                share: FfiConverterDouble.read(from: &buf), 
+                expiresAtMs: FfiConverterOptionInt64.read(from: &buf), 
+                leaseUntilMs: FfiConverterOptionInt64.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: LeaseStatus, into buf: inout [UInt8]) {
+        FfiConverterString.write(value.feature, into: &buf)
+        FfiConverterString.write(value.period, into: &buf)
+        FfiConverterOptionInt64.write(value.periodStartMs, into: &buf)
+        FfiConverterUInt64.write(value.allowance, into: &buf)
+        FfiConverterUInt64.write(value.used, into: &buf)
+        FfiConverterUInt64.write(value.remaining, into: &buf)
+        FfiConverterDouble.write(value.share, into: &buf)
+        FfiConverterOptionInt64.write(value.expiresAtMs, into: &buf)
+        FfiConverterOptionInt64.write(value.leaseUntilMs, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeLeaseStatus_lift(_ buf: RustBuffer) throws -> LeaseStatus {
+    return try FfiConverterTypeLeaseStatus.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeLeaseStatus_lower(_ value: LeaseStatus) -> RustBuffer {
+    return FfiConverterTypeLeaseStatus.lower(value)
+}
+
+
+/**
  * Price of one AI model, in micro-units of currency per million tokens.
  */
 public struct ModelPrice: Equatable, Hashable {
@@ -3491,6 +3712,11 @@ public struct TallyConfig {
      */
     public var serverKeys: String?
     /**
+     * Protocol 2: features whose leases every sync asks for (at this device's fair share), so
+     * that they work offline.
+     */
+    public var offlineFeatures: [String]
+    /**
      * Time source; absent: the system clock.
      */
     public var clock: TallyClock?
@@ -3527,6 +3753,10 @@ public struct TallyConfig {
          * app). Without them `sync` fails with `Configuration` before any request.
          */serverKeys: String? = nil, 
         /**
+         * Protocol 2: features whose leases every sync asks for (at this device's fair share), so
+         * that they work offline.
+         */offlineFeatures: [String] = [], 
+        /**
          * Time source; absent: the system clock.
          */clock: TallyClock? = nil) {
         self.deviceId = deviceId
@@ -3538,6 +3768,7 @@ public struct TallyConfig {
         self.tokenGraceSecs = tokenGraceSecs
         self.busyTimeoutMs = busyTimeoutMs
         self.serverKeys = serverKeys
+        self.offlineFeatures = offlineFeatures
         self.clock = clock
     }
 
@@ -3566,6 +3797,7 @@ public struct FfiConverterTypeTallyConfig: FfiConverterRustBuffer {
                 tokenGraceSecs: FfiConverterOptionUInt64.read(from: &buf), 
                 busyTimeoutMs: FfiConverterOptionUInt64.read(from: &buf), 
                 serverKeys: FfiConverterOptionString.read(from: &buf), 
+                offlineFeatures: FfiConverterSequenceString.read(from: &buf), 
                 clock: FfiConverterOptionTypeTallyClock.read(from: &buf)
         )
     }
@@ -3580,6 +3812,7 @@ public struct FfiConverterTypeTallyConfig: FfiConverterRustBuffer {
         FfiConverterOptionUInt64.write(value.tokenGraceSecs, into: &buf)
         FfiConverterOptionUInt64.write(value.busyTimeoutMs, into: &buf)
         FfiConverterOptionString.write(value.serverKeys, into: &buf)
+        FfiConverterSequenceString.write(value.offlineFeatures, into: &buf)
         FfiConverterOptionTypeTallyClock.write(value.clock, into: &buf)
     }
 }
@@ -3641,6 +3874,15 @@ public struct Usage: Equatable, Hashable {
      * Window end (Unix ms; absent = never resets).
      */
     public var resetsAtMs: Int64?
+    /**
+     * Protocol 2: what this device's lease allows in the window (absent without a lease).
+     */
+    public var deviceAllowance: UInt64?
+    /**
+     * Protocol 2: what this device's lease has left ("3 left on this phone"; absent without
+     * a lease).
+     */
+    public var deviceRemaining: UInt64?
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
@@ -3672,7 +3914,14 @@ public struct Usage: Equatable, Hashable {
          */periodStartMs: Int64?, 
         /**
          * Window end (Unix ms; absent = never resets).
-         */resetsAtMs: Int64?) {
+         */resetsAtMs: Int64?, 
+        /**
+         * Protocol 2: what this device's lease allows in the window (absent without a lease).
+         */deviceAllowance: UInt64? = nil, 
+        /**
+         * Protocol 2: what this device's lease has left ("3 left on this phone"; absent without
+         * a lease).
+         */deviceRemaining: UInt64? = nil) {
         self.feature = feature
         self.period = period
         self.used = used
@@ -3682,6 +3931,8 @@ public struct Usage: Equatable, Hashable {
         self.overLimitCauses = overLimitCauses
         self.periodStartMs = periodStartMs
         self.resetsAtMs = resetsAtMs
+        self.deviceAllowance = deviceAllowance
+        self.deviceRemaining = deviceRemaining
     }
 
     
@@ -3708,7 +3959,9 @@ public struct FfiConverterTypeUsage: FfiConverterRustBuffer {
                 overLimitBy: FfiConverterUInt64.read(from: &buf), 
                 overLimitCauses: FfiConverterSequenceString.read(from: &buf), 
                 periodStartMs: FfiConverterOptionInt64.read(from: &buf), 
-                resetsAtMs: FfiConverterOptionInt64.read(from: &buf)
+                resetsAtMs: FfiConverterOptionInt64.read(from: &buf), 
+                deviceAllowance: FfiConverterOptionUInt64.read(from: &buf), 
+                deviceRemaining: FfiConverterOptionUInt64.read(from: &buf)
         )
     }
 
@@ -3722,6 +3975,8 @@ public struct FfiConverterTypeUsage: FfiConverterRustBuffer {
         FfiConverterSequenceString.write(value.overLimitCauses, into: &buf)
         FfiConverterOptionInt64.write(value.periodStartMs, into: &buf)
         FfiConverterOptionInt64.write(value.resetsAtMs, into: &buf)
+        FfiConverterOptionUInt64.write(value.deviceAllowance, into: &buf)
+        FfiConverterOptionUInt64.write(value.deviceRemaining, into: &buf)
     }
 }
 
@@ -5613,6 +5868,31 @@ fileprivate struct FfiConverterSequenceTypeDecision: FfiConverterRustBuffer {
 #if swift(>=5.8)
 @_documentation(visibility: private)
 #endif
+fileprivate struct FfiConverterSequenceTypeLeaseStatus: FfiConverterRustBuffer {
+    typealias SwiftType = [LeaseStatus]
+
+    public static func write(_ value: [LeaseStatus], into buf: inout [UInt8]) {
+        let len = Int32(value.count)
+        writeInt(&buf, len)
+        for item in value {
+            FfiConverterTypeLeaseStatus.write(item, into: &buf)
+        }
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> [LeaseStatus] {
+        let len: Int32 = try readInt(&buf)
+        var seq = [LeaseStatus]()
+        seq.reserveCapacity(Int(len))
+        for _ in 0 ..< len {
+            seq.append(try FfiConverterTypeLeaseStatus.read(from: &buf))
+        }
+        return seq
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
 fileprivate struct FfiConverterSequenceTypeRejectedEvent: FfiConverterRustBuffer {
     typealias SwiftType = [RejectedEvent]
 
@@ -5967,7 +6247,19 @@ private let initializationResult: InitializationResult = {
     if (uniffi_tally_ffi_checksum_method_tally_users() != 38687) {
         return InitializationResult.apiChecksumMismatch
     }
+    if (uniffi_tally_ffi_checksum_method_tally_leases() != 544) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tally_ffi_checksum_method_tally_prepare_offline() != 35806) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tally_ffi_checksum_method_tally_void() != 13647) {
+        return InitializationResult.apiChecksumMismatch
+    }
     if (uniffi_tally_ffi_checksum_method_tally_last_synced_at_ms() != 58051) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tally_ffi_checksum_method_tally_release_leases() != 16536) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_tally_ffi_checksum_method_tally_sync() != 254) {

@@ -812,7 +812,15 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_tally_ffi_checksum_method_tally_users(
     ): Int
+    external fun uniffi_tally_ffi_checksum_method_tally_leases(
+    ): Int
+    external fun uniffi_tally_ffi_checksum_method_tally_prepare_offline(
+    ): Int
+    external fun uniffi_tally_ffi_checksum_method_tally_void(
+    ): Int
     external fun uniffi_tally_ffi_checksum_method_tally_last_synced_at_ms(
+    ): Int
+    external fun uniffi_tally_ffi_checksum_method_tally_release_leases(
     ): Int
     external fun uniffi_tally_ffi_checksum_method_tally_sync(
     ): Int
@@ -917,8 +925,16 @@ internal object UniffiLib {
     ): RustBuffer.ByValue
     external fun uniffi_tally_ffi_fn_method_tally_users(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
+    external fun uniffi_tally_ffi_fn_method_tally_leases(`ptr`: Long,`userId`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
+    external fun uniffi_tally_ffi_fn_method_tally_prepare_offline(`ptr`: Long,`userId`: RustBuffer.ByValue,`feature`: RustBuffer.ByValue,`units`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
+    external fun uniffi_tally_ffi_fn_method_tally_void(`ptr`: Long,`userId`: RustBuffer.ByValue,`eventId`: RustBuffer.ByValue,`reason`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
     external fun uniffi_tally_ffi_fn_method_tally_last_synced_at_ms(`ptr`: Long,`userId`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
+    external fun uniffi_tally_ffi_fn_method_tally_release_leases(`ptr`: Long,`userId`: RustBuffer.ByValue,`options`: RustBuffer.ByValue,
+    ): Long
     external fun uniffi_tally_ffi_fn_method_tally_sync(`ptr`: Long,`userId`: RustBuffer.ByValue,`options`: RustBuffer.ByValue,
     ): Long
     external fun uniffi_tally_ffi_fn_clone_tokenprovider(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
@@ -1164,7 +1180,19 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_tally_ffi_checksum_method_tally_users() and 0xFFFF) != 38687) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
+    if ((lib.uniffi_tally_ffi_checksum_method_tally_leases() and 0xFFFF) != 544) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tally_ffi_checksum_method_tally_prepare_offline() and 0xFFFF) != 35806) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tally_ffi_checksum_method_tally_void() and 0xFFFF) != 13647) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
     if ((lib.uniffi_tally_ffi_checksum_method_tally_last_synced_at_ms() and 0xFFFF) != 58051) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tally_ffi_checksum_method_tally_release_leases() and 0xFFFF) != 16536) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_tally_ffi_checksum_method_tally_sync() and 0xFFFF) != 254) {
@@ -2167,9 +2195,30 @@ public interface TallyInterface {
     fun `users`(): List<User>
     
     /**
+     * This device's leases of the user (empty before a protocol-2 token).
+     */
+    fun `leases`(`userId`: kotlin.String): List<LeaseStatus>
+    
+    /**
+     * Asks for `units` of a hard pool `feature` to use offline; sent with the next sync.
+     */
+    fun `prepareOffline`(`userId`: kotlin.String, `feature`: kotlin.String, `units`: kotlin.ULong)
+    
+    /**
+     * Cancels a recorded use (id or idempotency key); voiding twice is a no-op.
+     */
+    fun `void`(`userId`: kotlin.String, `eventId`: kotlin.String, `reason`: kotlin.String? = null)
+    
+    /**
      * When this user last completed a sync round (Unix ms; absent = never).
      */
     fun `lastSyncedAtMs`(`userId`: kotlin.String): kotlin.Long?
+    
+    /**
+     * Protocol 2: gives back every lease of this device and syncs with `"final": true`. Call it
+     * before `sign_out` / `delete_user` when online.
+     */
+    suspend fun `releaseLeases`(`userId`: kotlin.String, `options`: SyncOptions): SyncReport
     
     /**
      * Synchronises `user_id` with the server until nothing is pending. Never blocks the
@@ -2836,6 +2885,62 @@ open class Tally: Disposable, AutoCloseable, TallyInterface
 
     
     /**
+     * This device's leases of the user (empty before a protocol-2 token).
+     */
+    @Throws(TallyException::class)override fun `leases`(`userId`: kotlin.String): List<LeaseStatus> {
+            return FfiConverterSequenceTypeLeaseStatus.lift(
+    callWithHandle {
+    uniffiRustCallWithError(TallyException) { _status ->
+    UniffiLib.uniffi_tally_ffi_fn_method_tally_leases(
+        it,
+        
+        FfiConverterString.lower(`userId`),_status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
+     * Asks for `units` of a hard pool `feature` to use offline; sent with the next sync.
+     */
+    @Throws(TallyException::class)override fun `prepareOffline`(`userId`: kotlin.String, `feature`: kotlin.String, `units`: kotlin.ULong)
+        = 
+    callWithHandle {
+    uniffiRustCallWithError(TallyException) { _status ->
+    UniffiLib.uniffi_tally_ffi_fn_method_tally_prepare_offline(
+        it,
+        
+        FfiConverterString.lower(`userId`),
+        FfiConverterString.lower(`feature`),
+        FfiConverterULong.lower(`units`),_status)
+}
+    }
+    
+    
+
+    
+    /**
+     * Cancels a recorded use (id or idempotency key); voiding twice is a no-op.
+     */
+    @Throws(TallyException::class)override fun `void`(`userId`: kotlin.String, `eventId`: kotlin.String, `reason`: kotlin.String?)
+        = 
+    callWithHandle {
+    uniffiRustCallWithError(TallyException) { _status ->
+    UniffiLib.uniffi_tally_ffi_fn_method_tally_void(
+        it,
+        
+        FfiConverterString.lower(`userId`),
+        FfiConverterString.lower(`eventId`),
+        FfiConverterOptionalString.lower(`reason`),_status)
+}
+    }
+    
+    
+
+    
+    /**
      * When this user last completed a sync round (Unix ms; absent = never).
      */
     @Throws(TallyException::class)override fun `lastSyncedAtMs`(`userId`: kotlin.String): kotlin.Long? {
@@ -2851,6 +2956,33 @@ open class Tally: Disposable, AutoCloseable, TallyInterface
     )
     }
     
+
+    
+    /**
+     * Protocol 2: gives back every lease of this device and syncs with `"final": true`. Call it
+     * before `sign_out` / `delete_user` when online.
+     */
+    @Throws(TallyException::class)
+    @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
+    override suspend fun `releaseLeases`(`userId`: kotlin.String, `options`: SyncOptions) : SyncReport {
+        return uniffiRustCallAsync(
+        callWithHandle { uniffiHandle ->
+            UniffiLib.uniffi_tally_ffi_fn_method_tally_release_leases(
+                uniffiHandle,
+                
+        FfiConverterString.lower(`userId`),
+        FfiConverterTypeSyncOptions.lower(`options`),
+            )
+        },
+        { future, callback, continuation -> UniffiLib.ffi_tally_ffi_rust_future_poll_rust_buffer(future, callback, continuation) },
+        { future, continuation -> UniffiLib.ffi_tally_ffi_rust_future_complete_rust_buffer(future, continuation) },
+        { future -> UniffiLib.ffi_tally_ffi_rust_future_free_rust_buffer(future) },
+        // lift function
+        { FfiConverterTypeSyncReport.lift(it) },
+        // Error FFI converter
+        TallyException.ErrorHandler,
+    )
+    }
 
     
     /**
@@ -4102,6 +4234,109 @@ public object FfiConverterTypeEntitlements: FfiConverterRustBuffer<Entitlements>
 
 
 /**
+ * This device's lease of one pool ("3 left on this phone").
+ */
+data class LeaseStatus (
+    /**
+     * Feature key, or `$credits`.
+     */
+    var `feature`: kotlin.String
+    , 
+    /**
+     * The rule's period (`lifetime` for credits).
+     */
+    var `period`: kotlin.String
+    , 
+    /**
+     * Window start (Unix ms; absent for credits).
+     */
+    var `periodStartMs`: kotlin.Long?
+    , 
+    /**
+     * What this device may record in the window, after its own releases.
+     */
+    var `allowance`: kotlin.ULong
+    , 
+    /**
+     * Units recorded under the lease in the window (server count + unacknowledged here).
+     */
+    var `used`: kotlin.ULong
+    , 
+    /**
+     * `allowance - used`, floored at 0.
+     */
+    var `remaining`: kotlin.ULong
+    , 
+    /**
+     * This device's share of the limit (0..=1), for windows it enters offline.
+     */
+    var `share`: kotlin.Double
+    , 
+    /**
+     * For credits: when the allowance ends (Unix ms).
+     */
+    var `expiresAtMs`: kotlin.Long?
+    , 
+    /**
+     * When all leases of the token end (Unix ms).
+     */
+    var `leaseUntilMs`: kotlin.Long?
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeLeaseStatus: FfiConverterRustBuffer<LeaseStatus> {
+    override fun read(buf: ByteBuffer): LeaseStatus {
+        return LeaseStatus(
+            FfiConverterString.read(buf),
+            FfiConverterString.read(buf),
+            FfiConverterOptionalLong.read(buf),
+            FfiConverterULong.read(buf),
+            FfiConverterULong.read(buf),
+            FfiConverterULong.read(buf),
+            FfiConverterDouble.read(buf),
+            FfiConverterOptionalLong.read(buf),
+            FfiConverterOptionalLong.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: LeaseStatus) = (
+            FfiConverterString.allocationSize(value.`feature`) +
+            FfiConverterString.allocationSize(value.`period`) +
+            FfiConverterOptionalLong.allocationSize(value.`periodStartMs`) +
+            FfiConverterULong.allocationSize(value.`allowance`) +
+            FfiConverterULong.allocationSize(value.`used`) +
+            FfiConverterULong.allocationSize(value.`remaining`) +
+            FfiConverterDouble.allocationSize(value.`share`) +
+            FfiConverterOptionalLong.allocationSize(value.`expiresAtMs`) +
+            FfiConverterOptionalLong.allocationSize(value.`leaseUntilMs`)
+    )
+
+    override fun write(value: LeaseStatus, buf: ByteBuffer) {
+            FfiConverterString.write(value.`feature`, buf)
+            FfiConverterString.write(value.`period`, buf)
+            FfiConverterOptionalLong.write(value.`periodStartMs`, buf)
+            FfiConverterULong.write(value.`allowance`, buf)
+            FfiConverterULong.write(value.`used`, buf)
+            FfiConverterULong.write(value.`remaining`, buf)
+            FfiConverterDouble.write(value.`share`, buf)
+            FfiConverterOptionalLong.write(value.`expiresAtMs`, buf)
+            FfiConverterOptionalLong.write(value.`leaseUntilMs`, buf)
+    }
+}
+
+
+
+/**
  * Price of one AI model, in micro-units of currency per million tokens.
  */
 data class ModelPrice (
@@ -4732,6 +4967,12 @@ data class TallyConfig (
     var `serverKeys`: kotlin.String? = null 
     , 
     /**
+     * Protocol 2: features whose leases every sync asks for (at this device's fair share), so
+     * that they work offline.
+     */
+    var `offlineFeatures`: List<kotlin.String> = listOf() 
+    , 
+    /**
      * Time source; absent: the system clock.
      */
     var `clock`: TallyClock? = null 
@@ -4755,6 +4996,7 @@ data class TallyConfig (
         this.`tokenGraceSecs`,
         this.`busyTimeoutMs`,
         this.`serverKeys`,
+        this.`offlineFeatures`,
         this.`clock`
     )
     }
@@ -4777,6 +5019,7 @@ public object FfiConverterTypeTallyConfig: FfiConverterRustBuffer<TallyConfig> {
             FfiConverterOptionalULong.read(buf),
             FfiConverterOptionalULong.read(buf),
             FfiConverterOptionalString.read(buf),
+            FfiConverterSequenceString.read(buf),
             FfiConverterOptionalTypeTallyClock.read(buf),
         )
     }
@@ -4791,6 +5034,7 @@ public object FfiConverterTypeTallyConfig: FfiConverterRustBuffer<TallyConfig> {
             FfiConverterOptionalULong.allocationSize(value.`tokenGraceSecs`) +
             FfiConverterOptionalULong.allocationSize(value.`busyTimeoutMs`) +
             FfiConverterOptionalString.allocationSize(value.`serverKeys`) +
+            FfiConverterSequenceString.allocationSize(value.`offlineFeatures`) +
             FfiConverterOptionalTypeTallyClock.allocationSize(value.`clock`)
     )
 
@@ -4804,6 +5048,7 @@ public object FfiConverterTypeTallyConfig: FfiConverterRustBuffer<TallyConfig> {
             FfiConverterOptionalULong.write(value.`tokenGraceSecs`, buf)
             FfiConverterOptionalULong.write(value.`busyTimeoutMs`, buf)
             FfiConverterOptionalString.write(value.`serverKeys`, buf)
+            FfiConverterSequenceString.write(value.`offlineFeatures`, buf)
             FfiConverterOptionalTypeTallyClock.write(value.`clock`, buf)
     }
 }
@@ -4859,6 +5104,17 @@ data class Usage (
      * Window end (Unix ms; absent = never resets).
      */
     var `resetsAtMs`: kotlin.Long?
+    , 
+    /**
+     * Protocol 2: what this device's lease allows in the window (absent without a lease).
+     */
+    var `deviceAllowance`: kotlin.ULong? = null 
+    , 
+    /**
+     * Protocol 2: what this device's lease has left ("3 left on this phone"; absent without
+     * a lease).
+     */
+    var `deviceRemaining`: kotlin.ULong? = null 
     
 ){
     
@@ -4884,6 +5140,8 @@ public object FfiConverterTypeUsage: FfiConverterRustBuffer<Usage> {
             FfiConverterSequenceString.read(buf),
             FfiConverterOptionalLong.read(buf),
             FfiConverterOptionalLong.read(buf),
+            FfiConverterOptionalULong.read(buf),
+            FfiConverterOptionalULong.read(buf),
         )
     }
 
@@ -4896,7 +5154,9 @@ public object FfiConverterTypeUsage: FfiConverterRustBuffer<Usage> {
             FfiConverterULong.allocationSize(value.`overLimitBy`) +
             FfiConverterSequenceString.allocationSize(value.`overLimitCauses`) +
             FfiConverterOptionalLong.allocationSize(value.`periodStartMs`) +
-            FfiConverterOptionalLong.allocationSize(value.`resetsAtMs`)
+            FfiConverterOptionalLong.allocationSize(value.`resetsAtMs`) +
+            FfiConverterOptionalULong.allocationSize(value.`deviceAllowance`) +
+            FfiConverterOptionalULong.allocationSize(value.`deviceRemaining`)
     )
 
     override fun write(value: Usage, buf: ByteBuffer) {
@@ -4909,6 +5169,8 @@ public object FfiConverterTypeUsage: FfiConverterRustBuffer<Usage> {
             FfiConverterSequenceString.write(value.`overLimitCauses`, buf)
             FfiConverterOptionalLong.write(value.`periodStartMs`, buf)
             FfiConverterOptionalLong.write(value.`resetsAtMs`, buf)
+            FfiConverterOptionalULong.write(value.`deviceAllowance`, buf)
+            FfiConverterOptionalULong.write(value.`deviceRemaining`, buf)
     }
 }
 
@@ -6536,6 +6798,34 @@ public object FfiConverterSequenceTypeDecision: FfiConverterRustBuffer<List<Deci
         buf.putInt(value.size)
         value.iterator().forEach {
             FfiConverterTypeDecision.write(it, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterSequenceTypeLeaseStatus: FfiConverterRustBuffer<List<LeaseStatus>> {
+    override fun read(buf: ByteBuffer): List<LeaseStatus> {
+        val len = buf.getInt()
+        return List<LeaseStatus>(len) {
+            FfiConverterTypeLeaseStatus.read(buf)
+        }
+    }
+
+    override fun allocationSize(value: List<LeaseStatus>): ULong {
+        val sizeForLength = 4UL
+        val sizeForItems = value.map { FfiConverterTypeLeaseStatus.allocationSize(it) }.sum()
+        return sizeForLength + sizeForItems
+    }
+
+    override fun write(value: List<LeaseStatus>, buf: ByteBuffer) {
+        buf.putInt(value.size)
+        value.iterator().forEach {
+            FfiConverterTypeLeaseStatus.write(it, buf)
         }
     }
 }
