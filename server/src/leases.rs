@@ -325,9 +325,10 @@ pub fn current_pools(ctx: &Ctx<'_>, ents: &Entitlements) -> Vec<CurrentPool> {
     out
 }
 
-/// A `want` or `release` entry checked against the catalog: `feature` a feature some plan knows
-/// (or `$credits`, whose `period_start` must be `null`; a feature's must be given) and `units`
-/// within the counter range. A 422 naming the entry otherwise.
+/// A `want` or `release` entry checked against the catalog: `units` within the counter range,
+/// `$credits` with a `null` `period_start`, a feature's release with one. A 422 naming the entry
+/// otherwise. A feature no plan knows (a device catalog ahead of the server's) is left alone: it
+/// has no pool to lease, and the sync must not fail for it.
 pub fn check_amounts(ctx: &Ctx<'_>, field: &str, list: &[LeaseAmount]) -> ApiResult<()> {
     for (i, a) in list.iter().enumerate() {
         if a.units > tally_core::contract::MAX_COUNTER {
@@ -341,10 +342,9 @@ pub fn check_amounts(ctx: &Ctx<'_>, field: &str, list: &[LeaseAmount]) -> ApiRes
                 return Err(ApiError::Invalid("invalid_request", format!("{field}[{i}].period_start must be null for {CREDITS}")));
             }
         } else if !ctx.catalog.knows_feature(&a.feature) {
-            return Err(ApiError::Invalid(
-                "unknown_feature",
-                format!("{field}[{i}]: no plan of the catalog knows the feature {:?}", a.feature),
-            ));
+            // A device catalog ahead of the server's: nothing to lease yet, and no reason to
+            // fail the sync (its events are kept and acknowledged the same way).
+            continue;
         } else if a.period_start.is_none() && field == "release" {
             return Err(ApiError::Invalid("invalid_request", format!("{field}[{i}].period_start is required for a feature's window")));
         }
