@@ -172,6 +172,67 @@ class SyncTest {
     }
 
     @Test
+    fun `two devices split one hard limit offline and never overshoot it`() = runBlocking {
+        val sub = "kotlin-${UUID.randomUUID()}"
+        device("lease-a").use { a ->
+            device("lease-b").use { b ->
+                val ua = a.signIn(Profile(externalId = sub)).id
+                val ub = b.signIn(Profile(externalId = sub)).id
+                // Online twice each: the first device gives back (recall) what the second's share needs.
+                repeat(2) {
+                    a.sync(ua, options(sub))
+                    b.sync(ub, options(sub))
+                }
+                val held = listOf(a.usage(ua, "ai_chat").deviceRemaining, b.usage(ub, "ai_chat").deviceRemaining)
+                assertTrue(held.all { it != null && it >= 1uL }, "both devices hold a slice of the limit of 3: $held")
+                assertTrue(held.sumOf { it ?: 0uL } <= 3uL, "never more than the limit between them: $held")
+                val lease = a.leases(ua).single { it.feature == "ai_chat" }
+                assertEquals(held[0], lease.remaining)
+                assertTrue(lease.leaseUntilMs != null && lease.leaseUntilMs!! > System.currentTimeMillis())
+
+                // Offline: each spends its slice; then the lease, not the account, says no.
+                var spent = 0uL
+                for ((t, u) in listOf(a to ua, b to ub)) {
+                    while (true) {
+                        val d = t.consume(u, "ai_chat")
+                        if (!d.allowed) {
+                            assertEquals(Reason.LEASE_EXHAUSTED, d.reason, "the account still has room: $d")
+                            assertEquals(0uL, d.deviceRemaining)
+                            break
+                        }
+                        spent++
+                    }
+                }
+                assertTrue(spent <= 3uL, "spent $spent of 3")
+
+                // Back online: counted once; a void gives the unit back to this device's slice.
+                a.consume(ua, "notes", 1uL, UsageMeta(idempotencyKey = "to-void"))
+                a.void(ua, "to-void", "test")
+                a.void(ua, "to-void", "test") // twice: nothing more
+                assertThrows(TallyException::class.java) { a.void(ua, "no-such-use", null) }
+                a.sync(ua, options(sub))
+                b.sync(ub, options(sub))
+                a.sync(ua, options(sub))
+                assertEquals(spent, a.usage(ua, "ai_chat").used, "every use counted once")
+                assertEquals(0uL, a.usage(ua, "notes").used, "the voided use stopped counting")
+
+                // Before a flight: ask for more; the room not held by the other device is granted.
+                assertThrows(TallyException::class.java) { a.prepareOffline(ua, "ai_chat", 0uL) }
+                a.prepareOffline(ua, "ai_chat", 3uL)
+                a.sync(ua, options(sub))
+                val other = b.usage(ub, "ai_chat").deviceRemaining ?: 0uL
+                assertEquals(3uL - spent - other, a.usage(ua, "ai_chat").deviceRemaining)
+
+                // Signing out: every slice goes back in a final sync, and the other device can use it.
+                a.releaseLeases(ua, options(sub))
+                b.prepareOffline(ub, "ai_chat", 3uL)
+                b.sync(ub, options(sub))
+                assertEquals(3uL - spent, b.usage(ub, "ai_chat").deviceRemaining)
+            }
+        }
+    }
+
+    @Test
     fun `the changes Flow reports a sync`() = runBlocking {
         val sub = "kotlin-${UUID.randomUUID()}"
         device("tablet").use { t ->
