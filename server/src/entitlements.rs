@@ -134,38 +134,12 @@ pub fn device_token(
     {
         return Ok((c.token.clone(), until));
     }
-    let ttl = i64::try_from(state.config.token_ttl_secs).unwrap_or(86_400).max(1);
-    let active = i64::try_from(state.config.lease_active_secs).unwrap_or(259_200);
-    let iat = now.timestamp();
-    let exp = iat + ttl;
-    let lease_until = exp.saturating_add(active);
-    let claims = EntitlementClaims {
-        entitlements: ents.clone(),
-        sub: user.external_id.clone().unwrap_or_else(|| user.user_id.to_string()),
-        uid: user.user_id.to_string(),
-        iss: tally_core::token::TOKEN_ISSUER.into(),
-        aud: tally_core::token::TOKEN_AUDIENCE.into(),
-        iat,
-        exp,
-        did: Some(dev.device_id),
-        lease_ver: Some(dev.lease_ver),
-        lease_until: Some(lease_until),
-        leases: dev.leases,
-    };
-    let token = state.signer.sign(&claims).map_err(ApiError::internal)?;
-    let mut reuse_until = now + Duration::seconds(ttl / 2);
-    if let Some(u) = ents.granted_until {
-        reuse_until = reuse_until.min(u);
-    }
+    let lease_ver = dev.lease_ver;
+    let (token, reuse_until, lease_until) = sign(state, user, ents, now, Some(dev))?;
+    let lease_until = lease_until.unwrap_or_default();
     if let Ok(mut d) = state.tokens.d.lock() {
-        if d.len() >= MAX_CACHED_USERS {
-            d.retain(|_, (_, _, c)| c.reuse_until > now);
-            if d.len() >= MAX_CACHED_USERS {
-                d.clear();
-            }
-        }
         let cached = Cached { ver: ents.ver, credits: ents.credit_grants.clone(), token: token.clone(), reuse_until };
-        d.insert(key, (dev.lease_ver, lease_until, cached));
+        remember(&mut d, key, (lease_ver, lease_until, cached), now, |(_, _, c)| c.reuse_until);
     }
     let until = DateTime::from_timestamp(lease_until, 0).ok_or_else(|| ApiError::internal("lease_until out of range"))?;
     Ok((token, until))
@@ -188,8 +162,34 @@ pub fn token_fresh(state: &AppState, user: &User, ents: &Entitlements, now: Date
     {
         return Ok(c.token.clone());
     }
+    let (token, reuse_until, _) = sign(state, user, ents, now, None)?;
+    if let Ok(mut m) = state.tokens.m.lock() {
+        let cached = Cached { ver: ents.ver, credits: ents.credit_grants.clone(), token: token.clone(), reuse_until };
+        remember(&mut m, user.user_id, cached, now, |c| c.reuse_until);
+    }
+    Ok(token)
+}
+
+/// Signs the entitlements token of `user` — a device token when `dev` is given (`did`,
+/// `lease_ver`, `lease_until` = `exp` + `TALLY_LEASE_ACTIVE_SECS`, `leases`). Returns the token,
+/// until when a cache may hand it out again (half its life, never past a grant's end), and its
+/// `lease_until` (Unix s) for a device token.
+fn sign(
+    state: &AppState,
+    user: &User,
+    ents: &Entitlements,
+    now: DateTime<Utc>,
+    dev: Option<DeviceLeases>,
+) -> ApiResult<(String, DateTime<Utc>, Option<i64>)> {
     let ttl = i64::try_from(state.config.token_ttl_secs).unwrap_or(86_400).max(1);
+    let active = i64::try_from(state.config.lease_active_secs).unwrap_or(259_200);
     let iat = now.timestamp();
+    let exp = iat + ttl;
+    let lease_until = dev.as_ref().map(|_| exp.saturating_add(active));
+    let (did, lease_ver, leases) = match dev {
+        Some(d) => (Some(d.device_id), Some(d.lease_ver), d.leases),
+        None => (None, None, Vec::new()),
+    };
     let claims = EntitlementClaims {
         entitlements: ents.clone(),
         sub: user.external_id.clone().unwrap_or_else(|| user.user_id.to_string()),
@@ -197,27 +197,36 @@ pub fn token_fresh(state: &AppState, user: &User, ents: &Entitlements, now: Date
         iss: tally_core::token::TOKEN_ISSUER.into(),
         aud: tally_core::token::TOKEN_AUDIENCE.into(),
         iat,
-        exp: iat + ttl,
-        did: None,
-        lease_ver: None,
-        lease_until: None,
-        leases: Vec::new(),
+        exp,
+        did,
+        lease_ver,
+        lease_until,
+        leases,
     };
     let token = state.signer.sign(&claims).map_err(ApiError::internal)?;
     let mut reuse_until = now + Duration::seconds(ttl / 2);
     if let Some(u) = ents.granted_until {
         reuse_until = reuse_until.min(u);
     }
-    if let Ok(mut m) = state.tokens.m.lock() {
-        if m.len() >= MAX_CACHED_USERS {
-            m.retain(|_, c| c.reuse_until > now);
-            if m.len() >= MAX_CACHED_USERS {
-                m.clear();
-            }
+    Ok((token, reuse_until, lease_until))
+}
+
+/// Inserts `value` into a bounded in-memory cache: at [`MAX_CACHED_USERS`] entries the stale
+/// ones go first, then everything.
+fn remember<K: std::hash::Hash + Eq, V>(
+    map: &mut std::collections::HashMap<K, V>,
+    key: K,
+    value: V,
+    now: DateTime<Utc>,
+    fresh_until: impl Fn(&V) -> DateTime<Utc>,
+) {
+    if map.len() >= MAX_CACHED_USERS {
+        map.retain(|_, v| fresh_until(v) > now);
+        if map.len() >= MAX_CACHED_USERS {
+            map.clear();
         }
-        m.insert(user.user_id, Cached { ver: ents.ver, credits: ents.credit_grants.clone(), token: token.clone(), reuse_until });
     }
-    Ok(token)
+    map.insert(key, value);
 }
 
 /// Most users whose snapshot or token a server process keeps in memory.
