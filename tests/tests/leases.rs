@@ -18,7 +18,7 @@
 //! 3. **Liveness**: after every device synced twice with no new use, a device that asks for the
 //!    whole pool gets all the room no other device holds.
 //!
-//! Environment: `TALLY_LEASE_CASES` (default 4), `TALLY_LEASE_STEPS` (default 90),
+//! Environment: `TALLY_LEASE_CASES` (default 8), `TALLY_LEASE_STEPS` (default 150),
 //! `TALLY_LEASE_SEED` (replays a run; printed at start and on failure). Needs PostgreSQL:
 //! fails, never skips, under `CI=true` / `TALLY_REQUIRE_PG=1`.
 
@@ -591,8 +591,8 @@ fn env_u64(name: &str) -> Option<u64> {
 fn hard_limits_hold_across_offline_devices_backends_and_replicas() {
     let dir = tempfile::Builder::new().prefix("tally-leases-pg-").tempdir_in("/tmp").expect("tempdir");
     let Some(pg) = postgres(dir.path()) else { return };
-    let cases = env_u64("TALLY_LEASE_CASES").unwrap_or(4);
-    let steps = env_u64("TALLY_LEASE_STEPS").unwrap_or(90);
+    let cases = env_u64("TALLY_LEASE_CASES").unwrap_or(8);
+    let steps = env_u64("TALLY_LEASE_STEPS").unwrap_or(150);
     let seed = env_u64("TALLY_LEASE_SEED").unwrap_or_else(|| rand::rng().random());
     eprintln!("lease simulation: {cases} cases × {steps} steps, TALLY_LEASE_SEED={seed}");
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
