@@ -325,57 +325,65 @@ impl CuttingProxy {
 
 /// A `tally-server` replica running inside the test process: its own state (pool, caches,
 /// per-user turns) over a shared database, on a loopback port, with the time of a clock the
-/// test moves. [`Replica::crash`] drops it mid-flight (in-flight requests are cut, nothing is
-/// drained) and [`Replica::start_again`] brings it back on the same port.
+/// test moves, on a runtime of its own. [`Replica::crash`] drops that runtime at once, like
+/// `kill -9`: every request in flight stops where it is (its Postgres transaction rolls back
+/// with the dropped connection), nothing is drained; [`Replica::start_again`] brings the replica
+/// back on the same port with fresh state.
 pub struct Replica {
     /// Base URL.
     pub url: String,
     port: u16,
     config: tally_server::Config,
     clock: Arc<dyn tally_core::Clock>,
-    task: Option<tokio::task::JoinHandle<()>>,
+    rt: Option<tokio::runtime::Runtime>,
 }
 
 impl Replica {
     /// Starts a replica with `config` (database, data dir, plans…) and `clock`.
     pub async fn start(config: tally_server::Config, clock: Arc<dyn tally_core::Clock>) -> Replica {
         let port = free_port();
-        let mut r = Replica { url: format!("http://127.0.0.1:{port}"), port, config, clock, task: None };
+        let mut r = Replica { url: format!("http://127.0.0.1:{port}"), port, config, clock, rt: None };
         r.start_again().await;
         r
     }
 
-    /// Starts the replica (again) on its port.
+    /// Starts the replica (again) on its port; returns once it accepts connections.
     pub async fn start_again(&mut self) {
-        let state = tally_server::AppState::with_clock(self.config.clone(), self.clock.clone()).await.expect("replica state");
-        let app = tally_server::app(state);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let listener = loop {
-            match tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await {
-                Ok(l) => break l,
-                Err(e) => {
-                    assert!(Instant::now() < deadline, "cannot bind the replica's port again: {e}");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("replica runtime");
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let (config, clock, port) = (self.config.clone(), self.clock.clone(), self.port);
+        rt.spawn(async move {
+            let state = tally_server::AppState::with_clock(config.clone(), clock).await.expect("replica state");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let listener = loop {
+                match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+                    Ok(l) => break l,
+                    Err(e) => {
+                        assert!(Instant::now() < deadline, "cannot bind the replica's port again: {e}");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
                 }
-            }
-        };
-        let limits = tally_server::http::HttpLimits::from_config(&self.config);
-        self.task = Some(tokio::spawn(tally_server::http::serve(listener, app, limits, std::future::pending(), Duration::ZERO)));
+            };
+            let _ = ready_tx.send(());
+            let limits = tally_server::http::HttpLimits::from_config(&config);
+            tally_server::http::serve(listener, tally_server::app(state), limits, std::future::pending(), Duration::ZERO).await;
+        });
+        ready_rx.await.expect("the replica did not start");
+        self.rt = Some(rt);
     }
 
-    /// Drops the replica at once, like `kill -9`: connections are cut, nothing is drained.
+    /// Drops the replica at once, like `kill -9` (see the type's docs).
     pub async fn crash(&mut self) {
-        if let Some(t) = self.task.take() {
-            t.abort();
-            let _ = t.await;
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
         }
     }
 }
 
 impl Drop for Replica {
     fn drop(&mut self) {
-        if let Some(t) = self.task.take() {
-            t.abort();
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
         }
     }
 }

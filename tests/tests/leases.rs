@@ -122,6 +122,8 @@ struct World {
     reclaims: Vec<DateTime<Utc>>,
     backend_seq: u64,
     http: reqwest::Client,
+    /// What the schedule did (printed per case, so a run shows it exercised the paths).
+    stats: BTreeMap<&'static str, u64>,
 }
 
 fn now_of(w: &World) -> DateTime<Utc> {
@@ -189,6 +191,7 @@ impl World {
             reclaims: Vec::new(),
             backend_seq: 0,
             http,
+            stats: BTreeMap::new(),
         };
         let n = w.rng.random_range(2..=5);
         for _ in 0..n {
@@ -255,6 +258,14 @@ impl World {
         let key = format!("{}-{}", d.name, d.seq);
         let meta = UsageMeta { idempotency_key: Some(key.clone()), ..UsageMeta::default() };
         let decision = d.tally.consume(&d.user, feature, amount, meta).expect("consume");
+        *self
+            .stats
+            .entry(match decision.reason {
+                Reason::LeaseExhausted => "device lease_exhausted",
+                Reason::LimitReached => "device limit_reached",
+                _ => "device uses",
+            })
+            .or_default() += 1;
         if decision.allowed {
             d.recorded.push((event_id_for_key(&key).to_string(), feature.into(), amount));
             *self.truth.entry(feature.into()).or_default() += amount;
@@ -286,9 +297,12 @@ impl World {
             match status {
                 200 => {
                     *self.truth.entry(feature.into()).or_default() += amount;
+                    *self.stats.entry("backend uses").or_default() += 1;
                     return;
                 }
                 402 => {
+                    let held = v["decision"]["held_offline"].as_u64().is_some_and(|h| h > 0);
+                    *self.stats.entry(if held { "backend 402 held_offline" } else { "backend 402" }).or_default() += 1;
                     let code = v["error"]["code"].as_str().unwrap_or_default().to_string();
                     assert_eq!(code, "limit_reached", "{v}");
                     return;
@@ -309,6 +323,7 @@ impl World {
         match d.tally.sync(&d.user, opts).await {
             Ok(report) => {
                 assert!(report.rejected.is_empty(), "{} had uses refused: {:?}", d.name, report.rejected);
+                *self.stats.entry("syncs").or_default() += 1;
                 let t = now_of(self);
                 let d = &mut self.devices[i];
                 d.last_sync = Some(t);
@@ -392,10 +407,14 @@ impl World {
                 let tally = open_device(&d.path, &d.name, &self.keys, d.clock.clone());
                 d.tally = tally;
             }
-            90..=91 => self.wipe(i).await,
+            90..=91 => {
+                *self.stats.entry("wipes").or_default() += 1;
+                self.wipe(i).await
+            }
             92..=93 => {
                 let r = self.rng.random_range(0..self.replicas.len());
                 self.replicas[r].crash().await;
+                *self.stats.entry("replica crashes").or_default() += 1;
                 self.replicas[r].start_again().await;
             }
             _ => {
@@ -611,6 +630,7 @@ fn hard_limits_hold_across_offline_devices_backends_and_replicas() {
             for (_, _, _, c) in windows(&url, &w.sub).await {
                 causes_seen.extend(c);
             }
+            eprintln!("case {case}: {} devices at the end, {:?}", w.devices.len(), w.stats);
             let _ = std::fs::remove_dir_all(&w.dir);
         }
         eprintln!("lease simulation passed; causes seen: {causes_seen:?}");
