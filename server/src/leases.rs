@@ -48,6 +48,8 @@ pub struct Device {
     pub protocol: i32,
     /// The lease entries of its latest device token.
     pub leases: Vec<Lease>,
+    /// The highest `device_seq` it has sent.
+    pub high_seq: i64,
 }
 
 impl Device {
@@ -66,11 +68,13 @@ impl Device {
             removed_at: r.get(6),
             protocol: r.get(7),
             leases: serde_json::from_value(r.get::<_, Value>(8)).unwrap_or_default(),
+            high_seq: r.get(9),
         }
     }
 }
 
-const DEVICE_COLUMNS: &str = "device_id, lease_ver, lease_until, last_sync_at, first_seen_at, cloned, removed_at, protocol, leases";
+const DEVICE_COLUMNS: &str =
+    "device_id, lease_ver, lease_until, last_sync_at, first_seen_at, cloned, removed_at, protocol, leases, high_seq";
 
 /// Records a sync of `device_id` (created on its first sync) and returns the row as it was
 /// before this sync's lease changes.
@@ -99,13 +103,26 @@ pub async fn acknowledge(tx: &impl GenericClient, user_id: Uuid, dev: &Device, v
 /// event id of the same device already has (stored, or earlier in the batch). Returns whether
 /// the device is cloned now.
 pub async fn detect_clone(tx: &impl GenericClient, user_id: Uuid, dev: &Device, events: &[(Uuid, i64)]) -> ApiResult<bool> {
-    if dev.cloned || events.is_empty() {
+    if events.is_empty() {
         return Ok(dev.cloned);
+    }
+    let high = events.iter().map(|(_, s)| *s).max().unwrap_or(0);
+    if high > dev.high_seq {
+        tx.execute(
+            &tx.prepare_cached("UPDATE devices SET high_seq = greatest(high_seq, $3) WHERE user_id = $1 AND device_id = $2").await?,
+            &[&user_id, &dev.device_id, &high],
+        )
+        .await?;
+    }
+    if dev.cloned {
+        return Ok(true);
     }
     let mut seen: BTreeMap<i64, Uuid> = BTreeMap::new();
     let mut clash = events.iter().any(|(id, seq)| *seen.entry(*seq).or_insert(*id) != *id);
-    if !clash {
-        let (seqs, ids): (Vec<i64>, Vec<Uuid>) = events.iter().map(|(i, s)| (*s, *i)).unzip();
+    // Only numbers this device has sent before can clash with stored events.
+    let old: Vec<&(Uuid, i64)> = events.iter().filter(|(_, s)| *s <= dev.high_seq).collect();
+    if !clash && !old.is_empty() {
+        let (seqs, ids): (Vec<i64>, Vec<Uuid>) = old.iter().map(|(i, s)| (*s, *i)).unzip();
         clash = tx
             .query_one(
                 &tx.prepare_cached(
@@ -217,12 +234,54 @@ async fn set_recall(tx: &impl GenericClient, user_id: Uuid, key: &PoolKey, devic
     Ok(())
 }
 
-/// Adds (`sign` 1) or takes back (`sign` -1, a void) a leased use of `device` to its `consumed`
-/// in every pool the use counts in: the windows of `at` of the feature's counted periods
-/// (`cost` micros for a budget, else `amount`), and the credit balance (credits drawn) for a
-/// credits feature.
-#[allow(clippy::too_many_arguments)]
-pub async fn count_consumed(
+/// The pools a leased use of `feature` at `at` counts in, with its units there: the windows of
+/// `at` of the feature's counted periods (`cost` micros for a budget, else `amount`), and the
+/// credit balance (credits drawn) for a credits feature.
+fn consumed_in(ctx: &Ctx<'_>, feature: &str, at: DateTime<Utc>, amount: i64, cost: i64) -> Vec<((String, String, DateTime<Utc>), i64)> {
+    let budget = ctx.catalog.plans.iter().any(|p| matches!(p.features.get(feature), Some(Rule::Budget { .. })));
+    let mut pools = Vec::new();
+    for p in tracked_periods(ctx.catalog).get(feature).into_iter().flatten() {
+        let w = window(*p, at, ctx.tz, ctx.anchor);
+        pools.push(((feature.to_string(), p.as_str().to_string(), w.start), if budget { cost } else { amount }));
+    }
+    if let Some(c) = crate::credits::costs(&BTreeMap::new(), ctx.catalog).get(feature) {
+        pools.push(((CREDITS.into(), CREDITS_PERIOD.into(), credits_start()), c.saturating_mul(amount)));
+    }
+    pools
+}
+
+/// Adds leased uses `(feature, at, amount, cost)` of `device` to its `consumed`, one upsert per
+/// pool the batch touches (not one per use).
+pub async fn count_consumed_many(
+    tx: &impl GenericClient,
+    ctx: &Ctx<'_>,
+    device: &str,
+    uses: &[(String, DateTime<Utc>, i64, i64)],
+) -> ApiResult<()> {
+    let mut sums: BTreeMap<(String, String, DateTime<Utc>), i64> = BTreeMap::new();
+    for (feature, at, amount, cost) in uses {
+        for (key, units) in consumed_in(ctx, feature, *at, *amount, *cost) {
+            let e = sums.entry(key).or_default();
+            *e = e.saturating_add(units);
+        }
+    }
+    for ((f, p, start), units) in sums {
+        tx.execute(
+            &tx.prepare_cached(
+                "INSERT INTO pool_devices (user_id, feature, period, period_start, device_id, consumed) VALUES ($1, $2, $3, $4, $5, $6) \
+                 ON CONFLICT (user_id, feature, period, period_start, device_id) DO UPDATE SET consumed = pool_devices.consumed + excluded.consumed",
+            )
+            .await?,
+            &[&ctx.user_id, &f, &p, &start, &device, &units],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Takes a voided leased use of `device` back out of its `consumed` (its allowance gets the
+/// units back) in every pool the use counted in.
+pub async fn uncount_consumed(
     tx: &impl GenericClient,
     ctx: &Ctx<'_>,
     device: &str,
@@ -230,39 +289,17 @@ pub async fn count_consumed(
     at: DateTime<Utc>,
     amount: i64,
     cost: i64,
-    sign: i64,
 ) -> ApiResult<()> {
-    let budget = ctx.catalog.plans.iter().any(|p| matches!(p.features.get(feature), Some(Rule::Budget { .. })));
-    let mut pools: Vec<(String, String, DateTime<Utc>, i64)> = Vec::new();
-    for p in tracked_periods(ctx.catalog).get(feature).into_iter().flatten() {
-        let w = window(*p, at, ctx.tz, ctx.anchor);
-        pools.push((feature.to_string(), p.as_str().to_string(), w.start, if budget { cost } else { amount }));
-    }
-    if let Some(c) = crate::credits::costs(&BTreeMap::new(), ctx.catalog).get(feature) {
-        pools.push((CREDITS.into(), CREDITS_PERIOD.into(), credits_start(), c.saturating_mul(amount)));
-    }
-    for (f, p, start, units) in pools {
-        if sign > 0 {
-            tx.execute(
-                &tx.prepare_cached(
-                    "INSERT INTO pool_devices (user_id, feature, period, period_start, device_id, consumed) VALUES ($1, $2, $3, $4, $5, $6) \
-                     ON CONFLICT (user_id, feature, period, period_start, device_id) DO UPDATE SET consumed = pool_devices.consumed + excluded.consumed",
-                )
-                .await?,
-                &[&ctx.user_id, &f, &p, &start, &device, &units],
+    for ((f, p, start), units) in consumed_in(ctx, feature, at, amount, cost) {
+        tx.execute(
+            &tx.prepare_cached(
+                "UPDATE pool_devices SET consumed = greatest(0, consumed - $6) \
+                 WHERE user_id = $1 AND feature = $2 AND period = $3 AND period_start = $4 AND device_id = $5",
             )
-            .await?;
-        } else {
-            tx.execute(
-                &tx.prepare_cached(
-                    "UPDATE pool_devices SET consumed = greatest(0, consumed - $6) \
-                     WHERE user_id = $1 AND feature = $2 AND period = $3 AND period_start = $4 AND device_id = $5",
-                )
-                .await?,
-                &[&ctx.user_id, &f, &p, &start, &device, &units],
-            )
-            .await?;
-        }
+            .await?,
+            &[&ctx.user_id, &f, &p, &start, &device, &units],
+        )
+        .await?;
     }
     Ok(())
 }

@@ -778,7 +778,7 @@ pub async fn void(tx: &impl GenericClient, ctx: &Ctx<'_>, id: Uuid, reason: Opti
         && let Some(device) = r.get::<_, Option<String>>(6)
     {
         // A use counted in its device's lease gives the device its units back.
-        crate::leases::count_consumed(tx, ctx, &device, &feature, r.get(2), amount, cost, -1).await?;
+        crate::leases::uncount_consumed(tx, ctx, &device, &feature, r.get(2), amount, cost).await?;
     }
     Ok(Some(false))
 }

@@ -196,6 +196,8 @@ async fn run(
     // Where each use counts and why it may be over its limit.
     let features = &loaded.ents.features;
     let mut counted = std::collections::BTreeSet::new();
+    // Each pool a batch touches is reserved once, not once per event.
+    let mut materialized: Vec<crate::pools::PoolKey> = Vec::new();
     for e in &mut events {
         if !leased {
             e.cause = Some("protocol1");
@@ -224,8 +226,10 @@ async fn run(
         if in_lease
             && let Some(rule) = features.get(&e.feature)
             && let Some(key) = leased_key(&ctx, &e.feature, rule, e.occurred_at)
+            && !materialized.iter().any(|k| *k == key)
         {
             leases::materialize(&tx, user.user_id, &key).await?;
+            materialized.push(key);
         }
     }
     let mut out = ledger::ingest(&tx, &ctx, features, events, Some(&req.device_id), "sync", None).await?;
@@ -241,10 +245,9 @@ async fn run(
                 &[&user.user_id, &counted],
             )
             .await?;
-        for r in rows {
-            let feature: String = r.get(0);
-            leases::count_consumed(&tx, &ctx, &req.device_id, &feature, r.get(3), r.get(1), r.get(2), 1).await?;
-        }
+        let uses: Vec<(String, chrono::DateTime<chrono::Utc>, i64, i64)> =
+            rows.iter().map(|r| (r.get(0), r.get(3), r.get(1), r.get::<_, Option<i64>>(2).unwrap_or(0))).collect();
+        leases::count_consumed_many(&tx, &ctx, &req.device_id, &uses).await?;
     }
     // Voids apply after the batch's inserts (an event and its void may come together).
     for v in &voids {
