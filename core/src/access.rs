@@ -45,7 +45,8 @@ impl Tally {
     }
 
     fn resolve_access(&self, inner: &Inner, user_id: &str, now: DateTime<Utc>) -> Result<Access> {
-        type Row = (Option<String>, String, i64, bool, Option<String>, Option<String>, Option<crate::leases::LeaseState>);
+        type LeaseFigures = (Option<i64>, Option<i64>, Option<i64>);
+        type Row = (Option<String>, String, i64, bool, Option<String>, Option<String>, Option<LeaseFigures>);
         let row: Option<Row> = inner
             .conn
             .prepare_cached(
@@ -53,14 +54,13 @@ impl Tally {
                         leases_held, lease_ver, lease_until, lease_exp FROM users WHERE id = ?1",
             )?
             .query_row([user_id], |r| {
-                let lease = r.get::<_, bool>(6)?.then(|| -> rusqlite::Result<_> {
-                    Ok(crate::leases::LeaseState { ver: r.get(7)?, until_ms: r.get(8)?, exp_ms: r.get(9)? })
-                });
+                let lease = r.get::<_, bool>(6)?.then(|| -> rusqlite::Result<_> { Ok((r.get(7)?, r.get(8)?, r.get(9)?)) });
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, lease.transpose()?))
             })
             .optional()?;
         let (external_id, tz_name, created_at, is_admin, raw, token, lease) =
             row.ok_or_else(|| Error::NotFound(format!("user {user_id}")))?;
+        let lease = lease.map(|(ver, until, exp)| crate::leases::load_state(&inner.conn, user_id, ver, until, exp)).transpose()?;
         let catalog = self.catalog();
         let mut valid_until = now + Duration::seconds(60);
         let mut ent = None;

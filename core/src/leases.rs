@@ -23,10 +23,12 @@ use crate::{Tally, from_ms, ms, write_tx};
 use chrono::{DateTime, Duration, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
-/// The lease state of a user's stored device token (once they held one).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The lease state of a user's stored device token (once they held one), with its entries
+/// and this device's own releases read once with the user's access (every write to them drops
+/// the cached access), so that a decision reads no lease row.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct LeaseState {
     /// `lease_ver` of the stored token.
     pub(crate) ver: Option<i64>,
@@ -34,6 +36,47 @@ pub(crate) struct LeaseState {
     pub(crate) until_ms: Option<i64>,
     /// The token's `exp` (ms).
     pub(crate) exp_ms: Option<i64>,
+    /// Entries by (feature, window start ms; `None` for credits).
+    entries: HashMap<(String, Option<i64>), Entry>,
+    /// This device's cumulative releases by (feature, window start).
+    released: HashMap<(String, Option<i64>), u64>,
+    /// The share of the latest entry of each feature.
+    shares: HashMap<String, Share>,
+}
+
+/// Reads the lease state of `user` (its entries and releases) given the token's figures.
+pub(crate) fn load_state(
+    conn: &Connection,
+    user: &str,
+    ver: Option<i64>,
+    until_ms: Option<i64>,
+    exp_ms: Option<i64>,
+) -> Result<LeaseState> {
+    let mut st = LeaseState { ver, until_ms, exp_ms, ..LeaseState::default() };
+    let mut q = conn.prepare_cached(
+        "SELECT feature, period_start, allowance, released, consumed, expires_at, share FROM leases WHERE user_id = ?1 ORDER BY period_start",
+    )?;
+    let rows = q.query_map([user], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, Option<i64>>(1)?,
+            Entry { allowance: to_u64(r.get(2)?), released: to_u64(r.get(3)?), consumed: to_u64(r.get(4)?), expires_at: r.get(5)? },
+            r.get::<_, i64>(6)?,
+        ))
+    })?;
+    for row in rows {
+        let (feature, start, e, share) = row?;
+        // Ordered by window start: the last one of a feature is its latest.
+        st.shares.insert(feature.clone(), Share::from_millionths(u32::try_from(share).unwrap_or(0)));
+        st.entries.entry((feature, start)).or_insert(e);
+    }
+    let mut q = conn.prepare_cached("SELECT feature, period_start, units FROM lease_releases WHERE user_id = ?1")?;
+    let rows = q.query_map([user], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<i64>>(1)?, to_u64(r.get(2)?))))?;
+    for row in rows {
+        let (feature, start, units) = row?;
+        st.released.insert((feature, start), units);
+    }
+    Ok(st)
 }
 
 impl LeaseState {
@@ -96,7 +139,7 @@ pub(crate) fn hard_pool(rule: &Rule, feature: &str, a: &Access, now: DateTime<Ut
 }
 
 /// One stored entry.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Entry {
     allowance: u64,
     released: u64,
@@ -124,15 +167,6 @@ fn entry(conn: &Connection, user: &str, feature: &str, start: Option<i64>) -> Re
         .optional()?)
 }
 
-/// The share of the latest stored entry of `feature` (for a window entered offline).
-fn latest_share(conn: &Connection, user: &str, feature: &str) -> Result<Option<Share>> {
-    Ok(conn
-        .prepare_cached("SELECT share FROM leases WHERE user_id = ?1 AND feature = ?2 ORDER BY period_start DESC LIMIT 1")?
-        .query_row(params![user, feature], |r| r.get::<_, i64>(0))
-        .optional()?
-        .map(|m| Share::from_millionths(u32::try_from(m).unwrap_or(0))))
-}
-
 /// This device's cumulative release of one window.
 fn local_released(conn: &Connection, user: &str, feature: &str, start: Option<i64>) -> Result<u64> {
     Ok(conn
@@ -154,33 +188,26 @@ fn raise_released(conn: &Connection, user: &str, feature: &str, start: Option<i6
     Ok(())
 }
 
-/// Effective allowance and units in the window of `pool`, from storage (`pending` leased units
-/// given by the caller).
-fn pool_state(
-    conn: &Connection,
-    user: &str,
-    pool: &Pool,
-    limit: u64,
-    pending: i64,
-    active: bool,
-    now: DateTime<Utc>,
-) -> Result<(u64, u64)> {
+/// Effective allowance and units in the window of `pool`, from the user's lease state
+/// (`pending` leased units given by the caller).
+fn pool_state(ls: &LeaseState, pool: &Pool, limit: u64, pending: i64, active: bool, now: DateTime<Utc>) -> (u64, u64) {
     let with = |consumed: u64| u64::try_from((i128::from(consumed) + i128::from(pending)).max(0)).unwrap_or(u64::MAX);
     let pending = with(0);
     if !active {
-        return Ok((0, pending));
+        return (0, pending);
     }
-    let local = local_released(conn, user, &pool.feature, pool.start)?;
-    Ok(match entry(conn, user, &pool.feature, pool.start)? {
+    let key = (pool.feature.clone(), pool.start);
+    let local = ls.released.get(&key).copied().unwrap_or(0);
+    match ls.entries.get(&key) {
         Some(e) if e.expires_at.is_some_and(|x| x <= ms(now)) => (0, with(e.consumed)),
         Some(e) => (effective_allowance(e.allowance, e.released, local), with(e.consumed)),
         // A window entered offline: this device's share of the limit it resolves to now.
-        None if pool.start.is_some() => match latest_share(conn, user, &pool.feature)? {
-            Some(share) => (effective_allowance(offline_allowance(0, limit, share), 0, local), pending),
+        None if pool.start.is_some() => match ls.shares.get(&pool.feature) {
+            Some(share) => (effective_allowance(offline_allowance(0, limit, *share), 0, local), pending),
             None => (0, pending),
         },
         None => (0, pending),
-    })
+    }
 }
 
 impl Tally {
@@ -200,7 +227,7 @@ impl Tally {
         let Some(ls) = &a.lease else { return Ok(None) };
         let Some((pool, limit)) = hard_pool(rule, feature, a, now) else { return Ok(None) };
         let pending = batch.read(conn, user, &pool.feature, &pool.period, pool.counter_start())?.leased;
-        let (allowance, units) = pool_state(conn, user, &pool, limit, pending, ls.active(now, self.config.token_grace), now)?;
+        let (allowance, units) = pool_state(ls, &pool, limit, pending, ls.active(now, self.config.token_grace), now);
         Ok(Some(LeaseView { ver: ls.ver, pool, allowance, units }))
     }
 
@@ -210,7 +237,7 @@ impl Tally {
         let mut g = self.lock();
         let now = self.observe_now(&mut g);
         let a = self.access(&mut g, user_id, now)?;
-        let Some(ls) = a.lease else { return Ok(Vec::new()) };
+        let Some(ls) = a.lease.clone() else { return Ok(Vec::new()) };
         let active = ls.active(now, self.config.token_grace);
         type Row = (String, String, Option<i64>, i64, i64);
         let rows: Vec<Row> = g
@@ -224,7 +251,7 @@ impl Tally {
         for (feature, period, start, share, expires) in rows {
             let pool = Pool { feature: feature.clone(), period: period.clone(), start };
             let pending = read_counter(&g.conn, user_id, &feature, &period, pool.counter_start())?.leased;
-            let (allowance, used) = pool_state(&g.conn, user_id, &pool, 0, pending, active, now)?;
+            let (allowance, used) = pool_state(&ls, &pool, 0, pending, active, now);
             out.push(LeaseStatus {
                 feature,
                 period,

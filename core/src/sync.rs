@@ -177,6 +177,8 @@ impl Tally {
             let mut g = self.lock();
             crate::users::get_user(&g.conn, user_id)?;
             write_tx(&mut g.conn, |tx| crate::leases::release_all(tx, user_id))?;
+            // Decisions read the releases with the cached access: drop it.
+            Tally::forget_access(&mut g, user_id);
         }
         self.sync_rounds(user_id, options, true).await
     }

@@ -306,6 +306,22 @@ async fn release_leases_gives_back_everything_unused_with_a_final_sync() {
 }
 
 #[tokio::test]
+async fn units_released_before_an_unreachable_final_sync_are_never_spent() {
+    let (e, u) = env();
+    let s = server();
+    sync_with(&e, &u, &s, token("dev-test", 1, vec![chat(4, 0)]), json!({})).await;
+    assert!(one(&e, &u, "ai_chat").allowed, "the lease holds 4");
+    // The release is written before it is sent: even when the server cannot be reached, the
+    // device no longer decides against what it gave back (decisions read a cached view).
+    let mut unreachable = s.fake.options();
+    unreachable.server_url = "http://127.0.0.1:9".into();
+    unreachable.retry.max_attempts = 1;
+    assert!(e.tally.release_leases(&u, unreachable).await.is_err());
+    let d = one(&e, &u, "ai_chat");
+    assert_eq!((d.allowed, d.reason, d.device_remaining), (false, tally_core::Reason::LeaseExhausted, Some(0)));
+}
+
+#[tokio::test]
 async fn void_takes_a_use_out_of_its_window_and_gives_the_lease_back() {
     let (e, u) = env();
     let s = server();
