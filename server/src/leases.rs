@@ -126,8 +126,10 @@ pub async fn detect_clone(tx: &impl GenericClient, user_id: Uuid, dev: &Device, 
         clash = tx
             .query_one(
                 &tx.prepare_cached(
-                    "SELECT EXISTS (SELECT 1 FROM events e JOIN unnest($3::int8[], $4::uuid[]) AS t(seq, id) \
-                     ON e.device_seq = t.seq AND e.id <> t.id WHERE e.user_id = $1 AND e.device_id = $2)",
+                    // A re-sent id is found by its key and needs no look-up of its number.
+                    "SELECT EXISTS (SELECT 1 FROM unnest($3::int8[], $4::uuid[]) AS t(seq, id) \
+                     WHERE NOT EXISTS (SELECT 1 FROM events k WHERE k.user_id = $1 AND k.id = t.id) \
+                       AND EXISTS (SELECT 1 FROM events e WHERE e.user_id = $1 AND e.device_id = $2 AND e.device_seq = t.seq))",
                 )
                 .await?,
                 &[&user_id, &dev.device_id, &seqs, &ids],
@@ -234,10 +236,13 @@ async fn set_recall(tx: &impl GenericClient, user_id: Uuid, key: &PoolKey, devic
     Ok(())
 }
 
+/// A `pool_devices` pool: (feature, period, window start).
+type PoolRow = (String, String, DateTime<Utc>);
+
 /// The pools a leased use of `feature` at `at` counts in, with its units there: the windows of
 /// `at` of the feature's counted periods (`cost` micros for a budget, else `amount`), and the
 /// credit balance (credits drawn) for a credits feature.
-fn consumed_in(ctx: &Ctx<'_>, feature: &str, at: DateTime<Utc>, amount: i64, cost: i64) -> Vec<((String, String, DateTime<Utc>), i64)> {
+fn consumed_in(ctx: &Ctx<'_>, feature: &str, at: DateTime<Utc>, amount: i64, cost: i64) -> Vec<(PoolRow, i64)> {
     let budget = ctx.catalog.plans.iter().any(|p| matches!(p.features.get(feature), Some(Rule::Budget { .. })));
     let mut pools = Vec::new();
     for p in tracked_periods(ctx.catalog).get(feature).into_iter().flatten() {
@@ -258,7 +263,7 @@ pub async fn count_consumed_many(
     device: &str,
     uses: &[(String, DateTime<Utc>, i64, i64)],
 ) -> ApiResult<()> {
-    let mut sums: BTreeMap<(String, String, DateTime<Utc>), i64> = BTreeMap::new();
+    let mut sums: BTreeMap<PoolRow, i64> = BTreeMap::new();
     for (feature, at, amount, cost) in uses {
         for (key, units) in consumed_in(ctx, feature, *at, *amount, *cost) {
             let e = sums.entry(key).or_default();

@@ -226,7 +226,7 @@ async fn run(
         if in_lease
             && let Some(rule) = features.get(&e.feature)
             && let Some(key) = leased_key(&ctx, &e.feature, rule, e.occurred_at)
-            && !materialized.iter().any(|k| *k == key)
+            && !materialized.contains(&key)
         {
             leases::materialize(&tx, user.user_id, &key).await?;
             materialized.push(key);
