@@ -179,11 +179,28 @@ impl Batch {
     /// Writes what the batch added.
     fn flush(self, conn: &Connection, user: &str) -> Result<()> {
         for ((feature, period, start), r) in self.rows {
-            if r.add_amount > 0 || r.add_cost > 0 {
-                add_counter(conn, user, &feature, &period, start, r.add_amount as i64, r.add_cost as i64)?;
-            }
-            if r.add_leased > 0 {
-                add_leased(conn, user, &feature, &period, start, r.add_leased as i64)?;
+            match (r.add_amount > 0 || r.add_cost > 0, r.add_leased > 0) {
+                // A leased use: its counter and its leased units in one upsert of the one row.
+                (true, true) => {
+                    conn.prepare_cached(
+                        "INSERT INTO counters (user_id, feature, period, period_start, pending, pending_cost, pending_leased)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                         ON CONFLICT (user_id, feature, period, period_start) DO UPDATE SET pending = pending + excluded.pending,
+                           pending_cost = pending_cost + excluded.pending_cost, pending_leased = pending_leased + excluded.pending_leased",
+                    )?
+                    .execute(params![
+                        user,
+                        feature,
+                        period,
+                        start,
+                        r.add_amount as i64,
+                        r.add_cost as i64,
+                        r.add_leased as i64
+                    ])?;
+                }
+                (true, false) => add_counter(conn, user, &feature, &period, start, r.add_amount as i64, r.add_cost as i64)?,
+                (false, true) => add_leased(conn, user, &feature, &period, start, r.add_leased as i64)?,
+                (false, false) => {}
             }
         }
         Ok(())
