@@ -238,8 +238,8 @@ async fn run(
         let rows = tx
             .query(
                 &tx.prepare_cached(
-                    "UPDATE events SET lease_counted = true WHERE user_id = $1 AND id = ANY($2) \
-                     RETURNING feature, amount, cost_micros, effective_at",
+                    // Inserted with lease_counted set: read back what they count, no second write.
+                    "SELECT feature, amount, cost_micros, effective_at FROM events WHERE user_id = $1 AND id = ANY($2)",
                 )
                 .await?,
                 &[&user.user_id, &counted],
