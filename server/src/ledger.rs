@@ -220,6 +220,24 @@ struct Inc {
     end: Option<DateTime<Utc>>,
     used: i64,
     cost: i64,
+    /// The hard limit of the window's rule in effect now (`None`: not a hard rule's window).
+    lim: Option<i64>,
+}
+
+/// The limit of `rule` when it is a hard rule counted in `period` windows (units, or micros
+/// for a budget).
+fn hard_limit(rule: &Rule, period: Period) -> Option<i64> {
+    if !crate::pools::is_hard(rule) || rule.period() != Some(period) {
+        return None;
+    }
+    rule.limit().map(|l| i64::try_from(l).unwrap_or(i64::MAX))
+}
+
+/// Sets each increment's `lim` from the rules in effect now.
+fn with_limits(features: &BTreeMap<String, Rule>, acc: &mut BTreeMap<CounterKey, Inc>) {
+    for ((f, p, _), inc) in acc.iter_mut() {
+        inc.lim = features.get(f).and_then(|r| hard_limit(r, *p));
+    }
 }
 
 fn add_increments(
@@ -242,12 +260,15 @@ fn add_increments(
     }
 }
 
-async fn upsert_counters(tx: &impl GenericClient, user_id: Uuid, acc: BTreeMap<CounterKey, Inc>) -> ApiResult<()> {
+/// Adds `acc` to the user's counter rows. A hard window's `lim` is set when its row is created
+/// and raised while the window is open at `now` (never after it ended).
+async fn upsert_counters(tx: &impl GenericClient, user_id: Uuid, now: DateTime<Utc>, acc: BTreeMap<CounterKey, Inc>) -> ApiResult<()> {
     if acc.is_empty() {
         return Ok(());
     }
     let n = acc.len();
-    let (mut f, mut p, mut s, mut e, mut u, mut c) = (
+    let (mut f, mut p, mut s, mut e, mut u, mut c, mut l) = (
+        Vec::with_capacity(n),
         Vec::with_capacity(n),
         Vec::with_capacity(n),
         Vec::with_capacity(n),
@@ -262,16 +283,19 @@ async fn upsert_counters(tx: &impl GenericClient, user_id: Uuid, acc: BTreeMap<C
         e.push(inc.end);
         u.push(inc.used);
         c.push(inc.cost);
+        l.push(inc.lim);
     }
     tx.execute(
         &tx.prepare_cached(
-            "INSERT INTO counters (user_id, feature, period, period_start, period_end, used, cost_micros) \
-         SELECT $1, * FROM unnest($2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[], $6::int8[], $7::int8[]) \
+            "INSERT INTO counters (user_id, feature, period, period_start, period_end, used, cost_micros, lim) \
+         SELECT $1, * FROM unnest($2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[], $6::int8[], $7::int8[], $8::int8[]) \
          ON CONFLICT (user_id, feature, period, period_start) DO UPDATE \
-         SET used = counters.used + excluded.used, cost_micros = counters.cost_micros + excluded.cost_micros",
+         SET used = counters.used + excluded.used, cost_micros = counters.cost_micros + excluded.cost_micros, \
+             lim = CASE WHEN excluded.period_end IS NULL OR excluded.period_end > $9 THEN GREATEST(counters.lim, excluded.lim) \
+                        ELSE COALESCE(counters.lim, excluded.lim) END",
         )
         .await?,
-        &[&user_id, &f, &p, &s, &e, &u, &c],
+        &[&user_id, &f, &p, &s, &e, &u, &c, &l, &now],
     )
     .await?;
     Ok(())
@@ -312,7 +336,7 @@ pub async fn ensure_counters(tx: &impl GenericClient, ctx: &Ctx<'_>) -> ApiResul
             }
         }
     }
-    upsert_counters(tx, ctx.user_id, acc).await?;
+    upsert_counters(tx, ctx.user_id, ctx.now, acc).await?;
     for ((f, p, start), set) in causes {
         let list: Vec<String> = set.into_iter().collect();
         tx.execute(
@@ -352,6 +376,8 @@ struct Stored {
     used: i64,
     cost: i64,
     causes: Vec<String>,
+    /// The limit the window is judged by once ended (see [`upsert_counters`]).
+    lim: Option<i64>,
 }
 
 /// The stored counter rows, read with the user row locked.
@@ -368,7 +394,7 @@ async fn read_counters(tx: &impl GenericClient, user_id: Uuid, keys: &BTreeSet<C
     let rows = tx
         .query(
             &tx.prepare_cached(
-                "SELECT c.feature, c.period, c.period_start, c.used, c.cost_micros, c.causes FROM counters c \
+                "SELECT c.feature, c.period, c.period_start, c.used, c.cost_micros, c.causes, c.lim FROM counters c \
              JOIN unnest($2::text[], $3::text[], $4::timestamptz[]) AS w(feature, period, period_start) \
                ON c.feature = w.feature AND c.period = w.period AND c.period_start = w.period_start \
              WHERE c.user_id = $1",
@@ -383,7 +409,7 @@ async fn read_counters(tx: &impl GenericClient, user_id: Uuid, keys: &BTreeSet<C
     for r in rows {
         let period: String = r.get(1);
         if let Ok(p) = period.parse::<Period>() {
-            into.insert((r.get(0), p, r.get(2)), Stored { used: r.get(3), cost: r.get(4), causes: r.get(5) });
+            into.insert((r.get(0), p, r.get(2)), Stored { used: r.get(3), cost: r.get(4), causes: r.get(5), lim: r.get(6) });
         }
     }
     Ok(())
@@ -565,7 +591,8 @@ pub async fn ingest(
         v.used += inc.used;
         v.cost += inc.cost;
     }
-    upsert_counters(tx, ctx.user_id, acc).await?;
+    with_limits(features, &mut acc);
+    upsert_counters(tx, ctx.user_id, ctx.now, acc).await?;
     mark_overage(tx, ctx, features, &unique, &out.accepted, &mut after, over_cause).await?;
     out.totals = wanted
         .into_iter()
@@ -661,9 +688,15 @@ async fn mark_overage(
         if !crate::pools::is_hard(rule) {
             continue;
         }
-        let key = (e.feature.clone(), period, window(period, *eff, ctx.tz, ctx.anchor).start);
+        let w = window(period, *eff, ctx.tz, ctx.anchor);
+        let key = (e.feature.clone(), period, w.start);
         let Some(s) = after.get_mut(&key) else { continue };
         let used = if matches!(rule, Rule::Budget { .. }) { s.cost } else { s.used };
+        // An ended window is judged by the limit it ran under, not by today's plan.
+        let limit = match s.lim {
+            Some(l) if w.end.is_some_and(|end| end <= ctx.now) => u64::try_from(l).unwrap_or(0),
+            _ => limit,
+        };
         if u64::try_from(used).unwrap_or(0) <= limit {
             continue;
         }
@@ -775,7 +808,7 @@ pub async fn void(tx: &impl GenericClient, ctx: &Ctx<'_>, id: Uuid, reason: Opti
     .await?;
     let mut acc = BTreeMap::new();
     add_increments(ctx, &tracked_periods(ctx.catalog), &mut acc, &feature, r.get(2), -amount, -cost);
-    upsert_counters(tx, ctx.user_id, acc).await?;
+    upsert_counters(tx, ctx.user_id, ctx.now, acc).await?;
     if r.get::<_, bool>(5)
         && let Some(device) = r.get::<_, Option<String>>(6)
     {

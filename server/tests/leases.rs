@@ -550,3 +550,36 @@ async fn leased_credit_uses_count_in_the_devices_credits_and_holds_and_checks_se
     let r = l.sync2(&t, "phone", json!({"lease_ver": c2.lease_ver})).await;
     assert_eq!((recall_of(&r, "$credits"), recall_of(&r, "gen")), (json!(12), json!(1)), "{r}");
 }
+
+#[tokio::test]
+async fn an_ended_window_is_judged_by_the_limit_it_ran_under_not_a_later_plan() {
+    const PLANS: &str = r#"{"plans": [
+      {"id": "free", "features": {"img": {"type": "metered", "limit": 8, "period": "hour", "enforcement": "hard"}}},
+      {"id": "pro",  "features": {"img": {"type": "metered", "limit": 16, "period": "hour", "enforcement": "hard"}}}]}"#;
+    let l = app_or_skip!(lapp_with("2027-03-10T12:30:00Z", |c| std::fs::write(c.plans_file.as_ref().unwrap(), PLANS).unwrap()).await);
+    let t = token("late");
+    let in_window = at("2027-03-10T12:10:00Z");
+    // Two devices that never held a lease: one syncs 5 uses while the window is open (limit 8).
+    let evs: Vec<Value> = (1..=5).map(|s| ev("img", 1, in_window, None, s)).collect();
+    l.sync2(&t, "a", json!({"events": evs})).await;
+    // The account upgrades after the window ended; the other device's 6 uses of it arrive then.
+    l.clock.set(at("2027-03-10T14:00:00Z"));
+    let admin = token("root-admin");
+    let (s, v) = l.a.call("POST", "/v1/admin/grants", Some(&admin), Some(json!({"subject": "late", "plan": "pro", "reason": "x"}))).await;
+    assert!(s.is_success(), "{v}");
+    let evs: Vec<Value> = (1..=6).map(|s| ev("img", 1, in_window, None, s)).collect();
+    l.sync2(&t, "b", json!({"events": evs})).await;
+    // 11 of the 8 the window ran under: the overage has its cause, though 11 ≤ pro's 16.
+    let rows = l
+        .rows(
+            "SELECT used::text, lim::text, array_to_string(causes, ',') FROM counters \
+             WHERE feature = 'img' AND period_start = '2027-03-10T12:00:00Z'",
+        )
+        .await;
+    assert_eq!(rows, vec!["11|8|before_lease".to_string()]);
+    // A window the server first hears of after it ended keeps the limit in effect then.
+    let evs: Vec<Value> = (7..=9).map(|s| ev("img", 1, at("2027-03-10T10:10:00Z"), None, s)).collect();
+    l.sync2(&t, "b", json!({"events": evs})).await;
+    let rows = l.rows("SELECT used::text, lim::text FROM counters WHERE feature = 'img' AND period_start = '2027-03-10T10:00:00Z'").await;
+    assert_eq!(rows, vec!["3|16".to_string()]);
+}

@@ -501,6 +501,57 @@ async fn windows(pg_url: &str, sub: &str) -> Vec<(String, DateTime<Utc>, i64, Ve
         .collect()
 }
 
+/// When the server received the first use of a window.
+async fn first_heard(pg_url: &str, sub: &str, feature: &str, start: DateTime<Utc>, end: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    let (client, conn) = tokio_postgres::connect(pg_url, tokio_postgres::NoTls).await.expect("connect");
+    tokio::spawn(conn);
+    client
+        .query_one(
+            "SELECT min(e.received_at) FROM events e JOIN users u ON u.user_id = e.user_id \
+             WHERE u.external_id = $1 AND e.feature = $2 AND e.effective_at >= $3 AND e.effective_at < $4",
+            &[&sub, &feature, &start, &end],
+        )
+        .await
+        .expect("first use")
+        .get(0)
+}
+
+/// The uses and device slices of one window, printed when its check fails.
+async fn window_trail(pg_url: &str, sub: &str, feature: &str, start: DateTime<Utc>, end: DateTime<Utc>) -> String {
+    let (client, conn) = tokio_postgres::connect(pg_url, tokio_postgres::NoTls).await.expect("connect");
+    tokio::spawn(conn);
+    let mut out = String::from("uses (occurred_at, effective_at, received_at, device, seq, lease_ver, amount, cause, voided):\n");
+    let rows = client
+        .query(
+            "SELECT e.occurred_at, e.effective_at, e.received_at, e.device_id, e.device_seq, e.lease_ver, e.amount, e.cause, \
+             e.voided_at IS NOT NULL FROM events e JOIN users u ON u.user_id = e.user_id \
+             WHERE u.external_id = $1 AND e.feature = $2 AND e.effective_at >= $3 AND e.effective_at < $4 ORDER BY e.received_at",
+            &[&sub, &feature, &start, &end],
+        )
+        .await
+        .expect("events");
+    for r in rows {
+        let (o, e, rc): (DateTime<Utc>, DateTime<Utc>, DateTime<Utc>) = (r.get(0), r.get(1), r.get(2));
+        let (dev, seq, ver): (Option<String>, Option<i64>, Option<i64>) = (r.get(3), r.get(4), r.get(5));
+        let (amount, cause, voided): (i64, Option<String>, bool) = (r.get(6), r.get(7), r.get(8));
+        out += &format!("  {o} {e} {rc} {dev:?} {seq:?} {ver:?} {amount} {cause:?} {voided}\n");
+    }
+    out += "slices (device, allowance, released, consumed, recall):\n";
+    let rows = client
+        .query(
+            "SELECT p.device_id, p.allowance, p.released, p.consumed, p.recall FROM pool_devices p JOIN users u ON u.user_id = p.user_id \
+             WHERE u.external_id = $1 AND p.feature = $2 AND p.period_start = $3",
+            &[&sub, &feature, &start],
+        )
+        .await
+        .expect("slices");
+    for r in rows {
+        let (dev, a, rel, c, rc): (String, i64, i64, i64, i64) = (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+        out += &format!("  {dev} {a} {rel} {c} {rc}\n");
+    }
+    out
+}
+
 /// Checks safety, exactly-once and liveness for the world after its schedule.
 async fn check(w: &mut World, pg_url: &str) -> Result<(), String> {
     w.drain().await;
@@ -508,13 +559,19 @@ async fn check(w: &mut World, pg_url: &str) -> Result<(), String> {
     for (feature, start, used, causes) in windows(pg_url, &w.sub).await {
         let secs = HARD.iter().find(|(f, _)| *f == feature).map_or(86_400, |(_, s)| *s);
         let end = start + Duration::seconds(secs);
-        let lim = w.limit_during(&feature, start, end);
+        // A window the server first heard of after it ended is judged by the limit in effect
+        // when it did (it cannot know an earlier plan's).
+        let lim = match first_heard(pg_url, &w.sub, &feature, start, end).await {
+            Some(at) if at >= end => w.limit_during(&feature, start, end).max(limit(w.plan_at(at), &feature)),
+            _ => w.limit_during(&feature, start, end),
+        };
         let used = u64::try_from(used).unwrap_or(0);
         if used <= lim {
             continue;
         }
         if causes.is_empty() {
-            return Err(format!("{feature} window {start}: used {used} > limit {lim} with no cause"));
+            let trail = window_trail(pg_url, &w.sub, &feature, start, end).await;
+            return Err(format!("{feature} window {start}: used {used} > limit {lim} with no cause\n{trail}"));
         }
         for c in &causes {
             let explained = match c.as_str() {
