@@ -585,6 +585,7 @@ pub async fn ingest(
     out.touched = touched;
     // Duplicates may name windows not read yet (their stored effective time).
     read_counters(tx, ctx.user_id, &wanted.keys().cloned().collect(), &mut stored).await?;
+    let before: HashMap<CounterKey, (i64, i64)> = stored.iter().map(|(k, v)| (k.clone(), (v.used, v.cost))).collect();
     let mut after = stored;
     for (key, inc) in &acc {
         let v = after.entry(key.clone()).or_default();
@@ -593,7 +594,7 @@ pub async fn ingest(
     }
     with_limits(features, &mut acc);
     upsert_counters(tx, ctx.user_id, ctx.now, acc).await?;
-    mark_overage(tx, ctx, features, &unique, &out.accepted, &mut after, over_cause).await?;
+    mark_overage(tx, ctx, features, &unique, &out.accepted, &before, &mut after, over_cause).await?;
     out.totals = wanted
         .into_iter()
         .filter_map(|((f, p, start), end)| {
@@ -667,15 +668,23 @@ async fn insert_events(
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
+/// The cause of a leased use inside its device's slice that leaves its window over the limit:
+/// the slice was granted under a higher limit.
+pub const CAUSE_DOWNGRADE: &str = "downgrade";
+
 /// Stores its cause (the event's own, else `batch_cause`) on every accepted event whose hard
 /// rule's window is over its limit after the batch, and adds it (sorted, once) to that window's
-/// causes.
+/// causes. A leased use inside its slice (`unclamped`, cause [`CAUSE_DOWNGRADE`]) in a window
+/// that was over before the batch adds none: its room was granted before other causes put the
+/// window over, and those causes are already named.
+#[allow(clippy::too_many_arguments)]
 async fn mark_overage(
     tx: &impl GenericClient,
     ctx: &Ctx<'_>,
     features: &BTreeMap<String, Rule>,
     events: &[(DateTime<Utc>, i64, NewEvent)],
     accepted: &[Uuid],
+    before: &HashMap<CounterKey, (i64, i64)>,
     after: &mut Counters,
     batch_cause: Option<&str>,
 ) -> ApiResult<()> {
@@ -699,6 +708,13 @@ async fn mark_overage(
         };
         if u64::try_from(used).unwrap_or(0) <= limit {
             continue;
+        }
+        if e.unclamped && cause == CAUSE_DOWNGRADE {
+            let (u, c) = before.get(&key).copied().unwrap_or_default();
+            let used_before = if matches!(rule, Rule::Budget { .. }) { c } else { u };
+            if u64::try_from(used_before).unwrap_or(0) > limit {
+                continue;
+            }
         }
         over_ids.entry(cause).or_default().push(e.id);
         if !s.causes.iter().any(|c| c == cause) {

@@ -221,7 +221,7 @@ async fn run(
         } else if dev.removed_at.is_some() || until <= now || !in_lease {
             "reclaimed"
         } else {
-            "downgrade"
+            ledger::CAUSE_DOWNGRADE
         });
         if in_lease
             && let Some(rule) = features.get(&e.feature)

@@ -520,7 +520,8 @@ async fn first_heard(pg_url: &str, sub: &str, feature: &str, start: DateTime<Utc
 async fn window_trail(pg_url: &str, sub: &str, feature: &str, start: DateTime<Utc>, end: DateTime<Utc>) -> String {
     let (client, conn) = tokio_postgres::connect(pg_url, tokio_postgres::NoTls).await.expect("connect");
     tokio::spawn(conn);
-    let mut out = String::from("uses (occurred_at, effective_at, received_at, device, seq, lease_ver, amount, cause, voided):\n");
+    let mut out =
+        format!("window [{start}, {end}); uses (occurred_at, effective_at, received_at, device, seq, lease_ver, amount, cause, voided):\n");
     let rows = client
         .query(
             "SELECT e.occurred_at, e.effective_at, e.received_at, e.device_id, e.device_seq, e.lease_ver, e.amount, e.cause, \
@@ -535,6 +536,18 @@ async fn window_trail(pg_url: &str, sub: &str, feature: &str, start: DateTime<Ut
         let (dev, seq, ver): (Option<String>, Option<i64>, Option<i64>) = (r.get(3), r.get(4), r.get(5));
         let (amount, cause, voided): (i64, Option<String>, bool) = (r.get(6), r.get(7), r.get(8));
         out += &format!("  {o} {e} {rc} {dev:?} {seq:?} {ver:?} {amount} {cause:?} {voided}\n");
+    }
+    let rows = client
+        .query(
+            "SELECT min(e.effective_at), max(e.effective_at), sum(e.amount)::bigint, count(*) FROM events e \
+             JOIN users u ON u.user_id = e.user_id WHERE u.external_id = $1 AND e.feature = $2",
+            &[&sub, &feature],
+        )
+        .await
+        .expect("events");
+    for r in rows {
+        let (lo, hi, sum, n): (Option<DateTime<Utc>>, Option<DateTime<Utc>>, Option<i64>, i64) = (r.get(0), r.get(1), r.get(2), r.get(3));
+        out += &format!("all uses of {feature}: {n}, amount {sum:?}, effective {lo:?} .. {hi:?}\n");
     }
     out += "slices (device, allowance, released, consumed, recall):\n";
     let rows = client
@@ -581,8 +594,9 @@ async fn check(w: &mut World, pg_url: &str) -> Result<(), String> {
                 _ => false,
             };
             if !explained {
+                let trail = window_trail(pg_url, &w.sub, &feature, start, end).await;
                 return Err(format!(
-                    "{feature} window {start}: used {used} > limit {lim} with cause {c:?}, which nothing in the schedule explains"
+                    "{feature} window {start}: used {used} > limit {lim} with cause {c:?}, which nothing in the schedule explains\n{trail}"
                 ));
             }
         }
