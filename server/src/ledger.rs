@@ -585,7 +585,6 @@ pub async fn ingest(
     out.touched = touched;
     // Duplicates may name windows not read yet (their stored effective time).
     read_counters(tx, ctx.user_id, &wanted.keys().cloned().collect(), &mut stored).await?;
-    let before: HashMap<CounterKey, (i64, i64)> = stored.iter().map(|(k, v)| (k.clone(), (v.used, v.cost))).collect();
     let mut after = stored;
     for (key, inc) in &acc {
         let v = after.entry(key.clone()).or_default();
@@ -594,7 +593,7 @@ pub async fn ingest(
     }
     with_limits(features, &mut acc);
     upsert_counters(tx, ctx.user_id, ctx.now, acc).await?;
-    mark_overage(tx, ctx, features, &unique, &out.accepted, &before, &mut after, over_cause).await?;
+    mark_overage(tx, ctx, features, &unique, &out.accepted, &mut after, over_cause).await?;
     out.totals = wanted
         .into_iter()
         .filter_map(|((f, p, start), end)| {
@@ -674,22 +673,25 @@ pub const CAUSE_DOWNGRADE: &str = "downgrade";
 
 /// Stores its cause (the event's own, else `batch_cause`) on every accepted event whose hard
 /// rule's window is over its limit after the batch, and adds it (sorted, once) to that window's
-/// causes. A leased use inside its slice (`unclamped`, cause [`CAUSE_DOWNGRADE`]) in a window
-/// that was over before the batch adds none: its room was granted before other causes put the
-/// window over, and those causes are already named.
-#[allow(clippy::too_many_arguments)]
+/// causes.
+///
+/// A use not decided under a lease also counts as over when it lands in room already promised
+/// to devices' slices or open holds (`used + held + outstanding > limit`): the leased uses that
+/// later fill those slices are within what the server granted, and the overage they reveal is
+/// this use's. So a leased use inside its slice (`unclamped`, cause [`CAUSE_DOWNGRADE`]) names
+/// its cause only in a window no other cause explains yet.
 async fn mark_overage(
     tx: &impl GenericClient,
     ctx: &Ctx<'_>,
     features: &BTreeMap<String, Rule>,
     events: &[(DateTime<Utc>, i64, NewEvent)],
     accepted: &[Uuid],
-    before: &HashMap<CounterKey, (i64, i64)>,
     after: &mut Counters,
     batch_cause: Option<&str>,
 ) -> ApiResult<()> {
     let accepted: BTreeSet<Uuid> = accepted.iter().copied().collect();
     let mut over_ids: BTreeMap<&str, Vec<Uuid>> = BTreeMap::new();
+    let mut promised: HashMap<CounterKey, i64> = HashMap::new();
     for (eff, _, e) in events.iter().filter(|(_, _, e)| accepted.contains(&e.id)) {
         let Some(cause) = e.cause.or(batch_cause) else { continue };
         let Some(rule) = features.get(&e.feature) else { continue };
@@ -697,25 +699,35 @@ async fn mark_overage(
         if !crate::pools::is_hard(rule) {
             continue;
         }
+        let budget = matches!(rule, Rule::Budget { .. });
         let w = window(period, *eff, ctx.tz, ctx.anchor);
         let key = (e.feature.clone(), period, w.start);
-        let Some(s) = after.get_mut(&key) else { continue };
-        let used = if matches!(rule, Rule::Budget { .. }) { s.cost } else { s.used };
+        let Some(s) = after.get(&key) else { continue };
+        let used = u64::try_from(if budget { s.cost } else { s.used }).unwrap_or(0);
         // An ended window is judged by the limit it ran under, not by today's plan.
         let limit = match s.lim {
             Some(l) if w.end.is_some_and(|end| end <= ctx.now) => u64::try_from(l).unwrap_or(0),
             _ => limit,
         };
-        if u64::try_from(used).unwrap_or(0) <= limit {
+        let over = if e.unclamped {
+            used > limit && (cause != CAUSE_DOWNGRADE || s.causes.is_empty())
+        } else if used > limit {
+            true
+        } else {
+            let p = match promised.get(&key) {
+                Some(p) => *p,
+                None => {
+                    let p = promised_room(tx, ctx, &key).await?;
+                    promised.insert(key.clone(), p);
+                    p
+                }
+            };
+            used.saturating_add(u64::try_from(p).unwrap_or(0)) > limit
+        };
+        if !over {
             continue;
         }
-        if e.unclamped && cause == CAUSE_DOWNGRADE {
-            let (u, c) = before.get(&key).copied().unwrap_or_default();
-            let used_before = if matches!(rule, Rule::Budget { .. }) { c } else { u };
-            if u64::try_from(used_before).unwrap_or(0) > limit {
-                continue;
-            }
-        }
+        let Some(s) = after.get_mut(&key) else { continue };
         over_ids.entry(cause).or_default().push(e.id);
         if !s.causes.iter().any(|c| c == cause) {
             s.causes.push(cause.to_string());
@@ -738,6 +750,26 @@ async fn mark_overage(
         .await?;
     }
     Ok(())
+}
+
+/// Room of a window promised but not yet used: open holds plus what devices with a live lease
+/// may still record in their slices (units, or micros for a budget).
+async fn promised_room(tx: &impl GenericClient, ctx: &Ctx<'_>, key: &CounterKey) -> ApiResult<i64> {
+    let row = tx
+        .query_one(
+            &tx.prepare_cached(
+                "SELECT coalesce((SELECT c.held FROM counters c WHERE c.user_id = $1 AND c.feature = $2 AND c.period = $3 \
+                   AND c.period_start = $4), 0)::int8 + \
+                 (SELECT coalesce(sum(greatest(0, d.allowance - d.consumed)), 0)::int8 FROM pool_devices d \
+                   WHERE d.user_id = $1 AND d.feature = $2 AND d.period = $3 AND d.period_start = $4 \
+                   AND EXISTS (SELECT 1 FROM devices v WHERE v.user_id = d.user_id AND v.device_id = d.device_id \
+                     AND v.removed_at IS NULL AND v.lease_until > $5))",
+            )
+            .await?,
+            &[&ctx.user_id, &key.0, &key.1.as_str(), &key.2, &ctx.now],
+        )
+        .await?;
+    Ok(row.get(0))
 }
 
 /// The counted rule of `feature`'s window containing `at`.

@@ -22,7 +22,7 @@
 //! `TALLY_LEASE_SEED` (replays a run; printed at start and on failure). Needs PostgreSQL:
 //! fails, never skips, under `CI=true` / `TALLY_REQUIRE_PG=1`.
 
-use chrono::{DateTime, Duration, DurationRound, Utc};
+use chrono::{DateTime, Duration, Utc};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
@@ -152,7 +152,10 @@ impl World {
         let dir = tempfile::Builder::new().prefix("tally-leases-").tempdir_in("/tmp").expect("tempdir").keep();
         let db = pg.create_database(&format!("leases_{case}_{seed}")).await.expect("database");
         std::fs::write(dir.join("plans.json"), SIM_PLANS).expect("plans");
-        let start = Utc::now().duration_trunc(Duration::hours(1)).expect("hour") + Duration::minutes(rng.random_range(0..60));
+        // The start comes from the seed alone, so a printed seed replays the same schedule.
+        let start = DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z").expect("epoch").with_timezone(&Utc)
+            + Duration::hours(rng.random_range(0..24 * 365))
+            + Duration::minutes(rng.random_range(0..60));
         let clock = Arc::new(ManualClock::new(start));
         let mut config = tally_server::Config::for_database(&db);
         config.jwt_secret = Some(JWT_SECRET.into());
