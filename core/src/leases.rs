@@ -36,10 +36,11 @@ pub(crate) struct LeaseState {
     pub(crate) until_ms: Option<i64>,
     /// The token's `exp` (ms).
     pub(crate) exp_ms: Option<i64>,
-    /// Entries by (feature, window start ms; `None` for credits).
-    entries: HashMap<(String, Option<i64>), Entry>,
-    /// This device's cumulative releases by (feature, window start).
-    released: HashMap<(String, Option<i64>), u64>,
+    /// Entries by feature, then window start ms (`None` for credits): found by `&str`, so a
+    /// decision allocates no key.
+    entries: HashMap<String, HashMap<Option<i64>, Entry>>,
+    /// This device's cumulative releases by feature, then window start.
+    released: HashMap<String, HashMap<Option<i64>, u64>>,
     /// The share of the latest entry of each feature.
     shares: HashMap<String, Share>,
 }
@@ -68,13 +69,13 @@ pub(crate) fn load_state(
         let (feature, start, e, share) = row?;
         // Ordered by window start: the last one of a feature is its latest.
         st.shares.insert(feature.clone(), Share::from_millionths(u32::try_from(share).unwrap_or(0)));
-        st.entries.entry((feature, start)).or_insert(e);
+        st.entries.entry(feature).or_default().entry(start).or_insert(e);
     }
     let mut q = conn.prepare_cached("SELECT feature, period_start, units FROM lease_releases WHERE user_id = ?1")?;
     let rows = q.query_map([user], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<i64>>(1)?, to_u64(r.get(2)?))))?;
     for row in rows {
         let (feature, start, units) = row?;
-        st.released.insert((feature, start), units);
+        st.released.entry(feature).or_default().insert(start, units);
     }
     Ok(st)
 }
@@ -196,9 +197,8 @@ fn pool_state(ls: &LeaseState, pool: &Pool, limit: u64, pending: i64, active: bo
     if !active {
         return (0, pending);
     }
-    let key = (pool.feature.clone(), pool.start);
-    let local = ls.released.get(&key).copied().unwrap_or(0);
-    match ls.entries.get(&key) {
+    let local = ls.released.get(pool.feature.as_str()).and_then(|m| m.get(&pool.start)).copied().unwrap_or(0);
+    match ls.entries.get(pool.feature.as_str()).and_then(|m| m.get(&pool.start)) {
         Some(e) if e.expires_at.is_some_and(|x| x <= ms(now)) => (0, with(e.consumed)),
         Some(e) => (effective_allowance(e.allowance, e.released, local), with(e.consumed)),
         // A window entered offline: this device's share of the limit it resolves to now.
@@ -212,7 +212,9 @@ fn pool_state(ls: &LeaseState, pool: &Pool, limit: u64, pending: i64, active: bo
 
 impl Tally {
     /// The lease a decision of `feature` under `rule` must fit, when the user held a device
-    /// token and the rule is a hard pool; `None` otherwise (round-1 decisions).
+    /// token and the rule is a hard pool; `None` otherwise (round-1 decisions). `counter`: the
+    /// window start and leased units of the rule's counter row when the caller has read it
+    /// already (a windowed rule's pool is that row), so the window is not computed twice.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn lease_view(
         &self,
@@ -223,10 +225,25 @@ impl Tally {
         feature: &str,
         rule: &Rule,
         now: DateTime<Utc>,
+        counter: Option<(i64, i64)>,
     ) -> Result<Option<LeaseView>> {
         let Some(ls) = &a.lease else { return Ok(None) };
-        let Some((pool, limit)) = hard_pool(rule, feature, a, now) else { return Ok(None) };
-        let pending = batch.read(conn, user, &pool.feature, &pool.period, pool.counter_start())?.leased;
+        let known = match (rule, counter) {
+            (
+                Rule::Metered { limit: Some(limit), period, enforcement: Enforcement::Hard, .. }
+                | Rule::Budget { limit_micros: limit, period, enforcement: Enforcement::Hard, .. },
+                Some((start, leased)),
+            ) => Some((Pool { feature: feature.to_string(), period: period.as_str().to_string(), start: Some(start) }, *limit, leased)),
+            _ => None,
+        };
+        let (pool, limit, pending) = match known {
+            Some(k) => k,
+            None => {
+                let Some((pool, limit)) = hard_pool(rule, feature, a, now) else { return Ok(None) };
+                let pending = batch.read(conn, user, &pool.feature, &pool.period, pool.counter_start())?.leased;
+                (pool, limit, pending)
+            }
+        };
         let (allowance, units) = pool_state(ls, &pool, limit, pending, ls.active(now, self.config.token_grace), now);
         Ok(Some(LeaseView { ver: ls.ver, pool, allowance, units }))
     }

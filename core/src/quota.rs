@@ -128,9 +128,11 @@ fn read_causes(conn: &Connection, user: &str, feature: &str, period: &str, start
 
 /// The counter rows a batch reads and changes: each row is read once and written once, so a
 /// `consume_many` of N uses of one feature costs one counter read and one upsert, not N of each.
+/// A batch touches a handful of rows (one per feature and window), so they are kept in a list
+/// found by comparing borrowed keys: a hit allocates nothing.
 #[derive(Default)]
 pub(crate) struct Batch {
-    rows: std::collections::HashMap<(String, String, i64), CounterRow>,
+    rows: Vec<((String, String, i64), CounterRow)>,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -142,16 +144,30 @@ struct CounterRow {
 }
 
 impl Batch {
+    fn find(&self, feature: &str, period: &str, start: i64) -> Option<usize> {
+        self.rows.iter().position(|((f, p, s), _)| *s == start && f == feature && p == period)
+    }
+
     fn row(&mut self, conn: &Connection, user: &str, feature: &str, period: &str, start: i64) -> Result<CounterRow> {
-        let key = (feature.to_string(), period.to_string(), start);
-        Ok(match self.rows.get(&key) {
-            Some(r) => *r,
+        Ok(match self.find(feature, period, start) {
+            Some(i) => self.rows[i].1,
             None => {
                 let r = CounterRow { seen: read_counter(conn, user, feature, period, start)?, ..CounterRow::default() };
-                self.rows.insert(key, r);
+                self.rows.push(((feature.to_string(), period.to_string(), start), r));
                 r
             }
         })
+    }
+
+    fn entry(&mut self, feature: &str, period: &str, start: i64) -> &mut CounterRow {
+        let i = match self.find(feature, period, start) {
+            Some(i) => i,
+            None => {
+                self.rows.push(((feature.to_string(), period.to_string(), start), CounterRow::default()));
+                self.rows.len() - 1
+            }
+        };
+        &mut self.rows[i].1
     }
 
     /// The [`Seen`] of a row, including what this batch added.
@@ -165,15 +181,13 @@ impl Batch {
     }
 
     fn add(&mut self, feature: &str, period: &str, start: i64, amount: u64, cost: u64) {
-        let key = (feature.to_string(), period.to_string(), start);
-        let r = self.rows.entry(key).or_default();
+        let r = self.entry(feature, period, start);
         r.add_amount += amount;
         r.add_cost += cost;
     }
 
     fn add_leased(&mut self, feature: &str, period: &str, start: i64, units: u64) {
-        let r = self.rows.entry((feature.to_string(), period.to_string(), start)).or_default();
-        r.add_leased += units;
+        self.entry(feature, period, start).add_leased += units;
     }
 
     /// Writes what the batch added.
@@ -346,13 +360,14 @@ impl Tally {
                 let seen = batch.read(conn, user, u.feature, &pkey, start)?;
                 state.used = if matches!(rule, Rule::Budget { .. }) { seen.micros } else { seen.units };
                 state.resets_at = w.end;
-                counter = Some((pkey, start, seen.units, seen.micros));
+                counter = Some((pkey, start, seen.units, seen.micros, seen.leased));
             }
             Rule::Flag { .. } => {}
         }
         let (mut d, effect) = decide_rule(rule, u.amount, priced, state, reason, record)?;
+        let pool_counter = counter.as_ref().map(|(_, start, _, _, leased)| (*start, *leased));
         let mut effect = match (effect, counter) {
-            (Some(RuleEffect::Count { amount, cost }), Some((period, start, units, micros))) => {
+            (Some(RuleEffect::Count { amount, cost }), Some((period, start, units, micros, _))) => {
                 if record {
                     // The row keeps both columns: each must stay in range.
                     crate::contract::checked_sum(u.feature, units, amount)?;
@@ -366,7 +381,7 @@ impl Tally {
         };
         // Protocol 2: a hard pool also needs room in this device's lease.
         let mut lease_use = None;
-        if let Some(view) = self.lease_view(conn, batch, a, user, u.feature, rule, now)? {
+        if let Some(view) = self.lease_view(conn, batch, a, user, u.feature, rule, now, pool_counter)? {
             let measured = match (&effect, rule) {
                 (Some(Effect::Count { cost, .. }), Rule::Budget { .. }) => Some(*cost),
                 (Some(Effect::Count { amount, .. }), _) => Some(*amount),
@@ -536,7 +551,7 @@ impl Tally {
             device_allowance: None,
             device_remaining: None,
         };
-        if let Some(view) = self.lease_view(&g.conn, &mut Batch::default(), &a, user_id, feature, &rule, now)? {
+        if let Some(view) = self.lease_view(&g.conn, &mut Batch::default(), &a, user_id, feature, &rule, now, None)? {
             usage.device_allowance = Some(view.allowance);
             usage.device_remaining = Some(view.allowance.saturating_sub(view.units));
         }
