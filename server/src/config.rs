@@ -191,3 +191,77 @@ pub fn apply_config_file(args: &[String]) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Variables read outside [`Config`]: by `main` (logging) and the CLI (the TOML file).
+const OTHER_VARIABLES: [(&str, &str, &str); 3] = [
+    ("TALLY_CONFIG", "", "A TOML file of settings (keys: the variable names in lower case without `TALLY_`)."),
+    ("TALLY_LOG", "info", "Log filter, in `tracing-subscriber`'s `EnvFilter` syntax (`tally_server=debug,info`)."),
+    ("TALLY_LOG_FORMAT", "", "`json` for one JSON object per log line; anything else: human-readable lines."),
+];
+
+/// The configuration reference in Markdown (`docs/configuration.md` holds it; a test keeps the
+/// two equal): every variable, its flag, its default and what it does, from the flags' own help.
+pub fn reference_markdown() -> String {
+    use clap::{Args, Command};
+    let cmd = Config::augment_args(Command::new("serve"));
+    let mut out = String::from(
+        "# Configuration\n\n\
+         Every setting of `tally-server serve` is a `TALLY_*` environment variable, a command-line flag\n\
+         (the variable's name in lower case, without `TALLY_`, dashes for underscores) or a key of the\n\
+         TOML file named by `--config FILE` / `TALLY_CONFIG` (the variable's name in lower case without\n\
+         `TALLY_`: `database_url = \"postgres://…\"`). A flag beats the environment, which beats the file.\n\
+         This page is generated from the server's own flag definitions (`tally-server serve --help`\n\
+         prints the same), so it cannot drift from the code.\n\n\
+         | variable | flag | default | what it does |\n|---|---|---|---|\n",
+    );
+    let cell = |s: &str| s.replace('|', "\\|").replace('\n', " ");
+    for a in cmd.get_arguments() {
+        let Some(env) = a.get_env() else { continue };
+        let flag = a.get_long().map(|l| format!("`--{l}`")).unwrap_or_default();
+        let default: Vec<String> = a.get_default_values().iter().map(|v| v.to_string_lossy().into_owned()).collect();
+        let default = if default.is_empty() { String::new() } else { format!("`{}`", default.join(",")) };
+        let help = a.get_long_help().or(a.get_help()).map(|h| h.to_string()).unwrap_or_default();
+        out += &format!("| `{}` | {flag} | {default} | {} |\n", env.to_string_lossy(), cell(&help));
+    }
+    for (name, default, help) in OTHER_VARIABLES {
+        let default = if default.is_empty() { String::new() } else { format!("`{default}`") };
+        out += &format!("| `{name}` | | {default} | {help} |\n");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    /// `docs/configuration.md` is the generated reference; `TALLY_UPDATE_DOCS=1` rewrites it.
+    #[test]
+    fn the_configuration_reference_is_current_and_names_every_variable() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/configuration.md");
+        let want = super::reference_markdown();
+        if std::env::var("TALLY_UPDATE_DOCS").is_ok_and(|v| v == "1") {
+            std::fs::write(&path, &want).expect("write docs/configuration.md");
+        }
+        let have = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(have == want, "docs/configuration.md is stale: run `TALLY_UPDATE_DOCS=1 cargo test -p tally-server --lib configuration`");
+        // Every variable the server's code reads is on the page.
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut missing = Vec::new();
+        let mut stack = vec![src];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).expect("read src") {
+                let p = entry.expect("entry").path();
+                if p.is_dir() {
+                    stack.push(p);
+                    continue;
+                }
+                let text = std::fs::read_to_string(&p).unwrap_or_default();
+                for (i, _) in text.match_indices("\"TALLY_") {
+                    let name: String = text[i + 1..].chars().take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_').collect();
+                    if name != "TALLY_UPDATE_DOCS" && !want.contains(&format!("`{name}`")) && !missing.contains(&name) {
+                        missing.push(name);
+                    }
+                }
+            }
+        }
+        assert!(missing.is_empty(), "variables read by the server but missing from docs/configuration.md: {missing:?}");
+    }
+}
