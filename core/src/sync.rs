@@ -297,6 +297,9 @@ impl Tally {
     /// contract (written by an older version) — is quarantined here, never sent, so that no
     /// stored value can make a sync fail.
     fn outbox(&self, user_id: &str, bounds: &Bounds, report: &mut SyncReport) -> Result<Outbox> {
+        // The lease part of the request (`want`, `release`, `lease_ver`) rides in every round:
+        // its size counts in the envelope, so a round never exceeds the byte bound.
+        let lease = self.lease_request(user_id)?;
         let mut g = self.lock();
         let user = crate::users::get_user(&g.conn, user_id)?;
         let external_id =
@@ -312,9 +315,9 @@ impl Tally {
             settings_changes: Vec::new(),
             profile: None,
             force_entitlements: true,
-            want: Vec::new(),
-            release: Vec::new(),
-            lease_ver: None,
+            want: lease.want,
+            release: lease.release,
+            lease_ver: lease.lease_ver,
             final_sync: false,
         };
         let envelope = serde_json::to_vec(&envelope)?.len() + 16;

@@ -255,7 +255,8 @@ mod tests {
                 }
                 let text = std::fs::read_to_string(&p).unwrap_or_default();
                 for (i, _) in text.match_indices("\"TALLY_") {
-                    let name: String = text[i + 1..].chars().take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_').collect();
+                    let name: String =
+                        text[i + 1..].chars().take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_').collect();
                     if name != "TALLY_UPDATE_DOCS" && !want.contains(&format!("`{name}`")) && !missing.contains(&name) {
                         missing.push(name);
                     }
