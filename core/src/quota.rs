@@ -571,6 +571,10 @@ impl Tally {
                 let balance = credit_balance_at(&g.conn, user_id, now)?;
                 usage.remaining = Some(balance.max(0) as u64);
                 usage.over_limit_by = if balance < 0 { balance.unsigned_abs() } else { 0 };
+                if usage.over_limit_by > 0 {
+                    // The server's causes of the credit pool's overage (its `$credits` total).
+                    usage.over_limit_causes = read_causes(&g.conn, user_id, crate::lease::CREDITS, crate::lease::CREDITS_PERIOD, 0)?;
+                }
                 return Ok(usage);
             }
             None => {}

@@ -139,6 +139,58 @@ pub async fn current(
     Ok(replay(&grants, &uses, now))
 }
 
+/// The credit pool as a total of a protocol-2 sync answer (`feature: "$credits"`, period
+/// `lifetime`): `limit` is what the unexpired grants gave, `used` what was drawn from them
+/// (debt included), so `over_limit_by` is the debt, with the causes of the pool's overage
+/// (`refund`: credits taken back while devices held them). `None` when no rule draws credits.
+pub async fn pool_total(
+    tx: &impl GenericClient,
+    user_id: Uuid,
+    ents: &tally_core::Entitlements,
+    catalog: &Catalog,
+    (since, anchor): (DateTime<Utc>, DateTime<Utc>),
+    now: DateTime<Utc>,
+) -> ApiResult<Option<tally_core::wire::Total>> {
+    use crate::pools::{CREDITS, CREDITS_PERIOD, credits_start};
+    if !ents.features.values().any(|r| matches!(r, Rule::Credits { .. })) {
+        return Ok(None);
+    }
+    let row = tx
+        .query_one(
+            &tx.prepare_cached(
+                "SELECT coalesce((SELECT sum(amount) FROM credit_grants WHERE user_id = $1 AND revoked_at IS NULL \
+                   AND (expires_at IS NULL OR expires_at > $2)), 0)::int8, \
+                 coalesce((SELECT causes FROM counters WHERE user_id = $1 AND feature = $3 AND period = $4 AND period_start = $5), '{}')",
+            )
+            .await?,
+            &[&user_id, &now, &CREDITS, &CREDITS_PERIOD, &credits_start()],
+        )
+        .await?;
+    let stored: i64 = row.get(0);
+    let causes: Vec<String> = row.get(1);
+    let included: i64 = plan_grants(ents, catalog, since, anchor, now)
+        .iter()
+        .filter(|g| g.expires_at.is_none_or(|e| e > now))
+        .map(|g| g.amount)
+        .fold(0i64, i64::saturating_add);
+    let granted = u64::try_from(stored.saturating_add(included)).unwrap_or(0);
+    let balance = ents.credit_balance;
+    let remaining = u64::try_from(balance.max(0)).unwrap_or(0);
+    let debt = balance.min(0).unsigned_abs();
+    let used = granted.saturating_sub(remaining).saturating_add(debt);
+    Ok(Some(tally_core::wire::Total {
+        feature: CREDITS.into(),
+        period: tally_core::Period::Lifetime,
+        period_start: credits_start(),
+        period_end: None,
+        used,
+        limit: Some(granted),
+        remaining: Some(remaining),
+        over_limit_by: debt,
+        over_limit_causes: if debt > 0 { causes } else { Vec::new() },
+    }))
+}
+
 /// The credits the user's plan includes each billing window (`included_credits`), as grants —
 /// except for subscribers, whose paid invoices grant them. Rolled-over credits count from
 /// `since` (the user's creation).

@@ -583,3 +583,33 @@ async fn an_ended_window_is_judged_by_the_limit_it_ran_under_not_a_later_plan() 
     let rows = l.rows("SELECT used::text, lim::text FROM counters WHERE feature = 'img' AND period_start = '2027-03-10T10:00:00Z'").await;
     assert_eq!(rows, vec!["3|16".to_string()]);
 }
+
+#[tokio::test]
+async fn the_credit_pool_is_a_total_whose_debt_names_the_refund() {
+    let l = app_or_skip!(lapp("2027-03-10T12:00:00Z").await);
+    let t = token("indebted");
+    let admin = token("root-admin");
+    let (s, v) =
+        l.a.call("POST", "/v1/admin/grants", Some(&admin), Some(json!({"subject": "indebted", "credits": 40, "reason": "gift"}))).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let r = l.sync2(&t, "phone", json!({})).await;
+    let c = l.claims("indebted", &r).await;
+    assert_eq!(lease(&c, "$credits").allowance, 70, "half of 100 included + 40 granted");
+    let pool = total(&r, "$credits", "1970-01-01T00:00:00Z");
+    assert_eq!((pool["limit"].clone(), pool["used"].clone(), pool["remaining"].clone()), (json!(140), json!(0), json!(140)), "{pool}");
+    // A backend spends the room the phone does not hold; the gift is then taken back.
+    let (s, v, _) = l.consume(&t, "images", 70).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v) = l.a.call("POST", "/v1/admin/grants/revoke", Some(&admin), Some(json!({"subject": "indebted", "credits": true}))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // The phone spends its whole lease offline: 40 credits that no longer exist.
+    let evs: Vec<Value> = (1..=70).map(|s| ev("images", 1, at("2027-03-10T11:00:00Z"), c.lease_ver, s)).collect();
+    let r = l.sync2(&t, "phone", json!({"events": evs})).await;
+    let pool = total(&r, "$credits", "1970-01-01T00:00:00Z");
+    assert_eq!(pool["over_limit_by"], json!(40), "{pool}");
+    assert_eq!(pool["over_limit_causes"], json!(["refund"]), "{pool}");
+    assert_eq!((pool["limit"].clone(), pool["used"].clone(), pool["remaining"].clone()), (json!(100), json!(140), json!(0)), "{pool}");
+    // Protocol 1 answers no credit pool total.
+    let (_, r) = l.a.call("POST", "/v1/sync", Some(&t), Some(json!({"protocol": 1, "device_id": "old"}))).await;
+    assert!(r["totals"].as_array().unwrap().iter().all(|t| t["feature"] != "$credits"), "{r}");
+}

@@ -829,3 +829,32 @@ fn two_offline_devices_and_a_backend_never_spend_more_than_one_balance() {
         let _ = std::fs::remove_dir_all(&w.dir);
     });
 }
+
+#[test]
+fn credits_revoked_while_a_device_held_them_show_as_debt_caused_by_the_refund() {
+    let dir = tempfile::Builder::new().prefix("tally-leases-pg-").tempdir_in("/tmp").expect("tempdir");
+    let Some(pg) = postgres(dir.path()) else { return };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let mut w = World::new(13, &pg, 97).await;
+        w.devices.truncate(1);
+        let (s, v) = w.admin("/v1/admin/grants", json!({"subject": w.sub, "credits": 30, "reason": "pack"})).await;
+        assert!(s < 300, "credit grant: {s} {v}");
+        assert!(w.sync(0).await);
+        let d = &w.devices[0];
+        assert_eq!(d.tally.usage(&d.user, "gen").expect("usage").device_remaining, Some(30), "one device holds the whole balance");
+        let (s, v) = w.admin("/v1/admin/grants/revoke", json!({"subject": w.sub, "credits": true})).await;
+        assert!(s < 300, "revoke: {s} {v}");
+        // Offline, the device spends the credits its lease still holds.
+        let d = &w.devices[0];
+        for n in 0..30 {
+            assert!(d.tally.consume(&d.user, "gen", 1, UsageMeta::default()).expect("consume").allowed, "use {n}");
+        }
+        assert!(w.sync(0).await);
+        let d = &w.devices[0];
+        let u = d.tally.usage(&d.user, "gen").expect("usage");
+        assert_eq!((u.remaining, u.over_limit_by), (Some(0), 30), "{u:?}");
+        assert_eq!(u.over_limit_causes, vec!["refund".to_string()], "{u:?}");
+        let _ = std::fs::remove_dir_all(&w.dir);
+    });
+}
