@@ -111,6 +111,11 @@ pub struct Config {
     /// Base URL of Stripe's API (tests point it at a local fake).
     #[arg(long, env = "TALLY_STRIPE_API_BASE", default_value = "https://api.stripe.com")]
     pub stripe_api_base: String,
+    /// Comma-separated web origins allowed to call the API from a browser
+    /// (`https://app.example.com`), or `*` for any; none by default. Credentials (cookies) are
+    /// never allowed: the API reads bearer tokens only.
+    #[arg(long, env = "TALLY_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
 }
 
 impl Config {
@@ -150,6 +155,7 @@ impl Config {
             stripe_api_version: Some(crate::billing::DEFAULT_API_VERSION.into()),
             stripe_prices: None,
             stripe_api_base: "https://api.stripe.com".into(),
+            cors_origins: Vec::new(),
         }
     }
 }

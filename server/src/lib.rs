@@ -13,6 +13,7 @@ pub mod cli;
 pub mod concurrency;
 pub mod config;
 pub mod consume;
+pub mod cors;
 pub mod credits;
 pub mod db;
 pub mod entitlements;
@@ -32,6 +33,7 @@ pub mod settings;
 pub mod signing;
 pub mod sync;
 pub mod usage;
+pub mod usage_events;
 pub mod users;
 pub mod voids;
 
@@ -120,6 +122,7 @@ impl AppState {
             let client = pool.get().await.map_err(|e| StartError::Plans(e.to_string()))?;
             plans::import_if_changed(&client, &parsed).await.map_err(|e| StartError::Plans(e.to_string()))?;
         }
+        cors::check(&config.cors_origins).map_err(StartError::Config)?;
         let verifier = auth::Verifier::new(&config).map_err(StartError::Config)?;
         let limiter = ratelimit::Limiter::new(config.rate_limit_per_sec, config.rate_limit_burst);
         let shared = Arc::new(Shared {
@@ -164,6 +167,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/keys", get(entitlements::get_keys))
         .route("/v1/check", post(usage::check))
         .route("/v1/usage", post(usage::record).get(usage::report))
+        .route("/v1/usage/events", get(usage_events::list))
         .route("/v1/usage/{id}/void", post(voids::void))
         .route("/v1/consume", post(consume::consume))
         .route("/v1/holds", post(holds::create))
@@ -201,5 +205,6 @@ pub fn app(state: AppState) -> Router {
         }))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(cors::layer(&state.config.cors_origins))
         .with_state(state)
 }

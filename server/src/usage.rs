@@ -154,7 +154,7 @@ pub struct ReportQuery {
     pub subject: Option<String>,
 }
 
-fn parse_time(name: &str, s: Option<&str>, default: DateTime<Utc>) -> ApiResult<DateTime<Utc>> {
+pub(crate) fn parse_time(name: &str, s: Option<&str>, default: DateTime<Utc>) -> ApiResult<DateTime<Utc>> {
     match s {
         None => Ok(default),
         Some(s) => DateTime::parse_from_rfc3339(s)

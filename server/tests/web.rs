@@ -1,0 +1,114 @@
+//! What web front ends need: CORS for the configured origins (never with credentials) and a
+//! user's usage history, paginated — through the real router on real Postgres.
+
+mod common;
+
+use axum::http::StatusCode;
+use common::*;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+#[tokio::test]
+async fn cors_allows_the_configured_origins_only_and_never_credentials() {
+    let a = app_or_skip!(app_with(|c| c.cors_origins = vec!["https://app.example.com".into()]).await);
+    let preflight = [
+        ("origin", "https://app.example.com"),
+        ("access-control-request-method", "POST"),
+        ("access-control-request-headers", "authorization,content-type"),
+    ];
+    let (s, _, h) = a.raw("OPTIONS", "/v1/consume", None, Vec::new(), &preflight).await;
+    assert!(s.is_success(), "preflight of an allowed origin: {s}");
+    assert_eq!(h.get("access-control-allow-origin").and_then(|v| v.to_str().ok()), Some("https://app.example.com"));
+    let methods = h.get("access-control-allow-methods").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    assert!(methods.contains("POST") && methods.contains("DELETE"), "{methods}");
+    let headers = h.get("access-control-allow-headers").and_then(|v| v.to_str().ok()).unwrap_or_default().to_ascii_lowercase();
+    assert!(headers.contains("authorization"), "{headers}");
+    assert!(h.get("access-control-allow-credentials").is_none(), "credentials are never allowed");
+    // A real request from the allowed origin carries the header; another origin's does not.
+    let t = token("web-user");
+    let (s, _, h) = a.raw("GET", "/v1/entitlements", Some(&t), Vec::new(), &[("origin", "https://app.example.com")]).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(h.get("access-control-allow-origin").and_then(|v| v.to_str().ok()), Some("https://app.example.com"));
+    assert!(h.get("access-control-allow-credentials").is_none());
+    let (_, _, h) = a.raw("GET", "/v1/entitlements", Some(&t), Vec::new(), &[("origin", "https://evil.example")]).await;
+    assert!(h.get("access-control-allow-origin").is_none(), "a foreign origin gets no CORS header");
+    let evil = [("origin", "https://evil.example"), ("access-control-request-method", "POST")];
+    let (_, _, h) = a.raw("OPTIONS", "/v1/consume", None, Vec::new(), &evil).await;
+    assert!(h.get("access-control-allow-origin").is_none());
+}
+
+#[tokio::test]
+async fn without_origins_no_cors_header_and_a_bad_origin_refuses_to_start() {
+    let a = app_or_skip!(app().await);
+    let (_, _, h) = a.raw("GET", "/healthz", None, Vec::new(), &[("origin", "https://app.example.com")]).await;
+    assert!(h.get("access-control-allow-origin").is_none());
+    let url = fresh_db().await.expect("db");
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = test_config(&url, dir.path());
+    c.cors_origins = vec!["https://app.example.com/".into()];
+    let err = tally_server::AppState::new(c).await.err().expect("a path in an origin is refused");
+    assert!(err.to_string().contains("TALLY_CORS_ORIGINS"), "{err}");
+}
+
+#[tokio::test]
+async fn usage_events_are_the_callers_own_newest_first_in_pages_with_voids_shown() {
+    let a = app_or_skip!(app().await);
+    let (t, other) = (token("historian"), token("stranger"));
+    let ids: Vec<Uuid> = (0..25).map(|_| Uuid::now_v7()).collect();
+    let events: Vec<Value> = ids.iter().enumerate().map(|(i, id)| event(*id, if i % 5 == 0 { "ai_chat" } else { "notes" }, 1)).collect();
+    let (s, v) = a.sync(&t, "phone", events).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v) = a.sync(&other, "tablet", vec![event(Uuid::now_v7(), "notes", 7)]).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v) = a.call("POST", &format!("/v1/usage/{}/void", ids[3]), Some(&t), Some(json!({"reason": "refunded order"}))).await;
+    assert!(s.is_success(), "{s} {v}");
+    // Pages of 10: 25 events, newest first, each once, none of the stranger's.
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    for page in 0.. {
+        let q = match &cursor {
+            Some(c) => format!("/v1/usage/events?limit=10&cursor={c}"),
+            None => "/v1/usage/events?limit=10".to_string(),
+        };
+        let (s, v) = a.call("GET", &q, Some(&t), None).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let evs = v["events"].as_array().unwrap();
+        assert!(evs.len() <= 10);
+        seen.extend(evs.iter().map(|e| e.clone()));
+        match v["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+        assert!(page < 5, "pagination ends");
+    }
+    assert_eq!(seen.len(), 25);
+    let got: Vec<Uuid> = seen.iter().map(|e| e["id"].as_str().unwrap().parse().unwrap()).collect();
+    let mut want = ids.clone();
+    want.sort_by(|x, y| {
+        let at = |id: &Uuid| seen.iter().find(|e| e["id"] == json!(id)).map(|e| e["effective_at"].as_str().unwrap().to_string());
+        at(y).cmp(&at(x)).then(y.cmp(x))
+    });
+    assert_eq!(got, want, "newest first, ties by id");
+    let voided = seen.iter().find(|e| e["id"] == json!(ids[3])).unwrap();
+    assert_eq!(voided["void_reason"], "refunded order");
+    assert!(voided["voided_at"].is_string());
+    assert!(seen.iter().all(|e| e["amount"] == 1), "no event of the stranger");
+    // A feature filter.
+    let (_, v) = a.call("GET", "/v1/usage/events?feature=ai_chat", Some(&t), None).await;
+    assert_eq!(v["events"].as_array().unwrap().len(), 5);
+    // Bad queries are 422 and name the problem.
+    for (q, code) in [
+        ("/v1/usage/events?limit=0", "invalid_query"),
+        ("/v1/usage/events?limit=1001", "invalid_query"),
+        ("/v1/usage/events?cursor=bm90LWEtY3Vyc29y", "invalid_cursor"),
+        ("/v1/usage/events?feature=%24credits", "invalid_feature"),
+    ] {
+        let (s, v) = a.call("GET", q, Some(&t), None).await;
+        assert_eq!((s, v["error"]["code"].as_str().unwrap_or_default()), (StatusCode::UNPROCESSABLE_ENTITY, code), "{q}: {v}");
+    }
+    let (s, _) = a.call("GET", "/v1/usage/events?from=yesterday", Some(&t), None).await;
+    assert!(s.is_client_error());
+    // The stranger cannot read the historian's history by naming them.
+    let (s, _) = a.call("GET", "/v1/usage/events?subject=historian", Some(&other), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}
