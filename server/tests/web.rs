@@ -74,7 +74,7 @@ async fn usage_events_are_the_callers_own_newest_first_in_pages_with_voids_shown
         assert_eq!(s, StatusCode::OK, "{v}");
         let evs = v["events"].as_array().unwrap();
         assert!(evs.len() <= 10);
-        seen.extend(evs.iter().map(|e| e.clone()));
+        seen.extend(evs.iter().cloned());
         match v["next_cursor"].as_str() {
             Some(c) => cursor = Some(c.to_string()),
             None => break,
