@@ -331,7 +331,8 @@ async fn overage_causes_name_the_protocol_and_the_lease() {
     let evs: Vec<Value> = (1..=11).map(|s| ev("gen", 1, now, None, s)).collect();
     let r = l.sync2(&t2, "d", json!({"events": evs})).await;
     assert_eq!(total(&r, "gen", "2027-03-01T00:00:00Z")["over_limit_causes"], json!(["before_lease"]));
-    // a lease granted for room a backend then recorded anyway
+    // a lease granted for room a backend's usage report then took anyway: the report is the
+    // cause (it landed in room promised to the device), not the leased uses filling their slice
     let t3 = token("p3");
     let c = l.claims("p3", &l.sync2(&t3, "d", json!({})).await).await;
     let (s, _) =
@@ -340,7 +341,7 @@ async fn overage_causes_name_the_protocol_and_the_lease() {
     assert_eq!(s, StatusCode::CREATED);
     let evs: Vec<Value> = (1..=10).map(|s| ev("gen", 1, now, c.lease_ver, s)).collect();
     let r = l.sync2(&t3, "d", json!({"events": evs})).await;
-    assert_eq!(total(&r, "gen", "2027-03-01T00:00:00Z")["over_limit_causes"], json!(["downgrade"]), "{r}");
+    assert_eq!(total(&r, "gen", "2027-03-01T00:00:00Z")["over_limit_causes"], json!(["usage_report"]), "{r}");
 }
 
 #[tokio::test]
@@ -612,4 +613,25 @@ async fn the_credit_pool_is_a_total_whose_debt_names_the_refund() {
     // Protocol 1 answers no credit pool total.
     let (_, r) = l.a.call("POST", "/v1/sync", Some(&t), Some(json!({"protocol": 1, "device_id": "old"}))).await;
     assert!(r["totals"].as_array().unwrap().iter().all(|t| t["feature"] != "$credits"), "{r}");
+}
+
+#[tokio::test]
+async fn a_slice_granted_before_a_downgrade_and_spent_after_it_is_caused_by_the_downgrade() {
+    const PLANS: &str = r#"{"plans": [
+      {"id": "free", "features": {"img": {"type": "metered", "limit": 8, "period": "hour", "enforcement": "hard"}}},
+      {"id": "pro",  "features": {"img": {"type": "metered", "limit": 16, "period": "hour", "enforcement": "hard"}}}]}"#;
+    let l = app_or_skip!(lapp_with("2027-03-10T12:30:00Z", |c| std::fs::write(c.plans_file.as_ref().unwrap(), PLANS).unwrap()).await);
+    let (t, admin) = (token("downgraded"), token("root-admin"));
+    let (s, v) =
+        l.a.call("POST", "/v1/admin/grants", Some(&admin), Some(json!({"subject": "downgraded", "plan": "pro", "reason": "x"}))).await;
+    assert!(s.is_success(), "{v}");
+    let c = l.claims("downgraded", &l.sync2(&t, "tab", json!({})).await).await;
+    assert_eq!(lease(&c, "img").allowance, 16);
+    let (s, v) = l.a.call("POST", "/v1/admin/grants/revoke", Some(&admin), Some(json!({"subject": "downgraded"}))).await;
+    assert!(s.is_success(), "{v}");
+    let evs: Vec<Value> = (1..=12).map(|s| ev("img", 1, at("2027-03-10T12:31:00Z"), c.lease_ver, s)).collect();
+    let r = l.sync2(&t, "tab", json!({"events": evs})).await;
+    let w = total(&r, "img", "2027-03-10T12:00:00Z");
+    assert_eq!((w["used"].clone(), w["limit"].clone(), w["over_limit_by"].clone()), (json!(12), json!(8), json!(4)), "{w}");
+    assert_eq!(w["over_limit_causes"], json!(["downgrade"]), "{w}");
 }
