@@ -261,7 +261,10 @@ impl Catalog {
         let obj = v.as_object().ok_or_else(|| Error::catalog("$", "expected an object with `models` and `plans`"))?;
         for k in obj.keys() {
             if !["models", "plans", "credits_offline_share", "products"].contains(&k.as_str()) {
-                return Err(Error::catalog(k.as_str(), "unknown field (expected `models`, `plans`, `credits_offline_share` or `products`)"));
+                return Err(Error::catalog(
+                    k.as_str(),
+                    "unknown field (expected `models`, `plans`, `credits_offline_share` or `products`)",
+                ));
             }
         }
         let mut models = BTreeMap::new();
@@ -352,8 +355,9 @@ impl Catalog {
     /// The free plan (always present).
     pub fn free(&self) -> &Plan {
         static EMPTY: std::sync::OnceLock<Plan> = std::sync::OnceLock::new();
-        self.plan(FREE_PLAN)
-            .unwrap_or_else(|| EMPTY.get_or_init(|| Plan { id: FREE_PLAN.into(), included_credits: None, features: BTreeMap::new(), rank: None }))
+        self.plan(FREE_PLAN).unwrap_or_else(|| {
+            EMPTY.get_or_init(|| Plan { id: FREE_PLAN.into(), included_credits: None, features: BTreeMap::new(), rank: None })
+        })
     }
 
     /// Inserts or replaces one plan (validated with [`Plan::from_json`] first).
@@ -668,7 +672,10 @@ mod tests {
             (p(r#"{"id":"a","store":"stripe","grants":{"plan":"pro"},"display_price":7}"#), "products[0].display_price"),
             (p(r#"{"id":"a","store":"stripe","grants":{"plan":"pro"},"price":7}"#), "products[0].price"),
             (p(r#"{"id":"","store":"stripe","grants":{"plan":"pro"}}"#), "products[0].id"),
-            (p(r#"{"id":"a","store":"stripe","grants":{"plan":"pro"}},{"id":"a","store":"stripe","grants":{"credits":1}}"#), "products[1].id"),
+            (
+                p(r#"{"id":"a","store":"stripe","grants":{"plan":"pro"}},{"id":"a","store":"stripe","grants":{"credits":1}}"#),
+                "products[1].id",
+            ),
             (r#"{"plans":[{"id":"pro","rank":"high"}]}"#.to_string(), "plans[0].rank"),
             (r#"{"products":{}}"#.to_string(), "products"),
         ];

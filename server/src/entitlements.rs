@@ -34,11 +34,10 @@ pub async fn load(state: &AppState, client: &impl GenericClient, user: &User, no
     let grants_st = client
         .prepare_cached("SELECT plan, until, granted_by, reason FROM access_grants WHERE user_id = $1 AND revoked_at IS NULL AND (until IS NULL OR until > $2)")
         .await?;
-    let (catalog_now, subs, grants) = futures::try_join!(
-        state.catalog.current(client),
-        crate::billing::subscriptions::load(client, user.user_id),
-        async { client.query(&grants_st, &[&user.user_id, &now]).await.map_err(ApiError::from) },
-    )?;
+    let (catalog_now, subs, grants) =
+        futures::try_join!(state.catalog.current(client), crate::billing::subscriptions::load(client, user.user_id), async {
+            client.query(&grants_st, &[&user.user_id, &now]).await.map_err(ApiError::from)
+        },)?;
     let (catalog_version, catalog) = catalog_now;
     let grace = crate::billing::subscriptions::grace(state);
     let subs: Vec<tally_core::Subscription> = subs.into_iter().map(|s| s.sub).collect();

@@ -15,10 +15,10 @@ use crate::extract::JsonBody;
 use crate::users::{self, User};
 use crate::{AppState, Config, credits, entitlements, leases};
 use app_store_server_library::models::app_store_environment::Environment;
+use app_store_server_library::models::auto_renew_status::AutoRenewStatus;
 use app_store_server_library::models::jws_transaction_decoded_payload::JWSTransactionDecodedPayload;
 use app_store_server_library::models::notification_type_v2::NotificationTypeV2;
 use app_store_server_library::models::offer_type::OfferType;
-use app_store_server_library::models::auto_renew_status::AutoRenewStatus;
 use app_store_server_library::signed_data_verifier::{SignedDataVerifier, SignedDataVerifierError};
 use axum::Json;
 use axum::extract::State;
@@ -37,16 +37,8 @@ use uuid::Uuid;
 pub const MAX_TRANSACTIONS: usize = 100;
 
 /// Notification types applied (every other type is recorded and acknowledged).
-pub const HANDLED: &[&str] = &[
-    "SUBSCRIBED",
-    "DID_RENEW",
-    "DID_CHANGE_RENEWAL_STATUS",
-    "DID_FAIL_TO_RENEW",
-    "GRACE_PERIOD_EXPIRED",
-    "EXPIRED",
-    "REFUND",
-    "REVOKE",
-];
+pub const HANDLED: &[&str] =
+    &["SUBSCRIBED", "DID_RENEW", "DID_CHANGE_RENEWAL_STATUS", "DID_FAIL_TO_RENEW", "GRACE_PERIOD_EXPIRED", "EXPIRED", "REFUND", "REVOKE"];
 
 /// The App Store verifiers of this server.
 pub struct Apple {
@@ -170,7 +162,10 @@ impl Txn {
             original_id: p.original_transaction_id.filter(|s| !s.is_empty() && s.len() <= 64).unwrap_or_else(|| transaction_id.clone()),
             transaction_id,
             product_id: p.product_id.filter(|s| !s.is_empty() && s.len() <= 255).ok_or_else(|| missing("productId"))?,
-            product_type: p.r#type.map(|t| serde_json::to_value(t).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()).unwrap_or_default(),
+            product_type: p
+                .r#type
+                .map(|t| serde_json::to_value(t).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default())
+                .unwrap_or_default(),
             purchase_date: p.purchase_date.ok_or_else(|| missing("purchaseDate"))?,
             expires_date: p.expires_date,
             signed_date: p.signed_date.ok_or_else(|| missing("signedDate"))?,
@@ -251,7 +246,8 @@ async fn bind(tx: &impl GenericClient, original: &str, user: Uuid, by: &str) -> 
         &[&original, &user, &by],
     )
     .await?;
-    let owner: Uuid = tx.query_one("SELECT user_id FROM store_bindings WHERE store = 'app_store' AND store_id = $1", &[&original]).await?.get(0);
+    let owner: Uuid =
+        tx.query_one("SELECT user_id FROM store_bindings WHERE store = 'app_store' AND store_id = $1", &[&original]).await?.get(0);
     if owner != user {
         return Err(bound_to_other());
     }
@@ -342,13 +338,18 @@ async fn load_txns(tx: &impl GenericClient, original: &str) -> ApiResult<Vec<Txn
 async fn settle(tx: &impl GenericClient, user: Uuid, original: &str, catalog: &Catalog, now: DateTime<Utc>) -> ApiResult<Vec<Value>> {
     let txns = load_txns(tx, original).await?;
     let renewal = tx
-        .query_opt("SELECT auto_renew, billing_retry, grace_until, signed_date FROM apple_renewals WHERE original_transaction_id = $1", &[&original])
+        .query_opt(
+            "SELECT auto_renew, billing_retry, grace_until, signed_date FROM apple_renewals WHERE original_transaction_id = $1",
+            &[&original],
+        )
         .await?
         .map(|r| Renewal { auto_renew: r.get(0), billing_retry: r.get(1), grace_until: r.get(2), signed_date: r.get(3) });
     if let Some(s) = state_of(original, &txns, renewal.as_ref(), catalog, now) {
         subscriptions::store(tx, user, &s).await?;
         let latest = txns.iter().max_by(|a, b| a.period_key().cmp(&b.period_key()));
-        return Ok(vec![json!({"store": Store::AppStore, "product_id": s.sub.product_id, "transaction_id": latest.map(|t| &t.transaction_id), "status": s.sub.status})]);
+        return Ok(vec![
+            json!({"store": Store::AppStore, "product_id": s.sub.product_id, "transaction_id": latest.map(|t| &t.transaction_id), "status": s.sub.status}),
+        ]);
     }
     let mut out = Vec::new();
     for t in &txns {
@@ -359,7 +360,10 @@ async fn settle(tx: &impl GenericClient, user: Uuid, original: &str, catalog: &C
         credits::insert(tx, user, &id, amount, "purchase", Some(&t.product_id), Some("app_store"), None, valid_from, None).await?;
         let status = if t.revoked_at.is_some() {
             let n = tx
-                .execute("UPDATE credit_grants SET revoked_at = $3 WHERE user_id = $1 AND grant_id = $2 AND revoked_at IS NULL", &[&user, &id, &now])
+                .execute(
+                    "UPDATE credit_grants SET revoked_at = $3 WHERE user_id = $1 AND grant_id = $2 AND revoked_at IS NULL",
+                    &[&user, &id, &now],
+                )
                 .await?;
             if n > 0 {
                 leases::mark_refund(tx, user, now).await?;
@@ -387,7 +391,11 @@ pub struct PurchaseBody {
 /// `POST /v1/purchases/apple`: verifies every transaction, binds each to the caller (by
 /// `appAccountToken` = the account token, else the caller), and answers the entitlements with
 /// their token plus `purchases`. Any refusal changes nothing.
-pub async fn purchase(State(state): State<AppState>, AuthUser(user): AuthUser, JsonBody(b): JsonBody<PurchaseBody>) -> ApiResult<Json<Value>> {
+pub async fn purchase(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    JsonBody(b): JsonBody<PurchaseBody>,
+) -> ApiResult<Json<Value>> {
     let apple = state.apple.as_ref().ok_or_else(unconfigured)?;
     if b.signed_transactions.is_empty() || b.signed_transactions.len() > MAX_TRANSACTIONS {
         return Err(ApiError::invalid(format!("signed_transactions must hold 1 to {MAX_TRANSACTIONS} transactions")));
@@ -403,7 +411,10 @@ pub async fn purchase(State(state): State<AppState>, AuthUser(user): AuthUser, J
         let (p, sandbox) = apple.verify(|v| v.verify_and_decode_signed_transaction(jws))?;
         let t = Txn::from_payload(p, sandbox)?;
         if catalog.product(Store::AppStore, &t.product_id).is_none() {
-            return Err(ApiError::Invalid("unknown_product", format!("product {:?} is not in the catalog's App Store products", t.product_id)));
+            return Err(ApiError::Invalid(
+                "unknown_product",
+                format!("product {:?} is not in the catalog's App Store products", t.product_id),
+            ));
         }
         if t.account_token.is_some_and(|a| a != user.user_id) {
             return Err(bound_to_other());
@@ -429,7 +440,13 @@ pub async fn purchase(State(state): State<AppState>, AuthUser(user): AuthUser, J
 }
 
 /// The `GET /v1/entitlements` body with its token — a device token when `device_id` is given.
-pub async fn answer(state: &AppState, tx: &impl GenericClient, user: &User, device_id: Option<&str>, now: DateTime<Utc>) -> ApiResult<Value> {
+pub async fn answer(
+    state: &AppState,
+    tx: &impl GenericClient,
+    user: &User,
+    device_id: Option<&str>,
+    now: DateTime<Utc>,
+) -> ApiResult<Value> {
     let user = users::lock(tx, user.user_id, &state.config.admin_subjects).await?;
     let loaded = entitlements::load(state, tx, &user, now).await?;
     let token = match device_id {

@@ -10,8 +10,8 @@
 pub mod apple;
 pub mod signature;
 pub mod state;
-pub mod subscriptions;
 pub mod stripe_api;
+pub mod subscriptions;
 pub mod webhook;
 
 use crate::auth::AuthUser;

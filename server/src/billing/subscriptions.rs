@@ -20,8 +20,7 @@ pub struct Stored {
     pub sandbox: bool,
 }
 
-const COLUMNS: &str =
-    "store, subscription_id, product_id, plan, status, period_start, period_end, past_due_since, access_until, lifetime, auto_renew, sandbox";
+const COLUMNS: &str = "store, subscription_id, product_id, plan, status, period_start, period_end, past_due_since, access_until, lifetime, auto_renew, sandbox";
 
 fn from_row(r: &tokio_postgres::Row) -> Stored {
     Stored {
