@@ -141,6 +141,92 @@ pub struct Plan {
     /// Feature key → rule.
     #[serde(default)]
     pub features: BTreeMap<String, Rule>,
+    /// Where the plan ranks among paid plans (higher wins when a user has several); without
+    /// it, the plan's position in the catalog.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rank: Option<i64>,
+}
+
+/// A store in which products are sold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Store {
+    /// Apple's App Store.
+    AppStore,
+    /// Google Play.
+    Play,
+    /// Stripe (the product id is the price id).
+    Stripe,
+}
+
+impl Store {
+    /// Every store.
+    pub const ALL: [Store; 3] = [Store::AppStore, Store::Play, Store::Stripe];
+    /// Wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Store::AppStore => "app_store",
+            Store::Play => "play",
+            Store::Stripe => "stripe",
+        }
+    }
+    /// Parses a wire name.
+    pub fn parse(s: &str) -> Option<Store> {
+        Store::ALL.into_iter().find(|v| v.as_str() == s)
+    }
+}
+
+/// What buying a product gives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grants {
+    /// The plan it gives (an auto-renewing subscription, or for ever with `lifetime`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<String>,
+    /// A one-time purchase of the plan for ever.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lifetime: bool,
+    /// Credits of a credit pack (consumable), granted once per transaction.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credits: Option<u64>,
+}
+
+/// A product sold in a store, mapped to what it grants.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Product {
+    /// The store's product id (Stripe: the price id); unique per store.
+    pub id: String,
+    /// The store selling it.
+    pub store: Store,
+    /// What it grants.
+    pub grants: Grants,
+    /// Free trial days given at checkout (Stripe; the stores set their own offers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trial_days: Option<u32>,
+    /// The price to show, as the app wants it shown (`"$4.99/month"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_price: Option<String>,
+}
+
+/// What a product is, for the code that applies a purchase of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProductKind<'a> {
+    /// An auto-renewing subscription to a plan.
+    Subscription(&'a str),
+    /// A plan for ever (one-time purchase).
+    Lifetime(&'a str),
+    /// A credit pack.
+    Credits(u64),
+}
+
+impl Product {
+    /// What this product is.
+    pub fn kind(&self) -> ProductKind<'_> {
+        match (&self.grants.plan, self.grants.credits) {
+            (Some(p), _) if self.grants.lifetime => ProductKind::Lifetime(p),
+            (Some(p), _) => ProductKind::Subscription(p),
+            (None, c) => ProductKind::Credits(c.unwrap_or(0)),
+        }
+    }
 }
 
 /// Model pricing and plans.
@@ -155,6 +241,9 @@ pub struct Catalog {
     /// The fraction of the credit balance devices may hold as leases (protocol 2; default 1).
     #[serde(default, skip_serializing_if = "Share::is_one")]
     pub credits_offline_share: Share,
+    /// The products sold in the stores.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub products: Vec<Product>,
 }
 
 /// Id of the plan everyone falls back to.
@@ -171,8 +260,11 @@ impl Catalog {
     pub fn from_value(v: &Value) -> Result<Catalog> {
         let obj = v.as_object().ok_or_else(|| Error::catalog("$", "expected an object with `models` and `plans`"))?;
         for k in obj.keys() {
-            if k != "models" && k != "plans" && k != "credits_offline_share" {
-                return Err(Error::catalog(k.as_str(), "unknown field (expected `models`, `plans` or `credits_offline_share`)"));
+            if !["models", "plans", "credits_offline_share", "products"].contains(&k.as_str()) {
+                return Err(Error::catalog(
+                    k.as_str(),
+                    "unknown field (expected `models`, `plans`, `credits_offline_share` or `products`)",
+                ));
             }
         }
         let mut models = BTreeMap::new();
@@ -207,8 +299,22 @@ impl Catalog {
             }
         }
         let credits_offline_share = share("", obj)?;
-        let mut c = Catalog { models, plans, credits_offline_share };
+        let mut c = Catalog { models, plans, credits_offline_share, products: Vec::new() };
         c.ensure_free();
+        if let Some(ps) = obj.get("products").filter(|p| !p.is_null()) {
+            let ps = ps.as_array().ok_or_else(|| Error::catalog("products", "expected an array of products"))?;
+            let mut seen = HashSet::new();
+            for (i, p) in ps.iter().enumerate() {
+                let product = validate_product(&format!("products[{i}]"), p, &c)?;
+                if !seen.insert((product.store, product.id.clone())) {
+                    return Err(Error::catalog(
+                        format!("products[{i}].id"),
+                        format!("duplicate product id {:?} in store {}", product.id, product.store.as_str()),
+                    ));
+                }
+                c.products.push(product);
+            }
+        }
         Ok(c)
     }
 
@@ -221,7 +327,7 @@ impl Catalog {
 
     fn ensure_free(&mut self) {
         if !self.plans.iter().any(|p| p.id == FREE_PLAN) {
-            self.plans.push(Plan { id: FREE_PLAN.into(), included_credits: None, features: BTreeMap::new() });
+            self.plans.push(Plan { id: FREE_PLAN.into(), included_credits: None, features: BTreeMap::new(), rank: None });
         }
     }
 
@@ -235,11 +341,23 @@ impl Catalog {
         self.plans.iter().find(|p| p.id == id)
     }
 
+    /// The product `id` of `store`.
+    pub fn product(&self, store: Store, id: &str) -> Option<&Product> {
+        self.products.iter().find(|p| p.store == store && p.id == id)
+    }
+
+    /// The rank of plan `id`: its `rank`, else its position in the catalog (later = higher);
+    /// a plan the catalog does not know ranks below every plan.
+    pub fn rank(&self, id: &str) -> i64 {
+        self.plans.iter().position(|p| p.id == id).map_or(i64::MIN, |i| self.plans[i].rank.unwrap_or(i as i64))
+    }
+
     /// The free plan (always present).
     pub fn free(&self) -> &Plan {
         static EMPTY: std::sync::OnceLock<Plan> = std::sync::OnceLock::new();
-        self.plan(FREE_PLAN)
-            .unwrap_or_else(|| EMPTY.get_or_init(|| Plan { id: FREE_PLAN.into(), included_credits: None, features: BTreeMap::new() }))
+        self.plan(FREE_PLAN).unwrap_or_else(|| {
+            EMPTY.get_or_init(|| Plan { id: FREE_PLAN.into(), included_credits: None, features: BTreeMap::new(), rank: None })
+        })
     }
 
     /// Inserts or replaces one plan (validated with [`Plan::from_json`] first).
@@ -266,7 +384,7 @@ impl Plan {
     /// Validates one plan value found at `path`.
     pub fn validate(path: &str, v: &Value) -> Result<Plan> {
         let o = v.as_object().ok_or_else(|| Error::catalog(path, "expected a plan object"))?;
-        known_fields(path, o, &["id", "included_credits", "features"])?;
+        known_fields(path, o, &["id", "included_credits", "features", "rank"])?;
         let id = o
             .get("id")
             .and_then(Value::as_str)
@@ -302,8 +420,71 @@ impl Plan {
                 features.insert(key.clone(), validate_rule(&rp, rule)?);
             }
         }
-        Ok(Plan { id, included_credits, features })
+        let rank = match o.get("rank") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(v.as_i64().ok_or_else(|| Error::catalog(format!("{path}.rank"), "expected an integer"))?),
+        };
+        Ok(Plan { id, included_credits, features, rank })
     }
+}
+
+fn validate_product(path: &str, v: &Value, catalog: &Catalog) -> Result<Product> {
+    let o = v.as_object().ok_or_else(|| Error::catalog(path, "expected a product object"))?;
+    known_fields(path, o, &["id", "store", "grants", "trial_days", "display_price"])?;
+    let id = o
+        .get("id")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty() && s.len() <= 255)
+        .ok_or_else(|| Error::catalog(format!("{path}.id"), "expected a non-empty string of at most 255 bytes"))?
+        .to_string();
+    let sp = format!("{path}.store");
+    let store = o
+        .get("store")
+        .and_then(Value::as_str)
+        .and_then(Store::parse)
+        .ok_or_else(|| Error::catalog(sp, "expected app_store, play or stripe"))?;
+    let gp = format!("{path}.grants");
+    let g = o.get("grants").and_then(Value::as_object).ok_or_else(|| Error::catalog(&gp, "expected {plan, lifetime?} or {credits}"))?;
+    known_fields(&gp, g, &["plan", "lifetime", "credits"])?;
+    let plan = match g.get("plan") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(p)) if catalog.plan(p).is_some() && p != FREE_PLAN => Some(p.clone()),
+        Some(_) => return Err(Error::catalog(format!("{gp}.plan"), "expected the id of a paid plan of this catalog")),
+    };
+    let lifetime = match g.get("lifetime") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(Error::catalog(format!("{gp}.lifetime"), "expected a boolean")),
+    };
+    let credits = match g.get("credits") {
+        None | Some(Value::Null) => None,
+        Some(_) => match uint(&gp, g, "credits")? {
+            0 => return Err(Error::catalog(format!("{gp}.credits"), "must be at least 1")),
+            n => Some(n),
+        },
+    };
+    match (&plan, credits) {
+        (Some(_), Some(_)) => return Err(Error::catalog(gp, "a product grants a plan or credits, not both")),
+        (None, None) => return Err(Error::catalog(gp, "a product grants a plan or credits")),
+        (None, Some(_)) if lifetime => return Err(Error::catalog(format!("{gp}.lifetime"), "only a plan can be granted for ever")),
+        _ => {}
+    }
+    let trial_days = match o.get("trial_days") {
+        None | Some(Value::Null) => None,
+        Some(_) => {
+            let d = uint(path, o, "trial_days")?;
+            if plan.is_none() || lifetime || d == 0 || d > 730 {
+                return Err(Error::catalog(format!("{path}.trial_days"), "1 to 730 days, on a subscription product only"));
+            }
+            Some(d as u32)
+        }
+    };
+    let display_price = match o.get("display_price") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if !s.is_empty() && s.len() <= 64 => Some(s.clone()),
+        Some(_) => return Err(Error::catalog(format!("{path}.display_price"), "expected a string of 1 to 64 bytes")),
+    };
+    Ok(Product { id, store, grants: Grants { plan, lifetime, credits }, trial_days, display_price })
 }
 
 fn validate_rule(path: &str, v: &Value) -> Result<Rule> {
@@ -454,6 +635,52 @@ mod tests {
         ];
         for (json, want) in cases {
             match Catalog::from_json(json) {
+                Err(Error::InvalidCatalog { path, .. }) => assert_eq!(path, want, "{json}"),
+                other => panic!("{json}: expected a catalog error, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn products_and_ranks() {
+        let c = Catalog::from_json(
+            r#"{"plans":[{"id":"free"},{"id":"team","rank":1},{"id":"pro"}],
+                "products":[{"id":"pro_monthly","store":"app_store","grants":{"plan":"pro"},"trial_days":7,"display_price":"$4.99"},
+                            {"id":"pro_monthly","store":"stripe","grants":{"plan":"pro"}},
+                            {"id":"forever","store":"app_store","grants":{"plan":"team","lifetime":true}},
+                            {"id":"credits_100","store":"play","grants":{"credits":100}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.product(Store::AppStore, "pro_monthly").map(Product::kind), Some(ProductKind::Subscription("pro")));
+        assert_eq!(c.product(Store::AppStore, "forever").map(Product::kind), Some(ProductKind::Lifetime("team")));
+        assert_eq!(c.product(Store::Play, "credits_100").map(Product::kind), Some(ProductKind::Credits(100)));
+        assert!(c.product(Store::Play, "pro_monthly").is_none());
+        assert_eq!((c.rank("free"), c.rank("team"), c.rank("pro")), (0, 1, 2));
+        assert!(c.rank("gone") < c.rank("free"));
+        assert_eq!(Catalog::from_json(&c.to_json()).unwrap(), c);
+        let p = |products: &str| format!(r#"{{"plans":[{{"id":"pro"}}],"products":[{products}]}}"#);
+        let cases = [
+            (p(r#"{"id":"a","store":"itunes","grants":{"plan":"pro"}}"#), "products[0].store"),
+            (p(r#"{"id":"a","store":"stripe","grants":{"plan":"gold"}}"#), "products[0].grants.plan"),
+            (p(r#"{"id":"a","store":"stripe","grants":{"plan":"free"}}"#), "products[0].grants.plan"),
+            (p(r#"{"id":"a","store":"stripe","grants":{"plan":"pro","credits":5}}"#), "products[0].grants"),
+            (p(r#"{"id":"a","store":"stripe","grants":{}}"#), "products[0].grants"),
+            (p(r#"{"id":"a","store":"stripe","grants":{"credits":0}}"#), "products[0].grants.credits"),
+            (p(r#"{"id":"a","store":"stripe","grants":{"credits":5,"lifetime":true}}"#), "products[0].grants.lifetime"),
+            (p(r#"{"id":"a","store":"stripe","grants":{"credits":5},"trial_days":3}"#), "products[0].trial_days"),
+            (p(r#"{"id":"a","store":"stripe","grants":{"plan":"pro"},"trial_days":-3}"#), "products[0].trial_days"),
+            (p(r#"{"id":"a","store":"stripe","grants":{"plan":"pro"},"display_price":7}"#), "products[0].display_price"),
+            (p(r#"{"id":"a","store":"stripe","grants":{"plan":"pro"},"price":7}"#), "products[0].price"),
+            (p(r#"{"id":"","store":"stripe","grants":{"plan":"pro"}}"#), "products[0].id"),
+            (
+                p(r#"{"id":"a","store":"stripe","grants":{"plan":"pro"}},{"id":"a","store":"stripe","grants":{"credits":1}}"#),
+                "products[1].id",
+            ),
+            (r#"{"plans":[{"id":"pro","rank":"high"}]}"#.to_string(), "plans[0].rank"),
+            (r#"{"products":{}}"#.to_string(), "products"),
+        ];
+        for (json, want) in cases {
+            match Catalog::from_json(&json) {
                 Err(Error::InvalidCatalog { path, .. }) => assert_eq!(path, want, "{json}"),
                 other => panic!("{json}: expected a catalog error, got {other:?}"),
             }

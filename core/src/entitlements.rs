@@ -75,6 +75,8 @@ pub mod access_reason {
     pub const SUBSCRIPTION: &str = "subscription";
     /// A trialing subscription.
     pub const TRIAL: &str = "trial";
+    /// A plan bought for ever (a one-time purchase).
+    pub const LIFETIME: &str = "lifetime";
     /// The free plan.
     pub const FREE: &str = "free";
     /// Prefix of an access grant's reason: `granted:<reason>`.
@@ -121,6 +123,13 @@ pub struct Entitlements {
     /// `period_end` when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub past_due_since: Option<DateTime<Utc>>,
+    /// When the subscription's access ends by itself, as its store dated it (an App Store
+    /// expiry, or the end of a store's billing grace period for a past-due one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_until: Option<DateTime<Utc>>,
+    /// Whether the plan was bought for ever (`access_reason` `lifetime`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lifetime: bool,
     /// Access grants (admin or promotional).
     #[serde(default)]
     pub grants: Vec<AccessGrant>,
@@ -159,6 +168,8 @@ impl Entitlements {
             features: BTreeMap::new(),
             ver: 0,
             past_due_since: None,
+            access_until: None,
+            lifetime: false,
             grants: Vec::new(),
             credit_grants: Vec::new(),
             tz: None,
@@ -175,6 +186,7 @@ impl Entitlements {
         let grace_end = (self.status == SubscriptionStatus::PastDue)
             .then(|| self.past_due_since.or(self.period_end).map(|t| t + past_due_grace))
             .flatten();
+        let grace_end = self.access_until.or(grace_end);
         self.grants
             .iter()
             .filter_map(|g| g.until)
@@ -191,10 +203,15 @@ impl Entitlements {
     pub fn resolve(&self, catalog: &Catalog, now: DateTime<Utc>, past_due_grace: Duration) -> Entitlements {
         let mut r = self.clone();
         let subscribed = catalog.plan(&self.plan).map(|p| p.id.clone());
-        // Grace runs from when the payment failed; without that date, from the end of the
-        // period that was not paid; with neither, there is no grace.
+        // A store's own date ends the access; else grace runs from when the payment failed;
+        // without that date, from the end of the period that was not paid; with neither, there
+        // is no grace.
+        let current = self.access_until.is_none_or(|u| now < u);
         let in_grace = self.status == SubscriptionStatus::PastDue
-            && self.past_due_since.or(self.period_end).is_some_and(|since| now < since + past_due_grace);
+            && match self.access_until {
+                Some(u) => now < u,
+                None => self.past_due_since.or(self.period_end).is_some_and(|since| now < since + past_due_grace),
+            };
         let grant = self
             .grants
             .iter()
@@ -202,9 +219,10 @@ impl Entitlements {
             .max_by_key(|g| g.until.map_or(i64::MAX, |u| u.timestamp()));
         let (plan, reason, until) = if self.is_admin {
             (best_plan(catalog, subscribed.as_deref()), access_reason::ADMIN.to_string(), None)
-        } else if let (Some(p), SubscriptionStatus::Active) = (&subscribed, self.status) {
-            (p.clone(), access_reason::SUBSCRIPTION.into(), None)
-        } else if let (Some(p), SubscriptionStatus::Trialing) = (&subscribed, self.status) {
+        } else if let (Some(p), SubscriptionStatus::Active, true) = (&subscribed, self.status, current) {
+            let reason = if self.lifetime { access_reason::LIFETIME } else { access_reason::SUBSCRIPTION };
+            (p.clone(), reason.into(), None)
+        } else if let (Some(p), SubscriptionStatus::Trialing, true) = (&subscribed, self.status, current) {
             (p.clone(), access_reason::TRIAL.into(), None)
         } else if let (Some(p), true) = (&subscribed, in_grace) {
             (p.clone(), access_reason::SUBSCRIPTION.into(), None)
@@ -244,6 +262,7 @@ fn best_plan(catalog: &Catalog, subscribed: Option<&str>) -> String {
 /// Whether a user's plan credits come from paid invoices (the billing provider grants them once
 /// per invoice) rather than from the plan itself each billing window.
 pub fn credits_from_invoices(access_reason: &str) -> bool {
+    // A lifetime plan has no invoices: its included credits come each billing window.
     access_reason == access_reason::SUBSCRIPTION || access_reason == access_reason::TRIAL
 }
 

@@ -33,6 +33,7 @@ pub mod period;
 pub mod quota;
 pub mod report;
 pub mod settings;
+pub mod subscription;
 pub mod sync;
 pub mod token;
 pub mod users;
@@ -41,7 +42,7 @@ pub mod wire;
 
 mod access;
 
-pub use catalog::{Catalog, Enforcement, ModelPrice, Plan, Rule};
+pub use catalog::{Catalog, Enforcement, ModelPrice, Plan, Product, ProductKind, Rule, Store};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use db::Durability;
 pub use decision::{Decision, Reason};
@@ -53,6 +54,7 @@ pub use period::{Period, Window};
 pub use quota::Usage;
 pub use report::{GroupBy, ReportRow};
 pub use settings::SettingStatus;
+pub use subscription::Subscription;
 pub use sync::{RetryPolicy, SyncOptions, SyncReport, TokenProvider};
 pub use users::{Profile, User, UserUpdate};
 

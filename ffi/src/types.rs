@@ -944,7 +944,8 @@ pub struct Entitlements {
     pub plan: String,
     /// Subscription status.
     pub status: SubscriptionStatus,
-    /// Why the user has this access (`admin`, `subscription`, `trial`, `granted:<reason>`, `free`).
+    /// Why the user has this access (`admin`, `subscription`, `trial`, `lifetime`,
+    /// `granted:<reason>`, `free`).
     #[uniffi(default = "")]
     pub access_reason: String,
     /// Current billing period start (Unix ms).
@@ -971,6 +972,12 @@ pub struct Entitlements {
     /// When the subscription became past due (Unix ms).
     #[uniffi(default = None)]
     pub past_due_since_ms: Option<i64>,
+    /// When the subscription's access ends by itself, as its store dated it (Unix ms).
+    #[uniffi(default = None)]
+    pub access_until_ms: Option<i64>,
+    /// Whether the plan was bought for ever (`access_reason` `lifetime`).
+    #[uniffi(default = false)]
+    pub lifetime: bool,
     /// Access grants (admin or promotional).
     #[uniffi(default = [])]
     pub grants: Vec<AccessGrant>,
@@ -1002,6 +1009,8 @@ impl From<core::Entitlements> for Entitlements {
             features: e.features.into_iter().map(|(k, v)| (k, v.into())).collect(),
             ver: e.ver,
             past_due_since_ms: opt_ms(e.past_due_since),
+            access_until_ms: opt_ms(e.access_until),
+            lifetime: e.lifetime,
             grants: e.grants.into_iter().map(Into::into).collect(),
             credit_grants: e.credit_grants.into_iter().map(Into::into).collect(),
             tz: e.tz,
@@ -1026,6 +1035,8 @@ impl TryFrom<Entitlements> for core::Entitlements {
             features: e.features.into_iter().map(|(k, v)| (k, v.into())).collect(),
             ver: e.ver,
             past_due_since: from_opt_ms(e.past_due_since_ms, "past_due_since_ms")?,
+            access_until: from_opt_ms(e.access_until_ms, "access_until_ms")?,
+            lifetime: e.lifetime,
             grants: e.grants.into_iter().map(TryInto::try_into).collect::<Result<_, _>>()?,
             credit_grants: e.credit_grants.into_iter().map(TryInto::try_into).collect::<Result<_, _>>()?,
             tz: e.tz,

@@ -49,9 +49,18 @@ pub async fn delete_me(State(state): State<AppState>, AuthUser(user): AuthUser) 
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
     lock(&tx, user.user_id, &state.config.admin_subjects).await?;
+    if let Some(s) = crate::billing::subscriptions::renewing_elsewhere(&tx, user.user_id, state.now()).await? {
+        return Err(ApiError::Conflict(
+            "subscription_active",
+            format!(
+                "a subscription still renews; cancel it {} before deleting the account (this server cannot cancel it)",
+                crate::billing::subscriptions::where_to_cancel(s.sub.store)
+            ),
+        ));
+    }
     let paid = tx
         .query_opt(
-            "SELECT status FROM subscriptions WHERE user_id = $1 AND status IN ('active', 'trialing', 'past_due') AND provider IS NOT NULL",
+            "SELECT status FROM subscriptions WHERE user_id = $1 AND status IN ('active', 'trialing', 'past_due') AND provider = 'stripe'",
             &[&user.user_id],
         )
         .await?;
@@ -71,6 +80,8 @@ pub async fn delete_me(State(state): State<AppState>, AuthUser(user): AuthUser) 
     )
     .await?;
     tx.execute("DELETE FROM stripe_pending_events WHERE customer_id = ANY($1)", &[&customers]).await?;
+    tx.execute("UPDATE apple_notifications SET user_id = NULL, outcome = 'scrubbed:account_deleted' WHERE user_id = $1", &[&user.user_id])
+        .await?;
     for table in crate::billing::USER_TABLES.iter().copied().chain([
         "events",
         "void_events",

@@ -116,6 +116,21 @@ pub struct Config {
     /// never allowed: the API reads bearer tokens only.
     #[arg(long, env = "TALLY_CORS_ORIGINS", value_delimiter = ',')]
     pub cors_origins: Vec<String>,
+    /// Apple root certificates (PEM or DER files, comma-separated) App Store signatures chain to.
+    #[arg(long, env = "TALLY_APPLE_ROOT_CERTS", value_delimiter = ',')]
+    pub apple_root_certs: Vec<PathBuf>,
+    /// The app's bundle id (`com.example.app`); App Store purchases of other apps are refused.
+    #[arg(long, env = "TALLY_APPLE_BUNDLE_ID")]
+    pub apple_bundle_id: Option<String>,
+    /// `Production` or `Sandbox`.
+    #[arg(long, env = "TALLY_APPLE_ENVIRONMENT", default_value = "Production")]
+    pub apple_environment: String,
+    /// The app's numeric Apple ID (required in Production).
+    #[arg(long, env = "TALLY_APPLE_APP_ID")]
+    pub apple_app_id: Option<i64>,
+    /// Whether a Production server also accepts Sandbox purchases (App Review buys there).
+    #[arg(long, env = "TALLY_APPLE_ALLOW_SANDBOX", default_value_t = true, action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub apple_allow_sandbox: bool,
 }
 
 impl Config {
@@ -156,6 +171,11 @@ impl Config {
             stripe_prices: None,
             stripe_api_base: "https://api.stripe.com".into(),
             cors_origins: Vec::new(),
+            apple_root_certs: Vec::new(),
+            apple_bundle_id: None,
+            apple_environment: "Production".into(),
+            apple_app_id: None,
+            apple_allow_sandbox: true,
         }
     }
 }

@@ -31,35 +31,25 @@ pub struct Loaded {
 /// Loads and resolves `user`'s entitlements at `now`.
 pub async fn load(state: &AppState, client: &impl GenericClient, user: &User, now: DateTime<Utc>) -> ApiResult<Loaded> {
     // Independent reads, pipelined on the one connection (one round trip of waiting, not three).
-    let sub_st = client
-        .prepare_cached("SELECT plan, status, period_start, period_end, past_due_since FROM subscriptions WHERE user_id = $1")
-        .await?;
     let grants_st = client
         .prepare_cached("SELECT plan, until, granted_by, reason FROM access_grants WHERE user_id = $1 AND revoked_at IS NULL AND (until IS NULL OR until > $2)")
         .await?;
-    let (catalog_now, sub, grants) = futures::try_join!(
-        state.catalog.current(client),
-        async { client.query_opt(&sub_st, &[&user.user_id]).await.map_err(ApiError::from) },
-        async { client.query(&grants_st, &[&user.user_id, &now]).await.map_err(ApiError::from) },
-    )?;
+    let (catalog_now, subs, grants) =
+        futures::try_join!(state.catalog.current(client), crate::billing::subscriptions::load(client, user.user_id), async {
+            client.query(&grants_st, &[&user.user_id, &now]).await.map_err(ApiError::from)
+        },)?;
     let (catalog_version, catalog) = catalog_now;
-    let mut raw = Entitlements::free();
+    let grace = crate::billing::subscriptions::grace(state);
+    let subs: Vec<tally_core::Subscription> = subs.into_iter().map(|s| s.sub).collect();
+    let mut raw = Entitlements::free().with_subscriptions(&subs, &catalog, now, grace);
     let mut anchor = user.created_at;
-    if let Some(s) = sub {
-        raw.plan = s.get(0);
-        raw.status = SubscriptionStatus::parse(s.get(1)).unwrap_or_default();
-        raw.period_start = s.get(2);
-        raw.period_end = s.get(3);
-        raw.past_due_since = s.get(4);
-        if raw.status != SubscriptionStatus::None {
-            anchor = raw.period_start.unwrap_or(anchor);
-        }
+    if raw.status != SubscriptionStatus::None {
+        anchor = raw.period_start.unwrap_or(anchor);
     }
     raw.grants = grants.iter().map(|r| AccessGrant { plan: r.get(0), until: r.get(1), granted_by: r.get(2), reason: r.get(3) }).collect();
     raw.is_admin = user.is_admin;
     raw.tz = Some(user.timezone.clone());
     raw.ver = u64::try_from(user.ver.saturating_add(catalog_version)).unwrap_or(0);
-    let grace = Duration::seconds(i64::try_from(state.config.past_due_grace_secs).unwrap_or(i64::MAX / 2_000));
     let mut ents = raw.resolve(&catalog, now, grace);
     let included = crate::credits::plan_grants(&ents, &catalog, user.created_at, anchor, now);
     ents.credit_grants = crate::credits::current(client, user.user_id, &ents.features, &catalog, now, included).await?;
@@ -285,7 +275,7 @@ pub async fn get_entitlements(State(state): State<AppState>, AuthUser(user): Aut
         Some(e) => e,
         None => {
             let loaded = load(&state, &client, &user, now).await?;
-            let grace = Duration::seconds(i64::try_from(state.config.past_due_grace_secs).unwrap_or(i64::MAX / 2_000));
+            let grace = crate::billing::subscriptions::grace(&state);
             state.snapshots.put(&user, loaded.catalog_version, &loaded.ents, now, grace);
             loaded.ents
         }

@@ -74,6 +74,8 @@ pub struct Shared {
     pub tokens: entitlements::TokenCache,
     /// Resolved entitlements of `GET /v1/entitlements` per user.
     pub snapshots: entitlements::Snapshots,
+    /// App Store verification (`None`: not configured, purchases answer `store_unconfigured`).
+    pub apple: Option<billing::apple::Apple>,
 }
 
 impl std::ops::Deref for AppState {
@@ -125,6 +127,7 @@ impl AppState {
         cors::check(&config.cors_origins).map_err(StartError::Config)?;
         let verifier = auth::Verifier::new(&config).map_err(StartError::Config)?;
         let limiter = ratelimit::Limiter::new(config.rate_limit_per_sec, config.rate_limit_burst);
+        let apple = billing::apple::Apple::from_config(&config).map_err(StartError::Config)?;
         let shared = Arc::new(Shared {
             config,
             pool,
@@ -136,6 +139,7 @@ impl AppState {
             limiter,
             tokens: entitlements::TokenCache::default(),
             snapshots: Default::default(),
+            apple,
         });
         holds::spawn_sweeper(Arc::downgrade(&shared), holds::SWEEP_EVERY);
         Ok(AppState(shared))
@@ -174,6 +178,8 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/holds/{id}/commit", post(holds::commit))
         .route("/v1/holds/{id}", axum::routing::delete(holds::release))
         .route("/v1/webhooks/stripe", post(billing::webhook))
+        .route("/v1/webhooks/apple", post(billing::apple::notification))
+        .route("/v1/purchases/apple", post(billing::apple::purchase))
         .route("/v1/billing", get(billing::get_billing))
         .route("/v1/billing/checkout", post(billing::checkout))
         .route("/v1/billing/portal", post(billing::portal))

@@ -309,14 +309,8 @@ async fn run(
             leases::remove(&tx, user.user_id, &req.device_id, now).await?;
             entitlements::token_fresh(state, &user, &ents, now, req.force_entitlements)?
         } else {
-            let n = leases::active_devices(&tx, user.user_id, &req.device_id, now).await?;
-            let ctx = Ctx::new(&user, &loaded, now);
-            let list = leases::grant(&tx, &ctx, &ents, &req.device_id, n, &req.want, &released).await?;
-            let pools = leases::current_pools(&ctx, &ents);
-            let lease_ver = leases::issue(&tx, user.user_id, &dev, &list, &pools).await?;
-            let dl = entitlements::DeviceLeases { device_id: req.device_id.clone(), lease_ver, leases: list };
-            let (token, until) = entitlements::device_token(state, &user, &ents, now, req.force_entitlements, dl)?;
-            leases::set_lease_until(&tx, user.user_id, &req.device_id, until).await?;
+            let asks = DeviceAsks { want: &req.want, released: &released, force: req.force_entitlements };
+            let token = device_token(state, &tx, (&user, &loaded, &ents), &dev, asks, now).await?;
             recall = leases::recalls(&tx, user.user_id, &req.device_id).await?;
             token
         }
@@ -339,6 +333,38 @@ async fn run(
         limits: state.limits(),
         recall,
     })
+}
+
+/// What a device asks of its leases in one request.
+pub struct DeviceAsks<'a> {
+    /// Units it wants per pool.
+    pub want: &'a [tally_core::wire::LeaseAmount],
+    /// Pools it released in with this request (nothing is handed back there).
+    pub released: &'a std::collections::BTreeSet<(String, DateTime<Utc>)>,
+    /// Sign a new token even when the cached one would do.
+    pub force: bool,
+}
+
+/// The device token (protocol 2) answered to `dev` of `user` with entitlements `ents`: its
+/// leases granted and topped up, issued, and its `lease_until` stored — what `/v1/sync` and
+/// the purchase routes answer.
+pub async fn device_token(
+    state: &AppState,
+    tx: &impl deadpool_postgres::GenericClient,
+    (user, loaded, ents): (&User, &entitlements::Loaded, &tally_core::Entitlements),
+    dev: &leases::Device,
+    asks: DeviceAsks<'_>,
+    now: DateTime<Utc>,
+) -> ApiResult<String> {
+    let n = leases::active_devices(tx, user.user_id, &dev.device_id, now).await?;
+    let ctx = Ctx::new(user, loaded, now);
+    let list = leases::grant(tx, &ctx, ents, &dev.device_id, n, asks.want, asks.released).await?;
+    let pools = leases::current_pools(&ctx, ents);
+    let lease_ver = leases::issue(tx, user.user_id, dev, &list, &pools).await?;
+    let dl = entitlements::DeviceLeases { device_id: dev.device_id.clone(), lease_ver, leases: list };
+    let (token, until) = entitlements::device_token(state, user, ents, now, asks.force, dl)?;
+    leases::set_lease_until(tx, user.user_id, &dev.device_id, until).await?;
+    Ok(token)
 }
 
 /// The hard pool a leased use of `feature` occurring at `at` counts in.

@@ -7,9 +7,11 @@
 //! (`items.data[0].current_period_*` else the subscription's, `invoice.parent.…subscription`
 //! else `invoice.subscription`, `line.pricing.price_details.price` else `line.price`).
 
+pub mod apple;
 pub mod signature;
 pub mod state;
 pub mod stripe_api;
+pub mod subscriptions;
 pub mod webhook;
 
 use crate::auth::AuthUser;
@@ -34,8 +36,20 @@ pub use webhook::receive as webhook;
 /// The Stripe API version this server reads and sends by default.
 pub const DEFAULT_API_VERSION: &str = "2025-03-31.basil";
 
-/// `TALLY_STRIPE_PRICES` as a map price id → plan id.
-pub fn prices(config: &Config) -> HashMap<String, String> {
+/// Stripe price id → plan id: `TALLY_STRIPE_PRICES`, and the catalog's Stripe products that
+/// grant a plan (a product wins over the variable for the same price id).
+pub fn prices(config: &Config, catalog: &tally_core::Catalog) -> HashMap<String, String> {
+    let mut m = env_prices(config);
+    for p in catalog.products.iter().filter(|p| p.store == tally_core::Store::Stripe) {
+        match &p.grants.plan {
+            Some(plan) => m.insert(p.id.clone(), plan.clone()),
+            None => m.remove(&p.id),
+        };
+    }
+    m
+}
+
+fn env_prices(config: &Config) -> HashMap<String, String> {
     config
         .stripe_prices
         .as_deref()
@@ -97,7 +111,8 @@ pub async fn checkout(
     headers: HeaderMap,
     JsonBody(b): JsonBody<CheckoutBody>,
 ) -> ApiResult<Json<Value>> {
-    if !prices(&state.config).contains_key(&b.price_id) {
+    let (_, catalog) = state.catalog.current(&state.pool.get().await?).await?;
+    if !prices(&state.config, &catalog).contains_key(&b.price_id) {
         return Err(ApiError::Invalid("unknown_price", format!("price {:?} is not in TALLY_STRIPE_PRICES", b.price_id)));
     }
     check_url("success_url", &b.success_url)?;
@@ -162,8 +177,10 @@ pub async fn get_billing(State(state): State<AppState>, AuthUser(user): AuthUser
     let now = state.now();
     let loaded = entitlements::load(&state, &client, &user, now).await?;
     let e = &loaded.ents;
-    let subs = webhook::effective_subs(&client, user.user_id).await?;
-    let chosen = state::choose(&subs);
+    let stored = subscriptions::load(&client, user.user_id).await?;
+    let subs: Vec<tally_core::Subscription> = stored.iter().map(|s| s.sub.clone()).collect();
+    let chosen = tally_core::subscription::in_effect(&subs, &loaded.catalog, now, subscriptions::grace(&state))
+        .and_then(|c| stored.iter().find(|s| s.sub.store == c.store && s.sub.subscription_id == c.subscription_id));
     type Refund = (String, Option<String>, Option<String>, i64, bool, String, DateTime<Utc>);
     let refunds: Vec<Refund> = client
         .query("SELECT charge_id, payment_intent, invoice_id, amount_refunded, fully_refunded, currency, created FROM stripe_refunds WHERE user_id = $1", &[&user.user_id])
@@ -197,23 +214,34 @@ pub async fn get_billing(State(state): State<AppState>, AuthUser(user): AuthUser
         }
         let date: Option<DateTime<Utc>> = r.get::<_, Option<DateTime<Utc>>>(5).or(r.get(6)).or(Some(r.get(7)));
         payments.push(json!({"invoice_id": invoice, "subscription_id": r.get::<_, Option<String>>(1), "amount": amount, "currency": r.get::<_, String>(3),
-            "status": status, "amount_refunded": refunded, "date": date, "period_start": r.get::<_, Option<DateTime<Utc>>>(8), "period_end": r.get::<_, Option<DateTime<Utc>>>(9)}));
+            "store": "stripe", "status": status, "amount_refunded": refunded, "date": date, "period_start": r.get::<_, Option<DateTime<Utc>>>(8), "period_end": r.get::<_, Option<DateTime<Utc>>>(9)}));
     }
     for (i, f) in refunds.iter().enumerate().filter(|(i, _)| !matched[*i]) {
         let _ = i;
-        payments.push(json!({"invoice_id": f.2, "charge_id": f.0, "amount": f.3, "currency": f.5, "status": refund_status(f.3, f.3, f.4), "amount_refunded": f.3, "date": f.6}));
+        payments.push(json!({"store": "stripe", "invoice_id": f.2, "charge_id": f.0, "amount": f.3, "currency": f.5, "status": refund_status(f.3, f.3, f.4), "amount_refunded": f.3, "date": f.6}));
     }
+    payments.extend(apple::payments(&client, user.user_id).await?);
     let balance = e.credit_balance;
+    let listed: Vec<Value> = stored
+        .iter()
+        .map(|s| {
+            json!({"store": s.sub.store, "subscription_id": s.sub.subscription_id, "product_id": s.sub.product_id, "plan": s.sub.plan,
+                "status": s.sub.status, "period_start": s.sub.period_start, "period_end": s.sub.period_end, "past_due_since": s.sub.past_due_since,
+                "access_until": s.sub.access_until, "lifetime": s.sub.lifetime, "auto_renew": s.auto_renew, "sandbox": s.sandbox})
+        })
+        .collect();
     Ok(Json(json!({
         "plan": e.plan,
         "access_reason": e.access_reason,
-        "status": chosen.map_or(e.status, |c| c.1),
-        "subscription_id": chosen.map(|c| c.0.subscription_id.clone()),
-        "subscribed_plan": chosen.and_then(|c| c.0.plan.clone()),
-        "period_start": chosen.and_then(|c| c.0.period_start),
-        "period_end": chosen.and_then(|c| c.0.period_end),
-        "cancel_at_period_end": chosen.is_some_and(|c| c.0.cancel_at_period_end),
-        "past_due_since": chosen.and_then(|c| c.2),
+        "status": chosen.map_or(e.status, |c| c.sub.status),
+        "store": chosen.map(|c| c.sub.store),
+        "subscription_id": chosen.map(|c| c.sub.subscription_id.clone()),
+        "subscribed_plan": chosen.and_then(|c| c.sub.plan.clone()),
+        "period_start": chosen.and_then(|c| c.sub.period_start),
+        "period_end": chosen.and_then(|c| c.sub.period_end),
+        "cancel_at_period_end": chosen.is_some_and(|c| !c.auto_renew && !c.sub.lifetime),
+        "past_due_since": chosen.and_then(|c| c.sub.past_due_since),
+        "subscriptions": listed,
         "customer_linked": customer_of(&client, user.user_id).await?.is_some(),
         "credit_balance": balance,
         "credit_over_limit_by": (-balance).max(0),
@@ -257,7 +285,12 @@ pub async fn cancel_before_deletion(state: &AppState, user: &User) -> ApiResult<
     )
     .await?;
     tx.execute(
-        "UPDATE subscriptions SET status = $2, updated_at = now() WHERE user_id = $1",
+        "UPDATE store_subscriptions SET status = $2, auto_renew = false, updated_at = now() WHERE user_id = $1 AND store = 'stripe'",
+        &[&user.user_id, &SubscriptionStatus::Canceled.as_str()],
+    )
+    .await?;
+    tx.execute(
+        "UPDATE subscriptions SET status = $2, updated_at = now() WHERE user_id = $1 AND provider = 'stripe'",
         &[&user.user_id, &SubscriptionStatus::Canceled.as_str()],
     )
     .await?;
@@ -266,4 +299,14 @@ pub async fn cancel_before_deletion(state: &AppState, user: &User) -> ApiResult<
 }
 
 /// The billing tables holding the user's rows, deleted with the account.
-pub const USER_TABLES: &[&str] = &["credit_grants", "stripe_refunds", "stripe_payments", "stripe_subscriptions", "stripe_customers"];
+pub const USER_TABLES: &[&str] = &[
+    "credit_grants",
+    "stripe_refunds",
+    "stripe_payments",
+    "stripe_subscriptions",
+    "stripe_customers",
+    "store_subscriptions",
+    "store_bindings",
+    "apple_transactions",
+    "apple_renewals",
+];

@@ -1,7 +1,7 @@
 //! Stripe subscription state, as pure functions (so the ordering rules can be property-tested
 //! without a database): reading a subscription object at the pinned API version, mapping
 //! Stripe's statuses, ordering two states of one subscription id, the past-due overlay from
-//! failed invoices, and choosing the subscription that gives the user access.
+//! failed invoices. Which subscription gives the plan is `tally_core::subscription::in_effect`.
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -58,17 +58,6 @@ pub fn life_rank(s: SubscriptionStatus) -> u8 {
         SubscriptionStatus::Active => 2,
         SubscriptionStatus::PastDue => 3,
         SubscriptionStatus::Canceled => 4,
-    }
-}
-
-/// How much access a status gives, to choose among a user's subscriptions.
-fn access_rank(s: SubscriptionStatus) -> u8 {
-    match s {
-        SubscriptionStatus::Active => 4,
-        SubscriptionStatus::Trialing => 3,
-        SubscriptionStatus::PastDue => 2,
-        SubscriptionStatus::Canceled => 1,
-        SubscriptionStatus::None => 0,
     }
 }
 
@@ -146,19 +135,6 @@ pub fn effective(s: &SubState, earliest_unpaid_failure: Option<DateTime<Utc>>) -
 
 /// A subscription state with its effective status and past-due start.
 pub type Effective = (SubState, SubscriptionStatus, Option<DateTime<Utc>>);
-
-/// The subscription that gives the user access: the best effective status, then the latest
-/// period end, then the latest state. `subs` holds (state, effective status, past_due_since).
-pub fn choose(subs: &[Effective]) -> Option<&Effective> {
-    subs.iter().max_by(|a, b| {
-        (access_rank(a.1), a.0.period_end, a.0.created, &a.0.subscription_id).cmp(&(
-            access_rank(b.1),
-            b.0.period_end,
-            b.0.created,
-            &b.0.subscription_id,
-        ))
-    })
-}
 
 #[cfg(test)]
 mod tests {

@@ -163,7 +163,7 @@ async fn dispatch(
     };
     users::lock(tx, user, &state.config.admin_subjects).await?;
     let outcome = apply(state, tx, user, ev, customer).await?;
-    refresh_user(tx, user).await?;
+    refresh_user(state, tx, user).await?;
     Ok((outcome, Some(user)))
 }
 
@@ -225,13 +225,14 @@ async fn link(state: &AppState, tx: &deadpool_postgres::Transaction<'_>, ev: &Ev
         applied += 1;
     }
     tx.execute("DELETE FROM stripe_pending_events WHERE customer_id = $1", &[&customer]).await?;
-    refresh_user(tx, user).await?;
+    refresh_user(state, tx, user).await?;
     Ok((format!("applied:linked_by_{by}{}", if applied > 0 { format!(",{applied}_pending_applied") } else { String::new() }), Some(user)))
 }
 
 /// Applies one event to a known, locked user.
 async fn apply(state: &AppState, tx: &impl GenericClient, user: Uuid, ev: &Event, customer: &str) -> ApiResult<String> {
-    let prices = prices(&state.config);
+    let (_, catalog) = state.catalog.current(tx).await?;
+    let prices = prices(&state.config, &catalog);
     match ev.kind.as_str() {
         "customer.subscription.created" | "customer.subscription.updated" | "customer.subscription.deleted" => {
             let new = match state::parse_subscription(&ev.object, ev.created, &ev.id, &prices) {
@@ -449,21 +450,25 @@ pub async fn effective_subs(tx: &impl GenericClient, user: Uuid) -> ApiResult<Ve
         .collect())
 }
 
-/// Recomputes the user's `subscriptions` row (what entitlements resolve from) from their Stripe
-/// subscriptions and payments, and bumps the entitlement version.
-pub async fn refresh_user(tx: &impl GenericClient, user: Uuid) -> ApiResult<()> {
-    let subs = effective_subs(tx, user).await?;
-    if let Some((s, status, since)) = state::choose(&subs) {
-        let plan = s.plan.clone().unwrap_or_else(|| tally_core::catalog::FREE_PLAN.to_string());
-        tx.execute(
-            "INSERT INTO subscriptions (user_id, plan, status, period_start, period_end, past_due_since, provider, provider_customer_id, provider_subscription_id, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, 'stripe', $7, $8, now()) ON CONFLICT (user_id) DO UPDATE SET plan = excluded.plan, status = excluded.status, \
-             period_start = excluded.period_start, period_end = excluded.period_end, past_due_since = excluded.past_due_since, provider = excluded.provider, \
-             provider_customer_id = excluded.provider_customer_id, provider_subscription_id = excluded.provider_subscription_id, updated_at = now()",
-            &[&user, &plan, &status.as_str(), &s.period_start, &s.period_end, since, &s.customer_id, &s.subscription_id],
-        )
-        .await?;
+/// Mirrors the user's Stripe subscriptions (with their effective status) into the store
+/// subscriptions entitlements resolve from, then refreshes the summary and the version.
+pub async fn refresh_user(state: &AppState, tx: &impl GenericClient, user: Uuid) -> ApiResult<()> {
+    for (s, status, since) in effective_subs(tx, user).await? {
+        let sub = tally_core::Subscription {
+            store: tally_core::Store::Stripe,
+            subscription_id: s.subscription_id.clone(),
+            product_id: s.price_id.clone(),
+            plan: s.plan.clone(),
+            status,
+            period_start: s.period_start,
+            period_end: s.period_end,
+            past_due_since: since,
+            access_until: None,
+            lifetime: false,
+        };
+        let stored = super::subscriptions::Stored { sub, auto_renew: !s.cancel_at_period_end, sandbox: false };
+        super::subscriptions::store(tx, user, &stored).await?;
     }
-    tx.execute("UPDATE users SET ver = ver + 1, updated_at = now() WHERE user_id = $1", &[&user]).await?;
-    Ok(())
+    let (_, catalog) = state.catalog.current(tx).await?;
+    super::subscriptions::refresh(tx, user, &catalog, state.now(), super::subscriptions::grace(state)).await
 }

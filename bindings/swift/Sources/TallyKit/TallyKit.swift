@@ -2549,7 +2549,8 @@ public struct Entitlements: Equatable, Hashable {
      */
     public var status: SubscriptionStatus
     /**
-     * Why the user has this access (`admin`, `subscription`, `trial`, `granted:<reason>`, `free`).
+     * Why the user has this access (`admin`, `subscription`, `trial`, `lifetime`,
+     * `granted:<reason>`, `free`).
      */
     public var accessReason: String
     /**
@@ -2585,6 +2586,14 @@ public struct Entitlements: Equatable, Hashable {
      */
     public var pastDueSinceMs: Int64?
     /**
+     * When the subscription's access ends by itself, as its store dated it (Unix ms).
+     */
+    public var accessUntilMs: Int64?
+    /**
+     * Whether the plan was bought for ever (`access_reason` `lifetime`).
+     */
+    public var lifetime: Bool
+    /**
      * Access grants (admin or promotional).
      */
     public var grants: [AccessGrant]
@@ -2615,7 +2624,8 @@ public struct Entitlements: Equatable, Hashable {
          * Subscription status.
          */status: SubscriptionStatus, 
         /**
-         * Why the user has this access (`admin`, `subscription`, `trial`, `granted:<reason>`, `free`).
+         * Why the user has this access (`admin`, `subscription`, `trial`, `lifetime`,
+         * `granted:<reason>`, `free`).
          */accessReason: String = "", 
         /**
          * Current billing period start (Unix ms).
@@ -2642,6 +2652,12 @@ public struct Entitlements: Equatable, Hashable {
          * When the subscription became past due (Unix ms).
          */pastDueSinceMs: Int64? = nil, 
         /**
+         * When the subscription's access ends by itself, as its store dated it (Unix ms).
+         */accessUntilMs: Int64? = nil, 
+        /**
+         * Whether the plan was bought for ever (`access_reason` `lifetime`).
+         */lifetime: Bool = false, 
+        /**
          * Access grants (admin or promotional).
          */grants: [AccessGrant] = [], 
         /**
@@ -2667,6 +2683,8 @@ public struct Entitlements: Equatable, Hashable {
         self.features = features
         self.ver = ver
         self.pastDueSinceMs = pastDueSinceMs
+        self.accessUntilMs = accessUntilMs
+        self.lifetime = lifetime
         self.grants = grants
         self.creditGrants = creditGrants
         self.tz = tz
@@ -2701,6 +2719,8 @@ public struct FfiConverterTypeEntitlements: FfiConverterRustBuffer {
                 features: FfiConverterDictionaryStringTypeRule.read(from: &buf), 
                 ver: FfiConverterUInt64.read(from: &buf), 
                 pastDueSinceMs: FfiConverterOptionInt64.read(from: &buf), 
+                accessUntilMs: FfiConverterOptionInt64.read(from: &buf), 
+                lifetime: FfiConverterBool.read(from: &buf), 
                 grants: FfiConverterSequenceTypeAccessGrant.read(from: &buf), 
                 creditGrants: FfiConverterSequenceTypeCreditGrant.read(from: &buf), 
                 tz: FfiConverterOptionString.read(from: &buf), 
@@ -2721,6 +2741,8 @@ public struct FfiConverterTypeEntitlements: FfiConverterRustBuffer {
         FfiConverterDictionaryStringTypeRule.write(value.features, into: &buf)
         FfiConverterUInt64.write(value.ver, into: &buf)
         FfiConverterOptionInt64.write(value.pastDueSinceMs, into: &buf)
+        FfiConverterOptionInt64.write(value.accessUntilMs, into: &buf)
+        FfiConverterBool.write(value.lifetime, into: &buf)
         FfiConverterSequenceTypeAccessGrant.write(value.grants, into: &buf)
         FfiConverterSequenceTypeCreditGrant.write(value.creditGrants, into: &buf)
         FfiConverterOptionString.write(value.tz, into: &buf)

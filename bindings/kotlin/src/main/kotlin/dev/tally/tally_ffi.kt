@@ -4089,7 +4089,8 @@ data class Entitlements (
     var `status`: SubscriptionStatus
     , 
     /**
-     * Why the user has this access (`admin`, `subscription`, `trial`, `granted:<reason>`, `free`).
+     * Why the user has this access (`admin`, `subscription`, `trial`, `lifetime`,
+     * `granted:<reason>`, `free`).
      */
     var `accessReason`: kotlin.String = "" 
     , 
@@ -4132,6 +4133,16 @@ data class Entitlements (
      * When the subscription became past due (Unix ms).
      */
     var `pastDueSinceMs`: kotlin.Long? = null 
+    , 
+    /**
+     * When the subscription's access ends by itself, as its store dated it (Unix ms).
+     */
+    var `accessUntilMs`: kotlin.Long? = null 
+    , 
+    /**
+     * Whether the plan was bought for ever (`access_reason` `lifetime`).
+     */
+    var `lifetime`: kotlin.Boolean = false 
     , 
     /**
      * Access grants (admin or promotional).
@@ -4184,6 +4195,8 @@ public object FfiConverterTypeEntitlements: FfiConverterRustBuffer<Entitlements>
             FfiConverterMapStringTypeRule.read(buf),
             FfiConverterULong.read(buf),
             FfiConverterOptionalLong.read(buf),
+            FfiConverterOptionalLong.read(buf),
+            FfiConverterBoolean.read(buf),
             FfiConverterSequenceTypeAccessGrant.read(buf),
             FfiConverterSequenceTypeCreditGrant.read(buf),
             FfiConverterOptionalString.read(buf),
@@ -4204,6 +4217,8 @@ public object FfiConverterTypeEntitlements: FfiConverterRustBuffer<Entitlements>
             FfiConverterMapStringTypeRule.allocationSize(value.`features`) +
             FfiConverterULong.allocationSize(value.`ver`) +
             FfiConverterOptionalLong.allocationSize(value.`pastDueSinceMs`) +
+            FfiConverterOptionalLong.allocationSize(value.`accessUntilMs`) +
+            FfiConverterBoolean.allocationSize(value.`lifetime`) +
             FfiConverterSequenceTypeAccessGrant.allocationSize(value.`grants`) +
             FfiConverterSequenceTypeCreditGrant.allocationSize(value.`creditGrants`) +
             FfiConverterOptionalString.allocationSize(value.`tz`) +
@@ -4223,6 +4238,8 @@ public object FfiConverterTypeEntitlements: FfiConverterRustBuffer<Entitlements>
             FfiConverterMapStringTypeRule.write(value.`features`, buf)
             FfiConverterULong.write(value.`ver`, buf)
             FfiConverterOptionalLong.write(value.`pastDueSinceMs`, buf)
+            FfiConverterOptionalLong.write(value.`accessUntilMs`, buf)
+            FfiConverterBoolean.write(value.`lifetime`, buf)
             FfiConverterSequenceTypeAccessGrant.write(value.`grants`, buf)
             FfiConverterSequenceTypeCreditGrant.write(value.`creditGrants`, buf)
             FfiConverterOptionalString.write(value.`tz`, buf)
