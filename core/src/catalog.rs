@@ -145,6 +145,12 @@ pub struct Plan {
     /// it, the plan's position in the catalog.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rank: Option<i64>,
+    /// The name to show (`"Pro"`), at most 64 bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
+    /// A sentence or two for a paywall, at most 1,000 bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
 }
 
 /// A store in which products are sold.
@@ -327,7 +333,14 @@ impl Catalog {
 
     fn ensure_free(&mut self) {
         if !self.plans.iter().any(|p| p.id == FREE_PLAN) {
-            self.plans.push(Plan { id: FREE_PLAN.into(), included_credits: None, features: BTreeMap::new(), rank: None });
+            self.plans.push(Plan {
+                id: FREE_PLAN.into(),
+                included_credits: None,
+                features: BTreeMap::new(),
+                rank: None,
+                display_name: None,
+                description: None,
+            });
         }
     }
 
@@ -356,7 +369,14 @@ impl Catalog {
     pub fn free(&self) -> &Plan {
         static EMPTY: std::sync::OnceLock<Plan> = std::sync::OnceLock::new();
         self.plan(FREE_PLAN).unwrap_or_else(|| {
-            EMPTY.get_or_init(|| Plan { id: FREE_PLAN.into(), included_credits: None, features: BTreeMap::new(), rank: None })
+            EMPTY.get_or_init(|| Plan {
+                id: FREE_PLAN.into(),
+                included_credits: None,
+                features: BTreeMap::new(),
+                rank: None,
+                display_name: None,
+                description: None,
+            })
         })
     }
 
@@ -384,7 +404,7 @@ impl Plan {
     /// Validates one plan value found at `path`.
     pub fn validate(path: &str, v: &Value) -> Result<Plan> {
         let o = v.as_object().ok_or_else(|| Error::catalog(path, "expected a plan object"))?;
-        known_fields(path, o, &["id", "included_credits", "features", "rank"])?;
+        known_fields(path, o, &["id", "included_credits", "features", "rank", "display_name", "description"])?;
         let id = o
             .get("id")
             .and_then(Value::as_str)
@@ -424,7 +444,9 @@ impl Plan {
             None | Some(Value::Null) => None,
             Some(v) => Some(v.as_i64().ok_or_else(|| Error::catalog(format!("{path}.rank"), "expected an integer"))?),
         };
-        Ok(Plan { id, included_credits, features, rank })
+        let display_name = opt_text(path, o, "display_name", 64)?;
+        let description = opt_text(path, o, "description", 1000)?;
+        Ok(Plan { id, included_credits, features, rank, display_name, description })
     }
 }
 
@@ -479,11 +501,7 @@ fn validate_product(path: &str, v: &Value, catalog: &Catalog) -> Result<Product>
             Some(d as u32)
         }
     };
-    let display_price = match o.get("display_price") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) if !s.is_empty() && s.len() <= 64 => Some(s.clone()),
-        Some(_) => return Err(Error::catalog(format!("{path}.display_price"), "expected a string of 1 to 64 bytes")),
-    };
+    let display_price = opt_text(path, o, "display_price", 64)?;
     Ok(Product { id, store, grants: Grants { plan, lifetime, credits }, trial_days, display_price })
 }
 
@@ -552,6 +570,15 @@ fn known_fields(path: &str, o: &serde_json::Map<String, Value>, allowed: &[&str]
     match o.keys().find(|k| !allowed.contains(&k.as_str())) {
         Some(k) => Err(Error::catalog(format!("{path}.{k}"), format!("unknown field (expected one of {})", allowed.join(", ")))),
         None => Ok(()),
+    }
+}
+
+/// An optional text field shown to users: absent or null, else 1 to `max` bytes.
+fn opt_text(path: &str, o: &serde_json::Map<String, Value>, key: &str, max: usize) -> Result<Option<String>> {
+    match o.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if !s.is_empty() && s.len() <= max => Ok(Some(s.clone())),
+        Some(_) => Err(Error::catalog(format!("{path}.{key}"), format!("expected a string of 1 to {max} bytes"))),
     }
 }
 
@@ -677,6 +704,8 @@ mod tests {
                 "products[1].id",
             ),
             (r#"{"plans":[{"id":"pro","rank":"high"}]}"#.to_string(), "plans[0].rank"),
+            (r#"{"plans":[{"id":"pro","display_name":""}]}"#.to_string(), "plans[0].display_name"),
+            (format!(r#"{{"plans":[{{"id":"pro","description":"{}"}}]}}"#, "x".repeat(1001)), "plans[0].description"),
             (r#"{"products":{}}"#.to_string(), "products"),
         ];
         for (json, want) in cases {

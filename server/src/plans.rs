@@ -89,3 +89,30 @@ pub async fn import_if_changed(client: &impl GenericClient, catalog: &Catalog) -
     }
     store(client, catalog).await
 }
+
+/// `GET /v1/plans` (public, no credentials): what a paywall shows — every plan with its name,
+/// description, rank, features and included credits, the products that sell it in each store
+/// (with `display_price` and `trial_days`), and the credit packs on sale.
+pub async fn public_plans(axum::extract::State(state): axum::extract::State<crate::AppState>) -> ApiResult<axum::response::Response> {
+    use axum::response::IntoResponse;
+    use serde_json::json;
+    let client = state.pool.get().await?;
+    let (version, catalog) = state.catalog.current(&client).await?;
+    let product = |p: &tally_core::Product| {
+        json!({"id": p.id, "store": p.store, "display_price": p.display_price, "trial_days": p.trial_days,
+               "lifetime": p.grants.lifetime, "credits": p.grants.credits})
+    };
+    let plans: Vec<serde_json::Value> = catalog
+        .plans
+        .iter()
+        .map(|p| {
+            let sold: Vec<serde_json::Value> =
+                catalog.products.iter().filter(|x| x.grants.plan.as_deref() == Some(p.id.as_str())).map(product).collect();
+            json!({"id": p.id, "display_name": p.display_name, "description": p.description, "rank": catalog.rank(&p.id),
+                   "features": p.features, "included_credits": p.included_credits, "products": sold})
+        })
+        .collect();
+    let packs: Vec<serde_json::Value> = catalog.products.iter().filter(|x| x.grants.credits.is_some()).map(product).collect();
+    let body = json!({"version": version, "plans": plans, "credit_packs": packs});
+    Ok(([(axum::http::header::CACHE_CONTROL, "public, max-age=60")], axum::Json(body)).into_response())
+}

@@ -112,3 +112,33 @@ async fn usage_events_are_the_callers_own_newest_first_in_pages_with_voids_shown
     let (s, _) = a.call("GET", "/v1/usage/events?subject=historian", Some(&other), None).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
 }
+
+#[tokio::test]
+async fn plans_are_public_with_names_prices_and_products_per_store() {
+    const PLANS: &str = r#"{"plans": [
+      {"id": "free", "display_name": "Free", "features": {"chat": {"type": "metered", "limit": 5, "period": "month", "enforcement": "hard"}}},
+      {"id": "pro", "display_name": "Pro", "description": "Unlimited chat.", "features": {"chat": {"type": "metered", "limit": null, "period": "month"}}}],
+     "products": [
+      {"id": "pro_monthly", "store": "app_store", "grants": {"plan": "pro"}, "display_price": "$4.99/month"},
+      {"id": "price_pro", "store": "stripe", "grants": {"plan": "pro"}, "trial_days": 14, "display_price": "€4.50/month"},
+      {"id": "pro_forever", "store": "play", "grants": {"plan": "pro", "lifetime": true}, "display_price": "$79"},
+      {"id": "credits_100", "store": "play", "grants": {"credits": 100}, "display_price": "$1.99"}]}"#;
+    let a = app_or_skip!(app_with(|c| std::fs::write(c.plans_file.as_ref().unwrap(), PLANS).unwrap()).await);
+    let (s, v, h) = a.raw("GET", "/v1/plans", None, Vec::new(), &[]).await;
+    assert_eq!(s, StatusCode::OK, "no credentials needed: {v}");
+    assert_eq!(h.get("cache-control").and_then(|v| v.to_str().ok()), Some("public, max-age=60"));
+    let plans = v["plans"].as_array().unwrap();
+    let pro = plans.iter().find(|p| p["id"] == "pro").unwrap();
+    assert_eq!((pro["display_name"].clone(), pro["description"].clone()), (json!("Pro"), json!("Unlimited chat.")));
+    assert_eq!(pro["features"]["chat"]["limit"], Value::Null);
+    let stores: Vec<(&str, &str)> =
+        pro["products"].as_array().unwrap().iter().map(|p| (p["store"].as_str().unwrap(), p["id"].as_str().unwrap())).collect();
+    assert_eq!(stores, vec![("app_store", "pro_monthly"), ("stripe", "price_pro"), ("play", "pro_forever")]);
+    let stripe = pro["products"].as_array().unwrap().iter().find(|p| p["store"] == "stripe").unwrap();
+    assert_eq!((stripe["trial_days"].clone(), stripe["display_price"].clone()), (json!(14), json!("€4.50/month")));
+    assert!(pro["rank"].as_i64().unwrap() > plans.iter().find(|p| p["id"] == "free").unwrap()["rank"].as_i64().unwrap());
+    assert_eq!(
+        v["credit_packs"],
+        json!([{"id": "credits_100", "store": "play", "display_price": "$1.99", "trial_days": null, "lifetime": false, "credits": 100}])
+    );
+}
