@@ -21,6 +21,7 @@ pub mod extract;
 pub mod grants;
 pub mod holds;
 pub mod http;
+pub mod jwks;
 pub mod leases;
 pub mod ledger;
 pub mod metrics;

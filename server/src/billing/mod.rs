@@ -8,6 +8,7 @@
 //! else `invoice.subscription`, `line.pricing.price_details.price` else `line.price`).
 
 pub mod apple;
+pub mod purchases;
 pub mod signature;
 pub mod state;
 pub mod stripe_api;
