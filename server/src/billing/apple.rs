@@ -34,7 +34,7 @@ use tally_core::{Catalog, Store, Subscription, SubscriptionStatus};
 use uuid::Uuid;
 
 /// Most signed transactions one request may carry (a restore sends every current one).
-pub const MAX_TRANSACTIONS: usize = 100;
+pub const MAX_TRANSACTIONS: usize = purchases::MAX_PER_REQUEST;
 
 /// Notification types applied (every other type is recorded and acknowledged).
 pub const HANDLED: &[&str] =

@@ -14,6 +14,9 @@ use std::collections::BTreeSet;
 use tally_core::Store;
 use uuid::Uuid;
 
+/// Most purchases one request may carry (a restore sends every current one).
+pub const MAX_PER_REQUEST: usize = 100;
+
 /// 503 `store_unconfigured`: `store` is not set up on this server (`settings` names what to set).
 pub fn unconfigured(store: &str, settings: &str) -> ApiError {
     ApiError::Status(
