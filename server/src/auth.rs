@@ -4,11 +4,11 @@
 use crate::AppState;
 use crate::api_keys::{self, ApiKey};
 use crate::error::ApiError;
+use crate::jwks::KeySet;
 use crate::users::{self, User};
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use base64::Engine;
-use crate::jwks::KeySet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use std::time::Duration;
 

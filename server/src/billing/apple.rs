@@ -382,7 +382,14 @@ pub async fn purchase(
     let locked = users::lock(&tx, user.user_id, &state.config.admin_subjects).await?;
     let originals: BTreeSet<&str> = txns.iter().map(|t| t.original_id.as_str()).collect();
     for t in &txns {
-        purchases::bind(&tx, Store::AppStore, &t.original_id, user.user_id, if t.account_token.is_some() { "account_token" } else { "caller" }).await?;
+        purchases::bind(
+            &tx,
+            Store::AppStore,
+            &t.original_id,
+            user.user_id,
+            if t.account_token.is_some() { "account_token" } else { "caller" },
+        )
+        .await?;
         store_txn(&tx, user.user_id, t).await?;
     }
     let mut bought = Vec::new();

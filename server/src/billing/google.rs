@@ -298,7 +298,8 @@ fn token_from_row(r: &tokio_postgres::Row) -> Token {
     }
 }
 
-const TOKEN_COLUMNS: &str = "purchase_token, kind, product_id, order_id, state, start_time, expiry_time, auto_renew, trial, test, acknowledged, consumed";
+const TOKEN_COLUMNS: &str =
+    "purchase_token, kind, product_id, order_id, state, start_time, expiry_time, auto_renew, trial, test, acknowledged, consumed";
 
 /// A stored purchase token and its lineage.
 async fn stored_token(client: &impl GenericClient, token: &str) -> ApiResult<Option<(Token, String)>> {
@@ -484,7 +485,8 @@ pub async fn purchase(
     let mut lineages = BTreeSet::new();
     for t in &tokens {
         let lineage = lineage_of(&tx, t).await?;
-        purchases::bind(&tx, Store::Play, &lineage, user.user_id, if t.account_token().is_some() { "account_token" } else { "caller" }).await?;
+        purchases::bind(&tx, Store::Play, &lineage, user.user_id, if t.account_token().is_some() { "account_token" } else { "caller" })
+            .await?;
         store_token(&tx, user.user_id, &lineage, t, now).await?;
         lineages.insert(lineage);
     }

@@ -190,7 +190,8 @@ impl Play {
     /// The client of `TALLY_GOOGLE_*`; `None` when Google Play is not configured (no service
     /// account file or no package name).
     pub fn from_config(config: &crate::Config) -> Result<Option<Play>, String> {
-        let (Some(file), Some(package)) = (&config.google_service_account_file, config.google_package_name.clone().filter(|p| !p.is_empty()))
+        let (Some(file), Some(package)) =
+            (&config.google_service_account_file, config.google_package_name.clone().filter(|p| !p.is_empty()))
         else {
             return Ok(None);
         };

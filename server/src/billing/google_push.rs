@@ -39,7 +39,12 @@ impl PushVerifier {
         let email = config.google_push_email.clone().filter(|e| !e.is_empty());
         let (Some(audience), Some(email)) = (audience, email) else { return Ok(None) };
         let http = reqwest::Client::builder().timeout(super::google_api::TIMEOUT).build().map_err(|e| e.to_string())?;
-        Ok(Some(PushVerifier { keys: KeySet::new(config.google_push_jwks_url.clone(), http), audience, email, leeway: config.jwt_leeway_secs }))
+        Ok(Some(PushVerifier {
+            keys: KeySet::new(config.google_push_jwks_url.clone(), http),
+            audience,
+            email,
+            leeway: config.jwt_leeway_secs,
+        }))
     }
 
     /// Verifies the `Authorization: Bearer` token of a push; every failure is a 401 naming it.

@@ -97,7 +97,10 @@ pub async fn credit_pack(tx: &impl GenericClient, user: Uuid, pack: &Pack<'_>, n
         return Ok("credited");
     }
     let n = tx
-        .execute("UPDATE credit_grants SET revoked_at = $3 WHERE user_id = $1 AND grant_id = $2 AND revoked_at IS NULL", &[&user, &id, &now])
+        .execute(
+            "UPDATE credit_grants SET revoked_at = $3 WHERE user_id = $1 AND grant_id = $2 AND revoked_at IS NULL",
+            &[&user, &id, &now],
+        )
         .await?;
     if n > 0 {
         leases::mark_refund(tx, user, now).await?;
