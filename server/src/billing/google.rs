@@ -454,12 +454,7 @@ pub async fn purchase(
     JsonBody(b): JsonBody<PurchaseBody>,
 ) -> ApiResult<Json<Value>> {
     let google = state.google.as_ref().ok_or_else(unconfigured)?;
-    if b.purchases.is_empty() || b.purchases.len() > purchases::MAX_PER_REQUEST {
-        return Err(ApiError::invalid(format!("purchases must hold 1 to {} purchases", purchases::MAX_PER_REQUEST)));
-    }
-    if let Some(d) = &b.device_id {
-        tally_core::contract::device_id(d)?;
-    }
+    purchases::check_request(b.purchases.len(), "purchases", b.device_id.as_deref())?;
     let now = state.now();
     let client = state.pool.get().await?;
     let (_, catalog) = state.catalog.current(&client).await?;

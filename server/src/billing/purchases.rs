@@ -17,6 +17,18 @@ use uuid::Uuid;
 /// Most purchases one request may carry (a restore sends every current one).
 pub const MAX_PER_REQUEST: usize = 100;
 
+/// Checks the shape every purchase request shares: 1 to [`MAX_PER_REQUEST`] proofs in
+/// `field`, and a well-formed `device_id` when one is given.
+pub fn check_request(count: usize, field: &str, device_id: Option<&str>) -> ApiResult<()> {
+    if count == 0 || count > MAX_PER_REQUEST {
+        return Err(ApiError::invalid(format!("{field} must hold 1 to {MAX_PER_REQUEST} purchases")));
+    }
+    if let Some(d) = device_id {
+        tally_core::contract::device_id(d)?;
+    }
+    Ok(())
+}
+
 /// 503 `store_unconfigured`: `store` is not set up on this server (`settings` names what to set).
 pub fn unconfigured(store: &str, settings: &str) -> ApiError {
     ApiError::Status(
