@@ -80,8 +80,10 @@ pub async fn delete_me(State(state): State<AppState>, AuthUser(user): AuthUser) 
     )
     .await?;
     tx.execute("DELETE FROM stripe_pending_events WHERE customer_id = ANY($1)", &[&customers]).await?;
-    tx.execute("UPDATE apple_notifications SET user_id = NULL, outcome = 'scrubbed:account_deleted' WHERE user_id = $1", &[&user.user_id])
-        .await?;
+    for log in ["apple_notifications", "google_notifications"] {
+        tx.execute(&format!("UPDATE {log} SET user_id = NULL, outcome = 'scrubbed:account_deleted' WHERE user_id = $1"), &[&user.user_id])
+            .await?;
+    }
     for table in crate::billing::USER_TABLES.iter().copied().chain([
         "events",
         "void_events",

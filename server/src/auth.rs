@@ -4,14 +4,13 @@
 use crate::AppState;
 use crate::api_keys::{self, ApiKey};
 use crate::error::ApiError;
+use crate::jwks::KeySet;
 use crate::users::{self, User};
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use base64::Engine;
-use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use std::time::{Duration, Instant};
-use tokio::sync::RwLock;
+use std::time::Duration;
 
 pub use crate::users::IdClaims;
 
@@ -22,12 +21,10 @@ fn unauthorized(code: &'static str, msg: impl Into<String>) -> ApiError {
 /// Verifies identity tokens against the configured secret or JWKS.
 pub struct Verifier {
     secret: Option<DecodingKey>,
-    jwks_url: Option<String>,
-    jwks: RwLock<Option<(JwkSet, Instant)>>,
+    jwks: Option<KeySet>,
     issuer: Option<String>,
     audience: Option<String>,
     leeway: u64,
-    http: reqwest::Client,
 }
 
 impl Verifier {
@@ -36,45 +33,11 @@ impl Verifier {
         let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().map_err(|e| e.to_string())?;
         Ok(Verifier {
             secret: config.jwt_secret.as_ref().filter(|s| !s.is_empty()).map(|s| DecodingKey::from_secret(s.as_bytes())),
-            jwks_url: config.jwks_url.clone().filter(|s| !s.is_empty()),
-            jwks: RwLock::new(None),
+            jwks: config.jwks_url.clone().filter(|s| !s.is_empty()).map(|u| KeySet::new(u, http.clone())),
             issuer: config.jwt_issuer.clone().filter(|s| !s.is_empty()),
             audience: config.jwt_audience.clone().filter(|s| !s.is_empty()),
             leeway: config.jwt_leeway_secs,
-            http,
         })
-    }
-
-    async fn fetch_jwks(&self, url: &str) -> Result<JwkSet, ApiError> {
-        let resp = self.http.get(url).send().await.map_err(|e| ApiError::Unavailable(format!("fetching the JWKS: {e}")))?;
-        resp.json::<JwkSet>().await.map_err(|e| ApiError::Unavailable(format!("reading the JWKS: {e}")))
-    }
-
-    /// The JWKS key with `kid`, refetching the set (at most every 10 s) when it is unknown.
-    async fn jwk_key(&self, url: &str, kid: Option<&str>) -> Result<DecodingKey, ApiError> {
-        let find = |set: &JwkSet| -> Option<DecodingKey> {
-            let jwk = match kid {
-                Some(k) => set.find(k)?,
-                None if set.keys.len() == 1 => set.keys.first()?,
-                None => return None,
-            };
-            DecodingKey::from_jwk(jwk).ok()
-        };
-        {
-            let cached = self.jwks.read().await;
-            if let Some((set, at)) = cached.as_ref() {
-                if let Some(k) = find(set) {
-                    return Ok(k);
-                }
-                if at.elapsed() < Duration::from_secs(10) {
-                    return Err(unauthorized("unknown_key", "no identity-provider key matches the token's kid"));
-                }
-            }
-        }
-        let set = self.fetch_jwks(url).await?;
-        let key = find(&set);
-        *self.jwks.write().await = Some((set, Instant::now()));
-        key.ok_or_else(|| unauthorized("unknown_key", "no identity-provider key matches the token's kid"))
     }
 
     /// Verifies `token` and returns its claims; every failure is a 401 with a specific code.
@@ -90,8 +53,8 @@ impl Verifier {
                 Some(k) => k.clone(),
                 None => return Err(unauthorized("unsupported_algorithm", "HS256 tokens are not accepted by this server")),
             },
-            Algorithm::RS256 | Algorithm::ES256 | Algorithm::EdDSA => match &self.jwks_url {
-                Some(url) => self.jwk_key(url, header.kid.as_deref()).await?,
+            Algorithm::RS256 | Algorithm::ES256 | Algorithm::EdDSA => match &self.jwks {
+                Some(set) => set.key(header.kid.as_deref()).await.map_err(|e| e.into_api("identity-provider"))?,
                 None => return Err(unauthorized("unsupported_algorithm", format!("{header_alg} tokens need TALLY_JWKS_URL"))),
             },
             _ => return Err(unauthorized("unsupported_algorithm", format!("algorithm {header_alg} is not accepted"))),

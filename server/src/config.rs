@@ -131,6 +131,25 @@ pub struct Config {
     /// Whether a Production server also accepts Sandbox purchases (App Review buys there).
     #[arg(long, env = "TALLY_APPLE_ALLOW_SANDBOX", default_value_t = true, action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     pub apple_allow_sandbox: bool,
+    /// Google service-account key file (JSON with `client_email`, `private_key`, `token_uri`)
+    /// with access to the Play Developer API; its `token_uri` is the token endpoint used.
+    #[arg(long, env = "TALLY_GOOGLE_SERVICE_ACCOUNT_FILE")]
+    pub google_service_account_file: Option<PathBuf>,
+    /// The Android app's package name (`com.example.app`).
+    #[arg(long, env = "TALLY_GOOGLE_PACKAGE_NAME")]
+    pub google_package_name: Option<String>,
+    /// Root of the Play Developer API (`androidpublisher/v3/…` is appended).
+    #[arg(long, env = "TALLY_GOOGLE_API_BASE", default_value = crate::billing::google_api::DEFAULT_API_BASE)]
+    pub google_api_base: String,
+    /// JWKS of the keys signing Pub/Sub push tokens.
+    #[arg(long, env = "TALLY_GOOGLE_PUSH_JWKS_URL", default_value = crate::billing::google_api::DEFAULT_PUSH_JWKS_URL)]
+    pub google_push_jwks_url: String,
+    /// Required `aud` of Pub/Sub push tokens (the audience set on the push subscription).
+    #[arg(long, env = "TALLY_GOOGLE_PUSH_AUDIENCE")]
+    pub google_push_audience: Option<String>,
+    /// The service account (`email` claim) the push subscription authenticates as.
+    #[arg(long, env = "TALLY_GOOGLE_PUSH_EMAIL")]
+    pub google_push_email: Option<String>,
 }
 
 impl Config {
@@ -176,6 +195,12 @@ impl Config {
             apple_environment: "Production".into(),
             apple_app_id: None,
             apple_allow_sandbox: true,
+            google_service_account_file: None,
+            google_package_name: None,
+            google_api_base: crate::billing::google_api::DEFAULT_API_BASE.into(),
+            google_push_jwks_url: crate::billing::google_api::DEFAULT_PUSH_JWKS_URL.into(),
+            google_push_audience: None,
+            google_push_email: None,
         }
     }
 }

@@ -22,6 +22,7 @@ pub mod extract;
 pub mod grants;
 pub mod holds;
 pub mod http;
+pub mod jwks;
 pub mod leases;
 pub mod ledger;
 pub mod metrics;
@@ -76,6 +77,8 @@ pub struct Shared {
     pub snapshots: entitlements::Snapshots,
     /// App Store verification (`None`: not configured, purchases answer `store_unconfigured`).
     pub apple: Option<billing::apple::Apple>,
+    /// Google Play (`None`: not configured, purchases answer `store_unconfigured`).
+    pub google: Option<billing::google::Google>,
 }
 
 impl std::ops::Deref for AppState {
@@ -128,6 +131,7 @@ impl AppState {
         let verifier = auth::Verifier::new(&config).map_err(StartError::Config)?;
         let limiter = ratelimit::Limiter::new(config.rate_limit_per_sec, config.rate_limit_burst);
         let apple = billing::apple::Apple::from_config(&config).map_err(StartError::Config)?;
+        let google = billing::google::Google::from_config(&config).map_err(StartError::Config)?;
         let shared = Arc::new(Shared {
             config,
             pool,
@@ -140,6 +144,7 @@ impl AppState {
             tokens: entitlements::TokenCache::default(),
             snapshots: Default::default(),
             apple,
+            google,
         });
         holds::spawn_sweeper(Arc::downgrade(&shared), holds::SWEEP_EVERY);
         Ok(AppState(shared))
@@ -180,6 +185,8 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/webhooks/stripe", post(billing::webhook))
         .route("/v1/webhooks/apple", post(billing::apple::notification))
         .route("/v1/purchases/apple", post(billing::apple::purchase))
+        .route("/v1/webhooks/google", post(billing::google::notification))
+        .route("/v1/purchases/google", post(billing::google::purchase))
         .route("/v1/billing", get(billing::get_billing))
         .route("/v1/billing/checkout", post(billing::checkout))
         .route("/v1/billing/portal", post(billing::portal))

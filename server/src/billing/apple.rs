@@ -8,12 +8,13 @@
 //! `transactionId`, so a restore re-signing an old period never rolls a renewal back, and a
 //! refund of a past period leaves the current one alone.
 
+use super::purchases;
 use super::subscriptions::{self, Stored};
 use crate::auth::AuthUser;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::JsonBody;
-use crate::users::{self, User};
-use crate::{AppState, Config, credits, entitlements, leases};
+use crate::users;
+use crate::{AppState, Config};
 use app_store_server_library::models::app_store_environment::Environment;
 use app_store_server_library::models::auto_renew_status::AutoRenewStatus;
 use app_store_server_library::models::jws_transaction_decoded_payload::JWSTransactionDecodedPayload;
@@ -22,7 +23,6 @@ use app_store_server_library::models::offer_type::OfferType;
 use app_store_server_library::signed_data_verifier::{SignedDataVerifier, SignedDataVerifierError};
 use axum::Json;
 use axum::extract::State;
-use axum::http::StatusCode;
 use base64::Engine;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
@@ -32,9 +32,6 @@ use std::collections::BTreeSet;
 use tally_core::catalog::ProductKind;
 use tally_core::{Catalog, Store, Subscription, SubscriptionStatus};
 use uuid::Uuid;
-
-/// Most signed transactions one request may carry (a restore sends every current one).
-pub const MAX_TRANSACTIONS: usize = 100;
 
 /// Notification types applied (every other type is recorded and acknowledged).
 pub const HANDLED: &[&str] =
@@ -116,11 +113,7 @@ fn refusal(e: SignedDataVerifierError) -> ApiError {
 }
 
 fn unconfigured() -> ApiError {
-    ApiError::Status(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "store_unconfigured",
-        "App Store purchases are not configured on this server (TALLY_APPLE_BUNDLE_ID, TALLY_APPLE_ROOT_CERTS)".into(),
-    )
+    purchases::unconfigured("App Store", "TALLY_APPLE_BUNDLE_ID, TALLY_APPLE_ROOT_CERTS")
 }
 
 /// One verified App Store transaction.
@@ -239,32 +232,6 @@ pub fn state_of(original: &str, txns: &[Txn], renewal: Option<&Renewal>, catalog
     Some(Stored { sub, auto_renew, sandbox: latest.sandbox })
 }
 
-/// Binds `original` to `user` (once); 409 `bound_to_other_user` when another user holds it.
-async fn bind(tx: &impl GenericClient, original: &str, user: Uuid, by: &str) -> ApiResult<()> {
-    tx.execute(
-        "INSERT INTO store_bindings (store, store_id, user_id, bound_by) VALUES ('app_store', $1, $2, $3) ON CONFLICT DO NOTHING",
-        &[&original, &user, &by],
-    )
-    .await?;
-    let owner: Uuid =
-        tx.query_one("SELECT user_id FROM store_bindings WHERE store = 'app_store' AND store_id = $1", &[&original]).await?.get(0);
-    if owner != user {
-        return Err(bound_to_other());
-    }
-    Ok(())
-}
-
-fn bound_to_other() -> ApiError {
-    ApiError::Conflict("bound_to_other_user", "this purchase belongs to another account".into())
-}
-
-async fn bound_user(tx: &impl GenericClient, original: &str) -> ApiResult<Option<Uuid>> {
-    Ok(tx
-        .query_opt("SELECT user_id FROM store_bindings WHERE store = 'app_store' AND store_id = $1", &[&original])
-        .await?
-        .map(|r| r.get(0)))
-}
-
 /// Keeps `t` unless a fact about the same transaction id signed later is stored.
 async fn store_txn(tx: &impl GenericClient, user: Uuid, t: &Txn) -> ApiResult<()> {
     tx.execute(
@@ -347,32 +314,22 @@ async fn settle(tx: &impl GenericClient, user: Uuid, original: &str, catalog: &C
     if let Some(s) = state_of(original, &txns, renewal.as_ref(), catalog, now) {
         subscriptions::store(tx, user, &s).await?;
         let latest = txns.iter().max_by(|a, b| a.period_key().cmp(&b.period_key()));
-        return Ok(vec![
-            json!({"store": Store::AppStore, "product_id": s.sub.product_id, "transaction_id": latest.map(|t| &t.transaction_id), "status": s.sub.status}),
-        ]);
+        let txn = latest.map(|t| t.transaction_id.as_str());
+        return Ok(vec![purchases::purchase(Store::AppStore, s.sub.product_id.as_deref(), txn, s.sub.status.as_str())]);
     }
     let mut out = Vec::new();
     for t in &txns {
         let Some(ProductKind::Credits(n)) = catalog.product(Store::AppStore, &t.product_id).map(|p| p.kind()) else { continue };
-        let id = format!("app_store:{}", t.transaction_id);
-        let amount = i64::try_from(n).unwrap_or(i64::MAX);
-        let valid_from = t.purchase_date.min(now);
-        credits::insert(tx, user, &id, amount, "purchase", Some(&t.product_id), Some("app_store"), None, valid_from, None).await?;
-        let status = if t.revoked_at.is_some() {
-            let n = tx
-                .execute(
-                    "UPDATE credit_grants SET revoked_at = $3 WHERE user_id = $1 AND grant_id = $2 AND revoked_at IS NULL",
-                    &[&user, &id, &now],
-                )
-                .await?;
-            if n > 0 {
-                leases::mark_refund(tx, user, now).await?;
-            }
-            "refunded"
-        } else {
-            "credited"
+        let pack = purchases::Pack {
+            store: Store::AppStore,
+            transaction_id: &t.transaction_id,
+            product_id: &t.product_id,
+            credits: n,
+            purchased_at: t.purchase_date,
+            revoked: t.revoked_at.is_some(),
         };
-        out.push(json!({"store": Store::AppStore, "product_id": t.product_id, "transaction_id": t.transaction_id, "status": status}));
+        let status = purchases::credit_pack(tx, user, &pack, now).await?;
+        out.push(purchases::purchase(Store::AppStore, Some(&t.product_id), Some(&t.transaction_id), status));
     }
     Ok(out)
 }
@@ -397,12 +354,7 @@ pub async fn purchase(
     JsonBody(b): JsonBody<PurchaseBody>,
 ) -> ApiResult<Json<Value>> {
     let apple = state.apple.as_ref().ok_or_else(unconfigured)?;
-    if b.signed_transactions.is_empty() || b.signed_transactions.len() > MAX_TRANSACTIONS {
-        return Err(ApiError::invalid(format!("signed_transactions must hold 1 to {MAX_TRANSACTIONS} transactions")));
-    }
-    if let Some(d) = &b.device_id {
-        tally_core::contract::device_id(d)?;
-    }
+    purchases::check_request(b.signed_transactions.len(), "signed_transactions", b.device_id.as_deref())?;
     let now = state.now();
     let mut client = state.pool.get().await?;
     let (_, catalog) = state.catalog.current(&client).await?;
@@ -411,13 +363,10 @@ pub async fn purchase(
         let (p, sandbox) = apple.verify(|v| v.verify_and_decode_signed_transaction(jws))?;
         let t = Txn::from_payload(p, sandbox)?;
         if catalog.product(Store::AppStore, &t.product_id).is_none() {
-            return Err(ApiError::Invalid(
-                "unknown_product",
-                format!("product {:?} is not in the catalog's App Store products", t.product_id),
-            ));
+            return Err(purchases::unknown_product(Store::AppStore, &t.product_id));
         }
         if t.account_token.is_some_and(|a| a != user.user_id) {
-            return Err(bound_to_other());
+            return Err(purchases::bound_to_other());
         }
         txns.push(t);
     }
@@ -425,50 +374,25 @@ pub async fn purchase(
     let locked = users::lock(&tx, user.user_id, &state.config.admin_subjects).await?;
     let originals: BTreeSet<&str> = txns.iter().map(|t| t.original_id.as_str()).collect();
     for t in &txns {
-        bind(&tx, &t.original_id, user.user_id, if t.account_token.is_some() { "account_token" } else { "caller" }).await?;
+        purchases::bind(
+            &tx,
+            Store::AppStore,
+            &t.original_id,
+            user.user_id,
+            if t.account_token.is_some() { "account_token" } else { "caller" },
+        )
+        .await?;
         store_txn(&tx, user.user_id, t).await?;
     }
-    let mut purchases = Vec::new();
+    let mut bought = Vec::new();
     for o in originals {
-        purchases.extend(settle(&tx, user.user_id, o, &catalog, now).await?);
+        bought.extend(settle(&tx, user.user_id, o, &catalog, now).await?);
     }
     subscriptions::refresh(&tx, user.user_id, &catalog, now, subscriptions::grace(&state)).await?;
-    let body = answer(&state, &tx, &locked, b.device_id.as_deref(), now).await?;
+    let body = purchases::answer(&state, &tx, &locked, b.device_id.as_deref(), now).await?;
     tx.commit().await?;
     state.tokens.forget(user.user_id);
-    with_purchases(body, purchases)
-}
-
-/// The `GET /v1/entitlements` body with its token — a device token when `device_id` is given.
-pub async fn answer(
-    state: &AppState,
-    tx: &impl GenericClient,
-    user: &User,
-    device_id: Option<&str>,
-    now: DateTime<Utc>,
-) -> ApiResult<Value> {
-    let user = users::lock(tx, user.user_id, &state.config.admin_subjects).await?;
-    let loaded = entitlements::load(state, tx, &user, now).await?;
-    let token = match device_id {
-        Some(d) => {
-            let dev = leases::register(tx, user.user_id, d, tally_core::wire::PROTOCOL_LEASES, now).await?;
-            let asks = crate::sync::DeviceAsks { want: &[], released: &BTreeSet::new(), force: true };
-            crate::sync::device_token(state, tx, (&user, &loaded, &loaded.ents), &dev, asks, now).await?
-        }
-        None => entitlements::token_fresh(state, &user, &loaded.ents, now, true)?,
-    };
-    let mut body = serde_json::to_value(&loaded.ents)?;
-    if let Some(o) = body.as_object_mut() {
-        o.insert("token".into(), Value::String(token));
-    }
-    Ok(body)
-}
-
-fn with_purchases(mut body: Value, purchases: Vec<Value>) -> ApiResult<Json<Value>> {
-    if let Some(o) = body.as_object_mut() {
-        o.insert("purchases".into(), Value::Array(purchases));
-    }
-    Ok(Json(body))
+    Ok(purchases::with_purchases(body, bought))
 }
 
 /// Body of `POST /v1/webhooks/apple`.
@@ -552,15 +476,11 @@ async fn apply_notified(
     if catalog.product(Store::AppStore, &t.product_id).is_none() {
         return Ok(("ignored:unknown_product".into(), None));
     }
-    let user = match bound_user(tx, &t.original_id).await? {
-        Some(u) => u,
-        None => match t.account_token {
-            Some(a) if tx.query_opt("SELECT 1 FROM users WHERE user_id = $1", &[&a]).await?.is_some() => a,
-            _ => return Ok(("ignored:unknown_user".into(), None)),
-        },
+    let Some(user) = purchases::notified_user(tx, Store::AppStore, &t.original_id, t.account_token).await? else {
+        return Ok(("ignored:unknown_user".into(), None));
     };
     users::lock(tx, user, &state.config.admin_subjects).await?;
-    bind(tx, &t.original_id, user, "account_token").await?;
+    purchases::bind(tx, Store::AppStore, &t.original_id, user, "account_token").await?;
     store_txn(tx, user, t).await?;
     if let Some(r) = renewal {
         store_renewal(tx, user, &t.original_id, r).await?;

@@ -8,6 +8,10 @@
 //! else `invoice.subscription`, `line.pricing.price_details.price` else `line.price`).
 
 pub mod apple;
+pub mod google;
+pub mod google_api;
+pub mod google_push;
+pub mod purchases;
 pub mod signature;
 pub mod state;
 pub mod stripe_api;
@@ -221,6 +225,7 @@ pub async fn get_billing(State(state): State<AppState>, AuthUser(user): AuthUser
         payments.push(json!({"store": "stripe", "invoice_id": f.2, "charge_id": f.0, "amount": f.3, "currency": f.5, "status": refund_status(f.3, f.3, f.4), "amount_refunded": f.3, "date": f.6}));
     }
     payments.extend(apple::payments(&client, user.user_id).await?);
+    payments.extend(google::payments(&client, user.user_id).await?);
     let balance = e.credit_balance;
     let listed: Vec<Value> = stored
         .iter()
@@ -309,4 +314,5 @@ pub const USER_TABLES: &[&str] = &[
     "store_bindings",
     "apple_transactions",
     "apple_renewals",
+    "google_purchases",
 ];
