@@ -170,6 +170,7 @@ pub async fn consume(
         if decided.decision.held_offline.is_some() {
             tx.commit().await?;
         }
+        crate::metrics::decision_denied("consume", decided.decision.reason);
         return Err(pools::denial(&event.feature, rule, decided.decision));
     }
     // A budget always records (the tokens were spent); past its limit the overage is its real

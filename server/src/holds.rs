@@ -120,6 +120,7 @@ pub async fn create(
             // Nothing held; the recalls set for the devices' room stay.
             tx.commit().await?;
         }
+        crate::metrics::decision_denied("holds", decided.decision.reason);
         return Err(pools::denial(&event.feature, rule, decided.decision));
     };
     let held = i64::try_from(decided.need).map_err(|_| ApiError::Invalid("invalid_amount", "amount is too large to hold".into()))?;

@@ -1,5 +1,6 @@
 //! Observability: Prometheus metrics (`GET /metrics`: request counts and latencies by route,
-//! events ingested / duplicate / rejected, DB pool usage) and `GET /readyz`.
+//! events ingested / duplicate / rejected, DB pool usage, subscriptions in effect by plan, store
+//! and status, failed payments by store, denied decisions by reason) and `GET /readyz`.
 
 use crate::AppState;
 use crate::error::ApiError;
@@ -30,12 +31,62 @@ pub async fn track(req: Request, next: Next) -> Response {
     resp
 }
 
+/// Counts a payment that failed in `store` (`stripe`, `app_store`, `play`), once per store fact.
+pub fn payment_failed(store: &'static str) {
+    handle();
+    ::metrics::counter!("tally_payments_failed_total", "store" => store).increment(1);
+}
+
+/// Counts a denied decision of a server-side check or consume, by its reason.
+pub fn decision_denied(route: &'static str, reason: tally_core::Reason) {
+    handle();
+    ::metrics::counter!("tally_decisions_denied_total", "route" => route, "reason" => reason.as_str()).increment(1);
+}
+
+/// The (plan, store, status) label sets reported so far: one that disappears reads 0, not its
+/// last value.
+static SUBSCRIPTION_LABELS: std::sync::Mutex<std::collections::BTreeSet<(String, String, String)>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+/// Sets `tally_subscriptions{plan, store, status}`: subscriptions (and lifetime plans) that give
+/// access now — active, trialing or past due.
+async fn subscription_gauges(state: &AppState) -> Result<(), ApiError> {
+    let client = state.pool.get().await?;
+    let rows = client
+        .query(
+            &client
+                .prepare_cached(
+                    "SELECT coalesce(plan, ''), store, CASE WHEN lifetime THEN 'lifetime' ELSE status END, count(*)::int8 \
+                     FROM store_subscriptions WHERE status IN ('active', 'trialing', 'past_due') GROUP BY 1, 2, 3",
+                )
+                .await?,
+            &[],
+        )
+        .await?;
+    let mut seen = SUBSCRIPTION_LABELS.lock().unwrap_or_else(|e| e.into_inner());
+    let now: std::collections::BTreeMap<(String, String, String), i64> =
+        rows.iter().map(|r| ((r.get(0), r.get(1), r.get(2)), r.get(3))).collect();
+    for key in now.keys() {
+        seen.insert(key.clone());
+    }
+    for key in seen.iter() {
+        let n = now.get(key).copied().unwrap_or(0);
+        ::metrics::gauge!("tally_subscriptions", "plan" => key.0.clone(), "store" => key.1.clone(), "status" => key.2.clone())
+            .set(n as f64);
+    }
+    Ok(())
+}
+
 /// `GET /metrics`: Prometheus text format.
 pub async fn render(State(state): State<AppState>) -> String {
     let status = state.pool.status();
     ::metrics::gauge!("tally_db_pool_size").set(status.size as f64);
     ::metrics::gauge!("tally_db_pool_available").set(status.available as f64);
     ::metrics::gauge!("tally_db_pool_max_size").set(status.max_size as f64);
+    // A database that does not answer leaves the gauges at their last values (and says so).
+    let limit = std::time::Duration::from_secs(state.config.db_pool_timeout_secs.max(1));
+    let fresh = matches!(tokio::time::timeout(limit, subscription_gauges(&state)).await, Ok(Ok(())));
+    ::metrics::gauge!("tally_subscriptions_fresh").set(if fresh { 1.0 } else { 0.0 });
     handle().map(PrometheusHandle::render).unwrap_or_default()
 }
 

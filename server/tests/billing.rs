@@ -352,9 +352,12 @@ async fn invoices_record_payments_grant_credits_once_and_failures_are_past_due_w
         (b["payments"][0]["amount"].as_i64(), b["payments"][0]["currency"].as_str(), b["payments"][0]["status"].as_str()),
         (Some(1200), Some("usd"), Some("paid"))
     );
-    // The renewal fails: past_due, still pro during the grace period.
+    // The renewal fails: past_due, still pro during the grace period (and counted as a failed payment).
+    let failed_before = metric(&a, "tally_payments_failed_total{store=\"stripe\"}").await;
     let failed = w.invoice(false, "f2", "2", "a", now + Duration::seconds(5), end, end + Duration::days(30));
     assert_eq!(a.ok(&failed).await["outcome"], "applied:past_due");
+    assert!(metric(&a, "tally_payments_failed_total{store=\"stripe\"}").await >= failed_before + 1.0);
+    assert_eq!(metric(&a, "tally_subscriptions{plan=\"pro\",store=\"stripe\",status=\"past_due\"}").await, 1.0);
     let e = a.ents(&t).await;
     assert_eq!(
         (e["status"].as_str(), e["plan"].as_str(), e["access_reason"].as_str()),
@@ -548,6 +551,14 @@ fn out_of_order_delivery_always_reaches_the_same_state_proptest() {
             Ok(())
         })
         .unwrap();
+}
+
+/// One sample of `GET /metrics` (0 when absent).
+async fn metric(a: &TestApp, series: &str) -> f64 {
+    let req = axum::http::Request::builder().uri("/metrics").body(axum::body::Body::empty()).unwrap();
+    let body = tower::ServiceExt::oneshot(a.router.clone(), req).await.unwrap().into_body();
+    let text = String::from_utf8(axum::body::to_bytes(body, usize::MAX).await.unwrap().to_vec()).unwrap();
+    text.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok())).unwrap_or(0.0)
 }
 
 fn decode_claims(token: &str) -> Value {

@@ -142,3 +142,29 @@ async fn plans_are_public_with_names_prices_and_products_per_store() {
         json!([{"id": "credits_100", "store": "play", "display_price": "$1.99", "trial_days": null, "lifetime": false, "credits": 100}])
     );
 }
+
+#[tokio::test]
+async fn denied_decisions_are_counted_by_route_and_reason() {
+    let a = app_or_skip!(app().await);
+    let t = token("denied-often");
+    let series = "tally_decisions_denied_total{reason=\"limit_reached\",route=\"consume\"}";
+    let before = metric(&a, series).await;
+    for _ in 0..5 {
+        let (s, v) = a.call("POST", "/v1/consume", Some(&t), Some(json!({"feature": "ai_chat", "amount": 1}))).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+    }
+    let (s, _) = a.call("POST", "/v1/consume", Some(&t), Some(json!({"feature": "ai_chat", "amount": 1}))).await;
+    assert_eq!(s, StatusCode::PAYMENT_REQUIRED);
+    assert!(metric(&a, series).await >= before + 1.0);
+    let (s, v) = a.call("POST", "/v1/check", Some(&t), Some(json!({"feature": "ai_chat", "amount": 1}))).await;
+    assert_eq!((s, v["allowed"].clone()), (StatusCode::OK, json!(false)), "{v}");
+    assert!(metric(&a, "tally_decisions_denied_total{reason=\"limit_reached\",route=\"check\"}").await >= 1.0);
+}
+
+/// One sample of `GET /metrics` (0 when absent).
+async fn metric(a: &TestApp, series: &str) -> f64 {
+    let req = axum::http::Request::builder().uri("/metrics").body(axum::body::Body::empty()).unwrap();
+    let body = tower::ServiceExt::oneshot(a.router.clone(), req).await.unwrap().into_body();
+    let text = String::from_utf8(axum::body::to_bytes(body, usize::MAX).await.unwrap().to_vec()).unwrap();
+    text.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok())).unwrap_or(0.0)
+}

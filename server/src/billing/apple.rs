@@ -461,6 +461,9 @@ pub async fn notification(State(state): State<AppState>, JsonBody(b): JsonBody<N
     if let Some(u) = user {
         state.tokens.forget(u);
     }
+    if kind == "DID_FAIL_TO_RENEW" {
+        crate::metrics::payment_failed("app_store");
+    }
     tracing::info!(notification = %uuid, %kind, %outcome, "app store notification");
     Ok(Json(json!({"received": true, "id": uuid, "duplicate": false, "outcome": outcome})))
 }

@@ -630,6 +630,10 @@ pub async fn notification(State(state): State<AppState>, headers: HeaderMap, Jso
         state.tokens.forget(u);
     }
     follow_up(&state, &google.play, follow).await;
+    // SUBSCRIPTION_ON_HOLD (5) and SUBSCRIPTION_IN_GRACE_PERIOD (6): a renewal payment failed.
+    if n.subscription_notification.as_ref().and_then(|s| s.notification_type).is_some_and(|t| t == 5 || t == 6) {
+        crate::metrics::payment_failed("play");
+    }
     tracing::info!(message = %id, kind = h.kind, %outcome, "google play notification");
     Ok(Json(json!({"received": true, "id": id, "duplicate": false, "outcome": outcome})))
 }

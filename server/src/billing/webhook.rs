@@ -315,6 +315,9 @@ async fn invoice(
     let charge = id_of(&o["charge"]).or_else(|| id_of(&o["payments"]["data"][0]["payment"]["charge"]));
     let created = ts(&o["created"]).unwrap_or(ev.created);
     let status = if paid { "paid" } else { "failed" };
+    if !paid {
+        crate::metrics::payment_failed("stripe");
+    }
     let failed_at = (!paid).then_some(ev.created);
     let paid_at = paid.then_some(ev.created);
     tx.execute(
