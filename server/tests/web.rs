@@ -147,7 +147,7 @@ async fn plans_are_public_with_names_prices_and_products_per_store() {
 async fn denied_decisions_are_counted_by_route_and_reason() {
     let a = app_or_skip!(app().await);
     let t = token("denied-often");
-    let series = "tally_decisions_denied_total{reason=\"limit_reached\",route=\"consume\"}";
+    let series = "tally_decisions_denied_total{route=\"consume\",reason=\"limit_reached\"}";
     let before = metric(&a, series).await;
     for _ in 0..5 {
         let (s, v) = a.call("POST", "/v1/consume", Some(&t), Some(json!({"feature": "ai_chat", "amount": 1}))).await;
@@ -158,7 +158,7 @@ async fn denied_decisions_are_counted_by_route_and_reason() {
     assert!(metric(&a, series).await >= before + 1.0);
     let (s, v) = a.call("POST", "/v1/check", Some(&t), Some(json!({"feature": "ai_chat", "amount": 1}))).await;
     assert_eq!((s, v["allowed"].clone()), (StatusCode::OK, json!(false)), "{v}");
-    assert!(metric(&a, "tally_decisions_denied_total{reason=\"limit_reached\",route=\"check\"}").await >= 1.0);
+    assert!(metric(&a, "tally_decisions_denied_total{route=\"check\",reason=\"limit_reached\"}").await >= 1.0);
 }
 
 /// One sample of `GET /metrics` (0 when absent).
