@@ -168,3 +168,13 @@ async fn metric(a: &TestApp, series: &str) -> f64 {
     let text = String::from_utf8(axum::body::to_bytes(body, usize::MAX).await.unwrap().to_vec()).unwrap();
     text.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok())).unwrap_or(0.0)
 }
+
+#[tokio::test]
+async fn billing_without_stripe_says_it_is_not_configured() {
+    let a = app_or_skip!(app().await);
+    let t = token("no-stripe");
+    let body = json!({"price_id": "price_123", "success_url": "https://app.example.com/ok", "cancel_url": "https://app.example.com/no"});
+    let (s, v) = a.call("POST", "/v1/billing/checkout", Some(&t), Some(body)).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("store_unconfigured")), "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("TALLY_STRIPE_SECRET_KEY"), "{v}");
+}

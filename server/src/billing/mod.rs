@@ -115,13 +115,17 @@ pub async fn checkout(
     headers: HeaderMap,
     JsonBody(b): JsonBody<CheckoutBody>,
 ) -> ApiResult<Json<Value>> {
+    // Unconfigured first: a server without Stripe says so, rather than that the price is unknown.
+    let stripe = stripe(&state)?;
     let (_, catalog) = state.catalog.current(&state.pool.get().await?).await?;
     if !prices(&state.config, &catalog).contains_key(&b.price_id) {
-        return Err(ApiError::Invalid("unknown_price", format!("price {:?} is not in TALLY_STRIPE_PRICES", b.price_id)));
+        return Err(ApiError::Invalid(
+            "unknown_price",
+            format!("price {:?} is neither a Stripe product of the catalog nor in TALLY_STRIPE_PRICES", b.price_id),
+        ));
     }
     check_url("success_url", &b.success_url)?;
     check_url("cancel_url", &b.cancel_url)?;
-    let stripe = stripe(&state)?;
     let client = state.pool.get().await?;
     let customer = customer_of(&client, user.user_id).await?;
     drop(client);

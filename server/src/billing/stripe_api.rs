@@ -25,7 +25,7 @@ pub enum StripeError {
 impl From<StripeError> for ApiError {
     fn from(e: StripeError) -> Self {
         match e {
-            StripeError::NotConfigured => ApiError::NotFound(e.to_string()),
+            StripeError::NotConfigured => crate::billing::purchases::unconfigured("Stripe", "TALLY_STRIPE_SECRET_KEY"),
             StripeError::Refused(..) => ApiError::Invalid("stripe_error", e.to_string()),
             StripeError::Unavailable(_) => ApiError::Unavailable(e.to_string()),
         }
