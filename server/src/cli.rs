@@ -17,6 +17,10 @@ pub struct Cli {
     /// TOML configuration file (keys: database_url, listen, jwt_secret, …).
     #[arg(long, global = true, env = "TALLY_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Log progress (`info`) in commands other than `serve`, which always does; `TALLY_LOG`
+    /// overrides both.
+    #[arg(short, long, global = true)]
+    pub verbose: bool,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,

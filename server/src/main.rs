@@ -11,7 +11,9 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let cli = tally_server::cli::Cli::parse();
-    let filter = EnvFilter::try_from_env("TALLY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // `serve` logs what it does; one-shot commands print only their answer and warnings.
+    let default = if cli.verbose || matches!(cli.command, tally_server::cli::Command::Serve(..)) { "info" } else { "warn" };
+    let filter = EnvFilter::try_from_env("TALLY_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     if std::env::var("TALLY_LOG_FORMAT").is_ok_and(|f| f == "json") {
         tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).init();
     } else {

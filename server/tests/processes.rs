@@ -364,3 +364,28 @@ fn crashed_embedded_serve_restarts_with_one_command_and_a_second_serve_says_alre
     assert!(server.terminate().success(), "graceful shutdown");
     assert!(!pidfile.exists(), "embedded cluster stopped");
 }
+
+#[test]
+fn one_shot_commands_print_their_answer_without_progress_logs_unless_verbose() {
+    if !cluster_or_skip() {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let url = rt.block_on(fresh_db()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let run = |verbose: bool| {
+        let mut c = Command::new(BIN);
+        c.args(["api-key", "create", "--name", "ops", "--scopes", "admin"]);
+        if verbose {
+            c.arg("-v");
+        }
+        let out = c.env("TALLY_DATABASE_URL", &url).env("TALLY_DATA_DIR", dir.path()).env_remove("TALLY_LOG").output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (key, logs) = run(false);
+    assert!(key.trim().len() > 20 && !key.contains("INFO"), "stdout is the key alone: {key:?}");
+    assert!(!logs.contains("INFO"), "no progress logs by default: {logs:?}");
+    let (_, logs) = run(true);
+    assert!(logs.contains("INFO"), "-v logs progress: {logs:?}");
+}
