@@ -222,6 +222,60 @@ pub async fn put_plan(
     Ok(Json(json!({"plan": plan, "catalog_version": version})))
 }
 
+/// `PATCH /v1/admin/plans/{id}`: a partial update of one plan as a JSON merge patch (RFC 7396):
+/// the fields sent replace the plan's, a `null` removes one (`{"features": {"export": null}}`
+/// drops a feature), everything else stays. The result is validated like a whole plan; an
+/// unknown plan is 404 `unknown_plan`.
+pub async fn patch_plan(
+    State(state): State<AppState>,
+    _a: Admin,
+    Path(id): Path<String>,
+    JsonBody(patch): JsonBody<Value>,
+) -> ApiResult<Json<Value>> {
+    if !patch.is_object() {
+        return Err(ApiError::Invalid("invalid_plan", "$: a merge patch is a JSON object".into()));
+    }
+    if patch.get("id").is_some_and(|v| v.as_str() != Some(id.as_str())) {
+        return Err(ApiError::Invalid("invalid_plan", "$.id: must equal the id in the path".into()));
+    }
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock(7461)", &[]).await?;
+    let (_, mut catalog) = plans::load(&tx).await?;
+    let current = catalog
+        .plans
+        .iter()
+        .find(|p| p.id == id)
+        .ok_or_else(|| ApiError::Unknown("unknown_plan", format!("no plan {id:?} in the catalog")))?;
+    let mut merged = serde_json::to_value(current).map_err(ApiError::internal)?;
+    merge_patch(&mut merged, &patch);
+    let plan = Plan::validate("$", &merged).map_err(|e| ApiError::Invalid("invalid_plan", e.to_string()))?;
+    catalog.upsert(plan.clone());
+    let version = plans::store(&tx, &catalog).await?;
+    tx.commit().await?;
+    Ok(Json(json!({"plan": plan, "catalog_version": version})))
+}
+
+/// Applies a JSON merge patch (RFC 7396) to `target`.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    let Value::Object(p) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = Value::Object(serde_json::Map::new());
+    }
+    if let Value::Object(t) = target {
+        for (k, v) in p {
+            if v.is_null() {
+                t.remove(k);
+            } else {
+                merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+            }
+        }
+    }
+}
+
 /// `GET /v1/admin/plans`: the catalog in effect.
 pub async fn get_plans(State(state): State<AppState>, _a: Admin) -> ApiResult<Json<Value>> {
     let client = state.pool.get().await?;
@@ -295,4 +349,20 @@ pub async fn revoke_api_key(State(state): State<AppState>, _a: Admin, Path(id): 
     let client = state.pool.get().await?;
     api_keys::revoke(&client, id).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::merge_patch;
+    use serde_json::json;
+
+    #[test]
+    fn merge_patch_follows_rfc_7396() {
+        let mut t = json!({"a": "b", "c": {"d": "e", "f": "g"}, "keep": [1, 2]});
+        merge_patch(&mut t, &json!({"a": "z", "c": {"f": null, "h": 1}, "keep": [3]}));
+        assert_eq!(t, json!({"a": "z", "c": {"d": "e", "h": 1}, "keep": [3]}));
+        let mut t = json!({"a": 1});
+        merge_patch(&mut t, &json!({"a": {"b": null}}));
+        assert_eq!(t, json!({"a": {}}));
+    }
 }

@@ -194,7 +194,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/admin/users/{id}/usage", get(admin::user_usage))
         .route("/v1/admin/grants", post(admin::create_grant))
         .route("/v1/admin/grants/revoke", post(admin::revoke_grant))
-        .route("/v1/admin/plans/{id}", put(admin::put_plan))
+        .route("/v1/admin/plans/{id}", put(admin::put_plan).patch(admin::patch_plan))
         .route("/v1/admin/plans", get(admin::get_plans))
         .route("/v1/admin/api-keys", post(admin::create_api_key).get(admin::list_api_keys))
         .route("/v1/admin/api-keys/{id}", axum::routing::delete(admin::revoke_api_key))

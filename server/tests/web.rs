@@ -178,3 +178,32 @@ async fn billing_without_stripe_says_it_is_not_configured() {
     assert_eq!((s, v["error"]["code"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("store_unconfigured")), "{v}");
     assert!(v["error"]["message"].as_str().unwrap().contains("TALLY_STRIPE_SECRET_KEY"), "{v}");
 }
+
+#[tokio::test]
+async fn a_plan_is_patched_in_part_and_a_bad_patch_changes_nothing() {
+    let a = app_or_skip!(app().await);
+    let admin = token("root-admin");
+    let patch = json!({"display_name": "Pro", "features": {"ai_chat": {"limit": 900}, "export": null}});
+    let (s, v) = a.call("PATCH", "/v1/admin/plans/pro", Some(&admin), Some(patch)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (_, cat) = a.call("GET", "/v1/admin/plans", Some(&admin), None).await;
+    let pro = cat["catalog"]["plans"].as_array().unwrap().iter().find(|p| p["id"] == "pro").unwrap().clone();
+    assert_eq!(pro["display_name"], "Pro");
+    assert_eq!(pro["features"]["ai_chat"], json!({"type": "metered", "limit": 900, "period": "month", "enforcement": "hard"}));
+    assert!(pro["features"].get("export").is_none(), "null removes a feature: {pro}");
+    let version = cat["version"].clone();
+    // A patch whose result is not a valid plan, an id mismatch, an unknown plan: nothing changes.
+    for (path, body, status, code) in [
+        ("/v1/admin/plans/pro", json!({"features": {"ai_chat": {"limit": -1}}}), StatusCode::UNPROCESSABLE_ENTITY, "invalid_plan"),
+        ("/v1/admin/plans/pro", json!({"id": "gold"}), StatusCode::UNPROCESSABLE_ENTITY, "invalid_plan"),
+        ("/v1/admin/plans/pro", json!(["not", "an", "object"]), StatusCode::UNPROCESSABLE_ENTITY, "invalid_plan"),
+        ("/v1/admin/plans/gold", json!({"display_name": "Gold"}), StatusCode::NOT_FOUND, "unknown_plan"),
+    ] {
+        let (s, v) = a.call("PATCH", path, Some(&admin), Some(body)).await;
+        assert_eq!((s, v["error"]["code"].as_str().unwrap_or_default()), (status, code), "{path}: {v}");
+    }
+    let (_, after) = a.call("GET", "/v1/admin/plans", Some(&admin), None).await;
+    assert_eq!(after["version"], version);
+    let (s, _) = a.call("PATCH", "/v1/admin/plans/pro", Some(&token("not-admin")), Some(json!({}))).await;
+    assert!(s == StatusCode::FORBIDDEN || s == StatusCode::NOT_FOUND, "{s}");
+}
