@@ -2,32 +2,21 @@
 //! is hit, then upgrade to pro and print a usage report.
 //!
 //! Run with `cargo run -p tally-core --example quickstart [path/to/tally.db]`
-//! (without a path, a fresh database is made in the system's temp directory).
+//! (without a path, a fresh database in a temporary directory, removed at the end). The catalog
+//! is `examples/plans.json`, the one `scripts/serve` loads.
 
 use chrono::{Duration, Utc};
 use tally_core::{Catalog, Config, Entitlements, GroupBy, SubscriptionStatus, Tally, UsageMeta};
 
-const CATALOG: &str = r#"{
-  "models": {"gpt-4o": {"input_micros_per_mtok": 2500000, "output_micros_per_mtok": 10000000}},
-  "plans": [
-    {"id": "free", "included_credits": {"amount": 100, "rollover": false}, "features": {
-      "ai_chat":  {"type": "metered", "limit": 5, "period": "month", "enforcement": "hard"},
-      "export":   {"type": "flag", "enabled": false},
-      "images":   {"type": "credits", "cost": 10},
-      "api":      {"type": "rate", "limit": 100, "window_secs": 60},
-      "ai_spend": {"type": "budget", "limit_micros": 2000000, "period": "day", "enforcement": "hard"}}},
-    {"id": "pro", "included_credits": {"amount": 1000, "rollover": true}, "features": {
-      "ai_chat":  {"type": "metered", "limit": 500, "period": "month", "enforcement": "hard"},
-      "export":   {"type": "flag", "enabled": true},
-      "images":   {"type": "credits", "cost": 5},
-      "api":      {"type": "rate", "limit": 1000, "window_secs": 60},
-      "ai_spend": {"type": "budget", "limit_micros": 20000000, "period": "day", "enforcement": "soft"}}}
-  ]}"#;
+/// The demo catalog the README's server loads too (`examples/plans.json`).
+const CATALOG: &str = include_str!("../../examples/plans.json");
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // Without a path: a database in a temporary directory, removed when the example ends.
+    let scratch = tempfile::tempdir()?;
     let path = match std::env::args().nth(1) {
         Some(p) => std::path::PathBuf::from(p),
-        None => std::env::temp_dir().join(format!("tally-quickstart-{}.db", uuid::Uuid::now_v7())),
+        None => scratch.path().join("tally-quickstart.db"),
     };
     let catalog = Catalog::from_json(CATALOG)?;
     let tally = Tally::open(&path, Config { catalog, ..Config::default() })?;
