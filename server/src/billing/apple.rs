@@ -33,9 +33,6 @@ use tally_core::catalog::ProductKind;
 use tally_core::{Catalog, Store, Subscription, SubscriptionStatus};
 use uuid::Uuid;
 
-/// Most signed transactions one request may carry (a restore sends every current one).
-pub const MAX_TRANSACTIONS: usize = 100;
-
 /// Notification types applied (every other type is recorded and acknowledged).
 pub const HANDLED: &[&str] =
     &["SUBSCRIBED", "DID_RENEW", "DID_CHANGE_RENEWAL_STATUS", "DID_FAIL_TO_RENEW", "GRACE_PERIOD_EXPIRED", "EXPIRED", "REFUND", "REVOKE"];
@@ -397,9 +394,7 @@ pub async fn purchase(
     JsonBody(b): JsonBody<PurchaseBody>,
 ) -> ApiResult<Json<Value>> {
     let apple = state.apple.as_ref().ok_or_else(unconfigured)?;
-    if b.signed_transactions.is_empty() || b.signed_transactions.len() > MAX_TRANSACTIONS {
-        return Err(ApiError::invalid(format!("signed_transactions must hold 1 to {MAX_TRANSACTIONS} transactions")));
-    }
+    tally_core::contract::purchase_count("signed_transactions", b.signed_transactions.len())?;
     if let Some(d) = &b.device_id {
         tally_core::contract::device_id(d)?;
     }
