@@ -356,15 +356,7 @@ async fn settle(tx: &impl GenericClient, user: Uuid, original: &str, catalog: &C
         let valid_from = t.purchase_date.min(now);
         credits::insert(tx, user, &id, amount, "purchase", Some(&t.product_id), Some("app_store"), None, valid_from, None).await?;
         let status = if t.revoked_at.is_some() {
-            let n = tx
-                .execute(
-                    "UPDATE credit_grants SET revoked_at = $3 WHERE user_id = $1 AND grant_id = $2 AND revoked_at IS NULL",
-                    &[&user, &id, &now],
-                )
-                .await?;
-            if n > 0 {
-                leases::mark_refund(tx, user, now).await?;
-            }
+            credits::revoke_purchased(tx, user, &id, now).await?;
             "refunded"
         } else {
             "credited"
