@@ -1131,7 +1131,8 @@ async fn checkout_gives_trials_sells_one_time_products_in_payment_mode_and_refus
     let a = app_or_skip!(products_app(Some(fake.url.clone())).await);
     let t = token_with("trialist", json!({"email": "trialist@example.com", "email_verified": true}));
     let uid = a.user_id(&t).await;
-    let checkout = |price: &str| json!({"price_id": price, "success_url": "https://app.example.com/ok", "cancel_url": "https://app.example.com/no"});
+    let checkout =
+        |price: &str| json!({"price_id": price, "success_url": "https://app.example.com/ok", "cancel_url": "https://app.example.com/no"});
 
     // A subscription product with trial_days: mode subscription with a free trial.
     let (s, v) = a.call("POST", "/v1/billing/checkout", Some(&t), Some(checkout("price_trial"))).await;
@@ -1163,7 +1164,11 @@ async fn checkout_gives_trials_sells_one_time_products_in_payment_mode_and_refus
     a.ok(&w.checkout("c", Some(&uid), "trialist@example.com", now)).await;
     a.ok(&w.subscription("created", "s1", "a", "trialing", now, now, now + Duration::days(14), "price_trial")).await;
     let e = a.ents(&t).await;
-    assert_eq!((e["plan"].as_str(), e["status"].as_str(), e["access_reason"].as_str()), (Some("pro"), Some("trialing"), Some("trial")), "{e}");
+    assert_eq!(
+        (e["plan"].as_str(), e["status"].as_str(), e["access_reason"].as_str()),
+        (Some("pro"), Some("trialing"), Some("trial")),
+        "{e}"
+    );
 
     // A second subscription is refused before Stripe is called; one-time products still sell.
     let calls = fake.seen.lock().unwrap().len();

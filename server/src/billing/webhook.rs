@@ -1,8 +1,8 @@
 //! `POST /v1/webhooks/stripe`: signature check over the raw bytes, then each event id applied
 //! once, in one transaction with its effects (replays answer 200 and change nothing).
 
-use super::{one_time, prices};
 use super::state::{self, SubState, id_of};
+use super::{one_time, prices};
 use crate::AppState;
 use crate::credits;
 use crate::error::{ApiError, ApiResult};
