@@ -40,6 +40,9 @@ pub const MAX_AVATAR_URL_BYTES: usize = 2048;
 pub const MAX_EMAIL_BYTES: usize = 320;
 /// Longest identity-provider subject (`external_id`), in bytes.
 pub const MAX_SUBJECT_BYTES: usize = 256;
+/// Most store proofs (signed transactions, purchase tokens) in one purchase request; a restore
+/// with more sends them in several requests.
+pub const MAX_PURCHASES: usize = 100;
 /// Largest value a counter, a cost or a credit balance may reach (stored as a signed 64-bit
 /// integer on both sides).
 pub const MAX_COUNTER: u64 = i64::MAX as u64;
@@ -182,6 +185,14 @@ pub fn idempotency_key(k: &str) -> Checked {
 /// A device id: 1 to [`MAX_DEVICE_ID_BYTES`] bytes, no U+0000.
 pub fn device_id(d: &str) -> Checked {
     text("device_id", d, 1, MAX_DEVICE_ID_BYTES)
+}
+
+/// The proofs of one purchase request (`field`): 1 to [`MAX_PURCHASES`].
+pub fn purchase_count(field: &str, n: usize) -> Checked {
+    if n == 0 || n > MAX_PURCHASES {
+        return Err(Violation::new(field, "invalid_request", format!("{field} must hold 1 to {MAX_PURCHASES} purchases, got {n}")));
+    }
+    Ok(())
 }
 
 /// An identity-provider subject: 1 to [`MAX_SUBJECT_BYTES`] bytes, no U+0000.

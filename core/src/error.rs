@@ -61,6 +61,18 @@ pub enum Error {
         /// Human readable message.
         message: String,
     },
+    /// The server refused a store purchase (`submit_purchase`, `restore_purchases`); nothing
+    /// changed on the device. `code` names the cause (`bound_to_other_user`, `bad_signature`,
+    /// `unknown_product`, `store_unconfigured`, …). Do not finish the store transaction.
+    #[error("purchase refused ({status} {code}): {message}")]
+    PurchaseRefused {
+        /// HTTP status.
+        status: u16,
+        /// Error code from the body.
+        code: String,
+        /// Human readable message.
+        message: String,
+    },
     /// The server's credentials name another subject than the signed-in user's `external_id`:
     /// nothing was recorded. Sign the user in again with matching credentials.
     #[error("subject mismatch: the credentials are for another account than user {0}")]

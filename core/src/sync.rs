@@ -21,7 +21,7 @@ use crate::wire::{
     ErrorBody, PROTOCOL, ProfilePatch, ProfileRejected, Rejected, SettingChange, SettingRejected, SyncRequest, SyncResponse, Total,
     WireEvent,
 };
-use crate::{Change, Tally, contract, from_ms, ms, write_tx};
+use crate::{Change, EntitlementClaims, Tally, contract, from_ms, ms, write_tx};
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use serde::{Deserialize, Serialize};
@@ -185,10 +185,7 @@ impl Tally {
 
     async fn sync_rounds(&self, user_id: &str, options: SyncOptions, final_sync: bool) -> Result<SyncReport> {
         check_server_keys(self.config.server_keys.as_deref())?;
-        let client = reqwest::Client::builder()
-            .timeout(options.timeout)
-            .build()
-            .map_err(|e| Error::Network(format!("cannot build HTTP client: {e}")))?;
+        let client = http_client(&options)?;
         let url = format!("{}/v1/sync", options.server_url.trim_end_matches('/'));
         let mut report = SyncReport::default();
         let mut bounds =
@@ -226,8 +223,8 @@ impl Tally {
             };
             first = false;
             report.rounds += 1;
-            let token = options.token_provider.as_ref().and_then(|p| p.token()).unwrap_or_else(|| options.token.clone());
-            let response = match self.post(&client, &url, &token, &request, &options.retry).await {
+            let token = bearer(&options);
+            let response: SyncResponse = match self.post(&client, &url, &token, &request, &options.retry).await {
                 Ok(r) => r,
                 Err(PostError::TooLarge) => {
                     self.too_large(user_id, &request, &mut bounds, &mut report)?;
@@ -238,6 +235,7 @@ impl Tally {
                     return Err(Error::AccountDeleted);
                 }
                 Err(PostError::SubjectMismatch) => return Err(Error::SubjectMismatch(user_id.to_string())),
+                Err(PostError::Refused { status, code, message }) => return Err(Error::Server { status, code, message }),
                 Err(PostError::Other(e)) => return Err(e),
             };
             report.events_sent += request.events.len() as u64;
@@ -448,15 +446,16 @@ impl Tally {
         Ok(Outbox { external_id, cursor, round: Round::Pull })
     }
 
-    /// Sends one request, retrying network errors, 5xx and 429 with exponential backoff.
-    async fn post(
+    /// Sends one JSON request to the server, retrying network errors, 5xx and 429 with
+    /// exponential backoff and jitter (a 503 `store_unconfigured` is an answer, not retried).
+    pub(crate) async fn post<B: Serialize, R: serde::de::DeserializeOwned>(
         &self,
         client: &reqwest::Client,
         url: &str,
         token: &str,
-        body: &SyncRequest,
+        body: &B,
         retry: &RetryPolicy,
-    ) -> std::result::Result<SyncResponse, PostError> {
+    ) -> std::result::Result<R, PostError> {
         let json = serde_json::to_vec(body).map_err(|e| PostError::Other(e.into()))?;
         let mut last = String::new();
         let mut backoff = retry.initial_backoff;
@@ -501,7 +500,7 @@ impl Tally {
                                 PostError::Other(Error::Server {
                                     status,
                                     code: "bad_response".into(),
-                                    message: format!("unreadable sync answer: {e}"),
+                                    message: format!("unreadable answer: {e}"),
                                 })
                             });
                         }
@@ -513,11 +512,12 @@ impl Tally {
                             last = format!("429 {code}: {message}");
                             Some(retry_after.unwrap_or(backoff))
                         }
+                        503 if code == "store_unconfigured" => return Err(PostError::Refused { status, code, message }),
                         500..=599 => {
                             last = format!("{status} {code}: {message}");
                             retry_after
                         }
-                        _ => return Err(PostError::Other(Error::Server { status, code, message })),
+                        _ => return Err(PostError::Refused { status, code, message }),
                     }
                 }
             };
@@ -591,31 +591,9 @@ impl Tally {
                 "UPDATE users SET sync_cursor = COALESCE(?2, sync_cursor), last_synced_at = ?3 WHERE id = ?1",
                 params![user_id, resp.cursor, ms(now)],
             )?;
-            // A device token of another device, or older than the stored one, is not stored.
-            let claims = match &claims {
-                Some((t, c)) if crate::leases::token_acceptable(tx, user_id, c, &device_id)? => Some((t, c)),
-                _ => None,
-            };
             crate::leases::releases_acked(tx, user_id, &request.release)?;
-            if let Some((token, c)) = claims {
-                accepted_token = true;
-                tx.execute(
-                    "UPDATE users SET entitlements_token = ?2, is_admin = ?3 WHERE id = ?1",
-                    params![user_id, token, c.entitlements.is_admin],
-                )?;
-                if let Some(tz) = c.entitlements.tz.as_deref().filter(|tz| contract::timezone(tz).is_ok()) {
-                    tx.execute("UPDATE users SET timezone = ?2 WHERE id = ?1", params![user_id, tz])?;
-                }
-                tx.execute(
-                    "UPDATE device SET highest_seen_ms = MAX(highest_seen_ms, ?1) WHERE singleton = 1",
-                    [c.iat.saturating_mul(1000)],
-                )?;
-                // The server's grants already count every acknowledged use; local draws (and any
-                // local debt) are replaced, then the still-pending uses are drawn again.
-                tx.execute("DELETE FROM credit_grants WHERE user_id = ?1", [user_id])?;
-                crate::credits::store_credit_grants(tx, user_id, &c.entitlements.credit_grants, now)?;
-                redraw_pending_credits(tx, user_id, &c.entitlements.features, now)?;
-                crate::leases::store_leases(tx, user_id, c)?;
+            if let Some((token, c)) = &claims {
+                accepted_token = store_token(tx, user_id, &device_id, token, c, now)?;
             }
             crate::leases::apply_recall(tx, user_id, &resp.recall)?;
             Ok(received)
@@ -623,7 +601,7 @@ impl Tally {
         report.settings_received += received as u64;
         if let Some((_, c)) = claims.as_ref().filter(|_| accepted_token) {
             report.entitlements_updated = true;
-            g.highest_seen_ms = g.highest_seen_ms.max(c.iat.saturating_mul(1000));
+            token_seen(&mut g, c);
         }
         // Totals, tz and plan may all have changed.
         Tally::forget_access(&mut g, user_id);
@@ -639,16 +617,68 @@ impl Tally {
     }
 }
 
-enum PostError {
+/// Why [`Tally::post`] got no answer to use.
+pub(crate) enum PostError {
+    /// 413: the body was too large.
     TooLarge,
+    /// 410 `account_deleted`.
     AccountDeleted,
+    /// 409 `subject_mismatch`.
     SubjectMismatch,
+    /// Any other answer that retrying will not change (mostly 4xx), with the server's code.
+    Refused { status: u16, code: String, message: String },
+    /// Everything else (network after retries, 401, unreadable answers).
     Other(Error),
+}
+
+/// After a [`store_token`] commit: the highest time seen moves to the token's `iat`.
+pub(crate) fn token_seen(g: &mut crate::Inner, c: &EntitlementClaims) {
+    g.highest_seen_ms = g.highest_seen_ms.max(c.iat.saturating_mul(1000));
+}
+
+/// An HTTP client with the options' per-request timeout.
+pub(crate) fn http_client(options: &SyncOptions) -> Result<reqwest::Client> {
+    reqwest::Client::builder().timeout(options.timeout).build().map_err(|e| Error::Network(format!("cannot build HTTP client: {e}")))
+}
+
+/// The sign-in token for the next request: the provider's, else the fixed one.
+pub(crate) fn bearer(options: &SyncOptions) -> String {
+    options.token_provider.as_ref().and_then(|p| p.token()).unwrap_or_else(|| options.token.clone())
+}
+
+/// Stores an entitlements token the server answered, verified for the user already (`claims`),
+/// inside the caller's transaction: the token, admin flag and timezone, the credit grants (this
+/// device's still-pending credit uses drawn again) and the device token's leases. A device token
+/// of another device, or older than the stored one, is not stored. Returns whether it was. Both
+/// `sync` and the purchase calls store tokens only through here.
+pub(crate) fn store_token(
+    tx: &Transaction<'_>,
+    user_id: &str,
+    device_id: &str,
+    token: &str,
+    c: &EntitlementClaims,
+    now: DateTime<Utc>,
+) -> Result<bool> {
+    if !crate::leases::token_acceptable(tx, user_id, c, device_id)? {
+        return Ok(false);
+    }
+    tx.execute("UPDATE users SET entitlements_token = ?2, is_admin = ?3 WHERE id = ?1", params![user_id, token, c.entitlements.is_admin])?;
+    if let Some(tz) = c.entitlements.tz.as_deref().filter(|tz| contract::timezone(tz).is_ok()) {
+        tx.execute("UPDATE users SET timezone = ?2 WHERE id = ?1", params![user_id, tz])?;
+    }
+    tx.execute("UPDATE device SET highest_seen_ms = MAX(highest_seen_ms, ?1) WHERE singleton = 1", [c.iat.saturating_mul(1000)])?;
+    // The server's grants already count every acknowledged use; local draws (and any local
+    // debt) are replaced, then the still-pending uses are drawn again.
+    tx.execute("DELETE FROM credit_grants WHERE user_id = ?1", [user_id])?;
+    crate::credits::store_credit_grants(tx, user_id, &c.entitlements.credit_grants, now)?;
+    redraw_pending_credits(tx, user_id, &c.entitlements.features, now)?;
+    crate::leases::store_leases(tx, user_id, c)?;
+    Ok(true)
 }
 
 /// `Config.server_keys` must hold a JSON Web Key Set with at least one key: the keys ship with
 /// the app, never fetched at run time (whoever answered that fetch could sign any plan).
-fn check_server_keys(keys: Option<&str>) -> Result<()> {
+pub(crate) fn check_server_keys(keys: Option<&str>) -> Result<()> {
     let keys = keys.ok_or_else(|| {
         Error::Configuration(
             "sync needs Config.server_keys: the server's token-signing keys (`tally-server keys export`), shipped with the app".into(),

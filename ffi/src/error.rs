@@ -40,6 +40,11 @@ pub enum TallyError {
     /// The server answered with an error that retrying will not fix.
     #[error("{message}")]
     Server { message: String },
+    /// The server refused a store purchase; nothing changed on the device. The message names
+    /// the server's code (`bound_to_other_user`, `bad_signature`, `store_unconfigured`, …). Do
+    /// not finish the store transaction.
+    #[error("{message}")]
+    PurchaseRefused { message: String },
     /// The entitlements token could not be verified.
     #[error("{message}")]
     InvalidToken { message: String },
@@ -78,6 +83,7 @@ impl From<tally_core::Error> for TallyError {
             E::AccountDeleted => TallyError::AccountDeleted { message },
             E::Network(_) => TallyError::Network { message },
             E::Server { .. } => TallyError::Server { message },
+            E::PurchaseRefused { .. } => TallyError::PurchaseRefused { message },
             E::InvalidToken(_) => TallyError::InvalidToken { message },
             E::SubjectMismatch(_) => TallyError::SubjectMismatch { message },
             E::Configuration(_) => TallyError::Configuration { message },

@@ -13,11 +13,13 @@
 
 mod error;
 mod leases;
+mod purchases;
 mod sync;
 mod types;
 
 pub use error::{TallyError, guard};
 pub use leases::LeaseStatus;
+pub use purchases::{GooglePurchase, Purchase, PurchaseOutcome, PurchaseReport};
 pub use sync::{RejectedEvent, RejectedProfileField, RejectedSetting, SyncOptions, SyncReport, TokenProvider};
 pub use types::*;
 

@@ -212,6 +212,19 @@ impl From<SyncReport> for core::SyncReport {
     }
 }
 
+/// Runs a core call on the library's tokio runtime: a spawned task turns a panic into a
+/// `JoinError` (then [`TallyError::Internal`]) instead of unwinding across the FFI.
+pub(crate) async fn spawned<T: Send + 'static>(
+    what: &str,
+    call: impl std::future::Future<Output = core::Result<T>> + Send + 'static,
+) -> Result<T, TallyError> {
+    match tokio::spawn(call).await {
+        Ok(r) => Ok(r?),
+        Err(e) if e.is_panic() => Err(TallyError::Internal { message: format!("internal error: {}", panic_text(e.into_panic().as_ref())) }),
+        Err(e) => Err(TallyError::Internal { message: format!("{what} task failed: {e}") }),
+    }
+}
+
 #[uniffi::export(async_runtime = "tokio")]
 impl Tally {
     /// Synchronises `user_id` with the server until nothing is pending. Never blocks the
@@ -219,15 +232,7 @@ impl Tally {
     pub async fn sync(&self, user_id: String, options: SyncOptions) -> Result<SyncReport, TallyError> {
         let inner = self.inner.clone();
         let options = core::SyncOptions::from(options);
-        // A spawned task turns a panic into a JoinError instead of unwinding across the FFI.
-        let task = tokio::spawn(async move { inner.sync(&user_id, options).await });
-        match task.await {
-            Ok(r) => Ok(r?.into()),
-            Err(e) if e.is_panic() => {
-                Err(TallyError::Internal { message: format!("internal error: {}", panic_text(e.into_panic().as_ref())) })
-            }
-            Err(e) => Err(TallyError::Internal { message: format!("sync task failed: {e}") }),
-        }
+        spawned("sync", async move { inner.sync(&user_id, options).await }).await.map(Into::into)
     }
 }
 
@@ -238,14 +243,7 @@ impl Tally {
     pub async fn release_leases(&self, user_id: String, options: SyncOptions) -> Result<SyncReport, TallyError> {
         let inner = self.inner.clone();
         let options = core::SyncOptions::from(options);
-        let task = tokio::spawn(async move { inner.release_leases(&user_id, options).await });
-        match task.await {
-            Ok(r) => Ok(r?.into()),
-            Err(e) if e.is_panic() => {
-                Err(TallyError::Internal { message: format!("internal error: {}", panic_text(e.into_panic().as_ref())) })
-            }
-            Err(e) => Err(TallyError::Internal { message: format!("release task failed: {e}") }),
-        }
+        spawned("release", async move { inner.release_leases(&user_id, options).await }).await.map(Into::into)
     }
 }
 

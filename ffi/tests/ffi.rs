@@ -232,6 +232,10 @@ fn core_errors_map_to_variants() {
             |e| matches!(e, TallyError::Server { message } if message.contains("500")),
         ),
         (E::InvalidToken("sig".into()), |e| matches!(e, TallyError::InvalidToken { .. })),
+        (
+            E::PurchaseRefused { status: 409, code: "bound_to_other_user".into(), message: "another account's".into() },
+            |e| matches!(e, TallyError::PurchaseRefused { message } if message.contains("bound_to_other_user")),
+        ),
     ];
     for (core, check) in cases {
         let text = core.to_string();

@@ -287,6 +287,22 @@ pub async fn grant_credits(state: &AppState, r: CreditGrantRequest<'_>) -> ApiRe
     Ok(id)
 }
 
+/// Takes back a purchased credit grant (a store refund or revoke) inside the caller's
+/// transaction: its unspent rest goes, what was already spent becomes debt, and devices that
+/// held those credits see the cause `refund`. Returns whether it was still in force.
+pub async fn revoke_purchased(tx: &impl GenericClient, user_id: Uuid, grant_id: &str, now: DateTime<Utc>) -> ApiResult<bool> {
+    let n = tx
+        .execute(
+            "UPDATE credit_grants SET revoked_at = $3 WHERE user_id = $1 AND grant_id = $2 AND revoked_at IS NULL",
+            &[&user_id, &grant_id, &now],
+        )
+        .await?;
+    if n > 0 {
+        crate::leases::mark_refund(tx, user_id, now).await?;
+    }
+    Ok(n > 0)
+}
+
 /// Revokes credit grants of a user (one by id, or every one); bumps the version. Returns how many.
 pub async fn revoke_credits(state: &AppState, user_id: Uuid, grant_id: Option<&str>) -> ApiResult<u64> {
     let mut client = state.pool.get().await?;

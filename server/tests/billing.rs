@@ -1082,3 +1082,182 @@ async fn deleting_an_account_leaves_no_row_naming_the_user_or_their_email_in_any
     assert!(tables_naming(&a, &uid).await.is_empty(), "a replayed event does not bring the user back");
     assert_eq!(a.call("GET", "/v1/me", Some(&other), None).await.0, StatusCode::OK);
 }
+
+/// [`BILLING_CATALOG`] with Stripe products: a subscription with a trial, a lifetime plan and a
+/// credit pack.
+const PRODUCTS_CATALOG: &str = r#"{"plans": [
+  {"id": "free", "features": {"images": {"type": "credits", "cost": 10}}},
+  {"id": "pro", "features": {"images": {"type": "credits", "cost": 10}}}],
+  "products": [
+    {"id": "price_trial", "store": "stripe", "grants": {"plan": "pro"}, "trial_days": 14},
+    {"id": "price_forever", "store": "stripe", "grants": {"plan": "pro", "lifetime": true}},
+    {"id": "price_credits_50", "store": "stripe", "grants": {"credits": 50}}]}"#;
+
+async fn products_app(base: Option<String>) -> Option<TestApp> {
+    billing_app(move |c| {
+        let plans = c.data_dir.join("products-plans.json");
+        std::fs::write(&plans, PRODUCTS_CATALOG).unwrap();
+        c.plans_file = Some(plans);
+        if let Some(base) = base {
+            c.stripe_secret_key = Some("sk_test_fake".into());
+            c.stripe_api_base = base;
+        }
+    })
+    .await
+}
+
+impl World {
+    /// A completed one-time Checkout Session (`mode=payment`) of `price`, paid by `payment`.
+    fn one_time(&self, id: &str, uid: &str, price: &str, payment: &str, paid: bool) -> Value {
+        let mut e = self.checkout(id, Some(uid), "buyer@example.com", Utc::now());
+        let o = &mut e["data"]["object"];
+        o["mode"] = json!("payment");
+        o["subscription"] = Value::Null;
+        o["payment_intent"] = json!(payment);
+        o["payment_status"] = json!(if paid { "paid" } else { "unpaid" });
+        o["metadata"] = json!({"tally_user_id": uid, "tally_price_id": price});
+        e
+    }
+
+    /// `charge.refunded` of `payment` (`full`: the whole charge).
+    fn refund(&self, id: &str, payment: &str, full: bool) -> Value {
+        let mut e = fixture("charge.refunded");
+        e["id"] = json!(self.evt(id));
+        let o = &mut e["data"]["object"];
+        o["id"] = json!(format!("ch_{id}_{}", self.tag));
+        o["customer"] = json!(self.customer);
+        o["payment_intent"] = json!(payment);
+        o["refunded"] = json!(full);
+        e
+    }
+}
+
+fn form_value<'a>(form: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    form.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+}
+
+#[tokio::test]
+async fn checkout_gives_trials_sells_one_time_products_in_payment_mode_and_refuses_a_second_subscription() {
+    let fake = fake_stripe().await;
+    let a = app_or_skip!(products_app(Some(fake.url.clone())).await);
+    let t = token_with("trialist", json!({"email": "trialist@example.com", "email_verified": true}));
+    let uid = a.user_id(&t).await;
+    let checkout =
+        |price: &str| json!({"price_id": price, "success_url": "https://app.example.com/ok", "cancel_url": "https://app.example.com/no"});
+
+    // A subscription product with trial_days: mode subscription with a free trial.
+    let (s, v) = a.call("POST", "/v1/billing/checkout", Some(&t), Some(checkout("price_trial"))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let form = fake.seen.lock().unwrap().last().unwrap().form.clone();
+    assert_eq!(form_value(&form, "mode"), Some("subscription"));
+    assert_eq!(form_value(&form, "subscription_data[trial_period_days]"), Some("14"));
+    assert_eq!(form_value(&form, "subscription_data[metadata][tally_user_id]"), Some(uid.as_str()));
+    // A price of TALLY_STRIPE_PRICES has no trial.
+    a.call("POST", "/v1/billing/checkout", Some(&t), Some(checkout(PRICE))).await;
+    let form = fake.seen.lock().unwrap().last().unwrap().form.clone();
+    assert_eq!(form_value(&form, "subscription_data[trial_period_days]"), None);
+
+    // One-time products: mode payment, the product in the metadata, a customer created.
+    for price in ["price_forever", "price_credits_50"] {
+        let (s, v) = a.call("POST", "/v1/billing/checkout", Some(&t), Some(checkout(price))).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let form = fake.seen.lock().unwrap().last().unwrap().form.clone();
+        assert_eq!(form_value(&form, "mode"), Some("payment"), "{form:?}");
+        assert_eq!(form_value(&form, "metadata[tally_price_id]"), Some(price));
+        assert_eq!(form_value(&form, "payment_intent_data[metadata][tally_user_id]"), Some(uid.as_str()));
+        assert_eq!(form_value(&form, "customer_creation"), Some("always"));
+        assert!(!form.iter().any(|(k, _)| k.starts_with("subscription_data")), "{form:?}");
+    }
+
+    // The trial starts: trialing, with the plan.
+    let w = World::new();
+    let now = Utc::now();
+    a.ok(&w.checkout("c", Some(&uid), "trialist@example.com", now)).await;
+    a.ok(&w.subscription("created", "s1", "a", "trialing", now, now, now + Duration::days(14), "price_trial")).await;
+    let e = a.ents(&t).await;
+    assert_eq!(
+        (e["plan"].as_str(), e["status"].as_str(), e["access_reason"].as_str()),
+        (Some("pro"), Some("trialing"), Some("trial")),
+        "{e}"
+    );
+
+    // A second subscription is refused before Stripe is called; one-time products still sell.
+    let calls = fake.seen.lock().unwrap().len();
+    let before = a.billing(&t).await;
+    for price in ["price_trial", PRICE] {
+        let (s, v) = a.call("POST", "/v1/billing/checkout", Some(&t), Some(checkout(price))).await;
+        assert_eq!((s, v["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("subscription_active")), "{v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains("billing portal"), "{v}");
+    }
+    assert_eq!(fake.seen.lock().unwrap().len(), calls, "Stripe was not called");
+    assert_eq!(a.billing(&t).await, before, "nothing changed");
+    let (s, v) = a.call("POST", "/v1/billing/checkout", Some(&t), Some(checkout("price_credits_50"))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // Once the subscription is over, a new one may be bought.
+    a.ok(&w.subscription("deleted", "s2", "a", "canceled", now + Duration::seconds(5), now, now + Duration::days(14), "price_trial")).await;
+    let (s, v) = a.call("POST", "/v1/billing/checkout", Some(&t), Some(checkout("price_trial"))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+}
+
+#[tokio::test]
+async fn one_time_purchases_grant_once_when_paid_and_a_full_refund_takes_them_back() {
+    let a = app_or_skip!(products_app(None).await);
+    let t = token_with("forever", json!({"email": "forever@example.com", "email_verified": true}));
+    let uid = a.user_id(&t).await;
+    let w = World::new();
+
+    // A lifetime plan: once, whatever the redeliveries.
+    let paid = w.one_time("l1", &uid, "price_forever", &format!("pi_l_{}", w.tag), true);
+    let v = a.ok(&paid).await;
+    assert!(v["outcome"].as_str().unwrap().ends_with("applied:lifetime"), "{v}");
+    assert_eq!(a.ok(&paid).await["duplicate"], true);
+    let mut again = paid.clone();
+    again["id"] = json!(w.evt("l1-again"));
+    again["type"] = json!("checkout.session.async_payment_succeeded");
+    assert_eq!(a.ok(&again).await["outcome"], "applied:already_granted");
+    let e = a.ents(&t).await;
+    assert_eq!((e["plan"].as_str(), e["access_reason"].as_str(), &e["period_end"]), (Some("pro"), Some("lifetime"), &Value::Null), "{e}");
+
+    // A credit pack paid later (an async payment method): nothing until it is paid, then once.
+    let pack = format!("pi_c_{}", w.tag);
+    let unpaid = w.one_time("c1", &uid, "price_credits_50", &pack, false);
+    assert!(a.ok(&unpaid).await["outcome"].as_str().unwrap().ends_with("ignored:unpaid"));
+    assert_eq!(a.ents(&t).await["credit_balance"], 0);
+    let mut succeeded = w.one_time("c2", &uid, "price_credits_50", &pack, true);
+    succeeded["type"] = json!("checkout.session.async_payment_succeeded");
+    assert_eq!(a.ok(&succeeded).await["outcome"], "applied:credits_granted:50");
+    succeeded["id"] = json!(w.evt("c3"));
+    assert_eq!(a.ok(&succeeded).await["outcome"], "applied:already_granted");
+    assert_eq!(a.ents(&t).await["credit_balance"], 50, "granted once per payment");
+    // A session naming a product the catalog does not sell once is ignored.
+    let v = a.ok(&w.one_time("x1", &uid, "price_nope", &format!("pi_x_{}", w.tag), true)).await;
+    assert!(v["outcome"].as_str().unwrap().ends_with("ignored:unknown_product"), "{v}");
+    assert_eq!(a.ents(&t).await["credit_balance"], 50);
+
+    // 2 images spend 20 of the pack.
+    let (s, u) = a
+        .call(
+            "POST",
+            "/v1/usage",
+            Some(&t),
+            Some(json!({"id": Uuid::now_v7(), "feature": "images", "amount": 2, "occurred_at": Utc::now().to_rfc3339()})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{u}");
+    // A partial refund takes nothing back; a full one takes the unspent rest, the spent is debt.
+    assert_eq!(a.ok(&w.refund("r1", &pack, false)).await["outcome"], "applied");
+    assert_eq!(a.ents(&t).await["credit_balance"], 30);
+    assert_eq!(a.ok(&w.refund("r2", &pack, true)).await["outcome"], "applied:purchase_taken_back");
+    assert_eq!(a.ents(&t).await["credit_balance"], -20, "the unspent 30 went back, the 20 spent are debt");
+    assert_eq!(a.ok(&w.refund("r3", &pack, true)).await["outcome"], "applied", "a second refund takes nothing more");
+
+    // The lifetime plan's refund returns the user to free; a replayed purchase does not bring it back.
+    assert_eq!(a.ok(&w.refund("r4", &format!("pi_l_{}", w.tag), true)).await["outcome"], "applied:purchase_taken_back");
+    let e = a.ents(&t).await;
+    assert_eq!((e["plan"].as_str(), e["access_reason"].as_str()), (Some("free"), Some("free")), "{e}");
+    let mut replay = paid;
+    replay["id"] = json!(w.evt("l1-late"));
+    replay["type"] = json!("checkout.session.async_payment_succeeded");
+    assert_eq!(a.ok(&replay).await["outcome"], "applied:already_granted");
+    assert_eq!(a.ents(&t).await["plan"], "free");
+}

@@ -52,8 +52,13 @@ pub fn postgres(dir: &Path) -> Option<Cluster> {
     }
 }
 
-/// The `tally-server` binary built by cargo (built on demand).
+/// The `tally-server` binary under test: `TALLY_SERVER_BIN` when set (a target directory shared
+/// by several checkouts holds only the last build at `debug/tally-server`), else the one cargo
+/// built (built on demand).
 pub fn server_binary() -> PathBuf {
+    if let Some(bin) = std::env::var_os("TALLY_SERVER_BIN") {
+        return PathBuf::from(bin);
+    }
     let target =
         std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
     let bin = target.join("debug/tally-server");

@@ -476,6 +476,21 @@ void uniffi_tally_ffi_fn_method_tally_prepare_offline(uint64_t ptr, RustBuffer u
 void uniffi_tally_ffi_fn_method_tally_void(uint64_t ptr, RustBuffer user_id, RustBuffer event_id, RustBuffer reason, RustCallStatus *_Nonnull out_status
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_ACCOUNT_TOKEN
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_ACCOUNT_TOKEN
+RustBuffer uniffi_tally_ffi_fn_method_tally_account_token(uint64_t ptr, RustBuffer user_id, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_RESTORE_PURCHASES
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_RESTORE_PURCHASES
+uint64_t uniffi_tally_ffi_fn_method_tally_restore_purchases(uint64_t ptr, RustBuffer user_id, RustBuffer purchase, RustBuffer options
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_SUBMIT_PURCHASE
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_SUBMIT_PURCHASE
+uint64_t uniffi_tally_ffi_fn_method_tally_submit_purchase(uint64_t ptr, RustBuffer user_id, RustBuffer purchase, RustBuffer options
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_LAST_SYNCED_AT_MS
 #define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_LAST_SYNCED_AT_MS
 RustBuffer uniffi_tally_ffi_fn_method_tally_last_synced_at_ms(uint64_t ptr, RustBuffer user_id, RustCallStatus *_Nonnull out_status
@@ -1028,6 +1043,24 @@ uint16_t uniffi_tally_ffi_checksum_method_tally_prepare_offline(void
 #ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_VOID
 #define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_VOID
 uint16_t uniffi_tally_ffi_checksum_method_tally_void(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_ACCOUNT_TOKEN
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_ACCOUNT_TOKEN
+uint16_t uniffi_tally_ffi_checksum_method_tally_account_token(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_RESTORE_PURCHASES
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_RESTORE_PURCHASES
+uint16_t uniffi_tally_ffi_checksum_method_tally_restore_purchases(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_SUBMIT_PURCHASE
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_SUBMIT_PURCHASE
+uint16_t uniffi_tally_ffi_checksum_method_tally_submit_purchase(void
     
 );
 #endif

@@ -11,6 +11,7 @@ pub mod apple;
 pub mod google;
 pub mod google_api;
 pub mod google_push;
+pub mod one_time;
 pub mod purchases;
 pub mod signature;
 pub mod state;
@@ -32,7 +33,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use stripe_api::{Stripe, pair};
-use tally_core::SubscriptionStatus;
+use tally_core::catalog::ProductKind;
+use tally_core::{Store, SubscriptionStatus};
 use uuid::Uuid;
 
 pub use webhook::receive as webhook;
@@ -98,7 +100,7 @@ async fn customer_of(client: &impl GenericClient, user: Uuid) -> ApiResult<Optio
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CheckoutBody {
-    /// A price listed in `TALLY_STRIPE_PRICES`.
+    /// A price of the catalog's Stripe products or of `TALLY_STRIPE_PRICES`.
     pub price_id: String,
     /// Where Stripe sends the customer after paying.
     pub success_url: String,
@@ -106,8 +108,11 @@ pub struct CheckoutBody {
     pub cancel_url: String,
 }
 
-/// `POST /v1/billing/checkout`: a Stripe Checkout Session (mode `subscription`) for the caller;
-/// answers `{id, url}`. `client_reference_id` is the caller's user id, so the
+/// `POST /v1/billing/checkout`: a Stripe Checkout Session for the caller; answers `{id, url}`.
+/// A plan subscription is mode `subscription` (with the product's `trial_days` as a free
+/// trial), refused with 409 `subscription_active` while the caller has a subscription running
+/// in any store (plans change in the billing portal); a lifetime plan or a credit pack is mode
+/// `payment`. `client_reference_id` is the caller's user id, so the
 /// `checkout.session.completed` webhook links the customer to them.
 pub async fn checkout(
     State(state): State<AppState>,
@@ -117,8 +122,11 @@ pub async fn checkout(
 ) -> ApiResult<Json<Value>> {
     // Unconfigured first: a server without Stripe says so, rather than that the price is unknown.
     let stripe = stripe(&state)?;
-    let (_, catalog) = state.catalog.current(&state.pool.get().await?).await?;
-    if !prices(&state.config, &catalog).contains_key(&b.price_id) {
+    let client = state.pool.get().await?;
+    let (_, catalog) = state.catalog.current(&client).await?;
+    let product = catalog.product(Store::Stripe, &b.price_id);
+    let one_time = product.is_some_and(|p| !matches!(p.kind(), ProductKind::Subscription(_)));
+    if !one_time && !prices(&state.config, &catalog).contains_key(&b.price_id) {
         return Err(ApiError::Invalid(
             "unknown_price",
             format!("price {:?} is neither a Stripe product of the catalog nor in TALLY_STRIPE_PRICES", b.price_id),
@@ -126,20 +134,42 @@ pub async fn checkout(
     }
     check_url("success_url", &b.success_url)?;
     check_url("cancel_url", &b.cancel_url)?;
-    let client = state.pool.get().await?;
+    if !one_time && let Some(s) = subscriptions::running_anywhere(&client, user.user_id, state.now()).await? {
+        return Err(ApiError::Conflict(
+            "subscription_active",
+            format!(
+                "the account already has a running subscription ({} {}); change plans {}",
+                s.sub.store.as_str(),
+                s.sub.plan.as_deref().unwrap_or("plan"),
+                subscriptions::where_to_cancel(s.sub.store)
+            ),
+        ));
+    }
     let customer = customer_of(&client, user.user_id).await?;
     drop(client);
     let uid = user.user_id.to_string();
     let mut form = vec![
-        pair("mode", "subscription"),
+        pair("mode", if one_time { "payment" } else { "subscription" }),
         pair("line_items[0][price]", b.price_id.clone()),
         pair("line_items[0][quantity]", "1"),
         pair("success_url", b.success_url.clone()),
         pair("cancel_url", b.cancel_url.clone()),
         pair("client_reference_id", uid.clone()),
         pair("metadata[tally_user_id]", uid.clone()),
-        pair("subscription_data[metadata][tally_user_id]", uid),
     ];
+    if one_time {
+        form.push(pair("metadata[tally_price_id]", b.price_id.clone()));
+        form.push(pair("payment_intent_data[metadata][tally_user_id]", uid));
+        if customer.is_none() {
+            // Refunds and later purchases find the customer the payment created.
+            form.push(pair("customer_creation", "always"));
+        }
+    } else {
+        form.push(pair("subscription_data[metadata][tally_user_id]", uid));
+        if let Some(days) = product.and_then(|p| p.trial_days) {
+            form.push(pair("subscription_data[trial_period_days]", days.to_string()));
+        }
+    }
     match (&customer, &user.email) {
         (Some(c), _) => form.push(pair("customer", c.clone())),
         (None, Some(e)) => form.push(pair("customer_email", e.clone())),

@@ -14,15 +14,11 @@ use std::collections::BTreeSet;
 use tally_core::Store;
 use uuid::Uuid;
 
-/// Most purchases one request may carry (a restore sends every current one).
-pub const MAX_PER_REQUEST: usize = 100;
-
-/// Checks the shape every purchase request shares: 1 to [`MAX_PER_REQUEST`] proofs in
-/// `field`, and a well-formed `device_id` when one is given.
+/// Checks the shape every purchase request shares: 1 to
+/// [`tally_core::contract::MAX_PURCHASES`] proofs in `field` (the device checks the same rule),
+/// and a well-formed `device_id` when one is given.
 pub fn check_request(count: usize, field: &str, device_id: Option<&str>) -> ApiResult<()> {
-    if count == 0 || count > MAX_PER_REQUEST {
-        return Err(ApiError::invalid(format!("{field} must hold 1 to {MAX_PER_REQUEST} purchases")));
-    }
+    tally_core::contract::purchase_count(field, count)?;
     if let Some(d) = device_id {
         tally_core::contract::device_id(d)?;
     }
@@ -108,15 +104,7 @@ pub async fn credit_pack(tx: &impl GenericClient, user: Uuid, pack: &Pack<'_>, n
     if !pack.revoked {
         return Ok("credited");
     }
-    let n = tx
-        .execute(
-            "UPDATE credit_grants SET revoked_at = $3 WHERE user_id = $1 AND grant_id = $2 AND revoked_at IS NULL",
-            &[&user, &id, &now],
-        )
-        .await?;
-    if n > 0 {
-        leases::mark_refund(tx, user, now).await?;
-    }
+    credits::revoke_purchased(tx, user, &id, now).await?;
     Ok("refunded")
 }
 

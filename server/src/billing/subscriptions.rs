@@ -104,13 +104,22 @@ pub async fn refresh(client: &impl GenericClient, user: Uuid, catalog: &Catalog,
     Ok(())
 }
 
+/// Whether `s` is a subscription (not a one-time plan) still running at `now`: active,
+/// trialing or past due, its store-dated access not over.
+fn running(s: &Stored, now: DateTime<Utc>) -> bool {
+    s.sub.renews() && s.sub.access_until.is_none_or(|u| u > now)
+}
+
 /// The store subscription that still renews by itself (App Store, Play: the server cannot
 /// cancel it), if any.
 pub async fn renewing_elsewhere(client: &impl GenericClient, user: Uuid, now: DateTime<Utc>) -> ApiResult<Option<Stored>> {
-    Ok(load(client, user)
-        .await?
-        .into_iter()
-        .find(|s| s.sub.store != Store::Stripe && s.auto_renew && s.sub.renews() && s.sub.access_until.is_none_or(|u| u > now)))
+    Ok(load(client, user).await?.into_iter().find(|s| s.sub.store != Store::Stripe && s.auto_renew && running(s, now)))
+}
+
+/// A subscription of `user` still running in any store, if any (a second one is refused at
+/// checkout: plans change in the store that sold the first).
+pub async fn running_anywhere(client: &impl GenericClient, user: Uuid, now: DateTime<Utc>) -> ApiResult<Option<Stored>> {
+    Ok(load(client, user).await?.into_iter().find(|s| running(s, now)))
 }
 
 /// Where the user cancels a subscription of `store`.

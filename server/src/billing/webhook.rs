@@ -1,8 +1,8 @@
 //! `POST /v1/webhooks/stripe`: signature check over the raw bytes, then each event id applied
 //! once, in one transaction with its effects (replays answer 200 and change nothing).
 
-use super::prices;
 use super::state::{self, SubState, id_of};
+use super::{one_time, prices};
 use crate::AppState;
 use crate::credits;
 use crate::error::{ApiError, ApiResult};
@@ -20,6 +20,7 @@ use uuid::Uuid;
 /// Event types this server applies.
 pub const HANDLED: &[&str] = &[
     "checkout.session.completed",
+    "checkout.session.async_payment_succeeded",
     "customer.subscription.created",
     "customer.subscription.updated",
     "customer.subscription.deleted",
@@ -225,8 +226,11 @@ async fn link(state: &AppState, tx: &deadpool_postgres::Transaction<'_>, ev: &Ev
         applied += 1;
     }
     tx.execute("DELETE FROM stripe_pending_events WHERE customer_id = $1", &[&customer]).await?;
+    let bought =
+        if one_time::is_one_time(o) { format!(",{}", one_time::grant(state, tx, user, o, ev.created).await?) } else { String::new() };
     refresh_user(state, tx, user).await?;
-    Ok((format!("applied:linked_by_{by}{}", if applied > 0 { format!(",{applied}_pending_applied") } else { String::new() }), Some(user)))
+    let pending = if applied > 0 { format!(",{applied}_pending_applied") } else { String::new() };
+    Ok((format!("applied:linked_by_{by}{pending}{bought}"), Some(user)))
 }
 
 /// Applies one event to a known, locked user.
@@ -247,6 +251,9 @@ async fn apply(state: &AppState, tx: &impl GenericClient, user: Uuid, ev: &Event
             Ok(if new.plan.is_none() { "applied:unknown_price".into() } else { "applied".into() })
         }
         "invoice.payment_succeeded" | "invoice.payment_failed" => invoice(state, tx, user, ev, customer, &prices).await,
+        "checkout.session.async_payment_succeeded" if one_time::is_one_time(&ev.object) => {
+            one_time::grant(state, tx, user, &ev.object, ev.created).await
+        }
         "charge.refunded" => {
             let o = &ev.object;
             let Some(charge) = o.get("id").and_then(Value::as_str) else { return Ok("ignored:no_charge_id".into()) };
@@ -268,6 +275,13 @@ async fn apply(state: &AppState, tx: &impl GenericClient, user: Uuid, ev: &Event
                 ],
             )
             .await?;
+            // A full refund of a one-time payment takes back the lifetime plan or credits it gave.
+            if o.get("refunded").and_then(Value::as_bool) == Some(true)
+                && let Some(payment) = o.get("payment_intent").and_then(id_of)
+                && one_time::refund(tx, user, &payment, state.now()).await?
+            {
+                return Ok("applied:purchase_taken_back".into());
+            }
             Ok("applied".into())
         }
         _ => Ok("unhandled_type".into()),

@@ -994,6 +994,26 @@ public protocol TallyProtocol: AnyObject, Sendable {
     func void(userId: String, eventId: String, reason: String?) throws 
     
     /**
+     * The account token of the user (the server's user id): pass it to the store when buying
+     * (App Store `appAccountToken`, Play `obfuscatedExternalAccountId`). Available after the
+     * user's first sync.
+     */
+    func accountToken(userId: String) throws  -> String
+    
+    /**
+     * Restores purchases: posts every current proof of the store (without any, asks the
+     * server for a freshly signed token).
+     */
+    func restorePurchases(userId: String, purchase: Purchase, options: SyncOptions) async throws  -> PurchaseReport
+    
+    /**
+     * Posts a store purchase and stores the answered token, so the plan applies offline at
+     * once. Finish the store transaction only after this returned; a refusal is
+     * `PurchaseRefused` naming the server's code and changes nothing.
+     */
+    func submitPurchase(userId: String, purchase: Purchase, options: SyncOptions) async throws  -> PurchaseReport
+    
+    /**
      * When this user last completed a sync round (Unix ms; absent = never).
      */
     func lastSyncedAtMs(userId: String) throws  -> Int64?
@@ -1531,6 +1551,62 @@ open func void(userId: String, eventId: String, reason: String? = nil)throws   {
         FfiConverterOptionString.lower(reason),uniffiCallStatus
     )
 }
+}
+    
+    /**
+     * The account token of the user (the server's user id): pass it to the store when buying
+     * (App Store `appAccountToken`, Play `obfuscatedExternalAccountId`). Available after the
+     * user's first sync.
+     */
+open func accountToken(userId: String)throws  -> String  {
+    return try  FfiConverterString.lift(try rustCallWithError(FfiConverterTypeTallyError_lift) {
+        uniffiCallStatus in
+    uniffi_tally_ffi_fn_method_tally_account_token(
+            self.uniffiCloneHandle(),
+        FfiConverterString.lower(userId),uniffiCallStatus
+    )
+})
+}
+    
+    /**
+     * Restores purchases: posts every current proof of the store (without any, asks the
+     * server for a freshly signed token).
+     */
+open func restorePurchases(userId: String, purchase: Purchase, options: SyncOptions)async throws  -> PurchaseReport  {
+    return
+        try  await uniffiRustCallAsync(
+            rustFutureFunc: {
+                uniffi_tally_ffi_fn_method_tally_restore_purchases(
+                        self.uniffiCloneHandle(),FfiConverterString.lower(userId),FfiConverterTypePurchase_lower(purchase),FfiConverterTypeSyncOptions_lower(options)
+                )
+            },
+            pollFunc: ffi_tally_ffi_rust_future_poll_rust_buffer,
+            completeFunc: ffi_tally_ffi_rust_future_complete_rust_buffer,
+            freeFunc: ffi_tally_ffi_rust_future_free_rust_buffer,
+            liftFunc: FfiConverterTypePurchaseReport_lift,
+            errorHandler: FfiConverterTypeTallyError_lift
+        )
+}
+    
+    /**
+     * Posts a store purchase and stores the answered token, so the plan applies offline at
+     * once. Finish the store transaction only after this returned; a refusal is
+     * `PurchaseRefused` naming the server's code and changes nothing.
+     */
+open func submitPurchase(userId: String, purchase: Purchase, options: SyncOptions)async throws  -> PurchaseReport  {
+    return
+        try  await uniffiRustCallAsync(
+            rustFutureFunc: {
+                uniffi_tally_ffi_fn_method_tally_submit_purchase(
+                        self.uniffiCloneHandle(),FfiConverterString.lower(userId),FfiConverterTypePurchase_lower(purchase),FfiConverterTypeSyncOptions_lower(options)
+                )
+            },
+            pollFunc: ffi_tally_ffi_rust_future_poll_rust_buffer,
+            completeFunc: ffi_tally_ffi_rust_future_complete_rust_buffer,
+            freeFunc: ffi_tally_ffi_rust_future_free_rust_buffer,
+            liftFunc: FfiConverterTypePurchaseReport_lift,
+            errorHandler: FfiConverterTypeTallyError_lift
+        )
 }
     
     /**
@@ -2768,6 +2844,75 @@ public func FfiConverterTypeEntitlements_lower(_ value: Entitlements) -> RustBuf
 
 
 /**
+ * One Google Play purchase: the product bought and Play's purchase token.
+ */
+public struct GooglePurchase: Equatable, Hashable {
+    /**
+     * The Play product id.
+     */
+    public var productId: String
+    /**
+     * `Purchase.getPurchaseToken()`.
+     */
+    public var purchaseToken: String
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * The Play product id.
+         */productId: String, 
+        /**
+         * `Purchase.getPurchaseToken()`.
+         */purchaseToken: String) {
+        self.productId = productId
+        self.purchaseToken = purchaseToken
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension GooglePurchase: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeGooglePurchase: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> GooglePurchase {
+        return
+            try GooglePurchase(
+                productId: FfiConverterString.read(from: &buf), 
+                purchaseToken: FfiConverterString.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: GooglePurchase, into buf: inout [UInt8]) {
+        FfiConverterString.write(value.productId, into: &buf)
+        FfiConverterString.write(value.purchaseToken, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeGooglePurchase_lift(_ buf: RustBuffer) throws -> GooglePurchase {
+    return try FfiConverterTypeGooglePurchase.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeGooglePurchase_lower(_ value: GooglePurchase) -> RustBuffer {
+    return FfiConverterTypeGooglePurchase.lower(value)
+}
+
+
+/**
  * This device's lease of one pool ("3 left on this phone").
  */
 public struct LeaseStatus: Equatable, Hashable {
@@ -3061,6 +3206,164 @@ public func FfiConverterTypeProfile_lift(_ buf: RustBuffer) throws -> Profile {
 #endif
 public func FfiConverterTypeProfile_lower(_ value: Profile) -> RustBuffer {
     return FfiConverterTypeProfile.lower(value)
+}
+
+
+/**
+ * What the server made of one purchase.
+ */
+public struct PurchaseOutcome: Equatable, Hashable {
+    /**
+     * The store: `app_store`, `play` or `stripe`.
+     */
+    public var store: String
+    /**
+     * The store's product id.
+     */
+    public var productId: String?
+    /**
+     * The store's transaction id.
+     */
+    public var transactionId: String?
+    /**
+     * `active`, `trialing`, `past_due`, `canceled` for plans; `credited`, `refunded` for packs.
+     */
+    public var status: String
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * The store: `app_store`, `play` or `stripe`.
+         */store: String, 
+        /**
+         * The store's product id.
+         */productId: String?, 
+        /**
+         * The store's transaction id.
+         */transactionId: String?, 
+        /**
+         * `active`, `trialing`, `past_due`, `canceled` for plans; `credited`, `refunded` for packs.
+         */status: String) {
+        self.store = store
+        self.productId = productId
+        self.transactionId = transactionId
+        self.status = status
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension PurchaseOutcome: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypePurchaseOutcome: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> PurchaseOutcome {
+        return
+            try PurchaseOutcome(
+                store: FfiConverterString.read(from: &buf), 
+                productId: FfiConverterOptionString.read(from: &buf), 
+                transactionId: FfiConverterOptionString.read(from: &buf), 
+                status: FfiConverterString.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: PurchaseOutcome, into buf: inout [UInt8]) {
+        FfiConverterString.write(value.store, into: &buf)
+        FfiConverterOptionString.write(value.productId, into: &buf)
+        FfiConverterOptionString.write(value.transactionId, into: &buf)
+        FfiConverterString.write(value.status, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypePurchaseOutcome_lift(_ buf: RustBuffer) throws -> PurchaseOutcome {
+    return try FfiConverterTypePurchaseOutcome.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypePurchaseOutcome_lower(_ value: PurchaseOutcome) -> RustBuffer {
+    return FfiConverterTypePurchaseOutcome.lower(value)
+}
+
+
+/**
+ * What a purchase call did.
+ */
+public struct PurchaseReport: Equatable, Hashable {
+    /**
+     * What the server made of each purchase.
+     */
+    public var purchases: [PurchaseOutcome]
+    /**
+     * Whether a new entitlements token was stored (the plan applies offline now).
+     */
+    public var entitlementsUpdated: Bool
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * What the server made of each purchase.
+         */purchases: [PurchaseOutcome], 
+        /**
+         * Whether a new entitlements token was stored (the plan applies offline now).
+         */entitlementsUpdated: Bool) {
+        self.purchases = purchases
+        self.entitlementsUpdated = entitlementsUpdated
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension PurchaseReport: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypePurchaseReport: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> PurchaseReport {
+        return
+            try PurchaseReport(
+                purchases: FfiConverterSequenceTypePurchaseOutcome.read(from: &buf), 
+                entitlementsUpdated: FfiConverterBool.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: PurchaseReport, into buf: inout [UInt8]) {
+        FfiConverterSequenceTypePurchaseOutcome.write(value.purchases, into: &buf)
+        FfiConverterBool.write(value.entitlementsUpdated, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypePurchaseReport_lift(_ buf: RustBuffer) throws -> PurchaseReport {
+    return try FfiConverterTypePurchaseReport.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypePurchaseReport_lower(_ value: PurchaseReport) -> RustBuffer {
+    return FfiConverterTypePurchaseReport.lower(value)
 }
 
 
@@ -4814,6 +5117,87 @@ public func FfiConverterTypePeriod_lower(_ value: Period) -> RustBuffer {
 
 
 /**
+ * A store's proof of purchase.
+ */
+
+public enum Purchase: Equatable, Hashable {
+    
+    /**
+     * StoreKit 2 `Transaction.jwsRepresentation`s: one purchase, or every current one.
+     */
+    case apple(signedTransactions: [String]
+    )
+    /**
+     * Google Play Billing purchases.
+     */
+    case google(purchases: [GooglePurchase]
+    )
+
+
+
+
+
+}
+
+#if compiler(>=6)
+extension Purchase: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypePurchase: FfiConverterRustBuffer {
+    typealias SwiftType = Purchase
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> Purchase {
+        let variant: Int32 = try readInt(&buf)
+        switch variant {
+        
+        case 1: return .apple(signedTransactions: try FfiConverterSequenceString.read(from: &buf)
+        )
+        
+        case 2: return .google(purchases: try FfiConverterSequenceTypeGooglePurchase.read(from: &buf)
+        )
+        
+        default: throw UniffiInternalError.unexpectedEnumCase
+        }
+    }
+
+    public static func write(_ value: Purchase, into buf: inout [UInt8]) {
+        switch value {
+        
+        
+        case let .apple(signedTransactions):
+            writeInt(&buf, Int32(1))
+            FfiConverterSequenceString.write(signedTransactions, into: &buf)
+            
+        
+        case let .google(purchases):
+            writeInt(&buf, Int32(2))
+            FfiConverterSequenceTypeGooglePurchase.write(purchases, into: &buf)
+            
+        }
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypePurchase_lift(_ buf: RustBuffer) throws -> Purchase {
+    return try FfiConverterTypePurchase.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypePurchase_lower(_ value: Purchase) -> RustBuffer {
+    return FfiConverterTypePurchase.lower(value)
+}
+
+
+
+/**
  * Why a decision came out the way it did.
  */
 
@@ -5375,6 +5759,13 @@ enum TallyError: Swift.Error, Equatable, Hashable, Foundation.LocalizedError {
     case Server(message: String)
     
     /**
+     * The server refused a store purchase; nothing changed on the device. The message names
+     * the server's code (`bound_to_other_user`, `bad_signature`, `store_unconfigured`, …). Do
+     * not finish the store transaction.
+     */
+    case PurchaseRefused(message: String)
+    
+    /**
      * The entitlements token could not be verified.
      */
     case InvalidToken(message: String)
@@ -5468,19 +5859,23 @@ public struct FfiConverterTypeTallyError: FfiConverterRustBuffer {
             message: try FfiConverterString.read(from: &buf)
         )
         
-        case 12: return .InvalidToken(
+        case 12: return .PurchaseRefused(
             message: try FfiConverterString.read(from: &buf)
         )
         
-        case 13: return .SubjectMismatch(
+        case 13: return .InvalidToken(
             message: try FfiConverterString.read(from: &buf)
         )
         
-        case 14: return .Configuration(
+        case 14: return .SubjectMismatch(
             message: try FfiConverterString.read(from: &buf)
         )
         
-        case 15: return .Internal(
+        case 15: return .Configuration(
+            message: try FfiConverterString.read(from: &buf)
+        )
+        
+        case 16: return .Internal(
             message: try FfiConverterString.read(from: &buf)
         )
         
@@ -5517,14 +5912,16 @@ public struct FfiConverterTypeTallyError: FfiConverterRustBuffer {
             writeInt(&buf, Int32(10))
         case .Server(_ /* message is ignored*/):
             writeInt(&buf, Int32(11))
-        case .InvalidToken(_ /* message is ignored*/):
+        case .PurchaseRefused(_ /* message is ignored*/):
             writeInt(&buf, Int32(12))
-        case .SubjectMismatch(_ /* message is ignored*/):
+        case .InvalidToken(_ /* message is ignored*/):
             writeInt(&buf, Int32(13))
-        case .Configuration(_ /* message is ignored*/):
+        case .SubjectMismatch(_ /* message is ignored*/):
             writeInt(&buf, Int32(14))
-        case .Internal(_ /* message is ignored*/):
+        case .Configuration(_ /* message is ignored*/):
             writeInt(&buf, Int32(15))
+        case .Internal(_ /* message is ignored*/):
+            writeInt(&buf, Int32(16))
 
         
         }
@@ -5890,6 +6287,31 @@ fileprivate struct FfiConverterSequenceTypeDecision: FfiConverterRustBuffer {
 #if swift(>=5.8)
 @_documentation(visibility: private)
 #endif
+fileprivate struct FfiConverterSequenceTypeGooglePurchase: FfiConverterRustBuffer {
+    typealias SwiftType = [GooglePurchase]
+
+    public static func write(_ value: [GooglePurchase], into buf: inout [UInt8]) {
+        let len = Int32(value.count)
+        writeInt(&buf, len)
+        for item in value {
+            FfiConverterTypeGooglePurchase.write(item, into: &buf)
+        }
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> [GooglePurchase] {
+        let len: Int32 = try readInt(&buf)
+        var seq = [GooglePurchase]()
+        seq.reserveCapacity(Int(len))
+        for _ in 0 ..< len {
+            seq.append(try FfiConverterTypeGooglePurchase.read(from: &buf))
+        }
+        return seq
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
 fileprivate struct FfiConverterSequenceTypeLeaseStatus: FfiConverterRustBuffer {
     typealias SwiftType = [LeaseStatus]
 
@@ -5907,6 +6329,31 @@ fileprivate struct FfiConverterSequenceTypeLeaseStatus: FfiConverterRustBuffer {
         seq.reserveCapacity(Int(len))
         for _ in 0 ..< len {
             seq.append(try FfiConverterTypeLeaseStatus.read(from: &buf))
+        }
+        return seq
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterSequenceTypePurchaseOutcome: FfiConverterRustBuffer {
+    typealias SwiftType = [PurchaseOutcome]
+
+    public static func write(_ value: [PurchaseOutcome], into buf: inout [UInt8]) {
+        let len = Int32(value.count)
+        writeInt(&buf, len)
+        for item in value {
+            FfiConverterTypePurchaseOutcome.write(item, into: &buf)
+        }
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> [PurchaseOutcome] {
+        let len: Int32 = try readInt(&buf)
+        var seq = [PurchaseOutcome]()
+        seq.reserveCapacity(Int(len))
+        for _ in 0 ..< len {
+            seq.append(try FfiConverterTypePurchaseOutcome.read(from: &buf))
         }
         return seq
     }
@@ -6276,6 +6723,15 @@ private let initializationResult: InitializationResult = {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_tally_ffi_checksum_method_tally_void() != 13647) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tally_ffi_checksum_method_tally_account_token() != 33721) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tally_ffi_checksum_method_tally_restore_purchases() != 61318) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tally_ffi_checksum_method_tally_submit_purchase() != 15872) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_tally_ffi_checksum_method_tally_last_synced_at_ms() != 58051) {

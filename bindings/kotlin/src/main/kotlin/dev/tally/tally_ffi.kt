@@ -818,6 +818,12 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_tally_ffi_checksum_method_tally_void(
     ): Int
+    external fun uniffi_tally_ffi_checksum_method_tally_account_token(
+    ): Int
+    external fun uniffi_tally_ffi_checksum_method_tally_restore_purchases(
+    ): Int
+    external fun uniffi_tally_ffi_checksum_method_tally_submit_purchase(
+    ): Int
     external fun uniffi_tally_ffi_checksum_method_tally_last_synced_at_ms(
     ): Int
     external fun uniffi_tally_ffi_checksum_method_tally_release_leases(
@@ -931,6 +937,12 @@ internal object UniffiLib {
     ): Unit
     external fun uniffi_tally_ffi_fn_method_tally_void(`ptr`: Long,`userId`: RustBuffer.ByValue,`eventId`: RustBuffer.ByValue,`reason`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): Unit
+    external fun uniffi_tally_ffi_fn_method_tally_account_token(`ptr`: Long,`userId`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
+    external fun uniffi_tally_ffi_fn_method_tally_restore_purchases(`ptr`: Long,`userId`: RustBuffer.ByValue,`purchase`: RustBuffer.ByValue,`options`: RustBuffer.ByValue,
+    ): Long
+    external fun uniffi_tally_ffi_fn_method_tally_submit_purchase(`ptr`: Long,`userId`: RustBuffer.ByValue,`purchase`: RustBuffer.ByValue,`options`: RustBuffer.ByValue,
+    ): Long
     external fun uniffi_tally_ffi_fn_method_tally_last_synced_at_ms(`ptr`: Long,`userId`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
     external fun uniffi_tally_ffi_fn_method_tally_release_leases(`ptr`: Long,`userId`: RustBuffer.ByValue,`options`: RustBuffer.ByValue,
@@ -1187,6 +1199,15 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_tally_ffi_checksum_method_tally_void() and 0xFFFF) != 13647) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tally_ffi_checksum_method_tally_account_token() and 0xFFFF) != 33721) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tally_ffi_checksum_method_tally_restore_purchases() and 0xFFFF) != 61318) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tally_ffi_checksum_method_tally_submit_purchase() and 0xFFFF) != 15872) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_tally_ffi_checksum_method_tally_last_synced_at_ms() and 0xFFFF) != 58051) {
@@ -2210,6 +2231,26 @@ public interface TallyInterface {
     fun `void`(`userId`: kotlin.String, `eventId`: kotlin.String, `reason`: kotlin.String? = null)
     
     /**
+     * The account token of the user (the server's user id): pass it to the store when buying
+     * (App Store `appAccountToken`, Play `obfuscatedExternalAccountId`). Available after the
+     * user's first sync.
+     */
+    fun `accountToken`(`userId`: kotlin.String): kotlin.String
+    
+    /**
+     * Restores purchases: posts every current proof of the store (without any, asks the
+     * server for a freshly signed token).
+     */
+    suspend fun `restorePurchases`(`userId`: kotlin.String, `purchase`: Purchase, `options`: SyncOptions): PurchaseReport
+    
+    /**
+     * Posts a store purchase and stores the answered token, so the plan applies offline at
+     * once. Finish the store transaction only after this returned; a refusal is
+     * `PurchaseRefused` naming the server's code and changes nothing.
+     */
+    suspend fun `submitPurchase`(`userId`: kotlin.String, `purchase`: Purchase, `options`: SyncOptions): PurchaseReport
+    
+    /**
      * When this user last completed a sync round (Unix ms; absent = never).
      */
     fun `lastSyncedAtMs`(`userId`: kotlin.String): kotlin.Long?
@@ -2938,6 +2979,83 @@ open class Tally: Disposable, AutoCloseable, TallyInterface
     }
     
     
+
+    
+    /**
+     * The account token of the user (the server's user id): pass it to the store when buying
+     * (App Store `appAccountToken`, Play `obfuscatedExternalAccountId`). Available after the
+     * user's first sync.
+     */
+    @Throws(TallyException::class)override fun `accountToken`(`userId`: kotlin.String): kotlin.String {
+            return FfiConverterString.lift(
+    callWithHandle {
+    uniffiRustCallWithError(TallyException) { _status ->
+    UniffiLib.uniffi_tally_ffi_fn_method_tally_account_token(
+        it,
+        
+        FfiConverterString.lower(`userId`),_status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
+     * Restores purchases: posts every current proof of the store (without any, asks the
+     * server for a freshly signed token).
+     */
+    @Throws(TallyException::class)
+    @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
+    override suspend fun `restorePurchases`(`userId`: kotlin.String, `purchase`: Purchase, `options`: SyncOptions) : PurchaseReport {
+        return uniffiRustCallAsync(
+        callWithHandle { uniffiHandle ->
+            UniffiLib.uniffi_tally_ffi_fn_method_tally_restore_purchases(
+                uniffiHandle,
+                
+        FfiConverterString.lower(`userId`),
+        FfiConverterTypePurchase.lower(`purchase`),
+        FfiConverterTypeSyncOptions.lower(`options`),
+            )
+        },
+        { future, callback, continuation -> UniffiLib.ffi_tally_ffi_rust_future_poll_rust_buffer(future, callback, continuation) },
+        { future, continuation -> UniffiLib.ffi_tally_ffi_rust_future_complete_rust_buffer(future, continuation) },
+        { future -> UniffiLib.ffi_tally_ffi_rust_future_free_rust_buffer(future) },
+        // lift function
+        { FfiConverterTypePurchaseReport.lift(it) },
+        // Error FFI converter
+        TallyException.ErrorHandler,
+    )
+    }
+
+    
+    /**
+     * Posts a store purchase and stores the answered token, so the plan applies offline at
+     * once. Finish the store transaction only after this returned; a refusal is
+     * `PurchaseRefused` naming the server's code and changes nothing.
+     */
+    @Throws(TallyException::class)
+    @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
+    override suspend fun `submitPurchase`(`userId`: kotlin.String, `purchase`: Purchase, `options`: SyncOptions) : PurchaseReport {
+        return uniffiRustCallAsync(
+        callWithHandle { uniffiHandle ->
+            UniffiLib.uniffi_tally_ffi_fn_method_tally_submit_purchase(
+                uniffiHandle,
+                
+        FfiConverterString.lower(`userId`),
+        FfiConverterTypePurchase.lower(`purchase`),
+        FfiConverterTypeSyncOptions.lower(`options`),
+            )
+        },
+        { future, callback, continuation -> UniffiLib.ffi_tally_ffi_rust_future_poll_rust_buffer(future, callback, continuation) },
+        { future, continuation -> UniffiLib.ffi_tally_ffi_rust_future_complete_rust_buffer(future, continuation) },
+        { future -> UniffiLib.ffi_tally_ffi_rust_future_free_rust_buffer(future) },
+        // lift function
+        { FfiConverterTypePurchaseReport.lift(it) },
+        // Error FFI converter
+        TallyException.ErrorHandler,
+    )
+    }
 
     
     /**
@@ -4251,6 +4369,53 @@ public object FfiConverterTypeEntitlements: FfiConverterRustBuffer<Entitlements>
 
 
 /**
+ * One Google Play purchase: the product bought and Play's purchase token.
+ */
+data class GooglePurchase (
+    /**
+     * The Play product id.
+     */
+    var `productId`: kotlin.String
+    , 
+    /**
+     * `Purchase.getPurchaseToken()`.
+     */
+    var `purchaseToken`: kotlin.String
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeGooglePurchase: FfiConverterRustBuffer<GooglePurchase> {
+    override fun read(buf: ByteBuffer): GooglePurchase {
+        return GooglePurchase(
+            FfiConverterString.read(buf),
+            FfiConverterString.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: GooglePurchase) = (
+            FfiConverterString.allocationSize(value.`productId`) +
+            FfiConverterString.allocationSize(value.`purchaseToken`)
+    )
+
+    override fun write(value: GooglePurchase, buf: ByteBuffer) {
+            FfiConverterString.write(value.`productId`, buf)
+            FfiConverterString.write(value.`purchaseToken`, buf)
+    }
+}
+
+
+
+/**
  * This device's lease of one pool ("3 left on this phone").
  */
 data class LeaseStatus (
@@ -4458,6 +4623,116 @@ public object FfiConverterTypeProfile: FfiConverterRustBuffer<Profile> {
             FfiConverterOptionalString.write(value.`email`, buf)
             FfiConverterOptionalString.write(value.`displayName`, buf)
             FfiConverterOptionalString.write(value.`avatarUrl`, buf)
+    }
+}
+
+
+
+/**
+ * What the server made of one purchase.
+ */
+data class PurchaseOutcome (
+    /**
+     * The store: `app_store`, `play` or `stripe`.
+     */
+    var `store`: kotlin.String
+    , 
+    /**
+     * The store's product id.
+     */
+    var `productId`: kotlin.String?
+    , 
+    /**
+     * The store's transaction id.
+     */
+    var `transactionId`: kotlin.String?
+    , 
+    /**
+     * `active`, `trialing`, `past_due`, `canceled` for plans; `credited`, `refunded` for packs.
+     */
+    var `status`: kotlin.String
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypePurchaseOutcome: FfiConverterRustBuffer<PurchaseOutcome> {
+    override fun read(buf: ByteBuffer): PurchaseOutcome {
+        return PurchaseOutcome(
+            FfiConverterString.read(buf),
+            FfiConverterOptionalString.read(buf),
+            FfiConverterOptionalString.read(buf),
+            FfiConverterString.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: PurchaseOutcome) = (
+            FfiConverterString.allocationSize(value.`store`) +
+            FfiConverterOptionalString.allocationSize(value.`productId`) +
+            FfiConverterOptionalString.allocationSize(value.`transactionId`) +
+            FfiConverterString.allocationSize(value.`status`)
+    )
+
+    override fun write(value: PurchaseOutcome, buf: ByteBuffer) {
+            FfiConverterString.write(value.`store`, buf)
+            FfiConverterOptionalString.write(value.`productId`, buf)
+            FfiConverterOptionalString.write(value.`transactionId`, buf)
+            FfiConverterString.write(value.`status`, buf)
+    }
+}
+
+
+
+/**
+ * What a purchase call did.
+ */
+data class PurchaseReport (
+    /**
+     * What the server made of each purchase.
+     */
+    var `purchases`: List<PurchaseOutcome>
+    , 
+    /**
+     * Whether a new entitlements token was stored (the plan applies offline now).
+     */
+    var `entitlementsUpdated`: kotlin.Boolean
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypePurchaseReport: FfiConverterRustBuffer<PurchaseReport> {
+    override fun read(buf: ByteBuffer): PurchaseReport {
+        return PurchaseReport(
+            FfiConverterSequenceTypePurchaseOutcome.read(buf),
+            FfiConverterBoolean.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: PurchaseReport) = (
+            FfiConverterSequenceTypePurchaseOutcome.allocationSize(value.`purchases`) +
+            FfiConverterBoolean.allocationSize(value.`entitlementsUpdated`)
+    )
+
+    override fun write(value: PurchaseReport, buf: ByteBuffer) {
+            FfiConverterSequenceTypePurchaseOutcome.write(value.`purchases`, buf)
+            FfiConverterBoolean.write(value.`entitlementsUpdated`, buf)
     }
 }
 
@@ -5738,6 +6013,98 @@ public object FfiConverterTypePeriod: FfiConverterRustBuffer<Period> {
 
 
 /**
+ * A store's proof of purchase.
+ */
+sealed class Purchase {
+    
+    /**
+     * StoreKit 2 `Transaction.jwsRepresentation`s: one purchase, or every current one.
+     */
+    data class Apple(
+        val `signedTransactions`: List<kotlin.String>) : Purchase()
+        
+    {
+        
+
+        companion object
+    }
+    
+    /**
+     * Google Play Billing purchases.
+     */
+    data class Google(
+        val `purchases`: List<dev.tally.GooglePurchase>) : Purchase()
+        
+    {
+        
+
+        companion object
+    }
+    
+
+    
+
+    
+    
+
+
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypePurchase : FfiConverterRustBuffer<Purchase>{
+    override fun read(buf: ByteBuffer): Purchase {
+        return when(buf.getInt()) {
+            1 -> Purchase.Apple(
+                FfiConverterSequenceString.read(buf),
+                )
+            2 -> Purchase.Google(
+                FfiConverterSequenceTypeGooglePurchase.read(buf),
+                )
+            else -> throw RuntimeException("invalid enum value, something is very wrong!!")
+        }
+    }
+
+    override fun allocationSize(value: Purchase): ULong = when(value) {
+        is Purchase.Apple -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterSequenceString.allocationSize(value.`signedTransactions`)
+            )
+        }
+        is Purchase.Google -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterSequenceTypeGooglePurchase.allocationSize(value.`purchases`)
+            )
+        }
+    }
+
+    override fun write(value: Purchase, buf: ByteBuffer) {
+        when(value) {
+            is Purchase.Apple -> {
+                buf.putInt(1)
+                FfiConverterSequenceString.write(value.`signedTransactions`, buf)
+                Unit
+            }
+            is Purchase.Google -> {
+                buf.putInt(2)
+                FfiConverterSequenceTypeGooglePurchase.write(value.`purchases`, buf)
+                Unit
+            }
+        }.let { /* this makes the `when` an expression, which ensures it is exhaustive */ }
+    }
+}
+
+
+
+
+
+/**
  * Why a decision came out the way it did.
  */
 
@@ -6267,6 +6634,13 @@ sealed class TallyException(message: String): kotlin.Exception(message) {
         class Server(message: String) : TallyException(message)
         
     /**
+     * The server refused a store purchase; nothing changed on the device. The message names
+     * the server's code (`bound_to_other_user`, `bad_signature`, `store_unconfigured`, …). Do
+     * not finish the store transaction.
+     */
+        class PurchaseRefused(message: String) : TallyException(message)
+        
+    /**
      * The entitlements token could not be verified.
      */
         class InvalidToken(message: String) : TallyException(message)
@@ -6311,10 +6685,11 @@ public object FfiConverterTypeTallyError : FfiConverterRustBuffer<TallyException
             9 -> TallyException.Unauthorized(FfiConverterString.read(buf))
             10 -> TallyException.AccountDeleted(FfiConverterString.read(buf))
             11 -> TallyException.Server(FfiConverterString.read(buf))
-            12 -> TallyException.InvalidToken(FfiConverterString.read(buf))
-            13 -> TallyException.SubjectMismatch(FfiConverterString.read(buf))
-            14 -> TallyException.Configuration(FfiConverterString.read(buf))
-            15 -> TallyException.Internal(FfiConverterString.read(buf))
+            12 -> TallyException.PurchaseRefused(FfiConverterString.read(buf))
+            13 -> TallyException.InvalidToken(FfiConverterString.read(buf))
+            14 -> TallyException.SubjectMismatch(FfiConverterString.read(buf))
+            15 -> TallyException.Configuration(FfiConverterString.read(buf))
+            16 -> TallyException.Internal(FfiConverterString.read(buf))
             else -> throw RuntimeException("invalid error enum value, something is very wrong!!")
         }
         
@@ -6370,20 +6745,24 @@ public object FfiConverterTypeTallyError : FfiConverterRustBuffer<TallyException
                 buf.putInt(11)
                 Unit
             }
-            is TallyException.InvalidToken -> {
+            is TallyException.PurchaseRefused -> {
                 buf.putInt(12)
                 Unit
             }
-            is TallyException.SubjectMismatch -> {
+            is TallyException.InvalidToken -> {
                 buf.putInt(13)
                 Unit
             }
-            is TallyException.Configuration -> {
+            is TallyException.SubjectMismatch -> {
                 buf.putInt(14)
                 Unit
             }
-            is TallyException.Internal -> {
+            is TallyException.Configuration -> {
                 buf.putInt(15)
+                Unit
+            }
+            is TallyException.Internal -> {
+                buf.putInt(16)
                 Unit
             }
         }.let { /* this makes the `when` an expression, which ensures it is exhaustive */ }
@@ -6825,6 +7204,34 @@ public object FfiConverterSequenceTypeDecision: FfiConverterRustBuffer<List<Deci
 /**
  * @suppress
  */
+public object FfiConverterSequenceTypeGooglePurchase: FfiConverterRustBuffer<List<GooglePurchase>> {
+    override fun read(buf: ByteBuffer): List<GooglePurchase> {
+        val len = buf.getInt()
+        return List<GooglePurchase>(len) {
+            FfiConverterTypeGooglePurchase.read(buf)
+        }
+    }
+
+    override fun allocationSize(value: List<GooglePurchase>): ULong {
+        val sizeForLength = 4UL
+        val sizeForItems = value.map { FfiConverterTypeGooglePurchase.allocationSize(it) }.sum()
+        return sizeForLength + sizeForItems
+    }
+
+    override fun write(value: List<GooglePurchase>, buf: ByteBuffer) {
+        buf.putInt(value.size)
+        value.iterator().forEach {
+            FfiConverterTypeGooglePurchase.write(it, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
 public object FfiConverterSequenceTypeLeaseStatus: FfiConverterRustBuffer<List<LeaseStatus>> {
     override fun read(buf: ByteBuffer): List<LeaseStatus> {
         val len = buf.getInt()
@@ -6843,6 +7250,34 @@ public object FfiConverterSequenceTypeLeaseStatus: FfiConverterRustBuffer<List<L
         buf.putInt(value.size)
         value.iterator().forEach {
             FfiConverterTypeLeaseStatus.write(it, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterSequenceTypePurchaseOutcome: FfiConverterRustBuffer<List<PurchaseOutcome>> {
+    override fun read(buf: ByteBuffer): List<PurchaseOutcome> {
+        val len = buf.getInt()
+        return List<PurchaseOutcome>(len) {
+            FfiConverterTypePurchaseOutcome.read(buf)
+        }
+    }
+
+    override fun allocationSize(value: List<PurchaseOutcome>): ULong {
+        val sizeForLength = 4UL
+        val sizeForItems = value.map { FfiConverterTypePurchaseOutcome.allocationSize(it) }.sum()
+        return sizeForLength + sizeForItems
+    }
+
+    override fun write(value: List<PurchaseOutcome>, buf: ByteBuffer) {
+        buf.putInt(value.size)
+        value.iterator().forEach {
+            FfiConverterTypePurchaseOutcome.write(it, buf)
         }
     }
 }

@@ -233,6 +233,37 @@ class SyncTest {
     }
 
     @Test
+    fun `purchases are suspend calls bound to the account token, and a refusal names the server's code`() = runBlocking {
+        val sub = "kotlin-${UUID.randomUUID()}"
+        device("store-phone").use { p ->
+            val u = p.signIn(Profile(externalId = sub)).id
+            assertThrows(TallyException.InvalidInput::class.java) { p.accountToken(u) }
+            p.sync(u, options(sub))
+            val account = p.accountToken(u)
+            val me = URI("$baseUrl/v1/me").toURL().openConnection() as HttpURLConnection
+            me.setRequestProperty("Authorization", "Bearer ${idToken(sub)}")
+            assertTrue(me.inputStream.readBytes().decodeToString().contains("\"id\":\"$account\""), "the account token is the server's user id")
+
+            // This server sells nothing on the App Store: refused with its code, nothing changes.
+            val before = p.entitlements(u)
+            val e = assertThrows(TallyException.PurchaseRefused::class.java) {
+                runBlocking { p.submitPurchase(u, Purchase.Apple(signedTransactions = listOf("eyJhbGciOiJFUzI1NiJ9.e30.c2ln")), options(sub)) }
+            }
+            assertTrue(e.message!!.contains("store_unconfigured"), e.message)
+            assertEquals(before, p.entitlements(u))
+            assertEquals(account, p.accountToken(u))
+            assertThrows(TallyException.InvalidInput::class.java) {
+                runBlocking { p.submitPurchase(u, Purchase.Apple(signedTransactions = emptyList()), options(sub)) }
+            }
+
+            // Restoring with no transaction asks the server for a freshly signed token.
+            val restored = p.restorePurchases(u, Purchase.Apple(signedTransactions = emptyList()), options(sub))
+            assertTrue(restored.entitlementsUpdated)
+            assertTrue(restored.purchases.isEmpty())
+        }
+    }
+
+    @Test
     fun `the changes Flow reports a sync`() = runBlocking {
         val sub = "kotlin-${UUID.randomUUID()}"
         device("tablet").use { t ->

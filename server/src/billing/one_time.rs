@@ -1,0 +1,90 @@
+//! Stripe one-time purchases (Checkout `mode=payment`): lifetime plans and credit packs, granted
+//! once per payment when the session is paid, and taken back by a full refund of that payment.
+//! The product is the session's `metadata[tally_price_id]`, which `POST /v1/billing/checkout`
+//! sets; the grant is keyed by the payment (the session's PaymentIntent), so replays and
+//! redeliveries grant nothing more.
+
+use super::state::id_of;
+use super::subscriptions::{self, Stored};
+use crate::AppState;
+use crate::credits;
+use crate::error::ApiResult;
+use chrono::{DateTime, Utc};
+use deadpool_postgres::GenericClient;
+use serde_json::Value;
+use tally_core::catalog::ProductKind;
+use tally_core::{Store, Subscription, SubscriptionStatus};
+use uuid::Uuid;
+
+/// The id of the credit grant of a one-time Stripe payment.
+fn grant_id(payment: &str) -> String {
+    format!("stripe:{payment}")
+}
+
+/// Whether a Checkout Session is a one-time purchase.
+pub fn is_one_time(session: &Value) -> bool {
+    session["mode"] == "payment"
+}
+
+/// Grants what a paid one-time Checkout Session bought to `user`, once; answers the outcome.
+pub async fn grant(state: &AppState, tx: &impl GenericClient, user: Uuid, session: &Value, at: DateTime<Utc>) -> ApiResult<String> {
+    if session["payment_status"] != "paid" {
+        return Ok("ignored:unpaid".into());
+    }
+    let Some(price) = session["metadata"]["tally_price_id"].as_str() else { return Ok("ignored:no_product".into()) };
+    let Some(payment) = id_of(&session["payment_intent"]).or_else(|| id_of(&session["id"])) else {
+        return Ok("ignored:no_payment".into());
+    };
+    let (_, catalog) = state.catalog.current(tx).await?;
+    let now = state.now();
+    match catalog.product(Store::Stripe, price).map(|p| p.kind()) {
+        Some(ProductKind::Lifetime(plan)) => {
+            let known = tx
+                .query_opt(
+                    "SELECT 1 FROM store_subscriptions WHERE user_id = $1 AND store = 'stripe' AND subscription_id = $2",
+                    &[&user, &payment],
+                )
+                .await?;
+            if known.is_some() {
+                return Ok("applied:already_granted".into());
+            }
+            let sub = Subscription {
+                store: Store::Stripe,
+                subscription_id: payment,
+                product_id: Some(price.to_string()),
+                plan: Some(plan.to_string()),
+                status: SubscriptionStatus::Active,
+                period_start: Some(at.min(now)),
+                period_end: None,
+                past_due_since: None,
+                access_until: None,
+                lifetime: true,
+            };
+            subscriptions::store(tx, user, &Stored { sub, auto_renew: false, sandbox: false }).await?;
+            Ok("applied:lifetime".into())
+        }
+        Some(ProductKind::Credits(n)) => {
+            let amount = i64::try_from(n).unwrap_or(i64::MAX);
+            let fresh =
+                credits::insert(tx, user, &grant_id(&payment), amount, "purchase", Some(price), Some("stripe"), None, at.min(now), None)
+                    .await?;
+            Ok(if fresh { format!("applied:credits_granted:{amount}") } else { "applied:already_granted".into() })
+        }
+        Some(ProductKind::Subscription(_)) | None => Ok("ignored:unknown_product".into()),
+    }
+}
+
+/// A full refund of the one-time payment `payment` takes back what it granted: the lifetime
+/// plan, or the credits of the pack not spent yet (what was spent becomes debt). Returns
+/// whether anything was taken back.
+pub async fn refund(tx: &impl GenericClient, user: Uuid, payment: &str, now: DateTime<Utc>) -> ApiResult<bool> {
+    let credits = credits::revoke_purchased(tx, user, &grant_id(payment), now).await?;
+    let plan = tx
+        .execute(
+            "UPDATE store_subscriptions SET status = 'canceled', access_until = $3, updated_at = now() \
+             WHERE user_id = $1 AND store = 'stripe' AND subscription_id = $2 AND lifetime AND status <> 'canceled'",
+            &[&user, &payment, &now],
+        )
+        .await?;
+    Ok(credits || plan > 0)
+}
