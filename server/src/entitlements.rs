@@ -321,6 +321,7 @@ mod tests {
             ver,
             created_at: t,
             updated_at: t,
+            disabled_at: None,
         }
     }
 
