@@ -45,6 +45,10 @@ pub enum Error {
     /// The server rejected our credentials; refresh the sign-in and retry.
     #[error("unauthorized: {0}")]
     Unauthorized(String),
+    /// An admin disabled the account on the server; nothing local was deleted, and syncing
+    /// works again once the account is enabled.
+    #[error("the account is disabled on the server")]
+    AccountDisabled,
     /// The account was deleted on the server; local data of that user was removed.
     #[error("account deleted on the server")]
     AccountDeleted,

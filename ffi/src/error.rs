@@ -37,6 +37,9 @@ pub enum TallyError {
     /// The account was deleted on the server; the user's local data was removed.
     #[error("{message}")]
     AccountDeleted { message: String },
+    /// An admin disabled the account on the server; nothing local was deleted.
+    #[error("{message}")]
+    AccountDisabled { message: String },
     /// The server answered with an error that retrying will not fix.
     #[error("{message}")]
     Server { message: String },
@@ -76,6 +79,7 @@ impl From<tally_core::Error> for TallyError {
             E::Storage(_) | E::Migration(_) | E::Json(_) => TallyError::Storage { message },
             E::Unauthorized(_) => TallyError::Unauthorized { message },
             E::AccountDeleted => TallyError::AccountDeleted { message },
+            E::AccountDisabled => TallyError::AccountDisabled { message },
             E::Network(_) => TallyError::Network { message },
             E::Server { .. } => TallyError::Server { message },
             E::InvalidToken(_) => TallyError::InvalidToken { message },
