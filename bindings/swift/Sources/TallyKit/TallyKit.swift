@@ -5348,6 +5348,11 @@ enum TallyError: Swift.Error, Equatable, Hashable, Foundation.LocalizedError {
     case AccountDeleted(message: String)
     
     /**
+     * An admin disabled the account on the server; nothing local was deleted.
+     */
+    case AccountDisabled(message: String)
+    
+    /**
      * The server answered with an error that retrying will not fix.
      */
     case Server(message: String)
@@ -5442,23 +5447,27 @@ public struct FfiConverterTypeTallyError: FfiConverterRustBuffer {
             message: try FfiConverterString.read(from: &buf)
         )
         
-        case 11: return .Server(
+        case 11: return .AccountDisabled(
             message: try FfiConverterString.read(from: &buf)
         )
         
-        case 12: return .InvalidToken(
+        case 12: return .Server(
             message: try FfiConverterString.read(from: &buf)
         )
         
-        case 13: return .SubjectMismatch(
+        case 13: return .InvalidToken(
             message: try FfiConverterString.read(from: &buf)
         )
         
-        case 14: return .Configuration(
+        case 14: return .SubjectMismatch(
             message: try FfiConverterString.read(from: &buf)
         )
         
-        case 15: return .Internal(
+        case 15: return .Configuration(
+            message: try FfiConverterString.read(from: &buf)
+        )
+        
+        case 16: return .Internal(
             message: try FfiConverterString.read(from: &buf)
         )
         
@@ -5493,16 +5502,18 @@ public struct FfiConverterTypeTallyError: FfiConverterRustBuffer {
             writeInt(&buf, Int32(9))
         case .AccountDeleted(_ /* message is ignored*/):
             writeInt(&buf, Int32(10))
-        case .Server(_ /* message is ignored*/):
+        case .AccountDisabled(_ /* message is ignored*/):
             writeInt(&buf, Int32(11))
-        case .InvalidToken(_ /* message is ignored*/):
+        case .Server(_ /* message is ignored*/):
             writeInt(&buf, Int32(12))
-        case .SubjectMismatch(_ /* message is ignored*/):
+        case .InvalidToken(_ /* message is ignored*/):
             writeInt(&buf, Int32(13))
-        case .Configuration(_ /* message is ignored*/):
+        case .SubjectMismatch(_ /* message is ignored*/):
             writeInt(&buf, Int32(14))
-        case .Internal(_ /* message is ignored*/):
+        case .Configuration(_ /* message is ignored*/):
             writeInt(&buf, Int32(15))
+        case .Internal(_ /* message is ignored*/):
+            writeInt(&buf, Int32(16))
 
         
         }

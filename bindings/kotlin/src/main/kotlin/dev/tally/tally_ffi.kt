@@ -6245,6 +6245,11 @@ sealed class TallyException(message: String): kotlin.Exception(message) {
         class AccountDeleted(message: String) : TallyException(message)
         
     /**
+     * An admin disabled the account on the server; nothing local was deleted.
+     */
+        class AccountDisabled(message: String) : TallyException(message)
+        
+    /**
      * The server answered with an error that retrying will not fix.
      */
         class Server(message: String) : TallyException(message)
@@ -6293,11 +6298,12 @@ public object FfiConverterTypeTallyError : FfiConverterRustBuffer<TallyException
             8 -> TallyException.Network(FfiConverterString.read(buf))
             9 -> TallyException.Unauthorized(FfiConverterString.read(buf))
             10 -> TallyException.AccountDeleted(FfiConverterString.read(buf))
-            11 -> TallyException.Server(FfiConverterString.read(buf))
-            12 -> TallyException.InvalidToken(FfiConverterString.read(buf))
-            13 -> TallyException.SubjectMismatch(FfiConverterString.read(buf))
-            14 -> TallyException.Configuration(FfiConverterString.read(buf))
-            15 -> TallyException.Internal(FfiConverterString.read(buf))
+            11 -> TallyException.AccountDisabled(FfiConverterString.read(buf))
+            12 -> TallyException.Server(FfiConverterString.read(buf))
+            13 -> TallyException.InvalidToken(FfiConverterString.read(buf))
+            14 -> TallyException.SubjectMismatch(FfiConverterString.read(buf))
+            15 -> TallyException.Configuration(FfiConverterString.read(buf))
+            16 -> TallyException.Internal(FfiConverterString.read(buf))
             else -> throw RuntimeException("invalid error enum value, something is very wrong!!")
         }
         
@@ -6349,24 +6355,28 @@ public object FfiConverterTypeTallyError : FfiConverterRustBuffer<TallyException
                 buf.putInt(10)
                 Unit
             }
-            is TallyException.Server -> {
+            is TallyException.AccountDisabled -> {
                 buf.putInt(11)
                 Unit
             }
-            is TallyException.InvalidToken -> {
+            is TallyException.Server -> {
                 buf.putInt(12)
                 Unit
             }
-            is TallyException.SubjectMismatch -> {
+            is TallyException.InvalidToken -> {
                 buf.putInt(13)
                 Unit
             }
-            is TallyException.Configuration -> {
+            is TallyException.SubjectMismatch -> {
                 buf.putInt(14)
                 Unit
             }
-            is TallyException.Internal -> {
+            is TallyException.Configuration -> {
                 buf.putInt(15)
+                Unit
+            }
+            is TallyException.Internal -> {
+                buf.putInt(16)
                 Unit
             }
         }.let { /* this makes the `when` an expression, which ensures it is exhaustive */ }
