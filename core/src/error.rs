@@ -42,6 +42,10 @@ pub enum Error {
     /// JSON (de)serialization failed.
     #[error("json error: {0}")]
     Json(#[from] serde_json::Error),
+    /// The database does not open with the given encryption key (wrong key, an unencrypted
+    /// file given a key, or an encrypted file given none); the file was not changed.
+    #[error("encryption key: {0}")]
+    EncryptionKey(String),
     /// The server rejected our credentials; refresh the sign-in and retry.
     #[error("unauthorized: {0}")]
     Unauthorized(String),

@@ -37,6 +37,10 @@ pub enum TallyError {
     /// The account was deleted on the server; the user's local data was removed.
     #[error("{message}")]
     AccountDeleted { message: String },
+    /// The database does not open with the encryption key given (or needs one); the file
+    /// was not changed.
+    #[error("{message}")]
+    EncryptionKey { message: String },
     /// An admin disabled the account on the server; nothing local was deleted.
     #[error("{message}")]
     AccountDisabled { message: String },
@@ -80,6 +84,7 @@ impl From<tally_core::Error> for TallyError {
             E::Unauthorized(_) => TallyError::Unauthorized { message },
             E::AccountDeleted => TallyError::AccountDeleted { message },
             E::AccountDisabled => TallyError::AccountDisabled { message },
+            E::EncryptionKey(_) => TallyError::EncryptionKey { message },
             E::Network(_) => TallyError::Network { message },
             E::Server { .. } => TallyError::Server { message },
             E::InvalidToken(_) => TallyError::InvalidToken { message },
