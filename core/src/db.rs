@@ -102,7 +102,9 @@ pub fn encrypt_database(path: &Path, key: &str) -> Result<()> {
     let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
     if let Err(e) = conn.query_row("PRAGMA schema_version", [], |r| r.get::<_, i64>(0)) {
         return Err(match e.sqlite_error_code() {
-            Some(rusqlite::ErrorCode::NotADatabase) => Error::EncryptionKey("the file is not an unencrypted database (already encrypted?)".into()),
+            Some(rusqlite::ErrorCode::NotADatabase) => {
+                Error::EncryptionKey("the file is not an unencrypted database (already encrypted?)".into())
+            }
             _ => e.into(),
         });
     }

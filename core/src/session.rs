@@ -84,8 +84,11 @@ async fn post<T: serde::de::DeserializeOwned>(http: &reqwest::Client, server_url
     let status = resp.status().as_u16();
     let bytes = resp.bytes().await.map_err(|e| Error::Network(format!("POST {path}: reading the answer: {e}")))?;
     if (200..300).contains(&status) {
-        return serde_json::from_slice(&bytes)
-            .map_err(|e| Error::Server { status, code: "bad_response".into(), message: format!("unreadable answer of {path}: {e}") });
+        return serde_json::from_slice(&bytes).map_err(|e| Error::Server {
+            status,
+            code: "bad_response".into(),
+            message: format!("unreadable answer of {path}: {e}"),
+        });
     }
     let (code, message) = match serde_json::from_slice::<ErrorBody>(&bytes) {
         Ok(b) => (b.error.code, b.error.message),
@@ -101,8 +104,12 @@ async fn post<T: serde::de::DeserializeOwned>(http: &reqwest::Client, server_url
 impl PasswordSession {
     fn from_answer(server_url: &str, http: reqwest::Client, clock: Arc<dyn Clock>, a: SessionAnswer) -> (Arc<PasswordSession>, Profile) {
         let expires_at = clock.now() + Duration::seconds(a.expires_in);
-        let profile =
-            Profile { external_id: a.user.external_id, email: a.user.email, display_name: a.user.display_name, avatar_url: a.user.avatar_url };
+        let profile = Profile {
+            external_id: a.user.external_id,
+            email: a.user.email,
+            display_name: a.user.display_name,
+            avatar_url: a.user.avatar_url,
+        };
         let tokens = SessionTokens { access_token: a.access_token, refresh_token: a.refresh_token, expires_at };
         let session = PasswordSession {
             server_url: server_url.to_string(),
@@ -162,7 +169,8 @@ impl PasswordSession {
 
     async fn refresh_locked(&self) -> Result<()> {
         let refresh_token = self.tokens().refresh_token;
-        let a: SessionAnswer = post(&self.http, &self.server_url, "/v1/auth/refresh", serde_json::json!({"refresh_token": refresh_token})).await?;
+        let a: SessionAnswer =
+            post(&self.http, &self.server_url, "/v1/auth/refresh", serde_json::json!({"refresh_token": refresh_token})).await?;
         let expires_at = self.clock.now() + Duration::seconds(a.expires_in);
         *self.tokens.lock().unwrap_or_else(|e| e.into_inner()) =
             SessionTokens { access_token: a.access_token, refresh_token: a.refresh_token, expires_at };

@@ -46,7 +46,10 @@ pub async fn create_user(State(state): State<AppState>, _a: Admin, JsonBody(b): 
     if let Some(s) = &b.subject {
         tally_core::contract::subject(s)?;
         if s.starts_with(tally_core::contract::PASSWORD_SUBJECT_PREFIX) {
-            return Err(ApiError::invalid(format!("subjects starting with {:?} are reserved", tally_core::contract::PASSWORD_SUBJECT_PREFIX)));
+            return Err(ApiError::invalid(format!(
+                "subjects starting with {:?} are reserved",
+                tally_core::contract::PASSWORD_SUBJECT_PREFIX
+            )));
         }
     }
     if email.is_none() && b.subject.is_none() {

@@ -80,10 +80,11 @@ pub async fn serve(listener: TcpListener, app: Router, limits: HttpLimits, shutd
         let (stream, peer) = stream;
         let _ = stream.set_nodelay(true);
         // Handlers that limit per client address (logins) read the peer as `ConnectInfo`.
-        let svc = TowerToHyperService::new(tower::ServiceExt::map_request(app.clone(), move |mut req: HttpRequest<hyper::body::Incoming>| {
-            req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
-            req
-        }));
+        let svc =
+            TowerToHyperService::new(tower::ServiceExt::map_request(app.clone(), move |mut req: HttpRequest<hyper::body::Incoming>| {
+                req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+                req
+            }));
         let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc));
         tokio::spawn(async move {
             if let Err(e) = conn.await {

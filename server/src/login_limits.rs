@@ -31,11 +31,7 @@ fn address_key(address: &str) -> String {
 impl LoginLimits {
     /// At most `per_email` failures per (email, address) and `per_address` per address.
     pub fn new(per_email: u32, per_address: u32) -> LoginLimits {
-        LoginLimits {
-            per_email: per_email.max(1) as usize,
-            per_address: per_address.max(1) as usize,
-            failures: Mutex::new(HashMap::new()),
-        }
+        LoginLimits { per_email: per_email.max(1) as usize, per_address: per_address.max(1) as usize, failures: Mutex::new(HashMap::new()) }
     }
 
     /// 429 with `Retry-After` when (email, address) or the address alone is at its limit.

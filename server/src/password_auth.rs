@@ -292,7 +292,11 @@ pub struct Forgot {
 
 /// `POST /v1/auth/password/forgot`: mails a reset token when a password account has the email;
 /// always 202, whatever the email.
-pub async fn forgot(State(state): State<AppState>, ClientAddr(addr): ClientAddr, JsonBody(b): JsonBody<Forgot>) -> ApiResult<(StatusCode, Json<Value>)> {
+pub async fn forgot(
+    State(state): State<AppState>,
+    ClientAddr(addr): ClientAddr,
+    JsonBody(b): JsonBody<Forgot>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
     enabled(&state)?;
     state.login_limits.attempt(state.now(), &addr)?;
     let email = b.email.trim();

@@ -24,9 +24,7 @@ use uuid::Uuid;
 
 /// The routes of this module.
 pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/secrets", get(list))
-        .route("/v1/secrets/{name}", get(read).put(write).delete(remove))
+    Router::new().route("/v1/secrets", get(list)).route("/v1/secrets/{name}", get(read).put(write).delete(remove))
 }
 
 fn keys(state: &AppState) -> ApiResult<&MasterKeys> {
@@ -80,8 +78,7 @@ pub async fn write(
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
     users::lock(&tx, user.user_id, &state.config.admin_subjects).await?;
-    let others: i64 =
-        tx.query_one("SELECT count(*) FROM secrets WHERE user_id = $1 AND name <> $2", &[&user.user_id, &name]).await?.get(0);
+    let others: i64 = tx.query_one("SELECT count(*) FROM secrets WHERE user_id = $1 AND name <> $2", &[&user.user_id, &name]).await?.get(0);
     contract::secrets_count(usize::try_from(others).unwrap_or(usize::MAX))?;
     let r = tx
         .query_one(
@@ -112,7 +109,9 @@ async fn owner(state: &AppState, p: Principal, q: &OwnerQuery) -> ApiResult<User
         Principal::User(u) if q.subject.is_none() && q.user_id.is_none() => Ok(u),
         Principal::User(_) => Err(ApiError::invalid("a user reads only their own secrets; drop subject and user_id")),
         Principal::Key(k) if k.has_scope(SCOPE_SECRETS_READ) => users::find_named(state, q.subject.as_deref(), q.user_id.as_deref()).await,
-        Principal::Key(_) => Err(ApiError::Status(StatusCode::FORBIDDEN, "insufficient_scope", format!("this API key lacks the {SCOPE_SECRETS_READ} scope"))),
+        Principal::Key(_) => {
+            Err(ApiError::Status(StatusCode::FORBIDDEN, "insufficient_scope", format!("this API key lacks the {SCOPE_SECRETS_READ} scope")))
+        }
     }
 }
 
@@ -228,9 +227,15 @@ pub async fn warn_unopenable(client: &impl GenericClient, keys: Option<&MasterKe
     for r in client.query("SELECT key_id, count(*) FROM secrets GROUP BY key_id ORDER BY key_id", &[]).await? {
         let (kid, n): (String, i64) = (r.get(0), r.get(1));
         match keys {
-            None => tracing::warn!(key_id = kid, rows = n, "secrets are stored but TALLY_SECRET_KEYS is not set: the secrets routes answer 503"),
+            None => {
+                tracing::warn!(key_id = kid, rows = n, "secrets are stored but TALLY_SECRET_KEYS is not set: the secrets routes answer 503")
+            }
             Some(k) if !k.key_ids().contains(&kid.as_str()) => {
-                tracing::warn!(key_id = kid, rows = n, "secrets are sealed under a key id missing from TALLY_SECRET_KEYS: they answer 503 secret_key_missing")
+                tracing::warn!(
+                    key_id = kid,
+                    rows = n,
+                    "secrets are sealed under a key id missing from TALLY_SECRET_KEYS: they answer 503 secret_key_missing"
+                )
             }
             Some(_) => {}
         }

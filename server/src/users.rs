@@ -62,7 +62,8 @@ pub struct User {
 }
 
 /// Columns read into a [`User`], in order.
-pub const USER_COLUMNS: &str = "user_id, external_id, email, display_name, avatar_url, timezone, is_admin, ver, created_at, updated_at, disabled_at";
+pub const USER_COLUMNS: &str =
+    "user_id, external_id, email, display_name, avatar_url, timezone, is_admin, ver, created_at, updated_at, disabled_at";
 
 impl User {
     /// Reads a row selected with [`USER_COLUMNS`]; `admins` are the configured admin subjects.
@@ -182,9 +183,9 @@ pub async fn find_named(state: &AppState, subject: Option<&str>, user_id: Option
         (Some(_), Some(_)) => return Err(ApiError::invalid("name the user with \"subject\" or \"user_id\", not both")),
         (None, None) => return Err(ApiError::invalid("an API key must name the user with \"subject\" or \"user_id\"")),
     };
-    let user = row
-        .map(|r| User::from_row(&r, &state.config.admin_subjects))
-        .ok_or_else(|| ApiError::Unknown("unknown_subject", "no user has this subject; create it first with POST /v1/admin/users".into()))?;
+    let user = row.map(|r| User::from_row(&r, &state.config.admin_subjects)).ok_or_else(|| {
+        ApiError::Unknown("unknown_subject", "no user has this subject; create it first with POST /v1/admin/users".into())
+    })?;
     ensure_enabled(&user)?;
     Ok(user)
 }

@@ -93,7 +93,12 @@ impl MasterKeys {
             if keys.iter().any(|(k, _)| k == kid) {
                 return Err(format!("TALLY_SECRET_KEYS: key id {kid:?} is given twice"));
             }
-            keys.push((kid.to_string(), Aes256Gcm::new(&Key::<Aes256Gcm>::from(<[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| format!("TALLY_SECRET_KEYS key {kid:?}: must be 32 bytes"))?))));
+            keys.push((
+                kid.to_string(),
+                Aes256Gcm::new(&Key::<Aes256Gcm>::from(
+                    <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| format!("TALLY_SECRET_KEYS key {kid:?}: must be 32 bytes"))?,
+                )),
+            ));
         }
         if keys.is_empty() {
             return Err("TALLY_SECRET_KEYS holds no key".into());

@@ -46,7 +46,8 @@ async fn signup_answers_a_session_whose_access_token_works_and_bad_input_changes
     assert_eq!(st, StatusCode::OK, "{me}");
     assert_eq!(me["id"], id);
     // Emails are unique regardless of case.
-    let (st, body, _) = a.call_from(ADDR, "POST", "/v1/auth/signup", json!({"email": "ann@EXAMPLE.com", "password": "another password"})).await;
+    let (st, body, _) =
+        a.call_from(ADDR, "POST", "/v1/auth/signup", json!({"email": "ann@EXAMPLE.com", "password": "another password"})).await;
     assert_eq!((st, code(&body)), (StatusCode::CONFLICT, "email_taken"));
     // Bad input: a clear 4xx and no row.
     let users = a.count("users").await;
@@ -225,7 +226,9 @@ async fn a_disabled_account_is_403_everywhere_until_enabled() {
         assert_eq!(st, StatusCode::OK, "{u}");
         assert!(u["disabled_at"].is_string());
     }
-    for (bearer, method, path) in [(at, "GET", "/v1/me"), (at, "GET", "/v1/entitlements"), (idp.as_str(), "GET", "/v1/me"), (idp.as_str(), "GET", "/v1/settings")] {
+    for (bearer, method, path) in
+        [(at, "GET", "/v1/me"), (at, "GET", "/v1/entitlements"), (idp.as_str(), "GET", "/v1/me"), (idp.as_str(), "GET", "/v1/settings")]
+    {
         let (st, r) = a.call(method, path, Some(bearer), None).await;
         assert_eq!((st, code(&r)), (StatusCode::FORBIDDEN, "account_disabled"), "{path}");
     }

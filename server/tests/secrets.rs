@@ -181,7 +181,9 @@ async fn rotation_while_serving_never_fails_a_read_and_resumes_after_a_kill() {
     const PER_USER: usize = 5;
     for u in 0..USERS {
         for n in 0..PER_USER {
-            let (s, _) = a.call("PUT", &format!("/v1/secrets/s{n}"), Some(&token(&format!("u{u}"))), Some(json!({"value": format!("value-{u}-{n}")}))).await;
+            let (s, _) = a
+                .call("PUT", &format!("/v1/secrets/s{n}"), Some(&token(&format!("u{u}"))), Some(json!({"value": format!("value-{u}-{n}")})))
+                .await;
             assert_eq!(s, StatusCode::OK);
         }
     }
@@ -227,7 +229,8 @@ async fn rotation_while_serving_never_fails_a_read_and_resumes_after_a_kill() {
     let part = rotated(&a).await;
     assert!(part > 0 && part < (USERS * PER_USER) as i64, "the first run stopped part way ({part})");
     // A second run finishes the rest.
-    let out = tokio::task::spawn_blocking(move || cli(&a.url.clone(), a.dir.path(), &keys, "7").output().map(|o| (o, a))).await.unwrap().unwrap();
+    let out =
+        tokio::task::spawn_blocking(move || cli(&a.url.clone(), a.dir.path(), &keys, "7").output().map(|o| (o, a))).await.unwrap().unwrap();
     let (out, a) = out;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let said = String::from_utf8_lossy(&out.stdout);
@@ -253,7 +256,11 @@ async fn a_value_never_appears_in_the_log_or_in_any_answer_but_its_own_read() {
     let log_path = dir.path().join("server.log");
     let log = std::fs::File::create(&log_path).unwrap();
     let keys = MasterKeys::generate("k1");
-    let mut cmd = Server::command(Some(&url), &dir.path().join("data"), &[("TALLY_SECRET_KEYS", &keys), ("TALLY_LOG", "debug"), ("TALLY_ADMIN_SUBJECTS", "root-admin")]);
+    let mut cmd = Server::command(
+        Some(&url),
+        &dir.path().join("data"),
+        &[("TALLY_SECRET_KEYS", &keys), ("TALLY_LOG", "debug"), ("TALLY_ADMIN_SUBJECTS", "root-admin")],
+    );
     cmd.stderr(std::process::Stdio::from(log));
     let server = Server::spawn(cmd);
     const MARK: &str = "MARKER-7f3a9c-do-not-leak";

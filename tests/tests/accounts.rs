@@ -47,13 +47,15 @@ fn a_password_account_syncs_with_refreshed_access_tokens_and_a_disabled_one_keep
         ],
     );
     let clock: Arc<dyn tally_core::Clock> = Arc::new(SystemClock);
-    let (session, profile) =
-        rt.block_on(PasswordSession::sign_up(&server.url, "olga@example.com", "correct horse battery", Some("Olga"), clock)).expect("sign up");
+    let (session, profile) = rt
+        .block_on(PasswordSession::sign_up(&server.url, "olga@example.com", "correct horse battery", Some("Olga"), clock))
+        .expect("sign up");
     assert!(profile.external_id.starts_with("tally|"), "{profile:?}");
     let d = device(&dir.path().join("olga.db"), "olga-phone", &server.keys(), chrono::Utc::now());
     let user = d.tally.sign_in(profile, None).expect("sign in with the account's profile");
     let consume = |n: usize| {
-        let items: Vec<ConsumeItem> = (0..n).map(|_| ConsumeItem { feature: "ai_chat".into(), amount: 1, meta: UsageMeta::default() }).collect();
+        let items: Vec<ConsumeItem> =
+            (0..n).map(|_| ConsumeItem { feature: "ai_chat".into(), amount: 1, meta: UsageMeta::default() }).collect();
         assert!(d.tally.consume_many(&user.id, &items).unwrap().iter().all(|x| x.allowed));
     };
     consume(2);
@@ -78,7 +80,8 @@ fn a_password_account_syncs_with_refreshed_access_tokens_and_a_disabled_one_keep
     assert!(d.tally.user(&user.id).is_ok(), "the local user stays");
     let used = d.tally.usage(&user.id, "ai_chat").unwrap().used;
     assert_eq!(used, 4, "local usage stays");
-    let e = rt.block_on(PasswordSession::log_in(&server.url, "olga@example.com", "correct horse battery", Arc::new(SystemClock))).unwrap_err();
+    let e =
+        rt.block_on(PasswordSession::log_in(&server.url, "olga@example.com", "correct horse battery", Arc::new(SystemClock))).unwrap_err();
     assert!(matches!(e, Error::AccountDisabled), "{e:?}");
     // Enabled again, a new login syncs the rest.
     raw_request("POST", &format!("{}/v1/admin/users/{id}/enable", server.url), Some(&id_token("root-admin")), None).unwrap();

@@ -546,7 +546,8 @@ async fn window_trail(pg_url: &str, sub: &str, feature: &str, start: DateTime<Ut
         .await
         .expect("events");
     for r in rows {
-        let (lo, hi, sum, n): (Option<DateTime<Utc>>, Option<DateTime<Utc>>, Option<i64>, i64) = (r.get(0), r.get(1), r.get(2), r.get(3));
+        let (lo, hi): (Option<DateTime<Utc>>, Option<DateTime<Utc>>) = (r.get(0), r.get(1));
+        let (sum, n): (Option<i64>, i64) = (r.get(2), r.get(3));
         out += &format!("all uses of {feature}: {n}, amount {sum:?}, effective {lo:?} .. {hi:?}\n");
     }
     out += "slices (device, allowance, released, consumed, recall):\n";
