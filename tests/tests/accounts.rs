@@ -2,20 +2,9 @@
 //! account, syncs with the session's access token (refreshed as it expires), and a disabled
 //! account's sync fails with its own error while everything local stays.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use tally_core::{ConsumeItem, Error, PasswordSession, SyncOptions, SystemClock, UsageMeta};
 use tally_e2e::*;
-use tally_server::pg_cluster::Cluster;
-
-fn cluster() -> Option<&'static Cluster> {
-    static PG: OnceLock<Option<(Cluster, tempfile::TempDir)>> = OnceLock::new();
-    PG.get_or_init(|| {
-        let dir = tempfile::Builder::new().prefix("tally-e2e-").tempdir_in("/tmp").expect("tempdir");
-        postgres(dir.path()).map(|c| (c, dir))
-    })
-    .as_ref()
-    .map(|(c, _)| c)
-}
 
 /// The server's total of `ai_chat` for the session's account.
 fn server_used(server: &Server, session: &PasswordSession) -> u64 {
@@ -30,7 +19,7 @@ fn server_used(server: &Server, session: &PasswordSession) -> u64 {
 
 #[test]
 fn a_password_account_syncs_with_refreshed_access_tokens_and_a_disabled_one_keeps_its_data() {
-    let Some(pg) = cluster() else { return };
+    let Some(pg) = shared_cluster() else { return };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let db_url = rt.block_on(pg.create_database("password_account")).expect("database");
     let dir = tempfile::Builder::new().prefix("tally-e2e-").tempdir_in("/tmp").unwrap();
