@@ -99,7 +99,9 @@ pub fn encrypt_database(path: &Path, key: &str) -> Result<()> {
     if !path.is_file() {
         return Err(Error::NotFound(format!("database file {}", path.display())));
     }
-    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+    // CREATE lets the attached copy be made; the file itself exists (checked above).
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags)?;
     if let Err(e) = conn.query_row("PRAGMA schema_version", [], |r| r.get::<_, i64>(0)) {
         return Err(match e.sqlite_error_code() {
             Some(rusqlite::ErrorCode::NotADatabase) => {
