@@ -43,6 +43,19 @@ pub const MAX_SUBJECT_BYTES: usize = 256;
 /// Most store proofs (signed transactions, purchase tokens) in one purchase request; a restore
 /// with more sends them in several requests.
 pub const MAX_PURCHASES: usize = 100;
+/// Shortest password, in characters.
+pub const MIN_PASSWORD_CHARS: usize = 8;
+/// Longest password, in bytes (a cap, so hashing cannot be made arbitrarily expensive).
+pub const MAX_PASSWORD_BYTES: usize = 256;
+/// Prefix of the subject (`external_id`) of a password account: `tally|<server user id>`.
+/// Identity-provider subjects never start with it.
+pub const PASSWORD_SUBJECT_PREFIX: &str = "tally|";
+/// Longest secret name, in bytes (names match `[A-Za-z0-9_.-]`).
+pub const MAX_SECRET_NAME_BYTES: usize = 128;
+/// Largest secret value, in bytes.
+pub const MAX_SECRET_VALUE_BYTES: usize = 64 * 1024;
+/// Most secrets one user may keep.
+pub const MAX_SECRETS_PER_USER: usize = 100;
 /// Largest value a counter, a cost or a credit balance may reach (stored as a signed 64-bit
 /// integer on both sides).
 pub const MAX_COUNTER: u64 = i64::MAX as u64;
@@ -65,6 +78,11 @@ pub const CODES: &[&str] = &[
     "quota_exceeded",
     "invalid_profile",
     "invalid_timezone",
+    "invalid_email",
+    "invalid_password",
+    "invalid_secret_name",
+    "secret_too_large",
+    "too_many_secrets",
 ];
 
 /// A value that breaks the contract.
@@ -289,6 +307,69 @@ pub fn avatar_url(v: Option<&str>) -> Checked {
 pub fn email(v: Option<&str>) -> Checked {
     opt_text("email", v, MAX_EMAIL_BYTES)?;
     no_control("email", v)
+}
+
+/// The email address of a password account: required, at most [`MAX_EMAIL_BYTES`] bytes, no
+/// whitespace or control characters, one `@` with text on both sides.
+pub fn account_email(v: &str) -> Checked {
+    let bad = || Violation::new("email", "invalid_email", "email must be an address like name@example.com");
+    if v.is_empty() || v.len() > MAX_EMAIL_BYTES || v.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(bad());
+    }
+    match v.split_once('@') {
+        Some((local, domain)) if !local.is_empty() && !domain.is_empty() && !domain.contains('@') => Ok(()),
+        _ => Err(bad()),
+    }
+}
+
+/// A password: [`MIN_PASSWORD_CHARS`] characters to [`MAX_PASSWORD_BYTES`] bytes, no U+0000.
+pub fn password(v: &str) -> Checked {
+    if v.chars().count() < MIN_PASSWORD_CHARS || v.len() > MAX_PASSWORD_BYTES || v.contains('\0') {
+        return Err(Violation::new(
+            "password",
+            "invalid_password",
+            format!("password must be {MIN_PASSWORD_CHARS} characters to {MAX_PASSWORD_BYTES} bytes, without U+0000"),
+        ));
+    }
+    Ok(())
+}
+
+/// A secret's name: 1 to [`MAX_SECRET_NAME_BYTES`] of `A-Z a-z 0-9 _ . -`.
+pub fn secret_name(v: &str) -> Checked {
+    let ok = !v.is_empty() && v.len() <= MAX_SECRET_NAME_BYTES && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(Violation::new(
+            "name",
+            "invalid_secret_name",
+            format!("a secret's name must be 1 to {MAX_SECRET_NAME_BYTES} of A-Z, a-z, 0-9, '_', '.', '-'"),
+        ))
+    }
+}
+
+/// A secret's value: at most [`MAX_SECRET_VALUE_BYTES`] bytes, no U+0000. The message names the
+/// size, never the value.
+pub fn secret_value(v: &str) -> Checked {
+    if v.len() > MAX_SECRET_VALUE_BYTES {
+        return Err(Violation::new(
+            "value",
+            "secret_too_large",
+            format!("value is {} bytes; the limit is {MAX_SECRET_VALUE_BYTES}", v.len()),
+        ));
+    }
+    if v.contains('\0') {
+        return Err(Violation::new("value", "invalid_text", "value must not contain U+0000"));
+    }
+    Ok(())
+}
+
+/// How many secrets a user may hold: storing one more beyond [`MAX_SECRETS_PER_USER`] is refused.
+pub fn secrets_count(stored: usize) -> Checked {
+    if stored >= MAX_SECRETS_PER_USER {
+        return Err(Violation::new("name", "too_many_secrets", format!("a user may keep at most {MAX_SECRETS_PER_USER} secrets")));
+    }
+    Ok(())
 }
 
 fn no_control(field: &str, v: Option<&str>) -> Checked {

@@ -24,9 +24,11 @@ pub fn latest_version() -> i64 {
     embedded::migrations::runner().get_migrations().iter().map(|m| i64::from(m.version())).max().unwrap_or(0)
 }
 
-/// Opens (creating when absent) the database at `path`, or an in-memory one when `None`.
-/// Never deletes or recreates an existing file: a corrupt file is an error.
-pub fn open(path: Option<&Path>, durability: Durability, busy_timeout: Duration) -> Result<Connection> {
+/// Opens (creating when absent) the database at `path`, or an in-memory one when `None`,
+/// encrypted with `key` (SQLCipher builds only). Never deletes or recreates an existing file: a
+/// corrupt file is an error, and so is a wrong key, a key for an unencrypted file (see
+/// [`encrypt_database`]) or no key for an encrypted one — each changes nothing in the file.
+pub fn open(path: Option<&Path>, durability: Durability, busy_timeout: Duration, key: Option<&str>) -> Result<Connection> {
     let mut conn = match path {
         Some(p) => Connection::open_with_flags(
             p,
@@ -35,8 +37,19 @@ pub fn open(path: Option<&Path>, durability: Durability, busy_timeout: Duration)
         None => Connection::open_in_memory()?,
     };
     conn.busy_timeout(busy_timeout)?;
-    // Touch the file: a corrupt or foreign file fails here with a clear error.
-    let _: i64 = conn.query_row("PRAGMA schema_version", [], |r| r.get(0))?;
+    apply_key(&conn, key)?;
+    // Touch the file: a corrupt or foreign file — or one this key does not open — fails here.
+    if let Err(e) = conn.query_row("PRAGMA schema_version", [], |r| r.get::<_, i64>(0)) {
+        return Err(match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::NotADatabase) if key.is_some() => Error::EncryptionKey(
+                "the database does not open with this key: the key is wrong, or the file is not encrypted (encrypt it once with encrypt_database)".into(),
+            ),
+            Some(rusqlite::ErrorCode::NotADatabase) if cfg!(feature = "sqlcipher") => {
+                Error::EncryptionKey("the file is not a database, or it is encrypted and no encryption_key was given".into())
+            }
+            _ => e.into(),
+        });
+    }
     // Refuse a newer database before changing anything in the file (its journal mode included).
     let (found, supported) = (current_version(&conn)?, latest_version());
     if found > supported {
@@ -56,6 +69,72 @@ pub fn open(path: Option<&Path>, durability: Durability, busy_timeout: Duration)
     conn.set_prepared_statement_cache_capacity(64);
     migrate(&mut conn)?;
     Ok(conn)
+}
+
+/// Gives SQLCipher the key of the connection (before anything is read).
+fn apply_key(conn: &Connection, key: Option<&str>) -> Result<()> {
+    let Some(key) = key else { return Ok(()) };
+    if key.is_empty() {
+        return Err(Error::Configuration("encryption_key must not be empty".into()));
+    }
+    if !cfg!(feature = "sqlcipher") {
+        return Err(Error::Configuration("encryption_key needs a build with the sqlcipher feature".into()));
+    }
+    conn.pragma_update(None, "key", key)?;
+    Ok(())
+}
+
+/// Encrypts the unencrypted database at `path` with `key`, in place: its content is exported
+/// into a new SQLCipher file next to it, which is checked and then renamed over the original
+/// (so a crash leaves either the old file or the encrypted one, never a mix). Call it once,
+/// before opening the database with `Config.encryption_key`, while no process has it open.
+/// An already encrypted (or foreign) file is an error and is left as it is.
+pub fn encrypt_database(path: &Path, key: &str) -> Result<()> {
+    if !cfg!(feature = "sqlcipher") {
+        return Err(Error::Configuration("encrypt_database needs a build with the sqlcipher feature".into()));
+    }
+    if key.is_empty() {
+        return Err(Error::Configuration("the key must not be empty".into()));
+    }
+    if !path.is_file() {
+        return Err(Error::NotFound(format!("database file {}", path.display())));
+    }
+    // CREATE lets the attached copy be made; the file itself exists (checked above).
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags)?;
+    if let Err(e) = conn.query_row("PRAGMA schema_version", [], |r| r.get::<_, i64>(0)) {
+        return Err(match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::NotADatabase) => {
+                Error::EncryptionKey("the file is not an unencrypted database (already encrypted?)".into())
+            }
+            _ => e.into(),
+        });
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".encrypting");
+    let tmp = std::path::PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    // Everything in the WAL goes into the main file first, so nothing is left behind.
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+    conn.execute("ATTACH DATABASE ?1 AS encrypted KEY ?2", rusqlite::params![tmp.to_string_lossy(), key])?;
+    conn.query_row("SELECT sqlcipher_export('encrypted')", [], |_| Ok(()))?;
+    let version: i64 = conn.query_row("PRAGMA main.user_version", [], |r| r.get(0))?;
+    conn.execute_batch(&format!("PRAGMA encrypted.user_version = {version}; DETACH DATABASE encrypted;"))?;
+    conn.close().map_err(|(_, e)| Error::from(e))?;
+    // The new file must open with the key before it replaces the old one.
+    {
+        let check = Connection::open(&tmp)?;
+        check.pragma_update(None, "key", key)?;
+        let _: i64 = check.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))?;
+    }
+    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| Error::invalid(format!("syncing {}: {e}", tmp.display())))?;
+    for side in ["-wal", "-shm"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(side);
+        let _ = std::fs::remove_file(std::path::PathBuf::from(p));
+    }
+    std::fs::rename(&tmp, path).map_err(|e| Error::invalid(format!("replacing {}: {e}", path.display())))?;
+    Ok(())
 }
 
 /// Applies pending migrations all-or-nothing; refuses a database newer than this build.

@@ -42,9 +42,17 @@ pub enum Error {
     /// JSON (de)serialization failed.
     #[error("json error: {0}")]
     Json(#[from] serde_json::Error),
+    /// The database does not open with the given encryption key (wrong key, an unencrypted
+    /// file given a key, or an encrypted file given none); the file was not changed.
+    #[error("encryption key: {0}")]
+    EncryptionKey(String),
     /// The server rejected our credentials; refresh the sign-in and retry.
     #[error("unauthorized: {0}")]
     Unauthorized(String),
+    /// An admin disabled the account on the server; nothing local was deleted, and syncing
+    /// works again once the account is enabled.
+    #[error("the account is disabled on the server")]
+    AccountDisabled,
     /// The account was deleted on the server; local data of that user was removed.
     #[error("account deleted on the server")]
     AccountDeleted,

@@ -33,6 +33,7 @@ pub mod period;
 pub mod purchases;
 pub mod quota;
 pub mod report;
+pub mod session;
 pub mod settings;
 pub mod subscription;
 pub mod sync;
@@ -45,7 +46,7 @@ mod access;
 
 pub use catalog::{Catalog, Enforcement, ModelPrice, Plan, Product, ProductKind, Rule, Store};
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use db::Durability;
+pub use db::{Durability, encrypt_database};
 pub use decision::{Decision, Reason};
 pub use entitlements::{AccessGrant, CreditGrant, EntitlementClaims, Entitlements, SubscriptionStatus};
 pub use error::{Error, Result};
@@ -55,6 +56,7 @@ pub use period::{Period, Window};
 pub use purchases::{GooglePurchase, Purchase, PurchaseOutcome, PurchaseReport};
 pub use quota::Usage;
 pub use report::{GroupBy, ReportRow};
+pub use session::{PasswordSession, SessionTokens};
 pub use settings::SettingStatus;
 pub use subscription::Subscription;
 pub use sync::{RetryPolicy, SyncOptions, SyncReport, TokenProvider};
@@ -71,7 +73,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 pub type UserId = String;
 
 /// Configuration of a [`Tally`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Config {
     /// This device's id; generated once and persisted when absent.
     pub device_id: Option<String>,
@@ -98,6 +100,30 @@ pub struct Config {
     /// Protocol 2: features whose leases every sync asks for (at this device's fair share),
     /// used or not, so that they work offline.
     pub offline_features: Vec<String>,
+    /// SQLCipher key of the database (builds with the `sqlcipher` feature; from the app's
+    /// Keychain or Keystore). An existing unencrypted file is never re-created encrypted:
+    /// convert it once with [`db::encrypt_database`].
+    pub encryption_key: Option<String>,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("device_id", &self.device_id)
+            .field("clock", &self.clock)
+            .field("durability", &self.durability)
+            .field("default_settings", &self.default_settings)
+            .field("local_only_settings", &self.local_only_settings)
+            .field("catalog", &self.catalog)
+            .field("past_due_grace", &self.past_due_grace)
+            .field("token_grace", &self.token_grace)
+            .field("busy_timeout", &self.busy_timeout)
+            .field("server_keys", &self.server_keys)
+            .field("offline_features", &self.offline_features)
+            // The key itself is never printed.
+            .field("encryption_key", &self.encryption_key.as_ref().map(|_| "<set>"))
+            .finish()
+    }
 }
 
 impl Default for Config {
@@ -114,6 +140,7 @@ impl Default for Config {
             busy_timeout: std::time::Duration::from_secs(10),
             server_keys: None,
             offline_features: Vec::new(),
+            encryption_key: None,
         }
     }
 }
@@ -167,13 +194,13 @@ pub(crate) struct Inner {
 impl Tally {
     /// Opens (or creates) the database file at `path`.
     pub fn open(path: impl AsRef<Path>, config: Config) -> Result<Tally> {
-        let conn = db::open(Some(path.as_ref()), config.durability, config.busy_timeout)?;
+        let conn = db::open(Some(path.as_ref()), config.durability, config.busy_timeout, config.encryption_key.as_deref())?;
         Tally::with_connection(conn, config)
     }
 
     /// Opens a private in-memory database (tests, previews).
     pub fn open_in_memory(config: Config) -> Result<Tally> {
-        let conn = db::open(None, config.durability, config.busy_timeout)?;
+        let conn = db::open(None, config.durability, config.busy_timeout, config.encryption_key.as_deref())?;
         Tally::with_connection(conn, config)
     }
 

@@ -9,7 +9,7 @@
 //! `Ok`.
 
 use crate::error::{Error, Result};
-use crate::sync::{PostError, SyncOptions, bearer, check_server_keys, http_client, store_token, token_seen};
+use crate::sync::{PostError, SyncOptions, check_server_keys, http_client, store_token, token_seen};
 use crate::{Change, Store, Tally, contract, write_tx};
 use serde::{Deserialize, Serialize};
 
@@ -184,8 +184,9 @@ impl Tally {
         };
         let client = http_client(options)?;
         let url = format!("{}{}", options.server_url.trim_end_matches('/'), purchase.path());
-        let answer: PurchaseAnswer = match self.post(&client, &url, &bearer(options), &body, &options.retry).await {
+        let answer: PurchaseAnswer = match self.post(&client, &url, &options.bearer().await?, &body, &options.retry).await {
             Ok(a) => a,
+            Err(PostError::Expired(message)) => return Err(Error::Unauthorized(message)),
             Err(PostError::TooLarge) => {
                 return Err(Error::PurchaseRefused {
                     status: 413,

@@ -30,7 +30,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use uuid::Uuid;
 
-/// Supplies a fresh sign-in token (the identity provider's JWT) before each request.
+/// Supplies a fresh sign-in token (the identity provider's JWT, or a password account's access
+/// token) before each request.
 pub trait TokenProvider: Send + Sync {
     /// The current token, or `None` when the user must sign in again.
     fn token(&self) -> Option<String>;
@@ -72,6 +73,9 @@ pub struct SyncOptions {
     pub timeout: Duration,
     /// Ask for a freshly signed entitlements token ("restore purchases").
     pub force_entitlements: bool,
+    /// A password account's session: supplies (and refreshes) the access token, before
+    /// `token_provider` and `token`.
+    pub session: Option<Arc<crate::session::PasswordSession>>,
 }
 
 impl std::fmt::Debug for SyncOptions {
@@ -84,12 +88,29 @@ impl std::fmt::Debug for SyncOptions {
 }
 
 impl SyncOptions {
+    /// Options whose access token comes from (and is refreshed by) a password `session`.
+    pub fn with_session(server_url: impl Into<String>, session: Arc<crate::session::PasswordSession>) -> Self {
+        let mut o = SyncOptions::new(server_url, String::new());
+        o.session = Some(session);
+        o
+    }
+
+    /// The bearer token of the next request: a password session's (refreshed when due), else
+    /// the provider's, else the fixed one.
+    pub(crate) async fn bearer(&self) -> Result<String> {
+        if let Some(s) = &self.session {
+            return s.fresh_access_token().await;
+        }
+        Ok(self.token_provider.as_ref().and_then(|p| p.token()).unwrap_or_else(|| self.token.clone()))
+    }
+
     /// Options with the defaults (500 events, 512 KiB per request, 6 attempts).
     pub fn new(server_url: impl Into<String>, token: impl Into<String>) -> Self {
         SyncOptions {
             server_url: server_url.into(),
             token: token.into(),
             token_provider: None,
+            session: None,
             max_batch_events: 500,
             max_batch_bytes: 512 * 1024,
             retry: RetryPolicy::default(),
@@ -223,9 +244,16 @@ impl Tally {
             };
             first = false;
             report.rounds += 1;
-            let token = bearer(&options);
-            let response: SyncResponse = match self.post(&client, &url, &token, &request, &options.retry).await {
+            let token = options.bearer().await?;
+            let mut answer = self.post(&client, &url, &token, &request, &options.retry).await;
+            if let (Err(PostError::Expired(_)), Some(session)) = (&answer, &options.session) {
+                // The server says the access token expired (clocks differ): refresh once.
+                session.refresh().await?;
+                answer = self.post(&client, &url, &options.bearer().await?, &request, &options.retry).await;
+            }
+            let response: SyncResponse = match answer {
                 Ok(r) => r,
+                Err(PostError::Expired(message)) => return Err(Error::Unauthorized(message)),
                 Err(PostError::TooLarge) => {
                     self.too_large(user_id, &request, &mut bounds, &mut report)?;
                     continue;
@@ -504,6 +532,8 @@ impl Tally {
                                 })
                             });
                         }
+                        401 if code == "token_expired" => return Err(PostError::Expired(format!("{code}: {message}"))),
+                        403 if code == "account_disabled" => return Err(PostError::Other(Error::AccountDisabled)),
                         401 | 403 => return Err(PostError::Other(Error::Unauthorized(format!("{code}: {message}")))),
                         410 => return Err(PostError::AccountDeleted),
                         413 => return Err(PostError::TooLarge),
@@ -619,6 +649,8 @@ impl Tally {
 
 /// Why [`Tally::post`] got no answer to use.
 pub(crate) enum PostError {
+    /// 401 `token_expired`.
+    Expired(String),
     /// 413: the body was too large.
     TooLarge,
     /// 410 `account_deleted`.
@@ -639,11 +671,6 @@ pub(crate) fn token_seen(g: &mut crate::Inner, c: &EntitlementClaims) {
 /// An HTTP client with the options' per-request timeout.
 pub(crate) fn http_client(options: &SyncOptions) -> Result<reqwest::Client> {
     reqwest::Client::builder().timeout(options.timeout).build().map_err(|e| Error::Network(format!("cannot build HTTP client: {e}")))
-}
-
-/// The sign-in token for the next request: the provider's, else the fixed one.
-pub(crate) fn bearer(options: &SyncOptions) -> String {
-    options.token_provider.as_ref().and_then(|p| p.token()).unwrap_or_else(|| options.token.clone())
 }
 
 /// Stores an entitlements token the server answered, verified for the user already (`claims`),

@@ -37,6 +37,13 @@ pub enum TallyError {
     /// The account was deleted on the server; the user's local data was removed.
     #[error("{message}")]
     AccountDeleted { message: String },
+    /// The database does not open with the encryption key given (or needs one); the file
+    /// was not changed.
+    #[error("{message}")]
+    EncryptionKey { message: String },
+    /// An admin disabled the account on the server; nothing local was deleted.
+    #[error("{message}")]
+    AccountDisabled { message: String },
     /// The server answered with an error that retrying will not fix.
     #[error("{message}")]
     Server { message: String },
@@ -81,6 +88,8 @@ impl From<tally_core::Error> for TallyError {
             E::Storage(_) | E::Migration(_) | E::Json(_) => TallyError::Storage { message },
             E::Unauthorized(_) => TallyError::Unauthorized { message },
             E::AccountDeleted => TallyError::AccountDeleted { message },
+            E::AccountDisabled => TallyError::AccountDisabled { message },
+            E::EncryptionKey(_) => TallyError::EncryptionKey { message },
             E::Network(_) => TallyError::Network { message },
             E::Server { .. } => TallyError::Server { message },
             E::PurchaseRefused { .. } => TallyError::PurchaseRefused { message },

@@ -277,6 +277,13 @@ pub fn event_id_for_key(key: String) -> String {
 }
 
 /// Validates a plan catalog JSON without using it (`InvalidCatalog` names the offending path).
+/// Encrypts the unencrypted database file at `path` with `key`, in place (SQLCipher builds);
+/// call it once, before opening the database with `encryption_key`.
+#[uniffi::export]
+pub fn encrypt_database(path: String, key: String) -> Result<(), TallyError> {
+    guard(|| Ok(tally_core::encrypt_database(std::path::Path::new(&path), &key)?))
+}
+
 #[uniffi::export]
 pub fn validate_catalog(catalog_json: String) -> Result<(), TallyError> {
     call(|| tally_core::Catalog::from_json(&catalog_json).map(|_| ()))

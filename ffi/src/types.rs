@@ -149,6 +149,11 @@ pub struct TallyConfig {
     /// Time source; absent: the system clock.
     #[uniffi(default = None)]
     pub clock: Option<std::sync::Arc<dyn TallyClock>>,
+    /// SQLCipher key of the database (libraries built with the `sqlcipher` feature), from the
+    /// Keychain or Keystore. An unencrypted file is never re-created encrypted: convert it once
+    /// with `encryptDatabase`.
+    #[uniffi(default = None)]
+    pub encryption_key: Option<String>,
 }
 
 /// Adapts a foreign [`TallyClock`] to the core's `Clock`. A clock that throws or answers an
@@ -182,6 +187,7 @@ impl TryFrom<TallyConfig> for core::Config {
             local_only_settings: c.local_only_settings,
             server_keys: c.server_keys,
             offline_features: c.offline_features,
+            encryption_key: c.encryption_key,
             ..core::Config::default()
         };
         if let Some(d) = c.durability {

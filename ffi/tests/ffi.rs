@@ -42,7 +42,15 @@ fn config(clock: Option<Arc<FixedClock>>) -> TallyConfig {
         server_keys: None,
         offline_features: vec!["ai_chat".into()],
         clock: clock.map(|c| c as Arc<dyn TallyClock>),
+        encryption_key: None,
     }
+}
+
+#[test]
+fn a_disabled_account_and_a_wrong_key_have_their_own_errors() {
+    assert!(matches!(TallyError::from(tally_core::Error::AccountDisabled), TallyError::AccountDisabled { .. }));
+    let e = TallyError::from(tally_core::Error::EncryptionKey("wrong".into()));
+    assert!(matches!(e, TallyError::EncryptionKey { ref message } if message.contains("wrong")), "{e:?}");
 }
 
 fn open() -> (Arc<Tally>, Arc<FixedClock>) {

@@ -8,6 +8,7 @@ use crate::users::{User, apply_profile, lock, sub_hash, validate_profile};
 use axum::Json;
 use axum::extract::State;
 use chrono::{DateTime, Utc};
+use deadpool_postgres::GenericClient;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tally_core::wire::ProfilePatch;
@@ -84,21 +85,7 @@ pub async fn delete_me(State(state): State<AppState>, AuthUser(user): AuthUser) 
         tx.execute(&format!("UPDATE {log} SET user_id = NULL, outcome = 'scrubbed:account_deleted' WHERE user_id = $1"), &[&user.user_id])
             .await?;
     }
-    for table in crate::billing::USER_TABLES.iter().copied().chain([
-        "events",
-        "void_events",
-        "counters",
-        "holds",
-        "pool_devices",
-        "device_shares",
-        "devices",
-        "settings",
-        "subscriptions",
-        "access_grants",
-        "users",
-    ]) {
-        tx.execute(&format!("DELETE FROM {table} WHERE user_id = $1"), &[&user.user_id]).await?;
-    }
+    delete_rows(&tx, user.user_id).await?;
     if let Some(sub) = &user.external_id {
         tx.execute(
             "INSERT INTO account_tombstones (sub_hash, deleted_at) VALUES ($1, $2) ON CONFLICT (sub_hash) DO UPDATE SET deleted_at = excluded.deleted_at",
@@ -109,6 +96,36 @@ pub async fn delete_me(State(state): State<AppState>, AuthUser(user): AuthUser) 
     tx.commit().await?;
     state.tokens.forget(user.user_id);
     Ok(axum::http::StatusCode::NO_CONTENT)
+}
+
+/// Every table holding rows of one user (keyed by `user_id`), the `users` row last.
+fn user_tables() -> impl Iterator<Item = &'static str> {
+    crate::billing::USER_TABLES.iter().copied().chain([
+        "events",
+        "void_events",
+        "counters",
+        "holds",
+        "pool_devices",
+        "device_shares",
+        "devices",
+        "settings",
+        "subscriptions",
+        "access_grants",
+        "secrets",
+        "account_tokens",
+        "refresh_tokens",
+        "refresh_families",
+        "password_credentials",
+        "users",
+    ])
+}
+
+/// Deletes every row of `user_id` (not the tombstone, not the scrubbed global logs).
+pub async fn delete_rows(tx: &impl GenericClient, user_id: Uuid) -> ApiResult<()> {
+    for table in user_tables() {
+        tx.execute(&format!("DELETE FROM {table} WHERE user_id = $1"), &[&user_id]).await?;
+    }
+    Ok(())
 }
 
 /// `GET /v1/me/export`: all of the caller's data as JSON.

@@ -41,15 +41,15 @@ pub struct NewUser {
 pub async fn create_user(State(state): State<AppState>, _a: Admin, JsonBody(b): JsonBody<NewUser>) -> ApiResult<(StatusCode, Json<User>)> {
     let email = b.email.as_deref().map(str::trim);
     if let Some(email) = email {
-        tally_core::contract::email(Some(email))?;
-        if email.len() < 3 || !email.contains('@') {
-            return Err(ApiError::Invalid("invalid_email", "email must be an email address".into()));
-        }
+        tally_core::contract::account_email(email)?;
     }
     if let Some(s) = &b.subject {
         tally_core::contract::subject(s)?;
-        if s.starts_with("tally|") {
-            return Err(ApiError::invalid("subjects starting with \"tally|\" are reserved"));
+        if s.starts_with(tally_core::contract::PASSWORD_SUBJECT_PREFIX) {
+            return Err(ApiError::invalid(format!(
+                "subjects starting with {:?} are reserved",
+                tally_core::contract::PASSWORD_SUBJECT_PREFIX
+            )));
         }
     }
     if email.is_none() && b.subject.is_none() {
@@ -349,6 +349,39 @@ pub async fn revoke_api_key(State(state): State<AppState>, _a: Admin, Path(id): 
     let client = state.pool.get().await?;
     api_keys::revoke(&client, id).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /v1/admin/users/{id}/disable`: the user gets 403 `account_disabled` on every route
+/// and every refresh token of theirs stops working; nothing of the account is deleted.
+pub async fn disable_user(State(state): State<AppState>, _a: Admin, Path(id): Path<String>) -> ApiResult<Json<User>> {
+    set_disabled(&state, &id, true).await
+}
+
+/// `POST /v1/admin/users/{id}/enable`: undoes a disable (ended sessions stay ended).
+pub async fn enable_user(State(state): State<AppState>, _a: Admin, Path(id): Path<String>) -> ApiResult<Json<User>> {
+    set_disabled(&state, &id, false).await
+}
+
+async fn set_disabled(state: &AppState, id: &str, disabled: bool) -> ApiResult<Json<User>> {
+    let uid = Uuid::parse_str(id).map_err(|_| ApiError::not_found("user"))?;
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    let r = tx
+        .query_opt(
+            &format!(
+                "UPDATE users SET disabled_at = CASE WHEN $2 THEN coalesce(disabled_at, $3) END, updated_at = $3 \
+                 WHERE user_id = $1 RETURNING {USER_COLUMNS}"
+            ),
+            &[&uid, &disabled, &state.now()],
+        )
+        .await?
+        .ok_or_else(|| ApiError::not_found("user"))?;
+    if disabled {
+        crate::sessions::end_all(state, &tx, uid).await?;
+    }
+    tx.commit().await?;
+    tracing::info!(user_id = %uid, disabled, "account disabled state changed");
+    Ok(Json(User::from_row(&r, &state.config.admin_subjects)))
 }
 
 #[cfg(test)]

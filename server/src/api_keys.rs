@@ -1,5 +1,6 @@
 //! API keys for backends (`Authorization: Bearer tk_…`): shown once, stored as SHA-256 hashes,
-//! scoped (`usage:write` records, `usage:read` reads usage, `admin`), revocable.
+//! scoped (`usage:write` records, `usage:read` reads usage, `secrets:read` reads a named user's
+//! secrets, `admin`), revocable.
 
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
@@ -18,8 +19,10 @@ pub const SCOPE_USAGE_WRITE: &str = "usage:write";
 pub const SCOPE_USAGE_READ: &str = "usage:read";
 /// Scope: the admin endpoints.
 pub const SCOPE_ADMIN: &str = "admin";
+/// Scope: read the secrets of the subject the request names (`GET /v1/secrets/{name}?subject=`).
+pub const SCOPE_SECRETS_READ: &str = "secrets:read";
 /// Every known scope.
-pub const SCOPES: [&str; 3] = [SCOPE_USAGE_WRITE, SCOPE_USAGE_READ, SCOPE_ADMIN];
+pub const SCOPES: [&str; 4] = [SCOPE_USAGE_WRITE, SCOPE_USAGE_READ, SCOPE_ADMIN, SCOPE_SECRETS_READ];
 
 /// A stored API key (never the secret itself).
 #[derive(Debug, Clone, Serialize)]

@@ -1,7 +1,9 @@
 //! Authentication: identity-provider JWTs (HS256 shared secret, or RS256/ES256/EdDSA keys from a
-//! JWKS URL) and `tk_…` API keys, as axum extractors.
+//! JWKS URL), the server's own access tokens of password accounts, and `tk_…` API keys, as axum
+//! extractors. A disabled account is 403 `account_disabled` here, for every route.
 
 use crate::AppState;
+use crate::access_tokens;
 use crate::api_keys::{self, ApiKey};
 use crate::error::ApiError;
 use crate::jwks::KeySet;
@@ -93,6 +95,12 @@ impl Verifier {
         if let Err(v) = tally_core::contract::subject(&data.claims.sub) {
             return Err(unauthorized("invalid_token", format!("the token's subject: {v}")));
         }
+        if data.claims.sub.starts_with(tally_core::contract::PASSWORD_SUBJECT_PREFIX) {
+            return Err(unauthorized(
+                "reserved_subject",
+                format!("identity-provider subjects must not start with {:?}", tally_core::contract::PASSWORD_SUBJECT_PREFIX),
+            ));
+        }
         Ok(data.claims)
     }
 }
@@ -155,9 +163,14 @@ impl FromRequestParts<AppState> for Principal {
             state.limiter.check(&format!("k:{}", key.key_id))?;
             Principal::Key(key)
         } else {
-            let claims = state.verifier.verify(token).await?;
+            let claims = if access_tokens::is_server_signed(state, token) {
+                access_tokens::verify(state, token)?
+            } else {
+                state.verifier.verify(token).await?
+            };
             take_turn(format!("s:{}", claims.sub)).await?;
             let user = users::resolve(state, &claims).await?;
+            users::ensure_enabled(&user)?;
             state.limiter.check(&format!("u:{}", user.user_id))?;
             Principal::User(user)
         };

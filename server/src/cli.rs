@@ -106,6 +106,33 @@ pub enum Command {
         #[command(subcommand)]
         command: ApiKeyCommand,
     },
+    /// Manage the secrets vault.
+    Secrets {
+        /// What to do with the vault.
+        #[command(subcommand)]
+        command: SecretsCommand,
+    },
+}
+
+/// `secrets` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum SecretsCommand {
+    /// Re-seal every secret under the current (first) key of TALLY_SECRET_KEYS; safe while
+    /// the server runs, and run again after an interruption to finish.
+    Rotate {
+        /// Rows per batch.
+        #[arg(long, default_value_t = 100)]
+        batch: i64,
+        /// Server configuration.
+        #[command(flatten)]
+        config: Box<Config>,
+    },
+    /// Print a new random master key as a `kid:base64` entry of TALLY_SECRET_KEYS.
+    Keygen {
+        /// Id of the new key.
+        #[arg(long)]
+        kid: String,
+    },
 }
 
 /// `keys` subcommands.
@@ -394,6 +421,28 @@ pub async fn run(cli: Cli) -> Result<(), String> {
                     println!("{:<40} {:<24} {:>10} {:>14} {:>14}", r.get::<_, String>(0), r.get::<_, String>(1), r.get::<_, i64>(2), r.get::<_, i64>(3), r.get::<_, i64>(4));
                 }
                 Ok(())
+            })
+            .await
+        }
+        Command::Secrets { command: SecretsCommand::Keygen { kid } } => {
+            let entry = crate::vault::MasterKeys::generate(&kid);
+            crate::vault::MasterKeys::parse(&entry)?;
+            println!("{entry}");
+            Ok(())
+        }
+        Command::Secrets { command: SecretsCommand::Rotate { batch, config } } => {
+            let spec = config.secret_keys.clone().ok_or("secrets rotate needs TALLY_SECRET_KEYS (the new key first)")?;
+            let keys = crate::vault::MasterKeys::parse(&spec)?;
+            with_db(*config, |client| async move {
+                let done = crate::secrets::rotate(&client, &keys, batch).await.map_err(|e| e.to_string())?;
+                println!(
+                    "re-sealed {} secrets under {} ({} changed meanwhile, {} under a key that is not configured)",
+                    done.resealed,
+                    keys.current(),
+                    done.skipped,
+                    done.missing_key
+                );
+                if done.missing_key > 0 { Err(format!("{} secrets could not be opened; add their key to TALLY_SECRET_KEYS", done.missing_key)) } else { Ok(()) }
             })
             .await
         }

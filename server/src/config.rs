@@ -150,9 +150,48 @@ pub struct Config {
     /// The service account (`email` claim) the push subscription authenticates as.
     #[arg(long, env = "TALLY_GOOGLE_PUSH_EMAIL")]
     pub google_push_email: Option<String>,
+    /// Email-and-password accounts (`/v1/auth/*`): on with `1`.
+    #[arg(long, env = "TALLY_PASSWORD_AUTH", default_value = "0", value_parser = parse_flag, action = clap::ArgAction::Set)]
+    pub password_auth: bool,
+    /// SMTP server of verification and reset mail, in lettre's URL form (`smtp://host:port`,
+    /// `smtps://…`, `smtp://…?tls=required`).
+    #[arg(long, env = "TALLY_SMTP_URL", hide_env_values = true)]
+    pub smtp_url: Option<String>,
+    /// Sender of verification and reset mail (`Tally <no-reply@example.com>`).
+    #[arg(long, env = "TALLY_MAIL_FROM")]
+    pub mail_from: Option<String>,
+    /// Public base URL of the server: the issuer of access tokens and the base of mailed links.
+    #[arg(long, env = "TALLY_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// Lifetime of access tokens of password accounts, in seconds.
+    #[arg(long, env = "TALLY_ACCESS_TOKEN_TTL_SECS", default_value_t = 900)]
+    pub access_token_ttl_secs: u64,
+    /// Failed logins allowed per (email, client address) in 15 minutes.
+    #[arg(long, env = "TALLY_LOGIN_FAILURES_PER_EMAIL", default_value_t = 10)]
+    pub login_failures_per_email: u32,
+    /// Failed logins (and sign-ups, reset requests) allowed per client address in 15 minutes.
+    #[arg(long, env = "TALLY_LOGIN_FAILURES_PER_ADDRESS", default_value_t = 50)]
+    pub login_failures_per_address: u32,
+    /// Master keys of the secrets vault, `kid:base64,…` (32-byte keys; the first seals).
+    #[arg(long, env = "TALLY_SECRET_KEYS", hide_env_values = true)]
+    pub secret_keys: Option<String>,
+}
+
+/// `1`/`true`/`yes`/`on` or `0`/`false`/`no`/`off`/empty.
+fn parse_flag(s: &str) -> Result<bool, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "" | "0" | "false" | "no" | "off" => Ok(false),
+        other => Err(format!("expected 1 or 0, got {other:?}")),
+    }
 }
 
 impl Config {
+    /// The issuer of access tokens: `TALLY_PUBLIC_URL`, or `tally`.
+    pub fn access_token_issuer(&self) -> String {
+        self.public_url.clone().filter(|u| !u.is_empty()).unwrap_or_else(|| tally_core::token::TOKEN_ISSUER.to_string())
+    }
+
     /// A configuration with every default, for tests and embedding.
     pub fn for_database(url: &str) -> Config {
         Config {
@@ -201,6 +240,14 @@ impl Config {
             google_push_jwks_url: crate::billing::google_api::DEFAULT_PUSH_JWKS_URL.into(),
             google_push_audience: None,
             google_push_email: None,
+            password_auth: false,
+            smtp_url: None,
+            mail_from: None,
+            public_url: None,
+            access_token_ttl_secs: 900,
+            login_failures_per_email: 10,
+            login_failures_per_address: 50,
+            secret_keys: None,
         }
     }
 }

@@ -311,6 +311,7 @@ mod tests {
             ver,
             created_at: t,
             updated_at: t,
+            disabled_at: None,
         }
     }
 

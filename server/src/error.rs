@@ -34,6 +34,9 @@ pub enum ApiError {
     /// 409: conflicts with the current state.
     #[error("{1}")]
     Conflict(&'static str, String),
+    /// 403: an admin disabled the account.
+    #[error("this account is disabled")]
+    AccountDisabled,
     /// 410: the account was deleted.
     #[error("this account was deleted")]
     AccountDeleted,
@@ -106,6 +109,7 @@ impl ApiError {
             ApiError::Status(s, c, _) => (*s, c),
             ApiError::Unknown(c, _) => (StatusCode::NOT_FOUND, c),
             ApiError::Conflict(c, _) => (StatusCode::CONFLICT, c),
+            ApiError::AccountDisabled => (StatusCode::FORBIDDEN, "account_disabled"),
             ApiError::AccountDeleted => (StatusCode::GONE, "account_deleted"),
             ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             ApiError::Invalid(c, _) => (StatusCode::UNPROCESSABLE_ENTITY, c),

@@ -6,6 +6,7 @@
 use crate::error::ApiError;
 use axum::Router;
 use axum::extract::{Request, State};
+use axum::http::Request as HttpRequest;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -66,7 +67,7 @@ pub async fn serve(listener: TcpListener, app: Router, limits: HttpLimits, shutd
         };
         let stream = tokio::select! {
             r = listener.accept() => match r {
-                Ok((s, _)) => s,
+                Ok(pair) => pair,
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
@@ -76,8 +77,14 @@ pub async fn serve(listener: TcpListener, app: Router, limits: HttpLimits, shutd
             },
             () = &mut shutdown => break,
         };
+        let (stream, peer) = stream;
         let _ = stream.set_nodelay(true);
-        let svc = TowerToHyperService::new(app.clone());
+        // Handlers that limit per client address (logins) read the peer as `ConnectInfo`.
+        let svc =
+            TowerToHyperService::new(tower::ServiceExt::map_request(app.clone(), move |mut req: HttpRequest<hyper::body::Incoming>| {
+                req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+                req
+            }));
         let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc));
         tokio::spawn(async move {
             if let Err(e) = conn.await {

@@ -4,6 +4,8 @@
 //! entitlements. [`app`] builds the router over an [`AppState`]; the binary (`tally-server`)
 //! adds configuration, the embedded Postgres default and graceful shutdown.
 
+pub mod access_tokens;
+pub mod account_tokens;
 pub mod accounts;
 pub mod admin;
 pub mod api_keys;
@@ -25,17 +27,24 @@ pub mod http;
 pub mod jwks;
 pub mod leases;
 pub mod ledger;
+pub mod login_limits;
+pub mod mail;
 pub mod metrics;
+pub mod password_auth;
+pub mod passwords;
 pub mod pg_cluster;
 pub mod plans;
 pub mod pools;
 pub mod ratelimit;
+pub mod secrets;
+pub mod sessions;
 pub mod settings;
 pub mod signing;
 pub mod sync;
 pub mod usage;
 pub mod usage_events;
 pub mod users;
+pub mod vault;
 pub mod voids;
 
 use axum::Router;
@@ -79,6 +88,12 @@ pub struct Shared {
     pub apple: Option<billing::apple::Apple>,
     /// Google Play (`None`: not configured, purchases answer `store_unconfigured`).
     pub google: Option<billing::google::Google>,
+    /// Failed-login limits of password accounts.
+    pub login_limits: login_limits::LoginLimits,
+    /// Sender of verification and reset mail (with `TALLY_PASSWORD_AUTH=1`).
+    pub mailer: Option<mail::Mailer>,
+    /// Master keys of the secrets vault (`TALLY_SECRET_KEYS`).
+    pub vault: Option<vault::MasterKeys>,
 }
 
 impl std::ops::Deref for AppState {
@@ -129,6 +144,19 @@ impl AppState {
         }
         cors::check(&config.cors_origins).map_err(StartError::Config)?;
         let verifier = auth::Verifier::new(&config).map_err(StartError::Config)?;
+        let mailer = if config.password_auth { Some(mail::Mailer::from_config(&config).map_err(StartError::Config)?) } else { None };
+        let vault = match config.secret_keys.as_deref().filter(|k| !k.trim().is_empty()) {
+            Some(spec) => Some(vault::MasterKeys::parse(spec).map_err(StartError::Config)?),
+            None => None,
+        };
+        {
+            let client = pool.get().await.map_err(|e| StartError::Config(e.to_string()))?;
+            secrets::warn_unopenable(&client, vault.as_ref()).await.map_err(|e| StartError::Config(e.to_string()))?;
+        }
+        if vault.is_none() {
+            tracing::info!("TALLY_SECRET_KEYS is not set: the secrets routes answer 503 secrets_unconfigured");
+        }
+        let login_limits = login_limits::LoginLimits::new(config.login_failures_per_email, config.login_failures_per_address);
         let limiter = ratelimit::Limiter::new(config.rate_limit_per_sec, config.rate_limit_burst);
         let apple = billing::apple::Apple::from_config(&config).map_err(StartError::Config)?;
         let google = billing::google::Google::from_config(&config).map_err(StartError::Config)?;
@@ -145,6 +173,9 @@ impl AppState {
             snapshots: Default::default(),
             apple,
             google,
+            login_limits,
+            mailer,
+            vault,
         });
         holds::spawn_sweeper(Arc::downgrade(&shared), holds::SWEEP_EVERY);
         Ok(AppState(shared))
@@ -192,12 +223,16 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/billing/portal", post(billing::portal))
         .route("/v1/admin/users", post(admin::create_user))
         .route("/v1/admin/users/{id}/usage", get(admin::user_usage))
+        .route("/v1/admin/users/{id}/disable", post(admin::disable_user))
+        .route("/v1/admin/users/{id}/enable", post(admin::enable_user))
         .route("/v1/admin/grants", post(admin::create_grant))
         .route("/v1/admin/grants/revoke", post(admin::revoke_grant))
         .route("/v1/admin/plans/{id}", put(admin::put_plan).patch(admin::patch_plan))
         .route("/v1/admin/plans", get(admin::get_plans))
         .route("/v1/admin/api-keys", post(admin::create_api_key).get(admin::list_api_keys))
         .route("/v1/admin/api-keys/{id}", axum::routing::delete(admin::revoke_api_key))
+        .merge(password_auth::router())
+        .merge(secrets::router())
         .layer(DefaultBodyLimit::max(body_limit));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))

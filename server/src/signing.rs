@@ -1,4 +1,4 @@
-//! Ed25519 keys that sign entitlements tokens (EdDSA JWTs with a `kid` header).
+//! Ed25519 keys that sign entitlements tokens and access tokens (EdDSA JWTs with a `kid` header).
 //!
 //! Keys live as PKCS#8 PEM files `<kid>.pem` in `<data dir>/keys/`; the newest signs, all are
 //! published in `GET /v1/keys`, so a key can be rotated without invalidating devices' tokens.
@@ -6,7 +6,7 @@
 use base64::Engine;
 use ed25519_dalek::SigningKey;
 use ed25519_dalek::pkcs8::{DecodePrivateKey, EncodePrivateKey};
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header};
 use serde::Serialize;
 use serde_json::{Value, json};
 use std::path::Path;
@@ -76,13 +76,24 @@ impl Signer {
         self.keys.last().map(|k| k.kid.as_str())
     }
 
-    /// Signs `claims` with the newest key.
+    /// Signs `claims` with the newest key (header `typ: JWT`: an entitlements token).
     pub fn sign<T: Serialize>(&self, claims: &T) -> Result<String, String> {
+        self.sign_typed(claims, "JWT")
+    }
+
+    /// Signs `claims` with the newest key and header `typ`.
+    pub fn sign_typed<T: Serialize>(&self, claims: &T, typ: &str) -> Result<String, String> {
         let key = self.keys.last().ok_or("no signing key")?;
         let mut header = Header::new(Algorithm::EdDSA);
         header.kid = Some(key.kid.clone());
-        header.typ = Some("JWT".into());
+        header.typ = Some(typ.into());
         jsonwebtoken::encode(&header, claims, &key.encoding).map_err(|e| e.to_string())
+    }
+
+    /// The verifying key of `kid`, when it is one of ours.
+    pub fn decoding_key(&self, kid: &str) -> Option<DecodingKey> {
+        let key = self.keys.iter().find(|k| k.kid == kid)?;
+        DecodingKey::from_ed_components(&base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key.public)).ok()
     }
 
     /// The public keys as a JWKS (`{"keys": [{kty: OKP, crv: Ed25519, x, kid, alg: EdDSA, use: sig}]}`).

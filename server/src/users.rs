@@ -56,10 +56,14 @@ pub struct User {
     pub created_at: DateTime<Utc>,
     /// Last profile change.
     pub updated_at: DateTime<Utc>,
+    /// When an admin disabled the account (`None`: enabled).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disabled_at: Option<DateTime<Utc>>,
 }
 
 /// Columns read into a [`User`], in order.
-pub const USER_COLUMNS: &str = "user_id, external_id, email, display_name, avatar_url, timezone, is_admin, ver, created_at, updated_at";
+pub const USER_COLUMNS: &str =
+    "user_id, external_id, email, display_name, avatar_url, timezone, is_admin, ver, created_at, updated_at, disabled_at";
 
 impl User {
     /// Reads a row selected with [`USER_COLUMNS`]; `admins` are the configured admin subjects.
@@ -77,6 +81,7 @@ impl User {
             ver: r.get(7),
             created_at: r.get(8),
             updated_at: r.get(9),
+            disabled_at: r.get(10),
         }
     }
 
@@ -126,6 +131,10 @@ pub async fn resolve(state: &AppState, claims: &IdClaims) -> ApiResult<User> {
             Err(e) => return Err(e.into()),
         }
     }
+    if claims.sub.starts_with(tally_core::contract::PASSWORD_SUBJECT_PREFIX) {
+        // Password accounts are made by sign-up only, never by a first request.
+        return Err(ApiError::Unauthorized("unknown_account", "this account does not exist".into()));
+    }
     client
         .execute(
             "INSERT INTO users (user_id, external_id, email, display_name, email_verified) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (external_id) DO NOTHING",
@@ -134,6 +143,11 @@ pub async fn resolve(state: &AppState, claims: &IdClaims) -> ApiResult<User> {
         .await?;
     let r = client.query_one(&select, &[&claims.sub]).await?;
     Ok(User::from_row(&r, admins))
+}
+
+/// 403 `account_disabled` when an admin disabled `user`.
+pub fn ensure_enabled(user: &User) -> ApiResult<()> {
+    if user.disabled_at.is_some() { Err(ApiError::AccountDisabled) } else { Ok(()) }
 }
 
 /// Finds a user by external id, creating it when absent (backends recording usage by subject).
@@ -169,8 +183,11 @@ pub async fn find_named(state: &AppState, subject: Option<&str>, user_id: Option
         (Some(_), Some(_)) => return Err(ApiError::invalid("name the user with \"subject\" or \"user_id\", not both")),
         (None, None) => return Err(ApiError::invalid("an API key must name the user with \"subject\" or \"user_id\"")),
     };
-    row.map(|r| User::from_row(&r, &state.config.admin_subjects))
-        .ok_or_else(|| ApiError::Unknown("unknown_subject", "no user has this subject; create it first with POST /v1/admin/users".into()))
+    let user = row.map(|r| User::from_row(&r, &state.config.admin_subjects)).ok_or_else(|| {
+        ApiError::Unknown("unknown_subject", "no user has this subject; create it first with POST /v1/admin/users".into())
+    })?;
+    ensure_enabled(&user)?;
+    Ok(user)
 }
 
 /// Re-reads a user by id, locking the row for the rest of the transaction.

@@ -36,6 +36,18 @@ pub fn pg_required() -> bool {
     set("CI") || set("TALLY_REQUIRE_PG")
 }
 
+/// One throwaway cluster for the whole test binary (each test makes its own database in it);
+/// `None` as for [`postgres`].
+pub fn shared_cluster() -> Option<&'static Cluster> {
+    static PG: std::sync::OnceLock<Option<(Cluster, tempfile::TempDir)>> = std::sync::OnceLock::new();
+    PG.get_or_init(|| {
+        let dir = tempfile::Builder::new().prefix("tally-e2e-").tempdir_in("/tmp").expect("tempdir");
+        postgres(dir.path()).map(|c| (c, dir))
+    })
+    .as_ref()
+    .map(|(c, _)| c)
+}
+
 /// A throwaway Postgres cluster and database, or `None` (with a loud message) when the
 /// PostgreSQL binaries are not installed and Postgres is not required ([`pg_required`]).
 pub fn postgres(dir: &Path) -> Option<Cluster> {

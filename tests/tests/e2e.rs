@@ -4,21 +4,8 @@
 
 use chrono::{Duration, Utc};
 use rand::seq::SliceRandom;
-use std::sync::OnceLock;
 use tally_core::{ConsumeItem, Error, Profile, Reason, SyncOptions, UsageMeta, User};
 use tally_e2e::*;
-use tally_server::pg_cluster::Cluster;
-
-/// One Postgres cluster for the whole test binary; each test gets its own database.
-fn cluster() -> Option<&'static Cluster> {
-    static PG: OnceLock<Option<(Cluster, tempfile::TempDir)>> = OnceLock::new();
-    PG.get_or_init(|| {
-        let dir = tempfile::Builder::new().prefix("tally-e2e-").tempdir_in("/tmp").expect("tempdir");
-        postgres(dir.path()).map(|c| (c, dir))
-    })
-    .as_ref()
-    .map(|(c, _)| c)
-}
 
 struct Env {
     dir: tempfile::TempDir,
@@ -28,7 +15,7 @@ struct Env {
 }
 
 fn env(name: &str, extra: &[(&str, &str)]) -> Option<Env> {
-    let pg = cluster()?;
+    let pg = shared_cluster()?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let db_url = rt.block_on(pg.create_database(name)).expect("create database");
     let dir = tempfile::Builder::new().prefix("tally-e2e-").tempdir_in("/tmp").expect("tempdir");

@@ -566,6 +566,11 @@ void uniffi_tally_ffi_fn_init_callback_vtable_tallyclock(const UniffiVTableCallb
 int64_t uniffi_tally_ffi_fn_method_tallyclock_now_ms(uint64_t ptr, RustCallStatus *_Nonnull out_status
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_FUNC_ENCRYPT_DATABASE
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_FUNC_ENCRYPT_DATABASE
+void uniffi_tally_ffi_fn_func_encrypt_database(RustBuffer path, RustBuffer key, RustCallStatus *_Nonnull out_status
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_FUNC_EVENT_ID_FOR_KEY
 #define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_FUNC_EVENT_ID_FOR_KEY
 RustBuffer uniffi_tally_ffi_fn_func_event_id_for_key(RustBuffer key, RustCallStatus *_Nonnull out_status
@@ -834,6 +839,12 @@ void ffi_tally_ffi_rust_future_free_void(uint64_t handle
 #ifndef UNIFFI_FFIDEF_FFI_TALLY_FFI_RUST_FUTURE_COMPLETE_VOID
 #define UNIFFI_FFIDEF_FFI_TALLY_FFI_RUST_FUTURE_COMPLETE_VOID
 void ffi_tally_ffi_rust_future_complete_void(uint64_t handle, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_FUNC_ENCRYPT_DATABASE
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_FUNC_ENCRYPT_DATABASE
+uint16_t uniffi_tally_ffi_checksum_func_encrypt_database(void
+    
 );
 #endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_FUNC_EVENT_ID_FOR_KEY

@@ -293,3 +293,116 @@ impl Drop for Server {
         self.kill9();
     }
 }
+
+/// A local SMTP sink on 127.0.0.1: accepts every mail and keeps its raw text (the fake of the
+/// outside mail server; the client talking to it is the real lettre transport).
+pub struct SmtpSink {
+    /// Port it listens on.
+    pub port: u16,
+    mails: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl SmtpSink {
+    /// Starts the sink on the current runtime.
+    pub async fn start() -> SmtpSink {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind smtp sink");
+        let port = listener.local_addr().unwrap().port();
+        let mails = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let store = mails.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let (r, mut w) = stream.into_split();
+                    let mut lines = BufReader::new(r).lines();
+                    let _ = w.write_all(b"220 sink ESMTP\r\n").await;
+                    let mut data: Option<String> = None;
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        if let Some(body) = data.as_mut() {
+                            if line == "." {
+                                store.lock().unwrap().push(std::mem::take(body));
+                                data = None;
+                                let _ = w.write_all(b"250 queued\r\n").await;
+                            } else {
+                                body.push_str(line.strip_prefix('.').unwrap_or(&line));
+                                body.push('\n');
+                            }
+                            continue;
+                        }
+                        let verb = line.split_whitespace().next().unwrap_or("").to_ascii_uppercase();
+                        let reply: &[u8] = match verb.as_str() {
+                            "EHLO" | "HELO" => b"250-sink\r\n250 8BITMIME\r\n",
+                            "DATA" => {
+                                data = Some(String::new());
+                                b"354 go on\r\n"
+                            }
+                            "QUIT" => {
+                                let _ = w.write_all(b"221 bye\r\n").await;
+                                break;
+                            }
+                            _ => b"250 ok\r\n",
+                        };
+                        let _ = w.write_all(reply).await;
+                    }
+                });
+            }
+        });
+        SmtpSink { port, mails }
+    }
+
+    /// The `TALLY_SMTP_URL` of the sink.
+    pub fn url(&self) -> String {
+        format!("smtp://127.0.0.1:{}", self.port)
+    }
+
+    /// Every mail received so far (headers and body).
+    pub fn mails(&self) -> Vec<String> {
+        self.mails.lock().unwrap().clone()
+    }
+
+    /// Waits (at most 10 s) for the `n`-th mail (1-based) and returns it.
+    pub async fn wait_for(&self, n: usize) -> String {
+        for _ in 0..200 {
+            if let Some(m) = self.mails().get(n - 1) {
+                return m.clone();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("no mail #{n} arrived; got {:?}", self.mails());
+    }
+}
+
+/// The single-use token of a mail from the server (its one 48-hex-digit word).
+pub fn mailed_token(mail: &str) -> String {
+    mail.split_whitespace()
+        .find(|w| w.len() == 48 && w.bytes().all(|b| b.is_ascii_hexdigit()))
+        .unwrap_or_else(|| panic!("no token in mail {mail}"))
+        .to_string()
+}
+
+/// Turns password accounts on, mailing through `sink`.
+pub fn password_auth(c: &mut Config, sink: &SmtpSink) {
+    c.password_auth = true;
+    c.smtp_url = Some(sink.url());
+    c.mail_from = Some("Tally <no-reply@tally.test>".into());
+}
+
+impl TestApp {
+    /// [`TestApp::call`] from the client address `addr` (`ip:port`).
+    pub async fn call_from(&self, addr: &str, method: &str, path: &str, body: Value) -> (StatusCode, Value, axum::http::HeaderMap) {
+        let peer: std::net::SocketAddr = addr.parse().expect("socket address");
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("content-type", "application/json")
+            .body(Body::from(serde_json::to_vec(&body).unwrap()))
+            .unwrap();
+        req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+        let resp = self.router.clone().oneshot(req).await.expect("response");
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX).await.expect("body");
+        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null), headers)
+    }
+}

@@ -4045,6 +4045,12 @@ public struct TallyConfig {
      * Time source; absent: the system clock.
      */
     public var clock: TallyClock?
+    /**
+     * SQLCipher key of the database (libraries built with the `sqlcipher` feature), from the
+     * Keychain or Keystore. An unencrypted file is never re-created encrypted: convert it once
+     * with `encryptDatabase`.
+     */
+    public var encryptionKey: String?
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
@@ -4083,7 +4089,12 @@ public struct TallyConfig {
          */offlineFeatures: [String] = [], 
         /**
          * Time source; absent: the system clock.
-         */clock: TallyClock? = nil) {
+         */clock: TallyClock? = nil, 
+        /**
+         * SQLCipher key of the database (libraries built with the `sqlcipher` feature), from the
+         * Keychain or Keystore. An unencrypted file is never re-created encrypted: convert it once
+         * with `encryptDatabase`.
+         */encryptionKey: String? = nil) {
         self.deviceId = deviceId
         self.durability = durability
         self.defaultSettingsJson = defaultSettingsJson
@@ -4095,6 +4106,7 @@ public struct TallyConfig {
         self.serverKeys = serverKeys
         self.offlineFeatures = offlineFeatures
         self.clock = clock
+        self.encryptionKey = encryptionKey
     }
 
     
@@ -4123,7 +4135,8 @@ public struct FfiConverterTypeTallyConfig: FfiConverterRustBuffer {
                 busyTimeoutMs: FfiConverterOptionUInt64.read(from: &buf), 
                 serverKeys: FfiConverterOptionString.read(from: &buf), 
                 offlineFeatures: FfiConverterSequenceString.read(from: &buf), 
-                clock: FfiConverterOptionTypeTallyClock.read(from: &buf)
+                clock: FfiConverterOptionTypeTallyClock.read(from: &buf), 
+                encryptionKey: FfiConverterOptionString.read(from: &buf)
         )
     }
 
@@ -4139,6 +4152,7 @@ public struct FfiConverterTypeTallyConfig: FfiConverterRustBuffer {
         FfiConverterOptionString.write(value.serverKeys, into: &buf)
         FfiConverterSequenceString.write(value.offlineFeatures, into: &buf)
         FfiConverterOptionTypeTallyClock.write(value.clock, into: &buf)
+        FfiConverterOptionString.write(value.encryptionKey, into: &buf)
     }
 }
 
@@ -5754,6 +5768,17 @@ enum TallyError: Swift.Error, Equatable, Hashable, Foundation.LocalizedError {
     case AccountDeleted(message: String)
     
     /**
+     * The database does not open with the encryption key given (or needs one); the file
+     * was not changed.
+     */
+    case EncryptionKey(message: String)
+    
+    /**
+     * An admin disabled the account on the server; nothing local was deleted.
+     */
+    case AccountDisabled(message: String)
+    
+    /**
      * The server answered with an error that retrying will not fix.
      */
     case Server(message: String)
@@ -5855,27 +5880,35 @@ public struct FfiConverterTypeTallyError: FfiConverterRustBuffer {
             message: try FfiConverterString.read(from: &buf)
         )
         
-        case 11: return .Server(
+        case 11: return .EncryptionKey(
             message: try FfiConverterString.read(from: &buf)
         )
         
-        case 12: return .PurchaseRefused(
+        case 12: return .AccountDisabled(
             message: try FfiConverterString.read(from: &buf)
         )
         
-        case 13: return .InvalidToken(
+        case 13: return .Server(
             message: try FfiConverterString.read(from: &buf)
         )
         
-        case 14: return .SubjectMismatch(
+        case 14: return .PurchaseRefused(
             message: try FfiConverterString.read(from: &buf)
         )
         
-        case 15: return .Configuration(
+        case 15: return .InvalidToken(
             message: try FfiConverterString.read(from: &buf)
         )
         
-        case 16: return .Internal(
+        case 16: return .SubjectMismatch(
+            message: try FfiConverterString.read(from: &buf)
+        )
+        
+        case 17: return .Configuration(
+            message: try FfiConverterString.read(from: &buf)
+        )
+        
+        case 18: return .Internal(
             message: try FfiConverterString.read(from: &buf)
         )
         
@@ -5910,18 +5943,22 @@ public struct FfiConverterTypeTallyError: FfiConverterRustBuffer {
             writeInt(&buf, Int32(9))
         case .AccountDeleted(_ /* message is ignored*/):
             writeInt(&buf, Int32(10))
-        case .Server(_ /* message is ignored*/):
+        case .EncryptionKey(_ /* message is ignored*/):
             writeInt(&buf, Int32(11))
-        case .PurchaseRefused(_ /* message is ignored*/):
+        case .AccountDisabled(_ /* message is ignored*/):
             writeInt(&buf, Int32(12))
-        case .InvalidToken(_ /* message is ignored*/):
+        case .Server(_ /* message is ignored*/):
             writeInt(&buf, Int32(13))
-        case .SubjectMismatch(_ /* message is ignored*/):
+        case .PurchaseRefused(_ /* message is ignored*/):
             writeInt(&buf, Int32(14))
-        case .Configuration(_ /* message is ignored*/):
+        case .InvalidToken(_ /* message is ignored*/):
             writeInt(&buf, Int32(15))
-        case .Internal(_ /* message is ignored*/):
+        case .SubjectMismatch(_ /* message is ignored*/):
             writeInt(&buf, Int32(16))
+        case .Configuration(_ /* message is ignored*/):
+            writeInt(&buf, Int32(17))
+        case .Internal(_ /* message is ignored*/):
+            writeInt(&buf, Int32(18))
 
         
         }
@@ -6584,6 +6621,19 @@ fileprivate func uniffiFutureContinuationCallback(handle: UInt64, pollResult: In
     }
 }
 /**
+ * Validates a plan catalog JSON without using it (`InvalidCatalog` names the offending path).
+ * Encrypts the unencrypted database file at `path` with `key`, in place (SQLCipher builds);
+ * call it once, before opening the database with `encryption_key`.
+ */
+public func encryptDatabase(path: String, key: String)throws   {try rustCallWithError(FfiConverterTypeTallyError_lift) {
+        uniffiCallStatus in
+    uniffi_tally_ffi_fn_func_encrypt_database(
+        FfiConverterString.lower(path),
+        FfiConverterString.lower(key),uniffiCallStatus
+    )
+}
+}
+/**
  * The event id an idempotency key maps to (a UUID is itself; anything else UUIDv5).
  */
 public func eventIdForKey(key: String) -> String  {
@@ -6594,9 +6644,6 @@ public func eventIdForKey(key: String) -> String  {
     )
 })
 }
-/**
- * Validates a plan catalog JSON without using it (`InvalidCatalog` names the offending path).
- */
 public func validateCatalog(catalogJson: String)throws   {try rustCallWithError(FfiConverterTypeTallyError_lift) {
         uniffiCallStatus in
     uniffi_tally_ffi_fn_func_validate_catalog(
@@ -6620,10 +6667,13 @@ private let initializationResult: InitializationResult = {
     if bindings_contract_version != scaffolding_contract_version {
         return InitializationResult.contractVersionMismatch
     }
+    if (uniffi_tally_ffi_checksum_func_encrypt_database() != 26704) {
+        return InitializationResult.apiChecksumMismatch
+    }
     if (uniffi_tally_ffi_checksum_func_event_id_for_key() != 7055) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_tally_ffi_checksum_func_validate_catalog() != 28695) {
+    if (uniffi_tally_ffi_checksum_func_validate_catalog() != 14543) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_tally_ffi_checksum_method_tally_catalog_json() != 1509) {

@@ -748,6 +748,8 @@ internal object IntegrityCheckingUniffiLib {
     }
 
     internal fun ensureInitialized() = Unit
+    external fun uniffi_tally_ffi_checksum_func_encrypt_database(
+    ): Int
     external fun uniffi_tally_ffi_checksum_func_event_id_for_key(
     ): Int
     external fun uniffi_tally_ffi_checksum_func_validate_catalog(
@@ -973,6 +975,8 @@ internal object UniffiLib {
     ): Unit
     external fun uniffi_tally_ffi_fn_method_tallyclock_now_ms(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Long
+    external fun uniffi_tally_ffi_fn_func_encrypt_database(`path`: RustBuffer.ByValue,`key`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
     external fun uniffi_tally_ffi_fn_func_event_id_for_key(`key`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
     external fun uniffi_tally_ffi_fn_func_validate_catalog(`catalogJson`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
@@ -1096,10 +1100,13 @@ private fun uniffiCheckContractApiVersion(lib: IntegrityCheckingUniffiLib) {
 }
 @Suppress("UNUSED_PARAMETER")
 private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
+    if ((lib.uniffi_tally_ffi_checksum_func_encrypt_database() and 0xFFFF) != 26704) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
     if ((lib.uniffi_tally_ffi_checksum_func_event_id_for_key() and 0xFFFF) != 7055) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_tally_ffi_checksum_func_validate_catalog() and 0xFFFF) != 28695) {
+    if ((lib.uniffi_tally_ffi_checksum_func_validate_catalog() and 0xFFFF) != 14543) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_tally_ffi_checksum_method_tally_catalog_json() and 0xFFFF) != 1509) {
@@ -5268,6 +5275,13 @@ data class TallyConfig (
      * Time source; absent: the system clock.
      */
     var `clock`: TallyClock? = null 
+    , 
+    /**
+     * SQLCipher key of the database (libraries built with the `sqlcipher` feature), from the
+     * Keychain or Keystore. An unencrypted file is never re-created encrypted: convert it once
+     * with `encryptDatabase`.
+     */
+    var `encryptionKey`: kotlin.String? = null 
     
 ): Disposable{
     
@@ -5289,7 +5303,8 @@ data class TallyConfig (
         this.`busyTimeoutMs`,
         this.`serverKeys`,
         this.`offlineFeatures`,
-        this.`clock`
+        this.`clock`,
+        this.`encryptionKey`
     )
     }
     
@@ -5313,6 +5328,7 @@ public object FfiConverterTypeTallyConfig: FfiConverterRustBuffer<TallyConfig> {
             FfiConverterOptionalString.read(buf),
             FfiConverterSequenceString.read(buf),
             FfiConverterOptionalTypeTallyClock.read(buf),
+            FfiConverterOptionalString.read(buf),
         )
     }
 
@@ -5327,7 +5343,8 @@ public object FfiConverterTypeTallyConfig: FfiConverterRustBuffer<TallyConfig> {
             FfiConverterOptionalULong.allocationSize(value.`busyTimeoutMs`) +
             FfiConverterOptionalString.allocationSize(value.`serverKeys`) +
             FfiConverterSequenceString.allocationSize(value.`offlineFeatures`) +
-            FfiConverterOptionalTypeTallyClock.allocationSize(value.`clock`)
+            FfiConverterOptionalTypeTallyClock.allocationSize(value.`clock`) +
+            FfiConverterOptionalString.allocationSize(value.`encryptionKey`)
     )
 
     override fun write(value: TallyConfig, buf: ByteBuffer) {
@@ -5342,6 +5359,7 @@ public object FfiConverterTypeTallyConfig: FfiConverterRustBuffer<TallyConfig> {
             FfiConverterOptionalString.write(value.`serverKeys`, buf)
             FfiConverterSequenceString.write(value.`offlineFeatures`, buf)
             FfiConverterOptionalTypeTallyClock.write(value.`clock`, buf)
+            FfiConverterOptionalString.write(value.`encryptionKey`, buf)
     }
 }
 
@@ -6629,6 +6647,17 @@ sealed class TallyException(message: String): kotlin.Exception(message) {
         class AccountDeleted(message: String) : TallyException(message)
         
     /**
+     * The database does not open with the encryption key given (or needs one); the file
+     * was not changed.
+     */
+        class EncryptionKey(message: String) : TallyException(message)
+        
+    /**
+     * An admin disabled the account on the server; nothing local was deleted.
+     */
+        class AccountDisabled(message: String) : TallyException(message)
+        
+    /**
      * The server answered with an error that retrying will not fix.
      */
         class Server(message: String) : TallyException(message)
@@ -6684,12 +6713,14 @@ public object FfiConverterTypeTallyError : FfiConverterRustBuffer<TallyException
             8 -> TallyException.Network(FfiConverterString.read(buf))
             9 -> TallyException.Unauthorized(FfiConverterString.read(buf))
             10 -> TallyException.AccountDeleted(FfiConverterString.read(buf))
-            11 -> TallyException.Server(FfiConverterString.read(buf))
-            12 -> TallyException.PurchaseRefused(FfiConverterString.read(buf))
-            13 -> TallyException.InvalidToken(FfiConverterString.read(buf))
-            14 -> TallyException.SubjectMismatch(FfiConverterString.read(buf))
-            15 -> TallyException.Configuration(FfiConverterString.read(buf))
-            16 -> TallyException.Internal(FfiConverterString.read(buf))
+            11 -> TallyException.EncryptionKey(FfiConverterString.read(buf))
+            12 -> TallyException.AccountDisabled(FfiConverterString.read(buf))
+            13 -> TallyException.Server(FfiConverterString.read(buf))
+            14 -> TallyException.PurchaseRefused(FfiConverterString.read(buf))
+            15 -> TallyException.InvalidToken(FfiConverterString.read(buf))
+            16 -> TallyException.SubjectMismatch(FfiConverterString.read(buf))
+            17 -> TallyException.Configuration(FfiConverterString.read(buf))
+            18 -> TallyException.Internal(FfiConverterString.read(buf))
             else -> throw RuntimeException("invalid error enum value, something is very wrong!!")
         }
         
@@ -6741,28 +6772,36 @@ public object FfiConverterTypeTallyError : FfiConverterRustBuffer<TallyException
                 buf.putInt(10)
                 Unit
             }
-            is TallyException.Server -> {
+            is TallyException.EncryptionKey -> {
                 buf.putInt(11)
                 Unit
             }
-            is TallyException.PurchaseRefused -> {
+            is TallyException.AccountDisabled -> {
                 buf.putInt(12)
                 Unit
             }
-            is TallyException.InvalidToken -> {
+            is TallyException.Server -> {
                 buf.putInt(13)
                 Unit
             }
-            is TallyException.SubjectMismatch -> {
+            is TallyException.PurchaseRefused -> {
                 buf.putInt(14)
                 Unit
             }
-            is TallyException.Configuration -> {
+            is TallyException.InvalidToken -> {
                 buf.putInt(15)
                 Unit
             }
-            is TallyException.Internal -> {
+            is TallyException.SubjectMismatch -> {
                 buf.putInt(16)
+                Unit
+            }
+            is TallyException.Configuration -> {
+                buf.putInt(17)
+                Unit
+            }
+            is TallyException.Internal -> {
+                buf.putInt(18)
                 Unit
             }
         }.let { /* this makes the `when` an expression, which ensures it is exhaustive */ }
@@ -7508,6 +7547,23 @@ public object FfiConverterMapStringTypeRule: FfiConverterRustBuffer<Map<kotlin.S
 
 
         /**
+         * Validates a plan catalog JSON without using it (`InvalidCatalog` names the offending path).
+         * Encrypts the unencrypted database file at `path` with `key`, in place (SQLCipher builds);
+         * call it once, before opening the database with `encryption_key`.
+         */
+    @Throws(TallyException::class) fun `encryptDatabase`(`path`: kotlin.String, `key`: kotlin.String)
+        = 
+    uniffiRustCallWithError(TallyException) { _status ->
+    UniffiLib.uniffi_tally_ffi_fn_func_encrypt_database(
+    
+        
+        FfiConverterString.lower(`path`),
+        FfiConverterString.lower(`key`),_status)
+}
+    
+    
+
+        /**
          * The event id an idempotency key maps to (a UUID is itself; anything else UUIDv5).
          */ fun `eventIdForKey`(`key`: kotlin.String): kotlin.String {
             return FfiConverterString.lift(
@@ -7521,9 +7577,6 @@ public object FfiConverterMapStringTypeRule: FfiConverterRustBuffer<Map<kotlin.S
     }
     
 
-        /**
-         * Validates a plan catalog JSON without using it (`InvalidCatalog` names the offending path).
-         */
     @Throws(TallyException::class) fun `validateCatalog`(`catalogJson`: kotlin.String)
         = 
     uniffiRustCallWithError(TallyException) { _status ->

@@ -1,0 +1,354 @@
+//! Own accounts through the real router on a real Postgres: sign-up, verification, login
+//! failures and their limits, refresh rotation, password reset, disabled accounts, and the
+//! line between access tokens and entitlements tokens.
+
+mod common;
+
+use axum::http::StatusCode;
+use common::*;
+use serde_json::{Value, json};
+
+const ADDR: &str = "203.0.113.7:5000";
+
+async fn password_app(sink: &SmtpSink) -> Option<TestApp> {
+    app_with(|c| password_auth(c, sink)).await
+}
+
+async fn signup(a: &TestApp, email: &str, password: &str) -> Value {
+    let (s, body, _) = a.call_from(ADDR, "POST", "/v1/auth/signup", json!({"email": email, "password": password})).await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    body
+}
+
+async fn login(a: &TestApp, from: &str, email: &str, password: &str) -> (StatusCode, Value, axum::http::HeaderMap) {
+    a.call_from(from, "POST", "/v1/auth/login", json!({"email": email, "password": password})).await
+}
+
+fn code(v: &Value) -> &str {
+    v["error"]["code"].as_str().unwrap_or("")
+}
+
+#[tokio::test]
+async fn signup_answers_a_session_whose_access_token_works_and_bad_input_changes_nothing() {
+    let sink = SmtpSink::start().await;
+    let a = app_or_skip!(password_app(&sink).await);
+    let s = signup(&a, "Ann@Example.com", "correct horse battery").await;
+    for k in ["access_token", "refresh_token", "expires_in", "user"] {
+        assert!(!s[k].is_null(), "{k} missing: {s}");
+    }
+    assert_eq!(s["expires_in"], 900);
+    let id = s["user"]["id"].as_str().unwrap();
+    assert_eq!(s["user"]["external_id"], format!("tally|{id}"));
+    let header = jsonwebtoken::decode_header(s["access_token"].as_str().unwrap()).unwrap();
+    assert_eq!(header.typ.as_deref(), Some("at+jwt"));
+    assert_eq!(header.alg, jsonwebtoken::Algorithm::EdDSA);
+    let (st, me) = a.call("GET", "/v1/me", s["access_token"].as_str(), None).await;
+    assert_eq!(st, StatusCode::OK, "{me}");
+    assert_eq!(me["id"], id);
+    // Emails are unique regardless of case.
+    let (st, body, _) =
+        a.call_from(ADDR, "POST", "/v1/auth/signup", json!({"email": "ann@EXAMPLE.com", "password": "another password"})).await;
+    assert_eq!((st, code(&body)), (StatusCode::CONFLICT, "email_taken"));
+    // Bad input: a clear 4xx and no row.
+    let users = a.count("users").await;
+    for (body, want) in [
+        (json!({"email": "not-an-email", "password": "long enough pw"}), "invalid_email"),
+        (json!({"email": "b@example.com", "password": "short"}), "invalid_password"),
+        (json!({"email": "b@example.com", "password": "x".repeat(257)}), "invalid_password"),
+        (json!({"email": "b@example.com"}), "invalid_body"),
+    ] {
+        let (st, r, _) = a.call_from(ADDR, "POST", "/v1/auth/signup", body).await;
+        assert_eq!((st, code(&r)), (StatusCode::UNPROCESSABLE_ENTITY, want), "{r}");
+    }
+    assert_eq!(a.count("users").await, users);
+    assert_eq!(a.count("password_credentials").await, 1);
+    // The stored password is an Argon2id hash, never the password.
+    assert_eq!(a.scalar("SELECT count(*) FROM password_credentials WHERE password_hash LIKE '$argon2id$%'").await, 1);
+    // The verification mail went out.
+    let mail = sink.wait_for(1).await;
+    assert!(mail.contains("Ann@Example.com") && mail.contains("Confirm your email"), "{mail}");
+}
+
+#[tokio::test]
+async fn a_verification_token_works_once_and_expires() {
+    let sink = SmtpSink::start().await;
+    let a = app_or_skip!(password_app(&sink).await);
+    signup(&a, "vera@example.com", "correct horse battery").await;
+    let token = mailed_token(&sink.wait_for(1).await);
+    let (s, u) = a.call("POST", "/v1/auth/verify", None, Some(json!({"token": token}))).await;
+    assert_eq!(s, StatusCode::OK, "{u}");
+    assert_eq!(a.scalar("SELECT count(*) FROM users WHERE email_verified").await, 1);
+    let (s, again) = a.call("POST", "/v1/auth/verify", None, Some(json!({"token": token}))).await;
+    assert_eq!((s, code(&again)), (StatusCode::BAD_REQUEST, "token_used"));
+    let (s, unknown) = a.call("POST", "/v1/auth/verify", None, Some(json!({"token": "00".repeat(24)}))).await;
+    assert_eq!((s, code(&unknown)), (StatusCode::BAD_REQUEST, "unknown_token"));
+    // A second account's token expires after 24 hours.
+    signup(&a, "late@example.com", "correct horse battery").await;
+    let late = mailed_token(&sink.wait_for(2).await);
+    a.clock.advance(chrono::Duration::hours(25));
+    let (s, expired) = a.call("POST", "/v1/auth/verify", None, Some(json!({"token": late}))).await;
+    assert_eq!((s, code(&expired)), (StatusCode::BAD_REQUEST, "token_expired"));
+    assert_eq!(a.scalar("SELECT count(*) FROM users WHERE email_verified").await, 1, "nothing changed");
+}
+
+#[tokio::test]
+async fn wrong_password_and_unknown_email_give_the_same_answer() {
+    let sink = SmtpSink::start().await;
+    let a = app_or_skip!(password_app(&sink).await);
+    signup(&a, "wes@example.com", "correct horse battery").await;
+    let (s1, wrong, _) = login(&a, ADDR, "wes@example.com", "incorrect horse").await;
+    let (s2, unknown, _) = login(&a, ADDR, "nobody@example.com", "incorrect horse").await;
+    let (s3, huge, _) = login(&a, ADDR, "wes@example.com", &"x".repeat(10_000)).await;
+    assert_eq!(s1, StatusCode::UNAUTHORIZED);
+    assert_eq!((s1, &wrong), (s2, &unknown));
+    assert_eq!((s1, &wrong), (s3, &huge));
+    assert_eq!(code(&wrong), "invalid_credentials");
+    let (s, ok, _) = login(&a, ADDR, "WES@example.com", "correct horse battery").await;
+    assert_eq!(s, StatusCode::OK, "{ok}");
+    assert!(ok["access_token"].is_string() && ok["refresh_token"].is_string());
+}
+
+#[tokio::test]
+async fn repeated_failures_are_429_for_that_email_and_address_only() {
+    let sink = SmtpSink::start().await;
+    let a = app_or_skip!(password_app(&sink).await);
+    signup(&a, "rita@example.com", "correct horse battery").await;
+    for _ in 0..10 {
+        let (s, _, _) = login(&a, ADDR, "rita@example.com", "guess guess").await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+    }
+    let (s, body, h) = login(&a, ADDR, "rita@example.com", "correct horse battery").await;
+    assert_eq!((s, code(&body)), (StatusCode::TOO_MANY_REQUESTS, "rate_limited"), "{body}");
+    let retry: u64 = h.get("retry-after").unwrap().to_str().unwrap().parse().unwrap();
+    assert!(retry > 0 && retry <= 900, "{retry}");
+    // The owner from another address is not locked out.
+    let (s, _, _) = login(&a, "198.51.100.1:1", "rita@example.com", "correct horse battery").await;
+    assert_eq!(s, StatusCode::OK);
+    // After the window the first address may try again.
+    a.clock.advance(chrono::Duration::minutes(16));
+    let (s, _, _) = login(&a, ADDR, "rita@example.com", "correct horse battery").await;
+    assert_eq!(s, StatusCode::OK);
+    // 50 failures from one address across emails lock that address.
+    for i in 0..50 {
+        let (s, _, _) = login(&a, "192.0.2.9:1", &format!("u{i}@example.com"), "guess guess").await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "attempt {i}");
+    }
+    assert_eq!(login(&a, "192.0.2.9:1", "fresh@example.com", "guess guess").await.0, StatusCode::TOO_MANY_REQUESTS);
+}
+
+#[tokio::test]
+async fn refresh_rotates_a_reuse_within_30_s_gives_the_same_successor_and_a_later_one_revokes_the_family() {
+    let sink = SmtpSink::start().await;
+    let a = app_or_skip!(password_app(&sink).await);
+    let first = signup(&a, "rob@example.com", "correct horse battery").await["refresh_token"].as_str().unwrap().to_string();
+    let refresh = |t: &str| a.call("POST", "/v1/auth/refresh", None, Some(json!({"refresh_token": t})));
+    let (s, r1) = refresh(&first).await;
+    assert_eq!(s, StatusCode::OK, "{r1}");
+    let second = r1["refresh_token"].as_str().unwrap().to_string();
+    assert_ne!(second, first);
+    assert_eq!(a.call("GET", "/v1/me", r1["access_token"].as_str(), None).await.0, StatusCode::OK);
+    // A lost answer: the same token again within 30 s gives the same successor.
+    a.clock.advance(chrono::Duration::seconds(20));
+    let (s, again) = refresh(&first).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(again["refresh_token"], second.as_str());
+    // Tokens are stored hashed only.
+    let stored = a.scalar(&format!("SELECT count(*) FROM refresh_tokens WHERE token_hash IN ('{first}', '{second}')")).await;
+    assert_eq!(stored, 0);
+    // A reuse after 30 s revokes the whole family, the successor included.
+    a.clock.advance(chrono::Duration::seconds(11));
+    let (s, reused) = refresh(&first).await;
+    assert_eq!((s, code(&reused)), (StatusCode::UNAUTHORIZED, "refresh_token_reused"));
+    let (s, dead) = refresh(&second).await;
+    assert_eq!((s, code(&dead)), (StatusCode::UNAUTHORIZED, "refresh_token_revoked"));
+    // Logout ends a session; an unknown token is refused.
+    let (_, l, _) = login(&a, ADDR, "rob@example.com", "correct horse battery").await;
+    let rt = l["refresh_token"].as_str().unwrap();
+    assert_eq!(a.call("POST", "/v1/auth/logout", None, Some(json!({"refresh_token": rt}))).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(code(&refresh(rt).await.1), "refresh_token_revoked");
+    assert_eq!(code(&refresh("rt_nope").await.1), "invalid_refresh_token");
+    // A refresh token lives 30 days.
+    let (_, l, _) = login(&a, ADDR, "rob@example.com", "correct horse battery").await;
+    a.clock.advance(chrono::Duration::days(31));
+    assert_eq!(code(&refresh(l["refresh_token"].as_str().unwrap()).await.1), "refresh_token_expired");
+}
+
+#[tokio::test]
+async fn a_reset_token_works_once_and_ends_every_session() {
+    let sink = SmtpSink::start().await;
+    let a = app_or_skip!(password_app(&sink).await);
+    let s = signup(&a, "ria@example.com", "correct horse battery").await;
+    sink.wait_for(1).await;
+    let (_, other, _) = login(&a, ADDR, "ria@example.com", "correct horse battery").await;
+    // Unknown emails get the same 202 and no mail.
+    let (st, _) = a.call("POST", "/v1/auth/password/forgot", None, Some(json!({"email": "ghost@example.com"}))).await;
+    assert_eq!(st, StatusCode::ACCEPTED);
+    let (st, _) = a.call("POST", "/v1/auth/password/forgot", None, Some(json!({"email": "RIA@example.com"}))).await;
+    assert_eq!(st, StatusCode::ACCEPTED);
+    let mail = sink.wait_for(2).await;
+    assert!(mail.contains("Reset your password"), "{mail}");
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(sink.mails().len(), 2, "no mail for an unknown email");
+    let token = mailed_token(&mail);
+    // A too short password is refused and does not use the token.
+    let (st, r) = a.call("POST", "/v1/auth/password/reset", None, Some(json!({"token": token, "password": "short"}))).await;
+    assert_eq!((st, code(&r)), (StatusCode::UNPROCESSABLE_ENTITY, "invalid_password"));
+    let (st, _) = a.call("POST", "/v1/auth/password/reset", None, Some(json!({"token": token, "password": "a brand new password"}))).await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+    let (st, r) = a.call("POST", "/v1/auth/password/reset", None, Some(json!({"token": token, "password": "yet another password"}))).await;
+    assert_eq!((st, code(&r)), (StatusCode::BAD_REQUEST, "token_used"));
+    for rt in [&s["refresh_token"], &other["refresh_token"]] {
+        let (st, r) = a.call("POST", "/v1/auth/refresh", None, Some(json!({"refresh_token": rt}))).await;
+        assert_eq!((st, code(&r)), (StatusCode::UNAUTHORIZED, "refresh_token_revoked"));
+    }
+    assert_eq!(login(&a, ADDR, "ria@example.com", "correct horse battery").await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(login(&a, ADDR, "ria@example.com", "a brand new password").await.0, StatusCode::OK);
+    // The mail reached its owner: the email counts as verified.
+    assert_eq!(a.scalar("SELECT count(*) FROM password_credentials WHERE email_verified_at IS NOT NULL").await, 1);
+}
+
+#[tokio::test]
+async fn a_disabled_account_is_403_everywhere_until_enabled() {
+    let sink = SmtpSink::start().await;
+    let a = app_or_skip!(password_app(&sink).await);
+    let s = signup(&a, "dan@example.com", "correct horse battery").await;
+    let id = s["user"]["id"].as_str().unwrap();
+    let at = s["access_token"].as_str().unwrap();
+    let admin = token("root-admin");
+    // An identity-provider user too.
+    let idp = token("idp-dora");
+    let (_, dora) = a.call("GET", "/v1/me", Some(&idp), None).await;
+    let dora_id = dora["id"].as_str().unwrap();
+    // Non-admins do not see the route.
+    assert_eq!(a.call("POST", &format!("/v1/admin/users/{id}/disable"), Some(at), None).await.0, StatusCode::NOT_FOUND);
+    for uid in [id, dora_id] {
+        let (st, u) = a.call("POST", &format!("/v1/admin/users/{uid}/disable"), Some(&admin), None).await;
+        assert_eq!(st, StatusCode::OK, "{u}");
+        assert!(u["disabled_at"].is_string());
+    }
+    for (bearer, method, path) in
+        [(at, "GET", "/v1/me"), (at, "GET", "/v1/entitlements"), (idp.as_str(), "GET", "/v1/me"), (idp.as_str(), "GET", "/v1/settings")]
+    {
+        let (st, r) = a.call(method, path, Some(bearer), None).await;
+        assert_eq!((st, code(&r)), (StatusCode::FORBIDDEN, "account_disabled"), "{path}");
+    }
+    let (st, r) = a.sync(at, "dev-1", vec![]).await;
+    assert_eq!((st, code(&r)), (StatusCode::FORBIDDEN, "account_disabled"));
+    // The right password: 403; a wrong one stays invalid_credentials.
+    let (st, r, _) = login(&a, ADDR, "dan@example.com", "correct horse battery").await;
+    assert_eq!((st, code(&r)), (StatusCode::FORBIDDEN, "account_disabled"));
+    let (st, r, _) = login(&a, ADDR, "dan@example.com", "wrong wrong wrong").await;
+    assert_eq!((st, code(&r)), (StatusCode::UNAUTHORIZED, "invalid_credentials"));
+    let (st, r) = a.call("POST", "/v1/auth/refresh", None, Some(json!({"refresh_token": s["refresh_token"]}))).await;
+    assert_eq!((st, code(&r)), (StatusCode::FORBIDDEN, "account_disabled"));
+    assert_eq!(a.scalar("SELECT count(*) FROM refresh_families WHERE revoked_at IS NULL").await, 0, "sessions died");
+    // Nothing was deleted; enabling restores access (ended sessions stay ended).
+    assert_eq!(a.count("users").await, 3);
+    let (st, u) = a.call("POST", &format!("/v1/admin/users/{id}/enable"), Some(&admin), None).await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(u.get("disabled_at").is_none());
+    assert_eq!(a.call("GET", "/v1/me", Some(at), None).await.0, StatusCode::OK);
+    assert_eq!(login(&a, ADDR, "dan@example.com", "correct horse battery").await.0, StatusCode::OK);
+    let (st, r) = a.call("POST", "/v1/auth/refresh", None, Some(json!({"refresh_token": s["refresh_token"]}))).await;
+    assert_eq!((st, code(&r)), (StatusCode::UNAUTHORIZED, "refresh_token_revoked"));
+    assert_eq!(a.call("POST", "/v1/admin/users/not-a-uuid/disable", Some(&admin), None).await.0, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn a_signup_claims_a_pending_user_only_once_verified_and_never_merges_with_an_idp_user() {
+    let sink = SmtpSink::start().await;
+    let a = app_or_skip!(password_app(&sink).await);
+    let admin = token("root-admin");
+    let (st, pending) =
+        a.call("POST", "/v1/admin/users", Some(&admin), Some(json!({"email": "Pia@example.com", "timezone": "Asia/Tokyo"}))).await;
+    assert_eq!(st, StatusCode::CREATED, "{pending}");
+    let s = signup(&a, "pia@EXAMPLE.com", "correct horse battery").await;
+    assert_ne!(s["user"]["id"], pending["id"], "not claimed before verification");
+    assert_eq!(s["user"]["timezone"], "UTC");
+    let (st, u) = a.call("POST", "/v1/auth/verify", None, Some(json!({"token": mailed_token(&sink.wait_for(1).await)}))).await;
+    assert_eq!(st, StatusCode::OK, "{u}");
+    assert_eq!(u["id"], pending["id"], "claimed on verification");
+    assert_eq!(u["external_id"], format!("tally|{}", pending["id"].as_str().unwrap()));
+    // The session continues on the claimed account.
+    let (_, r) = a.call("POST", "/v1/auth/refresh", None, Some(json!({"refresh_token": s["refresh_token"]}))).await;
+    let (_, me) = a.call("GET", "/v1/me", r["access_token"].as_str(), None).await;
+    assert_eq!((&me["id"], &me["timezone"]), (&pending["id"], &json!("Asia/Tokyo")));
+    // The account made at sign-up is gone; its access token no longer works.
+    let (st, _) = a.call("GET", "/v1/me", s["access_token"].as_str(), None).await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    assert_eq!(a.count("users").await, 2, "the pending user and the admin");
+    // An identity-provider user with the same verified email is another account.
+    let idp = token_with("idp-pia", json!({"email": "pia@example.com", "email_verified": true}));
+    let (_, me) = a.call("GET", "/v1/me", Some(&idp), None).await;
+    assert_ne!(me["id"], pending["id"]);
+    let (st, r, _) = login(&a, ADDR, "pia@example.com", "correct horse battery").await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(r["user"]["id"], pending["id"]);
+}
+
+#[tokio::test]
+async fn idp_subjects_in_the_password_namespace_are_refused() {
+    let sink = SmtpSink::start().await;
+    let a = app_or_skip!(password_app(&sink).await);
+    let s = signup(&a, "sam@example.com", "correct horse battery").await;
+    let forged = token(s["user"]["external_id"].as_str().unwrap());
+    let (st, r) = a.call("GET", "/v1/me", Some(&forged), None).await;
+    assert_eq!((st, code(&r)), (StatusCode::UNAUTHORIZED, "reserved_subject"));
+}
+
+#[tokio::test]
+async fn password_routes_are_off_unless_enabled() {
+    let a = app_or_skip!(app().await);
+    let (st, r, _) = login(&a, ADDR, "a@example.com", "whatever whatever").await;
+    assert_eq!((st, code(&r)), (StatusCode::NOT_FOUND, "password_auth_disabled"));
+    assert_eq!(a.count("users").await, 0);
+}
+
+/// Serves `jwks` on 127.0.0.1 and returns its URL: an identity provider that publishes the
+/// server's own keys, the worst case for telling tokens apart.
+async fn serve_jwks(jwks: Value) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/jwks", listener.local_addr().unwrap());
+    let app = axum::Router::new().route("/jwks", axum::routing::get(move || async move { axum::Json(jwks) }));
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    url
+}
+
+#[tokio::test]
+async fn an_entitlements_token_is_never_a_credential() {
+    let sink = SmtpSink::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let signer = tally_server::signing::Signer::load_or_create(&dir.path().join("keys")).unwrap();
+    let jwks = serve_jwks(signer.jwks()).await;
+    let data_dir = dir.path().to_path_buf();
+    // The identity provider's settings name the entitlements token's issuer and audience.
+    let a = app_or_skip!(
+        app_with(|c| {
+            password_auth(c, &sink);
+            c.data_dir = data_dir;
+            c.jwks_url = Some(jwks);
+            c.jwt_issuer = Some("tally".into());
+            c.jwt_audience = Some("tally".into());
+        })
+        .await
+    );
+    let s = signup(&a, "eve@example.com", "correct horse battery").await;
+    let (st, ent) = a.call("GET", "/v1/entitlements", s["access_token"].as_str(), None).await;
+    assert_eq!(st, StatusCode::OK);
+    let ent_token = ent["token"].as_str().unwrap();
+    let (st, r) = a.call("GET", "/v1/me", Some(ent_token), None).await;
+    assert_eq!((st, code(&r)), (StatusCode::UNAUTHORIZED, "not_an_access_token"), "{r}");
+    // A server-signed at+jwt with another audience or issuer is refused too.
+    let now = chrono::Utc::now().timestamp();
+    let sub = s["user"]["external_id"].as_str().unwrap();
+    for (aud, iss, want) in [("tally", "tally", "invalid_audience"), ("tally-api", "elsewhere", "invalid_issuer")] {
+        let claims = json!({"iss": iss, "aud": aud, "sub": sub, "iat": now, "exp": now + 600, "jti": uuid::Uuid::new_v4()});
+        let t = a.state.signer.sign_typed(&claims, "at+jwt").unwrap();
+        let (st, r) = a.call("GET", "/v1/me", Some(&t), None).await;
+        assert_eq!((st, code(&r)), (StatusCode::UNAUTHORIZED, want));
+    }
+    // An access token expires by the server's clock.
+    a.clock.advance(chrono::Duration::seconds(900 + 61));
+    let (st, r) = a.call("GET", "/v1/me", s["access_token"].as_str(), None).await;
+    assert_eq!((st, code(&r)), (StatusCode::UNAUTHORIZED, "token_expired"));
+}
