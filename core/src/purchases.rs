@@ -9,7 +9,7 @@
 //! `Ok`.
 
 use crate::error::{Error, Result};
-use crate::sync::{PostError, SyncOptions, bearer, check_server_keys, http_client, store_token, token_seen};
+use crate::sync::{SyncOptions, bearer, check_server_keys, http_client, store_token, token_seen};
 use crate::{Change, Store, Tally, contract, write_tx};
 use serde::{Deserialize, Serialize};
 
@@ -184,23 +184,10 @@ impl Tally {
         };
         let client = http_client(options)?;
         let url = format!("{}{}", options.server_url.trim_end_matches('/'), purchase.path());
-        let answer: PurchaseAnswer = match self.post(&client, &url, &bearer(options), &body, &options.retry).await {
-            Ok(a) => a,
-            Err(PostError::TooLarge) => {
-                return Err(Error::PurchaseRefused {
-                    status: 413,
-                    code: "payload_too_large".into(),
-                    message: "the purchase request is too large".into(),
-                });
-            }
-            Err(PostError::AccountDeleted) => {
-                self.delete_user(user_id, true)?;
-                return Err(Error::AccountDeleted);
-            }
-            Err(PostError::SubjectMismatch) => return Err(Error::SubjectMismatch(user_id.to_string())),
-            Err(PostError::Refused { status, code, message }) => return Err(Error::PurchaseRefused { status, code, message }),
-            Err(PostError::Other(e)) => return Err(e),
-        };
+        let answer: PurchaseAnswer = self
+            .post(&client, &url, &bearer(options), &body, &options.retry)
+            .await
+            .map_err(|e| self.post_failed(user_id, e, |status, code, message| Error::PurchaseRefused { status, code, message }))?;
         let token = answer.token.ok_or_else(|| Error::Server {
             status: 200,
             code: "bad_response".into(),
