@@ -135,8 +135,8 @@ fn a_purchase_applies_offline_at_once_reaches_other_devices_and_a_refund_takes_i
     let (dir, pki, server, keys) = (shop.dir.path(), &shop.pki, &shop.server, shop.keys.as_str());
     shop.rt.block_on(async {
         let sub = "buyer";
-        let phone = open(dir, "phone", &keys);
-        let laptop = open(dir, "laptop", &keys);
+        let phone = open(dir, "phone", keys);
+        let laptop = open(dir, "laptop", keys);
         let up = phone.sign_in(Profile { external_id: sub.into(), ..Profile::default() }, None).expect("sign in").id;
         let ul = laptop.sign_in(Profile { external_id: sub.into(), ..Profile::default() }, None).expect("sign in").id;
 
@@ -187,12 +187,12 @@ fn a_refused_purchase_names_the_cause_and_changes_nothing_on_the_device() {
     let Some(shop) = Shop::open() else { return };
     let (dir, pki, server, keys) = (shop.dir.path(), &shop.pki, &shop.server, shop.keys.as_str());
     shop.rt.block_on(async {
-        let owner = open(dir, "owner-phone", &keys);
+        let owner = open(dir, "owner-phone", keys);
         let uo = owner.sign_in(Profile { external_id: "owner".into(), ..Profile::default() }, None).expect("sign in").id;
         owner.sync(&uo, options(server, "owner")).await.expect("sync");
         let jws = signed(pki, "t-9", "o-9", "pro_monthly", &owner.account_token(&uo).expect("account"), true, None);
 
-        let other = open(dir, "other-phone", &keys);
+        let other = open(dir, "other-phone", keys);
         let ux = other.sign_in(Profile { external_id: "other".into(), ..Profile::default() }, None).expect("sign in").id;
         other.sync(&ux, options(server, "other")).await.expect("sync");
         let token_before = other.account_token(&ux).expect("account");
@@ -239,7 +239,7 @@ fn a_credit_pack_bought_once_is_spent_once_across_two_offline_devices() {
         let devices: Vec<(Tally, String)> = ["pack-phone", "pack-tablet"]
             .iter()
             .map(|name| {
-                let t = open(dir, name, &keys);
+                let t = open(dir, name, keys);
                 let u = t.sign_in(Profile { external_id: sub.into(), ..Profile::default() }, None).expect("sign in").id;
                 (t, u)
             })
