@@ -81,6 +81,17 @@ struct PurchaseRequest<'a> {
     device_id: &'a str,
 }
 
+impl<'a> PurchaseRequest<'a> {
+    fn new(purchase: &'a Purchase, device_id: &'a str) -> Self {
+        match purchase {
+            Purchase::Apple { signed_transactions } => {
+                PurchaseRequest { signed_transactions: Some(signed_transactions), purchases: None, device_id }
+            }
+            Purchase::Google { purchases } => PurchaseRequest { signed_transactions: None, purchases: Some(purchases), device_id },
+        }
+    }
+}
+
 /// What the server made of one purchase.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PurchaseOutcome {
@@ -171,17 +182,7 @@ impl Tally {
                 .ok_or_else(|| Error::invalid(format!("user {user_id} is not signed in; sign_in before buying")))?
         };
         let device_id = self.device_id();
-        let body = PurchaseRequest {
-            signed_transactions: match purchase {
-                Purchase::Apple { signed_transactions } => Some(signed_transactions),
-                Purchase::Google { .. } => None,
-            },
-            purchases: match purchase {
-                Purchase::Google { purchases } => Some(purchases),
-                Purchase::Apple { .. } => None,
-            },
-            device_id: &device_id,
-        };
+        let body = PurchaseRequest::new(purchase, &device_id);
         let client = http_client(options)?;
         let url = format!("{}{}", options.server_url.trim_end_matches('/'), purchase.path());
         let answer: PurchaseAnswer = self
@@ -203,5 +204,34 @@ impl Tally {
         }
         Tally::forget_access(&mut g, user_id);
         Ok(PurchaseReport { purchases: answer.purchases, entitlements_updated: stored })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn body(p: &Purchase) -> serde_json::Value {
+        serde_json::to_value(PurchaseRequest::new(p, "phone")).unwrap()
+    }
+
+    #[test]
+    fn each_store_gets_its_own_request_shape_and_route() {
+        let apple = Purchase::Apple { signed_transactions: vec!["jws".into()] };
+        assert_eq!(body(&apple), json!({"signed_transactions": ["jws"], "device_id": "phone"}));
+        assert_eq!(apple.path(), "/v1/purchases/apple");
+        let google = Purchase::Google { purchases: vec![GooglePurchase { product_id: "pro".into(), purchase_token: "tok".into() }] };
+        assert_eq!(body(&google), json!({"purchases": [{"product_id": "pro", "purchase_token": "tok"}], "device_id": "phone"}));
+        assert_eq!(google.path(), "/v1/purchases/google");
+    }
+
+    #[test]
+    fn a_restore_splits_its_proofs_into_requests_of_the_contract_size() {
+        let many = Purchase::Apple { signed_transactions: (0..contract::MAX_PURCHASES + 1).map(|i| i.to_string()).collect() };
+        assert!(contract::purchase_count(many.field(), many.len()).is_err(), "too many for one request");
+        let tail = many.slice(contract::MAX_PURCHASES..many.len());
+        assert_eq!(tail, Purchase::Apple { signed_transactions: vec![contract::MAX_PURCHASES.to_string()] });
+        assert!(contract::purchase_count("signed_transactions", 0).is_err());
     }
 }
