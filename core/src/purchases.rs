@@ -9,7 +9,7 @@
 //! `Ok`.
 
 use crate::error::{Error, Result};
-use crate::sync::{PostError, SyncOptions, check_server_keys, http_client, store_token, token_seen};
+use crate::sync::{SyncOptions, check_server_keys, http_client, store_token, token_seen};
 use crate::{Change, Store, Tally, contract, write_tx};
 use serde::{Deserialize, Serialize};
 
@@ -79,6 +79,17 @@ struct PurchaseRequest<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     purchases: Option<&'a [GooglePurchase]>,
     device_id: &'a str,
+}
+
+impl<'a> PurchaseRequest<'a> {
+    fn new(purchase: &'a Purchase, device_id: &'a str) -> Self {
+        match purchase {
+            Purchase::Apple { signed_transactions } => {
+                PurchaseRequest { signed_transactions: Some(signed_transactions), purchases: None, device_id }
+            }
+            Purchase::Google { purchases } => PurchaseRequest { signed_transactions: None, purchases: Some(purchases), device_id },
+        }
+    }
 }
 
 /// What the server made of one purchase.
@@ -171,37 +182,13 @@ impl Tally {
                 .ok_or_else(|| Error::invalid(format!("user {user_id} is not signed in; sign_in before buying")))?
         };
         let device_id = self.device_id();
-        let body = PurchaseRequest {
-            signed_transactions: match purchase {
-                Purchase::Apple { signed_transactions } => Some(signed_transactions),
-                Purchase::Google { .. } => None,
-            },
-            purchases: match purchase {
-                Purchase::Google { purchases } => Some(purchases),
-                Purchase::Apple { .. } => None,
-            },
-            device_id: &device_id,
-        };
+        let body = PurchaseRequest::new(purchase, &device_id);
         let client = http_client(options)?;
         let url = format!("{}{}", options.server_url.trim_end_matches('/'), purchase.path());
-        let answer: PurchaseAnswer = match self.post(&client, &url, &options.bearer().await?, &body, &options.retry).await {
-            Ok(a) => a,
-            Err(PostError::Expired(message)) => return Err(Error::Unauthorized(message)),
-            Err(PostError::TooLarge) => {
-                return Err(Error::PurchaseRefused {
-                    status: 413,
-                    code: "payload_too_large".into(),
-                    message: "the purchase request is too large".into(),
-                });
-            }
-            Err(PostError::AccountDeleted) => {
-                self.delete_user(user_id, true)?;
-                return Err(Error::AccountDeleted);
-            }
-            Err(PostError::SubjectMismatch) => return Err(Error::SubjectMismatch(user_id.to_string())),
-            Err(PostError::Refused { status, code, message }) => return Err(Error::PurchaseRefused { status, code, message }),
-            Err(PostError::Other(e)) => return Err(e),
-        };
+        let answer: PurchaseAnswer = self
+            .post(&client, &url, &options.bearer().await?, &body, &options.retry)
+            .await
+            .map_err(|e| self.post_failed(user_id, e, |status, code, message| Error::PurchaseRefused { status, code, message }))?;
         let token = answer.token.ok_or_else(|| Error::Server {
             status: 200,
             code: "bad_response".into(),
@@ -217,5 +204,34 @@ impl Tally {
         }
         Tally::forget_access(&mut g, user_id);
         Ok(PurchaseReport { purchases: answer.purchases, entitlements_updated: stored })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn body(p: &Purchase) -> serde_json::Value {
+        serde_json::to_value(PurchaseRequest::new(p, "phone")).unwrap()
+    }
+
+    #[test]
+    fn each_store_gets_its_own_request_shape_and_route() {
+        let apple = Purchase::Apple { signed_transactions: vec!["jws".into()] };
+        assert_eq!(body(&apple), json!({"signed_transactions": ["jws"], "device_id": "phone"}));
+        assert_eq!(apple.path(), "/v1/purchases/apple");
+        let google = Purchase::Google { purchases: vec![GooglePurchase { product_id: "pro".into(), purchase_token: "tok".into() }] };
+        assert_eq!(body(&google), json!({"purchases": [{"product_id": "pro", "purchase_token": "tok"}], "device_id": "phone"}));
+        assert_eq!(google.path(), "/v1/purchases/google");
+    }
+
+    #[test]
+    fn a_restore_splits_its_proofs_into_requests_of_the_contract_size() {
+        let many = Purchase::Apple { signed_transactions: (0..contract::MAX_PURCHASES + 1).map(|i| i.to_string()).collect() };
+        assert!(contract::purchase_count(many.field(), many.len()).is_err(), "too many for one request");
+        let tail = many.slice(contract::MAX_PURCHASES..many.len());
+        assert_eq!(tail, Purchase::Apple { signed_transactions: vec![contract::MAX_PURCHASES.to_string()] });
+        assert!(contract::purchase_count("signed_transactions", 0).is_err());
     }
 }

@@ -258,13 +258,7 @@ impl Tally {
                     self.too_large(user_id, &request, &mut bounds, &mut report)?;
                     continue;
                 }
-                Err(PostError::AccountDeleted) => {
-                    self.delete_user(user_id, true)?;
-                    return Err(Error::AccountDeleted);
-                }
-                Err(PostError::SubjectMismatch) => return Err(Error::SubjectMismatch(user_id.to_string())),
-                Err(PostError::Refused { status, code, message }) => return Err(Error::Server { status, code, message }),
-                Err(PostError::Other(e)) => return Err(e),
+                Err(e) => return Err(self.post_failed(user_id, e, |status, code, message| Error::Server { status, code, message })),
             };
             report.events_sent += request.events.len() as u64;
             report.settings_sent += request.settings_changes.len() as u64;
@@ -556,6 +550,23 @@ impl Tally {
             }
         }
         Err(PostError::Other(Error::Network(format!("gave up after {} attempts: {last}", retry.max_attempts.max(1)))))
+    }
+
+    /// The error of a failed [`Tally::post`] for `user_id`: a 410 removes the user locally, as
+    /// the account is gone; an answer retrying will not change becomes `refused(status, code,
+    /// message)`. (A 413 is the caller's to handle.)
+    pub(crate) fn post_failed(&self, user_id: &str, e: PostError, refused: impl FnOnce(u16, String, String) -> Error) -> Error {
+        match e {
+            PostError::Expired(message) => Error::Unauthorized(message),
+            PostError::TooLarge => refused(413, "payload_too_large".into(), "the request is too large".into()),
+            PostError::AccountDeleted => match self.delete_user(user_id, true) {
+                Ok(()) => Error::AccountDeleted,
+                Err(e) => e,
+            },
+            PostError::SubjectMismatch => Error::SubjectMismatch(user_id.to_string()),
+            PostError::Refused { status, code, message } => refused(status, code, message),
+            PostError::Other(e) => e,
+        }
     }
 
     async fn backoff_sleep(&self, backoff: &mut Duration, retry: &RetryPolicy, wait: Option<Duration>) {

@@ -29,8 +29,8 @@ const CATALOG: &str = r#"{"plans": [
 /// A server trusting `pki`'s root, in `env` (Production also accepts the Sandbox unless
 /// `allow_sandbox` is false).
 async fn apple_app(pki: &Pki, env: &str, allow_sandbox: bool) -> Option<TestApp> {
-    let root = pki.write_root(&std::env::temp_dir());
     app_with(move |c| {
+        let root = pki.write_root(&c.data_dir);
         let plans = c.data_dir.join("apple-plans.json");
         std::fs::write(&plans, CATALOG).unwrap();
         c.plans_file = Some(plans);

@@ -1111,6 +1111,7 @@ impl World {
     fn one_time(&self, id: &str, uid: &str, price: &str, payment: &str, paid: bool) -> Value {
         let mut e = self.checkout(id, Some(uid), "buyer@example.com", Utc::now());
         let o = &mut e["data"]["object"];
+        o["id"] = json!(format!("cs_{payment}"));
         o["mode"] = json!("payment");
         o["subscription"] = Value::Null;
         o["payment_intent"] = json!(payment);
@@ -1250,6 +1251,10 @@ async fn one_time_purchases_grant_once_when_paid_and_a_full_refund_takes_them_ba
     assert_eq!(a.ok(&w.refund("r2", &pack, true)).await["outcome"], "applied:purchase_taken_back");
     assert_eq!(a.ents(&t).await["credit_balance"], -20, "the unspent 30 went back, the 20 spent are debt");
     assert_eq!(a.ok(&w.refund("r3", &pack, true)).await["outcome"], "applied", "a second refund takes nothing more");
+    let b = a.billing(&t).await;
+    let listed: Vec<&Value> = b["payments"].as_array().unwrap().iter().filter(|p| p["store"] == "stripe").collect();
+    assert_eq!(listed.len(), 2, "the lifetime plan and the pack, each once: {b}");
+    assert!(listed.iter().any(|p| p["status"] == "refunded"), "{b}");
 
     // The lifetime plan's refund returns the user to free; a replayed purchase does not bring it back.
     assert_eq!(a.ok(&w.refund("r4", &format!("pi_l_{}", w.tag), true)).await["outcome"], "applied:purchase_taken_back");

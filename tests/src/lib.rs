@@ -235,6 +235,13 @@ pub fn http_get_text(url: &str, bearer: Option<&str>) -> String {
     body
 }
 
+/// GET `url` as `sub` from async code; the JSON body (panics unless 200).
+pub async fn get_json(url: &str, sub: &str) -> serde_json::Value {
+    let r = reqwest::Client::new().get(url).bearer_auth(id_token(sub)).send().await.expect("GET");
+    assert_eq!(r.status(), 200, "GET {url}");
+    r.json().await.expect("JSON body")
+}
+
 /// An identity token for `sub`, valid for an hour from the real clock.
 pub fn id_token(sub: &str) -> String {
     let now = Utc::now().timestamp();

@@ -30,6 +30,30 @@ const STORE_PLANS: &str = r#"{"plans": [
     {"id": "pro_monthly", "store": "app_store", "grants": {"plan": "pro"}},
     {"id": "credits_10", "store": "app_store", "grants": {"credits": 10}}]}"#;
 
+/// One test's world: a Postgres, a Sandbox App Store server trusting only its PKI's root, and a
+/// runtime for the devices' calls.
+struct Shop {
+    pki: Pki,
+    server: Server,
+    keys: String,
+    rt: tokio::runtime::Runtime,
+    _pg: tally_server::pg_cluster::Cluster,
+    dir: tempfile::TempDir,
+}
+
+impl Shop {
+    /// `None` (with a loud message) when Postgres is not installed and not required.
+    fn open() -> Option<Shop> {
+        let dir = tempfile::Builder::new().prefix("tally-e2e-purchases-").tempdir_in("/tmp").expect("tempdir");
+        let pg = postgres(dir.path())?;
+        let pki = Pki::new();
+        let server = store_server(&pg, dir.path(), &pki);
+        let keys = server.keys();
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+        Some(Shop { pki, server, keys, rt, _pg: pg, dir })
+    }
+}
+
 /// A Sandbox App Store server trusting only `pki`'s root, with [`STORE_PLANS`].
 fn store_server(pg: &tally_server::pg_cluster::Cluster, dir: &Path, pki: &Pki) -> Server {
     std::fs::create_dir_all(dir).expect("data dir");
@@ -98,16 +122,7 @@ async fn post_notification(server: &Server, pki: &Pki, kind: &str, signed_tx: &s
 }
 
 async fn server_user_id(server: &Server, sub: &str) -> String {
-    let me: Value = reqwest::Client::new()
-        .get(format!("{}/v1/me", server.url))
-        .bearer_auth(id_token(sub))
-        .send()
-        .await
-        .expect("me")
-        .json()
-        .await
-        .expect("json");
-    me["id"].as_str().expect("id").to_string()
+    get_json(&format!("{}/v1/me", server.url), sub).await["id"].as_str().expect("id").to_string()
 }
 
 fn plan(t: &Tally, user: &str) -> String {
@@ -116,33 +131,29 @@ fn plan(t: &Tally, user: &str) -> String {
 
 #[test]
 fn a_purchase_applies_offline_at_once_reaches_other_devices_and_a_refund_takes_it_back() {
-    let dir = tempfile::Builder::new().prefix("tally-e2e-purchases-").tempdir_in("/tmp").expect("tempdir");
-    let Some(pg) = postgres(dir.path()) else { return };
-    let pki = Pki::new();
-    let server = store_server(&pg, dir.path(), &pki);
-    let keys = server.keys();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-    rt.block_on(async {
+    let Some(shop) = Shop::open() else { return };
+    let (dir, pki, server, keys) = (shop.dir.path(), &shop.pki, &shop.server, shop.keys.as_str());
+    shop.rt.block_on(async {
         let sub = "buyer";
-        let phone = open(dir.path(), "phone", &keys);
-        let laptop = open(dir.path(), "laptop", &keys);
+        let phone = open(dir, "phone", keys);
+        let laptop = open(dir, "laptop", keys);
         let up = phone.sign_in(Profile { external_id: sub.into(), ..Profile::default() }, None).expect("sign in").id;
         let ul = laptop.sign_in(Profile { external_id: sub.into(), ..Profile::default() }, None).expect("sign in").id;
 
         // The account token exists after the first sync, and it is the server's user id.
         let before = phone.account_token(&up).expect_err("no account token before the first sync");
         assert!(matches!(&before, Error::InvalidInput(m) if m.contains("sync once")), "{before}");
-        phone.sync(&up, options(&server, sub)).await.expect("sync");
-        laptop.sync(&ul, options(&server, sub)).await.expect("sync");
+        phone.sync(&up, options(server, sub)).await.expect("sync");
+        laptop.sync(&ul, options(server, sub)).await.expect("sync");
         let account = phone.account_token(&up).expect("account token");
-        assert_eq!(account, server_user_id(&server, sub).await);
+        assert_eq!(account, server_user_id(server, sub).await);
         assert_eq!(laptop.account_token(&ul).expect("account token"), account);
         assert_eq!(phone.check(&up, "ai_chat", 50).expect("check").reason, Reason::LimitReached);
 
         // The phone buys; the answered device token applies at once, before any sync.
-        let jws = signed(&pki, "t-1", "o-1", "pro_monthly", &account, true, None);
+        let jws = signed(pki, "t-1", "o-1", "pro_monthly", &account, true, None);
         let purchase = Purchase::Apple { signed_transactions: vec![jws.clone()] };
-        let report = phone.submit_purchase(&up, purchase.clone(), options(&server, sub)).await.expect("purchase");
+        let report = phone.submit_purchase(&up, purchase.clone(), options(server, sub)).await.expect("purchase");
         assert!(report.entitlements_updated, "{report:?}");
         assert_eq!(report.purchases.len(), 1, "{report:?}");
         assert_eq!((report.purchases[0].product_id.as_deref(), report.purchases[0].status.as_str()), (Some("pro_monthly"), "active"));
@@ -150,21 +161,21 @@ fn a_purchase_applies_offline_at_once_reaches_other_devices_and_a_refund_takes_i
         let d = phone.consume(&up, "ai_chat", 50, UsageMeta::default()).expect("consume");
         assert!(d.allowed, "the pro limit holds offline at once: {d:?}");
         // StoreKit delivering the same transaction again changes nothing.
-        let again = phone.submit_purchase(&up, purchase, options(&server, sub)).await.expect("the same purchase again");
+        let again = phone.submit_purchase(&up, purchase, options(server, sub)).await.expect("the same purchase again");
         assert_eq!(again.purchases[0].status, "active");
 
         // The laptop has pro after its next sync.
         assert_eq!(plan(&laptop, &ul), "free");
-        laptop.sync(&ul, options(&server, sub)).await.expect("sync");
+        laptop.sync(&ul, options(server, sub)).await.expect("sync");
         assert_eq!(plan(&laptop, &ul), "pro");
         assert!(laptop.check(&ul, "ai_chat", 50).expect("check").allowed);
 
         // Apple refunds it: both devices are back on free after their next sync.
-        let refunded = signed(&pki, "t-1", "o-1", "pro_monthly", &account, true, Some(Utc::now()));
-        let n = post_notification(&server, &pki, "REFUND", &refunded).await;
+        let refunded = signed(pki, "t-1", "o-1", "pro_monthly", &account, true, Some(Utc::now()));
+        let n = post_notification(server, pki, "REFUND", &refunded).await;
         assert_eq!(n["outcome"], "applied", "{n}");
-        phone.sync(&up, options(&server, sub)).await.expect("sync");
-        laptop.sync(&ul, options(&server, sub)).await.expect("sync");
+        phone.sync(&up, options(server, sub)).await.expect("sync");
+        laptop.sync(&ul, options(server, sub)).await.expect("sync");
         assert_eq!(plan(&phone, &up), "free");
         assert_eq!(plan(&laptop, &ul), "free");
         assert_eq!(laptop.check(&ul, "ai_chat", 50).expect("check").reason, Reason::LimitReached);
@@ -173,41 +184,37 @@ fn a_purchase_applies_offline_at_once_reaches_other_devices_and_a_refund_takes_i
 
 #[test]
 fn a_refused_purchase_names_the_cause_and_changes_nothing_on_the_device() {
-    let dir = tempfile::Builder::new().prefix("tally-e2e-purchases-").tempdir_in("/tmp").expect("tempdir");
-    let Some(pg) = postgres(dir.path()) else { return };
-    let pki = Pki::new();
-    let server = store_server(&pg, dir.path(), &pki);
-    let keys = server.keys();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-    rt.block_on(async {
-        let owner = open(dir.path(), "owner-phone", &keys);
+    let Some(shop) = Shop::open() else { return };
+    let (dir, pki, server, keys) = (shop.dir.path(), &shop.pki, &shop.server, shop.keys.as_str());
+    shop.rt.block_on(async {
+        let owner = open(dir, "owner-phone", keys);
         let uo = owner.sign_in(Profile { external_id: "owner".into(), ..Profile::default() }, None).expect("sign in").id;
-        owner.sync(&uo, options(&server, "owner")).await.expect("sync");
-        let jws = signed(&pki, "t-9", "o-9", "pro_monthly", &owner.account_token(&uo).expect("account"), true, None);
+        owner.sync(&uo, options(server, "owner")).await.expect("sync");
+        let jws = signed(pki, "t-9", "o-9", "pro_monthly", &owner.account_token(&uo).expect("account"), true, None);
 
-        let other = open(dir.path(), "other-phone", &keys);
+        let other = open(dir, "other-phone", keys);
         let ux = other.sign_in(Profile { external_id: "other".into(), ..Profile::default() }, None).expect("sign in").id;
-        other.sync(&ux, options(&server, "other")).await.expect("sync");
+        other.sync(&ux, options(server, "other")).await.expect("sync");
         let token_before = other.account_token(&ux).expect("account");
         let ents_before = other.entitlements(&ux).expect("entitlements");
         let leases_before = other.leases(&ux).expect("leases");
 
         // Another account's purchase: 409 bound_to_other_user, nothing stored on this device.
         let e = other
-            .submit_purchase(&ux, Purchase::Apple { signed_transactions: vec![jws] }, options(&server, "other"))
+            .submit_purchase(&ux, Purchase::Apple { signed_transactions: vec![jws] }, options(server, "other"))
             .await
             .expect_err("another account's purchase");
         assert!(matches!(&e, Error::PurchaseRefused { status: 409, code, .. } if code == "bound_to_other_user"), "{e}");
         // A transaction signed by a foreign root: untrusted_chain.
         let foreign = signed(&Pki::new(), "t-10", "o-10", "pro_monthly", &token_before, true, None);
         let e = other
-            .submit_purchase(&ux, Purchase::Apple { signed_transactions: vec![foreign] }, options(&server, "other"))
+            .submit_purchase(&ux, Purchase::Apple { signed_transactions: vec![foreign] }, options(server, "other"))
             .await
             .expect_err("a foreign root");
         assert!(matches!(&e, Error::PurchaseRefused { code, .. } if code == "untrusted_chain"), "{e}");
         // No proof at all: refused by the contract before any request.
         let e = other
-            .submit_purchase(&ux, Purchase::Apple { signed_transactions: vec![] }, options(&server, "other"))
+            .submit_purchase(&ux, Purchase::Apple { signed_transactions: vec![] }, options(server, "other"))
             .await
             .expect_err("no proof");
         assert!(matches!(&e, Error::InvalidInput(m) if m.contains("signed_transactions")), "{e}");
@@ -217,48 +224,42 @@ fn a_refused_purchase_names_the_cause_and_changes_nothing_on_the_device() {
         assert_eq!(plan(&other, &ux), "free");
 
         // Restoring with no transaction at all asks for a fresh token instead.
-        let r = other
-            .restore_purchases(&ux, Purchase::Apple { signed_transactions: vec![] }, options(&server, "other"))
-            .await
-            .expect("restore");
+        let r =
+            other.restore_purchases(&ux, Purchase::Apple { signed_transactions: vec![] }, options(server, "other")).await.expect("restore");
         assert!(r.purchases.is_empty() && r.entitlements_updated, "{r:?}");
     });
 }
 
 #[test]
 fn a_credit_pack_bought_once_is_spent_once_across_two_offline_devices() {
-    let dir = tempfile::Builder::new().prefix("tally-e2e-purchases-").tempdir_in("/tmp").expect("tempdir");
-    let Some(pg) = postgres(dir.path()) else { return };
-    let pki = Pki::new();
-    let server = store_server(&pg, dir.path(), &pki);
-    let keys = server.keys();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-    rt.block_on(async {
+    let Some(shop) = Shop::open() else { return };
+    let (dir, pki, server, keys) = (shop.dir.path(), &shop.pki, &shop.server, shop.keys.as_str());
+    shop.rt.block_on(async {
         let sub = "pack-buyer";
         let devices: Vec<(Tally, String)> = ["pack-phone", "pack-tablet"]
             .iter()
             .map(|name| {
-                let t = open(dir.path(), name, &keys);
+                let t = open(dir, name, keys);
                 let u = t.sign_in(Profile { external_id: sub.into(), ..Profile::default() }, None).expect("sign in").id;
                 (t, u)
             })
             .collect();
         for (t, u) in &devices {
-            t.sync(u, options(&server, sub)).await.expect("sync");
+            t.sync(u, options(server, sub)).await.expect("sync");
         }
         let (phone, up) = &devices[0];
         let account = phone.account_token(up).expect("account");
-        let jws = signed(&pki, "pack-1", "pack-1", "credits_10", &account, false, None);
+        let jws = signed(pki, "pack-1", "pack-1", "credits_10", &account, false, None);
         let purchase = Purchase::Apple { signed_transactions: vec![jws] };
-        let report = phone.submit_purchase(up, purchase.clone(), options(&server, sub)).await.expect("purchase");
+        let report = phone.submit_purchase(up, purchase.clone(), options(server, sub)).await.expect("purchase");
         assert_eq!(report.purchases[0].status, "credited", "{report:?}");
         assert_eq!(phone.credit_balance(up).expect("balance"), 10, "the pack applies at once");
         // Sent again (StoreKit redelivers, or a restore): granted once per transaction.
-        phone.restore_purchases(up, purchase, options(&server, sub)).await.expect("restore");
+        phone.restore_purchases(up, purchase, options(server, sub)).await.expect("restore");
         // Both devices sync twice, so the phone gives back what the tablet's share needs.
         for _ in 0..2 {
             for (t, u) in &devices {
-                t.sync(u, options(&server, sub)).await.expect("sync");
+                t.sync(u, options(server, sub)).await.expect("sync");
             }
         }
         let held: Vec<u64> =
@@ -282,25 +283,17 @@ fn a_credit_pack_bought_once_is_spent_once_across_two_offline_devices() {
         // Online again: what is left is spendable to the last credit, never more.
         for _ in 0..3 {
             for (t, u) in &devices {
-                t.sync(u, options(&server, sub)).await.expect("sync");
+                t.sync(u, options(server, sub)).await.expect("sync");
                 while t.consume(u, "images", 1, UsageMeta::default()).expect("consume").allowed {
                     spent += 1;
                 }
             }
         }
         for (t, u) in &devices {
-            t.sync(u, options(&server, sub)).await.expect("sync");
+            t.sync(u, options(server, sub)).await.expect("sync");
         }
         assert_eq!(spent, 10, "the pack is spent once, whole");
-        let ents: Value = reqwest::Client::new()
-            .get(format!("{}/v1/entitlements", server.url))
-            .bearer_auth(id_token(sub))
-            .send()
-            .await
-            .expect("entitlements")
-            .json()
-            .await
-            .expect("json");
+        let ents = get_json(&format!("{}/v1/entitlements", server.url), sub).await;
         assert_eq!(ents["credit_balance"], 0, "{ents}");
         for (t, u) in &devices {
             assert_eq!(t.usage(u, "images").expect("usage").over_limit_by, 0, "no debt");

@@ -37,7 +37,11 @@ pub async fn grant(state: &AppState, tx: &impl GenericClient, user: Uuid, sessio
     };
     let (_, catalog) = state.catalog.current(tx).await?;
     let now = state.now();
-    match catalog.product(Store::Stripe, price).map(|p| p.kind()) {
+    let kind = catalog.product(Store::Stripe, price).map(|p| p.kind());
+    if matches!(kind, Some(ProductKind::Lifetime(_) | ProductKind::Credits(_))) {
+        record_payment(tx, user, session, &payment, at).await?;
+    }
+    match kind {
         Some(ProductKind::Lifetime(plan)) => {
             let known = tx
                 .query_opt(
@@ -72,6 +76,27 @@ pub async fn grant(state: &AppState, tx: &impl GenericClient, user: Uuid, sessio
         }
         Some(ProductKind::Subscription(_)) | None => Ok("ignored:unknown_product".into()),
     }
+}
+
+/// Records the payment in the history (`GET /v1/billing` `payments`, with the Checkout
+/// Session's id as its `invoice_id`; refunds match it by its PaymentIntent), once.
+async fn record_payment(tx: &impl GenericClient, user: Uuid, session: &Value, payment: &str, at: DateTime<Utc>) -> ApiResult<()> {
+    let Some(id) = id_of(&session["id"]) else { return Ok(()) };
+    tx.execute(
+        "INSERT INTO stripe_payments (user_id, invoice_id, customer_id, payment_intent, amount, currency, status, paid_at, created) \
+         VALUES ($1, $2, $3, $4, $5, $6, 'paid', $7, $7) ON CONFLICT (user_id, invoice_id) DO NOTHING",
+        &[
+            &user,
+            &id,
+            &id_of(&session["customer"]).unwrap_or_default(),
+            &payment,
+            &session["amount_total"].as_i64().unwrap_or(0),
+            &session["currency"].as_str().unwrap_or(""),
+            &at,
+        ],
+    )
+    .await?;
+    Ok(())
 }
 
 /// A full refund of the one-time payment `payment` takes back what it granted: the lifetime
