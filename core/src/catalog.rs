@@ -333,14 +333,7 @@ impl Catalog {
 
     fn ensure_free(&mut self) {
         if !self.plans.iter().any(|p| p.id == FREE_PLAN) {
-            self.plans.push(Plan {
-                id: FREE_PLAN.into(),
-                included_credits: None,
-                features: BTreeMap::new(),
-                rank: None,
-                display_name: None,
-                description: None,
-            });
+            self.plans.push(Plan::empty_free());
         }
     }
 
@@ -368,16 +361,7 @@ impl Catalog {
     /// The free plan (always present).
     pub fn free(&self) -> &Plan {
         static EMPTY: std::sync::OnceLock<Plan> = std::sync::OnceLock::new();
-        self.plan(FREE_PLAN).unwrap_or_else(|| {
-            EMPTY.get_or_init(|| Plan {
-                id: FREE_PLAN.into(),
-                included_credits: None,
-                features: BTreeMap::new(),
-                rank: None,
-                display_name: None,
-                description: None,
-            })
-        })
+        self.plan(FREE_PLAN).unwrap_or_else(|| EMPTY.get_or_init(Plan::empty_free))
     }
 
     /// Inserts or replaces one plan (validated with [`Plan::from_json`] first).
@@ -399,6 +383,11 @@ impl Plan {
     pub fn from_json(text: &str) -> Result<Plan> {
         let v: Value = serde_json::from_str(text).map_err(|e| Error::catalog("$", format!("malformed JSON: {e}")))?;
         Plan::validate("$", &v)
+    }
+
+    /// The built-in `free` plan of a catalog that names none: no features.
+    fn empty_free() -> Plan {
+        Plan { id: FREE_PLAN.into(), included_credits: None, features: BTreeMap::new(), rank: None, display_name: None, description: None }
     }
 
     /// Validates one plan value found at `path`.
