@@ -210,9 +210,6 @@ pub(crate) fn replay(conn: &Connection, user: &str, u: &Use<'_>) -> Result<Optio
     Ok(Some(serde_json::from_str(&decision)?))
 }
 
-/// Inserts the event of a decided use, with its cost (micros) and, for a keyed use, its
-/// decision (so a replay answers it again).
-#[allow(clippy::too_many_arguments)]
 /// The device's last handed-out sequence number: the highest `device_seq` of its events (one
 /// index seek per [`EventState`]), or the floor kept in `device.seq` when that is higher.
 pub(crate) fn last_seq(conn: &Connection) -> Result<i64> {
@@ -234,6 +231,9 @@ pub(crate) fn keep_seq_floor(conn: &Connection) -> Result<()> {
     Ok(())
 }
 
+/// Inserts the event of a decided use, with its cost (micros) and, for a keyed use, its
+/// decision (so a replay answers it again).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn insert_event(
     tx: &Connection,
     user: &str,
