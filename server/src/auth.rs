@@ -144,6 +144,14 @@ impl FromRequestParts<AppState> for Principal {
         if let Some(p) = parts.extensions.get::<Principal>() {
             return Ok(p.clone());
         }
+        Ok(authenticate(parts, state).await?.0)
+    }
+}
+
+/// Verifies the caller's bearer (after taking its turn), caches the [`Principal`] in the
+/// request, and hands back the connection a user was resolved on (`None` for an API key).
+async fn authenticate(parts: &mut Parts, state: &AppState) -> Result<(Principal, Option<deadpool_postgres::Object>), ApiError> {
+    {
         let token = bearer(parts)?;
         let slot = parts.extensions.get::<crate::concurrency::TurnSlot>().cloned();
         // The caller's turn is taken before any database work: keyed by the verified subject,
@@ -157,11 +165,11 @@ impl FromRequestParts<AppState> for Principal {
                 _ => Ok(()),
             }
         };
-        let principal = if token.starts_with(api_keys::PREFIX) {
+        let (principal, client) = if token.starts_with(api_keys::PREFIX) {
             take_turn(format!("k:{}", api_keys::hash(token))).await?;
             let key = api_keys::authenticate(state, token).await?;
             state.limiter.check(&format!("k:{}", key.key_id))?;
-            Principal::Key(key)
+            (Principal::Key(key), None)
         } else {
             let claims = if access_tokens::is_server_signed(state, token) {
                 access_tokens::verify(state, token)?
@@ -169,13 +177,38 @@ impl FromRequestParts<AppState> for Principal {
                 state.verifier.verify(token).await?
             };
             take_turn(format!("s:{}", claims.sub)).await?;
-            let user = users::resolve(state, &claims).await?;
+            let client = state.pool.get().await?;
+            let user = users::resolve_on(state, &client, &claims).await?;
             users::ensure_enabled(&user)?;
             state.limiter.check(&format!("u:{}", user.user_id))?;
-            Principal::User(user)
+            (Principal::User(user), Some(client))
         };
         parts.extensions.insert(principal.clone());
-        Ok(principal)
+        Ok((principal, client))
+    }
+}
+
+/// A signed-in user with the connection their identity was resolved on, for a handler whose
+/// work is a read or two: one checkout per request instead of two.
+pub struct AuthUserDb(pub User, pub deadpool_postgres::Object);
+
+impl FromRequestParts<AppState> for AuthUserDb {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let (principal, client) = match parts.extensions.get::<Principal>() {
+            Some(p) => (p.clone(), None),
+            None => authenticate(parts, state).await?,
+        };
+        match principal {
+            Principal::User(u) => Ok(AuthUserDb(
+                u,
+                match client {
+                    Some(c) => c,
+                    None => state.pool.get().await?,
+                },
+            )),
+            Principal::Key(_) => Err(unauthorized("user_token_required", "this route needs a user's identity token, not an API key")),
+        }
     }
 }
 
