@@ -26,6 +26,7 @@ pub const SCOPES: [&str; 4] = [SCOPE_USAGE_WRITE, SCOPE_USAGE_READ, SCOPE_ADMIN,
 
 /// A stored API key (never the secret itself).
 #[derive(Debug, Clone, Serialize)]
+#[derive(utoipa::ToSchema)]
 pub struct ApiKey {
     /// Key id.
     #[serde(rename = "id")]

@@ -33,6 +33,7 @@ pub struct IdClaims {
 
 /// A server-side user.
 #[derive(Debug, Clone, Serialize)]
+#[derive(utoipa::ToSchema)]
 pub struct User {
     /// Server user id.
     #[serde(rename = "id")]
