@@ -62,19 +62,24 @@ pub async fn create_user(State(state): State<AppState>, _a: Admin, JsonBody(b): 
         display_name: b.display_name.clone(),
         avatar_url: None,
     })?;
-    let client = state.pool.get().await?;
-    let taken = client.query_opt("SELECT 1 FROM users WHERE lower(email) = lower($1) OR external_id = $2", &[&email, &b.subject]).await?;
+    let exists = || ApiError::Conflict("user_exists", "a user with this email or subject already exists".into());
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    // Only pending users are unique by email in the schema: two creations with one email wait
+    // for each other here, so the second sees the first and answers 409.
+    if let Some(email) = email {
+        tx.execute("SELECT pg_advisory_xact_lock(hashtextextended('user-email:' || lower($1), 7461))", &[&email]).await?;
+    }
+    let taken = tx.query_opt("SELECT 1 FROM users WHERE lower(email) = lower($1) OR external_id = $2 LIMIT 1", &[&email, &b.subject]).await?;
     if taken.is_some() {
-        return Err(ApiError::Conflict("user_exists", "a user with this email or subject already exists".into()));
+        return Err(exists());
     }
     let q = format!(
         "INSERT INTO users (user_id, email, external_id, display_name, timezone) VALUES ($1, $2, $3, $4, coalesce($5, 'UTC')) \
          ON CONFLICT DO NOTHING RETURNING {USER_COLUMNS}"
     );
-    let r = client
-        .query_opt(&q, &[&Uuid::now_v7(), &email, &b.subject, &b.display_name, &b.timezone])
-        .await?
-        .ok_or_else(|| ApiError::Conflict("user_exists", "a user with this email or subject already exists".into()))?;
+    let r = tx.query_opt(&q, &[&Uuid::now_v7(), &email, &b.subject, &b.display_name, &b.timezone]).await?.ok_or_else(exists)?;
+    tx.commit().await?;
     Ok((StatusCode::CREATED, Json(User::from_row(&r, &state.config.admin_subjects))))
 }
 
