@@ -5,12 +5,15 @@
 - Google (`TALLY_GOOGLE_API_BASE`, the service account's `token_uri`,
   `TALLY_GOOGLE_PUSH_JWKS_URL`): the OAuth2 token endpoint, the Play Developer API (which knows
   no purchase token: every one is unknown, as a made-up token is), and the push JWKS.
-- An SMTP sink (`TALLY_SMTP_URL`) that accepts every mail and keeps none.
+- An SMTP sink (`TALLY_SMTP_URL`) that accepts every mail, and keeps each in MAIL_DIR when
+  given (scripts/check-readme reads the codes of the README's password examples there).
 
-Usage: fakes.py HTTP_PORT SMTP_PORT JWKS_FILE. Runs until killed.
+Usage: fakes.py HTTP_PORT SMTP_PORT JWKS_FILE [MAIL_DIR]. Runs until killed.
 """
 
+import itertools
 import json
+import os
 import socketserver
 import sys
 import threading
@@ -18,6 +21,8 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 HTTP_PORT, SMTP_PORT, JWKS_FILE = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+MAIL_DIR = sys.argv[4] if len(sys.argv) > 4 else None
+MAIL_NUMBERS = itertools.count(1)
 with open(JWKS_FILE) as f:
     JWKS = f.read()
 
@@ -77,12 +82,21 @@ class Smtp(socketserver.StreamRequestHandler):
     def handle(self):
         self.reply("220 sink ESMTP")
         in_data = False
+        mail = []
         for raw in self.rfile:
             line = raw.decode(errors="replace").rstrip("\r\n")
             if in_data:
                 if line == ".":
                     in_data = False
-                    self.reply("250 kept nowhere")
+                    if MAIL_DIR:
+                        path = os.path.join(MAIL_DIR, f"{next(MAIL_NUMBERS):05}.eml")
+                        with open(path + ".part", "w") as f:
+                            f.write("\n".join(mail) + "\n")
+                        os.replace(path + ".part", path)
+                    mail = []
+                    self.reply("250 kept")
+                else:
+                    mail.append(line[1:] if line.startswith("..") else line)
                 continue
             verb = line[:4].upper()
             if verb == "EHLO":
