@@ -47,6 +47,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("ai_chat this month (server total incl. other devices + unacknowledged): {} of {:?}", u.used, u.limit);
     let ent = tally.entitlements(&user.id)?;
     println!("plan {} ({}), pending events {}", ent.plan, ent.access_reason, tally.pending_events(&user.id)?);
+
+    // This demo device goes away now: like an app before `sign_out` or `delete_user`, it gives
+    // its offline allowances back, so the account's room is free for other devices and backends.
+    tally.release_leases(&user.id, SyncOptions::new(&server, &token)).await?;
+    println!("leases released");
+    drop(tally);
+    std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
 

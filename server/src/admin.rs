@@ -17,8 +17,7 @@ use tally_core::Plan;
 use uuid::Uuid;
 
 /// Body of `POST /v1/admin/users`.
-#[derive(Debug, Deserialize)]
-#[derive(utoipa::ToSchema)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewUser {
     /// Email the user will sign in with (verified): a pending user, claimed by the first
@@ -39,7 +38,15 @@ pub struct NewUser {
 
 /// `POST /v1/admin/users`: a user ahead of its first sign-in, by `email` (pending), by
 /// `subject`, or both.
-#[utoipa::path(operation_id = "admin_create_user", post, path = "/v1/admin/users", tag = "admin", security(("bearer" = []), ("api_key" = [])), request_body = NewUser, responses((status = 201, description = "The user", body = crate::users::User)))]
+#[utoipa::path(
+    operation_id = "admin_create_user",
+    post,
+    path = "/v1/admin/users",
+    tag = "admin",
+    security(("bearer" = []), ("api_key" = [])),
+    request_body = NewUser,
+    responses((status = 201, description = "The user", body = crate::users::User)),
+)]
 pub async fn create_user(State(state): State<AppState>, _a: Admin, JsonBody(b): JsonBody<NewUser>) -> ApiResult<(StatusCode, Json<User>)> {
     let email = b.email.as_deref().map(str::trim);
     if let Some(email) = email {
@@ -70,7 +77,8 @@ pub async fn create_user(State(state): State<AppState>, _a: Admin, JsonBody(b): 
     if let Some(email) = email {
         tx.execute("SELECT pg_advisory_xact_lock(hashtextextended('user-email:' || lower($1), 7461))", &[&email]).await?;
     }
-    let taken = tx.query_opt("SELECT 1 FROM users WHERE lower(email) = lower($1) OR external_id = $2 LIMIT 1", &[&email, &b.subject]).await?;
+    let taken =
+        tx.query_opt("SELECT 1 FROM users WHERE lower(email) = lower($1) OR external_id = $2 LIMIT 1", &[&email, &b.subject]).await?;
     if taken.is_some() {
         return Err(exists());
     }
@@ -84,8 +92,7 @@ pub async fn create_user(State(state): State<AppState>, _a: Admin, JsonBody(b): 
 }
 
 /// Body of `POST /v1/admin/grants`.
-#[derive(Debug, Deserialize)]
-#[derive(utoipa::ToSchema)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewGrant {
     /// The user's identity subject.
@@ -108,7 +115,15 @@ pub struct NewGrant {
 
 /// `POST /v1/admin/grants`: grants a plan until a date, or `credits` expiring at `until`
 /// (alias `expires_at`); bumps the user's entitlement version.
-#[utoipa::path(operation_id = "admin_create_grant", post, path = "/v1/admin/grants", tag = "admin", security(("bearer" = []), ("api_key" = [])), request_body = NewGrant, responses((status = 201, description = "The grant", body = Object)))]
+#[utoipa::path(
+    operation_id = "admin_create_grant",
+    post,
+    path = "/v1/admin/grants",
+    tag = "admin",
+    security(("bearer" = []), ("api_key" = [])),
+    request_body = NewGrant,
+    responses((status = 201, description = "The grant", body = Object)),
+)]
 pub async fn create_grant(
     State(state): State<AppState>,
     admin: Admin,
@@ -154,8 +169,7 @@ pub async fn create_grant(
 }
 
 /// Body of `POST /v1/admin/grants/revoke`.
-#[derive(Debug, Deserialize)]
-#[derive(utoipa::ToSchema)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RevokeGrant {
     /// The user's identity subject.
@@ -170,7 +184,15 @@ pub struct RevokeGrant {
 }
 
 /// `POST /v1/admin/grants/revoke`: revokes grants; bumps the entitlement version.
-#[utoipa::path(operation_id = "admin_revoke_grant", post, path = "/v1/admin/grants/revoke", tag = "admin", security(("bearer" = []), ("api_key" = [])), request_body = RevokeGrant, responses((status = 200, description = "How many grants were revoked", body = Object)))]
+#[utoipa::path(
+    operation_id = "admin_revoke_grant",
+    post,
+    path = "/v1/admin/grants/revoke",
+    tag = "admin",
+    security(("bearer" = []), ("api_key" = [])),
+    request_body = RevokeGrant,
+    responses((status = 200, description = "How many grants were revoked", body = Object)),
+)]
 pub async fn revoke_grant(State(state): State<AppState>, _a: Admin, JsonBody(r): JsonBody<RevokeGrant>) -> ApiResult<Json<Value>> {
     let mut client = state.pool.get().await?;
     let row = client
@@ -207,7 +229,16 @@ pub async fn revoke_grant(State(state): State<AppState>, _a: Admin, JsonBody(r):
 }
 
 /// `PUT /v1/admin/plans/{id}`: inserts or replaces one plan, validated like the catalog.
-#[utoipa::path(operation_id = "admin_put_plan", put, path = "/v1/admin/plans/{id}", tag = "admin", security(("bearer" = []), ("api_key" = [])), params(("id" = String, Path, description = "Plan id")), request_body = Object, responses((status = 200, description = "The new catalog version", body = Object)))]
+#[utoipa::path(
+    operation_id = "admin_put_plan",
+    put,
+    path = "/v1/admin/plans/{id}",
+    tag = "admin",
+    security(("bearer" = []), ("api_key" = [])),
+    params(("id" = String, Path, description = "Plan id")),
+    request_body = Object,
+    responses((status = 200, description = "The new catalog version", body = Object)),
+)]
 pub async fn put_plan(
     State(state): State<AppState>,
     _a: Admin,
@@ -238,7 +269,16 @@ pub async fn put_plan(
 /// the fields sent replace the plan's, a `null` removes one (`{"features": {"export": null}}`
 /// drops a feature), everything else stays. The result is validated like a whole plan; an
 /// unknown plan is 404 `unknown_plan`.
-#[utoipa::path(operation_id = "admin_patch_plan", patch, path = "/v1/admin/plans/{id}", tag = "admin", security(("bearer" = []), ("api_key" = [])), params(("id" = String, Path, description = "Plan id")), request_body = Object, responses((status = 200, description = "The new catalog version", body = Object)))]
+#[utoipa::path(
+    operation_id = "admin_patch_plan",
+    patch,
+    path = "/v1/admin/plans/{id}",
+    tag = "admin",
+    security(("bearer" = []), ("api_key" = [])),
+    params(("id" = String, Path, description = "Plan id")),
+    request_body = Object,
+    responses((status = 200, description = "The new catalog version", body = Object)),
+)]
 pub async fn patch_plan(
     State(state): State<AppState>,
     _a: Admin,
@@ -290,7 +330,14 @@ fn merge_patch(target: &mut Value, patch: &Value) {
 }
 
 /// `GET /v1/admin/plans`: the catalog in effect.
-#[utoipa::path(operation_id = "admin_get_plans", get, path = "/v1/admin/plans", tag = "admin", security(("bearer" = []), ("api_key" = [])), responses((status = 200, description = "The catalog and its version", body = Object)))]
+#[utoipa::path(
+    operation_id = "admin_get_plans",
+    get,
+    path = "/v1/admin/plans",
+    tag = "admin",
+    security(("bearer" = []), ("api_key" = [])),
+    responses((status = 200, description = "The catalog and its version", body = Object)),
+)]
 pub async fn get_plans(State(state): State<AppState>, _a: Admin) -> ApiResult<Json<Value>> {
     let client = state.pool.get().await?;
     let (version, catalog) = plans::load(&client).await?;
@@ -298,8 +345,7 @@ pub async fn get_plans(State(state): State<AppState>, _a: Admin) -> ApiResult<Js
 }
 
 /// Query of `GET /v1/admin/users/{id}/usage`.
-#[derive(Debug, Deserialize)]
-#[derive(utoipa::IntoParams)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct UsageQuery {
     /// Start (RFC 3339).
@@ -311,7 +357,15 @@ pub struct UsageQuery {
 }
 
 /// `GET /v1/admin/users/{id}/usage`: a user's usage report (id = server user id).
-#[utoipa::path(operation_id = "admin_user_usage", get, path = "/v1/admin/users/{id}/usage", tag = "admin", security(("bearer" = []), ("api_key" = [])), params(("id" = String, Path, description = "Server user id"), UsageQuery), responses((status = 200, description = "The user's usage report", body = Object)))]
+#[utoipa::path(
+    operation_id = "admin_user_usage",
+    get,
+    path = "/v1/admin/users/{id}/usage",
+    tag = "admin",
+    security(("bearer" = []), ("api_key" = [])),
+    params(("id" = String, Path, description = "Server user id"), UsageQuery),
+    responses((status = 200, description = "The user's usage report", body = Object)),
+)]
 pub async fn user_usage(
     State(state): State<AppState>,
     _a: Admin,
@@ -334,8 +388,7 @@ pub async fn user_usage(
 }
 
 /// Body of `POST /v1/admin/api-keys`.
-#[derive(Debug, Deserialize)]
-#[derive(utoipa::ToSchema)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewKey {
     /// A name to recognize the key by.
@@ -345,7 +398,15 @@ pub struct NewKey {
 }
 
 /// `POST /v1/admin/api-keys`: creates a key; the secret is in this answer only.
-#[utoipa::path(operation_id = "admin_create_api_key", post, path = "/v1/admin/api-keys", tag = "admin", security(("bearer" = []), ("api_key" = [])), request_body = NewKey, responses((status = 201, description = "The key and its secret (shown once)", body = Object)))]
+#[utoipa::path(
+    operation_id = "admin_create_api_key",
+    post,
+    path = "/v1/admin/api-keys",
+    tag = "admin",
+    security(("bearer" = []), ("api_key" = [])),
+    request_body = NewKey,
+    responses((status = 201, description = "The key and its secret (shown once)", body = Object)),
+)]
 pub async fn create_api_key(
     State(state): State<AppState>,
     _a: Admin,
@@ -357,14 +418,31 @@ pub async fn create_api_key(
 }
 
 /// `GET /v1/admin/api-keys`: the keys, without secrets.
-#[utoipa::path(operation_id = "admin_list_api_keys", get, path = "/v1/admin/api-keys", tag = "admin", security(("bearer" = []), ("api_key" = [])), responses((status = 200, description = "Every key (never a secret)", body = [crate::api_keys::ApiKey])))]
+#[utoipa::path(
+    operation_id = "admin_list_api_keys",
+    get,
+    path = "/v1/admin/api-keys",
+    tag = "admin",
+    security(("bearer" = []), ("api_key" = [])),
+    responses(
+        (status = 200, description = "Every key (never a secret)", body = [crate::api_keys::ApiKey]),
+    ),
+)]
 pub async fn list_api_keys(State(state): State<AppState>, _a: Admin) -> ApiResult<Json<Vec<ApiKey>>> {
     let client = state.pool.get().await?;
     Ok(Json(api_keys::list(&client).await?))
 }
 
 /// `DELETE /v1/admin/api-keys/{id}`: revokes a key.
-#[utoipa::path(operation_id = "admin_revoke_api_key", delete, path = "/v1/admin/api-keys/{id}", tag = "admin", security(("bearer" = []), ("api_key" = [])), params(("id" = String, Path, description = "Key id")), responses((status = 204, description = "Revoked")))]
+#[utoipa::path(
+    operation_id = "admin_revoke_api_key",
+    delete,
+    path = "/v1/admin/api-keys/{id}",
+    tag = "admin",
+    security(("bearer" = []), ("api_key" = [])),
+    params(("id" = String, Path, description = "Key id")),
+    responses((status = 204, description = "Revoked")),
+)]
 pub async fn revoke_api_key(State(state): State<AppState>, _a: Admin, Path(id): Path<String>) -> ApiResult<StatusCode> {
     let id = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("api key"))?;
     let client = state.pool.get().await?;
@@ -374,13 +452,29 @@ pub async fn revoke_api_key(State(state): State<AppState>, _a: Admin, Path(id): 
 
 /// `POST /v1/admin/users/{id}/disable`: the user gets 403 `account_disabled` on every route
 /// and every refresh token of theirs stops working; nothing of the account is deleted.
-#[utoipa::path(operation_id = "admin_disable_user", post, path = "/v1/admin/users/{id}/disable", tag = "admin", security(("bearer" = []), ("api_key" = [])), params(("id" = String, Path, description = "Server user id")), responses((status = 200, description = "The user, disabled", body = crate::users::User)))]
+#[utoipa::path(
+    operation_id = "admin_disable_user",
+    post,
+    path = "/v1/admin/users/{id}/disable",
+    tag = "admin",
+    security(("bearer" = []), ("api_key" = [])),
+    params(("id" = String, Path, description = "Server user id")),
+    responses((status = 200, description = "The user, disabled", body = crate::users::User)),
+)]
 pub async fn disable_user(State(state): State<AppState>, _a: Admin, Path(id): Path<String>) -> ApiResult<Json<User>> {
     set_disabled(&state, &id, true).await
 }
 
 /// `POST /v1/admin/users/{id}/enable`: undoes a disable (ended sessions stay ended).
-#[utoipa::path(operation_id = "admin_enable_user", post, path = "/v1/admin/users/{id}/enable", tag = "admin", security(("bearer" = []), ("api_key" = [])), params(("id" = String, Path, description = "Server user id")), responses((status = 200, description = "The user, enabled", body = crate::users::User)))]
+#[utoipa::path(
+    operation_id = "admin_enable_user",
+    post,
+    path = "/v1/admin/users/{id}/enable",
+    tag = "admin",
+    security(("bearer" = []), ("api_key" = [])),
+    params(("id" = String, Path, description = "Server user id")),
+    responses((status = 200, description = "The user, enabled", body = crate::users::User)),
+)]
 pub async fn enable_user(State(state): State<AppState>, _a: Admin, Path(id): Path<String>) -> ApiResult<Json<User>> {
     set_disabled(&state, &id, false).await
 }

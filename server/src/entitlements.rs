@@ -267,7 +267,16 @@ impl Snapshots {
 }
 
 /// `GET /v1/entitlements`: the resolved entitlements and the signed token.
-#[utoipa::path(operation_id = "entitlements_get_entitlements", get, path = "/v1/entitlements", tag = "sync", security(("bearer" = [])), responses((status = 200, description = "The resolved entitlements and their signed token", body = Object)))]
+#[utoipa::path(
+    operation_id = "entitlements_get_entitlements",
+    get,
+    path = "/v1/entitlements",
+    tag = "sync",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The resolved entitlements and their signed token", body = Object),
+    ),
+)]
 pub async fn get_entitlements(State(state): State<AppState>, AuthUser(user): AuthUser) -> ApiResult<Json<Value>> {
     let client = state.pool.get().await?;
     let now = state.now();
@@ -290,7 +299,13 @@ pub async fn get_entitlements(State(state): State<AppState>, AuthUser(user): Aut
 }
 
 /// `GET /v1/keys`: the JWKS of the entitlements-signing keys.
-#[utoipa::path(operation_id = "entitlements_get_keys", get, path = "/v1/keys", tag = "sync", responses((status = 200, description = "JWKS of the token-signing keys", body = Object)))]
+#[utoipa::path(
+    operation_id = "entitlements_get_keys",
+    get,
+    path = "/v1/keys",
+    tag = "sync",
+    responses((status = 200, description = "JWKS of the token-signing keys", body = Object)),
+)]
 pub async fn get_keys(State(state): State<AppState>) -> Json<Value> {
     Json(state.signer.jwks())
 }

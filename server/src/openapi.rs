@@ -51,7 +51,10 @@ impl Modify for Conventions {
             "bearer",
             bearer("A user's credential: an identity provider's JWT (HS256 with TALLY_JWT_SECRET, or keys from TALLY_JWKS_URL) or a server-signed access token of a password account"),
         );
-        components.add_security_scheme("api_key", bearer("A backend's API key (`tally-server api-key create`), scoped: usage:write, usage:read, admin, secrets:read"));
+        components.add_security_scheme(
+            "api_key",
+            bearer("A backend's API key (`tally-server api-key create`), scoped: usage:write, usage:read, admin, secrets:read"),
+        );
         let error: RefOr<Response> = ResponseBuilder::new()
             .description("An error: `{\"error\": {\"code\", \"message\"}}` (a denied decision adds `decision`); docs/api.md lists the statuses and codes of each route")
             .content("application/json", ContentBuilder::new().schema(Some(Ref::from_schema_name("ErrorBody"))).build())
@@ -73,13 +76,25 @@ pub fn json() -> String {
 }
 
 /// `GET /healthz`: the process is up.
-#[utoipa::path(operation_id = "openapi_healthz", get, path = "/healthz", tag = "health", responses((status = 200, description = "Alive", body = String, content_type = "text/plain")))]
+#[utoipa::path(
+    operation_id = "openapi_healthz",
+    get,
+    path = "/healthz",
+    tag = "health",
+    responses((status = 200, description = "Alive", body = String, content_type = "text/plain")),
+)]
 pub async fn healthz() -> &'static str {
     "ok"
 }
 
 /// `GET /openapi.json`: this description.
-#[utoipa::path(operation_id = "openapi_openapi_json", get, path = "/openapi.json", tag = "health", responses((status = 200, description = "The OpenAPI 3.1 description of the API", body = Object)))]
+#[utoipa::path(
+    operation_id = "openapi_openapi_json",
+    get,
+    path = "/openapi.json",
+    tag = "health",
+    responses((status = 200, description = "The OpenAPI 3.1 description of the API", body = Object)),
+)]
 pub async fn openapi_json() -> Json<Spec> {
     Json(ApiDoc::openapi())
 }

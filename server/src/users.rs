@@ -32,8 +32,7 @@ pub struct IdClaims {
 }
 
 /// A server-side user.
-#[derive(Debug, Clone, Serialize)]
-#[derive(utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct User {
     /// Server user id.
     #[serde(rename = "id")]

@@ -73,7 +73,9 @@ async fn admin_user_creations_race_on_one_email_make_one_user() {
     let a = app_or_skip!(app().await);
     let admin = token("root-admin");
     let futs: Vec<_> = (0..8)
-        .map(|i| a.call("POST", "/v1/admin/users", Some(&admin), Some(json!({"email": "Race@example.com", "subject": format!("racer-{i}")}))))
+        .map(|i| {
+            a.call("POST", "/v1/admin/users", Some(&admin), Some(json!({"email": "Race@example.com", "subject": format!("racer-{i}")})))
+        })
         .collect();
     let mut statuses: Vec<u16> = futures::future::join_all(futs).await.iter().map(|(s, _)| s.as_u16()).collect();
     statuses.sort();

@@ -81,7 +81,8 @@ fn error_codes() -> BTreeSet<String> {
     let lit = r#""([a-z][a-z0-9_]*)""#;
     let all = sources("server/src");
     let helper = Regex::new(r"fn ([a-z_]+)\(code: &'static str").expect("regex");
-    let helpers: BTreeSet<String> = all.iter().flat_map(|(_, c)| helper.captures_iter(c).map(|m| m[1].to_string()).collect::<Vec<_>>()).collect();
+    let helpers: BTreeSet<String> =
+        all.iter().flat_map(|(_, c)| helper.captures_iter(c).map(|m| m[1].to_string()).collect::<Vec<_>>()).collect();
     let mut patterns = vec![
         format!(r"ApiError::(?:BadRequest|Unauthorized|Unknown|Conflict|Invalid)\(\s*{lit}"),
         format!(r"ApiError::Status\(\s*[A-Za-z_:]+,\s*{lit}"),
