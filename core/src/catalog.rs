@@ -1,6 +1,6 @@
 //! The plan catalog: model pricing, plans, and the feature rules each plan grants.
 //!
-//! The JSON format is the README's "Plan catalog"; validation errors name the offending path
+//! The JSON format is docs/catalog.md; validation errors name the offending path
 //! (`plans[1].features.api.limit`).
 
 use crate::error::{Error, Result};

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 /// Why a decision came out the way it did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Reason {
     /// Allowed.
@@ -52,6 +53,7 @@ impl Reason {
 
 /// The answer to `check` / `consume`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Decision {
     /// Whether the use may go ahead (for `consume`: whether it was recorded).
     pub allowed: bool,

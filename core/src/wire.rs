@@ -1,4 +1,4 @@
-//! The sync protocol's JSON bodies (the README's "Sync" and API sections), shared by
+//! The sync protocol's JSON bodies (docs/sync.md), shared by
 //! the device's sync client and the server. Readers ignore unknown fields.
 
 use crate::period::Period;
@@ -15,6 +15,7 @@ pub const PROTOCOL_LEASES: u32 = 2;
 /// Units of one pool asked for (`want`), given back (`release`, cumulative per window) or asked
 /// back (`recall`). `feature` is a feature key or `$credits` (then `period_start` is `null`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LeaseAmount {
     /// Feature key, or [`crate::lease::CREDITS`].
     pub feature: String,
@@ -27,6 +28,7 @@ pub struct LeaseAmount {
 
 /// One ledger event as sent to the server (`/v1/sync` `events[]`, `POST /v1/usage`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WireEvent {
     /// Event id (the idempotency key). Nil when absent (`POST /v1/usage` may name it with an
     /// `Idempotency-Key` header instead); the contract refuses a nil id.
@@ -70,6 +72,7 @@ fn is_zero(n: &u64) -> bool {
 
 /// One setting change, last-writer-wins by hybrid logical clock.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SettingChange {
     /// Setting key.
     pub key: String,
@@ -85,6 +88,7 @@ pub struct SettingChange {
 
 /// Profile edits made on the device, sent with the next sync (the server owns them).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ProfilePatch {
     /// New IANA timezone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -99,6 +103,7 @@ pub struct ProfilePatch {
 
 /// `POST /v1/sync` request body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SyncRequest {
     /// Protocol version ([`PROTOCOL`]).
     pub protocol: u32,
@@ -140,6 +145,7 @@ pub struct SyncRequest {
 
 /// An event the server refused, with the reason (`conflict`, `too_large`, `invalid_amount`, …).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Rejected {
     /// The event id as sent.
     pub id: String,
@@ -150,6 +156,7 @@ pub struct Rejected {
 /// A setting the server refused, with the reason (`invalid_setting`, `value_too_large`,
 /// `invalid_text`, `quota_exceeded`). The device quarantines that setting alone.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SettingRejected {
     /// The setting key as sent.
     pub key: String,
@@ -160,6 +167,7 @@ pub struct SettingRejected {
 /// A profile field the server refused (`display_name`, `avatar_url`, `timezone`), with the
 /// reason. The rest of the profile edit is applied.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ProfileRejected {
     /// The field.
     pub field: String,
@@ -169,6 +177,7 @@ pub struct ProfileRejected {
 
 /// The server's total for one (feature, period window).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Total {
     /// Feature key.
     pub feature: String,
@@ -194,6 +203,7 @@ pub struct Total {
 
 /// Request bounds the server accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Limits {
     /// Most events per request.
     pub max_batch_events: u32,
@@ -203,6 +213,7 @@ pub struct Limits {
 
 /// `POST /v1/sync` response body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SyncResponse {
     /// Ids inserted by this request.
     #[serde(default)]
@@ -246,6 +257,7 @@ pub struct SyncResponse {
 
 /// Error body of every non-2xx answer: `{"error": {"code", "message"}}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     /// The error.
     pub error: ErrorDetail,
@@ -253,6 +265,7 @@ pub struct ErrorBody {
 
 /// Code and message of an error answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorDetail {
     /// Machine-readable code (`unauthorized`, `account_deleted`, `upgrade_required`, …).
     pub code: String,

@@ -126,7 +126,7 @@ pub struct TallyConfig {
     /// Setting keys that never leave the device (e.g. `theme`).
     #[uniffi(default = [])]
     pub local_only_settings: Vec<String>,
-    /// The plan catalog JSON (the catalog format of the README); absent: the built-in free plan.
+    /// The plan catalog JSON (the format of docs/catalog.md); absent: the built-in free plan.
     #[uniffi(default = None)]
     pub catalog_json: Option<String>,
     /// How long a past-due subscription keeps access, in seconds (default 3 days).

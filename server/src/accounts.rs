@@ -15,12 +15,22 @@ use tally_core::wire::ProfilePatch;
 use uuid::Uuid;
 
 /// `GET /v1/me`: the caller's profile.
+#[utoipa::path(
+    operation_id = "accounts_get_me",
+    get,
+    path = "/v1/me",
+    tag = "account",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The caller's profile (the first call creates the user)", body = crate::users::User),
+    ),
+)]
 pub async fn get_me(AuthUser(user): AuthUser) -> Json<User> {
     Json(user)
 }
 
 /// Body of `PATCH /v1/me`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MePatch {
     /// New display name.
@@ -32,6 +42,15 @@ pub struct MePatch {
 }
 
 /// `PATCH /v1/me`: display name, avatar, timezone (the current windows follow at once).
+#[utoipa::path(
+    operation_id = "accounts_patch_me",
+    patch,
+    path = "/v1/me",
+    tag = "account",
+    security(("bearer" = [])),
+    request_body = MePatch,
+    responses((status = 200, description = "The updated profile", body = crate::users::User)),
+)]
 pub async fn patch_me(State(state): State<AppState>, AuthUser(user): AuthUser, JsonBody(body): JsonBody<MePatch>) -> ApiResult<Json<User>> {
     let patch = ProfilePatch { timezone: body.timezone, display_name: body.display_name, avatar_url: body.avatar_url };
     validate_profile(&patch)?;
@@ -44,6 +63,14 @@ pub async fn patch_me(State(state): State<AppState>, AuthUser(user): AuthUser, J
 }
 
 /// `DELETE /v1/me`: removes every row of the account and leaves a tombstone of its subject.
+#[utoipa::path(
+    operation_id = "accounts_delete_me",
+    delete,
+    path = "/v1/me",
+    tag = "account",
+    security(("bearer" = [])),
+    responses((status = 204, description = "The account and its data are gone")),
+)]
 pub async fn delete_me(State(state): State<AppState>, AuthUser(user): AuthUser) -> ApiResult<axum::http::StatusCode> {
     // Stop the Stripe subscription first: a failure there keeps the account (409).
     crate::billing::cancel_before_deletion(&state, &user).await?;
@@ -129,6 +156,14 @@ pub async fn delete_rows(tx: &impl GenericClient, user_id: Uuid) -> ApiResult<()
 }
 
 /// `GET /v1/me/export`: all of the caller's data as JSON.
+#[utoipa::path(
+    operation_id = "accounts_export_me",
+    get,
+    path = "/v1/me/export",
+    tag = "account",
+    security(("bearer" = [])),
+    responses((status = 200, description = "Every row of the caller's data", body = Object)),
+)]
 pub async fn export_me(State(state): State<AppState>, AuthUser(user): AuthUser) -> ApiResult<Json<Value>> {
     let client = state.pool.get().await?;
     let uid = user.user_id;

@@ -17,7 +17,7 @@ use tally_core::Plan;
 use uuid::Uuid;
 
 /// Body of `POST /v1/admin/users`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewUser {
     /// Email the user will sign in with (verified): a pending user, claimed by the first
@@ -38,6 +38,15 @@ pub struct NewUser {
 
 /// `POST /v1/admin/users`: a user ahead of its first sign-in, by `email` (pending), by
 /// `subject`, or both.
+#[utoipa::path(
+    operation_id = "admin_create_user",
+    post,
+    path = "/v1/admin/users",
+    tag = "admin",
+    security(("bearer" = []), ("api_key" = [])),
+    request_body = NewUser,
+    responses((status = 201, description = "The user", body = crate::users::User)),
+)]
 pub async fn create_user(State(state): State<AppState>, _a: Admin, JsonBody(b): JsonBody<NewUser>) -> ApiResult<(StatusCode, Json<User>)> {
     let email = b.email.as_deref().map(str::trim);
     if let Some(email) = email {
@@ -60,24 +69,30 @@ pub async fn create_user(State(state): State<AppState>, _a: Admin, JsonBody(b): 
         display_name: b.display_name.clone(),
         avatar_url: None,
     })?;
-    let client = state.pool.get().await?;
-    let taken = client.query_opt("SELECT 1 FROM users WHERE lower(email) = lower($1) OR external_id = $2", &[&email, &b.subject]).await?;
+    let exists = || ApiError::Conflict("user_exists", "a user with this email or subject already exists".into());
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    // Only pending users are unique by email in the schema: two creations with one email wait
+    // for each other here, so the second sees the first and answers 409.
+    if let Some(email) = email {
+        tx.execute("SELECT pg_advisory_xact_lock(hashtextextended('user-email:' || lower($1), 7461))", &[&email]).await?;
+    }
+    let taken =
+        tx.query_opt("SELECT 1 FROM users WHERE lower(email) = lower($1) OR external_id = $2 LIMIT 1", &[&email, &b.subject]).await?;
     if taken.is_some() {
-        return Err(ApiError::Conflict("user_exists", "a user with this email or subject already exists".into()));
+        return Err(exists());
     }
     let q = format!(
         "INSERT INTO users (user_id, email, external_id, display_name, timezone) VALUES ($1, $2, $3, $4, coalesce($5, 'UTC')) \
          ON CONFLICT DO NOTHING RETURNING {USER_COLUMNS}"
     );
-    let r = client
-        .query_opt(&q, &[&Uuid::now_v7(), &email, &b.subject, &b.display_name, &b.timezone])
-        .await?
-        .ok_or_else(|| ApiError::Conflict("user_exists", "a user with this email or subject already exists".into()))?;
+    let r = tx.query_opt(&q, &[&Uuid::now_v7(), &email, &b.subject, &b.display_name, &b.timezone]).await?.ok_or_else(exists)?;
+    tx.commit().await?;
     Ok((StatusCode::CREATED, Json(User::from_row(&r, &state.config.admin_subjects))))
 }
 
 /// Body of `POST /v1/admin/grants`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewGrant {
     /// The user's identity subject.
@@ -100,6 +115,15 @@ pub struct NewGrant {
 
 /// `POST /v1/admin/grants`: grants a plan until a date, or `credits` expiring at `until`
 /// (alias `expires_at`); bumps the user's entitlement version.
+#[utoipa::path(
+    operation_id = "admin_create_grant",
+    post,
+    path = "/v1/admin/grants",
+    tag = "admin",
+    security(("bearer" = []), ("api_key" = [])),
+    request_body = NewGrant,
+    responses((status = 201, description = "The grant", body = Object)),
+)]
 pub async fn create_grant(
     State(state): State<AppState>,
     admin: Admin,
@@ -145,7 +169,7 @@ pub async fn create_grant(
 }
 
 /// Body of `POST /v1/admin/grants/revoke`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RevokeGrant {
     /// The user's identity subject.
@@ -160,6 +184,15 @@ pub struct RevokeGrant {
 }
 
 /// `POST /v1/admin/grants/revoke`: revokes grants; bumps the entitlement version.
+#[utoipa::path(
+    operation_id = "admin_revoke_grant",
+    post,
+    path = "/v1/admin/grants/revoke",
+    tag = "admin",
+    security(("bearer" = []), ("api_key" = [])),
+    request_body = RevokeGrant,
+    responses((status = 200, description = "How many grants were revoked", body = Object)),
+)]
 pub async fn revoke_grant(State(state): State<AppState>, _a: Admin, JsonBody(r): JsonBody<RevokeGrant>) -> ApiResult<Json<Value>> {
     let mut client = state.pool.get().await?;
     let row = client
@@ -196,6 +229,16 @@ pub async fn revoke_grant(State(state): State<AppState>, _a: Admin, JsonBody(r):
 }
 
 /// `PUT /v1/admin/plans/{id}`: inserts or replaces one plan, validated like the catalog.
+#[utoipa::path(
+    operation_id = "admin_put_plan",
+    put,
+    path = "/v1/admin/plans/{id}",
+    tag = "admin",
+    security(("bearer" = []), ("api_key" = [])),
+    params(("id" = String, Path, description = "Plan id")),
+    request_body = Object,
+    responses((status = 200, description = "The new catalog version", body = Object)),
+)]
 pub async fn put_plan(
     State(state): State<AppState>,
     _a: Admin,
@@ -226,6 +269,16 @@ pub async fn put_plan(
 /// the fields sent replace the plan's, a `null` removes one (`{"features": {"export": null}}`
 /// drops a feature), everything else stays. The result is validated like a whole plan; an
 /// unknown plan is 404 `unknown_plan`.
+#[utoipa::path(
+    operation_id = "admin_patch_plan",
+    patch,
+    path = "/v1/admin/plans/{id}",
+    tag = "admin",
+    security(("bearer" = []), ("api_key" = [])),
+    params(("id" = String, Path, description = "Plan id")),
+    request_body = Object,
+    responses((status = 200, description = "The new catalog version", body = Object)),
+)]
 pub async fn patch_plan(
     State(state): State<AppState>,
     _a: Admin,
@@ -277,6 +330,14 @@ fn merge_patch(target: &mut Value, patch: &Value) {
 }
 
 /// `GET /v1/admin/plans`: the catalog in effect.
+#[utoipa::path(
+    operation_id = "admin_get_plans",
+    get,
+    path = "/v1/admin/plans",
+    tag = "admin",
+    security(("bearer" = []), ("api_key" = [])),
+    responses((status = 200, description = "The catalog and its version", body = Object)),
+)]
 pub async fn get_plans(State(state): State<AppState>, _a: Admin) -> ApiResult<Json<Value>> {
     let client = state.pool.get().await?;
     let (version, catalog) = plans::load(&client).await?;
@@ -284,7 +345,8 @@ pub async fn get_plans(State(state): State<AppState>, _a: Admin) -> ApiResult<Js
 }
 
 /// Query of `GET /v1/admin/users/{id}/usage`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct UsageQuery {
     /// Start (RFC 3339).
     pub from: Option<DateTime<Utc>>,
@@ -295,6 +357,15 @@ pub struct UsageQuery {
 }
 
 /// `GET /v1/admin/users/{id}/usage`: a user's usage report (id = server user id).
+#[utoipa::path(
+    operation_id = "admin_user_usage",
+    get,
+    path = "/v1/admin/users/{id}/usage",
+    tag = "admin",
+    security(("bearer" = []), ("api_key" = [])),
+    params(("id" = String, Path, description = "Server user id"), UsageQuery),
+    responses((status = 200, description = "The user's usage report", body = Object)),
+)]
 pub async fn user_usage(
     State(state): State<AppState>,
     _a: Admin,
@@ -317,7 +388,7 @@ pub async fn user_usage(
 }
 
 /// Body of `POST /v1/admin/api-keys`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewKey {
     /// A name to recognize the key by.
@@ -327,6 +398,15 @@ pub struct NewKey {
 }
 
 /// `POST /v1/admin/api-keys`: creates a key; the secret is in this answer only.
+#[utoipa::path(
+    operation_id = "admin_create_api_key",
+    post,
+    path = "/v1/admin/api-keys",
+    tag = "admin",
+    security(("bearer" = []), ("api_key" = [])),
+    request_body = NewKey,
+    responses((status = 201, description = "The key and its secret (shown once)", body = Object)),
+)]
 pub async fn create_api_key(
     State(state): State<AppState>,
     _a: Admin,
@@ -338,12 +418,31 @@ pub async fn create_api_key(
 }
 
 /// `GET /v1/admin/api-keys`: the keys, without secrets.
+#[utoipa::path(
+    operation_id = "admin_list_api_keys",
+    get,
+    path = "/v1/admin/api-keys",
+    tag = "admin",
+    security(("bearer" = []), ("api_key" = [])),
+    responses(
+        (status = 200, description = "Every key (never a secret)", body = [crate::api_keys::ApiKey]),
+    ),
+)]
 pub async fn list_api_keys(State(state): State<AppState>, _a: Admin) -> ApiResult<Json<Vec<ApiKey>>> {
     let client = state.pool.get().await?;
     Ok(Json(api_keys::list(&client).await?))
 }
 
 /// `DELETE /v1/admin/api-keys/{id}`: revokes a key.
+#[utoipa::path(
+    operation_id = "admin_revoke_api_key",
+    delete,
+    path = "/v1/admin/api-keys/{id}",
+    tag = "admin",
+    security(("bearer" = []), ("api_key" = [])),
+    params(("id" = String, Path, description = "Key id")),
+    responses((status = 204, description = "Revoked")),
+)]
 pub async fn revoke_api_key(State(state): State<AppState>, _a: Admin, Path(id): Path<String>) -> ApiResult<StatusCode> {
     let id = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("api key"))?;
     let client = state.pool.get().await?;
@@ -353,11 +452,29 @@ pub async fn revoke_api_key(State(state): State<AppState>, _a: Admin, Path(id): 
 
 /// `POST /v1/admin/users/{id}/disable`: the user gets 403 `account_disabled` on every route
 /// and every refresh token of theirs stops working; nothing of the account is deleted.
+#[utoipa::path(
+    operation_id = "admin_disable_user",
+    post,
+    path = "/v1/admin/users/{id}/disable",
+    tag = "admin",
+    security(("bearer" = []), ("api_key" = [])),
+    params(("id" = String, Path, description = "Server user id")),
+    responses((status = 200, description = "The user, disabled", body = crate::users::User)),
+)]
 pub async fn disable_user(State(state): State<AppState>, _a: Admin, Path(id): Path<String>) -> ApiResult<Json<User>> {
     set_disabled(&state, &id, true).await
 }
 
 /// `POST /v1/admin/users/{id}/enable`: undoes a disable (ended sessions stay ended).
+#[utoipa::path(
+    operation_id = "admin_enable_user",
+    post,
+    path = "/v1/admin/users/{id}/enable",
+    tag = "admin",
+    security(("bearer" = []), ("api_key" = [])),
+    params(("id" = String, Path, description = "Server user id")),
+    responses((status = 200, description = "The user, enabled", body = crate::users::User)),
+)]
 pub async fn enable_user(State(state): State<AppState>, _a: Admin, Path(id): Path<String>) -> ApiResult<Json<User>> {
     set_disabled(&state, &id, false).await
 }

@@ -25,7 +25,7 @@ pub const SCOPE_SECRETS_READ: &str = "secrets:read";
 pub const SCOPES: [&str; 4] = [SCOPE_USAGE_WRITE, SCOPE_USAGE_READ, SCOPE_ADMIN, SCOPE_SECRETS_READ];
 
 /// A stored API key (never the secret itself).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ApiKey {
     /// Key id.
     #[serde(rename = "id")]

@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 /// Tally sync server: reconciles device usage ledgers on Postgres and signs entitlements.
 ///
 /// Every option can be given as a flag, as the TALLY_* environment variable shown, or as the
-/// same key in lower case (without TALLY_) in the TOML file named by --config.
+/// same key in lower case (without TALLY_) in the TOML file named by --config. The reference
+/// is in docs/: configuration.md (every option), api.md (every route and error code),
+/// catalog.md (the plan catalog) and sync.md (the sync protocol).
 #[derive(Debug, Parser)]
 #[command(name = "tally-server", version)]
 pub struct Cli {
@@ -150,7 +152,7 @@ pub enum KeysCommand {
 /// `plans` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum PlansCommand {
-    /// Validate a catalog file (the plan catalog JSON format of the README) and store it.
+    /// Validate a catalog file (the plan catalog format of docs/catalog.md) and store it.
     Import {
         /// The JSON catalog.
         file: PathBuf,

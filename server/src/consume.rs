@@ -21,7 +21,7 @@ use tally_core::decision::Decision;
 use uuid::Uuid;
 
 /// Answer of an allowed `POST /v1/consume` (and of a hold's commit).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ConsumeResponse {
     /// The event id.
     pub id: Uuid,
@@ -131,6 +131,18 @@ pub async fn record(
 /// `POST /v1/consume {feature, amount, id?, model?, input_tokens?, output_tokens?, metadata?,
 /// subject?, user_id?}`: 200 `{id, duplicate, decision}` when allowed (recorded), else the
 /// denial (402, 403, 422, 429) with the decision, nothing recorded.
+#[utoipa::path(
+    operation_id = "consume_consume",
+    post,
+    path = "/v1/consume",
+    tag = "usage",
+    security(("bearer" = []), ("api_key" = [])),
+    params(("Idempotency-Key" = Option<String>, Header, description = "Stands in for the body's `id`")),
+    request_body = Object,
+    responses(
+        (status = 200, description = "Allowed and recorded (or a replay)", body = ConsumeResponse),
+    ),
+)]
 pub async fn consume(
     State(state): State<AppState>,
     p: crate::auth::Principal,

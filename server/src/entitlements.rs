@@ -267,6 +267,16 @@ impl Snapshots {
 }
 
 /// `GET /v1/entitlements`: the resolved entitlements and the signed token.
+#[utoipa::path(
+    operation_id = "entitlements_get_entitlements",
+    get,
+    path = "/v1/entitlements",
+    tag = "sync",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The resolved entitlements and their signed token", body = Object),
+    ),
+)]
 pub async fn get_entitlements(State(state): State<AppState>, AuthUserDb(user, client): AuthUserDb) -> ApiResult<Json<Value>> {
     let now = state.now();
     let catalog_version = state.catalog.recent_version(&client, std::time::Duration::from_secs(1)).await?;
@@ -288,6 +298,13 @@ pub async fn get_entitlements(State(state): State<AppState>, AuthUserDb(user, cl
 }
 
 /// `GET /v1/keys`: the JWKS of the entitlements-signing keys.
+#[utoipa::path(
+    operation_id = "entitlements_get_keys",
+    get,
+    path = "/v1/keys",
+    tag = "sync",
+    responses((status = 200, description = "JWKS of the token-signing keys", body = Object)),
+)]
 pub async fn get_keys(State(state): State<AppState>) -> Json<Value> {
     Json(state.signer.jwks())
 }

@@ -31,7 +31,7 @@ pub const MAX_TTL_SECS: u64 = 3600;
 pub const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A hold as answered.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Hold {
     /// Hold id (the id of the event its commit records).
     pub id: Uuid,
@@ -44,7 +44,7 @@ pub struct Hold {
 }
 
 /// Answer of `POST /v1/holds`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HoldResponse {
     /// The hold.
     pub hold: Hold,
@@ -65,6 +65,19 @@ fn ttl(body: &Value) -> ApiResult<u64> {
 /// `POST /v1/holds {feature, amount, ttl_secs?, id?, subject?, user_id?}`: 201 `{hold,
 /// decision}` when the whole amount fits the free room, else the denial (nothing held). The
 /// same id again answers the hold as it is (200).
+#[utoipa::path(
+    operation_id = "holds_create",
+    post,
+    path = "/v1/holds",
+    tag = "usage",
+    security(("bearer" = []), ("api_key" = [])),
+    params(("Idempotency-Key" = Option<String>, Header, description = "Stands in for the body's `id`")),
+    request_body = Object,
+    responses(
+        (status = 201, description = "Held", body = HoldResponse),
+        (status = 200, description = "A replay of an earlier hold", body = HoldResponse),
+    ),
+)]
 pub async fn create(
     State(state): State<AppState>,
     p: crate::auth::Principal,
@@ -222,7 +235,8 @@ async fn close(tx: &impl GenericClient, user_id: Uuid, h: &Stored, state: &str, 
 }
 
 /// Query of the hold routes when an API key calls.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct WhoQuery {
     /// The user, when an API key calls.
     pub subject: Option<String>,
@@ -234,6 +248,16 @@ pub struct WhoQuery {
 /// subject?, user_id?}`: records the hold's event with the real amount (default: the held
 /// amount), always; 200 `{id, duplicate, decision}`. A second commit answers the first; a
 /// released hold is 409 `hold_released`.
+#[utoipa::path(
+    operation_id = "holds_commit",
+    post,
+    path = "/v1/holds/{id}/commit",
+    tag = "usage",
+    security(("bearer" = []), ("api_key" = [])),
+    params(("id" = String, Path, description = "The hold id")),
+    request_body = Object,
+    responses((status = 200, description = "Recorded", body = crate::consume::ConsumeResponse)),
+)]
 pub async fn commit(
     State(state): State<AppState>,
     p: crate::auth::Principal,
@@ -345,6 +369,15 @@ fn after_decision(loaded: &entitlements::Loaded, feature: &str, totals: &[tally_
 
 /// `DELETE /v1/holds/{id}`: releases an open hold (204); a released or expired hold is 204
 /// again; a committed one 409 `hold_committed`; an unknown one 404 `unknown_hold`.
+#[utoipa::path(
+    operation_id = "holds_release",
+    delete,
+    path = "/v1/holds/{id}",
+    tag = "usage",
+    security(("bearer" = []), ("api_key" = [])),
+    params(("id" = String, Path, description = "The hold id"), WhoQuery),
+    responses((status = 204, description = "Released (or already released)")),
+)]
 pub async fn release(
     State(state): State<AppState>,
     p: crate::auth::Principal,

@@ -676,6 +676,14 @@ pub struct DeviceView {
 }
 
 /// `GET /v1/me/devices`: `{"devices": [...]}`, the caller's devices by first sync.
+#[utoipa::path(
+    operation_id = "leases_list_devices",
+    get,
+    path = "/v1/me/devices",
+    tag = "account",
+    security(("bearer" = [])),
+    responses((status = 200, description = "The caller's devices with their leases", body = Object)),
+)]
 pub async fn list_devices(State(state): State<AppState>, AuthUser(user): AuthUser) -> ApiResult<Json<Value>> {
     let client = state.pool.get().await?;
     let q = format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE user_id = $1 ORDER BY first_seen_at, device_id");
@@ -701,6 +709,15 @@ pub async fn list_devices(State(state): State<AppState>, AuthUser(user): AuthUse
 /// `DELETE /v1/me/devices/{device_id}`: 204; the device's allowances are released (allowance =
 /// consumed), it is removed and its leases end now (its late uses count with cause
 /// `reclaimed`). 404 `unknown_device` for an id the caller has no device with.
+#[utoipa::path(
+    operation_id = "leases_delete_device",
+    delete,
+    path = "/v1/me/devices/{device_id}",
+    tag = "account",
+    security(("bearer" = [])),
+    params(("device_id" = String, Path, description = "The device id")),
+    responses((status = 204, description = "The device's allowances are released")),
+)]
 pub async fn delete_device(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,

@@ -30,6 +30,7 @@ pub mod ledger;
 pub mod login_limits;
 pub mod mail;
 pub mod metrics;
+pub mod openapi;
 pub mod password_auth;
 pub mod passwords;
 pub mod pg_cluster;
@@ -235,7 +236,8 @@ pub fn app(state: AppState) -> Router {
         .merge(secrets::router())
         .layer(DefaultBodyLimit::max(body_limit));
     Router::new()
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(openapi::healthz))
+        .route("/openapi.json", get(openapi::openapi_json))
         .route("/readyz", get(metrics::readyz))
         .route("/metrics", get(metrics::render))
         .route("/v1/plans", get(plans::public_plans))

@@ -78,6 +78,15 @@ async fn subscription_gauges(state: &AppState) -> Result<(), ApiError> {
 }
 
 /// `GET /metrics`: Prometheus text format.
+#[utoipa::path(
+    operation_id = "metrics_render",
+    get,
+    path = "/metrics",
+    tag = "health",
+    responses(
+        (status = 200, description = "Prometheus metrics", body = String, content_type = "text/plain"),
+    ),
+)]
 pub async fn render(State(state): State<AppState>) -> String {
     let status = state.pool.status();
     ::metrics::gauge!("tally_db_pool_size").set(status.size as f64);
@@ -92,6 +101,15 @@ pub async fn render(State(state): State<AppState>) -> String {
 
 /// `GET /readyz`: 200 when the database answers.
 /// 503 `unavailable` (with `Retry-After`) within the pool wait timeout when it does not.
+#[utoipa::path(
+    operation_id = "metrics_readyz",
+    get,
+    path = "/readyz",
+    tag = "health",
+    responses(
+        (status = 200, description = "The database answers", body = String, content_type = "text/plain"),
+    ),
+)]
 pub async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError> {
     let check = async {
         let client = state.pool.get().await?;

@@ -65,7 +65,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 }
 
 /// The answer of sign-up, login and refresh.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Session {
     /// Access token (`Authorization: Bearer`).
     pub access_token: String,
@@ -91,7 +91,7 @@ async fn user_by_id(state: &AppState, client: &impl GenericClient, user_id: Uuid
 }
 
 /// Body of `POST /v1/auth/signup`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Signup {
     /// Email address (unique among password accounts, regardless of case).
@@ -105,6 +105,14 @@ pub struct Signup {
 
 /// `POST /v1/auth/signup`: a new password account (201), signed in; a verification mail goes
 /// out. 409 `email_taken` when a password account has the email.
+#[utoipa::path(
+    operation_id = "password_auth_signup",
+    post,
+    path = "/v1/auth/signup",
+    tag = "auth",
+    request_body = Signup,
+    responses((status = 201, description = "Signed up and in", body = Session)),
+)]
 pub async fn signup(
     State(state): State<AppState>,
     ClientAddr(addr): ClientAddr,
@@ -156,7 +164,7 @@ pub async fn signup(
 }
 
 /// Body of `POST /v1/auth/login`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Login {
     /// Email address.
@@ -168,6 +176,14 @@ pub struct Login {
 /// `POST /v1/auth/login`: 200 with a session; every failure is 401 `invalid_credentials` after
 /// the same work (an unknown email is checked against a dummy hash); failures are limited per
 /// (email, address) and per address (429). A disabled account with the right password is 403.
+#[utoipa::path(
+    operation_id = "password_auth_login",
+    post,
+    path = "/v1/auth/login",
+    tag = "auth",
+    request_body = Login,
+    responses((status = 200, description = "Signed in", body = Session)),
+)]
 pub async fn login(State(state): State<AppState>, ClientAddr(addr): ClientAddr, JsonBody(b): JsonBody<Login>) -> ApiResult<Json<Session>> {
     enabled(&state)?;
     let email = b.email.trim().to_string();
@@ -200,7 +216,7 @@ pub async fn login(State(state): State<AppState>, ClientAddr(addr): ClientAddr, 
 }
 
 /// Body of `POST /v1/auth/refresh` and `POST /v1/auth/logout`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RefreshBody {
     /// The refresh token.
@@ -208,6 +224,14 @@ pub struct RefreshBody {
 }
 
 /// `POST /v1/auth/refresh`: a new access token and the refresh token's successor.
+#[utoipa::path(
+    operation_id = "password_auth_refresh",
+    post,
+    path = "/v1/auth/refresh",
+    tag = "auth",
+    request_body = RefreshBody,
+    responses((status = 200, description = "A new session (the refresh token rotates)", body = Session)),
+)]
 pub async fn refresh(State(state): State<AppState>, JsonBody(b): JsonBody<RefreshBody>) -> ApiResult<Json<Session>> {
     enabled(&state)?;
     let (user_id, next) = sessions::rotate(&state, &b.refresh_token).await?;
@@ -217,6 +241,14 @@ pub async fn refresh(State(state): State<AppState>, JsonBody(b): JsonBody<Refres
 }
 
 /// `POST /v1/auth/logout`: ends the refresh token's session (204, also for unknown tokens).
+#[utoipa::path(
+    operation_id = "password_auth_logout",
+    post,
+    path = "/v1/auth/logout",
+    tag = "auth",
+    request_body = RefreshBody,
+    responses((status = 204, description = "Signed out")),
+)]
 pub async fn logout(State(state): State<AppState>, JsonBody(b): JsonBody<RefreshBody>) -> ApiResult<StatusCode> {
     enabled(&state)?;
     sessions::end(&state, &b.refresh_token).await?;
@@ -224,7 +256,7 @@ pub async fn logout(State(state): State<AppState>, JsonBody(b): JsonBody<Refresh
 }
 
 /// Body of `POST /v1/auth/verify`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TokenBody {
     /// The mailed token.
@@ -272,6 +304,14 @@ async fn verified(state: &AppState, user_id: Uuid, email: &str) -> ApiResult<Uui
 }
 
 /// `POST /v1/auth/verify`: confirms the email of the token (once); answers the account.
+#[utoipa::path(
+    operation_id = "password_auth_verify",
+    post,
+    path = "/v1/auth/verify",
+    tag = "auth",
+    request_body = TokenBody,
+    responses((status = 200, description = "The verified account", body = crate::users::User)),
+)]
 pub async fn verify(State(state): State<AppState>, JsonBody(b): JsonBody<TokenBody>) -> ApiResult<Json<User>> {
     enabled(&state)?;
     let client = state.pool.get().await?;
@@ -283,7 +323,7 @@ pub async fn verify(State(state): State<AppState>, JsonBody(b): JsonBody<TokenBo
 }
 
 /// Body of `POST /v1/auth/password/forgot`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Forgot {
     /// Email address of the account.
@@ -292,6 +332,16 @@ pub struct Forgot {
 
 /// `POST /v1/auth/password/forgot`: mails a reset token when a password account has the email;
 /// always 202, whatever the email.
+#[utoipa::path(
+    operation_id = "password_auth_forgot",
+    post,
+    path = "/v1/auth/password/forgot",
+    tag = "auth",
+    request_body = Forgot,
+    responses(
+        (status = 202, description = "A reset mail is sent when the account exists", body = Object),
+    ),
+)]
 pub async fn forgot(
     State(state): State<AppState>,
     ClientAddr(addr): ClientAddr,
@@ -317,7 +367,7 @@ pub async fn forgot(
 }
 
 /// Body of `POST /v1/auth/password/reset`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Reset {
     /// The mailed reset token.
@@ -328,6 +378,14 @@ pub struct Reset {
 
 /// `POST /v1/auth/password/reset`: sets a new password with a reset token (once), ends every
 /// session of the account, and (the mail having reached its owner) marks the email verified.
+#[utoipa::path(
+    operation_id = "password_auth_reset",
+    post,
+    path = "/v1/auth/password/reset",
+    tag = "auth",
+    request_body = Reset,
+    responses((status = 204, description = "The password is changed")),
+)]
 pub async fn reset(State(state): State<AppState>, JsonBody(b): JsonBody<Reset>) -> ApiResult<StatusCode> {
     enabled(&state)?;
     contract::password(&b.password)?;

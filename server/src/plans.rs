@@ -93,6 +93,15 @@ pub async fn import_if_changed(client: &impl GenericClient, catalog: &Catalog) -
 /// `GET /v1/plans` (public, no credentials): what a paywall shows — every plan with its name,
 /// description, rank, features and included credits, the products that sell it in each store
 /// (with `display_price` and `trial_days`), and the credit packs on sale.
+#[utoipa::path(
+    operation_id = "plans_public_plans",
+    get,
+    path = "/v1/plans",
+    tag = "plans",
+    responses(
+        (status = 200, description = "Every plan with its products, and the credit packs", body = Object),
+    ),
+)]
 pub async fn public_plans(axum::extract::State(state): axum::extract::State<crate::AppState>) -> ApiResult<axum::response::Response> {
     use axum::response::IntoResponse;
     use serde_json::json;

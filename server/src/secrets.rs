@@ -45,7 +45,7 @@ fn vault_error(e: VaultError) -> ApiError {
 }
 
 /// A secret's metadata (the answer of `PUT` and the items of the list).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct SecretInfo {
     /// Name.
     pub name: String,
@@ -56,7 +56,7 @@ pub struct SecretInfo {
 }
 
 /// Body of `PUT /v1/secrets/{name}`.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SecretBody {
     /// The value.
@@ -64,6 +64,16 @@ pub struct SecretBody {
 }
 
 /// `PUT /v1/secrets/{name}`: stores (or replaces) a secret of the caller.
+#[utoipa::path(
+    operation_id = "secrets_write",
+    put,
+    path = "/v1/secrets/{name}",
+    tag = "secrets",
+    security(("bearer" = [])),
+    params(("name" = String, Path, description = "Secret name")),
+    request_body = SecretBody,
+    responses((status = 200, description = "Stored", body = SecretInfo)),
+)]
 pub async fn write(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -93,7 +103,8 @@ pub async fn write(
 }
 
 /// Query of `GET /v1/secrets/{name}` for an API key: the user it reads for.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct OwnerQuery {
     /// The user's subject (external id).
@@ -120,6 +131,15 @@ fn not_found() -> ApiError {
 }
 
 /// `GET /v1/secrets/{name}`: the value, for its owner or a `secrets:read` key.
+#[utoipa::path(
+    operation_id = "secrets_read",
+    get,
+    path = "/v1/secrets/{name}",
+    tag = "secrets",
+    security(("bearer" = []), ("api_key" = [])),
+    params(("name" = String, Path, description = "Secret name"), OwnerQuery),
+    responses((status = 200, description = "The secret with its value", body = Object)),
+)]
 pub async fn read(
     State(state): State<AppState>,
     p: Principal,
@@ -141,6 +161,17 @@ pub async fn read(
 }
 
 /// `GET /v1/secrets`: names, `updated_at` and `key_id` of the caller's secrets (never values).
+#[utoipa::path(
+    operation_id = "secrets_list",
+    get,
+    path = "/v1/secrets",
+    tag = "secrets",
+    security(("bearer" = []), ("api_key" = [])),
+    params(OwnerQuery),
+    responses(
+        (status = 200, description = "Names, update times and key ids (never values)", body = Object),
+    ),
+)]
 pub async fn list(State(state): State<AppState>, p: Principal, QueryParams(q): QueryParams<OwnerQuery>) -> ApiResult<Json<Value>> {
     keys(&state)?;
     let user = owner(&state, p, &q).await?;
@@ -155,6 +186,15 @@ pub async fn list(State(state): State<AppState>, p: Principal, QueryParams(q): Q
 }
 
 /// `DELETE /v1/secrets/{name}`: removes a secret of the caller (204; 404 when there is none).
+#[utoipa::path(
+    operation_id = "secrets_remove",
+    delete,
+    path = "/v1/secrets/{name}",
+    tag = "secrets",
+    security(("bearer" = [])),
+    params(("name" = String, Path, description = "Secret name")),
+    responses((status = 204, description = "Deleted")),
+)]
 pub async fn remove(State(state): State<AppState>, AuthUser(user): AuthUser, Path(name): Path<String>) -> ApiResult<StatusCode> {
     keys(&state)?;
     contract::secret_name(&name)?;

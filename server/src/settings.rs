@@ -186,6 +186,14 @@ async fn current(client: &impl GenericClient, user_id: Uuid) -> ApiResult<Value>
 }
 
 /// `GET /v1/settings`: `{"settings": {key: value}, "cursor"}`.
+#[utoipa::path(
+    operation_id = "settings_get_settings",
+    get,
+    path = "/v1/settings",
+    tag = "sync",
+    security(("bearer" = [])),
+    responses((status = 200, description = "Every setting as one JSON object", body = Object)),
+)]
 pub async fn get_settings(State(state): State<AppState>, AuthUser(user): AuthUser) -> ApiResult<Json<Value>> {
     let client = state.pool.get().await?;
     Ok(Json(current(&client, user.user_id).await?))
@@ -236,6 +244,15 @@ fn static_code(reason: &str) -> &'static str {
 }
 
 /// `PUT /v1/settings`: replaces all settings with the given object.
+#[utoipa::path(
+    operation_id = "settings_put_settings",
+    put,
+    path = "/v1/settings",
+    tag = "sync",
+    security(("bearer" = [])),
+    request_body = Object,
+    responses((status = 200, description = "The settings after replacing them all", body = Object)),
+)]
 pub async fn put_settings(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -245,6 +262,17 @@ pub async fn put_settings(
 }
 
 /// `PATCH /v1/settings`: merges the given keys; `null` deletes a key.
+#[utoipa::path(
+    operation_id = "settings_patch_settings",
+    patch,
+    path = "/v1/settings",
+    tag = "sync",
+    security(("bearer" = [])),
+    request_body = Object,
+    responses(
+        (status = 200, description = "The settings after the merge (`null` deletes)", body = Object),
+    ),
+)]
 pub async fn patch_settings(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,

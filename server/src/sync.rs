@@ -116,6 +116,17 @@ impl FromRequest<AppState> for SyncBody {
 }
 
 /// `POST /v1/sync`.
+#[utoipa::path(
+    operation_id = "sync_sync",
+    post,
+    path = "/v1/sync",
+    tag = "sync",
+    security(("bearer" = [])),
+    request_body = tally_core::wire::SyncRequest,
+    responses(
+        (status = 200, description = "Acknowledgements, totals, token, settings", body = tally_core::wire::SyncResponse),
+    ),
+)]
 pub async fn sync(State(state): State<AppState>, AuthUser(user): AuthUser, SyncBody(req): SyncBody) -> ApiResult<Json<SyncResponse>> {
     // Every use lands in the right account: credentials of another subject record nothing.
     if let Some(sent) = &req.external_id

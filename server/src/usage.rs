@@ -44,7 +44,7 @@ pub(crate) fn opt_str<'a>(body: &'a Value, field: &str) -> ApiResult<Option<&'a 
 }
 
 /// Answer of `POST /v1/usage`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct RecordResponse {
     /// The event id (from `id`, or derived from the `Idempotency-Key`).
     pub id: Uuid,
@@ -55,6 +55,19 @@ pub struct RecordResponse {
 }
 
 /// `POST /v1/usage`: records one event unconditionally and idempotently.
+#[utoipa::path(
+    operation_id = "usage_record",
+    post,
+    path = "/v1/usage",
+    tag = "usage",
+    security(("bearer" = []), ("api_key" = [])),
+    params(("Idempotency-Key" = Option<String>, Header, description = "Stands in for the body's `id`")),
+    request_body = Object,
+    responses(
+        (status = 201, description = "Recorded", body = RecordResponse),
+        (status = 200, description = "A duplicate of an earlier report", body = RecordResponse),
+    ),
+)]
 pub async fn record(
     State(state): State<AppState>,
     p: Principal,
@@ -103,7 +116,7 @@ pub async fn record(
 }
 
 /// Body of `POST /v1/check`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct CheckRequest {
     /// Feature key.
     pub feature: String,
@@ -124,6 +137,15 @@ fn one() -> u64 {
 
 /// `POST /v1/check`: what a `check(feature, amount)` would decide on the server, against the
 /// pool's free room.
+#[utoipa::path(
+    operation_id = "usage_check",
+    post,
+    path = "/v1/check",
+    tag = "usage",
+    security(("bearer" = []), ("api_key" = [])),
+    request_body = CheckRequest,
+    responses((status = 200, description = "The decision", body = Decision)),
+)]
 pub async fn check(State(state): State<AppState>, p: Principal, JsonBody(req): JsonBody<CheckRequest>) -> ApiResult<Json<Decision>> {
     tally_core::contract::feature(&req.feature)?;
     tally_core::contract::amount(req.amount)?;
@@ -145,7 +167,8 @@ pub async fn check(State(state): State<AppState>, p: Principal, JsonBody(req): J
 }
 
 /// Query of `GET /v1/usage`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ReportQuery {
     /// Start (RFC 3339, inclusive); default 30 days ago.
     pub from: Option<String>,
@@ -196,6 +219,15 @@ pub async fn report_rows(
 }
 
 /// `GET /v1/usage?from&to&group_by=day|feature|model`.
+#[utoipa::path(
+    operation_id = "usage_report",
+    get,
+    path = "/v1/usage",
+    tag = "usage",
+    security(("bearer" = []), ("api_key" = [])),
+    params(ReportQuery),
+    responses((status = 200, description = "Usage grouped by day, feature or model", body = Object)),
+)]
 pub async fn report(State(state): State<AppState>, p: Principal, QueryParams(q): QueryParams<ReportQuery>) -> ApiResult<Json<Value>> {
     let now = state.now();
     let from = parse_time("from", q.from.as_deref(), now - Duration::days(30))?;

@@ -21,7 +21,8 @@ pub const DEFAULT_PAGE: i64 = 100;
 pub const MAX_PAGE: i64 = 1000;
 
 /// Query of `GET /v1/usage/events`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct EventsQuery {
     /// Start (RFC 3339, inclusive); default 30 days ago.
@@ -39,7 +40,7 @@ pub struct EventsQuery {
 }
 
 /// One use as the history lists it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct EventView {
     /// Event id.
     pub id: Uuid,
@@ -76,7 +77,7 @@ pub struct EventView {
 }
 
 /// A page of the history.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct EventsPage {
     /// The events, newest first.
     pub events: Vec<EventView>,
@@ -100,6 +101,17 @@ fn decode_cursor(s: &str) -> ApiResult<(DateTime<Utc>, Uuid)> {
 
 /// `GET /v1/usage/events?from&to&feature&cursor&limit`: the caller's own uses (an API key with
 /// `usage:read` names `subject`), newest first.
+#[utoipa::path(
+    operation_id = "usage_events_list",
+    get,
+    path = "/v1/usage/events",
+    tag = "usage",
+    security(("bearer" = []), ("api_key" = [])),
+    params(EventsQuery),
+    responses(
+        (status = 200, description = "A page of the caller's uses, newest first", body = EventsPage),
+    ),
+)]
 pub async fn list(State(state): State<AppState>, p: Principal, QueryParams(q): QueryParams<EventsQuery>) -> ApiResult<Json<EventsPage>> {
     let now = state.now();
     let from = usage::parse_time("from", q.from.as_deref(), now - Duration::days(30))?;

@@ -32,7 +32,7 @@ pub struct IdClaims {
 }
 
 /// A server-side user.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct User {
     /// Server user id.
     #[serde(rename = "id")]

@@ -16,7 +16,7 @@ use uuid::Uuid;
 pub const MAX_REASON_BYTES: usize = 500;
 
 /// Answer of a void.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct VoidResponse {
     /// The voided event.
     pub id: Uuid,
@@ -26,6 +26,16 @@ pub struct VoidResponse {
 
 /// `POST /v1/usage/{id}/void {reason?, subject?, user_id?}`: 200 `{id, duplicate}`; an unknown
 /// (or another user's) id is 404 `unknown_event`.
+#[utoipa::path(
+    operation_id = "voids_void",
+    post,
+    path = "/v1/usage/{id}/void",
+    tag = "usage",
+    security(("bearer" = []), ("api_key" = [])),
+    params(("id" = String, Path, description = "The event id (or idempotency key)")),
+    request_body = Object,
+    responses((status = 200, description = "Voided (or already voided)", body = VoidResponse)),
+)]
 pub async fn void(
     State(state): State<AppState>,
     p: crate::auth::Principal,

@@ -69,6 +69,29 @@ async fn first_requests_race_make_one_user() {
 }
 
 #[tokio::test]
+async fn admin_user_creations_race_on_one_email_make_one_user() {
+    let a = app_or_skip!(app().await);
+    let admin = token("root-admin");
+    let futs: Vec<_> = (0..8)
+        .map(|i| {
+            a.call("POST", "/v1/admin/users", Some(&admin), Some(json!({"email": "Race@example.com", "subject": format!("racer-{i}")})))
+        })
+        .collect();
+    let mut statuses: Vec<u16> = futures::future::join_all(futs).await.iter().map(|(s, _)| s.as_u16()).collect();
+    statuses.sort();
+    assert_eq!(statuses, [201, 409, 409, 409, 409, 409, 409, 409], "one creation wins, the others conflict");
+    assert_eq!(a.scalar("SELECT count(*) FROM users WHERE lower(email) = 'race@example.com'").await, 1);
+    // Sign-ins may share an email; creating one more with it is a conflict, never a 5xx.
+    for sub in ["shared-1", "shared-2"] {
+        let t = token_with(sub, json!({"email": "shared@example.com", "email_verified": true}));
+        assert_eq!(a.call("GET", "/v1/me", Some(&t), None).await.0, StatusCode::OK);
+    }
+    let (s, v) = a.call("POST", "/v1/admin/users", Some(&admin), Some(json!({"email": "shared@example.com", "subject": "third"}))).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("user_exists")), "{v}");
+    assert_eq!(a.scalar("SELECT count(*) FROM users WHERE external_id = 'third'").await, 0);
+}
+
+#[tokio::test]
 async fn sync_accepts_dedups_rejects_and_totals() {
     let a = app_or_skip!(app().await);
     let t = token("bob");

@@ -335,7 +335,7 @@ async fn settle(tx: &impl GenericClient, user: Uuid, original: &str, catalog: &C
 }
 
 /// Body of `POST /v1/purchases/apple`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PurchaseBody {
     /// StoreKit 2 `jwsRepresentation`s: one purchase, or every current transaction (restore).
@@ -348,6 +348,17 @@ pub struct PurchaseBody {
 /// `POST /v1/purchases/apple`: verifies every transaction, binds each to the caller (by
 /// `appAccountToken` = the account token, else the caller), and answers the entitlements with
 /// their token plus `purchases`. Any refusal changes nothing.
+#[utoipa::path(
+    operation_id = "billing_apple_purchase",
+    post,
+    path = "/v1/purchases/apple",
+    tag = "stores",
+    security(("bearer" = [])),
+    request_body = PurchaseBody,
+    responses(
+        (status = 200, description = "The entitlements with their token and the purchases", body = Object),
+    ),
+)]
 pub async fn purchase(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -396,7 +407,7 @@ pub async fn purchase(
 }
 
 /// Body of `POST /v1/webhooks/apple`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct NotificationBody {
     /// The signed notification.
     #[serde(rename = "signedPayload")]
@@ -405,6 +416,14 @@ pub struct NotificationBody {
 
 /// `POST /v1/webhooks/apple`: an App Store Server Notification V2, verified, applied once by
 /// `notificationUUID`.
+#[utoipa::path(
+    operation_id = "billing_apple_notification",
+    post,
+    path = "/v1/webhooks/apple",
+    tag = "stores",
+    request_body = NotificationBody,
+    responses((status = 200, description = "Applied (or already applied)", body = Object)),
+)]
 pub async fn notification(State(state): State<AppState>, JsonBody(b): JsonBody<NotificationBody>) -> ApiResult<Json<Value>> {
     let apple = state.apple.as_ref().ok_or_else(unconfigured)?;
     let (n, sandbox) = apple.verify(|v| v.verify_and_decode_notification(&b.signed_payload))?;

@@ -424,7 +424,7 @@ fn kind_of(catalog: &Catalog, product_id: &str) -> Option<Kind> {
 }
 
 /// One purchase in `POST /v1/purchases/google`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PurchaseItem {
     /// The Play product id.
@@ -434,7 +434,7 @@ pub struct PurchaseItem {
 }
 
 /// Body of `POST /v1/purchases/google`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PurchaseBody {
     /// One purchase, or every current one (restore).
@@ -448,6 +448,17 @@ pub struct PurchaseBody {
 /// each to the caller (by `obfuscatedExternalAccountId` = the account token, else the caller),
 /// stores its state, then acknowledges (or consumes) it at Google, and answers the
 /// entitlements with their token plus `purchases`. Any refusal changes nothing.
+#[utoipa::path(
+    operation_id = "billing_google_purchase",
+    post,
+    path = "/v1/purchases/google",
+    tag = "stores",
+    security(("bearer" = [])),
+    request_body = PurchaseBody,
+    responses(
+        (status = 200, description = "The entitlements with their token and the purchases", body = Object),
+    ),
+)]
 pub async fn purchase(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -538,6 +549,17 @@ fn hint(n: &Rtdn) -> Hint {
 /// `POST /v1/webhooks/google`: a Pub/Sub push of a Real-time Developer Notification,
 /// authenticated by its OIDC token, applied once by `messageId`: the purchase token it names is
 /// re-read from the API and its state stored as on a purchase.
+#[utoipa::path(
+    operation_id = "billing_google_notification",
+    post,
+    path = "/v1/webhooks/google",
+    tag = "stores",
+    params(
+        ("Authorization" = String, Header, description = "`Bearer` and the push's Google-signed OIDC token"),
+    ),
+    request_body = crate::billing::google_push::PushBody,
+    responses((status = 200, description = "Applied (or already applied)", body = Object)),
+)]
 pub async fn notification(State(state): State<AppState>, headers: HeaderMap, JsonBody(b): JsonBody<PushBody>) -> ApiResult<Json<Value>> {
     let google = state.google.as_ref().ok_or_else(unconfigured)?;
     let push = google

@@ -83,7 +83,7 @@ impl PushVerifier {
 }
 
 /// Body of a Pub/Sub push.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct PushBody {
     /// The message.
     pub message: PushMessage,
@@ -93,7 +93,7 @@ pub struct PushBody {
 }
 
 /// One Pub/Sub message.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct PushMessage {
     /// Base64 of the notification.
     #[serde(default)]

@@ -97,7 +97,7 @@ async fn customer_of(client: &impl GenericClient, user: Uuid) -> ApiResult<Optio
 }
 
 /// Body of `POST /v1/billing/checkout`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CheckoutBody {
     /// A price of the catalog's Stripe products or of `TALLY_STRIPE_PRICES`.
@@ -114,6 +114,15 @@ pub struct CheckoutBody {
 /// in any store (plans change in the billing portal); a lifetime plan or a credit pack is mode
 /// `payment`. `client_reference_id` is the caller's user id, so the
 /// `checkout.session.completed` webhook links the customer to them.
+#[utoipa::path(
+    operation_id = "billing_checkout",
+    post,
+    path = "/v1/billing/checkout",
+    tag = "billing",
+    security(("bearer" = [])),
+    request_body = CheckoutBody,
+    responses((status = 200, description = "The Checkout Session `{id, url}`", body = Object)),
+)]
 pub async fn checkout(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -180,7 +189,7 @@ pub async fn checkout(
 }
 
 /// Body of `POST /v1/billing/portal`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PortalBody {
     /// Where the portal's "return" link goes.
@@ -189,6 +198,15 @@ pub struct PortalBody {
 
 /// `POST /v1/billing/portal`: a Stripe Billing Portal session for the caller's customer;
 /// answers `{id, url}` (404 when the caller has no Stripe customer yet).
+#[utoipa::path(
+    operation_id = "billing_portal",
+    post,
+    path = "/v1/billing/portal",
+    tag = "billing",
+    security(("bearer" = [])),
+    request_body = PortalBody,
+    responses((status = 200, description = "The portal session `{id, url}`", body = Object)),
+)]
 pub async fn portal(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -210,6 +228,14 @@ fn refund_status(amount: i64, refunded: i64, full: bool) -> &'static str {
 }
 
 /// `GET /v1/billing`: plan, status, period, cancel_at_period_end, credits and payment history.
+#[utoipa::path(
+    operation_id = "billing_get_billing",
+    get,
+    path = "/v1/billing",
+    tag = "billing",
+    security(("bearer" = [])),
+    responses((status = 200, description = "Plan, subscriptions, credits and payments", body = Object)),
+)]
 pub async fn get_billing(State(state): State<AppState>, AuthUser(user): AuthUser) -> ApiResult<Json<Value>> {
     let client = state.pool.get().await?;
     let now = state.now();

@@ -97,6 +97,15 @@ impl FromRequest<AppState> for Verified {
 }
 
 /// `POST /v1/webhooks/stripe`.
+#[utoipa::path(
+    operation_id = "billing_webhook_receive",
+    post,
+    path = "/v1/webhooks/stripe",
+    tag = "billing",
+    params(("Stripe-Signature" = String, Header, description = "Stripe's signature of the payload")),
+    request_body = Object,
+    responses((status = 200, description = "Applied (or already applied)", body = Object)),
+)]
 pub async fn receive(State(state): State<AppState>, Verified(v): Verified) -> ApiResult<Json<Value>> {
     let ev = Event::from_value(&v)?;
     let mut client = state.pool.get().await?;

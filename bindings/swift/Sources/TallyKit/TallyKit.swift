@@ -4016,7 +4016,7 @@ public struct TallyConfig {
      */
     public var localOnlySettings: [String]
     /**
-     * The plan catalog JSON (the catalog format of the README); absent: the built-in free plan.
+     * The plan catalog JSON (the format of docs/catalog.md); absent: the built-in free plan.
      */
     public var catalogJson: String?
     /**
@@ -4068,7 +4068,7 @@ public struct TallyConfig {
          * Setting keys that never leave the device (e.g. `theme`).
          */localOnlySettings: [String] = [], 
         /**
-         * The plan catalog JSON (the catalog format of the README); absent: the built-in free plan.
+         * The plan catalog JSON (the format of docs/catalog.md); absent: the built-in free plan.
          */catalogJson: String? = nil, 
         /**
          * How long a past-due subscription keeps access, in seconds (default 3 days).

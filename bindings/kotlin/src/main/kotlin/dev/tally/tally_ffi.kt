@@ -5240,7 +5240,7 @@ data class TallyConfig (
     var `localOnlySettings`: List<kotlin.String> = listOf() 
     , 
     /**
-     * The plan catalog JSON (the catalog format of the README); absent: the built-in free plan.
+     * The plan catalog JSON (the format of docs/catalog.md); absent: the built-in free plan.
      */
     var `catalogJson`: kotlin.String? = null 
     , 
