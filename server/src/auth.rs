@@ -146,36 +146,53 @@ impl FromRequestParts<AppState> for Principal {
         }
         let token = bearer(parts)?;
         let slot = parts.extensions.get::<crate::concurrency::TurnSlot>().cloned();
-        // The caller's turn is taken before any database work: keyed by the verified subject,
-        // or by the hash of the API key (only its holder can name that lane).
-        let take_turn = |key: String| async move {
-            match slot {
-                Some(slot) if !slot.is_held() => {
-                    slot.hold(state.user_limits.acquire(&key).await?);
-                    Ok::<(), ApiError>(())
-                }
-                _ => Ok(()),
-            }
-        };
-        let principal = if token.starts_with(api_keys::PREFIX) {
-            take_turn(format!("k:{}", api_keys::hash(token))).await?;
-            let key = api_keys::authenticate(state, token).await?;
-            state.limiter.check(&format!("k:{}", key.key_id))?;
-            Principal::Key(key)
-        } else {
-            let claims = if access_tokens::is_server_signed(state, token) {
-                access_tokens::verify(state, token)?
-            } else {
-                state.verifier.verify(token).await?
-            };
-            take_turn(format!("s:{}", claims.sub)).await?;
-            let user = users::resolve(state, &claims).await?;
-            users::ensure_enabled(&user)?;
-            state.limiter.check(&format!("u:{}", user.user_id))?;
-            Principal::User(user)
-        };
+        let principal = authenticate(state, token, slot).await?;
         parts.extensions.insert(principal.clone());
         Ok(principal)
+    }
+}
+
+/// Verifies a bearer credential — an API key, a server-signed access token or an identity
+/// token — and returns who it names: the one check of every route (and of the console's
+/// sign-in). With `slot`, the caller's turn is taken before any database work.
+pub async fn authenticate(state: &AppState, token: &str, slot: Option<crate::concurrency::TurnSlot>) -> Result<Principal, ApiError> {
+    // Keyed by the verified subject, or by the hash of the API key (only its holder can name
+    // that lane).
+    let take_turn = |key: String| async move {
+        match slot {
+            Some(slot) if !slot.is_held() => {
+                slot.hold(state.user_limits.acquire(&key).await?);
+                Ok::<(), ApiError>(())
+            }
+            _ => Ok(()),
+        }
+    };
+    if token.starts_with(api_keys::PREFIX) {
+        take_turn(format!("k:{}", api_keys::hash(token))).await?;
+        let key = api_keys::authenticate(state, token).await?;
+        state.limiter.check(&format!("k:{}", key.key_id))?;
+        return Ok(Principal::Key(key));
+    }
+    let claims = if access_tokens::is_server_signed(state, token) {
+        access_tokens::verify(state, token)?
+    } else {
+        state.verifier.verify(token).await?
+    };
+    take_turn(format!("s:{}", claims.sub)).await?;
+    let user = users::resolve(state, &claims).await?;
+    users::ensure_enabled(&user)?;
+    state.limiter.check(&format!("u:{}", user.user_id))?;
+    Ok(Principal::User(user))
+}
+
+impl Principal {
+    /// Whether this caller may use the admin routes: a user with `is_admin`, or an API key
+    /// with the `admin` scope.
+    pub fn is_admin(&self) -> bool {
+        match self {
+            Principal::User(u) => u.is_admin,
+            Principal::Key(k) => k.has_scope(api_keys::SCOPE_ADMIN),
+        }
     }
 }
 
@@ -209,10 +226,6 @@ impl FromRequestParts<AppState> for Admin {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let p = Principal::from_request_parts(parts, state).await?;
-        let ok = match &p {
-            Principal::User(u) => u.is_admin,
-            Principal::Key(k) => k.has_scope(api_keys::SCOPE_ADMIN),
-        };
-        if ok { Ok(Admin(p)) } else { Err(ApiError::NotFound("no such route".into())) }
+        if p.is_admin() { Ok(Admin(p)) } else { Err(ApiError::NotFound("no such route".into())) }
     }
 }
