@@ -199,6 +199,21 @@ async fn the_session_cookie_is_http_only_strict_and_scoped_and_secure_behind_htt
     let stored = app.scalar(&format!("SELECT count(*) FROM console_sessions WHERE session_hash <> '{sid}'")).await;
     assert_eq!(stored, 1, "only its hash is stored");
 
+    // Behind a TLS-terminating proxy that says so.
+    let form = send(&app, "GET", "/console/sign-in", None, None).await;
+    let login = form.input("login_csrf").unwrap();
+    let req = Request::builder()
+        .method("POST")
+        .uri("/console/sign-in")
+        .header(header::COOKIE, format!("tally_console_login={login}"))
+        .header("x-forwarded-proto", "https")
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
+    let body = form_urlencoded::Serializer::new(String::new()).extend_pairs([("token", token("root-admin")), ("login_csrf", login)]).finish();
+    let resp = app.router.clone().oneshot(req.body(Body::from(body)).unwrap()).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    let set: Vec<String> = resp.headers().get_all(header::SET_COOKIE).iter().map(|v| v.to_str().unwrap().to_string()).collect();
+    assert!(set.iter().any(|c| c.starts_with("tally_console=") && c.contains("; Secure;")), "{set:?}");
+
     let https = app_or_skip!(app_with(|c| c.public_url = Some("https://tally.example.com".into())).await);
     let cookie = post_sign_in(&https, &token("root-admin")).await.cookie("tally_console").expect("cookie");
     assert!(cookie.split("; ").any(|a| a == "Secure"), "{cookie}");
@@ -576,4 +591,20 @@ async fn no_page_shows_a_secret_value() {
     // The operator is named by the key's name, never its secret.
     let page = send(&app, "GET", "/console/users", Some(&s.cookie), None).await;
     assert!(page.text.contains("key:ops"));
+}
+
+#[tokio::test]
+async fn deleting_an_admins_account_ends_its_console_sessions() {
+    let app = app_or_skip!(app().await);
+    user_id(&app, "ops-lead").await;
+    let pg = tokio_postgres::connect(&app.url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(pg.1);
+    pg.0.execute("UPDATE users SET is_admin = true WHERE external_id = 'ops-lead'", &[]).await.unwrap();
+    let s = sign_in(&app, &token("ops-lead")).await;
+    sign_in(&app, &token("root-admin")).await;
+    assert_eq!(app.count("console_sessions").await, 2);
+    let (st, _) = app.call("DELETE", "/v1/me", Some(&token("ops-lead")), None).await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+    assert_eq!(app.count("console_sessions").await, 1, "the other admin's session stays");
+    assert_eq!(send(&app, "GET", "/console/users", Some(&s.cookie), None).await.status, StatusCode::SEE_OTHER);
 }

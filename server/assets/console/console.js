@@ -27,7 +27,8 @@
       height: 220,
       tzDate: function (ts) { return uPlot.tzDate(new Date(ts * 1000), "Etc/UTC"); },
       series: series,
-      scales: { x: { time: true }, y: { range: function (u, min, max) { return [0, Math.max(1, max) * 1.1]; } } },
+      // Half a day on each side, so the first and last bars are whole.
+      scales: { x: { time: true, range: function (u, min, max) { return [min - 43200, max + 43200]; } }, y: { range: function (u, min, max) { return [0, Math.max(1, max) * 1.1]; } } },
       axes: [{}, { label: s.unit === "micros" ? "AI cost (micros)" : "units" }],
       legend: { live: false },
     };
