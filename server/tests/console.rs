@@ -208,7 +208,8 @@ async fn the_session_cookie_is_http_only_strict_and_scoped_and_secure_behind_htt
         .header(header::COOKIE, format!("tally_console_login={login}"))
         .header("x-forwarded-proto", "https")
         .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
-    let body = form_urlencoded::Serializer::new(String::new()).extend_pairs([("token", token("root-admin")), ("login_csrf", login)]).finish();
+    let body =
+        form_urlencoded::Serializer::new(String::new()).extend_pairs([("token", token("root-admin")), ("login_csrf", login)]).finish();
     let resp = app.router.clone().oneshot(req.body(Body::from(body)).unwrap()).await.unwrap();
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);
     let set: Vec<String> = resp.headers().get_all(header::SET_COOKIE).iter().map(|v| v.to_str().unwrap().to_string()).collect();
