@@ -141,8 +141,8 @@ fn markdown(doc: &Value) -> String {
         m["memory_gb"],
         m["postgres"].as_str().unwrap_or("PostgreSQL ?"),
     );
-    let _ = writeln!(s, "| name | value | unit | p99 | baseline | baseline value | ratio | target | met |");
-    let _ = writeln!(s, "|---|---:|---|---:|---|---:|---:|---|---|");
+    let _ = writeln!(s, "| name | value | unit | p99 | n | server CPU-s / 1000 | baseline | baseline value | ratio | target | met |");
+    let _ = writeln!(s, "|---|---:|---|---:|---:|---:|---|---:|---:|---|---|");
     for r in doc["results"].as_array().into_iter().flatten() {
         let p99 = r["percentiles"]["p99_us"]
             .as_f64()
@@ -150,11 +150,13 @@ fn markdown(doc: &Value) -> String {
             .unwrap_or_else(|| "—".into());
         let _ = writeln!(
             s,
-            "| `{}` | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| `{}` | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r["name"].as_str().unwrap_or(""),
             fmt_num(r["value"].as_f64().unwrap_or(f64::NAN)),
             r["unit"].as_str().unwrap_or(""),
             p99,
+            r["percentiles"]["count"].as_f64().map(fmt_num).unwrap_or_else(|| "—".into()),
+            r["server_cpu_s_per_1000"].as_f64().map(|c| format!("{c:.3}")).unwrap_or_else(|| "—".into()),
             r["baseline_name"].as_str().map(|b| format!("`{b}`")).unwrap_or_else(|| "—".into()),
             r["baseline_value"].as_f64().map(fmt_num).unwrap_or_else(|| "—".into()),
             r["ratio"].as_f64().map(|v| if v < 0.01 { format!("{v:.5}") } else { format!("{v:.2}") }).unwrap_or_else(|| "—".into()),
@@ -183,7 +185,7 @@ fn markdown(doc: &Value) -> String {
         .as_array()
         .into_iter()
         .flatten()
-        .filter(|b| b["name"].as_str().is_some_and(|n| n.starts_with("fixture.")))
+        .filter(|b| b["name"].as_str().is_some_and(|n| n.starts_with("fixture.") || n.ends_with("_wal_pages")))
         .map(|b| {
             format!(
                 "`{}` {} {}",
@@ -194,7 +196,16 @@ fn markdown(doc: &Value) -> String {
         })
         .collect();
     if !fixtures.is_empty() {
-        let _ = writeln!(s, "Fixtures: {}.", fixtures.join("; "));
+        let _ = writeln!(s, "Fixtures and pages written per commit: {}.", fixtures.join("; "));
+    }
+    let cpu: Vec<String> = doc["baselines_and_fixtures"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|b| b["server_cpu_s_per_1000"].as_f64().map(|c| format!("`{}` {c:.3}", b["name"].as_str().unwrap_or(""))))
+        .collect();
+    if !cpu.is_empty() {
+        let _ = writeln!(s, "Server CPU-s per 1,000 requests of the baselines: {}.", cpu.join("; "));
     }
     s
 }

@@ -53,9 +53,37 @@ fn pct(h: &Histogram<u64>) -> Value {
 struct Sink {
     path: PathBuf,
     lines: Vec<Value>,
+    /// The server process, whose own CPU time is reported beside each `server.*` figure.
+    server_pid: Option<u32>,
+    /// The server's CPU seconds at the last [`Sink::mark`].
+    cpu_mark: Option<f64>,
+}
+
+/// CPU seconds (user + system) process `pid` has used so far, from `/proc/<pid>/stat`
+/// (`utime` and `stime`, fields 14 and 15, in USER_HZ = 100 ticks per second on Linux).
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces: count from its end.
+    let fields: Vec<&str> = stat.get(stat.rfind(')')? + 2..)?.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
 }
 
 impl Sink {
+    /// Starts a measured phase: the server's CPU time from here is charged to the next
+    /// `server.*` figure.
+    fn mark(&mut self) {
+        self.cpu_mark = self.server_pid.and_then(cpu_seconds);
+    }
+
+    /// The server's CPU seconds per 1,000 requests since [`Sink::mark`], for a figure of `name`
+    /// measured over the requests of `h`.
+    fn server_cpu(&self, name: &str, h: Option<&Histogram<u64>>) -> Option<f64> {
+        let h = h.filter(|h| name.starts_with("server.") && !h.is_empty())?;
+        let used = self.server_pid.and_then(cpu_seconds)? - self.cpu_mark?;
+        Some(used / h.len() as f64 * 1000.0)
+    }
+
     fn push(&mut self, v: Value) {
         self.lines.push(v);
         // Rewritten after every figure, so a failure later keeps what was measured.
@@ -67,18 +95,15 @@ impl Sink {
     }
 
     fn measurement(&mut self, name: &str, value: f64, unit: &str, h: Option<&Histogram<u64>>) {
-        eprintln!(
-            "  {name:<34} {value:>14.1} {unit}{}",
-            h.map(|h| format!(
-                "   p50 {:.0} µs  p99 {:.0} µs",
-                h.value_at_quantile(0.5) as f64 / 1e3,
-                h.value_at_quantile(0.99) as f64 / 1e3
-            ))
-            .unwrap_or_default()
-        );
+        let cpu = self.server_cpu(name, h);
+        eprintln!("  {name:<34} {value:>14.1} {unit}{}", detail(h, cpu));
         let mut v = json!({"kind": "measurement", "name": name, "value": value, "unit": unit});
         if let Some(h) = h {
             v["percentiles"] = pct(h);
+            v["requests"] = json!(h.len());
+        }
+        if let Some(c) = cpu {
+            v["server_cpu_s_per_1000"] = json!(c);
         }
         self.push(v);
     }
@@ -96,8 +121,9 @@ impl Sink {
         extra: Value,
     ) {
         let ratio = baseline.map(|(_, b)| if b > 0.0 { value / b } else { f64::NAN });
+        let cpu = self.server_cpu(name, h);
         eprintln!(
-            "  {name:<34} {value:>14.1} {unit:<10} baseline {:<34} {:>12.1}  ratio {:>7.3}  target: {target}  {}",
+            "  {name:<34} {value:>14.1} {unit:<10} baseline {:<34} {:>12.1}  ratio {:>7.3}  target: {target}  {}{}",
             baseline.map_or("—", |b| b.0),
             baseline.map_or(f64::NAN, |b| b.1),
             ratio.unwrap_or(f64::NAN),
@@ -105,7 +131,8 @@ impl Sink {
                 Some(true) => "MET",
                 Some(false) => "MISSED",
                 None => "",
-            }
+            },
+            detail(h, cpu)
         );
         let mut v = json!({
             "kind": "result", "name": name, "value": value, "unit": unit,
@@ -114,6 +141,10 @@ impl Sink {
         });
         if let Some(h) = h {
             v["percentiles"] = pct(h);
+            v["requests"] = json!(h.len());
+        }
+        if let Some(c) = cpu {
+            v["server_cpu_s_per_1000"] = json!(c);
         }
         if let Value::Object(m) = extra {
             for (k, x) in m {
@@ -122,6 +153,14 @@ impl Sink {
         }
         self.push(v);
     }
+}
+
+/// `   p50 … p99 … n …` (and the server's CPU per 1,000 requests) for a figure's console line.
+fn detail(h: Option<&Histogram<u64>>, cpu: Option<f64>) -> String {
+    let Some(h) = h else { return String::new() };
+    let q = |x: f64| h.value_at_quantile(x) as f64 / 1e3;
+    let cpu = cpu.map(|c| format!("  server {c:.3} CPU-s/1000")).unwrap_or_default();
+    format!("   p50 {:.0} µs  p99 {:.0} µs  n {}{cpu}", q(0.5), q(0.99), h.len())
 }
 
 fn id_token(sub: &str) -> String {
@@ -236,13 +275,14 @@ async fn pg_connect(url: &str) -> Res<tokio_postgres::Client> {
 
 async fn run(bin: PathBuf, out: PathBuf, quick: bool) -> Res<()> {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
-    let mut sink = Sink { path: out.clone(), lines: Vec::new() };
+    let mut sink = Sink { path: out.clone(), lines: Vec::new(), server_pid: None, cpu_mark: None };
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     eprintln!("server benchmarks ({} mode) in {}", if quick { "quick" } else { "full" }, dir.path().display());
     let cluster = Cluster::start(&dir.path().join("pg"), ClusterOptions { fast_unsafe: true, ephemeral: true, port: None })
         .map_err(|e| e.to_string())?;
     let cluster_url = cluster.url();
     let server = start_server(&bin, &cluster_url, dir.path())?;
+    sink.server_pid = Some(server.child.id());
     let client = reqwest::Client::builder().pool_max_idle_per_host(512).build().map_err(|e| e.to_string())?;
     let env = Env { client, url: server.url.clone(), pg: pg_connect(&cluster_url).await?, cluster_url };
 
@@ -373,6 +413,7 @@ async fn run(bin: PathBuf, out: PathBuf, quick: bool) -> Res<()> {
     sink.measurement("pg.unnest_insert_eps", base_eps, "events/s", Some(&h_base));
 
     let spread = make_work(&tokens, per_device, "spread");
+    sink.mark();
     let (eps, h) = ingest(&env, &spread, Expect::New).await?;
     sink.result(
         "server.ingest_eps",
@@ -385,6 +426,7 @@ async fn run(bin: PathBuf, out: PathBuf, quick: bool) -> Res<()> {
         json!({"per_core": eps / cores, "devices": DEVICES, "users": DEVICES, "batch": BATCH}),
     );
     let hot = make_work(&vec![hot_token.clone(); DEVICES], per_device, "hot");
+    sink.mark();
     let (hot_eps, h_hot) = ingest(&env, &hot, Expect::New).await?;
     sink.result(
         "server.ingest_one_user_eps",
@@ -396,6 +438,7 @@ async fn run(bin: PathBuf, out: PathBuf, quick: bool) -> Res<()> {
         Some(&h_hot),
         json!({"per_core": hot_eps / cores, "devices": DEVICES, "users": 1, "batch": BATCH}),
     );
+    sink.mark();
     let (dup_eps, h_dup) = ingest(&env, &spread, Expect::Duplicates).await?;
     sink.result(
         "server.ingest_dup_eps",
@@ -414,11 +457,13 @@ async fn run(bin: PathBuf, out: PathBuf, quick: bool) -> Res<()> {
     let secs = if quick { 3 } else { 6 };
     eprintln!("request rates: 64 connections, {secs} s each");
     let dur = Duration::from_secs(secs);
+    sink.mark();
     let (health_rps, h_health) =
         hammer(&env, 64, dur, Arc::new(|c: &reqwest::Client, url: &str, _i: usize| c.get(format!("{url}/healthz")))).await?;
     sink.measurement("server.healthz_rps", health_rps, "req/s", Some(&h_health));
     let toks = Arc::new(tokens.clone());
     let t2 = toks.clone();
+    sink.mark();
     let (ent_rps, h_ent) = hammer(
         &env,
         64,
@@ -437,7 +482,21 @@ async fn run(bin: PathBuf, out: PathBuf, quick: bool) -> Res<()> {
         Some(&h_ent),
         json!({"per_core": ent_rps / cores, "p99_ms": p99_ms, "connections": 64}),
     );
+    // What one signature costs, in-process with the server's signer (the entitlements route
+    // reuses a token for half its life, so most requests sign nothing).
+    let (sign_rps, h_sign) = sign_rate(&dir.path().join("sign-keys"), dur)?;
+    sink.result(
+        "signing.sign_token_per_s",
+        sign_rps,
+        "tokens/s",
+        Some(("server.healthz_rps", health_rps)),
+        "report (one core, in-process)",
+        None,
+        Some(&h_sign),
+        json!({}),
+    );
     let t3 = toks.clone();
+    sink.mark();
     let (online_rps, h_online) = hammer(
         &env,
         16,
@@ -469,6 +528,7 @@ async fn run(bin: PathBuf, out: PathBuf, quick: bool) -> Res<()> {
     let (raw_rps, h_raw) = raw_consume(&env, &user_ids, dur).await?;
     sink.measurement("pg.lock_check_insert_update_rps", raw_rps, "tx/s", Some(&h_raw));
     let t4 = toks.clone();
+    sink.mark();
     let (consume_rps, h_consume) = hammer(
         &env,
         16,
@@ -491,6 +551,7 @@ async fn run(bin: PathBuf, out: PathBuf, quick: bool) -> Res<()> {
         Some(&h_consume),
         json!({"per_core": consume_rps / cores, "connections": 16}),
     );
+    sink.mark();
     let (hold_rps, h_hold) = hold_commit(&env, &tokens, dur).await?;
     sink.result(
         "server.hold_commit_rps",
@@ -517,6 +578,7 @@ async fn run(bin: PathBuf, out: PathBuf, quick: bool) -> Res<()> {
         sink.measurement("fixture.pg_10m_build_s", build_s, "s", None);
         sink.measurement("fixture.pg_events_rows", rows as f64, "rows", None);
         let work = make_work(&tokens, per_device, "after10m");
+        sink.mark();
         let (eps10, h10) = ingest(&env, &work, Expect::New).await?;
         sink.result(
             "server.ingest_10m_eps",
@@ -860,6 +922,27 @@ async fn hold_commit(env: &Env, tokens: &[String], dur: Duration) -> Res<(f64, H
     }
     let (n, h) = join_counts(tasks).await?;
     Ok((n as f64 / t0.elapsed().as_secs_f64(), h))
+}
+
+/// Entitlements tokens signed per second on one core by the server's own signer (keys made in
+/// `dir`), with claims the size of a plan with a few features.
+fn sign_rate(dir: &Path, dur: Duration) -> Res<(f64, Histogram<u64>)> {
+    let signer = tally_server::signing::Signer::load_or_create(dir)?;
+    let features: serde_json::Map<String, Value> = ["ai_chat", "notes", "calls", "export"]
+        .iter()
+        .map(|f| (f.to_string(), json!({"type": "metered", "limit": 1000, "period": "month", "enforcement": "hard"})))
+        .collect();
+    let now = chrono::Utc::now().timestamp();
+    let claims = json!({"sub": "bench-user", "uid": Uuid::now_v7(), "plan": "pro", "status": "active", "access_reason": "subscription",
+        "features": features, "ver": 7, "iat": now, "exp": now + 3600});
+    let mut h = hist();
+    let t0 = Instant::now();
+    while t0.elapsed() < dur {
+        let t = Instant::now();
+        std::hint::black_box(signer.sign(&claims)?);
+        let _ = h.record(t.elapsed().as_nanos().max(1) as u64);
+    }
+    Ok((h.len() as f64 / t0.elapsed().as_secs_f64(), h))
 }
 
 /// `conns` loops sending requests for `dur`; returns requests/s and the latency histogram.

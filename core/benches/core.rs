@@ -161,6 +161,21 @@ fn raw_insert_many(c: &mut Connection, user: &str, seq: &mut i64, n: usize) {
     tx.commit().expect("commit");
 }
 
+/// WAL frames (pages written) per commit of `f`, counted over `n` commits: the WAL is
+/// truncated first, then `PRAGMA wal_checkpoint(PASSIVE)` reports the frames in it (`n` small
+/// enough that no automatic checkpoint restarts it).
+fn wal_pages_per_commit(path: &Path, n: usize, mut f: impl FnMut()) -> f64 {
+    let side = Connection::open(path).expect("open side connection");
+    let frames = |mode: &str| -> i64 { side.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| r.get(1)).expect("checkpoint") };
+    frames("TRUNCATE");
+    for _ in 0..n {
+        f();
+    }
+    let written = frames("PASSIVE");
+    frames("TRUNCATE");
+    written as f64 / n as f64
+}
+
 fn items(n: usize) -> Vec<ConsumeItem> {
     (0..n).map(|_| ConsumeItem { feature: "chat".into(), amount: 1, meta: UsageMeta::default() }).collect()
 }
@@ -250,6 +265,13 @@ fn main() {
         Some(c50 / i50 <= 1.5),
         Some(&h_consume),
     );
+    // Pages written per commit (deterministic: the same on any machine).
+    let core_pages = wal_pages_per_commit(&path, 100, || {
+        black_box(tally.consume(&user, "chat", 1, UsageMeta::default()).expect("consume"));
+    });
+    let raw_pages = wal_pages_per_commit(&raw_path, 100, || raw_insert_one(&mut raw, &user, &mut seq));
+    run.measurement("raw.sqlite_insert_wal_pages", raw_pages, "pages/commit", None);
+    run.measurement("core.consume_wal_pages", core_pages, "pages/commit", None);
     if use_criterion {
         let mut g = crit.benchmark_group("core.consume");
         g.bench_function("tally_consume_normal", |b| b.iter(|| tally.consume(&user, "chat", 1, UsageMeta::default()).expect("consume")));

@@ -210,6 +210,27 @@ pub(crate) fn replay(conn: &Connection, user: &str, u: &Use<'_>) -> Result<Optio
     Ok(Some(serde_json::from_str(&decision)?))
 }
 
+/// The device's last handed-out sequence number: the highest `device_seq` of its events (one
+/// index seek per [`EventState`]), or the floor kept in `device.seq` when that is higher.
+pub(crate) fn last_seq(conn: &Connection) -> Result<i64> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT max(seq, coalesce((SELECT max(device_seq) FROM events WHERE status = ?1), 0),
+                            coalesce((SELECT max(device_seq) FROM events WHERE status = ?2), 0),
+                            coalesce((SELECT max(device_seq) FROM events WHERE status = ?3), 0))
+             FROM device WHERE singleton = 1",
+        )?
+        .query_row(params![EventState::Pending, EventState::Settled, EventState::Rejected], |r| r.get(0))?)
+}
+
+/// Keeps the last sequence number in `device.seq` before events are deleted, so numbers are
+/// never handed out twice (the server takes a reused number for a cloned install).
+pub(crate) fn keep_seq_floor(conn: &Connection) -> Result<()> {
+    let last = last_seq(conn)?;
+    conn.prepare_cached("UPDATE device SET seq = ?1 WHERE singleton = 1")?.execute([last])?;
+    Ok(())
+}
+
 /// Inserts the event of a decided use, with its cost (micros) and, for a keyed use, its
 /// decision (so a replay answers it again).
 #[allow(clippy::too_many_arguments)]

@@ -179,8 +179,10 @@ impl std::fmt::Debug for Tally {
 pub(crate) struct Inner {
     pub(crate) conn: Connection,
     pub(crate) device_id: String,
-    /// Highest wall time seen (ms); mirrors the `device` row.
+    /// Highest wall time seen (ms).
     pub(crate) highest_seen_ms: i64,
+    /// The highest wall time last stored in the `device` row (stored again a second later).
+    pub(crate) highest_stored_ms: i64,
     /// Resolved access per user, dropped on any change.
     pub(crate) access: HashMap<String, Arc<access::Access>>,
     /// (user, feature) pairs whose counters were checked against their rule.
@@ -229,6 +231,7 @@ impl Tally {
                 conn,
                 device_id,
                 highest_seen_ms,
+                highest_stored_ms: highest_seen_ms,
                 access: HashMap::new(),
                 verified: Default::default(),
                 plan_credits: Default::default(),

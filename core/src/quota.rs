@@ -272,12 +272,16 @@ impl Tally {
     pub(crate) fn observe_now(&self, inner: &mut Inner) -> DateTime<Utc> {
         let now = self.now(inner);
         let t = ms(now);
-        if t >= inner.highest_seen_ms.saturating_add(1000) {
-            // Best effort: the consume transaction persists it too.
-            let _ = inner
+        if t >= inner.highest_stored_ms.saturating_add(1000) {
+            // Best effort, at most once a second: the guard's floor may lag by that much.
+            if inner
                 .conn
                 .prepare_cached("UPDATE device SET highest_seen_ms = MAX(highest_seen_ms, ?1) WHERE singleton = 1")
-                .and_then(|mut st| st.execute([t]));
+                .and_then(|mut st| st.execute([t]))
+                .is_ok()
+            {
+                inner.highest_stored_ms = t;
+            }
         }
         inner.highest_seen_ms = inner.highest_seen_ms.max(t);
         now
@@ -440,7 +444,7 @@ impl Tally {
                 return Ok(None);
             }
             let now = self.now(inner);
-            if ms(now) >= inner.highest_seen_ms.saturating_add(1000) {
+            if ms(now) >= inner.highest_stored_ms.saturating_add(1000) {
                 return Ok(None);
             }
             let Some(a) = inner.access.get(user_id).filter(|a| now < a.valid_until).cloned() else { return Ok(None) };
@@ -489,9 +493,9 @@ impl Tally {
         let tx = inner.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let mut decisions = Vec::with_capacity(uses.len());
         let mut recorded = false;
-        // Device sequence numbers are handed out in memory and stored once per batch.
-        let base_seq: i64 = tx.prepare_cached("SELECT seq FROM device WHERE singleton = 1")?.query_row([], |r| r.get(0))?;
-        let mut seq = base_seq;
+        // Sequence numbers follow the last one recorded (read from the status index: nothing
+        // is written for them but the events themselves).
+        let mut seq = crate::ledger::last_seq(&tx)?;
         let mut batch = Batch::default();
         for (u, item) in uses.iter().zip(items) {
             // Only a caller-supplied key can name a recorded event: a fresh UUID v7 cannot.
@@ -510,10 +514,7 @@ impl Tally {
             decisions.push(d);
         }
         batch.flush(&tx, user_id)?;
-        if seq != base_seq {
-            tx.prepare_cached("UPDATE device SET seq = ?1, highest_seen_ms = MAX(highest_seen_ms, ?2) WHERE singleton = 1")?
-                .execute(params![seq, ms(now)])?;
-        }
+        // `highest_seen_ms` is stored by `observe_now` (at most once a second), not per use.
         tx.commit()?;
         if recorded {
             inner.highest_seen_ms = inner.highest_seen_ms.max(ms(now));

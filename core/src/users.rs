@@ -243,6 +243,7 @@ impl Tally {
             if pending > 0 && !force {
                 return Err(Error::UnsyncedEvents(pending));
             }
+            crate::ledger::keep_seq_floor(tx)?;
             tx.execute("DELETE FROM users WHERE id = ?1", [user_id])?;
             Ok(())
         })?;
@@ -295,6 +296,7 @@ fn attach(tx: &rusqlite::Transaction<'_>, local: &str, target: &str) -> Result<(
     if let Some((id, _, _)) = clashes.iter().find(|(_, l, t)| !same_body(l, t)) {
         return Err(Error::IdempotencyConflict(id.clone()));
     }
+    crate::ledger::keep_seq_floor(tx)?;
     for (id, _, _) in &clashes {
         tx.execute("DELETE FROM events WHERE user_id = ?1 AND id = ?2", [local, id])?;
     }

@@ -101,7 +101,7 @@ impl Tally {
                 refund_credits(tx, user_id, &void_id, per_unit.saturating_mul(u64::try_from(amount).unwrap_or(0)), now)?;
             }
             tx.execute("UPDATE events SET voided = 1 WHERE user_id = ?1 AND id = ?2", params![user_id, target_id])?;
-            let seq: i64 = tx.query_row("UPDATE device SET seq = seq + 1 WHERE singleton = 1 RETURNING seq", [], |r| r.get(0))?;
+            let seq = crate::ledger::last_seq(tx)? + 1;
             let keep = |v: i64| if carried { v } else { 0 };
             tx.execute(
                 "INSERT INTO events (user_id, id, feature, amount, occurred_at, device_id, device_seq, cost_micros, metadata, decision,

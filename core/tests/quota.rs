@@ -4,6 +4,7 @@
 mod common;
 use chrono::Duration;
 use common::*;
+use rusqlite::Connection;
 use tally_core::{ConsumeItem, CreditGrant, Entitlements, Error, Reason, SubscriptionStatus, UsageMeta};
 
 fn pro() -> Entitlements {
@@ -305,4 +306,43 @@ fn consume_many_decides_in_order_in_one_transaction() {
         .collect();
     assert_eq!(seqs, vec![1, 2, 3, 4]);
     assert!(e.tally.consume_many(&u, &[]).unwrap().is_empty());
+}
+
+#[test]
+fn sequence_numbers_follow_the_ledger_and_are_never_handed_out_twice() {
+    let e = Env::new();
+    let seqs = |c: &Connection| -> Vec<i64> {
+        c.prepare("SELECT device_seq FROM events ORDER BY device_seq")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    let stored_seq = |c: &Connection| -> i64 { c.query_row("SELECT seq FROM device", [], |r| r.get(0)).unwrap() };
+    let u = e.tally.create_local_user(Some("keeps")).unwrap().id;
+    let v = e.tally.create_local_user(Some("goes")).unwrap().id;
+    for _ in 0..3 {
+        assert!(e.tally.consume(&u, "notes", 1, UsageMeta::default()).unwrap().allowed);
+    }
+    for _ in 0..2 {
+        assert!(e.tally.consume(&v, "notes", 1, UsageMeta::default()).unwrap().allowed);
+    }
+    assert_eq!(seqs(&e.raw()), vec![1, 2, 3, 4, 5]);
+    assert_eq!(stored_seq(&e.raw()), 0, "a use writes its event, not the device row");
+    // The user holding the highest numbers goes: the floor is kept, 4 and 5 are not reused.
+    e.tally.delete_user(&v, true).unwrap();
+    assert_eq!(stored_seq(&e.raw()), 5);
+    e.tally.consume(&u, "notes", 1, UsageMeta::default()).unwrap();
+    // Another connection (another process) continues after the last one recorded.
+    let other = e.reopen();
+    other.consume(&u, "notes", 1, UsageMeta::default()).unwrap();
+    e.tally.consume(&u, "notes", 1, UsageMeta::default()).unwrap();
+    e.tally.void(&u, &key_of_last(&e), Some("test")).unwrap();
+    assert_eq!(seqs(&e.raw()), vec![1, 2, 3, 6, 7, 8, 9]);
+}
+
+/// The id of the latest recorded event.
+fn key_of_last(e: &Env) -> String {
+    e.raw().query_row("SELECT id FROM events ORDER BY device_seq DESC LIMIT 1", [], |r| r.get(0)).unwrap()
 }

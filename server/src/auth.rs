@@ -144,18 +144,53 @@ impl FromRequestParts<AppState> for Principal {
         if let Some(p) = parts.extensions.get::<Principal>() {
             return Ok(p.clone());
         }
-        let token = bearer(parts)?;
-        let slot = parts.extensions.get::<crate::concurrency::TurnSlot>().cloned();
-        let principal = authenticate(state, token, slot).await?;
-        parts.extensions.insert(principal.clone());
-        Ok(principal)
+        Ok(authenticate(parts, state).await?.0)
+    }
+}
+
+/// Verifies the caller's bearer (after taking its turn), caches the [`Principal`] in the
+/// request, and hands back the connection a user was resolved on (`None` for an API key).
+async fn authenticate(parts: &mut Parts, state: &AppState) -> Result<(Principal, Option<deadpool_postgres::Object>), ApiError> {
+    let token = bearer(parts)?;
+    let slot = parts.extensions.get::<crate::concurrency::TurnSlot>().cloned();
+    let (principal, client) = verify_bearer(state, token, slot).await?;
+    parts.extensions.insert(principal.clone());
+    Ok((principal, client))
+}
+
+/// A signed-in user with the connection their identity was resolved on, for a handler whose
+/// work is a read or two: one checkout per request instead of two.
+pub struct AuthUserDb(pub User, pub deadpool_postgres::Object);
+
+impl FromRequestParts<AppState> for AuthUserDb {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let (principal, client) = match parts.extensions.get::<Principal>() {
+            Some(p) => (p.clone(), None),
+            None => authenticate(parts, state).await?,
+        };
+        match principal {
+            Principal::User(u) => Ok(AuthUserDb(
+                u,
+                match client {
+                    Some(c) => c,
+                    None => state.pool.get().await?,
+                },
+            )),
+            Principal::Key(_) => Err(unauthorized("user_token_required", "this route needs a user's identity token, not an API key")),
+        }
     }
 }
 
 /// Verifies a bearer credential — an API key, a server-signed access token or an identity
-/// token — and returns who it names: the one check of every route (and of the console's
-/// sign-in). With `slot`, the caller's turn is taken before any database work.
-pub async fn authenticate(state: &AppState, token: &str, slot: Option<crate::concurrency::TurnSlot>) -> Result<Principal, ApiError> {
+/// token — and returns who it names with the connection a user was resolved on (`None` for an
+/// API key): the one check of every route (and of the console's sign-in). With `slot`, the
+/// caller's turn is taken before any database work.
+pub async fn verify_bearer(
+    state: &AppState,
+    token: &str,
+    slot: Option<crate::concurrency::TurnSlot>,
+) -> Result<(Principal, Option<deadpool_postgres::Object>), ApiError> {
     // Keyed by the verified subject, or by the hash of the API key (only its holder can name
     // that lane).
     let take_turn = |key: String| async move {
@@ -171,7 +206,7 @@ pub async fn authenticate(state: &AppState, token: &str, slot: Option<crate::con
         take_turn(format!("k:{}", api_keys::hash(token))).await?;
         let key = api_keys::authenticate(state, token).await?;
         state.limiter.check(&format!("k:{}", key.key_id))?;
-        return Ok(Principal::Key(key));
+        return Ok((Principal::Key(key), None));
     }
     let claims = if access_tokens::is_server_signed(state, token) {
         access_tokens::verify(state, token)?
@@ -179,10 +214,11 @@ pub async fn authenticate(state: &AppState, token: &str, slot: Option<crate::con
         state.verifier.verify(token).await?
     };
     take_turn(format!("s:{}", claims.sub)).await?;
-    let user = users::resolve(state, &claims).await?;
+    let client = state.pool.get().await?;
+    let user = users::resolve_on(state, &client, &claims).await?;
     users::ensure_enabled(&user)?;
     state.limiter.check(&format!("u:{}", user.user_id))?;
-    Ok(Principal::User(user))
+    Ok((Principal::User(user), Some(client)))
 }
 
 impl Principal {

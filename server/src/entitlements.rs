@@ -2,7 +2,7 @@
 //! entitlements token (cached per user and version), `GET /v1/entitlements` and `GET /v1/keys`.
 
 use crate::AppState;
-use crate::auth::AuthUser;
+use crate::auth::AuthUserDb;
 use crate::error::{ApiError, ApiResult};
 use crate::users::User;
 use axum::Json;
@@ -267,8 +267,7 @@ impl Snapshots {
 }
 
 /// `GET /v1/entitlements`: the resolved entitlements and the signed token.
-pub async fn get_entitlements(State(state): State<AppState>, AuthUser(user): AuthUser) -> ApiResult<Json<Value>> {
-    let client = state.pool.get().await?;
+pub async fn get_entitlements(State(state): State<AppState>, AuthUserDb(user, client): AuthUserDb) -> ApiResult<Json<Value>> {
     let now = state.now();
     let catalog_version = state.catalog.recent_version(&client, std::time::Duration::from_secs(1)).await?;
     let ents = match state.snapshots.get(&user, catalog_version, now) {

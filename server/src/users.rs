@@ -100,14 +100,22 @@ pub fn sub_hash(sub: &str) -> String {
 /// issued (410), claims a pending user with the same verified email, or creates a new user on
 /// the free plan. Race-safe: concurrent first requests make one user.
 pub async fn resolve(state: &AppState, claims: &IdClaims) -> ApiResult<User> {
-    let client = state.pool.get().await?;
-    let admins = &state.config.admin_subjects;
-    // The user and the subject's tombstone in one statement.
-    let both = format!(
+    resolve_on(state, &state.pool.get().await?, claims).await
+}
+
+/// The user and the subject's tombstone in one statement (the one query of an authenticated
+/// request whose user exists).
+static USER_AND_TOMBSTONE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
         "SELECT {USER_COLUMNS}, deleted_at FROM (SELECT 1) AS one \
          LEFT JOIN users ON external_id = $1 LEFT JOIN account_tombstones ON sub_hash = $2"
-    );
-    let r = client.query_one(&client.prepare_cached(&both).await?, &[&claims.sub, &sub_hash(&claims.sub)]).await?;
+    )
+});
+
+/// [`resolve`] on a connection the caller holds (and goes on using).
+pub async fn resolve_on(state: &AppState, client: &deadpool_postgres::Object, claims: &IdClaims) -> ApiResult<User> {
+    let admins = &state.config.admin_subjects;
+    let r = client.query_one(&client.prepare_cached(&USER_AND_TOMBSTONE).await?, &[&claims.sub, &sub_hash(&claims.sub)]).await?;
     let deleted_at = USER_COLUMNS.split(',').count();
     if let Some(deleted) = r.get::<_, Option<DateTime<Utc>>>(deleted_at)
         && claims.iat.is_none_or(|iat| iat <= deleted.timestamp())

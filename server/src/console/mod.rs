@@ -4,7 +4,7 @@
 //! functions as the JSON API; the console only renders them.
 //!
 //! Security: an admin signs in with the bearer credential the API accepts (verified by
-//! [`crate::auth::authenticate`]); the session lives in an `HttpOnly; SameSite=Strict;
+//! [`crate::auth::verify_bearer`]); the session lives in an `HttpOnly; SameSite=Strict;
 //! Path=/console` cookie that only this module reads (the JSON API never reads cookies); every
 //! POST carries the session's CSRF token; every answer has a strict Content-Security-Policy (no
 //! inline script or style: the chart is a local script reading a `data-` attribute).

@@ -234,8 +234,8 @@ pub async fn sign_in(State(state): State<AppState>, req: Request) -> Response {
         return refuse(StatusCode::UNAUTHORIZED, "paste an admin's bearer token or an admin API key".into());
     }
     let slot = parts.extensions.get::<crate::concurrency::TurnSlot>().cloned();
-    let principal = match crate::auth::authenticate(&state, token, slot).await {
-        Ok(p) => p,
+    let principal = match crate::auth::verify_bearer(&state, token, slot).await {
+        Ok((p, _)) => p,
         Err(e) if e.status().is_client_error() => return refuse(StatusCode::UNAUTHORIZED, format!("{} ({})", e, e.code())),
         Err(e) => return ConsoleError::from(e).into_response(),
     };

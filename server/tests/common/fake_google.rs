@@ -28,7 +28,9 @@ pub const PUSH_AUDIENCE: &str = "https://tally.example.com/v1/webhooks/google";
 pub const PUSH_KID: &str = "test-push-key-1";
 
 fn fixture(name: &str) -> String {
-    std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/google").join(name)).expect(name)
+    // From the server's tests and from the end-to-end crate beside it.
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../server/tests/fixtures/google");
+    std::fs::read_to_string(dir.join(name)).expect(name)
 }
 
 /// What the fake holds and recorded.
@@ -212,6 +214,18 @@ impl FakeGoogle {
         c.google_push_jwks_url = format!("{}/jwks", self.base);
         c.google_push_audience = Some(PUSH_AUDIENCE.into());
         c.google_push_email = Some(PUSH_EMAIL.into());
+    }
+
+    /// The environment of a `tally-server` process pointed at this fake.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("TALLY_GOOGLE_SERVICE_ACCOUNT_FILE", self.key_file.display().to_string()),
+            ("TALLY_GOOGLE_PACKAGE_NAME", PACKAGE.into()),
+            ("TALLY_GOOGLE_API_BASE", self.base.clone()),
+            ("TALLY_GOOGLE_PUSH_JWKS_URL", format!("{}/jwks", self.base)),
+            ("TALLY_GOOGLE_PUSH_AUDIENCE", PUSH_AUDIENCE.into()),
+            ("TALLY_GOOGLE_PUSH_EMAIL", PUSH_EMAIL.into()),
+        ]
     }
 
     /// Sets the `subscriptionsv2` resource of `token`.

@@ -1,17 +1,10 @@
 package dev.tally
 
-import java.io.File
 import java.net.HttpURLConnection
 import java.net.ServerSocket
 import java.net.URI
-import java.nio.file.Files
 import java.nio.file.Path
-import java.nio.file.attribute.PosixFilePermissions
-import java.util.Base64
 import java.util.UUID
-import java.util.concurrent.TimeUnit
-import javax.crypto.Mac
-import javax.crypto.spec.SecretKeySpec
 import kotlinx.coroutines.Dispatchers
 import kotlinx.coroutines.async
 import kotlinx.coroutines.delay
@@ -24,101 +17,37 @@ import org.junit.jupiter.api.Assertions.assertEquals
 import org.junit.jupiter.api.Assertions.assertNotNull
 import org.junit.jupiter.api.Assertions.assertThrows
 import org.junit.jupiter.api.Assertions.assertTrue
-import org.junit.jupiter.api.Assumptions.assumeTrue
 import org.junit.jupiter.api.BeforeAll
 import org.junit.jupiter.api.Test
 import org.junit.jupiter.api.io.TempDir
 
 /**
  * `sync` against a real `tally-server` process (embedded PostgreSQL in a temporary data dir),
- * started once for this class. Skipped, loudly, when the server binary is not built
- * (`cargo build -p tally-server`) or PostgreSQL is not installed.
+ * started once for this class (see [TestServer] for when it skips or fails).
  */
 class SyncTest {
     companion object {
-        private const val SECRET = "kotlin-test-identity-secret"
-        private lateinit var dataDir: Path
-        private var server: Process? = null
+        private var server: TestServer? = null
         private var baseUrl = ""
         private var keys = ""
 
         @BeforeAll
         @JvmStatic
         fun startServer() {
-            val bin = File(System.getProperty("tally.server.bin").orEmpty().ifEmpty { "../../target/debug/tally-server" })
-            // Under CI (CI=true / TALLY_REQUIRE_PG=1) a test that cannot run fails instead of skipping.
-            val required = System.getenv("CI") == "true" || System.getenv("TALLY_REQUIRE_PG") == "1"
-            check(bin.canExecute() || !required) { "tally-server is required here but ${bin.absolutePath} is not built" }
-            if (!bin.canExecute()) System.err.println("\n!!!!! SKIPPING SyncTest: ${bin.absolutePath} not built (cargo build -p tally-server) !!!!!\n")
-            assumeTrue(bin.canExecute(), "tally-server binary not built")
-            dataDir = Files.createTempDirectory("tally-kotlin-sync")
-            // The embedded PostgreSQL runs as the `postgres` user when we are root: let it in.
-            Files.setPosixFilePermissions(dataDir, PosixFilePermissions.fromString("rwxr-xr-x"))
-            val plans = dataDir.resolve("plans.json").also { Files.writeString(it, CATALOG) }
-            val port = ServerSocket(0).use { it.localPort }
-            baseUrl = "http://127.0.0.1:$port"
-            val log = dataDir.resolve("server.log").toFile()
-            val pb = ProcessBuilder(bin.absolutePath, "serve").redirectErrorStream(true).redirectOutput(log)
-            pb.environment().apply {
-                remove("TALLY_DATABASE_URL")
-                put("TALLY_LISTEN", "127.0.0.1:$port")
-                put("TALLY_DATA_DIR", dataDir.resolve("data").toString())
-                put("TALLY_JWT_SECRET", SECRET)
-                put("TALLY_PLANS_FILE", plans.toString())
-            }
-            val p = pb.start()
-            server = p
-            val deadline = System.nanoTime() + TimeUnit.SECONDS.toNanos(120)
-            while (System.nanoTime() < deadline) {
-                if (!p.isAlive) {
-                    val out = log.readText()
-                    if (!required && out.contains("initdb", ignoreCase = true) && out.contains("not found", ignoreCase = true)) {
-                        System.err.println("\n!!!!! SKIPPING SyncTest: PostgreSQL binaries not installed !!!!!\n$out")
-                        assumeTrue(false, "PostgreSQL not installed")
-                    }
-                    throw IllegalStateException("tally-server exited with ${p.exitValue()}:\n$out")
-                }
-                if (runCatching { get("/healthz") }.isSuccess) break
-                Thread.sleep(200)
-            }
-            check(runCatching { get("/healthz") }.isSuccess) { "tally-server did not come up:\n${log.readText()}" }
-            keys = get("/v1/keys")
+            val s = TestServer.start(CATALOG)
+            server = s
+            baseUrl = s.baseUrl
+            keys = s.keys
         }
 
         @AfterAll
         @JvmStatic
         fun stopServer() {
-            server?.let { p ->
-                p.destroy() // SIGTERM: the server stops its embedded PostgreSQL
-                if (!p.waitFor(60, TimeUnit.SECONDS)) p.destroyForcibly().waitFor()
-            }
-            if (::dataDir.isInitialized) dataDir.toFile().deleteRecursively()
-        }
-
-        private fun get(path: String): String {
-            val c = URI("$baseUrl$path").toURL().openConnection() as HttpURLConnection
-            c.connectTimeout = 2000
-            c.readTimeout = 5000
-            try {
-                check(c.responseCode == 200) { "GET $path: ${c.responseCode}" }
-                return c.inputStream.readBytes().decodeToString()
-            } finally {
-                c.disconnect()
-            }
+            server?.close()
         }
 
         /** An HS256 identity token from the test identity provider. */
-        fun idToken(sub: String, secret: String = SECRET): String {
-            val b64 = Base64.getUrlEncoder().withoutPadding()
-            val now = System.currentTimeMillis() / 1000
-            val header = b64.encodeToString("""{"alg":"HS256","typ":"JWT"}""".toByteArray())
-            val claims = b64.encodeToString(
-                """{"sub":"$sub","iat":$now,"exp":${now + 3600},"email":"$sub@example.com","email_verified":true}""".toByteArray(),
-            )
-            val mac = Mac.getInstance("HmacSHA256").apply { init(SecretKeySpec(secret.toByteArray(), "HmacSHA256")) }
-            val sig = b64.encodeToString(mac.doFinal("$header.$claims".toByteArray()))
-            return "$header.$claims.$sig"
-        }
+        fun idToken(sub: String, secret: String = TestServer.SECRET): String = TestServer.idToken(sub, secret)
     }
 
     @TempDir
