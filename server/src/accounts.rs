@@ -143,6 +143,7 @@ fn user_tables() -> impl Iterator<Item = &'static str> {
         "refresh_tokens",
         "refresh_families",
         "password_credentials",
+        "console_sessions",
         "users",
     ])
 }

@@ -157,11 +157,7 @@ pub async fn create_grant(
     };
     let by = g.granted_by.clone().unwrap_or_else(|| admin.actor());
     let req = crate::grants::AccessGrantRequest { subject: &g.subject, plan: &plan, until: g.until, granted_by: &by, reason: &g.reason };
-    let mut client = state.pool.get().await?;
-    let (_, catalog) = state.catalog.current(&client).await?;
-    let tx = client.transaction().await?;
-    let (_, id) = crate::grants::grant_access(&tx, &catalog, &req, state.now()).await?;
-    tx.commit().await?;
+    let (_, id) = crate::grants::create(&state, &req).await?;
     Ok((
         StatusCode::CREATED,
         Json(json!({"id": id, "subject": g.subject, "plan": plan, "until": g.until, "granted_by": by, "reason": g.reason})),
@@ -194,7 +190,7 @@ pub struct RevokeGrant {
     responses((status = 200, description = "How many grants were revoked", body = Object)),
 )]
 pub async fn revoke_grant(State(state): State<AppState>, _a: Admin, JsonBody(r): JsonBody<RevokeGrant>) -> ApiResult<Json<Value>> {
-    let mut client = state.pool.get().await?;
+    let client = state.pool.get().await?;
     let row = client
         .query_opt("SELECT user_id FROM users WHERE external_id = $1", &[&r.subject])
         .await?
@@ -212,19 +208,8 @@ pub async fn revoke_grant(State(state): State<AppState>, _a: Admin, JsonBody(r):
         }
         _ => None,
     };
-    let tx = client.transaction().await?;
-    users::lock(&tx, uid, &state.config.admin_subjects).await?;
-    let n = tx
-        .execute(
-            "UPDATE access_grants SET revoked_at = now() WHERE user_id = $1 AND revoked_at IS NULL AND ($2::uuid IS NULL OR grant_id = $2)",
-            &[&uid, &access_id],
-        )
-        .await?;
-    if n == 0 {
-        return Err(ApiError::not_found("grant"));
-    }
-    tx.execute("UPDATE users SET ver = ver + 1 WHERE user_id = $1", &[&uid]).await?;
-    tx.commit().await?;
+    drop(client);
+    let n = crate::grants::revoke(&state, uid, access_id).await?;
     Ok(Json(json!({"revoked": n})))
 }
 
@@ -374,11 +359,7 @@ pub async fn user_usage(
 ) -> ApiResult<Json<Value>> {
     let uid = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("user"))?;
     let client = state.pool.get().await?;
-    let r = client
-        .query_opt(&format!("SELECT {USER_COLUMNS} FROM users WHERE user_id = $1"), &[&uid])
-        .await?
-        .ok_or_else(|| ApiError::not_found("user"))?;
-    let user = User::from_row(&r, &state.config.admin_subjects);
+    let user = users::by_id(&client, uid, &state.config.admin_subjects).await?.ok_or_else(|| ApiError::not_found("user"))?;
     let now = state.now();
     let from = q.from.unwrap_or(now - Duration::days(30));
     let to = q.to.unwrap_or(now + Duration::minutes(10));

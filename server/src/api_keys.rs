@@ -88,6 +88,14 @@ pub async fn revoke(client: &impl GenericClient, key_id: Uuid) -> ApiResult<()> 
     if n == 0 { Err(ApiError::not_found("api key")) } else { Ok(()) }
 }
 
+/// The key `key_id` while it is not revoked (`None`: unknown or revoked).
+pub async fn active_by_id(client: &impl GenericClient, key_id: Uuid) -> ApiResult<Option<ApiKey>> {
+    let r = client
+        .query_opt("SELECT key_id, name, scopes, created_at, revoked_at FROM api_keys WHERE key_id = $1 AND revoked_at IS NULL", &[&key_id])
+        .await?;
+    Ok(r.as_ref().map(ApiKey::from_row))
+}
+
 /// Checks a presented secret.
 pub async fn authenticate(state: &AppState, secret: &str) -> ApiResult<ApiKey> {
     let client = state.pool.get().await?;

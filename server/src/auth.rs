@@ -151,41 +151,11 @@ impl FromRequestParts<AppState> for Principal {
 /// Verifies the caller's bearer (after taking its turn), caches the [`Principal`] in the
 /// request, and hands back the connection a user was resolved on (`None` for an API key).
 async fn authenticate(parts: &mut Parts, state: &AppState) -> Result<(Principal, Option<deadpool_postgres::Object>), ApiError> {
-    {
-        let token = bearer(parts)?;
-        let slot = parts.extensions.get::<crate::concurrency::TurnSlot>().cloned();
-        // The caller's turn is taken before any database work: keyed by the verified subject,
-        // or by the hash of the API key (only its holder can name that lane).
-        let take_turn = |key: String| async move {
-            match slot {
-                Some(slot) if !slot.is_held() => {
-                    slot.hold(state.user_limits.acquire(&key).await?);
-                    Ok::<(), ApiError>(())
-                }
-                _ => Ok(()),
-            }
-        };
-        let (principal, client) = if token.starts_with(api_keys::PREFIX) {
-            take_turn(format!("k:{}", api_keys::hash(token))).await?;
-            let key = api_keys::authenticate(state, token).await?;
-            state.limiter.check(&format!("k:{}", key.key_id))?;
-            (Principal::Key(key), None)
-        } else {
-            let claims = if access_tokens::is_server_signed(state, token) {
-                access_tokens::verify(state, token)?
-            } else {
-                state.verifier.verify(token).await?
-            };
-            take_turn(format!("s:{}", claims.sub)).await?;
-            let client = state.pool.get().await?;
-            let user = users::resolve_on(state, &client, &claims).await?;
-            users::ensure_enabled(&user)?;
-            state.limiter.check(&format!("u:{}", user.user_id))?;
-            (Principal::User(user), Some(client))
-        };
-        parts.extensions.insert(principal.clone());
-        Ok((principal, client))
-    }
+    let token = bearer(parts)?;
+    let slot = parts.extensions.get::<crate::concurrency::TurnSlot>().cloned();
+    let (principal, client) = verify_bearer(state, token, slot).await?;
+    parts.extensions.insert(principal.clone());
+    Ok((principal, client))
 }
 
 /// A signed-in user with the connection their identity was resolved on, for a handler whose
@@ -208,6 +178,56 @@ impl FromRequestParts<AppState> for AuthUserDb {
                 },
             )),
             Principal::Key(_) => Err(unauthorized("user_token_required", "this route needs a user's identity token, not an API key")),
+        }
+    }
+}
+
+/// Verifies a bearer credential — an API key, a server-signed access token or an identity
+/// token — and returns who it names with the connection a user was resolved on (`None` for an
+/// API key): the one check of every route (and of the console's sign-in). With `slot`, the
+/// caller's turn is taken before any database work.
+pub async fn verify_bearer(
+    state: &AppState,
+    token: &str,
+    slot: Option<crate::concurrency::TurnSlot>,
+) -> Result<(Principal, Option<deadpool_postgres::Object>), ApiError> {
+    // Keyed by the verified subject, or by the hash of the API key (only its holder can name
+    // that lane).
+    let take_turn = |key: String| async move {
+        match slot {
+            Some(slot) if !slot.is_held() => {
+                slot.hold(state.user_limits.acquire(&key).await?);
+                Ok::<(), ApiError>(())
+            }
+            _ => Ok(()),
+        }
+    };
+    if token.starts_with(api_keys::PREFIX) {
+        take_turn(format!("k:{}", api_keys::hash(token))).await?;
+        let key = api_keys::authenticate(state, token).await?;
+        state.limiter.check(&format!("k:{}", key.key_id))?;
+        return Ok((Principal::Key(key), None));
+    }
+    let claims = if access_tokens::is_server_signed(state, token) {
+        access_tokens::verify(state, token)?
+    } else {
+        state.verifier.verify(token).await?
+    };
+    take_turn(format!("s:{}", claims.sub)).await?;
+    let client = state.pool.get().await?;
+    let user = users::resolve_on(state, &client, &claims).await?;
+    users::ensure_enabled(&user)?;
+    state.limiter.check(&format!("u:{}", user.user_id))?;
+    Ok((Principal::User(user), Some(client)))
+}
+
+impl Principal {
+    /// Whether this caller may use the admin routes: a user with `is_admin`, or an API key
+    /// with the `admin` scope.
+    pub fn is_admin(&self) -> bool {
+        match self {
+            Principal::User(u) => u.is_admin,
+            Principal::Key(k) => k.has_scope(api_keys::SCOPE_ADMIN),
         }
     }
 }
@@ -242,10 +262,6 @@ impl FromRequestParts<AppState> for Admin {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let p = Principal::from_request_parts(parts, state).await?;
-        let ok = match &p {
-            Principal::User(u) => u.is_admin,
-            Principal::Key(k) => k.has_scope(api_keys::SCOPE_ADMIN),
-        };
-        if ok { Ok(Admin(p)) } else { Err(ApiError::NotFound("no such route".into())) }
+        if p.is_admin() { Ok(Admin(p)) } else { Err(ApiError::NotFound("no such route".into())) }
     }
 }

@@ -175,6 +175,9 @@ pub struct Config {
     /// Master keys of the secrets vault, `kid:base64,…` (32-byte keys; the first seals).
     #[arg(long, env = "TALLY_SECRET_KEYS", hide_env_values = true)]
     pub secret_keys: Option<String>,
+    /// Lifetime of an operator console session (`/console`), in seconds.
+    #[arg(long, env = "TALLY_CONSOLE_SESSION_TTL_SECS", default_value_t = 28_800)]
+    pub console_session_ttl_secs: u64,
 }
 
 /// `1`/`true`/`yes`/`on` or `0`/`false`/`no`/`off`/empty.
@@ -248,6 +251,7 @@ impl Config {
             login_failures_per_email: 10,
             login_failures_per_address: 50,
             secret_keys: None,
+            console_session_ttl_secs: 28_800,
         }
     }
 }

@@ -100,6 +100,16 @@ impl ApiError {
         ApiError::NotFound(format!("{} not found", what.into()))
     }
 
+    /// The HTTP status this error answers with.
+    pub fn status(&self) -> StatusCode {
+        self.parts().0
+    }
+
+    /// The error's code (`invalid_request`, `not_found`, …).
+    pub fn code(&self) -> &'static str {
+        self.parts().1
+    }
+
     fn parts(&self) -> (StatusCode, &'static str) {
         match self {
             ApiError::BadRequest(c, _) => (StatusCode::BAD_REQUEST, c),
@@ -213,8 +223,10 @@ pub async fn json_errors(req: Request, next: Next) -> Response {
     if !(status.is_client_error() || status.is_server_error()) {
         return resp;
     }
+    // JSON already, or an HTML page of the operator console (which answers in HTML).
     let is_json = resp.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-    if is_json {
+    let is_page = resp.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/html"));
+    if is_json || is_page {
         return resp;
     }
     let err = match status {

@@ -1,7 +1,8 @@
 //! Access grants: a plan given to a user until a date (or for good), by an admin through
 //! `POST /v1/admin/grants` or the `tally-server grant` command — one service for both, validated
-//! before anything is created, applied in one transaction.
+//! before anything is created, applied in one transaction — their revocation and listing.
 
+use crate::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::users::sub_hash;
 use chrono::{DateTime, Utc};
@@ -74,4 +75,84 @@ pub async fn grant_access(
     .await?;
     tx.execute("UPDATE users SET ver = ver + 1 WHERE user_id = $1", &[&user_id]).await?;
     Ok((user_id, grant_id))
+}
+
+/// Grants access as [`grant_access`] does, in a transaction of its own under the catalog in
+/// effect: what `POST /v1/admin/grants` and the console call. Returns the user and grant ids.
+pub async fn create(state: &AppState, req: &AccessGrantRequest<'_>) -> ApiResult<(Uuid, Uuid)> {
+    let mut client = state.pool.get().await?;
+    let (_, catalog) = state.catalog.current(&client).await?;
+    let tx = client.transaction().await?;
+    let ids = grant_access(&tx, &catalog, req, state.now()).await?;
+    tx.commit().await?;
+    Ok(ids)
+}
+
+/// Revokes the user's access grant `grant_id`, or every active one when `None`; bumps the
+/// entitlement version. 404 when nothing was revoked. Returns how many were.
+pub async fn revoke(state: &AppState, user_id: Uuid, grant_id: Option<Uuid>) -> ApiResult<u64> {
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    crate::users::lock(&tx, user_id, &state.config.admin_subjects).await?;
+    let n = tx
+        .execute(
+            "UPDATE access_grants SET revoked_at = $3 WHERE user_id = $1 AND revoked_at IS NULL AND ($2::uuid IS NULL OR grant_id = $2)",
+            &[&user_id, &grant_id, &state.now()],
+        )
+        .await?;
+    if n == 0 {
+        return Err(ApiError::not_found("grant"));
+    }
+    tx.execute("UPDATE users SET ver = ver + 1 WHERE user_id = $1", &[&user_id]).await?;
+    tx.commit().await?;
+    Ok(n)
+}
+
+/// An access grant as stored, revoked or not.
+#[derive(Debug, Clone)]
+pub struct StoredGrant {
+    /// Grant id.
+    pub grant_id: Uuid,
+    /// Plan granted.
+    pub plan: String,
+    /// End (`None`: no end).
+    pub until: Option<DateTime<Utc>>,
+    /// Who granted it.
+    pub granted_by: String,
+    /// Why.
+    pub reason: String,
+    /// When it was granted.
+    pub created_at: DateTime<Utc>,
+    /// When it was revoked.
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+impl StoredGrant {
+    /// Whether it gives access at `now`: not revoked, not ended.
+    pub fn active(&self, now: DateTime<Utc>) -> bool {
+        self.revoked_at.is_none() && self.until.is_none_or(|u| u > now)
+    }
+}
+
+/// Every access grant of `user_id`, the newest first.
+pub async fn list(client: &impl GenericClient, user_id: Uuid) -> ApiResult<Vec<StoredGrant>> {
+    let rows = client
+        .query(
+            "SELECT grant_id, plan, until, granted_by, reason, created_at, revoked_at FROM access_grants WHERE user_id = $1 \
+             ORDER BY created_at DESC, grant_id DESC",
+            &[&user_id],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| StoredGrant {
+            grant_id: r.get(0),
+            plan: r.get(1),
+            until: r.get(2),
+            granted_by: r.get(3),
+            reason: r.get(4),
+            created_at: r.get(5),
+            revoked_at: r.get(6),
+        })
+        .collect())
 }

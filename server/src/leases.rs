@@ -675,20 +675,11 @@ pub struct DeviceView {
     pub leases: Vec<Lease>,
 }
 
-/// `GET /v1/me/devices`: `{"devices": [...]}`, the caller's devices by first sync.
-#[utoipa::path(
-    operation_id = "leases_list_devices",
-    get,
-    path = "/v1/me/devices",
-    tag = "account",
-    security(("bearer" = [])),
-    responses((status = 200, description = "The caller's devices with their leases", body = Object)),
-)]
-pub async fn list_devices(State(state): State<AppState>, AuthUser(user): AuthUser) -> ApiResult<Json<Value>> {
-    let client = state.pool.get().await?;
+/// Every device of `user_id` by first sync, as `GET /v1/me/devices` lists them.
+pub async fn devices(client: &impl GenericClient, user_id: Uuid) -> ApiResult<Vec<DeviceView>> {
     let q = format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE user_id = $1 ORDER BY first_seen_at, device_id");
-    let rows = client.query(&client.prepare_cached(&q).await?, &[&user.user_id]).await?;
-    let devices: Vec<DeviceView> = rows
+    let rows = client.query(&client.prepare_cached(&q).await?, &[&user_id]).await?;
+    Ok(rows
         .iter()
         .map(Device::from_row)
         .map(|d| DeviceView {
@@ -702,7 +693,21 @@ pub async fn list_devices(State(state): State<AppState>, AuthUser(user): AuthUse
             removed_at: d.removed_at,
             leases: d.leases,
         })
-        .collect();
+        .collect())
+}
+
+/// `GET /v1/me/devices`: `{"devices": [...]}`, the caller's devices by first sync.
+#[utoipa::path(
+    operation_id = "leases_list_devices",
+    get,
+    path = "/v1/me/devices",
+    tag = "account",
+    security(("bearer" = [])),
+    responses((status = 200, description = "The caller's devices with their leases", body = Object)),
+)]
+pub async fn list_devices(State(state): State<AppState>, AuthUser(user): AuthUser) -> ApiResult<Json<Value>> {
+    let client = state.pool.get().await?;
+    let devices = devices(&client, user.user_id).await?;
     Ok(Json(serde_json::json!({ "devices": devices })))
 }
 

@@ -14,6 +14,7 @@ pub mod billing;
 pub mod cli;
 pub mod concurrency;
 pub mod config;
+pub mod console;
 pub mod consume;
 pub mod cors;
 pub mod credits;
@@ -193,7 +194,8 @@ impl AppState {
     }
 }
 
-/// The HTTP API over `state`: every route of the README's API table.
+/// The HTTP API over `state`: every route of the README's API table, and the operator console
+/// under `/console`.
 pub fn app(state: AppState) -> Router {
     let body_limit = usize::try_from(state.config.max_body_bytes).unwrap_or(usize::MAX);
     let request_timeout = Duration::from_secs(state.config.request_timeout_secs.max(1));
@@ -242,6 +244,7 @@ pub fn app(state: AppState) -> Router {
         .route("/metrics", get(metrics::render))
         .route("/v1/plans", get(plans::public_plans))
         .merge(api)
+        .merge(console::router())
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|method: axum::http::Method, uri: axum::http::Uri| async move {
             ApiError::MethodNotAllowed(format!("{method} is not allowed on {}", uri.path()))

@@ -189,7 +189,89 @@ pub(crate) fn parse_time(name: &str, s: Option<&str>, default: DateTime<Utc>) ->
     }
 }
 
-/// Usage rows of `user_id` in `[from, to)`, grouped by `group_by` (`day` in `tz`).
+/// A grouping of usage reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Group {
+    /// The local date (`YYYY-MM-DD`) in the user's timezone.
+    Day,
+    /// The feature key.
+    Feature,
+    /// The AI model (`""` without one).
+    Model,
+}
+
+impl Group {
+    /// The group of a `group_by` value.
+    pub fn parse(s: &str) -> ApiResult<Group> {
+        match s {
+            "day" => Ok(Group::Day),
+            "feature" => Ok(Group::Feature),
+            "model" => Ok(Group::Model),
+            other => Err(ApiError::invalid(format!("group_by must be day, feature or model, not {other:?}"))),
+        }
+    }
+    fn sql(self) -> &'static str {
+        match self {
+            Group::Day => "to_char(effective_at AT TIME ZONE $4, 'YYYY-MM-DD')",
+            Group::Feature => "feature",
+            Group::Model => "coalesce(model, '')",
+        }
+    }
+}
+
+/// One row of a usage report: its group keys (in the order asked) and its sums.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageRow {
+    /// The values of the groups, in the order of the request.
+    pub keys: Vec<String>,
+    /// Events counted.
+    pub events: i64,
+    /// Summed amounts.
+    pub amount: i64,
+    /// Summed input tokens.
+    pub input_tokens: i64,
+    /// Summed output tokens.
+    pub output_tokens: i64,
+    /// Summed AI cost in micros.
+    pub cost_micros: i64,
+}
+
+/// The usage of `user_id` in `[from, to)` by effective time, voided events left out, grouped
+/// by `groups` (days in `tz`), ordered by the keys: the one query of every usage report.
+pub async fn grouped(
+    client: &impl GenericClient,
+    user_id: Uuid,
+    tz: &str,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    groups: &[Group],
+) -> ApiResult<Vec<UsageRow>> {
+    let keys: Vec<String> = groups.iter().enumerate().map(|(i, g)| format!("{} AS k{i}", g.sql())).collect();
+    let by: Vec<String> = (0..groups.len()).map(|i| format!("k{i}")).collect();
+    let sql = format!(
+        "SELECT {}, count(*)::bigint, sum(amount)::bigint, coalesce(sum(input_tokens), 0)::bigint, coalesce(sum(output_tokens), 0)::bigint, \
+         coalesce(sum(cost_micros), 0)::bigint FROM events WHERE user_id = $1 AND effective_at >= $2 AND effective_at < $3 AND voided_at IS NULL \
+         AND $4::text IS NOT NULL GROUP BY {by} ORDER BY {by}",
+        keys.join(", "),
+        by = by.join(", ")
+    );
+    let rows = client.query(&sql, &[&user_id, &from, &to, &tz]).await?;
+    let n = groups.len();
+    Ok(rows
+        .iter()
+        .map(|r| UsageRow {
+            keys: (0..n).map(|i| r.get::<_, String>(i)).collect(),
+            events: r.get(n),
+            amount: r.get(n + 1),
+            input_tokens: r.get(n + 2),
+            output_tokens: r.get(n + 3),
+            cost_micros: r.get(n + 4),
+        })
+        .collect())
+}
+
+/// Usage rows of `user_id` in `[from, to)`, grouped by `group_by` (`day` in `tz`), as the JSON
+/// reports answer them.
 pub async fn report_rows(
     client: &impl GenericClient,
     user_id: Uuid,
@@ -198,22 +280,13 @@ pub async fn report_rows(
     to: DateTime<Utc>,
     group_by: &str,
 ) -> ApiResult<Vec<Value>> {
-    let key = match group_by {
-        "day" => "to_char(effective_at AT TIME ZONE $4, 'YYYY-MM-DD')",
-        "feature" => "feature",
-        "model" => "coalesce(model, '')",
-        other => return Err(ApiError::invalid(format!("group_by must be day, feature or model, not {other:?}"))),
-    };
-    let sql = format!(
-        "SELECT {key} AS k, count(*)::bigint, sum(amount)::bigint, coalesce(sum(input_tokens), 0)::bigint, coalesce(sum(output_tokens), 0)::bigint, \
-         sum(cost_micros)::bigint FROM events WHERE user_id = $1 AND effective_at >= $2 AND effective_at < $3 AND voided_at IS NULL AND $4::text IS NOT NULL GROUP BY k ORDER BY k"
-    );
-    let rows = client.query(&sql, &[&user_id, &from, &to, &tz]).await?;
+    let group = Group::parse(group_by)?;
+    let rows = grouped(client, user_id, tz, from, to, &[group]).await?;
     Ok(rows
-        .iter()
+        .into_iter()
         .map(|r| {
-            json!({group_by: r.get::<_, String>(0), "events": r.get::<_, i64>(1), "amount": r.get::<_, i64>(2),
-                   "input_tokens": r.get::<_, i64>(3), "output_tokens": r.get::<_, i64>(4), "cost_micros": r.get::<_, i64>(5)})
+            json!({group_by: r.keys.first(), "events": r.events, "amount": r.amount,
+                   "input_tokens": r.input_tokens, "output_tokens": r.output_tokens, "cost_micros": r.cost_micros})
         })
         .collect())
 }
@@ -233,9 +306,7 @@ pub async fn report(State(state): State<AppState>, p: Principal, QueryParams(q):
     let from = parse_time("from", q.from.as_deref(), now - Duration::days(30))?;
     let to = parse_time("to", q.to.as_deref(), now + Duration::minutes(10))?;
     let group_by = q.group_by.as_deref().unwrap_or("feature");
-    if !["day", "feature", "model"].contains(&group_by) {
-        return Err(ApiError::invalid(format!("group_by must be day, feature or model, not {group_by:?}")));
-    }
+    Group::parse(group_by)?;
     let user = match (&p, q.subject.as_deref()) {
         // Reading usage is not recording it: a `usage:write` key alone gets 404.
         (Principal::Key(k), Some(_)) if !(k.has_scope(SCOPE_USAGE_READ) || k.has_scope(SCOPE_ADMIN)) => {

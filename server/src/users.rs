@@ -198,6 +198,33 @@ pub async fn find_named(state: &AppState, subject: Option<&str>, user_id: Option
     Ok(user)
 }
 
+/// The user of server id `user_id`, if any.
+pub async fn by_id(client: &impl GenericClient, user_id: Uuid, admins: &[String]) -> ApiResult<Option<User>> {
+    let r = client.query_opt(&format!("SELECT {USER_COLUMNS} FROM users WHERE user_id = $1"), &[&user_id]).await?;
+    Ok(r.map(|r| User::from_row(&r, admins)))
+}
+
+/// Users matching `q` for an operator: the user of that id when `q` is a UUID; else those
+/// whose email (case-insensitive) or subject starts with `q`; the newest first, at most
+/// `limit`. An empty `q` lists the newest users.
+pub async fn search(client: &impl GenericClient, q: &str, limit: i64, admins: &[String]) -> ApiResult<Vec<User>> {
+    let q = q.trim();
+    let rows = if let Ok(id) = Uuid::parse_str(q) {
+        client.query(&format!("SELECT {USER_COLUMNS} FROM users WHERE user_id = $1"), &[&id]).await?
+    } else {
+        client
+            .query(
+                &format!(
+                    "SELECT {USER_COLUMNS} FROM users WHERE starts_with(lower(coalesce(email, '')), lower($1)) \
+                     OR starts_with(coalesce(external_id, ''), $1) ORDER BY created_at DESC, user_id LIMIT $2"
+                ),
+                &[&q, &limit],
+            )
+            .await?
+    };
+    Ok(rows.iter().map(|r| User::from_row(r, admins)).collect())
+}
+
 /// Re-reads a user by id, locking the row for the rest of the transaction.
 pub async fn lock(tx: &impl GenericClient, user_id: Uuid, admins: &[String]) -> ApiResult<User> {
     let q = format!("SELECT {USER_COLUMNS} FROM users WHERE user_id = $1 FOR NO KEY UPDATE");
