@@ -190,7 +190,7 @@ pub async fn revoke_grant(State(state): State<AppState>, _a: Admin, JsonBody(r):
     if n == 0 {
         return Err(ApiError::not_found("grant"));
     }
-    tx.execute("UPDATE users SET ver = ver + 1 WHERE user_id = $1", &[&uid]).await?;
+    users::bump_version(&tx, uid, state.now()).await?;
     tx.commit().await?;
     Ok(Json(json!({"revoked": n})))
 }

@@ -72,6 +72,6 @@ pub async fn grant_access(
         &[&user_id, &grant_id, &req.plan, &req.until, &req.granted_by, &req.reason],
     )
     .await?;
-    tx.execute("UPDATE users SET ver = ver + 1 WHERE user_id = $1", &[&user_id]).await?;
+    crate::users::bump_version(tx, user_id, now).await?;
     Ok((user_id, grant_id))
 }

@@ -432,7 +432,8 @@ fn current_windows(ctx: &Ctx<'_>, features: &BTreeMap<String, Rule>) -> BTreeMap
 /// again, any use that would overflow one) and computes the totals of `features` for every
 /// window the batch touched plus the current ones. With `over_cause`, an accepted event that
 /// leaves the window of its hard rule over the limit is stored with that cause, and the cause
-/// joins the window's `over_limit_causes`.
+/// joins the window's `over_limit_causes`. A window whose total reached 80 % or 100 % of its
+/// limit gets its `usage.threshold` webhook event in the same transaction.
 #[allow(clippy::too_many_arguments)]
 pub async fn ingest(
     tx: &impl GenericClient,
@@ -601,6 +602,9 @@ pub async fn ingest(
             features.get(&f).map(|rule| total_for(rule, &f, p, start, end, &s))
         })
         .collect();
+    if !out.accepted.is_empty() {
+        crate::webhooks::outbox::usage_thresholds(tx, ctx.user_id, &out.totals, ctx.now).await?;
+    }
     Ok(out)
 }
 
