@@ -307,7 +307,7 @@ mod tests {
 
     #[test]
     fn subscription_transitions_name_their_events() {
-        use SubscriptionStatus::*;
+        use SubscriptionStatus::{Active, Canceled, PastDue};
         let active = stored(Active, 100, true);
         assert_eq!(kinds(None, &active), ["subscription.started"]);
         assert_eq!(kinds(Some(&active), &active), Vec::<&str>::new(), "no change, no event");
