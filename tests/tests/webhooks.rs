@@ -9,7 +9,7 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tally_e2e::{Server, id_token, postgres, raw_request};
+use tally_e2e::{Server, id_token, raw_request, shared_cluster};
 
 const ADMIN: &str = "webhook-admin";
 
@@ -129,12 +129,19 @@ fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// A data directory and a fresh database of the binary's shared cluster; `None` when PostgreSQL
+/// is not installed and not required.
+fn database(name: &str) -> Option<(tempfile::TempDir, String)> {
+    let pg = shared_cluster()?;
+    let dir = tempfile::Builder::new().prefix("tally-e2e-webhooks-").tempdir_in("/tmp").expect("tempdir");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let db = rt.block_on(pg.create_database(name)).expect("database");
+    Some((dir, db))
+}
+
 #[test]
 fn two_replicas_deliver_each_event_id_once() {
-    let dir = tempfile::Builder::new().prefix("tally-e2e-webhooks-").tempdir_in("/tmp").expect("tempdir");
-    let Some(pg) = postgres(dir.path()) else { return };
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let db = rt.block_on(pg.create_database("webhooks_replicas")).expect("database");
+    let Some((dir, db)) = database("webhooks_replicas") else { return };
     let e = env();
     let a = Server::start(&db, &dir.path().join("server"), &e);
     let b = Server::start(&db, &dir.path().join("server"), &e);
@@ -158,10 +165,7 @@ fn two_replicas_deliver_each_event_id_once() {
 
 #[test]
 fn a_server_killed_mid_delivery_has_it_redelivered_with_the_same_id() {
-    let dir = tempfile::Builder::new().prefix("tally-e2e-webhooks-").tempdir_in("/tmp").expect("tempdir");
-    let Some(pg) = postgres(dir.path()) else { return };
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let db = rt.block_on(pg.create_database("webhooks_kill")).expect("database");
+    let Some((dir, db)) = database("webhooks_kill") else { return };
     let mut server = Server::start(&db, &dir.path().join("server"), &env());
     let r = Receiver::start();
     r.hang.store(true, Ordering::SeqCst);

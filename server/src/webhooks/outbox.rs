@@ -223,14 +223,7 @@ pub async fn sweep(state: &crate::AppState) -> ApiResult<()> {
     let from: DateTime<Utc> =
         client.query_opt("SELECT swept_until FROM webhook_sweeps WHERE name = 'time'", &[]).await?.map_or(now, |r| r.get(0));
     if !wanted || from >= now {
-        client
-            .execute(
-                "INSERT INTO webhook_sweeps (name, swept_until) VALUES ('time', $1) \
-                 ON CONFLICT (name) DO UPDATE SET swept_until = GREATEST(webhook_sweeps.swept_until, excluded.swept_until)",
-                &[&now],
-            )
-            .await?;
-        return Ok(());
+        return mark_swept(&client, now).await;
     }
     let grace = crate::billing::subscriptions::grace(state);
     let grants = client
@@ -266,6 +259,11 @@ pub async fn sweep(state: &crate::AppState) -> ApiResult<()> {
             .await?;
         tx.commit().await?;
     }
+    mark_swept(&client, now).await
+}
+
+/// Keeps `now` as the end of the span swept (never moving it back).
+async fn mark_swept(client: &impl GenericClient, now: DateTime<Utc>) -> ApiResult<()> {
     client
         .execute(
             "INSERT INTO webhook_sweeps (name, swept_until) VALUES ('time', $1) \
