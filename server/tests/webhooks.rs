@@ -178,6 +178,8 @@ async fn without_allow_private_loopback_receivers_are_refused_at_registration_an
         format!("http://[::1]:{port}/hook"),
         "http://169.254.169.254/latest".into(),
         "http://10.0.0.8/".into(),
+        format!("http://0x7f000001:{port}/hook"),
+        format!("http://2130706433:{port}/hook"),
         format!("http://[::ffff:127.0.0.1]:{port}/hook"),
     ] {
         let (s, v) = a.call("POST", "/v1/admin/webhooks", Some(&admin), Some(json!({"url": url, "events": ["credits.granted"]}))).await;
@@ -235,6 +237,43 @@ async fn deliveries_are_signed_per_standard_webhooks_and_attempts_are_listed() {
     assert_eq!(deliveries(&a, &other).await.len(), 1);
     let (s, v) = a.call("GET", &format!("/v1/admin/webhooks/{id}/deliveries?state=pending"), Some(&token("root-admin")), None).await;
     assert_eq!((s, v["deliveries"].as_array().map(Vec::len)), (StatusCode::OK, Some(0)));
+}
+
+#[tokio::test]
+async fn redirects_are_not_followed() {
+    let a = app_or_skip!(app_with(fast).await);
+    let r = Receiver::start().await;
+    r.set_status(307);
+    let (id, _) = register(&a, &r.url, &["credits.granted"]).await;
+    credit(&a, "redirected", 1).await;
+    wait_for("a refused redirect", async || deliveries(&a, &id).await.first().is_some_and(|d| d["last_status"] == 307)).await;
+    let d = &deliveries(&a, &id).await[0];
+    assert_eq!(d["state"], "pending", "a redirect is a failure, retried: {d}");
+    assert!(d["last_error"].as_str().unwrap().contains("redirects are not followed"), "{d}");
+    assert_eq!(r.followed(), 0, "the Location was never requested");
+}
+
+#[tokio::test]
+async fn a_receiver_that_does_not_answer_times_out_and_is_retried() {
+    let a = app_or_skip!(
+        app_with(|c| {
+            fast(c);
+            c.webhook_timeout_ms = 300;
+        })
+        .await
+    );
+    let r = Receiver::start().await;
+    r.set_status(receiver::HANG);
+    let (id, _) = register(&a, &r.url, &["credits.granted"]).await;
+    credit(&a, "slow-receiver", 1).await;
+    wait_for("a timed-out attempt", async || deliveries(&a, &id).await.first().is_some_and(|d| !d["last_error"].is_null())).await;
+    let d = &deliveries(&a, &id).await[0];
+    assert!(d["last_error"].as_str().unwrap().contains("timed out"), "{d}");
+    assert_eq!((d["state"].as_str(), d["last_status"].as_i64()), (Some("pending"), None), "{d}");
+    let ms = d["attempt_log"][0]["duration_ms"].as_i64().unwrap();
+    assert!(ms < 3000, "the attempt ended at the timeout, not with the receiver's answer: {ms} ms");
+    r.set_status(200);
+    wait_for("the retry", async || deliveries(&a, &id).await[0]["state"] == "delivered").await;
 }
 
 #[tokio::test]

@@ -28,18 +28,28 @@ pub fn event_id(user: Uuid, kind: &str, parts: &[&str]) -> Uuid {
 /// `subject` unless it names them) and a delivery to every endpoint subscribed to `kind`;
 /// nothing when no endpoint is, or when the event exists already.
 pub async fn emit(tx: &impl GenericClient, user: Uuid, kind: &str, id: Uuid, data: Value, now: DateTime<Utc>) -> ApiResult<()> {
+    emit_all(tx, user, kind, vec![(id, data)], now).await
+}
+
+/// [`emit`] of several events of one kind, in one statement (in their order).
+pub async fn emit_all(tx: &impl GenericClient, user: Uuid, kind: &str, events: Vec<(Uuid, Value)>, now: DateTime<Utc>) -> ApiResult<()> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let (ids, data): (Vec<Uuid>, Vec<Value>) = events.into_iter().unzip();
     let st = tx
         .prepare_cached(
             "WITH ev AS ( \
                INSERT INTO webhook_events (user_id, event_id, type, created_at, data) \
-               SELECT $1, $2, $3, $4, jsonb_build_object('user_id', $1::uuid, 'subject', (SELECT external_id FROM users WHERE user_id = $1)) || $5::jsonb \
-               WHERE EXISTS (SELECT 1 FROM webhook_endpoints WHERE $3 = ANY(events)) \
+               SELECT $1, e.id, $3, $4, jsonb_build_object('user_id', $1::uuid, 'subject', (SELECT external_id FROM users WHERE user_id = $1)) || e.data \
+               FROM unnest($2::uuid[], $5::jsonb[]) WITH ORDINALITY AS e(id, data, n) \
+               WHERE EXISTS (SELECT 1 FROM webhook_endpoints WHERE $3 = ANY(events)) ORDER BY e.n \
                ON CONFLICT DO NOTHING RETURNING user_id, event_id, seq) \
              INSERT INTO webhook_deliveries (user_id, event_id, endpoint_id, seq, next_attempt_at, queued_at) \
              SELECT ev.user_id, ev.event_id, p.endpoint_id, ev.seq, $4, $4 FROM ev, webhook_endpoints p WHERE $3 = ANY(p.events)",
         )
         .await?;
-    tx.execute(&st, &[&user, &id, &kind, &now, &data]).await?;
+    tx.execute(&st, &[&user, &ids, &kind, &now, &data]).await?;
     Ok(())
 }
 
@@ -189,20 +199,27 @@ pub fn reached(used: u64, limit: Option<u64>) -> Vec<u64> {
     THRESHOLDS.into_iter().filter(|p| u128::from(used) * 100 >= u128::from(limit) * u128::from(*p)).collect()
 }
 
-/// Emits `usage.threshold` for every threshold a window of `totals` has reached, once per
-/// (user, feature, period, window start, threshold).
-pub async fn usage_thresholds(tx: &impl GenericClient, user: Uuid, totals: &[Total], now: DateTime<Utc>) -> ApiResult<()> {
-    for t in totals {
-        for p in reached(t.used, t.limit) {
+/// The thresholds (percent) that adding `added` to a window crossed, ending at `used`.
+pub fn crossed(used: u64, added: u64, limit: Option<u64>) -> Vec<u64> {
+    let before = reached(used.saturating_sub(added), limit);
+    reached(used, limit).into_iter().filter(|p| !before.contains(p)).collect()
+}
+
+/// Emits `usage.threshold` for every threshold a window's total crossed (each given with what
+/// the batch added to it), once per (user, feature, period, window start, threshold).
+pub async fn usage_thresholds(tx: &impl GenericClient, user: Uuid, totals: &[(&Total, u64)], now: DateTime<Utc>) -> ApiResult<()> {
+    let mut events = Vec::new();
+    for (t, added) in totals {
+        for p in crossed(t.used, *added, t.limit) {
             let period = t.period.as_str();
             let start = t.period_start.timestamp_micros().to_string();
             let id = event_id(user, "usage.threshold", &[&t.feature, period, &start, &p.to_string()]);
             let data = json!({"feature": t.feature, "period": period, "period_start": t.period_start, "period_end": t.period_end,
                 "threshold": p, "used": t.used, "limit": t.limit});
-            emit(tx, user, "usage.threshold", id, data, now).await?;
+            events.push((id, data));
         }
     }
-    Ok(())
+    emit_all(tx, user, "usage.threshold", events, now).await
 }
 
 /// Emits, per user, the events time caused since the last sweep: an access grant that ended
@@ -326,5 +343,9 @@ mod tests {
         assert_eq!(reached(9, Some(5)), [80, 100]);
         assert_eq!(reached(u64::MAX, None), Vec::<u64>::new());
         assert_eq!(reached(0, Some(0)), Vec::<u64>::new());
+        assert_eq!(crossed(4, 1, Some(5)), [80], "3 → 4 of 5");
+        assert_eq!(crossed(5, 1, Some(5)), [100], "80 % was crossed before");
+        assert_eq!(crossed(6, 1, Some(5)), Vec::<u64>::new(), "both were crossed before");
+        assert_eq!(crossed(5, 5, Some(5)), [80, 100], "one batch crosses both");
     }
 }

@@ -8,7 +8,7 @@ use hmac::{Hmac, Mac};
 use serde_json::Value;
 use sha2::Sha256;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// One request the receiver got.
@@ -26,18 +26,23 @@ impl Received {
     }
 }
 
+/// The status that makes the receiver wait 5 s before answering 200.
+pub const HANG: u16 = 599;
+
 /// A webhook receiver on 127.0.0.1 answering `status` (changeable) to every POST.
 pub struct Receiver {
     pub url: String,
     got: Arc<Mutex<Vec<Received>>>,
     status: Arc<AtomicU16>,
+    followed: Arc<AtomicUsize>,
 }
 
 impl Receiver {
     pub async fn start() -> Receiver {
         let got: Arc<Mutex<Vec<Received>>> = Arc::default();
         let status = Arc::new(AtomicU16::new(200));
-        let (g, s) = (got.clone(), status.clone());
+        let followed = Arc::new(AtomicUsize::new(0));
+        let (g, s, f) = (got.clone(), status.clone(), followed.clone());
         let app = axum::Router::new().route(
             "/hook",
             axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
@@ -50,18 +55,42 @@ impl Receiver {
                         signature: h("webhook-signature"),
                         body: body.to_vec(),
                     });
-                    StatusCode::from_u16(s.load(Ordering::SeqCst)).unwrap()
+                    let status = s.load(Ordering::SeqCst);
+                    if status == HANG {
+                        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                    }
+                    // Every answer names a `Location`: a redirect status would send a
+                    // follower to /elsewhere.
+                    (
+                        StatusCode::from_u16(if status == HANG { 200 } else { status }).unwrap(),
+                        [(axum::http::header::LOCATION, "/elsewhere")],
+                    )
+                }
+            }),
+        );
+        let app = app.route(
+            "/elsewhere",
+            axum::routing::any(move || {
+                let f = f.clone();
+                async move {
+                    f.fetch_add(1, Ordering::SeqCst);
+                    StatusCode::OK
                 }
             }),
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/hook", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        Receiver { url, got, status }
+        Receiver { url, got, status, followed }
     }
 
     pub fn set_status(&self, s: u16) {
         self.status.store(s, Ordering::SeqCst);
+    }
+
+    /// Requests that followed a redirect to /elsewhere.
+    pub fn followed(&self) -> usize {
+        self.followed.load(Ordering::SeqCst)
     }
 
     pub fn all(&self) -> Vec<Received> {
