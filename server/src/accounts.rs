@@ -113,10 +113,14 @@ pub async fn delete_me(State(state): State<AppState>, AuthUser(user): AuthUser) 
             .await?;
     }
     delete_rows(&tx, user.user_id).await?;
+    // Ids only; purged once delivered (or dead-lettered).
+    let now = state.now();
+    let id = crate::webhooks::outbox::event_id(user.user_id, "account.deleted", &[]);
+    crate::webhooks::outbox::emit(&tx, user.user_id, "account.deleted", id, json!({"subject": user.external_id}), now).await?;
     if let Some(sub) = &user.external_id {
         tx.execute(
             "INSERT INTO account_tombstones (sub_hash, deleted_at) VALUES ($1, $2) ON CONFLICT (sub_hash) DO UPDATE SET deleted_at = excluded.deleted_at",
-            &[&sub_hash(sub), &state.now()],
+            &[&sub_hash(sub), &now],
         )
         .await?;
     }
@@ -144,6 +148,9 @@ fn user_tables() -> impl Iterator<Item = &'static str> {
         "refresh_families",
         "password_credentials",
         "console_sessions",
+        "webhook_attempts",
+        "webhook_deliveries",
+        "webhook_events",
         "users",
     ])
 }

@@ -178,6 +178,24 @@ pub struct Config {
     /// Lifetime of an operator console session (`/console`), in seconds.
     #[arg(long, env = "TALLY_CONSOLE_SESSION_TTL_SECS", default_value_t = 28_800)]
     pub console_session_ttl_secs: u64,
+    /// Outbound webhooks may go to private, loopback and link-local addresses (after DNS
+    /// resolution, and as address literals): on with `1` (for tests and private networks).
+    #[arg(long, env = "TALLY_WEBHOOK_ALLOW_PRIVATE", default_value = "0", value_parser = parse_flag, action = clap::ArgAction::Set)]
+    pub webhook_allow_private: bool,
+    /// How often the webhook worker of each replica looks for due deliveries when idle, in milliseconds.
+    #[arg(long, env = "TALLY_WEBHOOK_POLL_MS", default_value_t = 1000)]
+    pub webhook_poll_ms: u64,
+    /// Timeout of one webhook delivery request, in milliseconds (a claimed delivery's lease is
+    /// twice this plus a second).
+    #[arg(long, env = "TALLY_WEBHOOK_TIMEOUT_MS", default_value_t = 10_000)]
+    pub webhook_timeout_ms: u64,
+    /// First pause before retrying a failed webhook delivery, in milliseconds; doubled at each
+    /// attempt (with jitter), at most 12 hours.
+    #[arg(long, env = "TALLY_WEBHOOK_BACKOFF_MS", default_value_t = 5000)]
+    pub webhook_backoff_ms: u64,
+    /// How long a webhook delivery is retried before it is dead-lettered, in seconds.
+    #[arg(long, env = "TALLY_WEBHOOK_RETRY_SECS", default_value_t = 259_200)]
+    pub webhook_retry_secs: u64,
 }
 
 /// `1`/`true`/`yes`/`on` or `0`/`false`/`no`/`off`/empty.
@@ -252,6 +270,11 @@ impl Config {
             login_failures_per_address: 50,
             secret_keys: None,
             console_session_ttl_secs: 28_800,
+            webhook_allow_private: false,
+            webhook_poll_ms: 1000,
+            webhook_timeout_ms: 10_000,
+            webhook_backoff_ms: 5000,
+            webhook_retry_secs: 259_200,
         }
     }
 }

@@ -231,7 +231,8 @@ pub async fn after_ingest(
     Ok(())
 }
 
-/// Adds a grant; `false` when a grant with this id already exists (e.g. the invoice's).
+/// Adds a grant (and its `credits.granted` event); `false` when a grant with this id already
+/// exists (e.g. the invoice's).
 #[allow(clippy::too_many_arguments)]
 pub async fn insert(
     tx: &impl GenericClient,
@@ -244,6 +245,7 @@ pub async fn insert(
     invoice_id: Option<&str>,
     valid_from: DateTime<Utc>,
     expires_at: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
 ) -> ApiResult<bool> {
     if amount <= 0 {
         return Err(ApiError::invalid("credits must be positive"));
@@ -255,6 +257,9 @@ pub async fn insert(
             &[&user_id, &grant_id, &amount, &source, &reason, &granted_by, &invoice_id, &valid_from, &expires_at],
         )
         .await?;
+    if n == 1 {
+        crate::webhooks::outbox::credits_granted(tx, user_id, grant_id, amount, source, reason, expires_at, now).await?;
+    }
     Ok(n == 1)
 }
 
@@ -281,8 +286,9 @@ pub async fn grant_credits(state: &AppState, r: CreditGrantRequest<'_>) -> ApiRe
     let tx = client.transaction().await?;
     crate::users::lock(&tx, r.user_id, &state.config.admin_subjects).await?;
     let id = format!("adm:{}", Uuid::now_v7());
-    insert(&tx, r.user_id, &id, r.credits, "admin", Some(r.reason), Some(r.granted_by), None, state.now(), r.expires_at).await?;
-    tx.execute("UPDATE users SET ver = ver + 1 WHERE user_id = $1", &[&r.user_id]).await?;
+    let now = state.now();
+    insert(&tx, r.user_id, &id, r.credits, "admin", Some(r.reason), Some(r.granted_by), None, now, r.expires_at, now).await?;
+    crate::users::bump_version(&tx, r.user_id, state.now()).await?;
     tx.commit().await?;
     Ok(id)
 }
@@ -315,7 +321,7 @@ pub async fn revoke_credits(state: &AppState, user_id: Uuid, grant_id: Option<&s
         )
         .await?;
     if n > 0 {
-        tx.execute("UPDATE users SET ver = ver + 1 WHERE user_id = $1", &[&user_id]).await?;
+        crate::users::bump_version(&tx, user_id, state.now()).await?;
         crate::leases::mark_refund(&tx, user_id, state.now()).await?;
     }
     tx.commit().await?;

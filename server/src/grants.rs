@@ -73,7 +73,7 @@ pub async fn grant_access(
         &[&user_id, &grant_id, &req.plan, &req.until, &req.granted_by, &req.reason],
     )
     .await?;
-    tx.execute("UPDATE users SET ver = ver + 1 WHERE user_id = $1", &[&user_id]).await?;
+    crate::users::bump_version(tx, user_id, now).await?;
     Ok((user_id, grant_id))
 }
 
@@ -103,7 +103,7 @@ pub async fn revoke(state: &AppState, user_id: Uuid, grant_id: Option<Uuid>) -> 
     if n == 0 {
         return Err(ApiError::not_found("grant"));
     }
-    tx.execute("UPDATE users SET ver = ver + 1 WHERE user_id = $1", &[&user_id]).await?;
+    crate::users::bump_version(&tx, user_id, state.now()).await?;
     tx.commit().await?;
     Ok(n)
 }

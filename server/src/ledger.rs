@@ -432,7 +432,8 @@ fn current_windows(ctx: &Ctx<'_>, features: &BTreeMap<String, Rule>) -> BTreeMap
 /// again, any use that would overflow one) and computes the totals of `features` for every
 /// window the batch touched plus the current ones. With `over_cause`, an accepted event that
 /// leaves the window of its hard rule over the limit is stored with that cause, and the cause
-/// joins the window's `over_limit_causes`.
+/// joins the window's `over_limit_causes`. A window whose total this batch took past 80 % or
+/// 100 % of its limit gets its `usage.threshold` webhook event in the same transaction.
 #[allow(clippy::too_many_arguments)]
 pub async fn ingest(
     tx: &impl GenericClient,
@@ -592,6 +593,8 @@ pub async fn ingest(
         v.cost += inc.cost;
     }
     with_limits(features, &mut acc);
+    // What this batch added to each window, to tell which thresholds it crossed.
+    let added: HashMap<CounterKey, (i64, i64)> = acc.iter().map(|(k, inc)| (k.clone(), (inc.used, inc.cost))).collect();
     upsert_counters(tx, ctx.user_id, ctx.now, acc).await?;
     mark_overage(tx, ctx, features, &unique, &out.accepted, &mut after, over_cause).await?;
     out.totals = wanted
@@ -601,6 +604,16 @@ pub async fn ingest(
             features.get(&f).map(|rule| total_for(rule, &f, p, start, end, &s))
         })
         .collect();
+    let crossed: Vec<(&Total, u64)> = out
+        .totals
+        .iter()
+        .filter_map(|t| {
+            let (used, cost) = added.get(&(t.feature.clone(), t.period, t.period_start))?;
+            let by = if matches!(features.get(&t.feature), Some(Rule::Budget { .. })) { cost } else { used };
+            Some((t, u64::try_from(*by).unwrap_or(0)))
+        })
+        .collect();
+    crate::webhooks::outbox::usage_thresholds(tx, ctx.user_id, &crossed, ctx.now).await?;
     Ok(out)
 }
 

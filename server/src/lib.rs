@@ -48,6 +48,7 @@ pub mod usage_events;
 pub mod users;
 pub mod vault;
 pub mod voids;
+pub mod webhooks;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -180,6 +181,7 @@ impl AppState {
             vault,
         });
         holds::spawn_sweeper(Arc::downgrade(&shared), holds::SWEEP_EVERY);
+        webhooks::delivery::spawn_worker(Arc::downgrade(&shared), webhooks::delivery::Settings::from_config(&shared.config))?;
         Ok(AppState(shared))
     }
 
@@ -236,6 +238,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/admin/api-keys/{id}", axum::routing::delete(admin::revoke_api_key))
         .merge(password_auth::router())
         .merge(secrets::router())
+        .merge(webhooks::router())
         .layer(DefaultBodyLimit::max(body_limit));
     Router::new()
         .route("/healthz", get(openapi::healthz))

@@ -37,6 +37,12 @@ pub fn payment_failed(store: &'static str) {
     ::metrics::counter!("tally_payments_failed_total", "store" => store).increment(1);
 }
 
+/// Counts a recorded webhook delivery attempt by the state it left (`delivered`, `pending`, `dead`).
+pub fn webhook_attempt(state: &'static str) {
+    handle();
+    ::metrics::counter!("tally_webhook_attempts_total", "state" => state).increment(1);
+}
+
 /// Counts a denied decision of a server-side check or consume, by its reason.
 pub fn decision_denied(route: &'static str, reason: tally_core::Reason) {
     handle();

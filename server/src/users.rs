@@ -232,6 +232,16 @@ pub async fn lock(tx: &impl GenericClient, user_id: Uuid, admins: &[String]) -> 
     Ok(User::from_row(&r, admins))
 }
 
+/// Bumps the user's entitlement version (tokens and caches of the old one go stale) and emits
+/// `entitlements.changed` for the new one, in the caller's transaction.
+pub async fn bump_version(tx: &impl GenericClient, user_id: Uuid, now: DateTime<Utc>) -> ApiResult<()> {
+    let st = tx.prepare_cached("UPDATE users SET ver = ver + 1, updated_at = $2 WHERE user_id = $1 RETURNING ver").await?;
+    if let Some(r) = tx.query_opt(&st, &[&user_id, &now]).await? {
+        crate::webhooks::outbox::entitlements_changed(tx, user_id, r.get(0), now).await?;
+    }
+    Ok(())
+}
+
 /// Validates a profile edit with the contract the device checks too (whole edit: 422 naming
 /// the field).
 pub fn validate_profile(p: &ProfilePatch) -> ApiResult<()> {

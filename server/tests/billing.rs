@@ -10,6 +10,8 @@
 #![allow(clippy::type_complexity, clippy::too_many_arguments)]
 
 mod common;
+#[path = "common/receiver.rs"]
+mod receiver;
 
 use axum::http::StatusCode;
 use chrono::{DateTime, Duration, Utc};
@@ -1036,7 +1038,20 @@ async fn tables_naming(a: &TestApp, needle: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn deleting_an_account_leaves_no_row_naming_the_user_or_their_email_in_any_table() {
-    let a = app_or_skip!(billing_app(|_| {}).await);
+    let a = app_or_skip!(
+        billing_app(|c| {
+            c.webhook_allow_private = true;
+            c.webhook_poll_ms = 20;
+            c.webhook_backoff_ms = 50;
+        })
+        .await
+    );
+    // A backend hears of everything, the deletion included; its outbox rows name the user
+    // until then.
+    let r = receiver::Receiver::start().await;
+    let all: Vec<&str> = tally_server::webhooks::EVENT_TYPES.to_vec();
+    let (s, v) = a.call("POST", "/v1/admin/webhooks", Some(&token("root-admin")), Some(json!({"url": r.url, "events": all}))).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
     let email = "Leaver.Person@Example.com";
     let t = token_with("leaver-sub", json!({"email": email, "email_verified": true}));
     let uid = a.user_id(&t).await;
@@ -1067,9 +1082,37 @@ async fn deleting_an_account_leaves_no_row_naming_the_user_or_their_email_in_any
     for needle in [uid.as_str(), email, "leaver-sub"] {
         assert!(!tables_naming(&a, needle).await.is_empty(), "the test data names {needle}");
     }
+    let named = tables_naming(&a, &uid).await;
+    for t in ["webhook_events", "webhook_deliveries"] {
+        assert!(named.iter().any(|h| h.starts_with(&format!("{t}:"))), "the outbox names the user in {t}: {named:#?}");
+    }
+    let types =
+        |r: &receiver::Receiver| -> Vec<String> { r.all().iter().map(|g| g.json()["type"].as_str().unwrap().to_string()).collect() };
+    for want in [
+        "subscription.started",
+        "payment.succeeded",
+        "credits.granted",
+        "entitlements.changed",
+        "subscription.canceled",
+        "subscription.expired",
+    ] {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !types(&r).iter().any(|t| t == want) {
+            assert!(std::time::Instant::now() < deadline, "no {want} delivered: {:?}", types(&r));
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
 
     let (s, v) = a.call("DELETE", "/v1/me", Some(&t), None).await;
     assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+    // `account.deleted` (ids only) reaches the backend, then its rows are purged.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !(types(&r).iter().any(|t| t == "account.deleted") && a.count("webhook_events WHERE type = 'account.deleted'").await == 0) {
+        assert!(std::time::Instant::now() < deadline, "account.deleted not delivered and purged: {:?}", types(&r));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let gone = r.all().into_iter().map(|g| g.json()).find(|b| b["type"] == "account.deleted").unwrap();
+    assert_eq!(gone["data"], json!({"user_id": uid, "subject": "leaver-sub"}), "ids only");
     for needle in [uid.as_str(), email, "leaver-sub"] {
         let hits = tables_naming(&a, needle).await;
         assert!(hits.is_empty(), "rows still naming {needle}: {hits:#?}");

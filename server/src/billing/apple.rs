@@ -14,6 +14,7 @@ use crate::auth::AuthUser;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::JsonBody;
 use crate::users;
+use crate::webhooks::outbox::{self, Payment};
 use crate::{AppState, Config};
 use app_store_server_library::models::app_store_environment::Environment;
 use app_store_server_library::models::auto_renew_status::AutoRenewStatus;
@@ -311,8 +312,24 @@ async fn settle(tx: &impl GenericClient, user: Uuid, original: &str, catalog: &C
         )
         .await?
         .map(|r| Renewal { auto_renew: r.get(0), billing_retry: r.get(1), grace_until: r.get(2), signed_date: r.get(3) });
+    for t in txns.iter().filter(|t| !t.trial) {
+        let paid = Payment {
+            kind: "payment.succeeded",
+            store: Store::AppStore.as_str(),
+            payment_id: &t.transaction_id,
+            occurrence: "",
+            subscription_id: Some(&t.original_id),
+            product_id: Some(&t.product_id),
+            amount: t.price,
+            currency: t.currency.as_deref(),
+        };
+        outbox::payment(tx, user, &paid, now).await?;
+        if t.revoked_at.is_some() {
+            outbox::payment(tx, user, &Payment { kind: "payment.refunded", ..paid }, now).await?;
+        }
+    }
     if let Some(s) = state_of(original, &txns, renewal.as_ref(), catalog, now) {
-        subscriptions::store(tx, user, &s).await?;
+        subscriptions::store(tx, user, &s, now).await?;
         let latest = txns.iter().max_by(|a, b| a.period_key().cmp(&b.period_key()));
         let txn = latest.map(|t| t.transaction_id.as_str());
         return Ok(vec![purchases::purchase(Store::AppStore, s.sub.product_id.as_deref(), txn, s.sub.status.as_str())]);

@@ -17,6 +17,7 @@ use crate::auth::AuthUser;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::JsonBody;
 use crate::users;
+use crate::webhooks::outbox::{self, Payment};
 use crate::{AppState, Config};
 use axum::Json;
 use axum::extract::State;
@@ -344,8 +345,25 @@ async fn settle(
     let mut out = Vec::new();
     let mut follow = Vec::new();
     let settled = |t: &Token| !matches!(t.state.as_str(), "PENDING" | "SUBSCRIPTION_STATE_PENDING" | "CANCELED");
+    for t in tokens.iter().filter(|t| settled(t) && !t.trial) {
+        let order = t.order_id.as_deref().unwrap_or(&t.purchase_token);
+        let paid = Payment {
+            kind: "payment.succeeded",
+            store: Store::Play.as_str(),
+            payment_id: order,
+            occurrence: "",
+            subscription_id: (t.kind == Kind::Subscription).then_some(lineage),
+            product_id: Some(&t.product_id),
+            amount: None,
+            currency: None,
+        };
+        outbox::payment(tx, user, &paid, now).await?;
+        if voids.contains_key(order) {
+            outbox::payment(tx, user, &Payment { kind: "payment.refunded", ..paid }, now).await?;
+        }
+    }
     if let Some(s) = state_of(lineage, &tokens, &voids, catalog, now) {
-        subscriptions::store(tx, user, &s).await?;
+        subscriptions::store(tx, user, &s, now).await?;
         let latest = tokens.iter().max_by(|a, b| a.period_key().cmp(&b.period_key()));
         if let Some(t) = latest.filter(|t| !t.acknowledged && settled(t) && s.sub.status != SubscriptionStatus::None) {
             let (p, k) = (t.product_id.clone(), t.purchase_token.clone());

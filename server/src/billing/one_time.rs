@@ -39,7 +39,7 @@ pub async fn grant(state: &AppState, tx: &impl GenericClient, user: Uuid, sessio
     let now = state.now();
     let kind = catalog.product(Store::Stripe, price).map(|p| p.kind());
     if matches!(kind, Some(ProductKind::Lifetime(_) | ProductKind::Credits(_))) {
-        record_payment(tx, user, session, &payment, at).await?;
+        record_payment(tx, user, session, &payment, at, now).await?;
     }
     match kind {
         Some(ProductKind::Lifetime(plan)) => {
@@ -64,14 +64,25 @@ pub async fn grant(state: &AppState, tx: &impl GenericClient, user: Uuid, sessio
                 access_until: None,
                 lifetime: true,
             };
-            subscriptions::store(tx, user, &Stored { sub, auto_renew: false, sandbox: false }).await?;
+            subscriptions::store(tx, user, &Stored { sub, auto_renew: false, sandbox: false }, now).await?;
             Ok("applied:lifetime".into())
         }
         Some(ProductKind::Credits(n)) => {
             let amount = i64::try_from(n).unwrap_or(i64::MAX);
-            let fresh =
-                credits::insert(tx, user, &grant_id(&payment), amount, "purchase", Some(price), Some("stripe"), None, at.min(now), None)
-                    .await?;
+            let fresh = credits::insert(
+                tx,
+                user,
+                &grant_id(&payment),
+                amount,
+                "purchase",
+                Some(price),
+                Some("stripe"),
+                None,
+                at.min(now),
+                None,
+                now,
+            )
+            .await?;
             Ok(if fresh { format!("applied:credits_granted:{amount}") } else { "applied:already_granted".into() })
         }
         Some(ProductKind::Subscription(_)) | None => Ok("ignored:unknown_product".into()),
@@ -80,8 +91,26 @@ pub async fn grant(state: &AppState, tx: &impl GenericClient, user: Uuid, sessio
 
 /// Records the payment in the history (`GET /v1/billing` `payments`, with the Checkout
 /// Session's id as its `invoice_id`; refunds match it by its PaymentIntent), once.
-async fn record_payment(tx: &impl GenericClient, user: Uuid, session: &Value, payment: &str, at: DateTime<Utc>) -> ApiResult<()> {
+async fn record_payment(
+    tx: &impl GenericClient,
+    user: Uuid,
+    session: &Value,
+    payment: &str,
+    at: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> ApiResult<()> {
     let Some(id) = id_of(&session["id"]) else { return Ok(()) };
+    let event = crate::webhooks::outbox::Payment {
+        kind: "payment.succeeded",
+        store: "stripe",
+        payment_id: payment,
+        occurrence: "",
+        subscription_id: None,
+        product_id: session["metadata"]["tally_price_id"].as_str(),
+        amount: session["amount_total"].as_i64(),
+        currency: session["currency"].as_str(),
+    };
+    crate::webhooks::outbox::payment(tx, user, &event, now).await?;
     tx.execute(
         "INSERT INTO stripe_payments (user_id, invoice_id, customer_id, payment_intent, amount, currency, status, paid_at, created) \
          VALUES ($1, $2, $3, $4, $5, $6, 'paid', $7, $7) ON CONFLICT (user_id, invoice_id) DO NOTHING",

@@ -100,7 +100,8 @@ pub async fn credit_pack(tx: &impl GenericClient, user: Uuid, pack: &Pack<'_>, n
     let store = pack.store.as_str();
     let id = format!("{store}:{}", pack.transaction_id);
     let amount = i64::try_from(pack.credits).unwrap_or(i64::MAX);
-    credits::insert(tx, user, &id, amount, "purchase", Some(pack.product_id), Some(store), None, pack.purchased_at.min(now), None).await?;
+    credits::insert(tx, user, &id, amount, "purchase", Some(pack.product_id), Some(store), None, pack.purchased_at.min(now), None, now)
+        .await?;
     if !pack.revoked {
         return Ok("credited");
     }

@@ -47,9 +47,17 @@ pub async fn load(client: &impl GenericClient, user: Uuid) -> ApiResult<Vec<Stor
     Ok(client.query(&st, &[&user]).await?.iter().map(from_row).collect())
 }
 
-/// Stores `s` as the state of its (store, subscription id).
-pub async fn store(client: &impl GenericClient, user: Uuid, s: &Stored) -> ApiResult<()> {
+/// Stores `s` as the state of its (store, subscription id), with the webhook events of the
+/// change (`subscription.*`) in the same transaction.
+pub async fn store(client: &impl GenericClient, user: Uuid, s: &Stored, now: DateTime<Utc>) -> ApiResult<()> {
     let sub = &s.sub;
+    let st = client
+        .prepare_cached(&format!("SELECT {COLUMNS} FROM store_subscriptions WHERE user_id = $1 AND store = $2 AND subscription_id = $3"))
+        .await?;
+    let old = client.query_opt(&st, &[&user, &sub.store.as_str(), &sub.subscription_id]).await?.map(|r| from_row(&r));
+    if old.as_ref() == Some(s) {
+        return Ok(());
+    }
     client
         .execute(
             &format!(
@@ -76,7 +84,7 @@ pub async fn store(client: &impl GenericClient, user: Uuid, s: &Stored) -> ApiRe
             ],
         )
         .await?;
-    Ok(())
+    crate::webhooks::outbox::subscription_changed(client, user, old.as_ref(), s, now).await
 }
 
 /// The past-due grace of `TALLY_PAST_DUE_GRACE_SECS` (for stores that give no date).
@@ -100,8 +108,7 @@ pub async fn refresh(client: &impl GenericClient, user: Uuid, catalog: &Catalog,
             )
             .await?;
     }
-    client.execute("UPDATE users SET ver = ver + 1, updated_at = now() WHERE user_id = $1", &[&user]).await?;
-    Ok(())
+    crate::users::bump_version(client, user, now).await
 }
 
 /// Whether `s` is a subscription (not a one-time plan) still running at `now`: active,

@@ -8,6 +8,7 @@ use crate::credits;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::body_bytes;
 use crate::users;
+use crate::webhooks::outbox::{self, Payment};
 use axum::Json;
 use axum::extract::{FromRequest, Request, State};
 use chrono::{DateTime, Utc};
@@ -284,6 +285,18 @@ async fn apply(state: &AppState, tx: &impl GenericClient, user: Uuid, ev: &Event
                 ],
             )
             .await?;
+            let refunded = o.get("amount_refunded").and_then(Value::as_i64).unwrap_or(0);
+            let event = Payment {
+                kind: "payment.refunded",
+                store: "stripe",
+                payment_id: charge,
+                occurrence: &refunded.to_string(),
+                subscription_id: None,
+                product_id: None,
+                amount: Some(refunded),
+                currency: o.get("currency").and_then(Value::as_str),
+            };
+            outbox::payment(tx, user, &event, state.now()).await?;
             // A full refund of a one-time payment takes back the lifetime plan or credits it gave.
             if o.get("refunded").and_then(Value::as_bool) == Some(true)
                 && let Some(payment) = o.get("payment_intent").and_then(id_of)
@@ -357,12 +370,24 @@ async fn invoice(
         &[&user, &invoice_id, &sub, &customer, &payment_intent, &charge, &amount, &currency, &status, &failed_at, &paid_at, &period_start, &period_end, &created],
     )
     .await?;
+    let price = invoice_price(o);
+    let event = Payment {
+        kind: if paid { "payment.succeeded" } else { "payment.failed" },
+        store: "stripe",
+        payment_id: invoice_id,
+        occurrence: if paid { "" } else { ev.id.as_str() },
+        subscription_id: sub.as_deref(),
+        product_id: price.as_deref(),
+        amount: Some(amount),
+        currency: Some(currency),
+    };
+    outbox::payment(tx, user, &event, state.now()).await?;
     if !paid {
         return Ok("applied:past_due".into());
     }
     // The plan's included credits, once per invoice, expiring at the end of the period paid
     // unless the plan rolls them over.
-    let mut plan = invoice_price(o).and_then(|p| prices.get(&p).cloned());
+    let mut plan = price.and_then(|p| prices.get(&p).cloned());
     if plan.is_none()
         && let Some(s) = &sub
     {
@@ -385,6 +410,7 @@ async fn invoice(
         Some(invoice_id),
         valid_from,
         expires,
+        state.now(),
     )
     .await?;
     Ok(if granted { format!("applied:credits_granted:{amount}") } else { "applied".into() })
@@ -493,7 +519,7 @@ pub async fn refresh_user(state: &AppState, tx: &impl GenericClient, user: Uuid)
             lifetime: false,
         };
         let stored = super::subscriptions::Stored { sub, auto_renew: !s.cancel_at_period_end, sandbox: false };
-        super::subscriptions::store(tx, user, &stored).await?;
+        super::subscriptions::store(tx, user, &stored, state.now()).await?;
     }
     let (_, catalog) = state.catalog.current(tx).await?;
     super::subscriptions::refresh(tx, user, &catalog, state.now(), super::subscriptions::grace(state)).await

@@ -1,0 +1,291 @@
+//! Outbound webhooks: an app's backend hears when a user buys, renews, fails to pay, cancels or
+//! nears a limit. Admins register endpoints (`/v1/admin/webhooks`); every change that causes an
+//! event writes it to the outbox ([`outbox`]) in its own transaction; a worker in every replica
+//! delivers it ([`delivery`]), signed as the Standard Webhooks specification says.
+
+pub mod delivery;
+pub mod outbox;
+
+use crate::AppState;
+use crate::auth::Admin;
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{JsonBody, QueryParams};
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use base64::Engine;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+/// Every event type an endpoint can subscribe to.
+pub const EVENT_TYPES: [&str; 12] = [
+    "subscription.started",
+    "subscription.renewed",
+    "subscription.canceled",
+    "subscription.expired",
+    "subscription.past_due",
+    "payment.succeeded",
+    "payment.failed",
+    "payment.refunded",
+    "credits.granted",
+    "usage.threshold",
+    "account.deleted",
+    "entitlements.changed",
+];
+
+/// Most endpoints one server keeps.
+pub const MAX_ENDPOINTS: i64 = 100;
+/// Longest endpoint URL, in bytes.
+pub const MAX_URL_BYTES: usize = 2048;
+/// Prefix of a signing secret (Standard Webhooks).
+pub const SECRET_PREFIX: &str = "whsec_";
+/// Bytes of a generated signing secret.
+const SECRET_BYTES: usize = 32;
+/// Longest deliveries page.
+const MAX_PAGE: i64 = 1000;
+
+/// The admin routes of webhooks.
+pub fn router() -> axum::Router<AppState> {
+    axum::Router::new()
+        .route("/v1/admin/webhooks", post(create).get(list))
+        .route("/v1/admin/webhooks/{id}", axum::routing::delete(remove))
+        .route("/v1/admin/webhooks/{id}/replay", post(replay))
+        .route("/v1/admin/webhooks/{id}/deliveries", get(deliveries))
+}
+
+/// Body of `POST /v1/admin/webhooks`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewEndpoint {
+    /// Where deliveries go (`http://` or `https://`).
+    pub url: String,
+    /// Event types delivered there (at least one of [`EVENT_TYPES`]).
+    pub events: Vec<String>,
+    /// Signing secret `whsec_<base64 of 24 to 64 bytes>`; absent: one is generated.
+    #[serde(default)]
+    pub secret: Option<String>,
+}
+
+/// An endpoint as listed (never with its secret).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Endpoint {
+    /// Endpoint id.
+    pub id: Uuid,
+    /// Receiver URL.
+    pub url: String,
+    /// Subscribed event types.
+    pub events: Vec<String>,
+    /// When it was registered.
+    pub created_at: DateTime<Utc>,
+}
+
+/// The HMAC key of a `whsec_…` secret, or why it is not one.
+pub fn secret_key(secret: &str) -> Result<Vec<u8>, String> {
+    let b64 = secret.strip_prefix(SECRET_PREFIX).ok_or_else(|| format!("secret must start with {SECRET_PREFIX:?}"))?;
+    let key = base64::engine::general_purpose::STANDARD.decode(b64).map_err(|_| "secret must be whsec_ followed by base64".to_string())?;
+    if !(24..=64).contains(&key.len()) {
+        return Err("secret must hold 24 to 64 bytes".into());
+    }
+    Ok(key)
+}
+
+fn new_secret() -> String {
+    format!("{SECRET_PREFIX}{}", base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; SECRET_BYTES]>()))
+}
+
+/// Checks an endpoint URL: http(s), at most [`MAX_URL_BYTES`], with a host, and not an address
+/// literal in a private, loopback or link-local range unless `allow_private`.
+pub fn check_url(url: &str, allow_private: bool) -> ApiResult<reqwest::Url> {
+    let bad = |m: &str| ApiError::Invalid("invalid_url", format!("url {m}"));
+    if url.len() > MAX_URL_BYTES {
+        return Err(bad(&format!("is longer than {MAX_URL_BYTES} bytes")));
+    }
+    let parsed = reqwest::Url::parse(url).map_err(|e| bad(&format!("is not a URL ({e})")))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(bad("must start with http:// or https://"));
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(bad("must not carry credentials"));
+    }
+    let host = parsed.host_str().filter(|h| !h.is_empty()).ok_or_else(|| bad("has no host"))?;
+    if let Some(ip) = delivery::ip_literal(host)
+        && !allow_private
+        && delivery::forbidden(ip)
+    {
+        return Err(ApiError::Invalid(
+            "private_address",
+            format!("url names {ip}, a private, loopback or link-local address (allowed only with TALLY_WEBHOOK_ALLOW_PRIVATE=1)"),
+        ));
+    }
+    Ok(parsed)
+}
+
+fn check_events(events: &[String]) -> ApiResult<Vec<String>> {
+    if events.is_empty() {
+        return Err(ApiError::Invalid("invalid_events", "events must name at least one event type".into()));
+    }
+    let mut out: Vec<String> = Vec::new();
+    for e in events {
+        if !EVENT_TYPES.contains(&e.as_str()) {
+            return Err(ApiError::Invalid("unknown_event_type", format!("{e:?} is not an event type (one of {})", EVENT_TYPES.join(", "))));
+        }
+        if !out.contains(e) {
+            out.push(e.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// `POST /v1/admin/webhooks {url, events, secret?}`: 201 with the endpoint and its `secret`
+/// (shown only here).
+pub async fn create(State(state): State<AppState>, _a: Admin, JsonBody(b): JsonBody<NewEndpoint>) -> ApiResult<(StatusCode, Json<Value>)> {
+    let url = check_url(&b.url, state.config.webhook_allow_private)?;
+    let events = check_events(&b.events)?;
+    let secret = match b.secret {
+        Some(s) => {
+            secret_key(&s).map_err(|m| ApiError::Invalid("invalid_secret", m))?;
+            s
+        }
+        None => new_secret(),
+    };
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    // One registration at a time, so the cap holds between replicas.
+    tx.execute("LOCK TABLE webhook_endpoints IN SHARE ROW EXCLUSIVE MODE", &[]).await?;
+    let n: i64 = tx.query_one("SELECT count(*) FROM webhook_endpoints", &[]).await?.get(0);
+    if n >= MAX_ENDPOINTS {
+        return Err(ApiError::Conflict("too_many_webhooks", format!("at most {MAX_ENDPOINTS} endpoints; delete one first")));
+    }
+    let ep = Endpoint { id: Uuid::now_v7(), url: url.to_string(), events, created_at: state.now() };
+    tx.execute(
+        "INSERT INTO webhook_endpoints (endpoint_id, url, events, secret, created_at) VALUES ($1, $2, $3, $4, $5)",
+        &[&ep.id, &ep.url, &ep.events, &secret, &ep.created_at],
+    )
+    .await?;
+    tx.commit().await?;
+    let mut body = serde_json::to_value(&ep).map_err(ApiError::internal)?;
+    body["secret"] = Value::String(secret);
+    Ok((StatusCode::CREATED, Json(body)))
+}
+
+/// `GET /v1/admin/webhooks`: `{webhooks: [{id, url, events, created_at}]}`, oldest first.
+pub async fn list(State(state): State<AppState>, _a: Admin) -> ApiResult<Json<Value>> {
+    let client = state.pool.get().await?;
+    let rows =
+        client.query("SELECT endpoint_id, url, events, created_at FROM webhook_endpoints ORDER BY created_at, endpoint_id", &[]).await?;
+    let list: Vec<Endpoint> =
+        rows.iter().map(|r| Endpoint { id: r.get(0), url: r.get(1), events: r.get(2), created_at: r.get(3) }).collect();
+    Ok(Json(json!({"webhooks": list})))
+}
+
+fn endpoint_id(id: &str) -> ApiResult<Uuid> {
+    Uuid::parse_str(id).map_err(|_| ApiError::not_found("webhook"))
+}
+
+async fn exists(client: &impl deadpool_postgres::GenericClient, id: Uuid) -> ApiResult<()> {
+    match client.query_opt("SELECT 1 FROM webhook_endpoints WHERE endpoint_id = $1", &[&id]).await? {
+        Some(_) => Ok(()),
+        None => Err(ApiError::not_found("webhook")),
+    }
+}
+
+/// `DELETE /v1/admin/webhooks/{id}`: 204; its deliveries go with it (404 when unknown).
+pub async fn remove(State(state): State<AppState>, _a: Admin, Path(id): Path<String>) -> ApiResult<StatusCode> {
+    let id = endpoint_id(&id)?;
+    let client = state.pool.get().await?;
+    if client.execute("DELETE FROM webhook_endpoints WHERE endpoint_id = $1", &[&id]).await? == 0 {
+        return Err(ApiError::not_found("webhook"));
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Body of `POST /v1/admin/webhooks/{id}/replay`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Replay {
+    /// One event to send again, whatever its state; absent: every dead-lettered delivery.
+    #[serde(default)]
+    pub event_id: Option<Uuid>,
+}
+
+/// `POST /v1/admin/webhooks/{id}/replay {event_id?}`: queues dead-lettered deliveries (or one
+/// event, even a delivered one) again with a fresh retry window; `{replayed: n}`.
+pub async fn replay(State(state): State<AppState>, _a: Admin, Path(id): Path<String>, body: axum::body::Bytes) -> ApiResult<Json<Value>> {
+    let id = endpoint_id(&id)?;
+    let r: Replay = if body.iter().all(u8::is_ascii_whitespace) { Replay::default() } else { crate::extract::parse_json(&body)? };
+    let client = state.pool.get().await?;
+    exists(&client, id).await?;
+    let now = state.now();
+    let n = client
+        .execute(
+            "UPDATE webhook_deliveries SET state = 'pending', next_attempt_at = $3, queued_at = $3, lease_until = NULL \
+             WHERE endpoint_id = $1 AND (($2::uuid IS NULL AND state = 'dead') OR event_id = $2)",
+            &[&id, &r.event_id, &now],
+        )
+        .await?;
+    if n == 0 && r.event_id.is_some() {
+        return Err(ApiError::Unknown("unknown_event", "no delivery of this event to this endpoint".into()));
+    }
+    Ok(Json(json!({"replayed": n})))
+}
+
+/// Query of `GET /v1/admin/webhooks/{id}/deliveries`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveriesQuery {
+    /// Only deliveries in this state (`pending`, `delivered`, `dead`).
+    #[serde(default)]
+    pub state: Option<String>,
+    /// Most deliveries answered (default 100, at most 1000), newest first.
+    #[serde(default)]
+    pub limit: Option<i64>,
+}
+
+/// `GET /v1/admin/webhooks/{id}/deliveries?state&limit`: `{deliveries: [{event_id, type,
+/// created_at, state, attempts, next_attempt_at, delivered_at, last_status, last_error,
+/// attempt_log: [{attempt, started_at, duration_ms, status, error}]}]}`, newest first.
+pub async fn deliveries(
+    State(state): State<AppState>,
+    _a: Admin,
+    Path(id): Path<String>,
+    QueryParams(q): QueryParams<DeliveriesQuery>,
+) -> ApiResult<Json<Value>> {
+    let id = endpoint_id(&id)?;
+    if let Some(s) = &q.state
+        && !["pending", "delivered", "dead"].contains(&s.as_str())
+    {
+        return Err(ApiError::Invalid("invalid_query", "state must be pending, delivered or dead".into()));
+    }
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::Invalid("invalid_query", format!("limit must be 1 to {MAX_PAGE}")));
+    }
+    let client = state.pool.get().await?;
+    exists(&client, id).await?;
+    let rows = client
+        .query(
+            "SELECT d.event_id, e.type, e.created_at, d.state, d.attempts, d.next_attempt_at, d.delivered_at, d.last_status, d.last_error, \
+               coalesce((SELECT jsonb_agg(jsonb_build_object('attempt', a.attempt, 'started_at', a.started_at, 'duration_ms', a.duration_ms, \
+                   'status', a.status, 'error', a.error) ORDER BY a.attempt) \
+                 FROM webhook_attempts a WHERE (a.user_id, a.event_id, a.endpoint_id) = (d.user_id, d.event_id, d.endpoint_id)), '[]'::jsonb) \
+             FROM webhook_deliveries d JOIN webhook_events e ON (e.user_id, e.event_id) = (d.user_id, d.event_id) \
+             WHERE d.endpoint_id = $1 AND ($2::text IS NULL OR d.state = $2) ORDER BY d.seq DESC LIMIT $3",
+            &[&id, &q.state, &limit],
+        )
+        .await?;
+    let list: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            let state: String = r.get(3);
+            json!({"event_id": r.get::<_, Uuid>(0), "type": r.get::<_, String>(1), "created_at": r.get::<_, DateTime<Utc>>(2),
+                "state": state, "attempts": r.get::<_, i32>(4),
+                "next_attempt_at": (state == "pending").then(|| r.get::<_, DateTime<Utc>>(5)),
+                "delivered_at": r.get::<_, Option<DateTime<Utc>>>(6), "last_status": r.get::<_, Option<i32>>(7),
+                "last_error": r.get::<_, Option<String>>(8), "attempt_log": r.get::<_, Value>(9)})
+        })
+        .collect();
+    Ok(Json(json!({"deliveries": list})))
+}
