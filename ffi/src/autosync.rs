@@ -338,6 +338,12 @@ impl AutoSync {
     }
 }
 
+impl std::fmt::Debug for AutoSync {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AutoSync").field("status", &self.status()).finish()
+    }
+}
+
 impl Drop for AutoSync {
     fn drop(&mut self) {
         self.shared.stop();
