@@ -184,7 +184,8 @@ impl Entitlements {
     /// when nothing in it ends. Caches of resolved entitlements (device and server) live at
     /// most until then.
     pub fn next_boundary(&self, now: DateTime<Utc>, past_due_grace: Duration) -> Option<DateTime<Utc>> {
-        let grace_end = if self.status == SubscriptionStatus::PastDue { self.past_due_access_end(past_due_grace) } else { self.access_until };
+        let grace_end =
+            if self.status == SubscriptionStatus::PastDue { self.past_due_access_end(past_due_grace) } else { self.access_until };
         self.grants
             .iter()
             .filter_map(|g| g.until)

@@ -11,7 +11,6 @@ use std::collections::{BTreeMap, HashMap};
 
 /// Where one setting stands with the server (see [`Tally::setting_status`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "uniffi", derive(uniffi::Enum))]
 #[serde(rename_all = "snake_case", tag = "status", content = "reason")]
 pub enum SettingStatus {
     /// No value is stored for the key (a configured default may still show through).

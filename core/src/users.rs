@@ -58,7 +58,8 @@ pub struct UserUpdate {
     pub email: Option<String>,
 }
 
-pub(crate) const USER_COLS: &str = "id, external_id, email, display_name, avatar_url, timezone, is_admin, signed_in, created_at, updated_at";
+pub(crate) const USER_COLS: &str =
+    "id, external_id, email, display_name, avatar_url, timezone, is_admin, signed_in, created_at, updated_at";
 
 pub(crate) fn user_row(r: &Row<'_>) -> rusqlite::Result<User> {
     Ok(User {

@@ -209,7 +209,9 @@ async fn run(tally: Weak<core::Tally>, shared: Arc<Shared>, options: core::SyncO
         let (u, o) = (user.clone(), options.clone());
         let result = match tokio::spawn(async move { inner.sync(&u, o).await }).await {
             Ok(r) => r.map_err(TallyError::from),
-            Err(e) => Err(TallyError::Internal { message: format!("internal error: {}", if e.is_panic() { panic_text(e.into_panic().as_ref()) } else { e.to_string() }) }),
+            Err(e) => Err(TallyError::Internal {
+                message: format!("internal error: {}", if e.is_panic() { panic_text(e.into_panic().as_ref()) } else { e.to_string() }),
+            }),
         };
         let pending = t.pending_events(&user).map(signed).unwrap_or_default();
         let synced = t.last_synced_at(&user).ok().flatten();

@@ -2,8 +2,8 @@
 //! (`release_leases` is async and lives with `sync`).
 
 use crate::Tally;
-use crate::error::{TallyError, core as call};
 use crate::convert::{opt_ms, signed, unsigned};
+use crate::error::{TallyError, core as call};
 use tally_core as core;
 
 /// This device's lease of one pool ("3 left on this phone").

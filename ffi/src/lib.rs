@@ -37,9 +37,9 @@ pub use entitlements::{AccessGrant, CreditGrant, Entitlements, ModelPrice, Rule}
 pub use error::{TallyError, guard};
 pub use leases::LeaseStatus;
 pub use purchases::{GooglePurchase, Purchase, PurchaseOutcome, PurchaseReport};
-pub use quota::{ConsumeItem, Decision, EventStatus, ReportRow, Usage, UsageMeta};
+pub use quota::{ConsumeItem, Decision, EventStatus, ReportRow, SettingStatus, Usage, UsageMeta};
 pub use sync::{RejectedEvent, RejectedProfileField, RejectedSetting, SyncOptions, SyncReport, TokenProvider};
-pub use tally_core::{Durability, Enforcement, GroupBy, Period, Reason, SettingStatus, SubscriptionStatus};
+pub use tally_core::{Durability, Enforcement, GroupBy, Period, Reason, SubscriptionStatus};
 pub use users::{Profile, User, UserUpdate};
 
 use changes::Hub;
@@ -226,7 +226,7 @@ impl Tally {
     /// Where `key` stands with the server: not set, local-only, pending, synced, or rejected
     /// (with the reason; kept on the device, never resent until written again).
     pub fn setting_status(&self, user_id: String, key: String) -> Result<SettingStatus, TallyError> {
-        call(|| self.inner.setting_status(&user_id, &key))
+        call(|| self.inner.setting_status(&user_id, &key)).map(Into::into)
     }
 
     /// Sets one setting to a JSON value (`"null"` deletes it).

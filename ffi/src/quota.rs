@@ -172,6 +172,34 @@ impl From<core::EventStatus> for EventStatus {
     }
 }
 
+/// Where one setting stands with the server. (Mirrored rather than exported from the core:
+/// Kotlin reaches a sealed class's variants only by its own name, not through a typealias.)
+#[derive(Debug, Clone, PartialEq, Eq, uniffi::Enum)]
+pub enum SettingStatus {
+    /// No value is stored for the key (a configured default may still show through).
+    NotSet,
+    /// The key is local-only: it never leaves the device.
+    LocalOnly,
+    /// The last write has not reached the server yet.
+    Pending,
+    /// The stored value is the one the server has.
+    Synced,
+    /// The last write was refused and is kept here, never resent until written again.
+    Rejected { reason: String },
+}
+
+impl From<core::SettingStatus> for SettingStatus {
+    fn from(s: core::SettingStatus) -> Self {
+        match s {
+            core::SettingStatus::NotSet => SettingStatus::NotSet,
+            core::SettingStatus::LocalOnly => SettingStatus::LocalOnly,
+            core::SettingStatus::Pending => SettingStatus::Pending,
+            core::SettingStatus::Synced => SettingStatus::Synced,
+            core::SettingStatus::Rejected { reason } => SettingStatus::Rejected { reason },
+        }
+    }
+}
+
 /// One row of a usage report.
 #[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
 pub struct ReportRow {

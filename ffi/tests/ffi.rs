@@ -88,10 +88,9 @@ fn config_converts_and_validates() {
     );
     let huge = TallyConfig { token_grace_secs: Some(i64::MAX), ..config(None) };
     assert!(is_invalid(Tally::open_in_memory(huge)));
-    for negative in [
-        TallyConfig { past_due_grace_secs: Some(-1), ..config(None) },
-        TallyConfig { busy_timeout_ms: Some(-5), ..config(None) },
-    ] {
+    for negative in
+        [TallyConfig { past_due_grace_secs: Some(-1), ..config(None) }, TallyConfig { busy_timeout_ms: Some(-5), ..config(None) }]
+    {
         assert!(
             matches!(Tally::open_in_memory(negative), Err(TallyError::InvalidInput { message }) if message.contains("must not be negative"))
         );
@@ -183,7 +182,9 @@ fn records_convert_from_the_core_and_back_where_the_app_sends_them() {
     assert_eq!(core_meta.metadata, Some(serde_json::json!({"a": 1})));
     assert_eq!((core_meta.input_tokens, core_meta.output_tokens), (Some(1), Some(2)));
     let negative = UsageMeta { input_tokens: Some(-1), ..meta };
-    assert!(matches!(tally_core::UsageMeta::try_from(negative), Err(TallyError::InvalidInput { message }) if message.contains("input_tokens")));
+    assert!(
+        matches!(tally_core::UsageMeta::try_from(negative), Err(TallyError::InvalidInput { message }) if message.contains("input_tokens"))
+    );
 
     let status = tally_core::EventStatus::Rejected("conflict".into());
     assert_eq!(EventStatus::from(status), EventStatus::Rejected { reason: "conflict".into() });
@@ -382,14 +383,19 @@ fn bad_input_gets_the_right_variant_and_changes_nothing() {
     assert!(matches!(t.update_user("nobody".into(), UserUpdate::default()), Err(TallyError::NotFound { .. })));
     assert!(matches!(t.event_status(u.id.clone(), "no-such-event".into()), Err(TallyError::NotFound { .. })));
     // Negative, zero and overflowing amounts.
-    assert!(matches!(t.consume(u.id.clone(), "ai_chat".into(), -1, None), Err(TallyError::InvalidInput { message }) if message.contains("amount must not be negative")));
+    assert!(
+        matches!(t.consume(u.id.clone(), "ai_chat".into(), -1, None), Err(TallyError::InvalidInput { message }) if message.contains("amount must not be negative"))
+    );
     assert!(is_invalid(t.check(u.id.clone(), "ai_chat".into(), -1)));
     assert!(is_invalid(t.consume(u.id.clone(), "ai_chat".into(), 0, None)));
     assert!(is_invalid(t.consume(u.id.clone(), "ai_chat".into(), i64::MAX, None)));
     for bad in [-1, i64::MAX] {
         assert!(is_invalid(t.consume_many(
             u.id.clone(),
-            vec![ConsumeItem { feature: "ai_chat".into(), amount: 1, meta: None }, ConsumeItem { feature: "ai_chat".into(), amount: bad, meta: None }]
+            vec![
+                ConsumeItem { feature: "ai_chat".into(), amount: 1, meta: None },
+                ConsumeItem { feature: "ai_chat".into(), amount: bad, meta: None }
+            ]
         )));
     }
     assert!(is_invalid(t.prepare_offline(u.id.clone(), "ai_chat".into(), -1)));
@@ -398,7 +404,9 @@ fn bad_input_gets_the_right_variant_and_changes_nothing() {
         features: HashMap::from([("ai_chat".to_string(), Rule::Credits { cost: -1 })]),
         ..Entitlements::from(tally_core::Entitlements::free())
     };
-    assert!(matches!(t.set_entitlements(u.id.clone(), negative_rule), Err(TallyError::InvalidInput { message }) if message.contains("cost")));
+    assert!(
+        matches!(t.set_entitlements(u.id.clone(), negative_rule), Err(TallyError::InvalidInput { message }) if message.contains("cost"))
+    );
     // Invalid timezone.
     assert!(
         matches!(t.update_user(u.id.clone(), UserUpdate { timezone: Some("Not/AZone".into()), display_name: Some("Bob".into()), ..Default::default() }), Err(TallyError::InvalidInput { message }) if message.contains("timezone"))
@@ -536,19 +544,7 @@ async fn sync_is_async_and_maps_network_errors() {
         unconfigured.sign_in(Profile { external_id: "sub-1".into(), email: None, display_name: None, avatar_url: None }, None).unwrap().id;
     let u = t.sign_in(Profile { external_id: "sub-1".into(), email: None, display_name: None, avatar_url: None }, None).unwrap().id;
     t.consume(u.clone(), "ai_chat".into(), 1, None).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let options = || SyncOptions {
-        server_url: format!("http://127.0.0.1:{port}"),
-        token: "t".into(),
-        token_provider: None,
-        max_batch_events: None,
-        max_batch_bytes: None,
-        max_attempts: Some(1),
-        initial_backoff_ms: Some(1),
-        max_backoff_ms: Some(1),
-        timeout_ms: Some(2000),
-        force_entitlements: false,
-    };
+    let options = closed_port_options;
     let r = unconfigured.sync(v, options()).await;
     assert!(matches!(r, Err(TallyError::Configuration { .. })), "sync without server_keys: {r:?}");
     let r = t.sync(u.clone(), options()).await;

@@ -6635,6 +6635,115 @@ public func FfiConverterTypeRule_lower(_ value: Rule) -> RustBuffer {
 
 
 /**
+ * Where one setting stands with the server. (Mirrored rather than exported from the core:
+ * Kotlin reaches a sealed class's variants only by its own name, not through a typealias.)
+ */
+
+public enum SettingStatus: Equatable, Hashable {
+    
+    /**
+     * No value is stored for the key (a configured default may still show through).
+     */
+    case notSet
+    /**
+     * The key is local-only: it never leaves the device.
+     */
+    case localOnly
+    /**
+     * The last write has not reached the server yet.
+     */
+    case pending
+    /**
+     * The stored value is the one the server has.
+     */
+    case synced
+    /**
+     * The last write was refused and is kept here, never resent until written again.
+     */
+    case rejected(reason: String
+    )
+
+
+
+
+
+}
+
+#if compiler(>=6)
+extension SettingStatus: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeSettingStatus: FfiConverterRustBuffer {
+    typealias SwiftType = SettingStatus
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SettingStatus {
+        let variant: Int32 = try readInt(&buf)
+        switch variant {
+        
+        case 1: return .notSet
+        
+        case 2: return .localOnly
+        
+        case 3: return .pending
+        
+        case 4: return .synced
+        
+        case 5: return .rejected(reason: try FfiConverterString.read(from: &buf)
+        )
+        
+        default: throw UniffiInternalError.unexpectedEnumCase
+        }
+    }
+
+    public static func write(_ value: SettingStatus, into buf: inout [UInt8]) {
+        switch value {
+        
+        
+        case .notSet:
+            writeInt(&buf, Int32(1))
+        
+        
+        case .localOnly:
+            writeInt(&buf, Int32(2))
+        
+        
+        case .pending:
+            writeInt(&buf, Int32(3))
+        
+        
+        case .synced:
+            writeInt(&buf, Int32(4))
+        
+        
+        case let .rejected(reason):
+            writeInt(&buf, Int32(5))
+            FfiConverterString.write(reason, into: &buf)
+            
+        }
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeSettingStatus_lift(_ buf: RustBuffer) throws -> SettingStatus {
+    return try FfiConverterTypeSettingStatus.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeSettingStatus_lower(_ value: SettingStatus) -> RustBuffer {
+    return FfiConverterTypeSettingStatus.lower(value)
+}
+
+
+
+/**
  * Every failure of the Tally API, as seen from Swift (`TallyError`) and Kotlin
  * (`TallyException`). Each variant carries a readable `message`.
  */
@@ -7765,7 +7874,7 @@ private let initializationResult: InitializationResult = {
     if (uniffi_tally_ffi_checksum_method_tally_setting() != 47751) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_tally_ffi_checksum_method_tally_setting_status() != 40153) {
+    if (uniffi_tally_ffi_checksum_method_tally_setting_status() != 54642) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_tally_ffi_checksum_method_tally_settings() != 33348) {

@@ -1,5 +1,6 @@
 // Hand-written: the core's enums (generated in dev.tally.core, tally_core.kt) under dev.tally,
-// so that apps need one package.
+// so that apps need one package. (Only plain enums: Kotlin reaches a sealed class's variants
+// only by its own name, so the ffi keeps SettingStatus and EventStatus in dev.tally itself.)
 package dev.tally
 
 /** Commit durability of the SQLite database. */
@@ -16,9 +17,6 @@ typealias Period = dev.tally.core.Period
 
 /** Why a decision came out the way it did. */
 typealias Reason = dev.tally.core.Reason
-
-/** Where one setting stands with the server. */
-typealias SettingStatus = dev.tally.core.SettingStatus
 
 /** Subscription status, as the payment provider reports it (mapped). */
 typealias SubscriptionStatus = dev.tally.core.SubscriptionStatus

@@ -37,12 +37,10 @@ import dev.tally.core.FfiConverterTypeEnforcement
 import dev.tally.core.FfiConverterTypeGroupBy
 import dev.tally.core.FfiConverterTypePeriod
 import dev.tally.core.FfiConverterTypeReason
-import dev.tally.core.FfiConverterTypeSettingStatus
 import dev.tally.core.FfiConverterTypeSubscriptionStatus
 import dev.tally.core.GroupBy
 import dev.tally.core.Period
 import dev.tally.core.Reason
-import dev.tally.core.SettingStatus
 import dev.tally.core.SubscriptionStatus
 import java.util.concurrent.atomic.AtomicBoolean
 import kotlin.coroutines.resume
@@ -57,7 +55,6 @@ import dev.tally.core.RustBuffer as RustBufferEnforcement
 import dev.tally.core.RustBuffer as RustBufferGroupBy
 import dev.tally.core.RustBuffer as RustBufferPeriod
 import dev.tally.core.RustBuffer as RustBufferReason
-import dev.tally.core.RustBuffer as RustBufferSettingStatus
 import dev.tally.core.RustBuffer as RustBufferSubscriptionStatus
 
 // This is a helper for safely working with byte buffers returned from the Rust code.
@@ -1030,7 +1027,7 @@ internal object UniffiLib {
     external fun uniffi_tally_ffi_fn_method_tally_setting(`ptr`: Long,`userId`: RustBuffer.ByValue,`key`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
     external fun uniffi_tally_ffi_fn_method_tally_setting_status(`ptr`: Long,`userId`: RustBuffer.ByValue,`key`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
-    ): RustBufferSettingStatus.ByValue
+    ): RustBuffer.ByValue
     external fun uniffi_tally_ffi_fn_method_tally_settings(`ptr`: Long,`userId`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
     external fun uniffi_tally_ffi_fn_method_tally_sign_in(`ptr`: Long,`profile`: RustBuffer.ByValue,`attachLocal`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
@@ -1341,7 +1338,7 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_tally_ffi_checksum_method_tally_setting() and 0xFFFF) != 47751) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_tally_ffi_checksum_method_tally_setting_status() and 0xFFFF) != 40153) {
+    if ((lib.uniffi_tally_ffi_checksum_method_tally_setting_status() and 0xFFFF) != 54642) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_tally_ffi_checksum_method_tally_settings() and 0xFFFF) != 33348) {
@@ -8148,6 +8145,140 @@ public object FfiConverterTypeRule : FfiConverterRustBuffer<Rule>{
 
 
 
+/**
+ * Where one setting stands with the server. (Mirrored rather than exported from the core:
+ * Kotlin reaches a sealed class's variants only by its own name, not through a typealias.)
+ */
+sealed class SettingStatus {
+    
+    /**
+     * No value is stored for the key (a configured default may still show through).
+     */
+    object NotSet : SettingStatus()
+    
+    
+    /**
+     * The key is local-only: it never leaves the device.
+     */
+    object LocalOnly : SettingStatus()
+    
+    
+    /**
+     * The last write has not reached the server yet.
+     */
+    object Pending : SettingStatus()
+    
+    
+    /**
+     * The stored value is the one the server has.
+     */
+    object Synced : SettingStatus()
+    
+    
+    /**
+     * The last write was refused and is kept here, never resent until written again.
+     */
+    data class Rejected(
+        val `reason`: kotlin.String) : SettingStatus()
+        
+    {
+        
+
+        companion object
+    }
+    
+
+    
+
+    
+    
+
+
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeSettingStatus : FfiConverterRustBuffer<SettingStatus>{
+    override fun read(buf: ByteBuffer): SettingStatus {
+        return when(buf.getInt()) {
+            1 -> SettingStatus.NotSet
+            2 -> SettingStatus.LocalOnly
+            3 -> SettingStatus.Pending
+            4 -> SettingStatus.Synced
+            5 -> SettingStatus.Rejected(
+                FfiConverterString.read(buf),
+                )
+            else -> throw RuntimeException("invalid enum value, something is very wrong!!")
+        }
+    }
+
+    override fun allocationSize(value: SettingStatus): ULong = when(value) {
+        is SettingStatus.NotSet -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+            )
+        }
+        is SettingStatus.LocalOnly -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+            )
+        }
+        is SettingStatus.Pending -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+            )
+        }
+        is SettingStatus.Synced -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+            )
+        }
+        is SettingStatus.Rejected -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterString.allocationSize(value.`reason`)
+            )
+        }
+    }
+
+    override fun write(value: SettingStatus, buf: ByteBuffer) {
+        when(value) {
+            is SettingStatus.NotSet -> {
+                buf.putInt(1)
+                Unit
+            }
+            is SettingStatus.LocalOnly -> {
+                buf.putInt(2)
+                Unit
+            }
+            is SettingStatus.Pending -> {
+                buf.putInt(3)
+                Unit
+            }
+            is SettingStatus.Synced -> {
+                buf.putInt(4)
+                Unit
+            }
+            is SettingStatus.Rejected -> {
+                buf.putInt(5)
+                FfiConverterString.write(value.`reason`, buf)
+                Unit
+            }
+        }.let { /* this makes the `when` an expression, which ensures it is exhaustive */ }
+    }
+}
+
+
+
+
+
 
 
 /**
@@ -9204,8 +9335,6 @@ public object FfiConverterMapStringTypeRule: FfiConverterRustBuffer<Map<kotlin.S
         }
     }
 }
-
-
 
 
 
