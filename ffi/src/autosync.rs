@@ -6,8 +6,8 @@
 use crate::Tally;
 use crate::changes::{Change, Hub};
 use crate::convert::{opt_ms, signed, unsigned};
-use crate::error::{TallyError, panic_text};
-use crate::sync::SyncOptions;
+use crate::error::TallyError;
+use crate::sync::{SyncOptions, spawned};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
@@ -207,12 +207,7 @@ async fn run(tally: Weak<core::Tally>, shared: Arc<Shared>, options: core::SyncO
         });
         let inner = t.clone();
         let (u, o) = (user.clone(), options.clone());
-        let result = match tokio::spawn(async move { inner.sync(&u, o).await }).await {
-            Ok(r) => r.map_err(TallyError::from),
-            Err(e) => Err(TallyError::Internal {
-                message: format!("internal error: {}", if e.is_panic() { panic_text(e.into_panic().as_ref()) } else { e.to_string() }),
-            }),
-        };
+        let result = spawned("auto-sync", async move { inner.sync(&u, o).await }).await;
         let pending = t.pending_events(&user).map(signed).unwrap_or_default();
         let synced = t.last_synced_at(&user).ok().flatten();
         drop(t);

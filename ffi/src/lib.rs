@@ -64,7 +64,8 @@ impl std::fmt::Debug for Tally {
 }
 
 impl Tally {
-    /// The wrapped core instance (for Rust code embedding both).
+    /// The wrapped core instance (for Rust code embedding both). Its listener is this object's
+    /// observer hub: observe with `add_observer` / `set_listener` rather than replacing it.
     pub fn core(&self) -> &Arc<tally_core::Tally> {
         &self.inner
     }
