@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Builds build/tally_ffiFFI.xcframework — libtally_ffi.a for iOS devices, the iOS simulator
-# (arm64 + x86_64) and macOS (arm64 + x86_64), each with tally_ffiFFI.h and its module map —
-# which Package.swift references as the `tally_ffiFFI` binary target.
+# (arm64 + x86_64) and macOS (arm64 + x86_64), each with the C headers of both UniFFI
+# components (tally_ffiFFI.h and tally_coreFFI.h, the core's enums) and one module map
+# declaring both modules — which Package.swift references as the `tally_ffiFFI` binary target.
 #
 # Needs a Mac with Xcode (xcodebuild, lipo) and rustup. Run from anywhere:
 #   bindings/swift/build-xcframework.sh            # release build
 #   PROFILE=debug bindings/swift/build-xcframework.sh
 #
-# The Swift sources (Sources/TallyKit/TallyKit.swift) and Headers/ are committed and checked
+# The Swift sources (Sources/TallyKit/TallyKit.swift, TallyCore.swift) and Headers/ are committed and checked
 # against the library by scripts/check-bindings; this script first verifies they are current.
 set -euo pipefail
 
@@ -61,8 +62,11 @@ lipo -create "$(lib "${macos[0]}")" "$(lib "${macos[1]}")" -output "$out/macos/l
 # collide with other XCFrameworks' module maps in Xcode's shared include directory.
 headers="$out/headers"
 mkdir -p "$headers/$name"
-cp "$here/Headers/$name.h" "$headers/$name/$name.h"
-cp "$here/Headers/$name.modulemap" "$headers/$name/module.modulemap"
+for module in tally_ffiFFI tally_coreFFI; do
+  cp "$here/Headers/$module.h" "$headers/$name/$module.h"
+  cat "$here/Headers/$module.modulemap" >>"$headers/$name/module.modulemap"
+  echo >>"$headers/$name/module.modulemap"
+done
 
 echo "==> xcodebuild -create-xcframework"
 xcodebuild -create-xcframework \

@@ -34,6 +34,7 @@ impl ModelPrice {
 
 /// Whether going over a limit denies (`hard`) or records and flags (`soft`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "uniffi", derive(uniffi::Enum))]
 #[serde(rename_all = "lowercase")]
 pub enum Enforcement {
     /// Deny and record nothing.
@@ -108,6 +109,11 @@ impl Rule {
             Rule::Metered { offline_share, .. } | Rule::Budget { offline_share, .. } => *offline_share,
             _ => Share::ONE,
         }
+    }
+    /// Whether the rule lets the user use the feature at all (every rule but a disabled flag;
+    /// limits and balances still apply).
+    pub fn grants_access(&self) -> bool {
+        !matches!(self, Rule::Flag { enabled: false })
     }
     /// The limit of a counted rule (`None` = unlimited or not counted).
     pub fn limit(&self) -> Option<u64> {

@@ -22,6 +22,9 @@ pub const DEBT_GRANT_ID: &str = "debt";
 /// Source of the debt grant.
 pub const DEBT_SOURCE: &str = "debt";
 
+/// `source` of a credit grant bought in a store (a credit pack).
+pub const PURCHASE_SOURCE: &str = "purchase";
+
 /// The FIFO order of grants: the one expiring first first, those that never expire last, then
 /// by id.
 pub fn fifo_key(g: &CreditGrant) -> (bool, Option<DateTime<Utc>>, &str) {

@@ -11,6 +11,7 @@ mod embedded {
 
 /// How hard a commit tries to survive failures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "uniffi", derive(uniffi::Enum))]
 pub enum Durability {
     /// WAL + `synchronous=NORMAL`: survives app crashes (the default).
     #[default]

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 /// Subscription status, as the payment provider reports it (mapped).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "uniffi", derive(uniffi::Enum))]
 #[serde(rename_all = "snake_case")]
 pub enum SubscriptionStatus {
     /// Paid and current.
@@ -183,10 +184,8 @@ impl Entitlements {
     /// when nothing in it ends. Caches of resolved entitlements (device and server) live at
     /// most until then.
     pub fn next_boundary(&self, now: DateTime<Utc>, past_due_grace: Duration) -> Option<DateTime<Utc>> {
-        let grace_end = (self.status == SubscriptionStatus::PastDue)
-            .then(|| self.past_due_since.or(self.period_end).map(|t| t + past_due_grace))
-            .flatten();
-        let grace_end = self.access_until.or(grace_end);
+        let grace_end =
+            if self.status == SubscriptionStatus::PastDue { self.past_due_access_end(past_due_grace) } else { self.access_until };
         self.grants
             .iter()
             .filter_map(|g| g.until)
@@ -194,6 +193,25 @@ impl Entitlements {
             .chain(grace_end)
             .filter(|t| *t > now)
             .min()
+    }
+
+    /// When a past-due subscription's access ends: the store's own date, else `past_due_grace`
+    /// after the payment failed (or after the unpaid period's end); `None` with neither date.
+    fn past_due_access_end(&self, past_due_grace: Duration) -> Option<DateTime<Utc>> {
+        self.access_until.or_else(|| self.past_due_since.or(self.period_end).map(|t| t + past_due_grace))
+    }
+
+    /// Once resolved: when the access in effect ends by itself. A subscription's store-dated
+    /// end, else its billing period's end; a past-due one's end of grace; a grant's end. `None`
+    /// for admins, lifetime purchases, the free plan and grants without an end.
+    pub fn access_expires_at(&self, past_due_grace: Duration) -> Option<DateTime<Utc>> {
+        use access_reason as r;
+        match self.access_reason.as_str() {
+            r::SUBSCRIPTION if self.status == SubscriptionStatus::PastDue => self.past_due_access_end(past_due_grace),
+            r::SUBSCRIPTION | r::TRIAL => self.access_until.or(self.period_end),
+            reason if reason.starts_with(r::GRANTED_PREFIX) => self.granted_until,
+            _ => None,
+        }
     }
 
     /// Resolves the raw state at `now`: admin → active/trialing subscription (and past-due within
@@ -207,11 +225,7 @@ impl Entitlements {
         // without that date, from the end of the period that was not paid; with neither, there
         // is no grace.
         let current = self.access_until.is_none_or(|u| now < u);
-        let in_grace = self.status == SubscriptionStatus::PastDue
-            && match self.access_until {
-                Some(u) => now < u,
-                None => self.past_due_since.or(self.period_end).is_some_and(|since| now < since + past_due_grace),
-            };
+        let in_grace = self.status == SubscriptionStatus::PastDue && self.past_due_access_end(past_due_grace).is_some_and(|u| now < u);
         let grant = self
             .grants
             .iter()

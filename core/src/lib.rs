@@ -21,6 +21,7 @@ pub mod catalog;
 pub mod clock;
 pub mod contract;
 pub mod credits;
+pub mod current;
 pub mod db;
 pub mod decision;
 pub mod entitlements;
@@ -43,6 +44,10 @@ pub mod void;
 pub mod wire;
 
 mod access;
+
+// The enums deriving `uniffi::Enum` (feature `uniffi`) belong to this crate's UniFFI component.
+#[cfg(feature = "uniffi")]
+uniffi::setup_scaffolding!();
 
 pub use catalog::{Catalog, Enforcement, ModelPrice, Plan, Product, ProductKind, Rule, Store};
 pub use clock::{Clock, ManualClock, SystemClock};

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 /// How report rows are grouped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "uniffi", derive(uniffi::Enum))]
 #[serde(rename_all = "lowercase")]
 pub enum GroupBy {
     /// By calendar day in the user's timezone (`YYYY-MM-DD`).

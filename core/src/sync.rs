@@ -48,6 +48,14 @@ pub struct RetryPolicy {
     pub max_backoff: Duration,
 }
 
+impl RetryPolicy {
+    /// The wait for a retry whose backoff is `backoff` (×0.5 to ×1.5 at random, at most
+    /// `max_backoff`) and the backoff of the retry after it (doubled, at most `max_backoff`).
+    pub fn jittered(&self, backoff: Duration) -> (Duration, Duration) {
+        (backoff.mul_f64(0.5 + rand::random::<f64>()).min(self.max_backoff), backoff.saturating_mul(2).min(self.max_backoff))
+    }
+}
+
 impl Default for RetryPolicy {
     fn default() -> Self {
         RetryPolicy { max_attempts: 6, initial_backoff: Duration::from_millis(200), max_backoff: Duration::from_secs(10) }
@@ -570,10 +578,10 @@ impl Tally {
     }
 
     async fn backoff_sleep(&self, backoff: &mut Duration, retry: &RetryPolicy, wait: Option<Duration>) {
-        let jittered = backoff.mul_f64(0.5 + rand::random::<f64>());
+        let (jittered, next) = retry.jittered(*backoff);
         let d = wait.unwrap_or(jittered).min(retry.max_backoff);
         tokio::time::sleep(d).await;
-        *backoff = (*backoff * 2).min(retry.max_backoff);
+        *backoff = next;
     }
 
     /// Applies one answer in one transaction. Returns how many of the sent events it settled

@@ -58,9 +58,10 @@ pub struct UserUpdate {
     pub email: Option<String>,
 }
 
-const USER_COLS: &str = "id, external_id, email, display_name, avatar_url, timezone, is_admin, signed_in, created_at, updated_at";
+pub(crate) const USER_COLS: &str =
+    "id, external_id, email, display_name, avatar_url, timezone, is_admin, signed_in, created_at, updated_at";
 
-fn user_row(r: &Row<'_>) -> rusqlite::Result<User> {
+pub(crate) fn user_row(r: &Row<'_>) -> rusqlite::Result<User> {
     Ok(User {
         id: r.get(0)?,
         external_id: r.get(1)?,

@@ -71,6 +71,37 @@ impl TallyError {
     pub(crate) fn invalid(message: impl Into<String>) -> Self {
         TallyError::InvalidInput { message: message.into() }
     }
+
+    /// The variant's name (`Unauthorized`, `Network`, …), as Swift and Kotlin spell it.
+    pub fn kind(&self) -> &'static str {
+        use TallyError as E;
+        match self {
+            E::NotFound { .. } => "NotFound",
+            E::InvalidInput { .. } => "InvalidInput",
+            E::InvalidCatalog { .. } => "InvalidCatalog",
+            E::IdempotencyConflict { .. } => "IdempotencyConflict",
+            E::UnsyncedEvents { .. } => "UnsyncedEvents",
+            E::Storage { .. } => "Storage",
+            E::SchemaTooNew { .. } => "SchemaTooNew",
+            E::Network { .. } => "Network",
+            E::Unauthorized { .. } => "Unauthorized",
+            E::AccountDeleted { .. } => "AccountDeleted",
+            E::EncryptionKey { .. } => "EncryptionKey",
+            E::AccountDisabled { .. } => "AccountDisabled",
+            E::Server { .. } => "Server",
+            E::PurchaseRefused { .. } => "PurchaseRefused",
+            E::InvalidToken { .. } => "InvalidToken",
+            E::SubjectMismatch { .. } => "SubjectMismatch",
+            E::Configuration { .. } => "Configuration",
+            E::Internal { .. } => "Internal",
+        }
+    }
+
+    /// Whether trying the same call again later may succeed (the network, the server, the
+    /// disk); every other error needs the app (new credentials, a sign-in, a fix).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, TallyError::Network { .. } | TallyError::Server { .. } | TallyError::Storage { .. } | TallyError::Internal { .. })
+    }
 }
 
 impl From<tally_core::Error> for TallyError {

@@ -2,8 +2,8 @@
 //! (`release_leases` is async and lives with `sync`).
 
 use crate::Tally;
+use crate::convert::{opt_ms, signed, unsigned};
 use crate::error::{TallyError, core as call};
-use crate::types::opt_ms;
 use tally_core as core;
 
 /// This device's lease of one pool ("3 left on this phone").
@@ -16,11 +16,11 @@ pub struct LeaseStatus {
     /// Window start (Unix ms; absent for credits).
     pub period_start_ms: Option<i64>,
     /// What this device may record in the window, after its own releases.
-    pub allowance: u64,
+    pub allowance: i64,
     /// Units recorded under the lease in the window (server count + unacknowledged here).
-    pub used: u64,
+    pub used: i64,
     /// `allowance - used`, floored at 0.
-    pub remaining: u64,
+    pub remaining: i64,
     /// This device's share of the limit (0..=1), for windows it enters offline.
     pub share: f64,
     /// For credits: when the allowance ends (Unix ms).
@@ -35,9 +35,9 @@ impl From<core::LeaseStatus> for LeaseStatus {
             feature: l.feature,
             period: l.period,
             period_start_ms: opt_ms(l.period_start),
-            allowance: l.allowance,
-            used: l.used,
-            remaining: l.remaining,
+            allowance: signed(l.allowance),
+            used: signed(l.used),
+            remaining: signed(l.remaining),
             share: l.share,
             expires_at_ms: opt_ms(l.expires_at),
             lease_until_ms: opt_ms(l.lease_until),
@@ -48,7 +48,8 @@ impl From<core::LeaseStatus> for LeaseStatus {
 #[uniffi::export]
 impl Tally {
     /// Asks for `units` of a hard pool `feature` to use offline; sent with the next sync.
-    pub fn prepare_offline(&self, user_id: String, feature: String, units: u64) -> Result<(), TallyError> {
+    pub fn prepare_offline(&self, user_id: String, feature: String, units: i64) -> Result<(), TallyError> {
+        let units = unsigned(units, "units")?;
         call(|| self.inner.prepare_offline(&user_id, &feature, units))
     }
 

@@ -1,28 +1,49 @@
 //! # tally-ffi
 //!
-//! The UniFFI surface of [`tally_core`] for Swift and Kotlin: one [`Tally`] object, records and
-//! enums mirroring the core's public types, one error enum ([`TallyError`]), a foreign clock
-//! ([`TallyClock`]) and a change listener ([`ChangeListener`]).
+//! The UniFFI surface of [`tally_core`] for Swift and Kotlin: one [`Tally`] object, the core's
+//! enums as they are (its `uniffi` feature), records converting its structs, one error enum
+//! ([`TallyError`]), a foreign clock ([`TallyClock`]), change observers handed a
+//! [`CustomerInfo`] snapshot ([`ChangeObserver`], and the single [`ChangeListener`] slot), a
+//! current-user convenience (`current_user`, `log_in`, `log_out`) and auto-sync ([`AutoSync`]).
 //!
 //! This crate converts, it never decides: every method is a thin call into the core.
 //! Conventions of the foreign API:
+//! - integers are signed 64-bit (Kotlin `Long`, Swift `Int64`); a negative count or amount is
+//!   `TallyError::InvalidInput` and changes nothing;
 //! - timestamps are `i64` Unix **milliseconds** (UTC), fields suffixed `_ms`;
 //! - JSON values (settings, metadata, catalogs) cross as strings, parsed here; a malformed
 //!   one is `TallyError::InvalidInput` and changes nothing;
 //! - no panic crosses the boundary: a panic becomes `TallyError::Internal`.
 
+mod autosync;
+mod changes;
+mod config;
+mod convert;
+mod customer;
+mod entitlements;
 mod error;
 mod leases;
 mod purchases;
+mod quota;
 mod sync;
-mod types;
+mod users;
 
+pub use autosync::{AutoSync, AutoSyncOptions, SyncStatus, SyncStatusListener};
+pub use changes::{Change, ChangeListener, ChangeObserver, UserChange};
+pub use config::{TallyClock, TallyConfig};
+pub use convert::{from_ms, parse_json, parse_json_object, unsigned};
+pub use customer::{ActivePurchase, CustomerInfo, EntitlementInfo, FeatureInfo, PurchaseKind};
+pub use entitlements::{AccessGrant, CreditGrant, Entitlements, ModelPrice, Rule};
 pub use error::{TallyError, guard};
 pub use leases::LeaseStatus;
 pub use purchases::{GooglePurchase, Purchase, PurchaseOutcome, PurchaseReport};
+pub use quota::{ConsumeItem, Decision, EventStatus, ReportRow, SettingStatus, Usage, UsageMeta};
 pub use sync::{RejectedEvent, RejectedProfileField, RejectedSetting, SyncOptions, SyncReport, TokenProvider};
-pub use types::*;
+pub use tally_core::{Durability, Enforcement, GroupBy, Period, Reason, SubscriptionStatus};
+pub use users::{Profile, User, UserUpdate};
 
+use changes::Hub;
+use convert::{object_json, signed};
 use error::core as call;
 use std::sync::Arc;
 
@@ -33,6 +54,7 @@ uniffi::setup_scaffolding!();
 #[derive(uniffi::Object)]
 pub struct Tally {
     inner: Arc<tally_core::Tally>,
+    hub: Arc<Hub>,
 }
 
 impl std::fmt::Debug for Tally {
@@ -42,9 +64,16 @@ impl std::fmt::Debug for Tally {
 }
 
 impl Tally {
-    /// The wrapped core instance (for Rust code embedding both).
+    /// The wrapped core instance (for Rust code embedding both). Its listener is this object's
+    /// observer hub: observe with `add_observer` / `set_listener` rather than replacing it.
     pub fn core(&self) -> &Arc<tally_core::Tally> {
         &self.inner
+    }
+
+    fn wrap(inner: tally_core::Tally) -> Arc<Self> {
+        let inner = Arc::new(inner);
+        let hub = Hub::install(&inner);
+        Arc::new(Tally { inner, hub })
     }
 }
 
@@ -55,8 +84,7 @@ impl Tally {
     pub fn open(path: String, config: TallyConfig) -> Result<Arc<Self>, TallyError> {
         guard(|| {
             let config = tally_core::Config::try_from(config)?;
-            let inner = tally_core::Tally::open(&path, config)?;
-            Ok(Arc::new(Tally { inner: Arc::new(inner) }))
+            Ok(Tally::wrap(tally_core::Tally::open(&path, config)?))
         })
     }
 
@@ -65,8 +93,7 @@ impl Tally {
     pub fn open_in_memory(config: TallyConfig) -> Result<Arc<Self>, TallyError> {
         guard(|| {
             let config = tally_core::Config::try_from(config)?;
-            let inner = tally_core::Tally::open_in_memory(config)?;
-            Ok(Arc::new(Tally { inner: Arc::new(inner) }))
+            Ok(Tally::wrap(tally_core::Tally::open_in_memory(config)?))
         })
     }
 
@@ -77,25 +104,71 @@ impl Tally {
 
     /// The highest wall time this device has seen (Unix ms; never goes backwards).
     pub fn highest_seen_time_ms(&self) -> Result<i64, TallyError> {
-        guard(|| Ok(types::to_ms(self.inner.highest_seen_time())))
+        guard(|| Ok(convert::to_ms(self.inner.highest_seen_time())))
     }
 
-    // ---- listener -------------------------------------------------------------------------
+    // ---- observing changes ----------------------------------------------------------------
 
-    /// Registers the observer told about changes (replacing any previous one).
+    /// Sets the listener slot (replacing the listener set before, never the observers added
+    /// with `add_observer`).
     pub fn set_listener(&self, listener: Arc<dyn ChangeListener>) -> Result<(), TallyError> {
         guard(|| {
-            self.inner.set_listener(Arc::new(types::ForeignListener(listener)));
+            self.hub.set_listener(Some(listener));
             Ok(())
         })
     }
 
-    /// Removes the observer.
+    /// Empties the listener slot.
     pub fn clear_listener(&self) -> Result<(), TallyError> {
         guard(|| {
-            self.inner.clear_listener();
+            self.hub.set_listener(None);
             Ok(())
         })
+    }
+
+    /// Adds an observer told every change with the user's [`CustomerInfo`] after it (any
+    /// number at once); returns its id for `remove_observer`.
+    pub fn add_observer(&self, observer: Arc<dyn ChangeObserver>) -> Result<i64, TallyError> {
+        guard(|| Ok(self.hub.add_observer(observer)))
+    }
+
+    /// Removes an observer; whether it was registered.
+    pub fn remove_observer(&self, id: i64) -> Result<bool, TallyError> {
+        guard(|| Ok(self.hub.remove_observer(id)))
+    }
+
+    /// Number of observers registered.
+    pub fn observer_count(&self) -> Result<i64, TallyError> {
+        guard(|| Ok(self.hub.observer_count() as i64))
+    }
+
+    // ---- the current user -----------------------------------------------------------------
+
+    /// The current user: the signed-in account, else the device's anonymous user (created on
+    /// the first call). For apps with one user at a time; the multi-user calls work alongside.
+    pub fn current_user(&self) -> Result<User, TallyError> {
+        call(|| self.inner.current_user()).map(Into::into)
+    }
+
+    /// Logs the account of `external_id` in and makes it current: an anonymous current user's
+    /// data moves to it (none lost, none counted twice); another current account is signed
+    /// out (its unsynced events kept). A failure changes nothing.
+    #[uniffi::method(default(email = None, display_name = None, avatar_url = None))]
+    pub fn log_in(
+        &self,
+        external_id: String,
+        email: Option<String>,
+        display_name: Option<String>,
+        avatar_url: Option<String>,
+    ) -> Result<User, TallyError> {
+        let profile = tally_core::Profile { external_id, email, display_name, avatar_url };
+        call(|| self.inner.log_in(profile)).map(Into::into)
+    }
+
+    /// Signs the current account out (unsynced events kept) and returns the anonymous user that
+    /// is current now. Call `release_leases` first when online.
+    pub fn log_out(&self) -> Result<User, TallyError> {
+        call(|| self.inner.log_out()).map(Into::into)
     }
 
     // ---- users ----------------------------------------------------------------------------
@@ -143,12 +216,12 @@ impl Tally {
 
     /// All settings of a user (defaults overlaid with stored values), as a JSON object.
     pub fn settings(&self, user_id: String) -> Result<String, TallyError> {
-        call(|| self.inner.settings(&user_id)).map(|m| types::to_json(&m))
+        call(|| self.inner.settings(&user_id)).map(object_json)
     }
 
     /// One setting as JSON (absent when unset and without default).
     pub fn setting(&self, user_id: String, key: String) -> Result<Option<String>, TallyError> {
-        call(|| self.inner.setting(&user_id, &key)).map(|v| v.as_ref().map(types::to_json))
+        call(|| self.inner.setting(&user_id, &key)).map(|v| v.map(|v| v.to_string()))
     }
 
     /// Where `key` stands with the server: not set, local-only, pending, synced, or rejected
@@ -160,7 +233,7 @@ impl Tally {
     /// Sets one setting to a JSON value (`"null"` deletes it).
     pub fn set_setting(&self, user_id: String, key: String, value_json: String) -> Result<(), TallyError> {
         guard(|| {
-            let value = types::parse_json(&value_json, &format!("value of setting {key:?}"))?;
+            let value = convert::parse_json(&value_json, &format!("value of setting {key:?}"))?;
             Ok(self.inner.set_setting(&user_id, &key, value)?)
         })
     }
@@ -173,7 +246,7 @@ impl Tally {
     /// Merges a JSON object into the settings (`null` values delete keys).
     pub fn patch_settings(&self, user_id: String, changes_json: String) -> Result<(), TallyError> {
         guard(|| {
-            let changes = types::parse_json_object(&changes_json, "settings patch")?;
+            let changes = convert::parse_json_object(&changes_json, "settings patch")?;
             Ok(self.inner.patch_settings(&user_id, changes)?)
         })
     }
@@ -181,7 +254,7 @@ impl Tally {
     /// Replaces all settings with a JSON object (keys not named are deleted).
     pub fn replace_settings(&self, user_id: String, values_json: String) -> Result<(), TallyError> {
         guard(|| {
-            let values = types::parse_json_object(&values_json, "settings")?;
+            let values = convert::parse_json_object(&values_json, "settings")?;
             Ok(self.inner.replace_settings(&user_id, values)?)
         })
     }
@@ -224,14 +297,16 @@ impl Tally {
 
     /// Would using `amount` of `feature` be allowed? Records nothing.
     #[uniffi::method(default(amount = 1))]
-    pub fn check(&self, user_id: String, feature: String, amount: u64) -> Result<Decision, TallyError> {
+    pub fn check(&self, user_id: String, feature: String, amount: i64) -> Result<Decision, TallyError> {
+        let amount = unsigned(amount, "amount")?;
         call(|| self.inner.check(&user_id, &feature, amount)).map(Into::into)
     }
 
     /// Atomic check-and-record of a use. A denied use records nothing.
     #[uniffi::method(default(amount = 1, meta = None))]
-    pub fn consume(&self, user_id: String, feature: String, amount: u64, meta: Option<UsageMeta>) -> Result<Decision, TallyError> {
+    pub fn consume(&self, user_id: String, feature: String, amount: i64, meta: Option<UsageMeta>) -> Result<Decision, TallyError> {
         guard(|| {
+            let amount = unsigned(amount, "amount")?;
             let meta = meta.map(tally_core::UsageMeta::try_from).transpose()?.unwrap_or_default();
             Ok(self.inner.consume(&user_id, &feature, amount, meta)?.into())
         })
@@ -253,15 +328,15 @@ impl Tally {
     /// Usage with events in `[from_ms, to_ms)`, grouped, sorted by key.
     pub fn report(&self, user_id: String, from_ms: i64, to_ms: i64, group_by: GroupBy) -> Result<Vec<ReportRow>, TallyError> {
         guard(|| {
-            let from = types::from_ms(from_ms, "from_ms")?;
-            let to = types::from_ms(to_ms, "to_ms")?;
-            Ok(self.inner.report(&user_id, from, to, group_by.into())?.into_iter().map(Into::into).collect())
+            let from = convert::from_ms(from_ms, "from_ms")?;
+            let to = convert::from_ms(to_ms, "to_ms")?;
+            Ok(self.inner.report(&user_id, from, to, group_by)?.into_iter().map(Into::into).collect())
         })
     }
 
     /// Number of events not yet acknowledged by a server.
-    pub fn pending_events(&self, user_id: String) -> Result<u64, TallyError> {
-        call(|| self.inner.pending_events(&user_id))
+    pub fn pending_events(&self, user_id: String) -> Result<i64, TallyError> {
+        call(|| self.inner.pending_events(&user_id)).map(signed)
     }
 
     /// Whether the server has taken event `id` (an event id or idempotency key).
@@ -276,7 +351,6 @@ pub fn event_id_for_key(key: String) -> String {
     tally_core::ledger::event_id_for_key(&key).to_string()
 }
 
-/// Validates a plan catalog JSON without using it (`InvalidCatalog` names the offending path).
 /// Encrypts the unencrypted database file at `path` with `key`, in place (SQLCipher builds);
 /// call it once, before opening the database with `encryption_key`.
 #[uniffi::export]
@@ -284,6 +358,7 @@ pub fn encrypt_database(path: String, key: String) -> Result<(), TallyError> {
     guard(|| Ok(tally_core::encrypt_database(std::path::Path::new(&path), &key)?))
 }
 
+/// Validates a plan catalog JSON without using it (`InvalidCatalog` names the offending path).
 #[uniffi::export]
 pub fn validate_catalog(catalog_json: String) -> Result<(), TallyError> {
     call(|| tally_core::Catalog::from_json(&catalog_json).map(|_| ()))

@@ -95,7 +95,7 @@ impl Tally {
     /// `PurchaseRefused` naming the server's code and changes nothing.
     pub async fn submit_purchase(&self, user_id: String, purchase: Purchase, options: SyncOptions) -> Result<PurchaseReport, TallyError> {
         let inner = self.inner.clone();
-        let (purchase, options) = (core::Purchase::from(purchase), core::SyncOptions::from(options));
+        let (purchase, options) = (core::Purchase::from(purchase), core::SyncOptions::try_from(options)?);
         spawned("purchase", async move { inner.submit_purchase(&user_id, purchase, options).await }).await.map(Into::into)
     }
 
@@ -103,7 +103,7 @@ impl Tally {
     /// server for a freshly signed token).
     pub async fn restore_purchases(&self, user_id: String, purchase: Purchase, options: SyncOptions) -> Result<PurchaseReport, TallyError> {
         let inner = self.inner.clone();
-        let (purchase, options) = (core::Purchase::from(purchase), core::SyncOptions::from(options));
+        let (purchase, options) = (core::Purchase::from(purchase), core::SyncOptions::try_from(options)?);
         spawned("restore", async move { inner.restore_purchases(&user_id, purchase, options).await }).await.map(Into::into)
     }
 }

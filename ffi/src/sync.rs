@@ -2,6 +2,7 @@
 //! runtime so the calling thread is never blocked.
 
 use crate::Tally;
+use crate::convert::{signed, unsigned};
 use crate::error::{TallyError, panic_text};
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,7 +26,7 @@ impl core::TokenProvider for ForeignTokenProvider {
 
 /// How to reach the server. Absent fields take the core's defaults (500 events and 512 KiB
 /// per request, 6 attempts with backoff from 200 ms to 10 s, 30 s per request).
-#[derive(uniffi::Record)]
+#[derive(Clone, uniffi::Record)]
 pub struct SyncOptions {
     /// Base URL of the Tally server (`https://tally.example.com`).
     pub server_url: String,
@@ -36,51 +37,54 @@ pub struct SyncOptions {
     pub token_provider: Option<Arc<dyn TokenProvider>>,
     /// Most events per request.
     #[uniffi(default = None)]
-    pub max_batch_events: Option<u32>,
+    pub max_batch_events: Option<i64>,
     /// Largest request body in bytes.
     #[uniffi(default = None)]
-    pub max_batch_bytes: Option<u64>,
+    pub max_batch_bytes: Option<i64>,
     /// Attempts per request (including the first).
     #[uniffi(default = None)]
-    pub max_attempts: Option<u32>,
+    pub max_attempts: Option<i64>,
     /// First retry backoff in ms (doubled each attempt, with jitter).
     #[uniffi(default = None)]
-    pub initial_backoff_ms: Option<u64>,
+    pub initial_backoff_ms: Option<i64>,
     /// Longest single retry wait in ms.
     #[uniffi(default = None)]
-    pub max_backoff_ms: Option<u64>,
+    pub max_backoff_ms: Option<i64>,
     /// Per-request timeout in ms.
     #[uniffi(default = None)]
-    pub timeout_ms: Option<u64>,
+    pub timeout_ms: Option<i64>,
     /// Ask for a freshly signed entitlements token ("restore purchases").
     #[uniffi(default = false)]
     pub force_entitlements: bool,
 }
 
-impl From<SyncOptions> for core::SyncOptions {
-    fn from(o: SyncOptions) -> Self {
+impl TryFrom<SyncOptions> for core::SyncOptions {
+    type Error = TallyError;
+    fn try_from(o: SyncOptions) -> Result<Self, TallyError> {
         let mut out = core::SyncOptions::new(o.server_url, o.token);
         out.token_provider = o.token_provider.map(|p| Arc::new(ForeignTokenProvider(p)) as Arc<dyn core::TokenProvider>);
+        let size = |v: i64, name: &str| unsigned(v, name).map(|v| usize::try_from(v).unwrap_or(usize::MAX));
+        let ms = |v: i64, name: &str| unsigned(v, name).map(Duration::from_millis);
         if let Some(v) = o.max_batch_events {
-            out.max_batch_events = v as usize;
+            out.max_batch_events = size(v, "max_batch_events")?;
         }
         if let Some(v) = o.max_batch_bytes {
-            out.max_batch_bytes = usize::try_from(v).unwrap_or(usize::MAX);
+            out.max_batch_bytes = size(v, "max_batch_bytes")?;
         }
         if let Some(v) = o.max_attempts {
-            out.retry.max_attempts = v;
+            out.retry.max_attempts = u32::try_from(unsigned(v, "max_attempts")?).unwrap_or(u32::MAX);
         }
         if let Some(v) = o.initial_backoff_ms {
-            out.retry.initial_backoff = Duration::from_millis(v);
+            out.retry.initial_backoff = ms(v, "initial_backoff_ms")?;
         }
         if let Some(v) = o.max_backoff_ms {
-            out.retry.max_backoff = Duration::from_millis(v);
+            out.retry.max_backoff = ms(v, "max_backoff_ms")?;
         }
         if let Some(v) = o.timeout_ms {
-            out.timeout = Duration::from_millis(v);
+            out.timeout = ms(v, "timeout_ms")?;
         }
         out.force_entitlements = o.force_entitlements;
-        out
+        Ok(out)
     }
 }
 
@@ -96,12 +100,6 @@ pub struct RejectedEvent {
 impl From<core::wire::Rejected> for RejectedEvent {
     fn from(r: core::wire::Rejected) -> Self {
         RejectedEvent { id: r.id, reason: r.reason }
-    }
-}
-
-impl From<RejectedEvent> for core::wire::Rejected {
-    fn from(r: RejectedEvent) -> Self {
-        core::wire::Rejected { id: r.id, reason: r.reason }
     }
 }
 
@@ -121,12 +119,6 @@ impl From<core::wire::SettingRejected> for RejectedSetting {
     }
 }
 
-impl From<RejectedSetting> for core::wire::SettingRejected {
-    fn from(r: RejectedSetting) -> Self {
-        core::wire::SettingRejected { key: r.key, reason: r.reason }
-    }
-}
-
 /// A profile field that was refused; the pending profile edit was dropped.
 #[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
 pub struct RejectedProfileField {
@@ -142,29 +134,23 @@ impl From<core::wire::ProfileRejected> for RejectedProfileField {
     }
 }
 
-impl From<RejectedProfileField> for core::wire::ProfileRejected {
-    fn from(r: RejectedProfileField) -> Self {
-        core::wire::ProfileRejected { field: r.field, reason: r.reason }
-    }
-}
-
 /// What a sync did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, uniffi::Record)]
 pub struct SyncReport {
     /// Events sent (counting re-sends after a retry once).
-    pub events_sent: u64,
+    pub events_sent: i64,
     /// Events the server took (new or already known).
-    pub events_acked: u64,
+    pub events_acked: i64,
     /// Of those, the ones the server already had.
-    pub duplicates: u64,
+    pub duplicates: i64,
     /// Events refused.
     pub rejected: Vec<RejectedEvent>,
     /// Settings changes sent.
-    pub settings_sent: u64,
+    pub settings_sent: i64,
     /// Settings changes received and applied.
-    pub settings_received: u64,
+    pub settings_received: i64,
     /// Requests made.
-    pub rounds: u64,
+    pub rounds: i64,
     /// Whether a new entitlements token was accepted.
     pub entitlements_updated: bool,
     /// Settings refused, each quarantined alone.
@@ -179,31 +165,13 @@ pub struct SyncReport {
 impl From<core::SyncReport> for SyncReport {
     fn from(r: core::SyncReport) -> Self {
         SyncReport {
-            events_sent: r.events_sent,
-            events_acked: r.events_acked,
-            duplicates: r.duplicates,
+            events_sent: signed(r.events_sent),
+            events_acked: signed(r.events_acked),
+            duplicates: signed(r.duplicates),
             rejected: r.rejected.into_iter().map(Into::into).collect(),
-            settings_sent: r.settings_sent,
-            settings_received: r.settings_received,
-            rounds: r.rounds,
-            entitlements_updated: r.entitlements_updated,
-            settings_rejected: r.settings_rejected.into_iter().map(Into::into).collect(),
-            profile_rejected: r.profile_rejected.into_iter().map(Into::into).collect(),
-            unknown_features: r.unknown_features,
-        }
-    }
-}
-
-impl From<SyncReport> for core::SyncReport {
-    fn from(r: SyncReport) -> Self {
-        core::SyncReport {
-            events_sent: r.events_sent,
-            events_acked: r.events_acked,
-            duplicates: r.duplicates,
-            rejected: r.rejected.into_iter().map(Into::into).collect(),
-            settings_sent: r.settings_sent,
-            settings_received: r.settings_received,
-            rounds: r.rounds,
+            settings_sent: signed(r.settings_sent),
+            settings_received: signed(r.settings_received),
+            rounds: signed(r.rounds),
             entitlements_updated: r.entitlements_updated,
             settings_rejected: r.settings_rejected.into_iter().map(Into::into).collect(),
             profile_rejected: r.profile_rejected.into_iter().map(Into::into).collect(),
@@ -231,7 +199,7 @@ impl Tally {
     /// calling thread; safe to cancel or retry (the server deduplicates by event id).
     pub async fn sync(&self, user_id: String, options: SyncOptions) -> Result<SyncReport, TallyError> {
         let inner = self.inner.clone();
-        let options = core::SyncOptions::from(options);
+        let options = core::SyncOptions::try_from(options)?;
         spawned("sync", async move { inner.sync(&user_id, options).await }).await.map(Into::into)
     }
 }
@@ -242,7 +210,7 @@ impl Tally {
     /// before `sign_out` / `delete_user` when online.
     pub async fn release_leases(&self, user_id: String, options: SyncOptions) -> Result<SyncReport, TallyError> {
         let inner = self.inner.clone();
-        let options = core::SyncOptions::from(options);
+        let options = core::SyncOptions::try_from(options)?;
         spawned("release", async move { inner.release_leases(&user_id, options).await }).await.map(Into::into)
     }
 }
@@ -251,6 +219,6 @@ impl Tally {
 impl Tally {
     /// When this user last completed a sync round (Unix ms; absent = never).
     pub fn last_synced_at_ms(&self, user_id: String) -> Result<Option<i64>, TallyError> {
-        crate::error::core(|| self.inner.last_synced_at(&user_id)).map(crate::types::opt_ms)
+        crate::error::core(|| self.inner.last_synced_at(&user_id)).map(crate::convert::opt_ms)
     }
 }

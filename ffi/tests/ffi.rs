@@ -1,5 +1,5 @@
-//! Tests of the FFI surface itself, called as the foreign side would call it: conversions both
-//! ways, error mapping, JSON validation, the panic guard, foreign callbacks, and concurrent
+//! Tests of the FFI surface itself, called as the foreign side would call it: conversions,
+//! signed integers, error mapping, JSON validation, the panic guard, foreign callbacks, and concurrent
 //! calls on one `Tally`.
 
 use std::collections::HashMap;
@@ -86,8 +86,15 @@ fn config_converts_and_validates() {
     assert!(
         matches!(Tally::open_in_memory(bad_catalog), Err(TallyError::InvalidCatalog { message }) if message.contains("plans[0].features.x.limit"))
     );
-    let huge = TallyConfig { token_grace_secs: Some(u64::MAX), ..config(None) };
+    let huge = TallyConfig { token_grace_secs: Some(i64::MAX), ..config(None) };
     assert!(is_invalid(Tally::open_in_memory(huge)));
+    for negative in
+        [TallyConfig { past_due_grace_secs: Some(-1), ..config(None) }, TallyConfig { busy_timeout_ms: Some(-5), ..config(None) }]
+    {
+        assert!(
+            matches!(Tally::open_in_memory(negative), Err(TallyError::InvalidInput { message }) if message.contains("must not be negative"))
+        );
+    }
 }
 
 #[test]
@@ -105,7 +112,7 @@ fn foreign_clock_drives_time() {
 }
 
 #[test]
-fn records_convert_both_ways() {
+fn records_convert_from_the_core_and_back_where_the_app_sends_them() {
     let now = chrono::DateTime::from_timestamp_millis(T0).unwrap();
     let user = tally_core::User {
         id: "u1".into(),
@@ -120,8 +127,7 @@ fn records_convert_both_ways() {
         updated_at: now,
     };
     let ffi = User::from(user.clone());
-    assert_eq!(ffi.created_at_ms, T0);
-    assert_eq!(tally_core::User::try_from(ffi).unwrap(), user);
+    assert_eq!((ffi.created_at_ms, ffi.timezone.as_str(), ffi.is_admin), (T0, "Europe/Paris", true));
 
     let decision = tally_core::Decision {
         allowed: false,
@@ -135,26 +141,12 @@ fn records_convert_both_ways() {
         device_remaining: Some(2),
         held_offline: None,
     };
-    let ffi = Decision::from(decision.clone());
-    assert_eq!(ffi.reason, Reason::LimitReached);
-    assert_eq!(tally_core::Decision::try_from(ffi).unwrap(), decision);
-
-    for r in [
-        tally_core::Reason::Ok,
-        tally_core::Reason::LimitReached,
-        tally_core::Reason::BudgetExceeded,
-        tally_core::Reason::NotInPlan,
-        tally_core::Reason::RateLimited,
-        tally_core::Reason::InsufficientCredits,
-        tally_core::Reason::UnknownFeature,
-        tally_core::Reason::UnknownModel,
-        tally_core::Reason::OverLimitSoft,
-    ] {
-        assert_eq!(tally_core::Reason::from(Reason::from(r)), r);
-    }
-    for p in tally_core::Period::ALL {
-        assert_eq!(tally_core::Period::from(Period::from(p)), p);
-    }
+    let ffi = Decision::from(decision);
+    // The core's enums cross as they are.
+    assert_eq!(ffi.reason, tally_core::Reason::LimitReached);
+    assert_eq!((ffi.used, ffi.limit, ffi.remaining, ffi.resets_at_ms, ffi.device_remaining), (5, Some(5), Some(0), Some(T0), Some(2)));
+    let huge = tally_core::Decision { used: u64::MAX, ..tally_core::Decision::simple(true, tally_core::Reason::Ok, "free") };
+    assert_eq!(Decision::from(huge).used, i64::MAX, "a count past i64 saturates");
 
     let catalog = tally_core::Catalog::from_json(CATALOG).unwrap();
     let mut ent = tally_core::Entitlements::free();
@@ -188,29 +180,36 @@ fn records_convert_both_ways() {
     };
     let core_meta = tally_core::UsageMeta::try_from(meta.clone()).unwrap();
     assert_eq!(core_meta.metadata, Some(serde_json::json!({"a": 1})));
-    assert_eq!(UsageMeta::from(core_meta), meta);
+    assert_eq!((core_meta.input_tokens, core_meta.output_tokens), (Some(1), Some(2)));
+    let negative = UsageMeta { input_tokens: Some(-1), ..meta };
+    assert!(
+        matches!(tally_core::UsageMeta::try_from(negative), Err(TallyError::InvalidInput { message }) if message.contains("input_tokens"))
+    );
 
     let status = tally_core::EventStatus::Rejected("conflict".into());
-    assert_eq!(EventStatus::from(status.clone()), EventStatus::Rejected { reason: "conflict".into() });
-    assert_eq!(tally_core::EventStatus::from(EventStatus::from(status.clone())), status);
+    assert_eq!(EventStatus::from(status), EventStatus::Rejected { reason: "conflict".into() });
 
-    let report = SyncReport {
+    let report = tally_core::SyncReport {
         events_sent: 3,
         events_acked: 2,
         duplicates: 1,
-        rejected: vec![RejectedEvent { id: "e".into(), reason: "conflict".into() }],
+        rejected: vec![tally_core::wire::Rejected { id: "e".into(), reason: "conflict".into() }],
         settings_sent: 1,
         settings_received: 2,
         rounds: 1,
         entitlements_updated: true,
-        settings_rejected: vec![RejectedSetting { key: "k".into(), reason: "quota_exceeded".into() }],
-        profile_rejected: vec![RejectedProfileField { field: "display_name".into(), reason: "invalid_text".into() }],
+        settings_rejected: vec![tally_core::wire::SettingRejected { key: "k".into(), reason: "quota_exceeded".into() }],
+        profile_rejected: vec![tally_core::wire::ProfileRejected { field: "display_name".into(), reason: "invalid_text".into() }],
         unknown_features: vec!["new_feature".into()],
     };
-    assert_eq!(SyncReport::from(tally_core::SyncReport::from(report.clone())), report);
+    let ffi = SyncReport::from(report);
+    assert_eq!((ffi.events_sent, ffi.events_acked, ffi.duplicates, ffi.rounds), (3, 2, 1, 1));
+    assert_eq!(ffi.rejected, vec![RejectedEvent { id: "e".into(), reason: "conflict".into() }]);
+    assert_eq!(ffi.settings_rejected, vec![RejectedSetting { key: "k".into(), reason: "quota_exceeded".into() }]);
+    assert_eq!(ffi.profile_rejected, vec![RejectedProfileField { field: "display_name".into(), reason: "invalid_text".into() }]);
 
     let change = tally_core::Change { usage: true, entitlements: false, settings: true };
-    assert_eq!(tally_core::Change::from(Change::from(change)), change);
+    assert_eq!(Change::from(change), Change { usage: true, entitlements: false, settings: true });
 
     // Out-of-range timestamps from the foreign side are rejected, not wrapped.
     let bad = Entitlements { period_start_ms: Some(i64::MAX), ..Entitlements::from(tally_core::Entitlements::free()) };
@@ -383,16 +382,31 @@ fn bad_input_gets_the_right_variant_and_changes_nothing() {
     assert!(matches!(t.set_setting("nobody".into(), "a".into(), "1".into()), Err(TallyError::NotFound { .. })));
     assert!(matches!(t.update_user("nobody".into(), UserUpdate::default()), Err(TallyError::NotFound { .. })));
     assert!(matches!(t.event_status(u.id.clone(), "no-such-event".into()), Err(TallyError::NotFound { .. })));
-    // Negative (as the foreign side's signed value reinterpreted), zero and overflowing amounts.
-    assert!(is_invalid(t.consume(u.id.clone(), "ai_chat".into(), (-1i64) as u64, None)));
+    // Negative, zero and overflowing amounts.
+    assert!(
+        matches!(t.consume(u.id.clone(), "ai_chat".into(), -1, None), Err(TallyError::InvalidInput { message }) if message.contains("amount must not be negative"))
+    );
+    assert!(is_invalid(t.check(u.id.clone(), "ai_chat".into(), -1)));
     assert!(is_invalid(t.consume(u.id.clone(), "ai_chat".into(), 0, None)));
-    assert!(is_invalid(t.consume_many(
-        u.id.clone(),
-        vec![
-            ConsumeItem { feature: "ai_chat".into(), amount: 1, meta: None },
-            ConsumeItem { feature: "ai_chat".into(), amount: u64::MAX, meta: None }
-        ]
-    )));
+    assert!(is_invalid(t.consume(u.id.clone(), "ai_chat".into(), i64::MAX, None)));
+    for bad in [-1, i64::MAX] {
+        assert!(is_invalid(t.consume_many(
+            u.id.clone(),
+            vec![
+                ConsumeItem { feature: "ai_chat".into(), amount: 1, meta: None },
+                ConsumeItem { feature: "ai_chat".into(), amount: bad, meta: None }
+            ]
+        )));
+    }
+    assert!(is_invalid(t.prepare_offline(u.id.clone(), "ai_chat".into(), -1)));
+    let negative_rule = Entitlements {
+        plan: "pro".into(),
+        features: HashMap::from([("ai_chat".to_string(), Rule::Credits { cost: -1 })]),
+        ..Entitlements::from(tally_core::Entitlements::free())
+    };
+    assert!(
+        matches!(t.set_entitlements(u.id.clone(), negative_rule), Err(TallyError::InvalidInput { message }) if message.contains("cost"))
+    );
     // Invalid timezone.
     assert!(
         matches!(t.update_user(u.id.clone(), UserUpdate { timezone: Some("Not/AZone".into()), display_name: Some("Bob".into()), ..Default::default() }), Err(TallyError::InvalidInput { message }) if message.contains("timezone"))
@@ -427,7 +441,7 @@ fn bad_input_gets_the_right_variant_and_changes_nothing() {
 fn quota_calls_through_the_ffi() {
     let (t, _) = open();
     let u = t.create_local_user(None).unwrap().id;
-    for i in 1..=3u64 {
+    for i in 1..=3i64 {
         let d = t.consume(u.clone(), "ai_chat".into(), 1, None).unwrap();
         assert!(d.allowed && d.used == i);
     }
@@ -467,7 +481,7 @@ fn quota_calls_through_the_ffi() {
     let rows = t.report(u.clone(), T0 - 1, T0 + 1, GroupBy::Feature).unwrap();
     assert_eq!(rows.iter().map(|r| (r.key.as_str(), r.events)).collect::<Vec<_>>(), vec![("ai_chat", 4), ("spend", 1)]);
     assert_eq!(rows[1].cost_micros, 2_500_000);
-    let ids: HashMap<String, u64> =
+    let ids: HashMap<String, i64> =
         t.report(u.clone(), T0 - 1, T0 + 1, GroupBy::Model).unwrap().into_iter().map(|r| (r.key, r.amount)).collect();
     assert_eq!(ids.get("gpt-4o"), Some(&1));
     assert_eq!(t.pending_events(u.clone()).unwrap(), 5);
@@ -517,7 +531,7 @@ fn concurrent_calls_from_several_threads_on_one_tally() {
         let settings: serde_json::Value = serde_json::from_str(&t.settings(u.clone()).unwrap()).unwrap();
         assert_eq!(settings.as_object().unwrap().len(), 9, "8 thread keys + the default theme");
     }
-    let total: u64 = users.iter().map(|u| t.usage(u.clone(), "ai_chat".into()).unwrap().used).sum();
+    let total: i64 = users.iter().map(|u| t.usage(u.clone(), "ai_chat".into()).unwrap().used).sum();
     assert_eq!(total, 4 * 25, "distinct (user, key) pairs");
 }
 
@@ -530,19 +544,7 @@ async fn sync_is_async_and_maps_network_errors() {
         unconfigured.sign_in(Profile { external_id: "sub-1".into(), email: None, display_name: None, avatar_url: None }, None).unwrap().id;
     let u = t.sign_in(Profile { external_id: "sub-1".into(), email: None, display_name: None, avatar_url: None }, None).unwrap().id;
     t.consume(u.clone(), "ai_chat".into(), 1, None).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let options = || SyncOptions {
-        server_url: format!("http://127.0.0.1:{port}"),
-        token: "t".into(),
-        token_provider: None,
-        max_batch_events: None,
-        max_batch_bytes: None,
-        max_attempts: Some(1),
-        initial_backoff_ms: Some(1),
-        max_backoff_ms: Some(1),
-        timeout_ms: Some(2000),
-        force_entitlements: false,
-    };
+    let options = closed_port_options;
     let r = unconfigured.sync(v, options()).await;
     assert!(matches!(r, Err(TallyError::Configuration { .. })), "sync without server_keys: {r:?}");
     let r = t.sync(u.clone(), options()).await;
@@ -568,4 +570,220 @@ fn leases_and_voids_cross_the_boundary() {
     assert_eq!(t.usage(u.clone(), "ai_chat".into()).unwrap().used, 0);
     assert_eq!(t.pending_events(u.clone()).unwrap(), 2, "the use and one void");
     assert!(matches!(t.void(u, "nope".into(), None), Err(TallyError::NotFound { .. })));
+}
+
+#[derive(Default)]
+struct Observer(Mutex<Vec<UserChange>>);
+impl ChangeObserver for Observer {
+    fn on_user_change(&self, change: UserChange) {
+        self.0.lock().unwrap().push(change);
+    }
+}
+
+struct ThrowingObserver;
+impl ChangeObserver for ThrowingObserver {
+    fn on_user_change(&self, _: UserChange) {
+        panic!("the foreign observer threw")
+    }
+}
+
+#[test]
+fn observers_and_the_listener_are_all_told_and_never_replace_each_other() {
+    let (t, _) = open();
+    let (a, b, rec) = (Arc::new(Observer::default()), Arc::new(Observer::default()), Arc::new(Recorder::default()));
+    let ia = t.add_observer(a.clone()).unwrap();
+    t.add_observer(Arc::new(ThrowingObserver)).unwrap();
+    t.set_listener(rec.clone()).unwrap();
+    let ib = t.add_observer(b.clone()).unwrap();
+    assert_eq!(t.observer_count().unwrap(), 3);
+    let u = t.create_local_user(None).unwrap().id;
+    t.consume(u.clone(), "ai_chat".into(), 2, None).unwrap();
+    for o in [&a, &b] {
+        let seen = o.0.lock().unwrap().clone();
+        let last = seen.last().expect("told");
+        assert_eq!((last.user_id.as_str(), last.change.usage), (u.as_str(), true));
+        let info = last.info.as_ref().expect("the snapshot rides along");
+        assert_eq!(info.features["ai_chat"].usage.used, 2);
+        assert_eq!(info.pending_events, 1, "one use of 2");
+        assert!(last.is_current_user, "the only anonymous user is the current one");
+    }
+    assert_eq!(rec.0.lock().unwrap().len(), 1, "the listener slot too");
+    assert!(t.remove_observer(ia).unwrap());
+    assert!(!t.remove_observer(ia).unwrap(), "removed once");
+    t.consume(u.clone(), "ai_chat".into(), 1, None).unwrap();
+    assert_eq!(a.0.lock().unwrap().len(), 1, "a removed observer is not told");
+    assert_eq!(b.0.lock().unwrap().len(), 2);
+    // Deleting the user: the change arrives without a snapshot.
+    t.delete_user(u.clone(), true).unwrap();
+    assert!(b.0.lock().unwrap().last().unwrap().info.is_none());
+    assert!(t.remove_observer(ib).unwrap());
+}
+
+#[test]
+fn the_current_user_logs_in_and_out_and_the_multi_user_calls_still_work() {
+    let (t, _) = open();
+    let obs = Arc::new(Observer::default());
+    t.add_observer(obs.clone()).unwrap();
+    let anon = t.current_user().unwrap();
+    assert_eq!((anon.external_id.as_deref(), t.current_user().unwrap().id.as_str()), (None, anon.id.as_str()));
+    t.consume(anon.id.clone(), "ai_chat".into(), 1, None).unwrap();
+    assert!(obs.0.lock().unwrap().last().unwrap().is_current_user);
+
+    let ada = t.log_in("ada".into(), Some("ada@example.com".into()), None, None).unwrap();
+    assert_eq!(ada.email.as_deref(), Some("ada@example.com"));
+    assert_eq!(t.current_user().unwrap().id, ada.id);
+    assert_eq!(t.current_customer_info().unwrap().features["ai_chat"].usage.used, 1, "the anonymous use moved");
+    let last = obs.0.lock().unwrap().iter().rev().find(|c| c.user_id == ada.id).cloned().expect("told about the account");
+    assert!(last.is_current_user);
+    assert!(is_invalid(t.log_in("".into(), None, None, None)));
+    assert_eq!(t.current_user().unwrap().id, ada.id, "a bad log-in changed nothing");
+
+    let fresh = t.log_out().unwrap();
+    assert_eq!(fresh.external_id, None);
+    assert_eq!(t.current_user().unwrap().id, fresh.id);
+    let last = obs.0.lock().unwrap().last().cloned().unwrap();
+    assert_eq!((last.user_id.as_str(), last.is_current_user), (fresh.id.as_str(), true), "observers learn who took over");
+    // The multi-user API sees every user.
+    assert_eq!(t.users().unwrap().len(), 2);
+    assert!(!t.user(ada.id).unwrap().signed_in);
+}
+
+#[test]
+fn customer_info_tells_plan_entitlements_features_and_purchases() {
+    let (t, _) = open();
+    let u = t.create_local_user(None).unwrap().id;
+    let free = t.customer_info(u.clone()).unwrap();
+    assert_eq!((free.plan.as_str(), free.access_reason.as_str(), free.expires_at_ms), ("free", "free", None));
+    assert!(free.entitlements["free"].is_active && !free.entitlements["pro"].is_active);
+    assert!(!free.features["export"].entitled, "a disabled flag");
+    assert!(free.features["ai_chat"].entitled);
+    assert_eq!(free.features["ai_chat"].usage.limit, Some(3));
+    assert!(free.active_purchases.is_empty());
+
+    let end = T0 + 30 * 86_400_000;
+    t.set_entitlements(
+        u.clone(),
+        Entitlements {
+            plan: "pro".into(),
+            status: SubscriptionStatus::Active,
+            period_start_ms: Some(T0),
+            period_end_ms: Some(end),
+            credit_grants: vec![
+                CreditGrant { id: "pack".into(), remaining: 40, expires_at_ms: None, source: "purchase".into() },
+                CreditGrant { id: "monthly".into(), remaining: 10, expires_at_ms: None, source: "plan".into() },
+            ],
+            ..Entitlements::from(tally_core::Entitlements::free())
+        },
+    )
+    .unwrap();
+    let pro = t.customer_info(u.clone()).unwrap();
+    assert_eq!((pro.plan.as_str(), pro.access_reason.as_str(), pro.expires_at_ms), ("pro", "subscription", Some(end)));
+    let e = &pro.entitlements["pro"];
+    assert_eq!((e.is_active, e.access_reason.as_deref(), e.expires_at_ms), (true, Some("subscription"), Some(end)));
+    assert!(!pro.entitlements["free"].is_active);
+    assert_eq!(pro.features["ai_chat"].usage.limit, None);
+    assert_eq!(pro.credit_balance, 50);
+    assert_eq!(
+        pro.active_purchases,
+        vec![
+            ActivePurchase {
+                kind: PurchaseKind::Subscription,
+                plan: Some("pro".into()),
+                status: SubscriptionStatus::Active,
+                expires_at_ms: Some(end),
+                credit_grant_id: None,
+                credits_remaining: None
+            },
+            ActivePurchase {
+                kind: PurchaseKind::Credits,
+                plan: None,
+                status: SubscriptionStatus::Active,
+                expires_at_ms: None,
+                credit_grant_id: Some("pack".into()),
+                credits_remaining: Some(40)
+            },
+        ]
+    );
+    assert!(matches!(t.customer_info("nobody".into()), Err(TallyError::NotFound { .. })));
+}
+
+fn closed_port_options() -> SyncOptions {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    SyncOptions {
+        server_url: format!("http://127.0.0.1:{port}"),
+        token: "t".into(),
+        token_provider: None,
+        max_batch_events: None,
+        max_batch_bytes: None,
+        max_attempts: Some(1),
+        initial_backoff_ms: Some(1),
+        max_backoff_ms: Some(1),
+        timeout_ms: Some(2000),
+        force_entitlements: false,
+    }
+}
+
+fn auto(sync: SyncOptions, user_id: Option<String>) -> AutoSyncOptions {
+    AutoSyncOptions { sync, user_id, interval_ms: 600_000, debounce_ms: 10, initial_backoff_ms: 20, max_backoff_ms: 40 }
+}
+
+fn wait_for(a: &AutoSync, what: &str, ok: impl Fn(&SyncStatus) -> bool) -> SyncStatus {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let s = a.status();
+        if ok(&s) {
+            return s;
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}: {s:?}");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+#[derive(Default)]
+struct StatusLog(Mutex<Vec<SyncStatus>>);
+impl SyncStatusListener for StatusLog {
+    fn on_status(&self, status: SyncStatus) {
+        self.0.lock().unwrap().push(status);
+    }
+}
+
+#[test]
+fn auto_sync_backs_off_on_network_errors_and_stops_on_errors_retrying_cannot_fix() {
+    let keys = r#"{"keys":[{"kty":"OKP","crv":"Ed25519","x":"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo","kid":"k"}]}"#;
+    let t = Tally::open_in_memory(TallyConfig { server_keys: Some(keys.into()), ..config(None) }).expect("open");
+    let u = t.log_in("sub-1".into(), None, None, None).unwrap().id;
+    t.consume(u.clone(), "ai_chat".into(), 1, None).unwrap();
+
+    for bad in [
+        AutoSyncOptions { interval_ms: 0, ..auto(closed_port_options(), None) },
+        AutoSyncOptions { debounce_ms: -1, ..auto(closed_port_options(), None) },
+        AutoSyncOptions { sync: SyncOptions { timeout_ms: Some(-1), ..closed_port_options() }, ..auto(closed_port_options(), None) },
+    ] {
+        assert!(is_invalid(t.start_auto_sync(bad)));
+    }
+    assert!(matches!(t.start_auto_sync(auto(closed_port_options(), Some("nobody".into()))), Err(TallyError::NotFound { .. })));
+
+    // Unreachable: retried with backoff, still running, nothing lost.
+    let a = t.start_auto_sync(auto(closed_port_options(), None)).unwrap();
+    let log = Arc::new(StatusLog::default());
+    a.add_status_listener(log.clone());
+    let s = wait_for(&a, "three failures", |s| s.consecutive_failures >= 3);
+    assert!(s.running && !s.uploading);
+    assert_eq!((s.user_id.as_deref(), s.pending, s.last_error_kind.as_deref()), (Some(u.as_str()), 1, Some("Network")));
+    assert!(log.0.lock().unwrap().iter().any(|s| s.uploading), "the listener saw a round in flight");
+    // A local change updates `pending` at once.
+    t.consume(u.clone(), "ai_chat".into(), 1, None).unwrap();
+    wait_for(&a, "pending 2", |s| s.pending == 2);
+    a.stop();
+    let s = wait_for(&a, "stopped", |s| !s.running);
+    assert_eq!(t.pending_events(u.clone()).unwrap(), 2);
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert_eq!(a.status().consecutive_failures, s.consecutive_failures, "no round after stop");
+
+    // Without the server's keys, sync is a configuration error: the helper stops at once.
+    let unconfigured = Tally::open_in_memory(config(None)).expect("open");
+    let v = unconfigured.log_in("sub-2".into(), None, None, None).unwrap().id;
+    let b = unconfigured.start_auto_sync(auto(closed_port_options(), Some(v))).unwrap();
+    let s = wait_for(&b, "stopped on Configuration", |s| !s.running);
+    assert_eq!((s.last_error_kind.as_deref(), s.consecutive_failures), (Some("Configuration"), 1));
 }

@@ -4,7 +4,7 @@
 //! tally-server --lib openapi` rewrites it).
 
 use crate::{accounts, admin, billing, consume, entitlements, holds, leases, metrics, password_auth, plans, secrets, settings, sync};
-use crate::{usage, usage_events, voids};
+use crate::{usage, usage_events, voids, webhooks};
 use axum::Json;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::openapi::{Components, OpenApi as Spec, Ref, RefOr, Response, ResponseBuilder, content::ContentBuilder};
@@ -30,6 +30,7 @@ use utoipa::{Modify, OpenApi};
         password_auth::signup, password_auth::login, password_auth::refresh, password_auth::logout, password_auth::verify,
         password_auth::forgot, password_auth::reset,
         secrets::list, secrets::read, secrets::write, secrets::remove,
+        webhooks::create, webhooks::list, webhooks::remove, webhooks::replay, webhooks::deliveries,
     ),
     components(schemas(tally_core::wire::ErrorBody)),
     modifiers(&Conventions),

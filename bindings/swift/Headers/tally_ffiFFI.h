@@ -243,9 +243,9 @@ typedef void (*UniffiForeignFutureCompleteVoid)(uint64_t, UniffiForeignFutureRes
     );
 
 #endif
-#ifndef UNIFFI_FFIDEF_CALLBACK_INTERFACE_TOKEN_PROVIDER_METHOD0
-#define UNIFFI_FFIDEF_CALLBACK_INTERFACE_TOKEN_PROVIDER_METHOD0
-typedef void (*UniffiCallbackInterfaceTokenProviderMethod0)(uint64_t, RustBuffer* _Nonnull, 
+#ifndef UNIFFI_FFIDEF_CALLBACK_INTERFACE_SYNC_STATUS_LISTENER_METHOD0
+#define UNIFFI_FFIDEF_CALLBACK_INTERFACE_SYNC_STATUS_LISTENER_METHOD0
+typedef void (*UniffiCallbackInterfaceSyncStatusListenerMethod0)(uint64_t, RustBuffer, void* _Nonnull, 
         RustCallStatus *_Nonnull uniffiCallStatus
     );
 
@@ -257,6 +257,13 @@ typedef void (*UniffiCallbackInterfaceChangeListenerMethod0)(uint64_t, RustBuffe
     );
 
 #endif
+#ifndef UNIFFI_FFIDEF_CALLBACK_INTERFACE_CHANGE_OBSERVER_METHOD0
+#define UNIFFI_FFIDEF_CALLBACK_INTERFACE_CHANGE_OBSERVER_METHOD0
+typedef void (*UniffiCallbackInterfaceChangeObserverMethod0)(uint64_t, RustBuffer, void* _Nonnull, 
+        RustCallStatus *_Nonnull uniffiCallStatus
+    );
+
+#endif
 #ifndef UNIFFI_FFIDEF_CALLBACK_INTERFACE_TALLY_CLOCK_METHOD0
 #define UNIFFI_FFIDEF_CALLBACK_INTERFACE_TALLY_CLOCK_METHOD0
 typedef void (*UniffiCallbackInterfaceTallyClockMethod0)(uint64_t, int64_t* _Nonnull, 
@@ -264,13 +271,20 @@ typedef void (*UniffiCallbackInterfaceTallyClockMethod0)(uint64_t, int64_t* _Non
     );
 
 #endif
-#ifndef UNIFFI_FFIDEF_V_TABLE_CALLBACK_INTERFACE_TOKEN_PROVIDER
-#define UNIFFI_FFIDEF_V_TABLE_CALLBACK_INTERFACE_TOKEN_PROVIDER
-typedef struct UniffiVTableCallbackInterfaceTokenProvider {
+#ifndef UNIFFI_FFIDEF_CALLBACK_INTERFACE_TOKEN_PROVIDER_METHOD0
+#define UNIFFI_FFIDEF_CALLBACK_INTERFACE_TOKEN_PROVIDER_METHOD0
+typedef void (*UniffiCallbackInterfaceTokenProviderMethod0)(uint64_t, RustBuffer* _Nonnull, 
+        RustCallStatus *_Nonnull uniffiCallStatus
+    );
+
+#endif
+#ifndef UNIFFI_FFIDEF_V_TABLE_CALLBACK_INTERFACE_SYNC_STATUS_LISTENER
+#define UNIFFI_FFIDEF_V_TABLE_CALLBACK_INTERFACE_SYNC_STATUS_LISTENER
+typedef struct UniffiVTableCallbackInterfaceSyncStatusListener {
     UniffiCallbackInterfaceFree _Nonnull uniffiFree;
     UniffiCallbackInterfaceClone _Nonnull uniffiClone;
-    UniffiCallbackInterfaceTokenProviderMethod0 _Nonnull token;
-} UniffiVTableCallbackInterfaceTokenProvider;
+    UniffiCallbackInterfaceSyncStatusListenerMethod0 _Nonnull onStatus;
+} UniffiVTableCallbackInterfaceSyncStatusListener;
 
 #endif
 #ifndef UNIFFI_FFIDEF_V_TABLE_CALLBACK_INTERFACE_CHANGE_LISTENER
@@ -282,6 +296,15 @@ typedef struct UniffiVTableCallbackInterfaceChangeListener {
 } UniffiVTableCallbackInterfaceChangeListener;
 
 #endif
+#ifndef UNIFFI_FFIDEF_V_TABLE_CALLBACK_INTERFACE_CHANGE_OBSERVER
+#define UNIFFI_FFIDEF_V_TABLE_CALLBACK_INTERFACE_CHANGE_OBSERVER
+typedef struct UniffiVTableCallbackInterfaceChangeObserver {
+    UniffiCallbackInterfaceFree _Nonnull uniffiFree;
+    UniffiCallbackInterfaceClone _Nonnull uniffiClone;
+    UniffiCallbackInterfaceChangeObserverMethod0 _Nonnull onUserChange;
+} UniffiVTableCallbackInterfaceChangeObserver;
+
+#endif
 #ifndef UNIFFI_FFIDEF_V_TABLE_CALLBACK_INTERFACE_TALLY_CLOCK
 #define UNIFFI_FFIDEF_V_TABLE_CALLBACK_INTERFACE_TALLY_CLOCK
 typedef struct UniffiVTableCallbackInterfaceTallyClock {
@@ -289,6 +312,15 @@ typedef struct UniffiVTableCallbackInterfaceTallyClock {
     UniffiCallbackInterfaceClone _Nonnull uniffiClone;
     UniffiCallbackInterfaceTallyClockMethod0 _Nonnull nowMs;
 } UniffiVTableCallbackInterfaceTallyClock;
+
+#endif
+#ifndef UNIFFI_FFIDEF_V_TABLE_CALLBACK_INTERFACE_TOKEN_PROVIDER
+#define UNIFFI_FFIDEF_V_TABLE_CALLBACK_INTERFACE_TOKEN_PROVIDER
+typedef struct UniffiVTableCallbackInterfaceTokenProvider {
+    UniffiCallbackInterfaceFree _Nonnull uniffiFree;
+    UniffiCallbackInterfaceClone _Nonnull uniffiClone;
+    UniffiCallbackInterfaceTokenProviderMethod0 _Nonnull token;
+} UniffiVTableCallbackInterfaceTokenProvider;
 
 #endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_CLONE_TALLY
@@ -311,6 +343,11 @@ uint64_t uniffi_tally_ffi_fn_constructor_tally_open(RustBuffer path, RustBuffer 
 uint64_t uniffi_tally_ffi_fn_constructor_tally_open_in_memory(RustBuffer config, RustCallStatus *_Nonnull out_status
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_ADD_OBSERVER
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_ADD_OBSERVER
+int64_t uniffi_tally_ffi_fn_method_tally_add_observer(uint64_t ptr, uint64_t observer, RustCallStatus *_Nonnull out_status
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_CATALOG_JSON
 #define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_CATALOG_JSON
 RustBuffer uniffi_tally_ffi_fn_method_tally_catalog_json(uint64_t ptr, RustCallStatus *_Nonnull out_status
@@ -318,7 +355,7 @@ RustBuffer uniffi_tally_ffi_fn_method_tally_catalog_json(uint64_t ptr, RustCallS
 #endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_CHECK
 #define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_CHECK
-RustBuffer uniffi_tally_ffi_fn_method_tally_check(uint64_t ptr, RustBuffer user_id, RustBuffer feature, uint64_t amount, RustCallStatus *_Nonnull out_status
+RustBuffer uniffi_tally_ffi_fn_method_tally_check(uint64_t ptr, RustBuffer user_id, RustBuffer feature, int64_t amount, RustCallStatus *_Nonnull out_status
 );
 #endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_CLEAR_LISTENER
@@ -328,7 +365,7 @@ void uniffi_tally_ffi_fn_method_tally_clear_listener(uint64_t ptr, RustCallStatu
 #endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_CONSUME
 #define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_CONSUME
-RustBuffer uniffi_tally_ffi_fn_method_tally_consume(uint64_t ptr, RustBuffer user_id, RustBuffer feature, uint64_t amount, RustBuffer meta, RustCallStatus *_Nonnull out_status
+RustBuffer uniffi_tally_ffi_fn_method_tally_consume(uint64_t ptr, RustBuffer user_id, RustBuffer feature, int64_t amount, RustBuffer meta, RustCallStatus *_Nonnull out_status
 );
 #endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_CONSUME_MANY
@@ -344,6 +381,11 @@ RustBuffer uniffi_tally_ffi_fn_method_tally_create_local_user(uint64_t ptr, Rust
 #ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_CREDIT_BALANCE
 #define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_CREDIT_BALANCE
 int64_t uniffi_tally_ffi_fn_method_tally_credit_balance(uint64_t ptr, RustBuffer user_id, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_CURRENT_USER
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_CURRENT_USER
+RustBuffer uniffi_tally_ffi_fn_method_tally_current_user(uint64_t ptr, RustCallStatus *_Nonnull out_status
 );
 #endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_DELETE_USER
@@ -371,6 +413,21 @@ RustBuffer uniffi_tally_ffi_fn_method_tally_event_status(uint64_t ptr, RustBuffe
 int64_t uniffi_tally_ffi_fn_method_tally_highest_seen_time_ms(uint64_t ptr, RustCallStatus *_Nonnull out_status
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_LOG_IN
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_LOG_IN
+RustBuffer uniffi_tally_ffi_fn_method_tally_log_in(uint64_t ptr, RustBuffer external_id, RustBuffer email, RustBuffer display_name, RustBuffer avatar_url, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_LOG_OUT
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_LOG_OUT
+RustBuffer uniffi_tally_ffi_fn_method_tally_log_out(uint64_t ptr, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_OBSERVER_COUNT
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_OBSERVER_COUNT
+int64_t uniffi_tally_ffi_fn_method_tally_observer_count(uint64_t ptr, RustCallStatus *_Nonnull out_status
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_PATCH_SETTINGS
 #define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_PATCH_SETTINGS
 void uniffi_tally_ffi_fn_method_tally_patch_settings(uint64_t ptr, RustBuffer user_id, RustBuffer changes_json, RustCallStatus *_Nonnull out_status
@@ -378,7 +435,12 @@ void uniffi_tally_ffi_fn_method_tally_patch_settings(uint64_t ptr, RustBuffer us
 #endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_PENDING_EVENTS
 #define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_PENDING_EVENTS
-uint64_t uniffi_tally_ffi_fn_method_tally_pending_events(uint64_t ptr, RustBuffer user_id, RustCallStatus *_Nonnull out_status
+int64_t uniffi_tally_ffi_fn_method_tally_pending_events(uint64_t ptr, RustBuffer user_id, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_REMOVE_OBSERVER
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_REMOVE_OBSERVER
+int8_t uniffi_tally_ffi_fn_method_tally_remove_observer(uint64_t ptr, int64_t id, RustCallStatus *_Nonnull out_status
 );
 #endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_REMOVE_SETTING
@@ -461,6 +523,21 @@ RustBuffer uniffi_tally_ffi_fn_method_tally_user(uint64_t ptr, RustBuffer user_i
 RustBuffer uniffi_tally_ffi_fn_method_tally_users(uint64_t ptr, RustCallStatus *_Nonnull out_status
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_START_AUTO_SYNC
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_START_AUTO_SYNC
+uint64_t uniffi_tally_ffi_fn_method_tally_start_auto_sync(uint64_t ptr, RustBuffer options, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_CURRENT_CUSTOMER_INFO
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_CURRENT_CUSTOMER_INFO
+RustBuffer uniffi_tally_ffi_fn_method_tally_current_customer_info(uint64_t ptr, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_CUSTOMER_INFO
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_CUSTOMER_INFO
+RustBuffer uniffi_tally_ffi_fn_method_tally_customer_info(uint64_t ptr, RustBuffer user_id, RustCallStatus *_Nonnull out_status
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_LEASES
 #define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_LEASES
 RustBuffer uniffi_tally_ffi_fn_method_tally_leases(uint64_t ptr, RustBuffer user_id, RustCallStatus *_Nonnull out_status
@@ -468,7 +545,7 @@ RustBuffer uniffi_tally_ffi_fn_method_tally_leases(uint64_t ptr, RustBuffer user
 #endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_PREPARE_OFFLINE
 #define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_PREPARE_OFFLINE
-void uniffi_tally_ffi_fn_method_tally_prepare_offline(uint64_t ptr, RustBuffer user_id, RustBuffer feature, uint64_t units, RustCallStatus *_Nonnull out_status
+void uniffi_tally_ffi_fn_method_tally_prepare_offline(uint64_t ptr, RustBuffer user_id, RustBuffer feature, int64_t units, RustCallStatus *_Nonnull out_status
 );
 #endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_VOID
@@ -506,24 +583,59 @@ uint64_t uniffi_tally_ffi_fn_method_tally_release_leases(uint64_t ptr, RustBuffe
 uint64_t uniffi_tally_ffi_fn_method_tally_sync(uint64_t ptr, RustBuffer user_id, RustBuffer options
 );
 #endif
-#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_CLONE_TOKENPROVIDER
-#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_CLONE_TOKENPROVIDER
-uint64_t uniffi_tally_ffi_fn_clone_tokenprovider(uint64_t handle, RustCallStatus *_Nonnull out_status
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_CLONE_AUTOSYNC
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_CLONE_AUTOSYNC
+uint64_t uniffi_tally_ffi_fn_clone_autosync(uint64_t handle, RustCallStatus *_Nonnull out_status
 );
 #endif
-#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_FREE_TOKENPROVIDER
-#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_FREE_TOKENPROVIDER
-void uniffi_tally_ffi_fn_free_tokenprovider(uint64_t handle, RustCallStatus *_Nonnull out_status
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_FREE_AUTOSYNC
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_FREE_AUTOSYNC
+void uniffi_tally_ffi_fn_free_autosync(uint64_t handle, RustCallStatus *_Nonnull out_status
 );
 #endif
-#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_INIT_CALLBACK_VTABLE_TOKENPROVIDER
-#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_INIT_CALLBACK_VTABLE_TOKENPROVIDER
-void uniffi_tally_ffi_fn_init_callback_vtable_tokenprovider(const UniffiVTableCallbackInterfaceTokenProvider* _Nonnull vtable
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_AUTOSYNC_ADD_STATUS_LISTENER
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_AUTOSYNC_ADD_STATUS_LISTENER
+int64_t uniffi_tally_ffi_fn_method_autosync_add_status_listener(uint64_t ptr, uint64_t listener, RustCallStatus *_Nonnull out_status
 );
 #endif
-#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TOKENPROVIDER_TOKEN
-#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TOKENPROVIDER_TOKEN
-RustBuffer uniffi_tally_ffi_fn_method_tokenprovider_token(uint64_t ptr, RustCallStatus *_Nonnull out_status
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_AUTOSYNC_REMOVE_STATUS_LISTENER
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_AUTOSYNC_REMOVE_STATUS_LISTENER
+void uniffi_tally_ffi_fn_method_autosync_remove_status_listener(uint64_t ptr, int64_t id, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_AUTOSYNC_STATUS
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_AUTOSYNC_STATUS
+RustBuffer uniffi_tally_ffi_fn_method_autosync_status(uint64_t ptr, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_AUTOSYNC_STOP
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_AUTOSYNC_STOP
+void uniffi_tally_ffi_fn_method_autosync_stop(uint64_t ptr, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_AUTOSYNC_SYNC_NOW
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_AUTOSYNC_SYNC_NOW
+void uniffi_tally_ffi_fn_method_autosync_sync_now(uint64_t ptr, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_CLONE_SYNCSTATUSLISTENER
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_CLONE_SYNCSTATUSLISTENER
+uint64_t uniffi_tally_ffi_fn_clone_syncstatuslistener(uint64_t handle, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_FREE_SYNCSTATUSLISTENER
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_FREE_SYNCSTATUSLISTENER
+void uniffi_tally_ffi_fn_free_syncstatuslistener(uint64_t handle, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_INIT_CALLBACK_VTABLE_SYNCSTATUSLISTENER
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_INIT_CALLBACK_VTABLE_SYNCSTATUSLISTENER
+void uniffi_tally_ffi_fn_init_callback_vtable_syncstatuslistener(const UniffiVTableCallbackInterfaceSyncStatusListener* _Nonnull vtable
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_SYNCSTATUSLISTENER_ON_STATUS
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_SYNCSTATUSLISTENER_ON_STATUS
+void uniffi_tally_ffi_fn_method_syncstatuslistener_on_status(uint64_t ptr, RustBuffer status, RustCallStatus *_Nonnull out_status
 );
 #endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_CLONE_CHANGELISTENER
@@ -546,6 +658,26 @@ void uniffi_tally_ffi_fn_init_callback_vtable_changelistener(const UniffiVTableC
 void uniffi_tally_ffi_fn_method_changelistener_on_change(uint64_t ptr, RustBuffer user_id, RustBuffer change, RustCallStatus *_Nonnull out_status
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_CLONE_CHANGEOBSERVER
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_CLONE_CHANGEOBSERVER
+uint64_t uniffi_tally_ffi_fn_clone_changeobserver(uint64_t handle, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_FREE_CHANGEOBSERVER
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_FREE_CHANGEOBSERVER
+void uniffi_tally_ffi_fn_free_changeobserver(uint64_t handle, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_INIT_CALLBACK_VTABLE_CHANGEOBSERVER
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_INIT_CALLBACK_VTABLE_CHANGEOBSERVER
+void uniffi_tally_ffi_fn_init_callback_vtable_changeobserver(const UniffiVTableCallbackInterfaceChangeObserver* _Nonnull vtable
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_CHANGEOBSERVER_ON_USER_CHANGE
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_CHANGEOBSERVER_ON_USER_CHANGE
+void uniffi_tally_ffi_fn_method_changeobserver_on_user_change(uint64_t ptr, RustBuffer change, RustCallStatus *_Nonnull out_status
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_CLONE_TALLYCLOCK
 #define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_CLONE_TALLYCLOCK
 uint64_t uniffi_tally_ffi_fn_clone_tallyclock(uint64_t handle, RustCallStatus *_Nonnull out_status
@@ -564,6 +696,26 @@ void uniffi_tally_ffi_fn_init_callback_vtable_tallyclock(const UniffiVTableCallb
 #ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLYCLOCK_NOW_MS
 #define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLYCLOCK_NOW_MS
 int64_t uniffi_tally_ffi_fn_method_tallyclock_now_ms(uint64_t ptr, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_CLONE_TOKENPROVIDER
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_CLONE_TOKENPROVIDER
+uint64_t uniffi_tally_ffi_fn_clone_tokenprovider(uint64_t handle, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_FREE_TOKENPROVIDER
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_FREE_TOKENPROVIDER
+void uniffi_tally_ffi_fn_free_tokenprovider(uint64_t handle, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_INIT_CALLBACK_VTABLE_TOKENPROVIDER
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_INIT_CALLBACK_VTABLE_TOKENPROVIDER
+void uniffi_tally_ffi_fn_init_callback_vtable_tokenprovider(const UniffiVTableCallbackInterfaceTokenProvider* _Nonnull vtable
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TOKENPROVIDER_TOKEN
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TOKENPROVIDER_TOKEN
+RustBuffer uniffi_tally_ffi_fn_method_tokenprovider_token(uint64_t ptr, RustCallStatus *_Nonnull out_status
 );
 #endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_FUNC_ENCRYPT_DATABASE
@@ -859,6 +1011,12 @@ uint16_t uniffi_tally_ffi_checksum_func_validate_catalog(void
     
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_ADD_OBSERVER
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_ADD_OBSERVER
+uint16_t uniffi_tally_ffi_checksum_method_tally_add_observer(void
+    
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_CATALOG_JSON
 #define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_CATALOG_JSON
 uint16_t uniffi_tally_ffi_checksum_method_tally_catalog_json(void
@@ -901,6 +1059,12 @@ uint16_t uniffi_tally_ffi_checksum_method_tally_credit_balance(void
     
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_CURRENT_USER
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_CURRENT_USER
+uint16_t uniffi_tally_ffi_checksum_method_tally_current_user(void
+    
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_DELETE_USER
 #define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_DELETE_USER
 uint16_t uniffi_tally_ffi_checksum_method_tally_delete_user(void
@@ -931,6 +1095,24 @@ uint16_t uniffi_tally_ffi_checksum_method_tally_highest_seen_time_ms(void
     
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_LOG_IN
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_LOG_IN
+uint16_t uniffi_tally_ffi_checksum_method_tally_log_in(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_LOG_OUT
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_LOG_OUT
+uint16_t uniffi_tally_ffi_checksum_method_tally_log_out(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_OBSERVER_COUNT
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_OBSERVER_COUNT
+uint16_t uniffi_tally_ffi_checksum_method_tally_observer_count(void
+    
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_PATCH_SETTINGS
 #define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_PATCH_SETTINGS
 uint16_t uniffi_tally_ffi_checksum_method_tally_patch_settings(void
@@ -940,6 +1122,12 @@ uint16_t uniffi_tally_ffi_checksum_method_tally_patch_settings(void
 #ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_PENDING_EVENTS
 #define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_PENDING_EVENTS
 uint16_t uniffi_tally_ffi_checksum_method_tally_pending_events(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_REMOVE_OBSERVER
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_REMOVE_OBSERVER
+uint16_t uniffi_tally_ffi_checksum_method_tally_remove_observer(void
     
 );
 #endif
@@ -1039,6 +1227,24 @@ uint16_t uniffi_tally_ffi_checksum_method_tally_users(void
     
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_START_AUTO_SYNC
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_START_AUTO_SYNC
+uint16_t uniffi_tally_ffi_checksum_method_tally_start_auto_sync(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_CURRENT_CUSTOMER_INFO
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_CURRENT_CUSTOMER_INFO
+uint16_t uniffi_tally_ffi_checksum_method_tally_current_customer_info(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_CUSTOMER_INFO
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_CUSTOMER_INFO
+uint16_t uniffi_tally_ffi_checksum_method_tally_customer_info(void
+    
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_LEASES
 #define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_LEASES
 uint16_t uniffi_tally_ffi_checksum_method_tally_leases(void
@@ -1093,9 +1299,39 @@ uint16_t uniffi_tally_ffi_checksum_method_tally_sync(void
     
 );
 #endif
-#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TOKENPROVIDER_TOKEN
-#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TOKENPROVIDER_TOKEN
-uint16_t uniffi_tally_ffi_checksum_method_tokenprovider_token(void
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_AUTOSYNC_ADD_STATUS_LISTENER
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_AUTOSYNC_ADD_STATUS_LISTENER
+uint16_t uniffi_tally_ffi_checksum_method_autosync_add_status_listener(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_AUTOSYNC_REMOVE_STATUS_LISTENER
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_AUTOSYNC_REMOVE_STATUS_LISTENER
+uint16_t uniffi_tally_ffi_checksum_method_autosync_remove_status_listener(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_AUTOSYNC_STATUS
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_AUTOSYNC_STATUS
+uint16_t uniffi_tally_ffi_checksum_method_autosync_status(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_AUTOSYNC_STOP
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_AUTOSYNC_STOP
+uint16_t uniffi_tally_ffi_checksum_method_autosync_stop(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_AUTOSYNC_SYNC_NOW
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_AUTOSYNC_SYNC_NOW
+uint16_t uniffi_tally_ffi_checksum_method_autosync_sync_now(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_SYNCSTATUSLISTENER_ON_STATUS
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_SYNCSTATUSLISTENER_ON_STATUS
+uint16_t uniffi_tally_ffi_checksum_method_syncstatuslistener_on_status(void
     
 );
 #endif
@@ -1105,9 +1341,21 @@ uint16_t uniffi_tally_ffi_checksum_method_changelistener_on_change(void
     
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_CHANGEOBSERVER_ON_USER_CHANGE
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_CHANGEOBSERVER_ON_USER_CHANGE
+uint16_t uniffi_tally_ffi_checksum_method_changeobserver_on_user_change(void
+    
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLYCLOCK_NOW_MS
 #define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLYCLOCK_NOW_MS
 uint16_t uniffi_tally_ffi_checksum_method_tallyclock_now_ms(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TOKENPROVIDER_TOKEN
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TOKENPROVIDER_TOKEN
+uint16_t uniffi_tally_ffi_checksum_method_tokenprovider_token(void
     
 );
 #endif

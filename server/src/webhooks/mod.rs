@@ -57,7 +57,7 @@ pub fn router() -> axum::Router<AppState> {
 }
 
 /// Body of `POST /v1/admin/webhooks`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewEndpoint {
     /// Where deliveries go (`http://` or `https://`).
@@ -141,6 +141,15 @@ fn check_events(events: &[String]) -> ApiResult<Vec<String>> {
 
 /// `POST /v1/admin/webhooks {url, events, secret?}`: 201 with the endpoint and its `secret`
 /// (shown only here).
+#[utoipa::path(
+    operation_id = "webhooks_create",
+    post,
+    path = "/v1/admin/webhooks",
+    tag = "admin",
+    security(("bearer" = []), ("api_key" = [])),
+    request_body = NewEndpoint,
+    responses((status = 201, description = "The endpoint with its secret (shown only here)", body = Object)),
+)]
 pub async fn create(State(state): State<AppState>, _a: Admin, JsonBody(b): JsonBody<NewEndpoint>) -> ApiResult<(StatusCode, Json<Value>)> {
     let url = check_url(&b.url, state.config.webhook_allow_private)?;
     let events = check_events(&b.events)?;
@@ -172,6 +181,14 @@ pub async fn create(State(state): State<AppState>, _a: Admin, JsonBody(b): JsonB
 }
 
 /// `GET /v1/admin/webhooks`: `{webhooks: [{id, url, events, created_at}]}`, oldest first.
+#[utoipa::path(
+    operation_id = "webhooks_list",
+    get,
+    path = "/v1/admin/webhooks",
+    tag = "admin",
+    security(("bearer" = []), ("api_key" = [])),
+    responses((status = 200, description = "The endpoints (never their secrets)", body = Object)),
+)]
 pub async fn list(State(state): State<AppState>, _a: Admin) -> ApiResult<Json<Value>> {
     let client = state.pool.get().await?;
     let rows =
@@ -193,6 +210,15 @@ async fn exists(client: &impl deadpool_postgres::GenericClient, id: Uuid) -> Api
 }
 
 /// `DELETE /v1/admin/webhooks/{id}`: 204; its deliveries go with it (404 when unknown).
+#[utoipa::path(
+    operation_id = "webhooks_remove",
+    delete,
+    path = "/v1/admin/webhooks/{id}",
+    tag = "admin",
+    security(("bearer" = []), ("api_key" = [])),
+    params(("id" = String, Path, description = "Endpoint id")),
+    responses((status = 204, description = "Deleted")),
+)]
 pub async fn remove(State(state): State<AppState>, _a: Admin, Path(id): Path<String>) -> ApiResult<StatusCode> {
     let id = endpoint_id(&id)?;
     let client = state.pool.get().await?;
@@ -213,6 +239,16 @@ pub struct Replay {
 
 /// `POST /v1/admin/webhooks/{id}/replay {event_id?}`: queues dead-lettered deliveries (or one
 /// event, even a delivered one) again with a fresh retry window; `{replayed: n}`.
+#[utoipa::path(
+    operation_id = "webhooks_replay",
+    post,
+    path = "/v1/admin/webhooks/{id}/replay",
+    tag = "admin",
+    security(("bearer" = []), ("api_key" = [])),
+    params(("id" = String, Path, description = "Endpoint id")),
+    request_body(content = Object, description = "`{event_id?}`"),
+    responses((status = 200, description = "How many deliveries were queued again", body = Object)),
+)]
 pub async fn replay(State(state): State<AppState>, _a: Admin, Path(id): Path<String>, body: axum::body::Bytes) -> ApiResult<Json<Value>> {
     let id = endpoint_id(&id)?;
     let r: Replay = if body.iter().all(u8::is_ascii_whitespace) { Replay::default() } else { crate::extract::parse_json(&body)? };
@@ -247,6 +283,15 @@ pub struct DeliveriesQuery {
 /// `GET /v1/admin/webhooks/{id}/deliveries?state&limit`: `{deliveries: [{event_id, type,
 /// created_at, state, attempts, next_attempt_at, delivered_at, last_status, last_error,
 /// attempt_log: [{attempt, started_at, duration_ms, status, error}]}]}`, newest first.
+#[utoipa::path(
+    operation_id = "webhooks_deliveries",
+    get,
+    path = "/v1/admin/webhooks/{id}/deliveries",
+    tag = "admin",
+    security(("bearer" = []), ("api_key" = [])),
+    params(("id" = String, Path, description = "Endpoint id"), ("state" = Option<String>, Query, description = "pending, delivered or dead"), ("limit" = Option<i64>, Query, description = "1 to 1000")),
+    responses((status = 200, description = "The deliveries and their attempts, newest first", body = Object)),
+)]
 pub async fn deliveries(
     State(state): State<AppState>,
     _a: Admin,

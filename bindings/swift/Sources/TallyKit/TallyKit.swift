@@ -471,38 +471,6 @@ private let UNIFFI_CALLBACK_UNEXPECTED_ERROR: Int32 = 2
 #if swift(>=5.8)
 @_documentation(visibility: private)
 #endif
-fileprivate struct FfiConverterUInt32: FfiConverterPrimitive {
-    typealias FfiType = UInt32
-    typealias SwiftType = UInt32
-
-    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> UInt32 {
-        return try lift(readInt(&buf))
-    }
-
-    public static func write(_ value: SwiftType, into buf: inout [UInt8]) {
-        writeInt(&buf, lower(value))
-    }
-}
-
-#if swift(>=5.8)
-@_documentation(visibility: private)
-#endif
-fileprivate struct FfiConverterUInt64: FfiConverterPrimitive {
-    typealias FfiType = UInt64
-    typealias SwiftType = UInt64
-
-    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> UInt64 {
-        return try lift(readInt(&buf))
-    }
-
-    public static func write(_ value: SwiftType, into buf: inout [UInt8]) {
-        writeInt(&buf, lower(value))
-    }
-}
-
-#if swift(>=5.8)
-@_documentation(visibility: private)
-#endif
 fileprivate struct FfiConverterInt64: FfiConverterPrimitive {
     typealias FfiType = Int64
     typealias SwiftType = Int64
@@ -606,8 +574,205 @@ fileprivate struct FfiConverterString: FfiConverter {
 
 
 /**
- * Observer of changes, implemented by the app. Called after the change is committed, on the
- * thread that made it (return quickly; hop to your own queue or coroutine).
+ * A running auto-sync helper; stops on [`AutoSync::stop`] or when dropped.
+ */
+public protocol AutoSyncProtocol: AnyObject, Sendable {
+    
+    /**
+     * Registers a status listener (any number); returns its id for `remove_status_listener`.
+     */
+    func addStatusListener(listener: SyncStatusListener)  -> Int64
+    
+    /**
+     * Removes a status listener.
+     */
+    func removeStatusListener(id: Int64) 
+    
+    /**
+     * The current status.
+     */
+    func status()  -> SyncStatus
+    
+    /**
+     * Stops the helper (a round in flight completes first); idempotent.
+     */
+    func stop() 
+    
+    /**
+     * Syncs now (ends the current wait, backoff included).
+     */
+    func syncNow() 
+    
+}
+/**
+ * A running auto-sync helper; stops on [`AutoSync::stop`] or when dropped.
+ */
+open class AutoSync: AutoSyncProtocol, @unchecked Sendable {
+    fileprivate let handle: UInt64
+
+    /// Used to instantiate a [FFIObject] without an actual handle, for fakes in tests, mostly.
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public struct NoHandle {
+        public init() {}
+    }
+
+    // TODO: We'd like this to be `private` but for Swifty reasons,
+    // we can't implement `FfiConverter` without making this `required` and we can't
+    // make it `required` without making it `public`.
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    required public init(unsafeFromHandle handle: UInt64) {
+        self.handle = handle
+    }
+
+    // This constructor can be used to instantiate a fake object.
+    // - Parameter noHandle: Placeholder value so we can have a constructor separate from the default empty one that may be implemented for classes extending [FFIObject].
+    //
+    // - Warning:
+    //     Any object instantiated with this constructor cannot be passed to an actual Rust-backed object. Since there isn't a backing handle the FFI lower functions will crash.
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public init(noHandle: NoHandle) {
+        self.handle = 0
+    }
+
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public func uniffiCloneHandle() -> UInt64 {
+        return try! rustCall { uniffi_tally_ffi_fn_clone_autosync(self.handle, $0) }
+    }
+    // No primary constructor declared for this class.
+
+    deinit {
+        if handle == 0 {
+            // Mock objects have handle=0 don't try to free them
+            return
+        }
+
+        try! rustCall { uniffi_tally_ffi_fn_free_autosync(handle, $0) }
+    }
+
+    
+
+    
+    /**
+     * Registers a status listener (any number); returns its id for `remove_status_listener`.
+     */
+open func addStatusListener(listener: SyncStatusListener) -> Int64  {
+    return try!  FfiConverterInt64.lift(try! rustCall() {
+        uniffiCallStatus in
+    uniffi_tally_ffi_fn_method_autosync_add_status_listener(
+            self.uniffiCloneHandle(),
+        FfiConverterTypeSyncStatusListener_lower(listener),uniffiCallStatus
+    )
+})
+}
+    
+    /**
+     * Removes a status listener.
+     */
+open func removeStatusListener(id: Int64)  {try! rustCall() {
+        uniffiCallStatus in
+    uniffi_tally_ffi_fn_method_autosync_remove_status_listener(
+            self.uniffiCloneHandle(),
+        FfiConverterInt64.lower(id),uniffiCallStatus
+    )
+}
+}
+    
+    /**
+     * The current status.
+     */
+open func status() -> SyncStatus  {
+    return try!  FfiConverterTypeSyncStatus_lift(try! rustCall() {
+        uniffiCallStatus in
+    uniffi_tally_ffi_fn_method_autosync_status(
+            self.uniffiCloneHandle(),uniffiCallStatus
+    )
+})
+}
+    
+    /**
+     * Stops the helper (a round in flight completes first); idempotent.
+     */
+open func stop()  {try! rustCall() {
+        uniffiCallStatus in
+    uniffi_tally_ffi_fn_method_autosync_stop(
+            self.uniffiCloneHandle(),uniffiCallStatus
+    )
+}
+}
+    
+    /**
+     * Syncs now (ends the current wait, backoff included).
+     */
+open func syncNow()  {try! rustCall() {
+        uniffiCallStatus in
+    uniffi_tally_ffi_fn_method_autosync_sync_now(
+            self.uniffiCloneHandle(),uniffiCallStatus
+    )
+}
+}
+    
+
+    
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeAutoSync: FfiConverter {
+    typealias FfiType = UInt64
+    typealias SwiftType = AutoSync
+
+    public static func lift(_ handle: UInt64) throws -> AutoSync {
+        return AutoSync(unsafeFromHandle: handle)
+    }
+
+    public static func lower(_ value: AutoSync) -> UInt64 {
+        return value.uniffiCloneHandle()
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> AutoSync {
+        let handle: UInt64 = try readInt(&buf)
+        return try lift(handle)
+    }
+
+    public static func write(_ value: AutoSync, into buf: inout [UInt8]) {
+        writeInt(&buf, lower(value))
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeAutoSync_lift(_ handle: UInt64) throws -> AutoSync {
+    return try FfiConverterTypeAutoSync.lift(handle)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeAutoSync_lower(_ value: AutoSync) -> UInt64 {
+    return FfiConverterTypeAutoSync.lower(value)
+}
+
+
+
+
+
+
+/**
+ * The single listener slot of `set_listener`, implemented by the app. Called after the change
+ * is committed, on the thread that made it (return quickly; hop to your own queue or
+ * coroutine). Observers added with `add_observer` are told as well.
  */
 public protocol ChangeListener: AnyObject, Sendable {
     
@@ -618,8 +783,9 @@ public protocol ChangeListener: AnyObject, Sendable {
     
 }
 /**
- * Observer of changes, implemented by the app. Called after the change is committed, on the
- * thread that made it (return quickly; hop to your own queue or coroutine).
+ * The single listener slot of `set_listener`, implemented by the app. Called after the change
+ * is committed, on the thread that made it (return quickly; hop to your own queue or
+ * coroutine). Observers added with `add_observer` are told as well.
  */
 open class ChangeListenerImpl: ChangeListener, @unchecked Sendable {
     fileprivate let handle: UInt64
@@ -821,10 +987,438 @@ public func FfiConverterTypeChangeListener_lower(_ value: ChangeListener) -> UIn
 
 
 /**
+ * An observer added with `add_observer` (any number at once). Called after the change is
+ * committed, on the thread that made it: return quickly.
+ */
+public protocol ChangeObserver: AnyObject, Sendable {
+    
+    /**
+     * A change of one user's data, with their state after it.
+     */
+    func onUserChange(change: UserChange) 
+    
+}
+/**
+ * An observer added with `add_observer` (any number at once). Called after the change is
+ * committed, on the thread that made it: return quickly.
+ */
+open class ChangeObserverImpl: ChangeObserver, @unchecked Sendable {
+    fileprivate let handle: UInt64
+
+    /// Used to instantiate a [FFIObject] without an actual handle, for fakes in tests, mostly.
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public struct NoHandle {
+        public init() {}
+    }
+
+    // TODO: We'd like this to be `private` but for Swifty reasons,
+    // we can't implement `FfiConverter` without making this `required` and we can't
+    // make it `required` without making it `public`.
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    required public init(unsafeFromHandle handle: UInt64) {
+        self.handle = handle
+    }
+
+    // This constructor can be used to instantiate a fake object.
+    // - Parameter noHandle: Placeholder value so we can have a constructor separate from the default empty one that may be implemented for classes extending [FFIObject].
+    //
+    // - Warning:
+    //     Any object instantiated with this constructor cannot be passed to an actual Rust-backed object. Since there isn't a backing handle the FFI lower functions will crash.
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public init(noHandle: NoHandle) {
+        self.handle = 0
+    }
+
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public func uniffiCloneHandle() -> UInt64 {
+        return try! rustCall { uniffi_tally_ffi_fn_clone_changeobserver(self.handle, $0) }
+    }
+    // No primary constructor declared for this class.
+
+    deinit {
+        if handle == 0 {
+            // Mock objects have handle=0 don't try to free them
+            return
+        }
+
+        try! rustCall { uniffi_tally_ffi_fn_free_changeobserver(handle, $0) }
+    }
+
+    
+
+    
+    /**
+     * A change of one user's data, with their state after it.
+     */
+open func onUserChange(change: UserChange)  {try! rustCall() {
+        uniffiCallStatus in
+    uniffi_tally_ffi_fn_method_changeobserver_on_user_change(
+            self.uniffiCloneHandle(),
+        FfiConverterTypeUserChange_lower(change),uniffiCallStatus
+    )
+}
+}
+    
+
+    
+}
+
+
+
+// Put the implementation in a struct so we don't pollute the top-level namespace
+fileprivate struct UniffiCallbackInterfaceChangeObserver {
+
+    // Create the VTable using a series of closures.
+    // Swift automatically converts these into C callback functions.
+    //
+    // Store the vtable directly.
+    static let vtable: UniffiVTableCallbackInterfaceChangeObserver = UniffiVTableCallbackInterfaceChangeObserver(
+        uniffiFree: { (uniffiHandle: UInt64) -> () in
+            do {
+                try FfiConverterTypeChangeObserver.handleMap.remove(handle: uniffiHandle)
+            } catch {
+                print("Uniffi callback interface ChangeObserver: handle missing in uniffiFree")
+            }
+        },
+        uniffiClone: { (uniffiHandle: UInt64) -> UInt64 in
+            do {
+                return try FfiConverterTypeChangeObserver.handleMap.clone(handle: uniffiHandle)
+            } catch {
+                fatalError("Uniffi callback interface ChangeObserver: handle missing in uniffiClone")
+            }
+        },
+        onUserChange: { (
+            uniffiHandle: UInt64,
+            change: RustBuffer,
+            uniffiOutReturn: UnsafeMutableRawPointer,
+            uniffiCallStatus: UnsafeMutablePointer<RustCallStatus>
+        ) in
+            let makeCall = {
+                () throws -> () in
+                guard let uniffiObj = try? FfiConverterTypeChangeObserver.handleMap.get(handle: uniffiHandle) else {
+                    throw UniffiInternalError.unexpectedStaleHandle
+                }
+                return uniffiObj.onUserChange(
+                     change: try FfiConverterTypeUserChange_lift(change)
+                )
+            }
+
+            
+            let writeReturn = { () }
+            uniffiTraitInterfaceCall(
+                callStatus: uniffiCallStatus,
+                makeCall: makeCall,
+                writeReturn: writeReturn
+            )
+        }
+    )
+
+    // Rust stores this pointer for future callback invocations, so it must live
+    // for the process lifetime (not just for the init function call).
+    //
+    // `nonisolated(unsafe)` is needed under Swift 6 strict concurrency.
+    // This is safe because the pointee is initialized once during static init
+    // and never mutated by either side of the FFI.  Its fields are C function pointers.
+    nonisolated(unsafe) static let vtablePtr: UnsafePointer<UniffiVTableCallbackInterfaceChangeObserver> = {
+        let ptr = UnsafeMutablePointer<UniffiVTableCallbackInterfaceChangeObserver>.allocate(capacity: 1)
+        ptr.initialize(to: vtable)
+        return UnsafePointer(ptr)
+    }()
+}
+
+private func uniffiCallbackInitChangeObserver() {
+    uniffi_tally_ffi_fn_init_callback_vtable_changeobserver(UniffiCallbackInterfaceChangeObserver.vtablePtr)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeChangeObserver: FfiConverter {
+    fileprivate static let handleMap = UniffiHandleMap<ChangeObserver>()
+
+    typealias FfiType = UInt64
+    typealias SwiftType = ChangeObserver
+
+    public static func lift(_ handle: UInt64) throws -> ChangeObserver {
+        if ((handle & 1) == 0) {
+            // Rust-generated handle, construct a new class that uses the handle to implement the
+            // interface
+            return ChangeObserverImpl(unsafeFromHandle: handle)
+        } else {
+            // Swift-generated handle, get the object from the handle map
+            return try handleMap.remove(handle: handle)
+        }
+    }
+
+    public static func lower(_ value: ChangeObserver) -> UInt64 {
+         if let rustImpl = value as? ChangeObserverImpl {
+             // Rust-implemented object.  Clone the handle and return it
+            return rustImpl.uniffiCloneHandle()
+         } else {
+            // Swift object, generate a new vtable handle and return that.
+            return handleMap.insert(obj: value)
+         }
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> ChangeObserver {
+        let handle: UInt64 = try readInt(&buf)
+        return try lift(handle)
+    }
+
+    public static func write(_ value: ChangeObserver, into buf: inout [UInt8]) {
+        writeInt(&buf, lower(value))
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeChangeObserver_lift(_ handle: UInt64) throws -> ChangeObserver {
+    return try FfiConverterTypeChangeObserver.lift(handle)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeChangeObserver_lower(_ value: ChangeObserver) -> UInt64 {
+    return FfiConverterTypeChangeObserver.lower(value)
+}
+
+
+
+
+
+
+/**
+ * Told every change of a [`SyncStatus`], on the library's sync thread (return quickly).
+ */
+public protocol SyncStatusListener: AnyObject, Sendable {
+    
+    /**
+     * The new status.
+     */
+    func onStatus(status: SyncStatus) 
+    
+}
+/**
+ * Told every change of a [`SyncStatus`], on the library's sync thread (return quickly).
+ */
+open class SyncStatusListenerImpl: SyncStatusListener, @unchecked Sendable {
+    fileprivate let handle: UInt64
+
+    /// Used to instantiate a [FFIObject] without an actual handle, for fakes in tests, mostly.
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public struct NoHandle {
+        public init() {}
+    }
+
+    // TODO: We'd like this to be `private` but for Swifty reasons,
+    // we can't implement `FfiConverter` without making this `required` and we can't
+    // make it `required` without making it `public`.
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    required public init(unsafeFromHandle handle: UInt64) {
+        self.handle = handle
+    }
+
+    // This constructor can be used to instantiate a fake object.
+    // - Parameter noHandle: Placeholder value so we can have a constructor separate from the default empty one that may be implemented for classes extending [FFIObject].
+    //
+    // - Warning:
+    //     Any object instantiated with this constructor cannot be passed to an actual Rust-backed object. Since there isn't a backing handle the FFI lower functions will crash.
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public init(noHandle: NoHandle) {
+        self.handle = 0
+    }
+
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public func uniffiCloneHandle() -> UInt64 {
+        return try! rustCall { uniffi_tally_ffi_fn_clone_syncstatuslistener(self.handle, $0) }
+    }
+    // No primary constructor declared for this class.
+
+    deinit {
+        if handle == 0 {
+            // Mock objects have handle=0 don't try to free them
+            return
+        }
+
+        try! rustCall { uniffi_tally_ffi_fn_free_syncstatuslistener(handle, $0) }
+    }
+
+    
+
+    
+    /**
+     * The new status.
+     */
+open func onStatus(status: SyncStatus)  {try! rustCall() {
+        uniffiCallStatus in
+    uniffi_tally_ffi_fn_method_syncstatuslistener_on_status(
+            self.uniffiCloneHandle(),
+        FfiConverterTypeSyncStatus_lower(status),uniffiCallStatus
+    )
+}
+}
+    
+
+    
+}
+
+
+
+// Put the implementation in a struct so we don't pollute the top-level namespace
+fileprivate struct UniffiCallbackInterfaceSyncStatusListener {
+
+    // Create the VTable using a series of closures.
+    // Swift automatically converts these into C callback functions.
+    //
+    // Store the vtable directly.
+    static let vtable: UniffiVTableCallbackInterfaceSyncStatusListener = UniffiVTableCallbackInterfaceSyncStatusListener(
+        uniffiFree: { (uniffiHandle: UInt64) -> () in
+            do {
+                try FfiConverterTypeSyncStatusListener.handleMap.remove(handle: uniffiHandle)
+            } catch {
+                print("Uniffi callback interface SyncStatusListener: handle missing in uniffiFree")
+            }
+        },
+        uniffiClone: { (uniffiHandle: UInt64) -> UInt64 in
+            do {
+                return try FfiConverterTypeSyncStatusListener.handleMap.clone(handle: uniffiHandle)
+            } catch {
+                fatalError("Uniffi callback interface SyncStatusListener: handle missing in uniffiClone")
+            }
+        },
+        onStatus: { (
+            uniffiHandle: UInt64,
+            status: RustBuffer,
+            uniffiOutReturn: UnsafeMutableRawPointer,
+            uniffiCallStatus: UnsafeMutablePointer<RustCallStatus>
+        ) in
+            let makeCall = {
+                () throws -> () in
+                guard let uniffiObj = try? FfiConverterTypeSyncStatusListener.handleMap.get(handle: uniffiHandle) else {
+                    throw UniffiInternalError.unexpectedStaleHandle
+                }
+                return uniffiObj.onStatus(
+                     status: try FfiConverterTypeSyncStatus_lift(status)
+                )
+            }
+
+            
+            let writeReturn = { () }
+            uniffiTraitInterfaceCall(
+                callStatus: uniffiCallStatus,
+                makeCall: makeCall,
+                writeReturn: writeReturn
+            )
+        }
+    )
+
+    // Rust stores this pointer for future callback invocations, so it must live
+    // for the process lifetime (not just for the init function call).
+    //
+    // `nonisolated(unsafe)` is needed under Swift 6 strict concurrency.
+    // This is safe because the pointee is initialized once during static init
+    // and never mutated by either side of the FFI.  Its fields are C function pointers.
+    nonisolated(unsafe) static let vtablePtr: UnsafePointer<UniffiVTableCallbackInterfaceSyncStatusListener> = {
+        let ptr = UnsafeMutablePointer<UniffiVTableCallbackInterfaceSyncStatusListener>.allocate(capacity: 1)
+        ptr.initialize(to: vtable)
+        return UnsafePointer(ptr)
+    }()
+}
+
+private func uniffiCallbackInitSyncStatusListener() {
+    uniffi_tally_ffi_fn_init_callback_vtable_syncstatuslistener(UniffiCallbackInterfaceSyncStatusListener.vtablePtr)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeSyncStatusListener: FfiConverter {
+    fileprivate static let handleMap = UniffiHandleMap<SyncStatusListener>()
+
+    typealias FfiType = UInt64
+    typealias SwiftType = SyncStatusListener
+
+    public static func lift(_ handle: UInt64) throws -> SyncStatusListener {
+        if ((handle & 1) == 0) {
+            // Rust-generated handle, construct a new class that uses the handle to implement the
+            // interface
+            return SyncStatusListenerImpl(unsafeFromHandle: handle)
+        } else {
+            // Swift-generated handle, get the object from the handle map
+            return try handleMap.remove(handle: handle)
+        }
+    }
+
+    public static func lower(_ value: SyncStatusListener) -> UInt64 {
+         if let rustImpl = value as? SyncStatusListenerImpl {
+             // Rust-implemented object.  Clone the handle and return it
+            return rustImpl.uniffiCloneHandle()
+         } else {
+            // Swift object, generate a new vtable handle and return that.
+            return handleMap.insert(obj: value)
+         }
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SyncStatusListener {
+        let handle: UInt64 = try readInt(&buf)
+        return try lift(handle)
+    }
+
+    public static func write(_ value: SyncStatusListener, into buf: inout [UInt8]) {
+        writeInt(&buf, lower(value))
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeSyncStatusListener_lift(_ handle: UInt64) throws -> SyncStatusListener {
+    return try FfiConverterTypeSyncStatusListener.lift(handle)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeSyncStatusListener_lower(_ value: SyncStatusListener) -> UInt64 {
+    return FfiConverterTypeSyncStatusListener.lower(value)
+}
+
+
+
+
+
+
+/**
  * The device library: one SQLite database holding several users. Thread-safe: share one
  * instance across the app.
  */
 public protocol TallyProtocol: AnyObject, Sendable {
+    
+    /**
+     * Adds an observer told every change with the user's [`CustomerInfo`] after it (any
+     * number at once); returns its id for `remove_observer`.
+     */
+    func addObserver(observer: ChangeObserver) throws  -> Int64
     
     /**
      * The plan catalog in use, as JSON.
@@ -834,17 +1428,17 @@ public protocol TallyProtocol: AnyObject, Sendable {
     /**
      * Would using `amount` of `feature` be allowed? Records nothing.
      */
-    func check(userId: String, feature: String, amount: UInt64) throws  -> Decision
+    func check(userId: String, feature: String, amount: Int64) throws  -> Decision
     
     /**
-     * Removes the observer.
+     * Empties the listener slot.
      */
     func clearListener() throws 
     
     /**
      * Atomic check-and-record of a use. A denied use records nothing.
      */
-    func consume(userId: String, feature: String, amount: UInt64, meta: UsageMeta?) throws  -> Decision
+    func consume(userId: String, feature: String, amount: Int64, meta: UsageMeta?) throws  -> Decision
     
     /**
      * Several uses at once, in one transaction; one decision per item.
@@ -860,6 +1454,12 @@ public protocol TallyProtocol: AnyObject, Sendable {
      * The user's credit balance (negative when overspent).
      */
     func creditBalance(userId: String) throws  -> Int64
+    
+    /**
+     * The current user: the signed-in account, else the device's anonymous user (created on
+     * the first call). For apps with one user at a time; the multi-user calls work alongside.
+     */
+    func currentUser() throws  -> User
     
     /**
      * Deletes a user and all their data; refuses while unsynced events exist unless `force`.
@@ -887,6 +1487,24 @@ public protocol TallyProtocol: AnyObject, Sendable {
     func highestSeenTimeMs() throws  -> Int64
     
     /**
+     * Logs the account of `external_id` in and makes it current: an anonymous current user's
+     * data moves to it (none lost, none counted twice); another current account is signed
+     * out (its unsynced events kept). A failure changes nothing.
+     */
+    func logIn(externalId: String, email: String?, displayName: String?, avatarUrl: String?) throws  -> User
+    
+    /**
+     * Signs the current account out (unsynced events kept) and returns the anonymous user that
+     * is current now. Call `release_leases` first when online.
+     */
+    func logOut() throws  -> User
+    
+    /**
+     * Number of observers registered.
+     */
+    func observerCount() throws  -> Int64
+    
+    /**
      * Merges a JSON object into the settings (`null` values delete keys).
      */
     func patchSettings(userId: String, changesJson: String) throws 
@@ -894,7 +1512,12 @@ public protocol TallyProtocol: AnyObject, Sendable {
     /**
      * Number of events not yet acknowledged by a server.
      */
-    func pendingEvents(userId: String) throws  -> UInt64
+    func pendingEvents(userId: String) throws  -> Int64
+    
+    /**
+     * Removes an observer; whether it was registered.
+     */
+    func removeObserver(id: Int64) throws  -> Bool
     
     /**
      * Deletes one setting (back to its default, if any; same as `set_setting(key, "null")`).
@@ -922,7 +1545,8 @@ public protocol TallyProtocol: AnyObject, Sendable {
     func setEntitlements(userId: String, state: Entitlements) throws 
     
     /**
-     * Registers the observer told about changes (replacing any previous one).
+     * Sets the listener slot (replacing the listener set before, never the observers added
+     * with `add_observer`).
      */
     func setListener(listener: ChangeListener) throws 
     
@@ -979,6 +1603,24 @@ public protocol TallyProtocol: AnyObject, Sendable {
     func users() throws  -> [User]
     
     /**
+     * Starts syncing in the background: at once, then every `interval_ms`, `debounce_ms` after
+     * each local change, with backoff after a failure that retrying may fix; stops on one it
+     * cannot (`Unauthorized`, `AccountDeleted`, `AccountDisabled`, `SubjectMismatch`,
+     * `Configuration`, …; see `SyncStatus.last_error_kind`). Several helpers may run at once.
+     */
+    func startAutoSync(options: AutoSyncOptions) throws  -> AutoSync
+    
+    /**
+     * The state of the current user (see `current_user`).
+     */
+    func currentCustomerInfo() throws  -> CustomerInfo
+    
+    /**
+     * The state of `user_id` in one record (see [`CustomerInfo`]).
+     */
+    func customerInfo(userId: String) throws  -> CustomerInfo
+    
+    /**
      * This device's leases of the user (empty before a protocol-2 token).
      */
     func leases(userId: String) throws  -> [LeaseStatus]
@@ -986,7 +1628,7 @@ public protocol TallyProtocol: AnyObject, Sendable {
     /**
      * Asks for `units` of a hard pool `feature` to use offline; sent with the next sync.
      */
-    func prepareOffline(userId: String, feature: String, units: UInt64) throws 
+    func prepareOffline(userId: String, feature: String, units: Int64) throws 
     
     /**
      * Cancels a recorded use (id or idempotency key); voiding twice is a no-op.
@@ -1114,6 +1756,20 @@ public static func openInMemory(config: TallyConfig)throws  -> Tally  {
 
     
     /**
+     * Adds an observer told every change with the user's [`CustomerInfo`] after it (any
+     * number at once); returns its id for `remove_observer`.
+     */
+open func addObserver(observer: ChangeObserver)throws  -> Int64  {
+    return try  FfiConverterInt64.lift(try rustCallWithError(FfiConverterTypeTallyError_lift) {
+        uniffiCallStatus in
+    uniffi_tally_ffi_fn_method_tally_add_observer(
+            self.uniffiCloneHandle(),
+        FfiConverterTypeChangeObserver_lower(observer),uniffiCallStatus
+    )
+})
+}
+    
+    /**
      * The plan catalog in use, as JSON.
      */
 open func catalogJson()throws  -> String  {
@@ -1128,20 +1784,20 @@ open func catalogJson()throws  -> String  {
     /**
      * Would using `amount` of `feature` be allowed? Records nothing.
      */
-open func check(userId: String, feature: String, amount: UInt64 = UInt64(1))throws  -> Decision  {
+open func check(userId: String, feature: String, amount: Int64 = Int64(1))throws  -> Decision  {
     return try  FfiConverterTypeDecision_lift(try rustCallWithError(FfiConverterTypeTallyError_lift) {
         uniffiCallStatus in
     uniffi_tally_ffi_fn_method_tally_check(
             self.uniffiCloneHandle(),
         FfiConverterString.lower(userId),
         FfiConverterString.lower(feature),
-        FfiConverterUInt64.lower(amount),uniffiCallStatus
+        FfiConverterInt64.lower(amount),uniffiCallStatus
     )
 })
 }
     
     /**
-     * Removes the observer.
+     * Empties the listener slot.
      */
 open func clearListener()throws   {try rustCallWithError(FfiConverterTypeTallyError_lift) {
         uniffiCallStatus in
@@ -1154,14 +1810,14 @@ open func clearListener()throws   {try rustCallWithError(FfiConverterTypeTallyEr
     /**
      * Atomic check-and-record of a use. A denied use records nothing.
      */
-open func consume(userId: String, feature: String, amount: UInt64 = UInt64(1), meta: UsageMeta? = nil)throws  -> Decision  {
+open func consume(userId: String, feature: String, amount: Int64 = Int64(1), meta: UsageMeta? = nil)throws  -> Decision  {
     return try  FfiConverterTypeDecision_lift(try rustCallWithError(FfiConverterTypeTallyError_lift) {
         uniffiCallStatus in
     uniffi_tally_ffi_fn_method_tally_consume(
             self.uniffiCloneHandle(),
         FfiConverterString.lower(userId),
         FfiConverterString.lower(feature),
-        FfiConverterUInt64.lower(amount),
+        FfiConverterInt64.lower(amount),
         FfiConverterOptionTypeUsageMeta.lower(meta),uniffiCallStatus
     )
 })
@@ -1203,6 +1859,19 @@ open func creditBalance(userId: String)throws  -> Int64  {
     uniffi_tally_ffi_fn_method_tally_credit_balance(
             self.uniffiCloneHandle(),
         FfiConverterString.lower(userId),uniffiCallStatus
+    )
+})
+}
+    
+    /**
+     * The current user: the signed-in account, else the device's anonymous user (created on
+     * the first call). For apps with one user at a time; the multi-user calls work alongside.
+     */
+open func currentUser()throws  -> User  {
+    return try  FfiConverterTypeUser_lift(try rustCallWithError(FfiConverterTypeTallyError_lift) {
+        uniffiCallStatus in
+    uniffi_tally_ffi_fn_method_tally_current_user(
+            self.uniffiCloneHandle(),uniffiCallStatus
     )
 })
 }
@@ -1272,6 +1941,49 @@ open func highestSeenTimeMs()throws  -> Int64  {
 }
     
     /**
+     * Logs the account of `external_id` in and makes it current: an anonymous current user's
+     * data moves to it (none lost, none counted twice); another current account is signed
+     * out (its unsynced events kept). A failure changes nothing.
+     */
+open func logIn(externalId: String, email: String? = nil, displayName: String? = nil, avatarUrl: String? = nil)throws  -> User  {
+    return try  FfiConverterTypeUser_lift(try rustCallWithError(FfiConverterTypeTallyError_lift) {
+        uniffiCallStatus in
+    uniffi_tally_ffi_fn_method_tally_log_in(
+            self.uniffiCloneHandle(),
+        FfiConverterString.lower(externalId),
+        FfiConverterOptionString.lower(email),
+        FfiConverterOptionString.lower(displayName),
+        FfiConverterOptionString.lower(avatarUrl),uniffiCallStatus
+    )
+})
+}
+    
+    /**
+     * Signs the current account out (unsynced events kept) and returns the anonymous user that
+     * is current now. Call `release_leases` first when online.
+     */
+open func logOut()throws  -> User  {
+    return try  FfiConverterTypeUser_lift(try rustCallWithError(FfiConverterTypeTallyError_lift) {
+        uniffiCallStatus in
+    uniffi_tally_ffi_fn_method_tally_log_out(
+            self.uniffiCloneHandle(),uniffiCallStatus
+    )
+})
+}
+    
+    /**
+     * Number of observers registered.
+     */
+open func observerCount()throws  -> Int64  {
+    return try  FfiConverterInt64.lift(try rustCallWithError(FfiConverterTypeTallyError_lift) {
+        uniffiCallStatus in
+    uniffi_tally_ffi_fn_method_tally_observer_count(
+            self.uniffiCloneHandle(),uniffiCallStatus
+    )
+})
+}
+    
+    /**
      * Merges a JSON object into the settings (`null` values delete keys).
      */
 open func patchSettings(userId: String, changesJson: String)throws   {try rustCallWithError(FfiConverterTypeTallyError_lift) {
@@ -1287,12 +1999,25 @@ open func patchSettings(userId: String, changesJson: String)throws   {try rustCa
     /**
      * Number of events not yet acknowledged by a server.
      */
-open func pendingEvents(userId: String)throws  -> UInt64  {
-    return try  FfiConverterUInt64.lift(try rustCallWithError(FfiConverterTypeTallyError_lift) {
+open func pendingEvents(userId: String)throws  -> Int64  {
+    return try  FfiConverterInt64.lift(try rustCallWithError(FfiConverterTypeTallyError_lift) {
         uniffiCallStatus in
     uniffi_tally_ffi_fn_method_tally_pending_events(
             self.uniffiCloneHandle(),
         FfiConverterString.lower(userId),uniffiCallStatus
+    )
+})
+}
+    
+    /**
+     * Removes an observer; whether it was registered.
+     */
+open func removeObserver(id: Int64)throws  -> Bool  {
+    return try  FfiConverterBool.lift(try rustCallWithError(FfiConverterTypeTallyError_lift) {
+        uniffiCallStatus in
+    uniffi_tally_ffi_fn_method_tally_remove_observer(
+            self.uniffiCloneHandle(),
+        FfiConverterInt64.lower(id),uniffiCallStatus
     )
 })
 }
@@ -1365,7 +2090,8 @@ open func setEntitlements(userId: String, state: Entitlements)throws   {try rust
 }
     
     /**
-     * Registers the observer told about changes (replacing any previous one).
+     * Sets the listener slot (replacing the listener set before, never the observers added
+     * with `add_observer`).
      */
 open func setListener(listener: ChangeListener)throws   {try rustCallWithError(FfiConverterTypeTallyError_lift) {
         uniffiCallStatus in
@@ -1513,6 +2239,47 @@ open func users()throws  -> [User]  {
 }
     
     /**
+     * Starts syncing in the background: at once, then every `interval_ms`, `debounce_ms` after
+     * each local change, with backoff after a failure that retrying may fix; stops on one it
+     * cannot (`Unauthorized`, `AccountDeleted`, `AccountDisabled`, `SubjectMismatch`,
+     * `Configuration`, …; see `SyncStatus.last_error_kind`). Several helpers may run at once.
+     */
+open func startAutoSync(options: AutoSyncOptions)throws  -> AutoSync  {
+    return try  FfiConverterTypeAutoSync_lift(try rustCallWithError(FfiConverterTypeTallyError_lift) {
+        uniffiCallStatus in
+    uniffi_tally_ffi_fn_method_tally_start_auto_sync(
+            self.uniffiCloneHandle(),
+        FfiConverterTypeAutoSyncOptions_lower(options),uniffiCallStatus
+    )
+})
+}
+    
+    /**
+     * The state of the current user (see `current_user`).
+     */
+open func currentCustomerInfo()throws  -> CustomerInfo  {
+    return try  FfiConverterTypeCustomerInfo_lift(try rustCallWithError(FfiConverterTypeTallyError_lift) {
+        uniffiCallStatus in
+    uniffi_tally_ffi_fn_method_tally_current_customer_info(
+            self.uniffiCloneHandle(),uniffiCallStatus
+    )
+})
+}
+    
+    /**
+     * The state of `user_id` in one record (see [`CustomerInfo`]).
+     */
+open func customerInfo(userId: String)throws  -> CustomerInfo  {
+    return try  FfiConverterTypeCustomerInfo_lift(try rustCallWithError(FfiConverterTypeTallyError_lift) {
+        uniffiCallStatus in
+    uniffi_tally_ffi_fn_method_tally_customer_info(
+            self.uniffiCloneHandle(),
+        FfiConverterString.lower(userId),uniffiCallStatus
+    )
+})
+}
+    
+    /**
      * This device's leases of the user (empty before a protocol-2 token).
      */
 open func leases(userId: String)throws  -> [LeaseStatus]  {
@@ -1528,13 +2295,13 @@ open func leases(userId: String)throws  -> [LeaseStatus]  {
     /**
      * Asks for `units` of a hard pool `feature` to use offline; sent with the next sync.
      */
-open func prepareOffline(userId: String, feature: String, units: UInt64)throws   {try rustCallWithError(FfiConverterTypeTallyError_lift) {
+open func prepareOffline(userId: String, feature: String, units: Int64)throws   {try rustCallWithError(FfiConverterTypeTallyError_lift) {
         uniffiCallStatus in
     uniffi_tally_ffi_fn_method_tally_prepare_offline(
             self.uniffiCloneHandle(),
         FfiConverterString.lower(userId),
         FfiConverterString.lower(feature),
-        FfiConverterUInt64.lower(units),uniffiCallStatus
+        FfiConverterInt64.lower(units),uniffiCallStatus
     )
 }
 }
@@ -2216,6 +2983,226 @@ public func FfiConverterTypeAccessGrant_lower(_ value: AccessGrant) -> RustBuffe
 
 
 /**
+ * A purchase that still gives something.
+ */
+public struct ActivePurchase: Equatable, Hashable {
+    /**
+     * Subscription, lifetime plan or credit pack.
+     */
+    public var kind: PurchaseKind
+    /**
+     * The plan it gives (absent for credits).
+     */
+    public var plan: String?
+    /**
+     * The subscription's status (`Active` for a lifetime plan or a credit pack).
+     */
+    public var status: SubscriptionStatus
+    /**
+     * When it ends by itself (Unix ms; absent = no end).
+     */
+    public var expiresAtMs: Int64?
+    /**
+     * For credits: the grant's id and what is left of it.
+     */
+    public var creditGrantId: String?
+    /**
+     * For credits: credits left in the grant.
+     */
+    public var creditsRemaining: Int64?
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * Subscription, lifetime plan or credit pack.
+         */kind: PurchaseKind, 
+        /**
+         * The plan it gives (absent for credits).
+         */plan: String?, 
+        /**
+         * The subscription's status (`Active` for a lifetime plan or a credit pack).
+         */status: SubscriptionStatus, 
+        /**
+         * When it ends by itself (Unix ms; absent = no end).
+         */expiresAtMs: Int64?, 
+        /**
+         * For credits: the grant's id and what is left of it.
+         */creditGrantId: String?, 
+        /**
+         * For credits: credits left in the grant.
+         */creditsRemaining: Int64?) {
+        self.kind = kind
+        self.plan = plan
+        self.status = status
+        self.expiresAtMs = expiresAtMs
+        self.creditGrantId = creditGrantId
+        self.creditsRemaining = creditsRemaining
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension ActivePurchase: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeActivePurchase: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> ActivePurchase {
+        return
+            try ActivePurchase(
+                kind: FfiConverterTypePurchaseKind.read(from: &buf), 
+                plan: FfiConverterOptionString.read(from: &buf), 
+                status: FfiConverterTypeSubscriptionStatus.read(from: &buf), 
+                expiresAtMs: FfiConverterOptionInt64.read(from: &buf), 
+                creditGrantId: FfiConverterOptionString.read(from: &buf), 
+                creditsRemaining: FfiConverterOptionInt64.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: ActivePurchase, into buf: inout [UInt8]) {
+        FfiConverterTypePurchaseKind.write(value.kind, into: &buf)
+        FfiConverterOptionString.write(value.plan, into: &buf)
+        FfiConverterTypeSubscriptionStatus.write(value.status, into: &buf)
+        FfiConverterOptionInt64.write(value.expiresAtMs, into: &buf)
+        FfiConverterOptionString.write(value.creditGrantId, into: &buf)
+        FfiConverterOptionInt64.write(value.creditsRemaining, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeActivePurchase_lift(_ buf: RustBuffer) throws -> ActivePurchase {
+    return try FfiConverterTypeActivePurchase.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeActivePurchase_lower(_ value: ActivePurchase) -> RustBuffer {
+    return FfiConverterTypeActivePurchase.lower(value)
+}
+
+
+/**
+ * How [`Tally::start_auto_sync`] syncs.
+ */
+public struct AutoSyncOptions {
+    /**
+     * The server and credentials (give a `token_provider`: the helper runs for hours).
+     */
+    public var sync: SyncOptions
+    /**
+     * The user to sync; absent: the current user, whoever that is at each round (an
+     * anonymous current user is not synced until they log in).
+     */
+    public var userId: String?
+    /**
+     * Time between two syncs when nothing changes, in ms (default 15 minutes).
+     */
+    public var intervalMs: Int64
+    /**
+     * Wait after a local change before syncing, in ms, so that a burst syncs once (default 2 s).
+     */
+    public var debounceMs: Int64
+    /**
+     * First wait after a failed round, in ms; doubled each failure, with jitter (default 5 s).
+     */
+    public var initialBackoffMs: Int64
+    /**
+     * Longest wait after failures, in ms (default 15 minutes).
+     */
+    public var maxBackoffMs: Int64
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * The server and credentials (give a `token_provider`: the helper runs for hours).
+         */sync: SyncOptions, 
+        /**
+         * The user to sync; absent: the current user, whoever that is at each round (an
+         * anonymous current user is not synced until they log in).
+         */userId: String? = nil, 
+        /**
+         * Time between two syncs when nothing changes, in ms (default 15 minutes).
+         */intervalMs: Int64 = Int64(900000), 
+        /**
+         * Wait after a local change before syncing, in ms, so that a burst syncs once (default 2 s).
+         */debounceMs: Int64 = Int64(2000), 
+        /**
+         * First wait after a failed round, in ms; doubled each failure, with jitter (default 5 s).
+         */initialBackoffMs: Int64 = Int64(5000), 
+        /**
+         * Longest wait after failures, in ms (default 15 minutes).
+         */maxBackoffMs: Int64 = Int64(900000)) {
+        self.sync = sync
+        self.userId = userId
+        self.intervalMs = intervalMs
+        self.debounceMs = debounceMs
+        self.initialBackoffMs = initialBackoffMs
+        self.maxBackoffMs = maxBackoffMs
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension AutoSyncOptions: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeAutoSyncOptions: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> AutoSyncOptions {
+        return
+            try AutoSyncOptions(
+                sync: FfiConverterTypeSyncOptions.read(from: &buf), 
+                userId: FfiConverterOptionString.read(from: &buf), 
+                intervalMs: FfiConverterInt64.read(from: &buf), 
+                debounceMs: FfiConverterInt64.read(from: &buf), 
+                initialBackoffMs: FfiConverterInt64.read(from: &buf), 
+                maxBackoffMs: FfiConverterInt64.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: AutoSyncOptions, into buf: inout [UInt8]) {
+        FfiConverterTypeSyncOptions.write(value.sync, into: &buf)
+        FfiConverterOptionString.write(value.userId, into: &buf)
+        FfiConverterInt64.write(value.intervalMs, into: &buf)
+        FfiConverterInt64.write(value.debounceMs, into: &buf)
+        FfiConverterInt64.write(value.initialBackoffMs, into: &buf)
+        FfiConverterInt64.write(value.maxBackoffMs, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeAutoSyncOptions_lift(_ buf: RustBuffer) throws -> AutoSyncOptions {
+    return try FfiConverterTypeAutoSyncOptions.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeAutoSyncOptions_lower(_ value: AutoSyncOptions) -> RustBuffer {
+    return FfiConverterTypeAutoSyncOptions.lower(value)
+}
+
+
+/**
  * What changed for a user.
  */
 public struct Change: Equatable, Hashable {
@@ -2305,7 +3292,7 @@ public struct ConsumeItem: Equatable, Hashable {
     /**
      * Units used.
      */
-    public var amount: UInt64
+    public var amount: Int64
     /**
      * Details.
      */
@@ -2319,7 +3306,7 @@ public struct ConsumeItem: Equatable, Hashable {
          */feature: String, 
         /**
          * Units used.
-         */amount: UInt64, 
+         */amount: Int64, 
         /**
          * Details.
          */meta: UsageMeta? = nil) {
@@ -2345,14 +3332,14 @@ public struct FfiConverterTypeConsumeItem: FfiConverterRustBuffer {
         return
             try ConsumeItem(
                 feature: FfiConverterString.read(from: &buf), 
-                amount: FfiConverterUInt64.read(from: &buf), 
+                amount: FfiConverterInt64.read(from: &buf), 
                 meta: FfiConverterOptionTypeUsageMeta.read(from: &buf)
         )
     }
 
     public static func write(_ value: ConsumeItem, into buf: inout [UInt8]) {
         FfiConverterString.write(value.feature, into: &buf)
-        FfiConverterUInt64.write(value.amount, into: &buf)
+        FfiConverterInt64.write(value.amount, into: &buf)
         FfiConverterOptionTypeUsageMeta.write(value.meta, into: &buf)
     }
 }
@@ -2463,6 +3450,187 @@ public func FfiConverterTypeCreditGrant_lower(_ value: CreditGrant) -> RustBuffe
 
 
 /**
+ * The state of one user on this device.
+ */
+public struct CustomerInfo: Equatable, Hashable {
+    /**
+     * The user.
+     */
+    public var user: User
+    /**
+     * The plan in effect.
+     */
+    public var plan: String
+    /**
+     * Subscription status.
+     */
+    public var status: SubscriptionStatus
+    /**
+     * Why the user has this access (`admin`, `subscription`, `trial`, `lifetime`,
+     * `granted:<reason>`, `free`).
+     */
+    public var accessReason: String
+    /**
+     * When the access in effect ends by itself (Unix ms; absent = no end).
+     */
+    public var expiresAtMs: Int64?
+    /**
+     * Whether the user is an admin (full access).
+     */
+    public var isAdmin: Bool
+    /**
+     * Credit balance (negative when overspent).
+     */
+    public var creditBalance: Int64
+    /**
+     * Every feature of the plan in effect, by key.
+     */
+    public var features: [String: FeatureInfo]
+    /**
+     * Every plan of the catalog, by id.
+     */
+    public var entitlements: [String: EntitlementInfo]
+    /**
+     * Subscriptions, lifetime plans and credit packs that still give something.
+     */
+    public var activePurchases: [ActivePurchase]
+    /**
+     * Uses not yet acknowledged by a server.
+     */
+    public var pendingEvents: Int64
+    /**
+     * When the user last completed a sync (Unix ms; absent = never).
+     */
+    public var lastSyncedAtMs: Int64?
+    /**
+     * The time this snapshot was taken at (Unix ms, never before the highest time seen).
+     */
+    public var asOfMs: Int64
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * The user.
+         */user: User, 
+        /**
+         * The plan in effect.
+         */plan: String, 
+        /**
+         * Subscription status.
+         */status: SubscriptionStatus, 
+        /**
+         * Why the user has this access (`admin`, `subscription`, `trial`, `lifetime`,
+         * `granted:<reason>`, `free`).
+         */accessReason: String, 
+        /**
+         * When the access in effect ends by itself (Unix ms; absent = no end).
+         */expiresAtMs: Int64?, 
+        /**
+         * Whether the user is an admin (full access).
+         */isAdmin: Bool, 
+        /**
+         * Credit balance (negative when overspent).
+         */creditBalance: Int64, 
+        /**
+         * Every feature of the plan in effect, by key.
+         */features: [String: FeatureInfo], 
+        /**
+         * Every plan of the catalog, by id.
+         */entitlements: [String: EntitlementInfo], 
+        /**
+         * Subscriptions, lifetime plans and credit packs that still give something.
+         */activePurchases: [ActivePurchase], 
+        /**
+         * Uses not yet acknowledged by a server.
+         */pendingEvents: Int64, 
+        /**
+         * When the user last completed a sync (Unix ms; absent = never).
+         */lastSyncedAtMs: Int64?, 
+        /**
+         * The time this snapshot was taken at (Unix ms, never before the highest time seen).
+         */asOfMs: Int64) {
+        self.user = user
+        self.plan = plan
+        self.status = status
+        self.accessReason = accessReason
+        self.expiresAtMs = expiresAtMs
+        self.isAdmin = isAdmin
+        self.creditBalance = creditBalance
+        self.features = features
+        self.entitlements = entitlements
+        self.activePurchases = activePurchases
+        self.pendingEvents = pendingEvents
+        self.lastSyncedAtMs = lastSyncedAtMs
+        self.asOfMs = asOfMs
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension CustomerInfo: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeCustomerInfo: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> CustomerInfo {
+        return
+            try CustomerInfo(
+                user: FfiConverterTypeUser.read(from: &buf), 
+                plan: FfiConverterString.read(from: &buf), 
+                status: FfiConverterTypeSubscriptionStatus.read(from: &buf), 
+                accessReason: FfiConverterString.read(from: &buf), 
+                expiresAtMs: FfiConverterOptionInt64.read(from: &buf), 
+                isAdmin: FfiConverterBool.read(from: &buf), 
+                creditBalance: FfiConverterInt64.read(from: &buf), 
+                features: FfiConverterDictionaryStringTypeFeatureInfo.read(from: &buf), 
+                entitlements: FfiConverterDictionaryStringTypeEntitlementInfo.read(from: &buf), 
+                activePurchases: FfiConverterSequenceTypeActivePurchase.read(from: &buf), 
+                pendingEvents: FfiConverterInt64.read(from: &buf), 
+                lastSyncedAtMs: FfiConverterOptionInt64.read(from: &buf), 
+                asOfMs: FfiConverterInt64.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: CustomerInfo, into buf: inout [UInt8]) {
+        FfiConverterTypeUser.write(value.user, into: &buf)
+        FfiConverterString.write(value.plan, into: &buf)
+        FfiConverterTypeSubscriptionStatus.write(value.status, into: &buf)
+        FfiConverterString.write(value.accessReason, into: &buf)
+        FfiConverterOptionInt64.write(value.expiresAtMs, into: &buf)
+        FfiConverterBool.write(value.isAdmin, into: &buf)
+        FfiConverterInt64.write(value.creditBalance, into: &buf)
+        FfiConverterDictionaryStringTypeFeatureInfo.write(value.features, into: &buf)
+        FfiConverterDictionaryStringTypeEntitlementInfo.write(value.entitlements, into: &buf)
+        FfiConverterSequenceTypeActivePurchase.write(value.activePurchases, into: &buf)
+        FfiConverterInt64.write(value.pendingEvents, into: &buf)
+        FfiConverterOptionInt64.write(value.lastSyncedAtMs, into: &buf)
+        FfiConverterInt64.write(value.asOfMs, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeCustomerInfo_lift(_ buf: RustBuffer) throws -> CustomerInfo {
+    return try FfiConverterTypeCustomerInfo.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeCustomerInfo_lower(_ value: CustomerInfo) -> RustBuffer {
+    return FfiConverterTypeCustomerInfo.lower(value)
+}
+
+
+/**
  * The answer to `check` / `consume`.
  */
 public struct Decision: Equatable, Hashable {
@@ -2477,15 +3645,15 @@ public struct Decision: Equatable, Hashable {
     /**
      * Used in the current window (after this use when it was recorded).
      */
-    public var used: UInt64
+    public var used: Int64
     /**
      * The limit (absent = unlimited or not applicable).
      */
-    public var limit: UInt64?
+    public var limit: Int64?
     /**
      * What is left (absent = unlimited); 0 when over.
      */
-    public var remaining: UInt64?
+    public var remaining: Int64?
     /**
      * When the window resets (Unix ms; absent = never).
      */
@@ -2497,15 +3665,15 @@ public struct Decision: Equatable, Hashable {
     /**
      * `max(0, used - limit)`; for credits, the negative balance.
      */
-    public var overLimitBy: UInt64
+    public var overLimitBy: Int64
     /**
      * What this device's lease has left for the pool (absent without a lease).
      */
-    public var deviceRemaining: UInt64?
+    public var deviceRemaining: Int64?
     /**
      * Units held by devices' leases when that room is what a use lacked (server answers).
      */
-    public var heldOffline: UInt64?
+    public var heldOffline: Int64?
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
@@ -2518,13 +3686,13 @@ public struct Decision: Equatable, Hashable {
          */reason: Reason, 
         /**
          * Used in the current window (after this use when it was recorded).
-         */used: UInt64, 
+         */used: Int64, 
         /**
          * The limit (absent = unlimited or not applicable).
-         */limit: UInt64?, 
+         */limit: Int64?, 
         /**
          * What is left (absent = unlimited); 0 when over.
-         */remaining: UInt64?, 
+         */remaining: Int64?, 
         /**
          * When the window resets (Unix ms; absent = never).
          */resetsAtMs: Int64?, 
@@ -2533,13 +3701,13 @@ public struct Decision: Equatable, Hashable {
          */accessReason: String, 
         /**
          * `max(0, used - limit)`; for credits, the negative balance.
-         */overLimitBy: UInt64, 
+         */overLimitBy: Int64, 
         /**
          * What this device's lease has left for the pool (absent without a lease).
-         */deviceRemaining: UInt64?, 
+         */deviceRemaining: Int64?, 
         /**
          * Units held by devices' leases when that room is what a use lacked (server answers).
-         */heldOffline: UInt64?) {
+         */heldOffline: Int64?) {
         self.allowed = allowed
         self.reason = reason
         self.used = used
@@ -2570,28 +3738,28 @@ public struct FfiConverterTypeDecision: FfiConverterRustBuffer {
             try Decision(
                 allowed: FfiConverterBool.read(from: &buf), 
                 reason: FfiConverterTypeReason.read(from: &buf), 
-                used: FfiConverterUInt64.read(from: &buf), 
-                limit: FfiConverterOptionUInt64.read(from: &buf), 
-                remaining: FfiConverterOptionUInt64.read(from: &buf), 
+                used: FfiConverterInt64.read(from: &buf), 
+                limit: FfiConverterOptionInt64.read(from: &buf), 
+                remaining: FfiConverterOptionInt64.read(from: &buf), 
                 resetsAtMs: FfiConverterOptionInt64.read(from: &buf), 
                 accessReason: FfiConverterString.read(from: &buf), 
-                overLimitBy: FfiConverterUInt64.read(from: &buf), 
-                deviceRemaining: FfiConverterOptionUInt64.read(from: &buf), 
-                heldOffline: FfiConverterOptionUInt64.read(from: &buf)
+                overLimitBy: FfiConverterInt64.read(from: &buf), 
+                deviceRemaining: FfiConverterOptionInt64.read(from: &buf), 
+                heldOffline: FfiConverterOptionInt64.read(from: &buf)
         )
     }
 
     public static func write(_ value: Decision, into buf: inout [UInt8]) {
         FfiConverterBool.write(value.allowed, into: &buf)
         FfiConverterTypeReason.write(value.reason, into: &buf)
-        FfiConverterUInt64.write(value.used, into: &buf)
-        FfiConverterOptionUInt64.write(value.limit, into: &buf)
-        FfiConverterOptionUInt64.write(value.remaining, into: &buf)
+        FfiConverterInt64.write(value.used, into: &buf)
+        FfiConverterOptionInt64.write(value.limit, into: &buf)
+        FfiConverterOptionInt64.write(value.remaining, into: &buf)
         FfiConverterOptionInt64.write(value.resetsAtMs, into: &buf)
         FfiConverterString.write(value.accessReason, into: &buf)
-        FfiConverterUInt64.write(value.overLimitBy, into: &buf)
-        FfiConverterOptionUInt64.write(value.deviceRemaining, into: &buf)
-        FfiConverterOptionUInt64.write(value.heldOffline, into: &buf)
+        FfiConverterInt64.write(value.overLimitBy, into: &buf)
+        FfiConverterOptionInt64.write(value.deviceRemaining, into: &buf)
+        FfiConverterOptionInt64.write(value.heldOffline, into: &buf)
     }
 }
 
@@ -2608,6 +3776,97 @@ public func FfiConverterTypeDecision_lift(_ buf: RustBuffer) throws -> Decision 
 #endif
 public func FfiConverterTypeDecision_lower(_ value: Decision) -> RustBuffer {
     return FfiConverterTypeDecision.lower(value)
+}
+
+
+/**
+ * One plan of the catalog, as an entitlement.
+ */
+public struct EntitlementInfo: Equatable, Hashable {
+    /**
+     * The plan id (`pro`).
+     */
+    public var identifier: String
+    /**
+     * Whether it is the plan in effect (for an admin: every plan).
+     */
+    public var isActive: Bool
+    /**
+     * Why it is active (`subscription`, `trial`, `lifetime`, `granted:<reason>`, `admin`,
+     * `free`); absent when inactive.
+     */
+    public var accessReason: String?
+    /**
+     * When the access ends by itself (Unix ms); absent when inactive or without an end.
+     */
+    public var expiresAtMs: Int64?
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * The plan id (`pro`).
+         */identifier: String, 
+        /**
+         * Whether it is the plan in effect (for an admin: every plan).
+         */isActive: Bool, 
+        /**
+         * Why it is active (`subscription`, `trial`, `lifetime`, `granted:<reason>`, `admin`,
+         * `free`); absent when inactive.
+         */accessReason: String?, 
+        /**
+         * When the access ends by itself (Unix ms); absent when inactive or without an end.
+         */expiresAtMs: Int64?) {
+        self.identifier = identifier
+        self.isActive = isActive
+        self.accessReason = accessReason
+        self.expiresAtMs = expiresAtMs
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension EntitlementInfo: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeEntitlementInfo: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> EntitlementInfo {
+        return
+            try EntitlementInfo(
+                identifier: FfiConverterString.read(from: &buf), 
+                isActive: FfiConverterBool.read(from: &buf), 
+                accessReason: FfiConverterOptionString.read(from: &buf), 
+                expiresAtMs: FfiConverterOptionInt64.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: EntitlementInfo, into buf: inout [UInt8]) {
+        FfiConverterString.write(value.identifier, into: &buf)
+        FfiConverterBool.write(value.isActive, into: &buf)
+        FfiConverterOptionString.write(value.accessReason, into: &buf)
+        FfiConverterOptionInt64.write(value.expiresAtMs, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeEntitlementInfo_lift(_ buf: RustBuffer) throws -> EntitlementInfo {
+    return try FfiConverterTypeEntitlementInfo.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeEntitlementInfo_lower(_ value: EntitlementInfo) -> RustBuffer {
+    return FfiConverterTypeEntitlementInfo.lower(value)
 }
 
 
@@ -2656,7 +3915,7 @@ public struct Entitlements: Equatable, Hashable {
     /**
      * Entitlement version.
      */
-    public var ver: UInt64
+    public var ver: Int64
     /**
      * When the subscription became past due (Unix ms).
      */
@@ -2723,7 +3982,7 @@ public struct Entitlements: Equatable, Hashable {
          */features: [String: Rule] = [:], 
         /**
          * Entitlement version.
-         */ver: UInt64 = UInt64(0), 
+         */ver: Int64 = Int64(0), 
         /**
          * When the subscription became past due (Unix ms).
          */pastDueSinceMs: Int64? = nil, 
@@ -2793,7 +4052,7 @@ public struct FfiConverterTypeEntitlements: FfiConverterRustBuffer {
                 isAdmin: FfiConverterBool.read(from: &buf), 
                 creditBalance: FfiConverterInt64.read(from: &buf), 
                 features: FfiConverterDictionaryStringTypeRule.read(from: &buf), 
-                ver: FfiConverterUInt64.read(from: &buf), 
+                ver: FfiConverterInt64.read(from: &buf), 
                 pastDueSinceMs: FfiConverterOptionInt64.read(from: &buf), 
                 accessUntilMs: FfiConverterOptionInt64.read(from: &buf), 
                 lifetime: FfiConverterBool.read(from: &buf), 
@@ -2815,7 +4074,7 @@ public struct FfiConverterTypeEntitlements: FfiConverterRustBuffer {
         FfiConverterBool.write(value.isAdmin, into: &buf)
         FfiConverterInt64.write(value.creditBalance, into: &buf)
         FfiConverterDictionaryStringTypeRule.write(value.features, into: &buf)
-        FfiConverterUInt64.write(value.ver, into: &buf)
+        FfiConverterInt64.write(value.ver, into: &buf)
         FfiConverterOptionInt64.write(value.pastDueSinceMs, into: &buf)
         FfiConverterOptionInt64.write(value.accessUntilMs, into: &buf)
         FfiConverterBool.write(value.lifetime, into: &buf)
@@ -2840,6 +4099,107 @@ public func FfiConverterTypeEntitlements_lift(_ buf: RustBuffer) throws -> Entit
 #endif
 public func FfiConverterTypeEntitlements_lower(_ value: Entitlements) -> RustBuffer {
     return FfiConverterTypeEntitlements.lower(value)
+}
+
+
+/**
+ * One feature of the user's plan.
+ */
+public struct FeatureInfo: Equatable, Hashable {
+    /**
+     * Feature key.
+     */
+    public var feature: String
+    /**
+     * Whether the plan lets the user use it at all (every rule but a disabled flag; the
+     * limit, balance and lease still apply: see `usage`).
+     */
+    public var entitled: Bool
+    /**
+     * The rule in effect.
+     */
+    public var rule: Rule
+    /**
+     * Usage, limit and what is left in the current window.
+     */
+    public var usage: Usage
+    /**
+     * This device's lease of the feature (protocol 2; absent without one).
+     */
+    public var lease: LeaseStatus?
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * Feature key.
+         */feature: String, 
+        /**
+         * Whether the plan lets the user use it at all (every rule but a disabled flag; the
+         * limit, balance and lease still apply: see `usage`).
+         */entitled: Bool, 
+        /**
+         * The rule in effect.
+         */rule: Rule, 
+        /**
+         * Usage, limit and what is left in the current window.
+         */usage: Usage, 
+        /**
+         * This device's lease of the feature (protocol 2; absent without one).
+         */lease: LeaseStatus?) {
+        self.feature = feature
+        self.entitled = entitled
+        self.rule = rule
+        self.usage = usage
+        self.lease = lease
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension FeatureInfo: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeFeatureInfo: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> FeatureInfo {
+        return
+            try FeatureInfo(
+                feature: FfiConverterString.read(from: &buf), 
+                entitled: FfiConverterBool.read(from: &buf), 
+                rule: FfiConverterTypeRule.read(from: &buf), 
+                usage: FfiConverterTypeUsage.read(from: &buf), 
+                lease: FfiConverterOptionTypeLeaseStatus.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: FeatureInfo, into buf: inout [UInt8]) {
+        FfiConverterString.write(value.feature, into: &buf)
+        FfiConverterBool.write(value.entitled, into: &buf)
+        FfiConverterTypeRule.write(value.rule, into: &buf)
+        FfiConverterTypeUsage.write(value.usage, into: &buf)
+        FfiConverterOptionTypeLeaseStatus.write(value.lease, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeFeatureInfo_lift(_ buf: RustBuffer) throws -> FeatureInfo {
+    return try FfiConverterTypeFeatureInfo.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeFeatureInfo_lower(_ value: FeatureInfo) -> RustBuffer {
+    return FfiConverterTypeFeatureInfo.lower(value)
 }
 
 
@@ -2931,15 +4291,15 @@ public struct LeaseStatus: Equatable, Hashable {
     /**
      * What this device may record in the window, after its own releases.
      */
-    public var allowance: UInt64
+    public var allowance: Int64
     /**
      * Units recorded under the lease in the window (server count + unacknowledged here).
      */
-    public var used: UInt64
+    public var used: Int64
     /**
      * `allowance - used`, floored at 0.
      */
-    public var remaining: UInt64
+    public var remaining: Int64
     /**
      * This device's share of the limit (0..=1), for windows it enters offline.
      */
@@ -2967,13 +4327,13 @@ public struct LeaseStatus: Equatable, Hashable {
          */periodStartMs: Int64?, 
         /**
          * What this device may record in the window, after its own releases.
-         */allowance: UInt64, 
+         */allowance: Int64, 
         /**
          * Units recorded under the lease in the window (server count + unacknowledged here).
-         */used: UInt64, 
+         */used: Int64, 
         /**
          * `allowance - used`, floored at 0.
-         */remaining: UInt64, 
+         */remaining: Int64, 
         /**
          * This device's share of the limit (0..=1), for windows it enters offline.
          */share: Double, 
@@ -3013,9 +4373,9 @@ public struct FfiConverterTypeLeaseStatus: FfiConverterRustBuffer {
                 feature: FfiConverterString.read(from: &buf), 
                 period: FfiConverterString.read(from: &buf), 
                 periodStartMs: FfiConverterOptionInt64.read(from: &buf), 
-                allowance: FfiConverterUInt64.read(from: &buf), 
-                used: FfiConverterUInt64.read(from: &buf), 
-                remaining: FfiConverterUInt64.read(from: &buf), 
+                allowance: FfiConverterInt64.read(from: &buf), 
+                used: FfiConverterInt64.read(from: &buf), 
+                remaining: FfiConverterInt64.read(from: &buf), 
                 share: FfiConverterDouble.read(from: &buf), 
                 expiresAtMs: FfiConverterOptionInt64.read(from: &buf), 
                 leaseUntilMs: FfiConverterOptionInt64.read(from: &buf)
@@ -3026,9 +4386,9 @@ public struct FfiConverterTypeLeaseStatus: FfiConverterRustBuffer {
         FfiConverterString.write(value.feature, into: &buf)
         FfiConverterString.write(value.period, into: &buf)
         FfiConverterOptionInt64.write(value.periodStartMs, into: &buf)
-        FfiConverterUInt64.write(value.allowance, into: &buf)
-        FfiConverterUInt64.write(value.used, into: &buf)
-        FfiConverterUInt64.write(value.remaining, into: &buf)
+        FfiConverterInt64.write(value.allowance, into: &buf)
+        FfiConverterInt64.write(value.used, into: &buf)
+        FfiConverterInt64.write(value.remaining, into: &buf)
         FfiConverterDouble.write(value.share, into: &buf)
         FfiConverterOptionInt64.write(value.expiresAtMs, into: &buf)
         FfiConverterOptionInt64.write(value.leaseUntilMs, into: &buf)
@@ -3058,21 +4418,21 @@ public struct ModelPrice: Equatable, Hashable {
     /**
      * Price per million input tokens.
      */
-    public var inputMicrosPerMtok: UInt64
+    public var inputMicrosPerMtok: Int64
     /**
      * Price per million output tokens.
      */
-    public var outputMicrosPerMtok: UInt64
+    public var outputMicrosPerMtok: Int64
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
     public init(
         /**
          * Price per million input tokens.
-         */inputMicrosPerMtok: UInt64, 
+         */inputMicrosPerMtok: Int64, 
         /**
          * Price per million output tokens.
-         */outputMicrosPerMtok: UInt64) {
+         */outputMicrosPerMtok: Int64) {
         self.inputMicrosPerMtok = inputMicrosPerMtok
         self.outputMicrosPerMtok = outputMicrosPerMtok
     }
@@ -3093,14 +4453,14 @@ public struct FfiConverterTypeModelPrice: FfiConverterRustBuffer {
     public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> ModelPrice {
         return
             try ModelPrice(
-                inputMicrosPerMtok: FfiConverterUInt64.read(from: &buf), 
-                outputMicrosPerMtok: FfiConverterUInt64.read(from: &buf)
+                inputMicrosPerMtok: FfiConverterInt64.read(from: &buf), 
+                outputMicrosPerMtok: FfiConverterInt64.read(from: &buf)
         )
     }
 
     public static func write(_ value: ModelPrice, into buf: inout [UInt8]) {
-        FfiConverterUInt64.write(value.inputMicrosPerMtok, into: &buf)
-        FfiConverterUInt64.write(value.outputMicrosPerMtok, into: &buf)
+        FfiConverterInt64.write(value.inputMicrosPerMtok, into: &buf)
+        FfiConverterInt64.write(value.outputMicrosPerMtok, into: &buf)
     }
 }
 
@@ -3586,23 +4946,23 @@ public struct ReportRow: Equatable, Hashable {
     /**
      * Number of events.
      */
-    public var events: UInt64
+    public var events: Int64
     /**
      * Summed amounts.
      */
-    public var amount: UInt64
+    public var amount: Int64
     /**
      * Summed AI input tokens.
      */
-    public var inputTokens: UInt64
+    public var inputTokens: Int64
     /**
      * Summed AI output tokens.
      */
-    public var outputTokens: UInt64
+    public var outputTokens: Int64
     /**
      * Summed AI cost in micros.
      */
-    public var costMicros: UInt64
+    public var costMicros: Int64
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
@@ -3612,19 +4972,19 @@ public struct ReportRow: Equatable, Hashable {
          */key: String, 
         /**
          * Number of events.
-         */events: UInt64, 
+         */events: Int64, 
         /**
          * Summed amounts.
-         */amount: UInt64, 
+         */amount: Int64, 
         /**
          * Summed AI input tokens.
-         */inputTokens: UInt64, 
+         */inputTokens: Int64, 
         /**
          * Summed AI output tokens.
-         */outputTokens: UInt64, 
+         */outputTokens: Int64, 
         /**
          * Summed AI cost in micros.
-         */costMicros: UInt64) {
+         */costMicros: Int64) {
         self.key = key
         self.events = events
         self.amount = amount
@@ -3650,21 +5010,21 @@ public struct FfiConverterTypeReportRow: FfiConverterRustBuffer {
         return
             try ReportRow(
                 key: FfiConverterString.read(from: &buf), 
-                events: FfiConverterUInt64.read(from: &buf), 
-                amount: FfiConverterUInt64.read(from: &buf), 
-                inputTokens: FfiConverterUInt64.read(from: &buf), 
-                outputTokens: FfiConverterUInt64.read(from: &buf), 
-                costMicros: FfiConverterUInt64.read(from: &buf)
+                events: FfiConverterInt64.read(from: &buf), 
+                amount: FfiConverterInt64.read(from: &buf), 
+                inputTokens: FfiConverterInt64.read(from: &buf), 
+                outputTokens: FfiConverterInt64.read(from: &buf), 
+                costMicros: FfiConverterInt64.read(from: &buf)
         )
     }
 
     public static func write(_ value: ReportRow, into buf: inout [UInt8]) {
         FfiConverterString.write(value.key, into: &buf)
-        FfiConverterUInt64.write(value.events, into: &buf)
-        FfiConverterUInt64.write(value.amount, into: &buf)
-        FfiConverterUInt64.write(value.inputTokens, into: &buf)
-        FfiConverterUInt64.write(value.outputTokens, into: &buf)
-        FfiConverterUInt64.write(value.costMicros, into: &buf)
+        FfiConverterInt64.write(value.events, into: &buf)
+        FfiConverterInt64.write(value.amount, into: &buf)
+        FfiConverterInt64.write(value.inputTokens, into: &buf)
+        FfiConverterInt64.write(value.outputTokens, into: &buf)
+        FfiConverterInt64.write(value.costMicros, into: &buf)
     }
 }
 
@@ -3704,27 +5064,27 @@ public struct SyncOptions {
     /**
      * Most events per request.
      */
-    public var maxBatchEvents: UInt32?
+    public var maxBatchEvents: Int64?
     /**
      * Largest request body in bytes.
      */
-    public var maxBatchBytes: UInt64?
+    public var maxBatchBytes: Int64?
     /**
      * Attempts per request (including the first).
      */
-    public var maxAttempts: UInt32?
+    public var maxAttempts: Int64?
     /**
      * First retry backoff in ms (doubled each attempt, with jitter).
      */
-    public var initialBackoffMs: UInt64?
+    public var initialBackoffMs: Int64?
     /**
      * Longest single retry wait in ms.
      */
-    public var maxBackoffMs: UInt64?
+    public var maxBackoffMs: Int64?
     /**
      * Per-request timeout in ms.
      */
-    public var timeoutMs: UInt64?
+    public var timeoutMs: Int64?
     /**
      * Ask for a freshly signed entitlements token ("restore purchases").
      */
@@ -3744,22 +5104,22 @@ public struct SyncOptions {
          */tokenProvider: TokenProvider? = nil, 
         /**
          * Most events per request.
-         */maxBatchEvents: UInt32? = nil, 
+         */maxBatchEvents: Int64? = nil, 
         /**
          * Largest request body in bytes.
-         */maxBatchBytes: UInt64? = nil, 
+         */maxBatchBytes: Int64? = nil, 
         /**
          * Attempts per request (including the first).
-         */maxAttempts: UInt32? = nil, 
+         */maxAttempts: Int64? = nil, 
         /**
          * First retry backoff in ms (doubled each attempt, with jitter).
-         */initialBackoffMs: UInt64? = nil, 
+         */initialBackoffMs: Int64? = nil, 
         /**
          * Longest single retry wait in ms.
-         */maxBackoffMs: UInt64? = nil, 
+         */maxBackoffMs: Int64? = nil, 
         /**
          * Per-request timeout in ms.
-         */timeoutMs: UInt64? = nil, 
+         */timeoutMs: Int64? = nil, 
         /**
          * Ask for a freshly signed entitlements token ("restore purchases").
          */forceEntitlements: Bool = false) {
@@ -3794,12 +5154,12 @@ public struct FfiConverterTypeSyncOptions: FfiConverterRustBuffer {
                 serverUrl: FfiConverterString.read(from: &buf), 
                 token: FfiConverterString.read(from: &buf), 
                 tokenProvider: FfiConverterOptionTypeTokenProvider.read(from: &buf), 
-                maxBatchEvents: FfiConverterOptionUInt32.read(from: &buf), 
-                maxBatchBytes: FfiConverterOptionUInt64.read(from: &buf), 
-                maxAttempts: FfiConverterOptionUInt32.read(from: &buf), 
-                initialBackoffMs: FfiConverterOptionUInt64.read(from: &buf), 
-                maxBackoffMs: FfiConverterOptionUInt64.read(from: &buf), 
-                timeoutMs: FfiConverterOptionUInt64.read(from: &buf), 
+                maxBatchEvents: FfiConverterOptionInt64.read(from: &buf), 
+                maxBatchBytes: FfiConverterOptionInt64.read(from: &buf), 
+                maxAttempts: FfiConverterOptionInt64.read(from: &buf), 
+                initialBackoffMs: FfiConverterOptionInt64.read(from: &buf), 
+                maxBackoffMs: FfiConverterOptionInt64.read(from: &buf), 
+                timeoutMs: FfiConverterOptionInt64.read(from: &buf), 
                 forceEntitlements: FfiConverterBool.read(from: &buf)
         )
     }
@@ -3808,12 +5168,12 @@ public struct FfiConverterTypeSyncOptions: FfiConverterRustBuffer {
         FfiConverterString.write(value.serverUrl, into: &buf)
         FfiConverterString.write(value.token, into: &buf)
         FfiConverterOptionTypeTokenProvider.write(value.tokenProvider, into: &buf)
-        FfiConverterOptionUInt32.write(value.maxBatchEvents, into: &buf)
-        FfiConverterOptionUInt64.write(value.maxBatchBytes, into: &buf)
-        FfiConverterOptionUInt32.write(value.maxAttempts, into: &buf)
-        FfiConverterOptionUInt64.write(value.initialBackoffMs, into: &buf)
-        FfiConverterOptionUInt64.write(value.maxBackoffMs, into: &buf)
-        FfiConverterOptionUInt64.write(value.timeoutMs, into: &buf)
+        FfiConverterOptionInt64.write(value.maxBatchEvents, into: &buf)
+        FfiConverterOptionInt64.write(value.maxBatchBytes, into: &buf)
+        FfiConverterOptionInt64.write(value.maxAttempts, into: &buf)
+        FfiConverterOptionInt64.write(value.initialBackoffMs, into: &buf)
+        FfiConverterOptionInt64.write(value.maxBackoffMs, into: &buf)
+        FfiConverterOptionInt64.write(value.timeoutMs, into: &buf)
         FfiConverterBool.write(value.forceEntitlements, into: &buf)
     }
 }
@@ -3841,15 +5201,15 @@ public struct SyncReport: Equatable, Hashable {
     /**
      * Events sent (counting re-sends after a retry once).
      */
-    public var eventsSent: UInt64
+    public var eventsSent: Int64
     /**
      * Events the server took (new or already known).
      */
-    public var eventsAcked: UInt64
+    public var eventsAcked: Int64
     /**
      * Of those, the ones the server already had.
      */
-    public var duplicates: UInt64
+    public var duplicates: Int64
     /**
      * Events refused.
      */
@@ -3857,15 +5217,15 @@ public struct SyncReport: Equatable, Hashable {
     /**
      * Settings changes sent.
      */
-    public var settingsSent: UInt64
+    public var settingsSent: Int64
     /**
      * Settings changes received and applied.
      */
-    public var settingsReceived: UInt64
+    public var settingsReceived: Int64
     /**
      * Requests made.
      */
-    public var rounds: UInt64
+    public var rounds: Int64
     /**
      * Whether a new entitlements token was accepted.
      */
@@ -3889,25 +5249,25 @@ public struct SyncReport: Equatable, Hashable {
     public init(
         /**
          * Events sent (counting re-sends after a retry once).
-         */eventsSent: UInt64, 
+         */eventsSent: Int64, 
         /**
          * Events the server took (new or already known).
-         */eventsAcked: UInt64, 
+         */eventsAcked: Int64, 
         /**
          * Of those, the ones the server already had.
-         */duplicates: UInt64, 
+         */duplicates: Int64, 
         /**
          * Events refused.
          */rejected: [RejectedEvent], 
         /**
          * Settings changes sent.
-         */settingsSent: UInt64, 
+         */settingsSent: Int64, 
         /**
          * Settings changes received and applied.
-         */settingsReceived: UInt64, 
+         */settingsReceived: Int64, 
         /**
          * Requests made.
-         */rounds: UInt64, 
+         */rounds: Int64, 
         /**
          * Whether a new entitlements token was accepted.
          */entitlementsUpdated: Bool, 
@@ -3950,13 +5310,13 @@ public struct FfiConverterTypeSyncReport: FfiConverterRustBuffer {
     public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SyncReport {
         return
             try SyncReport(
-                eventsSent: FfiConverterUInt64.read(from: &buf), 
-                eventsAcked: FfiConverterUInt64.read(from: &buf), 
-                duplicates: FfiConverterUInt64.read(from: &buf), 
+                eventsSent: FfiConverterInt64.read(from: &buf), 
+                eventsAcked: FfiConverterInt64.read(from: &buf), 
+                duplicates: FfiConverterInt64.read(from: &buf), 
                 rejected: FfiConverterSequenceTypeRejectedEvent.read(from: &buf), 
-                settingsSent: FfiConverterUInt64.read(from: &buf), 
-                settingsReceived: FfiConverterUInt64.read(from: &buf), 
-                rounds: FfiConverterUInt64.read(from: &buf), 
+                settingsSent: FfiConverterInt64.read(from: &buf), 
+                settingsReceived: FfiConverterInt64.read(from: &buf), 
+                rounds: FfiConverterInt64.read(from: &buf), 
                 entitlementsUpdated: FfiConverterBool.read(from: &buf), 
                 settingsRejected: FfiConverterSequenceTypeRejectedSetting.read(from: &buf), 
                 profileRejected: FfiConverterSequenceTypeRejectedProfileField.read(from: &buf), 
@@ -3965,13 +5325,13 @@ public struct FfiConverterTypeSyncReport: FfiConverterRustBuffer {
     }
 
     public static func write(_ value: SyncReport, into buf: inout [UInt8]) {
-        FfiConverterUInt64.write(value.eventsSent, into: &buf)
-        FfiConverterUInt64.write(value.eventsAcked, into: &buf)
-        FfiConverterUInt64.write(value.duplicates, into: &buf)
+        FfiConverterInt64.write(value.eventsSent, into: &buf)
+        FfiConverterInt64.write(value.eventsAcked, into: &buf)
+        FfiConverterInt64.write(value.duplicates, into: &buf)
         FfiConverterSequenceTypeRejectedEvent.write(value.rejected, into: &buf)
-        FfiConverterUInt64.write(value.settingsSent, into: &buf)
-        FfiConverterUInt64.write(value.settingsReceived, into: &buf)
-        FfiConverterUInt64.write(value.rounds, into: &buf)
+        FfiConverterInt64.write(value.settingsSent, into: &buf)
+        FfiConverterInt64.write(value.settingsReceived, into: &buf)
+        FfiConverterInt64.write(value.rounds, into: &buf)
         FfiConverterBool.write(value.entitlementsUpdated, into: &buf)
         FfiConverterSequenceTypeRejectedSetting.write(value.settingsRejected, into: &buf)
         FfiConverterSequenceTypeRejectedProfileField.write(value.profileRejected, into: &buf)
@@ -3992,6 +5352,135 @@ public func FfiConverterTypeSyncReport_lift(_ buf: RustBuffer) throws -> SyncRep
 #endif
 public func FfiConverterTypeSyncReport_lower(_ value: SyncReport) -> RustBuffer {
     return FfiConverterTypeSyncReport.lower(value)
+}
+
+
+/**
+ * Where auto-sync stands.
+ */
+public struct SyncStatus: Equatable, Hashable {
+    /**
+     * Whether the helper still runs (false after `stop`, or after an error it cannot retry).
+     */
+    public var running: Bool
+    /**
+     * Whether a sync round is in flight.
+     */
+    public var uploading: Bool
+    /**
+     * The user synced last (or about to be).
+     */
+    public var userId: String?
+    /**
+     * That user's uses not yet acknowledged by the server.
+     */
+    public var pending: Int64
+    /**
+     * When that user last completed a sync (Unix ms; absent = never).
+     */
+    public var lastSyncedAtMs: Int64?
+    /**
+     * The message of the last round's error (absent after a successful round).
+     */
+    public var lastError: String?
+    /**
+     * The `TallyError` variant of `last_error` (`Unauthorized`, `Network`, …).
+     */
+    public var lastErrorKind: String?
+    /**
+     * Failed rounds in a row.
+     */
+    public var consecutiveFailures: Int64
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * Whether the helper still runs (false after `stop`, or after an error it cannot retry).
+         */running: Bool, 
+        /**
+         * Whether a sync round is in flight.
+         */uploading: Bool, 
+        /**
+         * The user synced last (or about to be).
+         */userId: String?, 
+        /**
+         * That user's uses not yet acknowledged by the server.
+         */pending: Int64, 
+        /**
+         * When that user last completed a sync (Unix ms; absent = never).
+         */lastSyncedAtMs: Int64?, 
+        /**
+         * The message of the last round's error (absent after a successful round).
+         */lastError: String?, 
+        /**
+         * The `TallyError` variant of `last_error` (`Unauthorized`, `Network`, …).
+         */lastErrorKind: String?, 
+        /**
+         * Failed rounds in a row.
+         */consecutiveFailures: Int64) {
+        self.running = running
+        self.uploading = uploading
+        self.userId = userId
+        self.pending = pending
+        self.lastSyncedAtMs = lastSyncedAtMs
+        self.lastError = lastError
+        self.lastErrorKind = lastErrorKind
+        self.consecutiveFailures = consecutiveFailures
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension SyncStatus: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeSyncStatus: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SyncStatus {
+        return
+            try SyncStatus(
+                running: FfiConverterBool.read(from: &buf), 
+                uploading: FfiConverterBool.read(from: &buf), 
+                userId: FfiConverterOptionString.read(from: &buf), 
+                pending: FfiConverterInt64.read(from: &buf), 
+                lastSyncedAtMs: FfiConverterOptionInt64.read(from: &buf), 
+                lastError: FfiConverterOptionString.read(from: &buf), 
+                lastErrorKind: FfiConverterOptionString.read(from: &buf), 
+                consecutiveFailures: FfiConverterInt64.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: SyncStatus, into buf: inout [UInt8]) {
+        FfiConverterBool.write(value.running, into: &buf)
+        FfiConverterBool.write(value.uploading, into: &buf)
+        FfiConverterOptionString.write(value.userId, into: &buf)
+        FfiConverterInt64.write(value.pending, into: &buf)
+        FfiConverterOptionInt64.write(value.lastSyncedAtMs, into: &buf)
+        FfiConverterOptionString.write(value.lastError, into: &buf)
+        FfiConverterOptionString.write(value.lastErrorKind, into: &buf)
+        FfiConverterInt64.write(value.consecutiveFailures, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeSyncStatus_lift(_ buf: RustBuffer) throws -> SyncStatus {
+    return try FfiConverterTypeSyncStatus.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeSyncStatus_lower(_ value: SyncStatus) -> RustBuffer {
+    return FfiConverterTypeSyncStatus.lower(value)
 }
 
 
@@ -4022,15 +5511,15 @@ public struct TallyConfig {
     /**
      * How long a past-due subscription keeps access, in seconds (default 3 days).
      */
-    public var pastDueGraceSecs: UInt64?
+    public var pastDueGraceSecs: Int64?
     /**
      * How long an expired entitlements token is honoured offline, in seconds (default 3 days).
      */
-    public var tokenGraceSecs: UInt64?
+    public var tokenGraceSecs: Int64?
     /**
      * How long to wait for another process holding the database lock, in ms (default 10 s).
      */
-    public var busyTimeoutMs: UInt64?
+    public var busyTimeoutMs: Int64?
     /**
      * The sync server's token-signing keys (its `GET /v1/keys` JWKS JSON, shipped with the
      * app). Without them `sync` fails with `Configuration` before any request.
@@ -4072,13 +5561,13 @@ public struct TallyConfig {
          */catalogJson: String? = nil, 
         /**
          * How long a past-due subscription keeps access, in seconds (default 3 days).
-         */pastDueGraceSecs: UInt64? = nil, 
+         */pastDueGraceSecs: Int64? = nil, 
         /**
          * How long an expired entitlements token is honoured offline, in seconds (default 3 days).
-         */tokenGraceSecs: UInt64? = nil, 
+         */tokenGraceSecs: Int64? = nil, 
         /**
          * How long to wait for another process holding the database lock, in ms (default 10 s).
-         */busyTimeoutMs: UInt64? = nil, 
+         */busyTimeoutMs: Int64? = nil, 
         /**
          * The sync server's token-signing keys (its `GET /v1/keys` JWKS JSON, shipped with the
          * app). Without them `sync` fails with `Configuration` before any request.
@@ -4130,9 +5619,9 @@ public struct FfiConverterTypeTallyConfig: FfiConverterRustBuffer {
                 defaultSettingsJson: FfiConverterOptionString.read(from: &buf), 
                 localOnlySettings: FfiConverterSequenceString.read(from: &buf), 
                 catalogJson: FfiConverterOptionString.read(from: &buf), 
-                pastDueGraceSecs: FfiConverterOptionUInt64.read(from: &buf), 
-                tokenGraceSecs: FfiConverterOptionUInt64.read(from: &buf), 
-                busyTimeoutMs: FfiConverterOptionUInt64.read(from: &buf), 
+                pastDueGraceSecs: FfiConverterOptionInt64.read(from: &buf), 
+                tokenGraceSecs: FfiConverterOptionInt64.read(from: &buf), 
+                busyTimeoutMs: FfiConverterOptionInt64.read(from: &buf), 
                 serverKeys: FfiConverterOptionString.read(from: &buf), 
                 offlineFeatures: FfiConverterSequenceString.read(from: &buf), 
                 clock: FfiConverterOptionTypeTallyClock.read(from: &buf), 
@@ -4146,9 +5635,9 @@ public struct FfiConverterTypeTallyConfig: FfiConverterRustBuffer {
         FfiConverterOptionString.write(value.defaultSettingsJson, into: &buf)
         FfiConverterSequenceString.write(value.localOnlySettings, into: &buf)
         FfiConverterOptionString.write(value.catalogJson, into: &buf)
-        FfiConverterOptionUInt64.write(value.pastDueGraceSecs, into: &buf)
-        FfiConverterOptionUInt64.write(value.tokenGraceSecs, into: &buf)
-        FfiConverterOptionUInt64.write(value.busyTimeoutMs, into: &buf)
+        FfiConverterOptionInt64.write(value.pastDueGraceSecs, into: &buf)
+        FfiConverterOptionInt64.write(value.tokenGraceSecs, into: &buf)
+        FfiConverterOptionInt64.write(value.busyTimeoutMs, into: &buf)
         FfiConverterOptionString.write(value.serverKeys, into: &buf)
         FfiConverterSequenceString.write(value.offlineFeatures, into: &buf)
         FfiConverterOptionTypeTallyClock.write(value.clock, into: &buf)
@@ -4187,19 +5676,19 @@ public struct Usage: Equatable, Hashable {
     /**
      * Used in the window (micros for budgets, credits spent for credit rules).
      */
-    public var used: UInt64
+    public var used: Int64
     /**
      * Limit (absent = unlimited).
      */
-    public var limit: UInt64?
+    public var limit: Int64?
     /**
      * What is left (absent = unlimited).
      */
-    public var remaining: UInt64?
+    public var remaining: Int64?
     /**
      * `max(0, used - limit)`.
      */
-    public var overLimitBy: UInt64
+    public var overLimitBy: Int64
     /**
      * The sorted causes of the overage the server reported for this window (`usage_report`,
      * `cost_over_estimate`, `hold_expired`, …); empty when none.
@@ -4216,12 +5705,12 @@ public struct Usage: Equatable, Hashable {
     /**
      * Protocol 2: what this device's lease allows in the window (absent without a lease).
      */
-    public var deviceAllowance: UInt64?
+    public var deviceAllowance: Int64?
     /**
      * Protocol 2: what this device's lease has left ("3 left on this phone"; absent without
      * a lease).
      */
-    public var deviceRemaining: UInt64?
+    public var deviceRemaining: Int64?
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
@@ -4234,16 +5723,16 @@ public struct Usage: Equatable, Hashable {
          */period: Period?, 
         /**
          * Used in the window (micros for budgets, credits spent for credit rules).
-         */used: UInt64, 
+         */used: Int64, 
         /**
          * Limit (absent = unlimited).
-         */limit: UInt64?, 
+         */limit: Int64?, 
         /**
          * What is left (absent = unlimited).
-         */remaining: UInt64?, 
+         */remaining: Int64?, 
         /**
          * `max(0, used - limit)`.
-         */overLimitBy: UInt64, 
+         */overLimitBy: Int64, 
         /**
          * The sorted causes of the overage the server reported for this window (`usage_report`,
          * `cost_over_estimate`, `hold_expired`, …); empty when none.
@@ -4256,11 +5745,11 @@ public struct Usage: Equatable, Hashable {
          */resetsAtMs: Int64?, 
         /**
          * Protocol 2: what this device's lease allows in the window (absent without a lease).
-         */deviceAllowance: UInt64? = nil, 
+         */deviceAllowance: Int64? = nil, 
         /**
          * Protocol 2: what this device's lease has left ("3 left on this phone"; absent without
          * a lease).
-         */deviceRemaining: UInt64? = nil) {
+         */deviceRemaining: Int64? = nil) {
         self.feature = feature
         self.period = period
         self.used = used
@@ -4292,30 +5781,30 @@ public struct FfiConverterTypeUsage: FfiConverterRustBuffer {
             try Usage(
                 feature: FfiConverterString.read(from: &buf), 
                 period: FfiConverterOptionTypePeriod.read(from: &buf), 
-                used: FfiConverterUInt64.read(from: &buf), 
-                limit: FfiConverterOptionUInt64.read(from: &buf), 
-                remaining: FfiConverterOptionUInt64.read(from: &buf), 
-                overLimitBy: FfiConverterUInt64.read(from: &buf), 
+                used: FfiConverterInt64.read(from: &buf), 
+                limit: FfiConverterOptionInt64.read(from: &buf), 
+                remaining: FfiConverterOptionInt64.read(from: &buf), 
+                overLimitBy: FfiConverterInt64.read(from: &buf), 
                 overLimitCauses: FfiConverterSequenceString.read(from: &buf), 
                 periodStartMs: FfiConverterOptionInt64.read(from: &buf), 
                 resetsAtMs: FfiConverterOptionInt64.read(from: &buf), 
-                deviceAllowance: FfiConverterOptionUInt64.read(from: &buf), 
-                deviceRemaining: FfiConverterOptionUInt64.read(from: &buf)
+                deviceAllowance: FfiConverterOptionInt64.read(from: &buf), 
+                deviceRemaining: FfiConverterOptionInt64.read(from: &buf)
         )
     }
 
     public static func write(_ value: Usage, into buf: inout [UInt8]) {
         FfiConverterString.write(value.feature, into: &buf)
         FfiConverterOptionTypePeriod.write(value.period, into: &buf)
-        FfiConverterUInt64.write(value.used, into: &buf)
-        FfiConverterOptionUInt64.write(value.limit, into: &buf)
-        FfiConverterOptionUInt64.write(value.remaining, into: &buf)
-        FfiConverterUInt64.write(value.overLimitBy, into: &buf)
+        FfiConverterInt64.write(value.used, into: &buf)
+        FfiConverterOptionInt64.write(value.limit, into: &buf)
+        FfiConverterOptionInt64.write(value.remaining, into: &buf)
+        FfiConverterInt64.write(value.overLimitBy, into: &buf)
         FfiConverterSequenceString.write(value.overLimitCauses, into: &buf)
         FfiConverterOptionInt64.write(value.periodStartMs, into: &buf)
         FfiConverterOptionInt64.write(value.resetsAtMs, into: &buf)
-        FfiConverterOptionUInt64.write(value.deviceAllowance, into: &buf)
-        FfiConverterOptionUInt64.write(value.deviceRemaining, into: &buf)
+        FfiConverterOptionInt64.write(value.deviceAllowance, into: &buf)
+        FfiConverterOptionInt64.write(value.deviceRemaining, into: &buf)
     }
 }
 
@@ -4350,11 +5839,11 @@ public struct UsageMeta: Equatable, Hashable {
     /**
      * AI input tokens.
      */
-    public var inputTokens: UInt64?
+    public var inputTokens: Int64?
     /**
      * AI output tokens.
      */
-    public var outputTokens: UInt64?
+    public var outputTokens: Int64?
     /**
      * Small JSON metadata (≤ 4 KiB serialized), as a JSON string.
      */
@@ -4371,10 +5860,10 @@ public struct UsageMeta: Equatable, Hashable {
          */model: String? = nil, 
         /**
          * AI input tokens.
-         */inputTokens: UInt64? = nil, 
+         */inputTokens: Int64? = nil, 
         /**
          * AI output tokens.
-         */outputTokens: UInt64? = nil, 
+         */outputTokens: Int64? = nil, 
         /**
          * Small JSON metadata (≤ 4 KiB serialized), as a JSON string.
          */metadataJson: String? = nil) {
@@ -4403,8 +5892,8 @@ public struct FfiConverterTypeUsageMeta: FfiConverterRustBuffer {
             try UsageMeta(
                 idempotencyKey: FfiConverterOptionString.read(from: &buf), 
                 model: FfiConverterOptionString.read(from: &buf), 
-                inputTokens: FfiConverterOptionUInt64.read(from: &buf), 
-                outputTokens: FfiConverterOptionUInt64.read(from: &buf), 
+                inputTokens: FfiConverterOptionInt64.read(from: &buf), 
+                outputTokens: FfiConverterOptionInt64.read(from: &buf), 
                 metadataJson: FfiConverterOptionString.read(from: &buf)
         )
     }
@@ -4412,8 +5901,8 @@ public struct FfiConverterTypeUsageMeta: FfiConverterRustBuffer {
     public static func write(_ value: UsageMeta, into buf: inout [UInt8]) {
         FfiConverterOptionString.write(value.idempotencyKey, into: &buf)
         FfiConverterOptionString.write(value.model, into: &buf)
-        FfiConverterOptionUInt64.write(value.inputTokens, into: &buf)
-        FfiConverterOptionUInt64.write(value.outputTokens, into: &buf)
+        FfiConverterOptionInt64.write(value.inputTokens, into: &buf)
+        FfiConverterOptionInt64.write(value.outputTokens, into: &buf)
         FfiConverterOptionString.write(value.metadataJson, into: &buf)
     }
 }
@@ -4584,6 +6073,97 @@ public func FfiConverterTypeUser_lower(_ value: User) -> RustBuffer {
 
 
 /**
+ * One committed change and the user's state after it.
+ */
+public struct UserChange: Equatable, Hashable {
+    /**
+     * The user whose data changed.
+     */
+    public var userId: String
+    /**
+     * What changed.
+     */
+    public var change: Change
+    /**
+     * The user's state after the change (absent once the user is deleted or attached to an
+     * account).
+     */
+    public var info: CustomerInfo?
+    /**
+     * Whether `user_id` is the current user (see `current_user`) after the change.
+     */
+    public var isCurrentUser: Bool
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * The user whose data changed.
+         */userId: String, 
+        /**
+         * What changed.
+         */change: Change, 
+        /**
+         * The user's state after the change (absent once the user is deleted or attached to an
+         * account).
+         */info: CustomerInfo?, 
+        /**
+         * Whether `user_id` is the current user (see `current_user`) after the change.
+         */isCurrentUser: Bool) {
+        self.userId = userId
+        self.change = change
+        self.info = info
+        self.isCurrentUser = isCurrentUser
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension UserChange: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeUserChange: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> UserChange {
+        return
+            try UserChange(
+                userId: FfiConverterString.read(from: &buf), 
+                change: FfiConverterTypeChange.read(from: &buf), 
+                info: FfiConverterOptionTypeCustomerInfo.read(from: &buf), 
+                isCurrentUser: FfiConverterBool.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: UserChange, into buf: inout [UInt8]) {
+        FfiConverterString.write(value.userId, into: &buf)
+        FfiConverterTypeChange.write(value.change, into: &buf)
+        FfiConverterOptionTypeCustomerInfo.write(value.info, into: &buf)
+        FfiConverterBool.write(value.isCurrentUser, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeUserChange_lift(_ buf: RustBuffer) throws -> UserChange {
+    return try FfiConverterTypeUserChange.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeUserChange_lower(_ value: UserChange) -> RustBuffer {
+    return FfiConverterTypeUserChange.lower(value)
+}
+
+
+/**
  * Changes to a user's profile; absent leaves a field as it is, `""` clears it.
  */
 public struct UserUpdate: Equatable, Hashable {
@@ -4670,156 +6250,6 @@ public func FfiConverterTypeUserUpdate_lift(_ buf: RustBuffer) throws -> UserUpd
 public func FfiConverterTypeUserUpdate_lower(_ value: UserUpdate) -> RustBuffer {
     return FfiConverterTypeUserUpdate.lower(value)
 }
-
-
-/**
- * Commit durability of the SQLite database.
- */
-
-public enum Durability: Equatable, Hashable {
-    
-    /**
-     * WAL + `synchronous=NORMAL`: survives app crashes (the default).
-     */
-    case normal
-    /**
-     * WAL + `synchronous=FULL`: also survives power loss.
-     */
-    case full
-
-
-
-
-
-}
-
-#if compiler(>=6)
-extension Durability: Sendable {}
-#endif
-
-#if swift(>=5.8)
-@_documentation(visibility: private)
-#endif
-public struct FfiConverterTypeDurability: FfiConverterRustBuffer {
-    typealias SwiftType = Durability
-
-    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> Durability {
-        let variant: Int32 = try readInt(&buf)
-        switch variant {
-        
-        case 1: return .normal
-        
-        case 2: return .full
-        
-        default: throw UniffiInternalError.unexpectedEnumCase
-        }
-    }
-
-    public static func write(_ value: Durability, into buf: inout [UInt8]) {
-        switch value {
-        
-        
-        case .normal:
-            writeInt(&buf, Int32(1))
-        
-        
-        case .full:
-            writeInt(&buf, Int32(2))
-        
-        }
-    }
-}
-
-
-#if swift(>=5.8)
-@_documentation(visibility: private)
-#endif
-public func FfiConverterTypeDurability_lift(_ buf: RustBuffer) throws -> Durability {
-    return try FfiConverterTypeDurability.lift(buf)
-}
-
-#if swift(>=5.8)
-@_documentation(visibility: private)
-#endif
-public func FfiConverterTypeDurability_lower(_ value: Durability) -> RustBuffer {
-    return FfiConverterTypeDurability.lower(value)
-}
-
-
-
-/**
- * Whether going over a limit denies (`Hard`) or records and flags (`Soft`).
- */
-
-public enum Enforcement: Equatable, Hashable {
-    
-    /**
-     * Deny and record nothing.
-     */
-    case hard
-    /**
-     * Record and answer `OverLimitSoft`.
-     */
-    case soft
-
-
-
-
-
-}
-
-#if compiler(>=6)
-extension Enforcement: Sendable {}
-#endif
-
-#if swift(>=5.8)
-@_documentation(visibility: private)
-#endif
-public struct FfiConverterTypeEnforcement: FfiConverterRustBuffer {
-    typealias SwiftType = Enforcement
-
-    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> Enforcement {
-        let variant: Int32 = try readInt(&buf)
-        switch variant {
-        
-        case 1: return .hard
-        
-        case 2: return .soft
-        
-        default: throw UniffiInternalError.unexpectedEnumCase
-        }
-    }
-
-    public static func write(_ value: Enforcement, into buf: inout [UInt8]) {
-        switch value {
-        
-        
-        case .hard:
-            writeInt(&buf, Int32(1))
-        
-        
-        case .soft:
-            writeInt(&buf, Int32(2))
-        
-        }
-    }
-}
-
-
-#if swift(>=5.8)
-@_documentation(visibility: private)
-#endif
-public func FfiConverterTypeEnforcement_lift(_ buf: RustBuffer) throws -> Enforcement {
-    return try FfiConverterTypeEnforcement.lift(buf)
-}
-
-#if swift(>=5.8)
-@_documentation(visibility: private)
-#endif
-public func FfiConverterTypeEnforcement_lower(_ value: Enforcement) -> RustBuffer {
-    return FfiConverterTypeEnforcement.lower(value)
-}
-
 
 
 /**
@@ -4911,226 +6341,6 @@ public func FfiConverterTypeEventStatus_lower(_ value: EventStatus) -> RustBuffe
 
 
 /**
- * How report rows are grouped.
- */
-
-public enum GroupBy: Equatable, Hashable {
-    
-    /**
-     * By calendar day in the user's timezone (`YYYY-MM-DD`).
-     */
-    case day
-    /**
-     * By feature key.
-     */
-    case feature
-    /**
-     * By AI model (`""` for events without one).
-     */
-    case model
-
-
-
-
-
-}
-
-#if compiler(>=6)
-extension GroupBy: Sendable {}
-#endif
-
-#if swift(>=5.8)
-@_documentation(visibility: private)
-#endif
-public struct FfiConverterTypeGroupBy: FfiConverterRustBuffer {
-    typealias SwiftType = GroupBy
-
-    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> GroupBy {
-        let variant: Int32 = try readInt(&buf)
-        switch variant {
-        
-        case 1: return .day
-        
-        case 2: return .feature
-        
-        case 3: return .model
-        
-        default: throw UniffiInternalError.unexpectedEnumCase
-        }
-    }
-
-    public static func write(_ value: GroupBy, into buf: inout [UInt8]) {
-        switch value {
-        
-        
-        case .day:
-            writeInt(&buf, Int32(1))
-        
-        
-        case .feature:
-            writeInt(&buf, Int32(2))
-        
-        
-        case .model:
-            writeInt(&buf, Int32(3))
-        
-        }
-    }
-}
-
-
-#if swift(>=5.8)
-@_documentation(visibility: private)
-#endif
-public func FfiConverterTypeGroupBy_lift(_ buf: RustBuffer) throws -> GroupBy {
-    return try FfiConverterTypeGroupBy.lift(buf)
-}
-
-#if swift(>=5.8)
-@_documentation(visibility: private)
-#endif
-public func FfiConverterTypeGroupBy_lower(_ value: GroupBy) -> RustBuffer {
-    return FfiConverterTypeGroupBy.lower(value)
-}
-
-
-
-/**
- * How often a limit resets.
- */
-
-public enum Period: Equatable, Hashable {
-    
-    /**
-     * 60 s windows aligned to the Unix epoch.
-     */
-    case minute
-    /**
-     * 3600 s windows aligned to the Unix epoch.
-     */
-    case hour
-    /**
-     * From local midnight to the next.
-     */
-    case day
-    /**
-     * ISO week, from Monday local midnight.
-     */
-    case week
-    /**
-     * From the first of the month, local midnight.
-     */
-    case month
-    /**
-     * From January 1st, local midnight.
-     */
-    case year
-    /**
-     * Monthly from the billing anchor.
-     */
-    case billing
-    /**
-     * One window, never resets.
-     */
-    case lifetime
-
-
-
-
-
-}
-
-#if compiler(>=6)
-extension Period: Sendable {}
-#endif
-
-#if swift(>=5.8)
-@_documentation(visibility: private)
-#endif
-public struct FfiConverterTypePeriod: FfiConverterRustBuffer {
-    typealias SwiftType = Period
-
-    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> Period {
-        let variant: Int32 = try readInt(&buf)
-        switch variant {
-        
-        case 1: return .minute
-        
-        case 2: return .hour
-        
-        case 3: return .day
-        
-        case 4: return .week
-        
-        case 5: return .month
-        
-        case 6: return .year
-        
-        case 7: return .billing
-        
-        case 8: return .lifetime
-        
-        default: throw UniffiInternalError.unexpectedEnumCase
-        }
-    }
-
-    public static func write(_ value: Period, into buf: inout [UInt8]) {
-        switch value {
-        
-        
-        case .minute:
-            writeInt(&buf, Int32(1))
-        
-        
-        case .hour:
-            writeInt(&buf, Int32(2))
-        
-        
-        case .day:
-            writeInt(&buf, Int32(3))
-        
-        
-        case .week:
-            writeInt(&buf, Int32(4))
-        
-        
-        case .month:
-            writeInt(&buf, Int32(5))
-        
-        
-        case .year:
-            writeInt(&buf, Int32(6))
-        
-        
-        case .billing:
-            writeInt(&buf, Int32(7))
-        
-        
-        case .lifetime:
-            writeInt(&buf, Int32(8))
-        
-        }
-    }
-}
-
-
-#if swift(>=5.8)
-@_documentation(visibility: private)
-#endif
-public func FfiConverterTypePeriod_lift(_ buf: RustBuffer) throws -> Period {
-    return try FfiConverterTypePeriod.lift(buf)
-}
-
-#if swift(>=5.8)
-@_documentation(visibility: private)
-#endif
-public func FfiConverterTypePeriod_lower(_ value: Period) -> RustBuffer {
-    return FfiConverterTypePeriod.lower(value)
-}
-
-
-
-/**
  * A store's proof of purchase.
  */
 
@@ -5212,52 +6422,23 @@ public func FfiConverterTypePurchase_lower(_ value: Purchase) -> RustBuffer {
 
 
 /**
- * Why a decision came out the way it did.
+ * What kind of purchase an [`ActivePurchase`] is.
  */
 
-public enum Reason: Equatable, Hashable {
+public enum PurchaseKind: Equatable, Hashable {
     
     /**
-     * Allowed.
+     * A subscription (or its trial) that gives the plan in effect.
      */
-    case ok
+    case subscription
     /**
-     * A hard limit would be exceeded; nothing recorded.
+     * A plan bought for ever.
      */
-    case limitReached
+    case lifetime
     /**
-     * An AI budget is used up.
+     * A credit pack with credits left.
      */
-    case budgetExceeded
-    /**
-     * The feature exists but the user's plan does not include it.
-     */
-    case notInPlan
-    /**
-     * Too many requests in the rate window.
-     */
-    case rateLimited
-    /**
-     * Not enough credits.
-     */
-    case insufficientCredits
-    /**
-     * No plan in the catalog knows this feature.
-     */
-    case unknownFeature
-    /**
-     * The model has no price in the catalog.
-     */
-    case unknownModel
-    /**
-     * Over a soft limit: recorded and flagged.
-     */
-    case overLimitSoft
-    /**
-     * This device's lease of a hard pool is spent while the account still has room; nothing
-     * recorded. Sync (online) to get more.
-     */
-    case leaseExhausted
+    case credits
 
 
 
@@ -5266,85 +6447,43 @@ public enum Reason: Equatable, Hashable {
 }
 
 #if compiler(>=6)
-extension Reason: Sendable {}
+extension PurchaseKind: Sendable {}
 #endif
 
 #if swift(>=5.8)
 @_documentation(visibility: private)
 #endif
-public struct FfiConverterTypeReason: FfiConverterRustBuffer {
-    typealias SwiftType = Reason
+public struct FfiConverterTypePurchaseKind: FfiConverterRustBuffer {
+    typealias SwiftType = PurchaseKind
 
-    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> Reason {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> PurchaseKind {
         let variant: Int32 = try readInt(&buf)
         switch variant {
         
-        case 1: return .ok
+        case 1: return .subscription
         
-        case 2: return .limitReached
+        case 2: return .lifetime
         
-        case 3: return .budgetExceeded
-        
-        case 4: return .notInPlan
-        
-        case 5: return .rateLimited
-        
-        case 6: return .insufficientCredits
-        
-        case 7: return .unknownFeature
-        
-        case 8: return .unknownModel
-        
-        case 9: return .overLimitSoft
-        
-        case 10: return .leaseExhausted
+        case 3: return .credits
         
         default: throw UniffiInternalError.unexpectedEnumCase
         }
     }
 
-    public static func write(_ value: Reason, into buf: inout [UInt8]) {
+    public static func write(_ value: PurchaseKind, into buf: inout [UInt8]) {
         switch value {
         
         
-        case .ok:
+        case .subscription:
             writeInt(&buf, Int32(1))
         
         
-        case .limitReached:
+        case .lifetime:
             writeInt(&buf, Int32(2))
         
         
-        case .budgetExceeded:
+        case .credits:
             writeInt(&buf, Int32(3))
-        
-        
-        case .notInPlan:
-            writeInt(&buf, Int32(4))
-        
-        
-        case .rateLimited:
-            writeInt(&buf, Int32(5))
-        
-        
-        case .insufficientCredits:
-            writeInt(&buf, Int32(6))
-        
-        
-        case .unknownFeature:
-            writeInt(&buf, Int32(7))
-        
-        
-        case .unknownModel:
-            writeInt(&buf, Int32(8))
-        
-        
-        case .overLimitSoft:
-            writeInt(&buf, Int32(9))
-        
-        
-        case .leaseExhausted:
-            writeInt(&buf, Int32(10))
         
         }
     }
@@ -5354,15 +6493,15 @@ public struct FfiConverterTypeReason: FfiConverterRustBuffer {
 #if swift(>=5.8)
 @_documentation(visibility: private)
 #endif
-public func FfiConverterTypeReason_lift(_ buf: RustBuffer) throws -> Reason {
-    return try FfiConverterTypeReason.lift(buf)
+public func FfiConverterTypePurchaseKind_lift(_ buf: RustBuffer) throws -> PurchaseKind {
+    return try FfiConverterTypePurchaseKind.lift(buf)
 }
 
 #if swift(>=5.8)
 @_documentation(visibility: private)
 #endif
-public func FfiConverterTypeReason_lower(_ value: Reason) -> RustBuffer {
-    return FfiConverterTypeReason.lower(value)
+public func FfiConverterTypePurchaseKind_lower(_ value: PurchaseKind) -> RustBuffer {
+    return FfiConverterTypePurchaseKind.lower(value)
 }
 
 
@@ -5382,22 +6521,22 @@ public enum Rule: Equatable, Hashable {
      * Counted uses per period; `limit` absent = unlimited.
      * `offline_share`: the fraction of each window's limit devices may hold as leases (0..1).
      */
-    case metered(limit: UInt64?, period: Period, enforcement: Enforcement, offlineShare: Double
+    case metered(limit: Int64?, period: Period, enforcement: Enforcement, offlineShare: Double
     )
     /**
      * Each unit draws `cost` credits from the user's balance.
      */
-    case credits(cost: UInt64
+    case credits(cost: Int64
     )
     /**
      * A request rate limit, per device, never synced.
      */
-    case rate(limit: UInt64, windowSecs: UInt64
+    case rate(limit: Int64, windowSecs: Int64
     )
     /**
      * Caps summed AI cost (micros) per period.
      */
-    case budget(limitMicros: UInt64, period: Period, enforcement: Enforcement, offlineShare: Double
+    case budget(limitMicros: Int64, period: Period, enforcement: Enforcement, offlineShare: Double
     )
 
 
@@ -5423,16 +6562,16 @@ public struct FfiConverterTypeRule: FfiConverterRustBuffer {
         case 1: return .flag(enabled: try FfiConverterBool.read(from: &buf)
         )
         
-        case 2: return .metered(limit: try FfiConverterOptionUInt64.read(from: &buf), period: try FfiConverterTypePeriod.read(from: &buf), enforcement: try FfiConverterTypeEnforcement.read(from: &buf), offlineShare: try FfiConverterDouble.read(from: &buf)
+        case 2: return .metered(limit: try FfiConverterOptionInt64.read(from: &buf), period: try FfiConverterTypePeriod.read(from: &buf), enforcement: try FfiConverterTypeEnforcement.read(from: &buf), offlineShare: try FfiConverterDouble.read(from: &buf)
         )
         
-        case 3: return .credits(cost: try FfiConverterUInt64.read(from: &buf)
+        case 3: return .credits(cost: try FfiConverterInt64.read(from: &buf)
         )
         
-        case 4: return .rate(limit: try FfiConverterUInt64.read(from: &buf), windowSecs: try FfiConverterUInt64.read(from: &buf)
+        case 4: return .rate(limit: try FfiConverterInt64.read(from: &buf), windowSecs: try FfiConverterInt64.read(from: &buf)
         )
         
-        case 5: return .budget(limitMicros: try FfiConverterUInt64.read(from: &buf), period: try FfiConverterTypePeriod.read(from: &buf), enforcement: try FfiConverterTypeEnforcement.read(from: &buf), offlineShare: try FfiConverterDouble.read(from: &buf)
+        case 5: return .budget(limitMicros: try FfiConverterInt64.read(from: &buf), period: try FfiConverterTypePeriod.read(from: &buf), enforcement: try FfiConverterTypeEnforcement.read(from: &buf), offlineShare: try FfiConverterDouble.read(from: &buf)
         )
         
         default: throw UniffiInternalError.unexpectedEnumCase
@@ -5450,7 +6589,7 @@ public struct FfiConverterTypeRule: FfiConverterRustBuffer {
         
         case let .metered(limit,period,enforcement,offlineShare):
             writeInt(&buf, Int32(2))
-            FfiConverterOptionUInt64.write(limit, into: &buf)
+            FfiConverterOptionInt64.write(limit, into: &buf)
             FfiConverterTypePeriod.write(period, into: &buf)
             FfiConverterTypeEnforcement.write(enforcement, into: &buf)
             FfiConverterDouble.write(offlineShare, into: &buf)
@@ -5458,18 +6597,18 @@ public struct FfiConverterTypeRule: FfiConverterRustBuffer {
         
         case let .credits(cost):
             writeInt(&buf, Int32(3))
-            FfiConverterUInt64.write(cost, into: &buf)
+            FfiConverterInt64.write(cost, into: &buf)
             
         
         case let .rate(limit,windowSecs):
             writeInt(&buf, Int32(4))
-            FfiConverterUInt64.write(limit, into: &buf)
-            FfiConverterUInt64.write(windowSecs, into: &buf)
+            FfiConverterInt64.write(limit, into: &buf)
+            FfiConverterInt64.write(windowSecs, into: &buf)
             
         
         case let .budget(limitMicros,period,enforcement,offlineShare):
             writeInt(&buf, Int32(5))
-            FfiConverterUInt64.write(limitMicros, into: &buf)
+            FfiConverterInt64.write(limitMicros, into: &buf)
             FfiConverterTypePeriod.write(period, into: &buf)
             FfiConverterTypeEnforcement.write(enforcement, into: &buf)
             FfiConverterDouble.write(offlineShare, into: &buf)
@@ -5496,7 +6635,8 @@ public func FfiConverterTypeRule_lower(_ value: Rule) -> RustBuffer {
 
 
 /**
- * Where one setting stands with the server.
+ * Where one setting stands with the server. (Mirrored rather than exported from the core:
+ * Kotlin reaches a sealed class's variants only by its own name, not through a typealias.)
  */
 
 public enum SettingStatus: Equatable, Hashable {
@@ -5599,111 +6739,6 @@ public func FfiConverterTypeSettingStatus_lift(_ buf: RustBuffer) throws -> Sett
 #endif
 public func FfiConverterTypeSettingStatus_lower(_ value: SettingStatus) -> RustBuffer {
     return FfiConverterTypeSettingStatus.lower(value)
-}
-
-
-
-/**
- * Subscription status, as the payment provider reports it (mapped).
- */
-
-public enum SubscriptionStatus: Equatable, Hashable {
-    
-    /**
-     * Paid and current.
-     */
-    case active
-    /**
-     * In a trial.
-     */
-    case trialing
-    /**
-     * Payment failed; access kept during the grace period.
-     */
-    case pastDue
-    /**
-     * Ended.
-     */
-    case canceled
-    /**
-     * No subscription.
-     */
-    case none
-
-
-
-
-
-}
-
-#if compiler(>=6)
-extension SubscriptionStatus: Sendable {}
-#endif
-
-#if swift(>=5.8)
-@_documentation(visibility: private)
-#endif
-public struct FfiConverterTypeSubscriptionStatus: FfiConverterRustBuffer {
-    typealias SwiftType = SubscriptionStatus
-
-    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SubscriptionStatus {
-        let variant: Int32 = try readInt(&buf)
-        switch variant {
-        
-        case 1: return .active
-        
-        case 2: return .trialing
-        
-        case 3: return .pastDue
-        
-        case 4: return .canceled
-        
-        case 5: return .none
-        
-        default: throw UniffiInternalError.unexpectedEnumCase
-        }
-    }
-
-    public static func write(_ value: SubscriptionStatus, into buf: inout [UInt8]) {
-        switch value {
-        
-        
-        case .active:
-            writeInt(&buf, Int32(1))
-        
-        
-        case .trialing:
-            writeInt(&buf, Int32(2))
-        
-        
-        case .pastDue:
-            writeInt(&buf, Int32(3))
-        
-        
-        case .canceled:
-            writeInt(&buf, Int32(4))
-        
-        
-        case .none:
-            writeInt(&buf, Int32(5))
-        
-        }
-    }
-}
-
-
-#if swift(>=5.8)
-@_documentation(visibility: private)
-#endif
-public func FfiConverterTypeSubscriptionStatus_lift(_ buf: RustBuffer) throws -> SubscriptionStatus {
-    return try FfiConverterTypeSubscriptionStatus.lift(buf)
-}
-
-#if swift(>=5.8)
-@_documentation(visibility: private)
-#endif
-public func FfiConverterTypeSubscriptionStatus_lower(_ value: SubscriptionStatus) -> RustBuffer {
-    return FfiConverterTypeSubscriptionStatus.lower(value)
 }
 
 
@@ -5983,54 +7018,6 @@ public func FfiConverterTypeTallyError_lower(_ value: TallyError) -> RustBuffer 
 #if swift(>=5.8)
 @_documentation(visibility: private)
 #endif
-fileprivate struct FfiConverterOptionUInt32: FfiConverterRustBuffer {
-    typealias SwiftType = UInt32?
-
-    public static func write(_ value: SwiftType, into buf: inout [UInt8]) {
-        guard let value = value else {
-            writeInt(&buf, Int8(0))
-            return
-        }
-        writeInt(&buf, Int8(1))
-        FfiConverterUInt32.write(value, into: &buf)
-    }
-
-    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SwiftType {
-        switch try readInt(&buf) as Int8 {
-        case 0: return nil
-        case 1: return try FfiConverterUInt32.read(from: &buf)
-        default: throw UniffiInternalError.unexpectedOptionalTag
-        }
-    }
-}
-
-#if swift(>=5.8)
-@_documentation(visibility: private)
-#endif
-fileprivate struct FfiConverterOptionUInt64: FfiConverterRustBuffer {
-    typealias SwiftType = UInt64?
-
-    public static func write(_ value: SwiftType, into buf: inout [UInt8]) {
-        guard let value = value else {
-            writeInt(&buf, Int8(0))
-            return
-        }
-        writeInt(&buf, Int8(1))
-        FfiConverterUInt64.write(value, into: &buf)
-    }
-
-    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SwiftType {
-        switch try readInt(&buf) as Int8 {
-        case 0: return nil
-        case 1: return try FfiConverterUInt64.read(from: &buf)
-        default: throw UniffiInternalError.unexpectedOptionalTag
-        }
-    }
-}
-
-#if swift(>=5.8)
-@_documentation(visibility: private)
-#endif
 fileprivate struct FfiConverterOptionInt64: FfiConverterRustBuffer {
     typealias SwiftType = Int64?
 
@@ -6119,6 +7106,54 @@ fileprivate struct FfiConverterOptionTypeTokenProvider: FfiConverterRustBuffer {
         switch try readInt(&buf) as Int8 {
         case 0: return nil
         case 1: return try FfiConverterTypeTokenProvider.read(from: &buf)
+        default: throw UniffiInternalError.unexpectedOptionalTag
+        }
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterOptionTypeCustomerInfo: FfiConverterRustBuffer {
+    typealias SwiftType = CustomerInfo?
+
+    public static func write(_ value: SwiftType, into buf: inout [UInt8]) {
+        guard let value = value else {
+            writeInt(&buf, Int8(0))
+            return
+        }
+        writeInt(&buf, Int8(1))
+        FfiConverterTypeCustomerInfo.write(value, into: &buf)
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SwiftType {
+        switch try readInt(&buf) as Int8 {
+        case 0: return nil
+        case 1: return try FfiConverterTypeCustomerInfo.read(from: &buf)
+        default: throw UniffiInternalError.unexpectedOptionalTag
+        }
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterOptionTypeLeaseStatus: FfiConverterRustBuffer {
+    typealias SwiftType = LeaseStatus?
+
+    public static func write(_ value: SwiftType, into buf: inout [UInt8]) {
+        guard let value = value else {
+            writeInt(&buf, Int8(0))
+            return
+        }
+        writeInt(&buf, Int8(1))
+        FfiConverterTypeLeaseStatus.write(value, into: &buf)
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SwiftType {
+        switch try readInt(&buf) as Int8 {
+        case 0: return nil
+        case 1: return try FfiConverterTypeLeaseStatus.read(from: &buf)
         default: throw UniffiInternalError.unexpectedOptionalTag
         }
     }
@@ -6241,6 +7276,31 @@ fileprivate struct FfiConverterSequenceTypeAccessGrant: FfiConverterRustBuffer {
         seq.reserveCapacity(Int(len))
         for _ in 0 ..< len {
             seq.append(try FfiConverterTypeAccessGrant.read(from: &buf))
+        }
+        return seq
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterSequenceTypeActivePurchase: FfiConverterRustBuffer {
+    typealias SwiftType = [ActivePurchase]
+
+    public static func write(_ value: [ActivePurchase], into buf: inout [UInt8]) {
+        let len = Int32(value.count)
+        writeInt(&buf, len)
+        for item in value {
+            FfiConverterTypeActivePurchase.write(item, into: &buf)
+        }
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> [ActivePurchase] {
+        let len: Int32 = try readInt(&buf)
+        var seq = [ActivePurchase]()
+        seq.reserveCapacity(Int(len))
+        for _ in 0 ..< len {
+            seq.append(try FfiConverterTypeActivePurchase.read(from: &buf))
         }
         return seq
     }
@@ -6524,6 +7584,58 @@ fileprivate struct FfiConverterSequenceTypeUser: FfiConverterRustBuffer {
 #if swift(>=5.8)
 @_documentation(visibility: private)
 #endif
+fileprivate struct FfiConverterDictionaryStringTypeEntitlementInfo: FfiConverterRustBuffer {
+    public static func write(_ value: [String: EntitlementInfo], into buf: inout [UInt8]) {
+        let len = Int32(value.count)
+        writeInt(&buf, len)
+        for (key, value) in value {
+            FfiConverterString.write(key, into: &buf)
+            FfiConverterTypeEntitlementInfo.write(value, into: &buf)
+        }
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> [String: EntitlementInfo] {
+        let len: Int32 = try readInt(&buf)
+        var dict = [String: EntitlementInfo]()
+        dict.reserveCapacity(Int(len))
+        for _ in 0..<len {
+            let key = try FfiConverterString.read(from: &buf)
+            let value = try FfiConverterTypeEntitlementInfo.read(from: &buf)
+            dict[key] = value
+        }
+        return dict
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterDictionaryStringTypeFeatureInfo: FfiConverterRustBuffer {
+    public static func write(_ value: [String: FeatureInfo], into buf: inout [UInt8]) {
+        let len = Int32(value.count)
+        writeInt(&buf, len)
+        for (key, value) in value {
+            FfiConverterString.write(key, into: &buf)
+            FfiConverterTypeFeatureInfo.write(value, into: &buf)
+        }
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> [String: FeatureInfo] {
+        let len: Int32 = try readInt(&buf)
+        var dict = [String: FeatureInfo]()
+        dict.reserveCapacity(Int(len))
+        for _ in 0..<len {
+            let key = try FfiConverterString.read(from: &buf)
+            let value = try FfiConverterTypeFeatureInfo.read(from: &buf)
+            dict[key] = value
+        }
+        return dict
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
 fileprivate struct FfiConverterDictionaryStringTypeModelPrice: FfiConverterRustBuffer {
     public static func write(_ value: [String: ModelPrice], into buf: inout [UInt8]) {
         let len = Int32(value.count)
@@ -6621,7 +7733,6 @@ fileprivate func uniffiFutureContinuationCallback(handle: UInt64, pollResult: In
     }
 }
 /**
- * Validates a plan catalog JSON without using it (`InvalidCatalog` names the offending path).
  * Encrypts the unencrypted database file at `path` with `key`, in place (SQLCipher builds);
  * call it once, before opening the database with `encryption_key`.
  */
@@ -6644,6 +7755,9 @@ public func eventIdForKey(key: String) -> String  {
     )
 })
 }
+/**
+ * Validates a plan catalog JSON without using it (`InvalidCatalog` names the offending path).
+ */
 public func validateCatalog(catalogJson: String)throws   {try rustCallWithError(FfiConverterTypeTallyError_lift) {
         uniffiCallStatus in
     uniffi_tally_ffi_fn_func_validate_catalog(
@@ -6667,34 +7781,40 @@ private let initializationResult: InitializationResult = {
     if bindings_contract_version != scaffolding_contract_version {
         return InitializationResult.contractVersionMismatch
     }
-    if (uniffi_tally_ffi_checksum_func_encrypt_database() != 26704) {
+    if (uniffi_tally_ffi_checksum_func_encrypt_database() != 4387) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_tally_ffi_checksum_func_event_id_for_key() != 7055) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_tally_ffi_checksum_func_validate_catalog() != 14543) {
+    if (uniffi_tally_ffi_checksum_func_validate_catalog() != 28695) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tally_ffi_checksum_method_tally_add_observer() != 2214) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_tally_ffi_checksum_method_tally_catalog_json() != 1509) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_tally_ffi_checksum_method_tally_check() != 45253) {
+    if (uniffi_tally_ffi_checksum_method_tally_check() != 516) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_tally_ffi_checksum_method_tally_clear_listener() != 53000) {
+    if (uniffi_tally_ffi_checksum_method_tally_clear_listener() != 27680) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_tally_ffi_checksum_method_tally_consume() != 60023) {
+    if (uniffi_tally_ffi_checksum_method_tally_consume() != 54073) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_tally_ffi_checksum_method_tally_consume_many() != 626) {
+    if (uniffi_tally_ffi_checksum_method_tally_consume_many() != 26659) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_tally_ffi_checksum_method_tally_create_local_user() != 56283) {
+    if (uniffi_tally_ffi_checksum_method_tally_create_local_user() != 6876) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_tally_ffi_checksum_method_tally_credit_balance() != 63083) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tally_ffi_checksum_method_tally_current_user() != 19319) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_tally_ffi_checksum_method_tally_delete_user() != 51138) {
@@ -6703,19 +7823,31 @@ private let initializationResult: InitializationResult = {
     if (uniffi_tally_ffi_checksum_method_tally_device_id() != 15860) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_tally_ffi_checksum_method_tally_entitlements() != 19096) {
+    if (uniffi_tally_ffi_checksum_method_tally_entitlements() != 37205) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_tally_ffi_checksum_method_tally_event_status() != 47536) {
+    if (uniffi_tally_ffi_checksum_method_tally_event_status() != 59415) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_tally_ffi_checksum_method_tally_highest_seen_time_ms() != 39985) {
         return InitializationResult.apiChecksumMismatch
     }
+    if (uniffi_tally_ffi_checksum_method_tally_log_in() != 3414) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tally_ffi_checksum_method_tally_log_out() != 11529) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tally_ffi_checksum_method_tally_observer_count() != 38022) {
+        return InitializationResult.apiChecksumMismatch
+    }
     if (uniffi_tally_ffi_checksum_method_tally_patch_settings() != 27975) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_tally_ffi_checksum_method_tally_pending_events() != 13036) {
+    if (uniffi_tally_ffi_checksum_method_tally_pending_events() != 57374) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tally_ffi_checksum_method_tally_remove_observer() != 62403) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_tally_ffi_checksum_method_tally_remove_setting() != 55221) {
@@ -6724,16 +7856,16 @@ private let initializationResult: InitializationResult = {
     if (uniffi_tally_ffi_checksum_method_tally_replace_settings() != 3179) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_tally_ffi_checksum_method_tally_report() != 60343) {
+    if (uniffi_tally_ffi_checksum_method_tally_report() != 46692) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_tally_ffi_checksum_method_tally_set_catalog() != 26948) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_tally_ffi_checksum_method_tally_set_entitlements() != 19341) {
+    if (uniffi_tally_ffi_checksum_method_tally_set_entitlements() != 36851) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_tally_ffi_checksum_method_tally_set_listener() != 11604) {
+    if (uniffi_tally_ffi_checksum_method_tally_set_listener() != 24145) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_tally_ffi_checksum_method_tally_set_setting() != 16169) {
@@ -6742,34 +7874,43 @@ private let initializationResult: InitializationResult = {
     if (uniffi_tally_ffi_checksum_method_tally_setting() != 47751) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_tally_ffi_checksum_method_tally_setting_status() != 15572) {
+    if (uniffi_tally_ffi_checksum_method_tally_setting_status() != 54642) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_tally_ffi_checksum_method_tally_settings() != 33348) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_tally_ffi_checksum_method_tally_sign_in() != 56358) {
+    if (uniffi_tally_ffi_checksum_method_tally_sign_in() != 292) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_tally_ffi_checksum_method_tally_sign_out() != 47026) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_tally_ffi_checksum_method_tally_update_user() != 52382) {
+    if (uniffi_tally_ffi_checksum_method_tally_update_user() != 18368) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_tally_ffi_checksum_method_tally_usage() != 41086) {
+    if (uniffi_tally_ffi_checksum_method_tally_usage() != 17173) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_tally_ffi_checksum_method_tally_user() != 6326) {
+    if (uniffi_tally_ffi_checksum_method_tally_user() != 47520) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_tally_ffi_checksum_method_tally_users() != 38687) {
+    if (uniffi_tally_ffi_checksum_method_tally_users() != 41530) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tally_ffi_checksum_method_tally_start_auto_sync() != 11445) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tally_ffi_checksum_method_tally_current_customer_info() != 7275) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tally_ffi_checksum_method_tally_customer_info() != 47563) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_tally_ffi_checksum_method_tally_leases() != 544) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_tally_ffi_checksum_method_tally_prepare_offline() != 35806) {
+    if (uniffi_tally_ffi_checksum_method_tally_prepare_offline() != 2213) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_tally_ffi_checksum_method_tally_void() != 13647) {
@@ -6793,25 +7934,49 @@ private let initializationResult: InitializationResult = {
     if (uniffi_tally_ffi_checksum_method_tally_sync() != 254) {
         return InitializationResult.apiChecksumMismatch
     }
+    if (uniffi_tally_ffi_checksum_method_autosync_add_status_listener() != 28975) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tally_ffi_checksum_method_autosync_remove_status_listener() != 62180) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tally_ffi_checksum_method_autosync_status() != 53623) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tally_ffi_checksum_method_autosync_stop() != 19379) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tally_ffi_checksum_method_autosync_sync_now() != 51658) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tally_ffi_checksum_method_syncstatuslistener_on_status() != 18914) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tally_ffi_checksum_method_changelistener_on_change() != 21124) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tally_ffi_checksum_method_changeobserver_on_user_change() != 44758) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tally_ffi_checksum_method_tallyclock_now_ms() != 55086) {
+        return InitializationResult.apiChecksumMismatch
+    }
     if (uniffi_tally_ffi_checksum_method_tokenprovider_token() != 41156) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_tally_ffi_checksum_method_changelistener_on_change() != 20887) {
+    if (uniffi_tally_ffi_checksum_constructor_tally_open() != 21562) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_tally_ffi_checksum_method_tallyclock_now_ms() != 16153) {
-        return InitializationResult.apiChecksumMismatch
-    }
-    if (uniffi_tally_ffi_checksum_constructor_tally_open() != 3968) {
-        return InitializationResult.apiChecksumMismatch
-    }
-    if (uniffi_tally_ffi_checksum_constructor_tally_open_in_memory() != 52097) {
+    if (uniffi_tally_ffi_checksum_constructor_tally_open_in_memory() != 58795) {
         return InitializationResult.apiChecksumMismatch
     }
 
     uniffiCallbackInitChangeListener()
+    uniffiCallbackInitChangeObserver()
+    uniffiCallbackInitSyncStatusListener()
     uniffiCallbackInitTallyClock()
     uniffiCallbackInitTokenProvider()
+    uniffiEnsureTallyCoreInitialized()
     return InitializationResult.ok
 }()
 

@@ -1,83 +1,80 @@
-// Hand-written companion of the generated bindings (TallyKit.swift): observe changes as an
-// AsyncStream.
+// Hand-written companion of the generated bindings (TallyKit.swift, TallyCore.swift): changes,
+// the customer's state and the auto-sync status as AsyncStreams. Thin: every state is computed
+// by the library; scripts/check-swift-api checks these calls against the generated API.
 import Foundation
 
-/// A change of one user's data, as told by the library after it is committed.
-public struct UserChange: Sendable, Equatable {
-    public let userId: String
-    public let change: Change
+/// Hands each `ChangeObserver` call to a closure.
+final class ClosureObserver: ChangeObserver, @unchecked Sendable {
+    private let body: (UserChange) -> Void
+
+    init(_ body: @escaping (UserChange) -> Void) {
+        self.body = body
+    }
+
+    func onUserChange(change: UserChange) {
+        body(change)
+    }
 }
 
-/// The one `ChangeListener` registered per `Tally`; fans every change out to the streams of
-/// `Tally.changes(userId:)`. The core keeps a single listener, so the stream API goes through
-/// this hub.
-final class ChangeHub: ChangeListener, @unchecked Sendable {
-    private let lock = NSLock()
-    private var sinks: [UUID: (UserChange) -> Void] = [:]
+/// Hands each `SyncStatusListener` call to a closure.
+final class ClosureStatusListener: SyncStatusListener, @unchecked Sendable {
+    private let body: (SyncStatus) -> Void
 
-    func onChange(userId: String, change: Change) {
-        let event = UserChange(userId: userId, change: change)
-        lock.lock()
-        let current = Array(sinks.values)
-        lock.unlock()
-        for sink in current { sink(event) }
+    init(_ body: @escaping (SyncStatus) -> Void) {
+        self.body = body
     }
 
-    func add(_ sink: @escaping (UserChange) -> Void) -> UUID {
-        let id = UUID()
-        lock.lock()
-        sinks[id] = sink
-        lock.unlock()
-        return id
-    }
-
-    func remove(_ id: UUID) {
-        lock.lock()
-        sinks[id] = nil
-        lock.unlock()
-    }
-
-    var count: Int {
-        lock.lock()
-        defer { lock.unlock() }
-        return sinks.count
-    }
-
-    private struct Entry {
-        weak var tally: Tally?
-        let hub: ChangeHub
-    }
-
-    private static let registryLock = NSLock()
-    private static var hubs: [ObjectIdentifier: Entry] = [:]
-
-    static func of(_ tally: Tally) throws -> ChangeHub {
-        registryLock.lock()
-        defer { registryLock.unlock() }
-        hubs = hubs.filter { $0.value.tally != nil }
-        if let entry = hubs[ObjectIdentifier(tally)], entry.tally === tally { return entry.hub }
-        let hub = ChangeHub()
-        try tally.setListener(listener: hub)
-        hubs[ObjectIdentifier(tally)] = Entry(tally: tally, hub: hub)
-        return hub
+    func onStatus(status: SyncStatus) {
+        body(status)
     }
 }
 
 extension Tally {
-    /// Changes of `userId`'s data (or of every user's when nil): usage after a consume or a
-    /// sync, entitlements after a sign-in or a sync, settings after a write.
-    ///
-    /// Each iteration listens from the moment the stream is created; several streams may
-    /// listen at once. A slow consumer loses the oldest pending changes first (each one only
-    /// says *what* changed: re-read the current state). Do not also call `setListener`
-    /// yourself: it would replace the listener behind these streams.
+    /// Changes of `userId`'s data (or of every user's when nil), each with the user's
+    /// `CustomerInfo` after it (`info`). Each stream is an observer of its own: any number of
+    /// streams and `setListener` work side by side. A slow consumer loses the oldest pending
+    /// changes first (each carries the whole state, so the newest is enough).
     public func changes(userId: String? = nil) throws -> AsyncStream<UserChange> {
-        let hub = try ChangeHub.of(self)
-        return AsyncStream(bufferingPolicy: .bufferingNewest(64)) { continuation in
-            let id = hub.add { event in
-                if userId == nil || event.userId == userId { continuation.yield(event) }
-            }
-            continuation.onTermination = { _ in hub.remove(id) }
+        let (stream, continuation) = AsyncStream.makeStream(of: UserChange.self, bufferingPolicy: .bufferingNewest(64))
+        let id = try addObserver(observer: ClosureObserver { change in
+            if userId == nil || change.userId == userId { continuation.yield(change) }
+        })
+        continuation.onTermination = { _ in _ = try? self.removeObserver(id: id) }
+        return stream
+    }
+
+    /// The state of `userId`, or of the current user when nil (following `logIn` and
+    /// `logOut`): the state now, then after every change. Keeps the newest state only.
+    public func customerInfoUpdates(userId: String? = nil) throws -> AsyncStream<CustomerInfo> {
+        let (stream, continuation) = AsyncStream.makeStream(of: CustomerInfo.self, bufferingPolicy: .bufferingNewest(1))
+        let id = try addObserver(observer: ClosureObserver { change in
+            guard let info = change.info else { return }
+            if userId == nil ? change.isCurrentUser : change.userId == userId { continuation.yield(info) }
+        })
+        continuation.onTermination = { _ in _ = try? self.removeObserver(id: id) }
+        if let userId {
+            continuation.yield(try customerInfo(userId: userId))
+        } else {
+            continuation.yield(try currentCustomerInfo())
         }
+        return stream
+    }
+}
+
+extension CustomerInfo {
+    /// Whether the plan in effect lets the user use `feature` (limits still apply: see `features`).
+    public func isEntitled(_ feature: String) -> Bool {
+        features[feature]?.entitled == true
+    }
+}
+
+extension AutoSync {
+    /// The status of this helper now, then at every change. Keeps the newest status only.
+    public func statusUpdates() -> AsyncStream<SyncStatus> {
+        let (stream, continuation) = AsyncStream.makeStream(of: SyncStatus.self, bufferingPolicy: .bufferingNewest(1))
+        let id = addStatusListener(listener: ClosureStatusListener { status in continuation.yield(status) })
+        continuation.onTermination = { _ in self.removeStatusListener(id: id) }
+        continuation.yield(status())
+        return stream
     }
 }

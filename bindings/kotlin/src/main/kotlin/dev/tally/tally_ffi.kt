@@ -30,6 +30,18 @@ import java.nio.CharBuffer
 import java.nio.charset.CodingErrorAction
 import java.util.concurrent.atomic.AtomicLong
 import java.util.concurrent.ConcurrentHashMap
+import dev.tally.core.Durability
+import dev.tally.core.Enforcement
+import dev.tally.core.FfiConverterTypeDurability
+import dev.tally.core.FfiConverterTypeEnforcement
+import dev.tally.core.FfiConverterTypeGroupBy
+import dev.tally.core.FfiConverterTypePeriod
+import dev.tally.core.FfiConverterTypeReason
+import dev.tally.core.FfiConverterTypeSubscriptionStatus
+import dev.tally.core.GroupBy
+import dev.tally.core.Period
+import dev.tally.core.Reason
+import dev.tally.core.SubscriptionStatus
 import java.util.concurrent.atomic.AtomicBoolean
 import kotlin.coroutines.resume
 import kotlinx.coroutines.CancellableContinuation
@@ -38,6 +50,12 @@ import kotlinx.coroutines.GlobalScope
 import kotlinx.coroutines.Job
 import kotlinx.coroutines.launch
 import kotlinx.coroutines.suspendCancellableCoroutine
+import dev.tally.core.RustBuffer as RustBufferDurability
+import dev.tally.core.RustBuffer as RustBufferEnforcement
+import dev.tally.core.RustBuffer as RustBufferGroupBy
+import dev.tally.core.RustBuffer as RustBufferPeriod
+import dev.tally.core.RustBuffer as RustBufferReason
+import dev.tally.core.RustBuffer as RustBufferSubscriptionStatus
 
 // This is a helper for safely working with byte buffers returned from the Rust code.
 // A rust-owned buffer is represented by its capacity, its current length, and a
@@ -657,31 +675,37 @@ internal open class UniffiForeignFutureResultVoid(
 internal interface UniffiForeignFutureCompleteVoid : com.sun.jna.Callback {
     fun callback(`callbackData`: Long,`result`: UniffiForeignFutureResultVoid.UniffiByValue,)
 }
-internal interface UniffiCallbackInterfaceTokenProviderMethod0 : com.sun.jna.Callback {
-    fun callback(`uniffiHandle`: Long,`uniffiOutReturn`: RustBuffer,uniffiCallStatus: UniffiRustCallStatus,)
+internal interface UniffiCallbackInterfaceSyncStatusListenerMethod0 : com.sun.jna.Callback {
+    fun callback(`uniffiHandle`: Long,`status`: RustBuffer.ByValue,`uniffiOutReturn`: Pointer,uniffiCallStatus: UniffiRustCallStatus,)
 }
 internal interface UniffiCallbackInterfaceChangeListenerMethod0 : com.sun.jna.Callback {
     fun callback(`uniffiHandle`: Long,`userId`: RustBuffer.ByValue,`change`: RustBuffer.ByValue,`uniffiOutReturn`: Pointer,uniffiCallStatus: UniffiRustCallStatus,)
 }
+internal interface UniffiCallbackInterfaceChangeObserverMethod0 : com.sun.jna.Callback {
+    fun callback(`uniffiHandle`: Long,`change`: RustBuffer.ByValue,`uniffiOutReturn`: Pointer,uniffiCallStatus: UniffiRustCallStatus,)
+}
 internal interface UniffiCallbackInterfaceTallyClockMethod0 : com.sun.jna.Callback {
     fun callback(`uniffiHandle`: Long,`uniffiOutReturn`: LongByReference,uniffiCallStatus: UniffiRustCallStatus,)
 }
-@Structure.FieldOrder("uniffiFree", "uniffiClone", "token")
-internal open class UniffiVTableCallbackInterfaceTokenProvider(
+internal interface UniffiCallbackInterfaceTokenProviderMethod0 : com.sun.jna.Callback {
+    fun callback(`uniffiHandle`: Long,`uniffiOutReturn`: RustBuffer,uniffiCallStatus: UniffiRustCallStatus,)
+}
+@Structure.FieldOrder("uniffiFree", "uniffiClone", "onStatus")
+internal open class UniffiVTableCallbackInterfaceSyncStatusListener(
     @JvmField internal var `uniffiFree`: UniffiCallbackInterfaceFree? = null,
     @JvmField internal var `uniffiClone`: UniffiCallbackInterfaceClone? = null,
-    @JvmField internal var `token`: UniffiCallbackInterfaceTokenProviderMethod0? = null,
+    @JvmField internal var `onStatus`: UniffiCallbackInterfaceSyncStatusListenerMethod0? = null,
 ) : Structure() {
     class UniffiByValue(
         `uniffiFree`: UniffiCallbackInterfaceFree? = null,
         `uniffiClone`: UniffiCallbackInterfaceClone? = null,
-        `token`: UniffiCallbackInterfaceTokenProviderMethod0? = null,
-    ): UniffiVTableCallbackInterfaceTokenProvider(`uniffiFree`,`uniffiClone`,`token`,), Structure.ByValue
+        `onStatus`: UniffiCallbackInterfaceSyncStatusListenerMethod0? = null,
+    ): UniffiVTableCallbackInterfaceSyncStatusListener(`uniffiFree`,`uniffiClone`,`onStatus`,), Structure.ByValue
 
-   internal fun uniffiSetValue(other: UniffiVTableCallbackInterfaceTokenProvider) {
+   internal fun uniffiSetValue(other: UniffiVTableCallbackInterfaceSyncStatusListener) {
         `uniffiFree` = other.`uniffiFree`
         `uniffiClone` = other.`uniffiClone`
-        `token` = other.`token`
+        `onStatus` = other.`onStatus`
     }
 
 }
@@ -704,6 +728,25 @@ internal open class UniffiVTableCallbackInterfaceChangeListener(
     }
 
 }
+@Structure.FieldOrder("uniffiFree", "uniffiClone", "onUserChange")
+internal open class UniffiVTableCallbackInterfaceChangeObserver(
+    @JvmField internal var `uniffiFree`: UniffiCallbackInterfaceFree? = null,
+    @JvmField internal var `uniffiClone`: UniffiCallbackInterfaceClone? = null,
+    @JvmField internal var `onUserChange`: UniffiCallbackInterfaceChangeObserverMethod0? = null,
+) : Structure() {
+    class UniffiByValue(
+        `uniffiFree`: UniffiCallbackInterfaceFree? = null,
+        `uniffiClone`: UniffiCallbackInterfaceClone? = null,
+        `onUserChange`: UniffiCallbackInterfaceChangeObserverMethod0? = null,
+    ): UniffiVTableCallbackInterfaceChangeObserver(`uniffiFree`,`uniffiClone`,`onUserChange`,), Structure.ByValue
+
+   internal fun uniffiSetValue(other: UniffiVTableCallbackInterfaceChangeObserver) {
+        `uniffiFree` = other.`uniffiFree`
+        `uniffiClone` = other.`uniffiClone`
+        `onUserChange` = other.`onUserChange`
+    }
+
+}
 @Structure.FieldOrder("uniffiFree", "uniffiClone", "nowMs")
 internal open class UniffiVTableCallbackInterfaceTallyClock(
     @JvmField internal var `uniffiFree`: UniffiCallbackInterfaceFree? = null,
@@ -720,6 +763,25 @@ internal open class UniffiVTableCallbackInterfaceTallyClock(
         `uniffiFree` = other.`uniffiFree`
         `uniffiClone` = other.`uniffiClone`
         `nowMs` = other.`nowMs`
+    }
+
+}
+@Structure.FieldOrder("uniffiFree", "uniffiClone", "token")
+internal open class UniffiVTableCallbackInterfaceTokenProvider(
+    @JvmField internal var `uniffiFree`: UniffiCallbackInterfaceFree? = null,
+    @JvmField internal var `uniffiClone`: UniffiCallbackInterfaceClone? = null,
+    @JvmField internal var `token`: UniffiCallbackInterfaceTokenProviderMethod0? = null,
+) : Structure() {
+    class UniffiByValue(
+        `uniffiFree`: UniffiCallbackInterfaceFree? = null,
+        `uniffiClone`: UniffiCallbackInterfaceClone? = null,
+        `token`: UniffiCallbackInterfaceTokenProviderMethod0? = null,
+    ): UniffiVTableCallbackInterfaceTokenProvider(`uniffiFree`,`uniffiClone`,`token`,), Structure.ByValue
+
+   internal fun uniffiSetValue(other: UniffiVTableCallbackInterfaceTokenProvider) {
+        `uniffiFree` = other.`uniffiFree`
+        `uniffiClone` = other.`uniffiClone`
+        `token` = other.`token`
     }
 
 }
@@ -754,6 +816,8 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_tally_ffi_checksum_func_validate_catalog(
     ): Int
+    external fun uniffi_tally_ffi_checksum_method_tally_add_observer(
+    ): Int
     external fun uniffi_tally_ffi_checksum_method_tally_catalog_json(
     ): Int
     external fun uniffi_tally_ffi_checksum_method_tally_check(
@@ -768,6 +832,8 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_tally_ffi_checksum_method_tally_credit_balance(
     ): Int
+    external fun uniffi_tally_ffi_checksum_method_tally_current_user(
+    ): Int
     external fun uniffi_tally_ffi_checksum_method_tally_delete_user(
     ): Int
     external fun uniffi_tally_ffi_checksum_method_tally_device_id(
@@ -778,9 +844,17 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_tally_ffi_checksum_method_tally_highest_seen_time_ms(
     ): Int
+    external fun uniffi_tally_ffi_checksum_method_tally_log_in(
+    ): Int
+    external fun uniffi_tally_ffi_checksum_method_tally_log_out(
+    ): Int
+    external fun uniffi_tally_ffi_checksum_method_tally_observer_count(
+    ): Int
     external fun uniffi_tally_ffi_checksum_method_tally_patch_settings(
     ): Int
     external fun uniffi_tally_ffi_checksum_method_tally_pending_events(
+    ): Int
+    external fun uniffi_tally_ffi_checksum_method_tally_remove_observer(
     ): Int
     external fun uniffi_tally_ffi_checksum_method_tally_remove_setting(
     ): Int
@@ -814,6 +888,12 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_tally_ffi_checksum_method_tally_users(
     ): Int
+    external fun uniffi_tally_ffi_checksum_method_tally_start_auto_sync(
+    ): Int
+    external fun uniffi_tally_ffi_checksum_method_tally_current_customer_info(
+    ): Int
+    external fun uniffi_tally_ffi_checksum_method_tally_customer_info(
+    ): Int
     external fun uniffi_tally_ffi_checksum_method_tally_leases(
     ): Int
     external fun uniffi_tally_ffi_checksum_method_tally_prepare_offline(
@@ -832,11 +912,25 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_tally_ffi_checksum_method_tally_sync(
     ): Int
-    external fun uniffi_tally_ffi_checksum_method_tokenprovider_token(
+    external fun uniffi_tally_ffi_checksum_method_autosync_add_status_listener(
+    ): Int
+    external fun uniffi_tally_ffi_checksum_method_autosync_remove_status_listener(
+    ): Int
+    external fun uniffi_tally_ffi_checksum_method_autosync_status(
+    ): Int
+    external fun uniffi_tally_ffi_checksum_method_autosync_stop(
+    ): Int
+    external fun uniffi_tally_ffi_checksum_method_autosync_sync_now(
+    ): Int
+    external fun uniffi_tally_ffi_checksum_method_syncstatuslistener_on_status(
     ): Int
     external fun uniffi_tally_ffi_checksum_method_changelistener_on_change(
     ): Int
+    external fun uniffi_tally_ffi_checksum_method_changeobserver_on_user_change(
+    ): Int
     external fun uniffi_tally_ffi_checksum_method_tallyclock_now_ms(
+    ): Int
+    external fun uniffi_tally_ffi_checksum_method_tokenprovider_token(
     ): Int
     external fun uniffi_tally_ffi_checksum_constructor_tally_open(
     ): Int
@@ -859,8 +953,11 @@ internal object UniffiLib {
     init {
         Native.register(UniffiLib::class.java, findLibraryName(componentName = "tally_ffi"))
         uniffiCallbackInterfaceChangeListener.register(this)
+        uniffiCallbackInterfaceChangeObserver.register(this)
+        uniffiCallbackInterfaceSyncStatusListener.register(this)
         uniffiCallbackInterfaceTallyClock.register(this)
         uniffiCallbackInterfaceTokenProvider.register(this)
+        dev.tally.core.uniffiEnsureInitialized()
         
     }
 
@@ -872,6 +969,8 @@ internal object UniffiLib {
     external fun uniffi_tally_ffi_fn_constructor_tally_open(`path`: RustBuffer.ByValue,`config`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): Long
     external fun uniffi_tally_ffi_fn_constructor_tally_open_in_memory(`config`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): Long
+    external fun uniffi_tally_ffi_fn_method_tally_add_observer(`ptr`: Long,`observer`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Long
     external fun uniffi_tally_ffi_fn_method_tally_catalog_json(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
@@ -887,6 +986,8 @@ internal object UniffiLib {
     ): RustBuffer.ByValue
     external fun uniffi_tally_ffi_fn_method_tally_credit_balance(`ptr`: Long,`userId`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): Long
+    external fun uniffi_tally_ffi_fn_method_tally_current_user(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
     external fun uniffi_tally_ffi_fn_method_tally_delete_user(`ptr`: Long,`userId`: RustBuffer.ByValue,`force`: Byte,uniffi_out_err: UniffiRustCallStatus, 
     ): Unit
     external fun uniffi_tally_ffi_fn_method_tally_device_id(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
@@ -897,15 +998,23 @@ internal object UniffiLib {
     ): RustBuffer.ByValue
     external fun uniffi_tally_ffi_fn_method_tally_highest_seen_time_ms(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Long
+    external fun uniffi_tally_ffi_fn_method_tally_log_in(`ptr`: Long,`externalId`: RustBuffer.ByValue,`email`: RustBuffer.ByValue,`displayName`: RustBuffer.ByValue,`avatarUrl`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
+    external fun uniffi_tally_ffi_fn_method_tally_log_out(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
+    external fun uniffi_tally_ffi_fn_method_tally_observer_count(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Long
     external fun uniffi_tally_ffi_fn_method_tally_patch_settings(`ptr`: Long,`userId`: RustBuffer.ByValue,`changesJson`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): Unit
     external fun uniffi_tally_ffi_fn_method_tally_pending_events(`ptr`: Long,`userId`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): Long
+    external fun uniffi_tally_ffi_fn_method_tally_remove_observer(`ptr`: Long,`id`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Byte
     external fun uniffi_tally_ffi_fn_method_tally_remove_setting(`ptr`: Long,`userId`: RustBuffer.ByValue,`key`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): Unit
     external fun uniffi_tally_ffi_fn_method_tally_replace_settings(`ptr`: Long,`userId`: RustBuffer.ByValue,`valuesJson`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): Unit
-    external fun uniffi_tally_ffi_fn_method_tally_report(`ptr`: Long,`userId`: RustBuffer.ByValue,`fromMs`: Long,`toMs`: Long,`groupBy`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    external fun uniffi_tally_ffi_fn_method_tally_report(`ptr`: Long,`userId`: RustBuffer.ByValue,`fromMs`: Long,`toMs`: Long,`groupBy`: RustBufferGroupBy.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
     external fun uniffi_tally_ffi_fn_method_tally_set_catalog(`ptr`: Long,`catalogJson`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): Unit
@@ -933,6 +1042,12 @@ internal object UniffiLib {
     ): RustBuffer.ByValue
     external fun uniffi_tally_ffi_fn_method_tally_users(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
+    external fun uniffi_tally_ffi_fn_method_tally_start_auto_sync(`ptr`: Long,`options`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): Long
+    external fun uniffi_tally_ffi_fn_method_tally_current_customer_info(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
+    external fun uniffi_tally_ffi_fn_method_tally_customer_info(`ptr`: Long,`userId`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
     external fun uniffi_tally_ffi_fn_method_tally_leases(`ptr`: Long,`userId`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
     external fun uniffi_tally_ffi_fn_method_tally_prepare_offline(`ptr`: Long,`userId`: RustBuffer.ByValue,`feature`: RustBuffer.ByValue,`units`: Long,uniffi_out_err: UniffiRustCallStatus, 
@@ -951,14 +1066,28 @@ internal object UniffiLib {
     ): Long
     external fun uniffi_tally_ffi_fn_method_tally_sync(`ptr`: Long,`userId`: RustBuffer.ByValue,`options`: RustBuffer.ByValue,
     ): Long
-    external fun uniffi_tally_ffi_fn_clone_tokenprovider(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    external fun uniffi_tally_ffi_fn_clone_autosync(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Long
-    external fun uniffi_tally_ffi_fn_free_tokenprovider(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    external fun uniffi_tally_ffi_fn_free_autosync(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Unit
-    external fun uniffi_tally_ffi_fn_init_callback_vtable_tokenprovider(`vtable`: UniffiVTableCallbackInterfaceTokenProvider,
+    external fun uniffi_tally_ffi_fn_method_autosync_add_status_listener(`ptr`: Long,`listener`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Long
+    external fun uniffi_tally_ffi_fn_method_autosync_remove_status_listener(`ptr`: Long,`id`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Unit
-    external fun uniffi_tally_ffi_fn_method_tokenprovider_token(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    external fun uniffi_tally_ffi_fn_method_autosync_status(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
+    external fun uniffi_tally_ffi_fn_method_autosync_stop(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
+    external fun uniffi_tally_ffi_fn_method_autosync_sync_now(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
+    external fun uniffi_tally_ffi_fn_clone_syncstatuslistener(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Long
+    external fun uniffi_tally_ffi_fn_free_syncstatuslistener(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
+    external fun uniffi_tally_ffi_fn_init_callback_vtable_syncstatuslistener(`vtable`: UniffiVTableCallbackInterfaceSyncStatusListener,
+    ): Unit
+    external fun uniffi_tally_ffi_fn_method_syncstatuslistener_on_status(`ptr`: Long,`status`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
     external fun uniffi_tally_ffi_fn_clone_changelistener(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Long
     external fun uniffi_tally_ffi_fn_free_changelistener(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
@@ -966,6 +1095,14 @@ internal object UniffiLib {
     external fun uniffi_tally_ffi_fn_init_callback_vtable_changelistener(`vtable`: UniffiVTableCallbackInterfaceChangeListener,
     ): Unit
     external fun uniffi_tally_ffi_fn_method_changelistener_on_change(`ptr`: Long,`userId`: RustBuffer.ByValue,`change`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
+    external fun uniffi_tally_ffi_fn_clone_changeobserver(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Long
+    external fun uniffi_tally_ffi_fn_free_changeobserver(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
+    external fun uniffi_tally_ffi_fn_init_callback_vtable_changeobserver(`vtable`: UniffiVTableCallbackInterfaceChangeObserver,
+    ): Unit
+    external fun uniffi_tally_ffi_fn_method_changeobserver_on_user_change(`ptr`: Long,`change`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): Unit
     external fun uniffi_tally_ffi_fn_clone_tallyclock(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Long
@@ -975,6 +1112,14 @@ internal object UniffiLib {
     ): Unit
     external fun uniffi_tally_ffi_fn_method_tallyclock_now_ms(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Long
+    external fun uniffi_tally_ffi_fn_clone_tokenprovider(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Long
+    external fun uniffi_tally_ffi_fn_free_tokenprovider(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
+    external fun uniffi_tally_ffi_fn_init_callback_vtable_tokenprovider(`vtable`: UniffiVTableCallbackInterfaceTokenProvider,
+    ): Unit
+    external fun uniffi_tally_ffi_fn_method_tokenprovider_token(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
     external fun uniffi_tally_ffi_fn_func_encrypt_database(`path`: RustBuffer.ByValue,`key`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): Unit
     external fun uniffi_tally_ffi_fn_func_event_id_for_key(`key`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
@@ -1100,34 +1245,40 @@ private fun uniffiCheckContractApiVersion(lib: IntegrityCheckingUniffiLib) {
 }
 @Suppress("UNUSED_PARAMETER")
 private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
-    if ((lib.uniffi_tally_ffi_checksum_func_encrypt_database() and 0xFFFF) != 26704) {
+    if ((lib.uniffi_tally_ffi_checksum_func_encrypt_database() and 0xFFFF) != 4387) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_tally_ffi_checksum_func_event_id_for_key() and 0xFFFF) != 7055) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_tally_ffi_checksum_func_validate_catalog() and 0xFFFF) != 14543) {
+    if ((lib.uniffi_tally_ffi_checksum_func_validate_catalog() and 0xFFFF) != 28695) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tally_ffi_checksum_method_tally_add_observer() and 0xFFFF) != 2214) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_tally_ffi_checksum_method_tally_catalog_json() and 0xFFFF) != 1509) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_tally_ffi_checksum_method_tally_check() and 0xFFFF) != 45253) {
+    if ((lib.uniffi_tally_ffi_checksum_method_tally_check() and 0xFFFF) != 516) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_tally_ffi_checksum_method_tally_clear_listener() and 0xFFFF) != 53000) {
+    if ((lib.uniffi_tally_ffi_checksum_method_tally_clear_listener() and 0xFFFF) != 27680) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_tally_ffi_checksum_method_tally_consume() and 0xFFFF) != 60023) {
+    if ((lib.uniffi_tally_ffi_checksum_method_tally_consume() and 0xFFFF) != 54073) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_tally_ffi_checksum_method_tally_consume_many() and 0xFFFF) != 626) {
+    if ((lib.uniffi_tally_ffi_checksum_method_tally_consume_many() and 0xFFFF) != 26659) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_tally_ffi_checksum_method_tally_create_local_user() and 0xFFFF) != 56283) {
+    if ((lib.uniffi_tally_ffi_checksum_method_tally_create_local_user() and 0xFFFF) != 6876) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_tally_ffi_checksum_method_tally_credit_balance() and 0xFFFF) != 63083) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tally_ffi_checksum_method_tally_current_user() and 0xFFFF) != 19319) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_tally_ffi_checksum_method_tally_delete_user() and 0xFFFF) != 51138) {
@@ -1136,19 +1287,31 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_tally_ffi_checksum_method_tally_device_id() and 0xFFFF) != 15860) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_tally_ffi_checksum_method_tally_entitlements() and 0xFFFF) != 19096) {
+    if ((lib.uniffi_tally_ffi_checksum_method_tally_entitlements() and 0xFFFF) != 37205) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_tally_ffi_checksum_method_tally_event_status() and 0xFFFF) != 47536) {
+    if ((lib.uniffi_tally_ffi_checksum_method_tally_event_status() and 0xFFFF) != 59415) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_tally_ffi_checksum_method_tally_highest_seen_time_ms() and 0xFFFF) != 39985) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
+    if ((lib.uniffi_tally_ffi_checksum_method_tally_log_in() and 0xFFFF) != 3414) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tally_ffi_checksum_method_tally_log_out() and 0xFFFF) != 11529) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tally_ffi_checksum_method_tally_observer_count() and 0xFFFF) != 38022) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
     if ((lib.uniffi_tally_ffi_checksum_method_tally_patch_settings() and 0xFFFF) != 27975) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_tally_ffi_checksum_method_tally_pending_events() and 0xFFFF) != 13036) {
+    if ((lib.uniffi_tally_ffi_checksum_method_tally_pending_events() and 0xFFFF) != 57374) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tally_ffi_checksum_method_tally_remove_observer() and 0xFFFF) != 62403) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_tally_ffi_checksum_method_tally_remove_setting() and 0xFFFF) != 55221) {
@@ -1157,16 +1320,16 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_tally_ffi_checksum_method_tally_replace_settings() and 0xFFFF) != 3179) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_tally_ffi_checksum_method_tally_report() and 0xFFFF) != 60343) {
+    if ((lib.uniffi_tally_ffi_checksum_method_tally_report() and 0xFFFF) != 46692) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_tally_ffi_checksum_method_tally_set_catalog() and 0xFFFF) != 26948) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_tally_ffi_checksum_method_tally_set_entitlements() and 0xFFFF) != 19341) {
+    if ((lib.uniffi_tally_ffi_checksum_method_tally_set_entitlements() and 0xFFFF) != 36851) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_tally_ffi_checksum_method_tally_set_listener() and 0xFFFF) != 11604) {
+    if ((lib.uniffi_tally_ffi_checksum_method_tally_set_listener() and 0xFFFF) != 24145) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_tally_ffi_checksum_method_tally_set_setting() and 0xFFFF) != 16169) {
@@ -1175,34 +1338,43 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_tally_ffi_checksum_method_tally_setting() and 0xFFFF) != 47751) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_tally_ffi_checksum_method_tally_setting_status() and 0xFFFF) != 15572) {
+    if ((lib.uniffi_tally_ffi_checksum_method_tally_setting_status() and 0xFFFF) != 54642) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_tally_ffi_checksum_method_tally_settings() and 0xFFFF) != 33348) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_tally_ffi_checksum_method_tally_sign_in() and 0xFFFF) != 56358) {
+    if ((lib.uniffi_tally_ffi_checksum_method_tally_sign_in() and 0xFFFF) != 292) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_tally_ffi_checksum_method_tally_sign_out() and 0xFFFF) != 47026) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_tally_ffi_checksum_method_tally_update_user() and 0xFFFF) != 52382) {
+    if ((lib.uniffi_tally_ffi_checksum_method_tally_update_user() and 0xFFFF) != 18368) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_tally_ffi_checksum_method_tally_usage() and 0xFFFF) != 41086) {
+    if ((lib.uniffi_tally_ffi_checksum_method_tally_usage() and 0xFFFF) != 17173) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_tally_ffi_checksum_method_tally_user() and 0xFFFF) != 6326) {
+    if ((lib.uniffi_tally_ffi_checksum_method_tally_user() and 0xFFFF) != 47520) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_tally_ffi_checksum_method_tally_users() and 0xFFFF) != 38687) {
+    if ((lib.uniffi_tally_ffi_checksum_method_tally_users() and 0xFFFF) != 41530) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tally_ffi_checksum_method_tally_start_auto_sync() and 0xFFFF) != 11445) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tally_ffi_checksum_method_tally_current_customer_info() and 0xFFFF) != 7275) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tally_ffi_checksum_method_tally_customer_info() and 0xFFFF) != 47563) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_tally_ffi_checksum_method_tally_leases() and 0xFFFF) != 544) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_tally_ffi_checksum_method_tally_prepare_offline() and 0xFFFF) != 35806) {
+    if ((lib.uniffi_tally_ffi_checksum_method_tally_prepare_offline() and 0xFFFF) != 2213) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_tally_ffi_checksum_method_tally_void() and 0xFFFF) != 13647) {
@@ -1226,19 +1398,40 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_tally_ffi_checksum_method_tally_sync() and 0xFFFF) != 254) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
+    if ((lib.uniffi_tally_ffi_checksum_method_autosync_add_status_listener() and 0xFFFF) != 28975) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tally_ffi_checksum_method_autosync_remove_status_listener() and 0xFFFF) != 62180) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tally_ffi_checksum_method_autosync_status() and 0xFFFF) != 53623) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tally_ffi_checksum_method_autosync_stop() and 0xFFFF) != 19379) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tally_ffi_checksum_method_autosync_sync_now() and 0xFFFF) != 51658) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tally_ffi_checksum_method_syncstatuslistener_on_status() and 0xFFFF) != 18914) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tally_ffi_checksum_method_changelistener_on_change() and 0xFFFF) != 21124) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tally_ffi_checksum_method_changeobserver_on_user_change() and 0xFFFF) != 44758) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tally_ffi_checksum_method_tallyclock_now_ms() and 0xFFFF) != 55086) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
     if ((lib.uniffi_tally_ffi_checksum_method_tokenprovider_token() and 0xFFFF) != 41156) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_tally_ffi_checksum_method_changelistener_on_change() and 0xFFFF) != 20887) {
+    if ((lib.uniffi_tally_ffi_checksum_constructor_tally_open() and 0xFFFF) != 21562) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_tally_ffi_checksum_method_tallyclock_now_ms() and 0xFFFF) != 16153) {
-        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    }
-    if ((lib.uniffi_tally_ffi_checksum_constructor_tally_open() and 0xFFFF) != 3968) {
-        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    }
-    if ((lib.uniffi_tally_ffi_checksum_constructor_tally_open_in_memory() and 0xFFFF) != 52097) {
+    if ((lib.uniffi_tally_ffi_checksum_constructor_tally_open_in_memory() and 0xFFFF) != 58795) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
 }
@@ -1472,52 +1665,6 @@ private class JavaLangRefCleanable(
 /**
  * @suppress
  */
-public object FfiConverterUInt: FfiConverter<UInt, Int> {
-    override fun lift(value: Int): UInt {
-        return value.toUInt()
-    }
-
-    override fun read(buf: ByteBuffer): UInt {
-        return lift(buf.getInt())
-    }
-
-    override fun lower(value: UInt): Int {
-        return value.toInt()
-    }
-
-    override fun allocationSize(value: UInt) = 4UL
-
-    override fun write(value: UInt, buf: ByteBuffer) {
-        buf.putInt(value.toInt())
-    }
-}
-
-/**
- * @suppress
- */
-public object FfiConverterULong: FfiConverter<ULong, Long> {
-    override fun lift(value: Long): ULong {
-        return value.toULong()
-    }
-
-    override fun read(buf: ByteBuffer): ULong {
-        return lift(buf.getLong())
-    }
-
-    override fun lower(value: ULong): Long {
-        return value.toLong()
-    }
-
-    override fun allocationSize(value: ULong) = 8UL
-
-    override fun write(value: ULong, buf: ByteBuffer) {
-        buf.putLong(value.toLong())
-    }
-}
-
-/**
- * @suppress
- */
 public object FfiConverterLong: FfiConverter<Long, Long> {
     override fun lift(value: Long): Long {
         return value
@@ -1738,8 +1885,359 @@ public object FfiConverterString: FfiConverter<String, RustBuffer.ByValue> {
 
 
 /**
- * Observer of changes, implemented by the app. Called after the change is committed, on the
- * thread that made it (return quickly; hop to your own queue or coroutine).
+ * A running auto-sync helper; stops on [`AutoSync::stop`] or when dropped.
+ */
+public interface AutoSyncInterface {
+    
+    /**
+     * Registers a status listener (any number); returns its id for `remove_status_listener`.
+     */
+    fun `addStatusListener`(`listener`: SyncStatusListener): kotlin.Long
+    
+    /**
+     * Removes a status listener.
+     */
+    fun `removeStatusListener`(`id`: kotlin.Long)
+    
+    /**
+     * The current status.
+     */
+    fun `status`(): SyncStatus
+    
+    /**
+     * Stops the helper (a round in flight completes first); idempotent.
+     */
+    fun `stop`()
+    
+    /**
+     * Syncs now (ends the current wait, backoff included).
+     */
+    fun `syncNow`()
+    
+    companion object
+}
+
+/**
+ * A running auto-sync helper; stops on [`AutoSync::stop`] or when dropped.
+ */
+open class AutoSync: Disposable, AutoCloseable, AutoSyncInterface
+{
+
+    @Suppress("UNUSED_PARAMETER")
+    /**
+     * @suppress
+     */
+    constructor(withHandle: UniffiWithHandle, handle: Long) {
+        this.handle = handle
+        this.cleanable = UniffiLib.CLEANER.register(this, UniffiCleanAction(handle))
+    }
+
+    /**
+     * @suppress
+     *
+     * This constructor can be used to instantiate a fake object. Only used for tests. Any
+     * attempt to actually use an object constructed this way will fail as there is no
+     * connected Rust object.
+     */
+    @Suppress("UNUSED_PARAMETER")
+    constructor(noHandle: NoHandle) {
+        this.handle = 0
+        this.cleanable = null
+    }
+
+    protected val handle: Long
+    protected val cleanable: UniffiCleaner.Cleanable?
+
+    private val wasDestroyed = AtomicBoolean(false)
+    private val callCounter = AtomicLong(1)
+
+    /**
+     * Whether the current object has been destroyed and its reference is gone in the Rust side.
+     */
+    val uniffiIsDestroyed: Boolean get() = wasDestroyed.get()
+
+    override fun destroy() {
+        // Only allow a single call to this method.
+        // TODO: maybe we should log a warning if called more than once?
+        if (this.wasDestroyed.compareAndSet(false, true)) {
+            // This decrement always matches the initial count of 1 given at creation time.
+            if (this.callCounter.decrementAndGet() == 0L) {
+                cleanable?.clean()
+            }
+        }
+    }
+
+    @Synchronized
+    override fun close() {
+        this.destroy()
+    }
+
+    internal inline fun <R> callWithHandle(block: (handle: Long) -> R): R {
+        // Check and increment the call counter, to keep the object alive.
+        // This needs a compare-and-set retry loop in case of concurrent updates.
+        do {
+            val c = this.callCounter.get()
+            if (c == 0L) {
+                throw IllegalStateException("${this.javaClass.simpleName} object has already been destroyed")
+            }
+            if (c == Long.MAX_VALUE) {
+                throw IllegalStateException("${this.javaClass.simpleName} call counter would overflow")
+            }
+        } while (! this.callCounter.compareAndSet(c, c + 1L))
+        // Now we can safely do the method call without the handle being freed concurrently.
+        try {
+            return block(this.uniffiCloneHandle())
+        } finally {
+            // This decrement always matches the increment we performed above.
+            if (this.callCounter.decrementAndGet() == 0L) {
+                cleanable?.clean()
+            }
+        }
+    }
+
+    // Use a static inner class instead of a closure so as not to accidentally
+    // capture `this` as part of the cleanable's action.
+    private class UniffiCleanAction(private val handle: Long) : Runnable {
+        override fun run() {
+            if (handle == 0.toLong()) {
+                // Fake object created with `NoHandle`, don't try to free.
+                return;
+            }
+            uniffiRustCall { status ->
+                UniffiLib.uniffi_tally_ffi_fn_free_autosync(handle, status)
+            }
+        }
+    }
+
+    /**
+     * @suppress
+     */
+    fun uniffiCloneHandle(): Long {
+        if (handle == 0.toLong()) {
+            throw InternalException("uniffiCloneHandle() called on NoHandle object");
+        }
+        return uniffiRustCall() { status ->
+            UniffiLib.uniffi_tally_ffi_fn_clone_autosync(handle, status)
+        }
+    }
+
+    
+    /**
+     * Registers a status listener (any number); returns its id for `remove_status_listener`.
+     */override fun `addStatusListener`(`listener`: SyncStatusListener): kotlin.Long {
+            return FfiConverterLong.lift(
+    callWithHandle {
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_tally_ffi_fn_method_autosync_add_status_listener(
+        it,
+        
+        FfiConverterTypeSyncStatusListener.lower(`listener`),_status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
+     * Removes a status listener.
+     */override fun `removeStatusListener`(`id`: kotlin.Long)
+        = 
+    callWithHandle {
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_tally_ffi_fn_method_autosync_remove_status_listener(
+        it,
+        
+        FfiConverterLong.lower(`id`),_status)
+}
+    }
+    
+    
+
+    
+    /**
+     * The current status.
+     */override fun `status`(): SyncStatus {
+            return FfiConverterTypeSyncStatus.lift(
+    callWithHandle {
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_tally_ffi_fn_method_autosync_status(
+        it,
+        _status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
+     * Stops the helper (a round in flight completes first); idempotent.
+     */override fun `stop`()
+        = 
+    callWithHandle {
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_tally_ffi_fn_method_autosync_stop(
+        it,
+        _status)
+}
+    }
+    
+    
+
+    
+    /**
+     * Syncs now (ends the current wait, backoff included).
+     */override fun `syncNow`()
+        = 
+    callWithHandle {
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_tally_ffi_fn_method_autosync_sync_now(
+        it,
+        _status)
+}
+    }
+    
+    
+
+    
+
+    
+
+
+    
+    
+    /**
+     * @suppress
+     */
+    companion object
+    
+}
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeAutoSync: FfiConverter<AutoSync, Long> {
+    override fun lower(value: AutoSync): Long {
+        return value.uniffiCloneHandle()
+    }
+
+    override fun lift(value: Long): AutoSync {
+        return AutoSync(UniffiWithHandle, value)
+    }
+
+    override fun read(buf: ByteBuffer): AutoSync {
+        return lift(buf.getLong())
+    }
+
+    override fun allocationSize(value: AutoSync) = 8UL
+
+    override fun write(value: AutoSync, buf: ByteBuffer) {
+        buf.putLong(lower(value))
+    }
+}
+
+
+// This template implements a class for working with a Rust struct via a handle
+// to the live Rust struct on the other side of the FFI.
+//
+// There's some subtlety here, because we have to be careful not to operate on a Rust
+// struct after it has been dropped, and because we must expose a public API for freeing
+// theq Kotlin wrapper object in lieu of reliable finalizers. The core requirements are:
+//
+//   * Each instance holds an opaque handle to the underlying Rust struct.
+//     Method calls need to read this handle from the object's state and pass it in to
+//     the Rust FFI.
+//
+//   * When an instance is no longer needed, its handle should be passed to a
+//     special destructor function provided by the Rust FFI, which will drop the
+//     underlying Rust struct.
+//
+//   * Given an instance, calling code is expected to call the special
+//     `destroy` method in order to free it after use, either by calling it explicitly
+//     or by using a higher-level helper like the `use` method. Failing to do so risks
+//     leaking the underlying Rust struct.
+//
+//   * We can't assume that calling code will do the right thing, and must be prepared
+//     to handle Kotlin method calls executing concurrently with or even after a call to
+//     `destroy`, and to handle multiple (possibly concurrent!) calls to `destroy`.
+//
+//   * We must never allow Rust code to operate on the underlying Rust struct after
+//     the destructor has been called, and must never call the destructor more than once.
+//     Doing so may trigger memory unsafety.
+//
+//   * To mitigate many of the risks of leaking memory and use-after-free unsafety, a `Cleaner`
+//     is implemented to call the destructor when the Kotlin object becomes unreachable.
+//     This is done in a background thread. This is not a panacea, and client code should be aware that
+//      1. the thread may starve if some there are objects that have poorly performing
+//     `drop` methods or do significant work in their `drop` methods.
+//      2. the thread is shared across the whole library. This can be tuned by using `android_cleaner = true`,
+//         or `android = true` in the [`kotlin` section of the `uniffi.toml` file](https://mozilla.github.io/uniffi-rs/kotlin/configuration.html).
+//
+// If we try to implement this with mutual exclusion on access to the handle, there is the
+// possibility of a race between a method call and a concurrent call to `destroy`:
+//
+//    * Thread A starts a method call, reads the value of the handle, but is interrupted
+//      before it can pass the handle over the FFI to Rust.
+//    * Thread B calls `destroy` and frees the underlying Rust struct.
+//    * Thread A resumes, passing the already-read handle value to Rust and triggering
+//      a use-after-free.
+//
+// One possible solution would be to use a `ReadWriteLock`, with each method call taking
+// a read lock (and thus allowed to run concurrently) and the special `destroy` method
+// taking a write lock (and thus blocking on live method calls). However, we aim not to
+// generate methods with any hidden blocking semantics, and a `destroy` method that might
+// block if called incorrectly seems to meet that bar.
+//
+// So, we achieve our goals by giving each instance an associated `AtomicLong` counter to track
+// the number of in-flight method calls, and an `AtomicBoolean` flag to indicate whether `destroy`
+// has been called. These are updated according to the following rules:
+//
+//    * The initial value of the counter is 1, indicating a live object with no in-flight calls.
+//      The initial value for the flag is false.
+//
+//    * At the start of each method call, we atomically check the counter.
+//      If it is 0 then the underlying Rust struct has already been destroyed and the call is aborted.
+//      If it is nonzero them we atomically increment it by 1 and proceed with the method call.
+//
+//    * At the end of each method call, we atomically decrement and check the counter.
+//      If it has reached zero then we destroy the underlying Rust struct.
+//
+//    * When `destroy` is called, we atomically flip the flag from false to true.
+//      If the flag was already true we silently fail.
+//      Otherwise we atomically decrement and check the counter.
+//      If it has reached zero then we destroy the underlying Rust struct.
+//
+// Astute readers may observe that this all sounds very similar to the way that Rust's `Arc<T>` works,
+// and indeed it is, with the addition of a flag to guard against multiple calls to `destroy`.
+//
+// The overall effect is that the underlying Rust struct is destroyed only when `destroy` has been
+// called *and* all in-flight method calls have completed, avoiding violating any of the expectations
+// of the underlying Rust code.
+//
+// This makes a cleaner a better alternative to _not_ calling `destroy()` as
+// and when the object is finished with, but the abstraction is not perfect: if the Rust object's `drop`
+// method is slow, and/or there are many objects to cleanup, and it's on a low end Android device, then the cleaner
+// thread may be starved, and the app will leak memory.
+//
+// In this case, `destroy`ing manually may be a better solution.
+//
+// The cleaner can live side by side with the manual calling of `destroy`. In the order of responsiveness, uniffi objects
+// with Rust peers are reclaimed:
+//
+// 1. By calling the `destroy` method of the object, which calls `rustObject.free()`. If that doesn't happen:
+// 2. When the object becomes unreachable, AND the Cleaner thread gets to call `rustObject.free()`. If the thread is starved then:
+// 3. The memory is reclaimed when the process terminates.
+//
+// [1] https://stackoverflow.com/questions/24376768/can-java-finalize-an-object-when-it-is-still-in-scope/24380219
+//
+
+
+/**
+ * The single listener slot of `set_listener`, implemented by the app. Called after the change
+ * is committed, on the thread that made it (return quickly; hop to your own queue or
+ * coroutine). Observers added with `add_observer` are told as well.
  */
 public interface ChangeListener {
     
@@ -1752,8 +2250,9 @@ public interface ChangeListener {
 }
 
 /**
- * Observer of changes, implemented by the app. Called after the change is committed, on the
- * thread that made it (return quickly; hop to your own queue or coroutine).
+ * The single listener slot of `set_listener`, implemented by the app. Called after the change
+ * is committed, on the thread that made it (return quickly; hop to your own queue or
+ * coroutine). Observers added with `add_observer` are told as well.
  */
 open class ChangeListenerImpl: Disposable, AutoCloseable, ChangeListener
 {
@@ -2065,10 +2564,664 @@ public object FfiConverterTypeChangeListener: FfiConverter<ChangeListener, Long>
 
 
 /**
+ * An observer added with `add_observer` (any number at once). Called after the change is
+ * committed, on the thread that made it: return quickly.
+ */
+public interface ChangeObserver {
+    
+    /**
+     * A change of one user's data, with their state after it.
+     */
+    fun `onUserChange`(`change`: UserChange)
+    
+    companion object
+}
+
+/**
+ * An observer added with `add_observer` (any number at once). Called after the change is
+ * committed, on the thread that made it: return quickly.
+ */
+open class ChangeObserverImpl: Disposable, AutoCloseable, ChangeObserver
+{
+
+    @Suppress("UNUSED_PARAMETER")
+    /**
+     * @suppress
+     */
+    constructor(withHandle: UniffiWithHandle, handle: Long) {
+        this.handle = handle
+        this.cleanable = UniffiLib.CLEANER.register(this, UniffiCleanAction(handle))
+    }
+
+    /**
+     * @suppress
+     *
+     * This constructor can be used to instantiate a fake object. Only used for tests. Any
+     * attempt to actually use an object constructed this way will fail as there is no
+     * connected Rust object.
+     */
+    @Suppress("UNUSED_PARAMETER")
+    constructor(noHandle: NoHandle) {
+        this.handle = 0
+        this.cleanable = null
+    }
+
+    protected val handle: Long
+    protected val cleanable: UniffiCleaner.Cleanable?
+
+    private val wasDestroyed = AtomicBoolean(false)
+    private val callCounter = AtomicLong(1)
+
+    /**
+     * Whether the current object has been destroyed and its reference is gone in the Rust side.
+     */
+    val uniffiIsDestroyed: Boolean get() = wasDestroyed.get()
+
+    override fun destroy() {
+        // Only allow a single call to this method.
+        // TODO: maybe we should log a warning if called more than once?
+        if (this.wasDestroyed.compareAndSet(false, true)) {
+            // This decrement always matches the initial count of 1 given at creation time.
+            if (this.callCounter.decrementAndGet() == 0L) {
+                cleanable?.clean()
+            }
+        }
+    }
+
+    @Synchronized
+    override fun close() {
+        this.destroy()
+    }
+
+    internal inline fun <R> callWithHandle(block: (handle: Long) -> R): R {
+        // Check and increment the call counter, to keep the object alive.
+        // This needs a compare-and-set retry loop in case of concurrent updates.
+        do {
+            val c = this.callCounter.get()
+            if (c == 0L) {
+                throw IllegalStateException("${this.javaClass.simpleName} object has already been destroyed")
+            }
+            if (c == Long.MAX_VALUE) {
+                throw IllegalStateException("${this.javaClass.simpleName} call counter would overflow")
+            }
+        } while (! this.callCounter.compareAndSet(c, c + 1L))
+        // Now we can safely do the method call without the handle being freed concurrently.
+        try {
+            return block(this.uniffiCloneHandle())
+        } finally {
+            // This decrement always matches the increment we performed above.
+            if (this.callCounter.decrementAndGet() == 0L) {
+                cleanable?.clean()
+            }
+        }
+    }
+
+    // Use a static inner class instead of a closure so as not to accidentally
+    // capture `this` as part of the cleanable's action.
+    private class UniffiCleanAction(private val handle: Long) : Runnable {
+        override fun run() {
+            if (handle == 0.toLong()) {
+                // Fake object created with `NoHandle`, don't try to free.
+                return;
+            }
+            uniffiRustCall { status ->
+                UniffiLib.uniffi_tally_ffi_fn_free_changeobserver(handle, status)
+            }
+        }
+    }
+
+    /**
+     * @suppress
+     */
+    fun uniffiCloneHandle(): Long {
+        if (handle == 0.toLong()) {
+            throw InternalException("uniffiCloneHandle() called on NoHandle object");
+        }
+        return uniffiRustCall() { status ->
+            UniffiLib.uniffi_tally_ffi_fn_clone_changeobserver(handle, status)
+        }
+    }
+
+    
+    /**
+     * A change of one user's data, with their state after it.
+     */override fun `onUserChange`(`change`: UserChange)
+        = 
+    callWithHandle {
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_tally_ffi_fn_method_changeobserver_on_user_change(
+        it,
+        
+        FfiConverterTypeUserChange.lower(`change`),_status)
+}
+    }
+    
+    
+
+    
+
+    
+
+
+    
+    
+    /**
+     * @suppress
+     */
+    companion object
+    
+}
+
+
+
+// Put the implementation in an object so we don't pollute the top-level namespace
+internal object uniffiCallbackInterfaceChangeObserver {
+    internal object `onUserChange`: UniffiCallbackInterfaceChangeObserverMethod0 {
+        override fun callback(`uniffiHandle`: Long,`change`: RustBuffer.ByValue,`uniffiOutReturn`: Pointer,uniffiCallStatus: UniffiRustCallStatus,) {
+            val uniffiObj = FfiConverterTypeChangeObserver.handleMap.get(uniffiHandle)
+            val makeCall = { ->
+                uniffiObj.`onUserChange`(
+                    FfiConverterTypeUserChange.lift(`change`),
+                )
+            }
+            val writeReturn = { _: Unit -> Unit }
+            uniffiTraitInterfaceCall(uniffiCallStatus, makeCall, writeReturn)
+        }
+    }
+
+    internal object uniffiFree: UniffiCallbackInterfaceFree {
+        override fun callback(handle: Long) {
+            FfiConverterTypeChangeObserver.handleMap.remove(handle)
+        }
+    }
+
+    internal object uniffiClone: UniffiCallbackInterfaceClone {
+        override fun callback(handle: Long): Long {
+            return FfiConverterTypeChangeObserver.handleMap.clone(handle)
+        }
+    }
+
+    internal var vtable = UniffiVTableCallbackInterfaceChangeObserver.UniffiByValue(
+        uniffiFree,
+        uniffiClone,
+        `onUserChange`,
+    )
+
+    // Registers the foreign callback with the Rust side.
+    // This method is generated for each callback interface.
+    internal fun register(lib: UniffiLib) {
+        lib.uniffi_tally_ffi_fn_init_callback_vtable_changeobserver(vtable)
+    }
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeChangeObserver: FfiConverter<ChangeObserver, Long> {
+    internal val handleMap = UniffiHandleMap<ChangeObserver>()
+
+    override fun lower(value: ChangeObserver): Long {
+        if (value is ChangeObserverImpl) {
+             // Rust-implemented object.  Clone the handle and return it
+            return value.uniffiCloneHandle()
+         } else {
+            // Kotlin object, generate a new vtable handle and return that.
+            return handleMap.insert(value)
+         }
+    }
+
+    override fun lift(value: Long): ChangeObserver {
+        if ((value and 1.toLong()) == 0.toLong()) {
+            // Rust-generated handle, construct a new class that uses the handle to implement the
+            // interface
+            return ChangeObserverImpl(UniffiWithHandle, value)
+        } else {
+            // Kotlin-generated handle, get the object from the handle map
+            return handleMap.remove(value)
+        }
+    }
+
+    override fun read(buf: ByteBuffer): ChangeObserver {
+        return lift(buf.getLong())
+    }
+
+    override fun allocationSize(value: ChangeObserver) = 8UL
+
+    override fun write(value: ChangeObserver, buf: ByteBuffer) {
+        buf.putLong(lower(value))
+    }
+}
+
+
+// This template implements a class for working with a Rust struct via a handle
+// to the live Rust struct on the other side of the FFI.
+//
+// There's some subtlety here, because we have to be careful not to operate on a Rust
+// struct after it has been dropped, and because we must expose a public API for freeing
+// theq Kotlin wrapper object in lieu of reliable finalizers. The core requirements are:
+//
+//   * Each instance holds an opaque handle to the underlying Rust struct.
+//     Method calls need to read this handle from the object's state and pass it in to
+//     the Rust FFI.
+//
+//   * When an instance is no longer needed, its handle should be passed to a
+//     special destructor function provided by the Rust FFI, which will drop the
+//     underlying Rust struct.
+//
+//   * Given an instance, calling code is expected to call the special
+//     `destroy` method in order to free it after use, either by calling it explicitly
+//     or by using a higher-level helper like the `use` method. Failing to do so risks
+//     leaking the underlying Rust struct.
+//
+//   * We can't assume that calling code will do the right thing, and must be prepared
+//     to handle Kotlin method calls executing concurrently with or even after a call to
+//     `destroy`, and to handle multiple (possibly concurrent!) calls to `destroy`.
+//
+//   * We must never allow Rust code to operate on the underlying Rust struct after
+//     the destructor has been called, and must never call the destructor more than once.
+//     Doing so may trigger memory unsafety.
+//
+//   * To mitigate many of the risks of leaking memory and use-after-free unsafety, a `Cleaner`
+//     is implemented to call the destructor when the Kotlin object becomes unreachable.
+//     This is done in a background thread. This is not a panacea, and client code should be aware that
+//      1. the thread may starve if some there are objects that have poorly performing
+//     `drop` methods or do significant work in their `drop` methods.
+//      2. the thread is shared across the whole library. This can be tuned by using `android_cleaner = true`,
+//         or `android = true` in the [`kotlin` section of the `uniffi.toml` file](https://mozilla.github.io/uniffi-rs/kotlin/configuration.html).
+//
+// If we try to implement this with mutual exclusion on access to the handle, there is the
+// possibility of a race between a method call and a concurrent call to `destroy`:
+//
+//    * Thread A starts a method call, reads the value of the handle, but is interrupted
+//      before it can pass the handle over the FFI to Rust.
+//    * Thread B calls `destroy` and frees the underlying Rust struct.
+//    * Thread A resumes, passing the already-read handle value to Rust and triggering
+//      a use-after-free.
+//
+// One possible solution would be to use a `ReadWriteLock`, with each method call taking
+// a read lock (and thus allowed to run concurrently) and the special `destroy` method
+// taking a write lock (and thus blocking on live method calls). However, we aim not to
+// generate methods with any hidden blocking semantics, and a `destroy` method that might
+// block if called incorrectly seems to meet that bar.
+//
+// So, we achieve our goals by giving each instance an associated `AtomicLong` counter to track
+// the number of in-flight method calls, and an `AtomicBoolean` flag to indicate whether `destroy`
+// has been called. These are updated according to the following rules:
+//
+//    * The initial value of the counter is 1, indicating a live object with no in-flight calls.
+//      The initial value for the flag is false.
+//
+//    * At the start of each method call, we atomically check the counter.
+//      If it is 0 then the underlying Rust struct has already been destroyed and the call is aborted.
+//      If it is nonzero them we atomically increment it by 1 and proceed with the method call.
+//
+//    * At the end of each method call, we atomically decrement and check the counter.
+//      If it has reached zero then we destroy the underlying Rust struct.
+//
+//    * When `destroy` is called, we atomically flip the flag from false to true.
+//      If the flag was already true we silently fail.
+//      Otherwise we atomically decrement and check the counter.
+//      If it has reached zero then we destroy the underlying Rust struct.
+//
+// Astute readers may observe that this all sounds very similar to the way that Rust's `Arc<T>` works,
+// and indeed it is, with the addition of a flag to guard against multiple calls to `destroy`.
+//
+// The overall effect is that the underlying Rust struct is destroyed only when `destroy` has been
+// called *and* all in-flight method calls have completed, avoiding violating any of the expectations
+// of the underlying Rust code.
+//
+// This makes a cleaner a better alternative to _not_ calling `destroy()` as
+// and when the object is finished with, but the abstraction is not perfect: if the Rust object's `drop`
+// method is slow, and/or there are many objects to cleanup, and it's on a low end Android device, then the cleaner
+// thread may be starved, and the app will leak memory.
+//
+// In this case, `destroy`ing manually may be a better solution.
+//
+// The cleaner can live side by side with the manual calling of `destroy`. In the order of responsiveness, uniffi objects
+// with Rust peers are reclaimed:
+//
+// 1. By calling the `destroy` method of the object, which calls `rustObject.free()`. If that doesn't happen:
+// 2. When the object becomes unreachable, AND the Cleaner thread gets to call `rustObject.free()`. If the thread is starved then:
+// 3. The memory is reclaimed when the process terminates.
+//
+// [1] https://stackoverflow.com/questions/24376768/can-java-finalize-an-object-when-it-is-still-in-scope/24380219
+//
+
+
+/**
+ * Told every change of a [`SyncStatus`], on the library's sync thread (return quickly).
+ */
+public interface SyncStatusListener {
+    
+    /**
+     * The new status.
+     */
+    fun `onStatus`(`status`: SyncStatus)
+    
+    companion object
+}
+
+/**
+ * Told every change of a [`SyncStatus`], on the library's sync thread (return quickly).
+ */
+open class SyncStatusListenerImpl: Disposable, AutoCloseable, SyncStatusListener
+{
+
+    @Suppress("UNUSED_PARAMETER")
+    /**
+     * @suppress
+     */
+    constructor(withHandle: UniffiWithHandle, handle: Long) {
+        this.handle = handle
+        this.cleanable = UniffiLib.CLEANER.register(this, UniffiCleanAction(handle))
+    }
+
+    /**
+     * @suppress
+     *
+     * This constructor can be used to instantiate a fake object. Only used for tests. Any
+     * attempt to actually use an object constructed this way will fail as there is no
+     * connected Rust object.
+     */
+    @Suppress("UNUSED_PARAMETER")
+    constructor(noHandle: NoHandle) {
+        this.handle = 0
+        this.cleanable = null
+    }
+
+    protected val handle: Long
+    protected val cleanable: UniffiCleaner.Cleanable?
+
+    private val wasDestroyed = AtomicBoolean(false)
+    private val callCounter = AtomicLong(1)
+
+    /**
+     * Whether the current object has been destroyed and its reference is gone in the Rust side.
+     */
+    val uniffiIsDestroyed: Boolean get() = wasDestroyed.get()
+
+    override fun destroy() {
+        // Only allow a single call to this method.
+        // TODO: maybe we should log a warning if called more than once?
+        if (this.wasDestroyed.compareAndSet(false, true)) {
+            // This decrement always matches the initial count of 1 given at creation time.
+            if (this.callCounter.decrementAndGet() == 0L) {
+                cleanable?.clean()
+            }
+        }
+    }
+
+    @Synchronized
+    override fun close() {
+        this.destroy()
+    }
+
+    internal inline fun <R> callWithHandle(block: (handle: Long) -> R): R {
+        // Check and increment the call counter, to keep the object alive.
+        // This needs a compare-and-set retry loop in case of concurrent updates.
+        do {
+            val c = this.callCounter.get()
+            if (c == 0L) {
+                throw IllegalStateException("${this.javaClass.simpleName} object has already been destroyed")
+            }
+            if (c == Long.MAX_VALUE) {
+                throw IllegalStateException("${this.javaClass.simpleName} call counter would overflow")
+            }
+        } while (! this.callCounter.compareAndSet(c, c + 1L))
+        // Now we can safely do the method call without the handle being freed concurrently.
+        try {
+            return block(this.uniffiCloneHandle())
+        } finally {
+            // This decrement always matches the increment we performed above.
+            if (this.callCounter.decrementAndGet() == 0L) {
+                cleanable?.clean()
+            }
+        }
+    }
+
+    // Use a static inner class instead of a closure so as not to accidentally
+    // capture `this` as part of the cleanable's action.
+    private class UniffiCleanAction(private val handle: Long) : Runnable {
+        override fun run() {
+            if (handle == 0.toLong()) {
+                // Fake object created with `NoHandle`, don't try to free.
+                return;
+            }
+            uniffiRustCall { status ->
+                UniffiLib.uniffi_tally_ffi_fn_free_syncstatuslistener(handle, status)
+            }
+        }
+    }
+
+    /**
+     * @suppress
+     */
+    fun uniffiCloneHandle(): Long {
+        if (handle == 0.toLong()) {
+            throw InternalException("uniffiCloneHandle() called on NoHandle object");
+        }
+        return uniffiRustCall() { status ->
+            UniffiLib.uniffi_tally_ffi_fn_clone_syncstatuslistener(handle, status)
+        }
+    }
+
+    
+    /**
+     * The new status.
+     */override fun `onStatus`(`status`: SyncStatus)
+        = 
+    callWithHandle {
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_tally_ffi_fn_method_syncstatuslistener_on_status(
+        it,
+        
+        FfiConverterTypeSyncStatus.lower(`status`),_status)
+}
+    }
+    
+    
+
+    
+
+    
+
+
+    
+    
+    /**
+     * @suppress
+     */
+    companion object
+    
+}
+
+
+
+// Put the implementation in an object so we don't pollute the top-level namespace
+internal object uniffiCallbackInterfaceSyncStatusListener {
+    internal object `onStatus`: UniffiCallbackInterfaceSyncStatusListenerMethod0 {
+        override fun callback(`uniffiHandle`: Long,`status`: RustBuffer.ByValue,`uniffiOutReturn`: Pointer,uniffiCallStatus: UniffiRustCallStatus,) {
+            val uniffiObj = FfiConverterTypeSyncStatusListener.handleMap.get(uniffiHandle)
+            val makeCall = { ->
+                uniffiObj.`onStatus`(
+                    FfiConverterTypeSyncStatus.lift(`status`),
+                )
+            }
+            val writeReturn = { _: Unit -> Unit }
+            uniffiTraitInterfaceCall(uniffiCallStatus, makeCall, writeReturn)
+        }
+    }
+
+    internal object uniffiFree: UniffiCallbackInterfaceFree {
+        override fun callback(handle: Long) {
+            FfiConverterTypeSyncStatusListener.handleMap.remove(handle)
+        }
+    }
+
+    internal object uniffiClone: UniffiCallbackInterfaceClone {
+        override fun callback(handle: Long): Long {
+            return FfiConverterTypeSyncStatusListener.handleMap.clone(handle)
+        }
+    }
+
+    internal var vtable = UniffiVTableCallbackInterfaceSyncStatusListener.UniffiByValue(
+        uniffiFree,
+        uniffiClone,
+        `onStatus`,
+    )
+
+    // Registers the foreign callback with the Rust side.
+    // This method is generated for each callback interface.
+    internal fun register(lib: UniffiLib) {
+        lib.uniffi_tally_ffi_fn_init_callback_vtable_syncstatuslistener(vtable)
+    }
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeSyncStatusListener: FfiConverter<SyncStatusListener, Long> {
+    internal val handleMap = UniffiHandleMap<SyncStatusListener>()
+
+    override fun lower(value: SyncStatusListener): Long {
+        if (value is SyncStatusListenerImpl) {
+             // Rust-implemented object.  Clone the handle and return it
+            return value.uniffiCloneHandle()
+         } else {
+            // Kotlin object, generate a new vtable handle and return that.
+            return handleMap.insert(value)
+         }
+    }
+
+    override fun lift(value: Long): SyncStatusListener {
+        if ((value and 1.toLong()) == 0.toLong()) {
+            // Rust-generated handle, construct a new class that uses the handle to implement the
+            // interface
+            return SyncStatusListenerImpl(UniffiWithHandle, value)
+        } else {
+            // Kotlin-generated handle, get the object from the handle map
+            return handleMap.remove(value)
+        }
+    }
+
+    override fun read(buf: ByteBuffer): SyncStatusListener {
+        return lift(buf.getLong())
+    }
+
+    override fun allocationSize(value: SyncStatusListener) = 8UL
+
+    override fun write(value: SyncStatusListener, buf: ByteBuffer) {
+        buf.putLong(lower(value))
+    }
+}
+
+
+// This template implements a class for working with a Rust struct via a handle
+// to the live Rust struct on the other side of the FFI.
+//
+// There's some subtlety here, because we have to be careful not to operate on a Rust
+// struct after it has been dropped, and because we must expose a public API for freeing
+// theq Kotlin wrapper object in lieu of reliable finalizers. The core requirements are:
+//
+//   * Each instance holds an opaque handle to the underlying Rust struct.
+//     Method calls need to read this handle from the object's state and pass it in to
+//     the Rust FFI.
+//
+//   * When an instance is no longer needed, its handle should be passed to a
+//     special destructor function provided by the Rust FFI, which will drop the
+//     underlying Rust struct.
+//
+//   * Given an instance, calling code is expected to call the special
+//     `destroy` method in order to free it after use, either by calling it explicitly
+//     or by using a higher-level helper like the `use` method. Failing to do so risks
+//     leaking the underlying Rust struct.
+//
+//   * We can't assume that calling code will do the right thing, and must be prepared
+//     to handle Kotlin method calls executing concurrently with or even after a call to
+//     `destroy`, and to handle multiple (possibly concurrent!) calls to `destroy`.
+//
+//   * We must never allow Rust code to operate on the underlying Rust struct after
+//     the destructor has been called, and must never call the destructor more than once.
+//     Doing so may trigger memory unsafety.
+//
+//   * To mitigate many of the risks of leaking memory and use-after-free unsafety, a `Cleaner`
+//     is implemented to call the destructor when the Kotlin object becomes unreachable.
+//     This is done in a background thread. This is not a panacea, and client code should be aware that
+//      1. the thread may starve if some there are objects that have poorly performing
+//     `drop` methods or do significant work in their `drop` methods.
+//      2. the thread is shared across the whole library. This can be tuned by using `android_cleaner = true`,
+//         or `android = true` in the [`kotlin` section of the `uniffi.toml` file](https://mozilla.github.io/uniffi-rs/kotlin/configuration.html).
+//
+// If we try to implement this with mutual exclusion on access to the handle, there is the
+// possibility of a race between a method call and a concurrent call to `destroy`:
+//
+//    * Thread A starts a method call, reads the value of the handle, but is interrupted
+//      before it can pass the handle over the FFI to Rust.
+//    * Thread B calls `destroy` and frees the underlying Rust struct.
+//    * Thread A resumes, passing the already-read handle value to Rust and triggering
+//      a use-after-free.
+//
+// One possible solution would be to use a `ReadWriteLock`, with each method call taking
+// a read lock (and thus allowed to run concurrently) and the special `destroy` method
+// taking a write lock (and thus blocking on live method calls). However, we aim not to
+// generate methods with any hidden blocking semantics, and a `destroy` method that might
+// block if called incorrectly seems to meet that bar.
+//
+// So, we achieve our goals by giving each instance an associated `AtomicLong` counter to track
+// the number of in-flight method calls, and an `AtomicBoolean` flag to indicate whether `destroy`
+// has been called. These are updated according to the following rules:
+//
+//    * The initial value of the counter is 1, indicating a live object with no in-flight calls.
+//      The initial value for the flag is false.
+//
+//    * At the start of each method call, we atomically check the counter.
+//      If it is 0 then the underlying Rust struct has already been destroyed and the call is aborted.
+//      If it is nonzero them we atomically increment it by 1 and proceed with the method call.
+//
+//    * At the end of each method call, we atomically decrement and check the counter.
+//      If it has reached zero then we destroy the underlying Rust struct.
+//
+//    * When `destroy` is called, we atomically flip the flag from false to true.
+//      If the flag was already true we silently fail.
+//      Otherwise we atomically decrement and check the counter.
+//      If it has reached zero then we destroy the underlying Rust struct.
+//
+// Astute readers may observe that this all sounds very similar to the way that Rust's `Arc<T>` works,
+// and indeed it is, with the addition of a flag to guard against multiple calls to `destroy`.
+//
+// The overall effect is that the underlying Rust struct is destroyed only when `destroy` has been
+// called *and* all in-flight method calls have completed, avoiding violating any of the expectations
+// of the underlying Rust code.
+//
+// This makes a cleaner a better alternative to _not_ calling `destroy()` as
+// and when the object is finished with, but the abstraction is not perfect: if the Rust object's `drop`
+// method is slow, and/or there are many objects to cleanup, and it's on a low end Android device, then the cleaner
+// thread may be starved, and the app will leak memory.
+//
+// In this case, `destroy`ing manually may be a better solution.
+//
+// The cleaner can live side by side with the manual calling of `destroy`. In the order of responsiveness, uniffi objects
+// with Rust peers are reclaimed:
+//
+// 1. By calling the `destroy` method of the object, which calls `rustObject.free()`. If that doesn't happen:
+// 2. When the object becomes unreachable, AND the Cleaner thread gets to call `rustObject.free()`. If the thread is starved then:
+// 3. The memory is reclaimed when the process terminates.
+//
+// [1] https://stackoverflow.com/questions/24376768/can-java-finalize-an-object-when-it-is-still-in-scope/24380219
+//
+
+
+/**
  * The device library: one SQLite database holding several users. Thread-safe: share one
  * instance across the app.
  */
 public interface TallyInterface {
+    
+    /**
+     * Adds an observer told every change with the user's [`CustomerInfo`] after it (any
+     * number at once); returns its id for `remove_observer`.
+     */
+    fun `addObserver`(`observer`: ChangeObserver): kotlin.Long
     
     /**
      * The plan catalog in use, as JSON.
@@ -2078,17 +3231,17 @@ public interface TallyInterface {
     /**
      * Would using `amount` of `feature` be allowed? Records nothing.
      */
-    fun `check`(`userId`: kotlin.String, `feature`: kotlin.String, `amount`: kotlin.ULong = 1uL): Decision
+    fun `check`(`userId`: kotlin.String, `feature`: kotlin.String, `amount`: kotlin.Long = 1L): Decision
     
     /**
-     * Removes the observer.
+     * Empties the listener slot.
      */
     fun `clearListener`()
     
     /**
      * Atomic check-and-record of a use. A denied use records nothing.
      */
-    fun `consume`(`userId`: kotlin.String, `feature`: kotlin.String, `amount`: kotlin.ULong = 1uL, `meta`: UsageMeta? = null): Decision
+    fun `consume`(`userId`: kotlin.String, `feature`: kotlin.String, `amount`: kotlin.Long = 1L, `meta`: UsageMeta? = null): Decision
     
     /**
      * Several uses at once, in one transaction; one decision per item.
@@ -2104,6 +3257,12 @@ public interface TallyInterface {
      * The user's credit balance (negative when overspent).
      */
     fun `creditBalance`(`userId`: kotlin.String): kotlin.Long
+    
+    /**
+     * The current user: the signed-in account, else the device's anonymous user (created on
+     * the first call). For apps with one user at a time; the multi-user calls work alongside.
+     */
+    fun `currentUser`(): User
     
     /**
      * Deletes a user and all their data; refuses while unsynced events exist unless `force`.
@@ -2131,6 +3290,24 @@ public interface TallyInterface {
     fun `highestSeenTimeMs`(): kotlin.Long
     
     /**
+     * Logs the account of `external_id` in and makes it current: an anonymous current user's
+     * data moves to it (none lost, none counted twice); another current account is signed
+     * out (its unsynced events kept). A failure changes nothing.
+     */
+    fun `logIn`(`externalId`: kotlin.String, `email`: kotlin.String? = null, `displayName`: kotlin.String? = null, `avatarUrl`: kotlin.String? = null): User
+    
+    /**
+     * Signs the current account out (unsynced events kept) and returns the anonymous user that
+     * is current now. Call `release_leases` first when online.
+     */
+    fun `logOut`(): User
+    
+    /**
+     * Number of observers registered.
+     */
+    fun `observerCount`(): kotlin.Long
+    
+    /**
      * Merges a JSON object into the settings (`null` values delete keys).
      */
     fun `patchSettings`(`userId`: kotlin.String, `changesJson`: kotlin.String)
@@ -2138,7 +3315,12 @@ public interface TallyInterface {
     /**
      * Number of events not yet acknowledged by a server.
      */
-    fun `pendingEvents`(`userId`: kotlin.String): kotlin.ULong
+    fun `pendingEvents`(`userId`: kotlin.String): kotlin.Long
+    
+    /**
+     * Removes an observer; whether it was registered.
+     */
+    fun `removeObserver`(`id`: kotlin.Long): kotlin.Boolean
     
     /**
      * Deletes one setting (back to its default, if any; same as `set_setting(key, "null")`).
@@ -2166,7 +3348,8 @@ public interface TallyInterface {
     fun `setEntitlements`(`userId`: kotlin.String, `state`: Entitlements)
     
     /**
-     * Registers the observer told about changes (replacing any previous one).
+     * Sets the listener slot (replacing the listener set before, never the observers added
+     * with `add_observer`).
      */
     fun `setListener`(`listener`: ChangeListener)
     
@@ -2223,6 +3406,24 @@ public interface TallyInterface {
     fun `users`(): List<User>
     
     /**
+     * Starts syncing in the background: at once, then every `interval_ms`, `debounce_ms` after
+     * each local change, with backoff after a failure that retrying may fix; stops on one it
+     * cannot (`Unauthorized`, `AccountDeleted`, `AccountDisabled`, `SubjectMismatch`,
+     * `Configuration`, …; see `SyncStatus.last_error_kind`). Several helpers may run at once.
+     */
+    fun `startAutoSync`(`options`: AutoSyncOptions): AutoSync
+    
+    /**
+     * The state of the current user (see `current_user`).
+     */
+    fun `currentCustomerInfo`(): CustomerInfo
+    
+    /**
+     * The state of `user_id` in one record (see [`CustomerInfo`]).
+     */
+    fun `customerInfo`(`userId`: kotlin.String): CustomerInfo
+    
+    /**
      * This device's leases of the user (empty before a protocol-2 token).
      */
     fun `leases`(`userId`: kotlin.String): List<LeaseStatus>
@@ -2230,7 +3431,7 @@ public interface TallyInterface {
     /**
      * Asks for `units` of a hard pool `feature` to use offline; sent with the next sync.
      */
-    fun `prepareOffline`(`userId`: kotlin.String, `feature`: kotlin.String, `units`: kotlin.ULong)
+    fun `prepareOffline`(`userId`: kotlin.String, `feature`: kotlin.String, `units`: kotlin.Long)
     
     /**
      * Cancels a recorded use (id or idempotency key); voiding twice is a no-op.
@@ -2384,6 +3585,25 @@ open class Tally: Disposable, AutoCloseable, TallyInterface
 
     
     /**
+     * Adds an observer told every change with the user's [`CustomerInfo`] after it (any
+     * number at once); returns its id for `remove_observer`.
+     */
+    @Throws(TallyException::class)override fun `addObserver`(`observer`: ChangeObserver): kotlin.Long {
+            return FfiConverterLong.lift(
+    callWithHandle {
+    uniffiRustCallWithError(TallyException) { _status ->
+    UniffiLib.uniffi_tally_ffi_fn_method_tally_add_observer(
+        it,
+        
+        FfiConverterTypeChangeObserver.lower(`observer`),_status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
      * The plan catalog in use, as JSON.
      */
     @Throws(TallyException::class)override fun `catalogJson`(): kotlin.String {
@@ -2403,7 +3623,7 @@ open class Tally: Disposable, AutoCloseable, TallyInterface
     /**
      * Would using `amount` of `feature` be allowed? Records nothing.
      */
-    @Throws(TallyException::class)override fun `check`(`userId`: kotlin.String, `feature`: kotlin.String, `amount`: kotlin.ULong): Decision {
+    @Throws(TallyException::class)override fun `check`(`userId`: kotlin.String, `feature`: kotlin.String, `amount`: kotlin.Long): Decision {
             return FfiConverterTypeDecision.lift(
     callWithHandle {
     uniffiRustCallWithError(TallyException) { _status ->
@@ -2412,7 +3632,7 @@ open class Tally: Disposable, AutoCloseable, TallyInterface
         
         FfiConverterString.lower(`userId`),
         FfiConverterString.lower(`feature`),
-        FfiConverterULong.lower(`amount`),_status)
+        FfiConverterLong.lower(`amount`),_status)
 }
     }
     )
@@ -2421,7 +3641,7 @@ open class Tally: Disposable, AutoCloseable, TallyInterface
 
     
     /**
-     * Removes the observer.
+     * Empties the listener slot.
      */
     @Throws(TallyException::class)override fun `clearListener`()
         = 
@@ -2439,7 +3659,7 @@ open class Tally: Disposable, AutoCloseable, TallyInterface
     /**
      * Atomic check-and-record of a use. A denied use records nothing.
      */
-    @Throws(TallyException::class)override fun `consume`(`userId`: kotlin.String, `feature`: kotlin.String, `amount`: kotlin.ULong, `meta`: UsageMeta?): Decision {
+    @Throws(TallyException::class)override fun `consume`(`userId`: kotlin.String, `feature`: kotlin.String, `amount`: kotlin.Long, `meta`: UsageMeta?): Decision {
             return FfiConverterTypeDecision.lift(
     callWithHandle {
     uniffiRustCallWithError(TallyException) { _status ->
@@ -2448,7 +3668,7 @@ open class Tally: Disposable, AutoCloseable, TallyInterface
         
         FfiConverterString.lower(`userId`),
         FfiConverterString.lower(`feature`),
-        FfiConverterULong.lower(`amount`),
+        FfiConverterLong.lower(`amount`),
         FfiConverterOptionalTypeUsageMeta.lower(`meta`),_status)
 }
     }
@@ -2505,6 +3725,24 @@ open class Tally: Disposable, AutoCloseable, TallyInterface
         it,
         
         FfiConverterString.lower(`userId`),_status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
+     * The current user: the signed-in account, else the device's anonymous user (created on
+     * the first call). For apps with one user at a time; the multi-user calls work alongside.
+     */
+    @Throws(TallyException::class)override fun `currentUser`(): User {
+            return FfiConverterTypeUser.lift(
+    callWithHandle {
+    uniffiRustCallWithError(TallyException) { _status ->
+    UniffiLib.uniffi_tally_ffi_fn_method_tally_current_user(
+        it,
+        _status)
 }
     }
     )
@@ -2602,6 +3840,64 @@ open class Tally: Disposable, AutoCloseable, TallyInterface
 
     
     /**
+     * Logs the account of `external_id` in and makes it current: an anonymous current user's
+     * data moves to it (none lost, none counted twice); another current account is signed
+     * out (its unsynced events kept). A failure changes nothing.
+     */
+    @Throws(TallyException::class)override fun `logIn`(`externalId`: kotlin.String, `email`: kotlin.String?, `displayName`: kotlin.String?, `avatarUrl`: kotlin.String?): User {
+            return FfiConverterTypeUser.lift(
+    callWithHandle {
+    uniffiRustCallWithError(TallyException) { _status ->
+    UniffiLib.uniffi_tally_ffi_fn_method_tally_log_in(
+        it,
+        
+        FfiConverterString.lower(`externalId`),
+        FfiConverterOptionalString.lower(`email`),
+        FfiConverterOptionalString.lower(`displayName`),
+        FfiConverterOptionalString.lower(`avatarUrl`),_status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
+     * Signs the current account out (unsynced events kept) and returns the anonymous user that
+     * is current now. Call `release_leases` first when online.
+     */
+    @Throws(TallyException::class)override fun `logOut`(): User {
+            return FfiConverterTypeUser.lift(
+    callWithHandle {
+    uniffiRustCallWithError(TallyException) { _status ->
+    UniffiLib.uniffi_tally_ffi_fn_method_tally_log_out(
+        it,
+        _status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
+     * Number of observers registered.
+     */
+    @Throws(TallyException::class)override fun `observerCount`(): kotlin.Long {
+            return FfiConverterLong.lift(
+    callWithHandle {
+    uniffiRustCallWithError(TallyException) { _status ->
+    UniffiLib.uniffi_tally_ffi_fn_method_tally_observer_count(
+        it,
+        _status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
      * Merges a JSON object into the settings (`null` values delete keys).
      */
     @Throws(TallyException::class)override fun `patchSettings`(`userId`: kotlin.String, `changesJson`: kotlin.String)
@@ -2622,14 +3918,32 @@ open class Tally: Disposable, AutoCloseable, TallyInterface
     /**
      * Number of events not yet acknowledged by a server.
      */
-    @Throws(TallyException::class)override fun `pendingEvents`(`userId`: kotlin.String): kotlin.ULong {
-            return FfiConverterULong.lift(
+    @Throws(TallyException::class)override fun `pendingEvents`(`userId`: kotlin.String): kotlin.Long {
+            return FfiConverterLong.lift(
     callWithHandle {
     uniffiRustCallWithError(TallyException) { _status ->
     UniffiLib.uniffi_tally_ffi_fn_method_tally_pending_events(
         it,
         
         FfiConverterString.lower(`userId`),_status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
+     * Removes an observer; whether it was registered.
+     */
+    @Throws(TallyException::class)override fun `removeObserver`(`id`: kotlin.Long): kotlin.Boolean {
+            return FfiConverterBoolean.lift(
+    callWithHandle {
+    uniffiRustCallWithError(TallyException) { _status ->
+    UniffiLib.uniffi_tally_ffi_fn_method_tally_remove_observer(
+        it,
+        
+        FfiConverterLong.lower(`id`),_status)
 }
     }
     )
@@ -2730,7 +4044,8 @@ open class Tally: Disposable, AutoCloseable, TallyInterface
 
     
     /**
-     * Registers the observer told about changes (replacing any previous one).
+     * Sets the listener slot (replacing the listener set before, never the observers added
+     * with `add_observer`).
      */
     @Throws(TallyException::class)override fun `setListener`(`listener`: ChangeListener)
         = 
@@ -2933,6 +4248,62 @@ open class Tally: Disposable, AutoCloseable, TallyInterface
 
     
     /**
+     * Starts syncing in the background: at once, then every `interval_ms`, `debounce_ms` after
+     * each local change, with backoff after a failure that retrying may fix; stops on one it
+     * cannot (`Unauthorized`, `AccountDeleted`, `AccountDisabled`, `SubjectMismatch`,
+     * `Configuration`, …; see `SyncStatus.last_error_kind`). Several helpers may run at once.
+     */
+    @Throws(TallyException::class)override fun `startAutoSync`(`options`: AutoSyncOptions): AutoSync {
+            return FfiConverterTypeAutoSync.lift(
+    callWithHandle {
+    uniffiRustCallWithError(TallyException) { _status ->
+    UniffiLib.uniffi_tally_ffi_fn_method_tally_start_auto_sync(
+        it,
+        
+        FfiConverterTypeAutoSyncOptions.lower(`options`),_status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
+     * The state of the current user (see `current_user`).
+     */
+    @Throws(TallyException::class)override fun `currentCustomerInfo`(): CustomerInfo {
+            return FfiConverterTypeCustomerInfo.lift(
+    callWithHandle {
+    uniffiRustCallWithError(TallyException) { _status ->
+    UniffiLib.uniffi_tally_ffi_fn_method_tally_current_customer_info(
+        it,
+        _status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
+     * The state of `user_id` in one record (see [`CustomerInfo`]).
+     */
+    @Throws(TallyException::class)override fun `customerInfo`(`userId`: kotlin.String): CustomerInfo {
+            return FfiConverterTypeCustomerInfo.lift(
+    callWithHandle {
+    uniffiRustCallWithError(TallyException) { _status ->
+    UniffiLib.uniffi_tally_ffi_fn_method_tally_customer_info(
+        it,
+        
+        FfiConverterString.lower(`userId`),_status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
      * This device's leases of the user (empty before a protocol-2 token).
      */
     @Throws(TallyException::class)override fun `leases`(`userId`: kotlin.String): List<LeaseStatus> {
@@ -2953,7 +4324,7 @@ open class Tally: Disposable, AutoCloseable, TallyInterface
     /**
      * Asks for `units` of a hard pool `feature` to use offline; sent with the next sync.
      */
-    @Throws(TallyException::class)override fun `prepareOffline`(`userId`: kotlin.String, `feature`: kotlin.String, `units`: kotlin.ULong)
+    @Throws(TallyException::class)override fun `prepareOffline`(`userId`: kotlin.String, `feature`: kotlin.String, `units`: kotlin.Long)
         = 
     callWithHandle {
     uniffiRustCallWithError(TallyException) { _status ->
@@ -2962,7 +4333,7 @@ open class Tally: Disposable, AutoCloseable, TallyInterface
         
         FfiConverterString.lower(`userId`),
         FfiConverterString.lower(`feature`),
-        FfiConverterULong.lower(`units`),_status)
+        FfiConverterLong.lower(`units`),_status)
 }
     }
     
@@ -3915,6 +5286,178 @@ public object FfiConverterTypeAccessGrant: FfiConverterRustBuffer<AccessGrant> {
 
 
 /**
+ * A purchase that still gives something.
+ */
+data class ActivePurchase (
+    /**
+     * Subscription, lifetime plan or credit pack.
+     */
+    var `kind`: PurchaseKind
+    , 
+    /**
+     * The plan it gives (absent for credits).
+     */
+    var `plan`: kotlin.String?
+    , 
+    /**
+     * The subscription's status (`Active` for a lifetime plan or a credit pack).
+     */
+    var `status`: SubscriptionStatus
+    , 
+    /**
+     * When it ends by itself (Unix ms; absent = no end).
+     */
+    var `expiresAtMs`: kotlin.Long?
+    , 
+    /**
+     * For credits: the grant's id and what is left of it.
+     */
+    var `creditGrantId`: kotlin.String?
+    , 
+    /**
+     * For credits: credits left in the grant.
+     */
+    var `creditsRemaining`: kotlin.Long?
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeActivePurchase: FfiConverterRustBuffer<ActivePurchase> {
+    override fun read(buf: ByteBuffer): ActivePurchase {
+        return ActivePurchase(
+            FfiConverterTypePurchaseKind.read(buf),
+            FfiConverterOptionalString.read(buf),
+            FfiConverterTypeSubscriptionStatus.read(buf),
+            FfiConverterOptionalLong.read(buf),
+            FfiConverterOptionalString.read(buf),
+            FfiConverterOptionalLong.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: ActivePurchase) = (
+            FfiConverterTypePurchaseKind.allocationSize(value.`kind`) +
+            FfiConverterOptionalString.allocationSize(value.`plan`) +
+            FfiConverterTypeSubscriptionStatus.allocationSize(value.`status`) +
+            FfiConverterOptionalLong.allocationSize(value.`expiresAtMs`) +
+            FfiConverterOptionalString.allocationSize(value.`creditGrantId`) +
+            FfiConverterOptionalLong.allocationSize(value.`creditsRemaining`)
+    )
+
+    override fun write(value: ActivePurchase, buf: ByteBuffer) {
+            FfiConverterTypePurchaseKind.write(value.`kind`, buf)
+            FfiConverterOptionalString.write(value.`plan`, buf)
+            FfiConverterTypeSubscriptionStatus.write(value.`status`, buf)
+            FfiConverterOptionalLong.write(value.`expiresAtMs`, buf)
+            FfiConverterOptionalString.write(value.`creditGrantId`, buf)
+            FfiConverterOptionalLong.write(value.`creditsRemaining`, buf)
+    }
+}
+
+
+
+/**
+ * How [`Tally::start_auto_sync`] syncs.
+ */
+data class AutoSyncOptions (
+    /**
+     * The server and credentials (give a `token_provider`: the helper runs for hours).
+     */
+    var `sync`: SyncOptions
+    , 
+    /**
+     * The user to sync; absent: the current user, whoever that is at each round (an
+     * anonymous current user is not synced until they log in).
+     */
+    var `userId`: kotlin.String? = null 
+    , 
+    /**
+     * Time between two syncs when nothing changes, in ms (default 15 minutes).
+     */
+    var `intervalMs`: kotlin.Long = 900000L 
+    , 
+    /**
+     * Wait after a local change before syncing, in ms, so that a burst syncs once (default 2 s).
+     */
+    var `debounceMs`: kotlin.Long = 2000L 
+    , 
+    /**
+     * First wait after a failed round, in ms; doubled each failure, with jitter (default 5 s).
+     */
+    var `initialBackoffMs`: kotlin.Long = 5000L 
+    , 
+    /**
+     * Longest wait after failures, in ms (default 15 minutes).
+     */
+    var `maxBackoffMs`: kotlin.Long = 900000L 
+    
+): Disposable{
+    
+
+    
+
+    
+    @Suppress("UNNECESSARY_SAFE_CALL") // codegen is much simpler if we unconditionally emit safe calls here
+    override fun destroy() {
+        
+    Disposable.destroy(
+        this.`sync`,
+        this.`userId`,
+        this.`intervalMs`,
+        this.`debounceMs`,
+        this.`initialBackoffMs`,
+        this.`maxBackoffMs`
+    )
+    }
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeAutoSyncOptions: FfiConverterRustBuffer<AutoSyncOptions> {
+    override fun read(buf: ByteBuffer): AutoSyncOptions {
+        return AutoSyncOptions(
+            FfiConverterTypeSyncOptions.read(buf),
+            FfiConverterOptionalString.read(buf),
+            FfiConverterLong.read(buf),
+            FfiConverterLong.read(buf),
+            FfiConverterLong.read(buf),
+            FfiConverterLong.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: AutoSyncOptions) = (
+            FfiConverterTypeSyncOptions.allocationSize(value.`sync`) +
+            FfiConverterOptionalString.allocationSize(value.`userId`) +
+            FfiConverterLong.allocationSize(value.`intervalMs`) +
+            FfiConverterLong.allocationSize(value.`debounceMs`) +
+            FfiConverterLong.allocationSize(value.`initialBackoffMs`) +
+            FfiConverterLong.allocationSize(value.`maxBackoffMs`)
+    )
+
+    override fun write(value: AutoSyncOptions, buf: ByteBuffer) {
+            FfiConverterTypeSyncOptions.write(value.`sync`, buf)
+            FfiConverterOptionalString.write(value.`userId`, buf)
+            FfiConverterLong.write(value.`intervalMs`, buf)
+            FfiConverterLong.write(value.`debounceMs`, buf)
+            FfiConverterLong.write(value.`initialBackoffMs`, buf)
+            FfiConverterLong.write(value.`maxBackoffMs`, buf)
+    }
+}
+
+
+
+/**
  * What changed for a user.
  */
 data class Change (
@@ -3981,7 +5524,7 @@ data class ConsumeItem (
     /**
      * Units used.
      */
-    var `amount`: kotlin.ULong
+    var `amount`: kotlin.Long
     , 
     /**
      * Details.
@@ -4004,20 +5547,20 @@ public object FfiConverterTypeConsumeItem: FfiConverterRustBuffer<ConsumeItem> {
     override fun read(buf: ByteBuffer): ConsumeItem {
         return ConsumeItem(
             FfiConverterString.read(buf),
-            FfiConverterULong.read(buf),
+            FfiConverterLong.read(buf),
             FfiConverterOptionalTypeUsageMeta.read(buf),
         )
     }
 
     override fun allocationSize(value: ConsumeItem) = (
             FfiConverterString.allocationSize(value.`feature`) +
-            FfiConverterULong.allocationSize(value.`amount`) +
+            FfiConverterLong.allocationSize(value.`amount`) +
             FfiConverterOptionalTypeUsageMeta.allocationSize(value.`meta`)
     )
 
     override fun write(value: ConsumeItem, buf: ByteBuffer) {
             FfiConverterString.write(value.`feature`, buf)
-            FfiConverterULong.write(value.`amount`, buf)
+            FfiConverterLong.write(value.`amount`, buf)
             FfiConverterOptionalTypeUsageMeta.write(value.`meta`, buf)
     }
 }
@@ -4088,6 +5631,142 @@ public object FfiConverterTypeCreditGrant: FfiConverterRustBuffer<CreditGrant> {
 
 
 /**
+ * The state of one user on this device.
+ */
+data class CustomerInfo (
+    /**
+     * The user.
+     */
+    var `user`: User
+    , 
+    /**
+     * The plan in effect.
+     */
+    var `plan`: kotlin.String
+    , 
+    /**
+     * Subscription status.
+     */
+    var `status`: SubscriptionStatus
+    , 
+    /**
+     * Why the user has this access (`admin`, `subscription`, `trial`, `lifetime`,
+     * `granted:<reason>`, `free`).
+     */
+    var `accessReason`: kotlin.String
+    , 
+    /**
+     * When the access in effect ends by itself (Unix ms; absent = no end).
+     */
+    var `expiresAtMs`: kotlin.Long?
+    , 
+    /**
+     * Whether the user is an admin (full access).
+     */
+    var `isAdmin`: kotlin.Boolean
+    , 
+    /**
+     * Credit balance (negative when overspent).
+     */
+    var `creditBalance`: kotlin.Long
+    , 
+    /**
+     * Every feature of the plan in effect, by key.
+     */
+    var `features`: Map<kotlin.String, FeatureInfo>
+    , 
+    /**
+     * Every plan of the catalog, by id.
+     */
+    var `entitlements`: Map<kotlin.String, EntitlementInfo>
+    , 
+    /**
+     * Subscriptions, lifetime plans and credit packs that still give something.
+     */
+    var `activePurchases`: List<ActivePurchase>
+    , 
+    /**
+     * Uses not yet acknowledged by a server.
+     */
+    var `pendingEvents`: kotlin.Long
+    , 
+    /**
+     * When the user last completed a sync (Unix ms; absent = never).
+     */
+    var `lastSyncedAtMs`: kotlin.Long?
+    , 
+    /**
+     * The time this snapshot was taken at (Unix ms, never before the highest time seen).
+     */
+    var `asOfMs`: kotlin.Long
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeCustomerInfo: FfiConverterRustBuffer<CustomerInfo> {
+    override fun read(buf: ByteBuffer): CustomerInfo {
+        return CustomerInfo(
+            FfiConverterTypeUser.read(buf),
+            FfiConverterString.read(buf),
+            FfiConverterTypeSubscriptionStatus.read(buf),
+            FfiConverterString.read(buf),
+            FfiConverterOptionalLong.read(buf),
+            FfiConverterBoolean.read(buf),
+            FfiConverterLong.read(buf),
+            FfiConverterMapStringTypeFeatureInfo.read(buf),
+            FfiConverterMapStringTypeEntitlementInfo.read(buf),
+            FfiConverterSequenceTypeActivePurchase.read(buf),
+            FfiConverterLong.read(buf),
+            FfiConverterOptionalLong.read(buf),
+            FfiConverterLong.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: CustomerInfo) = (
+            FfiConverterTypeUser.allocationSize(value.`user`) +
+            FfiConverterString.allocationSize(value.`plan`) +
+            FfiConverterTypeSubscriptionStatus.allocationSize(value.`status`) +
+            FfiConverterString.allocationSize(value.`accessReason`) +
+            FfiConverterOptionalLong.allocationSize(value.`expiresAtMs`) +
+            FfiConverterBoolean.allocationSize(value.`isAdmin`) +
+            FfiConverterLong.allocationSize(value.`creditBalance`) +
+            FfiConverterMapStringTypeFeatureInfo.allocationSize(value.`features`) +
+            FfiConverterMapStringTypeEntitlementInfo.allocationSize(value.`entitlements`) +
+            FfiConverterSequenceTypeActivePurchase.allocationSize(value.`activePurchases`) +
+            FfiConverterLong.allocationSize(value.`pendingEvents`) +
+            FfiConverterOptionalLong.allocationSize(value.`lastSyncedAtMs`) +
+            FfiConverterLong.allocationSize(value.`asOfMs`)
+    )
+
+    override fun write(value: CustomerInfo, buf: ByteBuffer) {
+            FfiConverterTypeUser.write(value.`user`, buf)
+            FfiConverterString.write(value.`plan`, buf)
+            FfiConverterTypeSubscriptionStatus.write(value.`status`, buf)
+            FfiConverterString.write(value.`accessReason`, buf)
+            FfiConverterOptionalLong.write(value.`expiresAtMs`, buf)
+            FfiConverterBoolean.write(value.`isAdmin`, buf)
+            FfiConverterLong.write(value.`creditBalance`, buf)
+            FfiConverterMapStringTypeFeatureInfo.write(value.`features`, buf)
+            FfiConverterMapStringTypeEntitlementInfo.write(value.`entitlements`, buf)
+            FfiConverterSequenceTypeActivePurchase.write(value.`activePurchases`, buf)
+            FfiConverterLong.write(value.`pendingEvents`, buf)
+            FfiConverterOptionalLong.write(value.`lastSyncedAtMs`, buf)
+            FfiConverterLong.write(value.`asOfMs`, buf)
+    }
+}
+
+
+
+/**
  * The answer to `check` / `consume`.
  */
 data class Decision (
@@ -4104,17 +5783,17 @@ data class Decision (
     /**
      * Used in the current window (after this use when it was recorded).
      */
-    var `used`: kotlin.ULong
+    var `used`: kotlin.Long
     , 
     /**
      * The limit (absent = unlimited or not applicable).
      */
-    var `limit`: kotlin.ULong?
+    var `limit`: kotlin.Long?
     , 
     /**
      * What is left (absent = unlimited); 0 when over.
      */
-    var `remaining`: kotlin.ULong?
+    var `remaining`: kotlin.Long?
     , 
     /**
      * When the window resets (Unix ms; absent = never).
@@ -4129,17 +5808,17 @@ data class Decision (
     /**
      * `max(0, used - limit)`; for credits, the negative balance.
      */
-    var `overLimitBy`: kotlin.ULong
+    var `overLimitBy`: kotlin.Long
     , 
     /**
      * What this device's lease has left for the pool (absent without a lease).
      */
-    var `deviceRemaining`: kotlin.ULong?
+    var `deviceRemaining`: kotlin.Long?
     , 
     /**
      * Units held by devices' leases when that room is what a use lacked (server answers).
      */
-    var `heldOffline`: kotlin.ULong?
+    var `heldOffline`: kotlin.Long?
     
 ){
     
@@ -4158,41 +5837,105 @@ public object FfiConverterTypeDecision: FfiConverterRustBuffer<Decision> {
         return Decision(
             FfiConverterBoolean.read(buf),
             FfiConverterTypeReason.read(buf),
-            FfiConverterULong.read(buf),
-            FfiConverterOptionalULong.read(buf),
-            FfiConverterOptionalULong.read(buf),
+            FfiConverterLong.read(buf),
+            FfiConverterOptionalLong.read(buf),
+            FfiConverterOptionalLong.read(buf),
             FfiConverterOptionalLong.read(buf),
             FfiConverterString.read(buf),
-            FfiConverterULong.read(buf),
-            FfiConverterOptionalULong.read(buf),
-            FfiConverterOptionalULong.read(buf),
+            FfiConverterLong.read(buf),
+            FfiConverterOptionalLong.read(buf),
+            FfiConverterOptionalLong.read(buf),
         )
     }
 
     override fun allocationSize(value: Decision) = (
             FfiConverterBoolean.allocationSize(value.`allowed`) +
             FfiConverterTypeReason.allocationSize(value.`reason`) +
-            FfiConverterULong.allocationSize(value.`used`) +
-            FfiConverterOptionalULong.allocationSize(value.`limit`) +
-            FfiConverterOptionalULong.allocationSize(value.`remaining`) +
+            FfiConverterLong.allocationSize(value.`used`) +
+            FfiConverterOptionalLong.allocationSize(value.`limit`) +
+            FfiConverterOptionalLong.allocationSize(value.`remaining`) +
             FfiConverterOptionalLong.allocationSize(value.`resetsAtMs`) +
             FfiConverterString.allocationSize(value.`accessReason`) +
-            FfiConverterULong.allocationSize(value.`overLimitBy`) +
-            FfiConverterOptionalULong.allocationSize(value.`deviceRemaining`) +
-            FfiConverterOptionalULong.allocationSize(value.`heldOffline`)
+            FfiConverterLong.allocationSize(value.`overLimitBy`) +
+            FfiConverterOptionalLong.allocationSize(value.`deviceRemaining`) +
+            FfiConverterOptionalLong.allocationSize(value.`heldOffline`)
     )
 
     override fun write(value: Decision, buf: ByteBuffer) {
             FfiConverterBoolean.write(value.`allowed`, buf)
             FfiConverterTypeReason.write(value.`reason`, buf)
-            FfiConverterULong.write(value.`used`, buf)
-            FfiConverterOptionalULong.write(value.`limit`, buf)
-            FfiConverterOptionalULong.write(value.`remaining`, buf)
+            FfiConverterLong.write(value.`used`, buf)
+            FfiConverterOptionalLong.write(value.`limit`, buf)
+            FfiConverterOptionalLong.write(value.`remaining`, buf)
             FfiConverterOptionalLong.write(value.`resetsAtMs`, buf)
             FfiConverterString.write(value.`accessReason`, buf)
-            FfiConverterULong.write(value.`overLimitBy`, buf)
-            FfiConverterOptionalULong.write(value.`deviceRemaining`, buf)
-            FfiConverterOptionalULong.write(value.`heldOffline`, buf)
+            FfiConverterLong.write(value.`overLimitBy`, buf)
+            FfiConverterOptionalLong.write(value.`deviceRemaining`, buf)
+            FfiConverterOptionalLong.write(value.`heldOffline`, buf)
+    }
+}
+
+
+
+/**
+ * One plan of the catalog, as an entitlement.
+ */
+data class EntitlementInfo (
+    /**
+     * The plan id (`pro`).
+     */
+    var `identifier`: kotlin.String
+    , 
+    /**
+     * Whether it is the plan in effect (for an admin: every plan).
+     */
+    var `isActive`: kotlin.Boolean
+    , 
+    /**
+     * Why it is active (`subscription`, `trial`, `lifetime`, `granted:<reason>`, `admin`,
+     * `free`); absent when inactive.
+     */
+    var `accessReason`: kotlin.String?
+    , 
+    /**
+     * When the access ends by itself (Unix ms); absent when inactive or without an end.
+     */
+    var `expiresAtMs`: kotlin.Long?
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeEntitlementInfo: FfiConverterRustBuffer<EntitlementInfo> {
+    override fun read(buf: ByteBuffer): EntitlementInfo {
+        return EntitlementInfo(
+            FfiConverterString.read(buf),
+            FfiConverterBoolean.read(buf),
+            FfiConverterOptionalString.read(buf),
+            FfiConverterOptionalLong.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: EntitlementInfo) = (
+            FfiConverterString.allocationSize(value.`identifier`) +
+            FfiConverterBoolean.allocationSize(value.`isActive`) +
+            FfiConverterOptionalString.allocationSize(value.`accessReason`) +
+            FfiConverterOptionalLong.allocationSize(value.`expiresAtMs`)
+    )
+
+    override fun write(value: EntitlementInfo, buf: ByteBuffer) {
+            FfiConverterString.write(value.`identifier`, buf)
+            FfiConverterBoolean.write(value.`isActive`, buf)
+            FfiConverterOptionalString.write(value.`accessReason`, buf)
+            FfiConverterOptionalLong.write(value.`expiresAtMs`, buf)
     }
 }
 
@@ -4252,7 +5995,7 @@ data class Entitlements (
     /**
      * Entitlement version.
      */
-    var `ver`: kotlin.ULong = 0uL 
+    var `ver`: kotlin.Long = 0L 
     , 
     /**
      * When the subscription became past due (Unix ms).
@@ -4318,7 +6061,7 @@ public object FfiConverterTypeEntitlements: FfiConverterRustBuffer<Entitlements>
             FfiConverterBoolean.read(buf),
             FfiConverterLong.read(buf),
             FfiConverterMapStringTypeRule.read(buf),
-            FfiConverterULong.read(buf),
+            FfiConverterLong.read(buf),
             FfiConverterOptionalLong.read(buf),
             FfiConverterOptionalLong.read(buf),
             FfiConverterBoolean.read(buf),
@@ -4340,7 +6083,7 @@ public object FfiConverterTypeEntitlements: FfiConverterRustBuffer<Entitlements>
             FfiConverterBoolean.allocationSize(value.`isAdmin`) +
             FfiConverterLong.allocationSize(value.`creditBalance`) +
             FfiConverterMapStringTypeRule.allocationSize(value.`features`) +
-            FfiConverterULong.allocationSize(value.`ver`) +
+            FfiConverterLong.allocationSize(value.`ver`) +
             FfiConverterOptionalLong.allocationSize(value.`pastDueSinceMs`) +
             FfiConverterOptionalLong.allocationSize(value.`accessUntilMs`) +
             FfiConverterBoolean.allocationSize(value.`lifetime`) +
@@ -4361,7 +6104,7 @@ public object FfiConverterTypeEntitlements: FfiConverterRustBuffer<Entitlements>
             FfiConverterBoolean.write(value.`isAdmin`, buf)
             FfiConverterLong.write(value.`creditBalance`, buf)
             FfiConverterMapStringTypeRule.write(value.`features`, buf)
-            FfiConverterULong.write(value.`ver`, buf)
+            FfiConverterLong.write(value.`ver`, buf)
             FfiConverterOptionalLong.write(value.`pastDueSinceMs`, buf)
             FfiConverterOptionalLong.write(value.`accessUntilMs`, buf)
             FfiConverterBoolean.write(value.`lifetime`, buf)
@@ -4370,6 +6113,78 @@ public object FfiConverterTypeEntitlements: FfiConverterRustBuffer<Entitlements>
             FfiConverterOptionalString.write(value.`tz`, buf)
             FfiConverterMapStringTypeModelPrice.write(value.`models`, buf)
             FfiConverterMapStringTypeRule.write(value.`freeFeatures`, buf)
+    }
+}
+
+
+
+/**
+ * One feature of the user's plan.
+ */
+data class FeatureInfo (
+    /**
+     * Feature key.
+     */
+    var `feature`: kotlin.String
+    , 
+    /**
+     * Whether the plan lets the user use it at all (every rule but a disabled flag; the
+     * limit, balance and lease still apply: see `usage`).
+     */
+    var `entitled`: kotlin.Boolean
+    , 
+    /**
+     * The rule in effect.
+     */
+    var `rule`: Rule
+    , 
+    /**
+     * Usage, limit and what is left in the current window.
+     */
+    var `usage`: Usage
+    , 
+    /**
+     * This device's lease of the feature (protocol 2; absent without one).
+     */
+    var `lease`: LeaseStatus?
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeFeatureInfo: FfiConverterRustBuffer<FeatureInfo> {
+    override fun read(buf: ByteBuffer): FeatureInfo {
+        return FeatureInfo(
+            FfiConverterString.read(buf),
+            FfiConverterBoolean.read(buf),
+            FfiConverterTypeRule.read(buf),
+            FfiConverterTypeUsage.read(buf),
+            FfiConverterOptionalTypeLeaseStatus.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: FeatureInfo) = (
+            FfiConverterString.allocationSize(value.`feature`) +
+            FfiConverterBoolean.allocationSize(value.`entitled`) +
+            FfiConverterTypeRule.allocationSize(value.`rule`) +
+            FfiConverterTypeUsage.allocationSize(value.`usage`) +
+            FfiConverterOptionalTypeLeaseStatus.allocationSize(value.`lease`)
+    )
+
+    override fun write(value: FeatureInfo, buf: ByteBuffer) {
+            FfiConverterString.write(value.`feature`, buf)
+            FfiConverterBoolean.write(value.`entitled`, buf)
+            FfiConverterTypeRule.write(value.`rule`, buf)
+            FfiConverterTypeUsage.write(value.`usage`, buf)
+            FfiConverterOptionalTypeLeaseStatus.write(value.`lease`, buf)
     }
 }
 
@@ -4444,17 +6259,17 @@ data class LeaseStatus (
     /**
      * What this device may record in the window, after its own releases.
      */
-    var `allowance`: kotlin.ULong
+    var `allowance`: kotlin.Long
     , 
     /**
      * Units recorded under the lease in the window (server count + unacknowledged here).
      */
-    var `used`: kotlin.ULong
+    var `used`: kotlin.Long
     , 
     /**
      * `allowance - used`, floored at 0.
      */
-    var `remaining`: kotlin.ULong
+    var `remaining`: kotlin.Long
     , 
     /**
      * This device's share of the limit (0..=1), for windows it enters offline.
@@ -4489,9 +6304,9 @@ public object FfiConverterTypeLeaseStatus: FfiConverterRustBuffer<LeaseStatus> {
             FfiConverterString.read(buf),
             FfiConverterString.read(buf),
             FfiConverterOptionalLong.read(buf),
-            FfiConverterULong.read(buf),
-            FfiConverterULong.read(buf),
-            FfiConverterULong.read(buf),
+            FfiConverterLong.read(buf),
+            FfiConverterLong.read(buf),
+            FfiConverterLong.read(buf),
             FfiConverterDouble.read(buf),
             FfiConverterOptionalLong.read(buf),
             FfiConverterOptionalLong.read(buf),
@@ -4502,9 +6317,9 @@ public object FfiConverterTypeLeaseStatus: FfiConverterRustBuffer<LeaseStatus> {
             FfiConverterString.allocationSize(value.`feature`) +
             FfiConverterString.allocationSize(value.`period`) +
             FfiConverterOptionalLong.allocationSize(value.`periodStartMs`) +
-            FfiConverterULong.allocationSize(value.`allowance`) +
-            FfiConverterULong.allocationSize(value.`used`) +
-            FfiConverterULong.allocationSize(value.`remaining`) +
+            FfiConverterLong.allocationSize(value.`allowance`) +
+            FfiConverterLong.allocationSize(value.`used`) +
+            FfiConverterLong.allocationSize(value.`remaining`) +
             FfiConverterDouble.allocationSize(value.`share`) +
             FfiConverterOptionalLong.allocationSize(value.`expiresAtMs`) +
             FfiConverterOptionalLong.allocationSize(value.`leaseUntilMs`)
@@ -4514,9 +6329,9 @@ public object FfiConverterTypeLeaseStatus: FfiConverterRustBuffer<LeaseStatus> {
             FfiConverterString.write(value.`feature`, buf)
             FfiConverterString.write(value.`period`, buf)
             FfiConverterOptionalLong.write(value.`periodStartMs`, buf)
-            FfiConverterULong.write(value.`allowance`, buf)
-            FfiConverterULong.write(value.`used`, buf)
-            FfiConverterULong.write(value.`remaining`, buf)
+            FfiConverterLong.write(value.`allowance`, buf)
+            FfiConverterLong.write(value.`used`, buf)
+            FfiConverterLong.write(value.`remaining`, buf)
             FfiConverterDouble.write(value.`share`, buf)
             FfiConverterOptionalLong.write(value.`expiresAtMs`, buf)
             FfiConverterOptionalLong.write(value.`leaseUntilMs`, buf)
@@ -4532,12 +6347,12 @@ data class ModelPrice (
     /**
      * Price per million input tokens.
      */
-    var `inputMicrosPerMtok`: kotlin.ULong
+    var `inputMicrosPerMtok`: kotlin.Long
     , 
     /**
      * Price per million output tokens.
      */
-    var `outputMicrosPerMtok`: kotlin.ULong
+    var `outputMicrosPerMtok`: kotlin.Long
     
 ){
     
@@ -4554,19 +6369,19 @@ data class ModelPrice (
 public object FfiConverterTypeModelPrice: FfiConverterRustBuffer<ModelPrice> {
     override fun read(buf: ByteBuffer): ModelPrice {
         return ModelPrice(
-            FfiConverterULong.read(buf),
-            FfiConverterULong.read(buf),
+            FfiConverterLong.read(buf),
+            FfiConverterLong.read(buf),
         )
     }
 
     override fun allocationSize(value: ModelPrice) = (
-            FfiConverterULong.allocationSize(value.`inputMicrosPerMtok`) +
-            FfiConverterULong.allocationSize(value.`outputMicrosPerMtok`)
+            FfiConverterLong.allocationSize(value.`inputMicrosPerMtok`) +
+            FfiConverterLong.allocationSize(value.`outputMicrosPerMtok`)
     )
 
     override fun write(value: ModelPrice, buf: ByteBuffer) {
-            FfiConverterULong.write(value.`inputMicrosPerMtok`, buf)
-            FfiConverterULong.write(value.`outputMicrosPerMtok`, buf)
+            FfiConverterLong.write(value.`inputMicrosPerMtok`, buf)
+            FfiConverterLong.write(value.`outputMicrosPerMtok`, buf)
     }
 }
 
@@ -4899,27 +6714,27 @@ data class ReportRow (
     /**
      * Number of events.
      */
-    var `events`: kotlin.ULong
+    var `events`: kotlin.Long
     , 
     /**
      * Summed amounts.
      */
-    var `amount`: kotlin.ULong
+    var `amount`: kotlin.Long
     , 
     /**
      * Summed AI input tokens.
      */
-    var `inputTokens`: kotlin.ULong
+    var `inputTokens`: kotlin.Long
     , 
     /**
      * Summed AI output tokens.
      */
-    var `outputTokens`: kotlin.ULong
+    var `outputTokens`: kotlin.Long
     , 
     /**
      * Summed AI cost in micros.
      */
-    var `costMicros`: kotlin.ULong
+    var `costMicros`: kotlin.Long
     
 ){
     
@@ -4937,30 +6752,30 @@ public object FfiConverterTypeReportRow: FfiConverterRustBuffer<ReportRow> {
     override fun read(buf: ByteBuffer): ReportRow {
         return ReportRow(
             FfiConverterString.read(buf),
-            FfiConverterULong.read(buf),
-            FfiConverterULong.read(buf),
-            FfiConverterULong.read(buf),
-            FfiConverterULong.read(buf),
-            FfiConverterULong.read(buf),
+            FfiConverterLong.read(buf),
+            FfiConverterLong.read(buf),
+            FfiConverterLong.read(buf),
+            FfiConverterLong.read(buf),
+            FfiConverterLong.read(buf),
         )
     }
 
     override fun allocationSize(value: ReportRow) = (
             FfiConverterString.allocationSize(value.`key`) +
-            FfiConverterULong.allocationSize(value.`events`) +
-            FfiConverterULong.allocationSize(value.`amount`) +
-            FfiConverterULong.allocationSize(value.`inputTokens`) +
-            FfiConverterULong.allocationSize(value.`outputTokens`) +
-            FfiConverterULong.allocationSize(value.`costMicros`)
+            FfiConverterLong.allocationSize(value.`events`) +
+            FfiConverterLong.allocationSize(value.`amount`) +
+            FfiConverterLong.allocationSize(value.`inputTokens`) +
+            FfiConverterLong.allocationSize(value.`outputTokens`) +
+            FfiConverterLong.allocationSize(value.`costMicros`)
     )
 
     override fun write(value: ReportRow, buf: ByteBuffer) {
             FfiConverterString.write(value.`key`, buf)
-            FfiConverterULong.write(value.`events`, buf)
-            FfiConverterULong.write(value.`amount`, buf)
-            FfiConverterULong.write(value.`inputTokens`, buf)
-            FfiConverterULong.write(value.`outputTokens`, buf)
-            FfiConverterULong.write(value.`costMicros`, buf)
+            FfiConverterLong.write(value.`events`, buf)
+            FfiConverterLong.write(value.`amount`, buf)
+            FfiConverterLong.write(value.`inputTokens`, buf)
+            FfiConverterLong.write(value.`outputTokens`, buf)
+            FfiConverterLong.write(value.`costMicros`, buf)
     }
 }
 
@@ -4989,32 +6804,32 @@ data class SyncOptions (
     /**
      * Most events per request.
      */
-    var `maxBatchEvents`: kotlin.UInt? = null 
+    var `maxBatchEvents`: kotlin.Long? = null 
     , 
     /**
      * Largest request body in bytes.
      */
-    var `maxBatchBytes`: kotlin.ULong? = null 
+    var `maxBatchBytes`: kotlin.Long? = null 
     , 
     /**
      * Attempts per request (including the first).
      */
-    var `maxAttempts`: kotlin.UInt? = null 
+    var `maxAttempts`: kotlin.Long? = null 
     , 
     /**
      * First retry backoff in ms (doubled each attempt, with jitter).
      */
-    var `initialBackoffMs`: kotlin.ULong? = null 
+    var `initialBackoffMs`: kotlin.Long? = null 
     , 
     /**
      * Longest single retry wait in ms.
      */
-    var `maxBackoffMs`: kotlin.ULong? = null 
+    var `maxBackoffMs`: kotlin.Long? = null 
     , 
     /**
      * Per-request timeout in ms.
      */
-    var `timeoutMs`: kotlin.ULong? = null 
+    var `timeoutMs`: kotlin.Long? = null 
     , 
     /**
      * Ask for a freshly signed entitlements token ("restore purchases").
@@ -5056,12 +6871,12 @@ public object FfiConverterTypeSyncOptions: FfiConverterRustBuffer<SyncOptions> {
             FfiConverterString.read(buf),
             FfiConverterString.read(buf),
             FfiConverterOptionalTypeTokenProvider.read(buf),
-            FfiConverterOptionalUInt.read(buf),
-            FfiConverterOptionalULong.read(buf),
-            FfiConverterOptionalUInt.read(buf),
-            FfiConverterOptionalULong.read(buf),
-            FfiConverterOptionalULong.read(buf),
-            FfiConverterOptionalULong.read(buf),
+            FfiConverterOptionalLong.read(buf),
+            FfiConverterOptionalLong.read(buf),
+            FfiConverterOptionalLong.read(buf),
+            FfiConverterOptionalLong.read(buf),
+            FfiConverterOptionalLong.read(buf),
+            FfiConverterOptionalLong.read(buf),
             FfiConverterBoolean.read(buf),
         )
     }
@@ -5070,12 +6885,12 @@ public object FfiConverterTypeSyncOptions: FfiConverterRustBuffer<SyncOptions> {
             FfiConverterString.allocationSize(value.`serverUrl`) +
             FfiConverterString.allocationSize(value.`token`) +
             FfiConverterOptionalTypeTokenProvider.allocationSize(value.`tokenProvider`) +
-            FfiConverterOptionalUInt.allocationSize(value.`maxBatchEvents`) +
-            FfiConverterOptionalULong.allocationSize(value.`maxBatchBytes`) +
-            FfiConverterOptionalUInt.allocationSize(value.`maxAttempts`) +
-            FfiConverterOptionalULong.allocationSize(value.`initialBackoffMs`) +
-            FfiConverterOptionalULong.allocationSize(value.`maxBackoffMs`) +
-            FfiConverterOptionalULong.allocationSize(value.`timeoutMs`) +
+            FfiConverterOptionalLong.allocationSize(value.`maxBatchEvents`) +
+            FfiConverterOptionalLong.allocationSize(value.`maxBatchBytes`) +
+            FfiConverterOptionalLong.allocationSize(value.`maxAttempts`) +
+            FfiConverterOptionalLong.allocationSize(value.`initialBackoffMs`) +
+            FfiConverterOptionalLong.allocationSize(value.`maxBackoffMs`) +
+            FfiConverterOptionalLong.allocationSize(value.`timeoutMs`) +
             FfiConverterBoolean.allocationSize(value.`forceEntitlements`)
     )
 
@@ -5083,12 +6898,12 @@ public object FfiConverterTypeSyncOptions: FfiConverterRustBuffer<SyncOptions> {
             FfiConverterString.write(value.`serverUrl`, buf)
             FfiConverterString.write(value.`token`, buf)
             FfiConverterOptionalTypeTokenProvider.write(value.`tokenProvider`, buf)
-            FfiConverterOptionalUInt.write(value.`maxBatchEvents`, buf)
-            FfiConverterOptionalULong.write(value.`maxBatchBytes`, buf)
-            FfiConverterOptionalUInt.write(value.`maxAttempts`, buf)
-            FfiConverterOptionalULong.write(value.`initialBackoffMs`, buf)
-            FfiConverterOptionalULong.write(value.`maxBackoffMs`, buf)
-            FfiConverterOptionalULong.write(value.`timeoutMs`, buf)
+            FfiConverterOptionalLong.write(value.`maxBatchEvents`, buf)
+            FfiConverterOptionalLong.write(value.`maxBatchBytes`, buf)
+            FfiConverterOptionalLong.write(value.`maxAttempts`, buf)
+            FfiConverterOptionalLong.write(value.`initialBackoffMs`, buf)
+            FfiConverterOptionalLong.write(value.`maxBackoffMs`, buf)
+            FfiConverterOptionalLong.write(value.`timeoutMs`, buf)
             FfiConverterBoolean.write(value.`forceEntitlements`, buf)
     }
 }
@@ -5102,17 +6917,17 @@ data class SyncReport (
     /**
      * Events sent (counting re-sends after a retry once).
      */
-    var `eventsSent`: kotlin.ULong
+    var `eventsSent`: kotlin.Long
     , 
     /**
      * Events the server took (new or already known).
      */
-    var `eventsAcked`: kotlin.ULong
+    var `eventsAcked`: kotlin.Long
     , 
     /**
      * Of those, the ones the server already had.
      */
-    var `duplicates`: kotlin.ULong
+    var `duplicates`: kotlin.Long
     , 
     /**
      * Events refused.
@@ -5122,17 +6937,17 @@ data class SyncReport (
     /**
      * Settings changes sent.
      */
-    var `settingsSent`: kotlin.ULong
+    var `settingsSent`: kotlin.Long
     , 
     /**
      * Settings changes received and applied.
      */
-    var `settingsReceived`: kotlin.ULong
+    var `settingsReceived`: kotlin.Long
     , 
     /**
      * Requests made.
      */
-    var `rounds`: kotlin.ULong
+    var `rounds`: kotlin.Long
     , 
     /**
      * Whether a new entitlements token was accepted.
@@ -5170,13 +6985,13 @@ data class SyncReport (
 public object FfiConverterTypeSyncReport: FfiConverterRustBuffer<SyncReport> {
     override fun read(buf: ByteBuffer): SyncReport {
         return SyncReport(
-            FfiConverterULong.read(buf),
-            FfiConverterULong.read(buf),
-            FfiConverterULong.read(buf),
+            FfiConverterLong.read(buf),
+            FfiConverterLong.read(buf),
+            FfiConverterLong.read(buf),
             FfiConverterSequenceTypeRejectedEvent.read(buf),
-            FfiConverterULong.read(buf),
-            FfiConverterULong.read(buf),
-            FfiConverterULong.read(buf),
+            FfiConverterLong.read(buf),
+            FfiConverterLong.read(buf),
+            FfiConverterLong.read(buf),
             FfiConverterBoolean.read(buf),
             FfiConverterSequenceTypeRejectedSetting.read(buf),
             FfiConverterSequenceTypeRejectedProfileField.read(buf),
@@ -5185,13 +7000,13 @@ public object FfiConverterTypeSyncReport: FfiConverterRustBuffer<SyncReport> {
     }
 
     override fun allocationSize(value: SyncReport) = (
-            FfiConverterULong.allocationSize(value.`eventsSent`) +
-            FfiConverterULong.allocationSize(value.`eventsAcked`) +
-            FfiConverterULong.allocationSize(value.`duplicates`) +
+            FfiConverterLong.allocationSize(value.`eventsSent`) +
+            FfiConverterLong.allocationSize(value.`eventsAcked`) +
+            FfiConverterLong.allocationSize(value.`duplicates`) +
             FfiConverterSequenceTypeRejectedEvent.allocationSize(value.`rejected`) +
-            FfiConverterULong.allocationSize(value.`settingsSent`) +
-            FfiConverterULong.allocationSize(value.`settingsReceived`) +
-            FfiConverterULong.allocationSize(value.`rounds`) +
+            FfiConverterLong.allocationSize(value.`settingsSent`) +
+            FfiConverterLong.allocationSize(value.`settingsReceived`) +
+            FfiConverterLong.allocationSize(value.`rounds`) +
             FfiConverterBoolean.allocationSize(value.`entitlementsUpdated`) +
             FfiConverterSequenceTypeRejectedSetting.allocationSize(value.`settingsRejected`) +
             FfiConverterSequenceTypeRejectedProfileField.allocationSize(value.`profileRejected`) +
@@ -5199,17 +7014,112 @@ public object FfiConverterTypeSyncReport: FfiConverterRustBuffer<SyncReport> {
     )
 
     override fun write(value: SyncReport, buf: ByteBuffer) {
-            FfiConverterULong.write(value.`eventsSent`, buf)
-            FfiConverterULong.write(value.`eventsAcked`, buf)
-            FfiConverterULong.write(value.`duplicates`, buf)
+            FfiConverterLong.write(value.`eventsSent`, buf)
+            FfiConverterLong.write(value.`eventsAcked`, buf)
+            FfiConverterLong.write(value.`duplicates`, buf)
             FfiConverterSequenceTypeRejectedEvent.write(value.`rejected`, buf)
-            FfiConverterULong.write(value.`settingsSent`, buf)
-            FfiConverterULong.write(value.`settingsReceived`, buf)
-            FfiConverterULong.write(value.`rounds`, buf)
+            FfiConverterLong.write(value.`settingsSent`, buf)
+            FfiConverterLong.write(value.`settingsReceived`, buf)
+            FfiConverterLong.write(value.`rounds`, buf)
             FfiConverterBoolean.write(value.`entitlementsUpdated`, buf)
             FfiConverterSequenceTypeRejectedSetting.write(value.`settingsRejected`, buf)
             FfiConverterSequenceTypeRejectedProfileField.write(value.`profileRejected`, buf)
             FfiConverterSequenceString.write(value.`unknownFeatures`, buf)
+    }
+}
+
+
+
+/**
+ * Where auto-sync stands.
+ */
+data class SyncStatus (
+    /**
+     * Whether the helper still runs (false after `stop`, or after an error it cannot retry).
+     */
+    var `running`: kotlin.Boolean
+    , 
+    /**
+     * Whether a sync round is in flight.
+     */
+    var `uploading`: kotlin.Boolean
+    , 
+    /**
+     * The user synced last (or about to be).
+     */
+    var `userId`: kotlin.String?
+    , 
+    /**
+     * That user's uses not yet acknowledged by the server.
+     */
+    var `pending`: kotlin.Long
+    , 
+    /**
+     * When that user last completed a sync (Unix ms; absent = never).
+     */
+    var `lastSyncedAtMs`: kotlin.Long?
+    , 
+    /**
+     * The message of the last round's error (absent after a successful round).
+     */
+    var `lastError`: kotlin.String?
+    , 
+    /**
+     * The `TallyError` variant of `last_error` (`Unauthorized`, `Network`, …).
+     */
+    var `lastErrorKind`: kotlin.String?
+    , 
+    /**
+     * Failed rounds in a row.
+     */
+    var `consecutiveFailures`: kotlin.Long
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeSyncStatus: FfiConverterRustBuffer<SyncStatus> {
+    override fun read(buf: ByteBuffer): SyncStatus {
+        return SyncStatus(
+            FfiConverterBoolean.read(buf),
+            FfiConverterBoolean.read(buf),
+            FfiConverterOptionalString.read(buf),
+            FfiConverterLong.read(buf),
+            FfiConverterOptionalLong.read(buf),
+            FfiConverterOptionalString.read(buf),
+            FfiConverterOptionalString.read(buf),
+            FfiConverterLong.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: SyncStatus) = (
+            FfiConverterBoolean.allocationSize(value.`running`) +
+            FfiConverterBoolean.allocationSize(value.`uploading`) +
+            FfiConverterOptionalString.allocationSize(value.`userId`) +
+            FfiConverterLong.allocationSize(value.`pending`) +
+            FfiConverterOptionalLong.allocationSize(value.`lastSyncedAtMs`) +
+            FfiConverterOptionalString.allocationSize(value.`lastError`) +
+            FfiConverterOptionalString.allocationSize(value.`lastErrorKind`) +
+            FfiConverterLong.allocationSize(value.`consecutiveFailures`)
+    )
+
+    override fun write(value: SyncStatus, buf: ByteBuffer) {
+            FfiConverterBoolean.write(value.`running`, buf)
+            FfiConverterBoolean.write(value.`uploading`, buf)
+            FfiConverterOptionalString.write(value.`userId`, buf)
+            FfiConverterLong.write(value.`pending`, buf)
+            FfiConverterOptionalLong.write(value.`lastSyncedAtMs`, buf)
+            FfiConverterOptionalString.write(value.`lastError`, buf)
+            FfiConverterOptionalString.write(value.`lastErrorKind`, buf)
+            FfiConverterLong.write(value.`consecutiveFailures`, buf)
     }
 }
 
@@ -5247,17 +7157,17 @@ data class TallyConfig (
     /**
      * How long a past-due subscription keeps access, in seconds (default 3 days).
      */
-    var `pastDueGraceSecs`: kotlin.ULong? = null 
+    var `pastDueGraceSecs`: kotlin.Long? = null 
     , 
     /**
      * How long an expired entitlements token is honoured offline, in seconds (default 3 days).
      */
-    var `tokenGraceSecs`: kotlin.ULong? = null 
+    var `tokenGraceSecs`: kotlin.Long? = null 
     , 
     /**
      * How long to wait for another process holding the database lock, in ms (default 10 s).
      */
-    var `busyTimeoutMs`: kotlin.ULong? = null 
+    var `busyTimeoutMs`: kotlin.Long? = null 
     , 
     /**
      * The sync server's token-signing keys (its `GET /v1/keys` JWKS JSON, shipped with the
@@ -5322,9 +7232,9 @@ public object FfiConverterTypeTallyConfig: FfiConverterRustBuffer<TallyConfig> {
             FfiConverterOptionalString.read(buf),
             FfiConverterSequenceString.read(buf),
             FfiConverterOptionalString.read(buf),
-            FfiConverterOptionalULong.read(buf),
-            FfiConverterOptionalULong.read(buf),
-            FfiConverterOptionalULong.read(buf),
+            FfiConverterOptionalLong.read(buf),
+            FfiConverterOptionalLong.read(buf),
+            FfiConverterOptionalLong.read(buf),
             FfiConverterOptionalString.read(buf),
             FfiConverterSequenceString.read(buf),
             FfiConverterOptionalTypeTallyClock.read(buf),
@@ -5338,9 +7248,9 @@ public object FfiConverterTypeTallyConfig: FfiConverterRustBuffer<TallyConfig> {
             FfiConverterOptionalString.allocationSize(value.`defaultSettingsJson`) +
             FfiConverterSequenceString.allocationSize(value.`localOnlySettings`) +
             FfiConverterOptionalString.allocationSize(value.`catalogJson`) +
-            FfiConverterOptionalULong.allocationSize(value.`pastDueGraceSecs`) +
-            FfiConverterOptionalULong.allocationSize(value.`tokenGraceSecs`) +
-            FfiConverterOptionalULong.allocationSize(value.`busyTimeoutMs`) +
+            FfiConverterOptionalLong.allocationSize(value.`pastDueGraceSecs`) +
+            FfiConverterOptionalLong.allocationSize(value.`tokenGraceSecs`) +
+            FfiConverterOptionalLong.allocationSize(value.`busyTimeoutMs`) +
             FfiConverterOptionalString.allocationSize(value.`serverKeys`) +
             FfiConverterSequenceString.allocationSize(value.`offlineFeatures`) +
             FfiConverterOptionalTypeTallyClock.allocationSize(value.`clock`) +
@@ -5353,9 +7263,9 @@ public object FfiConverterTypeTallyConfig: FfiConverterRustBuffer<TallyConfig> {
             FfiConverterOptionalString.write(value.`defaultSettingsJson`, buf)
             FfiConverterSequenceString.write(value.`localOnlySettings`, buf)
             FfiConverterOptionalString.write(value.`catalogJson`, buf)
-            FfiConverterOptionalULong.write(value.`pastDueGraceSecs`, buf)
-            FfiConverterOptionalULong.write(value.`tokenGraceSecs`, buf)
-            FfiConverterOptionalULong.write(value.`busyTimeoutMs`, buf)
+            FfiConverterOptionalLong.write(value.`pastDueGraceSecs`, buf)
+            FfiConverterOptionalLong.write(value.`tokenGraceSecs`, buf)
+            FfiConverterOptionalLong.write(value.`busyTimeoutMs`, buf)
             FfiConverterOptionalString.write(value.`serverKeys`, buf)
             FfiConverterSequenceString.write(value.`offlineFeatures`, buf)
             FfiConverterOptionalTypeTallyClock.write(value.`clock`, buf)
@@ -5382,22 +7292,22 @@ data class Usage (
     /**
      * Used in the window (micros for budgets, credits spent for credit rules).
      */
-    var `used`: kotlin.ULong
+    var `used`: kotlin.Long
     , 
     /**
      * Limit (absent = unlimited).
      */
-    var `limit`: kotlin.ULong?
+    var `limit`: kotlin.Long?
     , 
     /**
      * What is left (absent = unlimited).
      */
-    var `remaining`: kotlin.ULong?
+    var `remaining`: kotlin.Long?
     , 
     /**
      * `max(0, used - limit)`.
      */
-    var `overLimitBy`: kotlin.ULong
+    var `overLimitBy`: kotlin.Long
     , 
     /**
      * The sorted causes of the overage the server reported for this window (`usage_report`,
@@ -5418,13 +7328,13 @@ data class Usage (
     /**
      * Protocol 2: what this device's lease allows in the window (absent without a lease).
      */
-    var `deviceAllowance`: kotlin.ULong? = null 
+    var `deviceAllowance`: kotlin.Long? = null 
     , 
     /**
      * Protocol 2: what this device's lease has left ("3 left on this phone"; absent without
      * a lease).
      */
-    var `deviceRemaining`: kotlin.ULong? = null 
+    var `deviceRemaining`: kotlin.Long? = null 
     
 ){
     
@@ -5443,44 +7353,44 @@ public object FfiConverterTypeUsage: FfiConverterRustBuffer<Usage> {
         return Usage(
             FfiConverterString.read(buf),
             FfiConverterOptionalTypePeriod.read(buf),
-            FfiConverterULong.read(buf),
-            FfiConverterOptionalULong.read(buf),
-            FfiConverterOptionalULong.read(buf),
-            FfiConverterULong.read(buf),
+            FfiConverterLong.read(buf),
+            FfiConverterOptionalLong.read(buf),
+            FfiConverterOptionalLong.read(buf),
+            FfiConverterLong.read(buf),
             FfiConverterSequenceString.read(buf),
             FfiConverterOptionalLong.read(buf),
             FfiConverterOptionalLong.read(buf),
-            FfiConverterOptionalULong.read(buf),
-            FfiConverterOptionalULong.read(buf),
+            FfiConverterOptionalLong.read(buf),
+            FfiConverterOptionalLong.read(buf),
         )
     }
 
     override fun allocationSize(value: Usage) = (
             FfiConverterString.allocationSize(value.`feature`) +
             FfiConverterOptionalTypePeriod.allocationSize(value.`period`) +
-            FfiConverterULong.allocationSize(value.`used`) +
-            FfiConverterOptionalULong.allocationSize(value.`limit`) +
-            FfiConverterOptionalULong.allocationSize(value.`remaining`) +
-            FfiConverterULong.allocationSize(value.`overLimitBy`) +
+            FfiConverterLong.allocationSize(value.`used`) +
+            FfiConverterOptionalLong.allocationSize(value.`limit`) +
+            FfiConverterOptionalLong.allocationSize(value.`remaining`) +
+            FfiConverterLong.allocationSize(value.`overLimitBy`) +
             FfiConverterSequenceString.allocationSize(value.`overLimitCauses`) +
             FfiConverterOptionalLong.allocationSize(value.`periodStartMs`) +
             FfiConverterOptionalLong.allocationSize(value.`resetsAtMs`) +
-            FfiConverterOptionalULong.allocationSize(value.`deviceAllowance`) +
-            FfiConverterOptionalULong.allocationSize(value.`deviceRemaining`)
+            FfiConverterOptionalLong.allocationSize(value.`deviceAllowance`) +
+            FfiConverterOptionalLong.allocationSize(value.`deviceRemaining`)
     )
 
     override fun write(value: Usage, buf: ByteBuffer) {
             FfiConverterString.write(value.`feature`, buf)
             FfiConverterOptionalTypePeriod.write(value.`period`, buf)
-            FfiConverterULong.write(value.`used`, buf)
-            FfiConverterOptionalULong.write(value.`limit`, buf)
-            FfiConverterOptionalULong.write(value.`remaining`, buf)
-            FfiConverterULong.write(value.`overLimitBy`, buf)
+            FfiConverterLong.write(value.`used`, buf)
+            FfiConverterOptionalLong.write(value.`limit`, buf)
+            FfiConverterOptionalLong.write(value.`remaining`, buf)
+            FfiConverterLong.write(value.`overLimitBy`, buf)
             FfiConverterSequenceString.write(value.`overLimitCauses`, buf)
             FfiConverterOptionalLong.write(value.`periodStartMs`, buf)
             FfiConverterOptionalLong.write(value.`resetsAtMs`, buf)
-            FfiConverterOptionalULong.write(value.`deviceAllowance`, buf)
-            FfiConverterOptionalULong.write(value.`deviceRemaining`, buf)
+            FfiConverterOptionalLong.write(value.`deviceAllowance`, buf)
+            FfiConverterOptionalLong.write(value.`deviceRemaining`, buf)
     }
 }
 
@@ -5503,12 +7413,12 @@ data class UsageMeta (
     /**
      * AI input tokens.
      */
-    var `inputTokens`: kotlin.ULong? = null 
+    var `inputTokens`: kotlin.Long? = null 
     , 
     /**
      * AI output tokens.
      */
-    var `outputTokens`: kotlin.ULong? = null 
+    var `outputTokens`: kotlin.Long? = null 
     , 
     /**
      * Small JSON metadata (≤ 4 KiB serialized), as a JSON string.
@@ -5532,8 +7442,8 @@ public object FfiConverterTypeUsageMeta: FfiConverterRustBuffer<UsageMeta> {
         return UsageMeta(
             FfiConverterOptionalString.read(buf),
             FfiConverterOptionalString.read(buf),
-            FfiConverterOptionalULong.read(buf),
-            FfiConverterOptionalULong.read(buf),
+            FfiConverterOptionalLong.read(buf),
+            FfiConverterOptionalLong.read(buf),
             FfiConverterOptionalString.read(buf),
         )
     }
@@ -5541,16 +7451,16 @@ public object FfiConverterTypeUsageMeta: FfiConverterRustBuffer<UsageMeta> {
     override fun allocationSize(value: UsageMeta) = (
             FfiConverterOptionalString.allocationSize(value.`idempotencyKey`) +
             FfiConverterOptionalString.allocationSize(value.`model`) +
-            FfiConverterOptionalULong.allocationSize(value.`inputTokens`) +
-            FfiConverterOptionalULong.allocationSize(value.`outputTokens`) +
+            FfiConverterOptionalLong.allocationSize(value.`inputTokens`) +
+            FfiConverterOptionalLong.allocationSize(value.`outputTokens`) +
             FfiConverterOptionalString.allocationSize(value.`metadataJson`)
     )
 
     override fun write(value: UsageMeta, buf: ByteBuffer) {
             FfiConverterOptionalString.write(value.`idempotencyKey`, buf)
             FfiConverterOptionalString.write(value.`model`, buf)
-            FfiConverterOptionalULong.write(value.`inputTokens`, buf)
-            FfiConverterOptionalULong.write(value.`outputTokens`, buf)
+            FfiConverterOptionalLong.write(value.`inputTokens`, buf)
+            FfiConverterOptionalLong.write(value.`outputTokens`, buf)
             FfiConverterOptionalString.write(value.`metadataJson`, buf)
     }
 }
@@ -5669,6 +7579,70 @@ public object FfiConverterTypeUser: FfiConverterRustBuffer<User> {
 
 
 /**
+ * One committed change and the user's state after it.
+ */
+data class UserChange (
+    /**
+     * The user whose data changed.
+     */
+    var `userId`: kotlin.String
+    , 
+    /**
+     * What changed.
+     */
+    var `change`: Change
+    , 
+    /**
+     * The user's state after the change (absent once the user is deleted or attached to an
+     * account).
+     */
+    var `info`: CustomerInfo?
+    , 
+    /**
+     * Whether `user_id` is the current user (see `current_user`) after the change.
+     */
+    var `isCurrentUser`: kotlin.Boolean
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeUserChange: FfiConverterRustBuffer<UserChange> {
+    override fun read(buf: ByteBuffer): UserChange {
+        return UserChange(
+            FfiConverterString.read(buf),
+            FfiConverterTypeChange.read(buf),
+            FfiConverterOptionalTypeCustomerInfo.read(buf),
+            FfiConverterBoolean.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: UserChange) = (
+            FfiConverterString.allocationSize(value.`userId`) +
+            FfiConverterTypeChange.allocationSize(value.`change`) +
+            FfiConverterOptionalTypeCustomerInfo.allocationSize(value.`info`) +
+            FfiConverterBoolean.allocationSize(value.`isCurrentUser`)
+    )
+
+    override fun write(value: UserChange, buf: ByteBuffer) {
+            FfiConverterString.write(value.`userId`, buf)
+            FfiConverterTypeChange.write(value.`change`, buf)
+            FfiConverterOptionalTypeCustomerInfo.write(value.`info`, buf)
+            FfiConverterBoolean.write(value.`isCurrentUser`, buf)
+    }
+}
+
+
+
+/**
  * Changes to a user's profile; absent leaves a field as it is, `""` clears it.
  */
 data class UserUpdate (
@@ -5728,92 +7702,6 @@ public object FfiConverterTypeUserUpdate: FfiConverterRustBuffer<UserUpdate> {
             FfiConverterOptionalString.write(value.`email`, buf)
     }
 }
-
-
-
-/**
- * Commit durability of the SQLite database.
- */
-
-enum class Durability {
-    
-    /**
-     * WAL + `synchronous=NORMAL`: survives app crashes (the default).
-     */
-    NORMAL,
-    /**
-     * WAL + `synchronous=FULL`: also survives power loss.
-     */
-    FULL;
-
-    
-
-
-    companion object
-}
-
-
-/**
- * @suppress
- */
-public object FfiConverterTypeDurability: FfiConverterRustBuffer<Durability> {
-    override fun read(buf: ByteBuffer) = try {
-        Durability.values()[buf.getInt() - 1]
-    } catch (e: IndexOutOfBoundsException) {
-        throw RuntimeException("invalid enum value, something is very wrong!!", e)
-    }
-
-    override fun allocationSize(value: Durability) = 4UL
-
-    override fun write(value: Durability, buf: ByteBuffer) {
-        buf.putInt(value.ordinal + 1)
-    }
-}
-
-
-
-
-
-/**
- * Whether going over a limit denies (`Hard`) or records and flags (`Soft`).
- */
-
-enum class Enforcement {
-    
-    /**
-     * Deny and record nothing.
-     */
-    HARD,
-    /**
-     * Record and answer `OverLimitSoft`.
-     */
-    SOFT;
-
-    
-
-
-    companion object
-}
-
-
-/**
- * @suppress
- */
-public object FfiConverterTypeEnforcement: FfiConverterRustBuffer<Enforcement> {
-    override fun read(buf: ByteBuffer) = try {
-        Enforcement.values()[buf.getInt() - 1]
-    } catch (e: IndexOutOfBoundsException) {
-        throw RuntimeException("invalid enum value, something is very wrong!!", e)
-    }
-
-    override fun allocationSize(value: Enforcement) = 4UL
-
-    override fun write(value: Enforcement, buf: ByteBuffer) {
-        buf.putInt(value.ordinal + 1)
-    }
-}
-
-
 
 
 
@@ -5917,120 +7805,6 @@ public object FfiConverterTypeEventStatus : FfiConverterRustBuffer<EventStatus>{
 
 
 /**
- * How report rows are grouped.
- */
-
-enum class GroupBy {
-    
-    /**
-     * By calendar day in the user's timezone (`YYYY-MM-DD`).
-     */
-    DAY,
-    /**
-     * By feature key.
-     */
-    FEATURE,
-    /**
-     * By AI model (`""` for events without one).
-     */
-    MODEL;
-
-    
-
-
-    companion object
-}
-
-
-/**
- * @suppress
- */
-public object FfiConverterTypeGroupBy: FfiConverterRustBuffer<GroupBy> {
-    override fun read(buf: ByteBuffer) = try {
-        GroupBy.values()[buf.getInt() - 1]
-    } catch (e: IndexOutOfBoundsException) {
-        throw RuntimeException("invalid enum value, something is very wrong!!", e)
-    }
-
-    override fun allocationSize(value: GroupBy) = 4UL
-
-    override fun write(value: GroupBy, buf: ByteBuffer) {
-        buf.putInt(value.ordinal + 1)
-    }
-}
-
-
-
-
-
-/**
- * How often a limit resets.
- */
-
-enum class Period {
-    
-    /**
-     * 60 s windows aligned to the Unix epoch.
-     */
-    MINUTE,
-    /**
-     * 3600 s windows aligned to the Unix epoch.
-     */
-    HOUR,
-    /**
-     * From local midnight to the next.
-     */
-    DAY,
-    /**
-     * ISO week, from Monday local midnight.
-     */
-    WEEK,
-    /**
-     * From the first of the month, local midnight.
-     */
-    MONTH,
-    /**
-     * From January 1st, local midnight.
-     */
-    YEAR,
-    /**
-     * Monthly from the billing anchor.
-     */
-    BILLING,
-    /**
-     * One window, never resets.
-     */
-    LIFETIME;
-
-    
-
-
-    companion object
-}
-
-
-/**
- * @suppress
- */
-public object FfiConverterTypePeriod: FfiConverterRustBuffer<Period> {
-    override fun read(buf: ByteBuffer) = try {
-        Period.values()[buf.getInt() - 1]
-    } catch (e: IndexOutOfBoundsException) {
-        throw RuntimeException("invalid enum value, something is very wrong!!", e)
-    }
-
-    override fun allocationSize(value: Period) = 4UL
-
-    override fun write(value: Period, buf: ByteBuffer) {
-        buf.putInt(value.ordinal + 1)
-    }
-}
-
-
-
-
-
-/**
  * A store's proof of purchase.
  */
 sealed class Purchase {
@@ -6123,52 +7897,23 @@ public object FfiConverterTypePurchase : FfiConverterRustBuffer<Purchase>{
 
 
 /**
- * Why a decision came out the way it did.
+ * What kind of purchase an [`ActivePurchase`] is.
  */
 
-enum class Reason {
+enum class PurchaseKind {
     
     /**
-     * Allowed.
+     * A subscription (or its trial) that gives the plan in effect.
      */
-    OK,
+    SUBSCRIPTION,
     /**
-     * A hard limit would be exceeded; nothing recorded.
+     * A plan bought for ever.
      */
-    LIMIT_REACHED,
+    LIFETIME,
     /**
-     * An AI budget is used up.
+     * A credit pack with credits left.
      */
-    BUDGET_EXCEEDED,
-    /**
-     * The feature exists but the user's plan does not include it.
-     */
-    NOT_IN_PLAN,
-    /**
-     * Too many requests in the rate window.
-     */
-    RATE_LIMITED,
-    /**
-     * Not enough credits.
-     */
-    INSUFFICIENT_CREDITS,
-    /**
-     * No plan in the catalog knows this feature.
-     */
-    UNKNOWN_FEATURE,
-    /**
-     * The model has no price in the catalog.
-     */
-    UNKNOWN_MODEL,
-    /**
-     * Over a soft limit: recorded and flagged.
-     */
-    OVER_LIMIT_SOFT,
-    /**
-     * This device's lease of a hard pool is spent while the account still has room; nothing
-     * recorded. Sync (online) to get more.
-     */
-    LEASE_EXHAUSTED;
+    CREDITS;
 
     
 
@@ -6180,16 +7925,16 @@ enum class Reason {
 /**
  * @suppress
  */
-public object FfiConverterTypeReason: FfiConverterRustBuffer<Reason> {
+public object FfiConverterTypePurchaseKind: FfiConverterRustBuffer<PurchaseKind> {
     override fun read(buf: ByteBuffer) = try {
-        Reason.values()[buf.getInt() - 1]
+        PurchaseKind.values()[buf.getInt() - 1]
     } catch (e: IndexOutOfBoundsException) {
         throw RuntimeException("invalid enum value, something is very wrong!!", e)
     }
 
-    override fun allocationSize(value: Reason) = 4UL
+    override fun allocationSize(value: PurchaseKind) = 4UL
 
-    override fun write(value: Reason, buf: ByteBuffer) {
+    override fun write(value: PurchaseKind, buf: ByteBuffer) {
         buf.putInt(value.ordinal + 1)
     }
 }
@@ -6220,9 +7965,9 @@ sealed class Rule {
      * `offline_share`: the fraction of each window's limit devices may hold as leases (0..1).
      */
     data class Metered(
-        val `limit`: kotlin.ULong?, 
-        val `period`: dev.tally.Period, 
-        val `enforcement`: dev.tally.Enforcement, 
+        val `limit`: kotlin.Long?, 
+        val `period`: dev.tally.core.Period, 
+        val `enforcement`: dev.tally.core.Enforcement, 
         val `offlineShare`: kotlin.Double) : Rule()
         
     {
@@ -6235,7 +7980,7 @@ sealed class Rule {
      * Each unit draws `cost` credits from the user's balance.
      */
     data class Credits(
-        val `cost`: kotlin.ULong) : Rule()
+        val `cost`: kotlin.Long) : Rule()
         
     {
         
@@ -6247,8 +7992,8 @@ sealed class Rule {
      * A request rate limit, per device, never synced.
      */
     data class Rate(
-        val `limit`: kotlin.ULong, 
-        val `windowSecs`: kotlin.ULong) : Rule()
+        val `limit`: kotlin.Long, 
+        val `windowSecs`: kotlin.Long) : Rule()
         
     {
         
@@ -6260,9 +8005,9 @@ sealed class Rule {
      * Caps summed AI cost (micros) per period.
      */
     data class Budget(
-        val `limitMicros`: kotlin.ULong, 
-        val `period`: dev.tally.Period, 
-        val `enforcement`: dev.tally.Enforcement, 
+        val `limitMicros`: kotlin.Long, 
+        val `period`: dev.tally.core.Period, 
+        val `enforcement`: dev.tally.core.Enforcement, 
         val `offlineShare`: kotlin.Double) : Rule()
         
     {
@@ -6291,20 +8036,20 @@ public object FfiConverterTypeRule : FfiConverterRustBuffer<Rule>{
                 FfiConverterBoolean.read(buf),
                 )
             2 -> Rule.Metered(
-                FfiConverterOptionalULong.read(buf),
+                FfiConverterOptionalLong.read(buf),
                 FfiConverterTypePeriod.read(buf),
                 FfiConverterTypeEnforcement.read(buf),
                 FfiConverterDouble.read(buf),
                 )
             3 -> Rule.Credits(
-                FfiConverterULong.read(buf),
+                FfiConverterLong.read(buf),
                 )
             4 -> Rule.Rate(
-                FfiConverterULong.read(buf),
-                FfiConverterULong.read(buf),
+                FfiConverterLong.read(buf),
+                FfiConverterLong.read(buf),
                 )
             5 -> Rule.Budget(
-                FfiConverterULong.read(buf),
+                FfiConverterLong.read(buf),
                 FfiConverterTypePeriod.read(buf),
                 FfiConverterTypeEnforcement.read(buf),
                 FfiConverterDouble.read(buf),
@@ -6325,7 +8070,7 @@ public object FfiConverterTypeRule : FfiConverterRustBuffer<Rule>{
             // Add the size for the Int that specifies the variant plus the size needed for all fields
             (
                 4UL
-                + FfiConverterOptionalULong.allocationSize(value.`limit`)
+                + FfiConverterOptionalLong.allocationSize(value.`limit`)
                 + FfiConverterTypePeriod.allocationSize(value.`period`)
                 + FfiConverterTypeEnforcement.allocationSize(value.`enforcement`)
                 + FfiConverterDouble.allocationSize(value.`offlineShare`)
@@ -6335,22 +8080,22 @@ public object FfiConverterTypeRule : FfiConverterRustBuffer<Rule>{
             // Add the size for the Int that specifies the variant plus the size needed for all fields
             (
                 4UL
-                + FfiConverterULong.allocationSize(value.`cost`)
+                + FfiConverterLong.allocationSize(value.`cost`)
             )
         }
         is Rule.Rate -> {
             // Add the size for the Int that specifies the variant plus the size needed for all fields
             (
                 4UL
-                + FfiConverterULong.allocationSize(value.`limit`)
-                + FfiConverterULong.allocationSize(value.`windowSecs`)
+                + FfiConverterLong.allocationSize(value.`limit`)
+                + FfiConverterLong.allocationSize(value.`windowSecs`)
             )
         }
         is Rule.Budget -> {
             // Add the size for the Int that specifies the variant plus the size needed for all fields
             (
                 4UL
-                + FfiConverterULong.allocationSize(value.`limitMicros`)
+                + FfiConverterLong.allocationSize(value.`limitMicros`)
                 + FfiConverterTypePeriod.allocationSize(value.`period`)
                 + FfiConverterTypeEnforcement.allocationSize(value.`enforcement`)
                 + FfiConverterDouble.allocationSize(value.`offlineShare`)
@@ -6367,7 +8112,7 @@ public object FfiConverterTypeRule : FfiConverterRustBuffer<Rule>{
             }
             is Rule.Metered -> {
                 buf.putInt(2)
-                FfiConverterOptionalULong.write(value.`limit`, buf)
+                FfiConverterOptionalLong.write(value.`limit`, buf)
                 FfiConverterTypePeriod.write(value.`period`, buf)
                 FfiConverterTypeEnforcement.write(value.`enforcement`, buf)
                 FfiConverterDouble.write(value.`offlineShare`, buf)
@@ -6375,18 +8120,18 @@ public object FfiConverterTypeRule : FfiConverterRustBuffer<Rule>{
             }
             is Rule.Credits -> {
                 buf.putInt(3)
-                FfiConverterULong.write(value.`cost`, buf)
+                FfiConverterLong.write(value.`cost`, buf)
                 Unit
             }
             is Rule.Rate -> {
                 buf.putInt(4)
-                FfiConverterULong.write(value.`limit`, buf)
-                FfiConverterULong.write(value.`windowSecs`, buf)
+                FfiConverterLong.write(value.`limit`, buf)
+                FfiConverterLong.write(value.`windowSecs`, buf)
                 Unit
             }
             is Rule.Budget -> {
                 buf.putInt(5)
-                FfiConverterULong.write(value.`limitMicros`, buf)
+                FfiConverterLong.write(value.`limitMicros`, buf)
                 FfiConverterTypePeriod.write(value.`period`, buf)
                 FfiConverterTypeEnforcement.write(value.`enforcement`, buf)
                 FfiConverterDouble.write(value.`offlineShare`, buf)
@@ -6401,7 +8146,8 @@ public object FfiConverterTypeRule : FfiConverterRustBuffer<Rule>{
 
 
 /**
- * Where one setting stands with the server.
+ * Where one setting stands with the server. (Mirrored rather than exported from the core:
+ * Kotlin reaches a sealed class's variants only by its own name, not through a typealias.)
  */
 sealed class SettingStatus {
     
@@ -6526,61 +8272,6 @@ public object FfiConverterTypeSettingStatus : FfiConverterRustBuffer<SettingStat
                 Unit
             }
         }.let { /* this makes the `when` an expression, which ensures it is exhaustive */ }
-    }
-}
-
-
-
-
-
-/**
- * Subscription status, as the payment provider reports it (mapped).
- */
-
-enum class SubscriptionStatus {
-    
-    /**
-     * Paid and current.
-     */
-    ACTIVE,
-    /**
-     * In a trial.
-     */
-    TRIALING,
-    /**
-     * Payment failed; access kept during the grace period.
-     */
-    PAST_DUE,
-    /**
-     * Ended.
-     */
-    CANCELED,
-    /**
-     * No subscription.
-     */
-    NONE;
-
-    
-
-
-    companion object
-}
-
-
-/**
- * @suppress
- */
-public object FfiConverterTypeSubscriptionStatus: FfiConverterRustBuffer<SubscriptionStatus> {
-    override fun read(buf: ByteBuffer) = try {
-        SubscriptionStatus.values()[buf.getInt() - 1]
-    } catch (e: IndexOutOfBoundsException) {
-        throw RuntimeException("invalid enum value, something is very wrong!!", e)
-    }
-
-    override fun allocationSize(value: SubscriptionStatus) = 4UL
-
-    override fun write(value: SubscriptionStatus, buf: ByteBuffer) {
-        buf.putInt(value.ordinal + 1)
     }
 }
 
@@ -6815,70 +8506,6 @@ public object FfiConverterTypeTallyError : FfiConverterRustBuffer<TallyException
 /**
  * @suppress
  */
-public object FfiConverterOptionalUInt: FfiConverterRustBuffer<kotlin.UInt?> {
-    override fun read(buf: ByteBuffer): kotlin.UInt? {
-        if (buf.get().toInt() == 0) {
-            return null
-        }
-        return FfiConverterUInt.read(buf)
-    }
-
-    override fun allocationSize(value: kotlin.UInt?): ULong {
-        if (value == null) {
-            return 1UL
-        } else {
-            return 1UL + FfiConverterUInt.allocationSize(value)
-        }
-    }
-
-    override fun write(value: kotlin.UInt?, buf: ByteBuffer) {
-        if (value == null) {
-            buf.put(0)
-        } else {
-            buf.put(1)
-            FfiConverterUInt.write(value, buf)
-        }
-    }
-}
-
-
-
-
-/**
- * @suppress
- */
-public object FfiConverterOptionalULong: FfiConverterRustBuffer<kotlin.ULong?> {
-    override fun read(buf: ByteBuffer): kotlin.ULong? {
-        if (buf.get().toInt() == 0) {
-            return null
-        }
-        return FfiConverterULong.read(buf)
-    }
-
-    override fun allocationSize(value: kotlin.ULong?): ULong {
-        if (value == null) {
-            return 1UL
-        } else {
-            return 1UL + FfiConverterULong.allocationSize(value)
-        }
-    }
-
-    override fun write(value: kotlin.ULong?, buf: ByteBuffer) {
-        if (value == null) {
-            buf.put(0)
-        } else {
-            buf.put(1)
-            FfiConverterULong.write(value, buf)
-        }
-    }
-}
-
-
-
-
-/**
- * @suppress
- */
 public object FfiConverterOptionalLong: FfiConverterRustBuffer<kotlin.Long?> {
     override fun read(buf: ByteBuffer): kotlin.Long? {
         if (buf.get().toInt() == 0) {
@@ -6997,6 +8624,70 @@ public object FfiConverterOptionalTypeTokenProvider: FfiConverterRustBuffer<Toke
         } else {
             buf.put(1)
             FfiConverterTypeTokenProvider.write(value, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterOptionalTypeCustomerInfo: FfiConverterRustBuffer<CustomerInfo?> {
+    override fun read(buf: ByteBuffer): CustomerInfo? {
+        if (buf.get().toInt() == 0) {
+            return null
+        }
+        return FfiConverterTypeCustomerInfo.read(buf)
+    }
+
+    override fun allocationSize(value: CustomerInfo?): ULong {
+        if (value == null) {
+            return 1UL
+        } else {
+            return 1UL + FfiConverterTypeCustomerInfo.allocationSize(value)
+        }
+    }
+
+    override fun write(value: CustomerInfo?, buf: ByteBuffer) {
+        if (value == null) {
+            buf.put(0)
+        } else {
+            buf.put(1)
+            FfiConverterTypeCustomerInfo.write(value, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterOptionalTypeLeaseStatus: FfiConverterRustBuffer<LeaseStatus?> {
+    override fun read(buf: ByteBuffer): LeaseStatus? {
+        if (buf.get().toInt() == 0) {
+            return null
+        }
+        return FfiConverterTypeLeaseStatus.read(buf)
+    }
+
+    override fun allocationSize(value: LeaseStatus?): ULong {
+        if (value == null) {
+            return 1UL
+        } else {
+            return 1UL + FfiConverterTypeLeaseStatus.allocationSize(value)
+        }
+    }
+
+    override fun write(value: LeaseStatus?, buf: ByteBuffer) {
+        if (value == null) {
+            buf.put(0)
+        } else {
+            buf.put(1)
+            FfiConverterTypeLeaseStatus.write(value, buf)
         }
     }
 }
@@ -7149,6 +8840,34 @@ public object FfiConverterSequenceTypeAccessGrant: FfiConverterRustBuffer<List<A
         buf.putInt(value.size)
         value.iterator().forEach {
             FfiConverterTypeAccessGrant.write(it, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterSequenceTypeActivePurchase: FfiConverterRustBuffer<List<ActivePurchase>> {
+    override fun read(buf: ByteBuffer): List<ActivePurchase> {
+        val len = buf.getInt()
+        return List<ActivePurchase>(len) {
+            FfiConverterTypeActivePurchase.read(buf)
+        }
+    }
+
+    override fun allocationSize(value: List<ActivePurchase>): ULong {
+        val sizeForLength = 4UL
+        val sizeForItems = value.map { FfiConverterTypeActivePurchase.allocationSize(it) }.sum()
+        return sizeForLength + sizeForItems
+    }
+
+    override fun write(value: List<ActivePurchase>, buf: ByteBuffer) {
+        buf.putInt(value.size)
+        value.iterator().forEach {
+            FfiConverterTypeActivePurchase.write(it, buf)
         }
     }
 }
@@ -7467,6 +9186,84 @@ public object FfiConverterSequenceTypeUser: FfiConverterRustBuffer<List<User>> {
 /**
  * @suppress
  */
+public object FfiConverterMapStringTypeEntitlementInfo: FfiConverterRustBuffer<Map<kotlin.String, EntitlementInfo>> {
+    override fun read(buf: ByteBuffer): Map<kotlin.String, EntitlementInfo> {
+        val len = buf.getInt()
+        return buildMap<kotlin.String, EntitlementInfo>(len) {
+            repeat(len) {
+                val k = FfiConverterString.read(buf)
+                val v = FfiConverterTypeEntitlementInfo.read(buf)
+                this[k] = v
+            }
+        }
+    }
+
+    override fun allocationSize(value: Map<kotlin.String, EntitlementInfo>): ULong {
+        val spaceForMapSize = 4UL
+        val spaceForChildren = value.map { (k, v) ->
+            FfiConverterString.allocationSize(k) +
+            FfiConverterTypeEntitlementInfo.allocationSize(v)
+        }.sum()
+        return spaceForMapSize + spaceForChildren
+    }
+
+    override fun write(value: Map<kotlin.String, EntitlementInfo>, buf: ByteBuffer) {
+        buf.putInt(value.size)
+        // The parens on `(k, v)` here ensure we're calling the right method,
+        // which is important for compatibility with older android devices.
+        // Ref https://blog.danlew.net/2017/03/16/kotlin-puzzler-whose-line-is-it-anyways/
+        value.forEach { (k, v) ->
+            FfiConverterString.write(k, buf)
+            FfiConverterTypeEntitlementInfo.write(v, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterMapStringTypeFeatureInfo: FfiConverterRustBuffer<Map<kotlin.String, FeatureInfo>> {
+    override fun read(buf: ByteBuffer): Map<kotlin.String, FeatureInfo> {
+        val len = buf.getInt()
+        return buildMap<kotlin.String, FeatureInfo>(len) {
+            repeat(len) {
+                val k = FfiConverterString.read(buf)
+                val v = FfiConverterTypeFeatureInfo.read(buf)
+                this[k] = v
+            }
+        }
+    }
+
+    override fun allocationSize(value: Map<kotlin.String, FeatureInfo>): ULong {
+        val spaceForMapSize = 4UL
+        val spaceForChildren = value.map { (k, v) ->
+            FfiConverterString.allocationSize(k) +
+            FfiConverterTypeFeatureInfo.allocationSize(v)
+        }.sum()
+        return spaceForMapSize + spaceForChildren
+    }
+
+    override fun write(value: Map<kotlin.String, FeatureInfo>, buf: ByteBuffer) {
+        buf.putInt(value.size)
+        // The parens on `(k, v)` here ensure we're calling the right method,
+        // which is important for compatibility with older android devices.
+        // Ref https://blog.danlew.net/2017/03/16/kotlin-puzzler-whose-line-is-it-anyways/
+        value.forEach { (k, v) ->
+            FfiConverterString.write(k, buf)
+            FfiConverterTypeFeatureInfo.write(v, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
 public object FfiConverterMapStringTypeModelPrice: FfiConverterRustBuffer<Map<kotlin.String, ModelPrice>> {
     override fun read(buf: ByteBuffer): Map<kotlin.String, ModelPrice> {
         val len = buf.getInt()
@@ -7546,8 +9343,19 @@ public object FfiConverterMapStringTypeRule: FfiConverterRustBuffer<Map<kotlin.S
 
 
 
+
+
+
+
+
+
+
+
+
+
+
+
         /**
-         * Validates a plan catalog JSON without using it (`InvalidCatalog` names the offending path).
          * Encrypts the unencrypted database file at `path` with `key`, in place (SQLCipher builds);
          * call it once, before opening the database with `encryption_key`.
          */
@@ -7577,6 +9385,9 @@ public object FfiConverterMapStringTypeRule: FfiConverterRustBuffer<Map<kotlin.S
     }
     
 
+        /**
+         * Validates a plan catalog JSON without using it (`InvalidCatalog` names the offending path).
+         */
     @Throws(TallyException::class) fun `validateCatalog`(`catalogJson`: kotlin.String)
         = 
     uniffiRustCallWithError(TallyException) { _status ->

@@ -1,71 +1,41 @@
 package dev.tally
 
-import java.nio.file.Files
 import java.nio.file.Path
 import java.time.Instant
 import java.time.temporal.ChronoUnit
 import java.util.UUID
 import kotlinx.coroutines.runBlocking
-import org.junit.jupiter.api.AfterAll
 import org.junit.jupiter.api.Assertions.assertEquals
 import org.junit.jupiter.api.Assertions.assertThrows
 import org.junit.jupiter.api.Assertions.assertTrue
+import org.junit.jupiter.api.Assumptions.assumeTrue
 import org.junit.jupiter.api.BeforeAll
 import org.junit.jupiter.api.Test
 import org.junit.jupiter.api.io.TempDir
 
-/** A catalog selling a Play subscription, a lifetime plan and a credit pack. */
-private const val PLAY_CATALOG = """
-{"plans": [{"id": "free", "features": {
-   "ai_chat": {"type": "metered", "limit": 3, "period": "month", "enforcement": "hard"},
-   "export":  {"type": "flag", "enabled": false},
-   "images":  {"type": "credits", "cost": 10}}},
-  {"id": "pro", "features": {
-   "ai_chat": {"type": "metered", "limit": 100, "period": "month", "enforcement": "hard"},
-   "export":  {"type": "flag", "enabled": true},
-   "images":  {"type": "credits", "cost": 10}}}],
- "products": [
-   {"id": "pro_monthly", "store": "play", "grants": {"plan": "pro"}},
-   {"id": "credits_100", "store": "play", "grants": {"credits": 100}}]}
-"""
-
 /**
- * An Android app selling through Google Play: the Kotlin library against a real `tally-server`
- * (embedded PostgreSQL) that verifies purchase tokens with a fake Google on loopback.
+ * An Android app selling through Google Play: the Kotlin library against the real
+ * `tally-server` of [TestServer], which verifies purchase tokens with a fake Google on loopback
+ * ([TestServer.google]).
  */
 class GooglePlayTest {
     companion object {
-        private var google: FakeGooglePlay? = null
-        private var server: TestServer? = null
-        private lateinit var config: Path
-
         @BeforeAll
         @JvmStatic
         fun start() {
-            val g = FakeGooglePlay().also { google = it }
-            config = Files.createTempDirectory("tally-kotlin-google")
-            server = TestServer.start(PLAY_CATALOG, g.env(config))
-        }
-
-        @AfterAll
-        @JvmStatic
-        fun stop() {
-            server?.close()
-            google?.close()
-            if (::config.isInitialized) config.toFile().deleteRecursively()
+            assumeTrue(TestServer.start(), "tally-server or PostgreSQL not available")
         }
     }
 
     @TempDir
     lateinit var dir: Path
 
-    private val g get() = google!!
-    private val s get() = server!!
+    private val g get() = TestServer.google
 
     private fun device(name: String): Tally =
-        Tally.open(dir.resolve("$name.db").toString(), TallyConfig(deviceId = name, catalogJson = PLAY_CATALOG, serverKeys = s.keys))
+        Tally.open(dir.resolve("$name.db").toString(), TallyConfig(deviceId = name, catalogJson = CATALOG, serverKeys = TestServer.keys))
 
-    private fun options(sub: String) = SyncOptions(serverUrl = s.baseUrl, token = TestServer.idToken(sub))
+    private fun options(sub: String) = SyncOptions(serverUrl = TestServer.baseUrl, token = TestServer.idToken(sub))
 
     private fun play(vararg items: Pair<String, String>) = Purchase.Google(purchases = items.map { GooglePurchase(it.first, it.second) })
 
@@ -100,7 +70,7 @@ class GooglePlayTest {
                 assertEquals("active", restored.purchases.single().status)
                 assertEquals("pro", q.entitlements(u2).plan)
             }
-            val billing = s.get("/v1/billing", TestServer.idToken(sub))
+            val billing = TestServer.get("/v1/billing", TestServer.idToken(sub))
             assertTrue(billing.contains("\"store\":\"play\""), billing)
         }
     }

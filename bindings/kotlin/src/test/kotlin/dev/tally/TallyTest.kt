@@ -34,7 +34,10 @@ const val CATALOG = """
   {"id": "pro", "features": {
    "ai_chat": {"type": "metered", "limit": 100, "period": "month", "enforcement": "hard"},
    "export":  {"type": "flag", "enabled": true},
-   "notes":   {"type": "metered", "limit": null, "period": "day"}}}]}
+   "notes":   {"type": "metered", "limit": null, "period": "day"}}}],
+ "products": [
+   {"id": "pro_monthly", "store": "play", "grants": {"plan": "pro"}},
+   {"id": "credits_100", "store": "play", "grants": {"credits": 100}}]}
 """
 
 /** A clock the test moves by hand, supplied to the library through the TallyClock callback. */
@@ -85,8 +88,8 @@ class TallyTest {
 
         tally = open()
         assertEquals(listOf(user.id), tally.users().map { it.id })
-        assertEquals(1uL, tally.usage(user.id, "ai_chat").used)
-        assertEquals(1uL, tally.pendingEvents(user.id))
+        assertEquals(1L, tally.usage(user.id, "ai_chat").used)
+        assertEquals(1L, tally.pendingEvents(user.id))
         assertTrue(Files.exists(dir.resolve("tally.db")))
     }
 
@@ -95,21 +98,21 @@ class TallyTest {
         val local = tally.createLocalUser()
         assertNull(local.externalId)
         assertFalse(local.signedIn)
-        tally.consume(local.id, "ai_chat", 2uL)
+        tally.consume(local.id, "ai_chat", 2L)
 
         val signed = tally.signIn(Profile(externalId = "auth0|ada", email = "ada@example.com", displayName = "Ada"), attachLocal = local.id)
         assertEquals("auth0|ada", signed.externalId)
         assertTrue(signed.signedIn)
         assertEquals(listOf(signed.id), tally.users().map { it.id })
-        assertEquals(2uL, tally.usage(signed.id, "ai_chat").used)
-        assertEquals(1uL, tally.pendingEvents(signed.id), "one event of amount 2")
+        assertEquals(2L, tally.usage(signed.id, "ai_chat").used)
+        assertEquals(1L, tally.pendingEvents(signed.id), "one event of amount 2")
 
         // Signing in again with the same subject finds the same account.
         assertEquals(signed.id, tally.signIn(Profile(externalId = "auth0|ada")).id)
 
         tally.signOut(signed.id)
         assertFalse(tally.user(signed.id).signedIn)
-        assertEquals(1uL, tally.pendingEvents(signed.id), "sign-out keeps unsynced events")
+        assertEquals(1L, tally.pendingEvents(signed.id), "sign-out keeps unsynced events")
 
         val updated = tally.updateUser(signed.id, UserUpdate(timezone = "Europe/Paris", displayName = "Ada L."))
         assertEquals("Europe/Paris", updated.timezone)
@@ -155,21 +158,21 @@ class TallyTest {
             val d = tally.consume(u, "ai_chat")
             assertTrue(d.allowed)
             assertEquals(Reason.OK, d.reason)
-            assertEquals(i.toULong(), d.used)
-            assertEquals(3uL, d.limit)
-            assertEquals((3 - i).toULong(), d.remaining)
+            assertEquals(i.toLong(), d.used)
+            assertEquals(3L, d.limit)
+            assertEquals((3 - i).toLong(), d.remaining)
             assertEquals("free", d.accessReason)
             assertEquals(Instant.parse("2025-04-01T00:00:00Z").toEpochMilli(), d.resetsAtMs)
         }
         val denied = tally.consume(u, "ai_chat")
         assertFalse(denied.allowed)
         assertEquals(Reason.LIMIT_REACHED, denied.reason)
-        assertEquals(0uL, denied.remaining)
-        assertEquals(3uL, tally.pendingEvents(u), "a denied consume records nothing")
+        assertEquals(0L, denied.remaining)
+        assertEquals(3L, tally.pendingEvents(u), "a denied consume records nothing")
         assertEquals(Reason.LIMIT_REACHED, tally.check(u, "ai_chat").reason)
 
         val usage = tally.usage(u, "ai_chat")
-        assertEquals(3uL, usage.used)
+        assertEquals(3L, usage.used)
         assertEquals(Period.MONTH, usage.period)
         assertEquals(Instant.parse("2025-03-01T00:00:00Z").toEpochMilli(), usage.periodStartMs)
 
@@ -179,7 +182,7 @@ class TallyTest {
         // The foreign clock drives the windows: next month, the counter starts over.
         clock.set(Instant.parse("2025-04-02T08:00:00Z"))
         assertTrue(tally.consume(u, "ai_chat").allowed)
-        assertEquals(1uL, tally.usage(u, "ai_chat").used)
+        assertEquals(1L, tally.usage(u, "ai_chat").used)
     }
 
     @Test
@@ -191,9 +194,9 @@ class TallyTest {
         assertEquals("pro", e.plan)
         assertEquals("subscription", e.accessReason)
         assertEquals(Rule.Flag(enabled = true), e.features["export"])
-        assertEquals(Rule.Metered(limit = 100uL, period = Period.MONTH, enforcement = Enforcement.HARD, offlineShare = 1.0), e.features["ai_chat"])
+        assertEquals(Rule.Metered(limit = 100L, period = Period.MONTH, enforcement = Enforcement.HARD, offlineShare = 1.0), e.features["ai_chat"])
         assertTrue(tally.check(u, "export").allowed)
-        assertEquals(100uL, tally.check(u, "ai_chat").limit)
+        assertEquals(100L, tally.check(u, "ai_chat").limit)
 
         assertThrows(TallyException.InvalidInput::class.java) {
             tally.setEntitlements(u, Entitlements(plan = "platinum", status = SubscriptionStatus.ACTIVE))
@@ -205,20 +208,20 @@ class TallyTest {
     fun `idempotent replay counts once`() {
         val u = tally.createLocalUser().id
         val meta = UsageMeta(idempotencyKey = "request-42")
-        assertTrue(tally.consume(u, "ai_chat", 1uL, meta).allowed)
-        assertTrue(tally.consume(u, "ai_chat", 1uL, meta).allowed)
-        assertEquals(1uL, tally.usage(u, "ai_chat").used)
-        assertEquals(1uL, tally.pendingEvents(u))
+        assertTrue(tally.consume(u, "ai_chat", 1L, meta).allowed)
+        assertTrue(tally.consume(u, "ai_chat", 1L, meta).allowed)
+        assertEquals(1L, tally.usage(u, "ai_chat").used)
+        assertEquals(1L, tally.pendingEvents(u))
         assertEquals(EventStatus.Pending, tally.eventStatus(u, "request-42"))
         assertEquals(eventIdForKey("request-42"), eventIdForKey("request-42"))
 
-        assertThrows(TallyException.IdempotencyConflict::class.java) { tally.consume(u, "ai_chat", 2uL, meta) }
-        assertEquals(1uL, tally.usage(u, "ai_chat").used)
+        assertThrows(TallyException.IdempotencyConflict::class.java) { tally.consume(u, "ai_chat", 2L, meta) }
+        assertEquals(1L, tally.usage(u, "ai_chat").used)
 
-        val many = tally.consumeMany(u, listOf(ConsumeItem("notes", 5uL), ConsumeItem("ai_chat", 1uL, UsageMeta(idempotencyKey = "request-43"))))
+        val many = tally.consumeMany(u, listOf(ConsumeItem("notes", 5L), ConsumeItem("ai_chat", 1L, UsageMeta(idempotencyKey = "request-43"))))
         assertEquals(2, many.size)
         assertTrue(many.all { it.allowed })
-        assertEquals(2uL, tally.usage(u, "ai_chat").used)
+        assertEquals(2L, tally.usage(u, "ai_chat").used)
     }
 
     @Test
@@ -238,17 +241,17 @@ class TallyTest {
         assertTrue(tz.message!!.contains("timezone"), tz.message)
         assertEquals("UTC", tally.user(u).timezone)
 
-        // A negative Long reinterpreted as ULong is out of range: rejected, nothing recorded.
-        assertThrows(TallyException.InvalidInput::class.java) { tally.consume(u, "ai_chat", (-1L).toULong()) }
-        assertThrows(TallyException.InvalidInput::class.java) { tally.consume(u, "ai_chat", 0uL) }
-        assertThrows(TallyException.InvalidInput::class.java) { tally.consume(u, "ai_chat", 1uL, UsageMeta(metadataJson = "{oops")) }
-        assertEquals(0uL, tally.pendingEvents(u))
+        // A negative amount is rejected, and nothing is recorded.
+        assertThrows(TallyException.InvalidInput::class.java) { tally.consume(u, "ai_chat", -1L) }
+        assertThrows(TallyException.InvalidInput::class.java) { tally.consume(u, "ai_chat", 0L) }
+        assertThrows(TallyException.InvalidInput::class.java) { tally.consume(u, "ai_chat", 1L, UsageMeta(metadataJson = "{oops")) }
+        assertEquals(0L, tally.pendingEvents(u))
 
         val cat = assertThrows(TallyException.InvalidCatalog::class.java) {
             tally.setCatalog("""{"plans": [{"id": "free", "features": {"api": {"type": "rate", "limit": -1, "window_secs": 60}}}]}""")
         }
         assertTrue(cat.message!!.contains("plans[0].features.api.limit"), cat.message)
-        assertEquals(3uL, tally.check(u, "ai_chat").limit, "the old catalog is still in use")
+        assertEquals(3L, tally.check(u, "ai_chat").limit, "the old catalog is still in use")
 
         assertThrows(TallyException.InvalidInput::class.java) { tally.report(u, 10, 5, GroupBy.DAY) }
         assertThrows(TallyException.InvalidInput::class.java) {
@@ -262,24 +265,24 @@ class TallyTest {
     @Test
     fun `report rows group by feature, model and day`() {
         val u = tally.createLocalUser().id
-        tally.consume(u, "ai_chat", 1uL, UsageMeta(model = "gpt-4o", inputTokens = 1000uL, outputTokens = 500uL))
-        tally.consume(u, "notes", 4uL)
+        tally.consume(u, "ai_chat", 1L, UsageMeta(model = "gpt-4o", inputTokens = 1000L, outputTokens = 500L))
+        tally.consume(u, "notes", 4L)
         clock.set(Instant.parse("2025-03-11T09:00:00Z"))
-        tally.consume(u, "notes", 1uL, UsageMeta(metadataJson = """{"source": "widget"}"""))
+        tally.consume(u, "notes", 1L, UsageMeta(metadataJson = """{"source": "widget"}"""))
 
         val from = Instant.parse("2025-03-01T00:00:00Z").toEpochMilli()
         val to = Instant.parse("2025-04-01T00:00:00Z").toEpochMilli()
         val byFeature = tally.report(u, from, to, GroupBy.FEATURE)
         assertEquals(
             listOf(
-                ReportRow("ai_chat", 1uL, 1uL, 1000uL, 500uL, 7500uL),
-                ReportRow("notes", 2uL, 5uL, 0uL, 0uL, 0uL),
+                ReportRow("ai_chat", 1L, 1L, 1000L, 500L, 7500L),
+                ReportRow("notes", 2L, 5L, 0L, 0L, 0L),
             ),
             byFeature,
         )
         assertEquals(listOf("", "gpt-4o"), tally.report(u, from, to, GroupBy.MODEL).map { it.key })
         val byDay = tally.report(u, from, to, GroupBy.DAY)
-        assertEquals(listOf("2025-03-10" to 2uL, "2025-03-11" to 1uL), byDay.map { it.key to it.events })
+        assertEquals(listOf("2025-03-10" to 2L, "2025-03-11" to 1L), byDay.map { it.key to it.events })
     }
 
     @Test
@@ -314,14 +317,14 @@ class TallyTest {
         val futures = (1..80).map { i ->
             pool.submit<Decision> {
                 start.await()
-                tally.consume(u, "ai_chat", 1uL, UsageMeta(idempotencyKey = "k-${i % 40}"))
+                tally.consume(u, "ai_chat", 1L, UsageMeta(idempotencyKey = "k-${i % 40}"))
             }
         }
         start.countDown()
         val decisions = futures.map { it.get(30, TimeUnit.SECONDS) }
         pool.shutdown()
         assertTrue(decisions.all { it.allowed })
-        assertEquals(40uL, tally.usage(u, "ai_chat").used, "40 distinct keys, each counted once")
+        assertEquals(40L, tally.usage(u, "ai_chat").used, "40 distinct keys, each counted once")
     }
 
     @Test
