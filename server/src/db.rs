@@ -2,19 +2,16 @@
 //! `pg_advisory_lock` so replicas starting together apply them once.
 //!
 //! Request connections are bounded in time: a pool wait timeout, a connect timeout and a
-//! Postgres `statement_timeout`, and a connection idle for a second or more is verified before
-//! it is handed out, so a stalled or restarted database answers 503 within seconds. Migrations and the maintenance
+//! Postgres `statement_timeout`, and every connection is verified before it is handed out, so
+//! a stalled or restarted database answers 503 within seconds. Migrations and the maintenance
 //! commands use connections without those timeouts.
 
 use crate::error::ApiError;
-use deadpool_postgres::{Hook, HookError, Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime, Status};
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime, Status};
 use std::time::Duration;
 use tokio_postgres::NoTls;
 
 refinery::embed_migrations!("../migrations/postgres");
-
-/// A pooled connection unused for this long is verified before it is handed out again.
-pub const VERIFY_IDLE: Duration = Duration::from_secs(1);
 
 /// Advisory lock key held while migrating ("tally" in ASCII).
 const MIGRATION_LOCK: i64 = 0x0074_616c_6c79;
@@ -159,31 +156,15 @@ pub fn pool_with(url: &str, size: usize, limits: Limits) -> Result<Db, DbError> 
         pg.options(opts);
     }
     pg.keepalives(true).keepalives_idle(Duration::from_secs(30));
-    // A closed connection is never handed out (Fast checks that), and one idle for
-    // `VERIFY_IDLE` or longer — the kind a database restart breaks unseen — is verified with an
-    // empty query first and replaced when that fails. Busy connections are not verified: a
-    // round trip per checkout would double the cost of a one-query request.
-    let mgr = Manager::from_config(pg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+    // Verified: a connection broken by a database restart is replaced, never handed out.
+    let mgr = Manager::from_config(pg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Verified });
     let recycle = limits.wait.map(|w| w.min(Duration::from_secs(2)));
-    let verify_within = recycle.unwrap_or(Duration::from_secs(2));
     let pool = Pool::builder(mgr)
         .max_size(size.max(1))
         .runtime(Runtime::Tokio1)
         .wait_timeout(limits.wait)
         .create_timeout(limits.connect)
         .recycle_timeout(recycle)
-        .pre_recycle(Hook::async_fn(move |client, metrics| {
-            Box::pin(async move {
-                if metrics.last_used() < VERIFY_IDLE {
-                    return Ok(());
-                }
-                match tokio::time::timeout(verify_within, client.simple_query("")).await {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err(e)) => Err(HookError::Backend(e)),
-                    Err(_) => Err(HookError::message("verifying an idle connection timed out")),
-                }
-            })
-        }))
         .build()
         .map_err(|e| DbError::Pool(e.to_string()))?;
     Ok(Db { pool, wait: limits.wait })
