@@ -1,8 +1,10 @@
 // Browser tests of the operator console: starts the real `tally-server serve` on its embedded
 // PostgreSQL (a throwaway data directory), seeds a user with usage through the JSON API, drives
 // Debian's Chromium headless through Playwright — sign in, find the user, see the usage chart
-// render, grant access and see the entitlement change through the API, revoke it — writes a
-// screenshot of the user page to docs/console-user.png, and stops everything it started.
+// render, grant access and see the entitlement change through the API, revoke it; see a webhook
+// endpoint's dead letter (a receiver on loopback answering 500) and replay it once the receiver
+// is back — writes a screenshot of the user page to docs/console-user.png, and stops everything
+// it started.
 //
 // Environment: TALLY_SERVER_BIN (default: the debug binary of the cargo target directory),
 // TALLY_CHROMIUM (default /usr/bin/chromium), TALLY_CONSOLE_SCREENSHOT (default
@@ -10,6 +12,7 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
+import { createServer } from "node:http";
 import { createHmac, randomUUID } from "node:crypto";
 import { mkdtempSync, writeFileSync, chmodSync, rmSync, existsSync, mkdirSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -81,6 +84,11 @@ function startServer() {
         TALLY_JWT_SECRET: SECRET,
         TALLY_ADMIN_SUBJECTS: ADMIN,
         TALLY_LOG: "warn",
+        // Webhooks to the loopback receiver, retried fast and dead-lettered after a second.
+        TALLY_WEBHOOK_ALLOW_PRIVATE: "1",
+        TALLY_WEBHOOK_POLL_MS: "50",
+        TALLY_WEBHOOK_BACKOFF_MS: "50",
+        TALLY_WEBHOOK_RETRY_SECS: "1",
       },
       stdio: ["ignore", "pipe", "inherit"],
     });
@@ -125,6 +133,16 @@ after(async () => {
   if (dir) rmSync(dir, { recursive: true, force: true });
 });
 
+/** A fresh browser context and page, collecting CSP violations and script errors. */
+async function openPage() {
+  const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
+  const page = await context.newPage();
+  const violations = [];
+  page.on("console", (m) => { if (/Content Security Policy|Refused to/i.test(m.text())) violations.push(m.text()); });
+  page.on("pageerror", (e) => violations.push(String(e)));
+  return { context, page, violations };
+}
+
 /** Seeds Ada: two devices syncing uses today and on earlier days, and a credit grant. */
 async function seed() {
   const ada = jwt(ADA, { email: "ada@example.com", email_verified: true, name: "Ada Lovelace" });
@@ -147,11 +165,7 @@ async function seed() {
 
 test("an operator signs in, finds a user, reads the usage chart, grants and revokes access", async () => {
   const { ada, todayChat, totalChat } = await seed();
-  const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
-  const page = await context.newPage();
-  const violations = [];
-  page.on("console", (m) => { if (/Content Security Policy|Refused to/i.test(m.text())) violations.push(m.text()); });
-  page.on("pageerror", (e) => violations.push(String(e)));
+  const { context, page, violations } = await openPage();
 
   // Sign in: /console sends us to the form; a wrong token is refused, the admin's accepted.
   await page.goto(base + "/console");
@@ -248,4 +262,83 @@ test("an operator signs in, finds a user, reads the usage chart, grants and revo
 
   assert.deepEqual(violations, [], "no CSP violation and no script error");
   await context.close();
+});
+
+/** A webhook receiver on 127.0.0.1 answering `status` (changeable); records every request. */
+function startReceiver() {
+  const got = [];
+  const state = { status: 500 };
+  const srv = createServer((req, res) => {
+    let body = "";
+    req.on("data", (c) => { body += c; });
+    req.on("end", () => {
+      got.push({ id: req.headers["webhook-id"], status: state.status, body });
+      res.writeHead(state.status).end();
+    });
+  });
+  return new Promise((done) => srv.listen(0, "127.0.0.1", () => done({ srv, got, state, url: `http://127.0.0.1:${srv.address().port}/hook` })));
+}
+
+async function waitFor(what, f) {
+  const deadline = Date.now() + 20_000;
+  for (;;) {
+    const v = await f();
+    if (v) return v;
+    assert.ok(Date.now() < deadline, `timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+test("an operator finds a webhook's dead letter and replays it once the receiver is back", async () => {
+  const receiver = await startReceiver();
+  const admin = jwt(ADMIN);
+  try {
+    const reg = await api("POST", "/v1/admin/webhooks", admin, { url: receiver.url, events: ["credits.granted"] });
+    assert.equal(reg.status, 201, JSON.stringify(reg.body));
+    const id = reg.body.id;
+    const g = await api("POST", "/v1/admin/grants", admin, { subject: "auth0|hooked", credits: 5, reason: "gift" });
+    assert.equal(g.status, 201, JSON.stringify(g.body));
+    const [dead] = await waitFor("a dead letter", async () => {
+      const d = await api("GET", `/v1/admin/webhooks/${id}/deliveries`, admin);
+      return d.body.deliveries.length === 1 && d.body.deliveries[0].state === "dead" ? d.body.deliveries : null;
+    });
+
+    const { context, page, violations } = await openPage();
+    await page.goto(base + "/console/sign-in");
+    await page.fill("#token", admin);
+    await page.click("#sign-in button[type=submit]");
+    await page.waitForURL(/\/console\/users$/);
+
+    // The list: the endpoint with one dead letter; never its secret.
+    await page.click("nav >> text=Webhooks");
+    await page.waitForSelector(`#webhooks tr[data-endpoint="${id}"]`);
+    assert.equal((await page.textContent(`tr[data-endpoint="${id}"] td.dead`)).trim(), "1");
+    assert.ok(!(await page.content()).includes(reg.body.secret), "the list never shows the signing secret");
+
+    // The endpoint's page: the dead delivery and its attempts, each answered 500.
+    await page.click(`tr[data-endpoint="${id}"] a`);
+    await page.waitForURL(new RegExp(`/console/webhooks/${id}$`));
+    const row = `tr[data-event="${dead.event_id}"]`;
+    assert.equal(await page.getAttribute(row, "data-state"), "dead");
+    assert.match(await page.textContent(`${row} td.last`), /500/);
+    assert.ok(!(await page.content()).includes(reg.body.secret), "the endpoint's page never shows the signing secret");
+
+    // The receiver is back: replay every dead letter; the page shows it delivered.
+    receiver.state.status = 200;
+    await page.click("#replay-dead button");
+    await page.waitForURL(new RegExp(`/console/webhooks/${id}$`));
+    await waitFor("the replayed delivery on the page", async () => {
+      await page.reload();
+      return (await page.getAttribute(row, "data-state")) === "delivered";
+    });
+    assert.equal(await page.locator("#replay-dead").count(), 0, "no dead letter left");
+    const ok = receiver.got.filter((r) => r.id === dead.event_id && r.status === 200);
+    assert.equal(ok.length, 1, "the receiver took the replayed event once");
+    assert.equal(JSON.parse(ok[0].body).type, "credits.granted");
+
+    assert.deepEqual(violations, [], "no CSP violation and no script error");
+    await context.close();
+  } finally {
+    receiver.srv.close();
+  }
 });

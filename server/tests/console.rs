@@ -1,9 +1,11 @@
 //! The operator console on a real Postgres through the real router: sign-in (bad tokens
 //! refused, sessions in an `HttpOnly; SameSite=Strict; Path=/console` cookie), CSRF on every
 //! form, the security headers, user search, grants and revocations seen through the JSON API,
-//! the usage chart's data, and no secret value on any page.
+//! the usage chart's data, the webhooks pages and their replay, and no secret value on any page.
 
 mod common;
+#[path = "common/receiver.rs"]
+mod receiver;
 
 use axum::body::Body;
 use axum::http::{HeaderMap, Request, StatusCode, header};
@@ -232,6 +234,8 @@ async fn every_console_answer_has_the_security_headers() {
         "/console/users".into(),
         format!("/console/users/{uid}"),
         "/console/plans".into(),
+        "/console/webhooks".into(),
+        "/console/webhooks/not-a-uuid".into(),
         "/console/assets/console.js".into(),
         "/console/assets/uPlot.iife.min.js".into(),
         "/console/assets/nope.js".into(),
@@ -257,8 +261,10 @@ async fn every_console_answer_has_the_security_headers() {
 async fn pages_need_a_live_session() {
     let app = app_or_skip!(app().await);
     for cookie in [None, Some("tally_console=0123"), Some("other=1")] {
-        let p = send(&app, "GET", "/console/users", cookie, None).await;
-        assert_eq!((p.status, p.location()), (StatusCode::SEE_OTHER, "/console/sign-in"), "{cookie:?}");
+        for path in ["/console/users", "/console/webhooks"] {
+            let p = send(&app, "GET", path, cookie, None).await;
+            assert_eq!((p.status, p.location()), (StatusCode::SEE_OTHER, "/console/sign-in"), "{path} {cookie:?}");
+        }
     }
     // A session ends when it expires (the server's clock), when its key is revoked, or when
     // its user is no admin any more.
@@ -608,4 +614,113 @@ async fn deleting_an_admins_account_ends_its_console_sessions() {
     assert_eq!(st, StatusCode::NO_CONTENT);
     assert_eq!(app.count("console_sessions").await, 1, "the other admin's session stays");
     assert_eq!(send(&app, "GET", "/console/users", Some(&s.cookie), None).await.status, StatusCode::SEE_OTHER);
+}
+
+/// Waits (up to 20 s) until the deliveries of `endpoint`, through the JSON API, satisfy `f`.
+async fn wait_deliveries(app: &TestApp, endpoint: &str, what: &str, f: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (s, v) = app.call("GET", &format!("/v1/admin/webhooks/{endpoint}/deliveries"), Some(&token("root-admin")), None).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let list = v["deliveries"].as_array().unwrap().clone();
+        if f(&list) {
+            return list;
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}: {list:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_webhooks_pages_list_endpoints_and_deliveries_and_replay_dead_letters() {
+    let app = app_or_skip!(
+        app_with(|c| {
+            c.webhook_allow_private = true;
+            c.webhook_poll_ms = 20;
+            c.webhook_backoff_ms = 50;
+            c.webhook_timeout_ms = 2000;
+            c.webhook_retry_secs = 1;
+        })
+        .await
+    );
+    let r = receiver::Receiver::start().await;
+    r.set_status(500);
+    let secret = "whsec_Y29uc29sZS13ZWJob29rcy1zZWNyZXQtMDEyMzQ1Njc4OQ==";
+    let body = json!({"url": r.url, "events": ["credits.granted"], "secret": secret});
+    let (st, ep) = app.call("POST", "/v1/admin/webhooks", Some(&token("root-admin")), Some(body)).await;
+    assert_eq!(st, StatusCode::CREATED, "{ep}");
+    let id = ep["id"].as_str().unwrap().to_string();
+    let grant = json!({"subject": "hook-user", "credits": 7, "reason": "gift"});
+    let (st, _) = app.call("POST", "/v1/admin/grants", Some(&token("root-admin")), Some(grant)).await;
+    assert_eq!(st, StatusCode::CREATED);
+    let dead = wait_deliveries(&app, &id, "a dead letter", |l| l.len() == 1 && l[0]["state"] == "dead").await;
+    let event = dead[0]["event_id"].as_str().unwrap().to_string();
+
+    let s = sign_in(&app, &token("root-admin")).await;
+    // The list: the endpoint, its deliveries by state, the nav entry; never the secret.
+    let list = send(&app, "GET", "/console/webhooks", Some(&s.cookie), None).await;
+    assert_eq!(list.status, StatusCode::OK, "{}", list.text);
+    assert_security_headers(&list, "the webhooks page");
+    for text in [format!("data-endpoint=\"{id}\""), r.url.clone(), "credits.granted".into(), "<span class=\"tag warn\">1</span>".into()] {
+        assert!(list.text.contains(&text), "{text}: {}", list.text);
+    }
+    assert!(list.text.contains("class=\"active\" aria-current=\"page\">Webhooks"));
+    // The endpoint's page: the dead delivery, its attempts and the receiver's 500.
+    let page = send(&app, "GET", &format!("/console/webhooks/{id}"), Some(&s.cookie), None).await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.text);
+    for text in [format!("data-event=\"{event}\" data-state=\"dead\""), "id=\"replay-dead\"".into(), "500".into(), "#1 ".into()] {
+        assert!(page.text.contains(&text), "{text}: {}", page.text);
+    }
+    for p in [&list, &page] {
+        assert!(!p.text.contains(secret) && !p.text.contains("whsec_"), "a page shows the signing secret");
+    }
+    let delivered = send(&app, "GET", &format!("/console/webhooks/{id}?state=delivered"), Some(&s.cookie), None).await;
+    assert!(delivered.text.contains("id=\"no-deliveries\""), "{}", delivered.text);
+    // Bad input: a clear error page each time.
+    let bogus = send(&app, "GET", &format!("/console/webhooks/{id}?state=bogus"), Some(&s.cookie), None).await;
+    assert_eq!(bogus.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(bogus.text.contains("invalid_query"), "{}", bogus.text);
+    for path in ["/console/webhooks/not-a-uuid".to_string(), format!("/console/webhooks/{}", uuid::Uuid::now_v7())] {
+        let p = send(&app, "GET", &path, Some(&s.cookie), None).await;
+        assert_eq!(p.status, StatusCode::NOT_FOUND, "{path}");
+    }
+    let replay = format!("/console/webhooks/{id}/replay");
+    let other = uuid::Uuid::now_v7().to_string();
+    type Refusal<'a> = (&'a [(&'a str, &'a str)], StatusCode, &'a str);
+    let refused: [Refusal; 4] = [
+        (&[("event_id", "")], StatusCode::FORBIDDEN, "invalid_csrf"),
+        (&[("csrf", "forged"), ("event_id", "")], StatusCode::FORBIDDEN, "invalid_csrf"),
+        (&[("csrf", &s.csrf), ("event_id", "not-an-id")], StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+        (&[("csrf", &s.csrf), ("event_id", &other)], StatusCode::NOT_FOUND, "unknown_event"),
+    ];
+    for (form, status, code) in refused {
+        let p = send(&app, "POST", &replay, Some(&s.cookie), Some(form)).await;
+        assert_eq!(p.status, status, "{form:?}: {}", p.text);
+        assert!(p.text.contains(code), "{form:?}: {}", p.text);
+    }
+    let unknown = send(&app, "POST", &format!("/console/webhooks/{other}/replay"), Some(&s.cookie), Some(&[("csrf", &s.csrf)])).await;
+    assert_eq!(unknown.status, StatusCode::NOT_FOUND);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let still = wait_deliveries(&app, &id, "nothing changed", |_| true).await;
+    assert_eq!((still[0]["state"].as_str(), still[0]["attempts"].as_i64()), (Some("dead"), dead[0]["attempts"].as_i64()), "{still:?}");
+
+    // Replay every dead letter once the receiver is back: delivered, shown as such.
+    let tried = r.counts().get(&event).copied().unwrap_or(0);
+    assert!(tried >= 2, "the dead letter was retried before it died ({tried} attempts)");
+    r.set_status(200);
+    let p = send(&app, "POST", &replay, Some(&s.cookie), Some(&[("csrf", &s.csrf)])).await;
+    assert_eq!((p.status, p.location()), (StatusCode::SEE_OTHER, format!("/console/webhooks/{id}").as_str()), "{}", p.text);
+    wait_deliveries(&app, &id, "the replayed delivery", |l| l[0]["state"] == "delivered").await;
+    let page = send(&app, "GET", &format!("/console/webhooks/{id}"), Some(&s.cookie), None).await;
+    assert!(page.text.contains(&format!("data-event=\"{event}\" data-state=\"delivered\"")), "{}", page.text);
+    assert!(!page.text.contains("id=\"replay-dead\""), "no dead letter is left to replay");
+    assert_eq!(r.counts().get(&event).copied(), Some(tried + 1), "the replay sent it once more");
+    // One delivered event, sent again on request, with the same webhook-id.
+    let p = send(&app, "POST", &replay, Some(&s.cookie), Some(&[("csrf", &s.csrf), ("event_id", &event)])).await;
+    assert_eq!(p.status, StatusCode::SEE_OTHER, "{}", p.text);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while r.counts().get(&event).copied() != Some(tried + 2) {
+        assert!(std::time::Instant::now() < deadline, "the resent event never arrived");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }

@@ -1,7 +1,8 @@
 //! The operator console: a small server-rendered web UI under `/console` for admins — user
 //! search, a user's page (plan, subscriptions, credits, grants, devices and leases, a usage
-//! chart), granting and revoking access, and the plan catalog. Every page calls the same server
-//! functions as the JSON API; the console only renders them.
+//! chart), granting and revoking access, the plan catalog, and the webhook endpoints with their
+//! deliveries and replay. Every page calls the same server functions as the JSON API; the
+//! console only renders them.
 //!
 //! Security: an admin signs in with the bearer credential the API accepts (verified by
 //! [`crate::auth::verify_bearer`]); the session lives in an `HttpOnly; SameSite=Strict;
@@ -14,6 +15,7 @@ pub mod chart;
 pub mod plans;
 pub mod session;
 pub mod users;
+pub mod webhooks;
 
 use crate::AppState;
 use crate::error::ApiError;
@@ -40,7 +42,11 @@ pub struct NavItem {
 }
 
 /// The navigation bar, in order: a new page adds its entry here and its routes in [`router`].
-pub const NAV: &[NavItem] = &[NavItem { href: "/console/users", label: "Users" }, NavItem { href: "/console/plans", label: "Plans" }];
+pub const NAV: &[NavItem] = &[
+    NavItem { href: "/console/users", label: "Users" },
+    NavItem { href: "/console/plans", label: "Plans" },
+    NavItem { href: "/console/webhooks", label: "Webhooks" },
+];
 
 /// What the layout of every signed-in page shows: the navigation, who is signed in, and the
 /// CSRF token of the sign-out form.
@@ -75,6 +81,9 @@ pub fn router() -> Router<AppState> {
         .route("/console/users/{id}/grants", post(users::grant))
         .route("/console/users/{id}/grants/{grant_id}/revoke", post(users::revoke))
         .route("/console/plans", get(plans::show))
+        .route("/console/webhooks", get(webhooks::list))
+        .route("/console/webhooks/{id}", get(webhooks::show))
+        .route("/console/webhooks/{id}/replay", post(webhooks::replay))
         .layer(axum::middleware::from_fn(security_headers))
 }
 

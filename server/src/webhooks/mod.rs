@@ -16,6 +16,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use base64::Engine;
 use chrono::{DateTime, Utc};
+use deadpool_postgres::GenericClient;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -191,22 +192,28 @@ pub async fn create(State(state): State<AppState>, _a: Admin, JsonBody(b): JsonB
 )]
 pub async fn list(State(state): State<AppState>, _a: Admin) -> ApiResult<Json<Value>> {
     let client = state.pool.get().await?;
+    Ok(Json(json!({"webhooks": endpoints(&client).await?})))
+}
+
+/// Every registered endpoint, oldest first (never their secrets).
+pub async fn endpoints(client: &impl GenericClient) -> ApiResult<Vec<Endpoint>> {
     let rows =
         client.query("SELECT endpoint_id, url, events, created_at FROM webhook_endpoints ORDER BY created_at, endpoint_id", &[]).await?;
-    let list: Vec<Endpoint> =
-        rows.iter().map(|r| Endpoint { id: r.get(0), url: r.get(1), events: r.get(2), created_at: r.get(3) }).collect();
-    Ok(Json(json!({"webhooks": list})))
+    Ok(rows.iter().map(|r| Endpoint { id: r.get(0), url: r.get(1), events: r.get(2), created_at: r.get(3) }).collect())
 }
 
-fn endpoint_id(id: &str) -> ApiResult<Uuid> {
+/// The endpoint `id` (not found: 404 `not_found`).
+pub async fn endpoint(client: &impl GenericClient, id: Uuid) -> ApiResult<Endpoint> {
+    let row = client
+        .query_opt("SELECT endpoint_id, url, events, created_at FROM webhook_endpoints WHERE endpoint_id = $1", &[&id])
+        .await?
+        .ok_or_else(|| ApiError::not_found("webhook"))?;
+    Ok(Endpoint { id: row.get(0), url: row.get(1), events: row.get(2), created_at: row.get(3) })
+}
+
+/// An endpoint id from a path (not a UUID: 404, as an unknown one).
+pub fn endpoint_id(id: &str) -> ApiResult<Uuid> {
     Uuid::parse_str(id).map_err(|_| ApiError::not_found("webhook"))
-}
-
-async fn exists(client: &impl deadpool_postgres::GenericClient, id: Uuid) -> ApiResult<()> {
-    match client.query_opt("SELECT 1 FROM webhook_endpoints WHERE endpoint_id = $1", &[&id]).await? {
-        Some(_) => Ok(()),
-        None => Err(ApiError::not_found("webhook")),
-    }
 }
 
 /// `DELETE /v1/admin/webhooks/{id}`: 204; its deliveries go with it (404 when unknown).
@@ -253,19 +260,26 @@ pub async fn replay(State(state): State<AppState>, _a: Admin, Path(id): Path<Str
     let id = endpoint_id(&id)?;
     let r: Replay = if body.iter().all(u8::is_ascii_whitespace) { Replay::default() } else { crate::extract::parse_json(&body)? };
     let client = state.pool.get().await?;
-    exists(&client, id).await?;
-    let now = state.now();
+    let n = requeue(&client, id, r.event_id, state.now()).await?;
+    Ok(Json(json!({"replayed": n})))
+}
+
+/// Queues again, with a fresh retry window, every dead-lettered delivery to endpoint `id`, or
+/// only the delivery of `event` whatever its state; how many were queued. An unknown endpoint
+/// is 404; an event never delivered there is 404 `unknown_event`.
+pub async fn requeue(client: &impl GenericClient, id: Uuid, event: Option<Uuid>, now: DateTime<Utc>) -> ApiResult<u64> {
+    endpoint(client, id).await?;
     let n = client
         .execute(
             "UPDATE webhook_deliveries SET state = 'pending', next_attempt_at = $3, queued_at = $3, lease_until = NULL \
              WHERE endpoint_id = $1 AND (($2::uuid IS NULL AND state = 'dead') OR event_id = $2)",
-            &[&id, &r.event_id, &now],
+            &[&id, &event, &now],
         )
         .await?;
-    if n == 0 && r.event_id.is_some() {
+    if n == 0 && event.is_some() {
         return Err(ApiError::Unknown("unknown_event", "no delivery of this event to this endpoint".into()));
     }
-    Ok(Json(json!({"replayed": n})))
+    Ok(n)
 }
 
 /// Query of `GET /v1/admin/webhooks/{id}/deliveries`.
@@ -299,17 +313,111 @@ pub async fn deliveries(
     QueryParams(q): QueryParams<DeliveriesQuery>,
 ) -> ApiResult<Json<Value>> {
     let id = endpoint_id(&id)?;
-    if let Some(s) = &q.state
-        && !["pending", "delivered", "dead"].contains(&s.as_str())
-    {
-        return Err(ApiError::Invalid("invalid_query", "state must be pending, delivered or dead".into()));
-    }
+    let wanted = q.state.as_deref().map(DeliveryState::parse).transpose()?;
     let limit = q.limit.unwrap_or(100);
     if !(1..=MAX_PAGE).contains(&limit) {
         return Err(ApiError::Invalid("invalid_query", format!("limit must be 1 to {MAX_PAGE}")));
     }
     let client = state.pool.get().await?;
-    exists(&client, id).await?;
+    Ok(Json(json!({"deliveries": recent_deliveries(&client, id, wanted, limit).await?})))
+}
+
+/// Where one delivery stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryState {
+    /// Not delivered yet: due at `next_attempt_at`, or being attempted.
+    Pending,
+    /// The receiver answered 2xx.
+    Delivered,
+    /// Retried for the whole retry window without success; sent again only by a replay.
+    Dead,
+}
+
+impl DeliveryState {
+    /// Every state, in the order pages list them.
+    pub const ALL: [DeliveryState; 3] = [DeliveryState::Pending, DeliveryState::Delivered, DeliveryState::Dead];
+
+    /// Its name in the API and the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryState::Pending => "pending",
+            DeliveryState::Delivered => "delivered",
+            DeliveryState::Dead => "dead",
+        }
+    }
+
+    /// The state named `s` (else 400 `invalid_query`).
+    pub fn parse(s: &str) -> ApiResult<DeliveryState> {
+        DeliveryState::ALL
+            .into_iter()
+            .find(|d| d.as_str() == s)
+            .ok_or_else(|| ApiError::Invalid("invalid_query", "state must be pending, delivered or dead".into()))
+    }
+}
+
+impl tokio_postgres::types::FromSql<'_> for DeliveryState {
+    fn from_sql(ty: &tokio_postgres::types::Type, raw: &[u8]) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        let s = <&str as tokio_postgres::types::FromSql>::from_sql(ty, raw)?;
+        DeliveryState::ALL.into_iter().find(|d| d.as_str() == s).ok_or_else(|| format!("unknown delivery state {s:?}").into())
+    }
+
+    fn accepts(ty: &tokio_postgres::types::Type) -> bool {
+        <&str as tokio_postgres::types::FromSql>::accepts(ty)
+    }
+}
+
+/// One attempt of a delivery: the receiver's HTTP status, or why there was none.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Attempt {
+    /// 1 for the first attempt.
+    pub attempt: i32,
+    /// When the request started.
+    pub started_at: DateTime<Utc>,
+    /// How long it took.
+    pub duration_ms: i32,
+    /// The receiver's status, if it answered.
+    pub status: Option<i32>,
+    /// Why it failed (a non-2xx status, a timeout, a refused address…).
+    pub error: Option<String>,
+}
+
+/// One event's delivery to one endpoint, with its attempts.
+#[derive(Debug, Clone, Serialize)]
+pub struct Delivery {
+    /// The event's id (its `webhook-id`).
+    pub event_id: Uuid,
+    /// The event type.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// When the event happened.
+    pub created_at: DateTime<Utc>,
+    /// Where the delivery stands.
+    pub state: DeliveryState,
+    /// Attempts made so far.
+    pub attempts: i32,
+    /// When it is tried next (pending deliveries only).
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    /// When the receiver took it.
+    pub delivered_at: Option<DateTime<Utc>>,
+    /// The last attempt's HTTP status.
+    pub last_status: Option<i32>,
+    /// The last attempt's error.
+    pub last_error: Option<String>,
+    /// Every attempt, first first.
+    pub attempt_log: Vec<Attempt>,
+}
+
+/// The newest `limit` deliveries to endpoint `id` (only those in `wanted`, when given), newest
+/// first, with their attempts. An unknown endpoint is 404.
+pub async fn recent_deliveries(
+    client: &impl GenericClient,
+    id: Uuid,
+    wanted: Option<DeliveryState>,
+    limit: i64,
+) -> ApiResult<Vec<Delivery>> {
+    endpoint(client, id).await?;
+    let wanted = wanted.map(DeliveryState::as_str);
     let rows = client
         .query(
             "SELECT d.event_id, e.type, e.created_at, d.state, d.attempts, d.next_attempt_at, d.delivered_at, d.last_status, d.last_error, \
@@ -318,19 +426,38 @@ pub async fn deliveries(
                  FROM webhook_attempts a WHERE (a.user_id, a.event_id, a.endpoint_id) = (d.user_id, d.event_id, d.endpoint_id)), '[]'::jsonb) \
              FROM webhook_deliveries d JOIN webhook_events e ON (e.user_id, e.event_id) = (d.user_id, d.event_id) \
              WHERE d.endpoint_id = $1 AND ($2::text IS NULL OR d.state = $2) ORDER BY d.seq DESC LIMIT $3",
-            &[&id, &q.state, &limit],
+            &[&id, &wanted, &limit],
         )
         .await?;
-    let list: Vec<Value> = rows
-        .iter()
+    rows.iter()
         .map(|r| {
-            let state: String = r.get(3);
-            json!({"event_id": r.get::<_, Uuid>(0), "type": r.get::<_, String>(1), "created_at": r.get::<_, DateTime<Utc>>(2),
-                "state": state, "attempts": r.get::<_, i32>(4),
-                "next_attempt_at": (state == "pending").then(|| r.get::<_, DateTime<Utc>>(5)),
-                "delivered_at": r.get::<_, Option<DateTime<Utc>>>(6), "last_status": r.get::<_, Option<i32>>(7),
-                "last_error": r.get::<_, Option<String>>(8), "attempt_log": r.get::<_, Value>(9)})
+            let state: DeliveryState = r.get(3);
+            let attempt_log = serde_json::from_value(r.get::<_, Value>(9)).map_err(ApiError::internal)?;
+            Ok(Delivery {
+                event_id: r.get(0),
+                kind: r.get(1),
+                created_at: r.get(2),
+                state,
+                attempts: r.get(4),
+                next_attempt_at: (state == DeliveryState::Pending).then(|| r.get(5)),
+                delivered_at: r.get(6),
+                last_status: r.get(7),
+                last_error: r.get(8),
+                attempt_log,
+            })
         })
-        .collect();
-    Ok(Json(json!({"deliveries": list})))
+        .collect()
+}
+
+/// How many deliveries of each state every endpoint has: `(pending, delivered, dead)` by
+/// endpoint id (endpoints without deliveries are absent).
+pub async fn delivery_counts(client: &impl GenericClient) -> ApiResult<std::collections::HashMap<Uuid, [i64; 3]>> {
+    let rows = client
+        .query(
+            "SELECT endpoint_id, count(*) FILTER (WHERE state = 'pending'), count(*) FILTER (WHERE state = 'delivered'), \
+               count(*) FILTER (WHERE state = 'dead') FROM webhook_deliveries GROUP BY endpoint_id",
+            &[],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), [r.get(1), r.get(2), r.get(3)])).collect())
 }
