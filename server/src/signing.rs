@@ -6,14 +6,15 @@
 use base64::Engine;
 use ed25519_dalek::SigningKey;
 use ed25519_dalek::pkcs8::{DecodePrivateKey, EncodePrivateKey};
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header};
+use jsonwebtoken::DecodingKey;
 use serde::Serialize;
 use serde_json::{Value, json};
 use std::path::Path;
 
 struct Key {
     kid: String,
-    encoding: EncodingKey,
+    /// The parsed key (with its public half): signing derives nothing per token.
+    signing: SigningKey,
     public: [u8; 32],
 }
 
@@ -64,9 +65,8 @@ impl Signer {
         for p in names {
             let pem = std::fs::read_to_string(&p).map_err(|e| format!("reading {}: {e}", p.display()))?;
             let sk = SigningKey::from_pkcs8_pem(&pem).map_err(|e| format!("{}: not an Ed25519 PKCS#8 key: {e}", p.display()))?;
-            let encoding = EncodingKey::from_ed_pem(pem.as_bytes()).map_err(|e| format!("{}: {e}", p.display()))?;
             let kid = p.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
-            keys.push(Key { kid, encoding, public: sk.verifying_key().to_bytes() });
+            keys.push(Key { kid, public: sk.verifying_key().to_bytes(), signing: sk });
         }
         Ok(Signer { keys })
     }
@@ -81,13 +81,22 @@ impl Signer {
         self.sign_typed(claims, "JWT")
     }
 
-    /// Signs `claims` with the newest key and header `typ`.
+    /// Signs `claims` with the newest key and header `typ`: a compact JWS
+    /// `{"typ", "alg": "EdDSA", "kid"}.claims.signature` (RFC 8037), as any JWT library reads it.
     pub fn sign_typed<T: Serialize>(&self, claims: &T, typ: &str) -> Result<String, String> {
+        use ed25519_dalek::Signer as _;
         let key = self.keys.last().ok_or("no signing key")?;
-        let mut header = Header::new(Algorithm::EdDSA);
-        header.kid = Some(key.kid.clone());
-        header.typ = Some(typ.into());
-        jsonwebtoken::encode(&header, claims, &key.encoding).map_err(|e| e.to_string())
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let header = serde_json::to_vec(&json!({"typ": typ, "alg": "EdDSA", "kid": key.kid})).map_err(|e| e.to_string())?;
+        let body = serde_json::to_vec(claims).map_err(|e| e.to_string())?;
+        let mut jws = String::with_capacity((header.len() + body.len()) * 4 / 3 + 90);
+        b64.encode_string(&header, &mut jws);
+        jws.push('.');
+        b64.encode_string(&body, &mut jws);
+        let signature = key.signing.sign(jws.as_bytes());
+        jws.push('.');
+        b64.encode_string(signature.to_bytes(), &mut jws);
+        Ok(jws)
     }
 
     /// The verifying key of `kid`, when it is one of ours.
@@ -108,5 +117,39 @@ impl Signer {
             })
             .collect();
         json!({ "keys": keys })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{Algorithm, Validation};
+
+    #[test]
+    fn tokens_verify_with_a_jwt_library_and_the_published_key_and_a_changed_byte_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let signer = Signer::load_or_create(dir.path()).unwrap();
+        let kid = signer.kid().unwrap().to_string();
+        let claims = json!({"sub": "ada", "plan": "pro", "exp": 4_000_000_000i64, "note": "héllo"});
+        let token = signer.sign_typed(&claims, "at+jwt").unwrap();
+        let header = jsonwebtoken::decode_header(&token).unwrap();
+        assert_eq!((header.alg, header.kid.as_deref(), header.typ.as_deref()), (Algorithm::EdDSA, Some(kid.as_str()), Some("at+jwt")));
+        let mut v = Validation::new(Algorithm::EdDSA);
+        v.validate_aud = false;
+        let key = signer.decoding_key(&kid).unwrap();
+        let got = jsonwebtoken::decode::<Value>(&token, &key, &v).unwrap().claims;
+        assert_eq!(got, claims);
+        // The published JWKS verifies it too.
+        let jwk: jsonwebtoken::jwk::Jwk = serde_json::from_value(signer.jwks()["keys"][0].clone()).unwrap();
+        jsonwebtoken::decode::<Value>(&token, &DecodingKey::from_jwk(&jwk).unwrap(), &v).unwrap();
+        // Any changed byte of the body or the signature is refused.
+        let (head, sig) = token.rsplit_once('.').unwrap();
+        let forged_body = token.replacen(".ey", ".eX", 1);
+        let mut sig_bytes: Vec<char> = sig.chars().collect();
+        sig_bytes[3] = if sig_bytes[3] == 'A' { 'B' } else { 'A' };
+        let forged_sig = format!("{head}.{}", sig_bytes.into_iter().collect::<String>());
+        for forged in [forged_body, forged_sig] {
+            assert!(jsonwebtoken::decode::<Value>(&forged, &key, &v).is_err(), "{forged}");
+        }
     }
 }
