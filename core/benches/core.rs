@@ -147,6 +147,29 @@ fn raw_insert_one(c: &mut Connection, user: &str, seq: &mut i64) {
     tx.commit().expect("commit");
 }
 
+/// The least one consume writes in the core's own schema, by hand-written SQL on a database
+/// `Tally::open` made: its event row (the table and its indexes) and its counter's upsert, in
+/// one immediate transaction. What a consume costs above this is the core's own work.
+fn raw_floor_one(c: &mut Connection, user: &str, seq: &mut i64, period_start: i64) {
+    *seq += 1;
+    let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).expect("begin");
+    tx.prepare_cached(
+        "INSERT INTO events (user_id, id, feature, amount, occurred_at, device_id, device_seq, decision, status) \
+         VALUES (?1, ?2, 'chat', 1, ?3, 'bench-device', ?4, '', 0)",
+    )
+    .expect("prepare")
+    .execute(params![user, uuid::Uuid::now_v7().to_string(), chrono::Utc::now().timestamp_millis(), *seq])
+    .expect("insert event");
+    tx.prepare_cached(
+        "INSERT INTO counters (user_id, feature, period, period_start, pending, pending_cost) VALUES (?1, 'chat', 'month', ?2, 1, 0) \
+         ON CONFLICT (user_id, feature, period, period_start) DO UPDATE SET pending = pending + 1",
+    )
+    .expect("prepare")
+    .execute(params![user, period_start])
+    .expect("upsert counter");
+    tx.commit().expect("commit");
+}
+
 fn raw_insert_many(c: &mut Connection, user: &str, seq: &mut i64, n: usize) {
     let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).expect("begin");
     {
@@ -272,6 +295,39 @@ fn main() {
     let raw_pages = wal_pages_per_commit(&raw_path, 100, || raw_insert_one(&mut raw, &user, &mut seq));
     run.measurement("raw.sqlite_insert_wal_pages", raw_pages, "pages/commit", None);
     run.measurement("core.consume_wal_pages", core_pages, "pages/commit", None);
+    // The schema's floor: what the writes of one consume cost without the core around them.
+    let floor_path = dir.path().join("floor.db");
+    let (floor_user, floor_start) = {
+        let t = Tally::open(&floor_path, config(Durability::Normal)).expect("open floor db");
+        let u = t.create_local_user(Some("floor")).expect("user").id;
+        t.consume_many(&u, &items(100)).expect("seed");
+        let start: i64 = Connection::open(&floor_path)
+            .expect("open")
+            .query_row("SELECT period_start FROM counters WHERE user_id = ?1 AND feature = 'chat' AND period = 'month'", [&u], |r| r.get(0))
+            .expect("counter row");
+        (u, start)
+    };
+    let mut floor = raw_conn(&floor_path, "NORMAL");
+    let mut floor_seq = 1_000_000i64;
+    let (h_floor, h_ins2) = interleaved(
+        5 * k,
+        if quick { 1_000 } else { 3_000 },
+        || raw_floor_one(&mut floor, &floor_user, &mut floor_seq, floor_start),
+        || raw_insert_one(&mut raw, &user, &mut seq),
+    );
+    let (f50, i50b) = (h_floor.value_at_quantile(0.5) as f64 / 1000.0, h_ins2.value_at_quantile(0.5) as f64 / 1000.0);
+    run.result(
+        "raw.sqlite_consume_floor_p50",
+        f50,
+        "µs",
+        Some(("raw.sqlite_insert_normal_p50", i50b)),
+        "report (the schema's own floor: one event row with its indexes and a counter upsert, by hand)",
+        None,
+        Some(&h_floor),
+    );
+    run.measurement("core.consume_over_floor", c50 / f50, "×", None);
+    let floor_pages = wal_pages_per_commit(&floor_path, 100, || raw_floor_one(&mut floor, &floor_user, &mut floor_seq, floor_start));
+    run.measurement("raw.sqlite_consume_floor_wal_pages", floor_pages, "pages/commit", None);
     if use_criterion {
         let mut g = crit.benchmark_group("core.consume");
         g.bench_function("tally_consume_normal", |b| b.iter(|| tally.consume(&user, "chat", 1, UsageMeta::default()).expect("consume")));

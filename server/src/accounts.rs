@@ -57,7 +57,7 @@ pub async fn patch_me(State(state): State<AppState>, AuthUser(user): AuthUser, J
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
     let mut locked = lock(&tx, user.user_id, &state.config.admin_subjects).await?;
-    apply_profile(&tx, &mut locked, &patch).await?;
+    apply_profile(&tx, &state.user_cache, &mut locked, &patch).await?;
     tx.commit().await?;
     Ok(Json(locked))
 }
@@ -77,6 +77,7 @@ pub async fn delete_me(State(state): State<AppState>, AuthUser(user): AuthUser) 
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
     lock(&tx, user.user_id, &state.config.admin_subjects).await?;
+    state.user_cache.evict_user(user.user_id);
     if let Some(s) = crate::billing::subscriptions::renewing_elsewhere(&tx, user.user_id, state.now()).await? {
         return Err(ApiError::Conflict(
             "subscription_active",
@@ -126,6 +127,7 @@ pub async fn delete_me(State(state): State<AppState>, AuthUser(user): AuthUser) 
     }
     tx.commit().await?;
     state.tokens.forget(user.user_id);
+    state.user_cache.evict_user(user.user_id);
     Ok(axum::http::StatusCode::NO_CONTENT)
 }
 

@@ -462,6 +462,7 @@ pub async fn enable_user(State(state): State<AppState>, _a: Admin, Path(id): Pat
 
 async fn set_disabled(state: &AppState, id: &str, disabled: bool) -> ApiResult<Json<User>> {
     let uid = Uuid::parse_str(id).map_err(|_| ApiError::not_found("user"))?;
+    state.user_cache.evict_user(uid);
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
     let r = tx

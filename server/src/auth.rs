@@ -191,6 +191,17 @@ pub async fn verify_bearer(
     token: &str,
     slot: Option<crate::concurrency::TurnSlot>,
 ) -> Result<(Principal, Option<deadpool_postgres::Object>), ApiError> {
+    verify_bearer_with(state, token, slot, false).await
+}
+
+/// [`verify_bearer`]; with `cached`, a user held in [`crate::user_cache`] is answered from
+/// there (no connection: `None`).
+async fn verify_bearer_with(
+    state: &AppState,
+    token: &str,
+    slot: Option<crate::concurrency::TurnSlot>,
+    cached: bool,
+) -> Result<(Principal, Option<deadpool_postgres::Object>), ApiError> {
     // Keyed by the verified subject, or by the hash of the API key (only its holder can name
     // that lane).
     let take_turn = |key: String| async move {
@@ -214,11 +225,41 @@ pub async fn verify_bearer(
         state.verifier.verify(token).await?
     };
     take_turn(format!("s:{}", claims.sub)).await?;
-    let client = state.pool.get().await?;
-    let user = users::resolve_on(state, &client, &claims).await?;
+    let (user, client) = match state.user_cache.get(&claims).filter(|_| cached) {
+        Some(user) => (user, None),
+        None => {
+            let client = state.pool.get().await?;
+            (users::resolve_on(state, &client, &claims).await?, Some(client))
+        }
+    };
     users::ensure_enabled(&user)?;
     state.limiter.check(&format!("u:{}", user.user_id))?;
-    Ok((Principal::User(user), Some(client)))
+    Ok((Principal::User(user), client))
+}
+
+/// A signed-in user for a read this process may answer from its caches: the user comes from
+/// [`crate::user_cache`] when held there (no database round trip), else as [`AuthUser`]
+/// resolves it. The same checks as every route (token, turn, disabled account, rate limit).
+pub struct AuthUserCached(pub User);
+
+impl FromRequestParts<AppState> for AuthUserCached {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let principal = match parts.extensions.get::<Principal>() {
+            Some(p) => p.clone(),
+            None => {
+                let token = bearer(parts)?;
+                let slot = parts.extensions.get::<crate::concurrency::TurnSlot>().cloned();
+                let (principal, _client) = verify_bearer_with(state, token, slot, true).await?;
+                parts.extensions.insert(principal.clone());
+                principal
+            }
+        };
+        match principal {
+            Principal::User(u) => Ok(AuthUserCached(u)),
+            Principal::Key(_) => Err(unauthorized("user_token_required", "this route needs a user's identity token, not an API key")),
+        }
+    }
 }
 
 impl Principal {

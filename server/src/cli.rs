@@ -391,7 +391,8 @@ pub async fn run(cli: Cli) -> Result<(), String> {
                 let (_, catalog) = plans::load(&client).await.map_err(|e| e.to_string())?;
                 let req = crate::grants::AccessGrantRequest { subject: &subject, plan: &plan, until, granted_by: &granted_by, reason: &reason };
                 let tx = client.transaction().await.map_err(|e| e.to_string())?;
-                crate::grants::grant_access(&tx, &catalog, &req, Utc::now()).await.map_err(|e| e.to_string())?;
+                // Running servers hear of the new version from Postgres (no cache of their own here).
+                crate::grants::grant_access(&tx, &crate::user_cache::UserCache::default(), &catalog, &req, Utc::now()).await.map_err(|e| e.to_string())?;
                 tx.commit().await.map_err(|e| e.to_string())?;
                 println!("granted {plan} to {subject}{}", until.map(|u| format!(" until {u}")).unwrap_or_default());
                 Ok(())

@@ -288,7 +288,7 @@ pub async fn grant_credits(state: &AppState, r: CreditGrantRequest<'_>) -> ApiRe
     let id = format!("adm:{}", Uuid::now_v7());
     let now = state.now();
     insert(&tx, r.user_id, &id, r.credits, "admin", Some(r.reason), Some(r.granted_by), None, now, r.expires_at, now).await?;
-    crate::users::bump_version(&tx, r.user_id, state.now()).await?;
+    crate::users::bump_version(&tx, &state.user_cache, r.user_id, state.now()).await?;
     tx.commit().await?;
     Ok(id)
 }
@@ -321,7 +321,7 @@ pub async fn revoke_credits(state: &AppState, user_id: Uuid, grant_id: Option<&s
         )
         .await?;
     if n > 0 {
-        crate::users::bump_version(&tx, user_id, state.now()).await?;
+        crate::users::bump_version(&tx, &state.user_cache, user_id, state.now()).await?;
         crate::leases::mark_refund(&tx, user_id, state.now()).await?;
     }
     tx.commit().await?;

@@ -2,7 +2,7 @@
 //! entitlements token (cached per user and version), `GET /v1/entitlements` and `GET /v1/keys`.
 
 use crate::AppState;
-use crate::auth::AuthUserDb;
+use crate::auth::AuthUserCached;
 use crate::error::{ApiError, ApiResult};
 use crate::users::User;
 use axum::Json;
@@ -224,16 +224,45 @@ const MAX_CACHED_USERS: usize = 100_000;
 
 /// Resolved entitlements of `GET /v1/entitlements` per user, reused while the user's version,
 /// timezone and admin flag and the catalog version are unchanged, until the next instant at which
-/// the resolution changes by itself (a grant or a grace period ending) and for at most a minute.
-/// Users with credits are always read afresh: their balance moves with every sync.
+/// the resolution changes by itself (a grant or a grace period ending) and for at most a minute;
+/// with them their JSON, serialized once. Users with credits are always read afresh: their
+/// balance moves with every sync.
 #[derive(Default)]
 pub struct Snapshots {
     m: Mutex<HashMap<Uuid, Snapshot>>,
 }
 
+/// Resolved entitlements and their JSON object (without the token).
+#[derive(Clone)]
+pub struct Resolved {
+    /// The entitlements.
+    pub ents: Arc<Entitlements>,
+    /// `ents` as a JSON object.
+    pub json: axum::body::Bytes,
+}
+
+impl Resolved {
+    /// Serializes `ents` once.
+    pub fn new(ents: Entitlements) -> ApiResult<Resolved> {
+        let json = serde_json::to_vec(&ents).map_err(ApiError::internal)?;
+        Ok(Resolved { ents: Arc::new(ents), json: json.into() })
+    }
+
+    /// The body of `GET /v1/entitlements`: the entitlements' object with `token` added.
+    pub fn body_with(&self, token: &str) -> ApiResult<Vec<u8>> {
+        let Some(open) = self.json.strip_suffix(b"}") else { return Err(ApiError::internal("entitlements are not a JSON object")) };
+        let mut out = Vec::with_capacity(self.json.len() + token.len() + 12);
+        out.extend_from_slice(open);
+        out.extend_from_slice(if open.ends_with(b"{") { b"\"token\":" } else { b",\"token\":" });
+        serde_json::to_writer(&mut out, token).map_err(ApiError::internal)?;
+        out.push(b'}');
+        Ok(out)
+    }
+}
+
 struct Snapshot {
     key: (i64, i64, String, bool),
-    ents: Entitlements,
+    resolved: Resolved,
     until: DateTime<Utc>,
 }
 
@@ -242,13 +271,16 @@ impl Snapshots {
         (user.ver, catalog_version, user.timezone.clone(), user.is_admin)
     }
 
-    fn get(&self, user: &User, catalog_version: i64, now: DateTime<Utc>) -> Option<Entitlements> {
+    fn get(&self, user: &User, catalog_version: i64, now: DateTime<Utc>) -> Option<Resolved> {
         let m = self.m.lock().ok()?;
         let s = m.get(&user.user_id)?;
-        (s.key == Snapshots::key(user, catalog_version) && now < s.until).then(|| s.ents.clone())
+        let fresh =
+            s.key.0 == user.ver && s.key.1 == catalog_version && s.key.2 == user.timezone && s.key.3 == user.is_admin && now < s.until;
+        fresh.then(|| s.resolved.clone())
     }
 
-    fn put(&self, user: &User, catalog_version: i64, ents: &Entitlements, now: DateTime<Utc>, grace: Duration) {
+    fn put(&self, user: &User, catalog_version: i64, resolved: &Resolved, now: DateTime<Utc>, grace: Duration) {
+        let ents = &resolved.ents;
         let credits = !ents.credit_grants.is_empty() || ents.features.values().any(|r| matches!(r, tally_core::Rule::Credits { .. }));
         if credits {
             return;
@@ -261,12 +293,14 @@ impl Snapshots {
                     m.clear();
                 }
             }
-            m.insert(user.user_id, Snapshot { key: Snapshots::key(user, catalog_version), ents: ents.clone(), until });
+            m.insert(user.user_id, Snapshot { key: Snapshots::key(user, catalog_version), resolved: resolved.clone(), until });
         }
     }
 }
 
-/// `GET /v1/entitlements`: the resolved entitlements and the signed token.
+/// `GET /v1/entitlements`: the resolved entitlements and the signed token. A user held in this
+/// process's caches (its row, its snapshot, its token) is answered without a database round
+/// trip and without signing.
 #[utoipa::path(
     operation_id = "entitlements_get_entitlements",
     get,
@@ -277,24 +311,31 @@ impl Snapshots {
         (status = 200, description = "The resolved entitlements and their signed token", body = Object),
     ),
 )]
-pub async fn get_entitlements(State(state): State<AppState>, AuthUserDb(user, client): AuthUserDb) -> ApiResult<Json<Value>> {
+pub async fn get_entitlements(State(state): State<AppState>, AuthUserCached(user): AuthUserCached) -> ApiResult<axum::response::Response> {
+    use axum::response::IntoResponse;
     let now = state.now();
-    let catalog_version = state.catalog.recent_version(&client, std::time::Duration::from_secs(1)).await?;
-    let ents = match state.snapshots.get(&user, catalog_version, now) {
-        Some(e) => e,
+    let max_age = std::time::Duration::from_secs(1);
+    let held = state.catalog.fresh_version(max_age).and_then(|v| state.snapshots.get(&user, v, now));
+    let resolved = match held {
+        Some(r) => r,
         None => {
-            let loaded = load(&state, &client, &user, now).await?;
-            let grace = crate::billing::subscriptions::grace(&state);
-            state.snapshots.put(&user, loaded.catalog_version, &loaded.ents, now, grace);
-            loaded.ents
+            let client = state.pool.get().await?;
+            let catalog_version = state.catalog.recent_version(&client, max_age).await?;
+            match state.snapshots.get(&user, catalog_version, now) {
+                Some(r) => r,
+                None => {
+                    let loaded = load(&state, &client, &user, now).await?;
+                    let grace = crate::billing::subscriptions::grace(&state);
+                    let r = Resolved::new(loaded.ents)?;
+                    state.snapshots.put(&user, loaded.catalog_version, &r, now, grace);
+                    r
+                }
+            }
         }
     };
-    let token = token(&state, &user, &ents, now)?;
-    let mut body = serde_json::to_value(&ents).map_err(ApiError::internal)?;
-    if let Some(o) = body.as_object_mut() {
-        o.insert("token".into(), Value::String(token));
-    }
-    Ok(Json(body))
+    let token = token(&state, &user, &resolved.ents, now)?;
+    let body = resolved.body_with(&token)?;
+    Ok(([(axum::http::header::CONTENT_TYPE, axum::http::HeaderValue::from_static("application/json"))], body).into_response())
 }
 
 /// `GET /v1/keys`: the JWKS of the entitlements-signing keys.
@@ -343,7 +384,7 @@ mod tests {
             granted_by: "ops".into(),
             reason: "beta".into(),
         });
-        cache.put(&user(1), 7, &ents, now, grace);
+        cache.put(&user(1), 7, &Resolved::new(ents).unwrap(), now, grace);
         assert!(cache.get(&user(1), 7, now + Duration::seconds(29)).is_some());
         assert!(cache.get(&user(1), 7, now + Duration::seconds(30)).is_none(), "the grant's end re-resolves");
         assert!(cache.get(&user(2), 7, now).is_none(), "a new entitlement version re-resolves");
@@ -352,8 +393,23 @@ mod tests {
         other_tz.timezone = "Asia/Tokyo".into();
         assert!(cache.get(&other_tz, 7, now).is_none());
         // Without any boundary, at most a minute.
-        cache.put(&user(1), 7, &Entitlements::free(), now, grace);
+        cache.put(&user(1), 7, &Resolved::new(Entitlements::free()).unwrap(), now, grace);
         assert!(cache.get(&user(1), 7, now + Duration::seconds(61)).is_none());
+    }
+
+    #[test]
+    fn the_body_is_the_entitlements_object_with_the_token_added() {
+        let r = Resolved::new(Entitlements::free()).unwrap();
+        let body: Value = serde_json::from_slice(&r.body_with("a.b-c_d.e").unwrap()).unwrap();
+        let mut want = serde_json::to_value(Entitlements::free()).unwrap();
+        want["token"] = Value::String("a.b-c_d.e".into());
+        assert_eq!(body, want);
+        let odd: Value = serde_json::from_slice(&r.body_with("quote\"and\\slash").unwrap()).unwrap();
+        assert_eq!(odd["token"], "quote\"and\\slash", "the token is written as a JSON string");
+        let empty = Resolved { ents: r.ents.clone(), json: axum::body::Bytes::from_static(b"{}") };
+        assert_eq!(empty.body_with("t").unwrap(), br#"{"token":"t"}"#);
+        let not_object = Resolved { ents: r.ents.clone(), json: axum::body::Bytes::from_static(b"[]") };
+        assert!(not_object.body_with("t").is_err());
     }
 
     #[test]
@@ -363,7 +419,7 @@ mod tests {
         let catalog = Catalog::from_json(r#"{"plans":[{"id":"free","features":{"img":{"type":"credits","cost":2}}}]}"#).unwrap();
         let ents = Entitlements::free().resolve(&catalog, now, Duration::zero());
         assert!(matches!(ents.features.get("img"), Some(Rule::Credits { .. })));
-        cache.put(&user(1), 1, &ents, now, Duration::zero());
+        cache.put(&user(1), 1, &Resolved::new(ents).unwrap(), now, Duration::zero());
         assert!(cache.get(&user(1), 1, now).is_none());
     }
 }

@@ -47,6 +47,7 @@ pub fn validate(req: &AccessGrantRequest<'_>, catalog: &Catalog, now: DateTime<U
 /// entitlement version. Returns the user id and the grant id.
 pub async fn grant_access(
     tx: &impl GenericClient,
+    cache: &crate::user_cache::UserCache,
     catalog: &Catalog,
     req: &AccessGrantRequest<'_>,
     now: DateTime<Utc>,
@@ -73,7 +74,7 @@ pub async fn grant_access(
         &[&user_id, &grant_id, &req.plan, &req.until, &req.granted_by, &req.reason],
     )
     .await?;
-    crate::users::bump_version(tx, user_id, now).await?;
+    crate::users::bump_version(tx, cache, user_id, now).await?;
     Ok((user_id, grant_id))
 }
 
@@ -83,7 +84,7 @@ pub async fn create(state: &AppState, req: &AccessGrantRequest<'_>) -> ApiResult
     let mut client = state.pool.get().await?;
     let (_, catalog) = state.catalog.current(&client).await?;
     let tx = client.transaction().await?;
-    let ids = grant_access(&tx, &catalog, req, state.now()).await?;
+    let ids = grant_access(&tx, &state.user_cache, &catalog, req, state.now()).await?;
     tx.commit().await?;
     Ok(ids)
 }
@@ -103,7 +104,7 @@ pub async fn revoke(state: &AppState, user_id: Uuid, grant_id: Option<Uuid>) -> 
     if n == 0 {
         return Err(ApiError::not_found("grant"));
     }
-    crate::users::bump_version(&tx, user_id, state.now()).await?;
+    crate::users::bump_version(&tx, &state.user_cache, user_id, state.now()).await?;
     tx.commit().await?;
     Ok(n)
 }

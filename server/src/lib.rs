@@ -45,6 +45,7 @@ pub mod signing;
 pub mod sync;
 pub mod usage;
 pub mod usage_events;
+pub mod user_cache;
 pub mod users;
 pub mod vault;
 pub mod voids;
@@ -87,6 +88,8 @@ pub struct Shared {
     pub tokens: entitlements::TokenCache,
     /// Resolved entitlements of `GET /v1/entitlements` per user.
     pub snapshots: entitlements::Snapshots,
+    /// Users resolved recently by subject, dropped when Postgres announces a change.
+    pub user_cache: Arc<user_cache::UserCache>,
     /// App Store verification (`None`: not configured, purchases answer `store_unconfigured`).
     pub apple: Option<billing::apple::Apple>,
     /// Google Play (`None`: not configured, purchases answer `store_unconfigured`).
@@ -174,6 +177,7 @@ impl AppState {
             limiter,
             tokens: entitlements::TokenCache::default(),
             snapshots: Default::default(),
+            user_cache: Arc::default(),
             apple,
             google,
             login_limits,
@@ -181,6 +185,7 @@ impl AppState {
             vault,
         });
         holds::spawn_sweeper(Arc::downgrade(&shared), holds::SWEEP_EVERY);
+        user_cache::spawn_listener(Arc::downgrade(&shared.user_cache), url.clone(), limits.connect.unwrap_or(Duration::from_secs(5)));
         webhooks::delivery::spawn_worker(Arc::downgrade(&shared), webhooks::delivery::Settings::from_config(&shared.config))?;
         Ok(AppState(shared))
     }

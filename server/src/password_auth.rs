@@ -282,6 +282,8 @@ async fn verified(state: &AppState, user_id: Uuid, email: &str) -> ApiResult<Uui
         tx.commit().await?;
         return Ok(user_id);
     };
+    state.user_cache.evict_user(pending);
+    state.user_cache.evict_user(user_id);
     tx.execute(
         "UPDATE users SET external_id = $2, email_verified = true, ver = ver + 1, updated_at = $3, \
          display_name = coalesce(display_name, (SELECT display_name FROM users WHERE user_id = $4)) WHERE user_id = $1",

@@ -35,13 +35,17 @@ impl CatalogCache {
     /// The catalog version, read from the database at most once per `max_age`: a change made
     /// through another replica is seen within that time.
     pub async fn recent_version(&self, client: &impl GenericClient, max_age: std::time::Duration) -> ApiResult<i64> {
-        if let Ok(g) = self.checked.lock()
-            && let Some((at, v)) = *g
-            && at.elapsed() < max_age
-        {
-            return Ok(v);
+        match self.fresh_version(max_age) {
+            Some(v) => Ok(v),
+            None => self.read_version(client).await,
         }
-        self.read_version(client).await
+    }
+
+    /// The version last read, when that was less than `max_age` ago (no database read).
+    pub fn fresh_version(&self, max_age: std::time::Duration) -> Option<i64> {
+        let g = self.checked.lock().ok()?;
+        let (at, v) = (*g)?;
+        (at.elapsed() < max_age).then_some(v)
     }
 
     async fn read_version(&self, client: &impl GenericClient) -> ApiResult<i64> {

@@ -192,7 +192,7 @@ async fn run(
         }
     }
     if let Some(p) = &profile {
-        users::apply_profile(&tx, &mut user, p).await?;
+        users::apply_profile(&tx, &state.user_cache, &mut user, p).await?;
     }
     let loaded =
         if profile.as_ref().is_some_and(|p| p.timezone.is_some()) { entitlements::load(state, &tx, &user, now).await? } else { loaded };

@@ -115,15 +115,18 @@ static USER_AND_TOMBSTONE: std::sync::LazyLock<String> = std::sync::LazyLock::ne
 /// [`resolve`] on a connection the caller holds (and goes on using).
 pub async fn resolve_on(state: &AppState, client: &deadpool_postgres::Object, claims: &IdClaims) -> ApiResult<User> {
     let admins = &state.config.admin_subjects;
+    let generation = state.user_cache.generation();
     let r = client.query_one(&client.prepare_cached(&USER_AND_TOMBSTONE).await?, &[&claims.sub, &sub_hash(&claims.sub)]).await?;
-    let deleted_at = USER_COLUMNS.split(',').count();
-    if let Some(deleted) = r.get::<_, Option<DateTime<Utc>>>(deleted_at)
+    let deleted_at = r.get::<_, Option<DateTime<Utc>>>(USER_COLUMNS.split(',').count());
+    if let Some(deleted) = deleted_at
         && claims.iat.is_none_or(|iat| iat <= deleted.timestamp())
     {
         return Err(ApiError::AccountDeleted);
     }
     if r.get::<_, Option<Uuid>>(0).is_some() {
-        return Ok(User::from_row(&r, admins));
+        let user = User::from_row(&r, admins);
+        state.user_cache.put(&user, deleted_at, generation);
+        return Ok(user);
     }
     let select = format!("SELECT {USER_COLUMNS} FROM users WHERE external_id = $1");
     if let (Some(email), Some(true)) = (&claims.email, claims.email_verified) {
@@ -150,7 +153,9 @@ pub async fn resolve_on(state: &AppState, client: &deadpool_postgres::Object, cl
         )
         .await?;
     let r = client.query_one(&select, &[&claims.sub]).await?;
-    Ok(User::from_row(&r, admins))
+    let user = User::from_row(&r, admins);
+    state.user_cache.put(&user, deleted_at, generation);
+    Ok(user)
 }
 
 /// 403 `account_disabled` when an admin disabled `user`.
@@ -232,9 +237,16 @@ pub async fn lock(tx: &impl GenericClient, user_id: Uuid, admins: &[String]) -> 
     Ok(User::from_row(&r, admins))
 }
 
-/// Bumps the user's entitlement version (tokens and caches of the old one go stale) and emits
-/// `entitlements.changed` for the new one, in the caller's transaction.
-pub async fn bump_version(tx: &impl GenericClient, user_id: Uuid, now: DateTime<Utc>) -> ApiResult<()> {
+/// Bumps the user's entitlement version (tokens and caches of the old one go stale, this
+/// process's cached user row first) and emits `entitlements.changed` for the new one, in the
+/// caller's transaction.
+pub async fn bump_version(
+    tx: &impl GenericClient,
+    cache: &crate::user_cache::UserCache,
+    user_id: Uuid,
+    now: DateTime<Utc>,
+) -> ApiResult<()> {
+    cache.evict_user(user_id);
     let st = tx.prepare_cached("UPDATE users SET ver = ver + 1, updated_at = $2 WHERE user_id = $1 RETURNING ver").await?;
     if let Some(r) = tx.query_opt(&st, &[&user_id, &now]).await? {
         crate::webhooks::outbox::entitlements_changed(tx, user_id, r.get(0), now).await?;
@@ -278,11 +290,17 @@ pub fn split_profile(p: &ProfilePatch) -> (ProfilePatch, Vec<ProfileRejected>) {
 
 /// Applies a validated profile patch to a locked user. A timezone change bumps the entitlement
 /// version (the token carries `tz`) and makes the counters rebuild in the new zone.
-pub async fn apply_profile(tx: &impl GenericClient, user: &mut User, p: &ProfilePatch) -> ApiResult<()> {
+pub async fn apply_profile(
+    tx: &impl GenericClient,
+    cache: &crate::user_cache::UserCache,
+    user: &mut User,
+    p: &ProfilePatch,
+) -> ApiResult<()> {
     let tz_changed = p.timezone.as_ref().is_some_and(|t| *t != user.timezone);
     if p.timezone.is_none() && p.display_name.is_none() && p.avatar_url.is_none() {
         return Ok(());
     }
+    cache.evict_user(user.user_id);
     let r = tx
         .query_one(
             "UPDATE users SET timezone = coalesce($2, timezone), display_name = coalesce($3, display_name), \

@@ -416,7 +416,7 @@ pub async fn purchase(
     for o in originals {
         bought.extend(settle(&tx, user.user_id, o, &catalog, now).await?);
     }
-    subscriptions::refresh(&tx, user.user_id, &catalog, now, subscriptions::grace(&state)).await?;
+    subscriptions::refresh(&tx, &state.user_cache, user.user_id, &catalog, now, subscriptions::grace(&state)).await?;
     let body = purchases::answer(&state, &tx, &locked, b.device_id.as_deref(), now).await?;
     tx.commit().await?;
     state.tokens.forget(user.user_id);
@@ -525,7 +525,7 @@ async fn apply_notified(
         store_renewal(tx, user, &t.original_id, r).await?;
     }
     settle(tx, user, &t.original_id, catalog, now).await?;
-    subscriptions::refresh(tx, user, catalog, now, subscriptions::grace(state)).await?;
+    subscriptions::refresh(tx, &state.user_cache, user, catalog, now, subscriptions::grace(state)).await?;
     Ok(("applied".into(), Some(user)))
 }
 

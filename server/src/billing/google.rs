@@ -520,7 +520,7 @@ pub async fn purchase(
         bought.extend(p);
         follow.extend(f);
     }
-    subscriptions::refresh(&tx, user.user_id, &catalog, now, subscriptions::grace(&state)).await?;
+    subscriptions::refresh(&tx, &state.user_cache, user.user_id, &catalog, now, subscriptions::grace(&state)).await?;
     let body = purchases::answer(&state, &tx, &locked, b.device_id.as_deref(), now).await?;
     tx.commit().await?;
     state.tokens.forget(user.user_id);
@@ -658,7 +658,7 @@ pub async fn notification(State(state): State<AppState>, headers: HeaderMap, Jso
                     purchases::bind(&tx, Store::Play, &lineage, user, "account_token").await?;
                     store_token(&tx, user, &lineage, &t, now).await?;
                     follow = settle(&tx, user, &lineage, &catalog, now).await?.1;
-                    subscriptions::refresh(&tx, user, &catalog, now, subscriptions::grace(&state)).await?;
+                    subscriptions::refresh(&tx, &state.user_cache, user, &catalog, now, subscriptions::grace(&state)).await?;
                     ("applied".to_string(), Some(user))
                 }
             }

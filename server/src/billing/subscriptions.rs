@@ -94,7 +94,14 @@ pub fn grace(state: &AppState) -> Duration {
 
 /// Rewrites the `subscriptions` summary of `user` (the subscription in effect at `now`) and
 /// bumps the entitlement version; call after any change of their store subscriptions.
-pub async fn refresh(client: &impl GenericClient, user: Uuid, catalog: &Catalog, now: DateTime<Utc>, grace: Duration) -> ApiResult<()> {
+pub async fn refresh(
+    client: &impl GenericClient,
+    cache: &crate::user_cache::UserCache,
+    user: Uuid,
+    catalog: &Catalog,
+    now: DateTime<Utc>,
+    grace: Duration,
+) -> ApiResult<()> {
     let subs: Vec<Subscription> = load(client, user).await?.into_iter().map(|s| s.sub).collect();
     if let Some(s) = tally_core::subscription::in_effect(&subs, catalog, now, grace) {
         let plan = s.plan.clone().unwrap_or_else(|| tally_core::catalog::FREE_PLAN.to_string());
@@ -108,7 +115,7 @@ pub async fn refresh(client: &impl GenericClient, user: Uuid, catalog: &Catalog,
             )
             .await?;
     }
-    crate::users::bump_version(client, user, now).await
+    crate::users::bump_version(client, cache, user, now).await
 }
 
 /// Whether `s` is a subscription (not a one-time plan) still running at `now`: active,

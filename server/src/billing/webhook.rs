@@ -522,5 +522,5 @@ pub async fn refresh_user(state: &AppState, tx: &impl GenericClient, user: Uuid)
         super::subscriptions::store(tx, user, &stored, state.now()).await?;
     }
     let (_, catalog) = state.catalog.current(tx).await?;
-    super::subscriptions::refresh(tx, user, &catalog, state.now(), super::subscriptions::grace(state)).await
+    super::subscriptions::refresh(tx, &state.user_cache, user, &catalog, state.now(), super::subscriptions::grace(state)).await
 }
