@@ -158,30 +158,6 @@ async fn authenticate(parts: &mut Parts, state: &AppState) -> Result<(Principal,
     Ok((principal, client))
 }
 
-/// A signed-in user with the connection their identity was resolved on, for a handler whose
-/// work is a read or two: one checkout per request instead of two.
-pub struct AuthUserDb(pub User, pub deadpool_postgres::Object);
-
-impl FromRequestParts<AppState> for AuthUserDb {
-    type Rejection = ApiError;
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let (principal, client) = match parts.extensions.get::<Principal>() {
-            Some(p) => (p.clone(), None),
-            None => authenticate(parts, state).await?,
-        };
-        match principal {
-            Principal::User(u) => Ok(AuthUserDb(
-                u,
-                match client {
-                    Some(c) => c,
-                    None => state.pool.get().await?,
-                },
-            )),
-            Principal::Key(_) => Err(unauthorized("user_token_required", "this route needs a user's identity token, not an API key")),
-        }
-    }
-}
-
 /// Verifies a bearer credential — an API key, a server-signed access token or an identity
 /// token — and returns who it names with the connection a user was resolved on (`None` for an
 /// API key): the one check of every route (and of the console's sign-in). With `slot`, the
