@@ -126,7 +126,14 @@ async fn without_its_listening_connection_a_replica_serves_nothing_from_the_cach
     assert_eq!(plan(&a, "kim").await, "free");
     assert!(held(&a, "kim"));
     let name = tally_server::user_cache::APPLICATION_NAME;
-    sql(&a, &format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '{name}'")).await;
+    // Only this test's database: other tests' replicas listen on the same cluster.
+    sql(
+        &a,
+        &format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '{name}' AND datname = current_database()"
+        ),
+    )
+    .await;
     until("the lost connection to be noticed", Duration::from_secs(10), async || !a.state.user_cache.is_live()).await;
     assert!(!held(&a, "kim"), "nothing is served while not listening");
     // A change made meanwhile is read from the database.
