@@ -201,7 +201,7 @@ async fn verify_bearer_with(
         state.verifier.verify(token).await?
     };
     take_turn(format!("s:{}", claims.sub)).await?;
-    let (user, client) = match state.user_cache.get(&claims).filter(|_| cached) {
+    let (user, client) = match if cached { state.user_cache.get(&claims) } else { None } {
         Some(user) => (user, None),
         None => {
             let client = state.pool.get().await?;
@@ -231,14 +231,19 @@ impl FromRequestParts<AppState> for AuthUserCached {
                 principal
             }
         };
-        match principal {
-            Principal::User(u) => Ok(AuthUserCached(u)),
-            Principal::Key(_) => Err(unauthorized("user_token_required", "this route needs a user's identity token, not an API key")),
-        }
+        principal.into_user().map(AuthUserCached)
     }
 }
 
 impl Principal {
+    /// The user, or 401 `user_token_required` for an API key (a route that acts as a user).
+    pub fn into_user(self) -> Result<User, ApiError> {
+        match self {
+            Principal::User(u) => Ok(u),
+            Principal::Key(_) => Err(unauthorized("user_token_required", "this route needs a user's identity token, not an API key")),
+        }
+    }
+
     /// Whether this caller may use the admin routes: a user with `is_admin`, or an API key
     /// with the `admin` scope.
     pub fn is_admin(&self) -> bool {
@@ -255,10 +260,7 @@ pub struct AuthUser(pub User);
 impl FromRequestParts<AppState> for AuthUser {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        match Principal::from_request_parts(parts, state).await? {
-            Principal::User(u) => Ok(AuthUser(u)),
-            Principal::Key(_) => Err(unauthorized("user_token_required", "this route needs a user's identity token, not an API key")),
-        }
+        Principal::from_request_parts(parts, state).await?.into_user().map(AuthUser)
     }
 }
 
