@@ -231,11 +231,17 @@ pub(crate) fn keep_seq_floor(conn: &Connection) -> Result<()> {
     Ok(())
 }
 
-/// Inserts the event of a decided use, with its cost (micros) and, for a keyed use, its
-/// decision (so a replay answers it again).
+/// The statement [`insert_event`] runs: prepared once per batch by its caller.
+pub(crate) const INSERT_EVENT: &str =
+    "INSERT INTO events (user_id, id, feature, amount, occurred_at, device_id, device_seq, model, input_tokens, output_tokens, cost_micros, metadata, decision, status,
+                         lease_ver, lease_pool, lease_period, lease_start, lease_units)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)";
+
+/// Inserts the event of a decided use with `insert` (a statement of [`INSERT_EVENT`]), with its
+/// cost (micros) and, for a keyed use, its decision (so a replay answers it again).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn insert_event(
-    tx: &Connection,
+    insert: &mut rusqlite::Statement<'_>,
     user: &str,
     device: &str,
     u: &Use<'_>,
@@ -246,14 +252,10 @@ pub(crate) fn insert_event(
     seq: i64,
 ) -> Result<()> {
     let to_sql = |v: u64| i64::try_from(v).map_err(|_| Error::invalid("value out of range"));
-    tx.prepare_cached(
-        "INSERT INTO events (user_id, id, feature, amount, occurred_at, device_id, device_seq, model, input_tokens, output_tokens, cost_micros, metadata, decision, status,
-                             lease_ver, lease_pool, lease_period, lease_start, lease_units)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
-    )?
-    .execute(params![
+    let mut id = Uuid::encode_buffer();
+    insert.execute(params![
         user,
-        u.id.to_string(),
+        &*u.id.hyphenated().encode_lower(&mut id),
         u.feature,
         to_sql(u.amount)?,
         ms(now),

@@ -196,6 +196,8 @@ pub(crate) struct Inner {
     pub(crate) plan_credits: std::collections::HashSet<(String, String)>,
     /// `PRAGMA data_version` when the caches were filled (another process may write).
     pub(crate) data_version: i64,
+    /// The last sequence number a consume handed out, while nothing else wrote.
+    pub(crate) last_seq: Option<quota::LastSeq>,
 }
 
 impl Tally {
@@ -241,6 +243,7 @@ impl Tally {
                 verified: Default::default(),
                 plan_credits: Default::default(),
                 data_version,
+                last_seq: None,
             }),
             catalog: RwLock::new(Arc::new(config.catalog.clone())),
             config,
@@ -330,8 +333,8 @@ pub(crate) fn from_ms(v: i64) -> DateTime<Utc> {
 }
 
 /// Runs `f` in an IMMEDIATE transaction (so concurrent writers queue on the busy timeout).
-pub(crate) fn write_tx<T>(conn: &mut Connection, f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T>) -> Result<T> {
-    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+pub(crate) fn write_tx<T>(conn: &mut Connection, f: impl FnOnce(&db::Tx<'_>) -> Result<T>) -> Result<T> {
+    let tx = db::Tx::immediate(conn)?;
     let out = f(&tx)?;
     tx.commit()?;
     Ok(out)

@@ -9,16 +9,18 @@
 use crate::access::Access;
 use crate::catalog::Rule;
 use crate::credits::{credit_balance_at, draw_credits};
+use crate::db::Tx;
 use crate::decision::{Decision, Priced, Reason, RuleEffect, RuleState, decide_rule};
 use crate::entitlements::Entitlements;
 use crate::error::{Error, Result};
 use crate::leases::LeaseUse;
-use crate::ledger::{ConsumeItem, EventState, UsageMeta, Use, insert_event, replay, validate, validate_with_id};
+use crate::ledger::{ConsumeItem, EventState, INSERT_EVENT, UsageMeta, Use, insert_event, replay, validate, validate_with_id};
 use crate::period::{Period, Window, window};
 use crate::{Change, Inner, Tally, from_ms, ms, write_tx};
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
+use std::sync::MutexGuard;
 
 /// A user's usage of one feature in its current window.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -438,7 +440,7 @@ impl Tally {
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let (d, now) = {
             let inner = &*g;
-            let tx = inner.conn.unchecked_transaction()?;
+            let tx = Tx::deferred(&inner.conn)?;
             let v: i64 = tx.prepare_cached("PRAGMA data_version")?.query_row([], |r| r.get(0))?;
             if v != inner.data_version {
                 return Ok(None);
@@ -477,6 +479,9 @@ impl Tally {
     /// order after the previous ones. Any invalid item fails the whole batch, recording nothing.
     pub fn consume_many(&self, user_id: &str, items: &[ConsumeItem]) -> Result<Vec<Decision>> {
         let uses = items.iter().map(|i| validate(&i.feature, i.amount, &i.meta)).collect::<Result<Vec<_>>>()?;
+        if let Some(out) = self.consume_fast(user_id, items, &uses)? {
+            return Ok(out);
+        }
         let mut g = self.lock();
         let now = self.observe_now(&mut g);
         let a = self.access(&mut g, user_id, now)?;
@@ -490,13 +495,79 @@ impl Tally {
             self.ensure_plan_credits(&mut g, user_id, &a, now)?;
         }
         let inner = &mut *g;
-        let tx = inner.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let mut decisions = Vec::with_capacity(uses.len());
-        let mut recorded = false;
+        let tx = Tx::immediate(&inner.conn)?;
         // Sequence numbers follow the last one recorded (read from the status index: nothing
         // is written for them but the events themselves).
-        let mut seq = crate::ledger::last_seq(&tx)?;
+        let seq = crate::ledger::last_seq(&tx)?;
+        let version = tx.prepare_cached("PRAGMA data_version")?.query_row([], |r| r.get(0))?;
+        let recorded = self.record_uses(tx, &inner.device_id, &a, user_id, items, &uses, now, seq)?;
+        Ok(self.after_record(g, user_id, recorded, now, version))
+    }
+
+    /// The common `consume`: access cached, counters verified, no credits to store, no clock
+    /// write due — checked inside the write transaction, so the change counter costs no read
+    /// lock of its own, and the last sequence number comes from memory when nothing was written
+    /// since this connection's last use. `None`: take the full path.
+    fn consume_fast(&self, user_id: &str, items: &[ConsumeItem], uses: &[Use<'_>]) -> Result<Option<Vec<Decision>>> {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let inner = &mut *g;
+        let tx = Tx::immediate(&inner.conn)?;
+        let version: i64 = tx.prepare_cached("PRAGMA data_version")?.query_row([], |r| r.get(0))?;
+        if version != inner.data_version {
+            return Ok(None);
+        }
+        let now = self.now(inner);
+        if ms(now) >= inner.highest_stored_ms.saturating_add(1000) {
+            return Ok(None);
+        }
+        let Some(a) = inner.access.get(user_id).filter(|a| now < a.valid_until).cloned() else { return Ok(None) };
+        for u in uses {
+            match a.ent.features.get(u.feature) {
+                Some(Rule::Credits { .. }) => return Ok(None),
+                Some(r) if r.period().is_some() && !inner.verified.contains(&(user_id.to_string(), u.feature.to_string())) => {
+                    return Ok(None);
+                }
+                _ => {}
+            }
+        }
+        let seq = match inner.last_seq {
+            Some(known) if known.version == version && known.changes == tx.total_changes() => known.seq,
+            _ => crate::ledger::last_seq(&tx)?,
+        };
+        let recorded = self.record_uses(tx, &inner.device_id, &a, user_id, items, uses, now, seq)?;
+        Ok(Some(self.after_record(g, user_id, recorded, now, version)))
+    }
+
+    /// After a committed batch: remembers the last sequence number handed out (valid while
+    /// neither this connection nor another one writes), then tells the observer, unlocked.
+    fn after_record(&self, mut g: MutexGuard<'_, Inner>, user_id: &str, r: Recorded, now: DateTime<Utc>, version: i64) -> Vec<Decision> {
+        let changes = g.conn.total_changes();
+        g.last_seq = Some(LastSeq { seq: r.seq, version, changes });
+        g.highest_seen_ms = g.highest_seen_ms.max(ms(now));
+        drop(g);
+        if r.any {
+            self.notify(user_id, Change { usage: true, ..Change::default() });
+        }
+        r.decisions
+    }
+
+    /// Decides and records `uses` in `tx` after sequence number `seq`, and commits.
+    #[allow(clippy::too_many_arguments)]
+    fn record_uses(
+        &self,
+        tx: Tx<'_>,
+        device_id: &str,
+        a: &Access,
+        user_id: &str,
+        items: &[ConsumeItem],
+        uses: &[Use<'_>],
+        now: DateTime<Utc>,
+        mut seq: i64,
+    ) -> Result<Recorded> {
+        let mut decisions = Vec::with_capacity(uses.len());
+        let mut recorded = false;
         let mut batch = Batch::default();
+        let mut insert = tx.prepare_cached(INSERT_EVENT)?;
         for (u, item) in uses.iter().zip(items) {
             // Only a caller-supplied key can name a recorded event: a fresh UUID v7 cannot.
             if item.meta.idempotency_key.is_some()
@@ -505,25 +576,19 @@ impl Tally {
                 decisions.push(d);
                 continue;
             }
-            let (d, effect, lease_use) = self.decide(&tx, &mut batch, &a, user_id, u, now, true)?;
+            let (d, effect, lease_use) = self.decide(&tx, &mut batch, a, user_id, u, now, true)?;
             if let Some(effect) = effect {
                 seq += 1;
-                record(&tx, &mut batch, user_id, &inner.device_id, u, &d, &effect, lease_use.as_ref(), now, &a.ent, seq)?;
+                record(&tx, &mut insert, &mut batch, user_id, device_id, u, &d, &effect, lease_use.as_ref(), now, &a.ent, seq)?;
                 recorded = true;
             }
             decisions.push(d);
         }
+        drop(insert);
         batch.flush(&tx, user_id)?;
         // `highest_seen_ms` is stored by `observe_now` (at most once a second), not per use.
         tx.commit()?;
-        if recorded {
-            inner.highest_seen_ms = inner.highest_seen_ms.max(ms(now));
-        }
-        drop(g);
-        if recorded {
-            self.notify(user_id, Change { usage: true, ..Change::default() });
-        }
-        Ok(decisions)
+        Ok(Recorded { decisions, any: recorded, seq })
     }
 }
 
@@ -586,10 +651,30 @@ impl Tally {
     }
 }
 
+/// What a committed batch decided: its decisions, whether it recorded any use, and the last
+/// sequence number it handed out.
+struct Recorded {
+    decisions: Vec<Decision>,
+    any: bool,
+    seq: i64,
+}
+
+/// The last sequence number a consume handed out, with the change counter (`PRAGMA
+/// data_version`: other connections' commits) and this connection's `total_changes` after its
+/// commit: while both are unchanged no event was written or deleted since, so the next number
+/// follows it without an index read.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LastSeq {
+    seq: i64,
+    version: i64,
+    changes: u64,
+}
+
 /// Records a decided use: its event, then what it changes (a counter, a credit draw).
 #[allow(clippy::too_many_arguments)]
 fn record(
     tx: &Connection,
+    insert: &mut rusqlite::Statement<'_>,
     batch: &mut Batch,
     user: &str,
     device: &str,
@@ -609,7 +694,7 @@ fn record(
             .map(|p| p.cost_micros(u.input_tokens.unwrap_or(0), u.output_tokens.unwrap_or(0)))
             .transpose()?,
     };
-    insert_event(tx, user, device, u, d, cost, lease, now, seq)?;
+    insert_event(insert, user, device, u, d, cost, lease, now, seq)?;
     if let Some(l) = lease {
         batch.add_leased(&l.pool.feature, &l.pool.period, l.pool.start.unwrap_or(0), l.units);
     }

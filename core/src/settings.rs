@@ -4,7 +4,7 @@ use crate::error::Result;
 use crate::hlc::Hlc;
 use crate::wire::SettingChange;
 use crate::{Change, Tally, contract, ms, write_tx};
-use rusqlite::{OptionalExtension, Transaction, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::collections::{BTreeMap, HashMap};
@@ -158,7 +158,7 @@ impl Tally {
     /// A stored row that cannot be sent as it is (a value that no longer parses, written by an
     /// older version) comes back as `Err((key, code))` for the caller to quarantine.
     pub(crate) fn dirty_settings(
-        conn: &rusqlite::Connection,
+        conn: &Connection,
         user_id: &str,
     ) -> Result<Vec<std::result::Result<SettingChange, (String, &'static str)>>> {
         let mut st = conn.prepare_cached("SELECT key, value, deleted, hlc FROM settings WHERE user_id = ?1 AND dirty = 1 ORDER BY key")?;
@@ -186,7 +186,7 @@ impl Tally {
     /// Otherwise a change wins when its HLC is greater than the stored one. Local-only keys are
     /// never touched. Returns how many were applied.
     pub(crate) fn merge_settings(
-        tx: &Transaction<'_>,
+        tx: &Connection,
         user_id: &str,
         local_only: &[String],
         changes: &[SettingChange],
@@ -220,7 +220,7 @@ impl Tally {
     }
 
     /// Marks sent settings clean, unless they changed again since (their HLC moved on).
-    pub(crate) fn settings_sent(tx: &Transaction<'_>, user_id: &str, sent: &[SettingChange]) -> Result<()> {
+    pub(crate) fn settings_sent(tx: &Connection, user_id: &str, sent: &[SettingChange]) -> Result<()> {
         for c in sent {
             tx.execute("UPDATE settings SET dirty = 0 WHERE user_id = ?1 AND key = ?2 AND hlc = ?3", params![user_id, c.key, c.hlc])?;
         }
@@ -229,7 +229,7 @@ impl Tally {
 
     /// Quarantines one setting: `reason` kept, dirty cleared, never resent until the app writes
     /// the key again. `hlc`: only when the row still has this HLC (unchanged since it was sent).
-    pub(crate) fn reject_setting(tx: &Transaction<'_>, user_id: &str, key: &str, hlc: Option<&str>, reason: &str) -> Result<bool> {
+    pub(crate) fn reject_setting(tx: &Connection, user_id: &str, key: &str, hlc: Option<&str>, reason: &str) -> Result<bool> {
         let n = tx.execute(
             "UPDATE settings SET rejected = ?3, dirty = 0 WHERE user_id = ?1 AND key = ?2 AND (?4 IS NULL OR hlc = ?4)",
             params![user_id, key, reason, hlc],
@@ -238,7 +238,7 @@ impl Tally {
     }
 }
 
-fn last_hlc(tx: &Transaction<'_>, user_id: &str) -> Result<Option<Hlc>> {
+fn last_hlc(tx: &Connection, user_id: &str) -> Result<Option<Hlc>> {
     // The clock must pass every HLC this user has seen, not only this key's.
     let max: Option<String> =
         tx.query_row("SELECT MAX(hlc) FROM settings WHERE user_id = ?1", [user_id], |r| r.get(0)).optional()?.flatten();

@@ -23,7 +23,7 @@ use crate::wire::{
 };
 use crate::{Change, EntitlementClaims, Tally, contract, from_ms, ms, write_tx};
 use chrono::{DateTime, Utc};
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -698,7 +698,7 @@ pub(crate) fn http_client(options: &SyncOptions) -> Result<reqwest::Client> {
 /// of another device, or older than the stored one, is not stored. Returns whether it was. Both
 /// `sync` and the purchase calls store tokens only through here.
 pub(crate) fn store_token(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     user_id: &str,
     device_id: &str,
     token: &str,
@@ -739,7 +739,7 @@ pub(crate) fn check_server_keys(keys: Option<&str>) -> Result<()> {
 }
 
 /// Drops the pending profile edit when it is still the one sent (`sent`).
-fn drop_profile_patch(tx: &Transaction<'_>, user_id: &str, sent: &ProfilePatch) -> Result<()> {
+fn drop_profile_patch(tx: &Connection, user_id: &str, sent: &ProfilePatch) -> Result<()> {
     tx.execute(
         "UPDATE users SET profile_patch = NULL WHERE id = ?1 AND profile_patch = ?2",
         params![user_id, serde_json::to_string(sent)?],
@@ -814,7 +814,7 @@ fn pending_events(conn: &Connection, user_id: &str, limit: usize) -> Result<Vec<
 
 /// Marks a pending event settled or rejected and takes it out of the pending counters (a
 /// voided use was taken out when voided; a void event gives back what it took out).
-fn settle(tx: &Transaction<'_>, user_id: &str, id: &str, state: EventState, reason: Option<&RejectReason>) -> Result<()> {
+fn settle(tx: &Connection, user_id: &str, id: &str, state: EventState, reason: Option<&RejectReason>) -> Result<()> {
     type Row = (String, i64, i64, i64, bool, bool, Option<String>, Option<String>, Option<i64>, i64);
     let row: Option<Row> = tx
         .prepare_cached(
@@ -852,12 +852,12 @@ fn settle(tx: &Transaction<'_>, user_id: &str, id: &str, state: EventState, reas
 }
 
 /// Quarantines an event: kept and visible, never resent, no longer counted.
-fn quarantine(tx: &Transaction<'_>, user_id: &str, id: &str, reason: &RejectReason) -> Result<()> {
+fn quarantine(tx: &Connection, user_id: &str, id: &str, reason: &RejectReason) -> Result<()> {
     settle(tx, user_id, id, EventState::Rejected, Some(reason))
 }
 
 /// Stores the server's total of one window.
-fn store_total(tx: &Transaction<'_>, user_id: &str, t: &Total) -> Result<()> {
+fn store_total(tx: &Connection, user_id: &str, t: &Total) -> Result<()> {
     tx.prepare_cached(
         "INSERT INTO counters (user_id, feature, period, period_start, server_used, server_over, server_causes) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
          ON CONFLICT (user_id, feature, period, period_start) DO UPDATE SET server_used = excluded.server_used, server_over = excluded.server_over,
@@ -878,7 +878,7 @@ fn store_total(tx: &Transaction<'_>, user_id: &str, t: &Total) -> Result<()> {
 /// After credit grants were replaced by the server's, spend again what this device consumed
 /// and the server has not yet counted.
 fn redraw_pending_credits(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     user_id: &str,
     features: &std::collections::BTreeMap<String, crate::Rule>,
     now: DateTime<Utc>,

@@ -4,7 +4,7 @@ use crate::error::{Error, Result};
 use crate::ledger::EventState;
 use crate::{Change, Tally, UserId, contract, from_ms, ms, write_tx};
 use chrono::{DateTime, Utc};
-use rusqlite::{OptionalExtension, Row, params};
+use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde::{Deserialize, Serialize};
 
 /// A user of the app on this device.
@@ -80,7 +80,7 @@ fn blank_to_none(v: Option<String>) -> Option<String> {
     v.filter(|s| !s.is_empty())
 }
 
-pub(crate) fn get_user(conn: &rusqlite::Connection, id: &str) -> Result<User> {
+pub(crate) fn get_user(conn: &Connection, id: &str) -> Result<User> {
     conn.prepare_cached(&format!("SELECT {USER_COLS} FROM users WHERE id = ?1"))?
         .query_row([id], user_row)
         .optional()?
@@ -266,7 +266,7 @@ fn same_body(a: &EventBody, b: &EventBody) -> bool {
 }
 
 /// Moves a local user's data to `target` inside the caller's transaction.
-fn attach(tx: &rusqlite::Transaction<'_>, local: &str, target: &str) -> Result<()> {
+fn attach(tx: &Connection, local: &str, target: &str) -> Result<()> {
     let ext: Option<Option<String>> = tx.query_row("SELECT external_id FROM users WHERE id = ?1", [local], |r| r.get(0)).optional()?;
     match ext {
         None => return Err(Error::NotFound(format!("user {local}"))),

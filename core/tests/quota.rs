@@ -340,6 +340,13 @@ fn sequence_numbers_follow_the_ledger_and_are_never_handed_out_twice() {
     e.tally.consume(&u, "notes", 1, UsageMeta::default()).unwrap();
     e.tally.void(&u, &key_of_last(&e), Some("test")).unwrap();
     assert_eq!(seqs(&e.raw()), vec![1, 2, 3, 6, 7, 8, 9]);
+    // Two connections taking turns: each notices the other's commit (a consume remembers its
+    // last number only while nothing else writes).
+    for i in 0..6 {
+        let t = if i % 3 == 0 { &other } else { &e.tally };
+        assert!(t.consume(&u, "notes", 1, UsageMeta::default()).unwrap().allowed);
+    }
+    assert_eq!(seqs(&e.raw()), vec![1, 2, 3, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]);
 }
 
 /// The id of the latest recorded event.
