@@ -206,6 +206,11 @@ impl<'c> Tx<'c> {
         Ok(Tx { conn, open: true })
     }
 
+    /// The connection, for use after [`Tx::commit`].
+    pub(crate) fn connection(&self) -> &'c Connection {
+        self.conn
+    }
+
     /// Commits; on failure the transaction is rolled back when this guard drops.
     pub(crate) fn commit(mut self) -> Result<()> {
         self.conn.prepare_cached("COMMIT")?.execute([])?;

@@ -1,5 +1,6 @@
-//! The usage ledger: validated uses, immutable events (one row per use, identity
-//! `(user_id, id)`), replays of keyed uses, and the events' sync status.
+//! The usage ledger: validated uses, immutable events (one row per use, in device order, keyed
+//! by `device_seq`; identity `(user_id, id)`), replays of keyed uses, and the events' sync
+//! status.
 
 use crate::decision::Decision;
 use crate::error::{Error, Result};
@@ -150,17 +151,12 @@ pub(crate) struct Use<'a> {
     pub(crate) keyed: bool,
 }
 
+/// Validates a use against the contract. The id is the key's ([`event_id_for_key`]); an
+/// unkeyed use gets its id when recorded ([`insert_event`]), nil until then.
 pub(crate) fn validate<'a>(feature: &'a str, amount: u64, meta: &'a UsageMeta) -> Result<Use<'a>> {
-    validate_with_id(feature, amount, meta, true)
-}
-
-/// `validate`, without minting an event id when `need_id` is false (a `check` records nothing,
-/// and a fresh UUID v7 costs a clock read and a `getrandom` syscall).
-pub(crate) fn validate_with_id<'a>(feature: &'a str, amount: u64, meta: &'a UsageMeta, need_id: bool) -> Result<Use<'a>> {
     let metadata = contract::usage(feature, amount, meta.model.as_deref(), meta.input_tokens, meta.output_tokens, meta.metadata.as_ref())?;
     let id = match meta.idempotency_key.as_deref() {
-        None if !need_id => Uuid::nil(),
-        None => Uuid::now_v7(),
+        None => Uuid::nil(),
         Some(k) => {
             contract::idempotency_key(k)?;
             event_id_for_key(k)
@@ -187,11 +183,10 @@ pub fn event_id_for_key(key: &str) -> Uuid {
 /// The stored decision when `u.id` was already recorded with the same body.
 pub(crate) fn replay(conn: &Connection, user: &str, u: &Use<'_>) -> Result<Option<Decision>> {
     type Row = (String, i64, Option<String>, Option<i64>, Option<i64>, Option<String>, String);
+    let Some(seq) = find_event(conn, user, &u.id.to_string())? else { return Ok(None) };
     let row: Option<Row> = conn
-        .prepare_cached(
-            "SELECT feature, amount, model, input_tokens, output_tokens, metadata, decision FROM events WHERE user_id = ?1 AND id = ?2",
-        )?
-        .query_row(params![user, u.id.to_string()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)))
+        .prepare_cached("SELECT feature, amount, model, input_tokens, output_tokens, metadata, decision FROM events WHERE device_seq = ?1")?
+        .query_row([seq], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)))
         .optional()?;
     let Some((feature, amount, model, inp, out, metadata, decision)) = row else { return Ok(None) };
     let same = feature == u.feature
@@ -210,17 +205,72 @@ pub(crate) fn replay(conn: &Connection, user: &str, u: &Use<'_>) -> Result<Optio
     Ok(Some(serde_json::from_str(&decision)?))
 }
 
-/// The device's last handed-out sequence number: the highest `device_seq` of its events (one
-/// index seek per [`EventState`]), or the floor kept in `device.seq` when that is higher.
+/// The device's last handed-out sequence number: the ledger's last key, or the floor kept in
+/// `device.seq` when that is higher.
 pub(crate) fn last_seq(conn: &Connection) -> Result<i64> {
     Ok(conn
-        .prepare_cached(
-            "SELECT max(seq, coalesce((SELECT max(device_seq) FROM events WHERE status = ?1), 0),
-                            coalesce((SELECT max(device_seq) FROM events WHERE status = ?2), 0),
-                            coalesce((SELECT max(device_seq) FROM events WHERE status = ?3), 0))
-             FROM device WHERE singleton = 1",
-        )?
-        .query_row(params![EventState::Pending, EventState::Settled, EventState::Rejected], |r| r.get(0))?)
+        .prepare_cached("SELECT max(seq, coalesce((SELECT max(device_seq) FROM events), 0)) FROM device WHERE singleton = 1")?
+        .query_row([], |r| r.get(0))?)
+}
+
+/// The id of an unkeyed use recorded as `seq` at `now`: a UUID v7 (RFC 9562) of `now` whose
+/// last 32 bits hold `seq` (the rest random), so the use is found by id without an index.
+/// `None` when `seq` does not fit in 32 bits: such a use is indexed instead.
+pub(crate) fn sequenced_id(now: DateTime<Utc>, seq: i64) -> Option<Uuid> {
+    let low = u32::try_from(seq).ok()?;
+    let random: [u8; 10] = rand::random();
+    let at = u64::try_from(ms(now)).unwrap_or(0);
+    let mut bytes = *uuid::Builder::from_unix_timestamp_millis(at, &random).into_uuid().as_bytes();
+    bytes[12..].copy_from_slice(&low.to_be_bytes());
+    Some(Uuid::from_bytes(bytes))
+}
+
+/// The sequence number a [`sequenced_id`] carries (read from any v7 id: the row it names must
+/// also hold that id).
+fn seq_in_id(id: &Uuid) -> Option<i64> {
+    let b = id.as_bytes();
+    (id.get_version_num() == 7).then(|| i64::from(u32::from_be_bytes([b[12], b[13], b[14], b[15]])))
+}
+
+/// The sequence number of event `id` of `user`: an unkeyed use through the number its id
+/// carries, any other event through `events_by_id`.
+pub(crate) fn find_event(conn: &Connection, user: &str, id: &str) -> Result<Option<i64>> {
+    if let Some(seq) = Uuid::parse_str(id).ok().as_ref().and_then(seq_in_id) {
+        let hit = conn
+            .prepare_cached("SELECT device_seq FROM events WHERE device_seq = ?1 AND user_id = ?2 AND id = ?3 AND indexed = 0")?
+            .query_row(params![seq, user, id], |r| r.get(0))
+            .optional()?;
+        if hit.is_some() {
+            return Ok(hit);
+        }
+    }
+    Ok(conn
+        .prepare_cached("SELECT device_seq FROM events WHERE user_id = ?1 AND id = ?2 AND indexed = 1")?
+        .query_row(params![user, id], |r| r.get(0))
+        .optional()?)
+}
+
+/// The SQL condition that bounds a scan of user `?1`'s unacknowledged events: every one of them
+/// is at or after the user's `pending_from`.
+macro_rules! from_pending {
+    () => {
+        "device_seq >= (SELECT pending_from FROM users WHERE id = ?1)"
+    };
+}
+pub(crate) use from_pending;
+
+/// Moves `user`'s `pending_from` on to their first unacknowledged event (past the ledger's end
+/// when none is left), after acknowledgements.
+pub(crate) fn advance_pending_from(conn: &Connection, user: &str) -> Result<()> {
+    conn.prepare_cached(
+        "UPDATE users SET pending_from = coalesce(
+            (SELECT device_seq FROM events WHERE device_seq >= users.pending_from AND user_id = users.id AND status = ?2
+              ORDER BY device_seq LIMIT 1),
+            (SELECT coalesce(max(device_seq), 0) + 1 FROM events))
+         WHERE id = ?1",
+    )?
+    .execute(params![user, EventState::Pending])?;
+    Ok(())
 }
 
 /// Keeps the last sequence number in `device.seq` before events are deleted, so numbers are
@@ -233,12 +283,24 @@ pub(crate) fn keep_seq_floor(conn: &Connection) -> Result<()> {
 
 /// The statement [`insert_event`] runs: prepared once per batch by its caller.
 pub(crate) const INSERT_EVENT: &str =
-    "INSERT INTO events (user_id, id, feature, amount, occurred_at, device_id, device_seq, model, input_tokens, output_tokens, cost_micros, metadata, decision, status,
-                         lease_ver, lease_pool, lease_period, lease_start, lease_units)
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)";
+    "INSERT INTO events (device_seq, user_id, id, feature, amount, occurred_at, device_id, model, input_tokens, output_tokens, cost_micros,
+                         metadata, decision, status, lease_ver, lease_pool, lease_period, lease_start, lease_units, indexed,
+                         count_period, count_start, count_amount, count_cost)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24)";
 
-/// Inserts the event of a decided use with `insert` (a statement of [`INSERT_EVENT`]), with its
-/// cost (micros) and, for a keyed use, its decision (so a replay answers it again).
+/// What a recorded use adds to a counter row (written later, see [`crate::tail`]): the row's
+/// period column and window start, units and micros.
+pub(crate) struct Counted<'a> {
+    pub(crate) period: &'a str,
+    pub(crate) start: i64,
+    pub(crate) amount: u64,
+    pub(crate) cost: u64,
+}
+
+/// Inserts the event of a decided use as `seq` with `insert` (a statement of
+/// [`INSERT_EVENT`]): its cost (micros), what it adds to a counter and to a lease pool, and,
+/// for a keyed use, its decision (so a replay answers it again). An unkeyed use gets its
+/// [`sequenced_id`] here.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn insert_event(
     insert: &mut rusqlite::Statement<'_>,
@@ -247,20 +309,26 @@ pub(crate) fn insert_event(
     u: &Use<'_>,
     d: &Decision,
     cost: Option<u64>,
+    counted: Option<&Counted<'_>>,
     lease: Option<&crate::leases::LeaseUse>,
     now: DateTime<Utc>,
     seq: i64,
 ) -> Result<()> {
     let to_sql = |v: u64| i64::try_from(v).map_err(|_| Error::invalid("value out of range"));
-    let mut id = Uuid::encode_buffer();
+    let (id, indexed) = match (u.keyed, sequenced_id(now, seq)) {
+        (false, Some(id)) => (id, false),
+        (false, None) => (Uuid::now_v7(), true),
+        (true, _) => (u.id, true),
+    };
+    let mut text = Uuid::encode_buffer();
     insert.execute(params![
+        seq,
         user,
-        &*u.id.hyphenated().encode_lower(&mut id),
+        &*id.hyphenated().encode_lower(&mut text),
         u.feature,
         to_sql(u.amount)?,
         ms(now),
         device,
-        seq,
         u.model,
         u.input_tokens.map(to_sql).transpose()?,
         u.output_tokens.map(to_sql).transpose()?,
@@ -273,6 +341,11 @@ pub(crate) fn insert_event(
         lease.map(|l| l.pool.period.as_str()),
         lease.map(|l| l.pool.counter_start()),
         lease.map_or(Ok(0), |l| to_sql(l.units))?,
+        indexed,
+        counted.map(|c| c.period),
+        counted.map(|c| c.start),
+        counted.map_or(Ok(0), |c| to_sql(c.amount))?,
+        counted.map_or(Ok(0), |c| to_sql(c.cost))?,
     ])?;
     Ok(())
 }
@@ -283,7 +356,7 @@ impl Tally {
         let g = self.lock();
         crate::users::get_user(&g.conn, user_id)?;
         Ok(g.conn.query_row(
-            "SELECT COUNT(*) FROM events WHERE user_id = ?1 AND status = ?2",
+            concat!("SELECT COUNT(*) FROM events WHERE ", from_pending!(), " AND user_id = ?1 AND status = ?2"),
             params![user_id, EventState::Pending],
             |r| r.get::<_, i64>(0),
         )? as u64)
@@ -292,14 +365,13 @@ impl Tally {
     /// Whether the server has taken event `id` (an id or idempotency key) of `user_id`.
     pub fn event_status(&self, user_id: &str, id: &str) -> Result<EventStatus> {
         let g = self.lock();
-        let row: Option<(EventState, Option<RejectReason>)> = g
-            .conn
-            .query_row(
-                "SELECT status, reject_reason FROM events WHERE user_id = ?1 AND id = ?2",
-                params![user_id, event_id_for_key(id).to_string()],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
+        let row: Option<(EventState, Option<RejectReason>)> = match find_event(&g.conn, user_id, &event_id_for_key(id).to_string())? {
+            Some(seq) => Some(
+                g.conn
+                    .query_row("SELECT status, reject_reason FROM events WHERE device_seq = ?1", [seq], |r| Ok((r.get(0)?, r.get(1)?)))?,
+            ),
+            None => None,
+        };
         match row {
             None => Err(Error::NotFound(format!("event {id}"))),
             Some((EventState::Pending, _)) => Ok(EventStatus::Pending),
@@ -343,8 +415,26 @@ mod tests {
         assert!(validate("ai_chat", crate::contract::MAX_AMOUNT + 1, &UsageMeta::default()).is_err());
         let nul_key = UsageMeta { idempotency_key: Some("a\0".into()), ..UsageMeta::default() };
         assert!(validate("ai_chat", 1, &nul_key).is_err());
-        assert_eq!(validate_with_id("ai_chat", 1, &UsageMeta::default(), false).unwrap().id, Uuid::nil(), "a check mints no id");
+        assert_eq!(validate("ai_chat", 1, &UsageMeta::default()).unwrap().id, Uuid::nil(), "an unkeyed use gets its id when recorded");
         let nil = Uuid::nil().to_string();
         assert_eq!(event_id_for_key(&nil), Uuid::new_v5(&KEY_NAMESPACE, nil.as_bytes()), "the nil UUID is a key, not an id");
+    }
+
+    #[test]
+    fn an_unkeyed_id_is_a_uuid_v7_of_its_time_carrying_its_sequence_number() {
+        let at = DateTime::from_timestamp_millis(1_767_225_600_123).unwrap();
+        let (a, b) = (sequenced_id(at, 42).unwrap(), sequenced_id(at, 42).unwrap());
+        assert_ne!(a, b, "random apart from time and number");
+        for id in [a, b] {
+            assert_eq!(id.get_version_num(), 7);
+            assert_eq!(id.get_variant(), uuid::Variant::RFC4122);
+            let (secs, nanos) = id.get_timestamp().unwrap().to_unix();
+            assert_eq!(secs * 1000 + u64::from(nanos) / 1_000_000, 1_767_225_600_123);
+            assert_eq!(seq_in_id(&id), Some(42));
+        }
+        assert_eq!(seq_in_id(&sequenced_id(at, i64::from(u32::MAX)).unwrap()), Some(i64::from(u32::MAX)));
+        assert!(sequenced_id(at, i64::from(u32::MAX) + 1).is_none(), "a number past 32 bits is indexed instead");
+        assert!(sequenced_id(at, -1).is_none());
+        assert_eq!(seq_in_id(&Uuid::new_v5(&KEY_NAMESPACE, b"k")), None, "only v7 ids carry one");
     }
 }

@@ -44,6 +44,7 @@ pub mod void;
 pub mod wire;
 
 mod access;
+mod tail;
 
 // The enums deriving `uniffi::Enum` (feature `uniffi`) belong to this crate's UniFFI component.
 #[cfg(feature = "uniffi")]
@@ -196,8 +197,8 @@ pub(crate) struct Inner {
     pub(crate) plan_credits: std::collections::HashSet<(String, String)>,
     /// `PRAGMA data_version` when the caches were filled (another process may write).
     pub(crate) data_version: i64,
-    /// The last sequence number a consume handed out, while nothing else wrote.
-    pub(crate) last_seq: Option<quota::LastSeq>,
+    /// The events whose counters are not yet written, as this connection last saw them.
+    pub(crate) tail: Option<tail::Tail>,
 }
 
 impl Tally {
@@ -243,7 +244,7 @@ impl Tally {
                 verified: Default::default(),
                 plan_credits: Default::default(),
                 data_version,
-                last_seq: None,
+                tail: None,
             }),
             catalog: RwLock::new(Arc::new(config.catalog.clone())),
             config,
@@ -333,8 +334,11 @@ pub(crate) fn from_ms(v: i64) -> DateTime<Utc> {
 }
 
 /// Runs `f` in an IMMEDIATE transaction (so concurrent writers queue on the busy timeout).
+/// The counters uses left waiting are written first ([`tail::write_counters`]): every other
+/// write sees complete counter rows.
 pub(crate) fn write_tx<T>(conn: &mut Connection, f: impl FnOnce(&db::Tx<'_>) -> Result<T>) -> Result<T> {
     let tx = db::Tx::immediate(conn)?;
+    tail::write_counters(&tx)?;
     let out = f(&tx)?;
     tx.commit()?;
     Ok(out)

@@ -14,13 +14,14 @@ use crate::decision::{Decision, Priced, Reason, RuleEffect, RuleState, decide_ru
 use crate::entitlements::Entitlements;
 use crate::error::{Error, Result};
 use crate::leases::LeaseUse;
-use crate::ledger::{ConsumeItem, EventState, INSERT_EVENT, UsageMeta, Use, insert_event, replay, validate, validate_with_id};
+use crate::ledger::{ConsumeItem, Counted, EventState, INSERT_EVENT, UsageMeta, Use, insert_event, replay, validate};
 use crate::period::{Period, Window, window};
+use crate::tail::{Delta, Tail};
 use crate::{Change, Inner, Tally, from_ms, ms, write_tx};
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
-use std::sync::MutexGuard;
+use std::sync::{Arc, MutexGuard};
 
 /// A user's usage of one feature in its current window.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -113,10 +114,24 @@ fn signed_sum(a: i64, b: i64) -> u64 {
     u64::try_from((i128::from(a) + i128::from(b)).max(0)).unwrap_or(u64::MAX)
 }
 
-/// The [`Seen`] of a counter row (zeros when absent).
-pub(crate) fn read_counter(conn: &Connection, user: &str, feature: &str, period: &str, start: i64) -> Result<Seen> {
+/// The [`Seen`] of a counter row and the tail's events after it (`tail`: from memory; `None`:
+/// from the file). Zeros when absent.
+fn seen(conn: &Connection, tail: Option<&Tail>, user: &str, feature: &str, period: &str, start: i64) -> Result<Seen> {
     let (pending, pending_cost, server, leased) = read_counter_raw(conn, user, feature, period, start)?;
-    Ok(Seen { units: signed_sum(server, pending), micros: signed_sum(server, pending_cost), leased })
+    let d = match tail {
+        Some(t) => t.get(user, feature, period, start),
+        None => crate::tail::pending_delta(conn, user, feature, period, start)?,
+    };
+    Ok(Seen {
+        units: signed_sum(server, pending.saturating_add(d.units)),
+        micros: signed_sum(server, pending_cost.saturating_add(d.micros)),
+        leased: leased.saturating_add(d.leased),
+    })
+}
+
+/// The [`Seen`] of a counter row, with the events whose counters are not yet written.
+pub(crate) fn read_counter(conn: &Connection, user: &str, feature: &str, period: &str, start: i64) -> Result<Seen> {
+    seen(conn, None, user, feature, period, start)
 }
 
 /// The server's causes of overage stored for one window (sorted, as the server sent them).
@@ -128,13 +143,15 @@ fn read_causes(conn: &Connection, user: &str, feature: &str, period: &str, start
     Ok(text.unwrap_or_default().split(',').filter(|c| !c.is_empty()).map(str::to_string).collect())
 }
 
-/// The counter rows a batch reads and changes: each row is read once and written once, so a
-/// `consume_many` of N uses of one feature costs one counter read and one upsert, not N of each.
-/// A batch touches a handful of rows (one per feature and window), so they are kept in a list
-/// found by comparing borrowed keys: a hit allocates nothing.
+/// The counter rows a batch reads and what its uses add to them (their events carry it: see
+/// [`crate::tail`]), so that each use is decided after the previous ones and a row is read
+/// once per batch. A batch touches a handful of rows (one per feature and window), so they are
+/// kept in a list found by comparing borrowed keys: a hit allocates nothing.
 #[derive(Default)]
-pub(crate) struct Batch {
+pub(crate) struct Batch<'t> {
     rows: Vec<((String, String, i64), CounterRow)>,
+    /// The connection's tail, when the caller holds a valid one (else read from the file).
+    tail: Option<&'t Tail>,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -145,7 +162,12 @@ struct CounterRow {
     add_leased: u64,
 }
 
-impl Batch {
+impl<'t> Batch<'t> {
+    /// A batch that reads the tail from `tail`.
+    pub(crate) fn with_tail(tail: &'t Tail) -> Batch<'t> {
+        Batch { rows: Vec::new(), tail: Some(tail) }
+    }
+
     fn find(&self, feature: &str, period: &str, start: i64) -> Option<usize> {
         self.rows.iter().position(|((f, p, s), _)| *s == start && f == feature && p == period)
     }
@@ -154,22 +176,11 @@ impl Batch {
         Ok(match self.find(feature, period, start) {
             Some(i) => self.rows[i].1,
             None => {
-                let r = CounterRow { seen: read_counter(conn, user, feature, period, start)?, ..CounterRow::default() };
+                let r = CounterRow { seen: seen(conn, self.tail, user, feature, period, start)?, ..CounterRow::default() };
                 self.rows.push(((feature.to_string(), period.to_string(), start), r));
                 r
             }
         })
-    }
-
-    fn entry(&mut self, feature: &str, period: &str, start: i64) -> &mut CounterRow {
-        let i = match self.find(feature, period, start) {
-            Some(i) => i,
-            None => {
-                self.rows.push(((feature.to_string(), period.to_string(), start), CounterRow::default()));
-                self.rows.len() - 1
-            }
-        };
-        &mut self.rows[i].1
     }
 
     /// The [`Seen`] of a row, including what this batch added.
@@ -182,44 +193,30 @@ impl Batch {
         })
     }
 
-    fn add(&mut self, feature: &str, period: &str, start: i64, amount: u64, cost: u64) {
-        let r = self.entry(feature, period, start);
-        r.add_amount += amount;
-        r.add_cost += cost;
-    }
-
-    fn add_leased(&mut self, feature: &str, period: &str, start: i64, units: u64) {
-        self.entry(feature, period, start).add_leased += units;
-    }
-
-    /// Writes what the batch added.
-    fn flush(self, conn: &Connection, user: &str) -> Result<()> {
-        for ((feature, period, start), r) in self.rows {
-            match (r.add_amount > 0 || r.add_cost > 0, r.add_leased > 0) {
-                // A leased use: its counter and its leased units in one upsert of the one row.
-                (true, true) => {
-                    conn.prepare_cached(
-                        "INSERT INTO counters (user_id, feature, period, period_start, pending, pending_cost, pending_leased)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-                         ON CONFLICT (user_id, feature, period, period_start) DO UPDATE SET pending = pending + excluded.pending,
-                           pending_cost = pending_cost + excluded.pending_cost, pending_leased = pending_leased + excluded.pending_leased",
-                    )?
-                    .execute(params![
-                        user,
-                        feature,
-                        period,
-                        start,
-                        r.add_amount as i64,
-                        r.add_cost as i64,
-                        r.add_leased as i64
-                    ])?;
-                }
-                (true, false) => add_counter(conn, user, &feature, &period, start, r.add_amount as i64, r.add_cost as i64)?,
-                (false, true) => add_leased(conn, user, &feature, &period, start, r.add_leased as i64)?,
-                (false, false) => {}
-            }
+    /// Counts a recorded use in row `key` (feature, period, window start): its units and
+    /// micros, and its leased units.
+    fn add(&mut self, conn: &Connection, user: &str, key: (&str, &str, i64), amount: u64, cost: u64, leased: u64) -> Result<()> {
+        let (feature, period, start) = key;
+        self.row(conn, user, feature, period, start)?;
+        if let Some(i) = self.find(feature, period, start) {
+            let r = &mut self.rows[i].1;
+            r.add_amount += amount;
+            r.add_cost += cost;
+            r.add_leased += leased;
         }
         Ok(())
+    }
+
+    /// What the batch added, per row (for the connection's [`Tail`]).
+    fn added(self) -> impl Iterator<Item = ((String, String, i64), Delta)> {
+        self.rows.into_iter().filter_map(|(key, r)| {
+            let d = Delta {
+                units: i64::try_from(r.add_amount).unwrap_or(i64::MAX),
+                micros: i64::try_from(r.add_cost).unwrap_or(i64::MAX),
+                leased: i64::try_from(r.add_leased).unwrap_or(i64::MAX),
+            };
+            (d != Delta::default()).then_some((key, d))
+        })
     }
 }
 
@@ -310,11 +307,13 @@ impl Tally {
                     [user, feature],
                 )?;
                 let events: Vec<(i64, i64, i64)> = tx
-                    .prepare(
+                    .prepare(concat!(
                         "SELECT COALESCE(target_at, occurred_at), CASE WHEN voids IS NULL THEN amount ELSE -amount END,
                                 CASE WHEN voids IS NULL THEN COALESCE(cost_micros, 0) ELSE -COALESCE(cost_micros, 0) END
-                         FROM events WHERE user_id = ?1 AND feature = ?2 AND status = ?3 AND voided = 0",
-                    )?
+                         FROM events WHERE ",
+                        crate::ledger::from_pending!(),
+                        " AND user_id = ?1 AND feature = ?2 AND status = ?3 AND voided = 0"
+                    ))?
                     .query_map(params![user, feature, EventState::Pending], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
                     .collect::<rusqlite::Result<_>>()?;
                 for (at, amount, cost) in events {
@@ -417,7 +416,7 @@ impl Tally {
     /// rules, `amount` is the estimated cost in micros.
     pub fn check(&self, user_id: &str, feature: &str, amount: u64) -> Result<Decision> {
         let meta = UsageMeta::default();
-        let u = validate_with_id(feature, amount, &meta, false)?;
+        let u = validate(feature, amount, &meta)?;
         if let Some(d) = self.check_fast(user_id, &u)? {
             return Ok(d);
         }
@@ -435,35 +434,46 @@ impl Tally {
 
     /// The common `check`: access cached, counters verified, no clock write due. Reads the
     /// change counter (`PRAGMA data_version`) and the counter row in **one** read transaction
-    /// (one WAL read lock instead of two). `None`: take the full path.
+    /// (one WAL read lock instead of two), the tail from memory. `None`: take the full path.
     fn check_fast(&self, user_id: &str, u: &Use<'_>) -> Result<Option<Decision>> {
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let (d, now) = {
-            let inner = &*g;
-            let tx = Tx::deferred(&inner.conn)?;
-            let v: i64 = tx.prepare_cached("PRAGMA data_version")?.query_row([], |r| r.get(0))?;
-            if v != inner.data_version {
-                return Ok(None);
-            }
-            let now = self.now(inner);
-            if ms(now) >= inner.highest_stored_ms.saturating_add(1000) {
-                return Ok(None);
-            }
-            let Some(a) = inner.access.get(user_id).filter(|a| now < a.valid_until).cloned() else { return Ok(None) };
-            if a.ent.features.get(u.feature).and_then(Rule::period).is_some()
-                && !inner.verified.contains(&(user_id.to_string(), u.feature.to_string()))
-            {
-                return Ok(None);
-            }
-            if matches!(a.ent.features.get(u.feature), Some(Rule::Credits { .. })) {
-                return Ok(None); // plan credits may be due: the full path stores them
-            }
-            let d = self.decide(&tx, &mut Batch::default(), &a, user_id, u, now, false)?.0;
-            tx.commit()?;
-            (d, now)
+        let inner = &mut *g;
+        let tx = Tx::deferred(&inner.conn)?;
+        let Some((a, now, version)) = self.fast_gate(&tx, inner, user_id, std::slice::from_ref(u))? else {
+            return Ok(None);
         };
-        g.highest_seen_ms = g.highest_seen_ms.max(ms(now));
+        let tail = fresh_tail(&tx, &mut inner.tail, version)?;
+        let d = self.decide(&tx, &mut Batch::with_tail(tail), &a, user_id, u, now, false)?.0;
+        tx.commit()?;
+        inner.highest_seen_ms = inner.highest_seen_ms.max(ms(now));
         Ok(Some(d))
+    }
+
+    /// Whether `uses` can be decided without the full path, inside the transaction `tx` just
+    /// begun: nothing written by another connection since the caches were filled, access
+    /// cached, counters verified, no plan credits to store, no clock write due. Returns the
+    /// access, the decision time and the change counter.
+    fn fast_gate(&self, tx: &Connection, inner: &Inner, user_id: &str, uses: &[Use<'_>]) -> Result<Option<Gated>> {
+        let version: i64 = tx.prepare_cached("PRAGMA data_version")?.query_row([], |r| r.get(0))?;
+        if version != inner.data_version {
+            return Ok(None);
+        }
+        let now = self.now(inner);
+        if ms(now) >= inner.highest_stored_ms.saturating_add(1000) {
+            return Ok(None);
+        }
+        let Some(a) = inner.access.get(user_id).filter(|a| now < a.valid_until).cloned() else { return Ok(None) };
+        for u in uses {
+            match a.ent.features.get(u.feature) {
+                // Plan credits may be due: the full path stores them.
+                Some(Rule::Credits { .. }) => return Ok(None),
+                Some(r) if r.period().is_some() && !inner.verified.contains(&(user_id.to_string(), u.feature.to_string())) => {
+                    return Ok(None);
+                }
+                _ => {}
+            }
+        }
+        Ok(Some((a, now, version)))
     }
 
     /// Atomically checks and records a use: one ledger event and its counters in one
@@ -496,53 +506,26 @@ impl Tally {
         }
         let inner = &mut *g;
         let tx = Tx::immediate(&inner.conn)?;
-        // Sequence numbers follow the last one recorded (read from the status index: nothing
-        // is written for them but the events themselves).
-        let seq = crate::ledger::last_seq(&tx)?;
         let version = tx.prepare_cached("PRAGMA data_version")?.query_row([], |r| r.get(0))?;
-        let recorded = self.record_uses(tx, &inner.device_id, &a, user_id, items, &uses, now, seq)?;
-        Ok(self.after_record(g, user_id, recorded, now, version))
+        let any = self.record_uses(tx, &inner.device_id, &mut inner.tail, version, &a, user_id, items, &uses, now)?;
+        Ok(self.after_record(g, user_id, any, now))
     }
 
-    /// The common `consume`: access cached, counters verified, no credits to store, no clock
-    /// write due — checked inside the write transaction, so the change counter costs no read
-    /// lock of its own, and the last sequence number comes from memory when nothing was written
-    /// since this connection's last use. `None`: take the full path.
+    /// The common `consume`: [`Tally::fast_gate`] inside the write transaction, so the change
+    /// counter costs no read lock of its own. `None`: take the full path.
     fn consume_fast(&self, user_id: &str, items: &[ConsumeItem], uses: &[Use<'_>]) -> Result<Option<Vec<Decision>>> {
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let inner = &mut *g;
         let tx = Tx::immediate(&inner.conn)?;
-        let version: i64 = tx.prepare_cached("PRAGMA data_version")?.query_row([], |r| r.get(0))?;
-        if version != inner.data_version {
+        let Some((a, now, version)) = self.fast_gate(&tx, inner, user_id, uses)? else {
             return Ok(None);
-        }
-        let now = self.now(inner);
-        if ms(now) >= inner.highest_stored_ms.saturating_add(1000) {
-            return Ok(None);
-        }
-        let Some(a) = inner.access.get(user_id).filter(|a| now < a.valid_until).cloned() else { return Ok(None) };
-        for u in uses {
-            match a.ent.features.get(u.feature) {
-                Some(Rule::Credits { .. }) => return Ok(None),
-                Some(r) if r.period().is_some() && !inner.verified.contains(&(user_id.to_string(), u.feature.to_string())) => {
-                    return Ok(None);
-                }
-                _ => {}
-            }
-        }
-        let seq = match inner.last_seq {
-            Some(known) if known.version == version && known.changes == tx.total_changes() => known.seq,
-            _ => crate::ledger::last_seq(&tx)?,
         };
-        let recorded = self.record_uses(tx, &inner.device_id, &a, user_id, items, uses, now, seq)?;
-        Ok(Some(self.after_record(g, user_id, recorded, now, version)))
+        let any = self.record_uses(tx, &inner.device_id, &mut inner.tail, version, &a, user_id, items, uses, now)?;
+        Ok(Some(self.after_record(g, user_id, any, now)))
     }
 
-    /// After a committed batch: remembers the last sequence number handed out (valid while
-    /// neither this connection nor another one writes), then tells the observer, unlocked.
-    fn after_record(&self, mut g: MutexGuard<'_, Inner>, user_id: &str, r: Recorded, now: DateTime<Utc>, version: i64) -> Vec<Decision> {
-        let changes = g.conn.total_changes();
-        g.last_seq = Some(LastSeq { seq: r.seq, version, changes });
+    /// After a committed batch: the decision time seen, then the observer told, unlocked.
+    fn after_record(&self, mut g: MutexGuard<'_, Inner>, user_id: &str, r: Recorded, now: DateTime<Utc>) -> Vec<Decision> {
         g.highest_seen_ms = g.highest_seen_ms.max(ms(now));
         drop(g);
         if r.any {
@@ -551,22 +534,29 @@ impl Tally {
         r.decisions
     }
 
-    /// Decides and records `uses` in `tx` after sequence number `seq`, and commits.
+    /// Decides and records `uses` in `tx` (its change counter `version`), numbering them after
+    /// the connection's tail (`tail`, read again unless still valid), and commits. Their counters
+    /// wait in the tail, written here once [`crate::tail::WRITE_AT`] events wait.
     #[allow(clippy::too_many_arguments)]
     fn record_uses(
         &self,
         tx: Tx<'_>,
         device_id: &str,
+        tail: &mut Option<Tail>,
+        version: i64,
         a: &Access,
         user_id: &str,
         items: &[ConsumeItem],
         uses: &[Use<'_>],
         now: DateTime<Utc>,
-        mut seq: i64,
     ) -> Result<Recorded> {
+        fresh_tail(&tx, tail, version)?;
+        // Taken out while in use: on any error it stays out, and is read again next time.
+        let mut t = tail.take().expect("fresh tail");
         let mut decisions = Vec::with_capacity(uses.len());
         let mut recorded = false;
-        let mut batch = Batch::default();
+        let mut seq = t.seq;
+        let mut batch = Batch::with_tail(&t);
         let mut insert = tx.prepare_cached(INSERT_EVENT)?;
         for (u, item) in uses.iter().zip(items) {
             // Only a caller-supplied key can name a recorded event: a fresh UUID v7 cannot.
@@ -585,11 +575,29 @@ impl Tally {
             decisions.push(d);
         }
         drop(insert);
-        batch.flush(&tx, user_id)?;
+        for ((feature, period, start), d) in batch.added().collect::<Vec<_>>() {
+            t.add(user_id, &feature, &period, start, d);
+        }
+        t.seq = seq;
+        if seq - t.through >= crate::tail::WRITE_AT {
+            t.written(crate::tail::write_counters(&tx)?);
+        }
         // `highest_seen_ms` is stored by `observe_now` (at most once a second), not per use.
+        let conn = tx.connection();
         tx.commit()?;
-        Ok(Recorded { decisions, any: recorded, seq })
+        t.seal(conn, version);
+        *tail = Some(t);
+        Ok(Recorded { decisions, any: recorded })
     }
+}
+
+/// The connection's tail, read again from the file unless still valid (inside the caller's
+/// transaction, whose change counter is `version`).
+fn fresh_tail<'t>(conn: &Connection, tail: &'t mut Option<Tail>, version: i64) -> Result<&'t Tail> {
+    if !tail.as_ref().is_some_and(|t| t.valid(conn, version)) {
+        *tail = Some(Tail::load(conn, version)?);
+    }
+    Ok(tail.as_ref().expect("tail just loaded"))
 }
 
 impl Tally {
@@ -651,23 +659,13 @@ impl Tally {
     }
 }
 
-/// What a committed batch decided: its decisions, whether it recorded any use, and the last
-/// sequence number it handed out.
+/// What [`Tally::fast_gate`] lets through: the access, the decision time and the change counter.
+type Gated = (Arc<Access>, DateTime<Utc>, i64);
+
+/// What a committed batch decided: its decisions, and whether it recorded any use.
 struct Recorded {
     decisions: Vec<Decision>,
     any: bool,
-    seq: i64,
-}
-
-/// The last sequence number a consume handed out, with the change counter (`PRAGMA
-/// data_version`: other connections' commits) and this connection's `total_changes` after its
-/// commit: while both are unchanged no event was written or deleted since, so the next number
-/// follows it without an index read.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct LastSeq {
-    seq: i64,
-    version: i64,
-    changes: u64,
 }
 
 /// Records a decided use: its event, then what it changes (a counter, a credit draw).
@@ -694,12 +692,16 @@ fn record(
             .map(|p| p.cost_micros(u.input_tokens.unwrap_or(0), u.output_tokens.unwrap_or(0)))
             .transpose()?,
     };
-    insert_event(insert, user, device, u, d, cost, lease, now, seq)?;
+    let counted = match effect {
+        Effect::Count { period, start, amount, cost } => Some(Counted { period, start: *start, amount: *amount, cost: *cost }),
+        _ => None,
+    };
+    insert_event(insert, user, device, u, d, cost, counted.as_ref(), lease, now, seq)?;
     if let Some(l) = lease {
-        batch.add_leased(&l.pool.feature, &l.pool.period, l.pool.start.unwrap_or(0), l.units);
+        batch.add(tx, user, (&l.pool.feature, &l.pool.period, l.pool.counter_start()), 0, 0, l.units)?;
     }
     match effect {
-        Effect::Count { period, start, amount, cost } => batch.add(u.feature, period, *start, *amount, *cost),
+        Effect::Count { period, start, amount, cost } => batch.add(tx, user, (u.feature, period, *start), *amount, *cost, 0)?,
         Effect::Credits(need) => draw_credits(tx, user, *need, now)?,
         Effect::None => {}
     }

@@ -16,7 +16,7 @@
 
 use crate::error::{Error, Result};
 use crate::hlc::Hlc;
-use crate::ledger::{EventState, RejectReason};
+use crate::ledger::{EventState, RejectReason, advance_pending_from, find_event, from_pending};
 use crate::wire::{
     ErrorBody, PROTOCOL, ProfilePatch, ProfileRejected, Rejected, SettingChange, SettingRejected, SyncRequest, SyncResponse, Total,
     WireEvent,
@@ -753,10 +753,12 @@ type Unsendable = (String, &'static str);
 /// Unacknowledged events in device order. A row that no longer reads as a valid event (written
 /// by an older version) comes back as `Err` for the caller to quarantine.
 fn pending_events(conn: &Connection, user_id: &str, limit: usize) -> Result<Vec<std::result::Result<WireEvent, Unsendable>>> {
-    let mut st = conn.prepare_cached(
+    let mut st = conn.prepare_cached(concat!(
         "SELECT id, feature, amount, occurred_at, device_seq, model, input_tokens, output_tokens, metadata, lease_ver, voids
-         FROM events WHERE user_id = ?1 AND status = ?2 ORDER BY device_seq LIMIT ?3",
-    )?;
+         FROM events WHERE ",
+        from_pending!(),
+        " AND user_id = ?1 AND status = ?2 ORDER BY device_seq LIMIT ?3"
+    ))?;
     let rows = st.query_map(params![user_id, EventState::Pending, i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
         Ok((
             r.get::<_, String>(0)?,
@@ -813,16 +815,18 @@ fn pending_events(conn: &Connection, user_id: &str, limit: usize) -> Result<Vec<
 }
 
 /// Marks a pending event settled or rejected and takes it out of the pending counters (a
-/// voided use was taken out when voided; a void event gives back what it took out).
+/// voided use was taken out when voided; a void event gives back what it took out), inside a
+/// [`write_tx`] (so its counters are written). Moves the user's `pending_from` on.
 fn settle(tx: &Connection, user_id: &str, id: &str, state: EventState, reason: Option<&RejectReason>) -> Result<()> {
     type Row = (String, i64, i64, i64, bool, bool, Option<String>, Option<String>, Option<i64>, i64);
+    let Some(seq) = find_event(tx, user_id, id)? else { return Ok(()) };
     let row: Option<Row> = tx
         .prepare_cached(
             "SELECT feature, amount, COALESCE(target_at, occurred_at), COALESCE(cost_micros, 0), voids IS NOT NULL, voided,
                     lease_pool, lease_period, lease_start, lease_units
-             FROM events WHERE user_id = ?1 AND id = ?2 AND status = ?3",
+             FROM events WHERE device_seq = ?1 AND status = ?2",
         )?
-        .query_row(params![user_id, id, EventState::Pending], |r| {
+        .query_row(params![seq, EventState::Pending], |r| {
             Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?, r.get(9)?))
         })
         .optional()?;
@@ -846,9 +850,8 @@ fn settle(tx: &Connection, user_id: &str, id: &str, state: EventState, reason: O
             }
         }
     }
-    tx.prepare_cached("UPDATE events SET status = ?3, reject_reason = ?4 WHERE user_id = ?1 AND id = ?2")?
-        .execute(params![user_id, id, state, reason])?;
-    Ok(())
+    tx.prepare_cached("UPDATE events SET status = ?2, reject_reason = ?3 WHERE device_seq = ?1")?.execute(params![seq, state, reason])?;
+    advance_pending_from(tx, user_id)
 }
 
 /// Quarantines an event: kept and visible, never resent, no longer counted.
@@ -889,7 +892,11 @@ fn redraw_pending_credits(
         return Ok(());
     }
     let pending: Vec<(String, String, i64, Option<String>)> = tx
-        .prepare("SELECT id, feature, amount, voids FROM events WHERE user_id = ?1 AND status = ?2 AND voided = 0")?
+        .prepare(concat!(
+            "SELECT id, feature, amount, voids FROM events WHERE ",
+            from_pending!(),
+            " AND user_id = ?1 AND status = ?2 AND voided = 0"
+        ))?
         .query_map(params![user_id, EventState::Pending], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
         .collect::<rusqlite::Result<_>>()?;
     for (id, feature, amount, voids) in pending {

@@ -237,7 +237,7 @@ impl Tally {
         write_tx(&mut g.conn, |tx| {
             get_user(tx, user_id)?;
             let pending = tx.query_row(
-                "SELECT COUNT(*) FROM events WHERE user_id = ?1 AND status = ?2",
+                concat!("SELECT COUNT(*) FROM events WHERE ", crate::ledger::from_pending!(), " AND user_id = ?1 AND status = ?2"),
                 params![user_id, EventState::Pending],
                 |r| r.get::<_, i64>(0),
             )? as u64;
@@ -279,12 +279,13 @@ fn attach(tx: &Connection, local: &str, target: &str) -> Result<()> {
     // Events keep their ids: they will sync once, under the signed-in account. An id the
     // account already holds with the same body is the same use recorded twice (a retry, or a
     // key reused on purpose): the account's copy stays and the local copy goes. The same id with
-    // another body is a conflict, and nothing moves.
+    // another body is a conflict, and nothing moves. Only an indexed event can hold an id twice
+    // (an unkeyed use's id carries its own sequence number).
     let clashes: Vec<(String, EventBody, EventBody)> = tx
         .prepare(
             "SELECT l.id, l.feature, l.amount, l.model, l.input_tokens, l.output_tokens, l.metadata,
                     t.feature, t.amount, t.model, t.input_tokens, t.output_tokens, t.metadata
-             FROM events l JOIN events t ON t.user_id = ?2 AND t.id = l.id WHERE l.user_id = ?1 ORDER BY l.id",
+             FROM events l JOIN events t ON t.user_id = ?2 AND t.id = l.id AND t.indexed = 1 WHERE l.user_id = ?1 ORDER BY l.id",
         )?
         .query_map([local, target], |r| {
             Ok((
@@ -299,9 +300,13 @@ fn attach(tx: &Connection, local: &str, target: &str) -> Result<()> {
     }
     crate::ledger::keep_seq_floor(tx)?;
     for (id, _, _) in &clashes {
-        tx.execute("DELETE FROM events WHERE user_id = ?1 AND id = ?2", [local, id])?;
+        tx.execute("DELETE FROM events WHERE user_id = ?1 AND id = ?2 AND indexed = 1", [local, id])?;
     }
     tx.execute("UPDATE events SET user_id = ?2 WHERE user_id = ?1", [local, target])?;
+    tx.execute(
+        "UPDATE users SET pending_from = min(pending_from, (SELECT pending_from FROM users WHERE id = ?1)) WHERE id = ?2",
+        [local, target],
+    )?;
     // Settings: the later HLC wins per key.
     tx.execute(
         "INSERT INTO settings (user_id, key, value, deleted, hlc, dirty, rejected)

@@ -45,11 +45,12 @@ impl Tally {
         let device_id = g.device_id.clone();
         let done = write_tx(&mut g.conn, |tx| {
             type Row = (String, i64, i64, i64, EventState, Option<String>, Option<i64>, Option<String>, Option<String>, Option<i64>, i64);
+            let target = crate::ledger::find_event(tx, user_id, &target_id)?.ok_or_else(|| Error::NotFound(format!("event {event_id}")))?;
             let row: Option<Row> = tx
                 .query_row(
                     "SELECT feature, amount, occurred_at, COALESCE(cost_micros, 0), status, voids, lease_ver, lease_pool,
-                            lease_period, lease_start, lease_units FROM events WHERE user_id = ?1 AND id = ?2",
-                    params![user_id, target_id],
+                            lease_period, lease_start, lease_units FROM events WHERE device_seq = ?1",
+                    [target],
                     |r| {
                         Ok((
                             r.get(0)?,
@@ -96,17 +97,21 @@ impl Tally {
                 add_leased(tx, user_id, pool, period, pool_start.unwrap_or(0), -lease_units)?;
             }
             let carried = status == EventState::Settled;
-            let void_id = uuid::Uuid::now_v7().to_string();
+            let seq = crate::ledger::last_seq(tx)? + 1;
+            let (void_id, indexed) = match crate::ledger::sequenced_id(now, seq) {
+                Some(id) => (id.to_string(), false),
+                None => (uuid::Uuid::now_v7().to_string(), true),
+            };
             if let Some(crate::Rule::Credits { cost: per_unit }) = a.ent.features.get(&feature) {
                 refund_credits(tx, user_id, &void_id, per_unit.saturating_mul(u64::try_from(amount).unwrap_or(0)), now)?;
             }
-            tx.execute("UPDATE events SET voided = 1 WHERE user_id = ?1 AND id = ?2", params![user_id, target_id])?;
-            let seq = crate::ledger::last_seq(tx)? + 1;
+            tx.execute("UPDATE events SET voided = 1 WHERE device_seq = ?1", [target])?;
             let keep = |v: i64| if carried { v } else { 0 };
+            // Its counters are written here, at once: it is counted as soon as it is recorded.
             tx.execute(
                 "INSERT INTO events (user_id, id, feature, amount, occurred_at, device_id, device_seq, cost_micros, metadata, decision,
-                                     status, lease_ver, lease_pool, lease_period, lease_start, lease_units, voids, target_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, '', ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+                                     status, lease_ver, lease_pool, lease_period, lease_start, lease_units, voids, target_at, indexed)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, '', ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
                 params![
                     user_id,
                     void_id,
@@ -124,9 +129,11 @@ impl Tally {
                     pool_start,
                     keep(lease_units),
                     target_id,
-                    at
+                    at,
+                    indexed
                 ],
             )?;
+            crate::tail::mark_counted(tx, seq)?;
             Ok(true)
         })?;
         drop(g);

@@ -167,9 +167,17 @@ fn a_huge_amount_is_a_clear_error_and_the_feature_keeps_working() {
 fn uses_summing_past_the_largest_counter_are_refused_and_nothing_is_recorded() {
     let (e, user) = overflow_env();
     e.tally.consume(&user, "stars", 1, UsageMeta::default()).unwrap();
-    // The server's total (other devices) is 6 short of the largest counter.
-    let n =
-        e.raw().execute("UPDATE counters SET server_used = ?2 WHERE user_id = ?1 AND feature = 'stars'", (&user, i64::MAX - 7)).unwrap();
+    // The server's total (other devices) is 6 short of the largest counter: stored in the
+    // window's counter row (the one the use counts in).
+    let n = e
+        .raw()
+        .execute(
+            "INSERT INTO counters (user_id, feature, period, period_start, server_used)
+             SELECT user_id, feature, count_period, count_start, ?2 FROM events WHERE user_id = ?1 AND feature = 'stars'
+             ON CONFLICT (user_id, feature, period, period_start) DO UPDATE SET server_used = excluded.server_used",
+            (&user, i64::MAX - 7),
+        )
+        .unwrap();
     assert_eq!(n, 1);
     assert_eq!(e.tally.usage(&user, "stars").unwrap().used, MAX_COUNTER - 6);
     let before = e.snapshot();
@@ -183,9 +191,12 @@ fn uses_summing_past_the_largest_counter_are_refused_and_nothing_is_recorded() {
     assert_err!(e.tally.consume(&user, "stars", 1, UsageMeta::default()), Error::InvalidInput(_));
     let checked = e.tally.check(&user, "stars", 1);
     assert!(checked.is_ok(), "a check still answers: {checked:?}");
+    // Written counters and the events still waiting for theirs alike.
+    e.tally.set_setting(&user, "write", serde_json::json!(1)).unwrap();
     let kind: String =
         e.raw().query_row("SELECT typeof(pending) FROM counters WHERE user_id = ?1 AND feature = 'stars'", [&user], |r| r.get(0)).unwrap();
     assert_eq!(kind, "integer", "the counter never turned into a REAL");
+    assert_eq!(e.tally.usage(&user, "stars").unwrap().used, MAX_COUNTER);
 }
 
 #[test]

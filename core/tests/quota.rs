@@ -353,3 +353,58 @@ fn sequence_numbers_follow_the_ledger_and_are_never_handed_out_twice() {
 fn key_of_last(e: &Env) -> String {
     e.raw().query_row("SELECT id FROM events ORDER BY device_seq DESC LIMIT 1", [], |r| r.get(0)).unwrap()
 }
+
+#[test]
+fn a_use_writes_only_its_event_and_the_counters_follow_every_64_uses_or_before_any_other_write() {
+    let e = Env::new();
+    let u = e.tally.create_local_user(Some("tail")).unwrap().id;
+    let written = |feature: &str| -> i64 {
+        e.raw()
+            .query_row("SELECT coalesce(sum(pending), 0) FROM counters WHERE user_id = ?1 AND feature = ?2", [&u, feature], |r| r.get(0))
+            .unwrap()
+    };
+    let through = || -> i64 { e.raw().query_row("SELECT counted_through FROM device", [], |r| r.get(0)).unwrap() };
+    let one = |t: &tally_core::Tally, f: &str| t.consume(&u, f, 1, UsageMeta::default()).unwrap();
+    for _ in 0..10 {
+        assert!(one(&e.tally, "stars").allowed);
+    }
+    assert_eq!(e.tally.usage(&u, "stars").unwrap().used, 10);
+    assert_eq!((written("stars"), through()), (0, 0), "the uses wait in the ledger");
+    // Another connection (another process) counts them from the file, and so does a reopened
+    // one after this instance is gone without writing them (a crash).
+    let other = e.reopen();
+    assert_eq!(other.usage(&u, "stars").unwrap().used, 10);
+    drop(other);
+    // Any other write writes them first.
+    e.tally.set_setting(&u, "theme", serde_json::json!("dark")).unwrap();
+    assert_eq!((written("stars"), through()), (10, 10));
+    assert_eq!(e.tally.usage(&u, "stars").unwrap().used, 10, "counted once");
+    // A use writes them once 64 wait.
+    for _ in 0..63 {
+        one(&e.tally, "stars");
+    }
+    assert_eq!(written("stars"), 10);
+    one(&e.tally, "stars");
+    assert_eq!((written("stars"), through()), (74, 74));
+    // Two connections taking turns on one hard limit (3 a day): each sees the other's waiting uses.
+    let other = e.reopen();
+    assert!(one(&e.tally, "daily").allowed);
+    assert!(one(&other, "daily").allowed);
+    assert!(one(&e.tally, "daily").allowed);
+    assert!(!one(&other, "daily").allowed);
+    assert!(!one(&e.tally, "daily").allowed);
+    assert_eq!(e.tally.check(&u, "daily", 1).unwrap().remaining, Some(0));
+    assert_eq!(other.usage(&u, "daily").unwrap().used, 3);
+    // A rate window (3 a minute) and a budget count the same way.
+    for i in 0..4 {
+        let t = if i % 2 == 0 { &e.tally } else { &other };
+        assert_eq!(t.consume(&u, "api", 1, UsageMeta::default()).unwrap().allowed, i < 3, "use {i} of the rate window");
+    }
+    let priced = UsageMeta { model: Some("gpt-4o".into()), input_tokens: Some(100), output_tokens: Some(20), ..UsageMeta::default() };
+    assert!(e.tally.consume(&u, "ai_spend", 450, priced.clone()).unwrap().allowed);
+    assert_eq!(other.usage(&u, "ai_spend").unwrap().used, 450);
+    e.tally.set_setting(&u, "theme", serde_json::json!("light")).unwrap();
+    assert_eq!((written("daily"), written("api"), written("stars")), (3, 3, 74));
+    assert_eq!(e.tally.usage(&u, "ai_spend").unwrap().used, 450, "written once, counted once");
+    assert_eq!(e.reopen().usage(&u, "daily").unwrap().used, 3);
+}
