@@ -1,6 +1,6 @@
 //! Storage: migrations from a version-1 file, refusal of newer and corrupt files (untouched),
-//! two processes consuming on one file, and SIGKILL at random moments losing nothing
-//! acknowledged. Child processes are this test binary re-invoked with `TALLY_CHILD` set.
+//! what one use writes, two processes consuming on one file, and SIGKILL at random moments
+//! losing nothing acknowledged. Child processes are this test binary re-invoked with `TALLY_CHILD` set.
 
 mod common;
 use common::*;
@@ -33,6 +33,31 @@ fn files(dir: &Path) -> Vec<(String, usize, u64)> {
         .collect();
     v.sort();
     v
+}
+
+// ---------------------------------------------------------------- what a use writes
+
+#[test]
+fn a_use_commits_about_one_page_and_its_counters_follow_every_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pages.db");
+    let tally = Tally::open(&path, proc_config()).unwrap();
+    let user = tally.create_local_user(None).unwrap().id;
+    for _ in 0..200 {
+        tally.consume(&user, "chat", 1, UsageMeta::default()).unwrap();
+    }
+    // WAL frames (pages written) over 128 uses: the WAL is emptied first, then counted.
+    let side = Connection::open(&path).unwrap();
+    let frames = |mode: &str| -> i64 { side.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| r.get(1)).unwrap() };
+    frames("TRUNCATE");
+    for _ in 0..128 {
+        tally.consume(&user, "chat", 1, UsageMeta::default()).unwrap();
+    }
+    let pages = frames("PASSIVE") as f64 / 128.0;
+    // One page per use (the ledger's last), a new page now and then, and the counter rows with
+    // their mark twice in 128 uses.
+    assert!(pages < 1.5, "{pages} pages per use");
+    assert_eq!(tally.usage(&user, "chat").unwrap().used, 328);
 }
 
 // ---------------------------------------------------------------- migrations
