@@ -122,7 +122,7 @@ impl Tally {
     /// Drops cached access of `user_id` (after a change to the user or their entitlements).
     pub(crate) fn forget_access(inner: &mut Inner, user_id: &str) {
         inner.access.remove(user_id);
-        inner.verified.retain(|(u, _)| u != user_id);
+        inner.verified.remove(user_id);
         inner.plan_credits.retain(|(u, _)| u != user_id);
     }
 

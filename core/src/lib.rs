@@ -192,7 +192,7 @@ pub(crate) struct Inner {
     /// Resolved access per user, dropped on any change.
     pub(crate) access: HashMap<String, Arc<access::Access>>,
     /// (user, feature) pairs whose counters were checked against their rule.
-    pub(crate) verified: std::collections::HashSet<(String, String)>,
+    pub(crate) verified: HashMap<String, std::collections::HashSet<String>>,
     /// (user, grant id) of plan credits known to be stored.
     pub(crate) plan_credits: std::collections::HashSet<(String, String)>,
     /// `PRAGMA data_version` when the caches were filled (another process may write).

@@ -290,8 +290,7 @@ impl Tally {
     /// anchor; rebuilds them from the unacknowledged events when not (a rule, timezone or
     /// billing change). The only ledger scan, off the hot path.
     fn ensure_counters(inner: &mut Inner, user: &str, feature: &str, period: Period, a: &Access) -> Result<()> {
-        let key = (user.to_string(), feature.to_string());
-        if inner.verified.contains(&key) {
+        if inner.verified.get(user).is_some_and(|f| f.contains(feature)) {
             return Ok(());
         }
         let (tz, anchor) = rule_key(period, a);
@@ -328,7 +327,7 @@ impl Tally {
                 Ok(())
             })?;
         }
-        inner.verified.insert(key);
+        inner.verified.entry(user.to_string()).or_default().insert(feature.to_string());
         Ok(())
     }
     /// Decides a use without changing anything. Returns the decision and, when it is allowed,
@@ -467,7 +466,7 @@ impl Tally {
             match a.ent.features.get(u.feature) {
                 // Plan credits may be due: the full path stores them.
                 Some(Rule::Credits { .. }) => return Ok(None),
-                Some(r) if r.period().is_some() && !inner.verified.contains(&(user_id.to_string(), u.feature.to_string())) => {
+                Some(r) if r.period().is_some() && !inner.verified.get(user_id).is_some_and(|f| f.contains(u.feature)) => {
                     return Ok(None);
                 }
                 _ => {}
