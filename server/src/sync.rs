@@ -218,18 +218,25 @@ async fn run(
             e.cause = Some("before_lease");
             continue;
         };
-        let start = match features.get(&e.feature).and_then(tally_core::Rule::period) {
-            Some(p) => tally_core::period::window(p, e.occurred_at, ctx.tz, ctx.anchor).start,
-            None => e.occurred_at,
+        let (start, end) = match features.get(&e.feature).and_then(tally_core::Rule::period) {
+            Some(p) => {
+                let w = tally_core::period::window(p, e.occurred_at, ctx.tz, ctx.anchor);
+                (w.start, w.end)
+            }
+            None => (e.occurred_at, None),
         };
         let in_lease = start < until;
+        // The lease ended before its window did, so the slice may have gone to others within
+        // it. A window that ended first kept its slice whole: a use in it arriving late is
+        // still a use within its lease.
+        let slice_reclaimed = until <= now && end.is_none_or(|end| until < end);
         e.unclamped = in_lease;
         if in_lease {
             counted.insert(e.id);
         }
         e.cause = Some(if cloned {
             "cloned_device"
-        } else if dev.removed_at.is_some() || until <= now || !in_lease {
+        } else if dev.removed_at.is_some() || slice_reclaimed || !in_lease {
             "reclaimed"
         } else {
             ledger::CAUSE_DOWNGRADE

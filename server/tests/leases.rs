@@ -253,6 +253,28 @@ async fn reclaim_after_lease_until_frees_the_room_and_late_uses_count_as_reclaim
 }
 
 #[tokio::test]
+async fn a_leased_use_of_a_window_that_ended_before_its_lease_arrives_late_without_counting_as_reclaimed() {
+    let l = app_or_skip!(lapp("2027-03-31T23:00:00Z").await);
+    let t = token("late-window");
+    let c = l.claims("late-window", &l.sync2(&t, "phone", json!({})).await).await;
+    assert_eq!(lease(&c, "gen").allowance, 10, "the phone holds the whole March pool");
+    let until = DateTime::from_timestamp(c.lease_until.unwrap(), 0).unwrap();
+    assert!(until > at("2027-04-01T00:00:00Z"), "the lease outlives the March window: {until}");
+    // Another install, never leased, records 8 uses of March: over, because of it.
+    let before: Vec<Value> = (1..=8).map(|i| ev("gen", 1, at("2027-03-31T23:20:00Z"), None, i)).collect();
+    let r = l.sync2(&t, "tablet", json!({"events": before})).await;
+    assert_eq!(total(&r, "gen", "2027-03-01T00:00:00Z")["over_limit_causes"], json!(["before_lease"]), "{r}");
+    // Long after its lease ended, the phone reports 4 uses of its slice, made in March.
+    l.clock.set(until + chrono::Duration::days(30));
+    let r =
+        l.sync2(&t, "phone", json!({"lease_ver": c.lease_ver, "events": [ev("gen", 4, at("2027-03-31T23:10:00Z"), c.lease_ver, 1)]})).await;
+    assert_eq!(r["accepted"].as_array().unwrap().len(), 1, "{r}");
+    let march = total(&r, "gen", "2027-03-01T00:00:00Z");
+    // Its slice was whole for all of March: those uses are not why the window is over.
+    assert_eq!((march["used"].as_u64(), &march["over_limit_causes"]), (Some(12), &json!(["before_lease"])), "{march}");
+}
+
+#[tokio::test]
 async fn devices_are_listed_and_removed_and_others_devices_are_unknown() {
     let l = app_or_skip!(lapp("2027-03-10T12:00:00Z").await);
     let t = token("owner");
