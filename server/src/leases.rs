@@ -126,10 +126,12 @@ pub async fn detect_clone(tx: &impl GenericClient, user_id: Uuid, dev: &Device, 
         clash = tx
             .query_one(
                 &tx.prepare_cached(
-                    // A re-sent id is found by its key and needs no look-up of its number.
+                    // A re-sent id is found by its key and needs no look-up of its number. `OFFSET
+                    // 0` keeps each test a probe of its index per sent event: as joins, Postgres
+                    // read every stored event of the user for each batch of re-sent ones.
                     "SELECT EXISTS (SELECT 1 FROM unnest($3::int8[], $4::uuid[]) AS t(seq, id) \
-                     WHERE NOT EXISTS (SELECT 1 FROM events k WHERE k.user_id = $1 AND k.id = t.id) \
-                       AND EXISTS (SELECT 1 FROM events e WHERE e.user_id = $1 AND e.device_id = $2 AND e.device_seq = t.seq))",
+                     WHERE NOT EXISTS (SELECT 1 FROM events k WHERE k.user_id = $1 AND k.id = t.id OFFSET 0) \
+                       AND EXISTS (SELECT 1 FROM events e WHERE e.user_id = $1 AND e.device_id = $2 AND e.device_seq = t.seq OFFSET 0))",
                 )
                 .await?,
                 &[&user_id, &dev.device_id, &seqs, &ids],
