@@ -1,9 +1,10 @@
-//! The quota engine: `check`, `consume` (one immutable event and its counters in one
+//! The quota engine: `check`, `consume` (one immutable event, decided and recorded in one
 //! transaction) and usage per window.
 //!
 //! Counters hold, per (user, feature, period, window start), the amount of this device's
 //! unacknowledged events (`pending`, `pending_cost`) and the server's last total
-//! (`server_used`): `used = server_used + pending`. Decisions read one counter row; the ledger is
+//! (`server_used`): `used = server_used + pending`, plus the uses whose counters are not yet
+//! written ([`crate::tail`]). Decisions read one counter row and the tail's sums; the ledger is
 //! only scanned when a feature's rule, the user's timezone or billing anchor changes.
 
 use crate::access::Access;
@@ -475,8 +476,8 @@ impl Tally {
         Ok(Some((a, now, version)))
     }
 
-    /// Atomically checks and records a use: one ledger event and its counters in one
-    /// transaction, or nothing when denied. Replaying the same idempotency key returns the
+    /// Atomically checks and records a use: one ledger event in one transaction (it counts at
+    /// once; its counter rows are written with later ones), or nothing when denied. Replaying the same idempotency key returns the
     /// original decision; the same key with another body is [`Error::IdempotencyConflict`].
     pub fn consume(&self, user_id: &str, feature: &str, amount: u64, meta: UsageMeta) -> Result<Decision> {
         let item = ConsumeItem { feature: feature.to_string(), amount, meta };
