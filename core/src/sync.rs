@@ -301,7 +301,10 @@ impl Tally {
         let mut g = self.lock();
         if let Some(e) = request.events.first() {
             let id = e.id.to_string();
-            write_tx(&mut g.conn, |tx| quarantine(tx, user_id, &id, &too_large))?;
+            write_tx(&mut g.conn, |tx| {
+                quarantine(tx, user_id, &id, &too_large)?;
+                advance_pending_from(tx, user_id)
+            })?;
             report.rejected.push(Rejected { id, reason: too_large.as_str().into() });
         } else if let Some(c) = request.settings_changes.first() {
             write_tx(&mut g.conn, |tx| Tally::reject_setting(tx, user_id, &c.key, Some(&c.hlc), too_large.as_str()))?;
@@ -388,7 +391,7 @@ impl Tally {
                     for (id, reason) in &quarantined {
                         quarantine(tx, user_id, id, reason)?;
                     }
-                    Ok(())
+                    advance_pending_from(tx, user_id)
                 })?;
                 report.rejected.extend(quarantined.iter().map(|(id, r)| Rejected { id: id.clone(), reason: r.as_str().into() }));
             }
@@ -616,6 +619,7 @@ impl Tally {
                     answered += 1;
                 }
             }
+            advance_pending_from(tx, user_id)?;
             for t in &resp.totals {
                 store_total(tx, user_id, t)?;
             }
@@ -816,7 +820,8 @@ fn pending_events(conn: &Connection, user_id: &str, limit: usize) -> Result<Vec<
 
 /// Marks a pending event settled or rejected and takes it out of the pending counters (a
 /// voided use was taken out when voided; a void event gives back what it took out), inside a
-/// [`write_tx`] (so its counters are written). Moves the user's `pending_from` on.
+/// [`write_tx`] (so its counters are written). The caller moves the user's `pending_from` on
+/// once it settled the batch ([`advance_pending_from`]).
 fn settle(tx: &Connection, user_id: &str, id: &str, state: EventState, reason: Option<&RejectReason>) -> Result<()> {
     type Row = (String, i64, i64, i64, bool, bool, Option<String>, Option<String>, Option<i64>, i64);
     let Some(seq) = find_event(tx, user_id, id)? else { return Ok(()) };
@@ -851,10 +856,11 @@ fn settle(tx: &Connection, user_id: &str, id: &str, state: EventState, reason: O
         }
     }
     tx.prepare_cached("UPDATE events SET status = ?2, reject_reason = ?3 WHERE device_seq = ?1")?.execute(params![seq, state, reason])?;
-    advance_pending_from(tx, user_id)
+    Ok(())
 }
 
-/// Quarantines an event: kept and visible, never resent, no longer counted.
+/// Quarantines an event: kept and visible, never resent, no longer counted (the caller moves
+/// `pending_from` on, as after [`settle`]).
 fn quarantine(tx: &Connection, user_id: &str, id: &str, reason: &RejectReason) -> Result<()> {
     settle(tx, user_id, id, EventState::Rejected, Some(reason))
 }
