@@ -550,16 +550,19 @@ impl Tally {
         uses: &[Use<'_>],
         now: DateTime<Utc>,
     ) -> Result<Recorded> {
-        fresh_tail(&tx, tail, version)?;
         // Taken out while in use: on any error it stays out, and is read again next time.
-        let mut t = tail.take().expect("fresh tail");
+        let mut t = match tail.take() {
+            Some(t) if t.valid(&tx, version) => t,
+            _ => Tail::load(&tx, version)?,
+        };
         let mut decisions = Vec::with_capacity(uses.len());
         let mut recorded = false;
         let mut seq = t.seq;
         let mut batch = Batch::with_tail(&t);
         let mut insert = tx.prepare_cached(INSERT_EVENT)?;
         for (u, item) in uses.iter().zip(items) {
-            // Only a caller-supplied key can name a recorded event: a fresh UUID v7 cannot.
+            // Only a caller-supplied key can name a recorded event (an unkeyed use's id is made
+            // when it is recorded).
             if item.meta.idempotency_key.is_some()
                 && let Some(d) = replay(&tx, user_id, u)?
             {
