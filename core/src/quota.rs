@@ -442,7 +442,8 @@ impl Tally {
         let Some((a, now, version)) = self.fast_gate(&tx, inner, user_id, std::slice::from_ref(u))? else {
             return Ok(None);
         };
-        let tail = fresh_tail(&tx, &mut inner.tail, version)?;
+        let fresh = fresh_tail(&tx, &mut inner.tail, version)?;
+        let tail = &*inner.tail.insert(fresh);
         let d = self.decide(&tx, &mut Batch::with_tail(tail), &a, user_id, u, now, false)?.0;
         tx.commit()?;
         inner.highest_seen_ms = inner.highest_seen_ms.max(ms(now));
@@ -551,10 +552,7 @@ impl Tally {
         now: DateTime<Utc>,
     ) -> Result<Recorded> {
         // Taken out while in use: on any error it stays out, and is read again next time.
-        let mut t = match tail.take() {
-            Some(t) if t.valid(&tx, version) => t,
-            _ => Tail::load(&tx, version)?,
-        };
+        let mut t = fresh_tail(&tx, tail, version)?;
         let mut decisions = Vec::with_capacity(uses.len());
         let mut recorded = false;
         let mut seq = t.seq;
@@ -594,13 +592,13 @@ impl Tally {
     }
 }
 
-/// The connection's tail, read again from the file unless still valid (inside the caller's
-/// transaction, whose change counter is `version`).
-fn fresh_tail<'t>(conn: &Connection, tail: &'t mut Option<Tail>, version: i64) -> Result<&'t Tail> {
-    if !tail.as_ref().is_some_and(|t| t.valid(conn, version)) {
-        *tail = Some(Tail::load(conn, version)?);
+/// The connection's tail, taken out of `tail`: as it is while still valid, else read again from
+/// the file (inside the caller's transaction, whose change counter is `version`).
+fn fresh_tail(conn: &Connection, tail: &mut Option<Tail>, version: i64) -> Result<Tail> {
+    match tail.take() {
+        Some(t) if t.valid(conn, version) => Ok(t),
+        _ => Tail::load(conn, version),
     }
-    Ok(tail.as_ref().expect("tail just loaded"))
 }
 
 impl Tally {

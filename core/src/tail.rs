@@ -124,21 +124,15 @@ fn tail_sums(conn: &Connection, through: i64) -> Result<Vec<(Key, Delta)>> {
 
 /// What the tail adds to one counter row, read from the file (the paths that hold no [`Tail`]).
 pub(crate) fn pending_delta(conn: &Connection, user: &str, feature: &str, period: &str, start: i64) -> Result<Delta> {
-    let (units, micros): (i64, i64) = conn
+    // One scan of the tail: a use counts in its counter row and, leased, in its pool's.
+    Ok(conn
         .prepare_cached(
-            "SELECT coalesce(sum(count_amount), 0), coalesce(sum(count_cost), 0) FROM events
-             WHERE device_seq > (SELECT counted_through FROM device WHERE singleton = 1)
-               AND user_id = ?1 AND feature = ?2 AND count_period = ?3 AND count_start = ?4",
+            "SELECT coalesce(sum(CASE WHEN feature = ?2 AND count_period = ?3 AND count_start = ?4 THEN count_amount END), 0),
+                    coalesce(sum(CASE WHEN feature = ?2 AND count_period = ?3 AND count_start = ?4 THEN count_cost END), 0),
+                    coalesce(sum(CASE WHEN lease_pool = ?2 AND lease_period = ?3 AND coalesce(lease_start, 0) = ?4 THEN lease_units END), 0)
+             FROM events WHERE device_seq > (SELECT counted_through FROM device WHERE singleton = 1) AND user_id = ?1",
         )?
-        .query_row(params![user, feature, period, start], |r| Ok((r.get(0)?, r.get(1)?)))?;
-    let leased: i64 = conn
-        .prepare_cached(
-            "SELECT coalesce(sum(lease_units), 0) FROM events
-             WHERE device_seq > (SELECT counted_through FROM device WHERE singleton = 1)
-               AND user_id = ?1 AND lease_pool = ?2 AND lease_period = ?3 AND coalesce(lease_start, 0) = ?4",
-        )?
-        .query_row(params![user, feature, period, start], |r| r.get(0))?;
-    Ok(Delta { units, micros, leased })
+        .query_row(params![user, feature, period, start], |r| Ok(Delta { units: r.get(0)?, micros: r.get(1)?, leased: r.get(2)? }))?)
 }
 
 /// Writes the counters of every event after `counted_through` and moves it to the last event,
