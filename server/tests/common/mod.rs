@@ -54,20 +54,30 @@ pub fn cluster() -> Option<&'static Cluster> {
 }
 
 /// A clock that follows the system clock plus an offset the test moves, so a test can jump
-/// past a boundary (a second, a grace period) without sleeping.
+/// past a boundary (a second, a grace period) without sleeping; frozen, it stands still.
 #[derive(Debug, Default)]
-pub struct TestClock(std::sync::Mutex<chrono::Duration>);
+pub struct TestClock(std::sync::Mutex<(chrono::Duration, Option<chrono::DateTime<Utc>>)>);
 
 impl TestClock {
     /// Moves the clock forwards (or backwards) by `by`.
     pub fn advance(&self, by: chrono::Duration) {
-        *self.0.lock().unwrap() += by;
+        self.0.lock().unwrap().0 += by;
+    }
+
+    /// Stops the clock where it is and returns that instant: a test that compares whole
+    /// seconds against the server's clock then does not depend on how fast it runs.
+    pub fn freeze(&self) -> chrono::DateTime<Utc> {
+        let now = tally_core::Clock::now(self);
+        let mut g = self.0.lock().unwrap();
+        *g = (chrono::Duration::zero(), Some(now));
+        now
     }
 }
 
 impl tally_core::Clock for TestClock {
     fn now(&self) -> chrono::DateTime<Utc> {
-        Utc::now() + *self.0.lock().unwrap()
+        let (offset, frozen) = *self.0.lock().unwrap();
+        frozen.unwrap_or_else(Utc::now) + offset
     }
 }
 
