@@ -66,19 +66,20 @@ pub fn postgres(dir: &Path) -> Option<Cluster> {
 
 /// The `tally-server` binary under test: `TALLY_SERVER_BIN` when set (a target directory shared
 /// by several checkouts holds only the last build at `debug/tally-server`), else the one cargo
-/// built (built on demand).
+/// builds (rebuilt first when its source changed).
 pub fn server_binary() -> PathBuf {
     if let Some(bin) = std::env::var_os("TALLY_SERVER_BIN") {
         return PathBuf::from(bin);
     }
     let target =
         std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let bin = target.join("debug/tally-server");
-    if !bin.is_file() {
-        let ok = Command::new(env!("CARGO")).args(["build", "-p", "tally-server"]).status().map(|s| s.success()).unwrap_or(false);
-        assert!(ok, "could not build tally-server");
-    }
-    bin
+    // Built once per test process, every time: cargo makes it a no-op when the binary is
+    // fresh, and a binary older than the server's source would test yesterday's server.
+    static BUILT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let ok = *BUILT
+        .get_or_init(|| Command::new(env!("CARGO")).args(["build", "-p", "tally-server"]).status().map(|s| s.success()).unwrap_or(false));
+    assert!(ok, "could not build tally-server");
+    target.join("debug/tally-server")
 }
 
 /// A free loopback port.

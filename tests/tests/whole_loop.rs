@@ -495,7 +495,9 @@ fn run_case(w: &World, case: &Case) -> Result<(), TestCaseError> {
                         Some(NIL.to_string())
                     }
                     Some(IdKey::Uuid | IdKey::Nil) => {
-                        Some(uuid::Uuid::from_u128((run as u128) << 64 | (i as u128) << 8 | u as u128).to_string())
+                        // Never the nil UUID itself (run 0, op 0, user 0 would be): that is the
+                        // other key, and two uses under one key are a conflict, rightly.
+                        Some(uuid::Uuid::from_u128((run as u128 + 1) << 64 | (i as u128) << 8 | u as u128).to_string())
                     }
                     Some(IdKey::Text(t)) => {
                         let mut k = format!("{i}:{}", t.plain(MAX_IDEMPOTENCY_KEY_BYTES));
