@@ -1,4 +1,4 @@
-//! Admin endpoints (admin users or `admin`-scoped API keys; anyone else gets 404): pending
+//! Admin endpoints (admin users or `admin`-scoped API keys; anyone else gets 403): pending
 //! users, access grants and their revocation, plans, a user's usage, API keys.
 
 use crate::api_keys::{self, ApiKey};
@@ -374,7 +374,8 @@ pub async fn user_usage(
 pub struct NewKey {
     /// A name to recognize the key by.
     pub name: String,
-    /// Scopes: `usage:write`, `admin`.
+    /// Scopes: `usage:write`, `usage:read`, `admin` (`secrets:read` only from the operator's
+    /// CLI: 403 `scope_requires_operator`).
     pub scopes: Vec<String>,
 }
 
@@ -394,7 +395,7 @@ pub async fn create_api_key(
     JsonBody(k): JsonBody<NewKey>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let client = state.pool.get().await?;
-    let (key, secret) = api_keys::create(&client, &k.name, &k.scopes).await?;
+    let (key, secret) = api_keys::create(&client, api_keys::Issuer::AdminApi, &k.name, &k.scopes).await?;
     Ok((StatusCode::CREATED, Json(json!({"key": key, "secret": secret}))))
 }
 

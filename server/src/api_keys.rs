@@ -4,6 +4,7 @@
 
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
+use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
 use serde::Serialize;
@@ -23,6 +24,19 @@ pub const SCOPE_ADMIN: &str = "admin";
 pub const SCOPE_SECRETS_READ: &str = "secrets:read";
 /// Every known scope.
 pub const SCOPES: [&str; 4] = [SCOPE_USAGE_WRITE, SCOPE_USAGE_READ, SCOPE_ADMIN, SCOPE_SECRETS_READ];
+/// Scopes that only the operator's CLI grants: a `secrets:read` key opens the secrets of any
+/// user it names, so an admin key must not be a way to mint one.
+pub const OPERATOR_ONLY_SCOPES: [&str; 1] = [SCOPE_SECRETS_READ];
+
+/// Who asks for a new key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Issuer {
+    /// The operator, at the server's CLI (`tally-server api-key create`): every scope.
+    Operator,
+    /// An admin through the API (`POST /v1/admin/api-keys`): every scope but
+    /// [`OPERATOR_ONLY_SCOPES`] (403 `scope_requires_operator`).
+    AdminApi,
+}
 
 /// A stored API key (never the secret itself).
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -55,8 +69,8 @@ pub fn hash(secret: &str) -> String {
     hex::encode(Sha256::digest(secret.as_bytes()))
 }
 
-/// Creates a key; returns it with its secret, which is never shown again.
-pub async fn create(client: &impl GenericClient, name: &str, scopes: &[String]) -> ApiResult<(ApiKey, String)> {
+/// Creates a key for `issuer`; returns it with its secret, which is never shown again.
+pub async fn create(client: &impl GenericClient, issuer: Issuer, name: &str, scopes: &[String]) -> ApiResult<(ApiKey, String)> {
     if name.is_empty() || name.len() > 100 {
         return Err(ApiError::invalid("name must be 1 to 100 bytes"));
     }
@@ -65,6 +79,18 @@ pub async fn create(client: &impl GenericClient, name: &str, scopes: &[String]) 
     }
     if let Some(bad) = scopes.iter().find(|s| !SCOPES.contains(&s.as_str())) {
         return Err(ApiError::Invalid("invalid_scope", format!("unknown scope {bad:?} (expected {})", SCOPES.join(", "))));
+    }
+    match issuer {
+        Issuer::Operator => {}
+        Issuer::AdminApi => {
+            if let Some(scope) = scopes.iter().find(|s| OPERATOR_ONLY_SCOPES.contains(&s.as_str())) {
+                return Err(ApiError::Status(
+                    StatusCode::FORBIDDEN,
+                    "scope_requires_operator",
+                    format!("a key with scope {scope} is made only by the operator's CLI (tally-server api-key create)"),
+                ));
+            }
+        }
     }
     let secret = format!("{PREFIX}{}", hex::encode(rand::random::<[u8; 24]>()));
     let r = client

@@ -9,6 +9,7 @@ use crate::error::ApiError;
 use crate::jwks::KeySet;
 use crate::users::{self, User};
 use axum::extract::FromRequestParts;
+use axum::http::StatusCode;
 use axum::http::request::Parts;
 use base64::Engine;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
@@ -264,7 +265,8 @@ impl FromRequestParts<AppState> for AuthUser {
     }
 }
 
-/// An admin: a user with `is_admin`, or an API key with the `admin` scope. Anyone else gets 404.
+/// An admin: a user with `is_admin`, or an API key with the `admin` scope. Another user gets
+/// 403 `forbidden`, another key 403 `insufficient_scope`.
 pub struct Admin(pub Principal);
 
 impl Admin {
@@ -281,6 +283,16 @@ impl FromRequestParts<AppState> for Admin {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let p = Principal::from_request_parts(parts, state).await?;
-        if p.is_admin() { Ok(Admin(p)) } else { Err(ApiError::NotFound("no such route".into())) }
+        if p.is_admin() {
+            return Ok(Admin(p));
+        }
+        Err(match p {
+            Principal::User(_) => ApiError::Status(StatusCode::FORBIDDEN, "forbidden", "this route is for admins".into()),
+            Principal::Key(_) => ApiError::Status(
+                StatusCode::FORBIDDEN,
+                "insufficient_scope",
+                format!("this API key lacks the {} scope", api_keys::SCOPE_ADMIN),
+            ),
+        })
     }
 }

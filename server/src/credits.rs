@@ -314,15 +314,16 @@ pub async fn revoke_credits(state: &AppState, user_id: Uuid, grant_id: Option<&s
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
     crate::users::lock(&tx, user_id, &state.config.admin_subjects).await?;
+    let now = state.now();
     let n = tx
         .execute(
-            "UPDATE credit_grants SET revoked_at = now() WHERE user_id = $1 AND revoked_at IS NULL AND ($2::text IS NULL OR grant_id = $2)",
-            &[&user_id, &grant_id],
+            "UPDATE credit_grants SET revoked_at = $3 WHERE user_id = $1 AND revoked_at IS NULL AND ($2::text IS NULL OR grant_id = $2)",
+            &[&user_id, &grant_id, &now],
         )
         .await?;
     if n > 0 {
-        crate::users::bump_version(&tx, &state.user_cache, user_id, state.now()).await?;
-        crate::leases::mark_refund(&tx, user_id, state.now()).await?;
+        crate::users::bump_version(&tx, &state.user_cache, user_id, now).await?;
+        crate::leases::mark_refund(&tx, user_id, now).await?;
     }
     tx.commit().await?;
     Ok(n)

@@ -175,15 +175,38 @@ impl From<serde_json::Error> for ApiError {
 /// restarting, a timeout or a lock wait ran out, a serialization conflict — so that the same
 /// request can succeed later (503), rather than a bug of ours (500).
 pub fn is_transient(e: &tokio_postgres::Error) -> bool {
-    let Some(db) = e.as_db_error() else {
-        // No SQLSTATE: an I/O error, a closed connection, a timeout on our side.
-        return true;
-    };
-    let code = db.code().code();
-    // 08: connection exception; 53: insufficient resources; 57: operator intervention
-    // (57014 statement timeout / cancel, 57P01 admin shutdown, 57P03 cannot connect now);
-    // 40001 serialization failure, 40P01 deadlock; 55P03 lock not available; 58: system error.
-    ["08", "53", "57", "58"].iter().any(|c| code.starts_with(c)) || ["40001", "40P01", "55P03"].contains(&code)
+    if let Some(db) = e.as_db_error() {
+        let code = db.code().code();
+        // 08: connection exception; 53: insufficient resources; 57: operator intervention
+        // (57014 statement timeout / cancel, 57P01 admin shutdown, 57P03 cannot connect now);
+        // 40001 serialization failure, 40P01 deadlock; 55P03 lock not available; 58: system error.
+        return ["08", "53", "57", "58"].iter().any(|c| code.starts_with(c)) || ["40001", "40P01", "55P03"].contains(&code);
+    }
+    // No SQLSTATE: either the exchange with the server failed (the connection is closed, its
+    // I/O failed, the server's answer broke the protocol, the client's own timeout), which
+    // another connection may not meet; or the client refused something of ours before or after
+    // the server answered (a value that does not convert to or from its column, a wrong
+    // parameter or column count, `query_one` finding no row), which fails the same way every
+    // time. Anything not known to be the first is the second.
+    e.is_closed() || connection_io_failed(e) || EXCHANGE_FAILURES.contains(&e.to_string().as_str())
+}
+
+/// How tokio-postgres words the failures of an exchange with the server that carry no cause to
+/// tell them by (the crate does not expose its error kinds): a message out of protocol order,
+/// an answer it could not parse, its own timeout. The tests below pin these texts.
+const EXCHANGE_FAILURES: [&str; 3] = ["unexpected message from server", "error parsing response from server", "timeout waiting for server"];
+
+/// Whether `e` was caused by an I/O error of the connection (reset, refused, end of stream, …);
+/// not one of ours (`InvalidInput`, `InvalidData`: a message we could not encode).
+fn connection_io_failed(e: &tokio_postgres::Error) -> bool {
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            return !matches!(io.kind(), std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData);
+        }
+        cause = c.source();
+    }
+    false
 }
 
 impl From<tokio_postgres::Error> for ApiError {
@@ -257,3 +280,152 @@ pub async fn json_errors(req: Request, next: Next) -> Response {
 
 /// Result of a handler.
 pub type ApiResult<T> = Result<T, ApiError>;
+
+#[cfg(test)]
+mod tests {
+    //! Database errors without a SQLSTATE, made by a real tokio-postgres client against a
+    //! scripted server on an in-memory stream: a broken exchange is 503, our own bug is 500.
+
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+    use tokio_postgres::{Client, NoTls};
+
+    /// One backend message: its tag, length and body.
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let len = i32::try_from(body.len() + 4).unwrap();
+        let mut out = vec![tag];
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(body);
+        out
+    }
+
+    fn ready() -> Vec<u8> {
+        msg(b'Z', b"I")
+    }
+
+    /// Reads one frontend message; `None` at the end of the stream.
+    async fn read_msg(s: &mut DuplexStream) -> Option<u8> {
+        let tag = s.read_u8().await.ok()?;
+        let len = s.read_i32().await.ok()?;
+        let mut body = vec![0; usize::try_from(len - 4).ok()?];
+        s.read_exact(&mut body).await.ok()?;
+        Some(tag)
+    }
+
+    /// A client of a server that takes the startup, then answers the n-th `Sync` or `Query`
+    /// with `script[n]`; past the script it closes the stream.
+    async fn client(script: Vec<Vec<u8>>) -> Client {
+        let (ours, mut theirs) = tokio::io::duplex(1 << 16);
+        tokio::spawn(async move {
+            let len = theirs.read_i32().await.unwrap();
+            let mut startup = vec![0; usize::try_from(len - 4).unwrap()];
+            theirs.read_exact(&mut startup).await.unwrap();
+            let auth_ok = msg(b'R', &0i32.to_be_bytes());
+            theirs.write_all(&[auth_ok, ready()].concat()).await.unwrap();
+            for answer in script {
+                while let Some(tag) = read_msg(&mut theirs).await {
+                    if tag == b'S' || tag == b'Q' {
+                        break;
+                    }
+                }
+                theirs.write_all(&answer).await.unwrap();
+            }
+        });
+        let mut config = tokio_postgres::Config::new();
+        config.user("tally");
+        let (client, conn) = config.connect_raw(ours, NoTls).await.unwrap();
+        tokio::spawn(conn);
+        client
+    }
+
+    /// The answers to preparing a statement with no parameters and the columns `row_description`
+    /// (`None`: no columns).
+    fn prepared(row_description: Option<Vec<u8>>) -> Vec<u8> {
+        let columns = row_description.map_or_else(|| msg(b'n', b""), |d| msg(b'T', &d));
+        [msg(b'1', b""), msg(b't', &0i16.to_be_bytes()), columns, ready()].concat()
+    }
+
+    /// One `int4` column named `n`.
+    fn int4_column() -> Vec<u8> {
+        let mut d = 1i16.to_be_bytes().to_vec();
+        d.extend_from_slice(b"n\0");
+        d.extend_from_slice(&0i32.to_be_bytes()); // table
+        d.extend_from_slice(&0i16.to_be_bytes()); // column
+        d.extend_from_slice(&23i32.to_be_bytes()); // int4
+        d.extend_from_slice(&4i16.to_be_bytes()); // size
+        d.extend_from_slice(&(-1i32).to_be_bytes()); // modifier
+        d.extend_from_slice(&1i16.to_be_bytes()); // binary
+        d
+    }
+
+    fn api(e: tokio_postgres::Error) -> (StatusCode, &'static str) {
+        assert!(e.as_db_error().is_none(), "{e}: has a SQLSTATE");
+        let api = ApiError::from(e);
+        (api.status(), api.code())
+    }
+
+    #[tokio::test]
+    async fn a_closed_connection_is_503() {
+        let c = client(vec![]).await;
+        let e = c.batch_execute("SELECT 1").await.unwrap_err();
+        assert!(e.is_closed(), "{e:?}");
+        assert_eq!(api(e), (StatusCode::SERVICE_UNAVAILABLE, "unavailable"));
+    }
+
+    #[tokio::test]
+    async fn an_answer_out_of_protocol_order_is_503() {
+        let c = client(vec![[msg(b'2', b""), ready()].concat()]).await;
+        let e = c.batch_execute("SELECT 1").await.unwrap_err();
+        assert_eq!(e.to_string(), "unexpected message from server");
+        assert_eq!(api(e), (StatusCode::SERVICE_UNAVAILABLE, "unavailable"));
+    }
+
+    #[test]
+    fn the_clients_own_timeout_is_503() {
+        let e = tokio_postgres::Error::__private_api_timeout();
+        assert_eq!(e.to_string(), "timeout waiting for server");
+        assert_eq!(api(e), (StatusCode::SERVICE_UNAVAILABLE, "unavailable"));
+    }
+
+    #[tokio::test]
+    async fn query_one_finding_no_row_is_500() {
+        let executed = [msg(b'2', b""), msg(b'C', b"SELECT 0\0"), ready()].concat();
+        let c = client(vec![prepared(None), executed]).await;
+        let e = c.query_one("SELECT 1 WHERE false", &[]).await.unwrap_err();
+        assert_eq!(e.to_string(), "query returned an unexpected number of rows");
+        assert_eq!(api(e), (StatusCode::INTERNAL_SERVER_ERROR, "internal"));
+    }
+
+    #[tokio::test]
+    async fn a_column_read_as_the_wrong_type_is_500() {
+        let mut row = 1i16.to_be_bytes().to_vec();
+        row.extend_from_slice(&4i32.to_be_bytes());
+        row.extend_from_slice(&7i32.to_be_bytes());
+        let executed = [msg(b'2', b""), msg(b'D', &row), msg(b'C', b"SELECT 1\0"), ready()].concat();
+        let c = client(vec![prepared(Some(int4_column())), executed]).await;
+        let rows = c.query("SELECT 7 AS n", &[]).await.unwrap();
+        assert_eq!(rows[0].get::<_, i32>(0), 7);
+        let e = rows[0].try_get::<_, String>(0).unwrap_err();
+        assert_eq!(api(e), (StatusCode::INTERNAL_SERVER_ERROR, "internal"));
+        let e = rows[0].try_get::<_, i32>("missing").unwrap_err();
+        assert_eq!(api(e), (StatusCode::INTERNAL_SERVER_ERROR, "internal"));
+    }
+
+    #[tokio::test]
+    async fn a_wrong_parameter_count_is_500() {
+        let c = client(vec![prepared(None)]).await;
+        let e = c.execute("SELECT 1", &[&1i32]).await.unwrap_err();
+        assert_eq!(e.to_string(), "expected 0 parameters but got 1");
+        assert_eq!(api(e), (StatusCode::INTERNAL_SERVER_ERROR, "internal"));
+    }
+
+    #[tokio::test]
+    async fn a_statement_that_cannot_be_encoded_is_500() {
+        // A query text with a NUL byte: refused by the client's encoder (an I/O error of kind
+        // InvalidInput, not of the connection).
+        let c = client(vec![]).await;
+        let e = c.batch_execute("SELECT 1\0").await.unwrap_err();
+        assert_eq!(e.to_string(), "error encoding message to server");
+        assert_eq!(api(e), (StatusCode::INTERNAL_SERVER_ERROR, "internal"));
+    }
+}

@@ -219,8 +219,8 @@ async fn a_disabled_account_is_403_everywhere_until_enabled() {
     let idp = token("idp-dora");
     let (_, dora) = a.call("GET", "/v1/me", Some(&idp), None).await;
     let dora_id = dora["id"].as_str().unwrap();
-    // Non-admins do not see the route.
-    assert_eq!(a.call("POST", &format!("/v1/admin/users/{id}/disable"), Some(at), None).await.0, StatusCode::NOT_FOUND);
+    // Non-admins are refused.
+    assert_eq!(a.call("POST", &format!("/v1/admin/users/{id}/disable"), Some(at), None).await.0, StatusCode::FORBIDDEN);
     for uid in [id, dora_id] {
         let (st, u) = a.call("POST", &format!("/v1/admin/users/{uid}/disable"), Some(&admin), None).await;
         assert_eq!(st, StatusCode::OK, "{u}");

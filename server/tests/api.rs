@@ -377,14 +377,73 @@ async fn check_usage_and_reports() {
     assert_eq!(a.count("events").await, 1);
 }
 
+/// Every admin route of the API description (so a route added later is covered too) answers a
+/// signed-in user who is not an admin 403 `forbidden`, a key without the `admin` scope 403
+/// `insufficient_scope` and no credential 401, and changes nothing.
+#[tokio::test]
+async fn every_admin_route_refuses_non_admins_with_403_and_changes_nothing() {
+    let a = app_or_skip!(app().await);
+    let admin = token("root-admin");
+    let user = token("plain-user");
+    let (_, me) = a.call("GET", "/v1/me", Some(&user), None).await;
+    let user_id = me["id"].as_str().unwrap().to_string();
+    let (s, k) = a.call("POST", "/v1/admin/api-keys", Some(&admin), Some(json!({"name": "w", "scopes": ["usage:write", "usage:read"]}))).await;
+    assert_eq!(s, StatusCode::CREATED, "{k}");
+    let key = k["secret"].as_str().unwrap().to_string();
+    let key_id = k["key"]["id"].as_str().unwrap().to_string();
+    let snapshot = || async {
+        let mut counts = Vec::new();
+        for table in ["users", "api_keys", "access_grants", "credit_grants", "webhook_endpoints", "webhook_deliveries", "catalog"] {
+            counts.push(a.count(table).await);
+        }
+        counts.push(a.scalar("SELECT count(*) FROM users WHERE disabled_at IS NOT NULL").await);
+        counts.push(a.scalar("SELECT count(*) FROM api_keys WHERE revoked_at IS NOT NULL").await);
+        counts
+    };
+    let before = snapshot().await;
+    let doc: Value = serde_json::from_str(&tally_server::openapi::json()).unwrap();
+    let mut checked = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        if !path.starts_with("/v1/admin/") {
+            continue;
+        }
+        for method in ["get", "post", "put", "patch", "delete"] {
+            if item.get(method).is_none() {
+                continue;
+            }
+            // Real ids, so a route that failed to refuse would act on something.
+            let id = if path.contains("/api-keys/") { &key_id } else { &user_id };
+            let uri = path.replace("{id}", id);
+            let method = method.to_uppercase();
+            let body = (method != "GET" && method != "DELETE").then(|| json!({}));
+            let (s, v) = a.call(&method, &uri, Some(&user), body.clone()).await;
+            assert_eq!((s, v["error"]["code"].as_str()), (StatusCode::FORBIDDEN, Some("forbidden")), "{method} {uri} as a user: {v}");
+            let (s, v) = a.call(&method, &uri, Some(&key), body.clone()).await;
+            assert_eq!(
+                (s, v["error"]["code"].as_str()),
+                (StatusCode::FORBIDDEN, Some("insufficient_scope")),
+                "{method} {uri} with a usage key: {v}"
+            );
+            let (s, v) = a.call(&method, &uri, None, body).await;
+            assert_eq!(s, StatusCode::UNAUTHORIZED, "{method} {uri} without a credential: {v}");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 15, "only {checked} admin operations found in the API description");
+    assert_eq!(snapshot().await, before, "a refused call changed something");
+    // The same routes still serve an admin.
+    let (s, v) = a.call("GET", "/v1/admin/plans", Some(&admin), None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+}
+
 #[tokio::test]
 async fn api_keys_admin_and_pending_users() {
     let a = app_or_skip!(app().await);
     let user = token("erin");
     let admin = token("root-admin");
-    // Non-admins see admin routes as absent.
-    let (s, _) = a.call("POST", "/v1/admin/api-keys", Some(&user), Some(json!({"name": "x", "scopes": ["admin"]}))).await;
-    assert_eq!(s, StatusCode::NOT_FOUND);
+    // Non-admins are refused.
+    let (s, v) = a.call("POST", "/v1/admin/api-keys", Some(&user), Some(json!({"name": "x", "scopes": ["admin"]}))).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (StatusCode::FORBIDDEN, Some("forbidden")));
     let (s, k) = a.call("POST", "/v1/admin/api-keys", Some(&admin), Some(json!({"name": "backend", "scopes": ["usage:write"]}))).await;
     assert_eq!(s, StatusCode::CREATED);
     let secret = k["secret"].as_str().unwrap().to_string();
@@ -403,11 +462,8 @@ async fn api_keys_admin_and_pending_users() {
     let (s, r) = a.call("POST", "/v1/usage", Some(&secret), Some(by_id)).await;
     assert_eq!(s, StatusCode::CREATED, "an API key may name user_id: {r}");
     assert_eq!(a.call("GET", "/v1/me", Some(&secret), None).await.0, StatusCode::UNAUTHORIZED, "keys are not users");
-    assert_eq!(
-        a.call("POST", "/v1/admin/users", Some(&secret), Some(json!({"email": "a@b.c"}))).await.0,
-        StatusCode::NOT_FOUND,
-        "usage key is not admin"
-    );
+    let (s, v) = a.call("POST", "/v1/admin/users", Some(&secret), Some(json!({"email": "a@b.c"}))).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (StatusCode::FORBIDDEN, Some("insufficient_scope")), "usage key is not admin");
     let (_, list) = a.call("GET", "/v1/admin/api-keys", Some(&admin), None).await;
     assert!(list.to_string().find("tk_").is_none(), "secrets never listed");
     let id = k["key"]["id"].as_str().unwrap();

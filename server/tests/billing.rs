@@ -633,6 +633,38 @@ async fn admin_credit_grants_fifo_overspend_and_revocation() {
 }
 
 #[tokio::test]
+async fn credit_revocations_are_stamped_by_the_servers_clock() {
+    let a = app_or_skip!(billing_app(|_| {}).await);
+    let admin = token("root-admin");
+    let t = token("stamped");
+    let uid = Uuid::parse_str(&a.user_id(&t).await).unwrap();
+    let mut ids = Vec::new();
+    for credits in [5, 7, 9] {
+        let (s, g) =
+            a.call("POST", "/v1/admin/grants", Some(&admin), Some(json!({"subject": "stamped", "credits": credits, "reason": "gift"}))).await;
+        assert_eq!(s, StatusCode::CREATED, "{g}");
+        ids.push(g["id"].as_str().unwrap().to_string());
+    }
+    // Far from the database's own clock: one grant by id, then the rest a day later.
+    a.clock.advance(Duration::days(40));
+    let first = a.clock.freeze();
+    let (s, v) = a.call("POST", "/v1/admin/grants/revoke", Some(&admin), Some(json!({"subject": "stamped", "grant_id": ids[0]}))).await;
+    assert_eq!((s, v["revoked"].as_u64()), (StatusCode::OK, Some(1)), "{v}");
+    a.clock.advance(Duration::days(1));
+    let rest = tally_core::Clock::now(&*a.clock);
+    let (s, v) = a.call("POST", "/v1/admin/grants/revoke", Some(&admin), Some(json!({"subject": "stamped", "credits": true}))).await;
+    assert_eq!((s, v["revoked"].as_u64()), (StatusCode::OK, Some(2)), "{v}");
+    let client = a.state.pool.get().await.unwrap();
+    let rows = client.query("SELECT grant_id, revoked_at FROM credit_grants WHERE user_id = $1", &[&uid]).await.unwrap();
+    assert_eq!(rows.len(), 3);
+    for r in rows {
+        let (id, revoked_at): (String, Option<DateTime<Utc>>) = (r.get(0), r.get(1));
+        let want = if id == ids[0] { first } else { rest };
+        assert_eq!(revoked_at.map(|t| t.timestamp_micros()), Some(want.timestamp_micros()), "{id}");
+    }
+}
+
+#[tokio::test]
 async fn force_entitlements_signs_a_fresh_token_and_changes_reach_the_next_sync() {
     let a = app_or_skip!(billing_app(|_| {}).await);
     let t = token("forcer");

@@ -9,6 +9,7 @@ use common::*;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use tally_server::api_keys::Issuer;
 use tally_server::vault::MasterKeys;
 
 fn code(v: &Value) -> &str {
@@ -89,17 +90,17 @@ async fn the_owner_stores_lists_reads_and_deletes_and_limits_hold() {
 async fn a_backend_reads_with_a_secrets_read_key_naming_the_subject() {
     let a = app_or_skip!(vault_app(&MasterKeys::generate("k1")).await);
     a.call("PUT", "/v1/secrets/stripe", Some(&token("cara")), Some(json!({"value": "sk_live_1"}))).await;
-    let admin = token("root-admin");
-    let key = |scopes: Value| {
+    // A secrets:read key comes from the operator's CLI (what `tally-server api-key create` calls).
+    let operator_key = |scopes: &'static [&'static str]| {
         let a = &a;
-        let admin = admin.clone();
         async move {
-            let (_, k) = a.call("POST", "/v1/admin/api-keys", Some(&admin), Some(json!({"name": "b", "scopes": scopes}))).await;
-            k["secret"].as_str().unwrap().to_string()
+            let client = a.state.pool.get().await.unwrap();
+            let scopes: Vec<String> = scopes.iter().map(|s| s.to_string()).collect();
+            tally_server::api_keys::create(&client, Issuer::Operator, "b", &scopes).await.unwrap().1
         }
     };
-    let reader = key(json!(["secrets:read"])).await;
-    let writer = key(json!(["usage:write"])).await;
+    let reader = operator_key(&["secrets:read"]).await;
+    let writer = operator_key(&["usage:write"]).await;
     let (s, r) = a.call("GET", "/v1/secrets/stripe?subject=cara", Some(&reader), None).await;
     assert_eq!((s, &r["value"]), (StatusCode::OK, &json!("sk_live_1")));
     let (s, r) = a.call("GET", "/v1/secrets/stripe?subject=cara", Some(&writer), None).await;
@@ -114,6 +115,34 @@ async fn a_backend_reads_with_a_secrets_read_key_naming_the_subject() {
     // A user cannot read another's by naming them.
     let (s, _) = a.call("GET", "/v1/secrets/stripe?subject=cara", Some(&token("dave")), None).await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+}
+
+#[tokio::test]
+async fn an_admin_cannot_mint_itself_a_secrets_read_key() {
+    let a = app_or_skip!(vault_app(&MasterKeys::generate("k1")).await);
+    a.call("PUT", "/v1/secrets/stripe", Some(&token("cara")), Some(json!({"value": "sk_live_1"}))).await;
+    let admin_user = token("root-admin");
+    let (s, k) = a.call("POST", "/v1/admin/api-keys", Some(&admin_user), Some(json!({"name": "ops", "scopes": ["admin"]}))).await;
+    assert_eq!(s, StatusCode::CREATED, "{k}");
+    let admin_key = k["secret"].as_str().unwrap().to_string();
+    let keys_before = a.count("api_keys").await;
+    for admin in [&admin_user, &admin_key] {
+        for scopes in [json!(["secrets:read"]), json!(["usage:write", "secrets:read"]), json!(["admin", "secrets:read"])] {
+            let (s, r) = a.call("POST", "/v1/admin/api-keys", Some(admin), Some(json!({"name": "mint", "scopes": scopes}))).await;
+            assert_eq!((s, code(&r)), (StatusCode::FORBIDDEN, "scope_requires_operator"), "{scopes}: {r}");
+            assert!(r["error"]["message"].as_str().unwrap().contains("tally-server api-key create"), "{r}");
+            assert!(r.get("secret").is_none(), "{r}");
+        }
+    }
+    assert_eq!(a.count("api_keys").await, keys_before, "no key was made");
+    // An unknown scope is still 422, and the other scopes still come from the API.
+    let (s, r) = a.call("POST", "/v1/admin/api-keys", Some(&admin_key), Some(json!({"name": "x", "scopes": ["secrets:write"]}))).await;
+    assert_eq!((s, code(&r)), (StatusCode::UNPROCESSABLE_ENTITY, "invalid_scope"), "{r}");
+    let (s, k) = a.call("POST", "/v1/admin/api-keys", Some(&admin_key), Some(json!({"name": "u", "scopes": ["usage:write", "usage:read"]}))).await;
+    assert_eq!(s, StatusCode::CREATED, "{k}");
+    // The admin key itself reads no secret.
+    let (s, r) = a.call("GET", "/v1/secrets/stripe?subject=cara", Some(&admin_key), None).await;
+    assert_eq!((s, code(&r)), (StatusCode::FORBIDDEN, "insufficient_scope"), "{r}");
 }
 
 #[tokio::test]
