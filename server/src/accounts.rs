@@ -224,7 +224,55 @@ pub async fn export_me(State(state): State<AppState>, AuthUser(user): AuthUser) 
                 "protocol": r.get::<_, i32>(3), "cloned": r.get::<_, bool>(4), "removed_at": r.get::<_, Option<DateTime<Utc>>>(5)})
         })
         .collect::<Vec<_>>();
-    Ok(Json(
-        json!({"user": user, "events": events, "settings": settings, "access_grants": grants, "subscription": subscription, "devices": devices}),
-    ))
+    let rows = |select: &'static str, order: &'static str| rows_json(&client, select, order, uid);
+    let credit_grants = rows(
+        "SELECT grant_id AS id, amount, source, reason, granted_by, valid_from, expires_at, created_at, revoked_at FROM credit_grants WHERE user_id = $1",
+        "created_at, id",
+    )
+    .await?;
+    let store_subscriptions = rows(
+        "SELECT store, subscription_id, product_id, plan, status, period_start, period_end, past_due_since, access_until, lifetime, auto_renew, \
+         sandbox, updated_at FROM store_subscriptions WHERE user_id = $1",
+        "store, subscription_id",
+    )
+    .await?;
+    let payments = rows(
+        "SELECT 'stripe' AS store, invoice_id, subscription_id, payment_intent, charge_id, amount, currency, status, first_failed_at, paid_at, \
+         period_start, period_end, created FROM stripe_payments WHERE user_id = $1",
+        "created, invoice_id",
+    )
+    .await?;
+    let refunds = rows(
+        "SELECT 'stripe' AS store, charge_id, payment_intent, invoice_id, amount_refunded, fully_refunded, currency, created \
+         FROM stripe_refunds WHERE user_id = $1",
+        "created, charge_id",
+    )
+    .await?;
+    let store_purchases = rows(
+        "SELECT 'app_store' AS store, transaction_id AS id, product_id, purchase_date AS started_at, expires_date AS expires_at, \
+         revoked_at, NULL AS state FROM apple_transactions WHERE user_id = $1 \
+         UNION ALL SELECT 'play', order_id, product_id, start_time, expiry_time, NULL, state FROM google_purchases WHERE user_id = $1",
+        "started_at, id",
+    )
+    .await?;
+    // What the stores told about the user (Stripe's event with its payload), as received.
+    let store_events = rows(
+        "SELECT 'stripe' AS store, event_id AS id, type, NULL AS subtype, outcome, received_at, payload FROM stripe_events WHERE user_id = $1 \
+         UNION ALL SELECT 'app_store', notification_uuid, type, subtype, outcome, received_at, NULL FROM apple_notifications WHERE user_id = $1 \
+         UNION ALL SELECT 'play', message_id, kind, NULL, outcome, received_at, NULL FROM google_notifications WHERE user_id = $1",
+        "received_at, id",
+    )
+    .await?;
+    // What the app's backend was told about the user (outbound webhooks), in order.
+    let webhook_events = rows("SELECT event_id AS id, type, created_at, data, seq FROM webhook_events WHERE user_id = $1", "seq").await?;
+    Ok(Json(json!({"user": user, "events": events, "settings": settings, "access_grants": grants, "subscription": subscription,
+        "devices": devices, "credit_grants": credit_grants, "store_subscriptions": store_subscriptions, "payments": payments,
+        "refunds": refunds, "store_purchases": store_purchases, "store_events": store_events, "webhook_events": webhook_events})))
+}
+
+/// The rows of `select` (its `$1` is the user) as a JSON array of objects, one per row with
+/// its columns by name, ordered by `order` (columns of `select`).
+async fn rows_json(client: &impl GenericClient, select: &str, order: &str, user: Uuid) -> ApiResult<Value> {
+    let q = format!("SELECT coalesce(jsonb_agg(to_jsonb(r) ORDER BY {order}), '[]'::jsonb) FROM ({select}) r");
+    Ok(client.query_one(&q, &[&user]).await?.get(0))
 }

@@ -437,6 +437,20 @@ async fn every_admin_route_refuses_non_admins_with_403_and_changes_nothing() {
 }
 
 #[tokio::test]
+async fn an_admin_grant_may_come_before_the_first_sign_in_and_a_revoke_of_an_unknown_subject_is_404() {
+    let a = app_or_skip!(app().await);
+    let admin = token("root-admin");
+    let (s, g) = a.call("POST", "/v1/admin/grants", Some(&admin), Some(json!({"subject": "early-bird", "plan": "pro", "reason": "beta"}))).await;
+    assert_eq!(s, StatusCode::CREATED, "{g}");
+    assert_eq!(a.scalar("SELECT count(*) FROM users WHERE external_id = 'early-bird'").await, 1);
+    let (s, e) = a.call("GET", "/v1/entitlements", Some(&token("early-bird")), None).await;
+    assert_eq!((s, e["plan"].as_str()), (StatusCode::OK, Some("pro")), "the first sign-in finds the grant: {e}");
+    let (s, v) = a.call("POST", "/v1/admin/grants/revoke", Some(&admin), Some(json!({"subject": "never-seen"}))).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")), "{v}");
+    assert_eq!(a.scalar("SELECT count(*) FROM users WHERE external_id = 'never-seen'").await, 0);
+}
+
+#[tokio::test]
 async fn api_keys_admin_and_pending_users() {
     let a = app_or_skip!(app().await);
     let user = token("erin");
@@ -535,10 +549,11 @@ async fn isolation_between_users() {
     assert_eq!(used(&ra, "ai_chat"), Some(5));
     assert_eq!(a.scalar("SELECT count(*) FROM events").await, 2);
     assert_eq!(before + 5, a.scalar("SELECT coalesce(sum(amount), 0)::bigint FROM events").await);
-    // A cannot read B's data by any route: foreign ids are "not found".
+    // A cannot read B's data by any route: foreign ids are "not found"; the admin routes refuse
+    // A whatever the id names (403, which tells nothing of B).
     assert_eq!(
         a.call("GET", &format!("/v1/admin/users/{}/usage", b_me["id"].as_str().unwrap()), Some(&ta), None).await.0,
-        StatusCode::NOT_FOUND
+        StatusCode::FORBIDDEN
     );
     let (s, _) = a
         .call(

@@ -1342,3 +1342,98 @@ async fn one_time_purchases_grant_once_when_paid_and_a_full_refund_takes_them_ba
     assert_eq!(a.ok(&replay).await["outcome"], "applied:already_granted");
     assert_eq!(a.ents(&t).await["plan"], "free");
 }
+
+#[tokio::test]
+async fn a_refunded_lifetime_purchase_tells_subscription_expired_once() {
+    let a = app_or_skip!(products_app(None).await);
+    let events = ["subscription.started", "subscription.canceled", "subscription.expired", "payment.refunded"];
+    let (s, v) =
+        a.call("POST", "/v1/admin/webhooks", Some(&token("root-admin")), Some(json!({"url": "https://hooks.example.invalid/tally", "events": events}))).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let t = token_with("lifer", json!({"email": "lifer@example.com", "email_verified": true}));
+    let uid = a.user_id(&t).await;
+    let w = World::new();
+    let payment = format!("pi_l_{}", w.tag);
+    assert!(a.ok(&w.one_time("l1", &uid, "price_forever", &payment, true)).await["outcome"].as_str().unwrap().ends_with("applied:lifetime"));
+    let told = || async {
+        let client = a.state.pool.get().await.unwrap();
+        let rows = client
+            .query("SELECT type, data FROM webhook_events WHERE user_id = $1 ORDER BY seq", &[&Uuid::parse_str(&uid).unwrap()])
+            .await
+            .unwrap();
+        rows.iter().map(|r| (r.get::<_, String>(0), r.get::<_, Value>(1))).collect::<Vec<_>>()
+    };
+    let of = |all: &[(String, Value)], kind: &str| all.iter().filter(|(k, _)| k == kind).map(|(_, d)| d.clone()).collect::<Vec<_>>();
+    // A partial refund keeps the plan: no expiry.
+    assert_eq!(a.ok(&w.refund("r0", &payment, false)).await["outcome"], "applied");
+    let all = told().await;
+    assert_eq!(of(&all, "subscription.started").len(), 1, "{all:?}");
+    assert!(of(&all, "subscription.expired").is_empty(), "{all:?}");
+    // The full refund takes the plan back and says so once, however often Stripe tells it.
+    assert_eq!(a.ok(&w.refund("r1", &payment, true)).await["outcome"], "applied:purchase_taken_back");
+    assert_eq!(a.ok(&w.refund("r2", &payment, true)).await["outcome"], "applied");
+    assert_eq!(a.ents(&t).await["plan"], "free");
+    let all = told().await;
+    let expired = of(&all, "subscription.expired");
+    assert_eq!(expired.len(), 1, "{all:?}");
+    let e = &expired[0];
+    assert_eq!(
+        (e["store"].as_str(), e["subscription_id"].as_str(), e["plan"].as_str(), e["status"].as_str(), e["lifetime"].as_bool()),
+        (Some("stripe"), Some(payment.as_str()), Some("pro"), Some("canceled"), Some(true)),
+        "{e}"
+    );
+    assert!(!e["access_until"].is_null(), "{e}");
+    assert!(of(&all, "subscription.canceled").is_empty(), "a lifetime plan never renewed, so it is not canceled: {all:?}");
+    assert!(!of(&all, "payment.refunded").is_empty(), "{all:?}");
+}
+
+#[tokio::test]
+async fn the_export_holds_the_users_purchases_store_events_and_webhook_events_and_no_one_elses() {
+    let a = app_or_skip!(products_app(None).await);
+    let events = ["subscription.started", "subscription.expired", "payment.succeeded", "payment.refunded", "credits.granted"];
+    let (s, v) =
+        a.call("POST", "/v1/admin/webhooks", Some(&token("root-admin")), Some(json!({"url": "https://hooks.example.invalid/tally", "events": events}))).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let t = token_with("exporter", json!({"email": "exporter@example.com", "email_verified": true}));
+    let uid = a.user_id(&t).await;
+    let other = token_with("bystander", json!({"email": "bystander@example.com", "email_verified": true}));
+    let other_uid = a.user_id(&other).await;
+    let (w, w2) = (World::new(), World::new());
+    let payment = format!("pi_l_{}", w.tag);
+    let bought = w.one_time("l1", &uid, "price_forever", &payment, true);
+    a.ok(&bought).await;
+    let refund = w.refund("r1", &payment, true);
+    a.ok(&refund).await;
+    a.ok(&w2.one_time("l2", &other_uid, "price_forever", &format!("pi_l_{}", w2.tag), true)).await;
+    let (s, g) = a.call("POST", "/v1/admin/grants", Some(&token("root-admin")), Some(json!({"subject": "exporter", "credits": 3, "reason": "gift"}))).await;
+    assert_eq!(s, StatusCode::CREATED, "{g}");
+
+    let (s, e) = a.call("GET", "/v1/me/export", Some(&t), None).await;
+    assert_eq!(s, StatusCode::OK, "{e}");
+    // Outbound webhook events, in the order they were told, as the backend got them.
+    let told: Vec<&str> = e["webhook_events"].as_array().unwrap().iter().map(|x| x["type"].as_str().unwrap()).collect();
+    assert_eq!(told, ["payment.succeeded", "subscription.started", "payment.refunded", "subscription.expired", "credits.granted"], "{e}");
+    for x in e["webhook_events"].as_array().unwrap() {
+        assert_eq!(x["data"]["user_id"].as_str(), Some(uid.as_str()), "{x}");
+        assert!(x["id"].is_string() && x["created_at"].is_string(), "{x}");
+    }
+    // The Stripe events applied to the user, with their payloads.
+    let stripe: Vec<(&str, &str)> =
+        e["store_events"].as_array().unwrap().iter().map(|x| (x["id"].as_str().unwrap(), x["type"].as_str().unwrap())).collect();
+    assert_eq!(stripe.len(), 2, "{e}");
+    for (sent, (id, kind)) in [&bought, &refund].into_iter().zip(stripe) {
+        assert_eq!((Some(id), Some(kind)), (sent["id"].as_str(), sent["type"].as_str()));
+    }
+    assert_eq!(e["store_events"][1]["payload"]["data"]["object"]["payment_intent"].as_str(), Some(payment.as_str()));
+    assert_eq!(e["store_events"][0]["store"], "stripe");
+    // What they bought and got back, and the credits.
+    let subs = e["store_subscriptions"].as_array().unwrap();
+    assert_eq!(subs.len(), 1, "{e}");
+    assert_eq!((subs[0]["subscription_id"].as_str(), subs[0]["status"].as_str()), (Some(payment.as_str()), Some("canceled")));
+    assert_eq!(e["payments"].as_array().unwrap().len(), 1, "{e}");
+    assert_eq!(e["refunds"][0]["payment_intent"].as_str(), Some(payment.as_str()), "{e}");
+    assert_eq!(e["credit_grants"][0]["amount"], 3, "{e}");
+    // Nothing of the other buyer.
+    let text = e.to_string();
+    assert!(!text.contains(&other_uid) && !text.contains(&w2.tag), "{text}");
+}

@@ -133,12 +133,13 @@ async fn record_payment(
 /// whether anything was taken back.
 pub async fn refund(tx: &impl GenericClient, user: Uuid, payment: &str, now: DateTime<Utc>) -> ApiResult<bool> {
     let credits = credits::revoke_purchased(tx, user, &grant_id(payment), now).await?;
-    let plan = tx
-        .execute(
-            "UPDATE store_subscriptions SET status = 'canceled', access_until = $3, updated_at = now() \
-             WHERE user_id = $1 AND store = 'stripe' AND subscription_id = $2 AND lifetime AND status <> 'canceled'",
-            &[&user, &payment, &now],
-        )
-        .await?;
-    Ok(credits || plan > 0)
+    let lifetime = subscriptions::load(tx, user).await?.into_iter().find(|s| {
+        s.sub.store == Store::Stripe && s.sub.subscription_id == payment && s.sub.lifetime && s.sub.status != SubscriptionStatus::Canceled
+    });
+    let Some(mut plan) = lifetime else { return Ok(credits) };
+    plan.sub.status = SubscriptionStatus::Canceled;
+    plan.sub.access_until = Some(now);
+    // Stored like every subscription change, so the plan's end is told (`subscription.expired`).
+    subscriptions::store(tx, user, &plan, now).await?;
+    Ok(true)
 }
