@@ -387,7 +387,8 @@ async fn every_admin_route_refuses_non_admins_with_403_and_changes_nothing() {
     let user = token("plain-user");
     let (_, me) = a.call("GET", "/v1/me", Some(&user), None).await;
     let user_id = me["id"].as_str().unwrap().to_string();
-    let (s, k) = a.call("POST", "/v1/admin/api-keys", Some(&admin), Some(json!({"name": "w", "scopes": ["usage:write", "usage:read"]}))).await;
+    let (s, k) =
+        a.call("POST", "/v1/admin/api-keys", Some(&admin), Some(json!({"name": "w", "scopes": ["usage:write", "usage:read"]}))).await;
     assert_eq!(s, StatusCode::CREATED, "{k}");
     let key = k["secret"].as_str().unwrap().to_string();
     let key_id = k["key"]["id"].as_str().unwrap().to_string();
@@ -440,7 +441,8 @@ async fn every_admin_route_refuses_non_admins_with_403_and_changes_nothing() {
 async fn an_admin_grant_may_come_before_the_first_sign_in_and_a_revoke_of_an_unknown_subject_is_404() {
     let a = app_or_skip!(app().await);
     let admin = token("root-admin");
-    let (s, g) = a.call("POST", "/v1/admin/grants", Some(&admin), Some(json!({"subject": "early-bird", "plan": "pro", "reason": "beta"}))).await;
+    let (s, g) =
+        a.call("POST", "/v1/admin/grants", Some(&admin), Some(json!({"subject": "early-bird", "plan": "pro", "reason": "beta"}))).await;
     assert_eq!(s, StatusCode::CREATED, "{g}");
     assert_eq!(a.scalar("SELECT count(*) FROM users WHERE external_id = 'early-bird'").await, 1);
     let (s, e) = a.call("GET", "/v1/entitlements", Some(&token("early-bird")), None).await;

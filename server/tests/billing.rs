@@ -640,8 +640,9 @@ async fn credit_revocations_are_stamped_by_the_servers_clock() {
     let uid = Uuid::parse_str(&a.user_id(&t).await).unwrap();
     let mut ids = Vec::new();
     for credits in [5, 7, 9] {
-        let (s, g) =
-            a.call("POST", "/v1/admin/grants", Some(&admin), Some(json!({"subject": "stamped", "credits": credits, "reason": "gift"}))).await;
+        let (s, g) = a
+            .call("POST", "/v1/admin/grants", Some(&admin), Some(json!({"subject": "stamped", "credits": credits, "reason": "gift"})))
+            .await;
         assert_eq!(s, StatusCode::CREATED, "{g}");
         ids.push(g["id"].as_str().unwrap().to_string());
     }
@@ -1347,14 +1348,22 @@ async fn one_time_purchases_grant_once_when_paid_and_a_full_refund_takes_them_ba
 async fn a_refunded_lifetime_purchase_tells_subscription_expired_once() {
     let a = app_or_skip!(products_app(None).await);
     let events = ["subscription.started", "subscription.canceled", "subscription.expired", "payment.refunded"];
-    let (s, v) =
-        a.call("POST", "/v1/admin/webhooks", Some(&token("root-admin")), Some(json!({"url": "https://hooks.example.invalid/tally", "events": events}))).await;
+    let (s, v) = a
+        .call(
+            "POST",
+            "/v1/admin/webhooks",
+            Some(&token("root-admin")),
+            Some(json!({"url": "https://hooks.example.invalid/tally", "events": events})),
+        )
+        .await;
     assert_eq!(s, StatusCode::CREATED, "{v}");
     let t = token_with("lifer", json!({"email": "lifer@example.com", "email_verified": true}));
     let uid = a.user_id(&t).await;
     let w = World::new();
     let payment = format!("pi_l_{}", w.tag);
-    assert!(a.ok(&w.one_time("l1", &uid, "price_forever", &payment, true)).await["outcome"].as_str().unwrap().ends_with("applied:lifetime"));
+    assert!(
+        a.ok(&w.one_time("l1", &uid, "price_forever", &payment, true)).await["outcome"].as_str().unwrap().ends_with("applied:lifetime")
+    );
     let told = || async {
         let client = a.state.pool.get().await.unwrap();
         let rows = client
@@ -1391,8 +1400,14 @@ async fn a_refunded_lifetime_purchase_tells_subscription_expired_once() {
 async fn the_export_holds_the_users_purchases_store_events_and_webhook_events_and_no_one_elses() {
     let a = app_or_skip!(products_app(None).await);
     let events = ["subscription.started", "subscription.expired", "payment.succeeded", "payment.refunded", "credits.granted"];
-    let (s, v) =
-        a.call("POST", "/v1/admin/webhooks", Some(&token("root-admin")), Some(json!({"url": "https://hooks.example.invalid/tally", "events": events}))).await;
+    let (s, v) = a
+        .call(
+            "POST",
+            "/v1/admin/webhooks",
+            Some(&token("root-admin")),
+            Some(json!({"url": "https://hooks.example.invalid/tally", "events": events})),
+        )
+        .await;
     assert_eq!(s, StatusCode::CREATED, "{v}");
     let t = token_with("exporter", json!({"email": "exporter@example.com", "email_verified": true}));
     let uid = a.user_id(&t).await;
@@ -1405,7 +1420,9 @@ async fn the_export_holds_the_users_purchases_store_events_and_webhook_events_an
     let refund = w.refund("r1", &payment, true);
     a.ok(&refund).await;
     a.ok(&w2.one_time("l2", &other_uid, "price_forever", &format!("pi_l_{}", w2.tag), true)).await;
-    let (s, g) = a.call("POST", "/v1/admin/grants", Some(&token("root-admin")), Some(json!({"subject": "exporter", "credits": 3, "reason": "gift"}))).await;
+    let (s, g) = a
+        .call("POST", "/v1/admin/grants", Some(&token("root-admin")), Some(json!({"subject": "exporter", "credits": 3, "reason": "gift"})))
+        .await;
     assert_eq!(s, StatusCode::CREATED, "{g}");
 
     let (s, e) = a.call("GET", "/v1/me/export", Some(&t), None).await;

@@ -138,7 +138,8 @@ async fn an_admin_cannot_mint_itself_a_secrets_read_key() {
     // An unknown scope is still 422, and the other scopes still come from the API.
     let (s, r) = a.call("POST", "/v1/admin/api-keys", Some(&admin_key), Some(json!({"name": "x", "scopes": ["secrets:write"]}))).await;
     assert_eq!((s, code(&r)), (StatusCode::UNPROCESSABLE_ENTITY, "invalid_scope"), "{r}");
-    let (s, k) = a.call("POST", "/v1/admin/api-keys", Some(&admin_key), Some(json!({"name": "u", "scopes": ["usage:write", "usage:read"]}))).await;
+    let (s, k) =
+        a.call("POST", "/v1/admin/api-keys", Some(&admin_key), Some(json!({"name": "u", "scopes": ["usage:write", "usage:read"]}))).await;
     assert_eq!(s, StatusCode::CREATED, "{k}");
     // The admin key itself reads no secret.
     let (s, r) = a.call("GET", "/v1/secrets/stripe?subject=cara", Some(&admin_key), None).await;
