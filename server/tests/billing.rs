@@ -1344,19 +1344,19 @@ async fn one_time_purchases_grant_once_when_paid_and_a_full_refund_takes_them_ba
     assert_eq!(a.ents(&t).await["plan"], "free");
 }
 
+/// Registers an outbound webhook endpoint for `events`, so the outbox keeps them (it is never
+/// reached: the tests read the stored events).
+async fn subscribe_endpoint(a: &TestApp, events: &[&str]) {
+    let body = json!({"url": "https://hooks.example.invalid/tally", "events": events});
+    let (s, v) = a.call("POST", "/v1/admin/webhooks", Some(&token("root-admin")), Some(body)).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+}
+
 #[tokio::test]
 async fn a_refunded_lifetime_purchase_tells_subscription_expired_once() {
     let a = app_or_skip!(products_app(None).await);
     let events = ["subscription.started", "subscription.canceled", "subscription.expired", "payment.refunded"];
-    let (s, v) = a
-        .call(
-            "POST",
-            "/v1/admin/webhooks",
-            Some(&token("root-admin")),
-            Some(json!({"url": "https://hooks.example.invalid/tally", "events": events})),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
+    subscribe_endpoint(&a, &events).await;
     let t = token_with("lifer", json!({"email": "lifer@example.com", "email_verified": true}));
     let uid = a.user_id(&t).await;
     let w = World::new();
@@ -1400,15 +1400,7 @@ async fn a_refunded_lifetime_purchase_tells_subscription_expired_once() {
 async fn the_export_holds_the_users_purchases_store_events_and_webhook_events_and_no_one_elses() {
     let a = app_or_skip!(products_app(None).await);
     let events = ["subscription.started", "subscription.expired", "payment.succeeded", "payment.refunded", "credits.granted"];
-    let (s, v) = a
-        .call(
-            "POST",
-            "/v1/admin/webhooks",
-            Some(&token("root-admin")),
-            Some(json!({"url": "https://hooks.example.invalid/tally", "events": events})),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
+    subscribe_endpoint(&a, &events).await;
     let t = token_with("exporter", json!({"email": "exporter@example.com", "email_verified": true}));
     let uid = a.user_id(&t).await;
     let other = token_with("bystander", json!({"email": "bystander@example.com", "email_verified": true}));
