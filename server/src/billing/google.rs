@@ -589,7 +589,7 @@ pub async fn notification(State(state): State<AppState>, headers: HeaderMap, Jso
     if n.package_name != google.play.package() {
         return Err(ApiError::Invalid("wrong_package", format!("the notification is for another app ({})", n.package_name)));
     }
-    let id = b.message.message_id.clone();
+    let id = b.message.id()?.to_string();
     let h = hint(&n);
     let now = state.now();
     let client = state.pool.get().await?;
