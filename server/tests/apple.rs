@@ -403,7 +403,7 @@ const NOTIFICATION_EFFECTS: &[(&str, &str, &str, &str, Option<bool>)] = &[
     ("DID_RENEW.BILLING_RECOVERY", "applied", "pro", "active", Some(true)),
     ("DID_CHANGE_RENEWAL_STATUS.AUTO_RENEW_DISABLED", "applied", "pro", "active", Some(false)),
     ("DID_CHANGE_RENEWAL_STATUS.AUTO_RENEW_ENABLED", "applied", "pro", "active", Some(true)),
-    // Apple retries without a grace period of its own: the server's grace (TALLY_…_GRACE) applies.
+    // Apple retries without a grace period of its own: the server's grace (TALLY_PAST_DUE_GRACE_SECS) applies.
     ("DID_FAIL_TO_RENEW", "applied", "pro", "past_due", Some(true)),
     ("DID_FAIL_TO_RENEW.GRACE_PERIOD", "applied", "pro", "past_due", Some(true)),
     ("GRACE_PERIOD_EXPIRED", "applied", "free", "past_due", Some(true)),
