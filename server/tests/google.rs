@@ -463,6 +463,25 @@ async fn fields_no_documentation_names_yet_never_refuse_a_play_payload() {
     assert_eq!(plan(&a, &t).await.2["credit_balance"].as_i64(), Some(100));
 }
 
+#[tokio::test]
+async fn the_order_comes_from_the_line_item_when_the_deprecated_latest_order_id_is_gone() {
+    let g = FakeGoogle::start().await;
+    let a = app_or_skip!(google_app(&g).await);
+    let t = token("google-line-item-order");
+    let me = uid(&a, &t).await;
+    let now = Utc::now();
+    let mut sub = subscription("pro_monthly", "SUBSCRIPTION_STATE_ACTIVE", now, now + Duration::days(30), Some(&me), "GPA.30-0");
+    sub.as_object_mut().unwrap().remove("latestOrderId");
+    g.set_sub("tok-no-latest", sub);
+    assert_eq!(buy(&a, &t, &[("pro_monthly", "tok-no-latest")]).await.0, StatusCode::OK);
+    let (_, bill) = a.call("GET", "/v1/billing", Some(&t), None).await;
+    assert_eq!(bill["payments"][0]["order_id"], "GPA.30-0", "{bill}");
+    // Its order voided: the subscription ends.
+    let void = json!({"voidedPurchaseNotification": {"purchaseToken": "tok-no-latest", "orderId": "GPA.30-0", "productType": 1, "refundType": 1}});
+    assert_eq!(notify(&a, "m-void-line-item", void).await.1["outcome"], "applied");
+    assert_eq!(plan(&a, &t).await.0, "free");
+}
+
 fn stripe_fixture(name: &str) -> Value {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/stripe").join(format!("{name}.json"));
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()

@@ -118,7 +118,7 @@ impl Token {
             purchase_token: token.to_string(),
             kind: Kind::Subscription,
             product_id: item.product_id.clone(),
-            order_id: s.latest_order_id.clone(),
+            order_id: s.latest_order_id.clone().or_else(|| item.latest_successful_order_id.clone()),
             state: s.subscription_state.clone().unwrap_or_else(|| "SUBSCRIPTION_STATE_UNSPECIFIED".into()),
             start_time: s.start_time.unwrap_or(now),
             expiry_time: item.expiry_time,
