@@ -1404,7 +1404,9 @@ async fn fields_no_documentation_names_yet_never_refuse_a_stripe_event() {
     a.clock.set(fixture_now());
     let t = token("stripe-future-fields");
     let me = a.user_id(&t).await;
-    for (name, outcome) in [("checkout.session.completed", "applied:linked_by_client_reference_id"), ("customer.subscription.created", "applied")] {
+    for (name, outcome) in
+        [("checkout.session.completed", "applied:linked_by_client_reference_id"), ("customer.subscription.created", "applied")]
+    {
         let (s, b) = a.webhook(&with_unknown_fields(&fixture_for(name, &me))).await;
         assert_eq!((s, b["outcome"].as_str()), (StatusCode::OK, Some(outcome)), "{name}: {b}");
     }

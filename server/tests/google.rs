@@ -384,7 +384,10 @@ async fn either_spelling_alone_is_taken_and_spellings_that_disagree_are_refused(
     // Either spelling alone is the id.
     for (id, keep) in [("m-camel", ["messageId", "publishTime"]), ("m-snake", ["message_id", "publish_time"])] {
         let mut v = wrap_push(id, &rtdn, fixture_now());
-        v["message"].as_object_mut().unwrap().retain(|k, _| !k.contains("_id") && !k.contains("Id") && !k.contains("ublish") || keep.contains(&k.as_str()));
+        v["message"]
+            .as_object_mut()
+            .unwrap()
+            .retain(|k, _| !k.contains("_id") && !k.contains("Id") && !k.contains("ublish") || keep.contains(&k.as_str()));
         assert_eq!(v["message"].as_object().unwrap().len(), 5, "{v}");
         let (s, b) = push(&a, Some(&auth), v.clone()).await;
         assert_eq!((s, b["outcome"].as_str(), b["id"].as_str()), (StatusCode::OK, Some("applied"), Some(id)), "{v}: {b}");
@@ -477,7 +480,8 @@ async fn the_order_comes_from_the_line_item_when_the_deprecated_latest_order_id_
     let (_, bill) = a.call("GET", "/v1/billing", Some(&t), None).await;
     assert_eq!(bill["payments"][0]["order_id"], "GPA.30-0", "{bill}");
     // Its order voided: the subscription ends.
-    let void = json!({"voidedPurchaseNotification": {"purchaseToken": "tok-no-latest", "orderId": "GPA.30-0", "productType": 1, "refundType": 1}});
+    let void =
+        json!({"voidedPurchaseNotification": {"purchaseToken": "tok-no-latest", "orderId": "GPA.30-0", "productType": 1, "refundType": 1}});
     assert_eq!(notify(&a, "m-void-line-item", void).await.1["outcome"], "applied");
     assert_eq!(plan(&a, &t).await.0, "free");
 }

@@ -228,7 +228,15 @@ pub fn renewal(
 ) -> Value {
     let mut v = without(
         fixture("renewal-info.json"),
-        &["offerType", "offerIdentifier", "offerDiscountType", "offerPeriod", "appAccountToken", "renewalDate", "recentSubscriptionStartDate"],
+        &[
+            "offerType",
+            "offerIdentifier",
+            "offerDiscountType",
+            "offerPeriod",
+            "appAccountToken",
+            "renewalDate",
+            "recentSubscriptionStartDate",
+        ],
     );
     v["originalTransactionId"] = json!(original);
     v["autoRenewProductId"] = json!(product);
