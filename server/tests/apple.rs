@@ -452,15 +452,22 @@ async fn every_app_store_notification_fixture_replays_with_its_effect() {
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
 
-#[tokio::test]
-async fn the_transaction_fixture_as_a_purchase_gives_the_plan() {
-    let pki = Pki::new();
-    let a = app_or_skip!(apple_app(&pki, "Sandbox", false).await);
+/// A server at the fixtures' moment, a user (bearer, id) and the transaction fixture bound to
+/// them.
+async fn fixture_buyer(pki: &Pki, sub: &str) -> Option<(TestApp, String, String, Value)> {
+    let a = apple_app(pki, "Sandbox", false).await?;
     a.clock.set(fixture_now());
-    let t = token("apple-fixture-purchase");
+    let t = token(sub);
     let me = uid(&a, &t).await;
     let mut txn = apple_pki::fixture("transaction.json");
     txn["appAccountToken"] = json!(me);
+    Some((a, t, me, txn))
+}
+
+#[tokio::test]
+async fn the_transaction_fixture_as_a_purchase_gives_the_plan() {
+    let pki = Pki::new();
+    let (a, t, _, txn) = app_or_skip!(fixture_buyer(&pki, "apple-fixture-purchase").await);
     let (s, b) = buy(&a, &t, &[pki.sign(&txn)]).await;
     assert_eq!((s, b["plan"].as_str(), b["status"].as_str()), (StatusCode::OK, Some("pro"), Some("active")), "{b}");
     assert_eq!(b["period_end"].as_str(), Some("2025-08-01T10:00:00Z"));
@@ -471,12 +478,7 @@ async fn the_transaction_fixture_as_a_purchase_gives_the_plan() {
 #[tokio::test]
 async fn fields_no_documentation_names_yet_never_refuse_an_app_store_payload() {
     let pki = Pki::new();
-    let a = app_or_skip!(apple_app(&pki, "Sandbox", false).await);
-    a.clock.set(fixture_now());
-    let t = token("apple-future-fields");
-    let me = uid(&a, &t).await;
-    let mut txn = apple_pki::fixture("transaction.json");
-    txn["appAccountToken"] = json!(me);
+    let (a, t, me, txn) = app_or_skip!(fixture_buyer(&pki, "apple-future-fields").await);
     let (s, b) = buy(&a, &t, &[pki.sign(&with_unknown_fields(&txn))]).await;
     assert_eq!((s, b["plan"].as_str()), (StatusCode::OK, Some("pro")), "{b}");
     // The notification, its transaction and its renewal info each with fields added.

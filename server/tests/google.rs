@@ -334,14 +334,21 @@ fn fixture_subscription(user: &str) -> Value {
     v
 }
 
+/// A server at the fixtures' moment and a user (bearer, id) whose subscription Google answers
+/// with the `subscriptionsv2` fixture.
+async fn fixture_app(g: &FakeGoogle, sub: &str) -> Option<(TestApp, String, String)> {
+    let a = google_app(g).await?;
+    a.clock.set(fixture_now());
+    let t = token(sub);
+    let me = uid(&a, &t).await;
+    g.set_sub("fixture-subscription-token", fixture_subscription(&me));
+    Some((a, t, me))
+}
+
 #[tokio::test]
 async fn a_push_exactly_as_pubsub_sends_it_with_both_spellings_is_applied() {
     let g = FakeGoogle::start().await;
-    let a = app_or_skip!(google_app(&g).await);
-    a.clock.set(fixture_now());
-    let t = token("google-pubsub-verbatim");
-    let me = uid(&a, &t).await;
-    g.set_sub("fixture-subscription-token", fixture_subscription(&me));
+    let (a, t, _) = app_or_skip!(fixture_app(&g, "google-pubsub-verbatim").await);
     // The fixture as it is: `messageId` and `message_id`, `publishTime` and `publish_time`.
     let body = payload("pubsub-push.json");
     let (s, b) = push(&a, Some(&push_token(json!({}))), body.clone()).await;
@@ -356,11 +363,7 @@ async fn a_push_exactly_as_pubsub_sends_it_with_both_spellings_is_applied() {
 #[tokio::test]
 async fn either_spelling_alone_is_taken_and_spellings_that_disagree_are_refused() {
     let g = FakeGoogle::start().await;
-    let a = app_or_skip!(google_app(&g).await);
-    a.clock.set(fixture_now());
-    let t = token("google-spellings");
-    let me = uid(&a, &t).await;
-    g.set_sub("fixture-subscription-token", fixture_subscription(&me));
+    let (a, t, _) = app_or_skip!(fixture_app(&g, "google-spellings").await);
     let rtdn = payload("rtdn-subscription.json");
     let auth = push_token(json!({}));
     let mut disagreeing = Vec::new();
@@ -398,13 +401,9 @@ async fn either_spelling_alone_is_taken_and_spellings_that_disagree_are_refused(
 #[tokio::test]
 async fn every_play_fixture_replays_through_the_routes_with_its_effect() {
     let g = FakeGoogle::start().await;
-    let a = app_or_skip!(google_app(&g).await);
-    a.clock.set(fixture_now());
-    let auth = push_token(json!({}));
     // purchases.subscriptionsv2 as the answer to a purchase: a tester's upgrade, current.
-    let t = token("google-fixture-sub");
-    let me = uid(&a, &t).await;
-    g.set_sub("fixture-subscription-token", fixture_subscription(&me));
+    let (a, t, _) = app_or_skip!(fixture_app(&g, "google-fixture-sub").await);
+    let auth = push_token(json!({}));
     let (s, b) = buy(&a, &t, &[("pro_monthly", "fixture-subscription-token")]).await;
     assert_eq!((s, b["plan"].as_str(), b["status"].as_str()), (StatusCode::OK, Some("pro"), Some("active")), "{b}");
     assert_eq!(b["period_end"].as_str(), Some("2025-08-01T10:00:00Z"));
@@ -442,12 +441,9 @@ async fn every_play_fixture_replays_through_the_routes_with_its_effect() {
 #[tokio::test]
 async fn fields_no_documentation_names_yet_never_refuse_a_play_payload() {
     let g = FakeGoogle::start().await;
-    let a = app_or_skip!(google_app(&g).await);
-    a.clock.set(fixture_now());
+    let (a, t, me) = app_or_skip!(fixture_app(&g, "google-future-fields").await);
+    g.edit_sub("fixture-subscription-token", |s| *s = with_unknown_fields(s));
     let auth = push_token(json!({}));
-    let t = token("google-future-fields");
-    let me = uid(&a, &t).await;
-    g.set_sub("fixture-subscription-token", with_unknown_fields(&fixture_subscription(&me)));
     let (s, b) = buy(&a, &t, &[("pro_monthly", "fixture-subscription-token")]).await;
     assert_eq!((s, b["plan"].as_str()), (StatusCode::OK, Some("pro")), "{b}");
     let mut bought = payload("product-purchase.json");
