@@ -373,6 +373,122 @@ async fn trials_lifetime_plans_and_credit_packs() {
     assert_eq!(e["credit_balance"].as_i64(), Some(-30), "the unspent 70 went back, the 30 spent are debt: {e}");
 }
 
+/// The moment the conformance fixtures (`tests/fixtures/apple`) describe.
+fn fixture_now() -> chrono::DateTime<Utc> {
+    chrono::DateTime::parse_from_rfc3339("2025-07-01T12:00:00Z").unwrap().with_timezone(&Utc)
+}
+
+/// The notification fixture `name`, its subscription renamed `original` (each replay is a
+/// subscription of its own) and bound to `user` by its account token.
+fn fixture_notification(name: &str, original: &str, user: &str) -> Value {
+    let mut n = apple_pki::fixture(&format!("notifications/{name}.json"));
+    n["notificationUUID"] = json!(format!("{}-{original}", n["notificationUUID"].as_str().unwrap()));
+    let d = &mut n["data"];
+    d["signedTransactionInfo"]["transactionId"] = json!(format!("{original}1"));
+    d["signedTransactionInfo"]["originalTransactionId"] = json!(original);
+    d["signedTransactionInfo"]["appAccountToken"] = json!(user);
+    if d.get("signedRenewalInfo").is_some() {
+        d["signedRenewalInfo"]["originalTransactionId"] = json!(original);
+        d["signedRenewalInfo"]["appAccountToken"] = json!(user);
+    }
+    n
+}
+
+/// What each notification fixture does to a user who has nothing else: the outcome, then the
+/// plan, status and auto-renewal the user has at the fixtures' moment.
+const NOTIFICATION_EFFECTS: &[(&str, &str, &str, &str, Option<bool>)] = &[
+    ("SUBSCRIBED.INITIAL_BUY", "applied", "pro", "active", Some(true)),
+    ("SUBSCRIBED.RESUBSCRIBE", "applied", "pro", "active", Some(true)),
+    ("DID_RENEW", "applied", "pro", "active", Some(true)),
+    ("DID_RENEW.BILLING_RECOVERY", "applied", "pro", "active", Some(true)),
+    ("DID_CHANGE_RENEWAL_STATUS.AUTO_RENEW_DISABLED", "applied", "pro", "active", Some(false)),
+    ("DID_CHANGE_RENEWAL_STATUS.AUTO_RENEW_ENABLED", "applied", "pro", "active", Some(true)),
+    // Apple retries without a grace period of its own: the server's grace (TALLY_PAST_DUE_GRACE_SECS) applies.
+    ("DID_FAIL_TO_RENEW", "applied", "pro", "past_due", Some(true)),
+    ("DID_FAIL_TO_RENEW.GRACE_PERIOD", "applied", "pro", "past_due", Some(true)),
+    ("GRACE_PERIOD_EXPIRED", "applied", "free", "past_due", Some(true)),
+    ("EXPIRED.VOLUNTARY", "applied", "free", "canceled", Some(false)),
+    ("EXPIRED.BILLING_RETRY", "applied", "free", "canceled", Some(false)),
+    ("EXPIRED.PRICE_INCREASE", "applied", "free", "canceled", Some(false)),
+    ("EXPIRED.PRODUCT_NOT_FOR_SALE", "applied", "free", "canceled", Some(false)),
+    ("REFUND", "applied", "free", "canceled", Some(false)),
+    ("REVOKE", "applied", "free", "canceled", Some(false)),
+    ("CONSUMPTION_REQUEST", "acknowledged", "free", "none", None),
+];
+
+/// The plan, status and auto-renewal of `bearer` (`None`: no subscription).
+async fn effect(a: &TestApp, bearer: &str) -> (String, String, Option<bool>) {
+    let (_, e) = a.call("GET", "/v1/entitlements", Some(bearer), None).await;
+    let (_, bill) = a.call("GET", "/v1/billing", Some(bearer), None).await;
+    (e["plan"].as_str().unwrap().into(), e["status"].as_str().unwrap().into(), bill["subscriptions"][0]["auto_renew"].as_bool())
+}
+
+#[tokio::test]
+async fn every_app_store_notification_fixture_replays_with_its_effect() {
+    let pki = Pki::new();
+    let a = app_or_skip!(apple_app(&pki, "Sandbox", false).await);
+    a.clock.set(fixture_now());
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/apple/notifications");
+    let mut files: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().trim_end_matches(".json").to_string()).collect();
+    files.sort();
+    let mut listed: Vec<String> = NOTIFICATION_EFFECTS.iter().map(|e| e.0.to_string()).collect();
+    listed.sort();
+    assert_eq!(files, listed, "every fixture has its expected effect");
+    let mut wrong = Vec::new();
+    for (i, (name, outcome, plan, status, auto_renew)) in NOTIFICATION_EFFECTS.iter().enumerate() {
+        let t = token(&format!("apple-fixture-{name}"));
+        let me = uid(&a, &t).await;
+        let n = fixture_notification(name, &format!("30000000{i:02}"), &me);
+        let (s, b) = notify(&a, pki.sign_notification(&n)).await;
+        let got = (s.as_u16(), b["outcome"].as_str().unwrap_or("").to_string(), effect(&a, &t).await);
+        let want = (200, outcome.to_string(), (plan.to_string(), status.to_string(), *auto_renew));
+        if got != want {
+            wrong.push(format!("{name}: got {got:?}, want {want:?} ({b})"));
+        }
+        // Delivered again: a duplicate by its notificationUUID.
+        assert_eq!(notify(&a, pki.sign_notification(&n)).await.1["duplicate"], true, "{name}");
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+/// A server at the fixtures' moment, a user (bearer, id) and the transaction fixture bound to
+/// them.
+async fn fixture_buyer(pki: &Pki, sub: &str) -> Option<(TestApp, String, String, Value)> {
+    let a = apple_app(pki, "Sandbox", false).await?;
+    a.clock.set(fixture_now());
+    let t = token(sub);
+    let me = uid(&a, &t).await;
+    let mut txn = apple_pki::fixture("transaction.json");
+    txn["appAccountToken"] = json!(me);
+    Some((a, t, me, txn))
+}
+
+#[tokio::test]
+async fn the_transaction_fixture_as_a_purchase_gives_the_plan() {
+    let pki = Pki::new();
+    let (a, t, _, txn) = app_or_skip!(fixture_buyer(&pki, "apple-fixture-purchase").await);
+    let (s, b) = buy(&a, &t, &[pki.sign(&txn)]).await;
+    assert_eq!((s, b["plan"].as_str(), b["status"].as_str()), (StatusCode::OK, Some("pro"), Some("active")), "{b}");
+    assert_eq!(b["period_end"].as_str(), Some("2025-08-01T10:00:00Z"));
+    let (_, bill) = a.call("GET", "/v1/billing", Some(&t), None).await;
+    assert_eq!((bill["payments"][0]["amount"].as_i64(), bill["payments"][0]["currency"].as_str()), (Some(4990), Some("USD")), "{bill}");
+}
+
+#[tokio::test]
+async fn fields_no_documentation_names_yet_never_refuse_an_app_store_payload() {
+    let pki = Pki::new();
+    let (a, t, me, txn) = app_or_skip!(fixture_buyer(&pki, "apple-future-fields").await);
+    let (s, b) = buy(&a, &t, &[pki.sign(&with_unknown_fields(&txn))]).await;
+    assert_eq!((s, b["plan"].as_str()), (StatusCode::OK, Some("pro")), "{b}");
+    // The notification, its transaction and its renewal info each with fields added.
+    let n = with_unknown_fields(&fixture_notification("DID_CHANGE_RENEWAL_STATUS.AUTO_RENEW_DISABLED", "2000000912345678", &me));
+    let body = json!({"signedPayload": pki.sign_notification(&n), "fieldAddedLater": true});
+    let (s, b) = a.call("POST", "/v1/webhooks/apple", None, Some(body)).await;
+    assert_eq!((s, b["outcome"].as_str()), (StatusCode::OK, Some("applied")), "{b}");
+    assert_eq!(effect(&a, &t).await, ("pro".into(), "active".into(), Some(false)));
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }

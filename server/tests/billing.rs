@@ -1445,4 +1445,104 @@ async fn the_export_holds_the_users_purchases_store_events_and_webhook_events_an
     // Nothing of the other buyer.
     let text = e.to_string();
     assert!(!text.contains(&other_uid) && !text.contains(&w2.tag), "{text}");
+/// The moment the Stripe fixtures describe (their subscription's first period has begun).
+fn fixture_now() -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339("2025-07-01T12:00:00Z").unwrap().with_timezone(&Utc)
+}
+
+/// The Stripe fixture `name` as it is, for `user` where it names the buyer.
+fn fixture_for(name: &str, user: &str) -> Value {
+    let mut e = fixture(name);
+    let o = &mut e["data"]["object"];
+    if o["client_reference_id"] == "REPLACED_BY_TEST" {
+        o["client_reference_id"] = json!(user);
+    }
+    if o["metadata"]["tally_user_id"] == "REPLACED_BY_TEST" {
+        o["metadata"]["tally_user_id"] = json!(user);
+    }
+    e
+}
+
+#[tokio::test]
+async fn every_stripe_fixture_replays_through_the_webhook_with_its_effect() {
+    // The fixtures' subscription price gives pro; their one-time price gives 50 credits.
+    let a = app_or_skip!(
+        billing_app(|c| {
+            let plans = c.data_dir.join("fixture-plans.json");
+            std::fs::write(&plans, PRODUCTS_CATALOG.replace(r#""id": "price_trial""#, r#""id": "price_pro_monthly""#)).unwrap();
+            c.plans_file = Some(plans);
+        })
+        .await
+    );
+    a.clock.set(fixture_now());
+    let t = token("stripe-fixtures");
+    let me = a.user_id(&t).await;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/stripe");
+    let mut files: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().trim_end_matches(".json").to_string()).collect();
+    files.sort();
+    // Each fixture in the order Stripe created them, and what the user has after it.
+    let steps: &[(&str, &str, &str, &str)] = &[
+        ("customer.created", "unhandled_type", "free", "none"),
+        ("checkout.session.completed", "applied:linked_by_client_reference_id", "free", "none"),
+        ("customer.subscription.created", "applied", "pro", "active"),
+        ("invoice.payment_succeeded", "applied", "pro", "active"),
+        ("customer.subscription.updated", "applied", "pro", "active"),
+        ("charge.refunded", "applied", "pro", "active"),
+        ("customer.subscription.deleted", "applied", "free", "canceled"),
+        // A failed invoice of the deleted subscription does not bring it back.
+        ("invoice.payment_failed", "applied:past_due", "free", "canceled"),
+    ];
+    let mut wrong = Vec::new();
+    for (name, outcome, plan, status) in steps {
+        let e = fixture_for(name, &me);
+        assert_eq!(e["api_version"], tally_server::billing::DEFAULT_API_VERSION, "{name} is of the pinned API version");
+        let (s, b) = a.webhook(&e).await;
+        let ents = a.ents(&t).await;
+        let got = (s.as_u16(), b["outcome"].as_str().unwrap_or("").to_string(), ents["plan"].to_string(), ents["status"].to_string());
+        let want = (200, outcome.to_string(), json!(plan).to_string(), json!(status).to_string());
+        if got != want {
+            wrong.push(format!("{name}: got {got:?}, want {want:?} ({b})"));
+        }
+    }
+    let bill = a.billing(&t).await;
+    assert!(bill["payments"].as_array().is_some_and(|p| !p.is_empty()), "{bill}");
+    // A payment that settles later: the session completes unpaid, then succeeds (50 credits).
+    let t = token("stripe-fixtures-async");
+    let me = a.user_id(&t).await;
+    let paid = fixture_for("checkout.session.async_payment_succeeded", &me);
+    let mut completed = paid.clone();
+    completed["id"] = json!("evt_1RcheckoutAsyncOpen0001");
+    completed["type"] = json!("checkout.session.completed");
+    completed["data"]["object"]["payment_status"] = json!("unpaid");
+    for (name, e, outcome, credits) in [
+        ("completed unpaid", completed, "applied:linked_by_client_reference_id,ignored:unpaid", 0),
+        ("checkout.session.async_payment_succeeded", paid, "applied:credits_granted:50", 50),
+    ] {
+        let (s, b) = a.webhook(&e).await;
+        let got = (s.as_u16(), b["outcome"].as_str().unwrap_or("").to_string(), a.ents(&t).await["credit_balance"].as_i64());
+        if got != (200, outcome.to_string(), Some(credits)) {
+            wrong.push(format!("{name}: got {got:?}, want {outcome} and {credits} credits ({b})"));
+        }
+    }
+    let mut replayed: Vec<String> = steps.iter().map(|s| s.0.to_string()).collect();
+    replayed.push("checkout.session.async_payment_succeeded".into());
+    replayed.sort();
+    assert_eq!(files, replayed, "every fixture is replayed");
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+#[tokio::test]
+async fn fields_no_documentation_names_yet_never_refuse_a_stripe_event() {
+    let a = app_or_skip!(billing_app(|_| {}).await);
+    a.clock.set(fixture_now());
+    let t = token("stripe-future-fields");
+    let me = a.user_id(&t).await;
+    for (name, outcome) in
+        [("checkout.session.completed", "applied:linked_by_client_reference_id"), ("customer.subscription.created", "applied")]
+    {
+        let (s, b) = a.webhook(&with_unknown_fields(&fixture_for(name, &me))).await;
+        assert_eq!((s, b["outcome"].as_str()), (StatusCode::OK, Some(outcome)), "{name}: {b}");
+    }
+    assert_eq!(a.ents(&t).await["plan"], "pro");
 }

@@ -11,7 +11,7 @@ mod fake_google;
 use axum::http::StatusCode;
 use chrono::{DateTime, Duration, Utc};
 use common::*;
-use fake_google::{FakeGoogle, foreign_push_token, product, push_body, push_token, subscription};
+use fake_google::{FakeGoogle, foreign_push_token, payload, product, push_body, push_token, subscription, wrap_push};
 use proptest::prelude::*;
 use serde_json::{Value, json};
 
@@ -319,6 +319,167 @@ async fn trials_lifetime_plans_credit_packs_and_voided_purchases() {
     assert_eq!(e["credit_balance"].as_i64(), Some(-30), "{e}");
     let (_, bill) = a.call("GET", "/v1/billing", Some(&t), None).await;
     assert!(bill["payments"].as_array().unwrap().iter().any(|p| p["status"] == "refunded"), "{bill}");
+}
+
+/// The moment the conformance fixtures (`tests/fixtures/google`) describe: their purchases are
+/// current then.
+fn fixture_now() -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339("2025-07-01T12:00:00Z").unwrap().with_timezone(&Utc)
+}
+
+/// The `subscriptionsv2` fixture, bound to `user`.
+fn fixture_subscription(user: &str) -> Value {
+    let mut v = payload("subscriptionsv2.json");
+    v["externalAccountIdentifiers"]["obfuscatedExternalAccountId"] = json!(user);
+    v
+}
+
+/// A server at the fixtures' moment and a user (bearer, id) whose subscription Google answers
+/// with the `subscriptionsv2` fixture.
+async fn fixture_app(g: &FakeGoogle, sub: &str) -> Option<(TestApp, String, String)> {
+    let a = google_app(g).await?;
+    a.clock.set(fixture_now());
+    let t = token(sub);
+    let me = uid(&a, &t).await;
+    g.set_sub("fixture-subscription-token", fixture_subscription(&me));
+    Some((a, t, me))
+}
+
+#[tokio::test]
+async fn a_push_exactly_as_pubsub_sends_it_with_both_spellings_is_applied() {
+    let g = FakeGoogle::start().await;
+    let (a, t, _) = app_or_skip!(fixture_app(&g, "google-pubsub-verbatim").await);
+    // The fixture as it is: `messageId` and `message_id`, `publishTime` and `publish_time`.
+    let body = payload("pubsub-push.json");
+    let (s, b) = push(&a, Some(&push_token(json!({}))), body.clone()).await;
+    assert_eq!((s, b["outcome"].as_str(), b["id"].as_str()), (StatusCode::OK, Some("applied"), Some("13696934694531")), "{b}");
+    let (p, status, e) = plan(&a, &t).await;
+    assert_eq!((p.as_str(), status.as_str(), e["period_end"].as_str()), ("pro", "active", Some("2025-08-01T10:00:00Z")), "{e}");
+    // Redelivered as it is: applied once.
+    let (s, b) = push(&a, Some(&push_token(json!({}))), body).await;
+    assert_eq!((s, b["duplicate"].as_bool()), (StatusCode::OK, Some(true)), "{b}");
+}
+
+#[tokio::test]
+async fn either_spelling_alone_is_taken_and_spellings_that_disagree_are_refused() {
+    let g = FakeGoogle::start().await;
+    let (a, t, _) = app_or_skip!(fixture_app(&g, "google-spellings").await);
+    let rtdn = payload("rtdn-subscription.json");
+    let auth = push_token(json!({}));
+    let mut disagreeing = Vec::new();
+    for (field, other) in [("messageId", "message_id"), ("publishTime", "publish_time")] {
+        let mut v = wrap_push("m-disagree", &rtdn, fixture_now());
+        v["message"][other] = json!(if field == "messageId" { "m-other" } else { "2025-07-01T10:00:01.000Z" });
+        disagreeing.push((field, v));
+    }
+    let mut neither = wrap_push("m-neither", &rtdn, fixture_now());
+    neither["message"].as_object_mut().unwrap().retain(|k, _| k != "messageId" && k != "message_id");
+    let before = footprint(&a).await;
+    for (field, body) in disagreeing {
+        let (s, b) = push(&a, Some(&auth), body).await;
+        assert_eq!((s, b["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_notification")), "{field}: {b}");
+        assert!(b["error"]["message"].as_str().unwrap().contains(field), "the message names {field}: {b}");
+    }
+    let (s, b) = push(&a, Some(&auth), neither).await;
+    assert_eq!((s, b["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_notification")), "{b}");
+    assert_eq!(footprint(&a).await, before, "a refused push changes nothing");
+    assert_eq!(g.play.lock().unwrap().reads, 0, "nor reaches Google");
+    // Either spelling alone is the id.
+    for (id, keep) in [("m-camel", ["messageId", "publishTime"]), ("m-snake", ["message_id", "publish_time"])] {
+        let mut v = wrap_push(id, &rtdn, fixture_now());
+        v["message"]
+            .as_object_mut()
+            .unwrap()
+            .retain(|k, _| !k.contains("_id") && !k.contains("Id") && !k.contains("ublish") || keep.contains(&k.as_str()));
+        assert_eq!(v["message"].as_object().unwrap().len(), 5, "{v}");
+        let (s, b) = push(&a, Some(&auth), v.clone()).await;
+        assert_eq!((s, b["outcome"].as_str(), b["id"].as_str()), (StatusCode::OK, Some("applied"), Some(id)), "{v}: {b}");
+    }
+    assert_eq!(plan(&a, &t).await.0, "pro");
+}
+
+#[tokio::test]
+async fn every_play_fixture_replays_through_the_routes_with_its_effect() {
+    let g = FakeGoogle::start().await;
+    // purchases.subscriptionsv2 as the answer to a purchase: a tester's upgrade, current.
+    let (a, t, _) = app_or_skip!(fixture_app(&g, "google-fixture-sub").await);
+    let auth = push_token(json!({}));
+    let (s, b) = buy(&a, &t, &[("pro_monthly", "fixture-subscription-token")]).await;
+    assert_eq!((s, b["plan"].as_str(), b["status"].as_str()), (StatusCode::OK, Some("pro"), Some("active")), "{b}");
+    assert_eq!(b["period_end"].as_str(), Some("2025-08-01T10:00:00Z"));
+    let (_, bill) = a.call("GET", "/v1/billing", Some(&t), None).await;
+    let sub = &bill["subscriptions"][0];
+    assert_eq!(
+        (sub["subscription_id"].as_str(), sub["sandbox"].as_bool(), sub["auto_renew"].as_bool()),
+        (Some("fixture-token-replaced-by-upgrade"), Some(true), Some(true)),
+        "the lineage starts at linkedPurchaseToken; testPurchase marks the sandbox: {bill}"
+    );
+    // A subscription notification for it: re-read, applied.
+    let (s, b) = push(&a, Some(&auth), wrap_push("m-fixture-sub", &payload("rtdn-subscription.json"), fixture_now())).await;
+    assert_eq!((s, b["outcome"].as_str()), (StatusCode::OK, Some("applied")), "{b}");
+
+    // purchases.products as the answer to a one-time product notification: 100 credits.
+    let t = token("google-fixture-product");
+    let me = uid(&a, &t).await;
+    let mut bought = payload("product-purchase.json");
+    bought["obfuscatedExternalAccountId"] = json!(me);
+    g.set_product("credits_100", "fixture-product-token", bought);
+    let (s, b) = push(&a, Some(&auth), wrap_push("m-fixture-product", &payload("rtdn-one-time-product.json"), fixture_now())).await;
+    assert_eq!((s, b["outcome"].as_str()), (StatusCode::OK, Some("applied")), "{b}");
+    assert_eq!(plan(&a, &t).await.2["credit_balance"].as_i64(), Some(100));
+    assert_eq!(g.play.lock().unwrap().consumed, vec!["credits_100:fixture-product-token".to_string()]);
+    // The voided purchase notification of that order takes the credits back.
+    g.edit_product("credits_100", "fixture-product-token", |p| p["purchaseState"] = json!(1));
+    let (s, b) = push(&a, Some(&auth), wrap_push("m-fixture-void", &payload("rtdn-voided-purchase.json"), fixture_now())).await;
+    assert_eq!((s, b["outcome"].as_str()), (StatusCode::OK, Some("applied")), "{b}");
+    assert_eq!(plan(&a, &t).await.2["credit_balance"].as_i64(), Some(0));
+    // The Play Console's test notification is acknowledged.
+    let (s, b) = push(&a, Some(&auth), wrap_push("m-fixture-test", &payload("rtdn-test.json"), fixture_now())).await;
+    assert_eq!((s, b["outcome"].as_str()), (StatusCode::OK, Some("acknowledged")), "{b}");
+}
+
+#[tokio::test]
+async fn fields_no_documentation_names_yet_never_refuse_a_play_payload() {
+    let g = FakeGoogle::start().await;
+    let (a, t, me) = app_or_skip!(fixture_app(&g, "google-future-fields").await);
+    g.edit_sub("fixture-subscription-token", |s| *s = with_unknown_fields(s));
+    let auth = push_token(json!({}));
+    let (s, b) = buy(&a, &t, &[("pro_monthly", "fixture-subscription-token")]).await;
+    assert_eq!((s, b["plan"].as_str()), (StatusCode::OK, Some("pro")), "{b}");
+    let mut bought = payload("product-purchase.json");
+    bought["obfuscatedExternalAccountId"] = json!(me);
+    g.set_product("credits_100", "fixture-product-token", with_unknown_fields(&bought));
+    for (id, rtdn) in [
+        ("m-future-sub", "rtdn-subscription.json"),
+        ("m-future-product", "rtdn-one-time-product.json"),
+        ("m-future-test", "rtdn-test.json"),
+    ] {
+        let body = with_unknown_fields(&wrap_push(id, &with_unknown_fields(&payload(rtdn)), fixture_now()));
+        let (s, b) = push(&a, Some(&auth), body).await;
+        assert_eq!(s, StatusCode::OK, "{rtdn}: {b}");
+        assert!(!b["outcome"].as_str().unwrap().starts_with("ignored"), "{rtdn}: {b}");
+    }
+    assert_eq!(plan(&a, &t).await.2["credit_balance"].as_i64(), Some(100));
+}
+
+#[tokio::test]
+async fn the_order_comes_from_the_line_item_when_the_deprecated_latest_order_id_is_gone() {
+    let g = FakeGoogle::start().await;
+    let a = app_or_skip!(google_app(&g).await);
+    let t = token("google-line-item-order");
+    let me = uid(&a, &t).await;
+    let now = Utc::now();
+    let mut sub = subscription("pro_monthly", "SUBSCRIPTION_STATE_ACTIVE", now, now + Duration::days(30), Some(&me), "GPA.30-0");
+    sub.as_object_mut().unwrap().remove("latestOrderId");
+    g.set_sub("tok-no-latest", sub);
+    assert_eq!(buy(&a, &t, &[("pro_monthly", "tok-no-latest")]).await.0, StatusCode::OK);
+    let (_, bill) = a.call("GET", "/v1/billing", Some(&t), None).await;
+    assert_eq!(bill["payments"][0]["order_id"], "GPA.30-0", "{bill}");
+    // Its order voided: the subscription ends.
+    let void =
+        json!({"voidedPurchaseNotification": {"purchaseToken": "tok-no-latest", "orderId": "GPA.30-0", "productType": 1, "refundType": 1}});
+    assert_eq!(notify(&a, "m-void-line-item", void).await.1["outcome"], "applied");
+    assert_eq!(plan(&a, &t).await.0, "free");
 }
 
 fn stripe_fixture(name: &str) -> Value {

@@ -118,7 +118,7 @@ impl Token {
             purchase_token: token.to_string(),
             kind: Kind::Subscription,
             product_id: item.product_id.clone(),
-            order_id: s.latest_order_id.clone(),
+            order_id: s.latest_order_id.clone().or_else(|| item.latest_successful_order_id.clone()),
             state: s.subscription_state.clone().unwrap_or_else(|| "SUBSCRIPTION_STATE_UNSPECIFIED".into()),
             start_time: s.start_time.unwrap_or(now),
             expiry_time: item.expiry_time,
@@ -589,7 +589,7 @@ pub async fn notification(State(state): State<AppState>, headers: HeaderMap, Jso
     if n.package_name != google.play.package() {
         return Err(ApiError::Invalid("wrong_package", format!("the notification is for another app ({})", n.package_name)));
     }
-    let id = b.message.message_id.clone();
+    let id = b.message.id()?.to_string();
     let h = hint(&n);
     let now = state.now();
     let client = state.pool.get().await?;

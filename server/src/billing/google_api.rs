@@ -89,7 +89,8 @@ pub struct SubscriptionV2 {
     /// When the subscription was granted.
     #[serde(default)]
     pub start_time: Option<DateTime<Utc>>,
-    /// The order of the latest charge (`GPA.…..N` for the N-th renewal).
+    /// The order of the latest charge (`GPA.…..N` for the N-th renewal); deprecated by Google
+    /// for the line item's `latestSuccessfulOrderId`, read when this is absent.
     #[serde(default)]
     pub latest_order_id: Option<String>,
     /// The purchase token this one replaced (upgrade, downgrade, resubscribe).
@@ -121,6 +122,9 @@ pub struct LineItem {
     /// The current offer phase (`freeTrial`, `introductoryPrice`, `basePrice`, …).
     #[serde(default)]
     pub offer_phase: Option<Value>,
+    /// The order of the item's latest successful charge.
+    #[serde(default)]
+    pub latest_successful_order_id: Option<String>,
 }
 
 /// An auto-renewing plan.

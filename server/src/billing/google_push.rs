@@ -82,7 +82,7 @@ impl PushVerifier {
     }
 }
 
-/// Body of a Pub/Sub push.
+/// Body of a Pub/Sub push. Fields Pub/Sub adds later are ignored.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct PushBody {
     /// The message.
@@ -90,17 +90,65 @@ pub struct PushBody {
     /// The push subscription's name.
     #[serde(default)]
     pub subscription: Option<String>,
+    /// How many times Pub/Sub tried to deliver the message (subscriptions with a dead-letter
+    /// policy).
+    #[serde(default, rename = "deliveryAttempt")]
+    pub delivery_attempt: Option<i64>,
 }
 
-/// One Pub/Sub message.
+/// One Pub/Sub message. A push carries its id and publish time under both spellings
+/// (`messageId` and `message_id`, `publishTime` and `publish_time`); either alone is taken too.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct PushMessage {
     /// Base64 of the notification.
     #[serde(default)]
     pub data: Option<String>,
+    /// The publisher's attributes.
+    #[serde(default)]
+    pub attributes: Option<std::collections::HashMap<String, String>>,
     /// Pub/Sub's id of the message (a redelivery keeps it).
-    #[serde(rename = "messageId", alias = "message_id")]
-    pub message_id: String,
+    #[serde(default, rename = "messageId")]
+    pub message_id: Option<String>,
+    /// The same id, in the snake-case spelling Pub/Sub also sends.
+    #[serde(default, rename = "message_id")]
+    pub message_id_snake_case: Option<String>,
+    /// When Pub/Sub received the message (RFC 3339).
+    #[serde(default, rename = "publishTime")]
+    pub publish_time: Option<String>,
+    /// The same time, in the snake-case spelling Pub/Sub also sends.
+    #[serde(default, rename = "publish_time")]
+    pub publish_time_snake_case: Option<String>,
+    /// The ordering key (empty unless the publisher orders messages).
+    #[serde(default, rename = "orderingKey")]
+    pub ordering_key: Option<String>,
+}
+
+/// The one value of a field sent under two spellings; 400 `invalid_notification` when the two
+/// disagree.
+fn one_spelling<'a>(names: [&str; 2], camel: Option<&'a str>, snake: Option<&'a str>) -> ApiResult<Option<&'a str>> {
+    match (camel, snake) {
+        (Some(a), Some(b)) if a != b => Err(bad(format!("message.{} ({a:?}) and message.{} ({b:?}) disagree", names[0], names[1]))),
+        (a, b) => Ok(a.or(b)),
+    }
+}
+
+impl PushMessage {
+    /// The message id, under either spelling; 400 `invalid_notification` when it is missing,
+    /// too long, or its two spellings disagree.
+    pub fn id(&self) -> ApiResult<&str> {
+        let id = one_spelling(["messageId", "message_id"], self.message_id.as_deref(), self.message_id_snake_case.as_deref())?
+            .ok_or_else(|| bad("the message has no messageId"))?;
+        if id.is_empty() || id.len() > 128 {
+            return Err(bad("message.messageId must hold 1 to 128 characters"));
+        }
+        Ok(id)
+    }
+
+    /// The publish time as sent, under either spelling; 400 `invalid_notification` when its two
+    /// spellings disagree.
+    pub fn published(&self) -> ApiResult<Option<&str>> {
+        one_spelling(["publishTime", "publish_time"], self.publish_time.as_deref(), self.publish_time_snake_case.as_deref())
+    }
 }
 
 /// A Real-time Developer Notification (`DeveloperNotification`).
@@ -168,12 +216,11 @@ fn bad(msg: impl Into<String>) -> ApiError {
 }
 
 impl PushBody {
-    /// The notification in `message.data`; 400 `invalid_notification` when it is not one.
+    /// The notification in `message.data`; 400 `invalid_notification` when it is not one (or
+    /// the message's id or publish time is missing, malformed or given twice, differently).
     pub fn notification(&self) -> ApiResult<Rtdn> {
-        let id = &self.message.message_id;
-        if id.is_empty() || id.len() > 128 {
-            return Err(bad("message.messageId must hold 1 to 128 characters"));
-        }
+        self.message.id()?;
+        self.message.published()?;
         let data = self.message.data.as_deref().ok_or_else(|| bad("the message has no data"))?;
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(data.trim())

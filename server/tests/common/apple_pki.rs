@@ -139,27 +139,55 @@ pub struct Tx<'a> {
     pub account: Option<&'a str>,
 }
 
-impl Tx<'_> {
-    /// The payload as Apple signs it (`bundleId`, `environment` given).
-    pub fn payload(&self, bundle: &str, env: &str) -> Value {
-        let mut v = json!({
-            "transactionId": self.id, "originalTransactionId": self.original, "bundleId": bundle, "productId": self.product,
-            "purchaseDate": ms(self.purchased), "originalPurchaseDate": ms(self.purchased), "quantity": 1,
-            "type": if self.expires.is_some() { "Auto-Renewable Subscription" } else { "Consumable" },
-            "inAppOwnershipType": "PURCHASED", "signedDate": ms(self.signed), "environment": env,
-            "transactionReason": "PURCHASE", "storefront": "USA", "storefrontId": "143441", "price": 4990, "currency": "USD",
-        });
-        if let Some(e) = self.expires {
-            v["expiresDate"] = json!(ms(e));
+/// A provider payload of `tests/fixtures/apple` (a conformance fixture carrying every field
+/// Apple documents): the payloads below are built from these.
+pub fn fixture(name: &str) -> Value {
+    // From the server's tests and from the end-to-end crate beside it.
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../server/tests/fixtures/apple").join(name);
+    serde_json::from_str(&std::fs::read_to_string(&path).expect(name)).expect(name)
+}
+
+/// `v` without `keys`.
+fn without(mut v: Value, keys: &[&str]) -> Value {
+    if let Some(o) = v.as_object_mut() {
+        for k in keys {
+            o.remove(*k);
         }
-        if let Some(a) = self.account {
-            v["appAccountToken"] = json!(a);
+    }
+    v
+}
+
+impl Tx<'_> {
+    /// The payload as Apple signs it (`bundleId`, `environment` given), from the fixture: a
+    /// purchase at its list price, without an offer.
+    pub fn payload(&self, bundle: &str, env: &str) -> Value {
+        let mut v = without(fixture("transaction.json"), &["offerType", "offerIdentifier", "offerDiscountType", "offerPeriod"]);
+        v["transactionId"] = json!(self.id);
+        v["originalTransactionId"] = json!(self.original);
+        v["bundleId"] = json!(bundle);
+        v["productId"] = json!(self.product);
+        v["purchaseDate"] = json!(ms(self.purchased));
+        v["originalPurchaseDate"] = json!(ms(self.purchased));
+        v["signedDate"] = json!(ms(self.signed));
+        v["environment"] = json!(env);
+        v["transactionReason"] = json!("PURCHASE");
+        match self.expires {
+            Some(e) => v["expiresDate"] = json!(ms(e)),
+            None => {
+                v = without(v, &["expiresDate", "subscriptionGroupIdentifier", "webOrderLineItemId", "isUpgraded"]);
+                v["type"] = json!("Consumable");
+            }
+        }
+        match self.account {
+            Some(a) => v["appAccountToken"] = json!(a),
+            None => v = without(v, &["appAccountToken"]),
         }
         v
     }
 }
 
-/// A notification payload (V2) around a signed transaction and optional renewal info.
+/// A notification payload (V2) around a signed transaction and optional renewal info, from the
+/// SUBSCRIBED fixture's envelope.
 pub fn notification(
     uuid: &str,
     kind: &str,
@@ -169,19 +197,26 @@ pub fn notification(
     signed_tx: &str,
     renewal: Option<&str>,
 ) -> Value {
-    let mut data = json!({"environment": env, "bundleId": bundle, "bundleVersion": "1", "signedTransactionInfo": signed_tx, "status": 1});
-    if let Some(r) = renewal {
-        data["signedRenewalInfo"] = json!(r);
+    let mut v = fixture("notifications/SUBSCRIBED.INITIAL_BUY.json");
+    v["notificationType"] = json!(kind);
+    v["notificationUUID"] = json!(uuid);
+    v["signedDate"] = json!(ms(chrono::Utc::now()));
+    match subtype {
+        Some(s) => v["subtype"] = json!(s),
+        None => v = without(v, &["subtype"]),
     }
-    let mut v =
-        json!({"notificationType": kind, "notificationUUID": uuid, "version": "2.0", "signedDate": ms(chrono::Utc::now()), "data": data});
-    if let Some(s) = subtype {
-        v["subtype"] = json!(s);
+    let data = &mut v["data"];
+    data["environment"] = json!(env);
+    data["bundleId"] = json!(bundle);
+    data["signedTransactionInfo"] = json!(signed_tx);
+    match renewal {
+        Some(r) => data["signedRenewalInfo"] = json!(r),
+        None => *data = without(data.take(), &["signedRenewalInfo"]),
     }
     v
 }
 
-/// A renewal info payload.
+/// A renewal info payload, from the fixture (no offer at the next renewal).
 pub fn renewal(
     original: &str,
     product: &str,
@@ -191,10 +226,41 @@ pub fn renewal(
     grace_until: Option<chrono::DateTime<chrono::Utc>>,
     signed: chrono::DateTime<chrono::Utc>,
 ) -> Value {
-    let mut v = json!({"originalTransactionId": original, "autoRenewProductId": product, "productId": product,
-        "autoRenewStatus": i32::from(auto_renew), "isInBillingRetryPeriod": retry, "signedDate": ms(signed), "environment": env});
+    let mut v = without(
+        fixture("renewal-info.json"),
+        &[
+            "offerType",
+            "offerIdentifier",
+            "offerDiscountType",
+            "offerPeriod",
+            "appAccountToken",
+            "renewalDate",
+            "recentSubscriptionStartDate",
+        ],
+    );
+    v["originalTransactionId"] = json!(original);
+    v["autoRenewProductId"] = json!(product);
+    v["productId"] = json!(product);
+    v["autoRenewStatus"] = json!(i32::from(auto_renew));
+    v["isInBillingRetryPeriod"] = json!(retry);
+    v["signedDate"] = json!(ms(signed));
+    v["environment"] = json!(env);
     if let Some(g) = grace_until {
         v["gracePeriodExpiresDate"] = json!(ms(g));
     }
     v
+}
+
+impl Pki {
+    /// A notification fixture (decoded transaction and renewal info in `data`) signed as the
+    /// App Store sends it: the nested payloads signed first, then the notification.
+    pub fn sign_notification(&self, n: &Value) -> String {
+        let mut n = n.clone();
+        for key in ["signedTransactionInfo", "signedRenewalInfo"] {
+            if let Some(inner) = n["data"].get(key).filter(|v| v.is_object()).cloned() {
+                n["data"][key] = json!(self.sign(&inner));
+            }
+        }
+        self.sign(&n)
+    }
 }

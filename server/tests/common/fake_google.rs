@@ -74,6 +74,9 @@ async fn token(State((play, base)): State<Shared>, body: String) -> Response {
     let mut v = Validation::new(Algorithm::RS256);
     v.set_audience(&[format!("{base}/token")]);
     v.set_issuer(&[SA_EMAIL]);
+    // The assertion's times are the server's clock's, which a test replaying fixtures sets to
+    // their moment: the fake checks the signature, issuer, audience and scope, not the time.
+    v.validate_exp = false;
     let ok = form.get("grant_type").map(String::as_str) == Some("urn:ietf:params:oauth:grant-type:jwt-bearer")
         && form
             .get("assertion")
@@ -238,8 +241,11 @@ impl FakeGoogle {
         f(self.play.lock().unwrap().subs.get_mut(token).expect("known token"));
     }
 
-    /// Sets the `products` resource of (`product`, `token`).
-    pub fn set_product(&self, product: &str, token: &str, v: Value) {
+    /// Sets the `products` resource of (`product`, `token`) (its `productId` and `purchaseToken`
+    /// set to them).
+    pub fn set_product(&self, product: &str, token: &str, mut v: Value) {
+        v["productId"] = json!(product);
+        v["purchaseToken"] = json!(token);
         self.play.lock().unwrap().products.insert((product.into(), token.into()), v);
     }
 
@@ -259,39 +265,62 @@ pub fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
-/// A `subscriptionsv2` resource of one line item.
+/// A provider payload of `tests/fixtures/google` (a conformance fixture carrying every field
+/// Google documents): the fake's answers and pushes are built from these.
+pub fn payload(name: &str) -> Value {
+    serde_json::from_str(&fixture(name)).expect(name)
+}
+
+/// The state context `subscriptionsv2` carries in each state (absent in the others).
+const STATE_CONTEXTS: [(&str, &str); 4] = [
+    ("SUBSCRIPTION_STATE_CANCELED", "canceledStateContext"),
+    ("SUBSCRIPTION_STATE_PAUSED", "pausedStateContext"),
+    ("SUBSCRIPTION_STATE_ON_HOLD", "onHoldStateContext"),
+    ("SUBSCRIPTION_STATE_IN_GRACE_PERIOD", "inGracePeriodStateContext"),
+];
+
+/// A `subscriptionsv2` resource of one line item, from the fixture: not a tester's purchase,
+/// replacing no token, with the state context of `state` only.
 pub fn subscription(product: &str, state: &str, start: DateTime<Utc>, expiry: DateTime<Utc>, account: Option<&str>, order: &str) -> Value {
-    let mut v = json!({
-        "kind": "androidpublisher#subscriptionPurchaseV2",
-        "regionCode": "US",
-        "startTime": rfc3339(start),
-        "subscriptionState": state,
-        "latestOrderId": order,
-        "acknowledgementState": "ACKNOWLEDGEMENT_STATE_PENDING",
-        "lineItems": [{"productId": product, "expiryTime": rfc3339(expiry),
-                       "autoRenewingPlan": {"autoRenewEnabled": state != "SUBSCRIPTION_STATE_CANCELED"},
-                       "offerDetails": {"basePlanId": "monthly"}, "offerPhase": {"basePrice": {}}}],
-    });
-    if let Some(a) = account {
-        v["externalAccountIdentifiers"] = json!({"obfuscatedExternalAccountId": a});
+    let mut v = payload("subscriptionsv2.json");
+    let o = v.as_object_mut().unwrap();
+    for key in ["linkedPurchaseToken", "testPurchase", "outOfAppPurchaseContext"] {
+        o.remove(key);
+    }
+    for (s, key) in STATE_CONTEXTS {
+        if s != state {
+            o.remove(key);
+        }
+    }
+    v["startTime"] = json!(rfc3339(start));
+    v["subscriptionState"] = json!(state);
+    v["latestOrderId"] = json!(order);
+    v["acknowledgementState"] = json!("ACKNOWLEDGEMENT_STATE_PENDING");
+    let item = &mut v["lineItems"][0];
+    item["productId"] = json!(product);
+    item["expiryTime"] = json!(rfc3339(expiry));
+    item["latestSuccessfulOrderId"] = json!(order);
+    item["autoRenewingPlan"]["autoRenewEnabled"] = json!(state != "SUBSCRIPTION_STATE_CANCELED");
+    match account {
+        Some(a) => v["externalAccountIdentifiers"]["obfuscatedExternalAccountId"] = json!(a),
+        None => drop(v.as_object_mut().unwrap().remove("externalAccountIdentifiers")),
     }
     v
 }
 
-/// A `products` resource.
+/// A `products` resource, from the fixture (not a tester's purchase); [`FakeGoogle::set_product`]
+/// fills in its product id and token.
 pub fn product(state: i64, bought: DateTime<Utc>, account: Option<&str>, order: &str) -> Value {
-    let mut v = json!({
-        "kind": "androidpublisher#productPurchase",
-        "purchaseTimeMillis": bought.timestamp_millis().to_string(),
-        "purchaseState": state,
-        "consumptionState": 0,
-        "acknowledgementState": 0,
-        "orderId": order,
-        "regionCode": "US",
-        "quantity": 1,
-    });
-    if let Some(a) = account {
-        v["obfuscatedExternalAccountId"] = json!(a);
+    let mut v = payload("product-purchase.json");
+    v.as_object_mut().unwrap().remove("purchaseType");
+    v["purchaseTimeMillis"] = json!(bought.timestamp_millis().to_string());
+    v["purchaseState"] = json!(state);
+    v["consumptionState"] = json!(0);
+    v["acknowledgementState"] = json!(0);
+    v["orderId"] = json!(order);
+    match account {
+        Some(a) => v["obfuscatedExternalAccountId"] = json!(a),
+        None => drop(v.as_object_mut().unwrap().remove("obfuscatedExternalAccountId")),
     }
     v
 }
@@ -323,15 +352,27 @@ fn sign_push(pem: &str, overrides: Value) -> String {
     jsonwebtoken::encode(&h, &c, &EncodingKey::from_rsa_pem(pem.as_bytes()).unwrap()).unwrap()
 }
 
-/// A Pub/Sub push body carrying `rtdn` (the notification object without `packageName`).
+/// A Pub/Sub push body carrying `rtdn` (the notification object without `packageName`), as
+/// Pub/Sub sends it (the fixture: both spellings of the id and the publish time).
 pub fn push_body(message_id: &str, mut rtdn: Value) -> Value {
-    use base64::Engine;
     if rtdn.get("packageName").is_none() {
         rtdn["packageName"] = json!(PACKAGE);
     }
     rtdn["version"] = json!("1.0");
     rtdn["eventTimeMillis"] = json!(Utc::now().timestamp_millis().to_string());
-    json!({"message": {"data": base64::engine::general_purpose::STANDARD.encode(rtdn.to_string()), "messageId": message_id,
-                       "publishTime": rfc3339(Utc::now()), "attributes": {}},
-           "subscription": "projects/example-project/subscriptions/play-rtdn-push"})
+    wrap_push(message_id, &rtdn, Utc::now())
+}
+
+/// The Pub/Sub push fixture carrying `rtdn` as its data, with `message_id` and `published`
+/// under both spellings.
+pub fn wrap_push(message_id: &str, rtdn: &Value, published: DateTime<Utc>) -> Value {
+    use base64::Engine;
+    let mut v = payload("pubsub-push.json");
+    let m = &mut v["message"];
+    m["data"] = json!(base64::engine::general_purpose::STANDARD.encode(rtdn.to_string()));
+    m["messageId"] = json!(message_id);
+    m["message_id"] = json!(message_id);
+    m["publishTime"] = json!(rfc3339(published));
+    m["publish_time"] = json!(rfc3339(published));
+    v
 }

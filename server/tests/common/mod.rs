@@ -64,6 +64,11 @@ impl TestClock {
         self.0.lock().unwrap().0 += by;
     }
 
+    /// Sets the clock to `at` and stops it there (a test replaying fixtures of a fixed moment).
+    pub fn set(&self, at: chrono::DateTime<Utc>) {
+        *self.0.lock().unwrap() = (chrono::Duration::zero(), Some(at));
+    }
+
     /// Stops the clock where it is and returns that instant: a test that compares whole
     /// seconds against the server's clock then does not depend on how fast it runs.
     pub fn freeze(&self) -> chrono::DateTime<Utc> {
@@ -414,5 +419,19 @@ impl TestApp {
         let headers = resp.headers().clone();
         let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX).await.expect("body");
         (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null), headers)
+    }
+}
+
+/// `v` with a field no provider documents added to every object in it (a future API version's
+/// addition): parsers of provider payloads must take it.
+pub fn with_unknown_fields(v: &Value) -> Value {
+    match v {
+        Value::Object(o) => {
+            let mut o: serde_json::Map<String, Value> = o.iter().map(|(k, v)| (k.clone(), with_unknown_fields(v))).collect();
+            o.insert("fieldAddedLater".into(), Value::String("a field no documentation named yet".into()));
+            Value::Object(o)
+        }
+        Value::Array(a) => Value::Array(a.iter().map(with_unknown_fields).collect()),
+        other => other.clone(),
     }
 }
