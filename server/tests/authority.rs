@@ -37,11 +37,7 @@ async fn primary() -> Option<TestApp> {
 
 /// A second replica: its own state and router on the same database and clock.
 async fn replica(a: &TestApp) -> TestApp {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut config = test_config(&a.url, dir.path());
-    tweak(&mut config);
-    let state = AppState::with_clock(config, a.clock.clone()).await.expect("state");
-    TestApp { state: state.clone(), router: tally_server::app(state), url: a.url.clone(), dir, clock: a.clock.clone() }
+    a.replica_with(tweak).await
 }
 
 async fn post(a: &TestApp, t: &str, path: &str, body: Value) -> (StatusCode, Value) {
