@@ -176,6 +176,18 @@ async fn failure_counts_are_shared_by_replicas_and_survive_a_restart() {
 }
 
 #[tokio::test]
+async fn parallel_guesses_on_two_replicas_get_no_more_tries_than_the_limit() {
+    let sink = SmtpSink::start().await;
+    let a = app_or_skip!(password_app(&sink).await);
+    let b = a.replica_with(|c| password_auth(c, &sink)).await;
+    signup(&a, "pia@example.com", "correct horse battery").await;
+    let guesses = (0..30).map(|i| login(if i % 2 == 0 { &a } else { &b }, ADDR, "pia@example.com", "guess guess"));
+    let mut statuses: Vec<u16> = futures::future::join_all(guesses).await.iter().map(|(s, _, _)| s.as_u16()).collect();
+    statuses.sort();
+    assert_eq!(statuses, [[401; 10].as_slice(), &[429; 20]].concat(), "each attempt is counted before its password is checked");
+}
+
+#[tokio::test]
 async fn a_distributed_guess_is_limited_per_account_without_locking_out_an_address_that_signed_in() {
     let sink = SmtpSink::start().await;
     let a = app_or_skip!(password_app(&sink).await);
