@@ -175,7 +175,7 @@ pub struct Config {
     #[arg(long, env = "TALLY_LOGIN_FAILURES_PER_ADDRESS", default_value_t = 50)]
     pub login_failures_per_address: u32,
     /// Failed logins allowed per email from any address in 15 minutes; past it, only addresses
-    /// that signed in to the account within 30 days may try.
+    /// that signed in to the account within 30 days may try (a password reset clears the count).
     #[arg(long, env = "TALLY_LOGIN_FAILURES_PER_ACCOUNT", default_value_t = 100)]
     pub login_failures_per_account: u32,
     /// Master keys of the secrets vault, `kid:base64,…` (32-byte keys; the first seals).

@@ -9,10 +9,10 @@
 use crate::account_tokens;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::JsonBody;
+use crate::login_limits::{self, ClientAddr};
 use crate::mail::{self, Purpose};
 use crate::users::{USER_COLUMNS, User};
 use crate::{AppState, access_tokens, passwords, sessions};
-use crate::login_limits::{self, ClientAddr};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;

@@ -164,7 +164,9 @@ async fn failure_counts_are_shared_by_replicas_and_survive_a_restart() {
     assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
     // Retry-After is the time until the oldest counted failure leaves the 15-minute window.
     let frozen = restarted.clock.freeze();
-    let oldest = restarted.scalar("SELECT (extract(epoch FROM min(failed_at)) * 1000000)::bigint FROM login_failures WHERE kind = 'email_address'").await;
+    let oldest = restarted
+        .scalar("SELECT (extract(epoch FROM min(failed_at)) * 1000000)::bigint FROM login_failures WHERE kind = 'email_address'")
+        .await;
     let (_, _, h) = login(&restarted, ADDR, "remy@example.com", "correct horse battery").await;
     let want = (oldest + 900_000_000 - frozen.timestamp_micros() + 999_999) / 1_000_000;
     assert_eq!(retry_after(&h) as i64, want.max(1));
