@@ -14,6 +14,11 @@ async fn password_app(sink: &SmtpSink) -> Option<TestApp> {
     app_with(|c| password_auth(c, sink)).await
 }
 
+/// Another replica of `a` (or `a` restarted) with password accounts on.
+async fn password_replica(a: &TestApp, sink: &SmtpSink) -> TestApp {
+    a.replica_with(|c| password_auth(c, sink)).await
+}
+
 async fn signup(a: &TestApp, email: &str, password: &str) -> Value {
     let (s, body, _) = a.call_from(ADDR, "POST", "/v1/auth/signup", json!({"email": email, "password": password})).await;
     assert_eq!(s, StatusCode::CREATED, "{body}");
@@ -144,7 +149,7 @@ fn retry_after(h: &axum::http::HeaderMap) -> u64 {
 async fn failure_counts_are_shared_by_replicas_and_survive_a_restart() {
     let sink = SmtpSink::start().await;
     let a = app_or_skip!(password_app(&sink).await);
-    let b = a.replica_with(|c| password_auth(c, &sink)).await;
+    let b = password_replica(&a, &sink).await;
     signup(&a, "remy@example.com", "correct horse battery").await;
     // Ten failures of one email from one address, spread over two replicas.
     for replica in [&a, &b, &a, &b, &a, &b, &a, &b, &a, &b] {
@@ -158,7 +163,7 @@ async fn failure_counts_are_shared_by_replicas_and_survive_a_restart() {
     }
     // A restarted server (a new state on the same database) still refuses.
     drop(b);
-    let restarted = a.replica_with(|c| password_auth(c, &sink)).await;
+    let restarted = password_replica(&a, &sink).await;
     drop(a);
     let (s, _, _) = login(&restarted, ADDR, "remy@example.com", "correct horse battery").await;
     assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
@@ -181,7 +186,7 @@ async fn failure_counts_are_shared_by_replicas_and_survive_a_restart() {
 async fn parallel_guesses_on_two_replicas_get_no_more_tries_than_the_limit() {
     let sink = SmtpSink::start().await;
     let a = app_or_skip!(password_app(&sink).await);
-    let b = a.replica_with(|c| password_auth(c, &sink)).await;
+    let b = password_replica(&a, &sink).await;
     signup(&a, "pia@example.com", "correct horse battery").await;
     let guesses = (0..30).map(|i| login(if i % 2 == 0 { &a } else { &b }, ADDR, "pia@example.com", "guess guess"));
     let mut statuses: Vec<u16> = futures::future::join_all(guesses).await.iter().map(|(s, _, _)| s.as_u16()).collect();
