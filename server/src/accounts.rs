@@ -149,6 +149,7 @@ fn user_tables() -> impl Iterator<Item = &'static str> {
         "refresh_tokens",
         "refresh_families",
         "password_credentials",
+        "login_successes",
         "console_sessions",
         "webhook_attempts",
         "webhook_deliveries",

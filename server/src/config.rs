@@ -166,12 +166,18 @@ pub struct Config {
     /// Lifetime of access tokens of password accounts, in seconds.
     #[arg(long, env = "TALLY_ACCESS_TOKEN_TTL_SECS", default_value_t = 900)]
     pub access_token_ttl_secs: u64,
-    /// Failed logins allowed per (email, client address) in 15 minutes.
+    /// Failed logins allowed per (email, client address) in 15 minutes; also the failed
+    /// console sign-ins allowed per client address.
     #[arg(long, env = "TALLY_LOGIN_FAILURES_PER_EMAIL", default_value_t = 10)]
     pub login_failures_per_email: u32,
-    /// Failed logins (and sign-ups, reset requests) allowed per client address in 15 minutes.
+    /// Failed logins and console sign-ins (and sign-ups, reset requests) allowed per client
+    /// address in 15 minutes.
     #[arg(long, env = "TALLY_LOGIN_FAILURES_PER_ADDRESS", default_value_t = 50)]
     pub login_failures_per_address: u32,
+    /// Failed logins allowed per email from any address in 15 minutes; past it, only addresses
+    /// that signed in to the account within 30 days may try (a password reset clears the count).
+    #[arg(long, env = "TALLY_LOGIN_FAILURES_PER_ACCOUNT", default_value_t = 100)]
+    pub login_failures_per_account: u32,
     /// Master keys of the secrets vault, `kid:base64,…` (32-byte keys; the first seals).
     #[arg(long, env = "TALLY_SECRET_KEYS", hide_env_values = true)]
     pub secret_keys: Option<String>,
@@ -268,6 +274,7 @@ impl Config {
             access_token_ttl_secs: 900,
             login_failures_per_email: 10,
             login_failures_per_address: 50,
+            login_failures_per_account: 100,
             secret_keys: None,
             console_session_ttl_secs: 28_800,
             webhook_allow_private: false,

@@ -94,7 +94,7 @@ pub struct Shared {
     pub apple: Option<billing::apple::Apple>,
     /// Google Play (`None`: not configured, purchases answer `store_unconfigured`).
     pub google: Option<billing::google::Google>,
-    /// Failed-login limits of password accounts.
+    /// Failed sign-in limits of password accounts and the console.
     pub login_limits: login_limits::LoginLimits,
     /// Sender of verification and reset mail (with `TALLY_PASSWORD_AUTH=1`).
     pub mailer: Option<mail::Mailer>,
@@ -162,7 +162,11 @@ impl AppState {
         if vault.is_none() {
             tracing::info!("TALLY_SECRET_KEYS is not set: the secrets routes answer 503 secrets_unconfigured");
         }
-        let login_limits = login_limits::LoginLimits::new(config.login_failures_per_email, config.login_failures_per_address);
+        let login_limits = login_limits::LoginLimits::new(
+            config.login_failures_per_email,
+            config.login_failures_per_address,
+            config.login_failures_per_account,
+        );
         let limiter = ratelimit::Limiter::new(config.rate_limit_per_sec, config.rate_limit_burst);
         let apple = billing::apple::Apple::from_config(&config).map_err(StartError::Config)?;
         let google = billing::google::Google::from_config(&config).map_err(StartError::Config)?;

@@ -9,18 +9,17 @@
 use crate::account_tokens;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::JsonBody;
+use crate::login_limits::{self, ClientAddr};
 use crate::mail::{self, Purpose};
 use crate::users::{USER_COLUMNS, User};
 use crate::{AppState, access_tokens, passwords, sessions};
-use axum::extract::{ConnectInfo, FromRequestParts, State};
+use axum::extract::State;
 use axum::http::StatusCode;
-use axum::http::request::Parts;
 use axum::routing::post;
 use axum::{Json, Router};
 use deadpool_postgres::GenericClient;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use std::net::SocketAddr;
 use tally_core::contract;
 use uuid::Uuid;
 
@@ -34,17 +33,6 @@ pub fn router() -> Router<AppState> {
         .route("/v1/auth/verify", post(verify))
         .route("/v1/auth/password/forgot", post(forgot))
         .route("/v1/auth/password/reset", post(reset))
-}
-
-/// The client's address (the connection's peer; `unknown` when the server was not told).
-pub struct ClientAddr(pub String);
-
-impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
-    type Rejection = ApiError;
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
-        let ip = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip().to_string());
-        Ok(ClientAddr(ip.unwrap_or_else(|| "unknown".into())))
-    }
 }
 
 fn enabled(state: &AppState) -> ApiResult<()> {
@@ -123,7 +111,7 @@ pub async fn signup(
     contract::account_email(&email)?;
     contract::password(&b.password)?;
     contract::display_name(b.display_name.as_deref())?;
-    state.login_limits.attempt(state.now(), &addr)?;
+    state.login_limits.attempt(&state.pool, state.now(), &addr).await?;
     let taken = || ApiError::Conflict("email_taken", "a password account with this email exists; sign in instead".into());
     let client = state.pool.get().await?;
     if client.query_opt("SELECT 1 FROM password_credentials WHERE lower(email) = lower($1)", &[&email]).await?.is_some() {
@@ -157,6 +145,7 @@ pub async fn signup(
     }
     let token = account_tokens::issue(&tx, now, user_id, Purpose::Verify, &email).await?;
     let refresh = sessions::start(&state, &tx, user_id).await?;
+    login_limits::signed_in(&tx, now, user_id, &addr).await?;
     tx.commit().await?;
     mail::send_in_background(&state, email, Purpose::Verify, token);
     let user = User::from_row(&r, &state.config.admin_subjects);
@@ -175,7 +164,9 @@ pub struct Login {
 
 /// `POST /v1/auth/login`: 200 with a session; every failure is 401 `invalid_credentials` after
 /// the same work (an unknown email is checked against a dummy hash); failures are limited per
-/// (email, address) and per address (429). A disabled account with the right password is 403.
+/// (email, address), per address and per email from any address (429; the last one does not
+/// hold an address that signed in to the account within 30 days). A disabled account with the
+/// right password is 403.
 #[utoipa::path(
     operation_id = "password_auth_login",
     post,
@@ -187,7 +178,6 @@ pub struct Login {
 pub async fn login(State(state): State<AppState>, ClientAddr(addr): ClientAddr, JsonBody(b): JsonBody<Login>) -> ApiResult<Json<Session>> {
     enabled(&state)?;
     let email = b.email.trim().to_string();
-    state.login_limits.check(state.now(), Some(&email), &addr)?;
     let client = state.pool.get().await?;
     let found = client
         .query_opt(
@@ -196,20 +186,25 @@ pub async fn login(State(state): State<AppState>, ClientAddr(addr): ClientAddr, 
             &[&email],
         )
         .await?;
+    let known_address = match &found {
+        Some(r) => login_limits::signed_in_recently(&client, state.now(), r.get(0), &addr).await?,
+        None => false,
+    };
     drop(client);
+    let attempt = state.login_limits.login(&state.pool, state.now(), &email, &addr, known_address).await?;
     let stored = found.as_ref().map(|r| r.get::<_, String>(1));
     let password = b.password.clone();
     // Past the length cap nothing is hashed: no stored password can be that long.
     let ok = password.len() <= contract::MAX_PASSWORD_BYTES && blocking(move || passwords::verify(&password, stored.as_deref())).await?;
-    let Some(row) = found.filter(|_| ok) else {
-        state.login_limits.record(state.now(), Some(&email), &addr);
-        return Err(invalid_credentials());
-    };
+    // A failure stays counted.
+    let Some(row) = found.filter(|_| ok) else { return Err(invalid_credentials()) };
+    state.login_limits.forgive(&state.pool, attempt).await?;
     if row.get::<_, bool>(2) {
         return Err(ApiError::AccountDisabled);
     }
     let user_id: Uuid = row.get(0);
     let client = state.pool.get().await?;
+    login_limits::signed_in(&client, state.now(), user_id, &addr).await?;
     let refresh = sessions::start(&state, &client, user_id).await?;
     let user = user_by_id(&state, &client, user_id).await?;
     session(&state, user, refresh).await
@@ -290,7 +285,7 @@ async fn verified(state: &AppState, user_id: Uuid, email: &str) -> ApiResult<Uui
         &[&pending, &access_tokens::subject(pending), &now, &user_id],
     )
     .await?;
-    for table in ["password_credentials", "refresh_families", "refresh_tokens", "account_tokens"] {
+    for table in ["password_credentials", "refresh_families", "refresh_tokens", "account_tokens", "login_successes"] {
         tx.execute(&format!("UPDATE {table} SET user_id = $2 WHERE user_id = $1"), &[&user_id, &pending]).await?;
     }
     tx.commit().await?;
@@ -350,7 +345,7 @@ pub async fn forgot(
     JsonBody(b): JsonBody<Forgot>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     enabled(&state)?;
-    state.login_limits.attempt(state.now(), &addr)?;
+    state.login_limits.attempt(&state.pool, state.now(), &addr).await?;
     let email = b.email.trim();
     let client = state.pool.get().await?;
     let found = client
@@ -379,7 +374,8 @@ pub struct Reset {
 }
 
 /// `POST /v1/auth/password/reset`: sets a new password with a reset token (once), ends every
-/// session of the account, and (the mail having reached its owner) marks the email verified.
+/// session of the account, clears its failed logins, and (the mail having reached its owner)
+/// marks the email verified.
 #[utoipa::path(
     operation_id = "password_auth_reset",
     post,
@@ -401,6 +397,7 @@ pub async fn reset(State(state): State<AppState>, JsonBody(b): JsonBody<Reset>) 
     crate::users::ensure_enabled(&user)?;
     tx.execute("UPDATE password_credentials SET password_hash = $2, updated_at = $3 WHERE user_id = $1", &[&user_id, &hash, &now]).await?;
     sessions::end_all(&state, &tx, user_id).await?;
+    login_limits::clear_email(&tx, &email).await?;
     tx.commit().await?;
     verified(&state, user_id, &email).await?;
     Ok(StatusCode::NO_CONTENT)

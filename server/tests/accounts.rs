@@ -14,6 +14,11 @@ async fn password_app(sink: &SmtpSink) -> Option<TestApp> {
     app_with(|c| password_auth(c, sink)).await
 }
 
+/// Another replica of `a` (or `a` restarted) with password accounts on.
+async fn password_replica(a: &TestApp, sink: &SmtpSink) -> TestApp {
+    a.replica_with(|c| password_auth(c, sink)).await
+}
+
 async fn signup(a: &TestApp, email: &str, password: &str) -> Value {
     let (s, body, _) = a.call_from(ADDR, "POST", "/v1/auth/signup", json!({"email": email, "password": password})).await;
     assert_eq!(s, StatusCode::CREATED, "{body}");
@@ -134,6 +139,105 @@ async fn repeated_failures_are_429_for_that_email_and_address_only() {
         assert_eq!(s, StatusCode::UNAUTHORIZED, "attempt {i}");
     }
     assert_eq!(login(&a, "192.0.2.9:1", "fresh@example.com", "guess guess").await.0, StatusCode::TOO_MANY_REQUESTS);
+}
+
+fn retry_after(h: &axum::http::HeaderMap) -> u64 {
+    h.get("retry-after").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+#[tokio::test]
+async fn failure_counts_are_shared_by_replicas_and_survive_a_restart() {
+    let sink = SmtpSink::start().await;
+    let a = app_or_skip!(password_app(&sink).await);
+    let b = password_replica(&a, &sink).await;
+    signup(&a, "remy@example.com", "correct horse battery").await;
+    // Ten failures of one email from one address, spread over two replicas.
+    for replica in [&a, &b, &a, &b, &a, &b, &a, &b, &a, &b] {
+        assert_eq!(login(replica, ADDR, "remy@example.com", "guess guess").await.0, StatusCode::UNAUTHORIZED);
+    }
+    for replica in [&a, &b] {
+        let (s, body, h) = login(replica, ADDR, "remy@example.com", "correct horse battery").await;
+        assert_eq!((s, code(&body)), (StatusCode::TOO_MANY_REQUESTS, "rate_limited"), "{body}");
+        assert!(body["error"]["message"].is_string(), "{body}");
+        assert!((1..=900).contains(&retry_after(&h)), "{h:?}");
+    }
+    // A restarted server (a new state on the same database) still refuses.
+    drop(b);
+    let restarted = password_replica(&a, &sink).await;
+    drop(a);
+    let (s, _, _) = login(&restarted, ADDR, "remy@example.com", "correct horse battery").await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
+    // Retry-After is the time until the oldest counted failure leaves the 15-minute window.
+    let frozen = restarted.clock.freeze();
+    let oldest = restarted
+        .scalar("SELECT (extract(epoch FROM min(failed_at)) * 1000000)::bigint FROM login_failures WHERE kind = 'email_address'")
+        .await;
+    let (_, _, h) = login(&restarted, ADDR, "remy@example.com", "correct horse battery").await;
+    let want = (oldest + 900_000_000 - frozen.timestamp_micros() + 999_999) / 1_000_000;
+    assert_eq!(retry_after(&h) as i64, want.max(1));
+    restarted.clock.advance(chrono::Duration::minutes(15));
+    assert_eq!(login(&restarted, ADDR, "remy@example.com", "correct horse battery").await.0, StatusCode::OK);
+    // Expired failures are pruned: only what the window holds is kept.
+    assert_eq!(login(&restarted, ADDR, "remy@example.com", "guess guess").await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(restarted.count("login_failures").await, 3, "one failure: its (email, address), address and account counts");
+}
+
+#[tokio::test]
+async fn parallel_guesses_on_two_replicas_get_no_more_tries_than_the_limit() {
+    let sink = SmtpSink::start().await;
+    let a = app_or_skip!(password_app(&sink).await);
+    let b = password_replica(&a, &sink).await;
+    signup(&a, "pia@example.com", "correct horse battery").await;
+    let guesses = (0..30).map(|i| login(if i % 2 == 0 { &a } else { &b }, ADDR, "pia@example.com", "guess guess"));
+    let mut statuses: Vec<u16> = futures::future::join_all(guesses).await.iter().map(|(s, _, _)| s.as_u16()).collect();
+    statuses.sort();
+    assert_eq!(statuses, [[401; 10].as_slice(), &[429; 20]].concat(), "each attempt is counted before its password is checked");
+}
+
+#[tokio::test]
+async fn a_distributed_guess_is_limited_per_account_without_locking_out_an_address_that_signed_in() {
+    let sink = SmtpSink::start().await;
+    let a = app_or_skip!(password_app(&sink).await);
+    const HOME: &str = "198.51.100.20:443";
+    const STALE: &str = "198.51.100.30:443";
+    signup(&a, "olga@example.com", "correct horse battery").await;
+    sink.wait_for(1).await;
+    // The owner signed in from STALE 31 days ago and from HOME yesterday.
+    assert_eq!(login(&a, STALE, "olga@example.com", "correct horse battery").await.0, StatusCode::OK);
+    a.clock.advance(chrono::Duration::days(30));
+    assert_eq!(login(&a, HOME, "olga@example.com", "correct horse battery").await.0, StatusCode::OK);
+    a.clock.advance(chrono::Duration::days(1));
+    // 100 failures of the account from 100 addresses (the email in any case).
+    for i in 0..100 {
+        let from = format!("10.0.{}.{}:1000", i / 200, i % 200 + 1);
+        let email = if i % 2 == 0 { "olga@example.com" } else { "OLGA@Example.COM" };
+        let (s, body, _) = login(&a, &from, email, "guess guess").await;
+        assert_eq!((s, code(&body)), (StatusCode::UNAUTHORIZED, "invalid_credentials"), "attempt {i}: {body}");
+    }
+    // A stranger's next address is refused, with the right password too, and counts nothing.
+    let (s, body, h) = login(&a, "10.9.9.9:1", "olga@example.com", "guess guess").await;
+    assert_eq!((s, code(&body)), (StatusCode::TOO_MANY_REQUESTS, "rate_limited"), "{body}");
+    assert!((1..=900).contains(&retry_after(&h)), "{h:?}");
+    let before = a.count("login_failures").await;
+    assert_eq!(login(&a, "10.9.9.9:1", "olga@example.com", "correct horse battery").await.0, StatusCode::TOO_MANY_REQUESTS);
+    // An address that signed in more than 30 days ago is a stranger's.
+    assert_eq!(login(&a, STALE, "olga@example.com", "correct horse battery").await.0, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(a.count("login_failures").await, before, "refused attempts count nothing");
+    // The owner's address still gets through: a wrong password is invalid_credentials and counts,
+    let (s, body, _) = login(&a, HOME, "olga@example.com", "guess guess").await;
+    assert_eq!((s, code(&body)), (StatusCode::UNAUTHORIZED, "invalid_credentials"), "{body}");
+    assert_eq!(a.count("login_failures").await, before + 3);
+    // the right one signs in.
+    let (s, body, _) = login(&a, HOME, "olga@example.com", "correct horse battery").await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    // A password reset clears the account's count: the stranger's address may try again.
+    let (s, _) = a.call("POST", "/v1/auth/password/forgot", None, Some(json!({"email": "olga@example.com"}))).await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    let token = mailed_token(&sink.wait_for(2).await);
+    let (s, _) = a.call("POST", "/v1/auth/password/reset", None, Some(json!({"token": token, "password": "a brand new password"}))).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, body, _) = login(&a, "10.9.9.9:1", "olga@example.com", "a brand new password").await;
+    assert_eq!(s, StatusCode::OK, "{body}");
 }
 
 #[tokio::test]

@@ -7,7 +7,6 @@ use axum::http::StatusCode;
 use chrono::Duration;
 use common::*;
 use serde_json::{Value, json};
-use tally_server::AppState;
 use uuid::Uuid;
 
 const CAT: &str = r#"{"models": {"gpt-4o": {"input_micros_per_mtok": 2500000, "output_micros_per_mtok": 10000000}},
@@ -37,11 +36,7 @@ async fn primary() -> Option<TestApp> {
 
 /// A second replica: its own state and router on the same database and clock.
 async fn replica(a: &TestApp) -> TestApp {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut config = test_config(&a.url, dir.path());
-    tweak(&mut config);
-    let state = AppState::with_clock(config, a.clock.clone()).await.expect("state");
-    TestApp { state: state.clone(), router: tally_server::app(state), url: a.url.clone(), dir, clock: a.clock.clone() }
+    a.replica_with(tweak).await
 }
 
 async fn post(a: &TestApp, t: &str, path: &str, body: Value) -> (StatusCode, Value) {

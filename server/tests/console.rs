@@ -188,6 +188,27 @@ async fn sign_in_refuses_bad_tokens_non_admins_and_forms_without_their_token() {
 }
 
 #[tokio::test]
+async fn failed_sign_ins_are_limited_per_address_on_every_replica() {
+    let app = app_or_skip!(app().await);
+    for i in 0..10 {
+        assert_eq!(post_sign_in(&app, &format!("tk_guess_{i}")).await.status, StatusCode::UNAUTHORIZED, "guess {i}");
+    }
+    let replica = app.replica_with(|_| {}).await;
+    for console in [&app, &replica] {
+        // Past the limit even an admin's token is refused, with the time to wait.
+        let resp = post_sign_in(console, &token("root-admin")).await;
+        assert_eq!(resp.status, StatusCode::TOO_MANY_REQUESTS, "{}", resp.text);
+        let retry: u64 = resp.headers.get(header::RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap_or(0);
+        assert!((1..=900).contains(&retry), "{retry}");
+        assert!(resp.text.contains("id=\"sign-in-error\"") && resp.text.contains("Too many failed sign-ins"), "{}", resp.text);
+        assert!(resp.cookie("tally_console").is_none());
+    }
+    assert_eq!(app.count("console_sessions").await, 0, "nothing was started");
+    app.clock.advance(chrono::Duration::minutes(15));
+    sign_in(&app, &token("root-admin")).await;
+}
+
+#[tokio::test]
 async fn the_session_cookie_is_http_only_strict_and_scoped_and_secure_behind_https() {
     let app = app_or_skip!(app().await);
     let resp = post_sign_in(&app, &token("root-admin")).await;

@@ -8,6 +8,7 @@ use super::{ConsoleError, render_with};
 use crate::AppState;
 use crate::auth::{Admin, Principal};
 use crate::error::ApiError;
+use crate::login_limits::ClientAddr;
 use crate::{api_keys, users};
 use askama::Template;
 use axum::extract::{FromRequest, FromRequestParts, Request, State};
@@ -210,7 +211,9 @@ struct SignInForm {
 
 /// `POST /console/sign-in`: verifies the token as the API does; an admin's starts a session
 /// (303 to the user search), anything else shows the form again with the reason (401, or 403
-/// for a form without its token) and starts nothing.
+/// for a form without its token) and starts nothing. Failed sign-ins are limited per client
+/// address like failed logins: past the limit the form comes back with 429 and `Retry-After`,
+/// and no token is checked.
 pub async fn sign_in(State(state): State<AppState>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let refuse = |status: StatusCode, msg: String| sign_in_form(&state, &parts.headers, &parts.uri, status, Some(msg));
@@ -233,14 +236,34 @@ pub async fn sign_in(State(state): State<AppState>, req: Request) -> Response {
     if token.is_empty() {
         return refuse(StatusCode::UNAUTHORIZED, "paste an admin's bearer token or an admin API key".into());
     }
+    let ClientAddr(addr) = ClientAddr::of(&parts.extensions);
+    let attempt = match state.login_limits.console(&state.pool, state.now(), &addr).await {
+        Ok(a) => a,
+        Err(ApiError::RateLimited(secs)) => {
+            let mut resp = refuse(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("Too many failed sign-ins from this address: try again in {} minutes", secs.div_ceil(60)),
+            );
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            return resp;
+        }
+        Err(e) => return ConsoleError::from(e).into_response(),
+    };
     let slot = parts.extensions.get::<crate::concurrency::TurnSlot>().cloned();
+    // A failure stays counted; a right credential (or the server's own error) is forgiven.
     let principal = match crate::auth::verify_bearer(&state, token, slot).await {
         Ok((p, _)) => p,
         Err(e) if e.status().is_client_error() => return refuse(StatusCode::UNAUTHORIZED, format!("{} ({})", e, e.code())),
-        Err(e) => return ConsoleError::from(e).into_response(),
+        Err(e) => {
+            let forgiven = state.login_limits.forgive(&state.pool, attempt).await;
+            return ConsoleError::from(forgiven.err().unwrap_or(e)).into_response();
+        }
     };
     if !principal.is_admin() {
         return refuse(StatusCode::UNAUTHORIZED, "this credential is valid but not an admin's".into());
+    }
+    if let Err(e) = state.login_limits.forgive(&state.pool, attempt).await {
+        return ConsoleError::from(e).into_response();
     }
     match start(&state, &principal).await {
         Ok(session_id) => {

@@ -135,6 +135,18 @@ pub async fn app_with(f: impl FnOnce(&mut Config)) -> Option<TestApp> {
     Some(TestApp { state, router, url, dir, clock })
 }
 
+impl TestApp {
+    /// Another replica of this server (or this server restarted): a new state and router on
+    /// the same database and clock, with the test configuration changed by `f`.
+    pub async fn replica_with(&self, f: impl FnOnce(&mut Config)) -> TestApp {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = test_config(&self.url, dir.path());
+        f(&mut config);
+        let state = AppState::with_clock(config, self.clock.clone()).await.expect("state");
+        TestApp { state: state.clone(), router: tally_server::app(state), url: self.url.clone(), dir, clock: self.clock.clone() }
+    }
+}
+
 /// A test app with the default test configuration.
 pub async fn app() -> Option<TestApp> {
     app_with(|_| {}).await
