@@ -142,7 +142,7 @@ pub struct Collision {
 }
 
 /// Every reported collision, the oldest first.
-pub async fn collisions(client: &impl deadpool_postgres::GenericClient) -> Result<Vec<Collision>, tokio_postgres::Error> {
+pub async fn collisions(client: &impl deadpool_postgres::GenericClient) -> crate::ApiResult<Vec<Collision>> {
     Ok(client
         .query("SELECT table_name, user_id, email, kept_by FROM email_collisions ORDER BY id", &[])
         .await?
