@@ -84,10 +84,7 @@ pub async fn create_user(State(state): State<AppState>, _a: Admin, JsonBody(b): 
         "INSERT INTO users (user_id, email, email_canonical, external_id, display_name, timezone) \
          VALUES ($1, $2, $3, $4, $5, coalesce($6, 'UTC')) ON CONFLICT DO NOTHING RETURNING {USER_COLUMNS}"
     );
-    let r = tx
-        .query_opt(&q, &[&Uuid::now_v7(), &email, &canonical, &b.subject, &b.display_name, &b.timezone])
-        .await?
-        .ok_or_else(exists)?;
+    let r = tx.query_opt(&q, &[&Uuid::now_v7(), &email, &canonical, &b.subject, &b.display_name, &b.timezone]).await?.ok_or_else(exists)?;
     tx.commit().await?;
     Ok((StatusCode::CREATED, Json(User::from_row(&r, &state.config.admin_subjects))))
 }

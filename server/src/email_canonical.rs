@@ -36,10 +36,7 @@ pub struct Outcome {
 pub async fn complete(client: &mut tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
     let tx = client.transaction().await?;
     let pending = tx
-        .query_one(
-            "SELECT to_regclass('password_credentials_email') IS NOT NULL OR to_regclass('users_pending_email') IS NOT NULL",
-            &[],
-        )
+        .query_one("SELECT to_regclass('password_credentials_email') IS NOT NULL OR to_regclass('users_pending_email') IS NOT NULL", &[])
         .await?
         .get::<_, bool>(0);
     if !pending {
@@ -53,7 +50,8 @@ pub async fn complete(client: &mut tokio_postgres::Client) -> Result<(), tokio_p
         .collect();
     let credentials = settle(&tx, "password_credentials", credentials, true).await?;
     // Pending users are unique by address; every other user only gets its canonical address.
-    let users = tx.query("SELECT user_id, email, email_verified, created_at, external_id IS NULL FROM users WHERE email IS NOT NULL", &[]).await?;
+    let users =
+        tx.query("SELECT user_id, email, email_verified, created_at, external_id IS NULL FROM users WHERE email IS NOT NULL", &[]).await?;
     let (pending, others): (Vec<_>, Vec<_>) = users.iter().partition(|r| r.get::<_, bool>(4));
     let row = |r: &&tokio_postgres::Row| Row { user_id: r.get(0), email: r.get(1), verified: r.get(2), created_at: r.get(3) };
     let pending = settle(&tx, "users", pending.iter().map(row).collect(), true).await?;
@@ -109,7 +107,13 @@ async fn settle(tx: &impl GenericClient, table: &str, rows: Vec<Row>, unique: bo
     Ok(outcome)
 }
 
-async fn report(tx: &impl GenericClient, table: &str, row: &Row, canonical: Option<&str>, kept_by: Option<Uuid>) -> Result<(), tokio_postgres::Error> {
+async fn report(
+    tx: &impl GenericClient,
+    table: &str,
+    row: &Row,
+    canonical: Option<&str>,
+    kept_by: Option<Uuid>,
+) -> Result<(), tokio_postgres::Error> {
     match kept_by {
         Some(kept_by) => tracing::warn!(
             table, user_id = %row.user_id, %kept_by,

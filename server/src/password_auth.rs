@@ -423,11 +423,8 @@ pub async fn reset(State(state): State<AppState>, JsonBody(b): JsonBody<Reset>) 
 pub async fn set_password(state: &AppState, tx: &impl GenericClient, user_id: Uuid, hash: &str) -> ApiResult<()> {
     let now = state.now();
     tx.execute("UPDATE password_credentials SET password_hash = $2, updated_at = $3 WHERE user_id = $1", &[&user_id, &hash, &now]).await?;
-    tx.execute(
-        "UPDATE account_tokens SET used_at = $2 WHERE user_id = $1 AND purpose = 'reset' AND used_at IS NULL",
-        &[&user_id, &now],
-    )
-    .await?;
+    tx.execute("UPDATE account_tokens SET used_at = $2 WHERE user_id = $1 AND purpose = 'reset' AND used_at IS NULL", &[&user_id, &now])
+        .await?;
     sessions::revoke_everything(state, tx, user_id).await
 }
 
@@ -456,13 +453,18 @@ pub async fn delete_unverified(state: &AppState) -> ApiResult<u64> {
     for user_id in due {
         let mut client = state.pool.get().await?;
         let tx = client.transaction().await?;
-        let Some(r) = tx.query_opt(&format!("SELECT {USER_COLUMNS} FROM users WHERE user_id = $1 FOR NO KEY UPDATE SKIP LOCKED"), &[&user_id]).await?
+        let Some(r) = tx
+            .query_opt(&format!("SELECT {USER_COLUMNS} FROM users WHERE user_id = $1 FOR NO KEY UPDATE SKIP LOCKED"), &[&user_id])
+            .await?
         else {
             continue;
         };
         let user = User::from_row(&r, &state.config.admin_subjects);
         let still = tx
-            .query_opt("SELECT 1 FROM password_credentials WHERE user_id = $1 AND email_verified_at IS NULL AND created_at <= $2", &[&user_id, &(now - UNVERIFIED_TTL)])
+            .query_opt(
+                "SELECT 1 FROM password_credentials WHERE user_id = $1 AND email_verified_at IS NULL AND created_at <= $2",
+                &[&user_id, &(now - UNVERIFIED_TTL)],
+            )
             .await?;
         if still.is_none() {
             continue;

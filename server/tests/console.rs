@@ -817,7 +817,8 @@ async fn canonical_emails_are_filled_before_serving_collisions_go_to_the_verifie
     let state = tally_server::AppState::with_clock(config, clock.clone()).await.unwrap();
     let app = TestApp { router: tally_server::app(state.clone()), state, url, dir, clock };
     for (email, owner) in [("re\u{301}na@example.com", rena_nfc), ("ben@xn--bcher-kva.example", ben_old)] {
-        let (s, r, _) = app.call_from("203.0.113.4:1", "POST", "/v1/auth/login", json!({"email": email, "password": "correct horse battery"})).await;
+        let (s, r, _) =
+            app.call_from("203.0.113.4:1", "POST", "/v1/auth/login", json!({"email": email, "password": "correct horse battery"})).await;
         assert_eq!((s, r["user"]["id"].as_str()), (StatusCode::OK, Some(owner.to_string().as_str())), "{email}: {r}");
     }
     // The console lists what was taken.

@@ -345,8 +345,9 @@ async fn a_password_account_stores_secrets_only_once_its_email_is_verified() {
         })
         .await
     );
-    let (st, s, _) =
-        a.call_from("203.0.113.9:4000", "POST", "/v1/auth/signup", json!({"email": "sue@example.com", "password": "correct horse battery"})).await;
+    let (st, s, _) = a
+        .call_from("203.0.113.9:4000", "POST", "/v1/auth/signup", json!({"email": "sue@example.com", "password": "correct horse battery"}))
+        .await;
     assert_eq!(st, StatusCode::CREATED, "{s}");
     let put = |bearer: String| {
         let a = &a;
@@ -357,8 +358,9 @@ async fn a_password_account_stores_secrets_only_once_its_email_is_verified() {
     assert_eq!(a.count("secrets").await, 0, "nothing stored");
     let (st, _) = a.call("POST", "/v1/auth/verify", None, Some(json!({"token": mailed_token(&sink.wait_for(1).await)}))).await;
     assert_eq!(st, StatusCode::OK);
-    let (_, l, _) =
-        a.call_from("203.0.113.9:4000", "POST", "/v1/auth/login", json!({"email": "sue@example.com", "password": "correct horse battery"})).await;
+    let (_, l, _) = a
+        .call_from("203.0.113.9:4000", "POST", "/v1/auth/login", json!({"email": "sue@example.com", "password": "correct horse battery"}))
+        .await;
     let (st, r) = put(l["access_token"].as_str().unwrap().to_string()).await;
     assert_eq!(st, StatusCode::OK, "{r}");
     // An identity provider's user is vouched for by the provider.
