@@ -35,11 +35,11 @@ pub struct Outcome {
 /// indexes are gone); idempotent, in one transaction. Runs under the migration lock.
 pub async fn complete(client: &mut tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
     let tx = client.transaction().await?;
-    let pending = tx
+    let to_do = tx
         .query_one("SELECT to_regclass('password_credentials_email') IS NOT NULL OR to_regclass('users_pending_email') IS NOT NULL", &[])
         .await?
         .get::<_, bool>(0);
-    if !pending {
+    if !to_do {
         return Ok(());
     }
     let credentials = tx
