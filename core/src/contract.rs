@@ -309,17 +309,49 @@ pub fn email(v: Option<&str>) -> Checked {
     no_control("email", v)
 }
 
-/// The email address of a password account: required, at most [`MAX_EMAIL_BYTES`] bytes, no
-/// whitespace or control characters, one `@` with text on both sides.
-pub fn account_email(v: &str) -> Checked {
-    let bad = || Violation::new("email", "invalid_email", "email must be an address like name@example.com");
+/// The canonical form of an email address, in which every comparison of emails is made (sign-up,
+/// login, reset, pending users, Stripe customers): the local part in NFC with its ASCII letters
+/// lowercased (no other case folding), the domain in its UTS-46 non-transitional ASCII form
+/// (`Bücher.example` becomes `xn--bcher-kva.example`). Surrounding whitespace is ignored.
+///
+/// Refused with `invalid_email`: more or less than one `@`, an empty side, whitespace or control
+/// characters, more than [`MAX_EMAIL_BYTES`] bytes, a domain UTS-46 refuses, and a local part
+/// that compatibility normalization (NFKC) would change beyond canonical composition — the
+/// Kelvin sign `\u{212A}`, fullwidth letters, ligatures — since such an address looks like
+/// another one.
+pub fn canonical_email(v: &str) -> Checked<String> {
+    use unicode_normalization::UnicodeNormalization;
+    let bad = |why: &str| Violation::new("email", "invalid_email", format!("email must be an address like name@example.com ({why})"));
+    let v = v.trim();
     if v.is_empty() || v.len() > MAX_EMAIL_BYTES || v.chars().any(|c| c.is_control() || c.is_whitespace()) {
-        return Err(bad());
+        return Err(bad(&format!("1 to {MAX_EMAIL_BYTES} bytes, without spaces or control characters")));
     }
-    match v.split_once('@') {
-        Some((local, domain)) if !local.is_empty() && !domain.is_empty() && !domain.contains('@') => Ok(()),
-        _ => Err(bad()),
+    let Some((local, domain)) = v.rsplit_once('@').filter(|(l, d)| !l.is_empty() && !d.is_empty() && !l.contains('@')) else {
+        return Err(bad("one @ with text on both sides"));
+    };
+    let nfc: String = local.nfc().collect();
+    // A character canonical decomposition replaces by a single other one (the Kelvin sign by
+    // `K`, the Ohm sign by `Ω`) disappears in NFC as well as in NFKC: refused on its own.
+    let singleton = local.chars().any(|c| {
+        let mut parts = 0;
+        let mut same = false;
+        unicode_normalization::char::decompose_canonical(c, |d| {
+            parts += 1;
+            same = d == c;
+        });
+        parts == 1 && !same
+    });
+    if singleton || nfc.nfkc().ne(nfc.chars()) {
+        return Err(bad("the part before @ holds a look-alike character such as the Kelvin sign or a fullwidth letter"));
     }
+    let domain = idna::uts46::Uts46::new()
+        .to_ascii(domain.as_bytes(), idna::uts46::AsciiDenyList::STD3, idna::uts46::Hyphens::CheckFirstLast, idna::uts46::DnsLength::Verify)
+        .map_err(|_| bad("the domain is not a valid host name"))?;
+    let canonical = format!("{}@{domain}", nfc.to_ascii_lowercase());
+    if canonical.len() > MAX_EMAIL_BYTES {
+        return Err(bad(&format!("at most {MAX_EMAIL_BYTES} bytes")));
+    }
+    Ok(canonical)
 }
 
 /// A password: [`MIN_PASSWORD_CHARS`] characters to [`MAX_PASSWORD_BYTES`] bytes, no U+0000.
@@ -425,6 +457,52 @@ mod tests {
         assert!(display_name(Some(&"é".repeat(MAX_DISPLAY_NAME_BYTES / 2))).is_ok());
         assert!(display_name(Some(&"é".repeat(MAX_DISPLAY_NAME_BYTES / 2 + 1))).is_err());
         assert!(timezone("Europe/Paris").is_ok() && timezone("Mars/Olympus").is_err());
+    }
+
+    #[test]
+    fn emails_compare_in_one_canonical_form() {
+        let c = |v: &str| canonical_email(v);
+        assert_eq!(c("  Kate@Example.COM ").unwrap(), "kate@example.com");
+        // NFD and NFC of é are one address; non-ASCII letters keep their case.
+        assert_eq!(c("re\u{301}mi@example.com").unwrap(), "r\u{e9}mi@example.com");
+        assert_eq!(c("r\u{e9}mi@example.com").unwrap(), "r\u{e9}mi@example.com");
+        assert_eq!(c("\u{c9}mile@example.com").unwrap(), "\u{c9}mile@example.com");
+        // The domain in its UTS-46 non-transitional ASCII form: Unicode, punycode and case agree.
+        assert_eq!(c("a@B\u{fc}cher.example").unwrap(), "a@xn--bcher-kva.example");
+        assert_eq!(c("a@xn--bcher-kva.example").unwrap(), "a@xn--bcher-kva.example");
+        assert_eq!(c("a@XN--BCHER-KVA.example").unwrap(), "a@xn--bcher-kva.example");
+        assert_eq!(c("a@stra\u{df}e.de").unwrap(), "a@xn--strae-oqa.de", "non-transitional: ß stays ß");
+        assert_eq!(c("a@\u{ff45}xample.com").unwrap(), "a@example.com", "UTS-46 maps a fullwidth domain");
+        // Look-alike local parts are refused, never folded onto the address they imitate.
+        for squat in [
+            "\u{212a}ate@example.com",
+            "\u{ff4b}ate@example.com",
+            "\u{fb01}le@example.com",
+            "\u{2126}@example.com",
+            "x\u{2460}@example.com",
+        ] {
+            let v = c(squat).unwrap_err();
+            assert_eq!((v.field.as_str(), v.code), ("email", "invalid_email"), "{squat:?}");
+        }
+        for bad in [
+            "",
+            "   ",
+            "kate",
+            "@example.com",
+            "kate@",
+            "a@b@c.com",
+            "ka te@example.com",
+            "kate@exa mple.com",
+            "k\u{7}@x.com",
+            "a@-.com",
+            "a@ex_ample.com",
+            "a@.com",
+            "a@x..com",
+        ] {
+            assert_eq!(c(bad).unwrap_err().code, "invalid_email", "{bad:?}");
+        }
+        assert_eq!(c(&format!("{}@example.com", "a".repeat(MAX_EMAIL_BYTES))).unwrap_err().code, "invalid_email");
+        assert_eq!(c(&format!("a@{}.com", "b".repeat(64))).unwrap_err().code, "invalid_email", "a DNS label is at most 63 bytes");
     }
 
     #[test]

@@ -130,7 +130,7 @@ impl PasswordSession {
         display_name: Option<&str>,
         clock: Arc<dyn Clock>,
     ) -> Result<(Arc<PasswordSession>, Profile)> {
-        crate::contract::account_email(email)?;
+        crate::contract::canonical_email(email)?;
         crate::contract::password(password)?;
         let http = http()?;
         let body = serde_json::json!({"email": email, "password": password, "display_name": display_name});

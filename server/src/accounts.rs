@@ -77,8 +77,20 @@ pub async fn delete_me(State(state): State<AppState>, AuthUser(user): AuthUser) 
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
     lock(&tx, user.user_id, &state.config.admin_subjects).await?;
+    remove(&state, &tx, &user).await?;
+    tx.commit().await?;
+    state.tokens.forget(user.user_id);
     state.user_cache.evict_user(user.user_id);
-    if let Some(s) = crate::billing::subscriptions::renewing_elsewhere(&tx, user.user_id, state.now()).await? {
+    Ok(axum::http::StatusCode::NO_CONTENT)
+}
+
+/// Removes the account of `user` (locked by the caller) in `tx`: 409 `subscription_active` while
+/// a subscription still renews; else the global logs about the user are scrubbed, every row of
+/// the account is deleted, `account.deleted` is emitted and the subject gets a tombstone.
+/// `DELETE /v1/me` and the deletion of accounts never verified call it.
+pub async fn remove(state: &AppState, tx: &impl GenericClient, user: &User) -> ApiResult<()> {
+    state.user_cache.evict_user(user.user_id);
+    if let Some(s) = crate::billing::subscriptions::renewing_elsewhere(tx, user.user_id, state.now()).await? {
         return Err(ApiError::Conflict(
             "subscription_active",
             format!(
@@ -113,11 +125,11 @@ pub async fn delete_me(State(state): State<AppState>, AuthUser(user): AuthUser) 
         tx.execute(&format!("UPDATE {log} SET user_id = NULL, outcome = 'scrubbed:account_deleted' WHERE user_id = $1"), &[&user.user_id])
             .await?;
     }
-    delete_rows(&tx, user.user_id).await?;
+    delete_rows(tx, user.user_id).await?;
     // Ids only; purged once delivered (or dead-lettered).
     let now = state.now();
     let id = crate::webhooks::outbox::event_id(user.user_id, "account.deleted", &[]);
-    crate::webhooks::outbox::emit(&tx, user.user_id, "account.deleted", id, json!({"subject": user.external_id}), now).await?;
+    crate::webhooks::outbox::emit(tx, user.user_id, "account.deleted", id, json!({"subject": user.external_id}), now).await?;
     if let Some(sub) = &user.external_id {
         tx.execute(
             "INSERT INTO account_tombstones (sub_hash, deleted_at) VALUES ($1, $2) ON CONFLICT (sub_hash) DO UPDATE SET deleted_at = excluded.deleted_at",
@@ -125,10 +137,7 @@ pub async fn delete_me(State(state): State<AppState>, AuthUser(user): AuthUser) 
         )
         .await?;
     }
-    tx.commit().await?;
-    state.tokens.forget(user.user_id);
-    state.user_cache.evict_user(user.user_id);
-    Ok(axum::http::StatusCode::NO_CONTENT)
+    Ok(())
 }
 
 /// Every table holding rows of one user (keyed by `user_id`), the `users` row last.

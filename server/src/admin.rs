@@ -2,7 +2,7 @@
 //! users, access grants and their revocation, plans, a user's usage, API keys.
 
 use crate::api_keys::{self, ApiKey};
-use crate::auth::Admin;
+use crate::auth::{Admin, Principal};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{JsonBody, QueryParams};
 use crate::users::{self, USER_COLUMNS, User};
@@ -49,9 +49,7 @@ pub struct NewUser {
 )]
 pub async fn create_user(State(state): State<AppState>, _a: Admin, JsonBody(b): JsonBody<NewUser>) -> ApiResult<(StatusCode, Json<User>)> {
     let email = b.email.as_deref().map(str::trim);
-    if let Some(email) = email {
-        tally_core::contract::account_email(email)?;
-    }
+    let canonical = email.map(tally_core::contract::canonical_email).transpose()?;
     if let Some(s) = &b.subject {
         tally_core::contract::subject(s)?;
         if s.starts_with(tally_core::contract::PASSWORD_SUBJECT_PREFIX) {
@@ -74,19 +72,19 @@ pub async fn create_user(State(state): State<AppState>, _a: Admin, JsonBody(b): 
     let tx = client.transaction().await?;
     // Only pending users are unique by email in the schema: two creations with one email wait
     // for each other here, so the second sees the first and answers 409.
-    if let Some(email) = email {
-        tx.execute("SELECT pg_advisory_xact_lock(hashtextextended('user-email:' || lower($1), 7461))", &[&email]).await?;
+    if let Some(canonical) = &canonical {
+        tx.execute("SELECT pg_advisory_xact_lock(hashtextextended('user-email:' || $1, 7461))", &[canonical]).await?;
     }
     let taken =
-        tx.query_opt("SELECT 1 FROM users WHERE lower(email) = lower($1) OR external_id = $2 LIMIT 1", &[&email, &b.subject]).await?;
+        tx.query_opt("SELECT 1 FROM users WHERE email_canonical = $1 OR external_id = $2 LIMIT 1", &[&canonical, &b.subject]).await?;
     if taken.is_some() {
         return Err(exists());
     }
     let q = format!(
-        "INSERT INTO users (user_id, email, external_id, display_name, timezone) VALUES ($1, $2, $3, $4, coalesce($5, 'UTC')) \
-         ON CONFLICT DO NOTHING RETURNING {USER_COLUMNS}"
+        "INSERT INTO users (user_id, email, email_canonical, external_id, display_name, timezone) \
+         VALUES ($1, $2, $3, $4, $5, coalesce($6, 'UTC')) ON CONFLICT DO NOTHING RETURNING {USER_COLUMNS}"
     );
-    let r = tx.query_opt(&q, &[&Uuid::now_v7(), &email, &b.subject, &b.display_name, &b.timezone]).await?.ok_or_else(exists)?;
+    let r = tx.query_opt(&q, &[&Uuid::now_v7(), &email, &canonical, &b.subject, &b.display_name, &b.timezone]).await?.ok_or_else(exists)?;
     tx.commit().await?;
     Ok((StatusCode::CREATED, Json(User::from_row(&r, &state.config.admin_subjects))))
 }
@@ -391,11 +389,19 @@ pub struct NewKey {
 )]
 pub async fn create_api_key(
     State(state): State<AppState>,
-    _a: Admin,
+    admin: Admin,
     JsonBody(k): JsonBody<NewKey>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
+    // A key belongs to the account of the user who made it (through a key: that key's account).
+    let owner = match &admin.0 {
+        Principal::User(u) => {
+            users::ensure_email_verified(u)?;
+            Some(u.user_id)
+        }
+        Principal::Key(k) => k.owner_id,
+    };
     let client = state.pool.get().await?;
-    let (key, secret) = api_keys::create(&client, api_keys::Issuer::AdminApi, &k.name, &k.scopes).await?;
+    let (key, secret) = api_keys::create(&client, api_keys::Issuer::AdminApi, &k.name, &k.scopes, owner).await?;
     Ok((StatusCode::CREATED, Json(json!({"key": key, "secret": secret}))))
 }
 

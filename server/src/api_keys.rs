@@ -52,7 +52,14 @@ pub struct ApiKey {
     pub created_at: DateTime<Utc>,
     /// Revocation time, if revoked.
     pub revoked_at: Option<DateTime<Utc>>,
+    /// The account whose user made the key, directly or through a key of theirs (`None`: the
+    /// operator's CLI); revoking that account's credentials revokes the key.
+    #[serde(skip)]
+    pub owner_id: Option<Uuid>,
 }
+
+/// Columns read into an [`ApiKey`], in order.
+const KEY_COLUMNS: &str = "key_id, name, scopes, created_at, revoked_at, owner_id";
 
 impl ApiKey {
     /// Whether the key has `scope`.
@@ -60,7 +67,7 @@ impl ApiKey {
         self.scopes.iter().any(|s| s == scope)
     }
     fn from_row(r: &tokio_postgres::Row) -> ApiKey {
-        ApiKey { key_id: r.get(0), name: r.get(1), scopes: r.get(2), created_at: r.get(3), revoked_at: r.get(4) }
+        ApiKey { key_id: r.get(0), name: r.get(1), scopes: r.get(2), created_at: r.get(3), revoked_at: r.get(4), owner_id: r.get(5) }
     }
 }
 
@@ -69,8 +76,15 @@ pub fn hash(secret: &str) -> String {
     hex::encode(Sha256::digest(secret.as_bytes()))
 }
 
-/// Creates a key for `issuer`; returns it with its secret, which is never shown again.
-pub async fn create(client: &impl GenericClient, issuer: Issuer, name: &str, scopes: &[String]) -> ApiResult<(ApiKey, String)> {
+/// Creates a key for `issuer`, owned by the account `owner` (`None`: the operator's); returns
+/// it with its secret, which is never shown again.
+pub async fn create(
+    client: &impl GenericClient,
+    issuer: Issuer,
+    name: &str,
+    scopes: &[String],
+    owner: Option<Uuid>,
+) -> ApiResult<(ApiKey, String)> {
     if name.is_empty() || name.len() > 100 {
         return Err(ApiError::invalid("name must be 1 to 100 bytes"));
     }
@@ -95,8 +109,8 @@ pub async fn create(client: &impl GenericClient, issuer: Issuer, name: &str, sco
     let secret = format!("{PREFIX}{}", hex::encode(rand::random::<[u8; 24]>()));
     let r = client
         .query_one(
-            "INSERT INTO api_keys (key_id, key_hash, name, scopes) VALUES ($1, $2, $3, $4) RETURNING key_id, name, scopes, created_at, revoked_at",
-            &[&Uuid::now_v7(), &hash(&secret), &name, &scopes],
+            &format!("INSERT INTO api_keys (key_id, key_hash, name, scopes, owner_id) VALUES ($1, $2, $3, $4, $5) RETURNING {KEY_COLUMNS}"),
+            &[&Uuid::now_v7(), &hash(&secret), &name, &scopes, &owner],
         )
         .await?;
     Ok((ApiKey::from_row(&r), secret))
@@ -104,7 +118,7 @@ pub async fn create(client: &impl GenericClient, issuer: Issuer, name: &str, sco
 
 /// Lists keys (without secrets).
 pub async fn list(client: &impl GenericClient) -> ApiResult<Vec<ApiKey>> {
-    let rows = client.query("SELECT key_id, name, scopes, created_at, revoked_at FROM api_keys ORDER BY created_at", &[]).await?;
+    let rows = client.query(&format!("SELECT {KEY_COLUMNS} FROM api_keys ORDER BY created_at"), &[]).await?;
     Ok(rows.iter().map(ApiKey::from_row).collect())
 }
 
@@ -114,11 +128,14 @@ pub async fn revoke(client: &impl GenericClient, key_id: Uuid) -> ApiResult<()> 
     if n == 0 { Err(ApiError::not_found("api key")) } else { Ok(()) }
 }
 
+/// Revokes every key the account `owner` holds; returns how many.
+pub async fn revoke_owned(client: &impl GenericClient, owner: Uuid, now: DateTime<Utc>) -> ApiResult<u64> {
+    Ok(client.execute("UPDATE api_keys SET revoked_at = $2 WHERE owner_id = $1 AND revoked_at IS NULL", &[&owner, &now]).await?)
+}
+
 /// The key `key_id` while it is not revoked (`None`: unknown or revoked).
 pub async fn active_by_id(client: &impl GenericClient, key_id: Uuid) -> ApiResult<Option<ApiKey>> {
-    let r = client
-        .query_opt("SELECT key_id, name, scopes, created_at, revoked_at FROM api_keys WHERE key_id = $1 AND revoked_at IS NULL", &[&key_id])
-        .await?;
+    let r = client.query_opt(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE key_id = $1 AND revoked_at IS NULL"), &[&key_id]).await?;
     Ok(r.as_ref().map(ApiKey::from_row))
 }
 
@@ -126,7 +143,7 @@ pub async fn active_by_id(client: &impl GenericClient, key_id: Uuid) -> ApiResul
 pub async fn authenticate(state: &AppState, secret: &str) -> ApiResult<ApiKey> {
     let client = state.pool.get().await?;
     let r = client
-        .query_opt("SELECT key_id, name, scopes, created_at, revoked_at FROM api_keys WHERE key_hash = $1", &[&hash(secret)])
+        .query_opt(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE key_hash = $1"), &[&hash(secret)])
         .await?
         .ok_or_else(|| ApiError::Unauthorized("invalid_api_key", "unknown API key".into()))?;
     let key = ApiKey::from_row(&r);

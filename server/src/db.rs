@@ -43,22 +43,29 @@ pub fn latest_version() -> i64 {
     migrations::runner().get_migrations().iter().map(|m| i64::from(m.version())).max().unwrap_or(0)
 }
 
-/// Applies the pending migrations to the database at `url`, holding an advisory lock; refuses a
-/// database newer than this binary. Returns the versions applied by this call.
+/// Applies the pending migrations to the database at `url`, holding an advisory lock, then
+/// completes what SQL cannot compute (under the same lock: [`crate::email_canonical::complete`]);
+/// refuses a database newer than this binary. Returns the versions applied by this call.
 pub async fn migrate(url: &str) -> Result<Vec<i64>, DbError> {
+    migrate_to(url, None).await
+}
+
+/// [`migrate`] up to version `target` only (`None`: every version, then the completion steps).
+/// A test uses a target to build the database an older server left.
+pub async fn migrate_to(url: &str, target: Option<i32>) -> Result<Vec<i64>, DbError> {
     let (mut client, conn) = tokio_postgres::connect(url, NoTls).await?;
     let task = tokio::spawn(conn);
     // A migration may build an index on a large table: never under a request timeout.
     client.batch_execute("SET statement_timeout = 0; SET lock_timeout = 0").await?;
     client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK]).await?;
-    let result = migrate_locked(&mut client).await;
+    let result = migrate_locked(&mut client, target).await;
     let _ = client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]).await;
     drop(client);
     let _ = task.await;
     result
 }
 
-async fn migrate_locked(client: &mut tokio_postgres::Client) -> Result<Vec<i64>, DbError> {
+async fn migrate_locked(client: &mut tokio_postgres::Client, target: Option<i32>) -> Result<Vec<i64>, DbError> {
     let supported = latest_version();
     let has_history = client
         .query_opt(
@@ -74,7 +81,14 @@ async fn migrate_locked(client: &mut tokio_postgres::Client) -> Result<Vec<i64>,
             return Err(DbError::TooNew { found, supported });
         }
     }
-    let report = migrations::runner().run_async(client).await.map_err(|e| DbError::Migration(e.to_string()))?;
+    let mut runner = migrations::runner();
+    if let Some(v) = target {
+        runner = runner.set_target(refinery::Target::Version(v));
+    }
+    let report = runner.run_async(client).await.map_err(|e| DbError::Migration(e.to_string()))?;
+    if target.is_none() {
+        crate::email_canonical::complete(client).await?;
+    }
     Ok(report.applied_migrations().iter().map(|m| i64::from(m.version())).collect())
 }
 

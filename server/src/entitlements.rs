@@ -369,6 +369,7 @@ mod tests {
             created_at: t,
             updated_at: t,
             disabled_at: None,
+            email_verified: false,
         }
     }
 

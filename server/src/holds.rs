@@ -437,19 +437,3 @@ pub async fn sweep(state: &AppState) -> ApiResult<u64> {
     }
     Ok(n)
 }
-
-/// Runs [`sweep`] every `every` for as long as the state lives (every replica runs one).
-pub fn spawn_sweeper(state: std::sync::Weak<crate::Shared>, every: std::time::Duration) {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            let Some(shared) = state.upgrade() else { return };
-            let st = crate::AppState(shared);
-            if let Err(e) = sweep(&st).await {
-                tracing::warn!(error = %e, "hold sweep failed; retrying next round");
-            }
-        }
-    });
-}

@@ -19,6 +19,7 @@ pub mod consume;
 pub mod cors;
 pub mod credits;
 pub mod db;
+pub mod email_canonical;
 pub mod entitlements;
 pub mod error;
 pub mod extract;
@@ -61,6 +62,36 @@ use tower_http::trace::TraceLayer;
 
 pub use config::Config;
 pub use error::{ApiError, ApiResult};
+
+/// How often (by the server's clock) the sweeper deletes the password accounts never verified.
+pub const UNVERIFIED_SWEEP_EVERY: chrono::Duration = chrono::Duration::hours(1);
+
+/// The periodic work of every replica, for as long as the state lives: every `every`, the holds
+/// past their expiry ([`holds::sweep`]); and, with password accounts on, whenever
+/// [`UNVERIFIED_SWEEP_EVERY`] has passed on the server's clock, the accounts never verified
+/// ([`password_auth::delete_unverified`]).
+pub fn spawn_sweeper(state: std::sync::Weak<Shared>, every: Duration) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut unverified_due = None;
+        loop {
+            tick.tick().await;
+            let Some(shared) = state.upgrade() else { return };
+            let st = AppState(shared);
+            if let Err(e) = holds::sweep(&st).await {
+                tracing::warn!(error = %e, "hold sweep failed; retrying next round");
+            }
+            let now = st.now();
+            if st.config.password_auth && unverified_due.is_none_or(|due| now >= due) {
+                match password_auth::delete_unverified(&st).await {
+                    Ok(_) => unverified_due = Some(now + UNVERIFIED_SWEEP_EVERY),
+                    Err(e) => tracing::warn!(error = %e, "deleting unverified accounts failed; retrying next round"),
+                }
+            }
+        }
+    });
+}
 
 /// Everything a request handler needs; cheap to clone.
 #[derive(Clone)]
@@ -188,7 +219,7 @@ impl AppState {
             mailer,
             vault,
         });
-        holds::spawn_sweeper(Arc::downgrade(&shared), holds::SWEEP_EVERY);
+        spawn_sweeper(Arc::downgrade(&shared), holds::SWEEP_EVERY);
         user_cache::spawn_listener(Arc::downgrade(&shared.user_cache), url.clone(), limits.connect.unwrap_or(Duration::from_secs(5)));
         webhooks::delivery::spawn_worker(Arc::downgrade(&shared), webhooks::delivery::Settings::from_config(&shared.config))?;
         Ok(AppState(shared))

@@ -31,7 +31,9 @@ pub const KNOWN_ADDRESS: Duration = Duration::days(30);
 /// The form of an email in the per-email and per-account counters: every such key is made
 /// here, so two spellings of one address count as one.
 pub fn email_key(email: &str) -> String {
-    email.trim().to_lowercase()
+    // The canonical form accounts are looked up by; an address without one matches no account
+    // but its failures still count, under its trimmed lower case.
+    tally_core::contract::canonical_email(email).unwrap_or_else(|_| email.trim().to_lowercase())
 }
 
 /// The client's address (the connection's peer; `unknown` when the server was not told).

@@ -1,8 +1,8 @@
 //! Email-and-password accounts (`TALLY_PASSWORD_AUTH=1`): `POST /v1/auth/signup`, `login`,
 //! `refresh`, `logout`, `verify`, `password/forgot`, `password/reset`.
 //!
-//! A password user's subject is `tally|<user id>`. Emails are unique among password accounts
-//! regardless of case; a password account and an identity-provider user with the same email
+//! A password user's subject is `tally|<user id>`. Emails are unique among password accounts in
+//! their canonical form ([`contract::canonical_email`]); a password account and an identity-provider user with the same email
 //! are separate accounts and are never merged. A sign-up claims an admin-created pending user
 //! of its email only once the email is verified.
 
@@ -108,13 +108,13 @@ pub async fn signup(
 ) -> ApiResult<(StatusCode, Json<Session>)> {
     enabled(&state)?;
     let email = b.email.trim().to_string();
-    contract::account_email(&email)?;
+    let canonical = contract::canonical_email(&email)?;
     contract::password(&b.password)?;
     contract::display_name(b.display_name.as_deref())?;
     state.login_limits.attempt(&state.pool, state.now(), &addr).await?;
     let taken = || ApiError::Conflict("email_taken", "a password account with this email exists; sign in instead".into());
     let client = state.pool.get().await?;
-    if client.query_opt("SELECT 1 FROM password_credentials WHERE lower(email) = lower($1)", &[&email]).await?.is_some() {
+    if client.query_opt("SELECT 1 FROM password_credentials WHERE email_canonical = $1", &[&canonical]).await?.is_some() {
         return Err(taken());
     }
     drop(client);
@@ -127,17 +127,17 @@ pub async fn signup(
     let r = tx
         .query_one(
             &format!(
-                "INSERT INTO users (user_id, external_id, email, display_name, email_verified, created_at, updated_at) \
-                 VALUES ($1, $2, $3, $4, false, $5, $5) RETURNING {USER_COLUMNS}"
+                "INSERT INTO users (user_id, external_id, email, email_canonical, display_name, email_verified, created_at, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, false, $6, $6) RETURNING {USER_COLUMNS}"
             ),
-            &[&user_id, &access_tokens::subject(user_id), &email, &b.display_name, &now],
+            &[&user_id, &access_tokens::subject(user_id), &email, &canonical, &b.display_name, &now],
         )
         .await?;
     let inserted = tx
         .execute(
-            "INSERT INTO password_credentials (user_id, email, password_hash, created_at, updated_at) VALUES ($1, $2, $3, $4, $4) \
-             ON CONFLICT DO NOTHING",
-            &[&user_id, &email, &hash, &now],
+            "INSERT INTO password_credentials (user_id, email, email_canonical, password_hash, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $5) ON CONFLICT DO NOTHING",
+            &[&user_id, &email, &canonical, &hash, &now],
         )
         .await?;
     if inserted == 0 {
@@ -178,12 +178,14 @@ pub struct Login {
 pub async fn login(State(state): State<AppState>, ClientAddr(addr): ClientAddr, JsonBody(b): JsonBody<Login>) -> ApiResult<Json<Session>> {
     enabled(&state)?;
     let email = b.email.trim().to_string();
+    // An address without a canonical form matches no account (and fails like an unknown one).
+    let canonical = contract::canonical_email(&email).ok();
     let client = state.pool.get().await?;
     let found = client
         .query_opt(
             "SELECT c.user_id, c.password_hash, u.disabled_at IS NOT NULL FROM password_credentials c JOIN users u USING (user_id) \
-             WHERE lower(c.email) = lower($1)",
-            &[&email],
+             WHERE c.email_canonical = $1",
+            &[&canonical],
         )
         .await?;
     let known_address = match &found {
@@ -259,18 +261,28 @@ pub struct TokenBody {
 }
 
 /// Marks the email of `user_id` verified and claims the admin-created pending user of that
-/// email, if any: the credential, the sessions and the subject pass to the pending user, and
-/// the account made at sign-up (with what it recorded meanwhile) is removed. Returns the user
-/// that now holds the credential.
+/// email, if any: the credential and the subject pass to the pending user, and the account made
+/// at sign-up (with what it recorded meanwhile) is removed. The first verification ends every
+/// session and API key of the account (whoever signed up before the owner proved the address
+/// loses what they held). Returns the user that now holds the credential.
 async fn verified(state: &AppState, user_id: Uuid, email: &str) -> ApiResult<Uuid> {
     let now = state.now();
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
+    let first = tx
+        .query_opt("SELECT email_verified_at IS NULL FROM password_credentials WHERE user_id = $1 FOR UPDATE", &[&user_id])
+        .await?
+        .is_some_and(|r| r.get::<_, bool>(0));
+    if first {
+        sessions::revoke_everything(state, &tx, user_id).await?;
+    }
+    state.user_cache.evict_user(user_id);
     tx.execute("UPDATE password_credentials SET email_verified_at = coalesce(email_verified_at, $2) WHERE user_id = $1", &[&user_id, &now])
         .await?;
     tx.execute("UPDATE users SET email_verified = true, updated_at = $2 WHERE user_id = $1", &[&user_id, &now]).await?;
+    let canonical = contract::canonical_email(email).ok();
     let pending: Option<Uuid> = tx
-        .query_opt("SELECT user_id FROM users WHERE lower(email) = lower($1) AND external_id IS NULL FOR UPDATE", &[&email])
+        .query_opt("SELECT user_id FROM users WHERE email_canonical = $1 AND external_id IS NULL FOR UPDATE", &[&canonical])
         .await?
         .map(|r| r.get(0));
     let Some(pending) = pending else {
@@ -346,13 +358,13 @@ pub async fn forgot(
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     enabled(&state)?;
     state.login_limits.attempt(&state.pool, state.now(), &addr).await?;
-    let email = b.email.trim();
+    let canonical = contract::canonical_email(&b.email).ok();
     let client = state.pool.get().await?;
     let found = client
         .query_opt(
             "SELECT c.user_id, c.email FROM password_credentials c JOIN users u USING (user_id) \
-             WHERE lower(c.email) = lower($1) AND u.disabled_at IS NULL",
-            &[&email],
+             WHERE c.email_canonical = $1 AND u.disabled_at IS NULL",
+            &[&canonical],
         )
         .await?;
     if let Some(r) = found {
@@ -373,9 +385,9 @@ pub struct Reset {
     pub password: String,
 }
 
-/// `POST /v1/auth/password/reset`: sets a new password with a reset token (once), ends every
-/// session of the account, clears its failed logins, and (the mail having reached its owner)
-/// marks the email verified.
+/// `POST /v1/auth/password/reset`: sets a new password with a reset token (once; see
+/// [`set_password`]), clears the account's failed logins, and (the mail having reached its
+/// owner) marks the email verified.
 #[utoipa::path(
     operation_id = "password_auth_reset",
     post,
@@ -395,10 +407,80 @@ pub async fn reset(State(state): State<AppState>, JsonBody(b): JsonBody<Reset>) 
     let (user_id, email) = account_tokens::consume(&tx, now, &b.token, Purpose::Reset).await?;
     let user = user_by_id(&state, &tx, user_id).await?;
     crate::users::ensure_enabled(&user)?;
-    tx.execute("UPDATE password_credentials SET password_hash = $2, updated_at = $3 WHERE user_id = $1", &[&user_id, &hash, &now]).await?;
-    sessions::end_all(&state, &tx, user_id).await?;
+    set_password(&state, &tx, user_id, &hash).await?;
     login_limits::clear_email(&tx, &email).await?;
     tx.commit().await?;
     verified(&state, user_id, &email).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Stores a new password hash for `user_id` (a reset; a future password change calls it too):
+/// every outstanding reset token of the account dies (an older mail cannot set the password
+/// again), and every session and API key of the account is revoked.
+pub async fn set_password(state: &AppState, tx: &impl GenericClient, user_id: Uuid, hash: &str) -> ApiResult<()> {
+    let now = state.now();
+    tx.execute("UPDATE password_credentials SET password_hash = $2, updated_at = $3 WHERE user_id = $1", &[&user_id, &hash, &now]).await?;
+    tx.execute("UPDATE account_tokens SET used_at = $2 WHERE user_id = $1 AND purpose = 'reset' AND used_at IS NULL", &[&user_id, &now])
+        .await?;
+    sessions::revoke_everything(state, tx, user_id).await
+}
+
+/// How long a password account may stay unverified before [`delete_unverified`] removes it.
+pub const UNVERIFIED_TTL: chrono::Duration = chrono::Duration::days(7);
+
+/// Deletes the password accounts still unverified [`UNVERIFIED_TTL`] after sign-up, freeing
+/// their addresses (an account prepared in someone else's name does not wait for them); returns
+/// how many. An account whose subscription still renews is kept (and logged). Safe with
+/// several replicas: each account goes with its user row locked (skipped when another
+/// transaction holds it).
+pub async fn delete_unverified(state: &AppState) -> ApiResult<u64> {
+    let now = state.now();
+    let client = state.pool.get().await?;
+    let due: Vec<Uuid> = client
+        .query(
+            "SELECT user_id FROM password_credentials WHERE email_verified_at IS NULL AND created_at <= $1 ORDER BY created_at LIMIT 100",
+            &[&(now - UNVERIFIED_TTL)],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    drop(client);
+    let mut deleted = 0;
+    for user_id in due {
+        let mut client = state.pool.get().await?;
+        let tx = client.transaction().await?;
+        let Some(r) = tx
+            .query_opt(&format!("SELECT {USER_COLUMNS} FROM users WHERE user_id = $1 FOR NO KEY UPDATE SKIP LOCKED"), &[&user_id])
+            .await?
+        else {
+            continue;
+        };
+        let user = User::from_row(&r, &state.config.admin_subjects);
+        let still = tx
+            .query_opt(
+                "SELECT 1 FROM password_credentials WHERE user_id = $1 AND email_verified_at IS NULL AND created_at <= $2",
+                &[&user_id, &(now - UNVERIFIED_TTL)],
+            )
+            .await?;
+        if still.is_none() {
+            continue;
+        }
+        match crate::accounts::remove(state, &tx, &user).await {
+            Ok(()) => {}
+            Err(ApiError::Conflict(..)) => {
+                tracing::warn!(%user_id, "an unverified password account is kept: a subscription of it still renews");
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+        tx.commit().await?;
+        state.tokens.forget(user_id);
+        state.user_cache.evict_user(user_id);
+        deleted += 1;
+    }
+    if deleted > 0 {
+        tracing::info!(deleted, "password accounts unverified for 7 days were deleted");
+    }
+    Ok(deleted)
 }

@@ -154,7 +154,8 @@ impl Cluster {
                     "--auth=scram-sha-256",
                     "-E",
                     "UTF8",
-                    "--no-locale",
+                    // As production clusters are: case mapping (`lower()`) follows Unicode.
+                    "--locale=C.UTF-8",
                     "--pwfile",
                     &tmp_pw.to_string_lossy(),
                 ],

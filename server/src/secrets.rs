@@ -81,6 +81,7 @@ pub async fn write(
     JsonBody(b): JsonBody<SecretBody>,
 ) -> ApiResult<Json<SecretInfo>> {
     let keys = keys(&state)?;
+    users::ensure_email_verified(&user)?;
     contract::secret_name(&name)?;
     contract::secret_value(&b.value)?;
     let sealed = keys.seal(user.user_id, &name, b.value.as_bytes());

@@ -119,7 +119,17 @@ pub async fn end(state: &AppState, presented: &str) -> ApiResult<()> {
     Ok(())
 }
 
-/// Ends every family of `user_id` (a password reset, a disabled account).
+/// Revokes everything that acts as `user_id`: every refresh family, console session and API
+/// key of the account (the first verification of its email, a password reset or change).
+pub async fn revoke_everything(state: &AppState, client: &impl GenericClient, user_id: Uuid) -> ApiResult<()> {
+    let families = end_all(state, client, user_id).await?;
+    let consoles = client.execute("DELETE FROM console_sessions WHERE user_id = $1", &[&user_id]).await?;
+    let keys = crate::api_keys::revoke_owned(client, user_id, state.now()).await?;
+    tracing::info!(%user_id, families, consoles, keys, "every session and API key of an account was revoked");
+    Ok(())
+}
+
+/// Ends every family of `user_id` (a disabled account; see also [`revoke_everything`]).
 pub async fn end_all(state: &AppState, client: &impl GenericClient, user_id: Uuid) -> ApiResult<u64> {
     Ok(client
         .execute("UPDATE refresh_families SET revoked_at = $2 WHERE user_id = $1 AND revoked_at IS NULL", &[&user_id, &state.now()])

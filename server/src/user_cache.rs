@@ -239,6 +239,7 @@ mod tests {
             created_at: now,
             updated_at: now,
             disabled_at: None,
+            email_verified: false,
         }
     }
 

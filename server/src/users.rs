@@ -59,11 +59,14 @@ pub struct User {
     /// When an admin disabled the account (`None`: enabled).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub disabled_at: Option<DateTime<Utc>>,
+    /// Whether the email is verified (by the identity provider, or by the mailed token).
+    #[serde(skip)]
+    pub email_verified: bool,
 }
 
 /// Columns read into a [`User`], in order.
 pub const USER_COLUMNS: &str =
-    "user_id, external_id, email, display_name, avatar_url, timezone, is_admin, ver, created_at, updated_at, disabled_at";
+    "user_id, external_id, email, display_name, avatar_url, timezone, is_admin, ver, created_at, updated_at, disabled_at, email_verified";
 
 impl User {
     /// Reads a row selected with [`USER_COLUMNS`]; `admins` are the configured admin subjects.
@@ -82,6 +85,7 @@ impl User {
             created_at: r.get(8),
             updated_at: r.get(9),
             disabled_at: r.get(10),
+            email_verified: r.get(11),
         }
     }
 
@@ -129,12 +133,13 @@ pub async fn resolve_on(state: &AppState, client: &deadpool_postgres::Object, cl
         return Ok(user);
     }
     let select = format!("SELECT {USER_COLUMNS} FROM users WHERE external_id = $1");
-    if let (Some(email), Some(true)) = (&claims.email, claims.email_verified) {
+    let canonical = claims.email.as_deref().and_then(|e| tally_core::contract::canonical_email(e).ok());
+    if let (Some(canonical), Some(true)) = (&canonical, claims.email_verified) {
         let claim = format!(
             "UPDATE users SET external_id = $1, updated_at = now(), display_name = coalesce(display_name, $3), email_verified = true \
-             WHERE lower(email) = lower($2) AND external_id IS NULL RETURNING {USER_COLUMNS}"
+             WHERE email_canonical = $2 AND external_id IS NULL RETURNING {USER_COLUMNS}"
         );
-        match client.query_opt(&claim, &[&claims.sub, email, &claims.name]).await {
+        match client.query_opt(&claim, &[&claims.sub, canonical, &claims.name]).await {
             Ok(Some(r)) => return Ok(User::from_row(&r, admins)),
             Ok(None) => {}
             // Another request claimed it for the same subject meanwhile: read it below.
@@ -148,8 +153,9 @@ pub async fn resolve_on(state: &AppState, client: &deadpool_postgres::Object, cl
     }
     client
         .execute(
-            "INSERT INTO users (user_id, external_id, email, display_name, email_verified) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (external_id) DO NOTHING",
-            &[&Uuid::now_v7(), &claims.sub, &claims.email, &claims.name, &(claims.email.is_some() && claims.email_verified == Some(true))],
+            "INSERT INTO users (user_id, external_id, email, email_canonical, display_name, email_verified) VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (external_id) DO NOTHING",
+            &[&Uuid::now_v7(), &claims.sub, &claims.email, &canonical, &claims.name, &(claims.email.is_some() && claims.email_verified == Some(true))],
         )
         .await?;
     let r = client.query_one(&select, &[&claims.sub]).await?;
@@ -161,6 +167,22 @@ pub async fn resolve_on(state: &AppState, client: &deadpool_postgres::Object, cl
 /// 403 `account_disabled` when an admin disabled `user`.
 pub fn ensure_enabled(user: &User) -> ApiResult<()> {
     if user.disabled_at.is_some() { Err(ApiError::AccountDisabled) } else { Ok(()) }
+}
+
+/// 403 `email_unverified` when `user` is a password account whose email is not verified yet:
+/// creating API keys and storing secrets wait for the verification, so an account prepared in
+/// someone else's name cannot hold credentials before its address is proven. (An identity
+/// provider's user is vouched for by the provider.)
+pub fn ensure_email_verified(user: &User) -> ApiResult<()> {
+    let password_account = user.external_id.as_deref().is_some_and(|s| s.starts_with(tally_core::contract::PASSWORD_SUBJECT_PREFIX));
+    if password_account && !user.email_verified {
+        return Err(ApiError::Status(
+            axum::http::StatusCode::FORBIDDEN,
+            "email_unverified",
+            "verify your email first (the link in the mail sent at sign-up)".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Finds a user by external id, creating it when absent (backends recording usage by subject).

@@ -373,8 +373,10 @@ async fn a_signup_claims_a_pending_user_only_once_verified_and_never_merges_with
     assert_eq!(st, StatusCode::OK, "{u}");
     assert_eq!(u["id"], pending["id"], "claimed on verification");
     assert_eq!(u["external_id"], format!("tally|{}", pending["id"].as_str().unwrap()));
-    // The session continues on the claimed account.
-    let (_, r) = a.call("POST", "/v1/auth/refresh", None, Some(json!({"refresh_token": s["refresh_token"]}))).await;
+    // The first verification ended the sessions made before it; a new one is the claimed account.
+    let (st, r) = a.call("POST", "/v1/auth/refresh", None, Some(json!({"refresh_token": s["refresh_token"]}))).await;
+    assert_eq!((st, code(&r)), (StatusCode::UNAUTHORIZED, "refresh_token_revoked"));
+    let (_, r, _) = login(&a, ADDR, "pia@example.com", "correct horse battery").await;
     let (_, me) = a.call("GET", "/v1/me", r["access_token"].as_str(), None).await;
     assert_eq!((&me["id"], &me["timezone"]), (&pending["id"], &json!("Asia/Tokyo")));
     // The account made at sign-up is gone; its access token no longer works.
@@ -455,4 +457,143 @@ async fn an_entitlements_token_is_never_a_credential() {
     a.clock.advance(chrono::Duration::seconds(900 + 61));
     let (st, r) = a.call("GET", "/v1/me", s["access_token"].as_str(), None).await;
     assert_eq!((st, code(&r)), (StatusCode::UNAUTHORIZED, "token_expired"));
+}
+
+#[tokio::test]
+async fn the_test_cluster_folds_case_like_production() {
+    let sink = SmtpSink::start().await;
+    let a = app_or_skip!(password_app(&sink).await);
+    // Under a UTF-8 locale, as production clusters run, lower() folds the Kelvin sign to `k`:
+    // comparing emails with lower() would let a look-alike squat a real address.
+    assert_eq!(a.scalar("SELECT count(*) WHERE lower(U&'\\212A') = 'k'").await, 1);
+}
+
+#[tokio::test]
+async fn a_look_alike_email_cannot_squat_a_real_one() {
+    let sink = SmtpSink::start().await;
+    let a = app_or_skip!(password_app(&sink).await);
+    // The Kelvin sign and fullwidth letters are refused, and nothing is stored.
+    for squat in ["\u{212A}ate@example.com", "\u{FF4B}\u{FF41}\u{FF54}\u{FF45}@example.com"] {
+        let (st, r, _) = a.call_from(ADDR, "POST", "/v1/auth/signup", json!({"email": squat, "password": "squatter password"})).await;
+        assert_eq!((st, code(&r)), (StatusCode::UNPROCESSABLE_ENTITY, "invalid_email"), "{squat}: {r}");
+    }
+    assert_eq!(a.count("users").await, 0);
+    // Kate signs up and logs in to her own account; the look-alike opens nothing.
+    let kate = signup(&a, "kate@example.com", "kate's own password").await;
+    let (st, r, _) = login(&a, ADDR, "kate@example.com", "kate's own password").await;
+    assert_eq!((st, &r["user"]["id"]), (StatusCode::OK, &kate["user"]["id"]), "{r}");
+    let (st, r, _) = login(&a, ADDR, "\u{212A}ate@example.com", "kate's own password").await;
+    assert_eq!((st, code(&r)), (StatusCode::UNAUTHORIZED, "invalid_credentials"));
+}
+
+#[tokio::test]
+async fn nfc_and_nfd_spellings_and_an_idn_domain_in_unicode_or_punycode_are_one_account() {
+    let sink = SmtpSink::start().await;
+    let a = app_or_skip!(password_app(&sink).await);
+    let nfd = signup(&a, "re\u{301}mi@example.com", "correct horse battery").await;
+    let idn = signup(&a, "ann@B\u{FC}cher.example", "correct horse battery").await;
+    for (taken, owner) in [("r\u{E9}mi@example.com", &nfd), ("ANN@xn--bcher-kva.example", &idn), ("ann@b\u{FC}cher.EXAMPLE", &idn)] {
+        let (st, r, _) = a.call_from(ADDR, "POST", "/v1/auth/signup", json!({"email": taken, "password": "another password"})).await;
+        assert_eq!((st, code(&r)), (StatusCode::CONFLICT, "email_taken"), "{taken}");
+        let (st, r, _) = login(&a, ADDR, taken, "correct horse battery").await;
+        assert_eq!((st, &r["user"]["id"]), (StatusCode::OK, &owner["user"]["id"]), "{taken}: {r}");
+    }
+    assert_eq!(a.count("password_credentials").await, 2);
+    // Only ASCII letters are case-folded: É and é are two addresses.
+    signup(&a, "\u{C9}mile@example.com", "correct horse battery").await;
+    signup(&a, "\u{E9}mile@example.com", "correct horse battery").await;
+}
+
+#[tokio::test]
+async fn an_older_reset_token_dies_when_a_newer_one_sets_the_password() {
+    let sink = SmtpSink::start().await;
+    let a = app_or_skip!(password_app(&sink).await);
+    signup(&a, "olga@example.com", "correct horse battery").await;
+    sink.wait_for(1).await;
+    for n in [2, 3] {
+        a.call("POST", "/v1/auth/password/forgot", None, Some(json!({"email": "olga@example.com"}))).await;
+        sink.wait_for(n).await;
+    }
+    let (older, newer) = (mailed_token(&sink.mails()[1]), mailed_token(&sink.mails()[2]));
+    let (st, _) = a.call("POST", "/v1/auth/password/reset", None, Some(json!({"token": newer, "password": "the newest password"}))).await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+    let (st, r) = a.call("POST", "/v1/auth/password/reset", None, Some(json!({"token": older, "password": "an older idea"}))).await;
+    assert_eq!((st, code(&r)), (StatusCode::BAD_REQUEST, "token_used"), "{r}");
+    assert_eq!(login(&a, ADDR, "olga@example.com", "the newest password").await.0, StatusCode::OK);
+    assert_eq!(login(&a, ADDR, "olga@example.com", "an older idea").await.0, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn keys_wait_for_a_verified_email_and_verification_and_reset_revoke_sessions_and_keys() {
+    let sink = SmtpSink::start().await;
+    let a = app_or_skip!(password_app(&sink).await);
+    let s = signup(&a, "vic@example.com", "correct horse battery").await;
+    sqlx(&a, "UPDATE users SET is_admin = true").await;
+    let at = s["access_token"].as_str().unwrap();
+    let new_key = json!({"name": "backend", "scopes": ["usage:write"]});
+    let (st, r) = a.call("POST", "/v1/admin/api-keys", Some(at), Some(new_key.clone())).await;
+    assert_eq!((st, code(&r)), (StatusCode::FORBIDDEN, "email_unverified"), "{r}");
+    assert_eq!(a.count("api_keys").await, 0);
+    // The first verification ends every session made before it.
+    let (st, _) = a.call("POST", "/v1/auth/verify", None, Some(json!({"token": mailed_token(&sink.wait_for(1).await)}))).await;
+    assert_eq!(st, StatusCode::OK);
+    let (st, r) = a.call("POST", "/v1/auth/refresh", None, Some(json!({"refresh_token": s["refresh_token"]}))).await;
+    assert_eq!((st, code(&r)), (StatusCode::UNAUTHORIZED, "refresh_token_revoked"));
+    // Verified, the account makes keys (a key it makes through its key is its own too).
+    let (_, l, _) = login(&a, ADDR, "vic@example.com", "correct horse battery").await;
+    let (st, k) = a.call("POST", "/v1/admin/api-keys", l["access_token"].as_str(), Some(json!({"name": "ops", "scopes": ["admin"]}))).await;
+    assert_eq!(st, StatusCode::CREATED, "{k}");
+    let (st, k2) = a.call("POST", "/v1/admin/api-keys", k["secret"].as_str(), Some(new_key)).await;
+    assert_eq!(st, StatusCode::CREATED, "{k2}");
+    assert_eq!(a.call("GET", "/v1/admin/api-keys", k2["secret"].as_str(), None).await.0, StatusCode::NOT_FOUND, "usage:write is no admin");
+    assert_eq!(a.call("GET", "/v1/admin/api-keys", k["secret"].as_str(), None).await.0, StatusCode::OK);
+    // A key the operator made is nobody's account's.
+    let (_, op) = a.call("POST", "/v1/admin/api-keys", Some(&token("root-admin")), Some(json!({"name": "op", "scopes": ["admin"]}))).await;
+    // A password reset revokes every session and every key of the account.
+    a.call("POST", "/v1/auth/password/forgot", None, Some(json!({"email": "vic@example.com"}))).await;
+    let reset = mailed_token(&sink.wait_for(2).await);
+    let (st, _) = a.call("POST", "/v1/auth/password/reset", None, Some(json!({"token": reset, "password": "a brand new password"}))).await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+    let (st, r) = a.call("POST", "/v1/auth/refresh", None, Some(json!({"refresh_token": l["refresh_token"]}))).await;
+    assert_eq!((st, code(&r)), (StatusCode::UNAUTHORIZED, "refresh_token_revoked"));
+    for key in [&k, &k2] {
+        let (st, r) = a.call("GET", "/v1/admin/api-keys", key["secret"].as_str(), None).await;
+        assert_eq!((st, code(&r)), (StatusCode::UNAUTHORIZED, "api_key_revoked"), "{r}");
+    }
+    assert_eq!(a.call("GET", "/v1/admin/api-keys", op["secret"].as_str(), None).await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn accounts_unverified_for_7_days_are_deleted_and_their_address_freed() {
+    let sink = SmtpSink::start().await;
+    let a = app_or_skip!(password_app(&sink).await);
+    let squat = signup(&a, "nina@example.com", "squatter password").await;
+    signup(&a, "vera@example.com", "correct horse battery").await;
+    let (st, _) = a.call("POST", "/v1/auth/verify", None, Some(json!({"token": mailed_token(&sink.wait_for(2).await)}))).await;
+    assert_eq!(st, StatusCode::OK);
+    a.clock.advance(chrono::Duration::days(6));
+    assert_eq!(tally_server::password_auth::delete_unverified(&a.state).await.unwrap(), 0, "kept before 7 days");
+    assert_eq!(a.count("password_credentials").await, 2);
+    a.clock.advance(chrono::Duration::days(1) + chrono::Duration::minutes(1));
+    // The server's background loop deletes it (on its next round).
+    for _ in 0..200 {
+        if a.count("password_credentials").await == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(a.scalar("SELECT count(*) FROM password_credentials WHERE email = 'vera@example.com'").await, 1, "the verified one stays");
+    assert_eq!(a.count("password_credentials").await, 1, "the unverified one is gone");
+    let id: uuid::Uuid = squat["user"]["id"].as_str().unwrap().parse().unwrap();
+    assert_eq!(a.scalar(&format!("SELECT count(*) FROM users WHERE user_id = '{id}'")).await, 0);
+    // The address is free again.
+    let nina = signup(&a, "Nina@example.com", "nina's own password").await;
+    assert_ne!(nina["user"]["id"], squat["user"]["id"]);
+    assert_eq!(login(&a, ADDR, "nina@example.com", "nina's own password").await.0, StatusCode::OK);
+}
+
+/// Runs one statement on the app's database.
+async fn sqlx(a: &TestApp, sql: &str) {
+    let client = a.state.pool.get().await.unwrap();
+    client.batch_execute(sql).await.unwrap();
 }

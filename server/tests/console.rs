@@ -745,3 +745,108 @@ async fn the_webhooks_pages_list_endpoints_and_deliveries_and_replay_dead_letter
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// A user (with a password credential when `verified` is `Some`) as a server before canonical
+/// emails stored it.
+async fn old_row(client: &tokio_postgres::Client, email: &str, pending: bool, verified: Option<bool>, created: &str) -> uuid::Uuid {
+    let id = uuid::Uuid::now_v7();
+    let created: chrono::DateTime<chrono::Utc> = created.parse().unwrap();
+    let subject = (!pending).then(|| format!("tally|{id}"));
+    client
+        .execute(
+            "INSERT INTO users (user_id, external_id, email, email_verified, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $5)",
+            &[&id, &subject, &email, &verified.unwrap_or(false), &created],
+        )
+        .await
+        .unwrap();
+    if let Some(v) = verified {
+        let hash = tally_server::passwords::hash("correct horse battery").unwrap();
+        client
+            .execute(
+                "INSERT INTO password_credentials (user_id, email, password_hash, email_verified_at, created_at, updated_at) \
+                 VALUES ($1, $2, $3, CASE WHEN $4 THEN $5::timestamptz END, $5, $5)",
+                &[&id, &email, &hash, &v, &created],
+            )
+            .await
+            .unwrap();
+    }
+    id
+}
+
+#[tokio::test]
+async fn canonical_emails_are_filled_before_serving_collisions_go_to_the_verified_else_the_oldest_and_are_shown() {
+    let Some(url) = common::fresh_db().await else { return };
+    // The database as a server before canonical emails left it (the C-locale `lower()` index let
+    // these spellings of one address coexist).
+    tally_server::db::migrate_to(&url, Some(14)).await.unwrap();
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let rena_nfd = old_row(&client, "re\u{301}na@example.com", false, Some(false), "2024-01-01T00:00:00Z").await;
+    let rena_nfc = old_row(&client, "r\u{e9}na@example.com", false, Some(true), "2024-02-01T00:00:00Z").await;
+    let ben_old = old_row(&client, "ben@B\u{fc}cher.example", false, Some(false), "2024-01-01T00:00:00Z").await;
+    let ben_new = old_row(&client, "ben@xn--bcher-kva.example", false, Some(false), "2024-03-01T00:00:00Z").await;
+    let kelvin = old_row(&client, "\u{212A}ate@example.com", false, Some(false), "2024-01-01T00:00:00Z").await;
+    let zoe_old = old_row(&client, "zo\u{308}e@example.com", true, None, "2024-01-05T00:00:00Z").await;
+    let zoe_new = old_row(&client, "z\u{f6}e@example.com", true, None, "2024-04-05T00:00:00Z").await;
+    // Two replicas start together: one fills the column, the other finds it done.
+    let (r1, r2) = tokio::join!(tally_server::db::migrate(&url), tally_server::db::migrate(&url));
+    r1.unwrap();
+    r2.unwrap();
+    let canonical = |table: &'static str, id: uuid::Uuid| {
+        let client = &client;
+        async move {
+            client
+                .query_one(&format!("SELECT email_canonical FROM {table} WHERE user_id = $1"), &[&id])
+                .await
+                .unwrap()
+                .get::<_, Option<String>>(0)
+        }
+    };
+    assert_eq!(canonical("password_credentials", rena_nfc).await.as_deref(), Some("r\u{e9}na@example.com"), "the verified one keeps it");
+    assert_eq!(canonical("password_credentials", rena_nfd).await, None);
+    assert_eq!(canonical("password_credentials", ben_old).await.as_deref(), Some("ben@xn--bcher-kva.example"), "else the oldest");
+    assert_eq!(canonical("password_credentials", ben_new).await, None);
+    assert_eq!(canonical("password_credentials", kelvin).await, None, "a look-alike has no canonical form");
+    assert_eq!(canonical("users", zoe_old).await.as_deref(), Some("z\u{f6}e@example.com"), "pending users: the oldest");
+    assert_eq!(canonical("users", zoe_new).await, None);
+    let reported: Vec<(uuid::Uuid, Option<uuid::Uuid>)> = client
+        .query("SELECT user_id, kept_by FROM email_collisions ORDER BY user_id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let mut want = vec![(rena_nfd, Some(rena_nfc)), (ben_new, Some(ben_old)), (kelvin, None), (zoe_new, Some(zoe_old))];
+    want.sort();
+    assert_eq!(reported, want, "each loser reported once");
+    let indexes: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_indexes WHERE indexname IN ('password_credentials_email', 'users_pending_email') \
+             OR (indexname IN ('password_credentials_email_canonical', 'users_pending_email_canonical') AND indexdef LIKE 'CREATE UNIQUE%')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(indexes, 2, "the unique canonical indexes replaced the lower(email) ones");
+    // The server serves: the winners sign in under any spelling, the losers under none.
+    let sink = common::SmtpSink::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::test_config(&url, dir.path());
+    common::password_auth(&mut config, &sink);
+    let clock = std::sync::Arc::new(common::TestClock::default());
+    let state = tally_server::AppState::with_clock(config, clock.clone()).await.unwrap();
+    let app = TestApp { router: tally_server::app(state.clone()), state, url, dir, clock };
+    for (email, owner) in [("re\u{301}na@example.com", rena_nfc), ("ben@xn--bcher-kva.example", ben_old)] {
+        let (s, r, _) =
+            app.call_from("203.0.113.4:1", "POST", "/v1/auth/login", json!({"email": email, "password": "correct horse battery"})).await;
+        assert_eq!((s, r["user"]["id"].as_str()), (StatusCode::OK, Some(owner.to_string().as_str())), "{email}: {r}");
+    }
+    // The console lists what was taken.
+    let session = sign_in(&app, &token("root-admin")).await;
+    let page = send(&app, "GET", "/console/users", Some(&session.cookie), None).await;
+    assert!(page.text.contains("id=\"email-collisions\""), "{}", page.text);
+    for id in [rena_nfd, ben_new, kelvin, zoe_new] {
+        assert!(page.text.contains(&id.to_string()), "{id} listed");
+    }
+}

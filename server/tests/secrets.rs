@@ -96,7 +96,7 @@ async fn a_backend_reads_with_a_secrets_read_key_naming_the_subject() {
         async move {
             let client = a.state.pool.get().await.unwrap();
             let scopes: Vec<String> = scopes.iter().map(|s| s.to_string()).collect();
-            tally_server::api_keys::create(&client, Issuer::Operator, "b", &scopes).await.unwrap().1
+            tally_server::api_keys::create(&client, Issuer::Operator, "b", &scopes, None).await.unwrap().1
         }
     };
     let reader = operator_key(&["secrets:read"]).await;
@@ -362,4 +362,37 @@ async fn a_value_never_appears_in_the_log_or_in_any_answer_but_its_own_read() {
             assert!(!bytes.windows(MARK.len()).any(|w| w == MARK.as_bytes()));
         }
     }
+}
+
+#[tokio::test]
+async fn a_password_account_stores_secrets_only_once_its_email_is_verified() {
+    let sink = SmtpSink::start().await;
+    let keys = MasterKeys::generate("k1");
+    let a = app_or_skip!(
+        app_with(|c| {
+            password_auth(c, &sink);
+            c.secret_keys = Some(keys);
+        })
+        .await
+    );
+    let (st, s, _) = a
+        .call_from("203.0.113.9:4000", "POST", "/v1/auth/signup", json!({"email": "sue@example.com", "password": "correct horse battery"}))
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{s}");
+    let put = |bearer: String| {
+        let a = &a;
+        async move { a.call("PUT", "/v1/secrets/github.token", Some(&bearer), Some(json!({"value": "ghp_abc"}))).await }
+    };
+    let (st, r) = put(s["access_token"].as_str().unwrap().to_string()).await;
+    assert_eq!((st, code(&r)), (StatusCode::FORBIDDEN, "email_unverified"), "{r}");
+    assert_eq!(a.count("secrets").await, 0, "nothing stored");
+    let (st, _) = a.call("POST", "/v1/auth/verify", None, Some(json!({"token": mailed_token(&sink.wait_for(1).await)}))).await;
+    assert_eq!(st, StatusCode::OK);
+    let (_, l, _) = a
+        .call_from("203.0.113.9:4000", "POST", "/v1/auth/login", json!({"email": "sue@example.com", "password": "correct horse battery"}))
+        .await;
+    let (st, r) = put(l["access_token"].as_str().unwrap().to_string()).await;
+    assert_eq!(st, StatusCode::OK, "{r}");
+    // An identity provider's user is vouched for by the provider.
+    assert_eq!(put(token("ann")).await.0, StatusCode::OK);
 }

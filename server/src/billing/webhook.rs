@@ -196,7 +196,8 @@ async fn link(state: &AppState, tx: &deadpool_postgres::Transaction<'_>, ev: &Ev
         && let Some(e) = &email
     {
         by = "email";
-        let rows = tx.query("SELECT user_id FROM users WHERE lower(email) = lower($1) AND email_verified", &[e]).await?;
+        let canonical = tally_core::contract::canonical_email(e).ok();
+        let rows = tx.query("SELECT user_id FROM users WHERE email_canonical = $1 AND email_verified", &[&canonical]).await?;
         if rows.len() == 1 {
             user = Some(rows[0].get(0));
         }

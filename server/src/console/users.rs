@@ -51,6 +51,8 @@ struct SearchPage {
     layout: Layout,
     q: String,
     users: Vec<UserRow>,
+    /// Addresses the canonical-email backfill took from rows (a notice while there are any).
+    collisions: Vec<crate::email_canonical::Collision>,
 }
 
 /// Query of the search.
@@ -69,7 +71,9 @@ pub async fn search(
 ) -> Result<Response, ConsoleError> {
     let client = state.pool.get().await?;
     let found = users::search(&client, &query.q, SEARCH_LIMIT, &state.config.admin_subjects).await?;
+    let collisions = crate::email_canonical::collisions(&client).await?;
     render(&SearchPage {
+        collisions,
         layout: Layout::new(&op, "/console/users"),
         q: query.q.trim().to_string(),
         users: found.iter().map(UserRow::of).collect(),
