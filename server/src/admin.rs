@@ -394,7 +394,7 @@ pub async fn create_api_key(
     JsonBody(k): JsonBody<NewKey>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let client = state.pool.get().await?;
-    let (key, secret) = api_keys::create(&client, &k.name, &k.scopes).await?;
+    let (key, secret) = api_keys::create(&client, &k.name, &k.scopes, crate::authority::KeyMaker::Backend).await?;
     Ok((StatusCode::CREATED, Json(json!({"key": key, "secret": secret}))))
 }
 

@@ -3,6 +3,7 @@
 //! secrets, `admin`), revocable.
 
 use crate::AppState;
+use crate::authority::KeyMaker;
 use crate::error::{ApiError, ApiResult};
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
@@ -38,7 +39,13 @@ pub struct ApiKey {
     pub created_at: DateTime<Utc>,
     /// Revocation time, if revoked.
     pub revoked_at: Option<DateTime<Utc>>,
+    /// Who made it: `backend` (an admin or the CLI) or `user` (a user's own key); it decides
+    /// what the key may undo ([`crate::authority`]).
+    pub made_by: KeyMaker,
 }
+
+/// The columns [`ApiKey::from_row`] reads, in its order.
+const COLUMNS: &str = "key_id, name, scopes, created_at, revoked_at, made_by";
 
 impl ApiKey {
     /// Whether the key has `scope`.
@@ -46,7 +53,7 @@ impl ApiKey {
         self.scopes.iter().any(|s| s == scope)
     }
     fn from_row(r: &tokio_postgres::Row) -> ApiKey {
-        ApiKey { key_id: r.get(0), name: r.get(1), scopes: r.get(2), created_at: r.get(3), revoked_at: r.get(4) }
+        ApiKey { key_id: r.get(0), name: r.get(1), scopes: r.get(2), created_at: r.get(3), revoked_at: r.get(4), made_by: r.get(5) }
     }
 }
 
@@ -55,8 +62,9 @@ pub fn hash(secret: &str) -> String {
     hex::encode(Sha256::digest(secret.as_bytes()))
 }
 
-/// Creates a key; returns it with its secret, which is never shown again.
-pub async fn create(client: &impl GenericClient, name: &str, scopes: &[String]) -> ApiResult<(ApiKey, String)> {
+/// Creates a key made by `made_by` (an admin and the CLI make `Backend` keys); returns it with
+/// its secret, which is never shown again.
+pub async fn create(client: &impl GenericClient, name: &str, scopes: &[String], made_by: KeyMaker) -> ApiResult<(ApiKey, String)> {
     if name.is_empty() || name.len() > 100 {
         return Err(ApiError::invalid("name must be 1 to 100 bytes"));
     }
@@ -69,8 +77,8 @@ pub async fn create(client: &impl GenericClient, name: &str, scopes: &[String]) 
     let secret = format!("{PREFIX}{}", hex::encode(rand::random::<[u8; 24]>()));
     let r = client
         .query_one(
-            "INSERT INTO api_keys (key_id, key_hash, name, scopes) VALUES ($1, $2, $3, $4) RETURNING key_id, name, scopes, created_at, revoked_at",
-            &[&Uuid::now_v7(), &hash(&secret), &name, &scopes],
+            &format!("INSERT INTO api_keys (key_id, key_hash, name, scopes, made_by) VALUES ($1, $2, $3, $4, $5) RETURNING {COLUMNS}"),
+            &[&Uuid::now_v7(), &hash(&secret), &name, &scopes, &made_by.as_str()],
         )
         .await?;
     Ok((ApiKey::from_row(&r), secret))
@@ -78,7 +86,7 @@ pub async fn create(client: &impl GenericClient, name: &str, scopes: &[String]) 
 
 /// Lists keys (without secrets).
 pub async fn list(client: &impl GenericClient) -> ApiResult<Vec<ApiKey>> {
-    let rows = client.query("SELECT key_id, name, scopes, created_at, revoked_at FROM api_keys ORDER BY created_at", &[]).await?;
+    let rows = client.query(&format!("SELECT {COLUMNS} FROM api_keys ORDER BY created_at"), &[]).await?;
     Ok(rows.iter().map(ApiKey::from_row).collect())
 }
 
@@ -91,7 +99,7 @@ pub async fn revoke(client: &impl GenericClient, key_id: Uuid) -> ApiResult<()> 
 /// The key `key_id` while it is not revoked (`None`: unknown or revoked).
 pub async fn active_by_id(client: &impl GenericClient, key_id: Uuid) -> ApiResult<Option<ApiKey>> {
     let r = client
-        .query_opt("SELECT key_id, name, scopes, created_at, revoked_at FROM api_keys WHERE key_id = $1 AND revoked_at IS NULL", &[&key_id])
+        .query_opt(&format!("SELECT {COLUMNS} FROM api_keys WHERE key_id = $1 AND revoked_at IS NULL"), &[&key_id])
         .await?;
     Ok(r.as_ref().map(ApiKey::from_row))
 }
@@ -100,7 +108,7 @@ pub async fn active_by_id(client: &impl GenericClient, key_id: Uuid) -> ApiResul
 pub async fn authenticate(state: &AppState, secret: &str) -> ApiResult<ApiKey> {
     let client = state.pool.get().await?;
     let r = client
-        .query_opt("SELECT key_id, name, scopes, created_at, revoked_at FROM api_keys WHERE key_hash = $1", &[&hash(secret)])
+        .query_opt(&format!("SELECT {COLUMNS} FROM api_keys WHERE key_hash = $1"), &[&hash(secret)])
         .await?
         .ok_or_else(|| ApiError::Unauthorized("invalid_api_key", "unknown API key".into()))?;
     let key = ApiKey::from_row(&r);

@@ -452,7 +452,7 @@ pub async fn run(cli: Cli) -> Result<(), String> {
         Command::ApiKey { command } => match command {
             ApiKeyCommand::Create { name, scopes, config } => {
                 with_db(*config, |client| async move {
-                    let (key, secret) = api_keys::create(&client, &name, &scopes).await.map_err(|e| e.to_string())?;
+                    let (key, secret) = api_keys::create(&client, &name, &scopes, crate::authority::KeyMaker::Backend).await.map_err(|e| e.to_string())?;
                     println!("{secret}");
                     eprintln!("created API key {} ({}) with scopes {}; the secret above is shown only once", key.key_id, key.name, key.scopes.join(","));
                     Ok(())
