@@ -98,9 +98,7 @@ pub async fn revoke(client: &impl GenericClient, key_id: Uuid) -> ApiResult<()> 
 
 /// The key `key_id` while it is not revoked (`None`: unknown or revoked).
 pub async fn active_by_id(client: &impl GenericClient, key_id: Uuid) -> ApiResult<Option<ApiKey>> {
-    let r = client
-        .query_opt(&format!("SELECT {COLUMNS} FROM api_keys WHERE key_id = $1 AND revoked_at IS NULL"), &[&key_id])
-        .await?;
+    let r = client.query_opt(&format!("SELECT {COLUMNS} FROM api_keys WHERE key_id = $1 AND revoked_at IS NULL"), &[&key_id]).await?;
     Ok(r.as_ref().map(ApiKey::from_row))
 }
 

@@ -3,9 +3,9 @@
 //! entitlements token — all read and written in one Postgres transaction.
 
 use crate::auth::AuthUser;
+use crate::authority::{self, Actor};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{body_bytes, from_value, parse_json};
-use crate::authority::{self, Actor};
 use crate::ledger::{self, Ctx, Voided};
 use crate::users::{self, User};
 use crate::{AppState, entitlements, leases, settings};

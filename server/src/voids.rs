@@ -2,9 +2,9 @@
 //! event stays, marked void, and stops counting in its own window; credits it drew return. Only a
 //! caller with the recorder's authority may void it ([`crate::authority`]).
 
+use crate::authority::{self, Actor};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::JsonBody;
-use crate::authority::{self, Actor};
 use crate::ledger::{self, Ctx, Voided};
 use crate::usage::{opt_str, target};
 use crate::{AppState, entitlements, users};
