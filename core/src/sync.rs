@@ -860,9 +860,11 @@ fn settle(tx: &Connection, user_id: &str, id: &str, state: EventState, reason: O
 }
 
 /// Quarantines an event: kept and visible, never resent, no longer counted (the caller moves
-/// `pending_from` on, as after [`settle`]).
+/// `pending_from` on, as after [`settle`]); a quarantined void event gives its target back.
 fn quarantine(tx: &Connection, user_id: &str, id: &str, reason: &RejectReason) -> Result<()> {
-    settle(tx, user_id, id, EventState::Rejected, Some(reason))
+    settle(tx, user_id, id, EventState::Rejected, Some(reason))?;
+    // A refused void cancelled nothing: its target counts again.
+    crate::void::restore_target(tx, user_id, id)
 }
 
 /// Stores the server's total of one window.

@@ -25,6 +25,41 @@ pub(crate) fn refund_credits(conn: &Connection, user: &str, void_id: &str, credi
     crate::credits::settle_debt(conn, user, now)
 }
 
+/// After the server refused the void event `void_id` (`void_not_allowed`, `unknown_event`, …):
+/// its target counts again here, as it does on the server. A settled target got its units back
+/// when the void was quarantined (the void carried them); a target still pending is put back in
+/// its window's counters and its lease pool. Inside a [`write_tx`].
+pub(crate) fn restore_target(tx: &Connection, user_id: &str, void_id: &str) -> Result<()> {
+    type Row = (i64, String, i64, i64, i64, EventState, Option<String>, Option<String>, Option<i64>, i64);
+    let row: Option<Row> = tx
+        .prepare_cached(
+            "SELECT t.device_seq, t.feature, t.amount, t.occurred_at, COALESCE(t.cost_micros, 0), t.status, t.lease_pool, t.lease_period,
+                    t.lease_start, t.lease_units
+             FROM events v JOIN events t ON t.user_id = v.user_id AND t.id = v.voids
+             WHERE v.user_id = ?1 AND v.id = ?2 AND t.voided = 1",
+        )?
+        .query_row(params![user_id, void_id], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?, r.get(9)?))
+        })
+        .optional()?;
+    let Some((seq, feature, amount, at, cost, status, pool, pool_period, pool_start, lease_units)) = row else { return Ok(()) };
+    match status {
+        EventState::Pending => {
+            if let Some((period, start)) = event_window(tx, user_id, &feature, at)? {
+                add_counter(tx, user_id, &feature, &period, start, amount, cost)?;
+            }
+            if let (Some(pool), Some(period)) = (&pool, &pool_period)
+                && lease_units > 0
+            {
+                add_leased(tx, user_id, pool, period, pool_start.unwrap_or(0), lease_units)?;
+            }
+        }
+        EventState::Settled | EventState::Rejected => {}
+    }
+    tx.prepare_cached("UPDATE events SET voided = 0 WHERE device_seq = ?1")?.execute([seq])?;
+    Ok(())
+}
+
 impl Tally {
     /// Cancels the recorded use `event_id` (an id or idempotency key) of `user_id`: records a
     /// void event (synced as `{"id", "voids", "occurred_at", "device_seq", "metadata"?}`, with
@@ -32,7 +67,9 @@ impl Tally {
     /// of the local counters of its own window (leased units come back to this device's
     /// allowance; credits it drew are returned). Voiding twice records nothing more (`Ok`).
     /// An unknown id is [`Error::NotFound`]; a void event, or a use the server refused
-    /// (quarantined), is [`Error::InvalidInput`]; nothing changes then.
+    /// (quarantined), is [`Error::InvalidInput`]; nothing changes then. A void the server
+    /// refuses (`void_not_allowed`: the use was recorded by another device or by a backend) is
+    /// quarantined with that reason (listed in the sync's `rejected`), and the use counts again.
     pub fn void(&self, user_id: &str, event_id: &str, reason: Option<&str>) -> Result<()> {
         let metadata = match reason {
             Some(r) => crate::contract::metadata(Some(&serde_json::json!({ "reason": r })))?,

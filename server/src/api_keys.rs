@@ -3,6 +3,7 @@
 //! secrets, `admin`), revocable.
 
 use crate::AppState;
+use crate::authority::KeyMaker;
 use crate::error::{ApiError, ApiResult};
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
@@ -38,6 +39,16 @@ pub enum Issuer {
     AdminApi,
 }
 
+impl Issuer {
+    /// Who a key of this issuer counts as when it records or undoes a use: keys of the
+    /// operator and of admins are a backend's.
+    pub fn made_by(self) -> KeyMaker {
+        match self {
+            Issuer::Operator | Issuer::AdminApi => KeyMaker::Backend,
+        }
+    }
+}
+
 /// A stored API key (never the secret itself).
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ApiKey {
@@ -56,10 +67,13 @@ pub struct ApiKey {
     /// operator's CLI); revoking that account's credentials revokes the key.
     #[serde(skip)]
     pub owner_id: Option<Uuid>,
+    /// Who made it: `backend` (an admin or the CLI) or `user` (a user's own key); it decides
+    /// what the key may undo ([`crate::authority`]).
+    pub made_by: KeyMaker,
 }
 
 /// Columns read into an [`ApiKey`], in order.
-const KEY_COLUMNS: &str = "key_id, name, scopes, created_at, revoked_at, owner_id";
+const KEY_COLUMNS: &str = "key_id, name, scopes, created_at, revoked_at, owner_id, made_by";
 
 impl ApiKey {
     /// Whether the key has `scope`.
@@ -67,7 +81,15 @@ impl ApiKey {
         self.scopes.iter().any(|s| s == scope)
     }
     fn from_row(r: &tokio_postgres::Row) -> ApiKey {
-        ApiKey { key_id: r.get(0), name: r.get(1), scopes: r.get(2), created_at: r.get(3), revoked_at: r.get(4), owner_id: r.get(5) }
+        ApiKey {
+            key_id: r.get(0),
+            name: r.get(1),
+            scopes: r.get(2),
+            created_at: r.get(3),
+            revoked_at: r.get(4),
+            owner_id: r.get(5),
+            made_by: r.get(6),
+        }
     }
 }
 
@@ -109,8 +131,10 @@ pub async fn create(
     let secret = format!("{PREFIX}{}", hex::encode(rand::random::<[u8; 24]>()));
     let r = client
         .query_one(
-            &format!("INSERT INTO api_keys (key_id, key_hash, name, scopes, owner_id) VALUES ($1, $2, $3, $4, $5) RETURNING {KEY_COLUMNS}"),
-            &[&Uuid::now_v7(), &hash(&secret), &name, &scopes, &owner],
+            &format!(
+                "INSERT INTO api_keys (key_id, key_hash, name, scopes, owner_id, made_by) VALUES ($1, $2, $3, $4, $5, $6) RETURNING {KEY_COLUMNS}"
+            ),
+            &[&Uuid::now_v7(), &hash(&secret), &name, &scopes, &owner, &issuer.made_by().as_str()],
         )
         .await?;
     Ok((ApiKey::from_row(&r), secret))

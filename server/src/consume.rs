@@ -3,6 +3,7 @@
 //! allowed use is recorded in the same transaction — or nothing is recorded. A replay of an
 //! allowed id answers the first answer again (`duplicate: true`).
 
+use crate::authority::Actor;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::JsonBody;
 use crate::ledger::{self, Ctx, NewEvent};
@@ -101,31 +102,42 @@ pub async fn replayed(tx: &impl GenericClient, user_id: Uuid, e: &NewEvent) -> A
     }
 }
 
-/// Records `event` for the (locked) user with `decision` as its stored answer; `over_cause`
-/// marks it when it leaves a hard window over its limit. A use that would overflow a counter
-/// is a 422 and nothing is recorded.
+/// Records `event` for the (locked) user, recorded by `by`, with `decision` as its stored
+/// answer; `over_cause` marks it when it leaves a hard window over its limit. A use that would
+/// overflow a counter is a 422 and nothing is recorded.
+#[allow(clippy::too_many_arguments)]
 pub async fn record(
     tx: &impl GenericClient,
     ctx: &Ctx<'_>,
     features: &std::collections::BTreeMap<String, Rule>,
     event: NewEvent,
+    by: Actor<'_>,
     source: &str,
     over_cause: Option<&str>,
     decision: &Decision,
 ) -> ApiResult<ledger::Outcome> {
     let id = event.id;
-    let out = ledger::ingest(tx, ctx, features, vec![event], None, source, over_cause).await?;
-    match out.rejected.first().map(|r| r.reason.as_str()) {
-        None => {}
-        Some("conflict") => return Err(ApiError::Conflict("conflict", format!("event {id} was already recorded with a different body"))),
-        Some(_) => {
-            return Err(ApiError::Invalid("invalid_amount", "this use would take a counter past its range; nothing was recorded".into()));
-        }
-    }
+    let out = ledger::ingest(tx, ctx, features, vec![event], by, source, over_cause).await?;
+    refused_alone(id, &out)?;
     let answer = serde_json::to_value(decision)?;
     tx.execute(&tx.prepare_cached("UPDATE events SET answer = $3 WHERE user_id = $1 AND id = $2").await?, &[&ctx.user_id, &id, &answer])
         .await?;
     Ok(out)
+}
+
+/// The error of a one-event [`ledger::ingest`] that refused its event: 409 `conflict` (the id is
+/// another use's or a hold's), else 422 `invalid_amount` (a counter would overflow).
+pub fn refused_alone(id: Uuid, out: &ledger::Outcome) -> ApiResult<()> {
+    match out.rejected.first().map(|r| r.reason.as_str()) {
+        None => Ok(()),
+        Some("conflict") => Err(taken(id)),
+        Some(_) => Err(ApiError::Invalid("invalid_amount", "this use would take a counter past its range; nothing was recorded".into())),
+    }
+}
+
+/// 409 `conflict`: the id `id` is taken by another use or by a hold.
+fn taken(id: Uuid) -> ApiError {
+    ApiError::Conflict("conflict", format!("{id} is already the id of another use or of a hold; nothing was recorded"))
 }
 
 /// `POST /v1/consume {feature, amount, id?, model?, input_tokens?, output_tokens?, metadata?,
@@ -163,6 +175,9 @@ pub async fn consume(
     let loaded = entitlements::load(&state, &tx, &user, now).await?;
     let ctx = Ctx::new(&user, &loaded, now);
     ledger::ensure_counters(&tx, &ctx).await?;
+    if !ledger::hold_ids(&tx, user.user_id, &[event.id]).await?.is_empty() {
+        return Err(taken(event.id));
+    }
     if let Some(answer) = replayed(&tx, user.user_id, &event).await? {
         tx.commit().await?;
         return Ok(Json(answer));
@@ -188,7 +203,7 @@ pub async fn consume(
     // A budget always records (the tokens were spent); past its limit the overage is its real
     // cost over what was expected.
     let cause = matches!(rule, Some(Rule::Budget { .. })).then_some("cost_over_estimate");
-    record(&tx, &ctx, &loaded.ents.features, event, "consume", cause, &decided.decision).await?;
+    record(&tx, &ctx, &loaded.ents.features, event, Actor::of(&p), "consume", cause, &decided.decision).await?;
     tx.commit().await?;
     ::metrics::counter!("tally_events_ingested_total").increment(1);
     Ok(Json(ConsumeResponse { id, duplicate: false, decision: decided.decision }))

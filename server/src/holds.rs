@@ -5,6 +5,7 @@
 //! recording. An open hold past its `expires_at` stops counting by [`sweep`], which every replica
 //! runs; a commit after expiry still records (cause `hold_expired` when over the limit).
 
+use crate::authority::{self, Actor, RecordedBy};
 use crate::consume::{self, ConsumeResponse, request_id, use_event};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::JsonBody;
@@ -141,8 +142,8 @@ pub async fn create(
     let granted = serde_json::to_value(&decided.decision)?;
     tx.execute(
         &tx.prepare_cached(
-            "INSERT INTO holds (user_id, id, feature, amount, pool_feature, period, period_start, period_end, held, created_at, expires_at, granted) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+            "INSERT INTO holds (user_id, id, feature, amount, pool_feature, period, period_start, period_end, held, created_at, expires_at, granted, \
+               recorded_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
         )
         .await?,
         &[
@@ -158,6 +159,7 @@ pub async fn create(
             &now,
             &expires_at,
             &granted,
+            &Actor::of(&p).recorded_by().as_str(),
         ],
     )
     .await?;
@@ -180,6 +182,8 @@ struct Stored {
     state: String,
     answer: Option<Value>,
     granted: Option<Decision>,
+    /// Who made it: only as much authority commits or releases it.
+    recorded_by: RecordedBy,
 }
 
 impl Stored {
@@ -193,8 +197,8 @@ async fn find(tx: &impl GenericClient, user_id: Uuid, id: Uuid) -> ApiResult<Opt
     let r = tx
         .query_opt(
             &tx.prepare_cached(
-                "SELECT id, feature, amount, pool_feature, period, period_start, period_end, held, expires_at, state, answer, granted \
-                 FROM holds WHERE user_id = $1 AND id = $2 FOR UPDATE",
+                "SELECT id, feature, amount, pool_feature, period, period_start, period_end, held, expires_at, state, answer, granted, \
+                   recorded_by FROM holds WHERE user_id = $1 AND id = $2 FOR UPDATE",
             )
             .await?,
             &[&user_id, &id],
@@ -210,6 +214,7 @@ async fn find(tx: &impl GenericClient, user_id: Uuid, id: Uuid) -> ApiResult<Opt
         state: r.get(9),
         answer: r.get(10),
         granted: r.get::<_, Option<Value>>(11).and_then(|v| serde_json::from_value(v).ok()),
+        recorded_by: r.get(12),
     }))
 }
 
@@ -219,6 +224,16 @@ async fn event_exists(tx: &impl GenericClient, user_id: Uuid, id: Uuid) -> ApiRe
 
 fn unknown_hold(id: &str) -> ApiError {
     ApiError::Unknown("unknown_hold", format!("no hold {id:?}"))
+}
+
+/// The user's hold `id` (locked) when `by` may commit or release it: 404 `unknown_hold`
+/// without one, 403 `void_not_allowed` when `by` has less authority than its maker.
+async fn find_for(tx: &impl GenericClient, user_id: Uuid, id: &str, by: Actor<'_>) -> ApiResult<Stored> {
+    let Some(h) = find(tx, user_id, tally_core::ledger::event_id_for_key(id)).await? else { return Err(unknown_hold(id)) };
+    if !by.may_undo(h.recorded_by, None) {
+        return Err(authority::not_allowed(&format!("hold {id:?}"), h.recorded_by));
+    }
+    Ok(h)
 }
 
 /// Ends an open hold in `state` (`committed`, `released` or `expired`), giving its room back.
@@ -272,13 +287,13 @@ pub async fn commit(
         }
     }
     tally_core::contract::idempotency_key(&id)?;
-    let hold_id = tally_core::ledger::event_id_for_key(&id);
     let user = target(&state, &p, subject, user_id).await?;
+    let by = Actor::of(&p);
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
     let user = users::lock(&tx, user.user_id, &state.config.admin_subjects).await?;
     let now = pools::now_locked(&state);
-    let Some(h) = find(&tx, user.user_id, hold_id).await? else { return Err(unknown_hold(&id)) };
+    let h = find_for(&tx, user.user_id, &id, by).await?;
     match h.state.as_str() {
         "committed" => {
             let first: ConsumeResponse = h
@@ -314,7 +329,7 @@ pub async fn commit(
     let cause = if expired { "hold_expired" } else { "cost_over_estimate" };
     let feature = h.feature.clone();
     let out =
-        consume::record(&tx, &ctx, &loaded.ents.features, event, "hold", Some(cause), &Decision::simple(true, Reason::Ok, "")).await?;
+        consume::record(&tx, &ctx, &loaded.ents.features, event, by, "hold", Some(cause), &Decision::simple(true, Reason::Ok, "")).await?;
     let decision = after_decision(&loaded, &feature, &out.totals, &loaded.ents.access_reason);
     let answer = serde_json::to_value(&decision)?;
     tx.execute(&tx.prepare_cached("UPDATE events SET answer = $3 WHERE user_id = $1 AND id = $2").await?, &[&user.user_id, &h.id, &answer])
@@ -385,12 +400,11 @@ pub async fn release(
     crate::extract::QueryParams(q): crate::extract::QueryParams<WhoQuery>,
 ) -> ApiResult<StatusCode> {
     tally_core::contract::idempotency_key(&id)?;
-    let hold_id = tally_core::ledger::event_id_for_key(&id);
     let user = target(&state, &p, q.subject.as_deref(), q.user_id.as_deref()).await?;
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
     users::lock(&tx, user.user_id, &state.config.admin_subjects).await?;
-    let Some(h) = find(&tx, user.user_id, hold_id).await? else { return Err(unknown_hold(&id)) };
+    let h = find_for(&tx, user.user_id, &id, Actor::of(&p)).await?;
     match h.state.as_str() {
         "open" => close(&tx, user.user_id, &h, "released", None).await?,
         "committed" => return Err(ApiError::Conflict("hold_committed", format!("hold {id:?} was committed; void its event instead"))),

@@ -2,6 +2,7 @@
 //! (user_id, id) DO NOTHING`, duplicate/conflict detection on the sent body, per-window counters
 //! updated in the same transaction, and totals computed with the server's own rules.
 
+use crate::authority::{Actor, RecordedBy};
 use crate::error::ApiResult;
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
@@ -440,7 +441,7 @@ pub async fn ingest(
     ctx: &Ctx<'_>,
     features: &BTreeMap<String, Rule>,
     events: Vec<NewEvent>,
-    device_id: Option<&str>,
+    by: Actor<'_>,
     source: &str,
     over_cause: Option<&str>,
 ) -> ApiResult<Outcome> {
@@ -468,6 +469,13 @@ pub async fn ingest(
             }
         }
     }
+    // Ids of holds and events are one namespace: a hold's id is its commit's alone.
+    let ids: Vec<Uuid> = unique.iter().map(|(_, _, e)| e.id).collect();
+    let holds = hold_ids(tx, ctx.user_id, &ids).await?;
+    if !holds.is_empty() {
+        unique.retain(|(_, _, e)| !holds.contains(&e.id));
+        out.rejected.extend(holds.iter().map(|id| reject(&id.to_string(), "conflict")));
+    }
     let tracked = tracked_periods(ctx.catalog);
     let mut wanted = current_windows(ctx, features);
     let mut keys: BTreeSet<CounterKey> = wanted.keys().cloned().collect();
@@ -479,7 +487,7 @@ pub async fn ingest(
     }
     let mut stored = Counters::new();
     read_counters(tx, ctx.user_id, &keys, &mut stored).await?;
-    let inserted = insert_events(tx, ctx, &unique, device_id, source).await?;
+    let inserted = insert_events(tx, ctx, &unique, by, source).await?;
 
     // Counter increments of the inserted events, in order; a use that would push a counter past
     // the contract's range is refused and its row removed again.
@@ -617,12 +625,27 @@ pub async fn ingest(
     Ok(out)
 }
 
+/// Which of `ids` are ids of the user's holds (any but the one being committed, whose event
+/// takes its id): no use may take one.
+pub async fn hold_ids(tx: &impl GenericClient, user_id: Uuid, ids: &[Uuid]) -> ApiResult<BTreeSet<Uuid>> {
+    if ids.is_empty() {
+        return Ok(BTreeSet::new());
+    }
+    let rows = tx
+        .query(
+            &tx.prepare_cached("SELECT id FROM holds WHERE user_id = $1 AND id = ANY($2) AND state <> 'committing'").await?,
+            &[&user_id, &ids],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
 /// Inserts the events that are new (`ON CONFLICT DO NOTHING`); returns the ids inserted.
 async fn insert_events(
     tx: &impl GenericClient,
     ctx: &Ctx<'_>,
     events: &[(DateTime<Utc>, i64, NewEvent)],
-    device_id: Option<&str>,
+    by: Actor<'_>,
     source: &str,
 ) -> ApiResult<BTreeSet<Uuid>> {
     if events.is_empty() {
@@ -664,16 +687,16 @@ async fn insert_events(
     let rows = tx
         .query(
             &tx.prepare_cached("INSERT INTO events (user_id, id, feature, amount, occurred_at, effective_at, clamped, received_at, device_id, device_seq, \
-               model, input_tokens, output_tokens, cost_micros, metadata, source, lease_ver, lease_counted) \
+               model, input_tokens, output_tokens, cost_micros, metadata, source, lease_ver, lease_counted, recorded_by) \
              SELECT $1, t.id, t.feature, t.amount, t.occurred_at, t.effective_at, t.clamped, $2, $3, t.device_seq, \
-               t.model, t.input_tokens, t.output_tokens, t.cost_micros, t.metadata, $4, t.lease_ver, t.lease_counted \
+               t.model, t.input_tokens, t.output_tokens, t.cost_micros, t.metadata, $4, t.lease_ver, t.lease_counted, $19 \
              FROM unnest($5::uuid[], $6::text[], $7::int8[], $8::timestamptz[], $9::timestamptz[], $10::bool[], $11::int8[], \
                $12::text[], $13::int8[], $14::int8[], $15::int8[], $16::jsonb[], $17::int8[], $18::bool[]) \
                AS t(id, feature, amount, occurred_at, effective_at, clamped, device_seq, model, input_tokens, output_tokens, cost_micros, metadata, lease_ver, lease_counted) \
              ON CONFLICT (user_id, id) DO NOTHING RETURNING id").await?,
             &[
-                &ctx.user_id, &ctx.now, &device_id, &source, &cols.0, &cols.1, &cols.2, &cols.3, &cols.4, &cols.5, &cols.6, &cols.7, &cols.8, &cols.9, &cols.10,
-                &cols.11, &cols.12, &cols.13,
+                &ctx.user_id, &ctx.now, &by.device_id(), &source, &cols.0, &cols.1, &cols.2, &cols.3, &cols.4, &cols.5, &cols.6, &cols.7, &cols.8, &cols.9, &cols.10,
+                &cols.11, &cols.12, &cols.13, &by.recorded_by().as_str(),
             ],
         )
         .await?;
@@ -841,23 +864,42 @@ pub async fn refresh_totals(
     Ok(())
 }
 
-/// Voids the (locked) user's event `id`: it stays in the ledger, marked, and stops counting in
-/// the windows of its own effective time (credits it drew return, since the balance replays
-/// only unvoided uses). `None`: no such event of this user; `Some(true)`: it was voided before.
-pub async fn void(tx: &impl GenericClient, ctx: &Ctx<'_>, id: Uuid, reason: Option<&str>) -> ApiResult<Option<bool>> {
+/// What [`void`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Voided {
+    /// No such event of this user.
+    Unknown,
+    /// The voider has less authority than the recorder (`recorded_by`); nothing changed.
+    NotAllowed(RecordedBy),
+    /// It was voided before; nothing changed.
+    Before,
+    /// Voided now.
+    Now,
+}
+
+/// Voids the (locked) user's event `id` for `by`: it stays in the ledger, marked, and stops
+/// counting in the windows of its own effective time (credits it drew return, since the
+/// balance replays only unvoided uses). Refused when `by` may not undo what recorded it
+/// ([`Actor::may_undo`]).
+pub async fn void(tx: &impl GenericClient, ctx: &Ctx<'_>, id: Uuid, by: Actor<'_>, reason: Option<&str>) -> ApiResult<Voided> {
     let row = tx
         .query_opt(
             &tx.prepare_cached(
-                "SELECT feature, amount, effective_at, COALESCE(cost_micros, 0), voided_at, lease_counted, device_id FROM events \
+                "SELECT feature, amount, effective_at, COALESCE(cost_micros, 0), voided_at, lease_counted, device_id, recorded_by FROM events \
                  WHERE user_id = $1 AND id = $2 FOR UPDATE",
             )
             .await?,
             &[&ctx.user_id, &id],
         )
         .await?;
-    let Some(r) = row else { return Ok(None) };
+    let Some(r) = row else { return Ok(Voided::Unknown) };
+    let recorded_by: RecordedBy = r.get(7);
+    let device: Option<String> = r.get(6);
+    if !by.may_undo(recorded_by, device.as_deref()) {
+        return Ok(Voided::NotAllowed(recorded_by));
+    }
     if r.get::<_, Option<DateTime<Utc>>>(4).is_some() {
-        return Ok(Some(true));
+        return Ok(Voided::Before);
     }
     let feature: String = r.get(0);
     let amount: i64 = r.get(1);
@@ -871,10 +913,10 @@ pub async fn void(tx: &impl GenericClient, ctx: &Ctx<'_>, id: Uuid, reason: Opti
     add_increments(ctx, &tracked_periods(ctx.catalog), &mut acc, &feature, r.get(2), -amount, -cost);
     upsert_counters(tx, ctx.user_id, ctx.now, acc).await?;
     if r.get::<_, bool>(5)
-        && let Some(device) = r.get::<_, Option<String>>(6)
+        && let Some(device) = device
     {
         // A use counted in its device's lease gives the device its units back.
         crate::leases::uncount_consumed(tx, ctx, &device, &feature, r.get(2), amount, cost).await?;
     }
-    Ok(Some(false))
+    Ok(Voided::Now)
 }

@@ -10,6 +10,7 @@ pub mod accounts;
 pub mod admin;
 pub mod api_keys;
 pub mod auth;
+pub mod authority;
 pub mod billing;
 pub mod cli;
 pub mod concurrency;

@@ -3,9 +3,10 @@
 //! entitlements token — all read and written in one Postgres transaction.
 
 use crate::auth::AuthUser;
+use crate::authority::{self, Actor};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{body_bytes, from_value, parse_json};
-use crate::ledger::{self, Ctx};
+use crate::ledger::{self, Ctx, Voided};
 use crate::users::{self, User};
 use crate::{AppState, entitlements, leases, settings};
 use axum::Json;
@@ -250,7 +251,8 @@ async fn run(
             materialized.push(key);
         }
     }
-    let mut out = ledger::ingest(&tx, &ctx, features, events, Some(&req.device_id), "sync", None).await?;
+    let device = Actor::Device(&req.device_id);
+    let mut out = ledger::ingest(&tx, &ctx, features, events, device, "sync", None).await?;
     let counted: Vec<Uuid> = out.accepted.iter().filter(|id| counted.contains(*id)).copied().collect();
     if !counted.is_empty() {
         let rows = tx
@@ -283,8 +285,11 @@ async fn run(
                     )
                     .await?
                     .map(|r| r.get::<_, String>(0));
-                match (feature, ledger::void(&tx, &ctx, v.voids, Some("voided by the device")).await?) {
-                    (Some(f), Some(_)) => {
+                match (feature, ledger::void(&tx, &ctx, v.voids, device, Some("voided by the device")).await?) {
+                    (_, Voided::NotAllowed(_)) => {
+                        rejected.push(Rejected { id: v.id.to_string(), reason: authority::VOID_NOT_ALLOWED.into() });
+                    }
+                    (Some(f), Voided::Now | Voided::Before) => {
                         tx.execute(
                             &tx.prepare_cached(
                                 "INSERT INTO void_events (user_id, id, target, device_id, occurred_at, received_at) VALUES ($1, $2, $3, $4, $5, $6)",
@@ -296,7 +301,9 @@ async fn run(
                         out.accepted.push(v.id);
                         out.touched.push((f, now));
                     }
-                    _ => rejected.push(Rejected { id: v.id.to_string(), reason: "unknown_event".into() }),
+                    (None, Voided::Now | Voided::Before | Voided::Unknown) | (Some(_), Voided::Unknown) => {
+                        rejected.push(Rejected { id: v.id.to_string(), reason: "unknown_event".into() })
+                    }
                 }
             }
         }

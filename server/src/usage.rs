@@ -100,14 +100,9 @@ pub async fn record(
     }
     ledger::ensure_counters(&tx, &ctx).await?;
     let id = event.id;
-    let out = ledger::ingest(&tx, &ctx, &loaded.ents.features, vec![event], None, "api", Some("usage_report")).await?;
-    match out.rejected.first().map(|r| r.reason.as_str()) {
-        None => {}
-        Some("conflict") => return Err(ApiError::Conflict("conflict", format!("event {id} was already recorded with a different body"))),
-        Some(_) => {
-            return Err(ApiError::Invalid("invalid_amount", "this use would take a counter past its range; nothing was recorded".into()));
-        }
-    }
+    let by = crate::authority::Actor::of(&p);
+    let out = ledger::ingest(&tx, &ctx, &loaded.ents.features, vec![event], by, "api", Some("usage_report")).await?;
+    crate::consume::refused_alone(id, &out)?;
     let totals = out.totals;
     tx.commit().await?;
     let duplicate = out.accepted.is_empty();

@@ -3,6 +3,7 @@
 
 use crate::api_keys::{SCOPE_ADMIN, SCOPE_USAGE_READ};
 use crate::auth::Principal;
+use crate::authority::RecordedBy;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::QueryParams;
 use crate::users::{self, User};
@@ -74,6 +75,8 @@ pub struct EventView {
     pub voided_at: Option<DateTime<Utc>>,
     /// The void's reason.
     pub void_reason: Option<String>,
+    /// Who recorded it (`device`, `user` or `backend`): who may void it.
+    pub recorded_by: RecordedBy,
 }
 
 /// A page of the history.
@@ -141,7 +144,7 @@ pub async fn list(State(state): State<AppState>, p: Principal, QueryParams(q): Q
             &client
                 .prepare_cached(
                     "SELECT id, feature, amount, occurred_at, effective_at, received_at, device_id, source, model, input_tokens, \
-                       output_tokens, cost_micros, metadata, cause, voided_at, void_reason FROM events \
+                       output_tokens, cost_micros, metadata, cause, voided_at, void_reason, recorded_by FROM events \
                      WHERE user_id = $1 AND effective_at >= $2 AND effective_at < $3 AND ($4::text IS NULL OR feature = $4) \
                        AND ($5::timestamptz IS NULL OR (effective_at, id) < ($5, $6)) \
                      ORDER BY effective_at DESC, id DESC LIMIT $7",
@@ -171,6 +174,7 @@ pub async fn list(State(state): State<AppState>, p: Principal, QueryParams(q): Q
             cause: r.get(13),
             voided_at: r.get(14),
             void_reason: r.get(15),
+            recorded_by: r.get(16),
         })
         .collect();
     let next_cursor = if more { events.last().map(|e| encode_cursor(e.effective_at, e.id)) } else { None };

@@ -1,9 +1,11 @@
 //! `POST /v1/usage/{id}/void {reason?}`: cancels a recorded use without editing the ledger. The
-//! event stays, marked void, and stops counting in its own window; credits it drew return.
+//! event stays, marked void, and stops counting in its own window; credits it drew return. Only a
+//! caller with the recorder's authority may void it ([`crate::authority`]).
 
+use crate::authority::{self, Actor};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::JsonBody;
-use crate::ledger::{self, Ctx};
+use crate::ledger::{self, Ctx, Voided};
 use crate::usage::{opt_str, target};
 use crate::{AppState, entitlements, users};
 use axum::Json;
@@ -25,7 +27,8 @@ pub struct VoidResponse {
 }
 
 /// `POST /v1/usage/{id}/void {reason?, subject?, user_id?}`: 200 `{id, duplicate}`; an unknown
-/// (or another user's) id is 404 `unknown_event`.
+/// (or another user's) id is 404 `unknown_event`; an event recorded with more authority than
+/// the caller's (a backend's, voided by a user) is 403 `void_not_allowed`.
 #[utoipa::path(
     operation_id = "voids_void",
     post,
@@ -63,8 +66,11 @@ pub async fn void(
     let loaded = entitlements::load(&state, &tx, &user, now).await?;
     let ctx = Ctx::new(&user, &loaded, now);
     ledger::ensure_counters(&tx, &ctx).await?;
-    let Some(duplicate) = ledger::void(&tx, &ctx, event_id, reason).await? else {
-        return Err(ApiError::Unknown("unknown_event", format!("no recorded event {id:?}")));
+    let duplicate = match ledger::void(&tx, &ctx, event_id, Actor::of(&p), reason).await? {
+        Voided::Now => false,
+        Voided::Before => true,
+        Voided::Unknown => return Err(ApiError::Unknown("unknown_event", format!("no recorded event {id:?}"))),
+        Voided::NotAllowed(by) => return Err(authority::not_allowed(&format!("event {id:?}"), by)),
     };
     tx.commit().await?;
     Ok(Json(VoidResponse { id: event_id, duplicate }))

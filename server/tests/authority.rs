@@ -7,6 +7,8 @@ use axum::http::StatusCode;
 use chrono::Duration;
 use common::*;
 use serde_json::{Value, json};
+use tally_core::Clock;
+use tally_server::AppState;
 use uuid::Uuid;
 
 const CAT: &str = r#"{"models": {"gpt-4o": {"input_micros_per_mtok": 2500000, "output_micros_per_mtok": 10000000}},
@@ -521,4 +523,149 @@ async fn a_usage_write_key_consumes_holds_and_voids_for_a_named_subject_only() {
     let (s, v) = post(&a, &key, "/v1/usage/k-1/void", json!({"subject": "gina"})).await;
     assert_eq!((s, v["duplicate"].as_bool()), (StatusCode::OK, Some(false)), "{v}");
     assert_eq!(total(&a, &token("gina"), "gen").await["used"], 2);
+}
+
+/// A `usage:write` API key made by an admin: a backend's.
+async fn backend_key(a: &TestApp) -> String {
+    let (s, k) = post(a, &token("root-admin"), "/v1/admin/api-keys", json!({"name": "backend", "scopes": ["usage:write"]})).await;
+    assert_eq!(s, StatusCode::CREATED, "{k}");
+    k["secret"].as_str().unwrap().to_string()
+}
+
+/// The user's own history entry of event `id`.
+async fn listed(a: &TestApp, t: &str, id: &str) -> Value {
+    let (s, v) = a.call("GET", "/v1/usage/events", Some(t), None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    v["events"].as_array().unwrap().iter().find(|e| e["id"] == id).cloned().unwrap_or(Value::Null)
+}
+
+#[tokio::test]
+async fn an_end_user_cannot_void_what_a_backend_charged_and_the_backend_voids_anything_of_the_user() {
+    let a = app_or_skip!(primary().await);
+    let key = backend_key(&a).await;
+    let t = token("uma");
+    assert_eq!(balance(&a, &t).await, 100);
+    // A backend charges 5 images (credits 100 → 50); the user finds the id in their history.
+    let (s, v) = post(&a, &key, "/v1/consume", json!({"subject": "uma", "feature": "images", "amount": 5})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let charged = v["id"].as_str().unwrap().to_string();
+    assert_eq!(balance(&a, &t).await, 50);
+    let e = listed(&a, &t, &charged).await;
+    assert_eq!((&e["recorded_by"], &e["source"]), (&json!("backend"), &json!("consume")), "{e}");
+    let (s, v) = post(
+        &a,
+        &key,
+        "/v1/usage",
+        json!({"subject": "uma", "id": Uuid::now_v7(), "feature": "gen", "amount": 2, "occurred_at": a.clock.now()}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let reported = v["id"].as_str().unwrap().to_string();
+    // The user's own token refunds neither: 403 void_not_allowed, nothing changes.
+    let before = snapshot(&a).await;
+    for id in [&charged, &reported] {
+        let (s, v) = post(&a, &t, &format!("/v1/usage/{id}/void"), json!({"reason": "I want my credits back"})).await;
+        assert_eq!((s, v["error"]["code"].as_str()), (StatusCode::FORBIDDEN, Some("void_not_allowed")), "{v}");
+        assert!(v["error"]["message"].as_str().is_some_and(|m| m.contains("backend")), "{v}");
+    }
+    assert_eq!(snapshot(&a).await, before, "a refused void changes nothing");
+    assert_eq!(balance(&a, &t).await, 50);
+    assert_eq!(total(&a, &t, "gen").await["used"], 2);
+    // The backend voids it: credits back to 100.
+    let (s, v) = post(&a, &key, &format!("/v1/usage/{charged}/void"), json!({"subject": "uma"})).await;
+    assert_eq!((s, v["duplicate"].as_bool()), (StatusCode::OK, Some(false)), "{v}");
+    assert_eq!(balance(&a, &t).await, 100);
+    // The user records and voids their own uses; a backend voids a user's and a device's too.
+    let (s, v) = post(&a, &t, "/v1/consume", json!({"feature": "images", "amount": 2})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let own = v["id"].as_str().unwrap().to_string();
+    assert_eq!(listed(&a, &t, &own).await["recorded_by"], "user");
+    let (s, v) = post(&a, &t, &format!("/v1/usage/{own}/void"), json!({})).await;
+    assert_eq!((s, v["duplicate"].as_bool()), (StatusCode::OK, Some(false)), "{v}");
+    let (s, v) = post(&a, &t, "/v1/consume", json!({"feature": "images", "amount": 3})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let users = v["id"].as_str().unwrap().to_string();
+    assert_eq!(balance(&a, &t).await, 70);
+    let (s, v) = post(&a, &key, &format!("/v1/usage/{users}/void"), json!({"subject": "uma"})).await;
+    assert_eq!((s, v["duplicate"].as_bool()), (StatusCode::OK, Some(false)), "{v}");
+    assert_eq!(balance(&a, &t).await, 100);
+    let synced = Uuid::now_v7();
+    let (s, v) = a.sync(&t, "phone", vec![event(synced, "gen", 1)]).await;
+    assert_eq!((s, &v["accepted"]), (StatusCode::OK, &json!([synced])), "{v}");
+    let e = listed(&a, &t, &synced.to_string()).await;
+    assert_eq!((&e["recorded_by"], &e["device_id"]), (&json!("device"), &json!("phone")), "{e}");
+    let (s, v) = post(&a, &key, &format!("/v1/usage/{synced}/void"), json!({"subject": "uma"})).await;
+    assert_eq!((s, v["duplicate"].as_bool()), (StatusCode::OK, Some(false)), "{v}");
+    let synced = Uuid::now_v7();
+    a.sync(&t, "phone", vec![event(synced, "gen", 1)]).await;
+    let (s, v) = post(&a, &t, &format!("/v1/usage/{synced}/void"), json!({})).await;
+    assert_eq!((s, v["duplicate"].as_bool()), (StatusCode::OK, Some(false)), "a user voids their device's use: {v}");
+    assert_eq!(total(&a, &t, "gen").await["used"], 2);
+}
+
+#[tokio::test]
+async fn a_users_token_neither_commits_nor_releases_a_backends_hold() {
+    let a = app_or_skip!(primary().await);
+    let key = backend_key(&a).await;
+    let t = token("hana");
+    assert_eq!(balance(&a, &t).await, 100);
+    let (s, h) = post(&a, &key, "/v1/holds", json!({"subject": "hana", "feature": "images", "amount": 4, "id": "job-1"})).await;
+    assert_eq!(s, StatusCode::CREATED, "{h}");
+    let held = "SELECT held FROM counters WHERE feature = '$credits'";
+    assert_eq!(a.scalar(held).await, 40, "40 credits held");
+    let before = snapshot(&a).await;
+    let (s, v) = post(&a, &t, "/v1/holds/job-1/commit", json!({"amount": 1})).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (StatusCode::FORBIDDEN, Some("void_not_allowed")), "{v}");
+    let (s, v) = a.call("DELETE", "/v1/holds/job-1", Some(&t), None).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (StatusCode::FORBIDDEN, Some("void_not_allowed")), "{v}");
+    assert_eq!(snapshot(&a).await, before, "the hold is unchanged, still open");
+    assert_eq!(a.scalar(held).await, 40);
+    // The backend commits it; a user's own hold is the user's to release.
+    let (s, v) = post(&a, &key, "/v1/holds/job-1/commit", json!({"subject": "hana", "amount": 3})).await;
+    assert_eq!((s, v["duplicate"].as_bool()), (StatusCode::OK, Some(false)), "{v}");
+    assert_eq!(balance(&a, &t).await, 70);
+    let (s, v) = post(&a, &t, "/v1/usage/job-1/void", json!({})).await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("void_not_allowed")),
+        "the commit's event is the backend's: {v}"
+    );
+    let (s, h) = post(&a, &t, "/v1/holds", json!({"feature": "images", "amount": 2})).await;
+    assert_eq!(s, StatusCode::CREATED, "{h}");
+    let own = h["hold"]["id"].as_str().unwrap();
+    assert_eq!(a.call("DELETE", &format!("/v1/holds/{own}"), Some(&t), None).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(balance(&a, &t).await, 70);
+}
+
+#[tokio::test]
+async fn a_hold_id_is_taken_for_consumes_usage_reports_and_syncs_open_or_committed() {
+    let a = app_or_skip!(primary().await);
+    let t = token("ivy");
+    let (s, h) = post(&a, &t, "/v1/holds", json!({"feature": "gen", "amount": 4, "id": "render-7"})).await;
+    assert_eq!(s, StatusCode::CREATED, "{h}");
+    let id = h["hold"]["id"].as_str().unwrap().to_string();
+    for state in ["open", "committed"] {
+        let before = snapshot(&a).await;
+        let (s, v) = post(&a, &t, "/v1/consume", json!({"feature": "gen", "amount": 4, "id": "render-7"})).await;
+        assert_eq!((s, v["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("conflict")), "{state}: {v}");
+        let (s, v, _) = a
+            .raw(
+                "POST",
+                "/v1/usage",
+                Some(&t),
+                serde_json::to_vec(&json!({"feature": "gen", "amount": 4, "occurred_at": a.clock.now()})).unwrap(),
+                &[("idempotency-key", "render-7")],
+            )
+            .await;
+        assert_eq!((s, v["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("conflict")), "{state}: {v}");
+        let (s, v) = a.sync(&t, "phone", vec![json!({"id": id, "feature": "gen", "amount": 4, "occurred_at": a.clock.now()})]).await;
+        assert_eq!((s, &v["rejected"]), (StatusCode::OK, &json!([{"id": id, "reason": "conflict"}])), "{state}: {v}");
+        assert_eq!(snapshot(&a).await, before, "{state}: nothing recorded");
+        if state == "open" {
+            let (s, v) = post(&a, &t, "/v1/holds/render-7/commit", json!({"amount": 3})).await;
+            assert_eq!((s, v["duplicate"].as_bool()), (StatusCode::OK, Some(false)), "the hold commits fine: {v}");
+        }
+    }
+    assert_eq!(total(&a, &t, "gen").await["used"], 3);
+    assert_eq!(a.scalar("SELECT held FROM counters WHERE feature = 'gen'").await, 0);
 }

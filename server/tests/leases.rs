@@ -424,6 +424,43 @@ async fn void_events_from_devices() {
 }
 
 #[tokio::test]
+async fn a_device_voids_only_its_own_devices_events() {
+    let l = app_or_skip!(lapp("2027-03-10T12:00:00Z").await);
+    let t = token("sharer");
+    let c = l.claims("sharer", &l.sync2(&t, "phone", json!({})).await).await;
+    l.sync2(&t, "tablet", json!({})).await;
+    let now = at("2027-03-10T11:00:00Z");
+    let phones = ev("gen", 3, now, c.lease_ver, 1);
+    l.sync2(&t, "phone", json!({"events": [phones.clone()]})).await;
+    // A backend's report and a user token's consume.
+    let (s, k) =
+        l.a.call("POST", "/v1/admin/api-keys", Some(&token("root-admin")), Some(json!({"name": "b", "scopes": ["usage:write"]}))).await;
+    assert_eq!(s, StatusCode::CREATED, "{k}");
+    let backends = json!({"subject": "sharer", "id": Uuid::now_v7(), "feature": "gen", "amount": 2, "occurred_at": now});
+    let (s, v) = l.a.call("POST", "/v1/usage", k["secret"].as_str(), Some(backends.clone())).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let users = json!({"id": Uuid::now_v7(), "feature": "gen", "amount": 1, "occurred_at": now});
+    let (s, v) = l.a.call("POST", "/v1/usage", Some(&t), Some(users.clone())).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let before = l.rows("SELECT id::text, coalesce(voided_at::text, '') FROM events ORDER BY id").await;
+    let void = |target: &Value| json!({"id": Uuid::now_v7(), "voids": target, "occurred_at": now});
+    let refused = [void(&phones["id"]), void(&backends["id"]), void(&users["id"])];
+    let r = l.sync2(&t, "tablet", json!({"events": refused.clone()})).await;
+    let want: Vec<Value> = refused.iter().map(|v| json!({"id": v["id"], "reason": "void_not_allowed"})).collect();
+    assert_eq!((&r["rejected"], &r["accepted"]), (&json!(want), &json!([])), "{r}");
+    assert_eq!(total(&r, "gen", "2027-03-01T00:00:00Z")["used"], 6, "the originals still count");
+    assert_eq!(l.rows("SELECT id::text, coalesce(voided_at::text, '') FROM events ORDER BY id").await, before);
+    assert_eq!(l.rows("SELECT count(*)::text FROM void_events").await, vec!["0"]);
+    let r = l.sync2(&t, "phone", json!({}));
+    assert_eq!(lease(&l.claims("sharer", &r.await).await, "gen").consumed, 3, "the phone's use still counts in its lease");
+    // The phone voids its own.
+    let own = void(&phones["id"]);
+    let r = l.sync2(&t, "phone", json!({"events": [own.clone()]})).await;
+    assert_eq!(r["accepted"], json!([own["id"]]), "{r}");
+    assert_eq!(total(&r, "gen", "2027-03-01T00:00:00Z")["used"], 3);
+}
+
+#[tokio::test]
 async fn protocol_one_is_refused_with_426_when_the_minimum_is_two() {
     let l = app_or_skip!(lapp_with("2027-03-10T12:00:00Z", |c| c.min_protocol = 2).await);
     let t = token("modern");

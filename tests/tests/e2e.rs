@@ -4,7 +4,7 @@
 
 use chrono::{Duration, Utc};
 use rand::seq::SliceRandom;
-use tally_core::{ConsumeItem, Error, Profile, Reason, SyncOptions, UsageMeta, User};
+use tally_core::{ConsumeItem, Error, EventStatus, Profile, Reason, SyncOptions, UsageMeta, User};
 use tally_e2e::*;
 
 struct Env {
@@ -770,4 +770,62 @@ fn a_backend_report_over_a_hard_limit_reaches_the_device_with_its_cause() {
     assert_eq!((usage.used, usage.over_limit_by), (6, 1));
     assert_eq!(usage.over_limit_causes, vec!["usage_report".to_string()]);
     assert_eq!(e.server_used("erin", "ai_chat"), 6);
+}
+
+#[test]
+fn a_device_cannot_void_what_a_backend_or_another_device_recorded_and_the_use_still_counts() {
+    let Some(e) = env("void_refusals", &[("TALLY_ADMIN_SUBJECTS", "e2e-admin")]) else { return };
+    let (status, body) = raw_request(
+        "POST",
+        &format!("{}/v1/admin/api-keys", e.server.url),
+        Some(&id_token("e2e-admin")),
+        Some(r#"{"name": "backend", "scopes": ["usage:write"]}"#),
+    )
+    .expect("create key");
+    assert_eq!(status, 201, "{body}");
+    let key: serde_json::Value = serde_json::from_str(&body).expect("key");
+    let key = key["secret"].as_str().expect("secret").to_string();
+    let phone = e.device("phone");
+    let tablet = e.device("tablet");
+    let (pu, tu) = (sign_in(&phone, "vera"), sign_in(&tablet, "vera"));
+    e.sync(&phone, &pu).expect("first sync");
+    e.sync(&tablet, &tu).expect("first sync");
+    // Past the time both devices saw at their sync (their floor), in whole milliseconds.
+    let at = chrono::DateTime::from_timestamp_millis((Utc::now() + Duration::seconds(30)).timestamp_millis()).expect("now");
+    phone.clock.set(at);
+    tablet.clock.set(at);
+    // A backend charged a use; the phone recorded the same use under the same key.
+    let charged = uuid::Uuid::now_v7().to_string();
+    let report =
+        format!(r#"{{"subject": "vera", "id": "{charged}", "feature": "notes", "amount": 2, "occurred_at": "{}"}}"#, at.to_rfc3339());
+    let (status, body) = raw_request("POST", &format!("{}/v1/usage", e.server.url), Some(&key), Some(&report)).expect("report");
+    assert_eq!(status, 201, "{body}");
+    let keyed = |k: &str| UsageMeta { idempotency_key: Some(k.into()), ..UsageMeta::default() };
+    assert!(phone.tally.consume(&pu.id, "notes", 2, keyed(&charged)).expect("consume").allowed);
+    // The phone's own use, which the tablet also recorded under the same key.
+    assert!(phone.tally.consume(&pu.id, "notes", 3, keyed("phone-use")).expect("consume").allowed);
+    let r = e.sync(&phone, &pu).expect("sync");
+    assert_eq!((r.events_acked, r.duplicates, r.rejected.len()), (2, 1, 0), "{r:?}");
+    assert!(tablet.tally.consume(&tu.id, "notes", 3, keyed("phone-use")).expect("consume").allowed);
+    assert_eq!(e.sync(&tablet, &tu).expect("sync").duplicates, 1);
+    assert_eq!(e.server_used("vera", "notes"), 5);
+    // The phone voids the backend's charge, the tablet the phone's use: both refused.
+    phone.tally.void(&pu.id, &charged, Some("refund me")).expect("void");
+    tablet.tally.void(&tu.id, "phone-use", None).expect("void");
+    assert_eq!(phone.tally.usage(&pu.id, "notes").unwrap().used, 3, "voided here until the server answers");
+    for (d, u) in [(&phone, &pu), (&tablet, &tu)] {
+        let r = e.sync(d, u).expect("sync");
+        assert_eq!(r.rejected.iter().map(|x| x.reason.as_str()).collect::<Vec<_>>(), vec!["void_not_allowed"], "{r:?}");
+        assert_eq!(d.tally.event_status(&u.id, &r.rejected[0].id).unwrap(), EventStatus::Rejected("void_not_allowed".into()));
+        assert_eq!(d.tally.pending_events(&u.id).unwrap(), 0);
+        assert_eq!(d.tally.usage(&u.id, "notes").unwrap().used, 5, "the originals still count on the device");
+        let day = d.tally.report(&u.id, at - Duration::hours(1), at + Duration::hours(1), tally_core::GroupBy::Feature).unwrap();
+        assert_eq!(day.iter().map(|r| (r.key.as_str(), r.amount)).collect::<Vec<_>>(), vec![("notes", if u.id == pu.id { 5 } else { 3 })]);
+    }
+    assert_eq!(e.server_used("vera", "notes"), 5, "and on the server");
+    // The phone voids its own use: accepted.
+    phone.tally.void(&pu.id, "phone-use", None).expect("void");
+    let r = e.sync(&phone, &pu).expect("sync");
+    assert!(r.rejected.is_empty(), "{r:?}");
+    assert_eq!((phone.tally.usage(&pu.id, "notes").unwrap().used, e.server_used("vera", "notes")), (2, 2));
 }
