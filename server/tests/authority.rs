@@ -8,7 +8,6 @@ use chrono::Duration;
 use common::*;
 use serde_json::{Value, json};
 use tally_core::Clock;
-use tally_server::AppState;
 use uuid::Uuid;
 
 const CAT: &str = r#"{"models": {"gpt-4o": {"input_micros_per_mtok": 2500000, "output_micros_per_mtok": 10000000}},

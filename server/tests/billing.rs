@@ -1445,6 +1445,8 @@ async fn the_export_holds_the_users_purchases_store_events_and_webhook_events_an
     // Nothing of the other buyer.
     let text = e.to_string();
     assert!(!text.contains(&other_uid) && !text.contains(&w2.tag), "{text}");
+}
+
 /// The moment the Stripe fixtures describe (their subscription's first period has begun).
 fn fixture_now() -> DateTime<Utc> {
     DateTime::parse_from_rfc3339("2025-07-01T12:00:00Z").unwrap().with_timezone(&Utc)
