@@ -61,7 +61,12 @@ pub(crate) fn load_state(
         Ok((
             r.get::<_, String>(0)?,
             r.get::<_, Option<i64>>(1)?,
-            Entry { allowance: count(r, 2, "allowance")?, released: count(r, 3, "released")?, consumed: count(r, 4, "consumed")?, expires_at: r.get(5)? },
+            Entry {
+                allowance: count(r, 2, "allowance")?,
+                released: count(r, 3, "released")?,
+                consumed: count(r, 4, "consumed")?,
+                expires_at: r.get(5)?,
+            },
             r.get::<_, i64>(6)?,
         ))
     })?;
@@ -166,7 +171,12 @@ fn entry(conn: &Connection, user: &str, feature: &str, start: Option<i64>) -> Re
              WHERE user_id = ?1 AND feature = ?2 AND period_start IS ?3 LIMIT 1",
         )?
         .query_row(params![user, feature, start], |r| {
-            Ok(Entry { allowance: count(r, 0, "allowance")?, released: count(r, 1, "released")?, consumed: count(r, 2, "consumed")?, expires_at: r.get(3)? })
+            Ok(Entry {
+                allowance: count(r, 0, "allowance")?,
+                released: count(r, 1, "released")?,
+                consumed: count(r, 2, "consumed")?,
+                expires_at: r.get(3)?,
+            })
         })
         .optional()?)
 }
@@ -464,8 +474,12 @@ pub(crate) fn store_leases(conn: &Connection, user: &str, claims: &EntitlementCl
             _ => feature.as_str(),
         };
         let units = crate::db::stored_count(units, "lease_wants.units")?;
-        let granted =
-            claims.leases.iter().filter(|l| l.feature == pool).max_by_key(|l| l.period_start).is_some_and(|l| l.allowance.saturating_sub(l.consumed) >= units);
+        let granted = claims
+            .leases
+            .iter()
+            .filter(|l| l.feature == pool)
+            .max_by_key(|l| l.period_start)
+            .is_some_and(|l| l.allowance.saturating_sub(l.consumed) >= units);
         if granted {
             conn.execute("DELETE FROM lease_wants WHERE user_id = ?1 AND feature = ?2", params![user, feature])?;
         }
