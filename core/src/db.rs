@@ -234,3 +234,12 @@ impl std::ops::Deref for Tx<'_> {
         self.conn
     }
 }
+
+/// A count as stored in `place` (a counter's `server_used`, a lease's allowance): never
+/// negative. A negative one is corruption, never room: a storage error naming the place and the
+/// value.
+pub(crate) fn stored_count(v: i64, place: &str) -> rusqlite::Result<u64> {
+    u64::try_from(v).map_err(|_| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Integer, format!("corrupt stored count: {place} is {v}").into())
+    })
+}

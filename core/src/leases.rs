@@ -61,7 +61,12 @@ pub(crate) fn load_state(
         Ok((
             r.get::<_, String>(0)?,
             r.get::<_, Option<i64>>(1)?,
-            Entry { allowance: to_u64(r.get(2)?), released: to_u64(r.get(3)?), consumed: to_u64(r.get(4)?), expires_at: r.get(5)? },
+            Entry {
+                allowance: count(r, 2, "allowance")?,
+                released: count(r, 3, "released")?,
+                consumed: count(r, 4, "consumed")?,
+                expires_at: r.get(5)?,
+            },
             r.get::<_, i64>(6)?,
         ))
     })?;
@@ -72,7 +77,9 @@ pub(crate) fn load_state(
         st.entries.entry(feature).or_default().entry(start).or_insert(e);
     }
     let mut q = conn.prepare_cached("SELECT feature, period_start, units FROM lease_releases WHERE user_id = ?1")?;
-    let rows = q.query_map([user], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<i64>>(1)?, to_u64(r.get(2)?))))?;
+    let rows = q.query_map([user], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, Option<i64>>(1)?, crate::db::stored_count(r.get(2)?, "lease_releases.units")?))
+    })?;
     for row in rows {
         let (feature, start, units) = row?;
         st.released.entry(feature).or_default().insert(start, units);
@@ -148,8 +155,9 @@ struct Entry {
     expires_at: Option<i64>,
 }
 
-fn to_u64(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or(0)
+/// Column `idx` (`column`) of a `leases` row, a count: a negative one is an error, never room.
+fn count(r: &rusqlite::Row<'_>, idx: usize, column: &str) -> rusqlite::Result<u64> {
+    crate::db::stored_count(r.get(idx)?, &format!("leases.{column}"))
 }
 
 fn to_i64(v: u64) -> i64 {
@@ -163,7 +171,12 @@ fn entry(conn: &Connection, user: &str, feature: &str, start: Option<i64>) -> Re
              WHERE user_id = ?1 AND feature = ?2 AND period_start IS ?3 LIMIT 1",
         )?
         .query_row(params![user, feature, start], |r| {
-            Ok(Entry { allowance: to_u64(r.get(0)?), released: to_u64(r.get(1)?), consumed: to_u64(r.get(2)?), expires_at: r.get(3)? })
+            Ok(Entry {
+                allowance: count(r, 0, "allowance")?,
+                released: count(r, 1, "released")?,
+                consumed: count(r, 2, "consumed")?,
+                expires_at: r.get(3)?,
+            })
         })
         .optional()?)
 }
@@ -172,9 +185,9 @@ fn entry(conn: &Connection, user: &str, feature: &str, start: Option<i64>) -> Re
 fn local_released(conn: &Connection, user: &str, feature: &str, start: Option<i64>) -> Result<u64> {
     Ok(conn
         .prepare_cached("SELECT units FROM lease_releases WHERE user_id = ?1 AND feature = ?2 AND period_start IS ?3")?
-        .query_row(params![user, feature, start], |r| r.get::<_, i64>(0))
+        .query_row(params![user, feature, start], |r| crate::db::stored_count(r.get(0)?, "lease_releases.units"))
         .optional()?
-        .map_or(0, to_u64))
+        .unwrap_or(0))
 }
 
 /// Raises this device's cumulative release of one window to `units` (never lowers it).
@@ -358,18 +371,19 @@ impl Tally {
             .collect::<rusqlite::Result<_>>()?;
         for (feature, units) in asked {
             if let Some((pool, _)) = a.ent.features.get(&feature).and_then(|r| hard_pool(r, &feature, &a, now)) {
-                add(&pool, to_u64(units));
+                add(&pool, crate::db::stored_count(units, "lease_wants.units")?);
             }
         }
         let release = conn
             .prepare("SELECT feature, period_start, units FROM lease_releases WHERE user_id = ?1 AND units > acked ORDER BY feature, period_start")?
             .query_map([user_id], |r| {
-                Ok(LeaseAmount { feature: r.get(0)?, period_start: r.get::<_, Option<i64>>(1)?.map(from_ms), units: to_u64(r.get(2)?) })
+                Ok(LeaseAmount { feature: r.get(0)?, period_start: r.get::<_, Option<i64>>(1)?.map(from_ms), units: crate::db::stored_count(r.get(2)?, "lease_releases.units")? })
             })?
             .collect::<rusqlite::Result<_>>()?;
         let want =
             want.into_iter().map(|((feature, start), units)| LeaseAmount { feature, period_start: start.map(from_ms), units }).collect();
-        Ok(LeaseRequest { lease_ver: ver.map(to_u64), want, release })
+        let lease_ver = ver.map(|v| crate::db::stored_count(v, "users.lease_ver")).transpose()?;
+        Ok(LeaseRequest { lease_ver, want, release })
     }
 }
 
@@ -459,12 +473,13 @@ pub(crate) fn store_leases(conn: &Connection, user: &str, claims: &EntitlementCl
             Some(Rule::Credits { .. }) => CREDITS,
             _ => feature.as_str(),
         };
+        let units = crate::db::stored_count(units, "lease_wants.units")?;
         let granted = claims
             .leases
             .iter()
             .filter(|l| l.feature == pool)
             .max_by_key(|l| l.period_start)
-            .is_some_and(|l| l.allowance.saturating_sub(l.consumed) >= to_u64(units));
+            .is_some_and(|l| l.allowance.saturating_sub(l.consumed) >= units);
         if granted {
             conn.execute("DELETE FROM lease_wants WHERE user_id = ?1 AND feature = ?2", params![user, feature])?;
         }

@@ -100,13 +100,18 @@ pub(crate) struct Seen {
     pub(crate) leased: i64,
 }
 
-/// (pending, pending_cost, server_used, pending_leased) of a counter row.
+/// (pending, pending_cost, server_used, pending_leased) of a counter row. The pending figures
+/// may be negative (pending voids); a negative `server_used` is corruption: an error.
 fn read_counter_raw(conn: &Connection, user: &str, feature: &str, period: &str, start: i64) -> Result<(i64, i64, i64, i64)> {
     Ok(conn
         .prepare_cached(
             "SELECT pending, pending_cost, server_used, pending_leased FROM counters WHERE user_id = ?1 AND feature = ?2 AND period = ?3 AND period_start = ?4",
         )?
-        .query_row(params![user, feature, period, start], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .query_row(params![user, feature, period, start], |r| {
+            let server: i64 = r.get(2)?;
+            crate::db::stored_count(server, &format!("counters.server_used of {feature:?} ({period} from {start})"))?;
+            Ok((r.get(0)?, r.get(1)?, server, r.get(3)?))
+        })
         .optional()?
         .unwrap_or((0, 0, 0, 0)))
 }

@@ -180,11 +180,11 @@ impl Tally {
         Ok(out)
     }
 
-    /// Applies settings received from the server. For a key this request sent (`sent`: key →
-    /// the HLC sent) whose row has not changed since, the server's row is taken as it is — its
-    /// HLC may be lower than ours when the server re-stamped one too far ahead of its clock.
-    /// Otherwise a change wins when its HLC is greater than the stored one. Local-only keys are
-    /// never touched. Returns how many were applied.
+    /// Applies settings received from the server. The server's re-stamp of a write this
+    /// request sent (`sent`: key → the HLC sent) — same node, same value, the row unchanged
+    /// since — is adopted even though its HLC may be lower than ours (the server re-stamps one
+    /// too far ahead of its clock). Every other change wins only when its HLC is greater than
+    /// the stored one. Local-only keys are never touched. Returns how many were applied.
     pub(crate) fn merge_settings(
         tx: &Connection,
         user_id: &str,
@@ -198,16 +198,15 @@ impl Tally {
                 continue;
             }
             let value = if c.deleted || c.value.is_null() { None } else { Some(serde_json::to_string(&c.value)?) };
-            if let Some(sent_hlc) = sent.get(&c.key) {
-                let n = tx.execute(
-                    "UPDATE settings SET value = ?3, deleted = ?4, hlc = ?5, dirty = 0, rejected = NULL
-                     WHERE user_id = ?1 AND key = ?2 AND hlc = ?6",
-                    params![user_id, c.key, value, value.is_none(), c.hlc, sent_hlc],
+            if let Some(sent_hlc) = sent.get(&c.key)
+                && restamps(tx, user_id, sent_hlc, c)?
+            {
+                tx.execute(
+                    "UPDATE settings SET hlc = ?3, dirty = 0, rejected = NULL WHERE user_id = ?1 AND key = ?2 AND hlc = ?4",
+                    params![user_id, c.key, c.hlc, sent_hlc],
                 )?;
-                if n > 0 {
-                    applied += usize::from(sent_hlc != &c.hlc);
-                    continue;
-                }
+                applied += usize::from(sent_hlc != &c.hlc);
+                continue;
             }
             applied += tx.execute(
                 "INSERT INTO settings (user_id, key, value, deleted, hlc, dirty) VALUES (?1, ?2, ?3, ?4, ?5, 0)
@@ -236,6 +235,27 @@ impl Tally {
         )?;
         Ok(n > 0)
     }
+}
+
+/// Whether `c` is the server's (re-stamped) copy of the write this device sent with `sent_hlc`:
+/// the same node wrote it, it carries the same value (or the same delete), and the stored row
+/// still has `sent_hlc` (it has not changed since it was sent).
+fn restamps(tx: &Connection, user_id: &str, sent_hlc: &str, c: &SettingChange) -> Result<bool> {
+    let (Some(sent), Some(got)) = (Hlc::parse(sent_hlc), Hlc::parse(&c.hlc)) else { return Ok(false) };
+    if sent.node != got.node {
+        return Ok(false);
+    }
+    let row: Option<(Option<String>, bool)> = tx
+        .prepare_cached("SELECT value, deleted FROM settings WHERE user_id = ?1 AND key = ?2 AND hlc = ?3")?
+        .query_row(params![user_id, c.key, sent_hlc], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let Some((value, deleted)) = row else { return Ok(false) };
+    let deleted_there = c.deleted || c.value.is_null();
+    Ok(match (deleted || value.is_none(), deleted_there) {
+        (true, true) => true,
+        (false, false) => value.as_deref().map(serde_json::from_str::<Value>).transpose()?.as_ref() == Some(&c.value),
+        _ => false,
+    })
 }
 
 fn last_hlc(tx: &Connection, user_id: &str) -> Result<Option<Hlc>> {

@@ -146,6 +146,32 @@ async fn hard_pools_decide_against_the_lease_then_the_account() {
 }
 
 #[tokio::test]
+async fn a_negative_stored_lease_figure_is_an_error_never_room() {
+    for (column, table) in [("consumed", "leases"), ("released", "leases"), ("units", "lease_releases")] {
+        let (e, u) = env();
+        let s = server();
+        sync_with(&e, &u, &s, token("dev-test", 1, vec![chat(3, 3)]), json!({"totals": [total("ai_chat", 3)]})).await;
+        assert_eq!(one(&e, &u, "ai_chat").reason, Reason::LeaseExhausted, "the lease is spent");
+        if table == "lease_releases" {
+            e.raw()
+                .execute("INSERT INTO lease_releases (user_id, feature, period_start, units) SELECT user_id, feature, period_start, 0 FROM leases", [])
+                .unwrap();
+        }
+        // The file is corrupted behind the library's back: a figure below zero.
+        e.raw().execute(&format!("UPDATE {table} SET {column} = -100"), []).unwrap();
+        let before = e.snapshot();
+        let place = format!("{table}.{column}");
+        for r in [e.tally.consume(&u, "ai_chat", 1, UsageMeta::default()), e.reopen().consume(&u, "ai_chat", 1, UsageMeta::default())] {
+            match r {
+                Err(Error::Storage(err)) => assert!(err.to_string().contains(&place), "{err} names {place}"),
+                other => panic!("{place}: expected a storage error, got {other:?}"),
+            }
+        }
+        assert_eq!(e.snapshot(), before, "{place}: nothing recorded");
+    }
+}
+
+#[tokio::test]
 async fn tokens_of_another_device_or_older_lease_ver_are_ignored() {
     let (e, u) = env();
     let s = server();

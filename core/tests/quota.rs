@@ -408,3 +408,39 @@ fn a_use_writes_only_its_event_and_the_counters_follow_every_64_uses_or_before_a
     assert_eq!(e.tally.usage(&u, "ai_spend").unwrap().used, 450, "written once, counted once");
     assert_eq!(e.reopen().usage(&u, "daily").unwrap().used, 3);
 }
+
+/// Asserts that `r` is the storage error naming the corrupted `place`.
+fn assert_corrupt<T: std::fmt::Debug>(r: Result<T, Error>, place: &str) {
+    match r {
+        Err(Error::Storage(err)) => assert!(err.to_string().contains(place), "{err} names {place}"),
+        other => panic!("expected a storage error naming {place}, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_negative_stored_server_total_is_an_error_never_room() {
+    let e = Env::new();
+    let u = e.tally.create_local_user(None).unwrap().id;
+    for _ in 0..5 {
+        assert!(e.tally.consume(&u, "ai_chat", 1, UsageMeta::default()).unwrap().allowed);
+    }
+    // The file is corrupted behind the library's back: a server total below zero.
+    let start = t("2026-01-01T00:00:00Z").timestamp_millis();
+    let n = e
+        .raw()
+        .execute(
+            "INSERT INTO counters (user_id, feature, period, period_start, server_used) VALUES (?1, 'ai_chat', 'month', ?2, -100)
+             ON CONFLICT (user_id, feature, period, period_start) DO UPDATE SET server_used = -100",
+            rusqlite::params![u, start],
+        )
+        .unwrap();
+    assert_eq!(n, 1);
+    let before = e.snapshot();
+    assert_corrupt(e.tally.consume(&u, "ai_chat", 1, UsageMeta::default()), "counters.server_used");
+    assert_corrupt(e.tally.check(&u, "ai_chat", 1), "counters.server_used");
+    assert_corrupt(e.tally.usage(&u, "ai_chat"), "counters.server_used");
+    assert_eq!(e.snapshot(), before, "nothing recorded");
+    let reopened = e.reopen();
+    assert_corrupt(reopened.consume(&u, "ai_chat", 1, UsageMeta::default()), "counters.server_used");
+    assert_eq!(e.snapshot(), before, "nothing recorded after reopening either");
+}

@@ -410,7 +410,13 @@ async fn read_counters(tx: &impl GenericClient, user_id: Uuid, keys: &BTreeSet<C
     for r in rows {
         let period: String = r.get(1);
         if let Ok(p) = period.parse::<Period>() {
-            into.insert((r.get(0), p, r.get(2)), Stored { used: r.get(3), cost: r.get(4), causes: r.get(5), lim: r.get(6) });
+            let s = Stored { used: r.get(3), cost: r.get(4), causes: r.get(5), lim: r.get(6) };
+            let (feature, start): (String, DateTime<Utc>) = (r.get(0), r.get(2));
+            // A negative count or limit is corruption: it must never read as room.
+            for (column, v) in [("used", s.used), ("cost_micros", s.cost), ("lim", s.lim.unwrap_or(0))] {
+                crate::pools::stored_count(v, || format!("counters.{column} of ({user_id}, {feature:?}, {period}, {start})"))?;
+            }
+            into.insert((feature, p, start), s);
         }
     }
     Ok(())
@@ -727,7 +733,7 @@ async fn mark_overage(
 ) -> ApiResult<()> {
     let accepted: BTreeSet<Uuid> = accepted.iter().copied().collect();
     let mut over_ids: BTreeMap<&str, Vec<Uuid>> = BTreeMap::new();
-    let mut promised: HashMap<CounterKey, i64> = HashMap::new();
+    let mut promised: HashMap<CounterKey, u64> = HashMap::new();
     for (eff, _, e) in events.iter().filter(|(_, _, e)| accepted.contains(&e.id)) {
         let Some(cause) = e.cause.or(batch_cause) else { continue };
         let Some(rule) = features.get(&e.feature) else { continue };
@@ -758,7 +764,7 @@ async fn mark_overage(
                     p
                 }
             };
-            used.saturating_add(u64::try_from(p).unwrap_or(0)) > limit
+            used.saturating_add(p) > limit
         };
         if !over {
             continue;
@@ -790,12 +796,12 @@ async fn mark_overage(
 
 /// Room of a window promised but not yet used: open holds plus what devices with a live lease
 /// may still record in their slices (units, or micros for a budget).
-async fn promised_room(tx: &impl GenericClient, ctx: &Ctx<'_>, key: &CounterKey) -> ApiResult<i64> {
+async fn promised_room(tx: &impl GenericClient, ctx: &Ctx<'_>, key: &CounterKey) -> ApiResult<u64> {
     let row = tx
         .query_one(
             &tx.prepare_cached(
                 "SELECT coalesce((SELECT c.held FROM counters c WHERE c.user_id = $1 AND c.feature = $2 AND c.period = $3 \
-                   AND c.period_start = $4), 0)::int8 + \
+                   AND c.period_start = $4), 0)::int8, \
                  (SELECT coalesce(sum(greatest(0, d.allowance - d.consumed)), 0)::int8 FROM pool_devices d \
                    WHERE d.user_id = $1 AND d.feature = $2 AND d.period = $3 AND d.period_start = $4 \
                    AND EXISTS (SELECT 1 FROM devices v WHERE v.user_id = d.user_id AND v.device_id = d.device_id \
@@ -805,7 +811,9 @@ async fn promised_room(tx: &impl GenericClient, ctx: &Ctx<'_>, key: &CounterKey)
             &[&ctx.user_id, &key.0, &key.1.as_str(), &key.2, &ctx.now],
         )
         .await?;
-    Ok(row.get(0))
+    let place = |column: &str| format!("{column} of ({}, {:?}, {}, {})", ctx.user_id, key.0, key.1.as_str(), key.2);
+    let held = crate::pools::stored_count(row.get(0), || place("counters.held"))?;
+    Ok(held.saturating_add(crate::pools::stored_count(row.get(1), || place("pool_devices outstanding"))?))
 }
 
 /// The counted rule of `feature`'s window containing `at`.

@@ -116,9 +116,19 @@ pub async fn lock(tx: &impl GenericClient, user_id: Uuid, key: &PoolKey, budget:
             &[&user_id, &key.feature, &key.period, &key.period_start, &now],
         )
         .await?;
-    let n = |v: i64| u64::try_from(v).unwrap_or(0);
-    let used: i64 = if budget { r.get(1) } else { r.get(0) };
-    Ok(PoolState { used: n(used), held: n(r.get(2)), leased: n(r.get(3)) })
+    let column = |c: &str| format!("counters.{c} of ({user_id}, {:?}, {}, {})", key.feature, key.period, key.period_start);
+    let (used, column_used) = if budget { (r.get(1), "cost_micros") } else { (r.get(0), "used") };
+    Ok(PoolState {
+        used: stored_count(used, || column(column_used))?,
+        held: stored_count(r.get(2), || column("held"))?,
+        leased: stored_count(r.get(3), || column("leased (pool_devices)"))?,
+    })
+}
+
+/// A count as stored (`used`, `held`, a cost, an allowance): never negative. A negative one is
+/// corruption, never room: a 500 `internal` whose logged detail names `place` and the value.
+pub fn stored_count(v: i64, place: impl FnOnce() -> String) -> ApiResult<u64> {
+    u64::try_from(v).map_err(|_| ApiError::Internal(format!("corrupt stored count: {} is {v}", place())))
 }
 
 /// Adds `delta` (negative: gives back) to the `held` of `key`'s pool; never below 0.

@@ -609,6 +609,44 @@ fn a_fast_device_clock_never_wins_a_setting_forever() {
 }
 
 #[test]
+fn an_older_setting_in_the_answer_never_replaces_the_newer_write_it_answers() {
+    let Some(e) = env("stale_answer", &[]) else { return };
+    // The tablet runs 4 min fast (within what the server keeps), the phone an hour fast (its
+    // HLCs get re-stamped to the server's time, below the tablet's).
+    let tablet = e.device_at("tablet", Utc::now() + Duration::minutes(4));
+    let phone = e.device_at("phone", Utc::now() + Duration::hours(1));
+    let (ut, up) = (sign_in(&tablet, "stale"), sign_in(&phone, "stale"));
+    tablet.tally.set_setting(&ut.id, "lang", serde_json::json!("de")).unwrap();
+    e.sync(&tablet, &ut).expect("tablet sync");
+    phone.tally.set_setting(&up.id, "lang", serde_json::json!("fr")).unwrap();
+    // The server keeps `de` (its HLC beats `fr` re-stamped) and answers it to the phone's sync.
+    e.sync(&phone, &up).expect("phone sync");
+    assert_eq!(settings_of(&e, "stale")["lang"], "de", "the server's merge is unchanged");
+    assert_eq!(phone.tally.setting(&up.id, "lang").unwrap(), Some(serde_json::json!("fr")), "the phone's newer write stays");
+}
+
+#[test]
+fn the_servers_restamp_of_the_write_just_sent_is_adopted() {
+    let Some(e) = env("restamp", &[]) else { return };
+    let d = e.device_at("phone", Utc::now() + Duration::hours(1));
+    let u = sign_in(&d, "restamp");
+    d.tally.set_setting(&u.id, "lang", serde_json::json!({"b": 1, "a": [1, 2]})).unwrap();
+    let hlc = |d: &Device| -> String {
+        rusqlite::Connection::open(&d.path)
+            .expect("device file")
+            .query_row("SELECT hlc FROM settings WHERE key = 'lang'", [], |r| r.get(0))
+            .expect("lang row")
+    };
+    let sent = hlc(&d);
+    e.sync(&d, &u).expect("sync");
+    let adopted = hlc(&d);
+    assert!(adopted < sent, "the re-stamp ({adopted}) replaces the fast HLC ({sent})");
+    assert!(adopted.ends_with("-phone"), "same node: {adopted}");
+    assert_eq!(d.tally.setting_status(&u.id, "lang").unwrap(), tally_core::settings::SettingStatus::Synced);
+    assert_eq!(d.tally.setting(&u.id, "lang").unwrap(), Some(serde_json::json!({"a": [1, 2], "b": 1})));
+}
+
+#[test]
 fn a_device_catalog_ahead_of_the_server_keeps_its_events() {
     let Some(e) = env("ahead", &[]) else { return };
     let path = e.dir.path().join("ahead.db");
