@@ -96,8 +96,17 @@ pub enum Command {
         #[command(subcommand)]
         command: PlansCommand,
     },
-    /// Print usage per user and feature.
+    /// Print usage per user and feature (voided uses left out), as `GET /v1/usage` counts it.
     Report {
+        /// Only this user (identity subject).
+        #[arg(long)]
+        subject: Option<String>,
+        /// Start (RFC 3339, inclusive); absent: the first use.
+        #[arg(long)]
+        from: Option<DateTime<Utc>>,
+        /// End (RFC 3339, exclusive); absent: the last use.
+        #[arg(long)]
+        to: Option<DateTime<Utc>>,
         /// Server configuration.
         #[command(flatten)]
         config: Box<Config>,
@@ -409,19 +418,27 @@ pub async fn run(cli: Cli) -> Result<(), String> {
             })
             .await
         }
-        Command::Report { config } => {
+        Command::Report { subject, from, to, config } => {
             with_db(*config, |client| async move {
-                let rows = client
-                    .query(
-                        "SELECT coalesce(u.external_id, u.user_id::text), e.feature, count(*)::bigint, sum(e.amount)::bigint, sum(e.cost_micros)::bigint \
-                         FROM events e JOIN users u ON u.user_id = e.user_id GROUP BY 1, 2 ORDER BY 1, 2",
-                        &[],
-                    )
+                let user_id = match subject {
+                    None => None,
+                    Some(s) => Some(
+                        client
+                            .query_opt("SELECT user_id FROM users WHERE external_id = $1", &[&s])
+                            .await
+                            .map_err(|e| e.to_string())?
+                            .map(|r| r.get::<_, uuid::Uuid>(0))
+                            .ok_or_else(|| format!("no user has the subject {s:?}"))?,
+                    ),
+                };
+                let scope = crate::usage::Scope { user_id, from, to };
+                let rows = crate::usage::grouped(&client, scope, &[crate::usage::Group::User, crate::usage::Group::Feature])
                     .await
                     .map_err(|e| e.to_string())?;
-                println!("{:<40} {:<24} {:>10} {:>14} {:>14}", "user", "feature", "events", "amount", "cost_micros");
+                println!("{:<40} {:<24} {:>10} {:>14} {:>14} {:>14}", "user", "feature", "events", "amount", "cost_micros", "credits");
                 for r in rows {
-                    println!("{:<40} {:<24} {:>10} {:>14} {:>14}", r.get::<_, String>(0), r.get::<_, String>(1), r.get::<_, i64>(2), r.get::<_, i64>(3), r.get::<_, i64>(4));
+                    let key = |i: usize| r.keys.get(i).map_or("", String::as_str);
+                    println!("{:<40} {:<24} {:>10} {:>14} {:>14} {:>14}", key(0), key(1), r.events, r.amount, r.cost_micros, r.credits);
                 }
                 Ok(())
             })

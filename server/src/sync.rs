@@ -312,7 +312,7 @@ async fn run(
         .await?;
     if leased
         && let Some(t) =
-            crate::credits::pool_total(&tx, user.user_id, &ents, &loaded.catalog, (user.created_at, loaded.anchor), now).await?
+            crate::credits::pool_total(&tx, user.user_id, &ents, now).await?
     {
         out.totals.push(t);
     }
