@@ -245,9 +245,9 @@ pub struct WhoQuery {
 }
 
 /// `POST /v1/holds/{id}/commit {amount?, model?, input_tokens?, output_tokens?, metadata?,
-/// subject?, user_id?}`: records the hold's event with the real amount (default: the held
-/// amount), always; 200 `{id, duplicate, decision}`. A second commit answers the first; a
-/// released hold is 409 `hold_released`.
+/// subject?, user_id?}`: records the hold's event with the real amount, always (default: for a
+/// budget with a `model`, its priced cost in micros; else the held amount); 200 `{id, duplicate,
+/// decision}`. A second commit answers the first; a released hold is 409 `hold_released`.
 #[utoipa::path(
     operation_id = "holds_commit",
     post,

@@ -325,7 +325,8 @@ pub async fn report_rows(
         .collect())
 }
 
-/// `GET /v1/usage?from&to&group_by=day|feature|model`.
+/// `GET /v1/usage?from&to&group_by=day|feature|model`: rows per group and feature (voided uses
+/// left out), so no row adds amounts of different features together.
 #[utoipa::path(
     operation_id = "usage_report",
     get,
@@ -333,7 +334,7 @@ pub async fn report_rows(
     tag = "usage",
     security(("bearer" = []), ("api_key" = [])),
     params(ReportQuery),
-    responses((status = 200, description = "Usage grouped by day, feature or model", body = Object)),
+    responses((status = 200, description = "Usage grouped by day, feature or model, and always by feature", body = Object)),
 )]
 pub async fn report(State(state): State<AppState>, p: Principal, QueryParams(q): QueryParams<ReportQuery>) -> ApiResult<Json<Value>> {
     let now = state.now();

@@ -94,6 +94,35 @@ async fn a_past_use_keeps_its_price_and_the_grants_it_drew_when_the_plan_changes
 }
 
 #[tokio::test]
+async fn uses_recorded_before_prices_were_stored_are_priced_once_as_before() {
+    let a = app_or_skip!(pricing_app().await);
+    let admin = token("root-admin");
+    let t = token("legacy");
+    let (s, g) = a.call("POST", "/v1/admin/grants", Some(&admin), Some(json!({"subject": "legacy", "credits": 500, "reason": "gift"}))).await;
+    assert_eq!(s, StatusCode::CREATED, "{g}");
+    for _ in 0..2 {
+        let (s, v) = a.call("POST", "/v1/consume", Some(&t), Some(json!({"feature": "images", "amount": 1}))).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+    }
+    // As the database stood before version 21: no stored prices, no stored included credits.
+    let (client, conn) = tokio_postgres::connect(&a.url, tokio_postgres::NoTls).await.expect("connect");
+    tokio::spawn(conn);
+    client
+        .batch_execute("UPDATE events SET credits = NULL; DELETE FROM credit_grants WHERE grant_id LIKE 'included:%'")
+        .await
+        .expect("legacy state");
+    let b = billing(&a, &t).await;
+    assert_eq!(grant_of(&b["credit_grants"], "included:free:").map(|g| &g["remaining"]), Some(&json!(80)), "{b}");
+    assert_eq!(grant_of(&b["credit_grants"], "adm:").map(|g| &g["remaining"]), Some(&json!(500)), "{b}");
+    assert_eq!(a.scalar("SELECT sum(credits)::int8 FROM events WHERE feature = 'images'").await, 20, "priced once and stored");
+    let (s, g) = a.call("POST", "/v1/admin/grants", Some(&admin), Some(json!({"subject": "legacy", "plan": "pro", "reason": "vip"}))).await;
+    assert!(s.is_success(), "{g}");
+    let b = billing(&a, &t).await;
+    assert_eq!(grant_of(&b["credit_grants"], "adm:").map(|g| &g["remaining"]), Some(&json!(500)), "{b}");
+    assert_eq!(b["credit_balance"], 580, "{b}");
+}
+
+#[tokio::test]
 async fn a_budget_hold_commit_records_its_real_cost_and_usage_never_adds_features_together() {
     let a = app_or_skip!(pricing_app().await);
     let t = token("budgeter");
