@@ -390,18 +390,22 @@ pub async fn run(cli: Cli) -> Result<(), String> {
             if let Some(a) = audience {
                 claims["aud"] = a.into();
             }
-            let t = jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()))
-                .map_err(|e| e.to_string())?;
+            let t =
+                jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()))
+                    .map_err(|e| e.to_string())?;
             println!("{t}");
             Ok(())
         }
         Command::Grant { subject, plan, until, reason, granted_by, config } => {
             with_db(*config, |mut client| async move {
                 let (_, catalog) = plans::load(&client).await.map_err(|e| e.to_string())?;
-                let req = crate::grants::AccessGrantRequest { subject: &subject, plan: &plan, until, granted_by: &granted_by, reason: &reason };
+                let req =
+                    crate::grants::AccessGrantRequest { subject: &subject, plan: &plan, until, granted_by: &granted_by, reason: &reason };
                 let tx = client.transaction().await.map_err(|e| e.to_string())?;
                 // Running servers hear of the new version from Postgres (no cache of their own here).
-                crate::grants::grant_access(&tx, &crate::user_cache::UserCache::default(), &catalog, &req, Utc::now()).await.map_err(|e| e.to_string())?;
+                crate::grants::grant_access(&tx, &crate::user_cache::UserCache::default(), &catalog, &req, Utc::now())
+                    .await
+                    .map_err(|e| e.to_string())?;
                 tx.commit().await.map_err(|e| e.to_string())?;
                 println!("granted {plan} to {subject}{}", until.map(|u| format!(" until {u}")).unwrap_or_default());
                 Ok(())
@@ -462,16 +466,26 @@ pub async fn run(cli: Cli) -> Result<(), String> {
                     done.skipped,
                     done.missing_key
                 );
-                if done.missing_key > 0 { Err(format!("{} secrets could not be opened; add their key to TALLY_SECRET_KEYS", done.missing_key)) } else { Ok(()) }
+                if done.missing_key > 0 {
+                    Err(format!("{} secrets could not be opened; add their key to TALLY_SECRET_KEYS", done.missing_key))
+                } else {
+                    Ok(())
+                }
             })
             .await
         }
         Command::ApiKey { command } => match command {
             ApiKeyCommand::Create { name, scopes, config } => {
                 with_db(*config, |client| async move {
-                    let (key, secret) = api_keys::create(&client, api_keys::Issuer::Operator, &name, &scopes).await.map_err(|e| e.to_string())?;
+                    let (key, secret) =
+                        api_keys::create(&client, api_keys::Issuer::Operator, &name, &scopes).await.map_err(|e| e.to_string())?;
                     println!("{secret}");
-                    eprintln!("created API key {} ({}) with scopes {}; the secret above is shown only once", key.key_id, key.name, key.scopes.join(","));
+                    eprintln!(
+                        "created API key {} ({}) with scopes {}; the secret above is shown only once",
+                        key.key_id,
+                        key.name,
+                        key.scopes.join(",")
+                    );
                     Ok(())
                 })
                 .await
@@ -487,7 +501,13 @@ pub async fn run(cli: Cli) -> Result<(), String> {
             ApiKeyCommand::List { config } => {
                 with_db(*config, |client| async move {
                     for k in api_keys::list(&client).await.map_err(|e| e.to_string())? {
-                        println!("{}  {:<24} {:<20} {}", k.key_id, k.name, k.scopes.join(","), if k.revoked_at.is_some() { "revoked" } else { "active" });
+                        println!(
+                            "{}  {:<24} {:<20} {}",
+                            k.key_id,
+                            k.name,
+                            k.scopes.join(","),
+                            if k.revoked_at.is_some() { "revoked" } else { "active" }
+                        );
                     }
                     Ok(())
                 })

@@ -138,9 +138,8 @@ pub async fn current(
         )
         .await?;
     // Both reads pipelined on the connection.
-    let (grant_rows, use_rows) = futures::try_join!(async { client.query(&grants_st, &[&user_id]).await }, async {
-        client.query(&uses_st, &[&user_id]).await
-    },)?;
+    let (grant_rows, use_rows) =
+        futures::try_join!(async { client.query(&grants_st, &[&user_id]).await }, async { client.query(&uses_st, &[&user_id]).await },)?;
     let stored_ids: std::collections::HashSet<String> = grant_rows.iter().map(|r| r.get(0)).collect();
     let mut grants: Vec<Grant> = grant_rows
         .iter()

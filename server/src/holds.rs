@@ -312,7 +312,8 @@ pub async fn commit(
             }
             // A budget use's amount is its real cost in micros, never the hold's estimate.
             Priced::Cost(cost) if sent.get("amount").is_none_or(Value::is_null) => {
-                event.amount = i64::try_from(cost.max(1)).map_err(|_| ApiError::Invalid("invalid_amount", "the cost is out of range".into()))?;
+                event.amount =
+                    i64::try_from(cost.max(1)).map_err(|_| ApiError::Invalid("invalid_amount", "the cost is out of range".into()))?;
             }
             Priced::Cost(_) | Priced::NoModel => {}
         }

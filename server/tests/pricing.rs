@@ -45,7 +45,8 @@ async fn a_past_use_keeps_its_price_and_the_grants_it_drew_when_the_plan_changes
     let t = token("repriced");
     let (s, e) = a.call("GET", "/v1/entitlements", Some(&t), None).await;
     assert_eq!(s, StatusCode::OK, "{e}");
-    let (s, g) = a.call("POST", "/v1/admin/grants", Some(&admin), Some(json!({"subject": "repriced", "credits": 500, "reason": "gift"}))).await;
+    let (s, g) =
+        a.call("POST", "/v1/admin/grants", Some(&admin), Some(json!({"subject": "repriced", "credits": 500, "reason": "gift"}))).await;
     assert_eq!(s, StatusCode::CREATED, "{g}");
     for _ in 0..2 {
         let (s, v) = a.call("POST", "/v1/consume", Some(&t), Some(json!({"feature": "images", "amount": 1}))).await;
@@ -55,11 +56,16 @@ async fn a_past_use_keeps_its_price_and_the_grants_it_drew_when_the_plan_changes
     assert_eq!(grant_of(&b["credit_grants"], "adm:").map(|g| &g["remaining"]), Some(&json!(500)), "{b}");
     assert_eq!(grant_of(&b["credit_grants"], "included:free:").map(|g| &g["remaining"]), Some(&json!(80)), "{b}");
 
-    let (s, g) = a.call("POST", "/v1/admin/grants", Some(&admin), Some(json!({"subject": "repriced", "plan": "pro", "reason": "vip"}))).await;
+    let (s, g) =
+        a.call("POST", "/v1/admin/grants", Some(&admin), Some(json!({"subject": "repriced", "plan": "pro", "reason": "vip"}))).await;
     assert!(s.is_success(), "{g}");
     let b = billing(&a, &t).await;
     assert_eq!(b["plan"], "pro", "{b}");
-    assert_eq!(grant_of(&b["credit_grants"], "adm:").map(|g| &g["remaining"]), Some(&json!(500)), "past uses are never re-priced or re-drawn: {b}");
+    assert_eq!(
+        grant_of(&b["credit_grants"], "adm:").map(|g| &g["remaining"]),
+        Some(&json!(500)),
+        "past uses are never re-priced or re-drawn: {b}"
+    );
     assert_eq!(
         grant_of(&b["credit_grants"], "included:free:").map(|g| &g["remaining"]),
         Some(&json!(80)),
@@ -98,7 +104,8 @@ async fn uses_recorded_before_prices_were_stored_are_priced_once_as_before() {
     let a = app_or_skip!(pricing_app().await);
     let admin = token("root-admin");
     let t = token("legacy");
-    let (s, g) = a.call("POST", "/v1/admin/grants", Some(&admin), Some(json!({"subject": "legacy", "credits": 500, "reason": "gift"}))).await;
+    let (s, g) =
+        a.call("POST", "/v1/admin/grants", Some(&admin), Some(json!({"subject": "legacy", "credits": 500, "reason": "gift"}))).await;
     assert_eq!(s, StatusCode::CREATED, "{g}");
     for _ in 0..2 {
         let (s, v) = a.call("POST", "/v1/consume", Some(&t), Some(json!({"feature": "images", "amount": 1}))).await;
@@ -131,7 +138,12 @@ async fn a_budget_hold_commit_records_its_real_cost_and_usage_never_adds_feature
     let id = h["hold"]["id"].as_str().unwrap_or_default().to_string();
     // 2000 input tokens at 2.5 micros and 600 output tokens at 10 micros: 11,000 micros.
     let (s, c) = a
-        .call("POST", &format!("/v1/holds/{id}/commit"), Some(&t), Some(json!({"model": "gpt-4o", "input_tokens": 2000, "output_tokens": 600})))
+        .call(
+            "POST",
+            &format!("/v1/holds/{id}/commit"),
+            Some(&t),
+            Some(json!({"model": "gpt-4o", "input_tokens": 2000, "output_tokens": 600})),
+        )
         .await;
     assert_eq!(s, StatusCode::OK, "{c}");
     assert_eq!(c["decision"]["used"], 11000, "{c}");
