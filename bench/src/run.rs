@@ -702,9 +702,9 @@ async fn raw_insert(pg: &tokio_postgres::Client, batches: &[Rows]) -> Res<(f64, 
     let st = pg
         .prepare(
             "INSERT INTO events (user_id, id, feature, amount, occurred_at, effective_at, clamped, received_at, device_id, device_seq, \
-               model, input_tokens, output_tokens, cost_micros, metadata, source) \
+               model, input_tokens, output_tokens, cost_micros, metadata, source, credits) \
              SELECT $1, t.id, t.feature, t.amount, t.occurred_at, t.effective_at, t.clamped, $2, $3, t.device_seq, \
-               t.model, t.input_tokens, t.output_tokens, t.cost_micros, t.metadata, 'sync' \
+               t.model, t.input_tokens, t.output_tokens, t.cost_micros, t.metadata, 'sync', 0 \
              FROM unnest($4::uuid[], $5::text[], $6::int8[], $7::timestamptz[], $8::timestamptz[], $9::bool[], $10::int8[], \
                $11::text[], $12::int8[], $13::int8[], $14::int8[], $15::jsonb[]) \
                AS t(id, feature, amount, occurred_at, effective_at, clamped, device_seq, model, input_tokens, output_tokens, cost_micros, metadata) \
@@ -850,8 +850,8 @@ async fn raw_consume(env: &Env, users: &[Uuid], dur: Duration) -> Res<(f64, Hist
                 }
                 let now = chrono::Utc::now();
                 tx.execute(
-                    "INSERT INTO events (user_id, id, feature, amount, occurred_at, effective_at, clamped, received_at, device_id, cost_micros, source) \
-                     VALUES ($1, $2, 'raw_calls', 1, $3, $3, false, $3, $4, 0, 'raw') ON CONFLICT DO NOTHING",
+                    "INSERT INTO events (user_id, id, feature, amount, occurred_at, effective_at, clamped, received_at, device_id, cost_micros, source, credits) \
+                     VALUES ($1, $2, 'raw_calls', 1, $3, $3, false, $3, $4, 0, 'raw', 0) ON CONFLICT DO NOTHING",
                     &[&user, &Uuid::now_v7(), &now, &device],
                 )
                 .await
@@ -991,10 +991,10 @@ async fn fixture(env: &Env, users: &[Uuid], n: i64) -> Res<()> {
             let pg = pg_connect(&url).await?;
             pg.batch_execute("SET maintenance_work_mem = '256MB'; SET work_mem = '64MB'").await.map_err(|e| e.to_string())?;
             pg.execute(
-                "INSERT INTO events (user_id, id, feature, amount, occurred_at, effective_at, clamped, received_at, device_id, device_seq, cost_micros, source) \
+                "INSERT INTO events (user_id, id, feature, amount, occurred_at, effective_at, clamped, received_at, device_id, device_seq, cost_micros, source, credits) \
                  SELECT ($1::uuid[])[1 + (g / $2::int8)::int], \
                         (lpad(to_hex($3::int8 + g), 12, '0') || '7' || substr(md5(g::text), 1, 19))::uuid, \
-                        'notes', 1, x.t, x.t, false, x.t, 'fixture', g, 0, 'sync' \
+                        'notes', 1, x.t, x.t, false, x.t, 'fixture', g, 0, 'sync', 0 \
                  FROM generate_series(0::int8, $4::int8 - 1) g, LATERAL (SELECT to_timestamp(($3::int8 + g) / 1000.0) AS t) x",
                 &[&us, &per_user, &base, &rows],
             )

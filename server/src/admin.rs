@@ -172,7 +172,8 @@ pub struct RevokeGrant {
     /// id (`adm:…`, `inv:…`) revokes that credit grant.
     #[serde(default)]
     pub grant_id: Option<String>,
-    /// Revoke every credit grant of the user (with no `grant_id`).
+    /// Revoke every credit grant of the user (with no `grant_id`), except the credits the plan
+    /// includes.
     #[serde(default)]
     pub credits: bool,
 }
@@ -362,7 +363,7 @@ pub async fn user_usage(
     let from = q.from.unwrap_or(now - Duration::days(30));
     let to = q.to.unwrap_or(now + Duration::minutes(10));
     let group_by = q.group_by.as_deref().unwrap_or("feature");
-    let rows = usage::report_rows(&client, uid, &user.timezone, from, to, group_by).await?;
+    let rows = usage::report_rows(&client, uid, from, to, group_by).await?;
     Ok(Json(json!({"user": user, "from": from, "to": to, "group_by": group_by, "rows": rows})))
 }
 

@@ -96,8 +96,17 @@ pub enum Command {
         #[command(subcommand)]
         command: PlansCommand,
     },
-    /// Print usage per user and feature.
+    /// Print usage per user and feature (voided uses left out), as `GET /v1/usage` counts it.
     Report {
+        /// Only this user (identity subject).
+        #[arg(long)]
+        subject: Option<String>,
+        /// Start (RFC 3339, inclusive); absent: the first use.
+        #[arg(long)]
+        from: Option<DateTime<Utc>>,
+        /// End (RFC 3339, exclusive); absent: the last use.
+        #[arg(long)]
+        to: Option<DateTime<Utc>>,
         /// Server configuration.
         #[command(flatten)]
         config: Box<Config>,
@@ -381,18 +390,22 @@ pub async fn run(cli: Cli) -> Result<(), String> {
             if let Some(a) = audience {
                 claims["aud"] = a.into();
             }
-            let t = jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()))
-                .map_err(|e| e.to_string())?;
+            let t =
+                jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()))
+                    .map_err(|e| e.to_string())?;
             println!("{t}");
             Ok(())
         }
         Command::Grant { subject, plan, until, reason, granted_by, config } => {
             with_db(*config, |mut client| async move {
                 let (_, catalog) = plans::load(&client).await.map_err(|e| e.to_string())?;
-                let req = crate::grants::AccessGrantRequest { subject: &subject, plan: &plan, until, granted_by: &granted_by, reason: &reason };
+                let req =
+                    crate::grants::AccessGrantRequest { subject: &subject, plan: &plan, until, granted_by: &granted_by, reason: &reason };
                 let tx = client.transaction().await.map_err(|e| e.to_string())?;
                 // Running servers hear of the new version from Postgres (no cache of their own here).
-                crate::grants::grant_access(&tx, &crate::user_cache::UserCache::default(), &catalog, &req, Utc::now()).await.map_err(|e| e.to_string())?;
+                crate::grants::grant_access(&tx, &crate::user_cache::UserCache::default(), &catalog, &req, Utc::now())
+                    .await
+                    .map_err(|e| e.to_string())?;
                 tx.commit().await.map_err(|e| e.to_string())?;
                 println!("granted {plan} to {subject}{}", until.map(|u| format!(" until {u}")).unwrap_or_default());
                 Ok(())
@@ -409,19 +422,27 @@ pub async fn run(cli: Cli) -> Result<(), String> {
             })
             .await
         }
-        Command::Report { config } => {
+        Command::Report { subject, from, to, config } => {
             with_db(*config, |client| async move {
-                let rows = client
-                    .query(
-                        "SELECT coalesce(u.external_id, u.user_id::text), e.feature, count(*)::bigint, sum(e.amount)::bigint, sum(e.cost_micros)::bigint \
-                         FROM events e JOIN users u ON u.user_id = e.user_id GROUP BY 1, 2 ORDER BY 1, 2",
-                        &[],
-                    )
+                let user_id = match subject {
+                    None => None,
+                    Some(s) => Some(
+                        client
+                            .query_opt("SELECT user_id FROM users WHERE external_id = $1", &[&s])
+                            .await
+                            .map_err(|e| e.to_string())?
+                            .map(|r| r.get::<_, uuid::Uuid>(0))
+                            .ok_or_else(|| format!("no user has the subject {s:?}"))?,
+                    ),
+                };
+                let scope = crate::usage::Scope { user_id, from, to };
+                let rows = crate::usage::grouped(&client, scope, &[crate::usage::Group::User, crate::usage::Group::Feature])
                     .await
                     .map_err(|e| e.to_string())?;
-                println!("{:<40} {:<24} {:>10} {:>14} {:>14}", "user", "feature", "events", "amount", "cost_micros");
+                println!("{:<40} {:<24} {:>10} {:>14} {:>14} {:>14}", "user", "feature", "events", "amount", "cost_micros", "credits");
                 for r in rows {
-                    println!("{:<40} {:<24} {:>10} {:>14} {:>14}", r.get::<_, String>(0), r.get::<_, String>(1), r.get::<_, i64>(2), r.get::<_, i64>(3), r.get::<_, i64>(4));
+                    let key = |i: usize| r.keys.get(i).map_or("", String::as_str);
+                    println!("{:<40} {:<24} {:>10} {:>14} {:>14} {:>14}", key(0), key(1), r.events, r.amount, r.cost_micros, r.credits);
                 }
                 Ok(())
             })
@@ -445,7 +466,11 @@ pub async fn run(cli: Cli) -> Result<(), String> {
                     done.skipped,
                     done.missing_key
                 );
-                if done.missing_key > 0 { Err(format!("{} secrets could not be opened; add their key to TALLY_SECRET_KEYS", done.missing_key)) } else { Ok(()) }
+                if done.missing_key > 0 {
+                    Err(format!("{} secrets could not be opened; add their key to TALLY_SECRET_KEYS", done.missing_key))
+                } else {
+                    Ok(())
+                }
             })
             .await
         }
@@ -455,7 +480,12 @@ pub async fn run(cli: Cli) -> Result<(), String> {
                     let (key, secret) =
                         api_keys::create(&client, api_keys::Issuer::Operator, &name, &scopes, None).await.map_err(|e| e.to_string())?;
                     println!("{secret}");
-                    eprintln!("created API key {} ({}) with scopes {}; the secret above is shown only once", key.key_id, key.name, key.scopes.join(","));
+                    eprintln!(
+                        "created API key {} ({}) with scopes {}; the secret above is shown only once",
+                        key.key_id,
+                        key.name,
+                        key.scopes.join(",")
+                    );
                     Ok(())
                 })
                 .await
@@ -471,7 +501,13 @@ pub async fn run(cli: Cli) -> Result<(), String> {
             ApiKeyCommand::List { config } => {
                 with_db(*config, |client| async move {
                     for k in api_keys::list(&client).await.map_err(|e| e.to_string())? {
-                        println!("{}  {:<24} {:<20} {}", k.key_id, k.name, k.scopes.join(","), if k.revoked_at.is_some() { "revoked" } else { "active" });
+                        println!(
+                            "{}  {:<24} {:<20} {}",
+                            k.key_id,
+                            k.name,
+                            k.scopes.join(","),
+                            if k.revoked_at.is_some() { "revoked" } else { "active" }
+                        );
                     }
                     Ok(())
                 })

@@ -1,9 +1,22 @@
 //! Credits on the server, computed the way the device spends them: every unrevoked grant and
-//! every use (a ledger event of a feature whose rule is `credits {cost}`, `cost × amount`) in
-//! event-time order; a use draws from the unexpired grants with credits left, the one expiring
-//! first first; what they cannot cover becomes a debt, paid from the next grant. The token
-//! carries the unexpired grants with what remains of them (and the debt as a negative grant
-//! `debt`), so the device goes on spending offline from where the server stands.
+//! every use in event-time order; a use draws from the unexpired grants with credits left, the
+//! one expiring first first; what they cannot cover becomes a debt, paid from the next grant. The
+//! token carries the unexpired grants with what remains of them (and the debt as a negative
+//! grant `debt`), so the device goes on spending offline from where the server stands.
+//!
+//! A use's price and the grants it drew are fixed when it happens, because everything the
+//! replay reads is:
+//! - each use's price is stored with its event when the server records it (`events.credits`:
+//!   `cost × amount` by the rule in force then; a later plan or catalog never re-prices it). A
+//!   use recorded before prices were stored is priced once, on the first read of its user's
+//!   credits, with the rules of that moment (as every read did before), and stored;
+//! - the credits a plan includes for a billing window are stored as a grant
+//!   (`included:<plan>:<window start ms>`) the first time the server computes the user's credits
+//!   in that window, and kept when the plan changes. A grant stored into a window where priced
+//!   uses were already recorded counts from that moment, not from the window's start, so those
+//!   uses never move onto it (a plan change mid-window never re-draws past uses).
+//!
+//! A voided use leaves the replay, which gives back exactly what it drew.
 
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
@@ -78,8 +91,8 @@ pub fn replay(grants: &[Grant], uses: &[Use], now: DateTime<Utc>) -> Vec<CreditG
 }
 
 /// Credits per unit of each feature drawing credits: the rule in effect for the user, else the
-/// first plan of the catalog that makes it a credits feature (so past uses keep counting when
-/// the plan changes).
+/// first plan of the catalog that makes it a credits feature. What a use is priced at when it is
+/// recorded.
 pub fn costs(features: &BTreeMap<String, Rule>, catalog: &Catalog) -> BTreeMap<String, i64> {
     let mut m = BTreeMap::new();
     for p in &catalog.plans {
@@ -97,46 +110,124 @@ pub fn costs(features: &BTreeMap<String, Rule>, catalog: &Catalog) -> BTreeMap<S
     m
 }
 
-/// The user's credit grants at `now`, after every use the server knows of.
+/// The credits a use of `amount` of `feature` draws at `prices` ([`costs`]): 0 for a feature
+/// that draws none.
+pub fn price(prices: &BTreeMap<String, i64>, feature: &str, amount: i64) -> i64 {
+    prices.get(feature).map_or(0, |c| c.saturating_mul(amount))
+}
+
+/// The user's credit grants at `now`, after every use the server knows of. `included` are the
+/// plan's grants of the billing windows up to `now` ([`plan_grants`]): those not stored yet are
+/// stored (kept from then on, whatever the plan becomes); uses recorded before prices were
+/// stored are priced with `features` and stored.
 pub async fn current(
     client: &impl GenericClient,
     user_id: Uuid,
     features: &BTreeMap<String, Rule>,
     catalog: &Catalog,
     now: DateTime<Utc>,
-    plan_grants: Vec<Grant>,
+    included: Vec<Grant>,
 ) -> ApiResult<Vec<CreditGrant>> {
-    let costs = costs(features, catalog);
-    let names: Vec<&str> = costs.keys().map(String::as_str).collect();
     let grants_st = client
-        .prepare_cached(
-            "SELECT grant_id, amount, valid_from, expires_at, source FROM credit_grants WHERE user_id = $1 AND revoked_at IS NULL",
-        )
+        .prepare_cached("SELECT grant_id, amount, valid_from, expires_at, source, revoked_at IS NULL FROM credit_grants WHERE user_id = $1")
         .await?;
     let uses_st = client
-        .prepare_cached("SELECT feature, amount, effective_at FROM events WHERE user_id = $1 AND feature = ANY($2) AND voided_at IS NULL")
+        .prepare_cached(
+            "SELECT id, feature, amount, credits, effective_at FROM events \
+             WHERE user_id = $1 AND (credits IS NULL OR credits > 0) AND voided_at IS NULL",
+        )
         .await?;
-    // Both reads pipelined on the connection; the uses only when some rule draws credits.
-    let (grant_rows, use_rows) = futures::try_join!(async { client.query(&grants_st, &[&user_id]).await }, async {
-        if names.is_empty() { Ok(Vec::new()) } else { client.query(&uses_st, &[&user_id, &names]).await }
-    },)?;
+    // Both reads pipelined on the connection.
+    let (grant_rows, use_rows) =
+        futures::try_join!(async { client.query(&grants_st, &[&user_id]).await }, async { client.query(&uses_st, &[&user_id]).await },)?;
+    let stored_ids: std::collections::HashSet<String> = grant_rows.iter().map(|r| r.get(0)).collect();
     let mut grants: Vec<Grant> = grant_rows
         .iter()
+        .filter(|r| r.get::<_, bool>(5))
         .map(|r| Grant { id: r.get(0), amount: r.get(1), valid_from: r.get(2), expires_at: r.get(3), source: r.get(4) })
         .collect();
-    grants.extend(plan_grants);
-    let uses: Vec<Use> = use_rows
-        .iter()
-        .map(|r| {
-            let f: &str = r.get(0);
-            let amount: i64 = r.get(1);
-            Use { at: r.get(2), credits: costs.get(f).copied().unwrap_or(0).saturating_mul(amount) }
-        })
+    let mut uses = Vec::with_capacity(use_rows.len());
+    let mut unpriced: Vec<(Uuid, i64)> = Vec::new();
+    let prices = costs(features, catalog);
+    for r in &use_rows {
+        let credits = match r.get::<_, Option<i64>>(3) {
+            Some(c) => c,
+            None => {
+                let c = price(&prices, r.get(1), r.get(2));
+                unpriced.push((r.get(0), c));
+                c
+            }
+        };
+        if credits > 0 {
+            uses.push(Use { at: r.get(4), credits });
+        }
+    }
+    let priced_since = |from: DateTime<Utc>| {
+        use_rows.iter().any(|r| r.get::<_, Option<i64>>(3).is_some_and(|c| c > 0) && r.get::<_, DateTime<Utc>>(4) >= from)
+    };
+    let new: Vec<Grant> = included
+        .into_iter()
+        .filter(|g| !stored_ids.contains(&g.id))
+        .map(|g| Grant { valid_from: if priced_since(g.valid_from) { now.max(g.valid_from) } else { g.valid_from }, ..g })
         .collect();
+    grants.extend(keep_included(client, user_id, &new).await?);
+    store_prices(client, user_id, &unpriced).await?;
     if grants.is_empty() && uses.is_empty() {
         return Ok(Vec::new());
     }
     Ok(replay(&grants, &uses, now))
+}
+
+/// Stores plan-included grants (once per id); returns them as stored (another request may have
+/// stored one first).
+async fn keep_included(client: &impl GenericClient, user_id: Uuid, new: &[Grant]) -> ApiResult<Vec<Grant>> {
+    if new.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<&str> = new.iter().map(|g| g.id.as_str()).collect();
+    let amounts: Vec<i64> = new.iter().map(|g| g.amount).collect();
+    let sources: Vec<&str> = new.iter().map(|g| g.source.as_str()).collect();
+    let froms: Vec<DateTime<Utc>> = new.iter().map(|g| g.valid_from).collect();
+    let expiries: Vec<Option<DateTime<Utc>>> = new.iter().map(|g| g.expires_at).collect();
+    let rows = client
+        .query(
+            &client
+                .prepare_cached(
+                    "INSERT INTO credit_grants (user_id, grant_id, amount, source, valid_from, expires_at) \
+                     SELECT $1, * FROM unnest($2::text[], $3::int8[], $4::text[], $5::timestamptz[], $6::timestamptz[]) \
+                     ON CONFLICT (user_id, grant_id) DO UPDATE SET grant_id = credit_grants.grant_id \
+                     RETURNING grant_id, amount, valid_from, expires_at, source, revoked_at IS NULL",
+                )
+                .await?,
+            &[&user_id, &ids, &amounts, &sources, &froms, &expiries],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .filter(|r| r.get::<_, bool>(5))
+        .map(|r| Grant { id: r.get(0), amount: r.get(1), valid_from: r.get(2), expires_at: r.get(3), source: r.get(4) })
+        .collect())
+}
+
+/// Stores the prices of uses recorded before prices were stored (each once).
+async fn store_prices(client: &impl GenericClient, user_id: Uuid, priced: &[(Uuid, i64)]) -> ApiResult<()> {
+    if priced.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = priced.iter().map(|p| p.0).collect();
+    let credits: Vec<i64> = priced.iter().map(|p| p.1).collect();
+    client
+        .execute(
+            &client
+                .prepare_cached(
+                    "UPDATE events e SET credits = t.credits FROM unnest($2::uuid[], $3::int8[]) AS t(id, credits) \
+                     WHERE e.user_id = $1 AND e.id = t.id AND e.credits IS NULL",
+                )
+                .await?,
+            &[&user_id, &ids, &credits],
+        )
+        .await?;
+    Ok(())
 }
 
 /// The credit pool as a total of a protocol-2 sync answer (`feature: "$credits"`, period
@@ -147,8 +238,6 @@ pub async fn pool_total(
     tx: &impl GenericClient,
     user_id: Uuid,
     ents: &tally_core::Entitlements,
-    catalog: &Catalog,
-    (since, anchor): (DateTime<Utc>, DateTime<Utc>),
     now: DateTime<Utc>,
 ) -> ApiResult<Option<tally_core::wire::Total>> {
     use crate::pools::{CREDITS, CREDITS_PERIOD, credits_start};
@@ -168,12 +257,8 @@ pub async fn pool_total(
         .await?;
     let stored: i64 = row.get(0);
     let causes: Vec<String> = row.get(1);
-    let included: i64 = plan_grants(ents, catalog, since, anchor, now)
-        .iter()
-        .filter(|g| g.expires_at.is_none_or(|e| e > now))
-        .map(|g| g.amount)
-        .fold(0i64, i64::saturating_add);
-    let granted = u64::try_from(stored.saturating_add(included)).unwrap_or(0);
+    // The plan's included credits are stored grants too ([`current`] stored them).
+    let granted = u64::try_from(stored).unwrap_or(0);
     let balance = ents.credit_balance;
     let remaining = u64::try_from(balance.max(0)).unwrap_or(0);
     let debt = balance.min(0).unsigned_abs();
@@ -309,7 +394,8 @@ pub async fn revoke_purchased(tx: &impl GenericClient, user_id: Uuid, grant_id: 
     Ok(n > 0)
 }
 
-/// Revokes credit grants of a user (one by id, or every one); bumps the version. Returns how many.
+/// Revokes credit grants of a user (one by id, or every one but the plan's included credits);
+/// bumps the version. Returns how many.
 pub async fn revoke_credits(state: &AppState, user_id: Uuid, grant_id: Option<&str>) -> ApiResult<u64> {
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
@@ -317,7 +403,8 @@ pub async fn revoke_credits(state: &AppState, user_id: Uuid, grant_id: Option<&s
     let now = state.now();
     let n = tx
         .execute(
-            "UPDATE credit_grants SET revoked_at = $3 WHERE user_id = $1 AND revoked_at IS NULL AND ($2::text IS NULL OR grant_id = $2)",
+            "UPDATE credit_grants SET revoked_at = $3 WHERE user_id = $1 AND revoked_at IS NULL \
+             AND ($2::text IS NULL AND grant_id NOT LIKE 'included:%' OR grant_id = $2)",
             &[&user_id, &grant_id, &now],
         )
         .await?;

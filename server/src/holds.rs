@@ -260,9 +260,9 @@ pub struct WhoQuery {
 }
 
 /// `POST /v1/holds/{id}/commit {amount?, model?, input_tokens?, output_tokens?, metadata?,
-/// subject?, user_id?}`: records the hold's event with the real amount (default: the held
-/// amount), always; 200 `{id, duplicate, decision}`. A second commit answers the first; a
-/// released hold is 409 `hold_released`.
+/// subject?, user_id?}`: records the hold's event with the real amount, always (default: for a
+/// budget with a `model`, its priced cost in micros; else the held amount); 200 `{id, duplicate,
+/// decision}`. A second commit answers the first; a released hold is 409 `hold_released`.
 #[utoipa::path(
     operation_id = "holds_commit",
     post,
@@ -312,16 +312,26 @@ pub async fn commit(
     if let Some(o) = sent.as_object_mut() {
         o.insert("feature".into(), Value::String(h.feature.clone()));
     }
-    let event = use_event(&sent, h.id, u64::try_from(h.amount).ok(), now)?;
+    let mut event = use_event(&sent, h.id, u64::try_from(h.amount).ok(), now)?;
     let loaded = entitlements::load(&state, &tx, &user, now).await?;
     let ctx = Ctx::new(&user, &loaded, now);
     ledger::ensure_counters(&tx, &ctx).await?;
     if let Some(rule) = loaded.ents.features.get(&h.feature)
         && matches!(rule, Rule::Budget { .. })
-        && let Some(m) = event.model.as_deref()
-        && !loaded.catalog.models.contains_key(m)
     {
-        return Err(ApiError::Invalid("unknown_model", format!("the catalog has no price for the model {m:?}")));
+        let tokens = |n: Option<i64>| n.and_then(|n| u64::try_from(n).ok());
+        match pools::priced(&loaded.catalog, rule, event.model.as_deref(), tokens(event.input_tokens), tokens(event.output_tokens))? {
+            Priced::UnknownModel => {
+                let m = event.model.as_deref().unwrap_or_default();
+                return Err(ApiError::Invalid("unknown_model", format!("the catalog has no price for the model {m:?}")));
+            }
+            // A budget use's amount is its real cost in micros, never the hold's estimate.
+            Priced::Cost(cost) if sent.get("amount").is_none_or(Value::is_null) => {
+                event.amount =
+                    i64::try_from(cost.max(1)).map_err(|_| ApiError::Invalid("invalid_amount", "the cost is out of range".into()))?;
+            }
+            Priced::Cost(_) | Priced::NoModel => {}
+        }
     }
     let expired = h.state == "expired" || h.expires_at <= now;
     // Give the held room back first: the event takes its real amount from the pool.

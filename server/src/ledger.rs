@@ -493,7 +493,7 @@ pub async fn ingest(
     }
     let mut stored = Counters::new();
     read_counters(tx, ctx.user_id, &keys, &mut stored).await?;
-    let inserted = insert_events(tx, ctx, &unique, by, source).await?;
+    let inserted = insert_events(tx, ctx, &crate::credits::costs(features, ctx.catalog), &unique, by, source).await?;
 
     // Counter increments of the inserted events, in order; a use that would push a counter past
     // the contract's range is refused and its row removed again.
@@ -646,10 +646,12 @@ pub async fn hold_ids(tx: &impl GenericClient, user_id: Uuid, ids: &[Uuid]) -> A
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-/// Inserts the events that are new (`ON CONFLICT DO NOTHING`); returns the ids inserted.
+/// Inserts the events that are new (`ON CONFLICT DO NOTHING`), each with its price in credits
+/// at `prices` ([`crate::credits::costs`]); returns the ids inserted.
 async fn insert_events(
     tx: &impl GenericClient,
     ctx: &Ctx<'_>,
+    prices: &BTreeMap<String, i64>,
     events: &[(DateTime<Utc>, i64, NewEvent)],
     by: Actor<'_>,
     source: &str,
@@ -673,8 +675,10 @@ async fn insert_events(
         Vec::with_capacity(n),
         Vec::with_capacity(n),
         Vec::with_capacity(n),
+        Vec::with_capacity(n),
     );
     for (effective, cost, e) in events {
+        cols.14.push(crate::credits::price(prices, &e.feature, e.amount));
         cols.13.push(e.unclamped && e.lease_ver.is_some());
         cols.0.push(e.id);
         cols.1.push(e.feature.as_str());
@@ -693,16 +697,16 @@ async fn insert_events(
     let rows = tx
         .query(
             &tx.prepare_cached("INSERT INTO events (user_id, id, feature, amount, occurred_at, effective_at, clamped, received_at, device_id, device_seq, \
-               model, input_tokens, output_tokens, cost_micros, metadata, source, lease_ver, lease_counted, recorded_by) \
+               model, input_tokens, output_tokens, cost_micros, metadata, source, lease_ver, lease_counted, credits, recorded_by) \
              SELECT $1, t.id, t.feature, t.amount, t.occurred_at, t.effective_at, t.clamped, $2, $3, t.device_seq, \
-               t.model, t.input_tokens, t.output_tokens, t.cost_micros, t.metadata, $4, t.lease_ver, t.lease_counted, $19 \
+               t.model, t.input_tokens, t.output_tokens, t.cost_micros, t.metadata, $4, t.lease_ver, t.lease_counted, t.credits, $20 \
              FROM unnest($5::uuid[], $6::text[], $7::int8[], $8::timestamptz[], $9::timestamptz[], $10::bool[], $11::int8[], \
-               $12::text[], $13::int8[], $14::int8[], $15::int8[], $16::jsonb[], $17::int8[], $18::bool[]) \
-               AS t(id, feature, amount, occurred_at, effective_at, clamped, device_seq, model, input_tokens, output_tokens, cost_micros, metadata, lease_ver, lease_counted) \
+               $12::text[], $13::int8[], $14::int8[], $15::int8[], $16::jsonb[], $17::int8[], $18::bool[], $19::int8[]) \
+               AS t(id, feature, amount, occurred_at, effective_at, clamped, device_seq, model, input_tokens, output_tokens, cost_micros, metadata, lease_ver, lease_counted, credits) \
              ON CONFLICT (user_id, id) DO NOTHING RETURNING id").await?,
             &[
                 &ctx.user_id, &ctx.now, &by.device_id(), &source, &cols.0, &cols.1, &cols.2, &cols.3, &cols.4, &cols.5, &cols.6, &cols.7, &cols.8, &cols.9, &cols.10,
-                &cols.11, &cols.12, &cols.13, &by.recorded_by().as_str(),
+                &cols.11, &cols.12, &cols.13, &cols.14, &by.recorded_by().as_str(),
             ],
         )
         .await?;

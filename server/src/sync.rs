@@ -317,10 +317,7 @@ async fn run(
     let mut ents = loaded.ents.clone();
     crate::credits::after_ingest(&tx, user.user_id, &mut ents, &loaded.catalog, &out.touched, (user.created_at, loaded.anchor), now)
         .await?;
-    if leased
-        && let Some(t) =
-            crate::credits::pool_total(&tx, user.user_id, &ents, &loaded.catalog, (user.created_at, loaded.anchor), now).await?
-    {
+    if leased && let Some(t) = crate::credits::pool_total(&tx, user.user_id, &ents, now).await? {
         out.totals.push(t);
     }
     let mut recall = Vec::new();

@@ -193,6 +193,8 @@ pub enum Group {
     Feature,
     /// The AI model (`""` without one).
     Model,
+    /// The user: their subject, else their server id.
+    User,
 }
 
 impl Group {
@@ -207,14 +209,16 @@ impl Group {
     }
     fn sql(self) -> &'static str {
         match self {
-            Group::Day => "to_char(effective_at AT TIME ZONE $4, 'YYYY-MM-DD')",
-            Group::Feature => "feature",
-            Group::Model => "coalesce(model, '')",
+            Group::Day => "to_char(e.effective_at AT TIME ZONE u.timezone, 'YYYY-MM-DD')",
+            Group::Feature => "e.feature",
+            Group::Model => "coalesce(e.model, '')",
+            Group::User => "coalesce(u.external_id, u.user_id::text)",
         }
     }
 }
 
-/// One row of a usage report: its group keys (in the order asked) and its sums.
+/// One row of a usage report: its group keys (in the order asked) and its sums. Amounts are
+/// only ever summed within one feature (every report groups by feature).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageRow {
     /// The values of the groups, in the order of the request.
@@ -229,28 +233,56 @@ pub struct UsageRow {
     pub output_tokens: i64,
     /// Summed AI cost in micros.
     pub cost_micros: i64,
+    /// Summed credits drawn (each use's price when it was recorded).
+    pub credits: i64,
 }
 
-/// The usage of `user_id` in `[from, to)` by effective time, voided events left out, grouped
-/// by `groups` (days in `tz`), ordered by the keys: the one query of every usage report.
-pub async fn grouped(
-    client: &impl GenericClient,
-    user_id: Uuid,
-    tz: &str,
-    from: DateTime<Utc>,
-    to: DateTime<Utc>,
-    groups: &[Group],
-) -> ApiResult<Vec<UsageRow>> {
+/// Which uses a report covers: one user or all, in `[from, to)` by effective time (an absent
+/// bound: unbounded).
+#[derive(Debug, Clone, Copy)]
+pub struct Scope {
+    /// The user (`None`: every user).
+    pub user_id: Option<Uuid>,
+    /// Start (inclusive).
+    pub from: Option<DateTime<Utc>>,
+    /// End (exclusive).
+    pub to: Option<DateTime<Utc>>,
+}
+
+/// The usage in `scope`, voided events left out, grouped by `groups` (a day in each user's
+/// timezone) and by feature (added last when `groups` lacks it, so no row adds amounts of
+/// different features together), ordered by the keys: the one query of every usage report (the
+/// API's, the console's and the CLI's).
+pub async fn grouped(client: &impl GenericClient, scope: Scope, groups: &[Group]) -> ApiResult<Vec<UsageRow>> {
+    let mut groups = groups.to_vec();
+    if !groups.contains(&Group::Feature) {
+        groups.push(Group::Feature);
+    }
     let keys: Vec<String> = groups.iter().enumerate().map(|(i, g)| format!("{} AS k{i}", g.sql())).collect();
     let by: Vec<String> = (0..groups.len()).map(|i| format!("k{i}")).collect();
+    let mut filter = vec!["e.voided_at IS NULL".to_string()];
+    let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = Vec::new();
+    if let Some(u) = &scope.user_id {
+        params.push(u);
+        filter.push(format!("e.user_id = ${}", params.len()));
+    }
+    if let Some(f) = &scope.from {
+        params.push(f);
+        filter.push(format!("e.effective_at >= ${}", params.len()));
+    }
+    if let Some(t) = &scope.to {
+        params.push(t);
+        filter.push(format!("e.effective_at < ${}", params.len()));
+    }
     let sql = format!(
-        "SELECT {}, count(*)::bigint, sum(amount)::bigint, coalesce(sum(input_tokens), 0)::bigint, coalesce(sum(output_tokens), 0)::bigint, \
-         coalesce(sum(cost_micros), 0)::bigint FROM events WHERE user_id = $1 AND effective_at >= $2 AND effective_at < $3 AND voided_at IS NULL \
-         AND $4::text IS NOT NULL GROUP BY {by} ORDER BY {by}",
+        "SELECT {}, count(*)::bigint, sum(e.amount)::bigint, coalesce(sum(e.input_tokens), 0)::bigint, \
+         coalesce(sum(e.output_tokens), 0)::bigint, coalesce(sum(e.cost_micros), 0)::bigint, coalesce(sum(e.credits), 0)::bigint \
+         FROM events e JOIN users u ON u.user_id = e.user_id WHERE {} GROUP BY {by} ORDER BY {by}",
         keys.join(", "),
+        filter.join(" AND "),
         by = by.join(", ")
     );
-    let rows = client.query(&sql, &[&user_id, &from, &to, &tz]).await?;
+    let rows = client.query(&sql, &params).await?;
     let n = groups.len();
     Ok(rows
         .iter()
@@ -261,32 +293,35 @@ pub async fn grouped(
             input_tokens: r.get(n + 2),
             output_tokens: r.get(n + 3),
             cost_micros: r.get(n + 4),
+            credits: r.get(n + 5),
         })
         .collect())
 }
 
-/// Usage rows of `user_id` in `[from, to)`, grouped by `group_by` (`day` in `tz`), as the JSON
-/// reports answer them.
+/// Usage rows of `user_id` in `[from, to)`, grouped by `group_by` (`day` in the user's
+/// timezone) and by feature, as the JSON reports answer them: each row names its `group_by`
+/// value and its `feature`.
 pub async fn report_rows(
     client: &impl GenericClient,
     user_id: Uuid,
-    tz: &str,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
     group_by: &str,
 ) -> ApiResult<Vec<Value>> {
     let group = Group::parse(group_by)?;
-    let rows = grouped(client, user_id, tz, from, to, &[group]).await?;
+    let rows = grouped(client, Scope { user_id: Some(user_id), from: Some(from), to: Some(to) }, &[group]).await?;
     Ok(rows
         .into_iter()
         .map(|r| {
-            json!({group_by: r.keys.first(), "events": r.events, "amount": r.amount,
-                   "input_tokens": r.input_tokens, "output_tokens": r.output_tokens, "cost_micros": r.cost_micros})
+            json!({group_by: r.keys.first(), "feature": r.keys.last(), "events": r.events, "amount": r.amount,
+                   "input_tokens": r.input_tokens, "output_tokens": r.output_tokens, "cost_micros": r.cost_micros,
+                   "credits": r.credits})
         })
         .collect())
 }
 
-/// `GET /v1/usage?from&to&group_by=day|feature|model`.
+/// `GET /v1/usage?from&to&group_by=day|feature|model`: rows per group and feature (voided uses
+/// left out), so no row adds amounts of different features together.
 #[utoipa::path(
     operation_id = "usage_report",
     get,
@@ -294,7 +329,7 @@ pub async fn report_rows(
     tag = "usage",
     security(("bearer" = []), ("api_key" = [])),
     params(ReportQuery),
-    responses((status = 200, description = "Usage grouped by day, feature or model", body = Object)),
+    responses((status = 200, description = "Usage grouped by day, feature or model, and always by feature", body = Object)),
 )]
 pub async fn report(State(state): State<AppState>, p: Principal, QueryParams(q): QueryParams<ReportQuery>) -> ApiResult<Json<Value>> {
     let now = state.now();
@@ -315,6 +350,6 @@ pub async fn report(State(state): State<AppState>, p: Principal, QueryParams(q):
         _ => target(&state, &p, q.subject.as_deref(), None).await?,
     };
     let client = state.pool.get().await?;
-    let rows = report_rows(&client, user.user_id, &user.timezone, from, to, group_by).await?;
+    let rows = report_rows(&client, user.user_id, from, to, group_by).await?;
     Ok(Json(json!({"from": from, "to": to, "group_by": group_by, "rows": rows})))
 }

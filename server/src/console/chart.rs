@@ -112,7 +112,15 @@ mod tests {
     use chrono::TimeZone;
 
     fn row(day: &str, feature: &str, amount: i64, cost: i64) -> UsageRow {
-        UsageRow { keys: vec![day.into(), feature.into()], events: 1, amount, input_tokens: 0, output_tokens: 0, cost_micros: cost }
+        UsageRow {
+            keys: vec![day.into(), feature.into()],
+            events: 1,
+            amount,
+            input_tokens: 0,
+            output_tokens: 0,
+            cost_micros: cost,
+            credits: 0,
+        }
     }
 
     #[test]

@@ -170,8 +170,8 @@ pub async fn usage_chart(state: &AppState, user: &User, days: u32, now: DateTime
     let loaded = entitlements::load(state, &client, user, now).await?;
     let tz = user.tz();
     let from = chart::start(days, tz, now);
-    let rows =
-        usage::grouped(&client, user.user_id, &user.timezone, from, now + chrono::Duration::days(1), &[Group::Day, Group::Feature]).await?;
+    let scope = usage::Scope { user_id: Some(user.user_id), from: Some(from), to: Some(now + chrono::Duration::days(1)) };
+    let rows = usage::grouped(&client, scope, &[Group::Day, Group::Feature]).await?;
     Ok(chart::build(&rows, &loaded.ents.features, tz, loaded.anchor, now, days))
 }
 
