@@ -3,7 +3,7 @@
 //! secrets, `admin`), revocable.
 
 use crate::AppState;
-use crate::authority::KeyMaker;
+use crate::authority::{Actor, KeyMaker};
 use crate::error::{ApiError, ApiResult};
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
@@ -76,6 +76,14 @@ pub struct ApiKey {
 const KEY_COLUMNS: &str = "key_id, name, scopes, created_at, revoked_at, owner_id, made_by";
 
 impl ApiKey {
+    /// The actor this key acts as: a backend's key as a backend, a user's own key as the user.
+    pub fn actor(&self) -> Actor<'static> {
+        match self.made_by {
+            KeyMaker::Backend => Actor::Backend,
+            KeyMaker::User => Actor::User,
+        }
+    }
+
     /// Whether the key has `scope`.
     pub fn has_scope(&self, scope: &str) -> bool {
         self.scopes.iter().any(|s| s == scope)

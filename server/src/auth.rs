@@ -237,6 +237,14 @@ impl FromRequestParts<AppState> for AuthUserCached {
 }
 
 impl Principal {
+    /// Who this caller acts as on a user's usage ([`crate::authority`]).
+    pub fn actor(&self) -> crate::authority::Actor<'static> {
+        match self {
+            Principal::User(_) => crate::authority::Actor::User,
+            Principal::Key(k) => k.actor(),
+        }
+    }
+
     /// The user, or 401 `user_token_required` for an API key (a route that acts as a user).
     pub fn into_user(self) -> Result<User, ApiError> {
         match self {

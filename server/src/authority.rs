@@ -4,8 +4,6 @@
 //! their own API key) what a user or a device recorded; a device (its sync) only its own
 //! device's events. So an end user cannot refund what a backend charged.
 
-use crate::api_keys::ApiKey;
-use crate::auth::Principal;
 use crate::error::ApiError;
 use serde::Serialize;
 use tokio_postgres::types::{FromSql, Type};
@@ -99,22 +97,6 @@ pub enum Actor<'a> {
 }
 
 impl Actor<'_> {
-    /// The actor of a request's caller.
-    pub fn of(p: &Principal) -> Actor<'static> {
-        match p {
-            Principal::User(_) => Actor::User,
-            Principal::Key(k) => Actor::of_key(k),
-        }
-    }
-
-    /// The actor an API key acts as.
-    pub fn of_key(k: &ApiKey) -> Actor<'static> {
-        match k.made_by {
-            KeyMaker::Backend => Actor::Backend,
-            KeyMaker::User => Actor::User,
-        }
-    }
-
     /// What is stored as `recorded_by` of what this actor records.
     pub fn recorded_by(&self) -> RecordedBy {
         match self {

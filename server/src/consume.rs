@@ -118,26 +118,11 @@ pub async fn record(
 ) -> ApiResult<ledger::Outcome> {
     let id = event.id;
     let out = ledger::ingest(tx, ctx, features, vec![event], by, source, over_cause).await?;
-    refused_alone(id, &out)?;
+    out.refused_alone(id)?;
     let answer = serde_json::to_value(decision)?;
     tx.execute(&tx.prepare_cached("UPDATE events SET answer = $3 WHERE user_id = $1 AND id = $2").await?, &[&ctx.user_id, &id, &answer])
         .await?;
     Ok(out)
-}
-
-/// The error of a one-event [`ledger::ingest`] that refused its event: 409 `conflict` (the id is
-/// another use's or a hold's), else 422 `invalid_amount` (a counter would overflow).
-pub fn refused_alone(id: Uuid, out: &ledger::Outcome) -> ApiResult<()> {
-    match out.rejected.first().map(|r| r.reason.as_str()) {
-        None => Ok(()),
-        Some("conflict") => Err(taken(id)),
-        Some(_) => Err(ApiError::Invalid("invalid_amount", "this use would take a counter past its range; nothing was recorded".into())),
-    }
-}
-
-/// 409 `conflict`: the id `id` is taken by another use or by a hold.
-fn taken(id: Uuid) -> ApiError {
-    ApiError::Conflict("conflict", format!("{id} is already the id of another use or of a hold; nothing was recorded"))
 }
 
 /// `POST /v1/consume {feature, amount, id?, model?, input_tokens?, output_tokens?, metadata?,
@@ -176,7 +161,7 @@ pub async fn consume(
     let ctx = Ctx::new(&user, &loaded, now);
     ledger::ensure_counters(&tx, &ctx).await?;
     if !ledger::hold_ids(&tx, user.user_id, &[event.id]).await?.is_empty() {
-        return Err(taken(event.id));
+        return Err(ledger::id_taken(event.id));
     }
     if let Some(answer) = replayed(&tx, user.user_id, &event).await? {
         tx.commit().await?;
@@ -203,7 +188,7 @@ pub async fn consume(
     // A budget always records (the tokens were spent); past its limit the overage is its real
     // cost over what was expected.
     let cause = matches!(rule, Some(Rule::Budget { .. })).then_some("cost_over_estimate");
-    record(&tx, &ctx, &loaded.ents.features, event, Actor::of(&p), "consume", cause, &decided.decision).await?;
+    record(&tx, &ctx, &loaded.ents.features, event, p.actor(), "consume", cause, &decided.decision).await?;
     tx.commit().await?;
     ::metrics::counter!("tally_events_ingested_total").increment(1);
     Ok(Json(ConsumeResponse { id, duplicate: false, decision: decided.decision }))

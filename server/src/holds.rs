@@ -159,7 +159,7 @@ pub async fn create(
             &now,
             &expires_at,
             &granted,
-            &Actor::of(&p).recorded_by().as_str(),
+            &p.actor().recorded_by().as_str(),
         ],
     )
     .await?;
@@ -288,7 +288,7 @@ pub async fn commit(
     }
     tally_core::contract::idempotency_key(&id)?;
     let user = target(&state, &p, subject, user_id).await?;
-    let by = Actor::of(&p);
+    let by = p.actor();
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
     let user = users::lock(&tx, user.user_id, &state.config.admin_subjects).await?;
@@ -414,7 +414,7 @@ pub async fn release(
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
     users::lock(&tx, user.user_id, &state.config.admin_subjects).await?;
-    let h = find_for(&tx, user.user_id, &id, Actor::of(&p)).await?;
+    let h = find_for(&tx, user.user_id, &id, p.actor()).await?;
     match h.state.as_str() {
         "open" => close(&tx, user.user_id, &h, "released", None).await?,
         "committed" => return Err(ApiError::Conflict("hold_committed", format!("hold {id:?} was committed; void its event instead"))),

@@ -3,7 +3,7 @@
 //! updated in the same transaction, and totals computed with the server's own rules.
 
 use crate::authority::{Actor, RecordedBy};
-use crate::error::ApiResult;
+use crate::error::{ApiError, ApiResult};
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use deadpool_postgres::GenericClient;
@@ -369,6 +369,23 @@ pub struct Outcome {
     pub totals: Vec<Total>,
     /// (feature, effective time) of every accepted or duplicate event.
     pub touched: Vec<(String, DateTime<Utc>)>,
+}
+
+impl Outcome {
+    /// The error of a one-event [`ingest`] that refused its event `id`: 409 `conflict` (the id
+    /// is another use's or a hold's), else 422 `invalid_amount` (a counter would overflow).
+    pub fn refused_alone(&self, id: Uuid) -> ApiResult<()> {
+        match self.rejected.first().map(|r| r.reason.as_str()) {
+            None => Ok(()),
+            Some("conflict") => Err(id_taken(id)),
+            Some(_) => Err(ApiError::Invalid("invalid_amount", "this use would take a counter past its range; nothing was recorded".into())),
+        }
+    }
+}
+
+/// 409 `conflict`: the id `id` is taken by another use or by a hold.
+pub fn id_taken(id: Uuid) -> ApiError {
+    ApiError::Conflict("conflict", format!("{id} is already the id of another use or of a hold; nothing was recorded"))
 }
 
 /// What a counter row holds: units, micros and the causes of overage in its window.

@@ -100,9 +100,9 @@ pub async fn record(
     }
     ledger::ensure_counters(&tx, &ctx).await?;
     let id = event.id;
-    let by = crate::authority::Actor::of(&p);
+    let by = p.actor();
     let out = ledger::ingest(&tx, &ctx, &loaded.ents.features, vec![event], by, "api", Some("usage_report")).await?;
-    crate::consume::refused_alone(id, &out)?;
+    out.refused_alone(id)?;
     let totals = out.totals;
     tx.commit().await?;
     let duplicate = out.accepted.is_empty();

@@ -2,7 +2,7 @@
 //! event stays, marked void, and stops counting in its own window; credits it drew return. Only a
 //! caller with the recorder's authority may void it ([`crate::authority`]).
 
-use crate::authority::{self, Actor};
+use crate::authority;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::JsonBody;
 use crate::ledger::{self, Ctx, Voided};
@@ -66,7 +66,7 @@ pub async fn void(
     let loaded = entitlements::load(&state, &tx, &user, now).await?;
     let ctx = Ctx::new(&user, &loaded, now);
     ledger::ensure_counters(&tx, &ctx).await?;
-    let duplicate = match ledger::void(&tx, &ctx, event_id, Actor::of(&p), reason).await? {
+    let duplicate = match ledger::void(&tx, &ctx, event_id, p.actor(), reason).await? {
         Voided::Now => false,
         Voided::Before => true,
         Voided::Unknown => return Err(ApiError::Unknown("unknown_event", format!("no recorded event {id:?}"))),
