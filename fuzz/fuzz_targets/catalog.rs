@@ -5,8 +5,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tally_core::catalog::{FREE_PLAN, Plan};
 use tally_core::Catalog;
+use tally_core::catalog::{FREE_PLAN, Plan};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };

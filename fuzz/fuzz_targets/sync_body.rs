@@ -21,7 +21,14 @@ fuzz_target!(|data: &[u8]| {
     for e in &sorted.events {
         assert!(!e.id.is_nil());
         let amount = unsigned(Some(e.amount)).unwrap_or_default();
-        let usage = contract::usage(&e.feature, amount, e.model.as_deref(), unsigned(e.input_tokens), unsigned(e.output_tokens), e.metadata.as_ref());
+        let usage = contract::usage(
+            &e.feature,
+            amount,
+            e.model.as_deref(),
+            unsigned(e.input_tokens),
+            unsigned(e.output_tokens),
+            e.metadata.as_ref(),
+        );
         assert!(usage.is_ok(), "an accepted event breaks the contract: {usage:?}");
         assert!(contract::occurred_at(e.occurred_at).is_ok());
     }

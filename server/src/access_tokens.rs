@@ -3,11 +3,11 @@
 //! `TALLY_ACCESS_TOKEN_TTL_SECS`. They are the only server-signed token accepted as a
 //! credential: an entitlements token (the same keys, `typ: JWT`, audience `tally`) is refused.
 
+use crate::error::{ApiError, ApiResult};
 use crate::signing::Signer;
+use crate::users::IdClaims;
 use crate::{AppState, Config};
 use chrono::{DateTime, Utc};
-use crate::error::{ApiError, ApiResult};
-use crate::users::IdClaims;
 use jsonwebtoken::{Algorithm, Validation};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;

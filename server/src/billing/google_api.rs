@@ -196,9 +196,8 @@ impl SubscriptionV2 {
 /// JSON (`null` when empty) on success, else the error the status means (with Google's
 /// `error.message`).
 pub fn read_answer(status: u16, text: &str) -> Result<Value, PlayError> {
-    let message = || {
-        serde_json::from_str::<Value>(text).ok().and_then(|v| v["error"]["message"].as_str().map(str::to_string)).unwrap_or_default()
-    };
+    let message =
+        || serde_json::from_str::<Value>(text).ok().and_then(|v| v["error"]["message"].as_str().map(str::to_string)).unwrap_or_default();
     match status {
         200..=299 if text.trim().is_empty() => Ok(Value::Null),
         200..=299 => serde_json::from_str(text).map_err(|e| unavailable(format!("unreadable answer: {e}"))),
