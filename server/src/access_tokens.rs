@@ -3,9 +3,11 @@
 //! `TALLY_ACCESS_TOKEN_TTL_SECS`. They are the only server-signed token accepted as a
 //! credential: an entitlements token (the same keys, `typ: JWT`, audience `tally`) is refused.
 
-use crate::AppState;
 use crate::error::{ApiError, ApiResult};
+use crate::signing::Signer;
 use crate::users::IdClaims;
+use crate::{AppState, Config};
+use chrono::{DateTime, Utc};
 use jsonwebtoken::{Algorithm, Validation};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -61,21 +63,26 @@ fn unauthorized(code: &'static str, msg: &str) -> ApiError {
 /// `tally-api`, our issuer, not expired by the server's clock. An entitlements token is 401
 /// `not_an_access_token`.
 pub fn verify(state: &AppState, token: &str) -> ApiResult<IdClaims> {
+    verify_with(&state.signer, &state.config, state.now(), token)
+}
+
+/// [`verify`] with the server's signing keys, configuration and time given.
+pub fn verify_with(signer: &Signer, config: &Config, now: DateTime<Utc>, token: &str) -> ApiResult<IdClaims> {
     let header = jsonwebtoken::decode_header(token).map_err(|_| unauthorized("invalid_token", "the token is not a well-formed JWT"))?;
     if !header.typ.as_deref().is_some_and(|t| t.eq_ignore_ascii_case(TYP)) {
         return Err(unauthorized("not_an_access_token", "an entitlements token is not a credential; send an access token"));
     }
-    if !state.config.password_auth {
+    if !config.password_auth {
         return Err(unauthorized("password_auth_disabled", "password accounts are not enabled on this server"));
     }
     let key = header
         .kid
         .as_deref()
-        .and_then(|kid| state.signer.decoding_key(kid))
+        .and_then(|kid| signer.decoding_key(kid))
         .ok_or_else(|| unauthorized("unknown_key", "no signing key matches the token's kid"))?;
     let mut v = Validation::new(Algorithm::EdDSA);
     v.set_audience(&[AUDIENCE]);
-    v.set_issuer(&[state.config.access_token_issuer()]);
+    v.set_issuer(&[config.access_token_issuer()]);
     v.set_required_spec_claims(&["exp", "sub", "iss", "aud"]);
     // Expiry is judged by the server's clock below.
     v.validate_exp = false;
@@ -86,8 +93,8 @@ pub fn verify(state: &AppState, token: &str) -> ApiResult<IdClaims> {
         K::InvalidSignature => unauthorized("invalid_signature", "the token's signature does not verify"),
         _ => unauthorized("invalid_token", "the token could not be verified"),
     })?;
-    let now = state.now().timestamp();
-    let leeway = i64::try_from(state.config.jwt_leeway_secs).unwrap_or(0);
+    let now = now.timestamp();
+    let leeway = i64::try_from(config.jwt_leeway_secs).unwrap_or(0);
     if data.claims.exp.saturating_add(leeway) < now {
         return Err(unauthorized("token_expired", "the access token has expired; refresh it"));
     }

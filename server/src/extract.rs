@@ -135,14 +135,20 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         let bytes = body_bytes(req, state).await?;
-        if bytes.is_empty() {
-            return Err(ApiError::BadRequest("malformed_json", "expected a JSON body".into()));
-        }
-        // Text that Postgres cannot store (U+0000) is refused here, naming nothing else.
-        let v: serde_json::Value = parse_json(&bytes)?;
-        if tally_core::contract::json_has_nul(&v) {
-            return Err(ApiError::Invalid("invalid_text", "text must not contain U+0000".into()));
-        }
-        from_value(v).map(JsonBody)
+        json_body(&bytes).map(JsonBody)
     }
+}
+
+/// Reads a [`JsonBody`]: an empty body or malformed JSON is 400 `malformed_json`, text with
+/// U+0000 422 `invalid_text`, a wrong shape 422 `invalid_body`.
+pub fn json_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    if bytes.is_empty() {
+        return Err(ApiError::BadRequest("malformed_json", "expected a JSON body".into()));
+    }
+    // Text that Postgres cannot store (U+0000) is refused here, naming nothing else.
+    let v: serde_json::Value = parse_json(bytes)?;
+    if tally_core::contract::json_has_nul(&v) {
+        return Err(ApiError::Invalid("invalid_text", "text must not contain U+0000".into()));
+    }
+    from_value(v)
 }

@@ -96,24 +96,59 @@ impl FromRequest<AppState> for SyncBody {
     type Rejection = ApiError;
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
         let bytes = body_bytes(req, state).await?;
-        let v: Value = parse_json(&bytes)?;
-        if let Some(p) = v.get("protocol").and_then(Value::as_u64)
-            && p < u64::from(state.config.min_protocol)
-        {
-            return Err(ApiError::UpgradeRequired(format!(
-                "protocol {p} is no longer supported; the minimum is {}",
-                state.config.min_protocol
-            )));
-        }
-        if let Some(n) = v.get("events").and_then(Value::as_array).map(Vec::len)
-            && n > state.config.max_batch_events as usize
-        {
-            return Err(ApiError::TooLarge(format!("{n} events in one request; the maximum is {}", state.config.max_batch_events)));
-        }
-        let req: RawSyncRequest = from_value(v)?;
-        contract::device_id(&req.device_id)?;
-        Ok(SyncBody(req))
+        parse_body(&bytes, state.config.min_protocol, state.config.max_batch_events).map(SyncBody)
     }
+}
+
+/// Parses a sync body: malformed JSON is 400, a protocol below `min_protocol` 426, more than
+/// `max_batch_events` events 413, a wrong shape 422, a bad `device_id` its contract error.
+pub fn parse_body(bytes: &[u8], min_protocol: u32, max_batch_events: u32) -> Result<RawSyncRequest, ApiError> {
+    let v: Value = parse_json(bytes)?;
+    if let Some(p) = v.get("protocol").and_then(Value::as_u64)
+        && p < u64::from(min_protocol)
+    {
+        return Err(ApiError::UpgradeRequired(format!("protocol {p} is no longer supported; the minimum is {min_protocol}")));
+    }
+    if let Some(n) = v.get("events").and_then(Value::as_array).map(Vec::len)
+        && n > max_batch_events as usize
+    {
+        return Err(ApiError::TooLarge(format!("{n} events in one request; the maximum is {max_batch_events}")));
+    }
+    let req: RawSyncRequest = from_value(v)?;
+    contract::device_id(&req.device_id)?;
+    Ok(req)
+}
+
+/// The events of a batch, each read and validated on its own.
+#[derive(Debug, Default)]
+pub struct SortedEvents {
+    /// Valid usage events.
+    pub events: Vec<ledger::NewEvent>,
+    /// Valid void events (protocol 2).
+    pub voids: Vec<VoidEvent>,
+    /// Every event refused, with its reason.
+    pub rejected: Vec<Rejected>,
+}
+
+/// Validates each event of `req`: void events (protocol 2 only; a protocol-1 batch refuses
+/// them as any malformed event), usage events, and the rejections of the rest.
+pub fn sort_events(req: &RawSyncRequest) -> SortedEvents {
+    let mut out = SortedEvents::default();
+    let leases = req.protocol >= PROTOCOL_LEASES;
+    for v in &req.events {
+        if leases && let Some(void) = void_event(v) {
+            match void {
+                Ok(vd) => out.voids.push(vd),
+                Err(r) => out.rejected.push(r),
+            }
+            continue;
+        }
+        match ledger::validate(v, None) {
+            Ok(e) => out.events.push(e),
+            Err(invalid) => out.rejected.push(invalid.rejected()),
+        }
+    }
+    out
 }
 
 /// `POST /v1/sync`.
@@ -138,24 +173,7 @@ pub async fn sync(State(state): State<AppState>, AuthUser(user): AuthUser, SyncB
             "the credentials are for another account than the device's signed-in user; nothing was recorded".into(),
         ));
     }
-    let mut rejected = Vec::new();
-    let mut events = Vec::with_capacity(req.events.len());
-    let mut voids = Vec::new();
-    let leases = req.protocol >= PROTOCOL_LEASES;
-    for v in &req.events {
-        // Void events are protocol 2; a protocol-1 batch refuses them as any malformed event.
-        if leases && let Some(void) = void_event(v) {
-            match void {
-                Ok(vd) => voids.push(vd),
-                Err(r) => rejected.push(r),
-            }
-            continue;
-        }
-        match ledger::validate(v, None) {
-            Ok(e) => events.push(e),
-            Err(invalid) => rejected.push(invalid.rejected()),
-        }
-    }
+    let SortedEvents { events, voids, rejected } = sort_events(&req);
     let resp = run(&state, user, req, events, voids, rejected).await?;
     metrics::counter!("tally_events_ingested_total").increment(resp.accepted.len() as u64);
     metrics::counter!("tally_events_duplicate_total").increment(resp.duplicates.len() as u64);

@@ -93,6 +93,63 @@ impl Apple {
             (Err(e), _) => Err(refusal(e)),
         }
     }
+
+    /// Verifies one StoreKit 2 signed transaction (a `jwsRepresentation`) and reads it.
+    pub fn read_transaction(&self, jws: &str) -> ApiResult<Txn> {
+        let (p, sandbox) = self.verify(|v| v.verify_and_decode_signed_transaction(jws))?;
+        Txn::from_payload(p, sandbox)
+    }
+
+    /// Verifies a notification's `signedPayload`, then (for a handled type) the transaction
+    /// and renewal info inside it with the same environment's verifier, and reads them.
+    pub fn read_notification(&self, signed_payload: &str) -> ApiResult<Notified> {
+        let (n, sandbox) = self.verify(|v| v.verify_and_decode_notification(signed_payload))?;
+        let uuid = n
+            .notification_uuid
+            .clone()
+            .filter(|u| !u.is_empty() && u.len() <= 64)
+            .ok_or_else(|| ApiError::BadRequest("invalid_jws", "the notification has no notificationUUID".into()))?;
+        let kind = n.notification_type.as_ref().map(NotificationTypeV2::raw_value).unwrap_or("").to_string();
+        let subtype = n.subtype.as_ref().and_then(|s| serde_json::to_value(s).ok()).and_then(|v| v.as_str().map(str::to_string));
+        // The transaction and renewal info inside are verified the same way.
+        let verifier = if sandbox { self.sandbox.as_ref().unwrap_or(&self.verifier) } else { &self.verifier };
+        let data = n.data.as_ref();
+        let txn = match data.and_then(|d| d.signed_transaction_info.as_deref()) {
+            Some(j) if HANDLED.contains(&kind.as_str()) => {
+                let p = verifier.verify_and_decode_signed_transaction(j).map_err(refusal)?;
+                Some(Txn::from_payload(p, sandbox)?)
+            }
+            _ => None,
+        };
+        let renewal = match data.and_then(|d| d.signed_renewal_info.as_deref()) {
+            Some(j) if HANDLED.contains(&kind.as_str()) => {
+                let r = verifier.verify_and_decode_renewal_info(j).map_err(refusal)?;
+                r.signed_date.map(|signed_date| Renewal {
+                    auto_renew: r.auto_renew_status == Some(AutoRenewStatus::On),
+                    billing_retry: r.is_in_billing_retry_period == Some(true),
+                    grace_until: r.grace_period_expires_date,
+                    signed_date,
+                })
+            }
+            _ => None,
+        };
+        Ok(Notified { uuid, kind, subtype, txn, renewal })
+    }
+}
+
+/// A verified App Store Server Notification V2, as much of it as is applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notified {
+    /// `notificationUUID` (each is applied once).
+    pub uuid: String,
+    /// `notificationType` (empty when absent).
+    pub kind: String,
+    /// `subtype`.
+    pub subtype: Option<String>,
+    /// The transaction inside (handled types only).
+    pub txn: Option<Txn>,
+    /// The renewal info inside (handled types only).
+    pub renewal: Option<Renewal>,
 }
 
 /// The refusal naming why a JWS failed verification.
@@ -388,8 +445,7 @@ pub async fn purchase(
     let (_, catalog) = state.catalog.current(&client).await?;
     let mut txns = Vec::new();
     for jws in &b.signed_transactions {
-        let (p, sandbox) = apple.verify(|v| v.verify_and_decode_signed_transaction(jws))?;
-        let t = Txn::from_payload(p, sandbox)?;
+        let t = apple.read_transaction(jws)?;
         if catalog.product(Store::AppStore, &t.product_id).is_none() {
             return Err(purchases::unknown_product(Store::AppStore, &t.product_id));
         }
@@ -443,36 +499,7 @@ pub struct NotificationBody {
 )]
 pub async fn notification(State(state): State<AppState>, JsonBody(b): JsonBody<NotificationBody>) -> ApiResult<Json<Value>> {
     let apple = state.apple.as_ref().ok_or_else(unconfigured)?;
-    let (n, sandbox) = apple.verify(|v| v.verify_and_decode_notification(&b.signed_payload))?;
-    let uuid = n
-        .notification_uuid
-        .clone()
-        .filter(|u| !u.is_empty() && u.len() <= 64)
-        .ok_or_else(|| ApiError::BadRequest("invalid_jws", "the notification has no notificationUUID".into()))?;
-    let kind = n.notification_type.as_ref().map(NotificationTypeV2::raw_value).unwrap_or("").to_string();
-    let subtype = n.subtype.as_ref().and_then(|s| serde_json::to_value(s).ok()).and_then(|v| v.as_str().map(str::to_string));
-    // The transaction and renewal info inside are verified the same way.
-    let verifier = if sandbox { apple.sandbox.as_ref().unwrap_or(&apple.verifier) } else { &apple.verifier };
-    let data = n.data.as_ref();
-    let txn = match data.and_then(|d| d.signed_transaction_info.as_deref()) {
-        Some(j) if HANDLED.contains(&kind.as_str()) => {
-            let p = verifier.verify_and_decode_signed_transaction(j).map_err(refusal)?;
-            Some(Txn::from_payload(p, sandbox)?)
-        }
-        _ => None,
-    };
-    let renewal = match data.and_then(|d| d.signed_renewal_info.as_deref()) {
-        Some(j) if HANDLED.contains(&kind.as_str()) => {
-            let r = verifier.verify_and_decode_renewal_info(j).map_err(refusal)?;
-            r.signed_date.map(|signed_date| Renewal {
-                auto_renew: r.auto_renew_status == Some(AutoRenewStatus::On),
-                billing_retry: r.is_in_billing_retry_period == Some(true),
-                grace_until: r.grace_period_expires_date,
-                signed_date,
-            })
-        }
-        _ => None,
-    };
+    let Notified { uuid, kind, subtype, txn, renewal } = apple.read_notification(&b.signed_payload)?;
     let now = state.now();
     let mut client = state.pool.get().await?;
     let (_, catalog) = state.catalog.current(&client).await?;

@@ -173,6 +173,11 @@ pub struct ProductPurchase {
 }
 
 impl ProductPurchase {
+    /// Reads the answer of `purchases.products.get`.
+    pub fn from_answer(v: Value) -> Result<ProductPurchase, PlayError> {
+        serde_json::from_value(v).map_err(|e| unavailable(format!("unreadable product purchase: {e}")))
+    }
+
     /// When it was bought.
     pub fn purchased_at(&self) -> Option<DateTime<Utc>> {
         self.purchase_time_millis.as_deref()?.parse::<i64>().ok().and_then(DateTime::from_timestamp_millis)
@@ -180,9 +185,30 @@ impl ProductPurchase {
 }
 
 impl SubscriptionV2 {
+    /// Reads the answer of `purchases.subscriptionsv2.get`.
+    pub fn from_answer(v: Value) -> Result<SubscriptionV2, PlayError> {
+        serde_json::from_value(v).map_err(|e| unavailable(format!("unreadable subscription: {e}")))
+    }
+
     /// The app's account token.
     pub fn account_id(&self) -> Option<&str> {
         self.external_account_identifiers.as_ref()?.obfuscated_external_account_id.as_deref()
+    }
+}
+
+/// Reads an answer of the Play Developer API with HTTP status `status` and body `text`: its
+/// JSON (`null` when empty) on success, else the error the status means (with Google's
+/// `error.message`).
+pub fn read_answer(status: u16, text: &str) -> Result<Value, PlayError> {
+    let message =
+        || serde_json::from_str::<Value>(text).ok().and_then(|v| v["error"]["message"].as_str().map(str::to_string)).unwrap_or_default();
+    match status {
+        200..=299 if text.trim().is_empty() => Ok(Value::Null),
+        200..=299 => serde_json::from_str(text).map_err(|e| unavailable(format!("unreadable answer: {e}"))),
+        404 | 410 => Err(PlayError::UnknownToken),
+        400 => Err(PlayError::BadToken(message())),
+        401 | 403 => Err(PlayError::Credentials(message())),
+        s => Err(unavailable(format!("{s} {}", message()))),
     }
 }
 
@@ -283,32 +309,21 @@ impl Play {
         let resp = req.send().await.map_err(unavailable)?;
         let status = resp.status().as_u16();
         let text = resp.text().await.map_err(unavailable)?;
-        let message = || {
-            serde_json::from_str::<Value>(&text).ok().and_then(|v| v["error"]["message"].as_str().map(str::to_string)).unwrap_or_default()
-        };
-        match status {
-            200..=299 if text.trim().is_empty() => Ok(Value::Null),
-            200..=299 => serde_json::from_str(&text).map_err(|e| unavailable(format!("unreadable answer: {e}"))),
-            404 | 410 => Err(PlayError::UnknownToken),
-            400 => Err(PlayError::BadToken(message())),
-            401 | 403 => {
-                *self.token.lock().await = None;
-                Err(PlayError::Credentials(message()))
-            }
-            s => Err(unavailable(format!("{s} {}", message()))),
+        let answer = read_answer(status, &text);
+        if matches!(answer, Err(PlayError::Credentials(_))) {
+            *self.token.lock().await = None;
         }
+        answer
     }
 
     /// `purchases.subscriptionsv2.get`.
     pub async fn subscription(&self, token: &str, now: DateTime<Utc>) -> Result<SubscriptionV2, PlayError> {
-        let v = self.call(reqwest::Method::GET, &["subscriptionsv2", "tokens", token], now).await?;
-        serde_json::from_value(v).map_err(|e| unavailable(format!("unreadable subscription: {e}")))
+        SubscriptionV2::from_answer(self.call(reqwest::Method::GET, &["subscriptionsv2", "tokens", token], now).await?)
     }
 
     /// `purchases.products.get`.
     pub async fn product(&self, product_id: &str, token: &str, now: DateTime<Utc>) -> Result<ProductPurchase, PlayError> {
-        let v = self.call(reqwest::Method::GET, &["products", product_id, "tokens", token], now).await?;
-        serde_json::from_value(v).map_err(|e| unavailable(format!("unreadable product purchase: {e}")))
+        ProductPurchase::from_answer(self.call(reqwest::Method::GET, &["products", product_id, "tokens", token], now).await?)
     }
 
     /// `purchases.subscriptions.acknowledge`.

@@ -89,12 +89,16 @@ impl FromRequest<AppState> for Verified {
         }
         let header = req.headers().get("stripe-signature").map(|h| h.as_bytes().to_vec());
         let bytes = body_bytes(req, state).await?;
-        super::signature::verify(header.as_deref(), &bytes, &secrets, state.now().timestamp(), state.config.stripe_webhook_tolerance_secs)
-            .map_err(|e| ApiError::BadRequest(e.code(), e.to_string()))?;
-        let v: Value =
-            serde_json::from_slice(&bytes).map_err(|e| ApiError::BadRequest("malformed_json", format!("malformed JSON: {e}")))?;
-        Ok(Verified(v))
+        verified_payload(header.as_deref(), &bytes, &secrets, state.now().timestamp(), state.config.stripe_webhook_tolerance_secs)
+            .map(Verified)
     }
+}
+
+/// The JSON of a webhook body whose `Stripe-Signature` `header` verifies against one of
+/// `secrets` at `now` (Unix seconds): 400 with the signature's code, or `malformed_json`.
+pub fn verified_payload(header: Option<&[u8]>, bytes: &[u8], secrets: &[String], now: i64, tolerance_secs: u64) -> ApiResult<Value> {
+    super::signature::verify(header, bytes, secrets, now, tolerance_secs).map_err(|e| ApiError::BadRequest(e.code(), e.to_string()))?;
+    serde_json::from_slice(bytes).map_err(|e| ApiError::BadRequest("malformed_json", format!("malformed JSON: {e}")))
 }
 
 /// `POST /v1/webhooks/stripe`.
