@@ -378,7 +378,9 @@ impl Outcome {
         match self.rejected.first().map(|r| r.reason.as_str()) {
             None => Ok(()),
             Some("conflict") => Err(id_taken(id)),
-            Some(_) => Err(ApiError::Invalid("invalid_amount", "this use would take a counter past its range; nothing was recorded".into())),
+            Some(_) => {
+                Err(ApiError::Invalid("invalid_amount", "this use would take a counter past its range; nothing was recorded".into()))
+            }
         }
     }
 }

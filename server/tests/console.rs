@@ -781,13 +781,17 @@ async fn canonical_emails_are_filled_before_serving_collisions_go_to_the_verifie
     tally_server::db::migrate_to(&url, Some(14)).await.unwrap();
     let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(conn);
-    let rena_nfd = old_row(&client, "re\u{301}na@example.com", false, Some(false), "2024-01-01T00:00:00Z").await;
+    let rena_nfd = old_row(&client, "re\u{301}na@example.com", false, Some(false), &days_ago(3)).await;
     let rena_nfc = old_row(&client, "r\u{e9}na@example.com", false, Some(true), "2024-02-01T00:00:00Z").await;
-    let ben_old = old_row(&client, "ben@B\u{fc}cher.example", false, Some(false), "2024-01-01T00:00:00Z").await;
-    let ben_new = old_row(&client, "ben@xn--bcher-kva.example", false, Some(false), "2024-03-01T00:00:00Z").await;
-    let kelvin = old_row(&client, "\u{212A}ate@example.com", false, Some(false), "2024-01-01T00:00:00Z").await;
+    let ben_old = old_row(&client, "ben@B\u{fc}cher.example", false, Some(false), &days_ago(3)).await;
+    let ben_new = old_row(&client, "ben@xn--bcher-kva.example", false, Some(false), &days_ago(2)).await;
+    let kelvin = old_row(&client, "\u{212A}ate@example.com", false, Some(false), &days_ago(3)).await;
     let zoe_old = old_row(&client, "zo\u{308}e@example.com", true, None, "2024-01-05T00:00:00Z").await;
     let zoe_new = old_row(&client, "z\u{f6}e@example.com", true, None, "2024-04-05T00:00:00Z").await;
+    // Unverified password accounts are recent: the server deletes those older than 7 days.
+    fn days_ago(n: i64) -> String {
+        (chrono::Utc::now() - chrono::Duration::days(n)).to_rfc3339()
+    }
     // Two replicas start together: one fills the column, the other finds it done.
     let (r1, r2) = tokio::join!(tally_server::db::migrate(&url), tally_server::db::migrate(&url));
     r1.unwrap();
