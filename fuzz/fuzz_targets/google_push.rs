@@ -1,7 +1,7 @@
 //! Google Play's Pub/Sub pushes: the body as the webhook route reads it
 //! (`extract::json_body::<PushBody>`), then the Real-time Developer Notification inside
 //! (`PushBody::notification`: base64 `message.data`, JSON). Properties: nothing panics; an
-//! accepted notification has a message id of 1 to 128 characters and purchase tokens of 1 to
+//! accepted notification has one message id (`messageId` or `message_id`, or both agreeing) of 1 to 128 characters and purchase tokens of 1 to
 //! `MAX_TOKEN_LEN` bytes.
 #![no_main]
 
@@ -13,7 +13,8 @@ use tally_server::extract::json_body;
 fuzz_target!(|data: &[u8]| {
     let Ok(body) = json_body::<PushBody>(data) else { return };
     let Ok(n) = body.notification() else { return };
-    let id = &body.message.message_id;
+    // An accepted push has one message id (either spelling, or both agreeing) of 1 to 128 characters.
+    let id = body.message.id().expect("an accepted notification has a message id");
     assert!(!id.is_empty() && id.len() <= 128, "message id {id:?}");
     let tokens = [
         n.subscription_notification.as_ref().map(|s| s.purchase_token.as_str()),
