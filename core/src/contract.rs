@@ -56,6 +56,8 @@ pub const MAX_SECRET_NAME_BYTES: usize = 128;
 pub const MAX_SECRET_VALUE_BYTES: usize = 64 * 1024;
 /// Most secrets one user may keep.
 pub const MAX_SECRETS_PER_USER: usize = 100;
+/// Most items (meters) of one use (`items` on a consume, a hold or the device's consume).
+pub const MAX_USE_ITEMS: usize = 16;
 /// Largest value a counter, a cost or a credit balance may reach (stored as a signed 64-bit
 /// integer on both sides).
 pub const MAX_COUNTER: u64 = i64::MAX as u64;
@@ -83,6 +85,7 @@ pub const CODES: &[&str] = &[
     "invalid_secret_name",
     "secret_too_large",
     "too_many_secrets",
+    "invalid_items",
 ];
 
 /// A value that breaks the contract.
@@ -163,6 +166,31 @@ pub fn feature(key: &str) -> Checked {
         return Err(Violation::new("feature", "invalid_text", "feature keys must not start with '$'"));
     }
     Ok(())
+}
+
+/// The features of a use's items: 1 to [`MAX_USE_ITEMS`] of them, each a valid feature key,
+/// each at most once (items are decided in order against running totals, so a repeated feature
+/// would be ambiguous).
+pub fn use_items<'a>(features: impl IntoIterator<Item = &'a str>) -> Checked {
+    let mut seen: Vec<&str> = Vec::new();
+    for (i, f) in features.into_iter().enumerate() {
+        feature(f).map_err(|v| Violation::new(format!("items[{i}].feature"), v.code, v.message))?;
+        if seen.contains(&f) {
+            return Err(Violation::new(format!("items[{i}].feature"), "invalid_items", format!("feature {f:?} appears more than once in items")));
+        }
+        seen.push(f);
+    }
+    if seen.is_empty() || seen.len() > MAX_USE_ITEMS {
+        return Err(Violation::new("items", "invalid_items", format!("items must hold 1 to {MAX_USE_ITEMS} entries, got {}", seen.len())));
+    }
+    Ok(())
+}
+
+/// The event id of one item of a use: UUIDv5 with the use's id as namespace and the feature key
+/// as name. Device and server derive the same ids, so a retried use never counts twice and a
+/// void of the use id finds every item.
+pub fn item_event_id(use_id: uuid::Uuid, feature: &str) -> uuid::Uuid {
+    uuid::Uuid::new_v5(&use_id, feature.as_bytes())
 }
 
 /// The amount of one use: 1 to [`MAX_AMOUNT`].
@@ -513,5 +541,22 @@ mod tests {
         assert!(checked_product("cost", MAX_COUNTER, 2).is_err());
         assert!(settings_quota(MAX_SETTINGS_KEYS, MAX_SETTINGS_BYTES).is_ok());
         assert!(settings_quota(MAX_SETTINGS_KEYS + 1, 0).is_err());
+    }
+
+    #[test]
+    fn use_items_need_one_to_max_distinct_features_and_item_ids_are_stable() {
+        assert!(use_items(["calls", "spend"]).is_ok());
+        assert_eq!(use_items(Vec::<&str>::new()).unwrap_err().code, "invalid_items");
+        let dup = use_items(["calls", "spend", "calls"]).unwrap_err();
+        assert_eq!((dup.code, dup.field.as_str()), ("invalid_items", "items[2].feature"));
+        assert_eq!(use_items(["ok", "$credits"]).unwrap_err().field, "items[1].feature");
+        let many: Vec<String> = (0..=MAX_USE_ITEMS).map(|i| format!("f{i}")).collect();
+        assert!(use_items(many.iter().map(String::as_str)).is_err());
+        assert!(use_items(many[..MAX_USE_ITEMS].iter().map(String::as_str)).is_ok());
+        let use_id = uuid::Uuid::parse_str("0190a5a0-0000-7000-8000-000000000001").unwrap();
+        // Pinned: device and server (and other clients) must derive exactly these ids.
+        assert_eq!(item_event_id(use_id, "calls"), uuid::Uuid::new_v5(&use_id, b"calls"));
+        assert_ne!(item_event_id(use_id, "calls"), item_event_id(use_id, "spend"));
+        assert_eq!(item_event_id(use_id, "calls").get_version_num(), 5);
     }
 }

@@ -797,6 +797,7 @@ fn pending_events(conn: &Connection, user_id: &str, limit: usize) -> Result<Vec<
                     metadata: meta.as_deref().map(serde_json::from_str).transpose().map_err(|_| "invalid_event")?,
                     lease_ver: None,
                     voids: Some(Uuid::parse_str(&target).map_err(|_| "invalid_event")?),
+                    use_id: None,
                 });
             }
             Ok(WireEvent {
@@ -811,6 +812,7 @@ fn pending_events(conn: &Connection, user_id: &str, limit: usize) -> Result<Vec<
                 metadata: meta.as_deref().map(serde_json::from_str).transpose().map_err(|_| "invalid_event")?,
                 lease_ver: lease_ver.map(unsigned).transpose()?,
                 voids: None,
+                use_id: None,
             })
         })();
         out.push(event.map_err(|code| (id, code)));

@@ -64,6 +64,11 @@ pub struct WireEvent {
     /// A void event: the id of the use it cancels (`feature` and `amount` are then absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub voids: Option<Uuid>,
+    /// One item of a use with several meters: the use's id. The event's own id is then
+    /// [`crate::contract::item_event_id`]`(use_id, feature)`, and a void of the use id voids
+    /// every item.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_id: Option<Uuid>,
 }
 
 fn is_zero(n: &u64) -> bool {
