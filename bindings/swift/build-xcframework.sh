@@ -2,7 +2,8 @@
 # Builds build/tally_ffiFFI.xcframework — libtally_ffi.a for iOS devices, the iOS simulator
 # (arm64 + x86_64) and macOS (arm64 + x86_64), each with the C headers of both UniFFI
 # components (tally_ffiFFI.h and tally_coreFFI.h, the core's enums) and one module map
-# declaring both modules — which Package.swift references as the `tally_ffiFFI` binary target.
+# declaring both modules — which the root Package.swift references as the `tally_ffiFFI` binary
+# target (Linux builds use bindings/swift/Linux/*/module.modulemap instead).
 #
 # Needs a Mac with Xcode (xcodebuild, lipo) and rustup. Run from anywhere:
 #   bindings/swift/build-xcframework.sh            # release build
@@ -77,4 +78,4 @@ xcodebuild -create-xcframework \
 
 rm -rf "$out/ios" "$out/ios-simulator" "$out/macos" "$headers"
 echo "==> built $out/$name.xcframework"
-echo "    swift build --package-path $here   # or add the package to your Xcode project"
+echo "    swift build --package-path $root   # or add the package (the repository) to your Xcode project"

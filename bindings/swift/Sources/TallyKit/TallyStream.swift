@@ -1,6 +1,6 @@
 // Hand-written companion of the generated bindings (TallyKit.swift, TallyCore.swift): changes,
 // the customer's state and the auto-sync status as AsyncStreams. Thin: every state is computed
-// by the library; scripts/check-swift-api checks these calls against the generated API.
+// by the library. scripts/swift compiles them with the generated code (Swift 6, no warning allowed).
 import Foundation
 
 /// Hands each `ChangeObserver` call to a closure.
