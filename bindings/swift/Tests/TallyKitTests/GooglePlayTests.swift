@@ -5,19 +5,7 @@ import Foundation
 import TallyKit
 import XCTest
 
-final class GooglePlayTests: XCTestCase {
-    private var dir: URL!
-    private var kit: Kit!
-
-    override func setUpWithError() throws {
-        kit = try Kit.require()
-        dir = try temporaryDirectory()
-    }
-
-    override func tearDownWithError() throws {
-        if let dir { try FileManager.default.removeItem(at: dir) }
-    }
-
+final class GooglePlayTests: ServerTestCase {
     private func play(_ items: (String, String)...) -> Purchase {
         .google(purchases: items.map { GooglePurchase(productId: $0.0, purchaseToken: $0.1) })
     }

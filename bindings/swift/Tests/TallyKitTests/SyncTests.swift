@@ -4,19 +4,7 @@ import Foundation
 import TallyKit
 import XCTest
 
-final class SyncTests: XCTestCase {
-    private var dir: URL!
-    private var kit: Kit!
-
-    override func setUpWithError() throws {
-        kit = try Kit.require()
-        dir = try temporaryDirectory()
-    }
-
-    override func tearDownWithError() throws {
-        if let dir { try FileManager.default.removeItem(at: dir) }
-    }
-
+final class SyncTests: ServerTestCase {
     private func device(_ name: String) throws -> Tally {
         try kit.device(dir, name, localOnlySettings: ["theme"])
     }

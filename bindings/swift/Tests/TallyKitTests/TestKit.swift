@@ -97,37 +97,56 @@ extension TallyError {
 /// The `TallyError` `body` throws (a test failure when it throws nothing or something else).
 @discardableResult
 func tallyError<T>(_ body: () throws -> T, file: StaticString = #filePath, line: UInt = #line) -> TallyError? {
-    do {
-        let value = try body()
-        XCTFail("expected a TallyError, got \(value)", file: file, line: line)
-    } catch let error as TallyError {
-        return error
-    } catch {
-        XCTFail("expected a TallyError, got \(error)", file: file, line: line)
-    }
-    return nil
+    expectTallyError(Result { try body() }, file: file, line: line)
 }
 
 /// The `TallyError` the async `body` throws.
 @discardableResult
 func asyncTallyError<T>(_ body: () async throws -> T, file: StaticString = #filePath, line: UInt = #line) async -> TallyError? {
     do {
-        let value = try await body()
-        XCTFail("expected a TallyError, got \(value)", file: file, line: line)
-    } catch let error as TallyError {
-        return error
+        return expectTallyError(.success(try await body()), file: file, line: line)
     } catch {
+        return expectTallyError(Result<T, Error>.failure(error), file: file, line: line)
+    }
+}
+
+private func expectTallyError<T>(_ result: Result<T, Error>, file: StaticString, line: UInt) -> TallyError? {
+    switch result {
+    case let .success(value):
+        XCTFail("expected a TallyError, got \(value)", file: file, line: line)
+    case let .failure(error as TallyError):
+        return error
+    case let .failure(error):
         XCTFail("expected a TallyError, got \(error)", file: file, line: line)
     }
     return nil
 }
 
-/// A stream's first element that satisfies `match`, or a failure after `seconds`.
-struct StreamTimeout: Error, CustomStringConvertible {
-    let seconds: Double
-    var description: String { "no matching element within \(seconds) s" }
+/// A test case talking to testkit.py's services, with a fresh directory for its databases.
+class ServerTestCase: XCTestCase {
+    /// This test's directory (removed after it).
+    var dir: URL!
+    /// The services' URLs.
+    var kit: Kit!
+
+    override func setUpWithError() throws {
+        kit = try Kit.require()
+        dir = try temporaryDirectory()
+    }
+
+    override func tearDownWithError() throws {
+        if let dir { try FileManager.default.removeItem(at: dir) }
+    }
 }
 
+/// A wait that ran out: what was awaited, and for how long.
+struct WaitTimeout: Error, CustomStringConvertible {
+    let what: String
+    let seconds: Double
+    var description: String { "\(what): not within \(seconds) s" }
+}
+
+/// A stream's first element that satisfies `match`, or a failure after `seconds`.
 func first<T: Sendable>(
     _ stream: AsyncStream<T>, within seconds: Double = 30, where match: @escaping @Sendable (T) -> Bool = { _ in true }
 ) async throws -> T {
@@ -138,10 +157,10 @@ func first<T: Sendable>(
         }
         group.addTask {
             try await Task.sleep(nanoseconds: UInt64(seconds * 1_000_000_000))
-            throw StreamTimeout(seconds: seconds)
+            throw WaitTimeout(what: "a matching stream element", seconds: seconds)
         }
         defer { group.cancelAll() }
-        guard let value = try await group.next() ?? nil else { throw StreamTimeout(seconds: seconds) }
+        guard let value = try await group.next() ?? nil else { throw WaitTimeout(what: "a matching stream element (the stream ended)", seconds: seconds) }
         return value
     }
 }
@@ -150,10 +169,9 @@ func first<T: Sendable>(
 func eventually(within seconds: Double = 30, _ what: String, _ condition: () throws -> Bool) async throws {
     let deadline = Date().addingTimeInterval(seconds)
     while try !condition() {
-        if Date() > deadline { throw StreamTimeout(seconds: seconds) }
+        if Date() > deadline { throw WaitTimeout(what: what, seconds: seconds) }
         try await Task.sleep(nanoseconds: 5_000_000)
     }
-    _ = what
 }
 
 /// A thread-safe list the observers' callbacks append to.
