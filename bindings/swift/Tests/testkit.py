@@ -24,9 +24,9 @@ import hashlib
 import hmac
 import json
 import os
-import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -254,7 +254,6 @@ def serve(handler, play):
 
 
 def free_port():
-    import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
