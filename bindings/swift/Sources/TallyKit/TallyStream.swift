@@ -3,11 +3,12 @@
 // by the library. scripts/swift compiles them with the generated code (Swift 6, no warning allowed).
 import Foundation
 
-/// Hands each `ChangeObserver` call to a closure.
-final class ClosureObserver: ChangeObserver, @unchecked Sendable {
-    private let body: (UserChange) -> Void
+/// Hands each `ChangeObserver` call to a closure (called on the library's threads, hence
+/// `@Sendable`).
+final class ClosureObserver: ChangeObserver, Sendable {
+    private let body: @Sendable (UserChange) -> Void
 
-    init(_ body: @escaping (UserChange) -> Void) {
+    init(_ body: @escaping @Sendable (UserChange) -> Void) {
         self.body = body
     }
 
@@ -17,10 +18,10 @@ final class ClosureObserver: ChangeObserver, @unchecked Sendable {
 }
 
 /// Hands each `SyncStatusListener` call to a closure.
-final class ClosureStatusListener: SyncStatusListener, @unchecked Sendable {
-    private let body: (SyncStatus) -> Void
+final class ClosureStatusListener: SyncStatusListener, Sendable {
+    private let body: @Sendable (SyncStatus) -> Void
 
-    init(_ body: @escaping (SyncStatus) -> Void) {
+    init(_ body: @escaping @Sendable (SyncStatus) -> Void) {
         self.body = body
     }
 
