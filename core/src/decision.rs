@@ -252,6 +252,33 @@ pub fn decide_rule(
     }
 }
 
+/// Decides one item of a use with several meters, to be recorded: as [`decide_rule`] with
+/// `record`, except that a budget item is decided before the work, like a hold: its cost (the
+/// priced cost with a model, else `amount` micros) must fit, since the whole use may still be
+/// refused. A single-feature budget use, decided after the work, always records instead.
+pub fn decide_item_rule(
+    rule: &crate::Rule,
+    amount: u64,
+    priced: Priced,
+    state: RuleState,
+    access_reason: &str,
+) -> Result<(Decision, Option<RuleEffect>), crate::contract::Violation> {
+    match rule {
+        crate::Rule::Budget { limit_micros, enforcement, .. } => {
+            let cost = match priced {
+                Priced::UnknownModel => return Ok((Decision::simple(false, Reason::UnknownModel, access_reason), None)),
+                Priced::Cost(c) => c,
+                Priced::NoModel => amount,
+            };
+            let c = Counted { limit: Some(*limit_micros), enforcement: *enforcement, deny_reason: Reason::BudgetExceeded, always_record: false };
+            counted(c, state, amount, cost, cost, access_reason, true)
+        }
+        crate::Rule::Flag { .. } | crate::Rule::Credits { .. } | crate::Rule::Metered { .. } | crate::Rule::Rate { .. } => {
+            decide_rule(rule, amount, priced, state, access_reason, true)
+        }
+    }
+}
+
 fn counted(
     c: Counted,
     state: RuleState,

@@ -62,6 +62,7 @@ fn a_budget_item_over_its_room_denies_the_whole_use_and_records_nothing() {
     let e = Env::new();
     let u = e.tally.create_local_user(None).unwrap().id;
     e.tally.consume(&u, "ai_spend", 1, ai("gpt-4o", 100, 50)).unwrap();
+    assert!(e.tally.check(&u, "ai_chat", 1).unwrap().allowed);
     let snap = e.snapshot();
     // The call limit has room; the budget's 250 micros left cannot hold 750 more.
     let out = e.tally.consume_items(&u, Some("call-2"), &[item("ai_chat", 1), priced("ai_spend", 100, 50)], None).unwrap();

@@ -577,10 +577,12 @@ async fn a_refused_void_of_a_use_makes_every_item_count_again() {
     let s = server();
     sync_with(&e, &u, &s, token("dev-test", 1, vec![chat(2, 0), spend(800, 0)]), json!({})).await;
     e.tally.consume_items(&u, Some("call-1"), &items(1, 600), None).unwrap();
+    s.answer(json!({}));
+    e.tally.sync(&u, s.fake.options()).await.unwrap();
     e.tally.void(&u, "call-1", None).unwrap();
     assert_eq!(e.tally.usage(&u, "ai_chat").unwrap().device_remaining, Some(2));
-    assert_eq!(e.tally.pending_events(&u).unwrap(), 3, "two items and one void event");
-    // The server takes the items and refuses the void: both items count again here.
+    assert_eq!(e.tally.pending_events(&u).unwrap(), 1, "one void event");
+    // The server refuses the void of the acknowledged use: both items count again here.
     let fake = FakeServer::start(|_, req| {
         let events = req["events"].as_array().cloned().unwrap_or_default();
         let (voids, uses): (Vec<Value>, Vec<Value>) = events.into_iter().partition(|e| e.get("voids").is_some());
