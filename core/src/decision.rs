@@ -322,4 +322,28 @@ mod tests {
         let unlimited = Counted { limit: None, ..HARD };
         assert!(decide_counted(unlimited, u64::MAX, 1, None, "free", true).0.allowed);
     }
+
+    #[test]
+    fn a_budget_item_must_fit_before_the_work_while_a_budget_use_always_records() {
+        use crate::period::Period;
+        let budget = crate::Rule::Budget { limit_micros: 1000, period: Period::Day, enforcement: Enforcement::Hard, offline_share: crate::lease::Share::ONE };
+        let state = RuleState { used: 600, ..RuleState::default() };
+        let (d, effect) = decide_item_rule(&budget, 1, Priced::Cost(500), state, "free").unwrap();
+        assert_eq!((d.allowed, d.reason, d.used, effect), (false, Reason::BudgetExceeded, 600, None), "the priced cost must fit");
+        let (d, effect) = decide_item_rule(&budget, 400, Priced::NoModel, state, "free").unwrap();
+        assert_eq!((d.allowed, d.used, effect), (true, 1000, Some(RuleEffect::Count { amount: 400, cost: 400 })), "no model: amount is micros");
+        let (d, _) = decide_item_rule(&budget, 1, Priced::UnknownModel, state, "free").unwrap();
+        assert_eq!((d.allowed, d.reason), (false, Reason::UnknownModel));
+        let (d, effect) = decide_rule(&budget, 1, Priced::Cost(500), state, "free", true).unwrap();
+        assert!(d.allowed && d.reason == Reason::BudgetExceeded && effect.is_some(), "a single use records, the work was done");
+        let soft = crate::Rule::Budget { limit_micros: 1000, period: Period::Day, enforcement: Enforcement::Soft, offline_share: crate::lease::Share::ONE };
+        let (d, effect) = decide_item_rule(&soft, 1, Priced::Cost(500), state, "free").unwrap();
+        assert!(d.allowed && d.reason == Reason::OverLimitSoft && effect.is_some(), "a soft budget flags instead");
+        let metered = crate::Rule::Metered { limit: Some(5), period: Period::Day, enforcement: Enforcement::Hard, offline_share: crate::lease::Share::ONE };
+        assert_eq!(
+            decide_item_rule(&metered, 2, Priced::NoModel, RuleState { used: 3, ..state }, "free").unwrap(),
+            decide_rule(&metered, 2, Priced::NoModel, RuleState { used: 3, ..state }, "free", true).unwrap(),
+            "other rules decide as a recorded use"
+        );
+    }
 }

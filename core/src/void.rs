@@ -31,25 +31,25 @@ pub(crate) fn refund_credits(conn: &Connection, user: &str, void_id: &str, credi
 }
 
 /// (device_seq, feature, amount, occurred_at, cost, status, lease pool, period, start, units)
-/// of a voided target.
-type RestoredRow = (i64, String, i64, i64, i64, EventState, Option<String>, Option<String>, Option<i64>, i64);
+/// of a voided target, and the leased units its void carried.
+type RestoredRow = (i64, String, i64, i64, i64, EventState, Option<String>, Option<String>, Option<i64>, i64, i64);
 
 /// After the server refused the void event `void_id` (`void_not_allowed`, `unknown_event`, …):
-/// its target counts again here, as it does on the server. A settled target got its units back
-/// when the void was quarantined (the void carried them); a target still pending is put back in
-/// its window's counters and its lease pool. Inside a [`write_tx`].
+/// its target counts again here, as it does on the server. A target settled before the void got
+/// its units back when the void was quarantined (the void carried them); one settled in the same
+/// round puts its leased units in the lease entry's `consumed`; a target still pending is put
+/// back in its window's counters and its lease pool. Inside a [`write_tx`].
 pub(crate) fn restore_target(tx: &Connection, user_id: &str, void_id: &str) -> Result<()> {
-    type Row = RestoredRow;
     // The void's own row, or the rows of a void of a use (one per item).
-    let rows: Vec<Row> = tx
+    let rows: Vec<RestoredRow> = tx
         .prepare_cached(
             "SELECT t.device_seq, t.feature, t.amount, t.occurred_at, COALESCE(t.cost_micros, 0), t.status, t.lease_pool, t.lease_period,
-                    t.lease_start, t.lease_units
+                    t.lease_start, t.lease_units, v.lease_units
              FROM events v JOIN events t ON t.user_id = v.user_id AND t.id = v.voids
              WHERE v.user_id = ?1 AND (v.id = ?2 OR (v.use_id = ?2 AND v.voids IS NOT NULL)) AND t.voided = 1",
         )?
         .query_map(params![user_id, void_id], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?, r.get(9)?))
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?, r.get(9)?, r.get(10)?))
         })?
         .collect::<rusqlite::Result<_>>()?;
     for row in rows {
@@ -60,7 +60,7 @@ pub(crate) fn restore_target(tx: &Connection, user_id: &str, void_id: &str) -> R
 
 /// A voided target of a refused void counts again (see [`restore_target`]).
 fn restore_one(tx: &Connection, user_id: &str, row: RestoredRow) -> Result<()> {
-    let (seq, feature, amount, at, cost, status, pool, pool_period, pool_start, lease_units) = row;
+    let (seq, feature, amount, at, cost, status, pool, pool_period, pool_start, lease_units, carried_units) = row;
     match status {
         EventState::Pending => {
             if let Some((period, start)) = event_window(tx, user_id, &feature, at)? {
@@ -72,7 +72,18 @@ fn restore_one(tx: &Connection, user_id: &str, row: RestoredRow) -> Result<()> {
                 add_leased(tx, user_id, pool, period, pool_start.unwrap_or(0), lease_units)?;
             }
         }
-        EventState::Settled | EventState::Rejected => {}
+        // Acknowledged in the round that refused the void, its leased units skipped the lease
+        // entry's `consumed` (it was voided then): they count there now. (A void of a target
+        // acknowledged before carried its units, and gave them back when quarantined.)
+        EventState::Settled => {
+            if let Some(pool) = &pool
+                && lease_units > 0
+                && carried_units == 0
+            {
+                crate::leases::settled_leased(tx, user_id, pool, pool_start, lease_units)?;
+            }
+        }
+        EventState::Rejected => {}
     }
     tx.prepare_cached("UPDATE events SET voided = 0 WHERE device_seq = ?1")?.execute([seq])?;
     Ok(())

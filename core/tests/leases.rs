@@ -558,7 +558,11 @@ async fn items_travel_as_separate_events_and_a_void_of_the_use_as_one() {
     assert_eq!(e.tally.usage(&u, "ai_chat").unwrap().device_remaining, Some(2));
     assert_eq!(e.tally.usage(&u, "ai_spend").unwrap().device_remaining, Some(800));
     assert_eq!(e.tally.pending_events(&u).unwrap(), 1, "one void event");
-    e.tally.sync(&u, s.fake.options()).await.unwrap();
+    // Even when a round holds one event, the void goes once, and its answer settles it whole.
+    let mut one_at_a_time = s.fake.options();
+    one_at_a_time.max_batch_events = 1;
+    let report = e.tally.sync(&u, one_at_a_time).await.unwrap();
+    assert_eq!((report.events_sent, report.events_acked), (1, 1));
     let sent = s.fake.requests()[2]["events"].as_array().unwrap().clone();
     assert_eq!(sent.len(), 1, "one void event on the wire: {sent:?}");
     let mut keys: Vec<&String> = sent[0].as_object().unwrap().keys().collect();
@@ -596,5 +600,30 @@ async fn a_refused_void_of_a_use_makes_every_item_count_again() {
     assert_eq!(report.rejected[0].reason, "void_not_allowed");
     assert_eq!(e.tally.pending_events(&u).unwrap(), 0);
     assert_eq!(e.tally.usage(&u, "ai_chat").unwrap().device_remaining, Some(1));
+    assert_eq!(e.tally.usage(&u, "ai_spend").unwrap().device_remaining, Some(200));
+}
+
+#[tokio::test]
+async fn a_void_refused_in_the_round_that_acknowledges_its_use_gives_the_units_back_to_the_use() {
+    let (e, u) = env();
+    let s = server();
+    sync_with(&e, &u, &s, token("dev-test", 1, vec![chat(3, 0), spend(800, 0)]), json!({})).await;
+    e.tally.consume(&u, "ai_chat", 1, key("single")).unwrap();
+    e.tally.void(&u, "single", None).unwrap();
+    e.tally.consume_items(&u, Some("call-1"), &items(1, 600), None).unwrap();
+    e.tally.void(&u, "call-1", None).unwrap();
+    assert_eq!(e.tally.usage(&u, "ai_chat").unwrap().device_remaining, Some(3));
+    // One round: the server takes both uses and refuses both voids.
+    let fake = FakeServer::start(|_, req| {
+        let events = req["events"].as_array().cloned().unwrap_or_default();
+        let (voids, uses): (Vec<Value>, Vec<Value>) = events.into_iter().partition(|e| e.get("voids").is_some());
+        let mut a = accept_all(req);
+        a["accepted"] = json!(uses.iter().map(|e| e["id"].clone()).collect::<Vec<_>>());
+        a["rejected"] = json!(voids.iter().map(|e| json!({"id": e["id"], "reason": "void_not_allowed"})).collect::<Vec<_>>());
+        (200, a)
+    });
+    let report = e.tally.sync(&u, fake.options()).await.unwrap();
+    assert_eq!((report.events_acked, report.rejected.len()), (3, 2));
+    assert_eq!(e.tally.usage(&u, "ai_chat").unwrap().device_remaining, Some(1), "both uses count in the lease again");
     assert_eq!(e.tally.usage(&u, "ai_spend").unwrap().device_remaining, Some(200));
 }
