@@ -8,7 +8,7 @@ use crate::catalog::Rule;
 use crate::db::Tx;
 use crate::decision::Decision;
 use crate::error::{Error, Result};
-use crate::ledger::{INSERT_EVENT, Use, UsageMeta, event_id_for_key, find_event, stored_decision, validate};
+use crate::ledger::{INSERT_EVENT, UsageMeta, Use, event_id_for_key, find_event, stored_decision, validate};
 use crate::quota::{Batch, Deciding, commit_recorded, fresh_tail, record};
 use crate::{Change, Tally, contract, ms};
 use rusqlite::{Connection, params};

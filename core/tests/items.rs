@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use tally_core::contract::item_event_id;
 use tally_core::ledger::event_id_for_key;
-use tally_core::{Catalog, Error, Reason, UseItem, UsageMeta};
+use tally_core::{Catalog, Error, Reason, UsageMeta, UseItem};
 
 fn item(feature: &str, amount: u64) -> UseItem {
     UseItem { feature: feature.into(), amount, ..UseItem::default() }

@@ -792,7 +792,8 @@ fn auto_sync_backs_off_on_network_errors_and_stops_on_errors_retrying_cannot_fix
 fn consume_items_records_all_or_none_across_the_boundary() {
     let (t, _) = open();
     let u = t.create_local_user(None).unwrap().id;
-    let item = |feature: &str, amount: i64| UseItem { feature: feature.into(), amount, model: None, input_tokens: None, output_tokens: None };
+    let item =
+        |feature: &str, amount: i64| UseItem { feature: feature.into(), amount, model: None, input_tokens: None, output_tokens: None };
     // No credits on free: the image item is denied, so the chat item is not recorded either.
     let out = t.consume_items(u.clone(), vec![item("ai_chat", 2), item("images", 1)], Some("call-1".into()), None).unwrap();
     assert_eq!((out.allowed, out.duplicate, out.decisions.len()), (false, false, 2));
@@ -816,7 +817,11 @@ fn consume_items_records_all_or_none_across_the_boundary() {
     assert!(is_invalid(t.consume_items(u.clone(), vec![item("ai_chat", 1), item("spend", -1)], None, None)));
     assert!(is_invalid(t.consume_items(u.clone(), vec![UseItem { input_tokens: Some(-1), ..item("spend", 1) }], None, None)));
     assert!(is_invalid(t.consume_items(u.clone(), vec![item("ai_chat", 1)], None, Some("{not json".into()))));
-    assert_eq!((t.usage(u.clone(), "ai_chat".into()).unwrap(), t.pending_events(u.clone()).unwrap()), snapshot, "bad input changed nothing");
+    assert_eq!(
+        (t.usage(u.clone(), "ai_chat".into()).unwrap(), t.pending_events(u.clone()).unwrap()),
+        snapshot,
+        "bad input changed nothing"
+    );
     // A void of the use id cancels every item.
     t.void(u.clone(), out.use_id.clone(), Some("refund".into())).unwrap();
     assert_eq!(t.usage(u.clone(), "ai_chat".into()).unwrap().used, 0);
