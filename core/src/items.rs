@@ -4,7 +4,6 @@
 //! id [`crate::contract::item_event_id`]`(use id, feature)` and the use id beside it, so a retry
 //! never counts twice and a void of the use id cancels every item.
 
-use crate::catalog::Rule;
 use crate::db::Tx;
 use crate::decision::Decision;
 use crate::error::{Error, Result};
@@ -93,18 +92,7 @@ impl Tally {
             })
             .collect::<Result<Vec<_>>>()?;
 
-        let mut g = self.lock();
-        let now = self.observe_now(&mut g);
-        let a = self.access(&mut g, user_id, now)?;
-        // Rebuilds and plan credits (if any) happen before the use's transaction.
-        for u in &uses {
-            if let Some(p) = a.ent.features.get(u.feature).and_then(Rule::period) {
-                Tally::ensure_counters(&mut g, user_id, u.feature, p, &a)?;
-            }
-        }
-        if uses.iter().any(|u| matches!(a.ent.features.get(u.feature), Some(Rule::Credits { .. }))) {
-            self.ensure_plan_credits(&mut g, user_id, &a, now)?;
-        }
+        let (mut g, a, now) = self.prepare_uses(user_id, &uses)?;
         let inner = &mut *g;
         let tx = Tx::immediate(&inner.conn)?;
         if let Some(decisions) = replay_use(&tx, user_id, use_id, &uses)? {

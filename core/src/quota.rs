@@ -441,15 +441,7 @@ impl Tally {
         if let Some(d) = self.check_fast(user_id, &u)? {
             return Ok(d);
         }
-        let mut g = self.lock();
-        let now = self.observe_now(&mut g);
-        let a = self.access(&mut g, user_id, now)?;
-        if let Some(p) = a.ent.features.get(feature).and_then(Rule::period) {
-            Tally::ensure_counters(&mut g, user_id, feature, p, &a)?;
-        }
-        if matches!(a.ent.features.get(feature), Some(Rule::Credits { .. })) {
-            self.ensure_plan_credits(&mut g, user_id, &a, now)?;
-        }
+        let (g, a, now) = self.prepare_uses(user_id, std::slice::from_ref(&u))?;
         Ok(self.decide(&g.conn, &mut Batch::default(), &a, user_id, &u, now, Deciding::Check)?.0)
     }
 
@@ -514,11 +506,22 @@ impl Tally {
         if let Some(out) = self.consume_fast(user_id, items, &uses)? {
             return Ok(out);
         }
+        let (mut g, a, now) = self.prepare_uses(user_id, &uses)?;
+        let inner = &mut *g;
+        let tx = Tx::immediate(&inner.conn)?;
+        let version = tx.prepare_cached("PRAGMA data_version")?.query_row([], |r| r.get(0))?;
+        let any = self.record_uses(tx, &inner.device_id, &mut inner.tail, version, &a, user_id, items, &uses, now)?;
+        Ok(self.after_record(g, user_id, any, now))
+    }
+
+    /// The full path before the transaction of `uses`: the lock, the decision time, the user's
+    /// access, each feature's counters kept for its rule (a rebuild when not) and the plan
+    /// credits stored when a use draws credits.
+    pub(crate) fn prepare_uses(&self, user_id: &str, uses: &[Use<'_>]) -> Result<(MutexGuard<'_, Inner>, Arc<Access>, DateTime<Utc>)> {
         let mut g = self.lock();
         let now = self.observe_now(&mut g);
         let a = self.access(&mut g, user_id, now)?;
-        // Rebuilds and plan credits (if any) happen before the transaction of the batch.
-        for u in &uses {
+        for u in uses {
             if let Some(p) = a.ent.features.get(u.feature).and_then(Rule::period) {
                 Tally::ensure_counters(&mut g, user_id, u.feature, p, &a)?;
             }
@@ -526,11 +529,7 @@ impl Tally {
         if uses.iter().any(|u| matches!(a.ent.features.get(u.feature), Some(Rule::Credits { .. }))) {
             self.ensure_plan_credits(&mut g, user_id, &a, now)?;
         }
-        let inner = &mut *g;
-        let tx = Tx::immediate(&inner.conn)?;
-        let version = tx.prepare_cached("PRAGMA data_version")?.query_row([], |r| r.get(0))?;
-        let any = self.record_uses(tx, &inner.device_id, &mut inner.tail, version, &a, user_id, items, &uses, now)?;
-        Ok(self.after_record(g, user_id, any, now))
+        Ok((g, a, now))
     }
 
     /// The common `consume`: [`Tally::fast_gate`] inside the write transaction, so the change

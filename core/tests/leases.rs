@@ -575,6 +575,18 @@ async fn items_travel_as_separate_events_and_a_void_of_the_use_as_one() {
     assert_eq!(e.tally.event_status(&u, &void_id).unwrap(), EventStatus::Settled);
 }
 
+/// A server that takes every use and refuses every void (`void_not_allowed`).
+fn refusing_voids() -> FakeServer {
+    FakeServer::start(|_, req| {
+        let events = req["events"].as_array().cloned().unwrap_or_default();
+        let (voids, uses): (Vec<Value>, Vec<Value>) = events.into_iter().partition(|e| e.get("voids").is_some());
+        let mut a = accept_all(req);
+        a["accepted"] = json!(uses.iter().map(|e| e["id"].clone()).collect::<Vec<_>>());
+        a["rejected"] = json!(voids.iter().map(|e| json!({"id": e["id"], "reason": "void_not_allowed"})).collect::<Vec<_>>());
+        (200, a)
+    })
+}
+
 #[tokio::test]
 async fn a_refused_void_of_a_use_makes_every_item_count_again() {
     let (e, u) = env();
@@ -587,14 +599,7 @@ async fn a_refused_void_of_a_use_makes_every_item_count_again() {
     assert_eq!(e.tally.usage(&u, "ai_chat").unwrap().device_remaining, Some(2));
     assert_eq!(e.tally.pending_events(&u).unwrap(), 1, "one void event");
     // The server refuses the void of the acknowledged use: both items count again here.
-    let fake = FakeServer::start(|_, req| {
-        let events = req["events"].as_array().cloned().unwrap_or_default();
-        let (voids, uses): (Vec<Value>, Vec<Value>) = events.into_iter().partition(|e| e.get("voids").is_some());
-        let mut a = accept_all(req);
-        a["accepted"] = json!(uses.iter().map(|e| e["id"].clone()).collect::<Vec<_>>());
-        a["rejected"] = json!(voids.iter().map(|e| json!({"id": e["id"], "reason": "void_not_allowed"})).collect::<Vec<_>>());
-        (200, a)
-    });
+    let fake = refusing_voids();
     let report = e.tally.sync(&u, fake.options()).await.unwrap();
     assert_eq!(report.rejected.len(), 1);
     assert_eq!(report.rejected[0].reason, "void_not_allowed");
@@ -614,14 +619,7 @@ async fn a_void_refused_in_the_round_that_acknowledges_its_use_gives_the_units_b
     e.tally.void(&u, "call-1", None).unwrap();
     assert_eq!(e.tally.usage(&u, "ai_chat").unwrap().device_remaining, Some(3));
     // One round: the server takes both uses and refuses both voids.
-    let fake = FakeServer::start(|_, req| {
-        let events = req["events"].as_array().cloned().unwrap_or_default();
-        let (voids, uses): (Vec<Value>, Vec<Value>) = events.into_iter().partition(|e| e.get("voids").is_some());
-        let mut a = accept_all(req);
-        a["accepted"] = json!(uses.iter().map(|e| e["id"].clone()).collect::<Vec<_>>());
-        a["rejected"] = json!(voids.iter().map(|e| json!({"id": e["id"], "reason": "void_not_allowed"})).collect::<Vec<_>>());
-        (200, a)
-    });
+    let fake = refusing_voids();
     let report = e.tally.sync(&u, fake.options()).await.unwrap();
     assert_eq!((report.events_acked, report.rejected.len()), (3, 2));
     assert_eq!(e.tally.usage(&u, "ai_chat").unwrap().device_remaining, Some(1), "both uses count in the lease again");
