@@ -287,6 +287,20 @@ pub(crate) fn find_rows(conn: &Connection, user: &str, id: &str) -> Result<Vec<i
         .collect::<rusqlite::Result<_>>()?)
 }
 
+/// How many of `user`'s events wait to be sent, counted as they are sent: a void of a use is one
+/// event however many items it cancels.
+pub(crate) fn pending_count(conn: &Connection, user: &str) -> Result<u64> {
+    let n: i64 = conn
+        .prepare_cached(concat!(
+        "SELECT COUNT(CASE WHEN voids IS NULL OR use_id IS NULL THEN 1 END) + COUNT(DISTINCT CASE WHEN voids IS NOT NULL THEN use_id END)
+         FROM events WHERE ",
+        from_pending!(),
+        " AND user_id = ?1 AND status = ?2"
+    ))?
+        .query_row(params![user, EventState::Pending], |r| r.get(0))?;
+    Ok(u64::try_from(n).unwrap_or(0))
+}
+
 /// The SQL condition that bounds a scan of user `?1`'s unacknowledged events: every one of them
 /// is at or after the user's `pending_from`.
 macro_rules! from_pending {
@@ -393,17 +407,7 @@ impl Tally {
     pub fn pending_events(&self, user_id: &str) -> Result<u64> {
         let g = self.lock();
         crate::users::get_user(&g.conn, user_id)?;
-        // A void of a use is one event however many items it cancels.
-        Ok(g.conn.query_row(
-            concat!(
-                "SELECT COUNT(CASE WHEN voids IS NULL OR use_id IS NULL THEN 1 END) + COUNT(DISTINCT CASE WHEN voids IS NOT NULL THEN use_id END)
-                 FROM events WHERE ",
-                from_pending!(),
-                " AND user_id = ?1 AND status = ?2"
-            ),
-            params![user_id, EventState::Pending],
-            |r| r.get::<_, i64>(0),
-        )? as u64)
+        pending_count(&g.conn, user_id)
     }
 
     /// Whether the server has taken event `id` (an id or idempotency key) of `user_id`.

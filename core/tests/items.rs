@@ -190,4 +190,6 @@ fn a_void_of_the_use_id_cancels_every_item_once() {
     assert_eq!(e.snapshot(), snap, "voiding the use twice records nothing more");
     // The use's room is free again.
     assert!(e.tally.consume_items(&u, None, &[item("ai_chat", 5), item("ai_spend", 1000)], None).unwrap().allowed);
+    let r = e.tally.delete_user(&u, false);
+    assert!(matches!(r, Err(Error::UnsyncedEvents(6))), "3 + 2 items and one void event: {r:?}");
 }
