@@ -252,6 +252,38 @@ pub fn decide_rule(
     }
 }
 
+/// Decides one item of a use with several meters, to be recorded: as [`decide_rule`] with
+/// `record`, except that a budget item is decided before the work, like a hold: its cost (the
+/// priced cost with a model, else `amount` micros) must fit, since the whole use may still be
+/// refused. A single-feature budget use, decided after the work, always records instead.
+pub fn decide_item_rule(
+    rule: &crate::Rule,
+    amount: u64,
+    priced: Priced,
+    state: RuleState,
+    access_reason: &str,
+) -> Result<(Decision, Option<RuleEffect>), crate::contract::Violation> {
+    match rule {
+        crate::Rule::Budget { limit_micros, enforcement, .. } => {
+            let cost = match priced {
+                Priced::UnknownModel => return Ok((Decision::simple(false, Reason::UnknownModel, access_reason), None)),
+                Priced::Cost(c) => c,
+                Priced::NoModel => amount,
+            };
+            let c = Counted {
+                limit: Some(*limit_micros),
+                enforcement: *enforcement,
+                deny_reason: Reason::BudgetExceeded,
+                always_record: false,
+            };
+            counted(c, state, amount, cost, cost, access_reason, true)
+        }
+        crate::Rule::Flag { .. } | crate::Rule::Credits { .. } | crate::Rule::Metered { .. } | crate::Rule::Rate { .. } => {
+            decide_rule(rule, amount, priced, state, access_reason, true)
+        }
+    }
+}
+
 fn counted(
     c: Counted,
     state: RuleState,
@@ -294,5 +326,48 @@ mod tests {
         assert!(!d.allowed && !rec && d.reason == Reason::BudgetExceeded);
         let unlimited = Counted { limit: None, ..HARD };
         assert!(decide_counted(unlimited, u64::MAX, 1, None, "free", true).0.allowed);
+    }
+
+    #[test]
+    fn a_budget_item_must_fit_before_the_work_while_a_budget_use_always_records() {
+        use crate::period::Period;
+        let budget = crate::Rule::Budget {
+            limit_micros: 1000,
+            period: Period::Day,
+            enforcement: Enforcement::Hard,
+            offline_share: crate::lease::Share::ONE,
+        };
+        let state = RuleState { used: 600, ..RuleState::default() };
+        let (d, effect) = decide_item_rule(&budget, 1, Priced::Cost(500), state, "free").unwrap();
+        assert_eq!((d.allowed, d.reason, d.used, effect), (false, Reason::BudgetExceeded, 600, None), "the priced cost must fit");
+        let (d, effect) = decide_item_rule(&budget, 400, Priced::NoModel, state, "free").unwrap();
+        assert_eq!(
+            (d.allowed, d.used, effect),
+            (true, 1000, Some(RuleEffect::Count { amount: 400, cost: 400 })),
+            "no model: amount is micros"
+        );
+        let (d, _) = decide_item_rule(&budget, 1, Priced::UnknownModel, state, "free").unwrap();
+        assert_eq!((d.allowed, d.reason), (false, Reason::UnknownModel));
+        let (d, effect) = decide_rule(&budget, 1, Priced::Cost(500), state, "free", true).unwrap();
+        assert!(d.allowed && d.reason == Reason::BudgetExceeded && effect.is_some(), "a single use records, the work was done");
+        let soft = crate::Rule::Budget {
+            limit_micros: 1000,
+            period: Period::Day,
+            enforcement: Enforcement::Soft,
+            offline_share: crate::lease::Share::ONE,
+        };
+        let (d, effect) = decide_item_rule(&soft, 1, Priced::Cost(500), state, "free").unwrap();
+        assert!(d.allowed && d.reason == Reason::OverLimitSoft && effect.is_some(), "a soft budget flags instead");
+        let metered = crate::Rule::Metered {
+            limit: Some(5),
+            period: Period::Day,
+            enforcement: Enforcement::Hard,
+            offline_share: crate::lease::Share::ONE,
+        };
+        assert_eq!(
+            decide_item_rule(&metered, 2, Priced::NoModel, RuleState { used: 3, ..state }, "free").unwrap(),
+            decide_rule(&metered, 2, Priced::NoModel, RuleState { used: 3, ..state }, "free", true).unwrap(),
+            "other rules decide as a recorded use"
+        );
     }
 }

@@ -149,6 +149,9 @@ pub(crate) struct Use<'a> {
     /// Whether the caller chose the id: only then can the use be replayed, so only then is its
     /// decision stored.
     pub(crate) keyed: bool,
+    /// An item of a use with several meters: the use's id (the event's id is then
+    /// [`contract::item_event_id`]`(use_id, feature)`).
+    pub(crate) use_id: Option<Uuid>,
 }
 
 /// Validates a use against the contract. The id is the key's ([`event_id_for_key`]); an
@@ -171,6 +174,7 @@ pub(crate) fn validate<'a>(feature: &'a str, amount: u64, meta: &'a UsageMeta) -
         output_tokens: meta.output_tokens,
         metadata,
         keyed: meta.idempotency_key.is_some(),
+        use_id: None,
     })
 }
 
@@ -182,27 +186,48 @@ pub fn event_id_for_key(key: &str) -> Uuid {
 
 /// The stored decision when `u.id` was already recorded with the same body.
 pub(crate) fn replay(conn: &Connection, user: &str, u: &Use<'_>) -> Result<Option<Decision>> {
-    type Row = (String, i64, Option<String>, Option<i64>, Option<i64>, Option<String>, String);
-    let Some(seq) = find_event(conn, user, &u.id.to_string())? else { return Ok(None) };
+    let Some(seq) = find_event(conn, user, &u.id.to_string())? else {
+        // Ids of single uses and of uses with several meters are one namespace.
+        if use_recorded(conn, user, &u.id)? {
+            return Err(Error::IdempotencyConflict(u.id.to_string()));
+        }
+        return Ok(None);
+    };
+    stored_decision(conn, seq, u).map(Some)
+}
+
+/// The decision stored with event `seq`, recorded for `u`'s id: [`Error::IdempotencyConflict`]
+/// unless it was recorded with the same body (feature, amount, model, tokens, metadata, use)
+/// and under a key (an unkeyed use's decision is not kept).
+pub(crate) fn stored_decision(conn: &Connection, seq: i64, u: &Use<'_>) -> Result<Decision> {
+    type Row = (String, i64, Option<String>, Option<i64>, Option<i64>, Option<String>, String, Option<String>);
     let row: Option<Row> = conn
-        .prepare_cached("SELECT feature, amount, model, input_tokens, output_tokens, metadata, decision FROM events WHERE device_seq = ?1")?
-        .query_row([seq], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)))
+        .prepare_cached(
+            "SELECT feature, amount, model, input_tokens, output_tokens, metadata, decision, use_id FROM events WHERE device_seq = ?1",
+        )?
+        .query_row([seq], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?)))
         .optional()?;
-    let Some((feature, amount, model, inp, out, metadata, decision)) = row else { return Ok(None) };
+    let conflict = || Error::IdempotencyConflict(u.id.to_string());
+    let (feature, amount, model, inp, out, metadata, decision, use_id) = row.ok_or_else(conflict)?;
     let same = feature == u.feature
         && amount as u64 == u.amount
         && model.as_deref() == u.model
         && inp.map(|v| v as u64) == u.input_tokens
         && out.map(|v| v as u64) == u.output_tokens
-        && metadata == u.metadata;
-    if !same {
-        return Err(Error::IdempotencyConflict(u.id.to_string()));
+        && metadata == u.metadata
+        && use_id == u.use_id.map(|id| id.to_string());
+    // Recorded without a key, its decision was not kept: a key naming it cannot replay it.
+    if !same || decision.is_empty() {
+        return Err(conflict());
     }
-    if decision.is_empty() {
-        // Recorded without a key (its decision was not kept): a key naming it cannot replay it.
-        return Err(Error::IdempotencyConflict(u.id.to_string()));
-    }
-    Ok(Some(serde_json::from_str(&decision)?))
+    Ok(serde_json::from_str(&decision)?)
+}
+
+/// Whether `use_id` names a recorded use with several meters of `user` (its items carry it).
+pub(crate) fn use_recorded(conn: &Connection, user: &str, use_id: &Uuid) -> Result<bool> {
+    Ok(conn
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM events WHERE user_id = ?1 AND use_id = ?2 AND voids IS NULL)")?
+        .query_row(params![user, use_id.to_string()], |r| r.get(0))?)
 }
 
 /// The device's last handed-out sequence number: the ledger's last key, or the floor kept in
@@ -250,6 +275,32 @@ pub(crate) fn find_event(conn: &Connection, user: &str, id: &str) -> Result<Opti
         .optional()?)
 }
 
+/// The rows of the event sent as `id`: its own row, or for a void of a use (one event on the
+/// wire) the rows of the items it cancels, in device order. Empty when unknown.
+pub(crate) fn find_rows(conn: &Connection, user: &str, id: &str) -> Result<Vec<i64>> {
+    if let Some(seq) = find_event(conn, user, id)? {
+        return Ok(vec![seq]);
+    }
+    Ok(conn
+        .prepare_cached("SELECT device_seq FROM events WHERE user_id = ?1 AND use_id = ?2 AND voids IS NOT NULL ORDER BY device_seq")?
+        .query_map(params![user, id], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?)
+}
+
+/// How many of `user`'s events wait to be sent, counted as they are sent: a void of a use is one
+/// event however many items it cancels.
+pub(crate) fn pending_count(conn: &Connection, user: &str) -> Result<u64> {
+    let n: i64 = conn
+        .prepare_cached(concat!(
+        "SELECT COUNT(CASE WHEN voids IS NULL OR use_id IS NULL THEN 1 END) + COUNT(DISTINCT CASE WHEN voids IS NOT NULL THEN use_id END)
+         FROM events WHERE ",
+        from_pending!(),
+        " AND user_id = ?1 AND status = ?2"
+    ))?
+        .query_row(params![user, EventState::Pending], |r| r.get(0))?;
+    Ok(u64::try_from(n).unwrap_or(0))
+}
+
 /// The SQL condition that bounds a scan of user `?1`'s unacknowledged events: every one of them
 /// is at or after the user's `pending_from`.
 macro_rules! from_pending {
@@ -285,8 +336,8 @@ pub(crate) fn keep_seq_floor(conn: &Connection) -> Result<()> {
 pub(crate) const INSERT_EVENT: &str =
     "INSERT INTO events (device_seq, user_id, id, feature, amount, occurred_at, device_id, model, input_tokens, output_tokens, cost_micros,
                          metadata, decision, status, lease_ver, lease_pool, lease_period, lease_start, lease_units, indexed,
-                         count_period, count_start, count_amount, count_cost)
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24)";
+                         count_period, count_start, count_amount, count_cost, use_id)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25)";
 
 /// What a recorded use adds to a counter row (written later, see [`crate::tail`]): the row's
 /// period column and window start, units and micros.
@@ -346,6 +397,7 @@ pub(crate) fn insert_event(
         counted.map(|c| c.start),
         counted.map_or(Ok(0), |c| to_sql(c.amount))?,
         counted.map_or(Ok(0), |c| to_sql(c.cost))?,
+        u.use_id.map(|id| id.to_string()),
     ])?;
     Ok(())
 }
@@ -355,17 +407,14 @@ impl Tally {
     pub fn pending_events(&self, user_id: &str) -> Result<u64> {
         let g = self.lock();
         crate::users::get_user(&g.conn, user_id)?;
-        Ok(g.conn.query_row(
-            concat!("SELECT COUNT(*) FROM events WHERE ", from_pending!(), " AND user_id = ?1 AND status = ?2"),
-            params![user_id, EventState::Pending],
-            |r| r.get::<_, i64>(0),
-        )? as u64)
+        pending_count(&g.conn, user_id)
     }
 
     /// Whether the server has taken event `id` (an id or idempotency key) of `user_id`.
     pub fn event_status(&self, user_id: &str, id: &str) -> Result<EventStatus> {
         let g = self.lock();
-        let row: Option<(EventState, Option<RejectReason>)> = match find_event(&g.conn, user_id, &event_id_for_key(id).to_string())? {
+        let rows = find_rows(&g.conn, user_id, &event_id_for_key(id).to_string())?;
+        let row: Option<(EventState, Option<RejectReason>)> = match rows.first() {
             Some(seq) => Some(
                 g.conn
                     .query_row("SELECT status, reject_reason FROM events WHERE device_seq = ?1", [seq], |r| Ok((r.get(0)?, r.get(1)?)))?,

@@ -11,7 +11,7 @@ use crate::access::Access;
 use crate::catalog::Rule;
 use crate::credits::{credit_balance_at, draw_credits};
 use crate::db::Tx;
-use crate::decision::{Decision, Priced, Reason, RuleEffect, RuleState, decide_rule};
+use crate::decision::{Decision, Priced, Reason, RuleEffect, RuleState, decide_item_rule, decide_rule};
 use crate::entitlements::Entitlements;
 use crate::error::{Error, Result};
 use crate::leases::LeaseUse;
@@ -57,8 +57,20 @@ pub struct Usage {
     pub device_remaining: Option<u64>,
 }
 
+/// What a decision is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Deciding {
+    /// `check`: nothing is recorded.
+    Check,
+    /// A single use, recorded when allowed (a budget use always, the work was done).
+    Consume,
+    /// An item of a use with several meters, recorded when every item is allowed (a budget
+    /// item only when its cost fits: the work is still to be done).
+    Item,
+}
+
 /// How a decided use changes storage.
-enum Effect {
+pub(crate) enum Effect {
     /// Add to a counter row.
     Count { period: String, start: i64, amount: u64, cost: u64 },
     /// Draw credits.
@@ -201,7 +213,7 @@ impl<'t> Batch<'t> {
 
     /// Counts a recorded use in row `key` (feature, period, window start): its units and
     /// micros, and its leased units.
-    fn add(&mut self, conn: &Connection, user: &str, key: (&str, &str, i64), amount: u64, cost: u64, leased: u64) -> Result<()> {
+    pub(crate) fn add(&mut self, conn: &Connection, user: &str, key: (&str, &str, i64), amount: u64, cost: u64, leased: u64) -> Result<()> {
         let (feature, period, start) = key;
         self.row(conn, user, feature, period, start)?;
         if let Some(i) = self.find(feature, period, start) {
@@ -214,7 +226,7 @@ impl<'t> Batch<'t> {
     }
 
     /// What the batch added, per row (for the connection's [`Tail`]).
-    fn added(self) -> impl Iterator<Item = ((String, String, i64), Delta)> {
+    pub(crate) fn added(self) -> impl Iterator<Item = ((String, String, i64), Delta)> {
         self.rows.into_iter().filter_map(|(key, r)| {
             let d = Delta {
                 units: i64::try_from(r.add_amount).unwrap_or(i64::MAX),
@@ -295,7 +307,7 @@ impl Tally {
     /// Makes sure the counters of `feature` are kept for `period` in the user's current zone and
     /// anchor; rebuilds them from the unacknowledged events when not (a rule, timezone or
     /// billing change). The only ledger scan, off the hot path.
-    fn ensure_counters(inner: &mut Inner, user: &str, feature: &str, period: Period, a: &Access) -> Result<()> {
+    pub(crate) fn ensure_counters(inner: &mut Inner, user: &str, feature: &str, period: Period, a: &Access) -> Result<()> {
         if inner.verified.get(user).is_some_and(|f| f.contains(feature)) {
             return Ok(());
         }
@@ -340,7 +352,7 @@ impl Tally {
     /// what recording it changes.
     /// Counters of the feature must have been ensured ([`Tally::ensure_counters`]).
     #[allow(clippy::too_many_arguments)]
-    fn decide(
+    pub(crate) fn decide(
         &self,
         conn: &Connection,
         batch: &mut Batch,
@@ -348,8 +360,9 @@ impl Tally {
         user: &str,
         u: &Use<'_>,
         now: DateTime<Utc>,
-        record: bool,
+        mode: Deciding,
     ) -> Result<(Decision, Option<Effect>, Option<LeaseUse>)> {
+        let record = mode != Deciding::Check;
         let reason = a.ent.access_reason.as_str();
         let Some(rule) = a.ent.features.get(u.feature) else {
             let r = if Tally::feature_known(&self.catalog(), &a.ent, u.feature) { Reason::NotInPlan } else { Reason::UnknownFeature };
@@ -374,7 +387,10 @@ impl Tally {
             }
             Rule::Flag { .. } => {}
         }
-        let (mut d, effect) = decide_rule(rule, u.amount, priced, state, reason, record)?;
+        let (mut d, effect) = match mode {
+            Deciding::Item => decide_item_rule(rule, u.amount, priced, state, reason)?,
+            Deciding::Check | Deciding::Consume => decide_rule(rule, u.amount, priced, state, reason, record)?,
+        };
         let pool_counter = counter.as_ref().map(|(_, start, _, _, leased)| (*start, *leased));
         let mut effect = match (effect, counter) {
             (Some(RuleEffect::Count { amount, cost }), Some((period, start, units, micros, _))) => {
@@ -425,16 +441,8 @@ impl Tally {
         if let Some(d) = self.check_fast(user_id, &u)? {
             return Ok(d);
         }
-        let mut g = self.lock();
-        let now = self.observe_now(&mut g);
-        let a = self.access(&mut g, user_id, now)?;
-        if let Some(p) = a.ent.features.get(feature).and_then(Rule::period) {
-            Tally::ensure_counters(&mut g, user_id, feature, p, &a)?;
-        }
-        if matches!(a.ent.features.get(feature), Some(Rule::Credits { .. })) {
-            self.ensure_plan_credits(&mut g, user_id, &a, now)?;
-        }
-        Ok(self.decide(&g.conn, &mut Batch::default(), &a, user_id, &u, now, false)?.0)
+        let (g, a, now) = self.prepare_uses(user_id, std::slice::from_ref(&u))?;
+        Ok(self.decide(&g.conn, &mut Batch::default(), &a, user_id, &u, now, Deciding::Check)?.0)
     }
 
     /// The common `check`: access cached, counters verified, no clock write due. Reads the
@@ -449,7 +457,7 @@ impl Tally {
         };
         let fresh = fresh_tail(&tx, &mut inner.tail, version)?;
         let tail = &*inner.tail.insert(fresh);
-        let d = self.decide(&tx, &mut Batch::with_tail(tail), &a, user_id, u, now, false)?.0;
+        let d = self.decide(&tx, &mut Batch::with_tail(tail), &a, user_id, u, now, Deciding::Check)?.0;
         tx.commit()?;
         inner.highest_seen_ms = inner.highest_seen_ms.max(ms(now));
         Ok(Some(d))
@@ -498,11 +506,22 @@ impl Tally {
         if let Some(out) = self.consume_fast(user_id, items, &uses)? {
             return Ok(out);
         }
+        let (mut g, a, now) = self.prepare_uses(user_id, &uses)?;
+        let inner = &mut *g;
+        let tx = Tx::immediate(&inner.conn)?;
+        let version = tx.prepare_cached("PRAGMA data_version")?.query_row([], |r| r.get(0))?;
+        let any = self.record_uses(tx, &inner.device_id, &mut inner.tail, version, &a, user_id, items, &uses, now)?;
+        Ok(self.after_record(g, user_id, any, now))
+    }
+
+    /// The full path before the transaction of `uses`: the lock, the decision time, the user's
+    /// access, each feature's counters kept for its rule (a rebuild when not) and the plan
+    /// credits stored when a use draws credits.
+    pub(crate) fn prepare_uses(&self, user_id: &str, uses: &[Use<'_>]) -> Result<(MutexGuard<'_, Inner>, Arc<Access>, DateTime<Utc>)> {
         let mut g = self.lock();
         let now = self.observe_now(&mut g);
         let a = self.access(&mut g, user_id, now)?;
-        // Rebuilds and plan credits (if any) happen before the transaction of the batch.
-        for u in &uses {
+        for u in uses {
             if let Some(p) = a.ent.features.get(u.feature).and_then(Rule::period) {
                 Tally::ensure_counters(&mut g, user_id, u.feature, p, &a)?;
             }
@@ -510,11 +529,7 @@ impl Tally {
         if uses.iter().any(|u| matches!(a.ent.features.get(u.feature), Some(Rule::Credits { .. }))) {
             self.ensure_plan_credits(&mut g, user_id, &a, now)?;
         }
-        let inner = &mut *g;
-        let tx = Tx::immediate(&inner.conn)?;
-        let version = tx.prepare_cached("PRAGMA data_version")?.query_row([], |r| r.get(0))?;
-        let any = self.record_uses(tx, &inner.device_id, &mut inner.tail, version, &a, user_id, items, &uses, now)?;
-        Ok(self.after_record(g, user_id, any, now))
+        Ok((g, a, now))
     }
 
     /// The common `consume`: [`Tally::fast_gate`] inside the write transaction, so the change
@@ -557,7 +572,7 @@ impl Tally {
         now: DateTime<Utc>,
     ) -> Result<Recorded> {
         // Taken out while in use: on any error it stays out, and is read again next time.
-        let mut t = fresh_tail(&tx, tail, version)?;
+        let t = fresh_tail(&tx, tail, version)?;
         let mut decisions = Vec::with_capacity(uses.len());
         let mut recorded = false;
         let mut seq = t.seq;
@@ -572,7 +587,7 @@ impl Tally {
                 decisions.push(d);
                 continue;
             }
-            let (d, effect, lease_use) = self.decide(&tx, &mut batch, a, user_id, u, now, true)?;
+            let (d, effect, lease_use) = self.decide(&tx, &mut batch, a, user_id, u, now, Deciding::Consume)?;
             if let Some(effect) = effect {
                 seq += 1;
                 record(&tx, &mut insert, &mut batch, user_id, device_id, u, &d, &effect, lease_use.as_ref(), now, &a.ent, seq)?;
@@ -581,25 +596,42 @@ impl Tally {
             decisions.push(d);
         }
         drop(insert);
-        for ((feature, period, start), d) in batch.added().collect::<Vec<_>>() {
-            t.add(user_id, &feature, &period, start, d);
-        }
-        t.seq = seq;
-        if seq - t.through >= crate::tail::WRITE_AT {
-            t.written(crate::tail::write_counters(&tx)?);
-        }
-        // `highest_seen_ms` is stored by `observe_now` (at most once a second), not per use.
-        let conn = tx.connection();
-        tx.commit()?;
-        t.seal(conn, version);
-        *tail = Some(t);
+        let added: Vec<_> = batch.added().collect();
+        commit_recorded(tx, tail, t, &added, user_id, seq, version)?;
         Ok(Recorded { decisions, any: recorded })
     }
 }
 
+/// Commits uses recorded in `tx` (its change counter `version`) through sequence number `seq`,
+/// with what they `added` to counter rows kept in the connection's tail `t` (their counters are
+/// written here once [`crate::tail::WRITE_AT`] events wait); `t` goes back to `tail`, valid.
+pub(crate) fn commit_recorded(
+    tx: Tx<'_>,
+    tail: &mut Option<Tail>,
+    mut t: Tail,
+    added: &[((String, String, i64), Delta)],
+    user_id: &str,
+    seq: i64,
+    version: i64,
+) -> Result<()> {
+    for ((feature, period, start), d) in added {
+        t.add(user_id, feature, period, *start, *d);
+    }
+    t.seq = seq;
+    if seq - t.through >= crate::tail::WRITE_AT {
+        t.written(crate::tail::write_counters(&tx)?);
+    }
+    // `highest_seen_ms` is stored by `observe_now` (at most once a second), not per use.
+    let conn = tx.connection();
+    tx.commit()?;
+    t.seal(conn, version);
+    *tail = Some(t);
+    Ok(())
+}
+
 /// The connection's tail, taken out of `tail`: as it is while still valid, else read again from
 /// the file (inside the caller's transaction, whose change counter is `version`).
-fn fresh_tail(conn: &Connection, tail: &mut Option<Tail>, version: i64) -> Result<Tail> {
+pub(crate) fn fresh_tail(conn: &Connection, tail: &mut Option<Tail>, version: i64) -> Result<Tail> {
     match tail.take() {
         Some(t) if t.valid(conn, version) => Ok(t),
         _ => Tail::load(conn, version),
@@ -676,7 +708,7 @@ struct Recorded {
 
 /// Records a decided use: its event, then what it changes (a counter, a credit draw).
 #[allow(clippy::too_many_arguments)]
-fn record(
+pub(crate) fn record(
     tx: &Connection,
     insert: &mut rusqlite::Statement<'_>,
     batch: &mut Batch,

@@ -16,7 +16,7 @@
 
 use crate::error::{Error, Result};
 use crate::hlc::Hlc;
-use crate::ledger::{EventState, RejectReason, advance_pending_from, find_event, from_pending};
+use crate::ledger::{EventState, RejectReason, advance_pending_from, find_rows, from_pending};
 use crate::wire::{
     ErrorBody, PROTOCOL, ProfilePatch, ProfileRejected, Rejected, SettingChange, SettingRejected, SyncRequest, SyncResponse, Total,
     WireEvent,
@@ -754,11 +754,15 @@ fn drop_profile_patch(tx: &Connection, user_id: &str, sent: &ProfilePatch) -> Re
 /// A stored event that cannot be sent as it is: its id and the contract code.
 type Unsendable = (String, &'static str);
 
-/// Unacknowledged events in device order. A row that no longer reads as a valid event (written
-/// by an older version) comes back as `Err` for the caller to quarantine.
+/// Unacknowledged events in device order, as sent: an item of a use with several meters carries
+/// its `use_id`; the rows of a void of a use (one per item, `use_id` = the void's id) make one
+/// void event `{id: the void's id, voids: the use id}`. A row that no longer reads as a valid
+/// event (written by an older version) comes back as `Err` for the caller to quarantine.
 fn pending_events(conn: &Connection, user_id: &str, limit: usize) -> Result<Vec<std::result::Result<WireEvent, Unsendable>>> {
     let mut st = conn.prepare_cached(concat!(
-        "SELECT id, feature, amount, occurred_at, device_seq, model, input_tokens, output_tokens, metadata, lease_ver, voids
+        "SELECT id, feature, amount, occurred_at, device_seq, model, input_tokens, output_tokens, metadata, lease_ver, voids, use_id,
+                CASE WHEN voids IS NOT NULL AND use_id IS NOT NULL THEN
+                  (SELECT t.use_id FROM events t WHERE t.user_id = events.user_id AND t.id = events.voids AND t.indexed = 1) END
          FROM events WHERE ",
         from_pending!(),
         " AND user_id = ?1 AND status = ?2 ORDER BY device_seq LIMIT ?3"
@@ -776,12 +780,22 @@ fn pending_events(conn: &Connection, user_id: &str, limit: usize) -> Result<Vec<
             r.get::<_, Option<String>>(8)?,
             r.get::<_, Option<i64>>(9)?,
             r.get::<_, Option<String>>(10)?,
+            r.get::<_, Option<String>>(11)?,
+            r.get::<_, Option<String>>(12)?,
         ))
     })?;
     let unsigned = |v: i64| u64::try_from(v).map_err(|_| "invalid_amount");
-    let mut out = Vec::new();
+    let mut out: Vec<std::result::Result<WireEvent, Unsendable>> = Vec::new();
     for row in rows {
-        let (id, feature, amount, at, seq, model, inp, outp, meta, lease_ver, voids) = row?;
+        let (row_id, feature, amount, at, seq, model, inp, outp, meta, lease_ver, voids, use_id, voided_use) = row?;
+        // A void of a use travels under its own id, once, naming the use.
+        let (id, voids) = match (&voids, use_id.clone()) {
+            (Some(_), Some(void_id)) => (void_id, voided_use.or(Some(String::new()))),
+            _ => (row_id, voids),
+        };
+        if voids.is_some() && out.last().is_some_and(|e| sent_id(e) == id) {
+            continue;
+        }
         let event = (|| -> std::result::Result<WireEvent, &'static str> {
             if let Some(target) = voids {
                 // `{"id", "voids", "occurred_at", "device_seq", "metadata"?}`.
@@ -812,7 +826,7 @@ fn pending_events(conn: &Connection, user_id: &str, limit: usize) -> Result<Vec<
                 metadata: meta.as_deref().map(serde_json::from_str).transpose().map_err(|_| "invalid_event")?,
                 lease_ver: lease_ver.map(unsigned).transpose()?,
                 voids: None,
-                use_id: None,
+                use_id: use_id.as_deref().map(Uuid::parse_str).transpose().map_err(|_| "invalid_event")?,
             })
         })();
         out.push(event.map_err(|code| (id, code)));
@@ -820,13 +834,29 @@ fn pending_events(conn: &Connection, user_id: &str, limit: usize) -> Result<Vec<
     Ok(out)
 }
 
+/// The id an entry of [`pending_events`] is sent (or quarantined) under.
+fn sent_id(e: &std::result::Result<WireEvent, Unsendable>) -> String {
+    match e {
+        Ok(w) => w.id.to_string(),
+        Err((id, _)) => id.clone(),
+    }
+}
+
 /// Marks a pending event settled or rejected and takes it out of the pending counters (a
 /// voided use was taken out when voided; a void event gives back what it took out), inside a
 /// [`write_tx`] (so its counters are written). The caller moves the user's `pending_from` on
 /// once it settled the batch ([`advance_pending_from`]).
+/// A void of a use settles every row it is kept as.
 fn settle(tx: &Connection, user_id: &str, id: &str, state: EventState, reason: Option<&RejectReason>) -> Result<()> {
+    for seq in find_rows(tx, user_id, id)? {
+        settle_row(tx, user_id, seq, state, reason)?;
+    }
+    Ok(())
+}
+
+/// [`settle`] of one row.
+fn settle_row(tx: &Connection, user_id: &str, seq: i64, state: EventState, reason: Option<&RejectReason>) -> Result<()> {
     type Row = (String, i64, i64, i64, bool, bool, Option<String>, Option<String>, Option<i64>, i64);
-    let Some(seq) = find_event(tx, user_id, id)? else { return Ok(()) };
     let row: Option<Row> = tx
         .prepare_cached(
             "SELECT feature, amount, COALESCE(target_at, occurred_at), COALESCE(cost_micros, 0), voids IS NOT NULL, voided,

@@ -1,7 +1,6 @@
 //! Users on this device: local (not signed in) and signed-in accounts.
 
 use crate::error::{Error, Result};
-use crate::ledger::EventState;
 use crate::{Change, Tally, UserId, contract, from_ms, ms, write_tx};
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, Row, params};
@@ -236,11 +235,7 @@ impl Tally {
         let mut g = self.lock();
         write_tx(&mut g.conn, |tx| {
             get_user(tx, user_id)?;
-            let pending = tx.query_row(
-                concat!("SELECT COUNT(*) FROM events WHERE ", crate::ledger::from_pending!(), " AND user_id = ?1 AND status = ?2"),
-                params![user_id, EventState::Pending],
-                |r| r.get::<_, i64>(0),
-            )? as u64;
+            let pending = crate::ledger::pending_count(tx, user_id)?;
             if pending > 0 && !force {
                 return Err(Error::UnsyncedEvents(pending));
             }

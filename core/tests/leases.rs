@@ -501,3 +501,127 @@ async fn a_batch_counts_its_own_leased_units_and_bad_voids_change_nothing() {
     assert!(matches!(e.tally.void(&u, &id, Some("a\0b")), Err(Error::InvalidInput(_))));
     assert_eq!(e.snapshot(), snap);
 }
+
+fn spend(allowance: u64, consumed: u64) -> Lease {
+    lease("ai_spend", Period::Day, Some("2026-01-15T00:00:00Z"), allowance, consumed)
+}
+
+fn items(chat: u64, micros: u64) -> Vec<tally_core::UseItem> {
+    vec![
+        tally_core::UseItem { feature: "ai_chat".into(), amount: chat, ..Default::default() },
+        tally_core::UseItem { feature: "ai_spend".into(), amount: micros, ..Default::default() },
+    ]
+}
+
+#[tokio::test]
+async fn each_hard_item_of_a_use_needs_room_in_its_own_lease() {
+    let (e, u) = env();
+    let s = server();
+    sync_with(&e, &u, &s, token("dev-test", 1, vec![chat(2, 0), spend(800, 0)]), json!({})).await;
+    let out = e.tally.consume_items(&u, Some("call-1"), &items(1, 600), None).unwrap();
+    assert!(out.allowed);
+    assert_eq!((out.decisions[0].device_remaining, out.decisions[1].device_remaining), (Some(1), Some(200)));
+    // The account's budget (1000 micros) has room for 300 more; this device's lease (800) not.
+    let snap = e.snapshot();
+    let out = e.tally.consume_items(&u, Some("call-2"), &items(1, 300), None).unwrap();
+    assert!(!out.allowed);
+    assert_eq!((out.decisions[1].reason, out.decisions[1].device_remaining), (Reason::LeaseExhausted, Some(200)));
+    assert_eq!(e.snapshot(), snap, "the call item is not recorded either");
+    assert_eq!(e.tally.usage(&u, "ai_chat").unwrap().device_remaining, Some(1));
+    // Two items of one use count in their pools cumulatively: the chat lease holds 1 more.
+    let out = e.tally.consume_items(&u, Some("call-3"), &items(2, 100), None).unwrap();
+    assert_eq!((out.allowed, out.decisions[0].reason), (false, Reason::LeaseExhausted));
+    assert!(e.tally.consume_items(&u, Some("call-4"), &items(1, 200), None).unwrap().allowed);
+}
+
+#[tokio::test]
+async fn items_travel_as_separate_events_and_a_void_of_the_use_as_one() {
+    let (e, u) = env();
+    let s = server();
+    sync_with(&e, &u, &s, token("dev-test", 1, vec![chat(2, 0), spend(800, 0)]), json!({})).await;
+    let out = e.tally.consume_items(&u, Some("call-1"), &items(1, 600), Some(json!({"request": "r1"}))).unwrap();
+    let use_id = out.use_id;
+    s.answer(json!({}));
+    e.tally.sync(&u, s.fake.options()).await.unwrap();
+    let sent = s.fake.requests()[1]["events"].as_array().unwrap().clone();
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    for (ev, (feature, amount)) in sent.iter().zip([("ai_chat", 1), ("ai_spend", 600)]) {
+        assert_eq!(ev["id"], json!(tally_core::contract::item_event_id(use_id, feature).to_string()));
+        assert_eq!((ev["feature"].as_str(), ev["amount"].as_u64()), (Some(feature), Some(amount)));
+        assert_eq!(ev["use_id"], json!(use_id.to_string()));
+        assert_eq!(ev["metadata"], json!({"request": "r1"}));
+        assert!(ev["lease_ver"].is_u64(), "decided under the lease");
+    }
+    assert_eq!(e.tally.pending_events(&u).unwrap(), 0);
+    // A void of the (acknowledged) use: both pools get their units back at once.
+    e.tally.void(&u, "call-1", Some("refunded")).unwrap();
+    assert_eq!(e.tally.usage(&u, "ai_chat").unwrap().device_remaining, Some(2));
+    assert_eq!(e.tally.usage(&u, "ai_spend").unwrap().device_remaining, Some(800));
+    assert_eq!(e.tally.pending_events(&u).unwrap(), 1, "one void event");
+    // Even when a round holds one event, the void goes once, and its answer settles it whole.
+    let mut one_at_a_time = s.fake.options();
+    one_at_a_time.max_batch_events = 1;
+    let report = e.tally.sync(&u, one_at_a_time).await.unwrap();
+    assert_eq!((report.events_sent, report.events_acked), (1, 1));
+    let sent = s.fake.requests()[2]["events"].as_array().unwrap().clone();
+    assert_eq!(sent.len(), 1, "one void event on the wire: {sent:?}");
+    let mut keys: Vec<&String> = sent[0].as_object().unwrap().keys().collect();
+    keys.sort();
+    assert_eq!(keys, ["device_seq", "id", "metadata", "occurred_at", "voids"]);
+    assert_eq!(sent[0]["voids"], json!(use_id.to_string()));
+    assert_eq!(sent[0]["metadata"], json!({"reason": "refunded"}));
+    assert_eq!(e.tally.pending_events(&u).unwrap(), 0, "acknowledged by its one id");
+    let void_id = sent[0]["id"].as_str().unwrap().to_string();
+    assert_eq!(e.tally.event_status(&u, &void_id).unwrap(), EventStatus::Settled);
+}
+
+/// A server that takes every use and refuses every void (`void_not_allowed`).
+fn refusing_voids() -> FakeServer {
+    FakeServer::start(|_, req| {
+        let events = req["events"].as_array().cloned().unwrap_or_default();
+        let (voids, uses): (Vec<Value>, Vec<Value>) = events.into_iter().partition(|e| e.get("voids").is_some());
+        let mut a = accept_all(req);
+        a["accepted"] = json!(uses.iter().map(|e| e["id"].clone()).collect::<Vec<_>>());
+        a["rejected"] = json!(voids.iter().map(|e| json!({"id": e["id"], "reason": "void_not_allowed"})).collect::<Vec<_>>());
+        (200, a)
+    })
+}
+
+#[tokio::test]
+async fn a_refused_void_of_a_use_makes_every_item_count_again() {
+    let (e, u) = env();
+    let s = server();
+    sync_with(&e, &u, &s, token("dev-test", 1, vec![chat(2, 0), spend(800, 0)]), json!({})).await;
+    e.tally.consume_items(&u, Some("call-1"), &items(1, 600), None).unwrap();
+    s.answer(json!({}));
+    e.tally.sync(&u, s.fake.options()).await.unwrap();
+    e.tally.void(&u, "call-1", None).unwrap();
+    assert_eq!(e.tally.usage(&u, "ai_chat").unwrap().device_remaining, Some(2));
+    assert_eq!(e.tally.pending_events(&u).unwrap(), 1, "one void event");
+    // The server refuses the void of the acknowledged use: both items count again here.
+    let fake = refusing_voids();
+    let report = e.tally.sync(&u, fake.options()).await.unwrap();
+    assert_eq!(report.rejected.len(), 1);
+    assert_eq!(report.rejected[0].reason, "void_not_allowed");
+    assert_eq!(e.tally.pending_events(&u).unwrap(), 0);
+    assert_eq!(e.tally.usage(&u, "ai_chat").unwrap().device_remaining, Some(1));
+    assert_eq!(e.tally.usage(&u, "ai_spend").unwrap().device_remaining, Some(200));
+}
+
+#[tokio::test]
+async fn a_void_refused_in_the_round_that_acknowledges_its_use_gives_the_units_back_to_the_use() {
+    let (e, u) = env();
+    let s = server();
+    sync_with(&e, &u, &s, token("dev-test", 1, vec![chat(3, 0), spend(800, 0)]), json!({})).await;
+    e.tally.consume(&u, "ai_chat", 1, key("single")).unwrap();
+    e.tally.void(&u, "single", None).unwrap();
+    e.tally.consume_items(&u, Some("call-1"), &items(1, 600), None).unwrap();
+    e.tally.void(&u, "call-1", None).unwrap();
+    assert_eq!(e.tally.usage(&u, "ai_chat").unwrap().device_remaining, Some(3));
+    // One round: the server takes both uses and refuses both voids.
+    let fake = refusing_voids();
+    let report = e.tally.sync(&u, fake.options()).await.unwrap();
+    assert_eq!((report.events_acked, report.rejected.len()), (3, 2));
+    assert_eq!(e.tally.usage(&u, "ai_chat").unwrap().device_remaining, Some(1), "both uses count in the lease again");
+    assert_eq!(e.tally.usage(&u, "ai_spend").unwrap().device_remaining, Some(200));
+}

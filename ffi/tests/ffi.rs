@@ -787,3 +787,44 @@ fn auto_sync_backs_off_on_network_errors_and_stops_on_errors_retrying_cannot_fix
     let s = wait_for(&b, "stopped on Configuration", |s| !s.running);
     assert_eq!((s.last_error_kind.as_deref(), s.consecutive_failures), (Some("Configuration"), 1));
 }
+
+#[test]
+fn consume_items_records_all_or_none_across_the_boundary() {
+    let (t, _) = open();
+    let u = t.create_local_user(None).unwrap().id;
+    let item =
+        |feature: &str, amount: i64| UseItem { feature: feature.into(), amount, model: None, input_tokens: None, output_tokens: None };
+    // No credits on free: the image item is denied, so the chat item is not recorded either.
+    let out = t.consume_items(u.clone(), vec![item("ai_chat", 2), item("images", 1)], Some("call-1".into()), None).unwrap();
+    assert_eq!((out.allowed, out.duplicate, out.decisions.len()), (false, false, 2));
+    assert_eq!(out.decisions[1].reason, Reason::InsufficientCredits);
+    assert_eq!((t.usage(u.clone(), "ai_chat".into()).unwrap().used, t.pending_events(u.clone()).unwrap()), (0, 0));
+    let spend = UseItem { model: Some("gpt-4o".into()), input_tokens: Some(1000), output_tokens: Some(0), ..item("spend", 1) };
+    let items = vec![item("ai_chat", 2), spend];
+    let out = t.consume_items(u.clone(), items.clone(), Some("call-2".into()), Some(r#"{"request": 1}"#.into())).unwrap();
+    assert!(out.allowed && !out.duplicate);
+    assert_eq!(out.use_id, event_id_for_key("call-2".into()));
+    assert_eq!((out.decisions[0].used, out.decisions[1].used), (2, 2500));
+    let again = t.consume_items(u.clone(), items.clone(), Some("call-2".into()), Some(r#"{"request": 1}"#.into())).unwrap();
+    assert!(again.duplicate && again.decisions == out.decisions);
+    assert!(matches!(
+        t.consume_items(u.clone(), vec![item("ai_chat", 1)], Some("call-2".into()), None),
+        Err(TallyError::IdempotencyConflict { .. })
+    ));
+    let snapshot = (t.usage(u.clone(), "ai_chat".into()).unwrap(), t.pending_events(u.clone()).unwrap());
+    assert!(is_invalid(t.consume_items(u.clone(), vec![item("ai_chat", 1), item("ai_chat", 1)], None, None)), "a feature twice");
+    assert!(is_invalid(t.consume_items(u.clone(), vec![], None, None)));
+    assert!(is_invalid(t.consume_items(u.clone(), vec![item("ai_chat", 1), item("spend", -1)], None, None)));
+    assert!(is_invalid(t.consume_items(u.clone(), vec![UseItem { input_tokens: Some(-1), ..item("spend", 1) }], None, None)));
+    assert!(is_invalid(t.consume_items(u.clone(), vec![item("ai_chat", 1)], None, Some("{not json".into()))));
+    assert_eq!(
+        (t.usage(u.clone(), "ai_chat".into()).unwrap(), t.pending_events(u.clone()).unwrap()),
+        snapshot,
+        "bad input changed nothing"
+    );
+    // A void of the use id cancels every item.
+    t.void(u.clone(), out.use_id.clone(), Some("refund".into())).unwrap();
+    assert_eq!(t.usage(u.clone(), "ai_chat".into()).unwrap().used, 0);
+    assert_eq!(t.usage(u.clone(), "spend".into()).unwrap().used, 0);
+    assert_eq!(t.pending_events(u).unwrap(), 3, "two items and one void");
+}

@@ -538,6 +538,11 @@ RustBuffer uniffi_tally_ffi_fn_method_tally_current_customer_info(uint64_t ptr, 
 RustBuffer uniffi_tally_ffi_fn_method_tally_customer_info(uint64_t ptr, RustBuffer user_id, RustCallStatus *_Nonnull out_status
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_CONSUME_ITEMS
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_CONSUME_ITEMS
+RustBuffer uniffi_tally_ffi_fn_method_tally_consume_items(uint64_t ptr, RustBuffer user_id, RustBuffer items, RustBuffer id, RustBuffer metadata_json, RustCallStatus *_Nonnull out_status
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_LEASES
 #define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_FN_METHOD_TALLY_LEASES
 RustBuffer uniffi_tally_ffi_fn_method_tally_leases(uint64_t ptr, RustBuffer user_id, RustCallStatus *_Nonnull out_status
@@ -1242,6 +1247,12 @@ uint16_t uniffi_tally_ffi_checksum_method_tally_current_customer_info(void
 #ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_CUSTOMER_INFO
 #define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_CUSTOMER_INFO
 uint16_t uniffi_tally_ffi_checksum_method_tally_customer_info(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_CONSUME_ITEMS
+#define UNIFFI_FFIDEF_UNIFFI_TALLY_FFI_CHECKSUM_METHOD_TALLY_CONSUME_ITEMS
+uint16_t uniffi_tally_ffi_checksum_method_tally_consume_items(void
     
 );
 #endif

@@ -1621,6 +1621,13 @@ public protocol TallyProtocol: AnyObject, Sendable {
     func customerInfo(userId: String) throws  -> CustomerInfo
     
     /**
+     * One use counting on several meters (a call limit and a budget, say): the items are
+     * decided in order and recorded in one transaction, all or none. `id` names the use (an
+     * idempotency key); `metadata_json` goes with every item.
+     */
+    func consumeItems(userId: String, items: [UseItem], id: String?, metadataJson: String?) throws  -> UseOutcome
+    
+    /**
      * This device's leases of the user (empty before a protocol-2 token).
      */
     func leases(userId: String) throws  -> [LeaseStatus]
@@ -2275,6 +2282,24 @@ open func customerInfo(userId: String)throws  -> CustomerInfo  {
     uniffi_tally_ffi_fn_method_tally_customer_info(
             self.uniffiCloneHandle(),
         FfiConverterString.lower(userId),uniffiCallStatus
+    )
+})
+}
+    
+    /**
+     * One use counting on several meters (a call limit and a budget, say): the items are
+     * decided in order and recorded in one transaction, all or none. `id` names the use (an
+     * idempotency key); `metadata_json` goes with every item.
+     */
+open func consumeItems(userId: String, items: [UseItem], id: String? = nil, metadataJson: String? = nil)throws  -> UseOutcome  {
+    return try  FfiConverterTypeUseOutcome_lift(try rustCallWithError(FfiConverterTypeTallyError_lift) {
+        uniffiCallStatus in
+    uniffi_tally_ffi_fn_method_tally_consume_items(
+            self.uniffiCloneHandle(),
+        FfiConverterString.lower(userId),
+        FfiConverterSequenceTypeUseItem.lower(items),
+        FfiConverterOptionString.lower(id),
+        FfiConverterOptionString.lower(metadataJson),uniffiCallStatus
     )
 })
 }
@@ -5924,6 +5949,194 @@ public func FfiConverterTypeUsageMeta_lower(_ value: UsageMeta) -> RustBuffer {
 
 
 /**
+ * One meter of a use with several meters (`consume_items`).
+ */
+public struct UseItem: Equatable, Hashable {
+    /**
+     * Feature key (at most once per use).
+     */
+    public var feature: String
+    /**
+     * Units used (for a budget without a model: the estimated cost in micros).
+     */
+    public var amount: Int64
+    /**
+     * AI model (priced from the catalog's `models`).
+     */
+    public var model: String?
+    /**
+     * AI input tokens.
+     */
+    public var inputTokens: Int64?
+    /**
+     * AI output tokens.
+     */
+    public var outputTokens: Int64?
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * Feature key (at most once per use).
+         */feature: String, 
+        /**
+         * Units used (for a budget without a model: the estimated cost in micros).
+         */amount: Int64, 
+        /**
+         * AI model (priced from the catalog's `models`).
+         */model: String? = nil, 
+        /**
+         * AI input tokens.
+         */inputTokens: Int64? = nil, 
+        /**
+         * AI output tokens.
+         */outputTokens: Int64? = nil) {
+        self.feature = feature
+        self.amount = amount
+        self.model = model
+        self.inputTokens = inputTokens
+        self.outputTokens = outputTokens
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension UseItem: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeUseItem: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> UseItem {
+        return
+            try UseItem(
+                feature: FfiConverterString.read(from: &buf), 
+                amount: FfiConverterInt64.read(from: &buf), 
+                model: FfiConverterOptionString.read(from: &buf), 
+                inputTokens: FfiConverterOptionInt64.read(from: &buf), 
+                outputTokens: FfiConverterOptionInt64.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: UseItem, into buf: inout [UInt8]) {
+        FfiConverterString.write(value.feature, into: &buf)
+        FfiConverterInt64.write(value.amount, into: &buf)
+        FfiConverterOptionString.write(value.model, into: &buf)
+        FfiConverterOptionInt64.write(value.inputTokens, into: &buf)
+        FfiConverterOptionInt64.write(value.outputTokens, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeUseItem_lift(_ buf: RustBuffer) throws -> UseItem {
+    return try FfiConverterTypeUseItem.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeUseItem_lower(_ value: UseItem) -> RustBuffer {
+    return FfiConverterTypeUseItem.lower(value)
+}
+
+
+/**
+ * The answer of `consume_items`.
+ */
+public struct UseOutcome: Equatable, Hashable {
+    /**
+     * The use's id (void it to cancel every item).
+     */
+    public var useId: String
+    /**
+     * Whether every item was allowed and recorded (else none was).
+     */
+    public var allowed: Bool
+    /**
+     * Whether the id was recorded before with the same items (the decisions are the first).
+     */
+    public var duplicate: Bool
+    /**
+     * One decision per item, in order.
+     */
+    public var decisions: [Decision]
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * The use's id (void it to cancel every item).
+         */useId: String, 
+        /**
+         * Whether every item was allowed and recorded (else none was).
+         */allowed: Bool, 
+        /**
+         * Whether the id was recorded before with the same items (the decisions are the first).
+         */duplicate: Bool, 
+        /**
+         * One decision per item, in order.
+         */decisions: [Decision]) {
+        self.useId = useId
+        self.allowed = allowed
+        self.duplicate = duplicate
+        self.decisions = decisions
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension UseOutcome: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeUseOutcome: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> UseOutcome {
+        return
+            try UseOutcome(
+                useId: FfiConverterString.read(from: &buf), 
+                allowed: FfiConverterBool.read(from: &buf), 
+                duplicate: FfiConverterBool.read(from: &buf), 
+                decisions: FfiConverterSequenceTypeDecision.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: UseOutcome, into buf: inout [UInt8]) {
+        FfiConverterString.write(value.useId, into: &buf)
+        FfiConverterBool.write(value.allowed, into: &buf)
+        FfiConverterBool.write(value.duplicate, into: &buf)
+        FfiConverterSequenceTypeDecision.write(value.decisions, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeUseOutcome_lift(_ buf: RustBuffer) throws -> UseOutcome {
+    return try FfiConverterTypeUseOutcome.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeUseOutcome_lower(_ value: UseOutcome) -> RustBuffer {
+    return FfiConverterTypeUseOutcome.lower(value)
+}
+
+
+/**
  * A user of the app on this device.
  */
 public struct User: Equatable, Hashable {
@@ -7559,6 +7772,31 @@ fileprivate struct FfiConverterSequenceTypeReportRow: FfiConverterRustBuffer {
 #if swift(>=5.8)
 @_documentation(visibility: private)
 #endif
+fileprivate struct FfiConverterSequenceTypeUseItem: FfiConverterRustBuffer {
+    typealias SwiftType = [UseItem]
+
+    public static func write(_ value: [UseItem], into buf: inout [UInt8]) {
+        let len = Int32(value.count)
+        writeInt(&buf, len)
+        for item in value {
+            FfiConverterTypeUseItem.write(item, into: &buf)
+        }
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> [UseItem] {
+        let len: Int32 = try readInt(&buf)
+        var seq = [UseItem]()
+        seq.reserveCapacity(Int(len))
+        for _ in 0 ..< len {
+            seq.append(try FfiConverterTypeUseItem.read(from: &buf))
+        }
+        return seq
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
 fileprivate struct FfiConverterSequenceTypeUser: FfiConverterRustBuffer {
     typealias SwiftType = [User]
 
@@ -7905,6 +8143,9 @@ private let initializationResult: InitializationResult = {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_tally_ffi_checksum_method_tally_customer_info() != 47563) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_tally_ffi_checksum_method_tally_consume_items() != 725) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_tally_ffi_checksum_method_tally_leases() != 544) {

@@ -894,6 +894,8 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_tally_ffi_checksum_method_tally_customer_info(
     ): Int
+    external fun uniffi_tally_ffi_checksum_method_tally_consume_items(
+    ): Int
     external fun uniffi_tally_ffi_checksum_method_tally_leases(
     ): Int
     external fun uniffi_tally_ffi_checksum_method_tally_prepare_offline(
@@ -1047,6 +1049,8 @@ internal object UniffiLib {
     external fun uniffi_tally_ffi_fn_method_tally_current_customer_info(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
     external fun uniffi_tally_ffi_fn_method_tally_customer_info(`ptr`: Long,`userId`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
+    external fun uniffi_tally_ffi_fn_method_tally_consume_items(`ptr`: Long,`userId`: RustBuffer.ByValue,`items`: RustBuffer.ByValue,`id`: RustBuffer.ByValue,`metadataJson`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
     external fun uniffi_tally_ffi_fn_method_tally_leases(`ptr`: Long,`userId`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
@@ -1369,6 +1373,9 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_tally_ffi_checksum_method_tally_customer_info() and 0xFFFF) != 47563) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_tally_ffi_checksum_method_tally_consume_items() and 0xFFFF) != 725) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_tally_ffi_checksum_method_tally_leases() and 0xFFFF) != 544) {
@@ -3424,6 +3431,13 @@ public interface TallyInterface {
     fun `customerInfo`(`userId`: kotlin.String): CustomerInfo
     
     /**
+     * One use counting on several meters (a call limit and a budget, say): the items are
+     * decided in order and recorded in one transaction, all or none. `id` names the use (an
+     * idempotency key); `metadata_json` goes with every item.
+     */
+    fun `consumeItems`(`userId`: kotlin.String, `items`: List<UseItem>, `id`: kotlin.String? = null, `metadataJson`: kotlin.String? = null): UseOutcome
+    
+    /**
      * This device's leases of the user (empty before a protocol-2 token).
      */
     fun `leases`(`userId`: kotlin.String): List<LeaseStatus>
@@ -4296,6 +4310,29 @@ open class Tally: Disposable, AutoCloseable, TallyInterface
         it,
         
         FfiConverterString.lower(`userId`),_status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
+     * One use counting on several meters (a call limit and a budget, say): the items are
+     * decided in order and recorded in one transaction, all or none. `id` names the use (an
+     * idempotency key); `metadata_json` goes with every item.
+     */
+    @Throws(TallyException::class)override fun `consumeItems`(`userId`: kotlin.String, `items`: List<UseItem>, `id`: kotlin.String?, `metadataJson`: kotlin.String?): UseOutcome {
+            return FfiConverterTypeUseOutcome.lift(
+    callWithHandle {
+    uniffiRustCallWithError(TallyException) { _status ->
+    UniffiLib.uniffi_tally_ffi_fn_method_tally_consume_items(
+        it,
+        
+        FfiConverterString.lower(`userId`),
+        FfiConverterSequenceTypeUseItem.lower(`items`),
+        FfiConverterOptionalString.lower(`id`),
+        FfiConverterOptionalString.lower(`metadataJson`),_status)
 }
     }
     )
@@ -7468,6 +7505,140 @@ public object FfiConverterTypeUsageMeta: FfiConverterRustBuffer<UsageMeta> {
 
 
 /**
+ * One meter of a use with several meters (`consume_items`).
+ */
+data class UseItem (
+    /**
+     * Feature key (at most once per use).
+     */
+    var `feature`: kotlin.String
+    , 
+    /**
+     * Units used (for a budget without a model: the estimated cost in micros).
+     */
+    var `amount`: kotlin.Long
+    , 
+    /**
+     * AI model (priced from the catalog's `models`).
+     */
+    var `model`: kotlin.String? = null 
+    , 
+    /**
+     * AI input tokens.
+     */
+    var `inputTokens`: kotlin.Long? = null 
+    , 
+    /**
+     * AI output tokens.
+     */
+    var `outputTokens`: kotlin.Long? = null 
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeUseItem: FfiConverterRustBuffer<UseItem> {
+    override fun read(buf: ByteBuffer): UseItem {
+        return UseItem(
+            FfiConverterString.read(buf),
+            FfiConverterLong.read(buf),
+            FfiConverterOptionalString.read(buf),
+            FfiConverterOptionalLong.read(buf),
+            FfiConverterOptionalLong.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: UseItem) = (
+            FfiConverterString.allocationSize(value.`feature`) +
+            FfiConverterLong.allocationSize(value.`amount`) +
+            FfiConverterOptionalString.allocationSize(value.`model`) +
+            FfiConverterOptionalLong.allocationSize(value.`inputTokens`) +
+            FfiConverterOptionalLong.allocationSize(value.`outputTokens`)
+    )
+
+    override fun write(value: UseItem, buf: ByteBuffer) {
+            FfiConverterString.write(value.`feature`, buf)
+            FfiConverterLong.write(value.`amount`, buf)
+            FfiConverterOptionalString.write(value.`model`, buf)
+            FfiConverterOptionalLong.write(value.`inputTokens`, buf)
+            FfiConverterOptionalLong.write(value.`outputTokens`, buf)
+    }
+}
+
+
+
+/**
+ * The answer of `consume_items`.
+ */
+data class UseOutcome (
+    /**
+     * The use's id (void it to cancel every item).
+     */
+    var `useId`: kotlin.String
+    , 
+    /**
+     * Whether every item was allowed and recorded (else none was).
+     */
+    var `allowed`: kotlin.Boolean
+    , 
+    /**
+     * Whether the id was recorded before with the same items (the decisions are the first).
+     */
+    var `duplicate`: kotlin.Boolean
+    , 
+    /**
+     * One decision per item, in order.
+     */
+    var `decisions`: List<Decision>
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeUseOutcome: FfiConverterRustBuffer<UseOutcome> {
+    override fun read(buf: ByteBuffer): UseOutcome {
+        return UseOutcome(
+            FfiConverterString.read(buf),
+            FfiConverterBoolean.read(buf),
+            FfiConverterBoolean.read(buf),
+            FfiConverterSequenceTypeDecision.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: UseOutcome) = (
+            FfiConverterString.allocationSize(value.`useId`) +
+            FfiConverterBoolean.allocationSize(value.`allowed`) +
+            FfiConverterBoolean.allocationSize(value.`duplicate`) +
+            FfiConverterSequenceTypeDecision.allocationSize(value.`decisions`)
+    )
+
+    override fun write(value: UseOutcome, buf: ByteBuffer) {
+            FfiConverterString.write(value.`useId`, buf)
+            FfiConverterBoolean.write(value.`allowed`, buf)
+            FfiConverterBoolean.write(value.`duplicate`, buf)
+            FfiConverterSequenceTypeDecision.write(value.`decisions`, buf)
+    }
+}
+
+
+
+/**
  * A user of the app on this device.
  */
 data class User (
@@ -9148,6 +9319,34 @@ public object FfiConverterSequenceTypeReportRow: FfiConverterRustBuffer<List<Rep
         buf.putInt(value.size)
         value.iterator().forEach {
             FfiConverterTypeReportRow.write(it, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterSequenceTypeUseItem: FfiConverterRustBuffer<List<UseItem>> {
+    override fun read(buf: ByteBuffer): List<UseItem> {
+        val len = buf.getInt()
+        return List<UseItem>(len) {
+            FfiConverterTypeUseItem.read(buf)
+        }
+    }
+
+    override fun allocationSize(value: List<UseItem>): ULong {
+        val sizeForLength = 4UL
+        val sizeForItems = value.map { FfiConverterTypeUseItem.allocationSize(it) }.sum()
+        return sizeForLength + sizeForItems
+    }
+
+    override fun write(value: List<UseItem>, buf: ByteBuffer) {
+        buf.putInt(value.size)
+        value.iterator().forEach {
+            FfiConverterTypeUseItem.write(it, buf)
         }
     }
 }

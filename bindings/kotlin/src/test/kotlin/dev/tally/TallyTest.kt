@@ -225,6 +225,37 @@ class TallyTest {
     }
 
     @Test
+    fun `one use with several meters is recorded all or none`() {
+        val u = tally.createLocalUser().id
+        tally.consume(u, "ai_chat", 2L)
+        // The call limit has 1 left: a use asking 2 calls records neither of its items.
+        val denied = tally.consumeItems(u, listOf(UseItem("notes", 5L), UseItem("ai_chat", 2L)), id = "call-1")
+        assertFalse(denied.allowed)
+        assertEquals(listOf(Reason.OK, Reason.LIMIT_REACHED), denied.decisions.map { it.reason })
+        assertEquals(0L, tally.usage(u, "notes").used)
+        assertEquals(1L, tally.pendingEvents(u))
+
+        val items = listOf(UseItem("notes", 5L), UseItem("ai_chat", 1L))
+        val use = tally.consumeItems(u, items, id = "call-2", metadataJson = """{"request": 2}""")
+        assertTrue(use.allowed)
+        assertFalse(use.duplicate)
+        assertEquals(eventIdForKey("call-2"), use.useId)
+        assertEquals(listOf(5L, 3L), use.decisions.map { it.used })
+        val again = tally.consumeItems(u, items, id = "call-2", metadataJson = """{"request": 2}""")
+        assertTrue(again.duplicate)
+        assertEquals(use.decisions, again.decisions)
+        assertThrows(TallyException.IdempotencyConflict::class.java) { tally.consumeItems(u, listOf(UseItem("notes", 5L)), id = "call-2") }
+        assertThrows(TallyException.InvalidInput::class.java) { tally.consumeItems(u, listOf(UseItem("notes", 1L), UseItem("notes", 1L))) }
+        assertEquals(3L, tally.pendingEvents(u), "one earlier use and two items")
+
+        // A void of the use id cancels every item.
+        tally.void(u, use.useId, "refund")
+        assertEquals(0L, tally.usage(u, "notes").used)
+        assertEquals(2L, tally.usage(u, "ai_chat").used)
+        assertEquals(4L, tally.pendingEvents(u), "and one void event")
+    }
+
+    @Test
     fun `bad input is a TallyException of the right variant and changes nothing`() {
         val u = tally.createLocalUser("Ada").id
         tally.setSetting(u, "theme", "\"dark\"")
