@@ -9,12 +9,12 @@
 
 use crate::authority::{self, Actor, RecordedBy};
 use crate::consume::{ConsumeResponse, request_id};
-use crate::uses::{self, Form, Stage, Use};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::JsonBody;
 use crate::ledger::{self, Ctx};
 use crate::pools::{self, PoolKey};
 use crate::usage::{opt_str, target};
+use crate::uses::{self, Form, Stage, Use};
 use crate::{AppState, entitlements, users};
 use axum::Json;
 use axum::extract::{Path, State};
@@ -293,7 +293,10 @@ async fn find(tx: &impl GenericClient, user_id: Uuid, id: Uuid) -> ApiResult<Vec
 /// Whether `id` is a recorded event's, or a recorded use's of several items.
 async fn event_exists(tx: &impl GenericClient, user_id: Uuid, id: Uuid) -> ApiResult<bool> {
     Ok(tx
-        .query_opt(&tx.prepare_cached("SELECT 1 FROM events WHERE user_id = $1 AND (id = $2 OR use_id = $2) LIMIT 1").await?, &[&user_id, &id])
+        .query_opt(
+            &tx.prepare_cached("SELECT 1 FROM events WHERE user_id = $1 AND (id = $2 OR use_id = $2) LIMIT 1").await?,
+            &[&user_id, &id],
+        )
         .await?
         .is_some())
 }
@@ -355,7 +358,9 @@ fn commit_use(body: &Value, hold_id: Uuid, rows: &[Stored], now: DateTime<Utc>) 
             Use::parse(&sent, hold_id, Some(1), now)?
         }
         (Some(_), items) => {
-            if let Some(f) = ["amount", "model", "input_tokens", "output_tokens"].into_iter().find(|f| body.get(*f).is_some_and(|v| !v.is_null())) {
+            if let Some(f) =
+                ["amount", "model", "input_tokens", "output_tokens"].into_iter().find(|f| body.get(*f).is_some_and(|v| !v.is_null()))
+            {
                 return Err(ApiError::Invalid("invalid_body", format!("{f} belongs to an item of this hold: send it in items")));
             }
             let items = items.cloned().unwrap_or_else(|| Value::from(held.iter().map(|f| json!({"feature": f})).collect::<Vec<_>>()));
@@ -363,7 +368,8 @@ fn commit_use(body: &Value, hold_id: Uuid, rows: &[Stored], now: DateTime<Utc>) 
             let mut u = Use::parse(&json!({"items": items, "metadata": metadata}), hold_id, Some(1), now)?;
             let mut sent: Vec<&str> = u.items.iter().map(|it| it.event.feature.as_str()).collect();
             let mut want = held.clone();
-            (sent.sort_unstable(), want.sort_unstable());
+            sent.sort_unstable();
+            want.sort_unstable();
             if sent != want {
                 return Err(ApiError::Invalid("invalid_items", format!("items must name exactly the held features {held:?}")));
             }

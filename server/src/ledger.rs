@@ -927,7 +927,13 @@ pub enum Voided {
 /// drew return, since the balance replays only unvoided uses). Refused as a whole, nothing
 /// changed, when `by` may not undo what recorded one of them ([`Actor::may_undo`]). Returns what
 /// happened and the features of the events `id` names.
-pub async fn void(tx: &impl GenericClient, ctx: &Ctx<'_>, id: Uuid, by: Actor<'_>, reason: Option<&str>) -> ApiResult<(Voided, Vec<String>)> {
+pub async fn void(
+    tx: &impl GenericClient,
+    ctx: &Ctx<'_>,
+    id: Uuid,
+    by: Actor<'_>,
+    reason: Option<&str>,
+) -> ApiResult<(Voided, Vec<String>)> {
     let rows = tx
         .query(
             &tx.prepare_cached(

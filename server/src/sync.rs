@@ -313,9 +313,7 @@ async fn run(
                         out.accepted.push(v.id);
                         out.touched.extend(features.into_iter().map(|f| (f, now)));
                     }
-                    (Voided::Unknown, _) => {
-                        rejected.push(Rejected { id: v.id.to_string(), reason: "unknown_event".into() })
-                    }
+                    (Voided::Unknown, _) => rejected.push(Rejected { id: v.id.to_string(), reason: "unknown_event".into() }),
                 }
             }
         }

@@ -90,12 +90,16 @@ impl Use {
         }
         let list = match items.as_array() {
             Some(list) if list.len() <= contract::MAX_USE_ITEMS => list,
-            Some(list) => return Err(invalid_items(format!("items must hold 1 to {} entries, got {}", contract::MAX_USE_ITEMS, list.len()))),
+            Some(list) => {
+                return Err(invalid_items(format!("items must hold 1 to {} entries, got {}", contract::MAX_USE_ITEMS, list.len())));
+            }
             None => return Err(invalid_items("items must be an array of {feature, amount, model?, input_tokens?, output_tokens?}".into())),
         };
         let mut out = Vec::with_capacity(list.len());
         for (i, it) in list.iter().enumerate() {
-            let Some(io) = it.as_object() else { return Err(invalid_items(format!("items[{i}] must be an object {{feature, amount, …}}"))) };
+            let Some(io) = it.as_object() else {
+                return Err(invalid_items(format!("items[{i}] must be an object {{feature, amount, …}}")));
+            };
             if let Some(f) = USE_FIELDS.iter().find(|f| io.contains_key(**f)) {
                 return Err(invalid_items(format!("items[{i}].{f}: {f} belongs to the use, not to one item")));
             }
@@ -128,7 +132,8 @@ impl Use {
                 None => Priced::NoModel,
             };
             if let (Priced::Cost(cost), false) = (it.priced, it.amount_sent) {
-                e.amount = i64::try_from(cost.max(1)).map_err(|_| ApiError::Invalid("invalid_amount", "the cost is out of range".into()))?;
+                e.amount =
+                    i64::try_from(cost.max(1)).map_err(|_| ApiError::Invalid("invalid_amount", "the cost is out of range".into()))?;
             }
         }
         Ok(())

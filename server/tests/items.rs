@@ -37,33 +37,13 @@ async fn post(a: &TestApp, t: &str, path: &str, body: Value) -> (StatusCode, Val
 
 /// Every row a use could change, as text (a before/after snapshot).
 async fn snapshot(a: &TestApp) -> Vec<String> {
-    let (client, conn) = tokio_postgres::connect(&a.url, tokio_postgres::NoTls).await.expect("connect");
-    tokio::spawn(conn);
-    let mut out = Vec::new();
-    for q in [
+    a.rows_text(&[
         "SELECT id::text, feature, amount::text, coalesce(voided_at::text, '') FROM events ORDER BY id",
         "SELECT feature, period, period_start::text, used::text, cost_micros::text, held::text FROM counters \
          WHERE used <> 0 OR held <> 0 ORDER BY 1, 2, 3",
         "SELECT id::text, feature, amount::text, held::text, state FROM holds ORDER BY id",
-    ] {
-        for r in client.query(q, &[]).await.expect("snapshot") {
-            out.push((0..r.len()).map(|i| r.get::<_, String>(i)).collect::<Vec<_>>().join("|"));
-        }
-    }
-    out
-}
-
-/// The current-window total of `feature` as a sync answers it.
-async fn total(a: &TestApp, t: &str, feature: &str) -> Value {
-    let (s, v) = a.sync(t, "reader", vec![]).await;
-    assert_eq!(s, StatusCode::OK, "{v}");
-    v["totals"].as_array().and_then(|ts| ts.iter().find(|t| t["feature"] == feature).cloned()).unwrap_or(Value::Null)
-}
-
-async fn balance(a: &TestApp, t: &str) -> i64 {
-    let (s, v) = a.call("GET", "/v1/entitlements", Some(t), None).await;
-    assert_eq!(s, StatusCode::OK, "{v}");
-    v["credit_balance"].as_i64().expect("credit_balance")
+    ])
+    .await
 }
 
 /// The user's events as `GET /v1/usage/events` lists them, by id.
@@ -102,7 +82,7 @@ async fn a_call_limit_and_a_budget_in_one_use_record_both_or_nothing() {
         assert_eq!((&e["feature"], &e["amount"], &e["use_id"]), (&json!(f), &json!(amount), &json!(use_id)), "{e}");
         assert_eq!(e["metadata"], json!({"route": "chat"}), "{e}");
     }
-    assert_eq!(total(&a, &t, "ai_spend").await["used"], 11000);
+    assert_eq!(a.total(&t, "ai_spend").await["used"], 11000);
 
     // A replay answers the first answer; the same id with another body is a conflict.
     let before = snapshot(&a).await;
@@ -127,7 +107,7 @@ async fn a_call_limit_and_a_budget_in_one_use_record_both_or_nothing() {
     assert_eq!((d.len(), &d[0]["allowed"], &d[1]["allowed"]), (2, &json!(true), &json!(false)), "{r}");
     assert_eq!(r["decision"], d[1], "the first denial");
     assert_eq!(snapshot(&a).await, before, "nothing recorded, no call counted");
-    assert_eq!(total(&a, &t, "calls").await["used"], 1);
+    assert_eq!(a.total(&t, "calls").await["used"], 1);
 
     // A denial in the second item: its status and code, nothing of the first recorded.
     let (s, r) = post(&a, &t, "/v1/consume", json!({"items": [{"feature": "calls", "amount": 2}, {"feature": "export"}]})).await;
@@ -136,25 +116,27 @@ async fn a_call_limit_and_a_budget_in_one_use_record_both_or_nothing() {
     let (s, r) = post(&a, &t, "/v1/consume", json!({"items": [{"feature": "calls", "amount": 2}, {"feature": "nope"}]})).await;
     assert_eq!((s, r["error"]["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("unknown_feature")), "{r}");
     assert_eq!(snapshot(&a).await, before);
-    assert_eq!(total(&a, &t, "calls").await["used"], 1);
+    assert_eq!(a.total(&t, "calls").await["used"], 1);
 }
 
 #[tokio::test]
 async fn two_credit_items_draw_cumulatively_and_bad_items_change_nothing() {
     let a = app_or_skip!(items_app().await);
     let t = token("spender");
-    assert_eq!(balance(&a, &t).await, 30);
+    assert_eq!(a.balance(&t).await, 30);
     let before = snapshot(&a).await;
     // 20 + 20 credits against 30: each fits alone, not together.
-    let (s, r) = post(&a, &t, "/v1/consume", json!({"items": [{"feature": "images", "amount": 2}, {"feature": "video", "amount": 2}]})).await;
+    let (s, r) =
+        post(&a, &t, "/v1/consume", json!({"items": [{"feature": "images", "amount": 2}, {"feature": "video", "amount": 2}]})).await;
     assert_eq!((s, r["error"]["code"].as_str()), (StatusCode::PAYMENT_REQUIRED, Some("insufficient_credits")), "{r}");
     assert_eq!((&r["decisions"][0]["allowed"], &r["decisions"][1]["allowed"]), (&json!(true), &json!(false)), "{r}");
-    assert_eq!(balance(&a, &t).await, 30, "nothing drawn");
+    assert_eq!(a.balance(&t).await, 30, "nothing drawn");
     assert_eq!(snapshot(&a).await, before);
-    let (s, v) = post(&a, &t, "/v1/consume", json!({"items": [{"feature": "images", "amount": 1}, {"feature": "video", "amount": 1}]})).await;
+    let (s, v) =
+        post(&a, &t, "/v1/consume", json!({"items": [{"feature": "images", "amount": 1}, {"feature": "video", "amount": 1}]})).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!((&v["decisions"][0]["remaining"], &v["decisions"][1]["remaining"]), (&json!(20), &json!(10)), "{v}");
-    assert_eq!(balance(&a, &t).await, 10);
+    assert_eq!(a.balance(&t).await, 10);
 
     // Bad items: a clear 422, nothing changed.
     let before = snapshot(&a).await;
@@ -185,8 +167,11 @@ async fn a_hold_of_several_items_commits_real_costs_and_a_void_of_the_use_restor
     let (s, h) = post(&a, &t, "/v1/holds", hold.clone()).await;
     assert_eq!(s, StatusCode::CREATED, "{h}");
     let id = uuid(&h["hold"]["id"]);
-    assert_eq!(h["hold"]["items"], json!([{"feature": "calls", "amount": 1}, {"feature": "ai_spend", "amount": 20000},
-        {"feature": "images", "amount": 1}]));
+    assert_eq!(
+        h["hold"]["items"],
+        json!([{"feature": "calls", "amount": 1}, {"feature": "ai_spend", "amount": 20000},
+        {"feature": "images", "amount": 1}])
+    );
     assert_eq!(h["decisions"].as_array().map(Vec::len), Some(3), "{h}");
     assert_eq!(a.scalar("SELECT held FROM counters WHERE feature = '$credits'").await, 10, "the held credits are not free");
     let (s, again) = post(&a, &t, "/v1/holds", hold).await;
@@ -196,8 +181,7 @@ async fn a_hold_of_several_items_commits_real_costs_and_a_void_of_the_use_restor
     assert_eq!((s, c["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("conflict")), "{c}");
     // A hold that does not fit as a whole holds nothing.
     let before = snapshot(&a).await;
-    let (s, r) =
-        post(&a, &t, "/v1/holds", json!({"items": [{"feature": "calls", "amount": 1}, {"feature": "calls2", "amount": 1}]})).await;
+    let (s, r) = post(&a, &t, "/v1/holds", json!({"items": [{"feature": "calls", "amount": 1}, {"feature": "calls2", "amount": 1}]})).await;
     assert_eq!((s, r["error"]["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("unknown_feature")), "{r}");
     let (s, r) = post(&a, &t, "/v1/holds", json!({"items": [{"feature": "calls", "amount": 1}, {"feature": "images", "amount": 3}]})).await;
     assert_eq!((s, r["error"]["code"].as_str()), (StatusCode::PAYMENT_REQUIRED, Some("insufficient_credits")), "{r}");
@@ -223,21 +207,24 @@ async fn a_hold_of_several_items_commits_real_costs_and_a_void_of_the_use_restor
     let spend = &events[&item_event_id(id, "ai_spend").to_string()];
     assert_eq!((&spend["amount"], &spend["cost_micros"], &spend["use_id"]), (&json!(11000), &json!(11000), &json!(id)), "{spend}");
     assert_eq!(events[&item_event_id(id, "calls").to_string()]["amount"], 1);
-    assert_eq!(balance(&a, &t).await, 20);
+    assert_eq!(a.balance(&t).await, 20);
     // The report by day never adds the features' amounts together.
     let (s, u) = a.call("GET", "/v1/usage?group_by=day", Some(&t), None).await;
     assert_eq!(s, StatusCode::OK, "{u}");
     let today = Utc::now().format("%Y-%m-%d").to_string();
     let rows = u["rows"].as_array().cloned().unwrap_or_default();
     let amount = |f: &str| rows.iter().find(|r| r["day"] == today && r["feature"] == f).map(|r| r["amount"].clone());
-    assert_eq!((rows.len(), amount("ai_spend"), amount("calls"), amount("images")), (3, Some(json!(11000)), Some(json!(1)), Some(json!(1))));
+    assert_eq!(
+        (rows.len(), amount("ai_spend"), amount("calls"), amount("images")),
+        (3, Some(json!(11000)), Some(json!(1)), Some(json!(1)))
+    );
 
     // A void of the use id voids every item: room and credits come back.
     let (s, v) = post(&a, &t, &format!("/v1/usage/{id}/void"), json!({"reason": "refund"})).await;
     assert_eq!((s, &v["id"], &v["duplicate"]), (StatusCode::OK, &json!(id), &json!(false)), "{v}");
-    assert_eq!(total(&a, &t, "calls").await["used"], 0);
-    assert_eq!(total(&a, &t, "ai_spend").await["used"], 0);
-    assert_eq!(balance(&a, &t).await, 30);
+    assert_eq!(a.total(&t, "calls").await["used"], 0);
+    assert_eq!(a.total(&t, "ai_spend").await["used"], 0);
+    assert_eq!(a.balance(&t).await, 30);
     assert!(listed(&a, &t).await.values().all(|e| e["voided_at"].is_string()));
     let (s, v) = post(&a, &t, &format!("/v1/usage/{id}/void"), json!({})).await;
     assert_eq!((s, &v["duplicate"]), (StatusCode::OK, &json!(true)), "{v}");
@@ -259,9 +246,7 @@ async fn item_events_on_the_sync_wire_and_a_devices_void_of_the_use() {
     let t = token("device-user");
     let now = a.clock.now();
     let use_id = Uuid::now_v7();
-    let item = |f: &str, amount: u64| {
-        json!({"id": item_event_id(use_id, f), "use_id": use_id, "feature": f, "amount": amount, "occurred_at": now})
-    };
+    let item = |f: &str, amount: u64| json!({"id": item_event_id(use_id, f), "use_id": use_id, "feature": f, "amount": amount, "occurred_at": now});
     let sync2 = |device: &'static str, events: Vec<Value>| {
         let t = t.clone();
         let a = &a;
@@ -279,15 +264,53 @@ async fn item_events_on_the_sync_wire_and_a_devices_void_of_the_use() {
         "{r}"
     );
     assert_eq!(listed(&a, &t).await[&item_event_id(use_id, "calls").to_string()]["use_id"], json!(use_id));
-    assert_eq!(balance(&a, &t).await, 20);
+    assert_eq!(a.balance(&t).await, 20);
     // Another device may not void them; the recording device voids the whole use.
     let void = json!({"id": Uuid::now_v7(), "voids": use_id, "occurred_at": now});
     let (s, r) = sync2("tablet", vec![void.clone()]).await;
     assert_eq!((s, &r["rejected"]), (StatusCode::OK, &json!([{"id": void["id"], "reason": "void_not_allowed"}])), "{r}");
-    assert_eq!(total(&a, &t, "calls").await["used"], 2);
+    assert_eq!(a.total(&t, "calls").await["used"], 2);
     let (s, r) = sync2("phone", vec![void.clone()]).await;
     assert_eq!((s, &r["accepted"]), (StatusCode::OK, &json!([void["id"]])), "{r}");
-    assert_eq!(total(&a, &t, "calls").await["used"], 0);
-    assert_eq!(balance(&a, &t).await, 30);
+    assert_eq!(a.total(&t, "calls").await["used"], 0);
+    assert_eq!(a.balance(&t).await, 30);
     assert!(listed(&a, &t).await.values().all(|e| e["voided_at"].is_string()));
+}
+
+#[tokio::test]
+async fn who_may_void_or_commit_a_use_of_several_items() {
+    let a = app_or_skip!(items_app().await);
+    let t = token("end-user");
+    assert_eq!(a.balance(&t).await, 30, "the user exists");
+    let (s, k) = post(&a, &token("root-admin"), "/v1/admin/api-keys", json!({"name": "backend", "scopes": ["usage:write"]})).await;
+    assert_eq!(s, StatusCode::CREATED, "{k}");
+    let key = k["secret"].as_str().unwrap_or_default().to_string();
+    let items = json!([{"feature": "calls"}, {"feature": "images"}]);
+    let (s, v) = post(&a, &key, "/v1/consume", json!({"subject": "end-user", "items": items})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // The end user cannot refund what the backend charged, not even one item.
+    let before = snapshot(&a).await;
+    let (s, r) = post(&a, &t, &format!("/v1/usage/{}/void", v["id"].as_str().unwrap_or_default()), json!({})).await;
+    assert_eq!((s, r["error"]["code"].as_str()), (StatusCode::FORBIDDEN, Some("void_not_allowed")), "{r}");
+    let item = item_event_id(uuid(&v["id"]), "images");
+    let (s, r) = post(&a, &t, &format!("/v1/usage/{item}/void"), json!({})).await;
+    assert_eq!((s, r["error"]["code"].as_str()), (StatusCode::FORBIDDEN, Some("void_not_allowed")), "{r}");
+    assert_eq!(snapshot(&a).await, before);
+    // Nor commit or release the backend's hold of several items.
+    let (s, h) = post(
+        &a,
+        &key,
+        "/v1/holds",
+        json!({"subject": "end-user", "items": [{"feature": "calls", "amount": 1}, {"feature": "images", "amount": 1}]}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{h}");
+    let id = h["hold"]["id"].as_str().unwrap_or_default().to_string();
+    let (s, r) = post(&a, &t, &format!("/v1/holds/{id}/commit"), json!({})).await;
+    assert_eq!((s, r["error"]["code"].as_str()), (StatusCode::FORBIDDEN, Some("void_not_allowed")), "{r}");
+    let (s, r) = a.call("DELETE", &format!("/v1/holds/{id}"), Some(&t), None).await;
+    assert_eq!((s, r["error"]["code"].as_str()), (StatusCode::FORBIDDEN, Some("void_not_allowed")), "{r}");
+    let (s, c) = post(&a, &key, &format!("/v1/holds/{id}/commit"), json!({"subject": "end-user"})).await;
+    assert_eq!((s, c["decisions"].as_array().map(Vec::len)), (StatusCode::OK, Some(2)), "{c}");
+    assert_eq!(a.balance(&t).await, 10, "two images at 10 credits from 30");
 }
