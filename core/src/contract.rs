@@ -286,6 +286,11 @@ pub fn event(e: &WireEvent) -> Checked {
     if e.device_seq.is_some_and(|s| s > MAX_COUNTER) {
         return Err(Violation::new("device_seq", "invalid_event", format!("device_seq must be at most {MAX_COUNTER}")));
     }
+    if let Some(use_id) = e.use_id
+        && item_event_id(use_id, &e.feature) != e.id
+    {
+        return Err(Violation::new("use_id", "invalid_event", "an item of a use must have the id UUIDv5(use_id, feature)"));
+    }
     Ok(())
 }
 
@@ -562,5 +567,24 @@ mod tests {
         assert_eq!(item_event_id(use_id, "calls"), uuid::Uuid::new_v5(&use_id, b"calls"));
         assert_ne!(item_event_id(use_id, "calls"), item_event_id(use_id, "spend"));
         assert_eq!(item_event_id(use_id, "calls").get_version_num(), 5);
+        // A wire event carrying a use id must have the item id derived from it.
+        let at = chrono::Utc::now();
+        let item = |id, feature: &str| WireEvent {
+            id,
+            feature: feature.into(),
+            amount: 1,
+            occurred_at: at,
+            device_seq: None,
+            model: None,
+            input_tokens: None,
+            output_tokens: None,
+            metadata: None,
+            lease_ver: None,
+            voids: None,
+            use_id: Some(use_id),
+        };
+        assert!(event(&item(item_event_id(use_id, "calls"), "calls")).is_ok());
+        assert_eq!(event(&item(item_event_id(use_id, "spend"), "calls")).unwrap_err().code, "invalid_event");
+        assert_eq!(event(&item(uuid::Uuid::now_v7(), "calls")).unwrap_err().field, "use_id");
     }
 }

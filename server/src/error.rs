@@ -65,7 +65,8 @@ pub enum ApiError {
     Internal(String),
 }
 
-/// A denied decision: answered with `{"error": {"code", "message"}, "decision"}`.
+/// A denied decision: answered with `{"error": {"code", "message"}, "decision"}` (and
+/// `decisions` for a use of several items).
 #[derive(Debug)]
 pub struct Denied {
     /// 402, 403, 422 or 429.
@@ -78,6 +79,8 @@ pub struct Denied {
     pub decision: tally_core::Decision,
     /// `Retry-After` in seconds (rate limits).
     pub retry_after: Option<u64>,
+    /// A use of several items: every item's decision, in order (`decision` is the first denial).
+    pub decisions: Option<Vec<tally_core::Decision>>,
 }
 
 impl From<tally_core::contract::Violation> for ApiError {
@@ -135,7 +138,10 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         if let ApiError::Denied(d) = self {
-            let body = serde_json::json!({"error": {"code": d.code, "message": d.message}, "decision": d.decision});
+            let mut body = serde_json::json!({"error": {"code": d.code, "message": d.message}, "decision": d.decision});
+            if let Some(all) = d.decisions {
+                body["decisions"] = serde_json::json!(all);
+            }
             let mut resp = (d.status, axum::Json(body)).into_response();
             if let Some(secs) = d.retry_after {
                 resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));

@@ -43,6 +43,8 @@ pub struct NewEvent {
     pub unclamped: bool,
     /// The cause stored when it leaves its hard window over the limit (beats the batch's).
     pub cause: Option<&'static str>,
+    /// The use it is an item of (its id is then `item_event_id(use_id, feature)`).
+    pub use_id: Option<Uuid>,
 }
 
 /// The part of an event compared when its id is sent again.
@@ -55,6 +57,7 @@ struct Body {
     input_tokens: Option<i64>,
     output_tokens: Option<i64>,
     metadata: Option<Value>,
+    use_id: Option<Uuid>,
 }
 
 impl NewEvent {
@@ -67,6 +70,7 @@ impl NewEvent {
             input_tokens: self.input_tokens,
             output_tokens: self.output_tokens,
             metadata: self.metadata.clone(),
+            use_id: self.use_id,
         }
     }
 }
@@ -147,6 +151,7 @@ pub fn validate(v: &Value, id_override: Option<Uuid>) -> Result<NewEvent, Invali
         metadata: e.metadata.filter(|m| !m.is_null()),
         unclamped: false,
         cause: None,
+        use_id: e.use_id,
     })
 }
 
@@ -494,9 +499,9 @@ pub async fn ingest(
             }
         }
     }
-    // Ids of holds and events are one namespace: a hold's id is its commit's alone.
+    // Ids of holds, uses and events are one namespace: a hold's id is its commit's alone.
     let ids: Vec<Uuid> = unique.iter().map(|(_, _, e)| e.id).collect();
-    let holds = hold_ids(tx, ctx.user_id, &ids).await?;
+    let holds = taken_ids(tx, ctx.user_id, &ids).await?;
     if !holds.is_empty() {
         unique.retain(|(_, _, e)| !holds.contains(&e.id));
         out.rejected.extend(holds.iter().map(|id| reject(&id.to_string(), "conflict")));
@@ -565,7 +570,7 @@ pub async fn ingest(
         let rows = tx
             .query(
                 &tx.prepare_cached(
-                    "SELECT id, feature, amount, occurred_at, model, input_tokens, output_tokens, metadata, effective_at \
+                    "SELECT id, feature, amount, occurred_at, model, input_tokens, output_tokens, metadata, effective_at, use_id \
                      FROM events WHERE user_id = $1 AND id = ANY($2)",
                 )
                 .await?,
@@ -583,6 +588,7 @@ pub async fn ingest(
                     input_tokens: r.get(5),
                     output_tokens: r.get(6),
                     metadata: r.get(7),
+                    use_id: r.get(9),
                 };
                 (r.get(0), (b, r.get(8)))
             })
@@ -650,15 +656,21 @@ pub async fn ingest(
     Ok(out)
 }
 
-/// Which of `ids` are ids of the user's holds (any but the one being committed, whose event
-/// takes its id): no use may take one.
-pub async fn hold_ids(tx: &impl GenericClient, user_id: Uuid, ids: &[Uuid]) -> ApiResult<BTreeSet<Uuid>> {
+/// Which of `ids` the user's holds or uses of several items already take: ids of holds (any but
+/// the one being committed, whose events take their ids), of holds of several items and of
+/// recorded uses of several items. No event may take one.
+pub async fn taken_ids(tx: &impl GenericClient, user_id: Uuid, ids: &[Uuid]) -> ApiResult<BTreeSet<Uuid>> {
     if ids.is_empty() {
         return Ok(BTreeSet::new());
     }
     let rows = tx
         .query(
-            &tx.prepare_cached("SELECT id FROM holds WHERE user_id = $1 AND id = ANY($2) AND state <> 'committing'").await?,
+            &tx.prepare_cached(
+                "SELECT id FROM holds WHERE user_id = $1 AND id = ANY($2) AND state <> 'committing' \
+                 UNION SELECT use_id FROM holds WHERE user_id = $1 AND use_id = ANY($2) \
+                 UNION SELECT use_id FROM events WHERE user_id = $1 AND use_id = ANY($2)",
+            )
+            .await?,
             &[&user_id, &ids],
         )
         .await?;
@@ -695,8 +707,10 @@ async fn insert_events(
         Vec::with_capacity(n),
         Vec::with_capacity(n),
         Vec::with_capacity(n),
+        Vec::with_capacity(n),
     );
     for (effective, cost, e) in events {
+        cols.15.push(e.use_id);
         cols.14.push(crate::credits::price(prices, &e.feature, e.amount));
         cols.13.push(e.unclamped && e.lease_ver.is_some());
         cols.0.push(e.id);
@@ -716,16 +730,16 @@ async fn insert_events(
     let rows = tx
         .query(
             &tx.prepare_cached("INSERT INTO events (user_id, id, feature, amount, occurred_at, effective_at, clamped, received_at, device_id, device_seq, \
-               model, input_tokens, output_tokens, cost_micros, metadata, source, lease_ver, lease_counted, credits, recorded_by) \
+               model, input_tokens, output_tokens, cost_micros, metadata, source, lease_ver, lease_counted, credits, recorded_by, use_id) \
              SELECT $1, t.id, t.feature, t.amount, t.occurred_at, t.effective_at, t.clamped, $2, $3, t.device_seq, \
-               t.model, t.input_tokens, t.output_tokens, t.cost_micros, t.metadata, $4, t.lease_ver, t.lease_counted, t.credits, $20 \
+               t.model, t.input_tokens, t.output_tokens, t.cost_micros, t.metadata, $4, t.lease_ver, t.lease_counted, t.credits, $20, t.use_id \
              FROM unnest($5::uuid[], $6::text[], $7::int8[], $8::timestamptz[], $9::timestamptz[], $10::bool[], $11::int8[], \
-               $12::text[], $13::int8[], $14::int8[], $15::int8[], $16::jsonb[], $17::int8[], $18::bool[], $19::int8[]) \
-               AS t(id, feature, amount, occurred_at, effective_at, clamped, device_seq, model, input_tokens, output_tokens, cost_micros, metadata, lease_ver, lease_counted, credits) \
+               $12::text[], $13::int8[], $14::int8[], $15::int8[], $16::jsonb[], $17::int8[], $18::bool[], $19::int8[], $21::uuid[]) \
+               AS t(id, feature, amount, occurred_at, effective_at, clamped, device_seq, model, input_tokens, output_tokens, cost_micros, metadata, lease_ver, lease_counted, credits, use_id) \
              ON CONFLICT (user_id, id) DO NOTHING RETURNING id").await?,
             &[
                 &ctx.user_id, &ctx.now, &by.device_id(), &source, &cols.0, &cols.1, &cols.2, &cols.3, &cols.4, &cols.5, &cols.6, &cols.7, &cols.8, &cols.9, &cols.10,
-                &cols.11, &cols.12, &cols.13, &cols.14, &by.recorded_by().as_str(),
+                &cols.11, &cols.12, &cols.13, &cols.14, &by.recorded_by().as_str(), &cols.15,
             ],
         )
         .await?;
@@ -898,7 +912,7 @@ pub async fn refresh_totals(
 /// What [`void`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Voided {
-    /// No such event of this user.
+    /// No such event (nor use of several items) of this user.
     Unknown,
     /// The voider has less authority than the recorder (`recorded_by`); nothing changed.
     NotAllowed(RecordedBy),
@@ -908,46 +922,63 @@ pub enum Voided {
     Now,
 }
 
-/// Voids the (locked) user's event `id` for `by`: it stays in the ledger, marked, and stops
-/// counting in the windows of its own effective time (credits it drew return, since the
-/// balance replays only unvoided uses). Refused when `by` may not undo what recorded it
-/// ([`Actor::may_undo`]).
-pub async fn void(tx: &impl GenericClient, ctx: &Ctx<'_>, id: Uuid, by: Actor<'_>, reason: Option<&str>) -> ApiResult<Voided> {
-    let row = tx
-        .query_opt(
+/// Voids the (locked) user's event `id` — or every item of the use `id` — for `by`: each stays
+/// in the ledger, marked, and stops counting in the windows of its own effective time (credits it
+/// drew return, since the balance replays only unvoided uses). Refused as a whole, nothing
+/// changed, when `by` may not undo what recorded one of them ([`Actor::may_undo`]). Returns what
+/// happened and the features of the events `id` names.
+pub async fn void(
+    tx: &impl GenericClient,
+    ctx: &Ctx<'_>,
+    id: Uuid,
+    by: Actor<'_>,
+    reason: Option<&str>,
+) -> ApiResult<(Voided, Vec<String>)> {
+    let rows = tx
+        .query(
             &tx.prepare_cached(
-                "SELECT feature, amount, effective_at, COALESCE(cost_micros, 0), voided_at, lease_counted, device_id, recorded_by FROM events \
-                 WHERE user_id = $1 AND id = $2 FOR UPDATE",
+                "SELECT id, feature, amount, effective_at, COALESCE(cost_micros, 0), voided_at, lease_counted, device_id, recorded_by \
+                 FROM events WHERE user_id = $1 AND (id = $2 OR use_id = $2) ORDER BY id FOR UPDATE",
             )
             .await?,
             &[&ctx.user_id, &id],
         )
         .await?;
-    let Some(r) = row else { return Ok(Voided::Unknown) };
-    let recorded_by: RecordedBy = r.get(7);
-    let device: Option<String> = r.get(6);
-    if !by.may_undo(recorded_by, device.as_deref()) {
-        return Ok(Voided::NotAllowed(recorded_by));
+    let features: Vec<String> = rows.iter().map(|r| r.get(1)).collect();
+    if rows.is_empty() {
+        return Ok((Voided::Unknown, features));
     }
-    if r.get::<_, Option<DateTime<Utc>>>(4).is_some() {
-        return Ok(Voided::Before);
+    for r in &rows {
+        let recorded_by: RecordedBy = r.get(8);
+        if !by.may_undo(recorded_by, r.get::<_, Option<&str>>(7)) {
+            return Ok((Voided::NotAllowed(recorded_by), features));
+        }
     }
-    let feature: String = r.get(0);
-    let amount: i64 = r.get(1);
-    let cost: i64 = r.get(3);
+    let open: Vec<&tokio_postgres::Row> = rows.iter().filter(|r| r.get::<_, Option<DateTime<Utc>>>(5).is_none()).collect();
+    if open.is_empty() {
+        return Ok((Voided::Before, features));
+    }
+    let ids: Vec<Uuid> = open.iter().map(|r| r.get(0)).collect();
     tx.execute(
-        &tx.prepare_cached("UPDATE events SET voided_at = $3, void_reason = $4 WHERE user_id = $1 AND id = $2").await?,
-        &[&ctx.user_id, &id, &ctx.now, &reason],
+        &tx.prepare_cached("UPDATE events SET voided_at = $3, void_reason = $4 WHERE user_id = $1 AND id = ANY($2)").await?,
+        &[&ctx.user_id, &ids, &ctx.now, &reason],
     )
     .await?;
+    let tracked = tracked_periods(ctx.catalog);
     let mut acc = BTreeMap::new();
-    add_increments(ctx, &tracked_periods(ctx.catalog), &mut acc, &feature, r.get(2), -amount, -cost);
-    upsert_counters(tx, ctx.user_id, ctx.now, acc).await?;
-    if r.get::<_, bool>(5)
-        && let Some(device) = device
-    {
-        // A use counted in its device's lease gives the device its units back.
-        crate::leases::uncount_consumed(tx, ctx, &device, &feature, r.get(2), amount, cost).await?;
+    for r in &open {
+        let (feature, amount, cost): (String, i64, i64) = (r.get(1), r.get(2), r.get(4));
+        add_increments(ctx, &tracked, &mut acc, &feature, r.get(3), -amount, -cost);
     }
-    Ok(Voided::Now)
+    upsert_counters(tx, ctx.user_id, ctx.now, acc).await?;
+    for r in &open {
+        if r.get::<_, bool>(6)
+            && let Some(device) = r.get::<_, Option<String>>(7)
+        {
+            // A use counted in its device's lease gives the device its units back.
+            let (feature, amount, cost): (String, i64, i64) = (r.get(1), r.get(2), r.get(4));
+            crate::leases::uncount_consumed(tx, ctx, &device, &feature, r.get(3), amount, cost).await?;
+        }
+    }
+    Ok((Voided::Now, features))
 }

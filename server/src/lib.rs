@@ -49,6 +49,7 @@ pub mod usage;
 pub mod usage_events;
 pub mod user_cache;
 pub mod users;
+pub mod uses;
 pub mod vault;
 pub mod voids;
 pub mod webhooks;

@@ -181,7 +181,8 @@ pub fn priced(catalog: &Catalog, rule: &Rule, model: Option<&str>, input: Option
 pub struct Decided {
     /// The decision (its `used` is the settled use, holds and leases left out).
     pub decision: Decision,
-    /// The pool decided on (locked), if the rule has one.
+    /// The pool decided on (locked), if the rule has one; its `held` includes what earlier
+    /// items of the same use take from it.
     pub pool: Option<(PoolKey, PoolState)>,
     /// Credits (for a credits rule) or units/micros the use takes from the pool.
     pub need: u64,
@@ -189,7 +190,9 @@ pub struct Decided {
 
 /// Decides a use of `amount` of `feature` for the (locked) user against the free room, with the
 /// one rule evaluator; locks the pool row. `record`: a consume (a budget measures the priced
-/// cost), not a check or a hold.
+/// cost), not a check or a hold. `earlier`: what earlier items of the same use take from their
+/// pools (running totals: two credits items draw cumulatively).
+#[allow(clippy::too_many_arguments)]
 pub async fn decide(
     tx: &impl GenericClient,
     ctx: &Ctx<'_>,
@@ -198,6 +201,7 @@ pub async fn decide(
     amount: u64,
     priced: Priced,
     record: bool,
+    earlier: &[(PoolKey, u64)],
 ) -> ApiResult<Decided> {
     let ar = loaded.ents.access_reason.as_str();
     let Some(rule) = loaded.ents.features.get(feature) else {
@@ -208,7 +212,10 @@ pub async fn decide(
     let key = PoolKey::of(ctx, feature, rule);
     let mut pool = None;
     if let Some(key) = key {
-        let p = lock(tx, ctx.user_id, &key, matches!(rule, Rule::Budget { .. }), ctx.now).await?;
+        let mut p = lock(tx, ctx.user_id, &key, matches!(rule, Rule::Budget { .. }), ctx.now).await?;
+        // Earlier items of this use count as held: not free, not settled.
+        let taken_before = earlier.iter().filter(|(k, _)| *k == key).fold(0u64, |sum, (_, n)| sum.saturating_add(*n));
+        p.held = p.held.saturating_add(taken_before);
         match rule {
             Rule::Credits { .. } => {
                 state.balance = state.balance.saturating_sub(i64::try_from(p.held.saturating_add(p.leased)).unwrap_or(i64::MAX))
@@ -293,5 +300,5 @@ pub fn denial(feature: &str, rule: Option<&Rule>, decision: Decision) -> ApiErro
         _ => (StatusCode::PAYMENT_REQUIRED, "limit_reached", format!("the limit of {feature:?} has no room for this use"), None),
     };
     retry = retry.or(recall);
-    ApiError::Denied(Box::new(crate::error::Denied { status, code, message, decision, retry_after: retry }))
+    ApiError::Denied(Box::new(crate::error::Denied { status, code, message, decision, retry_after: retry, decisions: None }))
 }

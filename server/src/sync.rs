@@ -296,18 +296,12 @@ async fn run(
             Some(t) if t == v.voids => out.duplicates.push(v.id),
             Some(_) => rejected.push(Rejected { id: v.id.to_string(), reason: "conflict".into() }),
             None => {
-                let feature = tx
-                    .query_opt(
-                        &tx.prepare_cached("SELECT feature FROM events WHERE user_id = $1 AND id = $2").await?,
-                        &[&user.user_id, &v.voids],
-                    )
-                    .await?
-                    .map(|r| r.get::<_, String>(0));
-                match (feature, ledger::void(&tx, &ctx, v.voids, device, Some("voided by the device")).await?) {
-                    (_, Voided::NotAllowed(_)) => {
+                // The id of a use of several items voids every item (each the device's own).
+                match ledger::void(&tx, &ctx, v.voids, device, Some("voided by the device")).await? {
+                    (Voided::NotAllowed(_), _) => {
                         rejected.push(Rejected { id: v.id.to_string(), reason: authority::VOID_NOT_ALLOWED.into() });
                     }
-                    (Some(f), Voided::Now | Voided::Before) => {
+                    (Voided::Now | Voided::Before, features) => {
                         tx.execute(
                             &tx.prepare_cached(
                                 "INSERT INTO void_events (user_id, id, target, device_id, occurred_at, received_at) VALUES ($1, $2, $3, $4, $5, $6)",
@@ -317,11 +311,9 @@ async fn run(
                         )
                         .await?;
                         out.accepted.push(v.id);
-                        out.touched.push((f, now));
+                        out.touched.extend(features.into_iter().map(|f| (f, now)));
                     }
-                    (None, Voided::Now | Voided::Before | Voided::Unknown) | (Some(_), Voided::Unknown) => {
-                        rejected.push(Rejected { id: v.id.to_string(), reason: "unknown_event".into() })
-                    }
+                    (Voided::Unknown, _) => rejected.push(Rejected { id: v.id.to_string(), reason: "unknown_event".into() }),
                 }
             }
         }

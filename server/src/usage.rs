@@ -153,7 +153,7 @@ pub async fn check(State(state): State<AppState>, p: Principal, JsonBody(req): J
     let ctx = Ctx::new(&user, &loaded, now);
     ledger::ensure_counters(&tx, &ctx).await?;
     // Decided against the free room (holds and device allowances taken out); records nothing.
-    let decision = crate::pools::decide(&tx, &ctx, &loaded, &req.feature, req.amount, Priced::NoModel, false).await?.decision;
+    let decision = crate::pools::decide(&tx, &ctx, &loaded, &req.feature, req.amount, Priced::NoModel, false, &[]).await?.decision;
     tx.commit().await?;
     if !decision.allowed {
         crate::metrics::decision_denied("check", decision.reason);

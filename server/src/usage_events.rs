@@ -77,6 +77,9 @@ pub struct EventView {
     pub void_reason: Option<String>,
     /// Who recorded it (`device`, `user` or `backend`): who may void it.
     pub recorded_by: RecordedBy,
+    /// The use it is an item of, for a use of several items (a void of that id voids them all).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub use_id: Option<Uuid>,
 }
 
 /// A page of the history.
@@ -144,7 +147,7 @@ pub async fn list(State(state): State<AppState>, p: Principal, QueryParams(q): Q
             &client
                 .prepare_cached(
                     "SELECT id, feature, amount, occurred_at, effective_at, received_at, device_id, source, model, input_tokens, \
-                       output_tokens, cost_micros, metadata, cause, voided_at, void_reason, recorded_by FROM events \
+                       output_tokens, cost_micros, metadata, cause, voided_at, void_reason, recorded_by, use_id FROM events \
                      WHERE user_id = $1 AND effective_at >= $2 AND effective_at < $3 AND ($4::text IS NULL OR feature = $4) \
                        AND ($5::timestamptz IS NULL OR (effective_at, id) < ($5, $6)) \
                      ORDER BY effective_at DESC, id DESC LIMIT $7",
@@ -175,6 +178,7 @@ pub async fn list(State(state): State<AppState>, p: Principal, QueryParams(q): Q
             voided_at: r.get(14),
             void_reason: r.get(15),
             recorded_by: r.get(16),
+            use_id: r.get(17),
         })
         .collect();
     let next_cursor = if more { events.last().map(|e| encode_cursor(e.effective_at, e.id)) } else { None };

@@ -1,6 +1,7 @@
 //! `POST /v1/usage/{id}/void {reason?}`: cancels a recorded use without editing the ledger. The
-//! event stays, marked void, and stops counting in its own window; credits it drew return. Only a
-//! caller with the recorder's authority may void it ([`crate::authority`]).
+//! event stays, marked void, and stops counting in its own window; credits it drew return. The id
+//! of a use of several items voids every item. Only a caller with the recorder's authority may
+//! void it ([`crate::authority`]).
 
 use crate::authority;
 use crate::error::{ApiError, ApiResult};
@@ -26,7 +27,8 @@ pub struct VoidResponse {
     pub duplicate: bool,
 }
 
-/// `POST /v1/usage/{id}/void {reason?, subject?, user_id?}`: 200 `{id, duplicate}`; an unknown
+/// `POST /v1/usage/{id}/void {reason?, subject?, user_id?}` (`id`: an event's, or a use's of
+/// several items, which voids them all): 200 `{id, duplicate}`; an unknown
 /// (or another user's) id is 404 `unknown_event`; an event recorded with more authority than
 /// the caller's (a backend's, voided by a user) is 403 `void_not_allowed`.
 #[utoipa::path(
@@ -35,7 +37,7 @@ pub struct VoidResponse {
     path = "/v1/usage/{id}/void",
     tag = "usage",
     security(("bearer" = []), ("api_key" = [])),
-    params(("id" = String, Path, description = "The event id (or idempotency key)")),
+    params(("id" = String, Path, description = "The event id, or the id of a use of several items (or its idempotency key)")),
     request_body = Object,
     responses((status = 200, description = "Voided (or already voided)", body = VoidResponse)),
 )]
@@ -66,7 +68,7 @@ pub async fn void(
     let loaded = entitlements::load(&state, &tx, &user, now).await?;
     let ctx = Ctx::new(&user, &loaded, now);
     ledger::ensure_counters(&tx, &ctx).await?;
-    let duplicate = match ledger::void(&tx, &ctx, event_id, p.actor(), reason).await? {
+    let duplicate = match ledger::void(&tx, &ctx, event_id, p.actor(), reason).await?.0 {
         Voided::Now => false,
         Voided::Before => true,
         Voided::Unknown => return Err(ApiError::Unknown("unknown_event", format!("no recorded event {id:?}"))),

@@ -46,37 +46,12 @@ async fn post(a: &TestApp, t: &str, path: &str, body: Value) -> (StatusCode, Val
 
 /// Every row that a decision could change, as text (a before/after snapshot).
 async fn snapshot(a: &TestApp) -> Vec<String> {
-    let (client, conn) = tokio_postgres::connect(&a.url, tokio_postgres::NoTls).await.expect("connect");
-    tokio::spawn(conn);
-    let mut out = Vec::new();
-    for q in [
+    a.rows_text(&[
         "SELECT id::text, feature, amount::text, coalesce(cause, ''), coalesce(voided_at::text, '') FROM events ORDER BY id",
         "SELECT feature, period, period_start::text, used::text, cost_micros::text, held::text, array_to_string(causes, ',') FROM counters WHERE used <> 0 OR held <> 0 OR causes <> '{}' ORDER BY 1, 2, 3",
         "SELECT id::text, feature, amount::text, held::text, state, '' FROM holds ORDER BY id",
-    ] {
-        for r in client.query(q, &[]).await.expect("snapshot") {
-            out.push((0..r.len()).map(|i| r.get::<_, String>(i)).collect::<Vec<_>>().join("|"));
-        }
-    }
-    out
-}
-
-/// The current-window total of `feature` as a sync answers it.
-async fn total(a: &TestApp, t: &str, feature: &str) -> Value {
-    let (s, v) = a.sync(t, "reader", vec![]).await;
-    assert_eq!(s, StatusCode::OK, "{v}");
-    v["totals"]
-        .as_array()
-        .and_then(|ts| {
-            ts.iter().filter(|t| t["feature"] == feature).max_by_key(|t| t["period_start"].as_str().map(str::to_string)).cloned()
-        })
-        .unwrap_or(Value::Null)
-}
-
-async fn balance(a: &TestApp, t: &str) -> i64 {
-    let (s, v) = a.call("GET", "/v1/entitlements", Some(t), None).await;
-    assert_eq!(s, StatusCode::OK, "{v}");
-    v["credit_balance"].as_i64().expect("credit_balance")
+    ])
+    .await
 }
 
 #[tokio::test]
@@ -123,7 +98,7 @@ async fn forty_concurrent_consumes_of_one_against_a_hard_limit_of_twenty_from_tw
     }
     // One went first ("warm"): 19 of the 40 fit, 21 are denied.
     assert_eq!((ok, denied), (19, 21));
-    let tot = total(&a, &t, "gen").await;
+    let tot = a.total(&t, "gen").await;
     assert_eq!((tot["used"].as_u64(), tot["over_limit_by"].as_u64()), (Some(20), Some(0)), "{tot}");
     assert_eq!(a.scalar("SELECT count(*) FROM events WHERE feature = 'gen'").await, 20, "server total = distinct events");
 }
@@ -144,7 +119,7 @@ async fn exactly_twenty_of_forty_when_the_pool_starts_empty() {
     let ok = statuses.iter().filter(|s| **s == StatusCode::OK).count();
     let denied = statuses.iter().filter(|s| **s == StatusCode::PAYMENT_REQUIRED).count();
     assert_eq!((ok, denied), (20, 20), "{statuses:?}");
-    assert_eq!(total(&b, &t, "gen").await["used"], 20);
+    assert_eq!(b.total(&t, "gen").await["used"], 20);
 }
 
 #[tokio::test]
@@ -244,7 +219,7 @@ async fn a_budget_consume_always_records_and_flags_its_overage() {
         (StatusCode::OK, Some(true), Some("budget_exceeded")),
         "{v}"
     );
-    let tot = total(&a, &t, "ai_spend").await;
+    let tot = a.total(&t, "ai_spend").await;
     assert_eq!(tot["over_limit_by"], 10000, "{tot}");
     assert_eq!(tot["over_limit_causes"], json!(["cost_over_estimate"]));
     // Deciding first is a hold: it is denied now.
@@ -266,12 +241,12 @@ async fn a_usage_report_over_a_hard_limit_records_with_its_cause_and_check_sees_
         .await;
         assert_eq!(s, StatusCode::CREATED, "{i}: {v}");
     }
-    let tot = total(&a, &t, "daily").await;
+    let tot = a.total(&t, "daily").await;
     assert_eq!((tot["used"].as_u64(), tot["over_limit_by"].as_u64()), (Some(4), Some(1)));
     assert_eq!(tot["over_limit_causes"], json!(["usage_report"]));
     assert_eq!(a.scalar("SELECT count(*) FROM events WHERE cause = 'usage_report'").await, 1, "only the use that went over");
     // Under the limit no cause shows.
-    assert_eq!(total(&a, &t, "gen").await["over_limit_causes"], json!([]));
+    assert_eq!(a.total(&t, "gen").await["over_limit_causes"], json!([]));
     // /v1/check decides against the free room: a hold takes it.
     let u = token("checker");
     let (s, _) = post(&a, &u, "/v1/holds", json!({"feature": "gen", "amount": 19})).await;
@@ -314,7 +289,7 @@ async fn holds_racing_consumes_from_two_replicas_never_exceed_the_limit() {
         let (s, v) = post(app, &t, &format!("/v1/holds/{}/commit", h["hold"]["id"].as_str().unwrap()), json!({})).await;
         assert_eq!(s, StatusCode::OK, "{v}");
     }
-    let tot = total(&a, &t, "gen").await;
+    let tot = a.total(&t, "gen").await;
     assert_eq!(tot["used"].as_u64(), Some(held + consumed));
     assert_eq!((tot["over_limit_by"].as_u64(), &tot["over_limit_causes"]), (Some(0), &json!([])));
     assert_eq!(a.scalar("SELECT coalesce(sum(held), 0)::int8 FROM counters").await, 0);
@@ -366,7 +341,7 @@ async fn commit_twice_release_twice_and_a_commit_over_the_estimate() {
         (StatusCode::OK, Some(true), Some(2)),
         "{v}"
     );
-    let tot = total(&a, &t, "gen").await;
+    let tot = a.total(&t, "gen").await;
     assert_eq!((tot["used"].as_u64(), tot["over_limit_causes"].clone()), (Some(22), json!(["cost_over_estimate"])));
 
     // Bad input: named fields, nothing changed.
@@ -415,7 +390,7 @@ async fn an_expired_hold_gives_its_room_back_without_a_request_for_that_user() {
     // A commit after expiry still records the work that was done, flagged hold_expired.
     let (s, v) = post(&a, &t, &format!("/v1/holds/{late}/commit"), json!({"amount": 2})).await;
     assert_eq!((s, v["decision"]["over_limit_by"].as_u64()), (StatusCode::OK, Some(2)), "{v}");
-    let tot = total(&a, &t, "gen").await;
+    let tot = a.total(&t, "gen").await;
     assert_eq!((tot["used"].as_u64(), tot["over_limit_causes"].clone()), (Some(22), json!(["hold_expired"])));
 }
 
@@ -433,7 +408,7 @@ async fn voids_count_in_their_own_past_window_and_return_credits() {
     let (s, v) = post(&a, &t, &format!("/v1/usage/{old}/void"), json!({"reason": "model call failed"})).await;
     assert_eq!((s, v["duplicate"].as_bool(), v["id"].as_str()), (StatusCode::OK, Some(false), Some(old.as_str())), "{v}");
     assert_eq!(a.scalar("SELECT used FROM counters WHERE feature = 'daily' ORDER BY period_start LIMIT 1").await, 0);
-    assert_eq!(total(&a, &t, "daily").await["used"], 3);
+    assert_eq!(a.total(&t, "daily").await["used"], 3);
     assert_eq!(post(&a, &t, "/v1/consume", json!({"feature": "daily"})).await.0, StatusCode::PAYMENT_REQUIRED);
     let before = snapshot(&a).await;
     let (s, v) = post(&a, &t, "/v1/usage/yesterday/void", json!({})).await;
@@ -451,12 +426,12 @@ async fn voids_count_in_their_own_past_window_and_return_credits() {
     assert_eq!(post(&a, &t, "/v1/usage/today/void", json!({})).await.0, StatusCode::OK);
     assert_eq!(post(&a, &t, "/v1/consume", json!({"feature": "daily", "amount": 3})).await.0, StatusCode::OK);
     // Credits drawn by a voided use return to the balance.
-    assert_eq!(balance(&a, &t).await, 100);
+    assert_eq!(a.balance(&t).await, 100);
     let (s, v) = post(&a, &t, "/v1/consume", json!({"feature": "images", "amount": 4})).await;
     assert_eq!(s, StatusCode::OK, "{v}");
-    assert_eq!(balance(&a, &t).await, 60);
+    assert_eq!(a.balance(&t).await, 60);
     post(&a, &t, &format!("/v1/usage/{}/void", v["id"].as_str().unwrap()), json!({})).await;
-    assert_eq!(balance(&a, &t).await, 100);
+    assert_eq!(a.balance(&t).await, 100);
 }
 
 #[tokio::test]
@@ -464,7 +439,7 @@ async fn a_credit_balance_spent_by_consumes_and_holds_from_two_replicas_never_go
     let a = app_or_skip!(primary().await);
     let b = replica(&a).await;
     let t = token("spender");
-    assert_eq!(balance(&a, &t).await, 100);
+    assert_eq!(a.balance(&t).await, 100);
     let consumes = (0..12).map(|i| {
         let app = if i % 2 == 0 { &a } else { &b };
         let t = t.clone();
@@ -492,7 +467,7 @@ async fn a_credit_balance_spent_by_consumes_and_holds_from_two_replicas_never_go
         let (s, v) = post(app, &t, &format!("/v1/holds/{}/commit", h["hold"]["id"].as_str().unwrap()), json!({})).await;
         assert_eq!(s, StatusCode::OK, "{v}");
     }
-    assert_eq!(balance(&b, &t).await, 0);
+    assert_eq!(b.balance(&t).await, 0);
     assert_eq!(post(&b, &t, "/v1/consume", json!({"feature": "images"})).await.0, StatusCode::PAYMENT_REQUIRED);
     assert_eq!(a.scalar("SELECT count(*) FROM events WHERE feature = 'images'").await, 10);
 }
@@ -521,7 +496,7 @@ async fn a_usage_write_key_consumes_holds_and_voids_for_a_named_subject_only() {
     assert_eq!(a.call("DELETE", &format!("/v1/holds/{id}?subject=gina"), Some(&key), None).await.0, StatusCode::NO_CONTENT);
     let (s, v) = post(&a, &key, "/v1/usage/k-1/void", json!({"subject": "gina"})).await;
     assert_eq!((s, v["duplicate"].as_bool()), (StatusCode::OK, Some(false)), "{v}");
-    assert_eq!(total(&a, &token("gina"), "gen").await["used"], 2);
+    assert_eq!(a.total(&token("gina"), "gen").await["used"], 2);
 }
 
 /// A `usage:write` API key made by an admin: a backend's.
@@ -543,12 +518,12 @@ async fn an_end_user_cannot_void_what_a_backend_charged_and_the_backend_voids_an
     let a = app_or_skip!(primary().await);
     let key = backend_key(&a).await;
     let t = token("uma");
-    assert_eq!(balance(&a, &t).await, 100);
+    assert_eq!(a.balance(&t).await, 100);
     // A backend charges 5 images (credits 100 → 50); the user finds the id in their history.
     let (s, v) = post(&a, &key, "/v1/consume", json!({"subject": "uma", "feature": "images", "amount": 5})).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     let charged = v["id"].as_str().unwrap().to_string();
-    assert_eq!(balance(&a, &t).await, 50);
+    assert_eq!(a.balance(&t).await, 50);
     let e = listed(&a, &t, &charged).await;
     assert_eq!((&e["recorded_by"], &e["source"]), (&json!("backend"), &json!("consume")), "{e}");
     let (s, v) = post(
@@ -568,12 +543,12 @@ async fn an_end_user_cannot_void_what_a_backend_charged_and_the_backend_voids_an
         assert!(v["error"]["message"].as_str().is_some_and(|m| m.contains("backend")), "{v}");
     }
     assert_eq!(snapshot(&a).await, before, "a refused void changes nothing");
-    assert_eq!(balance(&a, &t).await, 50);
-    assert_eq!(total(&a, &t, "gen").await["used"], 2);
+    assert_eq!(a.balance(&t).await, 50);
+    assert_eq!(a.total(&t, "gen").await["used"], 2);
     // The backend voids it: credits back to 100.
     let (s, v) = post(&a, &key, &format!("/v1/usage/{charged}/void"), json!({"subject": "uma"})).await;
     assert_eq!((s, v["duplicate"].as_bool()), (StatusCode::OK, Some(false)), "{v}");
-    assert_eq!(balance(&a, &t).await, 100);
+    assert_eq!(a.balance(&t).await, 100);
     // The user records and voids their own uses; a backend voids a user's and a device's too.
     let (s, v) = post(&a, &t, "/v1/consume", json!({"feature": "images", "amount": 2})).await;
     assert_eq!(s, StatusCode::OK, "{v}");
@@ -584,10 +559,10 @@ async fn an_end_user_cannot_void_what_a_backend_charged_and_the_backend_voids_an
     let (s, v) = post(&a, &t, "/v1/consume", json!({"feature": "images", "amount": 3})).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     let users = v["id"].as_str().unwrap().to_string();
-    assert_eq!(balance(&a, &t).await, 70);
+    assert_eq!(a.balance(&t).await, 70);
     let (s, v) = post(&a, &key, &format!("/v1/usage/{users}/void"), json!({"subject": "uma"})).await;
     assert_eq!((s, v["duplicate"].as_bool()), (StatusCode::OK, Some(false)), "{v}");
-    assert_eq!(balance(&a, &t).await, 100);
+    assert_eq!(a.balance(&t).await, 100);
     let synced = Uuid::now_v7();
     let (s, v) = a.sync(&t, "phone", vec![event(synced, "gen", 1)]).await;
     assert_eq!((s, &v["accepted"]), (StatusCode::OK, &json!([synced])), "{v}");
@@ -599,7 +574,7 @@ async fn an_end_user_cannot_void_what_a_backend_charged_and_the_backend_voids_an
     a.sync(&t, "phone", vec![event(synced, "gen", 1)]).await;
     let (s, v) = post(&a, &t, &format!("/v1/usage/{synced}/void"), json!({})).await;
     assert_eq!((s, v["duplicate"].as_bool()), (StatusCode::OK, Some(false)), "a user voids their device's use: {v}");
-    assert_eq!(total(&a, &t, "gen").await["used"], 2);
+    assert_eq!(a.total(&t, "gen").await["used"], 2);
 }
 
 #[tokio::test]
@@ -607,7 +582,7 @@ async fn a_users_token_neither_commits_nor_releases_a_backends_hold() {
     let a = app_or_skip!(primary().await);
     let key = backend_key(&a).await;
     let t = token("hana");
-    assert_eq!(balance(&a, &t).await, 100);
+    assert_eq!(a.balance(&t).await, 100);
     let (s, h) = post(&a, &key, "/v1/holds", json!({"subject": "hana", "feature": "images", "amount": 4, "id": "job-1"})).await;
     assert_eq!(s, StatusCode::CREATED, "{h}");
     let held = "SELECT held FROM counters WHERE feature = '$credits'";
@@ -622,7 +597,7 @@ async fn a_users_token_neither_commits_nor_releases_a_backends_hold() {
     // The backend commits it; a user's own hold is the user's to release.
     let (s, v) = post(&a, &key, "/v1/holds/job-1/commit", json!({"subject": "hana", "amount": 3})).await;
     assert_eq!((s, v["duplicate"].as_bool()), (StatusCode::OK, Some(false)), "{v}");
-    assert_eq!(balance(&a, &t).await, 70);
+    assert_eq!(a.balance(&t).await, 70);
     let (s, v) = post(&a, &t, "/v1/usage/job-1/void", json!({})).await;
     assert_eq!(
         (s, v["error"]["code"].as_str()),
@@ -633,7 +608,7 @@ async fn a_users_token_neither_commits_nor_releases_a_backends_hold() {
     assert_eq!(s, StatusCode::CREATED, "{h}");
     let own = h["hold"]["id"].as_str().unwrap();
     assert_eq!(a.call("DELETE", &format!("/v1/holds/{own}"), Some(&t), None).await.0, StatusCode::NO_CONTENT);
-    assert_eq!(balance(&a, &t).await, 70);
+    assert_eq!(a.balance(&t).await, 70);
 }
 
 #[tokio::test]
@@ -665,6 +640,6 @@ async fn a_hold_id_is_taken_for_consumes_usage_reports_and_syncs_open_or_committ
             assert_eq!((s, v["duplicate"].as_bool()), (StatusCode::OK, Some(false)), "the hold commits fine: {v}");
         }
     }
-    assert_eq!(total(&a, &t, "gen").await["used"], 3);
+    assert_eq!(a.total(&t, "gen").await["used"], 3);
     assert_eq!(a.scalar("SELECT held FROM counters WHERE feature = 'gen'").await, 0);
 }

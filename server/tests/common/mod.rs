@@ -233,6 +233,41 @@ impl TestApp {
     }
 }
 
+impl TestApp {
+    /// Every row `queries` select (text columns), each as its columns joined by `|`: a
+    /// before/after snapshot.
+    pub async fn rows_text(&self, queries: &[&str]) -> Vec<String> {
+        let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls).await.expect("connect");
+        tokio::spawn(conn);
+        let mut out = Vec::new();
+        for q in queries {
+            for r in client.query(*q, &[]).await.expect("snapshot") {
+                out.push((0..r.len()).map(|i| r.get::<_, String>(i)).collect::<Vec<_>>().join("|"));
+            }
+        }
+        out
+    }
+
+    /// The current-window total of `feature` as a sync answers it.
+    pub async fn total(&self, t: &str, feature: &str) -> Value {
+        let (s, v) = self.sync(t, "reader", vec![]).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        v["totals"]
+            .as_array()
+            .and_then(|ts| {
+                ts.iter().filter(|t| t["feature"] == feature).max_by_key(|t| t["period_start"].as_str().map(str::to_string)).cloned()
+            })
+            .unwrap_or(Value::Null)
+    }
+
+    /// The user's credit balance as `GET /v1/entitlements` answers it.
+    pub async fn balance(&self, t: &str) -> i64 {
+        let (s, v) = self.call("GET", "/v1/entitlements", Some(t), None).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        v["credit_balance"].as_i64().expect("credit_balance")
+    }
+}
+
 /// A wire event.
 pub fn event(id: uuid::Uuid, feature: &str, amount: u64) -> Value {
     json!({"id": id, "feature": feature, "amount": amount, "occurred_at": Utc::now().to_rfc3339()})
