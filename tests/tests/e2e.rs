@@ -867,3 +867,50 @@ fn a_device_cannot_void_what_a_backend_or_another_device_recorded_and_the_use_st
     assert!(r.rejected.is_empty(), "{r:?}");
     assert_eq!((phone.tally.usage(&pu.id, "notes").unwrap().used, e.server_used("vera", "notes")), (2, 2));
 }
+
+/// One use with several meters crosses the wire as one event per item (each with its derived
+/// id and `use_id`), is counted on the server exactly as on the device, and one void of the use
+/// id, sent in a later sync, cancels every item on both sides.
+#[test]
+fn a_use_of_several_meters_syncs_item_by_item_and_one_void_of_the_use_cancels_all() {
+    let Some(e) = env("use_items", &[]) else { return };
+    let phone = e.device("phone");
+    let pu = sign_in(&phone, "ines");
+    e.sync(&phone, &pu).expect("first sync");
+    let items = |chat: u64, notes: u64| {
+        vec![
+            tally_core::UseItem { feature: "ai_chat".into(), amount: chat, model: None, input_tokens: None, output_tokens: None },
+            tally_core::UseItem { feature: "notes".into(), amount: notes, model: None, input_tokens: None, output_tokens: None },
+        ]
+    };
+    let first = phone.tally.consume_items(&pu.id, Some("answer-1"), &items(2, 3), None).expect("use");
+    assert!(first.allowed && !first.duplicate, "{first:?}");
+    let r = e.sync(&phone, &pu).expect("sync");
+    assert_eq!((r.events_acked, r.rejected.len()), (2, 0), "both items travel, as separate events: {r:?}");
+    assert_eq!((e.server_used("ines", "ai_chat"), e.server_used("ines", "notes")), (2, 3));
+    let (status, body) = raw_request("GET", &format!("{}/v1/usage/events", e.server.url), Some(&id_token("ines")), None).expect("events");
+    assert_eq!(status, 200, "{body}");
+    let listed: serde_json::Value = serde_json::from_str(&body).expect("events");
+    let use_id = first.use_id.to_string();
+    let mut ids: Vec<(String, String)> = listed["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|ev| ev["use_id"].as_str() == Some(use_id.as_str()))
+        .map(|ev| (ev["feature"].as_str().unwrap_or_default().to_string(), ev["id"].as_str().unwrap_or_default().to_string()))
+        .collect();
+    ids.sort();
+    let derived = |f: &str| tally_core::contract::item_event_id(first.use_id, f).to_string();
+    assert_eq!(ids, vec![("ai_chat".to_string(), derived("ai_chat")), ("notes".to_string(), derived("notes"))], "{body}");
+    // A second use that does not fit the call limit records nothing of either meter.
+    let denied = phone.tally.consume_items(&pu.id, Some("answer-2"), &items(4, 1), None).expect("use");
+    assert!(!denied.allowed, "{denied:?}");
+    assert_eq!(phone.tally.usage(&pu.id, "notes").unwrap().used, 3, "the notes item of a refused use is not kept");
+    // One void of the use id, one event on the wire, and every item is cancelled on both sides.
+    phone.tally.void(&pu.id, "answer-1", Some("the answer failed")).expect("void");
+    let r = e.sync(&phone, &pu).expect("sync");
+    assert_eq!((r.events_acked, r.rejected.len()), (1, 0), "{r:?}");
+    assert_eq!((e.server_used("ines", "ai_chat"), e.server_used("ines", "notes")), (0, 0));
+    assert_eq!((phone.tally.usage(&pu.id, "ai_chat").unwrap().used, phone.tally.usage(&pu.id, "notes").unwrap().used), (0, 0));
+    assert_eq!(phone.tally.pending_events(&pu.id).unwrap(), 0);
+}
