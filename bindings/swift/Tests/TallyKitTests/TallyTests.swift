@@ -175,6 +175,36 @@ final class TallyTests: XCTestCase {
         XCTAssertEqual(try tally.usage(userId: u, feature: "notes").used, 5)
     }
 
+    func testOneUseWithSeveralMetersIsRecordedAllOrNone() throws {
+        let u = try tally.createLocalUser().id
+        _ = try tally.consume(userId: u, feature: "ai_chat", amount: 2)
+        // The call limit has 1 left: a use asking 2 calls records neither of its items.
+        let denied = try tally.consumeItems(userId: u, items: [UseItem(feature: "notes", amount: 5), UseItem(feature: "ai_chat", amount: 2)], id: "call-1")
+        XCTAssertFalse(denied.allowed)
+        XCTAssertEqual(denied.decisions.map(\.reason), [.ok, .limitReached])
+        XCTAssertEqual(try tally.usage(userId: u, feature: "notes").used, 0)
+        XCTAssertEqual(try tally.pendingEvents(userId: u), 1)
+
+        let items = [UseItem(feature: "notes", amount: 5), UseItem(feature: "ai_chat", amount: 1)]
+        let use = try tally.consumeItems(userId: u, items: items, id: "call-2", metadataJson: #"{"request": 2}"#)
+        XCTAssertTrue(use.allowed)
+        XCTAssertFalse(use.duplicate)
+        XCTAssertEqual(use.useId, eventIdForKey(key: "call-2"))
+        XCTAssertEqual(use.decisions.map(\.used), [5, 3])
+        let again = try tally.consumeItems(userId: u, items: items, id: "call-2", metadataJson: #"{"request": 2}"#)
+        XCTAssertTrue(again.duplicate)
+        XCTAssertEqual(again.decisions, use.decisions)
+        XCTAssertEqual(tallyError { try tally.consumeItems(userId: u, items: [UseItem(feature: "notes", amount: 5)], id: "call-2") }?.kind, "IdempotencyConflict")
+        XCTAssertEqual(tallyError { try tally.consumeItems(userId: u, items: [UseItem(feature: "notes", amount: 1), UseItem(feature: "notes", amount: 1)]) }?.kind, "InvalidInput")
+        XCTAssertEqual(try tally.pendingEvents(userId: u), 3, "one earlier use and two items")
+
+        // A void of the use id cancels every item.
+        try tally.void(userId: u, eventId: use.useId, reason: "refund")
+        XCTAssertEqual(try tally.usage(userId: u, feature: "notes").used, 0)
+        XCTAssertEqual(try tally.usage(userId: u, feature: "ai_chat").used, 2)
+        XCTAssertEqual(try tally.pendingEvents(userId: u), 4, "and one void event")
+    }
+
     func testBadInputIsATallyErrorOfTheRightCaseAndChangesNothing() throws {
         let u = try tally.createLocalUser(displayName: "Ada").id
         try tally.setSetting(userId: u, key: "theme", valueJson: #""dark""#)
