@@ -171,11 +171,22 @@ pub async fn materialize(tx: &impl GenericClient, user_id: Uuid, key: &PoolKey) 
         )
         .await?;
     let mut best: BTreeMap<String, u64> = BTreeMap::new();
+    let mut promised_limit = None;
     for r in rows {
-        let share = Share::from_millionths(u32::try_from(r.get::<_, i32>(1)).unwrap_or(0));
-        let units = lease::offline_allowance(0, u64::try_from(r.get::<_, i64>(2)).unwrap_or(0), share);
-        let e = best.entry(r.get(0)).or_insert(0);
+        let device: String = r.get(0);
+        let place = |column: &str| format!("device_shares.{column} of ({user_id}, {device:?}, {:?})", key.feature);
+        let share = pools::stored_count(r.get::<_, i32>(1).into(), || place("share"))?;
+        let limit = pools::stored_count(r.get(2), || place("lim"))?;
+        let units = lease::offline_allowance(0, limit, Share::from_millionths(u32::try_from(share).unwrap_or(u32::MAX)));
+        if units > 0 {
+            promised_limit = promised_limit.max(Some(limit));
+        }
+        let e = best.entry(device).or_insert(0);
         *e = (*e).max(units);
+    }
+    if let Some(limit) = promised_limit {
+        // The slices are room given under the limit the tokens promised.
+        pools::note_limit(tx, user_id, key, limit).await?;
     }
     for (device, units) in best {
         tx.execute(
@@ -489,6 +500,9 @@ pub async fn grant(
         let key = &pool.key;
         let credits = key.feature == CREDITS;
         let p = pools::lock(tx, ctx.user_id, key, pool.budget, ctx.now).await?;
+        if !credits {
+            pools::note_limit(tx, ctx.user_id, key, pool.limit).await?;
+        }
         tx.execute(
             &tx.prepare_cached(
                 "INSERT INTO pool_devices (user_id, feature, period, period_start, device_id) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",

@@ -6,7 +6,7 @@ use crate::auth::AuthUser;
 use crate::authority::{self, Actor};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{body_bytes, from_value, parse_json};
-use crate::ledger::{self, Ctx, Voided};
+use crate::ledger::{self, Cause, Ctx, Voided};
 use crate::users::{self, User};
 use crate::{AppState, entitlements, leases, settings};
 use axum::Json;
@@ -230,11 +230,11 @@ async fn run(
     let mut materialized: Vec<crate::pools::PoolKey> = Vec::new();
     for e in &mut events {
         if !leased {
-            e.cause = Some("protocol1");
+            e.cause = Some(Cause::Recorded(ledger::CAUSE_PROTOCOL1));
             continue;
         }
         let Some(until) = dev.lease_until.filter(|_| e.lease_ver.is_some()) else {
-            e.cause = Some("before_lease");
+            e.cause = Some(Cause::Recorded(ledger::CAUSE_BEFORE_LEASE));
             continue;
         };
         let (start, end) = match features.get(&e.feature).and_then(tally_core::Rule::period) {
@@ -253,12 +253,10 @@ async fn run(
         if in_lease {
             counted.insert(e.id);
         }
-        e.cause = Some(if cloned {
-            "cloned_device"
-        } else if dev.removed_at.is_some() || slice_reclaimed || !in_lease {
-            "reclaimed"
+        e.cause = Some(if dev.removed_at.is_some() || slice_reclaimed || !in_lease {
+            Cause::Recorded(ledger::CAUSE_RECLAIMED)
         } else {
-            ledger::CAUSE_DOWNGRADE
+            Cause::Slice { cloned }
         });
         if in_lease
             && let Some(rule) = features.get(&e.feature)
