@@ -289,7 +289,9 @@ impl Tally {
             .prepare(
                 "SELECT feature, period, period_start, share, expires_at FROM leases WHERE user_id = ?1 ORDER BY feature, period_start",
             )?
-            .query_map([user_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, stored_share(r.get(3)?)?, r.get::<_, Option<i64>>(4)?.unwrap_or(i64::MIN))))?
+            .query_map([user_id], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, stored_share(r.get(3)?)?, r.get::<_, Option<i64>>(4)?.unwrap_or(i64::MIN)))
+            })?
             .collect::<rusqlite::Result<_>>()?;
         let mut out = Vec::with_capacity(rows.len());
         for (feature, period, start, share, expires) in rows {

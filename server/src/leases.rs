@@ -708,14 +708,14 @@ pub async fn devices(client: &impl GenericClient, user_id: Uuid) -> ApiResult<Ve
         .map(Device::from_row)
         .map(|d| {
             d.map(|d| DeviceView {
-            device_id: d.device_id,
-            first_seen_at: d.first_seen_at,
-            last_sync_at: d.last_sync_at,
-            protocol: d.protocol,
-            lease_ver: d.lease_ver,
-            lease_until: d.lease_until,
-            cloned: d.cloned,
-            removed_at: d.removed_at,
+                device_id: d.device_id,
+                first_seen_at: d.first_seen_at,
+                last_sync_at: d.last_sync_at,
+                protocol: d.protocol,
+                lease_ver: d.lease_ver,
+                lease_until: d.lease_until,
+                cloned: d.cloned,
+                removed_at: d.removed_at,
                 leases: d.leases,
             })
         })

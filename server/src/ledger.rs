@@ -886,7 +886,8 @@ async fn slice_allowance(tx: &impl GenericClient, ctx: &Ctx<'_>, key: &CounterKe
         )
         .await?;
     let Some(row) = row else { return Ok(0) };
-    let place = |column: &str| format!("pool_devices.{column} of ({}, {:?}, {}, {}, {device:?})", ctx.user_id, key.0, key.1.as_str(), key.2);
+    let place =
+        |column: &str| format!("pool_devices.{column} of ({}, {:?}, {}, {}, {device:?})", ctx.user_id, key.0, key.1.as_str(), key.2);
     let allowance = crate::pools::stored_count(row.get(0), || place("allowance"))?;
     let consumed = crate::pools::stored_count(row.get(1), || place("consumed"))?;
     Ok(allowance.saturating_sub(consumed))
