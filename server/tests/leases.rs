@@ -674,23 +674,30 @@ async fn the_credit_pool_is_a_total_whose_debt_names_the_refund() {
     assert!(r["totals"].as_array().unwrap().iter().all(|t| t["feature"] != "$credits"), "{r}");
 }
 
-#[tokio::test]
-async fn a_slice_granted_before_a_downgrade_and_spent_after_it_is_caused_by_the_downgrade() {
+/// `sub` on `pro` (`img`: 16 an hour) gets a 16-unit slice on device `tab`, is downgraded to
+/// `free` (8 an hour) within the window, then `tab` reports `uses` uses of its slice: the app
+/// and the window's total.
+async fn spent_after_a_downgrade(sub: &str, uses: u64) -> Option<(L, Value)> {
     const PLANS: &str = r#"{"plans": [
       {"id": "free", "features": {"img": {"type": "metered", "limit": 8, "period": "hour", "enforcement": "hard"}}},
       {"id": "pro",  "features": {"img": {"type": "metered", "limit": 16, "period": "hour", "enforcement": "hard"}}}]}"#;
-    let l = app_or_skip!(lapp_with("2027-03-10T12:30:00Z", |c| std::fs::write(c.plans_file.as_ref().unwrap(), PLANS).unwrap()).await);
-    let (t, admin) = (token("downgraded"), token("root-admin"));
-    let (s, v) =
-        l.a.call("POST", "/v1/admin/grants", Some(&admin), Some(json!({"subject": "downgraded", "plan": "pro", "reason": "x"}))).await;
+    let l = lapp_with("2027-03-10T12:30:00Z", |c| std::fs::write(c.plans_file.as_ref().unwrap(), PLANS).unwrap()).await?;
+    let (t, admin) = (token(sub), token("root-admin"));
+    let (s, v) = l.a.call("POST", "/v1/admin/grants", Some(&admin), Some(json!({"subject": sub, "plan": "pro", "reason": "x"}))).await;
     assert!(s.is_success(), "{v}");
-    let c = l.claims("downgraded", &l.sync2(&t, "tab", json!({})).await).await;
+    let c = l.claims(sub, &l.sync2(&t, "tab", json!({})).await).await;
     assert_eq!(lease(&c, "img").allowance, 16);
-    let (s, v) = l.a.call("POST", "/v1/admin/grants/revoke", Some(&admin), Some(json!({"subject": "downgraded"}))).await;
+    let (s, v) = l.a.call("POST", "/v1/admin/grants/revoke", Some(&admin), Some(json!({"subject": sub}))).await;
     assert!(s.is_success(), "{v}");
-    let evs: Vec<Value> = (1..=12).map(|s| ev("img", 1, at("2027-03-10T12:31:00Z"), c.lease_ver, s)).collect();
+    let evs: Vec<Value> = (1..=uses).map(|s| ev("img", 1, at("2027-03-10T12:31:00Z"), c.lease_ver, s)).collect();
     let r = l.sync2(&t, "tab", json!({"events": evs})).await;
-    let w = total(&r, "img", "2027-03-10T12:00:00Z");
+    let w = total(&r, "img", "2027-03-10T12:00:00Z").clone();
+    Some((l, w))
+}
+
+#[tokio::test]
+async fn a_slice_granted_before_a_downgrade_and_spent_after_it_is_caused_by_the_downgrade() {
+    let (_l, w) = app_or_skip!(spent_after_a_downgrade("downgraded", 12).await);
     assert_eq!((w["used"].clone(), w["limit"].clone(), w["over_limit_by"].clone()), (json!(12), json!(8), json!(4)), "{w}");
     assert_eq!(w["over_limit_causes"], json!(["downgrade"]), "{w}");
 }
@@ -714,21 +721,8 @@ async fn a_device_past_its_allowance_is_the_cause_device_overrun_not_a_downgrade
 
 #[tokio::test]
 async fn a_downgrade_and_an_overrun_in_one_batch_each_name_their_own_uses() {
-    const PLANS: &str = r#"{"plans": [
-      {"id": "free", "features": {"img": {"type": "metered", "limit": 8, "period": "hour", "enforcement": "hard"}}},
-      {"id": "pro",  "features": {"img": {"type": "metered", "limit": 16, "period": "hour", "enforcement": "hard"}}}]}"#;
-    let l = app_or_skip!(lapp_with("2027-03-10T12:30:00Z", |c| std::fs::write(c.plans_file.as_ref().unwrap(), PLANS).unwrap()).await);
-    let (t, admin) = (token("both"), token("root-admin"));
-    let (s, v) = l.a.call("POST", "/v1/admin/grants", Some(&admin), Some(json!({"subject": "both", "plan": "pro", "reason": "x"}))).await;
-    assert!(s.is_success(), "{v}");
-    let c = l.claims("both", &l.sync2(&t, "tab", json!({})).await).await;
-    assert_eq!(lease(&c, "img").allowance, 16);
-    let (s, v) = l.a.call("POST", "/v1/admin/grants/revoke", Some(&admin), Some(json!({"subject": "both"}))).await;
-    assert!(s.is_success(), "{v}");
     // 18 uses of a 16-unit slice under a limit now 8: 16 are the downgrade's, 2 the device's own.
-    let evs: Vec<Value> = (1..=18).map(|s| ev("img", 1, at("2027-03-10T12:31:00Z"), c.lease_ver, s)).collect();
-    let r = l.sync2(&t, "tab", json!({"events": evs})).await;
-    let w = total(&r, "img", "2027-03-10T12:00:00Z");
+    let (l, w) = app_or_skip!(spent_after_a_downgrade("both", 18).await);
     assert_eq!((w["used"].clone(), w["over_limit_by"].clone()), (json!(18), json!(10)), "{w}");
     assert_eq!(w["over_limit_causes"], json!(["device_overrun", "downgrade"]), "{w}");
     let marked = l.rows("SELECT cause, count(*)::text FROM events GROUP BY cause ORDER BY cause").await;
