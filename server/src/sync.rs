@@ -226,6 +226,8 @@ async fn run(
     // Where each use counts and why it may be over its limit.
     let features = &loaded.ents.features;
     let mut counted = std::collections::BTreeSet::new();
+    // Uses decided under a live slice of this device (the others have their own cause).
+    let mut in_slice = std::collections::BTreeSet::new();
     // Each pool a batch touches is reserved once, not once per event.
     let mut materialized: Vec<crate::pools::PoolKey> = Vec::new();
     for e in &mut events {
@@ -256,6 +258,7 @@ async fn run(
         e.cause = Some(if dev.removed_at.is_some() || slice_reclaimed || !in_lease {
             Cause::Recorded(ledger::CAUSE_RECLAIMED)
         } else {
+            in_slice.insert(e.id);
             Cause::Slice { cloned }
         });
         if in_lease
@@ -270,19 +273,25 @@ async fn run(
     let device = Actor::Device(&req.device_id);
     let mut out = ledger::ingest(&tx, &ctx, features, events, device, "sync", None).await?;
     let counted: Vec<Uuid> = out.accepted.iter().filter(|id| counted.contains(*id)).copied().collect();
+    let mut credit_overrun = Vec::new();
     if !counted.is_empty() {
         let rows = tx
             .query(
                 &tx.prepare_cached(
                     // Inserted with lease_counted set: read back what they count, no second write.
-                    "SELECT feature, amount, cost_micros, effective_at FROM events WHERE user_id = $1 AND id = ANY($2)",
+                    "SELECT feature, amount, cost_micros, effective_at, id, credits FROM events WHERE user_id = $1 AND id = ANY($2) \
+                     ORDER BY device_seq, id",
                 )
                 .await?,
                 &[&user.user_id, &counted],
             )
             .await?;
         let uses: Vec<(String, chrono::DateTime<chrono::Utc>, i64, i64)> =
-            rows.iter().map(|r| (r.get(0), r.get(3), r.get(1), r.get::<_, Option<i64>>(2).unwrap_or(0))).collect();
+            rows.iter().map(|r| (r.get(0), r.get(3), r.get(1), r.get(2))).collect();
+        let credits: Vec<(Uuid, Option<i64>)> =
+            rows.iter().filter(|r| in_slice.contains(&r.get::<_, Uuid>(4))).map(|r| (r.get(4), r.get(5))).collect();
+        // Read before they are counted: what the slice had left for them.
+        credit_overrun = crate::credits::past_allowance(&tx, user.user_id, &req.device_id, &credits).await?;
         leases::count_consumed_many(&tx, &ctx, &req.device_id, &uses).await?;
     }
     // Voids apply after the batch's inserts (an event and its void may come together).
@@ -333,6 +342,11 @@ async fn run(
     let mut ents = loaded.ents.clone();
     crate::credits::after_ingest(&tx, user.user_id, &mut ents, &loaded.catalog, &out.touched, (user.created_at, loaded.anchor), now)
         .await?;
+    if ents.credit_balance < 0 && !credit_overrun.is_empty() {
+        // In debt, and this device spent past its slice of the balance: those uses are a cause.
+        let cause = if cloned { ledger::CAUSE_CLONED_DEVICE } else { ledger::CAUSE_DEVICE_OVERRUN };
+        crate::credits::mark_overrun(&tx, user.user_id, &credit_overrun, cause).await?;
+    }
     if leased && let Some(t) = crate::credits::pool_total(&tx, user.user_id, &ents, now).await? {
         out.totals.push(t);
     }

@@ -751,3 +751,21 @@ async fn uses_reported_after_a_reclaim_are_the_cause_when_another_device_then_fi
     assert_eq!((w["used"].clone(), w["over_limit_causes"].clone()), (json!(13), json!(["reclaimed"])), "{w}");
     assert_eq!(l.rows("SELECT cause, count(*)::text FROM events GROUP BY cause ORDER BY cause").await, vec!["reclaimed|3", "|10"]);
 }
+
+#[tokio::test]
+async fn a_device_past_its_slice_of_the_credit_balance_is_the_cause_of_the_debt() {
+    let l = app_or_skip!(lapp("2027-03-10T12:00:00Z").await);
+    let t = token("spender");
+    let c = l.claims("spender", &l.sync2(&t, "phone", json!({})).await).await;
+    assert_eq!(lease(&c, "$credits").allowance, 50, "half of the balance of 100");
+    // A backend spends the half the phone does not hold; nothing was refunded or downgraded.
+    let (s, v, _) = l.consume(&t, "images", 50).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // The phone spends 70 credits under its 50-credit slice: 20 past it, 20 in debt.
+    let evs: Vec<Value> = (1..=70).map(|s| ev("images", 1, at("2027-03-10T11:00:00Z"), c.lease_ver, s)).collect();
+    let r = l.sync2(&t, "phone", json!({"lease_ver": c.lease_ver, "events": evs})).await;
+    let pool = total(&r, "$credits", "1970-01-01T00:00:00Z");
+    assert_eq!((pool["over_limit_by"].clone(), pool["over_limit_causes"].clone()), (json!(20), json!(["device_overrun"])), "{pool}");
+    let marked = l.rows("SELECT min(device_seq)::text, count(*)::text FROM events WHERE cause = 'device_overrun'").await;
+    assert_eq!(marked, vec!["51|20"], "the twenty uses past the slice carry the cause");
+}
