@@ -325,22 +325,7 @@ pub async fn past_allowance(tx: &impl GenericClient, user_id: Uuid, device: &str
     if uses.iter().all(|(_, c)| *c == Some(0)) {
         return Ok(Vec::new());
     }
-    let row = tx
-        .query_opt(
-            &tx.prepare_cached(
-                "SELECT allowance, consumed FROM pool_devices \
-                 WHERE user_id = $1 AND feature = $2 AND period = $3 AND period_start = $4 AND device_id = $5",
-            )
-            .await?,
-            &[&user_id, &CREDITS, &CREDITS_PERIOD, &credits_start(), &device],
-        )
-        .await?;
-    let place = |column: &str| format!("{column} of ({user_id}, {CREDITS}, {device:?})");
-    let mut left = match row {
-        Some(r) => stored_count(r.get(0), || place("pool_devices.allowance"))?
-            .saturating_sub(stored_count(r.get(1), || place("pool_devices.consumed"))?),
-        None => 0,
-    };
+    let mut left = crate::pools::slice_left(tx, user_id, (CREDITS, CREDITS_PERIOD, credits_start()), device).await?;
     let mut past = Vec::new();
     for (id, credits) in uses {
         let credits = credits.ok_or_else(|| ApiError::internal(format!("use {id} was stored without its price in credits")))?;

@@ -810,7 +810,8 @@ async fn mark_overage(
         let (cause, in_slice) = match (e.cause, batch_cause, device) {
             (Some(Cause::Slice { cloned }), _, Some(device)) => {
                 if !slices.contains_key(&key) {
-                    slices.insert(key.clone(), (slice_allowance(tx, ctx, &key, device).await?, 0));
+                    let left = crate::pools::slice_left(tx, ctx.user_id, (&key.0, key.1.as_str(), key.2), device).await?;
+                    slices.insert(key.clone(), (left, 0));
                 }
                 let units = u64::try_from(if budget { *cost } else { e.amount }).unwrap_or(u64::MAX);
                 let (allowance, so_far) = slices.entry(key.clone()).or_default();
@@ -869,28 +870,6 @@ async fn mark_overage(
         .await?;
     }
     Ok(())
-}
-
-/// What `device` may still record in `key`'s window before this batch: its allowance there
-/// less what it had recorded under it (`consumed`, counted after the batch is stored). No slice
-/// is an allowance of 0.
-async fn slice_allowance(tx: &impl GenericClient, ctx: &Ctx<'_>, key: &CounterKey, device: &str) -> ApiResult<u64> {
-    let row = tx
-        .query_opt(
-            &tx.prepare_cached(
-                "SELECT allowance, consumed FROM pool_devices \
-                 WHERE user_id = $1 AND feature = $2 AND period = $3 AND period_start = $4 AND device_id = $5",
-            )
-            .await?,
-            &[&ctx.user_id, &key.0, &key.1.as_str(), &key.2, &device],
-        )
-        .await?;
-    let Some(row) = row else { return Ok(0) };
-    let place =
-        |column: &str| format!("pool_devices.{column} of ({}, {:?}, {}, {}, {device:?})", ctx.user_id, key.0, key.1.as_str(), key.2);
-    let allowance = crate::pools::stored_count(row.get(0), || place("allowance"))?;
-    let consumed = crate::pools::stored_count(row.get(1), || place("consumed"))?;
-    Ok(allowance.saturating_sub(consumed))
 }
 
 /// Room of a window promised but not yet used: open holds plus what devices with a live lease
