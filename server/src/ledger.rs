@@ -784,9 +784,10 @@ async fn mark_overage(
 ) -> ApiResult<()> {
     let accepted: BTreeSet<Uuid> = accepted.iter().copied().collect();
     let mut over_ids: BTreeMap<&str, Vec<Uuid>> = BTreeMap::new();
-    // Promised room per window, with and without the recording device's own slice.
+    // Promised room per window, with and without (for its overruns) the recording device's slice.
     let mut promised: HashMap<(CounterKey, bool), u64> = HashMap::new();
-    // The recording device's slice per window: (allowance, consumed so far in this batch).
+    // The recording device's slice per window: (what it had left before the batch, what the
+    // batch's uses took of it so far).
     let mut slices: HashMap<CounterKey, (u64, u64)> = HashMap::new();
     for (eff, cost, e) in events.iter().filter(|(_, _, e)| accepted.contains(&e.id)) {
         let Some(rule) = features.get(&e.feature) else { continue };
@@ -814,9 +815,9 @@ async fn mark_overage(
                     slices.insert(key.clone(), (left, 0));
                 }
                 let units = u64::try_from(if budget { *cost } else { e.amount }).unwrap_or(u64::MAX);
-                let (allowance, so_far) = slices.entry(key.clone()).or_default();
+                let (left, so_far) = slices.entry(key.clone()).or_default();
                 *so_far = so_far.saturating_add(units);
-                match (*so_far <= *allowance, cloned) {
+                match (*so_far <= *left, cloned) {
                     (true, _) => (CAUSE_DOWNGRADE, true),
                     (false, true) => (CAUSE_CLONED_DEVICE, false),
                     (false, false) => (CAUSE_DEVICE_OVERRUN, false),
@@ -833,12 +834,12 @@ async fn mark_overage(
             true
         } else {
             // An overrun's own slice is spent: only the others' promised room counts.
-            let own = matches!(e.cause, Some(Cause::Slice { .. }));
-            let p = match promised.get(&(key.clone(), own)) {
+            let overrun = matches!(e.cause, Some(Cause::Slice { .. }));
+            let p = match promised.get(&(key.clone(), overrun)) {
                 Some(p) => *p,
                 None => {
-                    let p = promised_room(tx, ctx, &key, device.filter(|_| own)).await?;
-                    promised.insert((key.clone(), own), p);
+                    let p = promised_room(tx, ctx, &key, device.filter(|_| overrun)).await?;
+                    promised.insert((key.clone(), overrun), p);
                     p
                 }
             };
