@@ -67,13 +67,13 @@ pub(crate) fn load_state(
                 consumed: count(r, 4, "consumed")?,
                 expires_at: r.get(5)?,
             },
-            r.get::<_, i64>(6)?,
+            stored_share(r.get(6)?)?,
         ))
     })?;
     for row in rows {
         let (feature, start, e, share) = row?;
         // Ordered by window start: the last one of a feature is its latest.
-        st.shares.insert(feature.clone(), Share::from_millionths(u32::try_from(share).unwrap_or(0)));
+        st.shares.insert(feature.clone(), share);
         st.entries.entry(feature).or_default().entry(start).or_insert(e);
     }
     let mut q = conn.prepare_cached("SELECT feature, period_start, units FROM lease_releases WHERE user_id = ?1")?;
@@ -153,6 +153,20 @@ struct Entry {
     released: u64,
     consumed: u64,
     expires_at: Option<i64>,
+}
+
+/// A `leases.share` as stored, in millionths: outside 0..=1 000 000 is corruption (clamped, a
+/// share above 1 would hand this device the whole limit of a window it enters offline): an
+/// error, never room.
+fn stored_share(v: i64) -> rusqlite::Result<Share> {
+    match u32::try_from(v) {
+        Ok(m) if m <= Share::SCALE => Ok(Share::from_millionths(m)),
+        _ => Err(rusqlite::Error::FromSqlConversionFailure(
+            6,
+            rusqlite::types::Type::Integer,
+            format!("corrupt stored value: leases.share is {v} millionths").into(),
+        )),
+    }
 }
 
 /// Column `idx` (`column`) of a `leases` row, a count: a negative one is an error, never room.
@@ -269,13 +283,15 @@ impl Tally {
         let a = self.access(&mut g, user_id, now)?;
         let Some(ls) = a.lease.clone() else { return Ok(Vec::new()) };
         let active = ls.active(now, self.config.token_grace);
-        type Row = (String, String, Option<i64>, i64, i64);
+        type Row = (String, String, Option<i64>, Share, i64);
         let rows: Vec<Row> = g
             .conn
             .prepare(
                 "SELECT feature, period, period_start, share, expires_at FROM leases WHERE user_id = ?1 ORDER BY feature, period_start",
             )?
-            .query_map([user_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get::<_, Option<i64>>(4)?.unwrap_or(i64::MIN))))?
+            .query_map([user_id], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, stored_share(r.get(3)?)?, r.get::<_, Option<i64>>(4)?.unwrap_or(i64::MIN)))
+            })?
             .collect::<rusqlite::Result<_>>()?;
         let mut out = Vec::with_capacity(rows.len());
         for (feature, period, start, share, expires) in rows {
@@ -289,7 +305,7 @@ impl Tally {
                 allowance,
                 used,
                 remaining: allowance.saturating_sub(used),
-                share: Share::from_millionths(u32::try_from(share).unwrap_or(0)).as_f64(),
+                share: share.as_f64(),
                 expires_at: (expires != i64::MIN).then(|| from_ms(expires)),
                 lease_until: ls.until_ms.map(from_ms),
             });

@@ -78,11 +78,13 @@ impl Tally {
                 output_tokens: 0,
                 cost_micros: 0,
             });
+            // A negative stored count is corruption: an error, never a wrapped or dropped figure.
+            let count = |v: i64, column: &str| crate::db::stored_count(v, &format!("events.{column}"));
             e.events += 1;
-            e.amount = e.amount.saturating_add(amount as u64);
-            e.input_tokens = e.input_tokens.saturating_add(inp as u64);
-            e.output_tokens = e.output_tokens.saturating_add(out as u64);
-            e.cost_micros = e.cost_micros.saturating_add(cost as u64);
+            e.amount = e.amount.saturating_add(count(amount, "amount")?);
+            e.input_tokens = e.input_tokens.saturating_add(count(inp, "input_tokens")?);
+            e.output_tokens = e.output_tokens.saturating_add(count(out, "output_tokens")?);
+            e.cost_micros = e.cost_micros.saturating_add(count(cost, "cost_micros")?);
         }
         Ok(groups.into_values().collect())
     }

@@ -172,6 +172,27 @@ async fn a_negative_stored_lease_figure_is_an_error_never_room() {
 }
 
 #[tokio::test]
+async fn a_stored_share_outside_zero_to_one_is_an_error_never_room() {
+    // Above 1 it was clamped to the whole limit of a window entered offline; below 0, read as 0.
+    for share in [5_000_000i64, -1] {
+        let (e, u) = env();
+        let s = server();
+        sync_with(&e, &u, &s, token("dev-test", 1, vec![chat(3, 0)]), json!({"totals": [total("ai_chat", 0)]})).await;
+        e.raw().execute("UPDATE leases SET share = ?1", [share]).unwrap();
+        let before = e.snapshot();
+        let results = [e.tally.consume(&u, "ai_chat", 1, UsageMeta::default()), e.reopen().consume(&u, "ai_chat", 1, UsageMeta::default())];
+        for r in results {
+            match r {
+                Err(Error::Storage(err)) => assert!(err.to_string().contains("leases.share"), "{err} names leases.share"),
+                other => panic!("share {share}: expected a storage error, got {other:?}"),
+            }
+        }
+        assert!(matches!(e.tally.leases(&u), Err(Error::Storage(_))), "share {share}: the lease status is an error too");
+        assert_eq!(e.snapshot(), before, "share {share}: nothing recorded");
+    }
+}
+
+#[tokio::test]
 async fn tokens_of_another_device_or_older_lease_ver_are_ignored() {
     let (e, u) = env();
     let s = server();

@@ -444,3 +444,19 @@ fn a_negative_stored_server_total_is_an_error_never_room() {
     assert_corrupt(reopened.consume(&u, "ai_chat", 1, UsageMeta::default()), "counters.server_used");
     assert_eq!(e.snapshot(), before, "nothing recorded after reopening either");
 }
+
+#[test]
+fn a_negative_stored_figure_of_a_use_fails_the_report_instead_of_wrapping() {
+    for column in ["input_tokens", "output_tokens", "cost_micros"] {
+        let e = Env::new();
+        let u = e.tally.create_local_user(None).unwrap().id;
+        assert!(e.tally.consume(&u, "ai_spend", 1, ai("gpt-4o", 10, 10)).unwrap().allowed);
+        // The file is corrupted behind the library's back: a figure of the use below zero.
+        e.raw().execute(&format!("UPDATE events SET {column} = -5"), []).unwrap();
+        let before = e.snapshot();
+        for by in [tally_core::GroupBy::Day, tally_core::GroupBy::Feature, tally_core::GroupBy::Model] {
+            assert_corrupt(e.tally.report(&u, t("2026-01-01T00:00:00Z"), t("2026-02-01T00:00:00Z"), by), &format!("events.{column}"));
+        }
+        assert_eq!(e.snapshot(), before, "{column}: nothing changed");
+    }
+}

@@ -316,6 +316,54 @@ pub async fn after_ingest(
     Ok(())
 }
 
+/// The leased uses `(id, credits drawn)` of `device`, in its order, that went past its slice of
+/// the credit balance: what the slice had left (allowance − consumed, read before they are
+/// counted) runs out before them. A use whose price in credits is not stored, or a negative
+/// stored figure, is an error.
+pub async fn past_allowance(tx: &impl GenericClient, user_id: Uuid, device: &str, uses: &[(Uuid, Option<i64>)]) -> ApiResult<Vec<Uuid>> {
+    use crate::pools::{CREDITS, CREDITS_PERIOD, credits_start, stored_count};
+    if uses.iter().all(|(_, c)| *c == Some(0)) {
+        return Ok(Vec::new());
+    }
+    let mut left = crate::pools::slice_left(tx, user_id, (CREDITS, CREDITS_PERIOD, credits_start()), device).await?;
+    let mut past = Vec::new();
+    for (id, credits) in uses {
+        let credits = credits.ok_or_else(|| ApiError::internal(format!("use {id} was stored without its price in credits")))?;
+        let credits = stored_count(credits, || format!("events.credits of {id}"))?;
+        if credits == 0 {
+            continue;
+        }
+        if credits > left {
+            past.push(*id);
+        }
+        left = left.saturating_sub(credits);
+    }
+    Ok(past)
+}
+
+/// The credit balance is in debt and `ids` are uses past their device's slice of it: each is
+/// stored with `cause` (`device_overrun`, or `cloned_device`), and the cause joins the credit
+/// pool's causes.
+pub async fn mark_overrun(tx: &impl GenericClient, user_id: Uuid, ids: &[Uuid], cause: &str) -> ApiResult<()> {
+    use crate::pools::{CREDITS, CREDITS_PERIOD, credits_start};
+    tx.execute(
+        &tx.prepare_cached("UPDATE events SET cause = $3 WHERE user_id = $1 AND id = ANY($2) AND cause IS NULL").await?,
+        &[&user_id, &ids, &cause],
+    )
+    .await?;
+    tx.execute(
+        &tx.prepare_cached(
+            "INSERT INTO counters (user_id, feature, period, period_start, causes) VALUES ($1, $2, $3, $4, ARRAY[$5::text]) \
+             ON CONFLICT (user_id, feature, period, period_start) DO UPDATE \
+             SET causes = ARRAY(SELECT DISTINCT x FROM unnest(counters.causes || ARRAY[$5::text]) AS x ORDER BY x)",
+        )
+        .await?,
+        &[&user_id, &CREDITS, &CREDITS_PERIOD, &credits_start(), &cause],
+    )
+    .await?;
+    Ok(())
+}
+
 /// Adds a grant (and its `credits.granted` event); `false` when a grant with this id already
 /// exists (e.g. the invoice's).
 #[allow(clippy::too_many_arguments)]

@@ -49,7 +49,11 @@ pub async fn load(state: &AppState, client: &impl GenericClient, user: &User, no
     raw.grants = grants.iter().map(|r| AccessGrant { plan: r.get(0), until: r.get(1), granted_by: r.get(2), reason: r.get(3) }).collect();
     raw.is_admin = user.is_admin;
     raw.tz = Some(user.timezone.clone());
-    raw.ver = u64::try_from(user.ver.saturating_add(catalog_version)).unwrap_or(0);
+    // A negative stored version would sign a token older than any the device holds, and the
+    // device would keep the entitlements it had: corruption, never a silent 0.
+    raw.ver = crate::pools::stored_count(user.ver.saturating_add(catalog_version), || {
+        format!("users.ver + catalog version of {} ({} + {catalog_version})", user.user_id, user.ver)
+    })?;
     let mut ents = raw.resolve(&catalog, now, grace);
     let included = crate::credits::plan_grants(&ents, &catalog, user.created_at, anchor, now);
     ents.credit_grants = crate::credits::current(client, user.user_id, &ents.features, &catalog, now, included).await?;

@@ -57,9 +57,18 @@ impl Device {
     pub fn active(&self, now: DateTime<Utc>) -> bool {
         self.removed_at.is_none() && self.lease_until.is_some_and(|u| u > now)
     }
-    fn from_row(r: &tokio_postgres::Row) -> Device {
-        Device {
-            device_id: r.get(0),
+    /// The row as stored; a negative `lease_ver` or `high_seq`, or `leases` that do not read as
+    /// lease entries, is corruption: an error, never a device that holds nothing.
+    fn from_row(r: &tokio_postgres::Row) -> ApiResult<Device> {
+        let device_id: String = r.get(0);
+        let place = |column: &str| format!("devices.{column} of {device_id:?}");
+        for (column, v) in [("lease_ver", r.get::<_, i64>(1)), ("high_seq", r.get(9))] {
+            pools::stored_count(v, || place(column))?;
+        }
+        let leases = serde_json::from_value(r.get::<_, Value>(8))
+            .map_err(|e| ApiError::Internal(format!("corrupt stored value: {} do not read as lease entries: {e}", place("leases"))))?;
+        Ok(Device {
+            device_id,
             lease_ver: r.get(1),
             lease_until: r.get(2),
             last_sync_at: r.get(3),
@@ -67,9 +76,9 @@ impl Device {
             cloned: r.get(5),
             removed_at: r.get(6),
             protocol: r.get(7),
-            leases: serde_json::from_value(r.get::<_, Value>(8)).unwrap_or_default(),
+            leases,
             high_seq: r.get(9),
-        }
+        })
     }
 }
 
@@ -85,7 +94,7 @@ pub async fn register(tx: &impl GenericClient, user_id: Uuid, device_id: &str, p
          RETURNING {DEVICE_COLUMNS}"
     );
     let p = i32::try_from(protocol).unwrap_or(i32::MAX);
-    Ok(Device::from_row(&tx.query_one(&tx.prepare_cached(&q).await?, &[&user_id, &device_id, &now, &p]).await?))
+    Device::from_row(&tx.query_one(&tx.prepare_cached(&q).await?, &[&user_id, &device_id, &now, &p]).await?)
 }
 
 /// The device's acknowledgement of its token `ver`: the shares of older tokens stop counting.
@@ -171,11 +180,22 @@ pub async fn materialize(tx: &impl GenericClient, user_id: Uuid, key: &PoolKey) 
         )
         .await?;
     let mut best: BTreeMap<String, u64> = BTreeMap::new();
+    let mut promised_limit = None;
     for r in rows {
-        let share = Share::from_millionths(u32::try_from(r.get::<_, i32>(1)).unwrap_or(0));
-        let units = lease::offline_allowance(0, u64::try_from(r.get::<_, i64>(2)).unwrap_or(0), share);
-        let e = best.entry(r.get(0)).or_insert(0);
+        let device: String = r.get(0);
+        let place = |column: &str| format!("device_shares.{column} of ({user_id}, {device:?}, {:?})", key.feature);
+        let share = pools::stored_count(r.get::<_, i32>(1).into(), || place("share"))?;
+        let limit = pools::stored_count(r.get(2), || place("lim"))?;
+        let units = lease::offline_allowance(0, limit, Share::from_millionths(u32::try_from(share).unwrap_or(u32::MAX)));
+        if units > 0 {
+            promised_limit = promised_limit.max(Some(limit));
+        }
+        let e = best.entry(device).or_insert(0);
         *e = (*e).max(units);
+    }
+    if let Some(limit) = promised_limit {
+        // The slices are room given under the limit the tokens promised.
+        pools::note_limit(tx, user_id, key, limit).await?;
     }
     for (device, units) in best {
         tx.execute(
@@ -489,6 +509,9 @@ pub async fn grant(
         let key = &pool.key;
         let credits = key.feature == CREDITS;
         let p = pools::lock(tx, ctx.user_id, key, pool.budget, ctx.now).await?;
+        if !credits {
+            pools::note_limit(tx, ctx.user_id, key, pool.limit).await?;
+        }
         tx.execute(
             &tx.prepare_cached(
                 "INSERT INTO pool_devices (user_id, feature, period, period_start, device_id) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
@@ -681,21 +704,22 @@ pub struct DeviceView {
 pub async fn devices(client: &impl GenericClient, user_id: Uuid) -> ApiResult<Vec<DeviceView>> {
     let q = format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE user_id = $1 ORDER BY first_seen_at, device_id");
     let rows = client.query(&client.prepare_cached(&q).await?, &[&user_id]).await?;
-    Ok(rows
-        .iter()
+    rows.iter()
         .map(Device::from_row)
-        .map(|d| DeviceView {
-            device_id: d.device_id,
-            first_seen_at: d.first_seen_at,
-            last_sync_at: d.last_sync_at,
-            protocol: d.protocol,
-            lease_ver: d.lease_ver,
-            lease_until: d.lease_until,
-            cloned: d.cloned,
-            removed_at: d.removed_at,
-            leases: d.leases,
+        .map(|d| {
+            d.map(|d| DeviceView {
+                device_id: d.device_id,
+                first_seen_at: d.first_seen_at,
+                last_sync_at: d.last_sync_at,
+                protocol: d.protocol,
+                lease_ver: d.lease_ver,
+                lease_until: d.lease_until,
+                cloned: d.cloned,
+                removed_at: d.removed_at,
+                leases: d.leases,
+            })
         })
-        .collect())
+        .collect()
 }
 
 /// `GET /v1/me/devices`: `{"devices": [...]}`, the caller's devices by first sync.

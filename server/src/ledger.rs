@@ -41,10 +41,27 @@ pub struct NewEvent {
     pub lease_ver: Option<i64>,
     /// Counts at its `occurred_at` (a leased use), without the clamp to the server's time.
     pub unclamped: bool,
-    /// The cause stored when it leaves its hard window over the limit (beats the batch's).
-    pub cause: Option<&'static str>,
+    /// Why it may leave its hard window over the limit (beats the batch's cause).
+    pub cause: Option<Cause>,
     /// The use it is an item of (its id is then `item_event_id(use_id, feature)`).
     pub use_id: Option<Uuid>,
+}
+
+/// Why a use may leave the window of its hard rule over the limit: found from how it was
+/// recorded, never guessed from the window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// A use recorded without room the server promised it (`protocol1`, `before_lease`,
+    /// `reclaimed`): its cause whenever it lands in room that is not free.
+    Recorded(&'static str),
+    /// A use decided under a live slice of the recording device. Within the device's allowance
+    /// it is over only when the limit fell below what was used ([`CAUSE_DOWNGRADE`]); past it,
+    /// the device overran ([`CAUSE_DEVICE_OVERRUN`], or [`CAUSE_CLONED_DEVICE`] for a device id
+    /// two installs share) and the use counts like one the server never promised room for.
+    Slice {
+        /// Two installs sent this device id.
+        cloned: bool,
+    },
 }
 
 /// The part of an event compared when its id is sent again.
@@ -635,7 +652,7 @@ pub async fn ingest(
     // What this batch added to each window, to tell which thresholds it crossed.
     let added: HashMap<CounterKey, (i64, i64)> = acc.iter().map(|(k, inc)| (k.clone(), (inc.used, inc.cost))).collect();
     upsert_counters(tx, ctx.user_id, ctx.now, acc).await?;
-    mark_overage(tx, ctx, features, &unique, &out.accepted, &mut after, over_cause).await?;
+    mark_overage(tx, ctx, features, &unique, (&out.accepted, by.device_id()), &mut after, over_cause).await?;
     out.totals = wanted
         .into_iter()
         .filter_map(|((f, p, start), end)| {
@@ -746,33 +763,47 @@ async fn insert_events(
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-/// The cause of a leased use inside its device's slice that leaves its window over the limit:
-/// the slice was granted under a higher limit.
+/// A leased use within its device's allowance, in a window whose limit fell below what was used
+/// after the room was granted (a plan change lowered it).
 pub const CAUSE_DOWNGRADE: &str = "downgrade";
+/// A leased use past its device's allowance (no honest core records one).
+pub const CAUSE_DEVICE_OVERRUN: &str = "device_overrun";
+/// A leased use past the allowance of a device id two installs send.
+pub const CAUSE_CLONED_DEVICE: &str = "cloned_device";
+/// A use of a client of protocol 1.
+pub const CAUSE_PROTOCOL1: &str = "protocol1";
+/// A use of a protocol-2 device before its first lease (or sent without `lease_ver`).
+pub const CAUSE_BEFORE_LEASE: &str = "before_lease";
+/// A leased use reported after its slice was taken back (lease ended, device removed).
+pub const CAUSE_RECLAIMED: &str = "reclaimed";
 
-/// Stores its cause (the event's own, else `batch_cause`) on every accepted event whose hard
-/// rule's window is over its limit after the batch, and adds it (sorted, once) to that window's
-/// causes.
+/// Stores its cause on every accepted event that leaves the window of its hard rule over the
+/// limit, and adds the cause (sorted, once) to that window's causes. The cause is the event's own
+/// ([`Cause`]), else `batch_cause`:
 ///
-/// A use not decided under a lease also counts as over when it lands in room already promised
-/// to devices' slices or open holds (`used + held + outstanding > limit`): the leased uses that
-/// later fill those slices are within what the server granted, and the overage they reveal is
-/// this use's. So a leased use inside its slice (`unclamped`, cause [`CAUSE_DOWNGRADE`]) names
-/// its cause only in a window no other cause explains yet.
+/// - a use not decided within a device's allowance is over when the window is over its limit,
+///   or when it lands in room promised to devices' slices or open holds (`used + held +
+///   outstanding > limit`): the leased uses that later fill those slices are within what the
+///   server granted, and the overage they reveal is this use's;
+/// - a use within its device's allowance ([`Cause::Slice`]) is over only when the window is over
+///   a limit that fell below the highest one room was given under (`counters.lim`): a downgrade.
 async fn mark_overage(
     tx: &impl GenericClient,
     ctx: &Ctx<'_>,
     features: &BTreeMap<String, Rule>,
     events: &[(DateTime<Utc>, i64, NewEvent)],
-    accepted: &[Uuid],
+    (accepted, device): (&[Uuid], Option<&str>),
     after: &mut Counters,
     batch_cause: Option<&str>,
 ) -> ApiResult<()> {
     let accepted: BTreeSet<Uuid> = accepted.iter().copied().collect();
     let mut over_ids: BTreeMap<&str, Vec<Uuid>> = BTreeMap::new();
-    let mut promised: HashMap<CounterKey, u64> = HashMap::new();
-    for (eff, _, e) in events.iter().filter(|(_, _, e)| accepted.contains(&e.id)) {
-        let Some(cause) = e.cause.or(batch_cause) else { continue };
+    // Promised room per window, with and without (for its overruns) the recording device's slice.
+    let mut promised: HashMap<(CounterKey, bool), u64> = HashMap::new();
+    // The recording device's slice per window: (what it had left before the batch, what the
+    // batch's uses took of it so far).
+    let mut slices: HashMap<CounterKey, (u64, u64)> = HashMap::new();
+    for (eff, cost, e) in events.iter().filter(|(_, _, e)| accepted.contains(&e.id)) {
         let Some(rule) = features.get(&e.feature) else { continue };
         let (Some(period), Some(limit)) = (rule.period(), rule.limit()) else { continue };
         if !crate::pools::is_hard(rule) {
@@ -782,22 +813,47 @@ async fn mark_overage(
         let w = window(period, *eff, ctx.tz, ctx.anchor);
         let key = (e.feature.clone(), period, w.start);
         let Some(s) = after.get(&key) else { continue };
-        let used = u64::try_from(if budget { s.cost } else { s.used }).unwrap_or(0);
+        let place = |column: &str| format!("counters.{column} of ({}, {:?}, {}, {})", ctx.user_id, key.0, key.1.as_str(), key.2);
+        let used = crate::pools::stored_count(if budget { s.cost } else { s.used }, || place("used"))?;
+        let highest = s.lim.map(|l| crate::pools::stored_count(l, || place("lim"))).transpose()?;
         // An ended window is judged by the limit it ran under, not by today's plan.
-        let limit = match s.lim {
-            Some(l) if w.end.is_some_and(|end| end <= ctx.now) => u64::try_from(l).unwrap_or(0),
+        let ended = w.end.is_some_and(|end| end <= ctx.now);
+        let limit = match highest {
+            Some(l) if ended => l,
             _ => limit,
         };
-        let over = if e.unclamped {
-            used > limit && (cause != CAUSE_DOWNGRADE || s.causes.is_empty())
+        let (cause, in_slice) = match (e.cause, batch_cause, device) {
+            (Some(Cause::Slice { cloned }), _, Some(device)) => {
+                if !slices.contains_key(&key) {
+                    let left = crate::pools::slice_left(tx, ctx.user_id, (&key.0, key.1.as_str(), key.2), device).await?;
+                    slices.insert(key.clone(), (left, 0));
+                }
+                let units = u64::try_from(if budget { *cost } else { e.amount }).unwrap_or(u64::MAX);
+                let (left, so_far) = slices.entry(key.clone()).or_default();
+                *so_far = so_far.saturating_add(units);
+                match (*so_far <= *left, cloned) {
+                    (true, _) => (CAUSE_DOWNGRADE, true),
+                    (false, true) => (CAUSE_CLONED_DEVICE, false),
+                    (false, false) => (CAUSE_DEVICE_OVERRUN, false),
+                }
+            }
+            // A slice needs a device; without one the use was promised nothing.
+            (Some(Cause::Slice { .. }), _, None) => (CAUSE_DEVICE_OVERRUN, false),
+            (Some(Cause::Recorded(c)), _, _) | (None, Some(c), _) => (c, false),
+            (None, None, _) => continue,
+        };
+        let over = if in_slice {
+            used > limit && highest.is_some_and(|h| limit < h)
         } else if used > limit {
             true
         } else {
-            let p = match promised.get(&key) {
+            // An overrun's own slice is spent: only the others' promised room counts.
+            let overrun = matches!(e.cause, Some(Cause::Slice { .. }));
+            let p = match promised.get(&(key.clone(), overrun)) {
                 Some(p) => *p,
                 None => {
-                    let p = promised_room(tx, ctx, &key).await?;
-                    promised.insert(key.clone(), p);
+                    let p = promised_room(tx, ctx, &key, device.filter(|_| overrun)).await?;
+                    promised.insert((key.clone(), overrun), p);
                     p
                 }
             };
@@ -832,8 +888,8 @@ async fn mark_overage(
 }
 
 /// Room of a window promised but not yet used: open holds plus what devices with a live lease
-/// may still record in their slices (units, or micros for a budget).
-async fn promised_room(tx: &impl GenericClient, ctx: &Ctx<'_>, key: &CounterKey) -> ApiResult<u64> {
+/// (but `except`) may still record in their slices (units, or micros for a budget).
+async fn promised_room(tx: &impl GenericClient, ctx: &Ctx<'_>, key: &CounterKey, except: Option<&str>) -> ApiResult<u64> {
     let row = tx
         .query_one(
             &tx.prepare_cached(
@@ -841,11 +897,12 @@ async fn promised_room(tx: &impl GenericClient, ctx: &Ctx<'_>, key: &CounterKey)
                    AND c.period_start = $4), 0)::int8, \
                  (SELECT coalesce(sum(greatest(0, d.allowance - d.consumed)), 0)::int8 FROM pool_devices d \
                    WHERE d.user_id = $1 AND d.feature = $2 AND d.period = $3 AND d.period_start = $4 \
+                   AND d.device_id IS DISTINCT FROM $6 \
                    AND EXISTS (SELECT 1 FROM devices v WHERE v.user_id = d.user_id AND v.device_id = d.device_id \
                      AND v.removed_at IS NULL AND v.lease_until > $5))",
             )
             .await?,
-            &[&ctx.user_id, &key.0, &key.1.as_str(), &key.2, &ctx.now],
+            &[&ctx.user_id, &key.0, &key.1.as_str(), &key.2, &ctx.now, &except],
         )
         .await?;
     let place = |column: &str| format!("{column} of ({}, {:?}, {}, {})", ctx.user_id, key.0, key.1.as_str(), key.2);

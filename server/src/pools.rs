@@ -125,6 +125,50 @@ pub async fn lock(tx: &impl GenericClient, user_id: Uuid, key: &PoolKey, budget:
     })
 }
 
+/// Raises the highest limit `key`'s window ran under (`counters.lim`) to `limit`, when room was
+/// given under it (a grant, or a slice kept for a window a device entered offline): a leased use
+/// within its allowance leaves the window over with cause `downgrade` only when the limit fell
+/// below this one.
+pub async fn note_limit(tx: &impl GenericClient, user_id: Uuid, key: &PoolKey, limit: u64) -> ApiResult<()> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    tx.execute(
+        &tx.prepare_cached(
+            "INSERT INTO counters (user_id, feature, period, period_start, period_end, lim) VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (user_id, feature, period, period_start) DO UPDATE SET lim = excluded.lim \
+             WHERE counters.lim IS NULL OR counters.lim < excluded.lim",
+        )
+        .await?,
+        &[&user_id, &key.feature, &key.period, &key.period_start, &key.period_end, &limit],
+    )
+    .await?;
+    Ok(())
+}
+
+/// What `device` may still record in the pool `(feature, period, window start)` as stored: its
+/// allowance less what it has recorded under it (`consumed`; a batch being stored is counted
+/// after it). No slice is 0; a negative stored figure is an error.
+pub async fn slice_left(
+    tx: &impl GenericClient,
+    user_id: Uuid,
+    (feature, period, start): (&str, &str, DateTime<Utc>),
+    device: &str,
+) -> ApiResult<u64> {
+    let row = tx
+        .query_opt(
+            &tx.prepare_cached(
+                "SELECT allowance, consumed FROM pool_devices \
+                 WHERE user_id = $1 AND feature = $2 AND period = $3 AND period_start = $4 AND device_id = $5",
+            )
+            .await?,
+            &[&user_id, &feature, &period, &start, &device],
+        )
+        .await?;
+    let Some(row) = row else { return Ok(0) };
+    let place = |column: &str| format!("pool_devices.{column} of ({user_id}, {feature:?}, {period}, {start}, {device:?})");
+    let allowance = stored_count(row.get(0), || place("allowance"))?;
+    Ok(allowance.saturating_sub(stored_count(row.get(1), || place("consumed"))?))
+}
+
 /// A count as stored (`used`, `held`, a cost, an allowance): never negative. A negative one is
 /// corruption, never room: a 500 `internal` whose logged detail names `place` and the value.
 pub fn stored_count(v: i64, place: impl FnOnce() -> String) -> ApiResult<u64> {

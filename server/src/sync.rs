@@ -6,7 +6,7 @@ use crate::auth::AuthUser;
 use crate::authority::{self, Actor};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{body_bytes, from_value, parse_json};
-use crate::ledger::{self, Ctx, Voided};
+use crate::ledger::{self, Cause, Ctx, Voided};
 use crate::users::{self, User};
 use crate::{AppState, entitlements, leases, settings};
 use axum::Json;
@@ -226,15 +226,17 @@ async fn run(
     // Where each use counts and why it may be over its limit.
     let features = &loaded.ents.features;
     let mut counted = std::collections::BTreeSet::new();
+    // Uses decided under a live slice of this device (the others have their own cause).
+    let mut in_slice = std::collections::BTreeSet::new();
     // Each pool a batch touches is reserved once, not once per event.
     let mut materialized: Vec<crate::pools::PoolKey> = Vec::new();
     for e in &mut events {
         if !leased {
-            e.cause = Some("protocol1");
+            e.cause = Some(Cause::Recorded(ledger::CAUSE_PROTOCOL1));
             continue;
         }
         let Some(until) = dev.lease_until.filter(|_| e.lease_ver.is_some()) else {
-            e.cause = Some("before_lease");
+            e.cause = Some(Cause::Recorded(ledger::CAUSE_BEFORE_LEASE));
             continue;
         };
         let (start, end) = match features.get(&e.feature).and_then(tally_core::Rule::period) {
@@ -253,12 +255,11 @@ async fn run(
         if in_lease {
             counted.insert(e.id);
         }
-        e.cause = Some(if cloned {
-            "cloned_device"
-        } else if dev.removed_at.is_some() || slice_reclaimed || !in_lease {
-            "reclaimed"
+        e.cause = Some(if dev.removed_at.is_some() || slice_reclaimed || !in_lease {
+            Cause::Recorded(ledger::CAUSE_RECLAIMED)
         } else {
-            ledger::CAUSE_DOWNGRADE
+            in_slice.insert(e.id);
+            Cause::Slice { cloned }
         });
         if in_lease
             && let Some(rule) = features.get(&e.feature)
@@ -272,19 +273,25 @@ async fn run(
     let device = Actor::Device(&req.device_id);
     let mut out = ledger::ingest(&tx, &ctx, features, events, device, "sync", None).await?;
     let counted: Vec<Uuid> = out.accepted.iter().filter(|id| counted.contains(*id)).copied().collect();
+    let mut credit_overrun = Vec::new();
     if !counted.is_empty() {
         let rows = tx
             .query(
                 &tx.prepare_cached(
                     // Inserted with lease_counted set: read back what they count, no second write.
-                    "SELECT feature, amount, cost_micros, effective_at FROM events WHERE user_id = $1 AND id = ANY($2)",
+                    "SELECT feature, amount, cost_micros, effective_at, id, credits FROM events WHERE user_id = $1 AND id = ANY($2) \
+                     ORDER BY device_seq, id",
                 )
                 .await?,
                 &[&user.user_id, &counted],
             )
             .await?;
         let uses: Vec<(String, chrono::DateTime<chrono::Utc>, i64, i64)> =
-            rows.iter().map(|r| (r.get(0), r.get(3), r.get(1), r.get::<_, Option<i64>>(2).unwrap_or(0))).collect();
+            rows.iter().map(|r| (r.get(0), r.get(3), r.get(1), r.get(2))).collect();
+        let credits: Vec<(Uuid, Option<i64>)> =
+            rows.iter().filter(|r| in_slice.contains(&r.get::<_, Uuid>(4))).map(|r| (r.get(4), r.get(5))).collect();
+        // Read before they are counted: what the slice had left for them.
+        credit_overrun = crate::credits::past_allowance(&tx, user.user_id, &req.device_id, &credits).await?;
         leases::count_consumed_many(&tx, &ctx, &req.device_id, &uses).await?;
     }
     // Voids apply after the batch's inserts (an event and its void may come together).
@@ -327,6 +334,11 @@ async fn run(
     let mut ents = loaded.ents.clone();
     crate::credits::after_ingest(&tx, user.user_id, &mut ents, &loaded.catalog, &out.touched, (user.created_at, loaded.anchor), now)
         .await?;
+    if ents.credit_balance < 0 && !credit_overrun.is_empty() {
+        // In debt, and this device spent past its slice of the balance: those uses are a cause.
+        let cause = if cloned { ledger::CAUSE_CLONED_DEVICE } else { ledger::CAUSE_DEVICE_OVERRUN };
+        crate::credits::mark_overrun(&tx, user.user_id, &credit_overrun, cause).await?;
+    }
     if leased && let Some(t) = crate::credits::pool_total(&tx, user.user_id, &ents, now).await? {
         out.totals.push(t);
     }

@@ -674,23 +674,98 @@ async fn the_credit_pool_is_a_total_whose_debt_names_the_refund() {
     assert!(r["totals"].as_array().unwrap().iter().all(|t| t["feature"] != "$credits"), "{r}");
 }
 
-#[tokio::test]
-async fn a_slice_granted_before_a_downgrade_and_spent_after_it_is_caused_by_the_downgrade() {
+/// `sub` on `pro` (`img`: 16 an hour) gets a 16-unit slice on device `tab`, is downgraded to
+/// `free` (8 an hour) within the window, then `tab` reports `uses` uses of its slice: the app
+/// and the window's total.
+async fn spent_after_a_downgrade(sub: &str, uses: u64) -> Option<(L, Value)> {
     const PLANS: &str = r#"{"plans": [
       {"id": "free", "features": {"img": {"type": "metered", "limit": 8, "period": "hour", "enforcement": "hard"}}},
       {"id": "pro",  "features": {"img": {"type": "metered", "limit": 16, "period": "hour", "enforcement": "hard"}}}]}"#;
-    let l = app_or_skip!(lapp_with("2027-03-10T12:30:00Z", |c| std::fs::write(c.plans_file.as_ref().unwrap(), PLANS).unwrap()).await);
-    let (t, admin) = (token("downgraded"), token("root-admin"));
-    let (s, v) =
-        l.a.call("POST", "/v1/admin/grants", Some(&admin), Some(json!({"subject": "downgraded", "plan": "pro", "reason": "x"}))).await;
+    let l = lapp_with("2027-03-10T12:30:00Z", |c| std::fs::write(c.plans_file.as_ref().unwrap(), PLANS).unwrap()).await?;
+    let (t, admin) = (token(sub), token("root-admin"));
+    let (s, v) = l.a.call("POST", "/v1/admin/grants", Some(&admin), Some(json!({"subject": sub, "plan": "pro", "reason": "x"}))).await;
     assert!(s.is_success(), "{v}");
-    let c = l.claims("downgraded", &l.sync2(&t, "tab", json!({})).await).await;
+    let c = l.claims(sub, &l.sync2(&t, "tab", json!({})).await).await;
     assert_eq!(lease(&c, "img").allowance, 16);
-    let (s, v) = l.a.call("POST", "/v1/admin/grants/revoke", Some(&admin), Some(json!({"subject": "downgraded"}))).await;
+    let (s, v) = l.a.call("POST", "/v1/admin/grants/revoke", Some(&admin), Some(json!({"subject": sub}))).await;
     assert!(s.is_success(), "{v}");
-    let evs: Vec<Value> = (1..=12).map(|s| ev("img", 1, at("2027-03-10T12:31:00Z"), c.lease_ver, s)).collect();
+    let evs: Vec<Value> = (1..=uses).map(|s| ev("img", 1, at("2027-03-10T12:31:00Z"), c.lease_ver, s)).collect();
     let r = l.sync2(&t, "tab", json!({"events": evs})).await;
-    let w = total(&r, "img", "2027-03-10T12:00:00Z");
+    let w = total(&r, "img", "2027-03-10T12:00:00Z").clone();
+    Some((l, w))
+}
+
+#[tokio::test]
+async fn a_slice_granted_before_a_downgrade_and_spent_after_it_is_caused_by_the_downgrade() {
+    let (_l, w) = app_or_skip!(spent_after_a_downgrade("downgraded", 12).await);
     assert_eq!((w["used"].clone(), w["limit"].clone(), w["over_limit_by"].clone()), (json!(12), json!(8), json!(4)), "{w}");
     assert_eq!(w["over_limit_causes"], json!(["downgrade"]), "{w}");
+}
+
+#[tokio::test]
+async fn a_device_past_its_allowance_is_the_cause_device_overrun_not_a_downgrade() {
+    let l = app_or_skip!(lapp("2027-03-10T12:00:00Z").await);
+    let t = token("overrun");
+    let c = l.claims("overrun", &l.sync2(&t, "phone", json!({})).await).await;
+    assert_eq!(lease(&c, "gen").allowance, 10);
+    // No honest core does this: 15 uses under a 10-unit lease, and no plan changed.
+    let evs: Vec<Value> = (1..=15).map(|s| ev("gen", 1, at("2027-03-10T11:00:00Z"), c.lease_ver, s)).collect();
+    let r = l.sync2(&t, "phone", json!({"lease_ver": c.lease_ver, "events": evs})).await;
+    let w = total(&r, "gen", "2027-03-01T00:00:00Z");
+    assert_eq!((w["used"].clone(), w["over_limit_by"].clone()), (json!(15), json!(5)), "{w}");
+    assert_eq!(w["over_limit_causes"], json!(["device_overrun"]), "{w}");
+    let marked = l.rows("SELECT device_seq::text, cause FROM events WHERE cause IS NOT NULL ORDER BY device_seq").await;
+    let past: Vec<String> = (11..=15).map(|s| format!("{s}|device_overrun")).collect();
+    assert_eq!(marked, past, "the five uses past the allowance carry the cause, the ten within it none");
+}
+
+#[tokio::test]
+async fn a_downgrade_and_an_overrun_in_one_batch_each_name_their_own_uses() {
+    // 18 uses of a 16-unit slice under a limit now 8: 16 are the downgrade's, 2 the device's own.
+    let (l, w) = app_or_skip!(spent_after_a_downgrade("both", 18).await);
+    assert_eq!((w["used"].clone(), w["over_limit_by"].clone()), (json!(18), json!(10)), "{w}");
+    assert_eq!(w["over_limit_causes"], json!(["device_overrun", "downgrade"]), "{w}");
+    let marked = l.rows("SELECT cause, count(*)::text FROM events GROUP BY cause ORDER BY cause").await;
+    assert_eq!(marked, vec!["device_overrun|2", "downgrade|16"]);
+}
+
+#[tokio::test]
+async fn uses_reported_after_a_reclaim_are_the_cause_when_another_device_then_fills_its_slice() {
+    let l = app_or_skip!(lapp("2027-03-10T12:00:00Z").await);
+    let t = token("handed-over");
+    let c = l.claims("handed-over", &l.sync2(&t, "phone", json!({})).await).await;
+    let until = DateTime::from_timestamp(c.lease_until.unwrap(), 0).unwrap();
+    assert!(until < at("2027-04-01T00:00:00Z"), "the phone's lease ends within March: {until}");
+    // The phone's lease ends; the tablet gets the whole pool.
+    l.clock.set(until);
+    let b = l.claims("handed-over", &l.sync2(&t, "tablet", json!({})).await).await;
+    assert_eq!(lease(&b, "gen").allowance, 10);
+    // The phone reports 3 uses made before its lease ended: room now promised to the tablet.
+    let evs: Vec<Value> = (1..=3).map(|s| ev("gen", 1, until - chrono::Duration::hours(1), c.lease_ver, s)).collect();
+    let r = l.sync2(&t, "phone", json!({"events": evs})).await;
+    assert_eq!(total(&r, "gen", "2027-03-01T00:00:00Z")["over_limit_causes"], json!(["reclaimed"]), "{r}");
+    // The tablet spends the slice it was granted: within its allowance, under an unchanged limit.
+    let evs: Vec<Value> = (1..=10).map(|s| ev("gen", 1, until, b.lease_ver, s)).collect();
+    let r = l.sync2(&t, "tablet", json!({"lease_ver": b.lease_ver, "events": evs})).await;
+    let w = total(&r, "gen", "2027-03-01T00:00:00Z");
+    assert_eq!((w["used"].clone(), w["over_limit_causes"].clone()), (json!(13), json!(["reclaimed"])), "{w}");
+    assert_eq!(l.rows("SELECT cause, count(*)::text FROM events GROUP BY cause ORDER BY cause").await, vec!["reclaimed|3", "|10"]);
+}
+
+#[tokio::test]
+async fn a_device_past_its_slice_of_the_credit_balance_is_the_cause_of_the_debt() {
+    let l = app_or_skip!(lapp("2027-03-10T12:00:00Z").await);
+    let t = token("spender");
+    let c = l.claims("spender", &l.sync2(&t, "phone", json!({})).await).await;
+    assert_eq!(lease(&c, "$credits").allowance, 50, "half of the balance of 100");
+    // A backend spends the half the phone does not hold; nothing was refunded or downgraded.
+    let (s, v, _) = l.consume(&t, "images", 50).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // The phone spends 70 credits under its 50-credit slice: 20 past it, 20 in debt.
+    let evs: Vec<Value> = (1..=70).map(|s| ev("images", 1, at("2027-03-10T11:00:00Z"), c.lease_ver, s)).collect();
+    let r = l.sync2(&t, "phone", json!({"lease_ver": c.lease_ver, "events": evs})).await;
+    let pool = total(&r, "$credits", "1970-01-01T00:00:00Z");
+    assert_eq!((pool["over_limit_by"].clone(), pool["over_limit_causes"].clone()), (json!(20), json!(["device_overrun"])), "{pool}");
+    let marked = l.rows("SELECT min(device_seq)::text, count(*)::text FROM events WHERE cause = 'device_overrun'").await;
+    assert_eq!(marked, vec!["51|20"], "the twenty uses past the slice carry the cause");
 }

@@ -95,3 +95,49 @@ async fn a_negative_stored_limit_is_an_error_not_a_total() {
     assert_internal("sync", a.sync(&t, "d", vec![event(Uuid::now_v7(), "ai_chat", 1)]).await);
     assert_eq!(snapshot(&a).await, before, "nothing recorded");
 }
+
+#[tokio::test]
+async fn a_negative_stored_version_is_an_error_not_a_token_older_than_the_device_holds() {
+    // Version 0 would sign a token the device ignores as stale: it would keep the plan it had.
+    let (a, t) = app_or_skip!(corrupted("neg-ver", "UPDATE users SET ver = -1000000").await);
+    let before = snapshot(&a).await;
+    assert_internal("entitlements", a.call("GET", "/v1/entitlements", Some(&t), None).await);
+    assert_internal("sync", a.sync(&t, "d", vec![event(Uuid::now_v7(), "ai_chat", 1)]).await);
+    assert_eq!(snapshot(&a).await, before, "nothing recorded");
+}
+
+#[tokio::test]
+async fn a_corrupt_device_row_is_an_error_not_a_device_that_holds_nothing() {
+    for (column, corrupt) in [
+        ("lease_ver", "UPDATE devices SET lease_ver = -5"),
+        ("high_seq", "UPDATE devices SET high_seq = -5"),
+        ("leases", r#"UPDATE devices SET leases = '{"not": "a list"}'"#),
+    ] {
+        let (a, t) = app_or_skip!(corrupted(&format!("dev-{column}"), "SELECT 1").await);
+        let sync2 = json!({"protocol": 2, "device_id": "phone", "events": [event(Uuid::now_v7(), "ai_chat", 1)]});
+        let (s, v) = a.call("POST", "/v1/sync", Some(&t), Some(sync2.clone())).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        exec(&a, corrupt).await;
+        let before = snapshot(&a).await;
+        let mut again = sync2.clone();
+        again["events"] = json!([event(Uuid::now_v7(), "ai_chat", 1)]);
+        assert_internal(&format!("{column}: sync"), a.call("POST", "/v1/sync", Some(&t), Some(again)).await);
+        assert_internal(&format!("{column}: devices"), a.call("GET", "/v1/me/devices", Some(&t), None).await);
+        assert_eq!(snapshot(&a).await, before, "{column}: nothing recorded");
+    }
+}
+
+#[tokio::test]
+async fn a_negative_cost_or_credit_price_of_a_use_cannot_be_stored() {
+    // Either would read as room: a budget rebuilt from its uses, a credit balance replayed.
+    let (a, _) = app_or_skip!(corrupted("neg-event", "SELECT 1").await);
+    let (client, conn) = tokio_postgres::connect(&a.url, tokio_postgres::NoTls).await.expect("connect");
+    tokio::spawn(conn);
+    let before = snapshot(&a).await;
+    for (column, constraint) in [("cost_micros", "events_cost_never_negative"), ("credits", "events_credits_never_negative")] {
+        let err = client.batch_execute(&format!("UPDATE events SET {column} = -1")).await.expect_err(column);
+        let db = err.as_db_error().map(|d| d.constraint().unwrap_or_default().to_string());
+        assert_eq!(db.as_deref(), Some(constraint), "{column}: {err}");
+    }
+    assert_eq!(snapshot(&a).await, before, "nothing changed");
+}
