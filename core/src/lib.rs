@@ -37,6 +37,7 @@ pub mod report;
 pub mod session;
 pub mod settings;
 pub mod subscription;
+pub mod timezone_history;
 pub mod sync;
 pub mod token;
 pub mod users;
@@ -65,6 +66,7 @@ pub use report::{GroupBy, ReportRow};
 pub use session::{PasswordSession, SessionTokens};
 pub use settings::SettingStatus;
 pub use subscription::Subscription;
+pub use timezone_history::{TimezoneHistory, ZoneChange};
 pub use sync::{RetryPolicy, SyncOptions, SyncReport, TokenProvider};
 pub use users::{Profile, User, UserUpdate};
 
