@@ -111,15 +111,15 @@ impl TimezoneHistory {
         TimezoneHistory::new(initial, changes)
     }
 
-    /// The wire form: the zone in force at `since` (dated `initial_from` when no change came
-    /// before it), then every change from `since` on. A device token carries this with
+    /// The wire form: the zone in force at `since` (dated `initial_from`, or the first change
+    /// when that is earlier, when no change came before it), then every change from `since` on. A device token carries this with
     /// `since` = issuance − [`TOKEN_HISTORY_SPAN`].
     pub fn to_wire(&self, since: DateTime<Utc>, initial_from: DateTime<Utc>) -> Vec<ZoneChange> {
         let i = &self.inner;
         let kept = i.changes.partition_point(|c| c.from < since);
         let first = match kept.checked_sub(1).and_then(|k| i.changes.get(k)) {
             Some(c) => ZoneChange { tz: c.tz.name().into(), from: c.from },
-            None => ZoneChange { tz: i.initial.name().into(), from: initial_from },
+            None => ZoneChange { tz: i.initial.name().into(), from: i.changes.first().map_or(initial_from, |c| c.from.min(initial_from)) },
         };
         std::iter::once(first).chain(i.changes[kept..].iter().map(|c| ZoneChange { tz: c.tz.name().into(), from: c.from })).collect()
     }
