@@ -80,8 +80,8 @@ async fn moving_to_a_zone_whose_midnight_just_passed_does_not_refill_a_hard_dail
     let t = token("mover");
     let (st, me, _) = s.patch_tz(&t, "America/New_York").await;
     assert_eq!((st, me["timezone"].as_str()), (StatusCode::OK, Some("America/New_York")), "{me}");
-    // 2026-06-10, 06:18 in New York: the day's limit and budget are spent.
-    s.clock.set(at("2026-06-10T10:18:00Z"));
+    // 2026-06-10, 05:50 in New York: the day's limit and budget are spent.
+    s.clock.set(at("2026-06-10T09:50:00Z"));
     for _ in 0..3 {
         let (st, v) = s.post(&t, "/v1/consume", json!({"feature": "daily", "amount": 1})).await;
         assert_eq!(st, StatusCode::OK, "{v}");
@@ -92,8 +92,9 @@ async fn moving_to_a_zone_whose_midnight_just_passed_does_not_refill_a_hard_dail
     assert!(denied(&s.post(&t, "/v1/check", json!({"feature": "daily", "amount": 1})).await.1));
     assert!(denied(&s.post(&t, "/v1/check", json!({"feature": "ai_spend", "amount": 1})).await.1));
 
-    // Kiritimati is UTC+14: its midnight passed 18 minutes ago. No device holds a lease, so the
-    // change takes effect at once; the day in force keeps its New York bounds.
+    // 28 minutes later, Kiritimati (UTC+14) is 18 minutes into a new day. No device holds a
+    // lease, so the change takes effect at once; the day in force keeps its New York bounds.
+    s.clock.set(at("2026-06-10T10:18:00Z"));
     let (st, me, _) = s.patch_tz(&t, "Pacific/Kiritimati").await;
     assert_eq!((st, me["timezone"].as_str()), (StatusCode::OK, Some("Pacific/Kiritimati")), "{me}");
     assert!(me.get("timezone_pending").is_none(), "{me}");
