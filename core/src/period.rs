@@ -5,8 +5,8 @@
 //! `minute`/`hour` align to the Unix epoch; `billing` counts whole months from an anchor (the
 //! subscription's period start, or the user's creation time); `lifetime` is a single window.
 
-use chrono::{DateTime, Datelike, Duration, LocalResult, Months, NaiveDate, TimeZone, Utc};
 use crate::timezone_history::TimezoneHistory;
+use chrono::{DateTime, Datelike, Duration, LocalResult, Months, NaiveDate, TimeZone, Utc};
 use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
 use std::fmt;

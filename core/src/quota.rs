@@ -256,7 +256,8 @@ pub(crate) fn event_window(conn: &Connection, user: &str, feature: &str, at: i64
         .optional()?;
     let Some((period, tz, anchor)) = rule else { return Ok(None) };
     let Ok(p) = period.parse::<Period>() else { return Ok(None) };
-    let zones = if tz.is_empty() { TimezoneHistory::fixed(chrono_tz::UTC) } else { TimezoneHistory::from_key(&tz).map_err(Error::invalid)? };
+    let zones =
+        if tz.is_empty() { TimezoneHistory::fixed(chrono_tz::UTC) } else { TimezoneHistory::from_key(&tz).map_err(Error::invalid)? };
     Ok(Some((period, ms(window(p, from_ms(at), &zones, from_ms(anchor)).start))))
 }
 

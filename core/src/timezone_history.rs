@@ -297,10 +297,13 @@ mod tests {
         assert_eq!(all.len(), 3);
         assert_eq!(TimezoneHistory::from_wire(&all).unwrap(), h);
         let recent = h.to_wire(t("2026-01-01T00:00:00Z"), t("2019-01-01T00:00:00Z"));
-        assert_eq!(recent, vec![
-            ZoneChange { tz: "Asia/Tokyo".into(), from: t("2025-01-01T00:00:00Z") },
-            ZoneChange { tz: "Europe/Paris".into(), from: t("2026-06-01T12:34:56.789Z") }
-        ]);
+        assert_eq!(
+            recent,
+            vec![
+                ZoneChange { tz: "Asia/Tokyo".into(), from: t("2025-01-01T00:00:00Z") },
+                ZoneChange { tz: "Europe/Paris".into(), from: t("2026-06-01T12:34:56.789Z") }
+            ]
+        );
         assert_eq!(h.zone_at(t("2026-06-01T12:00:00Z")), chrono_tz::Asia::Tokyo);
         assert_eq!(h.pending(t("2026-06-01T12:00:00Z")), Some((chrono_tz::Europe::Paris, t("2026-06-01T12:34:56.789Z"))));
         assert!(TimezoneHistory::from_wire(&[]).is_err());

@@ -59,7 +59,11 @@ pub struct MePatch {
         (status = 429, description = "`timezone_change_too_soon`: the timezone changed less than 24 h ago (`Retry-After`); nothing changed"),
     ),
 )]
-pub async fn patch_me(State(state): State<AppState>, AuthUser(user): AuthUser, JsonBody(body): JsonBody<MePatch>) -> ApiResult<Json<Profile>> {
+pub async fn patch_me(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    JsonBody(body): JsonBody<MePatch>,
+) -> ApiResult<Json<Profile>> {
     let patch = ProfilePatch { timezone: body.timezone, display_name: body.display_name, avatar_url: body.avatar_url };
     validate_profile(&patch)?;
     let mut client = state.pool.get().await?;
@@ -284,11 +288,17 @@ pub async fn export_me(State(state): State<AppState>, AuthUser(user): AuthUser) 
         "received_at, id",
     )
     .await?;
+    let timezone_changes = rows(
+        "SELECT requested_at, effective_at, timezone, previous FROM timezone_changes WHERE user_id = $1",
+        "effective_at, requested_at",
+    )
+    .await?;
     // What the app's backend was told about the user (outbound webhooks), in order.
     let webhook_events = rows("SELECT event_id AS id, type, created_at, data, seq FROM webhook_events WHERE user_id = $1", "seq").await?;
     Ok(Json(json!({"user": user, "events": events, "settings": settings, "access_grants": grants, "subscription": subscription,
         "devices": devices, "credit_grants": credit_grants, "store_subscriptions": store_subscriptions, "payments": payments,
-        "refunds": refunds, "store_purchases": store_purchases, "store_events": store_events, "webhook_events": webhook_events})))
+        "refunds": refunds, "store_purchases": store_purchases, "store_events": store_events, "webhook_events": webhook_events,
+        "timezone_changes": timezone_changes})))
 }
 
 /// The rows of `select` (its `$1` is the user) as a JSON array of objects, one per row with

@@ -301,7 +301,8 @@ impl Snapshots {
         if credits {
             return;
         }
-        let until = ents.next_boundary(now, grace).into_iter().chain(next_zone_change(ents, now)).fold(now + Duration::seconds(60), DateTime::min);
+        let until =
+            ents.next_boundary(now, grace).into_iter().chain(next_zone_change(ents, now)).fold(now + Duration::seconds(60), DateTime::min);
         if let Ok(mut m) = self.m.lock() {
             if m.len() >= MAX_CACHED_USERS {
                 m.retain(|_, s| s.until > now);

@@ -5,11 +5,11 @@
 use crate::authority::{Actor, RecordedBy};
 use crate::error::{ApiError, ApiResult};
 use chrono::{DateTime, Utc};
-use tally_core::TimezoneHistory;
 use deadpool_postgres::GenericClient;
 use serde::Deserialize;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use tally_core::TimezoneHistory;
 use tally_core::contract;
 use tally_core::period::{Period, window};
 use tally_core::wire::{Rejected, Total, WireEvent};

@@ -30,7 +30,8 @@ pub const HISTORY_QUERY: &str =
 /// the zone database does not know is an error, never a guess.
 pub fn from_rows(user: &User, rows: &[tokio_postgres::Row]) -> ApiResult<TimezoneHistory> {
     let zone = |name: &str| {
-        tally_core::contract::timezone(name).map_err(|_| ApiError::internal(format!("stored timezone {name:?} of user {} is unknown", user.user_id)))
+        tally_core::contract::timezone(name)
+            .map_err(|_| ApiError::internal(format!("stored timezone {name:?} of user {} is unknown", user.user_id)))
     };
     let Some(first) = rows.first() else { return Ok(TimezoneHistory::fixed(zone(&user.timezone)?)) };
     let initial = zone(first.get::<_, &str>(1))?;
@@ -58,7 +59,11 @@ pub async fn check_interval(tx: &impl GenericClient, user: &User, tz: &str, now:
     match last.map(|t| t + MIN_CHANGE_INTERVAL).filter(|next| *next > now) {
         Some(next) => {
             let secs = u64::try_from((next - now).num_seconds()).unwrap_or(0).max(1);
-            Err(ApiError::TooSoon("timezone_change_too_soon", format!("the timezone changed less than 24 h ago; change it again after {}", next.to_rfc3339()), secs))
+            Err(ApiError::TooSoon(
+                "timezone_change_too_soon",
+                format!("the timezone changed less than 24 h ago; change it again after {}", next.to_rfc3339()),
+                secs,
+            ))
         }
         None => Ok(()),
     }

@@ -89,7 +89,6 @@ impl User {
             email_verified: r.get(11),
         }
     }
-
 }
 
 /// Hash of a subject, kept in account tombstones.

@@ -104,12 +104,20 @@ async fn moving_to_a_zone_whose_midnight_just_passed_does_not_refill_a_hard_dail
     assert!(denied(&v), "the budget stays spent: {v}");
     assert_eq!(s.a.count("events").await, 4, "the denials recorded nothing");
     let day = s.day_total(&t, "daily").await;
-    assert_eq!((day["period_start"].as_str(), day["period_end"].as_str(), &day["used"]), (Some("2026-06-10T04:00:00Z"), Some("2026-06-11T04:00:00Z"), &json!(3)));
+    assert_eq!(
+        (day["period_start"].as_str(), day["period_end"].as_str(), &day["used"]),
+        (Some("2026-06-10T04:00:00Z"), Some("2026-06-11T04:00:00Z"), &json!(3))
+    );
     let (_, e) = s.a.call("GET", "/v1/entitlements", Some(&t), None).await;
     assert_eq!(e["tz"], "Pacific/Kiritimati");
     assert_eq!(e["tz_history"][0]["tz"], "UTC", "the zone the user started with: {e}");
-    assert_eq!(e["tz_history"].as_array().unwrap()[1..], [json!({"tz": "America/New_York", "from": "2026-06-08T00:00:00Z"}),
-                                                          json!({"tz": "Pacific/Kiritimati", "from": "2026-06-10T10:18:00Z"})]);
+    assert_eq!(
+        e["tz_history"].as_array().unwrap()[1..],
+        [
+            json!({"tz": "America/New_York", "from": "2026-06-08T00:00:00Z"}),
+            json!({"tz": "Pacific/Kiritimati", "from": "2026-06-10T10:18:00Z"})
+        ]
+    );
 
     // The next day starts at New York's midnight and lasts until Kiritimati's first midnight a
     // full day later (the 13th, 00:00 there): one limit, never two, in that time.
