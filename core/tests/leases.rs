@@ -8,12 +8,7 @@ use common::*;
 use serde_json::{Value, json};
 use std::sync::{Arc, Mutex};
 use tally_core::lease::{Lease, Share};
-use tally_core::{EntitlementClaims, Entitlements, Error, EventStatus, Period, Reason, Tally, UsageMeta};
-
-/// The key of the server that signs device tokens (the private half of [`SERVER_KEYS`]).
-fn signing_key() -> jsonwebtoken::EncodingKey {
-    server_signing_key()
-}
+use tally_core::{Entitlements, Error, EventStatus, Period, Reason, Tally, UsageMeta};
 
 const NOW: &str = "2026-01-15T12:00:00Z";
 
@@ -21,22 +16,7 @@ const NOW: &str = "2026-01-15T12:00:00Z";
 fn token(did: &str, ver: u64, leases: Vec<Lease>) -> String {
     let now = t(NOW);
     let ent = Entitlements::free().resolve(&catalog(), now, Duration::days(3));
-    let claims = EntitlementClaims {
-        entitlements: ent,
-        sub: "sub-1".into(),
-        uid: "server-uid".into(),
-        iss: "tally".into(),
-        aud: "tally".into(),
-        iat: now.timestamp(),
-        exp: now.timestamp() + 3600,
-        did: Some(did.into()),
-        lease_ver: Some(ver),
-        lease_until: Some(now.timestamp() + 2 * 86_400),
-        leases,
-    };
-    let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
-    h.kid = Some("test".into());
-    jsonwebtoken::encode(&h, &claims, &signing_key()).expect("sign")
+    device_token(ent, did, ver, (now, now + Duration::hours(1)), leases)
 }
 
 fn lease(feature: &str, period: Period, start: Option<&str>, allowance: u64, consumed: u64) -> Lease {

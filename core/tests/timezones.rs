@@ -7,7 +7,7 @@ mod common;
 use chrono::{DateTime, Duration, Utc};
 use common::*;
 use serde_json::json;
-use tally_core::{EntitlementClaims, Entitlements, UserUpdate, ZoneChange};
+use tally_core::{Entitlements, UserUpdate, ZoneChange};
 
 /// A device token for `sub-1` on this device, issued at `iat`, whose user is in `tz` with
 /// `history`.
@@ -15,23 +15,7 @@ fn token(tz: &str, history: Vec<ZoneChange>, iat: DateTime<Utc>) -> String {
     let mut ent = Entitlements::free().resolve(&catalog(), iat, Duration::days(3));
     ent.tz = Some(tz.into());
     ent.tz_history = history;
-    let exp = iat.timestamp() + 86_400;
-    let claims = EntitlementClaims {
-        entitlements: ent,
-        sub: "sub-1".into(),
-        uid: "server-uid".into(),
-        iss: "tally".into(),
-        aud: "tally".into(),
-        iat: iat.timestamp(),
-        exp,
-        did: Some("dev-test".into()),
-        lease_ver: Some(1),
-        lease_until: Some(exp + 2 * 86_400),
-        leases: Vec::new(),
-    };
-    let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
-    h.kid = Some("test".into());
-    jsonwebtoken::encode(&h, &claims, &server_signing_key()).expect("sign")
+    device_token(ent, "dev-test", 1, (iat, iat + Duration::days(1)), Vec::new())
 }
 
 fn change(tz: &str, from: &str) -> ZoneChange {
