@@ -5,9 +5,9 @@ use crate::catalog::Catalog;
 use crate::credits::{credit_balance_at, store_credit_grants};
 use crate::entitlements::{EntitlementClaims, Entitlements, SubscriptionStatus};
 use crate::error::{Error, Result};
+use crate::timezone_history::TimezoneHistory;
 use crate::{Change, Inner, Tally, from_ms, ms, write_tx};
 use chrono::{DateTime, Duration, Utc};
-use chrono_tz::Tz;
 use rusqlite::OptionalExtension;
 use rusqlite::params;
 use std::sync::Arc;
@@ -17,8 +17,8 @@ use std::sync::Arc;
 pub(crate) struct Access {
     /// Resolved entitlements.
     pub ent: Entitlements,
-    /// Zone of calendar windows.
-    pub tz: Tz,
+    /// The zones of calendar windows: the verified token's history, else the local zone.
+    pub zones: TimezoneHistory,
     /// Anchor of billing windows.
     pub anchor: DateTime<Utc>,
     /// Recompute at or after this instant (a grant or grace period ends).
@@ -86,16 +86,16 @@ impl Tally {
                 state.resolve(&catalog, now, self.config.past_due_grace)
             }
         };
-        let tz = crate::contract::timezone(ent.tz.as_deref().unwrap_or(&tz_name)).or_else(|_| crate::contract::timezone(&tz_name))?;
+        let zones = zones(&ent, from_token, &tz_name)?;
         let anchor = match (ent.status, ent.period_start) {
             (s, Some(p)) if s != SubscriptionStatus::None => p,
             _ => from_ms(created_at),
         };
         // A new billing window brings the plan's included credits.
-        if let Some(end) = crate::period::window(crate::Period::Billing, now, chrono_tz::UTC, anchor).end {
+        if let Some(end) = crate::period::billing_window(now, anchor).end {
             valid_until = valid_until.min(end);
         }
-        Ok(Access { ent, tz, anchor, valid_until, from_token, created_at: from_ms(created_at), lease })
+        Ok(Access { ent, zones, anchor, valid_until, from_token, created_at: from_ms(created_at), lease })
     }
 
     /// Entitlements from a stored server token, when it verifies for subject `sub`: the token's
@@ -115,6 +115,7 @@ impl Tally {
             free.free_features = claims.entitlements.free_features;
             free.models = claims.entitlements.models;
             free.tz = claims.entitlements.tz;
+            free.tz_history = claims.entitlements.tz_history;
             Some(free)
         }
     }
@@ -130,6 +131,22 @@ impl Tally {
     pub(crate) fn feature_known(catalog: &Catalog, ent: &Entitlements, feature: &str) -> bool {
         ent.features.contains_key(feature) || ent.free_features.contains_key(feature) || catalog.knows_feature(feature)
     }
+}
+
+/// The zones of a user's calendar windows. From a verified token: its `tz_history`, else its
+/// `tz` (a server that sends no history); the zone set on this device never moves them, its
+/// change waits for the server's token. Without a token (a local user, or one never synced):
+/// the local zone.
+fn zones(ent: &Entitlements, from_token: bool, local: &str) -> Result<TimezoneHistory> {
+    if from_token {
+        if !ent.tz_history.is_empty() {
+            return TimezoneHistory::from_wire(&ent.tz_history).map_err(Error::invalid);
+        }
+        if let Some(tz) = ent.tz.as_deref().and_then(|tz| crate::contract::timezone(tz).ok()) {
+            return Ok(TimezoneHistory::fixed(tz));
+        }
+    }
+    Ok(TimezoneHistory::fixed(crate::contract::timezone(ent.tz.as_deref().unwrap_or(local)).or_else(|_| crate::contract::timezone(local))?))
 }
 
 impl Tally {

@@ -140,6 +140,11 @@ pub struct Entitlements {
     /// The user's timezone (IANA), as the server knows it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tz: Option<String>,
+    /// The user's timezone history (`tz_history` of entitlement tokens): the zone in force
+    /// 400 days before issuance, then every change since, pending ones included. Calendar
+    /// windows follow it ([`crate::TimezoneHistory`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tz_history: Vec<crate::timezone_history::ZoneChange>,
     /// Model pricing in effect.
     #[serde(default)]
     pub models: BTreeMap<String, ModelPrice>,
@@ -174,6 +179,7 @@ impl Entitlements {
             grants: Vec::new(),
             credit_grants: Vec::new(),
             tz: None,
+            tz_history: Vec::new(),
             models: BTreeMap::new(),
             free_features: BTreeMap::new(),
         }
@@ -291,7 +297,7 @@ pub fn included_credit_grants(
 ) -> Vec<(DateTime<Utc>, CreditGrant)> {
     let Some(ic) = plan.included_credits.filter(|c| c.amount > 0) else { return Vec::new() };
     let mut out = Vec::new();
-    let mut w = crate::period::window(crate::Period::Billing, now, chrono_tz::UTC, anchor);
+    let mut w = crate::period::billing_window(now, anchor);
     for _ in 0..36 {
         out.push((
             w.start,
@@ -305,7 +311,7 @@ pub fn included_credit_grants(
         if !ic.rollover || w.start <= since {
             break;
         }
-        w = crate::period::window(crate::Period::Billing, w.start - Duration::milliseconds(1), chrono_tz::UTC, anchor);
+        w = crate::period::billing_window(w.start - Duration::milliseconds(1), anchor);
     }
     out
 }

@@ -135,7 +135,7 @@ pub(crate) struct LeaseView {
 /// budgets (this window), credits rules (`$credits`). `None` for every other rule.
 pub(crate) fn hard_pool(rule: &Rule, feature: &str, a: &Access, now: DateTime<Utc>) -> Option<(Pool, u64)> {
     let windowed = |period: crate::Period, limit: u64| {
-        let w = window(period, now, a.tz, a.anchor);
+        let w = window(period, now, &a.zones, a.anchor);
         Some((Pool { feature: feature.to_string(), period: period.as_str().to_string(), start: Some(ms(w.start)) }, limit))
     };
     match rule {
@@ -367,7 +367,7 @@ impl Tally {
             let Some((pool, _)) = hard_pool(rule, feature, &a, now) else { continue };
             let used = match (rule.period(), pool.start) {
                 (Some(p), Some(start)) => {
-                    let prev = window(p, from_ms(start) - Duration::milliseconds(1), a.tz, a.anchor);
+                    let prev = window(p, from_ms(start) - Duration::milliseconds(1), &a.zones, a.anchor);
                     let budget = matches!(rule, Rule::Budget { .. });
                     [start, ms(prev.start)].into_iter().try_fold(false, |acc, s| -> Result<bool> {
                         let seen = read_counter(conn, user_id, feature, &pool.period, s)?;

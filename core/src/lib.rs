@@ -39,6 +39,7 @@ pub mod session;
 pub mod settings;
 pub mod subscription;
 pub mod sync;
+pub mod timezone_history;
 pub mod token;
 pub mod users;
 pub mod void;
@@ -68,6 +69,7 @@ pub use session::{PasswordSession, SessionTokens};
 pub use settings::SettingStatus;
 pub use subscription::Subscription;
 pub use sync::{RetryPolicy, SyncOptions, SyncReport, TokenProvider};
+pub use timezone_history::{TimezoneHistory, ZoneChange};
 pub use users::{Profile, User, UserUpdate};
 
 use chrono::{DateTime, Duration, Utc};

@@ -1,9 +1,11 @@
 //! Period windows: which `[start, end)` interval an instant falls in, for each period kind.
 //!
-//! Calendar periods (`day`, ISO `week`, `month`, `year`) follow the user's IANA timezone;
+//! Calendar periods (`day`, ISO `week`, `month`, `year`) follow the user's IANA timezone, through
+//! its history ([`TimezoneHistory`]: a change never resets a window in force);
 //! `minute`/`hour` align to the Unix epoch; `billing` counts whole months from an anchor (the
 //! subscription's period start, or the user's creation time); `lifetime` is a single window.
 
+use crate::timezone_history::TimezoneHistory;
 use chrono::{DateTime, Datelike, Duration, LocalResult, Months, NaiveDate, TimeZone, Utc};
 use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
@@ -91,14 +93,16 @@ pub fn lifetime_start() -> DateTime<Utc> {
     DateTime::<Utc>::UNIX_EPOCH
 }
 
-/// The window of `period` that contains `at`, for a user in `tz` whose billing anchor is
-/// `billing_anchor`.
-pub fn window(period: Period, at: DateTime<Utc>, tz: Tz, billing_anchor: DateTime<Utc>) -> Window {
+/// The window of `period` that contains `at`, for a user with timezone history `zones` whose
+/// billing anchor is `billing_anchor`. Every window of a limit, a total or a lease is this one.
+pub fn window(period: Period, at: DateTime<Utc>, zones: &TimezoneHistory, billing_anchor: DateTime<Utc>) -> Window {
     match period {
         Period::Minute => epoch_aligned(at, 60),
         Period::Hour => epoch_aligned(at, 3600),
-        Period::Day | Period::Week | Period::Month | Period::Year => calendar(period, at, tz),
-        Period::Billing => billing(at, billing_anchor),
+        Period::Day | Period::Week | Period::Month | Period::Year => {
+            zones.window(period, at).unwrap_or_else(|| calendar_window(period, at, zones.zone_at(at)))
+        }
+        Period::Billing => billing_window(at, billing_anchor),
         Period::Lifetime => Window { start: lifetime_start(), end: None },
     }
 }
@@ -110,7 +114,7 @@ fn epoch_aligned(at: DateTime<Utc>, secs: i64) -> Window {
 }
 
 /// First day of the calendar window containing local date `d`.
-fn first_day(period: Period, d: NaiveDate) -> NaiveDate {
+pub(crate) fn first_day(period: Period, d: NaiveDate) -> NaiveDate {
     match period {
         Period::Day => d,
         Period::Week => d - Duration::days(i64::from(d.weekday().num_days_from_monday())),
@@ -120,7 +124,7 @@ fn first_day(period: Period, d: NaiveDate) -> NaiveDate {
 }
 
 /// First day of the next calendar window after the one starting on `first`.
-fn next_first_day(period: Period, first: NaiveDate) -> NaiveDate {
+pub(crate) fn next_first_day(period: Period, first: NaiveDate) -> NaiveDate {
     match period {
         Period::Day => first + Duration::days(1),
         Period::Week => first + Duration::days(7),
@@ -150,7 +154,8 @@ pub fn local_midnight(d: NaiveDate, tz: Tz) -> DateTime<Utc> {
     }
 }
 
-fn calendar(period: Period, at: DateTime<Utc>, tz: Tz) -> Window {
+/// The calendar window of `period` containing `at` in the single zone `tz` (no history).
+pub(crate) fn calendar_window(period: Period, at: DateTime<Utc>, tz: Tz) -> Window {
     let mut first = first_day(period, at.with_timezone(&tz).date_naive());
     // Around DST overlaps the local date can disagree with the window boundaries; step to the
     // window that really contains `at`.
@@ -176,7 +181,8 @@ fn add_months(anchor: DateTime<Utc>, k: i64) -> DateTime<Utc> {
     r.unwrap_or(anchor)
 }
 
-fn billing(at: DateTime<Utc>, anchor: DateTime<Utc>) -> Window {
+/// The billing window containing `at`: whole months counted from `anchor`.
+pub fn billing_window(at: DateTime<Utc>, anchor: DateTime<Utc>) -> Window {
     let mut k = i64::from(at.year() - anchor.year()) * 12 + i64::from(at.month()) - i64::from(anchor.month());
     while add_months(anchor, k) > at {
         k -= 1;
@@ -204,7 +210,7 @@ mod tests {
         for c in cal {
             let tz: Tz = c["timezone"].as_str().unwrap().parse().unwrap();
             let p: Period = c["period"].as_str().unwrap().parse().unwrap();
-            let w = window(p, t(c["at"].as_str().unwrap()), tz, t("2020-01-01T00:00:00Z"));
+            let w = window(p, t(c["at"].as_str().unwrap()), &TimezoneHistory::fixed(tz), t("2020-01-01T00:00:00Z"));
             let want = (t(c["start"].as_str().unwrap()), Some(t(c["end"].as_str().unwrap())));
             if (w.start, w.end) != want {
                 failures.push(format!("{c}: got {w:?}"));
@@ -212,7 +218,7 @@ mod tests {
         }
         let bill = v["billing"].as_array().unwrap();
         for c in bill {
-            let w = window(Period::Billing, t(c["at"].as_str().unwrap()), Tz::UTC, t(c["anchor"].as_str().unwrap()));
+            let w = billing_window(t(c["at"].as_str().unwrap()), t(c["anchor"].as_str().unwrap()));
             let want = (t(c["start"].as_str().unwrap()), Some(t(c["end"].as_str().unwrap())));
             if (w.start, w.end) != want {
                 failures.push(format!("{c}: got {w:?}"));
@@ -224,7 +230,7 @@ mod tests {
 
     #[test]
     fn tokyo_day_ends_at_tokyo_midnight() {
-        let w = window(Period::Day, t("2026-03-10T16:00:00Z"), chrono_tz::Asia::Tokyo, t("2020-01-01T00:00:00Z"));
+        let w = window(Period::Day, t("2026-03-10T16:00:00Z"), &TimezoneHistory::fixed(chrono_tz::Asia::Tokyo), t("2020-01-01T00:00:00Z"));
         assert_eq!(w.start, t("2026-03-10T15:00:00Z"));
         assert_eq!(w.end, Some(t("2026-03-11T15:00:00Z")));
     }
@@ -232,29 +238,29 @@ mod tests {
     #[test]
     fn dst_days_are_23_and_25_hours() {
         let ny = chrono_tz::America::New_York;
-        let spring = window(Period::Day, t("2026-03-08T12:00:00Z"), ny, t("2020-01-01T00:00:00Z"));
+        let spring = window(Period::Day, t("2026-03-08T12:00:00Z"), &TimezoneHistory::fixed(ny), t("2020-01-01T00:00:00Z"));
         assert_eq!(spring.end.unwrap() - spring.start, Duration::hours(23));
-        let fall = window(Period::Day, t("2026-11-01T12:00:00Z"), ny, t("2020-01-01T00:00:00Z"));
+        let fall = window(Period::Day, t("2026-11-01T12:00:00Z"), &TimezoneHistory::fixed(ny), t("2020-01-01T00:00:00Z"));
         assert_eq!(fall.end.unwrap() - fall.start, Duration::hours(25));
     }
 
     #[test]
     fn billing_anchor_on_31st_clamps_and_returns() {
         let a = t("2027-01-31T10:00:00Z");
-        let feb = window(Period::Billing, t("2027-03-01T00:00:00Z"), Tz::UTC, a);
+        let feb = billing_window(t("2027-03-01T00:00:00Z"), a);
         assert_eq!(feb.start, t("2027-02-28T10:00:00Z"));
         assert_eq!(feb.end, Some(t("2027-03-31T10:00:00Z")));
-        let before = window(Period::Billing, t("2026-12-31T09:00:00Z"), Tz::UTC, a);
+        let before = billing_window(t("2026-12-31T09:00:00Z"), a);
         assert_eq!(before.start, t("2026-11-30T10:00:00Z"));
     }
 
     #[test]
     fn leap_day_and_week_and_lifetime() {
-        let w = window(Period::Month, t("2028-02-29T23:59:59Z"), Tz::UTC, t("2020-01-01T00:00:00Z"));
+        let w = window(Period::Month, t("2028-02-29T23:59:59Z"), &TimezoneHistory::fixed(Tz::UTC), t("2020-01-01T00:00:00Z"));
         assert_eq!(w.end, Some(t("2028-03-01T00:00:00Z")));
-        let wk = window(Period::Week, t("2026-11-25T12:00:00Z"), Tz::UTC, t("2020-01-01T00:00:00Z"));
+        let wk = window(Period::Week, t("2026-11-25T12:00:00Z"), &TimezoneHistory::fixed(Tz::UTC), t("2020-01-01T00:00:00Z"));
         assert_eq!(wk.start, t("2026-11-23T00:00:00Z"));
-        let l = window(Period::Lifetime, t("2026-11-25T12:00:00Z"), Tz::UTC, t("2020-01-01T00:00:00Z"));
+        let l = window(Period::Lifetime, t("2026-11-25T12:00:00Z"), &TimezoneHistory::fixed(Tz::UTC), t("2020-01-01T00:00:00Z"));
         assert_eq!(l.end, None);
         assert!(l.contains(t("2100-01-01T00:00:00Z")));
         assert!("fortnight".parse::<Period>().is_err());

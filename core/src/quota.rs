@@ -18,6 +18,7 @@ use crate::leases::LeaseUse;
 use crate::ledger::{ConsumeItem, Counted, EventState, INSERT_EVENT, UsageMeta, Use, insert_event, replay, validate};
 use crate::period::{Period, Window, window};
 use crate::tail::{Delta, Tail};
+use crate::timezone_history::TimezoneHistory;
 use crate::{Change, Inner, Tally, from_ms, ms, write_tx};
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
@@ -83,7 +84,7 @@ pub(crate) enum Effect {
 fn counter_window(rule: &Rule, a: &Access, now: DateTime<Utc>) -> Option<(String, Window)> {
     match rule {
         Rule::Metered { period, .. } | Rule::Budget { period, .. } => {
-            Some((period.as_str().to_string(), window(*period, now, a.tz, a.anchor)))
+            Some((period.as_str().to_string(), window(*period, now, &a.zones, a.anchor)))
         }
         Rule::Rate { window_secs, .. } => Some(rate_window(*window_secs, now)),
         _ => None,
@@ -267,15 +268,16 @@ pub(crate) fn event_window(conn: &Connection, user: &str, feature: &str, at: i64
         .optional()?;
     let Some((period, tz, anchor)) = rule else { return Ok(None) };
     let Ok(p) = period.parse::<Period>() else { return Ok(None) };
-    let tz = if tz.is_empty() { chrono_tz::UTC } else { crate::contract::timezone(&tz)? };
-    Ok(Some((period, ms(window(p, from_ms(at), tz, from_ms(anchor)).start))))
+    let zones =
+        if tz.is_empty() { TimezoneHistory::fixed(chrono_tz::UTC) } else { TimezoneHistory::from_key(&tz).map_err(Error::invalid)? };
+    Ok(Some((period, ms(window(p, from_ms(at), &zones, from_ms(anchor)).start))))
 }
 
-/// The (tz, anchor) a period's windows depend on, normalised so that irrelevant changes do not
-/// trigger rebuilds.
+/// The (timezone history key, anchor) a period's windows depend on, normalised so that
+/// irrelevant changes do not trigger rebuilds.
 fn rule_key(period: Period, a: &Access) -> (String, i64) {
     match period {
-        Period::Day | Period::Week | Period::Month | Period::Year => (a.tz.name().to_string(), 0),
+        Period::Day | Period::Week | Period::Month | Period::Year => (a.zones.key(), 0),
         Period::Billing => (String::new(), ms(a.anchor)),
         _ => (String::new(), 0),
     }
@@ -334,7 +336,7 @@ impl Tally {
                     .query_map(params![user, feature, EventState::Pending], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
                     .collect::<rusqlite::Result<_>>()?;
                 for (at, amount, cost) in events {
-                    let w = window(period, from_ms(at), a.tz, a.anchor);
+                    let w = window(period, from_ms(at), &a.zones, a.anchor);
                     add_counter(tx, user, feature, period.as_str(), ms(w.start), amount, cost)?;
                 }
                 tx.execute(

@@ -187,8 +187,9 @@ impl Tally {
         Ok(rows)
     }
 
-    /// Changes a user's profile. A timezone change takes effect at once (current windows are
-    /// recomputed in the new zone) and is sent to the server with the next sync.
+    /// Changes a user's profile. A timezone change is sent to the server with the next sync;
+    /// a signed-in user's windows follow it once the server's verified token carries it (the
+    /// window in force keeps its bounds), a local user's at once.
     pub fn update_user(&self, user_id: &str, update: UserUpdate) -> Result<User> {
         contract::display_name(update.display_name.as_deref())?;
         contract::avatar_url(update.avatar_url.as_deref())?;

@@ -8,17 +8,7 @@ use common::*;
 use serde_json::{Value, json};
 use std::sync::{Arc, Mutex};
 use tally_core::lease::{Lease, Share};
-use tally_core::{EntitlementClaims, Entitlements, Error, EventStatus, Period, Reason, Tally, UsageMeta};
-
-/// PKCS#8 (v1) DER of RFC 8032's first test key, whose public half is [`SERVER_KEYS`].
-fn signing_key() -> jsonwebtoken::EncodingKey {
-    let mut der = vec![0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20];
-    der.extend([
-        0x9d, 0x61, 0xb1, 0x9d, 0xef, 0xfd, 0x5a, 0x60, 0xba, 0x84, 0x4a, 0xf4, 0x92, 0xec, 0x2c, 0xc4, 0x44, 0x49, 0xc5, 0x69, 0x7b, 0x32,
-        0x69, 0x19, 0x70, 0x3b, 0xac, 0x03, 0x1c, 0xae, 0x7f, 0x60,
-    ]);
-    jsonwebtoken::EncodingKey::from_ed_der(&der)
-}
+use tally_core::{Entitlements, Error, EventStatus, Period, Reason, Tally, UsageMeta};
 
 const NOW: &str = "2026-01-15T12:00:00Z";
 
@@ -26,22 +16,7 @@ const NOW: &str = "2026-01-15T12:00:00Z";
 fn token(did: &str, ver: u64, leases: Vec<Lease>) -> String {
     let now = t(NOW);
     let ent = Entitlements::free().resolve(&catalog(), now, Duration::days(3));
-    let claims = EntitlementClaims {
-        entitlements: ent,
-        sub: "sub-1".into(),
-        uid: "server-uid".into(),
-        iss: "tally".into(),
-        aud: "tally".into(),
-        iat: now.timestamp(),
-        exp: now.timestamp() + 3600,
-        did: Some(did.into()),
-        lease_ver: Some(ver),
-        lease_until: Some(now.timestamp() + 2 * 86_400),
-        leases,
-    };
-    let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
-    h.kid = Some("test".into());
-    jsonwebtoken::encode(&h, &claims, &signing_key()).expect("sign")
+    device_token(ent, did, ver, (now, now + Duration::hours(1)), leases)
 }
 
 fn lease(feature: &str, period: Period, start: Option<&str>, allowance: u64, consumed: u64) -> Lease {

@@ -89,7 +89,7 @@ fn verify(e: &Env, m: &Model) -> Result<(), TestCaseError> {
         prop_assert_eq!(n, m.events[i], "events of user {}", i);
         for (f, p, budget) in FEATURES {
             let u = e.tally.usage(id, f).unwrap();
-            let w = window(p, m.highest, *tz, *anchor);
+            let w = window(p, m.highest, &tally_core::TimezoneHistory::fixed(*tz), *anchor);
             prop_assert_eq!(u.period_start, Some(w.start), "{} window of user {}", f, i);
             prop_assert_eq!(u.resets_at, w.end);
             prop_assert_eq!(u.used, ledger_sum(e, id, f, budget, w), "{} of user {} at {}", f, i, m.highest);

@@ -259,6 +259,8 @@ impl TryFrom<Entitlements> for core::Entitlements {
             grants: e.grants.into_iter().map(TryInto::try_into).collect::<Result<_, _>>()?,
             credit_grants: e.credit_grants.into_iter().map(TryInto::try_into).collect::<Result<_, _>>()?,
             tz: e.tz,
+            // Only a verified server token's history moves windows; a local state has none.
+            tz_history: Vec::new(),
             models: e.models.into_iter().map(|(k, v)| Ok((k, v.try_into()?))).collect::<Result<_, TallyError>>()?,
             free_features: rules_from(e.free_features)?,
         })

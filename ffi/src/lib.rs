@@ -203,7 +203,7 @@ impl Tally {
         call(|| self.inner.users()).map(|v| v.into_iter().map(Into::into).collect())
     }
 
-    /// Changes a user's profile (a timezone change takes effect at once).
+    /// Changes a user's profile (a timezone change moves windows once the server's token carries it).
     pub fn update_user(&self, user_id: String, update: UserUpdate) -> Result<User, TallyError> {
         call(|| self.inner.update_user(&user_id, update.into())).map(Into::into)
     }

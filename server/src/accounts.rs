@@ -4,6 +4,7 @@ use crate::AppState;
 use crate::auth::AuthUser;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::JsonBody;
+use crate::timezones::Profile;
 use crate::users::{User, apply_profile, lock, sub_hash, validate_profile};
 use axum::Json;
 use axum::extract::State;
@@ -22,11 +23,13 @@ use uuid::Uuid;
     tag = "account",
     security(("bearer" = [])),
     responses(
-        (status = 200, description = "The caller's profile (the first call creates the user)", body = crate::users::User),
+        (status = 200, description = "The caller's profile (the first call creates the user); `timezone` is the zone in force, `timezone_pending` a change that takes effect later", body = crate::timezones::Profile),
     ),
 )]
-pub async fn get_me(AuthUser(user): AuthUser) -> Json<User> {
-    Json(user)
+pub async fn get_me(State(state): State<AppState>, AuthUser(user): AuthUser) -> ApiResult<Json<Profile>> {
+    let now = state.now();
+    let zones = crate::timezones::history(&state.pool.get().await?, &user).await?;
+    Ok(Json(crate::timezones::profile(user, &zones, now)))
 }
 
 /// Body of `PATCH /v1/me`.
@@ -41,7 +44,9 @@ pub struct MePatch {
     pub timezone: Option<String>,
 }
 
-/// `PATCH /v1/me`: display name, avatar, timezone (the current windows follow at once).
+/// `PATCH /v1/me`: display name, avatar, timezone. A timezone change never resets a window in
+/// force; it takes effect now, or when the latest lease of the user's devices ends (until then
+/// `timezone_pending`); at most one change per 24 h (429 `timezone_change_too_soon`).
 #[utoipa::path(
     operation_id = "accounts_patch_me",
     patch,
@@ -49,17 +54,26 @@ pub struct MePatch {
     tag = "account",
     security(("bearer" = [])),
     request_body = MePatch,
-    responses((status = 200, description = "The updated profile", body = crate::users::User)),
+    responses(
+        (status = 200, description = "The updated profile", body = crate::timezones::Profile),
+        (status = 429, description = "`timezone_change_too_soon`: the timezone changed less than 24 h ago (`Retry-After`); nothing changed"),
+    ),
 )]
-pub async fn patch_me(State(state): State<AppState>, AuthUser(user): AuthUser, JsonBody(body): JsonBody<MePatch>) -> ApiResult<Json<User>> {
+pub async fn patch_me(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    JsonBody(body): JsonBody<MePatch>,
+) -> ApiResult<Json<Profile>> {
     let patch = ProfilePatch { timezone: body.timezone, display_name: body.display_name, avatar_url: body.avatar_url };
     validate_profile(&patch)?;
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
     let mut locked = lock(&tx, user.user_id, &state.config.admin_subjects).await?;
-    apply_profile(&tx, &state.user_cache, &mut locked, &patch).await?;
+    let now = state.now();
+    apply_profile(&tx, &state.user_cache, &mut locked, &patch, now).await?;
+    let zones = crate::timezones::history(&tx, &locked).await?;
     tx.commit().await?;
-    Ok(Json(locked))
+    Ok(Json(crate::timezones::profile(locked, &zones, now)))
 }
 
 /// `DELETE /v1/me`: removes every row of the account and leaves a tombstone of its subject.
@@ -163,6 +177,7 @@ fn user_tables() -> impl Iterator<Item = &'static str> {
         "webhook_attempts",
         "webhook_deliveries",
         "webhook_events",
+        "timezone_changes",
         "users",
     ])
 }
@@ -273,11 +288,17 @@ pub async fn export_me(State(state): State<AppState>, AuthUser(user): AuthUser) 
         "received_at, id",
     )
     .await?;
+    let timezone_changes = rows(
+        "SELECT requested_at, effective_at, timezone, previous FROM timezone_changes WHERE user_id = $1",
+        "effective_at, requested_at",
+    )
+    .await?;
     // What the app's backend was told about the user (outbound webhooks), in order.
     let webhook_events = rows("SELECT event_id AS id, type, created_at, data, seq FROM webhook_events WHERE user_id = $1", "seq").await?;
     Ok(Json(json!({"user": user, "events": events, "settings": settings, "access_grants": grants, "subscription": subscription,
         "devices": devices, "credit_grants": credit_grants, "store_subscriptions": store_subscriptions, "payments": payments,
-        "refunds": refunds, "store_purchases": store_purchases, "store_events": store_events, "webhook_events": webhook_events})))
+        "refunds": refunds, "store_purchases": store_purchases, "store_events": store_events, "webhook_events": webhook_events,
+        "timezone_changes": timezone_changes})))
 }
 
 /// The rows of `select` (its `$1` is the user) as a JSON array of objects, one per row with

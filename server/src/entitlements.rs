@@ -26,6 +26,8 @@ pub struct Loaded {
     pub catalog: Arc<Catalog>,
     /// Its version.
     pub catalog_version: i64,
+    /// The user's timezone history: every calendar window follows it.
+    pub zones: tally_core::TimezoneHistory,
 }
 
 /// Loads and resolves `user`'s entitlements at `now`.
@@ -34,10 +36,14 @@ pub async fn load(state: &AppState, client: &impl GenericClient, user: &User, no
     let grants_st = client
         .prepare_cached("SELECT plan, until, granted_by, reason FROM access_grants WHERE user_id = $1 AND revoked_at IS NULL AND (until IS NULL OR until > $2)")
         .await?;
-    let (catalog_now, subs, grants) =
-        futures::try_join!(state.catalog.current(client), crate::billing::subscriptions::load(client, user.user_id), async {
-            client.query(&grants_st, &[&user.user_id, &now]).await.map_err(ApiError::from)
-        },)?;
+    let zones_st = client.prepare_cached(crate::timezones::HISTORY_QUERY).await?;
+    let (catalog_now, subs, grants, zone_rows) = futures::try_join!(
+        state.catalog.current(client),
+        crate::billing::subscriptions::load(client, user.user_id),
+        async { client.query(&grants_st, &[&user.user_id, &now]).await.map_err(ApiError::from) },
+        async { client.query(&zones_st, &[&user.user_id]).await.map_err(ApiError::from) },
+    )?;
+    let zones = crate::timezones::from_rows(user, &zone_rows)?;
     let (catalog_version, catalog) = catalog_now;
     let grace = crate::billing::subscriptions::grace(state);
     let subs: Vec<tally_core::Subscription> = subs.into_iter().map(|s| s.sub).collect();
@@ -48,7 +54,8 @@ pub async fn load(state: &AppState, client: &impl GenericClient, user: &User, no
     }
     raw.grants = grants.iter().map(|r| AccessGrant { plan: r.get(0), until: r.get(1), granted_by: r.get(2), reason: r.get(3) }).collect();
     raw.is_admin = user.is_admin;
-    raw.tz = Some(user.timezone.clone());
+    raw.tz = Some(zones.zone_at(now).name().to_string());
+    raw.tz_history = zones.to_wire(now - tally_core::timezone_history::TOKEN_HISTORY_SPAN, user.created_at);
     // A negative stored version would sign a token older than any the device holds, and the
     // device would keep the entitlements it had: corruption, never a silent 0.
     raw.ver = crate::pools::stored_count(user.ver.saturating_add(catalog_version), || {
@@ -58,7 +65,7 @@ pub async fn load(state: &AppState, client: &impl GenericClient, user: &User, no
     let included = crate::credits::plan_grants(&ents, &catalog, user.created_at, anchor, now);
     ents.credit_grants = crate::credits::current(client, user.user_id, &ents.features, &catalog, now, included).await?;
     ents.credit_balance = ents.credit_grants.iter().map(|g| g.remaining).sum();
-    Ok(Loaded { ents, anchor, catalog, catalog_version })
+    Ok(Loaded { ents, anchor, catalog, catalog_version, zones })
 }
 
 struct Cached {
@@ -202,7 +209,16 @@ fn sign(
     if let Some(u) = ents.granted_until {
         reuse_until = reuse_until.min(u);
     }
+    if let Some(t) = next_zone_change(ents, now) {
+        reuse_until = reuse_until.min(t);
+    }
     Ok((token, reuse_until, lease_until))
+}
+
+/// When the zone in force of `ents` (its `tz`) changes next after `now`: a pending change of
+/// its `tz_history` taking effect.
+fn next_zone_change(ents: &Entitlements, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    ents.tz_history.iter().map(|c| c.from).find(|t| *t > now)
 }
 
 /// Inserts `value` into a bounded in-memory cache: at [`MAX_CACHED_USERS`] entries the stale
@@ -289,7 +305,8 @@ impl Snapshots {
         if credits {
             return;
         }
-        let until = ents.next_boundary(now, grace).map_or(now + Duration::seconds(60), |t| t.min(now + Duration::seconds(60)));
+        let until =
+            ents.next_boundary(now, grace).into_iter().chain(next_zone_change(ents, now)).fold(now + Duration::seconds(60), DateTime::min);
         if let Ok(mut m) = self.m.lock() {
             if m.len() >= MAX_CACHED_USERS {
                 m.retain(|_, s| s.until > now);

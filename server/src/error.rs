@@ -52,6 +52,10 @@ pub enum ApiError {
     /// 429: rate limited; retry after this many seconds.
     #[error("too many requests; retry in {0} s")]
     RateLimited(u64),
+    /// 429 with its own code (`timezone_change_too_soon`): the same request succeeds after
+    /// this many seconds.
+    #[error("{1}")]
+    TooSoon(&'static str, String, u64),
     /// 503: the database (or a turn to use it) is not available now; retry after
     /// [`RETRY_AFTER_SECS`].
     #[error("{0}")]
@@ -128,6 +132,7 @@ impl ApiError {
             ApiError::Invalid(c, _) => (StatusCode::UNPROCESSABLE_ENTITY, c),
             ApiError::UpgradeRequired(_) => (StatusCode::UPGRADE_REQUIRED, "upgrade_required"),
             ApiError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            ApiError::TooSoon(c, _, _) => (StatusCode::TOO_MANY_REQUESTS, c),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Denied(d) => (d.status, d.code),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
@@ -159,7 +164,7 @@ impl IntoResponse for ApiError {
         let body = ErrorBody { error: ErrorDetail { code: code.to_string(), message } };
         let mut resp = (status, axum::Json(body)).into_response();
         match self {
-            ApiError::RateLimited(secs) => {
+            ApiError::RateLimited(secs) | ApiError::TooSoon(_, _, secs) => {
                 resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
             }
             ApiError::Unavailable(_) => {

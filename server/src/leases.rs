@@ -268,7 +268,7 @@ fn consumed_in(ctx: &Ctx<'_>, feature: &str, at: DateTime<Utc>, amount: i64, cos
     let budget = ctx.catalog.plans.iter().any(|p| matches!(p.features.get(feature), Some(Rule::Budget { .. })));
     let mut pools = Vec::new();
     for p in tracked_periods(ctx.catalog).get(feature).into_iter().flatten() {
-        let w = window(*p, at, ctx.tz, ctx.anchor);
+        let w = window(*p, at, &ctx.zones, ctx.anchor);
         pools.push(((feature.to_string(), p.as_str().to_string(), w.start), if budget { cost } else { amount }));
     }
     if let Some(c) = crate::credits::costs(&BTreeMap::new(), ctx.catalog).get(feature) {

@@ -5,11 +5,11 @@
 use crate::authority::{Actor, RecordedBy};
 use crate::error::{ApiError, ApiResult};
 use chrono::{DateTime, Utc};
-use chrono_tz::Tz;
 use deadpool_postgres::GenericClient;
 use serde::Deserialize;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use tally_core::TimezoneHistory;
 use tally_core::contract;
 use tally_core::period::{Period, window};
 use tally_core::wire::{Rejected, Total, WireEvent};
@@ -182,12 +182,12 @@ fn field_shape_ok(field: &str, v: &Value) -> bool {
     }
 }
 
-/// Where a user's windows are computed: timezone, billing anchor, catalog.
+/// Where a user's windows are computed: timezone history, billing anchor, catalog.
 pub struct Ctx<'a> {
     /// The user.
     pub user_id: Uuid,
-    /// The user's timezone.
-    pub tz: Tz,
+    /// The user's timezone history.
+    pub zones: TimezoneHistory,
     /// Billing anchor (subscription period start, else the user's creation).
     pub anchor: DateTime<Utc>,
     /// The catalog in effect.
@@ -203,7 +203,7 @@ impl<'a> Ctx<'a> {
     pub fn new(user: &crate::users::User, loaded: &'a crate::entitlements::Loaded, now: DateTime<Utc>) -> Ctx<'a> {
         Ctx {
             user_id: user.user_id,
-            tz: user.tz(),
+            zones: loaded.zones.clone(),
             anchor: loaded.anchor,
             catalog: &loaded.catalog,
             catalog_version: loaded.catalog_version,
@@ -212,7 +212,7 @@ impl<'a> Ctx<'a> {
     }
 
     fn counters_key(&self) -> String {
-        format!("{}|{}|{}", self.tz.name(), self.anchor.timestamp_micros(), self.catalog_version)
+        format!("{}|{}|{}", self.zones.key(), self.anchor.timestamp_micros(), self.catalog_version)
     }
     /// The priced cost of a use in micros (0 without a priced model); `None` when it is past
     /// the contract's counter range.
@@ -274,7 +274,7 @@ fn add_increments(
 ) {
     if let Some(periods) = tracked.get(feature) {
         for p in periods {
-            let w = window(*p, at, ctx.tz, ctx.anchor);
+            let w = window(*p, at, &ctx.zones, ctx.anchor);
             let e = acc.entry((feature.to_string(), *p, w.start)).or_default();
             e.end = w.end;
             e.used = e.used.saturating_add(amount);
@@ -354,7 +354,7 @@ pub async fn ensure_counters(tx: &impl GenericClient, ctx: &Ctx<'_>) -> ApiResul
         add_increments(ctx, &tracked, &mut acc, &feature, r.get(2), r.get(1), cost);
         if let Some(cause) = r.get::<_, Option<String>>(4) {
             for p in tracked.get(&feature).into_iter().flatten() {
-                let w = window(*p, r.get(2), ctx.tz, ctx.anchor);
+                let w = window(*p, r.get(2), &ctx.zones, ctx.anchor);
                 causes.entry((feature.clone(), *p, w.start)).or_default().insert(cause.clone());
             }
         }
@@ -468,7 +468,7 @@ fn current_windows(ctx: &Ctx<'_>, features: &BTreeMap<String, Rule>) -> BTreeMap
     let mut wanted = BTreeMap::new();
     for (f, rule) in features {
         if let Some(p) = rule.period() {
-            let w = window(p, ctx.now, ctx.tz, ctx.anchor);
+            let w = window(p, ctx.now, &ctx.zones, ctx.anchor);
             wanted.insert((f.clone(), p, w.start), w.end);
         }
     }
@@ -528,7 +528,7 @@ pub async fn ingest(
     let mut keys: BTreeSet<CounterKey> = wanted.keys().cloned().collect();
     for (eff, _, e) in &unique {
         for p in tracked.get(&e.feature).into_iter().flatten() {
-            let w = window(*p, *eff, ctx.tz, ctx.anchor);
+            let w = window(*p, *eff, &ctx.zones, ctx.anchor);
             keys.insert((e.feature.clone(), *p, w.start));
         }
     }
@@ -550,7 +550,7 @@ pub async fn ingest(
         let mut incs = Vec::new();
         let mut fits = true;
         for p in tracked.get(&e.feature).into_iter().flatten() {
-            let w = window(*p, *eff, ctx.tz, ctx.anchor);
+            let w = window(*p, *eff, &ctx.zones, ctx.anchor);
             let key = (e.feature.clone(), *p, w.start);
             let (used, spent) = stored.get(&key).map_or((0, 0), |s| (s.used, s.cost));
             let inc = acc.get(&key);
@@ -634,7 +634,7 @@ pub async fn ingest(
             unknown.insert(f.clone());
         }
         if let Some(p) = features.get(f).and_then(Rule::period) {
-            let w = window(p, *at, ctx.tz, ctx.anchor);
+            let w = window(p, *at, &ctx.zones, ctx.anchor);
             wanted.insert((f.clone(), p, w.start), w.end);
         }
     }
@@ -810,7 +810,7 @@ async fn mark_overage(
             continue;
         }
         let budget = matches!(rule, Rule::Budget { .. });
-        let w = window(period, *eff, ctx.tz, ctx.anchor);
+        let w = window(period, *eff, &ctx.zones, ctx.anchor);
         let key = (e.feature.clone(), period, w.start);
         let Some(s) = after.get(&key) else { continue };
         let place = |column: &str| format!("counters.{column} of ({}, {:?}, {}, {})", ctx.user_id, key.0, key.1.as_str(), key.2);

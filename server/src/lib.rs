@@ -45,6 +45,7 @@ pub mod sessions;
 pub mod settings;
 pub mod signing;
 pub mod sync;
+pub mod timezones;
 pub mod usage;
 pub mod usage_events;
 pub mod user_cache;

@@ -63,7 +63,7 @@ impl PoolKey {
                 Some(PoolKey { feature: CREDITS.into(), period: CREDITS_PERIOD.into(), period_start: credits_start(), period_end: None })
             }
             _ => rule.period().map(|p| {
-                let w = window(p, ctx.now, ctx.tz, ctx.anchor);
+                let w = window(p, ctx.now, &ctx.zones, ctx.anchor);
                 PoolKey { feature: feature.into(), period: p.as_str().into(), period_start: w.start, period_end: w.end }
             }),
         }

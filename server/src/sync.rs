@@ -191,7 +191,7 @@ async fn run(
 ) -> ApiResult<SyncResponse> {
     let now = state.now();
     let leased = req.protocol >= PROTOCOL_LEASES;
-    let (profile, profile_rejected) = match &req.profile {
+    let (mut profile, mut profile_rejected) = match &req.profile {
         Some(p) => {
             let (ok, refused) = users::split_profile(p);
             (Some(ok), refused)
@@ -210,8 +210,17 @@ async fn run(
             leases::check_amounts(&ctx, "release", &req.release)?;
         }
     }
+    // A timezone change too soon after the previous is refused alone; the sync goes on.
+    if let Some(p) = profile.as_mut()
+        && let Some(tz) = &p.timezone
+        && let Err(e) = crate::timezones::check_interval(&tx, &user, tz, now).await
+    {
+        let ApiError::TooSoon(code, ..) = e else { return Err(e) };
+        profile_rejected.push(tally_core::wire::ProfileRejected { field: "timezone".into(), reason: code.into() });
+        p.timezone = None;
+    }
     if let Some(p) = &profile {
-        users::apply_profile(&tx, &state.user_cache, &mut user, p).await?;
+        users::apply_profile(&tx, &state.user_cache, &mut user, p, now).await?;
     }
     let loaded =
         if profile.as_ref().is_some_and(|p| p.timezone.is_some()) { entitlements::load(state, &tx, &user, now).await? } else { loaded };
@@ -241,7 +250,7 @@ async fn run(
         };
         let (start, end) = match features.get(&e.feature).and_then(tally_core::Rule::period) {
             Some(p) => {
-                let w = tally_core::period::window(p, e.occurred_at, ctx.tz, ctx.anchor);
+                let w = tally_core::period::window(p, e.occurred_at, &ctx.zones, ctx.anchor);
                 (w.start, w.end)
             }
             None => (e.occurred_at, None),
@@ -417,6 +426,6 @@ fn leased_key(ctx: &Ctx<'_>, feature: &str, rule: &tally_core::Rule, at: DateTim
         return None;
     }
     let p = rule.period()?;
-    let w = tally_core::period::window(p, at, ctx.tz, ctx.anchor);
+    let w = tally_core::period::window(p, at, &ctx.zones, ctx.anchor);
     Some(crate::pools::PoolKey { feature: feature.into(), period: p.as_str().into(), period_start: w.start, period_end: w.end })
 }

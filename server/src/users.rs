@@ -45,7 +45,8 @@ pub struct User {
     pub display_name: Option<String>,
     /// Avatar URL.
     pub avatar_url: Option<String>,
-    /// IANA timezone.
+    /// IANA timezone: in `GET /v1/me`, the zone in force; in the row, the latest asked for
+    /// (a change may be pending, see [`crate::timezones`]).
     pub timezone: String,
     /// Admin (flag in the database or subject listed in TALLY_ADMIN_SUBJECTS).
     pub is_admin: bool,
@@ -87,11 +88,6 @@ impl User {
             disabled_at: r.get(10),
             email_verified: r.get(11),
         }
-    }
-
-    /// The user's timezone (UTC when the stored name is unknown).
-    pub fn tz(&self) -> chrono_tz::Tz {
-        self.timezone.parse().unwrap_or(chrono_tz::UTC)
     }
 }
 
@@ -310,25 +306,35 @@ pub fn split_profile(p: &ProfilePatch) -> (ProfilePatch, Vec<ProfileRejected>) {
     (ok, rejected)
 }
 
-/// Applies a validated profile patch to a locked user. A timezone change bumps the entitlement
-/// version (the token carries `tz`) and makes the counters rebuild in the new zone.
+/// Applies a validated profile patch to a locked user at `now`; nothing changes when it asks
+/// for a timezone change less than 24 h after the previous (429 `timezone_change_too_soon`). A
+/// timezone change is recorded in the user's history (it never resets a window in force, see
+/// [`crate::timezones`]), bumps the entitlement version (the token carries `tz` and
+/// `tz_history`) and makes the counters rebuild.
 pub async fn apply_profile(
     tx: &impl GenericClient,
     cache: &crate::user_cache::UserCache,
     user: &mut User,
     p: &ProfilePatch,
+    now: DateTime<Utc>,
 ) -> ApiResult<()> {
-    let tz_changed = p.timezone.as_ref().is_some_and(|t| *t != user.timezone);
+    let new_tz = p.timezone.as_ref().filter(|t| **t != user.timezone);
     if p.timezone.is_none() && p.display_name.is_none() && p.avatar_url.is_none() {
         return Ok(());
     }
+    if let Some(tz) = new_tz {
+        crate::timezones::check_interval(tx, user, tz, now).await?;
+    }
     cache.evict_user(user.user_id);
+    if let Some(tz) = new_tz {
+        crate::timezones::record_change(tx, user, tz, now).await?;
+    }
     let r = tx
         .query_one(
             "UPDATE users SET timezone = coalesce($2, timezone), display_name = coalesce($3, display_name), \
-             avatar_url = coalesce($4, avatar_url), ver = ver + $5, updated_at = now() WHERE user_id = $1 \
+             avatar_url = coalesce($4, avatar_url), ver = ver + $5, updated_at = $6 WHERE user_id = $1 \
              RETURNING timezone, display_name, avatar_url, ver, updated_at",
-            &[&user.user_id, &p.timezone, &p.display_name, &p.avatar_url, &i64::from(tz_changed)],
+            &[&user.user_id, &p.timezone, &p.display_name, &p.avatar_url, &i64::from(new_tz.is_some()), &now],
         )
         .await?;
     user.timezone = r.get(0);

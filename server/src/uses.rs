@@ -266,7 +266,7 @@ impl Use {
             .into_iter()
             .map(|it| {
                 let budget = matches!(features.get(&it.event.feature), Some(Rule::Budget { .. }));
-                let cause = over_cause.or(budget.then_some("cost_over_estimate"));
+                let cause = over_cause.or(budget.then_some("cost_over_estimate")).map(ledger::Cause::Recorded);
                 NewEvent { cause, ..it.event }
             })
             .collect();

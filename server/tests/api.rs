@@ -196,7 +196,7 @@ async fn sync_limits_protocol_and_malformed_bodies() {
 }
 
 #[tokio::test]
-async fn windows_follow_timezone_changes_and_clamp_future_events() {
+async fn a_timezone_change_keeps_the_window_in_force_and_future_events_clamp() {
     let a = app_or_skip!(app().await);
     let t = token("tz");
     let now = Utc::now();
@@ -209,13 +209,13 @@ async fn windows_follow_timezone_changes_and_clamp_future_events() {
     let (_, r) = a
         .call("POST", "/v1/sync", Some(&t), Some(json!({"protocol": 1, "device_id": "d", "profile": {"timezone": "Pacific/Kiritimati"}})))
         .await;
+    assert_eq!(r["profile_rejected"], json!([]), "{r}");
+    let (_, me) = a.call("GET", "/v1/me", Some(&t), None).await;
+    assert_eq!(me["timezone"], "Pacific/Kiritimati", "a protocol-1 device holds no lease: in force at once");
     let day = r["totals"].as_array().unwrap().iter().find(|x| x["feature"] == "ai_spend" && x["period"] == "day").unwrap().clone();
     let start = chrono::DateTime::parse_from_rfc3339(day["period_start"].as_str().unwrap()).unwrap();
-    assert_eq!(
-        start.with_timezone(&chrono_tz::Pacific::Kiritimati).format("%H:%M").to_string(),
-        "00:00",
-        "windows recomputed in the new zone"
-    );
+    assert_eq!(start.format("%H:%M").to_string(), "00:00", "the UTC day in force keeps its bounds: {day}");
+    assert_eq!(used(&r, "ai_spend"), Some(12_500), "and its use");
 }
 
 #[tokio::test]

@@ -84,7 +84,7 @@ fn error_codes() -> BTreeSet<String> {
     let helpers: BTreeSet<String> =
         all.iter().flat_map(|(_, c)| helper.captures_iter(c).map(|m| m[1].to_string()).collect::<Vec<_>>()).collect();
     let mut patterns = vec![
-        format!(r"ApiError::(?:BadRequest|Unauthorized|Unknown|Conflict|Invalid)\(\s*{lit}"),
+        format!(r"ApiError::(?:BadRequest|Unauthorized|Unknown|Conflict|Invalid|TooSoon)\(\s*{lit}"),
         format!(r"ApiError::Status\(\s*[A-Za-z_:]+,\s*{lit}"),
         format!(r"\(\s*StatusCode::[A-Z_]+,\s*{lit}"),
         format!(r#"=>\s*\{{?\s*\(\s*{lit},\s*""#),

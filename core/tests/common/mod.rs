@@ -245,3 +245,37 @@ pub fn signed_in_env() -> (Env, String) {
     let u = e.tally.sign_in(tally_core::Profile { external_id: "sub-1".into(), ..Default::default() }, None).expect("sign in");
     (e, u.id)
 }
+
+/// A device token for `sub-1` on device `did`, signed as the server signs it (with the private
+/// half of [`SERVER_KEYS`], RFC 8032's first test key): `ent` with `lease_ver`, issued at `iat`,
+/// expiring at `exp`, leases until two days after issue.
+pub fn device_token(
+    ent: tally_core::Entitlements,
+    did: &str,
+    lease_ver: u64,
+    (iat, exp): (DateTime<Utc>, DateTime<Utc>),
+    leases: Vec<tally_core::lease::Lease>,
+) -> String {
+    let claims = tally_core::EntitlementClaims {
+        entitlements: ent,
+        sub: "sub-1".into(),
+        uid: "server-uid".into(),
+        iss: "tally".into(),
+        aud: "tally".into(),
+        iat: iat.timestamp(),
+        exp: exp.timestamp(),
+        did: Some(did.into()),
+        lease_ver: Some(lease_ver),
+        lease_until: Some(iat.timestamp() + 2 * 86_400),
+        leases,
+    };
+    // PKCS#8 (v1) DER of the key.
+    let mut der = vec![0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20];
+    der.extend([
+        0x9d, 0x61, 0xb1, 0x9d, 0xef, 0xfd, 0x5a, 0x60, 0xba, 0x84, 0x4a, 0xf4, 0x92, 0xec, 0x2c, 0xc4, 0x44, 0x49, 0xc5, 0x69, 0x7b, 0x32,
+        0x69, 0x19, 0x70, 0x3b, 0xac, 0x03, 0x1c, 0xae, 0x7f, 0x60,
+    ]);
+    let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
+    h.kid = Some("test".into());
+    jsonwebtoken::encode(&h, &claims, &jsonwebtoken::EncodingKey::from_ed_der(&der)).expect("sign")
+}

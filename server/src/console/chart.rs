@@ -45,16 +45,18 @@ pub fn start(days: u32, tz: chrono_tz::Tz, now: DateTime<Utc>) -> DateTime<Utc> 
     local_midnight(today - Duration::days(i64::from(days.max(1)) - 1), tz)
 }
 
-/// Builds the chart of `days` days ending today (in `tz`) at `now` from usage `rows` grouped by
-/// (day, feature), against the user's `rules`; `anchor` is the user's billing anchor.
+/// Builds the chart of `days` days ending today (in the zone in force at `now`) from usage
+/// `rows` grouped by (day, feature), against the user's `rules`; running totals restart where a
+/// window of the user's `zones` and billing `anchor` starts.
 pub fn build(
     rows: &[UsageRow],
     rules: &BTreeMap<String, Rule>,
-    tz: chrono_tz::Tz,
+    zones: &tally_core::TimezoneHistory,
     anchor: DateTime<Utc>,
     now: DateTime<Utc>,
     days: u32,
 ) -> Chart {
+    let tz = zones.zone_at(now);
     let today = now.with_timezone(&tz).date_naive();
     let dates: Vec<NaiveDate> = (0..i64::from(days.max(1))).rev().map(|back| today - Duration::days(back)).collect();
     let index: BTreeMap<String, usize> = dates.iter().enumerate().map(|(i, d)| (d.format("%Y-%m-%d").to_string(), i)).collect();
@@ -88,7 +90,7 @@ pub fn build(
                         .map(|(d, n)| {
                             // The window of the day's noon: noon exists on every local date.
                             let noon = local_midnight(*d, tz) + Duration::hours(12);
-                            let w = window(p, noon, tz, anchor).start;
+                            let w = window(p, noon, zones, anchor).start;
                             if current != Some(w) {
                                 current = Some(w);
                                 run = 0;
@@ -142,7 +144,7 @@ mod tests {
             row("2026-03-02", "legacy", 6, 0),
             row("2026-01-01", "chat", 9, 0),
         ];
-        let c = build(&rows, &rules, chrono_tz::UTC, now, now, 5);
+        let c = build(&rows, &rules, &tally_core::TimezoneHistory::fixed(chrono_tz::UTC), now, now, 5);
         assert_eq!(c.days, ["2026-02-26", "2026-02-27", "2026-02-28", "2026-03-01", "2026-03-02"]);
         let by = |f: &str| c.features.iter().find(|s| s.feature == f).unwrap().clone();
         let chat = by("chat");
@@ -160,7 +162,7 @@ mod tests {
     fn days_follow_the_users_timezone() {
         let tokyo: chrono_tz::Tz = "Asia/Tokyo".parse().unwrap();
         let now = Utc.with_ymd_and_hms(2026, 3, 1, 20, 0, 0).unwrap(); // 05:00 on 2 March in Tokyo
-        let c = build(&[], &BTreeMap::new(), tokyo, now, now, 30);
+        let c = build(&[], &BTreeMap::new(), &tally_core::TimezoneHistory::fixed(tokyo), now, now, 30);
         assert_eq!(c.days.len(), 30);
         assert_eq!(c.days.last().map(String::as_str), Some("2026-03-02"));
         assert_eq!(start(30, tokyo, now), Utc.with_ymd_and_hms(2026, 1, 31, 15, 0, 0).unwrap());

@@ -168,11 +168,10 @@ fn user_id(id: &str) -> Result<Uuid, ConsoleError> {
 pub async fn usage_chart(state: &AppState, user: &User, days: u32, now: DateTime<Utc>) -> Result<Chart, ApiError> {
     let client = state.pool.get().await?;
     let loaded = entitlements::load(state, &client, user, now).await?;
-    let tz = user.tz();
-    let from = chart::start(days, tz, now);
+    let from = chart::start(days, loaded.zones.zone_at(now), now);
     let scope = usage::Scope { user_id: Some(user.user_id), from: Some(from), to: Some(now + chrono::Duration::days(1)) };
     let rows = usage::grouped(&client, scope, &[Group::Day, Group::Feature]).await?;
-    Ok(chart::build(&rows, &loaded.ents.features, tz, loaded.anchor, now, days))
+    Ok(chart::build(&rows, &loaded.ents.features, &loaded.zones, loaded.anchor, now, days))
 }
 
 /// `GET /console/users/{id}?days=30|90`: everything the server knows of one user's access and

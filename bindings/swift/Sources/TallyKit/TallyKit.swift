@@ -1583,7 +1583,7 @@ public protocol TallyProtocol: AnyObject, Sendable {
     func signOut(userId: String) throws 
     
     /**
-     * Changes a user's profile (a timezone change takes effect at once).
+     * Changes a user's profile (a timezone change moves windows once the server's token carries it).
      */
     func updateUser(userId: String, update: UserUpdate) throws  -> User
     
@@ -2193,7 +2193,7 @@ open func signOut(userId: String)throws   {try rustCallWithError(FfiConverterTyp
 }
     
     /**
-     * Changes a user's profile (a timezone change takes effect at once).
+     * Changes a user's profile (a timezone change moves windows once the server's token carries it).
      */
 open func updateUser(userId: String, update: UserUpdate)throws  -> User  {
     return try  FfiConverterTypeUser_lift(try rustCallWithError(FfiConverterTypeTallyError_lift) {

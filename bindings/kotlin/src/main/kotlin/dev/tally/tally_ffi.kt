@@ -3393,7 +3393,7 @@ public interface TallyInterface {
     fun `signOut`(`userId`: kotlin.String)
     
     /**
-     * Changes a user's profile (a timezone change takes effect at once).
+     * Changes a user's profile (a timezone change moves windows once the server's token carries it).
      */
     fun `updateUser`(`userId`: kotlin.String, `update`: UserUpdate): User
     
@@ -4189,7 +4189,7 @@ open class Tally: Disposable, AutoCloseable, TallyInterface
 
     
     /**
-     * Changes a user's profile (a timezone change takes effect at once).
+     * Changes a user's profile (a timezone change moves windows once the server's token carries it).
      */
     @Throws(TallyException::class)override fun `updateUser`(`userId`: kotlin.String, `update`: UserUpdate): User {
             return FfiConverterTypeUser.lift(
