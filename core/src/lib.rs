@@ -171,6 +171,9 @@ pub trait ChangeListener: Send + Sync {
 /// The device library: one SQLite database, several users.
 pub struct Tally {
     inner: Mutex<Inner>,
+    /// Pools whose lease refused a use since the last sync (`lease_exhausted`): asked for on
+    /// the next sync ([`crate::leases::LeaseAsks`]).
+    lease_asks: crate::leases::LeaseAsks,
     config: Config,
     catalog: RwLock<Arc<Catalog>>,
     listener: RwLock<Option<Arc<dyn ChangeListener>>>,
@@ -246,6 +249,7 @@ impl Tally {
                 data_version,
                 tail: None,
             }),
+            lease_asks: crate::leases::LeaseAsks::default(),
             catalog: RwLock::new(Arc::new(config.catalog.clone())),
             config,
             listener: RwLock::new(None),

@@ -349,7 +349,11 @@ async fn run(
             leases::remove(&tx, user.user_id, &req.device_id, now).await?;
             entitlements::token_fresh(state, &user, &ents, now, req.force_entitlements)?
         } else {
-            let asks = DeviceAsks { want: &req.want, released: &released, force: req.force_entitlements };
+            let used: std::collections::BTreeSet<String> = out.touched.iter().map(|(f, _)| f.clone()).collect();
+            let asks = DeviceAsks {
+                lease: leases::GrantAsks { want: &req.want, released: &released, used: &used },
+                force: req.force_entitlements,
+            };
             let token = device_token(state, &tx, (&user, &loaded, &ents), &dev, asks, now).await?;
             recall = leases::recalls(&tx, user.user_id, &req.device_id).await?;
             token
@@ -375,12 +379,10 @@ async fn run(
     })
 }
 
-/// What a device asks of its leases in one request.
+/// What a device asks in one request: its leases, and whether to sign a new token.
 pub struct DeviceAsks<'a> {
-    /// Units it wants per pool.
-    pub want: &'a [tally_core::wire::LeaseAmount],
-    /// Pools it released in with this request (nothing is handed back there).
-    pub released: &'a std::collections::BTreeSet<(String, DateTime<Utc>)>,
+    /// Its wants, releases and uses.
+    pub lease: leases::GrantAsks<'a>,
     /// Sign a new token even when the cached one would do.
     pub force: bool,
 }
@@ -396,9 +398,8 @@ pub async fn device_token(
     asks: DeviceAsks<'_>,
     now: DateTime<Utc>,
 ) -> ApiResult<String> {
-    let n = leases::active_devices(tx, user.user_id, &dev.device_id, now).await?;
     let ctx = Ctx::new(user, loaded, now);
-    let list = leases::grant(tx, &ctx, ents, &dev.device_id, n, asks.want, asks.released).await?;
+    let list = leases::grant(tx, &ctx, ents, &dev.device_id, &asks.lease).await?;
     let pools = leases::current_pools(&ctx, ents);
     let lease_ver = leases::issue(tx, user.user_id, dev, &list, &pools).await?;
     let dl = entitlements::DeviceLeases { device_id: dev.device_id.clone(), lease_ver, leases: list };
