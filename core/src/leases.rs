@@ -332,10 +332,10 @@ impl Tally {
     }
 
     /// The lease part of the next sync request of `user_id` (protocol 2): the stored token's
-    /// `lease_ver`, `want` (every hard pool used in this or the previous window, every
-    /// `Config.offline_features` feature, each at 0 = fair share, and what
-    /// [`Tally::prepare_offline`] asked), and `release` (the cumulative releases no server has
-    /// acknowledged yet).
+    /// `lease_ver`, `want` (every hard pool this device used in this or the previous window,
+    /// every `Config.offline_features` feature, each at 0 = fair share, what
+    /// [`Tally::prepare_offline`] asked, and the units a lease refused since the last sync),
+    /// and `release` (the cumulative releases no server has acknowledged yet).
     pub fn lease_request(&self, user_id: &str) -> Result<LeaseRequest> {
         let mut g = self.lock();
         let now = self.observe_now(&mut g);

@@ -103,8 +103,9 @@ pub struct Config {
     /// app). Without them no entitlements token is trusted and `sync` is
     /// [`Error::Configuration`].
     pub server_keys: Option<String>,
-    /// Protocol 2: features whose leases every sync asks for (at this device's fair share),
-    /// used or not, so that they work offline.
+    /// Protocol 2: features whose leases every sync asks for, used or not, so that they work
+    /// offline (while this device has not used one in this or the previous window, the server
+    /// grants at most half its fair share).
     pub offline_features: Vec<String>,
     /// SQLCipher key of the database (builds with the `sqlcipher` feature; from the app's
     /// Keychain or Keystore). An existing unencrypted file is never re-created encrypted:

@@ -527,8 +527,8 @@ pub struct GrantAsks<'a> {
 /// the number of active devices claiming the pool. A device that does not claim is granted
 /// nothing and recalled down to what it consumed. A claiming one gets [`lease::top_up`]`(room,
 /// want, fair, unused)` with fair = `offline_share.split(n).of(limit)` and room = min(free
-/// room, `offline_share.of(limit)` − Σ outstanding) less [`lease::kept_for_empty_claimer`]
-/// for each other claiming device holding nothing; an `Offline` claim holds at most
+/// room, `offline_share.of(limit)` − Σ outstanding) less [`lease::kept_for_empty_claimers`]
+/// for the other claiming devices holding nothing; an `Offline` claim holds at most
 /// [`lease::offline_claim_cap`] unused. A device left below its fair share sets recalls on the
 /// devices holding more than theirs (a device that does not claim has none).
 pub async fn grant(tx: &impl GenericClient, ctx: &Ctx<'_>, ents: &Entitlements, device: &str, asks: &GrantAsks<'_>) -> ApiResult<Vec<Lease>> {
@@ -635,9 +635,9 @@ pub async fn grant(tx: &impl GenericClient, ctx: &Ctx<'_>, ents: &Entitlements, 
                 let fair = pool.offline_share.split(n).of(pool.limit);
                 let used_units = if credits { 0 } else { p.used };
                 let free = lease::free_room(pool.limit, used_units, p.held, p.leased);
-                let kept = lease::kept_for_empty_claimer(pool.limit, pool.offline_share, n)
-                    .saturating_mul(others.iter().filter(|o| o.claim.is_some() && o.outstanding == 0).count() as u64);
-                let room = free.min(pool.offline_share.of(pool.limit).saturating_sub(p.leased)).saturating_sub(kept);
+                let empty = u32::try_from(others.iter().filter(|o| o.claim.is_some() && o.outstanding == 0).count()).unwrap_or(u32::MAX);
+                let room = free.min(pool.offline_share.of(pool.limit).saturating_sub(p.leased));
+                let room = room.saturating_sub(lease::kept_for_empty_claimers(pool.limit, pool.offline_share, n, empty, room));
                 let mut granted = if skip { 0 } else { lease::top_up(room, want_units.unwrap_or(0), fair, unused) };
                 let share = match mine {
                     Claim::Asked => pool.offline_share.split(n),

@@ -354,3 +354,203 @@ fn claiming_devices_converge_to_a_fair_share_each() {
         assert!(h > 0 && h <= cap, "an offline_features-only claim holds {h}, at most ⌈20 / (2 × 5)⌉ = {cap}");
     });
 }
+
+/// How a simulated device uses the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Habit {
+    /// Syncs, never uses the pool.
+    Idle,
+    /// Uses it often.
+    Heavy,
+    /// Uses it now and then.
+    Light,
+}
+
+/// What one window of the simulation measured.
+#[derive(Debug, Default)]
+struct WindowFigures {
+    /// Device uses tried.
+    tried: u64,
+    /// Refused by a lease while the server had room for them (`lease_exhausted` while the
+    /// pool's free room within the devices' share, plus what non-claiming devices held, covered
+    /// the use): the uses not decided locally.
+    not_local: u64,
+    /// Refused by a lease with no room a device could get (the server would have refused too).
+    lease_refused_full: u64,
+    /// Refused for the limit.
+    limit_refused: u64,
+    /// Room claiming devices asked for (a refused use) and still could not get after two syncs
+    /// each at the window's end, while the pool had it free or held by non-claiming devices.
+    unreachable: u64,
+    /// At the window's end: the free room within the devices' share, what non-claiming online
+    /// devices held, and what offline devices held.
+    free: u64,
+    stranded: u64,
+    held_offline: u64,
+}
+
+/// The room a claiming device could get from the server now: the free room within the
+/// devices' share, plus what devices that do not claim the pool hold. Also returns what
+/// offline devices hold.
+async fn reachable(w: &World, start: DateTime<Utc>, online: &[bool]) -> (u64, u64, u64) {
+    let client = w.pg().await;
+    let used: i64 = client
+        .query_opt(
+            "SELECT c.used + c.held FROM counters c JOIN users u ON u.user_id = c.user_id \
+             WHERE u.external_id = $1 AND c.feature = $2 AND c.period_start = $3",
+            &[&w.sub, &SIM_FEATURE, &start],
+        )
+        .await
+        .expect("counter")
+        .map_or(0, |r| r.get(0));
+    let prev = start - Duration::days(1);
+    let rows = client
+        .query(
+            "SELECT p.device_id, greatest(0, p.allowance - p.consumed), p.claim IS NOT NULL OR p.consumed > 0 OR EXISTS ( \
+               SELECT 1 FROM pool_devices q WHERE q.user_id = p.user_id AND q.feature = p.feature AND q.period_start = $4 \
+               AND q.device_id = p.device_id AND q.consumed > 0) \
+             FROM pool_devices p JOIN users u ON u.user_id = p.user_id \
+             JOIN devices d ON d.user_id = p.user_id AND d.device_id = p.device_id AND d.removed_at IS NULL AND d.lease_until > $5 \
+             WHERE u.external_id = $1 AND p.feature = $2 AND p.period_start = $3",
+            &[&w.sub, &SIM_FEATURE, &start, &prev, &w.now()],
+        )
+        .await
+        .expect("slices");
+    let mut leased = 0u64;
+    let (mut stranded, mut offline) = (0u64, 0u64);
+    for r in rows {
+        let name: String = r.get(0);
+        let out = u64::try_from(r.get::<_, i64>(1)).expect("outstanding");
+        leased += out;
+        let i: usize = name.trim_start_matches("dev").parse::<usize>().expect("device name") - 1;
+        if !online[i] {
+            offline += out;
+        } else if !r.get::<_, bool>(2) {
+            stranded += out;
+        }
+    }
+    let limit = SIM_LIMIT;
+    let share = (SIM_LIMIT as f64 * SIM_SHARE) as u64;
+    let free = limit.saturating_sub(u64::try_from(used).expect("used") + leased).min(share.saturating_sub(leased));
+    (free, stranded, offline)
+}
+
+/// Devices going on and offline at random over several daily windows (idle, heavy and light
+/// ones; most list the pool for offline use), two replicas, a backend consuming too. Never
+/// over the limit; at least 99 % of device uses decided locally; no room a claiming device
+/// asked for left unreachable at any window's end.
+#[test]
+fn simulation_of_claims_over_several_windows() {
+    let seed = std::env::var("TALLY_CLAIMS_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| rand::rng().random::<u64>());
+    eprintln!("claims simulation: TALLY_CLAIMS_SEED={seed}");
+    const WINDOWS: i64 = 4;
+    const ROUNDS: i64 = 64;
+    let round = Duration::minutes(24 * 60 / ROUNDS);
+    runtime().block_on(async {
+        let day0 = at("2026-04-01T00:00:00Z");
+        let Some(mut w) = World::new(&format!("sim_{seed}"), day0 + Duration::minutes(5)).await else { return };
+        let mut rng = StdRng::seed_from_u64(seed);
+        let habits = [Habit::Idle, Habit::Heavy, Habit::Heavy, Habit::Light, Habit::Light, Habit::Light];
+        for (i, h) in habits.iter().enumerate() {
+            // The idle device and one light one do not list the pool for offline use.
+            let offline: &[&str] = if *h == Habit::Idle || i == 5 { &[] } else { &[SIM_FEATURE] };
+            w.add_device(offline);
+        }
+        let n = habits.len();
+        for i in 0..n {
+            w.sync(i, i).await;
+        }
+        let mut online = vec![true; n];
+        // Units each device was refused by its lease since its last sync.
+        let mut refused = vec![0u64; n];
+        let mut figures: Vec<WindowFigures> = Vec::new();
+        for day in 0..WINDOWS {
+            let start = day0 + Duration::days(day);
+            let mut f = WindowFigures::default();
+            for r in 0..ROUNDS {
+                let last = r == ROUNDS - 1;
+                for i in 0..n {
+                    online[i] = if last { online[i] } else if online[i] { !rng.random_bool(0.1) } else { rng.random_bool(0.3) };
+                    let p = match habits[i] {
+                        Habit::Idle => 0.0,
+                        Habit::Heavy => 0.7,
+                        Habit::Light => 0.2,
+                    };
+                    if rng.random_bool(p) {
+                        let amount = rng.random_range(1..=2);
+                        let d = &w.devices[i];
+                        d.clock.set(w.now());
+                        let dec = d.tally.consume(&d.user, SIM_FEATURE, amount, UsageMeta::default()).expect("consume");
+                        f.tried += 1;
+                        match dec.reason {
+                            Reason::Ok => assert!(dec.allowed),
+                            Reason::LimitReached => f.limit_refused += 1,
+                            Reason::LeaseExhausted => {
+                                refused[i] += amount;
+                                let (free, stranded, _) = reachable(&w, start, &online).await;
+                                if free + stranded >= amount {
+                                    f.not_local += 1;
+                                } else {
+                                    f.lease_refused_full += 1;
+                                }
+                            }
+                            other => panic!("a hard pool refuses only for its limit or the lease: {other:?}"),
+                        }
+                    }
+                    if online[i] && (last || rng.random_bool(0.7)) {
+                        w.sync(i, rng.random_range(0..2)).await;
+                        if w.holds(i, SIM_FEATURE) > 0 {
+                            refused[i] = 0;
+                        }
+                    }
+                }
+                if rng.random_bool(0.4) {
+                    w.backend(SIM_FEATURE, rng.random_range(0..2)).await;
+                }
+                if last {
+                    // The window's end: each online device syncs twice more; then what a
+                    // device asked for and still cannot get, while reachable, is unreachable.
+                    for _ in 0..2 {
+                        for i in (0..n).filter(|i| online[*i]) {
+                            w.sync(i, i).await;
+                        }
+                    }
+                    let (free, stranded, offline_held) = reachable(&w, start, &online).await;
+                    (f.free, f.stranded, f.held_offline) = (free, stranded, offline_held);
+                    for i in (0..n).filter(|i| online[*i]) {
+                        let short = refused[i].saturating_sub(w.holds(i, SIM_FEATURE));
+                        f.unreachable += short.min(free + stranded);
+                    }
+                    refused = vec![0; n];
+                }
+                w.advance(round);
+            }
+            let (used, causes) = w.window_used(SIM_FEATURE, start).await;
+            assert!(used <= SIM_LIMIT && causes.is_empty(), "window {day}: used {used} of {SIM_LIMIT}, causes {causes:?}");
+            eprintln!(
+                "window {day} ({start}): used {used}/{SIM_LIMIT}; device uses tried {}, decided locally {:.2} % \
+                 ({} refused by a lease while the server had room, {} by a lease with none, {} for the limit); \
+                 at its end: unreachable {} (free within the share {}, held by non-claiming devices {}, held offline {})",
+                f.tried,
+                100.0 * (f.tried - f.not_local) as f64 / f.tried.max(1) as f64,
+                f.not_local,
+                f.lease_refused_full,
+                f.limit_refused,
+                f.unreachable,
+                f.free,
+                f.stranded,
+                f.held_offline
+            );
+            figures.push(f);
+        }
+        let tried: u64 = figures.iter().map(|f| f.tried).sum();
+        let not_local: u64 = figures.iter().map(|f| f.not_local).sum();
+        let unreachable: u64 = figures.iter().map(|f| f.unreachable).sum();
+        let local = 100.0 * (tried - not_local) as f64 / tried.max(1) as f64;
+        eprintln!(
+            "claims simulation (seed {seed}): {tried} device uses, {local:.2} % decided locally; room left unreachable at the windows' ends: {unreachable}"
+        );
+        assert!(local >= 99.0, "only {local:.2} % of device uses decided locally (seed {seed})");
+        assert_eq!(unreachable, 0, "room a claiming device asked for was unreachable (seed {seed})");
+    });
+}
