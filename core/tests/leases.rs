@@ -517,7 +517,8 @@ async fn a_device_wants_the_pools_it_used_or_was_refused_in_only() {
     let d = e.tally.consume(&u, "ai_chat", 1, UsageMeta::default()).unwrap();
     assert_eq!((d.allowed, d.reason), (false, Reason::LeaseExhausted));
     let jan = Some(t("2026-01-01T00:00:00Z"));
-    let want = |e: &Env| e.tally.lease_request(&u).unwrap().want.iter().map(|w| (w.feature.clone(), w.period_start, w.units)).collect::<Vec<_>>();
+    let want =
+        |e: &Env| e.tally.lease_request(&u).unwrap().want.iter().map(|w| (w.feature.clone(), w.period_start, w.units)).collect::<Vec<_>>();
     assert_eq!(want(&e), [("ai_chat".to_string(), jan, 1)]);
     sync_with(&e, &u, &s, token("dev-test", 2, vec![chat(0, 0)]), json!({"totals": [total("ai_chat", 4)]})).await;
     let sent = s.fake.requests().last().unwrap()["want"].clone();

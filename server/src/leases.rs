@@ -531,7 +531,13 @@ pub struct GrantAsks<'a> {
 /// for the other claiming devices holding nothing; an `Offline` claim holds at most
 /// [`lease::offline_claim_cap`] unused. A device left below its fair share sets recalls on the
 /// devices holding more than theirs (a device that does not claim has none).
-pub async fn grant(tx: &impl GenericClient, ctx: &Ctx<'_>, ents: &Entitlements, device: &str, asks: &GrantAsks<'_>) -> ApiResult<Vec<Lease>> {
+pub async fn grant(
+    tx: &impl GenericClient,
+    ctx: &Ctx<'_>,
+    ents: &Entitlements,
+    device: &str,
+    asks: &GrantAsks<'_>,
+) -> ApiResult<Vec<Lease>> {
     let mut leases = Vec::new();
     for pool in current_pools(ctx, ents) {
         let key = &pool.key;

@@ -23,17 +23,17 @@ use std::sync::Arc;
 use tally_core::{Catalog, Config, ManualClock, Profile, Reason, SyncOptions, Tally, UsageMeta};
 use tally_e2e::*;
 
-/// A monthly pool of 20 devices may hold whole; a daily pool of 200 devices may hold 3/4 of
-/// (the rest stays with backends).
+/// Monthly pools of 20 (devices may hold all of `chat`, half of `img`), and the simulation's
+/// daily pool of 400 that devices may hold 3/4 of (the rest stays with backends).
 const CLAIM_PLANS: &str = r#"{"plans": [
   {"id": "free", "features": {
     "chat":  {"type": "metered", "limit": 20, "period": "month", "enforcement": "hard"},
     "img":   {"type": "metered", "limit": 20, "period": "month", "enforcement": "hard", "offline_share": 0.5},
-    "gen":   {"type": "metered", "limit": 200, "period": "day", "enforcement": "hard", "offline_share": 0.75}}}]}"#;
+    "gen":   {"type": "metered", "limit": 400, "period": "day", "enforcement": "hard", "offline_share": 0.75}}}]}"#;
 
 /// The simulation's pool.
 const SIM_FEATURE: &str = "gen";
-const SIM_LIMIT: u64 = 200;
+const SIM_LIMIT: u64 = 400;
 const SIM_SHARE: f64 = 0.75;
 
 /// One account's world: replicas over one database, a shared server clock, devices.
@@ -444,7 +444,7 @@ fn simulation_of_claims_over_several_windows() {
     let seed = std::env::var("TALLY_CLAIMS_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| rand::rng().random::<u64>());
     eprintln!("claims simulation: TALLY_CLAIMS_SEED={seed}");
     const WINDOWS: i64 = 4;
-    const ROUNDS: i64 = 64;
+    const ROUNDS: i64 = 32;
     let round = Duration::minutes(24 * 60 / ROUNDS);
     runtime().block_on(async {
         let day0 = at("2026-04-01T00:00:00Z");
@@ -473,11 +473,13 @@ fn simulation_of_claims_over_several_windows() {
                     online[i] = if last { online[i] } else if online[i] { !rng.random_bool(0.1) } else { rng.random_bool(0.3) };
                     let p = match habits[i] {
                         Habit::Idle => 0.0,
-                        Habit::Heavy => 0.7,
-                        Habit::Light => 0.2,
+                        Habit::Heavy => 0.8,
+                        Habit::Light => 0.3,
                     };
-                    if rng.random_bool(p) {
-                        let amount = rng.random_range(1..=2);
+                    // A using device makes one to three uses of 1 or 2 units in a round.
+                    let uses = if rng.random_bool(p) { rng.random_range(1..=3) } else { 0 };
+                    for _ in 0..uses {
+                        let amount = if rng.random_bool(0.75) { 1 } else { 2 };
                         let d = &w.devices[i];
                         d.clock.set(w.now());
                         let dec = d.tally.consume(&d.user, SIM_FEATURE, amount, UsageMeta::default()).expect("consume");
@@ -490,6 +492,12 @@ fn simulation_of_claims_over_several_windows() {
                                 let (free, stranded, _) = reachable(&w, start, &online).await;
                                 if free + stranded >= amount {
                                     f.not_local += 1;
+                                    eprintln!(
+                                        "  round {r}: {} ({:?}, {}) refused {amount} by its lease; free {free}, stranded {stranded}",
+                                        w.devices[i].name,
+                                        habits[i],
+                                        if online[i] { "online" } else { "offline" }
+                                    );
                                 } else {
                                     f.lease_refused_full += 1;
                                 }
@@ -497,14 +505,14 @@ fn simulation_of_claims_over_several_windows() {
                             other => panic!("a hard pool refuses only for its limit or the lease: {other:?}"),
                         }
                     }
-                    if online[i] && (last || rng.random_bool(0.7)) {
+                    if online[i] && (last || rng.random_bool(0.5)) {
                         w.sync(i, rng.random_range(0..2)).await;
                         if w.holds(i, SIM_FEATURE) > 0 {
                             refused[i] = 0;
                         }
                     }
                 }
-                if rng.random_bool(0.4) {
+                for _ in 0..rng.random_range(0..=2) {
                     w.backend(SIM_FEATURE, rng.random_range(0..2)).await;
                 }
                 if last {
