@@ -18,7 +18,7 @@
 use chrono::{DateTime, Duration, Utc};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde_json::{Value, json};
+use serde_json::json;
 use std::sync::Arc;
 use tally_core::{Catalog, Config, ManualClock, Profile, Reason, SyncOptions, Tally, UsageMeta};
 use tally_e2e::*;
