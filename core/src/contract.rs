@@ -176,11 +176,7 @@ pub fn use_items<'a>(features: impl IntoIterator<Item = &'a str>) -> Checked {
     for (i, f) in features.into_iter().enumerate() {
         feature(f).map_err(|v| Violation::new(format!("items[{i}].feature"), v.code, v.message))?;
         if seen.contains(&f) {
-            return Err(Violation::new(
-                format!("items[{i}].feature"),
-                "invalid_items",
-                format!("feature {f:?} appears more than once in items"),
-            ));
+            return Err(Violation::new(format!("items[{i}].feature"), "invalid_items", format!("feature {f:?} appears more than once in items")));
         }
         seen.push(f);
     }
