@@ -518,8 +518,8 @@ pub struct GrantAsks<'a> {
     pub want: &'a [LeaseAmount],
     /// Pools it released in with this request (nothing is handed back there).
     pub released: &'a BTreeSet<(String, DateTime<Utc>)>,
-    /// Features this request recorded uses of.
-    pub used: &'a BTreeSet<String>,
+    /// (feature, effective time) of the uses this request recorded.
+    pub used: &'a [(String, DateTime<Utc>)],
 }
 
 /// Grants and tops up `device`'s slice of every current pool it claims, and returns its lease
@@ -575,7 +575,7 @@ pub async fn grant(
             .max();
         let prev_start = previous_start(ctx, key, pool.period);
         let used = consumed > 0
-            || asks.used.contains(&key.feature)
+            || asks.used.iter().any(|(f, at)| *f == key.feature && *at >= prev_start)
             || (stored_claim != Some(Claim::Asked)
                 && tx
                     .query_opt(

@@ -271,6 +271,8 @@ async fn run(
     }
     let device = Actor::Device(&req.device_id);
     let mut out = ledger::ingest(&tx, &ctx, features, events, device, "sync", None).await?;
+    // The uses of this request (not its voids): they claim their pools.
+    let used = out.touched.clone();
     let counted: Vec<Uuid> = out.accepted.iter().filter(|id| counted.contains(*id)).copied().collect();
     if !counted.is_empty() {
         let rows = tx
@@ -349,7 +351,6 @@ async fn run(
             leases::remove(&tx, user.user_id, &req.device_id, now).await?;
             entitlements::token_fresh(state, &user, &ents, now, req.force_entitlements)?
         } else {
-            let used: std::collections::BTreeSet<String> = out.touched.iter().map(|(f, _)| f.clone()).collect();
             let asks = DeviceAsks {
                 lease: leases::GrantAsks { want: &req.want, released: &released, used: &used },
                 force: req.force_entitlements,

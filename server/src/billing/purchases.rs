@@ -127,8 +127,8 @@ pub async fn answer(
     let token = match device_id {
         Some(d) => {
             let dev = leases::register(tx, user.user_id, d, tally_core::wire::PROTOCOL_LEASES, now).await?;
-            let (released, used) = (BTreeSet::new(), BTreeSet::new());
-            let lease = crate::leases::GrantAsks { want: &[], released: &released, used: &used };
+            let released = BTreeSet::new();
+            let lease = crate::leases::GrantAsks { want: &[], released: &released, used: &[] };
             let asks = crate::sync::DeviceAsks { lease, force: true };
             crate::sync::device_token(state, tx, (&user, &loaded, &loaded.ents), &dev, asks, now).await?
         }
