@@ -443,7 +443,7 @@ async fn reachable(w: &World, start: DateTime<Utc>, online: &[bool]) -> (u64, u6
 fn simulation_of_claims_over_several_windows() {
     let seed = std::env::var("TALLY_CLAIMS_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| rand::rng().random::<u64>());
     eprintln!("claims simulation: TALLY_CLAIMS_SEED={seed}");
-    const WINDOWS: i64 = 4;
+    const WINDOWS: i64 = 6;
     const ROUNDS: i64 = 32;
     let round = Duration::minutes(24 * 60 / ROUNDS);
     runtime().block_on(async {
