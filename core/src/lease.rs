@@ -133,6 +133,26 @@ pub fn top_up(free: u64, want: u64, fair: u64, unused: u64) -> u64 {
     free.min(want.max(fair.saturating_sub(unused)))
 }
 
+/// The most a device that claims a pool only because the app lists the feature for offline use
+/// (no use in this or the previous window, no units asked) may hold unused after a top-up:
+/// `ceil(limit × share / (2n))`, `n` the devices claiming the pool.
+pub fn offline_claim_cap(limit: u64, share: Share, claiming: u32) -> u64 {
+    let den = u128::from(Share::SCALE) * 2 * u128::from(claiming.max(1));
+    u64::try_from((u128::from(limit) * u128::from(share.0)).div_ceil(den)).unwrap_or(u64::MAX)
+}
+
+/// What a top-up leaves free for the `empty` other claiming devices that hold nothing in the
+/// pool: `floor(limit × share / (n + 1))` for each (`n` the devices claiming the pool), but
+/// never more than their equal part of the `free` room, `free × empty / (empty + 1)` (floored),
+/// so that devices holding nothing never wait on each other: each top-up takes at least its
+/// part of what is free.
+pub fn kept_for_empty_claimers(limit: u64, share: Share, claiming: u32, empty: u32, free: u64) -> u64 {
+    let den = u128::from(Share::SCALE) * (u128::from(claiming) + 1);
+    let each = u128::from(limit) * u128::from(share.0) / den;
+    let their_part = u128::from(free) * u128::from(empty) / (u128::from(empty) + 1);
+    u64::try_from((each * u128::from(empty)).min(their_part)).unwrap_or(u64::MAX)
+}
+
 /// The free room of a pool: `max(0, limit − used − held − leased)`.
 pub fn free_room(limit: u64, used: u64, held: u64, leased: u64) -> u64 {
     limit.saturating_sub(used.saturating_add(held).saturating_add(leased))
@@ -172,5 +192,20 @@ mod tests {
         assert_eq!(free_room(10, 4, 3, 5), 0);
         assert_eq!(free_room(10, 4, 3, 1), 2);
         assert_eq!(outstanding(3, 5), 0);
+    }
+
+    #[test]
+    fn claim_arithmetic() {
+        let half = Share::from_f64(0.5).unwrap();
+        assert_eq!(offline_claim_cap(20, Share::ONE, 3), 4, "ceil(20 / 6)");
+        assert_eq!(offline_claim_cap(20, Share::ONE, 2), 5);
+        assert_eq!(offline_claim_cap(7, half, 1), 2, "ceil(3.5 / 2)");
+        assert_eq!(offline_claim_cap(20, Share::ONE, 0), 10, "no other claimer: n counts at least this one");
+        assert_eq!(kept_for_empty_claimers(20, Share::ONE, 2, 1, 20), 6, "floor(20 / 3)");
+        assert_eq!(kept_for_empty_claimers(20, half, 3, 2, 20), 4, "floor(10 / 4) each");
+        assert_eq!(kept_for_empty_claimers(30, Share::ONE, 3, 2, 7), 4, "at most their part of 7: 7 × 2 / 3");
+        assert_eq!(kept_for_empty_claimers(30, Share::ONE, 3, 2, 1), 0, "the last unit goes to whoever asks first");
+        assert_eq!(kept_for_empty_claimers(30, Share::ONE, 3, 0, 30), 0);
+        assert_eq!(offline_claim_cap(u64::MAX, Share::ONE, 1), u64::MAX / 2 + 1);
     }
 }

@@ -17,7 +17,7 @@ use crate::entitlements::EntitlementClaims;
 use crate::error::{Error, Result};
 use crate::lease::{CREDITS, CREDITS_PERIOD, Share, effective_allowance, offline_allowance};
 use crate::period::window;
-use crate::quota::{Batch, read_counter};
+use crate::quota::{Batch, own_pending, read_counter};
 use crate::wire::LeaseAmount;
 use crate::{Tally, from_ms, ms, write_tx};
 use chrono::{DateTime, Duration, Utc};
@@ -98,7 +98,7 @@ impl LeaseState {
 }
 
 /// One pool: (feature key or `$credits`, period, window start ms or `None` for credits).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct Pool {
     pub(crate) feature: String,
     pub(crate) period: String,
@@ -348,10 +348,10 @@ impl Tally {
     }
 
     /// The lease part of the next sync request of `user_id` (protocol 2): the stored token's
-    /// `lease_ver`, `want` (every hard pool used in this or the previous window, every
-    /// `Config.offline_features` feature, each at 0 = fair share, and what
-    /// [`Tally::prepare_offline`] asked), and `release` (the cumulative releases no server has
-    /// acknowledged yet).
+    /// `lease_ver`, `want` (every hard pool this device used in this or the previous window,
+    /// every `Config.offline_features` feature, each at 0 = fair share, what
+    /// [`Tally::prepare_offline`] asked, and the units a lease refused since the last sync),
+    /// and `release` (the cumulative releases no server has acknowledged yet).
     pub fn lease_request(&self, user_id: &str) -> Result<LeaseRequest> {
         let mut g = self.lock();
         let now = self.observe_now(&mut g);
@@ -365,18 +365,20 @@ impl Tally {
         };
         for (feature, rule) in &a.ent.features {
             let Some((pool, _)) = hard_pool(rule, feature, &a, now) else { continue };
-            let used = match (rule.period(), pool.start) {
-                (Some(p), Some(start)) => {
-                    let prev = window(p, from_ms(start) - Duration::milliseconds(1), &a.zones, a.anchor);
-                    let budget = matches!(rule, Rule::Budget { .. });
-                    [start, ms(prev.start)].into_iter().try_fold(false, |acc, s| -> Result<bool> {
-                        let seen = read_counter(conn, user_id, feature, &pool.period, s)?;
-                        Ok(acc || (if budget { seen.micros } else { seen.units }) > 0 || seen.leased != 0)
-                    })?
-                }
-                // Credits: used when the pool has an entry or unacknowledged leased units.
-                _ => entry(conn, user_id, CREDITS, None)?.is_some() || read_counter(conn, user_id, CREDITS, CREDITS_PERIOD, 0)?.leased > 0,
-            };
+            // This device's own uses only: uses of the account's other devices claim nothing
+            // here (the server also counts this device's acknowledged leased uses of the
+            // previous window as a claim).
+            let consumed_here = entry(conn, user_id, &pool.feature, pool.start)?.is_some_and(|e| e.consumed > 0);
+            let used = consumed_here
+                || match (rule.period(), pool.start) {
+                    (Some(p), Some(start)) => {
+                        let prev = window(p, from_ms(start) - Duration::milliseconds(1), &a.zones, a.anchor);
+                        [start, ms(prev.start)].into_iter().try_fold(false, |acc, s| -> Result<bool> {
+                            Ok(acc || own_pending(conn, user_id, feature, &pool.period, s)?)
+                        })?
+                    }
+                    _ => own_pending(conn, user_id, CREDITS, CREDITS_PERIOD, 0)?,
+                };
             if used || self.config.offline_features.iter().any(|f| f == feature) {
                 add(&pool, 0);
             }
@@ -390,6 +392,12 @@ impl Tally {
                 add(&pool, crate::db::stored_count(units, "lease_wants.units")?);
             }
         }
+        for (pool, units) in self.lease_asks.of(user_id) {
+            // An ask of a window that ended is dropped (it is asked again if refused again).
+            if a.ent.features.iter().any(|(f, r)| hard_pool(r, f, &a, now).is_some_and(|(p, _)| p == pool)) {
+                add(&pool, units);
+            }
+        }
         let release = conn
             .prepare("SELECT feature, period_start, units FROM lease_releases WHERE user_id = ?1 AND units > acked ORDER BY feature, period_start")?
             .query_map([user_id], |r| {
@@ -400,6 +408,35 @@ impl Tally {
             want.into_iter().map(|((feature, start), units)| LeaseAmount { feature, period_start: start.map(from_ms), units }).collect();
         let lease_ver = ver.map(|v| crate::db::stored_count(v, "users.lease_ver")).transpose()?;
         Ok(LeaseRequest { lease_ver, want, release })
+    }
+}
+
+/// The pools whose lease refused a use (`lease_exhausted`) since they were last asked for, with
+/// the most units refused at once: the app wants them, so the next sync asks for them (a
+/// `want` of those units) even when this device never used the pool. Kept in memory: after a
+/// restart the app's next refused use asks again.
+#[derive(Debug, Default)]
+pub(crate) struct LeaseAsks(std::sync::Mutex<HashMap<(String, Pool), u64>>);
+
+impl LeaseAsks {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<(String, Pool), u64>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    /// A use of `units` in `pool` was refused for the lease.
+    pub(crate) fn note(&self, user: &str, pool: &Pool, units: u64) {
+        let mut m = self.map();
+        let e = m.entry((user.to_string(), pool.clone())).or_insert(0);
+        *e = (*e).max(units);
+    }
+    /// The asks of `user`.
+    fn of(&self, user: &str) -> Vec<(Pool, u64)> {
+        self.map().iter().filter(|((u, _), _)| u == user).map(|((_, p), n)| (p.clone(), *n)).collect()
+    }
+    /// A server answered a request carrying `want`: the asks it covered are done.
+    pub(crate) fn sent(&self, user: &str, want: &[LeaseAmount]) {
+        self.map().retain(|(u, p), units| {
+            u != user || !want.iter().any(|w| w.feature == p.feature && w.period_start.map(ms) == p.start && w.units >= *units)
+        });
     }
 }
 

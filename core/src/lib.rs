@@ -107,8 +107,9 @@ pub struct Config {
     /// app). Without them no entitlements token is trusted and `sync` is
     /// [`Error::Configuration`].
     pub server_keys: Option<String>,
-    /// Protocol 2: features whose leases every sync asks for (at this device's fair share),
-    /// used or not, so that they work offline.
+    /// Protocol 2: features whose leases every sync asks for, used or not, so that they work
+    /// offline (while this device has not used one in this or the previous window, the server
+    /// grants at most half its fair share).
     pub offline_features: Vec<String>,
     /// SQLCipher key of the database (builds with the `sqlcipher` feature; from the app's
     /// Keychain or Keystore). An existing unencrypted file is never re-created encrypted:
@@ -175,6 +176,9 @@ pub trait ChangeListener: Send + Sync {
 /// The device library: one SQLite database, several users.
 pub struct Tally {
     inner: Mutex<Inner>,
+    /// Pools whose lease refused a use since the last sync (`lease_exhausted`): asked for on
+    /// the next sync ([`crate::leases::LeaseAsks`]).
+    lease_asks: crate::leases::LeaseAsks,
     config: Config,
     catalog: RwLock<Arc<Catalog>>,
     listener: RwLock<Option<Arc<dyn ChangeListener>>>,
@@ -250,6 +254,7 @@ impl Tally {
                 data_version,
                 tail: None,
             }),
+            lease_asks: crate::leases::LeaseAsks::default(),
             catalog: RwLock::new(Arc::new(config.catalog.clone())),
             config,
             listener: RwLock::new(None),

@@ -153,6 +153,14 @@ pub(crate) fn read_counter(conn: &Connection, user: &str, feature: &str, period:
     seen(conn, None, user, feature, period, start)
 }
 
+/// Whether this device has uses of its own in one window that no server acknowledged yet
+/// (units, micros or leased units pending, counted or still in the tail).
+pub(crate) fn own_pending(conn: &Connection, user: &str, feature: &str, period: &str, start: i64) -> Result<bool> {
+    let (pending, pending_cost, _, leased) = read_counter_raw(conn, user, feature, period, start)?;
+    let d = crate::tail::pending_delta(conn, user, feature, period, start)?;
+    Ok(pending.saturating_add(d.units) > 0 || pending_cost.saturating_add(d.micros) > 0 || leased.saturating_add(d.leased) != 0)
+}
+
 /// The server's causes of overage stored for one window (sorted, as the server sent them).
 fn read_causes(conn: &Connection, user: &str, feature: &str, period: &str, start: i64) -> Result<Vec<String>> {
     let text: Option<String> = conn
@@ -422,6 +430,8 @@ impl Tally {
                     let (shown, _) = decide_rule(rule, u.amount, priced, state, reason, false)?;
                     d = Decision { allowed: false, reason: Reason::LeaseExhausted, ..shown };
                     d.device_remaining = Some(view.allowance.saturating_sub(view.units));
+                    // The app wants this pool: the next sync asks for the units refused.
+                    self.lease_asks.note(user, &view.pool, units);
                     effect = None;
                 }
                 Some(units) if d.reason == Reason::Ok => {

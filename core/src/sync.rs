@@ -273,6 +273,7 @@ impl Tally {
             bounds.events = bounds.events.min(response.limits.max_batch_events.max(1) as usize);
             bounds.bytes = bounds.bytes.min(usize::try_from(response.limits.max_body_bytes).unwrap_or(usize::MAX).max(1024));
             let answered = self.apply(user_id, &outbox.external_id, &request, response, &mut report)?;
+            self.lease_asks.sent(user_id, &request.want);
             if !request.events.is_empty() && answered == 0 {
                 // Re-sending would get the same answer: stop instead of looping.
                 return Err(Error::Server {

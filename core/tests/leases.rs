@@ -621,3 +621,30 @@ async fn a_void_refused_in_the_round_that_acknowledges_its_use_gives_the_units_b
     assert_eq!(e.tally.usage(&u, "ai_chat").unwrap().device_remaining, Some(1), "both uses count in the lease again");
     assert_eq!(e.tally.usage(&u, "ai_spend").unwrap().device_remaining, Some(200));
 }
+
+/// The pools a device asks for are its own: uses the account's other devices made (the
+/// server's totals) claim nothing here; a use its lease refused asks for the units refused on
+/// the next sync, once.
+#[tokio::test]
+async fn a_device_wants_the_pools_it_used_or_was_refused_in_only() {
+    let (e, u) = env();
+    let s = server();
+    // Other devices used 4 of ai_chat this month; this one holds nothing and used nothing.
+    sync_with(&e, &u, &s, token("dev-test", 1, vec![chat(0, 0)]), json!({"totals": [total("ai_chat", 4)]})).await;
+    assert_eq!(e.tally.usage(&u, "ai_chat").unwrap().used, 4);
+    assert!(e.tally.lease_request(&u).unwrap().want.is_empty(), "others' uses are no claim of this device");
+    // The app tries: refused by the lease, so the next sync asks for that many units.
+    let d = e.tally.consume(&u, "ai_chat", 1, UsageMeta::default()).unwrap();
+    assert_eq!((d.allowed, d.reason), (false, Reason::LeaseExhausted));
+    let jan = Some(t("2026-01-01T00:00:00Z"));
+    let want =
+        |e: &Env| e.tally.lease_request(&u).unwrap().want.iter().map(|w| (w.feature.clone(), w.period_start, w.units)).collect::<Vec<_>>();
+    assert_eq!(want(&e), [("ai_chat".to_string(), jan, 1)]);
+    sync_with(&e, &u, &s, token("dev-test", 2, vec![chat(0, 0)]), json!({"totals": [total("ai_chat", 4)]})).await;
+    let sent = s.fake.requests().last().unwrap()["want"].clone();
+    assert_eq!(sent, json!([{"feature": "ai_chat", "period_start": "2026-01-01T00:00:00Z", "units": 1}]));
+    assert!(want(&e).is_empty(), "asked once: a refused use asks again");
+    // Its own leased use (acknowledged: the entry's consumed) claims the pool.
+    sync_with(&e, &u, &s, token("dev-test", 3, vec![chat(2, 1)]), json!({"totals": [total("ai_chat", 5)]})).await;
+    assert_eq!(want(&e), [("ai_chat".to_string(), jan, 0)]);
+}

@@ -474,35 +474,89 @@ pub async fn reclaim(tx: &impl GenericClient, user_id: Uuid, device: &str) -> Ap
     Ok(())
 }
 
-/// Number of the user's devices whose leases count at `now`, `device` included.
-pub async fn active_devices(tx: &impl GenericClient, user_id: Uuid, device: &str, now: DateTime<Utc>) -> ApiResult<u32> {
-    let n: i64 = tx
-        .query_one(
-            &tx.prepare_cached(
-                "SELECT count(*) FROM devices WHERE user_id = $1 AND device_id <> $2 AND removed_at IS NULL AND lease_until > $3",
-            )
-            .await?,
-            &[&user_id, &device, &now],
-        )
-        .await?
-        .get(0);
-    Ok(u32::try_from(n).unwrap_or(u32::MAX - 1).saturating_add(1))
+/// How a device claims a pool in a window (stored in `pool_devices.claim`; a claim lasts until
+/// the window ends, and only ever grows within it). Ordered: an `Asked` claim outranks an
+/// `Offline` one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Claim {
+    /// Only because the app lists the feature for offline use: no use in this or the previous
+    /// window and no units asked. Its top-ups are capped ([`lease::offline_claim_cap`]).
+    Offline,
+    /// It asked for units, or used the pool in this or the previous window.
+    Asked,
 }
 
-/// Grants and tops up `device`'s slice of every current pool (none where this request released),
-/// and returns its lease entries. Fair share = `offline_share.split(n)`; top-up =
-/// [`lease::top_up`]`(device room, want, fair, unused)` with device room = min(free room,
-/// `offline_share.of(limit)` − Σ outstanding of the active devices). A device that stays below
-/// its fair share sets recalls on the devices holding more than theirs.
-#[allow(clippy::too_many_arguments)]
+impl Claim {
+    /// The stored spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Claim::Offline => "offline",
+            Claim::Asked => "asked",
+        }
+    }
+    /// Reads a stored claim; an unknown spelling is an error, never a claim.
+    pub fn parse(stored: Option<&str>) -> ApiResult<Option<Claim>> {
+        match stored {
+            None => Ok(None),
+            Some("offline") => Ok(Some(Claim::Offline)),
+            Some("asked") => Ok(Some(Claim::Asked)),
+            Some(other) => Err(ApiError::Internal(format!("stored claim {other:?} in pool_devices is not one this server knows"))),
+        }
+    }
+    /// The claim a sync makes: `Asked` when the device used the pool in this or the previous
+    /// window or asked for units, `Offline` when it sent a want of 0 units only, none without a
+    /// want.
+    pub fn of_sync(used: bool, want: Option<u64>) -> Option<Claim> {
+        match want {
+            _ if used => Some(Claim::Asked),
+            Some(units) if units > 0 => Some(Claim::Asked),
+            Some(_) => Some(Claim::Offline),
+            None => None,
+        }
+    }
+}
+
+/// Another active device's slice of a pool, as a grant weighs it.
+struct OtherSlice {
+    device_id: String,
+    outstanding: u64,
+    recall: u64,
+    claim: Option<Claim>,
+}
+
+/// The start of the window before `key`'s (credits, with no window: its own start).
+fn previous_start(ctx: &Ctx<'_>, key: &PoolKey, period: Period) -> DateTime<Utc> {
+    if key.feature == CREDITS {
+        return key.period_start;
+    }
+    window(period, key.period_start - chrono::Duration::milliseconds(1), &ctx.zones, ctx.anchor).start
+}
+
+/// What a device asks of its leases in one request, as [`grant`] weighs it.
+pub struct GrantAsks<'a> {
+    /// Units it wants per pool (a want of 0: its fair share).
+    pub want: &'a [LeaseAmount],
+    /// Pools it released in with this request (nothing is handed back there).
+    pub released: &'a BTreeSet<(String, DateTime<Utc>)>,
+    /// (feature, effective time) of the uses this request recorded.
+    pub used: &'a [(String, DateTime<Utc>)],
+}
+
+/// Grants and tops up `device`'s slice of every current pool it claims, and returns its lease
+/// entries. The device's claim in the window grows with this sync ([`Claim::of_sync`]); `n` is
+/// the number of active devices claiming the pool. A device that does not claim is granted
+/// nothing and recalled down to what it consumed. A claiming one gets [`lease::top_up`]`(room,
+/// want, fair, unused)` with fair = `offline_share.split(n).of(limit)` and room = min(free
+/// room, `offline_share.of(limit)` − Σ outstanding) less [`lease::kept_for_empty_claimers`]
+/// for the other claiming devices holding nothing; an `Offline` claim holds at most
+/// [`lease::offline_claim_cap`] unused. A device left below its fair share sets recalls on the
+/// devices holding more than theirs (a device that does not claim has none).
 pub async fn grant(
     tx: &impl GenericClient,
     ctx: &Ctx<'_>,
     ents: &Entitlements,
     device: &str,
-    n: u32,
-    want: &[LeaseAmount],
-    released: &BTreeSet<(String, DateTime<Utc>)>,
+    asks: &GrantAsks<'_>,
 ) -> ApiResult<Vec<Lease>> {
     let mut leases = Vec::new();
     for pool in current_pools(ctx, ents) {
@@ -523,28 +577,122 @@ pub async fn grant(
         let r = tx
             .query_one(
                 &tx.prepare_cached(
-                    "SELECT allowance, released, consumed FROM pool_devices \
+                    "SELECT allowance, released, consumed, recall, claim FROM pool_devices \
                      WHERE user_id = $1 AND feature = $2 AND period = $3 AND period_start = $4 AND device_id = $5",
                 )
                 .await?,
                 &[&ctx.user_id, &key.feature, &key.period, &key.period_start, &device],
             )
             .await?;
-        let (allowance, rel, consumed) = (to_u64(r.get(0)), to_u64(r.get(1)), to_u64(r.get(2)));
-        let used = if credits { 0 } else { p.used };
-        let fair_share = pool.offline_share.split(n);
-        let fair = fair_share.of(pool.limit);
-        let unused = lease::outstanding(allowance, consumed);
-        let want_units = want
+        let place = |c: &str| format!("pool_devices.{c} of {} from {}", key.feature, key.period_start);
+        let allowance = pools::stored_count(r.get(0), || place("allowance"))?;
+        let rel = pools::stored_count(r.get(1), || place("released"))?;
+        let consumed = pools::stored_count(r.get(2), || place("consumed"))?;
+        let own_recall = pools::stored_count(r.get(3), || place("recall"))?;
+        let stored_claim = Claim::parse(r.get::<_, Option<&str>>(4))?;
+        let want_units = asks
+            .want
             .iter()
             .filter(|w| w.feature == key.feature && (credits || w.period_start.is_none_or(|s| s == key.period_start)))
             .map(|w| w.units)
-            .max()
-            .unwrap_or(0);
-        let free = lease::free_room(pool.limit, used, p.held, p.leased);
-        let device_room = free.min(pool.offline_share.of(pool.limit).saturating_sub(p.leased));
-        let skip = released.contains(&(key.feature.clone(), key.period_start));
-        let granted = if skip { 0 } else { lease::top_up(device_room, want_units, fair, unused) };
+            .max();
+        let prev_start = previous_start(ctx, key, pool.period);
+        let used = consumed > 0
+            || asks.used.iter().any(|(f, at)| *f == key.feature && *at >= prev_start)
+            || (stored_claim != Some(Claim::Asked)
+                && tx
+                    .query_opt(
+                        &tx.prepare_cached(
+                            "SELECT 1 FROM pool_devices WHERE user_id = $1 AND feature = $2 AND period = $3 AND period_start = $4 \
+                             AND device_id = $5 AND consumed > 0",
+                        )
+                        .await?,
+                        &[&ctx.user_id, &key.feature, &key.period, &prev_start, &device],
+                    )
+                    .await?
+                    .is_some());
+        let claim = stored_claim.max(Claim::of_sync(used, want_units));
+        if claim != stored_claim {
+            tx.execute(
+                &tx.prepare_cached(
+                    "UPDATE pool_devices SET claim = $6 WHERE user_id = $1 AND feature = $2 AND period = $3 AND period_start = $4 AND device_id = $5",
+                )
+                .await?,
+                &[&ctx.user_id, &key.feature, &key.period, &key.period_start, &device, &claim.map(Claim::as_str)],
+            )
+            .await?;
+        }
+        let others: Vec<OtherSlice> = tx
+            .query(
+                &tx.prepare_cached(
+                    // A device that used the pool in this or the previous window claims it,
+                    // whether or not it synced in this window yet.
+                    "SELECT p.device_id, greatest(0, p.allowance - p.consumed), p.recall, p.claim, p.consumed > 0 OR EXISTS ( \
+                       SELECT 1 FROM pool_devices q WHERE q.user_id = p.user_id AND q.feature = p.feature AND q.period = p.period \
+                       AND q.period_start = $7 AND q.device_id = p.device_id AND q.consumed > 0) \
+                     FROM pool_devices p \
+                     JOIN devices d ON d.user_id = p.user_id AND d.device_id = p.device_id AND d.removed_at IS NULL AND d.lease_until > $6 \
+                     WHERE p.user_id = $1 AND p.feature = $2 AND p.period = $3 AND p.period_start = $4 AND p.device_id <> $5 \
+                     ORDER BY p.device_id",
+                )
+                .await?,
+                &[&ctx.user_id, &key.feature, &key.period, &key.period_start, &device, &ctx.now, &prev_start],
+            )
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(OtherSlice {
+                    device_id: r.get(0),
+                    outstanding: pools::stored_count(r.get(1), || place("allowance − consumed"))?,
+                    recall: pools::stored_count(r.get(2), || place("recall"))?,
+                    claim: Claim::parse(r.get::<_, Option<&str>>(3))?.max(r.get::<_, bool>(4).then_some(Claim::Asked)),
+                })
+            })
+            .collect::<ApiResult<_>>()?;
+        let unused = lease::outstanding(allowance, consumed);
+        let skip = asks.released.contains(&(key.feature.clone(), key.period_start));
+        let (granted, share) = match claim {
+            None => {
+                // Syncing without claiming: give back everything not used.
+                if unused > own_recall {
+                    set_recall(tx, ctx.user_id, key, device, unused).await?;
+                }
+                (0, Share::ZERO)
+            }
+            Some(mine) => {
+                let n = u32::try_from(others.iter().filter(|o| o.claim.is_some()).count()).unwrap_or(u32::MAX - 1).saturating_add(1);
+                let fair = pool.offline_share.split(n).of(pool.limit);
+                let used_units = if credits { 0 } else { p.used };
+                let free = lease::free_room(pool.limit, used_units, p.held, p.leased);
+                let empty = u32::try_from(others.iter().filter(|o| o.claim.is_some() && o.outstanding == 0).count()).unwrap_or(u32::MAX);
+                let room = free.min(pool.offline_share.of(pool.limit).saturating_sub(p.leased));
+                let room = room.saturating_sub(lease::kept_for_empty_claimers(pool.limit, pool.offline_share, n, empty, room));
+                let mut granted = if skip { 0 } else { lease::top_up(room, want_units.unwrap_or(0), fair, unused) };
+                let share = match mine {
+                    Claim::Asked => pool.offline_share.split(n),
+                    Claim::Offline => {
+                        let cap = lease::offline_claim_cap(pool.limit, pool.offline_share, n);
+                        granted = granted.min(cap.saturating_sub(unused));
+                        pool.offline_share.split(n.saturating_mul(2))
+                    }
+                };
+                if !skip && unused.saturating_add(granted) < fair {
+                    // Others hold more than theirs (a device that does not claim: anything).
+                    for o in &others {
+                        let theirs = match o.claim {
+                            None => 0,
+                            Some(Claim::Asked) => fair,
+                            Some(Claim::Offline) => lease::offline_claim_cap(pool.limit, pool.offline_share, n),
+                        };
+                        let excess = o.outstanding.saturating_sub(theirs);
+                        if excess > o.recall {
+                            set_recall(tx, ctx.user_id, key, &o.device_id, excess).await?;
+                        }
+                    }
+                }
+                (granted, share)
+            }
+        };
         let allowance = allowance.saturating_add(granted);
         if granted > 0 {
             tx.execute(
@@ -557,26 +705,6 @@ pub async fn grant(
             .await?;
             ::metrics::counter!("tally_lease_grants_total").increment(1);
         }
-        if !skip && lease::outstanding(allowance, consumed) < fair {
-            // Others hold more than their fair share: ask them for the excess.
-            let rows = tx
-                .query(
-                    &tx.prepare_cached(
-                        "SELECT p.device_id, greatest(0, p.allowance - p.consumed), p.recall FROM pool_devices p \
-                         JOIN devices d ON d.user_id = p.user_id AND d.device_id = p.device_id AND d.removed_at IS NULL AND d.lease_until > $6 \
-                         WHERE p.user_id = $1 AND p.feature = $2 AND p.period = $3 AND p.period_start = $4 AND p.device_id <> $5",
-                    )
-                    .await?,
-                    &[&ctx.user_id, &key.feature, &key.period, &key.period_start, &device, &ctx.now],
-                )
-                .await?;
-            for r in rows {
-                let excess = to_u64(r.get(1)).saturating_sub(fair);
-                if excess > to_u64(r.get(2)) {
-                    set_recall(tx, ctx.user_id, key, &r.get::<_, String>(0), excess).await?;
-                }
-            }
-        }
         let expires_at = if credits { credits_expiry(ents) } else { None };
         leases.push(Lease {
             feature: key.feature.clone(),
@@ -585,7 +713,7 @@ pub async fn grant(
             allowance,
             released: rel,
             consumed,
-            share: fair_share,
+            share,
             expires_at,
         });
     }

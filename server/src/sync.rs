@@ -281,6 +281,8 @@ async fn run(
     }
     let device = Actor::Device(&req.device_id);
     let mut out = ledger::ingest(&tx, &ctx, features, events, device, "sync", None).await?;
+    // The uses of this request (not its voids): they claim their pools.
+    let used = out.touched.clone();
     let counted: Vec<Uuid> = out.accepted.iter().filter(|id| counted.contains(*id)).copied().collect();
     let mut credit_overrun = Vec::new();
     if !counted.is_empty() {
@@ -362,7 +364,10 @@ async fn run(
             leases::remove(&tx, user.user_id, &req.device_id, now).await?;
             entitlements::token_fresh(state, &user, &ents, now, req.force_entitlements)?
         } else {
-            let asks = DeviceAsks { want: &req.want, released: &released, force: req.force_entitlements };
+            let asks = DeviceAsks {
+                lease: leases::GrantAsks { want: &req.want, released: &released, used: &used },
+                force: req.force_entitlements,
+            };
             let token = device_token(state, &tx, (&user, &loaded, &ents), &dev, asks, now).await?;
             recall = leases::recalls(&tx, user.user_id, &req.device_id).await?;
             token
@@ -388,12 +393,10 @@ async fn run(
     })
 }
 
-/// What a device asks of its leases in one request.
+/// What a device asks in one request: its leases, and whether to sign a new token.
 pub struct DeviceAsks<'a> {
-    /// Units it wants per pool.
-    pub want: &'a [tally_core::wire::LeaseAmount],
-    /// Pools it released in with this request (nothing is handed back there).
-    pub released: &'a std::collections::BTreeSet<(String, DateTime<Utc>)>,
+    /// Its wants, releases and uses.
+    pub lease: leases::GrantAsks<'a>,
     /// Sign a new token even when the cached one would do.
     pub force: bool,
 }
@@ -409,9 +412,8 @@ pub async fn device_token(
     asks: DeviceAsks<'_>,
     now: DateTime<Utc>,
 ) -> ApiResult<String> {
-    let n = leases::active_devices(tx, user.user_id, &dev.device_id, now).await?;
     let ctx = Ctx::new(user, loaded, now);
-    let list = leases::grant(tx, &ctx, ents, &dev.device_id, n, asks.want, asks.released).await?;
+    let list = leases::grant(tx, &ctx, ents, &dev.device_id, &asks.lease).await?;
     let pools = leases::current_pools(&ctx, ents);
     let lease_ver = leases::issue(tx, user.user_id, dev, &list, &pools).await?;
     let dl = entitlements::DeviceLeases { device_id: dev.device_id.clone(), lease_ver, leases: list };

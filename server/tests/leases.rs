@@ -52,8 +52,11 @@ impl L {
         assert_eq!(s, StatusCode::OK, "{v}");
         v
     }
+    /// A protocol-2 sync of `device`; unless `extra` says otherwise it asks for a unit of every
+    /// hard pool (so it claims them all and is topped up to its fair share).
     async fn sync2_raw(&self, t: &str, device: &str, extra: Value) -> (StatusCode, Value) {
-        let mut body = json!({"protocol": 2, "device_id": device});
+        let want = json!([{"feature": "gen", "units": 1}, {"feature": "half", "units": 1}, {"feature": "$credits", "units": 1}]);
+        let mut body = json!({"protocol": 2, "device_id": device, "want": want});
         for (k, v) in extra.as_object().unwrap() {
             body[k] = v.clone();
         }
@@ -685,7 +688,7 @@ async fn spent_after_a_downgrade(sub: &str, uses: u64) -> Option<(L, Value)> {
     let (t, admin) = (token(sub), token("root-admin"));
     let (s, v) = l.a.call("POST", "/v1/admin/grants", Some(&admin), Some(json!({"subject": sub, "plan": "pro", "reason": "x"}))).await;
     assert!(s.is_success(), "{v}");
-    let c = l.claims(sub, &l.sync2(&t, "tab", json!({})).await).await;
+    let c = l.claims(sub, &l.sync2(&t, "tab", json!({"want": [{"feature": "img", "units": 1}]})).await).await;
     assert_eq!(lease(&c, "img").allowance, 16);
     let (s, v) = l.a.call("POST", "/v1/admin/grants/revoke", Some(&admin), Some(json!({"subject": sub}))).await;
     assert!(s.is_success(), "{v}");
@@ -768,4 +771,51 @@ async fn a_device_past_its_slice_of_the_credit_balance_is_the_cause_of_the_debt(
     assert_eq!((pool["over_limit_by"].clone(), pool["over_limit_causes"].clone()), (json!(20), json!(["device_overrun"])), "{pool}");
     let marked = l.rows("SELECT min(device_seq)::text, count(*)::text FROM events WHERE cause = 'device_overrun'").await;
     assert_eq!(marked, vec!["51|20"], "the twenty uses past the slice carry the cause");
+}
+
+/// Claims (a pool's share is split among the devices that claim it): a device that syncs
+/// without a want and without uses claims nothing and gets nothing; one that held room and
+/// stops claiming is recalled down to what it consumed; a want of 0 with no use (a feature
+/// listed for offline use) is capped at ⌈limit × share / (2n)⌉; a stored claim nobody knows is
+/// an error, never a claim.
+#[tokio::test]
+async fn only_claiming_devices_share_a_pool_and_an_idle_one_is_recalled() {
+    let l = app_or_skip!(lapp("2027-03-10T12:00:00Z").await);
+    let t = token("claimer");
+    let none = json!({"want": []});
+    // An idle device: nothing.
+    let c = l.claims("claimer", &l.sync2(&t, "idle", none.clone()).await).await;
+    assert_eq!((lease(&c, "gen").allowance, lease(&c, "gen").share.as_f64()), (0, 0.0));
+    // A device listing `gen` for offline use (want 0, no use): at most ⌈10 / 2⌉ = 5.
+    let c = l.claims("claimer", &l.sync2(&t, "lister", json!({"want": [{"feature": "gen", "units": 0}]})).await).await;
+    assert_eq!(lease(&c, "gen").allowance, 5, "an offline_features-only claim, n = 1");
+    // A device asking: n = 2, fair 5; the pool's other 5 are free.
+    let r = l.sync2(&t, "asker", json!({"want": [{"feature": "gen", "units": 1}]})).await;
+    let c = l.claims("claimer", &r).await;
+    assert_eq!((lease(&c, "gen").allowance, lease(&c, "gen").share.as_f64()), (5, 0.5));
+    // The lister uses 2 (now it claims by use) and stops listing: its claim lasts the window.
+    let lc = l.claims("claimer", &l.sync2(&t, "lister", none.clone()).await).await;
+    let evs: Vec<Value> = (1..=2).map(|s| ev("gen", 1, at("2027-03-10T12:01:00Z"), lc.lease_ver, s)).collect();
+    let r = l.sync2(&t, "lister", json!({"want": [], "events": evs})).await;
+    assert_eq!(recall_of(&r, "gen"), Value::Null, "{r}");
+    let rows = l.rows("SELECT device_id, claim FROM pool_devices WHERE feature = 'gen' ORDER BY device_id").await;
+    assert_eq!(rows, ["asker|asked", "idle|", "lister|asked"]);
+    // A new month: the lister used March, so it still claims April; the asker used nothing in
+    // March and asks nothing: its reserved share is recalled down to what it consumed (0).
+    l.clock.set(at("2027-03-31T23:00:00Z"));
+    let c = l.claims("claimer", &l.sync2(&t, "asker", none.clone()).await).await;
+    assert_eq!(lease(&c, "gen").share.as_f64(), 1.0, "its March claim lasts the window (the lister's lease ended: n = 1)");
+    l.clock.set(at("2027-04-01T00:30:00Z"));
+    let r = l.sync2(&t, "asker", none.clone()).await;
+    let c = l.claims("claimer", &r).await;
+    assert_eq!(lease(&c, "gen").share.as_f64(), 0.0);
+    assert_eq!(recall_of(&r, "gen"), json!(lease(&c, "gen").allowance), "recalled down to consumed: {r}");
+    assert!(lease(&c, "gen").allowance > 0, "it entered April holding its March share");
+    // A corrupt stored claim fails loudly instead of counting as one.
+    let (client, conn) = tokio_postgres::connect(&l.a.url, tokio_postgres::NoTls).await.expect("connect");
+    tokio::spawn(conn);
+    client.execute("ALTER TABLE pool_devices DROP CONSTRAINT pool_devices_claim_check", &[]).await.expect("drop check");
+    client.execute("UPDATE pool_devices SET claim = 'maybe' WHERE device_id = 'lister'", &[]).await.expect("corrupt");
+    let (s, v) = l.sync2_raw(&t, "lister", none).await;
+    assert_eq!((s, v["error"]["code"].clone()), (StatusCode::INTERNAL_SERVER_ERROR, json!("internal")), "{v}");
 }

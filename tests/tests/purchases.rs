@@ -149,6 +149,9 @@ fn a_purchase_applies_offline_at_once_reaches_other_devices_and_a_refund_takes_i
         assert_eq!(account, server_user_id(server, sub).await);
         assert_eq!(laptop.account_token(&ul).expect("account token"), account);
         assert_eq!(phone.check(&up, "ai_chat", 50).expect("check").reason, Reason::LimitReached);
+        // The app asks to hold ai_chat offline (the phone claims the pool for the window).
+        phone.prepare_offline(&up, "ai_chat", 50).expect("prepare");
+        phone.sync(&up, options(server, sub)).await.expect("sync");
 
         // The phone buys; the answered device token applies at once, before any sync.
         let jws = signed(pki, "t-1", "o-1", "pro_monthly", &account, true, None);
@@ -166,8 +169,13 @@ fn a_purchase_applies_offline_at_once_reaches_other_devices_and_a_refund_takes_i
 
         // The laptop has pro after its next sync.
         assert_eq!(plan(&laptop, &ul), "free");
+        laptop.prepare_offline(&ul, "ai_chat", 50).expect("prepare");
         laptop.sync(&ul, options(server, sub)).await.expect("sync");
         assert_eq!(plan(&laptop, &ul), "pro");
+        // The phone, alone to claim ai_chat when it bought, holds the pool: it gives the
+        // laptop's share back on its next sync, and the laptop gets it on its own.
+        phone.sync(&up, options(server, sub)).await.expect("sync");
+        laptop.sync(&ul, options(server, sub)).await.expect("sync");
         assert!(laptop.check(&ul, "ai_chat", 50).expect("check").allowed);
 
         // Apple refunds it: both devices are back on free after their next sync.
@@ -256,7 +264,11 @@ fn a_credit_pack_bought_once_is_spent_once_across_two_offline_devices() {
         assert_eq!(phone.credit_balance(up).expect("balance"), 10, "the pack applies at once");
         // Sent again (StoreKit redelivers, or a restore): granted once per transaction.
         phone.restore_purchases(up, purchase, options(server, sub)).await.expect("restore");
-        // Both devices sync twice, so the phone gives back what the tablet's share needs.
+        // Both devices ask to hold credits offline, and sync twice, so the phone gives back
+        // what the tablet's share needs.
+        for (t, u) in &devices {
+            t.prepare_offline(u, "images", 1).expect("prepare");
+        }
         for _ in 0..2 {
             for (t, u) in &devices {
                 t.sync(u, options(server, sub)).await.expect("sync");

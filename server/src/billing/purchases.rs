@@ -127,7 +127,9 @@ pub async fn answer(
     let token = match device_id {
         Some(d) => {
             let dev = leases::register(tx, user.user_id, d, tally_core::wire::PROTOCOL_LEASES, now).await?;
-            let asks = crate::sync::DeviceAsks { want: &[], released: &BTreeSet::new(), force: true };
+            let released = BTreeSet::new();
+            let lease = crate::leases::GrantAsks { want: &[], released: &released, used: &[] };
+            let asks = crate::sync::DeviceAsks { lease, force: true };
             crate::sync::device_token(state, tx, (&user, &loaded, &loaded.ents), &dev, asks, now).await?
         }
         None => entitlements::token_fresh(state, &user, &loaded.ents, now, true)?,
