@@ -1,11 +1,10 @@
 //! Period windows: which `[start, end)` interval an instant falls in, for each period kind.
 //!
 //! Calendar periods (`day`, ISO `week`, `month`, `year`) follow the user's IANA timezone, through
-//! its history ([`TimezoneHistory`]: a change never resets a window in force);
+//! its history (the timezone history: a change never resets a window in force);
 //! `minute`/`hour` align to the Unix epoch; `billing` counts whole months from an anchor (the
 //! subscription's period start, or the user's creation time); `lifetime` is a single window.
 
-use crate::timezone_history::TimezoneHistory;
 use chrono::{DateTime, Datelike, Duration, LocalResult, Months, NaiveDate, TimeZone, Utc};
 use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
@@ -93,15 +92,27 @@ pub fn lifetime_start() -> DateTime<Utc> {
     DateTime::<Utc>::UNIX_EPOCH
 }
 
+/// Where a user's calendar windows (`day`, `week`, `month`, `year`) come from: one zone, or the
+/// user's timezone history (whose changes never reset a window in force).
+pub trait CalendarZones {
+    /// The calendar window of `period` (a calendar period) that contains `at`.
+    fn calendar_window(&self, period: Period, at: DateTime<Utc>) -> Window;
+}
+
+/// A single zone that never changed.
+impl CalendarZones for Tz {
+    fn calendar_window(&self, period: Period, at: DateTime<Utc>) -> Window {
+        calendar_window(period, at, *self)
+    }
+}
+
 /// The window of `period` that contains `at`, for a user with timezone history `zones` whose
 /// billing anchor is `billing_anchor`. Every window of a limit, a total or a lease is this one.
-pub fn window(period: Period, at: DateTime<Utc>, zones: &TimezoneHistory, billing_anchor: DateTime<Utc>) -> Window {
+pub fn window(period: Period, at: DateTime<Utc>, zones: &impl CalendarZones, billing_anchor: DateTime<Utc>) -> Window {
     match period {
         Period::Minute => epoch_aligned(at, 60),
         Period::Hour => epoch_aligned(at, 3600),
-        Period::Day | Period::Week | Period::Month | Period::Year => {
-            zones.window(period, at).unwrap_or_else(|| calendar_window(period, at, zones.zone_at(at)))
-        }
+        Period::Day | Period::Week | Period::Month | Period::Year => zones.calendar_window(period, at),
         Period::Billing => billing_window(at, billing_anchor),
         Period::Lifetime => Window { start: lifetime_start(), end: None },
     }
@@ -210,7 +221,7 @@ mod tests {
         for c in cal {
             let tz: Tz = c["timezone"].as_str().unwrap().parse().unwrap();
             let p: Period = c["period"].as_str().unwrap().parse().unwrap();
-            let w = window(p, t(c["at"].as_str().unwrap()), &TimezoneHistory::fixed(tz), t("2020-01-01T00:00:00Z"));
+            let w = window(p, t(c["at"].as_str().unwrap()), &tz, t("2020-01-01T00:00:00Z"));
             let want = (t(c["start"].as_str().unwrap()), Some(t(c["end"].as_str().unwrap())));
             if (w.start, w.end) != want {
                 failures.push(format!("{c}: got {w:?}"));
@@ -230,7 +241,7 @@ mod tests {
 
     #[test]
     fn tokyo_day_ends_at_tokyo_midnight() {
-        let w = window(Period::Day, t("2026-03-10T16:00:00Z"), &TimezoneHistory::fixed(chrono_tz::Asia::Tokyo), t("2020-01-01T00:00:00Z"));
+        let w = window(Period::Day, t("2026-03-10T16:00:00Z"), &chrono_tz::Asia::Tokyo, t("2020-01-01T00:00:00Z"));
         assert_eq!(w.start, t("2026-03-10T15:00:00Z"));
         assert_eq!(w.end, Some(t("2026-03-11T15:00:00Z")));
     }
@@ -238,9 +249,9 @@ mod tests {
     #[test]
     fn dst_days_are_23_and_25_hours() {
         let ny = chrono_tz::America::New_York;
-        let spring = window(Period::Day, t("2026-03-08T12:00:00Z"), &TimezoneHistory::fixed(ny), t("2020-01-01T00:00:00Z"));
+        let spring = window(Period::Day, t("2026-03-08T12:00:00Z"), &ny, t("2020-01-01T00:00:00Z"));
         assert_eq!(spring.end.unwrap() - spring.start, Duration::hours(23));
-        let fall = window(Period::Day, t("2026-11-01T12:00:00Z"), &TimezoneHistory::fixed(ny), t("2020-01-01T00:00:00Z"));
+        let fall = window(Period::Day, t("2026-11-01T12:00:00Z"), &ny, t("2020-01-01T00:00:00Z"));
         assert_eq!(fall.end.unwrap() - fall.start, Duration::hours(25));
     }
 
@@ -256,11 +267,11 @@ mod tests {
 
     #[test]
     fn leap_day_and_week_and_lifetime() {
-        let w = window(Period::Month, t("2028-02-29T23:59:59Z"), &TimezoneHistory::fixed(Tz::UTC), t("2020-01-01T00:00:00Z"));
+        let w = window(Period::Month, t("2028-02-29T23:59:59Z"), &Tz::UTC, t("2020-01-01T00:00:00Z"));
         assert_eq!(w.end, Some(t("2028-03-01T00:00:00Z")));
-        let wk = window(Period::Week, t("2026-11-25T12:00:00Z"), &TimezoneHistory::fixed(Tz::UTC), t("2020-01-01T00:00:00Z"));
+        let wk = window(Period::Week, t("2026-11-25T12:00:00Z"), &Tz::UTC, t("2020-01-01T00:00:00Z"));
         assert_eq!(wk.start, t("2026-11-23T00:00:00Z"));
-        let l = window(Period::Lifetime, t("2026-11-25T12:00:00Z"), &TimezoneHistory::fixed(Tz::UTC), t("2020-01-01T00:00:00Z"));
+        let l = window(Period::Lifetime, t("2026-11-25T12:00:00Z"), &Tz::UTC, t("2020-01-01T00:00:00Z"));
         assert_eq!(l.end, None);
         assert!(l.contains(t("2100-01-01T00:00:00Z")));
         assert!("fortnight".parse::<Period>().is_err());

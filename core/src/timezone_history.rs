@@ -188,6 +188,12 @@ impl TimezoneHistory {
     }
 }
 
+impl crate::period::CalendarZones for TimezoneHistory {
+    fn calendar_window(&self, period: Period, at: DateTime<Utc>) -> Window {
+        self.window(period, at).unwrap_or_else(|| calendar_window(period, at, self.zone_at(at)))
+    }
+}
+
 /// The index of a calendar period in [`Inner::segments`].
 fn calendar_slot(period: Period) -> Option<usize> {
     match period {

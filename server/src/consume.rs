@@ -6,33 +6,16 @@
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::JsonBody;
-use crate::ledger::{self, Ctx, NewEvent};
+use crate::ledger::{self, Ctx};
 use crate::pools;
 use crate::usage::{opt_str, target};
-use crate::uses::{self, Use};
+use crate::uses::{self, ConsumeResponse, Use};
 use crate::{AppState, entitlements, users};
 use axum::Json;
 use axum::extract::State;
 use axum::http::HeaderMap;
-use chrono::{DateTime, Utc};
-use serde::Serialize;
-use serde_json::{Map, Value};
-use tally_core::decision::Decision;
+use serde_json::Value;
 use uuid::Uuid;
-
-/// Answer of an allowed `POST /v1/consume` (and of a hold's commit).
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct ConsumeResponse {
-    /// The event id (the use's id, for a use of several items).
-    pub id: Uuid,
-    /// Whether this answers an earlier request with the same id (nothing recorded now).
-    pub duplicate: bool,
-    /// The decision (the first item's, for a use of several items).
-    pub decision: Decision,
-    /// A use of several items: every item's decision, in order.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub decisions: Option<Vec<Decision>>,
-}
 
 /// The id a request names: `id` in the body (a UUID, or any other key, which becomes its
 /// UUIDv5), else the `Idempotency-Key` header, else `None`.
@@ -53,29 +36,6 @@ pub fn request_id(body: &Value, headers: &HeaderMap) -> ApiResult<Option<Uuid>> 
             key(k, "Idempotency-Key").map(Some)
         }
     }
-}
-
-/// Builds the event of a use from a request body (`feature`, `amount` default 1, `model`,
-/// `input_tokens`, `output_tokens`, `metadata`) at `now`, validated with the contract (a 422
-/// naming the field).
-pub fn use_event(body: &Value, id: Uuid, amount_default: Option<u64>, now: DateTime<Utc>) -> ApiResult<NewEvent> {
-    let Some(o) = body.as_object() else { return Err(ApiError::Invalid("invalid_body", "the body must be a JSON object".into())) };
-    let mut e = Map::new();
-    e.insert("id".into(), Value::String(id.to_string()));
-    e.insert("occurred_at".into(), Value::String(now.to_rfc3339()));
-    for f in ["feature", "amount", "model", "input_tokens", "output_tokens", "metadata"] {
-        if let Some(v) = o.get(f) {
-            e.insert(f.into(), v.clone());
-        }
-    }
-    if let (None | Some(Value::Null), Some(a)) = (o.get("amount"), amount_default) {
-        e.insert("amount".into(), Value::from(a));
-    }
-    ledger::validate(&Value::Object(e), None).map_err(|invalid| {
-        let v = invalid.violation;
-        let message = if v.message.contains(v.field.as_str()) { v.message } else { format!("{}: {}", v.field, v.message) };
-        ApiError::Invalid(v.code, message)
-    })
 }
 
 /// `POST /v1/consume {feature, amount, id?, model?, input_tokens?, output_tokens?, metadata?,

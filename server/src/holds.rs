@@ -8,12 +8,13 @@
 //! runs; a commit after expiry still records (cause `hold_expired` when over the limit).
 
 use crate::authority::{self, Actor, RecordedBy};
-use crate::consume::{ConsumeResponse, request_id};
+use crate::consume::request_id;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::JsonBody;
 use crate::ledger::{self, Ctx};
 use crate::pools::{self, PoolKey};
 use crate::usage::{opt_str, target};
+use crate::uses::ConsumeResponse;
 use crate::uses::{self, Form, Stage, Use};
 use crate::{AppState, entitlements, users};
 use axum::Json;
@@ -399,7 +400,7 @@ fn commit_use(body: &Value, hold_id: Uuid, rows: &[Stored], now: DateTime<Utc>) 
     security(("bearer" = []), ("api_key" = [])),
     params(("id" = String, Path, description = "The hold id")),
     request_body = Object,
-    responses((status = 200, description = "Recorded", body = crate::consume::ConsumeResponse)),
+    responses((status = 200, description = "Recorded", body = crate::uses::ConsumeResponse)),
 )]
 pub async fn commit(
     State(state): State<AppState>,

@@ -6,19 +6,56 @@
 //! id. `POST /v1/consume`, `POST /v1/holds` and a hold's commit all go through here.
 
 use crate::authority::Actor;
-use crate::consume::{ConsumeResponse, use_event};
 use crate::entitlements::Loaded;
 use crate::error::{ApiError, ApiResult};
 use crate::ledger::{self, Ctx, NewEvent};
 use crate::pools::{self, Decided, PoolKey};
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
-use serde_json::Value;
+use serde::Serialize;
+use serde_json::{Map, Value};
 use std::collections::{BTreeMap, HashMap};
 use tally_core::Rule;
 use tally_core::contract;
 use tally_core::decision::{Decision, Priced};
 use uuid::Uuid;
+
+/// Answer of an allowed `POST /v1/consume` (and of a hold's commit).
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct ConsumeResponse {
+    /// The event id (the use's id, for a use of several items).
+    pub id: Uuid,
+    /// Whether this answers an earlier request with the same id (nothing recorded now).
+    pub duplicate: bool,
+    /// The decision (the first item's, for a use of several items).
+    pub decision: Decision,
+    /// A use of several items: every item's decision, in order.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decisions: Option<Vec<Decision>>,
+}
+
+/// Builds the event of a use from a request body (`feature`, `amount` default 1, `model`,
+/// `input_tokens`, `output_tokens`, `metadata`) at `now`, validated with the contract (a 422
+/// naming the field).
+pub fn use_event(body: &Value, id: Uuid, amount_default: Option<u64>, now: DateTime<Utc>) -> ApiResult<NewEvent> {
+    let Some(o) = body.as_object() else { return Err(ApiError::Invalid("invalid_body", "the body must be a JSON object".into())) };
+    let mut e = Map::new();
+    e.insert("id".into(), Value::String(id.to_string()));
+    e.insert("occurred_at".into(), Value::String(now.to_rfc3339()));
+    for f in ["feature", "amount", "model", "input_tokens", "output_tokens", "metadata"] {
+        if let Some(v) = o.get(f) {
+            e.insert(f.into(), v.clone());
+        }
+    }
+    if let (None | Some(Value::Null), Some(a)) = (o.get("amount"), amount_default) {
+        e.insert("amount".into(), Value::from(a));
+    }
+    ledger::validate(&Value::Object(e), None).map_err(|invalid| {
+        let v = invalid.violation;
+        let message = if v.message.contains(v.field.as_str()) { v.message } else { format!("{}: {}", v.field, v.message) };
+        ApiError::Invalid(v.code, message)
+    })
+}
 
 /// How a request named what it uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
