@@ -51,6 +51,9 @@ fn purchase_reaches_the_device_on_its_next_sync_and_cancellation_returns_it_to_f
         o.force_entitlements = force;
         rt.block_on(d.tally.sync(&user.id, o)).expect("sync")
     };
+    // The app means to chat offline: the first sync claims the pool (a device that never asked
+    // for a feature and never used it holds no room of it).
+    d.tally.prepare_offline(&user.id, "ai_chat", 5).expect("prepare");
     sync(false);
 
     // Free: 5 chats a month, the 6th is refused.

@@ -877,6 +877,7 @@ fn a_use_of_several_meters_syncs_item_by_item_and_one_void_of_the_use_cancels_al
     let Some(e) = env("use_items", &[]) else { return };
     let phone = e.device("phone");
     let pu = sign_in(&phone, "ines");
+    phone.tally.prepare_offline(&pu.id, "ai_chat", 5).expect("prepare");
     e.sync(&phone, &pu).expect("first sync");
     let items = |chat: u64, notes: u64| {
         vec![
