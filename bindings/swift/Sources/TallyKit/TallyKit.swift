@@ -8124,7 +8124,7 @@ private let initializationResult: InitializationResult = {
     if (uniffi_tally_ffi_checksum_method_tally_sign_out() != 47026) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_tally_ffi_checksum_method_tally_update_user() != 18368) {
+    if (uniffi_tally_ffi_checksum_method_tally_update_user() != 34828) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_tally_ffi_checksum_method_tally_usage() != 17173) {

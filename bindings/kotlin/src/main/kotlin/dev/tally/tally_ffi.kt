@@ -1354,7 +1354,7 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_tally_ffi_checksum_method_tally_sign_out() and 0xFFFF) != 47026) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_tally_ffi_checksum_method_tally_update_user() and 0xFFFF) != 18368) {
+    if ((lib.uniffi_tally_ffi_checksum_method_tally_update_user() and 0xFFFF) != 34828) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_tally_ffi_checksum_method_tally_usage() and 0xFFFF) != 17173) {
