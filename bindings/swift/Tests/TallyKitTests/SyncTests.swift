@@ -54,6 +54,10 @@ final class SyncTests: ServerTestCase {
         let ua = try a.signIn(profile: Profile(externalId: sub)).id
         let ub = try b.signIn(profile: Profile(externalId: sub)).id
         let options = try await kit.options(sub)
+        // Both apps mean to chat offline: each claims the pool (a device that never asked for a
+        // feature and never used it holds none of its room).
+        try a.prepareOffline(userId: ua, feature: "ai_chat", units: 3)
+        try b.prepareOffline(userId: ub, feature: "ai_chat", units: 3)
         // Online twice each: the first device gives back (recall) what the second's share needs.
         for _ in 0..<2 {
             _ = try await a.sync(userId: ua, options: options)

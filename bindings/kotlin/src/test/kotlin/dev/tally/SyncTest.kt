@@ -104,6 +104,10 @@ class SyncTest {
             device("lease-b").use { b ->
                 val ua = a.signIn(Profile(externalId = sub)).id
                 val ub = b.signIn(Profile(externalId = sub)).id
+                // Both apps mean to chat offline: each claims the pool (a device that never asked
+                // for a feature and never used it holds none of its room).
+                a.prepareOffline(ua, "ai_chat", 3L)
+                b.prepareOffline(ub, "ai_chat", 3L)
                 // Online twice each: the first device gives back (recall) what the second's share needs.
                 repeat(2) {
                     a.sync(ua, options(sub))
